@@ -1,0 +1,26 @@
+# Two entry points, each sets itself up from a clean clone:
+#   make test   create .venv if missing, install .[test], run every test (slow ones included)
+#   make demo   same set-up, then run the end-to-end offline demo
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: test test-fast demo clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(BIN)/caption-attn demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,142 @@
+"""`caption-attn` command line: parse flags, call one library function, print.
+
+Flags of configurable values are generated from the config dataclasses (`config.py`), so a
+default and its help text live in one place. Heavy imports (TensorFlow) happen inside the
+commands, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from typing import Callable, Optional, Sequence
+
+from caption_attn import config as C
+from caption_attn.errors import UserError
+
+PROG = "caption-attn"
+
+
+# --------------------------------------------------------------------------- flag generation
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, exclude: Sequence[str] = (),
+                    title: Optional[str] = None, defaults: Optional[dict] = None) -> None:
+    """One `--field-name` flag per field of dataclass `cls` (help and choices from metadata).
+
+    `defaults` overrides the dataclass default shown and used by this command only.
+    """
+    group = parser.add_argument_group(title or cls.__doc__.strip().splitlines()[0].rstrip("."))
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in exclude or "help" not in f.metadata:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        kind = hints[f.name]
+        if kind is bool:
+            group.add_argument(_flag(f), dest=f.name, action="store_true", default=default,
+                               help=f.metadata["help"])
+            continue
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        shown = "none" if default is None else default
+        group.add_argument(_flag(f), dest=f.name, type=kind, default=default,
+                           choices=f.metadata.get("choices"), metavar=None if
+                           f.metadata.get("choices") else f.name.split("_")[-1].upper(),
+                           help=f"{f.metadata['help']} (default: {shown})")
+
+
+def config_from_args(cls, args: argparse.Namespace, **fixed):
+    """Instance of `cls` from the parsed flags (fields without a flag keep their default)."""
+    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+              if hasattr(args, f.name) and "help" in f.metadata}
+    kwargs.update(fixed)
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from caption_attn import data
+
+    data_cfg = config_from_args(C.DataConfig, args)
+    vocab_cfg = config_from_args(C.VocabConfig, args)
+    stats = data.describe(args.captions, data_cfg, vocab_cfg, images_dir=args.images)
+    print(json.dumps(stats, indent=2, ensure_ascii=False) if args.json
+          else data.format_description(stats))
+    return 0
+
+
+def cmd_make_shapes(args: argparse.Namespace) -> int:
+    from caption_attn import shapes
+
+    cfg = config_from_args(C.ShapesConfig, args)
+    summary = shapes.make_shapes(args.out, cfg)
+    print(f"wrote {summary['images']} images to {summary['images_dir']} and captions to "
+          f"{summary['captions']} ({summary['seconds']:.1f} s)")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def _formatter(prog):
+    return argparse.HelpFormatter(prog, max_help_position=34)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_formatter,
+        description="Image captioning with visual attention (Show, Attend and Tell). "
+                    "Run `caption-attn COMMAND --help` for the flags of a command.")
+    from caption_attn import __version__
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def command(name: str, func: Callable, help: str, description: str):
+        p = sub.add_parser(name, help=help, description=description, formatter_class=_formatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("inspect", cmd_inspect, "statistics of a caption file",
+                "Read a caption file (COCO, Karpathy, Flickr8k/30k token or Flickr8k CSV), "
+                "split it by image and print its statistics.")
+    p.add_argument("--captions", required=True, metavar="FILE", help="caption file to read")
+    p.add_argument("--images", metavar="DIR",
+                   help="images folder; when given, images missing on disk are counted")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    add_config_args(p, C.DataConfig)
+    add_config_args(p, C.VocabConfig, exclude=("max_length",))
+
+    p = command("make-shapes", cmd_make_shapes, "render the built-in synthetic shapes dataset",
+                "Render images of 1-3 colored shapes with five captions each into "
+                "OUT/images/*.png and OUT/captions.json (Karpathy layout with `split` and "
+                "per-image `objects` ground truth).")
+    p.add_argument("out", metavar="OUT", help="output folder")
+    add_config_args(p, C.ShapesConfig)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner quiet
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors (exit 2)
+        return int(e.code or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Every default of the project, in one place, with the reason beside it.
+
+Each dataclass field becomes one CLI flag (`--field-name`) through `cli.add_config_args`; the
+`help` metadata is the flag's help text. A run saves its resolved configuration as
+`config.json` (see `RunConfig`), so a run folder always says how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from caption_attn.errors import UserError
+
+
+def opt(default: Any, help: str, choices: Optional[tuple] = None, flag: Optional[str] = None):
+    """A dataclass field carrying its CLI help (and optional choices / flag name)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if flag is not None:
+        meta["flag"] = flag
+    return field(default=default, metadata=meta)
+
+
+CAPTION_FORMATS = ("auto", "coco", "karpathy", "flickr-token", "flickr-csv")
+
+
+@dataclass
+class DataConfig:
+    """Where the captions come from and how images are split."""
+
+    format: str = opt("auto", "caption file format; `auto` detects it from the content",
+                      choices=CAPTION_FORMATS)
+    val_fraction: float = opt(0.05, "fraction of images held out for validation when the "
+                              "file has no split of its own (Karpathy files do)")
+    test_fraction: float = opt(0.05, "fraction of images held out for testing when the file "
+                               "has no split of its own")
+    seed: int = opt(0, "seed of the split by image and, in `train`, of weight init, "
+                    "shuffling and dropout")
+
+
+@dataclass
+class VocabConfig:
+    """Vocabulary fit on the train split only (never on val/test: no leakage)."""
+
+    vocab_size: int = opt(5000, "keep the K most frequent words (ties broken alphabetically); "
+                          "special tokens come on top of these")
+    min_count: int = opt(1, "drop words seen fewer than N times in the train split")
+    max_length: int = opt(40, "captions longer than N words are truncated (COCO's p99.9 is "
+                          "about 30 words)")
+
+
+@dataclass
+class ShapesConfig:
+    """The built-in synthetic dataset (`make-shapes`)."""
+
+    num_images: int = opt(1000, "number of images to render")
+    seed: int = opt(0, "same seed gives byte-identical images and captions")
+    image_size: int = opt(299, "side of the square images in pixels (InceptionV3's input "
+                          "size, so extraction does not resample them)")
+    val_fraction: float = opt(0.1, "fraction of images in the val split")
+    test_fraction: float = opt(0.1, "fraction of images in the test split")
+
+
+@dataclass
+class ExtractConfig:
+    """The offline InceptionV3 pass (`extract-features`)."""
+
+    cache: str = opt("features_cache", "folder of the feature cache")
+    weights: str = opt("imagenet", "backbone weights: `imagenet` (Keras download), `random` "
+                       "(seeded, offline; saved into the cache) or a path to a weights file")
+    seed: int = opt(0, "seed of `--weights random`")
+    dtype: str = opt("float32", "dtype of the cached .npy files; float16 halves the cache",
+                     choices=("float32", "float16"))
+    precision: str = opt("float32", "compute precision of the backbone; bfloat16 is mixed "
+                         "precision (fast on CPUs with AVX512-BF16/AMX and on GPUs)",
+                         choices=("float32", "bfloat16"))
+    batch_size: int = opt(32, "images per backbone call")
+    num_shards: int = opt(1, "split the images into N disjoint shards (one per machine)")
+    shard_index: int = opt(0, "which shard this process extracts (0-based)")
+    verify: bool = opt(False, "fully check every cached file (header, shape, dtype, finite) "
+                       "and re-extract the bad ones")
+    strict: bool = opt(False, "exit non-zero if any image failed")
+    workers: int = opt(0, "image decoding threads (0: one per CPU core)")
+
+
+@dataclass
+class ModelConfig:
+    """Show, Attend and Tell decoder sizes. Changing any of these breaks resume."""
+
+    embedding_dim: int = opt(256, "word embedding and projected feature size (TF tutorial)")
+    units: int = opt(512, "GRU units and attention size (TF tutorial)")
+    dropout: float = opt(0.5, "dropout before the output layer (Show, Attend and Tell)")
+    attention_reg: float = opt(1.0, "weight of the doubly stochastic attention regulariser "
+                               "sum_i (1 - sum_t alpha_ti)^2 (Show, Attend and Tell)")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (`train`)."""
+
+    epochs: int = opt(20, "maximum number of epochs")
+    batch_size: int = opt(64, "captions per step (global batch over all replicas)")
+    learning_rate: float = opt(1e-3, "Adam learning rate")
+    lr_schedule: str = opt("constant", "learning-rate schedule over all steps",
+                           choices=("constant", "cosine"))
+    clip_norm: float = opt(5.0, "clip gradients by this global norm (0 disables)")
+    monitor: str = opt("val_loss", "metric for early stopping and the best model; val_bleu4 "
+                       "decodes the validation images each epoch (loss and BLEU stop agreeing "
+                       "late in training)", choices=("val_loss", "val_bleu4"))
+    patience: int = opt(3, "epochs without improvement before stopping")
+    min_delta: float = opt(0.0, "smallest change of the monitored metric that counts as "
+                           "improvement")
+    max_steps: Optional[int] = opt(None, "stop after this many training steps in total "
+                                   "(for quick trials)")
+    precision: str = opt("float32", "compute precision: bfloat16 (CPU/GPU) or float16 with "
+                         "loss scaling (GPU)", choices=("float32", "bfloat16", "float16"))
+    xla: bool = opt(False, "compile the training step with XLA (jit_compile)")
+    strategy: str = opt("default", "tf.distribute strategy: `mirrored` uses all local GPUs, "
+                        "`multi-worker` reads TF_CONFIG",
+                        choices=("default", "mirrored", "multi-worker"))
+    fresh: bool = opt(False, "discard the run's checkpoints and start over")
+    checkpoint_every: int = opt(0, "also checkpoint every N steps (0: only at epoch ends)")
+    bleu_images: int = opt(500, "validation images decoded for val_bleu4")
+    sample_images: int = opt(4, "fixed validation images whose captions and attention are "
+                             "logged each epoch")
+    memory_cache_gb: float = opt(4.0, "keep the features in memory when they fit in this many "
+                                 "GiB (0 disables); otherwise they stream from disk")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run was made with; saved as `models/<run>/config.json`."""
+
+    captions: str = ""
+    cache: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return from_dict(cls, d)
+
+    def save(self, path: str) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str) -> "RunConfig":
+        return cls.from_dict(read_json(path))
+
+
+def from_dict(cls, d: dict):
+    """Build dataclass `cls` from a dict, recursing into nested dataclasses.
+
+    Unknown keys are an error (a typo in a hand-edited config must not pass silently).
+    """
+    if not isinstance(d, dict):
+        raise UserError(f"expected a JSON object for {cls.__name__}, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise UserError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in d.items():
+        default = fields[name].default_factory if fields[name].default_factory is not \
+            dataclasses.MISSING else None
+        if default is not None and dataclasses.is_dataclass(default):
+            value = from_dict(default, value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_diff(a, b, prefix: str = "") -> list[str]:
+    """Human-readable differences between two dataclasses of the same type."""
+    out = []
+    for f in dataclasses.fields(a):
+        va, vb = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(va):
+            out += config_diff(va, vb, prefix + f.name + ".")
+        elif va != vb:
+            out.append(f"{prefix}{f.name}: {va!r} -> {vb!r}")
+    return out
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON to a temporary file and rename it into place (no half-written file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+    """Read a JSON file; a missing or malformed file is a `UserError` naming it."""
+    try:
+        with open(path, "r", encoding="utf-8-sig") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: "
+                        f"{e.msg}") from None

@@ -1,0 +1,115 @@
+"""Text standardisation and the word vocabulary.
+
+Special tokens have fixed ids (`PAD`, `START`, `END`, `UNK`); code compares ids, never
+strings. The vocabulary is fit on the train split only and saved as JSON.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import unicodedata
+from typing import Iterable, Sequence
+
+from caption_attn.config import read_json, write_json_atomic
+from caption_attn.errors import UserError
+
+PAD, START, END, UNK = 0, 1, 2, 3
+SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
+
+_SPACES = re.compile(r"\s+")
+
+
+def _strip_punctuation(text: str) -> str:
+    # Unicode categories P* (punctuation) and S* (symbols) become spaces, so "dog's" -> "dog s"
+    # stays two words like the TF tutorial's tokenizer, and letters of any script are kept.
+    return "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in text)
+
+
+def standardize(text: str) -> str:
+    """Lowercase, strip punctuation, collapse whitespace; non-ASCII letters are kept.
+
+    >>> standardize("  A Café,  near the SEA! ")
+    'a café near the sea'
+    """
+    text = unicodedata.normalize("NFC", text).lower()
+    return _SPACES.sub(" ", _strip_punctuation(text)).strip()
+
+
+def tokenize(text: str) -> list[str]:
+    """Standardised words of `text`."""
+    s = standardize(text)
+    return s.split(" ") if s else []
+
+
+class Vocabulary:
+    """Word <-> id mapping with the special tokens at ids 0..3.
+
+    `words` are the regular words in id order (ids 4, 5, ...).
+    """
+
+    def __init__(self, words: Sequence[str]):
+        words = list(words)
+        clash = sorted(set(words) & set(SPECIAL_TOKENS))
+        if clash:
+            raise ValueError(f"`words` must not contain special tokens; got {clash}")
+        if len(set(words)) != len(words):
+            raise ValueError("`words` must be unique")
+        self.tokens: list[str] = list(SPECIAL_TOKENS) + words
+        self._ids = {w: i for i, w in enumerate(self.tokens)}
+
+    @classmethod
+    def fit(cls, captions: Iterable[str], vocab_size: int = 5000,
+            min_count: int = 1) -> "Vocabulary":
+        """Most frequent words of `captions` (count desc, then alphabetical), top `vocab_size`
+        among those seen at least `min_count` times."""
+        if vocab_size < 1:
+            raise ValueError(f"`vocab_size` must be >= 1, got {vocab_size}")
+        if min_count < 1:
+            raise ValueError(f"`min_count` must be >= 1, got {min_count}")
+        counts = collections.Counter(w for c in captions for w in tokenize(c))
+        ranked = sorted((w for w, n in counts.items() if n >= min_count),
+                        key=lambda w: (-counts[w], w))
+        return cls(ranked[:vocab_size])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Vocabulary) and self.tokens == other.tokens
+
+    def id(self, word: str) -> int:
+        return self._ids.get(word, UNK)
+
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        """`<start>` + word ids (unknown words -> `<unk>`) + `<end>`; at most `max_length`
+        words before `<end>`."""
+        words = tokenize(text)
+        if max_length is not None:
+            words = words[:max_length]
+        return [START] + [self.id(w) for w in words] + [END]
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        """Words of `ids`, stopping at `<end>` and skipping `<pad>`/`<start>`."""
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == END:
+                break
+            if i in (PAD, START):
+                continue
+            words.append(self.tokens[i] if 0 <= i < len(self.tokens) else SPECIAL_TOKENS[UNK])
+        return words
+
+    def save(self, path: str) -> None:
+        write_json_atomic(path, {"special_tokens": list(SPECIAL_TOKENS),
+                                 "words": self.tokens[len(SPECIAL_TOKENS):]})
+
+    @classmethod
+    def load(cls, path: str) -> "Vocabulary":
+        d = read_json(path)
+        if not isinstance(d, dict) or list(d.get("special_tokens", [])) != list(SPECIAL_TOKENS) \
+                or not isinstance(d.get("words"), list):
+            raise UserError(f"{path}: not a caption_attn vocabulary (expected special_tokens "
+                            f"{list(SPECIAL_TOKENS)} and a words list)")
+        return cls(d["words"])

@@ -2,15 +2,42 @@
 
 A record is one image (keyed by its path relative to the images folder) with all of its
 captions; splitting works on records, so captions of one image never land in two splits.
+
+Supported files (auto-detected from the content, or chosen with `DataConfig.format`):
+- `coco`: COCO captions JSON, `images[].file_name/id` + `annotations[].image_id/caption`.
+- `karpathy`: Karpathy split JSON (`dataset_coco.json`, `dataset_flickr8k.json`, the shapes
+  dataset): `images[].filepath/filename/split/sentences[].raw` (+ optional `objects`).
+- `flickr-token`: Flickr8k/30k `IMAGE#N<TAB>CAPTION` lines.
+- `flickr-csv`: Kaggle Flickr8k `captions.txt`, a CSV with the header `image,caption`.
+
+Image paths are never trusted: absolute paths and paths leaving the images folder are refused
+(counted, never opened), see `safe_image_key`.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
+import math
+import os
+import posixpath
+import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
+
+from caption_attn.config import CAPTION_FORMATS, DataConfig, VocabConfig
+from caption_attn.errors import UserError
 
 SPLITS = ("train", "val", "test")
+KARPATHY_SPLITS = ("train", "val", "test", "restval")  # restval is read as train
+FILE_FORMATS = tuple(f for f in CAPTION_FORMATS if f != "auto")
+MAX_EXAMPLES = 5  # examples kept of refused paths and missing images
+
+_DRIVE = re.compile(r"^[A-Za-z]:")                 # C:\x.jpg, C:x.jpg
+_TOKEN_LINE = re.compile(r"^[^\t]+#\d+\t")         # 1000268201_693b08cb0e.jpg#0<TAB>...
+_TOKEN_SUFFIX = re.compile(r"#\d+$")
 
 
 @dataclass
@@ -22,6 +49,348 @@ class ImageRecord:
     split: Optional[str] = None     # "train" / "val" / "test" ("restval" read as "train")
     image_id: Any = None            # COCO id, Karpathy cocoid/imgid, else a running index
     objects: Optional[list] = None  # shapes ground truth: [{color, shape, size, bbox}]
+
+
+@dataclass
+class CaptionSet:
+    """The records of one caption file plus what was dropped while reading it."""
+
+    path: str
+    format: str                     # one of FILE_FORMATS
+    records: list[ImageRecord]      # sorted by image key, each with >= 1 caption
+    skipped_empty: int = 0          # empty / whitespace-only captions skipped
+    refused_paths: int = 0          # distinct unsafe image paths refused (never opened)
+    refused_examples: list[str] = field(default_factory=list)  # the first few, as written
+    has_split: bool = False         # True when the file carries its own split (Karpathy)
+
+    def split(self, name: str) -> list[ImageRecord]:
+        """Records of split `name` ("train", "val" or "test")."""
+        if name not in SPLITS:
+            raise ValueError(f"`name` must be one of {SPLITS}, got {name!r}")
+        return [r for r in self.records if r.split == name]
+
+    @property
+    def num_captions(self) -> int:
+        return sum(len(r.captions) for r in self.records)
+
+
+# --------------------------------------------------------------------------- image paths
+def _is_absolute(path: str) -> bool:
+    """POSIX or Windows absolute path (`/x`, `\\x`, `\\\\server\\x`, `C:\\x`, `C:x`)."""
+    return path.startswith(("/", "\\")) or bool(_DRIVE.match(path))
+
+
+def safe_image_key(raw: str) -> Optional[str]:
+    """Normalised POSIX path of `raw` relative to the images folder, or None if unsafe.
+
+    Backslashes count as separators. Absolute paths, drive letters, NUL bytes and paths that
+    leave the folder after normalisation (`../x.jpg`, `a/../../x.jpg`) are refused.
+    """
+    path = raw.strip()
+    if not path or "\0" in path or _is_absolute(path):
+        return None
+    path = posixpath.normpath(path.replace("\\", "/"))
+    if path in (".", "..") or path.startswith("../"):
+        return None
+    return path
+
+
+# --------------------------------------------------------------------------- collecting records
+class _Collector:
+    """Merges (image path, captions) entries into records; counts what it drops."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.records: dict[str, ImageRecord] = {}
+        self.skipped_empty = 0
+        self.refused: dict[str, None] = {}  # distinct refused raw paths, in file order
+
+    def add(self, raw_path: str, captions: list[str], where: str, split: Optional[str] = None,
+            image_id: Any = None, objects: Optional[list] = None) -> None:
+        """Add captions of one image; `where` locates the entry in the file for errors."""
+        key = safe_image_key(raw_path)
+        if key is None:
+            self.refused.setdefault(raw_path, None)
+            return
+        kept = [c.strip() for c in captions if c.strip()]
+        self.skipped_empty += len(captions) - len(kept)
+        if not kept:
+            return
+        record = self.records.get(key)
+        if record is None:
+            self.records[key] = ImageRecord(key, kept, split, image_id, objects)
+            return
+        if record.split != split:
+            raise UserError(f"{self.path}: {where}: image {key!r} has split {split!r} here but "
+                            f"{record.split!r} earlier; an image must be in one split")
+        record.captions.extend(kept)
+
+    def finish(self, fmt: str, has_split: bool) -> CaptionSet:
+        """The CaptionSet, records sorted by key; no usable caption at all is an error."""
+        records = [self.records[k] for k in sorted(self.records)]
+        refused = list(self.refused)
+        if not records:
+            raise UserError(f"no usable captions in {self.path} ({self.skipped_empty} empty "
+                            f"captions, {len(refused)} refused image paths)")
+        return CaptionSet(self.path, fmt, records, self.skipped_empty, len(refused),
+                          refused[:MAX_EXAMPLES], has_split)
+
+
+# --------------------------------------------------------------------------- reading files
+def _read_text(path: str) -> str:
+    """The file decoded as UTF-8 (a leading BOM removed); unreadable input is a UserError."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{path}: caption file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, expected a caption file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}: not valid UTF-8 at byte {e.start} (line {line}): byte "
+                        f"0x{raw[e.start]:02x}; save the file as UTF-8") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _parse_json(path: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: "
+                        f"{e.msg}") from None
+
+
+def _lines(text: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without its LF / CRLF ending)."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        yield number, line[:-1] if line.endswith("\r") else line
+
+
+def _supported() -> str:
+    return ", ".join(FILE_FORMATS)
+
+
+def _json_format(obj: Any) -> Optional[str]:
+    """`coco` / `karpathy` from the JSON structure, or None."""
+    if not isinstance(obj, dict):
+        return None
+    if "annotations" in obj:
+        return "coco"
+    images = obj.get("images")
+    first = images[0] if isinstance(images, list) and images else None
+    if "dataset" in obj and isinstance(images, list) or \
+            isinstance(first, dict) and ("sentences" in first or "filename" in first):
+        return "karpathy"
+    if isinstance(first, dict) and "file_name" in first:
+        return "coco"
+    return None
+
+
+def _is_csv_header(line: str) -> bool:
+    fields = next(csv.reader([line]), [])
+    return [f.strip().lower() for f in fields] == ["image", "caption"]
+
+
+def _sniff(path: str, text: str) -> tuple[str, Any]:
+    """(format, parsed JSON or None) detected from the content."""
+    stripped = text.lstrip()
+    if not stripped:
+        raise UserError(f"{path}: file is empty; supported caption formats: {_supported()}")
+    if stripped[0] in "{[":
+        obj = _parse_json(path, text)
+        fmt = _json_format(obj)
+        if fmt is None:
+            raise UserError(f"{path}: cannot detect the caption format: JSON that is neither "
+                            f"COCO (`images` + `annotations`) nor Karpathy (`images[]."
+                            f"sentences`); supported formats: {_supported()} (choose one "
+                            f"with --format)")
+        return fmt, obj
+    number, first = next((n, line) for n, line in _lines(text) if line.strip())
+    if _TOKEN_LINE.match(first):
+        return "flickr-token", None
+    if _is_csv_header(first):
+        return "flickr-csv", None
+    raise UserError(f"{path}: cannot detect the caption format from line {number} "
+                    f"({first[:60]!r}); supported formats: {_supported()} (choose one with "
+                    f"--format)")
+
+
+def detect_format(path: str) -> str:
+    """The format of caption file `path`, one of FILE_FORMATS."""
+    return _sniff(path, _read_text(path))[0]
+
+
+# --------------------------------------------------------------------------- JSON helpers
+def _get(obj: Any, key: str, kind: type, path: str, where: str) -> Any:
+    """`obj[key]`, which must exist and be a `kind`; otherwise a UserError naming the key."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: {where} must be a JSON object, got {type(obj).__name__}")
+    if key not in obj:
+        raise UserError(f"{path}: {where} has no `{key}` key")
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise UserError(f"{path}: {where}.{key} must be {_kind_name(kind)}, got "
+                        f"{type(value).__name__}")
+    return value
+
+
+def _kind_name(kind) -> str:
+    names = {list: "a list", str: "a string", dict: "an object", int: "an integer"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _top(obj: Any, path: str, name: str) -> dict:
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: {name} JSON must be an object with an `images` list, got a "
+                        f"{type(obj).__name__}")
+    return obj
+
+
+# --------------------------------------------------------------------------- parsers
+def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
+    obj = _top(obj, path, "COCO captions")
+    images = _get(obj, "images", list, path, "COCO captions JSON")
+    annotations = _get(obj, "annotations", list, path, "COCO captions JSON")
+    names = {}
+    for i, image in enumerate(images):
+        file_name = _get(image, "file_name", str, path, f"images[{i}]")
+        names[_get(image, "id", (int, str), path, f"images[{i}]")] = file_name
+    for j, ann in enumerate(annotations):
+        where = f"annotations[{j}]"
+        image_id = _get(ann, "image_id", (int, str), path, where)
+        caption = _get(ann, "caption", str, path, where)
+        if image_id not in names:
+            raise UserError(f"{path}: {where}.image_id {image_id!r} is not the `id` of any "
+                            f"entry of `images`")
+        out.add(names[image_id], [caption], where, image_id=image_id)
+
+
+def _karpathy_path(image: dict, path: str, where: str) -> str:
+    """`filepath/filename`, or `filename` alone; an absolute filename stays absolute."""
+    filename = _get(image, "filename", str, path, where)
+    filepath = image.get("filepath")
+    if filepath is None or filepath == "" or _is_absolute(filename.strip()):
+        return filename
+    if not isinstance(filepath, str):
+        raise UserError(f"{path}: {where}.filepath must be a string, got "
+                        f"{type(filepath).__name__}")
+    return f"{filepath}/{filename}"
+
+
+def _karpathy_split(image: dict, path: str, where: str) -> str:
+    split = _get(image, "split", str, path, where)
+    if split not in KARPATHY_SPLITS:
+        raise UserError(f"{path}: {where}.split is {split!r}; allowed: "
+                        f"{', '.join(KARPATHY_SPLITS)} (restval is read as train)")
+    return "train" if split == "restval" else split
+
+
+def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
+    obj = _top(obj, path, "Karpathy split")
+    images = _get(obj, "images", list, path, "Karpathy split JSON")
+    for i, image in enumerate(images):
+        where = f"images[{i}]"
+        raw_path = _karpathy_path(image, path, where)
+        split = _karpathy_split(image, path, where)
+        sentences = _get(image, "sentences", list, path, where)
+        captions = [_get(s, "raw", str, path, f"{where}.sentences[{k}]")
+                    for k, s in enumerate(sentences)]
+        objects = image.get("objects")
+        if objects is not None and not isinstance(objects, list):
+            raise UserError(f"{path}: {where}.objects must be a list, got "
+                            f"{type(objects).__name__}")
+        image_id = image.get("cocoid", image.get("imgid", i))
+        out.add(raw_path, captions, where, split=split, image_id=image_id, objects=objects)
+
+
+def _parse_flickr_token(path: str, text: str, out: _Collector) -> None:
+    for number, line in _lines(text):
+        if not line.strip():
+            continue
+        name, tab, caption = line.partition("\t")
+        if not tab:
+            raise UserError(f"{path}: line {number}: expected `IMAGE#N<TAB>CAPTION`, got "
+                            f"{line[:60]!r}")
+        out.add(_TOKEN_SUFFIX.sub("", name.strip()), [caption], f"line {number}")
+
+
+def _csv_rows(path: str, text: str) -> Iterator[tuple[int, list[str]]]:
+    """(first line number of the row, fields); malformed CSV is a UserError with the line."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise UserError(f"{path}: line {start}: malformed CSV ({e}; an unterminated "
+                            f"quote?)") from None
+        if reader.line_num != start:
+            raise UserError(f"{path}: line {start}: a quoted field runs over several lines "
+                            f"(to line {reader.line_num}); an unterminated quote?")
+        yield start, row
+
+
+def _parse_flickr_csv(path: str, text: str, out: _Collector) -> None:
+    rows = ((n, row) for n, row in _csv_rows(path, text) if any(f.strip() for f in row))
+    number, header = next(rows, (1, []))
+    if [f.strip().lower() for f in header] != ["image", "caption"]:
+        raise UserError(f"{path}: line {number}: expected the CSV header `image,caption`, "
+                        f"got {','.join(header)[:60]!r}")
+    for number, row in rows:
+        if len(row) != 2:
+            raise UserError(f"{path}: line {number}: expected 2 fields (image,caption), got "
+                            f"{len(row)}; quote captions that contain commas")
+        out.add(row[0], [row[1]], f"line {number}")
+
+
+def load_captions(path: str, format: str = "auto") -> CaptionSet:
+    """Parse caption file `path` (no split assigned except a Karpathy file's own)."""
+    if format not in CAPTION_FORMATS:
+        raise UserError(f"unknown caption format {format!r}; supported: auto, {_supported()}")
+    text = _read_text(path)
+    obj = None
+    if format == "auto":
+        format, obj = _sniff(path, text)
+    elif format in ("coco", "karpathy"):
+        obj = _parse_json(path, text)
+    out = _Collector(path)
+    if format == "coco":
+        _parse_coco(path, obj, out)
+    elif format == "karpathy":
+        _parse_karpathy(path, obj, out)
+    elif format == "flickr-token":
+        _parse_flickr_token(path, text, out)
+    else:
+        _parse_flickr_csv(path, text, out)
+    captions = out.finish(format, has_split=format == "karpathy")
+    if format not in ("coco", "karpathy"):
+        for index, record in enumerate(captions.records):  # index in key order: stable
+            record.image_id = index
+    return captions
+
+
+def load_dataset(path: str, cfg: DataConfig) -> CaptionSet:
+    """Parse `path` and give every record a split: the file's own (Karpathy) or
+    `split_images` by image with `cfg`'s fractions and seed."""
+    captions = load_captions(path, cfg.format)
+    if captions.has_split:
+        return captions
+    try:
+        assignment = split_images((r.image for r in captions.records), cfg.val_fraction,
+                                  cfg.test_fraction, cfg.seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    for record in captions.records:
+        record.split = assignment[record.image]
+    return captions
 
 
 def split_images(keys: Iterable[str], val_fraction: float, test_fraction: float,
@@ -46,3 +415,91 @@ def split_images(keys: Iterable[str], val_fraction: float, test_fraction: float,
     for i, key in enumerate(ranked):
         out[key] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return out
+
+
+# --------------------------------------------------------------------------- statistics
+def _percentile(sorted_values: list[int], p: float) -> int:
+    """Nearest-rank percentile of a sorted, non-empty list."""
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def _caption_lengths(captions: CaptionSet) -> dict:
+    from caption_attn.vocab import tokenize
+
+    lengths = sorted(len(tokenize(c)) for r in captions.records for c in r.captions)
+    return {"mean": round(sum(lengths) / len(lengths), 2), "p50": _percentile(lengths, 50),
+            "p95": _percentile(lengths, 95), "max": lengths[-1]}
+
+
+def _missing_images(captions: CaptionSet, images_dir: Optional[str]) -> Optional[dict]:
+    if images_dir is None:
+        return None
+    missing = [r.image for r in captions.records
+               if not os.path.isfile(os.path.join(images_dir, r.image))]
+    return {"count": len(missing), "examples": missing[:MAX_EXAMPLES]}
+
+
+def _vocab_size(captions: CaptionSet, vocab_cfg: VocabConfig) -> int:
+    from caption_attn.vocab import Vocabulary
+
+    train = [c for r in captions.split("train") for c in r.captions]
+    try:
+        return len(Vocabulary.fit(train, vocab_cfg.vocab_size, vocab_cfg.min_count))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def describe(captions_path: str, data_cfg: DataConfig, vocab_cfg: VocabConfig,
+             images_dir: Optional[str] = None) -> dict:
+    """JSON-able statistics of a caption file (the `inspect` command).
+
+    `vocab_size` counts the 4 special tokens; caption lengths are in words (no start/end).
+    """
+    if images_dir is not None and not os.path.isdir(images_dir):
+        raise UserError(f"{images_dir}: images folder not found")
+    captions = load_dataset(captions_path, data_cfg)
+    split_source = "file" if captions.has_split else (
+        f"by image hash (val {data_cfg.val_fraction}, test {data_cfg.test_fraction}, "
+        f"seed {data_cfg.seed})")
+    return {
+        "file": captions_path,
+        "format": captions.format,
+        "images": len(captions.records),
+        "captions": captions.num_captions,
+        "splits": {s: len(captions.split(s)) for s in SPLITS},
+        "split_source": split_source,
+        "skipped_empty_captions": captions.skipped_empty,
+        "refused_paths": {"count": captions.refused_paths,
+                          "examples": captions.refused_examples},
+        "missing_images": _missing_images(captions, images_dir),
+        "vocab_size": _vocab_size(captions, vocab_cfg),
+        "caption_length": _caption_lengths(captions),
+    }
+
+
+def _examples(items: list[str]) -> str:
+    return f" (e.g. {', '.join(repr(x) for x in items)})" if items else ""
+
+
+def format_description(stats: dict) -> str:
+    """`describe`'s statistics as a compact aligned text report."""
+    splits, length = stats["splits"], stats["caption_length"]
+    refused, missing = stats["refused_paths"], stats["missing_images"]
+    rows = [
+        ("file", stats["file"]),
+        ("format", stats["format"]),
+        ("images", str(stats["images"])),
+        ("captions", str(stats["captions"])),
+        ("splits", f"train {splits['train']}, val {splits['val']}, test {splits['test']} "
+                   f"images (split {stats['split_source']})"),
+        ("empty captions", f"{stats['skipped_empty_captions']} skipped"),
+        ("refused paths", f"{refused['count']}{_examples(refused['examples'])}"),
+        ("missing images", "not checked (no images folder given)" if missing is None
+         else f"{missing['count']}{_examples(missing['examples'])}"),
+        ("vocabulary", f"{stats['vocab_size']} tokens (train split, incl. 4 special tokens)"),
+        ("caption length", f"mean {length['mean']}, p50 {length['p50']}, p95 "
+                           f"{length['p95']}, max {length['max']} words"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

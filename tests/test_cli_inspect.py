@@ -1,0 +1,82 @@
+"""Tests of `caption-attn inspect` through `cli.main` (output and exit codes)."""
+
+import json
+
+from caption_attn import cli
+
+CAPTIONS = (
+    "image,caption\n"
+    "a.jpg,A red circle .\n"
+    "b.jpg,\"a blue square, small\"\n"
+    "a.jpg,a circle\n"
+    "sub/c.jpg,green\n"
+    "../escape.jpg,nope\n"
+)
+
+
+def make(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text(CAPTIONS, encoding="utf-8")
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    (images / "a.jpg").write_bytes(b"x")
+    (images / "sub" / "c.jpg").write_bytes(b"x")
+    return str(path), str(images)
+
+
+def test_inspect_text_report(tmp_path, capsys):
+    path, images = make(tmp_path)
+    code = cli.main(["inspect", "--captions", path, "--images", images])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "flickr-csv" in out
+    assert "images          3\n" in out and "captions        4\n" in out
+    assert "missing images  1 (e.g. 'b.jpg')" in out
+    assert "refused paths   1 (e.g. '../escape.jpg')" in out
+    assert "incl. 4 special tokens" in out
+
+
+def test_inspect_json_and_config_flags(tmp_path, capsys):
+    path, images = make(tmp_path)
+    code = cli.main(["inspect", "--captions", path, "--images", images, "--json",
+                     "--val-fraction", "0", "--test-fraction", "0", "--min-count", "2"])
+    stats = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert stats["splits"] == {"train": 3, "val": 0, "test": 0}
+    assert stats["vocab_size"] == 4 + 2  # a (3x), circle (2x)
+    assert stats["missing_images"] == {"count": 1, "examples": ["b.jpg"]}
+    assert stats["caption_length"] == {"mean": 2.5, "p50": 2, "p95": 4, "max": 4}  # 3, 4, 2, 1
+
+
+def test_inspect_format_override(tmp_path, capsys):
+    path, _ = make(tmp_path)
+    code = cli.main(["inspect", "--captions", path, "--format", "flickr-token"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "captions.txt: line 1: expected `IMAGE#N<TAB>CAPTION`" in err
+
+
+def test_inspect_missing_captions_file(tmp_path, capsys):
+    missing = str(tmp_path / "missing.json")
+    code = cli.main(["inspect", "--captions", missing])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert missing in captured.err and "not found" in captured.err
+    assert captured.out == ""
+
+
+def test_inspect_missing_images_folder(tmp_path, capsys):
+    path, _ = make(tmp_path)
+    code = cli.main(["inspect", "--captions", path, "--images", str(tmp_path / "pics")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pics: images folder not found" in err
+
+
+def test_inspect_malformed_file(tmp_path, capsys):
+    path = tmp_path / "broken.json"
+    path.write_text('{"images": [', encoding="utf-8")
+    code = cli.main(["inspect", "--captions", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "broken.json: malformed JSON at line 1, column 13" in err

@@ -1,0 +1,433 @@
+"""Tests of caption file reading, records and splits (`caption_attn.data`)."""
+
+import json
+import os
+import random
+
+import pytest
+
+from caption_attn import data
+from caption_attn.config import DataConfig, VocabConfig
+from caption_attn.errors import UserError
+
+# Three images; "a.jpg" has its captions spread over the file (merged in file order).
+ENTRIES = [
+    ("a.jpg", "A red circle ."),
+    ("b.jpg", "Two dogs, running on grass"),
+    ("a.jpg", "a circle that is red"),
+    ("c.jpg", "Un café près de la mer"),
+    ("b.jpg", "dogs play"),
+]
+EXPECTED = {
+    "a.jpg": ["A red circle .", "a circle that is red"],
+    "b.jpg": ["Two dogs, running on grass", "dogs play"],
+    "c.jpg": ["Un café près de la mer"],
+}
+
+
+def write(tmp_path, name, text, bom=False, crlf=False):
+    """Write `text` as UTF-8 (optionally with BOM / CRLF line ends); return the path."""
+    if crlf:
+        text = text.replace("\n", "\r\n")
+    raw = text.encode("utf-8")
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + raw if bom else raw)
+    return str(path)
+
+
+def coco_text(entries=ENTRIES):
+    names = sorted({n for n, _ in entries})
+    ids = {n: 100 + i for i, n in enumerate(names)}
+    return json.dumps({
+        "info": {}, "images": [{"file_name": n, "id": ids[n]} for n in names],
+        "annotations": [{"id": i, "image_id": ids[n], "caption": c}
+                        for i, (n, c) in enumerate(entries)]}, indent=1, ensure_ascii=False)
+
+
+def karpathy_images(entries=ENTRIES, split="train"):
+    images = {}
+    for name, caption in entries:
+        images.setdefault(name, {"filename": name, "split": split, "sentences": []})
+        images[name]["sentences"].append({"raw": caption, "tokens": caption.split()})
+    return list(images.values())
+
+
+def karpathy_text(images):
+    return json.dumps({"dataset": "test", "images": images}, indent=1, ensure_ascii=False)
+
+
+def token_text(entries=ENTRIES):
+    return "".join(f"{n}#{i % 5}\t{c}\n" for i, (n, c) in enumerate(entries))
+
+
+def csv_text(entries=ENTRIES):
+    def quote(c):
+        return f'"{c}"' if "," in c else c
+    return "image,caption\n" + "".join(f"{n},{quote(c)}\n" for n, c in entries)
+
+
+TEXTS = {"coco": coco_text, "karpathy": lambda: karpathy_text(karpathy_images()),
+         "flickr-token": token_text, "flickr-csv": csv_text}
+
+
+def as_dict(captions):
+    return {r.image: r.captions for r in captions.records}
+
+
+# --------------------------------------------------------------------------- every format
+@pytest.mark.parametrize("fmt", sorted(TEXTS))
+@pytest.mark.parametrize("bom,crlf", [(False, False), (True, False), (False, True),
+                                      (True, True)])
+def test_every_format_auto_detected_and_merged(tmp_path, fmt, bom, crlf):
+    path = write(tmp_path, "captions", TEXTS[fmt](), bom=bom, crlf=crlf)
+    assert data.detect_format(path) == fmt
+    for format in ("auto", fmt):
+        captions = data.load_captions(path, format)
+        assert captions.format == fmt
+        assert as_dict(captions) == EXPECTED  # merged, file order, no stray \r or BOM
+        assert [r.image for r in captions.records] == ["a.jpg", "b.jpg", "c.jpg"]
+        assert captions.num_captions == 5
+        assert captions.has_split == (fmt == "karpathy")
+
+
+def test_coco_image_id_is_the_coco_id(tmp_path):
+    captions = data.load_captions(write(tmp_path, "c.json", coco_text()))
+    assert {r.image: r.image_id for r in captions.records} == {
+        "a.jpg": 100, "b.jpg": 101, "c.jpg": 102}
+
+
+def test_coco_image_without_captions_is_dropped(tmp_path):
+    obj = json.loads(coco_text())
+    obj["images"].append({"file_name": "lonely.jpg", "id": 7})
+    captions = data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
+    assert "lonely.jpg" not in as_dict(captions)
+
+
+def test_flickr_image_ids_follow_key_order_not_file_order(tmp_path):
+    shuffled = list(reversed(ENTRIES))
+    captions = data.load_captions(write(tmp_path, "t.txt", token_text(shuffled)))
+    assert [(r.image, r.image_id) for r in captions.records] == [
+        ("a.jpg", 0), ("b.jpg", 1), ("c.jpg", 2)]
+    assert captions.records[0].captions == ["a circle that is red", "A red circle ."]
+
+
+def test_flickr_csv_quoted_commas_and_quotes(tmp_path):
+    text = 'image,caption\nx.jpg,"A dog, a cat ""and"" a bird"\nx.jpg,a man in a "x" shirt\n'
+    captions = data.load_captions(write(tmp_path, "captions.txt", text))
+    assert captions.records[0].captions == ['A dog, a cat "and" a bird',
+                                            'a man in a "x" shirt']
+
+
+def test_karpathy_fields(tmp_path):
+    objects = [{"color": "red", "shape": "circle", "size": "large", "bbox": [1, 2, 30, 40]}]
+    images = [
+        {"filepath": "val2014", "filename": "v.jpg", "cocoid": 42, "imgid": 0,
+         "split": "restval", "sentences": [{"raw": "one"}]},
+        {"filename": "f.jpg", "imgid": 5, "split": "test", "sentences": [{"raw": "two"}],
+         "objects": objects},
+        {"filename": "s.png", "split": "val", "sentences": [{"raw": "three"}]},
+    ]
+    captions = data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+    by_key = {r.image: r for r in captions.records}
+    assert sorted(by_key) == ["f.jpg", "s.png", "val2014/v.jpg"]
+    assert by_key["val2014/v.jpg"].split == "train"  # restval joins train
+    assert by_key["val2014/v.jpg"].image_id == 42    # cocoid first
+    assert by_key["f.jpg"].image_id == 5             # then imgid
+    assert by_key["s.png"].image_id == 2             # then the running index
+    assert by_key["f.jpg"].objects == objects
+    assert by_key["s.png"].objects is None
+    assert by_key["f.jpg"].split == "test" and by_key["s.png"].split == "val"
+
+
+def test_load_dataset_keeps_the_karpathy_split(tmp_path):
+    images = karpathy_images(split="test")
+    path = write(tmp_path, "k.json", karpathy_text(images))
+    captions = data.load_dataset(path, DataConfig(val_fraction=0.5, test_fraction=0.0))
+    assert [r.split for r in captions.records] == ["test", "test", "test"]
+
+
+def test_karpathy_unknown_split_lists_allowed(tmp_path):
+    images = karpathy_images()
+    images[1]["split"] = "holdout"
+    path = write(tmp_path, "k.json", karpathy_text(images))
+    with pytest.raises(UserError) as e:
+        data.load_captions(path)
+    msg = str(e.value)
+    assert "k.json" in msg and "images[1]" in msg and "'holdout'" in msg
+    for split in ("train", "val", "test", "restval"):
+        assert split in msg
+
+
+def test_karpathy_same_image_in_two_splits_is_an_error(tmp_path):
+    images = karpathy_images()
+    images.append({"filename": "a.jpg", "split": "test", "sentences": [{"raw": "again"}]})
+    with pytest.raises(UserError, match=r"images\[3\].*'a\.jpg'.*one split"):
+        data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+
+
+# --------------------------------------------------------------------------- splits
+def many_entries(n_images=400, per_image=3):
+    return [(f"img{i:04d}.jpg", f"caption {k} of image {i}")
+            for k in range(per_image) for i in range(n_images)]
+
+
+def split_of(captions):
+    return {r.image: r.split for r in captions.records}
+
+
+def test_split_keeps_images_whole_and_honours_fractions(tmp_path):
+    path = write(tmp_path, "t.txt", token_text(many_entries()))
+    captions = data.load_dataset(path, DataConfig(val_fraction=0.1, test_fraction=0.2))
+    keys = {s: [r.image for r in captions.split(s)] for s in data.SPLITS}
+    assert len(keys["test"]) == 80 and len(keys["val"]) == 40 and len(keys["train"]) == 280
+    all_keys = keys["train"] + keys["val"] + keys["test"]
+    assert len(all_keys) == len(set(all_keys)) == 400  # no image in two splits
+    assert all(len(r.captions) == 3 for r in captions.records)  # captions never separated
+
+
+def test_split_is_deterministic_and_stable_under_shuffled_lines(tmp_path):
+    lines = token_text(many_entries()).splitlines(keepends=True)
+    cfg = DataConfig(val_fraction=0.1, test_fraction=0.1, seed=3)
+    first = split_of(data.load_dataset(write(tmp_path, "a.txt", "".join(lines)), cfg))
+    random.Random(0).shuffle(lines)
+    shuffled = split_of(data.load_dataset(write(tmp_path, "b.txt", "".join(lines)), cfg))
+    again = split_of(data.load_dataset(write(tmp_path, "a.txt", "".join(lines)), cfg))
+    assert first == shuffled == again
+    assert set(first.values()) == {"train", "val", "test"}
+
+
+def test_seed_changes_the_split(tmp_path):
+    path = write(tmp_path, "t.txt", token_text(many_entries()))
+    a = split_of(data.load_dataset(path, DataConfig(seed=0)))
+    b = split_of(data.load_dataset(path, DataConfig(seed=1)))
+    assert a.keys() == b.keys() and a != b
+
+
+def test_bad_fractions_are_a_user_error(tmp_path):
+    path = write(tmp_path, "t.txt", token_text())
+    with pytest.raises(UserError, match="val_fraction"):
+        data.load_dataset(path, DataConfig(val_fraction=0.6, test_fraction=0.5))
+
+
+# --------------------------------------------------------------------------- bad input
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "nope.json")
+    with pytest.raises(UserError, match="nope.json.*not found") as e:
+        data.load_captions(path)
+    assert e.value.exit_code == 2
+
+
+def test_folder_instead_of_file(tmp_path):
+    with pytest.raises(UserError, match="folder"):
+        data.load_captions(str(tmp_path))
+
+
+def test_malformed_json_names_line_and_column(tmp_path):
+    path = write(tmp_path, "bad.json", '{"images": [\n  {"file_name": "a.jpg",}\n]}',
+                 crlf=True)
+    with pytest.raises(UserError, match=r"bad\.json: malformed JSON at line 2, column 25"):
+        data.load_captions(path)
+
+
+def test_wrong_csv_header(tmp_path):
+    path = write(tmp_path, "good.txt", "image,caption\na.jpg,x\n")
+    with pytest.raises(UserError, match=r"captions\.txt: line 1: expected the CSV header"):
+        data.load_captions(write(tmp_path, "captions.txt", "img,text\na.jpg,x\n"),
+                           "flickr-csv")
+    assert data.load_captions(path, "flickr-csv").num_captions == 1
+
+
+def test_csv_unterminated_quote_names_its_line(tmp_path):
+    path = write(tmp_path, "c.csv", 'image,caption\na.jpg,x\nb.jpg,"open\nc.jpg,y\n')
+    with pytest.raises(UserError, match=r"c\.csv: line 3: .*unterminated quote"):
+        data.load_captions(path)
+
+
+def test_csv_quote_closed_lines_later_names_the_opening_line(tmp_path):
+    path = write(tmp_path, "c.csv", 'image,caption\nb.jpg,"open\nc.jpg,y"\nd.jpg,z\n')
+    with pytest.raises(UserError, match=r"c\.csv: line 2: .*several lines"):
+        data.load_captions(path)
+
+
+def test_csv_wrong_number_of_fields(tmp_path):
+    path = write(tmp_path, "c.csv", "image,caption\na.jpg,x\n\nb.jpg,a dog, a cat\n",
+                 crlf=True)
+    with pytest.raises(UserError, match=r"c\.csv: line 4: expected 2 fields.*got 3"):
+        data.load_captions(path)
+
+
+def test_token_line_without_tab(tmp_path):
+    path = write(tmp_path, "t.token", "a.jpg#0\tfine\na.jpg#1 no tab here\n")
+    with pytest.raises(UserError, match=r"t\.token: line 2: expected `IMAGE#N<TAB>CAPTION`"):
+        data.load_captions(path)
+
+
+@pytest.mark.parametrize("text", ["just some words\nmore words\n", '["a list"]',
+                                  '{"images": [{"name": "a.jpg"}]}'])
+def test_unknown_format_lists_supported_formats(tmp_path, text):
+    path = write(tmp_path, "what.txt", text)
+    with pytest.raises(UserError) as e:
+        data.load_captions(path)
+    msg = str(e.value)
+    assert "what.txt" in msg and "cannot detect" in msg
+    for fmt in ("coco", "karpathy", "flickr-token", "flickr-csv"):
+        assert fmt in msg
+
+
+def test_empty_file(tmp_path):
+    with pytest.raises(UserError, match=r"e\.txt: file is empty.*flickr-csv"):
+        data.detect_format(write(tmp_path, "e.txt", " \n\n"))
+
+
+def test_unknown_format_value(tmp_path):
+    with pytest.raises(UserError, match="'yaml'.*coco, karpathy"):
+        data.load_captions(write(tmp_path, "t.txt", token_text()), "yaml")
+
+
+def test_coco_missing_annotations_names_the_key(tmp_path):
+    path = write(tmp_path, "c.json", json.dumps({"images": [{"file_name": "a.jpg", "id": 1}]}))
+    with pytest.raises(UserError, match=r"c\.json: COCO captions JSON has no `annotations`"):
+        data.load_captions(path)
+
+
+def test_format_override_is_obeyed(tmp_path):
+    path = write(tmp_path, "k.json", karpathy_text(karpathy_images()))
+    with pytest.raises(UserError, match="no `annotations`"):
+        data.load_captions(path, "coco")
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda o: o["annotations"][0].pop("caption"), r"annotations\[0\] has no `caption`"),
+    (lambda o: o["annotations"][0].update(caption=5), r"annotations\[0\]\.caption must be a "
+                                                      r"string, got int"),
+    (lambda o: o["annotations"][1].update(image_id=999), r"annotations\[1\]\.image_id 999 is "
+                                                         r"not the `id`"),
+    (lambda o: o.update(images={}), r"images must be a list, got dict"),
+])
+def test_coco_wrong_structure(tmp_path, mutate, message):
+    obj = json.loads(coco_text())
+    mutate(obj)
+    with pytest.raises(UserError, match=r"c\.json: .*" + message):
+        data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
+
+
+def test_karpathy_sentence_without_raw(tmp_path):
+    images = karpathy_images()
+    images[2]["sentences"] = [{"tokens": ["x"]}]
+    with pytest.raises(UserError, match=r"images\[2\]\.sentences\[0\] has no `raw`"):
+        data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+
+
+def test_non_utf8_names_the_byte_position(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("a.jpg#0\tok\nb.jpg#0\tcaf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1\.txt: not valid UTF-8 at byte 22 \(line 2\)"):
+        data.load_captions(str(path))
+
+
+def test_empty_captions_are_skipped_and_counted(tmp_path):
+    text = "image,caption\na.jpg,one\na.jpg,\na.jpg,\"  \"\nb.jpg,\t\nc.jpg,two\n"
+    captions = data.load_captions(write(tmp_path, "c.csv", text))
+    assert as_dict(captions) == {"a.jpg": ["one"], "c.jpg": ["two"]}
+    assert captions.skipped_empty == 3
+
+
+UNSAFE = ["/etc/passwd", "C:\\x.jpg", "c:x.jpg", "\\\\server\\share\\x.jpg", "\\x.jpg",
+          "../x.jpg", "a/../../x.jpg", "..\\x.jpg", "a/..", ""]
+
+
+@pytest.mark.parametrize("raw", UNSAFE)
+def test_safe_image_key_refuses(raw):
+    assert data.safe_image_key(raw) is None
+
+
+@pytest.mark.parametrize("raw,key", [("a.jpg", "a.jpg"), ("dir\\b.jpg", "dir/b.jpg"),
+                                     ("./d/./e/../f.jpg", "d/f.jpg"), (" x y.jpg ", "x y.jpg"),
+                                     ("a/../b.jpg", "b.jpg")])
+def test_safe_image_key_normalises(raw, key):
+    assert data.safe_image_key(raw) == key
+
+
+def test_unsafe_paths_refused_counted_and_never_touched(tmp_path, monkeypatch):
+    bad = ["/etc/passwd", "C:\\x.jpg", "\\\\server\\x.jpg", "../x.jpg", "a/../../x.jpg",
+           "../y.jpg"]
+    entries = [("ok.jpg", "fine")] + [(b, "evil") for b in bad] + [("../x.jpg", "again")]
+    path = write(tmp_path, "c.csv", csv_text(entries))
+    images = tmp_path / "images"
+    images.mkdir()
+    touched = []
+    real_isfile = os.path.isfile
+    monkeypatch.setattr(os.path, "isfile", lambda p: touched.append(p) or real_isfile(p))
+    stats = data.describe(path, DataConfig(), VocabConfig(), images_dir=str(images))
+    assert stats["images"] == 1 and stats["captions"] == 1
+    assert stats["refused_paths"] == {"count": 6, "examples": bad[:5]}  # distinct paths
+    assert touched == [os.path.join(str(images), "ok.jpg")]
+
+
+def test_no_usable_captions(tmp_path):
+    path = write(tmp_path, "bad.csv", csv_text([("/abs.jpg", "x"), ("ok.jpg", "  ")]))
+    with pytest.raises(UserError, match=r"no usable captions in .*bad\.csv"):
+        data.load_captions(path)
+
+
+# --------------------------------------------------------------------------- describe
+def describe_fixture(tmp_path):
+    images = [
+        {"filename": "a.jpg", "split": "train",
+         "sentences": [{"raw": "A red circle."}, {"raw": "red circle"}, {"raw": " "}]},
+        {"filename": "b.jpg", "split": "restval",
+         "sentences": [{"raw": "a blue square on a red floor"}]},
+        {"filename": "c.jpg", "split": "val", "sentences": [{"raw": "zebra"}]},
+        {"filename": "d.jpg", "split": "test", "sentences": [{"raw": "giraffe giraffe"}]},
+        {"filename": "../e.jpg", "split": "test", "sentences": [{"raw": "hidden"}]},
+    ]
+    path = write(tmp_path, "k.json", karpathy_text(images))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.jpg", "c.jpg"):
+        (folder / name).write_bytes(b"x")
+    return path, str(folder)
+
+
+def test_describe_numbers(tmp_path):
+    path, folder = describe_fixture(tmp_path)
+    stats = data.describe(path, DataConfig(), VocabConfig(), images_dir=folder)
+    assert stats["format"] == "karpathy" and stats["file"] == path
+    assert stats["images"] == 4 and stats["captions"] == 5
+    assert stats["splits"] == {"train": 2, "val": 1, "test": 1}
+    assert stats["split_source"] == "file"
+    assert stats["skipped_empty_captions"] == 1
+    assert stats["refused_paths"] == {"count": 1, "examples": ["../e.jpg"]}
+    assert stats["missing_images"] == {"count": 2, "examples": ["b.jpg", "d.jpg"]}
+    # train words: a red circle blue square on floor -> 7 + 4 special tokens; no zebra/giraffe
+    assert stats["vocab_size"] == 11
+    # lengths 3, 2, 7, 1, 2 -> sorted 1 2 2 3 7
+    assert stats["caption_length"] == {"mean": 3.0, "p50": 2, "p95": 7, "max": 7}
+    json.dumps(stats)  # JSON-able
+
+
+def test_describe_vocab_config_and_no_images_dir(tmp_path):
+    path, _ = describe_fixture(tmp_path)
+    stats = data.describe(path, DataConfig(), VocabConfig(vocab_size=2, min_count=2))
+    assert stats["vocab_size"] == 4 + 2  # red (3), a (3), circle (2) -> top 2
+    assert stats["missing_images"] is None
+
+
+def test_describe_missing_images_dir(tmp_path):
+    path, _ = describe_fixture(tmp_path)
+    with pytest.raises(UserError, match=r"nowhere: images folder not found"):
+        data.describe(path, DataConfig(), VocabConfig(), images_dir=str(tmp_path / "nowhere"))
+
+
+def test_format_description(tmp_path):
+    path, folder = describe_fixture(tmp_path)
+    text = data.format_description(data.describe(path, DataConfig(), VocabConfig(), folder))
+    lines = text.splitlines()
+    assert lines[0].split() == ["file", path]
+    assert "format          karpathy" in text
+    assert "train 2, val 1, test 1 images" in text
+    assert "2 (e.g. 'b.jpg', 'd.jpg')" in text
+    assert "11 tokens (train split, incl. 4 special tokens)" in text
+    assert "mean 3.0, p50 2, p95 7, max 7 words" in text
+    width = len("caption length")  # the longest label
+    assert all(line[width:width + 2] == "  " and line[width + 2] != " " for line in lines)

@@ -1,0 +1,221 @@
+import gc
+import os
+import re
+import weakref
+
+import cv2
+import numpy as np
+import pytest
+
+from caption_attn.plot import (
+    attention_figure,
+    figure_to_png,
+    grid_shape,
+    save_figure,
+    upsample_attention,
+)
+
+WORDS = ["a", "red", "circle", "above", "a", "blue", "square", "on", "grey", "ground", "today"]
+
+
+def _image(h=48, w=64):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def _attention(t, rng_seed=0):
+    a = np.random.default_rng(rng_seed).random((t, 64)).astype(np.float32)
+    return a / a.sum(axis=1, keepdims=True)  # (T, 64), rows sum to 1 like softmax output
+
+
+def _image_axes(fig):
+    return [ax for ax in fig.axes if ax.images]
+
+
+# --- grid_shape ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 11, 12, 25])
+def test_grid_shape_fits_without_empty_row(n):
+    rows, cols = grid_shape(n)
+    assert rows * cols >= n
+    assert (rows - 1) * cols < n  # the last row holds at least one panel
+    assert 1 <= cols <= 5
+
+
+@pytest.mark.parametrize(
+    "n, expected", [(1, (1, 1)), (2, (1, 2)), (3, (1, 3)), (5, (2, 3)), (11, (3, 4)), (25, (5, 5))]
+)
+def test_grid_shape_is_near_square(n, expected):
+    assert grid_shape(n) == expected
+
+
+def test_grid_shape_invariants_over_many_counts_and_widths():
+    for max_cols in range(1, 8):
+        for n in range(1, 80):
+            rows, cols = grid_shape(n, max_cols=max_cols)
+            assert cols <= max_cols and rows * cols >= n and (rows - 1) * cols < n, (n, max_cols)
+
+
+@pytest.mark.parametrize("n, max_cols", [(0, 5), (-1, 5), (3, 0)])
+def test_grid_shape_rejects_bad_arguments(n, max_cols):
+    with pytest.raises(ValueError, match=r"`(n|max_cols)`"):
+        grid_shape(n, max_cols)
+
+
+# --- upsample_attention -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell", [(0, 0), (0, 7), (7, 0), (7, 7), (3, 4), (4, 3)])
+def test_upsample_peak_lies_in_the_hot_cell(cell):
+    h, w = 96, 160  # non-square: rows and columns must not be swapped
+    grid = np.zeros((8, 8), np.float32)
+    grid[cell] = 1.0
+    up = upsample_attention(grid, (h, w))
+    assert up.shape == (h, w) and up.dtype == np.float32
+    r, c = np.unravel_index(np.argmax(up), up.shape)
+    assert cell[0] * h / 8 <= r < (cell[0] + 1) * h / 8
+    assert cell[1] * w / 8 <= c < (cell[1] + 1) * w / 8
+
+
+def test_upsample_is_smooth_not_a_block_stretch():
+    flat = np.zeros(64, np.float32)
+    flat[3 * 8 + 4] = 1.0  # row-major: position p = row * 8 + col
+    up = upsample_attention(flat, (128, 128))
+    assert len(np.unique(up)) > 20  # a nearest-neighbour stretch would give only 2 values
+    # Neighbouring pixels differ by a small step: no cliff at the cell border.
+    assert np.abs(np.diff(up, axis=1)).max() < 0.2
+    assert up.min() >= 0.0
+
+
+def test_upsample_reads_flat_attention_row_major():
+    flat = np.zeros(64, np.float32)
+    flat[1 * 8 + 6] = 1.0  # row 1 (near the top), column 6 (near the right)
+    r, c = np.unravel_index(np.argmax(upsample_attention(flat, (80, 80))), (80, 80))
+    assert 10 <= r < 20 and 60 <= c < 70
+
+
+def test_upsample_accepts_flat_and_grid_forms_equally():
+    a = _attention(1)[0]  # (64,)
+    np.testing.assert_array_equal(
+        upsample_attention(a, (40, 30)), upsample_attention(a.reshape(8, 8), (40, 30))
+    )
+
+
+@pytest.mark.parametrize("shape", [(63,), (8, 7), (2, 64), (1, 8, 8)])
+def test_upsample_rejects_bad_attention_shape(shape):
+    with pytest.raises(ValueError, match=r"`attention`.*" + re.escape(str(shape))):
+        upsample_attention(np.zeros(shape), (10, 10))
+
+
+def test_upsample_rejects_bad_size():
+    with pytest.raises(ValueError, match=r"`size`.*\(0, 10\)"):
+        upsample_attention(np.zeros(64), (0, 10))
+
+
+# --- attention_figure ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 11])
+def test_figure_has_one_titled_panel_per_word(n):
+    words = WORDS[:n]
+    fig = attention_figure(_image(), words, _attention(n + 1))  # + the step that emitted <end>
+    panels = _image_axes(fig)
+    assert len(panels) == n
+    assert [ax.get_title() for ax in panels] == words
+    assert all(not ax.axison for ax in panels)
+    # Panels follow the grid; the remaining axes is the single shared colorbar.
+    assert len(fig.axes) == n + 1
+
+
+def test_figure_panels_share_one_color_scale():
+    fig = attention_figure(_image(), WORDS[:3], _attention(3))
+    overlays = [ax.images[1] for ax in _image_axes(fig)]  # image [0], heatmap [1]
+    limits = {ov.get_clim() for ov in overlays}
+    assert len(limits) == 1
+    vmin, vmax = limits.pop()
+    assert vmin == 0.0 and vmax >= max(ov.get_array().max() for ov in overlays) - 1e-6
+
+
+def test_figure_overlay_covers_the_image_and_uses_alpha():
+    image = _image(30, 50)
+    fig = attention_figure(image, ["word"], _attention(1).reshape(1, 8, 8), alpha=0.4)
+    base, overlay = _image_axes(fig)[0].images
+    assert overlay.get_array().shape == image.shape[:2]
+    assert overlay.get_alpha() == 0.4
+    np.testing.assert_array_equal(base.get_array(), image)
+
+
+def test_figure_title():
+    fig = attention_figure(_image(), ["a"], _attention(1), title="a red circle")
+    assert fig.get_suptitle() == "a red circle"
+    assert attention_figure(_image(), ["a"], _attention(1)).get_suptitle() == ""
+
+
+def test_figure_rejects_empty_words():
+    with pytest.raises(ValueError, match=r"`words`.*\[\]"):
+        attention_figure(_image(), [], _attention(2))
+
+
+def test_figure_rejects_too_few_attention_rows():
+    with pytest.raises(ValueError, match=r"`attention`.*\b3 words.*\(2, 64\)"):
+        attention_figure(_image(), ["a", "b", "c"], _attention(2))
+
+
+@pytest.mark.parametrize("shape", [(2, 63), (2, 8, 7), (64,)])
+def test_figure_rejects_bad_attention_shape(shape):
+    with pytest.raises(ValueError, match=r"`attention`.*shape"):
+        attention_figure(_image(), ["a"], np.zeros(shape))
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (32, 32, 4), (32, 32, 1), (0, 32, 3)])
+def test_figure_rejects_non_rgb_image(shape):
+    with pytest.raises(ValueError, match=r"`image`.*" + re.escape(str(shape))):
+        attention_figure(np.zeros(shape, np.uint8), ["a"], _attention(1))
+
+
+def test_figure_is_garbage_collected_without_pyplot():
+    ref = weakref.ref(attention_figure(_image(), WORDS[:2], _attention(2)))
+    gc.collect()
+    assert ref() is None
+
+
+# --- PNG output ---------------------------------------------------------------------------
+
+
+def test_figure_renders_identically_every_time():
+    fig = attention_figure(_image(), WORDS[:5], _attention(5), title="t")
+    assert figure_to_png(fig) == figure_to_png(fig)
+
+
+def test_figure_to_png_decodes_to_the_figure_pixel_size():
+    fig = attention_figure(_image(), WORDS[:5], _attention(5), title="t")
+    data = figure_to_png(fig)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert decoded is not None
+    w, h = np.round(fig.get_size_inches() * fig.dpi).astype(int)
+    assert decoded.shape == (h, w, 3)
+    assert decoded.std() > 10  # something was drawn, not a blank canvas
+
+
+def test_save_figure_writes_atomically_and_creates_parents(tmp_path):
+    fig = attention_figure(_image(), WORDS[:2], _attention(2))
+    path = tmp_path / "run" / "attention" / "epoch_001.png"
+    save_figure(fig, path)
+    assert path.read_bytes() == figure_to_png(fig)
+    assert os.listdir(path.parent) == ["epoch_001.png"]  # no temp file left behind
+    save_figure(fig, str(path))  # overwriting an existing file (str path) works too
+    assert os.listdir(path.parent) == ["epoch_001.png"]
+
+
+def test_save_figure_leaves_no_temp_file_on_failure(tmp_path, monkeypatch):
+    fig = attention_figure(_image(), ["a"], _attention(1))
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_figure(fig, tmp_path / "x.png")
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,101 @@
+import json
+
+import pytest
+
+from caption_attn.errors import UserError
+from caption_attn.vocab import END, PAD, SPECIAL_TOKENS, START, UNK, Vocabulary, standardize, \
+    tokenize
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("A Dog, running!", "a dog running"),
+    ("  two\tspaces \n and\r\nlines ", "two spaces and lines"),
+    ("Café CRÈME brûlée", "café crème brûlée"),
+    ("a man's hat.", "a man s hat"),
+    ("«quoted» — text…", "quoted text"),
+    ("", ""),
+])
+def test_standardize(raw, expected):
+    assert standardize(raw) == expected
+
+
+def test_tokenize_keeps_non_ascii_letters():
+    assert tokenize("Ein Mädchen trinkt Café.") == ["ein", "mädchen", "trinkt", "café"]
+
+
+def test_special_ids_are_fixed():
+    assert (PAD, START, END, UNK) == (0, 1, 2, 3)
+    vocab = Vocabulary(["a"])
+    assert vocab.tokens[:4] == list(SPECIAL_TOKENS)
+
+
+def test_fit_orders_by_count_then_alphabet_and_caps():
+    captions = ["b a c", "a b", "a", "d"]
+    vocab = Vocabulary.fit(captions, vocab_size=3)
+    # a:3, b:2, c:1, d:1 -> top 3 by count, ties alphabetical
+    assert vocab.tokens[4:] == ["a", "b", "c"]
+    assert len(vocab) == 7
+
+
+def test_fit_min_count():
+    vocab = Vocabulary.fit(["x y", "x z", "x"], vocab_size=10, min_count=2)
+    assert vocab.tokens[4:] == ["x"]
+
+
+def test_encode_decode_round_trip():
+    vocab = Vocabulary.fit(["a red circle", "a blue square"])
+    ids = vocab.encode("A red, SQUARE!")
+    assert ids[0] == START and ids[-1] == END
+    assert vocab.decode(ids) == ["a", "red", "square"]
+    assert vocab.decode(ids + [PAD, PAD]) == ["a", "red", "square"]
+
+
+def test_unknown_words_map_to_unk():
+    vocab = Vocabulary.fit(["a circle"])
+    ids = vocab.encode("a hexagon")
+    assert ids[2] == UNK
+    assert vocab.decode(ids) == ["a", "<unk>"]
+
+
+def test_encode_truncates_to_max_length():
+    vocab = Vocabulary.fit(["a b c d e"])
+    ids = vocab.encode("a b c d e", max_length=2)
+    assert vocab.decode(ids) == ["a", "b"] and ids[-1] == END and len(ids) == 4
+
+
+def test_decode_stops_at_end_and_skips_start():
+    vocab = Vocabulary(["x", "y"])
+    assert vocab.decode([START, 4, END, 5]) == ["x"]
+
+
+def test_save_load_identical(tmp_path):
+    vocab = Vocabulary.fit(["café au lait", "un café noir"])
+    path = str(tmp_path / "vocab.json")
+    vocab.save(path)
+    loaded = Vocabulary.load(path)
+    assert loaded == vocab and loaded.tokens == vocab.tokens
+    assert loaded.encode("café noir") == vocab.encode("café noir")
+    assert "café" in open(path, encoding="utf-8").read()  # readable JSON, not escaped
+
+
+def test_load_rejects_foreign_json(tmp_path):
+    path = tmp_path / "v.json"
+    path.write_text(json.dumps({"words": ["a"]}))
+    with pytest.raises(UserError, match="not a caption_attn vocabulary"):
+        Vocabulary.load(str(path))
+
+
+def test_load_malformed_json_names_file(tmp_path):
+    path = tmp_path / "v.json"
+    path.write_text("{oops")
+    with pytest.raises(UserError, match=r"v\.json: malformed JSON at line 1"):
+        Vocabulary.load(str(path))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="`vocab_size`"):
+        Vocabulary.fit(["a"], vocab_size=0)
+    with pytest.raises(ValueError, match="`min_count`"):
+        Vocabulary.fit(["a"], min_count=0)
+    with pytest.raises(ValueError, match="special tokens"):
+        Vocabulary(["<end>"])

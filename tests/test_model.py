@@ -1,0 +1,120 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from caption_attn.model import BahdanauAttention, ShowAttendTell, masked_loss
+
+V, E, U, P, F = 30, 8, 16, 64, 2048
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(1)
+    return ShowAttendTell(V, E, U, dropout=0.5)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    features = tf.constant(rng.random((3, P, F), np.float32))          # (B, P, F)
+    tokens = tf.constant(rng.integers(1, V, (3, 6)), tf.int32)         # (B, T)
+    return features, tokens
+
+
+def test_shapes(model, batch):
+    logits, alphas = model(batch)
+    assert logits.shape == (3, 6, V) and logits.dtype == tf.float32
+    assert alphas.shape == (3, 6, P)
+    np.testing.assert_allclose(alphas.numpy().sum(-1), 1.0, rtol=1e-5)
+
+
+def test_stepwise_decoding_equals_teacher_forcing(model, batch):
+    features, tokens = batch
+    logits, alphas = model(batch)
+    state, context = model.init_decoder(features)
+    for t in range(tokens.shape[1]):
+        step_logits, state, alpha = model.decode_step(tokens[:, t], state, context)
+        np.testing.assert_allclose(step_logits.numpy(), logits[:, t].numpy(), atol=1e-5)
+        np.testing.assert_allclose(alpha.numpy(), alphas[:, t].numpy(), atol=1e-6)
+
+
+def test_attention_keys_computed_once_per_batch(batch, monkeypatch):
+    keras.utils.set_random_seed(2)
+    m = ShowAttendTell(V, E, U)
+    calls = []
+    original = m.attention.key_proj.call
+    monkeypatch.setattr(m.attention.key_proj, "call",
+                        lambda x, **kw: calls.append(x.shape) or original(x, **kw))
+    features, _ = batch
+    long_tokens = tf.ones((3, 25), tf.int32)
+    m((features, long_tokens))
+    assert len(calls) == 1  # not once per time step (25)
+
+
+def test_gru_receives_previous_hidden_state(model, batch):
+    # The same token at every step must still give different outputs per step, because the
+    # hidden state carries over (the TF tutorial's decoder never passed it).
+    features, _ = batch
+    same = tf.fill((3, 5), 7)
+    logits, _ = model((features, same))
+    assert not np.allclose(logits[:, 0].numpy(), logits[:, 1].numpy(), atol=1e-4)
+
+
+def test_initial_state_depends_on_features(model, batch):
+    features, tokens = batch
+    (h_a,), _ = model.init_decoder(features)
+    (h_b,), _ = model.init_decoder(features * 2.0)
+    assert not np.allclose(h_a.numpy(), h_b.numpy())
+
+
+def test_dropout_only_in_training(model, batch):
+    a, _ = model(batch, training=False)
+    b, _ = model(batch, training=False)
+    c, _ = model(batch, training=True)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert not np.allclose(a.numpy(), c.numpy())
+
+
+def test_save_load_identical_outputs(model, batch, tmp_path):
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, ShowAttendTell)
+    assert loaded.get_config()["units"] == U and loaded.vocab_size == V
+    for x, y in zip(model(batch), loaded(batch)):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+
+
+def test_attention_layer_config_round_trip():
+    layer = BahdanauAttention(12, name="att")
+    clone = BahdanauAttention.from_config(layer.get_config())
+    assert clone.units == 12 and clone.name == "att"
+
+
+def test_bfloat16_policy_runs(batch):
+    m = ShowAttendTell(V, E, U, dtype=keras.DTypePolicy("mixed_bfloat16"))
+    logits, alphas = m(batch)
+    assert m.encoder.compute_dtype == "bfloat16"
+    assert logits.dtype == tf.float32 and np.isfinite(logits.numpy()).all()
+
+
+def test_masked_loss_divides_by_real_tokens():
+    logits = tf.zeros((2, 4, 5))                          # uniform: CE = log(5) per token
+    targets = tf.constant([[3, 2, 0, 0], [4, 4, 4, 2]])   # 2 + 4 real tokens
+    alphas = tf.fill((2, 4, P), 1.0 / P)
+    ce_sum, n, reg = masked_loss(logits, targets, alphas, attention_reg=0.0)
+    assert float(n) == 6.0
+    np.testing.assert_allclose(float(ce_sum) / float(n), np.log(5), rtol=1e-6)
+    assert float(reg) == 0.0
+
+
+def test_attention_regulariser_prefers_covering_every_pixel():
+    targets = tf.ones((1, P), tf.int32)                   # P real steps
+    logits = tf.zeros((1, P, 5))
+    spread = tf.eye(P)[None]                              # each pixel attended once
+    focused = tf.one_hot(tf.zeros((1, P), tf.int32), P)   # always pixel 0
+    _, _, reg_spread = masked_loss(logits, targets, spread, attention_reg=1.0)
+    _, _, reg_focused = masked_loss(logits, targets, focused, attention_reg=1.0)
+    assert float(reg_spread) == pytest.approx(0.0, abs=1e-6)
+    assert float(reg_focused) > 1.0

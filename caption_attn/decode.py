@@ -1,0 +1,349 @@
+"""Greedy, beam-search and sampling decoders driven by a step function.
+
+Decoding knows nothing about the model: every decoder takes a step function
+
+    step_fn(tokens, state, context) -> (logits, new_state, attention)
+        tokens:    (N,) int32, the previous token of each sequence (`start_id` at step 0)
+        state:     nested tensors with leading dim N (e.g. the GRU hidden state (N, units))
+        context:   nested tensors with leading dim N, constant over steps (e.g. encoded
+                   features (N, P, emb)); beam search and `num_samples` tile it once
+        logits:    (N, V) next-token logits
+        new_state: same structure and shapes as `state`
+        attention: (N, P) attention weights of this step over the P pixels
+
+and loops with `tf.while_loop`, batched over images (N = B * K sequences), stopping early
+once every sequence has produced `end_id`. The decoders work eagerly and inside a caller's
+`tf.function` (an `input_signature` with a `None` batch dim traces once for every batch
+size). `max_length`, `beam_size`, `top_k`, `num_samples` and `temperature` are Python
+numbers: they fix the graph.
+
+After `end_id` a sequence is finished: it emits `PAD` with log-probability 0 and zero
+attention, so its log-probability and score stay frozen.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, NamedTuple
+
+import tensorflow as tf
+
+from caption_attn.vocab import END, PAD, START
+
+StepFn = Callable[[tf.Tensor, Any, Any], tuple]
+NEG_INF = float("-inf")
+
+
+class DecodeResult(NamedTuple):
+    """`K` captions per image, best first (highest `scores`).
+
+    tokens:          (B, K, T) int32, generated ids without the start token, up to and
+                     including `end_id`, `PAD` after; T <= max_length is the longest one
+    log_probs:       (B, K) float32, sum of the token log-probabilities including `end_id`
+                     (exp() is the caption's probability under the model)
+    scores:          (B, K) float32, the ranking score: `log_probs`, divided by the length
+                     penalty in beam search
+    token_log_probs: (B, K, T) float32, 0 after `end_id`
+    attention:       (B, K, T, P) float32, the attention of the step that produced each token
+    lengths:         (B, K) int32, tokens including `end_id` (max_length if it never came)
+
+    Beam search with `beam_size` above the number of distinct sequences returns "dead" beams:
+    `log_probs` and `scores` -inf, all-`PAD` tokens, zero attention, `lengths` 0.
+    """
+
+    tokens: tf.Tensor
+    log_probs: tf.Tensor
+    scores: tf.Tensor
+    token_log_probs: tf.Tensor
+    attention: tf.Tensor
+    lengths: tf.Tensor
+
+
+class _Beams(NamedTuple):
+    """While-loop state over N sequences; the history buffers hold L = max_length steps."""
+
+    step: tf.Tensor             # () int32, steps taken so far
+    last: tf.Tensor             # (N,) int32, the token fed to the next step
+    state: Any                  # nested, leading dim N
+    log_probs: tf.Tensor        # (N,) float32
+    lengths: tf.Tensor          # (N,) int32
+    finished: tf.Tensor         # (N,) bool
+    tokens: tf.Tensor           # (N, L) int32
+    token_log_probs: tf.Tensor  # (N, L) float32
+    attention: tf.Tensor        # (N, L, P) float32
+
+
+# Per-sequence fields that beam search reorders by parent beam (`state` and `last` are
+# replaced by the step's output instead).
+_HISTORY = ("log_probs", "lengths", "finished", "tokens", "token_log_probs", "attention")
+
+
+# ----------------------------------------------------------------------------- public API
+
+def greedy(step_fn: StepFn, state, context, max_length: int, start_id: int = START,
+           end_id: int = END) -> DecodeResult:
+    """The most probable next token at every step (ties: the lower id). K = 1."""
+    max_length = _check_int("max_length", max_length, 1)
+    log_probs = tf.zeros([_batch_size(state, context)])  # (B,)
+    beams = _run(step_fn, state, context, log_probs, max_length, start_id,
+                 _greedy_advance(end_id))
+    return _finalize(beams, 1)
+
+
+def beam_search(step_fn: StepFn, state, context, beam_size: int, max_length: int,
+                length_penalty: float = 0.0, start_id: int = START,
+                end_id: int = END) -> DecodeResult:
+    """The `beam_size` best sequences per image found by beam search. K = beam_size.
+
+    Each step expands every beam by every token and keeps the `beam_size` best candidates
+    per image, ranked by log-probability divided by the GNMT length penalty
+    ((5 + length) / 6) ** length_penalty (Wu et al. 2016; 0 ranks by plain log-probability).
+    Finished beams stay in the beam with a frozen score and compete with live ones; the
+    search stops when every beam has finished. Ties go to the lower beam, then the lower id,
+    so `beam_size=1` is `greedy`.
+    """
+    beam_size = _check_int("beam_size", beam_size, 1)
+    max_length = _check_int("max_length", max_length, 1)
+    batch = _batch_size(state, context)
+    # Only beam 0 is alive at first, so the first step does not pick the same token K times.
+    first = tf.constant([0.0] + [NEG_INF] * (beam_size - 1))  # (K,)
+    log_probs = tf.reshape(tf.tile(first[None, :], [batch, 1]), [-1])  # (B*K,)
+    state, context = _tile((state, context), beam_size)  # leading dims (B*K, ...)
+    beams = _run(step_fn, state, context, log_probs, max_length, start_id,
+                 _beam_advance(beam_size, length_penalty, end_id))
+    return _finalize(beams, beam_size, length_penalty)
+
+
+def sample(step_fn: StepFn, state, context, max_length: int, temperature: float = 1.0,
+           top_k: int = 0, seed: int = 0, num_samples: int = 1, start_id: int = START,
+           end_id: int = END) -> DecodeResult:
+    """Random captions: each token drawn from softmax(logits / temperature), restricted to
+    the `top_k` most likely tokens (0 = all; ties with the k-th are kept). K = num_samples.
+
+    Stateless random ops seeded by `seed` (an int or an int tensor, so a caller's
+    `tf.function` can vary it without retracing) make the draw reproducible for the same
+    batch. `log_probs` are under the model (temperature 1, full vocabulary), not under the
+    sampling distribution; samples are sorted by them.
+    """
+    max_length = _check_int("max_length", max_length, 1)
+    top_k = _check_int("top_k", top_k, 0)
+    num_samples = _check_int("num_samples", num_samples, 1)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not temperature > 0:
+        raise ValueError(f"`temperature` must be a number > 0, got {temperature!r}")
+    log_probs = tf.zeros([_batch_size(state, context) * num_samples])  # (B*K,)
+    state, context = _tile((state, context), num_samples)  # leading dims (B*K, ...)
+    seed = tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)])  # (2,)
+    beams = _run(step_fn, state, context, log_probs, max_length, start_id,
+                 _sample_advance(float(temperature), top_k, seed, end_id))
+    return _finalize(beams, num_samples)
+
+
+_METHODS = {"greedy": greedy, "beam": beam_search, "sample": sample}
+
+
+def decode(step_fn: StepFn, state, context, method: str = "greedy", **kwargs) -> DecodeResult:
+    """`greedy`, `beam_search` or `sample` by name ("greedy", "beam", "sample"); `kwargs` go
+    to that decoder."""
+    if method not in _METHODS:
+        raise ValueError(f"`method` must be one of {sorted(_METHODS)}, got {method!r}")
+    return _METHODS[method](step_fn, state, context, **kwargs)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _run(step_fn, state, context, log_probs, max_length, start_id, advance) -> _Beams:
+    """Step all N sequences until each has produced END or `max_length` tokens.
+
+    `advance(beams, logits, new_state, attention)` chooses the next token of each sequence
+    and appends it. The first step runs before the loop: its output fixes P and the state's
+    dtypes and shapes for the loop variables.
+    """
+    n = tf.shape(log_probs)[0]
+    start = tf.fill([n], tf.constant(start_id, tf.int32))  # (N,)
+    logits, state, attention = step_fn(start, state, context)  # (N, V), ..., (N, P)
+    empty = _empty(state, log_probs, max_length, _dim(attention, 1))
+    beams = advance(empty, logits, state, attention)
+
+    def cond(beams):
+        return (beams.step < max_length) & ~tf.reduce_all(beams.finished)
+
+    def body(beams):
+        logits, state, attention = step_fn(beams.last, beams.state, context)
+        return [advance(beams, logits, state, attention)]
+
+    # Gathers and reshapes lose the static batch dim, so only dim 0 is left free.
+    invariants = tf.nest.map_structure(
+        lambda x: tf.TensorShape([None]).concatenate(x.shape[1:]) if x.shape.rank else x.shape,
+        beams)
+    (beams,) = tf.while_loop(cond, body, [beams], shape_invariants=[invariants])
+    return beams
+
+
+def _empty(state, log_probs, max_length, num_pixels) -> _Beams:
+    """Loop state before the first token: empty history buffers of `max_length` steps."""
+    n = tf.shape(log_probs)[0]
+    return _Beams(
+        step=tf.constant(0),
+        last=tf.zeros([n], tf.int32),                                 # (N,)
+        state=state,
+        log_probs=log_probs,                                          # (N,)
+        lengths=tf.zeros([n], tf.int32),                              # (N,)
+        finished=tf.zeros([n], tf.bool),                              # (N,)
+        tokens=tf.fill([n, max_length], tf.constant(PAD, tf.int32)),  # (N, L)
+        token_log_probs=tf.zeros([n, max_length]),                    # (N, L)
+        attention=tf.zeros([n, max_length, num_pixels]),              # (N, L, P)
+    )
+
+
+def _append(beams: _Beams, token, token_log_prob, state, attention, end_id) -> _Beams:
+    """Write each sequence's chosen `token` (N,) at position `beams.step`.
+
+    `token_log_prob` (N,) is already 0 for finished sequences (or -inf for a beam search
+    candidate that continues a finished beam with anything but PAD); `attention` (N, P) is
+    this step's. Finished sequences get PAD and zero attention.
+    """
+    done = beams.finished                                                 # (N,)
+    token = tf.where(done, PAD, token)                                    # (N,)
+    attention = tf.where(done[:, None], 0.0, tf.cast(attention, tf.float32))  # (N, P)
+    log_probs = beams.log_probs + token_log_prob                          # (N,)
+    at = tf.equal(tf.range(beams.tokens.shape[1]), beams.step)            # (L,)
+    return _Beams(
+        step=beams.step + 1,
+        last=token,
+        state=state,
+        log_probs=log_probs,
+        lengths=beams.lengths + tf.cast(~done, tf.int32),                 # (N,)
+        # -inf: a dead beam (fewer distinct candidates than beams); it must not keep the
+        # loop running.
+        finished=done | tf.equal(token, end_id) | tf.equal(log_probs, NEG_INF),
+        tokens=tf.where(at[None, :], token[:, None], beams.tokens),       # (N, L)
+        token_log_probs=tf.where(at[None, :], token_log_prob[:, None],
+                                 beams.token_log_probs),                  # (N, L)
+        attention=tf.where(at[None, :, None], attention[:, None, :],
+                           beams.attention),                              # (N, L, P)
+    )
+
+
+def _finalize(beams: _Beams, k: int, length_penalty: float = 0.0) -> DecodeResult:
+    """Trim the history to the steps taken, reshape (N, ...) -> (B, K, ...), sort best first."""
+    t = beams.step
+    dead = tf.equal(beams.log_probs, NEG_INF)                                     # (N,)
+    result = DecodeResult(
+        tokens=tf.where(dead[:, None], PAD, beams.tokens[:, :t]),                 # (N, T)
+        log_probs=beams.log_probs,                                                # (N,)
+        scores=beams.log_probs / _length_penalty(beams.lengths, length_penalty),  # (N,)
+        token_log_probs=tf.where(dead[:, None], 0.0, beams.token_log_probs[:, :t]),  # (N, T)
+        attention=tf.where(dead[:, None, None], 0.0, beams.attention[:, :t]),     # (N, T, P)
+        lengths=tf.where(dead, 0, beams.lengths),                                 # (N,)
+    )
+    result = tf.nest.map_structure(lambda x: _split_batch(x, k), result)         # (B, K, ...)
+    order = tf.argsort(result.scores, axis=1, direction="DESCENDING", stable=True)  # (B, K)
+    return tf.nest.map_structure(lambda x: tf.gather(x, order, batch_dims=1), result)
+
+
+# ----------------------------------------------------------------------------- choosing tokens
+
+def _greedy_advance(end_id):
+    def advance(beams, logits, state, attention):
+        step_log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32))  # (N, V)
+        token = tf.math.top_k(step_log_probs, 1).indices[:, 0]          # (N,) ties: lower id
+        token_log_prob = _own_log_prob(step_log_probs, token, beams.finished)  # (N,)
+        return _append(beams, token, token_log_prob, state, attention, end_id)
+    return advance
+
+
+def _sample_advance(temperature, top_k, seed, end_id):
+    def advance(beams, logits, state, attention):
+        logits = tf.cast(logits, tf.float32)                              # (N, V)
+        sampling_logits = _keep_top_k(logits / temperature, top_k)        # (N, V)
+        step_seed = tf.random.experimental.stateless_fold_in(seed, beams.step)  # (2,)
+        token = tf.random.stateless_categorical(
+            sampling_logits, 1, step_seed, dtype=tf.int32)[:, 0]          # (N,)
+        step_log_probs = tf.nn.log_softmax(logits)                        # (N, V)
+        token_log_prob = _own_log_prob(step_log_probs, token, beams.finished)  # (N,)
+        return _append(beams, token, token_log_prob, state, attention, end_id)
+    return advance
+
+
+def _beam_advance(beam_size, length_penalty, end_id):
+    def advance(beams, logits, state, attention):
+        step_log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32))  # (N, V)
+        v = tf.shape(step_log_probs)[1]
+        alive = ~beams.finished                                           # (N,)
+        # A finished beam has one continuation, PAD for free, so its score stays frozen.
+        frozen = tf.where(tf.equal(tf.range(v), PAD), 0.0, NEG_INF)       # (V,)
+        step = tf.where(alive[:, None], step_log_probs, frozen[None, :])  # (N, V)
+        candidates = beams.log_probs[:, None] + step                      # (N, V)
+        lengths = beams.lengths + tf.cast(alive, tf.int32)                # (N,)
+        scores = candidates / _length_penalty(lengths, length_penalty)[:, None]  # (N, V)
+        scores = tf.reshape(scores, [-1, beam_size * v])                  # (B, K*V)
+        # top_k is sorted and puts equal values in index order: lower beam, then lower id.
+        best = tf.math.top_k(scores, beam_size).indices                   # (B, K)
+        first_beam = tf.range(tf.shape(best)[0])[:, None] * beam_size     # (B, 1)
+        parent = tf.reshape(first_beam + best // v, [-1])                # (N,)
+        token = tf.reshape(best % v, [-1])                                # (N,)
+        token_log_prob = tf.gather(tf.reshape(step, [-1, beam_size * v]), best,
+                                   batch_dims=1)                          # (B, K)
+        beams = beams._replace(**{f: tf.gather(getattr(beams, f), parent) for f in _HISTORY})
+        state = tf.nest.map_structure(lambda x: tf.gather(x, parent), state)
+        return _append(beams, token, tf.reshape(token_log_prob, [-1]), state,
+                       tf.gather(attention, parent), end_id)
+    return advance
+
+
+def _own_log_prob(step_log_probs, token, finished):
+    """Log-probability (N,) of each sequence's `token` in its row of `step_log_probs`
+    (N, V); 0 for finished sequences."""
+    token_log_prob = tf.gather(step_log_probs, token, batch_dims=1)       # (N,)
+    return tf.where(finished, 0.0, token_log_prob)                        # (N,)
+
+
+def _keep_top_k(logits, top_k):
+    """`logits` (N, V) with everything below the k-th largest per row set to -inf."""
+    if top_k == 0:
+        return logits
+    k = tf.minimum(top_k, tf.shape(logits)[1])
+    kth = tf.math.top_k(logits, k).values[:, -1:]                         # (N, 1)
+    return tf.where(logits < kth, NEG_INF, logits)                        # (N, V)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _length_penalty(lengths, alpha):
+    """GNMT length penalty ((5 + length) / 6) ** alpha; exactly 1 for alpha = 0."""
+    return tf.pow((5.0 + tf.cast(lengths, tf.float32)) / 6.0, alpha)     # (N,)
+
+
+def _tile(structure, k):
+    """Repeat every tensor's rows `k` times: (B, ...) -> (B*k, ...), copies of an image
+    adjacent."""
+    if k == 1:
+        return structure
+    return tf.nest.map_structure(lambda x: tf.repeat(x, k, axis=0), structure)
+
+
+def _split_batch(x, k):
+    """(B*k, ...) -> (B, k, ...), keeping the static trailing dims."""
+    trailing = [d if d is not None else tf.shape(x)[i]
+                for i, d in enumerate(x.shape[1:], start=1)]
+    return tf.reshape(x, [-1, k] + trailing)
+
+
+def _dim(x, axis):
+    """Static size of `x` along `axis` when known, else the dynamic one."""
+    return x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
+
+
+def _batch_size(state, context):
+    leaves = tf.nest.flatten((state, context))
+    if not leaves:
+        raise ValueError("`state` and `context` hold no tensors; the batch size comes from "
+                         f"their leading dim, got state={state!r}, context={context!r}")
+    return tf.shape(leaves[0])[0]
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+    return int(value)

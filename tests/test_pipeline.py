@@ -1,0 +1,135 @@
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from caption_attn import pipeline
+
+SHAPE = (64, 2048)
+
+
+def _write(tmp_path, n, dtype="float16"):
+    paths = []
+    for i in range(n):
+        path = str(tmp_path / f"img{i}.npy")
+        np.save(path, np.full(SHAPE, i, dtype=dtype))   # image i's features are all == i
+        paths.append(path)
+    header = len(open(paths[0], "rb").read()) - np.prod(SHAPE) * np.dtype(dtype).itemsize
+    return paths, pipeline.NpyReader(header, dtype, SHAPE)
+
+
+def _captions(n_images, per_image=3, seed=0):
+    rng = np.random.default_rng(seed)
+    image_index, tokens = [], []
+    for i in range(n_images):
+        for _ in range(per_image):
+            length = int(rng.integers(3, 30))
+            tokens.append([1] + [10 + i] * (length - 2) + [2])  # body encodes the image
+            image_index.append(i)
+    return image_index, tokens
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_reader_matches_numpy(tmp_path, dtype):
+    path = str(tmp_path / "x.npy")
+    value = np.random.default_rng(0).standard_normal(SHAPE).astype(dtype)
+    np.save(path, value)
+    header = 128
+    assert len(open(path, "rb").read()) == header + value.nbytes
+    out = pipeline.NpyReader(header, dtype, SHAPE)(tf.constant(path))
+    np.testing.assert_array_equal(out.numpy(), value)
+
+
+def test_reader_rejects_wrong_size(tmp_path):
+    path = str(tmp_path / "bad.npy")
+    np.save(path, np.zeros((10, 2048), np.float16))
+    reader = pipeline.NpyReader(128, "float16", SHAPE)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="wrong size"):
+        reader(tf.constant(path))
+
+
+def test_bucket_boundaries():
+    b = pipeline.bucket_boundaries(42)
+    assert b == sorted(b) and b[-1] == 43 and all(x <= 43 for x in b)
+    assert pipeline.bucket_boundaries(5) == [6]
+
+
+def _batches(ds):
+    return [(f.numpy(), t.numpy()) for f, t in ds]
+
+
+def test_every_caption_once_with_its_own_features(tmp_path):
+    paths, reader = _write(tmp_path, 20)
+    index, tokens = _captions(20)
+    boundaries = pipeline.bucket_boundaries(30)
+    ds = pipeline.caption_dataset([paths[i] for i in index], tokens, 8, boundaries, reader,
+                                  shuffle_seed=3)
+    batches = _batches(ds)
+    assert len(batches) == pipeline.count_batches([len(t) for t in tokens], 8, boundaries)
+    seen = collections.Counter()
+    for feats, toks in batches:
+        assert feats.shape[1:] == SHAPE and toks.shape[0] == feats.shape[0] <= 8
+        assert toks.shape[1] + 1 in boundaries            # padded to a bucket boundary only
+        for f, t in zip(feats, toks):
+            real = t[t != 0]
+            assert real[0] == 1 and real[-1] == 2
+            assert (f == real[1] - 10).all()              # features belong to the caption
+            seen[tuple(real)] += 1
+    assert sum(seen.values()) == len(tokens)
+    assert seen == collections.Counter(tuple(t) for t in tokens)
+
+
+def test_bucketing_pads_less_than_longest_caption(tmp_path):
+    paths, reader = _write(tmp_path, 20)
+    index, tokens = _captions(20)
+    ds = pipeline.caption_dataset([paths[i] for i in index], tokens, 8,
+                                  pipeline.bucket_boundaries(30), reader, shuffle_seed=0)
+    real = sum(len(t) for t in tokens)
+    padded = sum(t.size for _, t in _batches(ds))
+    longest = max(len(t) for t in tokens) * len(tokens)
+    assert padded < 0.8 * longest and padded >= real
+
+
+def test_shuffle_is_seeded_and_skip_resumes(tmp_path):
+    paths, reader = _write(tmp_path, 12)
+    index, tokens = _captions(12)
+    args = ([paths[i] for i in index], tokens, 4, pipeline.bucket_boundaries(30), reader)
+    a = _batches(pipeline.caption_dataset(*args, shuffle_seed=1))
+    b = _batches(pipeline.caption_dataset(*args, shuffle_seed=1))
+    c = _batches(pipeline.caption_dataset(*args, shuffle_seed=2))
+    assert all((x[1].shape == y[1].shape) and (x[1] == y[1]).all() for x, y in zip(a, b))
+    assert any(x[1].shape != y[1].shape or (x[1] != y[1]).any() for x, y in zip(a, c))
+    skipped = _batches(pipeline.caption_dataset(*args, shuffle_seed=1, skip_batches=3))
+    assert len(skipped) == len(a) - 3
+    assert all((x[1] == y[1]).all() for x, y in zip(a[3:], skipped))
+
+
+def test_memory_table_gives_the_same_batches(tmp_path):
+    paths, reader = _write(tmp_path, 10)
+    index, tokens = _captions(10)
+    table = pipeline.FeatureTable(reader, paths)
+    args = ([paths[i] for i in index], tokens, 4, pipeline.bucket_boundaries(30), reader)
+    streamed = _batches(pipeline.caption_dataset(*args, shuffle_seed=5))
+    cached = _batches(pipeline.caption_dataset(*args, table=table, shuffle_seed=5))
+    assert len(streamed) == len(cached)
+    for (f1, t1), (f2, t2) in zip(streamed, cached):
+        np.testing.assert_array_equal(f1, f2)
+        np.testing.assert_array_equal(t1, t2)
+
+
+def test_no_python_functions_in_the_graph(tmp_path):
+    paths, reader = _write(tmp_path, 4)
+    index, tokens = _captions(4)
+    ds = pipeline.caption_dataset([paths[i] for i in index], tokens, 4,
+                                  pipeline.bucket_boundaries(30), reader, shuffle_seed=0)
+    graph = ds._as_serialized_graph().numpy()
+    assert b"ReadFile" in graph and b"DecodeRaw" in graph
+    assert b"PyFunc" not in graph and b"EagerPyFunc" not in graph
+
+
+def test_image_dataset_keeps_order(tmp_path):
+    paths, reader = _write(tmp_path, 7)
+    feats = np.concatenate([f.numpy() for f in pipeline.image_dataset(paths, 3, reader)])
+    assert feats.shape == (7,) + SHAPE
+    assert [int(f[0, 0]) for f in feats] == list(range(7))

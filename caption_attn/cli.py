@@ -82,6 +82,32 @@ def cmd_make_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract_features(args: argparse.Namespace) -> int:
+    from caption_attn import features
+
+    cfg = config_from_args(C.ExtractConfig, args)
+    keys = None
+    if args.captions:
+        from caption_attn import data
+        keys = [r.image for r in data.load_captions(args.captions, args.format).records]
+    summary = features.extract_features(args.images, cfg, keys=keys)
+    print(features.format_summary(summary))
+    return summary["exit_code"]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from caption_attn import train
+
+    cfg = C.RunConfig(captions=args.captions, cache=args.cache,
+                      data=config_from_args(C.DataConfig, args),
+                      vocab=config_from_args(C.VocabConfig, args),
+                      model=config_from_args(C.ModelConfig, args),
+                      train=config_from_args(C.TrainConfig, args))
+    summary = train.train(cfg, args.run, images_dir=args.images)
+    print(train.format_summary(summary))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def _formatter(prog):
     return argparse.HelpFormatter(prog, max_help_position=34)
@@ -118,6 +144,42 @@ def build_parser() -> argparse.ArgumentParser:
                 "per-image `objects` ground truth).")
     p.add_argument("out", metavar="OUT", help="output folder")
     add_config_args(p, C.ShapesConfig)
+
+    p = command("extract-features", cmd_extract_features,
+                "cache InceptionV3 features of the images",
+                "Run InceptionV3 (no top) over the images and cache each 8x8x2048 map as "
+                "<cache>/<image path>.npy, shape (64, 2048), plus manifest.json. Resumable: a "
+                "rerun extracts only what is missing; --verify re-extracts damaged files; "
+                "--num-shards/--shard-index split the work over machines. Images that cannot "
+                "be read are listed in <cache>/failed.tsv and do not stop the run (exit 0 "
+                "unless --strict or nothing could be extracted).")
+    p.add_argument("--images", required=True, metavar="DIR",
+                   help="images folder; each feature file is named after the image's path "
+                        "relative to it")
+    p.add_argument("--captions", metavar="FILE",
+                   help="caption file; when given, only its images are extracted (missing ones "
+                        "are reported in failed.tsv); default: every image file under --images")
+    p.add_argument("--format", default="auto", choices=C.CAPTION_FORMATS,
+                   help="format of --captions (default: auto)")
+    add_config_args(p, C.ExtractConfig)
+
+    p = command("train", cmd_train, "train (or resume) a captioner on cached features",
+                "Train the attention decoder on features from `extract-features`. Rerunning "
+                "the same command resumes from the run's last checkpoint; --fresh starts over. "
+                "Everything goes into the run folder (config, vocabulary, split, checkpoints, "
+                "best model, history, TensorBoard logs, attention heatmaps).")
+    p.add_argument("--captions", required=True, metavar="FILE", help="caption file")
+    p.add_argument("--cache", default="features_cache", metavar="DIR",
+                   help="feature cache made by extract-features (default: features_cache)")
+    p.add_argument("--run", required=True, metavar="DIR",
+                   help="run folder, e.g. models/coco_baseline")
+    p.add_argument("--images", metavar="DIR",
+                   help="images folder, only for the attention heatmaps (default: the one "
+                        "recorded in the cache manifest)")
+    add_config_args(p, C.DataConfig)
+    add_config_args(p, C.VocabConfig)
+    add_config_args(p, C.ModelConfig)
+    add_config_args(p, C.TrainConfig)
     return parser
 
 

@@ -66,8 +66,9 @@ class ShowAttendTell(keras.Model):
 
     `call((features, tokens))` runs teacher forcing: features (B, P, F), tokens (B, T) of the
     decoder *inputs* (`<start> w1 ... wn`, padded) -> logits (B, T, V) float32 and attention
-    (B, T, P) float32. `init_decoder` / `decode_step` expose the same computation one step at a
-    time for `decode.py`.
+    (B, T, P) float32. `call((features, image_index, tokens))` does the same with each image's
+    features once (training batches hold several captions of one image). `init_decoder` /
+    `decode_step` expose the same computation one step at a time for `decode.py`.
     """
 
     def __init__(self, vocab_size: int, embedding_dim: int = 256, units: int = 512,
@@ -142,12 +143,18 @@ class ShowAttendTell(keras.Model):
         return tf.cast(self.logits(x), tf.float32)                   # (..., V)
 
     # ------------------------------------------------------------------ decoding API
-    def init_decoder(self, features):
-        """features (B, P, F) -> state (h,), context (keys, encoded)."""
-        encoded = self.encoder(features)                             # (B, P, E)
-        keys = self.attention.keys(encoded)                          # (B, P, U)
-        h = self.init_h(tf.reduce_mean(encoded, axis=1))             # (B, U)
-        return (h,), (keys, encoded)
+    def init_decoder(self, features, image_index=None):
+        """features (N, P, F) -> state (h,), context (keys, encoded), one row per caption.
+
+        With `image_index` (B,), features hold each image once and caption b uses row
+        image_index[b]: the encoder and the key projection then run once per image.
+        """
+        encoded = self.encoder(features)                             # (N, P, E)
+        keys = self.attention.keys(encoded)                          # (N, P, U)
+        h = self.init_h(tf.reduce_mean(encoded, axis=1))             # (N, U)
+        if image_index is not None:
+            encoded, keys, h = (tf.gather(x, image_index) for x in (encoded, keys, h))
+        return (h,), (keys, encoded)                                 # (B, U), (B, P, .)
 
     def decode_step(self, tokens, state, context):
         """tokens (B,) int32 -> logits (B, V) float32, new state, attention (B, P) float32."""
@@ -159,8 +166,11 @@ class ShowAttendTell(keras.Model):
 
     # ------------------------------------------------------------------ teacher forcing
     def call(self, inputs, training=False):
-        features, tokens = inputs                                    # (B, P, F), (B, T)
-        (h0,), (keys, encoded) = self.init_decoder(features)
+        """inputs: (features (B, P, F), tokens (B, T)) or (features (N, P, F), image_index
+        (B,), tokens (B, T)) with each image once (see `init_decoder`)."""
+        features, tokens = inputs[0], inputs[-1]                     # (N, P, F), (B, T)
+        image_index = inputs[1] if len(inputs) == 3 else None        # (B,) or None
+        (h0,), (keys, encoded) = self.init_decoder(features, image_index)
         embedded = self.embedding(tokens)                            # (B, T, E)
         x_gates = self.gru_embed(embedded)                           # (B, T, 3U)
 

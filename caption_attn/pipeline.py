@@ -84,22 +84,43 @@ def _ragged(token_lists: Sequence[Sequence[int]]) -> tf.RaggedTensor:
     return tf.RaggedTensor.from_row_lengths(flat, lengths)
 
 
+def grouped_order(keys: Sequence, seed: int) -> np.ndarray:
+    """Caption order of one epoch: images shuffled, each image's captions shuffled and kept
+    together, so a batch usually holds several captions of one image and the encoder runs
+    once for them (the `seq_per_img` of neuraltalk2 and self-critical.pytorch)."""
+    rng = np.random.default_rng(seed)
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    images = list(groups.values())
+    return np.concatenate([rng.permutation(images[i]) for i in rng.permutation(len(images))])
+
+
 def caption_dataset(paths: Sequence[str], token_lists: Sequence[Sequence[int]],
                     batch_size: int, boundaries: Sequence[int], reader: NpyReader,
                     table: Optional[FeatureTable] = None, shuffle_seed: Optional[int] = None,
-                    skip_batches: int = 0) -> tf.data.Dataset:
-    """(features (B, P, F), tokens (B, L) int32) batches, one caption per row.
+                    skip_batches: int = 0, num_replicas: int = 1,
+                    replica_ids: Sequence[int] = (0,)) -> tf.data.Dataset:
+    """(features (N, P, F), image_index (B,), tokens (B, L) int32) batches, one caption per
+    row of `tokens`; `features` hold each image of the batch once (N <= B) and caption b uses
+    row image_index[b].
 
-    Captions are shuffled (when `shuffle_seed` is given: same seed, same order), grouped by
-    length and padded to their bucket boundary with 0 (`<pad>`); the features of each batch
+    Captions are shuffled by `grouped_order` when `shuffle_seed` is given (same seed, same
+    order), grouped by length and padded to their bucket boundary with 0 (`<pad>`); features
     are read after bucketing, so buckets hold file names, not feature maps. `skip_batches`
     drops the first batches (resuming in the middle of an epoch).
+
+    With `num_replicas` R > 1 every global batch is cut into R consecutive row slices (sizes
+    differ by at most one) and the slices of `replica_ids` are yielded one after the other,
+    each with its own images: the form `tf.distribute`'s `distribute_datasets_from_function`
+    expects. The union of the slices is exactly the single-replica batch.
     """
     keys = [table.index[p] for p in paths] if table is not None else list(paths)
-    ds = tf.data.Dataset.from_tensor_slices((keys, _ragged(token_lists)))
+    tokens = list(token_lists)
     if shuffle_seed is not None:
-        ds = ds.shuffle(len(keys), seed=shuffle_seed, reshuffle_each_iteration=False)
-    ds = ds.map(_dense_tokens)
+        order = grouped_order(keys, shuffle_seed)
+        keys, tokens = [keys[i] for i in order], [tokens[i] for i in order]
+    ds = tf.data.Dataset.from_tensor_slices((keys, _ragged(tokens))).map(_dense_tokens)
     ds = ds.bucket_by_sequence_length(
         element_length_func=_num_tokens,
         bucket_boundaries=list(boundaries),
@@ -107,12 +128,29 @@ def caption_dataset(paths: Sequence[str], token_lists: Sequence[Sequence[int]],
         pad_to_bucket_boundary=True)
     if skip_batches:
         ds = ds.skip(skip_batches)
+    if num_replicas > 1:
+        def slices(keys, tokens):
+            return _replica_slices(keys, tokens, num_replicas, replica_ids)
+        ds = ds.flat_map(slices)
     read = table.batch if table is not None else reader.batch
 
     def read_features(keys, tokens):                                  # (B,), (B, L)
-        return read(keys), tokens                                     # (B, P, F), (B, L)
+        unique, image_index = tf.unique(keys)                         # (N,), (B,)
+        return read(unique), image_index, tokens                      # (N, P, F), (B,), (B, L)
 
     return ds.map(read_features, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+def _replica_slices(keys, tokens, num_replicas: int, replica_ids: Sequence[int]):
+    """The rows of `replica_ids` out of R near-equal consecutive slices of one batch."""
+    n = tf.shape(keys)[0]
+    bounds = [(n * r) // num_replicas for r in range(num_replicas + 1)]
+    starts = tf.stack([bounds[r] for r in replica_ids])
+    ends = tf.stack([bounds[r + 1] for r in replica_ids])
+
+    def take(start, end):
+        return keys[start:end], tokens[start:end]                     # (b,), (b, L)
+    return tf.data.Dataset.from_tensor_slices((starts, ends)).map(take)
 
 
 def _dense_tokens(key, tokens):

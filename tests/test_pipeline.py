@@ -56,7 +56,8 @@ def test_bucket_boundaries():
 
 
 def _batches(ds):
-    return [(f.numpy(), t.numpy()) for f, t in ds]
+    """(features per caption (B, P, F), tokens (B, L)) of each batch."""
+    return [(tf.gather(f, i).numpy(), t.numpy()) for f, i, t in ds]
 
 
 def test_every_caption_once_with_its_own_features(tmp_path):
@@ -133,3 +134,42 @@ def test_image_dataset_keeps_order(tmp_path):
     feats = np.concatenate([f.numpy() for f in pipeline.image_dataset(paths, 3, reader)])
     assert feats.shape == (7,) + SHAPE
     assert [int(f[0, 0]) for f in feats] == list(range(7))
+
+
+def test_each_image_read_once_per_batch(tmp_path):
+    paths, reader = _write(tmp_path, 6)
+    index, tokens = _captions(6, per_image=5)
+    ds = pipeline.caption_dataset([paths[i] for i in index], tokens, 64,
+                                  pipeline.bucket_boundaries(30), reader, shuffle_seed=0)
+    for features, image_index, toks in ds:
+        assert features.shape[0] == len(np.unique(image_index.numpy()))
+        assert features.shape[0] <= toks.shape[0]
+
+
+def test_grouped_order_keeps_captions_of_an_image_together():
+    keys = ["a", "b", "a", "c", "b", "a"]
+    order = pipeline.grouped_order(keys, seed=4)
+    assert sorted(order) == list(range(6))
+    runs = [keys[i] for i in order]
+    assert sum(1 for x, y in zip(runs, runs[1:]) if x != y) == 2   # three contiguous groups
+    assert (order == pipeline.grouped_order(keys, seed=4)).all()
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_replica_slices_partition_each_batch(tmp_path, replicas):
+    paths, reader = _write(tmp_path, 8)
+    index, tokens = _captions(8)
+    args = ([paths[i] for i in index], tokens, 5, pipeline.bucket_boundaries(30), reader)
+    whole = _batches(pipeline.caption_dataset(*args, shuffle_seed=2))
+    parts = _batches(pipeline.caption_dataset(*args, shuffle_seed=2, num_replicas=replicas,
+                                              replica_ids=list(range(replicas))))
+    assert len(parts) == replicas * len(whole)
+    for b, (feats, toks) in enumerate(whole):
+        slices = parts[b * replicas:(b + 1) * replicas]
+        sizes = [s[1].shape[0] for s in slices]
+        assert max(sizes) - min(sizes) <= 1
+        np.testing.assert_array_equal(np.concatenate([s[1] for s in slices]), toks)
+        np.testing.assert_array_equal(np.concatenate([s[0] for s in slices]), feats)
+    second = _batches(pipeline.caption_dataset(*args, shuffle_seed=2, num_replicas=replicas,
+                                               replica_ids=[1]))
+    assert [s[1].shape for s in second] == [s[1].shape for s in parts[1::replicas]]

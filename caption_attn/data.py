@@ -49,6 +49,7 @@ class ImageRecord:
     split: Optional[str] = None     # "train" / "val" / "test" ("restval" read as "train")
     image_id: Any = None            # COCO id, Karpathy cocoid/imgid, else a running index
     objects: Optional[list] = None  # shapes ground truth: [{color, shape, size, bbox}]
+    size: Optional[tuple] = None    # (height, width) in pixels when the file gives them
 
 
 @dataclass
@@ -106,7 +107,8 @@ class _Collector:
         self.refused: dict[str, None] = {}  # distinct refused raw paths, in file order
 
     def add(self, raw_path: str, captions: list[str], where: str, split: Optional[str] = None,
-            image_id: Any = None, objects: Optional[list] = None) -> None:
+            image_id: Any = None, objects: Optional[list] = None,
+            size: Optional[tuple] = None) -> None:
         """Add captions of one image; `where` locates the entry in the file for errors."""
         key = safe_image_key(raw_path)
         if key is None:
@@ -118,7 +120,7 @@ class _Collector:
             return
         record = self.records.get(key)
         if record is None:
-            self.records[key] = ImageRecord(key, kept, split, image_id, objects)
+            self.records[key] = ImageRecord(key, kept, split, image_id, objects, size)
             return
         if record.split != split:
             raise UserError(f"{self.path}: {where}: image {key!r} has split {split!r} here but "
@@ -253,14 +255,22 @@ def _top(obj: Any, path: str, name: str) -> dict:
 
 
 # --------------------------------------------------------------------------- parsers
+def _image_size(image: dict) -> Optional[tuple]:
+    """(height, width) from an image entry's `height`/`width` keys, if both are numbers."""
+    h, w = image.get("height"), image.get("width")
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (h, w))
+    return (h, w) if ok else None
+
+
 def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
     obj = _top(obj, path, "COCO captions")
     images = _get(obj, "images", list, path, "COCO captions JSON")
     annotations = _get(obj, "annotations", list, path, "COCO captions JSON")
-    names = {}
+    names, sizes = {}, {}
     for i, image in enumerate(images):
         file_name = _get(image, "file_name", str, path, f"images[{i}]")
-        names[_get(image, "id", (int, str), path, f"images[{i}]")] = file_name
+        image_id = _get(image, "id", (int, str), path, f"images[{i}]")
+        names[image_id], sizes[image_id] = file_name, _image_size(image)
     for j, ann in enumerate(annotations):
         where = f"annotations[{j}]"
         image_id = _get(ann, "image_id", (int, str), path, where)
@@ -268,7 +278,7 @@ def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
         if image_id not in names:
             raise UserError(f"{path}: {where}.image_id {image_id!r} is not the `id` of any "
                             f"entry of `images`")
-        out.add(names[image_id], [caption], where, image_id=image_id)
+        out.add(names[image_id], [caption], where, image_id=image_id, size=sizes[image_id])
 
 
 def _karpathy_path(image: dict, path: str, where: str) -> str:
@@ -306,7 +316,8 @@ def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
             raise UserError(f"{path}: {where}.objects must be a list, got "
                             f"{type(objects).__name__}")
         image_id = image.get("cocoid", image.get("imgid", i))
-        out.add(raw_path, captions, where, split=split, image_id=image_id, objects=objects)
+        out.add(raw_path, captions, where, split=split, image_id=image_id, objects=objects,
+                size=_image_size(image))
 
 
 def _parse_flickr_token(path: str, text: str, out: _Collector) -> None:

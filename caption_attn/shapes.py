@@ -12,8 +12,10 @@ InceptionV3 (visual differences must be strong and clean):
   two of the three channels, so all five stand out (white would hide yellow, black would hide
   blue and purple). No anti-aliasing: every pixel is either background or exactly one object's
   color, which makes the masks and boxes exact.
-- Sizes 0.12 and 0.22 of the image side (36 and 66 px at 299 px, about one and two cells of
-  the 8x8 feature grid); the large area is over three times the small one for every shape.
+- Sizes 0.18 and 0.30 of the image side (54 and 90 px at 299 px, about 1.5 and 2.4 cells of
+  the 8x8 feature grid); the large area is over 2.5 times the small one for every shape. A
+  linear probe on a random InceptionV3's features told circles, squares and triangles apart
+  at 0.86 with sizes 0.12/0.22 and 0.90 with these (1,500 images), so bigger shapes it is.
 - Boxes are at least `GAP` (0.05 of the side) apart, so objects never touch. No two objects of
   one image share (color, shape), so even a caption without sizes names each object
   unambiguously and a caption's color-shape pairs map back to single objects.
@@ -54,7 +56,7 @@ COLORS = {                            # name -> BGR, saturated and far apart
     "purple": (255, 0, 170),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.12, "large": 0.22}  # name -> side of the shape's box / image side
+SIZES = {"small": 0.18, "large": 0.30}  # name -> side of the shape's box / image side
 RELATIONS = ("left of", "right of", "above", "below")  # objects[0] relative to objects[1]
 
 MAX_OBJECTS = 3
@@ -347,7 +349,7 @@ def make_shapes(out_dir: str, cfg: ShapesConfig) -> dict:
         image, record = make_example(index, cfg.seed, cfg.image_size)
         _write_png(os.path.join(images_dir, names[index]), image)
         return {"filename": names[index], "imgid": index, "split": splits[names[index]],
-                **record}
+                "width": cfg.image_size, "height": cfg.image_size, **record}
 
     # cv2 releases the GIL while drawing and encoding; map() keeps index order, and every
     # image depends only on (seed, index), so the output does not depend on the threads.

@@ -96,7 +96,8 @@ class ModelConfig:
     units: int = opt(512, "GRU units and attention size (TF tutorial)")
     dropout: float = opt(0.5, "dropout before the output layer (Show, Attend and Tell)")
     attention_reg: float = opt(1.0, "weight of the doubly stochastic attention regulariser "
-                               "sum_i (1 - sum_t alpha_ti)^2 (Show, Attend and Tell)")
+                               "mean_i (1 - sum_t alpha_ti)^2 over the 64 positions (Show, "
+                               "Attend and Tell eq. 14; averaged as in sgrvinod's tutorial)")
 
 
 @dataclass
@@ -130,6 +131,27 @@ class TrainConfig:
                              "logged each epoch")
     memory_cache_gb: float = opt(4.0, "keep the features in memory when they fit in this many "
                                  "GiB (0 disables); otherwise they stream from disk")
+
+
+@dataclass
+class DecodeConfig:
+    """Decoding (`caption`, `evaluate`)."""
+
+    beam: int = opt(3, "beam width; 1 is greedy decoding")
+    length_penalty: float = opt(0.0, "GNMT length penalty alpha for beam search: scores are "
+                                "log p / ((5 + length) / 6)^alpha (0: plain log p)")
+    sample: bool = opt(False, "sample captions instead of searching (see --temperature, "
+                       "--top-k); prints one sample per image")
+    temperature: float = opt(1.0, "sampling temperature (with --sample)")
+    top_k: int = opt(0, "sample only among the K most likely words (0: all; with --sample)")
+    seed: int = opt(0, "sampling seed (with --sample)")
+    max_length: Optional[int] = opt(None, "longest caption in words, <end> included "
+                                    "(default: the run's --max-length + 1)")
+    batch_size: int = opt(64, "images decoded together")
+
+    @property
+    def method(self) -> str:
+        return "sample" if self.sample else "greedy" if self.beam == 1 else "beam"
 
 
 @dataclass

@@ -1,4 +1,38 @@
 import os
+import shutil
+
+import pytest
 
 # TensorFlow's C++ banner and oneDNN notices only add noise to test output.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+SHAPES_IMAGES = 40
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory):
+    """A small shapes dataset and its random-backbone feature cache (float16, bfloat16).
+
+    Returns dict(root, images, captions, cache). Shared by the train / caption / evaluate
+    tests; tests that modify it must work on a copy (`copy_cache`).
+    """
+    from caption_attn import features, shapes
+    from caption_attn.config import ExtractConfig, ShapesConfig
+
+    root = tmp_path_factory.mktemp("shapes_data")
+    summary = shapes.make_shapes(str(root / "shapes"), ShapesConfig(
+        num_images=SHAPES_IMAGES, seed=0, val_fraction=0.2, test_fraction=0.2))
+    cache = str(root / "cache")
+    features.extract_features(summary["images_dir"], ExtractConfig(
+        cache=cache, weights="random", dtype="float16", precision="bfloat16", batch_size=20),
+        progress=False)
+    return {"root": str(root), "images": summary["images_dir"],
+            "captions": summary["captions"], "cache": cache}
+
+
+@pytest.fixture
+def copy_cache(shapes_data, tmp_path):
+    """A private copy of the shared feature cache (for tests that damage it)."""
+    target = str(tmp_path / "cache")
+    shutil.copytree(shapes_data["cache"], target)
+    return target

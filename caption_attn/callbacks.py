@@ -1,0 +1,188 @@
+"""Training callbacks on Keras' callback API, driven by `train.py`'s loop.
+
+- `EarlyStopping`: monitor / mode / patience / min_delta; keeps the best model on disk as soon
+  as it improves (nothing lost if the process dies) and restores the best weights at the end,
+  whether or not stopping triggered. Its state is rebuilt from `history.json` on resume.
+- `TensorBoardLogger`: scalars, sample captions (text), attention heatmaps (images) and the
+  run's hyperparameters (HParams dashboard) under `logs/train` and `logs/validation`.
+- `AttentionSnapshots`: the same heatmaps as PNG files under `attention/epoch_K/`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Sequence
+
+import keras
+import numpy as np
+
+from caption_attn.errors import UserError
+
+_MODES = {"val_loss": "min", "loss": "min", "val_ce": "min", "val_bleu4": "max"}
+
+
+class EarlyStopping(keras.callbacks.Callback):
+    """Stop when `monitor` has not improved by more than `min_delta` for `patience` epochs.
+
+    `save_best(epoch, value)` is called whenever the metric improves (the trainer saves the
+    model there); `restore_best()` is called at the end to put the best weights back. Both
+    default to an in-memory copy of the weights. `initial_history` (entries of
+    history.json) replays earlier epochs after a resume, so patience carries over.
+    """
+
+    def __init__(self, monitor: str = "val_loss", mode: str = "auto", patience: int = 3,
+                 min_delta: float = 0.0, initial_history: Sequence[dict] = (),
+                 save_best: Optional[Callable[[int, float], None]] = None,
+                 restore_best: Optional[Callable[[], None]] = None):
+        super().__init__()
+        if mode == "auto":
+            if monitor not in _MODES:
+                raise ValueError(f"cannot infer `mode` for monitor {monitor!r}; pass "
+                                 f"mode='min' or mode='max'")
+            mode = _MODES[monitor]
+        if mode not in ("min", "max"):
+            raise ValueError(f"`mode` must be 'auto', 'min' or 'max', got {mode!r}")
+        if patience < 0:
+            raise ValueError(f"`patience` must be >= 0, got {patience}")
+        self.monitor, self.mode, self.patience = monitor, mode, patience
+        self.min_delta = abs(min_delta)
+        self.initial_history = list(initial_history)
+        self._save_best, self._restore_best = save_best, restore_best
+
+    # state ------------------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        self.best = np.inf if self.mode == "min" else -np.inf
+        self.best_epoch = None
+        self.wait = 0
+        self.stopped_epoch = None
+        self._best_weights = None
+        for entry in self.initial_history:  # history.json counts epochs from 1
+            self._update(entry["epoch"] - 1, entry, replay=True)
+
+    def _improved(self, value: float) -> bool:
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def _update(self, epoch: int, logs: dict, replay: bool = False) -> None:
+        if self.monitor not in logs:
+            raise UserError(f"early stopping monitors {self.monitor!r} but the epoch logs only "
+                            f"have {sorted(k for k in logs if k != 'epoch')}")
+        value = float(logs[self.monitor])
+        if self._improved(value):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if not replay:
+                self._keep_best(epoch, value)
+        else:
+            self.wait += 1
+
+    def _keep_best(self, epoch: int, value: float) -> None:
+        if self._save_best is not None:
+            self._save_best(epoch, value)
+        else:
+            self._best_weights = self.model.get_weights()
+
+    # Keras hooks --------------------------------------------------------------
+    def on_epoch_end(self, epoch, logs=None):
+        self._update(epoch, logs or {})
+        if self.wait >= self.patience and self.best_epoch is not None and epoch > 0:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.best_epoch is None:
+            return
+        if self._restore_best is not None:
+            self._restore_best()
+        elif self._best_weights is not None:
+            self.model.set_weights(self._best_weights)
+
+
+class TensorBoardLogger(keras.callbacks.Callback):
+    """Writes TensorBoard summaries under `log_dir/train` and `log_dir/validation`.
+
+    Per `update_freq` steps (train): batch loss, gradient norm. Per epoch: loss,
+    learning_rate, captions_per_second, gradient_norm (train); val_loss, val_bleu4, sample
+    captions (text) and attention heatmaps (images) (validation). The hyperparameters go to
+    the HParams dashboard with val_loss / val_bleu4 as its metrics.
+    `samples(epoch)` returns a list of dicts with keys image (name), caption, png (bytes).
+    """
+
+    def __init__(self, log_dir: str, hparams: dict, samples: Optional[Callable] = None,
+                 update_freq: int = 50):
+        super().__init__()
+        self.log_dir, self.hparams = log_dir, hparams
+        self.samples, self.update_freq = samples, max(1, update_freq)
+
+    def on_train_begin(self, logs=None):
+        import tensorflow as tf
+        from tensorboard.plugins.hparams import api as hp
+
+        self._tf = tf
+        self.train_writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
+        self.val_writer = tf.summary.create_file_writer(
+            os.path.join(self.log_dir, "validation"))
+        root = tf.summary.create_file_writer(self.log_dir)
+        with root.as_default():
+            hp.hparams_config(
+                hparams=[hp.HParam(k) for k in sorted(self.hparams)],
+                metrics=[hp.Metric("val_loss", group="validation", display_name="val_loss"),
+                         hp.Metric("val_bleu4", group="validation", display_name="val_bleu4"),
+                         hp.Metric("loss", group="train", display_name="loss")])
+            hp.hparams(self.hparams, trial_id=os.path.basename(os.path.dirname(
+                os.path.abspath(self.log_dir))))
+        root.flush()
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        step = int(logs.get("global_step", batch))
+        if step % self.update_freq:
+            return
+        with self.train_writer.as_default(step=step):
+            for key in ("loss", "gradient_norm"):
+                if key in logs:
+                    self._tf.summary.scalar(f"batch_{key}", logs[key])
+
+    def on_epoch_end(self, epoch, logs=None):
+        tf, logs = self._tf, logs or {}
+        step = epoch + 1
+        with self.train_writer.as_default(step=step):
+            for key in ("loss", "learning_rate", "captions_per_second", "gradient_norm"):
+                if key in logs:
+                    tf.summary.scalar(key, logs[key])
+        with self.val_writer.as_default(step=step):
+            for key in ("val_loss", "val_bleu4"):
+                if key in logs and logs[key] is not None:
+                    tf.summary.scalar(key, logs[key])
+            samples = self.samples(epoch) if self.samples else []
+            if samples:
+                table = "\n".join(f"| {s['image']} | {s['caption']} |" for s in samples)
+                tf.summary.text("captions", "| image | caption |\n|---|---|\n" + table)
+                for s in samples:
+                    image = tf.image.decode_png(s["png"], channels=3)[None]  # (1, H, W, 3)
+                    tf.summary.image(f"attention/{s['image']}", image)
+        self.train_writer.flush()
+        self.val_writer.flush()
+
+    def on_train_end(self, logs=None):
+        self.train_writer.close()
+        self.val_writer.close()
+
+
+class AttentionSnapshots(keras.callbacks.Callback):
+    """Saves the sample images' attention heatmaps as `out_dir/epoch_K/<image>.png`."""
+
+    def __init__(self, out_dir: str, samples: Callable):
+        super().__init__()
+        self.out_dir, self.samples = out_dir, samples
+
+    def on_epoch_end(self, epoch, logs=None):
+        folder = os.path.join(self.out_dir, f"epoch_{epoch + 1}")
+        for s in self.samples(epoch):
+            name = s["image"].replace("/", "__")
+            path = os.path.join(folder, os.path.splitext(name)[0] + ".png")
+            os.makedirs(folder, exist_ok=True)
+            tmp = path + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(s["png"])
+            os.replace(tmp, path)

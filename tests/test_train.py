@@ -1,0 +1,228 @@
+import glob
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from caption_attn import train
+from caption_attn.config import DataConfig, ModelConfig, RunConfig, TrainConfig, VocabConfig
+from caption_attn.errors import UserError
+
+SMALL_MODEL = ModelConfig(embedding_dim=32, units=64, dropout=0.2)
+
+
+def small_config(shapes_data, cache=None, **train_overrides) -> RunConfig:
+    options = dict(epochs=3, batch_size=16, learning_rate=1e-2, patience=10, sample_images=2,
+                   bleu_images=8)
+    options.update(train_overrides)
+    return RunConfig(captions=shapes_data["captions"], cache=cache or shapes_data["cache"],
+                     data=DataConfig(seed=1), vocab=VocabConfig(max_length=20),
+                     model=SMALL_MODEL, train=TrainConfig(**options))
+
+
+def run_trainer(cfg, run_dir, images=None):
+    train.open_run(run_dir, cfg, fresh=cfg.train.fresh)
+    trainer = train.Trainer(cfg, run_dir, images_dir=images, progress=False,
+                            log=lambda *a: None)
+    return trainer, trainer.fit()
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_data, tmp_path_factory):
+    """One run of 4 epochs monitoring val_bleu4 (so every metric and tag gets written)."""
+    run = str(tmp_path_factory.mktemp("run") / "shapes")
+    cfg = small_config(shapes_data, epochs=4, monitor="val_bleu4")
+    trainer, summary = run_trainer(cfg, run, images=shapes_data["images"])
+    with open(os.path.join(run, "history.json")) as f:
+        history = json.load(f)
+    return {"run": run, "cfg": cfg, "trainer": trainer, "summary": summary, "history": history}
+
+
+def test_loss_goes_down_clearly(trained):
+    history = trained["history"]
+    print([(round(h["ce"], 3), round(h["loss"], 3), round(h["val_ce"], 3)) for h in history])
+    assert len(history) == 4
+    # cross-entropy per token from ~log(V) = 3.4 to well under half of that
+    assert history[-1]["ce"] < 0.5 * history[0]["ce"]
+    assert history[-1]["loss"] < history[0]["loss"] - 1.0
+    assert history[-1]["val_ce"] < 0.6 * history[0]["val_ce"]
+
+
+def test_run_folder_layout(trained):
+    run = trained["run"]
+    for name in ("config.json", "vocab.json", "split.json", "history.json", "best.keras",
+                 "best.json", "checkpoints/checkpoint"):
+        assert os.path.isfile(os.path.join(run, name)), name
+    assert glob.glob(os.path.join(run, "logs", "train", "events.out.tfevents.*"))
+    assert glob.glob(os.path.join(run, "logs", "validation", "events.out.tfevents.*"))
+    for epoch in range(1, 5):
+        pngs = glob.glob(os.path.join(run, "attention", f"epoch_{epoch}", "*.png"))
+        assert len(pngs) == 2
+    entry = trained["history"][0]
+    for key in ("epoch", "loss", "ce", "val_loss", "val_bleu4", "gradient_norm",
+                "captions_per_second", "learning_rate", "seconds", "steps"):
+        assert key in entry, key
+    assert not glob.glob(os.path.join(run, "*.tmp*"))
+
+
+def test_best_model_is_the_best_epoch(trained):
+    history = trained["history"]
+    best_epoch = max(history, key=lambda h: h["val_bleu4"])["epoch"]
+    with open(os.path.join(trained["run"], "best.json")) as f:
+        best = json.load(f)
+    assert best["epoch"] == best_epoch == trained["summary"]["best_epoch"]
+    assert best["monitor"] == "val_bleu4"
+
+
+def test_split_is_by_image_and_vocab_from_train_only(trained, shapes_data):
+    with open(os.path.join(trained["run"], "split.json")) as f:
+        splits = json.load(f)["splits"]
+    with open(shapes_data["captions"]) as f:
+        images = json.load(f)["images"]
+    assert {s: sorted(splits[s]) for s in splits} == {
+        s: sorted(i["filename"] for i in images if i["split"] == s) for s in splits}
+    train_words = {w for i in images if i["split"] == "train"
+                   for s in i["sentences"] for w in s["raw"].split()}
+    vocab = trained["trainer"].data.vocab
+    assert set(vocab.tokens[4:]) <= train_words
+
+
+def _tags(folder):
+    import tensorflow as tf
+    tags = set()
+    for path in glob.glob(os.path.join(folder, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.add((value.tag, value.metadata.plugin_data.plugin_name))
+    return tags
+
+
+def test_tensorboard_has_every_tag(trained):
+    logs = os.path.join(trained["run"], "logs")
+    train_tags = {t for t, _ in _tags(os.path.join(logs, "train"))}
+    assert {"loss", "learning_rate", "captions_per_second", "gradient_norm"} <= train_tags
+    val = _tags(os.path.join(logs, "validation"))
+    val_tags = {t for t, _ in val}
+    assert {"val_loss", "val_bleu4"} <= val_tags
+    assert ("captions", "text") in val
+    assert sum(1 for t, plugin in val if t.startswith("attention/") and plugin == "images") == 2
+    assert any(plugin == "hparams" for _, plugin in _tags(logs))
+
+
+def test_train_step_traced_once_over_varied_lengths(trained):
+    trainer = trained["trainer"]
+    shapes = {int(b[2].shape[1]) for b in trainer.dataset("train", epoch=0)}
+    assert len(shapes) >= 3                          # several bucket lengths were trained on
+    assert trainer.train_step.experimental_get_tracing_count() == 1
+    assert trainer.eval_step.experimental_get_tracing_count() == 1
+
+
+def test_rerun_of_a_finished_run_trains_nothing(trained):
+    run = trained["run"] + "_copy"
+    shutil.copytree(trained["run"], run)
+    _, summary = run_trainer(trained["cfg"], run)
+    with open(os.path.join(run, "history.json")) as f:
+        assert json.load(f) == trained["history"]
+    assert summary["epochs"] == 4
+
+
+def test_resume_with_other_model_config_is_refused(trained):
+    cfg = small_config_like(trained, model=ModelConfig(embedding_dim=32, units=48, dropout=0.2))
+    with pytest.raises(UserError) as e:
+        train.open_run(trained["run"], cfg)
+    assert "model.units: 64 -> 48" in str(e.value) and "--fresh" in str(e.value)
+
+
+def small_config_like(trained, **changes) -> RunConfig:
+    d = trained["cfg"]
+    return RunConfig(captions=d.captions, cache=d.cache, data=d.data, vocab=d.vocab,
+                     model=changes.get("model", d.model), train=changes.get("train", d.train))
+
+
+def test_fresh_starts_over(shapes_data, tmp_path):
+    run = str(tmp_path / "run")
+    run_trainer(small_config(shapes_data, epochs=1), run)
+    cfg = small_config(shapes_data, epochs=1, fresh=True)
+    cfg.model = ModelConfig(embedding_dim=16, units=32, dropout=0.2)  # allowed with --fresh
+    _, summary = run_trainer(cfg, run)
+    with open(os.path.join(run, "history.json")) as f:
+        assert len(json.load(f)) == 1
+    assert summary["epochs"] == 1
+
+
+def test_max_steps_then_resume_mid_epoch(shapes_data, tmp_path):
+    run = str(tmp_path / "run")
+    trainer, summary = run_trainer(small_config(shapes_data, epochs=2, max_steps=3), run)
+    assert summary["steps"] == 3 and summary["stopped_by"] == "max_steps"
+    assert int(trainer.step_in_epoch.numpy()) == 3
+    trainer, summary = run_trainer(small_config(shapes_data, epochs=2), run)
+    assert summary["steps"] == 2 * trainer.steps_per_epoch
+    with open(os.path.join(run, "history.json")) as f:
+        history = json.load(f)
+    # one entry per epoch: the partial epoch's entry is replaced when the epoch completes
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(h["steps"] == trainer.steps_per_epoch for h in history)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes_data, tmp_path):
+    run = str(tmp_path / "run")
+    run_trainer(small_config(shapes_data, epochs=1), run)
+    checkpoints = sorted(os.listdir(os.path.join(run, "checkpoints")))
+    cfg = small_config(shapes_data, epochs=2, learning_rate=1e30, clip_norm=0.0)
+    with pytest.raises(train.TrainingError) as e:
+        run_trainer(cfg, run)
+    assert e.value.exit_code == 1
+    assert "epoch 2" in str(e.value) and "checkpoint" in str(e.value)
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == checkpoints
+
+
+def test_captions_without_features_are_skipped(shapes_data, copy_cache, tmp_path):
+    with open(shapes_data["captions"]) as f:
+        first_train = next(i for i in json.load(f)["images"] if i["split"] == "train")
+    os.remove(os.path.join(copy_cache, first_train["filename"] + ".npy"))
+    cfg = small_config(shapes_data, cache=copy_cache, epochs=1)
+    train.open_run(str(tmp_path / "run"), cfg)
+    data = train.load_train_data(cfg, str(tmp_path / "run"))
+    assert data.skipped_images == 1 and data.skipped_captions == 5
+    assert first_train["filename"] not in data.feature_paths
+
+
+def test_cache_manifest_is_checked(shapes_data, copy_cache, tmp_path):
+    path = os.path.join(copy_cache, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest["feature_shape"] = [49, 2048]
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    cfg = small_config(shapes_data, cache=copy_cache)
+    with pytest.raises(UserError, match=r"feature_shape \[49, 2048\], expected \[64, 2048\]"):
+        train.load_train_data(cfg, str(tmp_path))
+
+
+def test_cli_train_prints_summary(shapes_data, tmp_path, capsys):
+    from caption_attn.cli import main
+    run = str(tmp_path / "cli_run")
+    code = main(["train", "--captions", shapes_data["captions"], "--cache", shapes_data["cache"],
+                 "--run", run, "--epochs", "1", "--batch-size", "32", "--embedding-dim", "16",
+                 "--units", "32", "--sample-images", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "trained 1 epochs" in out and "tensorboard --logdir" in out
+    saved = RunConfig.load(os.path.join(run, "config.json"))
+    assert saved.model.units == 32 and saved.train.batch_size == 32
+
+
+def test_cli_train_missing_cache_exits_2(shapes_data, tmp_path, capsys):
+    from caption_attn.cli import main
+    code = main(["train", "--captions", shapes_data["captions"], "--cache",
+                 str(tmp_path / "nope"), "--run", str(tmp_path / "run")])
+    assert code == 2
+    assert "manifest" in capsys.readouterr().err
+
+
+def test_losses_are_finite_numbers(trained):
+    for h in trained["history"]:
+        assert np.isfinite([h["loss"], h["val_loss"], h["gradient_norm"]]).all()
+        assert 0.0 <= h["val_bleu4"] <= 1.0

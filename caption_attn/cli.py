@@ -108,6 +108,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_caption(args: argparse.Namespace) -> int:
+    from caption_attn import captioner as C_
+
+    cfg = config_from_args(C.DecodeConfig, args)
+    model = C_.Captioner.from_run(args.run, cfg)
+    paths = C_.expand_image_args(args.images)
+    results, errors = model.caption_images(paths)
+    for path, reason in errors.items():
+        print(f"{PROG} caption: cannot read {path}: {reason}", file=sys.stderr)
+    if args.plot_attention:
+        for path, (image, captions) in results.items():
+            C_.save_attention_plot(args.plot_attention, path, image, captions[0])
+    if args.json:
+        print(json.dumps(C_.captions_json(results, errors), indent=2))
+    else:
+        for path, (_, captions) in results.items():
+            print(C_.format_captions(path, captions))
+    if args.plot_attention and results:
+        print(f"attention heatmaps: {args.plot_attention}", file=sys.stderr)
+    return 0 if results else 1
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from caption_attn import evaluate
+
+    cfg = config_from_args(C.DecodeConfig, args)
+    metrics = evaluate.evaluate_run(args.run, args.split, cfg, out=args.out)
+    for note in metrics["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"{metrics['split']} split, {metrics['images']} images, "
+          f"{metrics['decode']['method']} decoding (beam {metrics['decode']['beam']})")
+    print(evaluate.format_metrics(metrics))
+    print(f"metrics: {metrics['metrics_file']}\nresults: {metrics['results_file']}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def _formatter(prog):
     return argparse.HelpFormatter(prog, max_help_position=34)
@@ -180,11 +216,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, C.VocabConfig)
     add_config_args(p, C.ModelConfig)
     add_config_args(p, C.TrainConfig)
+
+    p = command("caption", cmd_caption, "caption images with a trained run",
+                "Caption image files (or every image in a folder) with the best model of a "
+                "run. Images are decoded and resized exactly as extract-features did and go "
+                "through the same backbone (rebuilt from the run's cache manifest). Prints "
+                "the captions best first with their probability p.")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
+    p.add_argument("--run", required=True, metavar="DIR", help="run folder made by `train`")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON with each word's 8x8 attention map")
+    p.add_argument("--plot-attention", metavar="DIR",
+                   help="save a heatmap PNG per image (best caption) into DIR")
+    add_config_args(p, C.DecodeConfig)
+
+    p = command("evaluate", cmd_evaluate, "coco-caption metrics of a run on a split",
+                "Decode a split of the run's dataset from the feature cache and score it "
+                "with pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr; METEOR needs Java) "
+                "and, for the shapes dataset, scene accuracy and attention grounding. Writes "
+                "a COCO results JSON and a metrics JSON.")
+    p.add_argument("--run", required=True, metavar="DIR", help="run folder made by `train`")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="split to evaluate (default: test)")
+    p.add_argument("--out", metavar="FILE",
+                   help="metrics JSON (default: RUN/eval/SPLIT_metrics.json); the results "
+                        "JSON goes next to it as *_results.json")
+    add_config_args(p, C.DecodeConfig)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner quiet
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's C++ banner quiet
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -1,0 +1,238 @@
+"""A trained run, ready to caption: model + vocabulary + compiled batched decoders.
+
+`Captioner.from_run(run_dir)` loads the best model of a run; `decode(features)` captions a
+batch of cached feature maps; `caption_images(paths)` decodes and resizes image files exactly
+as `extract-features` did, runs the backbone that made the run's cache, and captions them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from caption_attn import decode as decode_lib
+from caption_attn import features as features_lib
+from caption_attn import model as _model  # noqa: F401  registers the Keras classes to load
+from caption_attn.config import DecodeConfig, RunConfig
+from caption_attn.errors import UserError
+from caption_attn.vocab import PAD, START, Vocabulary
+
+BANNED = (PAD, START)  # never generated: <pad> only follows <end>, <start> only begins
+
+
+@dataclasses.dataclass
+class Caption:
+    """One generated caption of one image."""
+
+    words: list[str]
+    log_prob: float             # log p(caption) including <end>
+    attention: np.ndarray       # (len(words) + 1, 64): one row per word, then <end>
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.words)
+
+    @property
+    def probability(self) -> float:
+        return math.exp(self.log_prob)
+
+
+def masked_step(step_fn, banned: Sequence[int] = BANNED):
+    """`step_fn` whose logits of the `banned` ids are -inf."""
+    def step(tokens, state, context):
+        logits, state, attention = step_fn(tokens, state, context)   # (N, V), ., (N, P)
+        vocab_size = tf.shape(logits)[-1]
+        mask = tf.reduce_sum(tf.one_hot(list(banned), vocab_size), axis=0)  # (V,)
+        return tf.where(mask > 0, float("-inf"), logits), state, attention
+    return step
+
+
+def make_decoder(model, cfg: DecodeConfig, max_length: int):
+    """A tf.function: features (B, 64, 2048) float32 -> DecodeResult, for any batch size."""
+    spec = tf.TensorSpec([None] + list(features_lib.FEATURE_SHAPE), tf.float32)
+    step = masked_step(model.decode_step)
+    kwargs = {"max_length": max_length}
+    if cfg.method == "beam":
+        kwargs.update(beam_size=cfg.beam, length_penalty=cfg.length_penalty)
+    elif cfg.method == "sample":
+        kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
+
+    @tf.function(input_signature=[spec])
+    def run(features):
+        state, context = model.init_decoder(features)
+        return decode_lib.decode(step, state, context, cfg.method, **kwargs)
+    return run
+
+
+def to_captions(result: decode_lib.DecodeResult, vocab: Vocabulary) -> list[list[Caption]]:
+    """Per image, its live captions best first (dead beams dropped)."""
+    tokens = result.tokens.numpy()                                    # (B, K, T)
+    log_probs = result.log_probs.numpy()                              # (B, K)
+    attention = result.attention.numpy()                              # (B, K, T, P)
+    out = []
+    for b in range(tokens.shape[0]):
+        captions = []
+        for k in range(tokens.shape[1]):
+            if not np.isfinite(log_probs[b, k]):
+                continue
+            words = vocab.decode(tokens[b, k])
+            captions.append(Caption(words, float(log_probs[b, k]),
+                                    attention[b, k, :len(words) + 1]))
+        out.append(captions)
+    return out
+
+
+class Captioner:
+    """The best model of a run with its vocabulary and decoding settings."""
+
+    def __init__(self, model, vocab: Vocabulary, run_cfg: RunConfig, cfg: DecodeConfig,
+                 run_dir: str = ""):
+        self.model, self.vocab, self.run_cfg, self.cfg = model, vocab, run_cfg, cfg
+        self.run_dir = run_dir
+        self.max_length = cfg.max_length or run_cfg.vocab.max_length + 1
+        self._decoder = make_decoder(model, cfg, self.max_length)
+        self._backbone = None
+
+    @classmethod
+    def from_run(cls, run_dir: str, cfg: Optional[DecodeConfig] = None) -> "Captioner":
+        cfg = cfg or DecodeConfig()
+        validate_decode_config(cfg)
+        config_path = os.path.join(run_dir, "config.json")
+        if not os.path.exists(config_path):
+            raise UserError(f"{run_dir}: not a training run (no config.json); train one with "
+                            f"`caption-attn train --run {run_dir} ...`")
+        best = os.path.join(run_dir, "best.keras")
+        if not os.path.exists(best):
+            raise UserError(f"{best}: no best model yet; the run has not finished an epoch "
+                            f"(rerun `caption-attn train` with the same --run to resume)")
+        run_cfg = RunConfig.load(config_path)
+        vocab = Vocabulary.load(os.path.join(run_dir, "vocab.json"))
+        model = keras.saving.load_model(best, compile=False)
+        if model.vocab_size != len(vocab):
+            raise UserError(f"{best}: model vocabulary {model.vocab_size} does not match "
+                            f"vocab.json ({len(vocab)})")
+        return cls(model, vocab, run_cfg, cfg, run_dir)
+
+    # -- features -> captions ----------------------------------------------------------
+    def decode(self, features: np.ndarray) -> list[list[Caption]]:
+        """features (B, 64, 2048) -> per image its captions, best first."""
+        result = self._decoder(tf.constant(features, tf.float32))
+        return to_captions(result, self.vocab)
+
+    def decode_batches(self, features_iter, progress=None) -> list[list[Caption]]:
+        out = []
+        for batch in features_iter:
+            out += self.decode(batch)
+            if progress is not None:
+                progress.add(len(batch))
+        return out
+
+    # -- images -> captions ------------------------------------------------------------
+    @property
+    def backbone(self) -> features_lib.Backbone:
+        if self._backbone is None:
+            cache = self.run_cfg.cache
+            if not os.path.exists(os.path.join(cache, features_lib.MANIFEST)):
+                raise UserError(f"the run's feature cache {cache} is gone: `caption` rebuilds "
+                                f"the backbone from its manifest.json (and, for random "
+                                f"weights, the weights saved there)")
+            self._backbone = features_lib.Backbone.from_manifest(cache)
+        return self._backbone
+
+    def caption_images(self, paths: Sequence[str]) -> tuple[dict, dict]:
+        """(path -> (image uint8 (299, 299, 3), captions), path -> error reason)."""
+        images, errors = {}, {}
+        for path in paths:
+            try:
+                images[path] = features_lib.load_image(path)
+            except features_lib.ImageError as e:
+                errors[path] = str(e)
+        results = {}
+        keys = list(images)
+        for start in range(0, len(keys), self.cfg.batch_size):
+            chunk = keys[start:start + self.cfg.batch_size]
+            feats = self.backbone(np.stack([images[k] for k in chunk]))  # (B, 64, 2048)
+            for key, captions in zip(chunk, self.decode(feats)):
+                results[key] = (images[key], captions)
+        return results, errors
+
+
+def validate_decode_config(cfg: DecodeConfig) -> None:
+    for name, value, low in (("beam", cfg.beam, 1), ("batch_size", cfg.batch_size, 1),
+                             ("top_k", cfg.top_k, 0)):
+        if value < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if cfg.temperature <= 0:
+        raise UserError(f"--temperature must be > 0, got {cfg.temperature}")
+    if cfg.max_length is not None and cfg.max_length < 1:
+        raise UserError(f"--max-length must be >= 1, got {cfg.max_length}")
+
+
+def expand_image_args(args: Sequence[str]) -> list[str]:
+    """Image files given on the command line; folders expand to the images under them."""
+    out = []
+    for arg in args:
+        if os.path.isdir(arg):
+            found = features_lib.list_images(arg)
+            if not found:
+                raise UserError(f"{arg}: no image files in this folder")
+            out += [os.path.join(arg, k) for k in found]
+        else:
+            out.append(arg)
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+def format_probability(p: float) -> str:
+    return f"{p:.6f}" if p >= 1e-6 else f"{p:.2e}"
+
+
+def format_captions(path: str, captions: list[Caption]) -> str:
+    """im2txt's layout: `Captions for image NAME:` then ` 0) words . (p=...)` lines.
+
+    The final "." stands for the `<end>` token (punctuation is not in the vocabulary).
+    """
+    lines = [f"Captions for image {os.path.basename(path)}:"]
+    for i, c in enumerate(captions):
+        text = f"{c.text} ." if c.words else "."
+        lines.append(f" {i}) {text} (p={format_probability(c.probability)})")
+    return "\n".join(lines)
+
+
+def captions_json(results: dict, errors: dict) -> dict:
+    """JSON-able form of `caption_images` output, with each word's 8x8 attention map."""
+    side = int(round(math.sqrt(features_lib.FEATURE_SHAPE[0])))
+    images = []
+    for path, (_, captions) in results.items():
+        images.append({"image": path, "captions": [{
+            "caption": c.text, "words": c.words, "log_prob": c.log_prob, "p": c.probability,
+            "attention": [{"word": w, "map": np.round(c.attention[t].reshape(side, side), 5)
+                           .tolist()} for t, w in enumerate(c.words + ["<end>"])],
+        } for c in captions]})
+    return {"images": images,
+            "errors": [{"image": p, "error": reason} for p, reason in errors.items()]}
+
+
+def attention_plot(image: np.ndarray, caption: Caption, name: str = ""):
+    """Heatmap Figure of one caption: a panel per word (`<end>` for an empty caption)."""
+    from caption_attn import plot
+
+    words = caption.words or ["<end>"]
+    title = f"{name}: {caption.text} (p={format_probability(caption.probability)})"
+    return plot.attention_figure(image, words, caption.attention[:len(words)], title=title)
+
+
+def save_attention_plot(out_dir: str, path: str, image: np.ndarray, caption: Caption) -> str:
+    """Save the heatmap of `caption` as OUT_DIR/<image name>.png; returns the file path."""
+    from caption_attn import plot
+
+    name = os.path.basename(path)
+    target = os.path.join(out_dir, os.path.splitext(name)[0] + ".png")
+    plot.save_figure(attention_plot(image, caption, name), target)
+    return target

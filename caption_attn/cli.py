@@ -144,6 +144,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from caption_attn import demo
+
+    demo.run_demo(config_from_args(C.DemoConfig, args))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def _formatter(prog):
     return argparse.HelpFormatter(prog, max_help_position=34)
@@ -242,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metrics JSON (default: RUN/eval/SPLIT_metrics.json); the results "
                         "JSON goes next to it as *_results.json")
     add_config_args(p, C.DecodeConfig)
+
+    p = command("demo", cmd_demo, "run everything offline on the built-in shapes dataset",
+                "make-shapes -> extract-features (seeded random backbone, no network) -> "
+                "train -> evaluate -> caption test images with attention heatmaps, all in "
+                "one work folder; prints the metrics and where the TensorBoard logs, "
+                "heatmaps and model are.")
+    add_config_args(p, C.DemoConfig)
     return parser
 
 

@@ -36,3 +36,19 @@ def copy_cache(shapes_data, tmp_path):
     target = str(tmp_path / "cache")
     shutil.copytree(shapes_data["cache"], target)
     return target
+
+
+@pytest.fixture(scope="session")
+def trained_run(shapes_data, tmp_path_factory):
+    """A small run trained for 3 epochs on `shapes_data` (its folder path)."""
+    from caption_attn import train
+    from caption_attn.config import DataConfig, ModelConfig, RunConfig, TrainConfig, VocabConfig
+
+    run = str(tmp_path_factory.mktemp("trained") / "run")
+    cfg = RunConfig(captions=shapes_data["captions"], cache=shapes_data["cache"],
+                    data=DataConfig(seed=1), vocab=VocabConfig(max_length=20),
+                    model=ModelConfig(embedding_dim=32, units=64, dropout=0.1),
+                    train=TrainConfig(epochs=3, batch_size=16, learning_rate=1e-2,
+                                      sample_images=1))
+    train.train(cfg, run, progress=False, log=lambda *a: None)
+    return run

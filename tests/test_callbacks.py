@@ -1,0 +1,97 @@
+import keras
+import numpy as np
+import pytest
+
+from caption_attn.callbacks import EarlyStopping
+from caption_attn.errors import UserError
+
+
+def _model():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.stop_training = False
+    return model
+
+
+def _drive(callback, model, values, monitor="val_loss"):
+    """Run a scripted metric sequence; epoch e sets the weights to e (to tell them apart)."""
+    callback.set_model(model)
+    callback.on_train_begin()
+    epochs = 0
+    for epoch, value in enumerate(values):
+        model.set_weights([np.full((2, 1), float(epoch)), np.zeros(1)])
+        callback.on_epoch_end(epoch, {monitor: value, "loss": 1.0})
+        epochs += 1
+        if model.stop_training:
+            break
+    callback.on_train_end()
+    return epochs, float(model.get_weights()[0][0, 0])
+
+
+def test_stops_after_patience_and_restores_best():
+    model = _model()
+    es = EarlyStopping("val_loss", patience=2)
+    epochs, weight = _drive(es, model, [3.0, 2.0, 2.5, 2.6, 2.7, 1.0])
+    assert epochs == 4                      # best at epoch 1, then 2 without improvement
+    assert es.stopped_epoch == 3 and es.best_epoch == 1
+    assert weight == 1.0                    # weights of the best epoch restored
+
+
+def test_never_triggering_still_restores_best_at_the_end():
+    model = _model()
+    es = EarlyStopping("val_loss", patience=5)
+    epochs, weight = _drive(es, model, [3.0, 1.0, 2.0])
+    assert epochs == 3 and es.stopped_epoch is None
+    assert weight == 1.0                    # last epoch (2) was worse than epoch 1
+
+
+def test_max_mode_for_bleu_and_min_delta():
+    model = _model()
+    es = EarlyStopping("val_bleu4", patience=1, min_delta=0.05)
+    epochs, weight = _drive(es, model, [0.1, 0.3, 0.32, 0.9], monitor="val_bleu4")
+    assert es.mode == "max"
+    assert epochs == 3                      # 0.32 is not > 0.3 + 0.05
+    assert weight == 1.0
+
+
+def test_save_and_restore_hooks_are_used():
+    saved, restored = [], []
+    es = EarlyStopping("val_loss", patience=1, save_best=lambda e, v: saved.append((e, v)),
+                       restore_best=lambda: restored.append(True))
+    _drive(es, _model(), [2.0, 1.0, 1.5])
+    assert saved == [(0, 2.0), (1, 1.0)] and restored == [True]
+
+
+def test_history_replay_carries_patience_over_a_resume():
+    es = EarlyStopping("val_loss", patience=2, initial_history=[
+        {"epoch": 1, "val_loss": 1.0}, {"epoch": 2, "val_loss": 1.5}])
+    model = _model()
+    es.set_model(model)
+    es.on_train_begin()
+    assert es.best == 1.0 and es.best_epoch == 0 and es.wait == 1
+    es.on_epoch_end(2, {"val_loss": 1.2})
+    assert model.stop_training                # second epoch without improvement
+
+
+def test_missing_metric_names_the_ones_that_exist():
+    es = EarlyStopping("val_bleu4", patience=1)
+    es.set_model(_model())
+    es.on_train_begin()
+    with pytest.raises(UserError) as e:
+        es.on_epoch_end(0, {"loss": 1.0, "val_loss": 2.0})
+    assert "val_bleu4" in str(e.value) and "['loss', 'val_loss']" in str(e.value)
+
+
+def test_ambiguous_mode_raises_with_the_fix():
+    with pytest.raises(ValueError, match="mode='min' or mode='max'"):
+        EarlyStopping("my_metric")
+    with pytest.raises(ValueError, match="`mode`"):
+        EarlyStopping("val_loss", mode="up")
+
+
+def test_state_resets_on_train_begin():
+    model = _model()
+    es = EarlyStopping("val_loss", patience=1)
+    _drive(es, model, [1.0, 2.0, 3.0])
+    model.stop_training = False
+    epochs, _ = _drive(es, model, [5.0, 4.0, 3.0])
+    assert epochs == 3 and es.best == 3.0

@@ -1,0 +1,134 @@
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from caption_attn import captioner, features
+from caption_attn.cli import main
+from caption_attn.config import DecodeConfig
+from caption_attn.errors import UserError
+
+LINE = re.compile(r"^ (\d+)\) (.*) \(p=([0-9.e+-]+)\)$")
+
+
+def _test_images(shapes_data, trained_run, n=3):
+    with open(os.path.join(trained_run, "split.json")) as f:
+        keys = json.load(f)["splits"]["test"][:n]
+    return [os.path.join(shapes_data["images"], k) for k in keys]
+
+
+def test_caption_output_format(shapes_data, trained_run, capsys):
+    images = _test_images(shapes_data, trained_run, 2)
+    assert main(["caption", "--run", trained_run, "--beam", "3", *images]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"Captions for image {os.path.basename(images[0])}:"
+    block = lines[1:lines.index(f"Captions for image {os.path.basename(images[1])}:")]
+    assert 1 <= len(block) <= 3
+    probs = []
+    for i, line in enumerate(block):
+        match = LINE.match(line)
+        assert match, line
+        assert int(match.group(1)) == i and match.group(2).endswith(".")
+        probs.append(float(match.group(3)))
+    assert probs == sorted(probs, reverse=True) and all(0 < p <= 1 for p in probs)
+
+
+def test_bad_image_gets_a_message_and_the_others_are_captioned(shapes_data, trained_run,
+                                                               tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"this is not an image")
+    good = _test_images(shapes_data, trained_run, 1)[0]
+    assert main(["caption", "--run", trained_run, str(bad), good, "--beam", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "broken.jpg" in captured.err and "cannot read" in captured.err
+    assert f"Captions for image {os.path.basename(good)}:" in captured.out
+    assert "broken.jpg" not in captured.out
+    assert main(["caption", "--run", trained_run, str(bad)]) == 1
+
+
+def test_caption_json_has_attention_maps(shapes_data, trained_run, capsys):
+    image = _test_images(shapes_data, trained_run, 1)[0]
+    assert main(["caption", "--run", trained_run, "--json", "--beam", "2", image]) == 0
+    out = json.loads(capsys.readouterr().out)
+    entry = out["images"][0]
+    assert entry["image"] == image and out["errors"] == []
+    best = entry["captions"][0]
+    assert best["caption"] == " ".join(best["words"])
+    assert len(best["attention"]) == len(best["words"]) + 1      # one per word, then <end>
+    att = np.array(best["attention"][0]["map"])
+    assert att.shape == (8, 8) and abs(att.sum() - 1.0) < 1e-3
+    assert best["p"] == pytest.approx(np.exp(best["log_prob"]))
+
+
+def test_plot_attention_writes_pngs(shapes_data, trained_run, tmp_path, capsys):
+    images = _test_images(shapes_data, trained_run, 2)
+    out = tmp_path / "heat"
+    assert main(["caption", "--run", trained_run, "--plot-attention", str(out), *images]) == 0
+    written = sorted(os.listdir(out))
+    assert written == sorted(os.path.splitext(os.path.basename(p))[0] + ".png" for p in images)
+    assert all((out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in written)
+
+
+def test_folder_argument_captions_every_image(shapes_data, trained_run, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for path in _test_images(shapes_data, trained_run, 2):
+        (folder / os.path.basename(path)).write_bytes(open(path, "rb").read())
+    assert main(["caption", "--run", trained_run, "--beam", "1", str(folder)]) == 0
+    assert capsys.readouterr().out.count("Captions for image") == 2
+
+
+def test_batch_equals_one_by_one(shapes_data, trained_run):
+    model = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=3))
+    with open(os.path.join(trained_run, "split.json")) as f:
+        keys = json.load(f)["splits"]["val"][:5]
+    feats = np.stack([np.load(features.feature_path(shapes_data["cache"], k)) for k in keys])
+    together = model.decode(feats.astype(np.float32))
+    for i in range(len(keys)):
+        alone = model.decode(feats[i:i + 1].astype(np.float32))[0]
+        assert [c.words for c in alone] == [c.words for c in together[i]]
+        np.testing.assert_allclose([c.log_prob for c in alone],
+                                   [c.log_prob for c in together[i]], atol=1e-4)
+
+
+def test_beam_one_equals_greedy(shapes_data, trained_run):
+    with open(os.path.join(trained_run, "split.json")) as f:
+        keys = json.load(f)["splits"]["val"][:4]
+    feats = np.stack([np.load(features.feature_path(shapes_data["cache"], k))
+                      for k in keys]).astype(np.float32)
+    greedy = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=1)).decode(feats)
+    beam = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=3)).decode(feats)
+    assert all(len(g) == 1 for g in greedy)
+    # greedy's caption is one of the beam's and never more likely than the beam's best
+    for g, b in zip(greedy, beam):
+        assert g[0].log_prob <= b[0].log_prob + 1e-5
+
+
+def test_images_give_the_cached_features_captions(shapes_data, trained_run):
+    """caption rebuilds the cache's backbone: images and cached features decode the same."""
+    model = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=1))
+    images = _test_images(shapes_data, trained_run, 2)
+    results, errors = model.caption_images(images)
+    assert not errors
+    keys = [os.path.basename(p) for p in images]
+    feats = np.stack([np.load(features.feature_path(shapes_data["cache"], k))
+                      for k in keys]).astype(np.float32)
+    for path, cached in zip(images, model.decode(feats)):
+        assert results[path][1][0].words == cached[0].words
+
+
+def test_not_a_run_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="not a training run"):
+        captioner.Captioner.from_run(str(tmp_path))
+    assert main(["caption", "--run", str(tmp_path), "x.png"]) == 2
+
+
+def test_format_captions_layout():
+    caps = [captioner.Caption(["a", "red", "circle"], np.log(0.000306), np.zeros((4, 64))),
+            captioner.Caption([], np.log(1e-9), np.zeros((1, 64)))]
+    text = captioner.format_captions("/x/trading_floor.jpg", caps)
+    assert text.splitlines() == ["Captions for image trading_floor.jpg:",
+                                 " 0) a red circle . (p=0.000306)",
+                                 " 1) . (p=1.00e-09)"]

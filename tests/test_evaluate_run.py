@@ -1,0 +1,87 @@
+import json
+import os
+
+import pytest
+
+from caption_attn import evaluate
+from caption_attn.cli import main
+from caption_attn.config import DecodeConfig
+
+
+def _references(shapes_data, keys):
+    with open(shapes_data["captions"]) as f:
+        images = {i["filename"]: i for i in json.load(f)["images"]}
+    return images, {k: [s["raw"] for s in images[k]["sentences"]] for k in keys}
+
+
+def test_evaluate_run_writes_results_and_metrics(shapes_data, trained_run, tmp_path):
+    out = str(tmp_path / "m.json")
+    metrics = evaluate.evaluate_run(trained_run, "test", DecodeConfig(beam=2), out=out,
+                                    progress=False, use_java=False)
+    assert metrics["metrics_file"] == out and os.path.exists(out)
+    assert metrics["results_file"] == str(tmp_path / "m_results.json")
+    with open(metrics["results_file"]) as f:
+        results = json.load(f)
+    with open(os.path.join(trained_run, "split.json")) as f:
+        test_keys = json.load(f)["splits"]["test"]
+    images, refs = _references(shapes_data, test_keys)
+    assert len(results) == len(test_keys) == metrics["images"]
+    assert {r["image_id"] for r in results} == {images[k]["imgid"] for k in test_keys}
+    assert all(set(r) == {"image_id", "caption"} for r in results)
+    # the numbers are pycocoevalcap's on exactly these captions
+    by_id = {images[k]["imgid"]: k for k in test_keys}
+    hyps = {by_id[r["image_id"]]: r["caption"] for r in results}
+    direct, _ = evaluate.coco_metrics(refs, hyps, use_java=False)
+    for name, value in direct.items():
+        assert metrics[name] == pytest.approx(value)
+    for name in ("scene_accuracy", "grounding", "matched_words"):
+        assert name in metrics
+    assert 0.0 <= metrics["scene_accuracy"] <= 1.0
+    with open(out) as f:
+        assert json.load(f)["decode"] == {"method": "beam", "beam": 2, "length_penalty": 0.0}
+
+
+def test_cli_evaluate_prints_the_table(trained_run, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "java_available", lambda: False)
+    assert main(["evaluate", "--run", trained_run, "--split", "val", "--beam", "1"]) == 0
+    captured = capsys.readouterr()
+    for name in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "scene accuracy"):
+        assert name in captured.out
+    assert "METEOR needs Java" in captured.err
+    assert os.path.exists(os.path.join(trained_run, "eval", "val_metrics.json"))
+    assert os.path.exists(os.path.join(trained_run, "eval", "val_results.json"))
+
+
+def test_unknown_split_is_refused(trained_run, capsys):
+    assert main(["evaluate", "--run", trained_run, "--split", "dev"]) == 2
+
+
+@pytest.mark.slow
+def test_metrics_with_java_equal_a_direct_pycocoevalcap_call(shapes_data, trained_run,
+                                                             tmp_path):
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    if not evaluate.java_available():
+        pytest.skip("Java is not installed")
+    metrics = evaluate.evaluate_run(trained_run, "test", DecodeConfig(beam=1),
+                                    out=str(tmp_path / "m.json"), progress=False)
+    with open(metrics["results_file"]) as f:
+        results = json.load(f)
+    with open(os.path.join(trained_run, "split.json")) as f:
+        test_keys = json.load(f)["splits"]["test"]
+    images, refs = _references(shapes_data, test_keys)
+    ids = {images[k]["imgid"]: k for k in test_keys}
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs[k]] for i, k in ids.items()})
+    res = tokenizer.tokenize({r["image_id"]: [{"caption": r["caption"]}] for r in results})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    expected = {f"Bleu_{i + 1}": b for i, b in enumerate(bleu)}
+    expected["METEOR"] = Meteor().compute_score(gts, res)[0]
+    expected["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
+    expected["CIDEr"] = Cider().compute_score(gts, res)[0]
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value, abs=1e-9), name

@@ -1,0 +1,95 @@
+"""Multi-process training tests: kill -9 and resume, two replicas vs one device."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
+
+
+def _train_cmd(shapes_data, run, epochs=3):
+    return [sys.executable, "-m", "caption_attn", "train", "--captions",
+            shapes_data["captions"], "--cache", shapes_data["cache"], "--run", run,
+            "--epochs", str(epochs), "--batch-size", "16", "--embedding-dim", "32",
+            "--units", "64", "--dropout", "0.2", "--learning-rate", "0.01", "--seed", "1",
+            "--max-length", "20", "--sample-images", "1", "--patience", "10"]
+
+
+def _history(run):
+    path = os.path.join(run, "history.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_kill_after_an_epoch_then_resume_matches_uninterrupted(shapes_data, tmp_path):
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    subprocess.run(_train_cmd(shapes_data, full), check=True, env=ENV, capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(shapes_data, killed), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not _history(killed) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
+    assert len(_history(killed)) < 3
+
+    done = subprocess.run(_train_cmd(shapes_data, killed), env=ENV, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming after epoch" in done.stdout
+    a, b = _history(full), _history(killed)
+    assert [h["epoch"] for h in a] == [h["epoch"] for h in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-3
+        assert abs(x["val_loss"] - y["val_loss"]) < 1e-3
+
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from caption_attn import train
+    from caption_attn.config import DataConfig, ModelConfig, RunConfig, TrainConfig, VocabConfig
+    captions, cache, root = sys.argv[1:4]
+    out = {}
+    for name, strategy in (("one", tf.distribute.get_strategy()),
+                           ("two", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))):
+        cfg = RunConfig(captions=captions, cache=cache, data=DataConfig(seed=3),
+                        vocab=VocabConfig(max_length=20),
+                        model=ModelConfig(embedding_dim=32, units=64, dropout=0.0),
+                        train=TrainConfig(epochs=2, batch_size=15, learning_rate=0.01,
+                                          sample_images=0))
+        run = f"{root}/{name}"
+        train.open_run(run, cfg)
+        trainer = train.Trainer(cfg, run, strategy=strategy, progress=False, log=lambda *a: 0)
+        trainer.fit()
+        out[name] = {"replicas": strategy.num_replicas_in_sync,
+                     "history": json.load(open(f"{run}/history.json"))}
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_two_replicas_give_the_same_losses_as_one_device(shapes_data, tmp_path):
+    done = subprocess.run([sys.executable, "-c", SCRIPT, shapes_data["captions"],
+                           shapes_data["cache"], str(tmp_path)], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["one"]["replicas"] == 1 and out["two"]["replicas"] == 2
+    for a, b in zip(out["one"]["history"], out["two"]["history"]):
+        assert abs(a["loss"] - b["loss"]) < 1e-4
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-4
+        assert abs(a["gradient_norm"] - b["gradient_norm"]) < 1e-3

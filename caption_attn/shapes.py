@@ -23,9 +23,11 @@ InceptionV3 (visual differences must be strong and clean):
   right and vice versa); positions are reject-sampled from a per-image RNG.
 - Captions come from three sentence bodies per object count, each with and without size words
   (six templates); five of the six are picked per image by its RNG, so its five captions
-  differ. Objects are always written `[size] color shape`. Lists name objects in reading order
-  (left to right; top to bottom for a vertical pair), so the word order is predictable from the
-  image.
+  differ. Objects are always written `[size] color shape`, and in an order that can be read
+  off the image, the same in all templates of a scene: three objects left to right; of two
+  objects the large one first (with equal sizes the left, or upper, one), the relation being
+  the first object's. A decoder then never has to hedge between two objects for the first
+  noun phrase (with both orders in the captions, it mixed the attributes of the two).
 
 Same seed -> byte-identical PNGs and JSON: image `i` depends only on
 `np.random.default_rng([seed, i])`.
@@ -72,18 +74,17 @@ DATASET_NAME = "shapes"
 
 _PHRASES = {"left of": "to the left of", "right of": "to the right of",
             "above": "above", "below": "below"}
-_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 # Sentence bodies per object count. {a} {b} {c}: objects in reading order; {s} {o}: subject and
-# object of the relation ({rel}: its phrase, {inv}: the inverse phrase). Each body is used with
-# and without size words, giving 2 x 3 = 6 templates per count.
+# object of the relation ({rel}: its phrase). Each body is used with and without size words,
+# giving 2 x 3 = 6 templates per count.
 TEMPLATES = {
     1: ("a {a}",
         "there is a {a}",
         "a picture of a {a}"),
     2: ("a {s} {rel} a {o}",
-        "a {o} {inv} a {s}",
-        "there is a {a} and a {b}"),
+        "a picture of a {s} {rel} a {o}",
+        "there is a {s} and a {o}"),
     3: ("a {a} a {b} and a {c}",
         "there are three shapes a {a} a {b} and a {c}",
         "a picture of a {a} a {b} and a {c}"),
@@ -217,7 +218,8 @@ def _place(rng: np.random.Generator, dims: list, relation: Optional[str],
 
 def sample_scene(rng: np.random.Generator, image_size: int) -> tuple[list[dict], Optional[str]]:
     """Objects with `bbox` (tight, integer pixels) and the relation of objects[0] to
-    objects[1] (two-object scenes; else None). Three objects are listed left to right."""
+    objects[1] (two-object scenes, see `_subject_first`; else None). Three objects are listed
+    left to right."""
     count = int(rng.integers(1, MAX_OBJECTS + 1))
     objects = _sample_objects(rng, count)
     relation = RELATIONS[rng.integers(len(RELATIONS))] if count == 2 else None
@@ -227,7 +229,17 @@ def sample_scene(rng: np.random.Generator, image_size: int) -> tuple[list[dict],
         obj["bbox"] = box
     if count == MAX_OBJECTS:
         objects.sort(key=lambda o: _center(o["bbox"])[0])
+    if count == 2:
+        objects = _subject_first(objects, relation)
+        relation = relation_between(objects[0]["bbox"], objects[1]["bbox"])
     return objects, relation
+
+
+def _subject_first(objects: list[dict], relation: str) -> list[dict]:
+    """The pair ordered so a caption's first object is predictable from the image: the large
+    one, or with equal sizes the first in reading order."""
+    axis = 1 if relation in ("above", "below") else 0
+    return sorted(objects, key=lambda o: (o["size"] != "large", _center(o["bbox"])[axis]))
 
 
 def render(objects: list[dict], image_size: int) -> np.ndarray:
@@ -247,26 +259,19 @@ def _words(obj: dict, with_size: bool) -> str:
     return f"{obj['size']} {name}" if with_size else name
 
 
-def _reading_order(objects: list[dict], relation: Optional[str]) -> list[dict]:
-    """Left to right, except a vertical pair: top to bottom."""
-    axis = 1 if relation in ("above", "below") else 0
-    return sorted(objects, key=lambda o: _center(o["bbox"])[axis])
-
-
 def make_captions(objects: list[dict], relation: Optional[str],
                   rng: np.random.Generator) -> list[str]:
     """`CAPTIONS_PER_IMAGE` different captions: templates picked by `rng`, in template order."""
     variants = [(body, with_size) for body in TEMPLATES[len(objects)]
                 for with_size in (True, False)]
     picks = sorted(rng.choice(len(variants), CAPTIONS_PER_IMAGE, replace=False))
-    ordered = _reading_order(objects, relation)
     captions = []
     for k in picks:
         body, with_size = variants[k]
-        slots = dict(zip("abc", (_words(o, with_size) for o in ordered)))
+        slots = dict(zip("abc", (_words(o, with_size) for o in objects)))
         if relation is not None:
             slots.update(s=_words(objects[0], with_size), o=_words(objects[1], with_size),
-                         rel=_PHRASES[relation], inv=_PHRASES[_INVERSE[relation]])
+                         rel=_PHRASES[relation])
         captions.append(body.format(**slots))
     assert len(set(captions)) == len(captions), captions
     return captions

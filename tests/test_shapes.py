@@ -196,6 +196,22 @@ def test_relations_match_box_centers(dataset):
     assert seen <= set(shapes.RELATIONS) and len(seen) >= 3
 
 
+def test_two_objects_large_or_reading_order_first_in_every_caption(dataset):
+    _, data, _ = dataset
+    pairs = [r for r in data["images"] if len(r["objects"]) == 2]
+    assert pairs
+    for record in pairs:
+        first, second = record["objects"]
+        if first["size"] == second["size"]:
+            axis = 1 if record["relation"] in ("above", "below") else 0
+            assert first["bbox"][axis] < second["bbox"][axis]
+        else:
+            assert first["size"] == "large"
+        expected = [(o["color"], o["shape"]) for o in record["objects"]]
+        for sentence in record["sentences"]:
+            assert shapes.parse_objects(sentence["raw"]) == expected
+
+
 def test_three_objects_listed_left_to_right(dataset):
     _, data, _ = dataset
     triples = [r for r in data["images"] if len(r["objects"]) == 3]

@@ -37,8 +37,11 @@ def test_kill_after_an_epoch_then_resume_matches_uninterrupted(shapes_data, tmp_
 
     proc = subprocess.Popen(_train_cmd(shapes_data, killed), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill as soon as epoch 1 is checkpointed (history.json is written just before that)
+    checkpoint = os.path.join(killed, "checkpoints", "checkpoint")
     deadline = time.time() + 300
-    while not _history(killed) and time.time() < deadline and proc.poll() is None:
+    while not (_history(killed) and os.path.exists(checkpoint)) and time.time() < deadline \
+            and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"

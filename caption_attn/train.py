@@ -344,46 +344,55 @@ class Trainer:
 
     # -- epochs -----------------------------------------------------------------------
     def _run_train_epoch(self, epoch: int, callbacks) -> dict:
-        skip = int(self.step_in_epoch.numpy())
-        if skip == 0:
-            self.epoch_sums.assign(tf.zeros([4], tf.float64))
-        ds = self.dataset("train", epoch=epoch, skip=skip)
+        # Counters live in Python during the epoch (no eager op per step) and are copied into
+        # the checkpointed variables before every save (`_save_checkpoint`).
+        step, in_epoch = int(self.step.numpy()), int(self.step_in_epoch.numpy())
+        sums = self.epoch_sums.numpy() if in_epoch else np.zeros(4)  # loss*n, ce*n, norm, n
+        ds = self.dataset("train", epoch=epoch, skip=in_epoch)
         # verbose 2 (one line per epoch) when the output is a log file, not a terminal
         verbose = 0 if not self.progress else 1 if sys.stdout.isatty() else 2
         bar = keras.utils.Progbar(self.steps_per_epoch, stateful_metrics=["loss", "cap/s"],
                                   verbose=verbose)
-        if skip:
-            bar.update(skip)
+        if in_epoch:
+            bar.update(in_epoch)
+        loss_scaling = hasattr(self.optimizer, "dynamic_scale")
         start = time.perf_counter()
         for batch in ds:
             loss, ce, norm, n = (float(x) for x in self.train_step(batch))
-            if not (math.isfinite(loss) and math.isfinite(norm)):
+            if not math.isfinite(loss) or not (math.isfinite(norm) or loss_scaling):
                 raise TrainingError(
-                    f"the loss became {loss} at epoch {epoch + 1}, step "
-                    f"{int(self.step.numpy()) + 1}; training stopped. The last good "
-                    f"checkpoint is kept in {self.manager.directory}. Try a lower "
-                    f"--learning-rate, --clip-norm 5, or --precision float32.")
-            self.step.assign_add(1)
-            self.step_in_epoch.assign_add(1)
-            self.epoch_sums.assign_add(tf.constant([loss * n, ce * n, norm, n], tf.float64))
-            step = int(self.step.numpy())
+                    f"the loss became {loss} at epoch {epoch + 1}, step {step + 1}; training "
+                    f"stopped. The last good checkpoint is kept in {self.manager.directory}. "
+                    f"Try a lower --learning-rate, --clip-norm 5, or --precision float32.")
+            step, in_epoch = step + 1, in_epoch + 1
+            # float16 loss scaling skips steps whose gradients overflowed: not counted in the
+            # mean gradient norm
+            sums += (loss * n, ce * n, norm if math.isfinite(norm) else 0.0, n)
             seconds = time.perf_counter() - start
-            sums = self.epoch_sums.numpy()
-            bar.update(int(self.step_in_epoch.numpy()),
-                       [("loss", sums[0] / sums[3]), ("cap/s", sums[3] / max(seconds, 1e-9))])
+            bar.update(in_epoch, [("loss", sums[0] / sums[3]),
+                                  ("cap/s", sums[3] / max(seconds, 1e-9))])
             callbacks.on_train_batch_end(step, {"loss": loss, "gradient_norm": norm,
                                                 "global_step": step})
             every = self.cfg.train.checkpoint_every
-            if every and step % every == 0 and self.chief:
-                self.manager.save(checkpoint_number=step)
+            if every and step % every == 0:
+                self._save_checkpoint(step, in_epoch, sums)
             if self.cfg.train.max_steps and step >= self.cfg.train.max_steps:
                 break
-        sums = self.epoch_sums.numpy()
-        steps = int(self.step_in_epoch.numpy())
+        self._set_counters(step, in_epoch, sums)
         return {"loss": sums[0] / max(sums[3], 1), "ce": sums[1] / max(sums[3], 1),
-                "gradient_norm": sums[2] / max(steps, 1),
+                "gradient_norm": sums[2] / max(in_epoch, 1),
                 "captions_per_second": sums[3] / max(time.perf_counter() - start, 1e-9),
-                "steps": steps}
+                "steps": in_epoch}
+
+    def _set_counters(self, step: int, in_epoch: int, sums) -> None:
+        self.step.assign(step)
+        self.step_in_epoch.assign(in_epoch)
+        self.epoch_sums.assign(np.asarray(sums, np.float64))
+
+    def _save_checkpoint(self, step: int, in_epoch: int, sums) -> None:
+        # Every worker saves (a collective under multi-worker); non-chiefs into scratch folders.
+        self._set_counters(step, in_epoch, sums)
+        self.manager.save(checkpoint_number=step)
 
     def evaluate_loss(self, split: str = "val") -> Optional[dict]:
         if not self.data.items[split][0]:
@@ -518,9 +527,9 @@ class Trainer:
                 self.step_in_epoch.assign(0)
             entry = {"epoch": epoch + 1, **{k: _plain(v) for k, v in logs.items()}}
             history.append(entry)
-            if self.chief:
+            if self.chief:  # history first: a kill before the checkpoint redoes the epoch
                 write_json_atomic(history_path, history)
-                self.manager.save(checkpoint_number=int(self.step.numpy()))
+            self.manager.save(checkpoint_number=int(self.step.numpy()))
             callbacks.on_epoch_end(epoch, entry)
             if self.progress:
                 self.log(_epoch_line(entry))

@@ -226,3 +226,14 @@ def test_losses_are_finite_numbers(trained):
     for h in trained["history"]:
         assert np.isfinite([h["loss"], h["val_loss"], h["gradient_norm"]]).all()
         assert 0.0 <= h["val_bleu4"] <= 1.0
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_mixed_precision_trains(shapes_data, tmp_path, precision):
+    trainer, summary = run_trainer(small_config(shapes_data, epochs=1, precision=precision),
+                                   str(tmp_path / "run"))
+    assert trainer.model.encoder.compute_dtype == precision
+    assert trainer.model.encoder.kernel.dtype == "float32"          # variables stay float32
+    assert np.isfinite(summary["final_loss"]) and summary["epochs"] == 1
+    if precision == "float16":
+        assert hasattr(trainer.optimizer, "dynamic_scale")           # loss scaling

@@ -41,7 +41,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
 from caption_attn.config import write_json_atomic
-from caption_attn.shapes import COLORS, SHAPES, SIZES, parse_objects
+from caption_attn.shapes import COLORS, SHAPES, object_positions, parse_objects
 from caption_attn.vocab import standardize, tokenize
 
 COCO_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -271,21 +271,6 @@ def _objects_of(objects: dict, key: Key) -> list[dict]:
     return objs
 
 
-def _pairs(words: list[str]) -> list[tuple[int, int]]:
-    """(color index, shape index) of each pair `shapes.parse_objects` finds in `words`
-    (the same rule, keeping word positions)."""
-    pairs = []
-    for i, word in enumerate(words):
-        if word not in COLORS:
-            continue
-        j = i + 1
-        if j < len(words) and words[j] in SIZES:
-            j += 1
-        if j < len(words) and words[j] in SHAPES:
-            pairs.append((i, j))
-    return pairs
-
-
 def _scene_correct(caption: str, objs: list[dict]) -> bool:
     """Whether `caption` names exactly the objects of `objs`, each once, and nothing else."""
     words = tokenize(caption)
@@ -334,7 +319,7 @@ def _word_targets(words: list[str], objs: list[dict]) -> dict[int, list[dict]]:
     """
     by_pair = {(o["color"], o["shape"]): o for o in objs}
     targets: dict[int, list[dict]] = {}
-    for i, j in _pairs(words):
+    for i, j in object_positions(words):
         obj = by_pair.get((words[i], words[j]))
         if obj is not None:
             targets[i] = targets[j] = [obj]

@@ -104,16 +104,10 @@ def caption_words() -> list[str]:
     return sorted(words)
 
 
-def parse_objects(caption: str) -> list[tuple[str, str]]:
-    """The (color, shape) pairs a caption names, in order.
-
-    A pair is a color word followed by a shape word, with at most one size word allowed in
-    between (tolerates "red large circle" from a model; the templates write "large red circle").
-
-    >>> parse_objects("a large red circle to the left of a blue square")
-    [('red', 'circle'), ('blue', 'square')]
-    """
-    words = caption.lower().split()
+def object_positions(words: list[str]) -> list[tuple[int, int]]:
+    """(color index, shape index) of every object named in `words`: a color word followed by
+    a shape word, with at most one size word in between (tolerates "red large circle" from a
+    model; the templates write "large red circle")."""
     pairs = []
     for i, word in enumerate(words):
         if word not in COLORS:
@@ -122,8 +116,18 @@ def parse_objects(caption: str) -> list[tuple[str, str]]:
         if j < len(words) and words[j] in SIZES:
             j += 1
         if j < len(words) and words[j] in SHAPES:
-            pairs.append((word, words[j]))
+            pairs.append((i, j))
     return pairs
+
+
+def parse_objects(caption: str) -> list[tuple[str, str]]:
+    """The (color, shape) pairs a caption names, in order (see `object_positions`).
+
+    >>> parse_objects("a large red circle to the left of a blue square")
+    [('red', 'circle'), ('blue', 'square')]
+    """
+    words = caption.lower().split()
+    return [(words[i], words[j]) for i, j in object_positions(words)]
 
 
 # --------------------------------------------------------------------------- geometry

@@ -161,15 +161,18 @@ class DemoConfig:
     workdir: str = opt("demo_work", "folder for everything the demo makes")
     num_images: int = opt(3000, "shapes images to render (80/10/10 split); fewer images train "
                           "faster but recognise shapes worse")
-    epochs: int = opt(12, "training epochs")
+    epochs: int = opt(12, "training epochs (about 22 s each on 2 cores)")
     embedding_dim: int = opt(128, "embedding size (smaller than the COCO default 256: the "
                              "shapes vocabulary has 25 words)")
     units: int = opt(256, "GRU and attention units (COCO default 512)")
-    batch_size: int = opt(64, "captions per step")
-    learning_rate: float = opt(3e-3, "Adam learning rate, cosine-decayed over the run")
-    dropout: float = opt(0.1, "output dropout (the synthetic data is clean and plentiful)")
-    attention_reg: float = opt(0.3, "doubly stochastic attention weight (lower than 1.0: "
-                               "shapes captions name objects one at a time)")
+    batch_size: int = opt(32, "captions per step (more steps per epoch than 64 learned "
+                          "faster in the same time)")
+    learning_rate: float = opt(2e-3, "Adam learning rate, cosine-decayed over the run (3e-3 "
+                               "sometimes got stuck)")
+    dropout: float = opt(0.3, "output dropout")
+    attention_reg: float = opt(3.0, "doubly stochastic attention weight; higher than the "
+                               "COCO default 1.0 because it measurably helps here (scene "
+                               "accuracy 0.40 / 0.65 / 0.69 / 0.49 at 0.1 / 1 / 3 / 8)")
     beam: int = opt(3, "beam width for evaluation and captions")
     show: int = opt(4, "test images captioned with heatmaps at the end")
     seed: int = opt(0, "seed of the dataset, the random backbone and training")

@@ -53,7 +53,7 @@ def run_config(cfg: DemoConfig, captions: str, cache: str) -> RunConfig:
                           dropout=cfg.dropout, attention_reg=cfg.attention_reg),
         train=TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size,
                           learning_rate=cfg.learning_rate, lr_schedule="cosine",
-                          patience=cfg.epochs, sample_images=3))
+                          patience=cfg.epochs, sample_images=2))
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:

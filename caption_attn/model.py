@@ -51,7 +51,11 @@ class BahdanauAttention(keras.layers.Layer):
 
     def call(self, keys, values, query):
         q = self.query_proj(query)[:, None, :]                        # (B, 1, U)
-        scores = self.score_proj(tf.tanh(keys + q))[..., 0]           # (B, P)
+        e = tf.tanh(keys + q)                                         # (B, P, U)
+        # A 2-D matmul, not Dense's tensordot on (B, P, U), whose gradient inside the time
+        # loop needs runtime transpose permutations that XLA (--xla) cannot compile.
+        scores = tf.reshape(self.score_proj(tf.reshape(e, [-1, self.units])),
+                            tf.shape(e)[:2])                          # (B, P)
         weights = tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1)  # (B, P) float32
         context = tf.einsum("bp,bpe->be", tf.cast(weights, values.dtype), values)  # (B, E)
         return context, weights

@@ -30,8 +30,20 @@ def bucket_boundaries(max_tokens: int) -> list[int]:
     return [b for b in _LADDER if b <= max_tokens] + [max_tokens + 1]
 
 
-def count_batches(lengths: Sequence[int], batch_size: int, boundaries: Sequence[int]) -> int:
+def image_lengths(keys: Sequence, token_lists: Sequence[Sequence[int]]) -> list[int]:
+    """Per caption, the longest caption of its image: the length it is bucketed by, so all
+    captions of an image share a bucket (and usually a batch, where the image is encoded
+    once)."""
+    longest: dict = {}
+    for key, tokens in zip(keys, token_lists):
+        longest[key] = max(longest.get(key, 0), len(tokens))
+    return [longest[key] for key in keys]
+
+
+def count_batches(paths: Sequence, token_lists: Sequence[Sequence[int]], batch_size: int,
+                  boundaries: Sequence[int]) -> int:
     """Exact number of batches `caption_dataset` yields (buckets flush their rest at the end)."""
+    lengths = image_lengths(paths, token_lists)
     buckets = np.searchsorted(np.asarray(boundaries), np.asarray(lengths), side="right")
     counts = np.bincount(buckets, minlength=len(boundaries) + 1)
     return int(sum(math.ceil(c / batch_size) for c in counts))
@@ -100,15 +112,20 @@ def caption_dataset(paths: Sequence[str], token_lists: Sequence[Sequence[int]],
                     batch_size: int, boundaries: Sequence[int], reader: NpyReader,
                     table: Optional[FeatureTable] = None, shuffle_seed: Optional[int] = None,
                     skip_batches: int = 0, num_replicas: int = 1,
-                    replica_ids: Sequence[int] = (0,)) -> tf.data.Dataset:
+                    replica_ids: Sequence[int] = (0,),
+                    pad_images: bool = False) -> tf.data.Dataset:
     """(features (N, P, F), image_index (B,), tokens (B, L) int32) batches, one caption per
     row of `tokens`; `features` hold each image of the batch once (N <= B) and caption b uses
     row image_index[b].
 
     Captions are shuffled by `grouped_order` when `shuffle_seed` is given (same seed, same
-    order), grouped by length and padded to their bucket boundary with 0 (`<pad>`); features
+    order), bucketed by the longest caption of their image (`image_lengths`) so the captions
+    of an image stay together, and padded to their bucket boundary with 0 (`<pad>`); features
     are read after bucketing, so buckets hold file names, not feature maps. `skip_batches`
     drops the first batches (resuming in the middle of an epoch).
+
+    `pad_images` pads `features` with zero rows to B rows, so batch shapes depend on (B, L)
+    only: for XLA, which compiles once per shape.
 
     With `num_replicas` R > 1 every global batch is cut into R consecutive row slices (sizes
     differ by at most one) and the slices of `replica_ids` are yielded one after the other,
@@ -117,15 +134,16 @@ def caption_dataset(paths: Sequence[str], token_lists: Sequence[Sequence[int]],
     """
     keys = [table.index[p] for p in paths] if table is not None else list(paths)
     tokens = list(token_lists)
+    lengths = image_lengths(keys, tokens)
     if shuffle_seed is not None:
         order = grouped_order(keys, shuffle_seed)
-        keys, tokens = [keys[i] for i in order], [tokens[i] for i in order]
-    ds = tf.data.Dataset.from_tensor_slices((keys, _ragged(tokens))).map(_dense_tokens)
-    ds = ds.bucket_by_sequence_length(
-        element_length_func=_num_tokens,
+        keys, tokens, lengths = ([x[i] for i in order] for x in (keys, tokens, lengths))
+    ds = tf.data.Dataset.from_tensor_slices((keys, lengths, _ragged(tokens)))
+    ds = ds.map(_dense_tokens).bucket_by_sequence_length(
+        element_length_func=_image_length,
         bucket_boundaries=list(boundaries),
         bucket_batch_sizes=[batch_size] * (len(boundaries) + 1),
-        pad_to_bucket_boundary=True)
+        pad_to_bucket_boundary=True).map(_drop_lengths)
     if skip_batches:
         ds = ds.skip(skip_batches)
     if num_replicas > 1:
@@ -136,7 +154,11 @@ def caption_dataset(paths: Sequence[str], token_lists: Sequence[Sequence[int]],
 
     def read_features(keys, tokens):                                  # (B,), (B, L)
         unique, image_index = tf.unique(keys)                         # (N,), (B,)
-        return read(unique), image_index, tokens                      # (N, P, F), (B,), (B, L)
+        features = read(unique)                                       # (N, P, F)
+        if pad_images:  # zero rows up to B: shapes depend on (B, L) only (XLA compiles less)
+            extra = tf.shape(keys)[0] - tf.shape(unique)[0]
+            features = tf.pad(features, [[0, extra], [0, 0], [0, 0]])  # (B, P, F)
+        return features, image_index, tokens                          # (N, P, F), (B,), (B, L)
 
     return ds.map(read_features, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
@@ -153,12 +175,16 @@ def _replica_slices(keys, tokens, num_replicas: int, replica_ids: Sequence[int])
     return tf.data.Dataset.from_tensor_slices((starts, ends)).map(take)
 
 
-def _dense_tokens(key, tokens):
-    return key, tf.identity(tokens)                                   # ragged row -> (L,)
+def _dense_tokens(key, length, tokens):
+    return key, length, tf.identity(tokens)                           # ragged row -> (L,)
 
 
-def _num_tokens(key, tokens):
-    return tf.shape(tokens)[0]
+def _image_length(key, length, tokens):
+    return length
+
+
+def _drop_lengths(keys, lengths, tokens):
+    return keys, tokens
 
 
 def image_dataset(paths: Sequence[str], batch_size: int, reader: NpyReader) -> tf.data.Dataset:

@@ -204,8 +204,7 @@ class Trainer:
         self.images_dir = images_dir or self.data.manifest.get("images_dir")
         keras.utils.set_random_seed(cfg.data.seed)
         self.boundaries = pipeline.bucket_boundaries(cfg.vocab.max_length + 2)
-        train_lengths = [len(t) for t in self.data.items["train"][1]]
-        self.steps_per_epoch = pipeline.count_batches(train_lengths, tc.batch_size,
+        self.steps_per_epoch = pipeline.count_batches(*self.data.items["train"], tc.batch_size,
                                                       self.boundaries)
         self.total_steps = tc.epochs * self.steps_per_epoch
         if tc.max_steps:
@@ -274,7 +273,7 @@ class Trainer:
             return pipeline.caption_dataset(
                 paths, tokens, self.cfg.train.batch_size, self.boundaries, self.data.reader,
                 self._table, shuffle_seed=seed, skip_batches=skip, num_replicas=replicas,
-                replica_ids=list(range(first, first + local)))
+                replica_ids=list(range(first, first + local)), pad_images=self.cfg.train.xla)
         return self.strategy.distribute_datasets_from_function(make)
 
     # -- steps ------------------------------------------------------------------------

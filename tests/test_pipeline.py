@@ -67,7 +67,8 @@ def test_every_caption_once_with_its_own_features(tmp_path):
     ds = pipeline.caption_dataset([paths[i] for i in index], tokens, 8, boundaries, reader,
                                   shuffle_seed=3)
     batches = _batches(ds)
-    assert len(batches) == pipeline.count_batches([len(t) for t in tokens], 8, boundaries)
+    assert len(batches) == pipeline.count_batches([paths[i] for i in index], tokens, 8,
+                                                  boundaries)
     seen = collections.Counter()
     for feats, toks in batches:
         assert feats.shape[1:] == SHAPE and toks.shape[0] == feats.shape[0] <= 8
@@ -141,9 +142,14 @@ def test_each_image_read_once_per_batch(tmp_path):
     index, tokens = _captions(6, per_image=5)
     ds = pipeline.caption_dataset([paths[i] for i in index], tokens, 64,
                                   pipeline.bucket_boundaries(30), reader, shuffle_seed=0)
+    reads, batches = 0, 0
     for features, image_index, toks in ds:
         assert features.shape[0] == len(np.unique(image_index.numpy()))
         assert features.shape[0] <= toks.shape[0]
+        reads, batches = reads + features.shape[0], batches + 1
+    # an image's captions share a bucket, so it is read again only when a batch ends inside
+    # its captions
+    assert reads <= 6 + batches
 
 
 def test_grouped_order_keeps_captions_of_an_image_together():
@@ -173,3 +179,14 @@ def test_replica_slices_partition_each_batch(tmp_path, replicas):
     second = _batches(pipeline.caption_dataset(*args, shuffle_seed=2, num_replicas=replicas,
                                                replica_ids=[1]))
     assert [s[1].shape for s in second] == [s[1].shape for s in parts[1::replicas]]
+
+
+def test_pad_images_fixes_the_feature_rows_to_the_batch(tmp_path):
+    paths, reader = _write(tmp_path, 6)
+    index, tokens = _captions(6, per_image=5)
+    args = ([paths[i] for i in index], tokens, 7, pipeline.bucket_boundaries(30), reader)
+    padded = list(pipeline.caption_dataset(*args, shuffle_seed=1, pad_images=True))
+    plain = _batches(pipeline.caption_dataset(*args, shuffle_seed=1))
+    for (f, i, t), (per_caption, toks) in zip(padded, plain):
+        assert f.shape[0] == t.shape[0]
+        np.testing.assert_array_equal(tf.gather(f, i).numpy(), per_caption)

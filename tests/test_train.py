@@ -237,3 +237,9 @@ def test_mixed_precision_trains(shapes_data, tmp_path, precision):
     assert np.isfinite(summary["final_loss"]) and summary["epochs"] == 1
     if precision == "float16":
         assert hasattr(trainer.optimizer, "dynamic_scale")           # loss scaling
+
+
+def test_xla_step_compiles_and_trains(shapes_data, tmp_path):
+    trainer, summary = run_trainer(small_config(shapes_data, epochs=1, max_steps=2, xla=True),
+                                   str(tmp_path / "run"))
+    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])

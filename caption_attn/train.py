@@ -204,7 +204,8 @@ class Trainer:
         self.images_dir = images_dir or self.data.manifest.get("images_dir")
         keras.utils.set_random_seed(cfg.data.seed)
         self.boundaries = pipeline.bucket_boundaries(cfg.vocab.max_length + 2)
-        self.steps_per_epoch = pipeline.count_batches(*self.data.items["train"], tc.batch_size,
+        train_lengths = [len(t) for t in self.data.items["train"][1]]
+        self.steps_per_epoch = pipeline.count_batches(train_lengths, tc.batch_size,
                                                       self.boundaries)
         self.total_steps = tc.epochs * self.steps_per_epoch
         if tc.max_steps:

@@ -8,6 +8,8 @@ the same work:
   batched greedy   `captioner.make_decoder` on a (B, 64, 2048) batch: tf.function +
                    tf.while_loop over steps, all images at once
   batched beam-3   the same with beam search (3 hypotheses per image)
+  ... with XLA     the same loops compiled with `--xla` (`DecodeConfig(xla=True)`); the
+                   one-off compile time is printed separately, not counted in the rate
   one at a time    the TensorFlow tutorial's `evaluate()`: for each image, a Python loop over
                    steps calling the model eagerly and taking the argmax
 
@@ -34,15 +36,19 @@ from caption_attn.model import ShowAttendTell  # noqa: E402
 from caption_attn.vocab import START  # noqa: E402
 
 
-def time_batched(model, features, cfg: DecodeConfig, max_length: int, repeats: int) -> float:
+def time_batched(model, features, cfg: DecodeConfig, max_length: int,
+                 repeats: int) -> tuple[float, float]:
+    """(captions/s at the best of `repeats`, seconds of the first call incl. tracing)."""
     decoder = make_decoder(model, cfg, max_length)
-    decoder(features[:2])                                   # trace once (any batch size)
+    t0 = time.perf_counter()
+    decoder(features).tokens.numpy()                        # trace (and XLA-compile) once
+    first = time.perf_counter() - t0
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         decoder(features).tokens.numpy()
         best = min(best, time.perf_counter() - t0)
-    return features.shape[0] / best
+    return features.shape[0] / best, first
 
 
 def time_one_at_a_time(model, features, max_length: int) -> float:
@@ -73,19 +79,20 @@ def main(argv=None) -> int:
     model = ShowAttendTell(args.vocab, 256, 512)
     features = tf.constant(np.random.default_rng(0).random((args.batch, 64, 2048),
                                                            dtype=np.float32))
-    greedy = time_batched(model, features, DecodeConfig(beam=1), args.max_length, args.repeats)
-    beam = time_batched(model, features, DecodeConfig(beam=3), args.max_length, args.repeats)
     single = time_one_at_a_time(model, features[:args.one_at_a_time], args.max_length)
     figures = {"batch": args.batch, "max_length": args.max_length,
-               "greedy_captions_per_s": greedy, "beam3_captions_per_s": beam,
-               "one_at_a_time_captions_per_s": single,
-               "greedy_speedup": greedy / single, "beam3_speedup": beam / single}
+               "one_at_a_time_captions_per_s": single}
     print(f"decoder E 256, U 512, V {args.vocab}; {args.max_length} steps per caption")
-    print(f"batched greedy  ({args.batch} images) {greedy:9.1f} captions/s  "
-          f"{greedy / single:7.1f} x")
-    print(f"batched beam-3  ({args.batch} images) {beam:9.1f} captions/s  "
-          f"{beam / single:7.1f} x")
-    print(f"one at a time, eager             {single:9.1f} captions/s      1.0 x")
+    print(f"{'':34s} {'captions/s':>10s} {'speedup':>8s} {'first call':>11s}")
+    for name, beam, xla in (("greedy", 1, False), ("beam3", 3, False),
+                            ("greedy_xla", 1, True), ("beam3_xla", 3, True)):
+        rate, first = time_batched(model, features, DecodeConfig(beam=beam, xla=xla),
+                                   args.max_length, args.repeats)
+        figures.update({f"{name}_captions_per_s": rate, f"{name}_speedup": rate / single,
+                        f"{name}_first_call_s": first})
+        label = f"batched {name.replace('_xla', ' + XLA')} ({args.batch} images)"
+        print(f"{label:34s} {rate:10.1f} {rate / single:7.1f}x {first:10.1f}s")
+    print(f"{'one at a time, eager':34s} {single:10.1f} {1:7.1f}x")
     if args.json:
         write_json_atomic(args.json, figures)
     return 0

@@ -63,7 +63,7 @@ def make_decoder(model, cfg: DecodeConfig, max_length: int):
     elif cfg.method == "sample":
         kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
 
-    @tf.function(input_signature=[spec])
+    @tf.function(input_signature=[spec], jit_compile=cfg.xla or None)
     def run(features):
         state, context = model.init_decoder(features)
         return decode_lib.decode(step, state, context, cfg.method, **kwargs)

@@ -106,6 +106,22 @@ def test_beam_one_equals_greedy(shapes_data, trained_run):
         assert g[0].log_prob <= b[0].log_prob + 1e-5
 
 
+@pytest.mark.parametrize("beam", [1, 3])
+def test_xla_decoding_gives_the_same_captions(shapes_data, trained_run, beam):
+    with open(os.path.join(trained_run, "split.json")) as f:
+        keys = json.load(f)["splits"]["val"][:6]
+    feats = np.stack([np.load(features.feature_path(shapes_data["cache"], k))
+                      for k in keys]).astype(np.float32)
+    plain = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=beam)).decode(feats)
+    xla = captioner.Captioner.from_run(trained_run,
+                                       DecodeConfig(beam=beam, xla=True)).decode(feats)
+    for p, x in zip(plain, xla):
+        assert [c.words for c in p] == [c.words for c in x]
+        np.testing.assert_allclose([c.log_prob for c in p], [c.log_prob for c in x],
+                                   atol=1e-4)
+        np.testing.assert_allclose(p[0].attention, x[0].attention, atol=1e-4)
+
+
 def test_images_give_the_cached_features_captions(shapes_data, trained_run):
     """caption rebuilds the cache's backbone: images and cached features decode the same."""
     model = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=1))

@@ -39,9 +39,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls, exclude: Sequence[str]
             continue
         default = (defaults or {}).get(f.name, f.default)
         kind = hints[f.name]
-        if kind is bool:
-            group.add_argument(_flag(f), dest=f.name, action="store_true", default=default,
-                               help=f.metadata["help"])
+        if kind is bool:  # on by default: --no-flag turns it off
+            group.add_argument(_flag(f), dest=f.name, default=default, help=f.metadata["help"],
+                               action=argparse.BooleanOptionalAction if default
+                               else "store_true")
             continue
         if typing.get_origin(kind) is typing.Union:  # Optional[X]
             kind = next(a for a in typing.get_args(kind) if a is not type(None))

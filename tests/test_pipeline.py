@@ -1,4 +1,5 @@
 import collections
+import itertools
 
 import numpy as np
 import pytest
@@ -39,6 +40,28 @@ def test_reader_matches_numpy(tmp_path, dtype):
     assert len(open(path, "rb").read()) == header + value.nbytes
     out = pipeline.NpyReader(header, dtype, SHAPE)(tf.constant(path))
     np.testing.assert_array_equal(out.numpy(), value)
+
+
+def test_feature_statistics_match_numpy_and_cap_the_sample(tmp_path):
+    rng = np.random.default_rng(0)
+    values = [(rng.standard_normal(SHAPE) * rng.random(SHAPE[1]) * 3 + i).astype(np.float32)
+              for i in range(5)]
+    paths = []
+    for i, value in enumerate(values):
+        paths.append(str(tmp_path / f"f{i}.npy"))
+        np.save(paths[-1], value)
+    reader = pipeline.NpyReader(128, "float32", SHAPE)
+    mean, variance = pipeline.feature_statistics(reader, paths, batch_size=2)
+    flat = np.concatenate(values).astype(np.float64)                  # (5 * 64, 2048)
+    np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(variance, flat.var(0), rtol=1e-6, atol=1e-9)
+    # capped: the statistics of exactly one 3-image subset, the same one for the same seed
+    mean3, _ = pipeline.feature_statistics(reader, paths, max_images=3, seed=1)
+    subsets = [np.concatenate([values[j] for j in c]).astype(np.float64).mean(0)
+               for c in itertools.combinations(range(5), 3)]
+    assert sum(np.allclose(mean3, m, atol=1e-6) for m in subsets) == 1
+    np.testing.assert_array_equal(
+        mean3, pipeline.feature_statistics(reader, paths, max_images=3, seed=1)[0])
 
 
 def test_reader_rejects_wrong_size(tmp_path):

@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 
+import keras
 import numpy as np
 import pytest
 
@@ -87,6 +88,31 @@ def test_split_is_by_image_and_vocab_from_train_only(trained, shapes_data):
                    for s in i["sentences"] for w in s["raw"].split()}
     vocab = trained["trainer"].data.vocab
     assert set(vocab.tokens[4:]) <= train_words
+
+
+def test_features_standardised_with_train_statistics_only(trained, shapes_data):
+    data = trained["trainer"].data
+    model = keras.saving.load_model(os.path.join(trained["run"], "best.keras"))
+
+    def stats(split):
+        x = np.concatenate([np.load(data.feature_paths[k]).astype(np.float64)
+                            for k in data.splits[split]])
+        return x.mean(0), x.var(0)
+
+    mean, variance = stats("train")
+    np.testing.assert_allclose(model.feature_norm.mean.numpy(), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(model.feature_norm.variance.numpy(), variance, rtol=1e-3,
+                               atol=1e-5)
+    assert not np.allclose(model.feature_norm.mean.numpy(), stats("val")[0], rtol=1e-4,
+                           atol=1e-5)
+
+
+def test_no_feature_norm_keeps_raw_features(shapes_data, tmp_path):
+    cfg = small_config(shapes_data, epochs=1, max_steps=1)
+    cfg.model = ModelConfig(embedding_dim=32, units=64, feature_norm=False)
+    trainer, _ = run_trainer(cfg, str(tmp_path / "raw"))
+    np.testing.assert_array_equal(trainer.model.feature_norm.mean.numpy(), 0.0)
+    np.testing.assert_array_equal(trainer.model.feature_norm.variance.numpy(), 1.0)
 
 
 def _tags(folder):

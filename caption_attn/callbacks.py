@@ -58,6 +58,9 @@ class EarlyStopping(keras.callbacks.Callback):
         self._best_weights = None
         for entry in self.initial_history:  # history.json counts epochs from 1
             self._update(entry["epoch"] - 1, entry, replay=True)
+        if self.initial_history and self._exhausted():  # the resumed run had already stopped
+            self.stopped_epoch = self.initial_history[-1]["epoch"] - 1
+            self.model.stop_training = True
 
     def _improved(self, value: float) -> bool:
         if self.mode == "min":
@@ -65,9 +68,10 @@ class EarlyStopping(keras.callbacks.Callback):
         return value > self.best + self.min_delta
 
     def _update(self, epoch: int, logs: dict, replay: bool = False) -> None:
-        if self.monitor not in logs:
-            raise UserError(f"early stopping monitors {self.monitor!r} but the epoch logs only "
-                            f"have {sorted(k for k in logs if k != 'epoch')}")
+        if logs.get(self.monitor) is None:
+            have = sorted(k for k, v in logs.items() if k != "epoch" and v is not None)
+            raise UserError(f"early stopping monitors {self.monitor!r} but the epoch logs have "
+                            f"no value for it, only for {have} (an empty validation split?)")
         value = float(logs[self.monitor])
         if self._improved(value):
             self.best, self.best_epoch, self.wait = value, epoch, 0
@@ -75,6 +79,11 @@ class EarlyStopping(keras.callbacks.Callback):
                 self._keep_best(epoch, value)
         else:
             self.wait += 1
+
+    def _exhausted(self) -> bool:
+        """`patience` epochs without improvement since the best one (Keras' rule: an
+        improving epoch never stops training, even with patience 0)."""
+        return self.best_epoch is not None and 0 < self.wait and self.wait >= self.patience
 
     def _keep_best(self, epoch: int, value: float) -> None:
         if self._save_best is not None:
@@ -85,7 +94,7 @@ class EarlyStopping(keras.callbacks.Callback):
     # Keras hooks --------------------------------------------------------------
     def on_epoch_end(self, epoch, logs=None):
         self._update(epoch, logs or {})
-        if self.wait >= self.patience and self.best_epoch is not None and epoch > 0:
+        if self._exhausted():
             self.stopped_epoch = epoch
             self.model.stop_training = True
 

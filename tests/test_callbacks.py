@@ -95,3 +95,31 @@ def test_state_resets_on_train_begin():
     model.stop_training = False
     epochs, _ = _drive(es, model, [5.0, 4.0, 3.0])
     assert epochs == 3 and es.best == 3.0
+
+
+def test_patience_zero_stops_at_the_first_epoch_without_improvement():
+    es = EarlyStopping("val_loss", patience=0)
+    epochs, weight = _drive(es, _model(), [3.0, 2.0, 1.0, 1.5, 0.5])
+    assert epochs == 4 and es.stopped_epoch == 3 and weight == 2.0
+
+
+def test_resuming_a_run_that_had_stopped_trains_no_more():
+    history = [{"epoch": 1, "val_loss": 2.0}, {"epoch": 2, "val_loss": 2.5}]
+    model = _model()
+    es = EarlyStopping("val_loss", patience=1, initial_history=history,
+                       restore_best=lambda: None)
+    es.set_model(model)
+    es.on_train_begin()
+    assert model.stop_training and es.stopped_epoch == 1
+    more = EarlyStopping("val_loss", patience=2, initial_history=history)  # more patience
+    more.set_model(_model())
+    more.on_train_begin()
+    assert not more.model.stop_training
+
+
+def test_metric_without_a_value_is_a_clear_error():
+    es = EarlyStopping("val_bleu4", patience=1)
+    es.set_model(_model())
+    es.on_train_begin()
+    with pytest.raises(UserError, match="val_bleu4"):
+        es.on_epoch_end(0, {"val_bleu4": None, "loss": 1.0})

@@ -32,7 +32,13 @@ class Caption:
 
     words: list[str]
     log_prob: float             # log p(caption) including <end>
-    attention: np.ndarray       # (len(words) + 1, 64): one row per word, then <end>
+    attention: np.ndarray       # (len(words) + ended, 64): one row per word, then <end>
+    ended: bool = True          # False: cut at max_length before <end> was generated
+
+    @property
+    def steps(self) -> list[str]:
+        """The generated tokens, one per attention row."""
+        return self.words + ["<end>"] if self.ended else list(self.words)
 
     @property
     def text(self) -> str:
@@ -75,6 +81,7 @@ def to_captions(result: decode_lib.DecodeResult, vocab: Vocabulary) -> list[list
     tokens = result.tokens.numpy()                                    # (B, K, T)
     log_probs = result.log_probs.numpy()                              # (B, K)
     attention = result.attention.numpy()                              # (B, K, T, P)
+    lengths = result.lengths.numpy()                                  # (B, K)
     out = []
     for b in range(tokens.shape[0]):
         captions = []
@@ -82,8 +89,9 @@ def to_captions(result: decode_lib.DecodeResult, vocab: Vocabulary) -> list[list
             if not np.isfinite(log_probs[b, k]):
                 continue
             words = vocab.decode(tokens[b, k])
+            ended = bool(lengths[b, k] > len(words))
             captions.append(Caption(words, float(log_probs[b, k]),
-                                    attention[b, k, :len(words) + 1]))
+                                    attention[b, k, :len(words) + ended], ended))
         out.append(captions)
     return out
 
@@ -196,11 +204,12 @@ def format_probability(p: float) -> str:
 def format_captions(path: str, captions: list[Caption]) -> str:
     """im2txt's layout: `Captions for image NAME:` then ` 0) words . (p=...)` lines.
 
-    The final "." stands for the `<end>` token (punctuation is not in the vocabulary).
+    The final "." stands for the `<end>` token (punctuation is not in the vocabulary); a
+    caption cut at the maximum length before `<end>` ends with "..." instead.
     """
     lines = [f"Captions for image {os.path.basename(path)}:"]
     for i, c in enumerate(captions):
-        text = f"{c.text} ." if c.words else "."
+        text = " ".join(c.words + (["."] if c.ended else ["..."]))
         lines.append(f" {i}) {text} (p={format_probability(c.probability)})")
     return "\n".join(lines)
 
@@ -213,7 +222,7 @@ def captions_json(results: dict, errors: dict) -> dict:
         images.append({"image": path, "captions": [{
             "caption": c.text, "words": c.words, "log_prob": c.log_prob, "p": c.probability,
             "attention": [{"word": w, "map": np.round(c.attention[t].reshape(side, side), 5)
-                           .tolist()} for t, w in enumerate(c.words + ["<end>"])],
+                           .tolist()} for t, w in enumerate(c.steps)],
         } for c in captions]})
     return {"images": images,
             "errors": [{"image": p, "error": reason} for p, reason in errors.items()]}

@@ -62,6 +62,27 @@ def test_caption_json_has_attention_maps(shapes_data, trained_run, capsys):
     assert best["p"] == pytest.approx(np.exp(best["log_prob"]))
 
 
+def test_captions_cut_at_max_length_keep_json_and_text_consistent(shapes_data, trained_run,
+                                                                   capsys):
+    image = _test_images(shapes_data, trained_run, 1)[0]
+    args = ["caption", "--run", trained_run, "--beam", "2", "--max-length", "2", image]
+    assert main(args + ["--json"]) == 0
+    for c in json.loads(capsys.readouterr().out)["images"][0]["captions"]:
+        ended = len(c["attention"]) == len(c["words"]) + 1
+        assert [a["word"] for a in c["attention"]] == c["words"] + ["<end>"] * ended
+        assert len(c["words"]) <= 2
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert lines and all(re.search(r" (\.|\.\.\.) \(p=", line) for line in lines)
+    assert any("... (p=" in line for line in lines)     # 2 steps: no shapes caption ends
+
+
+def test_format_captions_marks_a_cut_caption():
+    cut = captioner.Caption(["a", "red"], np.log(0.5), np.zeros((2, 64)), ended=False)
+    assert captioner.format_captions("x.png", [cut]).splitlines()[1] == " 0) a red ... (p=0.500000)"
+    assert cut.steps == ["a", "red"]
+
+
 def test_plot_attention_writes_pngs(shapes_data, trained_run, tmp_path, capsys):
     images = _test_images(shapes_data, trained_run, 2)
     out = tmp_path / "heat"

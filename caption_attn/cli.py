@@ -50,7 +50,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls, exclude: Sequence[str]
         group.add_argument(_flag(f), dest=f.name, type=kind, default=default,
                            choices=f.metadata.get("choices"), metavar=None if
                            f.metadata.get("choices") else f.name.split("_")[-1].upper(),
-                           help=f"{f.metadata['help']} (default: {shown})")
+                           help=f.metadata["help"] if "(default" in f.metadata["help"]
+                           else f"{f.metadata['help']} (default: {shown})")
 
 
 def config_from_args(cls, args: argparse.Namespace, **fixed):
@@ -138,8 +139,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate.evaluate_run(args.run, args.split, cfg, out=args.out)
     for note in metrics["notes"]:
         print(f"note: {note}", file=sys.stderr)
-    print(f"{metrics['split']} split, {metrics['images']} images, "
-          f"{metrics['decode']['method']} decoding (beam {metrics['decode']['beam']})")
+    method = metrics["decode"]["method"]
+    beam = f" (beam {metrics['decode']['beam']})" if method == "beam" else ""
+    print(f"{metrics['split']} split, {metrics['images']} images, {method} decoding{beam}")
     print(evaluate.format_metrics(metrics))
     print(f"metrics: {metrics['metrics_file']}\nresults: {metrics['results_file']}")
     return 0

@@ -127,7 +127,8 @@ class TrainConfig:
     strategy: str = opt("default", "tf.distribute strategy: `mirrored` uses all local GPUs, "
                         "`multi-worker` reads TF_CONFIG",
                         choices=("default", "mirrored", "multi-worker"))
-    fresh: bool = opt(False, "discard the run's checkpoints and start over")
+    fresh: bool = opt(False, "delete the run's previous files (checkpoints, config, vocabulary, "
+                       "split, history, best model, logs) and start over")
     checkpoint_every: int = opt(0, "also checkpoint every N steps (0: only at epoch ends)")
     bleu_images: int = opt(500, "validation images decoded for val_bleu4")
     sample_images: int = opt(4, "fixed validation images whose captions and attention are "
@@ -151,7 +152,7 @@ class DecodeConfig:
     max_length: Optional[int] = opt(None, "longest caption in words, <end> included "
                                     "(default: the run's --max-length + 1)")
     batch_size: int = opt(64, "images decoded together")
-    xla: bool = opt(False, "compile the decoding loop with XLA: about 1.3 s more per batch "
+    xla: bool = opt(False, "compile the decoding loop with XLA: about 1.4 s more per batch "
                     "size, then faster per batch (worth it for `evaluate` on many images)")
 
     @property

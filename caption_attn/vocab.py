@@ -22,7 +22,7 @@ _SPACES = re.compile(r"\s+")
 
 def _strip_punctuation(text: str) -> str:
     # Unicode categories P* (punctuation) and S* (symbols) become spaces, so "dog's" -> "dog s"
-    # stays two words like the TF tutorial's tokenizer, and letters of any script are kept.
+    # (two words) and letters of any script are kept.
     return "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in text)
 
 

@@ -10,6 +10,10 @@ What differs from the TensorFlow tutorial this project replaces:
   features (Show, Attend and Tell's f_init) instead of zeros;
 - the embedding's share of the GRU gates and the deep output layer run on all time steps at
   once, outside the recurrent loop;
+- back-propagation through the teacher-forced loop is written out (`teacher_forced_recurrence`,
+  checked against autodiff by the tests): the backward loop carries only what is recurrent,
+  and the weight gradients are computed after it as one matmul over all T * B rows instead
+  of T small ones accumulated step by step (training 1.15x faster on a 2-core CPU);
 - each of the 2048 feature channels is standardised with the mean and variance of training
   images (`FeatureStandardization`, set by `train`): channels of a backbone differ by orders
   of magnitude in scale and offset, which slows the encoder's learning (on the shapes demo
@@ -20,6 +24,8 @@ What differs from the TensorFlow tutorial this project replaces:
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
@@ -89,18 +95,185 @@ class BahdanauAttention(keras.layers.Layer):
         return self.key_proj(features)                                # (B, P, U)
 
     def call(self, keys, values, query):
-        q = self.query_proj(query)[:, None, :]                        # (B, 1, U)
-        e = tf.tanh(keys + q)                                         # (B, P, U)
-        # A 2-D matmul, not Dense's tensordot on (B, P, U), whose gradient inside the time
-        # loop needs runtime transpose permutations that XLA (--xla) cannot compile.
-        scores = tf.reshape(self.score_proj(tf.reshape(e, [-1, self.units])),
-                            tf.shape(e)[:2])                          # (B, P)
-        weights = tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1)  # (B, P) float32
-        context = tf.einsum("bp,bpe->be", tf.cast(weights, values.dtype), values)  # (B, E)
+        context, weights, _ = additive_attention(
+            keys, values, self.query_proj(query), self.score_proj.kernel,
+            self.score_proj.bias)
         return context, weights
 
     def get_config(self):
         return {**super().get_config(), "units": self.units}
+
+
+class StepWeights(NamedTuple):
+    """The recurrent step's weights, in the compute dtype (see `ShowAttendTell.step_weights`):
+    attention query (U, U), score (U, 1) and score bias (1,); gate f_beta (U, E) and bias (E,);
+    GRU context kernel (E, 3U), recurrent kernel (U, 3U) and bias (3U,)."""
+    query: tf.Tensor
+    score: tf.Tensor
+    score_bias: tf.Tensor
+    beta: tf.Tensor
+    beta_bias: tf.Tensor
+    gru_context: tf.Tensor
+    gru_recurrent: tf.Tensor
+    gru_bias: tf.Tensor
+
+
+class StepSaved(NamedTuple):
+    """What one step keeps for its backward pass (`teacher_forced_recurrence`)."""
+    e: tf.Tensor          # (B, P, U) tanh(keys + query)
+    raw: tf.Tensor        # (B, E) attention-weighted features before the gate
+    beta: tf.Tensor       # (B, E) gate
+    z: tf.Tensor          # (B, U) GRU update gate
+    r: tf.Tensor          # (B, U) GRU reset gate
+    hh: tf.Tensor         # (B, U) recurrent share of the candidate, before r *
+    candidate: tf.Tensor  # (B, U)
+
+
+def additive_attention(keys, values, q, score, score_bias):
+    """keys (B, P, U), values (B, P, E), projected query q (B, U), score (U, 1), score_bias
+    (1,) -> context (B, E), weights (B, P) float32, e = tanh(keys + q) (B, P, U)."""
+    units = keys.shape[-1]
+    e = tf.tanh(keys + q[:, None, :])                                 # (B, P, U)
+    # A 2-D matmul, not a tensordot on (B, P, U), whose gradient inside the time loop needs
+    # runtime transpose permutations that XLA (--xla) cannot compile.
+    scores = tf.reshape(tf.matmul(tf.reshape(e, [-1, units]), score) + score_bias,
+                        tf.shape(e)[:2])                              # (B, P)
+    weights = tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1)     # (B, P) float32
+    context = tf.einsum("bp,bpe->be", tf.cast(weights, values.dtype), values)  # (B, E)
+    return context, weights, e
+
+
+def attend_and_update(w: StepWeights, x_gates, h, keys, encoded):
+    """One decoder step: attention over the image, gated context, GRU (reset_after, as
+    Keras/cuDNN) over [embedding; context].
+
+    x_gates (B, 3U) is the embedding's share of the GRU gates (computed for all steps at
+    once), h (B, U), keys (B, P, U), encoded (B, P, E) -> new h (B, U), gated context (B, E),
+    attention (B, P) float32, and the `StepSaved` intermediates.
+    """
+    raw, alpha, e = additive_attention(keys, encoded, tf.matmul(h, w.query), w.score,
+                                       w.score_bias)                  # (B, E), (B, P), .
+    beta = tf.sigmoid(tf.matmul(h, w.beta) + w.beta_bias)            # (B, E)
+    context = beta * raw                                             # (B, E)
+    xz, xr, xh = tf.split(x_gates + tf.matmul(context, w.gru_context), 3, axis=-1)
+    hz, hr, hh = tf.split(tf.matmul(h, w.gru_recurrent) + w.gru_bias, 3, axis=-1)
+    z = tf.sigmoid(xz + hz)                                          # (B, U)
+    r = tf.sigmoid(xr + hr)                                          # (B, U)
+    candidate = tf.tanh(xh + r * hh)                                 # (B, U)
+    h_new = z * h + (1.0 - z) * candidate                            # (B, U)
+    return h_new, context, alpha, StepSaved(e, raw, beta, z, r, hh, candidate)
+
+
+def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
+    """`attend_and_update` over all T steps, with back-propagation through time written out.
+
+    x_gates (T, B, 3U), h0 (B, U), keys (B, P, U), encoded (B, P, E) -> hs (T, B, U),
+    contexts (T, B, E), alphas (T, B, P) float32.
+
+    The forward pass is the same function the decoder runs step by step. The backward pass
+    differs from what autodiff of the loop builds: its time loop carries only what is
+    recurrent (dh, the key gradient, the score vector's gradient) and one fused matmul
+    through the transposed query/gate/recurrent kernels; every weight gradient, the feature
+    gradient and the input-gate gradient are then computed after the loop as one large matmul
+    over all T * B rows, instead of T small ones accumulated step by step.
+    """
+    U = h0.shape[-1]
+    E = encoded.shape[-1]
+
+    @tf.custom_gradient
+    def run(x_gates, h0, keys, encoded, *weights):
+        w = StepWeights(*weights)
+        T = tf.shape(x_gates)[0]
+        # Per-step tensors go into TensorArrays; the saved ones are read back by the backward
+        # loop one step at a time, never stacked (e alone is T x B x P x U).
+        outputs = [tf.TensorArray(h0.dtype, size=T), tf.TensorArray(h0.dtype, size=T),
+                   tf.TensorArray(tf.float32, size=T)]
+        saved = StepSaved(*(tf.TensorArray(h0.dtype, size=T) for _ in StepSaved._fields))
+
+        def body(t, h, outputs, saved):
+            h, context, alpha, step_saved = attend_and_update(w, x_gates[t], h, keys, encoded)
+            outputs = [a.write(t, x) for a, x in zip(outputs, (h, context, alpha))]
+            return t + 1, h, outputs, StepSaved(*(a.write(t, x)
+                                                  for a, x in zip(saved, step_saved)))
+
+        _, _, outputs, saved = tf.while_loop(lambda t, *_: t < T, body,
+                                             (tf.constant(0), h0, outputs, saved))
+        hs, contexts, alphas = (a.stack() for a in outputs)          # (T, B, .) each
+
+        def grad(d_hs, d_contexts, d_alphas):
+            d_hs, d_contexts, d_alphas = (
+                tf.zeros_like(x) if d is None else tf.cast(d, x.dtype)
+                for d, x in ((d_hs, hs), (d_contexts, contexts), (d_alphas, alphas)))
+            return _recurrence_backward(w, x_gates, h0, keys, encoded, hs, contexts, alphas,
+                                        saved, d_hs, d_contexts, d_alphas, U, E)
+
+        return (hs, contexts, alphas), grad
+
+    return run(x_gates, h0, keys, encoded, *w)
+
+
+def _recurrence_backward(w, x_gates, h0, keys, encoded, hs, contexts, alphas, saved,
+                         d_hs, d_contexts, d_alphas, U, E):
+    """Gradients of `teacher_forced_recurrence` w.r.t. x_gates, h0, keys, encoded and the
+    `StepWeights`, in that order."""
+    dt = h0.dtype
+    T = tf.shape(x_gates)[0]
+    # dh flows back through the query, the gate and the recurrent kernels in one matmul.
+    h_kernels = tf.concat([w.query, w.beta, w.gru_recurrent], axis=1)  # (U, U+E+3U)
+    score_row = tf.reshape(w.score, [1, 1, U])                        # (1, 1, U)
+    h_prev = tf.concat([h0[None], hs[:-1]], axis=0)                   # (T, B, U)
+
+    def body(t, dh, d_keys, d_score, d_xs, d_hs_all, d_raws, d_scores):
+        s = StepSaved(*(a.read(t) for a in saved))
+        dh = dh + d_hs[t]                                             # (B, U)
+        # GRU: h' = z h + (1 - z) c,  c = tanh(xh + r hh), z = sigmoid(.), r = sigmoid(.)
+        d_cand = tf.raw_ops.TanhGrad(y=s.candidate, dy=dh * (1.0 - s.z))
+        d_z = tf.raw_ops.SigmoidGrad(y=s.z, dy=dh * (h_prev[t] - s.candidate))
+        d_r = tf.raw_ops.SigmoidGrad(y=s.r, dy=d_cand * s.hh)
+        d_x = tf.concat([d_z, d_r, d_cand], axis=-1)                  # (B, 3U) input gates
+        # context = beta * raw feeds the GRU's input gates
+        d_ctx = tf.matmul(d_x, w.gru_context, transpose_b=True) + d_contexts[t]  # (B, E)
+        d_beta = tf.raw_ops.SigmoidGrad(y=s.beta, dy=d_ctx * s.raw)   # (B, E)
+        d_raw = d_ctx * s.beta                                        # (B, E)
+        # attention: raw = sum_p alpha_p encoded_p, alpha = softmax_p(e_p w + b)
+        alpha = alphas[t]                                             # (B, P) float32
+        d_alpha = tf.cast(tf.einsum("be,bpe->bp", d_raw, encoded), tf.float32) + d_alphas[t]
+        ds = alpha * (d_alpha - tf.reduce_sum(alpha * d_alpha, axis=-1, keepdims=True))
+        ds_c = tf.cast(ds, dt)                                        # (B, P)
+        d_e = tf.raw_ops.TanhGrad(y=s.e, dy=ds_c[..., None] * score_row)  # (B, P, U)
+        d_score = d_score + tf.matmul(tf.reshape(ds_c, [1, -1]),
+                                      tf.reshape(s.e, [-1, U]))       # (1, U)
+        d_q = tf.reduce_sum(d_e, axis=1)                              # (B, U)
+        # h feeds the query, the gate and the recurrent gates: one matmul back through all
+        d_h_all = tf.concat([d_q, d_beta, d_z, d_r, d_cand * s.r], axis=-1)  # (B, U+E+3U)
+        dh = dh * s.z + tf.matmul(d_h_all, h_kernels, transpose_b=True)  # (B, U)
+        return (t - 1, dh, d_keys + d_e, d_score, d_xs.write(t, d_x),
+                d_hs_all.write(t, d_h_all), d_raws.write(t, d_raw), d_scores.write(t, ds))
+
+    arrays = [tf.TensorArray(dt, size=T) for _ in range(3)] + [tf.TensorArray(tf.float32,
+                                                                              size=T)]
+    _, dh0, d_keys, d_score, *arrays = tf.while_loop(
+        lambda t, *_: t >= 0, body,
+        (T - 1, tf.zeros_like(h0), tf.zeros_like(keys), tf.zeros([1, U], dt), *arrays))
+    d_x, d_h_all, d_raw, ds = (a.stack() for a in arrays)    # (T, B, .) each
+
+    # Everything that is not recurrent, over all T * B rows at once.
+    def rows(x):
+        return tf.reshape(x, [-1, x.shape[-1]])                      # (T * B, .)
+    d_h_kernels = tf.matmul(rows(h_prev), rows(d_h_all), transpose_a=True)  # (U, U+E+3U)
+    d_query, d_beta_kernel, d_recurrent = tf.split(d_h_kernels, [U, E, 3 * U], axis=1)
+    _, d_beta, d_z, d_r, d_hh = tf.split(d_h_all, [U, E, U, U, U], axis=-1)
+    d_encoded = tf.einsum("tbp,tbe->bpe", tf.cast(alphas, dt), d_raw)  # (B, P, E)
+    weights = StepWeights(
+        query=d_query,
+        score=tf.transpose(d_score),
+        score_bias=tf.cast(tf.reshape(tf.reduce_sum(ds), [1]), dt),
+        beta=d_beta_kernel,
+        beta_bias=tf.reduce_sum(d_beta, axis=[0, 1]),
+        gru_context=tf.matmul(rows(contexts), rows(d_x), transpose_a=True),  # (E, 3U)
+        gru_recurrent=d_recurrent,
+        gru_bias=tf.reduce_sum(tf.concat([d_z, d_r, d_hh], axis=-1), axis=[0, 1]))
+    return (d_x, dh0, d_keys, d_encoded, *weights)
 
 
 @keras.saving.register_keras_serializable(package="caption_attn")
@@ -163,22 +336,13 @@ class ShowAttendTell(keras.Model):
         self.built = True
 
     # ------------------------------------------------------------------ pieces
-    def _gru(self, x_gates, context, h):
-        """One GRU step; x_gates (B, 3U) is the embedding's precomputed share."""
-        c_gates = self.gru_context(context)                          # (B, 3U)
-        h_gates = self.gru_recurrent(h)                              # (B, 3U)
-        xz, xr, xh = tf.split(x_gates + c_gates, 3, axis=-1)         # (B, U) each
-        hz, hr, hh = tf.split(h_gates, 3, axis=-1)                   # (B, U) each
-        z = tf.sigmoid(xz + hz)                                      # (B, U)
-        r = tf.sigmoid(xr + hr)                                      # (B, U)
-        candidate = tf.tanh(xh + r * hh)                             # (B, U)
-        return z * h + (1.0 - z) * candidate                         # (B, U)
-
-    def _attend_and_update(self, x_gates, h, keys, encoded):
-        context, alpha = self.attention(keys, encoded, h)            # (B, E), (B, P)
-        context = self.f_beta(h) * context                           # (B, E) gated
-        h = self._gru(x_gates, context, h)                           # (B, U)
-        return h, context, alpha
+    def step_weights(self) -> StepWeights:
+        """The recurrent step's kernels and biases, cast to the compute dtype."""
+        attention, dt = self.attention, self.compute_dtype
+        weights = (attention.query_proj.kernel, attention.score_proj.kernel,
+                   attention.score_proj.bias, self.f_beta.kernel, self.f_beta.bias,
+                   self.gru_context.kernel, self.gru_recurrent.kernel, self.gru_recurrent.bias)
+        return StepWeights(*(tf.cast(x, dt) for x in weights))
 
     def _output(self, embedded, h, context, training=False):
         """Deep output layer; works on (B, E) or (B, T, E) alike."""
@@ -205,7 +369,7 @@ class ShowAttendTell(keras.Model):
         (h,), (keys, encoded) = state, context
         embedded = self.embedding(tokens)                            # (B, E)
         x_gates = self.gru_embed(embedded)                           # (B, 3U)
-        h, ctx, alpha = self._attend_and_update(x_gates, h, keys, encoded)
+        h, ctx, alpha, _ = attend_and_update(self.step_weights(), x_gates, h, keys, encoded)
         return self._output(embedded, h, ctx), (h,), alpha
 
     # ------------------------------------------------------------------ teacher forcing
@@ -218,15 +382,9 @@ class ShowAttendTell(keras.Model):
         embedded = self.embedding(tokens)                            # (B, T, E)
         x_gates = self.gru_embed(embedded)                           # (B, T, 3U)
 
-        def step(carry, x_t):                                        # x_t (B, 3U)
-            return self._attend_and_update(x_t, carry[0], keys, encoded)
-
-        batch = tf.shape(tokens)[0]
-        init = (h0,
-                tf.zeros([batch, self.embedding_dim], encoded.dtype),
-                tf.zeros([batch, self.num_pixels], tf.float32))
-        hs, contexts, alphas = tf.scan(step, tf.transpose(x_gates, [1, 0, 2]),
-                                       initializer=init)             # (T, B, .) each
+        hs, contexts, alphas = teacher_forced_recurrence(
+            self.step_weights(), tf.transpose(x_gates, [1, 0, 2]), h0, keys,
+            encoded)                                                 # (T, B, .) each
         hs = tf.transpose(hs, [1, 0, 2])                             # (B, T, U)
         contexts = tf.transpose(contexts, [1, 0, 2])                 # (B, T, E)
         alphas = tf.transpose(alphas, [1, 0, 2])                     # (B, T, P)

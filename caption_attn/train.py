@@ -389,6 +389,7 @@ class Trainer:
         if in_epoch:
             bar.update(in_epoch)
         loss_scaling = hasattr(self.optimizer, "dynamic_scale")
+        earlier = sums[3]  # captions trained before a restart in this epoch: not in the speed
         start = time.perf_counter()
         for batch in ds:
             loss, ce, norm, n = (float(x) for x in self.train_step(batch))
@@ -403,7 +404,7 @@ class Trainer:
             sums += (loss * n, ce * n, norm if math.isfinite(norm) else 0.0, n)
             seconds = time.perf_counter() - start
             bar.update(in_epoch, [("loss", sums[0] / sums[3]),
-                                  ("cap/s", sums[3] / max(seconds, 1e-9))])
+                                  ("cap/s", (sums[3] - earlier) / max(seconds, 1e-9))])
             callbacks.on_train_batch_end(step, {"loss": loss, "gradient_norm": norm,
                                                 "global_step": step})
             every = self.cfg.train.checkpoint_every
@@ -414,7 +415,8 @@ class Trainer:
         self._set_counters(step, in_epoch, sums)
         return {"loss": sums[0] / max(sums[3], 1), "ce": sums[1] / max(sums[3], 1),
                 "gradient_norm": sums[2] / max(in_epoch, 1),
-                "captions_per_second": sums[3] / max(time.perf_counter() - start, 1e-9),
+                "captions_per_second": (sums[3] - earlier) / max(time.perf_counter() - start,
+                                                                 1e-9),
                 "steps": in_epoch}
 
     def _set_counters(self, step: int, in_epoch: int, sums) -> None:

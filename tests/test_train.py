@@ -2,6 +2,7 @@ import glob
 import json
 import os
 import shutil
+import types
 
 import keras
 import numpy as np
@@ -293,3 +294,26 @@ def test_fused_adam_matches_keras_adam(schedule):
     for a, b in zip(weights["keras"], weights["fused"]):
         assert np.abs(a - 1.0).max() > 0.1                            # the weights moved
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_speed_of_a_resumed_epoch_counts_only_its_own_captions(shapes_data, tmp_path,
+                                                                monkeypatch):
+    run = str(tmp_path / "run")
+    cfg = small_config(shapes_data, epochs=1, max_steps=3)
+    run_trainer(cfg, run)
+    cfg = small_config(shapes_data, epochs=1)
+    train.open_run(run, cfg)
+    trainer = train.Trainer(cfg, run, progress=False, log=lambda *a: None)
+    trainer.restore()
+    trainer._compile(trainer.dataset("train", epoch=0).element_spec)
+    before = trainer.epoch_sums.numpy()[3]                            # captions already trained
+    clock = iter(range(10**6))                       # train's clock: +1 s at every reading
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(
+        perf_counter=lambda: float(next(clock))))
+    logs = trainer._run_train_epoch(0, keras.callbacks.CallbackList([]))
+    steps_now = logs["steps"] - 3
+    assert steps_now >= 2
+    captions_now = trainer.epoch_sums.numpy()[3] - before
+    # at least one clock second per step of this run: at most its captions / its steps
+    # (counting the 3 batches trained before the restart too gave more)
+    assert 0 < logs["captions_per_second"] <= captions_now / steps_now

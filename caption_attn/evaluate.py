@@ -429,10 +429,10 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
         raise UserError(f"--split must be one of {sorted(splits)}, got {split!r}")
     records = {r.image: r for r in data.load_dataset(run_cfg.captions, run_cfg.data).records}
     manifest = read_manifest(run_cfg.cache)
-    reader = pipeline.NpyReader(manifest["npy_header_bytes"], manifest["dtype"],
-                                manifest["feature_shape"])
-    keys = [k for k in splits[split] if k in records
-            and os.path.exists(feature_path(run_cfg.cache, k))]
+    reader = pipeline.NpyReader.from_manifest(manifest)
+    keys = [k for k in splits[split] if k in records]
+    without = [k for k in keys if not reader.has_file(feature_path(run_cfg.cache, k))]
+    keys = [k for k in keys if k not in set(without)]
     if not keys:
         raise UserError(f"no images of the {split} split have features in {run_cfg.cache}")
     bar = keras.utils.Progbar(len(keys), verbose=1 if progress else 0, unit_name="image")
@@ -443,7 +443,12 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     hypotheses = {k: c.text for k, c in best.items()}
     references = {k: records[k].captions for k in keys}
     metrics, notes = coco_metrics(references, hypotheses, use_java=use_java)
+    if without:
+        notes.append(f"{len(without)} images of the {split} split were left out: their feature "
+                     f"file in {run_cfg.cache} is missing or has the wrong size (e.g. "
+                     f"{without[0]}); run extract-features --verify to repair the cache")
     result = {"run": run_dir, "split": split, "images": len(keys),
+              "images_without_features": len(without),
               "decode": {"method": captioner.cfg.method, "beam": captioner.cfg.beam,
                          "length_penalty": captioner.cfg.length_penalty},
               **metrics, "notes": notes}

@@ -10,6 +10,7 @@ XLA compilation per bucket at most).
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -46,6 +47,19 @@ class NpyReader:
         self.dtype = tf.as_dtype(dtype)
         self.shape = tuple(int(s) for s in shape)
         self.num_bytes = int(np.prod(self.shape)) * self.dtype.size
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "NpyReader":
+        """The reader of a feature cache, from its `manifest.json` contents."""
+        return cls(manifest["npy_header_bytes"], manifest["dtype"], manifest["feature_shape"])
+
+    def has_file(self, path: str) -> bool:
+        """Whether `path` exists with exactly the size of a feature file of this cache (a
+        cheap check; `extract-features --verify` reads every value)."""
+        try:
+            return os.stat(path).st_size == self.header_bytes + self.num_bytes
+        except OSError:
+            return False
 
     def __call__(self, path):
         raw = tf.io.read_file(path)                                   # scalar string

@@ -140,8 +140,7 @@ def load_train_data(cfg: RunConfig, run_dir: str) -> TrainData:
     """Captions, split, vocabulary and feature files of a run (reused from the run folder
     when resuming, so the split and vocabulary never change under a run)."""
     manifest = _check_manifest(cfg.cache)
-    reader = pipeline.NpyReader(manifest["npy_header_bytes"], manifest["dtype"],
-                                manifest["feature_shape"])
+    reader = pipeline.NpyReader.from_manifest(manifest)
     captions = data_lib.load_dataset(cfg.captions, cfg.data)
     split_path = os.path.join(run_dir, "split.json")
     if os.path.exists(split_path):
@@ -154,7 +153,7 @@ def load_train_data(cfg: RunConfig, run_dir: str) -> TrainData:
     paths, skipped_images, skipped_captions = {}, 0, 0
     for key in (k for keys in splits.values() for k in keys):
         path = features.feature_path(cfg.cache, key)
-        if key in records and _has_features(path, reader):
+        if key in records and reader.has_file(path):
             paths[key] = path
         elif key in records:
             skipped_images += 1
@@ -179,13 +178,6 @@ def load_train_data(cfg: RunConfig, run_dir: str) -> TrainData:
                         f"`caption-attn extract-features` for {cfg.captions} first")
     return TrainData(vocab, splits, items, references, paths, reader, manifest,
                      skipped_captions, skipped_images)
-
-
-def _has_features(path: str, reader: pipeline.NpyReader) -> bool:
-    try:
-        return os.stat(path).st_size == reader.header_bytes + reader.num_bytes
-    except OSError:
-        return False
 
 
 # ----------------------------------------------------------------------------- strategy

@@ -85,3 +85,29 @@ def test_metrics_with_java_equal_a_direct_pycocoevalcap_call(shapes_data, traine
     expected["CIDEr"] = Cider().compute_score(gts, res)[0]
     for name, value in expected.items():
         assert metrics[name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_images_without_a_valid_feature_file_are_skipped_and_reported(trained_run,
+                                                                      copy_cache, tmp_path):
+    import shutil
+
+    from caption_attn.features import feature_path
+    run = str(tmp_path / "run")
+    shutil.copytree(trained_run, run)
+    with open(os.path.join(run, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["cache"] = copy_cache
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with open(os.path.join(run, "split.json")) as f:
+        test_keys = json.load(f)["splits"]["test"]
+    truncated, missing = feature_path(copy_cache, test_keys[0]), feature_path(copy_cache,
+                                                                                test_keys[1])
+    with open(truncated, "r+b") as f:
+        f.truncate(1000)
+    os.remove(missing)
+    metrics = evaluate.evaluate_run(run, "test", DecodeConfig(beam=1), progress=False,
+                                    use_java=False)
+    assert metrics["images"] == len(test_keys) - 2
+    assert metrics["images_without_features"] == 2
+    assert any("2 images of the test split" in n and "--verify" in n for n in metrics["notes"])

@@ -183,6 +183,8 @@ class DemoConfig:
     beam: int = opt(3, "beam width for evaluation and captions")
     show: int = opt(4, "test images captioned with heatmaps at the end")
     seed: int = opt(0, "seed of the dataset, the random backbone and training")
+    fresh: bool = opt(False, "delete what an earlier demo made in --workdir (dataset, "
+                      "feature cache, run, heatmaps) and start over")
 
 
 @dataclass

@@ -3,20 +3,55 @@
 make-shapes -> extract-features (seeded random InceptionV3, no network) -> train ->
 evaluate (test split) -> caption a few test images with attention heatmaps, all inside one
 work folder. Rerunning reuses what is already there (the dataset, the feature cache, a
-finished run), like the individual commands do.
+finished run), like the individual commands do; a rerun with settings that shape those is
+refused (`--fresh` starts over).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import time
 
 from caption_attn import shapes
 from caption_attn.config import (DataConfig, DecodeConfig, DemoConfig, ExtractConfig,
-                                 ModelConfig, RunConfig, ShapesConfig, TrainConfig)
+                                 ModelConfig, RunConfig, ShapesConfig, TrainConfig, read_json,
+                                 write_json_atomic)
+from caption_attn.errors import UserError
 
 TARGETS = {"scene_accuracy": 0.90, "Bleu_4": 0.60, "grounding": 0.70}
+# What the demo makes in its work folder, and the settings that may change between reruns
+# (the others shape the dataset, the cache or the model, which a rerun reuses).
+MADE = ("shapes", "features_cache", os.path.join("models", "shapes"), "heatmaps", "demo.json")
+RERUN_MAY_CHANGE = ("workdir", "fresh", "epochs", "beam", "show")
+
+
+def check_workdir(cfg: DemoConfig) -> None:
+    """Refuse to reuse a work folder made with other settings (listing the differences);
+    with `cfg.fresh` delete what the demo made there first. Records the settings in
+    `<workdir>/demo.json`."""
+    work = os.path.abspath(cfg.workdir)
+    record = os.path.join(work, "demo.json")
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RERUN_MAY_CHANGE}
+    if cfg.fresh:
+        for name in MADE:
+            path = os.path.join(work, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    elif os.path.exists(record):
+        saved = read_json(record)
+        differences = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in settings.items()
+                       if k in saved and saved[k] != v]
+        if differences:
+            raise UserError(
+                f"{work} holds a demo made with other settings:\n  " + "\n  ".join(differences)
+                + "\nrerun with the same flags to reuse it, choose another --workdir, or add "
+                  "--fresh to delete it and start over")
+    write_json_atomic(record, settings)
 
 
 def _bf16_capable() -> bool:
@@ -67,6 +102,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
              "run": os.path.join(work, "models", "shapes"),
              "heatmaps": os.path.join(work, "heatmaps")}
     timings = {}
+    check_workdir(cfg)
 
     log(f"[1/5] make-shapes -> {paths['shapes']}")
     t = time.perf_counter()

@@ -37,3 +37,29 @@ def test_demo_end_to_end_on_a_reduced_size(tmp_path):
     again = demo.run_demo(cfg, log=lines.append)
     assert "reusing" in "\n".join(lines)
     assert again["metrics"]["Bleu_4"] == pytest.approx(metrics["Bleu_4"])
+
+
+def test_rerun_with_other_settings_is_refused_with_the_differences(tmp_path):
+    from caption_attn.errors import UserError
+    work = str(tmp_path / "work")
+    demo.check_workdir(DemoConfig(workdir=work, seed=0, units=256))    # new folder: recorded
+    demo.check_workdir(DemoConfig(workdir=work, seed=0, units=256, beam=1, show=2))  # same
+    with pytest.raises(UserError) as e:
+        demo.check_workdir(DemoConfig(workdir=work, seed=3, units=128))
+    message = str(e.value)
+    assert "seed: 0 -> 3" in message and "units: 256 -> 128" in message
+    assert "--fresh" in message and "--workdir" in message
+
+
+def test_fresh_removes_what_the_demo_made_and_nothing_else(tmp_path):
+    work = tmp_path / "work"
+    demo.check_workdir(DemoConfig(workdir=str(work), seed=0))
+    for folder in ("shapes", "features_cache", "models/shapes", "heatmaps"):
+        os.makedirs(work / folder)
+        (work / folder / "x").write_text("x")
+    (work / "notes.txt").write_text("mine")
+    demo.check_workdir(DemoConfig(workdir=str(work), seed=5, fresh=True))
+    assert sorted(os.listdir(work)) == ["demo.json", "models", "notes.txt"]
+    assert os.listdir(work / "models") == []
+    with open(work / "demo.json") as f:
+        assert json.load(f)["seed"] == 5

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -210,6 +211,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     root = tempfile.mkdtemp(prefix="bench_train_")
+    try:
+        figures = measure(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report(figures)
+    if args.json:
+        write_json_atomic(args.json, figures)
+    return 0
+
+
+def measure(args, root: str) -> dict:
+    """Writes the synthetic dataset into `root`, times both steps; returns the figures."""
     captions, cache = write_dataset(root, args.images, args.captions_per_image, args.vocab)
     cfg = RunConfig(captions=captions, cache=cache,
                     vocab=VocabConfig(vocab_size=args.vocab, max_length=38),
@@ -234,7 +247,7 @@ def main(argv=None) -> int:
     ref, ref_compile_s = time_reference(
         reference_step(args.embedding_dim, args.units, V, max_tokens), batches, max_tokens)
 
-    figures = {
+    return {
         "setup": {"embedding_dim": args.embedding_dim, "units": args.units, "vocab": V,
                   "batch_size": args.batch_size, "precision": args.precision, "xla": args.xla,
                   "captions": len(lengths), "mean_tokens": float(np.mean(lengths)),
@@ -247,20 +260,24 @@ def main(argv=None) -> int:
         "model_gflops_per_s": ours_gflops, "cpu_peak_gflops": peak, "cpu_peak": peak_how,
         "mfu": ours_gflops / peak,
     }
+
+
+def report(figures: dict) -> None:
     s = figures["setup"]
+    ours, ref = figures["ours_captions_per_s"], figures["reference_captions_per_s"]
     print(f"setup: E {s['embedding_dim']}, U {s['units']}, V {s['vocab']}, batch "
           f"{s['batch_size']}, {s['precision']}{' + XLA' if s['xla'] else ''}, "
-          f"{s['captions']} captions, mean {s['mean_tokens']:.1f} tokens, max {max_tokens}")
-    print(f"ours       {ours:8.1f} captions/s   first step {compile_s:5.1f} s   "
-          f"traces {traces}, {shapes} batch shapes, {per_image:.2f} captions per encoded image")
-    print(f"reference  {ref:8.1f} captions/s   first step {ref_compile_s:5.1f} s   "
-          f"(padded to {max_tokens}, keys every step, Python-unrolled)")
+          f"{s['captions']} captions, mean {s['mean_tokens']:.1f} tokens, max "
+          f"{s['max_tokens']}")
+    print(f"ours       {ours:8.1f} captions/s   first step {figures['ours_first_step_s']:5.1f} s"
+          f"   traces {figures['ours_traces']}, {figures['ours_batch_shapes']} batch shapes, "
+          f"{figures['captions_per_encoded_image']:.2f} captions per encoded image")
+    print(f"reference  {ref:8.1f} captions/s   first step "
+          f"{figures['reference_first_step_s']:5.1f} s   (padded to {s['max_tokens']}, keys "
+          f"every step, Python-unrolled)")
     print(f"speedup    {ours / ref:8.2f} x")
-    print(f"MFU        {100 * ours_gflops / peak:8.1f} %  ({ours_gflops:.1f} model GFLOP/s of "
-          f"{peak:.0f} peak fp32 = {peak_how})")
-    if args.json:
-        write_json_atomic(args.json, figures)
-    return 0
+    print(f"MFU        {100 * figures['mfu']:8.1f} %  ({figures['model_gflops_per_s']:.1f} model "
+          f"GFLOP/s of {figures['cpu_peak_gflops']:.0f} peak fp32 = {figures['cpu_peak']})")
 
 
 if __name__ == "__main__":

@@ -133,8 +133,10 @@ class TrainConfig:
     bleu_images: int = opt(500, "validation images decoded for val_bleu4")
     sample_images: int = opt(4, "fixed validation images whose captions and attention are "
                              "logged each epoch")
-    memory_cache_gb: float = opt(4.0, "keep the features in memory when they fit in this many "
-                                 "GiB (0 disables); otherwise they stream from disk")
+    memory_cache_gb: float = opt(4.0, "keep the train and val features in memory when they "
+                                 "fit in this many GiB (0 disables; building the table needs "
+                                 "about twice that for a moment); otherwise they stream from "
+                                 "disk")
 
 
 @dataclass

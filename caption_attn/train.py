@@ -268,10 +268,12 @@ class Trainer:
 
     def _maybe_table(self) -> Optional[pipeline.FeatureTable]:
         gb = self.cfg.train.memory_cache_gb
-        n = len(self.data.feature_paths)
-        if gb <= 0 or n * self.data.reader.num_bytes > gb * 2**30:
+        d = self.data
+        paths = sorted({d.feature_paths[k] for split in ("train", "val")  # never the test split
+                        for k in d.splits[split] if k in d.feature_paths})
+        if gb <= 0 or len(paths) * d.reader.num_bytes > gb * 2**30:
             return None
-        return pipeline.FeatureTable(self.data.reader, sorted(self.data.feature_paths.values()))
+        return pipeline.FeatureTable(d.reader, paths)
 
     def restore(self) -> bool:
         latest = self.manager.latest_checkpoint

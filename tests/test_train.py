@@ -317,3 +317,15 @@ def test_speed_of_a_resumed_epoch_counts_only_its_own_captions(shapes_data, tmp_
     # at least one clock second per step of this run: at most its captions / its steps
     # (counting the 3 batches trained before the restart too gave more)
     assert 0 < logs["captions_per_second"] <= captions_now / steps_now
+
+
+def test_memory_table_holds_train_and_val_features_only(trained):
+    trainer = trained["trainer"]
+    data = trainer.data
+    assert trainer._table is not None                                 # the default: it fits
+    held = set(trainer._table.index)
+    used = {data.feature_paths[k] for s in ("train", "val") for k in data.splits[s]
+            if k in data.feature_paths}
+    assert held == used and trainer._table.table.shape[0] == len(used)
+    assert not held & {data.feature_paths[k] for k in data.splits["test"]
+                       if k in data.feature_paths}

@@ -21,7 +21,6 @@ the CPU's fp32 peak (cores x GHz x FLOPs/cycle; 32 for AVX-512/AVX2 with two FMA
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys

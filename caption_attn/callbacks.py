@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 import keras
 import numpy as np
 
+from caption_attn.config import write_bytes_atomic
 from caption_attn.errors import UserError
 
 _MODES = {"val_loss": "min", "loss": "min", "val_ce": "min", "val_bleu4": "max"}
@@ -190,8 +191,4 @@ class AttentionSnapshots(keras.callbacks.Callback):
         for s in self.samples(epoch):
             name = s["image"].replace("/", "__")
             path = os.path.join(folder, os.path.splitext(name)[0] + ".png")
-            os.makedirs(folder, exist_ok=True)
-            tmp = path + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(s["png"])
-            os.replace(tmp, path)
+            write_bytes_atomic(path, s["png"])

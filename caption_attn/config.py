@@ -7,11 +7,13 @@ Each dataclass field becomes one CLI flag (`--field-name`) through `cli.add_conf
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import socket
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, Union
 
 from caption_attn.errors import UserError
 
@@ -248,17 +250,48 @@ def config_diff(a, b, prefix: str = "") -> list[str]:
     return out
 
 
+HOST = socket.gethostname().replace("/", "_") or "localhost"
+
+
+def temp_name(path: str, suffix: str = "") -> str:
+    """`.<name>.tmp.<pid>.<host><suffix>` next to `path`: hidden, and unique to this process
+    on this host (several machines may write into one shared feature cache)."""
+    directory, base = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{base}.tmp.{os.getpid()}.{HOST}{suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ""):
+    """Yields a temporary path (`temp_name`) to write; renamed onto `path` when the block
+    succeeds, removed when it fails, so a crash or kill never leaves a half-written file under
+    the final name. Creates the parent folder. `suffix` is for writers that insist on one
+    (Keras: `.keras`, `.weights.h5`)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = temp_name(path, suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes_atomic(path: str, payload: Union[bytes, Iterable[bytes]],
+                       fsync: bool = False) -> None:
+    """Write `payload` (bytes or an iterable of bytes) to `path` through `atomic_path`."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for part in [payload] if isinstance(payload, bytes) else payload:
+            f.write(part)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to a temporary file and rename it into place (no half-written file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON (indented, UTF-8) through `atomic_path`, synced to disk before the rename."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"), fsync=True)
 
 
 def read_json(path: str) -> Any:

@@ -50,7 +50,8 @@ from typing import Iterable, Optional
 import cv2
 import numpy as np
 
-from caption_attn.config import ExtractConfig, read_json, write_json_atomic
+from caption_attn.config import (HOST, ExtractConfig, atomic_path, read_json,
+                                 write_bytes_atomic, write_json_atomic)
 from caption_attn.errors import UserError
 
 IMAGE_SIZE = 299                 # InceptionV3's native input side
@@ -78,7 +79,6 @@ DOWNLOAD_TIMEOUT_S = 30          # per socket operation: a black-holed network f
 CALIBRATION_SEED = 20240601      # synthetic calibration images for feature_scale
 STALE_TEMP_AGE_S = 3600          # temp files of other hosts older than this are stale
 _TEMP_RE = re.compile(r"^\.(?P<base>.+)\.tmp\.(?P<pid>\d+)\.(?P<host>.+?)(\.weights\.h5)?$")
-_HOST = socket.gethostname().replace("/", "_") or "localhost"
 
 
 # =========================================================================== images
@@ -549,25 +549,6 @@ def _quick_valid(path: str, header: bytes, size: int) -> bool:
         return False
 
 
-def _temp_name(path: str) -> str:
-    directory, base = os.path.split(path)
-    return os.path.join(directory, f".{base}.tmp.{os.getpid()}.{_HOST}")
-
-
-def _write_atomic(path: str, payload: Iterable[bytes]) -> None:
-    """Write to a hidden temp file next to `path`, then rename into place."""
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            for part in payload:
-                f.write(part)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -579,13 +560,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _is_stale_temp(path: str, name: str) -> bool:
-    if name.startswith(MANIFEST + ".tmp-"):  # config.write_json_atomic's temp name
-        pid = name[len(MANIFEST) + 5:]
-        return pid.isdigit() and not _pid_alive(int(pid))
     m = _TEMP_RE.match(name)
     if m is None:
         return False
-    if m["host"] == _HOST:
+    if m["host"] == HOST:
         pid = int(m["pid"])
         return pid == os.getpid() or not _pid_alive(pid)
     with contextlib.suppress(OSError):
@@ -600,7 +578,7 @@ def _scan_cache(cache_dir: str, header: Optional[bytes] = None,
     for root, _, files in os.walk(cache_dir):
         for name in files:
             path = os.path.join(root, name)
-            if (name.startswith(".") or ".tmp-" in name) and _is_stale_temp(path, name):
+            if name.startswith(".") and _is_stale_temp(path, name):
                 with contextlib.suppress(OSError):
                     os.remove(path)
                     removed += 1
@@ -642,7 +620,7 @@ def _update_failed(cache_dir: str, failed: dict[str, str], succeeded: Iterable[s
     lines = [f"{key}\t{entries[key]}\n".encode("utf-8") for key in sorted(entries)]
     path = os.path.join(cache_dir, FAILED)
     if lines or os.path.exists(path):
-        _write_atomic(path, lines)
+        write_bytes_atomic(path, lines)
     return len(entries)
 
 
@@ -725,9 +703,8 @@ def _new_manifest(cache_dir: str, cfg: ExtractConfig, backbone: Backbone, sha: s
     if cfg.weights == "random":
         m["weights_file"] = _random_weights_file(cfg.seed)
         path = os.path.join(cache_dir, m["weights_file"])
-        tmp = _temp_name(path) + ".weights.h5"  # Keras insists on this suffix
-        backbone.model.save_weights(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path, ".weights.h5") as tmp:  # Keras insists on this suffix
+            backbone.model.save_weights(tmp)
     write_json_atomic(_manifest_path(cache_dir), m)
     return m
 
@@ -809,7 +786,7 @@ class _Writer:
                 if directory not in self.made_dirs:
                     os.makedirs(directory, exist_ok=True)
                     self.made_dirs.add(directory)
-                _write_atomic(path, (self.header, features.astype(self.dtype).tobytes()))
+                write_bytes_atomic(path, (self.header, features.astype(self.dtype).tobytes()))
                 self.written.append(key)
             except Exception as e:  # noqa: BLE001 - reported by the main thread
                 self.error = e

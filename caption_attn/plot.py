@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-from pathlib import Path
 from typing import Sequence
 
 import cv2
@@ -22,6 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+
+from caption_attn.config import write_bytes_atomic
 
 GRID = 8  # the InceptionV3 feature map is GRID x GRID = 64 positions
 PANEL_INCHES = 2.2  # width of one word panel; readable titles at 100 dpi
@@ -157,16 +157,5 @@ def figure_to_png(fig: Figure) -> bytes:
 
 
 def save_figure(fig: Figure, path) -> None:
-    """Write `fig` as a PNG at `path` atomically (temp file + os.replace); creates parents."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = figure_to_png(fig)
-    # Same naming as config.write_json_atomic; open() (not mkstemp) keeps umask permissions.
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write `fig` as a PNG at `path` atomically (`config.atomic_path`); creates parents."""
+    write_bytes_atomic(str(path), figure_to_png(fig))

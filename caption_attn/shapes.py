@@ -45,7 +45,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from caption_attn.config import ShapesConfig, write_json_atomic
+from caption_attn.config import ShapesConfig, write_bytes_atomic, write_json_atomic
 from caption_attn.data import split_images
 from caption_attn.errors import UserError
 
@@ -322,10 +322,7 @@ def _write_png(path: str, image: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
     if not ok:
         raise RuntimeError(f"cv2 could not encode {path}")
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(buf.tobytes())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buf.tobytes())
 
 
 def _prepare(out_dir: str) -> tuple[str, str]:

@@ -25,8 +25,8 @@ import tensorflow as tf
 from caption_attn import data as data_lib
 from caption_attn import features, pipeline
 from caption_attn.callbacks import AttentionSnapshots, EarlyStopping, TensorBoardLogger
-from caption_attn.config import DecodeConfig, RunConfig, config_diff, read_json, \
-    write_json_atomic
+from caption_attn.config import DecodeConfig, RunConfig, atomic_path, config_diff, \
+    read_json, write_json_atomic
 from caption_attn.errors import UserError
 from caption_attn.model import ShowAttendTell, masked_loss
 from caption_attn.vocab import Vocabulary
@@ -498,10 +498,8 @@ class Trainer:
     def _save_best(self, epoch: int, value: float) -> None:
         if not self.chief:
             return
-        path = os.path.join(self.run_dir, "best.keras")
-        tmp = os.path.join(self.run_dir, "best.tmp.keras")
-        self.model.save(tmp)
-        os.replace(tmp, path)
+        with atomic_path(os.path.join(self.run_dir, "best.keras"), ".keras") as tmp:
+            self.model.save(tmp)
         write_json_atomic(os.path.join(self.run_dir, "best.json"),
                           {"epoch": epoch + 1, "monitor": self.cfg.train.monitor,
                            "value": value})
@@ -595,7 +593,7 @@ class Trainer:
         return lr.numpy() if hasattr(lr, "numpy") else lr
 
     def _hparams(self) -> dict:
-        tc, mc, vc = self.cfg.train, self.cfg.model, self.cfg.vocab
+        tc, mc = self.cfg.train, self.cfg.model
         return {"embedding_dim": mc.embedding_dim, "units": mc.units, "dropout": mc.dropout,
                 "attention_reg": mc.attention_reg, "vocab_size": len(self.data.vocab),
                 "batch_size": tc.batch_size, "learning_rate": tc.learning_rate,

@@ -230,6 +230,7 @@ def test_check_feature_file_reasons(tmp_path):
 
 
 def test_atomic_write_leaves_nothing_on_interrupt(tmp_path):
+    from caption_attn.config import atomic_path, write_bytes_atomic
     path = str(tmp_path / "x.npy")
 
     def payload():
@@ -237,8 +238,16 @@ def test_atomic_write_leaves_nothing_on_interrupt(tmp_path):
         raise KeyboardInterrupt  # a kill in the middle of the write
 
     with pytest.raises(KeyboardInterrupt):
-        F._write_atomic(path, payload())
+        write_bytes_atomic(path, payload())
     assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError):
+        with atomic_path(path, ".weights.h5") as tmp:     # a writer that fails half-way
+            assert tmp.endswith(".weights.h5") and os.path.basename(tmp).startswith(".x.npy")
+            open(tmp, "wb").close()
+            raise ValueError("cannot save")
+    assert os.listdir(tmp_path) == []
+    write_bytes_atomic(str(tmp_path / "new" / "x.npy"), b"done")   # creates the folder
+    assert os.listdir(tmp_path / "new") == ["x.npy"]
 
 
 def test_shards_are_disjoint_and_complete():
@@ -305,7 +314,7 @@ def test_rerun_resumes_and_updates_failed(images, cache_copy, tmp_path):
     shutil.copytree(images, work)
     os.remove(F.feature_path(cache_copy, "sub/c.jpg"))          # not done yet
     _write_rgb(str(work / "notes.jpg"), _scene(11))             # a failure that gets fixed
-    host = F._HOST
+    from caption_attn.config import HOST as host
     stale = os.path.join(cache_copy, "sub", f".c.jpg.npy.tmp.999999999.{host}")
     live = os.path.join(cache_copy, f".x.jpg.npy.tmp.1.{host}")  # pid 1 is alive
     for path in (stale, live):

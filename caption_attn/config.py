@@ -250,6 +250,11 @@ def config_diff(a, b, prefix: str = "") -> list[str]:
     return out
 
 
+# Keras dtype policy of each --precision: float32 variables everywhere, compute in the
+# named type (float16 needs loss scaling, which `train` adds).
+DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16",
+                  "float16": "mixed_float16"}
+
 HOST = socket.gethostname().replace("/", "_") or "localhost"
 
 

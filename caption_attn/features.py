@@ -50,7 +50,7 @@ from typing import Iterable, Optional
 import cv2
 import numpy as np
 
-from caption_attn.config import (HOST, ExtractConfig, atomic_path, read_json,
+from caption_attn.config import (DTYPE_POLICIES, HOST, ExtractConfig, atomic_path, read_json,
                                  write_bytes_atomic, write_json_atomic)
 from caption_attn.errors import UserError
 
@@ -246,7 +246,7 @@ def _build_scope(precision: str, seed: int):
     import keras
 
     previous_policy, previous_state = keras.config.dtype_policy(), random.getstate()
-    keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    keras.config.set_dtype_policy(DTYPE_POLICIES[precision])
     random.seed(seed)
     try:
         yield

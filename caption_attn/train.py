@@ -25,8 +25,8 @@ import tensorflow as tf
 from caption_attn import data as data_lib
 from caption_attn import features, pipeline
 from caption_attn.callbacks import AttentionSnapshots, EarlyStopping, TensorBoardLogger
-from caption_attn.config import DecodeConfig, RunConfig, atomic_path, config_diff, \
-    read_json, write_json_atomic
+from caption_attn.config import DTYPE_POLICIES, DecodeConfig, RunConfig, atomic_path, \
+    config_diff, read_json, write_json_atomic
 from caption_attn.errors import UserError
 from caption_attn.model import ShowAttendTell, masked_loss
 from caption_attn.vocab import Vocabulary
@@ -203,9 +203,6 @@ def _is_chief(strategy: tf.distribute.Strategy) -> bool:
         and "chief" not in resolver.cluster_spec().as_dict())
 
 
-_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-
-
 # ----------------------------------------------------------------------------- trainer
 class Trainer:
     """Builds model, optimizer, datasets and steps for one run folder and trains it."""
@@ -237,7 +234,7 @@ class Trainer:
     def _build_state(self) -> None:
         tc, mc = self.cfg.train, self.cfg.model
         with self.strategy.scope():
-            policy = keras.DTypePolicy(_POLICIES[tc.precision])
+            policy = keras.DTypePolicy(DTYPE_POLICIES[tc.precision])
             self.model = ShowAttendTell(len(self.data.vocab), mc.embedding_dim, mc.units,
                                         mc.dropout, dtype=policy, name="show_attend_tell")
             lr = tc.learning_rate

@@ -299,15 +299,24 @@ def write_json_atomic(path: str, obj: Any) -> None:
     write_bytes_atomic(path, text.encode("utf-8"), fsync=True)
 
 
+def parse_json(path: str, text: str) -> Any:
+    """JSON `text` read from `path`; malformed JSON is a `UserError` naming the place."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: "
+                        f"{e.msg}") from None
+
+
 def read_json(path: str) -> Any:
     """Read a JSON file; a missing or malformed file is a `UserError` naming it."""
     try:
         with open(path, "r", encoding="utf-8-sig") as f:
-            return json.load(f)
+            text = f.read()
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: "
-                        f"{e.msg}") from None
+    return parse_json(path, text)

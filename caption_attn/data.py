@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import math
 import os
 import posixpath
@@ -27,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
-from caption_attn.config import CAPTION_FORMATS, DataConfig, VocabConfig
+from caption_attn.config import CAPTION_FORMATS, DataConfig, VocabConfig, parse_json
 from caption_attn.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -159,14 +158,6 @@ def _read_text(path: str) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def _parse_json(path: str, text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: "
-                        f"{e.msg}") from None
-
-
 def _lines(text: str) -> Iterator[tuple[int, str]]:
     """(1-based line number, line without its LF / CRLF ending)."""
     for number, line in enumerate(text.split("\n"), start=1):
@@ -204,7 +195,7 @@ def _sniff(path: str, text: str) -> tuple[str, Any]:
     if not stripped:
         raise UserError(f"{path}: file is empty; supported caption formats: {_supported()}")
     if stripped[0] in "{[":
-        obj = _parse_json(path, text)
+        obj = parse_json(path, text)
         fmt = _json_format(obj)
         if fmt is None:
             raise UserError(f"{path}: cannot detect the caption format: JSON that is neither "
@@ -371,7 +362,7 @@ def load_captions(path: str, format: str = "auto") -> CaptionSet:
     if format == "auto":
         format, obj = _sniff(path, text)
     elif format in ("coco", "karpathy"):
-        obj = _parse_json(path, text)
+        obj = parse_json(path, text)
     out = _Collector(path)
     if format == "coco":
         _parse_coco(path, obj, out)
@@ -394,14 +385,21 @@ def load_dataset(path: str, cfg: DataConfig) -> CaptionSet:
     captions = load_captions(path, cfg.format)
     if captions.has_split:
         return captions
-    try:
-        assignment = split_images((r.image for r in captions.records), cfg.val_fraction,
-                                  cfg.test_fraction, cfg.seed)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    assignment = split_images((r.image for r in captions.records), cfg.val_fraction,
+                              cfg.test_fraction, cfg.seed)
     for record in captions.records:
         record.split = assignment[record.image]
     return captions
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """`UserError` unless both fractions are in [0, 1) and leave some images for training."""
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"`{name}` must be in [0, 1), got {value!r}")
+    if val_fraction + test_fraction >= 1.0:
+        raise UserError(f"`val_fraction` + `test_fraction` must be < 1, got "
+                        f"{val_fraction} + {test_fraction}")
 
 
 def split_images(keys: Iterable[str], val_fraction: float, test_fraction: float,
@@ -410,14 +408,9 @@ def split_images(keys: Iterable[str], val_fraction: float, test_fraction: float,
 
     Images are ranked by a hash of (seed, key), so the result does not depend on the order of
     `keys`; the first round(n * test_fraction) go to test, the next round(n * val_fraction) to
-    val, the rest to train.
+    val, the rest to train (`check_fractions` first).
     """
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"`{name}` must be in [0, 1), got {value}")
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"`val_fraction` + `test_fraction` must be < 1, got "
-                         f"{val_fraction} + {test_fraction}")
+    check_fractions(val_fraction, test_fraction)
     keys = sorted(set(keys))
     ranked = sorted(keys, key=lambda k: hashlib.sha256(f"{seed}\0{k}".encode()).digest())
     n_test = round(len(ranked) * test_fraction)

@@ -46,7 +46,7 @@ import cv2
 import numpy as np
 
 from caption_attn.config import ShapesConfig, write_bytes_atomic, write_json_atomic
-from caption_attn.data import split_images
+from caption_attn.data import check_fractions, split_images
 from caption_attn.errors import UserError
 
 BACKGROUND = (128, 128, 128)          # BGR mid gray (see the module docstring)
@@ -308,13 +308,7 @@ def validate(cfg: ShapesConfig) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise UserError(f"`{name}` must be an integer >= {low}, got {value!r}")
-    for name in ("val_fraction", "test_fraction"):
-        value = getattr(cfg, name)
-        if not 0.0 <= value < 1.0:
-            raise UserError(f"`{name}` must be in [0, 1), got {value!r}")
-    if cfg.val_fraction + cfg.test_fraction >= 1.0:
-        raise UserError(f"`val_fraction` + `test_fraction` must be < 1, got "
-                        f"{cfg.val_fraction} + {cfg.test_fraction}")
+    check_fractions(cfg.val_fraction, cfg.test_fraction)
 
 
 def _write_png(path: str, image: np.ndarray) -> None:

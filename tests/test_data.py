@@ -431,3 +431,19 @@ def test_format_description(tmp_path):
     assert "mean 3.0, p50 2, p95 7, max 7 words" in text
     width = len("caption length")  # the longest label
     assert all(line[width:width + 2] == "  " and line[width + 2] != " " for line in lines)
+
+
+def test_read_json_names_the_file_for_every_failure(tmp_path):
+    from caption_attn.config import read_json
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": 1,\n "b": }')
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"caf\xe9": 1}')
+    for path, expected in ((bad, "malformed JSON at line 2"), (latin, "not valid UTF-8"),
+                           (tmp_path / "none.json", "file not found")):
+        with pytest.raises(UserError) as e:
+            read_json(str(path))
+        assert str(path) in str(e.value) and expected in str(e.value)
+    good = tmp_path / "bom.json"
+    good.write_bytes('\ufeff{"a": [1]}'.encode("utf-8"))
+    assert read_json(str(good)) == {"a": [1]}

@@ -257,7 +257,7 @@ class Trainer:
         if not self.chief:  # other workers write to a scratch folder (TF's convention)
             ckpt_dir = os.path.join(ckpt_dir, f"worker_{self.strategy.cluster_resolver.task_id}")
         self.manager = tf.train.CheckpointManager(self.checkpoint, ckpt_dir, max_to_keep=3)
-        if mc.feature_norm and not self.manager.latest_checkpoint:  # else: restored
+        if mc.feature_norm and not self._latest_checkpoint():  # else: restored
             train_paths = {self.data.feature_paths[k] for k in self.data.splits["train"]
                            if k in self.data.feature_paths}
             self.model.feature_norm.set_statistics(*pipeline.feature_statistics(
@@ -272,14 +272,43 @@ class Trainer:
             return None
         return pipeline.FeatureTable(d.reader, paths)
 
+    def _latest_checkpoint(self) -> Optional[str]:
+        """What every worker restores: the chief's latest checkpoint (readable by all workers
+        on a shared filesystem), else this worker's own (its scratch folder)."""
+        chief = tf.train.latest_checkpoint(os.path.join(self.run_dir, "checkpoints"))
+        return chief or self.manager.latest_checkpoint
+
     def restore(self) -> bool:
-        latest = self.manager.latest_checkpoint
+        latest = self._latest_checkpoint()
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        self._check_workers_agree(latest)
         if not latest:
             return False
-        self.checkpoint.restore(latest).assert_existing_objects_matched()
         if self.cfg.train.lr_schedule == "constant":  # a changed --learning-rate applies
             self._inner_optimizer().learning_rate.assign(self.cfg.train.learning_rate)
         return True
+
+    def _check_workers_agree(self, latest: Optional[str]) -> None:
+        """Multi-worker: every worker must start from the same step, or the all-reduced
+        gradients would mix different models. Raised on every worker alike."""
+        resolver = getattr(self.strategy, "cluster_resolver", None)
+        if resolver is None or not resolver.cluster_spec().as_dict():
+            return
+        step = tf.constant(float(self.step.numpy()))
+
+        def spread():
+            ctx = tf.distribute.get_replica_context()
+            mean = ctx.all_reduce("mean", step)
+            return ctx.all_reduce("sum", tf.square(step - mean)), mean
+        spread_sum, mean = (float(self._first(x)) for x in
+                            tf.function(lambda: self.strategy.run(spread))())
+        if spread_sum > 0:
+            raise UserError(
+                f"the workers restored different checkpoints (this worker: step "
+                f"{int(step.numpy())} from {latest or 'none'}; mean over workers {mean:.1f}). "
+                f"Every worker must see the chief's {self.run_dir}/checkpoints (a shared "
+                f"filesystem), or each its own scratch folder from the same run")
 
     def _inner_optimizer(self):
         return getattr(self.optimizer, "inner_optimizer", self.optimizer)

@@ -96,3 +96,54 @@ def test_two_replicas_give_the_same_losses_as_one_device(shapes_data, tmp_path):
         assert abs(a["loss"] - b["loss"]) < 1e-4
         assert abs(a["val_loss"] - b["val_loss"]) < 1e-4
         assert abs(a["gradient_norm"] - b["gradient_norm"]) < 1e-3
+
+
+def _free_ports(n):
+    import socket
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _multi_worker(shapes_data, run, epochs):
+    """Two `train --strategy multi-worker` processes on localhost; their (code, output)."""
+    workers = [f"localhost:{p}" for p in _free_ports(2)]
+    procs = []
+    for index in range(2):
+        env = {**ENV, "TF_CONFIG": json.dumps({"cluster": {"worker": workers},
+                                               "task": {"type": "worker", "index": index}})}
+        procs.append(subprocess.Popen(
+            _train_cmd(shapes_data, run, epochs) + ["--strategy", "multi-worker"], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return [(p.wait(timeout=600), p.stdout.read()) for p in procs]
+
+
+@pytest.mark.slow
+def test_multi_worker_resume_restores_every_worker_from_the_chief(shapes_data, tmp_path):
+    import shutil
+    run = str(tmp_path / "run")
+    for code, out in _multi_worker(shapes_data, run, epochs=1):
+        assert code == 0, out
+    # the second worker lost its scratch checkpoints (a new machine): it must restore the
+    # chief's, not start from scratch and mix a fresh model into the chief's gradients
+    shutil.rmtree(os.path.join(run, "checkpoints", "worker_1"))
+    results = _multi_worker(shapes_data, run, epochs=2)
+    for code, out in results:
+        assert code == 0, out
+        assert "resuming after epoch 1" in out
+    lines = [[line for line in out.splitlines() if line.startswith("epoch 2:")]
+             for _, out in results]
+    assert lines[0] and lines[0][0].split("(")[0] == lines[1][0].split("(")[0]  # same loss
+    history = _history(run)
+    assert [h["epoch"] for h in history] == [1, 2] and history[1]["loss"] < history[0]["loss"]
+
+    # workers that restore different steps are refused, each with the same message
+    for name in os.listdir(os.path.join(run, "checkpoints")):
+        if name.startswith("ckpt-") or name == "checkpoint":
+            os.remove(os.path.join(run, "checkpoints", name))
+    for code, out in _multi_worker(shapes_data, run, epochs=3):
+        assert code == 2 and "the workers restored different checkpoints" in out, out

@@ -147,8 +147,6 @@ def load_train_data(cfg: RunConfig, run_dir: str) -> TrainData:
         splits = read_json(split_path)["splits"]
     else:
         splits = {s: sorted(r.image for r in captions.split(s)) for s in data_lib.SPLITS}
-        write_json_atomic(split_path, {"captions": os.path.abspath(cfg.captions),
-                                       "format": captions.format, "splits": splits})
     records = {r.image: r for r in captions.records}
     paths, skipped_images, skipped_captions = {}, 0, 0
     for key in (k for keys in splits.values() for k in keys):
@@ -165,7 +163,6 @@ def load_train_data(cfg: RunConfig, run_dir: str) -> TrainData:
         vocab = Vocabulary.fit((c for k in splits["train"] if k in paths
                                 for c in records[k].captions),
                                cfg.vocab.vocab_size, cfg.vocab.min_count)
-        vocab.save(vocab_path)
     items, references = {}, {}
     for split, keys in splits.items():
         keys = [k for k in keys if k in paths]
@@ -176,6 +173,18 @@ def load_train_data(cfg: RunConfig, run_dir: str) -> TrainData:
     if not items["train"][0]:
         raise UserError(f"no training captions have features in {cfg.cache}; run "
                         f"`caption-attn extract-features` for {cfg.captions} first")
+    if not items["val"][0]:
+        raise UserError(
+            f"the val split of {cfg.captions} has no images with features in {cfg.cache} "
+            f"({len(splits['val'])} val images); validation drives early stopping and the "
+            f"best model. Give the caption file val images, raise --val-fraction (for files "
+            f"without splits), or extract their features")
+    # Split and vocabulary are fixed for the life of the run from here on.
+    if not os.path.exists(split_path):
+        write_json_atomic(split_path, {"captions": os.path.abspath(cfg.captions),
+                                       "format": captions.format, "splits": splits})
+    if not os.path.exists(vocab_path):
+        vocab.save(vocab_path)
     return TrainData(vocab, splits, items, references, paths, reader, manifest,
                      skipped_captions, skipped_images)
 

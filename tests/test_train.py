@@ -329,3 +329,23 @@ def test_memory_table_holds_train_and_val_features_only(trained):
     assert held == used and trainer._table.table.shape[0] == len(used)
     assert not held & {data.feature_paths[k] for k in data.splits["test"]
                        if k in data.feature_paths}
+
+
+def test_empty_validation_split_is_refused_before_training(shapes_data, tmp_path):
+    with open(shapes_data["captions"]) as f:
+        captions = json.load(f)
+    for image in captions["images"]:
+        image["split"] = "test" if image["split"] == "test" else "train"
+    path = str(tmp_path / "captions.json")
+    with open(path, "w") as f:
+        json.dump(captions, f)
+    cfg = small_config(shapes_data)
+    cfg.captions = path
+    run = str(tmp_path / "run")
+    train.open_run(run, cfg)
+    with pytest.raises(UserError) as e:
+        train.Trainer(cfg, run, progress=False, log=lambda *a: None)
+    assert "val split" in str(e.value) and path in str(e.value)
+    # nothing fixed yet: a rerun with a better caption file or --val-fraction is not stuck
+    assert not any(os.path.exists(os.path.join(run, n)) for n in ("split.json", "vocab.json",
+                                                                   "checkpoints"))

@@ -112,4 +112,10 @@ class Vocabulary:
                 or not isinstance(d.get("words"), list):
             raise UserError(f"{path}: not a caption_attn vocabulary (expected special_tokens "
                             f"{list(SPECIAL_TOKENS)} and a words list)")
-        return cls(d["words"])
+        bad = [w for w in d["words"] if not isinstance(w, str) or not w]
+        if bad:
+            raise UserError(f"{path}: words must be non-empty strings, got {bad[:3]!r}")
+        try:
+            return cls(d["words"])
+        except ValueError as e:  # duplicates or special tokens among the words
+            raise UserError(f"{path}: {e}") from None

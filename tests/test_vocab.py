@@ -99,3 +99,14 @@ def test_bad_arguments():
         Vocabulary.fit(["a"], min_count=0)
     with pytest.raises(ValueError, match="special tokens"):
         Vocabulary(["<end>"])
+
+
+@pytest.mark.parametrize("words, problem", [
+    (["dog", "dog"], "unique"), (["dog", "<end>"], "special"), (["dog", 3], "strings"),
+    (["dog", ""], "strings")])
+def test_load_refuses_a_damaged_words_list_naming_the_file(tmp_path, words, problem):
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps({"special_tokens": list(SPECIAL_TOKENS), "words": words}))
+    with pytest.raises(UserError) as e:
+        Vocabulary.load(str(path))
+    assert str(path) in str(e.value) and problem in str(e.value)

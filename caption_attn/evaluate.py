@@ -431,8 +431,9 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     manifest = read_manifest(run_cfg.cache)
     reader = pipeline.NpyReader.from_manifest(manifest)
     keys = [k for k in splits[split] if k in records]
-    without = [k for k in keys if not reader.has_file(feature_path(run_cfg.cache, k))]
-    keys = [k for k in keys if k not in set(without)]
+    valid = {k: reader.has_file(feature_path(run_cfg.cache, k)) for k in keys}
+    without = [k for k in keys if not valid[k]]
+    keys = [k for k in keys if valid[k]]
     if not keys:
         raise UserError(f"no images of the {split} split have features in {run_cfg.cache}")
     bar = keras.utils.Progbar(len(keys), verbose=1 if progress else 0, unit_name="image")

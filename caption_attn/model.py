@@ -13,7 +13,7 @@ What differs from the TensorFlow tutorial this project replaces:
 - back-propagation through the teacher-forced loop is written out (`teacher_forced_recurrence`,
   checked against autodiff by the tests): the backward loop carries only what is recurrent,
   and the weight gradients are computed after it as one matmul over all T * B rows instead
-  of T small ones accumulated step by step (training 1.15x faster on a 2-core CPU);
+  of T small ones accumulated step by step (training ~1.2x faster on a 2-core CPU);
 - each of the 2048 feature channels is standardised with the mean and variance of training
   images (`FeatureStandardization`, set by `train`): channels of a backbone differ by orders
   of magnitude in scale and offset, which slows the encoder's learning (on the shapes demo
@@ -381,7 +381,6 @@ class ShowAttendTell(keras.Model):
         (h0,), (keys, encoded) = self.init_decoder(features, image_index)
         embedded = self.embedding(tokens)                            # (B, T, E)
         x_gates = self.gru_embed(embedded)                           # (B, T, 3U)
-
         hs, contexts, alphas = teacher_forced_recurrence(
             self.step_weights(), tf.transpose(x_gates, [1, 0, 2]), h0, keys,
             encoded)                                                 # (T, B, .) each

@@ -61,7 +61,7 @@ class FusedAdam(keras.optimizers.Adam):
             beta1_power=tf.pow(constant(self.beta_1), step),
             beta2_power=tf.pow(constant(self.beta_2), step), lr=constant(learning_rate),
             beta1=constant(self.beta_1), beta2=constant(self.beta_2),
-            epsilon=constant(self.epsilon), grad=constant(gradient))
+            epsilon=constant(self.epsilon), grad=constant(tf.convert_to_tensor(gradient)))
 
 
 class TrainingError(UserError):

@@ -177,9 +177,6 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
     gradient and the input-gate gradient are then computed after the loop as one large matmul
     over all T * B rows, instead of T small ones accumulated step by step.
     """
-    U = h0.shape[-1]
-    E = encoded.shape[-1]
-
     @tf.custom_gradient
     def run(x_gates, h0, keys, encoded, *weights):
         w = StepWeights(*weights)
@@ -204,20 +201,20 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
             d_hs, d_contexts, d_alphas = (
                 tf.zeros_like(x) if d is None else tf.cast(d, x.dtype)
                 for d, x in ((d_hs, hs), (d_contexts, contexts), (d_alphas, alphas)))
-            return _recurrence_backward(w, x_gates, h0, keys, encoded, hs, contexts, alphas,
-                                        saved, d_hs, d_contexts, d_alphas, U, E)
+            return _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved,
+                                        d_hs, d_contexts, d_alphas)
 
         return (hs, contexts, alphas), grad
 
     return run(x_gates, h0, keys, encoded, *w)
 
 
-def _recurrence_backward(w, x_gates, h0, keys, encoded, hs, contexts, alphas, saved,
-                         d_hs, d_contexts, d_alphas, U, E):
+def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs,
+                         d_contexts, d_alphas):
     """Gradients of `teacher_forced_recurrence` w.r.t. x_gates, h0, keys, encoded and the
     `StepWeights`, in that order."""
-    dt = h0.dtype
-    T = tf.shape(x_gates)[0]
+    dt, U, E = h0.dtype, h0.shape[-1], encoded.shape[-1]
+    T = tf.shape(hs)[0]
     # dh flows back through the query, the gate and the recurrent kernels in one matmul.
     h_kernels = tf.concat([w.query, w.beta, w.gru_recurrent], axis=1)  # (U, U+E+3U)
     score_row = tf.reshape(w.score, [1, 1, U])                        # (1, 1, U)

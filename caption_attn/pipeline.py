@@ -81,10 +81,8 @@ class FeatureTable:
     """All features of a split held in memory (a CPU variable) and gathered by index."""
 
     def __init__(self, reader: NpyReader, paths: Sequence[str], batch_size: int = 256):
-        ds = tf.data.Dataset.from_tensor_slices(list(paths)).batch(batch_size)
-        ds = ds.map(reader.batch, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
         with tf.device("/cpu:0"):
-            parts = [part for part in ds]
+            parts = [part for part in image_dataset(paths, batch_size, reader)]
             self.table = tf.Variable(tf.concat(parts, axis=0), trainable=False,
                                      name="feature_table")            # (N, P, F)
         self.index = {p: i for i, p in enumerate(paths)}
@@ -101,10 +99,8 @@ def feature_statistics(reader: NpyReader, paths: Sequence[str], max_images: int 
     if len(paths) > max_images:
         chosen = np.random.default_rng(seed).choice(len(paths), max_images, replace=False)
         paths = [paths[i] for i in sorted(chosen)]
-    ds = tf.data.Dataset.from_tensor_slices(paths).batch(batch_size)
-    ds = ds.map(reader.batch, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
     count, total, total_sq = 0, 0.0, 0.0
-    for batch in ds:
+    for batch in image_dataset(paths, batch_size, reader):
         x = batch.numpy().astype(np.float64).reshape(-1, reader.shape[-1])   # (B*P, F)
         count += x.shape[0]
         total = total + x.sum(axis=0)

@@ -571,9 +571,13 @@ def _is_stale_temp(path: str, name: str) -> bool:
     return False
 
 
-def _scan_cache(cache_dir: str, header: Optional[bytes] = None,
-                size: int = 0) -> tuple[int, int]:
-    """Remove stale temp files; return (removed, valid feature files by the quick check)."""
+def _scan_cache(cache_dir: str, header: Optional[bytes] = None, size: int = 0,
+                known_valid: frozenset = frozenset()) -> tuple[int, int]:
+    """Remove stale temp files; return (removed, valid feature files by the quick check).
+
+    Files in `known_valid` (paths this run just checked or wrote) are counted without being
+    opened again: on COCO that is every file for a single-shard run.
+    """
     removed = valid = 0
     for root, _, files in os.walk(cache_dir):
         for name in files:
@@ -583,7 +587,7 @@ def _scan_cache(cache_dir: str, header: Optional[bytes] = None,
                     os.remove(path)
                     removed += 1
             elif header is not None and name.endswith(".npy") and not name.startswith("."):
-                valid += _quick_valid(path, header, size)
+                valid += path in known_valid or _quick_valid(path, header, size)
     return removed, valid
 
 
@@ -979,7 +983,8 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
 
     with cache_lock(cache):
         n_failed_file = _update_failed(cache, failed, succeeded=done + written)
-        _, count = _scan_cache(cache, header, size)
+        _, count = _scan_cache(cache, header, size, frozenset(
+            feature_path(cache, k) for k in done + written))
         m = read_manifest(cache)
         m["count"] = count
         m["images_dir"] = os.path.abspath(images_dir)  # informational: heatmaps in `train`

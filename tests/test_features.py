@@ -331,6 +331,23 @@ def test_rerun_resumes_and_updates_failed(images, cache_copy, tmp_path):
     assert F.read_manifest(cache_copy)["count"] == len(GOOD) + 1
 
 
+def test_final_count_opens_each_file_once(images, cache_copy, monkeypatch):
+    """The manifest's count covers every shard's files, but a file this run already checked
+    (or wrote) is not opened a second time to count it."""
+    opened = []
+    quick_valid = F._quick_valid
+    monkeypatch.setattr(F, "_quick_valid",
+                        lambda path, *a: opened.append(path) or quick_valid(path, *a))
+    redo = next(k for k in sorted(GOOD) if F.shard_of(k, 2) == 0)
+    os.remove(F.feature_path(cache_copy, redo))
+    summary = F.extract_features(images, _cfg(cache_copy, num_shards=2, shard_index=0),
+                                 progress=False)
+    assert summary["extracted"] == 1 and summary["skipped"] > 0
+    assert summary["count"] == len(GOOD)                        # both shards' files
+    assert F.feature_path(cache_copy, redo) in opened
+    assert len(opened) == len(set(opened))                      # each file opened once
+
+
 def test_verify_repairs_bad_files(images, extracted, cache_copy):
     keys = F.list_images(images)
     reference = {k: np.load(F.feature_path(extracted[0], k)) for k in ("a.jpg", "b.png")}

@@ -428,10 +428,8 @@ def _percentile(sorted_values: list[int], p: float) -> int:
     return sorted_values[rank - 1]
 
 
-def _caption_lengths(captions: CaptionSet) -> dict:
-    from caption_attn.vocab import tokenize
-
-    lengths = sorted(len(tokenize(c)) for r in captions.records for c in r.captions)
+def _caption_lengths(words: dict) -> dict:
+    lengths = sorted(len(w) for lists in words.values() for w in lists)
     return {"mean": round(sum(lengths) / len(lengths), 2), "p50": _percentile(lengths, 50),
             "p95": _percentile(lengths, 95), "max": lengths[-1]}
 
@@ -444,12 +442,12 @@ def _missing_images(captions: CaptionSet, images_dir: Optional[str]) -> Optional
     return {"count": len(missing), "examples": missing[:MAX_EXAMPLES]}
 
 
-def _vocab_size(captions: CaptionSet, vocab_cfg: VocabConfig) -> int:
+def _vocab_size(captions: CaptionSet, words: dict, vocab_cfg: VocabConfig) -> int:
     from caption_attn.vocab import Vocabulary
 
-    train = [c for r in captions.split("train") for c in r.captions]
+    train = (w for r in captions.split("train") for w in words[r.image])
     try:
-        return len(Vocabulary.fit(train, vocab_cfg.vocab_size, vocab_cfg.min_count))
+        return len(Vocabulary.fit_words(train, vocab_cfg.vocab_size, vocab_cfg.min_count))
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -462,7 +460,10 @@ def describe(captions_path: str, data_cfg: DataConfig, vocab_cfg: VocabConfig,
     """
     if images_dir is not None and not os.path.isdir(images_dir):
         raise UserError(f"{images_dir}: images folder not found")
+    from caption_attn.vocab import tokenize
+
     captions = load_dataset(captions_path, data_cfg)
+    words = {r.image: [tokenize(c) for c in r.captions] for r in captions.records}
     split_source = "file" if captions.has_split else (
         f"by image hash (val {data_cfg.val_fraction}, test {data_cfg.test_fraction}, "
         f"seed {data_cfg.seed})")
@@ -477,8 +478,8 @@ def describe(captions_path: str, data_cfg: DataConfig, vocab_cfg: VocabConfig,
         "refused_paths": {"count": captions.refused_paths,
                           "examples": captions.refused_examples},
         "missing_images": _missing_images(captions, images_dir),
-        "vocab_size": _vocab_size(captions, vocab_cfg),
-        "caption_length": _caption_lengths(captions),
+        "vocab_size": _vocab_size(captions, words, vocab_cfg),
+        "caption_length": _caption_lengths(words),
     }
 
 

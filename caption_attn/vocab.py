@@ -63,11 +63,18 @@ class Vocabulary:
             min_count: int = 1) -> "Vocabulary":
         """Most frequent words of `captions` (count desc, then alphabetical), top `vocab_size`
         among those seen at least `min_count` times."""
+        return cls.fit_words((tokenize(c) for c in captions), vocab_size, min_count)
+
+    @classmethod
+    def fit_words(cls, word_lists: Iterable[Sequence[str]], vocab_size: int = 5000,
+                  min_count: int = 1) -> "Vocabulary":
+        """`fit` on captions already split by `tokenize` (callers that also encode them
+        tokenise each caption once)."""
         if vocab_size < 1:
             raise ValueError(f"`vocab_size` must be >= 1, got {vocab_size}")
         if min_count < 1:
             raise ValueError(f"`min_count` must be >= 1, got {min_count}")
-        counts = collections.Counter(w for c in captions for w in tokenize(c))
+        counts = collections.Counter(w for words in word_lists for w in words)
         ranked = sorted((w for w, n in counts.items() if n >= min_count),
                         key=lambda w: (-counts[w], w))
         return cls(ranked[:vocab_size])
@@ -84,7 +91,10 @@ class Vocabulary:
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
         """`<start>` + word ids (unknown words -> `<unk>`) + `<end>`; at most `max_length`
         words before `<end>`."""
-        words = tokenize(text)
+        return self.encode_words(tokenize(text), max_length)
+
+    def encode_words(self, words: Sequence[str], max_length: int | None = None) -> list[int]:
+        """`encode` of a caption already split by `tokenize`."""
         if max_length is not None:
             words = words[:max_length]
         return [START] + [self.id(w) for w in words] + [END]

@@ -63,6 +63,18 @@ def test_encode_truncates_to_max_length():
     assert vocab.decode(ids) == ["a", "b"] and ids[-1] == END and len(ids) == 4
 
 
+def test_word_list_forms_equal_text_forms():
+    captions = ["A dog's ball", "the dog, the BALL", "café au lait", "a dog"]
+    words = [tokenize(c) for c in captions]
+    fitted = Vocabulary.fit(captions, vocab_size=4, min_count=1)
+    assert Vocabulary.fit_words(words, vocab_size=4, min_count=1) == fitted
+    assert fitted.tokens[4:] == ["dog", "a", "ball", "the"]
+    for caption, w in zip(captions, words):
+        assert fitted.encode_words(w, 2) == fitted.encode(caption, 2)
+    assert fitted.encode_words(["a", "dog", "ball"], 2) == [START, fitted.id("a"),
+                                                           fitted.id("dog"), END]
+
+
 def test_decode_stops_at_end_and_skips_start():
     vocab = Vocabulary(["x", "y"])
     assert vocab.decode([START, 4, END, 5]) == ["x"]

@@ -11,6 +11,11 @@ repeats the pair `--repeats` times interleaved and keeps the best of each (other
 the machine only ever slow a run down). CPU ms/image (process time) is printed too: it is less
 sensitive to other load than images/s.
 
+It also prints the yardstick for the bfloat16/float32 ratio: the backbone's GFLOP/s in each
+precision next to what a 2048x2048 tf.matmul reaches on this CPU in that precision
+(matmul_ceiling.py), and the matmul's own bfloat16/float32 ratio. Without AMX a CPU's bf16 dot
+products (AVX512-BF16) do at most twice the fp32 FMA work per cycle, so that ratio is <= 2.
+
     .venv/bin/python benchmarks/bench_extract.py --images 64 --batch-size 16
 """
 
@@ -30,6 +35,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from caption_attn import features as F  # noqa: E402
+from matmul_ceiling import matmul_gflops  # noqa: E402
 
 
 def render_images(folder: str, n: int, width: int, height: int, seed: int = 0) -> list[str]:
@@ -54,6 +60,20 @@ def render_images(folder: str, n: int, width: int, height: int, seed: int = 0) -
         cv2.imwrite(os.path.join(folder, key), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
         keys.append(key)
     return keys
+
+
+def backbone_gflop(model) -> float:
+    """Multiply-add FLOPs (x2) of one image through the backbone's convolutions (the rest,
+    pooling and concatenation, is well under 1 %)."""
+    import keras
+
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            kh, kw, c_in, c_out = layer.kernel.shape
+            _, h, w, _ = layer.output.shape
+            total += 2 * h * w * kh * kw * c_in * c_out
+    return total / 1e9
 
 
 def time_model(backbone: F.Backbone, images: np.ndarray, batch_size: int) -> tuple[float, float]:
@@ -108,9 +128,11 @@ def main(argv=None) -> int:
               f"{workers} decode threads, cache dtype {args.dtype}, {os.cpu_count()} CPUs; "
               f"decode+resize {decode_ms:.1f} ms/image (one thread)")
 
-        results = {}
+        results, matmul = {}, {}
         for precision in args.precisions.split(","):
             backbone = F.Backbone(F.build_backbone("random", 0, precision))
+            gflop = backbone_gflop(backbone.model)
+            matmul[precision] = matmul_gflops(precision)
             backbone(images[:args.batch_size])                                  # trace, warm up
             best = {"model": (0.0, 0.0), "e2e": (0.0, 0.0)}
             for _ in range(args.repeats):
@@ -123,11 +145,16 @@ def main(argv=None) -> int:
             print(f"{precision:>9}: model-only {mi:6.1f} images/s ({mc:4.0f} CPU ms/image)   "
                   f"end-to-end {ei:6.1f} images/s ({ec:4.0f} CPU ms/image)   "
                   f"end-to-end/model-only {ei / mi:.2f}")
+            print(f"{'':>9}  backbone {gflop:.2f} GFLOP/image -> {mi * gflop:5.0f} GFLOP/s "
+                  f"model-only = {100 * mi * gflop / matmul[precision]:.0f} % of this CPU's "
+                  f"{matmul[precision]:.0f} GFLOP/s {precision} matmul")
         if {"float32", "bfloat16"} <= set(results):
             f32, b16 = results["float32"], results["bfloat16"]
             print(f"bfloat16/float32: model-only {b16['model'][0] / f32['model'][0]:.2f}x, "
                   f"end-to-end {b16['e2e'][0] / f32['e2e'][0]:.2f}x, CPU time per image "
                   f"{f32['model'][1] / b16['model'][1]:.2f}x less")
+            print(f"bfloat16/float32 of the CPU's 2048x2048 matmul (the ceiling): "
+                  f"{matmul['bfloat16'] / matmul['float32']:.2f}x")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return 0

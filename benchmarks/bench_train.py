@@ -12,7 +12,8 @@ to 40) into a temp folder, then
 
 and prints captions/s of both and their ratio, the first-step (trace + compile) time, and the
 model-FLOP utilisation (useful FLOPs of real tokens, forward + backward = 3x forward) against
-the CPU's fp32 peak (cores x GHz x FLOPs/cycle; 32 for AVX-512/AVX2 with two FMA pipes).
+the CPU's matmul ceiling in the same precision (a 2048x2048 tf.matmul measured in this run, see
+matmul_ceiling.py).
 
     .venv/bin/python benchmarks/bench_train.py                 # E 256, U 512, V 5001, B 64
     .venv/bin/python benchmarks/bench_train.py --precision bfloat16 --xla
@@ -37,6 +38,7 @@ import tensorflow as tf  # noqa: E402
 from caption_attn import features, train  # noqa: E402
 from caption_attn.config import (ModelConfig, RunConfig, TrainConfig, VocabConfig,  # noqa: E402
                                  write_json_atomic)
+from matmul_ceiling import matmul_gflops  # noqa: E402
 
 P, F = features.FEATURE_SHAPE
 
@@ -151,14 +153,6 @@ def model_flops(lengths, encoded_images: int, E, U, V) -> float:
     return float(encoded_images * per_image + sum((n - 1) * per_step for n in lengths))
 
 
-def cpu_peak_gflops(flops_per_cycle: int) -> tuple[float, str]:
-    mhz = [float(line.split(":")[1]) for line in open("/proc/cpuinfo")
-           if line.lower().startswith("cpu mhz")]
-    cores = os.cpu_count() or 1
-    ghz = (max(mhz) if mhz else 2500.0) / 1000
-    return cores * ghz * flops_per_cycle, f"{cores} cores x {ghz:.2f} GHz x {flops_per_cycle}"
-
-
 def time_ours(trainer, epochs: int = 1):
     ds = trainer.dataset("train", epoch=0)
     trainer._compile(ds.element_spec)
@@ -205,7 +199,6 @@ def main(argv=None) -> int:
     ap.add_argument("--xla", action="store_true")
     ap.add_argument("--reference-batches", type=int, default=6,
                     help="batches timed for the (slow) reference step")
-    ap.add_argument("--flops-per-cycle", type=int, default=32)
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = ap.parse_args(argv)
 
@@ -237,7 +230,7 @@ def measure(args, root: str) -> dict:
     ours, compile_s, traces, shapes, per_image = time_ours(trainer)
     flops = model_flops(lengths, round(len(lengths) / per_image), args.embedding_dim,
                         args.units, V) * 3
-    peak, peak_how = cpu_peak_gflops(args.flops_per_cycle)
+    peak = matmul_gflops(args.precision)
     ours_gflops = flops / (len(lengths) / ours) / 1e9
 
     keras.utils.set_random_seed(0)
@@ -256,7 +249,7 @@ def measure(args, root: str) -> dict:
         "captions_per_encoded_image": per_image,
         "reference_captions_per_s": ref, "reference_first_step_s": ref_compile_s,
         "speedup": ours / ref,
-        "model_gflops_per_s": ours_gflops, "cpu_peak_gflops": peak, "cpu_peak": peak_how,
+        "model_gflops_per_s": ours_gflops, "matmul_gflops_per_s": peak,
         "mfu": ours_gflops / peak,
     }
 
@@ -276,7 +269,8 @@ def report(figures: dict) -> None:
           f"every step, Python-unrolled)")
     print(f"speedup    {ours / ref:8.2f} x")
     print(f"MFU        {100 * figures['mfu']:8.1f} %  ({figures['model_gflops_per_s']:.1f} model "
-          f"GFLOP/s of {figures['cpu_peak_gflops']:.0f} peak fp32 = {figures['cpu_peak']})")
+          f"GFLOP/s of the CPU's {figures['matmul_gflops_per_s']:.0f} GFLOP/s 2048x2048 "
+          f"{s['precision']} matmul)")
 
 
 if __name__ == "__main__":

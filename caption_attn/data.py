@@ -460,10 +460,10 @@ def describe(captions_path: str, data_cfg: DataConfig, vocab_cfg: VocabConfig,
     """
     if images_dir is not None and not os.path.isdir(images_dir):
         raise UserError(f"{images_dir}: images folder not found")
-    from caption_attn.vocab import tokenize
+    from caption_attn.vocab import tokenize_all
 
     captions = load_dataset(captions_path, data_cfg)
-    words = {r.image: [tokenize(c) for c in r.captions] for r in captions.records}
+    words = {r.image: tokenize_all(r.captions) for r in captions.records}
     split_source = "file" if captions.has_split else (
         f"by image hash (val {data_cfg.val_fraction}, test {data_cfg.test_fraction}, "
         f"seed {data_cfg.seed})")

@@ -29,7 +29,7 @@ from caption_attn.config import DTYPE_POLICIES, DecodeConfig, RunConfig, atomic_
     config_diff, read_json, write_json_atomic
 from caption_attn.errors import UserError
 from caption_attn.model import ShowAttendTell, masked_loss
-from caption_attn.vocab import Vocabulary, tokenize
+from caption_attn.vocab import Vocabulary, tokenize_all
 
 RUN_FILES = ("config.json", "vocab.json", "split.json", "history.json", "best.keras",
              "best.json")
@@ -156,7 +156,7 @@ def load_train_data(cfg: RunConfig, run_dir: str) -> TrainData:
         elif key in records:
             skipped_images += 1
             skipped_captions += len(records[key].captions)
-    words = {k: [tokenize(c) for c in records[k].captions] for k in paths}  # once (COCO: ~3 s)
+    words = {k: tokenize_all(records[k].captions) for k in paths}  # for vocabulary and ids
     vocab_path = os.path.join(run_dir, "vocab.json")
     if os.path.exists(vocab_path):
         vocab = Vocabulary.load(vocab_path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import re
+import sys
 import unicodedata
 from typing import Iterable, Sequence
 
@@ -40,6 +41,13 @@ def tokenize(text: str) -> list[str]:
     """Standardised words of `text`."""
     s = standardize(text)
     return s.split(" ") if s else []
+
+
+def tokenize_all(captions: Iterable[str]) -> list[list[str]]:
+    """`tokenize` of each caption, for callers that keep a whole dataset's words: the words
+    are interned, so a repeated word costs one pointer (COCO's 616k captions: ~0.1 GB held
+    instead of ~0.5 GB)."""
+    return [[sys.intern(w) for w in tokenize(c)] for c in captions]
 
 
 class Vocabulary:

@@ -4,7 +4,7 @@ import pytest
 
 from caption_attn.errors import UserError
 from caption_attn.vocab import END, PAD, SPECIAL_TOKENS, START, UNK, Vocabulary, standardize, \
-    tokenize
+    tokenize, tokenize_all
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -65,7 +65,9 @@ def test_encode_truncates_to_max_length():
 
 def test_word_list_forms_equal_text_forms():
     captions = ["A dog's ball", "the dog, the BALL", "café au lait", "a dog"]
-    words = [tokenize(c) for c in captions]
+    words = tokenize_all(captions)
+    assert words == [tokenize(c) for c in captions]
+    assert words[0][1] is words[1][1]                           # "dog": one interned string
     fitted = Vocabulary.fit(captions, vocab_size=4, min_count=1)
     assert Vocabulary.fit_words(words, vocab_size=4, min_count=1) == fitted
     assert fitted.tokens[4:] == ["dog", "a", "ball", "the"]

@@ -45,8 +45,8 @@ def tokenize(text: str) -> list[str]:
 
 def tokenize_all(captions: Iterable[str]) -> list[list[str]]:
     """`tokenize` of each caption, for callers that keep a whole dataset's words: the words
-    are interned, so a repeated word costs one pointer (COCO's 616k captions: ~0.1 GB held
-    instead of ~0.5 GB)."""
+    are interned, so a repeated word costs one pointer (300k captions of 8-16 words held in
+    56 MB instead of 250 MB)."""
     return [[sys.intern(w) for w in tokenize(c)] for c in captions]
 
 

@@ -768,7 +768,6 @@ class _Writer:
         self.queue: queue.Queue = queue.Queue(maxsize=max_items)
         self.error: Optional[BaseException] = None
         self.written: list[str] = []
-        self.made_dirs: set[str] = set()
         self.thread = threading.Thread(target=self._run, name="feature-writer", daemon=True)
         self.thread.start()
 
@@ -785,11 +784,7 @@ class _Writer:
             if self.error is not None:
                 continue  # drain after an error
             key, path, features = item
-            try:
-                directory = os.path.dirname(path)
-                if directory not in self.made_dirs:
-                    os.makedirs(directory, exist_ok=True)
-                    self.made_dirs.add(directory)
+            try:  # write_bytes_atomic creates the key's sub-folders
                 write_bytes_atomic(path, (self.header, features.astype(self.dtype).tobytes()))
                 self.written.append(key)
             except Exception as e:  # noqa: BLE001 - reported by the main thread

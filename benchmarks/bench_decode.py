@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from caption_attn.captioner import make_decoder  # noqa: E402
-from caption_attn.config import DecodeConfig, write_json_atomic  # noqa: E402
+from caption_attn.config import DecodeConfig  # noqa: E402
+from caption_attn.fileio import write_json_atomic  # noqa: E402
 from caption_attn.model import ShowAttendTell  # noqa: E402
 from caption_attn.vocab import START  # noqa: E402
 

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import keras
 import numpy as np
 
-from caption_attn.config import write_bytes_atomic
+from caption_attn.fileio import write_bytes_atomic
 from caption_attn.errors import UserError
 
 _MODES = {"val_loss": "min", "loss": "min", "val_ce": "min", "val_bleu4": "max"}

@@ -26,7 +26,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
-from caption_attn.config import CAPTION_FORMATS, DataConfig, VocabConfig, parse_json
+from caption_attn.config import CAPTION_FORMATS, DataConfig, VocabConfig
+from caption_attn.fileio import parse_json
 from caption_attn.errors import UserError
 
 SPLITS = ("train", "val", "test")

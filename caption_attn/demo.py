@@ -17,8 +17,8 @@ import time
 
 from caption_attn import shapes
 from caption_attn.config import (DataConfig, DecodeConfig, DemoConfig, ExtractConfig,
-                                 ModelConfig, RunConfig, ShapesConfig, TrainConfig, read_json,
-                                 write_json_atomic)
+                                 ModelConfig, RunConfig, ShapesConfig, TrainConfig)
+from caption_attn.fileio import read_json, write_json_atomic
 from caption_attn.errors import UserError
 
 TARGETS = {"scene_accuracy": 0.90, "Bleu_4": 0.60, "grounding": 0.70}

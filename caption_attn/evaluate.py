@@ -40,7 +40,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
-from caption_attn.config import write_json_atomic
+from caption_attn.fileio import write_json_atomic
 from caption_attn.shapes import COLORS, SHAPES, object_positions, parse_objects
 from caption_attn.vocab import standardize, tokenize
 
@@ -418,7 +418,8 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
 
     from caption_attn import data, pipeline
     from caption_attn.captioner import Captioner
-    from caption_attn.config import DecodeConfig, read_json
+    from caption_attn.config import DecodeConfig
+    from caption_attn.fileio import read_json
     from caption_attn.errors import UserError
     from caption_attn.features import feature_path, read_manifest
 

@@ -50,8 +50,8 @@ from typing import Iterable, Optional
 import cv2
 import numpy as np
 
-from caption_attn.config import (DTYPE_POLICIES, HOST, ExtractConfig, atomic_path, read_json,
-                                 write_bytes_atomic, write_json_atomic)
+from caption_attn.config import DTYPE_POLICIES, ExtractConfig
+from caption_attn.fileio import HOST, atomic_path, read_json, write_bytes_atomic, write_json_atomic
 from caption_attn.errors import UserError
 
 IMAGE_SIZE = 299                 # InceptionV3's native input side

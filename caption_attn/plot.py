@@ -21,7 +21,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from caption_attn.config import write_bytes_atomic
+from caption_attn.fileio import write_bytes_atomic
 
 GRID = 8  # the InceptionV3 feature map is GRID x GRID = 64 positions
 PANEL_INCHES = 2.2  # width of one word panel; readable titles at 100 dpi

@@ -45,7 +45,8 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from caption_attn.config import ShapesConfig, write_bytes_atomic, write_json_atomic
+from caption_attn.config import ShapesConfig
+from caption_attn.fileio import write_bytes_atomic, write_json_atomic
 from caption_attn.data import check_fractions, split_images
 from caption_attn.errors import UserError
 

@@ -25,8 +25,8 @@ import tensorflow as tf
 from caption_attn import data as data_lib
 from caption_attn import features, pipeline
 from caption_attn.callbacks import AttentionSnapshots, EarlyStopping, TensorBoardLogger
-from caption_attn.config import DTYPE_POLICIES, DecodeConfig, RunConfig, atomic_path, \
-    config_diff, read_json, write_json_atomic
+from caption_attn.config import DTYPE_POLICIES, DecodeConfig, RunConfig, config_diff
+from caption_attn.fileio import atomic_path, read_json, write_json_atomic
 from caption_attn.errors import UserError
 from caption_attn.model import ShowAttendTell, masked_loss
 from caption_attn.vocab import Vocabulary, tokenize_all

@@ -12,7 +12,7 @@ import sys
 import unicodedata
 from typing import Iterable, Sequence
 
-from caption_attn.config import read_json, write_json_atomic
+from caption_attn.fileio import read_json, write_json_atomic
 from caption_attn.errors import UserError
 
 PAD, START, END, UNK = 0, 1, 2, 3

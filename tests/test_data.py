@@ -434,7 +434,7 @@ def test_format_description(tmp_path):
 
 
 def test_read_json_names_the_file_for_every_failure(tmp_path):
-    from caption_attn.config import read_json
+    from caption_attn.fileio import read_json
     bad = tmp_path / "bad.json"
     bad.write_text('{"a": 1,\n "b": }')
     latin = tmp_path / "latin.json"

@@ -230,7 +230,7 @@ def test_check_feature_file_reasons(tmp_path):
 
 
 def test_atomic_write_leaves_nothing_on_interrupt(tmp_path):
-    from caption_attn.config import atomic_path, write_bytes_atomic
+    from caption_attn.fileio import atomic_path, write_bytes_atomic
     path = str(tmp_path / "x.npy")
 
     def payload():
@@ -314,7 +314,7 @@ def test_rerun_resumes_and_updates_failed(images, cache_copy, tmp_path):
     shutil.copytree(images, work)
     os.remove(F.feature_path(cache_copy, "sub/c.jpg"))          # not done yet
     _write_rgb(str(work / "notes.jpg"), _scene(11))             # a failure that gets fixed
-    from caption_attn.config import HOST as host
+    from caption_attn.fileio import HOST as host
     stale = os.path.join(cache_copy, "sub", f".c.jpg.npy.tmp.999999999.{host}")
     live = os.path.join(cache_copy, f".x.jpg.npy.tmp.1.{host}")  # pid 1 is alive
     for path in (stale, live):

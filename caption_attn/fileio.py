@@ -1,0 +1,78 @@
+"""File I/O shared by every stage: atomic writes (temp file + rename) and JSON reading whose
+errors name the file, line and column."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from typing import Any, Iterable, Union
+
+from caption_attn.errors import UserError
+
+HOST = socket.gethostname().replace("/", "_") or "localhost"
+
+
+def temp_name(path: str, suffix: str = "") -> str:
+    """`.<name>.tmp.<pid>.<host><suffix>` next to `path`: hidden, and unique to this process
+    on this host (several machines may write into one shared feature cache)."""
+    directory, base = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{base}.tmp.{os.getpid()}.{HOST}{suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ""):
+    """Yields a temporary path (`temp_name`) to write; renamed onto `path` when the block
+    succeeds, removed when it fails, so a crash or kill never leaves a half-written file under
+    the final name. Creates the parent folder. `suffix` is for writers that insist on one
+    (Keras: `.keras`, `.weights.h5`)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = temp_name(path, suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes_atomic(path: str, payload: Union[bytes, Iterable[bytes]],
+                       fsync: bool = False) -> None:
+    """Write `payload` (bytes or an iterable of bytes) to `path` through `atomic_path`."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for part in [payload] if isinstance(payload, bytes) else payload:
+            f.write(part)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON (indented, UTF-8) through `atomic_path`, synced to disk before the rename."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"), fsync=True)
+
+
+def parse_json(path: str, text: str) -> Any:
+    """JSON `text` read from `path`; malformed JSON is a `UserError` naming the place."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: "
+                        f"{e.msg}") from None
+
+
+def read_json(path: str) -> Any:
+    """Read a JSON file; a missing or malformed file is a `UserError` naming it."""
+    try:
+        with open(path, "r", encoding="utf-8-sig") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    return parse_json(path, text)

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from caption_attn import decode as decode_lib
+from caption_attn.backbone import FEATURE_SHAPE, GRID
 from caption_attn import features as features_lib
 from caption_attn import model as _model  # noqa: F401  registers the Keras classes to load
 from caption_attn.config import DecodeConfig, RunConfig
@@ -61,7 +62,7 @@ def masked_step(step_fn, banned: Sequence[int] = BANNED):
 
 def make_decoder(model, cfg: DecodeConfig, max_length: int):
     """A tf.function: features (B, 64, 2048) float32 -> DecodeResult, for any batch size."""
-    spec = tf.TensorSpec([None] + list(features_lib.FEATURE_SHAPE), tf.float32)
+    spec = tf.TensorSpec([None, *FEATURE_SHAPE], tf.float32)
     step = masked_step(model.decode_step)
     kwargs = {"max_length": max_length}
     if cfg.method == "beam":
@@ -216,7 +217,7 @@ def format_captions(path: str, captions: list[Caption]) -> str:
 
 def captions_json(results: dict, errors: dict) -> dict:
     """JSON-able form of `caption_images` output, with each word's 8x8 attention map."""
-    side = int(round(math.sqrt(features_lib.FEATURE_SHAPE[0])))
+    side = GRID
     images = []
     for path, (_, captions) in results.items():
         images.append({"image": path, "captions": [{

@@ -26,6 +26,11 @@ def opt(default: Any, help: str, choices: Optional[tuple] = None, flag: Optional
 
 
 CAPTION_FORMATS = ("auto", "coco", "karpathy", "flickr-token", "flickr-csv")
+# The float types of the project, each list defined once: how cached features are stored, and
+# the compute precisions of the backbone and of training.
+FEATURE_DTYPES = ("float32", "float16")
+BACKBONE_PRECISIONS = ("float32", "bfloat16")
+TRAIN_PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -74,10 +79,10 @@ class ExtractConfig:
                        "(seeded, offline; saved into the cache) or a path to a weights file")
     seed: int = opt(0, "seed of `--weights random`")
     dtype: str = opt("float32", "dtype of the cached .npy files; float16 halves the cache",
-                     choices=("float32", "float16"))
+                     choices=FEATURE_DTYPES)
     precision: str = opt("float32", "compute precision of the backbone; bfloat16 is mixed "
                          "precision (fast on CPUs with AVX512-BF16/AMX and on GPUs)",
-                         choices=("float32", "bfloat16"))
+                         choices=BACKBONE_PRECISIONS)
     batch_size: int = opt(32, "images per backbone call")
     num_shards: int = opt(1, "split the images into N disjoint shards (one per machine)")
     shard_index: int = opt(0, "which shard this process extracts (0-based)")
@@ -121,7 +126,7 @@ class TrainConfig:
     max_steps: Optional[int] = opt(None, "stop after this many training steps in total "
                                    "(for quick trials)")
     precision: str = opt("float32", "compute precision: bfloat16 (CPU/GPU) or float16 with "
-                         "loss scaling (GPU)", choices=("float32", "bfloat16", "float16"))
+                         "loss scaling (GPU)", choices=TRAIN_PRECISIONS)
     xla: bool = opt(False, "compile the training step with XLA (jit_compile)")
     strategy: str = opt("default", "tf.distribute strategy: `mirrored` uses all local GPUs, "
                         "`multi-worker` reads TF_CONFIG",

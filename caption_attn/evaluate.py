@@ -40,6 +40,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
+from caption_attn.backbone import GRID
 from caption_attn.fileio import write_json_atomic
 from caption_attn.shapes import COLORS, SHAPES, object_positions, parse_objects
 from caption_attn.vocab import standardize, tokenize
@@ -51,7 +52,6 @@ DISPLAY_NAMES = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bl
                  "images": "images", "grounded_words": "grounded words",
                  "matched_words": "matched words"}
 SHAPES_METRICS = ("scene_accuracy", "grounding", "images", "grounded_words", "matched_words")
-GRID = 8               # attention grid side: InceptionV3 features are 8 x 8 = 64 positions
 GROUNDING_REACH = 1    # a word is grounded if its attention peak is <= this many cells away
 
 PTB_JAR = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)),

@@ -50,12 +50,13 @@ from typing import Iterable, Optional
 import cv2
 import numpy as np
 
+from caption_attn.backbone import FEATURE_SHAPE, IMAGE_SIZE
+from caption_attn.config import BACKBONE_PRECISIONS as PRECISIONS
 from caption_attn.config import DTYPE_POLICIES, ExtractConfig
+from caption_attn.config import FEATURE_DTYPES as DTYPES
 from caption_attn.fileio import HOST, atomic_path, read_json, write_bytes_atomic, write_json_atomic
 from caption_attn.errors import UserError
 
-IMAGE_SIZE = 299                 # InceptionV3's native input side
-FEATURE_SHAPE = (64, 2048)       # 8x8 positions x 2048 channels of the `mixed10` block
 FORMAT_VERSION = 1               # bump when the meaning of cached files changes
 BACKBONE = "InceptionV3"
 RESIZE_METHOD = ("stretch to 299x299 (aspect ratio not kept, no crop); per axis INTER_AREA "
@@ -67,8 +68,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".gif", ".w
 MANIFEST = "manifest.json"
 FAILED = "failed.tsv"
 LOCK = ".lock"
-DTYPES = ("float32", "float16")
-PRECISIONS = ("float32", "bfloat16")
 
 # Keras' own file name, URL and md5 of the no-top ImageNet weights (keras.applications).
 IMAGENET_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"

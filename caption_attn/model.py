@@ -30,8 +30,8 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
-NUM_PIXELS = 64
-FEATURE_DIM = 2048
+from caption_attn.backbone import FEATURE_DIM, NUM_PIXELS
+
 
 
 @keras.saving.register_keras_serializable(package="caption_attn")

@@ -21,9 +21,9 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from caption_attn.backbone import GRID
 from caption_attn.fileio import write_bytes_atomic
 
-GRID = 8  # the InceptionV3 feature map is GRID x GRID = 64 positions
 PANEL_INCHES = 2.2  # width of one word panel; readable titles at 100 dpi
 CMAP = "inferno"  # dark = ignored, bright = attended: a spotlight on the attended region
 

@@ -24,8 +24,10 @@ import tensorflow as tf
 
 from caption_attn import data as data_lib
 from caption_attn import features, pipeline
+from caption_attn.backbone import FEATURE_SHAPE, IMAGE_SIZE
 from caption_attn.callbacks import AttentionSnapshots, EarlyStopping, TensorBoardLogger
-from caption_attn.config import DTYPE_POLICIES, DecodeConfig, RunConfig, config_diff
+from caption_attn.config import DTYPE_POLICIES, FEATURE_DTYPES, DecodeConfig, RunConfig, \
+    config_diff
 from caption_attn.fileio import atomic_path, read_json, write_json_atomic
 from caption_attn.errors import UserError
 from caption_attn.model import ShowAttendTell, masked_loss
@@ -127,12 +129,12 @@ class TrainData:
 def _check_manifest(cache: str) -> dict:
     manifest = features.read_manifest(cache)
     shape = list(manifest.get("feature_shape", []))
-    if shape != list(features.FEATURE_SHAPE):
+    if shape != list(FEATURE_SHAPE):
         raise UserError(f"{cache}/manifest.json: feature_shape {shape}, expected "
-                        f"{list(features.FEATURE_SHAPE)}")
-    if manifest.get("dtype") not in ("float16", "float32"):
+                        f"{list(FEATURE_SHAPE)}")
+    if manifest.get("dtype") not in FEATURE_DTYPES:
         raise UserError(f"{cache}/manifest.json: dtype {manifest.get('dtype')!r}, expected "
-                        f"float16 or float32")
+                        f"one of {FEATURE_DTYPES}")
     return manifest
 
 
@@ -528,7 +530,7 @@ class Trainer:
                 return features.load_image(os.path.join(self.images_dir, key))
             except features.ImageError:
                 pass
-        return np.full((features.IMAGE_SIZE, features.IMAGE_SIZE, 3), 128, np.uint8)
+        return np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 128, np.uint8)
 
     # -- best model ---------------------------------------------------------------------
     def _save_best(self, epoch: int, value: float) -> None:

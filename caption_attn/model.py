@@ -20,7 +20,13 @@ What differs from the TensorFlow tutorial this project replaces:
   scene accuracy went from 0.84 to 0.93 with everything else equal);
 - a gating scalar beta_t = sigmoid(f_beta(h_{t-1})) scales the context (Show, Attend and Tell
   section 4.2.1), and the attention weights are returned for the doubly stochastic
-  regulariser and for the heatmaps.
+  regulariser and for the heatmaps;
+- the attention score has no bias: a softmax over the positions ignores a shift of every
+  score, so such a bias gets a zero gradient and never learns (its float32 and bfloat16
+  "gradients" were rounding noise of opposite signs on different CPUs).
+
+Saved models carry `MODEL_FORMAT` in their config; `best.keras` files of an older format are
+refused on loading with a message (see `check_model_format`).
 """
 
 from __future__ import annotations
@@ -30,7 +36,11 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
-from caption_attn.backbone import FEATURE_DIM, NUM_PIXELS
+from caption_attn.backbone import FEATURE_DIM
+
+# Version of the saved model's layout. 2: no attention score bias, f_beta without an unused
+# activation, no `num_pixels` argument (format 1 is caption_attn 0.1's).
+MODEL_FORMAT = 2
 
 
 
@@ -44,25 +54,34 @@ class FeatureStandardization(keras.layers.Layer):
     restores them too, and `epsilon` keeps near-constant channels from being blown up to unit
     variance (features are O(1): ImageNet activations, or a random backbone's times the
     cache's `feature_scale`).
+
+    Computes in the layer's dtype policy; `ShowAttendTell` gives it float32 even under a mixed
+    policy, since x - mean cancels digits that bfloat16's 8-bit mantissa does not have.
     """
 
     def __init__(self, feature_dim: int, epsilon: float = 1e-3, **kwargs):
-        kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         self.feature_dim, self.epsilon = feature_dim, epsilon
-        self.mean = self.add_weight(shape=(feature_dim,), initializer="zeros",
+
+    def build(self, input_shape):
+        if input_shape[-1] != self.feature_dim:
+            raise ValueError(f"`input_shape` must end with feature_dim={self.feature_dim}, "
+                             f"got {input_shape}")
+        self.mean = self.add_weight(shape=(self.feature_dim,), initializer="zeros",
                                     trainable=False, name="mean")
-        self.variance = self.add_weight(shape=(feature_dim,), initializer="ones",
+        self.variance = self.add_weight(shape=(self.feature_dim,), initializer="ones",
                                         trainable=False, name="variance")
-        self.built = True
 
     def set_statistics(self, mean, variance):
-        self.mean.assign(tf.cast(mean, tf.float32))
-        self.variance.assign(tf.cast(variance, tf.float32))
+        if not self.built:
+            self.build((None, self.feature_dim))
+        self.mean.assign(tf.cast(mean, self.mean.dtype))
+        self.variance.assign(tf.cast(variance, self.variance.dtype))
 
     def call(self, features):
-        x = tf.cast(features, tf.float32)
-        return (x - self.mean) * tf.math.rsqrt(self.variance + self.epsilon)
+        x = tf.cast(features, self.compute_dtype)                     # (..., F)
+        mean, variance = (tf.cast(v, self.compute_dtype) for v in (self.mean, self.variance))
+        return (x - mean) * tf.math.rsqrt(variance + self.epsilon)    # (..., F)
 
     def get_config(self):
         return {**super().get_config(), "feature_dim": self.feature_dim,
@@ -71,10 +90,14 @@ class FeatureStandardization(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="caption_attn")
 class BahdanauAttention(keras.layers.Layer):
-    """Additive attention: alpha = softmax_p(w^T tanh(W_k a_p + W_q h)).
+    """Additive attention: alpha = softmax_p(w^T tanh(W_k a_p + b_k + W_q h)), context =
+    sum_p alpha_p a_p (Bahdanau et al. 2015; Show, Attend and Tell eq. 4-6).
 
-    `keys(features)` (B, P, D) -> (B, P, U) is computed once per batch; `call(keys, values,
-    query)` with values (B, P, E) and query (B, Q) returns context (B, E) and weights (B, P).
+    `call((values, query))`: values (B, P, D), query (B, Q) -> context (B, D), weights (B, P)
+    float32. A decoder splits this in two, since the keys W_k a_p + b_k (B, P, U) depend on the
+    image only: `keys(values)` once per batch, then `additive_attention` at every step with
+    the projected query and `score_proj.kernel`. The score w has no bias (a softmax over p
+    ignores it). `build` takes `(values_shape, query_shape)`.
     """
 
     def __init__(self, units: int, **kwargs):
@@ -83,22 +106,23 @@ class BahdanauAttention(keras.layers.Layer):
         self.key_proj = keras.layers.Dense(units, name="key_proj", dtype=self.dtype_policy)
         self.query_proj = keras.layers.Dense(units, use_bias=False, name="query_proj",
                                              dtype=self.dtype_policy)
-        self.score_proj = keras.layers.Dense(1, name="score_proj", dtype=self.dtype_policy)
+        self.score_proj = keras.layers.Dense(1, use_bias=False, name="score_proj",
+                                             dtype=self.dtype_policy)
 
-    def build(self, key_dim: int, query_dim: int):
-        self.key_proj.build((None, None, key_dim))
-        self.query_proj.build((None, query_dim))
-        self.score_proj.build((None, None, self.units))
-        self.built = True
+    def build(self, input_shape):
+        values_shape, query_shape = input_shape
+        self.key_proj.build(values_shape)
+        self.query_proj.build(query_shape)
+        self.score_proj.build((None, self.units))
 
-    def keys(self, features):
-        return self.key_proj(features)                                # (B, P, U)
+    def keys(self, values):
+        return self.key_proj(values)                                  # (B, P, U)
 
-    def call(self, keys, values, query):
+    def call(self, inputs):
+        values, query = inputs                                        # (B, P, D), (B, Q)
         context, weights, _ = additive_attention(
-            keys, values, self.query_proj(query), self.score_proj.kernel,
-            self.score_proj.bias)
-        return context, weights
+            self.keys(values), values, self.query_proj(query), self.score_proj.kernel)
+        return context, weights                                       # (B, D), (B, P)
 
     def get_config(self):
         return {**super().get_config(), "units": self.units}
@@ -106,11 +130,10 @@ class BahdanauAttention(keras.layers.Layer):
 
 class StepWeights(NamedTuple):
     """The recurrent step's weights, in the compute dtype (see `ShowAttendTell.step_weights`):
-    attention query (U, U), score (U, 1) and score bias (1,); gate f_beta (U, E) and bias (E,);
-    GRU context kernel (E, 3U), recurrent kernel (U, 3U) and bias (3U,)."""
+    attention query (U, U) and score (U, 1); gate f_beta (U, E) and bias (E,); GRU context
+    kernel (E, 3U), recurrent kernel (U, 3U) and bias (3U,)."""
     query: tf.Tensor
     score: tf.Tensor
-    score_bias: tf.Tensor
     beta: tf.Tensor
     beta_bias: tf.Tensor
     gru_context: tf.Tensor
@@ -129,14 +152,14 @@ class StepSaved(NamedTuple):
     candidate: tf.Tensor  # (B, U)
 
 
-def additive_attention(keys, values, q, score, score_bias):
-    """keys (B, P, U), values (B, P, E), projected query q (B, U), score (U, 1), score_bias
-    (1,) -> context (B, E), weights (B, P) float32, e = tanh(keys + q) (B, P, U)."""
+def additive_attention(keys, values, q, score):
+    """keys (B, P, U), values (B, P, E), projected query q (B, U), score (U, 1) -> context
+    (B, E), weights (B, P) float32, e = tanh(keys + q) (B, P, U)."""
     units = keys.shape[-1]
     e = tf.tanh(keys + q[:, None, :])                                 # (B, P, U)
     # A 2-D matmul, not a tensordot on (B, P, U), whose gradient inside the time loop needs
     # runtime transpose permutations that XLA (--xla) cannot compile.
-    scores = tf.reshape(tf.matmul(tf.reshape(e, [-1, units]), score) + score_bias,
+    scores = tf.reshape(tf.matmul(tf.reshape(e, [-1, units]), score),
                         tf.shape(e)[:2])                              # (B, P)
     weights = tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1)     # (B, P) float32
     context = tf.einsum("bp,bpe->be", tf.cast(weights, values.dtype), values)  # (B, E)
@@ -151,8 +174,8 @@ def attend_and_update(w: StepWeights, x_gates, h, keys, encoded):
     once), h (B, U), keys (B, P, U), encoded (B, P, E) -> new h (B, U), gated context (B, E),
     attention (B, P) float32, and the `StepSaved` intermediates.
     """
-    raw, alpha, e = additive_attention(keys, encoded, tf.matmul(h, w.query), w.score,
-                                       w.score_bias)                  # (B, E), (B, P), .
+    raw, alpha, e = additive_attention(keys, encoded, tf.matmul(h, w.query),
+                                       w.score)                       # (B, E), (B, P), .
     beta = tf.sigmoid(tf.matmul(h, w.beta) + w.beta_bias)            # (B, E)
     context = beta * raw                                             # (B, E)
     xz, xr, xh = tf.split(x_gates + tf.matmul(context, w.gru_context), 3, axis=-1)
@@ -220,7 +243,7 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
     score_row = tf.reshape(w.score, [1, 1, U])                        # (1, 1, U)
     h_prev = tf.concat([h0[None], hs[:-1]], axis=0)                   # (T, B, U)
 
-    def body(t, dh, d_keys, d_score, d_xs, d_hs_all, d_raws, d_scores):
+    def body(t, dh, d_keys, d_score, d_xs, d_hs_all, d_raws):
         s = StepSaved(*(a.read(t) for a in saved))
         dh = dh + d_hs[t]                                             # (B, U)
         # GRU: h' = z h + (1 - z) c,  c = tanh(xh + r hh), z = sigmoid(.), r = sigmoid(.)
@@ -232,7 +255,7 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
         d_ctx = tf.matmul(d_x, w.gru_context, transpose_b=True) + d_contexts[t]  # (B, E)
         d_beta = tf.raw_ops.SigmoidGrad(y=s.beta, dy=d_ctx * s.raw)   # (B, E)
         d_raw = d_ctx * s.beta                                        # (B, E)
-        # attention: raw = sum_p alpha_p encoded_p, alpha = softmax_p(e_p w + b)
+        # attention: raw = sum_p alpha_p encoded_p, alpha = softmax_p(e_p w)
         alpha = alphas[t]                                             # (B, P) float32
         d_alpha = tf.cast(tf.einsum("be,bpe->bp", d_raw, encoded), tf.float32) + d_alphas[t]
         ds = alpha * (d_alpha - tf.reduce_sum(alpha * d_alpha, axis=-1, keepdims=True))
@@ -245,14 +268,13 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
         d_h_all = tf.concat([d_q, d_beta, d_z, d_r, d_cand * s.r], axis=-1)  # (B, U+E+3U)
         dh = dh * s.z + tf.matmul(d_h_all, h_kernels, transpose_b=True)  # (B, U)
         return (t - 1, dh, d_keys + d_e, d_score, d_xs.write(t, d_x),
-                d_hs_all.write(t, d_h_all), d_raws.write(t, d_raw), d_scores.write(t, ds))
+                d_hs_all.write(t, d_h_all), d_raws.write(t, d_raw))
 
-    arrays = [tf.TensorArray(dt, size=T) for _ in range(3)] + [tf.TensorArray(tf.float32,
-                                                                              size=T)]
+    arrays = [tf.TensorArray(dt, size=T) for _ in range(3)]
     _, dh0, d_keys, d_score, *arrays = tf.while_loop(
         lambda t, *_: t >= 0, body,
         (T - 1, tf.zeros_like(h0), tf.zeros_like(keys), tf.zeros([1, U], dt), *arrays))
-    d_x, d_h_all, d_raw, ds = (a.stack() for a in arrays)    # (T, B, .) each
+    d_x, d_h_all, d_raw = (a.stack() for a in arrays)       # (T, B, .) each
 
     # Everything that is not recurrent, over all T * B rows at once.
     def rows(x):
@@ -264,7 +286,6 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
     weights = StepWeights(
         query=d_query,
         score=tf.transpose(d_score),
-        score_bias=tf.cast(tf.reshape(tf.reduce_sum(ds), [1]), dt),
         beta=d_beta_kernel,
         beta_bias=tf.reduce_sum(d_beta, axis=[0, 1]),
         gru_context=tf.matmul(rows(contexts), rows(d_x), transpose_a=True),  # (E, 3U)
@@ -285,23 +306,25 @@ class ShowAttendTell(keras.Model):
     """
 
     def __init__(self, vocab_size: int, embedding_dim: int = 256, units: int = 512,
-                 dropout: float = 0.5, num_pixels: int = NUM_PIXELS,
-                 feature_dim: int = FEATURE_DIM, **kwargs):
+                 dropout: float = 0.5, feature_dim: int = FEATURE_DIM, **kwargs):
         super().__init__(**kwargs)
         self.vocab_size = vocab_size
         self.embedding_dim = embedding_dim
         self.units = units
         self.dropout = dropout
-        self.num_pixels = num_pixels
         self.feature_dim = feature_dim
         dense = self._dense
-        self.feature_norm = FeatureStandardization(feature_dim, name="feature_norm")
+        # float32 whatever the policy: see FeatureStandardization
+        self.feature_norm = FeatureStandardization(feature_dim, name="feature_norm",
+                                                   dtype="float32")
         self.encoder = dense(embedding_dim, activation="relu", name="encoder")
         self.attention = BahdanauAttention(units, name="attention", dtype=self.dtype_policy)
         self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding",
                                                 dtype=self.dtype_policy)
         self.init_h = dense(units, activation="tanh", name="init_h")
-        self.f_beta = dense(embedding_dim, activation="sigmoid", name="f_beta")
+        # The gate's sigmoid is applied inside the step (`attend_and_update`), which reads
+        # only this layer's kernel and bias.
+        self.f_beta = dense(embedding_dim, name="f_beta")
         # GRU (reset_after, as Keras/cuDNN) over [embedding; gated context], weights split so
         # the embedding share is computed for all steps at once.
         self.gru_embed = dense(3 * units, name="gru_embed")
@@ -318,9 +341,12 @@ class ShowAttendTell(keras.Model):
         return keras.layers.Dense(units, dtype=self.dtype_policy, **kwargs)
 
     def build(self, input_shape=None):
+        """Builds every layer from the sizes given to `__init__` (the inputs' shapes follow
+        from them), so a new model has its weights at once, as checkpoints need."""
         E, U = self.embedding_dim, self.units
+        self.feature_norm.build((None, None, self.feature_dim))
         self.encoder.build((None, None, self.feature_dim))
-        self.attention.build(E, U)
+        self.attention.build(((None, None, E), (None, U)))
         self.embedding.build((None, None))
         self.init_h.build((None, E))
         self.f_beta.build((None, U))
@@ -337,7 +363,7 @@ class ShowAttendTell(keras.Model):
         """The recurrent step's kernels and biases, cast to the compute dtype."""
         attention, dt = self.attention, self.compute_dtype
         weights = (attention.query_proj.kernel, attention.score_proj.kernel,
-                   attention.score_proj.bias, self.f_beta.kernel, self.f_beta.bias,
+                   self.f_beta.kernel, self.f_beta.bias,
                    self.gru_context.kernel, self.gru_recurrent.kernel, self.gru_recurrent.bias)
         return StepWeights(*(tf.cast(x, dt) for x in weights))
 
@@ -361,13 +387,15 @@ class ShowAttendTell(keras.Model):
             encoded, keys, h = (tf.gather(x, image_index) for x in (encoded, keys, h))
         return (h,), (keys, encoded)                                 # (B, U), (B, P, .)
 
-    def decode_step(self, tokens, state, context):
-        """tokens (B,) int32 -> logits (B, V) float32, new state, attention (B, P) float32."""
+    def decode_step(self, tokens, state, context, training=False):
+        """tokens (B,) int32 -> logits (B, V) float32, new state, attention (B, P) float32.
+
+        `training` switches the output dropout on (sampling for self-critical training)."""
         (h,), (keys, encoded) = state, context
         embedded = self.embedding(tokens)                            # (B, E)
         x_gates = self.gru_embed(embedded)                           # (B, 3U)
         h, ctx, alpha, _ = attend_and_update(self.step_weights(), x_gates, h, keys, encoded)
-        return self._output(embedded, h, ctx), (h,), alpha
+        return self._output(embedded, h, ctx, training), (h,), alpha
 
     # ------------------------------------------------------------------ teacher forcing
     def call(self, inputs, training=False):
@@ -389,8 +417,24 @@ class ShowAttendTell(keras.Model):
     def get_config(self):
         return {**super().get_config(), "vocab_size": self.vocab_size,
                 "embedding_dim": self.embedding_dim, "units": self.units,
-                "dropout": self.dropout, "num_pixels": self.num_pixels,
-                "feature_dim": self.feature_dim}
+                "dropout": self.dropout, "feature_dim": self.feature_dim,
+                "model_format": MODEL_FORMAT}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        check_model_format(config.pop("model_format", 1))
+        return cls(**config)
+
+
+def check_model_format(found) -> None:
+    """ValueError unless a saved model's `model_format` is this version's."""
+    if found != MODEL_FORMAT:
+        raise ValueError(
+            f"the saved model has model format {found!r}; this caption_attn reads format "
+            f"{MODEL_FORMAT} (format 1, caption_attn 0.1, had an attention score bias that "
+            f"could not learn and was removed). Resume its run with `caption-attn train` (its "
+            f"checkpoints still load) to save a best model in the current format")
 
 
 def masked_loss(logits, targets, alphas, attention_reg: float = 1.0):

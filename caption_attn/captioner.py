@@ -111,7 +111,6 @@ class Captioner:
     @classmethod
     def from_run(cls, run_dir: str, cfg: Optional[DecodeConfig] = None) -> "Captioner":
         cfg = cfg or DecodeConfig()
-        validate_decode_config(cfg)
         config_path = os.path.join(run_dir, "config.json")
         if not os.path.exists(config_path):
             raise UserError(f"{run_dir}: not a training run (no config.json); train one with "
@@ -170,17 +169,6 @@ class Captioner:
             for key, captions in zip(chunk, self.decode(feats)):
                 results[key] = (images[key], captions)
         return results, errors
-
-
-def validate_decode_config(cfg: DecodeConfig) -> None:
-    for name, value, low in (("beam", cfg.beam, 1), ("batch_size", cfg.batch_size, 1),
-                             ("top_k", cfg.top_k, 0)):
-        if value < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-    if cfg.temperature <= 0:
-        raise UserError(f"--temperature must be > 0, got {cfg.temperature}")
-    if cfg.max_length is not None and cfg.max_length < 1:
-        raise UserError(f"--max-length must be >= 1, got {cfg.max_length}")
 
 
 def expand_image_args(args: Sequence[str]) -> list[str]:

@@ -22,10 +22,6 @@ PROG = "caption-attn"
 
 
 # --------------------------------------------------------------------------- flag generation
-def _flag(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
 def add_config_args(parser: argparse.ArgumentParser, cls, exclude: Sequence[str] = (),
                     title: Optional[str] = None, defaults: Optional[dict] = None) -> None:
     """One `--field-name` flag per field of dataclass `cls` (help and choices from metadata).
@@ -40,14 +36,14 @@ def add_config_args(parser: argparse.ArgumentParser, cls, exclude: Sequence[str]
         default = (defaults or {}).get(f.name, f.default)
         kind = hints[f.name]
         if kind is bool:  # on by default: --no-flag turns it off
-            group.add_argument(_flag(f), dest=f.name, default=default, help=f.metadata["help"],
+            group.add_argument(C.flag_name(f), dest=f.name, default=default, help=f.metadata["help"],
                                action=argparse.BooleanOptionalAction if default
                                else "store_true")
             continue
         if typing.get_origin(kind) is typing.Union:  # Optional[X]
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         shown = "none" if default is None else default
-        group.add_argument(_flag(f), dest=f.name, type=kind, default=default,
+        group.add_argument(C.flag_name(f), dest=f.name, type=kind, default=default,
                            choices=f.metadata.get("choices"), metavar=None if
                            f.metadata.get("choices") else f.name.split("_")[-1].upper(),
                            help=f.metadata["help"] if "(default" in f.metadata["help"]

@@ -3,26 +3,135 @@
 Each dataclass field becomes one CLI flag (`--field-name`) through `cli.add_config_args`; the
 `help` metadata is the flag's help text. A run saves its resolved configuration as
 `config.json` (see `RunConfig`), so a run folder always says how it was made.
+
+Every config validates itself when it is made (`Config.__post_init__`): each field's `check`
+and the class's cross-field rules run before any command reads a file or starts work, and a
+bad value is a `UserError` naming the flag and the value received (zero, negative, NaN and
+infinite values are refused wherever they make no sense).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from caption_attn.errors import UserError
 from caption_attn.fileio import read_json, write_json_atomic
 
+Check = Callable[[Any], Optional[str]]  # value -> what is wrong with it, or None
 
-def opt(default: Any, help: str, choices: Optional[tuple] = None, flag: Optional[str] = None):
-    """A dataclass field carrying its CLI help (and optional choices / flag name)."""
+
+def opt(default: Any, help: str, choices: Optional[tuple] = None, flag: Optional[str] = None,
+        check: Optional[Check] = None):
+    """A dataclass field carrying its CLI help (and optional choices / flag name / check)."""
     meta = {"help": help}
     if choices is not None:
         meta["choices"] = choices
     if flag is not None:
         meta["flag"] = flag
+    if check is not None:
+        meta["check"] = check
     return field(default=default, metadata=meta)
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """The CLI flag of a config field: `--batch-size` for `batch_size`."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def integer(low: int, high: Optional[int] = None) -> Check:
+    """An int (not a bool) in [low, high]."""
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or \
+                (high is not None and value > high):
+            return f"must be an integer >= {low}" + (f" and <= {high}" if high is not None
+                                                     else "")
+        return None
+    return check
+
+
+def number(low: float = -math.inf, high: float = math.inf, low_open: bool = False,
+           high_open: bool = False) -> Check:
+    """A finite int or float in the interval; `*_open` excludes that end."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+    interval = (f"> {low:g}" if low_open else f">= {low:g}") if high == math.inf else \
+        f"in {left}{low:g}, {high:g}{right}"
+
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value) or value < low or value > high or \
+                (low_open and value == low) or (high_open and value == high):
+            return f"must be a finite number {interval}"
+        return None
+    return check
+
+
+POSITIVE = number(0.0, low_open=True)
+NON_NEGATIVE = number(0.0)
+FRACTION = number(0.0, 1.0, high_open=True)   # [0, 1)
+
+
+def NON_EMPTY(value) -> Optional[str]:  # noqa: N802 - used like the constants above
+    return None if value.strip() else "must not be empty"
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """`UserError` unless both fractions are in [0, 1) and leave some images for training."""
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        problem = FRACTION(value)
+        if problem:
+            raise UserError(f"--{name.replace('_', '-')} (`{name}`) {problem}, got {value!r}")
+    if val_fraction + test_fraction >= 1.0:
+        raise UserError(f"`val_fraction` + `test_fraction` must be < 1, got "
+                        f"{val_fraction} + {test_fraction}")
+
+
+class Config:
+    """Base of the config dataclasses: type, range and cross-field checks on creation."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """`UserError` naming the first invalid flag and its value."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            problem = _type_problem(hints[f.name], value)
+            if problem is None and value is not None:
+                if "choices" in f.metadata and value not in f.metadata["choices"]:
+                    problem = f"must be one of {', '.join(map(str, f.metadata['choices']))}"
+                elif "check" in f.metadata:
+                    problem = f.metadata["check"](value)
+            if problem:
+                raise UserError(f"{flag_name(f)} (`{f.name}`) {problem}, got {value!r}")
+        self.check_together()
+
+    def check_together(self) -> None:
+        """Rules between fields; `UserError` naming the flags."""
+
+
+def _type_problem(kind, value) -> Optional[str]:
+    if typing.get_origin(kind) is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if dataclasses.is_dataclass(kind):
+        return None if isinstance(value, kind) else f"must be a {kind.__name__}"
+    if kind is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if kind is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) \
+            else "must be an integer"
+    if kind is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            else "must be a number"
+    if kind is str:
+        return None if isinstance(value, str) else "must be a string"
+    return None
 
 
 CAPTION_FORMATS = ("auto", "coco", "karpathy", "flickr-token", "flickr-csv")
@@ -31,100 +140,130 @@ CAPTION_FORMATS = ("auto", "coco", "karpathy", "flickr-token", "flickr-csv")
 FEATURE_DTYPES = ("float32", "float16")
 BACKBONE_PRECISIONS = ("float32", "bfloat16")
 TRAIN_PRECISIONS = ("float32", "bfloat16", "float16")
+# Early-stopping metrics, and whether larger is better.
+MONITORS = {"val_loss": "min", "val_bleu4": "max", "val_cider": "max"}
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Config):
     """Where the captions come from and how images are split."""
 
     format: str = opt("auto", "caption file format; `auto` detects it from the content",
                       choices=CAPTION_FORMATS)
     val_fraction: float = opt(0.05, "fraction of images held out for validation when the "
-                              "file has no split of its own (Karpathy files do)")
+                              "file has no split of its own (Karpathy files do)",
+                              check=FRACTION)
     test_fraction: float = opt(0.05, "fraction of images held out for testing when the file "
-                               "has no split of its own")
+                               "has no split of its own", check=FRACTION)
     seed: int = opt(0, "seed of the split by image and, in `train`, of weight init, "
-                    "shuffling and dropout")
+                    "shuffling and dropout", check=integer(0))
+
+    def check_together(self) -> None:
+        check_fractions(self.val_fraction, self.test_fraction)
 
 
 @dataclass
-class VocabConfig:
+class VocabConfig(Config):
     """Vocabulary fit on the train split only (never on val/test: no leakage)."""
 
     vocab_size: int = opt(5000, "keep the K most frequent words (ties broken alphabetically); "
-                          "special tokens come on top of these")
-    min_count: int = opt(1, "drop words seen fewer than N times in the train split")
+                          "special tokens come on top of these", check=integer(1))
+    min_count: int = opt(1, "drop words seen fewer than N times in the train split",
+                         check=integer(1))
     max_length: int = opt(40, "captions longer than N words are truncated (COCO's p99.9 is "
-                          "about 30 words)")
+                          "about 30 words)", check=integer(1))
 
 
 @dataclass
-class ShapesConfig:
+class ShapesConfig(Config):
     """The built-in synthetic dataset (`make-shapes`)."""
 
-    num_images: int = opt(1000, "number of images to render")
-    seed: int = opt(0, "same seed gives byte-identical images and captions")
+    num_images: int = opt(1000, "number of images to render", check=integer(1))
+    seed: int = opt(0, "same seed gives byte-identical images and captions", check=integer(0))
     image_size: int = opt(299, "side of the square images in pixels (InceptionV3's input "
-                          "size, so extraction does not resample them)")
-    val_fraction: float = opt(0.1, "fraction of images in the val split")
-    test_fraction: float = opt(0.1, "fraction of images in the test split")
+                          "size, so extraction does not resample them; at least 64)",
+                          check=integer(64))
+    val_fraction: float = opt(0.1, "fraction of images in the val split", check=FRACTION)
+    test_fraction: float = opt(0.1, "fraction of images in the test split", check=FRACTION)
+    replace: bool = opt(False, "write into OUT even if it already holds files (a dataset made "
+                        "before is deleted first)")
+
+    def check_together(self) -> None:
+        check_fractions(self.val_fraction, self.test_fraction)
 
 
 @dataclass
-class ExtractConfig:
+class ExtractConfig(Config):
     """The offline InceptionV3 pass (`extract-features`)."""
 
-    cache: str = opt("features_cache", "folder of the feature cache")
+    cache: str = opt("features_cache", "folder of the feature cache", check=NON_EMPTY)
     weights: str = opt("imagenet", "backbone weights: `imagenet` (Keras download), `random` "
-                       "(seeded, offline; saved into the cache) or a path to a weights file")
-    seed: int = opt(0, "seed of `--weights random`")
+                       "(seeded, offline; saved into the cache) or a path to a weights file",
+                       check=NON_EMPTY)
+    seed: int = opt(0, "seed of `--weights random`", check=integer(0))
     dtype: str = opt("float32", "dtype of the cached .npy files; float16 halves the cache",
                      choices=FEATURE_DTYPES)
     precision: str = opt("float32", "compute precision of the backbone; bfloat16 is mixed "
                          "precision (fast on CPUs with AVX512-BF16/AMX and on GPUs)",
                          choices=BACKBONE_PRECISIONS)
-    batch_size: int = opt(32, "images per backbone call")
-    num_shards: int = opt(1, "split the images into N disjoint shards (one per machine)")
-    shard_index: int = opt(0, "which shard this process extracts (0-based)")
+    batch_size: int = opt(32, "images per backbone call", check=integer(1))
+    num_shards: int = opt(1, "split the images into N disjoint shards (one per machine)",
+                          check=integer(1))
+    shard_index: int = opt(0, "which shard this process extracts (0-based)",
+                           check=integer(0))
     verify: bool = opt(False, "fully check every cached file (header, shape, dtype, finite) "
                        "and re-extract the bad ones")
     strict: bool = opt(False, "exit non-zero if any image failed")
-    workers: int = opt(0, "image decoding threads (0: one per CPU core)")
+    workers: int = opt(0, "image decoding threads (0: one per CPU core)", check=integer(0))
+
+    def check_together(self) -> None:
+        if self.shard_index >= self.num_shards:
+            raise UserError(f"--shard-index must be in [0, --num-shards) = [0, "
+                            f"{self.num_shards}), got {self.shard_index}")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Config):
     """Show, Attend and Tell decoder sizes. Changing any of these breaks resume."""
 
-    embedding_dim: int = opt(256, "word embedding and projected feature size (TF tutorial)")
-    units: int = opt(512, "GRU units and attention size (TF tutorial)")
-    dropout: float = opt(0.5, "dropout before the output layer (Show, Attend and Tell)")
+    embedding_dim: int = opt(256, "word embedding and projected feature size (TF tutorial)",
+                             check=integer(1))
+    units: int = opt(512, "GRU units and attention size (TF tutorial)", check=integer(1))
+    dropout: float = opt(0.5, "dropout before the output layer (Show, Attend and Tell)",
+                         check=FRACTION)
     attention_reg: float = opt(1.0, "weight of the doubly stochastic attention regulariser "
                                "mean_i (1 - sum_t alpha_ti)^2 over the 64 positions (Show, "
-                               "Attend and Tell eq. 14; averaged as in sgrvinod's tutorial)")
+                               "Attend and Tell eq. 14; averaged as in sgrvinod's tutorial)",
+                               check=NON_NEGATIVE)
     feature_norm: bool = opt(True, "standardise each feature channel with its mean and "
                              "variance over (up to 1,000) training images before the "
                              "encoder; off: raw features")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """The training loop (`train`)."""
 
-    epochs: int = opt(20, "maximum number of epochs")
-    batch_size: int = opt(64, "captions per step (global batch over all replicas)")
-    learning_rate: float = opt(1e-3, "Adam learning rate")
-    lr_schedule: str = opt("constant", "learning-rate schedule over all steps",
+    epochs: int = opt(20, "maximum number of epochs (cross-entropy and self-critical together)",
+                      check=integer(1))
+    batch_size: int = opt(64, "captions per step (global batch over all replicas); in "
+                          "self-critical epochs, sampled captions per step", check=integer(1))
+    learning_rate: float = opt(1e-3, "Adam learning rate", check=POSITIVE)
+    lr_schedule: str = opt("constant", "learning-rate schedule over the cross-entropy steps",
                            choices=("constant", "cosine"))
-    clip_norm: float = opt(5.0, "clip gradients by this global norm (0 disables)")
-    monitor: str = opt("val_loss", "metric for early stopping and the best model; val_bleu4 "
-                       "decodes the validation images each epoch (loss and BLEU stop agreeing "
-                       "late in training)", choices=("val_loss", "val_bleu4"))
-    patience: int = opt(3, "epochs without improvement before stopping")
+    clip_norm: float = opt(5.0, "clip gradients by this global norm (0 disables)",
+                           check=NON_NEGATIVE)
+    monitor: Optional[str] = opt(None, "metric for early stopping and the best model: "
+                                 "val_loss, val_bleu4 or val_cider (the last two decode up to "
+                                 "--bleu-images validation images each epoch; loss and BLEU "
+                                 "stop agreeing late in training). Default: val_loss, and "
+                                 "val_cider in self-critical epochs",
+                                 choices=tuple(MONITORS))
+    patience: int = opt(3, "epochs without improvement before stopping", check=integer(0))
     min_delta: float = opt(0.0, "smallest change of the monitored metric that counts as "
-                           "improvement")
+                           "improvement", check=NON_NEGATIVE)
     max_steps: Optional[int] = opt(None, "stop after this many training steps in total "
-                                   "(for quick trials)")
+                                   "(for quick trials)", check=integer(1))
     precision: str = opt("float32", "compute precision: bfloat16 (CPU/GPU) or float16 with "
                          "loss scaling (GPU)", choices=TRAIN_PRECISIONS)
     xla: bool = opt(False, "compile the training step with XLA (jit_compile)")
@@ -133,31 +272,70 @@ class TrainConfig:
                         choices=("default", "mirrored", "multi-worker"))
     fresh: bool = opt(False, "delete the run's previous files (checkpoints, config, vocabulary, "
                        "split, history, best model, logs) and start over")
-    checkpoint_every: int = opt(0, "also checkpoint every N steps (0: only at epoch ends)")
-    bleu_images: int = opt(500, "validation images decoded for val_bleu4")
+    checkpoint_every: int = opt(0, "also checkpoint every N steps (0: only at epoch ends)",
+                                check=integer(0))
+    bleu_images: int = opt(500, "validation images decoded for val_bleu4 / val_cider",
+                           check=integer(0))
     sample_images: int = opt(4, "fixed validation images whose captions and attention are "
-                             "logged each epoch")
+                             "logged each epoch", check=integer(0))
     memory_cache_gb: float = opt(4.0, "keep the train and val features in memory when they "
                                  "fit in this many GiB (0 disables; building the table needs "
                                  "about twice that for a moment); otherwise they stream from "
-                                 "disk")
+                                 "disk", check=NON_NEGATIVE)
+    # Self-critical sequence training (Rennie et al. 2017), after cross-entropy.
+    scst_after: Optional[int] = opt(None, "epochs after this one are self-critical (CIDEr-D "
+                                    "reward on sampled captions); none: cross-entropy only",
+                                    check=integer(0))
+    scst_samples: int = opt(5, "captions sampled per image in self-critical epochs (as "
+                            "self-critical.pytorch)", check=integer(1))
+    scst_baseline: str = opt("mean", "reward baseline: `mean` of the image's other samples "
+                             "(\"new self-critical\") or the `greedy` caption's reward",
+                             choices=("mean", "greedy"))
+    scst_learning_rate: float = opt(5e-5, "Adam learning rate of the self-critical epochs (as "
+                                    "self-critical.pytorch)", check=POSITIVE)
+
+    def check_together(self) -> None:
+        if self.monitor in ("val_bleu4", "val_cider") and self.bleu_images < 1:
+            raise UserError(f"--monitor {self.monitor} decodes --bleu-images validation images "
+                            f"each epoch: --bleu-images must be >= 1, got {self.bleu_images}")
+        if self.scst_after is not None:
+            if self.scst_after >= self.epochs:
+                raise UserError(f"--scst-after {self.scst_after} leaves no self-critical epoch: "
+                                f"it must be below --epochs ({self.epochs})")
+            if self.scst_baseline == "mean" and self.scst_samples < 2:
+                raise UserError(f"--scst-baseline mean compares each sample with the image's "
+                                f"other samples: --scst-samples must be >= 2, got "
+                                f"{self.scst_samples}")
+
+    def monitor_for(self, epoch: int) -> str:
+        """The early-stopping metric of 0-based `epoch`: `monitor`, else val_cider in
+        self-critical epochs and val_loss before."""
+        if self.monitor is not None:
+            return self.monitor
+        return "val_cider" if self.is_scst(epoch) else "val_loss"
+
+    def is_scst(self, epoch: int) -> bool:
+        """Whether 0-based `epoch` is self-critical."""
+        return self.scst_after is not None and epoch >= self.scst_after
 
 
 @dataclass
-class DecodeConfig:
+class DecodeConfig(Config):
     """Decoding (`caption`, `evaluate`)."""
 
-    beam: int = opt(3, "beam width; 1 is greedy decoding")
+    beam: int = opt(3, "beam width; 1 is greedy decoding", check=integer(1))
     length_penalty: float = opt(0.0, "GNMT length penalty alpha for beam search: scores are "
-                                "log p / ((5 + length) / 6)^alpha (0: plain log p)")
+                                "log p / ((5 + length) / 6)^alpha (0: plain log p)",
+                                check=NON_NEGATIVE)
     sample: bool = opt(False, "sample captions instead of searching (see --temperature, "
                        "--top-k); prints one sample per image")
-    temperature: float = opt(1.0, "sampling temperature (with --sample)")
-    top_k: int = opt(0, "sample only among the K most likely words (0: all; with --sample)")
-    seed: int = opt(0, "sampling seed (with --sample)")
+    temperature: float = opt(1.0, "sampling temperature (with --sample)", check=POSITIVE)
+    top_k: int = opt(0, "sample only among the K most likely words (0: all; with --sample)",
+                     check=integer(0))
+    seed: int = opt(0, "sampling seed (with --sample)", check=integer(0))
     max_length: Optional[int] = opt(None, "longest caption in words, <end> included "
-                                    "(default: the run's --max-length + 1)")
-    batch_size: int = opt(64, "images decoded together")
+                                    "(default: the run's --max-length + 1)", check=integer(1))
+    batch_size: int = opt(64, "images decoded together", check=integer(1))
     xla: bool = opt(False, "compile the decoding loop with XLA: about 1.4 s more per batch "
                     "size, then faster per batch (worth it for `evaluate` on many images)")
 
@@ -167,34 +345,37 @@ class DecodeConfig:
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(Config):
     """The end-to-end offline demo (`demo`); sized for a 2-core CPU and 10 minutes."""
 
-    workdir: str = opt("demo_work", "folder for everything the demo makes")
+    workdir: str = opt("demo_work", "folder for everything the demo makes", check=NON_EMPTY)
     num_images: int = opt(3000, "shapes images to render (80/10/10 split); fewer images train "
-                          "faster but recognise shapes worse")
-    epochs: int = opt(12, "training epochs (about 22 s each on 2 cores)")
+                          "faster but recognise shapes worse (at least 20: every split needs "
+                          "images)", check=integer(20))
+    epochs: int = opt(12, "training epochs (about 22 s each on 2 cores)", check=integer(1))
     embedding_dim: int = opt(128, "embedding size (smaller than the COCO default 256: the "
-                             "shapes vocabulary has 25 words)")
-    units: int = opt(256, "GRU and attention units (COCO default 512)")
+                             "shapes vocabulary has 25 words)", check=integer(1))
+    units: int = opt(256, "GRU and attention units (COCO default 512)", check=integer(1))
     batch_size: int = opt(32, "captions per step (more steps per epoch than 64 learned "
-                          "faster in the same time)")
+                          "faster in the same time)", check=integer(1))
     learning_rate: float = opt(2e-3, "Adam learning rate, cosine-decayed over the run (3e-3 "
-                               "sometimes got stuck)")
-    dropout: float = opt(0.3, "output dropout")
+                               "sometimes got stuck)", check=POSITIVE)
+    dropout: float = opt(0.3, "output dropout", check=FRACTION)
     attention_reg: float = opt(3.0, "doubly stochastic attention weight; higher than the "
                                "COCO default 1.0 because it measurably helped here (scene "
                                "accuracy 0.40 / 0.65 / 0.69 / 0.49 at 0.1 / 1 / 3 / 8, "
-                               "measured in short runs before features were standardised)")
-    beam: int = opt(3, "beam width for evaluation and captions")
-    show: int = opt(4, "test images captioned with heatmaps at the end")
-    seed: int = opt(0, "seed of the dataset, the random backbone and training")
+                               "measured in short runs before features were standardised)",
+                               check=NON_NEGATIVE)
+    beam: int = opt(3, "beam width for evaluation and captions", check=integer(1))
+    show: int = opt(4, "test images captioned with heatmaps at the end", check=integer(0))
+    seed: int = opt(0, "seed of the dataset, the random backbone and training",
+                    check=integer(0))
     fresh: bool = opt(False, "delete what an earlier demo made in --workdir (dataset, "
                       "feature cache, run, heatmaps) and start over")
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Config):
     """Everything a run was made with; saved as `models/<run>/config.json`."""
 
     captions: str = ""

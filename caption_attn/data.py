@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
-from caption_attn.config import CAPTION_FORMATS, DataConfig, VocabConfig
+from caption_attn.config import CAPTION_FORMATS, DataConfig, VocabConfig, check_fractions
 from caption_attn.fileio import parse_json
 from caption_attn.errors import UserError
 
@@ -391,16 +391,6 @@ def load_dataset(path: str, cfg: DataConfig) -> CaptionSet:
     for record in captions.records:
         record.split = assignment[record.image]
     return captions
-
-
-def check_fractions(val_fraction: float, test_fraction: float) -> None:
-    """`UserError` unless both fractions are in [0, 1) and leave some images for training."""
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise UserError(f"`{name}` must be in [0, 1), got {value!r}")
-    if val_fraction + test_fraction >= 1.0:
-        raise UserError(f"`val_fraction` + `test_fraction` must be < 1, got "
-                        f"{val_fraction} + {test_fraction}")
 
 
 def split_images(keys: Iterable[str], val_fraction: float, test_fraction: float,

@@ -76,7 +76,9 @@ def _dataset(cfg: DemoConfig, folder: str, log) -> dict:
             if len(json.load(f)["images"]) == cfg.num_images:
                 log(f"reusing {captions}")
                 return {"images_dir": os.path.join(folder, "images"), "captions": captions}
-    summary = shapes.make_shapes(folder, ShapesConfig(num_images=cfg.num_images, seed=cfg.seed))
+    # the demo owns this folder: a half-rendered dataset of a killed run is replaced
+    summary = shapes.make_shapes(folder, ShapesConfig(num_images=cfg.num_images, seed=cfg.seed,
+                                                      replace=True))
     log(f"rendered {summary['images']} images in {summary['seconds']:.1f} s")
     return summary
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
+import shutil
 import string
 import time
 from typing import Optional
@@ -47,7 +48,7 @@ import numpy as np
 
 from caption_attn.config import ShapesConfig
 from caption_attn.fileio import write_bytes_atomic, write_json_atomic
-from caption_attn.data import check_fractions, split_images
+from caption_attn.data import split_images
 from caption_attn.errors import UserError
 
 BACKGROUND = (128, 128, 128)          # BGR mid gray (see the module docstring)
@@ -303,15 +304,6 @@ def make_example(index: int, seed: int, image_size: int) -> tuple[np.ndarray, di
     return render(objects, image_size), record
 
 
-def validate(cfg: ShapesConfig) -> None:
-    """Raise `UserError` naming the first invalid field of `cfg` and its value."""
-    for name, low in (("num_images", 1), ("image_size", MIN_IMAGE_SIZE), ("seed", 0)):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise UserError(f"`{name}` must be an integer >= {low}, got {value!r}")
-    check_fractions(cfg.val_fraction, cfg.test_fraction)
-
-
 def _write_png(path: str, image: np.ndarray) -> None:
     """Encode and write via a temporary file, so a crash leaves no truncated PNG."""
     ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
@@ -320,14 +312,30 @@ def _write_png(path: str, image: np.ndarray) -> None:
     write_bytes_atomic(path, buf.tobytes())
 
 
-def _prepare(out_dir: str) -> tuple[str, str]:
-    """Create OUT/images; remove a previous captions.json so it never describes new images."""
+def _prepare(out_dir: str, replace: bool) -> tuple[str, str]:
+    """Create OUT/images. A folder that already holds files is refused, unless `replace` and
+    it holds only a dataset of this command (images/ and captions.json), which is deleted
+    first: new images must never mix with old ones, nor an old captions.json describe them."""
     images_dir = os.path.join(out_dir, "images")
     captions = os.path.join(out_dir, "captions.json")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir}: exists and is not a folder")
+    present = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if present and not replace:
+        raise UserError(f"{out_dir}: not empty ({', '.join(present[:3])}"
+                        f"{' ...' if len(present) > 3 else ''}); choose an empty or new "
+                        f"folder, or add --replace to delete the dataset made there before")
+    others = [name for name in present if name not in ("images", "captions.json")]
+    if others:
+        raise UserError(f"{out_dir}: holds files that are not a shapes dataset "
+                        f"({', '.join(others[:3])}); --replace only deletes images/ and "
+                        f"captions.json: choose an empty or new folder")
     try:
-        os.makedirs(images_dir, exist_ok=True)
         if os.path.exists(captions):
             os.remove(captions)
+        if os.path.isdir(images_dir):
+            shutil.rmtree(images_dir)
+        os.makedirs(images_dir)
     except OSError as e:
         raise UserError(f"{out_dir}: cannot write the dataset there ({e.strerror})") from None
     return images_dir, captions
@@ -341,8 +349,7 @@ def make_shapes(out_dir: str, cfg: ShapesConfig) -> dict:
     Returns {"images": n, "images_dir": ..., "captions": path of the JSON, "seconds": wall}.
     """
     start = time.perf_counter()
-    validate(cfg)
-    images_dir, captions_path = _prepare(out_dir)
+    images_dir, captions_path = _prepare(out_dir, cfg.replace)
     names = [filename(i, cfg.num_images) for i in range(cfg.num_images)]
     splits = split_images(names, cfg.val_fraction, cfg.test_fraction, cfg.seed)
 

@@ -539,7 +539,7 @@ class Trainer:
         with atomic_path(os.path.join(self.run_dir, "best.keras"), ".keras") as tmp:
             self.model.save(tmp)
         write_json_atomic(os.path.join(self.run_dir, "best.json"),
-                          {"epoch": epoch + 1, "monitor": self.cfg.train.monitor,
+                          {"epoch": epoch + 1, "monitor": self.cfg.train.monitor_for(epoch),
                            "value": value})
 
     def _restore_best(self) -> None:
@@ -557,7 +557,7 @@ class Trainer:
         done = int(self.epoch.numpy())
         history = [h for h in history if h["epoch"] <= done]
         self._compile(self.dataset("train", epoch=0).element_spec)
-        early = EarlyStopping(tc.monitor, patience=tc.patience, min_delta=tc.min_delta,
+        early = EarlyStopping(tc.monitor_for(done), patience=tc.patience, min_delta=tc.min_delta,
                               initial_history=history, save_best=self._save_best,
                               restore_best=self._restore_best)
         samples = self._samples()
@@ -612,7 +612,7 @@ class Trainer:
         val = self.evaluate_loss("val")
         if val is not None:
             logs["val_loss"], logs["val_ce"] = val["loss"], val["ce"]
-        if self.cfg.train.monitor == "val_bleu4":
+        if self.cfg.train.monitor_for(int(self.epoch.numpy())) == "val_bleu4":
             logs["val_bleu4"] = self.bleu4("val")
         return logs
 
@@ -654,7 +654,7 @@ class Trainer:
     def _summary(self, history, early, reason, seconds) -> dict:
         last = history[-1] if history else {}
         return {"run": self.run_dir, "epochs": len(history), "steps": int(self.step.numpy()),
-                "stopped_by": reason, "monitor": self.cfg.train.monitor,
+                "stopped_by": reason, "monitor": early.monitor,
                 "best_epoch": None if early.best_epoch is None else early.best_epoch + 1,
                 "best_value": None if early.best_epoch is None else float(early.best),
                 "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),

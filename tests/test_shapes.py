@@ -94,7 +94,7 @@ def test_rerun_overwrites_and_crash_leaves_no_stale_json(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shapes, "_write_png", broken)
     with pytest.raises(OSError):
-        _make(tmp_path, seed=2)
+        _make(tmp_path, seed=2, replace=True)
     assert not os.path.exists(first["captions"])  # the old JSON would describe new images
 
 
@@ -300,3 +300,18 @@ def test_thousand_images_under_30_seconds(tmp_path):
     assert summary["images"] == 1000
     assert len(os.listdir(summary["images_dir"])) == 1000
     assert summary["seconds"] < 30
+
+
+def test_existing_dataset_folder_is_refused_unless_replace(tmp_path):
+    first = _make(tmp_path / "d", seed=1)
+    before = _files(tmp_path / "d")
+    with pytest.raises(UserError, match=r"d: not empty .*--replace"):
+        _make(tmp_path / "d", seed=2)
+    assert _files(tmp_path / "d") == before                        # nothing overwritten
+    second = _make(tmp_path / "d", seed=2, replace=True)
+    assert _files(tmp_path / "d") != before and os.path.exists(second["captions"])
+    (tmp_path / "d" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes.txt"):             # never deleted by --replace
+        _make(tmp_path / "d", seed=3, replace=True)
+    assert (tmp_path / "d" / "notes.txt").read_text() == "mine"
+    assert first["images"] == second["images"]

@@ -1,0 +1,110 @@
+"""Every config validates itself: bad values are refused naming the flag and the value, before
+any command reads a file or writes one."""
+
+import dataclasses
+import math
+import os
+
+import pytest
+
+from caption_attn import config as C
+from caption_attn.cli import main
+from caption_attn.errors import UserError
+
+BAD_VALUES = [
+    (C.VocabConfig, "vocab_size", 0), (C.VocabConfig, "min_count", -1),
+    (C.VocabConfig, "max_length", 0),
+    (C.ModelConfig, "embedding_dim", -5), (C.ModelConfig, "units", 0),
+    (C.ModelConfig, "dropout", 1.5), (C.ModelConfig, "dropout", math.nan),
+    (C.ModelConfig, "attention_reg", -1.0), (C.ModelConfig, "attention_reg", math.inf),
+    (C.TrainConfig, "epochs", -1), (C.TrainConfig, "epochs", 0),
+    (C.TrainConfig, "batch_size", 0), (C.TrainConfig, "learning_rate", 0.0),
+    (C.TrainConfig, "learning_rate", math.nan), (C.TrainConfig, "clip_norm", -1.0),
+    (C.TrainConfig, "patience", -1), (C.TrainConfig, "min_delta", math.inf),
+    (C.TrainConfig, "max_steps", 0), (C.TrainConfig, "memory_cache_gb", -2.0),
+    (C.TrainConfig, "scst_samples", 0), (C.TrainConfig, "scst_learning_rate", 0.0),
+    (C.TrainConfig, "scst_after", -1), (C.TrainConfig, "monitor", "bleu"),
+    (C.DecodeConfig, "beam", 0), (C.DecodeConfig, "length_penalty", math.nan),
+    (C.DecodeConfig, "temperature", 0.0), (C.DecodeConfig, "top_k", -1),
+    (C.DecodeConfig, "max_length", 0), (C.DecodeConfig, "batch_size", 0),
+    (C.ExtractConfig, "batch_size", 0), (C.ExtractConfig, "num_shards", 0),
+    (C.ExtractConfig, "workers", -1), (C.ExtractConfig, "dtype", "int8"),
+    (C.ExtractConfig, "cache", " "),
+    (C.DataConfig, "val_fraction", 1.0), (C.DataConfig, "seed", -3),
+    (C.DemoConfig, "num_images", 5), (C.DemoConfig, "beam", 0),
+    (C.ShapesConfig, "image_size", 32),
+]
+
+
+@pytest.mark.parametrize("cls, name, value", BAD_VALUES,
+                         ids=[f"{c.__name__}.{n}={v!r}" for c, n, v in BAD_VALUES])
+def test_bad_value_names_flag_and_value(cls, name, value):
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(UserError) as e:
+        cls(**{name: value})
+    message = str(e.value)
+    assert message.startswith(f"{flag} (`{name}`)") and repr(value) in message, message
+
+
+@pytest.mark.parametrize("value", [True, "3", 2.5])
+def test_wrong_types_are_refused(value):
+    # a hand-edited config.json must not smuggle a string or a bool into a count
+    with pytest.raises(UserError, match=r"--epochs \(`epochs`\) must be an integer"):
+        C.TrainConfig(epochs=value)
+
+
+def test_rules_between_fields_name_both_flags():
+    with pytest.raises(UserError, match=r"--bleu-images must be >= 1, got 0"):
+        C.TrainConfig(monitor="val_bleu4", bleu_images=0)
+    with pytest.raises(UserError, match=r"--scst-after 5 .* below --epochs \(5\)"):
+        C.TrainConfig(epochs=5, scst_after=5)
+    with pytest.raises(UserError, match=r"--scst-samples must be >= 2, got 1"):
+        C.TrainConfig(epochs=5, scst_after=2, scst_samples=1)
+    C.TrainConfig(epochs=5, scst_after=2, scst_samples=1, scst_baseline="greedy")
+    with pytest.raises(UserError, match=r"--shard-index must be in \[0, --num-shards\)"):
+        C.ExtractConfig(num_shards=2, shard_index=2)
+    with pytest.raises(UserError, match=r"`val_fraction` \+ `test_fraction` must be < 1"):
+        C.DataConfig(val_fraction=0.5, test_fraction=0.5)
+
+
+def test_defaults_are_valid_and_monitor_follows_the_stage():
+    for cls in (C.DataConfig, C.VocabConfig, C.ShapesConfig, C.ExtractConfig, C.ModelConfig,
+                C.TrainConfig, C.DecodeConfig, C.DemoConfig, C.RunConfig):
+        cls()
+    tc = C.TrainConfig(epochs=10, scst_after=6)
+    assert [tc.monitor_for(e) for e in (5, 6)] == ["val_loss", "val_cider"]
+    assert C.TrainConfig(monitor="val_bleu4").monitor_for(9) == "val_bleu4"
+
+
+def test_saved_config_with_a_bad_value_is_refused(tmp_path):
+    path = str(tmp_path / "config.json")
+    C.RunConfig().save(path)
+    d = C.RunConfig.load(path).to_dict()
+    d["model"]["units"] = 0
+    with pytest.raises(UserError, match=r"--units \(`units`\) must be an integer >= 1"):
+        C.RunConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--units", "0"], "--units"), (["--dropout", "1.5"], "--dropout"),
+    (["--batch-size", "0"], "--batch-size"), (["--learning-rate", "nan"], "--learning-rate"),
+    (["--max-length", "0"], "--max-length"), (["--epochs", "-1"], "--epochs"),
+    (["--clip-norm", "-1"], "--clip-norm"), (["--vocab-size", "0"], "--vocab-size")])
+def test_train_refuses_bad_flags_before_writing_anything(tmp_path, capsys, flags, named):
+    run = tmp_path / "run"
+    code = main(["train", "--captions", str(tmp_path / "missing.json"), "--cache",
+                 str(tmp_path / "cache"), "--run", str(run), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and "Traceback" not in err
+    assert not os.path.exists(run)
+
+
+def test_every_field_with_a_check_is_reachable_as_a_flag():
+    # flags map 1:1 onto fields: a check on a field no flag sets would never help a user
+    from caption_attn.cli import build_parser
+    text = " ".join(a.format_help() for a in build_parser()._subparsers._group_actions[0]
+                    .choices.values())
+    for cls in (C.VocabConfig, C.ModelConfig, C.TrainConfig, C.DecodeConfig, C.ExtractConfig):
+        for f in dataclasses.fields(cls):
+            if "check" in f.metadata:
+                assert C.flag_name(f) in text, f.name

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from caption_attn import evaluate
+from caption_attn import coco_metrics, evaluate
 from caption_attn.cli import main
 from caption_attn.config import DecodeConfig
 
@@ -31,7 +31,7 @@ def test_evaluate_run_writes_results_and_metrics(shapes_data, trained_run, tmp_p
     # the numbers are pycocoevalcap's on exactly these captions
     by_id = {images[k]["imgid"]: k for k in test_keys}
     hyps = {by_id[r["image_id"]]: r["caption"] for r in results}
-    direct, _ = evaluate.coco_metrics(refs, hyps, use_java=False)
+    direct, _ = coco_metrics.coco_metrics(refs, hyps, use_java=False)
     for name, value in direct.items():
         assert metrics[name] == pytest.approx(value)
     for name in ("scene_accuracy", "grounding", "matched_words"):
@@ -42,7 +42,7 @@ def test_evaluate_run_writes_results_and_metrics(shapes_data, trained_run, tmp_p
 
 
 def test_cli_evaluate_prints_the_table(trained_run, capsys, monkeypatch):
-    monkeypatch.setattr(evaluate, "java_available", lambda: False)
+    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
     assert main(["evaluate", "--run", trained_run, "--split", "val", "--beam", "1"]) == 0
     captured = capsys.readouterr()
     for name in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "scene accuracy"):
@@ -65,7 +65,7 @@ def test_metrics_with_java_equal_a_direct_pycocoevalcap_call(shapes_data, traine
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    if not evaluate.java_available():
+    if not coco_metrics.java_available():
         pytest.skip("Java is not installed")
     metrics = evaluate.evaluate_run(trained_run, "test", DecodeConfig(beam=1),
                                     out=str(tmp_path / "m.json"), progress=False)

@@ -111,3 +111,20 @@ def test_images_without_a_valid_feature_file_are_skipped_and_reported(trained_ru
     assert metrics["images"] == len(test_keys) - 2
     assert metrics["images_without_features"] == 2
     assert any("2 images of the test split" in n and "--verify" in n for n in metrics["notes"])
+
+
+# --------------------------------------------------------------------------- printing
+def test_format_metrics_table():
+    metrics = {"Bleu_1": 0.71234, "Bleu_2": 0.5, "Bleu_3": 0.4, "Bleu_4": 0.3,
+               "ROUGE_L": 0.6, "CIDEr": 1.23456}
+    lines = evaluate.format_metrics(metrics).splitlines()
+    assert [line.split("  ")[0].strip() for line in lines] == [
+        "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
+    assert lines[0].endswith("0.7123") and lines[4].endswith("n/a")
+    assert lines[6].endswith("1.2346")
+    assert len({len(line) for line in lines}) == 1  # values right-aligned in one column
+    shapes = {"scene_accuracy": 0.25, "grounding": None, "images": 12, "grounded_words": 0,
+              "matched_words": 0}
+    table = evaluate.format_metrics({**metrics, **shapes})
+    assert "scene accuracy" in table and table.splitlines()[-3].endswith(" 12")
+    assert table.splitlines()[8].endswith("n/a")  # grounding None

@@ -1,9 +1,12 @@
-"""Tests of the shapes-dataset metrics and the metrics table (caption_attn/evaluate.py)."""
+"""Tests of the shapes-dataset metrics (caption_attn/shapes_metrics.py)."""
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from caption_attn import evaluate
+from caption_attn import shapes_metrics
 
 
 # --------------------------------------------------------------------------- scene accuracy
@@ -26,7 +29,7 @@ GREEN_TRIANGLE = {"color": "green", "shape": "triangle", "size": "small",
 ])
 def test_scene_accuracy_cases(caption, correct):
     objects = {"k": [RED_CIRCLE, BLUE_SQUARE]}
-    assert evaluate.scene_accuracy({"k": caption}, objects) == float(correct)
+    assert shapes_metrics.scene_accuracy({"k": caption}, objects) == float(correct)
 
 
 def test_scene_accuracy_fraction_and_three_objects():
@@ -35,9 +38,9 @@ def test_scene_accuracy_fraction_and_three_objects():
     captions = {1: "there are three shapes a blue square a large red circle and a green "
                    "triangle", 2: "a picture of a red circle", 3: "a red square",
                 4: "a green triangle and a blue square"}
-    assert evaluate.scene_accuracy(captions, objects) == 0.5
+    assert shapes_metrics.scene_accuracy(captions, objects) == 0.5
     with pytest.raises(ValueError, match=r"`objects`\[5\]"):
-        evaluate.scene_accuracy({5: "a red circle"}, objects)
+        shapes_metrics.scene_accuracy({5: "a red circle"}, objects)
 
 
 # --------------------------------------------------------------------------- grounding
@@ -53,8 +56,8 @@ def _one_hot(*cells) -> np.ndarray:
 
 
 def _ground(words: str, cells, objects, image_size=SIZE):
-    return evaluate.grounding_score({"k": words.split()}, {"k": _one_hot(*cells)},
-                                    {"k": objects}, image_size)
+    return shapes_metrics.grounding_score({"k": words.split()}, {"k": _one_hot(*cells)},
+                                          {"k": objects}, image_size)
 
 
 def test_grounding_right_cell_one_off_two_off():
@@ -82,10 +85,10 @@ def test_grounding_three_objects_and_counts():
              (0, 0), (2, 3), (4, 3),     # red: on it; circle: two rows below -> no
              (0, 0), (0, 0), (0, 6), (1, 7)]  # green / triangle: on it
     attention = {"k": _one_hot(*cells, (0, 0))}  # one extra row: the <end> step
-    score = evaluate.grounding_score({"k": words}, attention, {"k": objects}, SIZE)
+    score = shapes_metrics.grounding_score({"k": words}, attention, {"k": objects}, SIZE)
     assert score == 5 / 6
-    out = evaluate.shapes_metrics({"k": " ".join(words)}, {"k": words}, attention,
-                                  {"k": objects}, SIZE)
+    out = shapes_metrics.shapes_metrics({"k": " ".join(words)}, {"k": words}, attention,
+                                        {"k": objects}, SIZE)
     assert out == {"scene_accuracy": 1.0, "grounding": 5 / 6, "images": 1,
                    "grounded_words": 5, "matched_words": 6}
 
@@ -99,22 +102,13 @@ def test_grounding_per_image_height_width():
 
 def test_grounding_checks_attention_shape():
     with pytest.raises(ValueError, match=r"`attention`\['k'\] must have shape"):
-        evaluate.grounding_score({"k": ["a", "red", "circle"]}, {"k": np.zeros((2, 64))},
-                                 {"k": [RED_CIRCLE]}, SIZE)
+        shapes_metrics.grounding_score({"k": ["a", "red", "circle"]},
+                                       {"k": np.zeros((2, 64))}, {"k": [RED_CIRCLE]}, SIZE)
 
 
-# --------------------------------------------------------------------------- printing
-def test_format_metrics_table():
-    metrics = {"Bleu_1": 0.71234, "Bleu_2": 0.5, "Bleu_3": 0.4, "Bleu_4": 0.3,
-               "ROUGE_L": 0.6, "CIDEr": 1.23456}
-    lines = evaluate.format_metrics(metrics).splitlines()
-    assert [line.split("  ")[0].strip() for line in lines] == [
-        "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
-    assert lines[0].endswith("0.7123") and lines[4].endswith("n/a")
-    assert lines[6].endswith("1.2346")
-    assert len({len(line) for line in lines}) == 1  # values right-aligned in one column
-    shapes = {"scene_accuracy": 0.25, "grounding": None, "images": 12, "grounded_words": 0,
-              "matched_words": 0}
-    table = evaluate.format_metrics({**metrics, **shapes})
-    assert "scene accuracy" in table and table.splitlines()[-3].endswith(" 12")
-    assert table.splitlines()[8].endswith("n/a")  # grounding None
+def test_importing_needs_no_tensorflow():
+    """Scoring stays usable (and quick to import) where TensorFlow and Keras are not."""
+    code = ("import sys, caption_attn.shapes_metrics; "
+            "loaded = {'tensorflow', 'keras'} & set(sys.modules); assert not loaded, loaded")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

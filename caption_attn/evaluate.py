@@ -1,18 +1,24 @@
-"""The `evaluate` command and the metrics table.
+"""The `evaluate` command: decode a split of a trained run, score it, write the files, print.
 
-Scoring lives in `coco_metrics` (BLEU, METEOR, ROUGE-L, CIDEr; the COCO results JSON) and
-`shapes_metrics` (scene accuracy, attention grounding); neither needs TensorFlow.
+Scoring itself lives in `coco_metrics` (BLEU, METEOR, ROUGE-L, CIDEr; the COCO results JSON)
+and `shapes_metrics` (scene accuracy, attention grounding); neither needs TensorFlow. This
+module loads TensorFlow only inside `evaluate_run`, so printing a metrics table stays light.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
 import numpy as np
 
+from caption_attn import data
 from caption_attn.coco_metrics import COCO_METRICS, coco_metrics, write_results
-from caption_attn.fileio import write_json_atomic
+from caption_attn.config import DecodeConfig, RunConfig
+from caption_attn.errors import UserError
+from caption_attn.features import feature_path, read_manifest
+from caption_attn.fileio import read_json, write_json_atomic
 from caption_attn.shapes_metrics import SHAPES_METRICS, shapes_metrics
 
 DISPLAY_NAMES = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
@@ -42,25 +48,23 @@ def format_metrics(metrics: dict) -> str:
 
 
 # --------------------------------------------------------------------------- a run's split
-def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str] = None,
-                 progress: bool = True, use_java: Optional[bool] = None) -> dict:
-    """Decode a split of a trained run from its feature cache, score it, write the files.
+@dataclasses.dataclass
+class _SplitFeatures:
+    """The images of a run's split that have a valid feature file, and what scoring needs."""
 
-    Writes the COCO results JSON (`[{"image_id", "caption"}]`) and the metrics JSON (`out`,
-    default `<run>/eval/<split>_metrics.json`; results next to it as `*_results.json`).
-    Returns the metrics dict (also holding the paths written).
-    """
-    import keras
+    split: str
+    cache: str                          # the run's feature cache folder
+    keys: list[str]                     # images with a valid feature file, in split order
+    without: list[str]                  # images left out: feature file missing or wrong size
+    records: dict                       # image key -> data.ImageRecord
+    manifest: dict                      # the cache's manifest.json
+    reader: object                      # pipeline.NpyReader of the cache
 
-    from caption_attn import data, pipeline
-    from caption_attn.captioner import Captioner
-    from caption_attn.config import DecodeConfig
-    from caption_attn.fileio import read_json
-    from caption_attn.errors import UserError
-    from caption_attn.features import feature_path, read_manifest
 
-    captioner = Captioner.from_run(run_dir, cfg or DecodeConfig())
-    run_cfg = captioner.run_cfg
+def _load_split(run_dir: str, split: str, run_cfg: RunConfig) -> _SplitFeatures:
+    """The run's `split` (split.json), its records and which of them have a feature file."""
+    from caption_attn import pipeline
+
     splits = read_json(os.path.join(run_dir, "split.json"))["splits"]
     if split not in splits:
         raise UserError(f"--split must be one of {sorted(splits)}, got {split!r}")
@@ -73,32 +77,72 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     keys = [k for k in keys if valid[k]]
     if not keys:
         raise UserError(f"no images of the {split} split have features in {run_cfg.cache}")
-    bar = keras.utils.Progbar(len(keys), verbose=1 if progress else 0, unit_name="image")
-    batches = pipeline.image_dataset([feature_path(run_cfg.cache, k) for k in keys],
-                                     captioner.cfg.batch_size, reader)
+    return _SplitFeatures(split, run_cfg.cache, keys, without, records, manifest, reader)
+
+
+def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
+    """Image key -> the best `Caption` of `captioner`, decoded from the cached features."""
+    import keras
+
+    from caption_attn import pipeline
+
+    bar = keras.utils.Progbar(len(found.keys), verbose=1 if progress else 0, unit_name="image")
+    batches = pipeline.image_dataset([feature_path(found.cache, k) for k in found.keys],
+                                     captioner.cfg.batch_size, found.reader)
     decoded = captioner.decode_batches((b.numpy() for b in batches), bar)
-    best = {k: c[0] for k, c in zip(keys, decoded)}
-    hypotheses = {k: c.text for k, c in best.items()}
-    references = {k: records[k].captions for k in keys}
+    return {k: c[0] for k, c in zip(found.keys, decoded)}
+
+
+def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
+           use_java: Optional[bool]) -> dict:
+    """The coco metrics of `hypotheses` and their notes, then the shapes metrics of `best`
+    (captions with words and attention) when the records have ground-truth objects."""
+    records = found.records
+    references = {k: records[k].captions for k in found.keys}
     metrics, notes = coco_metrics(references, hypotheses, use_java=use_java)
-    if without:
-        notes.append(f"{len(without)} images of the {split} split were left out: their feature "
-                     f"file in {run_cfg.cache} is missing or has the wrong size (e.g. "
-                     f"{without[0]}); run extract-features --verify to repair the cache")
-    result = {"run": run_dir, "split": split, "images": len(keys),
-              "images_without_features": len(without),
-              "decode": {"method": captioner.cfg.method, "beam": captioner.cfg.beam,
-                         "length_penalty": captioner.cfg.length_penalty},
-              **metrics, "notes": notes}
-    objects = {k: records[k].objects for k in keys if records[k].objects is not None}
+    if found.without:
+        notes.append(f"{len(found.without)} images of the {found.split} split were left out: "
+                     f"their feature file in {found.cache} is missing or has the wrong size "
+                     f"(e.g. {found.without[0]}); run extract-features --verify to repair the "
+                     f"cache")
+    result = {**metrics, "notes": notes}
+    objects = {k: records[k].objects for k in found.keys if records[k].objects is not None}
     if objects:
-        sizes = {k: records[k].size or (manifest["image_size"],) * 2 for k in objects}
+        sizes = {k: records[k].size or (found.manifest["image_size"],) * 2 for k in objects}
         result.update(shapes_metrics({k: hypotheses[k] for k in objects},
                                      {k: best[k].words for k in objects},
                                      {k: best[k].attention for k in objects}, objects, sizes))
+    return result
+
+
+def _output_paths(run_dir: str, split: str, out: Optional[str]) -> tuple[str, str]:
+    """(metrics JSON, COCO results JSON): `out`, default `<run>/eval/<split>_metrics.json`,
+    and the results next to it as `*_results.json`."""
     out = out or os.path.join(run_dir, "eval", f"{split}_metrics.json")
-    results_path = os.path.splitext(out)[0].removesuffix("_metrics") + "_results.json"
-    write_results(results_path, hypotheses, {k: records[k].image_id for k in keys})
-    result.update(metrics_file=out, results_file=results_path)
-    write_json_atomic(out, result)
+    return out, os.path.splitext(out)[0].removesuffix("_metrics") + "_results.json"
+
+
+def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str] = None,
+                 progress: bool = True, use_java: Optional[bool] = None) -> dict:
+    """Decode a split of a trained run from its feature cache, score it, write the files.
+
+    Writes the COCO results JSON (`[{"image_id", "caption"}]`) and the metrics JSON (`out`,
+    default `<run>/eval/<split>_metrics.json`; results next to it as `*_results.json`).
+    Returns the metrics dict (also holding the paths written).
+    """
+    from caption_attn.captioner import Captioner
+
+    captioner = Captioner.from_run(run_dir, cfg or DecodeConfig())
+    found = _load_split(run_dir, split, captioner.run_cfg)
+    best = _decode(captioner, found, progress)
+    hypotheses = {k: c.text for k, c in best.items()}
+    result = {"run": run_dir, "split": split, "images": len(found.keys),
+              "images_without_features": len(found.without),
+              "decode": {"method": captioner.cfg.method, "beam": captioner.cfg.beam,
+                         "length_penalty": captioner.cfg.length_penalty},
+              **_score(found, hypotheses, best, use_java)}
+    metrics_path, results_path = _output_paths(run_dir, split, out)
+    write_results(results_path, hypotheses, {k: found.records[k].image_id for k in found.keys})
+    result.update(metrics_file=metrics_path, results_file=results_path)
+    write_json_atomic(metrics_path, result)
     return result

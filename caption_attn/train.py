@@ -488,7 +488,7 @@ class Trainer:
         return out
 
     def bleu4(self, split: str = "val") -> Optional[float]:
-        from caption_attn.evaluate import corpus_bleu4
+        from caption_attn.coco_metrics import corpus_bleu4
 
         refs = self.data.references[split]
         keys = sorted(refs)[:self.cfg.train.bleu_images]

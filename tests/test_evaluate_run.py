@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from caption_attn import evaluate
+from caption_attn import coco_metrics, evaluate
 from caption_attn.cli import main
 from caption_attn.config import DecodeConfig
 
@@ -31,7 +31,7 @@ def test_evaluate_run_writes_results_and_metrics(shapes_data, trained_run, tmp_p
     # the numbers are pycocoevalcap's on exactly these captions
     by_id = {images[k]["imgid"]: k for k in test_keys}
     hyps = {by_id[r["image_id"]]: r["caption"] for r in results}
-    direct, _ = evaluate.coco_metrics(refs, hyps, use_java=False)
+    direct, _ = coco_metrics.coco_metrics(refs, hyps, use_java=False)
     for name, value in direct.items():
         assert metrics[name] == pytest.approx(value)
     for name in ("scene_accuracy", "grounding", "matched_words"):
@@ -42,7 +42,7 @@ def test_evaluate_run_writes_results_and_metrics(shapes_data, trained_run, tmp_p
 
 
 def test_cli_evaluate_prints_the_table(trained_run, capsys, monkeypatch):
-    monkeypatch.setattr(evaluate, "java_available", lambda: False)
+    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
     assert main(["evaluate", "--run", trained_run, "--split", "val", "--beam", "1"]) == 0
     captured = capsys.readouterr()
     for name in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "scene accuracy"):
@@ -65,7 +65,7 @@ def test_metrics_with_java_equal_a_direct_pycocoevalcap_call(shapes_data, traine
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    if not evaluate.java_available():
+    if not coco_metrics.java_available():
         pytest.skip("Java is not installed")
     metrics = evaluate.evaluate_run(trained_run, "test", DecodeConfig(beam=1),
                                     out=str(tmp_path / "m.json"), progress=False)
@@ -111,3 +111,20 @@ def test_images_without_a_valid_feature_file_are_skipped_and_reported(trained_ru
     assert metrics["images"] == len(test_keys) - 2
     assert metrics["images_without_features"] == 2
     assert any("2 images of the test split" in n and "--verify" in n for n in metrics["notes"])
+
+
+# --------------------------------------------------------------------------- printing
+def test_format_metrics_table():
+    metrics = {"Bleu_1": 0.71234, "Bleu_2": 0.5, "Bleu_3": 0.4, "Bleu_4": 0.3,
+               "ROUGE_L": 0.6, "CIDEr": 1.23456}
+    lines = evaluate.format_metrics(metrics).splitlines()
+    assert [line.split("  ")[0].strip() for line in lines] == [
+        "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
+    assert lines[0].endswith("0.7123") and lines[4].endswith("n/a")
+    assert lines[6].endswith("1.2346")
+    assert len({len(line) for line in lines}) == 1  # values right-aligned in one column
+    shapes = {"scene_accuracy": 0.25, "grounding": None, "images": 12, "grounded_words": 0,
+              "matched_words": 0}
+    table = evaluate.format_metrics({**metrics, **shapes})
+    assert "scene accuracy" in table and table.splitlines()[-3].endswith(" 12")
+    assert table.splitlines()[8].endswith("n/a")  # grounding None

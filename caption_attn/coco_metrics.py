@@ -1,0 +1,251 @@
+"""Coco-caption scores and the COCO results JSON; no TensorFlow needed.
+
+Inputs are dicts keyed by anything hashable (image key or COCO id): `references` maps a key to
+its reference captions, `hypotheses` maps a key to one generated caption. Only the keys of
+`hypotheses` are scored; each must have references.
+
+`coco_metrics` reproduces pycocoevalcap's `COCOEvalCap.evaluate` (PTB tokenization of both
+sides, then Bleu(4), Meteor(), Rouge(), Cider()) without SPICE, with two deliberate changes to
+the plumbing, not to the numbers:
+
+- The Stanford PTBTokenizer jar is fed through stdin instead of pycocoevalcap's temporary
+  file, which `PTBTokenizer.tokenize` creates inside its own package folder: that fails when
+  site-packages is read-only (a system or container install, another user's venv) and leaves
+  the file behind when the process is killed mid-run. The jar, flags and post-processing are
+  the same, so the tokens are identical (tests compare against `PTBTokenizer` itself).
+- pycocoevalcap only turns "\\n" inside a caption into a space; the jar also ends a line at
+  "\\r", "\\v", "\\f", U+2028 and U+2029, which would shift every later caption onto the wrong
+  image. Those become spaces too.
+
+Nothing is printed: `COCOEvalCap.evaluate`'s progress lines ("tokenization...") are not used,
+BLEU runs with `verbose=0` (else it prints `{'testlen': ...}`), and the jars' stderr logs
+("PTBTokenizer tokenized N tokens ...") are captured. Nothing is redirected either, so prints
+of other threads (a training loop) are never swallowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+from typing import Hashable, Optional, Union
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer import ptbtokenizer
+
+from caption_attn.fileio import write_json_atomic
+from caption_attn.vocab import standardize
+
+COCO_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+PTB_JAR = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)),
+                       ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+PTB_COMMAND = ["java", "-cp", PTB_JAR, "edu.stanford.nlp.process.PTBTokenizer",
+               "-preserveLines", "-lowerCase"]  # as ptbtokenizer.py, minus the file argument
+PUNCTUATIONS = frozenset(ptbtokenizer.PUNCTUATIONS)
+NOTE_NO_METEOR = "METEOR needs Java (not found on PATH); reported the rest"
+NOTE_PY_TOKENIZER = ("tokenized with a pure-Python imitation of the Java PTBTokenizer: scores "
+                     "may differ slightly from pycocoevalcap's")
+
+_LINE_BREAKS = re.compile("[\n\r\v\f\u2028\u2029]")  # all end a line in the jar
+
+Key = Hashable
+
+
+# --------------------------------------------------------------------------- input checks
+def _check_inputs(references: dict, hypotheses: dict) -> None:
+    """ValueError unless every hypothesis is a string with >= 1 reference caption."""
+    if not hypotheses:
+        raise ValueError("`hypotheses` is empty: nothing to score")
+    missing = [k for k in hypotheses if k not in references]
+    if missing:
+        raise ValueError(f"`hypotheses` has {len(missing)} key(s) without references, e.g. "
+                         f"{missing[:3]!r}")
+    for key, caption in hypotheses.items():
+        if not isinstance(caption, str):
+            raise ValueError(f"`hypotheses`[{key!r}] must be a string, got {caption!r}")
+        refs = references[key]
+        if not isinstance(refs, (list, tuple)) or not refs \
+                or not all(isinstance(r, str) for r in refs):
+            raise ValueError(f"`references`[{key!r}] must be a non-empty list of strings, "
+                             f"got {refs!r}")
+
+
+# --------------------------------------------------------------------------- BLEU-4 (no Java)
+def corpus_bleu4(references: dict[Key, list[str]], hypotheses: dict[Key, str]) -> float:
+    """Corpus BLEU-4 of pycocoevalcap's `Bleu` scorer on `vocab.standardize`d text.
+
+    No Java (cheap enough for every epoch's `val_bleu4`); it differs from `coco_metrics`'
+    Bleu_4 only by tokenization.
+    """
+    _check_inputs(references, hypotheses)
+    gts = {k: [standardize(r) for r in references[k]] for k in hypotheses}
+    res = {k: [standardize(h)] for k, h in hypotheses.items()}
+    score, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return float(score[3])
+
+
+# --------------------------------------------------------------------------- tokenization
+def java_available() -> bool:
+    """Whether a working `java` is on PATH.
+
+    Runs `java -version`, since e.g. macOS ships a `/usr/bin/java` stub that only prints an
+    install hint when no JDK is installed.
+    """
+    java = shutil.which("java")
+    if java is None:
+        return False
+    try:
+        done = subprocess.run([java, "-version"], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _sentences(captions_for_image: dict[Key, list[str]]) -> tuple[list[Key], list[str]]:
+    """(key per caption, caption per line) in dict order, line breaks made spaces."""
+    keys = [k for k, v in captions_for_image.items() for _ in v]
+    lines = [_LINE_BREAKS.sub(" ", c) for v in captions_for_image.values() for c in v]
+    return keys, lines
+
+
+def _group(keys: list[Key], lines: list[str]) -> dict[Key, list[str]]:
+    """Tokenized lines grouped by key, PTB punctuation tokens dropped (as ptbtokenizer.py)."""
+    out: dict[Key, list[str]] = {}
+    for key, line in zip(keys, lines):
+        words = [w for w in line.rstrip().split(" ") if w not in PUNCTUATIONS]
+        out.setdefault(key, []).append(" ".join(words))
+    return out
+
+
+def ptb_tokenize_java(captions_for_image: dict[Key, list[str]]) -> dict[Key, list[str]]:
+    """pycocoevalcap's `PTBTokenizer().tokenize`, with captions as plain strings, through
+    stdin (no temporary file) and with the jar's stderr log captured."""
+    keys, lines = _sentences(captions_for_image)
+    done = subprocess.run(PTB_COMMAND, input="\n".join(lines).encode(), capture_output=True)
+    out_lines = done.stdout.decode().split("\n")
+    if done.returncode != 0 or len(out_lines) < len(keys):
+        raise RuntimeError(f"Stanford PTBTokenizer failed (exit {done.returncode}, "
+                           f"{len(out_lines)} lines for {len(keys)} captions): "
+                           f"{done.stderr.decode(errors='replace').strip()[-500:]}")
+    return _group(keys, out_lines)
+
+
+_PY_REPLACE = {"\u201c": ' " ', "\u201d": ' " ', "\u2018": " ' ", "\u2019": "'",
+               "\u2026": " ... ", "\x85": " ... ", "\u2014": " -- ", "\u2013": " -- "}
+_PY_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-",
+                "{": "-lcb-", "}": "-rcb-"}  # lowercased, so ptbtokenizer.py keeps them too
+_PY_SPLITS = {"cannot": "can not", "gonna": "gon na", "wanna": "wan na", "gotta": "got ta"}
+_CLITIC = r"(?:s|re|ve|ll|d|m)\b"  # after an apostrophe: it's, we're, you've, we'll, she'd
+_PY_TOKEN = re.compile(rf"""
+      \.\.\.                                  # ellipsis
+    | --                                      # dash
+    | [!?]+                                   # "!!" and "?!" stay one token
+    | \w+?(?=n't\b)                           # "do" of "don't", "ca" of "can't"
+    | n't\b
+    | '{_CLITIC}                               # 's 're 've 'll 'd 'm
+    | \w+(?:-\w+)+                             # well-known, 3-year-old
+    | \d+(?:[.,:/]\d+)*                       # 3.5  1,000  10:30  1/2
+    | (?:[^\W\d_]\.){{2,}}                    # abbreviations: u.s.
+    | (?:mr|mrs|ms|dr|st)\.                   # titles keep their period
+    | @?\w+(?:[/&.]\w+|'(?!{_CLITIC})\w+)*   # words: a/b, o'neil, @home
+    | \S                                      # any other character on its own
+""", re.VERBOSE)
+
+
+def _py_tokenize_line(line: str) -> str:
+    """One caption, PTB-tokenized and lowercased (before punctuation removal)."""
+    text = line.lower()
+    for old, new in _PY_REPLACE.items():
+        text = text.replace(old, new)
+    tokens = [_PY_BRACKETS.get(t, _PY_SPLITS.get(t, t)) for t in _PY_TOKEN.findall(text)]
+    return " ".join("``" if t == '"' else t for t in tokens)
+
+
+def ptb_tokenize_python(captions_for_image: dict[Key, list[str]]) -> dict[Key, list[str]]:
+    """A pure-Python imitation of `ptb_tokenize_java` for machines without Java: lowercase,
+    PTB splitting (clitics, n't, punctuation, brackets) and the same punctuation removal.
+    Common captions come out identical; rare constructs (some abbreviations, units glued to
+    numbers, "rock'n'roll") may differ."""
+    keys, lines = _sentences(captions_for_image)
+    return _group(keys, [_py_tokenize_line(line) for line in lines])
+
+
+# --------------------------------------------------------------------------- coco metrics
+def _meteor(gts: dict, res: dict) -> float:
+    """pycocoevalcap's METEOR; its Java process is always ended (its `__del__` would wait
+    forever on the scorer's lock if `compute_score` raised while holding it)."""
+    meteor = Meteor()
+    try:
+        score, _ = meteor.compute_score(gts, res)
+        return float(score)
+    finally:
+        proc = meteor.meteor_p
+        proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError):
+                stream.close()
+        if meteor.lock.locked():
+            meteor.lock.release()
+
+
+def _tokenize_both(gts: dict, res: dict, java: bool, notes: list[str]) -> tuple[dict, dict]:
+    """PTB-tokenize references and hypotheses, with Java when `java`, else in Python."""
+    if java:
+        try:
+            return ptb_tokenize_java(gts), ptb_tokenize_java(res)
+        except (OSError, RuntimeError) as e:
+            notes.append(f"the Java PTBTokenizer failed ({e}); fell back to Python")
+    notes.append(NOTE_PY_TOKENIZER)
+    return ptb_tokenize_python(gts), ptb_tokenize_python(res)
+
+
+def coco_metrics(references: dict[Key, list[str]], hypotheses: dict[Key, str],
+                 use_java: Optional[bool] = None) -> tuple[dict, list[str]]:
+    """BLEU-1..4, METEOR, ROUGE-L and CIDEr as pycocoevalcap's `COCOEvalCap.evaluate`.
+
+    Returns ({"Bleu_1": ..., "Bleu_4": ..., "METEOR": ..., "ROUGE_L": ..., "CIDEr": ...},
+    notes). `use_java` None uses Java when available; False skips it (Python tokenizer, no
+    METEOR); True requires it. Without Java, METEOR is left out and the notes say why. CIDEr's
+    document frequencies come from the scored references, so it needs several images.
+    """
+    _check_inputs(references, hypotheses)
+    java = java_available() if use_java is None else bool(use_java)
+    if use_java and not java_available():
+        raise ValueError(f"`use_java` is {use_java!r} but no working `java` is on PATH")
+    notes: list[str] = []
+    gts = {k: list(references[k]) for k in hypotheses}
+    res = {k: [h] for k, h in hypotheses.items()}
+    gts, res = _tokenize_both(gts, res, java, notes)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)  # verbose=1 prints to stdout
+    metrics = {f"Bleu_{n}": float(s) for n, s in enumerate(bleu, start=1)}
+    if java:
+        try:
+            metrics["METEOR"] = _meteor(gts, res)
+        except (OSError, ValueError) as e:
+            notes.append(f"METEOR failed ({type(e).__name__}: {e}); reported the rest")
+    elif use_java is None:
+        notes.append(NOTE_NO_METEOR)
+    else:
+        notes.append("METEOR skipped (`use_java` is False); reported the rest")
+    metrics["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+    metrics["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    return metrics, notes
+
+
+def write_results(path: str, hypotheses: dict[Key, str],
+                  image_ids: dict[Key, Union[int, str]]) -> None:
+    """COCO results JSON `[{"image_id": ..., "caption": ...}]` in `hypotheses` order, written
+    atomically."""
+    missing = [k for k in hypotheses if k not in image_ids]
+    if missing:
+        raise ValueError(f"`image_ids` has no id for {len(missing)} hypothesis key(s), e.g. "
+                         f"{missing[:3]!r}")
+    write_json_atomic(path, [{"image_id": image_ids[k], "caption": caption}
+                             for k, caption in hypotheses.items()])

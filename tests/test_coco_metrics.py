@@ -1,0 +1,159 @@
+"""Tests of the coco-caption metrics (caption_attn/coco_metrics.py)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+from caption_attn import coco_metrics
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs Java on PATH")
+
+# Punctuation, case, clitics, brackets and an empty hypothesis, over 4 images (CIDEr needs
+# several images for its document frequencies to be non-trivial).
+REFERENCES = {
+    1: ["A red circle.", "There is a red circle!", "a picture of a red circle"],
+    2: ["A blue square above a green triangle.", "a green triangle below a blue square"],
+    "img3": ["A dog's ball (red) on the grass, isn't it?", "a dog plays with a ball"],
+    4: ["Two people walk on a beach.", "A couple walking on the sand -- at dusk."],
+}
+HYPOTHESES = {1: "a red circle", 2: "a blue square above a green circle",
+              "img3": "", 4: "Two people walking on the beach."}
+COCO_NAMES = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
+
+
+def _direct_coco(references, hypotheses, with_meteor: bool) -> dict:
+    """What COCOEvalCap.evaluate computes, called directly on pycocoevalcap."""
+    gts = {k: [{"caption": c} for c in references[k]] for k in hypotheses}
+    res = {k: [{"caption": h}] for k, h in hypotheses.items()}
+    tokenizer = PTBTokenizer()
+    gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+    out = {}
+    score, _ = Bleu(4).compute_score(gts, res)
+    out.update(zip(COCO_NAMES[:4], score))
+    if with_meteor:
+        out["METEOR"] = Meteor().compute_score(gts, res)[0]
+    out["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
+    out["CIDEr"] = Cider().compute_score(gts, res)[0]
+    return out
+
+
+# --------------------------------------------------------------------------- coco metrics
+@needs_java
+def test_coco_metrics_java_tokenizer_equals_pycocoevalcap(monkeypatch, capfd):
+    """Java PTB tokenization through stdin gives pycocoevalcap's exact BLEU/ROUGE/CIDEr; METEOR
+    (slow to start) is stubbed here and compared in the slow test below."""
+    monkeypatch.setattr(coco_metrics, "_meteor", lambda gts, res: 0.5)
+    metrics, notes = coco_metrics.coco_metrics(REFERENCES, HYPOTHESES)
+    printed = capfd.readouterr()
+    assert printed.out == "" and printed.err == ""  # no chatter, not even the jar's stderr
+    expected = _direct_coco(REFERENCES, HYPOTHESES, with_meteor=False)
+    assert notes == []
+    assert list(metrics) == COCO_NAMES
+    assert {k: v for k, v in metrics.items() if k != "METEOR"} == expected
+    assert 0 < metrics["Bleu_1"] < 1 and metrics["CIDEr"] > 0
+
+
+@needs_java
+def test_python_tokenizer_matches_java_on_typical_captions():
+    captions = {i: [c] for i, c in enumerate([
+        "A man's dog (brown) runs, quickly!",
+        '"Hello," she said -- it\'s 3.5 m/s... can\'t',
+        "Two dogs; one cat: a well-known 3-year-old boy's toy & more? Yes.",
+        "The U.S. flag's 'big' [bracket] {brace} $5 50% #1 @home a/b",
+        "Mr. Smith isn't here. Dogs' toys. O'Neil cannot go, gonna",
+        "café naïve … “smart quotes” ‘single’ — em–dash", "a red circle .", "", "what?! no",
+        "line\rbreak and\u2028separator",
+    ])}
+    assert (coco_metrics.ptb_tokenize_python(captions)
+            == coco_metrics.ptb_tokenize_java(captions))
+
+
+@pytest.mark.slow
+@needs_java
+def test_coco_metrics_equal_pycocoevalcap_including_meteor():
+    metrics, notes = coco_metrics.coco_metrics(REFERENCES, HYPOTHESES, use_java=True)
+    assert notes == []
+    assert metrics == _direct_coco(REFERENCES, HYPOTHESES, with_meteor=True)
+    assert 0 < metrics["METEOR"] < 1
+
+
+def test_coco_metrics_without_java_skips_meteor_with_a_note(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.setattr(coco_metrics, "ptb_tokenize_java", None)  # would fail if called
+    references = {1: ["A red circle.", "a picture of a red circle"],
+                  2: ["A blue square above a green triangle."],
+                  3: ["There is a large purple triangle"]}
+    hypotheses = {1: "A red circle", 2: "a blue square above a triangle.", 3: "a purple square"}
+    metrics, notes = coco_metrics.coco_metrics(references, hypotheses)
+    assert coco_metrics.java_available() is False
+    assert coco_metrics.NOTE_NO_METEOR in notes and coco_metrics.NOTE_PY_TOKENIZER in notes
+    assert list(metrics) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"]
+    # Expected: the scorers on the hand-tokenized captions (lowercase, "." removed).
+    gts = {1: ["a red circle", "a picture of a red circle"],
+           2: ["a blue square above a green triangle"], 3: ["there is a large purple triangle"]}
+    res = {1: ["a red circle"], 2: ["a blue square above a triangle"], 3: ["a purple square"]}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    assert [metrics[f"Bleu_{n}"] for n in range(1, 5)] == bleu
+    assert metrics["ROUGE_L"] == Rouge().compute_score(gts, res)[0]
+    assert metrics["CIDEr"] == Cider().compute_score(gts, res)[0]
+
+
+def test_coco_metrics_use_java_false_and_true_without_java(monkeypatch):
+    metrics, notes = coco_metrics.coco_metrics({1: ["a cat"]}, {1: "a cat"}, use_java=False)
+    assert "METEOR" not in metrics and any("`use_java` is False" in n for n in notes)
+    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
+    with pytest.raises(ValueError, match="`use_java`"):
+        coco_metrics.coco_metrics({1: ["a cat"]}, {1: "a cat"}, use_java=True)
+
+
+def test_metric_inputs_are_checked():
+    with pytest.raises(ValueError, match=r"`hypotheses` has 1 key\(s\) without references.*'b'"):
+        coco_metrics.corpus_bleu4({"a": ["x"]}, {"a": "x", "b": "y"})
+    with pytest.raises(ValueError, match="`hypotheses` is empty"):
+        coco_metrics.coco_metrics({"a": ["x"]}, {}, use_java=False)
+    with pytest.raises(ValueError, match=r"`references`\['a'\] must be a non-empty list"):
+        coco_metrics.corpus_bleu4({"a": []}, {"a": "x"})
+
+
+# --------------------------------------------------------------------------- BLEU-4
+def test_corpus_bleu4_identical_disjoint_and_standardized():
+    refs = {1: ["a red circle to the left of a blue square"],
+            2: ["there is a large green triangle and a small red square"]}
+    same = {1: "A red circle, to the left of a BLUE square!",
+            2: "there is a large green triangle and a small red square"}
+    assert coco_metrics.corpus_bleu4(refs, same) == pytest.approx(1.0, abs=1e-6)
+    disjoint = {1: "dogs run fast on wet grass today", 2: "people eat pizza in big cities"}
+    assert coco_metrics.corpus_bleu4(refs, disjoint) < 1e-6
+    partial = coco_metrics.corpus_bleu4(refs, {1: same[1], 2: "there is a large green circle"})
+    assert 0.1 < partial < 0.99
+    assert coco_metrics.corpus_bleu4(refs, {1: same[1]}) == pytest.approx(1.0, abs=1e-6)  # subset
+
+
+# --------------------------------------------------------------------------- results JSON
+def test_write_results(tmp_path):
+    path = tmp_path / "out" / "results.json"
+    coco_metrics.write_results(str(path), {"b.png": "a red circle", "a.png": "a blue square"},
+                               {"a.png": 7, "b.png": "coco_42"})
+    assert json.loads(path.read_text(encoding="utf-8")) == [
+        {"image_id": "coco_42", "caption": "a red circle"},
+        {"image_id": 7, "caption": "a blue square"}]
+    assert os.listdir(tmp_path / "out") == ["results.json"]  # no temporary file left
+    with pytest.raises(ValueError, match="`image_ids` has no id"):
+        coco_metrics.write_results(str(path), {"c.png": "x"}, {"a.png": 7})
+
+
+def test_importing_needs_no_tensorflow():
+    """Scoring stays usable (and quick to import) where TensorFlow and Keras are not."""
+    code = ("import sys, caption_attn.coco_metrics; "
+            "loaded = {'tensorflow', 'keras'} & set(sys.modules); assert not loaded, loaded")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -11,15 +11,27 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import keras
 import numpy as np
 
 from caption_attn.fileio import write_bytes_atomic
+from caption_attn.config import MONITORS
 from caption_attn.errors import UserError
 
-_MODES = {"val_loss": "min", "loss": "min", "val_ce": "min", "val_bleu4": "max"}
+_MODES = {"loss": "min", "val_ce": "min", **MONITORS}
+
+
+def _mode_of(monitor: str, mode: str) -> str:
+    if mode == "auto":
+        if monitor not in _MODES:
+            raise ValueError(f"cannot infer `mode` for monitor {monitor!r}; pass "
+                             f"mode='min' or mode='max'")
+        mode = _MODES[monitor]
+    if mode not in ("min", "max"):
+        raise ValueError(f"`mode` must be 'auto', 'min' or 'max', got {mode!r}")
+    return mode
 
 
 class EarlyStopping(keras.callbacks.Callback):
@@ -29,39 +41,62 @@ class EarlyStopping(keras.callbacks.Callback):
     model there); `restore_best()` is called at the end to put the best weights back. Both
     default to an in-memory copy of the weights. `initial_history` (entries of
     history.json) replays earlier epochs after a resume, so patience carries over.
+
+    `monitor` may also be a function of the 0-based epoch (training stages: val_loss during
+    cross-entropy, val_cider during self-critical epochs). When it changes, patience starts
+    over and the first value to beat is the new metric of the epoch before the change (when
+    that epoch logged it), so a new stage replaces the best model only when it does better
+    than the model it started from; if it never does, the best model on disk stays the one
+    of the earlier stage.
     """
 
-    def __init__(self, monitor: str = "val_loss", mode: str = "auto", patience: int = 3,
-                 min_delta: float = 0.0, initial_history: Sequence[dict] = (),
+    def __init__(self, monitor: Union[str, Callable[[int], str]] = "val_loss",
+                 mode: str = "auto", patience: int = 3, min_delta: float = 0.0,
+                 initial_history: Sequence[dict] = (),
                  save_best: Optional[Callable[[int, float], None]] = None,
                  restore_best: Optional[Callable[[], None]] = None):
         super().__init__()
-        if mode == "auto":
-            if monitor not in _MODES:
-                raise ValueError(f"cannot infer `mode` for monitor {monitor!r}; pass "
-                                 f"mode='min' or mode='max'")
-            mode = _MODES[monitor]
-        if mode not in ("min", "max"):
-            raise ValueError(f"`mode` must be 'auto', 'min' or 'max', got {mode!r}")
+        self._monitor_for = monitor if callable(monitor) else (lambda epoch: monitor)
+        self._fixed_mode = mode
+        self.monitor = self._monitor_for(0)
+        self.mode = _mode_of(self.monitor, mode)
         if patience < 0:
             raise ValueError(f"`patience` must be >= 0, got {patience}")
-        self.monitor, self.mode, self.patience = monitor, mode, patience
+        self.patience = patience
         self.min_delta = abs(min_delta)
         self.initial_history = list(initial_history)
         self._save_best, self._restore_best = save_best, restore_best
 
     # state ------------------------------------------------------------------
     def on_train_begin(self, logs=None):
-        self.best = np.inf if self.mode == "min" else -np.inf
-        self.best_epoch = None
-        self.wait = 0
+        self.monitor = self._monitor_for(0)
+        self.mode = _mode_of(self.monitor, self._fixed_mode)
+        self._reset()
         self.stopped_epoch = None
         self._best_weights = None
+        self._previous_logs: dict = {}
         for entry in self.initial_history:  # history.json counts epochs from 1
             self._update(entry["epoch"] - 1, entry, replay=True)
         if self.initial_history and self._exhausted():  # the resumed run had already stopped
             self.stopped_epoch = self.initial_history[-1]["epoch"] - 1
             self.model.stop_training = True
+
+    def _reset(self, start: Optional[float] = None) -> None:
+        worst = np.inf if self.mode == "min" else -np.inf
+        self.best = worst if start is None else start
+        self.best_epoch = None
+        self.wait = 0
+
+    def _follow_stage(self, epoch: int) -> None:
+        """Switch to the monitor of `epoch` if it changed (see the class docstring)."""
+        monitor = self._monitor_for(epoch)
+        if monitor == self.monitor:
+            return
+        self.monitor, self.mode = monitor, _mode_of(monitor, self._fixed_mode)
+        start = self._previous_logs.get(monitor)
+        self._reset(None if start is None else float(start))
+        if start is not None:  # the epoch before the change holds the best value so far
+            self.best_epoch = epoch - 1
 
     def _improved(self, value: float) -> bool:
         if self.mode == "min":
@@ -69,6 +104,8 @@ class EarlyStopping(keras.callbacks.Callback):
         return value > self.best + self.min_delta
 
     def _update(self, epoch: int, logs: dict, replay: bool = False) -> None:
+        self._follow_stage(epoch)
+        self._previous_logs = dict(logs)
         if logs.get(self.monitor) is None:
             have = sorted(k for k, v in logs.items() if k != "epoch" and v is not None)
             raise UserError(f"early stopping monitors {self.monitor!r} but the epoch logs have "

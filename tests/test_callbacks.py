@@ -123,3 +123,34 @@ def test_metric_without_a_value_is_a_clear_error():
     es.on_train_begin()
     with pytest.raises(UserError, match="val_bleu4"):
         es.on_epoch_end(0, {"val_bleu4": None, "loss": 1.0})
+
+
+def test_monitor_that_changes_with_the_stage_starts_over_from_the_previous_epoch():
+    # cross-entropy epochs 0-2 watch val_loss; self-critical epochs 3- watch val_cider
+    saved = []
+    stage = lambda epoch: "val_cider" if epoch >= 3 else "val_loss"  # noqa: E731
+    es = EarlyStopping(stage, patience=1, save_best=lambda e, v: saved.append((e, v)),
+                       restore_best=lambda: None)
+    model = _model()
+    es.set_model(model)
+    es.on_train_begin()
+    for epoch, logs in enumerate([{"val_loss": 3.0}, {"val_loss": 2.0},
+                                  {"val_loss": 1.9, "val_cider": 1.0},
+                                  {"val_loss": 2.9, "val_cider": 0.9},     # worse than 1.0
+                                  {"val_loss": 3.1, "val_cider": 1.2}]):
+        es.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    # epoch 3 had to beat epoch 2's val_cider 1.0: it did not, and patience 1 stopped it
+    assert es.monitor == "val_cider" and es.mode == "max" and es.stopped_epoch == 3
+    assert saved == [(0, 3.0), (1, 2.0), (2, 1.9)] and es.best == 1.0 and es.best_epoch == 2
+
+
+def test_stage_change_is_replayed_the_same_after_a_resume():
+    stage = lambda epoch: "val_cider" if epoch >= 2 else "val_loss"  # noqa: E731
+    history = [{"epoch": 1, "val_loss": 2.0}, {"epoch": 2, "val_loss": 1.0, "val_cider": 0.5},
+               {"epoch": 3, "val_loss": 1.5, "val_cider": 0.7}]
+    es = EarlyStopping(stage, patience=2, initial_history=history)
+    es.set_model(_model())
+    es.on_train_begin()
+    assert es.monitor == "val_cider" and es.best == 0.7 and es.best_epoch == 2 and es.wait == 0

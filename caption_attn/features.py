@@ -37,7 +37,6 @@ import hashlib
 import io
 import math
 import os
-import posixpath
 import queue
 import random
 import re
@@ -54,6 +53,7 @@ from caption_attn.backbone import FEATURE_SHAPE, IMAGE_SIZE
 from caption_attn.config import BACKBONE_PRECISIONS as PRECISIONS
 from caption_attn.config import DTYPE_POLICIES, ExtractConfig
 from caption_attn.config import FEATURE_DTYPES as DTYPES
+from caption_attn.data import image_key_problem
 from caption_attn.fileio import HOST, atomic_path, read_json, write_bytes_atomic, write_json_atomic
 from caption_attn.errors import UserError
 
@@ -217,15 +217,6 @@ def list_images(images_dir: str) -> list[str]:
                 path = name if rel == "." else os.path.join(rel, name)
                 keys.append(path.replace(os.sep, "/"))
     return sorted(keys)
-
-
-def _check_key(key: str) -> Optional[str]:
-    """Reason why `key` is not a usable relative path, or None."""
-    if not key or key.startswith("/") or "\\" in key:
-        return "bad image path (must be relative, with / separators)"
-    if posixpath.normpath(key) != key or key.split("/")[0] == "..":
-        return "bad image path (must be normalised and inside the images folder)"
-    return None
 
 
 def shard_of(key: str, num_shards: int) -> int:
@@ -941,7 +932,7 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
             raise UserError(f"--images {images_dir}: no image files found (extensions "
                             f"{', '.join(IMAGE_EXTENSIONS)})")
     keys = sorted(set(keys))
-    failed = {k: reason for k in keys if (reason := _check_key(k))}
+    failed = {k: reason for k in keys if (reason := image_key_problem(k))}
     mine = [k for k in keys if k not in failed
             and shard_of(k, cfg.num_shards) == cfg.shard_index]
     failed = {k: r for k, r in failed.items() if shard_of(k, cfg.num_shards) == cfg.shard_index}

@@ -421,7 +421,7 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     from caption_attn.config import DecodeConfig
     from caption_attn.fileio import read_json
     from caption_attn.errors import UserError
-    from caption_attn.features import feature_path, read_manifest
+    from caption_attn.feature_cache import feature_path, read_manifest
 
     captioner = Captioner.from_run(run_dir, cfg or DecodeConfig())
     run_cfg = captioner.run_cfg

@@ -91,13 +91,15 @@ def time_model(backbone: Backbone, images: np.ndarray, batch_size: int) -> tuple
 def time_pipeline(backbone: Backbone, images_dir: str, keys: list[str], batch_size: int,
                   workers: int, dtype: str) -> tuple[float, float]:
     """(images/s, CPU ms/image) of files -> cache through extract_features' pipeline."""
+    import keras
+
     cache = tempfile.mkdtemp(prefix="bench_cache_")
     try:
         wall, cpu = time.perf_counter(), time.process_time()
         with extract._opencv_settings():
             written, failed = extract._run_pipeline(backbone, images_dir, cache, keys, dtype,
                                                     batch_size, workers,
-                                                    extract._Progress(len(keys), False, ""))
+                                                    keras.utils.Progbar(len(keys), verbose=0))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         assert len(written) == len(keys) and not failed, failed
     finally:

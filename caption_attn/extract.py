@@ -14,7 +14,6 @@ import collections
 import concurrent.futures
 import contextlib
 import hashlib
-import math
 import os
 import queue
 import sys
@@ -77,41 +76,6 @@ class _Writer:
         self.thread.join()
 
 
-class _Progress:
-    """One-line stderr progress bar: done/total, images/s, ETA, failures."""
-
-    def __init__(self, total: int, enabled: bool, label: str):
-        self.total, self.enabled, self.label = total, enabled and total > 0, label
-        self.tty = sys.stderr.isatty()
-        self.start = self.last = time.monotonic()
-        self.done = self.failed = 0
-
-    def update(self, done: int, failed: int, force: bool = False) -> None:
-        self.done, self.failed = done, failed
-        now = time.monotonic()
-        if not self.enabled or (not force and now - self.last < (0.5 if self.tty else 30.0)):
-            return
-        self.last = now
-        elapsed = now - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - done - failed) / rate if rate > 0 else float("nan")
-        width = 30
-        filled = int(width * (done + failed) / self.total)
-        bar = "=" * filled + (">" if filled < width else "") + "." * (width - filled - 1)
-        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--"
-        line = (f"{self.label} {done + failed}/{self.total} [{bar[:width]}] {rate:.1f} images/s "
-                f"ETA {eta_s}" + (f" failed {failed}" if failed else ""))
-        sys.stderr.write(("\r" + line) if self.tty else line + "\n")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.update(self.done, self.failed, force=True)
-            if self.tty:
-                sys.stderr.write("\n")
-                sys.stderr.flush()
-
-
 @contextlib.contextmanager
 def _opencv_settings():
     """OpenCV single-threaded inside our decode pool (parallelism comes from the pool, no
@@ -126,12 +90,19 @@ def _opencv_settings():
         cv2.utils.logging.setLogLevel(level)
 
 
+def _show(bar, done: int, failed: int, finalize: bool = False) -> None:
+    """Progress of `bar` (a keras.utils.Progbar over the images to extract); the failed count
+    is shown (as a stateful value) once there is one."""
+    bar.update(done + failed, [("failed", failed)] if failed else None, finalize=finalize)
+
+
 def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: list[str],
                   dtype: str, batch_size: int, workers: int,
-                  progress: _Progress) -> tuple[list[str], dict[str, str]]:
+                  progress) -> tuple[list[str], dict[str, str]]:
     """Decode (thread pool) -> backbone (batches) -> write (writer thread).
 
-    Returns (keys written, {key: failure reason}).
+    `progress`: a keras.utils.Progbar over `keys` (never finalized here). Returns (keys
+    written, {key: failure reason}).
     """
     failed: dict[str, str] = {}
     header = npy_header(dtype)
@@ -159,7 +130,7 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
             else:
                 failed[key] = f"non-finite features in {dtype}"
         batch_keys.clear()
-        progress.update(len(writer.written) + writer.queue.qsize(), len(failed))
+        _show(progress, len(writer.written) + writer.queue.qsize(), len(failed))
 
     try:
         for _ in range(lookahead):
@@ -173,7 +144,7 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
             except Exception as e:  # noqa: BLE001 - one bad image never stops the run
                 failed[key] = str(e) if isinstance(e, ImageError) else \
                     f"error ({type(e).__name__}: {e})"
-                progress.update(len(writer.written) + writer.queue.qsize(), len(failed))
+                _show(progress, len(writer.written) + writer.queue.qsize(), len(failed))
                 continue
             if len(batch_keys) == batch_size:
                 run_batch()
@@ -224,14 +195,17 @@ def _shard_keys(images_dir: str, cfg: ExtractConfig,
 def _extract_with_progress(backbone: Backbone, images_dir: str, todo: list[str],
                            cfg: ExtractConfig, workers: int,
                            progress: bool) -> tuple[list[str], dict[str, str]]:
-    """`_run_pipeline` over `todo` with OpenCV set up and a progress bar (without `progress`:
-    none)."""
-    bar = _Progress(len(todo), progress, "extract-features")
+    """`_run_pipeline` over `todo` with OpenCV set up and a progress bar: one line redrawn on
+    a terminal, one line at the end when the output is a log file, none without `progress`."""
+    import keras
+
+    verbose = 0 if not (progress and todo) else 1 if sys.stdout.isatty() else 2
+    bar = keras.utils.Progbar(len(todo), verbose=verbose, stateful_metrics=["failed"],
+                              unit_name="image")
     with _opencv_settings():
         written, failed = _run_pipeline(backbone, images_dir, cfg.cache, todo, cfg.dtype,
                                         cfg.batch_size, workers, bar)
-    bar.done = len(written)
-    bar.close()
+    _show(bar, len(written), len(failed), finalize=True)
     return written, failed
 
 

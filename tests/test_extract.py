@@ -149,6 +149,15 @@ def test_verify_repairs_bad_files(images, extracted, cache_copy):
                                    rtol=1e-2, atol=1e-2 * np.abs(ref).max())
 
 
+def test_progress_in_a_log_is_one_line(images, cache_copy, capsys):
+    """stdout not a terminal (a log file; here pytest's capture): Keras' Progbar writes one
+    line at the end, with the failed count."""
+    os.remove(feature_path(cache_copy, "a.jpg"))
+    extract_features(images, extract_cfg(cache_copy), keys=["a.jpg", "notes.jpg"])
+    out = capsys.readouterr().out
+    assert out.startswith("2/2 - ") and out.count("\n") == 1 and "failed: 1" in out
+
+
 # --------------------------------------------------------------------------- processes
 RUNNER = """
 import sys

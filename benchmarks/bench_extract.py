@@ -34,7 +34,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from caption_attn import features as F  # noqa: E402
+from caption_attn import extract  # noqa: E402
+from caption_attn.backbone import Backbone, build_backbone  # noqa: E402
+from caption_attn.config import FEATURE_DTYPES  # noqa: E402
+from caption_attn.images import load_image  # noqa: E402
 from matmul_ceiling import matmul_gflops  # noqa: E402
 
 
@@ -76,7 +79,7 @@ def backbone_gflop(model) -> float:
     return total / 1e9
 
 
-def time_model(backbone: F.Backbone, images: np.ndarray, batch_size: int) -> tuple[float, float]:
+def time_model(backbone: Backbone, images: np.ndarray, batch_size: int) -> tuple[float, float]:
     """(images/s, CPU ms/image) of the backbone alone over `images` (N, 299, 299, 3)."""
     wall, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(images), batch_size):
@@ -85,16 +88,18 @@ def time_model(backbone: F.Backbone, images: np.ndarray, batch_size: int) -> tup
     return len(images) / wall, 1000 * cpu / len(images)
 
 
-def time_pipeline(backbone: F.Backbone, images_dir: str, keys: list[str], batch_size: int,
+def time_pipeline(backbone: Backbone, images_dir: str, keys: list[str], batch_size: int,
                   workers: int, dtype: str) -> tuple[float, float]:
     """(images/s, CPU ms/image) of files -> cache through extract_features' pipeline."""
+    import keras
+
     cache = tempfile.mkdtemp(prefix="bench_cache_")
     try:
         wall, cpu = time.perf_counter(), time.process_time()
-        with F._opencv_settings():
-            written, failed = F._run_pipeline(backbone, images_dir, cache, keys, dtype,
-                                              batch_size, workers,
-                                              F._Progress(len(keys), False, ""))
+        with extract._opencv_settings():
+            written, failed = extract._run_pipeline(backbone, images_dir, cache, keys, dtype,
+                                                    batch_size, workers,
+                                                    keras.utils.Progbar(len(keys), verbose=0))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         assert len(written) == len(keys) and not failed, failed
     finally:
@@ -108,7 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="images per backbone call")
     p.add_argument("--precisions", default="float32,bfloat16",
                    help="comma-separated: float32, bfloat16")
-    p.add_argument("--dtype", default="float16", choices=F.DTYPES, help="cache dtype")
+    p.add_argument("--dtype", default="float16", choices=FEATURE_DTYPES, help="cache dtype")
     p.add_argument("--workers", type=int, default=0, help="decode threads (0: CPU count)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats, best kept")
     p.add_argument("--size", default="640x480", help="rendered image size WxH")
@@ -119,10 +124,10 @@ def main(argv=None) -> int:
     folder = tempfile.mkdtemp(prefix="bench_images_")
     try:
         keys = render_images(folder, args.images, width, height)
-        images = np.stack([F.load_image(os.path.join(folder, k)) for k in keys])
+        images = np.stack([load_image(os.path.join(folder, k)) for k in keys])
         t = time.perf_counter()
         for k in keys:
-            F.load_image(os.path.join(folder, k))
+            load_image(os.path.join(folder, k))
         decode_ms = 1000 * (time.perf_counter() - t) / len(keys)
         print(f"{len(keys)} images {width}x{height} JPEG, batch {args.batch_size}, "
               f"{workers} decode threads, cache dtype {args.dtype}, {os.cpu_count()} CPUs; "
@@ -130,7 +135,7 @@ def main(argv=None) -> int:
 
         results, matmul = {}, {}
         for precision in args.precisions.split(","):
-            backbone = F.Backbone(F.build_backbone("random", 0, precision))
+            backbone = Backbone(build_backbone("random", 0, precision))
             gflop = backbone_gflop(backbone.model)
             matmul[precision] = matmul_gflops(precision)
             backbone(images[:args.batch_size])                                  # trace, warm up

@@ -35,12 +35,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from caption_attn import features, train  # noqa: E402
+from caption_attn import feature_cache, train  # noqa: E402
+from caption_attn.backbone import FEATURE_SHAPE, IMAGE_SIZE  # noqa: E402
 from caption_attn.config import (ModelConfig, RunConfig, TrainConfig, VocabConfig,  # noqa: E402
                                  write_json_atomic)
 from matmul_ceiling import matmul_gflops  # noqa: E402
 
-P, F = features.FEATURE_SHAPE
+P, F = FEATURE_SHAPE
 
 
 # ----------------------------------------------------------------------------- data
@@ -60,12 +61,12 @@ def write_dataset(root: str, images: int, per_image: int, vocab_words: int, seed
     zipf /= zipf.sum()
     cache = os.path.join(root, "cache")
     os.makedirs(cache)
-    header = features.npy_header("float16")
+    header = feature_cache.npy_header("float16")
     entries = []
     for i in range(images):
         name = f"img{i:05d}.jpg"
         feats = rng.random((P, F), dtype=np.float32).astype(np.float16)
-        with open(features.feature_path(cache, name), "wb") as f:
+        with open(feature_cache.feature_path(cache, name), "wb") as f:
             f.write(header + feats.tobytes())
         sentences = [{"raw": " ".join(rng.choice(words, size=n - 2, p=zipf))}
                      for n in caption_lengths(per_image, rng)]
@@ -75,9 +76,9 @@ def write_dataset(root: str, images: int, per_image: int, vocab_words: int, seed
     entries[-1]["sentences"].append({"raw": " ".join(words)})
     write_json_atomic(os.path.join(root, "captions.json"), {"images": entries})
     write_json_atomic(os.path.join(cache, "manifest.json"), {
-        "format_version": features.FORMAT_VERSION, "backbone": "synthetic", "weights": "none",
+        "format_version": feature_cache.FORMAT_VERSION, "backbone": "synthetic", "weights": "none",
         "weights_sha256": "", "dtype": "float16", "precision": "float32",
-        "feature_shape": [P, F], "image_size": features.IMAGE_SIZE, "resize": "",
+        "feature_shape": [P, F], "image_size": IMAGE_SIZE, "resize": "",
         "feature_scale": 1.0, "npy_header_bytes": len(header), "count": images})
     return os.path.join(root, "captions.json"), cache
 

@@ -17,11 +17,12 @@ import numpy as np
 import tensorflow as tf
 
 from caption_attn import decode as decode_lib
-from caption_attn.backbone import FEATURE_SHAPE, GRID
-from caption_attn import features as features_lib
+from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone
 from caption_attn import model as _model  # noqa: F401  registers the Keras classes to load
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
+from caption_attn.feature_cache import MANIFEST
+from caption_attn.images import ImageError, list_images, load_image
 from caption_attn.vocab import PAD, START, Vocabulary
 
 BANNED = (PAD, START)  # never generated: <pad> only follows <end>, <start> only begins
@@ -143,14 +144,14 @@ class Captioner:
 
     # -- images -> captions ------------------------------------------------------------
     @property
-    def backbone(self) -> features_lib.Backbone:
+    def backbone(self) -> Backbone:
         if self._backbone is None:
             cache = self.run_cfg.cache
-            if not os.path.exists(os.path.join(cache, features_lib.MANIFEST)):
+            if not os.path.exists(os.path.join(cache, MANIFEST)):
                 raise UserError(f"the run's feature cache {cache} is gone: `caption` rebuilds "
                                 f"the backbone from its manifest.json (and, for random "
                                 f"weights, the weights saved there)")
-            self._backbone = features_lib.Backbone.from_manifest(cache)
+            self._backbone = Backbone.from_manifest(cache)
         return self._backbone
 
     def caption_images(self, paths: Sequence[str]) -> tuple[dict, dict]:
@@ -158,8 +159,8 @@ class Captioner:
         images, errors = {}, {}
         for path in paths:
             try:
-                images[path] = features_lib.load_image(path)
-            except features_lib.ImageError as e:
+                images[path] = load_image(path)
+            except ImageError as e:
                 errors[path] = str(e)
         results = {}
         keys = list(images)
@@ -176,7 +177,7 @@ def expand_image_args(args: Sequence[str]) -> list[str]:
     out = []
     for arg in args:
         if os.path.isdir(arg):
-            found = features_lib.list_images(arg)
+            found = list_images(arg)
             if not found:
                 raise UserError(f"{arg}: no image files in this folder")
             out += [os.path.join(arg, k) for k in found]

@@ -81,15 +81,15 @@ def cmd_make_shapes(args: argparse.Namespace) -> int:
 
 
 def cmd_extract_features(args: argparse.Namespace) -> int:
-    from caption_attn import features
+    from caption_attn import extract
 
     cfg = config_from_args(C.ExtractConfig, args)
     keys = None
     if args.captions:
         from caption_attn import data
         keys = [r.image for r in data.load_captions(args.captions, args.format).records]
-    summary = features.extract_features(args.images, cfg, keys=keys)
-    print(features.format_summary(summary))
+    summary = extract.extract_features(args.images, cfg, keys=keys)
+    print(extract.format_summary(summary))
     return summary["exit_code"]
 
 

@@ -96,6 +96,20 @@ def safe_image_key(raw: str) -> Optional[str]:
     return path
 
 
+def image_key_problem(key: str) -> Optional[str]:
+    """Why `key` is not an image key as `safe_image_key` returns them, or None if it is one.
+
+    For keys that did not come through a caption file (e.g. given to `extract_features`): the
+    reason is what failed.tsv says about such an image.
+    """
+    safe = safe_image_key(key)
+    if safe is None:
+        return "bad image path (must be relative and inside the images folder)"
+    if safe != key:
+        return "bad image path (must be normalised, with / separators)"
+    return None
+
+
 # --------------------------------------------------------------------------- collecting records
 class _Collector:
     """Merges (image path, captions) entries into records; counts what it drops."""

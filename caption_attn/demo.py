@@ -95,7 +95,7 @@ def run_config(cfg: DemoConfig, captions: str, cache: str) -> RunConfig:
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     """Run every stage into `cfg.workdir`; returns the metrics and where everything is."""
-    from caption_attn import captioner, evaluate, features, train
+    from caption_attn import captioner, evaluate, extract, train
 
     start = time.perf_counter()
     work = os.path.abspath(cfg.workdir)
@@ -115,10 +115,10 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     log(f"[2/5] extract-features (random InceptionV3, seed {cfg.seed}, {precision}) -> "
         f"{paths['cache']}")
     t = time.perf_counter()
-    summary = features.extract_features(data["images_dir"], ExtractConfig(
+    summary = extract.extract_features(data["images_dir"], ExtractConfig(
         cache=paths["cache"], weights="random", seed=cfg.seed, dtype="float16",
         precision=precision))
-    log(features.format_summary(summary))
+    log(extract.format_summary(summary))
     timings["extract_features"] = time.perf_counter() - t
 
     log(f"[3/5] train -> {paths['run']}")

@@ -17,7 +17,7 @@ from caption_attn import data
 from caption_attn.coco_metrics import COCO_METRICS, coco_metrics, write_results
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
-from caption_attn.features import feature_path, read_manifest
+from caption_attn.feature_cache import feature_path, read_manifest
 from caption_attn.fileio import read_json, write_json_atomic
 from caption_attn.shapes_metrics import SHAPES_METRICS, shapes_metrics
 

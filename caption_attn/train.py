@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from caption_attn import data as data_lib
-from caption_attn import features, pipeline
+from caption_attn import feature_cache, images, pipeline
 from caption_attn.backbone import FEATURE_SHAPE, IMAGE_SIZE
 from caption_attn.callbacks import AttentionSnapshots, EarlyStopping, TensorBoardLogger
 from caption_attn.config import DTYPE_POLICIES, FEATURE_DTYPES, DecodeConfig, RunConfig, \
@@ -127,7 +127,7 @@ class TrainData:
 
 
 def _check_manifest(cache: str) -> dict:
-    manifest = features.read_manifest(cache)
+    manifest = feature_cache.read_manifest(cache)
     shape = list(manifest.get("feature_shape", []))
     if shape != list(FEATURE_SHAPE):
         raise UserError(f"{cache}/manifest.json: feature_shape {shape}, expected "
@@ -152,7 +152,7 @@ def load_train_data(cfg: RunConfig, run_dir: str) -> TrainData:
     records = {r.image: r for r in captions.records}
     paths, skipped_images, skipped_captions = {}, 0, 0
     for key in (k for keys in splits.values() for k in keys):
-        path = features.feature_path(cfg.cache, key)
+        path = feature_cache.feature_path(cfg.cache, key)
         if key in records and reader.has_file(path):
             paths[key] = path
         elif key in records:
@@ -527,8 +527,8 @@ class Trainer:
     def _image(self, key: str) -> np.ndarray:
         if self.images_dir:
             try:
-                return features.load_image(os.path.join(self.images_dir, key))
-            except features.ImageError:
+                return images.load_image(os.path.join(self.images_dir, key))
+            except images.ImageError:
                 pass
         return np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 128, np.uint8)
 

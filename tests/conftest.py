@@ -16,14 +16,14 @@ def shapes_data(tmp_path_factory):
     Returns dict(root, images, captions, cache). Shared by the train / caption / evaluate
     tests; tests that modify it must work on a copy (`copy_cache`).
     """
-    from caption_attn import features, shapes
+    from caption_attn import extract, shapes
     from caption_attn.config import ExtractConfig, ShapesConfig
 
     root = tmp_path_factory.mktemp("shapes_data")
     summary = shapes.make_shapes(str(root / "shapes"), ShapesConfig(
         num_images=SHAPES_IMAGES, seed=0, val_fraction=0.2, test_fraction=0.2))
     cache = str(root / "cache")
-    features.extract_features(summary["images_dir"], ExtractConfig(
+    extract.extract_features(summary["images_dir"], ExtractConfig(
         cache=cache, weights="random", dtype="float16", precision="bfloat16", batch_size=20),
         progress=False)
     return {"root": str(root), "images": summary["images_dir"],
@@ -36,6 +36,48 @@ def copy_cache(shapes_data, tmp_path):
     target = str(tmp_path / "cache")
     shutil.copytree(shapes_data["cache"], target)
     return target
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """A folder of sample images in many formats, good and bad (tests/image_samples.py)."""
+    from image_samples import make_images
+
+    root = tmp_path_factory.mktemp("images")
+    make_images(root)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def extracted(images, tmp_path_factory):
+    """One float16 extraction of GOOD + BAD keys into a session cache: (cache, summary).
+
+    Shared by the backbone, cache and extract tests; tests that change a cache work on a copy
+    (`cache_copy`)."""
+    from caption_attn.extract import extract_features
+    from caption_attn.images import list_images
+    from image_samples import extract_cfg
+
+    cache = tmp_path_factory.mktemp("cache")
+    keys = list_images(images) + ["missing.jpg"]
+    summary = extract_features(images, extract_cfg(cache), keys=keys, progress=False)
+    return str(cache), summary
+
+
+@pytest.fixture(scope="session")
+def backbone(extracted):
+    """The backbone that made `extracted`, rebuilt from its manifest."""
+    from caption_attn.backbone import Backbone
+
+    return Backbone.from_manifest(extracted[0])
+
+
+@pytest.fixture
+def cache_copy(extracted, tmp_path):
+    """A private copy of the `extracted` cache."""
+    path = tmp_path / "cache"
+    shutil.copytree(extracted[0], path)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from caption_attn import captioner, features
+from caption_attn import captioner, feature_cache
 from caption_attn.cli import main
 from caption_attn.config import DecodeConfig
 from caption_attn.errors import UserError
@@ -105,7 +105,7 @@ def test_batch_equals_one_by_one(shapes_data, trained_run):
     model = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=3))
     with open(os.path.join(trained_run, "split.json")) as f:
         keys = json.load(f)["splits"]["val"][:5]
-    feats = np.stack([np.load(features.feature_path(shapes_data["cache"], k)) for k in keys])
+    feats = np.stack([np.load(feature_cache.feature_path(shapes_data["cache"], k)) for k in keys])
     together = model.decode(feats.astype(np.float32))
     for i in range(len(keys)):
         alone = model.decode(feats[i:i + 1].astype(np.float32))[0]
@@ -117,7 +117,7 @@ def test_batch_equals_one_by_one(shapes_data, trained_run):
 def test_beam_one_equals_greedy(shapes_data, trained_run):
     with open(os.path.join(trained_run, "split.json")) as f:
         keys = json.load(f)["splits"]["val"][:4]
-    feats = np.stack([np.load(features.feature_path(shapes_data["cache"], k))
+    feats = np.stack([np.load(feature_cache.feature_path(shapes_data["cache"], k))
                       for k in keys]).astype(np.float32)
     greedy = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=1)).decode(feats)
     beam = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=3)).decode(feats)
@@ -131,7 +131,7 @@ def test_beam_one_equals_greedy(shapes_data, trained_run):
 def test_xla_decoding_gives_the_same_captions(shapes_data, trained_run, beam):
     with open(os.path.join(trained_run, "split.json")) as f:
         keys = json.load(f)["splits"]["val"][:6]
-    feats = np.stack([np.load(features.feature_path(shapes_data["cache"], k))
+    feats = np.stack([np.load(feature_cache.feature_path(shapes_data["cache"], k))
                       for k in keys]).astype(np.float32)
     plain = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=beam)).decode(feats)
     xla = captioner.Captioner.from_run(trained_run,
@@ -150,7 +150,7 @@ def test_images_give_the_cached_features_captions(shapes_data, trained_run):
     results, errors = model.caption_images(images)
     assert not errors
     keys = [os.path.basename(p) for p in images]
-    feats = np.stack([np.load(features.feature_path(shapes_data["cache"], k))
+    feats = np.stack([np.load(feature_cache.feature_path(shapes_data["cache"], k))
                       for k in keys]).astype(np.float32)
     for path, cached in zip(images, model.decode(feats)):
         assert results[path][1][0].words == cached[0].words

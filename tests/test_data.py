@@ -348,6 +348,16 @@ def test_safe_image_key_normalises(raw, key):
     assert data.safe_image_key(raw) == key
 
 
+def test_image_key_problem_accepts_only_safe_keys():
+    """A usable key is exactly what safe_image_key returns; anything else gets a reason."""
+    for key in ["a.jpg", "sub/deeper/d.jpg", "x y.jpg"]:
+        assert data.image_key_problem(key) is None
+    for raw in UNSAFE:
+        assert "inside the images folder" in data.image_key_problem(raw)
+    for key in ["dir\\b.jpg", "./a.jpg", "a//b.jpg", "a/../b.jpg", " a.jpg"]:
+        assert "normalised" in data.image_key_problem(key)
+
+
 def test_unsafe_paths_refused_counted_and_never_touched(tmp_path, monkeypatch):
     bad = ["/etc/passwd", "C:\\x.jpg", "\\\\server\\x.jpg", "../x.jpg", "a/../../x.jpg",
            "../y.jpg"]

@@ -91,7 +91,7 @@ def test_images_without_a_valid_feature_file_are_skipped_and_reported(trained_ru
                                                                       copy_cache, tmp_path):
     import shutil
 
-    from caption_attn.features import feature_path
+    from caption_attn.feature_cache import feature_path
     run = str(tmp_path / "run")
     shutil.copytree(trained_run, run)
     with open(os.path.join(run, "config.json")) as f:

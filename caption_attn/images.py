@@ -1,0 +1,161 @@
+"""Image files -> RGB pixels, the same everywhere: `extract-features`, `caption` and the
+attention snapshots of `train` all go through `load_image`.
+
+Images are decoded with OpenCV (`decode_image`: format sniffed from the magic bytes, truncated
+JPEG/PNG refused, alpha composited over white) and stretched to 299x299 by `resize_image`.
+`ImageError` carries the short reason written to failed.tsv.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import cv2
+import numpy as np
+
+from caption_attn.backbone import IMAGE_SIZE
+from caption_attn.errors import UserError
+
+RESIZE_METHOD = ("stretch to 299x299 (aspect ratio not kept, no crop); per axis INTER_AREA "
+                 "when shrinking, INTER_CUBIC when enlarging; alpha composited over white")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".gif", ".webp", ".tif",
+                    ".tiff")
+
+
+class ImageError(Exception):
+    """One image cannot be used; the message is the short reason written to failed.tsv."""
+
+
+def _sniff(data: bytes) -> Optional[str]:
+    """Image format from the magic bytes (None: unknown; OpenCV still gets a try)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[:2] == b"BM":
+        return "bmp"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    return None
+
+
+def _truncated(data: bytes, fmt: Optional[str]) -> bool:
+    """True when a JPEG has no end-of-image marker after its last scan, or a PNG no IEND.
+
+    Some OpenCV/libjpeg builds decode a truncated JPEG "successfully" with a gray bottom; the
+    markers cannot occur inside entropy-coded data, so their absence means a cut file.
+    """
+    if fmt == "jpeg":
+        return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+    if fmt == "png":
+        return data.rfind(b"IEND") == -1
+    return False
+
+
+def _may_have_alpha(data: bytes, fmt: Optional[str]) -> bool:
+    """Cheap header test; only these images pay for a second, alpha-preserving decode."""
+    if fmt == "png":
+        idat = data.find(b"IDAT")
+        return (len(data) > 25 and data[25] in (4, 6)) or data.find(b"tRNS", 0, idat) != -1
+    if fmt == "gif":
+        gce = data.find(b"\x21\xf9\x04")  # graphic control extension: bit 0 = transparency
+        return gce != -1 and len(data) > gce + 3 and bool(data[gce + 3] & 1)
+    return fmt in ("webp", "tiff")
+
+
+def _composite_alpha(raw: np.ndarray) -> np.ndarray:
+    """BGRA (uint8 or uint16) -> RGB uint8 composited over white."""
+    peak = 65535.0 if raw.dtype == np.uint16 else 255.0
+    bgra = raw.astype(np.float32) / peak                    # (H, W, 4) in [0, 1]
+    rgb, alpha = bgra[..., 2::-1], bgra[..., 3:]            # (H, W, 3), (H, W, 1)
+    out = rgb * alpha + (1.0 - alpha)                       # (H, W, 3) over white
+    return np.rint(out * 255.0).astype(np.uint8)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded bytes -> RGB uint8 (H, W, 3) at the original size; raises ImageError.
+
+    JPEG/PNG/BMP/GIF (first frame)/WebP/TIFF and whatever else OpenCV reads. Grayscale and CMYK
+    become RGB, the EXIF orientation is applied (OpenCV's IMREAD_COLOR does it), 16-bit images
+    are scaled to 8 bits. Images with an alpha channel are composited over white (what a viewer
+    shows; the colour under transparent pixels is often arbitrary); for those the EXIF
+    orientation is not applied (OpenCV only keeps alpha with IMREAD_UNCHANGED, which ignores
+    it; PNG/WebP files very rarely carry an orientation).
+    """
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    fmt = _sniff(data)
+    if _truncated(data, fmt):
+        raise ImageError("truncated")
+    buf = np.frombuffer(data, np.uint8)
+    try:
+        if _may_have_alpha(data, fmt):
+            raw = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+            if raw is not None and raw.ndim == 3 and raw.shape[2] == 4:
+                return _composite_alpha(raw)
+        rgb = cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
+    except cv2.error as e:
+        raise ImageError(f"cannot decode ({str(e).strip().splitlines()[-1]})") from None
+    if rgb is None:
+        raise ImageError(f"corrupt {fmt.upper()} (OpenCV cannot decode it)" if fmt
+                         else "not an image (unrecognised format)")
+    return rgb
+
+
+def resize_image(rgb: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """RGB (H, W, 3) -> (size, size, 3): stretched, no crop, the one resize used everywhere.
+
+    Each axis uses INTER_AREA when it shrinks (averages, no aliasing) and INTER_CUBIC when it
+    grows; an image that shrinks along one axis and grows along the other is resized in two
+    passes (shrink first).
+    """
+    h, w = rgb.shape[:2]
+    if (h, w) == (size, size):
+        return rgb
+    if h >= size and w >= size:
+        return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+    if h <= size and w <= size:
+        return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_CUBIC)
+    if h > size:  # tall and narrow
+        rgb = cv2.resize(rgb, (w, size), interpolation=cv2.INTER_AREA)
+    else:         # wide and short
+        rgb = cv2.resize(rgb, (size, h), interpolation=cv2.INTER_AREA)
+    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def load_image(path: str) -> np.ndarray:
+    """Image file -> uint8 (299, 299, 3) RGB exactly as extraction sees it; raises ImageError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageError("missing") from None
+    except IsADirectoryError:
+        raise ImageError("not a file (a folder)") from None
+    except OSError as e:
+        raise ImageError(f"unreadable ({e.strerror})") from None
+    return resize_image(decode_image(data))
+
+
+def list_images(images_dir: str) -> list[str]:
+    """Keys (sorted POSIX paths relative to `images_dir`) of every image file under it.
+
+    Files are recognised by extension (IMAGE_EXTENSIONS, any case); hidden files and folders
+    (name starting with ".") are skipped.
+    """
+    if not os.path.isdir(images_dir):
+        raise UserError(f"--images {images_dir}: not a folder")
+    keys = []
+    for root, dirs, files in os.walk(images_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = os.path.relpath(root, images_dir)
+        for name in files:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                path = name if rel == "." else os.path.join(rel, name)
+                keys.append(path.replace(os.sep, "/"))
+    return sorted(keys)

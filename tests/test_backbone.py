@@ -1,0 +1,120 @@
+"""Tests of the InceptionV3 backbone (caption_attn/backbone.py): seeded random weights, their
+identity, folded batch norms, bfloat16, the feature scale and the offline ImageNet error.
+
+The backbone is `weights="random"` (no network); `extracted` and `backbone` are the session's
+float16 extraction and the backbone rebuilt from its manifest (conftest.py).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from caption_attn.backbone import IMAGENET_FILE, Backbone, build_backbone, weights_sha256
+from caption_attn.errors import UserError
+from caption_attn.feature_cache import feature_path, read_manifest
+from caption_attn.images import load_image, resize_image
+from image_samples import GOOD, scene
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_float16_keeps_activations(images, extracted, backbone):
+    """The power-of-two feature_scale keeps float16 from flushing random-init activations."""
+    cache = extracted[0]
+    scale = read_manifest(cache)["feature_scale"]
+    batch = np.stack([load_image(os.path.join(images, k)) for k in GOOD[:4]])
+    f32 = backbone(batch)                                        # (4, 64, 2048) scaled
+    f16 = np.stack([np.load(feature_path(cache, k)) for k in GOOD[:4]]).astype(np.float32)
+    nonzero32, nonzero16 = np.mean(f32 != 0), np.mean(f16 != 0)
+    assert abs(nonzero32 - nonzero16) < 1e-3
+    rms = np.sqrt(np.mean(f32 ** 2))
+    assert 0.25 < rms < 4                                        # calibrated to ~1
+    assert np.sqrt(np.mean((f16 - f32) ** 2)) / rms < 2e-3
+    # without the scale (RMS ~1e-3) several % of the activations would be float16 subnormals
+    # (< 6.1e-5: fewer mantissa bits, the smallest flushed to zero); with it almost none
+    nonzero = f32 != 0
+    assert np.mean(np.abs(f32[nonzero] / scale) < 6.1e-5) > 0.01
+    assert np.mean(np.abs(f32[nonzero]) < 6.1e-5) < 1e-3
+    assert np.all(f16[np.abs(f32) > 1e-6] != 0)
+
+
+def test_from_manifest_reproduces_cached_features(images, extracted, backbone):
+    cache = extracted[0]
+    assert backbone.feature_scale == read_manifest(cache)["feature_scale"]
+    got = backbone(load_image(os.path.join(images, "sub/c.jpg"))[None])[0]    # (64, 2048)
+    want = np.load(feature_path(cache, "sub/c.jpg")).astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_folded_batchnorm_matches_keras_model(backbone):
+    """Backbone folds BN into the convs; the result equals the plain Keras model's."""
+    import keras
+
+    x = np.stack([resize_image(scene(3)), resize_image(scene(4))])    # (2, 299, 299, 3)
+    plain = backbone.model(keras.applications.inception_v3.preprocess_input(
+        x.astype(np.float32)), training=False)
+    plain = np.asarray(plain).reshape(2, 64, 2048) * backbone.feature_scale
+    got = backbone(x)
+    np.testing.assert_allclose(got, plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max())
+
+
+def test_bfloat16_backbone_close_to_float32(images, backbone):
+    import keras
+
+    model = build_backbone("random", 0, precision="bfloat16")
+    assert keras.config.dtype_policy().name == "float32"        # policy restored
+    assert model.layers[1].dtype_policy.name == "mixed_bfloat16"
+    assert weights_sha256(model) == weights_sha256(backbone.model)
+    x = np.stack([load_image(os.path.join(images, k)) for k in ("a.jpg", "b.png")])
+    want = backbone(x)                                           # (2, 64, 2048) float32
+    got = Backbone(model, backbone.feature_scale)(x)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.sqrt(np.mean((got - want) ** 2)) / np.sqrt(np.mean(want ** 2)) < 0.05
+
+
+def test_random_weights_are_seeded(extracted):
+    sha = weights_sha256(build_backbone("random", 0))
+    assert sha == read_manifest(extracted[0])["weights_sha256"]
+    assert weights_sha256(build_backbone("random", 1)) != sha
+    # a weights file gives the same backbone
+    path = os.path.join(extracted[0], read_manifest(extracted[0])["weights_file"])
+    assert weights_sha256(build_backbone(path)) == sha
+
+
+def test_random_weights_same_in_another_process(extracted):
+    code = ("from caption_attn.backbone import build_backbone, weights_sha256; "
+            "print(weights_sha256(build_backbone('random', 0)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == read_manifest(extracted[0])["weights_sha256"]
+
+
+def test_missing_weights_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        build_backbone(str(tmp_path / "nope.h5"))
+
+
+def test_imagenet_offline_fails_fast_with_advice(monkeypatch):
+    home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    if os.path.exists(os.path.join(home, "models", IMAGENET_FILE)) or \
+            os.path.exists(os.path.join("/tmp/.keras/models", IMAGENET_FILE)):
+        pytest.skip("ImageNet weights already in the Keras cache")
+
+    def offline(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)       # no DNS: what offline looks like
+    start = time.monotonic()
+    with pytest.raises(UserError) as e:
+        build_backbone("imagenet")
+    assert time.monotonic() - start < 10
+    message = str(e.value)
+    assert "--weights imagenet" in message and "--weights random" in message
+    assert f"--weights PATH/{IMAGENET_FILE}" in message and "~/.keras/models" in message
+    assert e.value.exit_code == 2

@@ -1,0 +1,239 @@
+"""Tests of the `extract-features` pipeline (caption_attn/extract.py): shards, the summary,
+resume, repair, exit codes, and killed / concurrent processes.
+
+One float16 extraction of the session's images is shared (`extracted`, conftest.py); tests that
+change a cache work on a copy of it (`cache_copy`).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from caption_attn import extract, feature_cache
+from caption_attn.errors import UserError
+from caption_attn.extract import extract_features, format_summary, shard_of
+from caption_attn.feature_cache import (FORMAT_VERSION, check_feature_file, feature_path,
+                                        read_failed, read_manifest)
+from caption_attn.images import list_images
+from image_samples import BAD, GOOD, extract_cfg, scene, write_rgb
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --------------------------------------------------------------------------- shards
+def test_shards_are_disjoint_and_complete():
+    keys = [f"dir{i % 7}/img_{i}.jpg" for i in range(1000)]
+    shards = [{k for k in keys if shard_of(k, 3) == i} for i in range(3)]
+    assert set().union(*shards) == set(keys)
+    assert sum(len(s) for s in shards) == len(keys)
+    assert all(250 < len(s) < 420 for s in shards)           # roughly balanced
+    assert [shard_of(k, 3) for k in reversed(keys)][::-1] == [shard_of(k, 3) for k in keys]
+
+
+@pytest.mark.parametrize("shards,index", [(2, 2), (2, -1), (0, 0)])
+def test_shard_flags_are_validated(images, tmp_path, shards, index):
+    with pytest.raises(UserError, match="--shard-index|--num-shards"):
+        extract_features(images, extract_cfg(tmp_path, num_shards=shards, shard_index=index),
+                         progress=False)
+
+
+# --------------------------------------------------------------------------- extraction
+def test_extraction_writes_files_and_manifest(images, extracted):
+    cache, summary = extracted
+    assert summary["extracted"] == len(GOOD) and summary["skipped"] == 0
+    assert summary["failed"] == len(BAD) and summary["exit_code"] == 0
+    assert summary["images"] == len(GOOD) + len(BAD) and summary["count"] == len(GOOD)
+    for key in GOOD:
+        path = feature_path(cache, key)
+        assert path == os.path.join(cache, *key.split("/")) + ".npy"
+        assert check_feature_file(path, "float16", full=True) is None, key
+        assert np.load(path).shape == (64, 2048)
+
+    m = read_manifest(cache)
+    assert m["backbone"] == "InceptionV3" and m["weights"] == "random" and m["seed"] == 0
+    assert m["dtype"] == "float16" and m["feature_shape"] == [64, 2048]
+    assert m["image_size"] == 299 and m["format_version"] == FORMAT_VERSION
+    assert m["count"] == len(GOOD) and "INTER_AREA" in m["resize"]
+    assert len(m["weights_sha256"]) == 64
+    assert m["feature_scale"] > 1 and np.log2(m["feature_scale"]).is_integer()
+    assert os.path.isfile(os.path.join(cache, m["weights_file"]))
+    # the raw-bytes reader of the training pipeline: header length + data
+    with open(feature_path(cache, "a.jpg"), "rb") as f:
+        raw = f.read()
+    np.testing.assert_array_equal(
+        np.frombuffer(raw[m["npy_header_bytes"]:], np.float16).reshape(64, 2048),
+        np.load(feature_path(cache, "a.jpg")))
+
+    assert read_failed(cache) == BAD
+    with open(os.path.join(cache, "failed.tsv")) as f:
+        lines = f.read().splitlines()
+    assert lines == sorted(lines) and all(line.count("\t") == 1 for line in lines)
+    text = format_summary(summary)
+    assert "extracted 10" in text and "failed.tsv" in text
+
+
+def test_strict_and_nothing_extracted_exit_codes(extracted):
+    summary = dict(extracted[1])
+    assert extract._exit_status(summary, strict=True)[0] == 1
+    assert extract._exit_status(summary, strict=False)[0] == 0
+    summary.update(extracted=0, skipped=0)
+    assert extract._exit_status(summary, strict=False) == (1, "nothing could be extracted")
+
+
+def test_rerun_resumes_and_updates_failed(images, cache_copy, tmp_path):
+    work = tmp_path / "images"
+    shutil.copytree(images, work)
+    os.remove(feature_path(cache_copy, "sub/c.jpg"))          # not done yet
+    write_rgb(str(work / "notes.jpg"), scene(11))             # a failure that gets fixed
+    from caption_attn.fileio import HOST as host
+    stale = os.path.join(cache_copy, "sub", f".c.jpg.npy.tmp.999999999.{host}")
+    live = os.path.join(cache_copy, f".x.jpg.npy.tmp.1.{host}")  # pid 1 is alive
+    for path in (stale, live):
+        with open(path, "wb") as f:
+            f.write(b"half")
+
+    keys = list_images(str(work)) + ["missing.jpg"]
+    summary = extract_features(str(work), extract_cfg(cache_copy), keys=keys, progress=False)
+    assert summary["extracted"] == 2 and summary["skipped"] == len(GOOD) - 1
+    assert summary["failed"] == len(BAD) - 1 and summary["count"] == len(GOOD) + 1
+    assert summary["stale_temp_removed"] == 1
+    assert not os.path.exists(stale) and os.path.exists(live)
+    assert "notes.jpg" not in read_failed(cache_copy)
+    assert read_manifest(cache_copy)["count"] == len(GOOD) + 1
+
+
+def test_final_count_opens_each_file_once(images, cache_copy, monkeypatch):
+    """The manifest's count covers every shard's files, but a file this run already checked
+    (or wrote) is not opened a second time to count it."""
+    opened = []
+    quick_valid = feature_cache._quick_valid
+    monkeypatch.setattr(feature_cache, "_quick_valid",
+                        lambda path, *a: opened.append(path) or quick_valid(path, *a))
+    redo = next(k for k in sorted(GOOD) if shard_of(k, 2) == 0)
+    os.remove(feature_path(cache_copy, redo))
+    summary = extract_features(images, extract_cfg(cache_copy, num_shards=2, shard_index=0),
+                               progress=False)
+    assert summary["extracted"] == 1 and summary["skipped"] > 0
+    assert summary["count"] == len(GOOD)                        # both shards' files
+    assert feature_path(cache_copy, redo) in opened
+    assert len(opened) == len(set(opened))                      # each file opened once
+
+
+def test_verify_repairs_bad_files(images, extracted, cache_copy):
+    keys = list_images(images)
+    reference = {k: np.load(feature_path(extracted[0], k)) for k in ("a.jpg", "b.png")}
+    path_a, path_b = feature_path(cache_copy, "a.jpg"), feature_path(cache_copy, "b.png")
+    with open(path_a, "r+b") as f:
+        f.truncate(os.path.getsize(path_a) // 2)                 # truncated
+    with open(path_b, "r+b") as f:
+        f.seek(128)
+        f.write(np.full(1000, np.nan, np.float16).tobytes())     # valid header, garbage data
+
+    summary = extract_features(images, extract_cfg(cache_copy), keys=keys, progress=False)
+    assert summary["extracted"] == 1 and summary["repaired"] == 1   # quick check: a.jpg only
+    summary = extract_features(images, extract_cfg(cache_copy, verify=True), keys=keys,
+                               progress=False)
+    assert summary["extracted"] == 1 and summary["repaired"] == 1   # full check: b.png
+    assert summary["invalid"] == {"b.png": "non-finite values"}
+    for key, ref in reference.items():
+        path = feature_path(cache_copy, key)
+        assert check_feature_file(path, "float16", full=True) is None
+        np.testing.assert_allclose(np.load(path).astype(np.float32), ref.astype(np.float32),
+                                   rtol=1e-2, atol=1e-2 * np.abs(ref).max())
+
+
+def test_progress_in_a_log_is_one_line(images, cache_copy, capsys):
+    """stdout not a terminal (a log file; here pytest's capture): Keras' Progbar writes one
+    line at the end, with the failed count."""
+    os.remove(feature_path(cache_copy, "a.jpg"))
+    extract_features(images, extract_cfg(cache_copy), keys=["a.jpg", "notes.jpg"])
+    out = capsys.readouterr().out
+    assert out.startswith("2/2 - ") and out.count("\n") == 1 and "failed: 1" in out
+
+
+# --------------------------------------------------------------------------- processes
+RUNNER = """
+import sys
+from caption_attn.config import ExtractConfig
+from caption_attn.extract import extract_features
+images, cache, shards, index = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+cfg = ExtractConfig(cache=cache, weights="random", dtype="float16", batch_size=2,
+                    num_shards=shards, shard_index=index)
+s = extract_features(images, cfg, progress=False)
+print(s["extracted"], s["skipped"], s["failed"], s["count"])
+"""
+
+
+def _runner(images, cache, shards=1, index=0):
+    return subprocess.Popen([sys.executable, "-c", RUNNER, str(images), str(cache), str(shards),
+                             str(index)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
+def _npy_files(cache):
+    out = []
+    for root, _, names in os.walk(cache):
+        out += [os.path.join(root, n) for n in names if n.endswith(".npy")
+                and not n.startswith(".")]
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume(tmp_path):
+    images, cache = tmp_path / "images", tmp_path / "cache"
+    for i in range(16):
+        write_rgb(str(images / f"img_{i:02d}.jpg"), scene(i))
+    proc = _runner(images, cache)
+    deadline = time.monotonic() + 240
+    while len(_npy_files(cache)) < 3:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = _npy_files(cache)
+    assert 3 <= len(done) < 16
+    for path in done:                                           # no invalid final file
+        assert check_feature_file(path, "float16", full=True) is None, path
+
+    proc = _runner(images, cache)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    extracted, skipped, failed, count = map(int, out.split())
+    assert skipped == len(done) and extracted == 16 - len(done) and failed == 0
+    assert count == 16 and len(_npy_files(cache)) == 16
+    leftovers = [n for _, _, names in os.walk(cache) for n in names if ".tmp." in n]
+    assert leftovers == []
+
+
+@pytest.mark.slow
+def test_concurrent_shards_share_one_cache(tmp_path):
+    images, cache = tmp_path / "images", tmp_path / "cache"
+    keys = [f"img_{i:02d}.jpg" for i in range(10)]
+    for i, key in enumerate(keys):
+        write_rgb(str(images / key), scene(i))
+    bad = ["bad_0.jpg", "bad_1.jpg", "bad_2.jpg", "bad_3.jpg"]
+    for key in bad:
+        (images / key).write_text("not an image")
+    procs = [_runner(images, cache, 2, i) for i in range(2)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        results.append(list(map(int, out.split())))
+    assert sum(r[0] for r in results) == len(keys)              # each image exactly once
+    assert sum(r[2] for r in results) == len(bad)
+    assert sorted(os.path.relpath(p, cache)[:-4] for p in _npy_files(cache)) == keys
+    assert set(read_failed(str(cache))) == set(bad)
+    m = read_manifest(str(cache))
+    assert m["count"] == len(keys)
+    with open(os.path.join(cache, "manifest.json")) as f:
+        json.load(f)

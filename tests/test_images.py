@@ -1,0 +1,91 @@
+"""Tests of image decoding and resizing (caption_attn/images.py).
+
+Images are rendered by tests/image_samples.py (OpenCV, and Pillow for CMYK/EXIF/GIF fixtures)
+into the session's `images` folder (conftest.py).
+"""
+
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from caption_attn.errors import UserError
+from caption_attn.images import ImageError, decode_image, list_images, load_image, resize_image
+from image_samples import BAD, BLUE, GOOD, GREEN, RED, scene
+
+
+def test_load_image_formats(images):
+    for key in GOOD:
+        img = load_image(os.path.join(images, key))
+        assert img.shape == (299, 299, 3) and img.dtype == np.uint8, key
+
+    gray = load_image(os.path.join(images, "gray.jpg")).astype(int)
+    assert np.abs(gray[..., 0] - gray[..., 1]).max() <= 1
+    assert np.abs(gray[..., 0] - gray[..., 2]).max() <= 1
+
+    rgba = load_image(os.path.join(images, "rgba.png"))
+    assert (rgba[150, 20] == 255).all()                      # transparent -> white
+    assert tuple(rgba[150, 280]) == GREEN                    # opaque keeps its colour
+
+    cmyk = load_image(os.path.join(images, "cmyk.jpg")).astype(int)
+    assert np.abs(cmyk[30, 150] - RED).max() < 30            # top band stays red
+    assert np.abs(cmyk[270, 150] - BLUE).max() < 30
+
+    gif = load_image(os.path.join(images, "anim.gif"))
+    assert tuple(gif[150, 150]) == RED                       # first frame
+
+    bmp = load_image(os.path.join(images, "bitmap.bmp"))
+    np.testing.assert_array_equal(bmp, resize_image(scene(7, 100, 80)))
+
+
+def test_exif_orientation_is_applied(images):
+    raw = cv2.imread(os.path.join(images, "exif6.jpg"),
+                     cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+    assert raw.shape == (60, 40, 3)                          # stored portrait, red on top
+    with open(os.path.join(images, "exif6.jpg"), "rb") as f:
+        decoded = decode_image(f.read())
+    assert decoded.shape == (40, 60, 3)                      # displayed landscape
+    # rotated 90 degrees clockwise: the red top band is now the right third
+    assert np.abs(decoded[20, 55].astype(int) - RED).max() < 30
+    assert np.abs(decoded[20, 5].astype(int) - BLUE).max() < 30
+
+
+@pytest.mark.parametrize("key", sorted(BAD))
+def test_bad_images_raise_with_reason(images, key):
+    with pytest.raises(ImageError) as e:
+        load_image(os.path.join(images, key))
+    assert str(e.value) == BAD[key]
+
+
+def test_truncated_jpeg_is_detected_even_if_decodable():
+    """Some libjpeg builds decode a cut JPEG with a gray bottom; the EOI check catches it."""
+    ok, buf = cv2.imencode(".jpg", scene(1))
+    data = buf.tobytes()
+    assert data.endswith(b"\xff\xd9")
+    assert decode_image(data).shape == (240, 320, 3)
+    with pytest.raises(ImageError, match="truncated"):
+        decode_image(data[:-2])                           # only the EOI marker missing
+    with pytest.raises(ImageError, match="truncated"):
+        decode_image(cv2.imencode(".png", scene(1))[1].tobytes()[:-12])
+
+
+def test_resize_stretches_with_area_or_cubic():
+    big = scene(2, 640, 480)
+    np.testing.assert_array_equal(resize_image(big),
+                                  cv2.resize(big, (299, 299), interpolation=cv2.INTER_AREA))
+    small = scene(2, 100, 50)
+    np.testing.assert_array_equal(resize_image(small),
+                                  cv2.resize(small, (299, 299), interpolation=cv2.INTER_CUBIC))
+    for h, w in [(1000, 100), (100, 1000), (299, 299), (1, 1)]:
+        flat = np.full((h, w, 3), 77, np.uint8)
+        out = resize_image(flat)
+        assert out.shape == (299, 299, 3) and (out == 77).all()
+
+
+def test_list_images_keys(images):
+    keys = list_images(images)
+    assert keys == sorted(GOOD + [k for k in BAD if k != "missing.jpg"])
+    assert "sub/deeper/d.jpg" in keys                       # POSIX separators, subfolders
+    with pytest.raises(UserError, match="--images"):
+        list_images(os.path.join(images, "nope"))

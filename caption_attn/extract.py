@@ -26,8 +26,6 @@ import numpy as np
 
 from caption_attn import feature_cache
 from caption_attn.backbone import IMAGE_SIZE, Backbone
-from caption_attn.config import BACKBONE_PRECISIONS as PRECISIONS
-from caption_attn.config import FEATURE_DTYPES as DTYPES
 from caption_attn.config import ExtractConfig
 from caption_attn.data import image_key_problem
 from caption_attn.errors import UserError

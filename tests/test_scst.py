@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from caption_attn.errors import UserError
-from caption_attn.scst import (MAX_VOCAB_SIZE, CiderD, DocumentFrequency, advantages,
-                               check_vocab_size)
+from caption_attn.scst import (MAX_VOCAB_SIZE, CiderD, CodeIndex, DocumentFrequency,
+                               advantages, check_vocab_size)
 from caption_attn.vocab import END, PAD, START, UNK
 
 V = 40                 # small, so that captions share n-grams
@@ -172,6 +172,21 @@ def test_vocab_size_is_checked():
         DocumentFrequency.build({0: [[5, 6]]}, MAX_VOCAB_SIZE + 1)
     with pytest.raises(ValueError, match=r"`references` holds ids outside 0\.\.39.*45"):
         DocumentFrequency.build({0: [[5, 45]]}, V)
+
+
+def test_code_index_finds_every_code_and_only_them():
+    """1000 codes in a 4096-slot table (collisions certain), some differing only in their top
+    bits, queried with absent codes mixed in, in any order."""
+    rng = np.random.default_rng(3)
+    codes = np.unique(np.concatenate([rng.integers(1, 2 ** 62, 900),
+                                      np.arange(1, 101, dtype=np.int64) << 56]))
+    codes = rng.permutation(codes)
+    index = CodeIndex(codes)
+    queries = np.concatenate([codes, rng.integers(1, 2 ** 62, 500), [0, 2 ** 63 - 1]])
+    position = {int(c): i for i, c in enumerate(codes)}
+    want = [position.get(int(q), -1) for q in queries]
+    assert index.find(queries).tolist() == want
+    assert CodeIndex(np.zeros(0, np.int64)).find(np.array([5])).tolist() == [-1]
 
 
 # --------------------------------------------------------------------------- CIDEr-D

@@ -81,7 +81,8 @@ def words_of(candidate, with_end):
 @pytest.fixture(scope="module")
 def data():
     """50 images x 5 references (3-10 words, Zipf-like over ids 3..V-2: some <unk>, and
-    V-1 in none) and 6 candidates each (0-12 words: half end with <end>, some cut at T, some copy a reference)."""
+    V-1 in none) and 6 candidates each (0-12 words: half end with <end>, some are cut at T,
+    one copies a reference)."""
     rng = np.random.default_rng(7)
     p = 1.0 / np.arange(1, V - UNK) ** 1.1
     p /= p.sum()

@@ -92,7 +92,7 @@ _NONE = np.iinfo(np.int64).max   # code of an n-gram slot past the end of its se
 
 # --------------------------------------------------------------------------- n-gram codes
 def check_vocab_size(vocab_size) -> int:
-    """`vocab_size` as an int, refused unless 4 < V <= `MAX_VOCAB_SIZE`."""
+    """`vocab_size` as an int, refused unless 4 <= V <= `MAX_VOCAB_SIZE`."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) \
             or not len((PAD, START, END)) < vocab_size <= MAX_VOCAB_SIZE:
         raise ValueError(f"`vocab_size` must be an int in 4..{MAX_VOCAB_SIZE} (a 4-gram is "
@@ -219,8 +219,8 @@ def _image_ngrams(sequences: list, image_of: np.ndarray, vocab_size: int, with_e
     reference ("slot": the reference's place among its image's references).
 
     Works on `chunk` images at a time, each image one row of its references' n-gram codes
-    sorted in place: 8x faster than `np.unique` over all (image, n-gram) pairs of COCO, and
-    no (600k captions, P) code matrix of 300 MB.
+    sorted in place: no (600k captions, P) code matrix of 300 MB for COCO, and 2.5x faster
+    than `np.unique` of each chunk's (image, n-gram) pairs (df of 113k images: 23.5 -> 9.3 s).
     -> {"image": (M,) int64 image row, "code": (M,) int64 n-gram, sorted by image then code;
         "tf" (per_slot only): (M, R) count of the n-gram in each of the image's R reference
         slots (R: most references of an image); "slot": (S,) int64 slot of each sequence;
@@ -258,7 +258,7 @@ def _image_ngrams(sequences: list, image_of: np.ndarray, vocab_size: int, with_e
             group = (np.cumsum(first.ravel()) - 1)[valid.ravel()]     # (n-grams,) pair id
             tf = np.bincount(group * width + (order // p).ravel()[valid.ravel()],
                              minlength=rows.size * width)             # (M_c * R,)
-            tfs.append(tf.reshape(rows.size, width).astype(np.min_scalar_type(tf.max())))
+            tfs.append(tf.reshape(rows.size, width).astype(np.min_scalar_type(tf.max(initial=0))))
     out = {"image": np.concatenate(images), "code": np.concatenate(codes), "slot": slot,
            "length": np.concatenate(lengths)}
     if per_slot:
@@ -367,11 +367,11 @@ class DocumentFrequency:
             fail("\"ngrams\" must map n in 1..4 to {document frequency: codes}")
         codes, counts = [], []
         for n, by_df in groups.items():
-            for value, gaps in by_df.items() if isinstance(by_df, dict) else [(None, None)]:
+            if not isinstance(by_df, dict) or not all(
+                    value.isdigit() and isinstance(gaps, str) for value, gaps in by_df.items()):
+                fail(f"\"ngrams\"[\"{n}\"] must map document frequencies to strings of codes")
+            for value, gaps in by_df.items():
                 where = f"\"ngrams\"[\"{n}\"][\"{value}\"]"
-                if value is None or not value.isdigit() or not isinstance(gaps, str):
-                    fail(f"\"ngrams\"[\"{n}\"] must map document frequencies to strings of "
-                         "codes")
                 try:
                     steps = np.fromstring(gaps, np.int64, sep=" ")    # (D_g,) gaps
                 except ValueError:

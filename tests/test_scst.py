@@ -80,14 +80,16 @@ def words_of(candidate, with_end):
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def data():
-    """50 images x 5 references (3-10 words, Zipf-like over ids 3..V-2: some <unk>, and
+    """50 images x 5 references (10 of them 4 or 7; 3-10 words, Zipf-like over ids 3..V-2: some <unk>, and
     V-1 in none) and 6 candidates each (0-12 words: half end with <end>, some are cut at T,
     one copies a reference)."""
     rng = np.random.default_rng(7)
     p = 1.0 / np.arange(1, V - UNK) ** 1.1
     p /= p.sum()
     words = lambda k: [int(w) for w in rng.choice(np.arange(UNK, V - 1), k, p=p)]
-    references = {2 * i + 1: [words(rng.integers(3, 11)) for _ in range(5)] for i in range(50)}
+    count = lambda i: {3: 7, 7: 4}.get(i % 10, 5)          # COCO has images with 4..7 too
+    references = {2 * i + 1: [words(rng.integers(3, 11)) for _ in range(count(i))]
+                  for i in range(50)}
     image_index, candidates = [], []
     for key, refs in references.items():
         for j in range(6):
@@ -143,7 +145,7 @@ def test_df_file_from_another_vocabulary_is_refused(df, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not_integers", "wrong_n", "no_format",
-                                    "count_too_big"])
+                                    "count_too_big", "group_not_object"])
 def test_malformed_df_file_is_a_user_error_naming_it(df, tmp_path, damage):
     path = str(tmp_path / "cider_df.json")
     df.save(path)
@@ -160,6 +162,8 @@ def test_malformed_df_file_is_a_user_error_naming_it(df, tmp_path, damage):
             del d["format"]
         elif damage == "count_too_big":
             d["ngrams"]["1"]["51"] = "1"
+        elif damage == "group_not_object":
+            d["ngrams"]["4"] = ["1 2 3"]
         text = json.dumps(d)
     open(path, "w", encoding="utf-8").write(text)
     with pytest.raises(UserError, match="cider_df.json"):

@@ -12,7 +12,6 @@ import math
 import os
 from typing import Optional, Sequence
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -21,6 +20,7 @@ from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone
 from caption_attn import model as _model  # noqa: F401  registers the Keras classes to load
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
+from caption_attn.run import RunFolder
 from caption_attn.feature_cache import MANIFEST
 from caption_attn.images import ImageError, list_images, load_image
 from caption_attn.vocab import PAD, START, Vocabulary
@@ -112,20 +112,13 @@ class Captioner:
     @classmethod
     def from_run(cls, run_dir: str, cfg: Optional[DecodeConfig] = None) -> "Captioner":
         cfg = cfg or DecodeConfig()
-        config_path = os.path.join(run_dir, "config.json")
-        if not os.path.exists(config_path):
-            raise UserError(f"{run_dir}: not a training run (no config.json); train one with "
-                            f"`caption-attn train --run {run_dir} ...`")
-        best = os.path.join(run_dir, "best.keras")
-        if not os.path.exists(best):
-            raise UserError(f"{best}: no best model yet; the run has not finished an epoch "
-                            f"(rerun `caption-attn train` with the same --run to resume)")
-        run_cfg = RunConfig.load(config_path)
-        vocab = Vocabulary.load(os.path.join(run_dir, "vocab.json"))
-        model = keras.saving.load_model(best, compile=False)
+        run = RunFolder(run_dir)
+        run_cfg = run.load_config()
+        vocab = Vocabulary.load(run.vocab)
+        model = run.load_best_model()
         if model.vocab_size != len(vocab):
-            raise UserError(f"{best}: model vocabulary {model.vocab_size} does not match "
-                            f"vocab.json ({len(vocab)})")
+            raise UserError(f"{run.best_model}: model vocabulary {model.vocab_size} does not "
+                            f"match {run.vocab} ({len(vocab)})")
         return cls(model, vocab, run_cfg, cfg, run_dir)
 
     # -- features -> captions ----------------------------------------------------------

@@ -8,7 +8,6 @@ module loads TensorFlow only inside `evaluate_run`, so printing a metrics table 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional
 
 import numpy as np
@@ -18,7 +17,8 @@ from caption_attn.coco_metrics import COCO_METRICS, coco_metrics, write_results
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import feature_path, read_manifest
-from caption_attn.fileio import read_json, write_json_atomic
+from caption_attn.fileio import write_json_atomic
+from caption_attn.run import RunFolder
 from caption_attn.shapes_metrics import SHAPES_METRICS, shapes_metrics
 
 DISPLAY_NAMES = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
@@ -65,7 +65,7 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig) -> _SplitFeatures:
     """The run's `split` (split.json), its records and which of them have a feature file."""
     from caption_attn import pipeline
 
-    splits = read_json(os.path.join(run_dir, "split.json"))["splits"]
+    splits = RunFolder(run_dir).load_splits()
     if split not in splits:
         raise UserError(f"--split must be one of {sorted(splits)}, got {split!r}")
     records = {r.image: r for r in data.load_dataset(run_cfg.captions, run_cfg.data).records}
@@ -115,13 +115,6 @@ def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
     return result
 
 
-def _output_paths(run_dir: str, split: str, out: Optional[str]) -> tuple[str, str]:
-    """(metrics JSON, COCO results JSON): `out`, default `<run>/eval/<split>_metrics.json`,
-    and the results next to it as `*_results.json`."""
-    out = out or os.path.join(run_dir, "eval", f"{split}_metrics.json")
-    return out, os.path.splitext(out)[0].removesuffix("_metrics") + "_results.json"
-
-
 def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str] = None,
                  progress: bool = True, use_java: Optional[bool] = None) -> dict:
     """Decode a split of a trained run from its feature cache, score it, write the files.
@@ -141,7 +134,7 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
               "decode": {"method": captioner.cfg.method, "beam": captioner.cfg.beam,
                          "length_penalty": captioner.cfg.length_penalty},
               **_score(found, hypotheses, best, use_java)}
-    metrics_path, results_path = _output_paths(run_dir, split, out)
+    metrics_path, results_path = RunFolder(run_dir).eval_outputs(split, out)
     write_results(results_path, hypotheses, {k: found.records[k].image_id for k in found.keys})
     result.update(metrics_file=metrics_path, results_file=results_path)
     write_json_atomic(metrics_path, result)

@@ -1,0 +1,192 @@
+"""The run folder (`models/<run>/`): every path in it, opening it to train, loading it to use.
+
+    config.json        RunConfig (absolute paths of the caption file and the feature cache)
+    vocab.json         vocabulary (train split only)       split.json    image keys per split
+    history.json       one entry per epoch                 cider_df.json train-split CIDEr-D
+                                                                         document frequencies
+    checkpoints/       tf.train.CheckpointManager (model, optimizer, counters, RNG states)
+    best.keras         the best model (Keras format) + best.json (its epoch and metric) +
+                       best.weights.h5 (the same weights, from which `train` rewrites a missing
+                       or damaged best.keras)
+    logs/train, logs/validation   TensorBoard           attention/epoch_K/*.png  heatmaps
+    eval/SPLIT_metrics.json, eval/SPLIT_results.json    written by `evaluate`
+
+Nothing else in the package joins these names by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import zipfile
+from typing import Optional
+
+from caption_attn.config import RunConfig, config_diff
+from caption_attn.errors import UserError
+from caption_attn.fileio import parse_json, read_json
+
+
+class RunFolder:
+    """Paths of one run folder, plus the checks that open it."""
+
+    FILES = ("config.json", "vocab.json", "split.json", "history.json", "best.keras",
+             "best.json", "best.weights.h5", "cider_df.json")
+    DIRS = ("checkpoints", "logs", "attention")
+
+    def __init__(self, path: str):
+        if not path or not str(path).strip():
+            raise UserError("--run must name a folder, got an empty string")
+        self.path = str(path)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    config = property(lambda self: self.file("config.json"))
+    vocab = property(lambda self: self.file("vocab.json"))
+    split = property(lambda self: self.file("split.json"))
+    history = property(lambda self: self.file("history.json"))
+    best_model = property(lambda self: self.file("best.keras"))
+    best_info = property(lambda self: self.file("best.json"))
+    best_weights = property(lambda self: self.file("best.weights.h5"))
+    cider_df = property(lambda self: self.file("cider_df.json"))
+    checkpoints = property(lambda self: self.file("checkpoints"))
+    logs = property(lambda self: self.file("logs"))
+    attention = property(lambda self: self.file("attention"))
+
+    def worker_checkpoints(self, task_id: int) -> str:
+        """Scratch checkpoints of a non-chief multi-worker task (TensorFlow's convention)."""
+        return os.path.join(self.checkpoints, f"worker_{task_id}")
+
+    def attention_epoch(self, epoch: int) -> str:
+        """Heatmaps of 1-based `epoch`."""
+        return os.path.join(self.attention, f"epoch_{epoch}")
+
+    def eval_outputs(self, split: str, out: Optional[str] = None) -> tuple[str, str]:
+        """(metrics JSON, COCO results JSON) of `evaluate`: `out` or eval/SPLIT_metrics.json,
+        the results next to it as *_results.json."""
+        metrics = out or os.path.join(self.path, "eval", f"{split}_metrics.json")
+        results = os.path.splitext(metrics)[0].removesuffix("_metrics") + "_results.json"
+        return metrics, results
+
+    # ------------------------------------------------------------------ training
+    def check_writable(self) -> None:
+        """`UserError` unless the run folder is (or can become) a writable folder."""
+        check_folder_writable(self.path, "--run")
+
+    def reopen_notes(self, cfg: RunConfig) -> list[str]:
+        """Compare `cfg` with the saved config.json (nothing is written): a run made with
+        another data, vocabulary or model configuration is refused (resuming it would mix two
+        models); changed training settings and moved files are returned as notes."""
+        if not os.path.exists(self.config):
+            return []
+        saved = self.load_config()
+        fixed = []
+        for part in ("data", "vocab", "model"):
+            fixed += config_diff(getattr(saved, part), getattr(cfg, part), part + ".")
+        if fixed:
+            raise UserError(
+                f"{self.path} was trained with a different configuration:\n  "
+                + "\n  ".join(fixed)
+                + "\nrerun with the same flags to resume, use another --run, or add --fresh "
+                  "to start this run over")
+        notes = []
+        changed = [c for c in config_diff(saved.train, cfg.train, "train.")
+                   if not c.startswith("train.fresh")]
+        if changed:
+            notes.append("resuming with changed training settings: " + "; ".join(changed))
+        for name in ("captions", "cache"):
+            if os.path.abspath(getattr(saved, name)) != os.path.abspath(getattr(cfg, name)):
+                notes.append(f"--{name} differs from the run's first invocation "
+                             f"({getattr(saved, name)})")
+        return notes
+
+    def delete_previous(self) -> None:
+        """`--fresh`: remove every file and folder a run writes (nothing else)."""
+        for name in self.FILES:
+            if os.path.exists(self.file(name)):
+                os.remove(self.file(name))
+        for name in self.DIRS:
+            shutil.rmtree(self.file(name), ignore_errors=True)
+
+    # ------------------------------------------------------------------ using a run
+    def load_config(self) -> RunConfig:
+        if not os.path.exists(self.config):
+            raise UserError(f"{self.path}: not a training run (no config.json); train one with "
+                            f"`caption-attn train --run {self.path} ...`")
+        try:
+            return RunConfig.from_dict(read_json(self.config))
+        except UserError as e:
+            msg = str(e)
+            raise UserError(msg if msg.startswith(self.config) else f"{self.config}: {msg}") \
+                from None
+
+    def load_splits(self) -> dict:
+        """split name -> image keys, as fixed when the run started."""
+        data = read_json(self.split)
+        splits = data.get("splits") if isinstance(data, dict) else None
+        if not isinstance(splits, dict) or not all(
+                isinstance(v, list) and all(isinstance(k, str) for k in v)
+                for v in splits.values()):
+            raise UserError(f"{self.split}: malformed (expected {{\"splits\": {{name: [image "
+                            f"keys]}}}})")
+        return splits
+
+    def load_best_model(self):
+        """The best model; a missing, truncated or old-format best.keras is a `UserError`
+        naming it and saying how to recover."""
+        import keras
+
+        from caption_attn import model as model_lib
+
+        path = self.best_model
+        recover = (f"rerun `caption-attn train --run {self.path} ...` with the run's flags: "
+                   f"it rewrites best.keras from {os.path.basename(self.best_weights)} (kept "
+                   f"next to it) without training")
+        if not os.path.exists(path):
+            if os.path.exists(self.best_weights):
+                raise UserError(f"{path}: missing; {recover}")
+            raise UserError(f"{path}: no best model yet; the run has not finished an epoch "
+                            f"(rerun `caption-attn train` with the same --run to resume)")
+        config = _keras_archive_config(path, recover)
+        try:
+            model_lib.check_model_format(config.get("config", {}).get("model_format", 1))
+        except ValueError as e:
+            raise UserError(f"{path}: {e}") from None
+        try:
+            return keras.saving.load_model(path, compile=False)
+        except Exception as e:  # noqa: BLE001 - Keras raises many kinds for a damaged file
+            raise UserError(f"{path}: cannot be loaded ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}); {recover}") from None
+
+
+def _keras_archive_config(path: str, recover: str) -> dict:
+    """The model config inside a .keras zip, after checking the archive is whole."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            if bad is not None:
+                raise zipfile.BadZipFile(f"member {bad} is damaged")
+            text = archive.read("config.json").decode("utf-8")
+    except (zipfile.BadZipFile, KeyError, EOFError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: damaged or truncated Keras file ({e}); {recover}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    config = parse_json(f"{path}:config.json", text)
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: damaged Keras file (its config is not an object); {recover}")
+    return config
+
+
+def check_folder_writable(path: str, what: str) -> None:
+    """`UserError` (one line) unless `path` is a writable folder or can be created as one:
+    checked before any expensive work that would write there."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise UserError(f"{what} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: {probe} is not writable")

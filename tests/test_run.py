@@ -1,0 +1,88 @@
+"""The run folder: paths, and clear refusals for a damaged or missing best model."""
+
+import json
+import os
+import shutil
+import zipfile
+
+import pytest
+
+from caption_attn.errors import UserError
+from caption_attn.run import RunFolder, check_folder_writable
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    target = str(tmp_path / "run")
+    shutil.copytree(trained_run, target)
+    return RunFolder(target)
+
+
+def test_paths_and_eval_outputs(tmp_path):
+    run = RunFolder(str(tmp_path / "r"))
+    assert run.best_model.endswith(os.path.join("r", "best.keras"))
+    assert run.attention_epoch(3).endswith(os.path.join("attention", "epoch_3"))
+    assert run.eval_outputs("val")[0].endswith(os.path.join("eval", "val_metrics.json"))
+    assert run.eval_outputs("val", "x/m_metrics.json") == ("x/m_metrics.json",
+                                                           "x/m_results.json")
+    with pytest.raises(UserError, match="--run must name a folder"):
+        RunFolder(" ")
+
+
+def test_not_a_run(tmp_path):
+    with pytest.raises(UserError, match="not a training run"):
+        RunFolder(str(tmp_path)).load_config()
+
+
+def test_truncated_best_model_names_the_file_and_the_recovery(run_copy):
+    with open(run_copy.best_model, "r+b") as f:
+        f.truncate(os.path.getsize(run_copy.best_model) // 2)
+    with pytest.raises(UserError) as e:
+        run_copy.load_best_model()
+    message = str(e.value)
+    assert run_copy.best_model in message and "damaged or truncated" in message
+    assert "caption-attn train" in message and "best.weights.h5" in message
+
+
+def test_missing_best_model_with_kept_weights_says_how_to_rewrite_it(run_copy):
+    os.remove(run_copy.best_model)
+    open(run_copy.best_weights, "wb").close()
+    with pytest.raises(UserError, match=r"best\.keras: missing; rerun `caption-attn train"):
+        run_copy.load_best_model()
+
+
+def test_best_model_of_an_older_format_is_refused(run_copy):
+    with zipfile.ZipFile(run_copy.best_model) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    config = json.loads(members["config.json"])
+    del config["config"]["model_format"]                      # as caption_attn 0.1 wrote it
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(run_copy.best_model, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    with pytest.raises(UserError, match=r"best\.keras: the saved model has model format 1"):
+        run_copy.load_best_model()
+
+
+def test_damaged_config_names_the_file(run_copy):
+    with open(run_copy.config, "w") as f:
+        f.write('{"model": {"units": 0}}')
+    with pytest.raises(UserError, match=r"config\.json: .*--units"):
+        run_copy.load_config()
+
+
+def test_writable_check_names_the_culprit(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        check_folder_writable(str(tmp_path / "file" / "sub"), "--out")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        if os.access(locked, os.W_OK):           # root ignores permissions
+            pytest.skip("running as root: permissions are not enforced")
+        with pytest.raises(UserError, match="is not writable"):
+            check_folder_writable(str(locked / "new"), "--out")
+    finally:
+        os.chmod(locked, 0o700)
+    check_folder_writable(str(tmp_path / "new" / "deeper"), "--out")

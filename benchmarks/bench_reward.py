@@ -28,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from caption_attn.scst import CiderD, DocumentFrequency, advantages  # noqa: E402
+from caption_attn.cider import CiderD, DocumentFrequency  # noqa: E402
+from caption_attn.scst import advantages  # noqa: E402
 from caption_attn.vocab import END, PAD, UNK  # noqa: E402
 
 MAX_LENGTH = 16

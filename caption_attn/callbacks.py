@@ -148,12 +148,26 @@ class EarlyStopping(keras.callbacks.Callback):
 class TensorBoardLogger(keras.callbacks.Callback):
     """Writes TensorBoard summaries under `log_dir/train` and `log_dir/validation`.
 
-    Per `update_freq` steps (train): batch loss, gradient norm. Per epoch: loss,
-    learning_rate, captions_per_second, gradient_norm (train); val_loss, val_bleu4, sample
-    captions (text) and attention heatmaps (images) (validation). The hyperparameters go to
-    the HParams dashboard with val_loss / val_bleu4 as its metrics.
+    Tags follow Keras' own TensorBoard callback: per epoch, `epoch_<metric>` in the `train`
+    run and the same tag in the `validation` run for the same quantity measured on the
+    validation images, so TensorBoard draws the two curves in one chart: `epoch_loss` (the
+    training loss of the epoch's stage; validation: the teacher-forced loss), and in the train
+    run `epoch_learning_rate`, `epoch_captions_per_second`, `epoch_gradient_norm`, plus in
+    self-critical epochs `epoch_reward` (mean CIDEr-D of the samples), `epoch_baseline`,
+    `epoch_advantage_std` and `epoch_entropy` (of the policy at the sampled tokens); in the
+    validation run `epoch_bleu4` and `epoch_cider` when measured, the sample captions (text)
+    and their attention heatmaps (images). Every `update_freq` steps: `batch_loss` and
+    `batch_gradient_norm`. The hyperparameters go to the HParams dashboard.
     `samples(epoch)` returns a list of dicts with keys image (name), caption, png (bytes).
     """
+
+    TRAIN = {"loss": "epoch_loss", "learning_rate": "epoch_learning_rate",
+             "captions_per_second": "epoch_captions_per_second",
+             "gradient_norm": "epoch_gradient_norm", "reward": "epoch_reward",
+             "baseline": "epoch_baseline", "advantage_std": "epoch_advantage_std",
+             "entropy": "epoch_entropy"}
+    VALIDATION = {"val_loss": "epoch_loss", "val_bleu4": "epoch_bleu4",
+                  "val_cider": "epoch_cider"}
 
     def __init__(self, log_dir: str, hparams: dict, samples: Optional[Callable] = None,
                  update_freq: int = 50):
@@ -173,9 +187,10 @@ class TensorBoardLogger(keras.callbacks.Callback):
         with root.as_default():
             hp.hparams_config(
                 hparams=[hp.HParam(k) for k in sorted(self.hparams)],
-                metrics=[hp.Metric("val_loss", group="validation", display_name="val_loss"),
-                         hp.Metric("val_bleu4", group="validation", display_name="val_bleu4"),
-                         hp.Metric("loss", group="train", display_name="loss")])
+                metrics=[hp.Metric("epoch_loss", group="validation", display_name="val_loss"),
+                         hp.Metric("epoch_bleu4", group="validation", display_name="val_bleu4"),
+                         hp.Metric("epoch_cider", group="validation", display_name="val_cider"),
+                         hp.Metric("epoch_loss", group="train", display_name="loss")])
             hp.hparams(self.hparams, trial_id=os.path.basename(os.path.dirname(
                 os.path.abspath(self.log_dir))))
         root.flush()
@@ -193,14 +208,12 @@ class TensorBoardLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         tf, logs = self._tf, logs or {}
         step = epoch + 1
-        with self.train_writer.as_default(step=step):
-            for key in ("loss", "learning_rate", "captions_per_second", "gradient_norm"):
-                if key in logs:
-                    tf.summary.scalar(key, logs[key])
+        for writer, tags in ((self.train_writer, self.TRAIN), (self.val_writer, self.VALIDATION)):
+            with writer.as_default(step=step):
+                for key, tag in tags.items():
+                    if logs.get(key) is not None:
+                        tf.summary.scalar(tag, logs[key])
         with self.val_writer.as_default(step=step):
-            for key in ("val_loss", "val_bleu4"):
-                if key in logs and logs[key] is not None:
-                    tf.summary.scalar(key, logs[key])
             samples = self.samples(epoch) if self.samples else []
             if samples:
                 table = "\n".join(f"| {s['image']} | {s['caption']} |" for s in samples)

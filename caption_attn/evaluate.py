@@ -82,11 +82,10 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig) -> _SplitFeatures:
 
 def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
     """Image key -> the best `Caption` of `captioner`, decoded from the cached features."""
-    import keras
-
     from caption_attn import pipeline
+    from caption_attn import progress as progress_lib
 
-    bar = keras.utils.Progbar(len(found.keys), verbose=1 if progress else 0, unit_name="image")
+    bar = progress_lib.bar(len(found.keys), progress, unit_name="image", periodic=True)
     batches = pipeline.image_dataset([feature_path(found.cache, k) for k in found.keys],
                                      captioner.cfg.batch_size, found.reader)
     decoded = captioner.decode_batches((b.numpy() for b in batches), bar)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -186,7 +187,8 @@ def caption_dataset(paths: Sequence[str], token_lists: Sequence[Sequence[int]],
 
 
 def _replica_slices(keys, tokens, num_replicas: int, replica_ids: Sequence[int]):
-    """The rows of `replica_ids` out of R near-equal consecutive slices of one batch."""
+    """The rows of `replica_ids` out of R near-equal consecutive slices of one batch (of
+    `keys` and the matching rows of `tokens`)."""
     n = tf.shape(keys)[0]
     bounds = [(n * r) // num_replicas for r in range(num_replicas + 1)]
     starts = tf.stack([bounds[r] for r in replica_ids])
@@ -205,7 +207,36 @@ def _num_tokens(key, tokens):
     return tf.shape(tokens)[0]
 
 
+def shuffled_image_dataset(paths: Sequence[str], batch_size: int, reader: NpyReader,
+                           table: Optional[FeatureTable], seed: int, skip_batches: int = 0,
+                           num_replicas: int = 1,
+                           replica_ids: Sequence[int] = (0,)) -> tf.data.Dataset:
+    """(features (N, P, F), image ids (N,) int32) batches of every image once, in an order
+    shuffled by `seed`; an image's id is its position in `paths` (self-critical training
+    rewards each image's samples against that image's references). `skip_batches` resumes
+    mid-epoch; replicas as in `caption_dataset`."""
+    order = np.random.default_rng(seed).permutation(len(paths))       # (I,)
+    keys = [table.index[paths[i]] for i in order] if table is not None \
+        else [paths[i] for i in order]
+    ds = tf.data.Dataset.from_tensor_slices((keys, order.astype(np.int32))).batch(batch_size)
+    if skip_batches:
+        ds = ds.skip(skip_batches)
+    if num_replicas > 1:
+        ds = ds.flat_map(lambda k, i: _replica_slices(k, i, num_replicas, replica_ids))
+    read = table.batch if table is not None else reader.batch
+    return ds.map(lambda k, i: (read(k), i), num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
 def image_dataset(paths: Sequence[str], batch_size: int, reader: NpyReader) -> tf.data.Dataset:
     """features (B, P, F) of images in the given order (for decoding and evaluation)."""
     ds = tf.data.Dataset.from_tensor_slices(list(paths)).batch(batch_size)
     return ds.map(reader.batch, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+_DAMAGED = re.compile(r"damaged feature file: (\S+)")
+
+
+def damaged_file_from_error(error: Exception) -> Optional[str]:
+    """The feature file named by the in-graph checks' error message, or None."""
+    match = _DAMAGED.search(getattr(error, "message", None) or str(error))
+    return match.group(1) if match else None

@@ -23,7 +23,7 @@ from typing import Optional
 
 from caption_attn.config import RunConfig, config_diff
 from caption_attn.errors import UserError
-from caption_attn.fileio import parse_json, read_json
+from caption_attn.fileio import atomic_path, parse_json, read_json, write_json_atomic
 
 
 class RunFolder:
@@ -157,6 +157,54 @@ class RunFolder:
         except Exception as e:  # noqa: BLE001 - Keras raises many kinds for a damaged file
             raise UserError(f"{path}: cannot be loaded ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]}); {recover}") from None
+
+
+    # ------------------------------------------------------------------ the best model
+    def save_best(self, model, epoch: int, monitor: str, value: float) -> None:
+        """Keep `model` as the best so far (1-based `epoch`): its weights first (from which
+        `rewrite_best_model` can make best.keras again), then best.keras, then best.json;
+        each written atomically."""
+        with atomic_path(self.best_weights, ".weights.h5") as tmp:
+            model.save_weights(tmp)
+        with atomic_path(self.best_model, ".keras") as tmp:
+            model.save(tmp)
+        write_json_atomic(self.best_info, {"epoch": epoch, "monitor": monitor, "value": value})
+
+    def best_record(self) -> Optional[dict]:
+        """best.json ({epoch, monitor, value}) or None."""
+        return read_json(self.best_info) if os.path.exists(self.best_info) else None
+
+    def restore_best_weights(self, model) -> bool:
+        """Load the best weights into `model` (False when there are none yet)."""
+        if not os.path.exists(self.best_weights):
+            return False
+        model.load_weights(self.best_weights)
+        return True
+
+    def best_model_problem(self) -> Optional[str]:
+        """Why best.keras cannot be used (missing, damaged, old format), or None."""
+        try:
+            self.load_best_model()
+        except UserError as e:
+            return str(e)
+        return None
+
+    def rewrite_best_model(self, model) -> None:
+        """best.keras again from best.weights.h5, through `model` (a model of this run
+        whose own weights are left as they were)."""
+        current = model.get_weights()
+        try:
+            model.load_weights(self.best_weights)
+        except Exception as e:  # noqa: BLE001 - h5py/Keras raise many kinds for a bad file
+            raise UserError(f"{self.best_weights}: cannot be loaded ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}); best.keras cannot be rewritten: "
+                            f"caption or evaluate the run after its next finished epoch, or "
+                            f"train it again with --fresh") from None
+        try:
+            with atomic_path(self.best_model, ".keras") as tmp:
+                model.save(tmp)
+        finally:
+            model.set_weights(current)
 
 
 def _keras_archive_config(path: str, recover: str) -> dict:

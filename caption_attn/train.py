@@ -1,11 +1,12 @@
 """The training loop: `@tf.function` steps over bucketed tf.data batches, exact resume.
 
-Run folder (`models/<run>/`):
-    config.json      resolved RunConfig           vocab.json    vocabulary (train split only)
-    split.json       image keys of train/val/test history.json  one entry per epoch
-    checkpoints/     tf.train.CheckpointManager (model, optimizer, epoch, step, RNG states)
-    best.keras       best model so far (Keras format) + best.json (its epoch and metric)
-    logs/train, logs/validation   TensorBoard      attention/epoch_K/*.png   heatmaps
+Epochs 1..`--scst-after` (all of them without it) train with cross-entropy: teacher forcing,
+masked cross-entropy plus the doubly stochastic attention regulariser. Later epochs are
+self-critical (`scst.py`): sampled captions rewarded by their CIDEr-D. The files of a run are
+`run.py`'s; what is read before the first step is `train_data.py`'s; validation metrics and
+sample captions are `validation.py`'s; the optimizer and the learning rate of each stage
+`optimizer.py`'s; strategies `distribute.py`'s. This module builds the model and the steps and
+runs the epochs.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
-import sys
 import time
 from typing import Optional
 
@@ -22,48 +21,23 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from caption_attn import data as data_lib
-from caption_attn import feature_cache, images, pipeline
-from caption_attn.backbone import FEATURE_SHAPE, IMAGE_SIZE
+from caption_attn import checkpoints, distribute, pipeline, progress
+from caption_attn.backbone import IMAGE_SIZE
 from caption_attn.callbacks import AttentionSnapshots, EarlyStopping, TensorBoardLogger
-from caption_attn.config import DTYPE_POLICIES, FEATURE_DTYPES, DecodeConfig, RunConfig, \
-    config_diff
-from caption_attn.fileio import atomic_path, read_json, write_json_atomic
+from caption_attn.cider import CiderD, DocumentFrequency
+from caption_attn.config import DTYPE_POLICIES, RunConfig
 from caption_attn.errors import UserError
+from caption_attn.fileio import read_json, write_json_atomic
 from caption_attn.model import ShowAttendTell, masked_loss
-from caption_attn.vocab import Vocabulary, tokenize_all
+from caption_attn.optimizer import (FusedAdam, StagedLearningRate, current_learning_rate,
+                                    make_optimizer)
+from caption_attn.run import RunFolder
+from caption_attn.scst import SelfCritical
+from caption_attn.train_data import TrainData, load_train_data as _load_train_data
+from caption_attn.validation import Validator, table_or_files
 
-RUN_FILES = ("config.json", "vocab.json", "split.json", "history.json", "best.keras",
-             "best.json")
-RUN_DIRS = ("checkpoints", "logs", "attention")
-
-
-@keras.saving.register_keras_serializable(package="caption_attn")
-class FusedAdam(keras.optimizers.Adam):
-    """Keras Adam whose per-variable update is TensorFlow's fused `ResourceApplyAdam` kernel.
-
-    The same rule as `keras.optimizers.Adam` (m, v, then var -= lr_t m / (sqrt(v) + eps) with
-    lr_t = lr sqrt(1 - b2^t) / (1 - b1^t)), in one pass over the variable and its two slots
-    instead of eleven elementwise ops: 15 -> 6 ms per step for the 5 M weights of the
-    benchmark model on 2 CPU cores. Slots and checkpoints are Keras Adam's own.
-    """
-
-    def update_step(self, gradient, variable, learning_rate):
-        if self.amsgrad or not hasattr(variable, "handle"):
-            return super().update_step(gradient, variable, learning_rate)
-        dt = variable.dtype
-        step = tf.cast(self.iterations + 1, dt)
-        index = self._get_variable_index(variable)
-
-        def constant(x):
-            return tf.cast(x, dt)
-        tf.raw_ops.ResourceApplyAdam(
-            var=variable.handle, m=self._momentums[index].handle,
-            v=self._velocities[index].handle,
-            beta1_power=tf.pow(constant(self.beta_1), step),
-            beta2_power=tf.pow(constant(self.beta_2), step), lr=constant(learning_rate),
-            beta1=constant(self.beta_1), beta2=constant(self.beta_2),
-            epsilon=constant(self.epsilon), grad=constant(tf.convert_to_tensor(gradient)))
+__all__ = ["FusedAdam", "Trainer", "TrainingError", "format_summary", "load_train_data",
+           "open_run", "train"]
 
 
 class TrainingError(UserError):
@@ -73,263 +47,215 @@ class TrainingError(UserError):
         super().__init__(message, exit_code=1)
 
 
-# ----------------------------------------------------------------------------- run folder
-def open_run(run_dir: str, cfg: RunConfig, fresh: bool = False) -> list[str]:
-    """Create or reopen a run folder; returns notes for the user.
+@dataclasses.dataclass
+class EpochTotals:
+    """Running sums over the steps of one epoch, by name; checkpointed as one vector (so an
+    epoch resumed mid-way continues them). `loss` and `ce` are summed times the step's
+    captions; the self-critical fields are sums over sampled captions (tokens for entropy)."""
 
-    A run made with another data, vocabulary or model configuration is refused (resuming it
-    would mix two models); `fresh` deletes the previous run's files first.
-    """
-    path = os.path.join(run_dir, "config.json")
-    notes = []
+    FIELDS = ("loss", "ce", "gradient_norm", "captions", "steps", "reward", "baseline",
+              "advantage", "advantage_sq", "entropy", "tokens")
+    sums: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(EpochTotals.FIELDS,
+                                                                         0.0))
+
+    @classmethod
+    def from_vector(cls, vector) -> "EpochTotals":
+        return cls(dict(zip(cls.FIELDS, (float(x) for x in vector))))
+
+    def vector(self) -> np.ndarray:
+        return np.array([self.sums[f] for f in self.FIELDS], np.float64)
+
+    def add(self, step: dict) -> None:
+        n = step["captions"]
+        self.sums["loss"] += step["loss"] * n
+        self.sums["ce"] += step.get("ce", 0.0) * n
+        # float16 loss scaling skips steps whose gradients overflowed: not in the mean norm
+        self.sums["gradient_norm"] += step["gradient_norm"] \
+            if math.isfinite(step["gradient_norm"]) else 0.0
+        self.sums["steps"] += 1
+        for name in ("captions", "reward", "baseline", "advantage", "advantage_sq", "entropy",
+                     "tokens"):
+            self.sums[name] += step.get(name, 0.0)
+
+    def logs(self, self_critical: bool) -> dict:
+        """Epoch means for history.json and TensorBoard."""
+        s, n = self.sums, max(self.sums["captions"], 1.0)
+        out = {"loss": s["loss"] / n, "gradient_norm": s["gradient_norm"] / max(s["steps"], 1)}
+        if not self_critical:
+            return {**out, "ce": s["ce"] / n}
+        mean_advantage = s["advantage"] / n
+        return {**out, "reward": s["reward"] / n, "baseline": s["baseline"] / n,
+                "advantage_std": math.sqrt(max(s["advantage_sq"] / n - mean_advantage ** 2, 0.0)),
+                "entropy": s["entropy"] / max(s["tokens"], 1.0)}
+
+
+def open_run(run_dir: str, cfg: RunConfig, fresh: bool = False) -> list[str]:
+    """Check `cfg` against the run folder and save it there; returns notes for the user (used
+    by tests and benchmarks that build a `Trainer` themselves; `train` saves only after every
+    check of the data passed)."""
+    run = RunFolder(run_dir)
+    run.check_writable()
+    notes = [] if fresh else run.reopen_notes(cfg)
     if fresh:
-        for name in RUN_FILES:
-            if os.path.exists(os.path.join(run_dir, name)):
-                os.remove(os.path.join(run_dir, name))
-        for name in RUN_DIRS:
-            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
-    elif os.path.exists(path):
-        saved = RunConfig.load(path)
-        fixed = []
-        for part in ("data", "vocab", "model"):
-            fixed += config_diff(getattr(saved, part), getattr(cfg, part), part + ".")
-        if fixed:
-            raise UserError(
-                f"{run_dir} was trained with a different configuration:\n  "
-                + "\n  ".join(fixed)
-                + "\nrerun with the same flags to resume, use another --run, or add --fresh "
-                  "to start this run over")
-        changed = config_diff(saved.train, cfg.train, "train.")
-        changed = [c for c in changed if not c.startswith("train.fresh")]
-        if changed:
-            notes.append("resuming with changed training settings: " + "; ".join(changed))
-        for name in ("captions", "cache"):
-            if os.path.abspath(getattr(saved, name)) != os.path.abspath(getattr(cfg, name)):
-                notes.append(f"--{name} differs from the run's first invocation "
-                             f"({getattr(saved, name)})")
+        run.delete_previous()
     os.makedirs(run_dir, exist_ok=True)
-    cfg.save(path)
+    cfg.save(run.config)
     return notes
 
 
-# ----------------------------------------------------------------------------- data
-@dataclasses.dataclass
-class TrainData:
-    vocab: Vocabulary
-    splits: dict                  # split -> image keys (all of them, as saved in split.json)
-    items: dict                   # split -> (feature paths, token id lists), one per caption
-    references: dict              # split -> {image key: [raw captions]}
-    feature_paths: dict           # image key -> .npy path (images with valid features only)
-    reader: pipeline.NpyReader
-    manifest: dict
-    skipped_captions: int         # captions whose image has no features
-    skipped_images: int
+def load_train_data(cfg: RunConfig, run_dir: str, reuse: bool = True) -> TrainData:
+    """`train_data.load_train_data` for a run folder path (`reuse`: its split and vocabulary
+    when it has them)."""
+    return _load_train_data(cfg, RunFolder(run_dir), reuse=reuse)
 
 
-def _check_manifest(cache: str) -> dict:
-    manifest = feature_cache.read_manifest(cache)
-    shape = list(manifest.get("feature_shape", []))
-    if shape != list(FEATURE_SHAPE):
-        raise UserError(f"{cache}/manifest.json: feature_shape {shape}, expected "
-                        f"{list(FEATURE_SHAPE)}")
-    if manifest.get("dtype") not in FEATURE_DTYPES:
-        raise UserError(f"{cache}/manifest.json: dtype {manifest.get('dtype')!r}, expected "
-                        f"one of {FEATURE_DTYPES}")
-    return manifest
+class DamagedFeatures(Exception):
+    """A feature file that failed the in-graph checks while a batch was read."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.path = path
+
+    def stop(self, step: int) -> TrainingError:
+        return TrainingError(
+            f"damaged feature file {self.path}: repair the cache with `caption-attn "
+            f"extract-features --verify` (the same --images and --cache), then rerun this "
+            f"command: it continues from step {step} (a checkpoint was saved)")
 
 
-def load_train_data(cfg: RunConfig, run_dir: str) -> TrainData:
-    """Captions, split, vocabulary and feature files of a run (reused from the run folder
-    when resuming, so the split and vocabulary never change under a run)."""
-    manifest = _check_manifest(cfg.cache)
-    reader = pipeline.NpyReader.from_manifest(manifest)
-    captions = data_lib.load_dataset(cfg.captions, cfg.data)
-    split_path = os.path.join(run_dir, "split.json")
-    if os.path.exists(split_path):
-        splits = read_json(split_path)["splits"]
-    else:
-        splits = {s: sorted(r.image for r in captions.split(s)) for s in data_lib.SPLITS}
-    records = {r.image: r for r in captions.records}
-    paths, skipped_images, skipped_captions = {}, 0, 0
-    for key in (k for keys in splits.values() for k in keys):
-        path = feature_cache.feature_path(cfg.cache, key)
-        if key in records and reader.has_file(path):
-            paths[key] = path
-        elif key in records:
-            skipped_images += 1
-            skipped_captions += len(records[key].captions)
-    words = {k: tokenize_all(records[k].captions) for k in paths}  # for vocabulary and ids
-    vocab_path = os.path.join(run_dir, "vocab.json")
-    if os.path.exists(vocab_path):
-        vocab = Vocabulary.load(vocab_path)
-    else:
-        vocab = Vocabulary.fit_words((w for k in splits["train"] if k in paths
-                                      for w in words[k]),
-                                     cfg.vocab.vocab_size, cfg.vocab.min_count)
-    items, references = {}, {}
-    for split, keys in splits.items():
-        keys = [k for k in keys if k in paths]
-        pairs = [(paths[k], vocab.encode_words(w, cfg.vocab.max_length))
-                 for k in keys for w in words[k]]
-        items[split] = ([p for p, _ in pairs], [t for _, t in pairs])
-        references[split] = {k: records[k].captions for k in keys}
-    if not items["train"][0]:
-        raise UserError(f"no training captions have features in {cfg.cache}; run "
-                        f"`caption-attn extract-features` for {cfg.captions} first")
-    if not items["val"][0]:
-        raise UserError(
-            f"the val split of {cfg.captions} has no images with features in {cfg.cache} "
-            f"({len(splits['val'])} val images); validation drives early stopping and the "
-            f"best model. Give the caption file val images, raise --val-fraction (for files "
-            f"without splits), or extract their features")
-    # Split and vocabulary are fixed for the life of the run from here on.
-    if not os.path.exists(split_path):
-        write_json_atomic(split_path, {"captions": os.path.abspath(cfg.captions),
-                                       "format": captions.format, "splits": splits})
-    if not os.path.exists(vocab_path):
-        vocab.save(vocab_path)
-    return TrainData(vocab, splits, items, references, paths, reader, manifest,
-                     skipped_captions, skipped_images)
+def _checked(dataset):
+    """Iterate `dataset`, turning the in-graph feature checks' error into `DamagedFeatures`."""
+    iterator = iter(dataset)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.InvalidArgumentError as e:
+            path = pipeline.damaged_file_from_error(e)
+            if path is None:
+                raise
+            raise DamagedFeatures(path) from None
+        yield batch
 
 
-# ----------------------------------------------------------------------------- strategy
-def make_strategy(name: str, devices: Optional[list] = None) -> tf.distribute.Strategy:
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy(devices=devices)
-    if name == "multi-worker":
-        if "TF_CONFIG" not in os.environ:
-            raise UserError("--strategy multi-worker needs the TF_CONFIG environment "
-                            "variable (cluster and task of this worker)")
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    raise UserError(f"--strategy must be default, mirrored or multi-worker, got {name!r}")
-
-
-def _is_chief(strategy: tf.distribute.Strategy) -> bool:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return True
-    return resolver.task_type in (None, "chief") or (
-        resolver.task_type == "worker" and resolver.task_id == 0
-        and "chief" not in resolver.cluster_spec().as_dict())
-
-
-# ----------------------------------------------------------------------------- trainer
 class Trainer:
-    """Builds model, optimizer, datasets and steps for one run folder and trains it."""
+    """Builds the model, optimizer, datasets and steps of one run folder, restores its newest
+    intact checkpoint, and trains it (`fit`)."""
 
     def __init__(self, cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
                  strategy: Optional[tf.distribute.Strategy] = None, progress: bool = True,
-                 log=print):
-        self.cfg, self.run_dir, self.progress, self.log = cfg, run_dir, progress, log
+                 log=print, data: Optional[TrainData] = None):
+        self.cfg, self.run, self.run_dir = cfg, RunFolder(run_dir), run_dir
+        self.progress, self.log = progress, log
         tc = cfg.train
         if tc.precision == "float16" and not tf.config.list_physical_devices("GPU"):
             log("note: --precision float16 is meant for GPUs; on a CPU it is slow, prefer "
                 "bfloat16")
-        self.strategy = strategy or make_strategy(tc.strategy)
-        self.chief = _is_chief(self.strategy)
-        self.data = load_train_data(cfg, run_dir)
+        self.strategy = strategy or distribute.make_strategy(tc.strategy)
+        self.chief = distribute.is_chief(self.strategy)
+        self.data = data or load_train_data(cfg, run_dir)
+        if self.chief:
+            self.data.fix_in(self.run, cfg.captions)
         self.images_dir = images_dir or self.data.manifest.get("images_dir")
         keras.utils.set_random_seed(cfg.data.seed)
         self.boundaries = pipeline.bucket_boundaries(cfg.vocab.max_length + 2)
-        train_lengths = [len(t) for t in self.data.items["train"][1]]
-        self.steps_per_epoch = pipeline.count_batches(train_lengths, tc.batch_size,
-                                                      self.boundaries)
-        self.total_steps = tc.epochs * self.steps_per_epoch
-        if tc.max_steps:
-            self.total_steps = min(self.total_steps, tc.max_steps)
-        self._build_state()
+        self.items = {s: self.data.items(s) for s in ("train", "val")}
+        self.steps_per_epoch = pipeline.count_batches(
+            [len(t) for t in self.items["train"][1]], tc.batch_size, self.boundaries)
+        self.train_images = sorted(self.data.caption_ids["train"])  # self-critical image ids
+        self.images_per_step = max(1, tc.batch_size // tc.scst_samples)
+        self.scst_steps_per_epoch = math.ceil(len(self.train_images) / self.images_per_step)
+        xe_steps = (tc.epochs if tc.scst_after is None else tc.scst_after) * self.steps_per_epoch
+        self._build_state(min(xe_steps, tc.max_steps or xe_steps))
         self._table = self._maybe_table()
+        self._scst: Optional[SelfCritical] = None
+        self._df: Optional[DocumentFrequency] = None
+        self.validator = Validator(
+            self.model, self.data.vocab, cfg.vocab.max_length + 1,
+            table_or_files(self.data.reader, self.data.feature_paths, self._table),
+            self.data.references["val"], self.data.caption_ids["val"], tc.bleu_images,
+            tc.sample_images, self.document_frequency)
 
     # -- model, optimizer, checkpoint -----------------------------------------------
-    def _build_state(self) -> None:
+    def _build_state(self, cross_entropy_steps: int) -> None:
         tc, mc = self.cfg.train, self.cfg.model
         with self.strategy.scope():
-            policy = keras.DTypePolicy(DTYPE_POLICIES[tc.precision])
             self.model = ShowAttendTell(len(self.data.vocab), mc.embedding_dim, mc.units,
-                                        mc.dropout, dtype=policy, name="show_attend_tell")
-            lr = tc.learning_rate
-            if tc.lr_schedule == "cosine":
-                lr = keras.optimizers.schedules.CosineDecay(lr, max(1, self.total_steps))
-            self.optimizer = FusedAdam(lr)
-            if tc.precision == "float16":
-                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
+                                        mc.dropout, dtype=DTYPE_POLICIES[tc.precision],
+                                        name="show_attend_tell")
+            self.lr_schedule = StagedLearningRate(tc, cross_entropy_steps)
+            self.optimizer = make_optimizer(tc, self.lr_schedule)
             self.optimizer.build(self.model.trainable_variables)
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-            self.epoch_sums = tf.Variable(tf.zeros([4], tf.float64), trainable=False)
+            self.epoch_sums = tf.Variable(tf.zeros([len(EpochTotals.FIELDS)], tf.float64),
+                                          trainable=False)
         rng = [v.value for v in self.model.non_trainable_variables
                if "seed_generator" in v.path]
         self.checkpoint = tf.train.Checkpoint(
             model=self.model, optimizer=self.optimizer, epoch=self.epoch, step=self.step,
             step_in_epoch=self.step_in_epoch, epoch_sums=self.epoch_sums, rng=rng)
-        ckpt_dir = os.path.join(self.run_dir, "checkpoints")
-        if not self.chief:  # other workers write to a scratch folder (TF's convention)
-            ckpt_dir = os.path.join(ckpt_dir, f"worker_{self.strategy.cluster_resolver.task_id}")
-        self.manager = tf.train.CheckpointManager(self.checkpoint, ckpt_dir, max_to_keep=3)
-        if mc.feature_norm and not self._latest_checkpoint():  # else: restored
-            train_paths = {self.data.feature_paths[k] for k in self.data.splits["train"]
-                           if k in self.data.feature_paths}
+        own = self.run.checkpoints if self.chief else \
+            self.run.worker_checkpoints(distribute.task_id(self.strategy))
+        # Every worker restores the chief's newest intact checkpoint (a shared filesystem),
+        # else its own scratch copy; only the chief sets damaged ones aside.
+        source = self.run.checkpoints if checkpoints.list_checkpoints(self.run.checkpoints) \
+            else own
+        self._restored = checkpoints.restore_newest_intact(
+            self.checkpoint, source, log=self.log, set_aside=self.chief or source == own)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, own, max_to_keep=3)
+        if mc.feature_norm and self._restored is None:  # else: restored with the model
+            train_paths = {self.data.feature_paths[k] for k in self.train_images}
             self.model.feature_norm.set_statistics(*pipeline.feature_statistics(
                 self.data.reader, train_paths, seed=self.cfg.data.seed))
 
     def _maybe_table(self) -> Optional[pipeline.FeatureTable]:
-        gb = self.cfg.train.memory_cache_gb
-        d = self.data
+        gb, d = self.cfg.train.memory_cache_gb, self.data
         paths = sorted({d.feature_paths[k] for split in ("train", "val")  # never the test split
-                        for k in d.splits[split] if k in d.feature_paths})
+                        for k in d.caption_ids[split]})
         if gb <= 0 or len(paths) * d.reader.num_bytes > gb * 2**30:
             return None
         return pipeline.FeatureTable(d.reader, paths)
 
-    def _latest_checkpoint(self) -> Optional[str]:
-        """What every worker restores: the chief's latest checkpoint (readable by all workers
-        on a shared filesystem), else this worker's own (its scratch folder)."""
-        chief = tf.train.latest_checkpoint(os.path.join(self.run_dir, "checkpoints"))
-        return chief or self.manager.latest_checkpoint
-
     def restore(self) -> bool:
-        latest = self._latest_checkpoint()
-        if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
-        self._check_workers_agree(latest)
-        if not latest:
-            return False
-        if self.cfg.train.lr_schedule == "constant":  # a changed --learning-rate applies
-            self._inner_optimizer().learning_rate.assign(self.cfg.train.learning_rate)
-        return True
+        """Whether training resumes from a checkpoint (restored when the trainer was built);
+        under multi-worker, refuses workers that restored different steps."""
+        distribute.check_workers_agree(self.strategy, int(self.step.numpy()), self._restored,
+                                       self.run.checkpoints)
+        return self._restored is not None
 
-    def _check_workers_agree(self, latest: Optional[str]) -> None:
-        """Multi-worker: every worker must start from the same step, or the all-reduced
-        gradients would mix different models. Raised on every worker alike."""
-        resolver = getattr(self.strategy, "cluster_resolver", None)
-        if resolver is None or not resolver.cluster_spec().as_dict():
-            return
-        step = tf.constant(float(self.step.numpy()))
+    def document_frequency(self) -> DocumentFrequency:
+        """CIDEr-D document frequencies of the train split, computed once per run and kept in
+        its folder."""
+        if self._df is None:
+            vocab_size = len(self.data.vocab)
+            if os.path.exists(self.run.cider_df):
+                self._df = DocumentFrequency.load(self.run.cider_df, vocab_size)
+            else:
+                ids = self.data.caption_ids["train"]
+                self._df = DocumentFrequency.build(
+                    {i: ids[k] for i, k in enumerate(self.train_images)}, vocab_size)
+                if self.chief:
+                    self._df.save(self.run.cider_df)
+        return self._df
 
-        def spread():
-            ctx = tf.distribute.get_replica_context()
-            mean = ctx.all_reduce("mean", step)
-            return ctx.all_reduce("sum", tf.square(step - mean)), mean
-        spread_sum, mean = (float(self._first(x)) for x in
-                            tf.function(lambda: self.strategy.run(spread))())
-        if spread_sum > 0:
-            raise UserError(
-                f"the workers restored different checkpoints (this worker: step "
-                f"{int(step.numpy())} from {latest or 'none'}; mean over workers {mean:.1f}). "
-                f"Every worker must see the chief's {self.run_dir}/checkpoints (a shared "
-                f"filesystem), or each its own scratch folder from the same run")
-
-    def _inner_optimizer(self):
-        return getattr(self.optimizer, "inner_optimizer", self.optimizer)
+    @property
+    def scst(self) -> SelfCritical:
+        if self._scst is None:
+            tc, ids = self.cfg.train, self.data.caption_ids["train"]
+            reward = CiderD({i: ids[k] for i, k in enumerate(self.train_images)},
+                            self.document_frequency(), with_end=True)
+            self._scst = SelfCritical(self.model, reward, tc.scst_samples, tc.scst_baseline,
+                                      self.cfg.vocab.max_length + 1)
+        return self._scst
 
     # -- datasets ---------------------------------------------------------------------
     def dataset(self, split: str, epoch: Optional[int] = None, skip: int = 0):
-        """Distributed batches of one epoch; every replica gets its slice of each global
-        batch (`pipeline.caption_dataset`), so any replica count sees the same data."""
-        paths, tokens = self.data.items[split]
+        """Distributed caption batches of one epoch; every replica gets its slice of each
+        global batch (`pipeline.caption_dataset`), so any replica count sees the same data."""
+        paths, tokens = self.items[split]
         seed = None if epoch is None else hash_seed(self.cfg.data.seed, epoch)
         replicas = self.strategy.num_replicas_in_sync
 
@@ -342,30 +268,29 @@ class Trainer:
                 replica_ids=list(range(first, first + local)), pad_images=self.cfg.train.xla)
         return self.strategy.distribute_datasets_from_function(make)
 
-    # -- steps ------------------------------------------------------------------------
-    def _losses(self, features, image_index, tokens, training: bool):
-        """Per-replica loss whose sum over replicas is the global mean objective."""
-        ctx = tf.distribute.get_replica_context()
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]               # (B, T) each
-        tokens_global = ctx.all_reduce("sum", tf.reduce_sum(
-            tf.cast(targets != 0, tf.float32)))
-        captions_global = ctx.all_reduce("sum", tf.cast(tf.shape(tokens)[0], tf.float32))
-        logits, alphas = self.model((features, image_index, inputs),
-                                    training=training)                # (B,T,V), (B,T,P)
-        ce_sum, _, reg_sum = masked_loss(logits, targets, alphas,
-                                         self.cfg.model.attention_reg)
-        ce = ce_sum / tf.maximum(tokens_global, 1.0)
-        reg = reg_sum / tf.maximum(captions_global, 1.0)
-        return ce + reg, ce, captions_global
+    def image_dataset(self, epoch: int, skip: int = 0):
+        """Self-critical batches of one epoch: (features (N, P, F), train image ids (N,)),
+        images shuffled by the epoch's seed, `images_per_step` per batch."""
+        paths = [self.data.feature_paths[k] for k in self.train_images]
+        replicas = self.strategy.num_replicas_in_sync
 
-    def _train_replica(self, features, image_index, tokens):
+        def make(ctx: tf.distribute.InputContext):
+            local = replicas // ctx.num_input_pipelines
+            first = ctx.input_pipeline_id * local
+            return pipeline.shuffled_image_dataset(
+                paths, self.images_per_step, self.data.reader, self._table,
+                hash_seed(self.cfg.data.seed, epoch), skip_batches=skip,
+                num_replicas=replicas, replica_ids=list(range(first, first + local)))
+        return self.strategy.distribute_datasets_from_function(make)
+
+    # -- steps ------------------------------------------------------------------------
+    def _apply(self, tape: tf.GradientTape, scaled_loss) -> tf.Tensor:
+        """All-reduce the gradients, clip them by their global norm, apply them; returns the
+        (unscaled) global norm."""
         ctx = tf.distribute.get_replica_context()
-        with tf.GradientTape() as tape:
-            loss, ce, n = self._losses(features, image_index, tokens, training=True)
-            scaled = self.optimizer.scale_loss(loss)
         variables = self.model.trainable_variables
         # Embedding gradients arrive as IndexedSlices; dense (V x E) keeps the math simple.
-        grads = [tf.convert_to_tensor(g) for g in tape.gradient(scaled, variables)]
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(scaled_loss, variables)]
         grads = ctx.all_reduce("sum", grads)                          # global gradient
         scale = getattr(self.optimizer, "dynamic_scale", None)
         unscale = 1.0 if scale is None else tf.cast(scale, tf.float32)
@@ -376,155 +301,197 @@ class Trainer:
         # The optimizer sums gradients over replicas once more: hand it 1/R of the total.
         grads = [g / ctx.num_replicas_in_sync for g in grads]
         self.optimizer.apply_gradients(zip(grads, variables))
-        return loss, ce, norm, n
+        return norm
+
+    def _cross_entropy(self, features, image_index, tokens, training: bool):
+        """Teacher-forced objective of one replica's captions, whose sum over replicas is the
+        global mean: (loss, ce, captions of the global batch)."""
+        ctx = tf.distribute.get_replica_context()
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]               # (B, T) each
+        tokens_global = ctx.all_reduce("sum", tf.reduce_sum(tf.cast(targets != 0, tf.float32)))
+        captions_global = ctx.all_reduce("sum", tf.cast(tf.shape(tokens)[0], tf.float32))
+        logits, alphas = self.model((features, image_index, inputs),
+                                    training=training)                # (B,T,V), (B,T,P)
+        ce_sum, _, reg_sum = masked_loss(logits, targets, alphas, self.cfg.model.attention_reg)
+        ce = ce_sum / tf.maximum(tokens_global, 1.0)
+        return ce + reg_sum / tf.maximum(captions_global, 1.0), ce, captions_global
+
+    def _train_replica(self, features, image_index, tokens):
+        with tf.GradientTape() as tape:
+            loss, ce, n = self._cross_entropy(features, image_index, tokens, training=True)
+            scaled = self.optimizer.scale_loss(loss)
+        return {"loss": loss, "ce": ce, "gradient_norm": self._apply(tape, scaled),
+                "captions": n}
 
     def _eval_replica(self, features, image_index, tokens):
-        loss, ce, n = self._losses(features, image_index, tokens, training=False)
-        return loss, ce, n
+        loss, ce, n = self._cross_entropy(features, image_index, tokens, training=False)
+        return {"loss": loss, "ce": ce, "captions": n}
 
-    def _compile(self, element_spec):
-        jit = self.cfg.train.xla
-        reduce = self._reduce
+    def _scst_replica(self, features, image_ids, seed):
+        ctx = tf.distribute.get_replica_context()
+        scored = self.scst.score(features, image_ids, seed)           # no gradient
+        with tf.GradientTape() as tape:
+            loss_sum, tokens, entropy = self.scst.loss(features, scored)
+            loss = loss_sum / tf.maximum(ctx.all_reduce("sum", tokens), 1.0)
+            scaled = self.optimizer.scale_loss(loss)
+        norm = self._apply(tape, scaled)
+        a = scored.advantage                                          # (N, K)
+        return {"loss": loss, "gradient_norm": norm,
+                "captions": ctx.all_reduce("sum", tf.cast(tf.size(a), tf.float32)),
+                "reward": tf.reduce_sum(scored.rewards),
+                "baseline": tf.reduce_sum(scored.baseline), "advantage": tf.reduce_sum(a),
+                "advantage_sq": tf.reduce_sum(tf.square(a)), "entropy": entropy,
+                "tokens": tokens}
 
-        def train_step(batch):
-            out = self.strategy.run(self._train_replica, args=batch)
-            loss, ce, norm, n = out
-            return reduce(loss), reduce(ce), self._first(norm), self._first(n)
+    def _distributed(self, replica_fn, summed=("loss", "ce", "reward", "baseline", "advantage",
+                                               "advantage_sq", "entropy", "tokens")):
+        """strategy.run of `replica_fn`; per-replica shares of `summed` are added up, the rest
+        (already global: all-reduced inside) taken from the first replica."""
+        def run(*args):
+            out = self.strategy.run(replica_fn, args=args)
+            return {k: self.strategy.reduce("sum", v, axis=None) if k in summed
+                    else distribute.first_local(self.strategy, v) for k, v in out.items()}
+        return run
 
-        def eval_step(batch):
-            loss, ce, n = self.strategy.run(self._eval_replica, args=batch)
-            return reduce(loss), reduce(ce), self._first(n)
+    def _compile(self, element_spec) -> None:
+        """The cross-entropy train and eval steps, traced once for every bucket shape."""
+        jit = self.cfg.train.xla and self.strategy.num_replicas_in_sync == 1
+        self.train_step = tf.function(
+            lambda batch: self._distributed(self._train_replica)(*batch),
+            input_signature=[element_spec], jit_compile=jit, reduce_retracing=True)
+        self.eval_step = tf.function(
+            lambda batch: self._distributed(self._eval_replica)(*batch),
+            input_signature=[element_spec], reduce_retracing=True)
+        self.scst_step = None  # built when the first self-critical epoch starts
 
-        self.train_step = tf.function(train_step, input_signature=[element_spec],
-                                      jit_compile=jit and self.strategy.num_replicas_in_sync
-                                      == 1, reduce_retracing=True)
-        self.eval_step = tf.function(eval_step, input_signature=[element_spec],
-                                     reduce_retracing=True)
-
-    def _reduce(self, value):
-        return self.strategy.reduce("sum", value, axis=None)
-
-    def _first(self, value):
-        return self.strategy.experimental_local_results(value)[0]
+    def _compile_scst(self, element_spec) -> None:
+        # not XLA: the reward is numpy (tf.numpy_function)
+        self.scst_step = tf.function(
+            lambda batch, seed: self._distributed(self._scst_replica)(*batch, seed),
+            input_signature=[element_spec, tf.TensorSpec([], tf.int64)],
+            reduce_retracing=True)
 
     # -- epochs -----------------------------------------------------------------------
     def _run_train_epoch(self, epoch: int, callbacks) -> dict:
+        """The training steps of one epoch (from where a checkpoint left it); its logs."""
         # Counters live in Python during the epoch (no eager op per step) and are copied into
         # the checkpointed variables before every save (`_save_checkpoint`).
+        self_critical = self.cfg.train.is_scst(epoch)
+        self.lr_schedule.self_critical.assign(int(self_critical))
         step, in_epoch = int(self.step.numpy()), int(self.step_in_epoch.numpy())
-        sums = self.epoch_sums.numpy() if in_epoch else np.zeros(4)  # loss*n, ce*n, norm, n
-        ds = self.dataset("train", epoch=epoch, skip=in_epoch)
-        # verbose 2 (one line per epoch) when the output is a log file, not a terminal
-        verbose = 0 if not self.progress else 1 if sys.stdout.isatty() else 2
-        bar = keras.utils.Progbar(self.steps_per_epoch, stateful_metrics=["loss", "cap/s"],
-                                  verbose=verbose)
+        totals = EpochTotals.from_vector(self.epoch_sums.numpy()) if in_epoch else EpochTotals()
+        if self_critical:
+            batches = self.image_dataset(epoch, skip=in_epoch)
+            if self.scst_step is None:
+                self._compile_scst(batches.element_spec)
+            seed = self.cfg.data.seed * 1_000_003
+            run = lambda batch, s: self.scst_step(batch, tf.constant(seed + s, tf.int64))  # noqa: E731
+            target = self.scst_steps_per_epoch
+        else:
+            batches = self.dataset("train", epoch=epoch, skip=in_epoch)
+            run, target = (lambda batch, s: self.train_step(batch)), self.steps_per_epoch
+        bar = progress.bar(target, self.progress, stateful=["loss", "reward", "cap/s"])
         if in_epoch:
             bar.update(in_epoch)
-        loss_scaling = hasattr(self.optimizer, "dynamic_scale")
-        earlier = sums[3]  # captions trained before a restart in this epoch: not in the speed
+        earlier = totals.sums["captions"]  # trained before a restart of this epoch: not in speed
         start = time.perf_counter()
-        for batch in ds:
-            loss, ce, norm, n = (float(x) for x in self.train_step(batch))
-            if not math.isfinite(loss) or not (math.isfinite(norm) or loss_scaling):
-                raise TrainingError(
-                    f"the loss became {loss} at epoch {epoch + 1}, step {step + 1}; training "
-                    f"stopped. The last good checkpoint is kept in {self.manager.directory}. "
-                    f"Try a lower --learning-rate, --clip-norm 5, or --precision float32.")
-            step, in_epoch = step + 1, in_epoch + 1
-            # float16 loss scaling skips steps whose gradients overflowed: not counted in the
-            # mean gradient norm
-            sums += (loss * n, ce * n, norm if math.isfinite(norm) else 0.0, n)
-            seconds = time.perf_counter() - start
-            bar.update(in_epoch, [("loss", sums[0] / sums[3]),
-                                  ("cap/s", (sums[3] - earlier) / max(seconds, 1e-9))])
-            callbacks.on_train_batch_end(step, {"loss": loss, "gradient_norm": norm,
-                                                "global_step": step})
-            every = self.cfg.train.checkpoint_every
-            if every and step % every == 0:
-                self._save_checkpoint(step, in_epoch, sums)
-            if self.cfg.train.max_steps and step >= self.cfg.train.max_steps:
-                break
-        self._set_counters(step, in_epoch, sums)
-        return {"loss": sums[0] / max(sums[3], 1), "ce": sums[1] / max(sums[3], 1),
-                "gradient_norm": sums[2] / max(in_epoch, 1),
-                "captions_per_second": (sums[3] - earlier) / max(time.perf_counter() - start,
-                                                                 1e-9),
-                "steps": in_epoch}
+        try:
+            for batch in _checked(batches):
+                out = {k: float(v) for k, v in run(batch, step).items()}
+                self._check_finite(out, epoch, step)
+                step, in_epoch = step + 1, in_epoch + 1
+                totals.add(out)
+                speed = (totals.sums["captions"] - earlier) / max(time.perf_counter() - start,
+                                                                  1e-9)
+                shown = [("loss", totals.sums["loss"] / totals.sums["captions"]),
+                         ("cap/s", speed)]
+                if self_critical:
+                    shown.append(("reward", totals.sums["reward"] / totals.sums["captions"]))
+                bar.update(in_epoch, shown)
+                callbacks.on_train_batch_end(step, {"loss": out["loss"], "global_step": step,
+                                                    "gradient_norm": out["gradient_norm"]})
+                every = self.cfg.train.checkpoint_every
+                if every and step % every == 0:
+                    self._save_checkpoint(step, in_epoch, totals)
+                if self.cfg.train.max_steps and step >= self.cfg.train.max_steps:
+                    break
+        except DamagedFeatures as e:
+            self._save_checkpoint(step, in_epoch, totals)
+            raise e.stop(step) from None
+        self._set_counters(step, in_epoch, totals)
+        seconds = max(time.perf_counter() - start, 1e-9)
+        return {**totals.logs(self_critical), "steps": in_epoch, "target_steps": target,
+                "captions_per_second": (totals.sums["captions"] - earlier) / seconds}
 
-    def _set_counters(self, step: int, in_epoch: int, sums) -> None:
+    def _check_finite(self, out: dict, epoch: int, step: int) -> None:
+        loss_scaling = hasattr(self.optimizer, "dynamic_scale")
+        if math.isfinite(out["loss"]) and (math.isfinite(out["gradient_norm"]) or loss_scaling):
+            return
+        kept = self.manager.latest_checkpoint
+        raise TrainingError(
+            f"the loss became {out['loss']} at epoch {epoch + 1}, step {step + 1}; training "
+            f"stopped. " + (f"The last good checkpoint is kept: {kept}. " if kept else
+                            "No checkpoint was written yet. ")
+            + "The features were checked (finite, undamaged), so the optimisation diverged: "
+              "try a lower --learning-rate, --clip-norm 5, or --precision float32.")
+
+    def _set_counters(self, step: int, in_epoch: int, totals: EpochTotals) -> None:
         self.step.assign(step)
         self.step_in_epoch.assign(in_epoch)
-        self.epoch_sums.assign(np.asarray(sums, np.float64))
+        self.epoch_sums.assign(totals.vector())
 
-    def _save_checkpoint(self, step: int, in_epoch: int, sums) -> None:
+    def _save_checkpoint(self, step: int, in_epoch: int, totals: EpochTotals) -> None:
         # Every worker saves (a collective under multi-worker); non-chiefs into scratch folders.
-        self._set_counters(step, in_epoch, sums)
+        self._set_counters(step, in_epoch, totals)
         self.manager.save(checkpoint_number=step)
 
     def evaluate_loss(self, split: str = "val") -> Optional[dict]:
-        if not self.data.items[split][0]:
+        if not self.items[split][0]:
             return None
-        total = np.zeros(3)
-        for batch in self.dataset(split):
-            loss, ce, n = (float(x) for x in self.eval_step(batch))
-            total += (loss * n, ce * n, n)
-        return {"loss": total[0] / total[2], "ce": total[1] / total[2]}
+        totals = EpochTotals()
+        try:
+            for batch in _checked(self.dataset(split)):
+                totals.add({**{k: float(v) for k, v in self.eval_step(batch).items()},
+                            "gradient_norm": 0.0})
+        except DamagedFeatures as e:  # the epoch's steps are done: keep them
+            self.manager.save(checkpoint_number=int(self.step.numpy()))
+            raise e.stop(int(self.step.numpy())) from None
+        return totals.logs(self_critical=False)
 
-    # -- decoding for BLEU and samples ---------------------------------------------------
-    def greedy_captions(self, keys: list[str]) -> dict:
-        """key -> (words, attention (len(words), P)) by batched greedy decoding."""
-        from caption_attn.captioner import make_decoder, to_captions
+    def _validate(self, epoch: int) -> dict:
+        tc, logs = self.cfg.train, {}
+        val = self.evaluate_loss("val")
+        if val is not None:
+            logs["val_loss"], logs["val_ce"] = val["loss"], val["ce"]
+        names = {tc.monitor_for(epoch)} & {"val_bleu4", "val_cider"}
+        # a self-critical stage must beat the val_cider of the model it starts from
+        if tc.is_scst(epoch) or tc.is_scst(epoch + 1):
+            names.add("val_cider")
+        logs.update(self.validator.metrics(sorted(names)))
+        return logs
 
-        if not hasattr(self, "_greedy"):
-            self._greedy = make_decoder(self.model, DecodeConfig(beam=1),
-                                        self.cfg.vocab.max_length + 1)
-        paths = [self.data.feature_paths[k] for k in keys]
-        out = {}
-        for start, feats in enumerate(pipeline.image_dataset(paths, 128, self.data.reader)):
-            result = self._greedy(tf.cast(feats, tf.float32))
-            for key, captions in zip(keys[start * 128:], to_captions(result, self.data.vocab)):
-                best = captions[0]
-                out[key] = (best.words, best.attention[:max(len(best.words), 1)])
-        return out
-
-    def bleu4(self, split: str = "val") -> Optional[float]:
-        from caption_attn.coco_metrics import corpus_bleu4
-
-        refs = self.data.references[split]
-        keys = sorted(refs)[:self.cfg.train.bleu_images]
-        if not keys:
-            return None
-        hyps = {k: " ".join(words) for k, (words, _) in self.greedy_captions(keys).items()}
-        return corpus_bleu4({k: refs[k] for k in keys}, hyps)
-
+    # -- sample captions, best model ----------------------------------------------------
     def _samples(self):
-        """Callable epoch -> sample list, decoded once per epoch and shared by callbacks."""
-        keys = sorted(self.data.references["val"])[:self.cfg.train.sample_images]
-        cache = {}
+        """Callable epoch -> [{image, caption, png}], decoded and drawn once per epoch and
+        shared by the TensorBoard and heatmap callbacks."""
+        from caption_attn import captioner, plot
+
+        cache: dict = {}
 
         def samples(epoch):
-            if not keys:
-                return []
             if epoch not in cache:
                 cache.clear()
-                cache[epoch] = self._render_samples(keys)
+                cache[epoch] = [
+                    {"image": s.image, "caption": s.caption.text,
+                     "png": plot.figure_to_png(captioner.attention_plot(
+                         self._image(s.image), s.caption, s.image))}
+                    for s in self.validator.samples()]
             return cache[epoch]
         return samples
 
-    def _render_samples(self, keys):
-        from caption_attn import plot
-
-        out = []
-        for key, (words, attention) in self.greedy_captions(keys).items():
-            image = self._image(key)
-            caption = " ".join(words)
-            shown = words or ["<end>"]
-            fig = plot.attention_figure(image, shown, attention[:len(shown)],
-                                        title=f"{key}: {caption}")
-            out.append({"image": key, "caption": caption, "png": plot.figure_to_png(fig)})
-        return out
-
     def _image(self, key: str) -> np.ndarray:
+        from caption_attn import images
+
         if self.images_dir:
             try:
                 return images.load_image(os.path.join(self.images_dir, key))
@@ -532,103 +499,102 @@ class Trainer:
                 pass
         return np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 128, np.uint8)
 
-    # -- best model ---------------------------------------------------------------------
     def _save_best(self, epoch: int, value: float) -> None:
-        if not self.chief:
-            return
-        with atomic_path(os.path.join(self.run_dir, "best.keras"), ".keras") as tmp:
-            self.model.save(tmp)
-        write_json_atomic(os.path.join(self.run_dir, "best.json"),
-                          {"epoch": epoch + 1, "monitor": self.cfg.train.monitor_for(epoch),
-                           "value": value})
+        if self.chief:
+            self.run.save_best(self.model, epoch + 1, self.cfg.train.monitor_for(epoch), value)
 
     def _restore_best(self) -> None:
-        path = os.path.join(self.run_dir, "best.keras")
-        if os.path.exists(path):
-            best = keras.saving.load_model(path, compile=False)
-            self.model.set_weights(best.get_weights())
+        if not self.run.restore_best_weights(self.model) and os.path.exists(self.run.best_model):
+            self.model.set_weights(self.run.load_best_model().get_weights())
+
+    def _repair_best(self, early: EarlyStopping, done: int) -> None:
+        """Make the best model whole again: if the process died between the checkpoint and
+        saving the best model, the best epoch is the restored one (save it now); if best.keras
+        is missing or damaged while its weights are kept, rewrite it from them."""
+        if not self.chief:
+            return
+        record = self.run.best_record()
+        if early.best_epoch is not None and early.best_epoch + 1 == done and \
+                (record or {}).get("epoch") != done:
+            self._save_best(early.best_epoch, early.best)
+        elif record and os.path.exists(self.run.best_weights):
+            problem = self.run.best_model_problem()
+            if problem:
+                self.run.rewrite_best_model(self.model)
+                self.log(f"note: {problem.split(';')[0]}; rewrote it from "
+                         f"{self.run.best_weights} (epoch {record.get('epoch')})")
 
     # -- main -------------------------------------------------------------------------
     def fit(self) -> dict:
         tc = self.cfg.train
         resumed = self.restore()
-        history_path = os.path.join(self.run_dir, "history.json")
-        history = read_json(history_path) if os.path.exists(history_path) and resumed else []
         done = int(self.epoch.numpy())
+        history = read_json(self.run.history) if resumed and os.path.exists(self.run.history) \
+            else []
         history = [h for h in history if h["epoch"] <= done]
         self._compile(self.dataset("train", epoch=0).element_spec)
-        early = EarlyStopping(tc.monitor_for(done), patience=tc.patience, min_delta=tc.min_delta,
+        self._cider_before_self_critical(history, done)
+        early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
                               initial_history=history, save_best=self._save_best,
                               restore_best=self._restore_best)
         samples = self._samples()
         cbs = [early]
         if self.chief:
-            cbs += [TensorBoardLogger(os.path.join(self.run_dir, "logs"), self._hparams(),
-                                      samples),
-                    AttentionSnapshots(os.path.join(self.run_dir, "attention"), samples)]
+            cbs += [TensorBoardLogger(self.run.logs, self._hparams(), samples),
+                    AttentionSnapshots(self.run.attention, samples)]
         callbacks = keras.callbacks.CallbackList(cbs, model=self.model)
         self._describe(resumed, done)
         self.model.stop_training = False
         callbacks.on_train_begin()
         self._repair_best(early, done)
-        stop_reason = "epochs"
-        start = time.perf_counter()
-        epoch = done
+        reason, start, epoch = "epochs", time.perf_counter(), done
         while epoch < tc.epochs and not self.model.stop_training:
             if tc.max_steps and int(self.step.numpy()) >= tc.max_steps:
-                stop_reason = "max_steps"
+                reason = "max_steps"
                 break
-            if self.progress:
-                self.log(f"Epoch {epoch + 1}/{tc.epochs}")
-            callbacks.on_epoch_begin(epoch)
-            t0 = time.perf_counter()
-            logs = self._run_train_epoch(epoch, callbacks)
-            logs.update(self._validate())
-            logs["learning_rate"] = float(self._lr())
-            logs["seconds"] = time.perf_counter() - t0
-            finished = logs["steps"] == self.steps_per_epoch
-            if finished:
-                self.epoch.assign(epoch + 1)
-                self.step_in_epoch.assign(0)
-            entry = {"epoch": epoch + 1, **{k: _plain(v) for k, v in logs.items()}}
-            history.append(entry)
-            if self.chief:  # history first: a kill before the checkpoint redoes the epoch
-                write_json_atomic(history_path, history)
-            self.manager.save(checkpoint_number=int(self.step.numpy()))
-            callbacks.on_epoch_end(epoch, entry)
-            if self.progress:
-                self.log(_epoch_line(entry))
-            if not finished:
-                stop_reason = "max_steps"
+            if not self._epoch(epoch, callbacks, history):
+                reason = "max_steps"
                 break
             epoch += 1
         if self.model.stop_training:
-            stop_reason = "early_stopping"
+            reason = "early_stopping"
         callbacks.on_train_end()
-        return self._summary(history, early, stop_reason, time.perf_counter() - start)
+        return self._summary(history, early, reason, time.perf_counter() - start)
 
-    def _validate(self) -> dict:
-        logs = {}
-        val = self.evaluate_loss("val")
-        if val is not None:
-            logs["val_loss"], logs["val_ce"] = val["loss"], val["ce"]
-        if self.cfg.train.monitor_for(int(self.epoch.numpy())) == "val_bleu4":
-            logs["val_bleu4"] = self.bleu4("val")
-        return logs
+    def _epoch(self, epoch: int, callbacks, history: list) -> bool:
+        """Train, validate and record one epoch; False when it stopped early (--max-steps)."""
+        stage = "self-critical" if self.cfg.train.is_scst(epoch) else "cross-entropy"
+        if self.progress:
+            self.log(f"Epoch {epoch + 1}/{self.cfg.train.epochs} ({stage})")
+        callbacks.on_epoch_begin(epoch)
+        t0 = time.perf_counter()
+        logs = self._run_train_epoch(epoch, callbacks)
+        logs.update(self._validate(epoch))
+        logs.update(stage=stage, learning_rate=current_learning_rate(self.optimizer),
+                    seconds=time.perf_counter() - t0)
+        finished = logs.pop("target_steps") == logs["steps"]
+        if finished:
+            self.epoch.assign(epoch + 1)
+            self.step_in_epoch.assign(0)
+        entry = {"epoch": epoch + 1, **{k: _plain(v) for k, v in logs.items()}}
+        history[:] = [h for h in history if h["epoch"] != epoch + 1] + [entry]
+        if self.chief:  # history first: a kill before the checkpoint redoes the epoch
+            write_json_atomic(self.run.history, history)
+        self.manager.save(checkpoint_number=int(self.step.numpy()))
+        callbacks.on_epoch_end(epoch, entry)
+        if self.progress:
+            self.log(_epoch_line(entry))
+        return finished
 
-    def _repair_best(self, early: EarlyStopping, done: int) -> None:
-        """If the process died between the checkpoint and saving the best model, the best
-        epoch is the restored one: save it now."""
-        if early.best_epoch is None or early.best_epoch + 1 != done:
+    def _cider_before_self_critical(self, history: list, done: int) -> None:
+        """A run entering its self-critical stage from an epoch that did not log val_cider (a
+        cross-entropy run finished before --scst-after was given) measures it now, so the new
+        stage has the model it starts from to beat."""
+        if not history or not self.cfg.train.is_scst(done) or "val_cider" in history[-1]:
             return
-        best_path = os.path.join(self.run_dir, "best.json")
-        saved = read_json(best_path).get("epoch") if os.path.exists(best_path) else None
-        if saved != done:
-            self._save_best(early.best_epoch, early.best)
-
-    def _lr(self):
-        lr = self._inner_optimizer().learning_rate
-        return lr.numpy() if hasattr(lr, "numpy") else lr
+        history[-1]["val_cider"] = self.validator.metrics(["val_cider"])["val_cider"]
+        if self.chief:
+            write_json_atomic(self.run.history, history)
 
     def _hparams(self) -> dict:
         tc, mc = self.cfg.train, self.cfg.model
@@ -636,15 +602,19 @@ class Trainer:
                 "attention_reg": mc.attention_reg, "vocab_size": len(self.data.vocab),
                 "batch_size": tc.batch_size, "learning_rate": tc.learning_rate,
                 "lr_schedule": tc.lr_schedule, "clip_norm": tc.clip_norm,
-                "precision": tc.precision, "seed": self.cfg.data.seed}
+                "precision": tc.precision, "seed": self.cfg.data.seed,
+                "scst_after": -1 if tc.scst_after is None else tc.scst_after,
+                "scst_samples": tc.scst_samples, "scst_baseline": tc.scst_baseline}
 
     def _describe(self, resumed: bool, done: int) -> None:
-        d = self.data
-        n_train = len(d.items["train"][0])
+        d, tc = self.data, self.cfg.train
+        stages = "" if tc.scst_after is None else (
+            f", self-critical after epoch {tc.scst_after} ({self.scst_steps_per_epoch} steps of "
+            f"{self.images_per_step} images x {tc.scst_samples} samples)")
         self.log(f"{'resuming after epoch ' + str(done) if resumed else 'training'}: "
-                 f"{n_train} train captions ({len(d.references['train'])} images), "
-                 f"{len(d.items['val'][0])} val captions, vocabulary {len(d.vocab)}, "
-                 f"{self.steps_per_epoch} steps/epoch, "
+                 f"{len(self.items['train'][0])} train captions ({len(self.train_images)} "
+                 f"images), {len(self.items['val'][0])} val captions, vocabulary "
+                 f"{len(d.vocab)}, {self.steps_per_epoch} steps/epoch{stages}, "
                  f"{self.strategy.num_replicas_in_sync} replica(s), features "
                  f"{'in memory' if self._table is not None else 'streamed from disk'}")
         if d.skipped_captions:
@@ -659,7 +629,7 @@ class Trainer:
                 "best_value": None if early.best_epoch is None else float(early.best),
                 "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
                 "seconds": seconds, "skipped_captions": self.data.skipped_captions,
-                "best_model": os.path.join(self.run_dir, "best.keras")}
+                "best_model": self.run.best_model}
 
 
 def hash_seed(seed: int, epoch: int) -> int:
@@ -672,19 +642,36 @@ def _plain(value):
 
 
 def _epoch_line(entry: dict) -> str:
-    parts = [f"{k}={entry[k]:.4f}" for k in ("loss", "val_loss", "val_bleu4")
-             if entry.get(k) is not None]
+    parts = [f"{k}={entry[k]:.4f}" for k in ("loss", "reward", "val_loss", "val_bleu4",
+                                             "val_cider") if entry.get(k) is not None]
     return (f"epoch {entry['epoch']}: " + " ".join(parts)
             + f" ({entry['captions_per_second']:.0f} captions/s, {entry['seconds']:.1f} s)")
 
 
 def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
           progress: bool = True, log=print) -> dict:
-    """Train (or resume) the run in `run_dir`; returns a summary dict."""
-    for note in open_run(run_dir, cfg, fresh=cfg.train.fresh):
+    """Train (or resume) the run in `run_dir`; returns a summary dict.
+
+    Every check comes before the first write: the flags (the config validated itself), the
+    run folder (writable; the same data, vocabulary and model settings as before unless
+    --fresh), the caption file and the feature cache. Only then are config.json, split.json
+    and vocab.json written (and, with --fresh, the previous run's files deleted).
+    """
+    cfg = dataclasses.replace(cfg, captions=os.path.abspath(cfg.captions),
+                              cache=os.path.abspath(cfg.cache))
+    run = RunFolder(run_dir)
+    run.check_writable()
+    fresh = cfg.train.fresh
+    notes = [] if fresh else run.reopen_notes(cfg)
+    data = load_train_data(cfg, run_dir, reuse=not fresh)
+    for note in notes:
         log("note: " + note)
-    trainer = Trainer(cfg, run_dir, images_dir=images_dir, progress=progress, log=log)
-    return trainer.fit()
+    if fresh:
+        run.delete_previous()
+    os.makedirs(run_dir, exist_ok=True)
+    cfg.save(run.config)
+    return Trainer(cfg, run_dir, images_dir=images_dir, progress=progress, log=log,
+                   data=data).fit()
 
 
 def format_summary(summary: dict) -> str:

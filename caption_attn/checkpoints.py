@@ -1,0 +1,98 @@
+"""Resuming from the newest intact checkpoint.
+
+`tf.train.CheckpointManager` keeps the last few checkpoints of a run (`ckpt-STEP.index` +
+`ckpt-STEP.data-*`). A checkpoint can be damaged after it was written (a full disk, a copy that
+stopped half-way, a bad sector): restoring it raises deep inside TensorFlow ("Read less bytes
+than requested") without naming the file. `restore_newest_intact` tries the checkpoints newest
+first, skips damaged ones with the reason, renames their files to `damaged-ckpt-STEP.*` so that
+they are never tried (or rotated into) again, and points the manager's state file at what is
+left.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Optional
+
+import tensorflow as tf
+
+_INDEX = re.compile(r"^ckpt-(\d+)\.index$")
+
+
+def list_checkpoints(directory: str) -> list[str]:
+    """Checkpoint prefixes in `directory`, newest (highest step) first."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(directory), "ckpt-*.index")):
+        match = _INDEX.match(os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), path[:-len(".index")]))
+    return [prefix for _, prefix in sorted(found, reverse=True)]
+
+
+def _try_restore(checkpoint: tf.train.Checkpoint, prefix: str) -> Optional[str]:
+    """None if `prefix` restored every object of `checkpoint`, else the reason it did not."""
+    try:
+        checkpoint.restore(prefix).assert_existing_objects_matched()
+        return None
+    except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError,
+            TypeError) as e:
+        text = getattr(e, "message", None) or str(e) or type(e).__name__
+        return f"{type(e).__name__}: {text.strip().splitlines()[0][:200]}"
+
+
+def _set_aside(prefix: str) -> list[str]:
+    directory, name = os.path.split(prefix)
+    moved = []
+    for path in glob.glob(glob.escape(prefix) + ".*"):
+        target = os.path.join(directory, "damaged-" + os.path.basename(path))
+        os.replace(path, target)
+        moved.append(target)
+    return moved
+
+
+def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: str,
+                          log=print, set_aside: bool = True) -> Optional[str]:
+    """Restore `checkpoint` from the newest checkpoint in `directory` that loads completely;
+    returns its prefix (None when there is none). Every damaged newer one is reported through
+    `log`, naming the file and why, and (with `set_aside`: the process that owns `directory`)
+    renamed; the state file is then rewritten to list the intact checkpoints, so a
+    CheckpointManager made afterwards continues from them.
+
+    If none of several checkpoints loads, nothing is set aside and the error names them all.
+    """
+    prefixes = list_checkpoints(directory)
+    failures = []
+    for prefix in prefixes:
+        reason = _try_restore(checkpoint, prefix)
+        if reason is None:
+            break
+        failures.append((prefix, reason))
+    else:
+        if failures:
+            from caption_attn.errors import UserError
+            raise UserError(
+                "no checkpoint of this run can be restored:\n  "
+                + "\n  ".join(f"{p}: {r}" for p, r in failures)
+                + "\nif the run was made by an older caption_attn, start it over with --fresh")
+        return None
+    for bad, reason in failures:
+        log(f"note: skipped the damaged checkpoint {bad} ({reason}); resuming from "
+            f"{os.path.basename(prefix)}" + (". Its files were renamed to damaged-*"
+                                             if set_aside else ""))
+        if set_aside:
+            _set_aside(bad)
+    if set_aside and (failures or not _state_readable(directory)):
+        intact = list_checkpoints(directory)
+        tf.compat.v1.train.update_checkpoint_state(
+            directory, intact[0], all_model_checkpoint_paths=list(reversed(intact)))
+    return prefix
+
+
+def _state_readable(directory: str) -> bool:
+    """Whether the manager's `checkpoint` state file parses (it is rewritten if not)."""
+    try:
+        return tf.train.get_checkpoint_state(directory) is not None
+    except Exception:  # noqa: BLE001 - a damaged text proto raises parse errors of any kind
+        return False

@@ -1,0 +1,111 @@
+"""What `train` reads before its first step: captions, split, vocabulary and feature files.
+
+Everything is checked first and written last: `load_train_data` reads the caption file and the
+feature cache and builds (or, on resume, reloads) the split and the vocabulary without writing
+anything; `TrainData.fix_in` then saves them into the run folder, so a command that fails on
+its input leaves the run folder as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from caption_attn import data as data_lib
+from caption_attn import feature_cache, pipeline
+from caption_attn.backbone import FEATURE_SHAPE
+from caption_attn.config import FEATURE_DTYPES, RunConfig
+from caption_attn.errors import UserError
+from caption_attn.fileio import write_json_atomic
+from caption_attn.run import RunFolder
+from caption_attn.vocab import Vocabulary, tokenize_all
+
+
+@dataclasses.dataclass
+class TrainData:
+    vocab: Vocabulary
+    splits: dict                  # split -> image keys (all of them, as saved in split.json)
+    caption_ids: dict             # split -> {image key: [token id lists]} (with features)
+    references: dict              # split -> {image key: [raw captions]}
+    feature_paths: dict           # image key -> .npy path (images with valid features only)
+    reader: pipeline.NpyReader
+    manifest: dict
+    format: str                   # of the caption file
+    skipped_captions: int         # captions whose image has no features
+    skipped_images: int
+
+    def items(self, split: str) -> tuple[list[str], list[list[int]]]:
+        """(feature path, token ids) of every caption of `split`, one pair per caption."""
+        pairs = [(self.feature_paths[k], ids) for k, lists in self.caption_ids[split].items()
+                 for ids in lists]
+        return [p for p, _ in pairs], [t for _, t in pairs]
+
+    def fix_in(self, run: RunFolder, captions: str) -> None:
+        """Save split.json and vocab.json (the ones this data was made with, unchanged when
+        they were read from the run): from here on they are fixed for the life of the run."""
+        write_json_atomic(run.split, {"captions": os.path.abspath(captions),
+                                      "format": self.format, "splits": self.splits})
+        self.vocab.save(run.vocab)
+
+
+def check_manifest(cache: str) -> dict:
+    """The cache's manifest, refused unless its features are what the model reads."""
+    manifest = feature_cache.read_manifest(cache)
+    path = feature_cache.manifest_path(cache)
+    shape = list(manifest.get("feature_shape", []))
+    if shape != list(FEATURE_SHAPE):
+        raise UserError(f"{path}: feature_shape {shape}, expected {list(FEATURE_SHAPE)}")
+    if manifest.get("dtype") not in FEATURE_DTYPES:
+        raise UserError(f"{path}: dtype {manifest.get('dtype')!r}, expected one of "
+                        f"{FEATURE_DTYPES}")
+    return manifest
+
+
+def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> TrainData:
+    """Captions, split, vocabulary and feature files of a run (with `reuse`, the split and
+    vocabulary of the run folder when it has them: they never change under a run; --fresh
+    makes new ones). Writes nothing."""
+    manifest = check_manifest(cfg.cache)
+    reader = pipeline.NpyReader.from_manifest(manifest)
+    captions = data_lib.load_dataset(cfg.captions, cfg.data)
+    if reuse and os.path.exists(run.split):
+        splits = run.load_splits()
+    else:
+        splits = {s: sorted(r.image for r in captions.split(s)) for s in data_lib.SPLITS}
+    records = {r.image: r for r in captions.records}
+    paths, skipped_images, skipped_captions = {}, 0, 0
+    for key in (k for keys in splits.values() for k in keys):
+        path = feature_cache.feature_path(cfg.cache, key)
+        if key in records and reader.has_file(path):
+            paths[key] = path
+        elif key in records:
+            skipped_images += 1
+            skipped_captions += len(records[key].captions)
+    words = {k: tokenize_all(records[k].captions) for k in paths}  # for vocabulary and ids
+    if reuse and os.path.exists(run.vocab):
+        vocab = Vocabulary.load(run.vocab)
+    else:
+        vocab = Vocabulary.fit_words((w for k in splits["train"] if k in paths
+                                      for w in words[k]),
+                                     cfg.vocab.vocab_size, cfg.vocab.min_count)
+    caption_ids, references = {}, {}
+    for split, keys in splits.items():
+        keys = [k for k in keys if k in paths]
+        caption_ids[split] = {k: [vocab.encode_words(w, cfg.vocab.max_length)
+                                  for w in words[k]] for k in keys}
+        references[split] = {k: records[k].captions for k in keys}
+    _check_not_empty(cfg, splits, caption_ids)
+    return TrainData(vocab, splits, caption_ids, references, paths, reader, manifest,
+                     captions.format, skipped_captions, skipped_images)
+
+
+def _check_not_empty(cfg: RunConfig, splits: dict, caption_ids: dict) -> None:
+    if not caption_ids["train"]:
+        raise UserError(f"no training captions have features in {cfg.cache}; run "
+                        f"`caption-attn extract-features` for {cfg.captions} first")
+    if not caption_ids["val"]:
+        raise UserError(
+            f"the val split of {cfg.captions} has no images with features in {cfg.cache} "
+            f"({len(splits['val'])} val images); validation drives early stopping and the "
+            f"best model. Give the caption file val images, raise --val-fraction (for files "
+            f"without splits), or extract their features")

@@ -1,0 +1,109 @@
+"""What `train` measures on the validation images after every epoch besides the loss:
+greedy captions, their BLEU-4 (`val_bleu4`) and CIDEr-D (`val_cider`), and the sample
+captions with attention that TensorBoard and `attention/` show.
+
+Decoding is the captioner's (`captioner.make_decoder` / `to_captions`): one greedy decoder
+traced once, over (up to) `--bleu-images` validation images in batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from caption_attn import captioner, pipeline
+from caption_attn.cider import CiderD, DocumentFrequency
+from caption_attn.coco_metrics import corpus_bleu4
+from caption_attn.config import DecodeConfig
+
+DECODE_BATCH = 128   # images per greedy decoding call
+
+
+@dataclasses.dataclass
+class Sample:
+    """One validation image's greedy caption after an epoch."""
+    image: str                    # image key
+    caption: captioner.Caption
+
+
+class Validator:
+    """Greedy decoding of fixed validation images and the metrics computed from it.
+
+    features(keys) -> iterable of (B, P, F) batches in key order (the trainer's in-memory
+    table or the feature files); references {key: [raw captions]}; reference_ids {key: [id
+    lists]} for CIDEr-D; `df` the train split's document frequencies (built on first use by
+    `df_factory` when CIDEr-D is needed).
+    """
+
+    def __init__(self, model, vocab, max_length: int,
+                 features: Callable[[Sequence[str]], object], references: dict,
+                 reference_ids: dict, bleu_images: int, sample_images: int,
+                 df_factory: Callable[[], DocumentFrequency]):
+        self.vocab, self._features = vocab, features
+        self.references, self.reference_ids = references, reference_ids
+        self.metric_keys = sorted(references)[:bleu_images]
+        self.sample_keys = sorted(references)[:sample_images]
+        self._decoder = captioner.make_decoder(model, DecodeConfig(beam=1), max_length)
+        self._df_factory = df_factory
+        self._cider: Optional[CiderD] = None
+        self._metric_index = {k: i for i, k in enumerate(self.metric_keys)}
+
+    def greedy(self, keys: Sequence[str]) -> dict:
+        """key -> its greedy `Caption`."""
+        out = {}
+        batches = self._features(list(keys))
+        for start, feats in zip(range(0, len(keys), DECODE_BATCH), batches):
+            result = self._decoder(tf.cast(feats, tf.float32))
+            for key, captions in zip(keys[start:start + DECODE_BATCH],
+                                     captioner.to_captions(result, self.vocab)):
+                out[key] = captions[0]
+        return out
+
+    def metrics(self, names: Sequence[str]) -> dict:
+        """`val_bleu4` and/or `val_cider` of the greedy captions of the metric images."""
+        if not names or not self.metric_keys:
+            return {}
+        captions = self.greedy(self.metric_keys)
+        out = {}
+        if "val_bleu4" in names:
+            out["val_bleu4"] = corpus_bleu4({k: self.references[k] for k in captions},
+                                            {k: c.text for k, c in captions.items()})
+        if "val_cider" in names:
+            out["val_cider"] = self.cider(captions)
+        return out
+
+    def cider(self, captions: dict) -> float:
+        """Mean CIDEr-D (words only, no `<end>`: the evaluation metric's form) of `captions`
+        against their references' ids, with the train split's document frequencies."""
+        index = self._metric_index
+        if self._cider is None:
+            self._cider = CiderD({index[k]: self.reference_ids[k] for k in self.metric_keys},
+                                 self._df_factory(), with_end=False)
+        keys = list(captions)
+        ids = [[self.vocab.id(w) for w in captions[k].words] for k in keys]
+        width = max(1, max(len(i) for i in ids))
+        tokens = np.zeros((len(keys), width), np.int64)                 # (N, T), PAD after
+        for row, i in enumerate(ids):
+            tokens[row, :len(i)] = i
+        image_index = np.array([index[k] for k in keys])                # (N,)
+        return float(np.mean(self._cider(image_index, tokens)))
+
+    def samples(self) -> list[Sample]:
+        """The sample images' greedy captions (for TensorBoard and the heatmap files)."""
+        return [Sample(k, c) for k, c in self.greedy(self.sample_keys).items()]
+
+
+def table_or_files(reader: pipeline.NpyReader, paths: dict,
+                   table: Optional[pipeline.FeatureTable]):
+    """features(keys) for `Validator`: gathered from the in-memory table when it holds the
+    images, else read from their files."""
+    def features(keys):
+        if table is not None and all(paths[k] in table.index for k in keys):
+            rows = [table.index[paths[k]] for k in keys]
+            return (table.batch(rows[i:i + DECODE_BATCH])
+                    for i in range(0, len(rows), DECODE_BATCH))
+        return pipeline.image_dataset([paths[k] for k in keys], DECODE_BATCH, reader)
+    return features

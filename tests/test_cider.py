@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from caption_attn.errors import UserError
-from caption_attn.cider import (MAX_VOCAB_SIZE, CiderD, CodeIndex, DocumentFrequency,
-                                check_vocab_size)
+from caption_attn.cider import CiderD, DocumentFrequency
+from caption_attn.ngrams import MAX_VOCAB_SIZE, CodeIndex, check_vocab_size
 from caption_attn.scst import advantages
 from caption_attn.vocab import END, PAD, START, UNK
 

@@ -45,6 +45,19 @@ def task_id(strategy: tf.distribute.Strategy) -> int:
     return 0 if resolver is None else int(resolver.task_id)
 
 
+def distribute_dataset(strategy: tf.distribute.Strategy, make):
+    """`strategy.distribute_datasets_from_function` of `make(replicas, replica_ids)`, which
+    returns the batches of this input pipeline's replicas (R replicas in all; the ids of the
+    ones fed by this pipeline)."""
+    replicas = strategy.num_replicas_in_sync
+
+    def dataset(ctx: tf.distribute.InputContext):
+        local = replicas // ctx.num_input_pipelines
+        first = ctx.input_pipeline_id * local
+        return make(replicas, list(range(first, first + local)))
+    return strategy.distribute_datasets_from_function(dataset)
+
+
 def first_local(strategy: tf.distribute.Strategy, value):
     """The value of this process's first replica."""
     return strategy.experimental_local_results(value)[0]

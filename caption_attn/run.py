@@ -181,13 +181,21 @@ class RunFolder:
         model.load_weights(self.best_weights)
         return True
 
-    def best_model_problem(self) -> Optional[str]:
-        """Why best.keras cannot be used (missing, damaged, old format), or None."""
+    def repair_best_model(self, model) -> Optional[str]:
+        """If best.keras is missing, damaged or of an old format while best.json and the best
+        weights are kept, rewrite it from them (through `model`, a model of this run whose
+        weights are left as they were); returns a note saying so, or None."""
+        record = self.best_record()
+        if not record or not os.path.exists(self.best_weights):
+            return None
         try:
             self.load_best_model()
+            return None
         except UserError as e:
-            return str(e)
-        return None
+            problem = str(e).split(";")[0]
+        self.rewrite_best_model(model)
+        return (f"{problem}; rewrote it from {self.best_weights} (epoch "
+                f"{record.get('epoch')})")
 
     def rewrite_best_model(self, model) -> None:
         """best.keras again from best.weights.h5, through `model` (a model of this run

@@ -21,6 +21,7 @@ regulariser is not applied in these epochs (the objective is the reward alone).
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -28,8 +29,21 @@ import tensorflow as tf
 
 from caption_attn import decode
 from caption_attn.captioner import masked_step
-from caption_attn.cider import CiderD
+from caption_attn.cider import CiderD, DocumentFrequency
 from caption_attn.vocab import PAD, START
+
+
+def train_document_frequency(path: str, references: dict, vocab_size: int,
+                             save: bool) -> DocumentFrequency:
+    """The train split's CIDEr-D document frequencies: read from `path` (a run keeps them in
+    its folder as JSON), else counted from `references` {train image id: [id lists]} and,
+    with `save`, written there."""
+    if os.path.exists(path):
+        return DocumentFrequency.load(path, vocab_size)
+    df = DocumentFrequency.build(references, vocab_size)
+    if save:
+        df.save(path)
+    return df
 
 
 class Scored(NamedTuple):

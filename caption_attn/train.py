@@ -22,19 +22,19 @@ import numpy as np
 import tensorflow as tf
 
 from caption_attn import checkpoints, distribute, pipeline, progress
-from caption_attn.backbone import IMAGE_SIZE
 from caption_attn.callbacks import AttentionSnapshots, EarlyStopping, TensorBoardLogger
 from caption_attn.cider import CiderD, DocumentFrequency
 from caption_attn.config import DTYPE_POLICIES, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.fileio import read_json, write_json_atomic
-from caption_attn.model import ShowAttendTell, masked_loss
+from caption_attn.model import ShowAttendTell
 from caption_attn.optimizer import (FusedAdam, StagedLearningRate, current_learning_rate,
                                     make_optimizer)
 from caption_attn.run import RunFolder
-from caption_attn.scst import SelfCritical
+from caption_attn.scst import SelfCritical, train_document_frequency
+from caption_attn.steps import EpochTotals, Steps
 from caption_attn.train_data import TrainData, load_train_data as _load_train_data
-from caption_attn.validation import Validator, table_or_files
+from caption_attn.validation import SampleFigures, Validator, table_or_files
 
 __all__ = ["FusedAdam", "Trainer", "TrainingError", "format_summary", "load_train_data",
            "open_run", "train"]
@@ -45,48 +45,6 @@ class TrainingError(UserError):
 
     def __init__(self, message: str):
         super().__init__(message, exit_code=1)
-
-
-@dataclasses.dataclass
-class EpochTotals:
-    """Running sums over the steps of one epoch, by name; checkpointed as one vector (so an
-    epoch resumed mid-way continues them). `loss` and `ce` are summed times the step's
-    captions; the self-critical fields are sums over sampled captions (tokens for entropy)."""
-
-    FIELDS = ("loss", "ce", "gradient_norm", "captions", "steps", "reward", "baseline",
-              "advantage", "advantage_sq", "entropy", "tokens")
-    sums: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(EpochTotals.FIELDS,
-                                                                         0.0))
-
-    @classmethod
-    def from_vector(cls, vector) -> "EpochTotals":
-        return cls(dict(zip(cls.FIELDS, (float(x) for x in vector))))
-
-    def vector(self) -> np.ndarray:
-        return np.array([self.sums[f] for f in self.FIELDS], np.float64)
-
-    def add(self, step: dict) -> None:
-        n = step["captions"]
-        self.sums["loss"] += step["loss"] * n
-        self.sums["ce"] += step.get("ce", 0.0) * n
-        # float16 loss scaling skips steps whose gradients overflowed: not in the mean norm
-        self.sums["gradient_norm"] += step["gradient_norm"] \
-            if math.isfinite(step["gradient_norm"]) else 0.0
-        self.sums["steps"] += 1
-        for name in ("captions", "reward", "baseline", "advantage", "advantage_sq", "entropy",
-                     "tokens"):
-            self.sums[name] += step.get(name, 0.0)
-
-    def logs(self, self_critical: bool) -> dict:
-        """Epoch means for history.json and TensorBoard."""
-        s, n = self.sums, max(self.sums["captions"], 1.0)
-        out = {"loss": s["loss"] / n, "gradient_norm": s["gradient_norm"] / max(s["steps"], 1)}
-        if not self_critical:
-            return {**out, "ce": s["ce"] / n}
-        mean_advantage = s["advantage"] / n
-        return {**out, "reward": s["reward"] / n, "baseline": s["baseline"] / n,
-                "advantage_std": math.sqrt(max(s["advantage_sq"] / n - mean_advantage ** 2, 0.0)),
-                "entropy": s["entropy"] / max(s["tokens"], 1.0)}
 
 
 def open_run(run_dir: str, cfg: RunConfig, fresh: bool = False) -> list[str]:
@@ -206,6 +164,8 @@ class Trainer:
         self._restored = checkpoints.restore_newest_intact(
             self.checkpoint, source, log=self.log, set_aside=self.chief or source == own)
         self.manager = tf.train.CheckpointManager(self.checkpoint, own, max_to_keep=3)
+        self.steps = Steps(self.model, self.optimizer, self.strategy, self.cfg,
+                           lambda: self.scst)
         if mc.feature_norm and self._restored is None:  # else: restored with the model
             train_paths = {self.data.feature_paths[k] for k in self.train_images}
             self.model.feature_norm.set_statistics(*pipeline.feature_statistics(
@@ -227,28 +187,25 @@ class Trainer:
         return self._restored is not None
 
     def document_frequency(self) -> DocumentFrequency:
-        """CIDEr-D document frequencies of the train split, computed once per run and kept in
-        its folder."""
+        """CIDEr-D document frequencies of the train split (once per run, kept in its
+        folder)."""
         if self._df is None:
-            vocab_size = len(self.data.vocab)
-            if os.path.exists(self.run.cider_df):
-                self._df = DocumentFrequency.load(self.run.cider_df, vocab_size)
-            else:
-                ids = self.data.caption_ids["train"]
-                self._df = DocumentFrequency.build(
-                    {i: ids[k] for i, k in enumerate(self.train_images)}, vocab_size)
-                if self.chief:
-                    self._df.save(self.run.cider_df)
+            self._df = train_document_frequency(self.run.cider_df, self.train_references(),
+                                                len(self.data.vocab), save=self.chief)
         return self._df
+
+    def train_references(self) -> dict:
+        """{train image id: [token id lists]}: the references of the self-critical reward."""
+        ids = self.data.caption_ids["train"]
+        return {i: ids[k] for i, k in enumerate(self.train_images)}
 
     @property
     def scst(self) -> SelfCritical:
         if self._scst is None:
-            tc, ids = self.cfg.train, self.data.caption_ids["train"]
-            reward = CiderD({i: ids[k] for i, k in enumerate(self.train_images)},
-                            self.document_frequency(), with_end=True)
-            self._scst = SelfCritical(self.model, reward, tc.scst_samples, tc.scst_baseline,
-                                      self.cfg.vocab.max_length + 1)
+            tc = self.cfg.train
+            self._scst = SelfCritical(
+                self.model, CiderD(self.train_references(), self.document_frequency()),
+                tc.scst_samples, tc.scst_baseline, self.cfg.vocab.max_length + 1)
         return self._scst
 
     # -- datasets ---------------------------------------------------------------------
@@ -257,119 +214,27 @@ class Trainer:
         global batch (`pipeline.caption_dataset`), so any replica count sees the same data."""
         paths, tokens = self.items[split]
         seed = None if epoch is None else hash_seed(self.cfg.data.seed, epoch)
-        replicas = self.strategy.num_replicas_in_sync
-
-        def make(ctx: tf.distribute.InputContext):
-            local = replicas // ctx.num_input_pipelines
-            first = ctx.input_pipeline_id * local
-            return pipeline.caption_dataset(
+        return distribute.distribute_dataset(self.strategy, lambda replicas, ids: (
+            pipeline.caption_dataset(
                 paths, tokens, self.cfg.train.batch_size, self.boundaries, self.data.reader,
                 self._table, shuffle_seed=seed, skip_batches=skip, num_replicas=replicas,
-                replica_ids=list(range(first, first + local)), pad_images=self.cfg.train.xla)
-        return self.strategy.distribute_datasets_from_function(make)
+                replica_ids=ids, pad_images=self.cfg.train.xla)))
 
     def image_dataset(self, epoch: int, skip: int = 0):
         """Self-critical batches of one epoch: (features (N, P, F), train image ids (N,)),
         images shuffled by the epoch's seed, `images_per_step` per batch."""
         paths = [self.data.feature_paths[k] for k in self.train_images]
-        replicas = self.strategy.num_replicas_in_sync
-
-        def make(ctx: tf.distribute.InputContext):
-            local = replicas // ctx.num_input_pipelines
-            first = ctx.input_pipeline_id * local
-            return pipeline.shuffled_image_dataset(
+        return distribute.distribute_dataset(self.strategy, lambda replicas, ids: (
+            pipeline.shuffled_image_dataset(
                 paths, self.images_per_step, self.data.reader, self._table,
                 hash_seed(self.cfg.data.seed, epoch), skip_batches=skip,
-                num_replicas=replicas, replica_ids=list(range(first, first + local)))
-        return self.strategy.distribute_datasets_from_function(make)
+                num_replicas=replicas, replica_ids=ids)))
 
     # -- steps ------------------------------------------------------------------------
-    def _apply(self, tape: tf.GradientTape, scaled_loss) -> tf.Tensor:
-        """All-reduce the gradients, clip them by their global norm, apply them; returns the
-        (unscaled) global norm."""
-        ctx = tf.distribute.get_replica_context()
-        variables = self.model.trainable_variables
-        # Embedding gradients arrive as IndexedSlices; dense (V x E) keeps the math simple.
-        grads = [tf.convert_to_tensor(g) for g in tape.gradient(scaled_loss, variables)]
-        grads = ctx.all_reduce("sum", grads)                          # global gradient
-        scale = getattr(self.optimizer, "dynamic_scale", None)
-        unscale = 1.0 if scale is None else tf.cast(scale, tf.float32)
-        norm = tf.linalg.global_norm(grads) / unscale
-        clip = self.cfg.train.clip_norm
-        if clip > 0:
-            grads, _ = tf.clip_by_global_norm(grads, clip * unscale, use_norm=norm * unscale)
-        # The optimizer sums gradients over replicas once more: hand it 1/R of the total.
-        grads = [g / ctx.num_replicas_in_sync for g in grads]
-        self.optimizer.apply_gradients(zip(grads, variables))
-        return norm
-
-    def _cross_entropy(self, features, image_index, tokens, training: bool):
-        """Teacher-forced objective of one replica's captions, whose sum over replicas is the
-        global mean: (loss, ce, captions of the global batch)."""
-        ctx = tf.distribute.get_replica_context()
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]               # (B, T) each
-        tokens_global = ctx.all_reduce("sum", tf.reduce_sum(tf.cast(targets != 0, tf.float32)))
-        captions_global = ctx.all_reduce("sum", tf.cast(tf.shape(tokens)[0], tf.float32))
-        logits, alphas = self.model((features, image_index, inputs),
-                                    training=training)                # (B,T,V), (B,T,P)
-        ce_sum, _, reg_sum = masked_loss(logits, targets, alphas, self.cfg.model.attention_reg)
-        ce = ce_sum / tf.maximum(tokens_global, 1.0)
-        return ce + reg_sum / tf.maximum(captions_global, 1.0), ce, captions_global
-
-    def _train_replica(self, features, image_index, tokens):
-        with tf.GradientTape() as tape:
-            loss, ce, n = self._cross_entropy(features, image_index, tokens, training=True)
-            scaled = self.optimizer.scale_loss(loss)
-        return {"loss": loss, "ce": ce, "gradient_norm": self._apply(tape, scaled),
-                "captions": n}
-
-    def _eval_replica(self, features, image_index, tokens):
-        loss, ce, n = self._cross_entropy(features, image_index, tokens, training=False)
-        return {"loss": loss, "ce": ce, "captions": n}
-
-    def _scst_replica(self, features, image_ids, seed):
-        ctx = tf.distribute.get_replica_context()
-        scored = self.scst.score(features, image_ids, seed)           # no gradient
-        with tf.GradientTape() as tape:
-            loss_sum, tokens, entropy = self.scst.loss(features, scored)
-            loss = loss_sum / tf.maximum(ctx.all_reduce("sum", tokens), 1.0)
-            scaled = self.optimizer.scale_loss(loss)
-        norm = self._apply(tape, scaled)
-        a = scored.advantage                                          # (N, K)
-        return {"loss": loss, "gradient_norm": norm,
-                "captions": ctx.all_reduce("sum", tf.cast(tf.size(a), tf.float32)),
-                "reward": tf.reduce_sum(scored.rewards),
-                "baseline": tf.reduce_sum(scored.baseline), "advantage": tf.reduce_sum(a),
-                "advantage_sq": tf.reduce_sum(tf.square(a)), "entropy": entropy,
-                "tokens": tokens}
-
-    def _distributed(self, replica_fn, summed=("loss", "ce", "reward", "baseline", "advantage",
-                                               "advantage_sq", "entropy", "tokens")):
-        """strategy.run of `replica_fn`; per-replica shares of `summed` are added up, the rest
-        (already global: all-reduced inside) taken from the first replica."""
-        def run(*args):
-            out = self.strategy.run(replica_fn, args=args)
-            return {k: self.strategy.reduce("sum", v, axis=None) if k in summed
-                    else distribute.first_local(self.strategy, v) for k, v in out.items()}
-        return run
-
     def _compile(self, element_spec) -> None:
-        """The cross-entropy train and eval steps, traced once for every bucket shape."""
-        jit = self.cfg.train.xla and self.strategy.num_replicas_in_sync == 1
-        self.train_step = tf.function(
-            lambda batch: self._distributed(self._train_replica)(*batch),
-            input_signature=[element_spec], jit_compile=jit, reduce_retracing=True)
-        self.eval_step = tf.function(
-            lambda batch: self._distributed(self._eval_replica)(*batch),
-            input_signature=[element_spec], reduce_retracing=True)
-        self.scst_step = None  # built when the first self-critical epoch starts
-
-    def _compile_scst(self, element_spec) -> None:
-        # not XLA: the reward is numpy (tf.numpy_function)
-        self.scst_step = tf.function(
-            lambda batch, seed: self._distributed(self._scst_replica)(*batch, seed),
-            input_signature=[element_spec, tf.TensorSpec([], tf.int64)],
-            reduce_retracing=True)
+        """Trace the cross-entropy train and eval steps (once for every bucket shape)."""
+        self.steps.compile(element_spec)
+        self.train_step, self.eval_step = self.steps.train_step, self.steps.eval_step
 
     # -- epochs -----------------------------------------------------------------------
     def _run_train_epoch(self, epoch: int, callbacks) -> dict:
@@ -382,10 +247,11 @@ class Trainer:
         totals = EpochTotals.from_vector(self.epoch_sums.numpy()) if in_epoch else EpochTotals()
         if self_critical:
             batches = self.image_dataset(epoch, skip=in_epoch)
-            if self.scst_step is None:
-                self._compile_scst(batches.element_spec)
+            if self.steps.scst_step is None:
+                self.steps.compile_scst(batches.element_spec)
             seed = self.cfg.data.seed * 1_000_003
-            run = lambda batch, s: self.scst_step(batch, tf.constant(seed + s, tf.int64))  # noqa: E731
+            run = lambda batch, s: self.steps.scst_step(  # noqa: E731
+                batch, tf.constant(seed + s, tf.int64))
             target = self.scst_steps_per_epoch
         else:
             batches = self.dataset("train", epoch=epoch, skip=in_epoch)
@@ -470,35 +336,7 @@ class Trainer:
         logs.update(self.validator.metrics(sorted(names)))
         return logs
 
-    # -- sample captions, best model ----------------------------------------------------
-    def _samples(self):
-        """Callable epoch -> [{image, caption, png}], decoded and drawn once per epoch and
-        shared by the TensorBoard and heatmap callbacks."""
-        from caption_attn import captioner, plot
-
-        cache: dict = {}
-
-        def samples(epoch):
-            if epoch not in cache:
-                cache.clear()
-                cache[epoch] = [
-                    {"image": s.image, "caption": s.caption.text,
-                     "png": plot.figure_to_png(captioner.attention_plot(
-                         self._image(s.image), s.caption, s.image))}
-                    for s in self.validator.samples()]
-            return cache[epoch]
-        return samples
-
-    def _image(self, key: str) -> np.ndarray:
-        from caption_attn import images
-
-        if self.images_dir:
-            try:
-                return images.load_image(os.path.join(self.images_dir, key))
-            except images.ImageError:
-                pass
-        return np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 128, np.uint8)
-
+    # -- best model -------------------------------------------------------------------
     def _save_best(self, epoch: int, value: float) -> None:
         if self.chief:
             self.run.save_best(self.model, epoch + 1, self.cfg.train.monitor_for(epoch), value)
@@ -508,21 +346,18 @@ class Trainer:
             self.model.set_weights(self.run.load_best_model().get_weights())
 
     def _repair_best(self, early: EarlyStopping, done: int) -> None:
-        """Make the best model whole again: if the process died between the checkpoint and
-        saving the best model, the best epoch is the restored one (save it now); if best.keras
-        is missing or damaged while its weights are kept, rewrite it from them."""
+        """If the process died between the checkpoint and saving the best model, the best
+        epoch is the restored one: save it now; else make a missing or damaged best.keras
+        whole again from the weights kept beside it."""
         if not self.chief:
             return
-        record = self.run.best_record()
         if early.best_epoch is not None and early.best_epoch + 1 == done and \
-                (record or {}).get("epoch") != done:
+                (self.run.best_record() or {}).get("epoch") != done:
             self._save_best(early.best_epoch, early.best)
-        elif record and os.path.exists(self.run.best_weights):
-            problem = self.run.best_model_problem()
-            if problem:
-                self.run.rewrite_best_model(self.model)
-                self.log(f"note: {problem.split(';')[0]}; rewrote it from "
-                         f"{self.run.best_weights} (epoch {record.get('epoch')})")
+        else:
+            note = self.run.repair_best_model(self.model)
+            if note:
+                self.log("note: " + note)
 
     # -- main -------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -537,13 +372,13 @@ class Trainer:
         early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
                               initial_history=history, save_best=self._save_best,
                               restore_best=self._restore_best)
-        samples = self._samples()
+        samples = SampleFigures(self.validator, self.images_dir)
         cbs = [early]
         if self.chief:
-            cbs += [TensorBoardLogger(self.run.logs, self._hparams(), samples),
+            cbs += [TensorBoardLogger(self.run.logs, _hparams(self), samples),
                     AttentionSnapshots(self.run.attention, samples)]
         callbacks = keras.callbacks.CallbackList(cbs, model=self.model)
-        self._describe(resumed, done)
+        _describe(self, resumed, done)
         self.model.stop_training = False
         callbacks.on_train_begin()
         self._repair_best(early, done)
@@ -559,7 +394,7 @@ class Trainer:
         if self.model.stop_training:
             reason = "early_stopping"
         callbacks.on_train_end()
-        return self._summary(history, early, reason, time.perf_counter() - start)
+        return _summary(self, history, early, reason, time.perf_counter() - start)
 
     def _epoch(self, epoch: int, callbacks, history: list) -> bool:
         """Train, validate and record one epoch; False when it stopped early (--max-steps)."""
@@ -596,40 +431,40 @@ class Trainer:
         if self.chief:
             write_json_atomic(self.run.history, history)
 
-    def _hparams(self) -> dict:
-        tc, mc = self.cfg.train, self.cfg.model
-        return {"embedding_dim": mc.embedding_dim, "units": mc.units, "dropout": mc.dropout,
-                "attention_reg": mc.attention_reg, "vocab_size": len(self.data.vocab),
-                "batch_size": tc.batch_size, "learning_rate": tc.learning_rate,
-                "lr_schedule": tc.lr_schedule, "clip_norm": tc.clip_norm,
-                "precision": tc.precision, "seed": self.cfg.data.seed,
-                "scst_after": -1 if tc.scst_after is None else tc.scst_after,
-                "scst_samples": tc.scst_samples, "scst_baseline": tc.scst_baseline}
+def _hparams(trainer: Trainer) -> dict:
+    tc, mc = trainer.cfg.train, trainer.cfg.model
+    return {"embedding_dim": mc.embedding_dim, "units": mc.units, "dropout": mc.dropout,
+            "attention_reg": mc.attention_reg, "vocab_size": len(trainer.data.vocab),
+            "batch_size": tc.batch_size, "learning_rate": tc.learning_rate,
+            "lr_schedule": tc.lr_schedule, "clip_norm": tc.clip_norm,
+            "precision": tc.precision, "seed": trainer.cfg.data.seed,
+            "scst_after": -1 if tc.scst_after is None else tc.scst_after,
+            "scst_samples": tc.scst_samples, "scst_baseline": tc.scst_baseline}
 
-    def _describe(self, resumed: bool, done: int) -> None:
-        d, tc = self.data, self.cfg.train
-        stages = "" if tc.scst_after is None else (
-            f", self-critical after epoch {tc.scst_after} ({self.scst_steps_per_epoch} steps of "
-            f"{self.images_per_step} images x {tc.scst_samples} samples)")
-        self.log(f"{'resuming after epoch ' + str(done) if resumed else 'training'}: "
-                 f"{len(self.items['train'][0])} train captions ({len(self.train_images)} "
-                 f"images), {len(self.items['val'][0])} val captions, vocabulary "
-                 f"{len(d.vocab)}, {self.steps_per_epoch} steps/epoch{stages}, "
-                 f"{self.strategy.num_replicas_in_sync} replica(s), features "
-                 f"{'in memory' if self._table is not None else 'streamed from disk'}")
-        if d.skipped_captions:
-            self.log(f"skipped {d.skipped_captions} captions of {d.skipped_images} images "
-                     f"without features in {self.cfg.cache}")
+def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
+    d, tc = trainer.data, trainer.cfg.train
+    stages = "" if tc.scst_after is None else (
+        f", self-critical after epoch {tc.scst_after} ({trainer.scst_steps_per_epoch} steps of "
+        f"{trainer.images_per_step} images x {tc.scst_samples} samples)")
+    trainer.log(f"{'resuming after epoch ' + str(done) if resumed else 'training'}: "
+             f"{len(trainer.items['train'][0])} train captions ({len(trainer.train_images)} "
+             f"images), {len(trainer.items['val'][0])} val captions, vocabulary "
+             f"{len(d.vocab)}, {trainer.steps_per_epoch} steps/epoch{stages}, "
+             f"{trainer.strategy.num_replicas_in_sync} replica(s), features "
+             f"{'in memory' if trainer._table is not None else 'streamed from disk'}")
+    if d.skipped_captions:
+        trainer.log(f"skipped {d.skipped_captions} captions of {d.skipped_images} images "
+                 f"without features in {trainer.cfg.cache}")
 
-    def _summary(self, history, early, reason, seconds) -> dict:
-        last = history[-1] if history else {}
-        return {"run": self.run_dir, "epochs": len(history), "steps": int(self.step.numpy()),
-                "stopped_by": reason, "monitor": early.monitor,
-                "best_epoch": None if early.best_epoch is None else early.best_epoch + 1,
-                "best_value": None if early.best_epoch is None else float(early.best),
-                "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
-                "seconds": seconds, "skipped_captions": self.data.skipped_captions,
-                "best_model": self.run.best_model}
+def _summary(trainer: Trainer, history, early, reason, seconds) -> dict:
+    last = history[-1] if history else {}
+    return {"run": trainer.run_dir, "epochs": len(history), "steps": int(trainer.step.numpy()),
+            "stopped_by": reason, "monitor": early.monitor,
+            "best_epoch": None if early.best_epoch is None else early.best_epoch + 1,
+            "best_value": None if early.best_epoch is None else float(early.best),
+            "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
+            "seconds": seconds, "skipped_captions": trainer.data.skipped_captions,
+            "best_model": trainer.run.best_model}
 
 
 def hash_seed(seed: int, epoch: int) -> int:

@@ -9,12 +9,14 @@ traced once, over (up to) `--bleu-images` validation images in batches.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from caption_attn import captioner, pipeline
+from caption_attn.backbone import IMAGE_SIZE
 from caption_attn.cider import CiderD, DocumentFrequency
 from caption_attn.coco_metrics import corpus_bleu4
 from caption_attn.config import DecodeConfig
@@ -94,6 +96,38 @@ class Validator:
     def samples(self) -> list[Sample]:
         """The sample images' greedy captions (for TensorBoard and the heatmap files)."""
         return [Sample(k, c) for k, c in self.greedy(self.sample_keys).items()]
+
+
+class SampleFigures:
+    """Callable epoch -> [{image, caption, png}]: the sample images' greedy captions drawn as
+    attention heatmaps, once per epoch and shared by the TensorBoard and heatmap callbacks.
+    Images come from `images_dir` (a gray square when it is unknown or an image is gone)."""
+
+    def __init__(self, validator: Validator, images_dir: Optional[str]):
+        self.validator, self.images_dir = validator, images_dir
+        self._epoch, self._figures = None, []
+
+    def __call__(self, epoch: int) -> list[dict]:
+        from caption_attn import plot
+
+        if epoch != self._epoch:
+            self._figures = [
+                {"image": s.image, "caption": s.caption.text,
+                 "png": plot.figure_to_png(captioner.attention_plot(
+                     self._image(s.image), s.caption, s.image))}
+                for s in self.validator.samples()]
+            self._epoch = epoch
+        return self._figures
+
+    def _image(self, key: str) -> np.ndarray:
+        from caption_attn import images
+
+        if self.images_dir:
+            try:
+                return images.load_image(os.path.join(self.images_dir, key))
+            except images.ImageError:
+                pass
+        return np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 128, np.uint8)
 
 
 def table_or_files(reader: pipeline.NpyReader, paths: dict,

@@ -290,6 +290,12 @@ class Trainer:
                 "captions_per_second": (totals.sums["captions"] - earlier) / seconds}
 
     def _check_finite(self, out: dict, epoch: int, step: int) -> None:
+        if "reward" in out and not math.isfinite(out["reward"]):
+            raise TrainingError(
+                f"the self-critical reward became {out['reward']} at epoch {epoch + 1}, step "
+                f"{step + 1}: CIDEr-D of the sampled captions is not a number, a bug rather "
+                f"than bad settings; training stopped, the last checkpoint is kept "
+                f"({self.manager.latest_checkpoint or 'none yet'}). Please report it")
         loss_scaling = hasattr(self.optimizer, "dynamic_scale")
         if math.isfinite(out["loss"]) and (math.isfinite(out["gradient_norm"]) or loss_scaling):
             return

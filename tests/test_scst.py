@@ -29,3 +29,38 @@ def test_advantage_refusals():
         advantages(np.ones((2, 3)), "greedy", greedy_rewards=np.ones(3))
     with pytest.raises(ValueError, match="`greedy_rewards` is for"):
         advantages(np.ones((2, 3)), "mean", greedy_rewards=np.ones(2))
+
+
+# --------------------------------------------------------------------------- the loss
+def test_policy_gradient_raises_the_better_sample_and_lowers_the_worse():
+    import keras
+    import tensorflow as tf
+
+    from caption_attn.model import ShowAttendTell
+    from caption_attn.scst import Scored, SelfCritical
+    from caption_attn.vocab import END, PAD
+
+    keras.utils.set_random_seed(3)
+    model = ShowAttendTell(12, 8, 16, dropout=0.0, feature_dim=32)
+    scst = SelfCritical(model, reward=None, samples=2, baseline="mean", max_length=5)
+    features = tf.constant(np.random.default_rng(0).normal(size=(1, 64, 32)), tf.float32)
+    tokens = tf.constant([[[5, 6, END, PAD], [7, 7, 8, END]]], tf.int32)   # (N=1, K=2, T=4)
+    rewards = tf.constant([[2.0, 0.0]])
+    scored = Scored(tokens, rewards, tf.constant([[0.0, 2.0]]), tf.constant([[2.0, -2.0]]))
+
+    def sample_log_p():
+        targets = tf.reshape(tokens, [2, -1])
+        inputs = tf.concat([tf.fill([2, 1], 1), targets[:, :-1]], axis=1)
+        logits, _ = model((features, tf.zeros([2], tf.int32), inputs))
+        log_p = tf.gather(tf.nn.log_softmax(logits), targets, batch_dims=2)
+        return tf.reduce_sum(tf.where(targets != PAD, log_p, 0.0), axis=1).numpy()
+
+    before = sample_log_p()
+    with tf.GradientTape() as tape:
+        loss_sum, real_tokens, entropy = scst.loss(features, scored)
+    assert float(real_tokens) == 3 + 4 and float(entropy) > 0
+    grads = tape.gradient(loss_sum, model.trainable_variables)
+    for var, g in zip(model.trainable_variables, grads):
+        var.assign_sub(0.05 / 7 * tf.convert_to_tensor(g))
+    after = sample_log_p()
+    assert after[0] > before[0] and after[1] < before[1]   # advantage +2 up, -2 down

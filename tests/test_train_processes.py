@@ -22,6 +22,12 @@ def _train_cmd(shapes_data, run, epochs=3):
             "--max-length", "20", "--sample-images", "1", "--patience", "10"]
 
 
+def _checkpoint_steps(run):
+    import glob
+    return [int(p.rsplit("ckpt-", 1)[1].split(".")[0])
+            for p in glob.glob(os.path.join(run, "checkpoints", "ckpt-*.index"))]
+
+
 def _history(run):
     path = os.path.join(run, "history.json")
     if not os.path.exists(path):
@@ -96,6 +102,36 @@ def test_two_replicas_give_the_same_losses_as_one_device(shapes_data, tmp_path):
         assert abs(a["loss"] - b["loss"]) < 1e-4
         assert abs(a["val_loss"] - b["val_loss"]) < 1e-4
         assert abs(a["gradient_norm"] - b["gradient_norm"]) < 1e-3
+
+
+@pytest.mark.slow
+def test_kill_mid_self_critical_epoch_then_resume_matches_uninterrupted(shapes_data,
+                                                                         tmp_path):
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    cmd = lambda run: _train_cmd(shapes_data, run, epochs=2) + [  # noqa: E731
+        "--scst-after", "1", "--scst-samples", "3", "--checkpoint-every", "2"]
+    subprocess.run(cmd(full), check=True, env=ENV, capture_output=True)
+
+    proc = subprocess.Popen(cmd(killed), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    # kill once a checkpoint inside the self-critical epoch exists
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        history = _history(killed)
+        if history and any(s > history[0]["steps"] for s in _checkpoint_steps(killed)):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
+    assert len(_history(killed)) == 1
+
+    done = subprocess.run(cmd(killed), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    a, b = _history(full), _history(killed)
+    assert [h["stage"] for h in a] == [h["stage"] for h in b] == ["cross-entropy",
+                                                                  "self-critical"]
+    for key in ("loss", "reward", "baseline", "val_loss", "val_cider"):
+        assert abs(a[1][key] - b[1][key]) < 1e-3, key
 
 
 def _free_ports(n):

@@ -1,0 +1,108 @@
+"""Self-critical epochs in `train`: continuing a cross-entropy run, logs, the best model."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from caption_attn import train
+from caption_attn.cider import DocumentFrequency
+from caption_attn.config import DataConfig, ModelConfig, RunConfig, TrainConfig, VocabConfig
+
+
+def _config(shapes_data, **options) -> RunConfig:
+    base = dict(epochs=1, batch_size=16, learning_rate=1e-2, patience=10, sample_images=1,
+                bleu_images=8, scst_samples=3, scst_learning_rate=1e-3)
+    base.update(options)
+    return RunConfig(captions=shapes_data["captions"], cache=shapes_data["cache"],
+                     data=DataConfig(seed=1), vocab=VocabConfig(max_length=20),
+                     model=ModelConfig(embedding_dim=32, units=64, dropout=0.2),
+                     train=TrainConfig(**base))
+
+
+def _history(run):
+    with open(os.path.join(run, "history.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def continued(shapes_data, tmp_path_factory):
+    """A finished 1-epoch cross-entropy run, rerun with --epochs 3 --scst-after 1."""
+    run = str(tmp_path_factory.mktemp("scst") / "run")
+    quiet = dict(progress=False, log=lambda *a: None)
+    train.train(_config(shapes_data), run, **quiet)
+    notes = []
+    summary = train.train(_config(shapes_data, epochs=3, scst_after=1), run, progress=False,
+                          log=notes.append)
+    return {"run": run, "summary": summary, "notes": notes, "history": _history(run)}
+
+
+def test_a_finished_run_continues_into_self_critical_epochs(continued):
+    history = continued["history"]
+    assert [h["stage"] for h in history] == ["cross-entropy", "self-critical",
+                                             "self-critical"]
+    assert any("resuming with changed training settings" in n for n in continued["notes"])
+    # the epoch before the stage measured val_cider (after the fact) for the stage to beat
+    assert history[0]["val_cider"] > 0 and "reward" not in history[0]
+    for h in history[1:]:
+        for key in ("reward", "baseline", "advantage_std", "entropy", "val_cider", "val_loss"):
+            assert np.isfinite(h[key]), key
+        assert h["learning_rate"] == pytest.approx(1e-3)              # --scst-learning-rate
+        assert h["advantage_std"] > 0 and h["entropy"] > 0
+    assert continued["summary"]["monitor"] == "val_cider"
+
+
+def test_best_model_follows_val_cider_in_self_critical_epochs(continued):
+    history = continued["history"]
+    with open(os.path.join(continued["run"], "best.json")) as f:
+        best = json.load(f)
+    scst_best = max(history[1:], key=lambda h: h["val_cider"])
+    if scst_best["val_cider"] > history[0]["val_cider"]:
+        assert best == {"epoch": scst_best["epoch"], "monitor": "val_cider",
+                        "value": scst_best["val_cider"]}
+    else:  # never beat the model it started from: the cross-entropy best stays
+        assert best["epoch"] == 1 and best["monitor"] == "val_loss"
+
+
+def test_document_frequencies_are_counted_once_from_the_train_split(continued, shapes_data):
+    df = DocumentFrequency.load(os.path.join(continued["run"], "cider_df.json"))
+    with open(os.path.join(continued["run"], "split.json")) as f:
+        splits = json.load(f)["splits"]
+    assert df.num_images == len(splits["train"])
+
+
+def test_tensorboard_has_the_self_critical_curves(continued):
+    import tensorflow as tf
+    tags = {}
+    for name in ("train", "validation"):
+        tags[name] = {v.tag for path in glob.glob(os.path.join(continued["run"], "logs", name,
+                                                               "events.out.tfevents.*"))
+                      for e in tf.compat.v1.train.summary_iterator(path)
+                      for v in e.summary.value}
+    assert {"epoch_reward", "epoch_baseline", "epoch_advantage_std", "epoch_entropy",
+            "epoch_loss"} <= tags["train"]
+    assert {"epoch_cider", "epoch_loss"} <= tags["validation"]
+
+
+def test_cross_entropy_then_self_critical_in_one_call_with_the_greedy_baseline(shapes_data,
+                                                                                 tmp_path):
+    run = str(tmp_path / "run")
+    summary = train.train(_config(shapes_data, epochs=2, scst_after=1, scst_samples=1,
+                                  scst_baseline="greedy"), run, progress=False,
+                          log=lambda *a: None)
+    history = _history(run)
+    assert summary["epochs"] == 2 and history[1]["stage"] == "self-critical"
+    assert "val_cider" in history[0]                       # measured before the new stage
+    assert np.isfinite(history[1]["reward"]) and np.isfinite(history[1]["baseline"])
+
+
+def test_a_nan_reward_stops_with_a_message_about_the_reward(shapes_data, tmp_path,
+                                                            monkeypatch):
+    from caption_attn import cider
+    monkeypatch.setattr(cider.CiderD, "__call__",
+                        lambda self, index, candidates: np.full(len(index), np.nan))
+    with pytest.raises(train.TrainingError, match="reward became nan"):
+        train.train(_config(shapes_data, epochs=2, scst_after=1), str(tmp_path / "run"),
+                    progress=False, log=lambda *a: None)

@@ -7,6 +7,7 @@ as `extract-features` did, runs the backbone that made the run's cache, and capt
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -102,15 +103,19 @@ class Captioner:
     """The best model of a run with its vocabulary and decoding settings."""
 
     def __init__(self, model, vocab: Vocabulary, run_cfg: RunConfig, cfg: DecodeConfig,
-                 run_dir: str = ""):
+                 run_dir: str = "", cache: Optional[str] = None):
         self.model, self.vocab, self.run_cfg, self.cfg = model, vocab, run_cfg, cfg
         self.run_dir = run_dir
+        self.cache = cache or run_cfg.cache   # where the run's features (and backbone) are
         self.max_length = cfg.max_length or run_cfg.vocab.max_length + 1
         self._decoder = make_decoder(model, cfg, self.max_length)
         self._backbone = None
 
     @classmethod
-    def from_run(cls, run_dir: str, cfg: Optional[DecodeConfig] = None) -> "Captioner":
+    def from_run(cls, run_dir: str, cfg: Optional[DecodeConfig] = None,
+                 cache: Optional[str] = None) -> "Captioner":
+        """The best model of the run in `run_dir`; `cache` replaces the run's feature cache
+        (a cache that moved, or a copy; it must hold features of the same backbone)."""
         cfg = cfg or DecodeConfig()
         run = RunFolder(run_dir)
         run_cfg = run.load_config()
@@ -119,7 +124,7 @@ class Captioner:
         if model.vocab_size != len(vocab):
             raise UserError(f"{run.best_model}: model vocabulary {model.vocab_size} does not "
                             f"match {run.vocab} ({len(vocab)})")
-        return cls(model, vocab, run_cfg, cfg, run_dir)
+        return cls(model, vocab, run_cfg, cfg, run_dir, cache)
 
     # -- features -> captions ----------------------------------------------------------
     def decode(self, features: np.ndarray) -> list[list[Caption]]:
@@ -139,11 +144,12 @@ class Captioner:
     @property
     def backbone(self) -> Backbone:
         if self._backbone is None:
-            cache = self.run_cfg.cache
+            cache = self.cache
             if not os.path.exists(os.path.join(cache, MANIFEST)):
                 raise UserError(f"the run's feature cache {cache} is gone: `caption` rebuilds "
                                 f"the backbone from its manifest.json (and, for random "
-                                f"weights, the weights saved there)")
+                                f"weights, the weights saved there); if it moved, pass "
+                                f"--cache NEW_FOLDER")
             self._backbone = Backbone.from_manifest(cache)
         return self._backbone
 
@@ -166,7 +172,8 @@ class Captioner:
 
 
 def expand_image_args(args: Sequence[str]) -> list[str]:
-    """Image files given on the command line; folders expand to the images under them."""
+    """Image files given on the command line, each once; folders expand to the images under
+    them."""
     out = []
     for arg in args:
         if os.path.isdir(arg):
@@ -176,7 +183,32 @@ def expand_image_args(args: Sequence[str]) -> list[str]:
             out += [os.path.join(arg, k) for k in found]
         else:
             out.append(arg)
-    return out
+    return list(dict.fromkeys(out))
+
+
+def display_names(paths: Sequence[str]) -> dict:
+    """path -> the shortest trailing part of it that tells it apart from the other paths:
+    the file name, or as many parent folders with it as needed (a/cat.jpg, b/cat.jpg)."""
+    parts = {p: os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths}
+    names, left, depth = {}, set(parts), 1
+    while left:
+        suffix = {p: "/".join(parts[p][-depth:]) for p in left}
+        counts = collections.Counter(suffix.values())
+        for p in list(left):
+            if counts[suffix[p]] == 1 or depth >= len(parts[p]):
+                names[p] = suffix[p]
+                left.discard(p)
+        depth += 1
+    return names
+
+
+def heatmap_files(names: dict) -> dict:
+    """path -> heatmap file name: the display name without its extension, "/" as "__", plus
+    .png; where two of those would clash (a.jpg and a.png) the extension is kept (a.jpg.png)."""
+    stems = {p: os.path.splitext(n)[0].replace("/", "__") for p, n in names.items()}
+    clash = collections.Counter(stems.values())
+    return {p: (stems[p] if clash[stems[p]] == 1 else names[p].replace("/", "__")) + ".png"
+            for p in names}
 
 
 # ----------------------------------------------------------------------------- output
@@ -184,13 +216,15 @@ def format_probability(p: float) -> str:
     return f"{p:.6f}" if p >= 1e-6 else f"{p:.2e}"
 
 
-def format_captions(path: str, captions: list[Caption]) -> str:
-    """im2txt's layout: `Captions for image NAME:` then ` 0) words . (p=...)` lines.
+def format_captions(path: str, captions: list[Caption], name: Optional[str] = None) -> str:
+    """im2txt's layout: `Captions for image NAME:` then ` 0) words . (p=...)` lines (NAME:
+    `name`, e.g. a `display_names` entry where file names alone are ambiguous, else the file
+    name of `path`).
 
     The final "." stands for the `<end>` token (punctuation is not in the vocabulary); a
     caption cut at the maximum length before `<end>` ends with "..." instead.
     """
-    lines = [f"Captions for image {os.path.basename(path)}:"]
+    lines = [f"Captions for image {name or os.path.basename(path)}:"]
     for i, c in enumerate(captions):
         text = " ".join(c.words + (["."] if c.ended else ["..."]))
         lines.append(f" {i}) {text} (p={format_probability(c.probability)})")
@@ -220,11 +254,15 @@ def attention_plot(image: np.ndarray, caption: Caption, name: str = ""):
     return plot.attention_figure(image, words, caption.attention[:len(words)], title=title)
 
 
-def save_attention_plot(out_dir: str, path: str, image: np.ndarray, caption: Caption) -> str:
-    """Save the heatmap of `caption` as OUT_DIR/<image name>.png; returns the file path."""
+def save_attention_plots(out_dir: str, results: dict) -> dict:
+    """Save the best caption's heatmap of every image of `caption_images`' results into
+    OUT_DIR, one distinct file per image (`heatmap_files`); returns path -> file written."""
     from caption_attn import plot
 
-    name = os.path.basename(path)
-    target = os.path.join(out_dir, os.path.splitext(name)[0] + ".png")
-    plot.save_figure(attention_plot(image, caption, name), target)
-    return target
+    names = display_names(list(results))
+    files = heatmap_files(names)
+    written = {}
+    for path, (image, captions) in results.items():
+        written[path] = os.path.join(out_dir, files[path])
+        plot.save_figure(attention_plot(image, captions[0], names[path]), written[path])
+    return written

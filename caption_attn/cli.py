@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 
 from caption_attn import config as C
 from caption_attn.errors import UserError
+from caption_attn.run import check_folder_writable
 
 PROG = "caption-attn"
 
@@ -110,19 +111,21 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from caption_attn import captioner as C_
 
     cfg = config_from_args(C.DecodeConfig, args)
-    model = C_.Captioner.from_run(args.run, cfg)
     paths = C_.expand_image_args(args.images)
+    if args.plot_attention:
+        check_folder_writable(args.plot_attention, "--plot-attention")
+    model = C_.Captioner.from_run(args.run, cfg, cache=args.cache)
     results, errors = model.caption_images(paths)
     for path, reason in errors.items():
         print(f"{PROG} caption: cannot read {path}: {reason}", file=sys.stderr)
     if args.plot_attention:
-        for path, (image, captions) in results.items():
-            C_.save_attention_plot(args.plot_attention, path, image, captions[0])
+        C_.save_attention_plots(args.plot_attention, results)
     if args.json:
         print(json.dumps(C_.captions_json(results, errors), indent=2))
     else:
+        names = C_.display_names(list(results))
         for path, (_, captions) in results.items():
-            print(C_.format_captions(path, captions))
+            print(C_.format_captions(path, captions, names[path]))
     if args.plot_attention and results:
         print(f"attention heatmaps: {args.plot_attention}", file=sys.stderr)
     return 0 if results else 1
@@ -132,7 +135,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from caption_attn import evaluate
 
     cfg = config_from_args(C.DecodeConfig, args)
-    metrics = evaluate.evaluate_run(args.run, args.split, cfg, out=args.out)
+    metrics = evaluate.evaluate_run(args.run, args.split, cfg, out=args.out, cache=args.cache,
+                                    captions=args.captions)
     for note in metrics["notes"]:
         print(f"note: {note}", file=sys.stderr)
     method = metrics["decode"]["method"]
@@ -234,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print JSON with each word's 8x8 attention map")
     p.add_argument("--plot-attention", metavar="DIR",
                    help="save a heatmap PNG per image (best caption) into DIR")
+    p.add_argument("--cache", metavar="DIR",
+                   help="feature cache whose backbone captions the images (default: the one "
+                        "the run was trained on, as config.json records it); for a cache that "
+                        "moved: it must hold features of the same backbone")
     add_config_args(p, C.DecodeConfig)
 
     p = command("evaluate", cmd_evaluate, "coco-caption metrics of a run on a split",
@@ -247,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE",
                    help="metrics JSON (default: RUN/eval/SPLIT_metrics.json); the results "
                         "JSON goes next to it as *_results.json")
+    p.add_argument("--cache", metavar="DIR",
+                   help="feature cache to decode from (default: the run's, as config.json "
+                        "records it); for a cache that moved: it must hold features of the "
+                        "same backbone")
+    p.add_argument("--captions", metavar="FILE",
+                   help="caption file with the references (default: the run's); for a file "
+                        "that moved")
     add_config_args(p, C.DecodeConfig)
 
     p = command("demo", cmd_demo, "run everything offline on the built-in shapes dataset",
@@ -270,6 +285,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a file where a folder is expected, a read-only folder, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{PROG} {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2 if e.filename else 1
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130

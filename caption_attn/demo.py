@@ -142,7 +142,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     results, errors = model.caption_images(images)
     for path, (image, captions) in results.items():
         log(captioner.format_captions(path, captions))
-        captioner.save_attention_plot(paths["heatmaps"], path, image, captions[0])
+    captioner.save_attention_plots(paths["heatmaps"], results)
     timings["caption"] = time.perf_counter() - t
 
     seconds = time.perf_counter() - start

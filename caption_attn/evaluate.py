@@ -8,6 +8,7 @@ module loads TensorFlow only inside `evaluate_run`, so printing a metrics table 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import numpy as np
@@ -18,7 +19,7 @@ from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import feature_path, read_manifest
 from caption_attn.fileio import write_json_atomic
-from caption_attn.run import RunFolder
+from caption_attn.run import RunFolder, check_folder_writable
 from caption_attn.shapes_metrics import SHAPES_METRICS, shapes_metrics
 
 DISPLAY_NAMES = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
@@ -61,23 +62,37 @@ class _SplitFeatures:
     reader: object                      # pipeline.NpyReader of the cache
 
 
-def _load_split(run_dir: str, split: str, run_cfg: RunConfig) -> _SplitFeatures:
-    """The run's `split` (split.json), its records and which of them have a feature file."""
+def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
+                captions: str) -> _SplitFeatures:
+    """The run's `split` (split.json), its records (from `captions`) and which of them have a
+    feature file in `cache`."""
     from caption_attn import pipeline
 
     splits = RunFolder(run_dir).load_splits()
     if split not in splits:
         raise UserError(f"--split must be one of {sorted(splits)}, got {split!r}")
-    records = {r.image: r for r in data.load_dataset(run_cfg.captions, run_cfg.data).records}
-    manifest = read_manifest(run_cfg.cache)
+    records = {r.image: r for r in data.load_dataset(captions, run_cfg.data).records}
+    manifest = read_manifest(cache)
     reader = pipeline.NpyReader.from_manifest(manifest)
     keys = [k for k in splits[split] if k in records]
-    valid = {k: reader.has_file(feature_path(run_cfg.cache, k)) for k in keys}
+    if not keys:
+        raise UserError(f"{captions} has none of the {len(splits[split])} images of the run's "
+                        f"{split} split: is it the caption file the run was trained with?")
+    valid = {k: reader.has_file(feature_path(cache, k)) for k in keys}
     without = [k for k in keys if not valid[k]]
     keys = [k for k in keys if valid[k]]
     if not keys:
-        raise UserError(f"no images of the {split} split have features in {run_cfg.cache}")
-    return _SplitFeatures(split, run_cfg.cache, keys, without, records, manifest, reader)
+        raise UserError(f"no images of the {split} split have features in {cache}")
+    return _SplitFeatures(split, cache, keys, without, records, manifest, reader)
+
+
+def _check_outputs(metrics_path: str, results_path: str) -> None:
+    """Before any decoding: both outputs must be files that can be written."""
+    for path in (metrics_path, results_path):
+        if os.path.isdir(path) or path.endswith(("/", os.sep)):
+            raise UserError(f"--out {path}: is a folder; give the metrics JSON file to write, "
+                            f"e.g. {os.path.join(path, 'test_metrics.json')}")
+        check_folder_writable(os.path.dirname(os.path.abspath(path)), "--out")
 
 
 def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
@@ -115,17 +130,23 @@ def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
 
 
 def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str] = None,
-                 progress: bool = True, use_java: Optional[bool] = None) -> dict:
+                 progress: bool = True, use_java: Optional[bool] = None,
+                 cache: Optional[str] = None, captions: Optional[str] = None) -> dict:
     """Decode a split of a trained run from its feature cache, score it, write the files.
 
     Writes the COCO results JSON (`[{"image_id", "caption"}]`) and the metrics JSON (`out`,
-    default `<run>/eval/<split>_metrics.json`; results next to it as `*_results.json`).
-    Returns the metrics dict (also holding the paths written).
+    default `<run>/eval/<split>_metrics.json`; results next to it as `*_results.json`), both
+    checked to be writable before anything is decoded. `cache` and `captions` replace the
+    run's feature cache and caption file (moved, or copies). Returns the metrics dict (also
+    holding the paths written).
     """
     from caption_attn.captioner import Captioner
 
-    captioner = Captioner.from_run(run_dir, cfg or DecodeConfig())
-    found = _load_split(run_dir, split, captioner.run_cfg)
+    metrics_path, results_path = RunFolder(run_dir).eval_outputs(split, out)
+    _check_outputs(metrics_path, results_path)
+    captioner = Captioner.from_run(run_dir, cfg or DecodeConfig(), cache=cache)
+    found = _load_split(run_dir, split, captioner.run_cfg, captioner.cache,
+                        captions or captioner.run_cfg.captions)
     best = _decode(captioner, found, progress)
     hypotheses = {k: c.text for k, c in best.items()}
     result = {"run": run_dir, "split": split, "images": len(found.keys),
@@ -133,7 +154,6 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
               "decode": {"method": captioner.cfg.method, "beam": captioner.cfg.beam,
                          "length_penalty": captioner.cfg.length_penalty},
               **_score(found, hypotheses, best, use_java)}
-    metrics_path, results_path = RunFolder(run_dir).eval_outputs(split, out)
     write_results(results_path, hypotheses, {k: found.records[k].image_id for k in found.keys})
     result.update(metrics_file=metrics_path, results_file=results_path)
     write_json_atomic(metrics_path, result)

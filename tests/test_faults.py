@@ -1,0 +1,162 @@
+"""Off the happy path: damaged checkpoints and best models, moved files, outputs that cannot
+be written, failed commands that must leave a run folder as it was."""
+
+import glob
+import json
+import os
+import shutil
+
+import pytest
+
+from caption_attn import train
+from caption_attn.cli import main
+from caption_attn.config import DataConfig, ModelConfig, RunConfig, TrainConfig, VocabConfig
+
+
+def _config(shapes_data, cache=None, **options) -> RunConfig:
+    base = dict(epochs=2, batch_size=16, learning_rate=1e-2, patience=10, sample_images=1,
+                bleu_images=8)
+    base.update(options)
+    return RunConfig(captions=shapes_data["captions"], cache=cache or shapes_data["cache"],
+                     data=DataConfig(seed=1), vocab=VocabConfig(max_length=20),
+                     model=ModelConfig(embedding_dim=32, units=64, dropout=0.2),
+                     train=TrainConfig(**base))
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    target = str(tmp_path / "run")
+    shutil.copytree(trained_run, target)
+    return target
+
+
+def _files(folder):
+    return {os.path.relpath(p, folder): os.path.getmtime(p)
+            for p in glob.glob(os.path.join(folder, "**"), recursive=True) if os.path.isfile(p)}
+
+
+def test_damaged_newest_checkpoint_falls_back_to_an_intact_one(shapes_data, tmp_path):
+    run = str(tmp_path / "run")
+    quiet = dict(progress=False, log=lambda *a: None)
+    train.train(_config(shapes_data, epochs=1, checkpoint_every=3), run, **quiet)
+    steps = sorted(int(p.rsplit("-", 1)[1].split(".")[0]) for p in
+                   glob.glob(os.path.join(run, "checkpoints", "ckpt-*.index")))
+    assert len(steps) >= 2
+    newest = glob.glob(os.path.join(run, "checkpoints", f"ckpt-{steps[-1]}.data-*"))[0]
+    with open(newest, "r+b") as f:                        # a copy that stopped half-way
+        f.truncate(os.path.getsize(newest) // 3)
+    notes = []
+    summary = train.train(_config(shapes_data, epochs=2, checkpoint_every=3), run,
+                          progress=False, log=notes.append)
+    skipped = [n for n in notes if "skipped the damaged checkpoint" in n]
+    assert skipped and f"ckpt-{steps[-1]}" in skipped[0] and f"ckpt-{steps[-2]}" in skipped[0]
+    assert summary["epochs"] == 2
+    assert glob.glob(os.path.join(run, "checkpoints", f"damaged-ckpt-{steps[-1]}.*"))
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_rerunning_train_rewrites_a_missing_or_damaged_best_model(shapes_data, run_copy,
+                                                                  damage):
+    best = os.path.join(run_copy, "best.keras")
+    if damage == "delete":
+        os.remove(best)
+    else:
+        with open(best, "r+b") as f:
+            f.truncate(os.path.getsize(best) // 2)
+    assert main(["caption", "--run", run_copy, os.path.join(shapes_data["images"],
+                                                              "shape_00000.png")]) == 2
+    with open(os.path.join(run_copy, "config.json")) as f:
+        cfg = RunConfig.from_dict(json.load(f))
+    history = open(os.path.join(run_copy, "history.json")).read()
+    notes = []
+    train.train(cfg, run_copy, progress=False, log=notes.append)
+    assert any("rewrote it from" in n for n in notes), notes
+    assert open(os.path.join(run_copy, "history.json")).read() == history   # no training
+    assert main(["caption", "--run", run_copy, os.path.join(shapes_data["images"],
+                                                              "shape_00000.png")]) == 0
+
+
+def test_a_failed_train_leaves_the_run_folder_as_it_was(shapes_data, run_copy, tmp_path,
+                                                        capsys):
+    before = _files(run_copy)
+    same_model = ["--seed", "1", "--max-length", "20", "--embedding-dim", "32", "--units",
+                  "64", "--dropout", "0.1"]                     # as the `trained_run` fixture
+    code = main(["train", "--captions", str(tmp_path / "moved.json"), "--cache",
+                 shapes_data["cache"], "--run", run_copy, "--epochs", "5", *same_model])
+    assert code == 2 and "moved.json" in capsys.readouterr().err
+    assert _files(run_copy) == before
+    fresh = str(tmp_path / "new_run")
+    assert main(["train", "--captions", str(tmp_path / "moved.json"), "--cache",
+                 shapes_data["cache"], "--run", fresh]) == 2
+    assert not os.path.exists(fresh)
+
+
+def test_a_run_with_relative_paths_works_from_another_directory(shapes_data, tmp_path,
+                                                                monkeypatch):
+    monkeypatch.chdir(os.path.dirname(shapes_data["cache"]))
+    run = str(tmp_path / "run")
+    train.train(_config(shapes_data, cache=os.path.basename(shapes_data["cache"]), epochs=1,
+                        max_steps=2), run, progress=False, log=lambda *a: None)
+    with open(os.path.join(run, "config.json")) as f:
+        assert os.path.isabs(json.load(f)["cache"])
+    monkeypatch.chdir(tmp_path)
+    image = os.path.join(shapes_data["images"], "shape_00001.png")
+    assert main(["caption", "--run", run, "--beam", "1", image]) == 0
+
+
+def test_caption_and_evaluate_accept_a_moved_cache(shapes_data, run_copy, tmp_path, capsys):
+    moved = str(tmp_path / "moved_cache")
+    shutil.copytree(shapes_data["cache"], moved)
+    config = os.path.join(run_copy, "config.json")
+    with open(config) as f:
+        cfg = json.load(f)
+    cfg["cache"] = str(tmp_path / "gone")
+    with open(config, "w") as f:
+        json.dump(cfg, f)
+    image = os.path.join(shapes_data["images"], "shape_00002.png")
+    assert main(["caption", "--run", run_copy, "--beam", "1", image]) == 2
+    assert "--cache" in capsys.readouterr().err                      # the advice
+    assert main(["caption", "--run", run_copy, "--beam", "1", "--cache", moved, image]) == 0
+    out = str(tmp_path / "m_metrics.json")
+    assert main(["evaluate", "--run", run_copy, "--beam", "1", "--cache", moved,
+                 "--split", "val", "--out", out]) == 0
+    assert json.load(open(out))["images"] > 0
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file"])
+def test_evaluate_checks_its_outputs_before_decoding(run_copy, tmp_path, capsys, monkeypatch,
+                                                     where):
+    from caption_attn import captioner
+    monkeypatch.setattr(captioner.Captioner, "from_run", classmethod(
+        lambda *a, **k: pytest.fail("the run was opened before the outputs were checked")))
+    (tmp_path / "file").write_text("x")
+    out = str(tmp_path) if where == "folder" else str(tmp_path / "file" / "m.json")
+    assert main(["evaluate", "--run", run_copy, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert ("is a folder" if where == "folder" else "is a file, not a folder") in err
+    assert "Traceback" not in err
+
+
+def test_same_named_images_get_distinct_heatmaps_and_names(shapes_data, trained_run,
+                                                           tmp_path, capsys):
+    for folder in ("a", "b"):
+        os.makedirs(tmp_path / folder)
+        shutil.copy(os.path.join(shapes_data["images"], f"shape_0000{ord(folder) - 97}.png"),
+                    tmp_path / folder / "cat.png")
+    heat = str(tmp_path / "heat")
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--plot-attention", heat,
+                 str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "Captions for image a/cat.png:" in out and "Captions for image b/cat.png:" in out
+    assert sorted(os.listdir(heat)) == ["a__cat.png", "b__cat.png"]
+
+
+def test_a_file_where_a_folder_is_expected_is_one_line(trained_run, shapes_data, tmp_path,
+                                                       capsys):
+    (tmp_path / "file").write_text("x")
+    code = main(["caption", "--run", trained_run, "--plot-attention",
+                 str(tmp_path / "file" / "heat"),
+                 os.path.join(shapes_data["images"], "shape_00000.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a file, not a folder" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

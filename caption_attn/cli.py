@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import typing
 from typing import Callable, Optional, Sequence
@@ -273,14 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run TensorFlow (the others never import it, so they start at once).
+USES_TENSORFLOW = ("extract-features", "train", "caption", "evaluate", "export", "demo")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's C++ banner quiet
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors (exit 2)
         return int(e.code or 0)
     try:
+        if args.command in USES_TENSORFLOW:
+            from caption_attn.quiet import import_tensorflow
+            import_tensorflow()
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)

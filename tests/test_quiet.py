@@ -1,0 +1,39 @@
+"""The CLI prints no TensorFlow start-up noise on stderr; real warnings still show."""
+
+import os
+import subprocess
+import sys
+
+from caption_attn.quiet import NOISE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_tensorflow_command_prints_only_its_own_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CPP", "CAPTION_ATTN"))}
+    done = subprocess.run([sys.executable, "-m", "caption_attn", "evaluate", "--run",
+                           str(tmp_path / "none")], capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": ROOT}, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"caption-attn evaluate: error: {tmp_path / 'none'}: not a training run (no "
+        f"config.json); train one with `caption-attn train --run {tmp_path / 'none'} ...`"]
+
+
+def test_only_known_notices_are_dropped():
+    noise = [
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+        "I0000 00:00:1796042317.277416   22035 port.cc:153] oneDNN custom operations are on. "
+        "You may see slightly different numerical results",
+        "I0000 00:00:1796042317.277832   22035 cudart_stub.cc:31] Could not find cuda drivers "
+        "on your machine, GPU will not be used.",
+        "E0000 00:00:1.0 1 cuda_executor.cc:1228] failed call to cuInit: INTERNAL: CUDA error",
+        "I0000 00:00:1.0 1 cpu_feature_guard.cc:227] This TensorFlow binary is optimized to "
+        "use available CPU instructions in performance-critical operations.",
+        "To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild "
+        "TensorFlow with the appropriate compiler flags."]
+    real = ["W0000 00:00:1.0 1 op_kernel.cc:1857] OP_REQUIRES failed at save_restore: DATA_LOSS",
+            "E0000 00:00:1.0 1 meta_optimizer.cc:961] layout failed: INVALID_ARGUMENT",
+            "Traceback (most recent call last):"]
+    assert all(NOISE.search(line) for line in noise)
+    assert not any(NOISE.search(line) for line in real)

@@ -66,6 +66,22 @@ def _build_scope(precision: str, seed: int):
         random.setstate(previous_state)
 
 
+def native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether bfloat16 runs natively here: on a GPU, or a CPU with AVX512-BF16 or AMX. On
+    others (AVX2-only CPUs) TensorFlow emulates it, slower than float32, so no automatic
+    choice may pick it there."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return True
+    try:
+        with open(cpuinfo) as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def imagenet_weights_path() -> str:
     """Path of Keras' cached ImageNet weights, downloading them once; UserError when offline."""
     import keras

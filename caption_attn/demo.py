@@ -16,6 +16,7 @@ import shutil
 import time
 
 from caption_attn import shapes
+from caption_attn.backbone import native_bfloat16
 from caption_attn.config import (DataConfig, DecodeConfig, DemoConfig, ExtractConfig,
                                  ModelConfig, RunConfig, ShapesConfig, TrainConfig)
 from caption_attn.fileio import read_json, write_json_atomic
@@ -52,21 +53,6 @@ def check_workdir(cfg: DemoConfig) -> None:
                 + "\nrerun with the same flags to reuse it, choose another --workdir, or add "
                   "--fresh to delete it and start over")
     write_json_atomic(record, settings)
-
-
-def _bf16_capable() -> bool:
-    """Mixed bfloat16 pays off on GPUs and CPUs with AVX512-BF16 or AMX; elsewhere it is
-    emulated and slower than float32."""
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU"):
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _dataset(cfg: DemoConfig, folder: str, log) -> dict:
@@ -111,7 +97,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     data = _dataset(cfg, paths["shapes"], log)
     timings["make_shapes"] = time.perf_counter() - t
 
-    precision = "bfloat16" if _bf16_capable() else "float32"
+    precision = "bfloat16" if native_bfloat16() else "float32"
     log(f"[2/5] extract-features (random InceptionV3, seed {cfg.seed}, {precision}) -> "
         f"{paths['cache']}")
     t = time.perf_counter()

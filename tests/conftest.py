@@ -11,7 +11,8 @@ SHAPES_IMAGES = 40
 
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
-    """A small shapes dataset and its random-backbone feature cache (float16, bfloat16).
+    """A small shapes dataset and its random-backbone feature cache (float16 files, computed
+    in float32: the same on every CPU, and fast on AVX2-only ones, where bfloat16 is emulated).
 
     Returns dict(root, images, captions, cache). Shared by the train / caption / evaluate
     tests; tests that modify it must work on a copy (`copy_cache`).
@@ -24,7 +25,7 @@ def shapes_data(tmp_path_factory):
         num_images=SHAPES_IMAGES, seed=0, val_fraction=0.2, test_fraction=0.2))
     cache = str(root / "cache")
     extract.extract_features(summary["images_dir"], ExtractConfig(
-        cache=cache, weights="random", dtype="float16", precision="bfloat16", batch_size=20),
+        cache=cache, weights="random", dtype="float16", precision="float32", batch_size=20),
         progress=False)
     return {"root": str(root), "images": summary["images_dir"],
             "captions": summary["captions"], "cache": cache}

@@ -118,3 +118,14 @@ def test_imagenet_offline_fails_fast_with_advice(monkeypatch):
     assert "--weights imagenet" in message and "--weights random" in message
     assert f"--weights PATH/{IMAGENET_FILE}" in message and "~/.keras/models" in message
     assert e.value.exit_code == 2
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx2 fma", False),
+                                           ("avx2 avx512f avx512_bf16", True),
+                                           ("avx2 amx_bf16 amx_tile", True),
+                                           ("avx2 avx512f avx512bw", False)])
+def test_bfloat16_is_chosen_only_where_it_is_native(tmp_path, flags, native):
+    from caption_attn.backbone import native_bfloat16
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert native_bfloat16(str(cpuinfo)) is native

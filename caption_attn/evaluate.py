@@ -20,7 +20,8 @@ from caption_attn.errors import UserError
 from caption_attn.feature_cache import feature_path, read_manifest
 from caption_attn.fileio import write_json_atomic
 from caption_attn.run import RunFolder, check_folder_writable
-from caption_attn.shapes_metrics import SHAPES_METRICS, shapes_metrics
+from caption_attn.shapes_metrics import (SHAPES_METRICS, scene_accuracy_by_objects,
+                                         shapes_metrics)
 
 DISPLAY_NAMES = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
                  "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr",
@@ -44,6 +45,9 @@ def format_metrics(metrics: dict) -> str:
     rows = [(DISPLAY_NAMES[k], _format_value(metrics.get(k))) for k in COCO_METRICS]
     rows += [(DISPLAY_NAMES[k], _format_value(metrics[k])) for k in SHAPES_METRICS
              if k in metrics]
+    by_objects = metrics.get("scene_accuracy_by_objects") or {}
+    rows += [(f"  with {n} object{'s' if n != '1' else ''}", _format_value(v))
+             for n, v in by_objects.items()]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value:>8}" for name, value in rows)
 
@@ -123,9 +127,10 @@ def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
     objects = {k: records[k].objects for k in found.keys if records[k].objects is not None}
     if objects:
         sizes = {k: records[k].size or (found.manifest["image_size"],) * 2 for k in objects}
-        result.update(shapes_metrics({k: hypotheses[k] for k in objects},
-                                     {k: best[k].words for k in objects},
+        captions = {k: hypotheses[k] for k in objects}
+        result.update(shapes_metrics(captions, {k: best[k].words for k in objects},
                                      {k: best[k].attention for k in objects}, objects, sizes))
+        result["scene_accuracy_by_objects"] = scene_accuracy_by_objects(captions, objects)
     return result
 
 

@@ -49,6 +49,16 @@ def scene_accuracy(captions: dict[Key, str], objects: dict[Key, list[dict]]) -> 
     return correct / len(captions)
 
 
+def scene_accuracy_by_objects(captions: dict[Key, str],
+                              objects: dict[Key, list[dict]]) -> dict[str, float]:
+    """`scene_accuracy` of the images with 1, 2, 3, ... objects: {"1": ..., "2": ...}."""
+    groups: dict = collections.defaultdict(list)
+    for key, caption in captions.items():
+        objs = _objects_of(objects, key)
+        groups[str(len(objs))].append(_scene_correct(caption, objs))
+    return {n: sum(ok) / len(ok) for n, ok in sorted(groups.items(), key=lambda g: int(g[0]))}
+
+
 def _cells(bbox, height: float, width: float, grid: int) -> tuple[int, int, int, int]:
     """(first row, last row, first col, last col) of the grid cells box [x, y, w, h] overlaps
     with positive area; cell (r, c) covers rows r*H/grid..(r+1)*H/grid."""

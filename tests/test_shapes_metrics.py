@@ -112,3 +112,12 @@ def test_importing_needs_no_tensorflow():
             "loaded = {'tensorflow', 'keras'} & set(sys.modules); assert not loaded, loaded")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_scene_accuracy_by_number_of_objects():
+    objects = {"one": [RED_CIRCLE], "two": [BLUE_SQUARE, RED_CIRCLE],
+               "two_b": [BLUE_SQUARE, GREEN_TRIANGLE]}
+    captions = {"one": "a red circle", "two": "a blue square and a red circle",
+                "two_b": "a blue square and a red triangle"}
+    assert shapes_metrics.scene_accuracy_by_objects(captions, objects) == {"1": 1.0,
+                                                                           "2": 0.5}

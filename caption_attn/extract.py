@@ -36,9 +36,8 @@ from caption_attn.backbone import IMAGE_SIZE, Backbone
 from caption_attn.config import ExtractConfig
 from caption_attn.data import image_key_problem
 from caption_attn.errors import UserError
-from caption_attn.feature_cache import (FAILED, IMAGE_CHANGED, check_feature_file,
-                                        feature_path, npy_header)
-from caption_attn.feature_index import ImageStamp, SegmentWriter, make_entry
+from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
+from caption_attn.feature_index import IMAGE_CHANGED, ImageStamp, SegmentWriter, make_entry
 from caption_attn.fileio import sha256_file, write_bytes_atomic
 from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, list_images,
                                  read_image_file, resize_image)
@@ -221,8 +220,8 @@ def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: 
     fingerprint = feature_cache.cache_identity(manifest)["fingerprint"]
     loaded = feature_index.load_index(cache)
     size = feature_cache.feature_file_size(manifest["dtype"])
-    checks = {k: feature_cache.check_key(cache, k, loaded, fingerprint, size, images_dir)
-              for k in keys}
+    checks = dict(zip(keys, feature_index.check_keys(cache, keys, loaded, fingerprint, size,
+                                                     images_dir)))
     kept = [k for k, c in checks.items() if c.reason in (None, IMAGE_CHANGED)]
     redo = {k: c.reason for k, c in checks.items()
             if c.reason not in (None, IMAGE_CHANGED, "missing")}

@@ -24,11 +24,11 @@ Guarantees:
   fingerprint; a cache holds features of one identity only (`open_cache` refuses a run with
   other settings), and every index entry carries the fingerprint of the backbone that wrote
   the file.
-- Provenance: a feature file is used (`check_key`, `usable_features`) only when it has an index
-  entry of this cache's identity whose recorded size and mtime match the file on disk and,
-  where the images folder is known, whose source image size and mtime match the image's. A
-  lost manifest therefore never adopts another backbone's files, and a changed image or a
-  rewritten feature file is noticed without reading either.
+- Provenance: a feature file is used (`usable_features`, `feature_index.check_keys`) only
+  when it has an index entry of this cache's identity whose recorded size and mtime match
+  the file on disk and, where the images folder is known, whose source image size and mtime
+  match the image's. A lost manifest therefore never adopts another backbone's files, and a
+  changed image or a rewritten feature file is noticed without reading either.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import os
 import re
 import sys
 import time
-from typing import Iterable, NamedTuple, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -436,56 +436,6 @@ def refuse_other_identity(recorded: dict, manifest: dict, what: str, cache_dir: 
 
 
 # =========================================================================== provenance
-NOT_INDEXED = "not in the cache's index (its extraction was interrupted before recording it)"
-REWRITTEN = "changed after extraction (size or modification time differ from the index)"
-OTHER_BACKBONE = "made by another backbone (cache identity {})"
-IMAGE_CHANGED = "source image changed since extraction"
-
-
-class KeyCheck(NamedTuple):
-    """What the index says about one key's feature file."""
-
-    path: str                             # <cache>/<key>.npy
-    entry: Optional[feature_index.Entry]  # the entry of this identity matching the file
-    reason: Optional[str]                 # None: usable as it is
-    image_stat: Optional[os.stat_result]  # the source image now (None: not checked / gone)
-
-
-def check_key(cache_dir: str, key: str, index: feature_index.Index, fingerprint: str,
-              size: int, images_dir: Optional[str] = None) -> KeyCheck:
-    """Whether `key`'s feature file is one this identity made (index + stat, nothing read).
-
-    Reasons: "missing", NOT_INDEXED, REWRITTEN, OTHER_BACKBONE, "wrong size", and with
-    `images_dir` IMAGE_CHANGED (size or mtime differ; `entry` is then set). A source image that
-    is gone is no reason: the features still are those of the image as it was.
-    """
-    path = feature_path(cache_dir, key)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return KeyCheck(path, None, "missing", None)
-    except OSError as e:
-        return KeyCheck(path, None, f"unreadable ({e.strerror})", None)
-    matching = index.match(key, st)
-    mine = [e for e in matching if e.identity == fingerprint]
-    if not mine:
-        reason = (OTHER_BACKBONE.format(matching[-1].identity) if matching
-                  else REWRITTEN if key in index.entries else NOT_INDEXED)
-        return KeyCheck(path, None, reason, None)
-    if st.st_size != size:
-        return KeyCheck(path, None, f"wrong size ({st.st_size} bytes, expected {size})", None)
-    if images_dir is None:
-        return KeyCheck(path, mine[-1], None, None)
-    try:
-        image_st = os.stat(os.path.join(images_dir, key))
-    except OSError:
-        return KeyCheck(path, mine[-1], None, None)
-    same = [e for e in mine if e.matches_image(image_st)]
-    if same:
-        return KeyCheck(path, same[-1], None, image_st)
-    return KeyCheck(path, mine[-1], IMAGE_CHANGED, image_st)
-
-
 def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
                     images_dir: Optional[str] = None) -> tuple[dict, dict]:
     """({key: feature path} usable, {key: reason} not usable) for `keys`, cheaply.
@@ -496,19 +446,16 @@ def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
     was read (a missing image is accepted). `images_dir=None` skips the source check, e.g.
     when the images are on another machine. No array is read: values changed in place without
     a new mtime are caught by `pipeline.NpyReader`'s in-graph checks and by `extract-features
-    --verify`. Each reason names the fix (rerun extract-features). Measured: 123,287 keys in
-    about 1.1 s (see feature_index).
+    --verify`. `describe_problems` summarises the reasons with the fix. Measured for 123,287
+    keys: see the README's feature-cache section (`benchmarks/bench_feature_index.py`).
     """
+    keys = list(keys)
     fingerprint = cache_identity(manifest)["fingerprint"]
     index = feature_index.load_index(cache_dir)
-    size = feature_file_size(manifest["dtype"])
-    paths, problems = {}, {}
-    for key in keys:
-        check = check_key(cache_dir, key, index, fingerprint, size, images_dir)
-        if check.reason is None:
-            paths[key] = check.path
-        else:
-            problems[key] = check.reason
+    checks = feature_index.check_keys(cache_dir, keys, index, fingerprint,
+                                      feature_file_size(manifest["dtype"]), images_dir)
+    paths = {k: c.path for k, c in zip(keys, checks) if c.reason is None}
+    problems = {k: c.reason for k, c in zip(keys, checks) if c.reason is not None}
     return paths, problems
 
 

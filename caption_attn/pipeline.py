@@ -94,9 +94,9 @@ class NpyReader:
         except OSError:
             return False
 
-    def inspect(self, path):
-        """path (scalar string) -> (features (P, F), problem code int32: index in PROBLEMS).
-        A file of the wrong size yields zeros."""
+    def _read(self, path):
+        """path (scalar string) -> (features (P, F), problem code: 0, 1 wrong size or 2 bad
+        header); a file of the wrong size yields zeros."""
         raw = tf.io.read_file(path)                                   # scalar string
         size_ok = tf.equal(tf.strings.length(raw), self.header_bytes + self.num_bytes)
         header_ok = tf.equal(tf.strings.substr(raw, 0, self.header_bytes), self.header)
@@ -105,28 +105,34 @@ class NpyReader:
             lambda: tf.io.decode_raw(tf.strings.substr(raw, self.header_bytes, self.num_bytes),
                                      self.dtype, little_endian=True),
             lambda: tf.zeros([int(np.prod(self.shape))], self.dtype))
-        finite = tf.reduce_all(tf.math.is_finite(values))
-        code = tf.where(~size_ok, 1, tf.where(~header_ok, 2, tf.where(~finite, 3, 0)))
+        code = tf.where(size_ok, tf.where(header_ok, 0, 2), 1)
         return tf.reshape(values, self.shape), code                  # (P, F), ()
 
-    def __call__(self, path):
-        """path (scalar string) -> features (P, F); InvalidArgumentError naming a damaged file."""
-        values, code = self.inspect(path)                             # (P, F), ()
-        message = tf.strings.join([DAMAGED, path, " (", tf.gather(PROBLEMS, code), ")"])
-        check = tf.debugging.Assert(tf.equal(code, 0), [message, FIX])
-        with tf.control_dependencies([check]):
-            return tf.identity(values)                                # (P, F)
+    def inspect_batch(self, paths):
+        """paths (B,) -> (features (B, P, F), problem codes (B,) int32: index in PROBLEMS),
+        never failing. Files are read and decoded one after the other; the finiteness test
+        runs once on the whole batch (see `benchmarks/bench_feature_index.py` for the cost)."""
+        values, codes = tf.map_fn(self._read, paths, fn_output_signature=(   # (B, P, F), (B,)
+            tf.TensorSpec(self.shape, self.dtype), tf.TensorSpec([], tf.int32)))
+        finite = tf.reduce_all(tf.math.is_finite(values), axis=[1, 2])   # (B,)
+        return values, tf.where(tf.equal(codes, 0) & ~finite, 3, codes)
 
     def batch(self, paths):
-        """paths (B,) -> features (B, P, F); files of a batch are read one after the other,
-        batches in parallel (`num_parallel_calls`)."""
-        return tf.map_fn(self, paths, fn_output_signature=tf.TensorSpec(self.shape,
-                                                                        self.dtype))
+        """paths (B,) -> features (B, P, F); InvalidArgumentError naming the first damaged
+        file (`DAMAGED`) and the fix (`FIX`)."""
+        values, codes = self.inspect_batch(paths)                     # (B, P, F), (B,)
+        bad = tf.concat([codes > 0, [True]], axis=0)                  # (B + 1,) never empty
+        first = tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int32)
+        path = tf.concat([paths, [""]], axis=0)[first]
+        reason = tf.gather(PROBLEMS, tf.concat([codes, [0]], axis=0)[first])
+        check = tf.debugging.Assert(tf.reduce_all(codes == 0), [tf.strings.join(
+            [DAMAGED, path, " (", reason, ")"]), FIX])
+        with tf.control_dependencies([check]):
+            return tf.identity(values)                                # (B, P, F)
 
-    def inspect_batch(self, paths):
-        """paths (B,) -> (features (B, P, F), problem codes (B,)), never failing."""
-        return tf.map_fn(self.inspect, paths, fn_output_signature=(
-            tf.TensorSpec(self.shape, self.dtype), tf.TensorSpec([], tf.int32)))
+    def __call__(self, path):
+        """path (scalar string) -> features (P, F), checked as in `batch`."""
+        return self.batch(tf.reshape(path, [1]))[0]                   # (P, F)
 
 
 class FeatureTable:

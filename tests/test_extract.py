@@ -142,7 +142,7 @@ def test_rerun_replaces_damaged_files_and_verify_reads_values(images, extracted,
 
     summary = extract_features(images, extract_cfg(cache_copy), keys=keys, progress=False)
     assert summary["extracted"] == 1 and summary["repaired"] == 1   # index + stat: a.jpg
-    assert summary["invalid"] == {"a.jpg": feature_cache.REWRITTEN}
+    assert summary["invalid"] == {"a.jpg": feature_index.REWRITTEN}
     summary = extract_features(images, extract_cfg(cache_copy, verify=True), keys=keys,
                                progress=False)
     assert summary["extracted"] == 1 and summary["repaired"] == 1   # full read: b.png
@@ -172,7 +172,7 @@ def test_changed_images_are_extracted_again(images, extracted, cache_copy, tmp_p
 
     summary = extract_features(work, extract_cfg(cache_copy), keys=keys, progress=False)
     assert summary["extracted"] == 1 and summary["changed_images"] == 1
-    assert summary["invalid"] == {"a.jpg": feature_cache.IMAGE_CHANGED}
+    assert summary["invalid"] == {"a.jpg": feature_index.IMAGE_CHANGED}
     assert summary["reindexed"] == 1 and "changed image" in format_summary(summary)
     before = np.load(feature_path(extracted[0], "a.jpg")).astype(np.float32)
     assert not np.allclose(np.load(feature_path(cache_copy, "a.jpg")), before, atol=1e-2)
@@ -218,9 +218,11 @@ def test_progress_in_a_log_is_one_line(images, cache_copy, capsys):
 # --------------------------------------------------------------------------- processes
 RUNNER = """
 import sys
+from caption_attn import feature_index
 from caption_attn.config import ExtractConfig
 from caption_attn.extract import extract_features
 images, cache, shards, index = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+feature_index.FLUSH_SECONDS = float(sys.argv[5])
 cfg = ExtractConfig(cache=cache, weights="random", dtype="float16", batch_size=2,
                     num_shards=shards, shard_index=index)
 s = extract_features(images, cfg, progress=False)
@@ -228,9 +230,9 @@ print(s["extracted"], s["skipped"], s["failed"], s["count"])
 """
 
 
-def _runner(images, cache, shards=1, index=0):
+def _runner(images, cache, shards=1, index=0, flush_seconds=10.0):
     return subprocess.Popen([sys.executable, "-c", RUNNER, str(images), str(cache), str(shards),
-                             str(index)], cwd=REPO, stdout=subprocess.PIPE,
+                             str(index), str(flush_seconds)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
 
@@ -243,32 +245,57 @@ def _npy_files(cache):
     return out
 
 
+def _indexed(cache):
+    """Keys whose index entry describes their feature file on disk."""
+    index = feature_index.load_index(str(cache))
+    return {k for k in index.entries
+            if index.match(k, os.stat(feature_path(str(cache), k)))}
+
+
+def _check_compacted_index(cache, keys):
+    """index.jsonl holds exactly one matching entry per key, and no segment is left."""
+    assert os.listdir(feature_index.segments_dir(str(cache))) == []
+    index = feature_index.load_index(str(cache))
+    assert sorted(index.entries) == sorted(keys)
+    fingerprint = feature_cache.cache_identity(read_manifest(str(cache)))["fingerprint"]
+    for key, entries in index.entries.items():
+        assert len(entries) == 1 and entries[0].identity == fingerprint
+        assert entries[0].matches_file(os.stat(feature_path(str(cache), key)))
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume(tmp_path):
+    """A killed extraction leaves whole feature files and a consistent index (whole segments:
+    flushed here every 0.1 s); the rerun skips exactly the indexed files and extracts the rest,
+    including files written after the last segment."""
     images, cache = tmp_path / "images", tmp_path / "cache"
     for i in range(16):
         write_rgb(str(images / f"img_{i:02d}.jpg"), scene(i))
-    proc = _runner(images, cache)
+    proc = _runner(images, cache, flush_seconds=0.1)
     deadline = time.monotonic() + 240
-    while len(_npy_files(cache)) < 3:
+    while len(_npy_files(cache)) < 5:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = _npy_files(cache)
-    assert 3 <= len(done) < 16
+    assert 5 <= len(done) < 16
     for path in done:                                           # no invalid final file
         assert check_feature_file(path, "float16", full=True) is None, path
+    indexed = _indexed(cache)
+    assert indexed <= {os.path.relpath(p, cache)[:-4] for p in done}
+    assert len(indexed) >= 2                                    # segments were flushed
 
     proc = _runner(images, cache)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     extracted, skipped, failed, count = map(int, out.split())
-    assert skipped == len(done) and extracted == 16 - len(done) and failed == 0
+    assert skipped == len(indexed) and extracted == 16 - len(indexed) and failed == 0
     assert count == 16 and len(_npy_files(cache)) == 16
     leftovers = [n for _, _, names in os.walk(cache) for n in names if ".tmp." in n]
     assert leftovers == []
+    _check_compacted_index(cache, [f"img_{i:02d}.jpg" for i in range(16)])
 
 
 @pytest.mark.slow
@@ -294,3 +321,4 @@ def test_concurrent_shards_share_one_cache(tmp_path):
     assert m["count"] == len(keys)
     with open(os.path.join(cache, "manifest.json")) as f:
         json.load(f)
+    _check_compacted_index(cache, keys)

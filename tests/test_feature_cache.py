@@ -14,10 +14,11 @@ import pytest
 from caption_attn.backbone import FEATURE_SHAPE
 from caption_attn.errors import UserError
 from caption_attn.extract import extract_features
-from caption_attn.feature_cache import (IMAGE_CHANGED, NOT_INDEXED, REWRITTEN, cache_identity,
-                                        check_feature_file, describe_difference,
-                                        describe_problems, feature_path, npy_header,
-                                        read_manifest, refuse_other_identity, usable_features)
+from caption_attn.feature_cache import (cache_identity, check_feature_file,
+                                        describe_difference, describe_problems, feature_path,
+                                        npy_header, read_manifest, refuse_other_identity,
+                                        usable_features)
+from caption_attn.feature_index import IMAGE_CHANGED, NOT_INDEXED, REWRITTEN
 from image_samples import GOOD, extract_cfg, scene, write_rgb
 
 

@@ -4,10 +4,10 @@ Features are read in-graph (`tf.io.read_file` + `tf.io.decode_raw` past the .npy
 length the cache manifest records), so no Python runs on the hot path. Every file read is
 checked in-graph (size, the exact header bytes, every value finite); a damaged one fails with
 `tf.errors.InvalidArgumentError` whose message holds "damaged feature file: <path> (<reason>)"
-and the fix, which `damaged_file_from_error` extracts. Captions are grouped by
-length into buckets and padded to the bucket's boundary, so a batch of short captions is not
-padded to the longest caption of the dataset, and the set of batch shapes stays small (one
-XLA compilation per bucket at most).
+and the fix, which `damaged_file_from_error` extracts. Captions are grouped by length into
+buckets and padded to the bucket's boundary, so a batch of short captions is not padded to the
+longest caption of the dataset, and the set of batch shapes stays small (one XLA compilation
+per bucket at most).
 """
 
 from __future__ import annotations
@@ -307,12 +307,3 @@ def image_dataset(paths: Sequence[str], batch_size: int, reader: NpyReader) -> t
     """features (B, P, F) of images in the given order (for decoding and evaluation)."""
     ds = tf.data.Dataset.from_tensor_slices(list(paths)).batch(batch_size)
     return ds.map(reader.batch, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
-
-
-_DAMAGED = re.compile(r"damaged feature file: (\S+)")
-
-
-def damaged_file_from_error(error: Exception) -> Optional[str]:
-    """The feature file named by the in-graph checks' error message, or None."""
-    match = _DAMAGED.search(getattr(error, "message", None) or str(error))
-    return match.group(1) if match else None

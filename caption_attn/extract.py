@@ -38,7 +38,7 @@ from caption_attn.data import image_key_problem
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
 from caption_attn.feature_index import IMAGE_CHANGED, ImageStamp, SegmentWriter, make_entry
-from caption_attn.fileio import sha256_file, write_bytes_atomic
+from caption_attn.fileio import file_digest, write_bytes_atomic
 from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, list_images,
                                  read_image_file, resize_image)
 
@@ -208,7 +208,7 @@ class _Plan(NamedTuple):
 
 def _image_sha256(images_dir: str, key: str) -> Optional[str]:
     try:
-        return sha256_file(os.path.join(images_dir, key))
+        return file_digest(os.path.join(images_dir, key))
     except OSError:
         return None            # gone: the features still are those of the image as it was
 

@@ -50,9 +50,9 @@ def write_bytes_atomic(path: str, payload: Union[bytes, Iterable[bytes]],
             os.fsync(f.fileno())
 
 
-def sha256_file(path: str) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB blocks); raises OSError."""
-    h = hashlib.sha256()
+def file_digest(path: str, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes (read in 1 MiB blocks); raises OSError."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)

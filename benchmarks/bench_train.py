@@ -35,7 +35,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from caption_attn import feature_cache, train  # noqa: E402
+from caption_attn import feature_cache, feature_index, train  # noqa: E402
 from caption_attn.backbone import FEATURE_SHAPE, IMAGE_SIZE  # noqa: E402
 from caption_attn.config import (ModelConfig, RunConfig, TrainConfig, VocabConfig,  # noqa: E402
                                  write_json_atomic)
@@ -63,23 +63,31 @@ def write_dataset(root: str, images: int, per_image: int, vocab_words: int, seed
     os.makedirs(cache)
     header = feature_cache.npy_header("float16")
     entries = []
+    manifest = {
+        "format_version": feature_cache.FORMAT_VERSION, "backbone": "synthetic", "weights": "none",
+        "weights_sha256": "", "dtype": "float16", "precision": "float32",
+        "feature_shape": [P, F], "image_size": IMAGE_SIZE, "resize": "", "preprocess": "",
+        "feature_layout": "", "feature_scale": 1.0, "npy_header_bytes": len(header),
+        "count": images}
+    fingerprint = feature_cache.cache_identity(manifest)["fingerprint"]
+    index = feature_index.SegmentWriter(cache)      # so the files count as this cache's own
+    no_image = feature_index.ImageStamp(0, 0, "")
     for i in range(images):
         name = f"img{i:05d}.jpg"
         feats = rng.random((P, F), dtype=np.float32).astype(np.float16)
-        with open(feature_cache.feature_path(cache, name), "wb") as f:
+        path = feature_cache.feature_path(cache, name)
+        with open(path, "wb") as f:
             f.write(header + feats.tobytes())
+        index.add(feature_index.make_entry(name, fingerprint, os.stat(path), no_image))
         sentences = [{"raw": " ".join(rng.choice(words, size=n - 2, p=zipf))}
                      for n in caption_lengths(per_image, rng)]
         entries.append({"filename": name, "split": "val" if i < 2 else "train",
                         "sentences": sentences})
     # Make sure every word occurs, so the vocabulary is exactly vocab_words + 4 tokens.
     entries[-1]["sentences"].append({"raw": " ".join(words)})
+    index.close()
     write_json_atomic(os.path.join(root, "captions.json"), {"images": entries})
-    write_json_atomic(os.path.join(cache, "manifest.json"), {
-        "format_version": feature_cache.FORMAT_VERSION, "backbone": "synthetic", "weights": "none",
-        "weights_sha256": "", "dtype": "float16", "precision": "float32",
-        "feature_shape": [P, F], "image_size": IMAGE_SIZE, "resize": "",
-        "feature_scale": 1.0, "npy_header_bytes": len(header), "count": images})
+    write_json_atomic(os.path.join(cache, "manifest.json"), manifest)
     return os.path.join(root, "captions.json"), cache
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from caption_attn.config import BACKBONE_PRECISIONS as PRECISIONS
 from caption_attn.config import DTYPE_POLICIES
 from caption_attn.errors import UserError
+from caption_attn.fileio import file_digest
 
 IMAGE_SIZE = 299                        # InceptionV3's native input side (pixels)
 GRID = 8                                # the `mixed10` map is GRID x GRID positions
@@ -102,21 +103,13 @@ def imagenet_weights_path() -> str:
         socket.setdefaulttimeout(previous)
 
 
-def _file_md5(path: str) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def is_imagenet_weights(weights: str) -> bool:
     """`imagenet`, or a file identical to Keras' ImageNet weights (same features: scale 1)."""
     if weights == "imagenet":
         return True
     if weights == "random" or os.path.getsize(weights) < 1 << 20:
         return False
-    return _file_md5(weights) == IMAGENET_MD5
+    return file_digest(weights, "md5") == IMAGENET_MD5
 
 
 def build_backbone(weights: str = "imagenet", seed: int = 0, precision: str = "float32"):

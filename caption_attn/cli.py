@@ -193,8 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("extract-features", cmd_extract_features,
                 "cache InceptionV3 features of the images",
                 "Run InceptionV3 (no top) over the images and cache each 8x8x2048 map as "
-                "<cache>/<image path>.npy, shape (64, 2048), plus manifest.json. Resumable: a "
-                "rerun extracts only what is missing; --verify re-extracts damaged files; "
+                "<cache>/<image path>.npy, shape (64, 2048), plus manifest.json and an index "
+                "of which backbone made each file from which image. Resumable: a rerun "
+                "extracts only what is missing or whose image changed; --verify also hashes "
+                "every image and reads every file, and re-extracts damaged files; "
                 "--num-shards/--shard-index split the work over machines. Images that cannot "
                 "be read are listed in <cache>/failed.tsv and do not stop the run (exit 0 "
                 "unless --strict or nothing could be extracted).")

@@ -212,7 +212,8 @@ class ExtractConfig(Config):
     shard_index: int = opt(0, "which shard this process extracts (0-based)",
                            check=integer(0))
     verify: bool = opt(False, "fully check every cached file (header, shape, dtype, finite) "
-                       "and re-extract the bad ones")
+                       "and every image's sha256 against the index, and re-extract the bad "
+                       "ones")
     strict: bool = opt(False, "exit non-zero if any image failed")
     workers: int = opt(0, "image decoding threads (0: one per CPU core)", check=integer(0))
 

@@ -1,11 +1,18 @@
 """`extract-features`: every image of this shard -> `<cache>/<image key>.npy`.
 
-The pipeline: a thread pool decodes and resizes images (`images.load_image`) a little ahead of
-the model, the backbone runs on full batches, and a writer thread writes each feature file
+The pipeline: a thread pool decodes and resizes images (as `images.load_image`) a little ahead
+of the model, the backbone runs on full batches, and a writer thread writes each feature file
 atomically, so neither decoding nor disk I/O stalls the model. Bad images do not stop the run:
-they go to failed.tsv with a short reason. A rerun resumes (files that pass the cache's check
-are skipped); shard = sha256(key) mod num_shards, and shards may write into one cache
-concurrently. The cache itself (layout, checks, manifest) is `feature_cache`.
+they go to failed.tsv with a short reason. The decode workers also hash each image's bytes,
+and every file written gets a provenance index entry (`feature_index`: this backbone's
+identity, the feature file's stat, the image's size, mtime and sha256).
+
+A rerun resumes (`_plan`): a feature file counts as done only if its index entry has this
+cache's identity, its stat matches the entry and its source image's size and mtime match too
+(an image with a new mtime but the same sha256 is only re-indexed); everything else is
+extracted again and reported. `--verify` also hashes every image and reads every feature file
+fully. shard = sha256(key) mod num_shards, and shards may write into one cache concurrently.
+The cache itself (layout, checks, manifest, identity) is `feature_cache`.
 """
 
 from __future__ import annotations
@@ -19,19 +26,21 @@ import queue
 import sys
 import threading
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import cv2
 import numpy as np
 
-from caption_attn import feature_cache
+from caption_attn import feature_cache, feature_index
 from caption_attn.backbone import IMAGE_SIZE, Backbone
 from caption_attn.config import ExtractConfig
 from caption_attn.data import image_key_problem
 from caption_attn.errors import UserError
-from caption_attn.feature_cache import FAILED, feature_path, npy_header
-from caption_attn.fileio import write_bytes_atomic
-from caption_attn.images import IMAGE_EXTENSIONS, ImageError, list_images, load_image
+from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
+from caption_attn.feature_index import IMAGE_CHANGED, ImageStamp, SegmentWriter, make_entry
+from caption_attn.fileio import file_digest, write_bytes_atomic
+from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, list_images,
+                                 read_image_file, resize_image)
 
 
 def shard_of(key: str, num_shards: int) -> int:
@@ -39,21 +48,32 @@ def shard_of(key: str, num_shards: int) -> int:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % num_shards
 
 
-class _Writer:
-    """Background thread writing feature files, so disk I/O never stalls the model."""
+def _read_image(path: str) -> tuple[np.ndarray, ImageStamp]:
+    """(uint8 (299, 299, 3) pixels, the file's size, mtime and sha256 of the bytes decoded);
+    raises ImageError. Runs in the decode pool (sha256 of a 160 KB COCO JPEG: 0.09 ms CPU)."""
+    data, st = read_image_file(path)
+    stamp = ImageStamp(st.st_size, st.st_mtime_ns, hashlib.sha256(data).hexdigest())
+    return resize_image(decode_image(data)), stamp
 
-    def __init__(self, header: bytes, dtype: str, max_items: int):
+
+class _Writer:
+    """Background thread writing feature files and their index entries, so disk I/O never
+    stalls the model."""
+
+    def __init__(self, header: bytes, dtype: str, max_items: int, index: SegmentWriter,
+                 fingerprint: str):
         self.header, self.dtype = header, np.dtype(dtype)
+        self.index, self.fingerprint = index, fingerprint
         self.queue: queue.Queue = queue.Queue(maxsize=max_items)
         self.error: Optional[BaseException] = None
         self.written: list[str] = []
         self.thread = threading.Thread(target=self._run, name="feature-writer", daemon=True)
         self.thread.start()
 
-    def put(self, key: str, path: str, features: np.ndarray) -> None:
+    def put(self, key: str, path: str, features: np.ndarray, stamp: ImageStamp) -> None:
         if self.error is not None:
             raise UserError(f"cannot write {path}: {self.error}")
-        self.queue.put((key, path, features))
+        self.queue.put((key, path, features, stamp))
 
     def _run(self) -> None:
         while True:
@@ -62,9 +82,10 @@ class _Writer:
                 return
             if self.error is not None:
                 continue  # drain after an error
-            key, path, features = item
+            key, path, features, stamp = item
             try:  # write_bytes_atomic creates the key's sub-folders
                 write_bytes_atomic(path, (self.header, features.astype(self.dtype).tobytes()))
+                self.index.add(make_entry(key, self.fingerprint, os.stat(path), stamp))
                 self.written.append(key)
             except Exception as e:  # noqa: BLE001 - reported by the main thread
                 self.error = e
@@ -95,39 +116,42 @@ def _show(bar, done: int, failed: int, finalize: bool = False) -> None:
 
 
 def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: list[str],
-                  dtype: str, batch_size: int, workers: int,
-                  progress) -> tuple[list[str], dict[str, str]]:
-    """Decode (thread pool) -> backbone (batches) -> write (writer thread).
+                  dtype: str, batch_size: int, workers: int, progress,
+                  index: SegmentWriter, fingerprint: str) -> tuple[list[str], dict[str, str]]:
+    """Decode (thread pool) -> backbone (batches) -> write (writer thread, index entries into
+    `index` with `fingerprint`).
 
     `progress`: a keras.utils.Progbar over `keys` (never finalized here). Returns (keys
     written, {key: failure reason}).
     """
     failed: dict[str, str] = {}
     header = npy_header(dtype)
-    writer = _Writer(header, dtype, max_items=2 * batch_size)
+    writer = _Writer(header, dtype, 2 * batch_size, index, fingerprint)
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="decode")
     lookahead = 2 * batch_size + workers  # next batch is decoded while the model runs
     pending: collections.deque = collections.deque()
     todo = iter(keys)
     batch = np.zeros((batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)  # (B, 299, 299, 3)
     batch_keys: list[str] = []
+    stamps: list[ImageStamp] = []
 
     def submit() -> None:
         key = next(todo, None)
         if key is not None:
-            pending.append((key, pool.submit(load_image, os.path.join(images_dir, key))))
+            pending.append((key, pool.submit(_read_image, os.path.join(images_dir, key))))
 
     def run_batch() -> None:
         n = len(batch_keys)
         feats = backbone(batch[:n])                                  # (n, 64, 2048) float32
         stored = feats.astype(dtype)                                 # (n, 64, 2048) dtype
         finite = np.isfinite(stored).reshape(n, -1).all(axis=1)      # (n,)
-        for key, row, ok in zip(batch_keys, stored, finite):
+        for key, row, ok, stamp in zip(batch_keys, stored, finite, stamps):
             if ok:
-                writer.put(key, feature_path(cache_dir, key), row)
+                writer.put(key, feature_path(cache_dir, key), row, stamp)
             else:
                 failed[key] = f"non-finite features in {dtype}"
         batch_keys.clear()
+        stamps.clear()
         _show(progress, len(writer.written) + writer.queue.qsize(), len(failed))
 
     try:
@@ -137,8 +161,9 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
             key, future = pending.popleft()
             submit()
             try:
-                batch[len(batch_keys)] = future.result()
+                batch[len(batch_keys)], stamp = future.result()
                 batch_keys.append(key)
+                stamps.append(stamp)
             except Exception as e:  # noqa: BLE001 - one bad image never stops the run
                 failed[key] = str(e) if isinstance(e, ImageError) else \
                     f"error ({type(e).__name__}: {e})"
@@ -174,9 +199,60 @@ def _shard_keys(images_dir: str, cfg: ExtractConfig,
     return mine, failed
 
 
+class _Plan(NamedTuple):
+    done: list[str]            # keys whose feature file is kept as it is
+    todo: list[str]            # keys to extract: no file, or `redo`
+    redo: dict[str, str]       # key -> why its existing feature file is extracted again
+    reindexed: int             # images with a new mtime but the same bytes (entry refreshed)
+
+
+def _image_sha256(images_dir: str, key: str) -> Optional[str]:
+    try:
+        return file_digest(os.path.join(images_dir, key))
+    except OSError:
+        return None            # gone: the features still are those of the image as it was
+
+
+def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: bool,
+          workers: int, index: SegmentWriter) -> _Plan:
+    """Which of `keys` are done (see the module docstring); re-indexes images that only got a
+    new mtime. `verify`: also the sha256 of every image and a full read of every file."""
+    fingerprint = feature_cache.cache_identity(manifest)["fingerprint"]
+    loaded = feature_index.load_index(cache)
+    size = feature_cache.feature_file_size(manifest["dtype"])
+    checks = dict(zip(keys, feature_index.check_keys(cache, keys, loaded, fingerprint, size,
+                                                     images_dir)))
+    kept = [k for k, c in checks.items() if c.reason in (None, IMAGE_CHANGED)]
+    redo = {k: c.reason for k, c in checks.items()
+            if c.reason not in (None, IMAGE_CHANGED, "missing")}
+    to_hash = [k for k in kept if verify or checks[k].reason == IMAGE_CHANGED]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        hashes = dict(zip(to_hash, pool.map(lambda k: _image_sha256(images_dir, k), to_hash)))
+        for key in to_hash:
+            if hashes[key] is not None and hashes[key] != checks[key].entry.image_sha256:
+                redo[key] = IMAGE_CHANGED if checks[key].reason else \
+                    f"{IMAGE_CHANGED} (same size and modification time, other content)"
+        kept = [k for k in kept if k not in redo]
+        if verify:
+            results = pool.map(lambda k: check_feature_file(checks[k].path, manifest["dtype"],
+                                                            full=True), kept)
+            redo.update({k: r for k, r in zip(kept, list(results)) if r is not None})
+    reindexed = 0
+    for key in kept:
+        check = checks[key]
+        if key not in redo and check.reason == IMAGE_CHANGED and hashes.get(key):
+            index.add(check.entry._replace(image_size=check.image_stat.st_size,
+                                           image_mtime_ns=check.image_stat.st_mtime_ns))
+            reindexed += 1
+    done = [k for k in kept if k not in redo]
+    todo = [k for k in keys if k in redo or checks[k].reason == "missing"]
+    return _Plan(done, todo, redo, reindexed)
+
+
 def _extract_with_progress(backbone: Backbone, images_dir: str, todo: list[str],
-                           cfg: ExtractConfig, workers: int,
-                           progress: bool) -> tuple[list[str], dict[str, str]]:
+                           cfg: ExtractConfig, workers: int, progress: bool,
+                           index: SegmentWriter,
+                           fingerprint: str) -> tuple[list[str], dict[str, str]]:
     """`_run_pipeline` over `todo` with OpenCV set up and a progress bar: one line redrawn on
     a terminal, one line at the end when the output is a log file, none without `progress`."""
     import keras
@@ -186,7 +262,7 @@ def _extract_with_progress(backbone: Backbone, images_dir: str, todo: list[str],
                               unit_name="image")
     with _opencv_settings():
         written, failed = _run_pipeline(backbone, images_dir, cfg.cache, todo, cfg.dtype,
-                                        cfg.batch_size, workers, bar)
+                                        cfg.batch_size, workers, bar, index, fingerprint)
     _show(bar, len(written), len(failed), finalize=True)
     return written, failed
 
@@ -197,10 +273,12 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
 
     `keys`: image paths relative to `images_dir` (e.g. from a caption file); default: every
     image file under it. Bad images do not stop the run: they are listed in failed.tsv.
-    Summary: images (in this shard), extracted, skipped (already valid), repaired (invalid
-    files re-extracted), failed, failures {key: reason}, seconds, images_per_s, cache,
-    manifest, failed_file, count, feature_scale, stale_temp_removed, exit_code (1 when
-    `cfg.strict` and something failed, or when nothing could be extracted) and message.
+    Summary: images (in this shard), extracted, skipped (already done), invalid {key: why its
+    existing file was extracted again}, repaired (how many of those were), changed_images (of
+    them, because the source image changed), reindexed (images with a new mtime but the same
+    bytes), failed, failures {key: reason}, seconds, images_per_s, cache, manifest,
+    failed_file, count, feature_scale, stale_temp_removed, exit_code (1 when `cfg.strict` and
+    something failed, or when nothing could be extracted) and message.
     """
     start = time.monotonic()
     mine, failed = _shard_keys(images_dir, cfg, keys)
@@ -208,25 +286,27 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     cache = cfg.cache
     backbone, manifest = feature_cache.open_cache(cache, cfg)
     stale = feature_cache.remove_stale_temp_files(cache)
-
-    # Resume: keep files that pass the check (quick by default, full with verify).
+    fingerprint = feature_cache.cache_identity(manifest)["fingerprint"]
     workers = cfg.workers or os.cpu_count() or 1
-    checks = feature_cache.check_features(cache, mine, cfg.dtype, full=cfg.verify,
-                                          workers=workers)
-    done = [k for k, reason in zip(mine, checks) if reason is None]
-    invalid = {k: r for k, r in zip(mine, checks) if r is not None and r != "missing"}
-    todo = [k for k, reason in zip(mine, checks) if reason is not None]
-
-    t0 = time.monotonic()
-    written, bad = _extract_with_progress(backbone, images_dir, todo, cfg, workers, progress)
-    extract_seconds = time.monotonic() - t0
+    index = SegmentWriter(cache)
+    try:
+        plan = _plan(cache, mine, manifest, images_dir, cfg.verify, workers, index)
+        t0 = time.monotonic()
+        written, bad = _extract_with_progress(backbone, images_dir, plan.todo, cfg, workers,
+                                              progress, index, fingerprint)
+        extract_seconds = time.monotonic() - t0
+    finally:
+        index.close()  # entries of every file written so far, even when interrupted
     failed.update(bad)
-    n_failed_file, count = feature_cache.record_run(cache, images_dir, failed, done + written,
-                                                    cfg.dtype)
+    n_failed_file, count = feature_cache.record_run(cache, images_dir, failed,
+                                                    plan.done + written, manifest)
+    rewritten = set(plan.redo) & set(written)
     summary = {
         "images": len(mine) + n_bad_keys,
-        "extracted": len(written), "skipped": len(done),
-        "repaired": len(set(invalid) & set(written)), "invalid": invalid,
+        "extracted": len(written), "skipped": len(plan.done),
+        "invalid": plan.redo, "repaired": len(rewritten),
+        "changed_images": sum(plan.redo[k].startswith(IMAGE_CHANGED) for k in rewritten),
+        "reindexed": plan.reindexed,
         "failed": len(failed), "failures": dict(sorted(failed.items())),
         "seconds": time.monotonic() - start, "extract_seconds": extract_seconds,
         "images_per_s": len(written) / extract_seconds if extract_seconds > 0 and written
@@ -252,12 +332,23 @@ def _exit_status(s: dict, strict: bool) -> tuple[int, str]:
 def format_summary(summary: dict) -> str:
     """Human-readable summary for the CLI (several lines)."""
     s = summary
-    lines = [f"extracted {s['extracted']}, skipped {s['skipped']} already done"
-             + (f" (repaired {s['repaired']} invalid)" if s["repaired"] else "")
-             + f", failed {s['failed']} of {s['images']} images (shard {s['shard']}) in "
-             f"{s['seconds']:.1f} s ({s['images_per_s']:.1f} images/s)",
+    again = [f"{s['changed_images']} changed image(s)"] if s["changed_images"] else []
+    if s["repaired"] > s["changed_images"]:
+        again.append(f"{s['repaired'] - s['changed_images']} unusable feature file(s)")
+    lines = [f"extracted {s['extracted']}"
+             + (f" (again: {', '.join(again)})" if again else "")
+             + f", skipped {s['skipped']} already done, failed {s['failed']} of {s['images']} "
+             f"images (shard {s['shard']}) in {s['seconds']:.1f} s "
+             f"({s['images_per_s']:.1f} images/s)",
              f"cache {s['cache']}: {s['count']} feature files ({s['dtype']}, weights "
              f"{s['weights']}, feature_scale {s['feature_scale']:g})"]
+    if s["invalid"]:
+        shown = list(s["invalid"].items())[:3]
+        lines.append("extracted again: " + "; ".join(f"{k}: {r}" for k, r in shown)
+                     + (" ..." if len(s["invalid"]) > len(shown) else ""))
+    if s["reindexed"]:
+        lines.append(f"{s['reindexed']} image(s) had a new modification time but the same "
+                     f"content: re-indexed, not extracted again")
     if s["failed"]:
         shown = list(s["failures"].items())[:5]
         lines.append(f"failed images are listed in {s['failed_file']}: "

@@ -1,12 +1,15 @@
-"""The resumable `.npy` feature cache: file layout, checks, the failed report and the manifest.
+"""The resumable `.npy` feature cache: file layout, checks, the failed report, the manifest,
+the cache identity and which feature files may be used.
 
 Cache layout:
     <cache>/manifest.json            backbone, weights identity, dtype, image size, resize method,
                                      feature_scale, .npy header length, count, format version
     <cache>/<key>.npy                one file per image; key = path relative to --images
+    <cache>/index.jsonl, index/      per-file provenance index (`feature_index`): which backbone
+                                     made each file, from which source image
     <cache>/failed.tsv               key<TAB>reason of images that could not be extracted
     <cache>/backbone_random_seed{S}.weights.h5   random backbone weights (`--weights random`)
-    <cache>/.lock                    flock'ed around every manifest / failed.tsv update
+    <cache>/.lock                    flock'ed around every manifest / failed.tsv / index update
 
 Each `.npy` is a (64, 2048) array: InceptionV3's last 8x8x2048 map (ImageNet preprocessing, no
 top), flattened row-major (position = row * 8 + col) and multiplied by the cache's
@@ -16,18 +19,25 @@ Guarantees:
 - Atomic files: a feature is written to a hidden temporary name in its folder and renamed into
   place, so a killed run never leaves a truncated file under a final name. Stale temporary
   files (their process is gone) are removed by the next run.
-- Resume: a file that passes the quick check (size and exact header) counts as done; the full
-  check (`verify`) also reads its values.
-- Identity: a cache holds features of one backbone only; `open_cache` refuses a run with other
-  weights, dtype, precision or image size.
+- Identity: `cache_identity` names what makes features comparable (backbone, weights sha256,
+  dtype, precision, scale, image size, resize rule, preprocessing, shape, format) and its
+  fingerprint; a cache holds features of one identity only (`open_cache` refuses a run with
+  other settings), and every index entry carries the fingerprint of the backbone that wrote
+  the file.
+- Provenance: a feature file is used (`usable_features`, `feature_index.check_keys`) only
+  when it has an index entry of this cache's identity whose recorded size and mtime match
+  the file on disk and, where the images folder is known, whose source image size and mtime
+  match the image's. A lost manifest therefore never adopts another backbone's files, and a
+  changed image or a rewritten feature file is noticed without reading either.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import fcntl
+import hashlib
 import io
+import json
 import os
 import re
 import sys
@@ -40,12 +50,14 @@ from caption_attn.backbone import (BACKBONE, FEATURE_LAYOUT, FEATURE_SHAPE, IMAG
                                    PREPROCESS, Backbone, build_backbone,
                                    calibrate_feature_scale, is_imagenet_weights,
                                    random_model_from_cache, random_weights_file, weights_sha256)
+from caption_attn import feature_index
 from caption_attn.config import ExtractConfig
 from caption_attn.errors import UserError
 from caption_attn.fileio import HOST, atomic_path, read_json, write_bytes_atomic, write_json_atomic
 from caption_attn.images import RESIZE_METHOD
 
-FORMAT_VERSION = 1               # bump when the meaning of cached files changes
+FORMAT_VERSION = 2               # bump when the meaning of cached files changes
+                                 # (2: the per-file provenance index)
 MANIFEST = "manifest.json"
 FAILED = "failed.tsv"
 LOCK = ".lock"
@@ -59,13 +71,18 @@ def feature_path(cache_dir: str, key: str) -> str:
     return os.path.join(cache_dir, *key.split("/")) + ".npy"
 
 
-def npy_header(dtype: str) -> bytes:
+def npy_header(dtype: str, shape: tuple = FEATURE_SHAPE) -> bytes:
     """The exact .npy header of every feature file of this dtype (version 1.0, C order)."""
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {
         "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-        "shape": FEATURE_SHAPE})
+        "shape": tuple(shape)})
     return buf.getvalue()
+
+
+def feature_file_size(dtype: str) -> int:
+    """Bytes of every feature file of this dtype (header + data)."""
+    return len(npy_header(dtype)) + int(np.prod(FEATURE_SHAPE)) * np.dtype(dtype).itemsize
 
 
 def check_feature_file(path: str, dtype: str, full: bool = False) -> Optional[str]:
@@ -107,38 +124,6 @@ def check_feature_file(path: str, dtype: str, full: bool = False) -> Optional[st
     return None
 
 
-def _quick_valid(path: str, header: bytes, size: int) -> bool:
-    """Fast path of the quick check: exact size and byte-identical header."""
-    try:
-        if os.stat(path).st_size != size:
-            return False
-        with open(path, "rb") as f:
-            return f.read(len(header)) == header
-    except OSError:
-        return False
-
-
-def _file_size(dtype: str) -> int:
-    """Bytes of every feature file of this dtype (header + data)."""
-    return len(npy_header(dtype)) + int(np.prod(FEATURE_SHAPE)) * np.dtype(dtype).itemsize
-
-
-def check_features(cache_dir: str, keys: list[str], dtype: str, full: bool = False,
-                   workers: int = 1) -> list[Optional[str]]:
-    """Per key, None if its feature file is valid, else the reason (`check_feature_file`).
-
-    Quick (default): a file with the exact size and header passes without more reading. Full:
-    every file is read and its values checked, in `workers` threads.
-    """
-    if full:
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(lambda k: check_feature_file(feature_path(cache_dir, k), dtype,
-                                                              full=True), keys))
-    header, size = npy_header(dtype), _file_size(dtype)
-    return [None if _quick_valid(feature_path(cache_dir, k), header, size)
-            else check_feature_file(feature_path(cache_dir, k), dtype) for k in keys]
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -161,14 +146,10 @@ def _is_stale_temp(path: str, name: str) -> bool:
     return False
 
 
-def _scan_cache(cache_dir: str, header: Optional[bytes] = None, size: int = 0,
-                known_valid: frozenset = frozenset()) -> tuple[int, int]:
-    """Remove stale temp files; return (removed, valid feature files by the quick check).
-
-    Files in `known_valid` (paths this run just checked or wrote) are counted without being
-    opened again: on COCO that is every file for a single-shard run.
-    """
-    removed = valid = 0
+def remove_stale_temp_files(cache_dir: str) -> int:
+    """Remove the temporary files of writers that are gone (feature files, index segments);
+    return how many."""
+    removed = 0
     for root, _, files in os.walk(cache_dir):
         for name in files:
             path = os.path.join(root, name)
@@ -176,14 +157,7 @@ def _scan_cache(cache_dir: str, header: Optional[bytes] = None, size: int = 0,
                 with contextlib.suppress(OSError):
                     os.remove(path)
                     removed += 1
-            elif header is not None and name.endswith(".npy") and not name.startswith("."):
-                valid += path in known_valid or _quick_valid(path, header, size)
-    return removed, valid
-
-
-def remove_stale_temp_files(cache_dir: str) -> int:
-    """Remove the temporary files of writers that are gone; return how many."""
-    return _scan_cache(cache_dir)[0]
+    return removed
 
 
 @contextlib.contextmanager
@@ -224,16 +198,18 @@ def _update_failed(cache_dir: str, failed: dict[str, str], succeeded: Iterable[s
 
 
 def record_run(cache_dir: str, images_dir: str, failed: dict[str, str],
-               succeeded: list[str], dtype: str) -> tuple[int, int]:
-    """After a run, under the lock: merge failed.tsv, count the valid feature files (of every
-    shard), and record the count and the images folder in the manifest.
+               succeeded: list[str], manifest: dict) -> tuple[int, int]:
+    """After a run, under the lock: merge failed.tsv, compact the index (every shard's
+    segments), count the feature files of this cache's identity, and record the count and the
+    images folder in the manifest.
 
     `succeeded`: keys whose file this run checked or wrote. Returns (failed.tsv entries, count).
     """
+    fingerprint = cache_identity(manifest)["fingerprint"]
     with cache_lock(cache_dir):
         n_failed_file = _update_failed(cache_dir, failed, succeeded)
-        _, count = _scan_cache(cache_dir, npy_header(dtype), _file_size(dtype), frozenset(
-            feature_path(cache_dir, k) for k in succeeded))
+        index, _ = feature_index.compact(cache_dir, lambda key: feature_path(cache_dir, key))
+        count = sum(entries[-1].identity == fingerprint for entries in index.entries.values())
         m = read_manifest(cache_dir)
         m["count"] = count
         m["images_dir"] = os.path.abspath(images_dir)  # informational: heatmaps in `train`
@@ -245,6 +221,7 @@ def record_run(cache_dir: str, images_dir: str, failed: dict[str, str],
 _REQUIRED = ("format_version", "backbone", "weights", "weights_sha256", "dtype", "precision",
              "feature_shape", "image_size", "resize", "feature_scale", "npy_header_bytes",
              "count")
+_REQUIRED_V2 = ("preprocess", "feature_layout")
 
 
 def manifest_path(cache_dir: str) -> str:
@@ -260,8 +237,18 @@ def read_manifest(cache_dir: str) -> dict:
                         f"{cache_dir}` first)")
     m = read_json(path)
     missing = [k for k in _REQUIRED if not isinstance(m, dict) or k not in m]
+    if not missing and m["format_version"] == FORMAT_VERSION:
+        missing = [k for k in _REQUIRED_V2 if k not in m]
     if missing:
         raise UserError(f"{path}: malformed manifest, missing {missing}")
+    if m["format_version"] == 1:
+        raise UserError(
+            f"{path}: a cache of format 1, made by an older caption_attn that did not record "
+            f"which backbone and which source image made each feature file, so its files "
+            f"cannot be checked. Extract the features again into a new folder (`caption-attn "
+            f"extract-features --cache NEW_FOLDER ...` with the same --weights, --seed, "
+            f"--dtype and --precision: {_settings_text(m)}) and use that, or delete "
+            f"{cache_dir} and extract into it.")
     if m["format_version"] != FORMAT_VERSION:
         raise UserError(f"{path}: cache format version {m['format_version']}, this version "
                         f"reads {FORMAT_VERSION}; extract into a new --cache folder")
@@ -274,8 +261,8 @@ def _describe_weights(weights: str, seed: Optional[int]) -> str:
     return f"random (seed {seed})" if weights == "random" else weights
 
 
-def _identity(cfg: ExtractConfig) -> dict:
-    """Manifest fields a run must agree with (besides the weights)."""
+def _settings(cfg: ExtractConfig) -> dict:
+    """Manifest fields an extraction must agree with (besides the weights)."""
     return {"format_version": FORMAT_VERSION, "backbone": BACKBONE, "dtype": cfg.dtype,
             "precision": cfg.precision, "feature_shape": list(FEATURE_SHAPE),
             "image_size": IMAGE_SIZE, "resize": RESIZE_METHOD}
@@ -287,9 +274,9 @@ def _refuse(cache_dir: str, what: str, cached, wanted, hint: str = "") -> UserEr
                      f"--cache folder{hint}")
 
 
-def _check_identity(cache_dir: str, m: dict, cfg: ExtractConfig) -> None:
+def _check_settings(cache_dir: str, m: dict, cfg: ExtractConfig) -> None:
     """Refuse cheap mismatches before building anything."""
-    for key, value in _identity(cfg).items():
+    for key, value in _settings(cfg).items():
         if m.get(key) != value:
             flag = {"dtype": " (or --dtype {})", "precision": " (or --precision {})"}.get(key, "")
             raise _refuse(cache_dir, key, m.get(key), value, flag.format(m.get(key)))
@@ -312,12 +299,14 @@ def _new_manifest(cache_dir: str, cfg: ExtractConfig, backbone: Backbone, sha: s
         calibrate_feature_scale(backbone)
     weights = cfg.weights if cfg.weights in ("imagenet", "random") \
         else os.path.abspath(cfg.weights)
-    m = {**_identity(cfg), "weights": weights, "weights_sha256": sha,
+    m = {**_settings(cfg), "weights": weights, "weights_sha256": sha,
          "seed": cfg.seed if cfg.weights == "random" else None,
          "feature_layout": FEATURE_LAYOUT, "preprocess": PREPROCESS,
          "feature_scale": scale, "calibration_rms": rms,
          "npy_header_bytes": len(npy_header(cfg.dtype)), "count": 0,
+         "index": feature_index.INDEX,
          "keras_version": _version("keras"), "tensorflow_version": _version("tensorflow")}
+    m["identity_fingerprint"] = cache_identity(m)["fingerprint"]  # for people; recomputed
     if cfg.weights == "random":
         m["weights_file"] = random_weights_file(cfg.seed)
         path = os.path.join(cache_dir, m["weights_file"])
@@ -338,7 +327,7 @@ def open_cache(cache_dir: str, cfg: ExtractConfig) -> tuple[Backbone, dict]:
         with cache_lock(cache_dir):
             existing = _read_manifest_if_any(cache_dir)
     if existing is not None:
-        _check_identity(cache_dir, existing, cfg)  # cheap refusals before building anything
+        _check_settings(cache_dir, existing, cfg)  # cheap refusals before building anything
     if existing is not None and existing["weights"] == "random":
         model = random_model_from_cache(cache_dir, existing)
     else:
@@ -350,7 +339,7 @@ def open_cache(cache_dir: str, cfg: ExtractConfig) -> tuple[Backbone, dict]:
         if m is None:
             m = _new_manifest(cache_dir, cfg, backbone, sha)
         else:
-            _check_identity(cache_dir, m, cfg)
+            _check_settings(cache_dir, m, cfg)
             if m["weights_sha256"] != sha:
                 cached = _describe_weights(m["weights"], m.get("seed"))
                 raise _refuse(cache_dir, "weights",
@@ -364,3 +353,120 @@ def _version(module: str) -> Optional[str]:
     mod = sys.modules.get(module)
     return getattr(mod, "__version__", None)
 
+
+
+# =========================================================================== identity
+# What makes two sets of features interchangeable. The weights' name or path is not part of it
+# (a weights file may move; its sha256 is the identity).
+IDENTITY_FIELDS = ("format_version", "backbone", "weights_sha256", "dtype", "precision",
+                   "feature_scale", "image_size", "resize", "preprocess", "feature_shape",
+                   "feature_layout")
+
+
+def cache_identity(manifest: dict) -> dict:
+    """The identity of a cache's features, JSON-serialisable, to record and compare.
+
+    {field: value} for IDENTITY_FIELDS, plus `weights` and `seed` (to name the weights and
+    rebuild the extraction command; not fingerprinted), `fingerprint` (16 hex digits of the
+    sha256 of the fields' canonical JSON; the index stores it per file) and `description`
+    (one line for people, e.g. "InceptionV3, random weights (seed 0, sha256 1a2b3c4d…),
+    float16 files, bfloat16 compute, scale 1024").
+    """
+    fields = {name: manifest.get(name) for name in IDENTITY_FIELDS}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    identity = {**fields, "weights": manifest.get("weights"), "seed": manifest.get("seed"),
+                "fingerprint": hashlib.sha256(canonical.encode("ascii")).hexdigest()[:16]}
+    identity["description"] = describe_identity(identity)
+    return identity
+
+
+def _weights_text(identity: dict) -> str:
+    weights, sha = identity.get("weights"), str(identity.get("weights_sha256") or "?")[:8]
+    if weights == "random":
+        return f"random weights (seed {identity.get('seed')}, sha256 {sha}…)"
+    if weights == "imagenet":
+        return f"ImageNet weights (sha256 {sha}…)"
+    return f"weights {os.path.basename(str(weights))} (sha256 {sha}…)"
+
+
+def describe_identity(identity: dict) -> str:
+    """One line: backbone, weights, file dtype, compute precision, feature scale."""
+    scale = identity.get("feature_scale")
+    scale = f"{scale:g}" if isinstance(scale, (int, float)) else scale
+    return (f"{identity.get('backbone')}, {_weights_text(identity)}, {identity.get('dtype')} "
+            f"files, {identity.get('precision')} compute, scale {scale}")
+
+
+def describe_difference(a: dict, b: dict) -> str:
+    """The identity fields in which `a` and `b` differ, "field: A vs B; ..." ("" if none)."""
+    parts = []
+    for name in IDENTITY_FIELDS:
+        x, y = a.get(name), b.get(name)
+        if x == y:
+            continue
+        if name == "weights_sha256":
+            parts.append(f"weights: {_weights_text(a)} vs {_weights_text(b)}")
+        elif any(isinstance(v, str) and len(v) > 40 for v in (x, y)):
+            parts.append(f"{name}: differs ({x!r} vs {y!r})")
+        else:
+            parts.append(f"{name}: {x} vs {y}")
+    return "; ".join(parts)
+
+
+def _settings_text(identity: dict) -> str:
+    """The extract-features flags that make features of this identity."""
+    flags = f"--weights {identity.get('weights')}"
+    if identity.get("weights") == "random":
+        flags += f" --seed {identity.get('seed')}"
+    return f"{flags} --dtype {identity.get('dtype')} --precision {identity.get('precision')}"
+
+
+def refuse_other_identity(recorded: dict, manifest: dict, what: str, cache_dir: str) -> None:
+    """UserError when the cache's identity differs from `recorded` (a `cache_identity` saved
+    earlier, e.g. by the run that trained on it); `what` names the recorder ("run
+    models/coco"). The message names both identities, the differences and the fix."""
+    current = cache_identity(manifest)
+    if current["fingerprint"] == recorded.get("fingerprint"):
+        return
+    raise UserError(
+        f"{what} was trained on features of {recorded.get('description')}, but --cache "
+        f"{cache_dir} holds {current['description']} ({describe_difference(recorded, current)}"
+        f"). Use the cache it was trained on, or extract one like it: `caption-attn "
+        f"extract-features --cache NEW_FOLDER {_settings_text(recorded)} ...`")
+
+
+# =========================================================================== provenance
+def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
+                    images_dir: Optional[str] = None) -> tuple[dict, dict]:
+    """({key: feature path} usable, {key: reason} not usable) for `keys`, cheaply.
+
+    Usable: the key's feature file has an index entry made with this manifest's identity, the
+    file's size and mtime equal the recorded ones (so it was not rewritten or damaged since),
+    and, when `images_dir` is given, its source image has the size and mtime it had when it
+    was read (a missing image is accepted). `images_dir=None` skips the source check, e.g.
+    when the images are on another machine. No array is read: values changed in place without
+    a new mtime are caught by `pipeline.NpyReader`'s in-graph checks and by `extract-features
+    --verify`. `describe_problems` summarises the reasons with the fix. Measured for 123,287
+    keys: see the README's feature-cache section (`benchmarks/bench_feature_index.py`).
+    """
+    keys = list(keys)
+    fingerprint = cache_identity(manifest)["fingerprint"]
+    index = feature_index.load_index(cache_dir)
+    checks = feature_index.check_keys(cache_dir, keys, index, fingerprint,
+                                      feature_file_size(manifest["dtype"]), images_dir)
+    paths = {k: c.path for k, c in zip(keys, checks) if c.reason is None}
+    problems = {k: c.reason for k, c in zip(keys, checks) if c.reason is not None}
+    return paths, problems
+
+
+def describe_problems(problems: dict, cache_dir: str, examples: int = 3) -> str:
+    """One paragraph for `usable_features`' problems: counts per reason, a few files, the fix."""
+    by_reason: dict = {}
+    for key, reason in problems.items():
+        by_reason.setdefault(reason, []).append(key)
+    counts = "; ".join(f"{len(keys)} {reason}" for reason, keys in
+                       sorted(by_reason.items(), key=lambda item: -len(item[1])))
+    shown = ", ".join(feature_path(cache_dir, k) for k in list(problems)[:examples])
+    return (f"{len(problems)} feature file(s) in {cache_dir} cannot be used: {counts} (e.g. "
+            f"{shown}). Rerun `caption-attn extract-features --cache {cache_dir} ...` with the "
+            f"cache's settings: it extracts exactly these again")

@@ -4,6 +4,7 @@ errors name the file, line and column."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -47,6 +48,15 @@ def write_bytes_atomic(path: str, payload: Union[bytes, Iterable[bytes]],
         if fsync:
             f.flush()
             os.fsync(f.fileno())
+
+
+def file_digest(path: str, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes (read in 1 MiB blocks); raises OSError."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

@@ -128,18 +128,24 @@ def resize_image(rgb: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
-def load_image(path: str) -> np.ndarray:
-    """Image file -> uint8 (299, 299, 3) RGB exactly as extraction sees it; raises ImageError."""
+def read_image_file(path: str) -> tuple[bytes, os.stat_result]:
+    """The bytes of an image file and its stat, taken on the open file (so the size and mtime
+    are those of the bytes read); raises ImageError."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            st = os.fstat(f.fileno())
+            return f.read(), st
     except FileNotFoundError:
         raise ImageError("missing") from None
     except IsADirectoryError:
         raise ImageError("not a file (a folder)") from None
     except OSError as e:
         raise ImageError(f"unreadable ({e.strerror})") from None
-    return resize_image(decode_image(data))
+
+
+def load_image(path: str) -> np.ndarray:
+    """Image file -> uint8 (299, 299, 3) RGB exactly as extraction sees it; raises ImageError."""
+    return resize_image(decode_image(read_image_file(path)[0]))
 
 
 def list_images(images_dir: str) -> list[str]:

@@ -1,10 +1,13 @@
 """tf.data only: cached feature paths + token ids -> batches.
 
 Features are read in-graph (`tf.io.read_file` + `tf.io.decode_raw` past the .npy header whose
-length the cache manifest records), so no Python runs on the hot path. Captions are grouped by
-length into buckets and padded to the bucket's boundary, so a batch of short captions is not
-padded to the longest caption of the dataset, and the set of batch shapes stays small (one
-XLA compilation per bucket at most).
+length the cache manifest records), so no Python runs on the hot path. Every file read is
+checked in-graph (size, the exact header bytes, every value finite); a damaged one fails with
+`tf.errors.InvalidArgumentError` whose message holds "damaged feature file: <path> (<reason>)"
+and the fix, which `damaged_file_from_error` extracts. Captions are grouped by length into
+buckets and padded to the bucket's boundary, so a batch of short captions is not padded to the
+longest caption of the dataset, and the set of batch shapes stays small (one XLA compilation
+per bucket at most).
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from caption_attn.errors import UserError
+from caption_attn.feature_cache import npy_header
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Padded lengths (in tokens, <start> and <end> included) that batches are cut to. Dense where
@@ -40,14 +46,40 @@ def count_batches(lengths: Sequence[int], batch_size: int, boundaries: Sequence[
     return int(sum(math.ceil(c / batch_size) for c in counts))
 
 
+# In-graph checks of a feature file: problem codes and their reasons (`NpyReader.inspect`).
+PROBLEMS = ("ok", "wrong size", "bad .npy header", "non-finite values")
+DAMAGED = "damaged feature file: "
+FIX = ("run `caption-attn extract-features --verify` with the cache's --captions/--images "
+       "and --cache: it re-extracts damaged feature files")
+_DAMAGED_RE = re.compile(re.escape(DAMAGED) + r"(.+?) \((?:" +
+                         "|".join(re.escape(p) for p in PROBLEMS[1:]) + r")\)")
+
+
+def damaged_file_from_error(exc: BaseException) -> Optional[str]:
+    """The feature file named by an `NpyReader` check failure (e.g. the
+    `tf.errors.InvalidArgumentError` raised while iterating a dataset), else None."""
+    m = _DAMAGED_RE.search(getattr(exc, "message", None) or str(exc))
+    return m.group(1) if m else None
+
+
 class NpyReader:
-    """Reads `.npy` feature files of one known header length, shape and dtype in-graph."""
+    """Reads `.npy` feature files of one known header, shape and dtype in-graph, checked.
+
+    Each file's size, header bytes (byte-identical to the header `extract-features` writes)
+    and finiteness are checked; a failure names the file (`DAMAGED`) and the fix (`FIX`).
+    Measured cost of the checks: see `benchmarks/bench_feature_index.py` (README, Speed).
+    """
 
     def __init__(self, header_bytes: int, dtype: str, shape: Sequence[int]):
         self.header_bytes = int(header_bytes)
         self.dtype = tf.as_dtype(dtype)
         self.shape = tuple(int(s) for s in shape)
         self.num_bytes = int(np.prod(self.shape)) * self.dtype.size
+        self.header = npy_header(dtype, self.shape)
+        if len(self.header) != self.header_bytes:
+            raise UserError(f"npy_header_bytes {self.header_bytes} does not match the .npy "
+                            f"header of {dtype} {self.shape} ({len(self.header)} bytes): the "
+                            f"cache manifest is damaged")
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "NpyReader":
@@ -56,40 +88,84 @@ class NpyReader:
 
     def has_file(self, path: str) -> bool:
         """Whether `path` exists with exactly the size of a feature file of this cache (a
-        cheap check; `extract-features --verify` reads every value)."""
+        cheap check; `feature_cache.usable_features` also checks the file's provenance)."""
         try:
             return os.stat(path).st_size == self.header_bytes + self.num_bytes
         except OSError:
             return False
 
-    def __call__(self, path):
+    def _read(self, path):
+        """path (scalar string) -> (features (P, F), problem code: 0, 1 wrong size or 2 bad
+        header); a file of the wrong size yields zeros."""
         raw = tf.io.read_file(path)                                   # scalar string
-        tf.debugging.assert_equal(
-            tf.strings.length(raw), self.header_bytes + self.num_bytes,
-            message="feature file has the wrong size (run extract-features --verify)")
-        body = tf.strings.substr(raw, self.header_bytes, self.num_bytes)
-        values = tf.io.decode_raw(body, self.dtype, little_endian=True)  # (P*F,)
-        return tf.reshape(values, self.shape)                         # (P, F)
+        size_ok = tf.equal(tf.strings.length(raw), self.header_bytes + self.num_bytes)
+        header_ok = tf.equal(tf.strings.substr(raw, 0, self.header_bytes), self.header)
+        values = tf.cond(                                             # (P*F,)
+            size_ok,
+            lambda: tf.io.decode_raw(tf.strings.substr(raw, self.header_bytes, self.num_bytes),
+                                     self.dtype, little_endian=True),
+            lambda: tf.zeros([int(np.prod(self.shape))], self.dtype))
+        code = tf.where(size_ok, tf.where(header_ok, 0, 2), 1)
+        return tf.reshape(values, self.shape), code                  # (P, F), ()
+
+    def inspect_batch(self, paths):
+        """paths (B,) -> (features (B, P, F), problem codes (B,) int32: index in PROBLEMS),
+        never failing. Files are read and decoded one after the other; the finiteness test
+        runs once on the whole batch (see `benchmarks/bench_feature_index.py` for the cost)."""
+        values, codes = tf.map_fn(self._read, paths, fn_output_signature=(   # (B, P, F), (B,)
+            tf.TensorSpec(self.shape, self.dtype), tf.TensorSpec([], tf.int32)))
+        finite = tf.reduce_all(tf.math.is_finite(values), axis=[1, 2])   # (B,)
+        return values, tf.where(tf.equal(codes, 0) & ~finite, 3, codes)
 
     def batch(self, paths):
-        """paths (B,) -> features (B, P, F); files of a batch are read one after the other,
-        batches in parallel (`num_parallel_calls`)."""
-        return tf.map_fn(self, paths, fn_output_signature=tf.TensorSpec(self.shape,
-                                                                        self.dtype))
+        """paths (B,) -> features (B, P, F); InvalidArgumentError naming the first damaged
+        file (`DAMAGED`) and the fix (`FIX`)."""
+        values, codes = self.inspect_batch(paths)                     # (B, P, F), (B,)
+        bad = tf.concat([codes > 0, [True]], axis=0)                  # (B + 1,) never empty
+        first = tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int32)
+        path = tf.concat([paths, [""]], axis=0)[first]
+        reason = tf.gather(PROBLEMS, tf.concat([codes, [0]], axis=0)[first])
+        check = tf.debugging.Assert(tf.reduce_all(codes == 0), [tf.strings.join(
+            [DAMAGED, path, " (", reason, ")"]), FIX])
+        with tf.control_dependencies([check]):
+            return tf.identity(values)                                # (B, P, F)
+
+    def __call__(self, path):
+        """path (scalar string) -> features (P, F), checked as in `batch`."""
+        return self.batch(tf.reshape(path, [1]))[0]                   # (P, F)
 
 
 class FeatureTable:
-    """All features of a split held in memory (a CPU variable) and gathered by index."""
+    """All features of a split held in memory (a CPU variable) and gathered by index.
+
+    Every row is checked while the table is built; damaged files are a `UserError` naming
+    them (before training starts)."""
 
     def __init__(self, reader: NpyReader, paths: Sequence[str], batch_size: int = 256):
+        problems = []
         with tf.device("/cpu:0"):
-            parts = [part for part in image_dataset(paths, batch_size, reader)]
+            ds = tf.data.Dataset.from_tensor_slices(list(paths)).batch(batch_size)
+            parts = []
+            for start, (features, codes) in zip(range(0, len(paths), batch_size), ds.map(
+                    reader.inspect_batch, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)):
+                parts.append(features)                                # (B, P, F)
+                problems += [(paths[start + i], PROBLEMS[c])
+                             for i, c in enumerate(codes.numpy()) if c]
+            if problems:
+                raise UserError(damaged_files_message(problems))
             self.table = tf.Variable(tf.concat(parts, axis=0), trainable=False,
                                      name="feature_table")            # (N, P, F)
         self.index = {p: i for i, p in enumerate(paths)}
 
     def batch(self, indices):
         return tf.gather(self.table, indices)                         # (B, P, F)
+
+
+def damaged_files_message(problems: Sequence[tuple[str, str]], examples: int = 5) -> str:
+    """One message for damaged feature files [(path, reason)]: each named, then the fix."""
+    shown = "; ".join(f"{DAMAGED}{path} ({reason})" for path, reason in problems[:examples])
+    more = f" and {len(problems) - examples} more" if len(problems) > examples else ""
+    return f"{len(problems)} damaged feature file(s): {shown}{more}. {FIX[0].upper()}{FIX[1:]}"
 
 
 def feature_statistics(reader: NpyReader, paths: Sequence[str], max_images: int = 1000,
@@ -231,12 +307,3 @@ def image_dataset(paths: Sequence[str], batch_size: int, reader: NpyReader) -> t
     """features (B, P, F) of images in the given order (for decoding and evaluation)."""
     ds = tf.data.Dataset.from_tensor_slices(list(paths)).batch(batch_size)
     return ds.map(reader.batch, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
-
-
-_DAMAGED = re.compile(r"damaged feature file: (\S+)")
-
-
-def damaged_file_from_error(error: Exception) -> Optional[str]:
-    """The feature file named by the in-graph checks' error message, or None."""
-    match = _DAMAGED.search(getattr(error, "message", None) or str(error))
-    return match.group(1) if match else None

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from caption_attn import extract, feature_cache
+from caption_attn import extract, feature_cache, feature_index
 from caption_attn.errors import UserError
 from caption_attn.extract import extract_features, format_summary, shard_of
 from caption_attn.feature_cache import (FORMAT_VERSION, check_feature_file, feature_path,
@@ -109,44 +109,101 @@ def test_rerun_resumes_and_updates_failed(images, cache_copy, tmp_path):
     assert read_manifest(cache_copy)["count"] == len(GOOD) + 1
 
 
-def test_final_count_opens_each_file_once(images, cache_copy, monkeypatch):
-    """The manifest's count covers every shard's files, but a file this run already checked
-    (or wrote) is not opened a second time to count it."""
-    opened = []
-    quick_valid = feature_cache._quick_valid
-    monkeypatch.setattr(feature_cache, "_quick_valid",
-                        lambda path, *a: opened.append(path) or quick_valid(path, *a))
+def test_count_and_index_cover_every_shard(images, cache_copy):
+    """The manifest's count and the compacted index cover every shard's files, and the index
+    is compacted into index.jsonl (no segment left)."""
     redo = next(k for k in sorted(GOOD) if shard_of(k, 2) == 0)
     os.remove(feature_path(cache_copy, redo))
     summary = extract_features(images, extract_cfg(cache_copy, num_shards=2, shard_index=0),
                                progress=False)
     assert summary["extracted"] == 1 and summary["skipped"] > 0
     assert summary["count"] == len(GOOD)                        # both shards' files
-    assert feature_path(cache_copy, redo) in opened
-    assert len(opened) == len(set(opened))                      # each file opened once
+    index = feature_index.load_index(cache_copy)
+    assert sorted(index.entries) == sorted(GOOD)
+    assert all(len(entries) == 1 for entries in index.entries.values())
+    assert os.listdir(feature_index.segments_dir(cache_copy)) == []
 
 
-def test_verify_repairs_bad_files(images, extracted, cache_copy):
+def _restore_mtime(path, st):
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_rerun_replaces_damaged_files_and_verify_reads_values(images, extracted, cache_copy):
     keys = list_images(images)
     reference = {k: np.load(feature_path(extracted[0], k)) for k in ("a.jpg", "b.png")}
     path_a, path_b = feature_path(cache_copy, "a.jpg"), feature_path(cache_copy, "b.png")
     with open(path_a, "r+b") as f:
-        f.truncate(os.path.getsize(path_a) // 2)                 # truncated
-    with open(path_b, "r+b") as f:
+        f.truncate(os.path.getsize(path_a) // 2)                 # truncated: its stat changes
+    st_b = os.stat(path_b)
+    with open(path_b, "r+b") as f:                               # bit rot: the stat does not
         f.seek(128)
-        f.write(np.full(1000, np.nan, np.float16).tobytes())     # valid header, garbage data
+        f.write(np.full(1000, np.nan, np.float16).tobytes())
+    _restore_mtime(path_b, st_b)
 
     summary = extract_features(images, extract_cfg(cache_copy), keys=keys, progress=False)
-    assert summary["extracted"] == 1 and summary["repaired"] == 1   # quick check: a.jpg only
+    assert summary["extracted"] == 1 and summary["repaired"] == 1   # index + stat: a.jpg
+    assert summary["invalid"] == {"a.jpg": feature_index.REWRITTEN}
     summary = extract_features(images, extract_cfg(cache_copy, verify=True), keys=keys,
                                progress=False)
-    assert summary["extracted"] == 1 and summary["repaired"] == 1   # full check: b.png
+    assert summary["extracted"] == 1 and summary["repaired"] == 1   # full read: b.png
     assert summary["invalid"] == {"b.png": "non-finite values"}
+    assert "unusable feature file" in format_summary(summary)
     for key, ref in reference.items():
         path = feature_path(cache_copy, key)
         assert check_feature_file(path, "float16", full=True) is None
         np.testing.assert_allclose(np.load(path).astype(np.float32), ref.astype(np.float32),
                                    rtol=1e-2, atol=1e-2 * np.abs(ref).max())
+
+
+def test_changed_images_are_extracted_again(images, extracted, cache_copy, tmp_path):
+    """Same name, new content and mtime: extracted again; new mtime, same bytes: re-indexed;
+    same size and mtime, other bytes: only --verify (sha256) notices."""
+    work = str(tmp_path / "images")
+    shutil.copytree(images, work)                                # keeps sizes and mtimes
+    keys = list_images(work)
+    write_rgb(os.path.join(work, "a.jpg"), scene(21))             # new content
+    os.utime(os.path.join(work, "b.png"))                         # touched only
+    bmp = os.path.join(work, "bitmap.bmp")
+    st = os.stat(bmp)
+    with open(bmp, "r+b") as f:                                   # pixels changed in place
+        f.seek(st.st_size - 3000)
+        f.write(bytes(range(256)) * 4)
+    _restore_mtime(bmp, st)
+
+    summary = extract_features(work, extract_cfg(cache_copy), keys=keys, progress=False)
+    assert summary["extracted"] == 1 and summary["changed_images"] == 1
+    assert summary["invalid"] == {"a.jpg": feature_index.IMAGE_CHANGED}
+    assert summary["reindexed"] == 1 and "changed image" in format_summary(summary)
+    before = np.load(feature_path(extracted[0], "a.jpg")).astype(np.float32)
+    assert not np.allclose(np.load(feature_path(cache_copy, "a.jpg")), before, atol=1e-2)
+
+    summary = extract_features(work, extract_cfg(cache_copy), keys=keys, progress=False)
+    assert summary["extracted"] == 0 and summary["reindexed"] == 0
+    summary = extract_features(work, extract_cfg(cache_copy, verify=True), keys=keys,
+                               progress=False)
+    assert summary["extracted"] == 1 and summary["changed_images"] == 1
+    assert "other content" in summary["invalid"]["bitmap.bmp"]
+    _, problems = feature_cache.usable_features(cache_copy, GOOD, read_manifest(cache_copy),
+                                                work)
+    assert problems == {}
+
+
+def test_lost_manifest_never_adopts_other_backbones_files(images, cache_copy):
+    os.remove(os.path.join(cache_copy, "manifest.json"))
+    summary = extract_features(images, extract_cfg(cache_copy, seed=1), progress=False)
+    assert summary["skipped"] == 0 and summary["extracted"] == len(GOOD)
+    assert set(summary["invalid"]) == set(GOOD)
+    assert all(r.startswith("made by another backbone") for r in summary["invalid"].values())
+    manifest = read_manifest(cache_copy)
+    paths, problems = feature_cache.usable_features(cache_copy, GOOD, manifest, images)
+    assert len(paths) == len(GOOD) and problems == {}
+    assert summary["count"] == len(GOOD) == manifest["count"]
+
+
+def test_lost_manifest_same_backbone_keeps_its_files(images, cache_copy):
+    os.remove(os.path.join(cache_copy, "manifest.json"))
+    summary = extract_features(images, extract_cfg(cache_copy), progress=False)
+    assert summary["extracted"] == 0 and summary["skipped"] == len(GOOD)
 
 
 def test_progress_in_a_log_is_one_line(images, cache_copy, capsys):
@@ -161,9 +218,11 @@ def test_progress_in_a_log_is_one_line(images, cache_copy, capsys):
 # --------------------------------------------------------------------------- processes
 RUNNER = """
 import sys
+from caption_attn import feature_index
 from caption_attn.config import ExtractConfig
 from caption_attn.extract import extract_features
 images, cache, shards, index = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+feature_index.FLUSH_SECONDS = float(sys.argv[5])
 cfg = ExtractConfig(cache=cache, weights="random", dtype="float16", batch_size=2,
                     num_shards=shards, shard_index=index)
 s = extract_features(images, cfg, progress=False)
@@ -171,9 +230,9 @@ print(s["extracted"], s["skipped"], s["failed"], s["count"])
 """
 
 
-def _runner(images, cache, shards=1, index=0):
+def _runner(images, cache, shards=1, index=0, flush_seconds=10.0):
     return subprocess.Popen([sys.executable, "-c", RUNNER, str(images), str(cache), str(shards),
-                             str(index)], cwd=REPO, stdout=subprocess.PIPE,
+                             str(index), str(flush_seconds)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
 
@@ -186,32 +245,57 @@ def _npy_files(cache):
     return out
 
 
+def _indexed(cache):
+    """Keys whose index entry describes their feature file on disk."""
+    index = feature_index.load_index(str(cache))
+    return {k for k in index.entries
+            if index.match(k, os.stat(feature_path(str(cache), k)))}
+
+
+def _check_compacted_index(cache, keys):
+    """index.jsonl holds exactly one matching entry per key, and no segment is left."""
+    assert os.listdir(feature_index.segments_dir(str(cache))) == []
+    index = feature_index.load_index(str(cache))
+    assert sorted(index.entries) == sorted(keys)
+    fingerprint = feature_cache.cache_identity(read_manifest(str(cache)))["fingerprint"]
+    for key, entries in index.entries.items():
+        assert len(entries) == 1 and entries[0].identity == fingerprint
+        assert entries[0].matches_file(os.stat(feature_path(str(cache), key)))
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume(tmp_path):
+    """A killed extraction leaves whole feature files and a consistent index (whole segments:
+    flushed here every 0.1 s); the rerun skips exactly the indexed files and extracts the rest,
+    including files written after the last segment."""
     images, cache = tmp_path / "images", tmp_path / "cache"
     for i in range(16):
         write_rgb(str(images / f"img_{i:02d}.jpg"), scene(i))
-    proc = _runner(images, cache)
+    proc = _runner(images, cache, flush_seconds=0.1)
     deadline = time.monotonic() + 240
-    while len(_npy_files(cache)) < 3:
+    while len(_npy_files(cache)) < 5:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = _npy_files(cache)
-    assert 3 <= len(done) < 16
+    assert 5 <= len(done) < 16
     for path in done:                                           # no invalid final file
         assert check_feature_file(path, "float16", full=True) is None, path
+    indexed = _indexed(cache)
+    assert indexed <= {os.path.relpath(p, cache)[:-4] for p in done}
+    assert len(indexed) >= 2                                    # segments were flushed
 
     proc = _runner(images, cache)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     extracted, skipped, failed, count = map(int, out.split())
-    assert skipped == len(done) and extracted == 16 - len(done) and failed == 0
+    assert skipped == len(indexed) and extracted == 16 - len(indexed) and failed == 0
     assert count == 16 and len(_npy_files(cache)) == 16
     leftovers = [n for _, _, names in os.walk(cache) for n in names if ".tmp." in n]
     assert leftovers == []
+    _check_compacted_index(cache, [f"img_{i:02d}.jpg" for i in range(16)])
 
 
 @pytest.mark.slow
@@ -237,3 +321,4 @@ def test_concurrent_shards_share_one_cache(tmp_path):
     assert m["count"] == len(keys)
     with open(os.path.join(cache, "manifest.json")) as f:
         json.load(f)
+    _check_compacted_index(cache, keys)

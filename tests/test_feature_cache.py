@@ -1,10 +1,12 @@
-"""Tests of the feature cache (caption_attn/feature_cache.py): file checks and the refusal of
-a cache made by another backbone.
+"""Tests of the feature cache (caption_attn/feature_cache.py): file checks, the refusal of a
+cache made by another backbone, the cache identity, old caches and which files are usable.
 
 `cache_copy` is a private copy of the session's float16 extraction (conftest.py).
 """
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -12,8 +14,12 @@ import pytest
 from caption_attn.backbone import FEATURE_SHAPE
 from caption_attn.errors import UserError
 from caption_attn.extract import extract_features
-from caption_attn.feature_cache import check_feature_file, npy_header
-from image_samples import extract_cfg
+from caption_attn.feature_cache import (cache_identity, check_feature_file,
+                                        describe_difference, describe_problems, feature_path,
+                                        npy_header, read_manifest, refuse_other_identity,
+                                        usable_features)
+from caption_attn.feature_index import IMAGE_CHANGED, NOT_INDEXED, REWRITTEN
+from image_samples import GOOD, extract_cfg, scene, write_rgb
 
 
 def test_check_feature_file_reasons(tmp_path):
@@ -53,3 +59,79 @@ def test_cache_with_other_backbone_is_refused(images, cache_copy, change, messag
     with pytest.raises(UserError, match=message) as e:
         extract_features(images, extract_cfg(cache_copy, **change), progress=False)
     assert "another --cache" in str(e.value)
+
+
+# --------------------------------------------------------------------------- identity
+def test_cache_identity_fingerprint_description_and_difference(extracted):
+    manifest = read_manifest(extracted[0])
+    identity = cache_identity(manifest)
+    assert identity == cache_identity(json.loads(json.dumps(manifest)))   # JSON round trip
+    assert len(identity["fingerprint"]) == 16
+    assert identity["fingerprint"] == manifest["identity_fingerprint"]
+    assert identity["description"].startswith("InceptionV3, random weights (seed 0, sha256 ")
+    assert identity["description"].endswith(
+        f"float16 files, float32 compute, scale {manifest['feature_scale']:g}")
+    moved = cache_identity({**manifest, "weights": "/elsewhere/w.h5", "seed": None})
+    assert moved["fingerprint"] == identity["fingerprint"]               # name is not identity
+    for field, value in [("weights_sha256", "0" * 64), ("dtype", "float32"), ("precision",
+                         "bfloat16"), ("feature_scale", 1.0), ("resize", "crop"),
+                         ("format_version", 3)]:
+        other = cache_identity({**manifest, field: value})
+        assert other["fingerprint"] != identity["fingerprint"], field
+        assert describe_difference(identity, other).startswith(
+            "weights:" if field == "weights_sha256" else f"{field}:"), field
+    assert describe_difference(identity, identity) == ""
+    other = cache_identity({**manifest, "weights": "imagenet", "weights_sha256": "9" * 64,
+                            "feature_scale": 1.0})
+    with pytest.raises(UserError) as e:
+        refuse_other_identity(identity, {**manifest, **{k: other[k] for k in (
+            "weights", "weights_sha256", "feature_scale")}}, "run models/x", "cache_b")
+    message = str(e.value)
+    assert identity["description"] in message and other["description"] in message
+    assert "weights: random weights (seed 0" in message and "feature_scale:" in message
+    assert "--weights random --seed 0 --dtype float16 --precision float32" in message
+    refuse_other_identity(identity, manifest, "run models/x", "cache_a")     # same: no error
+
+
+def test_format_1_cache_is_refused_with_the_fix(images, cache_copy):
+    path = os.path.join(cache_copy, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest["format_version"] = 1
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    for call in (lambda: read_manifest(cache_copy),
+                 lambda: extract_features(images, extract_cfg(cache_copy), progress=False)):
+        with pytest.raises(UserError, match="format 1") as e:
+            call()
+        assert "extract-features --cache NEW_FOLDER" in str(e.value)
+        assert "--weights random --seed 0 --dtype float16" in str(e.value)
+
+
+# --------------------------------------------------------------------------- provenance
+def test_usable_features_checks_index_stat_and_source(images, cache_copy, tmp_path):
+    manifest = read_manifest(cache_copy)
+    paths, problems = usable_features(cache_copy, GOOD + ["nothing.jpg"], manifest, images)
+    assert sorted(paths) == sorted(GOOD) and list(problems) == ["nothing.jpg"]
+    assert problems["nothing.jpg"] == "missing"
+    assert paths["sub/c.jpg"] == feature_path(cache_copy, "sub/c.jpg")
+
+    np.save(feature_path(cache_copy, "a.jpg"), np.ones(FEATURE_SHAPE, np.float16))  # rewritten
+    work = str(tmp_path / "images")
+    shutil.copytree(images, work)
+    write_rgb(os.path.join(work, "b.png"), scene(30))                    # image changed
+    os.remove(os.path.join(work, "gray.jpg"))                           # image gone: still ok
+    stray = feature_path(cache_copy, "stray.jpg")                       # never indexed
+    np.save(stray, np.ones(FEATURE_SHAPE, np.float16))
+    paths, problems = usable_features(cache_copy, GOOD + ["stray.jpg"], manifest, work)
+    assert problems == {"a.jpg": REWRITTEN, "b.png": IMAGE_CHANGED, "stray.jpg": NOT_INDEXED}
+    assert "gray.jpg" in paths
+    paths, problems = usable_features(cache_copy, GOOD, manifest, images_dir=None)
+    assert set(problems) == {"a.jpg"}                                    # no source check
+    other = {**manifest, "weights_sha256": "0" * 64}
+    _, problems = usable_features(cache_copy, ["c.jpg", "sub/c.jpg"], other)
+    assert problems["sub/c.jpg"].startswith("made by another backbone")
+    text = describe_problems({"a.jpg": REWRITTEN, "b.png": IMAGE_CHANGED, "x.jpg": "missing"},
+                             cache_copy)
+    assert text.startswith(f"3 feature file(s) in {cache_copy} cannot be used")
+    assert feature_path(cache_copy, "a.jpg") in text and "extract-features --cache" in text

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from caption_attn import pipeline
+from caption_attn.errors import UserError
 
 SHAPE = (64, 2048)
 
@@ -209,3 +210,62 @@ def test_pad_images_fixes_the_feature_rows_to_the_batch(tmp_path):
     for (f, i, t), (per_caption, toks) in zip(padded, plain):
         assert f.shape[0] == t.shape[0]
         np.testing.assert_array_equal(tf.gather(f, i).numpy(), per_caption)
+
+
+# --------------------------------------------------------------------------- damaged files
+def _damaged(tmp_path, n=6):
+    """n good float16 files in a folder whose name has a space and parentheses; damage
+    files 1 (NaN), 2 (Inf), 3 (garbage bytes in the header), 4 (garbage data of the right
+    size: random float16 bits hold NaN/Inf patterns), 5 (truncated)."""
+    folder = tmp_path / "my (features)"
+    folder.mkdir()
+    paths, reader = _write(folder, n)
+    for i, value in ((1, np.nan), (2, -np.inf)):
+        array = np.full(SHAPE, i, np.float16)
+        array[7, 99] = value
+        np.save(paths[i], array)
+    raw = open(paths[3], "rb").read()
+    open(paths[3], "wb").write(raw[:10] + b"garbage!" + raw[18:])
+    bits = np.random.default_rng(0).integers(0, 2**16, np.prod(SHAPE), dtype=np.uint16)
+    bits[:10] = 0x7C00                                                 # make sure: +Inf
+    open(paths[4], "wb").write(raw[:128] + bits.tobytes())
+    open(paths[5], "wb").write(raw[:-2])
+    return paths, reader
+
+
+@pytest.mark.parametrize("i,reason", [(1, "non-finite values"), (2, "non-finite values"),
+                                      (3, "bad .npy header"), (4, "non-finite values"),
+                                      (5, "wrong size")])
+def test_reader_names_a_damaged_file(tmp_path, i, reason):
+    paths, reader = _damaged(tmp_path)
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+        reader(tf.constant(paths[i]))
+    assert f"damaged feature file: {paths[i]} ({reason})" in e.value.message
+    assert "extract-features --verify" in e.value.message
+    assert pipeline.damaged_file_from_error(e.value) == paths[i]
+    np.testing.assert_array_equal(reader(tf.constant(paths[0])).numpy(), 0)
+
+
+def test_damaged_file_fails_the_dataset_naming_it(tmp_path):
+    paths, reader = _damaged(tmp_path)
+    index, tokens = _captions(2)
+    ds = pipeline.caption_dataset([paths[i] for i in index], tokens, 4,
+                                  pipeline.bucket_boundaries(30), reader)
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+        list(ds)
+    assert pipeline.damaged_file_from_error(e.value) == paths[1]
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+        list(pipeline.image_dataset(paths[4:], 2, reader))
+    assert pipeline.damaged_file_from_error(e.value) == paths[4]
+    assert pipeline.damaged_file_from_error(ValueError("something else")) is None
+
+
+def test_memory_table_refuses_damaged_files_naming_them(tmp_path):
+    paths, reader = _damaged(tmp_path)
+    with pytest.raises(UserError) as e:
+        pipeline.FeatureTable(reader, paths, batch_size=4)
+    message = str(e.value)
+    assert message.startswith("5 damaged feature file(s): ")
+    for i, reason in ((1, "non-finite values"), (3, "bad .npy header"), (5, "wrong size")):
+        assert f"damaged feature file: {paths[i]} ({reason})" in message
+    assert "extract-features --verify" in message and paths[0] not in message

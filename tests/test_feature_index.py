@@ -1,0 +1,100 @@
+"""Tests of the provenance index (caption_attn/feature_index.py): segments, loading, matching
+and compaction. No TensorFlow: feature files here are plain bytes."""
+
+import os
+import shutil
+
+from caption_attn import feature_index
+from caption_attn.feature_index import Entry, ImageStamp, SegmentWriter, make_entry
+
+STAMP = ImageStamp(1000, 1_400_000_000_000_000_000, "ab" * 32)
+
+
+def _write_feature(cache, key, payload=b"x" * 64):
+    path = os.path.join(cache, key + ".npy")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(payload)
+    return path
+
+
+def _path(cache):
+    return lambda key: os.path.join(cache, key + ".npy")
+
+
+def test_segments_flush_by_count_and_on_close(tmp_path):
+    cache = str(tmp_path)
+    writer = SegmentWriter(cache, flush_seconds=3600, flush_entries=3)
+    for i in range(7):
+        path = _write_feature(cache, f"img{i}.jpg")
+        writer.add(make_entry(f"img{i}.jpg", "f" * 16, os.stat(path), STAMP))
+    assert writer.segments == 2 and len(writer.pending) == 1      # 3 + 3 flushed, 1 pending
+    assert len(feature_index.load_index(cache)) == 6
+    writer.close()
+    names = sorted(os.listdir(feature_index.segments_dir(cache)))
+    assert len(names) == 3 and all(n.endswith(".jsonl") and not n.startswith(".")
+                                   for n in names)
+    index = feature_index.load_index(cache)
+    assert sorted(index.entries) == [f"img{i}.jpg" for i in range(7)]
+    entry = index.entries["img3.jpg"][0]
+    assert entry.identity == "f" * 16 and entry.image_sha256 == STAMP.sha256
+    assert entry.matches_file(os.stat(_path(cache)("img3.jpg")))
+
+
+def test_malformed_lines_and_vanished_segments_are_skipped(tmp_path):
+    cache = str(tmp_path)
+    path = _write_feature(cache, "a.jpg")
+    good = make_entry("a.jpg", "f" * 16, os.stat(path), STAMP).to_json()
+    os.makedirs(feature_index.segments_dir(cache))
+    with open(os.path.join(feature_index.segments_dir(cache), "h-1-x-000000.jsonl"), "w") as f:
+        f.write(good + "\n" + good[: len(good) // 2] + "\n" + '{"key": "b.jpg"}\n')
+    index = feature_index._load(cache, ["h-1-x-000000.jsonl", "gone-by-now.jsonl"])
+    assert list(index.entries) == ["a.jpg"] and index.skipped_lines == 2
+
+
+def test_a_rewritten_file_matches_no_entry_but_a_copied_cache_does(tmp_path):
+    cache = str(tmp_path / "cache")
+    path = _write_feature(cache, "sub/a.jpg")
+    with SegmentWriterClosing(cache) as writer:
+        writer.add(make_entry("sub/a.jpg", "f" * 16, os.stat(path), STAMP))
+    copy = str(tmp_path / "copy")
+    shutil.copytree(cache, copy)                                   # new inodes, same mtimes
+    assert feature_index.load_index(copy).match("sub/a.jpg", os.stat(_path(copy)("sub/a.jpg")))
+    _write_feature(cache, "sub/a.jpg", b"y" * 64)                  # same size, new mtime
+    os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 1))
+    assert feature_index.load_index(cache).match("sub/a.jpg", os.stat(path)) == []
+
+
+class SegmentWriterClosing(SegmentWriter):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_compact_keeps_the_newest_matching_entry_and_removes_segments(tmp_path):
+    cache = str(tmp_path)
+    a, b = _write_feature(cache, "a.jpg"), _write_feature(cache, "b.jpg")
+    with SegmentWriterClosing(cache) as writer:
+        writer.add(make_entry("a.jpg", "1" * 16, os.stat(a), STAMP))
+        writer.add(make_entry("b.jpg", "1" * 16, os.stat(b), STAMP))
+        writer.add(make_entry("gone.jpg", "1" * 16, os.stat(b), STAMP))   # no file
+    os.utime(b, ns=(0, 123))                                       # b rewritten since
+    with SegmentWriterClosing(cache) as writer:                    # a re-indexed: new image
+        writer.add(make_entry("a.jpg", "1" * 16, os.stat(a), STAMP._replace(mtime_ns=5)))
+    index, stats = feature_index.compact(cache, _path(cache))
+    assert list(index.entries) == ["a.jpg"] and index.entries["a.jpg"][0].image_mtime_ns == 5
+    assert set(stats) == {"a.jpg"}
+    assert os.listdir(feature_index.segments_dir(cache)) == []
+    with open(feature_index.index_path(cache)) as f:
+        lines = f.read().splitlines()
+    assert len(lines) == 1 and '"key":"a.jpg"' in lines[0]
+    assert feature_index.load_index(cache).entries == index.entries
+
+
+def test_entry_round_trip():
+    entry = Entry("dir/ü x.jpg", "0123456789abcdef", 262272, 17, 99, 5, 6, "cd" * 32)
+    index = feature_index.Index()
+    feature_index._parse_lines(entry.to_json() + "\n", index)
+    assert index.entries == {"dir/ü x.jpg": [entry]}

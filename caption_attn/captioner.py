@@ -17,13 +17,13 @@ import numpy as np
 import tensorflow as tf
 
 from caption_attn import decode as decode_lib
-from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone
 from caption_attn import model as _model  # noqa: F401  registers the Keras classes to load
+from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
-from caption_attn.run import RunFolder
-from caption_attn.feature_cache import MANIFEST
+from caption_attn.feature_cache import MANIFEST, read_manifest
 from caption_attn.images import ImageError, list_images, load_image
+from caption_attn.run import RunFolder
 from caption_attn.vocab import PAD, START, Vocabulary
 
 BANNED = (PAD, START)  # never generated: <pad> only follows <end>, <start> only begins
@@ -150,6 +150,8 @@ class Captioner:
                                 f"the backbone from its manifest.json (and, for random "
                                 f"weights, the weights saved there); if it moved, pass "
                                 f"--cache NEW_FOLDER")
+            if self.run_dir:
+                RunFolder(self.run_dir).check_cache(cache, read_manifest(cache))
             self._backbone = Backbone.from_manifest(cache)
         return self._backbone
 

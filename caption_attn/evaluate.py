@@ -17,7 +17,8 @@ from caption_attn import data
 from caption_attn.coco_metrics import COCO_METRICS, coco_metrics, write_results
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
-from caption_attn.feature_cache import feature_path, read_manifest
+from caption_attn.feature_cache import (describe_problems, feature_path, read_manifest,
+                                        source_images, usable_features)
 from caption_attn.fileio import write_json_atomic
 from caption_attn.run import RunFolder, check_folder_writable
 from caption_attn.shapes_metrics import (SHAPES_METRICS, scene_accuracy_by_objects,
@@ -64,6 +65,7 @@ class _SplitFeatures:
     records: dict                       # image key -> data.ImageRecord
     manifest: dict                      # the cache's manifest.json
     reader: object                      # pipeline.NpyReader of the cache
+    problems: str = ""                  # why images were left out (describe_problems)
 
 
 def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
@@ -77,17 +79,20 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
         raise UserError(f"--split must be one of {sorted(splits)}, got {split!r}")
     records = {r.image: r for r in data.load_dataset(captions, run_cfg.data).records}
     manifest = read_manifest(cache)
+    RunFolder(run_dir).check_cache(cache, manifest)
     reader = pipeline.NpyReader.from_manifest(manifest)
     keys = [k for k in splits[split] if k in records]
     if not keys:
         raise UserError(f"{captions} has none of the {len(splits[split])} images of the run's "
                         f"{split} split: is it the caption file the run was trained with?")
-    valid = {k: reader.has_file(feature_path(cache, k)) for k in keys}
-    without = [k for k in keys if not valid[k]]
-    keys = [k for k in keys if valid[k]]
+    usable, problems = usable_features(cache, keys, manifest, source_images(manifest))
+    without = [k for k in keys if k not in usable]
+    keys = [k for k in keys if k in usable]
     if not keys:
-        raise UserError(f"no images of the {split} split have features in {cache}")
-    return _SplitFeatures(split, cache, keys, without, records, manifest, reader)
+        raise UserError(f"no images of the {split} split have usable features: "
+                        f"{describe_problems(problems, cache)}")
+    return _SplitFeatures(split, cache, keys, without, records, manifest, reader,
+                          describe_problems(problems, cache) if problems else "")
 
 
 def _check_outputs(metrics_path: str, results_path: str) -> None:
@@ -107,7 +112,17 @@ def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
     bar = progress_lib.bar(len(found.keys), progress, unit_name="image", periodic=True)
     batches = pipeline.image_dataset([feature_path(found.cache, k) for k in found.keys],
                                      captioner.cfg.batch_size, found.reader)
-    decoded = captioner.decode_batches((b.numpy() for b in batches), bar)
+    import tensorflow as tf
+
+    try:
+        decoded = captioner.decode_batches((b.numpy() for b in batches), bar)
+    except tf.errors.InvalidArgumentError as e:
+        path = pipeline.damaged_file_from_error(e)
+        if path is None:
+            raise
+        raise UserError(f"damaged feature file {path}: repair the cache with `caption-attn "
+                        f"extract-features --verify` (the same --images and --cache), then "
+                        f"evaluate again") from None
     return {k: c[0] for k, c in zip(found.keys, decoded)}
 
 
@@ -120,9 +135,7 @@ def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
     metrics, notes = coco_metrics(references, hypotheses, use_java=use_java)
     if found.without:
         notes.append(f"{len(found.without)} images of the {found.split} split were left out: "
-                     f"their feature file in {found.cache} is missing or has the wrong size "
-                     f"(e.g. {found.without[0]}); run extract-features --verify to repair the "
-                     f"cache")
+                     f"{found.problems}")
     result = {**metrics, "notes": notes}
     objects = {k: records[k].objects for k in found.keys if records[k].objects is not None}
     if objects:

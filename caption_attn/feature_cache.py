@@ -459,6 +459,13 @@ def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
     return paths, problems
 
 
+def source_images(manifest: dict) -> Optional[str]:
+    """The images folder a cache was extracted from (recorded in its manifest) when it is on
+    this machine: `usable_features` then checks the images against the index; else None."""
+    folder = manifest.get("images_dir")
+    return folder if folder and os.path.isdir(folder) else None
+
+
 def describe_problems(problems: dict, cache_dir: str, examples: int = 3) -> str:
     """One paragraph for `usable_features`' problems: counts per reason, a few files, the fix."""
     by_reason: dict = {}
@@ -469,4 +476,5 @@ def describe_problems(problems: dict, cache_dir: str, examples: int = 3) -> str:
     shown = ", ".join(feature_path(cache_dir, k) for k in list(problems)[:examples])
     return (f"{len(problems)} feature file(s) in {cache_dir} cannot be used: {counts} (e.g. "
             f"{shown}). Rerun `caption-attn extract-features --cache {cache_dir} ...` with the "
-            f"cache's settings: it extracts exactly these again")
+            f"cache's settings: it extracts exactly these again (--verify also reads every "
+            f"other file's values)")

@@ -131,6 +131,23 @@ class RunFolder:
                             f"keys]}}}})")
         return splits
 
+    def cache_identity(self) -> Optional[dict]:
+        """The identity of the feature cache the run was trained on (recorded in split.json
+        when the run started; None for a run made before caches had identities)."""
+        if not os.path.exists(self.split):
+            return None
+        data = read_json(self.split)
+        return data.get("cache_identity") if isinstance(data, dict) else None
+
+    def check_cache(self, cache: str, manifest: dict) -> None:
+        """Refuse a feature cache whose identity differs from the one the run was trained on
+        (naming both)."""
+        from caption_attn.feature_cache import refuse_other_identity
+
+        recorded = self.cache_identity()
+        if recorded is not None:
+            refuse_other_identity(recorded, manifest, f"run {self.path}", cache)
+
     def load_best_model(self):
         """The best model; a missing, truncated or old-format best.keras is a `UserError`
         naming it and saying how to recover."""

@@ -74,11 +74,14 @@ class DamagedFeatures(Exception):
         super().__init__(path)
         self.path = path
 
-    def stop(self, step: int) -> TrainingError:
+    def stop(self, step: Optional[int] = None) -> TrainingError:
+        """The error that ends training; `step`: where a checkpoint was saved (None: none)."""
+        resume = "" if step is None else f": it continues from step {step} (a checkpoint " \
+            f"was saved)"
         return TrainingError(
             f"damaged feature file {self.path}: repair the cache with `caption-attn "
             f"extract-features --verify` (the same --images and --cache), then rerun this "
-            f"command: it continues from step {step} (a checkpoint was saved)")
+            f"command{resume}")
 
 
 def _checked(dataset):
@@ -168,8 +171,14 @@ class Trainer:
                            lambda: self.scst)
         if mc.feature_norm and self._restored is None:  # else: restored with the model
             train_paths = {self.data.feature_paths[k] for k in self.train_images}
-            self.model.feature_norm.set_statistics(*pipeline.feature_statistics(
-                self.data.reader, train_paths, seed=self.cfg.data.seed))
+            try:
+                self.model.feature_norm.set_statistics(*pipeline.feature_statistics(
+                    self.data.reader, train_paths, seed=self.cfg.data.seed))
+            except tf.errors.InvalidArgumentError as e:
+                path = pipeline.damaged_file_from_error(e)
+                if path is None:
+                    raise
+                raise DamagedFeatures(path).stop() from None
 
     def _maybe_table(self) -> Optional[pipeline.FeatureTable]:
         gb, d = self.cfg.train.memory_cache_gb, self.data
@@ -460,7 +469,8 @@ def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
              f"{'in memory' if trainer._table is not None else 'streamed from disk'}")
     if d.skipped_captions:
         trainer.log(f"skipped {d.skipped_captions} captions of {d.skipped_images} images "
-                 f"without features in {trainer.cfg.cache}")
+                    f"without usable features: {d.problems}")
+
 
 def _summary(trainer: Trainer, history, early, reason, seconds) -> dict:
     last = history[-1] if history else {}

@@ -31,8 +31,9 @@ class TrainData:
     reader: pipeline.NpyReader
     manifest: dict
     format: str                   # of the caption file
-    skipped_captions: int         # captions whose image has no features
+    skipped_captions: int         # captions whose image has no usable features
     skipped_images: int
+    problems: str = ""            # why (`feature_cache.describe_problems`), or ""
 
     def items(self, split: str) -> tuple[list[str], list[list[int]]]:
         """(feature path, token ids) of every caption of `split`, one pair per caption."""
@@ -41,10 +42,13 @@ class TrainData:
         return [p for p, _ in pairs], [t for _, t in pairs]
 
     def fix_in(self, run: RunFolder, captions: str) -> None:
-        """Save split.json and vocab.json (the ones this data was made with, unchanged when
-        they were read from the run): from here on they are fixed for the life of the run."""
+        """Save split.json (with the identity of the feature cache) and vocab.json (the ones
+        this data was made with, unchanged when they were read from the run): from here on
+        they are fixed for the life of the run."""
         write_json_atomic(run.split, {"captions": os.path.abspath(captions),
-                                      "format": self.format, "splits": self.splits})
+                                      "format": self.format, "splits": self.splits,
+                                      "cache_identity": feature_cache.cache_identity(
+                                          self.manifest)})
         self.vocab.save(run.vocab)
 
 
@@ -66,6 +70,8 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     vocabulary of the run folder when it has them: they never change under a run; --fresh
     makes new ones). Writes nothing."""
     manifest = check_manifest(cfg.cache)
+    if reuse:
+        run.check_cache(cfg.cache, manifest)
     reader = pipeline.NpyReader.from_manifest(manifest)
     captions = data_lib.load_dataset(cfg.captions, cfg.data)
     if reuse and os.path.exists(run.split):
@@ -73,14 +79,10 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     else:
         splits = {s: sorted(r.image for r in captions.split(s)) for s in data_lib.SPLITS}
     records = {r.image: r for r in captions.records}
-    paths, skipped_images, skipped_captions = {}, 0, 0
-    for key in (k for keys in splits.values() for k in keys):
-        path = feature_cache.feature_path(cfg.cache, key)
-        if key in records and reader.has_file(path):
-            paths[key] = path
-        elif key in records:
-            skipped_images += 1
-            skipped_captions += len(records[key].captions)
+    paths, problems = feature_cache.usable_features(
+        cfg.cache, [k for keys in splits.values() for k in keys if k in records], manifest,
+        images_dir=feature_cache.source_images(manifest))
+    skipped_captions = sum(len(records[k].captions) for k in problems)
     words = {k: tokenize_all(records[k].captions) for k in paths}  # for vocabulary and ids
     if reuse and os.path.exists(run.vocab):
         vocab = Vocabulary.load(run.vocab)
@@ -96,7 +98,9 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
         references[split] = {k: records[k].captions for k in keys}
     _check_not_empty(cfg, splits, caption_ids)
     return TrainData(vocab, splits, caption_ids, references, paths, reader, manifest,
-                     captions.format, skipped_captions, skipped_images)
+                     captions.format, skipped_captions, len(problems),
+                     feature_cache.describe_problems(problems, cfg.cache) if problems else "")
+
 
 
 def _check_not_empty(cfg: RunConfig, splits: dict, caption_ids: dict) -> None:

@@ -160,3 +160,27 @@ def test_a_file_where_a_folder_is_expected_is_one_line(trained_run, shapes_data,
     err = capsys.readouterr().err
     assert code == 2 and "is a file, not a folder" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_features_of_another_backbone_are_refused_naming_both(shapes_data, run_copy, tmp_path,
+                                                              capsys):
+    from caption_attn.config import ExtractConfig
+    from caption_attn.extract import extract_features
+    other = str(tmp_path / "other_cache")
+    extract_features(shapes_data["images"], ExtractConfig(
+        cache=other, weights="random", seed=7, dtype="float16"),
+        keys=["shape_00000.png", "shape_00001.png"], progress=False)
+    image = os.path.join(shapes_data["images"], "shape_00000.png")
+    same_model = ["--seed", "1", "--max-length", "20", "--embedding-dim", "32", "--units",
+                  "64", "--dropout", "0.1", "--epochs", "4"]   # as the `trained_run` fixture
+    before = _files(run_copy)
+    for args in (["train", "--captions", shapes_data["captions"], "--cache", other,
+                  "--run", run_copy, *same_model],
+                 ["caption", "--run", run_copy, "--cache", other, image],
+                 ["evaluate", "--run", run_copy, "--cache", other]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert "seed 0" in err and "seed 7" in err and "Traceback" not in err, err
+    assert _files(run_copy) == before                       # nothing trained, nothing written
+    with open(os.path.join(run_copy, "split.json")) as f:
+        assert json.load(f)["cache_identity"]["fingerprint"]

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from typing import Callable, Optional, Sequence, Union
 
 import keras
@@ -219,14 +220,31 @@ class TensorBoardLogger(keras.callbacks.Callback):
                 table = "\n".join(f"| {s['image']} | {s['caption']} |" for s in samples)
                 tf.summary.text("captions", "| image | caption |\n|---|---|\n" + table)
                 for s in samples:
-                    image = tf.image.decode_png(s["png"], channels=3)[None]  # (1, H, W, 3)
-                    tf.summary.image(f"attention/{s['image']}", image)
+                    self._png_summary(f"attention/{s['image']}", s["png"])
         self.train_writer.flush()
         self.val_writer.flush()
+
+    def _png_summary(self, tag: str, png: bytes) -> None:
+        """An image summary made of PNG bytes as they are: what `tf.summary.image` writes
+        ([width, height, png] strings, image plugin metadata) without decoding the PNG and
+        encoding it again (0.22 s per 13-word heatmap)."""
+        from tensorboard.plugins.image import metadata
+
+        width, height = png_size(png)
+        self._tf.summary.write(
+            tag, self._tf.constant([str(width), str(height), png]),
+            metadata=metadata.create_summary_metadata(display_name=None, description=None))
 
     def on_train_end(self, logs=None):
         self.train_writer.close()
         self.val_writer.close()
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+        raise ValueError(f"`png` must be PNG bytes; got {png[:16]!r}...")
+    return struct.unpack(">II", png[16:24])
 
 
 class AttentionSnapshots(keras.callbacks.Callback):

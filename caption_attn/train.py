@@ -12,6 +12,7 @@ runs the epochs.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import time
@@ -388,6 +389,10 @@ class Trainer:
         self.model.stop_training = False
         callbacks.on_train_begin()
         self._repair_best(early, done)
+        if self.chief and tc.sample_images:  # trace and run the greedy decoder now, not in epoch 1
+            self.validator.greedy(self.validator.sample_keys[:1])
+        gc.collect()
+        gc.freeze()  # what lives now lives through training: full collections skip it
         reason, start, epoch = "epochs", time.perf_counter(), done
         while epoch < tc.epochs and not self.model.stop_training:
             if tc.max_steps and int(self.step.numpy()) >= tc.max_steps:
@@ -397,6 +402,7 @@ class Trainer:
                 reason = "max_steps"
                 break
             epoch += 1
+        gc.unfreeze()
         if self.model.stop_training:
             reason = "early_stopping"
         callbacks.on_train_end()

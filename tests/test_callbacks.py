@@ -204,3 +204,42 @@ def test_png_size_rejects_other_bytes():
 
     with pytest.raises(ValueError, match="`png`"):
         png_size(b"GIF89a" + bytes(30))
+
+
+def test_heatmaps_drawn_in_the_background_are_written_in_order_once_ready(tmp_path):
+    import concurrent.futures
+    import os
+    import threading
+
+    import cv2
+    import tensorflow as tf
+
+    from caption_attn.callbacks import AttentionSnapshots, TensorBoardLogger
+
+    png = cv2.imencode(".png", np.zeros((4, 6, 3), np.uint8))[1].tobytes()
+    gates = {0: threading.Event(), 1: threading.Event()}
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    futures = {e: pool.submit(lambda e=e: gates[e].wait() and [
+        {"image": f"img{e}.png", "caption": "x", "png": png}]) for e in gates}
+    samples = futures.__getitem__
+    tb = TensorBoardLogger(str(tmp_path / "logs"), {"units": 8}, samples=samples)
+    files = AttentionSnapshots(str(tmp_path / "attention"), samples)
+    for cb in (tb, files):
+        cb.set_model(_model())
+        cb.on_train_begin()
+        cb.on_epoch_end(0, {"loss": 1.0})        # epoch 0 still drawing: nothing written yet
+    assert not os.path.exists(tmp_path / "attention")
+    gates[0].set()
+    futures[0].result()
+    for cb in (tb, files):
+        cb.on_epoch_end(1, {"loss": 1.0})        # epoch 0 is drawn now, epoch 1 is not
+    assert os.listdir(tmp_path / "attention") == ["epoch_1"]
+    gates[1].set()
+    for cb in (tb, files):
+        cb.on_train_end()                         # waits for epoch 1
+    assert sorted(os.listdir(tmp_path / "attention")) == ["epoch_1", "epoch_2"]
+    images = [(step, v.tag) for step, v in _events(str(tmp_path / "logs" / "validation"))
+              if v.metadata.plugin_data.plugin_name == "images"]
+    assert images == [(1, "attention/img0.png"), (2, "attention/img1.png")]
+    assert tf.io.gfile.exists(str(tmp_path / "attention" / "epoch_2" / "img1.png"))
+    pool.shutdown()

@@ -234,7 +234,7 @@ def measure(args, root: str) -> dict:
     train.open_run(run, cfg)
     trainer = train.Trainer(cfg, run, progress=False, log=lambda *a: None)
     V = len(trainer.data.vocab)
-    lengths = [len(t) for t in trainer.data.items["train"][1]]
+    lengths = [len(t) for t in trainer.items["train"][1]]
     max_tokens = max(lengths)
     ours, compile_s, traces, shapes, per_image = time_ours(trainer)
     flops = model_flops(lengths, round(len(lengths) / per_image), args.embedding_dim,

@@ -10,7 +10,6 @@ p = row * 8 + col, row 0 at the top of the image) once per word.
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Sequence
 
@@ -25,6 +24,11 @@ from caption_attn.backbone import GRID
 from caption_attn.fileio import write_bytes_atomic
 
 PANEL_INCHES = 2.2  # width of one word panel; readable titles at 100 dpi
+_PAD_INCHES = 0.05  # around each panel's image
+_WORD_INCHES = 0.3  # the word above each panel
+_TITLE_INCHES = 0.4  # the figure title
+_COLORBAR_INCHES = 1.0  # colorbar, its tick labels and its label
+PNG_COMPRESSION = 3  # zlib level; 13-word figure: 55 ms, 567 KB (level 6: 150 ms, 506 KB)
 CMAP = "inferno"  # dark = ignored, bright = attended: a spotlight on the attended region
 
 
@@ -91,11 +95,37 @@ def _check_words(words: Sequence[str], attention) -> np.ndarray:
     return grids[: len(words)]  # (n, 8, 8)
 
 
-def _new_figure(rows: int, cols: int, aspect: float, title: str | None) -> Figure:
-    """Empty figure sized for `rows` x `cols` panels of height/width `aspect`, plus colorbar."""
-    width = cols * PANEL_INCHES + 0.9  # colorbar and its labels
-    height = rows * (PANEL_INCHES * aspect + 0.3) + (0.4 if title else 0.0)  # + word titles
-    fig = Figure(figsize=(width, height), layout="constrained")
+def _layout(rows: int, cols: int, aspect: float, title: bool):
+    """A fixed layout in inches, computed once instead of solved by a layout engine.
+
+    Returns the figure size, one [left, bottom, width, height] rectangle (figure fractions) per
+    panel in row-major order, the colorbar's rectangle and the title's y. Each panel cell is
+    PANEL_INCHES wide with its word above it; the colorbar spans 80% of the panels' height.
+    (Constrained layout gave nearly the same picture but cost 0.6 s per 13-word figure: three
+    solves, each measuring every text.)
+    """
+    image_w = PANEL_INCHES - 2 * _PAD_INCHES
+    image_h = image_w * aspect
+    cell_h = image_h + 2 * _PAD_INCHES + _WORD_INCHES
+    top = _TITLE_INCHES if title else 0.0
+    width = cols * PANEL_INCHES + _COLORBAR_INCHES
+    height = rows * cell_h + top
+    panels = []
+    for r in range(rows):
+        for c in range(cols):
+            left = c * PANEL_INCHES + _PAD_INCHES
+            bottom = height - top - (r + 1) * cell_h + _PAD_INCHES
+            panels.append([left / width, bottom / height, image_w / width, image_h / height])
+    grid_h = rows * cell_h
+    bar_h = 0.8 * grid_h
+    bottom = (grid_h - bar_h) / 2
+    colorbar = [(cols * PANEL_INCHES + 0.1) / width, bottom / height, 0.15 / width,
+                bar_h / height]
+    return (width, height), panels, colorbar, 1 - 0.1 / height
+
+
+def _new_figure(size) -> Figure:
+    fig = Figure(figsize=size)  # no layout engine: every render is identical
     FigureCanvasAgg(fig)  # attaches itself as fig.canvas
     return fig
 
@@ -119,41 +149,34 @@ def attention_figure(
     norm = Normalize(vmin=0.0, vmax=max(float(np.max(maps)), 1e-8))
 
     rows, cols = grid_shape(len(words))
-    fig = _new_figure(rows, cols, aspect=height / width, title=title)
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, word, heat in zip(axes, words, maps):
+    size, panels, colorbar, title_y = _layout(rows, cols, height / width, bool(title))
+    fig = _new_figure(size)
+    for rect, word, heat in zip(panels, words, maps):
+        ax = fig.add_axes(rect)
         ax.imshow(image)
         ax.imshow(heat, cmap=CMAP, norm=norm, alpha=alpha)
-        ax.set_title(word, fontsize=11)
+        ax.set_title(word, fontsize=11, y=1.0)  # a given y: no search for overlapping ticks
         ax.set_axis_off()
-    for ax in axes[len(words) :]:
-        fig.delaxes(ax)
     mappable = ScalarMappable(norm=norm, cmap=CMAP)
-    fig.colorbar(mappable, ax=list(axes[: len(words)]), shrink=0.8, label="attention weight")
+    fig.colorbar(mappable, cax=fig.add_axes(colorbar), label="attention weight")
     if title:
-        fig.suptitle(title)
-    _freeze_layout(fig)
+        fig.suptitle(title, y=title_y, va="top")
     return fig
 
 
-def _freeze_layout(fig: Figure, passes: int = 3) -> None:
-    """Settle constrained layout, then fix it so every render of `fig` is identical.
-
-    With fixed-aspect images and a colorbar, constrained layout moves the axes a little on each
-    draw (converging geometrically; after 3 passes by < 0.3 px), so two saves of a fresh figure
-    would differ. Freezing also spares the layout solve on every later save.
-    """
-    engine = fig.get_layout_engine()
-    for _ in range(passes):
-        engine.execute(fig)
-    fig.set_layout_engine("none")  # keeps the settled positions
-
-
 def figure_to_png(fig: Figure) -> bytes:
-    """PNG bytes of `fig` at its own size and dpi (for TensorBoard summaries and files)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=fig.dpi)
-    return buffer.getvalue()
+    """PNG bytes of `fig` at its own size and dpi (for TensorBoard summaries and files).
+
+    Drawn on the Agg canvas and encoded by OpenCV at zlib level `PNG_COMPRESSION`: for a
+    13-word heatmap (1190 x 790 px) 0.15 s + 0.05 s, where `savefig` took 0.15 s + 0.3 s.
+    """
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    bgr = cv2.cvtColor(np.asarray(canvas.buffer_rgba()), cv2.COLOR_RGBA2BGR)  # (H, W, 3)
+    ok, png = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+    if not ok:
+        raise RuntimeError("OpenCV could not encode the figure as PNG")
+    return png.tobytes()
 
 
 def save_figure(fig: Figure, path) -> None:

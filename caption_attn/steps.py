@@ -20,7 +20,8 @@ from caption_attn.model import masked_loss
 
 # Per-replica shares of these are added up over replicas; every other output is already
 # global (all-reduced inside the step) and taken from the first replica.
-SUMMED = ("loss", "ce", "reward", "baseline", "advantage", "advantage_sq", "entropy", "tokens")
+SUMMED = ("loss", "ce", "reward", "baseline", "advantage", "advantage_sq", "entropy", "tokens",
+          "ce_sum", "reg_sum", "caption_count")
 
 
 @dataclasses.dataclass
@@ -118,8 +119,14 @@ class Steps:
                 "captions": n}
 
     def _eval_replica(self, features, image_index, tokens):
-        loss, ce, n = self._cross_entropy(features, image_index, tokens, training=False)
-        return {"loss": loss, "ce": ce, "captions": n}
+        """Sums over one replica's captions; the split's loss is their ratio (`evaluate_loss`)."""
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]               # (B, T) each
+        logits, alphas = self.model((features, image_index, inputs),
+                                    training=False)                   # (B,T,V), (B,T,P)
+        ce_sum, tokens_sum, reg_sum = masked_loss(logits, targets, alphas,
+                                                  self.cfg.model.attention_reg)
+        return {"ce_sum": ce_sum, "tokens": tokens_sum, "reg_sum": reg_sum,
+                "caption_count": tf.cast(tf.shape(tokens)[0], tf.float32)}
 
     def _scst_replica(self, features, image_ids, seed):
         ctx = tf.distribute.get_replica_context()

@@ -8,6 +8,7 @@ traced once, over (up to) `--bleu-images` validation images in batches.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 from typing import Callable, Optional, Sequence
@@ -22,6 +23,8 @@ from caption_attn.coco_metrics import corpus_bleu4
 from caption_attn.config import DecodeConfig
 
 DECODE_BATCH = 128   # images per greedy decoding call
+SAMPLE_WORDS = 15    # word panels per epoch heatmap (3 x 5 grid): ~20 ms of drawing each; an
+#                      untrained model's 39-word captions took 0.75 s per heatmap (issue #11)
 
 
 @dataclasses.dataclass
@@ -101,21 +104,23 @@ class Validator:
 class SampleFigures:
     """Callable epoch -> [{image, caption, png}]: the sample images' greedy captions drawn as
     attention heatmaps, once per epoch and shared by the TensorBoard and heatmap callbacks.
-    Images come from `images_dir` (a gray square when it is unknown or an image is gone)."""
+    Images come from `images_dir` (a gray square when it is unknown or an image is gone).
 
-    def __init__(self, validator: Validator, images_dir: Optional[str]):
+    With `background`, the captions are decoded when called (the epoch's weights) and the
+    drawing (~0.3 s of CPU per heatmap) goes to one background thread while the next epoch
+    trains: the call returns a Future of the list, which the callbacks accept."""
+
+    def __init__(self, validator: Validator, images_dir: Optional[str],
+                 background: bool = False):
         self.validator, self.images_dir = validator, images_dir
         self._epoch, self._figures = None, []
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="heatmaps") if background else None
 
-    def __call__(self, epoch: int) -> list[dict]:
-        from caption_attn import plot
-
+    def __call__(self, epoch: int):
         if epoch != self._epoch:
-            self._figures = [
-                {"image": s.image, "caption": s.caption.text,
-                 "png": plot.figure_to_png(captioner.attention_plot(
-                     self._image(s.image), s.caption, s.image))}
-                for s in self.validator.samples()]
+            decoded = [(s, self._image(s.image)) for s in self.validator.samples()]
+            self._figures = self._pool.submit(_draw, decoded) if self._pool else _draw(decoded)
             self._epoch = epoch
         return self._figures
 
@@ -128,6 +133,24 @@ class SampleFigures:
             except images.ImageError:
                 pass
         return np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 128, np.uint8)
+
+
+def _draw(decoded: list) -> list[dict]:
+    from caption_attn import plot
+
+    return [{"image": s.image, "caption": s.caption.text,
+             "png": plot.figure_to_png(captioner.attention_plot(
+                 image, _first_words(s.caption, SAMPLE_WORDS), s.image))}
+            for s, image in decoded]
+
+
+def _first_words(caption: captioner.Caption, n: int) -> captioner.Caption:
+    """`caption` cut to its first `n` words (and their attention rows), as if it had not
+    ended; the full caption still goes to TensorBoard's text."""
+    if len(caption.words) <= n:
+        return caption
+    return dataclasses.replace(caption, words=caption.words[:n],
+                               attention=caption.attention[:n], ended=False)
 
 
 def table_or_files(reader: pipeline.NpyReader, paths: dict,

@@ -154,3 +154,92 @@ def test_stage_change_is_replayed_the_same_after_a_resume():
     es.set_model(_model())
     es.on_train_begin()
     assert es.monitor == "val_cider" and es.best == 0.7 and es.best_epoch == 2 and es.wait == 0
+
+
+# --- TensorBoardLogger ----------------------------------------------------------------------
+
+
+def _events(folder):
+    import glob
+    import os
+
+    import tensorflow as tf
+    out = []
+    for path in glob.glob(os.path.join(folder, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            out += [(event.step, value) for value in event.summary.value]
+    return out
+
+
+def test_heatmaps_reach_tensorboard_as_the_same_png(tmp_path):
+    import cv2
+    import tensorflow as tf
+
+    from caption_attn.callbacks import TensorBoardLogger, png_size
+
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    png = cv2.imencode(".png", pixels)[1].tobytes()
+    assert png_size(png) == (50, 30)
+    tb = TensorBoardLogger(str(tmp_path), {"units": 8},
+                           samples=lambda epoch: [{"image": "a/b.jpg", "caption": "x", "png": png}])
+    tb.set_model(_model())
+    tb.on_train_begin()
+    tb.on_epoch_end(0, {"loss": 1.0, "val_loss": 2.0})
+    tb.on_train_end()
+    images = [(step, v) for step, v in _events(str(tmp_path / "validation"))
+              if v.metadata.plugin_data.plugin_name == "images"]
+    assert [(step, v.tag) for step, v in images] == [(1, "attention/a/b.jpg")]
+    width, height, data = tf.make_ndarray(images[0][1].tensor)
+    assert (width, height) == (b"50", b"30") and data == png  # not decoded and re-encoded
+    # The same summary tf.summary.image would write (what TensorBoard's image plugin reads).
+    with tf.summary.create_file_writer(str(tmp_path / "reference")).as_default(step=1):
+        tf.summary.image("attention/a/b.jpg", cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)[None])
+    (_, ref), = _events(str(tmp_path / "reference"))
+    assert ref.tag == images[0][1].tag and ref.metadata == images[0][1].metadata
+    assert tf.make_ndarray(ref.tensor)[:2].tolist() == [b"50", b"30"]
+
+
+def test_png_size_rejects_other_bytes():
+    from caption_attn.callbacks import png_size
+
+    with pytest.raises(ValueError, match="`png`"):
+        png_size(b"GIF89a" + bytes(30))
+
+
+def test_heatmaps_drawn_in_the_background_are_written_in_order_once_ready(tmp_path):
+    import concurrent.futures
+    import os
+    import threading
+
+    import cv2
+    import tensorflow as tf
+
+    from caption_attn.callbacks import AttentionSnapshots, TensorBoardLogger
+
+    png = cv2.imencode(".png", np.zeros((4, 6, 3), np.uint8))[1].tobytes()
+    gates = {0: threading.Event(), 1: threading.Event()}
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    futures = {e: pool.submit(lambda e=e: gates[e].wait() and [
+        {"image": f"img{e}.png", "caption": "x", "png": png}]) for e in gates}
+    samples = futures.__getitem__
+    tb = TensorBoardLogger(str(tmp_path / "logs"), {"units": 8}, samples=samples)
+    files = AttentionSnapshots(str(tmp_path / "attention"), samples)
+    for cb in (tb, files):
+        cb.set_model(_model())
+        cb.on_train_begin()
+        cb.on_epoch_end(0, {"loss": 1.0})        # epoch 0 still drawing: nothing written yet
+    assert not os.path.exists(tmp_path / "attention")
+    gates[0].set()
+    futures[0].result()
+    for cb in (tb, files):
+        cb.on_epoch_end(1, {"loss": 1.0})        # epoch 0 is drawn now, epoch 1 is not
+    assert os.listdir(tmp_path / "attention") == ["epoch_1"]
+    gates[1].set()
+    for cb in (tb, files):
+        cb.on_train_end()                         # waits for epoch 1
+    assert sorted(os.listdir(tmp_path / "attention")) == ["epoch_1", "epoch_2"]
+    images = [(step, v.tag) for step, v in _events(str(tmp_path / "logs" / "validation"))
+              if v.metadata.plugin_data.plugin_name == "images"]
+    assert images == [(1, "attention/img0.png"), (2, "attention/img1.png")]
+    assert tf.io.gfile.exists(str(tmp_path / "attention" / "epoch_2" / "img1.png"))
+    pool.shutdown()

@@ -153,6 +153,18 @@ def test_no_python_functions_in_the_graph(tmp_path):
     assert b"PyFunc" not in graph and b"EagerPyFunc" not in graph
 
 
+def test_no_autotuning_thread(tmp_path):
+    """Deleting an autotuned iterator can wait up to a minute for its tuning thread (#11)."""
+    paths, reader = _write(tmp_path, 4)
+    index, tokens = _captions(4)
+    train = pipeline.caption_dataset([paths[i] for i in index], tokens, 4,
+                                     pipeline.bucket_boundaries(30), reader, shuffle_seed=0)
+    images = pipeline.image_dataset(paths, 3, reader)
+    scst = pipeline.shuffled_image_dataset(paths, 3, reader, None, seed=0)
+    for ds in (train, images, scst):
+        assert ds.options().autotune.enabled is False
+
+
 def test_image_dataset_keeps_order(tmp_path):
     paths, reader = _write(tmp_path, 7)
     feats = np.concatenate([f.numpy() for f in pipeline.image_dataset(paths, 3, reader)])

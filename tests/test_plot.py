@@ -174,6 +174,20 @@ def test_figure_rejects_non_rgb_image(shape):
         attention_figure(np.zeros(shape, np.uint8), ["a"], _attention(1))
 
 
+@pytest.mark.parametrize("n, size", [(1, (48, 64)), (5, (299, 299)), (13, (80, 40))])
+def test_fixed_layout_keeps_panels_apart_and_inside(n, size):
+    fig = attention_figure(_image(*size), WORDS[:n] + ["x"] * max(0, n - len(WORDS)),
+                           _attention(n), title="t")
+    assert fig.get_layout_engine() is None  # computed once, not solved at every draw
+    fig.canvas.draw()
+    boxes = [ax.get_position() for ax in _image_axes(fig)]  # after apply_aspect
+    colorbar = [ax for ax in fig.axes if not ax.images][0].get_position()
+    for i, a in enumerate(boxes):
+        assert 0 <= a.x0 and a.x1 <= colorbar.x0 and 0 <= a.y0 and a.y1 <= 1
+        assert not any(a.overlaps(b) for b in boxes[i + 1:])
+    assert colorbar.x1 < 1
+
+
 def test_figure_is_garbage_collected_without_pyplot():
     ref = weakref.ref(attention_figure(_image(), WORDS[:2], _attention(2)))
     gc.collect()

@@ -1,0 +1,172 @@
+"""End-to-end training throughput, epoch start to epoch start, against the tutorial's step.
+
+Self-contained and offline: bench_train's synthetic COCO-like set (400 images x 5 captions,
+COCO-like caption lengths, V 5001, float16 feature cache; here 10% of the images are val, so
+the validation pass has its usual weight) and its model sizes (E 256, U 512, batch 64). Then
+
+  end to end  `train.Trainer.fit` for --epochs epochs with everything an epoch does (steps,
+              validation loss, the 4 sample heatmaps, TensorBoard, checkpoint, best model,
+              history), each epoch's start time-stamped from outside: the trainer's
+              "Epoch k/N" log line, written just before `on_epoch_begin`. Epoch 1 traces and
+              compiles; the rate is train captions per epoch over the median start-to-start
+              time of epochs 2 .. N-1 (the last epoch has no next start)
+  steps only  the same epochs' history `captions_per_second` (the step loop alone)
+  reference   the TensorFlow tutorial's step (bench_train.reference_step) on the first
+              --reference-batches batches of the same data, in the same process
+
+and prints end-to-end / reference (issue #11's target: >= 5.5) and what an epoch spends
+besides its steps (start-to-start minus history `seconds`: sample decoding, heatmaps,
+TensorBoard, checkpoint, best model, history).
+
+    .venv/bin/python benchmarks/bench_epoch.py                # 4 epochs, about 2 minutes
+    .venv/bin/python benchmarks/bench_epoch.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from bench_train import reference_step, time_reference, write_dataset  # noqa: E402
+from caption_attn import train  # noqa: E402
+from caption_attn.config import (ModelConfig, RunConfig, TrainConfig, VocabConfig,  # noqa: E402
+                                 write_json_atomic)
+
+TARGET = 5.5  # issue #11: end-to-end training throughput >= 5.5x the tutorial's step
+
+
+def make_val_split(captions: str, val_fraction: float) -> None:
+    """Mark the first `val_fraction` of the images as val (bench_train keeps 2)."""
+    with open(captions, encoding="utf-8") as f:
+        data = json.load(f)
+    n_val = max(4, round(val_fraction * len(data["images"])))
+    for i, entry in enumerate(data["images"]):
+        entry["split"] = "val" if i < n_val else "train"
+    write_json_atomic(captions, data)
+
+
+class EpochStarts:
+    """A trainer `log` that time-stamps each "Epoch k/N" line (written as an epoch starts)."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, message):
+        if str(message).startswith("Epoch "):
+            self.times.append(time.perf_counter())
+
+
+def measure(args, root: str) -> dict:
+    captions, cache = write_dataset(root, args.images, args.captions_per_image, args.vocab)
+    make_val_split(captions, args.val_fraction)
+    cfg = RunConfig(captions=captions, cache=cache,
+                    vocab=VocabConfig(vocab_size=args.vocab, max_length=38),
+                    model=ModelConfig(embedding_dim=args.embedding_dim, units=args.units),
+                    train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
+                                      precision=args.precision, patience=args.epochs,
+                                      sample_images=args.sample_images, memory_cache_gb=4.0))
+    run = os.path.join(root, "run")
+    train.open_run(run, cfg)
+    starts = EpochStarts()
+    trainer = train.Trainer(cfg, run, progress=True, log=starts)
+    V = len(trainer.data.vocab)
+    n_train = len(trainer.items["train"][0])
+    with contextlib.redirect_stdout(io.StringIO()):  # the progress bar (one line per epoch)
+        trainer.fit()
+    with open(os.path.join(run, "history.json"), encoding="utf-8") as f:
+        history = json.load(f)
+    between = np.diff(starts.times)                 # epoch k start -> epoch k+1 start
+    steady = between[1:] if len(between) > 1 else between
+    steady_history = history[1:len(between)] if len(between) > 1 else history[:1]
+    end_to_end = n_train / float(np.median(steady))
+    steps_only = float(np.median([h["captions_per_second"] for h in steady_history]))
+    in_epoch = float(np.median([h["seconds"] for h in steady_history]))  # steps + val loss
+
+    keras.utils.set_random_seed(0)
+    lengths = [len(t) for t in trainer.items["train"][1]]
+    max_tokens = max(lengths)
+    batches = [(tf.gather(f, i), t) for f, i, t in
+               list(trainer.dataset("train", epoch=0))[:args.reference_batches]]
+    ref, ref_compile_s = time_reference(
+        reference_step(args.embedding_dim, args.units, V, max_tokens), batches, max_tokens)
+    return {
+        "setup": {"embedding_dim": args.embedding_dim, "units": args.units, "vocab": V,
+                  "batch_size": args.batch_size, "precision": args.precision,
+                  "train_captions": n_train, "val_captions": len(trainer.items["val"][0]),
+                  "sample_images": args.sample_images, "epochs": args.epochs,
+                  "threads": os.cpu_count(), "load_average": os.getloadavg()[0]},
+        "epoch_start_to_start_s": [float(x) for x in between],
+        "history_seconds": [h["seconds"] for h in history],
+        "end_to_end_captions_per_s": end_to_end,
+        "steps_only_captions_per_s": steps_only,
+        "epoch_besides_steps_and_val_s": float(np.median(steady)) - in_epoch,
+        "reference_captions_per_s": ref, "reference_first_step_s": ref_compile_s,
+        "speedup_end_to_end": end_to_end / ref, "speedup_steps_only": steps_only / ref,
+    }
+
+
+def report(figures: dict) -> None:
+    s = figures["setup"]
+    print(f"setup: E {s['embedding_dim']}, U {s['units']}, V {s['vocab']}, batch "
+          f"{s['batch_size']}, {s['precision']}, {s['train_captions']} train / "
+          f"{s['val_captions']} val captions, {s['sample_images']} sample heatmaps, "
+          f"{s['epochs']} epochs, load average {s['load_average']:.1f} on {s['threads']} CPUs")
+    print("epoch start to start  " + ", ".join(f"{x:.1f}" for x in
+                                               figures["epoch_start_to_start_s"]) + " s")
+    print(f"end to end  {figures['end_to_end_captions_per_s']:8.1f} captions/s   (epochs 2.., "
+          f"{figures['epoch_besides_steps_and_val_s']:.1f} s per epoch besides steps and "
+          f"validation)")
+    print(f"steps only  {figures['steps_only_captions_per_s']:8.1f} captions/s")
+    print(f"reference   {figures['reference_captions_per_s']:8.1f} captions/s   (the tutorial's "
+          f"step, first step {figures['reference_first_step_s']:.1f} s)")
+    speedup = figures["speedup_end_to_end"]
+    print(f"speedup     {speedup:8.2f} x end to end ({'meets' if speedup >= TARGET else 'below'} "
+          f"the {TARGET}x target), {figures['speedup_steps_only']:.2f} x steps only")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--captions-per-image", type=int, default=5)
+    ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--vocab", type=int, default=4997, help="words (+4 special = 5001)")
+    ap.add_argument("--embedding-dim", type=int, default=256)
+    ap.add_argument("--units", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--epochs", type=int, default=4, help="at least 3 (epoch 1 compiles)")
+    ap.add_argument("--sample-images", type=int, default=4)
+    ap.add_argument("--reference-batches", type=int, default=6)
+    ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = ap.parse_args(argv)
+    if args.epochs < 3:
+        ap.error(f"--epochs must be >= 3 (epoch 1 compiles, the last has no next start); "
+                 f"got {args.epochs}")
+    root = tempfile.mkdtemp(prefix="bench_epoch_")
+    try:
+        figures = measure(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report(figures)
+    if args.json:
+        write_json_atomic(args.json, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

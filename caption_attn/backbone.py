@@ -223,21 +223,25 @@ class Backbone:
     """
 
     def __init__(self, model, feature_scale: float = 1.0, jit_compile: bool = False):
-        import keras
         import tensorflow as tf
 
         self.model = model
         self.feature_scale = float(feature_scale)  # applied in __call__ (exact: a power of 2)
-        preprocess = keras.applications.inception_v3.preprocess_input
-        inference_model = fold_batchnorm(model)
-
-        def forward(images):                                        # (B, 299, 299, 3) uint8
-            x = preprocess(tf.cast(images, tf.float32))             # (B, 299, 299, 3) in [-1, 1]
-            y = inference_model(x, training=False)                  # (B, 8, 8, 2048)
-            return tf.reshape(tf.cast(y, tf.float32), (-1,) + FEATURE_SHAPE)  # (B, 64, 2048)
-
+        self.inference_model = fold_batchnorm(model)
         spec = tf.TensorSpec((None, IMAGE_SIZE, IMAGE_SIZE, 3), tf.uint8)
-        self._forward = tf.function(forward, input_signature=[spec], jit_compile=jit_compile)
+        self._forward = tf.function(self.forward, input_signature=[spec],
+                                    jit_compile=jit_compile)
+
+    def forward(self, images):
+        """The graph of `__call__` without the scale, for callers that build their own
+        tf.function (the export): uint8 (B, 299, 299, 3) -> float32 (B, 64, 2048)."""
+        import keras
+        import tensorflow as tf
+
+        preprocess = keras.applications.inception_v3.preprocess_input
+        x = preprocess(tf.cast(images, tf.float32))                 # (B, 299, 299, 3) in [-1, 1]
+        y = self.inference_model(x, training=False)                 # (B, 8, 8, 2048)
+        return tf.reshape(tf.cast(y, tf.float32), (-1,) + FEATURE_SHAPE)  # (B, 64, 2048)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)

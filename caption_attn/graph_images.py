@@ -1,0 +1,169 @@
+"""`images.load_image` in TensorFlow ops: encoded bytes -> the same 299x299 RGB pixels.
+
+The exported SavedModel decodes and resizes inside its graph (no OpenCV, no Python), so this
+module re-implements `images.decode_image` and `images.resize_image` op by op. Measured
+against them (tests/test_export.py, README "Export and serve"):
+
+- JPEG: libjpeg's accurate integer DCT with fancy upsampling, as OpenCV uses: identical
+  pixels (grayscale too); CMYK JPEGs +-1 (TensorFlow's own CMYK -> RGB). A JPEG whose last
+  scan has no end-of-image marker after it is refused, as `images._truncated` does.
+- PNG (8/16-bit, gray, gray+alpha, RGB, RGBA, palette with transparency): identical. Alpha
+  is composited over white with OpenCV's formula; 16-bit without alpha keeps the top 8 bits.
+  A PNG without IEND is refused.
+- GIF: the first frame, identical, except transparent pixels: TensorFlow's decoder makes
+  them black, `images.py` composites them over white.
+- BMP: identical, an alpha channel is ignored (OpenCV reads BMP without it).
+- WebP: decoded by TensorFlow's libwebp; alpha composited over white.
+- Not done: the EXIF orientation (TensorFlow has no EXIF reader; OpenCV rotates the image),
+  TIFF (no TensorFlow decoder: such an image is an error, like a corrupt file).
+- Resizing: the shrinking axes with `tf.image.resize(method="area")` (the box filter of
+  OpenCV's INTER_AREA; halving both sides rounds halves up like OpenCV's 2x2 path), the
+  enlarging ones with OpenCV's INTER_CUBIC (a = -0.75, half-pixel centres, edge pixels
+  repeated) written out as four-tap gathers, uint8 rounding between the passes as OpenCV.
+  TensorFlow's own bicubic (Keys, a = -0.5) differs from OpenCV's by up to 12 levels.
+
+Every failure (unknown format, corrupt or truncated data) is a TensorFlow error raised by the
+op, so a caller can drop that image (`tf.data` `ignore_errors`) and keep the others.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from caption_attn.backbone import IMAGE_SIZE
+
+UNKNOWN, JPEG, PNG, GIF, BMP, WEBP = range(6)   # `sniff` codes, the branches of `decode`
+_MAGIC = {JPEG: [(0, b"\xff\xd8\xff")], PNG: [(0, b"\x89PNG\r\n\x1a\n")],
+          GIF: [(0, b"GIF87a"), (0, b"GIF89a")], BMP: [(0, b"BM")],
+          WEBP: [(0, b"RIFF"), (8, b"WEBP")]}   # GIF: either; WebP: both
+CUBIC_A = -0.75                                 # OpenCV's INTER_CUBIC coefficient
+
+
+def sniff(data):
+    """Format code (int32 scalar) of encoded bytes from their magic bytes, as images._sniff."""
+    head = tf.strings.substr(data, 0, 12) + b"\0" * 12            # >= 12 bytes
+    def at(pos, magic):
+        return tf.equal(tf.strings.substr(head, pos, len(magic)), magic)
+    found = {code: [at(pos, magic) for pos, magic in checks] for code, checks in _MAGIC.items()}
+    matches = [tf.reduce_any(found[GIF]) if code == GIF else tf.reduce_all(hits)
+               for code, hits in found.items()]
+    return tf.reduce_max(tf.where(tf.stack(matches), tf.constant(list(_MAGIC)), UNKNOWN))
+
+
+def _last(raw, pattern: bytes):
+    """Last position (int32) of `pattern` in the bytes `raw` (n,) uint8, -1 if absent."""
+    n = tf.maximum(tf.size(raw) - len(pattern) + 1, 0)
+    hit = tf.ones([n], tf.bool)
+    for k, byte in enumerate(pattern):
+        hit &= tf.equal(raw[k:k + n], byte)                            # (n,)
+    return tf.reduce_max(tf.concat([[-1], tf.where(hit, tf.range(n), -1)], 0))
+
+
+def _refuse_truncated(data, fmt):
+    """Assert ops of images._truncated: a JPEG needs an EOI marker after its last scan, a PNG
+    an IEND chunk."""
+    raw = tf.io.decode_raw(data, tf.uint8)                            # (n,)
+    if fmt == JPEG:
+        ok = _last(raw, b"\xff\xd9") >= _last(raw, b"\xff\xda")
+    else:
+        ok = _last(raw, b"IEND") >= 0
+    return tf.debugging.Assert(ok, ["truncated image"])
+
+
+def _to_rgb(raw, peak, keep_alpha: bool):
+    """raw (H, W, C) integers up to `peak`, C = 1-4 -> uint8 RGB (H, W, 3).
+
+    Gray becomes RGB. With `keep_alpha` an alpha channel (C 2 or 4) is composited over white
+    exactly as images._composite_alpha; otherwise it is dropped. 16-bit values without alpha
+    keep their top 8 bits (OpenCV's conversion)."""
+    channels = tf.shape(raw)[-1]
+    raw = tf.cast(raw, tf.int32)                                       # (H, W, C)
+    color = tf.cond(channels < 3, lambda: tf.repeat(raw[..., :1], 3, axis=-1),
+                    lambda: raw[..., :3])                              # (H, W, 3)
+
+    def composite():
+        alpha = tf.cast(raw[..., -1:], tf.float32) / peak              # (H, W, 1)
+        rgb = tf.cast(color, tf.float32) / peak * alpha + (1.0 - alpha)  # (H, W, 3) over white
+        return tf.cast(tf.round(rgb * 255.0), tf.uint8)
+
+    def opaque():
+        return tf.cast(tf.where(peak > 255.0, color // 256, color), tf.uint8)
+
+    if not keep_alpha:
+        return opaque()
+    return tf.cond(tf.equal(channels % 2, 0), composite, opaque)
+
+
+def _decode_png(data):
+    depth16 = tf.equal(tf.strings.substr(data, 24, 1), b"\x10")      # IHDR bit depth
+    raw = tf.cond(depth16, lambda: tf.cast(tf.io.decode_png(data, 0, tf.uint16), tf.int32),
+                  lambda: tf.cast(tf.io.decode_png(data, 0, tf.uint8), tf.int32))
+    return _to_rgb(raw, tf.where(depth16, 65535.0, 255.0), keep_alpha=True)
+
+
+def decode(data):
+    """Encoded bytes (string scalar) -> uint8 RGB (H, W, 3) like images.decode_image; a
+    TensorFlow error (InvalidArgumentError) for anything it refuses."""
+    fmt = sniff(data)
+
+    def unknown():
+        with tf.control_dependencies([tf.debugging.Assert(False, ["not an image"])]):
+            return tf.zeros([0, 0, 3], tf.uint8)
+
+    def jpeg():
+        with tf.control_dependencies([_refuse_truncated(data, JPEG)]):
+            return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+
+    def png():
+        with tf.control_dependencies([_refuse_truncated(data, PNG)]):
+            return _decode_png(data)
+
+    branches = {UNKNOWN: unknown, JPEG: jpeg, PNG: png,
+                GIF: lambda: tf.io.decode_gif(data)[0],                # first frame
+                BMP: lambda: _to_rgb(tf.io.decode_bmp(data, 0), 255.0, keep_alpha=False),
+                WEBP: lambda: _to_rgb(tf.io.decode_webp(data, 0)[0], 255.0, keep_alpha=True)}
+    rgb = tf.switch_case(fmt, [branches[code] for code in sorted(branches)])
+    return tf.ensure_shape(rgb, [None, None, 3])
+
+
+def _cubic(x, axis: int, size: int):
+    """OpenCV's INTER_CUBIC along `axis` of float x (H, W, C) up to `size` samples."""
+    n = tf.shape(x)[axis]
+    scale = tf.cast(n, tf.float64) / size
+    src = tf.cast((tf.range(size, dtype=tf.float64) + 0.5) * scale - 0.5, tf.float32)  # (S,)
+    left = tf.floor(src)
+    t = (src - left)[:, None]                                          # (S, 1) in [0, 1)
+    a = CUBIC_A
+    c0 = ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a
+    c1 = ((a + 2) * t - (a + 3)) * t * t + 1
+    c2 = ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1
+    weights = tf.concat([c0, c1, c2, 1 - c0 - c1 - c2], axis=1)       # (S, 4)
+    taps = tf.cast(left, tf.int32)[:, None] + tf.range(-1, 3)          # (S, 4)
+    taps = tf.clip_by_value(taps, 0, n - 1)                            # edge pixels repeat
+    picked = tf.gather(x, taps, axis=axis)          # axis 0: (S, 4, W, C); axis 1: (H, S, 4, C)
+    shape = [size, 4, 1] if axis == 0 else [size, 4]
+    return tf.reduce_sum(picked * tf.reshape(weights, shape + [1]), axis=axis + 1)
+
+
+def resize(rgb, size: int = IMAGE_SIZE):
+    """uint8 RGB (H, W, 3) -> (size, size, 3) like images.resize_image: stretched, the
+    shrinking axes averaged (area), the enlarging ones cubic, shrink first."""
+    h, w = tf.shape(rgb)[0], tf.shape(rgb)[1]
+    x = tf.cast(rgb, tf.float32)                                       # (H, W, 3)
+    h_to, w_to = tf.minimum(h, size), tf.minimum(w, size)
+
+    def shrink():  # one INTER_AREA pass over the shrinking axes, stored as uint8 by OpenCV
+        y = tf.image.resize(x[None], [h_to, w_to], method="area")[0]  # (h_to, w_to, 3)
+        halves = tf.equal(h, 2 * h_to) & tf.equal(w, 2 * w_to)        # OpenCV's 2x2 path
+        return tf.where(halves, tf.floor(y + 0.5), tf.round(y))      # rounds halves up
+
+    x = tf.cond((h > size) | (w > size), shrink, lambda: x)
+    x = tf.cond(h < size, lambda: _cubic(x, 0, size), lambda: x)       # (size, ., 3)
+    x = tf.cond(w < size, lambda: _cubic(x, 1, size), lambda: x)       # (size, size, 3)
+    x = tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
+    return tf.ensure_shape(x, [size, size, 3])
+
+
+def load(data):
+    """Encoded bytes -> uint8 (299, 299, 3): `images.load_image` after the file is read."""
+    return resize(decode(data))

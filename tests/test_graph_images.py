@@ -1,0 +1,106 @@
+"""In-graph decoding and resizing (caption_attn/graph_images.py) against images.py, the OpenCV
+path of `extract-features` and `caption`. The figures quoted in the README come from here."""
+
+import os
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from caption_attn import graph_images
+from caption_attn.images import decode_image, resize_image
+from image_samples import BAD, GOOD, scene
+
+_decode = tf.function(graph_images.decode, input_signature=[tf.TensorSpec([], tf.string)])
+_resize = tf.function(graph_images.resize, input_signature=[tf.TensorSpec([None, None, 3],
+                                                                           tf.uint8)])
+
+
+def _both(path):
+    """(images.decode_image, graph_images.decode) of one file, as int arrays."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return decode_image(data).astype(int), _decode(tf.constant(data)).numpy().astype(int)
+
+
+def test_decode_equals_opencv_on_the_sample_images(images):
+    for key in GOOD:
+        ref, got = _both(os.path.join(images, key))
+        if key == "exif6.jpg":    # TensorFlow ignores the EXIF orientation OpenCV applies
+            np.testing.assert_array_equal(np.rot90(ref), got)
+        elif key == "cmyk.jpg":   # TensorFlow's own CMYK -> RGB rounds differently
+            assert got.shape == ref.shape and np.abs(got - ref).max() <= 1
+        else:
+            np.testing.assert_array_equal(got, ref, err_msg=key)
+
+
+def _write_more(folder):
+    """Files of the kinds images.py handles specially: 16-bit, alpha, palettes, WebP."""
+    rgb = scene(3, 120, 90)                                                     # (90, 120, 3)
+    ramp = np.linspace(0, 1, 120)[None, :].repeat(90, 0)                        # (90, 120)
+    deep = rgb.astype(np.uint16) * 257 + np.random.default_rng(0).integers(0, 257, rgb.shape,
+                                                                           dtype=np.uint16)
+    cv2.imwrite(f"{folder}/rgb16.png", deep[..., ::-1])
+    cv2.imwrite(f"{folder}/rgba16.png", np.dstack([deep[..., ::-1],
+                                                     (ramp * 65535).astype(np.uint16)]))
+    cv2.imwrite(f"{folder}/gray16.png", deep[..., 0])
+    Image.fromarray(np.dstack([rgb[..., 0], (ramp * 255).astype(np.uint8)]), "LA") \
+        .save(f"{folder}/gray_alpha.png")
+    palette = Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=16)
+    palette.save(f"{folder}/palette_transparent.png", transparency=0)
+    palette.save(f"{folder}/transparent.gif", transparency=0)
+    cv2.imwrite(f"{folder}/alpha.bmp", np.dstack([rgb[..., ::-1], np.full((90, 120), 9,
+                                                                          np.uint8)]))
+    Image.fromarray(rgb).convert("L").save(f"{folder}/gray.bmp")
+    Image.fromarray(rgb).save(f"{folder}/lossless.webp", lossless=True)
+    Image.fromarray(rgb).save(f"{folder}/progressive.jpg", progressive=True, quality=90)
+
+
+def test_decode_equals_opencv_on_deep_alpha_and_palette_images(tmp_path):
+    _write_more(tmp_path)
+    for name in ("rgb16.png", "rgba16.png", "gray16.png", "gray_alpha.png", "alpha.bmp",
+                 "palette_transparent.png", "gray.bmp", "lossless.webp", "progressive.jpg"):
+        ref, got = _both(str(tmp_path / name))
+        np.testing.assert_array_equal(got, ref, err_msg=name)
+    # The documented difference: transparent GIF pixels are black in TensorFlow's decoder,
+    # composited over white by images.py; every other pixel is the same.
+    ref, got = _both(str(tmp_path / "transparent.gif"))
+    differ = np.any(got != ref, axis=-1)
+    assert differ.any() and (got[differ] == 0).all() and (ref[differ] == 255).all()
+
+
+@pytest.mark.parametrize("key", sorted(k for k in BAD if k != "missing.jpg"))
+def test_decode_refuses_what_images_py_refuses(images, key):
+    with open(os.path.join(images, key), "rb") as f:
+        data = f.read()
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        _decode(tf.constant(data))
+
+
+def test_decode_refuses_a_jpeg_without_end_marker_and_tiff(tmp_path):
+    ok, buf = cv2.imencode(".jpg", scene(2))
+    data = buf.tobytes()
+    assert data.endswith(b"\xff\xd9")
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        _decode(tf.constant(data[:-2]))           # every scan complete, no EOI: truncated
+    Image.fromarray(scene(2)).save(tmp_path / "x.tif")
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        _decode(tf.constant((tmp_path / "x.tif").read_bytes()))   # no TensorFlow decoder
+
+
+@pytest.mark.parametrize("width, height", [(640, 480), (320, 240), (200, 150), (400, 200),
+                                           (150, 500), (598, 897), (300, 300), (50, 37),
+                                           (299, 299), (1200, 299)])
+def test_resize_matches_opencv_within_one_level(width, height):
+    rgb = scene(width * height % 97, width, height)
+    ref = resize_image(rgb).astype(int)
+    got = _resize(tf.constant(rgb)).numpy().astype(int)
+    assert got.shape == (299, 299, 3)
+    assert np.abs(got - ref).max() <= 1
+    # rounding of a float sum at .5 differs on a few pixels; integer factors and enlarging
+    # are exact (OpenCV's integer-factor path and its cubic weights are reproduced)
+    assert np.mean(got != ref) <= 0.004
+    if (width % 299, height % 299) == (0, 0) or (width <= 299 and height <= 299):
+        assert np.mean(got != ref) <= 1e-4

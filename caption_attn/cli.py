@@ -146,6 +146,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from caption_attn import export
+
+    decode_cfg = config_from_args(C.DecodeConfig, args)
+    cfg = config_from_args(C.ExportConfig, args)
+    info = export.export_run(args.run, args.out, decode_cfg, cfg,
+                             log=lambda message: print(message, file=sys.stderr))
+    print(export.format_summary(info, args.out))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from caption_attn import demo
 
@@ -264,6 +275,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="caption file with the references (default: the run's); for a file "
                         "that moved")
     add_config_args(p, C.DecodeConfig)
+
+    p = command("export", cmd_export, "export a run as a SavedModel (and TFLite model)",
+                "Write the whole captioner (image decoding and resizing, InceptionV3, the "
+                "decoder, beam search, the vocabulary) into one SavedModel that needs only "
+                "TensorFlow: signature serving_default, images (encoded files) -> captions, "
+                "scores, words, attention. --tflite adds a TFLite model for devices (one "
+                "resized image, greedy). Written to a temporary folder and renamed, so --out "
+                "never holds half an export.")
+    p.add_argument("--run", required=True, metavar="DIR", help="run folder made by `train`")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="export folder (for TF Serving: MODELS/NAME/VERSION, e.g. "
+                        "serving/captioner/1)")
+    add_config_args(p, C.DecodeConfig, exclude=("sample", "temperature", "top_k", "seed",
+                                                 "batch_size", "xla"))
+    add_config_args(p, C.ExportConfig)
 
     p = command("demo", cmd_demo, "run everything offline on the built-in shapes dataset",
                 "make-shapes -> extract-features (seeded random backbone, no network) -> "

@@ -345,6 +345,30 @@ class DecodeConfig(Config):
         return "sample" if self.sample else "greedy" if self.beam == 1 else "beam"
 
 
+TFLITE_QUANTIZATIONS = ("none", "float16", "dynamic")
+
+
+@dataclass
+class ExportConfig(Config):
+    """What `export` writes besides the SavedModel (beam and length: see DecodeConfig)."""
+
+    tflite: bool = opt(False, "also write DIR/captioner.tflite (one resized image, greedy "
+                       "decoding, built-in TFLite ops) and DIR/vocab.json")
+    tflite_quantize: str = opt("none", "weights of the TFLite model: `float16` halves the "
+                               "file, `dynamic` stores int8 weights (about a quarter); either "
+                               "is compared with the float model on the run's test images",
+                               choices=TFLITE_QUANTIZATIONS)
+    check_images: int = opt(100, "test-split images on which a quantized TFLite model's "
+                            "greedy captions are compared with the float model's (0: no "
+                            "check)", check=integer(0))
+    force: bool = opt(False, "replace --out even if it is not an earlier export of this run")
+
+    def check_together(self) -> None:
+        if self.tflite_quantize != "none" and not self.tflite:
+            raise UserError(f"--tflite-quantize {self.tflite_quantize} applies to the TFLite "
+                            f"model: add --tflite")
+
+
 @dataclass
 class DemoConfig(Config):
     """The end-to-end offline demo (`demo`); sized for a 2-core CPU and 10 minutes."""

@@ -1,0 +1,399 @@
+"""`caption-attn export`: a trained run as one model that needs TensorFlow only.
+
+SavedModel (DIR), signature `serving_default` (N images, K beams, L = max_length):
+    images         string (N,)           encoded image files (JPEG, PNG, GIF, BMP, WebP)
+ -> captions       string (N,)           best caption, words joined by spaces, no special tokens
+    scores         float32 (N,)          its log-probability; -inf: the image was not decodable
+    words          string (N, L)         its words, "" after the last
+    attention      float32 (N, L, 8, 8)  the 8x8 map of each word, zero after the last
+    beam_captions  string (N, K)         all K beams, best first ("" for a dead beam)
+    beam_scores    float32 (N, K)        their log-probabilities
+
+Everything is in the graph: decoding and resizing (`graph_images`, which imitates
+images.load_image), InceptionV3 with the weights and feature scale of the run's cache
+(`Backbone.forward`), the run's model with its feature standardisation, the decoder of
+`caption` (`captioner.make_decoder`: beam search or greedy in one tf.while_loop) and the id ->
+word lookup (a constant). Images are decoded by a tf.data pipeline with `ignore_errors`: one
+that cannot be decoded is left out before the backbone and gets "" and -inf, the others are
+captioned as usual.
+
+TFLite (DIR/captioner.tflite with DIR/vocab.json), signature `serving_default`:
+    image      uint8 (1, 299, 299, 3)  an RGB image already resized like images.load_image
+ -> token_ids  int32 (1, L)            the greedy caption's ids up to <end>, then 0 (<pad>)
+    scores     float32 (1,)            its log-probability
+    attention  float32 (1, L, 8, 8)    the map of each token id (<end> included), then zero
+Built-in TFLite ops only: the decoder's tf.while_loop becomes a WHILE op. It computes in
+float32 even for a bfloat16 run (bfloat16 is not a TFLite type).
+
+Nothing is written under DIR until the export is complete: it is made in a hidden temporary
+folder next to DIR and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import time
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+from caption_attn import __version__, graph_images
+from caption_attn.backbone import GRID, IMAGE_SIZE, NUM_PIXELS, Backbone, build_backbone
+from caption_attn.captioner import Captioner, make_decoder
+from caption_attn.config import DecodeConfig, ExportConfig
+from caption_attn.errors import UserError
+from caption_attn.feature_cache import read_manifest
+from caption_attn.fileio import read_json, temp_name, write_bytes_atomic, write_json_atomic
+from caption_attn.images import ImageError, load_image
+from caption_attn.model import ShowAttendTell
+from caption_attn.run import RunFolder, check_folder_writable
+from caption_attn.vocab import END, PAD, START
+
+INFO_FILE = "export.json"        # what was exported from which run; marks DIR as an export
+TFLITE_FILE = "captioner.tflite"
+VOCAB_FILE = "vocab.json"
+EXPORT_FORMAT = 1
+SIGNATURE = "serving_default"
+# What an image that cannot be decoded gets, per output.
+FILL = {"captions": "", "scores": float("-inf"), "words": "", "attention": 0.0,
+        "beam_captions": "", "beam_scores": float("-inf")}
+
+
+# ----------------------------------------------------------------------------- the command
+def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConfig,
+               log=print) -> dict:
+    """Export the best model of `run_dir` into folder `out`; returns export.json's content.
+
+    Bad input (unknown run, no best model, an `out` that is not an earlier export of this run
+    without `cfg.force`, an unwritable `out`) is a one-line UserError before any work."""
+    if decode_cfg.method == "sample":
+        raise UserError("export decodes with beam search or greedy, not --sample")
+    run = RunFolder(run_dir)
+    run.load_config()
+    _check_out(out, run, cfg.force)
+    start = time.perf_counter()
+    captioner = Captioner.from_run(run_dir, decode_cfg)
+    backbone = captioner.backbone
+    tmp = temp_name(out)
+    try:
+        try:
+            os.makedirs(tmp)
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot create {tmp} ({e.strerror})") from None
+        log(f"saving the SavedModel (beam {decode_cfg.beam}, max length "
+            f"{captioner.max_length}) ...")
+        save_servable(tmp, captioner, backbone)
+        info = _describe(run, captioner, backbone)
+        info["saved_model"]["bytes"] = _folder_bytes(tmp)
+        if cfg.tflite:
+            log("converting the TFLite model ...")
+            info["tflite"] = write_tflite(tmp, run, captioner, backbone, cfg)
+        info["seconds"] = round(time.perf_counter() - start, 1)
+        write_json_atomic(os.path.join(tmp, INFO_FILE), info)
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # left only when something failed
+    return info
+
+
+def _check_out(out: str, run: RunFolder, force: bool) -> None:
+    """Refuse an `out` that holds something else than an earlier export of `run` (unless
+    `force`), that contains the run, or whose parent is not writable."""
+    if not out or not out.strip():
+        raise UserError("--out must name a folder, got an empty string")
+    target, run_path = os.path.abspath(out), os.path.abspath(run.path)
+    if os.path.commonpath([target, run_path]) == target:
+        raise UserError(f"--out {out}: would replace the run folder {run.path} itself")
+    if os.path.lexists(out):
+        earlier = _earlier_export(out)
+        if earlier is not None and earlier != run_path and not force:
+            raise UserError(f"--out {out}: holds an export of another run ({earlier}); use "
+                            f"another --out or add --force to replace it")
+        if earlier is None and not force and (not os.path.isdir(out) or os.listdir(out)):
+            raise UserError(f"--out {out}: exists and is not an export of a run (no "
+                            f"{INFO_FILE}); use another --out or add --force to replace it")
+    check_folder_writable(os.path.dirname(target), "--out")
+
+
+def _earlier_export(out: str):
+    """The run path recorded in `out`/export.json, or None."""
+    path = os.path.join(out, INFO_FILE)
+    if not os.path.isfile(path):
+        return None
+    with contextlib.suppress(UserError):
+        info = read_json(path)
+        if isinstance(info, dict) and isinstance(info.get("run"), str):
+            return info["run"]
+    return None
+
+
+def _publish(tmp: str, out: str) -> None:
+    """Rename the finished export `tmp` to `out`, replacing what was there."""
+    old = None
+    if os.path.lexists(out):
+        old = temp_name(out, ".old")
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+
+
+def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone) -> dict:
+    m = read_manifest(captioner.run_cfg.cache)
+    best = read_json(run.best_info) if os.path.exists(run.best_info) else None
+    return {
+        "format": EXPORT_FORMAT, "run": os.path.abspath(run.path), "best": best,
+        "beam": captioner.cfg.beam, "length_penalty": captioner.cfg.length_penalty,
+        "max_length": captioner.max_length, "vocab_size": len(captioner.vocab),
+        "backbone": {k: m.get(k) for k in ("weights", "weights_sha256", "precision")}
+        | {"feature_scale": backbone.feature_scale},
+        "saved_model": {"signature": SIGNATURE, "inputs": {"images": "string (N,)"},
+                        "outputs": _signature_outputs(captioner)},
+        "tflite": None, "caption_attn": __version__, "tensorflow": tf.__version__,
+    }
+
+
+def _signature_outputs(captioner: Captioner) -> dict:
+    L, K = captioner.max_length, captioner.cfg.beam
+    return {"captions": "string (N,)", "scores": "float32 (N,)", "words": f"string (N, {L})",
+            "attention": f"float32 (N, {L}, {GRID}, {GRID})",
+            "beam_captions": f"string (N, {K})", "beam_scores": f"float32 (N, {K})"}
+
+
+def format_summary(info: dict, out: str) -> str:
+    """The lines `caption-attn export` prints."""
+    model = info["saved_model"]
+    lines = [f"SavedModel  {out} ({_megabytes(model['bytes'])}): signature {SIGNATURE}, images "
+             f"-> {', '.join(model['outputs'])}; beam {info['beam']}, max length "
+             f"{info['max_length']} ({info['seconds']:.0f} s)"]
+    lite = info["tflite"]
+    if lite:
+        kind = {"none": "float32", "float16": "float16 weights",
+                "dynamic": "int8 weights (dynamic range)"}[lite["quantize"]]
+        float_size = "" if lite["quantize"] == "none" else \
+            f"; the float32 model is {_megabytes(lite['float32_bytes'])}"
+        lines.append(f"TFLite      {os.path.join(out, lite['file'])} "
+                     f"({_megabytes(lite['bytes'])}, {kind}{float_size}) + {lite['vocab']}")
+        agreement = lite.get("agreement")
+        if agreement and agreement["images"]:
+            lines.append(f"agreement   greedy captions equal to the float32 model's on "
+                         f"{agreement['same_captions']}/{agreement['images']} test images "
+                         f"({100 * agreement['fraction']:.1f}%); largest log-probability "
+                         f"difference {agreement['max_score_difference']:.4f}")
+        elif agreement:
+            lines.append(f"agreement   not measured: {agreement['note']}")
+    lines.append(f"inspect     saved_model_cli show --dir {out} --all")
+    return "\n".join(lines)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _folder_bytes(folder: str, skip=()) -> int:
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(folder) for name in names
+               if os.path.relpath(os.path.join(root, name), folder) not in skip)
+
+
+# ----------------------------------------------------------------------------- SavedModel
+# ----------------------------------------------------------------------------- SavedModel
+def serving_function(captioner: Captioner, backbone: Backbone):
+    """tf.function: images (N,) string -> the signature's outputs (see the module doc)."""
+    decoder = make_decoder(captioner.model, captioner.cfg, captioner.max_length)
+    vocab = tf.constant(captioner.vocab.tokens)                        # (V,) id -> word
+    length, beam, scale = captioner.max_length, captioner.cfg.beam, backbone.feature_scale
+    shapes = {"words": [None, length], "attention": [None, length, GRID, GRID],
+              "beam_captions": [None, beam], "beam_scores": [None, beam]}
+
+    def caption(pixels):                                              # (M, 299, 299, 3)
+        result = decoder(backbone.forward(pixels) * scale)            # (M, K, ...)
+        return caption_outputs(result, vocab, length)
+
+    def nothing():  # no decodable image: InceptionV3's oneDNN convolutions refuse 0 images
+        return {k: tf.zeros([0] + shapes.get(k, [None])[1:], tf.constant(v).dtype)
+                for k, v in FILL.items()}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    def serve(images):
+        index, pixels = load_images(images)                           # (M,), (M, 299, 299, 3)
+        outputs = tf.cond(tf.size(index) > 0, lambda: caption(pixels), nothing)
+        outputs = scatter(outputs, index, tf.shape(images)[0])        # (N, ...)
+        return {k: tf.ensure_shape(v, shapes.get(k, [None])) for k, v in outputs.items()}
+    return serve
+
+
+def load_images(images):
+    """images (N,) string -> index (M,) int32 of the decodable ones, their pixels (M, 299,
+    299, 3) uint8. Decoding errors drop the image (tf.data `ignore_errors`); images are
+    decoded in parallel, in order."""
+    n = tf.shape(images)[0]
+    items = tf.data.Dataset.from_tensor_slices((tf.range(n), images))
+    items = items.map(lambda i, data: (i, graph_images.load(data)),
+                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    # One always-present last element, so the single batch exists even when no image decodes.
+    last = tf.data.Dataset.from_tensors(
+        (tf.constant(-1), tf.zeros([IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8)))
+    index, pixels = items.concatenate(last).batch(tf.cast(n, tf.int64) + 1) \
+        .get_single_element()                                         # (M+1,), (M+1, ...)
+    return index[:-1], pixels[:-1]
+
+
+def caption_outputs(result, vocab, length: int) -> dict:
+    """DecodeResult over M images -> the signature's outputs for them (see FILL)."""
+    tokens = result.tokens                                            # (M, K, T)
+    pad = [[0, 0], [0, length - tf.shape(tokens)[2]]]                # T -> L
+    is_word = (tokens != PAD) & (tokens != START) & (tokens != END)  # (M, K, T)
+    words = tf.where(is_word, tf.gather(vocab, tokens), "")           # (M, K, T)
+    sentences = tf.strings.strip(
+        tf.strings.reduce_join(words, axis=-1, separator=" "))        # (M, K)
+    attention = tf.where(is_word[:, 0, :, None], result.attention[:, 0], 0.0)  # (M, T, P)
+    return {"captions": sentences[:, 0], "scores": result.log_probs[:, 0],
+            "words": tf.pad(words[:, 0], pad, constant_values=""),    # (M, L)
+            "attention": tf.reshape(tf.pad(attention, pad + [[0, 0]]),
+                                    [-1, length, GRID, GRID]),         # (M, L, 8, 8)
+            "beam_captions": sentences, "beam_scores": result.log_probs}
+
+
+def scatter(outputs: dict, index, n) -> dict:
+    """Outputs of the M decoded images (rows `index`) -> N rows; the others get FILL."""
+    m = tf.shape(index)[0]
+    slot = tf.tensor_scatter_nd_update(tf.fill([n], m), index[:, None], tf.range(m))  # (N,)
+
+    def place(x, fill):
+        filler = tf.fill(tf.concat([[1], tf.shape(x)[1:]], 0), tf.constant(fill, x.dtype))
+        return tf.gather(tf.concat([x, filler], 0), slot)            # (N, ...)
+    return {k: place(v, FILL[k]) for k, v in outputs.items()}
+
+
+def _module(function, *models) -> tf.Module:
+    """A tf.Module holding `function` and the variables of the Keras `models` (tracked as
+    plain variables: Keras objects themselves are not saved, so loading needs no Keras)."""
+    module = tf.Module()
+    module.weights = [v.value for model in models for v in model.variables]  # tf.Variables
+    module.function = function
+    return module
+
+
+def save_servable(path: str, captioner: Captioner, backbone: Backbone) -> None:
+    serve = serving_function(captioner, backbone)
+    module = _module(serve, backbone.inference_model, captioner.model)
+    tf.saved_model.save(module, path, signatures={SIGNATURE: serve.get_concrete_function()})
+
+
+# ----------------------------------------------------------------------------- TFLite
+class _StaticAttention:
+    """`model` whose decode_step returns the attention as (N, 64) with a static 64: inside
+    the while loop TFLite's converter cannot infer it through the model's reshape, and then
+    lowers decode.py's `attention[:, None, :]` to a select TF op instead of a RESHAPE."""
+
+    def __init__(self, model):
+        self.init_decoder = model.init_decoder
+        self._step = model.decode_step
+
+    def decode_step(self, tokens, state, context):
+        logits, state, attention = self._step(tokens, state, context)
+        return logits, state, tf.reshape(attention, [-1, NUM_PIXELS])  # (N, 64)
+
+
+def tflite_function(model, backbone: Backbone, cfg: DecodeConfig, length: int):
+    """tf.function: image (1, 299, 299, 3) uint8 -> token_ids, scores, attention (greedy)."""
+    decoder = make_decoder(_StaticAttention(model), dataclasses.replace(cfg, beam=1), length)
+    spec = tf.TensorSpec([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8, name="image")
+
+    @tf.function(input_signature=[spec])
+    def greedy(image):
+        result = decoder(backbone.forward(image) * backbone.feature_scale)  # (1, 1, T, ...)
+        pad = [[0, 0], [0, length - tf.shape(result.tokens)[2]]]       # T -> L
+        return {"token_ids": tf.reshape(tf.pad(result.tokens[:, 0], pad), [1, length]),
+                "scores": tf.reshape(result.log_probs[:, 0], [1]),
+                "attention": tf.reshape(tf.pad(result.attention[:, 0], pad + [[0, 0]]),
+                                        [1, length, GRID, GRID])}
+    return greedy
+
+
+def float32_copies(model, backbone: Backbone):
+    """The decoder and backbone computing in float32 (copies only when they do not)."""
+    if model.compute_dtype != "float32":
+        config = {k: v for k, v in model.get_config().items() if k != "dtype"}
+        copy = ShowAttendTell.from_config(config)
+        copy.set_weights(model.get_weights())
+        model = copy
+    if backbone.model.compute_dtype != "float32":
+        copy = build_backbone("random", 0, "float32")                 # same layers, then weights
+        copy.set_weights(backbone.model.get_weights())
+        backbone = Backbone(copy, backbone.feature_scale)
+    return model, backbone
+
+
+def convert(saved_model_dir: str, quantize: str = "none") -> bytes:
+    """TFLite flatbuffer of a SavedModel's serving signature, built-in ops only."""
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, [SIGNATURE])
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantize != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # dynamic range: int8 weights
+    if quantize == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    return converter.convert()
+
+
+def write_tflite(folder: str, run: RunFolder, captioner: Captioner, backbone: Backbone,
+                 cfg: ExportConfig) -> dict:
+    """captioner.tflite (+ vocab.json) into `folder`; returns its description."""
+    model, backbone = float32_copies(captioner.model, backbone)
+    greedy = tflite_function(model, backbone, captioner.cfg, captioner.max_length)
+    staging = os.path.join(folder, ".tflite_saved_model")
+    tf.saved_model.save(_module(greedy, backbone.inference_model, model), staging,
+                        signatures={SIGNATURE: greedy.get_concrete_function()})
+    float_model = convert(staging)
+    blob = float_model if cfg.tflite_quantize == "none" else \
+        convert(staging, cfg.tflite_quantize)
+    shutil.rmtree(staging)
+    write_bytes_atomic(os.path.join(folder, TFLITE_FILE), blob)
+    captioner.vocab.save(os.path.join(folder, VOCAB_FILE))
+    info = {"file": TFLITE_FILE, "vocab": VOCAB_FILE, "quantize": cfg.tflite_quantize,
+            "bytes": len(blob), "float32_bytes": len(float_model), "max_length":
+            captioner.max_length, "signature": SIGNATURE}
+    if cfg.tflite_quantize != "none" and cfg.check_images:
+        info["agreement"] = quantized_agreement(float_model, blob, run, captioner,
+                                                cfg.check_images)
+    return info
+
+
+def interpreter(blob: bytes):
+    """A TFLite interpreter of `blob` (TensorFlow's; it warns that LiteRT is its future)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        it = tf.lite.Interpreter(model_content=blob, num_threads=os.cpu_count())
+    return it.get_signature_runner(SIGNATURE)
+
+
+def quantized_agreement(float_model: bytes, quantized: bytes, run: RunFolder,
+                        captioner: Captioner, limit: int) -> dict:
+    """Greedy captions of both TFLite models on up to `limit` test-split images."""
+    images_dir = read_manifest(captioner.run_cfg.cache).get("images_dir")
+    keys = run.load_splits().get("test", [])[:limit]
+    pixels = []
+    for key in keys if images_dir and os.path.isdir(images_dir) else []:
+        with contextlib.suppress(ImageError):
+            pixels.append(load_image(os.path.join(images_dir, key)))
+    if not pixels:
+        return {"images": 0, "note": f"no test images found (images folder {images_dir})"}
+    runs = [interpreter(blob) for blob in (float_model, quantized)]
+    same, score_diff = 0, []
+    for image in pixels:
+        a, b = (r(image=image[None]) for r in runs)
+        same += bool(np.array_equal(a["token_ids"], b["token_ids"]))
+        score_diff.append(abs(float(a["scores"][0]) - float(b["scores"][0])))
+    return {"images": len(pixels), "same_captions": same,
+            "fraction": round(same / len(pixels), 4),
+            "max_score_difference": round(max(score_diff), 6)}

@@ -1,0 +1,357 @@
+"""`caption-attn export` (caption_attn/export.py): the SavedModel and TFLite model of a small
+trained shapes run, loaded and run where `caption_attn` cannot be imported, against
+`caption-attn caption` in this process.
+
+The run's images are 299x299 PNGs, so nothing is resized: captions must equal the tool's
+word for word. One export (SavedModel + float32 TFLite, beam 3) is shared by the module;
+exports cost tens of seconds (InceptionV3), so those tests are `slow`. The bad-input tests
+fail before any model is built and are quick.
+"""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from caption_attn import export
+from caption_attn.captioner import Captioner
+from caption_attn.cli import main
+from caption_attn.config import DecodeConfig, ExportConfig, RunConfig
+from caption_attn.errors import UserError
+from caption_attn.vocab import END, Vocabulary
+
+BEAM = 3
+
+# Runs in a fresh interpreter where importing caption_attn fails: only TensorFlow is used.
+CLIENT = r'''
+import json, sys
+sys.modules["caption_attn"] = None
+try:
+    import caption_attn
+    raise SystemExit("caption_attn is importable")
+except ImportError:
+    pass
+import numpy as np
+import tensorflow as tf
+
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+
+def plain(t):
+    v = t.numpy()
+    return np.char.decode(v.astype(bytes), "utf-8").tolist() if v.dtype == object else v.tolist()
+
+batches = []
+for paths in json.loads(sys.argv[2]):
+    data = [open(p, "rb").read() if p else b"" for p in paths]
+    out = serve(images=tf.constant(data, tf.string, shape=[len(data)]))
+    batches.append({k: plain(v) for k, v in out.items()})
+spec = {"inputs": {k: [v.dtype.name, v.shape.as_list()]
+                   for k, v in serve.structured_input_signature[1].items()},
+        "outputs": {k: [v.dtype.name, v.shape.as_list()]
+                    for k, v in serve.structured_outputs.items()}}
+print(json.dumps({"batches": batches, "signature": spec}))
+'''
+
+
+def _split_images(shapes_data, trained_run, split):
+    with open(os.path.join(trained_run, "split.json")) as f:
+        keys = json.load(f)["splits"][split]
+    return [os.path.join(shapes_data["images"], k) for k in keys]
+
+
+def _run_cli(argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    """One export of `trained_run` (SavedModel, beam 3, + float32 TFLite): (folder, stdout)."""
+    out = str(tmp_path_factory.mktemp("export") / "captioner" / "1")
+    code, printed, err = _run_cli(["export", "--run", trained_run, "--out", out, "--tflite",
+                                   "--beam", str(BEAM)])
+    assert code == 0, err
+    return out, printed
+
+
+def _resized_copies(paths, folder):
+    """PNG copies of `paths` at sizes that exercise area, cubic and both."""
+    out = []
+    for path in paths:
+        rgb = cv2.imread(path)
+        for w, h in ((640, 480), (200, 150), (500, 240)):
+            target = os.path.join(folder, f"{w}x{h}_{os.path.basename(path)}")
+            cv2.imwrite(target, cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR))
+            out.append(target)
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(exported, shapes_data, trained_run, images, tmp_path_factory):
+    """The SavedModel run by CLIENT on batches of: the run's test and val images with bad
+    files between them; only bad files; nothing; resized copies of the test images.
+    Returns ({batch name: paths}, {batch name: outputs}, signature)."""
+    folder = tmp_path_factory.mktemp("served")
+    (folder / "notes.jpg").write_text("not pixels\n")
+    shapes = _split_images(shapes_data, trained_run, "test") + \
+        _split_images(shapes_data, trained_run, "val")
+    batches = {
+        "mixed": [shapes[0], str(folder / "notes.jpg"), shapes[1],
+                  os.path.join(images, "truncated.jpg"), "", *shapes[2:],
+                  *(os.path.join(images, k) for k in ("a.jpg", "gray.jpg", "anim.gif"))],
+        "bad": [str(folder / "notes.jpg"), ""], "empty": [],
+        "resized": _resized_copies(_split_images(shapes_data, trained_run, "test"),
+                                   str(folder))}
+    answer = subprocess.run([sys.executable, "-c", CLIENT, exported[0],
+                             json.dumps(list(batches.values()))],
+                            capture_output=True, text=True, cwd=str(folder), timeout=600)
+    assert answer.returncode == 0, answer.stderr[-3000:]
+    answer = json.loads(answer.stdout.strip().splitlines()[-1])
+    return batches, dict(zip(batches, answer["batches"])), answer["signature"]
+
+
+@pytest.fixture(scope="module")
+def tool(trained_run):
+    """`caption-attn caption` in this process: tool(paths, beam) -> (results, errors)."""
+    captioners = {}
+
+    def caption(paths, beam=BEAM):
+        if beam not in captioners:
+            captioners[beam] = Captioner.from_run(trained_run, DecodeConfig(beam=beam))
+        return captioners[beam].caption_images([p for p in paths if p])
+    return caption
+
+
+# --------------------------------------------------------------------------- SavedModel
+@pytest.mark.slow
+def test_signature_and_printed_summary(exported, served):
+    out, printed = exported
+    L = json.load(open(os.path.join(out, export.INFO_FILE)))["max_length"]
+    assert served[2] == {
+        "inputs": {"images": ["string", [None]]},
+        "outputs": {"captions": ["string", [None]], "scores": ["float32", [None]],
+                    "words": ["string", [None, L]], "attention": ["float32", [None, L, 8, 8]],
+                    "beam_captions": ["string", [None, BEAM]],
+                    "beam_scores": ["float32", [None, BEAM]]}}
+    assert f"SavedModel  {out} (" in printed and "captioner.tflite" in printed
+    assert os.listdir(os.path.dirname(out)) == ["1"]           # no temporary folder left
+
+
+@pytest.mark.slow
+def test_saved_model_captions_equal_the_caption_command(served, tool):
+    paths, out = served[0]["mixed"], served[1]["mixed"]
+    results, errors = tool(paths)
+    L = len(out["words"][0])
+    for i, path in enumerate(paths):
+        if path not in results:                                 # not decodable: "" and -inf
+            assert out["captions"][i] == "" and out["scores"][i] == float("-inf")
+            assert out["words"][i] == [""] * L and not np.any(out["attention"][i])
+            assert out["beam_captions"][i] == [""] * BEAM
+            continue
+        captions = results[path][1]
+        best = captions[0]
+        assert np.isfinite(out["scores"][i])
+        if path.endswith(".png"):                               # 299x299: nothing resized
+            assert out["captions"][i] == best.text
+            assert out["scores"][i] == pytest.approx(best.log_prob, abs=1e-4)
+            assert out["words"][i] == best.words + [""] * (L - len(best.words))
+            attention = np.reshape(out["attention"][i], (L, 64))
+            np.testing.assert_allclose(attention[:len(best.words)],
+                                       best.attention[:len(best.words)], atol=1e-4)
+            assert not attention[len(best.words):].any()
+            assert out["beam_captions"][i][:len(captions)] == [c.text for c in captions]
+            np.testing.assert_allclose(out["beam_scores"][i][:len(captions)],
+                                       [c.log_prob for c in captions], atol=1e-4)
+    assert set(errors) == {p for p in paths if p and ("notes" in p or "truncated" in p)}
+
+
+@pytest.mark.slow
+def test_a_batch_of_only_bad_images_and_an_empty_batch(served):
+    only_bad, empty = served[1]["bad"], served[1]["empty"]
+    assert only_bad["captions"] == ["", ""]
+    assert only_bad["scores"] == [float("-inf")] * 2
+    assert all(len(v) == 0 for v in empty.values())
+
+
+@pytest.mark.slow
+def test_resized_images_agree_with_the_caption_command(served, tool):
+    """In-graph resizing is OpenCV's to +-1 level on < 0.3% of the pixels (see
+    test_graph_images), so resized copies of the test images get the same captions."""
+    paths, out = served[0]["resized"], served[1]["resized"]
+    results, _ = tool(paths)
+    same = [out["captions"][i] == results[p][1][0].text for i, p in enumerate(paths)]
+    diff = np.abs(np.array(out["scores"]) - [results[p][1][0].log_prob for p in paths])
+    print(f"resized: {sum(same)}/{len(same)} captions equal, score difference median "
+          f"{np.median(diff):.1e}, max {diff.max():.1e}")
+    assert np.mean(same) >= 0.9 and np.median(diff) < 0.01
+
+
+@pytest.mark.slow
+def test_saved_model_cli_shows_and_runs_it(exported, shapes_data, trained_run, tool,
+                                          tmp_path):
+    out = exported[0]
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    shown = subprocess.run([cli, "show", "--dir", out, "--all"], capture_output=True,
+                           text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    for expected in ("signature_def['serving_default']", "inputs['images']", "DT_STRING",
+                     "outputs['captions']", "outputs['attention']"):
+        assert expected in shown.stdout
+    image = _split_images(shapes_data, trained_run, "test")[0]
+    np.save(tmp_path / "images.npy", np.array([open(image, "rb").read()], dtype=object))
+    ran = subprocess.run([cli, "run", "--dir", out, "--tag_set", "serve", "--signature_def",
+                          "serving_default", "--inputs", f"images={tmp_path / 'images.npy'}"],
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    best = tool([image])[0][image][1][0]
+    assert f"[b'{best.text}']" in ran.stdout
+
+
+# --------------------------------------------------------------------------- TFLite
+def _greedy_ids(caption, vocab, length):
+    ids = [vocab.id(w) for w in caption.words] + [END] * caption.ended
+    return ids + [0] * (length - len(ids))
+
+
+@pytest.mark.slow
+def test_tflite_equals_greedy_caption_with_builtin_ops_only(exported, shapes_data,
+                                                            trained_run, tool):
+    import tensorflow as tf
+    from caption_attn.images import load_image
+
+    out = exported[0]
+    with open(os.path.join(out, export.TFLITE_FILE), "rb") as f:
+        blob = f.read()
+    vocab = Vocabulary.load(os.path.join(out, export.VOCAB_FILE))
+    assert vocab == Vocabulary.load(os.path.join(trained_run, "vocab.json"))
+    ops = io.StringIO()
+    with contextlib.redirect_stdout(ops):
+        tf.lite.experimental.Analyzer.analyze(model_content=blob)
+    assert "WHILE" in ops.getvalue() and "Flex" not in ops.getvalue()
+
+    runner = export.interpreter(blob)
+    assert runner.get_input_details()["image"]["dtype"] == np.uint8
+    assert list(runner.get_input_details()["image"]["shape"]) == [1, 299, 299, 3]
+    paths = _split_images(shapes_data, trained_run, "test") + \
+        _split_images(shapes_data, trained_run, "val")
+    results, _ = tool(paths, beam=1)
+    for path in paths:
+        got = runner(image=load_image(path)[None])
+        length = got["token_ids"].shape[1]
+        assert got["token_ids"].dtype == np.int32 and got["attention"].shape == (1, length, 8, 8)
+        best = results[path][1][0]
+        assert got["token_ids"][0].tolist() == _greedy_ids(best, vocab, length), path
+        # float32 here, the run's cache backbone computes in bfloat16
+        assert got["scores"][0] == pytest.approx(best.log_prob, abs=0.05)
+        steps = len(best.steps)
+        np.testing.assert_allclose(got["attention"][0].reshape(length, 64)[:steps],
+                                   best.attention, atol=0.02)
+        assert not got["attention"][0, steps:].any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", ["dynamic"])
+def test_quantized_tflite_prints_sizes_and_agreement(trained_run, tmp_path, quantize):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "old.txt").write_text("replaced with --force")
+    code, printed, err = _run_cli(["export", "--run", trained_run, "--out", str(out),
+                                   "--tflite", "--tflite-quantize", quantize, "--force"])
+    assert code == 0, err
+    info = json.load(open(out / export.INFO_FILE))["tflite"]
+    assert not (out / "old.txt").exists()
+    assert info["bytes"] == os.path.getsize(out / export.TFLITE_FILE)
+    assert info["bytes"] < info["float32_bytes"] * (0.3 if quantize == "dynamic" else 0.55)
+    agreement = info["agreement"]
+    assert agreement["images"] == len(json.load(open(os.path.join(trained_run, "split.json")))
+                                      ["splits"]["test"])
+    assert agreement["fraction"] >= 0.75
+    assert f"({info['bytes'] / 1e6:.1f} MB" in printed
+    assert f"float32 model is {info['float32_bytes'] / 1e6:.1f} MB" in printed
+    assert f"on {agreement['same_captions']}/{agreement['images']} test images" in printed
+
+
+# --------------------------------------------------------------------------- bad input
+def _fake_run(folder, vocab=("a", "circle")):
+    """A run folder with config.json and vocab.json but no best model."""
+    os.makedirs(folder, exist_ok=True)
+    RunConfig(captions="captions.json", cache="cache").save(os.path.join(folder, "config.json"))
+    Vocabulary(list(vocab)).save(os.path.join(folder, "vocab.json"))
+    return str(folder)
+
+
+def _refused(argv, *needles):
+    code, printed, err = _run_cli(argv)
+    assert code == 2 and printed == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("caption-attn export: error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_runs_are_refused_in_one_line(tmp_path):
+    out = str(tmp_path / "out")
+    _refused(["export", "--run", str(tmp_path / "nothing"), "--out", out],
+             "not a training run")
+    _refused(["export", "--run", _fake_run(tmp_path / "untrained"), "--out", out],
+             "no best model yet")
+    assert not os.path.exists(out)
+
+
+def test_bad_out_folders_are_refused_in_one_line(tmp_path):
+    run = _fake_run(tmp_path / "run")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    _refused(["export", "--run", run, "--out", str(busy)], "not an export", "--force")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / export.INFO_FILE).write_text(json.dumps({"run": "/somewhere/else"}))
+    _refused(["export", "--run", run, "--out", str(other)], "another run (/somewhere/else)")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _refused(["export", "--run", run, "--out", str(afile / "export")], "is a file")
+    _refused(["export", "--run", run, "--out", str(tmp_path)], "the run folder")
+    _refused(["export", "--run", run, "--out", str(tmp_path / "x"), "--tflite-quantize",
+              "float16"], "add --tflite")
+    if os.geteuid() != 0:                  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        _refused(["export", "--run", run, "--out", str(locked / "export")], "not writable")
+    assert (busy / "notes.txt").read_text() == "mine" and os.listdir(other) == [
+        export.INFO_FILE]
+    assert sorted(os.listdir(tmp_path)) == sorted(["run", "busy", "other", "afile"] +
+                                                  (["locked"] if os.geteuid() else []))
+
+
+def test_export_config_checks_itself():
+    with pytest.raises(UserError, match="--check-images"):
+        ExportConfig(check_images=-1)
+    with pytest.raises(UserError, match="--tflite-quantize"):
+        ExportConfig(tflite=True, tflite_quantize="int4")
+
+
+@pytest.mark.slow
+def test_a_failed_export_leaves_the_earlier_one_untouched(trained_run, tmp_path,
+                                                          monkeypatch):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+
+    def fail(path, *args):
+        open(os.path.join(path, "saved_model.pb"), "wb").write(b"half")
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(export, "save_servable", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export.export_run(trained_run, str(out), DecodeConfig(), ExportConfig(),
+                          log=lambda *a: None)
+    assert os.listdir(out) == [export.INFO_FILE]              # the earlier export
+    assert os.listdir(tmp_path) == ["export"]                  # no temporary folder left

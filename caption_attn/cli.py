@@ -151,7 +151,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     decode_cfg = config_from_args(C.DecodeConfig, args)
     cfg = config_from_args(C.ExportConfig, args)
-    info = export.export_run(args.run, args.out, decode_cfg, cfg,
+    info = export.export_run(args.run, args.out, decode_cfg, cfg, cache=args.cache,
                              log=lambda message: print(message, file=sys.stderr))
     print(export.format_summary(info, args.out))
     return 0
@@ -287,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR",
                    help="export folder (for TF Serving: MODELS/NAME/VERSION, e.g. "
                         "serving/captioner/1)")
+    p.add_argument("--cache", metavar="DIR",
+                   help="feature cache whose backbone goes into the export (default: the one "
+                        "the run was trained on, as config.json records it); for a cache that "
+                        "moved: it must hold features of the same backbone")
     add_config_args(p, C.DecodeConfig, exclude=("sample", "temperature", "top_k", "seed",
                                                  "batch_size", "xla"))
     add_config_args(p, C.ExportConfig)

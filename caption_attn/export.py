@@ -37,6 +37,7 @@ import os
 import shutil
 import time
 import warnings
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -65,8 +66,9 @@ FILL = {"captions": "", "scores": float("-inf"), "words": "", "attention": 0.0,
 
 # ----------------------------------------------------------------------------- the command
 def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConfig,
-               log=print) -> dict:
+               cache: Optional[str] = None, log=print) -> dict:
     """Export the best model of `run_dir` into folder `out`; returns export.json's content.
+    `cache` replaces the run's feature cache, whose manifest gives the backbone.
 
     Bad input (unknown run, no best model, an `out` that is not an earlier export of this run
     without `cfg.force`, an unwritable `out`) is a one-line UserError before any work."""
@@ -76,7 +78,7 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     run.load_config()
     _check_out(out, run, cfg.force)
     start = time.perf_counter()
-    captioner = Captioner.from_run(run_dir, decode_cfg)
+    captioner = Captioner.from_run(run_dir, decode_cfg, cache=cache)
     backbone = captioner.backbone
     tmp = temp_name(out)
     try:
@@ -148,10 +150,9 @@ def _publish(tmp: str, out: str) -> None:
 
 
 def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone) -> dict:
-    m = read_manifest(captioner.run_cfg.cache)
-    best = read_json(run.best_info) if os.path.exists(run.best_info) else None
+    m = read_manifest(captioner.cache)
     return {
-        "format": EXPORT_FORMAT, "run": os.path.abspath(run.path), "best": best,
+        "format": EXPORT_FORMAT, "run": os.path.abspath(run.path), "best": run.best_record(),
         "beam": captioner.cfg.beam, "length_penalty": captioner.cfg.length_penalty,
         "max_length": captioner.max_length, "vocab_size": len(captioner.vocab),
         "backbone": {k: m.get(k) for k in ("weights", "weights_sha256", "precision")}
@@ -380,7 +381,7 @@ def interpreter(blob: bytes):
 def quantized_agreement(float_model: bytes, quantized: bytes, run: RunFolder,
                         captioner: Captioner, limit: int) -> dict:
     """Greedy captions of both TFLite models on up to `limit` test-split images."""
-    images_dir = read_manifest(captioner.run_cfg.cache).get("images_dir")
+    images_dir = read_manifest(captioner.cache).get("images_dir")
     keys = run.load_splits().get("test", [])[:limit]
     pixels = []
     for key in keys if images_dir and os.path.isdir(images_dir) else []:

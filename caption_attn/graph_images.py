@@ -5,8 +5,10 @@ module re-implements `images.decode_image` and `images.resize_image` op by op. M
 against them (tests/test_export.py, README "Export and serve"):
 
 - JPEG: libjpeg's accurate integer DCT with fancy upsampling, as OpenCV uses: identical
-  pixels (grayscale too); CMYK JPEGs +-1 (TensorFlow's own CMYK -> RGB). A JPEG whose last
-  scan has no end-of-image marker after it is refused, as `images._truncated` does.
+  pixels (grayscale too); CMYK JPEGs +-1 (TensorFlow's own CMYK -> RGB). The EXIF
+  orientation (all 8, either byte order) is read from the bytes and applied as OpenCV does.
+  A JPEG whose last scan has no end-of-image marker after it is refused, as
+  `images._truncated` does.
 - PNG (8/16-bit, gray, gray+alpha, RGB, RGBA, palette with transparency): identical. Alpha
   is composited over white with OpenCV's formula; 16-bit without alpha keeps the top 8 bits.
   A PNG without IEND is refused.
@@ -14,8 +16,9 @@ against them (tests/test_export.py, README "Export and serve"):
   them black, `images.py` composites them over white.
 - BMP: identical, an alpha channel is ignored (OpenCV reads BMP without it).
 - WebP: decoded by TensorFlow's libwebp; alpha composited over white.
-- Not done: the EXIF orientation (TensorFlow has no EXIF reader; OpenCV rotates the image),
-  TIFF (no TensorFlow decoder: such an image is an error, like a corrupt file).
+- Not done: TIFF (no TensorFlow decoder: such an image is an error, like a corrupt file);
+  the EXIF orientation of the other formats (rare; OpenCV applies it to JPEGs only too,
+  except for a PNG/WebP eXIf chunk).
 - Resizing: the shrinking axes with `tf.image.resize(method="area")` (the box filter of
   OpenCV's INTER_AREA; halving both sides rounds halves up like OpenCV's 2x2 path), the
   enlarging ones with OpenCV's INTER_CUBIC (a = -0.75, half-pixel centres, edge pixels
@@ -37,6 +40,8 @@ _MAGIC = {JPEG: [(0, b"\xff\xd8\xff")], PNG: [(0, b"\x89PNG\r\n\x1a\n")],
           GIF: [(0, b"GIF87a"), (0, b"GIF89a")], BMP: [(0, b"BM")],
           WEBP: [(0, b"RIFF"), (8, b"WEBP")]}   # GIF: either; WebP: both
 CUBIC_A = -0.75                                 # OpenCV's INTER_CUBIC coefficient
+EXIF_SCAN = 1 << 16           # bytes searched for the EXIF segment (APP1 comes first, < 64 KB)
+EXIF_MAX_ENTRIES = 64         # IFD0 entries read (Orientation is among the first few)
 
 
 def sniff(data):
@@ -50,13 +55,61 @@ def sniff(data):
     return tf.reduce_max(tf.where(tf.stack(matches), tf.constant(list(_MAGIC)), UNKNOWN))
 
 
-def _last(raw, pattern: bytes):
-    """Last position (int32) of `pattern` in the bytes `raw` (n,) uint8, -1 if absent."""
+def _matches(raw, pattern: bytes):
+    """(n,) bool: where `pattern` starts in the bytes `raw` (uint8)."""
     n = tf.maximum(tf.size(raw) - len(pattern) + 1, 0)
     hit = tf.ones([n], tf.bool)
     for k, byte in enumerate(pattern):
         hit &= tf.equal(raw[k:k + n], byte)                            # (n,)
-    return tf.reduce_max(tf.concat([[-1], tf.where(hit, tf.range(n), -1)], 0))
+    return hit
+
+
+def _last(raw, pattern: bytes):
+    """Last position (int32) of `pattern` in the bytes `raw` (n,) uint8, -1 if absent."""
+    found = tf.cast(tf.where(_matches(raw, pattern))[-1:, 0], tf.int32)  # (0 or 1,)
+    return tf.concat([[-1], found], 0)[-1]
+
+
+def _first(raw, pattern: bytes):
+    """First position (int32) of `pattern` in the bytes `raw` (n,) uint8, -1 if absent."""
+    found = tf.cast(tf.where(_matches(raw, pattern))[:1, 0], tf.int32)   # (0 or 1,)
+    return tf.concat([found, [-1]], 0)[0]
+
+
+def exif_orientation(data):
+    """The EXIF Orientation (1-8, int32) of a JPEG: tag 0x0112 of IFD0 in its APP1 "Exif"
+    segment, read as TIFF (either byte order); 1 when absent or unreadable."""
+    head = tf.io.decode_raw(tf.strings.substr(data, 0, EXIF_SCAN), tf.uint8)  # (n,)
+    start = _first(head, b"Exif\0\0")                                 # APP1 payload
+    raw, n = tf.cast(head, tf.int32), tf.size(head)
+    tiff = start + 6
+    little = tf.equal(raw[tf.clip_by_value(tiff, 0, n - 1)], ord("I"))  # "II": little endian
+
+    def uint(pos, size):                                               # pos: any shape
+        digits = tf.gather(raw, tf.clip_by_value(pos[..., None] + tf.range(size), 0, n - 1))
+        weights = 256 ** tf.where(little, tf.range(size), tf.range(size - 1, -1, -1))
+        return tf.reduce_sum(digits * weights, axis=-1)
+
+    ifd = tiff + uint(tiff + 4, 4)                                     # IFD0
+    entries = ifd + 2 + 12 * tf.range(EXIF_MAX_ENTRIES)                # (E,) 12-byte entries
+    tags = tf.where(tf.range(EXIF_MAX_ENTRIES) < uint(ifd, 2), uint(entries, 2), -1)
+    value = tf.reduce_max(tf.where(tf.equal(tags, 0x0112), uint(entries + 8, 2), 0))
+    ok = (start >= 0) & (ifd >= 0) & (ifd + 2 < n) & (value >= 1) & (value <= 8)
+    return tf.where(ok, value, 1)
+
+
+def _orient(rgb, orientation):
+    """Display `rgb` (H, W, 3) as EXIF `orientation` says (OpenCV's order of cases)."""
+    transpose = lambda x: tf.transpose(x, [1, 0, 2])                   # noqa: E731
+    cases = [lambda: rgb,                                              # 1 as stored
+             lambda: tf.reverse(rgb, [1]),                             # 2 mirrored
+             lambda: tf.reverse(rgb, [0, 1]),                          # 3 rotated 180
+             lambda: tf.reverse(rgb, [0]),                             # 4 flipped
+             lambda: transpose(rgb),                                   # 5 transposed
+             lambda: tf.reverse(transpose(rgb), [1]),                  # 6 rotated 90 cw
+             lambda: tf.reverse(transpose(rgb), [0, 1]),               # 7 transversed
+             lambda: tf.reverse(transpose(rgb), [0])]                  # 8 rotated 90 ccw
+    return tf.switch_case(orientation - 1, cases)
 
 
 def _refuse_truncated(data, fmt):
@@ -112,7 +165,8 @@ def decode(data):
 
     def jpeg():
         with tf.control_dependencies([_refuse_truncated(data, JPEG)]):
-            return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+            rgb = tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+        return _orient(rgb, exif_orientation(data))
 
     def png():
         with tf.control_dependencies([_refuse_truncated(data, PNG)]):

@@ -1,0 +1,176 @@
+"""Serving speed of `caption-attn export`: the loaded SavedModel vs the in-process Captioner.
+
+Self-contained: renders JPEGs (640x480, like COCO, so both sides decode and resize them),
+makes a random-backbone feature cache of them and a run folder holding an untrained decoder
+at the COCO sizes (E 256, U 512, V 5001; it never emits <end>, so every caption takes all
+`--max-length` steps on both sides), exports it with `--tflite`, and measures on the same
+files:
+
+  captioner   `Captioner.caption_images(paths)`: OpenCV decode + resize, backbone, decoder
+              (what `caption-attn caption` runs), files read from disk
+  savedmodel  the export, loaded with tf.saved_model.load: file bytes -> captions, all in
+              the graph (tf.data decode + resize, backbone, beam search, words)
+  tflite      the export's captioner.tflite on one image already resized (greedy)
+
+At batch 1 each side captions every image alone (per-image latency p50, p95); at batch 32 it
+captions all of them in one call (images/s, best of the rounds: other processes only ever
+slow a round down). Rounds alternate between the sides. It also prints how often the two
+give the same caption on these resized JPEGs.
+
+    .venv/bin/python benchmarks/bench_export.py --images 32 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from bench_extract import render_images  # noqa: E402
+from caption_attn import export, extract  # noqa: E402
+from caption_attn.captioner import Captioner  # noqa: E402
+from caption_attn.config import (DecodeConfig, ExportConfig, ExtractConfig, ModelConfig,  # noqa: E402
+                                 RunConfig, VocabConfig)
+from caption_attn.fileio import write_json_atomic  # noqa: E402
+from caption_attn.images import load_image  # noqa: E402
+from caption_attn.model import ShowAttendTell  # noqa: E402
+from caption_attn.run import RunFolder  # noqa: E402
+from caption_attn.vocab import Vocabulary  # noqa: E402
+
+
+def make_run(folder: str, args) -> tuple[str, list[str]]:
+    """A run folder with an untrained COCO-size decoder on a random-backbone cache of
+    `args.images` rendered JPEGs; returns (run folder, image paths)."""
+    images = os.path.join(folder, "images")
+    os.makedirs(images)
+    keys = render_images(images, args.images, 640, 480)
+    cache = os.path.join(folder, "cache")
+    extract.extract_features(images, ExtractConfig(
+        cache=cache, weights="random", dtype="float16", precision=args.precision,
+        batch_size=16), progress=False)
+    run = RunFolder(os.path.join(folder, "run"))
+    os.makedirs(run.path)
+    RunConfig(cache=cache, vocab=VocabConfig(max_length=args.max_length - 1),
+              model=ModelConfig()).save(run.config)
+    Vocabulary([f"w{i}" for i in range(args.vocab - 4)]).save(run.vocab)
+    keras.utils.set_random_seed(0)
+    model = ShowAttendTell(args.vocab, ModelConfig.embedding_dim, ModelConfig.units)
+    run.save_best(model, epoch=1, monitor="val_loss", value=0.0)
+    return run.path, [os.path.join(images, k) for k in keys]
+
+
+def read(paths):
+    out = []
+    for path in paths:
+        with open(path, "rb") as f:
+            out.append(f.read())
+    return out
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def cpu_name() -> str:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in text.splitlines()
+                    if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=32, help="images (and the large batch)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--beam", type=int, default=3)
+    ap.add_argument("--max-length", type=int, default=20)
+    ap.add_argument("--vocab", type=int, default=5001)
+    ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                    help="the backbone's compute precision (the cache's --precision)")
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args(argv)
+
+    folder = tempfile.mkdtemp(prefix="bench_export_")
+    run, paths = make_run(folder, args)
+    decode_cfg = DecodeConfig(beam=args.beam, max_length=args.max_length)
+    out = os.path.join(folder, "export")
+    t0 = time.perf_counter()
+    info = export.export_run(run, out, decode_cfg, ExportConfig(tflite=True), log=lambda m: 0)
+    export_s = time.perf_counter() - t0
+
+    captioner = Captioner.from_run(run, decode_cfg)
+    serve = tf.saved_model.load(out).signatures["serving_default"]
+    with open(os.path.join(out, export.TFLITE_FILE), "rb") as f:
+        lite = export.interpreter(f.read())
+    pixels = [load_image(p)[None] for p in paths]
+
+    sides = {
+        "captioner": lambda batch: captioner.caption_images(batch),
+        "savedmodel": lambda batch: serve(images=tf.constant(read(batch), tf.string))
+        ["captions"].numpy(),
+    }
+    for call in sides.values():                      # trace / warm up both batch sizes
+        call(paths[:1])
+        call(paths)
+    lite(image=pixels[0])
+
+    single = {name: [] for name in sides}
+    batch = {name: [] for name in sides}
+    lite_s = []
+    for _ in range(args.rounds):
+        for name, call in sides.items():
+            single[name] += [timed(lambda: call([p])) for p in paths]
+            batch[name].append(timed(lambda: call(paths)))
+        lite_s += [timed(lambda: lite(image=x)) for x in pixels]
+
+    results, _ = captioner.caption_images(paths)
+    got = serve(images=tf.constant(read(paths), tf.string))
+    same = sum(got["captions"][i].numpy().decode() == results[p][1][0].text
+               for i, p in enumerate(paths))
+    score_diff = np.abs(got["scores"].numpy() - [results[p][1][0].log_prob for p in paths])
+
+    figures = {"cpu": cpu_name(), "load_average": os.getloadavg(), "images": len(paths),
+               "beam": args.beam, "max_length": args.max_length, "vocab": args.vocab,
+               "precision": args.precision, "export_seconds": export_s,
+               "tflite_mb": info["tflite"]["bytes"] / 1e6,
+               "same_captions": same, "max_score_difference": float(score_diff.max())}
+    print(f"{figures['cpu']}, {os.cpu_count()} cores, load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; {len(paths)} JPEGs 640x480, "
+          f"beam {args.beam}, {args.max_length} steps, V {args.vocab}, backbone "
+          f"{args.precision}")
+    print(f"{'':12s} {'batch 1 p50':>12s} {'p95':>8s} {'batch ' + str(len(paths)):>12s}")
+    for name in sides:
+        p50, p95 = np.percentile(single[name], [50, 95]) * 1e3
+        rate = len(paths) / min(batch[name])
+        figures.update({f"{name}_p50_ms": p50, f"{name}_p95_ms": p95,
+                        f"{name}_images_per_s": rate})
+        print(f"{name:12s} {p50:9.1f} ms {p95:5.1f} ms {rate:7.1f} img/s")
+    p50, p95 = np.percentile(lite_s, [50, 95]) * 1e3
+    figures.update({"tflite_p50_ms": p50, "tflite_p95_ms": p95})
+    print(f"{'tflite':12s} {p50:9.1f} ms {p95:5.1f} ms {'(greedy, float32)':>18s}")
+    ratio = figures["savedmodel_images_per_s"] / figures["captioner_images_per_s"]
+    figures["savedmodel_vs_captioner"] = ratio
+    print(f"SavedModel / Captioner at batch {len(paths)}: {ratio:.2f}; same captions on "
+          f"{same}/{len(paths)} resized JPEGs (largest log-probability difference "
+          f"{score_diff.max():.1e}); export took {export_s:.0f} s")
+    if args.json:
+        write_json_atomic(args.json, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

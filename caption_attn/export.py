@@ -75,8 +75,8 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     if decode_cfg.method == "sample":
         raise UserError("export decodes with beam search or greedy, not --sample")
     run = RunFolder(run_dir)
-    run.load_config()
-    _check_out(out, run, cfg.force)
+    cache_dir = cache or run.load_config().cache
+    _check_out(out, run, cfg.force, keep=(run.path, cache_dir))
     start = time.perf_counter()
     captioner = Captioner.from_run(run_dir, decode_cfg, cache=cache)
     backbone = captioner.backbone
@@ -102,14 +102,15 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     return info
 
 
-def _check_out(out: str, run: RunFolder, force: bool) -> None:
+def _check_out(out: str, run: RunFolder, force: bool, keep=()) -> None:
     """Refuse an `out` that holds something else than an earlier export of `run` (unless
-    `force`), that contains the run, or whose parent is not writable."""
+    `force`), that would replace a folder of `keep`, or whose parent is not writable."""
     if not out or not out.strip():
         raise UserError("--out must name a folder, got an empty string")
     target, run_path = os.path.abspath(out), os.path.abspath(run.path)
-    if os.path.commonpath([target, run_path]) == target:
-        raise UserError(f"--out {out}: would replace the run folder {run.path} itself")
+    for folder in keep:
+        if os.path.commonpath([target, os.path.abspath(folder)]) == target:
+            raise UserError(f"--out {out}: would replace {folder}, which the export reads")
     if os.path.lexists(out):
         earlier = _earlier_export(out)
         if earlier is not None and earlier != run_path and not force:

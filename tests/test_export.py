@@ -319,7 +319,7 @@ def test_bad_out_folders_are_refused_in_one_line(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     _refused(["export", "--run", run, "--out", str(afile / "export")], "is a file")
-    _refused(["export", "--run", run, "--out", str(tmp_path)], "the run folder")
+    _refused(["export", "--run", run, "--out", str(tmp_path)], "would replace", run)
     _refused(["export", "--run", run, "--out", str(tmp_path / "x"), "--tflite-quantize",
               "float16"], "add --tflite")
     if os.geteuid() != 0:                  # root writes anywhere

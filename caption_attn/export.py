@@ -189,8 +189,8 @@ def format_summary(info: dict, out: str) -> str:
         if agreement and agreement["images"]:
             lines.append(f"agreement   greedy captions equal to the float32 model's on "
                          f"{agreement['same_captions']}/{agreement['images']} test images "
-                         f"({100 * agreement['fraction']:.1f}%); largest log-probability "
-                         f"difference {agreement['max_score_difference']:.4f}")
+                         f"({100 * agreement['fraction']:.1f}%); their log-probabilities "
+                         f"differ by up to {agreement['max_score_difference']:.4f}")
         elif agreement:
             lines.append(f"agreement   not measured: {agreement['note']}")
     lines.append(f"inspect     saved_model_cli show --dir {out} --all")
@@ -391,11 +391,11 @@ def quantized_agreement(float_model: bytes, quantized: bytes, run: RunFolder,
     if not pixels:
         return {"images": 0, "note": f"no test images found (images folder {images_dir})"}
     runs = [interpreter(blob) for blob in (float_model, quantized)]
-    same, score_diff = 0, []
+    score_diff = []                          # of the images whose captions are the same
     for image in pixels:
         a, b = (r(image=image[None]) for r in runs)
-        same += bool(np.array_equal(a["token_ids"], b["token_ids"]))
-        score_diff.append(abs(float(a["scores"][0]) - float(b["scores"][0])))
-    return {"images": len(pixels), "same_captions": same,
-            "fraction": round(same / len(pixels), 4),
-            "max_score_difference": round(max(score_diff), 6)}
+        if np.array_equal(a["token_ids"], b["token_ids"]):
+            score_diff.append(abs(float(a["scores"][0]) - float(b["scores"][0])))
+    return {"images": len(pixels), "same_captions": len(score_diff),
+            "fraction": round(len(score_diff) / len(pixels), 4),
+            "max_score_difference": round(max(score_diff, default=0.0), 6)}

@@ -3,7 +3,9 @@ trained shapes run, loaded and run where `caption_attn` cannot be imported, agai
 `caption-attn caption` in this process.
 
 The run's images are 299x299 PNGs, so nothing is resized: captions must equal the tool's
-word for word. One export (SavedModel + float32 TFLite, beam 3) is shared by the module;
+word for word (the TFLite model's those of the tool with a float32 backbone, since the run's
+cache computes in bfloat16, which TFLite has not). One export (SavedModel + float32 TFLite,
+beam 3) is shared by the module;
 exports cost tens of seconds (InceptionV3), so those tests are `slow`. The bad-input tests
 fail before any model is built and are quick.
 """
@@ -22,7 +24,7 @@ import pytest
 from caption_attn import export
 from caption_attn.captioner import Captioner
 from caption_attn.cli import main
-from caption_attn.config import DecodeConfig, ExportConfig, RunConfig
+from caption_attn.config import DecodeConfig, ExportConfig, ExtractConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.vocab import END, Vocabulary
 
@@ -120,14 +122,29 @@ def served(exported, shapes_data, trained_run, images, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tool(trained_run):
-    """`caption-attn caption` in this process: tool(paths, beam) -> (results, errors)."""
+    """`caption-attn caption [--cache CACHE]` in this process:
+    tool(paths, beam, cache) -> (results, errors)."""
     captioners = {}
 
-    def caption(paths, beam=BEAM):
-        if beam not in captioners:
-            captioners[beam] = Captioner.from_run(trained_run, DecodeConfig(beam=beam))
-        return captioners[beam].caption_images([p for p in paths if p])
+    def caption(paths, beam=BEAM, cache=None):
+        if (beam, cache) not in captioners:
+            captioners[beam, cache] = Captioner.from_run(trained_run, DecodeConfig(beam=beam),
+                                                         cache=cache)
+        return captioners[beam, cache].caption_images([p for p in paths if p])
     return caption
+
+
+@pytest.fixture(scope="module")
+def float32_cache(shapes_data, tmp_path_factory):
+    """The run's backbone (same random weights) extracted with --precision float32: TFLite
+    computes in float32, the run's own cache in bfloat16."""
+    from caption_attn import extract
+
+    cache = str(tmp_path_factory.mktemp("float32") / "cache")
+    extract.extract_features(shapes_data["images"], ExtractConfig(
+        cache=cache, weights="random", dtype="float16", precision="float32", batch_size=20),
+        progress=False)
+    return cache
 
 
 # --------------------------------------------------------------------------- SavedModel
@@ -223,7 +240,8 @@ def _greedy_ids(caption, vocab, length):
 
 @pytest.mark.slow
 def test_tflite_equals_greedy_caption_with_builtin_ops_only(exported, shapes_data,
-                                                            trained_run, tool):
+                                                            trained_run, tool,
+                                                            float32_cache):
     import tensorflow as tf
     from caption_attn.images import load_image
 
@@ -242,18 +260,18 @@ def test_tflite_equals_greedy_caption_with_builtin_ops_only(exported, shapes_dat
     assert list(runner.get_input_details()["image"]["shape"]) == [1, 299, 299, 3]
     paths = _split_images(shapes_data, trained_run, "test") + \
         _split_images(shapes_data, trained_run, "val")
-    results, _ = tool(paths, beam=1)
+    # `caption --beam 1` with the run's backbone computing in float32, as TFLite does
+    results, _ = tool(paths, beam=1, cache=float32_cache)
     for path in paths:
         got = runner(image=load_image(path)[None])
         length = got["token_ids"].shape[1]
         assert got["token_ids"].dtype == np.int32 and got["attention"].shape == (1, length, 8, 8)
         best = results[path][1][0]
         assert got["token_ids"][0].tolist() == _greedy_ids(best, vocab, length), path
-        # float32 here, the run's cache backbone computes in bfloat16
-        assert got["scores"][0] == pytest.approx(best.log_prob, abs=0.05)
+        assert got["scores"][0] == pytest.approx(best.log_prob, abs=1e-4)
         steps = len(best.steps)
         np.testing.assert_allclose(got["attention"][0].reshape(length, 64)[:steps],
-                                   best.attention, atol=0.02)
+                                   best.attention, atol=1e-4)
         assert not got["attention"][0, steps:].any()
 
 

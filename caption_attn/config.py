@@ -350,7 +350,7 @@ TFLITE_QUANTIZATIONS = ("none", "float16", "dynamic")
 
 @dataclass
 class ExportConfig(Config):
-    """What `export` writes besides the SavedModel (beam and length: see DecodeConfig)."""
+    """The TFLite model and the --out folder (`export`)."""
 
     tflite: bool = opt(False, "also write DIR/captioner.tflite (one resized image, greedy "
                        "decoding, built-in TFLite ops) and DIR/vocab.json")

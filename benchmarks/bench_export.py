@@ -10,7 +10,8 @@ files:
               (what `caption-attn caption` runs), files read from disk
   savedmodel  the export, loaded with tf.saved_model.load: file bytes -> captions, all in
               the graph (tf.data decode + resize, backbone, beam search, words)
-  tflite      the export's captioner.tflite on one image already resized (greedy)
+  tflite      the export's captioner.tflite on one image already resized (greedy;
+              `--tflite-quantize` float16 or dynamic for a quantized one)
 
 At batch 1 each side captions every image alone (per-image latency p50, p95); at batch 32 it
 captions all of them in one call (images/s, best of the rounds: other processes only ever
@@ -39,8 +40,8 @@ import tensorflow as tf  # noqa: E402
 from bench_extract import render_images  # noqa: E402
 from caption_attn import export, extract  # noqa: E402
 from caption_attn.captioner import Captioner  # noqa: E402
-from caption_attn.config import (DecodeConfig, ExportConfig, ExtractConfig, ModelConfig,  # noqa: E402
-                                 RunConfig, VocabConfig)
+from caption_attn.config import (TFLITE_QUANTIZATIONS, DecodeConfig, ExportConfig,  # noqa: E402
+                                 ExtractConfig, ModelConfig, RunConfig, VocabConfig)
 from caption_attn.fileio import write_json_atomic  # noqa: E402
 from caption_attn.images import load_image  # noqa: E402
 from caption_attn.model import ShowAttendTell  # noqa: E402
@@ -101,6 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=5001)
     ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
                     help="the backbone's compute precision (the cache's --precision)")
+    ap.add_argument("--tflite-quantize", default="none", choices=TFLITE_QUANTIZATIONS)
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
 
@@ -109,7 +111,8 @@ def main(argv=None) -> int:
     decode_cfg = DecodeConfig(beam=args.beam, max_length=args.max_length)
     out = os.path.join(folder, "export")
     t0 = time.perf_counter()
-    info = export.export_run(run, out, decode_cfg, ExportConfig(tflite=True), log=lambda m: 0)
+    info = export.export_run(run, out, decode_cfg, ExportConfig(
+        tflite=True, tflite_quantize=args.tflite_quantize, check_images=0), log=lambda m: 0)
     export_s = time.perf_counter() - t0
 
     captioner = Captioner.from_run(run, decode_cfg)
@@ -145,7 +148,8 @@ def main(argv=None) -> int:
 
     figures = {"cpu": cpu_name(), "load_average": os.getloadavg(), "images": len(paths),
                "beam": args.beam, "max_length": args.max_length, "vocab": args.vocab,
-               "precision": args.precision, "export_seconds": export_s,
+               "precision": args.precision, "tflite_quantize": args.tflite_quantize,
+               "export_seconds": export_s,
                "tflite_mb": info["tflite"]["bytes"] / 1e6,
                "same_captions": same, "max_score_difference": float(score_diff.max())}
     print(f"{figures['cpu']}, {os.cpu_count()} cores, load average "
@@ -161,7 +165,8 @@ def main(argv=None) -> int:
         print(f"{name:12s} {p50:9.1f} ms {p95:5.1f} ms {rate:7.1f} img/s")
     p50, p95 = np.percentile(lite_s, [50, 95]) * 1e3
     figures.update({"tflite_p50_ms": p50, "tflite_p95_ms": p95})
-    print(f"{'tflite':12s} {p50:9.1f} ms {p95:5.1f} ms {'(greedy, float32)':>18s}")
+    print(f"{'tflite':12s} {p50:9.1f} ms {p95:5.1f} ms   (greedy, {args.tflite_quantize}, "
+          f"{figures['tflite_mb']:.1f} MB)")
     ratio = figures["savedmodel_images_per_s"] / figures["captioner_images_per_s"]
     figures["savedmodel_vs_captioner"] = ratio
     print(f"SavedModel / Captioner at batch {len(paths)}: {ratio:.2f}; same captions on "

@@ -201,13 +201,11 @@ def _megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def _folder_bytes(folder: str, skip=()) -> int:
+def _folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(root, name))
-               for root, _, names in os.walk(folder) for name in names
-               if os.path.relpath(os.path.join(root, name), folder) not in skip)
+               for root, _, names in os.walk(folder) for name in names)
 
 
-# ----------------------------------------------------------------------------- SavedModel
 # ----------------------------------------------------------------------------- SavedModel
 def serving_function(captioner: Captioner, backbone: Backbone):
     """tf.function: images (N,) string -> the signature's outputs (see the module doc)."""
@@ -221,7 +219,7 @@ def serving_function(captioner: Captioner, backbone: Backbone):
         result = decoder(backbone.forward(pixels) * scale)            # (M, K, ...)
         return caption_outputs(result, vocab, length)
 
-    def nothing():  # no decodable image: InceptionV3's oneDNN convolutions refuse 0 images
+    def nothing():  # no decodable image: the backbone's convolutions fail on 0 images
         return {k: tf.zeros([0] + shapes.get(k, [None])[1:], tf.constant(v).dtype)
                 for k, v in FILL.items()}
 

@@ -122,14 +122,16 @@ def served(exported, shapes_data, trained_run, images, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tool(trained_run):
-    """`caption-attn caption [--cache CACHE]` in this process:
-    tool(paths, beam, cache) -> (results, errors)."""
+    """`caption-attn caption` in this process: tool(paths, beam, cache) -> (results, errors).
+    `cache` swaps the backbone for another cache's (the run folder would refuse a cache of
+    another identity, so the Captioner is made without it)."""
     captioners = {}
 
     def caption(paths, beam=BEAM, cache=None):
         if (beam, cache) not in captioners:
-            captioners[beam, cache] = Captioner.from_run(trained_run, DecodeConfig(beam=beam),
-                                                         cache=cache)
+            run = Captioner.from_run(trained_run, DecodeConfig(beam=beam))
+            captioners[beam, cache] = run if cache is None else Captioner(
+                run.model, run.vocab, run.run_cfg, run.cfg, cache=cache)
         return captioners[beam, cache].caption_images([p for p in paths if p])
     return caption
 
@@ -137,7 +139,7 @@ def tool(trained_run):
 @pytest.fixture(scope="module")
 def float32_cache(shapes_data, tmp_path_factory):
     """The run's backbone (same random weights) extracted with --precision float32: TFLite
-    computes in float32, the run's own cache in bfloat16."""
+    computes in float32, the run's own cache in bfloat16 (which `caption` uses)."""
     from caption_attn import extract
 
     cache = str(tmp_path_factory.mktemp("float32") / "cache")
@@ -260,7 +262,7 @@ def test_tflite_equals_greedy_caption_with_builtin_ops_only(exported, shapes_dat
     assert list(runner.get_input_details()["image"]["shape"]) == [1, 299, 299, 3]
     paths = _split_images(shapes_data, trained_run, "test") + \
         _split_images(shapes_data, trained_run, "val")
-    # `caption --beam 1` with the run's backbone computing in float32, as TFLite does
+    # the greedy captions of `caption --beam 1` with the backbone computing in float32
     results, _ = tool(paths, beam=1, cache=float32_cache)
     for path in paths:
         got = runner(image=load_image(path)[None])

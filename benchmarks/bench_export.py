@@ -15,8 +15,9 @@ files:
 
 At batch 1 each side captions every image alone (per-image latency p50, p95); at batch 32 it
 captions all of them in one call (images/s, best of the rounds: other processes only ever
-slow a round down). Rounds alternate between the sides. It also prints how often the two
-give the same caption on these resized JPEGs.
+slow a round down). Rounds alternate between the sides. The process CPU time per image
+(median) is printed too: it is less sensitive to other jobs than the rates. It also prints
+how often the two give the same caption on these resized JPEGs.
 
     .venv/bin/python benchmarks/bench_export.py --images 32 --rounds 3
 """
@@ -78,9 +79,11 @@ def read(paths):
     return out
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn, cpu: list) -> float:
+    """Wall seconds of fn(); its process CPU seconds are appended to `cpu`."""
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn()
+    cpu.append(time.process_time() - start_cpu)
     return time.perf_counter() - start
 
 
@@ -131,14 +134,13 @@ def main(argv=None) -> int:
         call(paths)
     lite(image=pixels[0])
 
-    single = {name: [] for name in sides}
-    batch = {name: [] for name in sides}
-    lite_s = []
+    single, batch, single_cpu, batch_cpu = ({name: [] for name in sides} for _ in range(4))
+    lite_s, lite_cpu = [], []
     for _ in range(args.rounds):
         for name, call in sides.items():
-            single[name] += [timed(lambda: call([p])) for p in paths]
-            batch[name].append(timed(lambda: call(paths)))
-        lite_s += [timed(lambda: lite(image=x)) for x in pixels]
+            single[name] += [timed(lambda: call([p]), single_cpu[name]) for p in paths]
+            batch[name].append(timed(lambda: call(paths), batch_cpu[name]))
+        lite_s += [timed(lambda: lite(image=x), lite_cpu) for x in pixels]
 
     results, _ = captioner.caption_images(paths)
     got = serve(images=tf.constant(read(paths), tf.string))
@@ -156,20 +158,28 @@ def main(argv=None) -> int:
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; {len(paths)} JPEGs 640x480, "
           f"beam {args.beam}, {args.max_length} steps, V {args.vocab}, backbone "
           f"{args.precision}")
-    print(f"{'':12s} {'batch 1 p50':>12s} {'p95':>8s} {'batch ' + str(len(paths)):>12s}")
+    print(f"{'':12s} {'batch 1 p50':>12s} {'p95':>8s} {'CPU/img':>9s} "
+          f"{'batch ' + str(len(paths)):>12s} {'CPU/img':>9s}")
     for name in sides:
         p50, p95 = np.percentile(single[name], [50, 95]) * 1e3
         rate = len(paths) / min(batch[name])
+        cpu1 = np.median(single_cpu[name]) * 1e3
+        cpu32 = np.median(batch_cpu[name]) * 1e3 / len(paths)
         figures.update({f"{name}_p50_ms": p50, f"{name}_p95_ms": p95,
-                        f"{name}_images_per_s": rate})
-        print(f"{name:12s} {p50:9.1f} ms {p95:5.1f} ms {rate:7.1f} img/s")
+                        f"{name}_images_per_s": rate, f"{name}_cpu_ms_batch1": cpu1,
+                        f"{name}_cpu_ms_per_image": cpu32})
+        print(f"{name:12s} {p50:9.1f} ms {p95:5.1f} ms {cpu1:6.0f} ms {rate:7.1f} img/s "
+              f"{cpu32:6.0f} ms")
     p50, p95 = np.percentile(lite_s, [50, 95]) * 1e3
-    figures.update({"tflite_p50_ms": p50, "tflite_p95_ms": p95})
-    print(f"{'tflite':12s} {p50:9.1f} ms {p95:5.1f} ms   (greedy, {args.tflite_quantize}, "
-          f"{figures['tflite_mb']:.1f} MB)")
+    cpu1 = np.median(lite_cpu) * 1e3
+    figures.update({"tflite_p50_ms": p50, "tflite_p95_ms": p95, "tflite_cpu_ms": cpu1})
+    print(f"{'tflite':12s} {p50:9.1f} ms {p95:5.1f} ms {cpu1:6.0f} ms   (greedy, "
+          f"{args.tflite_quantize}, {figures['tflite_mb']:.1f} MB)")
     ratio = figures["savedmodel_images_per_s"] / figures["captioner_images_per_s"]
-    figures["savedmodel_vs_captioner"] = ratio
-    print(f"SavedModel / Captioner at batch {len(paths)}: {ratio:.2f}; same captions on "
+    cpu_ratio = figures["captioner_cpu_ms_per_image"] / figures["savedmodel_cpu_ms_per_image"]
+    figures.update({"savedmodel_vs_captioner": ratio, "cpu_savedmodel_vs_captioner": cpu_ratio})
+    print(f"SavedModel / Captioner at batch {len(paths)}: {ratio:.2f} in images/s, "
+          f"{cpu_ratio:.2f} in CPU time per image; same captions on "
           f"{same}/{len(paths)} resized JPEGs (largest log-probability difference "
           f"{score_diff.max():.1e}); export took {export_s:.0f} s")
     if args.json:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,20 +97,55 @@ def cpu_name() -> str:
         return "unknown CPU"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=32, help="images (and the large batch)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--beam", type=int, default=3)
-    ap.add_argument("--max-length", type=int, default=20)
-    ap.add_argument("--vocab", type=int, default=5001)
-    ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
-                    help="the backbone's compute precision (the cache's --precision)")
-    ap.add_argument("--tflite-quantize", default="none", choices=TFLITE_QUANTIZATIONS)
-    ap.add_argument("--json", metavar="FILE")
-    args = ap.parse_args(argv)
+def measure(sides: dict, lite, paths: list, pixels: list, rounds: int) -> dict:
+    """Wall and CPU seconds: {side: {"single", "single_cpu", "batch", "batch_cpu"}} for each
+    of `sides` (paths -> captions), plus "tflite": {"single", "single_cpu"}."""
+    for call in sides.values():                      # trace / warm up both batch sizes
+        call(paths[:1])
+        call(paths)
+    lite(image=pixels[0])
+    times = {name: {k: [] for k in ("single", "single_cpu", "batch", "batch_cpu")}
+             for name in [*sides, "tflite"]}
+    for _ in range(rounds):                          # rounds alternate between the sides
+        for name, call in sides.items():
+            t = times[name]
+            t["single"] += [timed(lambda: call([p]), t["single_cpu"]) for p in paths]
+            t["batch"].append(timed(lambda: call(paths), t["batch_cpu"]))
+        t = times["tflite"]
+        t["single"] += [timed(lambda: lite(image=x), t["single_cpu"]) for x in pixels]
+    return times
 
-    folder = tempfile.mkdtemp(prefix="bench_export_")
+
+def report(times: dict, n: int, figures: dict, args) -> None:
+    """Print the table and add its figures to `figures`."""
+    print(f"{figures['cpu']}, {os.cpu_count()} cores, load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; {n} JPEGs 640x480, beam "
+          f"{args.beam}, {args.max_length} steps, V {args.vocab}, backbone {args.precision}")
+    print(f"{'':12s} {'batch 1 p50':>12s} {'p95':>8s} {'CPU/img':>9s} {'batch ' + str(n):>12s} "
+          f"{'CPU/img':>9s}")
+    for name, t in times.items():
+        p50, p95 = np.percentile(t["single"], [50, 95]) * 1e3
+        cpu1 = np.median(t["single_cpu"]) * 1e3
+        figures.update({f"{name}_p50_ms": p50, f"{name}_p95_ms": p95,
+                        f"{name}_cpu_ms_batch1": cpu1})
+        line = f"{name:12s} {p50:9.1f} ms {p95:5.1f} ms {cpu1:6.0f} ms"
+        if t["batch"]:
+            rate, cpu_n = n / min(t["batch"]), np.median(t["batch_cpu"]) * 1e3 / n
+            figures.update({f"{name}_images_per_s": rate, f"{name}_cpu_ms_per_image": cpu_n})
+            line += f" {rate:7.1f} img/s {cpu_n:6.0f} ms"
+        else:
+            line += f"   (greedy, {args.tflite_quantize}, {figures['tflite_mb']:.1f} MB)"
+        print(line)
+    ratio = figures["savedmodel_images_per_s"] / figures["captioner_images_per_s"]
+    cpu_ratio = figures["captioner_cpu_ms_per_image"] / figures["savedmodel_cpu_ms_per_image"]
+    figures.update({"savedmodel_vs_captioner": ratio, "cpu_savedmodel_vs_captioner": cpu_ratio})
+    print(f"SavedModel / Captioner at batch {n}: {ratio:.2f} in images/s, {cpu_ratio:.2f} in "
+          f"CPU time per image; same captions on {figures['same_captions']}/{n} resized JPEGs "
+          f"(largest log-probability difference {figures['max_score_difference']:.1e}); "
+          f"export took {figures['export_seconds']:.0f} s")
+
+
+def run_benchmark(folder: str, args) -> dict:
     run, paths = make_run(folder, args)
     decode_cfg = DecodeConfig(beam=args.beam, max_length=args.max_length)
     out = os.path.join(folder, "export")
@@ -122,66 +158,41 @@ def main(argv=None) -> int:
     serve = tf.saved_model.load(out).signatures["serving_default"]
     with open(os.path.join(out, export.TFLITE_FILE), "rb") as f:
         lite = export.interpreter(f.read())
-    pixels = [load_image(p)[None] for p in paths]
-
-    sides = {
-        "captioner": lambda batch: captioner.caption_images(batch),
-        "savedmodel": lambda batch: serve(images=tf.constant(read(batch), tf.string))
-        ["captions"].numpy(),
-    }
-    for call in sides.values():                      # trace / warm up both batch sizes
-        call(paths[:1])
-        call(paths)
-    lite(image=pixels[0])
-
-    single, batch, single_cpu, batch_cpu = ({name: [] for name in sides} for _ in range(4))
-    lite_s, lite_cpu = [], []
-    for _ in range(args.rounds):
-        for name, call in sides.items():
-            single[name] += [timed(lambda: call([p]), single_cpu[name]) for p in paths]
-            batch[name].append(timed(lambda: call(paths), batch_cpu[name]))
-        lite_s += [timed(lambda: lite(image=x), lite_cpu) for x in pixels]
+    sides = {"captioner": lambda batch: captioner.caption_images(batch),
+             "savedmodel": lambda batch: serve(images=tf.constant(read(batch), tf.string))}
+    times = measure(sides, lite, paths, [load_image(p)[None] for p in paths], args.rounds)
 
     results, _ = captioner.caption_images(paths)
     got = serve(images=tf.constant(read(paths), tf.string))
     same = sum(got["captions"][i].numpy().decode() == results[p][1][0].text
                for i, p in enumerate(paths))
     score_diff = np.abs(got["scores"].numpy() - [results[p][1][0].log_prob for p in paths])
-
     figures = {"cpu": cpu_name(), "load_average": os.getloadavg(), "images": len(paths),
                "beam": args.beam, "max_length": args.max_length, "vocab": args.vocab,
                "precision": args.precision, "tflite_quantize": args.tflite_quantize,
-               "export_seconds": export_s,
-               "tflite_mb": info["tflite"]["bytes"] / 1e6,
+               "export_seconds": export_s, "tflite_mb": info["tflite"]["bytes"] / 1e6,
                "same_captions": same, "max_score_difference": float(score_diff.max())}
-    print(f"{figures['cpu']}, {os.cpu_count()} cores, load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; {len(paths)} JPEGs 640x480, "
-          f"beam {args.beam}, {args.max_length} steps, V {args.vocab}, backbone "
-          f"{args.precision}")
-    print(f"{'':12s} {'batch 1 p50':>12s} {'p95':>8s} {'CPU/img':>9s} "
-          f"{'batch ' + str(len(paths)):>12s} {'CPU/img':>9s}")
-    for name in sides:
-        p50, p95 = np.percentile(single[name], [50, 95]) * 1e3
-        rate = len(paths) / min(batch[name])
-        cpu1 = np.median(single_cpu[name]) * 1e3
-        cpu32 = np.median(batch_cpu[name]) * 1e3 / len(paths)
-        figures.update({f"{name}_p50_ms": p50, f"{name}_p95_ms": p95,
-                        f"{name}_images_per_s": rate, f"{name}_cpu_ms_batch1": cpu1,
-                        f"{name}_cpu_ms_per_image": cpu32})
-        print(f"{name:12s} {p50:9.1f} ms {p95:5.1f} ms {cpu1:6.0f} ms {rate:7.1f} img/s "
-              f"{cpu32:6.0f} ms")
-    p50, p95 = np.percentile(lite_s, [50, 95]) * 1e3
-    cpu1 = np.median(lite_cpu) * 1e3
-    figures.update({"tflite_p50_ms": p50, "tflite_p95_ms": p95, "tflite_cpu_ms": cpu1})
-    print(f"{'tflite':12s} {p50:9.1f} ms {p95:5.1f} ms {cpu1:6.0f} ms   (greedy, "
-          f"{args.tflite_quantize}, {figures['tflite_mb']:.1f} MB)")
-    ratio = figures["savedmodel_images_per_s"] / figures["captioner_images_per_s"]
-    cpu_ratio = figures["captioner_cpu_ms_per_image"] / figures["savedmodel_cpu_ms_per_image"]
-    figures.update({"savedmodel_vs_captioner": ratio, "cpu_savedmodel_vs_captioner": cpu_ratio})
-    print(f"SavedModel / Captioner at batch {len(paths)}: {ratio:.2f} in images/s, "
-          f"{cpu_ratio:.2f} in CPU time per image; same captions on "
-          f"{same}/{len(paths)} resized JPEGs (largest log-probability difference "
-          f"{score_diff.max():.1e}); export took {export_s:.0f} s")
+    report(times, len(paths), figures, args)
+    return figures
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=32, help="images (and the large batch)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--beam", type=int, default=3)
+    ap.add_argument("--max-length", type=int, default=20)
+    ap.add_argument("--vocab", type=int, default=5001)
+    ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                    help="the backbone's compute precision (the cache's --precision)")
+    ap.add_argument("--tflite-quantize", default="none", choices=TFLITE_QUANTIZATIONS)
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args(argv)
+    folder = tempfile.mkdtemp(prefix="bench_export_")
+    try:
+        figures = run_benchmark(folder, args)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     if args.json:
         write_json_atomic(args.json, figures)
     return 0

@@ -278,7 +278,7 @@ def test_tflite_equals_greedy_caption_with_builtin_ops_only(exported, shapes_dat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantize", ["dynamic"])
+@pytest.mark.parametrize("quantize", ["float16", "dynamic"])
 def test_quantized_tflite_prints_sizes_and_agreement(trained_run, tmp_path, quantize):
     out = tmp_path / "export"
     out.mkdir()

@@ -106,3 +106,14 @@ def test_a_nan_reward_stops_with_a_message_about_the_reward(shapes_data, tmp_pat
     with pytest.raises(train.TrainingError, match="reward became nan"):
         train.train(_config(shapes_data, epochs=2, scst_after=1), str(tmp_path / "run"),
                     progress=False, log=lambda *a: None)
+
+
+def test_a_reward_of_zero_for_every_sample_is_not_an_error(shapes_data, tmp_path,
+                                                           monkeypatch):
+    from caption_attn import cider
+    monkeypatch.setattr(cider.CiderD, "__call__",
+                        lambda self, index, candidates: np.zeros(len(index)))
+    summary = train.train(_config(shapes_data, epochs=2, scst_after=1), str(tmp_path / "run"),
+                          progress=False, log=lambda *a: None)
+    last = _history(str(tmp_path / "run"))[-1]
+    assert summary["epochs"] == 2 and last["reward"] == 0.0 and last["loss"] == 0.0

@@ -174,7 +174,7 @@ def time_ours(trainer, epochs: int = 1):
         t0 = time.perf_counter()
         for batch in batches:
             out = trainer.train_step(batch)
-        float(out[0])
+        float(out["loss"])
         seconds += time.perf_counter() - t0
         captions += sum(int(b[2].shape[0]) for b in batches)
     traces = trainer.train_step.experimental_get_tracing_count()

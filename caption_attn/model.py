@@ -174,12 +174,20 @@ def attend_and_update(w: StepWeights, x_gates, h, keys, encoded):
     once), h (B, U), keys (B, P, U), encoded (B, P, E) -> new h (B, U), gated context (B, E),
     attention (B, P) float32, and the `StepSaved` intermediates.
     """
-    raw, alpha, e = additive_attention(keys, encoded, tf.matmul(h, w.query),
-                                       w.score)                       # (B, E), (B, P), .
-    beta = tf.sigmoid(tf.matmul(h, w.beta) + w.beta_bias)            # (B, E)
+    return _update(w, x_gates, h, tf.matmul(h, w.query),                # (B, U)
+                   tf.matmul(h, w.beta) + w.beta_bias,                  # (B, E)
+                   tf.matmul(h, w.gru_recurrent) + w.gru_bias,          # (B, 3U)
+                   keys, encoded)
+
+
+def _update(w: StepWeights, x_gates, h, q, h_beta, h_gates, keys, encoded):
+    """`attend_and_update` from h's three projections: the attention query q (B, U), the
+    gate's h_beta (B, E) and the GRU's recurrent share h_gates (B, 3U), biases included."""
+    raw, alpha, e = additive_attention(keys, encoded, q, w.score)    # (B, E), (B, P), .
+    beta = tf.sigmoid(h_beta)                                        # (B, E)
     context = beta * raw                                             # (B, E)
     xz, xr, xh = tf.split(x_gates + tf.matmul(context, w.gru_context), 3, axis=-1)
-    hz, hr, hh = tf.split(tf.matmul(h, w.gru_recurrent) + w.gru_bias, 3, axis=-1)
+    hz, hr, hh = tf.split(h_gates, 3, axis=-1)                       # (B, U) each
     z = tf.sigmoid(xz + hz)                                          # (B, U)
     r = tf.sigmoid(xr + hr)                                          # (B, U)
     candidate = tf.tanh(xh + r * hh)                                 # (B, U)
@@ -210,8 +218,17 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
                    tf.TensorArray(tf.float32, size=T)]
         saved = StepSaved(*(tf.TensorArray(h0.dtype, size=T) for _ in StepSaved._fields))
 
+        # h feeds the query, the gate and the recurrent gates: one matmul per step instead
+        # of three (the same kernels, concatenated once per batch).
+        U, E = h0.shape[-1], encoded.shape[-1]
+        h_kernels = tf.concat([w.query, w.beta, w.gru_recurrent], axis=1)  # (U, U+E+3U)
+        h_bias = tf.concat([tf.zeros([U], h0.dtype), w.beta_bias, w.gru_bias], 0)
+
         def body(t, h, outputs, saved):
-            h, context, alpha, step_saved = attend_and_update(w, x_gates[t], h, keys, encoded)
+            q, h_beta, h_gates = tf.split(tf.nn.bias_add(tf.matmul(h, h_kernels), h_bias),
+                                          [U, E, 3 * U], axis=-1)   # (B, U), (B, E), (B, 3U)
+            h, context, alpha, step_saved = _update(w, x_gates[t], h, q, h_beta, h_gates, keys,
+                                                    encoded)
             outputs = [a.write(t, x) for a, x in zip(outputs, (h, context, alpha))]
             return t + 1, h, outputs, StepSaved(*(a.write(t, x)
                                                   for a, x in zip(saved, step_saved)))
@@ -239,8 +256,11 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
     dt, U, E = h0.dtype, h0.shape[-1], encoded.shape[-1]
     T = tf.shape(hs)[0]
     # dh flows back through the query, the gate and the recurrent kernels in one matmul.
-    h_kernels = tf.concat([w.query, w.beta, w.gru_recurrent], axis=1)  # (U, U+E+3U)
-    score_row = tf.reshape(w.score, [1, 1, U])                        # (1, 1, U)
+    # The kernels are transposed once here: oneDNN's matmul with transpose_b took 1.5-1.7x
+    # as long for these 64-row products.
+    h_kernels_t = tf.transpose(tf.concat([w.query, w.beta, w.gru_recurrent], axis=1))
+    gru_context_t = tf.transpose(w.gru_context)                       # (3U, E)
+    score_row = tf.reshape(w.score, [1, U])                           # (1, U)
     h_prev = tf.concat([h0[None], hs[:-1]], axis=0)                   # (T, B, U)
 
     def body(t, dh, d_keys, d_score, d_xs, d_hs_all, d_raws):
@@ -252,7 +272,7 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
         d_r = tf.raw_ops.SigmoidGrad(y=s.r, dy=d_cand * s.hh)
         d_x = tf.concat([d_z, d_r, d_cand], axis=-1)                  # (B, 3U) input gates
         # context = beta * raw feeds the GRU's input gates
-        d_ctx = tf.matmul(d_x, w.gru_context, transpose_b=True) + d_contexts[t]  # (B, E)
+        d_ctx = tf.matmul(d_x, gru_context_t) + d_contexts[t]        # (B, E)
         d_beta = tf.raw_ops.SigmoidGrad(y=s.beta, dy=d_ctx * s.raw)   # (B, E)
         d_raw = d_ctx * s.beta                                        # (B, E)
         # attention: raw = sum_p alpha_p encoded_p, alpha = softmax_p(e_p w)
@@ -260,13 +280,15 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
         d_alpha = tf.cast(tf.einsum("be,bpe->bp", d_raw, encoded), tf.float32) + d_alphas[t]
         ds = alpha * (d_alpha - tf.reduce_sum(alpha * d_alpha, axis=-1, keepdims=True))
         ds_c = tf.cast(ds, dt)                                        # (B, P)
-        d_e = tf.raw_ops.TanhGrad(y=s.e, dy=ds_c[..., None] * score_row)  # (B, P, U)
+        # ds_bp w_u as a K=1 matmul: a broadcasting multiply took twice as long
+        d_e = tf.raw_ops.TanhGrad(y=s.e, dy=tf.reshape(
+            tf.matmul(tf.reshape(ds_c, [-1, 1]), score_row), tf.shape(s.e)))  # (B, P, U)
         d_score = d_score + tf.matmul(tf.reshape(ds_c, [1, -1]),
                                       tf.reshape(s.e, [-1, U]))       # (1, U)
         d_q = tf.reduce_sum(d_e, axis=1)                              # (B, U)
         # h feeds the query, the gate and the recurrent gates: one matmul back through all
         d_h_all = tf.concat([d_q, d_beta, d_z, d_r, d_cand * s.r], axis=-1)  # (B, U+E+3U)
-        dh = dh * s.z + tf.matmul(d_h_all, h_kernels, transpose_b=True)  # (B, U)
+        dh = dh * s.z + tf.matmul(d_h_all, h_kernels_t)              # (B, U)
         return (t - 1, dh, d_keys + d_e, d_score, d_xs.write(t, d_x),
                 d_hs_all.write(t, d_h_all), d_raws.write(t, d_raw))
 
@@ -292,6 +314,38 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
         gru_recurrent=d_recurrent,
         gru_bias=tf.reduce_sum(tf.concat([d_z, d_r, d_hh], axis=-1), axis=[0, 1]))
     return (d_x, dh0, d_keys, d_encoded, *weights)
+
+
+def output_cross_entropy(x, kernel, bias, targets):
+    """Cross-entropy of the output layer, with its gradient written out.
+
+    x (N, E), kernel (E, V), bias (V,) in the compute dtype, targets (N,) int -> ce (N,)
+    float32 = logsumexp(l) - l[target] of the logits l = x kernel + bias. Equals
+    `tf.nn.sparse_softmax_cross_entropy_with_logits` on those logits, but the (N, V) softmax
+    comes from oneDNN's multi-threaded softmax (TensorFlow's cross-entropy kernel took 15 ms
+    of a 220 ms step for 830 x 5001 logits on 2 cores) and is kept for the backward pass,
+    whose d_logits = (softmax - onehot) * d_ce goes straight into the two matmuls.
+    """
+    @tf.custom_gradient
+    def run(x, kernel, bias):
+        logits = tf.cast(tf.nn.bias_add(tf.matmul(x, kernel), bias), tf.float32)  # (N, V)
+        probs = tf.nn.softmax(logits)                                 # (N, V)
+        # logsumexp = max l - log(max p): the largest probability is >= 1/V, so its log is
+        # exact where a p[target] near 0 would not be.
+        lse = tf.reduce_max(logits, -1) - tf.math.log(tf.reduce_max(probs, -1))  # (N,)
+        ce = lse - tf.gather(logits, targets, batch_dims=1)          # (N,)
+
+        def grad(d_ce):                                              # (N,)
+            rows = tf.stack([tf.range(tf.shape(targets)[0], dtype=targets.dtype), targets], 1)
+            d_logits = tf.tensor_scatter_nd_sub(probs * d_ce[:, None], rows, d_ce)  # (N, V)
+            d_logits = tf.cast(d_logits, x.dtype)
+            # the kernel transposed first: a transpose_b matmul was ~20% slower
+            return (tf.matmul(d_logits, tf.transpose(kernel)),        # (N, E)
+                    tf.matmul(x, d_logits, transpose_a=True),         # (E, V)
+                    tf.reduce_sum(d_logits, axis=0))                  # (V,)
+        return ce, grad
+
+    return run(x, kernel, bias)
 
 
 @keras.saving.register_keras_serializable(package="caption_attn")
@@ -413,6 +467,36 @@ class ShowAttendTell(keras.Model):
         contexts = tf.transpose(contexts, [1, 0, 2])                 # (B, T, E)
         alphas = tf.transpose(alphas, [1, 0, 2])                     # (B, T, P)
         return self._output(embedded, hs, contexts, training), alphas
+
+    def teacher_forced_loss(self, features, image_index, tokens, targets, training=False,
+                            attention_reg: float = 1.0):
+        """`masked_loss` of `call`'s outputs, computed the way training needs it:
+        features (N, P, F), image_index (B,) or None, decoder inputs tokens (B, T), targets
+        (B, T) (0 = <pad>) -> (ce_sum, num_tokens, reg_sum).
+
+        Unlike `call`, everything stays time-major (T, B, .), as the recurrence wants it (no
+        transposes), and the output layer and its cross-entropy run on the real tokens only
+        (`output_cross_entropy`), not on the padding of the bucket.
+        """
+        (h0,), (keys, encoded) = self.init_decoder(features, image_index)
+        targets = tf.transpose(targets)                               # (T, B)
+        embedded = self.embedding(tf.transpose(tokens))              # (T, B, E)
+        x_gates = self.gru_embed(embedded)                           # (T, B, 3U)
+        hs, contexts, alphas = teacher_forced_recurrence(
+            self.step_weights(), x_gates, h0, keys, encoded)         # (T, B, .) each
+        mask = tf.not_equal(targets, 0)                              # (T, B)
+        real = tf.where(tf.reshape(mask, [-1]))[:, 0]                # (N,) real rows
+        x = embedded + self.out_hidden(hs) + self.out_context(contexts)  # (T, B, E)
+        x = tf.gather(tf.reshape(x, [-1, self.embedding_dim]), real)  # (N, E)
+        dt = self.compute_dtype
+        x = tf.cast(self.out_dropout(x, training=training), dt)      # (its policy: float32)
+        ce = output_cross_entropy(x, tf.cast(self.logits.kernel, dt),
+                                  tf.cast(self.logits.bias, dt),
+                                  tf.gather(tf.reshape(targets, [-1]), real))  # (N,)
+        mask = tf.cast(mask, tf.float32)                             # (T, B)
+        coverage = tf.reduce_sum(alphas * mask[..., None], axis=0)   # (B, P)
+        reg = attention_reg * tf.reduce_mean(tf.square(1.0 - coverage), axis=-1)  # (B,)
+        return tf.reduce_sum(ce), tf.reduce_sum(mask), tf.reduce_sum(reg)
 
     def get_config(self):
         return {**super().get_config(), "vocab_size": self.vocab_size,

@@ -316,6 +316,18 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
     return (d_x, dh0, d_keys, d_encoded, *weights)
 
 
+def _dense_rows(layer: keras.layers.Dense, x):
+    """`layer(x)` for x (..., D) as one 2-D matmul, so that oneDNN fuses the bias and the
+    activation into it (Keras' Dense on 3-D inputs runs tensordot, then separate ops)."""
+    dt = layer.compute_dtype
+    y = tf.matmul(tf.reshape(tf.cast(x, dt), [-1, x.shape[-1]]),
+                  tf.cast(layer.kernel, dt))                          # (rows, units)
+    if layer.use_bias:
+        y = tf.nn.bias_add(y, tf.cast(layer.bias, dt))
+    y = layer.activation(y)
+    return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [layer.units]], 0))  # (..., units)
+
+
 def output_cross_entropy(x, kernel, bias, targets):
     """Cross-entropy of the output layer, with its gradient written out.
 
@@ -478,10 +490,16 @@ class ShowAttendTell(keras.Model):
         transposes), and the output layer and its cross-entropy run on the real tokens only
         (`output_cross_entropy`), not on the padding of the bucket.
         """
-        (h0,), (keys, encoded) = self.init_decoder(features, image_index)
+        # init_decoder's computation, its 3-D denses as 2-D matmuls with the bias (and ReLU)
+        # fused in (Keras' Dense on 3-D inputs goes through tensordot, and they stay apart)
+        encoded = _dense_rows(self.encoder, self.feature_norm(features))  # (N, P, E)
+        keys = _dense_rows(self.attention.key_proj, encoded)        # (N, P, U)
+        h0 = self.init_h(tf.reduce_mean(encoded, axis=1))            # (N, U)
+        if image_index is not None:
+            encoded, keys, h0 = (tf.gather(x, image_index) for x in (encoded, keys, h0))
         targets = tf.transpose(targets)                               # (T, B)
         embedded = self.embedding(tf.transpose(tokens))              # (T, B, E)
-        x_gates = self.gru_embed(embedded)                           # (T, B, 3U)
+        x_gates = _dense_rows(self.gru_embed, embedded)              # (T, B, 3U)
         hs, contexts, alphas = teacher_forced_recurrence(
             self.step_weights(), x_gates, h0, keys, encoded)         # (T, B, .) each
         mask = tf.not_equal(targets, 0)                              # (T, B)

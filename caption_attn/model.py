@@ -303,16 +303,17 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
         return tf.reshape(x, [-1, x.shape[-1]])                      # (T * B, .)
     d_h_kernels = tf.matmul(rows(h_prev), rows(d_h_all), transpose_a=True)  # (U, U+E+3U)
     d_query, d_beta_kernel, d_recurrent = tf.split(d_h_kernels, [U, E, 3 * U], axis=1)
-    _, d_beta, d_z, d_r, d_hh = tf.split(d_h_all, [U, E, U, U, U], axis=-1)
+    # the gate's and the recurrent gates' biases sit behind the same columns of d_h_all
+    d_h_bias = tf.reduce_sum(rows(d_h_all), axis=0)                   # (U+E+3U,)
     d_encoded = tf.einsum("tbp,tbe->bpe", tf.cast(alphas, dt), d_raw)  # (B, P, E)
     weights = StepWeights(
         query=d_query,
         score=tf.transpose(d_score),
         beta=d_beta_kernel,
-        beta_bias=tf.reduce_sum(d_beta, axis=[0, 1]),
+        beta_bias=d_h_bias[U:U + E],
         gru_context=tf.matmul(rows(contexts), rows(d_x), transpose_a=True),  # (E, 3U)
         gru_recurrent=d_recurrent,
-        gru_bias=tf.reduce_sum(tf.concat([d_z, d_r, d_hh], axis=-1), axis=[0, 1]))
+        gru_bias=d_h_bias[U + E:])
     return (d_x, dh0, d_keys, d_encoded, *weights)
 
 

@@ -332,29 +332,29 @@ def _dense_rows(layer: keras.layers.Dense, x):
 def output_cross_entropy(x, kernel, bias, targets):
     """Cross-entropy of the output layer, with its gradient written out.
 
-    x (N, E), kernel (E, V), bias (V,) in the compute dtype, targets (N,) int -> ce (N,)
+    x (R, E), kernel (E, V), bias (V,) in the compute dtype, targets (R,) int -> ce (R,)
     float32 = logsumexp(l) - l[target] of the logits l = x kernel + bias. Equals
-    `tf.nn.sparse_softmax_cross_entropy_with_logits` on those logits, but the (N, V) softmax
+    `tf.nn.sparse_softmax_cross_entropy_with_logits` on those logits, but the (R, V) softmax
     comes from oneDNN's multi-threaded softmax (TensorFlow's cross-entropy kernel took 15 ms
     of a 220 ms step for 830 x 5001 logits on 2 cores) and is kept for the backward pass,
     whose d_logits = (softmax - onehot) * d_ce goes straight into the two matmuls.
     """
     @tf.custom_gradient
     def run(x, kernel, bias):
-        logits = tf.cast(tf.nn.bias_add(tf.matmul(x, kernel), bias), tf.float32)  # (N, V)
-        probs = tf.nn.softmax(logits)                                 # (N, V)
+        logits = tf.cast(tf.nn.bias_add(tf.matmul(x, kernel), bias), tf.float32)  # (R, V)
+        probs = tf.nn.softmax(logits)                                 # (R, V)
         # logsumexp = max l - log(max p): the largest probability is >= 1/V, so its log is
         # exact where a p[target] near 0 would not be.
-        lse = tf.reduce_max(logits, -1) - tf.math.log(tf.reduce_max(probs, -1))  # (N,)
-        ce = lse - tf.gather(logits, targets, batch_dims=1)          # (N,)
+        lse = tf.reduce_max(logits, -1) - tf.math.log(tf.reduce_max(probs, -1))  # (R,)
+        ce = lse - tf.gather(logits, targets, batch_dims=1)          # (R,)
 
-        def grad(d_ce):                                              # (N,)
+        def grad(d_ce):                                              # (R,)
             rows = tf.stack([tf.range(tf.shape(targets)[0], dtype=targets.dtype), targets], 1)
-            d_logits = tf.tensor_scatter_nd_sub(probs * d_ce[:, None], rows, d_ce)  # (N, V)
+            d_logits = tf.tensor_scatter_nd_sub(probs * d_ce[:, None], rows, d_ce)  # (R, V)
             d_logits = tf.cast(d_logits, x.dtype)
             # on the kernel transposed first: a transpose_b matmul is ~20% slower here, and
             # an einsum, unlike tf.transpose, is not folded back into one by Grappler
-            return (tf.matmul(d_logits, tf.einsum("ev->ve", kernel)),  # (N, E)
+            return (tf.matmul(d_logits, tf.einsum("ev->ve", kernel)),  # (R, E)
                     tf.matmul(x, d_logits, transpose_a=True),         # (E, V)
                     tf.reduce_sum(d_logits, axis=0))                  # (V,)
         return ce, grad
@@ -483,14 +483,15 @@ class ShowAttendTell(keras.Model):
         return self._output(embedded, hs, contexts, training), alphas
 
     def teacher_forced_loss(self, features, image_index, tokens, targets, training=False,
-                            attention_reg: float = 1.0):
+                            attention_reg: float = 1.0, real_tokens_only: bool = True):
         """`masked_loss` of `call`'s outputs, computed the way training needs it:
         features (N, P, F), image_index (B,) or None, decoder inputs tokens (B, T), targets
         (B, T) (0 = <pad>) -> (ce_sum, num_tokens, reg_sum).
 
         Unlike `call`, everything stays time-major (T, B, .), as the recurrence wants it (no
-        transposes), and the output layer and its cross-entropy run on the real tokens only
-        (`output_cross_entropy`), not on the padding of the bucket.
+        transposes), and the output layer and its cross-entropy (`output_cross_entropy`) run
+        on the R real tokens only, not on the bucket's padding. `real_tokens_only=False`
+        runs them on all T * B rows and masks the result, for XLA, which needs static shapes.
         """
         # init_decoder's computation, its 3-D denses as 2-D matmuls with the bias (and ReLU)
         # fused in (Keras' Dense on 3-D inputs goes through tensordot, and they stay apart)
@@ -499,24 +500,28 @@ class ShowAttendTell(keras.Model):
         h0 = self.init_h(tf.reduce_mean(encoded, axis=1))            # (N, U)
         if image_index is not None:
             encoded, keys, h0 = (tf.gather(x, image_index) for x in (encoded, keys, h0))
-        targets = tf.transpose(targets)                               # (T, B)
+        targets = tf.reshape(tf.transpose(targets), [-1])            # (T * B,)
         embedded = self.embedding(tf.transpose(tokens))              # (T, B, E)
         x_gates = _dense_rows(self.gru_embed, embedded)              # (T, B, 3U)
         hs, contexts, alphas = teacher_forced_recurrence(
             self.step_weights(), x_gates, h0, keys, encoded)         # (T, B, .) each
-        mask = tf.not_equal(targets, 0)                              # (T, B)
-        real = tf.where(tf.reshape(mask, [-1]))[:, 0]                # (N,) real rows
         x = embedded + self.out_hidden(hs) + self.out_context(contexts)  # (T, B, E)
-        x = tf.gather(tf.reshape(x, [-1, self.embedding_dim]), real)  # (N, E)
+        x = tf.reshape(x, [-1, self.embedding_dim])                  # (T * B, E)
+        mask = tf.cast(tf.not_equal(targets, 0), tf.float32)         # (T * B,)
+        if real_tokens_only:
+            real = tf.where(mask > 0)[:, 0]                          # (R,)
+            x, rows_targets = tf.gather(x, real), tf.gather(targets, real)  # (R, E), (R,)
+        else:
+            rows_targets = targets
         dt = self.compute_dtype
         x = tf.cast(self.out_dropout(x, training=training), dt)      # (its policy: float32)
         ce = output_cross_entropy(x, tf.cast(self.logits.kernel, dt),
-                                  tf.cast(self.logits.bias, dt),
-                                  tf.gather(tf.reshape(targets, [-1]), real))  # (N,)
-        mask = tf.cast(mask, tf.float32)                             # (T, B)
+                                  tf.cast(self.logits.bias, dt), rows_targets)  # (R,)
+        ce_sum = tf.reduce_sum(ce if real_tokens_only else ce * mask)
+        mask = tf.reshape(mask, tf.shape(alphas)[:2])                # (T, B)
         coverage = tf.reduce_sum(alphas * mask[..., None], axis=0)   # (B, P)
         reg = attention_reg * tf.reduce_mean(tf.square(1.0 - coverage), axis=-1)  # (B,)
-        return tf.reduce_sum(ce), tf.reduce_sum(mask), tf.reduce_sum(reg)
+        return ce_sum, tf.reduce_sum(mask), tf.reduce_sum(reg)
 
     def get_config(self):
         return {**super().get_config(), "vocab_size": self.vocab_size,

@@ -77,6 +77,7 @@ class Steps:
         self.model, self.optimizer, self.strategy, self.cfg = model, optimizer, strategy, cfg
         self._scst_factory = scst
         self.train_step = self.eval_step = self.scst_step = None
+        self._jit = False   # the train step is XLA-compiled (set by `compile`)
 
     def _apply(self, tape: tf.GradientTape, scaled_loss) -> tf.Tensor:
         """All-reduce the gradients, clip them by their global norm, apply them; returns the
@@ -110,7 +111,8 @@ class Steps:
         tokens_global = ctx.all_reduce("sum", tf.reduce_sum(tf.cast(targets != 0, tf.float32)))
         captions_global = ctx.all_reduce("sum", tf.cast(tf.shape(tokens)[0], tf.float32))
         ce_sum, _, reg_sum = self.model.teacher_forced_loss(
-            features, image_index, inputs, targets, training, self.cfg.model.attention_reg)
+            features, image_index, inputs, targets, training, self.cfg.model.attention_reg,
+            real_tokens_only=not (training and self._jit))           # XLA: static shapes
         ce = ce_sum / tf.maximum(tokens_global, 1.0)
         return ce + reg_sum / tf.maximum(captions_global, 1.0), ce, captions_global
 
@@ -155,7 +157,7 @@ class Steps:
 
     def compile(self, element_spec) -> None:
         """The cross-entropy train and eval steps, traced once for every bucket shape."""
-        jit = self.cfg.train.xla and self.strategy.num_replicas_in_sync == 1
+        jit = self._jit = self.cfg.train.xla and self.strategy.num_replicas_in_sync == 1
         self.train_step = tf.function(
             lambda batch: self._distributed(self._train_replica)(*batch),
             input_signature=[element_spec], jit_compile=jit, reduce_retracing=True)

@@ -39,8 +39,10 @@ def test_output_cross_entropy_equals_tensorflows():
         np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention_reg", [0.0, 2.0])
-def test_training_loss_and_gradients_equal_masked_loss_of_call(attention_reg):
+@pytest.mark.parametrize("attention_reg, real_tokens_only", [(0.0, True), (2.0, True),
+                                                              (2.0, False)])
+def test_training_loss_and_gradients_equal_masked_loss_of_call(attention_reg,
+                                                                real_tokens_only):
     keras.utils.set_random_seed(4)
     m = ShowAttendTell(V, 6, 10, dropout=0.0, feature_dim=32)
     features, image_index, tokens, targets = _batch(32)
@@ -51,7 +53,7 @@ def test_training_loss_and_gradients_equal_masked_loss_of_call(attention_reg):
     expected_grads = tape.gradient(expected_loss, m.trainable_variables)
     with tf.GradientTape() as tape:
         got = m.teacher_forced_loss(features, image_index, tokens, targets, False,
-                                    attention_reg)
+                                    attention_reg, real_tokens_only)
         loss = got[0] + got[2]
     grads = tape.gradient(loss, m.trainable_variables)
     np.testing.assert_allclose([float(x) for x in got], [float(x) for x in expected],

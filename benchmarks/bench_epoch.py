@@ -102,7 +102,7 @@ def measure(args, root: str) -> dict:
     max_tokens = max(lengths)
     batches = [(tf.gather(f, i), t) for f, i, t in
                list(trainer.dataset("train", epoch=0))[:args.reference_batches]]
-    ref, ref_compile_s = time_reference(
+    ref, ref_compile_s, _ = time_reference(
         reference_step(args.embedding_dim, args.units, V, max_tokens), batches, max_tokens)
     return {
         "setup": {"embedding_dim": args.embedding_dim, "units": args.units, "vocab": V,

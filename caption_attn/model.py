@@ -174,12 +174,20 @@ def attend_and_update(w: StepWeights, x_gates, h, keys, encoded):
     once), h (B, U), keys (B, P, U), encoded (B, P, E) -> new h (B, U), gated context (B, E),
     attention (B, P) float32, and the `StepSaved` intermediates.
     """
-    raw, alpha, e = additive_attention(keys, encoded, tf.matmul(h, w.query),
-                                       w.score)                       # (B, E), (B, P), .
-    beta = tf.sigmoid(tf.matmul(h, w.beta) + w.beta_bias)            # (B, E)
+    return _update(w, x_gates, h, tf.matmul(h, w.query),                # (B, U)
+                   tf.matmul(h, w.beta) + w.beta_bias,                  # (B, E)
+                   tf.matmul(h, w.gru_recurrent) + w.gru_bias,          # (B, 3U)
+                   keys, encoded)
+
+
+def _update(w: StepWeights, x_gates, h, q, h_beta, h_gates, keys, encoded):
+    """`attend_and_update` from h's three projections: the attention query q (B, U), the
+    gate's h_beta (B, E) and the GRU's recurrent share h_gates (B, 3U), biases included."""
+    raw, alpha, e = additive_attention(keys, encoded, q, w.score)    # (B, E), (B, P), .
+    beta = tf.sigmoid(h_beta)                                        # (B, E)
     context = beta * raw                                             # (B, E)
     xz, xr, xh = tf.split(x_gates + tf.matmul(context, w.gru_context), 3, axis=-1)
-    hz, hr, hh = tf.split(tf.matmul(h, w.gru_recurrent) + w.gru_bias, 3, axis=-1)
+    hz, hr, hh = tf.split(h_gates, 3, axis=-1)                       # (B, U) each
     z = tf.sigmoid(xz + hz)                                          # (B, U)
     r = tf.sigmoid(xr + hr)                                          # (B, U)
     candidate = tf.tanh(xh + r * hh)                                 # (B, U)
@@ -210,8 +218,17 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
                    tf.TensorArray(tf.float32, size=T)]
         saved = StepSaved(*(tf.TensorArray(h0.dtype, size=T) for _ in StepSaved._fields))
 
+        # h feeds the query, the gate and the recurrent gates: one matmul per step instead
+        # of three (the same kernels, concatenated once per batch).
+        U, E = h0.shape[-1], encoded.shape[-1]
+        h_kernels = tf.concat([w.query, w.beta, w.gru_recurrent], axis=1)  # (U, U+E+3U)
+        h_bias = tf.concat([tf.zeros([U], h0.dtype), w.beta_bias, w.gru_bias], 0)
+
         def body(t, h, outputs, saved):
-            h, context, alpha, step_saved = attend_and_update(w, x_gates[t], h, keys, encoded)
+            q, h_beta, h_gates = tf.split(tf.nn.bias_add(tf.matmul(h, h_kernels), h_bias),
+                                          [U, E, 3 * U], axis=-1)   # (B, U), (B, E), (B, 3U)
+            h, context, alpha, step_saved = _update(w, x_gates[t], h, q, h_beta, h_gates, keys,
+                                                    encoded)
             outputs = [a.write(t, x) for a, x in zip(outputs, (h, context, alpha))]
             return t + 1, h, outputs, StepSaved(*(a.write(t, x)
                                                   for a, x in zip(saved, step_saved)))
@@ -239,8 +256,11 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
     dt, U, E = h0.dtype, h0.shape[-1], encoded.shape[-1]
     T = tf.shape(hs)[0]
     # dh flows back through the query, the gate and the recurrent kernels in one matmul.
-    h_kernels = tf.concat([w.query, w.beta, w.gru_recurrent], axis=1)  # (U, U+E+3U)
-    score_row = tf.reshape(w.score, [1, 1, U])                        # (1, 1, U)
+    # The kernels are transposed once here: oneDNN's matmul with transpose_b took 1.5-1.7x
+    # as long for these 64-row products.
+    h_kernels_t = tf.transpose(tf.concat([w.query, w.beta, w.gru_recurrent], axis=1))
+    gru_context_t = tf.transpose(w.gru_context)                       # (3U, E)
+    score_row = tf.reshape(w.score, [1, U])                           # (1, U)
     h_prev = tf.concat([h0[None], hs[:-1]], axis=0)                   # (T, B, U)
 
     def body(t, dh, d_keys, d_score, d_xs, d_hs_all, d_raws):
@@ -252,7 +272,7 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
         d_r = tf.raw_ops.SigmoidGrad(y=s.r, dy=d_cand * s.hh)
         d_x = tf.concat([d_z, d_r, d_cand], axis=-1)                  # (B, 3U) input gates
         # context = beta * raw feeds the GRU's input gates
-        d_ctx = tf.matmul(d_x, w.gru_context, transpose_b=True) + d_contexts[t]  # (B, E)
+        d_ctx = tf.matmul(d_x, gru_context_t) + d_contexts[t]        # (B, E)
         d_beta = tf.raw_ops.SigmoidGrad(y=s.beta, dy=d_ctx * s.raw)   # (B, E)
         d_raw = d_ctx * s.beta                                        # (B, E)
         # attention: raw = sum_p alpha_p encoded_p, alpha = softmax_p(e_p w)
@@ -260,13 +280,15 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
         d_alpha = tf.cast(tf.einsum("be,bpe->bp", d_raw, encoded), tf.float32) + d_alphas[t]
         ds = alpha * (d_alpha - tf.reduce_sum(alpha * d_alpha, axis=-1, keepdims=True))
         ds_c = tf.cast(ds, dt)                                        # (B, P)
-        d_e = tf.raw_ops.TanhGrad(y=s.e, dy=ds_c[..., None] * score_row)  # (B, P, U)
+        # ds_bp w_u as a K=1 matmul: a broadcasting multiply took twice as long
+        d_e = tf.raw_ops.TanhGrad(y=s.e, dy=tf.reshape(
+            tf.matmul(tf.reshape(ds_c, [-1, 1]), score_row), tf.shape(s.e)))  # (B, P, U)
         d_score = d_score + tf.matmul(tf.reshape(ds_c, [1, -1]),
                                       tf.reshape(s.e, [-1, U]))       # (1, U)
         d_q = tf.reduce_sum(d_e, axis=1)                              # (B, U)
         # h feeds the query, the gate and the recurrent gates: one matmul back through all
         d_h_all = tf.concat([d_q, d_beta, d_z, d_r, d_cand * s.r], axis=-1)  # (B, U+E+3U)
-        dh = dh * s.z + tf.matmul(d_h_all, h_kernels, transpose_b=True)  # (B, U)
+        dh = dh * s.z + tf.matmul(d_h_all, h_kernels_t)              # (B, U)
         return (t - 1, dh, d_keys + d_e, d_score, d_xs.write(t, d_x),
                 d_hs_all.write(t, d_h_all), d_raws.write(t, d_raw))
 
@@ -281,17 +303,63 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
         return tf.reshape(x, [-1, x.shape[-1]])                      # (T * B, .)
     d_h_kernels = tf.matmul(rows(h_prev), rows(d_h_all), transpose_a=True)  # (U, U+E+3U)
     d_query, d_beta_kernel, d_recurrent = tf.split(d_h_kernels, [U, E, 3 * U], axis=1)
-    _, d_beta, d_z, d_r, d_hh = tf.split(d_h_all, [U, E, U, U, U], axis=-1)
+    # the gate's and the recurrent gates' biases sit behind the same columns of d_h_all
+    d_h_bias = tf.reduce_sum(rows(d_h_all), axis=0)                   # (U+E+3U,)
     d_encoded = tf.einsum("tbp,tbe->bpe", tf.cast(alphas, dt), d_raw)  # (B, P, E)
     weights = StepWeights(
         query=d_query,
         score=tf.transpose(d_score),
         beta=d_beta_kernel,
-        beta_bias=tf.reduce_sum(d_beta, axis=[0, 1]),
+        beta_bias=d_h_bias[U:U + E],
         gru_context=tf.matmul(rows(contexts), rows(d_x), transpose_a=True),  # (E, 3U)
         gru_recurrent=d_recurrent,
-        gru_bias=tf.reduce_sum(tf.concat([d_z, d_r, d_hh], axis=-1), axis=[0, 1]))
+        gru_bias=d_h_bias[U + E:])
     return (d_x, dh0, d_keys, d_encoded, *weights)
+
+
+def _dense_rows(layer: keras.layers.Dense, x):
+    """`layer(x)` for x (..., D) as one 2-D matmul, so that oneDNN fuses the bias and the
+    activation into it (Keras' Dense on 3-D inputs runs tensordot, then separate ops)."""
+    dt = layer.compute_dtype
+    y = tf.matmul(tf.reshape(tf.cast(x, dt), [-1, x.shape[-1]]),
+                  tf.cast(layer.kernel, dt))                          # (rows, units)
+    if layer.use_bias:
+        y = tf.nn.bias_add(y, tf.cast(layer.bias, dt))
+    y = layer.activation(y)
+    return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [layer.units]], 0))  # (..., units)
+
+
+def output_cross_entropy(x, kernel, bias, targets):
+    """Cross-entropy of the output layer, with its gradient written out.
+
+    x (R, E), kernel (E, V), bias (V,) in the compute dtype, targets (R,) int -> ce (R,)
+    float32 = logsumexp(l) - l[target] of the logits l = x kernel + bias. Equals
+    `tf.nn.sparse_softmax_cross_entropy_with_logits` on those logits, but the (R, V) softmax
+    comes from oneDNN's multi-threaded softmax (TensorFlow's cross-entropy kernel took 15 ms
+    of a 220 ms step for 830 x 5001 logits on 2 cores) and is kept for the backward pass,
+    whose d_logits = (softmax - onehot) * d_ce goes straight into the two matmuls.
+    """
+    @tf.custom_gradient
+    def run(x, kernel, bias):
+        logits = tf.cast(tf.nn.bias_add(tf.matmul(x, kernel), bias), tf.float32)  # (R, V)
+        probs = tf.nn.softmax(logits)                                 # (R, V)
+        # logsumexp = max l - log(max p): the largest probability is >= 1/V, so its log is
+        # exact where a p[target] near 0 would not be.
+        lse = tf.reduce_max(logits, -1) - tf.math.log(tf.reduce_max(probs, -1))  # (R,)
+        ce = lse - tf.gather(logits, targets, batch_dims=1)          # (R,)
+
+        def grad(d_ce):                                              # (R,)
+            rows = tf.stack([tf.range(tf.shape(targets)[0], dtype=targets.dtype), targets], 1)
+            d_logits = tf.tensor_scatter_nd_sub(probs * d_ce[:, None], rows, d_ce)  # (R, V)
+            d_logits = tf.cast(d_logits, x.dtype)
+            # on the kernel transposed first: a transpose_b matmul is ~20% slower here, and
+            # an einsum, unlike tf.transpose, is not folded back into one by Grappler
+            return (tf.matmul(d_logits, tf.einsum("ev->ve", kernel)),  # (R, E)
+                    tf.matmul(x, d_logits, transpose_a=True),         # (E, V)
+                    tf.reduce_sum(d_logits, axis=0))                  # (V,)
+        return ce, grad
+
+    return run(x, kernel, bias)
 
 
 @keras.saving.register_keras_serializable(package="caption_attn")
@@ -413,6 +481,47 @@ class ShowAttendTell(keras.Model):
         contexts = tf.transpose(contexts, [1, 0, 2])                 # (B, T, E)
         alphas = tf.transpose(alphas, [1, 0, 2])                     # (B, T, P)
         return self._output(embedded, hs, contexts, training), alphas
+
+    def teacher_forced_loss(self, features, image_index, tokens, targets, training=False,
+                            attention_reg: float = 1.0, real_tokens_only: bool = True):
+        """`masked_loss` of `call`'s outputs, computed the way training needs it:
+        features (N, P, F), image_index (B,) or None, decoder inputs tokens (B, T), targets
+        (B, T) (0 = <pad>) -> (ce_sum, num_tokens, reg_sum).
+
+        Unlike `call`, everything stays time-major (T, B, .), as the recurrence wants it (no
+        transposes), and the output layer and its cross-entropy (`output_cross_entropy`) run
+        on the R real tokens only, not on the bucket's padding. `real_tokens_only=False`
+        runs them on all T * B rows and masks the result, for XLA, which needs static shapes.
+        """
+        # init_decoder's computation, its 3-D denses as 2-D matmuls with the bias (and ReLU)
+        # fused in (Keras' Dense on 3-D inputs goes through tensordot, and they stay apart)
+        encoded = _dense_rows(self.encoder, self.feature_norm(features))  # (N, P, E)
+        keys = _dense_rows(self.attention.key_proj, encoded)        # (N, P, U)
+        h0 = self.init_h(tf.reduce_mean(encoded, axis=1))            # (N, U)
+        if image_index is not None:
+            encoded, keys, h0 = (tf.gather(x, image_index) for x in (encoded, keys, h0))
+        targets = tf.reshape(tf.transpose(targets), [-1])            # (T * B,)
+        embedded = self.embedding(tf.transpose(tokens))              # (T, B, E)
+        x_gates = _dense_rows(self.gru_embed, embedded)              # (T, B, 3U)
+        hs, contexts, alphas = teacher_forced_recurrence(
+            self.step_weights(), x_gates, h0, keys, encoded)         # (T, B, .) each
+        x = embedded + self.out_hidden(hs) + self.out_context(contexts)  # (T, B, E)
+        x = tf.reshape(x, [-1, self.embedding_dim])                  # (T * B, E)
+        mask = tf.cast(tf.not_equal(targets, 0), tf.float32)         # (T * B,)
+        if real_tokens_only:
+            real = tf.where(mask > 0)[:, 0]                          # (R,)
+            x, rows_targets = tf.gather(x, real), tf.gather(targets, real)  # (R, E), (R,)
+        else:
+            rows_targets = targets
+        dt = self.compute_dtype
+        x = tf.cast(self.out_dropout(x, training=training), dt)      # (its policy: float32)
+        ce = output_cross_entropy(x, tf.cast(self.logits.kernel, dt),
+                                  tf.cast(self.logits.bias, dt), rows_targets)  # (R,)
+        ce_sum = tf.reduce_sum(ce if real_tokens_only else ce * mask)
+        mask = tf.reshape(mask, tf.shape(alphas)[:2])                # (T, B)
+        coverage = tf.reduce_sum(alphas * mask[..., None], axis=0)   # (B, P)
+        reg = attention_reg * tf.reduce_mean(tf.square(1.0 - coverage), axis=-1)  # (B,)
+        return ce_sum, tf.reduce_sum(mask), tf.reduce_sum(reg)
 
     def get_config(self):
         return {**super().get_config(), "vocab_size": self.vocab_size,

@@ -16,7 +16,6 @@ import tensorflow as tf
 
 from caption_attn import distribute
 from caption_attn.config import RunConfig
-from caption_attn.model import masked_loss
 
 # Per-replica shares of these are added up over replicas; every other output is already
 # global (all-reduced inside the step) and taken from the first replica.
@@ -78,6 +77,7 @@ class Steps:
         self.model, self.optimizer, self.strategy, self.cfg = model, optimizer, strategy, cfg
         self._scst_factory = scst
         self.train_step = self.eval_step = self.scst_step = None
+        self._jit = False   # the train step is XLA-compiled (set by `compile`)
 
     def _apply(self, tape: tf.GradientTape, scaled_loss) -> tf.Tensor:
         """All-reduce the gradients, clip them by their global norm, apply them; returns the
@@ -92,9 +92,14 @@ class Steps:
         norm = tf.linalg.global_norm(grads) / unscale
         clip = self.cfg.train.clip_norm
         if clip > 0:
-            grads, _ = tf.clip_by_global_norm(grads, clip * unscale, use_norm=norm * unscale)
+            # Within the clip norm the factor is 1: the gradients as they are, without a pass
+            # over all 5 M of them (a NaN norm still takes the clipping branch).
+            grads = tf.cond(
+                norm <= clip, lambda: grads,
+                lambda: tf.clip_by_global_norm(grads, clip * unscale, use_norm=norm * unscale)[0])
         # The optimizer sums gradients over replicas once more: hand it 1/R of the total.
-        grads = [g / ctx.num_replicas_in_sync for g in grads]
+        if ctx.num_replicas_in_sync > 1:
+            grads = [g / ctx.num_replicas_in_sync for g in grads]
         self.optimizer.apply_gradients(zip(grads, variables))
         return norm
 
@@ -105,9 +110,9 @@ class Steps:
         inputs, targets = tokens[:, :-1], tokens[:, 1:]               # (B, T) each
         tokens_global = ctx.all_reduce("sum", tf.reduce_sum(tf.cast(targets != 0, tf.float32)))
         captions_global = ctx.all_reduce("sum", tf.cast(tf.shape(tokens)[0], tf.float32))
-        logits, alphas = self.model((features, image_index, inputs),
-                                    training=training)                # (B,T,V), (B,T,P)
-        ce_sum, _, reg_sum = masked_loss(logits, targets, alphas, self.cfg.model.attention_reg)
+        ce_sum, _, reg_sum = self.model.teacher_forced_loss(
+            features, image_index, inputs, targets, training, self.cfg.model.attention_reg,
+            real_tokens_only=not (training and self._jit))           # XLA: static shapes
         ce = ce_sum / tf.maximum(tokens_global, 1.0)
         return ce + reg_sum / tf.maximum(captions_global, 1.0), ce, captions_global
 
@@ -121,10 +126,8 @@ class Steps:
     def _eval_replica(self, features, image_index, tokens):
         """Sums over one replica's captions; the split's loss is their ratio (`evaluate_loss`)."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]               # (B, T) each
-        logits, alphas = self.model((features, image_index, inputs),
-                                    training=False)                   # (B,T,V), (B,T,P)
-        ce_sum, tokens_sum, reg_sum = masked_loss(logits, targets, alphas,
-                                                  self.cfg.model.attention_reg)
+        ce_sum, tokens_sum, reg_sum = self.model.teacher_forced_loss(
+            features, image_index, inputs, targets, False, self.cfg.model.attention_reg)
         return {"ce_sum": ce_sum, "tokens": tokens_sum, "reg_sum": reg_sum,
                 "caption_count": tf.cast(tf.shape(tokens)[0], tf.float32)}
 
@@ -154,7 +157,7 @@ class Steps:
 
     def compile(self, element_spec) -> None:
         """The cross-entropy train and eval steps, traced once for every bucket shape."""
-        jit = self.cfg.train.xla and self.strategy.num_replicas_in_sync == 1
+        jit = self._jit = self.cfg.train.xla and self.strategy.num_replicas_in_sync == 1
         self.train_step = tf.function(
             lambda batch: self._distributed(self._train_replica)(*batch),
             input_signature=[element_spec], jit_compile=jit, reduce_retracing=True)

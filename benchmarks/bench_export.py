@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench_extract import render_images  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from caption_attn import export, extract  # noqa: E402
 from caption_attn.captioner import Captioner  # noqa: E402
 from caption_attn.config import (TFLITE_QUANTIZATIONS, DecodeConfig, ExportConfig,  # noqa: E402
@@ -86,15 +86,6 @@ def timed(fn, cpu: list) -> float:
     fn()
     cpu.append(time.process_time() - start_cpu)
     return time.perf_counter() - start
-
-
-def cpu_name() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in text.splitlines()
-                    if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 def measure(sides: dict, lite, paths: list, pixels: list, rounds: int) -> dict:

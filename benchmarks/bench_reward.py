@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,19 +30,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from caption_attn.cider import CiderD, DocumentFrequency  # noqa: E402
 from caption_attn.scst import advantages  # noqa: E402
 from caption_attn.vocab import END, PAD, UNK  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 MAX_LENGTH = 16
-
-
-def cpu_model() -> str:
-    """lscpu's "Model name" (the machine the figures are for)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return "unknown (no lscpu)"
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines()
-             if line.startswith("Model name")]
-    return names[0] if names else "unknown"
 
 
 def zipf_words(rng, size: int, vocab_size: int) -> np.ndarray:
@@ -96,7 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores visible); numpy {np.__version__}")
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} cores visible); numpy {np.__version__}")
     references, t_synth = timed(lambda: synthetic_references(args.images, args.vocab_size,
                                                              args.seed))
     print(f"synthetic references: {args.images} images x 5, vocabulary {args.vocab_size} "

@@ -63,7 +63,23 @@ def masked_step(step_fn, banned: Sequence[int] = BANNED):
 
 
 def make_decoder(model, cfg: DecodeConfig, max_length: int):
-    """A tf.function: features (B, 64, 2048) float32 -> DecodeResult, for any batch size."""
+    """features (B, 64, 2048) float32 -> DecodeResult, for any batch size: one tf.function
+    over the whole decoding loop, XLA-compiled with `cfg.xla`, and by default (see
+    `xla_min_images`) for batches of known size B >= cfg.xla_min_images only. Called inside
+    another tf.function on a batch of unknown size (`export`), it is the plain loop."""
+    plain = _decoder_function(model, cfg, max_length, jit_compile=cfg.xla)
+    if cfg.xla or not cfg.xla_min_images or cfg.method == "sample":
+        return plain  # (samples stay those of --seed whatever the batch size)
+    compiled = _decoder_function(model, cfg, max_length, jit_compile=True)
+
+    def run(features):
+        n = features.shape[0]
+        return (compiled if n is not None and n >= cfg.xla_min_images else plain)(features)
+    run.plain, run.compiled = plain, compiled
+    return run
+
+
+def _decoder_function(model, cfg: DecodeConfig, max_length: int, jit_compile: bool):
     spec = tf.TensorSpec([None, *FEATURE_SHAPE], tf.float32)
     step = masked_step(model.decode_step)
     kwargs = {"max_length": max_length}
@@ -72,7 +88,7 @@ def make_decoder(model, cfg: DecodeConfig, max_length: int):
     elif cfg.method == "sample":
         kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
 
-    @tf.function(input_signature=[spec], jit_compile=cfg.xla or None)
+    @tf.function(input_signature=[spec], jit_compile=jit_compile or None)
     def run(features):
         state, context = model.init_decoder(features)
         return decode_lib.decode(step, state, context, cfg.method, **kwargs)

@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the run was trained on, as config.json records it); for a cache that "
                         "moved: it must hold features of the same backbone")
     add_config_args(p, C.DecodeConfig, exclude=("sample", "temperature", "top_k", "seed",
-                                                 "batch_size", "xla"),
+                                                 "batch_size", "xla", "xla_min_images"),
                     title="Decoding inside the SavedModel (as `caption`)")
     add_config_args(p, C.ExportConfig)
 

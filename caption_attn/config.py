@@ -337,8 +337,13 @@ class DecodeConfig(Config):
     max_length: Optional[int] = opt(None, "longest caption in words, <end> included "
                                     "(default: the run's --max-length + 1)", check=integer(1))
     batch_size: int = opt(64, "images decoded together", check=integer(1))
-    xla: bool = opt(False, "compile the decoding loop with XLA: about 1.4 s more per batch "
-                    "size, then faster per batch (worth it for `evaluate` on many images)")
+    xla: bool = opt(False, "compile the decoding loop of every batch with XLA (by default "
+                    "only batches of --xla-min-images or more are)")
+    xla_min_images: int = opt(32, "batches of at least this many images decode in one "
+                              "XLA-compiled loop: about 1.5 s to compile once per batch size, "
+                              "then 1.2-1.8x faster (`evaluate`, `caption` of many images); "
+                              "smaller batches, such as a one-image `caption`, compile "
+                              "nothing. 0: never (unless --xla)", check=integer(0))
 
     @property
     def method(self) -> str:

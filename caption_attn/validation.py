@@ -51,7 +51,8 @@ class Validator:
         self.references, self.reference_ids = references, reference_ids
         self.metric_keys = sorted(references)[:bleu_images]
         self.sample_keys = sorted(references)[:sample_images]
-        self._decoder = captioner.make_decoder(model, DecodeConfig(beam=1), max_length)
+        self._decoder = captioner.make_decoder(model, DecodeConfig(beam=1, xla_min_images=0),
+                                               max_length)
         self._df_factory = df_factory
         self._cider: Optional[CiderD] = None
         self._metric_index = {k: i for i, k in enumerate(self.metric_keys)}

@@ -4,9 +4,11 @@ import re
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from caption_attn import captioner, feature_cache
 from caption_attn.cli import main
+from caption_attn.backbone import FEATURE_SHAPE
 from caption_attn.config import DecodeConfig
 from caption_attn.errors import UserError
 
@@ -136,11 +138,33 @@ def test_xla_decoding_gives_the_same_captions(shapes_data, trained_run, beam):
     plain = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=beam)).decode(feats)
     xla = captioner.Captioner.from_run(trained_run,
                                        DecodeConfig(beam=beam, xla=True)).decode(feats)
-    for p, x in zip(plain, xla):
-        assert [c.words for c in p] == [c.words for c in x]
-        np.testing.assert_allclose([c.log_prob for c in p], [c.log_prob for c in x],
-                                   atol=1e-4)
-        np.testing.assert_allclose(p[0].attention, x[0].attention, atol=1e-4)
+    auto = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=beam, xla_min_images=4))
+    automatic = auto.decode(feats) + auto.decode(feats[:2])
+    # the default path: batches of >= xla_min_images images compiled, smaller ones plain
+    assert auto._decoder.compiled.experimental_get_tracing_count() == 1
+    assert auto._decoder.plain.experimental_get_tracing_count() == 1
+    for other in (xla, automatic[:6], automatic[6:]):
+        for p, x in zip(plain, other):
+            assert [c.words for c in p] == [c.words for c in x]
+            np.testing.assert_allclose([c.log_prob for c in p], [c.log_prob for c in x],
+                                       atol=1e-4)
+            np.testing.assert_allclose(p[0].attention, x[0].attention, atol=1e-4)
+
+
+def test_decoding_compiles_nothing_for_one_image_or_inside_a_graph():
+    """A one-image `caption`, sampling and a caller's tf.function (export) take the plain
+    loop: compiling would cost seconds there and change nothing in the samples."""
+    from caption_attn.model import ShowAttendTell
+    model = ShowAttendTell(12, 8, 16)
+    decoder = captioner.make_decoder(model, DecodeConfig(beam=1), 5)
+    decoder(tf.zeros([1, *FEATURE_SHAPE]))
+    assert decoder.plain.experimental_get_tracing_count() == 1
+    assert decoder.compiled.experimental_get_tracing_count() == 0
+    inside = tf.function(lambda f: decoder(f).tokens)
+    inside.get_concrete_function(tf.TensorSpec([None, *FEATURE_SHAPE], tf.float32))
+    assert decoder.compiled.experimental_get_tracing_count() == 0
+    sampler = captioner.make_decoder(model, DecodeConfig(sample=True), 5)
+    assert not hasattr(sampler, "compiled")
 
 
 def test_images_give_the_cached_features_captions(shapes_data, trained_run):

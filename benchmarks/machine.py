@@ -1,0 +1,43 @@
+"""The machine a benchmark's figures belong to: the CPU's name and kind, cores, load.
+
+Figures differ between CPU kinds (AVX2-only Zen 3, Zen 4 with AVX512-BF16, Intel with AMX),
+so every benchmark prints this line beside them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+KIND_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_name() -> str:
+    """lscpu's "Model name" ("unknown CPU" where lscpu is missing)."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return "unknown CPU"
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines()
+             if line.startswith("Model name")]
+    return names[0] if names else "unknown CPU"
+
+
+def cpu_flags() -> list[str]:
+    """Which of `KIND_FLAGS` the CPU has (from /proc/cpuinfo; empty where it is missing)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [flag for flag in KIND_FLAGS if flag in flags]
+
+
+def describe() -> str:
+    """One line: CPU name, kind flags, cores, load average (1 min)."""
+    flags = " ".join(cpu_flags()) or "flags unknown"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    limit = f", oneDNN limited to {isa}" if isa else ""
+    return (f"CPU: {cpu_name()} ({flags}{limit}), {os.cpu_count()} cores, load average "
+            f"{os.getloadavg()[0]:.1f}")

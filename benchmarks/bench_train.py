@@ -10,6 +10,12 @@ to 40) into a temp folder, then
              W1(features) recomputed at every step, the time loop unrolled in Python inside
              tf.function, decoder called once per step with a length-1 GRU
 
+  self-critical  one epoch of the trainer's SCST step (--scst-samples 5 per image, the mean
+             baseline, CIDEr-D rewards against the synthetic references): sampled captions
+             trained per second and the share of the steps' time spent computing the reward.
+             The decoder is untrained, so samples rarely end before --max-length (39 tokens,
+             3x a COCO caption): a worst case for both figures
+
 and prints captions/s of both and their ratio, the first-step (trace + compile) time, and the
 model-FLOP utilisation (useful FLOPs of real tokens, forward + backward = 3x forward) against
 the CPU's matmul ceiling in the same precision (a 2048x2048 tf.matmul measured in this run, see
@@ -40,6 +46,7 @@ from caption_attn.backbone import FEATURE_SHAPE, IMAGE_SIZE  # noqa: E402
 from caption_attn.config import (ModelConfig, RunConfig, TrainConfig, VocabConfig,  # noqa: E402
                                  write_json_atomic)
 from matmul_ceiling import matmul_gflops  # noqa: E402
+from machine import describe  # noqa: E402
 
 P, F = FEATURE_SHAPE
 
@@ -184,6 +191,38 @@ def time_ours(trainer, epochs: int = 1):
             captions / images, captions / cpu)
 
 
+def time_scst(trainer) -> dict:
+    """One epoch of self-critical steps (K samples per image, the run's baseline): sampled
+    captions trained per second, and the share of the steps' wall time spent in the reward
+    (CIDEr-D + baseline + advantages, the numpy part called by tf.numpy_function)."""
+    scst = trainer.scst
+    spent = []
+
+    def timed_rewards(*args, _rewards=scst._rewards):
+        t0 = time.perf_counter()
+        out = _rewards(*args)
+        spent.append(time.perf_counter() - t0)
+        return out
+    scst._rewards = timed_rewards                      # before the step is traced
+    ds = trainer.image_dataset(epoch=1)
+    trainer.steps.compile_scst(ds.element_spec)
+    step = trainer.steps.scst_step
+    batches = list(ds)
+    t0 = time.perf_counter()
+    float(step(batches[0], tf.constant(0, tf.int64))["loss"])
+    compile_s = time.perf_counter() - t0
+    spent.clear()
+    captions = 0.0
+    t0 = time.perf_counter()
+    for i, batch in enumerate(batches):
+        out = step(batch, tf.constant(i, tf.int64))
+        captions += float(out["captions"])
+    seconds = time.perf_counter() - t0
+    return {"captions_per_s": captions / seconds, "first_step_s": compile_s,
+            "reward_share": sum(spent) / seconds, "images_per_step": trainer.images_per_step,
+            "samples": trainer.cfg.train.scst_samples, "steps": len(batches)}
+
+
 def time_reference(step, batches, max_tokens):
     padded = [(f, tf.pad(t, [[0, 0], [0, max_tokens - t.shape[1]]])) for f, t in batches]
     t0 = time.perf_counter()
@@ -231,7 +270,8 @@ def measure(args, root: str) -> dict:
                     vocab=VocabConfig(vocab_size=args.vocab, max_length=38),
                     model=ModelConfig(embedding_dim=args.embedding_dim, units=args.units),
                     train=TrainConfig(batch_size=args.batch_size, precision=args.precision,
-                                      xla=args.xla, memory_cache_gb=4.0))
+                                      xla=args.xla, memory_cache_gb=4.0, epochs=2,
+                                      scst_after=1))
     run = os.path.join(root, "run")
     train.open_run(run, cfg)
     trainer = train.Trainer(cfg, run, progress=False, log=lambda *a: None)
@@ -243,6 +283,8 @@ def measure(args, root: str) -> dict:
                         args.units, V) * 3
     peak = matmul_gflops(args.precision)
     ours_gflops = flops / (len(lengths) / ours) / 1e9
+
+    scst = time_scst(trainer)
 
     keras.utils.set_random_seed(0)
     batches = [(tf.gather(f, i), t) for f, i, t in
@@ -265,13 +307,14 @@ def measure(args, root: str) -> dict:
         "ours_captions_per_cpu_s": ours_cpu, "reference_captions_per_cpu_s": ref_cpu,
         "speedup_cpu_time": ours_cpu / ref_cpu, "load_average": os.getloadavg()[0],
         "model_gflops_per_s": ours_gflops, "matmul_gflops_per_s": peak,
-        "mfu": ours_gflops / peak,
+        "mfu": ours_gflops / peak, "scst": scst, "cpu": describe(),
     }
 
 
 def report(figures: dict) -> None:
     s = figures["setup"]
     ours, ref = figures["ours_captions_per_s"], figures["reference_captions_per_s"]
+    print(figures["cpu"])
     print(f"setup: E {s['embedding_dim']}, U {s['units']}, V {s['vocab']}, batch "
           f"{s['batch_size']}, {s['precision']}{' + XLA' if s['xla'] else ''}, "
           f"{s['captions']} captions, mean {s['mean_tokens']:.1f} tokens, max "
@@ -289,6 +332,11 @@ def report(figures: dict) -> None:
     print(f"MFU        {100 * figures['mfu']:8.1f} %  ({figures['model_gflops_per_s']:.1f} model "
           f"GFLOP/s of the CPU's {figures['matmul_gflops_per_s']:.0f} GFLOP/s 2048x2048 "
           f"{s['precision']} matmul)")
+    sc = figures["scst"]
+    print(f"self-critical {sc['captions_per_s']:8.1f} sampled captions/s  ({sc['images_per_step']} "
+          f"images x {sc['samples']} samples per step, first step {sc['first_step_s']:.1f} s; "
+          f"cross-entropy {ours:.1f} captions/s); reward {100 * sc['reward_share']:.1f} % of "
+          f"the steps' time (target <= 20 %: {'met' if sc['reward_share'] <= 0.2 else 'NOT met'})")
 
 
 if __name__ == "__main__":

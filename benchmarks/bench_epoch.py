@@ -29,9 +29,7 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -43,6 +41,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench_train import reference_step, time_reference, write_dataset  # noqa: E402
+from machine import describe, run_in_temp_folder  # noqa: E402
 from caption_attn import train  # noqa: E402
 from caption_attn.config import (ModelConfig, RunConfig, TrainConfig, VocabConfig,  # noqa: E402
                                  write_json_atomic)
@@ -117,11 +116,13 @@ def measure(args, root: str) -> dict:
         "epoch_besides_steps_and_val_s": float(np.median(steady)) - in_epoch,
         "reference_captions_per_s": ref, "reference_first_step_s": ref_compile_s,
         "speedup_end_to_end": end_to_end / ref, "speedup_steps_only": steps_only / ref,
+        "cpu": describe(),
     }
 
 
 def report(figures: dict) -> None:
     s = figures["setup"]
+    print(figures["cpu"])
     print(f"setup: E {s['embedding_dim']}, U {s['units']}, V {s['vocab']}, batch "
           f"{s['batch_size']}, {s['precision']}, {s['train_captions']} train / "
           f"{s['val_captions']} val captions, {s['sample_images']} sample heatmaps, "
@@ -157,15 +158,7 @@ def main(argv=None) -> int:
     if args.epochs < 3:
         ap.error(f"--epochs must be >= 3 (epoch 1 compiles, the last has no next start); "
                  f"got {args.epochs}")
-    root = tempfile.mkdtemp(prefix="bench_epoch_")
-    try:
-        figures = measure(args, root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    report(figures)
-    if args.json:
-        write_json_atomic(args.json, figures)
-    return 0
+    return run_in_temp_folder("bench_epoch_", measure, args, report)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -39,12 +37,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench_extract import render_images  # noqa: E402
-from machine import cpu_name  # noqa: E402
+from machine import cpu_name, run_in_temp_folder  # noqa: E402
 from caption_attn import export, extract  # noqa: E402
 from caption_attn.captioner import Captioner  # noqa: E402
 from caption_attn.config import (TFLITE_QUANTIZATIONS, DecodeConfig, ExportConfig,  # noqa: E402
                                  ExtractConfig, ModelConfig, RunConfig, VocabConfig)
-from caption_attn.fileio import write_json_atomic  # noqa: E402
 from caption_attn.images import load_image  # noqa: E402
 from caption_attn.model import ShowAttendTell  # noqa: E402
 from caption_attn.run import RunFolder  # noqa: E402
@@ -136,7 +133,7 @@ def report(times: dict, n: int, figures: dict, args) -> None:
           f"export took {figures['export_seconds']:.0f} s")
 
 
-def run_benchmark(folder: str, args) -> dict:
+def run_benchmark(args, folder: str) -> dict:
     run, paths = make_run(folder, args)
     decode_cfg = DecodeConfig(beam=args.beam, max_length=args.max_length)
     out = os.path.join(folder, "export")
@@ -179,14 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tflite-quantize", default="none", choices=TFLITE_QUANTIZATIONS)
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
-    folder = tempfile.mkdtemp(prefix="bench_export_")
-    try:
-        figures = run_benchmark(folder, args)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    if args.json:
-        write_json_atomic(args.json, figures)
-    return 0
+    return run_in_temp_folder("bench_export_", run_benchmark, args)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -46,7 +44,7 @@ from caption_attn.backbone import FEATURE_SHAPE, IMAGE_SIZE  # noqa: E402
 from caption_attn.config import (ModelConfig, RunConfig, TrainConfig, VocabConfig,  # noqa: E402
                                  write_json_atomic)
 from matmul_ceiling import matmul_gflops  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import describe, run_in_temp_folder  # noqa: E402
 
 P, F = FEATURE_SHAPE
 
@@ -252,15 +250,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = ap.parse_args(argv)
 
-    root = tempfile.mkdtemp(prefix="bench_train_")
-    try:
-        figures = measure(args, root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    report(figures)
-    if args.json:
-        write_json_atomic(args.json, figures)
-    return 0
+    return run_in_temp_folder("bench_train_", measure, args, report)
 
 
 def measure(args, root: str) -> dict:

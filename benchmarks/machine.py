@@ -41,3 +41,23 @@ def describe() -> str:
     limit = f", oneDNN limited to {isa}" if isa else ""
     return (f"CPU: {cpu_name()} ({flags}{limit}), {os.cpu_count()} cores, load average "
             f"{os.getloadavg()[0]:.1f}")
+
+
+def run_in_temp_folder(prefix: str, measure, args, report=None) -> int:
+    """`measure(args, folder)` in a temporary folder removed afterwards (whatever happens);
+    then `report(figures)` and, with `args.json`, the figures written as JSON. Exit code 0."""
+    import shutil
+    import tempfile
+
+    from caption_attn.fileio import write_json_atomic
+
+    folder = tempfile.mkdtemp(prefix=prefix)
+    try:
+        figures = measure(args, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if report is not None:
+        report(figures)
+    if args.json:
+        write_json_atomic(args.json, figures)
+    return 0

@@ -10,17 +10,12 @@ import pytest
 
 from caption_attn import train
 from caption_attn.cli import main
-from caption_attn.config import DataConfig, ModelConfig, RunConfig, TrainConfig, VocabConfig
+from caption_attn.config import RunConfig
+from test_train import small_config
 
 
 def _config(shapes_data, cache=None, **options) -> RunConfig:
-    base = dict(epochs=2, batch_size=16, learning_rate=1e-2, patience=10, sample_images=1,
-                bleu_images=8)
-    base.update(options)
-    return RunConfig(captions=shapes_data["captions"], cache=cache or shapes_data["cache"],
-                     data=DataConfig(seed=1), vocab=VocabConfig(max_length=20),
-                     model=ModelConfig(embedding_dim=32, units=64, dropout=0.2),
-                     train=TrainConfig(**base))
+    return small_config(shapes_data, cache, **{"epochs": 2, "sample_images": 1, **options})
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from caption_attn.config import DemoConfig
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_reduced_size(tmp_path):
     lines = []
-    cfg = DemoConfig(workdir=str(tmp_path / "work"), num_images=150, epochs=4, show=2, beam=2)
+    cfg = DemoConfig(workdir=str(tmp_path / "work"), num_images=150, epochs=4, scst_after=3,
+                     show=2, beam=2)
     out = demo.run_demo(cfg, log=lines.append)
     paths = out["paths"]
     for name in ("config.json", "vocab.json", "split.json", "history.json", "best.keras"):
@@ -27,6 +28,8 @@ def test_demo_end_to_end_on_a_reduced_size(tmp_path):
     assert metrics["Bleu_4"] > 0.3
     assert metrics["CIDEr"] > 0.5
     assert metrics["scene_accuracy"] is not None and metrics["grounding"] is not None
+    with open(os.path.join(paths["run"], "history.json")) as f:
+        assert [h["stage"] for h in json.load(f)] == ["cross-entropy"] * 3 + ["self-critical"]
     text = "\n".join(lines)
     for expected in ("tensorboard --logdir", "heatmaps:", "best model:", "BLEU-4",
                      "Captions for image"):
@@ -37,6 +40,14 @@ def test_demo_end_to_end_on_a_reduced_size(tmp_path):
     again = demo.run_demo(cfg, log=lines.append)
     assert "reusing" in "\n".join(lines)
     assert again["metrics"]["Bleu_4"] == pytest.approx(metrics["Bleu_4"])
+
+
+def test_settings_are_checked_before_anything_is_written(tmp_path):
+    from caption_attn.errors import UserError
+    work = tmp_path / "work"
+    with pytest.raises(UserError, match="--scst-after"):
+        demo.run_demo(DemoConfig(workdir=str(work), epochs=4, scst_after=9), log=lambda m: None)
+    assert not work.exists()
 
 
 def test_rerun_with_other_settings_is_refused_with_the_differences(tmp_path):

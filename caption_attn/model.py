@@ -31,12 +31,13 @@ refused on loading with a message (see `check_model_format`).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import keras
 import tensorflow as tf
 
 from caption_attn.backbone import FEATURE_DIM
+from caption_attn.recurrence import (StepWeights, additive_attention, attend_and_update,
+                                     dense_rows, output_cross_entropy,
+                                     teacher_forced_recurrence)
 
 # Version of the saved model's layout. 2: no attention score bias, f_beta without an unused
 # activation, no `num_pixels` argument (format 1 is caption_attn 0.1's).
@@ -126,240 +127,6 @@ class BahdanauAttention(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "units": self.units}
-
-
-class StepWeights(NamedTuple):
-    """The recurrent step's weights, in the compute dtype (see `ShowAttendTell.step_weights`):
-    attention query (U, U) and score (U, 1); gate f_beta (U, E) and bias (E,); GRU context
-    kernel (E, 3U), recurrent kernel (U, 3U) and bias (3U,)."""
-    query: tf.Tensor
-    score: tf.Tensor
-    beta: tf.Tensor
-    beta_bias: tf.Tensor
-    gru_context: tf.Tensor
-    gru_recurrent: tf.Tensor
-    gru_bias: tf.Tensor
-
-
-class StepSaved(NamedTuple):
-    """What one step keeps for its backward pass (`teacher_forced_recurrence`)."""
-    e: tf.Tensor          # (B, P, U) tanh(keys + query)
-    raw: tf.Tensor        # (B, E) attention-weighted features before the gate
-    beta: tf.Tensor       # (B, E) gate
-    z: tf.Tensor          # (B, U) GRU update gate
-    r: tf.Tensor          # (B, U) GRU reset gate
-    hh: tf.Tensor         # (B, U) recurrent share of the candidate, before r *
-    candidate: tf.Tensor  # (B, U)
-
-
-def additive_attention(keys, values, q, score):
-    """keys (B, P, U), values (B, P, E), projected query q (B, U), score (U, 1) -> context
-    (B, E), weights (B, P) float32, e = tanh(keys + q) (B, P, U)."""
-    units = keys.shape[-1]
-    e = tf.tanh(keys + q[:, None, :])                                 # (B, P, U)
-    # A 2-D matmul, not a tensordot on (B, P, U), whose gradient inside the time loop needs
-    # runtime transpose permutations that XLA (--xla) cannot compile.
-    scores = tf.reshape(tf.matmul(tf.reshape(e, [-1, units]), score),
-                        tf.shape(e)[:2])                              # (B, P)
-    weights = tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1)     # (B, P) float32
-    context = tf.einsum("bp,bpe->be", tf.cast(weights, values.dtype), values)  # (B, E)
-    return context, weights, e
-
-
-def attend_and_update(w: StepWeights, x_gates, h, keys, encoded):
-    """One decoder step: attention over the image, gated context, GRU (reset_after, as
-    Keras/cuDNN) over [embedding; context].
-
-    x_gates (B, 3U) is the embedding's share of the GRU gates (computed for all steps at
-    once), h (B, U), keys (B, P, U), encoded (B, P, E) -> new h (B, U), gated context (B, E),
-    attention (B, P) float32, and the `StepSaved` intermediates.
-    """
-    return _update(w, x_gates, h, tf.matmul(h, w.query),                # (B, U)
-                   tf.matmul(h, w.beta) + w.beta_bias,                  # (B, E)
-                   tf.matmul(h, w.gru_recurrent) + w.gru_bias,          # (B, 3U)
-                   keys, encoded)
-
-
-def _update(w: StepWeights, x_gates, h, q, h_beta, h_gates, keys, encoded):
-    """`attend_and_update` from h's three projections: the attention query q (B, U), the
-    gate's h_beta (B, E) and the GRU's recurrent share h_gates (B, 3U), biases included."""
-    raw, alpha, e = additive_attention(keys, encoded, q, w.score)    # (B, E), (B, P), .
-    beta = tf.sigmoid(h_beta)                                        # (B, E)
-    context = beta * raw                                             # (B, E)
-    xz, xr, xh = tf.split(x_gates + tf.matmul(context, w.gru_context), 3, axis=-1)
-    hz, hr, hh = tf.split(h_gates, 3, axis=-1)                       # (B, U) each
-    z = tf.sigmoid(xz + hz)                                          # (B, U)
-    r = tf.sigmoid(xr + hr)                                          # (B, U)
-    candidate = tf.tanh(xh + r * hh)                                 # (B, U)
-    h_new = z * h + (1.0 - z) * candidate                            # (B, U)
-    return h_new, context, alpha, StepSaved(e, raw, beta, z, r, hh, candidate)
-
-
-def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
-    """`attend_and_update` over all T steps, with back-propagation through time written out.
-
-    x_gates (T, B, 3U), h0 (B, U), keys (B, P, U), encoded (B, P, E) -> hs (T, B, U),
-    contexts (T, B, E), alphas (T, B, P) float32.
-
-    The forward pass is the same function the decoder runs step by step. The backward pass
-    differs from what autodiff of the loop builds: its time loop carries only what is
-    recurrent (dh, the key gradient, the score vector's gradient) and one fused matmul
-    through the transposed query/gate/recurrent kernels; every weight gradient, the feature
-    gradient and the input-gate gradient are then computed after the loop as one large matmul
-    over all T * B rows, instead of T small ones accumulated step by step.
-    """
-    @tf.custom_gradient
-    def run(x_gates, h0, keys, encoded, *weights):
-        w = StepWeights(*weights)
-        T = tf.shape(x_gates)[0]
-        # Per-step tensors go into TensorArrays; the saved ones are read back by the backward
-        # loop one step at a time, never stacked (e alone is T x B x P x U).
-        outputs = [tf.TensorArray(h0.dtype, size=T), tf.TensorArray(h0.dtype, size=T),
-                   tf.TensorArray(tf.float32, size=T)]
-        saved = StepSaved(*(tf.TensorArray(h0.dtype, size=T) for _ in StepSaved._fields))
-
-        # h feeds the query, the gate and the recurrent gates: one matmul per step instead
-        # of three (the same kernels, concatenated once per batch).
-        U, E = h0.shape[-1], encoded.shape[-1]
-        h_kernels = tf.concat([w.query, w.beta, w.gru_recurrent], axis=1)  # (U, U+E+3U)
-        h_bias = tf.concat([tf.zeros([U], h0.dtype), w.beta_bias, w.gru_bias], 0)
-
-        def body(t, h, outputs, saved):
-            q, h_beta, h_gates = tf.split(tf.nn.bias_add(tf.matmul(h, h_kernels), h_bias),
-                                          [U, E, 3 * U], axis=-1)   # (B, U), (B, E), (B, 3U)
-            h, context, alpha, step_saved = _update(w, x_gates[t], h, q, h_beta, h_gates, keys,
-                                                    encoded)
-            outputs = [a.write(t, x) for a, x in zip(outputs, (h, context, alpha))]
-            return t + 1, h, outputs, StepSaved(*(a.write(t, x)
-                                                  for a, x in zip(saved, step_saved)))
-
-        _, _, outputs, saved = tf.while_loop(lambda t, *_: t < T, body,
-                                             (tf.constant(0), h0, outputs, saved))
-        hs, contexts, alphas = (a.stack() for a in outputs)          # (T, B, .) each
-
-        def grad(d_hs, d_contexts, d_alphas):
-            d_hs, d_contexts, d_alphas = (
-                tf.zeros_like(x) if d is None else tf.cast(d, x.dtype)
-                for d, x in ((d_hs, hs), (d_contexts, contexts), (d_alphas, alphas)))
-            return _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved,
-                                        d_hs, d_contexts, d_alphas)
-
-        return (hs, contexts, alphas), grad
-
-    return run(x_gates, h0, keys, encoded, *w)
-
-
-def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs,
-                         d_contexts, d_alphas):
-    """Gradients of `teacher_forced_recurrence` w.r.t. x_gates, h0, keys, encoded and the
-    `StepWeights`, in that order."""
-    dt, U, E = h0.dtype, h0.shape[-1], encoded.shape[-1]
-    T = tf.shape(hs)[0]
-    # dh flows back through the query, the gate and the recurrent kernels in one matmul.
-    # The kernels are transposed once here: oneDNN's matmul with transpose_b took 1.5-1.7x
-    # as long for these 64-row products.
-    h_kernels_t = tf.transpose(tf.concat([w.query, w.beta, w.gru_recurrent], axis=1))
-    gru_context_t = tf.transpose(w.gru_context)                       # (3U, E)
-    score_row = tf.reshape(w.score, [1, U])                           # (1, U)
-    h_prev = tf.concat([h0[None], hs[:-1]], axis=0)                   # (T, B, U)
-
-    def body(t, dh, d_keys, d_score, d_xs, d_hs_all, d_raws):
-        s = StepSaved(*(a.read(t) for a in saved))
-        dh = dh + d_hs[t]                                             # (B, U)
-        # GRU: h' = z h + (1 - z) c,  c = tanh(xh + r hh), z = sigmoid(.), r = sigmoid(.)
-        d_cand = tf.raw_ops.TanhGrad(y=s.candidate, dy=dh * (1.0 - s.z))
-        d_z = tf.raw_ops.SigmoidGrad(y=s.z, dy=dh * (h_prev[t] - s.candidate))
-        d_r = tf.raw_ops.SigmoidGrad(y=s.r, dy=d_cand * s.hh)
-        d_x = tf.concat([d_z, d_r, d_cand], axis=-1)                  # (B, 3U) input gates
-        # context = beta * raw feeds the GRU's input gates
-        d_ctx = tf.matmul(d_x, gru_context_t) + d_contexts[t]        # (B, E)
-        d_beta = tf.raw_ops.SigmoidGrad(y=s.beta, dy=d_ctx * s.raw)   # (B, E)
-        d_raw = d_ctx * s.beta                                        # (B, E)
-        # attention: raw = sum_p alpha_p encoded_p, alpha = softmax_p(e_p w)
-        alpha = alphas[t]                                             # (B, P) float32
-        d_alpha = tf.cast(tf.einsum("be,bpe->bp", d_raw, encoded), tf.float32) + d_alphas[t]
-        ds = alpha * (d_alpha - tf.reduce_sum(alpha * d_alpha, axis=-1, keepdims=True))
-        ds_c = tf.cast(ds, dt)                                        # (B, P)
-        # ds_bp w_u as a K=1 matmul: a broadcasting multiply took twice as long
-        d_e = tf.raw_ops.TanhGrad(y=s.e, dy=tf.reshape(
-            tf.matmul(tf.reshape(ds_c, [-1, 1]), score_row), tf.shape(s.e)))  # (B, P, U)
-        d_score = d_score + tf.matmul(tf.reshape(ds_c, [1, -1]),
-                                      tf.reshape(s.e, [-1, U]))       # (1, U)
-        d_q = tf.reduce_sum(d_e, axis=1)                              # (B, U)
-        # h feeds the query, the gate and the recurrent gates: one matmul back through all
-        d_h_all = tf.concat([d_q, d_beta, d_z, d_r, d_cand * s.r], axis=-1)  # (B, U+E+3U)
-        dh = dh * s.z + tf.matmul(d_h_all, h_kernels_t)              # (B, U)
-        return (t - 1, dh, d_keys + d_e, d_score, d_xs.write(t, d_x),
-                d_hs_all.write(t, d_h_all), d_raws.write(t, d_raw))
-
-    arrays = [tf.TensorArray(dt, size=T) for _ in range(3)]
-    _, dh0, d_keys, d_score, *arrays = tf.while_loop(
-        lambda t, *_: t >= 0, body,
-        (T - 1, tf.zeros_like(h0), tf.zeros_like(keys), tf.zeros([1, U], dt), *arrays))
-    d_x, d_h_all, d_raw = (a.stack() for a in arrays)       # (T, B, .) each
-
-    # Everything that is not recurrent, over all T * B rows at once.
-    def rows(x):
-        return tf.reshape(x, [-1, x.shape[-1]])                      # (T * B, .)
-    d_h_kernels = tf.matmul(rows(h_prev), rows(d_h_all), transpose_a=True)  # (U, U+E+3U)
-    d_query, d_beta_kernel, d_recurrent = tf.split(d_h_kernels, [U, E, 3 * U], axis=1)
-    # the gate's and the recurrent gates' biases sit behind the same columns of d_h_all
-    d_h_bias = tf.reduce_sum(rows(d_h_all), axis=0)                   # (U+E+3U,)
-    d_encoded = tf.einsum("tbp,tbe->bpe", tf.cast(alphas, dt), d_raw)  # (B, P, E)
-    weights = StepWeights(
-        query=d_query,
-        score=tf.transpose(d_score),
-        beta=d_beta_kernel,
-        beta_bias=d_h_bias[U:U + E],
-        gru_context=tf.matmul(rows(contexts), rows(d_x), transpose_a=True),  # (E, 3U)
-        gru_recurrent=d_recurrent,
-        gru_bias=d_h_bias[U + E:])
-    return (d_x, dh0, d_keys, d_encoded, *weights)
-
-
-def _dense_rows(layer: keras.layers.Dense, x):
-    """`layer(x)` for x (..., D) as one 2-D matmul, so that oneDNN fuses the bias and the
-    activation into it (Keras' Dense on 3-D inputs runs tensordot, then separate ops)."""
-    dt = layer.compute_dtype
-    y = tf.matmul(tf.reshape(tf.cast(x, dt), [-1, x.shape[-1]]),
-                  tf.cast(layer.kernel, dt))                          # (rows, units)
-    if layer.use_bias:
-        y = tf.nn.bias_add(y, tf.cast(layer.bias, dt))
-    y = layer.activation(y)
-    return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [layer.units]], 0))  # (..., units)
-
-
-def output_cross_entropy(x, kernel, bias, targets):
-    """Cross-entropy of the output layer, with its gradient written out.
-
-    x (R, E), kernel (E, V), bias (V,) in the compute dtype, targets (R,) int -> ce (R,)
-    float32 = logsumexp(l) - l[target] of the logits l = x kernel + bias. Equals
-    `tf.nn.sparse_softmax_cross_entropy_with_logits` on those logits, but the (R, V) softmax
-    comes from oneDNN's multi-threaded softmax (TensorFlow's cross-entropy kernel took 15 ms
-    of a 220 ms step for 830 x 5001 logits on 2 cores) and is kept for the backward pass,
-    whose d_logits = (softmax - onehot) * d_ce goes straight into the two matmuls.
-    """
-    @tf.custom_gradient
-    def run(x, kernel, bias):
-        logits = tf.cast(tf.nn.bias_add(tf.matmul(x, kernel), bias), tf.float32)  # (R, V)
-        probs = tf.nn.softmax(logits)                                 # (R, V)
-        # logsumexp = max l - log(max p): the largest probability is >= 1/V, so its log is
-        # exact where a p[target] near 0 would not be.
-        lse = tf.reduce_max(logits, -1) - tf.math.log(tf.reduce_max(probs, -1))  # (R,)
-        ce = lse - tf.gather(logits, targets, batch_dims=1)          # (R,)
-
-        def grad(d_ce):                                              # (R,)
-            rows = tf.stack([tf.range(tf.shape(targets)[0], dtype=targets.dtype), targets], 1)
-            d_logits = tf.tensor_scatter_nd_sub(probs * d_ce[:, None], rows, d_ce)  # (R, V)
-            d_logits = tf.cast(d_logits, x.dtype)
-            # on the kernel transposed first: a transpose_b matmul is ~20% slower here, and
-            # an einsum, unlike tf.transpose, is not folded back into one by Grappler
-            return (tf.matmul(d_logits, tf.einsum("ev->ve", kernel)),  # (R, E)
-                    tf.matmul(x, d_logits, transpose_a=True),         # (E, V)
-                    tf.reduce_sum(d_logits, axis=0))                  # (V,)
-        return ce, grad
-
-    return run(x, kernel, bias)
 
 
 @keras.saving.register_keras_serializable(package="caption_attn")
@@ -495,14 +262,14 @@ class ShowAttendTell(keras.Model):
         """
         # init_decoder's computation, its 3-D denses as 2-D matmuls with the bias (and ReLU)
         # fused in (Keras' Dense on 3-D inputs goes through tensordot, and they stay apart)
-        encoded = _dense_rows(self.encoder, self.feature_norm(features))  # (N, P, E)
-        keys = _dense_rows(self.attention.key_proj, encoded)        # (N, P, U)
+        encoded = dense_rows(self.encoder, self.feature_norm(features))  # (N, P, E)
+        keys = dense_rows(self.attention.key_proj, encoded)        # (N, P, U)
         h0 = self.init_h(tf.reduce_mean(encoded, axis=1))            # (N, U)
         if image_index is not None:
             encoded, keys, h0 = (tf.gather(x, image_index) for x in (encoded, keys, h0))
         targets = tf.reshape(tf.transpose(targets), [-1])            # (T * B,)
         embedded = self.embedding(tf.transpose(tokens))              # (T, B, E)
-        x_gates = _dense_rows(self.gru_embed, embedded)              # (T, B, 3U)
+        x_gates = dense_rows(self.gru_embed, embedded)              # (T, B, 3U)
         hs, contexts, alphas = teacher_forced_recurrence(
             self.step_weights(), x_gates, h0, keys, encoded)         # (T, B, .) each
         x = embedded + self.out_hidden(hs) + self.out_context(contexts)  # (T, B, E)

@@ -1,0 +1,69 @@
+"""kill -9 during training, then the same command again: the run ends exactly as an
+uninterrupted one (cross-entropy and self-critical epochs)."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from train_subprocess import ENV, checkpoint_steps, read_history, train_cmd
+
+
+@pytest.mark.slow
+def test_kill_after_an_epoch_then_resume_matches_uninterrupted(shapes_data, tmp_path):
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    subprocess.run(train_cmd(shapes_data, full), check=True, env=ENV, capture_output=True)
+
+    proc = subprocess.Popen(train_cmd(shapes_data, killed), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill as soon as epoch 1 is checkpointed (history.json is written just before that)
+    checkpoint = os.path.join(killed, "checkpoints", "checkpoint")
+    deadline = time.time() + 300
+    while not (read_history(killed) and os.path.exists(checkpoint)) and time.time() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
+    assert len(read_history(killed)) < 3
+
+    done = subprocess.run(train_cmd(shapes_data, killed), env=ENV, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming after epoch" in done.stdout
+    a, b = read_history(full), read_history(killed)
+    assert [h["epoch"] for h in a] == [h["epoch"] for h in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-3
+        assert abs(x["val_loss"] - y["val_loss"]) < 1e-3
+
+
+@pytest.mark.slow
+def test_kill_mid_self_critical_epoch_then_resume_matches_uninterrupted(shapes_data,
+                                                                         tmp_path):
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    cmd = lambda run: train_cmd(shapes_data, run, epochs=2) + [  # noqa: E731
+        "--scst-after", "1", "--scst-samples", "3", "--checkpoint-every", "2"]
+    subprocess.run(cmd(full), check=True, env=ENV, capture_output=True)
+
+    proc = subprocess.Popen(cmd(killed), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    # kill once a checkpoint inside the self-critical epoch exists
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        history = read_history(killed)
+        if history and any(s > history[0]["steps"] for s in checkpoint_steps(killed)):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
+    assert len(read_history(killed)) == 1
+
+    done = subprocess.run(cmd(killed), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    a, b = read_history(full), read_history(killed)
+    assert [h["stage"] for h in a] == [h["stage"] for h in b] == ["cross-entropy",
+                                                                  "self-critical"]
+    for key in ("loss", "reward", "baseline", "val_loss", "val_cider"):
+        assert abs(a[1][key] - b[1][key]) < 1e-3, key

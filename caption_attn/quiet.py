@@ -4,7 +4,8 @@ TensorFlow 2.21 logs through absl before absl's logging is initialised, so neith
 `TF_CPP_MIN_LOG_LEVEL` nor absl flags silence what its libraries print while they load: on a
 CPU-only machine, "All log messages before absl::InitializeLog() ...", "oneDNN custom
 operations are on ...", "Could not find cuda drivers ...", CPU-feature and cuInit notices,
-each twice. `import_tensorflow` imports it (and lets it look for GPUs) with the process's
+each twice, and on the first float16 tensor "oneDNN supports DT_HALF only on platforms with
+AVX-512" (at ERROR level, although nothing is wrong: float16 ops then run on Eigen). `import_tensorflow` imports it (and lets it look for GPUs) with the process's
 stderr (file descriptor 2) sent to a temporary file, then writes back every line that is not
 one of those known notices: real warnings and errors are still shown. Set
 `CAPTION_ATTN_TF_LOGS=1` to see everything.
@@ -25,7 +26,8 @@ NOISE = re.compile(
     r"|cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized"
     r"|^To enable the following instructions: .* rebuild TensorFlow"
     r"|\] Unable to register cu(DNN|FFT|BLAS) factory"
-    r"|\] TF-TRT Warning: Could not find TensorRT")
+    r"|\] TF-TRT Warning: Could not find TensorRT"
+    r"|\] oneDNN supports DT_HALF only on platforms with AVX-512")
 
 
 def import_tensorflow():
@@ -41,6 +43,9 @@ def import_tensorflow():
         try:
             import tensorflow as tf
             tf.config.list_physical_devices("GPU")  # the GPU probe logs too (cuInit)
+            # oneDNN logs at ERROR level, once per process, that it leaves float16 to Eigen
+            # when it first meets a float16 tensor (every float16 feature cache): met here
+            tf.zeros([1], tf.float16)
         finally:
             os.dup2(saved, 2)
             os.close(saved)

@@ -323,8 +323,9 @@ def report(figures: dict) -> None:
           f"GFLOP/s of the CPU's {figures['matmul_gflops_per_s']:.0f} GFLOP/s 2048x2048 "
           f"{s['precision']} matmul)")
     sc = figures["scst"]
-    print(f"self-critical {sc['captions_per_s']:8.1f} sampled captions/s  ({sc['images_per_step']} "
-          f"images x {sc['samples']} samples per step, first step {sc['first_step_s']:.1f} s; "
+    print(f"self-critical {sc['captions_per_s']:8.1f} sampled captions/s  "
+          f"({sc['images_per_step']} images x {sc['samples']} samples per step, first step "
+          f"{sc['first_step_s']:.1f} s; "
           f"cross-entropy {ours:.1f} captions/s); reward {100 * sc['reward_share']:.1f} % of "
           f"the steps' time (target <= 20 %: {'met' if sc['reward_share'] <= 0.2 else 'NOT met'})")
 

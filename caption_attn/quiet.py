@@ -5,9 +5,10 @@ TensorFlow 2.21 logs through absl before absl's logging is initialised, so neith
 CPU-only machine, "All log messages before absl::InitializeLog() ...", "oneDNN custom
 operations are on ...", "Could not find cuda drivers ...", CPU-feature and cuInit notices,
 each twice, and on the first float16 tensor "oneDNN supports DT_HALF only on platforms with
-AVX-512" (at ERROR level, although nothing is wrong: float16 ops then run on Eigen). `import_tensorflow` imports it (and lets it look for GPUs) with the process's
-stderr (file descriptor 2) sent to a temporary file, then writes back every line that is not
-one of those known notices: real warnings and errors are still shown. Set
+AVX-512" (at ERROR level, although nothing is wrong: float16 ops then run on Eigen).
+`import_tensorflow` imports it (lets it look for GPUs and meet a float16 tensor) with the
+process's stderr (file descriptor 2) sent to a temporary file, then writes back every line
+that is not one of those known notices: real warnings and errors are still shown. Set
 `CAPTION_ATTN_TF_LOGS=1` to see everything.
 """
 

@@ -318,7 +318,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command in USES_TENSORFLOW:
             from caption_attn.quiet import import_tensorflow
-            import_tensorflow()
+            # a multi-worker strategy must configure TF's runtime before any tensor exists
+            import_tensorflow(meet_float16=getattr(args, "strategy", None) != "multi-worker")
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ that is not one of those known notices: real warnings and errors are still shown
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -31,22 +32,45 @@ NOISE = re.compile(
     r"|\] oneDNN supports DT_HALF only on platforms with AVX-512")
 
 
-def import_tensorflow():
-    """`import tensorflow`, its start-up notices dropped (see the module docstring)."""
+def import_tensorflow(meet_float16: bool = True):
+    """`import tensorflow`, its start-up notices dropped (see the module docstring).
+
+    `meet_float16`: also create a float16 tensor while stderr is captured, which initialises
+    TensorFlow's runtime. A process that must configure the runtime first (a multi-worker
+    strategy sets up collective ops) passes False and calls `meet_float16` afterwards."""
     if "tensorflow" in sys.modules or os.environ.get("CAPTION_ATTN_TF_LOGS") == "1":
         import tensorflow as tf
         return tf
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # what it does silence: INFO
+    with _known_notices_dropped():
+        import tensorflow as tf
+        tf.config.list_physical_devices("GPU")  # the GPU probe logs too (cuInit)
+        if meet_float16:
+            tf.zeros([1], tf.float16)
+    return tf
+
+
+def meet_float16() -> None:
+    """oneDNN logs at ERROR level, once per process, that it leaves float16 to Eigen when it
+    first meets a float16 tensor (every float16 feature cache); meet one now, that line
+    dropped. No-op with `CAPTION_ATTN_TF_LOGS=1`."""
+    if os.environ.get("CAPTION_ATTN_TF_LOGS") == "1":
+        return
+    import tensorflow as tf
+    with _known_notices_dropped():
+        tf.zeros([1], tf.float16)
+
+
+@contextlib.contextmanager
+def _known_notices_dropped():
+    """File descriptor 2 sent to a temporary file inside; afterwards every line of it that
+    is not a `NOISE` notice is written to stderr."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import tensorflow as tf
-            tf.config.list_physical_devices("GPU")  # the GPU probe logs too (cuInit)
-            # oneDNN logs at ERROR level, once per process, that it leaves float16 to Eigen
-            # when it first meets a float16 tensor (every float16 feature cache): met here
-            tf.zeros([1], tf.float16)
+            yield
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -56,4 +80,3 @@ def import_tensorflow():
             if kept:
                 sys.stderr.write("\n".join(kept) + "\n")
                 sys.stderr.flush()
-    return tf

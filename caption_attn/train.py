@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from caption_attn import checkpoints, distribute, pipeline, progress
+from caption_attn import checkpoints, distribute, pipeline, progress, quiet
 from caption_attn.callbacks import AttentionSnapshots, EarlyStopping, TensorBoardLogger
 from caption_attn.cider import CiderD, DocumentFrequency
 from caption_attn.config import DTYPE_POLICIES, RunConfig
@@ -118,6 +118,8 @@ class Trainer:
             log("note: --precision float16 is meant for GPUs; on a CPU it is slow, prefer "
                 "bfloat16")
         self.strategy = strategy or distribute.make_strategy(tc.strategy)
+        if tc.strategy == "multi-worker":
+            quiet.meet_float16()  # (the CLI's quiet import could not: see quiet.py)
         self.chief = distribute.is_chief(self.strategy)
         self.data = data or load_train_data(cfg, run_dir)
         if self.chief:

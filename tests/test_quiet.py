@@ -54,3 +54,18 @@ def test_a_float16_tensor_after_the_quiet_import_prints_nothing():
                           env={**env, "PYTHONPATH": ROOT}, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "3.0"
     assert done.stderr == ""
+
+
+def test_the_runtime_can_still_be_configured_when_float16_is_met_later():
+    """A multi-worker strategy configures TF's runtime before any tensor exists: the quiet
+    import then leaves the float16 notice to `meet_float16`, called afterwards."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CPP", "CAPTION_ATTN"))}
+    code = ("from caption_attn.quiet import import_tensorflow, meet_float16\n"
+            "tf = import_tensorflow(meet_float16=False)\n"
+            "tf.config.threading.set_inter_op_parallelism_threads(1)  # before any tensor\n"
+            "meet_float16()\n"
+            "print(float(tf.reduce_sum(tf.constant([1.0, 2.0], tf.float16))))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": ROOT}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "3.0" and done.stderr == ""

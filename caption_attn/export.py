@@ -47,7 +47,7 @@ from caption_attn.backbone import GRID, IMAGE_SIZE, NUM_PIXELS, Backbone, build_
 from caption_attn.captioner import Captioner, make_decoder
 from caption_attn.config import DecodeConfig, ExportConfig
 from caption_attn.errors import UserError
-from caption_attn.feature_cache import read_manifest
+from caption_attn.feature_cache import is_stale_temp, read_manifest
 from caption_attn.fileio import read_json, temp_name, write_bytes_atomic, write_json_atomic
 from caption_attn.images import ImageError, load_image
 from caption_attn.model import ShowAttendTell
@@ -80,6 +80,7 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     start = time.perf_counter()
     captioner = Captioner.from_run(run_dir, decode_cfg, cache=cache)
     backbone = captioner.backbone
+    _remove_killed_exports(out, log)
     tmp = temp_name(out)
     try:
         try:
@@ -100,6 +101,22 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # left only when something failed
     return info
+
+
+def _remove_killed_exports(out: str, log) -> None:
+    """Delete the temporary folders that exports to `out` killed before their end (kill -9,
+    power loss) left next to it: their process is gone."""
+    parent, base = os.path.split(os.path.abspath(out))
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(parent, name)
+        if name.startswith(f".{base}.tmp.") and os.path.isdir(path) \
+                and is_stale_temp(path, name):
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"removed {path}, left by an export that did not finish")
 
 
 def _check_out(out: str, run: RunFolder, force: bool, keep=()) -> None:

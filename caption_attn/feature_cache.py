@@ -134,7 +134,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _is_stale_temp(path: str, name: str) -> bool:
+def is_stale_temp(path: str, name: str) -> bool:
+    """`name` (at `path`) is a `fileio.temp_name` of a writer that is gone: a process of this
+    host that no longer runs, or another host's file older than `STALE_TEMP_AGE_S`."""
     m = _TEMP_RE.match(name)
     if m is None:
         return False
@@ -153,7 +155,7 @@ def remove_stale_temp_files(cache_dir: str) -> int:
     for root, _, files in os.walk(cache_dir):
         for name in files:
             path = os.path.join(root, name)
-            if name.startswith(".") and _is_stale_temp(path, name):
+            if name.startswith(".") and is_stale_temp(path, name):
                 with contextlib.suppress(OSError):
                     os.remove(path)
                     removed += 1

@@ -375,3 +375,22 @@ def test_a_failed_export_leaves_the_earlier_one_untouched(trained_run, tmp_path,
                           log=lambda *a: None)
     assert os.listdir(out) == [export.INFO_FILE]              # the earlier export
     assert os.listdir(tmp_path) == ["export"]                  # no temporary folder left
+
+
+def test_temporary_folders_of_killed_exports_are_removed(tmp_path):
+    """kill -9 during an export leaves its hidden temporary folder beside --out; the next
+    export to that --out removes it, and leaves live exports' folders and other files."""
+    from caption_attn.fileio import HOST
+    out = tmp_path / "serving" / "1"
+    out.parent.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                            # a pid that is surely gone
+    killed = out.parent / f".1.tmp.{dead.pid}.{HOST}"
+    live = out.parent / f".1.tmp.{os.getppid()}.{HOST}"    # a running process's: kept
+    other = out.parent / f".2.tmp.{dead.pid}.{HOST}"       # another --out's
+    for folder in (killed, live, other):
+        (folder / "variables").mkdir(parents=True)
+    lines = []
+    export._remove_killed_exports(str(out), lines.append)
+    assert not killed.exists() and live.exists() and other.exists()
+    assert lines == [f"removed {killed}, left by an export that did not finish"]

@@ -341,7 +341,7 @@ class DecodeConfig(Config):
                     "only batches of --xla-min-images or more are)")
     xla_min_images: int = opt(32, "batches of at least this many images decode in one "
                               "XLA-compiled loop: about 1.5 s to compile once per batch size, "
-                              "then 1.0-1.4x faster (`evaluate`, `caption` of many images); "
+                              "then up to ~1.3x faster (`evaluate`, `caption` of many images); "
                               "smaller batches, such as a one-image `caption`, compile "
                               "nothing. 0: never (unless --xla)", check=integer(0))
 

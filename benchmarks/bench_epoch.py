@@ -84,7 +84,7 @@ def measure(args, root: str) -> dict:
     starts = EpochStarts()
     trainer = train.Trainer(cfg, run, progress=True, log=starts)
     V = len(trainer.data.vocab)
-    n_train = len(trainer.items["train"][0])
+    n_train = len(trainer.inputs.items["train"][0])
     with contextlib.redirect_stdout(io.StringIO()):  # the progress bar (one line per epoch)
         trainer.fit()
     with open(os.path.join(run, "history.json"), encoding="utf-8") as f:
@@ -97,16 +97,16 @@ def measure(args, root: str) -> dict:
     in_epoch = float(np.median([h["seconds"] for h in steady_history]))  # steps + val loss
 
     keras.utils.set_random_seed(0)
-    lengths = [len(t) for t in trainer.items["train"][1]]
+    lengths = [len(t) for t in trainer.inputs.items["train"][1]]
     max_tokens = max(lengths)
     batches = [(tf.gather(f, i), t) for f, i, t in
-               list(trainer.dataset("train", epoch=0))[:args.reference_batches]]
+               list(trainer.inputs.captions("train", epoch=0))[:args.reference_batches]]
     ref, ref_compile_s, _ = time_reference(
         reference_step(args.embedding_dim, args.units, V, max_tokens), batches, max_tokens)
     return {
         "setup": {"embedding_dim": args.embedding_dim, "units": args.units, "vocab": V,
                   "batch_size": args.batch_size, "precision": args.precision,
-                  "train_captions": n_train, "val_captions": len(trainer.items["val"][0]),
+                  "train_captions": n_train, "val_captions": len(trainer.inputs.items["val"][0]),
                   "sample_images": args.sample_images, "epochs": args.epochs,
                   "threads": os.cpu_count(), "load_average": os.getloadavg()[0]},
         "epoch_start_to_start_s": [float(x) for x in between],

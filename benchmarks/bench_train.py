@@ -168,7 +168,7 @@ def model_flops(lengths, encoded_images: int, E, U, V) -> float:
 
 
 def time_ours(trainer, epochs: int = 1):
-    ds = trainer.dataset("train", epoch=0)
+    ds = trainer.inputs.captions("train", epoch=0)
     trainer._compile(ds.element_spec)
     batches = list(ds)
     t0 = time.perf_counter()
@@ -202,7 +202,7 @@ def time_scst(trainer) -> dict:
         spent.append(time.perf_counter() - t0)
         return out
     scst._rewards = timed_rewards                      # before the step is traced
-    ds = trainer.image_dataset(epoch=1)
+    ds = trainer.inputs.images(epoch=1)
     trainer.steps.compile_scst(ds.element_spec)
     step = trainer.steps.scst_step
     batches = list(ds)
@@ -217,7 +217,7 @@ def time_scst(trainer) -> dict:
         captions += float(out["captions"])
     seconds = time.perf_counter() - t0
     return {"captions_per_s": captions / seconds, "first_step_s": compile_s,
-            "reward_share": sum(spent) / seconds, "images_per_step": trainer.images_per_step,
+            "reward_share": sum(spent) / seconds, "images_per_step": trainer.inputs.images_per_step,
             "samples": trainer.cfg.train.scst_samples, "steps": len(batches)}
 
 
@@ -266,7 +266,7 @@ def measure(args, root: str) -> dict:
     train.open_run(run, cfg)
     trainer = train.Trainer(cfg, run, progress=False, log=lambda *a: None)
     V = len(trainer.data.vocab)
-    lengths = [len(t) for t in trainer.items["train"][1]]
+    lengths = [len(t) for t in trainer.inputs.items["train"][1]]
     max_tokens = max(lengths)
     ours, compile_s, traces, shapes, per_image, ours_cpu = time_ours(trainer)
     flops = model_flops(lengths, round(len(lengths) / per_image), args.embedding_dim,
@@ -278,7 +278,7 @@ def measure(args, root: str) -> dict:
 
     keras.utils.set_random_seed(0)
     batches = [(tf.gather(f, i), t) for f, i, t in
-               list(trainer.dataset("train", epoch=0))[:args.reference_batches]]
+               list(trainer.inputs.captions("train", epoch=0))[:args.reference_batches]]
     ref, ref_compile_s, ref_cpu = time_reference(
         reference_step(args.embedding_dim, args.units, V, max_tokens), batches, max_tokens)
 

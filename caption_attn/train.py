@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from caption_attn import checkpoints, distribute, pipeline, progress, quiet
 from caption_attn.callbacks import AttentionSnapshots, EarlyStopping, TensorBoardLogger
-from caption_attn.cider import CiderD, DocumentFrequency
+from caption_attn.cider import CiderD
 from caption_attn.config import DTYPE_POLICIES, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.fileio import read_json, write_json_atomic
@@ -32,9 +32,9 @@ from caption_attn.model import ShowAttendTell
 from caption_attn.optimizer import (FusedAdam, StagedLearningRate, current_learning_rate,
                                     make_optimizer)
 from caption_attn.run import RunFolder
-from caption_attn.scst import SelfCritical, train_document_frequency
+from caption_attn.scst import SelfCritical
 from caption_attn.steps import EpochTotals, Steps
-from caption_attn.train_data import TrainData, load_train_data as _load_train_data
+from caption_attn.train_data import EpochData, TrainData, load_train_data as _load_train_data
 from caption_attn.validation import SampleFigures, Validator, table_or_files
 
 EVAL_BATCH_FACTOR = 4  # validation batches are 4x the training batch: forward only, and fewer
@@ -104,6 +104,27 @@ def _checked(dataset):
         yield batch
 
 
+def check_finite(out: dict, epoch: int, step: int, kept: Optional[str],
+                 loss_scaling: bool) -> None:
+    """TrainingError when a step's loss (or, without loss scaling, which skips such steps
+    itself, its gradient norm) or self-critical reward is not finite; `kept` is the newest
+    checkpoint, which the message names."""
+    if "reward" in out and not math.isfinite(out["reward"]):
+        raise TrainingError(
+            f"the self-critical reward became {out['reward']} at epoch {epoch + 1}, step "
+            f"{step + 1}: CIDEr-D of the sampled captions is not a number, a bug rather "
+            f"than bad settings; training stopped, the last checkpoint is kept "
+            f"({kept or 'none yet'}). Please report it")
+    if math.isfinite(out["loss"]) and (math.isfinite(out["gradient_norm"]) or loss_scaling):
+        return
+    raise TrainingError(
+        f"the loss became {out['loss']} at epoch {epoch + 1}, step {step + 1}; training "
+        f"stopped. " + (f"The last good checkpoint is kept: {kept}. " if kept else
+                        "No checkpoint was written yet. ")
+        + "The features were checked (finite, undamaged), so the optimisation diverged: "
+          "try a lower --learning-rate, --clip-norm 5, or --precision float32.")
+
+
 class Trainer:
     """Builds the model, optimizer, datasets and steps of one run folder, restores its newest
     intact checkpoint, and trains it (`fit`)."""
@@ -126,24 +147,18 @@ class Trainer:
             self.data.fix_in(self.run, cfg.captions)
         self.images_dir = images_dir or self.data.manifest.get("images_dir")
         keras.utils.set_random_seed(cfg.data.seed)
-        self.boundaries = pipeline.bucket_boundaries(cfg.vocab.max_length + 2)
-        self.items = {s: self.data.items(s) for s in ("train", "val")}
-        self.steps_per_epoch = pipeline.count_batches(
-            [len(t) for t in self.items["train"][1]], tc.batch_size, self.boundaries)
-        self.train_images = sorted(self.data.caption_ids["train"])  # self-critical image ids
-        self.images_per_step = max(1, tc.batch_size // tc.scst_samples)
-        self.scst_steps_per_epoch = math.ceil(len(self.train_images) / self.images_per_step)
-        xe_steps = (tc.epochs if tc.scst_after is None else tc.scst_after) * self.steps_per_epoch
+        self.inputs = EpochData(cfg, self.data, self.strategy, self.run, self.chief)
+        xe_steps = (tc.epochs if tc.scst_after is None else tc.scst_after) \
+            * self.inputs.steps_per_epoch
         self._build_state(min(xe_steps, tc.max_steps or xe_steps))
-        self._table = self._maybe_table()
+        self.inputs.load_table()
         self._scst: Optional[SelfCritical] = None
-        self._df: Optional[DocumentFrequency] = None
         self._eval_sets: dict = {}
         self.validator = Validator(
             self.model, self.data.vocab, cfg.vocab.max_length + 1,
-            table_or_files(self.data.reader, self.data.feature_paths, self._table),
+            table_or_files(self.data.reader, self.data.feature_paths, self.inputs.table),
             self.data.references["val"], self.data.caption_ids["val"], tc.bleu_images,
-            tc.sample_images, self.document_frequency)
+            tc.sample_images, self.inputs.document_frequency)
 
     # -- model, optimizer, checkpoint -----------------------------------------------
     def _build_state(self, cross_entropy_steps: int) -> None:
@@ -177,7 +192,7 @@ class Trainer:
         self.steps = Steps(self.model, self.optimizer, self.strategy, self.cfg,
                            lambda: self.scst)
         if mc.feature_norm and self._restored is None:  # else: restored with the model
-            train_paths = {self.data.feature_paths[k] for k in self.train_images}
+            train_paths = {self.data.feature_paths[k] for k in self.inputs.train_images}
             try:
                 self.model.feature_norm.set_statistics(*pipeline.feature_statistics(
                     self.data.reader, train_paths, seed=self.cfg.data.seed))
@@ -187,14 +202,6 @@ class Trainer:
                     raise
                 raise DamagedFeatures(path).stop() from None
 
-    def _maybe_table(self) -> Optional[pipeline.FeatureTable]:
-        gb, d = self.cfg.train.memory_cache_gb, self.data
-        paths = sorted({d.feature_paths[k] for split in ("train", "val")  # never the test split
-                        for k in d.caption_ids[split]})
-        if gb <= 0 or len(paths) * d.reader.num_bytes > gb * 2**30:
-            return None
-        return pipeline.FeatureTable(d.reader, paths)
-
     def restore(self) -> bool:
         """Whether training resumes from a checkpoint (restored when the trainer was built);
         under multi-worker, refuses workers that restored different steps."""
@@ -202,51 +209,15 @@ class Trainer:
                                        self.run.checkpoints)
         return self._restored is not None
 
-    def document_frequency(self) -> DocumentFrequency:
-        """CIDEr-D document frequencies of the train split (once per run, kept in its
-        folder)."""
-        if self._df is None:
-            self._df = train_document_frequency(self.run.cider_df, self.train_references(),
-                                                len(self.data.vocab), save=self.chief)
-        return self._df
-
-    def train_references(self) -> dict:
-        """{train image id: [token id lists]}: the references of the self-critical reward."""
-        ids = self.data.caption_ids["train"]
-        return {i: ids[k] for i, k in enumerate(self.train_images)}
-
     @property
     def scst(self) -> SelfCritical:
         if self._scst is None:
             tc = self.cfg.train
             self._scst = SelfCritical(
-                self.model, CiderD(self.train_references(), self.document_frequency()),
+                self.model, CiderD(self.inputs.train_references(),
+                                   self.inputs.document_frequency()),
                 tc.scst_samples, tc.scst_baseline, self.cfg.vocab.max_length + 1)
         return self._scst
-
-    # -- datasets ---------------------------------------------------------------------
-    def dataset(self, split: str, epoch: Optional[int] = None, skip: int = 0,
-                batch_size: Optional[int] = None):
-        """Distributed caption batches of one epoch; every replica gets its slice of each
-        global batch (`pipeline.caption_dataset`), so any replica count sees the same data."""
-        paths, tokens = self.items[split]
-        seed = None if epoch is None else hash_seed(self.cfg.data.seed, epoch)
-        batch_size = batch_size or self.cfg.train.batch_size
-        return distribute.distribute_dataset(self.strategy, lambda replicas, ids: (
-            pipeline.caption_dataset(
-                paths, tokens, batch_size, self.boundaries, self.data.reader,
-                self._table, shuffle_seed=seed, skip_batches=skip, num_replicas=replicas,
-                replica_ids=ids, pad_images=self.cfg.train.xla)))
-
-    def image_dataset(self, epoch: int, skip: int = 0):
-        """Self-critical batches of one epoch: (features (N, P, F), train image ids (N,)),
-        images shuffled by the epoch's seed, `images_per_step` per batch."""
-        paths = [self.data.feature_paths[k] for k in self.train_images]
-        return distribute.distribute_dataset(self.strategy, lambda replicas, ids: (
-            pipeline.shuffled_image_dataset(
-                paths, self.images_per_step, self.data.reader, self._table,
-                hash_seed(self.cfg.data.seed, epoch), skip_batches=skip,
-                num_replicas=replicas, replica_ids=ids)))
 
     # -- steps ------------------------------------------------------------------------
     def _compile(self, element_spec) -> None:
@@ -264,16 +235,17 @@ class Trainer:
         step, in_epoch = int(self.step.numpy()), int(self.step_in_epoch.numpy())
         totals = EpochTotals.from_vector(self.epoch_sums.numpy()) if in_epoch else EpochTotals()
         if self_critical:
-            batches = self.image_dataset(epoch, skip=in_epoch)
+            batches = self.inputs.images(epoch, skip=in_epoch)
             if self.steps.scst_step is None:
                 self.steps.compile_scst(batches.element_spec)
             seed = self.cfg.data.seed * 1_000_003
             run = lambda batch, s: self.steps.scst_step(  # noqa: E731
                 batch, tf.constant(seed + s, tf.int64))
-            target = self.scst_steps_per_epoch
+            target = self.inputs.scst_steps_per_epoch
         else:
-            batches = self.dataset("train", epoch=epoch, skip=in_epoch)
-            run, target = (lambda batch, s: self.train_step(batch)), self.steps_per_epoch
+            batches = self.inputs.captions("train", epoch=epoch, skip=in_epoch)
+            run = lambda batch, s: self.train_step(batch)  # noqa: E731
+            target = self.inputs.steps_per_epoch
         bar = progress.bar(target, self.progress, stateful=["loss", "reward", "cap/s"])
         if in_epoch:
             bar.update(in_epoch)
@@ -282,7 +254,8 @@ class Trainer:
         try:
             for batch in _checked(batches):
                 out = {k: float(v) for k, v in run(batch, step).items()}
-                self._check_finite(out, epoch, step)
+                check_finite(out, epoch, step, self.manager.latest_checkpoint,
+                             loss_scaling=hasattr(self.optimizer, "dynamic_scale"))
                 step, in_epoch = step + 1, in_epoch + 1
                 totals.add(out)
                 speed = (totals.sums["captions"] - earlier) / max(time.perf_counter() - start,
@@ -307,24 +280,6 @@ class Trainer:
         return {**totals.logs(self_critical), "steps": in_epoch, "target_steps": target,
                 "captions_per_second": (totals.sums["captions"] - earlier) / seconds}
 
-    def _check_finite(self, out: dict, epoch: int, step: int) -> None:
-        if "reward" in out and not math.isfinite(out["reward"]):
-            raise TrainingError(
-                f"the self-critical reward became {out['reward']} at epoch {epoch + 1}, step "
-                f"{step + 1}: CIDEr-D of the sampled captions is not a number, a bug rather "
-                f"than bad settings; training stopped, the last checkpoint is kept "
-                f"({self.manager.latest_checkpoint or 'none yet'}). Please report it")
-        loss_scaling = hasattr(self.optimizer, "dynamic_scale")
-        if math.isfinite(out["loss"]) and (math.isfinite(out["gradient_norm"]) or loss_scaling):
-            return
-        kept = self.manager.latest_checkpoint
-        raise TrainingError(
-            f"the loss became {out['loss']} at epoch {epoch + 1}, step {step + 1}; training "
-            f"stopped. " + (f"The last good checkpoint is kept: {kept}. " if kept else
-                            "No checkpoint was written yet. ")
-            + "The features were checked (finite, undamaged), so the optimisation diverged: "
-              "try a lower --learning-rate, --clip-norm 5, or --precision float32.")
-
     def _set_counters(self, step: int, in_epoch: int, totals: EpochTotals) -> None:
         self.step.assign(step)
         self.step_in_epoch.assign(in_epoch)
@@ -339,10 +294,10 @@ class Trainer:
         """Teacher-forced loss of a split: cross-entropy per real token of the whole split plus
         the attention regulariser per caption (sums over batches, so any batching gives the
         same value)."""
-        if not self.items[split][0]:
+        if not self.inputs.items[split][0]:
             return None
         if split not in self._eval_sets:  # unshuffled: the same batches every epoch
-            self._eval_sets[split] = self.dataset(
+            self._eval_sets[split] = self.inputs.captions(
                 split, batch_size=EVAL_BATCH_FACTOR * self.cfg.train.batch_size)
         sums = dict.fromkeys(("ce_sum", "tokens", "reg_sum", "caption_count"), 0.0)
         try:
@@ -398,7 +353,7 @@ class Trainer:
         history = read_json(self.run.history) if resumed and os.path.exists(self.run.history) \
             else []
         history = [h for h in history if h["epoch"] <= done]
-        self._compile(self.dataset("train", epoch=0).element_spec)
+        self._compile(self.inputs.captions("train", epoch=0).element_spec)
         self._cider_before_self_critical(history, done)
         early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
                               initial_history=history, save_best=self._save_best,
@@ -478,16 +433,16 @@ def _hparams(trainer: Trainer) -> dict:
             "scst_samples": tc.scst_samples, "scst_baseline": tc.scst_baseline}
 
 def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
-    d, tc = trainer.data, trainer.cfg.train
+    d, tc, i = trainer.data, trainer.cfg.train, trainer.inputs
     stages = "" if tc.scst_after is None else (
-        f", self-critical after epoch {tc.scst_after} ({trainer.scst_steps_per_epoch} steps of "
-        f"{trainer.images_per_step} images x {tc.scst_samples} samples)")
+        f", self-critical after epoch {tc.scst_after} ({i.scst_steps_per_epoch} steps of "
+        f"{i.images_per_step} images x {tc.scst_samples} samples)")
     trainer.log(f"{'resuming after epoch ' + str(done) if resumed else 'training'}: "
-             f"{len(trainer.items['train'][0])} train captions ({len(trainer.train_images)} "
-             f"images), {len(trainer.items['val'][0])} val captions, vocabulary "
-             f"{len(d.vocab)}, {trainer.steps_per_epoch} steps/epoch{stages}, "
-             f"{trainer.strategy.num_replicas_in_sync} replica(s), features "
-             f"{'in memory' if trainer._table is not None else 'streamed from disk'}")
+                f"{len(i.items['train'][0])} train captions ({len(i.train_images)} "
+                f"images), {len(i.items['val'][0])} val captions, vocabulary "
+                f"{len(d.vocab)}, {i.steps_per_epoch} steps/epoch{stages}, "
+                f"{trainer.strategy.num_replicas_in_sync} replica(s), features "
+                f"{'in memory' if i.table is not None else 'streamed from disk'}")
     if d.skipped_captions:
         trainer.log(f"skipped {d.skipped_captions} captions of {d.skipped_images} images "
                     f"without usable features: {d.problems}")
@@ -502,11 +457,6 @@ def _summary(trainer: Trainer, history, early, reason, seconds) -> dict:
             "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
             "seconds": seconds, "skipped_captions": trainer.data.skipped_captions,
             "best_model": trainer.run.best_model}
-
-
-def hash_seed(seed: int, epoch: int) -> int:
-    """Shuffle seed of one epoch: a resumed run replays exactly the same order."""
-    return (seed * 1_000_003 + epoch) % (2**31 - 1)
 
 
 def _plain(value):

@@ -1,4 +1,5 @@
-"""What `train` reads before its first step: captions, split, vocabulary and feature files.
+"""What `train` reads before its first step (captions, split, vocabulary and feature files),
+and the batches of every epoch made from it (`EpochData`).
 
 Everything is checked first and written last: `load_train_data` reads the caption file and the
 feature cache and builds (or, on resume, reloads) the split and the vocabulary without writing
@@ -9,15 +10,19 @@ its input leaves the run folder as it was.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from typing import Optional
 
 from caption_attn import data as data_lib
-from caption_attn import feature_cache, pipeline
+from caption_attn import distribute, feature_cache, pipeline
+from caption_attn.cider import DocumentFrequency
 from caption_attn.backbone import FEATURE_SHAPE
 from caption_attn.config import FEATURE_DTYPES, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.fileio import write_json_atomic
 from caption_attn.run import RunFolder
+from caption_attn.scst import train_document_frequency
 from caption_attn.vocab import Vocabulary, tokenize_all
 
 
@@ -113,3 +118,74 @@ def _check_not_empty(cfg: RunConfig, splits: dict, caption_ids: dict) -> None:
             f"({len(splits['val'])} val images); validation drives early stopping and the "
             f"best model. Give the caption file val images, raise --val-fraction (for files "
             f"without splits), or extract their features")
+
+
+def hash_seed(seed: int, epoch: int) -> int:
+    """Shuffle seed of one epoch: a resumed run replays exactly the same order."""
+    return (seed * 1_000_003 + epoch) % (2**31 - 1)
+
+
+class EpochData:
+    """The input of every epoch of one run, distributed over `strategy`'s replicas: caption
+    batches (cross-entropy, validation loss) and image batches (self-critical), with their
+    step counts, the in-memory feature table, and the self-critical reward's data (the train
+    split's references and CIDEr-D document frequencies)."""
+
+    def __init__(self, cfg: RunConfig, data: TrainData, strategy, run: RunFolder,
+                 chief: bool):
+        tc = cfg.train
+        self.cfg, self.data, self.strategy, self.run, self.chief = cfg, data, strategy, run, chief
+        self.boundaries = pipeline.bucket_boundaries(cfg.vocab.max_length + 2)
+        self.items = {s: data.items(s) for s in ("train", "val")}
+        self.steps_per_epoch = pipeline.count_batches(
+            [len(t) for t in self.items["train"][1]], tc.batch_size, self.boundaries)
+        self.train_images = sorted(data.caption_ids["train"])  # self-critical image ids
+        self.images_per_step = max(1, tc.batch_size // tc.scst_samples)
+        self.scst_steps_per_epoch = math.ceil(len(self.train_images) / self.images_per_step)
+        self.table: Optional[pipeline.FeatureTable] = None
+        self._df: Optional[DocumentFrequency] = None
+
+    def load_table(self) -> None:
+        """Keep the train and val features in memory when they fit in --memory-cache-gb."""
+        gb, d = self.cfg.train.memory_cache_gb, self.data
+        paths = sorted({d.feature_paths[k] for split in ("train", "val")  # never the test split
+                        for k in d.caption_ids[split]})
+        if gb > 0 and len(paths) * d.reader.num_bytes <= gb * 2**30:
+            self.table = pipeline.FeatureTable(d.reader, paths)
+
+    def captions(self, split: str, epoch: Optional[int] = None, skip: int = 0,
+                 batch_size: Optional[int] = None):
+        """Caption batches of one epoch (shuffled by its seed; in order without `epoch`);
+        every replica gets its slice of each global batch (`pipeline.caption_dataset`), so
+        any replica count sees the same data."""
+        paths, tokens = self.items[split]
+        seed = None if epoch is None else hash_seed(self.cfg.data.seed, epoch)
+        batch_size = batch_size or self.cfg.train.batch_size
+        return distribute.distribute_dataset(self.strategy, lambda replicas, ids: (
+            pipeline.caption_dataset(
+                paths, tokens, batch_size, self.boundaries, self.data.reader,
+                self.table, shuffle_seed=seed, skip_batches=skip, num_replicas=replicas,
+                replica_ids=ids, pad_images=self.cfg.train.xla)))
+
+    def images(self, epoch: int, skip: int = 0):
+        """Self-critical batches of one epoch: (features (N, P, F), train image ids (N,)),
+        images shuffled by the epoch's seed, `images_per_step` per batch."""
+        paths = [self.data.feature_paths[k] for k in self.train_images]
+        return distribute.distribute_dataset(self.strategy, lambda replicas, ids: (
+            pipeline.shuffled_image_dataset(
+                paths, self.images_per_step, self.data.reader, self.table,
+                hash_seed(self.cfg.data.seed, epoch), skip_batches=skip,
+                num_replicas=replicas, replica_ids=ids)))
+
+    def train_references(self) -> dict:
+        """{train image id: [token id lists]}: the references of the self-critical reward."""
+        ids = self.data.caption_ids["train"]
+        return {i: ids[k] for i, k in enumerate(self.train_images)}
+
+    def document_frequency(self) -> DocumentFrequency:
+        """CIDEr-D document frequencies of the train split (counted once per run and kept
+        in its folder by the chief)."""
+        if self._df is None:
+            self._df = train_document_frequency(self.run.cider_df, self.train_references(),
+                                                len(self.data.vocab), save=self.chief)
+        return self._df

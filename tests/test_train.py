@@ -142,7 +142,7 @@ def test_tensorboard_has_every_tag(trained):
 
 def test_train_step_traced_once_over_varied_lengths(trained):
     trainer = trained["trainer"]
-    shapes = {int(b[2].shape[1]) for b in trainer.dataset("train", epoch=0)}
+    shapes = {int(b[2].shape[1]) for b in trainer.inputs.captions("train", epoch=0)}
     assert len(shapes) >= 3                          # several bucket lengths were trained on
     assert trainer.train_step.experimental_get_tracing_count() == 1
     assert trainer.eval_step.experimental_get_tracing_count() == 1
@@ -187,12 +187,12 @@ def test_max_steps_then_resume_mid_epoch(shapes_data, tmp_path):
     assert summary["steps"] == 3 and summary["stopped_by"] == "max_steps"
     assert int(trainer.step_in_epoch.numpy()) == 3
     trainer, summary = run_trainer(small_config(shapes_data, epochs=2), run)
-    assert summary["steps"] == 2 * trainer.steps_per_epoch
+    assert summary["steps"] == 2 * trainer.inputs.steps_per_epoch
     with open(os.path.join(run, "history.json")) as f:
         history = json.load(f)
     # one entry per epoch: the partial epoch's entry is replaced when the epoch completes
     assert [h["epoch"] for h in history] == [1, 2]
-    assert all(h["steps"] == trainer.steps_per_epoch for h in history)
+    assert all(h["steps"] == trainer.inputs.steps_per_epoch for h in history)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes_data, tmp_path):
@@ -307,7 +307,7 @@ def test_speed_of_a_resumed_epoch_counts_only_its_own_captions(shapes_data, tmp_
     train.open_run(run, cfg)
     trainer = train.Trainer(cfg, run, progress=False, log=lambda *a: None)
     trainer.restore()
-    trainer._compile(trainer.dataset("train", epoch=0).element_spec)
+    trainer._compile(trainer.inputs.captions("train", epoch=0).element_spec)
     before = trainer.epoch_sums.numpy()[3]                            # captions already trained
     clock = iter(range(10**6))                       # train's clock: +1 s at every reading
     monkeypatch.setattr(train, "time", types.SimpleNamespace(
@@ -324,11 +324,11 @@ def test_speed_of_a_resumed_epoch_counts_only_its_own_captions(shapes_data, tmp_
 def test_memory_table_holds_train_and_val_features_only(trained):
     trainer = trained["trainer"]
     data = trainer.data
-    assert trainer._table is not None                                 # the default: it fits
-    held = set(trainer._table.index)
+    assert trainer.inputs.table is not None                                 # the default: it fits
+    held = set(trainer.inputs.table.index)
     used = {data.feature_paths[k] for s in ("train", "val") for k in data.splits[s]
             if k in data.feature_paths}
-    assert held == used and trainer._table.table.shape[0] == len(used)
+    assert held == used and trainer.inputs.table.table.shape[0] == len(used)
     assert not held & {data.feature_paths[k] for k in data.splits["test"]
                        if k in data.feature_paths}
 

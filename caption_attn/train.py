@@ -126,8 +126,8 @@ def check_finite(out: dict, epoch: int, step: int, kept: Optional[str],
 
 
 class Trainer:
-    """Builds the model, optimizer, datasets and steps of one run folder, restores its newest
-    intact checkpoint, and trains it (`fit`)."""
+    """Builds the model, optimizer, steps and input (`EpochData`) of one run folder,
+    restores its newest intact checkpoint, and trains it (`fit`)."""
 
     def __init__(self, cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
                  strategy: Optional[tf.distribute.Strategy] = None, progress: bool = True,

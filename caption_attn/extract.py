@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import os
 import queue
-import sys
 import threading
 import time
 from typing import NamedTuple, Optional
@@ -32,6 +31,7 @@ import cv2
 import numpy as np
 
 from caption_attn import feature_cache, feature_index
+from caption_attn import progress as progress_lib
 from caption_attn.backbone import IMAGE_SIZE, Backbone
 from caption_attn.config import ExtractConfig
 from caption_attn.data import image_key_problem
@@ -254,12 +254,10 @@ def _extract_with_progress(backbone: Backbone, images_dir: str, todo: list[str],
                            index: SegmentWriter,
                            fingerprint: str) -> tuple[list[str], dict[str, str]]:
     """`_run_pipeline` over `todo` with OpenCV set up and a progress bar: one line redrawn on
-    a terminal, one line at the end when the output is a log file, none without `progress`."""
-    import keras
-
-    verbose = 0 if not (progress and todo) else 1 if sys.stdout.isatty() else 2
-    bar = keras.utils.Progbar(len(todo), verbose=verbose, stateful_metrics=["failed"],
-                              unit_name="image")
+    a terminal; in a log file a plain line a minute and one at the end; none without
+    `progress`."""
+    bar = progress_lib.bar(len(todo), progress, unit_name="image", stateful=["failed"],
+                           periodic=True)
     with _opencv_settings():
         written, failed = _run_pipeline(backbone, images_dir, cfg.cache, todo, cfg.dtype,
                                         cfg.batch_size, workers, bar, index, fingerprint)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Sequence
 
 LOG_INTERVAL_S = 60.0   # a line this often when the output is a log file, not a terminal
@@ -12,14 +13,38 @@ def bar(target: int, enabled: bool = True, unit_name: str = "step",
         stateful: Sequence[str] = (), periodic: bool = False):
     """A `keras.utils.Progbar` for `target` units.
 
-    On a terminal: the live bar. In a log file: one line at the end, as Keras' `fit` does
-    (verbose 2), or with `periodic` (one long job: extraction, evaluation) also a line every
-    `LOG_INTERVAL_S` seconds so the log shows it progressing. Nothing when not `enabled`.
+    On a terminal: the live bar. In a log file: one plain line at the end, as Keras' `fit`
+    does (verbose 2), or with `periodic` (one long job: extraction, evaluation) also a plain
+    line every `LOG_INTERVAL_S` seconds so the log shows it progressing (Keras' live bar
+    would write colour codes and backspaces into the file). Nothing when not `enabled`.
     """
     import keras
 
-    tty = sys.stdout.isatty()
-    verbose = 0 if not enabled or target <= 0 else 1 if tty or periodic else 2
-    return keras.utils.Progbar(target, verbose=verbose, unit_name=unit_name,
-                               interval=0.05 if tty else LOG_INTERVAL_S,
-                               stateful_metrics=list(stateful))
+    if not enabled or target <= 0:
+        verbose = 0
+    elif sys.stdout.isatty():
+        return keras.utils.Progbar(target, verbose=1, unit_name=unit_name, interval=0.05,
+                                   stateful_metrics=list(stateful))
+    else:
+        verbose = 2
+    cls = _periodic_class(keras) if periodic and verbose else keras.utils.Progbar
+    return cls(target, verbose=verbose, unit_name=unit_name, stateful_metrics=list(stateful))
+
+
+def _periodic_class(keras):
+    class PeriodicProgbar(keras.utils.Progbar):
+        """Keras' verbose-2 bar (a plain line at the end) that also prints `current/target -
+        elapsed` every `LOG_INTERVAL_S` seconds."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._started = self._last_line = time.monotonic()
+
+        def update(self, current, values=None, finalize=None):
+            super().update(current, values, finalize)
+            done = finalize if finalize is not None else current >= self.target
+            now = time.monotonic()
+            if not done and now - self._last_line >= LOG_INTERVAL_S:
+                self._last_line = now
+                print(f"{current}/{self.target} - {now - self._started:.0f}s", flush=True)
+    return PeriodicProgbar

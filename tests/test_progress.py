@@ -1,0 +1,26 @@
+"""The progress bar of every long job, in a log file (stdout not a terminal: pytest's capture)."""
+
+from caption_attn import progress
+
+
+def test_a_periodic_bar_writes_plain_lines_into_a_log(capsys, monkeypatch):
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)       # a line at every update
+    bar = progress.bar(3, unit_name="image", stateful=["failed"], periodic=True)
+    for i in (1, 2):
+        bar.update(i, [("failed", 0)])
+    bar.update(3, [("failed", 1)], finalize=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" - ")[0] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert "failed: 1" in lines[-1]
+    assert not any("\x1b" in line or "\b" in line or "\r" in line for line in lines)
+
+
+def test_a_bar_in_a_log_is_one_line_at_the_end_and_none_when_disabled(capsys):
+    bar = progress.bar(2, stateful=["loss"])
+    bar.update(1, [("loss", 0.5)])
+    bar.update(2, [("loss", 0.25)], finalize=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("2/2 - ") and "loss: 0.25" in lines[0]
+    quiet = progress.bar(2, enabled=False)
+    quiet.update(2, finalize=True)
+    assert capsys.readouterr().out == ""

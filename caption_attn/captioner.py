@@ -65,11 +65,16 @@ def masked_step(step_fn, banned: Sequence[int] = BANNED):
 def make_decoder(model, cfg: DecodeConfig, max_length: int):
     """features (B, 64, 2048) float32 -> DecodeResult, for any batch size: one tf.function
     over the whole decoding loop, XLA-compiled with `cfg.xla`, and by default (see
-    `xla_min_images`) for batches of known size B >= cfg.xla_min_images only. Called inside
-    another tf.function on a batch of unknown size (`export`), it is the plain loop."""
+    `xla_min_images`) for batches of known size B >= cfg.xla_min_images of a float32 model
+    only. Called inside another tf.function on a batch of unknown size (`export`), it is the
+    plain loop."""
     plain = _decoder_function(model, cfg, max_length, jit_compile=cfg.xla)
-    if cfg.xla or not cfg.xla_min_images or cfg.method == "sample":
-        return plain  # (samples stay those of --seed whatever the batch size)
+    # Not for samples (they stay those of --seed whatever the batch size), nor for a model
+    # that computes in bfloat16/float16: XLA's fusions round differently there, and near-ties
+    # would then decode differently in a batch of 32 than alone.
+    if cfg.xla or not cfg.xla_min_images or cfg.method == "sample" \
+            or getattr(model, "compute_dtype", "float32") != "float32":
+        return plain
     compiled = _decoder_function(model, cfg, max_length, jit_compile=True)
 
     def run(features):

@@ -339,8 +339,9 @@ class DecodeConfig(Config):
     batch_size: int = opt(64, "images decoded together", check=integer(1))
     xla: bool = opt(False, "compile the decoding loop of every batch with XLA (by default "
                     "only batches of --xla-min-images or more are)")
-    xla_min_images: int = opt(32, "batches of at least this many images decode in one "
-                              "XLA-compiled loop: about 1.5 s to compile once per batch size, "
+    xla_min_images: int = opt(32, "batches of at least this many images of a float32 model "
+                              "decode in one XLA-compiled loop: about 1.5 s to compile once "
+                              "per batch size, "
                               "then up to ~1.3x faster (`evaluate`, `caption` of many images); "
                               "smaller batches, such as a one-image `caption`, compile "
                               "nothing. 0: never (unless --xla)", check=integer(0))

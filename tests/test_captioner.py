@@ -158,8 +158,9 @@ def test_xla_decoding_gives_the_same_captions(shapes_data, trained_run, beam):
 
 
 def test_decoding_compiles_nothing_for_one_image_or_inside_a_graph():
-    """A one-image `caption`, sampling and a caller's tf.function (export) take the plain
-    loop: compiling would cost seconds there and change nothing in the samples."""
+    """A one-image `caption`, sampling, a bfloat16 model and a caller's tf.function (export)
+    take the plain loop: compiling would cost seconds there, and change the samples or, in
+    bfloat16, the rounding."""
     from caption_attn.model import ShowAttendTell
     model = ShowAttendTell(12, 8, 16)
     decoder = captioner.make_decoder(model, DecodeConfig(beam=1), 5)
@@ -171,6 +172,8 @@ def test_decoding_compiles_nothing_for_one_image_or_inside_a_graph():
     assert decoder.compiled.experimental_get_tracing_count() == 0
     sampler = captioner.make_decoder(model, DecodeConfig(sample=True), 5)
     assert not hasattr(sampler, "compiled")
+    mixed = ShowAttendTell(12, 8, 16, dtype="mixed_bfloat16")    # XLA would round otherwise
+    assert not hasattr(captioner.make_decoder(mixed, DecodeConfig(beam=3), 5), "compiled")
 
 
 def test_images_give_the_cached_features_captions(shapes_data, trained_run):

@@ -179,3 +179,33 @@ def test_features_of_another_backbone_are_refused_naming_both(shapes_data, run_c
     assert _files(run_copy) == before                       # nothing trained, nothing written
     with open(os.path.join(run_copy, "split.json")) as f:
         assert json.load(f)["cache_identity"]["fingerprint"]
+
+
+@pytest.mark.parametrize("memory_gb", [0.0, 4.0], ids=["streamed", "in-memory"])
+def test_a_feature_file_gone_bad_stops_train_naming_it_before_any_step(shapes_data,
+                                                                       copy_cache, tmp_path,
+                                                                       memory_gb):
+    """Bit rot: a train image's features hold a NaN under the same size and mtime (the
+    provenance index still vouches for it). Found before the first step, streamed or in
+    memory, named with the fix, never blamed on the learning rate."""
+    import numpy as np
+
+    from caption_attn.errors import UserError
+    from caption_attn.feature_cache import feature_path
+    with open(shapes_data["captions"]) as f:
+        key = next(im["filename"] for im in json.load(f)["images"] if im["split"] == "train")
+    path = feature_path(copy_cache, key)
+    before = os.stat(path)
+    values = np.load(path)
+    values[3, 7] = np.nan
+    np.save(path, values)
+    assert os.path.getsize(path) == before.st_size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    run = str(tmp_path / "run")
+    with pytest.raises(UserError) as e:
+        train.train(_config(shapes_data, copy_cache, memory_cache_gb=memory_gb), run,
+                    progress=False, log=lambda message: None)
+    message = str(e.value)
+    assert path in message and "extract-features --verify" in message
+    assert "learning-rate" not in message
+    assert not glob.glob(os.path.join(run, "checkpoints", "ckpt-*"))   # no step was taken

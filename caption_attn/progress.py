@@ -20,15 +20,11 @@ def bar(target: int, enabled: bool = True, unit_name: str = "step",
     """
     import keras
 
-    if not enabled or target <= 0:
-        verbose = 0
-    elif sys.stdout.isatty():
-        return keras.utils.Progbar(target, verbose=1, unit_name=unit_name, interval=0.05,
-                                   stateful_metrics=list(stateful))
-    else:
-        verbose = 2
-    cls = _periodic_class(keras) if periodic and verbose else keras.utils.Progbar
-    return cls(target, verbose=verbose, unit_name=unit_name, stateful_metrics=list(stateful))
+    tty = sys.stdout.isatty()
+    verbose = 0 if not enabled or target <= 0 else 1 if tty else 2
+    cls = _periodic_class(keras) if periodic and verbose == 2 else keras.utils.Progbar
+    return cls(target, verbose=verbose, unit_name=unit_name, interval=0.05,
+               stateful_metrics=list(stateful))
 
 
 def _periodic_class(keras):

@@ -139,8 +139,7 @@ class Trainer:
             log("note: --precision float16 is meant for GPUs; on a CPU it is slow, prefer "
                 "bfloat16")
         self.strategy = strategy or distribute.make_strategy(tc.strategy)
-        if tc.strategy == "multi-worker":
-            quiet.meet_float16()  # (the CLI's quiet import could not: see quiet.py)
+        quiet.meet_float16()  # after the strategy, which may configure TF first (quiet.py)
         self.chief = distribute.is_chief(self.strategy)
         self.data = data or load_train_data(cfg, run_dir)
         if self.chief:

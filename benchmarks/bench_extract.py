@@ -37,7 +37,9 @@ import numpy as np  # noqa: E402
 from caption_attn import extract  # noqa: E402
 from caption_attn.backbone import Backbone, build_backbone  # noqa: E402
 from caption_attn.config import FEATURE_DTYPES  # noqa: E402
+from caption_attn.feature_index import SegmentWriter  # noqa: E402
 from caption_attn.images import load_image  # noqa: E402
+from machine import describe  # noqa: E402
 from matmul_ceiling import matmul_gflops  # noqa: E402
 
 
@@ -95,11 +97,14 @@ def time_pipeline(backbone: Backbone, images_dir: str, keys: list[str], batch_si
 
     cache = tempfile.mkdtemp(prefix="bench_cache_")
     try:
+        index = SegmentWriter(cache)   # provenance entries, written as extract-features does
         wall, cpu = time.perf_counter(), time.process_time()
         with extract._opencv_settings():
             written, failed = extract._run_pipeline(backbone, images_dir, cache, keys, dtype,
                                                     batch_size, workers,
-                                                    keras.utils.Progbar(len(keys), verbose=0))
+                                                    keras.utils.Progbar(len(keys), verbose=0),
+                                                    index, "bench")
+        index.close()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         assert len(written) == len(keys) and not failed, failed
     finally:
@@ -129,6 +134,7 @@ def main(argv=None) -> int:
         for k in keys:
             load_image(os.path.join(folder, k))
         decode_ms = 1000 * (time.perf_counter() - t) / len(keys)
+        print(describe())
         print(f"{len(keys)} images {width}x{height} JPEG, batch {args.batch_size}, "
               f"{workers} decode threads, cache dtype {args.dtype}, {os.cpu_count()} CPUs; "
               f"decode+resize {decode_ms:.1f} ms/image (one thread)")

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 
 from caption_attn import feature_cache, feature_index  # noqa: E402
 from caption_attn.backbone import FEATURE_SHAPE  # noqa: E402
+from machine import describe  # noqa: E402
 
 MANIFEST = {"format_version": feature_cache.FORMAT_VERSION, "backbone": "InceptionV3",
             "weights": "imagenet", "weights_sha256": "0" * 64, "dtype": "float16",
@@ -167,15 +168,17 @@ def bench_reader(files: int, repeats: int) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=123_287)
     parser.add_argument("--files", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    print(describe())
     bench_index(args.keys)
     bench_reader(args.files, args.repeats)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -246,7 +246,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--xla", action="store_true")
     ap.add_argument("--reference-batches", type=int, default=6,
-                    help="batches timed for the (slow) reference step")
+                    help="batches timed for the (slow) reference step; 0 skips it (a smoke "
+                         "run: no speedup is printed)")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = ap.parse_args(argv)
 
@@ -276,11 +277,13 @@ def measure(args, root: str) -> dict:
 
     scst = time_scst(trainer)
 
-    keras.utils.set_random_seed(0)
-    batches = [(tf.gather(f, i), t) for f, i, t in
-               list(trainer.inputs.captions("train", epoch=0))[:args.reference_batches]]
-    ref, ref_compile_s, ref_cpu = time_reference(
-        reference_step(args.embedding_dim, args.units, V, max_tokens), batches, max_tokens)
+    ref = ref_compile_s = ref_cpu = None
+    if args.reference_batches > 0:
+        keras.utils.set_random_seed(0)
+        batches = [(tf.gather(f, i), t) for f, i, t in
+                   list(trainer.inputs.captions("train", epoch=0))[:args.reference_batches]]
+        ref, ref_compile_s, ref_cpu = time_reference(
+            reference_step(args.embedding_dim, args.units, V, max_tokens), batches, max_tokens)
 
     return {
         "setup": {"embedding_dim": args.embedding_dim, "units": args.units, "vocab": V,
@@ -291,11 +294,12 @@ def measure(args, root: str) -> dict:
         "ours_traces": traces, "ours_batch_shapes": shapes,
         "captions_per_encoded_image": per_image,
         "reference_captions_per_s": ref, "reference_first_step_s": ref_compile_s,
-        "speedup": ours / ref,
+        "speedup": ours / ref if ref else None,
         # per second of process CPU time (all threads): what other load on the machine
         # changes less than wall time, since ours and the reference run at different moments
         "ours_captions_per_cpu_s": ours_cpu, "reference_captions_per_cpu_s": ref_cpu,
-        "speedup_cpu_time": ours_cpu / ref_cpu, "load_average": os.getloadavg()[0],
+        "speedup_cpu_time": ours_cpu / ref_cpu if ref else None,
+        "load_average": os.getloadavg()[0],
         "model_gflops_per_s": ours_gflops, "matmul_gflops_per_s": peak,
         "mfu": ours_gflops / peak, "scst": scst, "cpu": describe(),
     }
@@ -312,13 +316,16 @@ def report(figures: dict) -> None:
     print(f"ours       {ours:8.1f} captions/s   first step {figures['ours_first_step_s']:5.1f} s"
           f"   traces {figures['ours_traces']}, {figures['ours_batch_shapes']} batch shapes, "
           f"{figures['captions_per_encoded_image']:.2f} captions per encoded image")
-    print(f"reference  {ref:8.1f} captions/s   first step "
-          f"{figures['reference_first_step_s']:5.1f} s   (padded to {s['max_tokens']}, keys "
-          f"every step, Python-unrolled)")
-    print(f"speedup    {ours / ref:8.2f} x   (per CPU second: {figures['speedup_cpu_time']:.2f} x, "
-          f"{figures['ours_captions_per_cpu_s']:.1f} vs "
-          f"{figures['reference_captions_per_cpu_s']:.1f} captions; load average "
-          f"{figures['load_average']:.1f} on {s['threads']} CPUs)")
+    if ref is None:
+        print("reference  skipped (--reference-batches 0): no speedup")
+    else:
+        print(f"reference  {ref:8.1f} captions/s   first step "
+              f"{figures['reference_first_step_s']:5.1f} s   (padded to {s['max_tokens']}, "
+              f"keys every step, Python-unrolled)")
+        print(f"speedup    {ours / ref:8.2f} x   (per CPU second: "
+              f"{figures['speedup_cpu_time']:.2f} x, {figures['ours_captions_per_cpu_s']:.1f} "
+              f"vs {figures['reference_captions_per_cpu_s']:.1f} captions; load average "
+              f"{figures['load_average']:.1f} on {s['threads']} CPUs)")
     print(f"MFU        {100 * figures['mfu']:8.1f} %  ({figures['model_gflops_per_s']:.1f} model "
           f"GFLOP/s of the CPU's {figures['matmul_gflops_per_s']:.0f} GFLOP/s 2048x2048 "
           f"{s['precision']} matmul)")

@@ -56,16 +56,19 @@ def test_bench_decode(capsys, tmp_path):
 
 
 def test_bench_train(capsys, tmp_path):
+    # without the tutorial's reference step: tracing its Python-unrolled loop alone takes
+    # longer than everything else here (it is the benchmark's own code, not the package's)
     path = str(tmp_path / "train.json")
     out = run_benchmark("bench_train", ["--images", "8", "--captions-per-image", "2",
                                         "--vocab", "12", "--embedding-dim", "8", "--units",
-                                        "8", "--batch-size", "4", "--reference-batches", "1",
+                                        "8", "--batch-size", "4", "--reference-batches", "0",
                                         "--json", path], capsys)
-    assert "speedup" in out and "self-critical" in out
+    assert "reference  skipped" in out and "MFU" in out and "self-critical" in out
     with open(path) as f:
         figures = json.load(f)
-    numbers(figures, "ours_captions_per_s", "reference_captions_per_s", "speedup")
+    numbers(figures, "ours_captions_per_s", "ours_first_step_s", "mfu")
     numbers(figures["scst"], "captions_per_s")
+    assert figures["speedup"] is None
 
 
 def test_bench_reward_and_feature_index(capsys):

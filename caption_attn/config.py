@@ -264,7 +264,9 @@ class TrainConfig(Config):
     min_delta: float = opt(0.0, "smallest change of the monitored metric that counts as "
                            "improvement", check=NON_NEGATIVE)
     max_steps: Optional[int] = opt(None, "stop after this many training steps in total "
-                                   "(for quick trials)", check=integer(1))
+                                   "(quick trials; the learning-rate schedule still spans "
+                                   "--epochs, so a later rerun continues as if never "
+                                   "stopped)", check=integer(1))
     precision: str = opt("float32", "compute precision: bfloat16 (CPU/GPU) or float16 with "
                          "loss scaling (GPU)", choices=TRAIN_PRECISIONS)
     xla: bool = opt(False, "compile the training step with XLA (jit_compile)")

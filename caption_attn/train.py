@@ -147,9 +147,10 @@ class Trainer:
         self.images_dir = images_dir or self.data.manifest.get("images_dir")
         keras.utils.set_random_seed(cfg.data.seed)
         self.inputs = EpochData(cfg, self.data, self.strategy, self.run, self.chief)
-        xe_steps = (tc.epochs if tc.scst_after is None else tc.scst_after) \
-            * self.inputs.steps_per_epoch
-        self._build_state(min(xe_steps, tc.max_steps or xe_steps))
+        # the cosine decay spans the cross-entropy epochs, never --max-steps: a run stopped
+        # by it and rerun takes the learning rates of an uninterrupted run
+        self._build_state((tc.epochs if tc.scst_after is None else tc.scst_after)
+                          * self.inputs.steps_per_epoch)
         self.inputs.load_table()
         self._scst: Optional[SelfCritical] = None
         self._eval_sets: dict = {}

@@ -195,6 +195,22 @@ def test_max_steps_then_resume_mid_epoch(shapes_data, tmp_path):
     assert all(h["steps"] == trainer.inputs.steps_per_epoch for h in history)
 
 
+def test_max_steps_does_not_change_the_learning_rate_schedule(shapes_data, tmp_path):
+    # The cosine decay spans --epochs: a run stopped by --max-steps and rerun without it
+    # takes the learning rates of an uninterrupted run (it used to decay over --max-steps).
+    def history(run, *max_steps):
+        for m in max_steps:
+            run_trainer(small_config(shapes_data, epochs=2, lr_schedule="cosine",
+                                     max_steps=m), run)
+        with open(os.path.join(run, "history.json")) as f:
+            return [(h["learning_rate"], h["loss"], h["val_loss"]) for h in json.load(f)]
+    whole = history(str(tmp_path / "whole"), None)
+    chunked = history(str(tmp_path / "chunked"), 3, None)
+    assert len(whole) == 2 and whole[0][0] > whole[1][0] >= 0.0  # decays to 0 at the end
+    # the first 3 steps took the same rates, so the same weights and losses
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes_data, tmp_path):
     run = str(tmp_path / "run")
     run_trainer(small_config(shapes_data, epochs=1), run)

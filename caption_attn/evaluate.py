@@ -18,7 +18,7 @@ from caption_attn.coco_metrics import COCO_METRICS, coco_metrics, write_results
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import (describe_problems, feature_path, read_manifest,
-                                        source_images, usable_features)
+                                        repair_command, source_images, usable_features)
 from caption_attn.fileio import write_json_atomic
 from caption_attn.run import RunFolder, check_folder_writable
 from caption_attn.shapes_metrics import (SHAPES_METRICS, scene_accuracy_by_objects,
@@ -117,12 +117,12 @@ def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
     try:
         decoded = captioner.decode_batches((b.numpy() for b in batches), bar)
     except tf.errors.InvalidArgumentError as e:
-        path = pipeline.damaged_file_from_error(e)
-        if path is None:
+        damaged = pipeline.damaged_from_error(e)
+        if damaged is None:
             raise
-        raise UserError(f"damaged feature file {path}: repair the cache with `caption-attn "
-                        f"extract-features --verify` (the same --images and --cache), then "
-                        f"evaluate again") from None
+        raise UserError(f"damaged feature file {damaged[0]} ({damaged[1]}): repair the cache "
+                        f"with `{repair_command(found.cache, found.manifest)}`, "
+                        f"then evaluate again") from None
     return {k: c[0] for k, c in zip(found.keys, decoded)}
 
 

@@ -423,6 +423,16 @@ def _settings_text(identity: dict) -> str:
     return f"{flags} --dtype {identity.get('dtype')} --precision {identity.get('precision')}"
 
 
+def repair_command(cache_dir: str, manifest: dict, captions: Optional[str] = None) -> str:
+    """The `extract-features --verify` command that re-checks and re-extracts the damaged
+    files of this cache, with every flag its manifest needs (weights, seed, dtype, precision;
+    --images as recorded at extraction), so that it is not refused for a missing one."""
+    images = manifest.get("images_dir") or "IMAGES_DIR"
+    with_captions = f" --captions {captions}" if captions else ""
+    return (f"caption-attn extract-features --verify --images {images}{with_captions} "
+            f"--cache {cache_dir} {_settings_text(cache_identity(manifest))}")
+
+
 def refuse_other_identity(recorded: dict, manifest: dict, what: str, cache_dir: str) -> None:
     """UserError when the cache's identity differs from `recorded` (a `cache_identity` saved
     earlier, e.g. by the run that trained on it); `what` names the recorder ("run

@@ -4,7 +4,7 @@ Features are read in-graph (`tf.io.read_file` + `tf.io.decode_raw` past the .npy
 length the cache manifest records), so no Python runs on the hot path. Every file read is
 checked in-graph (size, the exact header bytes, every value finite); a damaged one fails with
 `tf.errors.InvalidArgumentError` whose message holds "damaged feature file: <path> (<reason>)"
-and the fix, which `damaged_file_from_error` extracts. Captions are grouped by length into
+and the fix, which `damaged_from_error` extracts. Captions are grouped by length into
 buckets and padded to the bucket's boundary, so a batch of short captions is not padded to the
 longest caption of the dataset, and the set of batch shapes stays small (one XLA compilation
 per bucket at most).
@@ -51,15 +51,22 @@ PROBLEMS = ("ok", "wrong size", "bad .npy header", "non-finite values")
 DAMAGED = "damaged feature file: "
 FIX = ("run `caption-attn extract-features --verify` with the cache's --captions/--images "
        "and --cache: it re-extracts damaged feature files")
-_DAMAGED_RE = re.compile(re.escape(DAMAGED) + r"(.+?) \((?:" +
+_DAMAGED_RE = re.compile(re.escape(DAMAGED) + r"(.+?) \((" +
                          "|".join(re.escape(p) for p in PROBLEMS[1:]) + r")\)")
 
 
-def damaged_file_from_error(exc: BaseException) -> Optional[str]:
-    """The feature file named by an `NpyReader` check failure (e.g. the
-    `tf.errors.InvalidArgumentError` raised while iterating a dataset), else None."""
+def damaged_from_error(exc: BaseException) -> Optional[tuple[str, str]]:
+    """(feature file, what is wrong with it: one of PROBLEMS) named by an `NpyReader` check
+    failure (e.g. the `tf.errors.InvalidArgumentError` raised while iterating a dataset),
+    else None."""
     m = _DAMAGED_RE.search(getattr(exc, "message", None) or str(exc))
-    return m.group(1) if m else None
+    return (m.group(1), m.group(2)) if m else None
+
+
+def damaged_file_from_error(exc: BaseException) -> Optional[str]:
+    """The feature file of `damaged_from_error`, else None."""
+    found = damaged_from_error(exc)
+    return found[0] if found else None
 
 
 class NpyReader:
@@ -141,7 +148,8 @@ class FeatureTable:
     Every row is checked while the table is built; damaged files are a `UserError` naming
     them (before training starts)."""
 
-    def __init__(self, reader: NpyReader, paths: Sequence[str], batch_size: int = 256):
+    def __init__(self, reader: NpyReader, paths: Sequence[str], batch_size: int = 256,
+                 fix: str = FIX):
         problems = []
         with tf.device("/cpu:0"):
             ds = tf.data.Dataset.from_tensor_slices(list(paths)).batch(batch_size)
@@ -152,7 +160,7 @@ class FeatureTable:
                 problems += [(paths[start + i], PROBLEMS[c])
                              for i, c in enumerate(codes.numpy()) if c]
             if problems:
-                raise UserError(damaged_files_message(problems))
+                raise UserError(damaged_files_message(problems, fix=fix))
             self.table = tf.Variable(tf.concat(parts, axis=0), trainable=False,
                                      name="feature_table")            # (N, P, F)
         self.index = {p: i for i, p in enumerate(paths)}
@@ -161,11 +169,13 @@ class FeatureTable:
         return tf.gather(self.table, indices)                         # (B, P, F)
 
 
-def damaged_files_message(problems: Sequence[tuple[str, str]], examples: int = 5) -> str:
-    """One message for damaged feature files [(path, reason)]: each named, then the fix."""
+def damaged_files_message(problems: Sequence[tuple[str, str]], examples: int = 5,
+                          fix: str = FIX) -> str:
+    """One message for damaged feature files [(path, reason)]: each named, then `fix` (a
+    sentence starting lower-case)."""
     shown = "; ".join(f"{DAMAGED}{path} ({reason})" for path, reason in problems[:examples])
     more = f" and {len(problems) - examples} more" if len(problems) > examples else ""
-    return f"{len(problems)} damaged feature file(s): {shown}{more}. {FIX[0].upper()}{FIX[1:]}"
+    return f"{len(problems)} damaged feature file(s): {shown}{more}. {fix[0].upper()}{fix[1:]}"
 
 
 def feature_statistics(reader: NpyReader, paths: Sequence[str], max_images: int = 1000,

@@ -74,18 +74,25 @@ def load_train_data(cfg: RunConfig, run_dir: str, reuse: bool = True) -> TrainDa
 class DamagedFeatures(Exception):
     """A feature file that failed the in-graph checks while a batch was read."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, reason: str):
         super().__init__(path)
-        self.path = path
+        self.path, self.reason = path, reason
 
-    def stop(self, step: Optional[int] = None) -> TrainingError:
-        """The error that ends training; `step`: where a checkpoint was saved (None: none)."""
+    @classmethod
+    def from_error(cls, error: BaseException) -> Optional["DamagedFeatures"]:
+        """The damaged file named by an in-graph check's error (None: another error)."""
+        found = pipeline.damaged_from_error(error)
+        return cls(*found) if found else None
+
+    def stop(self, repair: str, step: Optional[int] = None) -> TrainingError:
+        """The error that ends training: the file, what is wrong with it and `repair` (the
+        full `extract-features --verify` command of the cache); `step`: where a checkpoint
+        was saved (None: none)."""
         resume = "" if step is None else f": it continues from step {step} (a checkpoint " \
             f"was saved)"
         return TrainingError(
-            f"damaged feature file {self.path}: repair the cache with `caption-attn "
-            f"extract-features --verify` (the same --images and --cache), then rerun this "
-            f"command{resume}")
+            f"damaged feature file {self.path} ({self.reason}): repair the cache with "
+            f"`{repair}`, then rerun this command{resume}")
 
 
 def _checked(dataset):
@@ -97,10 +104,10 @@ def _checked(dataset):
         except StopIteration:
             return
         except tf.errors.InvalidArgumentError as e:
-            path = pipeline.damaged_file_from_error(e)
-            if path is None:
+            damaged = DamagedFeatures.from_error(e)
+            if damaged is None:
                 raise
-            raise DamagedFeatures(path) from None
+            raise damaged from None
         yield batch
 
 
@@ -197,10 +204,10 @@ class Trainer:
                 self.model.feature_norm.set_statistics(*pipeline.feature_statistics(
                     self.data.reader, train_paths, seed=self.cfg.data.seed))
             except tf.errors.InvalidArgumentError as e:
-                path = pipeline.damaged_file_from_error(e)
-                if path is None:
+                damaged = DamagedFeatures.from_error(e)
+                if damaged is None:
                     raise
-                raise DamagedFeatures(path).stop() from None
+                raise damaged.stop(self.inputs.repair_command()) from None
 
     def restore(self) -> bool:
         """Whether training resumes from a checkpoint (restored when the trainer was built);
@@ -274,7 +281,7 @@ class Trainer:
                     break
         except DamagedFeatures as e:
             self._save_checkpoint(step, in_epoch, totals)
-            raise e.stop(step) from None
+            raise e.stop(self.inputs.repair_command(), step) from None
         self._set_counters(step, in_epoch, totals)
         seconds = max(time.perf_counter() - start, 1e-9)
         return {**totals.logs(self_critical), "steps": in_epoch, "target_steps": target,
@@ -306,7 +313,7 @@ class Trainer:
                     sums[k] += float(v)
         except DamagedFeatures as e:  # the epoch's steps are done: keep them
             self.manager.save(checkpoint_number=int(self.step.numpy()))
-            raise e.stop(int(self.step.numpy())) from None
+            raise e.stop(self.inputs.repair_command(), int(self.step.numpy())) from None
         ce = sums["ce_sum"] / max(sums["tokens"], 1.0)
         return {"loss": ce + sums["reg_sum"] / max(sums["caption_count"], 1.0), "ce": ce}
 

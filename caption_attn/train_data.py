@@ -151,7 +151,14 @@ class EpochData:
         paths = sorted({d.feature_paths[k] for split in ("train", "val")  # never the test split
                         for k in d.caption_ids[split]})
         if gb > 0 and len(paths) * d.reader.num_bytes <= gb * 2**30:
-            self.table = pipeline.FeatureTable(d.reader, paths)
+            self.table = pipeline.FeatureTable(
+                d.reader, paths, fix=f"run `{self.repair_command()}`: it re-extracts them")
+
+    def repair_command(self) -> str:
+        """The `extract-features --verify` command, with every flag, that repairs damaged
+        files of this run's cache."""
+        return feature_cache.repair_command(self.cfg.cache, self.data.manifest,
+                                            self.cfg.captions)
 
     def captions(self, split: str, epoch: Optional[int] = None, skip: int = 0,
                  batch_size: Optional[int] = None):

@@ -113,6 +113,37 @@ def test_images_without_a_valid_feature_file_are_skipped_and_reported(trained_ru
     assert any("2 images of the test split" in n and "--verify" in n for n in metrics["notes"])
 
 
+def test_a_feature_file_gone_bad_names_its_reason_and_the_whole_repair_command(
+        trained_run, copy_cache, tmp_path):
+    """NaN under the same size and mtime (the index still vouches for it): found in-graph
+    while decoding; the message names the file, what is wrong and the command with every
+    flag the cache needs."""
+    import shutil
+
+    import numpy as np
+
+    from caption_attn.errors import UserError
+    from caption_attn.feature_cache import feature_path
+    run = str(tmp_path / "run")
+    shutil.copytree(trained_run, run)
+    with open(os.path.join(run, "split.json")) as f:
+        key = json.load(f)["splits"]["test"][0]
+    path = feature_path(copy_cache, key)
+    before = os.stat(path)
+    values = np.load(path)
+    values[0, 0] = np.inf
+    np.save(path, values)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(UserError) as e:
+        evaluate.evaluate_run(run, "test", DecodeConfig(beam=1), progress=False,
+                              use_java=False, cache=copy_cache)
+    m = json.load(open(os.path.join(copy_cache, "manifest.json")))
+    assert f"damaged feature file {path} (non-finite values)" in str(e.value)
+    assert (f"`caption-attn extract-features --verify --images {m['images_dir']} --cache "
+            f"{copy_cache} --weights {m['weights']} --seed {m['seed']} --dtype {m['dtype']} "
+            f"--precision {m['precision']}`") in str(e.value)
+
+
 # --------------------------------------------------------------------------- printing
 def test_format_metrics_table():
     metrics = {"Bleu_1": 0.71234, "Bleu_2": 0.5, "Bleu_3": 0.4, "Bleu_4": 0.3,

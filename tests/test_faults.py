@@ -206,6 +206,18 @@ def test_a_feature_file_gone_bad_stops_train_naming_it_before_any_step(shapes_da
         train.train(_config(shapes_data, copy_cache, memory_cache_gb=memory_gb), run,
                     progress=False, log=lambda message: None)
     message = str(e.value)
-    assert path in message and "extract-features --verify" in message
+    assert path in message and "non-finite values" in message
+    # the repair command has every flag the cache needs, so it is not refused for one
+    m = json.load(open(os.path.join(copy_cache, "manifest.json")))
+    assert (f"extract-features --verify --images {m['images_dir']} --captions "
+            f"{shapes_data['captions']} --cache {copy_cache} --weights {m['weights']} --seed "
+            f"{m['seed']} --dtype {m['dtype']} --precision {m['precision']}`") in message
     assert "learning-rate" not in message
     assert not glob.glob(os.path.join(run, "checkpoints", "ckpt-*"))   # no step was taken
+    if memory_gb == 0.0:  # the printed command, as printed, repairs the file
+        import shlex
+
+        from caption_attn import cli
+        command = message.split("`")[1]
+        assert cli.main(shlex.split(command)[1:]) == 0
+        assert np.isfinite(np.load(path)).all()

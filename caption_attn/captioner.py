@@ -196,7 +196,14 @@ class Captioner:
 
 def expand_image_args(args: Sequence[str]) -> list[str]:
     """Image files given on the command line, each once; folders expand to the images under
-    them."""
+    them. A path that does not exist is a UserError (before the model is loaded: it is a
+    typo, not one bad image of many); an existing file that is no image is reported later,
+    by `Captioner.caption_images`, while the others are captioned."""
+    missing = [arg for arg in args if not os.path.exists(arg)]
+    if missing:
+        raise UserError(f"{missing[0]}: no such image file or folder"
+                        + (f" (and {len(missing) - 1} more: {', '.join(missing[1:4])})"
+                           if len(missing) > 1 else ""))
     out = []
     for arg in args:
         if os.path.isdir(arg):

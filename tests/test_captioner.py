@@ -50,6 +50,15 @@ def test_bad_image_gets_a_message_and_the_others_are_captioned(shapes_data, trai
     assert main(["caption", "--run", trained_run, str(bad)]) == 1
 
 
+def test_a_path_that_does_not_exist_is_refused_before_the_model_loads(trained_run, tmp_path,
+                                                                     capsys, monkeypatch):
+    from caption_attn import captioner
+    monkeypatch.setattr(captioner.Captioner, "from_run", None)   # must not be reached
+    typo = str(tmp_path / "cat.jgp")
+    assert main(["caption", "--run", trained_run, typo]) == 2
+    assert f"{typo}: no such image file or folder" in capsys.readouterr().err
+
+
 def test_caption_json_has_attention_maps(shapes_data, trained_run, capsys):
     images = _test_images(shapes_data, trained_run, 4)
     assert main(["caption", "--run", trained_run, "--json", "--beam", "2", *images]) == 0

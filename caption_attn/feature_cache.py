@@ -38,6 +38,7 @@ import fcntl
 import hashlib
 import io
 import json
+import shlex
 import os
 import re
 import sys
@@ -427,10 +428,11 @@ def repair_command(cache_dir: str, manifest: dict, captions: Optional[str] = Non
     """The `extract-features --verify` command that re-checks and re-extracts the damaged
     files of this cache, with every flag its manifest needs (weights, seed, dtype, precision;
     --images as recorded at extraction), so that it is not refused for a missing one."""
-    images = manifest.get("images_dir") or "IMAGES_DIR"
-    with_captions = f" --captions {captions}" if captions else ""
+    images = shlex.quote(manifest["images_dir"]) if manifest.get("images_dir") \
+        else "IMAGES_DIR"
+    with_captions = f" --captions {shlex.quote(captions)}" if captions else ""
     return (f"caption-attn extract-features --verify --images {images}{with_captions} "
-            f"--cache {cache_dir} {_settings_text(cache_identity(manifest))}")
+            f"--cache {shlex.quote(cache_dir)} {_settings_text(cache_identity(manifest))}")
 
 
 def refuse_other_identity(recorded: dict, manifest: dict, what: str, cache_dir: str) -> None:

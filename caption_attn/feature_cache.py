@@ -38,9 +38,9 @@ import fcntl
 import hashlib
 import io
 import json
-import shlex
 import os
 import re
+import shlex
 import sys
 import time
 from typing import Iterable, Optional

@@ -39,6 +39,7 @@ class TrainData:
     skipped_captions: int         # captions whose image has no usable features
     skipped_images: int
     problems: str = ""            # why (`feature_cache.describe_problems`), or ""
+    caption_data: Optional[dict] = None  # fingerprint of the caption data (split.json)
 
     def items(self, split: str) -> tuple[list[str], list[list[int]]]:
         """(feature path, token ids) of every caption of `split`, one pair per caption."""
@@ -47,13 +48,15 @@ class TrainData:
         return [p for p, _ in pairs], [t for _, t in pairs]
 
     def fix_in(self, run: RunFolder, captions: str) -> None:
-        """Save split.json (with the identity of the feature cache) and vocab.json (the ones
+        """Save split.json (with the identity of the feature cache and the fingerprint of the
+        caption data) and vocab.json (the ones
         this data was made with, unchanged when they were read from the run): from here on
         they are fixed for the life of the run."""
         write_json_atomic(run.split, {"captions": os.path.abspath(captions),
                                       "format": self.format, "splits": self.splits,
                                       "cache_identity": feature_cache.cache_identity(
-                                          self.manifest)})
+                                          self.manifest),
+                                      "caption_data": self.caption_data})
         self.vocab.save(run.vocab)
 
 
@@ -81,6 +84,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     captions = data_lib.load_dataset(cfg.captions, cfg.data)
     if reuse and os.path.exists(run.split):
         splits = run.load_splits()
+        run.check_captions(cfg.captions, captions.records, splits)
     else:
         splits = {s: sorted(r.image for r in captions.split(s)) for s in data_lib.SPLITS}
     records = {r.image: r for r in captions.records}
@@ -104,7 +108,8 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     _check_not_empty(cfg, splits, caption_ids)
     return TrainData(vocab, splits, caption_ids, references, paths, reader, manifest,
                      captions.format, skipped_captions, len(problems),
-                     feature_cache.describe_problems(problems, cfg.cache) if problems else "")
+                     feature_cache.describe_problems(problems, cfg.cache) if problems else "",
+                     data_lib.caption_fingerprint(captions.records, splits))
 
 
 

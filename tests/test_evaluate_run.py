@@ -113,6 +113,29 @@ def test_images_without_a_valid_feature_file_are_skipped_and_reported(trained_ru
     assert any("2 images of the test split" in n and "--verify" in n for n in metrics["notes"])
 
 
+def test_other_references_are_scored_with_a_note(shapes_data, trained_run, tmp_path):
+    with open(os.path.join(trained_run, "split.json")) as f:
+        test_keys = json.load(f)["splits"]["test"]
+    with open(shapes_data["captions"]) as f:
+        captions = json.load(f)
+    changed = [i for i in captions["images"] if i["filename"] == test_keys[1]][0]
+    changed["sentences"][0]["raw"] = "a cat sits on a mat"
+    other = str(tmp_path / "other.json")
+    with open(other, "w") as f:
+        json.dump(captions, f)
+    metrics = evaluate.evaluate_run(trained_run, "test", DecodeConfig(beam=1), progress=False,
+                                    out=str(tmp_path / "m.json"), use_java=False,
+                                    captions=other)
+    assert metrics["images"] == len(test_keys)  # scored, not refused
+    assert metrics["notes"][0] == (
+        f"the references in {other} differ from the captions the run was trained with in its "
+        f"test split: 1 of {len(test_keys)} images has other captions (e.g. {test_keys[1]!r})"
+        f"; the scores are against {other}")
+    same = evaluate.evaluate_run(trained_run, "test", DecodeConfig(beam=1), progress=False,
+                                 out=str(tmp_path / "m.json"), use_java=False)
+    assert not any("references" in n for n in same["notes"])
+
+
 # --------------------------------------------------------------------------- printing
 def test_format_metrics_table():
     metrics = {"Bleu_1": 0.71234, "Bleu_2": 0.5, "Bleu_3": 0.4, "Bleu_4": 0.3,

@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder, e.g. models/coco_baseline")
     p.add_argument("--images", metavar="DIR",
                    help="images folder, only for the attention heatmaps (default: the one "
-                        "recorded in the cache manifest)")
+                        "recorded in the cache manifest); must exist")
     add_config_args(p, C.DataConfig)
     add_config_args(p, C.VocabConfig)
     add_config_args(p, C.ModelConfig)

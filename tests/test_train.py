@@ -424,3 +424,16 @@ def test_run_made_before_caption_fingerprints_still_resumes(trained, shapes_data
     other = _captions_file(shapes_data, tmp_path, "other.json", change="a cat sits on a mat")
     with pytest.raises(UserError, match="not the caption data"):
         _resume(trained, tmp_path, captions=other)
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_images_that_are_not_a_folder_are_refused_before_writing(shapes_data, tmp_path, kind):
+    images = str(tmp_path / "images")
+    if kind == "file":
+        open(images, "w").close()
+    run = str(tmp_path / "run")
+    with pytest.raises(UserError, match=f"--images {images}: "
+                                        f"{'no such folder' if kind == 'missing' else 'not a folder'}"):
+        train.train(small_config(shapes_data, epochs=1), run, images_dir=images, progress=False,
+                    log=lambda *a: None)
+    assert not os.path.exists(run)

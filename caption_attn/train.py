@@ -474,8 +474,9 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     """Train (or resume) the run in `run_dir`; returns a summary dict.
 
     Every check comes before the first write: the flags (the config validated itself, and
-    `images_dir` must be a folder), the run folder (writable; the same data, vocabulary and model settings as before unless
-    --fresh), the caption file and the feature cache. Only then are config.json, split.json
+    `images_dir` must be a folder), the run folder (writable; the same data, vocabulary and
+    model settings as before unless --fresh), the caption file (on resume, the same caption
+    data) and the feature cache. Only then are config.json, split.json
     and vocab.json written (and, with --fresh, the previous run's files deleted).
     """
     cfg = dataclasses.replace(cfg, captions=os.path.abspath(cfg.captions),

@@ -105,7 +105,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
         caption_ids[split] = {k: [vocab.encode_words(w, cfg.vocab.max_length)
                                   for w in words[k]] for k in keys}
         references[split] = {k: records[k].captions for k in keys}
-    _check_not_empty(cfg, splits, caption_ids)
+    _check_not_empty(cfg, splits, caption_ids, problems)
     return TrainData(vocab, splits, caption_ids, references, paths, reader, manifest,
                      captions.format, skipped_captions, len(problems),
                      feature_cache.describe_problems(problems, cfg.cache) if problems else "",
@@ -113,7 +113,11 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
 
 
 
-def _check_not_empty(cfg: RunConfig, splits: dict, caption_ids: dict) -> None:
+def _check_not_empty(cfg: RunConfig, splits: dict, caption_ids: dict, problems: dict) -> None:
+    train_problems = {k: problems[k] for k in splits["train"] if k in problems}
+    if not caption_ids["train"] and train_problems:  # feature files there, but not usable
+        raise UserError(f"no training captions have usable features in {cfg.cache}: "
+                        + feature_cache.describe_problems(train_problems, cfg.cache))
     if not caption_ids["train"]:
         raise UserError(f"no training captions have features in {cfg.cache}; run "
                         f"`caption-attn extract-features` for {cfg.captions} first")

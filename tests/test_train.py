@@ -437,3 +437,16 @@ def test_images_that_are_not_a_folder_are_refused_before_writing(shapes_data, tm
         train.train(small_config(shapes_data, epochs=1), run, images_dir=images, progress=False,
                     log=lambda *a: None)
     assert not os.path.exists(run)
+
+
+def test_cache_copied_without_its_times_says_so_and_how_to_fix(shapes_data, copy_cache,
+                                                                tmp_path):
+    for name in glob.glob(os.path.join(copy_cache, "**", "*.npy"), recursive=True):
+        os.utime(name, ns=(1_600_000_000_000_000_000,) * 2)   # what `cp -r` does to mtimes
+    cfg = small_config(shapes_data, cache=copy_cache)
+    with pytest.raises(UserError) as e:
+        train.load_train_data(cfg, str(tmp_path / "run"))
+    message = str(e.value)
+    assert f"no training captions have usable features in {copy_cache}" in message
+    assert "changed after extraction" in message and "cp -a" in message \
+        and "extract-features" in message

@@ -490,6 +490,10 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
                         f"images folder recorded in the cache)")
     fresh = cfg.train.fresh
     notes = [] if fresh else run.reopen_notes(cfg)
+    if not fresh and os.path.exists(run.split) and run.caption_data() is None:
+        notes.append(f"{run.split} has no fingerprint of the run's caption data (a run made "
+                     f"before they were recorded): recording the one of {cfg.captions}, "
+                     f"against which later resumes are checked")
     data = load_train_data(cfg, run_dir, reuse=not fresh)
     for note in notes:
         log("note: " + note)

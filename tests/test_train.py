@@ -418,7 +418,9 @@ def test_run_made_before_caption_fingerprints_still_resumes(trained, shapes_data
     del old["caption_data"]
     with open(path, "w") as f:
         json.dump(old, f)
-    _resume(trained, tmp_path, logs=[])
+    logs = []
+    _resume(trained, tmp_path, logs=logs)
+    assert any("no fingerprint of the run's caption data" in line for line in logs)
     with open(path) as f:
         assert json.load(f)["caption_data"]["sha256"]  # recorded now: checked from here on
     other = _captions_file(shapes_data, tmp_path, "other.json", change="a cat sits on a mat")

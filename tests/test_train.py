@@ -434,8 +434,8 @@ def test_images_that_are_not_a_folder_are_refused_before_writing(shapes_data, tm
     if kind == "file":
         open(images, "w").close()
     run = str(tmp_path / "run")
-    with pytest.raises(UserError, match=f"--images {images}: "
-                                        f"{'no such folder' if kind == 'missing' else 'not a folder'}"):
+    problem = "no such folder" if kind == "missing" else "not a folder"
+    with pytest.raises(UserError, match=f"--images {images}: {problem}"):
         train.train(small_config(shapes_data, epochs=1), run, images_dir=images, progress=False,
                     log=lambda *a: None)
     assert not os.path.exists(run)

@@ -226,14 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
                 "the same command resumes from the run's last checkpoint; --fresh starts over. "
                 "Everything goes into the run folder (config, vocabulary, split, checkpoints, "
                 "best model, history, TensorBoard logs, attention heatmaps).")
-    p.add_argument("--captions", required=True, metavar="FILE", help="caption file")
+    p.add_argument("--captions", required=True, metavar="FILE",
+                   help="caption file; on resume it must hold the run's caption data (the "
+                        "same file, or a moved or reformatted copy)")
     p.add_argument("--cache", default="features_cache", metavar="DIR",
                    help="feature cache made by extract-features (default: features_cache)")
     p.add_argument("--run", required=True, metavar="DIR",
                    help="run folder, e.g. models/coco_baseline")
     p.add_argument("--images", metavar="DIR",
                    help="images folder, only for the attention heatmaps (default: the one "
-                        "recorded in the cache manifest)")
+                        "recorded in the cache manifest); must exist")
     add_config_args(p, C.DataConfig)
     add_config_args(p, C.VocabConfig)
     add_config_args(p, C.ModelConfig)
@@ -273,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "same backbone")
     p.add_argument("--captions", metavar="FILE",
                    help="caption file with the references (default: the run's); for a file "
-                        "that moved")
+                        "that moved (a note says when its references differ from the run's)")
     add_config_args(p, C.DecodeConfig)
 
     p = command("export", cmd_export, "export a run as a SavedModel (and TFLite model)",

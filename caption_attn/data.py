@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import math
 import os
 import posixpath
@@ -424,6 +425,65 @@ def split_images(keys: Iterable[str], val_fraction: float, test_fraction: float,
     for i, key in enumerate(ranked):
         out[key] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return out
+
+
+# --------------------------------------------------------------------------- fingerprint
+DIGEST_CHARS = 12  # per-image caption digest kept in split.json: enough to count changes
+
+
+def _captions_digest(captions: list[str]) -> str:
+    return hashlib.sha256(json.dumps(captions, ensure_ascii=False).encode()).hexdigest()
+
+
+def caption_fingerprint(records: Iterable[ImageRecord], splits: dict) -> dict:
+    """What a run records of its caption data (split.json `caption_data`): `sha256` over the
+    parsed records (every image key with its split and raw captions, in key order; the file's
+    path and bytes do not matter, so a moved or reformatted file matches) and `digests`, a
+    short digest of each image's captions per split, in the order of `splits` (None for an
+    image `records` lacks), from which `caption_changes` counts what differs."""
+    by_key = {r.image: r for r in records}
+    total = hashlib.sha256()
+    full = {}
+    for key in sorted(by_key):
+        full[key] = _captions_digest(by_key[key].captions)
+        total.update(f"{key}\t{by_key[key].split}\t{full[key]}\n".encode())
+    digests = {s: [full[k][:DIGEST_CHARS] if k in full else None for k in keys]
+               for s, keys in splits.items()}
+    return {"sha256": total.hexdigest(), "digests": digests}
+
+
+def caption_changes(recorded: dict, splits: dict, records: Iterable[ImageRecord],
+                    only: Optional[str] = None) -> Optional[str]:
+    """How `records` differ from the caption data a run `recorded` (`caption_fingerprint`,
+    with the run's `splits`), e.g. "3 of 40 images have other captions (e.g. 'a.png'), 2 images
+    added (e.g. 'b.png')"; None when they are the same. With `only`, just that split's images:
+    other captions, or not in `records`."""
+    by_key = {r.image: r for r in records}
+    if only is None and caption_fingerprint(by_key.values(), {})["sha256"] \
+            == recorded.get("sha256"):
+        return None
+    digests = recorded.get("digests") if isinstance(recorded.get("digests"), dict) else {}
+    known = {}  # image key -> (split, digest) as recorded; None: not in the data then
+    for split, keys in splits.items():
+        if only in (None, split):
+            known.update((k, (split, d)) for k, d in zip(keys, digests.get(split) or []))
+    trained = sorted(k for k in known if known[k][1] is not None)
+    kept = [k for k in trained if k in by_key]
+    groups = [  # (one, several, image keys)
+        ("{n} of {m} images has other captions", "{n} of {m} images have other captions", [
+            k for k in kept
+            if _captions_digest(by_key[k].captions)[:DIGEST_CHARS] != known[k][1]]),
+        ("1 image is in another split", "{n} images are in another split",
+         [] if only else [k for k in kept if by_key[k].split != known[k][0]]),
+        ("1 image added", "{n} images added",
+         [] if only else sorted(set(by_key) - set(trained))),
+        ("1 image removed", "{n} images removed", [k for k in trained if k not in by_key]),
+    ]
+    parts = [(one if len(keys) == 1 else several).format(n=len(keys), m=len(trained))
+             + f" (e.g. {keys[0]!r})" for one, several, keys in groups if keys]
+    if only is not None:
+        return ", ".join(parts) or None
+    return ", ".join(parts) or "the captions differ"
 
 
 # --------------------------------------------------------------------------- statistics

@@ -66,6 +66,7 @@ class _SplitFeatures:
     manifest: dict                      # the cache's manifest.json
     reader: object                      # pipeline.NpyReader of the cache
     problems: str = ""                  # why images were left out (describe_problems)
+    references_note: str = ""           # how the references differ from the run's captions
 
 
 def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
@@ -81,6 +82,11 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
     manifest = read_manifest(cache)
     RunFolder(run_dir).check_cache(cache, manifest)
     reader = pipeline.NpyReader.from_manifest(manifest)
+    recorded = RunFolder(run_dir).caption_data()
+    changes = recorded and data.caption_changes(recorded, splits, records.values(), only=split)
+    note = (f"the references in {captions} differ from the captions the run was trained with "
+            f"in its {split} split: {changes}; the scores are against {captions}"
+            if changes else "")
     keys = [k for k in splits[split] if k in records]
     if not keys:
         raise UserError(f"{captions} has none of the {len(splits[split])} images of the run's "
@@ -92,7 +98,7 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
         raise UserError(f"no images of the {split} split have usable features: "
                         f"{describe_problems(problems, cache)}")
     return _SplitFeatures(split, cache, keys, without, records, manifest, reader,
-                          describe_problems(problems, cache) if problems else "")
+                          describe_problems(problems, cache) if problems else "", note)
 
 
 def _check_outputs(metrics_path: str, results_path: str) -> None:
@@ -133,6 +139,8 @@ def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
     records = found.records
     references = {k: records[k].captions for k in found.keys}
     metrics, notes = coco_metrics(references, hypotheses, use_java=use_java)
+    if found.references_note:
+        notes.insert(0, found.references_note)
     if found.without:
         notes.append(f"{len(found.without)} images of the {found.split} split were left out: "
                      f"{found.problems}")

@@ -488,7 +488,10 @@ def describe_problems(problems: dict, cache_dir: str, examples: int = 3) -> str:
     counts = "; ".join(f"{len(keys)} {reason}" for reason, keys in
                        sorted(by_reason.items(), key=lambda item: -len(item[1])))
     shown = ", ".join(feature_path(cache_dir, k) for k in list(problems)[:examples])
+    copied = (f"If {cache_dir} was copied without its modification times (`cp -r`), copy it "
+              f"again with `cp -a` or `rsync -a`; otherwise rerun" if
+              feature_index.REWRITTEN in by_reason else "Rerun")
     return (f"{len(problems)} feature file(s) in {cache_dir} cannot be used: {counts} (e.g. "
-            f"{shown}). Rerun `caption-attn extract-features --cache {cache_dir} ...` with the "
-            f"cache's settings: it extracts exactly these again (--verify also reads every "
+            f"{shown}). {copied} `caption-attn extract-features --cache {cache_dir} ...` with "
+            f"the cache's settings: it extracts exactly these again (--verify also reads every "
             f"other file's values)")

@@ -1,7 +1,9 @@
 """The run folder (`models/<run>/`): every path in it, opening it to train, loading it to use.
 
     config.json        RunConfig (absolute paths of the caption file and the feature cache)
-    vocab.json         vocabulary (train split only)       split.json    image keys per split
+    vocab.json         vocabulary (train split only)       split.json    image keys per split,
+                                                                         cache identity,
+                                                                         caption fingerprint
     history.json       one entry per epoch                 cider_df.json train-split CIDEr-D
                                                                          document frequencies
     checkpoints/       tf.train.CheckpointManager (model, optimizer, counters, RNG states)
@@ -96,8 +98,8 @@ class RunFolder:
             notes.append("resuming with changed training settings: " + "; ".join(changed))
         for name in ("captions", "cache"):
             if os.path.abspath(getattr(saved, name)) != os.path.abspath(getattr(cfg, name)):
-                notes.append(f"--{name} differs from the run's first invocation "
-                             f"({getattr(saved, name)})")
+                notes.append(f"--{name} differs from the run's previous invocation "
+                             f"({getattr(saved, name)}); config.json now names the new one")
         return notes
 
     def delete_previous(self) -> None:
@@ -138,6 +140,33 @@ class RunFolder:
             return None
         data = read_json(self.split)
         return data.get("cache_identity") if isinstance(data, dict) else None
+
+    def caption_data(self) -> Optional[dict]:
+        """The fingerprint of the caption data the run was trained on
+        (`data.caption_fingerprint`, recorded in split.json when the run started; None for a
+        run made before runs recorded it)."""
+        if not os.path.exists(self.split):
+            return None
+        data = read_json(self.split)
+        recorded = data.get("caption_data") if isinstance(data, dict) else None
+        return recorded if isinstance(recorded, dict) and recorded.get("sha256") else None
+
+    def check_captions(self, captions: str, records, splits: dict) -> None:
+        """Refuse caption data (`records` parsed from the file `captions`) other than the data
+        the run was trained on, saying what differs; the same data in another file passes."""
+        from caption_attn.data import caption_changes
+
+        recorded = self.caption_data()
+        changes = caption_changes(recorded, splits, records) if recorded else None
+        if not changes:
+            return
+        original = self.load_config().captions
+        way_back = ("restore the file's earlier captions" if os.path.abspath(original)
+                    == os.path.abspath(captions) else
+                    f"resume with the run's caption file ({original})")
+        raise UserError(f"--captions {captions}: not the caption data {self.path} was trained "
+                        f"on ({changes}); {way_back}, use another --run, or add --fresh to "
+                        f"start this run over")
 
     def check_cache(self, cache: str, manifest: dict) -> None:
         """Refuse a feature cache whose identity differs from the one the run was trained on

@@ -481,17 +481,27 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
           progress: bool = True, log=print) -> dict:
     """Train (or resume) the run in `run_dir`; returns a summary dict.
 
-    Every check comes before the first write: the flags (the config validated itself), the
-    run folder (writable; the same data, vocabulary and model settings as before unless
-    --fresh), the caption file and the feature cache. Only then are config.json, split.json
+    Every check comes before the first write: the flags (the config validated itself, and
+    `images_dir` must be a folder), the run folder (writable; the same data, vocabulary and
+    model settings as before unless --fresh), the caption file (on resume, the same caption
+    data) and the feature cache. Only then are config.json, split.json
     and vocab.json written (and, with --fresh, the previous run's files deleted).
     """
     cfg = dataclasses.replace(cfg, captions=os.path.abspath(cfg.captions),
                               cache=os.path.abspath(cfg.cache))
     run = RunFolder(run_dir)
     run.check_writable()
+    if images_dir is not None and not os.path.isdir(images_dir):
+        raise UserError(f"--images {images_dir}: "
+                        f"{'not a folder' if os.path.exists(images_dir) else 'no such folder'}"
+                        f" (it is only for the attention heatmaps: leave it out to use the "
+                        f"images folder recorded in the cache)")
     fresh = cfg.train.fresh
     notes = [] if fresh else run.reopen_notes(cfg)
+    if not fresh and os.path.exists(run.split) and run.caption_data() is None:
+        notes.append(f"{run.split} has no fingerprint of the run's caption data (a run made "
+                     f"before they were recorded): recording the one of {cfg.captions}, "
+                     f"against which later resumes are checked")
     data = load_train_data(cfg, run_dir, reuse=not fresh)
     for note in notes:
         log("note: " + note)

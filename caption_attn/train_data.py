@@ -39,6 +39,7 @@ class TrainData:
     skipped_captions: int         # captions whose image has no usable features
     skipped_images: int
     problems: str = ""            # why (`feature_cache.describe_problems`), or ""
+    caption_data: Optional[dict] = None  # fingerprint of the caption data (split.json)
 
     def items(self, split: str) -> tuple[list[str], list[list[int]]]:
         """(feature path, token ids) of every caption of `split`, one pair per caption."""
@@ -47,13 +48,15 @@ class TrainData:
         return [p for p, _ in pairs], [t for _, t in pairs]
 
     def fix_in(self, run: RunFolder, captions: str) -> None:
-        """Save split.json (with the identity of the feature cache) and vocab.json (the ones
+        """Save split.json (with the identity of the feature cache and the fingerprint of the
+        caption data) and vocab.json (the ones
         this data was made with, unchanged when they were read from the run): from here on
         they are fixed for the life of the run."""
         write_json_atomic(run.split, {"captions": os.path.abspath(captions),
                                       "format": self.format, "splits": self.splits,
                                       "cache_identity": feature_cache.cache_identity(
-                                          self.manifest)})
+                                          self.manifest),
+                                      "caption_data": self.caption_data})
         self.vocab.save(run.vocab)
 
 
@@ -81,6 +84,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     captions = data_lib.load_dataset(cfg.captions, cfg.data)
     if reuse and os.path.exists(run.split):
         splits = run.load_splits()
+        run.check_captions(cfg.captions, captions.records, splits)
     else:
         splits = {s: sorted(r.image for r in captions.split(s)) for s in data_lib.SPLITS}
     records = {r.image: r for r in captions.records}
@@ -101,14 +105,19 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
         caption_ids[split] = {k: [vocab.encode_words(w, cfg.vocab.max_length)
                                   for w in words[k]] for k in keys}
         references[split] = {k: records[k].captions for k in keys}
-    _check_not_empty(cfg, splits, caption_ids)
+    _check_not_empty(cfg, splits, caption_ids, problems)
     return TrainData(vocab, splits, caption_ids, references, paths, reader, manifest,
                      captions.format, skipped_captions, len(problems),
-                     feature_cache.describe_problems(problems, cfg.cache) if problems else "")
+                     feature_cache.describe_problems(problems, cfg.cache) if problems else "",
+                     data_lib.caption_fingerprint(captions.records, splits))
 
 
 
-def _check_not_empty(cfg: RunConfig, splits: dict, caption_ids: dict) -> None:
+def _check_not_empty(cfg: RunConfig, splits: dict, caption_ids: dict, problems: dict) -> None:
+    train_problems = {k: problems[k] for k in splits["train"] if k in problems}
+    if not caption_ids["train"] and train_problems:  # feature files there, but not usable
+        raise UserError(f"no training captions have usable features in {cfg.cache}: "
+                        + feature_cache.describe_problems(train_problems, cfg.cache))
     if not caption_ids["train"]:
         raise UserError(f"no training captions have features in {cfg.cache}; run "
                         f"`caption-attn extract-features` for {cfg.captions} first")

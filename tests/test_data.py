@@ -457,3 +457,34 @@ def test_read_json_names_the_file_for_every_failure(tmp_path):
     good = tmp_path / "bom.json"
     good.write_bytes('\ufeff{"a": [1]}'.encode("utf-8"))
     assert read_json(str(good)) == {"a": [1]}
+
+
+# --------------------------------------------------------------------------- fingerprint
+def _records(**captions):
+    return [data.ImageRecord(k + ".jpg", c, split) for k, (split, c) in captions.items()]
+
+
+def test_caption_fingerprint_counts_what_changed():
+    before = _records(a=("train", ["a cat"]), b=("train", ["a dog"]), c=("val", ["a cow"]),
+                      d=("test", ["a hen"]))
+    splits = {s: sorted(r.image for r in before if r.split == s) for s in data.SPLITS}
+    recorded = data.caption_fingerprint(before, splits)
+    # the same records, parsed again in another order: the same data
+    assert data.caption_changes(recorded, splits, list(reversed(before))) is None
+    after = _records(a=("train", ["a cat"]), b=("train", ["a mat"]), c=("test", ["a cow"]),
+                     e=("train", ["a pig"]))
+    changes = data.caption_changes(recorded, splits, after)
+    assert changes == ("1 of 4 images has other captions (e.g. 'b.jpg'), 1 image is in "
+                       "another split (e.g. 'c.jpg'), 1 image added (e.g. 'e.jpg'), "
+                       "1 image removed (e.g. 'd.jpg')")
+    # one split only (evaluate's references): other captions or missing images there
+    assert data.caption_changes(recorded, splits, after, only="val") is None
+    assert data.caption_changes(recorded, splits, after, only="train") == \
+        "1 of 2 images has other captions (e.g. 'b.jpg')"
+    # another caption order is another epoch order: not the same data
+    swapped = _records(a=("train", ["a cat", "x"]), b=("train", ["a dog"]),
+                       c=("val", ["a cow"]), d=("test", ["a hen"]))
+    recorded = data.caption_fingerprint(swapped, splits)
+    swapped[0].captions.reverse()
+    assert "1 of 4 images has other captions" in data.caption_changes(recorded, splits,
+                                                                         swapped)

@@ -144,6 +144,29 @@ def test_a_feature_file_gone_bad_names_its_reason_and_the_whole_repair_command(
             f"--precision {m['precision']}`") in str(e.value)
 
 
+def test_other_references_are_scored_with_a_note(shapes_data, trained_run, tmp_path):
+    with open(os.path.join(trained_run, "split.json")) as f:
+        test_keys = json.load(f)["splits"]["test"]
+    with open(shapes_data["captions"]) as f:
+        captions = json.load(f)
+    changed = [i for i in captions["images"] if i["filename"] == test_keys[1]][0]
+    changed["sentences"][0]["raw"] = "a cat sits on a mat"
+    other = str(tmp_path / "other.json")
+    with open(other, "w") as f:
+        json.dump(captions, f)
+    metrics = evaluate.evaluate_run(trained_run, "test", DecodeConfig(beam=1), progress=False,
+                                    out=str(tmp_path / "m.json"), use_java=False,
+                                    captions=other)
+    assert metrics["images"] == len(test_keys)  # scored, not refused
+    assert metrics["notes"][0] == (
+        f"the references in {other} differ from the captions the run was trained with in its "
+        f"test split: 1 of {len(test_keys)} images has other captions (e.g. {test_keys[1]!r})"
+        f"; the scores are against {other}")
+    same = evaluate.evaluate_run(trained_run, "test", DecodeConfig(beam=1), progress=False,
+                                 out=str(tmp_path / "m.json"), use_java=False)
+    assert not any("references" in n for n in same["notes"])
+
+
 # --------------------------------------------------------------------------- printing
 def test_format_metrics_table():
     metrics = {"Bleu_1": 0.71234, "Bleu_2": 0.5, "Bleu_3": 0.4, "Bleu_4": 0.3,

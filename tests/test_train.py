@@ -363,3 +363,104 @@ def test_empty_validation_split_is_refused_before_training(shapes_data, tmp_path
     # nothing fixed yet: a rerun with a better caption file or --val-fraction is not stuck
     assert not any(os.path.exists(os.path.join(run, n)) for n in ("split.json", "vocab.json",
                                                                    "checkpoints"))
+
+
+# --------------------------------------------------------------------------- resuming on other data
+def _resume(trained, tmp_path, captions=None, logs=None):
+    """Copy the finished run and `train` it again (4 epochs: nothing left to train) with
+    `captions` instead of its caption file."""
+    run = str(tmp_path / "run")
+    if not os.path.exists(run):
+        shutil.copytree(trained["run"], run)
+    cfg = small_config_like(trained)
+    cfg.captions = captions or cfg.captions
+    train.train(cfg, run, progress=False, log=(logs.append if logs is not None else print))
+    return run
+
+
+def _captions_file(shapes_data, tmp_path, name, change=None, indent=None):
+    with open(shapes_data["captions"]) as f:
+        captions = json.load(f)
+    for image in captions["images"]:
+        for sentence in image["sentences"]:
+            sentence["raw"] = change or sentence["raw"]
+    path = str(tmp_path / name)
+    with open(path, "w") as f:
+        json.dump(captions, f, indent=indent)
+    return path
+
+
+def _files(run):
+    return {n: open(os.path.join(run, n), "rb").read() for n in ("config.json", "split.json",
+                                                                    "vocab.json")}
+
+
+def test_resume_on_other_captions_is_refused_before_writing(trained, shapes_data, tmp_path):
+    other = _captions_file(shapes_data, tmp_path, "other.json", change="a cat sits on a mat")
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    before = _files(run)
+    with pytest.raises(UserError) as e:
+        _resume(trained, tmp_path, captions=other)
+    message = str(e.value)
+    assert e.value.exit_code == 2
+    assert f"--captions {other}: not the caption data" in message
+    assert "40 of 40 images have other captions (e.g. 'shape_" in message
+    assert shapes_data["captions"] in message and "--fresh" in message \
+        and "another --run" in message
+    assert _files(run) == before
+
+
+def test_resume_on_the_same_captions_in_another_file_is_allowed(trained, shapes_data,
+                                                                tmp_path):
+    same = _captions_file(shapes_data, tmp_path, "moved.json", indent=2)  # reformatted copy
+    logs = []
+    run = _resume(trained, tmp_path, captions=same, logs=logs)
+    assert any("--captions differs" in line for line in logs)
+    with open(os.path.join(run, "split.json")) as f:
+        assert json.load(f)["captions"] == same
+
+
+def test_run_made_before_caption_fingerprints_still_resumes(trained, shapes_data, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    path = os.path.join(run, "split.json")
+    with open(path) as f:
+        old = json.load(f)
+    del old["caption_data"]
+    with open(path, "w") as f:
+        json.dump(old, f)
+    logs = []
+    _resume(trained, tmp_path, logs=logs)
+    assert any("no fingerprint of the run's caption data" in line for line in logs)
+    with open(path) as f:
+        assert json.load(f)["caption_data"]["sha256"]  # recorded now: checked from here on
+    other = _captions_file(shapes_data, tmp_path, "other.json", change="a cat sits on a mat")
+    with pytest.raises(UserError, match="not the caption data"):
+        _resume(trained, tmp_path, captions=other)
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_images_that_are_not_a_folder_are_refused_before_writing(shapes_data, tmp_path, kind):
+    images = str(tmp_path / "images")
+    if kind == "file":
+        open(images, "w").close()
+    run = str(tmp_path / "run")
+    problem = "no such folder" if kind == "missing" else "not a folder"
+    with pytest.raises(UserError, match=f"--images {images}: {problem}"):
+        train.train(small_config(shapes_data, epochs=1), run, images_dir=images, progress=False,
+                    log=lambda *a: None)
+    assert not os.path.exists(run)
+
+
+def test_cache_copied_without_its_times_says_so_and_how_to_fix(shapes_data, copy_cache,
+                                                                tmp_path):
+    for name in glob.glob(os.path.join(copy_cache, "**", "*.npy"), recursive=True):
+        os.utime(name, ns=(1_600_000_000_000_000_000,) * 2)   # what `cp -r` does to mtimes
+    cfg = small_config(shapes_data, cache=copy_cache)
+    with pytest.raises(UserError) as e:
+        train.load_train_data(cfg, str(tmp_path / "run"))
+    message = str(e.value)
+    assert f"no training captions have usable features in {copy_cache}" in message
+    assert "changed after extraction" in message and "cp -a" in message \
+        and "extract-features" in message

@@ -75,6 +75,24 @@ class RunFolder:
         """`UserError` unless the run folder is (or can become) a writable folder."""
         check_folder_writable(self.path, "--run")
 
+    def check_place(self, cache: str) -> None:
+        """`UserError` when the run folder is the feature cache or inside it, or an existing
+        folder that is not a run and holds other files (training would mix its files with
+        them, and `--fresh` could not tell them apart)."""
+        run, cache = os.path.abspath(self.path), os.path.abspath(cache)
+        if run == cache or run.startswith(cache + os.sep):
+            raise UserError(f"--run {self.path}: inside the feature cache {cache}; give the "
+                            f"run a folder of its own, e.g. models/NAME")
+        if os.path.isdir(run) and not os.path.exists(self.config):
+            ours = self.FILES + self.DIRS + ("eval",)
+            others = sorted(n for n in os.listdir(run)
+                            if n not in ours and not n.startswith("."))
+            if others:
+                shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+                raise UserError(f"--run {self.path}: not a run folder and not empty (it holds "
+                                f"{shown}); train into a new or empty folder, e.g. "
+                                f"models/NAME")
+
     def reopen_notes(self, cfg: RunConfig) -> list[str]:
         """Compare `cfg` with the saved config.json (nothing is written): a run made with
         another data, vocabulary or model configuration is refused (resuming it would mix two

@@ -464,3 +464,23 @@ def test_cache_copied_without_its_times_says_so_and_how_to_fix(shapes_data, copy
     assert f"no training captions have usable features in {copy_cache}" in message
     assert "changed after extraction" in message and "cp -a" in message \
         and "extract-features" in message
+
+
+@pytest.mark.parametrize("place", ["cache", "inside the cache", "a folder of other files"])
+def test_a_run_folder_that_is_the_cache_or_holds_other_files_is_refused(shapes_data,
+                                                                       copy_cache, tmp_path,
+                                                                       place):
+    run = {"cache": copy_cache, "inside the cache": os.path.join(copy_cache, "run"),
+           "a folder of other files": str(tmp_path / "photos")}[place]
+    if place == "a folder of other files":
+        os.makedirs(run)
+        open(os.path.join(run, "holiday.jpg"), "w").close()
+    before = sorted(os.listdir(copy_cache))
+    problem = "not a run folder and not empty" if place.startswith("a folder") \
+        else "inside the feature cache"
+    with pytest.raises(UserError, match=problem):
+        train.train(small_config(shapes_data, cache=copy_cache, epochs=1), run,
+                    progress=False, log=lambda *a: None)
+    assert sorted(os.listdir(copy_cache)) == before
+    if place == "a folder of other files":
+        assert os.listdir(run) == ["holiday.jpg"]

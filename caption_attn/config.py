@@ -377,7 +377,8 @@ class ExportConfig(Config):
 
 @dataclass
 class DemoConfig(Config):
-    """The end-to-end offline demo (`demo`); sized for a 2-core CPU (about 6 minutes on Zen 4)."""
+    """The end-to-end offline demo (`demo`); sized for a 2-core CPU (about 6 minutes on Zen 4:
+    364-369 s measured, README's Shapes results)."""
 
     workdir: str = opt("demo_work", "folder for everything the demo makes", check=NON_EMPTY)
     num_images: int = opt(3000, "shapes images to render (80/10/10 split); fewer images train "
@@ -408,6 +409,11 @@ class DemoConfig(Config):
                     check=integer(0))
     fresh: bool = opt(False, "delete what an earlier demo made in --workdir (dataset, "
                       "feature cache, run, heatmaps) and start over")
+
+    def check_together(self) -> None:
+        if self.scst_after is not None and self.scst_after > self.epochs:
+            raise UserError(f"--scst-after {self.scst_after} must be at most --epochs "
+                            f"({self.epochs}); equal to --epochs trains cross-entropy only")
 
 
 @dataclass

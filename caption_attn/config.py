@@ -257,8 +257,8 @@ class TrainConfig(Config):
     monitor: Optional[str] = opt(None, "metric for early stopping and the best model: "
                                  "val_loss, val_bleu4 or val_cider (the last two decode up to "
                                  "--bleu-images validation images each epoch; loss and BLEU "
-                                 "stop agreeing late in training). Default: val_loss, and "
-                                 "val_cider in self-critical epochs",
+                                 "stop agreeing late in training) (default: val_loss, and "
+                                 "val_cider in self-critical epochs)",
                                  choices=tuple(MONITORS))
     patience: int = opt(3, "epochs without improvement before stopping", check=integer(0))
     min_delta: float = opt(0.0, "smallest change of the monitored metric that counts as "

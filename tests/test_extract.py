@@ -7,6 +7,7 @@ change a cache work on a copy of it (`cache_copy`).
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -322,3 +323,15 @@ def test_concurrent_shards_share_one_cache(tmp_path):
     with open(os.path.join(cache, "manifest.json")) as f:
         json.load(f)
     _check_compacted_index(cache, keys)
+
+
+def test_cli_strict_failure_is_an_error_on_stderr_with_the_prefix(images, cache_copy, capsys):
+    from caption_attn.cli import main
+    code = main(["extract-features", "--images", images, "--cache", str(cache_copy),
+                 "--weights", "random", "--seed", "0", "--dtype", "float16", "--batch-size",
+                 "4", "--strict"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert re.search(r"^caption-attn extract-features: error: \d+ image\(s\) failed and "
+                     r"--strict is set$", captured.err, re.M)
+    assert "error:" not in captured.out

@@ -90,6 +90,8 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
         keys = [r.image for r in data.load_captions(args.captions, args.format).records]
     summary = extract.extract_features(args.images, cfg, keys=keys)
     print(extract.format_summary(summary))
+    if summary["exit_code"]:
+        print(f"{PROG} extract-features: error: {summary['message']}", file=sys.stderr)
     return summary["exit_code"]
 
 

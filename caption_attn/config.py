@@ -257,8 +257,8 @@ class TrainConfig(Config):
     monitor: Optional[str] = opt(None, "metric for early stopping and the best model: "
                                  "val_loss, val_bleu4 or val_cider (the last two decode up to "
                                  "--bleu-images validation images each epoch; loss and BLEU "
-                                 "stop agreeing late in training). Default: val_loss, and "
-                                 "val_cider in self-critical epochs",
+                                 "stop agreeing late in training) (default: val_loss, and "
+                                 "val_cider in self-critical epochs)",
                                  choices=tuple(MONITORS))
     patience: int = opt(3, "epochs without improvement before stopping", check=integer(0))
     min_delta: float = opt(0.0, "smallest change of the monitored metric that counts as "
@@ -410,6 +410,11 @@ class DemoConfig(Config):
                     check=integer(0))
     fresh: bool = opt(False, "delete what an earlier demo made in --workdir (dataset, "
                       "feature cache, run, heatmaps) and start over")
+
+    def check_together(self) -> None:
+        if self.scst_after is not None and self.scst_after > self.epochs:
+            raise UserError(f"--scst-after {self.scst_after} must be at most --epochs "
+                            f"({self.epochs}); equal to --epochs trains cross-entropy only")
 
 
 @dataclass

@@ -122,7 +122,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     metrics = evaluate.evaluate_run(paths["run"], "test", DecodeConfig(beam=cfg.beam))
     timings["evaluate"] = time.perf_counter() - t
 
-    log(f"[5/5] caption {cfg.show} test images -> {paths['heatmaps']}")
+    log(f"[5/5] caption {cfg.show} test images -> {paths['heatmaps']}" if cfg.show else
+        "[5/5] caption test images: skipped (--show 0)")
     t = time.perf_counter()
     model = captioner.Captioner.from_run(paths["run"], DecodeConfig(beam=cfg.beam))
     with open(os.path.join(paths["run"], "split.json"), encoding="utf-8") as f:
@@ -144,8 +145,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     log(f"\ndemo finished in {seconds:.0f} s "
         + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     log(f"TensorBoard:   tensorboard --logdir {os.path.join(paths['run'], 'logs')}")
-    log(f"heatmaps:      {paths['heatmaps']} (and per epoch in "
-        f"{os.path.join(paths['run'], 'attention')})")
+    attention = os.path.join(paths['run'], 'attention')
+    log(f"heatmaps:      {paths['heatmaps']} (and per epoch in {attention})" if cfg.show else
+        f"heatmaps:      none drawn (--show 0); per epoch in {attention}")
     log(f"best model:    {os.path.join(paths['run'], 'best.keras')}")
     log(f"metrics:       {metrics['metrics_file']}")
     log(f"caption more:  caption-attn caption --run {paths['run']} IMAGE...")

@@ -10,8 +10,9 @@ identity, the feature file's stat, the image's size, mtime and sha256).
 A rerun resumes (`_plan`): a feature file counts as done only if its index entry has this
 cache's identity, its stat matches the entry and its source image's size and mtime match too
 (an image with a new mtime but the same sha256 is only re-indexed); everything else is
-extracted again and reported. `--verify` also hashes every image and reads every feature file
-fully. shard = sha256(key) mod num_shards, and shards may write into one cache concurrently.
+extracted again and reported (one that fails then loses its old file: not counted, not used).
+`--verify` also hashes every image and reads every feature file fully. shard = sha256(key) mod
+num_shards, and shards may write into one cache concurrently.
 The cache itself (layout, checks, manifest, identity) is `feature_cache`.
 """
 
@@ -272,7 +273,9 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     `keys`: image paths relative to `images_dir` (e.g. from a caption file); default: every
     image file under it. Bad images do not stop the run: they are listed in failed.tsv.
     Summary: images (in this shard), extracted, skipped (already done), invalid {key: why its
-    existing file was extracted again}, repaired (how many of those were), changed_images (of
+    existing file was extracted again}, repaired (how many of those were), stale_removed {key:
+    why its existing file was to be extracted again, but the image failed: the file was
+    removed}, changed_images (of
     them, because the source image changed), reindexed (images with a new mtime but the same
     bytes), failed, failures {key: reason}, seconds, images_per_s, cache, manifest,
     failed_file, count, feature_scale, stale_temp_removed, exit_code (1 when `cfg.strict` and
@@ -296,13 +299,20 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     finally:
         index.close()  # entries of every file written so far, even when interrupted
     failed.update(bad)
+    # a file to redo whose image now fails keeps features of the image as it was, or damaged
+    # ones: removed, so neither the count nor the index vouches for it (train skips the image)
+    outdated = {k: r for k, r in plan.redo.items() if k in bad}
+    for key in outdated:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(feature_path(cache, key))
     n_failed_file, count = feature_cache.record_run(cache, images_dir, failed,
                                                     plan.done + written, manifest)
     rewritten = set(plan.redo) & set(written)
     summary = {
         "images": len(mine) + n_bad_keys,
         "extracted": len(written), "skipped": len(plan.done),
-        "invalid": plan.redo, "repaired": len(rewritten),
+        "invalid": {k: r for k, r in plan.redo.items() if k in rewritten},
+        "repaired": len(rewritten), "stale_removed": outdated,
         "changed_images": sum(plan.redo[k].startswith(IMAGE_CHANGED) for k in rewritten),
         "reindexed": plan.reindexed,
         "failed": len(failed), "failures": dict(sorted(failed.items())),
@@ -344,6 +354,11 @@ def format_summary(summary: dict) -> str:
         shown = list(s["invalid"].items())[:3]
         lines.append("extracted again: " + "; ".join(f"{k}: {r}" for k, r in shown)
                      + (" ..." if len(s["invalid"]) > len(shown) else ""))
+    if s["stale_removed"]:
+        shown = list(s["stale_removed"].items())[:3]
+        lines.append(f"removed {len(s['stale_removed'])} outdated feature file(s) whose image "
+                     f"failed to extract again: " + "; ".join(f"{k}: {r}" for k, r in shown)
+                     + (" ..." if len(s["stale_removed"]) > len(shown) else ""))
     if s["reindexed"]:
         lines.append(f"{s['reindexed']} image(s) had a new modification time but the same "
                      f"content: re-indexed, not extracted again")
@@ -352,6 +367,4 @@ def format_summary(summary: dict) -> str:
         lines.append(f"failed images are listed in {s['failed_file']}: "
                      + "; ".join(f"{k}: {r}" for k, r in shown)
                      + (" ..." if s["failed"] > len(shown) else ""))
-    if s["exit_code"]:
-        lines.append(f"error: {s['message']}")
-    return "\n".join(lines)
+    return "\n".join(lines)  # an exit_code's message is the caller's (the CLI: on stderr)

@@ -22,13 +22,38 @@ def bar(target: int, enabled: bool = True, unit_name: str = "step",
 
     tty = sys.stdout.isatty()
     verbose = 0 if not enabled or target <= 0 else 1 if tty else 2
-    cls = _periodic_class(keras) if periodic and verbose == 2 else keras.utils.Progbar
+    cls = _periodic_class(keras) if periodic and verbose == 2 else _count_class(keras)
     return cls(target, verbose=verbose, unit_name=unit_name, interval=0.05,
                stateful_metrics=list(stateful))
 
 
+class _Count(float):
+    """A whole number that Keras' Progbar (which formats every value with `.4f`) prints as
+    one: `failed: 2`, not `failed: 2.0000`."""
+
+    def __format__(self, spec: str) -> str:
+        return str(int(self))
+
+    def __truediv__(self, other):  # Progbar shows value / count, count 1 for stateful values
+        return _Count(float(self) / other) if other == 1 else float(self) / other
+
+
+def _with_counts(values):
+    return values and [(k, _Count(v) if isinstance(v, int) and not isinstance(v, bool) else v)
+                       for k, v in values]
+
+
+def _count_class(keras):
+    class Progbar(keras.utils.Progbar):
+        """Keras' bar, integer values printed as integers."""
+
+        def update(self, current, values=None, finalize=None):
+            super().update(current, _with_counts(values), finalize)
+    return Progbar
+
+
 def _periodic_class(keras):
-    class PeriodicProgbar(keras.utils.Progbar):
+    class PeriodicProgbar(_count_class(keras)):
         """Keras' verbose-2 bar (a plain line at the end) that also prints `current/target -
         elapsed` every `LOG_INTERVAL_S` seconds."""
 

@@ -357,7 +357,7 @@ class Trainer:
     def fit(self) -> dict:
         tc = self.cfg.train
         resumed = self.restore()
-        done = int(self.epoch.numpy())
+        done, steps_before = int(self.epoch.numpy()), int(self.step.numpy())
         history = read_json(self.run.history) if resumed and os.path.exists(self.run.history) \
             else []
         history = [h for h in history if h["epoch"] <= done]
@@ -393,7 +393,8 @@ class Trainer:
         if self.model.stop_training:
             reason = "early_stopping"
         callbacks.on_train_end()
-        return _summary(self, history, early, reason, time.perf_counter() - start)
+        return _summary(self, history, early, reason, time.perf_counter() - start,
+                        done, steps_before)
 
     def _epoch(self, epoch: int, callbacks, history: list) -> bool:
         """Train, validate and record one epoch; False when it stopped early (--max-steps)."""
@@ -456,9 +457,16 @@ def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
                     f"without usable features: {d.problems}")
 
 
-def _summary(trainer: Trainer, history, early, reason, seconds) -> dict:
+def _summary(trainer: Trainer, history, early, reason, seconds, epochs_before: int,
+             steps_before: int) -> dict:
+    """The run's totals ("epochs": history entries, "steps") and what this invocation did
+    ("epochs_now": epochs finished now, "steps_now")."""
     last = history[-1] if history else {}
-    return {"run": trainer.run_dir, "epochs": len(history), "steps": int(trainer.step.numpy()),
+    steps, finished = int(trainer.step.numpy()), int(trainer.epoch.numpy())
+    return {"run": trainer.run_dir, "epochs": len(history), "steps": steps,
+            "finished_epochs": finished, "target_epochs": trainer.cfg.train.epochs,
+            "max_steps": trainer.cfg.train.max_steps,
+            "epochs_now": finished - epochs_before, "steps_now": steps - steps_before,
             "stopped_by": reason, "monitor": early.monitor,
             "best_epoch": None if early.best_epoch is None else early.best_epoch + 1,
             "best_value": None if early.best_epoch is None else float(early.best),
@@ -516,10 +524,23 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
 
 
 def format_summary(summary: dict) -> str:
-    best = ("" if summary["best_epoch"] is None else
-            f", best {summary['monitor']}={summary['best_value']:.4f} at epoch "
-            f"{summary['best_epoch']}")
-    return (f"trained {summary['epochs']} epochs ({summary['steps']} steps) in "
-            f"{summary['seconds']:.0f} s, stopped by {summary['stopped_by']}{best}\n"
+    """What this invocation trained (or that nothing was left), the run's totals, the best
+    model and how to open TensorBoard."""
+    s = summary
+    best = ("" if s["best_epoch"] is None else
+            f", best {s['monitor']}={s['best_value']:.4f} at epoch {s['best_epoch']}")
+    run = (f"epoch {s['finished_epochs']} of {s['target_epochs']}"
+           if s["finished_epochs"] <= s["target_epochs"] else
+           f"epoch {s['finished_epochs']} (--epochs {s['target_epochs']})") + f", step {s['steps']}"
+    if s["steps_now"] == 0:
+        why = (f"the run already reached --max-steps {s['max_steps']} ({run})"
+               if s["stopped_by"] == "max_steps" else
+               f"the run already finished {run}" + (
+                   " (stopped early before)" if s["stopped_by"] == "early_stopping" else ""))
+        head = f"nothing to train: {why}{best}"
+    else:
+        head = (f"trained {s['steps_now']} steps ({s['epochs_now']} epochs finished) in "
+                f"{s['seconds']:.0f} s, stopped by {s['stopped_by']}; the run: {run}{best}")
+    return (f"{head}\n"
             f"best model: {summary['best_model']}\n"
             f"TensorBoard: tensorboard --logdir {os.path.join(summary['run'], 'logs')}")

@@ -41,6 +41,13 @@ def test_demo_end_to_end_on_a_reduced_size(tmp_path):
     assert "reusing" in "\n".join(lines)
     assert again["metrics"]["Bleu_4"] == pytest.approx(metrics["Bleu_4"])
 
+    # --show 0 draws no heatmaps and does not name a heatmaps folder as if it had
+    lines = []
+    demo.run_demo(DemoConfig(workdir=cfg.workdir, num_images=150, epochs=4, scst_after=3,
+                             show=0, beam=2), log=lines.append)
+    text = "\n".join(lines)
+    assert "none drawn (--show 0)" in text and paths["heatmaps"] not in text
+
 
 def test_settings_are_checked_before_anything_is_written(tmp_path):
     from caption_attn.errors import UserError
@@ -48,6 +55,13 @@ def test_settings_are_checked_before_anything_is_written(tmp_path):
     with pytest.raises(UserError, match="--scst-after"):
         demo.run_demo(DemoConfig(workdir=str(work), epochs=4, scst_after=9), log=lambda m: None)
     assert not work.exists()
+
+
+def test_scst_after_equal_to_epochs_is_allowed_and_above_says_at_most(tmp_path):
+    from caption_attn.errors import UserError
+    DemoConfig(workdir=str(tmp_path), epochs=1, scst_after=1)  # cross-entropy only
+    with pytest.raises(UserError, match=r"--scst-after 3 must be at most --epochs \(1\)"):
+        DemoConfig(workdir=str(tmp_path), epochs=1, scst_after=3)
 
 
 def test_rerun_with_other_settings_is_refused_with_the_differences(tmp_path):

@@ -7,6 +7,7 @@ change a cache work on a copy of it (`cache_copy`).
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -188,6 +189,30 @@ def test_changed_images_are_extracted_again(images, extracted, cache_copy, tmp_p
     assert problems == {}
 
 
+def test_changed_image_that_now_fails_is_reported_failed_and_its_old_file_removed(
+        images, cache_copy, tmp_path):
+    """An image truncated after extraction: not "extracted again" but failed, and its old
+    features (of the image as it was) are neither counted nor vouched for by the index."""
+    work = str(tmp_path / "images")
+    shutil.copytree(images, work)
+    keys = list_images(work)
+    path = os.path.join(work, "b.png")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 3)                  # new size: image changed
+    summary = extract_features(work, extract_cfg(cache_copy), keys=keys, progress=False)
+    assert "b.png" in summary["failures"] and "b.png" not in summary["invalid"]
+    assert summary["stale_removed"] == {"b.png": feature_index.IMAGE_CHANGED}
+    text = format_summary(summary)
+    assert "extracted again" not in text and "removed 1 outdated feature file" in text
+    assert summary["count"] == len(GOOD) - 1
+    assert "b.png" in read_failed(cache_copy)
+    assert not os.path.exists(feature_path(cache_copy, "b.png"))
+    assert "b.png" not in feature_index.load_index(cache_copy).entries
+    usable, problems = feature_cache.usable_features(cache_copy, GOOD,
+                                                     read_manifest(cache_copy))
+    assert "b.png" not in usable and "b.png" in problems
+
+
 def test_lost_manifest_never_adopts_other_backbones_files(images, cache_copy):
     os.remove(os.path.join(cache_copy, "manifest.json"))
     summary = extract_features(images, extract_cfg(cache_copy, seed=1), progress=False)
@@ -322,3 +347,15 @@ def test_concurrent_shards_share_one_cache(tmp_path):
     with open(os.path.join(cache, "manifest.json")) as f:
         json.load(f)
     _check_compacted_index(cache, keys)
+
+
+def test_cli_strict_failure_is_an_error_on_stderr_with_the_prefix(images, cache_copy, capsys):
+    from caption_attn.cli import main
+    code = main(["extract-features", "--images", images, "--cache", str(cache_copy),
+                 "--weights", "random", "--seed", "0", "--dtype", "float16", "--batch-size",
+                 "4", "--strict"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert re.search(r"^caption-attn extract-features: error: \d+ image\(s\) failed and "
+                     r"--strict is set$", captured.err, re.M)
+    assert "error:" not in captured.out

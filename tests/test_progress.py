@@ -11,7 +11,7 @@ def test_a_periodic_bar_writes_plain_lines_into_a_log(capsys, monkeypatch):
     bar.update(3, [("failed", 1)], finalize=True)
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" - ")[0] for line in lines] == ["1/3", "2/3", "3/3"]
-    assert "failed: 1" in lines[-1]
+    assert lines[-1].endswith("failed: 1")                      # a count, not 1.0000
     assert not any("\x1b" in line or "\b" in line or "\r" in line for line in lines)
 
 
@@ -24,3 +24,11 @@ def test_a_bar_in_a_log_is_one_line_at_the_end_and_none_when_disabled(capsys):
     quiet = progress.bar(2, enabled=False)
     quiet.update(2, finalize=True)
     assert capsys.readouterr().out == ""
+
+
+def test_counts_show_as_integers_on_a_terminal_too(capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    bar = progress.bar(3, unit_name="image", stateful=["failed", "loss"])
+    bar.update(3, [("failed", 2), ("loss", 0.5)], finalize=True)
+    out = capsys.readouterr().out
+    assert "failed: 2 " in out + " " and "failed: 2.0" not in out and "loss: 0.5000" in out

@@ -1,3 +1,4 @@
+import dataclasses
 import glob
 import json
 import os
@@ -155,6 +156,15 @@ def test_rerun_of_a_finished_run_trains_nothing(trained):
     with open(os.path.join(run, "history.json")) as f:
         assert json.load(f) == trained["history"]
     assert summary["epochs"] == 4
+    assert summary["steps_now"] == 0 and summary["epochs_now"] == 0
+    steps = summary["steps"]
+    assert train.format_summary(summary).splitlines()[0].startswith(
+        f"nothing to train: the run already finished epoch 4 of 4, step {steps}")
+    cfg = small_config_like(trained, train=dataclasses.replace(trained["cfg"].train, epochs=1))
+    _, summary = run_trainer(cfg, run)  # --epochs 1 on a run that finished 4
+    assert summary["steps_now"] == 0
+    assert train.format_summary(summary).startswith(
+        f"nothing to train: the run already finished epoch 4 (--epochs 1), step {steps}")
 
 
 def test_resume_with_other_model_config_is_refused(trained):
@@ -187,9 +197,18 @@ def test_max_steps_then_resume_mid_epoch(shapes_data, tmp_path):
     trainer, summary = run_trainer(cfg, run)
     assert summary["steps"] == 3 and summary["stopped_by"] == "max_steps"
     assert int(trainer.step_in_epoch.numpy()) == 3
+    _, summary = run_trainer(small_config(shapes_data, epochs=2, max_steps=3,
+                                          lr_schedule="cosine"), run)
+    assert summary["steps_now"] == 0 and train.format_summary(summary).startswith(
+        "nothing to train: the run already reached --max-steps 3 (epoch 0 of 2, step 3)")
+    _, summary = run_trainer(small_config(shapes_data, epochs=2, max_steps=5,
+                                          lr_schedule="cosine"), run)
+    assert summary["steps"] == 5 and summary["steps_now"] == 2  # this invocation's steps
+    assert train.format_summary(summary).startswith("trained 2 steps (0 epochs finished)")
     trainer, summary = run_trainer(small_config(shapes_data, epochs=2, lr_schedule="cosine"),
                                    run)
     assert summary["steps"] == 2 * trainer.inputs.steps_per_epoch
+    assert summary["steps_now"] == summary["steps"] - 5 and summary["epochs_now"] == 2
     with open(os.path.join(run, "history.json")) as f:
         history = json.load(f)
     # one entry per epoch: the partial epoch's entry is replaced when the epoch completes
@@ -250,7 +269,7 @@ def test_cli_train_prints_summary(shapes_data, tmp_path, capsys):
                  "--units", "32", "--sample-images", "1"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "trained 1 epochs" in out and "tensorboard --logdir" in out
+    assert "steps (1 epochs finished)" in out and "tensorboard --logdir" in out
     saved = RunConfig.load(os.path.join(run, "config.json"))
     assert saved.model.units == 32 and saved.train.batch_size == 32
 

@@ -181,8 +181,9 @@ class ShapesConfig(Config):
     num_images: int = opt(1000, "number of images to render", check=integer(1))
     seed: int = opt(0, "same seed gives byte-identical images and captions", check=integer(0))
     image_size: int = opt(299, "side of the square images in pixels (InceptionV3's input "
-                          "size, so extraction does not resample them; at least 64)",
-                          check=integer(64))
+                          "size, so extraction does not resample them; 64 to 4096: "
+                          "extraction shrinks every image to 299 anyway, and a 4096 image "
+                          "is 48 MB in memory)", check=integer(64, 4096))
     val_fraction: float = opt(0.1, "fraction of images in the val split", check=FRACTION)
     test_fraction: float = opt(0.1, "fraction of images in the test split", check=FRACTION)
     replace: bool = opt(False, "write into OUT even if it already holds files (a dataset made "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import zipfile
 from typing import Optional
 
@@ -310,3 +311,12 @@ def check_folder_writable(path: str, what: str) -> None:
         raise UserError(f"{what} {path}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"{what} {path}: {probe} is not writable")
+    # os.access says yes to root everywhere, and to read-only file systems such as /proc:
+    # only writing a file there tells (it is removed at once)
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".caption-attn-probe-")
+        os.close(fd)
+        os.remove(name)
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot create files in {probe} ({e.strerror})") \
+            from None

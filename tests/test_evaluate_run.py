@@ -52,6 +52,15 @@ def test_cli_evaluate_prints_the_table(trained_run, capsys, monkeypatch):
     assert os.path.exists(os.path.join(trained_run, "eval", "val_results.json"))
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_decoding(trained_run, capsys,
+                                                                  monkeypatch):
+    # /proc refuses new files even to root, for whom os.access says yes to everything
+    monkeypatch.setattr(evaluate, "_decode", None)                 # must not be reached
+    assert main(["evaluate", "--run", trained_run, "--out", "/proc/m.json"]) == 2
+    err = capsys.readouterr().err
+    assert "--out /proc: cannot create files in /proc" in err and ".tmp" not in err
+
+
 def test_unknown_split_is_refused(trained_run, capsys):
     assert main(["evaluate", "--run", trained_run, "--split", "dev"]) == 2
 

@@ -138,8 +138,9 @@ def run_benchmark(args, folder: str) -> dict:
     decode_cfg = DecodeConfig(beam=args.beam, max_length=args.max_length)
     out = os.path.join(folder, "export")
     t0 = time.perf_counter()
+    no_check = {} if args.tflite_quantize == "none" else {"check_images": 0}  # not timed
     info = export.export_run(run, out, decode_cfg, ExportConfig(
-        tflite=True, tflite_quantize=args.tflite_quantize, check_images=0), log=lambda m: 0)
+        tflite=True, tflite_quantize=args.tflite_quantize, **no_check), log=lambda m: 0)
     export_s = time.perf_counter() - t0
 
     captioner = Captioner.from_run(run, decode_cfg)

@@ -353,6 +353,25 @@ class DecodeConfig(Config):
     def method(self) -> str:
         return "sample" if self.sample else "greedy" if self.beam == 1 else "beam"
 
+    def check_together(self) -> None:
+        """Flags of one decoding method given to another are refused, not ignored (only a
+        value other than the default tells that a flag was given)."""
+        default = DecodeConfig.__dataclass_fields__
+        given = {name for name in ("beam", "length_penalty", "temperature", "top_k", "seed")
+                 if getattr(self, name) != default[name].default}
+        flag = {name: "--" + name.replace("_", "-") for name in given}
+        if self.sample and given & {"beam", "length_penalty"}:
+            name = sorted(given & {"beam", "length_penalty"})[0]
+            raise UserError(f"{flag[name]} {getattr(self, name)} applies to beam search, not "
+                            f"to --sample: leave one of them out")
+        if not self.sample and given & {"temperature", "top_k", "seed"}:
+            name = sorted(given & {"temperature", "top_k", "seed"})[0]
+            raise UserError(f"{flag[name]} {getattr(self, name)} applies to sampling: add "
+                            f"--sample, or leave it out")
+        if self.beam == 1 and "length_penalty" in given:
+            raise UserError(f"--length-penalty {self.length_penalty} ranks the hypotheses of a "
+                            f"beam search: it does nothing with --beam 1 (greedy)")
+
 
 TFLITE_QUANTIZATIONS = ("none", "float16", "dynamic")
 
@@ -376,6 +395,11 @@ class ExportConfig(Config):
         if self.tflite_quantize != "none" and not self.tflite:
             raise UserError(f"--tflite-quantize {self.tflite_quantize} applies to the TFLite "
                             f"model: add --tflite")
+        default = ExportConfig.__dataclass_fields__["check_images"].default
+        if self.check_images != default and self.tflite_quantize == "none":
+            raise UserError(f"--check-images {self.check_images} compares a quantized TFLite "
+                            f"model with the float one: add --tflite --tflite-quantize "
+                            f"float16|dynamic, or leave it out")
 
 
 @dataclass

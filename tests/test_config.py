@@ -4,6 +4,7 @@ any command reads a file or writes one."""
 import dataclasses
 import math
 import os
+import re
 
 import pytest
 
@@ -108,3 +109,27 @@ def test_every_field_with_a_check_is_reachable_as_a_flag():
         for f in dataclasses.fields(cls):
             if "check" in f.metadata:
                 assert C.flag_name(f) in text, f.name
+
+
+@pytest.mark.parametrize("flags, refused", [
+    (dict(sample=True, beam=5), "--beam 5 applies to beam search, not to --sample"),
+    (dict(sample=True, length_penalty=0.6), "--length-penalty 0.6 applies to beam search"),
+    (dict(top_k=3), "--top-k 3 applies to sampling: add --sample"),
+    (dict(temperature=0.7, beam=1), "--temperature 0.7 applies to sampling"),
+    (dict(seed=4), "--seed 4 applies to sampling"),
+    (dict(beam=1, length_penalty=0.6), "does nothing with --beam 1"),
+])
+def test_flags_of_another_decoding_method_are_refused_not_ignored(flags, refused):
+    with pytest.raises(UserError, match=re.escape(refused)):
+        C.DecodeConfig(**flags)
+
+
+def test_flags_of_one_decoding_method_together_are_fine():
+    C.DecodeConfig(sample=True, temperature=0.7, top_k=3, seed=4)
+    C.DecodeConfig(beam=5, length_penalty=0.6)
+
+
+def test_check_images_without_a_quantized_tflite_model_is_refused():
+    with pytest.raises(UserError, match="--check-images 5 compares a quantized TFLite"):
+        C.ExportConfig(tflite=True, check_images=5)
+    C.ExportConfig(tflite=True, tflite_quantize="dynamic", check_images=5)

@@ -128,6 +128,10 @@ def build_backbone(weights: str = "imagenet", seed: int = 0, precision: str = "f
         path = None
     else:
         path = weights
+        if os.path.isdir(path):
+            raise UserError(f"--weights {weights}: is a folder (expected `imagenet`, `random` "
+                            f"or the path of an InceptionV3 weights file such as "
+                            f"{IMAGENET_FILE})")
         if not os.path.isfile(path):
             raise UserError(f"--weights {weights}: no such file (expected `imagenet`, `random` "
                             f"or the path of an InceptionV3 weights file such as "

@@ -21,6 +21,7 @@ from caption_attn.config import (DataConfig, DecodeConfig, DemoConfig, ExtractCo
                                  ModelConfig, RunConfig, ShapesConfig, TrainConfig)
 from caption_attn.fileio import read_json, write_json_atomic
 from caption_attn.errors import UserError
+from caption_attn.run import check_folder_writable
 
 TARGETS = {"scene_accuracy": 0.95, "Bleu_4": 0.90, "grounding": 0.90}
 # What the demo makes in its work folder, and the settings that may change between reruns
@@ -92,6 +93,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
              "heatmaps": os.path.join(work, "heatmaps")}
     timings = {}
     # every setting checked (the training ones by TrainConfig) before anything is written
+    check_folder_writable(work, "--workdir")
     run_config(cfg, os.path.join(paths["shapes"], "captions.json"), paths["cache"])
     check_workdir(cfg)
 

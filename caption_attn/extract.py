@@ -39,6 +39,7 @@ from caption_attn.data import image_key_problem
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
 from caption_attn.feature_index import IMAGE_CHANGED, ImageStamp, SegmentWriter, make_entry
+from caption_attn.run import check_folder_writable
 from caption_attn.fileio import file_digest, write_bytes_atomic
 from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, list_images,
                                  read_image_file, resize_image)
@@ -282,6 +283,7 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     something failed, or when nothing could be extracted) and message.
     """
     start = time.monotonic()
+    check_folder_writable(cfg.cache, "--cache")  # before the backbone is built
     mine, failed = _shard_keys(images_dir, cfg, keys)
     n_bad_keys = len(failed)
     cache = cfg.cache

@@ -98,6 +98,8 @@ def test_random_weights_same_in_another_process(extracted):
 def test_missing_weights_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         build_backbone(str(tmp_path / "nope.h5"))
+    with pytest.raises(UserError, match=f"--weights {tmp_path}: is a folder"):
+        build_backbone(str(tmp_path))
 
 
 def test_imagenet_offline_fails_fast_with_advice(monkeypatch):

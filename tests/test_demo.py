@@ -64,6 +64,15 @@ def test_scst_after_equal_to_epochs_is_allowed_and_above_says_at_most(tmp_path):
         DemoConfig(workdir=str(tmp_path), epochs=1, scst_after=3)
 
 
+def test_a_workdir_that_is_a_file_is_refused_naming_the_flag(tmp_path, capsys):
+    from caption_attn.cli import main
+    work = tmp_path / "notes.txt"
+    work.write_text("mine")
+    assert main(["demo", "--workdir", str(work)]) == 2
+    assert f"--workdir {work}: {work} is a file, not a folder" in capsys.readouterr().err
+    assert work.read_text() == "mine"
+
+
 def test_rerun_with_other_settings_is_refused_with_the_differences(tmp_path):
     from caption_attn.errors import UserError
     work = str(tmp_path / "work")

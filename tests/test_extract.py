@@ -359,3 +359,12 @@ def test_cli_strict_failure_is_an_error_on_stderr_with_the_prefix(images, cache_
     assert re.search(r"^caption-attn extract-features: error: \d+ image\(s\) failed and "
                      r"--strict is set$", captured.err, re.M)
     assert "error:" not in captured.out
+
+
+def test_a_cache_that_is_a_file_is_refused_naming_the_flag_before_the_backbone(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(feature_cache, "open_cache", None)          # must not be reached
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    with pytest.raises(UserError, match=f"--cache {cache}: {cache} is a file, not a folder"):
+        extract_features(str(tmp_path), extract_cfg(str(cache)))

@@ -39,10 +39,10 @@ from caption_attn.data import image_key_problem
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
 from caption_attn.feature_index import IMAGE_CHANGED, ImageStamp, SegmentWriter, make_entry
-from caption_attn.run import check_folder_writable
 from caption_attn.fileio import file_digest, write_bytes_atomic
 from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, list_images,
                                  read_image_file, resize_image)
+from caption_attn.run import check_folder_writable
 
 
 def shard_of(key: str, num_shards: int) -> int:

@@ -126,7 +126,7 @@ def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
         damaged = pipeline.damaged_from_error(e)
         if damaged is None:
             raise
-        raise UserError(f"damaged feature file {damaged[0]} ({damaged[1]}): repair the cache "
+        raise UserError(f"{pipeline.DAMAGED}{damaged[0]} ({damaged[1]}): repair the cache "
                         f"with `{repair_command(found.cache, found.manifest)}`, "
                         f"then evaluate again") from None
     return {k: c[0] for k, c in zip(found.keys, decoded)}

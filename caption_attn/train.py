@@ -92,7 +92,7 @@ class DamagedFeatures(Exception):
         resume = "" if step is None else f": it continues from step {step} (a checkpoint " \
             f"was saved)"
         return TrainingError(
-            f"damaged feature file {self.path} ({self.reason}): repair the cache with "
+            f"{pipeline.DAMAGED}{self.path} ({self.reason}): repair the cache with "
             f"`{repair}`, then rerun this command{resume}")
 
 

@@ -147,7 +147,7 @@ def test_a_feature_file_gone_bad_names_its_reason_and_the_whole_repair_command(
         evaluate.evaluate_run(run, "test", DecodeConfig(beam=1), progress=False,
                               use_java=False, cache=copy_cache)
     m = json.load(open(os.path.join(copy_cache, "manifest.json")))
-    assert f"damaged feature file {path} (non-finite values)" in str(e.value)
+    assert f"damaged feature file: {path} (non-finite values)" in str(e.value)
     assert (f"`caption-attn extract-features --verify --images {m['images_dir']} --cache "
             f"{copy_cache} --weights {m['weights']} --seed {m['seed']} --dtype {m['dtype']} "
             f"--precision {m['precision']}`") in str(e.value)

@@ -103,11 +103,13 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
 
 def _check_outputs(metrics_path: str, results_path: str) -> None:
     """Before any decoding: both outputs must be files that can be written."""
-    for path in (metrics_path, results_path):
-        if os.path.isdir(path) or path.endswith(("/", os.sep)):
-            raise UserError(f"--out {path}: is a folder; give the metrics JSON file to write, "
-                            f"e.g. {os.path.join(path, 'test_metrics.json')}")
-        check_folder_writable(os.path.dirname(os.path.abspath(path)), "--out")
+    if os.path.isdir(metrics_path) or metrics_path.endswith(("/", os.sep)):
+        raise UserError(f"--out {metrics_path}: is a folder; give the metrics JSON file to "
+                        f"write, e.g. {os.path.join(metrics_path, 'test_metrics.json')}")
+    if os.path.isdir(results_path):
+        raise UserError(f"--out {metrics_path}: its captions go to {results_path}, which is a "
+                        f"folder; move that folder or choose another --out")
+    check_folder_writable(os.path.dirname(os.path.abspath(metrics_path)), "--out")
 
 
 def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:

@@ -61,6 +61,16 @@ def test_an_out_that_cannot_be_written_is_refused_before_decoding(trained_run, c
     assert "--out /proc: cannot create files in /proc" in err and ".tmp" not in err
 
 
+def test_an_out_whose_results_file_is_a_folder_is_refused_naming_both(trained_run, tmp_path,
+                                                                      capsys):
+    (tmp_path / "m_results.json").mkdir()
+    out = str(tmp_path / "m.json")
+    assert main(["evaluate", "--run", trained_run, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: its captions go to {tmp_path / 'm_results.json'}, which is a " \
+        "folder" in err and "m_results.json/" not in err
+
+
 def test_unknown_split_is_refused(trained_run, capsys):
     assert main(["evaluate", "--run", trained_run, "--split", "dev"]) == 2
 

@@ -72,14 +72,12 @@ class RunFolder:
         return metrics, results
 
     # ------------------------------------------------------------------ training
-    def check_writable(self) -> None:
-        """`UserError` unless the run folder is (or can become) a writable folder."""
+    def check_writable(self, cache: str) -> None:
+        """`UserError` unless the run folder is (or can become) a writable folder of its own:
+        not the feature cache or inside it, not an existing folder that is not a run and holds
+        other files (training would mix its files with them, and `--fresh` could not tell
+        them apart)."""
         check_folder_writable(self.path, "--run")
-
-    def check_place(self, cache: str) -> None:
-        """`UserError` when the run folder is the feature cache or inside it, or an existing
-        folder that is not a run and holds other files (training would mix its files with
-        them, and `--fresh` could not tell them apart)."""
         run, cache = os.path.abspath(self.path), os.path.abspath(cache)
         if run == cache or run.startswith(cache + os.sep):
             raise UserError(f"--run {self.path}: inside the feature cache {cache}; give the "
@@ -170,15 +168,16 @@ class RunFolder:
         recorded = data.get("caption_data") if isinstance(data, dict) else None
         return recorded if isinstance(recorded, dict) and recorded.get("sha256") else None
 
-    def check_captions(self, captions: str, records, splits: dict) -> None:
-        """Refuse caption data (`records` parsed from the file `captions`) other than the data
-        the run was trained on, saying what differs; the same data in another file passes."""
+    def check_captions(self, captions: str, records, splits: dict, fingerprint: dict) -> None:
+        """Refuse caption data (`records` parsed from the file `captions`, whose
+        `data.caption_fingerprint` is `fingerprint`) other than the data the run was trained
+        on, saying what differs; the same data in another file passes."""
         from caption_attn.data import caption_changes
 
         recorded = self.caption_data()
-        changes = caption_changes(recorded, splits, records) if recorded else None
-        if not changes:
+        if not recorded or recorded["sha256"] == fingerprint["sha256"]:
             return
+        changes = caption_changes(recorded, splits, records)
         original = self.load_config().captions
         way_back = ("restore the file's earlier captions" if os.path.abspath(original)
                     == os.path.abspath(captions) else

@@ -56,8 +56,7 @@ def open_run(run_dir: str, cfg: RunConfig, fresh: bool = False) -> list[str]:
     by tests and benchmarks that build a `Trainer` themselves; `train` saves only after every
     check of the data passed)."""
     run = RunFolder(run_dir)
-    run.check_writable()
-    run.check_place(cfg.cache)
+    run.check_writable(cfg.cache)
     notes = [] if fresh else run.reopen_notes(cfg)
     if fresh:
         run.delete_previous()
@@ -499,8 +498,7 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     cfg = dataclasses.replace(cfg, captions=os.path.abspath(cfg.captions),
                               cache=os.path.abspath(cfg.cache))
     run = RunFolder(run_dir)
-    run.check_writable()
-    run.check_place(cfg.cache)
+    run.check_writable(cfg.cache)
     if images_dir is not None and not os.path.isdir(images_dir):
         raise UserError(f"--images {images_dir}: "
                         f"{'not a folder' if os.path.exists(images_dir) else 'no such folder'}"

@@ -84,9 +84,11 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     captions = data_lib.load_dataset(cfg.captions, cfg.data)
     if reuse and os.path.exists(run.split):
         splits = run.load_splits()
-        run.check_captions(cfg.captions, captions.records, splits)
     else:
         splits = {s: sorted(r.image for r in captions.split(s)) for s in data_lib.SPLITS}
+    fingerprint = data_lib.caption_fingerprint(captions.records, splits)  # hashed once
+    if reuse and os.path.exists(run.split):
+        run.check_captions(cfg.captions, captions.records, splits, fingerprint)
     records = {r.image: r for r in captions.records}
     paths, problems = feature_cache.usable_features(
         cfg.cache, [k for keys in splits.values() for k in keys if k in records], manifest,
@@ -109,7 +111,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     return TrainData(vocab, splits, caption_ids, references, paths, reader, manifest,
                      captions.format, skipped_captions, len(problems),
                      feature_cache.describe_problems(problems, cfg.cache) if problems else "",
-                     data_lib.caption_fingerprint(captions.records, splits))
+                     fingerprint)
 
 
 

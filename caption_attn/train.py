@@ -360,8 +360,11 @@ class Trainer:
         history = read_json(self.run.history) if resumed and os.path.exists(self.run.history) \
             else []
         history = [h for h in history if h["epoch"] <= done]
-        self._compile(self.inputs.captions("train", epoch=0).element_spec)
-        self._cider_before_self_critical(history, done)
+        # A finished run (or one at --max-steps) traces no step and decodes nothing (seconds)
+        todo = done < tc.epochs and not (tc.max_steps and steps_before >= tc.max_steps)
+        if todo:
+            self._compile(self.inputs.captions("train", epoch=0).element_spec)
+            self._cider_before_self_critical(history, done)
         early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
                               initial_history=history, save_best=self._save_best,
                               restore_best=self._restore_best)
@@ -375,7 +378,7 @@ class Trainer:
         self.model.stop_training = False
         callbacks.on_train_begin()
         self._repair_best(early, done)
-        if self.chief and tc.sample_images:  # trace and run the greedy decoder now, not in epoch 1
+        if todo and self.chief and tc.sample_images:  # trace the greedy decoder now, not in epoch 1
             self.validator.greedy(self.validator.sample_keys[:1])
         gc.collect()
         gc.freeze()  # what lives now lives through training: full collections skip it

@@ -152,9 +152,12 @@ def test_train_step_traced_once_over_varied_lengths(trained):
 def test_rerun_of_a_finished_run_trains_nothing(trained):
     run = trained["run"] + "_copy"
     shutil.copytree(trained["run"], run)
-    _, summary = run_trainer(trained["cfg"], run)
+    trainer, summary = run_trainer(trained["cfg"], run)
     with open(os.path.join(run, "history.json")) as f:
         assert json.load(f) == trained["history"]
+    # nothing traced (seconds per rerun): no training step, no sample decoding
+    assert trainer.steps.train_step is None and trainer.steps.scst_step is None
+    assert trainer.validator._decoder.experimental_get_tracing_count() == 0
     assert summary["epochs"] == 4
     assert summary["steps_now"] == 0 and summary["epochs_now"] == 0
     steps = summary["steps"]

@@ -15,7 +15,8 @@ $(STAMP): setup.cfg pyproject.toml
 
 # Two pytest workers, one test file each at a time (module fixtures built once): most tests
 # are single-threaded Python/TF tracing, so two of them share the 2 cores of CI's machines.
-PYTEST  = $(BIN)/python -m pytest -q -n 2 --dist loadfile
+# Files go out in collection order, heaviest first (tests/conftest.py: FILE_SECONDS).
+PYTEST  = $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)
 	$(PYTEST) --durations=15

@@ -234,7 +234,7 @@ class Backbone:
         self.inference_model = fold_batchnorm(model)
         spec = tf.TensorSpec((None, IMAGE_SIZE, IMAGE_SIZE, 3), tf.uint8)
         self._forward = tf.function(self.forward, input_signature=[spec],
-                                    jit_compile=jit_compile)
+                                    jit_compile=jit_compile, autograph=False)
 
     def forward(self, images):
         """The graph of `__call__` without the scale, for callers that build their own

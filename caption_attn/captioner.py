@@ -93,7 +93,7 @@ def _decoder_function(model, cfg: DecodeConfig, max_length: int, jit_compile: bo
     elif cfg.method == "sample":
         kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
 
-    @tf.function(input_signature=[spec], jit_compile=jit_compile or None)
+    @tf.function(input_signature=[spec], jit_compile=jit_compile or None, autograph=False)
     def run(features):
         state, context = model.init_decoder(features)
         return decode_lib.decode(step, state, context, cfg.method, **kwargs)

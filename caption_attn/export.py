@@ -240,7 +240,8 @@ def serving_function(captioner: Captioner, backbone: Backbone):
         return {k: tf.zeros([0] + shapes.get(k, [None])[1:], tf.constant(v).dtype)
                 for k, v in FILL.items()}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")],
+                 autograph=False)
     def serve(images):
         index, pixels = load_images(images)                           # (M,), (M, 299, 299, 3)
         outputs = tf.cond(tf.size(index) > 0, lambda: caption(pixels), nothing)
@@ -327,7 +328,7 @@ def tflite_function(model, backbone: Backbone, cfg: DecodeConfig, length: int):
     decoder = make_decoder(_StaticAttention(model), dataclasses.replace(cfg, beam=1), length)
     spec = tf.TensorSpec([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8, name="image")
 
-    @tf.function(input_signature=[spec])
+    @tf.function(input_signature=[spec], autograph=False)
     def greedy(image):
         result = decoder(backbone.forward(image) * backbone.feature_scale)  # (1, 1, T, ...)
         pad = [[0, 0], [0, length - tf.shape(result.tokens)[2]]]       # T -> L

@@ -160,10 +160,11 @@ class Steps:
         jit = self._jit = self.cfg.train.xla and self.strategy.num_replicas_in_sync == 1
         self.train_step = tf.function(
             lambda batch: self._distributed(self._train_replica)(*batch),
-            input_signature=[element_spec], jit_compile=jit, reduce_retracing=True)
+            input_signature=[element_spec], jit_compile=jit, reduce_retracing=True,
+            autograph=False)
         self.eval_step = tf.function(
             lambda batch: self._distributed(self._eval_replica)(*batch),
-            input_signature=[element_spec], reduce_retracing=True)
+            input_signature=[element_spec], reduce_retracing=True, autograph=False)
 
     def compile_scst(self, element_spec) -> None:
         """The self-critical step (not XLA: the reward is numpy, through tf.numpy_function);
@@ -172,4 +173,4 @@ class Steps:
         self.scst_step = tf.function(
             lambda batch, seed: self._distributed(self._scst_replica)(*batch, seed),
             input_signature=[element_spec, tf.TensorSpec([], tf.int64)],
-            reduce_retracing=True)
+            reduce_retracing=True, autograph=False)

@@ -294,6 +294,8 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     index = SegmentWriter(cache)
     try:
         plan = _plan(cache, mine, manifest, images_dir, cfg.verify, workers, index)
+        if backbone is None and plan.todo:  # a random backbone's cache: its saved weights
+            backbone = Backbone.from_manifest(cache)
         t0 = time.monotonic()
         written, bad = _extract_with_progress(backbone, images_dir, plan.todo, cfg, workers,
                                               progress, index, fingerprint)

@@ -50,7 +50,7 @@ import numpy as np
 from caption_attn.backbone import (BACKBONE, FEATURE_LAYOUT, FEATURE_SHAPE, IMAGE_SIZE,
                                    PREPROCESS, Backbone, build_backbone,
                                    calibrate_feature_scale, is_imagenet_weights,
-                                   random_model_from_cache, random_weights_file, weights_sha256)
+                                   random_weights_file, weights_sha256)
 from caption_attn import feature_index
 from caption_attn.config import ExtractConfig
 from caption_attn.errors import UserError
@@ -319,11 +319,14 @@ def _new_manifest(cache_dir: str, cfg: ExtractConfig, backbone: Backbone, sha: s
     return m
 
 
-def open_cache(cache_dir: str, cfg: ExtractConfig) -> tuple[Backbone, dict]:
+def open_cache(cache_dir: str, cfg: ExtractConfig) -> tuple[Optional[Backbone], dict]:
     """The run's backbone, and the cache manifest created or checked against it.
 
     The backbone is built outside the lock (seconds); creating the manifest happens under it,
-    re-reading first, since another shard may have created it meanwhile.
+    re-reading first, since another shard may have created it meanwhile. An existing cache of
+    a random backbone extracts with its own saved weights: the backbone is then None, for
+    `Backbone.from_manifest` to build only if there is something to extract. Any other
+    backbone is built here, since its weights must be checked against the cache's.
     """
     existing = None
     if os.path.isdir(cache_dir):  # (a failed first run leaves no empty cache folder behind)
@@ -331,10 +334,9 @@ def open_cache(cache_dir: str, cfg: ExtractConfig) -> tuple[Backbone, dict]:
             existing = _read_manifest_if_any(cache_dir)
     if existing is not None:
         _check_settings(cache_dir, existing, cfg)  # cheap refusals before building anything
-    if existing is not None and existing["weights"] == "random":
-        model = random_model_from_cache(cache_dir, existing)
-    else:
-        model = build_backbone(cfg.weights, cfg.seed, cfg.precision)
+        if existing["weights"] == "random":
+            return None, existing
+    model = build_backbone(cfg.weights, cfg.seed, cfg.precision)
     backbone, sha = Backbone(model), weights_sha256(model)
 
     with cache_lock(cache_dir):

@@ -110,6 +110,31 @@ def test_rerun_resumes_and_updates_failed(images, cache_copy, tmp_path):
     assert read_manifest(cache_copy)["count"] == len(GOOD) + 1
 
 
+def test_nothing_to_extract_builds_no_backbone(images, cache_copy, monkeypatch):
+    """A rerun on a random backbone's complete cache skips every image without building the
+    backbone (seconds); with an image to do, the cache's saved weights are still checked."""
+    from caption_attn import backbone as backbone_lib
+
+    built = []
+    real = backbone_lib.build_backbone
+    monkeypatch.setattr(backbone_lib, "build_backbone",
+                        lambda *a, **k: built.append(a) or real(*a, **k))
+    keys = sorted(GOOD)  # (failed images are tried again on every run)
+    summary = extract_features(images, extract_cfg(cache_copy), keys=keys, progress=False)
+    assert summary["extracted"] == 0 and summary["skipped"] == len(GOOD) and built == []
+
+    weights = os.path.join(cache_copy, feature_cache.read_manifest(cache_copy)["weights_file"])
+    with open(weights, "r+b") as f:  # damaged: refused as soon as it is needed
+        f.seek(os.path.getsize(weights) // 2)
+        f.write(b"\x00" * 4096)
+    assert extract_features(images, extract_cfg(cache_copy), keys=keys,
+                            progress=False)["extracted"] == 0
+    os.remove(feature_path(cache_copy, sorted(GOOD)[0]))
+    with pytest.raises(UserError, match="extract into a new --cache folder"):
+        extract_features(images, extract_cfg(cache_copy), keys=keys, progress=False)
+    assert len(built) == 1
+
+
 def test_count_and_index_cover_every_shard(images, cache_copy):
     """The manifest's count and the compacted index cover every shard's files, and the index
     is compacted into index.jsonl (no segment left)."""

@@ -350,8 +350,8 @@ def format_summary(summary: dict) -> str:
     lines = [f"extracted {s['extracted']}"
              + (f" (again: {', '.join(again)})" if again else "")
              + f", skipped {s['skipped']} already done, failed {s['failed']} of {s['images']} "
-             f"images (shard {s['shard']}) in {s['seconds']:.1f} s "
-             f"({s['images_per_s']:.1f} images/s)",
+             f"images (shard {s['shard']}) in {s['seconds']:.1f} s"
+             + (f" ({s['images_per_s']:.1f} images/s)" if s["extracted"] else ""),
              f"cache {s['cache']}: {s['count']} feature files ({s['dtype']}, weights "
              f"{s['weights']}, feature_scale {s['feature_scale']:g})"]
     if s["invalid"]:

@@ -122,6 +122,7 @@ def test_nothing_to_extract_builds_no_backbone(images, cache_copy, monkeypatch):
     keys = sorted(GOOD)  # (failed images are tried again on every run)
     summary = extract_features(images, extract_cfg(cache_copy), keys=keys, progress=False)
     assert summary["extracted"] == 0 and summary["skipped"] == len(GOOD) and built == []
+    assert "images/s" not in format_summary(summary)  # no rate of nothing
 
     weights = os.path.join(cache_copy, feature_cache.read_manifest(cache_copy)["weights_file"])
     with open(weights, "r+b") as f:  # damaged: refused as soon as it is needed

@@ -8,16 +8,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 SHAPES_IMAGES = 40
 
-# Seconds each heavy test file takes (2 cores of an AMD EPYC Zen 4, two workers; the others
-# take under 10 s). `make test` runs files in this order, heaviest first, with xdist's
+# Seconds each heavy test file takes (2 cores of an AMD EPYC Zen 4, `make test`; the others
+# take under 6 s). `make test` runs files in this order, heaviest first, with xdist's
 # `--dist loadfile --no-loadscope-reorder`, so the two workers end together: in xdist's own
 # order (files with more tests first) the heavy files with few tests came last, and one worker
-# idled for 70 s of a 410 s run while the other ran the last of them.
-FILE_SECONDS = {"test_export.py": 121, "test_train.py": 90, "test_extract.py": 81,
-                "test_demo.py": 77, "test_captioner.py": 68, "test_kill_resume.py": 56,
-                "test_faults.py": 55, "test_distributed.py": 46, "test_train_scst.py": 27,
-                "test_backbone.py": 25, "test_evaluate_run.py": 22, "test_benchmarks.py": 18,
-                "test_coco_metrics.py": 17, "test_quiet.py": 11}
+# idled for 70 s of a 414 s run while the other ran the last of them.
+FILE_SECONDS = {"test_export.py": 120, "test_train.py": 76, "test_extract.py": 75,
+                "test_demo.py": 52, "test_faults.py": 51, "test_captioner.py": 49,
+                "test_kill_resume.py": 47, "test_distributed.py": 41, "test_train_scst.py": 25,
+                "test_evaluate_run.py": 19, "test_backbone.py": 17, "test_benchmarks.py": 17,
+                "test_coco_metrics.py": 14, "test_quiet.py": 10}
 
 
 def pytest_collection_modifyitems(items):

@@ -67,14 +67,24 @@ def _build_scope(precision: str, seed: int):
         random.setstate(previous_state)
 
 
-def native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+# oneDNN instruction sets (its documented ONEDNN_MAX_CPU_ISA values) without bfloat16 compute
+ISA_WITHOUT_BFLOAT16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                        "AVX512_CORE_VNNI"}
+
+
+def native_bfloat16(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) -> bool:
     """Whether bfloat16 runs natively here: on a GPU, or a CPU with AVX512-BF16 or AMX. On
     others (AVX2-only CPUs) TensorFlow emulates it, slower than float32, so no automatic
-    choice may pick it there."""
+    choice may pick it there. Nor where `ONEDNN_MAX_CPU_ISA` (or its old name
+    `DNNL_MAX_CPU_ISA`) caps oneDNN below bfloat16: TensorFlow still sends bfloat16 ops to
+    oneDNN by the CPU's flags, which then has no kernel for them (the process aborts)."""
     import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU"):
         return True
+    cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if cap in ISA_WITHOUT_BFLOAT16:
+        return False
     try:
         with open(cpuinfo) as f:
             flags = set(f.read().split())

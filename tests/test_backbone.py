@@ -131,3 +131,16 @@ def test_bfloat16_is_chosen_only_where_it_is_native(tmp_path, flags, native):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
     assert native_bfloat16(str(cpuinfo)) is native
+
+
+@pytest.mark.parametrize("environ, native", [({"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
+                                             ({"DNNL_MAX_CPU_ISA": "avx512_core"}, False),
+                                             ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, True),
+                                             ({"ONEDNN_MAX_CPU_ISA": "ALL"}, True)])
+def test_a_onednn_cap_below_bfloat16_is_not_native(tmp_path, environ, native):
+    """`ONEDNN_MAX_CPU_ISA=AVX2` on an AVX512-BF16 CPU (how the README approximates an
+    AVX2-only machine): TensorFlow would abort in bfloat16, so no automatic choice of it."""
+    from caption_attn.backbone import native_bfloat16
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16\n")
+    assert native_bfloat16(str(cpuinfo), environ) is native

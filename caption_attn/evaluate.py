@@ -75,14 +75,15 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
     feature file in `cache`."""
     from caption_attn import pipeline
 
-    splits = RunFolder(run_dir).load_splits()
+    run = RunFolder(run_dir)
+    splits = run.load_splits()
     if split not in splits:
         raise UserError(f"--split must be one of {sorted(splits)}, got {split!r}")
     records = {r.image: r for r in data.load_dataset(captions, run_cfg.data).records}
     manifest = read_manifest(cache)
-    RunFolder(run_dir).check_cache(cache, manifest)
+    run.check_cache(cache, manifest)
     reader = pipeline.NpyReader.from_manifest(manifest)
-    recorded = RunFolder(run_dir).caption_data()
+    recorded = run.caption_data()
     changes = recorded and data.caption_changes(recorded, splits, records.values(), only=split)
     note = (f"the references in {captions} differ from the captions the run was trained with "
             f"in its {split} split: {changes}; the scores are against {captions}"

@@ -63,12 +63,6 @@ def damaged_from_error(exc: BaseException) -> Optional[tuple[str, str]]:
     return (m.group(1), m.group(2)) if m else None
 
 
-def damaged_file_from_error(exc: BaseException) -> Optional[str]:
-    """The feature file of `damaged_from_error`, else None."""
-    found = damaged_from_error(exc)
-    return found[0] if found else None
-
-
 class NpyReader:
     """Reads `.npy` feature files of one known header, shape and dtype in-graph, checked.
 

@@ -254,7 +254,7 @@ def test_reader_names_a_damaged_file(tmp_path, i, reason):
         reader(tf.constant(paths[i]))
     assert f"damaged feature file: {paths[i]} ({reason})" in e.value.message
     assert "extract-features --verify" in e.value.message
-    assert pipeline.damaged_file_from_error(e.value) == paths[i]
+    assert pipeline.damaged_from_error(e.value)[0] == paths[i]
     np.testing.assert_array_equal(reader(tf.constant(paths[0])).numpy(), 0)
 
 
@@ -265,11 +265,11 @@ def test_damaged_file_fails_the_dataset_naming_it(tmp_path):
                                   pipeline.bucket_boundaries(30), reader)
     with pytest.raises(tf.errors.InvalidArgumentError) as e:
         list(ds)
-    assert pipeline.damaged_file_from_error(e.value) == paths[1]
+    assert pipeline.damaged_from_error(e.value)[0] == paths[1]
     with pytest.raises(tf.errors.InvalidArgumentError) as e:
         list(pipeline.image_dataset(paths[4:], 2, reader))
-    assert pipeline.damaged_file_from_error(e.value) == paths[4]
-    assert pipeline.damaged_file_from_error(ValueError("something else")) is None
+    assert pipeline.damaged_from_error(e.value)[0] == paths[4]
+    assert pipeline.damaged_from_error(ValueError("something else")) is None
 
 
 def test_memory_table_refuses_damaged_files_naming_them(tmp_path):

@@ -164,6 +164,11 @@ def _run(step_fn, state, context, log_probs, max_length, start_id, advance) -> _
     logits, state, attention = step_fn(start, state, context)  # (N, V), ..., (N, P)
     empty = _empty(state, log_probs, max_length, _dim(attention, 1))
     beams = advance(empty, logits, state, attention)
+    if max_length == 1:
+        # No loop: compiled with XLA, a loop whose condition is false from the start made
+        # the process abort (a failed check on the trimmed history's dynamic shape in
+        # TensorFlow 2.21): `evaluate --max-length 1` on 32 images.
+        return beams
 
     def cond(beams):
         return (beams.step < max_length) & ~tf.reduce_all(beams.finished)

@@ -2,6 +2,7 @@ import json
 import os
 import re
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -164,6 +165,22 @@ def test_xla_decoding_gives_the_same_captions(shapes_data, trained_run, beam):
             np.testing.assert_allclose([c.log_prob for c in p], [c.log_prob for c in x],
                                        atol=1e-4)
             np.testing.assert_allclose(p[0].attention, x[0].attention, atol=1e-4)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_xla_decoding_of_one_token(beam):
+    """--max-length 1 on a batch that is compiled: TensorFlow 2.21 aborted the whole process
+    (a failed shape check) when the XLA loop could not run a single step."""
+    from caption_attn.model import ShowAttendTell
+    keras.utils.set_random_seed(0)
+    model = ShowAttendTell(12, 8, 16)
+    feats = tf.random.uniform([2, *FEATURE_SHAPE])
+    decoder = captioner.make_decoder(model, DecodeConfig(beam=beam, xla_min_images=2), 1)
+    compiled, plain = decoder(feats), decoder.plain(feats)
+    assert decoder.compiled.experimental_get_tracing_count() == 1
+    assert compiled.tokens.shape == (2, beam, 1)
+    np.testing.assert_array_equal(compiled.tokens, plain.tokens)
+    np.testing.assert_allclose(compiled.log_probs, plain.log_probs, atol=1e-5)
 
 
 def test_decoding_compiles_nothing_for_one_image_or_inside_a_graph():

@@ -1,12 +1,13 @@
 # Two entry points, each sets itself up from a clean clone:
 #   make test   create .venv if missing, install .[test], run every test (slow ones included)
 #   make demo   same set-up, then run the end-to-end offline demo
+#   make bench  same set-up, then the speed figures of this machine (benchmarks/cpu_report.py)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: test test-fast demo clean
+.PHONY: test test-fast demo bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +29,11 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/caption-attn demo
+
+# Every speed target of issue #11 on this CPU, each benchmark run REPEATS times (~5 min each).
+REPEATS ?= 3
+bench: $(STAMP)
+	$(BIN)/python benchmarks/cpu_report.py --repeats $(REPEATS) --json bench_report.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -96,13 +96,14 @@ def measure(args, root: str) -> dict:
     steps_only = float(np.median([h["captions_per_second"] for h in steady_history]))
     in_epoch = float(np.median([h["seconds"] for h in steady_history]))  # steps + val loss
 
-    keras.utils.set_random_seed(0)
-    lengths = [len(t) for t in trainer.inputs.items["train"][1]]
-    max_tokens = max(lengths)
-    batches = [(tf.gather(f, i), t) for f, i, t in
-               list(trainer.inputs.captions("train", epoch=0))[:args.reference_batches]]
-    ref, ref_compile_s, _ = time_reference(
-        reference_step(args.embedding_dim, args.units, V, max_tokens), batches, max_tokens)
+    ref = ref_compile_s = None
+    if args.reference_batches > 0:
+        keras.utils.set_random_seed(0)
+        max_tokens = max(len(t) for t in trainer.inputs.items["train"][1])
+        batches = [(tf.gather(f, i), t) for f, i, t in
+                   list(trainer.inputs.captions("train", epoch=0))[:args.reference_batches]]
+        ref, ref_compile_s, _ = time_reference(
+            reference_step(args.embedding_dim, args.units, V, max_tokens), batches, max_tokens)
     return {
         "setup": {"embedding_dim": args.embedding_dim, "units": args.units, "vocab": V,
                   "batch_size": args.batch_size, "precision": args.precision,
@@ -115,7 +116,8 @@ def measure(args, root: str) -> dict:
         "steps_only_captions_per_s": steps_only,
         "epoch_besides_steps_and_val_s": float(np.median(steady)) - in_epoch,
         "reference_captions_per_s": ref, "reference_first_step_s": ref_compile_s,
-        "speedup_end_to_end": end_to_end / ref, "speedup_steps_only": steps_only / ref,
+        "speedup_end_to_end": end_to_end / ref if ref else None,
+        "speedup_steps_only": steps_only / ref if ref else None,
         "cpu": describe(),
     }
 
@@ -133,6 +135,9 @@ def report(figures: dict) -> None:
           f"{figures['epoch_besides_steps_and_val_s']:.1f} s per epoch besides steps and "
           f"validation)")
     print(f"steps only  {figures['steps_only_captions_per_s']:8.1f} captions/s")
+    if figures["reference_captions_per_s"] is None:
+        print("reference   skipped (--reference-batches 0)")
+        return
     print(f"reference   {figures['reference_captions_per_s']:8.1f} captions/s   (the tutorial's "
           f"step, first step {figures['reference_first_step_s']:.1f} s)")
     speedup = figures["speedup_end_to_end"]
@@ -152,7 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--epochs", type=int, default=4, help="at least 3 (epoch 1 compiles)")
     ap.add_argument("--sample-images", type=int, default=4)
-    ap.add_argument("--reference-batches", type=int, default=6)
+    ap.add_argument("--reference-batches", type=int, default=6,
+                    help="batches of the tutorial's step to time (0: skip it)")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = ap.parse_args(argv)
     if args.epochs < 3:

@@ -38,6 +38,7 @@ from caption_attn import extract  # noqa: E402
 from caption_attn.backbone import Backbone, build_backbone  # noqa: E402
 from caption_attn.config import FEATURE_DTYPES  # noqa: E402
 from caption_attn.feature_index import SegmentWriter  # noqa: E402
+from caption_attn.fileio import write_json_atomic  # noqa: E402
 from caption_attn.images import load_image  # noqa: E402
 from machine import describe  # noqa: E402
 from matmul_ceiling import matmul_gflops  # noqa: E402
@@ -122,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0, help="decode threads (0: CPU count)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats, best kept")
     p.add_argument("--size", default="640x480", help="rendered image size WxH")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = p.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
     workers = args.workers or os.cpu_count() or 1
@@ -166,6 +168,13 @@ def main(argv=None) -> int:
                   f"{f32['model'][1] / b16['model'][1]:.2f}x less")
             print(f"bfloat16/float32 of the CPU's 2048x2048 matmul (the ceiling): "
                   f"{matmul['bfloat16'] / matmul['float32']:.2f}x")
+        if args.json:
+            write_json_atomic(args.json, {
+                "cpu": describe(), "images": len(keys), "batch_size": args.batch_size,
+                **{f"{p}_{stage}_images_per_s": best[key][0]
+                   for p, best in results.items()
+                   for stage, key in (("model_only", "model"), ("end_to_end", "e2e"))},
+                **{f"{p}_matmul_gflops_per_s": g for p, g in matmul.items()}})
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return 0

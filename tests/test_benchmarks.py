@@ -36,11 +36,23 @@ def numbers(figures: dict, *names: str) -> list[float]:
     return values
 
 
-def test_bench_extract(capsys):
+def report_fields(script: str) -> list[str]:
+    """The fields of `script`'s JSON that cpu_report.py reads."""
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    cpu_report = importlib.import_module("cpu_report")
+    return [field for _, name, field, *_ in cpu_report.TARGETS if name == script]
+
+
+def test_bench_extract(capsys, tmp_path):
+    path = str(tmp_path / "extract.json")
     out = run_benchmark("bench_extract", ["--images", "2", "--batch-size", "2", "--repeats",
-                                          "1", "--precisions", "float32", "--size", "64x48"],
-                        capsys)
+                                          "1", "--precisions", "float32", "--size", "64x48",
+                                          "--json", path], capsys)
     assert "model-only" in out and "end-to-end" in out and "GFLOP/s" in out
+    with open(path) as f:
+        figures = json.load(f)
+    numbers(figures, "float32_end_to_end_images_per_s", "float32_model_only_images_per_s")
 
 
 def test_bench_decode(capsys, tmp_path):
@@ -52,7 +64,7 @@ def test_bench_decode(capsys, tmp_path):
     with open(path) as f:
         figures = json.load(f)
     numbers(figures, "one_at_a_time_captions_per_s", "greedy_captions_per_s",
-            "beam3_captions_per_s")
+            "beam3_captions_per_s", *report_fields("bench_decode"))
 
 
 def test_bench_train(capsys, tmp_path):
@@ -69,6 +81,43 @@ def test_bench_train(capsys, tmp_path):
     numbers(figures, "ours_captions_per_s", "ours_first_step_s", "mfu")
     numbers(figures["scst"], "captions_per_s")
     assert figures["speedup"] is None
+    assert report_fields("bench_train") == ["speedup"]
+
+
+def test_bench_epoch(capsys, tmp_path):
+    path = str(tmp_path / "epoch.json")
+    out = run_benchmark("bench_epoch", ["--images", "12", "--captions-per-image", "2",
+                                        "--val-fraction", "0.25", "--vocab", "12",
+                                        "--embedding-dim", "8", "--units", "8", "--batch-size",
+                                        "4", "--epochs", "3", "--sample-images", "1",
+                                        "--reference-batches", "0", "--json", path], capsys)
+    assert "end to end" in out and "reference   skipped" in out
+    with open(path) as f:
+        figures = json.load(f)
+    assert len(figures["epoch_start_to_start_s"]) == 2
+    numbers(figures, "end_to_end_captions_per_s", "steps_only_captions_per_s")
+    assert set(report_fields("bench_epoch")) <= set(figures)
+    assert figures["speedup_end_to_end"] is None
+
+
+def test_cpu_report_summary():
+    """Every run's figure, the median and how many runs met each target of issue #11."""
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    cpu_report = importlib.import_module("cpu_report")
+    runs = {"bench_train": [{"speedup": v} for v in (6.9, 7.4, 7.1)],
+            "bench_epoch": [{"speedup_end_to_end": 5.0, "epoch_besides_steps_and_val_s": 2.5}],
+            "bench_decode": [{"greedy_speedup": 120.0, "beam3_speedup": 30.0}]}
+    lines, verdicts = cpu_report.summarize({"float32_end_to_end_images_per_s": 10.0}, runs,
+                                           "float32")
+    assert "CPU: " in lines[0] and "about 300 s" in lines[1]
+    assert verdicts["speedup"] == {"values": [6.9, 7.4, 7.1], "median": 7.1, "target": 7.0,
+                                   "runs_meeting_target": 2}
+    assert verdicts["speedup_end_to_end"]["runs_meeting_target"] == 0
+    assert verdicts["epoch_besides_steps_and_val_s"]["runs_meeting_target"] == 0  # <= 2 s
+    assert verdicts["greedy_speedup"]["runs_meeting_target"] == 1
+    assert verdicts["beam3_speedup"]["runs_meeting_target"] == 0
+    assert any("met in 2 of 3 runs" in line for line in lines)
 
 
 def test_bench_reward_and_feature_index(capsys):

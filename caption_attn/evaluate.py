@@ -8,6 +8,7 @@ module loads TensorFlow only inside `evaluate_run`, so printing a metrics table 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Optional
 
@@ -79,6 +80,10 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
     splits = run.load_splits()
     if split not in splits:
         raise UserError(f"--split must be one of {sorted(splits)}, got {split!r}")
+    if not splits[split]:
+        others = [s for s in sorted(splits) if splits[s]]
+        raise UserError(f"the run's {split} split is empty ({run.split}): nothing to "
+                        f"evaluate; choose another with --split ({', '.join(others)})")
     records = {r.image: r for r in data.load_dataset(captions, run_cfg.data).records}
     manifest = read_manifest(cache)
     run.check_cache(cache, manifest)
@@ -103,14 +108,43 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
 
 
 def _check_outputs(metrics_path: str, results_path: str) -> None:
-    """Before any decoding: both outputs must be files that can be written."""
+    """Before any decoding: both outputs must be files that can be written, and replace only
+    what an earlier `evaluate` wrote (an --out that names the caption file, the run's
+    config.json or the cache's manifest would otherwise be overwritten)."""
     if os.path.isdir(metrics_path) or metrics_path.endswith(("/", os.sep)):
         raise UserError(f"--out {metrics_path}: is a folder; give the metrics JSON file to "
                         f"write, e.g. {os.path.join(metrics_path, 'test_metrics.json')}")
     if os.path.isdir(results_path):
         raise UserError(f"--out {metrics_path}: its captions go to {results_path}, which is a "
                         f"folder; move that folder or choose another --out")
+    for path, ours in ((metrics_path, _is_metrics), (results_path, _is_results)):
+        if os.path.exists(path) and not ours(path):
+            what = "" if path == metrics_path else "its captions go to "
+            raise UserError(f"--out {metrics_path}: {what}{path}, which exists and was not "
+                            f"written by `caption-attn evaluate`; choose another --out (or "
+                            f"remove that file)")
     check_folder_writable(os.path.dirname(os.path.abspath(metrics_path)), "--out")
+
+
+def _read_json_or_none(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _is_metrics(path: str) -> bool:
+    """Whether `path` is a metrics JSON of `evaluate_run` (it names itself in it)."""
+    found = _read_json_or_none(path)
+    return isinstance(found, dict) and "metrics_file" in found and "split" in found
+
+
+def _is_results(path: str) -> bool:
+    """Whether `path` is a COCO results JSON: a list of {"image_id", "caption"}."""
+    found = _read_json_or_none(path)
+    return isinstance(found, list) and all(
+        isinstance(r, dict) and set(r) == {"image_id", "caption"} for r in found)
 
 
 def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:

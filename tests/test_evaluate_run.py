@@ -71,6 +71,61 @@ def test_an_out_whose_results_file_is_a_folder_is_refused_naming_both(trained_ru
         "folder" in err and "m_results.json/" not in err
 
 
+@pytest.mark.parametrize("target", ["config", "captions", "manifest", "results_of"])
+def test_an_out_that_would_overwrite_another_file_is_refused_before_decoding(
+        shapes_data, trained_run, tmp_path, capsys, monkeypatch, target):
+    """--out (or the results file next to it) over the run's config.json, the caption file,
+    the cache's manifest or any file that evaluate did not write: refused, nothing written;
+    evaluate wrote them with exit 0 before."""
+    import shutil
+    monkeypatch.setattr(evaluate, "_decode", None)                 # must not be reached
+    run = str(tmp_path / "run")
+    shutil.copytree(trained_run, run)
+    captions = str(tmp_path / "captions.json")
+    shutil.copy(shapes_data["captions"], captions)
+    manifest = os.path.join(shapes_data["cache"], "manifest.json")
+    notes = tmp_path / "notes_results.json"                         # results of --out notes.json
+    notes.write_text("my notes")
+    out, victim = {"config": (os.path.join(run, "config.json"),) * 2,
+                   "captions": (captions,) * 2,
+                   "manifest": (manifest,) * 2,
+                   "results_of": (str(tmp_path / "notes.json"), str(notes))}[target]
+    before = open(victim, "rb").read()
+    assert main(["evaluate", "--run", run, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert victim in err and "not written by `caption-attn evaluate`" in err
+    assert open(victim, "rb").read() == before
+    assert not os.path.exists(str(tmp_path / "notes.json"))
+
+
+def test_evaluate_may_replace_its_own_earlier_outputs(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
+    out = str(tmp_path / "m.json")
+    for beam in (1, 2):
+        assert main(["evaluate", "--run", trained_run, "--split", "val", "--beam", str(beam),
+                     "--out", out]) == 0
+        with open(out) as f:
+            assert json.load(f)["decode"]["beam"] == beam
+
+
+def test_an_empty_split_is_refused_as_empty(trained_run, tmp_path, capsys, monkeypatch):
+    """A run trained with --test-fraction 0 has no test images: say so, not that the caption
+    file lacks them."""
+    import shutil
+    monkeypatch.setattr(evaluate, "_decode", None)                 # must not be reached
+    run = str(tmp_path / "run")
+    shutil.copytree(trained_run, run)
+    with open(os.path.join(run, "split.json")) as f:
+        split = json.load(f)
+    split["splits"]["train"] += split["splits"]["test"]
+    split["splits"]["test"] = []
+    with open(os.path.join(run, "split.json"), "w") as f:
+        json.dump(split, f)
+    assert main(["evaluate", "--run", run]) == 2
+    err = capsys.readouterr().err
+    assert "the run's test split is empty" in err and "--split (train, val)" in err
+
+
 def test_unknown_split_is_refused(trained_run, capsys):
     assert main(["evaluate", "--run", trained_run, "--split", "dev"]) == 2
 

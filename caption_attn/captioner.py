@@ -128,6 +128,7 @@ class Captioner:
         self.model, self.vocab, self.run_cfg, self.cfg = model, vocab, run_cfg, cfg
         self.run_dir = run_dir
         self.cache = cache or run_cfg.cache   # where the run's features (and backbone) are
+        self._cache_flag = bool(cache)        # given as --cache (not the run's own)
         self.max_length = cfg.max_length or run_cfg.vocab.max_length + 1
         self._decoder = make_decoder(model, cfg, self.max_length)
         self._backbone = None
@@ -167,7 +168,13 @@ class Captioner:
         if self._backbone is None:
             cache = self.cache
             if not os.path.exists(os.path.join(cache, MANIFEST)):
-                raise UserError(f"the run's feature cache {cache} is gone: `caption` rebuilds "
+                why = ("is a file, not a folder" if os.path.isfile(cache) else
+                       "has no manifest.json: not a cache made by `extract-features`"
+                       if os.path.isdir(cache) else "does not exist")
+                if self._cache_flag:
+                    raise UserError(f"--cache {cache}: {why}; give the feature cache the run "
+                                    f"was trained on (or a copy of it)")
+                raise UserError(f"the run's feature cache {cache} {why}: `caption` rebuilds "
                                 f"the backbone from its manifest.json (and, for random "
                                 f"weights, the weights saved there); if it moved, pass "
                                 f"--cache NEW_FOLDER")

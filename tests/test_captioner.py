@@ -228,3 +228,38 @@ def test_format_captions_layout():
     assert text.splitlines() == ["Captions for image trading_floor.jpg:",
                                  " 0) a red circle . (p=0.000306)",
                                  " 1) . (p=1.00e-09)"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "empty folder"])
+def test_a_bad_cache_flag_is_named_as_the_flag(shapes_data, trained_run, tmp_path, capsys,
+                                               kind):
+    """`caption --cache X` names --cache and what X is, not "the run's feature cache is
+    gone" (the run's own cache is fine; X was the user's)."""
+    cache = tmp_path / "cache"
+    if kind == "file":
+        cache.write_text("not a cache")
+    elif kind == "empty folder":
+        cache.mkdir()
+    image = _test_images(shapes_data, trained_run, 1)[0]
+    assert main(["caption", "--run", trained_run, "--cache", str(cache), image]) == 2
+    err = capsys.readouterr().err
+    why = {"missing": "does not exist", "file": "is a file, not a folder",
+           "empty folder": "has no manifest.json"}[kind]
+    assert f"--cache {cache}: {why}" in err and "is gone" not in err
+
+
+def test_a_run_whose_cache_moved_says_how_to_point_at_it(shapes_data, trained_run, tmp_path,
+                                                          capsys):
+    import shutil
+    run = str(tmp_path / "run")
+    shutil.copytree(trained_run, run)
+    with open(os.path.join(run, "config.json")) as f:
+        config = json.load(f)
+    config["cache"] = str(tmp_path / "moved")
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump(config, f)
+    image = _test_images(shapes_data, trained_run, 1)[0]
+    assert main(["caption", "--run", run, image]) == 2
+    err = capsys.readouterr().err
+    assert f"the run's feature cache {tmp_path / 'moved'} does not exist" in err
+    assert "pass --cache NEW_FOLDER" in err

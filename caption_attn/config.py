@@ -135,6 +135,11 @@ def _type_problem(kind, value) -> Optional[str]:
 
 
 CAPTION_FORMATS = ("auto", "coco", "karpathy", "flickr-token", "flickr-csv")
+# Longest caption `--max-length` accepts, in words: four times COCO's longest captions (about
+# 50 words), yet small enough that a typo (100000 for 100) is refused instead of decoding
+# samples and drawing heatmap panels for minutes. Decoding adds one for <end>, so a run
+# trained at the bound decodes with its default length.
+MAX_CAPTION_WORDS = 200
 # The float types of the project, each list defined once: how cached features are stored, and
 # the compute precisions of the backbone and of training.
 FEATURE_DTYPES = ("float32", "float16")
@@ -171,7 +176,8 @@ class VocabConfig(Config):
     min_count: int = opt(1, "drop words seen fewer than N times in the train split",
                          check=integer(1))
     max_length: int = opt(40, "captions longer than N words are truncated (COCO's p99.9 is "
-                          "about 30 words)", check=integer(1))
+                          f"about 30 words; at most {MAX_CAPTION_WORDS})",
+                          check=integer(1, MAX_CAPTION_WORDS))
 
 
 @dataclass
@@ -337,8 +343,10 @@ class DecodeConfig(Config):
     top_k: int = opt(0, "sample only among the K most likely words (0: all; with --sample)",
                      check=integer(0))
     seed: int = opt(0, "sampling seed (with --sample)", check=integer(0))
-    max_length: Optional[int] = opt(None, "longest caption in words, <end> included "
-                                    "(default: the run's --max-length + 1)", check=integer(1))
+    max_length: Optional[int] = opt(None, "longest caption in words, <end> included; at "
+                                    f"most {MAX_CAPTION_WORDS + 1} (default: the run's "
+                                    "--max-length + 1)",
+                                    check=integer(1, MAX_CAPTION_WORDS + 1))
     batch_size: int = opt(64, "images decoded together", check=integer(1))
     xla: bool = opt(False, "compile the decoding loop of every batch with XLA (by default "
                     "only batches of --xla-min-images or more are)")

@@ -12,6 +12,11 @@ Supported files (auto-detected from the content, or chosen with `DataConfig.form
 
 Image paths are never trusted: absolute paths and paths leaving the images folder are refused
 (counted, never opened), see `safe_image_key`.
+
+Entries never silently take another image's place: a COCO `id` given to two different image
+entries, one file under two COCO ids, and an image listed twice with a different split,
+`objects` or size are refused (captions of an image spread over several entries or lines
+are merged, as Flickr files list them).
 """
 
 from __future__ import annotations
@@ -140,6 +145,14 @@ class _Collector:
         if record.split != split:
             raise UserError(f"{self.path}: {where}: image {key!r} has split {split!r} here but "
                             f"{record.split!r} earlier; an image must be in one split")
+        # Ground truth given twice must agree: the record keeps only the first, and scoring
+        # would judge the captions of both entries against it.
+        for name, earlier, here in (("objects", record.objects, objects),
+                                    ("size", record.size, size)):
+            if earlier is not None and here is not None and earlier != here:
+                raise UserError(f"{self.path}: {where}: image {key!r} has other {name} here "
+                                f"than earlier ({here!r}, not {earlier!r}); the entries of an "
+                                f"image must agree")
         record.captions.extend(kept)
 
     def finish(self, fmt: str, has_split: bool) -> CaptionSet:
@@ -269,14 +282,38 @@ def _image_size(image: dict) -> Optional[tuple]:
     return (h, w) if ok else None
 
 
+def _check_coco_identity(path: str, images: list, i: int, image_id: Any, file_name: str,
+                         entries: dict, ids: dict) -> None:
+    """`UserError` unless `images[i]` is a new image (new id, new file) or an exact repeat.
+
+    Annotations find their image by id, so a second image with the same id would take the
+    captions of the first; and one file under two ids would merge two images' captions.
+    `entries` (id -> first index) and `ids` (image key -> id) are updated.
+    """
+    first = entries.setdefault(image_id, i)
+    if images[first] != images[i]:
+        raise UserError(f"{path}: images[{i}] and images[{first}] have the same id "
+                        f"{image_id!r} but are different entries (file_name "
+                        f"{images[first]['file_name']!r} and {file_name!r}); every image needs "
+                        f"its own `id`")
+    key = safe_image_key(file_name)  # unsafe paths are refused and counted later
+    if key is not None and ids.setdefault(key, image_id) != image_id:
+        other = ids[key]
+        raise UserError(f"{path}: images[{i}] (id {image_id!r}) and images[{entries[other]}] "
+                        f"(id {other!r}) are both the file {key!r}; list every image once, "
+                        f"with one `id`")
+
+
 def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
     obj = _top(obj, path, "COCO captions")
     images = _get(obj, "images", list, path, "COCO captions JSON")
     annotations = _get(obj, "annotations", list, path, "COCO captions JSON")
-    names, sizes = {}, {}
+    names, sizes, entries = {}, {}, {}  # id -> file name, size, index in `images`
+    ids = {}                              # image key -> id
     for i, image in enumerate(images):
         file_name = _get(image, "file_name", str, path, f"images[{i}]")
         image_id = _get(image, "id", (int, str), path, f"images[{i}]")
+        _check_coco_identity(path, images, i, image_id, file_name, entries, ids)
         names[image_id], sizes[image_id] = file_name, _image_size(image)
     for j, ann in enumerate(annotations):
         where = f"annotations[{j}]"

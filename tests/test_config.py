@@ -100,6 +100,43 @@ def test_train_refuses_bad_flags_before_writing_anything(tmp_path, capsys, flags
     assert not os.path.exists(run)
 
 
+def test_max_length_has_an_upper_bound_a_trained_run_can_decode_with():
+    # a typo (100000 for 100) must be refused, not look like a hang in sample decoding
+    top = C.MAX_CAPTION_WORDS
+    assert 50 <= top <= 1000  # far above any real caption (COCO's longest are ~50 words)
+    C.VocabConfig(max_length=top)
+    C.DecodeConfig(max_length=top + 1)  # the default decode length of a run trained at the top
+    for cls, value in ((C.VocabConfig, top + 1), (C.VocabConfig, 100000),
+                       (C.DecodeConfig, top + 2), (C.DecodeConfig, 10000)):
+        with pytest.raises(UserError, match=rf"--max-length \(`max_length`\) must be an "
+                                            rf"integer >= 1 and <= {top + (cls is C.DecodeConfig)}"
+                                            rf", got {value}"):
+            cls(max_length=value)
+
+
+@pytest.mark.parametrize("command", ["train", "caption", "evaluate", "export"])
+def test_max_length_help_gives_the_bound(capsys, command):
+    assert main([command, "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    bound = C.MAX_CAPTION_WORDS + (command != "train")
+    assert f"at most {bound}" in help_text, help_text
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--max-length", "100000"],
+    ["caption", "--max-length", "10000", "--plot-attention", "{tmp}/plots", "{tmp}/x.png"],
+    ["evaluate", "--max-length", "10000", "--out", "{tmp}/plots/m.json"]])
+def test_absurd_max_length_is_refused_before_anything_is_written(tmp_path, capsys, argv):
+    tmp = str(tmp_path)
+    common = {"train": ["--captions", f"{tmp}/c.json", "--cache", f"{tmp}/cache"]}
+    argv = [a.format(tmp=tmp) for a in argv] + ["--run", f"{tmp}/run"] + \
+        common.get(argv[0], [])
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "--max-length (`max_length`) must be an integer >= 1 and <= " in err
+    assert os.listdir(tmp_path) == []
+
+
 def test_every_field_with_a_check_is_reachable_as_a_flag():
     # flags map 1:1 onto fields: a check on a field no flag sets would never help a user
     from caption_attn.cli import build_parser

@@ -165,6 +165,57 @@ def test_karpathy_same_image_in_two_splits_is_an_error(tmp_path):
         data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
 
 
+def test_coco_duplicate_image_id_is_an_error(tmp_path):
+    # the annotation of id 1 must not silently go to b.png while a.png vanishes
+    obj = {"images": [{"id": 1, "file_name": "a.png"}, {"id": 1, "file_name": "b.png"}],
+           "annotations": [{"image_id": 1, "caption": "a red circle"}]}
+    with pytest.raises(UserError, match=r"dup\.json: images\[1\] and images\[0\] have the "
+                                        r"same id 1 .*'a\.png'.*'b\.png'"):
+        data.load_captions(write(tmp_path, "dup.json", json.dumps(obj)))
+
+
+def test_coco_image_listed_twice_with_the_same_id_is_one_image(tmp_path):
+    obj = json.loads(coco_text())
+    obj["images"].append(dict(obj["images"][0]))  # an exact repeat contradicts nothing
+    captions = data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
+    assert as_dict(captions) == EXPECTED
+
+
+def test_coco_one_file_under_two_ids_is_an_error(tmp_path):
+    # merging both ids' captions into one record would describe one image with another's
+    obj = json.loads(coco_text())
+    obj["images"].append({"id": 7, "file_name": "./a.jpg"})
+    obj["annotations"].append({"image_id": 7, "caption": "a blue square"})
+    with pytest.raises(UserError, match=r"c\.json: images\[3\] \(id 7\) and images\[0\] "
+                                        r"\(id 100\) are both the file 'a\.jpg'"):
+        data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
+
+
+@pytest.mark.parametrize("field, first, second", [
+    ("objects", [{"color": "red", "shape": "circle"}], [{"color": "blue", "shape": "square"}]),
+    ("height", 100, 200)])
+def test_karpathy_image_listed_twice_with_other_ground_truth_is_an_error(
+        tmp_path, field, first, second):
+    # scoring would silently use the first entry's objects / size for both entries' captions
+    images = karpathy_images()
+    images[0].update({field: first, "width": 100})
+    images.append({"filename": "a.jpg", "split": "train", "sentences": [{"raw": "again"}],
+                   field: second, "width": 100})
+    name = "objects" if field == "objects" else "size"
+    with pytest.raises(UserError, match=rf"k\.json: images\[3\]: image 'a\.jpg' has other "
+                                        rf"{name} here than earlier"):
+        data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+
+
+def test_karpathy_image_listed_twice_merges_captions_when_nothing_conflicts(tmp_path):
+    images = karpathy_images()
+    images[0]["objects"] = [{"color": "red", "shape": "circle"}]
+    images.append({"filename": "a.jpg", "split": "train", "sentences": [{"raw": "again"}]})
+    captions = data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+    assert captions.records[0].captions == EXPECTED["a.jpg"] + ["again"]
+    assert captions.records[0].objects == images[0]["objects"]
+
+
 # --------------------------------------------------------------------------- splits
 def many_entries(n_images=400, per_image=3):
     return [(f"img{i:04d}.jpg", f"caption {k} of image {i}")

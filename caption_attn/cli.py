@@ -22,6 +22,16 @@ PROG = "caption-attn"
 
 
 # --------------------------------------------------------------------------- flag generation
+def _recorded(action_class):
+    """`action_class` that also notes its field in `namespace.given_flags`: a flag typed out
+    with its default value is still a flag given (`Config.given`)."""
+    class Recorded(action_class):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            namespace.given_flags = getattr(namespace, "given_flags", frozenset()) | {self.dest}
+    return Recorded
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls, exclude: Sequence[str] = (),
                     title: Optional[str] = None, defaults: Optional[dict] = None) -> None:
     """One `--field-name` flag per field of dataclass `cls` (help and choices from metadata).
@@ -37,13 +47,14 @@ def add_config_args(parser: argparse.ArgumentParser, cls, exclude: Sequence[str]
         kind = hints[f.name]
         if kind is bool:  # on by default: --no-flag turns it off
             group.add_argument(C.flag_name(f), dest=f.name, default=default, help=f.metadata["help"],
-                               action=argparse.BooleanOptionalAction if default
-                               else "store_true")
+                               action=_recorded(argparse.BooleanOptionalAction if default
+                                                else argparse._StoreTrueAction))
             continue
         if typing.get_origin(kind) is typing.Union:  # Optional[X]
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         shown = "none" if default is None else default
         group.add_argument(C.flag_name(f), dest=f.name, type=kind, default=default,
+                           action=_recorded(argparse._StoreAction),
                            choices=f.metadata.get("choices"), metavar=None if
                            f.metadata.get("choices") else f.name.split("_")[-1].upper(),
                            help=f.metadata["help"] if "(default" in f.metadata["help"]
@@ -55,7 +66,8 @@ def config_from_args(cls, args: argparse.Namespace, **fixed):
     kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
               if hasattr(args, f.name) and "help" in f.metadata}
     kwargs.update(fixed)
-    return cls(**kwargs)
+    with C.flags_given(getattr(args, "given_flags", ())):
+        return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------- commands

@@ -12,6 +12,8 @@ infinite values are refused wherever they make no sense).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import typing
@@ -89,11 +91,35 @@ def check_fractions(val_fraction: float, test_fraction: float) -> None:
                         f"{val_fraction} + {test_fraction}")
 
 
+# Fields whose flags were on the command line, set by `cli.config_from_args` while it builds
+# a config (a default value typed out counts as given; see `Config.given`).
+_FLAGS_GIVEN: contextvars.ContextVar = contextvars.ContextVar("flags_given",
+                                                              default=frozenset())
+
+
+@contextlib.contextmanager
+def flags_given(names):
+    """Configs created inside see `names` (field names) as given on the command line."""
+    token = _FLAGS_GIVEN.set(frozenset(names))
+    try:
+        yield
+    finally:
+        _FLAGS_GIVEN.reset(token)
+
+
 class Config:
     """Base of the config dataclasses: type, range and cross-field checks on creation."""
 
     def __post_init__(self):
         self.validate()
+
+    def given(self, names) -> set:
+        """Those of the fields `names` that the user set: on the command line (even to their
+        default value, see `flags_given`) or, for a config made in Python, to a value other
+        than the default. `check_together` refuses a flag by this, not by its value."""
+        fields = type(self).__dataclass_fields__
+        return {name for name in names
+                if name in _FLAGS_GIVEN.get() or getattr(self, name) != fields[name].default}
 
     def validate(self) -> None:
         """`UserError` naming the first invalid flag and its value."""
@@ -364,9 +390,7 @@ class DecodeConfig(Config):
     def check_together(self) -> None:
         """Flags of one decoding method given to another are refused, not ignored (only a
         value other than the default tells that a flag was given)."""
-        default = DecodeConfig.__dataclass_fields__
-        given = {name for name in ("beam", "length_penalty", "temperature", "top_k", "seed")
-                 if getattr(self, name) != default[name].default}
+        given = self.given(("beam", "length_penalty", "temperature", "top_k", "seed"))
         flag = {name: "--" + name.replace("_", "-") for name in given}
         if self.sample and given & {"beam", "length_penalty"}:
             name = sorted(given & {"beam", "length_penalty"})[0]
@@ -403,8 +427,7 @@ class ExportConfig(Config):
         if self.tflite_quantize != "none" and not self.tflite:
             raise UserError(f"--tflite-quantize {self.tflite_quantize} applies to the TFLite "
                             f"model: add --tflite")
-        default = ExportConfig.__dataclass_fields__["check_images"].default
-        if self.check_images != default and self.tflite_quantize == "none":
+        if self.given(("check_images",)) and self.tflite_quantize == "none":
             raise UserError(f"--check-images {self.check_images} compares a quantized TFLite "
                             f"model with the float one: add --tflite --tflite-quantize "
                             f"float16|dynamic, or leave it out")

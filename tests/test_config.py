@@ -166,6 +166,28 @@ def test_flags_of_one_decoding_method_together_are_fine():
     C.DecodeConfig(beam=5, length_penalty=0.6)
 
 
+@pytest.mark.parametrize("argv, refused", [
+    (["--sample", "--beam", "3"], "--beam 3 applies to beam search, not to --sample"),
+    (["--temperature", "1.0"], "--temperature 1.0 applies to sampling"),
+    (["--sample", "--length-penalty", "0"], "--length-penalty 0.0 applies to beam search"),
+    (["--beam", "1", "--length-penalty", "0"], "does nothing with --beam 1"),
+])
+def test_a_flag_typed_with_its_default_value_is_still_refused(tmp_path, capsys, argv, refused):
+    """The CLI knows which flags were given: `--sample --beam 3` (3 is the default) was
+    accepted and the --beam silently ignored, where `--sample --beam 5` was refused."""
+    from caption_attn.cli import main
+    assert main(["caption", "--run", str(tmp_path / "run"), *argv, "x.png"]) == 2
+    assert refused in capsys.readouterr().err
+
+
+def test_export_check_images_typed_with_its_default_is_refused_without_quantization(
+        tmp_path, capsys):
+    from caption_attn.cli import main
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "e"),
+                 "--check-images", "100"]) == 2
+    assert "--check-images 100 compares a quantized TFLite" in capsys.readouterr().err
+
+
 def test_check_images_without_a_quantized_tflite_model_is_refused():
     with pytest.raises(UserError, match="--check-images 5 compares a quantized TFLite"):
         C.ExportConfig(tflite=True, check_images=5)

@@ -233,3 +233,21 @@ def test_save_figure_leaves_no_temp_file_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_figure(fig, tmp_path / "x.png")
     assert os.listdir(tmp_path) == []
+
+
+def test_words_the_font_cannot_draw_give_one_note_not_warnings(capsys):
+    """A CJK vocabulary under DejaVu Sans: matplotlib warned once per character with a source
+    line on every epoch's heatmaps; now one note names the characters, once per process."""
+    import warnings
+
+    from caption_attn import plot
+    plot._missing_glyphs.discard("\u65e5")
+    image = np.zeros((64, 64, 3), np.uint8)
+    attention = np.full((2, 64), 1 / 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            figure_to_png(attention_figure(image, ["\u65e5", "cat"], attention))
+    assert not [str(w.message) for w in caught]
+    err = capsys.readouterr().err
+    assert err.count("note: the heatmaps' font") == 1 and "\u65e5" in err

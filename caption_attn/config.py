@@ -388,8 +388,8 @@ class DecodeConfig(Config):
         return "sample" if self.sample else "greedy" if self.beam == 1 else "beam"
 
     def check_together(self) -> None:
-        """Flags of one decoding method given to another are refused, not ignored (only a
-        value other than the default tells that a flag was given)."""
+        """Flags of one decoding method given to another are refused, not ignored (given:
+        on the command line, even with the default value, see `Config.given`)."""
         given = self.given(("beam", "length_penalty", "temperature", "top_k", "seed"))
         flag = {name: "--" + name.replace("_", "-") for name in given}
         if self.sample and given & {"beam", "length_penalty"}:

@@ -275,7 +275,8 @@ class TrainConfig(Config):
                         "`multi-worker` reads TF_CONFIG",
                         choices=("default", "mirrored", "multi-worker"))
     fresh: bool = opt(False, "delete the run's previous files (checkpoints, config, vocabulary, "
-                       "split, history, best model, logs) and start over")
+                       "split, history, best model, logs, heatmaps, evaluation results) and "
+                       "start over")
     checkpoint_every: int = opt(0, "also checkpoint every N steps (0: only at epoch ends)",
                                 check=integer(0))
     bleu_images: int = opt(500, "validation images decoded for val_bleu4 / val_cider",

@@ -12,6 +12,7 @@ import pytest
 from caption_attn import train
 from caption_attn.config import DataConfig, ModelConfig, RunConfig, TrainConfig, VocabConfig
 from caption_attn.errors import UserError
+from caption_attn.run import RunFolder
 
 SMALL_MODEL = ModelConfig(embedding_dim=32, units=64, dropout=0.2)
 
@@ -186,12 +187,25 @@ def small_config_like(trained, **changes) -> RunConfig:
 def test_fresh_starts_over(shapes_data, tmp_path):
     run = str(tmp_path / "run")
     run_trainer(small_config(shapes_data, epochs=1), run)
+    old_results = RunFolder(run).eval_outputs("test")  # `evaluate` of the old model
+    os.makedirs(os.path.dirname(old_results[0]))
+    for path in old_results:
+        with open(path, "w") as f:
+            f.write("{}")
+    os.makedirs(os.path.join(run, "mine"))
+    for name in ("notes.txt", os.path.join("mine", "keep.txt")):  # not the run's files
+        with open(os.path.join(run, name), "w") as f:
+            f.write("kept")
     cfg = small_config(shapes_data, epochs=1, fresh=True)
     cfg.model = ModelConfig(embedding_dim=16, units=32, dropout=0.2)  # allowed with --fresh
     _, summary = run_trainer(cfg, run)
     with open(os.path.join(run, "history.json")) as f:
         assert len(json.load(f)) == 1
     assert summary["epochs"] == 1
+    # no metrics of the deleted model beside the new one; the user's files stay
+    assert not os.path.exists(os.path.join(run, "eval"))
+    assert sorted(os.listdir(os.path.join(run, "mine"))) == ["keep.txt"]
+    assert os.path.isfile(os.path.join(run, "notes.txt"))
 
 
 def test_max_steps_then_resume_mid_epoch(shapes_data, tmp_path):

@@ -267,7 +267,9 @@ class TrainConfig(Config):
     max_steps: Optional[int] = opt(None, "stop after this many training steps in total "
                                    "(quick trials; the learning-rate schedule still spans "
                                    "--epochs, so a later rerun continues as if never "
-                                   "stopped)", check=integer(1))
+                                   "stopped; an epoch stopped mid-way is checkpointed, and "
+                                   "validated and recorded once a rerun finishes it)",
+                                   check=integer(1))
     precision: str = opt("float32", "compute precision: bfloat16 (CPU/GPU) or float16 with "
                          "loss scaling (GPU)", choices=TRAIN_PRECISIONS)
     xla: bool = opt(False, "compile the training step with XLA (jit_compile)")

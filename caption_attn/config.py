@@ -299,7 +299,9 @@ class TrainConfig(Config):
     max_steps: Optional[int] = opt(None, "stop after this many training steps in total "
                                    "(quick trials; the learning-rate schedule still spans "
                                    "--epochs, so a later rerun continues as if never "
-                                   "stopped)", check=integer(1))
+                                   "stopped; an epoch stopped mid-way is checkpointed, and "
+                                   "validated and recorded once a rerun finishes it)",
+                                   check=integer(1))
     precision: str = opt("float32", "compute precision: bfloat16 (CPU/GPU) or float16 with "
                          "loss scaling (GPU)", choices=TRAIN_PRECISIONS)
     xla: bool = opt(False, "compile the training step with XLA (jit_compile)")
@@ -307,7 +309,8 @@ class TrainConfig(Config):
                         "`multi-worker` reads TF_CONFIG",
                         choices=("default", "mirrored", "multi-worker"))
     fresh: bool = opt(False, "delete the run's previous files (checkpoints, config, vocabulary, "
-                       "split, history, best model, logs) and start over")
+                       "split, history, best model, logs, heatmaps, evaluation results) and "
+                       "start over")
     checkpoint_every: int = opt(0, "also checkpoint every N steps (0: only at epoch ends)",
                                 check=integer(0))
     bleu_images: int = opt(500, "validation images decoded for val_bleu4 / val_cider",

@@ -34,7 +34,7 @@ class RunFolder:
 
     FILES = ("config.json", "vocab.json", "split.json", "history.json", "best.keras",
              "best.json", "best.weights.h5", "cider_df.json")
-    DIRS = ("checkpoints", "logs", "attention")
+    DIRS = ("checkpoints", "logs", "attention", "eval")  # eval/: `evaluate`'s default output
 
     def __init__(self, path: str):
         if not path or not str(path).strip():
@@ -83,9 +83,8 @@ class RunFolder:
             raise UserError(f"--run {self.path}: inside the feature cache {cache}; give the "
                             f"run a folder of its own, e.g. models/NAME")
         if os.path.isdir(run) and not os.path.exists(self.config):
-            ours = self.FILES + self.DIRS + ("eval",)
             others = sorted(n for n in os.listdir(run)
-                            if n not in ours and not n.startswith("."))
+                            if n not in self.FILES + self.DIRS and not n.startswith("."))
             if others:
                 shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
                 raise UserError(f"--run {self.path}: not a run folder and not empty (it holds "
@@ -120,7 +119,9 @@ class RunFolder:
         return notes
 
     def delete_previous(self) -> None:
-        """`--fresh`: remove every file and folder a run writes (nothing else)."""
+        """`--fresh`: remove every file and folder a run writes (nothing else), eval/ too:
+        its metrics are of the model being deleted, and kept they would pass for the new
+        one's."""
         for name in self.FILES:
             if os.path.exists(self.file(name)):
                 os.remove(self.file(name))

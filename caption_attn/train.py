@@ -399,20 +399,29 @@ class Trainer:
                         done, steps_before)
 
     def _epoch(self, epoch: int, callbacks, history: list) -> bool:
-        """Train, validate and record one epoch; False when it stopped early (--max-steps)."""
+        """Train, validate and record one epoch; False when --max-steps stopped it before its
+        end. Then only a checkpoint is saved (a rerun continues the epoch from it): the
+        epoch's end (validation, history entry, best model, epoch-end callbacks) waits for the
+        epoch's last step, else a partial epoch would be recorded as the whole one."""
         stage = "self-critical" if self.cfg.train.is_scst(epoch) else "cross-entropy"
         if self.progress:
             self.log(f"Epoch {epoch + 1}/{self.cfg.train.epochs} ({stage})")
         callbacks.on_epoch_begin(epoch)
         t0 = time.perf_counter()
         logs = self._run_train_epoch(epoch, callbacks)
+        target = logs.pop("target_steps")
+        if logs["steps"] < target:
+            self.manager.save(checkpoint_number=int(self.step.numpy()))
+            if self.progress:
+                self.log(f"epoch {epoch + 1}: stopped by --max-steps {self.cfg.train.max_steps}"
+                         f" at step {logs['steps']} of {target} (checkpoint saved; the epoch "
+                         f"is validated and recorded once a rerun finishes it)")
+            return False
         logs.update(self._validate(epoch))
         logs.update(stage=stage, learning_rate=current_learning_rate(self.optimizer),
                     seconds=time.perf_counter() - t0)
-        finished = logs.pop("target_steps") == logs["steps"]
-        if finished:
-            self.epoch.assign(epoch + 1)
-            self.step_in_epoch.assign(0)
+        self.epoch.assign(epoch + 1)
+        self.step_in_epoch.assign(0)
         entry = {"epoch": epoch + 1, **{k: _plain(v) for k, v in logs.items()}}
         history[:] = [h for h in history if h["epoch"] != epoch + 1] + [entry]
         if self.chief:  # history first: a kill before the checkpoint redoes the epoch
@@ -421,7 +430,7 @@ class Trainer:
         callbacks.on_epoch_end(epoch, entry)
         if self.progress:
             self.log(_epoch_line(entry))
-        return finished
+        return True
 
     def _cider_before_self_critical(self, history: list, done: int) -> None:
         """A run entering its self-critical stage from an epoch that did not log val_cider (a
@@ -461,12 +470,17 @@ def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
 
 def _summary(trainer: Trainer, history, early, reason, seconds, epochs_before: int,
              steps_before: int) -> dict:
-    """The run's totals ("epochs": history entries, "steps") and what this invocation did
-    ("epochs_now": epochs finished now, "steps_now")."""
+    """The run's totals ("epochs": history entries, "steps"), where it stands in the epoch
+    it has not finished ("epoch_steps" of "epoch_length"; 0 of it between epochs) and what
+    this invocation did ("epochs_now": epochs finished now, "steps_now")."""
     last = history[-1] if history else {}
     steps, finished = int(trainer.step.numpy()), int(trainer.epoch.numpy())
+    inputs = trainer.inputs
     return {"run": trainer.run_dir, "epochs": len(history), "steps": steps,
             "finished_epochs": finished, "target_epochs": trainer.cfg.train.epochs,
+            "epoch_steps": int(trainer.step_in_epoch.numpy()),
+            "epoch_length": inputs.scst_steps_per_epoch if trainer.cfg.train.is_scst(finished)
+            else inputs.steps_per_epoch,
             "max_steps": trainer.cfg.train.max_steps,
             "epochs_now": finished - epochs_before, "steps_now": steps - steps_before,
             "stopped_by": reason, "monitor": early.monitor,
@@ -525,14 +539,18 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
 
 
 def format_summary(summary: dict) -> str:
-    """What this invocation trained (or that nothing was left), the run's totals, the best
-    model and how to open TensorBoard."""
+    """What this invocation trained (or that nothing was left), the run's totals (finished
+    epochs, steps, and how far into the next epoch when --max-steps stopped it there), the
+    best model and how to open TensorBoard."""
     s = summary
     best = ("" if s["best_epoch"] is None else
             f", best {s['monitor']}={s['best_value']:.4f} at epoch {s['best_epoch']}")
     run = (f"epoch {s['finished_epochs']} of {s['target_epochs']}"
            if s["finished_epochs"] <= s["target_epochs"] else
            f"epoch {s['finished_epochs']} (--epochs {s['target_epochs']})") + f", step {s['steps']}"
+    if s["epoch_steps"]:
+        run += (f", in epoch {s['finished_epochs'] + 1} at step {s['epoch_steps']} of "
+                f"{s['epoch_length']}")
     if s["steps_now"] == 0:
         why = (f"the run already reached --max-steps {s['max_steps']} ({run})"
                if s["stopped_by"] == "max_steps" else

@@ -90,8 +90,8 @@ def test_a_run_with_relative_paths_works_from_another_directory(shapes_data, tmp
                                                                 monkeypatch):
     monkeypatch.chdir(os.path.dirname(shapes_data["cache"]))
     run = str(tmp_path / "run")
-    train.train(_config(shapes_data, cache=os.path.basename(shapes_data["cache"]), epochs=1,
-                        max_steps=2), run, progress=False, log=lambda *a: None)
+    train.train(_config(shapes_data, cache=os.path.basename(shapes_data["cache"]), epochs=1),
+                run, progress=False, log=lambda *a: None)  # a whole epoch: a best model
     with open(os.path.join(run, "config.json")) as f:
         assert os.path.isabs(json.load(f)["cache"])
     monkeypatch.chdir(tmp_path)

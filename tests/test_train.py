@@ -12,6 +12,8 @@ import pytest
 from caption_attn import train
 from caption_attn.config import DataConfig, ModelConfig, RunConfig, TrainConfig, VocabConfig
 from caption_attn.errors import UserError
+from caption_attn.run import RunFolder
+from caption_attn.steps import EpochTotals
 
 SMALL_MODEL = ModelConfig(embedding_dim=32, units=64, dropout=0.2)
 
@@ -186,12 +188,25 @@ def small_config_like(trained, **changes) -> RunConfig:
 def test_fresh_starts_over(shapes_data, tmp_path):
     run = str(tmp_path / "run")
     run_trainer(small_config(shapes_data, epochs=1), run)
+    old_results = RunFolder(run).eval_outputs("test")  # `evaluate` of the old model
+    os.makedirs(os.path.dirname(old_results[0]))
+    for path in old_results:
+        with open(path, "w") as f:
+            f.write("{}")
+    os.makedirs(os.path.join(run, "mine"))
+    for name in ("notes.txt", os.path.join("mine", "keep.txt")):  # not the run's files
+        with open(os.path.join(run, name), "w") as f:
+            f.write("kept")
     cfg = small_config(shapes_data, epochs=1, fresh=True)
     cfg.model = ModelConfig(embedding_dim=16, units=32, dropout=0.2)  # allowed with --fresh
     _, summary = run_trainer(cfg, run)
     with open(os.path.join(run, "history.json")) as f:
         assert len(json.load(f)) == 1
     assert summary["epochs"] == 1
+    # no metrics of the deleted model beside the new one; the user's files stay
+    assert not os.path.exists(os.path.join(run, "eval"))
+    assert sorted(os.listdir(os.path.join(run, "mine"))) == ["keep.txt"]
+    assert os.path.isfile(os.path.join(run, "notes.txt"))
 
 
 def test_max_steps_then_resume_mid_epoch(shapes_data, tmp_path):
@@ -200,21 +215,28 @@ def test_max_steps_then_resume_mid_epoch(shapes_data, tmp_path):
     trainer, summary = run_trainer(cfg, run)
     assert summary["steps"] == 3 and summary["stopped_by"] == "max_steps"
     assert int(trainer.step_in_epoch.numpy()) == 3
+    assert not os.path.exists(os.path.join(run, "history.json"))  # no epoch finished
+    per_epoch = trainer.inputs.steps_per_epoch
     _, summary = run_trainer(small_config(shapes_data, epochs=2, max_steps=3,
                                           lr_schedule="cosine"), run)
     assert summary["steps_now"] == 0 and train.format_summary(summary).startswith(
-        "nothing to train: the run already reached --max-steps 3 (epoch 0 of 2, step 3)")
+        f"nothing to train: the run already reached --max-steps 3 (epoch 0 of 2, step 3, "
+        f"in epoch 1 at step 3 of {per_epoch})")
     _, summary = run_trainer(small_config(shapes_data, epochs=2, max_steps=5,
                                           lr_schedule="cosine"), run)
     assert summary["steps"] == 5 and summary["steps_now"] == 2  # this invocation's steps
     assert train.format_summary(summary).startswith("trained 2 steps (0 epochs finished)")
+    # through the end of epoch 1 into epoch 2, stopping in its middle
+    run_trainer(small_config(shapes_data, epochs=2, max_steps=per_epoch + 2,
+                             lr_schedule="cosine"), run)
+    with open(os.path.join(run, "history.json")) as f:
+        assert [h["epoch"] for h in json.load(f)] == [1]
     trainer, summary = run_trainer(small_config(shapes_data, epochs=2, lr_schedule="cosine"),
                                    run)
     assert summary["steps"] == 2 * trainer.inputs.steps_per_epoch
-    assert summary["steps_now"] == summary["steps"] - 5 and summary["epochs_now"] == 2
+    assert summary["steps_now"] == per_epoch - 2 and summary["epochs_now"] == 1
     with open(os.path.join(run, "history.json")) as f:
         history = json.load(f)
-    # one entry per epoch: the partial epoch's entry is replaced when the epoch completes
     assert [h["epoch"] for h in history] == [1, 2]
     assert all(h["steps"] == trainer.inputs.steps_per_epoch for h in history)
     # The cosine decay spans --epochs, not --max-steps (it used to decay over the 3 steps):
@@ -227,6 +249,42 @@ def test_max_steps_then_resume_mid_epoch(shapes_data, tmp_path):
     np.testing.assert_allclose([(h["learning_rate"], h["loss"], h["val_loss"]) for h in history],
                                [(h["learning_rate"], h["loss"], h["val_loss"]) for h in whole],
                                rtol=1e-5)
+
+
+def test_max_steps_in_the_middle_of_an_epoch_finishes_no_epoch(shapes_data, tmp_path):
+    """Stopping at --max-steps inside epoch 2 saves a checkpoint to continue from, but does
+    none of an epoch's end: its validation, history entry, best model, heatmaps and TensorBoard
+    epoch summary would pass a partial epoch for epoch 2."""
+    import tensorflow as tf
+    run = str(tmp_path / "run")
+    cfg = small_config(shapes_data, epochs=2)
+    train.open_run(run, cfg)
+    per_epoch = train.Trainer(cfg, run, progress=False,
+                              log=lambda *a: None).inputs.steps_per_epoch
+    cfg = small_config(shapes_data, epochs=2, max_steps=per_epoch + 2)
+    lines = []
+    trainer = train.Trainer(cfg, run, images_dir=shapes_data["images"], log=lines.append)
+    summary = trainer.fit()
+    assert summary["steps"] == per_epoch + 2 and summary["stopped_by"] == "max_steps"
+    assert summary["epochs"] == summary["finished_epochs"] == summary["best_epoch"] == 1
+    assert trainer.manager.latest_checkpoint.endswith(f"ckpt-{per_epoch + 2}")
+    assert int(trainer.step_in_epoch.numpy()) == 2
+    with open(os.path.join(run, "history.json")) as f:
+        assert [h["epoch"] for h in json.load(f)] == [1]
+    with open(os.path.join(run, "best.json")) as f:
+        assert json.load(f)["epoch"] == 1
+    assert sorted(os.listdir(os.path.join(run, "attention"))) == ["epoch_1"]
+    val_steps = [event.step for path in glob.glob(os.path.join(run, "logs", "validation",
+                                                               "events.out.tfevents.*"))
+                 for event in tf.compat.v1.train.summary_iterator(path)
+                 if any(v.tag == "epoch_loss" for v in event.summary.value)]
+    assert val_steps == [1]
+    assert not any(line.startswith("epoch 2:") and "val_loss" in line for line in lines)
+    assert f"epoch 2: stopped by --max-steps {per_epoch + 2} at step 2 of {per_epoch}" \
+        in "\n".join(lines)
+    head = train.format_summary(summary).splitlines()[0]
+    assert f"; the run: epoch 1 of 2, step {per_epoch + 2}, in epoch 2 at step 2 of " \
+           f"{per_epoch}, best val_loss=" in head and head.endswith("at epoch 1")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes_data, tmp_path):
@@ -305,7 +363,9 @@ def test_mixed_precision_trains(shapes_data, tmp_path, precision):
 def test_xla_step_compiles_and_trains(shapes_data, tmp_path):
     trainer, summary = run_trainer(small_config(shapes_data, epochs=1, max_steps=2, xla=True),
                                    str(tmp_path / "run"))
-    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+    totals = EpochTotals.from_vector(trainer.epoch_sums.numpy())  # of the unfinished epoch
+    assert summary["steps"] == totals.sums["steps"] == 2
+    assert np.isfinite(totals.logs(self_critical=False)["loss"])
 
 
 @pytest.mark.parametrize("schedule", [False, True])

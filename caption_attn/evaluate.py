@@ -8,7 +8,6 @@ module loads TensorFlow only inside `evaluate_run`, so printing a metrics table 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Optional
 
@@ -20,7 +19,7 @@ from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import (describe_problems, feature_path, read_manifest,
                                         repair_command, source_images, usable_features)
-from caption_attn.fileio import write_json_atomic
+from caption_attn.fileio import read_json, write_json_atomic
 from caption_attn.run import RunFolder, check_folder_writable
 from caption_attn.shapes_metrics import (SHAPES_METRICS, scene_accuracy_by_objects,
                                          shapes_metrics)
@@ -128,9 +127,8 @@ def _check_outputs(metrics_path: str, results_path: str) -> None:
 
 def _read_json_or_none(path: str):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return read_json(path)
+    except UserError:          # unreadable or not JSON: not an output of ours
         return None
 
 

@@ -55,6 +55,15 @@ def copy_cache(shapes_data, tmp_path):
     return target
 
 
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    """A private copy of `trained_run` (for tests that edit or damage it), as a RunFolder."""
+    from caption_attn.run import RunFolder
+    target = str(tmp_path / "run")
+    shutil.copytree(trained_run, target)
+    return RunFolder(target)
+
+
 @pytest.fixture(scope="session")
 def images(tmp_path_factory):
     """A folder of sample images in many formats, good and bad (tests/image_samples.py)."""

@@ -20,11 +20,16 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 pytestmark = pytest.mark.slow
 
 
-def run_benchmark(name: str, argv: list[str], capsys) -> str:
-    """`benchmarks/<name>.py`'s main(argv) -> what it printed (its exit code must be 0)."""
+def benchmark(name: str):
+    """The module `benchmarks/<name>.py`."""
     if BENCHMARKS not in sys.path:
         sys.path.insert(0, BENCHMARKS)
-    assert importlib.import_module(name).main(argv) == 0
+    return importlib.import_module(name)
+
+
+def run_benchmark(name: str, argv: list[str], capsys) -> str:
+    """`benchmarks/<name>.py`'s main(argv) -> what it printed (its exit code must be 0)."""
+    assert benchmark(name).main(argv) == 0
     out = capsys.readouterr().out
     assert "CPU: " in out, f"{name} does not say which CPU its figures are from:\n{out}"
     return out
@@ -38,10 +43,7 @@ def numbers(figures: dict, *names: str) -> list[float]:
 
 def report_fields(script: str) -> list[str]:
     """The fields of `script`'s JSON that cpu_report.py reads."""
-    if BENCHMARKS not in sys.path:
-        sys.path.insert(0, BENCHMARKS)
-    cpu_report = importlib.import_module("cpu_report")
-    return [field for _, name, field, *_ in cpu_report.TARGETS if name == script]
+    return [field for _, name, field, *_ in benchmark("cpu_report").TARGETS if name == script]
 
 
 def test_bench_extract(capsys, tmp_path):
@@ -102,9 +104,7 @@ def test_bench_epoch(capsys, tmp_path):
 
 def test_cpu_report_summary():
     """Every run's figure, the median and how many runs met each target of issue #11."""
-    if BENCHMARKS not in sys.path:
-        sys.path.insert(0, BENCHMARKS)
-    cpu_report = importlib.import_module("cpu_report")
+    cpu_report = benchmark("cpu_report")
     runs = {"bench_train": [{"speedup": v} for v in (6.9, 7.4, 7.1)],
             "bench_epoch": [{"speedup_end_to_end": 5.0, "epoch_besides_steps_and_val_s": 2.5}],
             "bench_decode": [{"greedy_speedup": 120.0, "beam3_speedup": 30.0}]}

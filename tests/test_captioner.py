@@ -248,11 +248,9 @@ def test_a_bad_cache_flag_is_named_as_the_flag(shapes_data, trained_run, tmp_pat
     assert f"--cache {cache}: {why}" in err and "is gone" not in err
 
 
-def test_a_run_whose_cache_moved_says_how_to_point_at_it(shapes_data, trained_run, tmp_path,
-                                                          capsys):
-    import shutil
-    run = str(tmp_path / "run")
-    shutil.copytree(trained_run, run)
+def test_a_run_whose_cache_moved_says_how_to_point_at_it(shapes_data, trained_run, run_copy,
+                                                          tmp_path, capsys):
+    run = run_copy.path
     with open(os.path.join(run, "config.json")) as f:
         config = json.load(f)
     config["cache"] = str(tmp_path / "moved")

@@ -73,14 +73,13 @@ def test_an_out_whose_results_file_is_a_folder_is_refused_naming_both(trained_ru
 
 @pytest.mark.parametrize("target", ["config", "captions", "manifest", "results_of"])
 def test_an_out_that_would_overwrite_another_file_is_refused_before_decoding(
-        shapes_data, trained_run, tmp_path, capsys, monkeypatch, target):
+        shapes_data, run_copy, tmp_path, capsys, monkeypatch, target):
     """--out (or the results file next to it) over the run's config.json, the caption file,
     the cache's manifest or any file that evaluate did not write: refused, nothing written;
     evaluate wrote them with exit 0 before."""
     import shutil
     monkeypatch.setattr(evaluate, "_decode", None)                 # must not be reached
-    run = str(tmp_path / "run")
-    shutil.copytree(trained_run, run)
+    run = run_copy.path
     captions = str(tmp_path / "captions.json")
     shutil.copy(shapes_data["captions"], captions)
     manifest = os.path.join(shapes_data["cache"], "manifest.json")
@@ -108,13 +107,11 @@ def test_evaluate_may_replace_its_own_earlier_outputs(trained_run, tmp_path, mon
             assert json.load(f)["decode"]["beam"] == beam
 
 
-def test_an_empty_split_is_refused_as_empty(trained_run, tmp_path, capsys, monkeypatch):
+def test_an_empty_split_is_refused_as_empty(run_copy, capsys, monkeypatch):
     """A run trained with --test-fraction 0 has no test images: say so, not that the caption
     file lacks them."""
-    import shutil
     monkeypatch.setattr(evaluate, "_decode", None)                 # must not be reached
-    run = str(tmp_path / "run")
-    shutil.copytree(trained_run, run)
+    run = run_copy.path
     with open(os.path.join(run, "split.json")) as f:
         split = json.load(f)
     split["splits"]["train"] += split["splits"]["test"]

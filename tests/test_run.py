@@ -2,20 +2,12 @@
 
 import json
 import os
-import shutil
 import zipfile
 
 import pytest
 
 from caption_attn.errors import UserError
 from caption_attn.run import RunFolder, check_folder_writable
-
-
-@pytest.fixture
-def run_copy(trained_run, tmp_path):
-    target = str(tmp_path / "run")
-    shutil.copytree(trained_run, target)
-    return RunFolder(target)
 
 
 def test_paths_and_eval_outputs(tmp_path):

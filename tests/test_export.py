@@ -3,9 +3,8 @@ trained shapes run, loaded and run where `caption_attn` cannot be imported, agai
 `caption-attn caption` in this process.
 
 The run's images are 299x299 PNGs, so nothing is resized: captions must equal the tool's
-word for word (the TFLite model's those of the tool with a float32 backbone, since the run's
-cache computes in bfloat16, which TFLite has not). One export (SavedModel + float32 TFLite,
-beam 3) is shared by the module;
+word for word (the TFLite model's those of greedy `caption`: the run's cache, like TFLite,
+computes in float32). One export (SavedModel + float32 TFLite, beam 3) is shared by the module;
 exports cost tens of seconds (InceptionV3), so those tests are `slow`. The bad-input tests
 fail before any model is built and are quick.
 """
@@ -24,7 +23,7 @@ import pytest
 from caption_attn import export
 from caption_attn.captioner import Captioner
 from caption_attn.cli import main
-from caption_attn.config import DecodeConfig, ExportConfig, ExtractConfig, RunConfig
+from caption_attn.config import DecodeConfig, ExportConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.vocab import END, Vocabulary
 
@@ -122,31 +121,14 @@ def served(exported, shapes_data, trained_run, images, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tool(trained_run):
-    """`caption-attn caption` in this process: tool(paths, beam, cache) -> (results, errors).
-    `cache` swaps the backbone for another cache's (the run folder would refuse a cache of
-    another identity, so the Captioner is made without it)."""
+    """`caption-attn caption` in this process: tool(paths, beam) -> (results, errors)."""
     captioners = {}
 
-    def caption(paths, beam=BEAM, cache=None):
-        if (beam, cache) not in captioners:
-            run = Captioner.from_run(trained_run, DecodeConfig(beam=beam))
-            captioners[beam, cache] = run if cache is None else Captioner(
-                run.model, run.vocab, run.run_cfg, run.cfg, cache=cache)
-        return captioners[beam, cache].caption_images([p for p in paths if p])
+    def caption(paths, beam=BEAM):
+        if beam not in captioners:
+            captioners[beam] = Captioner.from_run(trained_run, DecodeConfig(beam=beam))
+        return captioners[beam].caption_images([p for p in paths if p])
     return caption
-
-
-@pytest.fixture(scope="module")
-def float32_cache(shapes_data, tmp_path_factory):
-    """The run's backbone (same random weights) extracted with --precision float32: TFLite
-    computes in float32, the run's own cache in bfloat16 (which `caption` uses)."""
-    from caption_attn import extract
-
-    cache = str(tmp_path_factory.mktemp("float32") / "cache")
-    extract.extract_features(shapes_data["images"], ExtractConfig(
-        cache=cache, weights="random", dtype="float16", precision="float32", batch_size=20),
-        progress=False)
-    return cache
 
 
 # --------------------------------------------------------------------------- SavedModel
@@ -242,8 +224,7 @@ def _greedy_ids(caption, vocab, length):
 
 @pytest.mark.slow
 def test_tflite_equals_greedy_caption_with_builtin_ops_only(exported, shapes_data,
-                                                            trained_run, tool,
-                                                            float32_cache):
+                                                            trained_run, tool):
     import tensorflow as tf
     from caption_attn.images import load_image
 
@@ -262,8 +243,8 @@ def test_tflite_equals_greedy_caption_with_builtin_ops_only(exported, shapes_dat
     assert list(runner.get_input_details()["image"]["shape"]) == [1, 299, 299, 3]
     paths = _split_images(shapes_data, trained_run, "test") + \
         _split_images(shapes_data, trained_run, "val")
-    # the greedy captions of `caption --beam 1` with the backbone computing in float32
-    results, _ = tool(paths, beam=1, cache=float32_cache)
+    # the greedy captions of `caption --beam 1` (the run's cache computes in float32)
+    results, _ = tool(paths, beam=1)
     for path in paths:
         got = runner(image=load_image(path)[None])
         length = got["token_ids"].shape[1]

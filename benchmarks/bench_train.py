@@ -8,7 +8,12 @@ to 40) into a temp folder, then
              once per batch, one tf.while_loop over time) over one epoch
   reference  the tutorial's way: every batch padded to the dataset's longest caption,
              W1(features) recomputed at every step, the time loop unrolled in Python inside
-             tf.function, decoder called once per step with a length-1 GRU
+             tf.function, decoder called once per step with a length-1 GRU, over the first
+             --reference-batches batches of the same epoch
+
+  timed in --rounds alternating rounds (ours, reference, ours, ...) after each side's first
+  step; each side's best round counts, so a spell of other load on the machine, which only
+  ever slows a round down, moves the ratio less than in one pass of each (all rounds printed)
 
   self-critical  one epoch of the trainer's SCST step (--scst-samples 5 per image, the mean
              baseline, CIDEr-D rewards against the synthetic references): sampled captions
@@ -167,26 +172,41 @@ def model_flops(lengths, encoded_images: int, E, U, V) -> float:
     return float(encoded_images * per_image + sum((n - 1) * per_step for n in lengths))
 
 
-def time_ours(trainer, epochs: int = 1):
+def prepare_ours(trainer):
+    """The trainer's epoch of batches, its step traced on the first: (batches, first step s)."""
     ds = trainer.inputs.captions("train", epoch=0)
     trainer._compile(ds.element_spec)
     batches = list(ds)
     t0 = time.perf_counter()
-    trainer.train_step(batches[0])
-    compile_s = time.perf_counter() - t0
-    captions, seconds, cpu = 0, 0.0, 0.0
-    for _ in range(epochs):
-        t0, c0 = time.perf_counter(), time.process_time()
-        for batch in batches:
-            out = trainer.train_step(batch)
-        float(out["loss"])
-        seconds += time.perf_counter() - t0
-        cpu += time.process_time() - c0
-        captions += sum(int(b[2].shape[0]) for b in batches)
-    traces = trainer.train_step.experimental_get_tracing_count()
-    images = sum(int(b[0].shape[0]) for b in batches) * epochs
-    return (captions / seconds, compile_s, traces, len({int(b[2].shape[1]) for b in batches}),
-            captions / images, captions / cpu)
+    float(trainer.train_step(batches[0])["loss"])
+    return batches, time.perf_counter() - t0
+
+
+def time_ours(trainer, batches) -> tuple[float, float]:
+    """One pass of our step over `batches`: (captions/s, captions per CPU second)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    for batch in batches:
+        out = trainer.train_step(batch)
+    float(out["loss"])
+    captions = sum(int(b[2].shape[0]) for b in batches)
+    return captions / (time.perf_counter() - t0), captions / (time.process_time() - c0)
+
+
+def interleaved(rounds: int, *timers) -> list[list]:
+    """Each timer called once per round, in turn (ours, reference, ours, ...), so that a
+    spell of other load on the machine hits both sides alike: one list of results per timer.
+    The benchmarks report each side's best round: interference only ever slows a round
+    down (as `timeit` takes the minimum)."""
+    results = [[] for _ in timers]
+    for _ in range(rounds):
+        for out, timer in zip(results, timers):
+            out.append(timer())
+    return results
+
+
+def best(rounds: list) -> tuple:
+    """Each figure's best over the rounds: [(a, b), ...] -> (max a, max b)."""
+    return tuple(max(column) for column in zip(*rounds))
 
 
 def time_scst(trainer) -> dict:
@@ -221,18 +241,34 @@ def time_scst(trainer) -> dict:
             "samples": trainer.cfg.train.scst_samples, "steps": len(batches)}
 
 
-def time_reference(step, batches, max_tokens):
+def prepare_reference(step, batches, max_tokens):
+    """The batches padded to `max_tokens`, the step traced on the first:
+    (padded batches, first step s)."""
     padded = [(f, tf.pad(t, [[0, 0], [0, max_tokens - t.shape[1]]])) for f, t in batches]
     t0 = time.perf_counter()
-    step(*padded[0])
-    compile_s = time.perf_counter() - t0
+    float(step(*padded[0]))
+    return padded, time.perf_counter() - t0
+
+
+def time_reference(step, padded) -> tuple[float, float]:
+    """One pass of the tutorial's step: (captions/s, captions per CPU second)."""
     t0, c0 = time.perf_counter(), time.process_time()
     for f, t in padded:
         out = step(f, t)
     float(out)
     captions = sum(int(t.shape[0]) for _, t in padded)
-    return (captions / (time.perf_counter() - t0), compile_s,
-            captions / (time.process_time() - c0))
+    return captions / (time.perf_counter() - t0), captions / (time.process_time() - c0)
+
+
+def reference_batches(trainer, embedding_dim, units, count):
+    """The tutorial's step over the first `count` batches of our epoch (each caption with its
+    image's features): (step, padded batches, first step s)."""
+    keras.utils.set_random_seed(0)
+    max_tokens = max(len(t) for t in trainer.inputs.items["train"][1])
+    batches = [(tf.gather(f, i), t) for f, i, t in
+               list(trainer.inputs.captions("train", epoch=0))[:count]]
+    step = reference_step(embedding_dim, units, len(trainer.data.vocab), max_tokens)
+    return (step, *prepare_reference(step, batches, max_tokens))
 
 
 def main(argv=None) -> int:
@@ -248,9 +284,13 @@ def main(argv=None) -> int:
     ap.add_argument("--reference-batches", type=int, default=6,
                     help="batches timed for the (slow) reference step; 0 skips it (a smoke "
                          "run: no speedup is printed)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of (one epoch of ours, the reference batches), alternating; "
+                         "each side's best round counts")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = ap.parse_args(argv)
-
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     return run_in_temp_folder("bench_train_", measure, args, report)
 
 
@@ -269,7 +309,20 @@ def measure(args, root: str) -> dict:
     V = len(trainer.data.vocab)
     lengths = [len(t) for t in trainer.inputs.items["train"][1]]
     max_tokens = max(lengths)
-    ours, compile_s, traces, shapes, per_image, ours_cpu = time_ours(trainer)
+    batches, compile_s = prepare_ours(trainer)
+    timers = [lambda: time_ours(trainer, batches)]
+    ref_compile_s = None
+    if args.reference_batches > 0:
+        ref_step, padded, ref_compile_s = reference_batches(
+            trainer, args.embedding_dim, args.units, args.reference_batches)
+        timers.append(lambda: time_reference(ref_step, padded))
+    ours_rounds, *ref_rounds = interleaved(args.rounds, *timers)
+    ref_rounds = ref_rounds[0] if ref_rounds else None
+    ours, ours_cpu = best(ours_rounds)
+    ref, ref_cpu = best(ref_rounds) if ref_rounds else (None, None)
+    traces = trainer.train_step.experimental_get_tracing_count()
+    per_image = sum(int(b[2].shape[0]) for b in batches) / \
+        sum(int(b[0].shape[0]) for b in batches)
     flops = model_flops(lengths, round(len(lengths) / per_image), args.embedding_dim,
                         args.units, V) * 3
     peak = matmul_gflops(args.precision)
@@ -277,21 +330,16 @@ def measure(args, root: str) -> dict:
 
     scst = time_scst(trainer)
 
-    ref = ref_compile_s = ref_cpu = None
-    if args.reference_batches > 0:
-        keras.utils.set_random_seed(0)
-        batches = [(tf.gather(f, i), t) for f, i, t in
-                   list(trainer.inputs.captions("train", epoch=0))[:args.reference_batches]]
-        ref, ref_compile_s, ref_cpu = time_reference(
-            reference_step(args.embedding_dim, args.units, V, max_tokens), batches, max_tokens)
-
     return {
         "setup": {"embedding_dim": args.embedding_dim, "units": args.units, "vocab": V,
                   "batch_size": args.batch_size, "precision": args.precision, "xla": args.xla,
                   "captions": len(lengths), "mean_tokens": float(np.mean(lengths)),
                   "max_tokens": max_tokens, "threads": os.cpu_count()},
+        "rounds": args.rounds,
+        "ours_rounds_captions_per_s": [r[0] for r in ours_rounds],
+        "reference_rounds_captions_per_s": [r[0] for r in ref_rounds] if ref_rounds else None,
         "ours_captions_per_s": ours, "ours_first_step_s": compile_s,
-        "ours_traces": traces, "ours_batch_shapes": shapes,
+        "ours_traces": traces, "ours_batch_shapes": len({int(b[2].shape[1]) for b in batches}),
         "captions_per_encoded_image": per_image,
         "reference_captions_per_s": ref, "reference_first_step_s": ref_compile_s,
         "speedup": ours / ref if ref else None,
@@ -313,6 +361,10 @@ def report(figures: dict) -> None:
           f"{s['batch_size']}, {s['precision']}{' + XLA' if s['xla'] else ''}, "
           f"{s['captions']} captions, mean {s['mean_tokens']:.1f} tokens, max "
           f"{s['max_tokens']}")
+    print("rounds     ours " + ", ".join(f"{x:.1f}" for x in figures["ours_rounds_captions_per_s"])
+          + (" | reference " + ", ".join(f"{x:.1f}" for x in
+                                         figures["reference_rounds_captions_per_s"])
+             if ref is not None else "") + " captions/s (the best of each counts)")
     print(f"ours       {ours:8.1f} captions/s   first step {figures['ours_first_step_s']:5.1f} s"
           f"   traces {figures['ours_traces']}, {figures['ours_batch_shapes']} batch shapes, "
           f"{figures['captions_per_encoded_image']:.2f} captions per encoded image")

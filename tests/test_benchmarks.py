@@ -76,14 +76,27 @@ def test_bench_train(capsys, tmp_path):
     out = run_benchmark("bench_train", ["--images", "8", "--captions-per-image", "2",
                                         "--vocab", "12", "--embedding-dim", "8", "--units",
                                         "8", "--batch-size", "4", "--reference-batches", "0",
-                                        "--json", path], capsys)
+                                        "--rounds", "2", "--json", path], capsys)
     assert "reference  skipped" in out and "MFU" in out and "self-critical" in out
     with open(path) as f:
         figures = json.load(f)
     numbers(figures, "ours_captions_per_s", "ours_first_step_s", "mfu")
     numbers(figures["scst"], "captions_per_s")
-    assert figures["speedup"] is None
+    assert len(figures["ours_rounds_captions_per_s"]) == 2
+    assert figures["ours_captions_per_s"] == max(figures["ours_rounds_captions_per_s"])
+    assert figures["speedup"] is None and figures["reference_rounds_captions_per_s"] is None
     assert report_fields("bench_train") == ["speedup"]
+
+
+def test_rounds_alternate_and_the_best_of_each_side_counts():
+    bench_train = benchmark("bench_train")
+    calls = []
+    ours = iter([(3.0, 1.0), (5.0, 0.5)])
+    ref = iter([(1.0, 2.0), (0.5, 4.0)])
+    rounds = bench_train.interleaved(2, lambda: calls.append("ours") or next(ours),
+                                     lambda: calls.append("ref") or next(ref))
+    assert calls == ["ours", "ref", "ours", "ref"]
+    assert [bench_train.best(r) for r in rounds] == [(5.0, 1.0), (1.0, 4.0)]
 
 
 def test_bench_epoch(capsys, tmp_path):

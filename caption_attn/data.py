@@ -35,6 +35,7 @@ from typing import Any, Iterable, Iterator, Optional
 from caption_attn.config import CAPTION_FORMATS, DataConfig, VocabConfig, check_fractions
 from caption_attn.fileio import parse_json
 from caption_attn.errors import UserError
+from caption_attn.vocab import standardize
 
 SPLITS = ("train", "val", "test")
 KARPATHY_SPLITS = ("train", "val", "test", "restval")  # restval is read as train
@@ -65,7 +66,7 @@ class CaptionSet:
     path: str
     format: str                     # one of FILE_FORMATS
     records: list[ImageRecord]      # sorted by image key, each with >= 1 caption
-    skipped_empty: int = 0          # empty / whitespace-only captions skipped
+    skipped_empty: int = 0          # captions without a word skipped (empty, "...")
     refused_paths: int = 0          # distinct unsafe image paths refused (never opened)
     refused_examples: list[str] = field(default_factory=list)  # the first few, as written
     has_split: bool = False         # True when the file carries its own split (Karpathy)
@@ -116,6 +117,12 @@ def image_key_problem(key: str) -> Optional[str]:
     return None
 
 
+def _has_word(caption: str) -> bool:
+    """`caption` keeps a word once standardised (a letter or digit comes first in practice:
+    the whole standardisation only runs for the rest)."""
+    return any(ch.isalnum() for ch in caption) or bool(standardize(caption))
+
+
 # --------------------------------------------------------------------------- collecting records
 class _Collector:
     """Merges (image path, captions) entries into records; counts what it drops."""
@@ -134,7 +141,9 @@ class _Collector:
         if key is None:
             self.refused.setdefault(raw_path, None)
             return
-        kept = [c.strip() for c in captions if c.strip()]
+        # a caption with no word once standardised ("...", "-") is empty too: trained on, it
+        # would teach the model to end at once
+        kept = [c.strip() for c in captions if _has_word(c)]
         self.skipped_empty += len(captions) - len(kept)
         if not kept:
             return

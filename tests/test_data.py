@@ -383,6 +383,15 @@ def test_empty_captions_are_skipped_and_counted(tmp_path):
     assert captions.skipped_empty == 3
 
 
+
+def test_captions_without_a_word_are_skipped_and_counted_as_empty(tmp_path):
+    """A caption of only punctuation or symbols ("...", "-", "!!") has no word once
+    standardised: trained on, it taught the model to end at once, and it was not counted."""
+    text = "a.jpg#0\tone dog\na.jpg#1\t...\nb.jpg#0\t - !!\nc.jpg#0\tcafé.\n"
+    captions = data.load_captions(write(tmp_path, "t.txt", text))
+    assert as_dict(captions) == {"a.jpg": ["one dog"], "c.jpg": ["café."]}
+    assert captions.skipped_empty == 2
+
 UNSAFE = ["/etc/passwd", "C:\\x.jpg", "c:x.jpg", "\\\\server\\share\\x.jpg", "\\x.jpg",
           "../x.jpg", "a/../../x.jpg", "..\\x.jpg", "a/..", ""]
 

@@ -352,6 +352,36 @@ def test_bad_out_folders_are_refused_in_one_line(tmp_path):
                                                   (["locked"] if os.geteuid() else []))
 
 
+def test_out_inside_the_run_or_its_cache_is_refused_even_with_force(tmp_path):
+    """--force replaces an earlier export or a folder of other files, never a file or folder
+    of the run (best.keras, checkpoints/ ...), its feature cache or its caption file:
+    `--out RUN/best.keras --force` replaced the model with the export (exit 0)."""
+    run = tmp_path / "run"
+    os.makedirs(run / "checkpoints")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text("{}")
+    captions = tmp_path / "captions.json"
+    captions.write_text("{}")
+    RunConfig(captions=str(captions), cache=str(cache)).save(str(run / "config.json"))
+    (run / "best.keras").write_text("model")
+    (tmp_path / "link").symlink_to(run)
+    for out, needle in ((tmp_path / "link" / "best.keras", "the run's own"),
+                        (run / "best.keras", "the run's own"),
+                        (run / "checkpoints", "the run's own"),
+                        (run / "config.json", "the run's own"),
+                        (run / "eval" / "serving", "the run's own"),
+                        (cache / "manifest.json", "inside the feature cache"),
+                        (cache / "export", "inside the feature cache"),
+                        (captions, "would replace")):
+        _refused(["export", "--run", str(run), "--out", str(out), "--force"], needle,
+                 str(out))
+    assert (run / "best.keras").read_text() == "model" and captions.read_text() == "{}"
+    assert sorted(os.listdir(cache)) == ["manifest.json"]
+    assert sorted(os.listdir(run)) == ["best.keras", "checkpoints", "config.json"]
+    assert (tmp_path / "link").is_symlink()
+
+
 def test_export_config_checks_itself():
     with pytest.raises(UserError, match="--check-images"):
         ExportConfig(check_images=-1)

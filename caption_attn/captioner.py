@@ -248,6 +248,21 @@ def heatmap_files(names: dict) -> dict:
             for p in names}
 
 
+def check_heatmap_targets(out_dir: str, paths: Sequence[str],
+                          files: Optional[dict] = None) -> None:
+    """UserError when the heatmap of one of `paths` (named `files`, default `heatmap_files`
+    of them all) would be written over one of those images: `--plot-attention` naming the
+    images' own folder, with PNG images in it."""
+    files = files or heatmap_files(display_names(paths))
+    images = {os.path.realpath(p): p for p in paths}
+    for path, name in files.items():
+        hit = images.get(os.path.realpath(os.path.join(out_dir, name)))
+        if hit is not None:
+            raise UserError(f"--plot-attention {out_dir}: the heatmap of {path} would "
+                            f"overwrite the image {hit}; give the heatmaps a folder of their "
+                            f"own")
+
+
 # ----------------------------------------------------------------------------- output
 def format_probability(p: float) -> str:
     return f"{p:.6f}" if p >= 1e-6 else f"{p:.2e}"
@@ -298,6 +313,7 @@ def save_attention_plots(out_dir: str, results: dict) -> dict:
 
     names = display_names(list(results))
     files = heatmap_files(names)
+    check_heatmap_targets(out_dir, list(results), files)
     written = {}
     for path, (image, captions) in results.items():
         written[path] = os.path.join(out_dir, files[path])

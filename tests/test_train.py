@@ -251,6 +251,33 @@ def test_max_steps_then_resume_mid_epoch(shapes_data, tmp_path):
                                rtol=1e-5)
 
 
+def test_resume_mid_epoch_with_other_batches_is_refused_before_writing(shapes_data,
+                                                                         tmp_path):
+    """A run stopped inside an epoch skips the batches already trained by their count: with
+    another --batch-size (or a stage changed by --scst-after) the rerun trained some captions
+    of that epoch twice and others never, with exit 0. Refused now; between epochs (and with
+    the same batches) it resumes."""
+    run = str(tmp_path / "run")
+    run_trainer(small_config(shapes_data, epochs=2, max_steps=3), run)
+    before = {n: open(os.path.join(run, n), "rb").read() for n in ("config.json",
+                                                                    "split.json")}
+    for change, needle in (({"batch_size": 8}, "--batch-size 8 (was 16)"),
+                           ({"scst_after": 0}, "--scst-after 0 (was none), which makes it "
+                                               "self-critical")):
+        with pytest.raises(UserError) as e:
+            train.train(small_config(shapes_data, epochs=2, **change), run, progress=False,
+                        log=lambda *a: None)
+        assert f"{run} stopped in epoch 1 at step 3" in str(e.value)
+        assert needle in str(e.value) and "--epochs 1" in str(e.value)
+        assert {n: open(os.path.join(run, n), "rb").read() for n in before} == before
+    summary = train.train(small_config(shapes_data, epochs=1), run, progress=False,
+                          log=lambda *a: None)                  # finishes epoch 1 as it was
+    assert summary["finished_epochs"] == 1 and summary["epoch_steps"] == 0
+    summary = train.train(small_config(shapes_data, epochs=2, batch_size=8, max_steps=None),
+                          run, progress=False, log=lambda *a: None)
+    assert summary["finished_epochs"] == 2
+
+
 def test_max_steps_in_the_middle_of_an_epoch_finishes_no_epoch(shapes_data, tmp_path):
     """Stopping at --max-steps inside epoch 2 saves a checkpoint to continue from, but does
     none of an epoch's end: its validation, history entry, best model, heatmaps and TensorBoard

@@ -163,21 +163,26 @@ class Captioner:
         return out
 
     # -- images -> captions ------------------------------------------------------------
+    def check_cache(self, needed_for: str = "`caption` rebuilds the backbone from its "
+                    "manifest.json (and, for random weights, the weights saved there)") -> None:
+        """UserError unless the feature cache is one (with a manifest), naming --cache when
+        the user gave it, else the run's recorded cache and how to point at a moved one."""
+        cache = self.cache
+        if not os.path.exists(os.path.join(cache, MANIFEST)):
+            why = ("is a file, not a folder" if os.path.isfile(cache) else
+                   "has no manifest.json: not a cache made by `extract-features`"
+                   if os.path.isdir(cache) else "does not exist")
+            if self._cache_flag:
+                raise UserError(f"--cache {cache}: {why}; give the feature cache the run "
+                                f"was trained on (or a copy of it)")
+            raise UserError(f"the run's feature cache {cache} {why}: {needed_for}; if it "
+                            f"moved, pass --cache NEW_FOLDER")
+
     @property
     def backbone(self) -> Backbone:
         if self._backbone is None:
             cache = self.cache
-            if not os.path.exists(os.path.join(cache, MANIFEST)):
-                why = ("is a file, not a folder" if os.path.isfile(cache) else
-                       "has no manifest.json: not a cache made by `extract-features`"
-                       if os.path.isdir(cache) else "does not exist")
-                if self._cache_flag:
-                    raise UserError(f"--cache {cache}: {why}; give the feature cache the run "
-                                    f"was trained on (or a copy of it)")
-                raise UserError(f"the run's feature cache {cache} {why}: `caption` rebuilds "
-                                f"the backbone from its manifest.json (and, for random "
-                                f"weights, the weights saved there); if it moved, pass "
-                                f"--cache NEW_FOLDER")
+            self.check_cache()
             if self.run_dir:
                 RunFolder(self.run_dir).check_cache(cache, read_manifest(cache))
             self._backbone = Backbone.from_manifest(cache)

@@ -398,7 +398,7 @@ class Trainer:
         todo = done < tc.epochs and not (tc.max_steps and steps_before >= tc.max_steps)
         if todo:
             self._compile(self.inputs.captions("train", epoch=0).element_spec)
-            self._cider_before_self_critical(history, done)
+            self._metrics_before_resume(history, done)
         early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
                               initial_history=history, save_best=self._save_best,
                               restore_best=self._restore_best)
@@ -466,13 +466,21 @@ class Trainer:
             self.log(_epoch_line(entry))
         return True
 
-    def _cider_before_self_critical(self, history: list, done: int) -> None:
-        """A run entering its self-critical stage from an epoch that did not log val_cider (a
-        cross-entropy run finished before --scst-after was given) measures it now, so the new
-        stage has the model it starts from to beat."""
-        if not history or not self.cfg.train.is_scst(done) or "val_cider" in history[-1]:
+    def _metrics_before_resume(self, history: list, done: int) -> None:
+        """A run resumed from an epoch that did not log the metric its next epoch monitors (a
+        cross-entropy run entering its self-critical stage, whose val_cider was not measured;
+        a run resumed with another --monitor) measures it now on the restored model, that
+        epoch's, so the epochs to come have the model they start from to beat. (Resumed
+        inside an epoch, the restored model is not that epoch's: nothing is measured.)"""
+        tc = self.cfg.train
+        if not history or int(self.step_in_epoch.numpy()):
             return
-        history[-1]["val_cider"] = self.validator.metrics(["val_cider"])["val_cider"]
+        wanted = {tc.monitor_for(done)} | ({"val_cider"} if tc.is_scst(done) else set())
+        missing = sorted(n for n in wanted & {"val_bleu4", "val_cider"}
+                         if history[-1].get(n) is None)
+        if not missing:
+            return
+        history[-1].update(self.validator.metrics(missing))
         if self.chief:
             write_json_atomic(self.run.history, history)
 

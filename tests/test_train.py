@@ -172,6 +172,28 @@ def test_rerun_of_a_finished_run_trains_nothing(trained):
         f"nothing to train: the run already finished epoch 4 (--epochs 1), step {steps}")
 
 
+def test_resume_with_another_monitor_measures_it_and_continues(shapes_data, tmp_path):
+    """--monitor is a training setting that may change on resume: `--monitor val_bleu4` on a
+    run trained with val_loss stopped with `early stopping monitors 'val_bleu4' but the epoch
+    logs have no value for it ... (an empty validation split?)`, even on a finished run.
+    Now the epoch the run resumes from gets the new metric measured (its model is the one
+    restored), and the epochs after it must beat it."""
+    run = str(tmp_path / "run")
+    run_trainer(small_config(shapes_data, epochs=1), run)
+    trainer, summary = run_trainer(small_config(shapes_data, epochs=1, monitor="val_bleu4"),
+                                   run)                   # finished: nothing to train
+    assert summary["steps_now"] == 0
+    trainer, summary = run_trainer(small_config(shapes_data, epochs=2, monitor="val_bleu4"),
+                                   run)
+    with open(os.path.join(run, "history.json")) as f:
+        history = json.load(f)
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(isinstance(h.get("val_bleu4"), float) for h in history)
+    assert summary["monitor"] == "val_bleu4" and summary["epochs_now"] == 1
+    best = max(history, key=lambda h: h["val_bleu4"])
+    assert summary["best_value"] == pytest.approx(best["val_bleu4"])
+
+
 def test_resume_with_other_model_config_is_refused(trained):
     cfg = small_config_like(trained, model=ModelConfig(embedding_dim=32, units=48, dropout=0.2))
     with pytest.raises(UserError) as e:

@@ -597,12 +597,15 @@ def test_cache_copied_without_its_times_says_so_and_how_to_fix(shapes_data, copy
         and "extract-features" in message
 
 
-@pytest.mark.parametrize("place", ["cache", "inside the cache", "a folder of other files"])
+@pytest.mark.parametrize("place", ["cache", "inside the cache", "a folder of other files",
+                                   "inside the cache through a symlink"])
 def test_a_run_folder_that_is_the_cache_or_holds_other_files_is_refused(shapes_data,
                                                                        copy_cache, tmp_path,
                                                                        place):
     run = {"cache": copy_cache, "inside the cache": os.path.join(copy_cache, "run"),
-           "a folder of other files": str(tmp_path / "photos")}[place]
+           "a folder of other files": str(tmp_path / "photos"),
+           "inside the cache through a symlink": str(tmp_path / "link" / "run")}[place]
+    os.symlink(copy_cache, tmp_path / "link")  # `--run link/run` trained into the cache
     if place == "a folder of other files":
         os.makedirs(run)
         open(os.path.join(run, "holiday.jpg"), "w").close()

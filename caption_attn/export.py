@@ -195,8 +195,11 @@ def _publish(tmp: str, out: str) -> None:
         if old is not None:
             os.replace(old, out)
         raise
-    if old is not None:
-        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+    if old is not None:  # a symlink (to an earlier export) goes, not what it points to
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old)
+        else:
+            os.remove(old)
 
 
 def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone) -> dict:

@@ -407,6 +407,27 @@ def test_a_failed_export_leaves_the_earlier_one_untouched(trained_run, tmp_path,
     assert os.listdir(tmp_path) == ["export"]                  # no temporary folder left
 
 
+def test_an_out_that_is_a_symlink_is_replaced_and_its_target_kept(trained_run, tmp_path,
+                                                                   monkeypatch):
+    """`--out serving/current` (a symlink to an earlier export, as TF Serving setups keep):
+    the export replaced the link, then failed with `error: Cannot call rmtree on a symbolic
+    link` (the export done, the old link left as a hidden .old file)."""
+    earlier = tmp_path / "1"
+    earlier.mkdir()
+    (earlier / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+    link = tmp_path / "current"
+    link.symlink_to("1")
+
+    def save(path, *args):
+        open(os.path.join(path, "saved_model.pb"), "wb").write(b"new")
+    monkeypatch.setattr(export, "save_servable", save)
+    export.export_run(trained_run, str(link), DecodeConfig(), ExportConfig(),
+                      log=lambda *a: None)
+    assert not link.is_symlink() and (link / "saved_model.pb").read_bytes() == b"new"
+    assert os.listdir(earlier) == [export.INFO_FILE]         # the link's target is kept
+    assert sorted(os.listdir(tmp_path)) == ["1", "current"]  # nothing hidden left
+
+
 def test_temporary_folders_of_killed_exports_are_removed(tmp_path):
     """kill -9 during an export leaves its hidden temporary folder beside --out; the next
     export to that --out removes it, and leaves live exports' folders and other files."""

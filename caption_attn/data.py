@@ -193,7 +193,10 @@ def _read_text(path: str) -> str:
         line = raw.count(b"\n", 0, e.start) + 1
         raise UserError(f"{path}: not valid UTF-8 at byte {e.start} (line {line}): byte "
                         f"0x{raw[e.start]:02x}; save the file as UTF-8") from None
-    return text[1:] if text.startswith("\ufeff") else text
+    text = text[1:] if text.startswith("\ufeff") else text
+    if "\r" in text and "\n" not in text:  # CR-only line ends (classic Mac): as LF
+        text = text.replace("\r", "\n")
+    return text
 
 
 def _lines(text: str) -> Iterator[tuple[int, str]]:
@@ -223,7 +226,10 @@ def _json_format(obj: Any) -> Optional[str]:
 
 
 def _is_csv_header(line: str) -> bool:
-    fields = next(csv.reader([line]), [])
+    try:
+        fields = next(csv.reader([line]), [])
+    except csv.Error:  # e.g. a stray carriage return: not the header
+        return False
     return [f.strip().lower() for f in fields] == ["image", "caption"]
 
 

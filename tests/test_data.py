@@ -90,6 +90,22 @@ def test_every_format_auto_detected_and_merged(tmp_path, fmt, bom, crlf):
         assert captions.has_split == (fmt == "karpathy")
 
 
+@pytest.mark.parametrize("fmt", sorted(TEXTS))
+def test_old_mac_line_ends_are_line_ends(tmp_path, fmt):
+    """A file with CR-only line ends (classic Mac, some spreadsheet exports): a Flickr token
+    file was read as one image with one caption of every line (exit 0), a CSV crashed with a
+    csv.Error traceback while its format was detected."""
+    path = write(tmp_path, "captions", TEXTS[fmt]().replace("\n", "\r"))
+    captions = data.load_captions(path)
+    assert captions.format == fmt and as_dict(captions) == EXPECTED
+
+
+def test_a_stray_carriage_return_in_a_csv_header_is_a_one_line_error(tmp_path):
+    path = write(tmp_path, "c.csv", "image,cap\rtion\na.jpg,one\n")
+    with pytest.raises(UserError, match="cannot detect the caption format from line 1"):
+        data.load_captions(path)
+
+
 def test_coco_image_id_is_the_coco_id(tmp_path):
     captions = data.load_captions(write(tmp_path, "c.json", coco_text()))
     assert {r.image: r.image_id for r in captions.records} == {

@@ -84,8 +84,8 @@ def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig) -> None:
     changed = []
     if old.is_scst(epoch) != new.is_scst(epoch):
         after = lambda tc: "none" if tc.scst_after is None else tc.scst_after  # noqa: E731
-        changed.append(f"--scst-after {after(new)} (was {after(old)}), which makes it "
-                       f"{'self-critical' if new.is_scst(epoch) else 'cross-entropy'}")
+        changed.append(f"--scst-after {after(new)} (was {after(old)}: the epoch would be "
+                       f"{'self-critical' if new.is_scst(epoch) else 'cross-entropy'})")
     if old.batch_size != new.batch_size:
         changed.append(f"--batch-size {new.batch_size} (was {old.batch_size})")
     if old.is_scst(epoch) and new.is_scst(epoch) and old.scst_samples != new.scst_samples:

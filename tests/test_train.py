@@ -284,8 +284,8 @@ def test_resume_mid_epoch_with_other_batches_is_refused_before_writing(shapes_da
     before = {n: open(os.path.join(run, n), "rb").read() for n in ("config.json",
                                                                     "split.json")}
     for change, needle in (({"batch_size": 8}, "--batch-size 8 (was 16)"),
-                           ({"scst_after": 0}, "--scst-after 0 (was none), which makes it "
-                                               "self-critical")):
+                           ({"scst_after": 0}, "--scst-after 0 (was none: the epoch would "
+                                               "be self-critical)")):
         with pytest.raises(UserError) as e:
             train.train(small_config(shapes_data, epochs=2, **change), run, progress=False,
                         log=lambda *a: None)

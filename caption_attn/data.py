@@ -360,6 +360,27 @@ def _karpathy_split(image: dict, path: str, where: str) -> str:
     return "train" if split == "restval" else split
 
 
+def _objects(image: dict, path: str, where: str) -> Optional[list]:
+    """The image's ground-truth `objects` (shapes: `[{color, shape, size, bbox}]`), checked
+    here: scene accuracy reads `color` and `shape`, grounding `bbox` [x, y, w, h]."""
+    objects = image.get("objects")
+    if objects is None:
+        return None
+    if not isinstance(objects, list):
+        raise UserError(f"{path}: {where}.objects must be a list, got "
+                        f"{type(objects).__name__}")
+    for k, o in enumerate(objects):
+        at = f"{where}.objects[{k}]"
+        _get(o, "color", str, path, at)
+        _get(o, "shape", str, path, at)
+        box = o.get("bbox")
+        if box is not None and not (isinstance(box, list) and len(box) == 4 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in box)):
+            raise UserError(f"{path}: {at}.bbox must be [x, y, w, h] in pixels, got {box!r}")
+    return objects
+
+
 def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
     obj = _top(obj, path, "Karpathy split")
     images = _get(obj, "images", list, path, "Karpathy split JSON")
@@ -370,10 +391,7 @@ def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
         sentences = _get(image, "sentences", list, path, where)
         captions = [_get(s, "raw", str, path, f"{where}.sentences[{k}]")
                     for k, s in enumerate(sentences)]
-        objects = image.get("objects")
-        if objects is not None and not isinstance(objects, list):
-            raise UserError(f"{path}: {where}.objects must be a list, got "
-                            f"{type(objects).__name__}")
+        objects = _objects(image, path, where)
         image_id = image.get("cocoid", image.get("imgid", i))
         out.add(raw_path, captions, where, split=split, image_id=image_id, objects=objects,
                 size=_image_size(image))

@@ -223,6 +223,21 @@ def test_karpathy_image_listed_twice_with_other_ground_truth_is_an_error(
         data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
 
 
+@pytest.mark.parametrize("objects, problem", [
+    ([1, 2], r"objects\[0\] must be a JSON object, got int"),
+    ([{"shape": "circle"}], r"objects\[0\] has no `color` key"),
+    ([{"color": "red", "shape": None}], r"objects\[0\]\.shape must be a string"),
+    ([{"color": "red", "shape": "circle", "bbox": [1, 2]}],
+     r"objects\[0\]\.bbox must be \[x, y, w, h\]")])
+def test_karpathy_objects_that_are_no_ground_truth_are_refused(tmp_path, objects, problem):
+    """`objects` were only checked to be a list: [1, 2] or objects without a color were read,
+    and `evaluate` crashed with a TypeError/KeyError traceback after decoding the split."""
+    images = karpathy_images()
+    images[1]["objects"] = objects
+    with pytest.raises(UserError, match=r"k\.json: images\[1\]\." + problem):
+        data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+
+
 def test_karpathy_image_listed_twice_merges_captions_when_nothing_conflicts(tmp_path):
     images = karpathy_images()
     images[0]["objects"] = [{"color": "red", "shape": "circle"}]

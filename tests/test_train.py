@@ -496,6 +496,19 @@ def test_empty_validation_split_is_refused_before_training(shapes_data, tmp_path
                                                                    "checkpoints"))
 
 
+def test_a_vocabulary_without_words_is_refused_before_writing(shapes_data, tmp_path):
+    """--min-count 100000 (a typo) kept no word: training ran with every word <unk>, reported
+    a fine loss and saved a model that can only say "<unk>"."""
+    cfg = small_config(shapes_data)
+    cfg.vocab = VocabConfig(max_length=20, min_count=100000)
+    run = str(tmp_path / "run")
+    with pytest.raises(UserError) as e:
+        train.train(cfg, run, progress=False, log=lambda *a: None)
+    assert "--min-count 100000" in str(e.value) and "no word" in str(e.value)
+    assert "seen most often" in str(e.value)
+    assert not os.path.exists(run)
+
+
 # --------------------------------------------------------------------------- resuming on other data
 def _resume(trained, tmp_path, captions=None, logs=None):
     """Copy the finished run and `train` it again (4 epochs: nothing left to train) with

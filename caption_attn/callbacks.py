@@ -46,7 +46,8 @@ class EarlyStopping(keras.callbacks.Callback):
     `save_best(epoch, value)` is called whenever the metric improves (the trainer saves the
     model there); `restore_best()` is called at the end to put the best weights back. Both
     default to an in-memory copy of the weights. `initial_history` (entries of
-    history.json) replays earlier epochs after a resume, so patience carries over.
+    history.json) replays earlier epochs after a resume, so patience carries over; entries
+    without the monitored metric (a run resumed with another --monitor) are left out.
 
     `monitor` may also be a function of the 0-based epoch (training stages: val_loss during
     cross-entropy, val_cider during self-critical epochs). When it changes, patience starts
@@ -112,6 +113,8 @@ class EarlyStopping(keras.callbacks.Callback):
     def _update(self, epoch: int, logs: dict, replay: bool = False) -> None:
         self._follow_stage(epoch)
         self._previous_logs = dict(logs)
+        if logs.get(self.monitor) is None and replay:
+            return  # an earlier epoch of a run resumed with another --monitor: not compared
         if logs.get(self.monitor) is None:
             have = sorted(k for k, v in logs.items() if k != "epoch" and v is not None)
             raise UserError(f"early stopping monitors {self.monitor!r} but the epoch logs have "

@@ -163,21 +163,26 @@ class Captioner:
         return out
 
     # -- images -> captions ------------------------------------------------------------
+    def check_cache(self, needed_for: str = "`caption` rebuilds the backbone from its "
+                    "manifest.json (and, for random weights, the weights saved there)") -> None:
+        """UserError unless the feature cache is one (with a manifest), naming --cache when
+        the user gave it, else the run's recorded cache and how to point at a moved one."""
+        cache = self.cache
+        if not os.path.exists(os.path.join(cache, MANIFEST)):
+            why = ("is a file, not a folder" if os.path.isfile(cache) else
+                   "has no manifest.json: not a cache made by `extract-features`"
+                   if os.path.isdir(cache) else "does not exist")
+            if self._cache_flag:
+                raise UserError(f"--cache {cache}: {why}; give the feature cache the run "
+                                f"was trained on (or a copy of it)")
+            raise UserError(f"the run's feature cache {cache} {why}: {needed_for}; if it "
+                            f"moved, pass --cache NEW_FOLDER")
+
     @property
     def backbone(self) -> Backbone:
         if self._backbone is None:
             cache = self.cache
-            if not os.path.exists(os.path.join(cache, MANIFEST)):
-                why = ("is a file, not a folder" if os.path.isfile(cache) else
-                       "has no manifest.json: not a cache made by `extract-features`"
-                       if os.path.isdir(cache) else "does not exist")
-                if self._cache_flag:
-                    raise UserError(f"--cache {cache}: {why}; give the feature cache the run "
-                                    f"was trained on (or a copy of it)")
-                raise UserError(f"the run's feature cache {cache} {why}: `caption` rebuilds "
-                                f"the backbone from its manifest.json (and, for random "
-                                f"weights, the weights saved there); if it moved, pass "
-                                f"--cache NEW_FOLDER")
+            self.check_cache()
             if self.run_dir:
                 RunFolder(self.run_dir).check_cache(cache, read_manifest(cache))
             self._backbone = Backbone.from_manifest(cache)
@@ -248,6 +253,21 @@ def heatmap_files(names: dict) -> dict:
             for p in names}
 
 
+def check_heatmap_targets(out_dir: str, paths: Sequence[str],
+                          files: Optional[dict] = None) -> None:
+    """UserError when the heatmap of one of `paths` (named `files`, default `heatmap_files`
+    of them all) would be written over one of those images: `--plot-attention` naming the
+    images' own folder, with PNG images in it."""
+    files = files or heatmap_files(display_names(paths))
+    images = {os.path.realpath(p): p for p in paths}
+    for path, name in files.items():
+        hit = images.get(os.path.realpath(os.path.join(out_dir, name)))
+        if hit is not None:
+            raise UserError(f"--plot-attention {out_dir}: the heatmap of {path} would "
+                            f"overwrite the image {hit}; give the heatmaps a folder of their "
+                            f"own")
+
+
 # ----------------------------------------------------------------------------- output
 def format_probability(p: float) -> str:
     return f"{p:.6f}" if p >= 1e-6 else f"{p:.2e}"
@@ -298,6 +318,7 @@ def save_attention_plots(out_dir: str, results: dict) -> dict:
 
     names = display_names(list(results))
     files = heatmap_files(names)
+    check_heatmap_targets(out_dir, list(results), files)
     written = {}
     for path, (image, captions) in results.items():
         written[path] = os.path.join(out_dir, files[path])

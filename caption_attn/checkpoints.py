@@ -96,3 +96,16 @@ def _state_readable(directory: str) -> bool:
         return tf.train.get_checkpoint_state(directory) is not None
     except Exception:  # noqa: BLE001 - a damaged text proto raises parse errors of any kind
         return False
+
+
+def position(directory: str) -> Optional[tuple[int, int]]:
+    """(finished epochs, steps into the next epoch) of the newest readable checkpoint in
+    `directory`, read without building the model; None when there is none."""
+    for prefix in list_checkpoints(directory):
+        try:
+            reader = tf.train.load_checkpoint(prefix)
+            return (int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE")),
+                    int(reader.get_tensor("step_in_epoch/.ATTRIBUTES/VARIABLE_VALUE")))
+        except (tf.errors.OpError, ValueError, KeyError):
+            continue  # damaged: restore_newest_intact reports it
+    return None

@@ -127,6 +127,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     paths = C_.expand_image_args(args.images)
     if args.plot_attention:
         check_folder_writable(args.plot_attention, "--plot-attention")
+        C_.check_heatmap_targets(args.plot_attention, paths)
     model = C_.Captioner.from_run(args.run, cfg, cache=args.cache)
     results, errors = model.caption_images(paths)
     for path, reason in errors.items():

@@ -35,6 +35,7 @@ from typing import Any, Iterable, Iterator, Optional
 from caption_attn.config import CAPTION_FORMATS, DataConfig, VocabConfig, check_fractions
 from caption_attn.fileio import parse_json
 from caption_attn.errors import UserError
+from caption_attn.vocab import standardize
 
 SPLITS = ("train", "val", "test")
 KARPATHY_SPLITS = ("train", "val", "test", "restval")  # restval is read as train
@@ -65,7 +66,7 @@ class CaptionSet:
     path: str
     format: str                     # one of FILE_FORMATS
     records: list[ImageRecord]      # sorted by image key, each with >= 1 caption
-    skipped_empty: int = 0          # empty / whitespace-only captions skipped
+    skipped_empty: int = 0          # captions without a word skipped (empty, "...")
     refused_paths: int = 0          # distinct unsafe image paths refused (never opened)
     refused_examples: list[str] = field(default_factory=list)  # the first few, as written
     has_split: bool = False         # True when the file carries its own split (Karpathy)
@@ -116,6 +117,12 @@ def image_key_problem(key: str) -> Optional[str]:
     return None
 
 
+def _has_word(caption: str) -> bool:
+    """`caption` keeps a word once standardised (a letter or digit comes first in practice:
+    the whole standardisation only runs for the rest)."""
+    return any(ch.isalnum() for ch in caption) or bool(standardize(caption))
+
+
 # --------------------------------------------------------------------------- collecting records
 class _Collector:
     """Merges (image path, captions) entries into records; counts what it drops."""
@@ -134,7 +141,9 @@ class _Collector:
         if key is None:
             self.refused.setdefault(raw_path, None)
             return
-        kept = [c.strip() for c in captions if c.strip()]
+        # a caption with no word once standardised ("...", "-") is empty too: trained on, it
+        # would teach the model to end at once
+        kept = [c.strip() for c in captions if _has_word(c)]
         self.skipped_empty += len(captions) - len(kept)
         if not kept:
             return
@@ -184,7 +193,10 @@ def _read_text(path: str) -> str:
         line = raw.count(b"\n", 0, e.start) + 1
         raise UserError(f"{path}: not valid UTF-8 at byte {e.start} (line {line}): byte "
                         f"0x{raw[e.start]:02x}; save the file as UTF-8") from None
-    return text[1:] if text.startswith("\ufeff") else text
+    text = text[1:] if text.startswith("\ufeff") else text
+    if "\r" in text and "\n" not in text:  # CR-only line ends (classic Mac): as LF
+        text = text.replace("\r", "\n")
+    return text
 
 
 def _lines(text: str) -> Iterator[tuple[int, str]]:
@@ -214,7 +226,10 @@ def _json_format(obj: Any) -> Optional[str]:
 
 
 def _is_csv_header(line: str) -> bool:
-    fields = next(csv.reader([line]), [])
+    try:
+        fields = next(csv.reader([line]), [])
+    except csv.Error:  # e.g. a stray carriage return: not the header
+        return False
     return [f.strip().lower() for f in fields] == ["image", "caption"]
 
 
@@ -345,6 +360,27 @@ def _karpathy_split(image: dict, path: str, where: str) -> str:
     return "train" if split == "restval" else split
 
 
+def _objects(image: dict, path: str, where: str) -> Optional[list]:
+    """The image's ground-truth `objects` (shapes: `[{color, shape, size, bbox}]`), checked
+    here: scene accuracy reads `color` and `shape`, grounding `bbox` [x, y, w, h]."""
+    objects = image.get("objects")
+    if objects is None:
+        return None
+    if not isinstance(objects, list):
+        raise UserError(f"{path}: {where}.objects must be a list, got "
+                        f"{type(objects).__name__}")
+    for k, o in enumerate(objects):
+        at = f"{where}.objects[{k}]"
+        _get(o, "color", str, path, at)
+        _get(o, "shape", str, path, at)
+        box = o.get("bbox")
+        if box is not None and not (isinstance(box, list) and len(box) == 4 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in box)):
+            raise UserError(f"{path}: {at}.bbox must be [x, y, w, h] in pixels, got {box!r}")
+    return objects
+
+
 def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
     obj = _top(obj, path, "Karpathy split")
     images = _get(obj, "images", list, path, "Karpathy split JSON")
@@ -355,10 +391,7 @@ def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
         sentences = _get(image, "sentences", list, path, where)
         captions = [_get(s, "raw", str, path, f"{where}.sentences[{k}]")
                     for k, s in enumerate(sentences)]
-        objects = image.get("objects")
-        if objects is not None and not isinstance(objects, list):
-            raise UserError(f"{path}: {where}.objects must be a list, got "
-                            f"{type(objects).__name__}")
+        objects = _objects(image, path, where)
         image_id = image.get("cocoid", image.get("imgid", i))
         out.add(raw_path, captions, where, split=split, image_id=image_id, objects=objects,
                 size=_image_size(image))

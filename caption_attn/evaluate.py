@@ -206,8 +206,15 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     metrics_path, results_path = RunFolder(run_dir).eval_outputs(split, out)
     _check_outputs(metrics_path, results_path)
     captioner = Captioner.from_run(run_dir, cfg or DecodeConfig(), cache=cache)
+    captioner.check_cache(needed_for="evaluate reads the split's features from it")
+    recorded = captioner.run_cfg.captions
+    if captions is None and not os.path.isfile(recorded):
+        raise UserError(f"the run's caption file {recorded} "
+                        f"{'is a folder' if os.path.isdir(recorded) else 'does not exist'}: "
+                        f"evaluate reads the references from it; if it moved, pass "
+                        f"--captions NEW_FILE")
     found = _load_split(run_dir, split, captioner.run_cfg, captioner.cache,
-                        captions or captioner.run_cfg.captions)
+                        captions or recorded)
     best = _decode(captioner, found, progress)
     hypotheses = {k: c.text for k, c in best.items()}
     result = {"run": run_dir, "split": split, "images": len(found.keys),

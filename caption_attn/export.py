@@ -75,8 +75,10 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     if decode_cfg.method == "sample":
         raise UserError("export decodes with beam search or greedy, not --sample")
     run = RunFolder(run_dir)
-    cache_dir = cache or run.load_config().cache
-    _check_out(out, run, cfg.force, keep=(run.path, cache_dir))
+    run_cfg = run.load_config()
+    cache_dir = cache or run_cfg.cache
+    _check_out(out, run, cfg.force, keep=(run.path, cache_dir, run_cfg.captions),
+               cache=cache_dir)
     start = time.perf_counter()
     captioner = Captioner.from_run(run_dir, decode_cfg, cache=cache)
     backbone = captioner.backbone
@@ -119,15 +121,26 @@ def _remove_killed_exports(out: str, log) -> None:
             log(f"removed {path}, left by an export that did not finish")
 
 
-def _check_out(out: str, run: RunFolder, force: bool, keep=()) -> None:
+def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> None:
     """Refuse an `out` that holds something else than an earlier export of `run` (unless
-    `force`), that would replace a folder of `keep`, or whose parent is not writable."""
+    `force`), that would replace a path of `keep`, that is inside the feature cache `cache`
+    or one of the run's own files or folders (even with `force`), or whose parent is not
+    writable."""
     if not out or not out.strip():
         raise UserError("--out must name a folder, got an empty string")
     target, run_path = os.path.abspath(out), os.path.abspath(run.path)
+    real = os.path.realpath(out)  # a symlink on the way must not hide the run or cache
     for folder in keep:
-        if os.path.commonpath([target, os.path.abspath(folder)]) == target:
+        if target in _ancestors(folder) or real in _ancestors(folder):
             raise UserError(f"--out {out}: would replace {folder}, which the export reads")
+    if cache and _inside(real, cache):
+        raise UserError(f"--out {out}: inside the feature cache {cache}; give the export a "
+                        f"folder of its own, e.g. serving/NAME/1")
+    if _inside(real, run.path):
+        own = os.path.relpath(real, os.path.realpath(run.path)).split(os.sep)[0]
+        if own in RunFolder.FILES + RunFolder.DIRS:
+            raise UserError(f"--out {out}: {own} is one of the run's own files or folders; "
+                            f"give the export a folder of its own, e.g. serving/NAME/1")
     if os.path.lexists(out):
         earlier = _earlier_export(out)
         if earlier is not None and earlier != run_path and not force:
@@ -137,6 +150,25 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=()) -> None:
             raise UserError(f"--out {out}: exists and is not an export of a run (no "
                             f"{INFO_FILE}); use another --out or add --force to replace it")
     check_folder_writable(os.path.dirname(target), "--out")
+
+
+def _inside(real: str, folder: str) -> bool:
+    """`real` (a realpath) is `folder` or a path inside it."""
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([real, folder]) == folder
+
+
+def _ancestors(path: str) -> set:
+    """`path` and the folders above it, as given (absolute) and with symlinks resolved."""
+    found = set()
+    for p in (os.path.abspath(path), os.path.realpath(path)):
+        while True:
+            found.add(p)
+            parent = os.path.dirname(p)
+            if parent == p:
+                break
+            p = parent
+    return found
 
 
 def _earlier_export(out: str):
@@ -163,8 +195,11 @@ def _publish(tmp: str, out: str) -> None:
         if old is not None:
             os.replace(old, out)
         raise
-    if old is not None:
-        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+    if old is not None:  # a symlink (to an earlier export) goes, not what it points to
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old)
+        else:
+            os.remove(old)
 
 
 def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone) -> dict:

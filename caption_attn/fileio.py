@@ -72,6 +72,9 @@ def parse_json(path: str, text: str) -> Any:
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: "
                         f"{e.msg}") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply (thousands of levels of lists or "
+                        f"objects) to be read") from None
 
 
 def read_json(path: str) -> Any:

@@ -78,7 +78,8 @@ class RunFolder:
         other files (training would mix its files with them, and `--fresh` could not tell
         them apart)."""
         check_folder_writable(self.path, "--run")
-        run, cache = os.path.abspath(self.path), os.path.abspath(cache)
+        # realpath: a symlink on the way (`--run link/run`, link -> the cache) must not hide it
+        run, cache = os.path.realpath(self.path), os.path.realpath(cache)
         if run == cache or run.startswith(cache + os.sep):
             raise UserError(f"--run {self.path}: inside the feature cache {cache}; give the "
                             f"run a folder of its own, e.g. models/NAME")

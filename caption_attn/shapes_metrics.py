@@ -121,6 +121,9 @@ def _grounding_counts(words: dict, attention: dict, objects: dict, image_size,
                              f"{grid * grid}), got {attn.shape}")
         height, width = _image_hw(image_size, key)
         for t, candidates in _word_targets(list(ws), _objects_of(objects, key)).items():
+            candidates = [o for o in candidates if o.get("bbox") is not None]
+            if not candidates:  # ground truth without boxes: nothing to ground against
+                continue
             peak = int(np.argmax(attn[t]))
             matched += 1
             grounded += any(_near(peak, _cells(o["bbox"], height, width, grid), grid)

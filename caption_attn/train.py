@@ -58,11 +58,45 @@ def open_run(run_dir: str, cfg: RunConfig, fresh: bool = False) -> list[str]:
     run = RunFolder(run_dir)
     run.check_writable(cfg.cache)
     notes = [] if fresh else run.reopen_notes(cfg)
+    if not fresh:
+        refuse_other_batches_mid_epoch(run, cfg)
     if fresh:
         run.delete_previous()
     os.makedirs(run_dir, exist_ok=True)
     cfg.save(run.config)
     return notes
+
+
+def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig) -> None:
+    """UserError when the run stopped inside an epoch (--max-steps, a kill after a
+    --checkpoint-every save) and `cfg` would cut that epoch into other batches: another
+    --batch-size, another --scst-samples in a self-critical epoch, or an --scst-after that
+    changes the epoch's stage. The rerun skips the batches already trained by their count,
+    so with other batches it would train some captions of the epoch twice and others never,
+    and add up the losses of two stages as one epoch."""
+    if not os.path.exists(run.config):
+        return
+    where = checkpoints.position(run.checkpoints)
+    if where is None or where[1] == 0:
+        return
+    epoch, in_epoch = where
+    old, new = run.load_config().train, cfg.train
+    changed = []
+    if old.is_scst(epoch) != new.is_scst(epoch):
+        after = lambda tc: "none" if tc.scst_after is None else tc.scst_after  # noqa: E731
+        changed.append(f"--scst-after {after(new)} (was {after(old)}: the epoch would be "
+                       f"{'self-critical' if new.is_scst(epoch) else 'cross-entropy'})")
+    if old.batch_size != new.batch_size:
+        changed.append(f"--batch-size {new.batch_size} (was {old.batch_size})")
+    if old.is_scst(epoch) and new.is_scst(epoch) and old.scst_samples != new.scst_samples:
+        changed.append(f"--scst-samples {new.scst_samples} (was {old.scst_samples})")
+    if changed:
+        raise UserError(
+            f"{run.path} stopped in epoch {epoch + 1} at step {in_epoch}, and resuming it with "
+            f"{'; '.join(changed)} would cut the rest of that epoch into other batches (some "
+            f"captions twice, others never): finish epoch {epoch + 1} with the run's earlier "
+            f"settings first (rerun with them; --epochs {epoch + 1} stops after it), then "
+            f"resume with the new ones")
 
 
 def load_train_data(cfg: RunConfig, run_dir: str, reuse: bool = True) -> TrainData:
@@ -364,7 +398,7 @@ class Trainer:
         todo = done < tc.epochs and not (tc.max_steps and steps_before >= tc.max_steps)
         if todo:
             self._compile(self.inputs.captions("train", epoch=0).element_spec)
-            self._cider_before_self_critical(history, done)
+            self._metrics_before_resume(history, done)
         early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
                               initial_history=history, save_best=self._save_best,
                               restore_best=self._restore_best)
@@ -432,13 +466,21 @@ class Trainer:
             self.log(_epoch_line(entry))
         return True
 
-    def _cider_before_self_critical(self, history: list, done: int) -> None:
-        """A run entering its self-critical stage from an epoch that did not log val_cider (a
-        cross-entropy run finished before --scst-after was given) measures it now, so the new
-        stage has the model it starts from to beat."""
-        if not history or not self.cfg.train.is_scst(done) or "val_cider" in history[-1]:
+    def _metrics_before_resume(self, history: list, done: int) -> None:
+        """A run resumed from an epoch that did not log the metric its next epoch monitors (a
+        cross-entropy run entering its self-critical stage, whose val_cider was not measured;
+        a run resumed with another --monitor) measures it now on the restored model, that
+        epoch's, so the epochs to come have the model they start from to beat. (Resumed
+        inside an epoch, the restored model is not that epoch's: nothing is measured.)"""
+        tc = self.cfg.train
+        if not history or int(self.step_in_epoch.numpy()):
             return
-        history[-1]["val_cider"] = self.validator.metrics(["val_cider"])["val_cider"]
+        wanted = {tc.monitor_for(done)} | ({"val_cider"} if tc.is_scst(done) else set())
+        missing = sorted(n for n in wanted & {"val_bleu4", "val_cider"}
+                         if history[-1].get(n) is None)
+        if not missing:
+            return
+        history[-1].update(self.validator.metrics(missing))
         if self.chief:
             write_json_atomic(self.run.history, history)
 
@@ -523,6 +565,8 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
                         f"images folder recorded in the cache)")
     fresh = cfg.train.fresh
     notes = [] if fresh else run.reopen_notes(cfg)
+    if not fresh:
+        refuse_other_batches_mid_epoch(run, cfg)
     if not fresh and os.path.exists(run.split) and run.caption_data() is None:
         notes.append(f"{run.split} has no fingerprint of the run's caption data (a run made "
                      f"before they were recorded): recording the one of {cfg.captions}, "

@@ -9,6 +9,7 @@ its input leaves the run folder as it was.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -23,7 +24,7 @@ from caption_attn.errors import UserError
 from caption_attn.fileio import write_json_atomic
 from caption_attn.run import RunFolder
 from caption_attn.scst import train_document_frequency
-from caption_attn.vocab import Vocabulary, tokenize_all
+from caption_attn.vocab import SPECIAL_TOKENS, Vocabulary, tokenize_all
 
 
 @dataclasses.dataclass
@@ -101,6 +102,9 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
         vocab = Vocabulary.fit_words((w for k in splits["train"] if k in paths
                                       for w in words[k]),
                                      cfg.vocab.vocab_size, cfg.vocab.min_count)
+        if len(vocab) == len(SPECIAL_TOKENS):
+            _refuse_empty_vocabulary(cfg, [w for k in splits["train"] if k in paths
+                                           for caption in words[k] for w in caption])
     caption_ids, references = {}, {}
     for split, keys in splits.items():
         keys = [k for k in keys if k in paths]
@@ -113,6 +117,17 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
                      feature_cache.describe_problems(problems, cfg.cache) if problems else "",
                      fingerprint)
 
+
+
+def _refuse_empty_vocabulary(cfg: RunConfig, train_words: list) -> None:
+    """A vocabulary of special tokens only (every word <unk>) trains a model that says
+    nothing: refused, naming --min-count and what it would have to be."""
+    if not train_words:
+        return  # no training caption with features: _check_not_empty says so
+    word, count = collections.Counter(train_words).most_common(1)[0]
+    raise UserError(f"--min-count {cfg.vocab.min_count} leaves no word in the vocabulary: "
+                    f"the train split's word seen most often ({word!r}) appears {count} "
+                    f"times; lower --min-count")
 
 
 def _check_not_empty(cfg: RunConfig, splits: dict, caption_ids: dict, problems: dict) -> None:

@@ -90,6 +90,22 @@ def test_every_format_auto_detected_and_merged(tmp_path, fmt, bom, crlf):
         assert captions.has_split == (fmt == "karpathy")
 
 
+@pytest.mark.parametrize("fmt", sorted(TEXTS))
+def test_old_mac_line_ends_are_line_ends(tmp_path, fmt):
+    """A file with CR-only line ends (classic Mac, some spreadsheet exports): a Flickr token
+    file was read as one image with one caption of every line (exit 0), a CSV crashed with a
+    csv.Error traceback while its format was detected."""
+    path = write(tmp_path, "captions", TEXTS[fmt]().replace("\n", "\r"))
+    captions = data.load_captions(path)
+    assert captions.format == fmt and as_dict(captions) == EXPECTED
+
+
+def test_a_stray_carriage_return_in_a_csv_header_is_a_one_line_error(tmp_path):
+    path = write(tmp_path, "c.csv", "image,cap\rtion\na.jpg,one\n")
+    with pytest.raises(UserError, match="cannot detect the caption format from line 1"):
+        data.load_captions(path)
+
+
 def test_coco_image_id_is_the_coco_id(tmp_path):
     captions = data.load_captions(write(tmp_path, "c.json", coco_text()))
     assert {r.image: r.image_id for r in captions.records} == {
@@ -204,6 +220,21 @@ def test_karpathy_image_listed_twice_with_other_ground_truth_is_an_error(
     name = "objects" if field == "objects" else "size"
     with pytest.raises(UserError, match=rf"k\.json: images\[3\]: image 'a\.jpg' has other "
                                         rf"{name} here than earlier"):
+        data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+
+
+@pytest.mark.parametrize("objects, problem", [
+    ([1, 2], r"objects\[0\] must be a JSON object, got int"),
+    ([{"shape": "circle"}], r"objects\[0\] has no `color` key"),
+    ([{"color": "red", "shape": None}], r"objects\[0\]\.shape must be a string"),
+    ([{"color": "red", "shape": "circle", "bbox": [1, 2]}],
+     r"objects\[0\]\.bbox must be \[x, y, w, h\]")])
+def test_karpathy_objects_that_are_no_ground_truth_are_refused(tmp_path, objects, problem):
+    """`objects` were only checked to be a list: [1, 2] or objects without a color were read,
+    and `evaluate` crashed with a TypeError/KeyError traceback after decoding the split."""
+    images = karpathy_images()
+    images[1]["objects"] = objects
+    with pytest.raises(UserError, match=r"k\.json: images\[1\]\." + problem):
         data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
 
 
@@ -382,6 +413,15 @@ def test_empty_captions_are_skipped_and_counted(tmp_path):
     assert as_dict(captions) == {"a.jpg": ["one"], "c.jpg": ["two"]}
     assert captions.skipped_empty == 3
 
+
+
+def test_captions_without_a_word_are_skipped_and_counted_as_empty(tmp_path):
+    """A caption of only punctuation or symbols ("...", "-", "!!") has no word once
+    standardised: trained on, it taught the model to end at once, and it was not counted."""
+    text = "a.jpg#0\tone dog\na.jpg#1\t...\nb.jpg#0\t - !!\nc.jpg#0\tcafé.\n"
+    captions = data.load_captions(write(tmp_path, "t.txt", text))
+    assert as_dict(captions) == {"a.jpg": ["one dog"], "c.jpg": ["café."]}
+    assert captions.skipped_empty == 2
 
 UNSAFE = ["/etc/passwd", "C:\\x.jpg", "c:x.jpg", "\\\\server\\share\\x.jpg", "\\x.jpg",
           "../x.jpg", "a/../../x.jpg", "..\\x.jpg", "a/..", ""]

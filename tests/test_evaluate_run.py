@@ -123,6 +123,27 @@ def test_an_empty_split_is_refused_as_empty(run_copy, capsys, monkeypatch):
     assert "the run's test split is empty" in err and "--split (train, val)" in err
 
 
+@pytest.mark.parametrize("moved", ["cache", "captions"])
+def test_a_run_whose_cache_or_captions_moved_says_how_to_point_at_them(run_copy, tmp_path,
+                                                                        capsys, moved):
+    """evaluate of a run whose cache moved said `CACHE/manifest.json: no feature cache
+    manifest (run extract-features --cache CACHE first)`, as if the features had to be made
+    again, and of one whose caption file moved only `FILE: caption file not found`: both
+    name the run's path now and the flag that points at the new place."""
+    run = run_copy.path
+    with open(os.path.join(run, "config.json")) as f:
+        config = json.load(f)
+    config[moved] = str(tmp_path / "moved")
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump(config, f)
+    assert main(["evaluate", "--run", run, "--split", "val"]) == 2
+    err = capsys.readouterr().err
+    what = {"cache": "feature cache", "captions": "caption file"}[moved]
+    assert f"the run's {what} {tmp_path / 'moved'} does not exist" in err, err
+    assert f"--{moved} NEW" in err and "extract-features" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_unknown_split_is_refused(trained_run, capsys):
     assert main(["evaluate", "--run", trained_run, "--split", "dev"]) == 2
 

@@ -333,6 +333,36 @@ def test_bad_out_folders_are_refused_in_one_line(tmp_path):
                                                   (["locked"] if os.geteuid() else []))
 
 
+def test_out_inside_the_run_or_its_cache_is_refused_even_with_force(tmp_path):
+    """--force replaces an earlier export or a folder of other files, never a file or folder
+    of the run (best.keras, checkpoints/ ...), its feature cache or its caption file:
+    `--out RUN/best.keras --force` replaced the model with the export (exit 0)."""
+    run = tmp_path / "run"
+    os.makedirs(run / "checkpoints")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text("{}")
+    captions = tmp_path / "captions.json"
+    captions.write_text("{}")
+    RunConfig(captions=str(captions), cache=str(cache)).save(str(run / "config.json"))
+    (run / "best.keras").write_text("model")
+    (tmp_path / "link").symlink_to(run)
+    for out, needle in ((tmp_path / "link" / "best.keras", "the run's own"),
+                        (run / "best.keras", "the run's own"),
+                        (run / "checkpoints", "the run's own"),
+                        (run / "config.json", "the run's own"),
+                        (run / "eval" / "serving", "the run's own"),
+                        (cache / "manifest.json", "inside the feature cache"),
+                        (cache / "export", "inside the feature cache"),
+                        (captions, "would replace")):
+        _refused(["export", "--run", str(run), "--out", str(out), "--force"], needle,
+                 str(out))
+    assert (run / "best.keras").read_text() == "model" and captions.read_text() == "{}"
+    assert sorted(os.listdir(cache)) == ["manifest.json"]
+    assert sorted(os.listdir(run)) == ["best.keras", "checkpoints", "config.json"]
+    assert (tmp_path / "link").is_symlink()
+
+
 def test_export_config_checks_itself():
     with pytest.raises(UserError, match="--check-images"):
         ExportConfig(check_images=-1)
@@ -356,6 +386,27 @@ def test_a_failed_export_leaves_the_earlier_one_untouched(trained_run, tmp_path,
                           log=lambda *a: None)
     assert os.listdir(out) == [export.INFO_FILE]              # the earlier export
     assert os.listdir(tmp_path) == ["export"]                  # no temporary folder left
+
+
+def test_an_out_that_is_a_symlink_is_replaced_and_its_target_kept(trained_run, tmp_path,
+                                                                   monkeypatch):
+    """`--out serving/current` (a symlink to an earlier export, as TF Serving setups keep):
+    the export replaced the link, then failed with `error: Cannot call rmtree on a symbolic
+    link` (the export done, the old link left as a hidden .old file)."""
+    earlier = tmp_path / "1"
+    earlier.mkdir()
+    (earlier / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+    link = tmp_path / "current"
+    link.symlink_to("1")
+
+    def save(path, *args):
+        open(os.path.join(path, "saved_model.pb"), "wb").write(b"new")
+    monkeypatch.setattr(export, "save_servable", save)
+    export.export_run(trained_run, str(link), DecodeConfig(), ExportConfig(),
+                      log=lambda *a: None)
+    assert not link.is_symlink() and (link / "saved_model.pb").read_bytes() == b"new"
+    assert os.listdir(earlier) == [export.INFO_FILE]         # the link's target is kept
+    assert sorted(os.listdir(tmp_path)) == ["1", "current"]  # nothing hidden left
 
 
 def test_temporary_folders_of_killed_exports_are_removed(tmp_path):

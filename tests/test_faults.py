@@ -146,6 +146,31 @@ def test_same_named_images_get_distinct_heatmaps_and_names(shapes_data, trained_
     assert sorted(os.listdir(heat)) == ["a__cat.png", "b__cat.png"]
 
 
+def test_heatmaps_never_overwrite_the_images_being_captioned(shapes_data, trained_run,
+                                                             tmp_path, capsys):
+    """`caption --plot-attention DIR DIR/x.png` wrote x.png's heatmap over x.png itself
+    (exit 0): refused before the model is loaded, and nothing is written."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k in ("shape_00000.png", "shape_00001.png"):
+        shutil.copy(os.path.join(shapes_data["images"], k), folder / k)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for args in ([str(folder / "shape_00000.png")], [str(folder)]):
+        code = main(["caption", "--run", trained_run, "--beam", "1", "--plot-attention",
+                     str(folder), *args])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert "--plot-attention" in err and "shape_00000.png" in err and "overwrite" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    heat = str(tmp_path / "heat")  # a folder of its own is fine, and so is the images' one
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--plot-attention", heat,
+                 str(folder)]) == 0
+    shutil.copy(os.path.join(shapes_data["images"], "shape_00002.png"), folder / "c.jpg")
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--plot-attention",
+                 str(folder), str(folder / "c.jpg")]) == 0
+    assert (folder / "c.png").exists()
+
+
 def test_a_file_where_a_folder_is_expected_is_one_line(trained_run, shapes_data, tmp_path,
                                                        capsys):
     (tmp_path / "file").write_text("x")

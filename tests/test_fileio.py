@@ -24,3 +24,14 @@ def test_atomic_write_leaves_nothing_on_interrupt(tmp_path):
     assert os.listdir(tmp_path) == []
     write_bytes_atomic(str(tmp_path / "new" / "x.npy"), b"done")   # creates the folder
     assert os.listdir(tmp_path / "new") == ["x.npy"]
+
+
+def test_json_nested_too_deeply_is_a_one_line_error(tmp_path):
+    """JSON nested thousands of levels deep (a broken generator, a hostile file) raised a
+    RecursionError traceback from the JSON decoder."""
+    from caption_attn.errors import UserError
+    from caption_attn.fileio import read_json
+    path = tmp_path / "deep.json"
+    path.write_text('{"annotations": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(UserError, match=r"deep\.json: .*nested too deeply"):
+        read_json(str(path))

@@ -121,3 +121,14 @@ def test_scene_accuracy_by_number_of_objects():
                 "two_b": "a blue square and a red triangle"}
     assert shapes_metrics.scene_accuracy_by_objects(captions, objects) == {"1": 1.0,
                                                                            "2": 0.5}
+
+
+def test_grounding_leaves_out_objects_without_a_box():
+    """Ground truth without `bbox` (a Karpathy file's objects may have none) raised KeyError
+    after the whole split was decoded; such objects are not grounded against."""
+    words = {"k": ["a", "red", "circle", "and", "a", "blue", "square"]}
+    attention = {"k": np.full((7, 64), 1 / 64)}
+    no_box = {k: v for k, v in BLUE_SQUARE.items() if k != "bbox"}
+    with_box = shapes_metrics.grounding_score(words, attention, {"k": [RED_CIRCLE]}, 100)
+    assert shapes_metrics.grounding_score(words, attention, {"k": [RED_CIRCLE, no_box]},
+                                          100) == with_box

@@ -172,6 +172,28 @@ def test_rerun_of_a_finished_run_trains_nothing(trained):
         f"nothing to train: the run already finished epoch 4 (--epochs 1), step {steps}")
 
 
+def test_resume_with_another_monitor_measures_it_and_continues(shapes_data, tmp_path):
+    """--monitor is a training setting that may change on resume: `--monitor val_bleu4` on a
+    run trained with val_loss stopped with `early stopping monitors 'val_bleu4' but the epoch
+    logs have no value for it ... (an empty validation split?)`, even on a finished run.
+    Now the epoch the run resumes from gets the new metric measured (its model is the one
+    restored), and the epochs after it must beat it."""
+    run = str(tmp_path / "run")
+    run_trainer(small_config(shapes_data, epochs=1), run)
+    trainer, summary = run_trainer(small_config(shapes_data, epochs=1, monitor="val_bleu4"),
+                                   run)                   # finished: nothing to train
+    assert summary["steps_now"] == 0
+    trainer, summary = run_trainer(small_config(shapes_data, epochs=2, monitor="val_bleu4"),
+                                   run)
+    with open(os.path.join(run, "history.json")) as f:
+        history = json.load(f)
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(isinstance(h.get("val_bleu4"), float) for h in history)
+    assert summary["monitor"] == "val_bleu4" and summary["epochs_now"] == 1
+    best = max(history, key=lambda h: h["val_bleu4"])
+    assert summary["best_value"] == pytest.approx(best["val_bleu4"])
+
+
 def test_resume_with_other_model_config_is_refused(trained):
     cfg = small_config_like(trained, model=ModelConfig(embedding_dim=32, units=48, dropout=0.2))
     with pytest.raises(UserError) as e:
@@ -249,6 +271,33 @@ def test_max_steps_then_resume_mid_epoch(shapes_data, tmp_path):
     np.testing.assert_allclose([(h["learning_rate"], h["loss"], h["val_loss"]) for h in history],
                                [(h["learning_rate"], h["loss"], h["val_loss"]) for h in whole],
                                rtol=1e-5)
+
+
+def test_resume_mid_epoch_with_other_batches_is_refused_before_writing(shapes_data,
+                                                                         tmp_path):
+    """A run stopped inside an epoch skips the batches already trained by their count: with
+    another --batch-size (or a stage changed by --scst-after) the rerun trained some captions
+    of that epoch twice and others never, with exit 0. Refused now; between epochs (and with
+    the same batches) it resumes."""
+    run = str(tmp_path / "run")
+    run_trainer(small_config(shapes_data, epochs=2, max_steps=3), run)
+    before = {n: open(os.path.join(run, n), "rb").read() for n in ("config.json",
+                                                                    "split.json")}
+    for change, needle in (({"batch_size": 8}, "--batch-size 8 (was 16)"),
+                           ({"scst_after": 0}, "--scst-after 0 (was none: the epoch would "
+                                               "be self-critical)")):
+        with pytest.raises(UserError) as e:
+            train.train(small_config(shapes_data, epochs=2, **change), run, progress=False,
+                        log=lambda *a: None)
+        assert f"{run} stopped in epoch 1 at step 3" in str(e.value)
+        assert needle in str(e.value) and "--epochs 1" in str(e.value)
+        assert {n: open(os.path.join(run, n), "rb").read() for n in before} == before
+    summary = train.train(small_config(shapes_data, epochs=1), run, progress=False,
+                          log=lambda *a: None)                  # finishes epoch 1 as it was
+    assert summary["finished_epochs"] == 1 and summary["epoch_steps"] == 0
+    summary = train.train(small_config(shapes_data, epochs=2, batch_size=8, max_steps=None),
+                          run, progress=False, log=lambda *a: None)
+    assert summary["finished_epochs"] == 2
 
 
 def test_max_steps_in_the_middle_of_an_epoch_finishes_no_epoch(shapes_data, tmp_path):
@@ -447,6 +496,19 @@ def test_empty_validation_split_is_refused_before_training(shapes_data, tmp_path
                                                                    "checkpoints"))
 
 
+def test_a_vocabulary_without_words_is_refused_before_writing(shapes_data, tmp_path):
+    """--min-count 100000 (a typo) kept no word: training ran with every word <unk>, reported
+    a fine loss and saved a model that can only say "<unk>"."""
+    cfg = small_config(shapes_data)
+    cfg.vocab = VocabConfig(max_length=20, min_count=100000)
+    run = str(tmp_path / "run")
+    with pytest.raises(UserError) as e:
+        train.train(cfg, run, progress=False, log=lambda *a: None)
+    assert "--min-count 100000" in str(e.value) and "no word" in str(e.value)
+    assert "seen most often" in str(e.value)
+    assert not os.path.exists(run)
+
+
 # --------------------------------------------------------------------------- resuming on other data
 def _resume(trained, tmp_path, captions=None, logs=None):
     """Copy the finished run and `train` it again (4 epochs: nothing left to train) with
@@ -548,12 +610,15 @@ def test_cache_copied_without_its_times_says_so_and_how_to_fix(shapes_data, copy
         and "extract-features" in message
 
 
-@pytest.mark.parametrize("place", ["cache", "inside the cache", "a folder of other files"])
+@pytest.mark.parametrize("place", ["cache", "inside the cache", "a folder of other files",
+                                   "inside the cache through a symlink"])
 def test_a_run_folder_that_is_the_cache_or_holds_other_files_is_refused(shapes_data,
                                                                        copy_cache, tmp_path,
                                                                        place):
     run = {"cache": copy_cache, "inside the cache": os.path.join(copy_cache, "run"),
-           "a folder of other files": str(tmp_path / "photos")}[place]
+           "a folder of other files": str(tmp_path / "photos"),
+           "inside the cache through a symlink": str(tmp_path / "link" / "run")}[place]
+    os.symlink(copy_cache, tmp_path / "link")  # `--run link/run` trained into the cache
     if place == "a folder of other files":
         os.makedirs(run)
         open(os.path.join(run, "holiday.jpg"), "w").close()

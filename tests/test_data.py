@@ -280,6 +280,29 @@ def test_malformed_json_names_line_and_column(tmp_path):
         data.load_captions(path)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000 + "]" * 100_000, r"deep\.json: JSON nested too deeply"),
+    ('{"images": [{"id": 1, "file_name": "a\\ud800.png"}],\n "annotations": '
+     '[{"image_id": 1, "caption": "x"}]}', r"deep\.json: line 1, column 38: .*\\ud800"),
+    ('{"images": [{"id": 1, "file_name": "a.png"}],\n "annotations": '
+     '[{"image_id": 1, "caption": "x \\uDC00 y"}]}', r"deep\.json: line 2, column 48: "),
+])
+def test_json_python_cannot_hold_is_a_user_error(tmp_path, text, message):
+    """Deep nesting (RecursionError) and a lone UTF-16 surrogate escape (text that cannot be
+    written as UTF-8 again: the split hash and vocab.json failed with tracebacks)."""
+    path = write(tmp_path, "deep.json", text)
+    with pytest.raises(UserError, match=message):
+        data.load_captions(path)
+
+
+def test_json_surrogate_pairs_and_escaped_backslashes_are_fine(tmp_path):
+    text = ('{"images": [{"id": 1, "file_name": "a\\\\ud800.png"}], "annotations": '
+            '[{"image_id": 1, "caption": "a \\ud83d\\ude00 face"}]}')
+    captions = data.load_captions(write(tmp_path, "ok.json", text))
+    assert captions.records[0].image == "a/ud800.png"
+    assert captions.records[0].captions == ["a \U0001F600 face"]
+
+
 def test_wrong_csv_header(tmp_path):
     path = write(tmp_path, "good.txt", "image,caption\na.jpg,x\n")
     with pytest.raises(UserError, match=r"captions\.txt: line 1: expected the CSV header"):

@@ -44,6 +44,7 @@ MAX_EXAMPLES = 5  # examples kept of refused paths and missing images
 _DRIVE = re.compile(r"^[A-Za-z]:")                 # C:\x.jpg, C:x.jpg
 _TOKEN_LINE = re.compile(r"^[^\t]+#\d+\t")         # 1000268201_693b08cb0e.jpg#0<TAB>...
 _TOKEN_SUFFIX = re.compile(r"#\d+$")
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass
@@ -188,9 +189,9 @@ def _read_text(path: str) -> str:
 
 
 def _lines(text: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its LF / CRLF ending)."""
-    for number, line in enumerate(text.split("\n"), start=1):
-        yield number, line[:-1] if line.endswith("\r") else line
+    """(1-based line number, line without its LF / CRLF / CR ending; CR alone is how old Mac
+    editors end lines, and the csv module reads it so too)."""
+    return enumerate(_LINE_END.split(text), start=1)
 
 
 def _supported() -> str:

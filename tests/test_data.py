@@ -90,6 +90,14 @@ def test_every_format_auto_detected_and_merged(tmp_path, fmt, bom, crlf):
         assert captions.has_split == (fmt == "karpathy")
 
 
+@pytest.mark.parametrize("fmt", ["flickr-token", "flickr-csv"])
+def test_old_mac_line_ends_are_line_ends(tmp_path, fmt):
+    """CR-only line ends: a token file was read as one line, i.e. one image whose one caption
+    held every other line of the file (exit 0)."""
+    path = write(tmp_path, "captions", TEXTS[fmt]().replace("\n", "\r"))
+    assert as_dict(data.load_captions(path)) == EXPECTED
+
+
 def test_coco_image_id_is_the_coco_id(tmp_path):
     captions = data.load_captions(write(tmp_path, "c.json", coco_text()))
     assert {r.image: r.image_id for r in captions.records} == {

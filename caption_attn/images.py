@@ -152,13 +152,20 @@ def list_images(images_dir: str) -> list[str]:
     """Keys (sorted POSIX paths relative to `images_dir`) of every image file under it.
 
     Files are recognised by extension (IMAGE_EXTENSIONS, any case); hidden files and folders
-    (name starting with ".") are skipped.
+    (name starting with ".") are skipped. Symlinked folders are followed (a dataset is often
+    assembled from links), each real folder once, so a link back up cannot loop.
     """
     if not os.path.isdir(images_dir):
         raise UserError(f"--images {images_dir}: not a folder")
     keys = []
-    for root, dirs, files in os.walk(images_dir):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    seen = set()  # (st_dev, st_ino) of the folders walked
+    for root, dirs, files in os.walk(images_dir, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # walked in order
         rel = os.path.relpath(root, images_dir)
         for name in files:
             if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):

@@ -89,3 +89,17 @@ def test_list_images_keys(images):
     assert "sub/deeper/d.jpg" in keys                       # POSIX separators, subfolders
     with pytest.raises(UserError, match="--images"):
         list_images(os.path.join(images, "nope"))
+
+
+def test_list_images_follows_folder_symlinks_once(tmp_path):
+    """A symlinked sub-folder (images/val2014 -> /data/val2014) was skipped without a word,
+    while symlinked files were listed; a link back up (a loop) is listed once."""
+    root, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    for path in (root / "a.jpg", root / "sub" / "b.jpg", elsewhere / "c.jpg"):
+        path.write_bytes(b"x")
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "dangling").symlink_to(tmp_path / "gone", target_is_directory=True)
+    assert list_images(str(root)) == ["a.jpg", "linked/c.jpg", "sub/b.jpg"]

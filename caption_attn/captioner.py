@@ -220,7 +220,8 @@ def expand_image_args(args: Sequence[str]) -> list[str]:
             out += [os.path.join(arg, k) for k in found]
         else:
             out.append(arg)
-    return list(dict.fromkeys(out))
+    # one file spelled twice (x.png ./x.png, a folder and a file in it) is captioned once
+    return list({os.path.normpath(os.path.abspath(p)): p for p in reversed(out)}.values())[::-1]
 
 
 def display_names(paths: Sequence[str]) -> dict:

@@ -261,3 +261,15 @@ def test_a_run_whose_cache_moved_says_how_to_point_at_it(shapes_data, trained_ru
     err = capsys.readouterr().err
     assert f"the run's feature cache {tmp_path / 'moved'} does not exist" in err
     assert "pass --cache NEW_FOLDER" in err
+
+
+def test_one_image_spelled_twice_is_captioned_once(tmp_path, monkeypatch):
+    """`x.png ./x.png`, `dir dir/x.png`: the same file was captioned twice, both shown by their
+    whole absolute path (and heatmaps named after it)."""
+    (tmp_path / "d").mkdir()
+    for name in ("x.png", "d/y.png"):
+        (tmp_path / name).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert captioner.expand_image_args(["x.png", "./x.png", "d", "d/y.png", "d/../x.png",
+                                        str(tmp_path / "d" / "y.png")]) == ["x.png", "d/y.png"]
+

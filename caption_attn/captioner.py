@@ -242,11 +242,22 @@ def display_names(paths: Sequence[str]) -> dict:
 
 def heatmap_files(names: dict) -> dict:
     """path -> heatmap file name: the display name without its extension, "/" as "__", plus
-    .png; where two of those would clash (a.jpg and a.png) the extension is kept (a.jpg.png)."""
+    .png; where two of those would clash (a.jpg and a.png) the extension is kept (a.jpg.png);
+    a name still taken (by the image a.jpg.png, or A.png on a case-insensitive disk) gets -2,
+    -3, ... so no heatmap overwrites another."""
     stems = {p: os.path.splitext(n)[0].replace("/", "__") for p, n in names.items()}
     clash = collections.Counter(stems.values())
-    return {p: (stems[p] if clash[stems[p]] == 1 else names[p].replace("/", "__")) + ".png"
-            for p in names}
+    wanted = {p: (stems[p] if clash[stems[p]] == 1 else names[p].replace("/", "__")) + ".png"
+              for p in names}
+    unique = collections.Counter(f.lower() for f in wanted.values())
+    files, used = {}, set()
+    for p in names:
+        name, n = wanted[p], 2
+        while name.lower() in used or (name != wanted[p] and name.lower() in unique):
+            name, n = f"{wanted[p][:-len('.png')]}-{n}.png", n + 1
+        used.add(name.lower())
+        files[p] = name
+    return files
 
 
 # ----------------------------------------------------------------------------- output

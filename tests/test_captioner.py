@@ -273,3 +273,12 @@ def test_one_image_spelled_twice_is_captioned_once(tmp_path, monkeypatch):
     assert captioner.expand_image_args(["x.png", "./x.png", "d", "d/y.png", "d/../x.png",
                                         str(tmp_path / "d" / "y.png")]) == ["x.png", "d/y.png"]
 
+
+def test_heatmap_files_never_share_a_name():
+    """x.jpg and x.png keep their extension (x.jpg.png, x.png.png), which x.jpg.png itself got
+    too: two heatmaps went into one file, one of them lost."""
+    names = {"/i/x.jpg": "x.jpg", "/i/x.png": "x.png", "/i/x.jpg.png": "x.jpg.png",
+             "/i/A.png": "A.png", "/i/a.png": "a.png", "/i/b.png": "b.png"}
+    files = captioner.heatmap_files(names)
+    assert len({f.lower() for f in files.values()}) == len(names)  # case-insensitive disks too
+    assert files["/i/b.png"] == "b.png" and files["/i/x.png"] == "x.png.png"

@@ -166,6 +166,9 @@ CAPTION_FORMATS = ("auto", "coco", "karpathy", "flickr-token", "flickr-csv")
 # samples and drawing heatmap panels for minutes. Decoding adds one for <end>, so a run
 # trained at the bound decodes with its default length.
 MAX_CAPTION_WORDS = 200
+# make-shapes keeps every record in memory until captions.json is written (~10 KB each): a
+# typo such as 1000000000 was OOM-killed after minutes, leaving images without captions.json
+MAX_SHAPES_IMAGES = 200_000
 # The float types of the project, each list defined once: how cached features are stored, and
 # the compute precisions of the backbone and of training.
 FEATURE_DTYPES = ("float32", "float16")
@@ -210,7 +213,9 @@ class VocabConfig(Config):
 class ShapesConfig(Config):
     """The built-in synthetic dataset (`make-shapes`)."""
 
-    num_images: int = opt(1000, "number of images to render", check=integer(1))
+    num_images: int = opt(1000, "number of images to render (at most "
+                          f"{MAX_SHAPES_IMAGES:,}: about 10 KB of memory and 4 ms of a core "
+                          "each, and COCO has 123,287)", check=integer(1, MAX_SHAPES_IMAGES))
     seed: int = opt(0, "same seed gives byte-identical images and captions", check=integer(0))
     image_size: int = opt(299, "side of the square images in pixels (InceptionV3's input "
                           "size, so extraction does not resample them; 64 to 4096: "
@@ -443,7 +448,8 @@ class DemoConfig(Config):
     workdir: str = opt("demo_work", "folder for everything the demo makes", check=NON_EMPTY)
     num_images: int = opt(3000, "shapes images to render (80/10/10 split); fewer images train "
                           "faster but recognise shapes worse (at least 20: every split needs "
-                          "images)", check=integer(20))
+                          f"images; at most {MAX_SHAPES_IMAGES:,})",
+                          check=integer(20, MAX_SHAPES_IMAGES))
     epochs: int = opt(13, "training epochs (cross-entropy about 17 s each on 2 Zen 4 cores, "
                       "self-critical about 1.6x that)", check=integer(1))
     scst_after: Optional[int] = opt(11, "epochs after this one are self-critical (CIDEr-D "

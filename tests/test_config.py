@@ -32,7 +32,8 @@ BAD_VALUES = [
     (C.ExtractConfig, "workers", -1), (C.ExtractConfig, "dtype", "int8"),
     (C.ExtractConfig, "cache", " "),
     (C.DataConfig, "val_fraction", 1.0), (C.DataConfig, "seed", -3),
-    (C.DemoConfig, "num_images", 5), (C.DemoConfig, "beam", 0),
+    (C.DemoConfig, "num_images", 5), (C.DemoConfig, "num_images", 10**9),
+    (C.DemoConfig, "beam", 0),
     (C.ShapesConfig, "image_size", 32),
 ]
 

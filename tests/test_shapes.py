@@ -100,6 +100,8 @@ def test_rerun_overwrites_and_crash_leaves_no_stale_json(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("field, value", [("num_images", 0), ("image_size", 32),
                                           ("image_size", 100_000),  # was a MemoryError
+                                          ("num_images", 1_000_000_000),  # was OOM-killed
+                                          ("num_images", 200_001),
                                           ("seed", -1), ("val_fraction", 1.0),
                                           ("test_fraction", -0.1)])
 def test_invalid_config_names_field_and_value(tmp_path, field, value):

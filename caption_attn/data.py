@@ -346,6 +346,21 @@ def _karpathy_split(image: dict, path: str, where: str) -> str:
     return "train" if split == "restval" else split
 
 
+def _check_objects(objects: Any, path: str, where: str) -> None:
+    """The shapes ground truth as scoring reads it: a list of {color, shape, bbox: [x, y, w, h]}
+    (other keys, such as `size`, are kept as they are)."""
+    if not isinstance(objects, list):
+        raise UserError(f"{path}: {where} must be a list, got {type(objects).__name__}")
+    for k, obj in enumerate(objects):
+        for key in ("color", "shape"):
+            _get(obj, key, str, path, f"{where}[{k}]")
+        bbox = _get(obj, "bbox", list, path, f"{where}[{k}]")
+        if len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                     and math.isfinite(v) for v in bbox):
+            raise UserError(f"{path}: {where}[{k}].bbox must be [x, y, w, h] in pixels (4 "
+                            f"numbers), got {bbox!r}"[:300])
+
+
 def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
     obj = _top(obj, path, "Karpathy split")
     images = _get(obj, "images", list, path, "Karpathy split JSON")
@@ -357,9 +372,8 @@ def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
         captions = [_get(s, "raw", str, path, f"{where}.sentences[{k}]")
                     for k, s in enumerate(sentences)]
         objects = image.get("objects")
-        if objects is not None and not isinstance(objects, list):
-            raise UserError(f"{path}: {where}.objects must be a list, got "
-                            f"{type(objects).__name__}")
+        if objects is not None:
+            _check_objects(objects, path, f"{where}.objects")
         image_id = image.get("cocoid", image.get("imgid", i))
         out.add(raw_path, captions, where, split=split, image_id=image_id, objects=objects,
                 size=_image_size(image))

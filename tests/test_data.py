@@ -147,6 +147,24 @@ def test_karpathy_fields(tmp_path):
     assert by_key["f.jpg"].split == "test" and by_key["s.png"].split == "val"
 
 
+@pytest.mark.parametrize("objects, message", [
+    ([1, 2], r"images\[0\]\.objects\[0\] must be a JSON object"),
+    ([{"color": "red", "bbox": [0, 0, 5, 5]}], r"images\[0\]\.objects\[0\] has no `shape` key"),
+    ([{"color": "red", "shape": 3, "bbox": [0, 0, 5, 5]}], r"images\[0\]\.objects\[0\]\.shape must be a string"),
+    ([{"color": "red", "shape": "circle", "bbox": [0, 0, 5]}],
+     r"images\[0\]\.objects\[0\]\.bbox must be \[x, y, w, h\]"),
+    ([{"color": "red", "shape": "circle", "bbox": [0, 0, "5", 5]}],
+     r"images\[0\]\.objects\[0\]\.bbox must be \[x, y, w, h\]"),
+])
+def test_karpathy_objects_that_scoring_cannot_read_are_refused(tmp_path, objects, message):
+    """Ground truth that evaluate's shapes metrics cannot read (TypeError / KeyError
+    tracebacks after decoding the whole split) is refused when the file is read."""
+    images = [{"filename": "a.png", "split": "test", "sentences": [{"raw": "a red circle"}],
+               "objects": objects}]
+    with pytest.raises(UserError, match=r"k\.json: " + message):
+        data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+
+
 def test_load_dataset_keeps_the_karpathy_split(tmp_path):
     images = karpathy_images(split="test")
     path = write(tmp_path, "k.json", karpathy_text(images))
@@ -200,7 +218,8 @@ def test_coco_one_file_under_two_ids_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("field, first, second", [
-    ("objects", [{"color": "red", "shape": "circle"}], [{"color": "blue", "shape": "square"}]),
+    ("objects", [{"color": "red", "shape": "circle", "bbox": [0, 0, 9, 9]}],
+     [{"color": "blue", "shape": "square", "bbox": [0, 0, 9, 9]}]),
     ("height", 100, 200)])
 def test_karpathy_image_listed_twice_with_other_ground_truth_is_an_error(
         tmp_path, field, first, second):
@@ -217,7 +236,7 @@ def test_karpathy_image_listed_twice_with_other_ground_truth_is_an_error(
 
 def test_karpathy_image_listed_twice_merges_captions_when_nothing_conflicts(tmp_path):
     images = karpathy_images()
-    images[0]["objects"] = [{"color": "red", "shape": "circle"}]
+    images[0]["objects"] = [{"color": "red", "shape": "circle", "bbox": [0, 0, 9, 9]}]
     images.append({"filename": "a.jpg", "split": "train", "sentences": [{"raw": "again"}]})
     captions = data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
     assert captions.records[0].captions == EXPECTED["a.jpg"] + ["again"]

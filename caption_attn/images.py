@@ -9,6 +9,7 @@ JPEG/PNG refused, alpha composited over white) and stretched to 299x299 by `resi
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 import cv2
@@ -21,6 +22,13 @@ RESIZE_METHOD = ("stretch to 299x299 (aspect ratio not kept, no crop); per axis 
                  "when shrinking, INTER_CUBIC when enlarging; alpha composited over white")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".gif", ".webp", ".tif",
                     ".tiff")
+
+
+# OpenCV refuses images larger than these (environment variables of the same name raise them)
+_OPENCV_LIMITS = {"CV_IO_MAX_IMAGE_PIXELS": (1 << 30, "pixels"),
+                  "CV_IO_MAX_IMAGE_WIDTH": (1 << 20, "pixels wide"),
+                  "CV_IO_MAX_IMAGE_HEIGHT": (1 << 20, "pixels high")}
+_OPENCV_LIMIT = re.compile("|".join(_OPENCV_LIMITS))
 
 
 class ImageError(Exception):
@@ -100,6 +108,12 @@ def decode_image(data: bytes) -> np.ndarray:
                 return _composite_alpha(raw)
         rgb = cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
     except cv2.error as e:
+        limit = _OPENCV_LIMIT.search(str(e))
+        if limit:  # a size check, not damage: say which, not OpenCV's assertion line
+            name = limit.group()
+            default, unit = _OPENCV_LIMITS[name]
+            raise ImageError(f"too large: more than {os.environ.get(name, default)} {unit}, "
+                             f"OpenCV's limit ({name})") from None
         raise ImageError(f"cannot decode ({str(e).strip().splitlines()[-1]})") from None
     if rgb is None:
         raise ImageError(f"corrupt {fmt.upper()} (OpenCV cannot decode it)" if fmt

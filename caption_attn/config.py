@@ -224,7 +224,7 @@ class ShapesConfig(Config):
     val_fraction: float = opt(0.1, "fraction of images in the val split", check=FRACTION)
     test_fraction: float = opt(0.1, "fraction of images in the test split", check=FRACTION)
     replace: bool = opt(False, "write into OUT even if it already holds files (a dataset made "
-                        "before is deleted first)")
+                        "before by make-shapes is deleted first; nothing else is)")
 
     def check_together(self) -> None:
         check_fractions(self.val_fraction, self.test_fraction)

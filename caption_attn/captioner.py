@@ -303,11 +303,28 @@ def attention_plot(image: np.ndarray, caption: Caption, name: str = ""):
     return plot.attention_figure(image, words, caption.attention[:len(words)], title=title)
 
 
-def save_attention_plots(out_dir: str, results: dict) -> dict:
+def check_heatmaps_spare_images(out_dir: str, paths: Sequence[str],
+                                images: Sequence[str] = ()) -> None:
+    """`UserError` if a heatmap of `paths` saved into `out_dir` would overwrite one of the
+    images `paths` + `images` (--plot-attention DIR naming the folder being captioned: the
+    heatmap of x.png is DIR/x.png)."""
+    protected = {os.path.realpath(p) for p in [*paths, *images]}
+    for path, name in heatmap_files(display_names(list(paths))).items():
+        target = os.path.join(out_dir, name)
+        if os.path.realpath(target) in protected:
+            raise UserError(f"--plot-attention {out_dir}: the heatmap of {path} would be "
+                            f"{target}, which is an image being captioned; choose another "
+                            f"folder for the heatmaps")
+
+
+def save_attention_plots(out_dir: str, results: dict, images: Sequence[str] = ()) -> dict:
     """Save the best caption's heatmap of every image of `caption_images`' results into
-    OUT_DIR, one distinct file per image (`heatmap_files`); returns path -> file written."""
+    OUT_DIR, one distinct file per image (`heatmap_files`); returns path -> file written.
+    Nothing is written if a heatmap would overwrite one of the results' images or `images`
+    (`check_heatmaps_spare_images`)."""
     from caption_attn import plot
 
+    check_heatmaps_spare_images(out_dir, list(results), images)
     names = display_names(list(results))
     files = heatmap_files(names)
     written = {}

@@ -127,12 +127,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
     paths = C_.expand_image_args(args.images)
     if args.plot_attention:
         check_folder_writable(args.plot_attention, "--plot-attention")
+        C_.check_heatmaps_spare_images(args.plot_attention, paths)
     model = C_.Captioner.from_run(args.run, cfg, cache=args.cache)
     results, errors = model.caption_images(paths)
     for path, reason in errors.items():
         print(f"{PROG} caption: cannot read {path}: {reason}", file=sys.stderr)
     if args.plot_attention:
-        C_.save_attention_plots(args.plot_attention, results)
+        C_.save_attention_plots(args.plot_attention, results, images=paths)
     if args.json:
         print(json.dumps(C_.captions_json(results, errors), indent=2))
     else:

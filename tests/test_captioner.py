@@ -282,3 +282,22 @@ def test_heatmap_files_never_share_a_name():
     files = captioner.heatmap_files(names)
     assert len({f.lower() for f in files.values()}) == len(names)  # case-insensitive disks too
     assert files["/i/b.png"] == "b.png" and files["/i/x.png"] == "x.png.png"
+
+
+def test_heatmaps_never_overwrite_the_images_being_captioned(shapes_data, trained_run,
+                                                            tmp_path, capsys):
+    """caption DIR --plot-attention DIR replaced every PNG in DIR by its heatmap (x.png's
+    heatmap is DIR/x.png), exit 0; refused now before the model is loaded, nothing written."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("shape_00000.png", "shape_00001.png"):
+        with open(os.path.join(shapes_data["images"], name), "rb") as f:
+            (folder / name).write_bytes(f.read())
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--plot-attention",
+                 str(folder), str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"--plot-attention {folder}: the heatmap of" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    with pytest.raises(UserError, match="an image being captioned"):  # the library guard
+        captioner.save_attention_plots(str(folder), {str(folder / "shape_00000.png"): None})

@@ -169,6 +169,9 @@ MAX_CAPTION_WORDS = 200
 # make-shapes keeps every record in memory until captions.json is written (~10 KB each): a
 # typo such as 1000000000 was OOM-killed after minutes, leaving images without captions.json
 MAX_SHAPES_IMAGES = 200_000
+# extract-features allocates its batch of 299x299 pixels up front: --batch-size 1000000 died
+# with a MemoryError traceback (250 GiB); larger batches than this gain nothing on any device
+MAX_EXTRACT_BATCH = 1024
 # The float types of the project, each list defined once: how cached features are stored, and
 # the compute precisions of the backbone and of training.
 FEATURE_DTYPES = ("float32", "float16")
@@ -244,7 +247,9 @@ class ExtractConfig(Config):
     precision: str = opt("float32", "compute precision of the backbone; bfloat16 is mixed "
                          "precision (fast on CPUs with AVX512-BF16/AMX and on GPUs)",
                          choices=BACKBONE_PRECISIONS)
-    batch_size: int = opt(32, "images per backbone call", check=integer(1))
+    batch_size: int = opt(32, f"images per backbone call (at most {MAX_EXTRACT_BATCH}: a "
+                          "batch's pixels take 268 KB and the backbone's activations tens of "
+                          "MB per image)", check=integer(1, MAX_EXTRACT_BATCH))
     num_shards: int = opt(1, "split the images into N disjoint shards (one per machine)",
                           check=integer(1))
     shard_index: int = opt(0, "which shard this process extracts (0-based)",

@@ -29,6 +29,7 @@ BAD_VALUES = [
     (C.DecodeConfig, "temperature", 0.0), (C.DecodeConfig, "top_k", -1),
     (C.DecodeConfig, "max_length", 0), (C.DecodeConfig, "batch_size", 0),
     (C.ExtractConfig, "batch_size", 0), (C.ExtractConfig, "num_shards", 0),
+    (C.ExtractConfig, "batch_size", 1_000_000),  # a MemoryError traceback (250 GiB buffer)
     (C.ExtractConfig, "workers", -1), (C.ExtractConfig, "dtype", "int8"),
     (C.ExtractConfig, "cache", " "),
     (C.DataConfig, "val_fraction", 1.0), (C.DataConfig, "seed", -3),

@@ -44,7 +44,6 @@ MAX_EXAMPLES = 5  # examples kept of refused paths and missing images
 _DRIVE = re.compile(r"^[A-Za-z]:")                 # C:\x.jpg, C:x.jpg
 _TOKEN_LINE = re.compile(r"^[^\t]+#\d+\t")         # 1000268201_693b08cb0e.jpg#0<TAB>...
 _TOKEN_SUFFIX = re.compile(r"#\d+$")
-_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass
@@ -189,9 +188,13 @@ def _read_text(path: str) -> str:
 
 
 def _lines(text: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its LF / CRLF / CR ending; CR alone is how old Mac
-    editors end lines, and the csv module reads it so too)."""
-    return enumerate(_LINE_END.split(text), start=1)
+    """(1-based line number, line without its LF / CRLF ending; in a file without any LF, CR
+    alone ends lines, as old Mac editors wrote them and the csv module reads them; a stray CR
+    inside a line of another file stays part of it)."""
+    if "\n" not in text:
+        return enumerate(text.split("\r"), start=1)
+    return ((n, line[:-1] if line.endswith("\r") else line)
+            for n, line in enumerate(text.split("\n"), start=1))
 
 
 def _supported() -> str:

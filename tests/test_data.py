@@ -96,6 +96,8 @@ def test_old_mac_line_ends_are_line_ends(tmp_path, fmt):
     held every other line of the file (exit 0)."""
     path = write(tmp_path, "captions", TEXTS[fmt]().replace("\n", "\r"))
     assert as_dict(data.load_captions(path)) == EXPECTED
+    stray = write(tmp_path, "stray.txt", "a.jpg#0\ta dog\r running\nb.jpg#0\ta cat\n")
+    assert as_dict(data.load_captions(stray))["a.jpg"] == ["a dog\r running"]  # as before
 
 
 def test_coco_image_id_is_the_coco_id(tmp_path):

@@ -224,9 +224,16 @@ def expand_image_args(args: Sequence[str]) -> list[str]:
     return list({os.path.normpath(os.path.abspath(p)): p for p in reversed(out)}.values())[::-1]
 
 
+def _printable(name: str) -> str:
+    """`name` with the bytes of a file name that is not UTF-8 (caf\\xe9.png, which Python
+    holds as 'caf\\udce9.png') written as \\xNN, so it can be printed, drawn and saved."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def display_names(paths: Sequence[str]) -> dict:
     """path -> the shortest trailing part of it that tells it apart from the other paths:
-    the file name, or as many parent folders with it as needed (a/cat.jpg, b/cat.jpg)."""
+    the file name, or as many parent folders with it as needed (a/cat.jpg, b/cat.jpg);
+    printable (`_printable`)."""
     parts = {p: os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths}
     names, left, depth = {}, set(parts), 1
     while left:
@@ -234,7 +241,7 @@ def display_names(paths: Sequence[str]) -> dict:
         counts = collections.Counter(suffix.values())
         for p in list(left):
             if counts[suffix[p]] == 1 or depth >= len(parts[p]):
-                names[p] = suffix[p]
+                names[p] = _printable(suffix[p])
                 left.discard(p)
         depth += 1
     return names

@@ -301,3 +301,17 @@ def test_heatmaps_never_overwrite_the_images_being_captioned(shapes_data, traine
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     with pytest.raises(UserError, match="an image being captioned"):  # the library guard
         captioner.save_attention_plots(str(folder), {str(folder / "shape_00000.png"): None})
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_and_plotted(shapes_data, trained_run, tmp_path,
+                                                           capsys):
+    """caf\xe9.png (a Latin-1 name) reached matplotlib as 'caf\udce9.png' in the heatmap's title:
+    a traceback after captioning, no heatmap written."""
+    image = os.path.join(bytes(tmp_path), b"caf\xe9.png")
+    with open(os.path.join(shapes_data["images"], "shape_00000.png"), "rb") as f:
+        open(image, "wb").write(f.read())
+    heat = tmp_path / "heat"
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--plot-attention", str(heat),
+                 os.fsdecode(image)]) == 0
+    assert "Captions for image caf\\xe9.png:" in capsys.readouterr().out
+    assert os.listdir(heat) == ["caf\\xe9.png"]

@@ -225,12 +225,20 @@ def expand_image_args(args: Sequence[str]) -> list[str]:
             out += [os.path.join(arg, k) for k in found]
         else:
             out.append(arg)
-    return list(dict.fromkeys(out))
+    # one file spelled twice (x.png ./x.png, a folder and a file in it) is captioned once
+    return list({os.path.normpath(os.path.abspath(p)): p for p in reversed(out)}.values())[::-1]
+
+
+def _printable(name: str) -> str:
+    """`name` with the bytes of a file name that is not UTF-8 (caf\\xe9.png, which Python
+    holds as 'caf\\udce9.png') written as \\xNN, so it can be printed, drawn and saved."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def display_names(paths: Sequence[str]) -> dict:
     """path -> the shortest trailing part of it that tells it apart from the other paths:
-    the file name, or as many parent folders with it as needed (a/cat.jpg, b/cat.jpg)."""
+    the file name, or as many parent folders with it as needed (a/cat.jpg, b/cat.jpg);
+    printable (`_printable`)."""
     parts = {p: os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths}
     names, left, depth = {}, set(parts), 1
     while left:
@@ -238,7 +246,7 @@ def display_names(paths: Sequence[str]) -> dict:
         counts = collections.Counter(suffix.values())
         for p in list(left):
             if counts[suffix[p]] == 1 or depth >= len(parts[p]):
-                names[p] = suffix[p]
+                names[p] = _printable(suffix[p])
                 left.discard(p)
         depth += 1
     return names
@@ -246,26 +254,36 @@ def display_names(paths: Sequence[str]) -> dict:
 
 def heatmap_files(names: dict) -> dict:
     """path -> heatmap file name: the display name without its extension, "/" as "__", plus
-    .png; where two of those would clash (a.jpg and a.png) the extension is kept (a.jpg.png)."""
+    .png; where two of those would clash (a.jpg and a.png) the extension is kept (a.jpg.png);
+    a name still taken (by the image a.jpg.png, or A.png on a case-insensitive disk) gets -2,
+    -3, ... so no heatmap overwrites another."""
     stems = {p: os.path.splitext(n)[0].replace("/", "__") for p, n in names.items()}
     clash = collections.Counter(stems.values())
-    return {p: (stems[p] if clash[stems[p]] == 1 else names[p].replace("/", "__")) + ".png"
-            for p in names}
+    wanted = {p: (stems[p] if clash[stems[p]] == 1 else names[p].replace("/", "__")) + ".png"
+              for p in names}
+    unique = collections.Counter(f.lower() for f in wanted.values())
+    files, used = {}, set()
+    for p in names:
+        name, n = wanted[p], 2
+        while name.lower() in used or (name != wanted[p] and name.lower() in unique):
+            name, n = f"{wanted[p][:-len('.png')]}-{n}.png", n + 1
+        used.add(name.lower())
+        files[p] = name
+    return files
 
 
 def check_heatmap_targets(out_dir: str, paths: Sequence[str],
-                          files: Optional[dict] = None) -> None:
-    """UserError when the heatmap of one of `paths` (named `files`, default `heatmap_files`
-    of them all) would be written over one of those images: `--plot-attention` naming the
-    images' own folder, with PNG images in it."""
-    files = files or heatmap_files(display_names(paths))
-    images = {os.path.realpath(p): p for p in paths}
-    for path, name in files.items():
-        hit = images.get(os.path.realpath(os.path.join(out_dir, name)))
+                          images: Sequence[str] = ()) -> None:
+    """UserError when the heatmap of one of `paths` (named by `heatmap_files`) would be
+    written over one of those images or of `images`: `--plot-attention` naming the images'
+    own folder, with PNG images in it (the heatmap of x.png is DIR/x.png)."""
+    protected = {os.path.realpath(p): p for p in [*images, *paths]}
+    for path, name in heatmap_files(display_names(list(paths))).items():
+        hit = protected.get(os.path.realpath(os.path.join(out_dir, name)))
         if hit is not None:
             raise UserError(f"--plot-attention {out_dir}: the heatmap of {path} would "
-                            f"overwrite the image {hit}; give the heatmaps a folder of their "
-                            f"own")
+                            f"overwrite {hit}, an image being captioned; give the heatmaps a "
+                            f"folder of their own")
 
 
 # ----------------------------------------------------------------------------- output
@@ -311,14 +329,16 @@ def attention_plot(image: np.ndarray, caption: Caption, name: str = ""):
     return plot.attention_figure(image, words, caption.attention[:len(words)], title=title)
 
 
-def save_attention_plots(out_dir: str, results: dict) -> dict:
+def save_attention_plots(out_dir: str, results: dict, images: Sequence[str] = ()) -> dict:
     """Save the best caption's heatmap of every image of `caption_images`' results into
-    OUT_DIR, one distinct file per image (`heatmap_files`); returns path -> file written."""
+    OUT_DIR, one distinct file per image (`heatmap_files`); returns path -> file written.
+    Nothing is written if a heatmap would overwrite one of the results' images or `images`
+    (`check_heatmap_targets`)."""
     from caption_attn import plot
 
+    check_heatmap_targets(out_dir, list(results), images)
     names = display_names(list(results))
     files = heatmap_files(names)
-    check_heatmap_targets(out_dir, list(results), files)
     written = {}
     for path, (image, captions) in results.items():
         written[path] = os.path.join(out_dir, files[path])

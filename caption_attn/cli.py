@@ -133,7 +133,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     for path, reason in errors.items():
         print(f"{PROG} caption: cannot read {path}: {reason}", file=sys.stderr)
     if args.plot_attention:
-        C_.save_attention_plots(args.plot_attention, results)
+        C_.save_attention_plots(args.plot_attention, results, images=paths)
     if args.json:
         print(json.dumps(C_.captions_json(results, errors), indent=2))
     else:

@@ -49,6 +49,9 @@ PTB_COMMAND = ["java", "-cp", PTB_JAR, "edu.stanford.nlp.process.PTBTokenizer",
                "-preserveLines", "-lowerCase"]  # as ptbtokenizer.py, minus the file argument
 PUNCTUATIONS = frozenset(ptbtokenizer.PUNCTUATIONS)
 NOTE_NO_METEOR = "METEOR needs Java (not found on PATH); reported the rest"
+NOTE_CIDER_ONE_IMAGE = ("CIDEr left out: it needs at least 2 images (its document frequencies "
+                        "come from the scored references, and with one image every word's "
+                        "weight is 0, so any caption scores 0)")
 NOTE_PY_TOKENIZER = ("tokenized with a pure-Python imitation of the Java PTBTokenizer: scores "
                      "may differ slightly from pycocoevalcap's")
 
@@ -213,7 +216,8 @@ def coco_metrics(references: dict[Key, list[str]], hypotheses: dict[Key, str],
     Returns ({"Bleu_1": ..., "Bleu_4": ..., "METEOR": ..., "ROUGE_L": ..., "CIDEr": ...},
     notes). `use_java` None uses Java when available; False skips it (Python tokenizer, no
     METEOR); True requires it. Without Java, METEOR is left out and the notes say why. CIDEr's
-    document frequencies come from the scored references, so it needs several images.
+    document frequencies come from the scored references, so it needs several images: with
+    one it is left out, and a note says why.
     """
     _check_inputs(references, hypotheses)
     java = java_available() if use_java is None else bool(use_java)
@@ -235,7 +239,10 @@ def coco_metrics(references: dict[Key, list[str]], hypotheses: dict[Key, str],
     else:
         notes.append("METEOR skipped (`use_java` is False); reported the rest")
     metrics["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-    metrics["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    if len(res) > 1:
+        metrics["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    else:  # log(N / df) is 0 for every n-gram: 0.0 whatever the caption
+        notes.append(NOTE_CIDER_ONE_IMAGE)
     return metrics, notes
 
 

@@ -166,6 +166,12 @@ CAPTION_FORMATS = ("auto", "coco", "karpathy", "flickr-token", "flickr-csv")
 # samples and drawing heatmap panels for minutes. Decoding adds one for <end>, so a run
 # trained at the bound decodes with its default length.
 MAX_CAPTION_WORDS = 200
+# make-shapes keeps every record in memory until captions.json is written (~10 KB each): a
+# typo such as 1000000000 was OOM-killed after minutes, leaving images without captions.json
+MAX_SHAPES_IMAGES = 200_000
+# extract-features allocates its batch of 299x299 pixels up front: --batch-size 1000000 died
+# with a MemoryError traceback (250 GiB); larger batches than this gain nothing on any device
+MAX_EXTRACT_BATCH = 1024
 # The float types of the project, each list defined once: how cached features are stored, and
 # the compute precisions of the backbone and of training.
 FEATURE_DTYPES = ("float32", "float16")
@@ -210,7 +216,9 @@ class VocabConfig(Config):
 class ShapesConfig(Config):
     """The built-in synthetic dataset (`make-shapes`)."""
 
-    num_images: int = opt(1000, "number of images to render", check=integer(1))
+    num_images: int = opt(1000, "number of images to render (at most "
+                          f"{MAX_SHAPES_IMAGES:,}: about 10 KB of memory and 4 ms of a core "
+                          "each, and COCO has 123,287)", check=integer(1, MAX_SHAPES_IMAGES))
     seed: int = opt(0, "same seed gives byte-identical images and captions", check=integer(0))
     image_size: int = opt(299, "side of the square images in pixels (InceptionV3's input "
                           "size, so extraction does not resample them; 64 to 4096: "
@@ -219,7 +227,7 @@ class ShapesConfig(Config):
     val_fraction: float = opt(0.1, "fraction of images in the val split", check=FRACTION)
     test_fraction: float = opt(0.1, "fraction of images in the test split", check=FRACTION)
     replace: bool = opt(False, "write into OUT even if it already holds files (a dataset made "
-                        "before is deleted first)")
+                        "before by make-shapes is deleted first; nothing else is)")
 
     def check_together(self) -> None:
         check_fractions(self.val_fraction, self.test_fraction)
@@ -239,7 +247,9 @@ class ExtractConfig(Config):
     precision: str = opt("float32", "compute precision of the backbone; bfloat16 is mixed "
                          "precision (fast on CPUs with AVX512-BF16/AMX and on GPUs)",
                          choices=BACKBONE_PRECISIONS)
-    batch_size: int = opt(32, "images per backbone call", check=integer(1))
+    batch_size: int = opt(32, f"images per backbone call (at most {MAX_EXTRACT_BATCH}: a "
+                          "batch's pixels take 268 KB and the backbone's activations tens of "
+                          "MB per image)", check=integer(1, MAX_EXTRACT_BATCH))
     num_shards: int = opt(1, "split the images into N disjoint shards (one per machine)",
                           check=integer(1))
     shard_index: int = opt(0, "which shard this process extracts (0-based)",
@@ -443,7 +453,8 @@ class DemoConfig(Config):
     workdir: str = opt("demo_work", "folder for everything the demo makes", check=NON_EMPTY)
     num_images: int = opt(3000, "shapes images to render (80/10/10 split); fewer images train "
                           "faster but recognise shapes worse (at least 20: every split needs "
-                          "images)", check=integer(20))
+                          f"images; at most {MAX_SHAPES_IMAGES:,})",
+                          check=integer(20, MAX_SHAPES_IMAGES))
     epochs: int = opt(13, "training epochs (cross-entropy about 17 s each on 2 Zen 4 cores, "
                       "self-critical about 1.6x that)", check=integer(1))
     scst_after: Optional[int] = opt(11, "epochs after this one are self-critical (CIDEr-D "

@@ -194,11 +194,25 @@ def _shard_keys(images_dir: str, cfg: ExtractConfig,
             raise UserError(f"--images {images_dir}: no image files found (extensions "
                             f"{', '.join(IMAGE_EXTENSIONS)})")
     keys = sorted(set(keys))
+    # a file name that is not UTF-8 (caf\xe9.jpg) is 'caf\udce9.jpg' here: no shard hash,
+    # index line or feature file name can hold it, so it fails under a readable name
+    undecodable = {k for k in keys if not _utf8(k)}
+    keys = [k for k in keys if k not in undecodable]
     failed = {k: reason for k in keys if (reason := image_key_problem(k))}
+    failed.update({k.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"):
+                   "file name is not valid UTF-8: rename the file" for k in undecodable})
     mine = [k for k in keys if k not in failed
             and shard_of(k, cfg.num_shards) == cfg.shard_index]
     failed = {k: r for k, r in failed.items() if shard_of(k, cfg.num_shards) == cfg.shard_index}
     return mine, failed
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Plan(NamedTuple):
@@ -279,8 +293,9 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     removed}, changed_images (of
     them, because the source image changed), reindexed (images with a new mtime but the same
     bytes), failed, failures {key: reason}, seconds, images_per_s, cache, manifest,
-    failed_file, count, feature_scale, stale_temp_removed, exit_code (1 when `cfg.strict` and
-    something failed, or when nothing could be extracted) and message.
+    failed_file, count, feature_scale, stale_temp_removed, previous_images_dir (the cache's
+    last images folder, when images changed because they come from another one), exit_code (1
+    when `cfg.strict` and something failed, or when nothing could be extracted) and message.
     """
     start = time.monotonic()
     check_folder_writable(cfg.cache, "--cache")  # before the backbone is built
@@ -328,9 +343,23 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
         "count": count, "dtype": cfg.dtype, "weights": manifest["weights"],
         "feature_scale": manifest["feature_scale"], "stale_temp_removed": stale,
         "shard": f"{cfg.shard_index}/{cfg.num_shards}",
+        "previous_images_dir": _previous_images_dir(manifest, images_dir)
+        if any(plan.redo[k].startswith(IMAGE_CHANGED) for k in rewritten) else None,
     }
     summary["exit_code"], summary["message"] = _exit_status(summary, cfg.strict)
     return summary
+
+
+def _previous_images_dir(manifest: dict, images_dir: str) -> Optional[str]:
+    """The images folder the cache was last extracted from when it still exists and is not
+    `images_dir`: its images' features were replaced by same-named ones from here."""
+    previous = manifest.get("images_dir")
+    try:
+        if previous and os.path.isdir(previous) and not os.path.samefile(previous, images_dir):
+            return previous
+    except OSError:
+        pass
+    return None
 
 
 def _exit_status(s: dict, strict: bool) -> tuple[int, str]:
@@ -358,6 +387,12 @@ def format_summary(summary: dict) -> str:
         shown = list(s["invalid"].items())[:3]
         lines.append("extracted again: " + "; ".join(f"{k}: {r}" for k, r in shown)
                      + (" ..." if len(s["invalid"]) > len(shown) else ""))
+    if s.get("previous_images_dir"):
+        lines.append(f"note: {s['changed_images']} of these images had been extracted from "
+                     f"{s['previous_images_dir']} (the cache's last --images): same path, other "
+                     f"content, so their features are now this folder's. A cache holds one "
+                     f"feature file per image path: extract another dataset into another "
+                     f"--cache")
     if s["stale_removed"]:
         shown = list(s["stale_removed"].items())[:3]
         lines.append(f"removed {len(s['stale_removed'])} outdated feature file(s) whose image "

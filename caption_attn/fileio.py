@@ -7,11 +7,16 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 from typing import Any, Iterable, Union
 
 from caption_attn.errors import UserError
 
+# A `\uD800`-`\uDFFF` escape that is not half of a surrogate pair: json accepts it, but the
+# string it makes cannot be encoded as UTF-8 again (hashing, vocab.json, any output).
+_LONE_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+                             r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 HOST = socket.gethostname().replace("/", "_") or "localhost"
 
 
@@ -68,13 +73,36 @@ def write_json_atomic(path: str, obj: Any) -> None:
 def parse_json(path: str, text: str) -> Any:
     """JSON `text` read from `path`; malformed JSON is a `UserError` naming the place."""
     try:
-        return json.loads(text)
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: "
                         f"{e.msg}") from None
     except RecursionError:
-        raise UserError(f"{path}: JSON nested too deeply (thousands of levels of lists or "
-                        f"objects) to be read") from None
+        raise UserError(f"{path}: JSON nested too deeply to be read (thousands of levels of "
+                        f"[ or {{); not a caption_attn file?") from None
+    _check_surrogates(path, text, obj)
+    return obj
+
+
+def _check_surrogates(path: str, text: str, obj: Any) -> None:
+    """`UserError` at the first lone surrogate escape of `text` if `obj` holds one (the regex
+    alone could be fooled by an escaped backslash before `u`, so the parsed value decides)."""
+    if "\\u" not in text or not any(_LONE_SURROGATE.finditer(text)):
+        return
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        for match in _LONE_SURROGATE.finditer(text):
+            # the escape is real when an even number of backslashes precede it
+            run = len(text[:match.start()]) - len(text[:match.start()].rstrip("\\"))
+            if run % 2 == 0:
+                line = text.count("\n", 0, match.start()) + 1
+                column = match.start() - text.rfind("\n", 0, match.start())
+                raise UserError(f"{path}: line {line}, column {column}: {match.group()} is half "
+                                f"of a UTF-16 surrogate pair, not a character; fix the "
+                                f"text there") from None
+        raise UserError(f"{path}: holds a lone UTF-16 surrogate escape (\\uD800-\\uDFFF), not "
+                        f"a character") from None
 
 
 def read_json(path: str) -> Any:

@@ -9,6 +9,7 @@ JPEG/PNG refused, alpha composited over white) and stretched to 299x299 by `resi
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 import cv2
@@ -21,6 +22,13 @@ RESIZE_METHOD = ("stretch to 299x299 (aspect ratio not kept, no crop); per axis 
                  "when shrinking, INTER_CUBIC when enlarging; alpha composited over white")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".gif", ".webp", ".tif",
                     ".tiff")
+
+
+# OpenCV refuses images larger than these (environment variables of the same name raise them)
+_OPENCV_LIMITS = {"CV_IO_MAX_IMAGE_PIXELS": (1 << 30, "pixels"),
+                  "CV_IO_MAX_IMAGE_WIDTH": (1 << 20, "pixels wide"),
+                  "CV_IO_MAX_IMAGE_HEIGHT": (1 << 20, "pixels high")}
+_OPENCV_LIMIT = re.compile("|".join(_OPENCV_LIMITS))
 
 
 class ImageError(Exception):
@@ -100,6 +108,12 @@ def decode_image(data: bytes) -> np.ndarray:
                 return _composite_alpha(raw)
         rgb = cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
     except cv2.error as e:
+        limit = _OPENCV_LIMIT.search(str(e))
+        if limit:  # a size check, not damage: say which, not OpenCV's assertion line
+            name = limit.group()
+            default, unit = _OPENCV_LIMITS[name]
+            raise ImageError(f"too large: more than {os.environ.get(name, default)} {unit}, "
+                             f"OpenCV's limit ({name})") from None
         raise ImageError(f"cannot decode ({str(e).strip().splitlines()[-1]})") from None
     if rgb is None:
         raise ImageError(f"corrupt {fmt.upper()} (OpenCV cannot decode it)" if fmt
@@ -152,13 +166,20 @@ def list_images(images_dir: str) -> list[str]:
     """Keys (sorted POSIX paths relative to `images_dir`) of every image file under it.
 
     Files are recognised by extension (IMAGE_EXTENSIONS, any case); hidden files and folders
-    (name starting with ".") are skipped.
+    (name starting with ".") are skipped. Symlinked folders are followed (a dataset is often
+    assembled from links), each real folder once, so a link back up cannot loop.
     """
     if not os.path.isdir(images_dir):
         raise UserError(f"--images {images_dir}: not a folder")
     keys = []
-    for root, dirs, files in os.walk(images_dir):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    seen = set()  # (st_dev, st_ino) of the folders walked
+    for root, dirs, files in os.walk(images_dir, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # walked in order
         rel = os.path.relpath(root, images_dir)
         for name in files:
             if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):

@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import json
 import os
+import re
 import shutil
 import string
 import time
@@ -332,6 +334,7 @@ def _prepare(out_dir: str, replace: bool) -> tuple[str, str]:
         raise UserError(f"{out_dir}: holds files that are not a shapes dataset "
                         f"({', '.join(others[:3])}); --replace only deletes images/ and "
                         f"captions.json: choose an empty or new folder")
+    _check_made_here(out_dir, images_dir, captions)
     try:
         if os.path.exists(captions):
             os.remove(captions)
@@ -341,6 +344,34 @@ def _prepare(out_dir: str, replace: bool) -> tuple[str, str]:
     except OSError as e:
         raise UserError(f"{out_dir}: cannot write the dataset there ({e.strerror})") from None
     return images_dir, captions
+
+
+_OWN_IMAGE = re.compile(r"^\.?shape_\d+\.png")  # an image, or its temporary file
+
+
+def _check_made_here(out_dir: str, images_dir: str, captions: str) -> None:
+    """`UserError` unless OUT/images and OUT/captions.json are (what is left of) a dataset of
+    this command: images named shape_N.png, a captions.json of dataset "shapes". A dataset
+    of one's own in the same layout is never deleted by --replace."""
+    if os.path.exists(captions):
+        try:
+            with open(captions, "rb") as f:
+                own = json.loads(f.read()).get("dataset") == DATASET_NAME
+        except (OSError, ValueError, AttributeError):
+            own = False
+        if not own:
+            raise UserError(f"{captions}: not written by make-shapes (no \"dataset\": "
+                            f"\"{DATASET_NAME}\"); --replace only deletes a dataset it made: "
+                            f"choose an empty or new folder")
+    if os.path.isdir(images_dir):
+        others = sorted(n for n in os.listdir(images_dir) if not _OWN_IMAGE.match(n))
+        if others:
+            raise UserError(f"{out_dir}: images/{others[0]} was not made by make-shapes; "
+                            f"--replace only deletes a dataset it made: choose an empty or "
+                            f"new folder")
+    elif os.path.exists(images_dir):
+        raise UserError(f"{images_dir}: a file, not make-shapes' images folder; choose an "
+                        f"empty or new folder")
 
 
 def make_shapes(out_dir: str, cfg: ShapesConfig) -> dict:

@@ -261,3 +261,48 @@ def test_a_run_whose_cache_moved_says_how_to_point_at_it(shapes_data, trained_ru
     err = capsys.readouterr().err
     assert f"the run's feature cache {tmp_path / 'moved'} does not exist" in err
     assert "pass --cache NEW_FOLDER" in err
+
+
+def test_one_image_spelled_twice_is_captioned_once(tmp_path, monkeypatch):
+    """`x.png ./x.png`, `dir dir/x.png`: the same file was captioned twice, both shown by their
+    whole absolute path (and heatmaps named after it)."""
+    (tmp_path / "d").mkdir()
+    for name in ("x.png", "d/y.png"):
+        (tmp_path / name).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert captioner.expand_image_args(["x.png", "./x.png", "d", "d/y.png", "d/../x.png",
+                                        str(tmp_path / "d" / "y.png")]) == ["x.png", "d/y.png"]
+
+
+def test_heatmap_files_never_share_a_name():
+    """x.jpg and x.png keep their extension (x.jpg.png, x.png.png), which x.jpg.png itself got
+    too: two heatmaps went into one file, one of them lost."""
+    names = {"/i/x.jpg": "x.jpg", "/i/x.png": "x.png", "/i/x.jpg.png": "x.jpg.png",
+             "/i/A.png": "A.png", "/i/a.png": "a.png", "/i/b.png": "b.png"}
+    files = captioner.heatmap_files(names)
+    assert len({f.lower() for f in files.values()}) == len(names)  # case-insensitive disks too
+    assert files["/i/b.png"] == "b.png" and files["/i/x.png"] == "x.png.png"
+
+
+def test_save_attention_plots_never_overwrites_an_image_being_captioned(tmp_path):
+    """The library guard behind `caption --plot-attention` (test_faults covers the command):
+    x.png's heatmap is DIR/x.png, so saving into the images' own folder is refused."""
+    image = tmp_path / "shape_00000.png"
+    image.write_bytes(b"pixels")
+    with pytest.raises(UserError, match="an image being captioned"):
+        captioner.save_attention_plots(str(tmp_path), {str(image): None})
+    assert image.read_bytes() == b"pixels"
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_and_plotted(shapes_data, trained_run, tmp_path,
+                                                           capsys):
+    """caf\xe9.png (a Latin-1 name) reached matplotlib as 'caf\udce9.png' in the heatmap's title:
+    a traceback after captioning, no heatmap written."""
+    image = os.path.join(bytes(tmp_path), b"caf\xe9.png")
+    with open(os.path.join(shapes_data["images"], "shape_00000.png"), "rb") as f:
+        open(image, "wb").write(f.read())
+    heat = tmp_path / "heat"
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--plot-attention", str(heat),
+                 os.fsdecode(image)]) == 0
+    assert "Captions for image caf\\xe9.png:" in capsys.readouterr().out
+    assert os.listdir(heat) == ["caf\\xe9.png"]

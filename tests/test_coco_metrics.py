@@ -115,6 +115,19 @@ def test_coco_metrics_use_java_false_and_true_without_java(monkeypatch):
         coco_metrics.coco_metrics({1: ["a cat"]}, {1: "a cat"}, use_java=True)
 
 
+def test_cider_of_one_image_is_left_out_with_a_note():
+    """CIDEr's idf comes from the scored references: with one image every n-gram has idf 0, so
+    even a perfect caption scored CIDEr 0.0000 (evaluate on a one-image split, exit 0)."""
+    metrics, notes = coco_metrics.coco_metrics({1: ["a red circle", "a circle"]},
+                                               {1: "a red circle"}, use_java=False)
+    assert "CIDEr" not in metrics and metrics["Bleu_1"] > 0.99
+    assert any(n.startswith("CIDEr left out: it needs at least 2 images") for n in notes)
+    metrics, notes = coco_metrics.coco_metrics({1: ["a red circle"], 2: ["a blue square"]},
+                                               {1: "a red circle", 2: "a blue square"},
+                                               use_java=False)
+    assert metrics["CIDEr"] > 0 and not any("CIDEr" in n for n in notes)
+
+
 def test_metric_inputs_are_checked():
     with pytest.raises(ValueError, match=r"`hypotheses` has 1 key\(s\) without references.*'b'"):
         coco_metrics.corpus_bleu4({"a": ["x"]}, {"a": "x", "b": "y"})

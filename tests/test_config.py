@@ -29,10 +29,12 @@ BAD_VALUES = [
     (C.DecodeConfig, "temperature", 0.0), (C.DecodeConfig, "top_k", -1),
     (C.DecodeConfig, "max_length", 0), (C.DecodeConfig, "batch_size", 0),
     (C.ExtractConfig, "batch_size", 0), (C.ExtractConfig, "num_shards", 0),
+    (C.ExtractConfig, "batch_size", 1_000_000),  # a MemoryError traceback (250 GiB buffer)
     (C.ExtractConfig, "workers", -1), (C.ExtractConfig, "dtype", "int8"),
     (C.ExtractConfig, "cache", " "),
     (C.DataConfig, "val_fraction", 1.0), (C.DataConfig, "seed", -3),
-    (C.DemoConfig, "num_images", 5), (C.DemoConfig, "beam", 0),
+    (C.DemoConfig, "num_images", 5), (C.DemoConfig, "num_images", 10**9),
+    (C.DemoConfig, "beam", 0),
     (C.ShapesConfig, "image_size", 32),
 ]
 

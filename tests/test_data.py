@@ -106,6 +106,11 @@ def test_a_stray_carriage_return_in_a_csv_header_is_a_one_line_error(tmp_path):
         data.load_captions(path)
 
 
+def test_a_stray_carriage_return_in_a_file_with_line_feeds_stays_in_its_caption(tmp_path):
+    stray = write(tmp_path, "stray.txt", "a.jpg#0\ta dog\r running\nb.jpg#0\ta cat\n")
+    assert as_dict(data.load_captions(stray))["a.jpg"] == ["a dog\r running"]
+
+
 def test_coco_image_id_is_the_coco_id(tmp_path):
     captions = data.load_captions(write(tmp_path, "c.json", coco_text()))
     assert {r.image: r.image_id for r in captions.records} == {
@@ -153,6 +158,24 @@ def test_karpathy_fields(tmp_path):
     assert by_key["f.jpg"].objects == objects
     assert by_key["s.png"].objects is None
     assert by_key["f.jpg"].split == "test" and by_key["s.png"].split == "val"
+
+
+@pytest.mark.parametrize("objects, message", [
+    ([1, 2], r"images\[0\]\.objects\[0\] must be a JSON object"),
+    ([{"color": "red", "bbox": [0, 0, 5, 5]}], r"images\[0\]\.objects\[0\] has no `shape` key"),
+    ([{"color": "red", "shape": 3, "bbox": [0, 0, 5, 5]}], r"images\[0\]\.objects\[0\]\.shape must be a string"),
+    ([{"color": "red", "shape": "circle", "bbox": [0, 0, 5]}],
+     r"images\[0\]\.objects\[0\]\.bbox must be \[x, y, w, h\]"),
+    ([{"color": "red", "shape": "circle", "bbox": [0, 0, "5", 5]}],
+     r"images\[0\]\.objects\[0\]\.bbox must be \[x, y, w, h\]"),
+])
+def test_karpathy_objects_that_scoring_cannot_read_are_refused(tmp_path, objects, message):
+    """Ground truth that evaluate's shapes metrics cannot read (TypeError / KeyError
+    tracebacks after decoding the whole split) is refused when the file is read."""
+    images = [{"filename": "a.png", "split": "test", "sentences": [{"raw": "a red circle"}],
+               "objects": objects}]
+    with pytest.raises(UserError, match=r"k\.json: " + message):
+        data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
 
 
 def test_load_dataset_keeps_the_karpathy_split(tmp_path):
@@ -208,7 +231,8 @@ def test_coco_one_file_under_two_ids_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("field, first, second", [
-    ("objects", [{"color": "red", "shape": "circle"}], [{"color": "blue", "shape": "square"}]),
+    ("objects", [{"color": "red", "shape": "circle", "bbox": [0, 0, 9, 9]}],
+     [{"color": "blue", "shape": "square", "bbox": [0, 0, 9, 9]}]),
     ("height", 100, 200)])
 def test_karpathy_image_listed_twice_with_other_ground_truth_is_an_error(
         tmp_path, field, first, second):
@@ -240,7 +264,7 @@ def test_karpathy_objects_that_are_no_ground_truth_are_refused(tmp_path, objects
 
 def test_karpathy_image_listed_twice_merges_captions_when_nothing_conflicts(tmp_path):
     images = karpathy_images()
-    images[0]["objects"] = [{"color": "red", "shape": "circle"}]
+    images[0]["objects"] = [{"color": "red", "shape": "circle", "bbox": [0, 0, 9, 9]}]
     images.append({"filename": "a.jpg", "split": "train", "sentences": [{"raw": "again"}]})
     captions = data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
     assert captions.records[0].captions == EXPECTED["a.jpg"] + ["again"]
@@ -309,6 +333,29 @@ def test_malformed_json_names_line_and_column(tmp_path):
                  crlf=True)
     with pytest.raises(UserError, match=r"bad\.json: malformed JSON at line 2, column 25"):
         data.load_captions(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000 + "]" * 100_000, r"deep\.json: JSON nested too deeply"),
+    ('{"images": [{"id": 1, "file_name": "a\\ud800.png"}],\n "annotations": '
+     '[{"image_id": 1, "caption": "x"}]}', r"deep\.json: line 1, column 38: .*\\ud800"),
+    ('{"images": [{"id": 1, "file_name": "a.png"}],\n "annotations": '
+     '[{"image_id": 1, "caption": "x \\uDC00 y"}]}', r"deep\.json: line 2, column 48: "),
+])
+def test_json_python_cannot_hold_is_a_user_error(tmp_path, text, message):
+    """Deep nesting (RecursionError) and a lone UTF-16 surrogate escape (text that cannot be
+    written as UTF-8 again: the split hash and vocab.json failed with tracebacks)."""
+    path = write(tmp_path, "deep.json", text)
+    with pytest.raises(UserError, match=message):
+        data.load_captions(path)
+
+
+def test_json_surrogate_pairs_and_escaped_backslashes_are_fine(tmp_path):
+    text = ('{"images": [{"id": 1, "file_name": "a\\\\ud800.png"}], "annotations": '
+            '[{"image_id": 1, "caption": "a \\ud83d\\ude00 face"}]}')
+    captions = data.load_captions(write(tmp_path, "ok.json", text))
+    assert captions.records[0].image == "a/ud800.png"
+    assert captions.records[0].captions == ["a \U0001F600 face"]
 
 
 def test_wrong_csv_header(tmp_path):

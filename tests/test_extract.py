@@ -215,6 +215,36 @@ def test_changed_images_are_extracted_again(images, extracted, cache_copy, tmp_p
     assert problems == {}
 
 
+def test_same_names_from_another_images_folder_say_so(images, cache_copy, tmp_path):
+    """Extracting a second dataset into a cache replaces the features of its same-named images
+    (one file per image path); the summary said only "source image changed since extraction"
+    while the first folder's images had not changed at all."""
+    other = tmp_path / "other"
+    write_rgb(str(other / "a.jpg"), scene(33))
+    write_rgb(str(other / "new.jpg"), scene(34))
+    summary = extract_features(str(other), extract_cfg(cache_copy), progress=False)
+    assert summary["changed_images"] == 1 and summary["previous_images_dir"] == images
+    text = format_summary(summary)
+    assert (f"note: 1 of these images had been extracted from {images} (the cache's last "
+            f"--images): same path, other content" in text)
+    summary = extract_features(str(other), extract_cfg(cache_copy), progress=False)
+    assert summary["previous_images_dir"] is None and "note:" not in format_summary(summary)
+
+
+def test_a_file_name_that_is_not_utf8_fails_alone(images, cache_copy, tmp_path):
+    """A Latin-1 file name (caf\xe9.jpg, from an old archive) reaches Python as 'caf\udce9.jpg',
+    which cannot be hashed for its shard nor written to the index: the whole run died with a
+    UnicodeEncodeError traceback. It is one failed image now, listed readably."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(os.path.join(images, "a.jpg"), work / "a.jpg")
+    shutil.copy(os.path.join(images, "b.png"), os.path.join(bytes(work), b"caf\xe9.jpg"))
+    summary = extract_features(str(work), extract_cfg(cache_copy), progress=False)
+    assert summary["failures"] == {"caf\\xe9.jpg": "file name is not valid UTF-8: rename the "
+                                                    "file"}
+    assert summary["exit_code"] == 0 and read_failed(cache_copy)["caf\\xe9.jpg"]
+
+
 def test_changed_image_that_now_fails_is_reported_failed_and_its_old_file_removed(
         images, cache_copy, tmp_path):
     """An image truncated after extraction: not "extracted again" but failed, and its old

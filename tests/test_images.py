@@ -5,6 +5,8 @@ into the session's `images` folder (conftest.py).
 """
 
 import os
+import struct
+import zlib
 
 import cv2
 import numpy as np
@@ -70,6 +72,25 @@ def test_truncated_jpeg_is_detected_even_if_decodable():
         decode_image(cv2.imencode(".png", scene(1))[1].tobytes()[:-12])
 
 
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height gray pixels (its pixel data is one empty block)."""
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_an_image_too_large_for_opencv_says_so():
+    """The reason was OpenCV's assertion line ("cannot decode (OpenCV(5.0.0) /io/opencv/...
+    loadsave.cpp:79: error: (-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS in
+    function 'validateInputImageSize')") in failed.tsv and caption's message."""
+    with pytest.raises(ImageError) as e:
+        decode_image(_png_header_only(40000, 40000))
+    assert str(e.value) == ("too large: more than 1073741824 pixels, OpenCV's limit "
+                            "(CV_IO_MAX_IMAGE_PIXELS)")
+
+
 def test_resize_stretches_with_area_or_cubic():
     big = scene(2, 640, 480)
     np.testing.assert_array_equal(resize_image(big),
@@ -89,3 +110,17 @@ def test_list_images_keys(images):
     assert "sub/deeper/d.jpg" in keys                       # POSIX separators, subfolders
     with pytest.raises(UserError, match="--images"):
         list_images(os.path.join(images, "nope"))
+
+
+def test_list_images_follows_folder_symlinks_once(tmp_path):
+    """A symlinked sub-folder (images/val2014 -> /data/val2014) was skipped without a word,
+    while symlinked files were listed; a link back up (a loop) is listed once."""
+    root, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    for path in (root / "a.jpg", root / "sub" / "b.jpg", elsewhere / "c.jpg"):
+        path.write_bytes(b"x")
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "dangling").symlink_to(tmp_path / "gone", target_is_directory=True)
+    assert list_images(str(root)) == ["a.jpg", "linked/c.jpg", "sub/b.jpg"]

@@ -4,6 +4,7 @@ import collections
 import json
 import os
 import re
+import shutil
 
 import cv2
 import numpy as np
@@ -100,6 +101,8 @@ def test_rerun_overwrites_and_crash_leaves_no_stale_json(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("field, value", [("num_images", 0), ("image_size", 32),
                                           ("image_size", 100_000),  # was a MemoryError
+                                          ("num_images", 1_000_000_000),  # was OOM-killed
+                                          ("num_images", 200_001),
                                           ("seed", -1), ("val_fraction", 1.0),
                                           ("test_fraction", -0.1)])
 def test_invalid_config_names_field_and_value(tmp_path, field, value):
@@ -301,6 +304,27 @@ def test_thousand_images_under_30_seconds(tmp_path):
     assert summary["images"] == 1000
     assert len(os.listdir(summary["images_dir"])) == 1000
     assert summary["seconds"] < 30
+
+
+@pytest.mark.parametrize("what", ["photo", "captions"])
+def test_replace_deletes_only_what_make_shapes_made(tmp_path, what):
+    """A dataset of one's own in the same layout (OUT/images + OUT/captions.json) was deleted
+    whole by --replace, photos included."""
+    out = tmp_path / "mine"
+    (out / "images").mkdir(parents=True)
+    if what == "photo":
+        _make(tmp_path / "other", num_images=1)
+        shutil.copy(tmp_path / "other" / "captions.json", out / "captions.json")
+        (out / "images" / "holiday.jpg").write_bytes(b"mine")
+        message = r"images/holiday\.jpg"
+    else:
+        (out / "images" / "shape_00000.png").write_bytes(b"x")
+        (out / "captions.json").write_text('{"images": [], "annotations": []}')
+        message = r"captions\.json: not written by make-shapes"
+    before = _files(out)
+    with pytest.raises(UserError, match=message):
+        _make(out, replace=True)
+    assert _files(out) == before
 
 
 def test_existing_dataset_folder_is_refused_unless_replace(tmp_path):

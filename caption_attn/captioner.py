@@ -225,8 +225,12 @@ def expand_image_args(args: Sequence[str]) -> list[str]:
             out += [os.path.join(arg, k) for k in found]
         else:
             out.append(arg)
-    # one file spelled twice (x.png ./x.png, a folder and a file in it) is captioned once
-    return list({os.path.normpath(os.path.abspath(p)): p for p in reversed(out)}.values())[::-1]
+    # one file spelled twice (x.png ./x.png, a folder and a file in it) is captioned once,
+    # under its first spelling, in the order given
+    first = {}
+    for p in out:
+        first.setdefault(os.path.normpath(os.path.abspath(p)), p)
+    return list(first.values())
 
 
 def _printable(name: str) -> str:
@@ -238,7 +242,7 @@ def _printable(name: str) -> str:
 def display_names(paths: Sequence[str]) -> dict:
     """path -> the shortest trailing part of it that tells it apart from the other paths:
     the file name, or as many parent folders with it as needed (a/cat.jpg, b/cat.jpg);
-    printable (`_printable`)."""
+    printable (`_printable`); in the order of `paths` (which `heatmap_files` numbers by)."""
     parts = {p: os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths}
     names, left, depth = {}, set(parts), 1
     while left:
@@ -249,7 +253,7 @@ def display_names(paths: Sequence[str]) -> dict:
                 names[p] = _printable(suffix[p])
                 left.discard(p)
         depth += 1
-    return names
+    return {p: names[p] for p in parts}
 
 
 def heatmap_files(names: dict) -> dict:

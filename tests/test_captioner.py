@@ -274,6 +274,14 @@ def test_one_image_spelled_twice_is_captioned_once(tmp_path, monkeypatch):
                                         str(tmp_path / "d" / "y.png")]) == ["x.png", "d/y.png"]
 
 
+def test_display_names_follow_the_order_of_the_paths():
+    """They came in the order of a set: which of two clashing heatmaps got the "-2" name, and
+    which image a refusal named, changed from one process to the next."""
+    paths = [f"/i/{c}/{n}" for c, n in zip("qwertyuiop", ["x.png", "y.png"] * 5)]
+    assert list(captioner.display_names(paths)) == paths
+    assert list(captioner.display_names(paths[::-1])) == paths[::-1]
+
+
 def test_heatmap_files_never_share_a_name():
     """x.jpg and x.png keep their extension (x.jpg.png, x.png.png), which x.jpg.png itself got
     too: two heatmaps went into one file, one of them lost."""

@@ -98,6 +98,7 @@ class RunFolder:
         models); changed training settings and moved files are returned as notes."""
         if not os.path.exists(self.config):
             return []
+        self._refuse_lost_records()
         saved = self.load_config()
         fixed = []
         for part in ("data", "vocab", "model"):
@@ -118,6 +119,27 @@ class RunFolder:
                 notes.append(f"--{name} differs from the run's previous invocation "
                              f"({getattr(saved, name)}); config.json now names the new one")
         return notes
+
+    def _refuse_lost_records(self) -> None:
+        """A run that has trained (checkpoints, history, a best model) but lost split.json or
+        vocab.json is refused: made again from today's files, they could pair its weights
+        with other images (validation ones among them), other features or other words, and
+        nothing would tell (split.json holds the identity of the feature cache and the
+        fingerprint of the caption data the resume checks compare against)."""
+        trained = [p for p in (self.history, self.best_model, self.best_weights)
+                   if os.path.exists(p)]
+        if os.path.isdir(self.checkpoints) and os.listdir(self.checkpoints):
+            trained.append(self.checkpoints)
+        missing = [p for p in (self.split, self.vocab) if not os.path.exists(p)]
+        if trained and missing:
+            what = ("the run's split, the identity of the feature cache and the fingerprint "
+                    "of the caption data it was trained on" if missing[0] == self.split else
+                    "the vocabulary its weights were trained with")
+            raise UserError(f"{missing[0]}: missing, but {self.path} has trained "
+                            f"({os.path.basename(trained[0])}); the file records {what}, and "
+                            f"made again from today's files it could pair the trained model "
+                            f"with other data without a word: restore it, use another --run, "
+                            f"or add --fresh to start this run over")
 
     def delete_previous(self) -> None:
         """`--fresh`: remove every file and folder a run writes (nothing else), eval/ too:

@@ -78,3 +78,24 @@ def test_writable_check_names_the_culprit(tmp_path):
     finally:
         os.chmod(locked, 0o700)
     check_folder_writable(str(tmp_path / "new" / "deeper"), "--out")
+
+
+@pytest.mark.parametrize("lost", ["split.json", "vocab.json"])
+def test_a_trained_run_that_lost_its_split_or_vocabulary_is_refused(tmp_path, lost):
+    """Without split.json a resume rebuilt the split and recorded today's cache identity and
+    caption data as the run's own: a model trained on other features (or other val images)
+    went on training, told nothing."""
+    from caption_attn.config import RunConfig
+    run = RunFolder(str(tmp_path / "run"))
+    os.makedirs(run.checkpoints)
+    cfg = RunConfig(captions="captions.json", cache="cache")
+    cfg.save(run.config)
+    for name in ("split.json", "vocab.json"):
+        (tmp_path / "run" / name).write_text("{}")
+    assert run.reopen_notes(cfg) == []                      # all there: nothing to say
+    os.remove(run.file(lost))
+    assert run.reopen_notes(cfg) == []                      # not trained yet: remade freely
+    (tmp_path / "run" / "checkpoints" / "checkpoint").write_text("x")
+    with pytest.raises(UserError, match=rf"{lost}: missing, but .* has trained "
+                                        rf"\(checkpoints\).*add --fresh"):
+        run.reopen_notes(cfg)

@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(BIN)/caption-attn demo
 
 # Every speed target of issue #11 on this CPU, each benchmark run REPEATS times
-# (on 2 Zen 4 cores ~2.5 min per repeat).
+# (on 2 Zen 4 cores ~4 min per repeat).
 REPEATS ?= 3
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_report.py --repeats $(REPEATS) --json bench_report.json

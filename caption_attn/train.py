@@ -57,13 +57,22 @@ def open_run(run_dir: str, cfg: RunConfig, fresh: bool = False) -> list[str]:
     check of the data passed)."""
     run = RunFolder(run_dir)
     run.check_writable(cfg.cache)
-    notes = [] if fresh else run.reopen_notes(cfg)
-    if not fresh:
-        refuse_other_batches_mid_epoch(run, cfg)
+    notes = reopen_checks(run, cfg, fresh)
     if fresh:
         run.delete_previous()
     os.makedirs(run_dir, exist_ok=True)
     cfg.save(run.config)
+    return notes
+
+
+def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
+    """The checks of a run folder about to be resumed with `cfg`, nothing written (none with
+    --fresh): `RunFolder.reopen_notes` and `refuse_other_batches_mid_epoch`; returns the
+    notes to print."""
+    if fresh:
+        return []
+    notes = run.reopen_notes(cfg)
+    refuse_other_batches_mid_epoch(run, cfg)
     return notes
 
 
@@ -564,9 +573,7 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
                         f" (it is only for the attention heatmaps: leave it out to use the "
                         f"images folder recorded in the cache)")
     fresh = cfg.train.fresh
-    notes = [] if fresh else run.reopen_notes(cfg)
-    if not fresh:
-        refuse_other_batches_mid_epoch(run, cfg)
+    notes = reopen_checks(run, cfg, fresh)
     if not fresh and os.path.exists(run.split) and run.caption_data() is None:
         notes.append(f"{run.split} has no fingerprint of the run's caption data (a run made "
                      f"before they were recorded): recording the one of {cfg.captions}, "

@@ -291,9 +291,12 @@ def _top(obj: Any, path: str, name: str) -> dict:
 
 # --------------------------------------------------------------------------- parsers
 def _image_size(image: dict) -> Optional[tuple]:
-    """(height, width) from an image entry's `height`/`width` keys, if both are numbers."""
+    """(height, width) from an image entry's `height`/`width` keys, if both are finite
+    positive numbers (grounding maps boxes onto the 8x8 grid with them: an infinite size put
+    every box in cell 0); otherwise None, and grounding takes the size the cache resized from."""
     h, w = image.get("height"), image.get("width")
-    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (h, w))
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+             and v > 0 for v in (h, w))
     return (h, w) if ok else None
 
 
@@ -594,7 +597,8 @@ def describe(captions_path: str, data_cfg: DataConfig, vocab_cfg: VocabConfig,
     `vocab_size` counts the 4 special tokens; caption lengths are in words (no start/end).
     """
     if images_dir is not None and not os.path.isdir(images_dir):
-        raise UserError(f"{images_dir}: images folder not found")
+        raise UserError(f"--images {images_dir}: " + ("a file, not a folder" if
+                        os.path.exists(images_dir) else "images folder not found"))
     from caption_attn.vocab import tokenize_all
 
     captions = load_dataset(captions_path, data_cfg)

@@ -70,7 +70,10 @@ def test_inspect_missing_images_folder(tmp_path, capsys):
     code = cli.main(["inspect", "--captions", path, "--images", str(tmp_path / "pics")])
     err = capsys.readouterr().err
     assert code == 2
-    assert "pics: images folder not found" in err
+    assert f"--images {tmp_path / 'pics'}: images folder not found" in err
+    (tmp_path / "pics").write_text("not a folder")
+    assert cli.main(["inspect", "--captions", path, "--images", str(tmp_path / "pics")]) == 2
+    assert f"--images {tmp_path / 'pics'}: a file, not a folder" in capsys.readouterr().err
 
 
 def test_inspect_malformed_file(tmp_path, capsys):

@@ -626,3 +626,17 @@ def test_caption_fingerprint_counts_what_changed():
     swapped[0].captions.reverse()
     assert "1 of 4 images has other captions" in data.caption_changes(recorded, splits,
                                                                          swapped)
+
+
+@pytest.mark.parametrize("height", [1e999, float("nan"), -5, "299", True])
+def test_an_image_size_that_is_no_finite_positive_number_is_not_used(tmp_path, height):
+    """Karpathy's `height: Infinity` (or 1e999) was taken as the image's size, and grounding
+    mapped every box into the first cell of the 8x8 grid."""
+    images = karpathy_images()
+    for image in images:
+        image.update(height=299, width=299)
+    images[0]["height"] = height
+    captions = data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+    sizes = {r.image: r.size for r in captions.records}
+    assert sizes[images[0]["filename"]] is None
+    assert all(sizes[i["filename"]] == (299, 299) for i in images[1:])

@@ -22,7 +22,7 @@ from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import MANIFEST, read_manifest
-from caption_attn.images import ImageError, list_images, load_image
+from caption_attn.images import ImageError, list_images, load_image, printable_name
 from caption_attn.run import RunFolder
 from caption_attn.vocab import PAD, START, Vocabulary
 
@@ -233,16 +233,10 @@ def expand_image_args(args: Sequence[str]) -> list[str]:
     return list(first.values())
 
 
-def _printable(name: str) -> str:
-    """`name` with the bytes of a file name that is not UTF-8 (caf\\xe9.png, which Python
-    holds as 'caf\\udce9.png') written as \\xNN, so it can be printed, drawn and saved."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def display_names(paths: Sequence[str]) -> dict:
     """path -> the shortest trailing part of it that tells it apart from the other paths:
     the file name, or as many parent folders with it as needed (a/cat.jpg, b/cat.jpg);
-    printable (`_printable`); in the order of `paths` (which `heatmap_files` numbers by)."""
+    printable (`images.printable_name`); in the order of `paths` (which `heatmap_files` numbers by)."""
     parts = {p: os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths}
     names, left, depth = {}, set(parts), 1
     while left:
@@ -250,7 +244,7 @@ def display_names(paths: Sequence[str]) -> dict:
         counts = collections.Counter(suffix.values())
         for p in list(left):
             if counts[suffix[p]] == 1 or depth >= len(parts[p]):
-                names[p] = _printable(suffix[p])
+                names[p] = printable_name(suffix[p])
                 left.discard(p)
         depth += 1
     return {p: names[p] for p in parts}

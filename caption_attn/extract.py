@@ -41,7 +41,7 @@ from caption_attn.feature_cache import FAILED, check_feature_file, feature_path,
 from caption_attn.feature_index import IMAGE_CHANGED, ImageStamp, SegmentWriter, make_entry
 from caption_attn.fileio import file_digest, write_bytes_atomic
 from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, list_images,
-                                 read_image_file, resize_image)
+                                 printable_name, read_image_file, resize_image)
 from caption_attn.run import check_folder_writable
 
 
@@ -196,23 +196,15 @@ def _shard_keys(images_dir: str, cfg: ExtractConfig,
     keys = sorted(set(keys))
     # a file name that is not UTF-8 (caf\xe9.jpg) is 'caf\udce9.jpg' here: no shard hash,
     # index line or feature file name can hold it, so it fails under a readable name
-    undecodable = {k for k in keys if not _utf8(k)}
+    undecodable = {k for k in keys if printable_name(k) != k}
     keys = [k for k in keys if k not in undecodable]
     failed = {k: reason for k in keys if (reason := image_key_problem(k))}
-    failed.update({k.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"):
-                   "file name is not valid UTF-8: rename the file" for k in undecodable})
+    failed.update({printable_name(k): "file name is not valid UTF-8: rename the file"
+                   for k in undecodable})
     mine = [k for k in keys if k not in failed
             and shard_of(k, cfg.num_shards) == cfg.shard_index]
     failed = {k: r for k, r in failed.items() if shard_of(k, cfg.num_shards) == cfg.shard_index}
     return mine, failed
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class _Plan(NamedTuple):

@@ -87,7 +87,7 @@ def parse_json(path: str, text: str) -> Any:
 def _check_surrogates(path: str, text: str, obj: Any) -> None:
     """`UserError` at the first lone surrogate escape of `text` if `obj` holds one (the regex
     alone could be fooled by an escaped backslash before `u`, so the parsed value decides)."""
-    if "\\u" not in text or not any(_LONE_SURROGATE.finditer(text)):
+    if "\\u" not in text or not _LONE_SURROGATE.search(text):
         return
     try:
         json.dumps(obj, ensure_ascii=False).encode("utf-8")

@@ -162,6 +162,13 @@ def load_image(path: str) -> np.ndarray:
     return resize_image(decode_image(read_image_file(path)[0]))
 
 
+def printable_name(name: str) -> str:
+    """`name` with the bytes of a file name that is not UTF-8 (caf\\xe9.png, which Python
+    holds as 'caf\\udce9.png') written as \\xNN, so it can be printed, drawn and saved; a
+    UTF-8 name comes back as it is."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def list_images(images_dir: str) -> list[str]:
     """Keys (sorted POSIX paths relative to `images_dir`) of every image file under it.
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import json
 import os
 import re
 import shutil
@@ -49,7 +48,7 @@ import cv2
 import numpy as np
 
 from caption_attn.config import ShapesConfig
-from caption_attn.fileio import write_bytes_atomic, write_json_atomic
+from caption_attn.fileio import read_json, write_bytes_atomic, write_json_atomic
 from caption_attn.data import split_images
 from caption_attn.errors import UserError
 
@@ -355,10 +354,10 @@ def _check_made_here(out_dir: str, images_dir: str, captions: str) -> None:
     of one's own in the same layout is never deleted by --replace."""
     if os.path.exists(captions):
         try:
-            with open(captions, "rb") as f:
-                own = json.loads(f.read()).get("dataset") == DATASET_NAME
-        except (OSError, ValueError, AttributeError):
-            own = False
+            saved = read_json(captions)
+        except UserError:  # unreadable or not JSON: not ours
+            saved = None
+        own = isinstance(saved, dict) and saved.get("dataset") == DATASET_NAME
         if not own:
             raise UserError(f"{captions}: not written by make-shapes (no \"dataset\": "
                             f"\"{DATASET_NAME}\"); --replace only deletes a dataset it made: "

@@ -13,7 +13,7 @@ SHAPES_IMAGES = 40
 # `--dist loadfile --no-loadscope-reorder`, so the two workers end together: in xdist's own
 # order (files with more tests first) the heavy files with few tests came last, and one worker
 # idled for 70 s of a 414 s run while the other ran the last of them.
-FILE_SECONDS = {"test_export.py": 120, "test_train.py": 76, "test_extract.py": 75,
+FILE_SECONDS = {"test_export.py": 97, "test_train.py": 76, "test_extract.py": 75,
                 "test_demo.py": 52, "test_faults.py": 51, "test_captioner.py": 49,
                 "test_kill_resume.py": 47, "test_distributed.py": 41, "test_train_scst.py": 25,
                 "test_evaluate_run.py": 19, "test_backbone.py": 17, "test_benchmarks.py": 17,

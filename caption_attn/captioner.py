@@ -11,7 +11,7 @@ import collections
 import dataclasses
 import math
 import os
-from typing import Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -190,20 +190,32 @@ class Captioner:
 
     def caption_images(self, paths: Sequence[str]) -> tuple[dict, dict]:
         """(path -> (image uint8 (299, 299, 3), captions), path -> error reason)."""
-        images, errors = {}, {}
-        for path in paths:
+        results, errors = {}, {}
+        for batch_results, batch_errors, _ in self.caption_batches(paths):
+            results.update(batch_results)
+            errors.update(batch_errors)
+        return results, errors
+
+    def caption_batches(self, paths: Sequence[str]) -> Iterator[tuple[dict, dict, int]]:
+        """`caption_images` a batch at a time, in the order of `paths`: yields (results,
+        errors, paths done) for every `batch_size` readable images (and the files that
+        failed on the way), so only one batch of images is in memory and each batch's
+        captions can be shown before the next is read. Unreadable files do not shrink a
+        batch (every full batch has one size: one XLA compilation)."""
+        images, errors, done = {}, {}, 0
+        for done, path in enumerate(paths, 1):
             try:
                 images[path] = load_image(path)
             except ImageError as e:
                 errors[path] = str(e)
-        results = {}
-        keys = list(images)
-        for start in range(0, len(keys), self.cfg.batch_size):
-            chunk = keys[start:start + self.cfg.batch_size]
-            feats = self.backbone(np.stack([images[k] for k in chunk]))  # (B, 64, 2048)
-            for key, captions in zip(chunk, self.decode(feats)):
-                results[key] = (images[key], captions)
-        return results, errors
+            if len(images) == self.cfg.batch_size or done == len(paths):
+                results = {}
+                if images:
+                    feats = self.backbone(np.stack(list(images.values())))  # (B, 64, 2048)
+                    results = {key: (images[key], captions)
+                               for key, captions in zip(images, self.decode(feats))}
+                yield results, errors, done
+                images, errors = {}, {}
 
 
 def expand_image_args(args: Sequence[str]) -> list[str]:
@@ -327,18 +339,28 @@ def attention_plot(image: np.ndarray, caption: Caption, name: str = ""):
     return plot.attention_figure(image, words, caption.attention[:len(words)], title=title)
 
 
-def save_attention_plots(out_dir: str, results: dict, images: Sequence[str] = ()) -> dict:
-    """Save the best caption's heatmap of every image of `caption_images`' results into
-    OUT_DIR, one distinct file per image (`heatmap_files`); returns path -> file written.
-    Nothing is written if a heatmap would overwrite one of the results' images or `images`
-    (`check_heatmap_targets`)."""
+def heatmap_writer(out_dir: str, paths: Sequence[str],
+                   images: Sequence[str] = ()) -> Callable[[dict], dict]:
+    """A function saving the best caption's heatmap of each image of some `caption_images`
+    (or `caption_batches`) results into OUT_DIR, returning path -> file written; each of
+    `paths` has a distinct file (`heatmap_files` of all of them, so batches written one by
+    one get the names one call would give). UserError first, nothing written, if a heatmap
+    would overwrite one of `paths` or `images` (`check_heatmap_targets`)."""
     from caption_attn import plot
 
-    check_heatmap_targets(out_dir, list(results), images)
-    names = display_names(list(results))
+    check_heatmap_targets(out_dir, paths, images)
+    names = display_names(list(paths))
     files = heatmap_files(names)
-    written = {}
-    for path, (image, captions) in results.items():
-        written[path] = os.path.join(out_dir, files[path])
-        plot.save_figure(attention_plot(image, captions[0], names[path]), written[path])
-    return written
+
+    def write(results: dict) -> dict:
+        written = {}
+        for path, (image, captions) in results.items():
+            written[path] = os.path.join(out_dir, files[path])
+            plot.save_figure(attention_plot(image, captions[0], names[path]), written[path])
+        return written
+    return write
+
+
+def save_attention_plots(out_dir: str, results: dict, images: Sequence[str] = ()) -> dict:
+    """`heatmap_writer` for the images of `results` at once."""
+    return heatmap_writer(out_dir, list(results), images)(results)

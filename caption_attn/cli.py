@@ -122,27 +122,49 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     from caption_attn import captioner as C_
+    from caption_attn import progress
 
     cfg = config_from_args(C.DecodeConfig, args)
     paths = C_.expand_image_args(args.images)
+    write_heatmaps = None
     if args.plot_attention:
         check_folder_writable(args.plot_attention, "--plot-attention")
-        C_.check_heatmap_targets(args.plot_attention, paths)
+        write_heatmaps = C_.heatmap_writer(args.plot_attention, paths)
     model = C_.Captioner.from_run(args.run, cfg, cache=args.cache)
-    results, errors = model.caption_images(paths)
-    for path, reason in errors.items():
-        print(f"{PROG} caption: cannot read {path}: {reason}", file=sys.stderr)
-    if args.plot_attention:
-        C_.save_attention_plots(args.plot_attention, results, images=paths)
+    names = C_.display_names(paths)
+    # One batch of images at a time: its captions are printed (and its heatmaps drawn)
+    # before the next is read. Where the printed captions do not show the progress (--json
+    # prints once at the end; stdout may be a file), a bar on stderr does, and the unreadable
+    # files are listed after it instead of breaking it.
+    shown = len(paths) > cfg.batch_size and (args.json or not sys.stdout.isatty())
+    bar = progress.bar(len(paths), enabled=shown, unit_name="image", stateful=["failed"],
+                       periodic=True, stream=sys.stderr)
+    captioned, failed, count = {}, {}, 0          # captions kept for --json only
+
+    def report(errors):
+        for path, reason in errors.items():
+            print(f"{PROG} caption: cannot read {path}: {reason}", file=sys.stderr)
+    for results, errors, done in model.caption_batches(paths):
+        failed.update(errors)
+        if not shown:
+            report(errors)
+        if write_heatmaps:
+            write_heatmaps(results)
+        count += len(results)
+        if args.json:
+            captioned.update({path: (None, caps) for path, (_, caps) in results.items()})
+        else:
+            for path, (_, captions) in results.items():
+                print(C_.format_captions(path, captions, names[path]))
+            sys.stdout.flush()
+        bar.update(done, [("failed", len(failed))])
+    if shown:
+        report(failed)
     if args.json:
-        print(json.dumps(C_.captions_json(results, errors), indent=2))
-    else:
-        names = C_.display_names(list(results))
-        for path, (_, captions) in results.items():
-            print(C_.format_captions(path, captions, names[path]))
-    if args.plot_attention and results:
+        print(json.dumps(C_.captions_json(captioned, failed), indent=2))
+    if args.plot_attention and count:
         print(f"attention heatmaps: {args.plot_attention}", file=sys.stderr)
-    return 0 if results else 1
+    return 0 if count else 1
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

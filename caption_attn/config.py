@@ -170,8 +170,9 @@ MAX_CAPTION_WORDS = 200
 # typo such as 1000000000 was OOM-killed after minutes, leaving images without captions.json
 MAX_SHAPES_IMAGES = 200_000
 # extract-features allocates its batch of 299x299 pixels up front: --batch-size 1000000 died
-# with a MemoryError traceback (250 GiB); larger batches than this gain nothing on any device
-MAX_EXTRACT_BATCH = 1024
+# with a MemoryError traceback (250 GiB); `caption` holds one batch of images (and the
+# backbone's activations of it); larger batches than this gain nothing on any device
+MAX_IMAGE_BATCH = 1024
 # The float types of the project, each list defined once: how cached features are stored, and
 # the compute precisions of the backbone and of training.
 FEATURE_DTYPES = ("float32", "float16")
@@ -247,9 +248,9 @@ class ExtractConfig(Config):
     precision: str = opt("float32", "compute precision of the backbone; bfloat16 is mixed "
                          "precision (fast on CPUs with AVX512-BF16/AMX and on GPUs)",
                          choices=BACKBONE_PRECISIONS)
-    batch_size: int = opt(32, f"images per backbone call (at most {MAX_EXTRACT_BATCH}: a "
+    batch_size: int = opt(32, f"images per backbone call (at most {MAX_IMAGE_BATCH}: a "
                           "batch's pixels take 268 KB and the backbone's activations tens of "
-                          "MB per image)", check=integer(1, MAX_EXTRACT_BATCH))
+                          "MB per image)", check=integer(1, MAX_IMAGE_BATCH))
     num_shards: int = opt(1, "split the images into N disjoint shards (one per machine)",
                           check=integer(1))
     shard_index: int = opt(0, "which shard this process extracts (0-based)",
@@ -386,7 +387,9 @@ class DecodeConfig(Config):
                                     f"most {MAX_CAPTION_WORDS + 1} (default: the run's "
                                     "--max-length + 1)",
                                     check=integer(1, MAX_CAPTION_WORDS + 1))
-    batch_size: int = opt(64, "images decoded together", check=integer(1))
+    batch_size: int = opt(64, "images decoded together; `caption` reads that many at a time "
+                          f"and prints their captions before reading more (at most "
+                          f"{MAX_IMAGE_BATCH})", check=integer(1, MAX_IMAGE_BATCH))
     xla: bool = opt(False, "compile the decoding loop of every batch with XLA (by default "
                     "only batches of --xla-min-images or more are)")
     xla_min_images: int = opt(32, "batches of at least this many images of a float32 model "

@@ -2,29 +2,46 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 import time
-from typing import Sequence
+from typing import Optional, Sequence, TextIO
 
 LOG_INTERVAL_S = 60.0   # a line this often when the output is a log file, not a terminal
 
 
 def bar(target: int, enabled: bool = True, unit_name: str = "step",
-        stateful: Sequence[str] = (), periodic: bool = False):
+        stateful: Sequence[str] = (), periodic: bool = False, stream: Optional[TextIO] = None):
     """A `keras.utils.Progbar` for `target` units.
 
     On a terminal: the live bar. In a log file: one plain line at the end, as Keras' `fit`
     does (verbose 2), or with `periodic` (one long job: extraction, evaluation) also a plain
     line every `LOG_INTERVAL_S` seconds so the log shows it progressing (Keras' live bar
     would write colour codes and backspaces into the file). Nothing when not `enabled`.
+    `stream` (e.g. sys.stderr when stdout carries the command's output) takes the bar
+    instead of stdout (Keras' bar writes to whatever `sys.stdout` is).
     """
     import keras
 
-    tty = sys.stdout.isatty()
-    verbose = 0 if not enabled or target <= 0 else 1 if tty else 2
-    cls = _periodic_class(keras) if periodic and verbose == 2 else _count_class(keras)
-    return cls(target, verbose=verbose, unit_name=unit_name, interval=0.05,
-               stateful_metrics=list(stateful))
+    with contextlib.redirect_stdout(stream or sys.stdout):
+        tty = sys.stdout.isatty()
+        verbose = 0 if not enabled or target <= 0 else 1 if tty else 2
+        cls = _periodic_class(keras) if periodic and verbose == 2 else _count_class(keras)
+        progbar = cls(target, verbose=verbose, unit_name=unit_name, interval=0.05,
+                      stateful_metrics=list(stateful))
+    if stream is not None:
+        progbar.update = _on(stream, progbar.update)
+        progbar.add = _on(stream, progbar.add)
+    return progbar
+
+
+def _on(stream: TextIO, method):
+    @functools.wraps(method)
+    def redirected(*args, **kwargs):
+        with contextlib.redirect_stdout(stream):
+            return method(*args, **kwargs)
+    return redirected
 
 
 class _Count(float):

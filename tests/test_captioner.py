@@ -314,3 +314,73 @@ def test_a_file_name_that_is_not_utf8_is_shown_and_plotted(shapes_data, trained_
                  os.fsdecode(image)]) == 0
     assert "Captions for image caf\\xe9.png:" in capsys.readouterr().out
     assert os.listdir(heat) == ["caf\\xe9.png"]
+
+
+def test_caption_batches_hold_batch_size_readable_images_in_order(shapes_data, trained_run,
+                                                                  tmp_path):
+    """A bad file does not shrink a batch (one size, one XLA compilation) and is reported
+    with the batch it was met in; `done` counts the paths gone through."""
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not pixels")
+    good = _test_images(shapes_data, trained_run, 5)
+    paths = [good[0], str(bad), *good[1:]]
+    model = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=1, batch_size=2))
+    batches = list(model.caption_batches(paths))
+    assert [list(r) for r, _, _ in batches] == [good[0:2], good[2:4], good[4:5]]
+    assert [list(e) for _, e, _ in batches] == [[str(bad)], [], []]
+    assert [done for _, _, done in batches] == [3, 5, 6]
+    image, captions = batches[0][0][good[0]]
+    assert image.shape == (299, 299, 3) and captions[0].words
+    whole, errors = model.caption_images(paths)
+    assert list(whole) == good and list(errors) == [str(bad)]
+    assert [whole[p][1][0].words for p in good] == \
+        [r[p][1][0].words for r, _, _ in batches for p in r]
+
+
+def test_many_images_show_a_bar_on_stderr_and_json_stays_json(shapes_data, trained_run,
+                                                             tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not pixels")
+    images = [str(bad), *_test_images(shapes_data, trained_run, 3)]
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--batch-size", "2",
+                 "--json", *images]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)                     # nothing but the JSON on stdout
+    assert [i["image"] for i in out["images"]] == images[1:]
+    assert out["errors"][0]["image"] == str(bad)
+    err = captured.err.splitlines()
+    bar = [i for i, line in enumerate(err) if line.startswith("4/4 - ")]
+    assert bar and "failed: 1" in err[bar[0]]
+    assert any(line.startswith(f"caption-attn caption: cannot read {bad}")  # after the bar
+               for line in err[bar[0] + 1:])
+    # text, stdout not a terminal (a file): the same bar, captions on stdout only
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--batch-size", "2",
+                 *images]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("Captions for image") == 3 and "4/4" not in captured.out
+    assert any(line.startswith("4/4 - ") for line in captured.err.splitlines())
+    # one batch: no bar
+    assert main(["caption", "--run", trained_run, "--beam", "1", *images]) == 0
+    assert "4/4" not in capsys.readouterr().err
+
+
+def test_captions_of_finished_batches_are_out_when_a_later_batch_is_interrupted(
+        shapes_data, trained_run, tmp_path, capsys, monkeypatch):
+    images = _test_images(shapes_data, trained_run, 4)
+    decode, calls = captioner.Captioner.decode, []
+
+    def interrupted_second_time(self, features):
+        calls.append(len(features))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return decode(self, features)
+    monkeypatch.setattr(captioner.Captioner, "decode", interrupted_second_time)
+    heat = tmp_path / "heat"
+    code = main(["caption", "--run", trained_run, "--beam", "1", "--batch-size", "2",
+                 "--plot-attention", str(heat), *images])
+    assert code != 0 and calls == [2, 2]
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("Captions")] == \
+        [f"Captions for image {os.path.basename(p)}:" for p in images[:2]]
+    assert sorted(os.listdir(heat)) == sorted(
+        os.path.splitext(os.path.basename(p))[0] + ".png" for p in images[:2])

@@ -28,6 +28,7 @@ BAD_VALUES = [
     (C.DecodeConfig, "beam", 0), (C.DecodeConfig, "length_penalty", math.nan),
     (C.DecodeConfig, "temperature", 0.0), (C.DecodeConfig, "top_k", -1),
     (C.DecodeConfig, "max_length", 0), (C.DecodeConfig, "batch_size", 0),
+    (C.DecodeConfig, "batch_size", 100_000),  # `caption` would hold 100,000 images
     (C.ExtractConfig, "batch_size", 0), (C.ExtractConfig, "num_shards", 0),
     (C.ExtractConfig, "batch_size", 1_000_000),  # a MemoryError traceback (250 GiB buffer)
     (C.ExtractConfig, "workers", -1), (C.ExtractConfig, "dtype", "int8"),

@@ -8,6 +8,7 @@ Cache layout:
     <cache>/index.jsonl, index/      per-file provenance index (`feature_index`): which backbone
                                      made each file, from which source image
     <cache>/failed.tsv               key<TAB>reason of images that could not be extracted
+                                     (a tab, newline, CR or backslash in them as \\t \\n \\r \\\\)
     <cache>/backbone_random_seed{S}.weights.h5   random backbone weights (`--weights random`)
     <cache>/.lock                    flock'ed around every manifest / failed.tsv / index update
 
@@ -175,15 +176,25 @@ def cache_lock(cache_dir: str):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+# failed.tsv's fields escape what would end a field or a line (a file may be named "a\tb.jpg"
+# or "a\nb.jpg"), the text format of PostgreSQL's COPY and Python's csv module's escapechar
+_TSV_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_TSV_UNESCAPE = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def _tsv_unescape(field: str) -> str:
+    return re.sub(r"\\(.)", lambda m: _TSV_UNESCAPE.get(m.group(1), m.group(0)), field)
+
+
 def read_failed(cache_dir: str) -> dict[str, str]:
     """failed.tsv as {key: reason} (empty when absent)."""
     out = {}
     with contextlib.suppress(FileNotFoundError):
-        with open(os.path.join(cache_dir, FAILED), encoding="utf-8") as f:
+        with open(os.path.join(cache_dir, FAILED), encoding="utf-8", newline="\n") as f:
             for line in f:
                 key, _, reason = line.rstrip("\n").partition("\t")
                 if key:
-                    out[key] = reason
+                    out[_tsv_unescape(key)] = _tsv_unescape(reason)
     return out
 
 
@@ -193,7 +204,8 @@ def _update_failed(cache_dir: str, failed: dict[str, str], succeeded: Iterable[s
     for key in succeeded:
         entries.pop(key, None)
     entries.update({k: " ".join(r.split()) for k, r in failed.items()})
-    lines = [f"{key}\t{entries[key]}\n".encode("utf-8") for key in sorted(entries)]
+    lines = [f"{key.translate(_TSV_ESCAPE)}\t{entries[key].translate(_TSV_ESCAPE)}\n"
+             .encode("utf-8") for key in sorted(entries)]
     path = os.path.join(cache_dir, FAILED)
     if lines or os.path.exists(path):
         write_bytes_atomic(path, lines)

@@ -245,6 +245,34 @@ def test_a_file_name_that_is_not_utf8_fails_alone(images, cache_copy, tmp_path):
     assert summary["exit_code"] == 0 and read_failed(cache_copy)["caf\\xe9.jpg"]
 
 
+def test_names_with_tabs_and_newlines_stay_one_entry_each_in_failed_tsv(images, cache_copy,
+                                                                         tmp_path):
+    """Linux allows a tab or a newline in a file name: written raw, "a\tb.jpg" read back as
+    the key "a" failed for "b.jpg\t...", and "c\nd.jpg" as two lines, so a fixed image's
+    entry was never removed. Fields are escaped as \\t, \\n, \\r and \\\\."""
+    work = tmp_path / "work"
+    work.mkdir()
+    names = ["a\tb.jpg", "c\nd.jpg", "e\\nf.jpg", "g\rh.jpg"]
+    for name in names:
+        (work / name).write_text("not pixels")
+    shutil.copy(os.path.join(images, "a.jpg"), work / "ok.jpg")
+    before = read_failed(cache_copy)
+    summary = extract_features(str(work), extract_cfg(cache_copy), progress=False)
+    assert sorted(summary["failures"]) == sorted(names)
+    failed = read_failed(cache_copy)
+    assert failed == {**before, **{name: summary["failures"][name] for name in names}}
+    with open(os.path.join(cache_copy, "failed.tsv"), "rb") as f:
+        lines = f.read().split(b"\n")[:-1]
+    assert len(lines) == len(failed) and all(line.count(b"\t") == 1 for line in lines)
+    assert any(line.startswith(b"a\\tb.jpg\t") for line in lines)
+    assert b"\r" not in b"".join(lines)
+    # fixed images leave failed.tsv, the others stay
+    for name in names[:2]:
+        shutil.copy(os.path.join(images, "a.jpg"), work / name)
+    extract_features(str(work), extract_cfg(cache_copy), progress=False)
+    assert sorted(set(read_failed(cache_copy)) - set(before)) == sorted(names[2:])
+
+
 def test_changed_image_that_now_fails_is_reported_failed_and_its_old_file_removed(
         images, cache_copy, tmp_path):
     """An image truncated after extraction: not "extracted again" but failed, and its old

@@ -73,7 +73,9 @@ def write_json_atomic(path: str, obj: Any) -> None:
 def parse_json(path: str, text: str) -> Any:
     """JSON `text` read from `path`; malformed JSON is a `UserError` naming the place."""
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_object_without_duplicates)
+    except _DuplicateKey as e:
+        raise UserError(f"{path}: {e}") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: "
                         f"{e.msg}") from None
@@ -82,6 +84,30 @@ def parse_json(path: str, text: str) -> Any:
                         f"[ or {{); not a caption_attn file?") from None
     _check_surrogates(path, text, obj)
     return obj
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _object_without_duplicates(pairs: list) -> dict:
+    """`json.loads`' object hook: a key given twice in one object is an error (JSON readers
+    silently keep the last value: two "images" lists of a hand-merged file, or an image's
+    "captions" given twice, would lose one without a word)."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            break
+        seen.add(key)
+    where = ", ".join(f"{k!r}: {v!r}" for k, v in obj.items()
+                      if isinstance(v, (str, int, float)) and not isinstance(v, bool))[:120]
+    raise _DuplicateKey(f"the key {key!r} appears twice in one object"
+                        + (f" ({{{where}, ...}})" if where else "")
+                        + "; JSON readers keep only its last value, so the first would be "
+                          "silently lost: merge or remove one")
 
 
 def _check_surrogates(path: str, text: str, obj: Any) -> None:

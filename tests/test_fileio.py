@@ -35,3 +35,29 @@ def test_json_nested_too_deeply_is_a_one_line_error(tmp_path):
     path.write_text('{"annotations": ' + "[" * 5000 + "]" * 5000 + "}")
     with pytest.raises(UserError, match=r"deep\.json: .*nested too deeply"):
         read_json(str(path))
+
+
+def test_a_key_twice_in_one_object_is_an_error_naming_it(tmp_path, capsys):
+    """Two "annotations" lists in a hand-merged COCO file: JSON readers keep the last one, so
+    half the captions were dropped without a word."""
+    from caption_attn import cli
+    from caption_attn.errors import UserError
+    from caption_attn.fileio import read_json
+    path = tmp_path / "captions.json"
+    path.write_text('{"images": [{"id": 1, "file_name": "a.jpg"}],\n'
+                    ' "annotations": [{"image_id": 1, "id": 1, "caption": "a dog"}],\n'
+                    ' "annotations": [{"image_id": 1, "id": 2, "caption": "a cat"}]}')
+    with pytest.raises(UserError, match=r"captions\.json: the key 'annotations' appears twice "
+                                        r"in one object; .* silently lost"):
+        read_json(str(path))
+    assert cli.main(["inspect", "--captions", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the key 'annotations' appears twice" in err
+    # inside a record: the record's plain values say which one
+    path.write_text('[{"id": 7, "file_name": "b.jpg", "caption": "x", "caption": "y"}]')
+    with pytest.raises(UserError, match=r"the key 'caption' appears twice in one object \(\{"
+                                        r"'id': 7, 'file_name': 'b\.jpg', 'caption': 'y', "
+                                        r"\.\.\.\}\)"):
+        read_json(str(path))
+    path.write_text('{"a": {"a": 1}, "b": [{"a": 1}, {"a": 2}]}')      # not duplicates
+    assert read_json(str(path)) == {"a": {"a": 1}, "b": [{"a": 1}, {"a": 2}]}

@@ -63,7 +63,8 @@ def masked_step(step_fn, banned: Sequence[int] = BANNED):
 
 
 def make_decoder(model, cfg: DecodeConfig, max_length: int):
-    """features (B, 64, 2048) float32 -> DecodeResult, for any batch size: one tf.function
+    """features (B, 64, 2048) float32 -> DecodeResult, for any batch size (a sampler also
+    takes ids (B,) int64: each image's own random stream, see `decode.sample`): one tf.function
     over the whole decoding loop, XLA-compiled with `cfg.xla`, and by default (see
     `xla_min_images`) for batches of known size B >= cfg.xla_min_images of a float32 model
     only. Called inside another tf.function on a batch of unknown size (`export`), it is the
@@ -92,6 +93,13 @@ def _decoder_function(model, cfg: DecodeConfig, max_length: int, jit_compile: bo
         kwargs.update(beam_size=cfg.beam, length_penalty=cfg.length_penalty)
     elif cfg.method == "sample":
         kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
+
+        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int64)], autograph=False,
+                     jit_compile=jit_compile or None)
+        def run_sample(features, ids):
+            state, context = model.init_decoder(features)
+            return decode_lib.sample(step, state, context, ids=ids, **kwargs)
+        return run_sample
 
     @tf.function(input_signature=[spec], jit_compile=jit_compile or None, autograph=False)
     def run(features):
@@ -149,15 +157,22 @@ class Captioner:
         return cls(model, vocab, run_cfg, cfg, run_dir, cache)
 
     # -- features -> captions ----------------------------------------------------------
-    def decode(self, features: np.ndarray) -> list[list[Caption]]:
-        """features (B, 64, 2048) -> per image its captions, best first."""
-        result = self._decoder(tf.constant(features, tf.float32))
-        return to_captions(result, self.vocab)
+    def decode(self, features: np.ndarray, ids: Optional[Sequence[int]] = None
+               ) -> list[list[Caption]]:
+        """features (B, 64, 2048) -> per image its captions, best first. With --sample, image
+        b draws from the random stream `ids[b]` (default b): give each image its index in
+        the whole set, so that its sample does not depend on how the set is batched."""
+        features = tf.constant(features, tf.float32)
+        if self.cfg.method != "sample":
+            return to_captions(self._decoder(features), self.vocab)
+        ids = range(features.shape[0]) if ids is None else ids
+        return to_captions(self._decoder(features, tf.constant(list(ids), tf.int64)),
+                           self.vocab)
 
     def decode_batches(self, features_iter, progress=None) -> list[list[Caption]]:
         out = []
         for batch in features_iter:
-            out += self.decode(batch)
+            out += self.decode(batch, range(len(out), len(out) + len(batch)))
             if progress is not None:
                 progress.add(len(batch))
         return out
@@ -202,10 +217,11 @@ class Captioner:
         failed on the way), so only one batch of images is in memory and each batch's
         captions can be shown before the next is read. Unreadable files do not shrink a
         batch (every full batch has one size: one XLA compilation)."""
-        images, errors, done = {}, {}, 0
+        images, ids, errors, done = {}, [], {}, 0
         for done, path in enumerate(paths, 1):
             try:
                 images[path] = load_image(path)
+                ids.append(done - 1)      # its index in `paths`: its samples' stream
             except ImageError as e:
                 errors[path] = str(e)
             if len(images) == self.cfg.batch_size or done == len(paths):
@@ -213,9 +229,9 @@ class Captioner:
                 if images:
                     feats = self.backbone(np.stack(list(images.values())))  # (B, 64, 2048)
                     results = {key: (images[key], captions)
-                               for key, captions in zip(images, self.decode(feats))}
+                               for key, captions in zip(images, self.decode(feats, ids))}
                 yield results, errors, done
-                images, errors = {}, {}
+                images, ids, errors = {}, [], {}
 
 
 def expand_image_args(args: Sequence[str]) -> list[str]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numbers
 from typing import Any, Callable, NamedTuple
 
+import numpy as np
 import tensorflow as tf
 
 from caption_attn.vocab import END, PAD, START
@@ -116,13 +117,16 @@ def beam_search(step_fn: StepFn, state, context, beam_size: int, max_length: int
 
 def sample(step_fn: StepFn, state, context, max_length: int, temperature: float = 1.0,
            top_k: int = 0, seed: int = 0, num_samples: int = 1, start_id: int = START,
-           end_id: int = END) -> DecodeResult:
+           end_id: int = END, ids=None) -> DecodeResult:
     """Random captions: each token drawn from softmax(logits / temperature), restricted to
     the `top_k` most likely tokens (0 = all; ties with the k-th are kept). K = num_samples.
 
     Stateless random ops seeded by `seed` (an int or an int tensor, so a caller's
     `tf.function` can vary it without retracing) make the draw reproducible for the same
-    batch. `log_probs` are under the model (temperature 1, full vocabulary), not under the
+    batch. With `ids` ((B,) ints, e.g. each image's index in the whole dataset), each image
+    draws from its own stream of (`seed`, id) instead of the stream of its row, so its
+    samples do not depend on the batch it is decoded in (its size, the other images).
+    `log_probs` are under the model (temperature 1, full vocabulary), not under the
     sampling distribution; samples are sorted by them.
     """
     max_length = _check_int("max_length", max_length, 1)
@@ -134,8 +138,11 @@ def sample(step_fn: StepFn, state, context, max_length: int, temperature: float 
     log_probs = tf.zeros([_batch_size(state, context) * num_samples])  # (B*K,)
     state, context = _tile((state, context), num_samples)  # leading dims (B*K, ...)
     seed = tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)])  # (2,)
+    streams = None if ids is None else tf.reshape(                   # (B*K,) row -> stream
+        tf.cast(ids, tf.int64)[:, None] * num_samples
+        + tf.range(num_samples, dtype=tf.int64)[None, :], [-1])
     beams = _run(step_fn, state, context, log_probs, max_length, start_id,
-                 _sample_advance(float(temperature), top_k, seed, end_id))
+                 _sample_advance(float(temperature), top_k, seed, end_id, streams))
     return _finalize(beams, num_samples)
 
 
@@ -258,17 +265,32 @@ def _greedy_advance(end_id):
     return advance
 
 
-def _sample_advance(temperature, top_k, seed, end_id):
+def _sample_advance(temperature, top_k, seed, end_id, streams=None):
     def advance(beams, logits, state, attention):
         logits = tf.cast(logits, tf.float32)                              # (N, V)
         sampling_logits = _keep_top_k(logits / temperature, top_k)        # (N, V)
         step_seed = tf.random.experimental.stateless_fold_in(seed, beams.step)  # (2,)
-        token = tf.random.stateless_categorical(
-            sampling_logits, 1, step_seed, dtype=tf.int32)[:, 0]          # (N,)
+        if streams is None:   # row n draws the n-th numbers of the step's stream
+            token = tf.random.stateless_categorical(
+                sampling_logits, 1, step_seed, dtype=tf.int32)[:, 0]      # (N,)
+        else:                 # row n draws from its own stream (Gumbel-max: exact sampling)
+            token = tf.argmax(sampling_logits + _gumbel_noise(
+                step_seed, streams, tf.shape(logits)[1]), axis=1, output_type=tf.int32)
         step_log_probs = tf.nn.log_softmax(logits)                        # (N, V)
         token_log_prob = _own_log_prob(step_log_probs, token, beams.finished)  # (N,)
         return _append(beams, token, token_log_prob, state, attention, end_id)
     return advance
+
+
+def _gumbel_noise(step_seed, streams, vocab_size):
+    """(N, V) Gumbel(0, 1) noise, row n from the stateless stream (step_seed, streams[n])."""
+    tiny = float(np.finfo(np.float32).tiny)
+
+    def row(stream):
+        row_seed = tf.random.experimental.stateless_fold_in(step_seed, stream)  # (2,)
+        return tf.random.stateless_uniform([vocab_size], row_seed, minval=tiny)  # (V,)
+    uniform = tf.map_fn(row, streams, fn_output_signature=tf.TensorSpec([None], tf.float32))
+    return -tf.math.log(-tf.math.log(uniform))                          # (N, V)
 
 
 def _beam_advance(beam_size, length_penalty, end_id):

@@ -132,6 +132,24 @@ def test_batch_equals_one_by_one(shapes_data, trained_run):
                                    [c.log_prob for c in together[i]], atol=1e-4)
 
 
+def test_sampled_captions_do_not_depend_on_the_batch_size(shapes_data, trained_run):
+    # An image's sample came from its row in the batch: `caption --sample --seed S` gave
+    # another caption with --batch-size 1, and `evaluate --sample` other metrics.
+    with open(os.path.join(trained_run, "split.json")) as f:
+        keys = json.load(f)["splits"]["val"][:4]
+    feats = np.stack([np.load(feature_cache.feature_path(shapes_data["cache"], k))
+                      for k in keys]).astype(np.float32)
+    words = lambda caps: [c[0].words for c in caps]
+    for batch_size in (1, 3):
+        model = captioner.Captioner.from_run(
+            trained_run, DecodeConfig(sample=True, seed=4, batch_size=batch_size))
+        batched = model.decode_batches(feats[i:i + batch_size] for i in range(0, 4, batch_size))
+        if batch_size == 1:
+            first = batched
+        assert words(batched) == words(first)
+        assert words(model.decode(feats[2:3], [2])) == words(first[2:3])
+
+
 def test_beam_one_equals_greedy(shapes_data, trained_run):
     with open(os.path.join(trained_run, "split.json")) as f:
         keys = json.load(f)["splits"]["val"][:4]
@@ -369,11 +387,11 @@ def test_captions_of_finished_batches_are_out_when_a_later_batch_is_interrupted(
     images = _test_images(shapes_data, trained_run, 4)
     decode, calls = captioner.Captioner.decode, []
 
-    def interrupted_second_time(self, features):
+    def interrupted_second_time(self, features, ids=None):
         calls.append(len(features))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return decode(self, features)
+        return decode(self, features, ids)
     monkeypatch.setattr(captioner.Captioner, "decode", interrupted_second_time)
     heat = tmp_path / "heat"
     code = main(["caption", "--run", trained_run, "--beam", "1", "--batch-size", "2",

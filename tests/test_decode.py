@@ -327,6 +327,31 @@ def test_sampling_is_reproducible_with_a_seed():
     assert not np.array_equal(draw(7), draw(8))
 
 
+def test_sampling_with_ids_does_not_depend_on_the_batch():
+    # Without ids, row b draws the b-th numbers of the seed's stream, so an image's sample
+    # changed with its place in the batch (`caption --sample --batch-size 1` vs the default).
+    probs = random_chains(4, seed=8, concentration=0.5)
+    draw = lambda rows, ids: sample(markov_step, *markov_inputs(probs[rows]), max_length=6,
+                                    seed=2, num_samples=3, ids=ids).tokens.numpy()
+    together = draw([0, 1, 2, 3], [10, 11, 12, 13])
+    for b in range(4):
+        alone = draw([b], [10 + b])[0]
+        np.testing.assert_array_equal(together[b, :, :alone.shape[1]], alone)
+    first = draw([2, 2], [0, 1])       # one image, two streams: other samples
+    assert not np.array_equal(first[0], first[1])
+
+
+def test_sampling_with_ids_follows_the_distribution():
+    probs = random_chains(1, seed=7)
+    state, context = markov_inputs(np.repeat(probs, 4000, axis=0))
+    r = sample(markov_step, state, context, max_length=1, temperature=2.0, seed=0,
+               ids=np.arange(4000))
+    first = np.asarray(r.tokens)[:, 0, 0]
+    tempered = probs[0, START] ** 0.5 / (probs[0, START] ** 0.5).sum()
+    np.testing.assert_allclose(np.bincount(first, minlength=V) / first.size, tempered,
+                               atol=0.025)
+
+
 def test_sampling_draws_fresh_randomness_at_every_step():
     # Every row the same distribution (END excluded): reusing one seed at every step would
     # repeat each sample's first token for the whole caption.

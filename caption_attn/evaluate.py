@@ -167,6 +167,17 @@ def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
     return {k: c[0] for k, c in zip(found.keys, decoded)}
 
 
+def _decode_settings(captioner) -> dict:
+    """How the captions were decoded, as the metrics JSON records it: every setting that
+    changes them (`--max-length`, and the sampling flags of `--sample`), not just the beam."""
+    cfg = captioner.cfg
+    settings = {"method": cfg.method, "beam": cfg.beam, "length_penalty": cfg.length_penalty,
+                "max_length": captioner.max_length}
+    if cfg.method == "sample":
+        settings.update(temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
+    return settings
+
+
 def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
            use_java: Optional[bool]) -> dict:
     """The coco metrics of `hypotheses` and their notes, then the shapes metrics of `best`
@@ -219,8 +230,7 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     hypotheses = {k: c.text for k, c in best.items()}
     result = {"run": run_dir, "split": split, "images": len(found.keys),
               "images_without_features": len(found.without),
-              "decode": {"method": captioner.cfg.method, "beam": captioner.cfg.beam,
-                         "length_penalty": captioner.cfg.length_penalty},
+              "decode": _decode_settings(captioner),
               **_score(found, hypotheses, best, use_java)}
     write_results(results_path, hypotheses, {k: found.records[k].image_id for k in found.keys})
     result.update(metrics_file=metrics_path, results_file=results_path)

@@ -1,8 +1,10 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
+from caption_attn import captioner as captioner_lib
 from caption_attn import coco_metrics, evaluate
 from caption_attn.cli import main
 from caption_attn.config import DecodeConfig
@@ -38,7 +40,20 @@ def test_evaluate_run_writes_results_and_metrics(shapes_data, trained_run, tmp_p
         assert name in metrics
     assert 0.0 <= metrics["scene_accuracy"] <= 1.0
     with open(out) as f:
-        assert json.load(f)["decode"] == {"method": "beam", "beam": 2, "length_penalty": 0.0}
+        assert json.load(f)["decode"] == {"method": "beam", "beam": 2, "length_penalty": 0.0,
+                                          "max_length": 21}
+
+
+def test_the_metrics_record_every_decoding_setting(trained_run, tmp_path, monkeypatch):
+    # --max-length and the sampling flags change the captions but were not in the metrics
+    # JSON: a run scored with --max-length 3 or --sample --seed 7 looked like the default.
+    monkeypatch.setattr(evaluate, "_decode", lambda captioner, found, progress: {
+        k: captioner_lib.Caption(["a"], 0.0, np.zeros((2, 64))) for k in found.keys})
+    cfg = DecodeConfig(sample=True, seed=7, top_k=2, temperature=0.5, max_length=3)
+    metrics = evaluate.evaluate_run(trained_run, "val", cfg, out=str(tmp_path / "m.json"),
+                                    progress=False, use_java=False)
+    assert metrics["decode"] == {"method": "sample", "beam": 3, "length_penalty": 0.0,
+                                 "max_length": 3, "temperature": 0.5, "top_k": 2, "seed": 7}
 
 
 def test_cli_evaluate_prints_the_table(trained_run, capsys, monkeypatch):

@@ -142,6 +142,7 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> No
             raise UserError(f"--out {out}: {own} is one of the run's own files or folders; "
                             f"give the export a folder of its own, e.g. serving/NAME/1")
     if os.path.lexists(out):
+        _refuse_folder_of_exports(out)
         earlier = _earlier_export(out)
         if earlier is not None and earlier != run_path and not force:
             raise UserError(f"--out {out}: holds an export of another run ({earlier}); use "
@@ -150,6 +151,23 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> No
             raise UserError(f"--out {out}: exists and is not an export of a run (no "
                             f"{INFO_FILE}); use another --out or add --force to replace it")
     check_folder_writable(os.path.dirname(target), "--out")
+
+
+def _refuse_folder_of_exports(out: str) -> None:
+    """UserError, even with --force, when `out` (not a symlink) holds exports in folders of
+    its own: TF Serving's MODELS/NAME with its versions 1/, 2/ ... given without a version,
+    which replacing would delete with every version in it."""
+    if os.path.islink(out) or not os.path.isdir(out):
+        return
+    versions = sorted(n for n in os.listdir(out)
+                      if os.path.isfile(os.path.join(out, n, INFO_FILE)))
+    if versions:
+        numbers = [int(n) for n in versions if n.isdigit()]
+        shown = ", ".join(f"{n}/" for n in versions[:3]) + (" ..." if len(versions) > 3 else "")
+        raise UserError(f"--out {out}: holds exports in folders of its own ({shown}), which "
+                        f"replacing it would delete (even with --force); give the export a "
+                        f"folder of its own, e.g. "
+                        f"{os.path.join(out, str(max(numbers, default=0) + 1))}")
 
 
 def _inside(real: str, folder: str) -> bool:

@@ -385,6 +385,19 @@ def test_out_inside_the_run_or_its_cache_is_refused_even_with_force(tmp_path):
     assert (tmp_path / "link").is_symlink()
 
 
+def test_a_folder_of_exported_versions_is_refused_even_with_force(tmp_path):
+    """TF Serving's MODELS/NAME given without its version: `--out serving/captioner --force`
+    replaced the folder, deleting every version exported into it."""
+    run = _fake_run(tmp_path / "run")
+    model = tmp_path / "serving" / "captioner"
+    for version in ("1", "2"):
+        os.makedirs(model / version)
+        (model / version / export.INFO_FILE).write_text(json.dumps({"run": run}))
+    _refused(["export", "--run", run, "--out", str(model), "--force"],
+             "1/, 2/", str(model / "3"))
+    assert sorted(os.listdir(model)) == ["1", "2"]
+
+
 def test_export_config_checks_itself():
     with pytest.raises(UserError, match="--check-images"):
         ExportConfig(check_images=-1)

@@ -217,11 +217,11 @@ class Captioner:
         failed on the way), so only one batch of images is in memory and each batch's
         captions can be shown before the next is read. Unreadable files do not shrink a
         batch (every full batch has one size: one XLA compilation)."""
-        images, ids, errors, done = {}, [], {}, 0
+        images, ids, errors, done = {}, {}, {}, 0
         for done, path in enumerate(paths, 1):
             try:
                 images[path] = load_image(path)
-                ids.append(done - 1)      # its index in `paths`: its samples' stream
+                ids.setdefault(path, done - 1)  # its index in `paths`: its samples' stream
             except ImageError as e:
                 errors[path] = str(e)
             if len(images) == self.cfg.batch_size or done == len(paths):
@@ -229,9 +229,10 @@ class Captioner:
                 if images:
                     feats = self.backbone(np.stack(list(images.values())))  # (B, 64, 2048)
                     results = {key: (images[key], captions)
-                               for key, captions in zip(images, self.decode(feats, ids))}
+                               for key, captions in zip(images, self.decode(
+                                   feats, [ids[key] for key in images]))}
                 yield results, errors, done
-                images, ids, errors = {}, [], {}
+                images, ids, errors = {}, {}, {}
 
 
 def expand_image_args(args: Sequence[str]) -> list[str]:

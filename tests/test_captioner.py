@@ -148,6 +148,10 @@ def test_sampled_captions_do_not_depend_on_the_batch_size(shapes_data, trained_r
             first = batched
         assert words(batched) == words(first)
         assert words(model.decode(feats[2:3], [2])) == words(first[2:3])
+    # one path given twice (the library does not deduplicate) is one image with one stream
+    model._backbone = lambda pixels: np.zeros((len(pixels), *FEATURE_SHAPE), np.float32)
+    path = _test_images(shapes_data, trained_run, 1)[0]
+    assert list(model.caption_images([path, path])[0]) == [path]
 
 
 def test_beam_one_equals_greedy(shapes_data, trained_run):

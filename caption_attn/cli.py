@@ -344,6 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Flags that name a file or folder. Given as an empty string (`--out "$OUT"` with OUT unset)
+# several meant "the default" (`--plot-attention ""` drew no heatmaps, `evaluate --out ""`
+# wrote the run's own metrics file, `--cache ""` used the run's cache): refused instead.
+PATH_FLAGS = ("run", "out", "cache", "captions", "images", "plot_attention")
+
+
+def check_path_flags(args: argparse.Namespace) -> None:
+    for name in PATH_FLAGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not value.strip():
+            flag = "OUT" if args.command == "make-shapes" else f"--{name.replace('_', '-')}"
+            raise UserError(f"{flag} must name a file or folder, got an empty string")
+
+
 # Commands that run TensorFlow (the others never import it, so they start at once).
 USES_TENSORFLOW = ("extract-features", "train", "caption", "evaluate", "export", "demo")
 
@@ -355,6 +369,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as e:  # --help, --version, usage errors (exit 2)
         return int(e.code or 0)
     try:
+        check_path_flags(args)
         if args.command in USES_TENSORFLOW:
             from caption_attn.quiet import import_tensorflow
             # a multi-worker strategy must configure TF's runtime before any tensor exists

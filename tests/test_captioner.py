@@ -406,3 +406,19 @@ def test_captions_of_finished_batches_are_out_when_a_later_batch_is_interrupted(
         [f"Captions for image {os.path.basename(p)}:" for p in images[:2]]
     assert sorted(os.listdir(heat)) == sorted(
         os.path.splitext(os.path.basename(p))[0] + ".png" for p in images[:2])
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["caption", "--run", "RUN", "--plot-attention", "", "x.png"], "--plot-attention"),
+    (["caption", "--run", "RUN", "--cache", " ", "x.png"], "--cache"),
+    (["evaluate", "--run", "RUN", "--out", ""], "--out"),
+    (["evaluate", "--run", "RUN", "--captions", ""], "--captions"),
+    (["export", "--run", "RUN", "--out", "OUT", "--cache", ""], "--cache"),
+    (["inspect", "--captions", ""], "--captions"),
+])
+def test_an_empty_path_flag_is_refused_not_taken_for_the_default(argv, flag, capsys):
+    # `--plot-attention "$DIR"` with DIR unset drew no heatmaps (exit 0); `evaluate --out ""`
+    # overwrote the run's own metrics file; `--cache ""` used the run's cache.
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag} must name a file or folder, got an empty string" in err

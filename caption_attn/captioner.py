@@ -339,9 +339,12 @@ def captions_json(results: dict, errors: dict) -> dict:
     images = []
     for path, (_, captions) in results.items():
         images.append({"image": path, "captions": [{
-            "caption": c.text, "words": c.words, "log_prob": c.log_prob, "p": c.probability,
-            "attention": [{"word": w, "map": np.round(c.attention[t].reshape(side, side), 5)
-                           .tolist()} for t, w in enumerate(c.steps)],
+            "caption": c.text, "words": c.words, "ended": c.ended, "log_prob": c.log_prob,
+            "p": c.probability,
+            # rounded in float64: float32 values rounded to 5 decimals printed as 7.0000001e-05
+            "attention": [{"word": w, "map": np.round(c.attention[t].reshape(side, side)
+                                                      .astype(np.float64), 5).tolist()}
+                          for t, w in enumerate(c.steps)],
         } for c in captions]})
     return {"images": images,
             "errors": [{"image": p, "error": reason} for p, reason in errors.items()]}

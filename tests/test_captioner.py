@@ -95,6 +95,18 @@ def test_captions_cut_at_max_length_keep_json_and_text_consistent(shapes_data, t
     assert any("... (p=" in line for line in lines)     # 2 steps: no shapes caption ends
 
 
+def test_caption_json_says_whether_a_caption_was_cut_and_rounds_the_maps():
+    # The text marks a caption cut at --max-length with "...", the JSON said nothing (only
+    # the missing <end> attention row told); its maps printed float32 noise (7.0000002e-05).
+    attention = np.full((2, 64), 7e-05, np.float32)
+    cut = captioner.Caption(["a", "red"], np.log(0.5), attention, ended=False)
+    done = captioner.Caption(["a"], np.log(0.5), attention, ended=True)
+    out = captioner.captions_json({"x.png": (None, [cut, done])}, {})["images"][0]["captions"]
+    assert [c["ended"] for c in out] == [False, True]
+    assert out[0]["attention"][0]["map"][0][0] == 7e-05
+    assert json.dumps(out[0]["attention"][0]["map"][0][:1]) == "[7e-05]"
+
+
 def test_format_captions_marks_a_cut_caption():
     cut = captioner.Caption(["a", "red"], np.log(0.5), np.zeros((2, 64)), ended=False)
     assert captioner.format_captions("x.png", [cut]).splitlines()[1] == " 0) a red ... (p=0.500000)"

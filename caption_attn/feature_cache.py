@@ -464,8 +464,12 @@ def refuse_other_identity(recorded: dict, manifest: dict, what: str, cache_dir: 
 
 
 # =========================================================================== provenance
+IMAGE_DIGEST_CHARS = 16   # of an image's sha256, as a run records the images it was trained on
+
+
 def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
-                    images_dir: Optional[str] = None) -> tuple[dict, dict]:
+                    images_dir: Optional[str] = None,
+                    image_digests: Optional[dict] = None) -> tuple[dict, dict]:
     """({key: feature path} usable, {key: reason} not usable) for `keys`, cheaply.
 
     Usable: the key's feature file has an index entry made with this manifest's identity, the
@@ -476,6 +480,8 @@ def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
     a new mtime are caught by `pipeline.NpyReader`'s in-graph checks and by `extract-features
     --verify`. `describe_problems` summarises the reasons with the fix. Measured for 123,287
     keys: see the README's feature-cache section (`benchmarks/bench_feature_index.py`).
+    `image_digests`, when given, receives key -> IMAGE_DIGEST_CHARS hex digits of the sha256
+    of the image each usable file was extracted from (as its index entry records it).
     """
     keys = list(keys)
     fingerprint = cache_identity(manifest)["fingerprint"]
@@ -483,6 +489,11 @@ def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
     checks = feature_index.check_keys(cache_dir, keys, index, fingerprint,
                                       feature_file_size(manifest["dtype"]), images_dir)
     paths = {k: c.path for k, c in zip(keys, checks) if c.reason is None}
+    if image_digests is not None:
+        image_digests.update((k, c.entry.image_sha256[:IMAGE_DIGEST_CHARS])
+                             for k, c in zip(keys, checks)
+                             if c.reason is None and c.entry is not None
+                             and c.entry.image_sha256)
     problems = {k: c.reason for k, c in zip(keys, checks) if c.reason is not None}
     return paths, problems
 

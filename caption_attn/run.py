@@ -192,6 +192,16 @@ class RunFolder:
         recorded = data.get("caption_data") if isinstance(data, dict) else None
         return recorded if isinstance(recorded, dict) and recorded.get("sha256") else None
 
+    def image_digests(self) -> dict:
+        """image key -> digest of the image its training-time features were extracted from
+        (`feature_cache.usable_features`' image_digests, recorded in split.json; empty for a
+        run made before runs recorded them)."""
+        if not os.path.exists(self.split):
+            return {}
+        data = read_json(self.split)
+        recorded = data.get("image_digests") if isinstance(data, dict) else None
+        return recorded if isinstance(recorded, dict) else {}
+
     def check_captions(self, captions: str, records, splits: dict, fingerprint: dict) -> None:
         """Refuse caption data (`records` parsed from the file `captions`, whose
         `data.caption_fingerprint` is `fingerprint`) other than the data the run was trained

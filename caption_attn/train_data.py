@@ -41,6 +41,7 @@ class TrainData:
     skipped_images: int
     problems: str = ""            # why (`feature_cache.describe_problems`), or ""
     caption_data: Optional[dict] = None  # fingerprint of the caption data (split.json)
+    image_digests: Optional[dict] = None  # image key -> digest of the image its features are of
 
     def items(self, split: str) -> tuple[list[str], list[list[int]]]:
         """(feature path, token ids) of every caption of `split`, one pair per caption."""
@@ -57,7 +58,8 @@ class TrainData:
                                       "format": self.format, "splits": self.splits,
                                       "cache_identity": feature_cache.cache_identity(
                                           self.manifest),
-                                      "caption_data": self.caption_data})
+                                      "caption_data": self.caption_data,
+                                      "image_digests": self.image_digests})
         self.vocab.save(run.vocab)
 
 
@@ -91,9 +93,10 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     if reuse and os.path.exists(run.split):
         run.check_captions(cfg.captions, captions.records, splits, fingerprint)
     records = {r.image: r for r in captions.records}
+    digests = {}   # of every split's images, so `evaluate --cache` can tell other images
     paths, problems = feature_cache.usable_features(
         cfg.cache, [k for keys in splits.values() for k in keys if k in records], manifest,
-        images_dir=feature_cache.source_images(manifest))
+        images_dir=feature_cache.source_images(manifest), image_digests=digests)
     skipped_captions = sum(len(records[k].captions) for k in problems)
     words = {k: tokenize_all(records[k].captions) for k in paths}  # for vocabulary and ids
     if reuse and os.path.exists(run.vocab):
@@ -115,7 +118,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     return TrainData(vocab, splits, caption_ids, references, paths, reader, manifest,
                      captions.format, skipped_captions, len(problems),
                      feature_cache.describe_problems(problems, cfg.cache) if problems else "",
-                     fingerprint)
+                     fingerprint, dict(sorted(digests.items())))
 
 
 

@@ -8,6 +8,8 @@ from caption_attn import captioner as captioner_lib
 from caption_attn import coco_metrics, evaluate
 from caption_attn.cli import main
 from caption_attn.config import DecodeConfig
+from caption_attn.errors import UserError
+from caption_attn.run import RunFolder
 
 
 def _references(shapes_data, keys):
@@ -289,3 +291,30 @@ def test_format_metrics_table():
     table = evaluate.format_metrics({**metrics, **shapes})
     assert "scene accuracy" in table and table.splitlines()[-3].endswith(" 12")
     assert table.splitlines()[8].endswith("n/a")  # grounding None
+
+
+def test_a_cache_of_other_images_with_the_same_names_is_refused(trained_run, copy_cache,
+                                                                tmp_path, monkeypatch):
+    # `evaluate --cache` of another shapes dataset (another --seed, the same random backbone
+    # and file names) scored the captions of other images against the run's references.
+    with open(os.path.join(trained_run, "split.json")) as f:
+        test = set(json.load(f)["splits"]["test"])
+    index = os.path.join(copy_cache, "index.jsonl")
+    with open(index) as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    for e in entries:                      # the same feature files, made from other images
+        if e["key"] in test:
+            e["image_sha256"] = "0" * 64
+    with open(index, "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in entries)
+    monkeypatch.setattr(evaluate, "_decode", None)                 # must not be reached
+    out = str(tmp_path / "m.json")
+    with pytest.raises(UserError, match=rf"feature cache {copy_cache}: the features of "
+                                        rf"{len(test)} of the {len(test)} test images were "
+                                        rf"extracted from other images"):
+        evaluate.evaluate_run(trained_run, "test", DecodeConfig(beam=1), out=out,
+                              progress=False, use_java=False, cache=copy_cache)
+    assert not os.path.exists(out)
+    run_cfg = RunFolder(trained_run).load_config()           # its other images are the run's
+    found = evaluate._load_split(trained_run, "val", run_cfg, copy_cache, run_cfg.captions)
+    assert found.keys and not found.without

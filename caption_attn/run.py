@@ -24,7 +24,7 @@ import tempfile
 import zipfile
 from typing import Optional
 
-from caption_attn.config import RunConfig, config_diff
+from caption_attn.config import MONITORS, RunConfig, config_diff
 from caption_attn.errors import UserError
 from caption_attn.fileio import atomic_path, parse_json, read_json, write_json_atomic
 
@@ -140,6 +140,32 @@ class RunFolder:
                             f"made again from today's files it could pair the trained model "
                             f"with other data without a word: restore it, use another --run, "
                             f"or add --fresh to start this run over")
+
+    def read_history(self) -> list[dict]:
+        """history.json's entries ([] without the file), refused with a `UserError` naming
+        the file unless it is what `train` writes: a list of objects, the one at index i for
+        epoch i + 1, their metrics numbers or null (an edited file would crash the resume, or
+        replay other epochs into early stopping)."""
+        if not os.path.exists(self.history):
+            return []
+        entries = read_json(self.history)
+        problem = None if isinstance(entries, list) else \
+            f"a JSON {type(entries).__name__}, not a list of epoch entries"
+        for i, entry in enumerate(entries if problem is None else []):
+            if not isinstance(entry, dict) or entry.get("epoch") != i + 1 or \
+                    isinstance(entry["epoch"], bool):
+                problem = f"entry {i} is not the object of epoch {i + 1}: {str(entry)[:80]}"
+            else:
+                bad = [k for k in ("loss", *MONITORS) if entry.get(k) is not None
+                       and (isinstance(entry[k], bool) or not isinstance(entry[k], (int, float)))]
+                if bad:
+                    problem = f"epoch {i + 1}'s {bad[0]} is {entry[bad[0]]!r}, not a number"
+            if problem:
+                break
+        if problem:
+            raise UserError(f"{self.history}: {problem} (edited by hand?); restore the file "
+                            f"train wrote, or add --fresh to start this run over")
+        return entries
 
     def delete_previous(self) -> None:
         """`--fresh`: remove every file and folder a run writes (nothing else), eval/ too:

@@ -27,7 +27,7 @@ from caption_attn.callbacks import AttentionSnapshots, EarlyStopping, TensorBoar
 from caption_attn.cider import CiderD
 from caption_attn.config import DTYPE_POLICIES, RunConfig
 from caption_attn.errors import UserError
-from caption_attn.fileio import read_json, write_json_atomic
+from caption_attn.fileio import write_json_atomic
 from caption_attn.model import ShowAttendTell
 from caption_attn.optimizer import (FusedAdam, StagedLearningRate, current_learning_rate,
                                     make_optimizer)
@@ -67,13 +67,45 @@ def open_run(run_dir: str, cfg: RunConfig, fresh: bool = False) -> list[str]:
 
 def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     """The checks of a run folder about to be resumed with `cfg`, nothing written (none with
-    --fresh): `RunFolder.reopen_notes` and `refuse_other_batches_mid_epoch`; returns the
+    --fresh): `RunFolder.reopen_notes`, `refuse_unrestorable_state` and
+    `refuse_other_batches_mid_epoch`; returns the
     notes to print."""
     if fresh:
         return []
     notes = run.reopen_notes(cfg)
+    refuse_unrestorable_state(run, cfg)
     refuse_other_batches_mid_epoch(run, cfg)
     return notes
+
+
+def refuse_unrestorable_state(run: RunFolder, cfg: RunConfig) -> None:
+    """UserError when the run has a checkpoint that `cfg` could not resume as it is: a
+    --precision change to or from float16 (its optimizer is wrapped in loss scaling, so the
+    checkpoints of one cannot be restored into the other; bfloat16 and float32 swap), or a
+    history.json that is malformed or lacks epochs the checkpoint finished (early stopping
+    replays it: its patience and best value would start over, and a worse epoch replace the
+    best model)."""
+    if not os.path.exists(run.config):
+        return
+    where = checkpoints.position(run.checkpoints)
+    if where is None:
+        return
+    old, new = run.load_config().train.precision, cfg.train.precision
+    if (old == "float16") != (new == "float16"):
+        swap = {"float32": " (or bfloat16)", "bfloat16": " (or float32)"}.get(old, "")
+        raise UserError(
+            f"--precision {new}: {run.path} was trained with --precision {old}, and the "
+            f"optimizer state in its checkpoints cannot be restored across float16 (whose "
+            f"optimizer adds loss scaling) and the other precisions: resume with --precision "
+            f"{old}{swap}, use another --run, or add --fresh to start this run over")
+    done, recorded = where[0], len(run.read_history())
+    if recorded < done:
+        has = f"records {recorded} epoch(s)" if os.path.exists(run.history) else "missing"
+        raise UserError(
+            f"{run.history}: {has}, but the newest checkpoint of {run.path} finished {done}: "
+            f"resumed, early stopping would forget the best value and patience of the lost "
+            f"epochs and could replace the best model with a worse one; restore the file, or "
+            f"add --fresh to start this run over")
 
 
 def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig) -> None:
@@ -400,8 +432,7 @@ class Trainer:
         tc = self.cfg.train
         resumed = self.restore()
         done, steps_before = int(self.epoch.numpy()), int(self.step.numpy())
-        history = read_json(self.run.history) if resumed and os.path.exists(self.run.history) \
-            else []
+        history = self.run.read_history() if resumed else []
         history = [h for h in history if h["epoch"] <= done]
         # A finished run (or one at --max-steps) traces no step and decodes nothing (seconds)
         todo = done < tc.epochs and not (tc.max_steps and steps_before >= tc.max_steps)

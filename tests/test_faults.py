@@ -246,3 +246,57 @@ def test_a_feature_file_gone_bad_stops_train_naming_it_before_any_step(shapes_da
         command = message.split("`")[1]
         assert cli.main(shlex.split(command)[1:]) == 0
         assert np.isfinite(np.load(path)).all()
+
+
+def _saved_config(run: str, **train_changes) -> RunConfig:
+    import dataclasses
+    with open(os.path.join(run, "config.json")) as f:
+        cfg = RunConfig.from_dict(json.load(f))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=5,
+                                                              **train_changes))
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_resume_across_float16_is_refused_before_writing(run_copy, precision):
+    """float32 -> float16 (or back) on resume failed while restoring, after config.json was
+    rewritten, with 40 TensorFlow warnings and "if the run was made by an older caption_attn,
+    start it over": the loss-scaled optimizer's checkpoints do not fit the plain one's."""
+    from caption_attn.errors import UserError
+    before = _files(run_copy)
+    cfg = _saved_config(run_copy, precision=precision)
+    if precision == "bfloat16":                   # same optimizer: only a note
+        assert any("precision" in n for n in train.reopen_checks(
+            train.RunFolder(run_copy), cfg, fresh=False))
+        return
+    with pytest.raises(UserError, match=r"--precision float16: .* was trained with "
+                                        r"--precision float32, .* resume with --precision "
+                                        r"float32 \(or bfloat16\)"):
+        train.train(cfg, run_copy, progress=False, log=lambda *a: None)
+    assert _files(run_copy) == before
+
+
+@pytest.mark.parametrize("damage", ["deleted", "one_epoch", "object", "not_an_entry",
+                                    "string_epoch", "string_metric"])
+def test_resume_with_an_edited_history_is_refused_before_writing(run_copy, damage):
+    """A history.json deleted or cut to fewer epochs than the checkpoint finished resumed with
+    exit 0: early stopping forgot the best value (a worse epoch replaced best.keras) and the
+    lost entries were gone for good; other edits crashed with a TypeError traceback."""
+    from caption_attn.errors import UserError
+    path = os.path.join(run_copy, "history.json")
+    history = json.load(open(path))
+    edited = {"deleted": None, "one_epoch": history[:1], "object": {"1": history[0]},
+              "not_an_entry": [1, *history[1:]],
+              "string_epoch": [{**history[0], "epoch": "1"}, *history[1:]],
+              "string_metric": [{**history[0], "val_loss": "low"}, *history[1:]]}[damage]
+    if edited is None:
+        os.remove(path)
+    else:
+        with open(path, "w") as f:
+            json.dump(edited, f)
+    before = _files(run_copy)
+    with pytest.raises(UserError) as e:
+        train.train(_saved_config(run_copy), run_copy, progress=False, log=lambda *a: None)
+    message = str(e.value)
+    assert message.startswith(path) and "--fresh" in message, message
+    assert ("finished 3" in message) == (damage in ("deleted", "one_epoch")), message
+    assert _files(run_copy) == before

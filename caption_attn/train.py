@@ -25,7 +25,7 @@ import tensorflow as tf
 from caption_attn import checkpoints, distribute, pipeline, progress, quiet
 from caption_attn.callbacks import AttentionSnapshots, EarlyStopping, TensorBoardLogger
 from caption_attn.cider import CiderD
-from caption_attn.config import DTYPE_POLICIES, RunConfig
+from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig
 from caption_attn.errors import UserError
 from caption_attn.fileio import write_json_atomic
 from caption_attn.model import ShowAttendTell
@@ -75,7 +75,42 @@ def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     notes = run.reopen_notes(cfg)
     refuse_unrestorable_state(run, cfg)
     refuse_other_batches_mid_epoch(run, cfg)
-    return notes
+    return notes + schedule_notes(run, cfg)
+
+
+def _scheduled_rate(tc: TrainConfig, epoch: float) -> float:
+    """The cross-entropy learning rate at 0-based `epoch` (`StagedLearningRate`'s curve)."""
+    if tc.lr_schedule == "constant":
+        return tc.learning_rate
+    span = tc.epochs if tc.scst_after is None else tc.scst_after
+    return tc.learning_rate * 0.5 * (1 + math.cos(math.pi * min(epoch / max(span, 1), 1.0)))
+
+
+def schedule_notes(run: RunFolder, cfg: RunConfig) -> list[str]:
+    """A note when the cross-entropy learning rate a resumed run continues with is not the
+    one its previous schedule had there: the cosine decay spans --epochs (or --scst-after)
+    of the call that resumes, so another --epochs, --scst-after or --lr-schedule moves the
+    rate of the steps to come (e.g. from 0 at the end of a finished cosine run back up to
+    half the initial rate when --epochs doubles)."""
+    if not os.path.exists(run.config):
+        return []
+    where = checkpoints.position(run.checkpoints)
+    old, new = run.load_config().train, cfg.train
+    if where is None or new.is_scst(where[0]) or "cosine" not in (old.lr_schedule,
+                                                                  new.lr_schedule):
+        return []
+    if (old.lr_schedule, old.epochs, old.scst_after) == (new.lr_schedule, new.epochs,
+                                                        new.scst_after):
+        return []
+    was, now = _scheduled_rate(old, where[0]), _scheduled_rate(new, where[0])
+    if math.isclose(was, now, rel_tol=1e-6, abs_tol=1e-12):
+        return []
+    span = lambda tc: ("constant" if tc.lr_schedule == "constant" else  # noqa: E731
+                       f"cosine over {tc.epochs if tc.scst_after is None else tc.scst_after} "
+                       f"cross-entropy epochs")
+    return [f"the learning-rate schedule is now {span(new)} (was {span(old)}): epoch "
+            f"{where[0] + 1} starts at a learning rate of {now:.3g} instead of {was:.3g}, "
+            f"and the steps to come follow the new curve"]
 
 
 def refuse_unrestorable_state(run: RunFolder, cfg: RunConfig) -> None:

@@ -631,3 +631,26 @@ def test_a_run_folder_that_is_the_cache_or_holds_other_files_is_refused(shapes_d
     assert sorted(os.listdir(copy_cache)) == before
     if place == "a folder of other files":
         assert os.listdir(run) == ["holiday.jpg"]
+
+
+def test_resume_that_moves_the_cosine_schedule_says_so(run_copy):
+    """A finished cosine run (learning rate 0) resumed with more --epochs went back up to half
+    its initial rate without a word (the decay spans the --epochs of the resuming call): a
+    note gives the new rate, the one the trainer's schedule really takes."""
+    from caption_attn.optimizer import StagedLearningRate
+    saved = run_copy.load_config()
+    assert saved.train.lr_schedule == "constant" and saved.train.epochs == 3
+    cfg = dataclasses.replace(saved, train=dataclasses.replace(
+        saved.train, lr_schedule="cosine", epochs=6))
+    notes = [n for n in train.reopen_checks(run_copy, cfg, fresh=False)
+             if "learning-rate schedule" in n]
+    rate = float(StagedLearningRate(cfg.train, 6 * 10)(3 * 10))   # 10 steps per epoch
+    assert rate == pytest.approx(0.5 * saved.train.learning_rate)
+    assert notes == [f"the learning-rate schedule is now cosine over 6 cross-entropy epochs "
+                     f"(was constant): epoch 4 starts at a learning rate of {rate:.3g} instead "
+                     f"of {saved.train.learning_rate:.3g}, and the steps to come follow the "
+                     f"new curve"]
+    same = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=6,
+                                                                learning_rate=1e-3))
+    assert not [n for n in train.reopen_checks(run_copy, same, fresh=False)
+                if "learning-rate schedule" in n]            # constant stays constant

@@ -84,8 +84,12 @@ class EarlyStopping(keras.callbacks.Callback):
         self._previous_logs: dict = {}
         for entry in self.initial_history:  # history.json counts epochs from 1
             self._update(entry["epoch"] - 1, entry, replay=True)
-        if self.initial_history and self._exhausted():  # the resumed run had already stopped
-            self.stopped_epoch = self.initial_history[-1]["epoch"] - 1
+        # the resumed run had already stopped, unless its next epoch starts a stage with
+        # another monitor (a stopped cross-entropy run resumed with --scst-after): patience
+        # starts over there
+        last = self.initial_history[-1]["epoch"] if self.initial_history else None
+        if last is not None and self._monitor_for(last) == self.monitor and self._exhausted():
+            self.stopped_epoch = last - 1
             self.model.stop_training = True
 
     def _reset(self, start: Optional[float] = None) -> None:

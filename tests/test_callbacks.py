@@ -156,6 +156,26 @@ def test_stage_change_is_replayed_the_same_after_a_resume():
     assert es.monitor == "val_cider" and es.best == 0.7 and es.best_epoch == 2 and es.wait == 0
 
 
+
+def test_a_stopped_run_resumed_into_another_stage_trains_it():
+    """A cross-entropy run stopped early, rerun with --scst-after to fine-tune it, printed
+    "nothing to train ... (stopped early before)" with exit 0: the replayed val_loss patience
+    stopped the self-critical stage, whose own monitor starts over."""
+    history = [{"epoch": 1, "val_loss": 2.0}, {"epoch": 2, "val_loss": 2.5}]
+    stage = lambda epoch: "val_cider" if epoch >= 2 else "val_loss"  # noqa: E731
+    es = EarlyStopping(stage, patience=1, initial_history=history)
+    es.set_model(_model())
+    es.on_train_begin()
+    assert not es.model.stop_training and es.stopped_epoch is None
+    es.on_epoch_end(2, {"val_loss": 2.6, "val_cider": 0.3})
+    assert not es.model.stop_training and es.monitor == "val_cider" and es.best_epoch == 2
+    same = EarlyStopping(lambda epoch: "val_cider" if epoch >= 3 else "val_loss", patience=1,
+                         initial_history=history)          # still cross-entropy: stopped
+    same.set_model(_model())
+    same.on_train_begin()
+    assert same.model.stop_training and same.stopped_epoch == 1
+
+
 # --- TensorBoardLogger ----------------------------------------------------------------------
 
 

@@ -589,9 +589,16 @@ def _summary(trainer: Trainer, history, early, reason, seconds, epochs_before: i
              steps_before: int) -> dict:
     """The run's totals ("epochs": history entries, "steps"), where it stands in the epoch
     it has not finished ("epoch_steps" of "epoch_length"; 0 of it between epochs) and what
-    this invocation did ("epochs_now": epochs finished now, "steps_now")."""
+    this invocation did ("epochs_now": epochs finished now, "steps_now"); "monitor": what
+    early stopping watches now, "best_*": the best model on disk (best.json)."""
     last = history[-1] if history else {}
     steps, finished = int(trainer.step.numpy()), int(trainer.epoch.numpy())
+    # the best model on disk: after a stage change, early stopping's best epoch is the one
+    # the new stage has to beat, while best.keras stays the earlier stage's best until it does
+    best = trainer.run.best_record() if trainer.chief else None
+    if best is None and early.best_epoch is not None:
+        best = {"monitor": early.monitor, "epoch": early.best_epoch + 1,
+                "value": float(early.best)}
     inputs = trainer.inputs
     return {"run": trainer.run_dir, "epochs": len(history), "steps": steps,
             "finished_epochs": finished, "target_epochs": trainer.cfg.train.epochs,
@@ -601,8 +608,8 @@ def _summary(trainer: Trainer, history, early, reason, seconds, epochs_before: i
             "max_steps": trainer.cfg.train.max_steps,
             "epochs_now": finished - epochs_before, "steps_now": steps - steps_before,
             "stopped_by": reason, "monitor": early.monitor,
-            "best_epoch": None if early.best_epoch is None else early.best_epoch + 1,
-            "best_value": None if early.best_epoch is None else float(early.best),
+            "best_monitor": (best or {}).get("monitor"), "best_epoch": (best or {}).get("epoch"),
+            "best_value": (best or {}).get("value"),
             "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
             "seconds": seconds, "skipped_captions": trainer.data.skipped_captions,
             "best_model": trainer.run.best_model}
@@ -661,7 +668,7 @@ def format_summary(summary: dict) -> str:
     best model and how to open TensorBoard."""
     s = summary
     best = ("" if s["best_epoch"] is None else
-            f", best {s['monitor']}={s['best_value']:.4f} at epoch {s['best_epoch']}")
+            f", best {s['best_monitor']}={s['best_value']:.4f} at epoch {s['best_epoch']}")
     run = (f"epoch {s['finished_epochs']} of {s['target_epochs']}"
            if s["finished_epochs"] <= s["target_epochs"] else
            f"epoch {s['finished_epochs']} (--epochs {s['target_epochs']})") + f", step {s['steps']}"

@@ -654,3 +654,24 @@ def test_resume_that_moves_the_cosine_schedule_says_so(run_copy):
                                                                 learning_rate=1e-3))
     assert not [n for n in train.reopen_checks(run_copy, same, fresh=False)
                 if "learning-rate schedule" in n]            # constant stays constant
+
+
+def test_summary_names_the_best_model_on_disk_after_a_stage_change(tmp_path):
+    """A cross-entropy run whose best epoch was 3 of 4, continued into self-critical epochs
+    that never beat epoch 4's val_cider, printed "best val_cider=0.0000 at epoch 4" beside
+    "best model: best.keras", which holds epoch 3's model (val_loss 1.87)."""
+    from caption_attn.fileio import write_json_atomic
+    run = RunFolder(str(tmp_path / "run"))
+    write_json_atomic(run.best_info, {"epoch": 3, "monitor": "val_loss", "value": 1.87})
+    count = lambda n: types.SimpleNamespace(numpy=lambda: n)  # noqa: E731
+    trainer = types.SimpleNamespace(
+        step=count(78), epoch=count(5), step_in_epoch=count(0), chief=True, run=run,
+        run_dir=run.path, cfg=RunConfig(train=TrainConfig(epochs=6, scst_after=4)),
+        inputs=types.SimpleNamespace(steps_per_epoch=18, scst_steps_per_epoch=6),
+        data=types.SimpleNamespace(skipped_captions=0))
+    early = types.SimpleNamespace(monitor="val_cider", best_epoch=3, best=0.0)
+    summary = train._summary(trainer, [{"epoch": 5, "loss": 1.0}], early, "early_stopping",
+                             1.0, 4, 72)
+    assert summary["monitor"] == "val_cider"                   # what early stopping watches
+    assert (summary["best_monitor"], summary["best_epoch"]) == ("val_loss", 3)
+    assert "best val_loss=1.8700 at epoch 3" in train.format_summary(summary)

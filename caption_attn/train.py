@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import math
 import os
+import re
 import time
 from typing import Optional
 
@@ -405,7 +406,24 @@ class Trainer:
     def _save_checkpoint(self, step: int, in_epoch: int, totals: EpochTotals) -> None:
         # Every worker saves (a collective under multi-worker); non-chiefs into scratch folders.
         self._set_counters(step, in_epoch, totals)
-        self.manager.save(checkpoint_number=step)
+        self._save()
+
+    def _save(self) -> None:
+        """Checkpoint the counters' step; a checkpoint that cannot be written (a full disk, a
+        read-only folder) stops training with a TrainingError naming the folder and where a
+        rerun resumes, instead of TensorFlow's traceback."""
+        step = int(self.step.numpy())
+        try:
+            self.manager.save(checkpoint_number=step)
+        except tf.errors.OpError as e:
+            reason = re.sub(r"\s*\[Op:\w+\]$", "", (e.message or str(e)).strip()).split("; ")[-1]
+            kept = self.manager.latest_checkpoint
+            raise TrainingError(
+                f"cannot write the checkpoint of step {step} into {self.run.checkpoints} "
+                f"({reason.splitlines()[0][:200]}): free space there (or make it writable) "
+                f"and rerun this command; it resumes from "
+                f"{os.path.basename(kept) if kept else 'the start (no checkpoint yet)'}") \
+                from None
 
     def evaluate_loss(self, split: str = "val") -> Optional[dict]:
         """Teacher-forced loss of a split: cross-entropy per real token of the whole split plus
@@ -422,7 +440,7 @@ class Trainer:
                 for k, v in self.eval_step(batch).items():
                     sums[k] += float(v)
         except DamagedFeatures as e:  # the epoch's steps are done: keep them
-            self.manager.save(checkpoint_number=int(self.step.numpy()))
+            self._save()
             raise e.stop(self.inputs.repair_command(), int(self.step.numpy())) from None
         ce = sums["ce_sum"] / max(sums["tokens"], 1.0)
         return {"loss": ce + sums["reg_sum"] / max(sums["caption_count"], 1.0), "ce": ce}
@@ -520,7 +538,7 @@ class Trainer:
         logs = self._run_train_epoch(epoch, callbacks)
         target = logs.pop("target_steps")
         if logs["steps"] < target:
-            self.manager.save(checkpoint_number=int(self.step.numpy()))
+            self._save()
             if self.progress:
                 self.log(f"epoch {epoch + 1}: stopped by --max-steps {self.cfg.train.max_steps}"
                          f" at step {logs['steps']} of {target} (checkpoint saved; the epoch "
@@ -535,7 +553,7 @@ class Trainer:
         history[:] = [h for h in history if h["epoch"] != epoch + 1] + [entry]
         if self.chief:  # history first: a kill before the checkpoint redoes the epoch
             write_json_atomic(self.run.history, history)
-        self.manager.save(checkpoint_number=int(self.step.numpy()))
+        self._save()
         callbacks.on_epoch_end(epoch, entry)
         if self.progress:
             self.log(_epoch_line(entry))

@@ -675,3 +675,24 @@ def test_summary_names_the_best_model_on_disk_after_a_stage_change(tmp_path):
     assert summary["monitor"] == "val_cider"                   # what early stopping watches
     assert (summary["best_monitor"], summary["best_epoch"]) == ("val_loss", 3)
     assert "best val_loss=1.8700 at epoch 3" in train.format_summary(summary)
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path):
+    """A full disk while checkpointing ended `train` with TensorFlow's ResourceExhaustedError
+    traceback (exit 1): now a TrainingError naming the folder, the reason and where a rerun
+    resumes."""
+    import tensorflow as tf
+
+    def full_disk(checkpoint_number):
+        raise tf.errors.ResourceExhaustedError(
+            None, None, "{{function_node __wrapped__SaveV2}} /r/checkpoints/ckpt-36_temp/part-0;"
+                        " No space left on device [Op:SaveV2]")
+    run = RunFolder(str(tmp_path / "run"))
+    fake = types.SimpleNamespace(step=types.SimpleNamespace(numpy=lambda: 36), run=run,
+                                 manager=types.SimpleNamespace(
+                                     save=full_disk, latest_checkpoint="/r/checkpoints/ckpt-18"))
+    with pytest.raises(train.TrainingError) as e:
+        train.Trainer._save(fake)
+    assert str(e.value) == (f"cannot write the checkpoint of step 36 into {run.checkpoints} (No "
+                            f"space left on device): free space there (or make it writable) and "
+                            f"rerun this command; it resumes from ckpt-18")

@@ -696,3 +696,15 @@ def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path):
     assert str(e.value) == (f"cannot write the checkpoint of step 36 into {run.checkpoints} (No "
                             f"space left on device): free space there (or make it writable) and "
                             f"rerun this command; it resumes from ckpt-18")
+
+
+def test_split_fractions_for_a_file_with_its_own_split_are_refused(shapes_data, tmp_path):
+    """--val-fraction 0.5 on a Karpathy file (the shapes dataset's) trained on the file's own
+    split without a word: the user believed half the images were held out."""
+    cfg = dataclasses.replace(small_config(shapes_data), data=DataConfig(seed=1,
+                                                                         val_fraction=0.5))
+    run = str(tmp_path / "run")
+    with pytest.raises(UserError, match=r"^--val-fraction 0.5 splits files without a split of "
+                                        r"their own, but .* is a karpathy file"):
+        train.train(cfg, run, progress=False, log=lambda *a: None)
+    assert not os.path.exists(run)

@@ -144,6 +144,13 @@ def _refuse_empty_vocabulary(cfg: RunConfig, train_words: list) -> None:
 
 
 def _check_not_empty(cfg: RunConfig, splits: dict, caption_ids: dict, problems: dict) -> None:
+    if not splits["train"]:
+        counts = ", ".join(f"{len(splits[s])} {s}" for s in data_lib.SPLITS if splits[s])
+        raise UserError(
+            f"the train split of {cfg.captions} has no images (its images: {counts or 'none'})"
+            f": lower --val-fraction ({cfg.data.val_fraction}) / --test-fraction "
+            f"({cfg.data.test_fraction}) for a file without a split of its own, or give the "
+            f"file train images")
     train_problems = {k: problems[k] for k in splits["train"] if k in problems}
     if not caption_ids["train"] and train_problems:  # feature files there, but not usable
         raise UserError(f"no training captions have usable features in {cfg.cache}: "

@@ -708,3 +708,19 @@ def test_split_fractions_for_a_file_with_its_own_split_are_refused(shapes_data, 
                                         r"their own, but .* is a karpathy file"):
         train.train(cfg, run, progress=False, log=lambda *a: None)
     assert not os.path.exists(run)
+
+
+def test_fractions_that_leave_no_train_image_say_so(shapes_data, tmp_path):
+    """--val-fraction 0.99 on a 40-image file without a split of its own rounds every image
+    into val: the error blamed missing features ("run extract-features first")."""
+    with open(shapes_data["captions"]) as f:
+        images = json.load(f)["images"]
+    path = tmp_path / "captions.token"          # Flickr8k token format: no split of its own
+    path.write_text("".join(f"{im['filename']}#{i}\t{s['raw']}\n" for im in images
+                            for i, s in enumerate(im["sentences"])))
+    cfg = dataclasses.replace(small_config(shapes_data), captions=str(path),
+                              data=DataConfig(seed=1, val_fraction=0.99, test_fraction=0.0))
+    with pytest.raises(UserError, match=r"the train split of .*captions.token has no images "
+                                        r"\(its images: 40 val\): lower --val-fraction"):
+        train.train(cfg, str(tmp_path / "run"), progress=False, log=lambda *a: None)
+    assert not os.path.exists(tmp_path / "run")

@@ -92,7 +92,8 @@ def schedule_notes(run: RunFolder, cfg: RunConfig) -> list[str]:
     one its previous schedule had there: the cosine decay spans --epochs (or --scst-after)
     of the call that resumes, so another --epochs, --scst-after or --lr-schedule moves the
     rate of the steps to come (e.g. from 0 at the end of a finished cosine run back up to
-    half the initial rate when --epochs doubles)."""
+    half the initial rate when --epochs doubles); over steps, so another --batch-size moves
+    it too (how far depends on the data: said without a number)."""
     if not os.path.exists(run.config):
         return []
     where = checkpoints.position(run.checkpoints)
@@ -100,6 +101,13 @@ def schedule_notes(run: RunFolder, cfg: RunConfig) -> list[str]:
     if where is None or new.is_scst(where[0]) or "cosine" not in (old.lr_schedule,
                                                                   new.lr_schedule):
         return []
+    if old.batch_size != new.batch_size and new.lr_schedule == "cosine":
+        # the decay is over steps, counted in the run's earlier batches: its position moves
+        return [f"--lr-schedule cosine decays over steps, and --batch-size {new.batch_size} "
+                f"(was {old.batch_size}) changes how many make an epoch: the steps already "
+                f"taken fall elsewhere on the new curve, so the learning rate of epoch "
+                f"{where[0] + 1} is not the one the run's schedule had there (the epochs' "
+                f"rates are in history.json)"]
     if (old.lr_schedule, old.epochs, old.scst_after) == (new.lr_schedule, new.epochs,
                                                         new.scst_after):
         return []

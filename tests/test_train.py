@@ -654,6 +654,10 @@ def test_resume_that_moves_the_cosine_schedule_says_so(run_copy):
                                                                 learning_rate=1e-3))
     assert not [n for n in train.reopen_checks(run_copy, same, fresh=False)
                 if "learning-rate schedule" in n]            # constant stays constant
+    halved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=8))
+    assert [n for n in train.reopen_checks(run_copy, halved, fresh=False)
+            if n.startswith("--lr-schedule cosine decays over steps, and --batch-size 8 (was "
+                            "16)")]                          # the decay is over steps
 
 
 def test_summary_names_the_best_model_on_disk_after_a_stage_change(tmp_path):

@@ -349,11 +349,6 @@ class TrainConfig(Config):
             raise UserError(f"--monitor {self.monitor} decodes --bleu-images validation images "
                             f"each epoch: --bleu-images must be >= 1, got {self.bleu_images}")
         if self.scst_after is not None:
-            if self.monitor is None and self.bleu_images < 1:
-                raise UserError(f"--scst-after {self.scst_after}: early stopping and the best "
-                                f"model follow val_cider in self-critical epochs, which decodes "
-                                f"--bleu-images validation images: --bleu-images must be >= 1, "
-                                f"got {self.bleu_images} (or add --monitor val_loss)")
             if self.scst_after >= self.epochs:
                 raise UserError(f"--scst-after {self.scst_after} leaves no self-critical epoch: "
                                 f"it must be below --epochs ({self.epochs})")

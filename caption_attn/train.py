@@ -664,6 +664,13 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     """
     cfg = dataclasses.replace(cfg, captions=os.path.abspath(cfg.captions),
                               cache=os.path.abspath(cfg.cache))
+    tc = cfg.train
+    if tc.scst_after is not None and tc.monitor is None and tc.bleu_images < 1:
+        # checked here, not by TrainConfig: the config.json of a run made before must load
+        raise UserError(f"--scst-after {tc.scst_after}: early stopping and the best model "
+                        f"follow val_cider in self-critical epochs, which decodes --bleu-images "
+                        f"validation images: --bleu-images must be >= 1, got {tc.bleu_images} "
+                        f"(or add --monitor val_loss)")
     run = RunFolder(run_dir)
     run.check_writable(cfg.cache)
     if images_dir is not None and not os.path.isdir(images_dir):

@@ -728,3 +728,17 @@ def test_fractions_that_leave_no_train_image_say_so(shapes_data, tmp_path):
                                         r"\(its images: 40 val\): lower --val-fraction"):
         train.train(cfg, str(tmp_path / "run"), progress=False, log=lambda *a: None)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_self_critical_epochs_without_bleu_images_are_refused_up_front(shapes_data, tmp_path):
+    """Self-critical epochs monitor val_cider, decoded over --bleu-images validation images:
+    with 0 the first of them trained, then failed with "no value for val_cider (an empty
+    validation split?)"."""
+    run = str(tmp_path / "run")
+    with pytest.raises(UserError, match=r"^--scst-after 1: .* --bleu-images must be >= 1, got "
+                                        r"0 \(or add --monitor val_loss\)$"):
+        train.train(small_config(shapes_data, epochs=2, scst_after=1, bleu_images=0), run,
+                    progress=False, log=lambda *a: None)
+    assert not os.path.exists(run)
+    RunConfig.from_dict(small_config(shapes_data, epochs=2, scst_after=1,
+                                     bleu_images=0).to_dict())   # an older run still loads

@@ -691,8 +691,21 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
         run.delete_previous()
     os.makedirs(run_dir, exist_ok=True)
     cfg.save(run.config)
-    return Trainer(cfg, run_dir, images_dir=images_dir, progress=progress, log=log,
-                   data=data).fit()
+    try:
+        return Trainer(cfg, run_dir, images_dir=images_dir, progress=progress, log=log,
+                       data=data).fit()
+    except OSError as e:  # a write that failed while training: a full disk, a lost folder
+        # h5py (best.weights.h5) names the file and the reason only inside its message
+        h5 = dict(re.findall(r"(filename|error message) = '([^']*)'", str(e)))
+        path = e.filename or h5.get("filename")
+        name = path and re.sub(r"^\.(.+)\.tmp\.\d+\.[^/]*$", r"\1",
+                               os.path.basename(path))  # fileio.temp_name's final name
+        where = os.path.join(os.path.dirname(path), name) if name else run.path
+        reason = h5.get("error message") or (e.strerror or str(e) or
+                                             type(e).__name__).splitlines()[0][:200]
+        raise TrainingError(f"{where}: {reason} while training; free space (or fix "
+                            f"the folder) and rerun this command: it resumes from the last "
+                            f"checkpoint") from None
 
 
 def format_summary(summary: dict) -> str:

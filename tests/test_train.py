@@ -742,3 +742,33 @@ def test_self_critical_epochs_without_bleu_images_are_refused_up_front(shapes_da
     assert not os.path.exists(run)
     RunConfig.from_dict(small_config(shapes_data, epochs=2, scst_after=1,
                                      bleu_images=0).to_dict())   # an older run still loads
+
+
+def test_a_write_failing_while_training_is_exit_1_and_says_it_resumes(shapes_data, tmp_path,
+                                                                      monkeypatch):
+    """A full disk while history.json (or best.keras, a heatmap ...) was written printed the
+    temporary file's name with exit code 2 ("bad input, nothing was done") though epochs had
+    trained and a rerun resumes."""
+    from caption_attn.fileio import temp_name
+    run = str(tmp_path / "run")
+
+    h5 = temp_name(os.path.join(run, "best.weights.h5"), ".weights.h5")
+    for error, name in ((OSError(28, "No space left on device",
+                                 temp_name(os.path.join(run, "history.json"))), "history.json"),
+                        (OSError(f"Can't synchronously write data (file write failed: time = "
+                                 f"Tue\n, filename = '{h5}', file descriptor = 5, errno = 28, "
+                                 f"error message = 'No space left on device', buf = 0x5)"),
+                         "best.weights.h5")):                 # h5py's
+        class FullDisk:
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def fit(self, error=error):
+                raise error
+        monkeypatch.setattr(train, "Trainer", FullDisk)
+        with pytest.raises(train.TrainingError) as e:
+            train.train(small_config(shapes_data), run, progress=False, log=lambda *a: None)
+        assert e.value.exit_code == 1
+        assert str(e.value) == (f"{os.path.join(run, name)}: No space left on device while "
+                                f"training; free space (or fix the folder) and rerun this "
+                                f"command: it resumes from the last checkpoint")

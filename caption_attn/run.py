@@ -18,6 +18,7 @@ Nothing else in the package joins these names by hand.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -121,13 +122,28 @@ class RunFolder:
         return notes
 
     def _refuse_lost_records(self) -> None:
-        """A run that has trained (checkpoints, history, a best model) but lost split.json or
-        vocab.json is refused: made again from today's files, they could pair its weights
-        with other images (validation ones among them), other features or other words, and
-        nothing would tell (split.json holds the identity of the feature cache and the
-        fingerprint of the caption data the resume checks compare against)."""
+        """A run that has trained but lost its checkpoints (a best model, or history.json
+        past epoch 1: the checkpoint is saved before the best model and after the epoch's
+        history entry, so a kill in between leaves one entry and nothing else) is refused: it
+        would train again from new weights as if it were new, rewrite history.json and replace
+        the best model. A run that has trained (checkpoints, history, a best model) but lost
+        split.json or vocab.json is refused too: made again from today's files, they could
+        pair its weights with other images (validation ones among them), other features or
+        other words, and nothing would tell (split.json holds the identity of the feature
+        cache and the fingerprint of the caption data the resume checks compare against)."""
         trained = [p for p in (self.history, self.best_model, self.best_weights)
                    if os.path.exists(p)]
+        if not glob.glob(os.path.join(glob.escape(self.checkpoints), "ckpt-*.index")):
+            kept = [p for p in (self.best_model, self.best_weights, self.best_info)
+                    if os.path.exists(p)]
+            if len(self.read_history()) > 1:
+                kept.insert(0, self.history)
+            if kept:
+                raise UserError(
+                    f"{self.checkpoints}: no checkpoint, but {self.path} has trained "
+                    f"({os.path.basename(kept[0])}): training would start over from new "
+                    f"weights, rewrite history.json and replace the best model; restore the "
+                    f"checkpoints, use another --run, or add --fresh to start this run over")
         if os.path.isdir(self.checkpoints) and os.listdir(self.checkpoints):
             trained.append(self.checkpoints)
         missing = [p for p in (self.split, self.vocab) if not os.path.exists(p)]

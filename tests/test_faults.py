@@ -300,3 +300,23 @@ def test_resume_with_an_edited_history_is_refused_before_writing(run_copy, damag
     assert message.startswith(path) and "--fresh" in message, message
     assert ("finished 3" in message) == (damage in ("deleted", "one_epoch")), message
     assert _files(run_copy) == before
+
+
+def test_resume_of_a_trained_run_without_checkpoints_is_refused(run_copy):
+    """checkpoints/ deleted (to save space: best.keras seemed enough) and the run rerun with
+    more --epochs: it trained from new weights as a new run, rewrote history.json and replaced
+    best.keras epoch by epoch, exit 0, its first line "training:" instead of "resuming"."""
+    from caption_attn.errors import UserError
+    shutil.rmtree(os.path.join(run_copy, "checkpoints"))
+    before = _files(run_copy)
+    with pytest.raises(UserError, match=r"checkpoints: no checkpoint, but .* has trained "
+                                        r"\(history.json\): training would start over"):
+        train.train(_saved_config(run_copy), run_copy, progress=False, log=lambda *a: None)
+    assert _files(run_copy) == before
+    # killed between epoch 1's history entry and its checkpoint: that epoch is redone
+    for name in ("best.keras", "best.weights.h5", "best.json"):
+        os.remove(os.path.join(run_copy, name))
+    history = json.load(open(os.path.join(run_copy, "history.json")))
+    with open(os.path.join(run_copy, "history.json"), "w") as f:
+        json.dump(history[:1], f)
+    assert train.reopen_checks(train.RunFolder(run_copy), _saved_config(run_copy), False)

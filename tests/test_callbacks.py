@@ -219,6 +219,24 @@ def test_heatmaps_reach_tensorboard_as_the_same_png(tmp_path):
     assert tf.make_ndarray(ref.tensor)[:2].tolist() == [b"50", b"30"]
 
 
+def test_logs_deleted_while_training_are_written_again(tmp_path):
+    """`rm -r RUN/logs` during a run (to clear TensorBoard) lost every later epoch's
+    summaries without a word: they went into the deleted event files."""
+    import shutil
+
+    from caption_attn.callbacks import TensorBoardLogger
+
+    tb = TensorBoardLogger(str(tmp_path / "logs"), {"units": 8})
+    tb.set_model(_model())
+    tb.on_train_begin()
+    tb.on_epoch_end(0, {"loss": 1.0, "val_loss": 2.0})
+    shutil.rmtree(tmp_path / "logs")
+    tb.on_epoch_end(1, {"loss": 0.5, "val_loss": 1.5})
+    tb.on_train_end()
+    assert [(step, v.tag) for step, v in _events(str(tmp_path / "logs" / "validation"))] == \
+        [(2, "epoch_loss")]
+
+
 def test_png_size_rejects_other_bytes():
     from caption_attn.callbacks import png_size
 

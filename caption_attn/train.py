@@ -146,10 +146,10 @@ def refuse_unrestorable_state(run: RunFolder, cfg: RunConfig) -> None:
     if recorded < done:
         has = f"records {recorded} epoch(s)" if os.path.exists(run.history) else "missing"
         raise UserError(
-            f"{run.history}: {has}, but the newest checkpoint of {run.path} finished {done}: "
-            f"resumed, early stopping would forget the best value and patience of the lost "
-            f"epochs and could replace the best model with a worse one; restore the file, or "
-            f"add --fresh to start this run over")
+            f"{run.history}: {has}, but the newest checkpoint of {run.path} finished {done} "
+            f"epochs: resumed, early stopping would forget the best value and patience of the "
+            f"lost epochs and could replace the best model with a worse one; restore the file, "
+            f"or add --fresh to start this run over")
 
 
 def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig) -> None:

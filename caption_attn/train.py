@@ -725,7 +725,9 @@ def format_summary(summary: dict) -> str:
         why = (f"the run already reached --max-steps {s['max_steps']} ({run})"
                if s["stopped_by"] == "max_steps" else
                f"the run already finished {run}" + (
-                   " (stopped early before)" if s["stopped_by"] == "early_stopping" else ""))
+                   f" (stopped early before: {s['monitor']} did not improve for --patience "
+                   f"epochs; rerun with a larger --patience to train on)"
+                   if s["stopped_by"] == "early_stopping" else ""))
         head = f"nothing to train: {why}{best}"
     else:
         head = (f"trained {s['steps_now']} steps ({s['epochs_now']} epochs finished) in "

@@ -772,3 +772,18 @@ def test_a_write_failing_while_training_is_exit_1_and_says_it_resumes(shapes_dat
         assert str(e.value) == (f"{os.path.join(run, name)}: No space left on device while "
                                 f"training; free space (or fix the folder) and rerun this "
                                 f"command: it resumes from the last checkpoint")
+
+
+def test_a_rerun_of_a_run_stopped_early_says_how_to_train_on():
+    """More --epochs on a run early stopping had ended printed "nothing to train ... (stopped
+    early before)": the way on (--patience) was left for the user to guess."""
+    summary = {"run": "r", "epochs": 4, "steps": 72, "finished_epochs": 4, "target_epochs": 8,
+               "epoch_steps": 0, "epoch_length": 18, "max_steps": None, "epochs_now": 0,
+               "steps_now": 0, "stopped_by": "early_stopping", "monitor": "val_loss",
+               "best_monitor": "val_loss", "best_epoch": 3, "best_value": 1.87,
+               "final_loss": 2.1, "final_val_loss": 1.9, "seconds": 0.0,
+               "skipped_captions": 0, "best_model": "r/best.keras"}
+    assert train.format_summary(summary).splitlines()[0] == (
+        "nothing to train: the run already finished epoch 4 of 8, step 72 (stopped early "
+        "before: val_loss did not improve for --patience epochs; rerun with a larger "
+        "--patience to train on), best val_loss=1.8700 at epoch 3")

@@ -68,14 +68,15 @@ def open_run(run_dir: str, cfg: RunConfig, fresh: bool = False) -> list[str]:
 
 def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     """The checks of a run folder about to be resumed with `cfg`, nothing written (none with
-    --fresh): `RunFolder.reopen_notes`, `refuse_unrestorable_state` and
-    `refuse_other_batches_mid_epoch`; returns the
-    notes to print."""
+    --fresh): `RunFolder.reopen_notes`, `refuse_unrestorable_state`,
+    `refuse_other_batches_mid_epoch` and `refuse_cross_entropy_after_self_critical`; returns
+    the notes to print (`schedule_notes` among them)."""
     if fresh:
         return []
     notes = run.reopen_notes(cfg)
     refuse_unrestorable_state(run, cfg)
     refuse_other_batches_mid_epoch(run, cfg)
+    refuse_cross_entropy_after_self_critical(run, cfg)
     return notes + schedule_notes(run, cfg)
 
 
@@ -150,6 +151,27 @@ def refuse_unrestorable_state(run: RunFolder, cfg: RunConfig) -> None:
             f"epochs: resumed, early stopping would forget the best value and patience of the "
             f"lost epochs and could replace the best model with a worse one; restore the file, "
             f"or add --fresh to start this run over")
+
+
+def refuse_cross_entropy_after_self_critical(run: RunFolder, cfg: RunConfig) -> None:
+    """UserError when the run's last finished epoch was self-critical and `cfg` would train
+    the next one with cross-entropy (a rerun that forgot --scst-after, or moved it later):
+    at --learning-rate and monitoring val_loss again, it would undo the self-critical stage,
+    and a cross-entropy epoch with a lower val_loss would replace its best model."""
+    where = checkpoints.position(run.checkpoints) if os.path.exists(run.config) else None
+    if where is None or where[0] == 0 or cfg.train.is_scst(where[0]):
+        return
+    history = run.read_history()
+    done = where[0]
+    if len(history) < done or history[done - 1].get("stage") != "self-critical":
+        return
+    old = run.load_config().train.scst_after
+    new = "none" if cfg.train.scst_after is None else cfg.train.scst_after
+    raise UserError(
+        f"--scst-after {new}: epoch {done} of {run.path} was self-critical, and this would "
+        f"train epoch {done + 1} with cross-entropy again (at --learning-rate, monitoring "
+        f"val_loss: it would undo the self-critical stage, and could replace its best model); "
+        f"resume with the run's --scst-after {old}, or add --fresh to start this run over")
 
 
 def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig) -> None:

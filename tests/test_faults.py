@@ -320,3 +320,27 @@ def test_resume_of_a_trained_run_without_checkpoints_is_refused(run_copy):
     with open(os.path.join(run_copy, "history.json"), "w") as f:
         json.dump(history[:1], f)
     assert train.reopen_checks(train.RunFolder(run_copy), _saved_config(run_copy), False)
+
+
+def test_resume_that_forgets_scst_after_is_refused(run_copy):
+    """A run whose last epoch was self-critical, rerun with more --epochs but without its
+    --scst-after, went back to cross-entropy at --learning-rate with exit 0, and its first
+    epoch with a lower val_loss replaced the self-critical best model."""
+    from caption_attn.errors import UserError
+    config, history_path = (os.path.join(run_copy, n) for n in ("config.json", "history.json"))
+    with open(config) as f:
+        saved = json.load(f)
+    saved["train"]["scst_after"] = 2                     # epoch 3 of 3 was self-critical
+    with open(config, "w") as f:
+        json.dump(saved, f)
+    history = json.load(open(history_path))
+    history[2]["stage"] = "self-critical"
+    with open(history_path, "w") as f:
+        json.dump(history, f)
+    run = train.RunFolder(run_copy)
+    with pytest.raises(UserError, match=r"^--scst-after none: epoch 3 of .* was self-critical, "
+                                        r".* resume with the run's --scst-after 2"):
+        train.reopen_checks(run, _saved_config(run_copy, scst_after=None), fresh=False)
+    with pytest.raises(UserError, match=r"^--scst-after 4: epoch 3"):
+        train.reopen_checks(run, _saved_config(run_copy, scst_after=4), fresh=False)
+    train.reopen_checks(run, _saved_config(run_copy), fresh=False)   # its own: fine

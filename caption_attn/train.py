@@ -644,6 +644,9 @@ def _summary(trainer: Trainer, history, early, reason, seconds, epochs_before: i
     # the best model on disk: after a stage change, early stopping's best epoch is the one
     # the new stage has to beat, while best.keras stays the earlier stage's best until it does
     best = trainer.run.best_record() if trainer.chief else None
+    if not (isinstance(best, dict) and isinstance(best.get("epoch"), int)
+            and isinstance(best.get("value"), (int, float)) and best.get("monitor")):
+        best = None  # none yet, or edited by hand: early stopping's own record
     if best is None and early.best_epoch is not None:
         best = {"monitor": early.monitor, "epoch": early.best_epoch + 1,
                 "value": float(early.best)}

@@ -679,6 +679,10 @@ def test_summary_names_the_best_model_on_disk_after_a_stage_change(tmp_path):
     assert summary["monitor"] == "val_cider"                   # what early stopping watches
     assert (summary["best_monitor"], summary["best_epoch"]) == ("val_loss", 3)
     assert "best val_loss=1.8700 at epoch 3" in train.format_summary(summary)
+    write_json_atomic(run.best_info, {"epoch": 3, "monitor": "val_loss", "value": None})
+    summary = train._summary(trainer, [{"epoch": 5, "loss": 1.0}], early, "early_stopping",
+                             1.0, 4, 72)                # a hand-edited best.json: no crash
+    assert "best val_cider=0.0000 at epoch 4" in train.format_summary(summary)
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path):

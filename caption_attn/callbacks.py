@@ -84,8 +84,12 @@ class EarlyStopping(keras.callbacks.Callback):
         self._previous_logs: dict = {}
         for entry in self.initial_history:  # history.json counts epochs from 1
             self._update(entry["epoch"] - 1, entry, replay=True)
-        if self.initial_history and self._exhausted():  # the resumed run had already stopped
-            self.stopped_epoch = self.initial_history[-1]["epoch"] - 1
+        # the resumed run had already stopped, unless its next epoch starts a stage with
+        # another monitor (a stopped cross-entropy run resumed with --scst-after): patience
+        # starts over there
+        last = self.initial_history[-1]["epoch"] if self.initial_history else None
+        if last is not None and self._monitor_for(last) == self.monitor and self._exhausted():
+            self.stopped_epoch = last - 1
             self.model.stop_training = True
 
     def _reset(self, start: Optional[float] = None) -> None:
@@ -211,9 +215,7 @@ class TensorBoardLogger(keras.callbacks.Callback):
 
         self._tf = tf
         self._pending = _Pending()
-        self.train_writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
-        self.val_writer = tf.summary.create_file_writer(
-            os.path.join(self.log_dir, "validation"))
+        self._open_writers()
         root = tf.summary.create_file_writer(self.log_dir)
         with root.as_default():
             hp.hparams_config(
@@ -225,6 +227,25 @@ class TensorBoardLogger(keras.callbacks.Callback):
             hp.hparams(self.hparams, trial_id=os.path.basename(os.path.dirname(
                 os.path.abspath(self.log_dir))))
         root.flush()
+
+    def _open_writers(self) -> None:
+        tf = self._tf
+        self.train_writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
+        self.val_writer = tf.summary.create_file_writer(
+            os.path.join(self.log_dir, "validation"))
+
+    def _reopen_deleted_writers(self) -> None:
+        """Event files deleted while training (`rm -r logs` to clear TensorBoard) would take
+        every later summary silently into the unlinked files: new writers make them again."""
+        if all(os.path.isdir(os.path.join(self.log_dir, name)) for name in ("train",
+                                                                           "validation")):
+            return
+        for writer in (self.train_writer, self.val_writer):
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - flushing into a deleted folder may fail
+                pass
+        self._open_writers()
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
@@ -239,6 +260,7 @@ class TensorBoardLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         tf, logs = self._tf, logs or {}
         step = epoch + 1
+        self._reopen_deleted_writers()
         for writer, tags in ((self.train_writer, self.TRAIN), (self.val_writer, self.VALIDATION)):
             with writer.as_default(step=step):
                 for key, tag in tags.items():

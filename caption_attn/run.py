@@ -18,13 +18,14 @@ Nothing else in the package joins these names by hand.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
 import zipfile
 from typing import Optional
 
-from caption_attn.config import RunConfig, config_diff
+from caption_attn.config import MONITORS, RunConfig, config_diff
 from caption_attn.errors import UserError
 from caption_attn.fileio import atomic_path, parse_json, read_json, write_json_atomic
 
@@ -121,13 +122,28 @@ class RunFolder:
         return notes
 
     def _refuse_lost_records(self) -> None:
-        """A run that has trained (checkpoints, history, a best model) but lost split.json or
-        vocab.json is refused: made again from today's files, they could pair its weights
-        with other images (validation ones among them), other features or other words, and
-        nothing would tell (split.json holds the identity of the feature cache and the
-        fingerprint of the caption data the resume checks compare against)."""
+        """A run that has trained but lost its checkpoints (a best model, or history.json
+        past epoch 1: the checkpoint is saved before the best model and after the epoch's
+        history entry, so a kill in between leaves one entry and nothing else) is refused: it
+        would train again from new weights as if it were new, rewrite history.json and replace
+        the best model. A run that has trained (checkpoints, history, a best model) but lost
+        split.json or vocab.json is refused too: made again from today's files, they could
+        pair its weights with other images (validation ones among them), other features or
+        other words, and nothing would tell (split.json holds the identity of the feature
+        cache and the fingerprint of the caption data the resume checks compare against)."""
         trained = [p for p in (self.history, self.best_model, self.best_weights)
                    if os.path.exists(p)]
+        if not glob.glob(os.path.join(glob.escape(self.checkpoints), "ckpt-*.index")):
+            kept = [p for p in (self.best_model, self.best_weights, self.best_info)
+                    if os.path.exists(p)]
+            if len(self.read_history()) > 1:
+                kept.insert(0, self.history)
+            if kept:
+                raise UserError(
+                    f"{self.checkpoints}: no checkpoint, but {self.path} has trained "
+                    f"({os.path.basename(kept[0])}): training would start over from new "
+                    f"weights, rewrite history.json and replace the best model; restore the "
+                    f"checkpoints, use another --run, or add --fresh to start this run over")
         if os.path.isdir(self.checkpoints) and os.listdir(self.checkpoints):
             trained.append(self.checkpoints)
         missing = [p for p in (self.split, self.vocab) if not os.path.exists(p)]
@@ -140,6 +156,32 @@ class RunFolder:
                             f"made again from today's files it could pair the trained model "
                             f"with other data without a word: restore it, use another --run, "
                             f"or add --fresh to start this run over")
+
+    def read_history(self) -> list[dict]:
+        """history.json's entries ([] without the file), refused with a `UserError` naming
+        the file unless it is what `train` writes: a list of objects, the one at index i for
+        epoch i + 1, their metrics numbers or null (an edited file would crash the resume, or
+        replay other epochs into early stopping)."""
+        if not os.path.exists(self.history):
+            return []
+        entries = read_json(self.history)
+        problem = None if isinstance(entries, list) else \
+            f"a JSON {type(entries).__name__}, not a list of epoch entries"
+        for i, entry in enumerate(entries if problem is None else []):
+            if not isinstance(entry, dict) or entry.get("epoch") != i + 1 or \
+                    isinstance(entry["epoch"], bool):
+                problem = f"entry {i} is not the object of epoch {i + 1}: {str(entry)[:80]}"
+            else:
+                bad = [k for k in ("loss", *MONITORS) if entry.get(k) is not None
+                       and (isinstance(entry[k], bool) or not isinstance(entry[k], (int, float)))]
+                if bad:
+                    problem = f"epoch {i + 1}'s {bad[0]} is {entry[bad[0]]!r}, not a number"
+            if problem:
+                break
+        if problem:
+            raise UserError(f"{self.history}: {problem} (edited by hand?); restore the file "
+                            f"train wrote, or add --fresh to start this run over")
+        return entries
 
     def delete_previous(self) -> None:
         """`--fresh`: remove every file and folder a run writes (nothing else), eval/ too:

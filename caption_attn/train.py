@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import math
 import os
+import re
 import time
 from typing import Optional
 
@@ -25,9 +26,9 @@ import tensorflow as tf
 from caption_attn import checkpoints, distribute, pipeline, progress, quiet
 from caption_attn.callbacks import AttentionSnapshots, EarlyStopping, TensorBoardLogger
 from caption_attn.cider import CiderD
-from caption_attn.config import DTYPE_POLICIES, RunConfig
+from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig
 from caption_attn.errors import UserError
-from caption_attn.fileio import read_json, write_json_atomic
+from caption_attn.fileio import write_json_atomic
 from caption_attn.model import ShowAttendTell
 from caption_attn.optimizer import (FusedAdam, StagedLearningRate, current_learning_rate,
                                     make_optimizer)
@@ -67,13 +68,110 @@ def open_run(run_dir: str, cfg: RunConfig, fresh: bool = False) -> list[str]:
 
 def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     """The checks of a run folder about to be resumed with `cfg`, nothing written (none with
-    --fresh): `RunFolder.reopen_notes` and `refuse_other_batches_mid_epoch`; returns the
-    notes to print."""
+    --fresh): `RunFolder.reopen_notes`, `refuse_unrestorable_state`,
+    `refuse_other_batches_mid_epoch` and `refuse_cross_entropy_after_self_critical`; returns
+    the notes to print (`schedule_notes` among them)."""
     if fresh:
         return []
     notes = run.reopen_notes(cfg)
+    refuse_unrestorable_state(run, cfg)
     refuse_other_batches_mid_epoch(run, cfg)
-    return notes
+    refuse_cross_entropy_after_self_critical(run, cfg)
+    return notes + schedule_notes(run, cfg)
+
+
+def _scheduled_rate(tc: TrainConfig, epoch: float) -> float:
+    """The cross-entropy learning rate at 0-based `epoch` (`StagedLearningRate`'s curve)."""
+    if tc.lr_schedule == "constant":
+        return tc.learning_rate
+    span = tc.epochs if tc.scst_after is None else tc.scst_after
+    return tc.learning_rate * 0.5 * (1 + math.cos(math.pi * min(epoch / max(span, 1), 1.0)))
+
+
+def schedule_notes(run: RunFolder, cfg: RunConfig) -> list[str]:
+    """A note when the cross-entropy learning rate a resumed run continues with is not the
+    one its previous schedule had there: the cosine decay spans --epochs (or --scst-after)
+    of the call that resumes, so another --epochs, --scst-after or --lr-schedule moves the
+    rate of the steps to come (e.g. from 0 at the end of a finished cosine run back up to
+    half the initial rate when --epochs doubles); over steps, so another --batch-size moves
+    it too (how far depends on the data: said without a number)."""
+    if not os.path.exists(run.config):
+        return []
+    where = checkpoints.position(run.checkpoints)
+    old, new = run.load_config().train, cfg.train
+    if where is None or new.is_scst(where[0]) or "cosine" not in (old.lr_schedule,
+                                                                  new.lr_schedule):
+        return []
+    if old.batch_size != new.batch_size and new.lr_schedule == "cosine":
+        # the decay is over steps, counted in the run's earlier batches: its position moves
+        return [f"--lr-schedule cosine decays over steps, and --batch-size {new.batch_size} "
+                f"(was {old.batch_size}) changes how many make an epoch: the steps already "
+                f"taken fall elsewhere on the new curve, so the learning rate of epoch "
+                f"{where[0] + 1} is not the one the run's schedule had there (the epochs' "
+                f"rates are in history.json)"]
+    if (old.lr_schedule, old.epochs, old.scst_after) == (new.lr_schedule, new.epochs,
+                                                        new.scst_after):
+        return []
+    was, now = _scheduled_rate(old, where[0]), _scheduled_rate(new, where[0])
+    if math.isclose(was, now, rel_tol=1e-6, abs_tol=1e-12):
+        return []
+    span = lambda tc: ("constant" if tc.lr_schedule == "constant" else  # noqa: E731
+                       f"cosine over {tc.epochs if tc.scst_after is None else tc.scst_after} "
+                       f"cross-entropy epochs")
+    return [f"the learning-rate schedule is now {span(new)} (was {span(old)}): epoch "
+            f"{where[0] + 1} starts at a learning rate of {now:.3g} instead of {was:.3g}, "
+            f"and the steps to come follow the new curve"]
+
+
+def refuse_unrestorable_state(run: RunFolder, cfg: RunConfig) -> None:
+    """UserError when the run has a checkpoint that `cfg` could not resume as it is: a
+    --precision change to or from float16 (its optimizer is wrapped in loss scaling, so the
+    checkpoints of one cannot be restored into the other; bfloat16 and float32 swap), or a
+    history.json that is malformed or lacks epochs the checkpoint finished (early stopping
+    replays it: its patience and best value would start over, and a worse epoch replace the
+    best model)."""
+    if not os.path.exists(run.config):
+        return
+    where = checkpoints.position(run.checkpoints)
+    if where is None:
+        return
+    old, new = run.load_config().train.precision, cfg.train.precision
+    if (old == "float16") != (new == "float16"):
+        swap = {"float32": " (or bfloat16)", "bfloat16": " (or float32)"}.get(old, "")
+        raise UserError(
+            f"--precision {new}: {run.path} was trained with --precision {old}, and the "
+            f"optimizer state in its checkpoints cannot be restored across float16 (whose "
+            f"optimizer adds loss scaling) and the other precisions: resume with --precision "
+            f"{old}{swap}, use another --run, or add --fresh to start this run over")
+    done, recorded = where[0], len(run.read_history())
+    if recorded < done:
+        has = f"records {recorded} epoch(s)" if os.path.exists(run.history) else "missing"
+        raise UserError(
+            f"{run.history}: {has}, but the newest checkpoint of {run.path} finished {done} "
+            f"epochs: resumed, early stopping would forget the best value and patience of the "
+            f"lost epochs and could replace the best model with a worse one; restore the file, "
+            f"or add --fresh to start this run over")
+
+
+def refuse_cross_entropy_after_self_critical(run: RunFolder, cfg: RunConfig) -> None:
+    """UserError when the run's last finished epoch was self-critical and `cfg` would train
+    the next one with cross-entropy (a rerun that forgot --scst-after, or moved it later):
+    at --learning-rate and monitoring val_loss again, it would undo the self-critical stage,
+    and a cross-entropy epoch with a lower val_loss would replace its best model."""
+    where = checkpoints.position(run.checkpoints) if os.path.exists(run.config) else None
+    if where is None or where[0] == 0 or cfg.train.is_scst(where[0]):
+        return
+    history = run.read_history()
+    done = where[0]
+    if len(history) < done or history[done - 1].get("stage") != "self-critical":
+        return
+    old = run.load_config().train.scst_after
+    new = "none" if cfg.train.scst_after is None else cfg.train.scst_after
+    raise UserError(
+        f"--scst-after {new}: epoch {done} of {run.path} was self-critical, and this would "
+        f"train epoch {done + 1} with cross-entropy again (at --learning-rate, monitoring "
+        f"val_loss: it would undo the self-critical stage, and could replace its best model); "
+        f"resume with the run's --scst-after {old}, or add --fresh to start this run over")
 
 
 def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig) -> None:
@@ -338,7 +436,24 @@ class Trainer:
     def _save_checkpoint(self, step: int, in_epoch: int, totals: EpochTotals) -> None:
         # Every worker saves (a collective under multi-worker); non-chiefs into scratch folders.
         self._set_counters(step, in_epoch, totals)
-        self.manager.save(checkpoint_number=step)
+        self._save()
+
+    def _save(self) -> None:
+        """Checkpoint the counters' step; a checkpoint that cannot be written (a full disk, a
+        read-only folder) stops training with a TrainingError naming the folder and where a
+        rerun resumes, instead of TensorFlow's traceback."""
+        step = int(self.step.numpy())
+        try:
+            self.manager.save(checkpoint_number=step)
+        except tf.errors.OpError as e:
+            reason = re.sub(r"\s*\[Op:\w+\]$", "", (e.message or str(e)).strip()).split("; ")[-1]
+            kept = self.manager.latest_checkpoint
+            raise TrainingError(
+                f"cannot write the checkpoint of step {step} into {self.run.checkpoints} "
+                f"({reason.splitlines()[0][:200]}): free space there (or make it writable) "
+                f"and rerun this command; it resumes from "
+                f"{os.path.basename(kept) if kept else 'the start (no checkpoint yet)'}") \
+                from None
 
     def evaluate_loss(self, split: str = "val") -> Optional[dict]:
         """Teacher-forced loss of a split: cross-entropy per real token of the whole split plus
@@ -355,7 +470,7 @@ class Trainer:
                 for k, v in self.eval_step(batch).items():
                     sums[k] += float(v)
         except DamagedFeatures as e:  # the epoch's steps are done: keep them
-            self.manager.save(checkpoint_number=int(self.step.numpy()))
+            self._save()
             raise e.stop(self.inputs.repair_command(), int(self.step.numpy())) from None
         ce = sums["ce_sum"] / max(sums["tokens"], 1.0)
         return {"loss": ce + sums["reg_sum"] / max(sums["caption_count"], 1.0), "ce": ce}
@@ -400,8 +515,7 @@ class Trainer:
         tc = self.cfg.train
         resumed = self.restore()
         done, steps_before = int(self.epoch.numpy()), int(self.step.numpy())
-        history = read_json(self.run.history) if resumed and os.path.exists(self.run.history) \
-            else []
+        history = self.run.read_history() if resumed else []
         history = [h for h in history if h["epoch"] <= done]
         # A finished run (or one at --max-steps) traces no step and decodes nothing (seconds)
         todo = done < tc.epochs and not (tc.max_steps and steps_before >= tc.max_steps)
@@ -454,7 +568,7 @@ class Trainer:
         logs = self._run_train_epoch(epoch, callbacks)
         target = logs.pop("target_steps")
         if logs["steps"] < target:
-            self.manager.save(checkpoint_number=int(self.step.numpy()))
+            self._save()
             if self.progress:
                 self.log(f"epoch {epoch + 1}: stopped by --max-steps {self.cfg.train.max_steps}"
                          f" at step {logs['steps']} of {target} (checkpoint saved; the epoch "
@@ -469,7 +583,7 @@ class Trainer:
         history[:] = [h for h in history if h["epoch"] != epoch + 1] + [entry]
         if self.chief:  # history first: a kill before the checkpoint redoes the epoch
             write_json_atomic(self.run.history, history)
-        self.manager.save(checkpoint_number=int(self.step.numpy()))
+        self._save()
         callbacks.on_epoch_end(epoch, entry)
         if self.progress:
             self.log(_epoch_line(entry))
@@ -523,9 +637,19 @@ def _summary(trainer: Trainer, history, early, reason, seconds, epochs_before: i
              steps_before: int) -> dict:
     """The run's totals ("epochs": history entries, "steps"), where it stands in the epoch
     it has not finished ("epoch_steps" of "epoch_length"; 0 of it between epochs) and what
-    this invocation did ("epochs_now": epochs finished now, "steps_now")."""
+    this invocation did ("epochs_now": epochs finished now, "steps_now"); "monitor": what
+    early stopping watches now, "best_*": the best model on disk (best.json)."""
     last = history[-1] if history else {}
     steps, finished = int(trainer.step.numpy()), int(trainer.epoch.numpy())
+    # the best model on disk: after a stage change, early stopping's best epoch is the one
+    # the new stage has to beat, while best.keras stays the earlier stage's best until it does
+    best = trainer.run.best_record() if trainer.chief else None
+    if not (isinstance(best, dict) and isinstance(best.get("epoch"), int)
+            and isinstance(best.get("value"), (int, float)) and best.get("monitor")):
+        best = None  # none yet, or edited by hand: early stopping's own record
+    if best is None and early.best_epoch is not None:
+        best = {"monitor": early.monitor, "epoch": early.best_epoch + 1,
+                "value": float(early.best)}
     inputs = trainer.inputs
     return {"run": trainer.run_dir, "epochs": len(history), "steps": steps,
             "finished_epochs": finished, "target_epochs": trainer.cfg.train.epochs,
@@ -535,8 +659,8 @@ def _summary(trainer: Trainer, history, early, reason, seconds, epochs_before: i
             "max_steps": trainer.cfg.train.max_steps,
             "epochs_now": finished - epochs_before, "steps_now": steps - steps_before,
             "stopped_by": reason, "monitor": early.monitor,
-            "best_epoch": None if early.best_epoch is None else early.best_epoch + 1,
-            "best_value": None if early.best_epoch is None else float(early.best),
+            "best_monitor": (best or {}).get("monitor"), "best_epoch": (best or {}).get("epoch"),
+            "best_value": (best or {}).get("value"),
             "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
             "seconds": seconds, "skipped_captions": trainer.data.skipped_captions,
             "best_model": trainer.run.best_model}
@@ -565,6 +689,13 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     """
     cfg = dataclasses.replace(cfg, captions=os.path.abspath(cfg.captions),
                               cache=os.path.abspath(cfg.cache))
+    tc = cfg.train
+    if tc.scst_after is not None and tc.monitor is None and tc.bleu_images < 1:
+        # checked here, not by TrainConfig: the config.json of a run made before must load
+        raise UserError(f"--scst-after {tc.scst_after}: early stopping and the best model "
+                        f"follow val_cider in self-critical epochs, which decodes --bleu-images "
+                        f"validation images: --bleu-images must be >= 1, got {tc.bleu_images} "
+                        f"(or add --monitor val_loss)")
     run = RunFolder(run_dir)
     run.check_writable(cfg.cache)
     if images_dir is not None and not os.path.isdir(images_dir):
@@ -585,8 +716,21 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
         run.delete_previous()
     os.makedirs(run_dir, exist_ok=True)
     cfg.save(run.config)
-    return Trainer(cfg, run_dir, images_dir=images_dir, progress=progress, log=log,
-                   data=data).fit()
+    try:
+        return Trainer(cfg, run_dir, images_dir=images_dir, progress=progress, log=log,
+                       data=data).fit()
+    except OSError as e:  # a write that failed while training: a full disk, a lost folder
+        # h5py (best.weights.h5) names the file and the reason only inside its message
+        h5 = dict(re.findall(r"(filename|error message) = '([^']*)'", str(e)))
+        path = e.filename or h5.get("filename")
+        name = path and re.sub(r"^\.(.+)\.tmp\.\d+\.[^/]*$", r"\1",
+                               os.path.basename(path))  # fileio.temp_name's final name
+        where = os.path.join(os.path.dirname(path), name) if name else run.path
+        reason = h5.get("error message") or (e.strerror or str(e) or
+                                             type(e).__name__).splitlines()[0][:200]
+        raise TrainingError(f"{where}: {reason} while training; free space (or fix "
+                            f"the folder) and rerun this command: it resumes from the last "
+                            f"checkpoint") from None
 
 
 def format_summary(summary: dict) -> str:
@@ -595,7 +739,7 @@ def format_summary(summary: dict) -> str:
     best model and how to open TensorBoard."""
     s = summary
     best = ("" if s["best_epoch"] is None else
-            f", best {s['monitor']}={s['best_value']:.4f} at epoch {s['best_epoch']}")
+            f", best {s['best_monitor']}={s['best_value']:.4f} at epoch {s['best_epoch']}")
     run = (f"epoch {s['finished_epochs']} of {s['target_epochs']}"
            if s["finished_epochs"] <= s["target_epochs"] else
            f"epoch {s['finished_epochs']} (--epochs {s['target_epochs']})") + f", step {s['steps']}"
@@ -606,7 +750,9 @@ def format_summary(summary: dict) -> str:
         why = (f"the run already reached --max-steps {s['max_steps']} ({run})"
                if s["stopped_by"] == "max_steps" else
                f"the run already finished {run}" + (
-                   " (stopped early before)" if s["stopped_by"] == "early_stopping" else ""))
+                   f" (stopped early before: {s['monitor']} did not improve for --patience "
+                   f"epochs; rerun with a larger --patience to train on)"
+                   if s["stopped_by"] == "early_stopping" else ""))
         head = f"nothing to train: {why}{best}"
     else:
         head = (f"trained {s['steps_now']} steps ({s['epochs_now']} epochs finished) in "

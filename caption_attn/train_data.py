@@ -88,6 +88,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     if reuse and os.path.exists(run.split):
         splits = run.load_splits()
     else:
+        _refuse_unused_fractions(cfg, captions)
         splits = {s: sorted(r.image for r in captions.split(s)) for s in data_lib.SPLITS}
     fingerprint = data_lib.caption_fingerprint(captions.records, splits)  # hashed once
     if reuse and os.path.exists(run.split):
@@ -122,6 +123,18 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
 
 
 
+def _refuse_unused_fractions(cfg: RunConfig, captions) -> None:
+    """--val-fraction / --test-fraction given for a caption file with its own split (Karpathy)
+    would be silently ignored: refused, like a decoding flag given to another method."""
+    given = sorted(cfg.data.given(("val_fraction", "test_fraction")))
+    if captions.has_split and given:
+        flag, value = "--" + given[0].replace("_", "-"), getattr(cfg.data, given[0])
+        raise UserError(f"{flag} {value} splits files without a split of their own, but "
+                        f"{cfg.captions} is a {captions.format} file whose images carry their "
+                        f"split, which train uses: leave {flag} out (or edit the file's "
+                        f"splits)")
+
+
 def _refuse_empty_vocabulary(cfg: RunConfig, train_words: list) -> None:
     """A vocabulary of special tokens only (every word <unk>) trains a model that says
     nothing: refused, naming --min-count and what it would have to be."""
@@ -134,6 +147,13 @@ def _refuse_empty_vocabulary(cfg: RunConfig, train_words: list) -> None:
 
 
 def _check_not_empty(cfg: RunConfig, splits: dict, caption_ids: dict, problems: dict) -> None:
+    if not splits["train"]:
+        counts = ", ".join(f"{len(splits[s])} {s}" for s in data_lib.SPLITS if splits[s])
+        raise UserError(
+            f"the train split of {cfg.captions} has no images (its images: {counts or 'none'})"
+            f": lower --val-fraction ({cfg.data.val_fraction}) / --test-fraction "
+            f"({cfg.data.test_fraction}) for a file without a split of its own, or give the "
+            f"file train images")
     train_problems = {k: problems[k] for k in splits["train"] if k in problems}
     if not caption_ids["train"] and train_problems:  # feature files there, but not usable
         raise UserError(f"no training captions have usable features in {cfg.cache}: "

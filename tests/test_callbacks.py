@@ -156,6 +156,26 @@ def test_stage_change_is_replayed_the_same_after_a_resume():
     assert es.monitor == "val_cider" and es.best == 0.7 and es.best_epoch == 2 and es.wait == 0
 
 
+
+def test_a_stopped_run_resumed_into_another_stage_trains_it():
+    """A cross-entropy run stopped early, rerun with --scst-after to fine-tune it, printed
+    "nothing to train ... (stopped early before)" with exit 0: the replayed val_loss patience
+    stopped the self-critical stage, whose own monitor starts over."""
+    history = [{"epoch": 1, "val_loss": 2.0}, {"epoch": 2, "val_loss": 2.5}]
+    stage = lambda epoch: "val_cider" if epoch >= 2 else "val_loss"  # noqa: E731
+    es = EarlyStopping(stage, patience=1, initial_history=history)
+    es.set_model(_model())
+    es.on_train_begin()
+    assert not es.model.stop_training and es.stopped_epoch is None
+    es.on_epoch_end(2, {"val_loss": 2.6, "val_cider": 0.3})
+    assert not es.model.stop_training and es.monitor == "val_cider" and es.best_epoch == 2
+    same = EarlyStopping(lambda epoch: "val_cider" if epoch >= 3 else "val_loss", patience=1,
+                         initial_history=history)          # still cross-entropy: stopped
+    same.set_model(_model())
+    same.on_train_begin()
+    assert same.model.stop_training and same.stopped_epoch == 1
+
+
 # --- TensorBoardLogger ----------------------------------------------------------------------
 
 
@@ -197,6 +217,24 @@ def test_heatmaps_reach_tensorboard_as_the_same_png(tmp_path):
     (_, ref), = _events(str(tmp_path / "reference"))
     assert ref.tag == images[0][1].tag and ref.metadata == images[0][1].metadata
     assert tf.make_ndarray(ref.tensor)[:2].tolist() == [b"50", b"30"]
+
+
+def test_logs_deleted_while_training_are_written_again(tmp_path):
+    """`rm -r RUN/logs` during a run (to clear TensorBoard) lost every later epoch's
+    summaries without a word: they went into the deleted event files."""
+    import shutil
+
+    from caption_attn.callbacks import TensorBoardLogger
+
+    tb = TensorBoardLogger(str(tmp_path / "logs"), {"units": 8})
+    tb.set_model(_model())
+    tb.on_train_begin()
+    tb.on_epoch_end(0, {"loss": 1.0, "val_loss": 2.0})
+    shutil.rmtree(tmp_path / "logs")
+    tb.on_epoch_end(1, {"loss": 0.5, "val_loss": 1.5})
+    tb.on_train_end()
+    assert [(step, v.tag) for step, v in _events(str(tmp_path / "logs" / "validation"))] == \
+        [(2, "epoch_loss")]
 
 
 def test_png_size_rejects_other_bytes():

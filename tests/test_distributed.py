@@ -99,5 +99,9 @@ def test_multi_worker_resume_restores_every_worker_from_the_chief(shapes_data, t
     for name in os.listdir(os.path.join(run, "checkpoints")):
         if name.startswith("ckpt-") or name == "checkpoint":
             os.remove(os.path.join(run, "checkpoints", name))
+    # (with its history and best model kept, a run without checkpoints is refused before
+    # that: test_faults.py::test_resume_of_a_trained_run_without_checkpoints_is_refused)
+    for name in ("history.json", "best.keras", "best.weights.h5", "best.json"):
+        os.remove(os.path.join(run, name))
     for code, out in _multi_worker(shapes_data, run, epochs=3):
         assert code == 2 and "the workers restored different checkpoints" in out, out

@@ -246,3 +246,101 @@ def test_a_feature_file_gone_bad_stops_train_naming_it_before_any_step(shapes_da
         command = message.split("`")[1]
         assert cli.main(shlex.split(command)[1:]) == 0
         assert np.isfinite(np.load(path)).all()
+
+
+def _saved_config(run: str, **train_changes) -> RunConfig:
+    import dataclasses
+    with open(os.path.join(run, "config.json")) as f:
+        cfg = RunConfig.from_dict(json.load(f))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=5,
+                                                              **train_changes))
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_resume_across_float16_is_refused_before_writing(run_copy, precision):
+    """float32 -> float16 (or back) on resume failed while restoring, after config.json was
+    rewritten, with 40 TensorFlow warnings and "if the run was made by an older caption_attn,
+    start it over": the loss-scaled optimizer's checkpoints do not fit the plain one's."""
+    from caption_attn.errors import UserError
+    before = _files(run_copy)
+    cfg = _saved_config(run_copy, precision=precision)
+    if precision == "bfloat16":                   # same optimizer: only a note
+        assert any("precision" in n for n in train.reopen_checks(
+            train.RunFolder(run_copy), cfg, fresh=False))
+        return
+    with pytest.raises(UserError, match=r"--precision float16: .* was trained with "
+                                        r"--precision float32, .* resume with --precision "
+                                        r"float32 \(or bfloat16\)"):
+        train.train(cfg, run_copy, progress=False, log=lambda *a: None)
+    assert _files(run_copy) == before
+
+
+@pytest.mark.parametrize("damage", ["deleted", "one_epoch", "object", "not_an_entry",
+                                    "string_epoch", "string_metric"])
+def test_resume_with_an_edited_history_is_refused_before_writing(run_copy, damage):
+    """A history.json deleted or cut to fewer epochs than the checkpoint finished resumed with
+    exit 0: early stopping forgot the best value (a worse epoch replaced best.keras) and the
+    lost entries were gone for good; other edits crashed with a TypeError traceback."""
+    from caption_attn.errors import UserError
+    path = os.path.join(run_copy, "history.json")
+    history = json.load(open(path))
+    edited = {"deleted": None, "one_epoch": history[:1], "object": {"1": history[0]},
+              "not_an_entry": [1, *history[1:]],
+              "string_epoch": [{**history[0], "epoch": "1"}, *history[1:]],
+              "string_metric": [{**history[0], "val_loss": "low"}, *history[1:]]}[damage]
+    if edited is None:
+        os.remove(path)
+    else:
+        with open(path, "w") as f:
+            json.dump(edited, f)
+    before = _files(run_copy)
+    with pytest.raises(UserError) as e:
+        train.train(_saved_config(run_copy), run_copy, progress=False, log=lambda *a: None)
+    message = str(e.value)
+    assert message.startswith(path) and "--fresh" in message, message
+    assert ("finished 3 epochs" in message) == (damage in ("deleted", "one_epoch")), message
+    assert _files(run_copy) == before
+
+
+def test_resume_of_a_trained_run_without_checkpoints_is_refused(run_copy):
+    """checkpoints/ deleted (to save space: best.keras seemed enough) and the run rerun with
+    more --epochs: it trained from new weights as a new run, rewrote history.json and replaced
+    best.keras epoch by epoch, exit 0, its first line "training:" instead of "resuming"."""
+    from caption_attn.errors import UserError
+    shutil.rmtree(os.path.join(run_copy, "checkpoints"))
+    before = _files(run_copy)
+    with pytest.raises(UserError, match=r"checkpoints: no checkpoint, but .* has trained "
+                                        r"\(history.json\): training would start over"):
+        train.train(_saved_config(run_copy), run_copy, progress=False, log=lambda *a: None)
+    assert _files(run_copy) == before
+    # killed between epoch 1's history entry and its checkpoint: that epoch is redone
+    for name in ("best.keras", "best.weights.h5", "best.json"):
+        os.remove(os.path.join(run_copy, name))
+    history = json.load(open(os.path.join(run_copy, "history.json")))
+    with open(os.path.join(run_copy, "history.json"), "w") as f:
+        json.dump(history[:1], f)
+    assert train.reopen_checks(train.RunFolder(run_copy), _saved_config(run_copy), False)
+
+
+def test_resume_that_forgets_scst_after_is_refused(run_copy):
+    """A run whose last epoch was self-critical, rerun with more --epochs but without its
+    --scst-after, went back to cross-entropy at --learning-rate with exit 0, and its first
+    epoch with a lower val_loss replaced the self-critical best model."""
+    from caption_attn.errors import UserError
+    config, history_path = (os.path.join(run_copy, n) for n in ("config.json", "history.json"))
+    with open(config) as f:
+        saved = json.load(f)
+    saved["train"]["scst_after"] = 2                     # epoch 3 of 3 was self-critical
+    with open(config, "w") as f:
+        json.dump(saved, f)
+    history = json.load(open(history_path))
+    history[2]["stage"] = "self-critical"
+    with open(history_path, "w") as f:
+        json.dump(history, f)
+    run = train.RunFolder(run_copy)
+    with pytest.raises(UserError, match=r"^--scst-after none: epoch 3 of .* was self-critical, "
+                                        r".* resume with the run's --scst-after 2"):
+        train.reopen_checks(run, _saved_config(run_copy, scst_after=None), fresh=False)
+    with pytest.raises(UserError, match=r"^--scst-after 4: epoch 3"):
+        train.reopen_checks(run, _saved_config(run_copy, scst_after=4), fresh=False)
+    train.reopen_checks(run, _saved_config(run_copy), fresh=False)   # its own: fine

@@ -631,3 +631,163 @@ def test_a_run_folder_that_is_the_cache_or_holds_other_files_is_refused(shapes_d
     assert sorted(os.listdir(copy_cache)) == before
     if place == "a folder of other files":
         assert os.listdir(run) == ["holiday.jpg"]
+
+
+def test_resume_that_moves_the_cosine_schedule_says_so(run_copy):
+    """A finished cosine run (learning rate 0) resumed with more --epochs went back up to half
+    its initial rate without a word (the decay spans the --epochs of the resuming call): a
+    note gives the new rate, the one the trainer's schedule really takes."""
+    from caption_attn.optimizer import StagedLearningRate
+    saved = run_copy.load_config()
+    assert saved.train.lr_schedule == "constant" and saved.train.epochs == 3
+    cfg = dataclasses.replace(saved, train=dataclasses.replace(
+        saved.train, lr_schedule="cosine", epochs=6))
+    notes = [n for n in train.reopen_checks(run_copy, cfg, fresh=False)
+             if "learning-rate schedule" in n]
+    rate = float(StagedLearningRate(cfg.train, 6 * 10)(3 * 10))   # 10 steps per epoch
+    assert rate == pytest.approx(0.5 * saved.train.learning_rate)
+    assert notes == [f"the learning-rate schedule is now cosine over 6 cross-entropy epochs "
+                     f"(was constant): epoch 4 starts at a learning rate of {rate:.3g} instead "
+                     f"of {saved.train.learning_rate:.3g}, and the steps to come follow the "
+                     f"new curve"]
+    same = dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=6,
+                                                                learning_rate=1e-3))
+    assert not [n for n in train.reopen_checks(run_copy, same, fresh=False)
+                if "learning-rate schedule" in n]            # constant stays constant
+    halved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=8))
+    assert [n for n in train.reopen_checks(run_copy, halved, fresh=False)
+            if n.startswith("--lr-schedule cosine decays over steps, and --batch-size 8 (was "
+                            "16)")]                          # the decay is over steps
+
+
+def test_summary_names_the_best_model_on_disk_after_a_stage_change(tmp_path):
+    """A cross-entropy run whose best epoch was 3 of 4, continued into self-critical epochs
+    that never beat epoch 4's val_cider, printed "best val_cider=0.0000 at epoch 4" beside
+    "best model: best.keras", which holds epoch 3's model (val_loss 1.87)."""
+    from caption_attn.fileio import write_json_atomic
+    run = RunFolder(str(tmp_path / "run"))
+    write_json_atomic(run.best_info, {"epoch": 3, "monitor": "val_loss", "value": 1.87})
+    count = lambda n: types.SimpleNamespace(numpy=lambda: n)  # noqa: E731
+    trainer = types.SimpleNamespace(
+        step=count(78), epoch=count(5), step_in_epoch=count(0), chief=True, run=run,
+        run_dir=run.path, cfg=RunConfig(train=TrainConfig(epochs=6, scst_after=4)),
+        inputs=types.SimpleNamespace(steps_per_epoch=18, scst_steps_per_epoch=6),
+        data=types.SimpleNamespace(skipped_captions=0))
+    early = types.SimpleNamespace(monitor="val_cider", best_epoch=3, best=0.0)
+    summary = train._summary(trainer, [{"epoch": 5, "loss": 1.0}], early, "early_stopping",
+                             1.0, 4, 72)
+    assert summary["monitor"] == "val_cider"                   # what early stopping watches
+    assert (summary["best_monitor"], summary["best_epoch"]) == ("val_loss", 3)
+    assert "best val_loss=1.8700 at epoch 3" in train.format_summary(summary)
+    write_json_atomic(run.best_info, {"epoch": 3, "monitor": "val_loss", "value": None})
+    summary = train._summary(trainer, [{"epoch": 5, "loss": 1.0}], early, "early_stopping",
+                             1.0, 4, 72)                # a hand-edited best.json: no crash
+    assert "best val_cider=0.0000 at epoch 4" in train.format_summary(summary)
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path):
+    """A full disk while checkpointing ended `train` with TensorFlow's ResourceExhaustedError
+    traceback (exit 1): now a TrainingError naming the folder, the reason and where a rerun
+    resumes."""
+    import tensorflow as tf
+
+    def full_disk(checkpoint_number):
+        raise tf.errors.ResourceExhaustedError(
+            None, None, "{{function_node __wrapped__SaveV2}} /r/checkpoints/ckpt-36_temp/part-0;"
+                        " No space left on device [Op:SaveV2]")
+    run = RunFolder(str(tmp_path / "run"))
+    fake = types.SimpleNamespace(step=types.SimpleNamespace(numpy=lambda: 36), run=run,
+                                 manager=types.SimpleNamespace(
+                                     save=full_disk, latest_checkpoint="/r/checkpoints/ckpt-18"))
+    with pytest.raises(train.TrainingError) as e:
+        train.Trainer._save(fake)
+    assert str(e.value) == (f"cannot write the checkpoint of step 36 into {run.checkpoints} (No "
+                            f"space left on device): free space there (or make it writable) and "
+                            f"rerun this command; it resumes from ckpt-18")
+
+
+def test_split_fractions_for_a_file_with_its_own_split_are_refused(shapes_data, tmp_path):
+    """--val-fraction 0.5 on a Karpathy file (the shapes dataset's) trained on the file's own
+    split without a word: the user believed half the images were held out."""
+    cfg = dataclasses.replace(small_config(shapes_data), data=DataConfig(seed=1,
+                                                                         val_fraction=0.5))
+    run = str(tmp_path / "run")
+    with pytest.raises(UserError, match=r"^--val-fraction 0.5 splits files without a split of "
+                                        r"their own, but .* is a karpathy file"):
+        train.train(cfg, run, progress=False, log=lambda *a: None)
+    assert not os.path.exists(run)
+
+
+def test_fractions_that_leave_no_train_image_say_so(shapes_data, tmp_path):
+    """--val-fraction 0.99 on a 40-image file without a split of its own rounds every image
+    into val: the error blamed missing features ("run extract-features first")."""
+    with open(shapes_data["captions"]) as f:
+        images = json.load(f)["images"]
+    path = tmp_path / "captions.token"          # Flickr8k token format: no split of its own
+    path.write_text("".join(f"{im['filename']}#{i}\t{s['raw']}\n" for im in images
+                            for i, s in enumerate(im["sentences"])))
+    cfg = dataclasses.replace(small_config(shapes_data), captions=str(path),
+                              data=DataConfig(seed=1, val_fraction=0.99, test_fraction=0.0))
+    with pytest.raises(UserError, match=r"the train split of .*captions.token has no images "
+                                        r"\(its images: 40 val\): lower --val-fraction"):
+        train.train(cfg, str(tmp_path / "run"), progress=False, log=lambda *a: None)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_self_critical_epochs_without_bleu_images_are_refused_up_front(shapes_data, tmp_path):
+    """Self-critical epochs monitor val_cider, decoded over --bleu-images validation images:
+    with 0 the first of them trained, then failed with "no value for val_cider (an empty
+    validation split?)"."""
+    run = str(tmp_path / "run")
+    with pytest.raises(UserError, match=r"^--scst-after 1: .* --bleu-images must be >= 1, got "
+                                        r"0 \(or add --monitor val_loss\)$"):
+        train.train(small_config(shapes_data, epochs=2, scst_after=1, bleu_images=0), run,
+                    progress=False, log=lambda *a: None)
+    assert not os.path.exists(run)
+    RunConfig.from_dict(small_config(shapes_data, epochs=2, scst_after=1,
+                                     bleu_images=0).to_dict())   # an older run still loads
+
+
+def test_a_write_failing_while_training_is_exit_1_and_says_it_resumes(shapes_data, tmp_path,
+                                                                      monkeypatch):
+    """A full disk while history.json (or best.keras, a heatmap ...) was written printed the
+    temporary file's name with exit code 2 ("bad input, nothing was done") though epochs had
+    trained and a rerun resumes."""
+    from caption_attn.fileio import temp_name
+    run = str(tmp_path / "run")
+
+    h5 = temp_name(os.path.join(run, "best.weights.h5"), ".weights.h5")
+    for error, name in ((OSError(28, "No space left on device",
+                                 temp_name(os.path.join(run, "history.json"))), "history.json"),
+                        (OSError(f"Can't synchronously write data (file write failed: time = "
+                                 f"Tue\n, filename = '{h5}', file descriptor = 5, errno = 28, "
+                                 f"error message = 'No space left on device', buf = 0x5)"),
+                         "best.weights.h5")):                 # h5py's
+        class FullDisk:
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def fit(self, error=error):
+                raise error
+        monkeypatch.setattr(train, "Trainer", FullDisk)
+        with pytest.raises(train.TrainingError) as e:
+            train.train(small_config(shapes_data), run, progress=False, log=lambda *a: None)
+        assert e.value.exit_code == 1
+        assert str(e.value) == (f"{os.path.join(run, name)}: No space left on device while "
+                                f"training; free space (or fix the folder) and rerun this "
+                                f"command: it resumes from the last checkpoint")
+
+
+def test_a_rerun_of_a_run_stopped_early_says_how_to_train_on():
+    """More --epochs on a run early stopping had ended printed "nothing to train ... (stopped
+    early before)": the way on (--patience) was left for the user to guess."""
+    summary = {"run": "r", "epochs": 4, "steps": 72, "finished_epochs": 4, "target_epochs": 8,
+               "epoch_steps": 0, "epoch_length": 18, "max_steps": None, "epochs_now": 0,
+               "steps_now": 0, "stopped_by": "early_stopping", "monitor": "val_loss",
+               "best_monitor": "val_loss", "best_epoch": 3, "best_value": 1.87,
+               "final_loss": 2.1, "final_val_loss": 1.9, "seconds": 0.0,
+               "skipped_captions": 0, "best_model": "r/best.keras"}
+    assert train.format_summary(summary).splitlines()[0] == (
+        "nothing to train: the run already finished epoch 4 of 8, step 72 (stopped early "
+        "before: val_loss did not improve for --patience epochs; rerun with a larger "
+        "--patience to train on), best val_loss=1.8700 at epoch 3")

@@ -98,7 +98,7 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
                         f"{split} split: is it the caption file the run was trained with?")
     digests = {}
     usable, problems = usable_features(cache, keys, manifest, source_images(manifest), digests)
-    _refuse_other_images(run, split, cache, manifest, keys, digests)
+    run.check_image_digests(cache, keys, digests, manifest.get("images_dir"), f"{split} ")
     without = [k for k in keys if k not in usable]
     keys = [k for k in keys if k in usable]
     if not keys:
@@ -106,22 +106,6 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
                         f"{describe_problems(problems, cache)}")
     return _SplitFeatures(split, cache, keys, without, records, manifest, reader,
                           describe_problems(problems, cache) if problems else "", note)
-
-
-def _refuse_other_images(run: RunFolder, split: str, cache: str, manifest: dict, keys: list,
-                         digests: dict) -> None:
-    """UserError when feature files of `cache` were extracted from other images than the
-    run's files of the same names (the cache of another dataset with the same backbone and
-    file names, e.g. shapes made with another --seed): their captions would be scored
-    against the run's references."""
-    recorded = run.image_digests()
-    other = [k for k in keys if k in recorded and k in digests and recorded[k] != digests[k]]
-    if other:
-        raise UserError(f"feature cache {cache}: the features of {len(other)} of the "
-                        f"{len(keys)} {split} images were extracted from other images than "
-                        f"the run's of the same name (e.g. {other[0]!r}, from "
-                        f"{manifest.get('images_dir')}): the cache of another dataset? Point "
-                        f"--cache at the run's cache, or extract the run's images into it")
 
 
 def _check_outputs(metrics_path: str, results_path: str) -> None:

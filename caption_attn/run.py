@@ -244,6 +244,23 @@ class RunFolder:
         recorded = data.get("image_digests") if isinstance(data, dict) else None
         return recorded if isinstance(recorded, dict) else {}
 
+    def check_image_digests(self, cache: str, keys, digests: dict, images_dir=None,
+                            what: str = "") -> None:
+        """UserError when feature files of `cache` (their images' `digests`, as
+        `feature_cache.usable_features` gives them) were extracted from other images than the
+        run's of the same names (`image_digests`): the cache of another dataset with the same
+        backbone and file names (e.g. shapes made with another --seed), whose features would
+        be trained on or scored against the run's captions."""
+        recorded = self.image_digests()
+        other = [k for k in keys if k in recorded and k in digests and recorded[k] != digests[k]]
+        if other:
+            raise UserError(f"feature cache {cache}: the features of {len(other)} of the "
+                            f"{len(keys)} {what}images were extracted from other images than "
+                            f"the run's of the same name (e.g. {other[0]!r}, from "
+                            f"{images_dir}): the cache of another dataset? Point --cache at the "
+                            f"run's cache, or extract the run's images into it (if you changed "
+                            f"those images on purpose, train a new run or add --fresh)")
+
     def check_captions(self, captions: str, records, splits: dict, fingerprint: dict) -> None:
         """Refuse caption data (`records` parsed from the file `captions`, whose
         `data.caption_fingerprint` is `fingerprint`) other than the data the run was trained

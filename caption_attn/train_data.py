@@ -98,6 +98,8 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     paths, problems = feature_cache.usable_features(
         cfg.cache, [k for keys in splits.values() for k in keys if k in records], manifest,
         images_dir=feature_cache.source_images(manifest), image_digests=digests)
+    if reuse:   # before split.json records today's digests as the run's own
+        run.check_image_digests(cfg.cache, list(paths), digests, manifest.get("images_dir"))
     skipped_captions = sum(len(records[k].captions) for k in problems)
     words = {k: tokenize_all(records[k].captions) for k in paths}  # for vocabulary and ids
     if reuse and os.path.exists(run.vocab):

@@ -1,6 +1,7 @@
 """Off the happy path: damaged checkpoints and best models, moved files, outputs that cannot
 be written, failed commands that must leave a run folder as it was."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -11,6 +12,7 @@ import pytest
 from caption_attn import train
 from caption_attn.cli import main
 from caption_attn.config import RunConfig
+from caption_attn.errors import UserError
 from test_train import small_config
 
 
@@ -344,3 +346,30 @@ def test_resume_that_forgets_scst_after_is_refused(run_copy):
     with pytest.raises(UserError, match=r"^--scst-after 4: epoch 3"):
         train.reopen_checks(run, _saved_config(run_copy, scst_after=4), fresh=False)
     train.reopen_checks(run, _saved_config(run_copy), fresh=False)   # its own: fine
+
+
+def test_resume_with_a_cache_of_other_images_of_the_same_names_is_refused(run_copy, copy_cache):
+    """`train --cache` of another shapes dataset (another --seed: the same random backbone and
+    file names) on resume trained the run on other images' features, exit 0, and recorded
+    their digests in split.json as the run's own (so `evaluate` could not tell either)."""
+    run = run_copy
+    with open(os.path.join(run, "split.json")) as f:
+        train_keys = set(json.load(f)["splits"]["train"])
+    index = os.path.join(copy_cache, "index.jsonl")
+    with open(index) as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    for e in entries:                      # the same feature files, made from other images
+        if e["key"] in train_keys:
+            e["image_sha256"] = "0" * 64
+    with open(index, "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in entries)
+    before = {name: open(os.path.join(run, name), "rb").read()
+              for name in ("config.json", "split.json", "vocab.json")}
+    cfg = RunConfig.load(os.path.join(run, "config.json"))
+    cfg = dataclasses.replace(cfg, cache=copy_cache,
+                              train=dataclasses.replace(cfg.train, epochs=cfg.train.epochs + 1))
+    with pytest.raises(UserError, match=rf"feature cache {copy_cache}: the features of "
+                                        rf"\d+ of the \d+ images were extracted from other "
+                                        rf"images than the run's"):
+        train.train(cfg, run, progress=False, log=lambda *a: None)
+    assert before == {name: open(os.path.join(run, name), "rb").read() for name in before}

@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import give_other_images
 
 from caption_attn import captioner as captioner_lib
 from caption_attn import coco_metrics, evaluate
@@ -299,14 +300,7 @@ def test_a_cache_of_other_images_with_the_same_names_is_refused(trained_run, cop
     # and file names) scored the captions of other images against the run's references.
     with open(os.path.join(trained_run, "split.json")) as f:
         test = set(json.load(f)["splits"]["test"])
-    index = os.path.join(copy_cache, "index.jsonl")
-    with open(index) as f:
-        entries = [json.loads(line) for line in f if line.strip()]
-    for e in entries:                      # the same feature files, made from other images
-        if e["key"] in test:
-            e["image_sha256"] = "0" * 64
-    with open(index, "w") as f:
-        f.writelines(json.dumps(e) + "\n" for e in entries)
+    give_other_images(copy_cache, test)   # the same feature files, other images
     monkeypatch.setattr(evaluate, "_decode", None)                 # must not be reached
     out = str(tmp_path / "m.json")
     with pytest.raises(UserError, match=rf"feature cache {copy_cache}: the features of "

@@ -8,6 +8,7 @@ import os
 import shutil
 
 import pytest
+from conftest import give_other_images
 
 from caption_attn import train
 from caption_attn.cli import main
@@ -355,14 +356,7 @@ def test_resume_with_a_cache_of_other_images_of_the_same_names_is_refused(run_co
     run = run_copy
     with open(os.path.join(run, "split.json")) as f:
         train_keys = set(json.load(f)["splits"]["train"])
-    index = os.path.join(copy_cache, "index.jsonl")
-    with open(index) as f:
-        entries = [json.loads(line) for line in f if line.strip()]
-    for e in entries:                      # the same feature files, made from other images
-        if e["key"] in train_keys:
-            e["image_sha256"] = "0" * 64
-    with open(index, "w") as f:
-        f.writelines(json.dumps(e) + "\n" for e in entries)
+    give_other_images(copy_cache, train_keys)   # the same feature files, other images
     before = {name: open(os.path.join(run, name), "rb").read()
               for name in ("config.json", "split.json", "vocab.json")}
     cfg = RunConfig.load(os.path.join(run, "config.json"))

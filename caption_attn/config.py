@@ -368,6 +368,11 @@ class TrainConfig(Config):
         """Whether 0-based `epoch` is self-critical."""
         return self.scst_after is not None and epoch >= self.scst_after
 
+    @property
+    def cross_entropy_epochs(self) -> int:
+        """The epochs the cross-entropy learning-rate schedule spans."""
+        return self.epochs if self.scst_after is None else self.scst_after
+
 
 @dataclass
 class DecodeConfig(Config):

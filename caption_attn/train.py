@@ -74,33 +74,32 @@ def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     if fresh:
         return []
     notes = run.reopen_notes(cfg)
-    refuse_unrestorable_state(run, cfg)
-    refuse_other_batches_mid_epoch(run, cfg)
-    refuse_cross_entropy_after_self_critical(run, cfg)
-    return notes + schedule_notes(run, cfg)
+    where = checkpoints.position(run.checkpoints) if os.path.exists(run.config) else None
+    if where is None:                     # nothing trained yet: nothing to resume from
+        return notes
+    old = run.load_config().train
+    refuse_unrestorable_state(run, cfg, where, old)
+    refuse_other_batches_mid_epoch(run, cfg, where, old)
+    refuse_cross_entropy_after_self_critical(run, cfg, where, old)
+    return notes + schedule_notes(cfg, where, old)
 
 
-def _scheduled_rate(tc: TrainConfig, epoch: float) -> float:
-    """The cross-entropy learning rate at 0-based `epoch` (`StagedLearningRate`'s curve)."""
-    if tc.lr_schedule == "constant":
-        return tc.learning_rate
-    span = tc.epochs if tc.scst_after is None else tc.scst_after
-    return tc.learning_rate * 0.5 * (1 + math.cos(math.pi * min(epoch / max(span, 1), 1.0)))
+def _scheduled_rate(tc: TrainConfig, epoch: int) -> float:
+    """The cross-entropy learning rate at the start of 0-based `epoch`: `StagedLearningRate`
+    counting epochs instead of steps."""
+    return float(StagedLearningRate(tc, tc.cross_entropy_epochs)(epoch))
 
 
-def schedule_notes(run: RunFolder, cfg: RunConfig) -> list[str]:
+def schedule_notes(cfg: RunConfig, where: tuple[int, int], old: TrainConfig) -> list[str]:
     """A note when the cross-entropy learning rate a resumed run continues with is not the
     one its previous schedule had there: the cosine decay spans --epochs (or --scst-after)
     of the call that resumes, so another --epochs, --scst-after or --lr-schedule moves the
     rate of the steps to come (e.g. from 0 at the end of a finished cosine run back up to
     half the initial rate when --epochs doubles); over steps, so another --batch-size moves
-    it too (how far depends on the data: said without a number)."""
-    if not os.path.exists(run.config):
-        return []
-    where = checkpoints.position(run.checkpoints)
-    old, new = run.load_config().train, cfg.train
-    if where is None or new.is_scst(where[0]) or "cosine" not in (old.lr_schedule,
-                                                                  new.lr_schedule):
+    it too (how far depends on the data: said without a number). `where`: the run's
+    `checkpoints.position`, `old`: its training settings until now."""
+    new = cfg.train
+    if new.is_scst(where[0]) or "cosine" not in (old.lr_schedule, new.lr_schedule):
         return []
     if old.batch_size != new.batch_size and new.lr_schedule == "cosine":
         # the decay is over steps, counted in the run's earlier batches: its position moves
@@ -116,26 +115,21 @@ def schedule_notes(run: RunFolder, cfg: RunConfig) -> list[str]:
     if math.isclose(was, now, rel_tol=1e-6, abs_tol=1e-12):
         return []
     span = lambda tc: ("constant" if tc.lr_schedule == "constant" else  # noqa: E731
-                       f"cosine over {tc.epochs if tc.scst_after is None else tc.scst_after} "
-                       f"cross-entropy epochs")
+                       f"cosine over {tc.cross_entropy_epochs} cross-entropy epochs")
     return [f"the learning-rate schedule is now {span(new)} (was {span(old)}): epoch "
             f"{where[0] + 1} starts at a learning rate of {now:.3g} instead of {was:.3g}, "
             f"and the steps to come follow the new curve"]
 
 
-def refuse_unrestorable_state(run: RunFolder, cfg: RunConfig) -> None:
+def refuse_unrestorable_state(run: RunFolder, cfg: RunConfig, where: tuple[int, int],
+                              old: TrainConfig) -> None:
     """UserError when the run has a checkpoint that `cfg` could not resume as it is: a
     --precision change to or from float16 (its optimizer is wrapped in loss scaling, so the
     checkpoints of one cannot be restored into the other; bfloat16 and float32 swap), or a
     history.json that is malformed or lacks epochs the checkpoint finished (early stopping
     replays it: its patience and best value would start over, and a worse epoch replace the
     best model)."""
-    if not os.path.exists(run.config):
-        return
-    where = checkpoints.position(run.checkpoints)
-    if where is None:
-        return
-    old, new = run.load_config().train.precision, cfg.train.precision
+    old, new = old.precision, cfg.train.precision
     if (old == "float16") != (new == "float16"):
         swap = {"float32": " (or bfloat16)", "bfloat16": " (or float32)"}.get(old, "")
         raise UserError(
@@ -153,41 +147,40 @@ def refuse_unrestorable_state(run: RunFolder, cfg: RunConfig) -> None:
             f"or add --fresh to start this run over")
 
 
-def refuse_cross_entropy_after_self_critical(run: RunFolder, cfg: RunConfig) -> None:
+def refuse_cross_entropy_after_self_critical(run: RunFolder, cfg: RunConfig,
+                                             where: tuple[int, int],
+                                             old: TrainConfig) -> None:
     """UserError when the run's last finished epoch was self-critical and `cfg` would train
     the next one with cross-entropy (a rerun that forgot --scst-after, or moved it later):
     at --learning-rate and monitoring val_loss again, it would undo the self-critical stage,
     and a cross-entropy epoch with a lower val_loss would replace its best model."""
-    where = checkpoints.position(run.checkpoints) if os.path.exists(run.config) else None
-    if where is None or where[0] == 0 or cfg.train.is_scst(where[0]):
+    done = where[0]
+    if done == 0 or cfg.train.is_scst(done):
         return
     history = run.read_history()
-    done = where[0]
     if len(history) < done or history[done - 1].get("stage") != "self-critical":
         return
-    old = run.load_config().train.scst_after
     new = "none" if cfg.train.scst_after is None else cfg.train.scst_after
     raise UserError(
         f"--scst-after {new}: epoch {done} of {run.path} was self-critical, and this would "
         f"train epoch {done + 1} with cross-entropy again (at --learning-rate, monitoring "
         f"val_loss: it would undo the self-critical stage, and could replace its best model); "
-        f"resume with the run's --scst-after {old}, or add --fresh to start this run over")
+        f"resume with the run's --scst-after {old.scst_after}, or add --fresh to start this "
+        f"run over")
 
 
-def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig) -> None:
+def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig, where: tuple[int, int],
+                                   old: TrainConfig) -> None:
     """UserError when the run stopped inside an epoch (--max-steps, a kill after a
     --checkpoint-every save) and `cfg` would cut that epoch into other batches: another
     --batch-size, another --scst-samples in a self-critical epoch, or an --scst-after that
     changes the epoch's stage. The rerun skips the batches already trained by their count,
     so with other batches it would train some captions of the epoch twice and others never,
     and add up the losses of two stages as one epoch."""
-    if not os.path.exists(run.config):
-        return
-    where = checkpoints.position(run.checkpoints)
-    if where is None or where[1] == 0:
+    if where[1] == 0:
         return
     epoch, in_epoch = where
-    old, new = run.load_config().train, cfg.train
+    new = cfg.train
     changed = []
     if old.is_scst(epoch) != new.is_scst(epoch):
         after = lambda tc: "none" if tc.scst_after is None else tc.scst_after  # noqa: E731
@@ -297,7 +290,7 @@ class Trainer:
         self.inputs = EpochData(cfg, self.data, self.strategy, self.run, self.chief)
         # the cosine decay spans the cross-entropy epochs, never --max-steps: a run stopped
         # by it and rerun takes the learning rates of an uninterrupted run
-        self._build_state((tc.epochs if tc.scst_after is None else tc.scst_after)
+        self._build_state(tc.cross_entropy_epochs
                           * self.inputs.steps_per_epoch)
         self.inputs.load_table()
         self._scst: Optional[SelfCritical] = None

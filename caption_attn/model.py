@@ -215,8 +215,10 @@ class ShowAttendTell(keras.Model):
         With `image_index` (B,), features hold each image once and caption b uses row
         image_index[b]: the encoder and the key projection then run once per image.
         """
-        encoded = self.encoder(self.feature_norm(features))          # (N, P, E)
-        keys = self.attention.keys(encoded)                          # (N, P, U)
+        # 3-D denses as 2-D matmuls with the bias (and ReLU) fused in: Keras' Dense on 3-D
+        # inputs goes through tensordot, and they stay apart
+        encoded = dense_rows(self.encoder, self.feature_norm(features))  # (N, P, E)
+        keys = dense_rows(self.attention.key_proj, encoded)           # (N, P, U)
         h = self.init_h(tf.reduce_mean(encoded, axis=1))             # (N, U)
         if image_index is not None:
             encoded, keys, h = (tf.gather(x, image_index) for x in (encoded, keys, h))
@@ -260,13 +262,7 @@ class ShowAttendTell(keras.Model):
         on the R real tokens only, not on the bucket's padding. `real_tokens_only=False`
         runs them on all T * B rows and masks the result, for XLA, which needs static shapes.
         """
-        # init_decoder's computation, its 3-D denses as 2-D matmuls with the bias (and ReLU)
-        # fused in (Keras' Dense on 3-D inputs goes through tensordot, and they stay apart)
-        encoded = dense_rows(self.encoder, self.feature_norm(features))  # (N, P, E)
-        keys = dense_rows(self.attention.key_proj, encoded)        # (N, P, U)
-        h0 = self.init_h(tf.reduce_mean(encoded, axis=1))            # (N, U)
-        if image_index is not None:
-            encoded, keys, h0 = (tf.gather(x, image_index) for x in (encoded, keys, h0))
+        (h0,), (keys, encoded) = self.init_decoder(features, image_index)  # (B, .)
         targets = tf.reshape(tf.transpose(targets), [-1])            # (T * B,)
         embedded = self.embedding(tf.transpose(tokens))              # (T, B, E)
         x_gates = dense_rows(self.gru_embed, embedded)              # (T, B, 3U)

@@ -670,6 +670,31 @@ def _epoch_line(entry: dict) -> str:
             + f" ({entry['captions_per_second']:.0f} captions/s, {entry['seconds']:.1f} s)")
 
 
+def check_train_flags(tc: TrainConfig) -> None:
+    """UserError for flag combinations `train` refuses (checked here, not by TrainConfig: the
+    config.json of a run made before must still load for `caption` and `evaluate`)."""
+    if tc.scst_after is None:
+        return
+    if tc.monitor is None and tc.bleu_images < 1:
+        raise UserError(f"--scst-after {tc.scst_after}: early stopping and the best model "
+                        f"follow val_cider in self-critical epochs, which decodes --bleu-images "
+                        f"validation images: --bleu-images must be >= 1, got {tc.bleu_images} "
+                        f"(or add --monitor val_loss)")
+    if tc.scst_samples > tc.batch_size:
+        # a self-critical step takes --batch-size // --scst-samples images, at least one
+        raise UserError(f"--scst-samples {tc.scst_samples} is more than --batch-size "
+                        f"{tc.batch_size}: a self-critical step samples --scst-samples "
+                        f"captions of each of its images and takes --batch-size captions, so "
+                        f"it could not hold even one image's samples (it would take "
+                        f"{tc.scst_samples}); raise --batch-size to at least "
+                        f"{tc.scst_samples} or lower --scst-samples")
+    if tc.scst_after == 0 and tc.lr_schedule == "cosine":
+        raise UserError("--lr-schedule cosine decays the learning rate of the cross-entropy "
+                        "epochs, but --scst-after 0 trains none (every epoch is "
+                        "self-critical, at the constant --scst-learning-rate): leave "
+                        "--lr-schedule out, or give --scst-after the cross-entropy epochs")
+
+
 def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
           progress: bool = True, log=print) -> dict:
     """Train (or resume) the run in `run_dir`; returns a summary dict.
@@ -682,13 +707,7 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     """
     cfg = dataclasses.replace(cfg, captions=os.path.abspath(cfg.captions),
                               cache=os.path.abspath(cfg.cache))
-    tc = cfg.train
-    if tc.scst_after is not None and tc.monitor is None and tc.bleu_images < 1:
-        # checked here, not by TrainConfig: the config.json of a run made before must load
-        raise UserError(f"--scst-after {tc.scst_after}: early stopping and the best model "
-                        f"follow val_cider in self-critical epochs, which decodes --bleu-images "
-                        f"validation images: --bleu-images must be >= 1, got {tc.bleu_images} "
-                        f"(or add --monitor val_loss)")
+    check_train_flags(cfg.train)
     run = RunFolder(run_dir)
     run.check_writable(cfg.cache)
     if images_dir is not None and not os.path.isdir(images_dir):

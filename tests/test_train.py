@@ -791,3 +791,34 @@ def test_a_rerun_of_a_run_stopped_early_says_how_to_train_on():
         "nothing to train: the run already finished epoch 4 of 8, step 72 (stopped early "
         "before: val_loss did not improve for --patience epochs; rerun with a larger "
         "--patience to train on), best val_loss=1.8700 at epoch 3")
+
+
+def test_more_scst_samples_than_batch_size_is_refused_up_front(shapes_data, tmp_path):
+    """--batch-size is the captions of a self-critical step, which takes --batch-size //
+    --scst-samples images but at least one: --batch-size 4 --scst-samples 5 trained steps of
+    5 captions without a word. Refused naming both flags; without --scst-after no step
+    samples, so --batch-size 4 with the default --scst-samples 5 stays fine."""
+    run = str(tmp_path / "run")
+    with pytest.raises(UserError, match=r"^--scst-samples 5 is more than --batch-size 4: .* "
+                                        r"raise --batch-size to at least 5 or lower "
+                                        r"--scst-samples$"):
+        train.train(small_config(shapes_data, epochs=2, scst_after=1, batch_size=4), run,
+                    progress=False, log=lambda *a: None)
+    assert not os.path.exists(run)
+    train.check_train_flags(small_config(shapes_data, batch_size=4).train)
+    train.check_train_flags(small_config(shapes_data, epochs=2, scst_after=1, batch_size=5)
+                            .train)
+
+
+def test_a_cosine_schedule_without_cross_entropy_epochs_is_refused_up_front(shapes_data,
+                                                                          tmp_path):
+    """--lr-schedule cosine --scst-after 0 was accepted: a cosine over zero cross-entropy
+    epochs, never applied (self-critical epochs take --scst-learning-rate)."""
+    run = str(tmp_path / "run")
+    with pytest.raises(UserError, match=r"^--lr-schedule cosine decays .* --scst-after 0 "
+                                        r"trains none"):
+        train.train(small_config(shapes_data, epochs=2, scst_after=0, lr_schedule="cosine"),
+                    run, progress=False, log=lambda *a: None)
+    assert not os.path.exists(run)
+    train.check_train_flags(small_config(shapes_data, epochs=2, scst_after=1,
+                                         lr_schedule="cosine").train)

@@ -69,7 +69,8 @@ def open_run(run_dir: str, cfg: RunConfig, fresh: bool = False) -> list[str]:
 def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     """The checks of a run folder about to be resumed with `cfg`, nothing written (none with
     --fresh): `RunFolder.reopen_notes`, `refuse_unrestorable_state`,
-    `refuse_other_batches_mid_epoch` and `refuse_cross_entropy_after_self_critical`; returns
+    `refuse_other_batches_mid_epoch`, `refuse_cross_entropy_after_self_critical` and
+    `refuse_other_stages_of_trained_epochs`; returns
     the notes to print (`schedule_notes` among them)."""
     if fresh:
         return []
@@ -81,6 +82,7 @@ def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     refuse_unrestorable_state(run, cfg, where, old)
     refuse_other_batches_mid_epoch(run, cfg, where, old)
     refuse_cross_entropy_after_self_critical(run, cfg, where, old)
+    refuse_other_stages_of_trained_epochs(run, cfg, where)
     return notes + schedule_notes(cfg, where, old)
 
 
@@ -167,6 +169,34 @@ def refuse_cross_entropy_after_self_critical(run: RunFolder, cfg: RunConfig,
         f"val_loss: it would undo the self-critical stage, and could replace its best model); "
         f"resume with the run's --scst-after {old.scst_after}, or add --fresh to start this "
         f"run over")
+
+
+def refuse_other_stages_of_trained_epochs(run: RunFolder, cfg: RunConfig,
+                                          where: tuple[int, int]) -> None:
+    """UserError when `cfg`'s --scst-after gives a finished epoch another stage than the one
+    it was trained with (history.json's "stage"): e.g. --scst-after 1 on a run that trained 3
+    cross-entropy epochs. Training went on from the next epoch as if with --scst-after 3, but
+    config.json recorded 1: a schedule the run never had (evaluate, TensorBoard's hparams and
+    later resumes read it). A later epoch becoming self-critical is what --scst-after N (the
+    run's cross-entropy epochs) says truthfully. (Going back to cross-entropy after a
+    self-critical epoch is `refuse_cross_entropy_after_self_critical`'s.)"""
+    tc, done = cfg.train, where[0]
+    stages = [h.get("stage") for h in run.read_history()[:done]]
+    wrong = [i for i, stage in enumerate(stages) if stage is not None
+             and (stage == "self-critical") != tc.is_scst(i)]
+    if not wrong:
+        return
+    epoch, trained = wrong[0], stages[wrong[0]]
+    after = "none" if tc.scst_after is None else tc.scst_after
+    cross_entropy = next((i for i, stage in enumerate(stages) if stage == "self-critical"),
+                         len(stages))
+    raise UserError(
+        f"--scst-after {after}: epoch {epoch + 1} of {run.path} was trained with "
+        f"{trained}, and --scst-after {after} would record it as "
+        f"{'cross-entropy' if trained == 'self-critical' else 'self-critical'} in config.json "
+        f"(the run has trained {cross_entropy} cross-entropy epoch(s), history.json says): "
+        f"resume with --scst-after {cross_entropy} (the next epoch is then self-critical), or "
+        f"add --fresh to start this run over")
 
 
 def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig, where: tuple[int, int],

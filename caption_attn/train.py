@@ -298,7 +298,8 @@ def check_finite(out: dict, epoch: int, step: int, kept: Optional[str],
 
 class Trainer:
     """Builds the model, optimizer, steps and input (`EpochData`) of one run folder,
-    restores its newest intact checkpoint, and trains it (`fit`)."""
+    restores its newest intact checkpoint, then saves config.json, split.json and vocab.json
+    (`cfg` and `data` of the run from here on), and trains it (`fit`)."""
 
     def __init__(self, cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
                  strategy: Optional[tf.distribute.Strategy] = None, progress: bool = True,
@@ -313,8 +314,6 @@ class Trainer:
         quiet.meet_float16()  # after the strategy, which may configure TF first (quiet.py)
         self.chief = distribute.is_chief(self.strategy)
         self.data = data or load_train_data(cfg, run_dir)
-        if self.chief:
-            self.data.fix_in(self.run, cfg.captions)
         self.images_dir = images_dir or self.data.manifest.get("images_dir")
         keras.utils.set_random_seed(cfg.data.seed)
         self.inputs = EpochData(cfg, self.data, self.strategy, self.run, self.chief)
@@ -330,6 +329,11 @@ class Trainer:
             table_or_files(self.data.reader, self.data.feature_paths, self.inputs.table),
             self.data.references["val"], self.data.caption_ids["val"], tc.bleu_images,
             tc.sample_images, self.inputs.document_frequency)
+        # Written last, once the checkpoint restored and the features loaded: a resume that
+        # fails there leaves config.json describing the settings its checkpoints were made with
+        if self.chief:
+            self.data.fix_in(self.run, cfg.captions)
+        cfg.save(self.run.config)  # every worker, each into its own run folder
 
     # -- model, optimizer, checkpoint -----------------------------------------------
     def _build_state(self, cross_entropy_steps: int) -> None:
@@ -732,8 +736,9 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     Every check comes before the first write: the flags (the config validated itself, and
     `images_dir` must be a folder), the run folder (writable; the same data, vocabulary and
     model settings as before unless --fresh), the caption file (on resume, the same caption
-    data) and the feature cache. Only then are config.json, split.json
-    and vocab.json written (and, with --fresh, the previous run's files deleted).
+    data) and the feature cache; with --fresh, the previous run's files are deleted then.
+    config.json, split.json and vocab.json are written once the Trainer has restored the
+    run's checkpoint and loaded its features (a resume that fails there changes none).
     """
     cfg = dataclasses.replace(cfg, captions=os.path.abspath(cfg.captions),
                               cache=os.path.abspath(cfg.cache))
@@ -757,8 +762,7 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     if fresh:
         run.delete_previous()
     os.makedirs(run_dir, exist_ok=True)
-    cfg.save(run.config)
-    try:
+    try:  # the Trainer writes config.json, split.json and vocab.json once it has restored
         return Trainer(cfg, run_dir, images_dir=images_dir, progress=progress, log=log,
                        data=data).fit()
     except OSError as e:  # a write that failed while training: a full disk, a lost folder

@@ -389,3 +389,17 @@ def test_resume_with_scst_after_below_the_trained_cross_entropy_epochs_is_refuse
     with pytest.raises(UserError, match=r"^--scst-after 0: epoch 1 .* --scst-after 2 "):
         train.reopen_checks(run, _saved_config(run_copy, scst_after=0), fresh=False)
     train.reopen_checks(run, _saved_config(run_copy, scst_after=2), fresh=False)
+
+
+def test_a_resume_whose_checkpoints_cannot_be_restored_leaves_config_json_as_it_was(run_copy):
+    """config.json was rewritten with the resuming call's settings before the checkpoint was
+    restored: when no checkpoint could be, it described settings (here --epochs 5) the run's
+    checkpoints never had. Now it is written once the restore succeeded."""
+    from caption_attn.errors import UserError
+    for path in glob.glob(os.path.join(run_copy, "checkpoints", "ckpt-*.data-*")):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    before = _files(run_copy)
+    with pytest.raises(UserError, match="no checkpoint of this run can be restored"):
+        train.train(_saved_config(run_copy), run_copy, progress=False, log=lambda *a: None)
+    assert _files(run_copy) == before

@@ -123,6 +123,38 @@ def schedule_notes(cfg: RunConfig, where: tuple[int, int], old: TrainConfig) -> 
             f"and the steps to come follow the new curve"]
 
 
+def check_metric_images(run: RunFolder, cfg: RunConfig, val_images: int) -> list[str]:
+    """A resume with another --bleu-images decodes val_bleu4 / val_cider on another set of
+    validation images (the first --bleu-images of the `val_images` sorted ones): UserError
+    when early stopping would compare the epochs to come with values of the run's set (their
+    best in best.json included: a worse epoch could replace the best model, or a better one
+    be missed); a note when those values are only logged (history.json, TensorBoard)."""
+    if not os.path.exists(run.config):
+        return []
+    old, new, history = run.load_config().train, cfg.train, run.read_history()
+    was, now = min(old.bleu_images, val_images), min(new.bleu_images, val_images)
+    if was == now or not history:
+        return []
+    logged = [m for m in ("val_bleu4", "val_cider") if any(h.get(m) is not None
+                                                           for h in history)]
+    monitored = [m for m in logged if m in {new.monitor_for(e) for e in
+                                            range(len(history), max(new.epochs, len(history)))}]
+    if monitored:
+        raise UserError(
+            f"--bleu-images {new.bleu_images}: {run.path} measured {monitored[0]} on {was} "
+            f"validation images (--bleu-images {old.bleu_images}), and early stopping compares "
+            f"the epochs to come with those values (best.json's too); measured on {now} "
+            f"images they would not be comparable (a worse epoch could replace the best "
+            f"model, or a better one be missed): resume with --bleu-images "
+            f"{old.bleu_images}, or add --fresh to start this run over")
+    if not logged:
+        return []
+    return [f"--bleu-images {new.bleu_images} (was {old.bleu_images}): {' and '.join(logged)} "
+            f"of the epochs to come are measured on {now} validation images, those of the "
+            f"run's {len(history)} epoch(s) so far on {was}: not comparable across the change "
+            f"in history.json and TensorBoard (early stopping does not use them)"]
+
+
 def refuse_unrestorable_state(run: RunFolder, cfg: RunConfig, where: tuple[int, int],
                               old: TrainConfig) -> None:
     """UserError when the run has a checkpoint that `cfg` could not resume as it is: a
@@ -757,6 +789,8 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
                      f"before they were recorded): recording the one of {cfg.captions}, "
                      f"against which later resumes are checked")
     data = load_train_data(cfg, run_dir, reuse=not fresh)
+    if not fresh:
+        notes += check_metric_images(run, cfg, len(data.references["val"]))
     for note in notes:
         log("note: " + note)
     if fresh:

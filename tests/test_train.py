@@ -822,3 +822,28 @@ def test_a_cosine_schedule_without_cross_entropy_epochs_is_refused_up_front(shap
     assert not os.path.exists(run)
     train.check_train_flags(small_config(shapes_data, epochs=2, scst_after=1,
                                          lr_schedule="cosine").train)
+
+
+def test_resume_with_other_bleu_images_is_refused_when_early_stopping_compares_them(
+        trained, tmp_path):
+    """--bleu-images changed on resume: early stopping compared val_bleu4 of the new image set
+    with best.json's, measured on the run's, exit 0. Refused before writing when the epochs
+    to come monitor it; a note when the values are only logged; nothing when both counts
+    cover the whole val split (the same images)."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    before = _files(run)
+    cfg = trained["cfg"]
+    assert (cfg.train.monitor, cfg.train.bleu_images) == ("val_bleu4", 8)   # 8 val images
+    other = lambda **c: dataclasses.replace(  # noqa: E731
+        cfg, train=dataclasses.replace(cfg.train, **{"epochs": 5, **c}))
+    with pytest.raises(UserError, match=r"^--bleu-images 4: .* measured val_bleu4 on 8 "
+                                        r"validation images \(--bleu-images 8\), .* resume "
+                                        r"with --bleu-images 8, or add --fresh"):
+        train.train(other(bleu_images=4), run, progress=False, log=lambda *a: None)
+    assert _files(run) == before
+    assert train.check_metric_images(RunFolder(run), other(bleu_images=100), 8) == []
+    notes = train.check_metric_images(RunFolder(run), other(bleu_images=4, monitor="val_loss"),
+                                      8)
+    assert notes and notes[0].startswith("--bleu-images 4 (was 8): val_bleu4 of the epochs to "
+                                         "come are measured on 4 validation images")

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from caption_attn import checkpoints, distribute, pipeline, progress, quiet
+from caption_attn import checkpoints, distribute, feature_cache, pipeline, progress, quiet
 from caption_attn.callbacks import AttentionSnapshots, EarlyStopping, TensorBoardLogger
 from caption_attn.cider import CiderD
 from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig
@@ -121,6 +121,30 @@ def schedule_notes(cfg: RunConfig, where: tuple[int, int], old: TrainConfig) -> 
     return [f"the learning-rate schedule is now {span(new)} (was {span(old)}): epoch "
             f"{where[0] + 1} starts at a learning rate of {now:.3g} instead of {was:.3g}, "
             f"and the steps to come follow the new curve"]
+
+
+def refuse_lost_features_mid_epoch(run: RunFolder, cfg: RunConfig, data: TrainData) -> None:
+    """UserError when the run stopped inside an epoch and train images it was training on
+    (split.json's image digests: usable when it last started) have no usable features now.
+    The rerun would skip the batches already trained by their count in an epoch cut from
+    fewer captions (some twice, others never), with only a "skipped N captions" line; the
+    message names the files, what is wrong with them and the command that repairs them."""
+    where = checkpoints.position(run.checkpoints) if os.path.exists(run.config) else None
+    if where is None or where[1] == 0:
+        return
+    recorded, unusable = run.image_digests(), data.unusable or {}
+    lost = {k: unusable[k] for k in data.splits["train"] if k in recorded and k in unusable}
+    if not lost:
+        return
+    epoch, in_epoch = where
+    repair = feature_cache.repair_command(cfg.cache, data.manifest, cfg.captions)
+    raise UserError(
+        f"{run.path} stopped in epoch {epoch + 1} at step {in_epoch}, and {len(lost)} of the "
+        f"train images it was training on have no usable features now: "
+        f"{feature_cache.describe_problems(lost, cfg.cache)}. Resumed without them, the rest "
+        f"of epoch {epoch + 1} would be cut into other batches (some captions twice, others "
+        f"never): repair them with `{repair}`, then rerun this command (or add --fresh to "
+        f"start this run over)")
 
 
 def check_metric_images(run: RunFolder, cfg: RunConfig, val_images: int) -> list[str]:
@@ -790,6 +814,7 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
                      f"against which later resumes are checked")
     data = load_train_data(cfg, run_dir, reuse=not fresh)
     if not fresh:
+        refuse_lost_features_mid_epoch(run, cfg, data)
         notes += check_metric_images(run, cfg, len(data.references["val"]))
     for note in notes:
         log("note: " + note)

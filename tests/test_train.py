@@ -847,3 +847,27 @@ def test_resume_with_other_bleu_images_is_refused_when_early_stopping_compares_t
                                       8)
     assert notes and notes[0].startswith("--bleu-images 4 (was 8): val_bleu4 of the epochs to "
                                          "come are measured on 4 validation images")
+
+
+def test_resume_mid_epoch_after_train_features_became_unusable_says_which_and_why(
+        shapes_data, copy_cache, tmp_path):
+    """A run stopped inside an epoch, resumed after one of its train images' feature files
+    changed, trained the rest of the epoch cut from fewer captions (the batches skipped by
+    their count), exit 0, saying only "skipped 5 captions ...". Refused before writing, naming
+    the file, what is wrong with it and the extract-features command that repairs it."""
+    run = str(tmp_path / "run")
+    run_trainer(small_config(shapes_data, cache=copy_cache, epochs=2, max_steps=3), run)
+    key = RunFolder(run).load_splits()["train"][0]
+    path = os.path.join(copy_cache, key + ".npy")
+    os.utime(path, (1, 1))                                  # changed after extraction
+    before = _files(run)
+    with pytest.raises(UserError) as e:
+        train.train(small_config(shapes_data, cache=copy_cache, epochs=2), run, progress=False,
+                    log=lambda *a: None)
+    message = str(e.value)
+    assert message.startswith(f"{run} stopped in epoch 1 at step 3, and 1 of the train images "
+                              f"it was training on have no usable features now: 1 feature "
+                              f"file(s) in {copy_cache} cannot be used: 1 changed after "
+                              f"extraction"), message
+    assert path in message and "caption-attn extract-features --verify" in message
+    assert _files(run) == before

@@ -76,7 +76,9 @@ def run_config(cfg: DemoConfig, captions: str, cache: str) -> RunConfig:
         model=ModelConfig(embedding_dim=cfg.embedding_dim, units=cfg.units,
                           dropout=cfg.dropout, attention_reg=cfg.attention_reg),
         train=TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size,
-                          learning_rate=cfg.learning_rate, lr_schedule="cosine",
+                          learning_rate=cfg.learning_rate,
+                          # cosine over the cross-entropy epochs; --scst-after 0 has none
+                          lr_schedule="constant" if cfg.scst_after == 0 else "cosine",
                           patience=cfg.epochs, sample_images=2,
                           scst_after=None if cfg.scst_after == cfg.epochs else cfg.scst_after))
 
@@ -94,7 +96,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     timings = {}
     # every setting checked (the training ones by TrainConfig) before anything is written
     check_folder_writable(work, "--workdir")
-    run_config(cfg, os.path.join(paths["shapes"], "captions.json"), paths["cache"])
+    train.check_train_flags(run_config(cfg, os.path.join(paths["shapes"], "captions.json"),
+                                       paths["cache"]).train)
     check_workdir(cfg)
 
     log(f"[1/5] make-shapes -> {paths['shapes']}")

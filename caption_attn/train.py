@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from caption_attn import checkpoints, distribute, pipeline, progress, quiet
+from caption_attn import checkpoints, distribute, feature_cache, pipeline, progress, quiet
 from caption_attn.callbacks import AttentionSnapshots, EarlyStopping, TensorBoardLogger
 from caption_attn.cider import CiderD
 from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig
@@ -69,7 +69,8 @@ def open_run(run_dir: str, cfg: RunConfig, fresh: bool = False) -> list[str]:
 def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     """The checks of a run folder about to be resumed with `cfg`, nothing written (none with
     --fresh): `RunFolder.reopen_notes`, `refuse_unrestorable_state`,
-    `refuse_other_batches_mid_epoch` and `refuse_cross_entropy_after_self_critical`; returns
+    `refuse_other_batches_mid_epoch`, `refuse_cross_entropy_after_self_critical` and
+    `refuse_other_stages_of_trained_epochs`; returns
     the notes to print (`schedule_notes` among them)."""
     if fresh:
         return []
@@ -81,6 +82,7 @@ def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     refuse_unrestorable_state(run, cfg, where, old)
     refuse_other_batches_mid_epoch(run, cfg, where, old)
     refuse_cross_entropy_after_self_critical(run, cfg, where, old)
+    refuse_other_stages_of_trained_epochs(run, cfg, where)
     return notes + schedule_notes(cfg, where, old)
 
 
@@ -119,6 +121,62 @@ def schedule_notes(cfg: RunConfig, where: tuple[int, int], old: TrainConfig) -> 
     return [f"the learning-rate schedule is now {span(new)} (was {span(old)}): epoch "
             f"{where[0] + 1} starts at a learning rate of {now:.3g} instead of {was:.3g}, "
             f"and the steps to come follow the new curve"]
+
+
+def refuse_lost_features_mid_epoch(run: RunFolder, cfg: RunConfig, data: TrainData) -> None:
+    """UserError when the run stopped inside an epoch and train images it was training on
+    (split.json's image digests: usable when it last started) have no usable features now.
+    The rerun would skip the batches already trained by their count in an epoch cut from
+    fewer captions (some twice, others never), with only a "skipped N captions" line; the
+    message names the files, what is wrong with them and the command that repairs them."""
+    where = checkpoints.position(run.checkpoints) if os.path.exists(run.config) else None
+    if where is None or where[1] == 0:
+        return
+    recorded, unusable = run.image_digests(), data.unusable or {}
+    lost = {k: unusable[k] for k in data.splits["train"] if k in recorded and k in unusable}
+    if not lost:
+        return
+    epoch, in_epoch = where
+    repair = feature_cache.repair_command(cfg.cache, data.manifest, cfg.captions)
+    raise UserError(
+        f"{run.path} stopped in epoch {epoch + 1} at step {in_epoch}, and {len(lost)} of the "
+        f"train images it was training on have no usable features now: "
+        f"{feature_cache.describe_problems(lost, cfg.cache)}. Resumed without them, the rest "
+        f"of epoch {epoch + 1} would be cut into other batches (some captions twice, others "
+        f"never): repair them with `{repair}`, then rerun this command (or add --fresh to "
+        f"start this run over)")
+
+
+def check_metric_images(run: RunFolder, cfg: RunConfig, val_images: int) -> list[str]:
+    """A resume with another --bleu-images decodes val_bleu4 / val_cider on another set of
+    validation images (the first --bleu-images of the `val_images` sorted ones): UserError
+    when early stopping would compare the epochs to come with values of the run's set (their
+    best in best.json included: a worse epoch could replace the best model, or a better one
+    be missed); a note when those values are only logged (history.json, TensorBoard)."""
+    if not os.path.exists(run.config):
+        return []
+    old, new, history = run.load_config().train, cfg.train, run.read_history()
+    was, now = min(old.bleu_images, val_images), min(new.bleu_images, val_images)
+    if was == now or not history:
+        return []
+    logged = [m for m in ("val_bleu4", "val_cider") if any(h.get(m) is not None
+                                                           for h in history)]
+    monitored = [m for m in logged if m in {new.monitor_for(e) for e in
+                                            range(len(history), max(new.epochs, len(history)))}]
+    if monitored:
+        raise UserError(
+            f"--bleu-images {new.bleu_images}: {run.path} measured {monitored[0]} on {was} "
+            f"validation images (--bleu-images {old.bleu_images}), and early stopping compares "
+            f"the epochs to come with those values (best.json's too); measured on {now} "
+            f"images they would not be comparable (a worse epoch could replace the best "
+            f"model, or a better one be missed): resume with --bleu-images "
+            f"{old.bleu_images}, or add --fresh to start this run over")
+    if not logged:
+        return []
+    return [f"--bleu-images {new.bleu_images} (was {old.bleu_images}): {' and '.join(logged)} "
+            f"of the epochs to come are measured on {now} validation images, those of the "
+            f"run's {len(history)} epoch(s) so far on {was}: not comparable across the change "
+            f"in history.json and TensorBoard (early stopping does not use them)"]
 
 
 def refuse_unrestorable_state(run: RunFolder, cfg: RunConfig, where: tuple[int, int],
@@ -167,6 +225,34 @@ def refuse_cross_entropy_after_self_critical(run: RunFolder, cfg: RunConfig,
         f"val_loss: it would undo the self-critical stage, and could replace its best model); "
         f"resume with the run's --scst-after {old.scst_after}, or add --fresh to start this "
         f"run over")
+
+
+def refuse_other_stages_of_trained_epochs(run: RunFolder, cfg: RunConfig,
+                                          where: tuple[int, int]) -> None:
+    """UserError when `cfg`'s --scst-after gives a finished epoch another stage than the one
+    it was trained with (history.json's "stage"): e.g. --scst-after 1 on a run that trained 3
+    cross-entropy epochs. Training went on from the next epoch as if with --scst-after 3, but
+    config.json recorded 1: a schedule the run never had (evaluate, TensorBoard's hparams and
+    later resumes read it). A later epoch becoming self-critical is what --scst-after N (the
+    run's cross-entropy epochs) says truthfully. (Going back to cross-entropy after a
+    self-critical epoch is `refuse_cross_entropy_after_self_critical`'s.)"""
+    tc, done = cfg.train, where[0]
+    stages = [h.get("stage") for h in run.read_history()[:done]]
+    wrong = [i for i, stage in enumerate(stages) if stage is not None
+             and (stage == "self-critical") != tc.is_scst(i)]
+    if not wrong:
+        return
+    epoch, trained = wrong[0], stages[wrong[0]]
+    after = "none" if tc.scst_after is None else tc.scst_after
+    cross_entropy = next((i for i, stage in enumerate(stages) if stage == "self-critical"),
+                         len(stages))
+    raise UserError(
+        f"--scst-after {after}: epoch {epoch + 1} of {run.path} was trained with "
+        f"{trained}, and --scst-after {after} would record it as "
+        f"{'cross-entropy' if trained == 'self-critical' else 'self-critical'} in config.json "
+        f"(the run has trained {cross_entropy} cross-entropy epoch(s), history.json says): "
+        f"resume with --scst-after {cross_entropy} (the next epoch is then self-critical), or "
+        f"add --fresh to start this run over")
 
 
 def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig, where: tuple[int, int],
@@ -268,7 +354,8 @@ def check_finite(out: dict, epoch: int, step: int, kept: Optional[str],
 
 class Trainer:
     """Builds the model, optimizer, steps and input (`EpochData`) of one run folder,
-    restores its newest intact checkpoint, and trains it (`fit`)."""
+    restores its newest intact checkpoint, then saves config.json, split.json and vocab.json
+    (`cfg` and `data` of the run from here on), and trains it (`fit`)."""
 
     def __init__(self, cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
                  strategy: Optional[tf.distribute.Strategy] = None, progress: bool = True,
@@ -283,8 +370,6 @@ class Trainer:
         quiet.meet_float16()  # after the strategy, which may configure TF first (quiet.py)
         self.chief = distribute.is_chief(self.strategy)
         self.data = data or load_train_data(cfg, run_dir)
-        if self.chief:
-            self.data.fix_in(self.run, cfg.captions)
         self.images_dir = images_dir or self.data.manifest.get("images_dir")
         keras.utils.set_random_seed(cfg.data.seed)
         self.inputs = EpochData(cfg, self.data, self.strategy, self.run, self.chief)
@@ -300,6 +385,11 @@ class Trainer:
             table_or_files(self.data.reader, self.data.feature_paths, self.inputs.table),
             self.data.references["val"], self.data.caption_ids["val"], tc.bleu_images,
             tc.sample_images, self.inputs.document_frequency)
+        # Written last, once the checkpoint restored and the features loaded: a resume that
+        # fails there leaves config.json describing the settings its checkpoints were made with
+        if self.chief:
+            self.data.fix_in(self.run, cfg.captions)
+        cfg.save(self.run.config)  # every worker, each into its own run folder
 
     # -- model, optimizer, checkpoint -----------------------------------------------
     def _build_state(self, cross_entropy_steps: int) -> None:
@@ -670,6 +760,31 @@ def _epoch_line(entry: dict) -> str:
             + f" ({entry['captions_per_second']:.0f} captions/s, {entry['seconds']:.1f} s)")
 
 
+def check_train_flags(tc: TrainConfig) -> None:
+    """UserError for flag combinations `train` refuses (checked here, not by TrainConfig: the
+    config.json of a run made before must still load for `caption` and `evaluate`)."""
+    if tc.scst_after is None:
+        return
+    if tc.monitor is None and tc.bleu_images < 1:
+        raise UserError(f"--scst-after {tc.scst_after}: early stopping and the best model "
+                        f"follow val_cider in self-critical epochs, which decodes --bleu-images "
+                        f"validation images: --bleu-images must be >= 1, got {tc.bleu_images} "
+                        f"(or add --monitor val_loss)")
+    if tc.scst_samples > tc.batch_size:
+        # a self-critical step takes --batch-size // --scst-samples images, at least one
+        raise UserError(f"--scst-samples {tc.scst_samples} is more than --batch-size "
+                        f"{tc.batch_size}: a self-critical step samples --scst-samples "
+                        f"captions of each of its images and takes --batch-size captions, so "
+                        f"it could not hold even one image's samples (it would take "
+                        f"{tc.scst_samples}); raise --batch-size to at least "
+                        f"{tc.scst_samples} or lower --scst-samples")
+    if tc.scst_after == 0 and tc.lr_schedule == "cosine":
+        raise UserError("--lr-schedule cosine decays the learning rate of the cross-entropy "
+                        "epochs, but --scst-after 0 trains none (every epoch is "
+                        "self-critical, at the constant --scst-learning-rate): leave "
+                        "--lr-schedule out, or give --scst-after the cross-entropy epochs")
+
+
 def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
           progress: bool = True, log=print) -> dict:
     """Train (or resume) the run in `run_dir`; returns a summary dict.
@@ -677,18 +792,13 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     Every check comes before the first write: the flags (the config validated itself, and
     `images_dir` must be a folder), the run folder (writable; the same data, vocabulary and
     model settings as before unless --fresh), the caption file (on resume, the same caption
-    data) and the feature cache. Only then are config.json, split.json
-    and vocab.json written (and, with --fresh, the previous run's files deleted).
+    data) and the feature cache; with --fresh, the previous run's files are deleted then.
+    config.json, split.json and vocab.json are written once the Trainer has restored the
+    run's checkpoint and loaded its features (a resume that fails there changes none).
     """
     cfg = dataclasses.replace(cfg, captions=os.path.abspath(cfg.captions),
                               cache=os.path.abspath(cfg.cache))
-    tc = cfg.train
-    if tc.scst_after is not None and tc.monitor is None and tc.bleu_images < 1:
-        # checked here, not by TrainConfig: the config.json of a run made before must load
-        raise UserError(f"--scst-after {tc.scst_after}: early stopping and the best model "
-                        f"follow val_cider in self-critical epochs, which decodes --bleu-images "
-                        f"validation images: --bleu-images must be >= 1, got {tc.bleu_images} "
-                        f"(or add --monitor val_loss)")
+    check_train_flags(cfg.train)
     run = RunFolder(run_dir)
     run.check_writable(cfg.cache)
     if images_dir is not None and not os.path.isdir(images_dir):
@@ -703,13 +813,15 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
                      f"before they were recorded): recording the one of {cfg.captions}, "
                      f"against which later resumes are checked")
     data = load_train_data(cfg, run_dir, reuse=not fresh)
+    if not fresh:
+        refuse_lost_features_mid_epoch(run, cfg, data)
+        notes += check_metric_images(run, cfg, len(data.references["val"]))
     for note in notes:
         log("note: " + note)
     if fresh:
         run.delete_previous()
     os.makedirs(run_dir, exist_ok=True)
-    cfg.save(run.config)
-    try:
+    try:  # the Trainer writes config.json, split.json and vocab.json once it has restored
         return Trainer(cfg, run_dir, images_dir=images_dir, progress=progress, log=log,
                        data=data).fit()
     except OSError as e:  # a write that failed while training: a full disk, a lost folder

@@ -42,6 +42,7 @@ class TrainData:
     problems: str = ""            # why (`feature_cache.describe_problems`), or ""
     caption_data: Optional[dict] = None  # fingerprint of the caption data (split.json)
     image_digests: Optional[dict] = None  # image key -> digest of the image its features are of
+    unusable: Optional[dict] = None       # image key -> why its feature file cannot be used
 
     def items(self, split: str) -> tuple[list[str], list[list[int]]]:
         """(feature path, token ids) of every caption of `split`, one pair per caption."""
@@ -121,7 +122,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     return TrainData(vocab, splits, caption_ids, references, paths, reader, manifest,
                      captions.format, skipped_captions, len(problems),
                      feature_cache.describe_problems(problems, cfg.cache) if problems else "",
-                     fingerprint, dict(sorted(digests.items())))
+                     fingerprint, dict(sorted(digests.items())), problems)
 
 
 

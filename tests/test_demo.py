@@ -94,3 +94,19 @@ def test_fresh_removes_what_the_demo_made_and_nothing_else(tmp_path):
     assert os.listdir(work / "models") == []
     with open(work / "demo.json") as f:
         assert json.load(f)["seed"] == 5
+
+
+def test_train_flag_combinations_are_checked_before_anything_is_written(tmp_path):
+    """The demo's cosine schedule is left out with --scst-after 0 (no cross-entropy epoch to
+    decay over; train refuses cosine there), and a --batch-size below the self-critical
+    samples of one image is refused before make-shapes, not after extraction."""
+    from caption_attn.errors import UserError
+    cfg = DemoConfig(workdir=str(tmp_path / "work"), epochs=2, scst_after=0)
+    assert demo.run_config(cfg, "c.json", "cache").train.lr_schedule == "constant"
+    assert demo.run_config(DemoConfig(epochs=2, scst_after=1), "c.json", "cache") \
+        .train.lr_schedule == "cosine"
+    work = tmp_path / "small"
+    with pytest.raises(UserError, match=r"--scst-samples 5 is more than --batch-size 4"):
+        demo.run_demo(DemoConfig(workdir=str(work), epochs=2, scst_after=1, batch_size=4),
+                      log=lambda m: None)
+    assert not work.exists()

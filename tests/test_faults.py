@@ -367,3 +367,39 @@ def test_resume_with_a_cache_of_other_images_of_the_same_names_is_refused(run_co
                                         rf"images than the run's"):
         train.train(cfg, run, progress=False, log=lambda *a: None)
     assert before == {name: open(os.path.join(run, name), "rb").read() for name in before}
+
+
+def test_resume_with_scst_after_below_the_trained_cross_entropy_epochs_is_refused(run_copy):
+    """--scst-after 1 on a run that trained 3 cross-entropy epochs went on self-critically
+    from epoch 4 (as --scst-after 3 would), exit 0, and config.json recorded --scst-after 1:
+    epochs 2-3 passed for self-critical ones. Refused, naming the value that says what the
+    run did; a raised --scst-after inside the self-critical stage likewise."""
+    from caption_attn.errors import UserError
+    run = train.RunFolder(run_copy)
+    with pytest.raises(UserError, match=r"^--scst-after 1: epoch 2 of .* was trained with "
+                                        r"cross-entropy, .* resume with --scst-after 3 "):
+        train.reopen_checks(run, _saved_config(run_copy, scst_after=1), fresh=False)
+    train.reopen_checks(run, _saved_config(run_copy, scst_after=3), fresh=False)  # truthful
+    history = json.load(open(run.history))
+    history[2]["stage"] = "self-critical"                 # epoch 3 of 3 was self-critical
+    with open(run.history, "w") as f:
+        json.dump(history, f)
+    with pytest.raises(UserError, match=r"^--scst-after 1: epoch 2 .* --scst-after 2 "):
+        train.reopen_checks(run, _saved_config(run_copy, scst_after=1), fresh=False)
+    with pytest.raises(UserError, match=r"^--scst-after 0: epoch 1 .* --scst-after 2 "):
+        train.reopen_checks(run, _saved_config(run_copy, scst_after=0), fresh=False)
+    train.reopen_checks(run, _saved_config(run_copy, scst_after=2), fresh=False)
+
+
+def test_a_resume_whose_checkpoints_cannot_be_restored_leaves_config_json_as_it_was(run_copy):
+    """config.json was rewritten with the resuming call's settings before the checkpoint was
+    restored: when no checkpoint could be, it described settings (here --epochs 5) the run's
+    checkpoints never had. Now it is written once the restore succeeded."""
+    from caption_attn.errors import UserError
+    for path in glob.glob(os.path.join(run_copy, "checkpoints", "ckpt-*.data-*")):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    before = _files(run_copy)
+    with pytest.raises(UserError, match="no checkpoint of this run can be restored"):
+        train.train(_saved_config(run_copy), run_copy, progress=False, log=lambda *a: None)
+    assert _files(run_copy) == before

@@ -791,3 +791,83 @@ def test_a_rerun_of_a_run_stopped_early_says_how_to_train_on():
         "nothing to train: the run already finished epoch 4 of 8, step 72 (stopped early "
         "before: val_loss did not improve for --patience epochs; rerun with a larger "
         "--patience to train on), best val_loss=1.8700 at epoch 3")
+
+
+def test_more_scst_samples_than_batch_size_is_refused_up_front(shapes_data, tmp_path):
+    """--batch-size is the captions of a self-critical step, which takes --batch-size //
+    --scst-samples images but at least one: --batch-size 4 --scst-samples 5 trained steps of
+    5 captions without a word. Refused naming both flags; without --scst-after no step
+    samples, so --batch-size 4 with the default --scst-samples 5 stays fine."""
+    run = str(tmp_path / "run")
+    with pytest.raises(UserError, match=r"^--scst-samples 5 is more than --batch-size 4: .* "
+                                        r"raise --batch-size to at least 5 or lower "
+                                        r"--scst-samples$"):
+        train.train(small_config(shapes_data, epochs=2, scst_after=1, batch_size=4), run,
+                    progress=False, log=lambda *a: None)
+    assert not os.path.exists(run)
+    train.check_train_flags(small_config(shapes_data, batch_size=4).train)
+    train.check_train_flags(small_config(shapes_data, epochs=2, scst_after=1, batch_size=5)
+                            .train)
+
+
+def test_a_cosine_schedule_without_cross_entropy_epochs_is_refused_up_front(shapes_data,
+                                                                          tmp_path):
+    """--lr-schedule cosine --scst-after 0 was accepted: a cosine over zero cross-entropy
+    epochs, never applied (self-critical epochs take --scst-learning-rate)."""
+    run = str(tmp_path / "run")
+    with pytest.raises(UserError, match=r"^--lr-schedule cosine decays .* --scst-after 0 "
+                                        r"trains none"):
+        train.train(small_config(shapes_data, epochs=2, scst_after=0, lr_schedule="cosine"),
+                    run, progress=False, log=lambda *a: None)
+    assert not os.path.exists(run)
+    train.check_train_flags(small_config(shapes_data, epochs=2, scst_after=1,
+                                         lr_schedule="cosine").train)
+
+
+def test_resume_with_other_bleu_images_is_refused_when_early_stopping_compares_them(
+        trained, tmp_path):
+    """--bleu-images changed on resume: early stopping compared val_bleu4 of the new image set
+    with best.json's, measured on the run's, exit 0. Refused before writing when the epochs
+    to come monitor it; a note when the values are only logged; nothing when both counts
+    cover the whole val split (the same images)."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    before = _files(run)
+    cfg = trained["cfg"]
+    assert (cfg.train.monitor, cfg.train.bleu_images) == ("val_bleu4", 8)   # 8 val images
+    other = lambda **c: dataclasses.replace(  # noqa: E731
+        cfg, train=dataclasses.replace(cfg.train, **{"epochs": 5, **c}))
+    with pytest.raises(UserError, match=r"^--bleu-images 4: .* measured val_bleu4 on 8 "
+                                        r"validation images \(--bleu-images 8\), .* resume "
+                                        r"with --bleu-images 8, or add --fresh"):
+        train.train(other(bleu_images=4), run, progress=False, log=lambda *a: None)
+    assert _files(run) == before
+    assert train.check_metric_images(RunFolder(run), other(bleu_images=100), 8) == []
+    notes = train.check_metric_images(RunFolder(run), other(bleu_images=4, monitor="val_loss"),
+                                      8)
+    assert notes and notes[0].startswith("--bleu-images 4 (was 8): val_bleu4 of the epochs to "
+                                         "come are measured on 4 validation images")
+
+
+def test_resume_mid_epoch_after_train_features_became_unusable_says_which_and_why(
+        shapes_data, copy_cache, tmp_path):
+    """A run stopped inside an epoch, resumed after one of its train images' feature files
+    changed, trained the rest of the epoch cut from fewer captions (the batches skipped by
+    their count), exit 0, saying only "skipped 5 captions ...". Refused before writing, naming
+    the file, what is wrong with it and the extract-features command that repairs it."""
+    run = str(tmp_path / "run")
+    run_trainer(small_config(shapes_data, cache=copy_cache, epochs=2, max_steps=3), run)
+    key = RunFolder(run).load_splits()["train"][0]
+    path = os.path.join(copy_cache, key + ".npy")
+    os.utime(path, (1, 1))                                  # changed after extraction
+    before = _files(run)
+    with pytest.raises(UserError) as e:
+        train.train(small_config(shapes_data, cache=copy_cache, epochs=2), run, progress=False,
+                    log=lambda *a: None)
+    message = str(e.value)
+    assert message.startswith(f"{run} stopped in epoch 1 at step 3, and 1 of the train images "
+                              f"it was training on have no usable features now: 1 feature "
+                              f"file(s) in {copy_cache} cannot be used: 1 changed after "
+                              f"extraction"), message
+    assert path in message and "caption-attn extract-features --verify" in message
+    assert _files(run) == before

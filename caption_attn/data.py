@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
 from caption_attn.config import CAPTION_FORMATS, DataConfig, VocabConfig, check_fractions
-from caption_attn.fileio import parse_json
+from caption_attn.fileio import decode_utf8, parse_json
 from caption_attn.errors import UserError
 from caption_attn.vocab import standardize
 
@@ -187,13 +187,7 @@ def _read_text(path: str) -> str:
         raise UserError(f"{path}: is a folder, expected a caption file") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}: not valid UTF-8 at byte {e.start} (line {line}): byte "
-                        f"0x{raw[e.start]:02x}; save the file as UTF-8") from None
-    text = text[1:] if text.startswith("\ufeff") else text
+    text = decode_utf8(path, raw)
     if "\r" in text and "\n" not in text:  # CR-only line ends (classic Mac): as LF
         text = text.replace("\r", "\n")
     return text

@@ -234,7 +234,16 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
               "images_without_features": len(found.without),
               "decode": _decode_settings(captioner),
               **_score(found, hypotheses, best, use_java)}
-    write_results(results_path, hypotheses, {k: found.records[k].image_id for k in found.keys})
     result.update(metrics_file=metrics_path, results_file=results_path)
-    write_json_atomic(metrics_path, result)
+    write_outputs(result, hypotheses, {k: found.records[k].image_id for k in found.keys})
     return result
+
+
+def write_outputs(result: dict, hypotheses: dict, image_ids: dict) -> None:
+    """The results file (`result["results_file"]`), then the metrics file that names it. An
+    earlier evaluate's metrics file goes first: killed between the two writes, this left new
+    captions beside the old metrics, a pair that looked whole; now the metrics are missing."""
+    if os.path.exists(result["metrics_file"]):
+        os.remove(result["metrics_file"])
+    write_results(result["results_file"], hypotheses, image_ids)
+    write_json_atomic(result["metrics_file"], result)

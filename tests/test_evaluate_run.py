@@ -125,6 +125,35 @@ def test_evaluate_may_replace_its_own_earlier_outputs(trained_run, tmp_path, mon
             assert json.load(f)["decode"]["beam"] == beam
 
 
+def test_a_kill_between_the_two_outputs_leaves_no_stale_metrics_beside_new_results(
+        tmp_path, monkeypatch):
+    # results were written first and the metrics after them: killed between the two, the
+    # old metrics (other scores, another --beam) stood beside the new captions as one pair
+    metrics, results = str(tmp_path / "test_metrics.json"), str(tmp_path / "test_results.json")
+    old = {"split": "test", "metrics_file": metrics, "results_file": results, "BLEU-4": 0.5}
+    for path, obj in ((metrics, old), (results, [{"image_id": 1, "caption": "old"}])):
+        with open(path, "w") as f:
+            json.dump(obj, f)
+    real = evaluate.write_json_atomic
+
+    def killed_before_the_metrics(path, obj):
+        if path == metrics:
+            raise KeyboardInterrupt
+        real(path, obj)
+    monkeypatch.setattr(evaluate, "write_json_atomic", killed_before_the_metrics)
+    monkeypatch.setattr(coco_metrics, "write_json_atomic", killed_before_the_metrics)
+    new = {"split": "test", "metrics_file": metrics, "results_file": results, "BLEU-4": 0.1}
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.write_outputs(new, {"a.png": "new"}, {"a.png": 1})
+    with open(results) as f:
+        assert json.load(f) == [{"image_id": 1, "caption": "new"}]
+    assert not os.path.exists(metrics)
+    monkeypatch.setattr(evaluate, "write_json_atomic", real)
+    evaluate.write_outputs(new, {"a.png": "new"}, {"a.png": 1})
+    with open(metrics) as f:
+        assert json.load(f) == new
+
+
 def test_an_empty_split_is_refused_as_empty(run_copy, capsys, monkeypatch):
     """A run trained with --test-fraction 0 has no test images: say so, not that the caption
     file lacks them."""

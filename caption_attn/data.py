@@ -378,9 +378,26 @@ def _objects(image: dict, path: str, where: str) -> Optional[list]:
     return objects
 
 
+def _check_karpathy_id(path: str, image: dict, i: int, image_id: Any, key: Optional[str],
+                       entries: dict) -> None:
+    """`UserError` if `images[i]`'s id (`cocoid`, else `imgid`) is an earlier entry's of
+    another image file: files merged by hand (each numbering `imgid` from 0) gave two images
+    one id in the results file, which COCO's evaluation then scores as one image."""
+    if key is None:                       # unsafe paths are refused and counted later
+        return
+    first, other = entries.setdefault(image_id, (i, key))
+    if other != key:
+        field = "cocoid" if "cocoid" in image else "imgid"
+        raise UserError(f"{path}: images[{i}] ({key!r}) and images[{first}] ({other!r}) have "
+                        f"the same {field} {image_id!r}; the results file would give both "
+                        f"images one id (files merged by hand?): give every image its own "
+                        f"`{field}`")
+
+
 def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
     obj = _top(obj, path, "Karpathy split")
     images = _get(obj, "images", list, path, "Karpathy split JSON")
+    entries = {}                          # image id -> (index, image key) of its first entry
     for i, image in enumerate(images):
         where = f"images[{i}]"
         raw_path = _karpathy_path(image, path, where)
@@ -390,6 +407,7 @@ def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
                     for k, s in enumerate(sentences)]
         objects = _objects(image, path, where)
         image_id = image.get("cocoid", image.get("imgid", i))
+        _check_karpathy_id(path, image, i, image_id, safe_image_key(raw_path), entries)
         out.add(raw_path, captions, where, split=split, image_id=image_id, objects=objects,
                 size=_image_size(image))
 

@@ -440,6 +440,29 @@ def test_coco_wrong_structure(tmp_path, mutate, message):
         data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
 
 
+def test_karpathy_imgid_given_to_two_images_is_refused_naming_both(tmp_path):
+    # two Flickr8k split files merged by hand both number `imgid` from 0: the results file
+    # had one image_id for two images (COCO's evaluation scores them as one)
+    images = karpathy_images()
+    for i, image in enumerate(images):
+        image["imgid"] = i % 2
+    with pytest.raises(UserError) as e:
+        data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+    first, third = images[0]["filename"], images[2]["filename"]
+    assert str(e.value) == (
+        f"{tmp_path / 'k.json'}: images[2] ({third!r}) and images[0] ({first!r}) have the same "
+        f"imgid 0; the results file would give both images one id (files merged by hand?): "
+        f"give every image its own `imgid`")
+    for i, image in enumerate(images):      # cocoid decides when given (COCO's Karpathy file)
+        image["cocoid"] = 100 + i
+    assert [r.image_id for r in data.load_captions(
+        write(tmp_path, "k.json", karpathy_text(images))).records] == \
+        [100 + i for i in range(len(images))]
+    images.append(dict(images[0], sentences=[{"raw": "one more"}]))   # one image twice: fine
+    assert len(data.load_captions(write(tmp_path, "k.json", karpathy_text(images))).records) \
+        == len(images) - 1
+
+
 def test_karpathy_sentence_without_raw(tmp_path):
     images = karpathy_images()
     images[2]["sentences"] = [{"tokens": ["x"]}]

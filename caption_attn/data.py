@@ -287,7 +287,7 @@ def _top(obj: Any, path: str, name: str) -> dict:
 def _image_size(image: dict) -> Optional[tuple]:
     """(height, width) from an image entry's `height`/`width` keys, if both are finite
     positive numbers (grounding maps boxes onto the 8x8 grid with them: an infinite size put
-    every box in cell 0); otherwise None, and grounding takes the size the cache resized from."""
+    every box in cell 0); otherwise None, and grounding leaves the image out with a note."""
     h, w = image.get("height"), image.get("width")
     ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
              and v > 0 for v in (h, w))

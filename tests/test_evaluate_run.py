@@ -316,11 +316,38 @@ def test_format_metrics_table():
     assert lines[0].endswith("0.7123") and lines[4].endswith("n/a")
     assert lines[6].endswith("1.2346")
     assert len({len(line) for line in lines}) == 1  # values right-aligned in one column
-    shapes = {"scene_accuracy": 0.25, "grounding": None, "images": 12, "grounded_words": 0,
-              "matched_words": 0}
-    table = evaluate.format_metrics({**metrics, **shapes})
-    assert "scene accuracy" in table and table.splitlines()[-3].endswith(" 12")
-    assert table.splitlines()[8].endswith("n/a")  # grounding None
+    shapes = {"scene_accuracy": 0.25, "scene_images": 12, "grounding": None,
+              "grounding_images": 10, "grounded_words": 0, "matched_words": 0}
+    table = evaluate.format_metrics({**metrics, **shapes}).splitlines()
+    assert table[7].startswith("scene accuracy") and table[8].endswith(" 12")
+    assert table[8].startswith("  over images") and table[10].startswith("  over images")
+    assert table[9].endswith("n/a") and table[10].endswith(" 10")  # grounding None
+
+
+def test_shapes_metrics_say_which_images_they_are_over_and_need_the_image_size():
+    # Scene accuracy and grounding were over the images with objects, and their count
+    # replaced the split's "images" (the printed `test split, N images`); an image without
+    # height/width was grounded as if it were 299 x 299 (the cache's size, not the boxes').
+    from caption_attn.data import ImageRecord
+    box = {"color": "red", "shape": "circle", "size": "small", "bbox": [0, 0, 10, 10]}
+    records = {"a.png": ImageRecord("a.png", ["a red circle"], "test", 1, [box], (80, 80)),
+               "b.png": ImageRecord("b.png", ["a red circle"], "test", 2, [box], None),
+               "c.png": ImageRecord("c.png", ["a photo"], "test", 3, None, None)}
+    found = evaluate._SplitFeatures("test", "cache", list(records), [], records,
+                                    {"image_size": 299}, None)
+    hypotheses = {k: "a red circle" for k in records}
+    caption = captioner_lib.Caption(["a", "red", "circle"], -1.0,
+                                    np.eye(64, dtype=np.float32)[[0, 0, 0, 0]])
+    result = evaluate._score(found, hypotheses, {k: caption for k in records}, False)
+    assert (result["scene_accuracy"], result["scene_images"]) == (1.0, 2)
+    assert (result["grounding"], result["grounding_images"], result["matched_words"]) == \
+        (1.0, 1, 2)
+    assert "images" not in result            # evaluate's own count of the split stays
+    assert "scene accuracy and grounding are over the 2 of the 3 images that have " \
+        "ground-truth `objects` in the caption file" in result["notes"]
+    assert [n for n in result["notes"] if n.startswith(
+        "grounding leaves out 1 images whose objects have boxes but whose entries in the "
+        "caption file have no valid `height` and `width` (e.g. 'b.png')")]
 
 
 def test_a_cache_of_other_images_with_the_same_names_is_refused(trained_run, copy_cache,

@@ -70,7 +70,8 @@ def make_decoder(model, cfg: DecodeConfig, max_length: int):
     only. Called inside another tf.function on a batch of unknown size (`export`), it is the
     plain loop."""
     plain = _decoder_function(model, cfg, max_length, jit_compile=cfg.xla)
-    # Not for samples (they stay those of --seed whatever the batch size), nor for a model
+    # Not for samples (their decoder takes each image's ids too; `--xla` draws the same
+    # samples, see `decode._hashed_uniform`), nor for a model
     # that computes in bfloat16/float16: XLA's fusions round differently there, and near-ties
     # would then decode differently in a batch of 32 than alone.
     if cfg.xla or not cfg.xla_min_images or cfg.method == "sample" \

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import select
 import sys
 import typing
 from typing import Callable, Optional, Sequence
@@ -358,6 +360,35 @@ def check_path_flags(args: argparse.Namespace) -> None:
             raise UserError(f"{flag} must name a file or folder, got an empty string")
 
 
+# The exit status of a Unix tool killed by SIGPIPE (128 + 13), as a shell shows it.
+EXIT_STDOUT_CLOSED = 141
+
+
+def stdout_is_closed() -> bool:
+    """Whether nobody reads stdout any more (a pipe whose reader exited), so that a broken
+    pipe from anything else is still reported as an error."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):   # a stdout object without a descriptor
+        return True
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+
+
+def stdout_closed() -> int:
+    """The reader of stdout went away (`caption ... | head -n 2`): end quietly, as Unix tools
+    do, with their status. What was printed stays printed; stdout now points at /dev/null so
+    that the interpreter's flush of the unwritten rest at exit raises nothing either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):   # no file descriptor (tests, notebooks)
+        pass
+    return EXIT_STDOUT_CLOSED
+
+
 # Commands that run TensorFlow (the others never import it, so they start at once).
 USES_TENSORFLOW = ("extract-features", "train", "caption", "evaluate", "export", "demo")
 
@@ -379,6 +410,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # a file where a folder is expected, a read-only folder, a full disk
+        if isinstance(e, BrokenPipeError) and stdout_is_closed():
+            return stdout_closed()
         where = f"{e.filename}: " if e.filename else ""
         print(f"{PROG} {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2 if e.filename else 1

@@ -387,7 +387,8 @@ class DecodeConfig(Config):
     temperature: float = opt(1.0, "sampling temperature (with --sample)", check=POSITIVE)
     top_k: int = opt(0, "sample only among the K most likely words (0: all; with --sample)",
                      check=integer(0))
-    seed: int = opt(0, "sampling seed (with --sample)", check=integer(0))
+    seed: int = opt(0, "sampling seed (with --sample); the same samples with and without "
+                    "--xla and at any --batch-size", check=integer(0))
     max_length: Optional[int] = opt(None, "longest caption in words, <end> included; at "
                                     f"most {MAX_CAPTION_WORDS + 1} (default: the run's "
                                     "--max-length + 1)",

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
 from caption_attn.config import CAPTION_FORMATS, DataConfig, VocabConfig, check_fractions
-from caption_attn.fileio import parse_json
+from caption_attn.fileio import decode_utf8, parse_json
 from caption_attn.errors import UserError
 from caption_attn.vocab import standardize
 
@@ -187,13 +187,7 @@ def _read_text(path: str) -> str:
         raise UserError(f"{path}: is a folder, expected a caption file") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}: not valid UTF-8 at byte {e.start} (line {line}): byte "
-                        f"0x{raw[e.start]:02x}; save the file as UTF-8") from None
-    text = text[1:] if text.startswith("\ufeff") else text
+    text = decode_utf8(path, raw)
     if "\r" in text and "\n" not in text:  # CR-only line ends (classic Mac): as LF
         text = text.replace("\r", "\n")
     return text
@@ -293,7 +287,7 @@ def _top(obj: Any, path: str, name: str) -> dict:
 def _image_size(image: dict) -> Optional[tuple]:
     """(height, width) from an image entry's `height`/`width` keys, if both are finite
     positive numbers (grounding maps boxes onto the 8x8 grid with them: an infinite size put
-    every box in cell 0); otherwise None, and grounding takes the size the cache resized from."""
+    every box in cell 0); otherwise None, and grounding leaves the image out with a note."""
     h, w = image.get("height"), image.get("width")
     ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
              and v > 0 for v in (h, w))
@@ -384,9 +378,26 @@ def _objects(image: dict, path: str, where: str) -> Optional[list]:
     return objects
 
 
+def _check_karpathy_id(path: str, image: dict, i: int, image_id: Any, key: Optional[str],
+                       entries: dict) -> None:
+    """`UserError` if `images[i]`'s id (`cocoid`, else `imgid`) is an earlier entry's of
+    another image file: files merged by hand (each numbering `imgid` from 0) gave two images
+    one id in the results file, which COCO's evaluation then scores as one image."""
+    if key is None:                       # unsafe paths are refused and counted later
+        return
+    first, other = entries.setdefault(image_id, (i, key))
+    if other != key:
+        field = "cocoid" if "cocoid" in image else "imgid"
+        raise UserError(f"{path}: images[{i}] ({key!r}) and images[{first}] ({other!r}) have "
+                        f"the same {field} {image_id!r}; the results file would give both "
+                        f"images one id (files merged by hand?): give every image its own "
+                        f"`{field}`")
+
+
 def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
     obj = _top(obj, path, "Karpathy split")
     images = _get(obj, "images", list, path, "Karpathy split JSON")
+    entries = {}                          # image id -> (index, image key) of its first entry
     for i, image in enumerate(images):
         where = f"images[{i}]"
         raw_path = _karpathy_path(image, path, where)
@@ -396,6 +407,7 @@ def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
                     for k, s in enumerate(sentences)]
         objects = _objects(image, path, where)
         image_id = image.get("cocoid", image.get("imgid", i))
+        _check_karpathy_id(path, image, i, image_id, safe_image_key(raw_path), entries)
         out.add(raw_path, captions, where, split=split, image_id=image_id, objects=objects,
                 size=_image_size(image))
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import numbers
 from typing import Any, Callable, NamedTuple
 
-import numpy as np
 import tensorflow as tf
 
 from caption_attn.vocab import END, PAD, START
@@ -275,22 +274,54 @@ def _sample_advance(temperature, top_k, seed, end_id, streams=None):
                 sampling_logits, 1, step_seed, dtype=tf.int32)[:, 0]      # (N,)
         else:                 # row n draws from its own stream (Gumbel-max: exact sampling)
             token = tf.argmax(sampling_logits + _gumbel_noise(
-                step_seed, streams, tf.shape(logits)[1]), axis=1, output_type=tf.int32)
+                seed[0], beams.step, streams, tf.shape(logits)[1]), axis=1,
+                output_type=tf.int32)                                     # (N,)
         step_log_probs = tf.nn.log_softmax(logits)                        # (N, V)
         token_log_prob = _own_log_prob(step_log_probs, token, beams.finished)  # (N,)
         return _append(beams, token, token_log_prob, state, attention, end_id)
     return advance
 
 
-def _gumbel_noise(step_seed, streams, vocab_size):
-    """(N, V) Gumbel(0, 1) noise, row n from the stateless stream (step_seed, streams[n])."""
-    tiny = float(np.finfo(np.float32).tiny)
-
-    def row(stream):
-        row_seed = tf.random.experimental.stateless_fold_in(step_seed, stream)  # (2,)
-        return tf.random.stateless_uniform([vocab_size], row_seed, minval=tiny)  # (V,)
-    uniform = tf.map_fn(row, streams, fn_output_signature=tf.TensorSpec([None], tf.float32))
+def _gumbel_noise(seed, step, streams, vocab_size):
+    """(N, V) Gumbel(0, 1) noise; row n is stream `streams[n]` of `seed` at `step`."""
+    uniform = _hashed_uniform(seed, step, streams, vocab_size)          # (N, V)
     return -tf.math.log(-tf.math.log(uniform))                          # (N, V)
+
+
+def _hashed_uniform(seed, step, streams, vocab_size):
+    """(N, V) uniform numbers in (0, 1), each a hash of (seed, step, streams[n], column).
+
+    Integer ops in uint32 give the same bits with and without XLA; TensorFlow's stateless
+    random ops do not (XLA draws other numbers, even with alg="philox"), so `--sample --xla`
+    drew other captions than the same --seed without it. (XLA's log may still differ in the
+    last bit: like the logits it rounds, that decides only exact near-ties.)
+    """
+    h = tf.cast(tf.range(vocab_size), tf.uint32)[None, :]               # (1, V)
+    for word in (*_uint32_words(streams[:, None]), *_uint32_words(step),  # (N, 1), ()
+                 *_uint32_words(seed)):
+        h = _fmix32(tf.bitwise.bitwise_xor(h, _fmix32(word + _GOLDEN)))  # (N, V)
+    odd = tf.bitwise.left_shift(tf.bitwise.right_shift(h, 9), 1) + 1    # (N, V) < 2**24
+    return tf.cast(odd, tf.float32) * 2.0 ** -24                        # (N, V) exact
+
+
+_GOLDEN = 0x9E3779B9   # 2**32 / golden ratio: no word hashes as 0
+
+
+def _uint32_words(x):
+    """Low and high uint32 halves of int tensor `x` (as int64), same shape."""
+    x = tf.cast(x, tf.int64)
+    mask = tf.constant(0xFFFFFFFF, tf.int64)
+    return (tf.cast(tf.bitwise.bitwise_and(x, mask), tf.uint32),
+            tf.cast(tf.bitwise.bitwise_and(tf.bitwise.right_shift(x, 32), mask), tf.uint32))
+
+
+def _fmix32(h):
+    """MurmurHash3's finalizer: a bijection of uint32 in which every input bit flips about
+    half of the output bits (uint32 products wrap, with and without XLA)."""
+    for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, shift)) \
+            * tf.constant(multiplier, tf.uint32)
+    return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
 
 
 def _beam_advance(beam_size, length_penalty, end_id):

@@ -27,7 +27,8 @@ from caption_attn.shapes_metrics import (SHAPES_METRICS, scene_accuracy_by_objec
 DISPLAY_NAMES = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
                  "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr",
                  "scene_accuracy": "scene accuracy", "grounding": "grounding",
-                 "images": "images", "grounded_words": "grounded words",
+                 "scene_images": "  over images", "grounding_images": "  over images",
+                 "grounded_words": "grounded words",
                  "matched_words": "matched words"}
 
 
@@ -195,11 +196,26 @@ def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
     result = {**metrics, "notes": notes}
     objects = {k: records[k].objects for k in found.keys if records[k].objects is not None}
     if objects:
-        sizes = {k: records[k].size or (found.manifest["image_size"],) * 2 for k in objects}
+        # boxes are pixels of the original image: without its size they cannot be put on
+        # the attention grid (taking the cache's 299 misplaced every box of other sizes)
+        sized = [k for k in objects if records[k].size is not None]
+        unsized = [k for k in objects if records[k].size is None
+                   and any(o.get("bbox") is not None for o in objects[k])]
         captions = {k: hypotheses[k] for k in objects}
-        result.update(shapes_metrics(captions, {k: best[k].words for k in objects},
-                                     {k: best[k].attention for k in objects}, objects, sizes))
+        result.update(shapes_metrics(captions, {k: best[k].words for k in sized},
+                                     {k: best[k].attention for k in sized}, objects,
+                                     {k: records[k].size for k in sized}))
         result["scene_accuracy_by_objects"] = scene_accuracy_by_objects(captions, objects)
+        if len(objects) < len(found.keys):
+            notes.append(f"scene accuracy and grounding are over the {len(objects)} of the "
+                         f"{len(found.keys)} images that have ground-truth `objects` in the "
+                         f"caption file")
+        if unsized:
+            notes.append(f"grounding leaves out {len(unsized)} images whose objects have "
+                         f"boxes but whose entries in the caption file have no valid `height` "
+                         f"and `width` (e.g. {unsized[0]!r}): boxes are in pixels of the "
+                         f"original image, which cannot be placed on the attention grid "
+                         f"without its size; add them to score grounding on these images")
     return result
 
 
@@ -234,7 +250,16 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
               "images_without_features": len(found.without),
               "decode": _decode_settings(captioner),
               **_score(found, hypotheses, best, use_java)}
-    write_results(results_path, hypotheses, {k: found.records[k].image_id for k in found.keys})
     result.update(metrics_file=metrics_path, results_file=results_path)
-    write_json_atomic(metrics_path, result)
+    write_outputs(result, hypotheses, {k: found.records[k].image_id for k in found.keys})
     return result
+
+
+def write_outputs(result: dict, hypotheses: dict, image_ids: dict) -> None:
+    """The results file (`result["results_file"]`), then the metrics file that names it. An
+    earlier evaluate's metrics file goes first: killed between the two writes, this left new
+    captions beside the old metrics, a pair that looked whole; now the metrics are missing."""
+    if os.path.exists(result["metrics_file"]):
+        os.remove(result["metrics_file"])
+    write_results(result["results_file"], hypotheses, image_ids)
+    write_json_atomic(result["metrics_file"], result)

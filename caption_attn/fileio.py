@@ -3,6 +3,7 @@ errors name the file, line and column."""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -70,6 +71,34 @@ def write_json_atomic(path: str, obj: Any) -> None:
     write_bytes_atomic(path, text.encode("utf-8"), fsync=True)
 
 
+# Byte order marks of other Unicode encodings (UTF-32 first: its little-endian mark begins
+# with UTF-16's), with the name `iconv -f` knows them by.
+_OTHER_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32LE"), (codecs.BOM_UTF32_BE, "UTF-32BE"),
+               (codecs.BOM_UTF16_LE, "UTF-16LE"), (codecs.BOM_UTF16_BE, "UTF-16BE"))
+
+
+def decode_utf8(path: str, raw: bytes) -> str:
+    """`raw`, the bytes of file `path`, as UTF-8 text (a leading BOM removed). Text in another
+    encoding is a `UserError` naming the file, the encoding when its byte order mark or NUL
+    bytes tell it (Windows tools save "Unicode" as UTF-16), and how to save it as UTF-8."""
+    for bom, encoding in _OTHER_BOMS:
+        if raw.startswith(bom):
+            raise UserError(f"{path}: {encoding} text (it starts with the byte order mark "
+                            f"{bom.hex(' ')}), not UTF-8; save it as UTF-8, e.g. `iconv -f "
+                            f"{encoding[:6]} -t UTF-8 {path} > NEW_FILE`") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}: not valid UTF-8 at byte {e.start} (line {line}): byte "
+                        f"0x{raw[e.start]:02x}; save the file as UTF-8") from None
+    if "\0" in text:   # UTF-16 of ASCII text is valid UTF-8, with a NUL after every letter
+        raise UserError(f"{path}: holds NUL bytes (the first at byte {raw.index(0)}): UTF-16 "
+                        f"or UTF-32 text without a byte order mark, or not a text file; save "
+                        f"it as UTF-8") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
 def parse_json(path: str, text: str) -> Any:
     """JSON `text` read from `path`; malformed JSON is a `UserError` naming the place."""
     try:
@@ -134,12 +163,10 @@ def _check_surrogates(path: str, text: str, obj: Any) -> None:
 def read_json(path: str) -> Any:
     """Read a JSON file; a missing or malformed file is a `UserError` naming it."""
     try:
-        with open(path, "r", encoding="utf-8-sig") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    return parse_json(path, text)
+    return parse_json(path, decode_utf8(path, raw))

@@ -328,8 +328,20 @@ class RunFolder:
         write_json_atomic(self.best_info, {"epoch": epoch, "monitor": monitor, "value": value})
 
     def best_record(self) -> Optional[dict]:
-        """best.json ({epoch, monitor, value}) or None."""
-        return read_json(self.best_info) if os.path.exists(self.best_info) else None
+        """best.json ({epoch, monitor, value}) or None; a `UserError` naming the file unless
+        it is an object with the epoch (>= 1) of best.keras: resuming with an edited one
+        (`[]`, `3`) crashed with an AttributeError."""
+        if not os.path.exists(self.best_info):
+            return None
+        record = read_json(self.best_info)
+        epoch = record.get("epoch") if isinstance(record, dict) else None
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+            what = (f"its epoch is {epoch!r}" if isinstance(record, dict) else
+                    f"a JSON {type(record).__name__}, not an object")
+            raise UserError(f"{self.best_info}: {what}: not the {{epoch, monitor, value}} of "
+                            f"best.keras that train writes (edited by hand?); restore the file "
+                            f"train wrote, or train the run again with --fresh")
+        return record
 
     def restore_best_weights(self, model) -> bool:
         """Load the best weights into `model` (False when there are none yet)."""

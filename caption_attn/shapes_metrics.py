@@ -16,7 +16,10 @@ from caption_attn.backbone import GRID
 from caption_attn.shapes import COLORS, SHAPES, object_positions, parse_objects
 from caption_attn.vocab import tokenize
 
-SHAPES_METRICS = ("scene_accuracy", "grounding", "images", "grounded_words", "matched_words")
+# "scene_images" / "grounding_images": how many images each was computed over (those with
+# ground-truth objects; for grounding, those with their size too)
+SHAPES_METRICS = ("scene_accuracy", "scene_images", "grounding", "grounding_images",
+                  "grounded_words", "matched_words")
 GROUNDING_REACH = 1    # a word is grounded if its attention peak is <= this many cells away
 
 Key = Hashable
@@ -150,9 +153,13 @@ def grounding_score(words: dict[Key, list[str]], attention: dict[Key, np.ndarray
 def shapes_metrics(captions: dict[Key, str], words: dict[Key, list[str]],
                    attention: dict[Key, np.ndarray], objects: dict[Key, list[dict]],
                    image_size, grid: int = GRID) -> dict:
-    """{"scene_accuracy", "grounding" (None if no word matched), "images", "grounded_words"
-    (words on their object), "matched_words" (color/shape words matching an object)}."""
+    """{"scene_accuracy" over the images of `captions`, "scene_images" (their count),
+    "grounding" over the images of `words` (None if no word matched), "grounding_images"
+    (their count), "grounded_words" (words on their object), "matched_words" (color/shape
+    words matching an object)}. `words` may hold fewer images than `captions`: grounding
+    needs each image's size, scene accuracy does not."""
     grounded, matched = _grounding_counts(words, attention, objects, image_size, grid)
-    return {"scene_accuracy": scene_accuracy(captions, objects),
+    return {"scene_accuracy": scene_accuracy(captions, objects), "scene_images": len(captions),
             "grounding": grounded / matched if matched else None,
-            "images": len(captions), "grounded_words": grounded, "matched_words": matched}
+            "grounding_images": len(words), "grounded_words": grounded,
+            "matched_words": matched}

@@ -434,3 +434,43 @@ def test_an_empty_path_flag_is_refused_not_taken_for_the_default(argv, flag, cap
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"error: {flag} must name a file or folder, got an empty string" in err
+
+
+def test_caption_into_a_closed_pipe_ends_quietly_after_the_written_batches(
+        tmp_path, capsys, monkeypatch):
+    # `caption ... | head -n 2`: the first batch went out, the next write hit the closed pipe
+    # and printed `error: Broken pipe` with exit 1. Now: nothing on stderr, SIGPIPE's status.
+    import sys
+
+    from caption_attn import cli
+    images = []
+    for name in "abcd":
+        images.append(str(tmp_path / f"{name}.png"))
+        open(images[-1], "wb").close()
+    caption = captioner.Caption(["a", "circle"], -1.0, np.zeros((3, 64), np.float32))
+
+    class TwoBatches:       # the run's model is not what this tests (loading it takes 5 s)
+        def caption_batches(self, paths):
+            yield {p: (None, [caption]) for p in paths[:2]}, {}, 2
+            yield {p: (None, [caption]) for p in paths[2:]}, {}, 4
+    monkeypatch.setattr(captioner.Captioner, "from_run", lambda *a, **k: TwoBatches())
+    real, flushed = sys.stdout, []
+
+    class HeadClosesAfterOneBatch:
+        def isatty(self):   # a terminal's `head`: no progress bar on stderr
+            return True
+
+        def write(self, text):
+            if flushed:
+                raise BrokenPipeError(32, "Broken pipe")
+            return real.write(text)
+
+        def flush(self):
+            flushed.append(1)
+    monkeypatch.setattr(sys, "stdout", HeadClosesAfterOneBatch())
+    code = main(["caption", "--run", str(tmp_path), "--batch-size", "2", *images])
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_STDOUT_CLOSED
+    assert captured.err == ""
+    assert [line for line in captured.out.splitlines() if line.startswith("Captions")] == \
+        ["Captions for image a.png:", "Captions for image b.png:"]

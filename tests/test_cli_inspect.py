@@ -1,8 +1,13 @@
 """Tests of `caption-attn inspect` through `cli.main` (output and exit codes)."""
 
 import json
+import os
+import subprocess
+import sys
 
 from caption_attn import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CAPTIONS = (
     "image,caption\n"
@@ -83,3 +88,29 @@ def test_inspect_malformed_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "broken.json: malformed JSON at line 1, column 13" in err
+
+
+def test_a_closed_stdout_ends_quietly_with_the_status_of_sigpipe(tmp_path):
+    # `caption-attn ... | head -n 2`: the reader is gone before the output is written. It
+    # printed `error: Broken pipe` (exit 1) like a failure of the command itself.
+    path, _ = make(tmp_path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "caption_attn", "inspect", "--captions",
+                               path], cwd=REPO, stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    assert done.returncode == cli.EXIT_STDOUT_CLOSED == 141
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(cli, "stdout_is_closed", lambda: False)
+    monkeypatch.setattr("caption_attn.data.describe", broken)
+    path, _ = make(tmp_path)
+    assert cli.main(["inspect", "--captions", path]) == 1
+    assert "caption-attn inspect: error: Broken pipe" in capsys.readouterr().err

@@ -440,6 +440,29 @@ def test_coco_wrong_structure(tmp_path, mutate, message):
         data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
 
 
+def test_karpathy_imgid_given_to_two_images_is_refused_naming_both(tmp_path):
+    # two Flickr8k split files merged by hand both number `imgid` from 0: the results file
+    # had one image_id for two images (COCO's evaluation scores them as one)
+    images = karpathy_images()
+    for i, image in enumerate(images):
+        image["imgid"] = i % 2
+    with pytest.raises(UserError) as e:
+        data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+    first, third = images[0]["filename"], images[2]["filename"]
+    assert str(e.value) == (
+        f"{tmp_path / 'k.json'}: images[2] ({third!r}) and images[0] ({first!r}) have the same "
+        f"imgid 0; the results file would give both images one id (files merged by hand?): "
+        f"give every image its own `imgid`")
+    for i, image in enumerate(images):      # cocoid decides when given (COCO's Karpathy file)
+        image["cocoid"] = 100 + i
+    assert [r.image_id for r in data.load_captions(
+        write(tmp_path, "k.json", karpathy_text(images))).records] == \
+        [100 + i for i in range(len(images))]
+    images.append(dict(images[0], sentences=[{"raw": "one more"}]))   # one image twice: fine
+    assert len(data.load_captions(write(tmp_path, "k.json", karpathy_text(images))).records) \
+        == len(images) - 1
+
+
 def test_karpathy_sentence_without_raw(tmp_path):
     images = karpathy_images()
     images[2]["sentences"] = [{"tokens": ["x"]}]
@@ -451,6 +474,31 @@ def test_non_utf8_names_the_byte_position(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("a.jpg#0\tok\nb.jpg#0\tcaf\xe9\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"latin1\.txt: not valid UTF-8 at byte 22 \(line 2\)"):
+        data.load_captions(str(path))
+
+
+@pytest.mark.parametrize("encoding, bom", [("utf-16", "ff fe"), ("utf-16-be", "fe ff"),
+                                           ("utf-32", "ff fe 00 00")])
+def test_utf16_and_utf32_files_are_named_as_such_with_the_fix(tmp_path, encoding, bom):
+    # Windows' "Unicode" is UTF-16 with a BOM: it was only "not valid UTF-8 at byte 0".
+    path = tmp_path / "captions.csv"
+    text = "image,caption\na.jpg,a red circle\n"
+    path.write_bytes(text.encode(encoding) if encoding != "utf-16-be"
+                     else b"\xfe\xff" + text.encode(encoding))
+    with pytest.raises(UserError) as e:
+        data.load_captions(str(path))
+    name = encoding[:6].upper()
+    assert str(e.value).startswith(f"{path}: {name}")
+    assert f"byte order mark {bom}), not UTF-8; save it as UTF-8, e.g. `iconv -f {name} " \
+        f"-t UTF-8 {path} > NEW_FILE`" in str(e.value)
+
+
+def test_utf16_without_a_bom_is_refused_not_read_as_names_full_of_nul(tmp_path):
+    # UTF-16 of ASCII text is valid UTF-8 (a NUL after every letter): it was read as such
+    path = tmp_path / "captions.txt"
+    path.write_bytes("a.jpg#0\ta red circle\n".encode("utf-16-le"))
+    with pytest.raises(UserError, match=r"captions\.txt: holds NUL bytes \(the first at byte "
+                                        r"1\): UTF-16 or UTF-32 text without a byte order mark"):
         data.load_captions(str(path))
 
 
@@ -587,7 +635,10 @@ def test_read_json_names_the_file_for_every_failure(tmp_path):
     bad.write_text('{"a": 1,\n "b": }')
     latin = tmp_path / "latin.json"
     latin.write_bytes(b'{"caf\xe9": 1}')
+    utf16 = tmp_path / "utf16.json"
+    utf16.write_bytes('{"a": 1}'.encode("utf-16"))
     for path, expected in ((bad, "malformed JSON at line 2"), (latin, "not valid UTF-8"),
+                           (utf16, "UTF-16LE text (it starts with the byte order mark ff fe)"),
                            (tmp_path / "none.json", "file not found")):
         with pytest.raises(UserError) as e:
             read_json(str(path))

@@ -352,6 +352,26 @@ def test_sampling_with_ids_follows_the_distribution():
                                atol=0.025)
 
 
+def test_sampling_noise_is_the_same_with_and_without_xla():
+    # TensorFlow's stateless random ops draw other numbers under XLA (even alg="philox"):
+    # `caption --sample --xla` gave other captions than the same --seed without --xla. The
+    # noise is all the randomness of `sample` with ids (compiling a whole sampler: 6 s).
+    from caption_attn.decode import _gumbel_noise, _hashed_uniform
+    streams = tf.constant([3, 1, 1 << 40], tf.int64)
+    args = tf.constant(11, tf.int64), tf.constant(2), streams, 500
+    uniform = np.asarray(_hashed_uniform(*args))                          # (3, 500)
+    np.testing.assert_array_equal(uniform, tf.function(
+        _hashed_uniform, jit_compile=True)(*args))                        # the same bits
+    noise = np.asarray(_gumbel_noise(*args))
+    np.testing.assert_allclose(noise, tf.function(_gumbel_noise, jit_compile=True)(*args),
+                               rtol=1e-5, atol=1e-6)                      # XLA's log: 1 ulp
+    for other in (_hashed_uniform(tf.constant(12, tf.int64), *args[1:]),
+                  _hashed_uniform(args[0], tf.constant(3), *args[2:])):
+        assert (np.asarray(other) != uniform).mean() > 0.99               # seed, step count
+    assert len(np.unique(uniform)) > 1490 and 0 < uniform.min() and uniform.max() < 1
+    assert abs(noise.mean() - np.euler_gamma) < 0.15 and abs(noise.std() - 1.28) < 0.15
+
+
 def test_sampling_draws_fresh_randomness_at_every_step():
     # Every row the same distribution (END excluded): reusing one seed at every step would
     # repeat each sample's first token for the whole caption.

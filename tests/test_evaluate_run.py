@@ -125,6 +125,35 @@ def test_evaluate_may_replace_its_own_earlier_outputs(trained_run, tmp_path, mon
             assert json.load(f)["decode"]["beam"] == beam
 
 
+def test_a_kill_between_the_two_outputs_leaves_no_stale_metrics_beside_new_results(
+        tmp_path, monkeypatch):
+    # results were written first and the metrics after them: killed between the two, the
+    # old metrics (other scores, another --beam) stood beside the new captions as one pair
+    metrics, results = str(tmp_path / "test_metrics.json"), str(tmp_path / "test_results.json")
+    old = {"split": "test", "metrics_file": metrics, "results_file": results, "BLEU-4": 0.5}
+    for path, obj in ((metrics, old), (results, [{"image_id": 1, "caption": "old"}])):
+        with open(path, "w") as f:
+            json.dump(obj, f)
+    real = evaluate.write_json_atomic
+
+    def killed_before_the_metrics(path, obj):
+        if path == metrics:
+            raise KeyboardInterrupt
+        real(path, obj)
+    monkeypatch.setattr(evaluate, "write_json_atomic", killed_before_the_metrics)
+    monkeypatch.setattr(coco_metrics, "write_json_atomic", killed_before_the_metrics)
+    new = {"split": "test", "metrics_file": metrics, "results_file": results, "BLEU-4": 0.1}
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.write_outputs(new, {"a.png": "new"}, {"a.png": 1})
+    with open(results) as f:
+        assert json.load(f) == [{"image_id": 1, "caption": "new"}]
+    assert not os.path.exists(metrics)
+    monkeypatch.setattr(evaluate, "write_json_atomic", real)
+    evaluate.write_outputs(new, {"a.png": "new"}, {"a.png": 1})
+    with open(metrics) as f:
+        assert json.load(f) == new
+
+
 def test_an_empty_split_is_refused_as_empty(run_copy, capsys, monkeypatch):
     """A run trained with --test-fraction 0 has no test images: say so, not that the caption
     file lacks them."""
@@ -287,11 +316,38 @@ def test_format_metrics_table():
     assert lines[0].endswith("0.7123") and lines[4].endswith("n/a")
     assert lines[6].endswith("1.2346")
     assert len({len(line) for line in lines}) == 1  # values right-aligned in one column
-    shapes = {"scene_accuracy": 0.25, "grounding": None, "images": 12, "grounded_words": 0,
-              "matched_words": 0}
-    table = evaluate.format_metrics({**metrics, **shapes})
-    assert "scene accuracy" in table and table.splitlines()[-3].endswith(" 12")
-    assert table.splitlines()[8].endswith("n/a")  # grounding None
+    shapes = {"scene_accuracy": 0.25, "scene_images": 12, "grounding": None,
+              "grounding_images": 10, "grounded_words": 0, "matched_words": 0}
+    table = evaluate.format_metrics({**metrics, **shapes}).splitlines()
+    assert table[7].startswith("scene accuracy") and table[8].endswith(" 12")
+    assert table[8].startswith("  over images") and table[10].startswith("  over images")
+    assert table[9].endswith("n/a") and table[10].endswith(" 10")  # grounding None
+
+
+def test_shapes_metrics_say_which_images_they_are_over_and_need_the_image_size():
+    # Scene accuracy and grounding were over the images with objects, and their count
+    # replaced the split's "images" (the printed `test split, N images`); an image without
+    # height/width was grounded as if it were 299 x 299 (the cache's size, not the boxes').
+    from caption_attn.data import ImageRecord
+    box = {"color": "red", "shape": "circle", "size": "small", "bbox": [0, 0, 10, 10]}
+    records = {"a.png": ImageRecord("a.png", ["a red circle"], "test", 1, [box], (80, 80)),
+               "b.png": ImageRecord("b.png", ["a red circle"], "test", 2, [box], None),
+               "c.png": ImageRecord("c.png", ["a photo"], "test", 3, None, None)}
+    found = evaluate._SplitFeatures("test", "cache", list(records), [], records,
+                                    {"image_size": 299}, None)
+    hypotheses = {k: "a red circle" for k in records}
+    caption = captioner_lib.Caption(["a", "red", "circle"], -1.0,
+                                    np.eye(64, dtype=np.float32)[[0, 0, 0, 0]])
+    result = evaluate._score(found, hypotheses, {k: caption for k in records}, False)
+    assert (result["scene_accuracy"], result["scene_images"]) == (1.0, 2)
+    assert (result["grounding"], result["grounding_images"], result["matched_words"]) == \
+        (1.0, 1, 2)
+    assert "images" not in result            # evaluate's own count of the split stays
+    assert "scene accuracy and grounding are over the 2 of the 3 images that have " \
+        "ground-truth `objects` in the caption file" in result["notes"]
+    assert [n for n in result["notes"] if n.startswith(
+        "grounding leaves out 1 images whose objects have boxes but whose entries in the "
+        "caption file have no valid `height` and `width` (e.g. 'b.png')")]
 
 
 def test_a_cache_of_other_images_with_the_same_names_is_refused(trained_run, copy_cache,

@@ -89,8 +89,8 @@ def test_grounding_three_objects_and_counts():
     assert score == 5 / 6
     out = shapes_metrics.shapes_metrics({"k": " ".join(words)}, {"k": words}, attention,
                                         {"k": objects}, SIZE)
-    assert out == {"scene_accuracy": 1.0, "grounding": 5 / 6, "images": 1,
-                   "grounded_words": 5, "matched_words": 6}
+    assert out == {"scene_accuracy": 1.0, "scene_images": 1, "grounding": 5 / 6,
+                   "grounding_images": 1, "grounded_words": 5, "matched_words": 6}
 
 
 def test_grounding_per_image_height_width():

@@ -685,6 +685,25 @@ def test_summary_names_the_best_model_on_disk_after_a_stage_change(tmp_path):
     assert "best val_cider=0.0000 at epoch 4" in train.format_summary(summary)
 
 
+@pytest.mark.parametrize("text, what", [("[]", "a JSON list, not an object"),
+                                        ("3", "a JSON int, not an object"),
+                                        ('{"epoch": "3"}', "its epoch is '3'")])
+def test_a_best_json_that_is_not_trains_object_is_refused_naming_it(tmp_path, text, what):
+    # the resume's best-model repair crashed with `AttributeError: 'int' object has no
+    # attribute 'get'` (and `[]` passed for "no best model")
+    run = RunFolder(str(tmp_path / "run"))
+    os.makedirs(run.path)
+    with open(run.best_info, "w") as f:
+        f.write(text)
+    trainer = types.SimpleNamespace(chief=True, run=run, model=None, log=print)
+    early = types.SimpleNamespace(best_epoch=1, best=1.0)
+    with pytest.raises(UserError) as e:
+        train.Trainer._repair_best(trainer, early, 2)
+    assert str(e.value).startswith(f"{run.best_info}: {what}: not the {{epoch, monitor, "
+                                   f"value}} of best.keras that train writes")
+    assert "restore the file train wrote, or train the run again with --fresh" in str(e.value)
+
+
 def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path):
     """A full disk while checkpointing ended `train` with TensorFlow's ResourceExhaustedError
     traceback (exit 1): now a TrainingError naming the folder, the reason and where a rerun

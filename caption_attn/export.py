@@ -224,6 +224,8 @@ def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone) -> dict:
     m = read_manifest(captioner.cache)
     return {
         "format": EXPORT_FORMAT, "run": os.path.abspath(run.path), "best": run.best_record(),
+        # the backbone's weights and feature scale come from this cache's manifest (--cache)
+        "cache": os.path.abspath(captioner.cache),
         "beam": captioner.cfg.beam, "length_penalty": captioner.cfg.length_penalty,
         "max_length": captioner.max_length, "vocab_size": len(captioner.vocab),
         "backbone": {k: m.get(k) for k in ("weights", "weights_sha256", "precision")}

@@ -133,9 +133,12 @@ def tool(trained_run):
 
 # --------------------------------------------------------------------------- SavedModel
 @pytest.mark.slow
-def test_signature_and_printed_summary(exported, served):
+def test_signature_and_printed_summary(exported, served, trained_run):
     out, printed = exported
-    L = json.load(open(os.path.join(out, export.INFO_FILE)))["max_length"]
+    info = json.load(open(os.path.join(out, export.INFO_FILE)))
+    L = info["max_length"]
+    run_cache = json.load(open(os.path.join(trained_run, "config.json")))["cache"]
+    assert info["cache"] == os.path.abspath(run_cache)   # the backbone's source, recorded
     assert served[2] == {
         "inputs": {"images": ["string", [None]]},
         "outputs": {"captions": ["string", [None]], "scores": ["float32", [None]],

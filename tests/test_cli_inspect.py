@@ -106,6 +106,24 @@ def test_a_closed_stdout_ends_quietly_with_the_status_of_sigpipe(tmp_path):
     assert done.returncode == cli.EXIT_STDOUT_CLOSED == 141
 
 
+def test_a_closed_stdout_ends_quietly_when_stdout_is_buffered(tmp_path):
+    # Without PYTHONUNBUFFERED (a user's shell), stdout to a pipe is block-buffered: the
+    # output went out in the interpreter's flush at exit, after main had returned, and the
+    # broken pipe was 'Exception ignored ... BrokenPipeError' on stderr with exit 120.
+    path, _ = make(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "caption_attn", "inspect", "--captions",
+                               path], cwd=REPO, stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=60, env=env)
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    assert done.returncode == cli.EXIT_STDOUT_CLOSED
+
+
 def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(tmp_path, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise BrokenPipeError(32, "Broken pipe")

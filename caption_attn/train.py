@@ -161,8 +161,12 @@ def check_metric_images(run: RunFolder, cfg: RunConfig, val_images: int) -> list
         return []
     logged = [m for m in ("val_bleu4", "val_cider") if any(h.get(m) is not None
                                                            for h in history)]
-    monitored = [m for m in logged if m in {new.monitor_for(e) for e in
-                                            range(len(history), max(new.epochs, len(history)))}]
+    # Early stopping compares the next epoch with the run's values of its metric: the best
+    # of its stage so far, or the last epoch's at a stage change there. A stage change
+    # later starts from the epoch before it, measured on the new images like every epoch to
+    # come, and the metric stays that stage's to the end
+    upcoming = new.monitor_for(len(history)) if new.epochs > len(history) else None
+    monitored = [upcoming] if upcoming in logged else []
     if monitored:
         raise UserError(
             f"--bleu-images {new.bleu_images}: {run.path} measured {monitored[0]} on {was} "

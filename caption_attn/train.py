@@ -70,11 +70,12 @@ def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     """The checks of a run folder about to be resumed with `cfg`, nothing written (none with
     --fresh): `RunFolder.reopen_notes`, `refuse_unrestorable_state`,
     `refuse_other_batches_mid_epoch`, `refuse_cross_entropy_after_self_critical` and
-    `refuse_other_stages_of_trained_epochs`; returns
+    `refuse_other_stages_of_trained_epochs` (and `RunFolder.best_record`'s); returns
     the notes to print (`schedule_notes` among them)."""
     if fresh:
         return []
     notes = run.reopen_notes(cfg)
+    run.best_record()   # an edited best.json is refused here, not after config.json is written
     where = checkpoints.position(run.checkpoints) if os.path.exists(run.config) else None
     if where is None:                     # nothing trained yet: nothing to resume from
         return notes

@@ -403,3 +403,16 @@ def test_a_resume_whose_checkpoints_cannot_be_restored_leaves_config_json_as_it_
     with pytest.raises(UserError, match="no checkpoint of this run can be restored"):
         train.train(_saved_config(run_copy), run_copy, progress=False, log=lambda *a: None)
     assert _files(run_copy) == before
+
+
+def test_a_resume_with_an_edited_best_json_is_refused_before_writing(run_copy):
+    """best.json that is not train's object is refused (`RunFolder.best_record`), but only
+    once the resume had rewritten config.json and split.json, traced the steps and measured
+    the metrics before it (history.json): now with the other checks, nothing written."""
+    from caption_attn.errors import UserError
+    with open(os.path.join(run_copy, "best.json"), "w") as f:
+        f.write("3")
+    before = _files(run_copy)
+    with pytest.raises(UserError, match=r"best\.json: a JSON int, not an object"):
+        train.train(_saved_config(run_copy), run_copy, progress=False, log=lambda *a: None)
+    assert _files(run_copy) == before

@@ -370,7 +370,7 @@ def stdout_is_closed() -> bool:
     try:
         fd = sys.stdout.fileno()
     except (AttributeError, OSError, ValueError):   # a stdout object without a descriptor
-        return True
+        return False        # (io.StringIO, a notebook's) never raises a broken pipe itself
     poll = select.poll()
     poll.register(fd, select.POLLOUT)
     return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))

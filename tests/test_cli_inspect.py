@@ -132,3 +132,18 @@ def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(tmp_path, capsys, mo
     path, _ = make(tmp_path)
     assert cli.main(["inspect", "--captions", path]) == 1
     assert "caption-attn inspect: error: Broken pipe" in capsys.readouterr().err
+
+
+def test_a_broken_pipe_is_an_error_when_stdout_has_no_descriptor(tmp_path, capsys,
+                                                                 monkeypatch):
+    # stdout replaced by an object without a file descriptor (a notebook's, io.StringIO)
+    # cannot be what broke: the error was swallowed as a quiet exit 141
+    import io
+
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr("caption_attn.data.describe", broken)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    path, _ = make(tmp_path)
+    assert cli.main(["inspect", "--captions", path]) == 1
+    assert "caption-attn inspect: error: Broken pipe" in capsys.readouterr().err

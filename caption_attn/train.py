@@ -829,6 +829,8 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     try:  # the Trainer writes config.json, split.json and vocab.json once it has restored
         return Trainer(cfg, run_dir, images_dir=images_dir, progress=progress, log=log,
                        data=data).fit()
+    except BrokenPipeError:   # stdout's reader gone (`train ... | head`): the CLI's to say,
+        raise                 # not a write of the run folder (no "free space" to advise)
     except OSError as e:  # a write that failed while training: a full disk, a lost folder
         # h5py (best.weights.h5) names the file and the reason only inside its message
         h5 = dict(re.findall(r"(filename|error message) = '([^']*)'", str(e)))

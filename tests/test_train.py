@@ -910,3 +910,20 @@ def test_other_bleu_images_are_accepted_when_a_later_stage_change_starts_on_new_
     now = types.SimpleNamespace(train=TrainConfig(epochs=8, scst_after=3, bleu_images=4))
     with pytest.raises(UserError, match=r"^--bleu-images 4: RUN measured val_cider on 8 "):
         train.check_metric_images(run, now, 8)
+
+
+def test_a_broken_pipe_while_training_is_left_to_the_cli(shapes_data, tmp_path, monkeypatch):
+    """`train ... | head -n 3`: printing an epoch line after the reader left raised
+    BrokenPipeError, which train turned into "RUN: Broken pipe while training; free space (or
+    fix the folder)" (exit 1) as if the run folder's disk were full. It goes on to the CLI,
+    which ends quietly with 141 when stdout is what broke."""
+    class PrintsIntoAClosedPipe:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(train, "Trainer", PrintsIntoAClosedPipe)
+    with pytest.raises(BrokenPipeError):
+        train.train(small_config(shapes_data), str(tmp_path / "run"), progress=False,
+                    log=lambda *a: None)

@@ -251,13 +251,15 @@ def refuse_other_stages_of_trained_epochs(run: RunFolder, cfg: RunConfig,
     after = "none" if tc.scst_after is None else tc.scst_after
     cross_entropy = next((i for i, stage in enumerate(stages) if stage == "self-critical"),
                          len(stages))
+    # --scst-after must stay below --epochs: at the run's every epoch, more are needed
+    more = f" and an --epochs above {cross_entropy}" if cross_entropy >= tc.epochs else ""
     raise UserError(
         f"--scst-after {after}: epoch {epoch + 1} of {run.path} was trained with "
         f"{trained}, and --scst-after {after} would record it as "
         f"{'cross-entropy' if trained == 'self-critical' else 'self-critical'} in config.json "
         f"(the run has trained {cross_entropy} cross-entropy epoch(s), history.json says): "
-        f"resume with --scst-after {cross_entropy} (the next epoch is then self-critical), or "
-        f"add --fresh to start this run over")
+        f"resume with --scst-after {cross_entropy}{more} (the next epoch is then "
+        f"self-critical), or add --fresh to start this run over")
 
 
 def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig, where: tuple[int, int],

@@ -416,3 +416,17 @@ def test_a_resume_with_an_edited_best_json_is_refused_before_writing(run_copy):
     with pytest.raises(UserError, match=r"best\.json: a JSON int, not an object"):
         train.train(_saved_config(run_copy), run_copy, progress=False, log=lambda *a: None)
     assert _files(run_copy) == before
+
+
+def test_a_refused_scst_after_asks_for_more_epochs_when_all_were_trained(run_copy):
+    """--epochs 3 --scst-after 1 on a run that trained its 3 epochs with cross-entropy was
+    told to resume with --scst-after 3, which --epochs 3 refuses (no self-critical epoch
+    left): the message asks for more epochs too."""
+    import dataclasses
+    from caption_attn.errors import UserError
+    cfg = _saved_config(run_copy)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3,
+                                                             scst_after=1))
+    with pytest.raises(UserError, match=r"resume with --scst-after 3 and an --epochs above 3 "
+                                        r"\(the next epoch is then self-critical\)"):
+        train.reopen_checks(train.RunFolder(run_copy), cfg, fresh=False)

@@ -370,7 +370,7 @@ def stdout_is_closed() -> bool:
     try:
         fd = sys.stdout.fileno()
     except (AttributeError, OSError, ValueError):   # a stdout object without a descriptor
-        return True
+        return False        # (io.StringIO, a notebook's) never raises a broken pipe itself
     poll = select.poll()
     poll.register(fd, select.POLLOUT)
     return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
@@ -405,7 +405,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from caption_attn.quiet import import_tensorflow
             # a multi-worker strategy must configure TF's runtime before any tensor exists
             import_tensorflow(meet_float16=getattr(args, "strategy", None) != "multi-worker")
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        # what is still buffered (stdout to a pipe is block-buffered) goes out here, where a
+        # reader gone away is caught below, not in the interpreter's flush at exit (exit 120)
+        sys.stdout.flush()
+        return code
     except UserError as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code

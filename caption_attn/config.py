@@ -494,6 +494,16 @@ class DemoConfig(Config):
         if self.scst_after is not None and self.scst_after > self.epochs:
             raise UserError(f"--scst-after {self.scst_after} must be at most --epochs "
                             f"({self.epochs}); equal to --epochs trains cross-entropy only")
+        samples = TrainConfig.scst_samples            # the demo trains with train's default
+        if self.scst_after is not None and self.scst_after < self.epochs \
+                and self.batch_size < samples:
+            # said here in the demo's flags: train's message names --scst-samples, which the
+            # demo does not have
+            raise UserError(f"--batch-size {self.batch_size}: the demo's self-critical epochs "
+                            f"(after --scst-after {self.scst_after}) sample {samples} captions "
+                            f"of each image, and a step takes --batch-size captions: use "
+                            f"--batch-size {samples} or more, or --scst-after {self.epochs} "
+                            f"(cross-entropy only)")
 
 
 @dataclass

@@ -387,7 +387,7 @@ def _check_karpathy_id(path: str, image: dict, i: int, image_id: Any, key: Optio
         return
     first, other = entries.setdefault(image_id, (i, key))
     if other != key:
-        field = "cocoid" if "cocoid" in image else "imgid"
+        field = "cocoid" if image.get("cocoid") is not None else "imgid"
         raise UserError(f"{path}: images[{i}] ({key!r}) and images[{first}] ({other!r}) have "
                         f"the same {field} {image_id!r}; the results file would give both "
                         f"images one id (files merged by hand?): give every image its own "
@@ -406,7 +406,10 @@ def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
         captions = [_get(s, "raw", str, path, f"{where}.sentences[{k}]")
                     for k, s in enumerate(sentences)]
         objects = _objects(image, path, where)
-        image_id = image.get("cocoid", image.get("imgid", i))
+        id_field = next((f for f in ("cocoid", "imgid") if image.get(f) is not None), None)
+        # an integer or a string, as COCO's `id` (a list or an object crashed the duplicate
+        # check with a TypeError, and would have been the results file's image_id)
+        image_id = i if id_field is None else _get(image, id_field, (int, str), path, where)
         _check_karpathy_id(path, image, i, image_id, safe_image_key(raw_path), entries)
         out.add(raw_path, captions, where, split=split, image_id=image_id, objects=objects,
                 size=_image_size(image))

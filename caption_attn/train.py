@@ -70,11 +70,12 @@ def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     """The checks of a run folder about to be resumed with `cfg`, nothing written (none with
     --fresh): `RunFolder.reopen_notes`, `refuse_unrestorable_state`,
     `refuse_other_batches_mid_epoch`, `refuse_cross_entropy_after_self_critical` and
-    `refuse_other_stages_of_trained_epochs`; returns
+    `refuse_other_stages_of_trained_epochs` (and `RunFolder.best_record`'s); returns
     the notes to print (`schedule_notes` among them)."""
     if fresh:
         return []
     notes = run.reopen_notes(cfg)
+    run.best_record()   # an edited best.json is refused here, not after config.json is written
     where = checkpoints.position(run.checkpoints) if os.path.exists(run.config) else None
     if where is None:                     # nothing trained yet: nothing to resume from
         return notes
@@ -161,8 +162,12 @@ def check_metric_images(run: RunFolder, cfg: RunConfig, val_images: int) -> list
         return []
     logged = [m for m in ("val_bleu4", "val_cider") if any(h.get(m) is not None
                                                            for h in history)]
-    monitored = [m for m in logged if m in {new.monitor_for(e) for e in
-                                            range(len(history), max(new.epochs, len(history)))}]
+    # Early stopping compares the next epoch with the run's values of its metric: the best
+    # of its stage so far, or the last epoch's at a stage change there. A stage change
+    # later starts from the epoch before it, measured on the new images like every epoch to
+    # come, and the metric stays that stage's to the end
+    upcoming = new.monitor_for(len(history)) if new.epochs > len(history) else None
+    monitored = [upcoming] if upcoming in logged else []
     if monitored:
         raise UserError(
             f"--bleu-images {new.bleu_images}: {run.path} measured {monitored[0]} on {was} "
@@ -246,13 +251,15 @@ def refuse_other_stages_of_trained_epochs(run: RunFolder, cfg: RunConfig,
     after = "none" if tc.scst_after is None else tc.scst_after
     cross_entropy = next((i for i, stage in enumerate(stages) if stage == "self-critical"),
                          len(stages))
+    # --scst-after must stay below --epochs: at the run's every epoch, more are needed
+    more = f" and an --epochs above {cross_entropy}" if cross_entropy >= tc.epochs else ""
     raise UserError(
         f"--scst-after {after}: epoch {epoch + 1} of {run.path} was trained with "
         f"{trained}, and --scst-after {after} would record it as "
         f"{'cross-entropy' if trained == 'self-critical' else 'self-critical'} in config.json "
         f"(the run has trained {cross_entropy} cross-entropy epoch(s), history.json says): "
-        f"resume with --scst-after {cross_entropy} (the next epoch is then self-critical), or "
-        f"add --fresh to start this run over")
+        f"resume with --scst-after {cross_entropy}{more} (the next epoch is then "
+        f"self-critical), or add --fresh to start this run over")
 
 
 def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig, where: tuple[int, int],
@@ -824,6 +831,8 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     try:  # the Trainer writes config.json, split.json and vocab.json once it has restored
         return Trainer(cfg, run_dir, images_dir=images_dir, progress=progress, log=log,
                        data=data).fit()
+    except BrokenPipeError:   # stdout's reader gone (`train ... | head`): the CLI's to say,
+        raise                 # not a write of the run folder (no "free space" to advise)
     except OSError as e:  # a write that failed while training: a full disk, a lost folder
         # h5py (best.weights.h5) names the file and the reason only inside its message
         h5 = dict(re.findall(r"(filename|error message) = '([^']*)'", str(e)))

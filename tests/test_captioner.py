@@ -467,8 +467,16 @@ def test_caption_into_a_closed_pipe_ends_quietly_after_the_written_batches(
 
         def flush(self):
             flushed.append(1)
+
+        def fileno(self):   # a pipe whose reader is gone, as `head`'s after its lines
+            return write_end
+    read_end, write_end = os.pipe()
+    os.close(read_end)
     monkeypatch.setattr(sys, "stdout", HeadClosesAfterOneBatch())
-    code = main(["caption", "--run", str(tmp_path), "--batch-size", "2", *images])
+    try:
+        code = main(["caption", "--run", str(tmp_path), "--batch-size", "2", *images])
+    finally:
+        os.close(write_end)
     captured = capsys.readouterr()
     assert code == cli.EXIT_STDOUT_CLOSED
     assert captured.err == ""

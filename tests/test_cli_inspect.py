@@ -106,11 +106,44 @@ def test_a_closed_stdout_ends_quietly_with_the_status_of_sigpipe(tmp_path):
     assert done.returncode == cli.EXIT_STDOUT_CLOSED == 141
 
 
+def test_a_closed_stdout_ends_quietly_when_stdout_is_buffered(tmp_path):
+    # Without PYTHONUNBUFFERED (a user's shell), stdout to a pipe is block-buffered: the
+    # output went out in the interpreter's flush at exit, after main had returned, and the
+    # broken pipe was 'Exception ignored ... BrokenPipeError' on stderr with exit 120.
+    path, _ = make(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "caption_attn", "inspect", "--captions",
+                               path], cwd=REPO, stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=60, env=env)
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    assert done.returncode == cli.EXIT_STDOUT_CLOSED
+
+
 def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(tmp_path, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise BrokenPipeError(32, "Broken pipe")
     monkeypatch.setattr(cli, "stdout_is_closed", lambda: False)
     monkeypatch.setattr("caption_attn.data.describe", broken)
+    path, _ = make(tmp_path)
+    assert cli.main(["inspect", "--captions", path]) == 1
+    assert "caption-attn inspect: error: Broken pipe" in capsys.readouterr().err
+
+
+def test_a_broken_pipe_is_an_error_when_stdout_has_no_descriptor(tmp_path, capsys,
+                                                                 monkeypatch):
+    # stdout replaced by an object without a file descriptor (a notebook's, io.StringIO)
+    # cannot be what broke: the error was swallowed as a quiet exit 141
+    import io
+
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr("caption_attn.data.describe", broken)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
     path, _ = make(tmp_path)
     assert cli.main(["inspect", "--captions", path]) == 1
     assert "caption-attn inspect: error: Broken pipe" in capsys.readouterr().err

@@ -463,6 +463,19 @@ def test_karpathy_imgid_given_to_two_images_is_refused_naming_both(tmp_path):
         == len(images) - 1
 
 
+@pytest.mark.parametrize("value, kind", [([1], "list"), ({"id": 1}, "dict"), (True, "bool")])
+def test_karpathy_id_that_is_not_an_integer_or_string_is_refused(tmp_path, value, kind):
+    # an unhashable imgid crashed the duplicate-id check with `TypeError: unhashable type`
+    images = karpathy_images()
+    images[1]["imgid"] = value
+    with pytest.raises(UserError, match=rf"^.*k\.json: images\[1\]\.imgid must be an "
+                                        rf"integer or a string, got {kind}$"):
+        data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+    images[1]["imgid"], images[1]["cocoid"] = 7, None     # a null cocoid: imgid decides
+    records = data.load_captions(write(tmp_path, "k.json", karpathy_text(images))).records
+    assert records[1].image_id == 7
+
+
 def test_karpathy_sentence_without_raw(tmp_path):
     images = karpathy_images()
     images[2]["sentences"] = [{"tokens": ["x"]}]

@@ -372,6 +372,17 @@ def test_sampling_noise_is_the_same_with_and_without_xla():
     assert abs(noise.mean() - np.euler_gamma) < 0.15 and abs(noise.std() - 1.28) < 0.15
 
 
+def test_no_two_streams_draw_the_same_noise_permuted():
+    # The column was the hash's start: row n was one bijection of (column XOR a hash of
+    # stream n), so streams whose hashes agreed above the column bits drew the same numbers
+    # in permuted columns at every step (here 5 pairs of the 16384 rows; 1 pair in 2**18
+    # at 10,000 words): their samples were not independent.
+    from caption_attn.decode import _hashed_uniform
+    rows = np.sort(np.asarray(_hashed_uniform(tf.constant(7, tf.int64), tf.constant(3),
+                                              tf.range(1 << 14, dtype=tf.int64), 256)), axis=1)
+    assert len(np.unique(rows, axis=0)) == len(rows)
+
+
 def test_sampling_draws_fresh_randomness_at_every_step():
     # Every row the same distribution (END excluded): reusing one seed at every step would
     # repeat each sample's first token for the whole caption.

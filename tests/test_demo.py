@@ -106,7 +106,20 @@ def test_train_flag_combinations_are_checked_before_anything_is_written(tmp_path
     assert demo.run_config(DemoConfig(epochs=2, scst_after=1), "c.json", "cache") \
         .train.lr_schedule == "cosine"
     work = tmp_path / "small"
-    with pytest.raises(UserError, match=r"--scst-samples 5 is more than --batch-size 4"):
+    with pytest.raises(UserError, match=r"^--batch-size 4: the demo's self-critical epochs"):
         demo.run_demo(DemoConfig(workdir=str(work), epochs=2, scst_after=1, batch_size=4),
                       log=lambda m: None)
     assert not work.exists()
+
+
+def test_a_batch_size_below_the_self_critical_samples_names_the_demos_flags():
+    # train's message told the demo's user to lower --scst-samples, which demo does not have
+    from caption_attn.errors import UserError
+    with pytest.raises(UserError) as e:
+        DemoConfig(epochs=3, scst_after=1, batch_size=4)
+    assert str(e.value) == ("--batch-size 4: the demo's self-critical epochs (after "
+                            "--scst-after 1) sample 5 captions of each image, and a step takes "
+                            "--batch-size captions: use --batch-size 5 or more, or --scst-after "
+                            "3 (cross-entropy only)")
+    assert "--scst-samples" not in str(e.value)
+    DemoConfig(epochs=3, scst_after=3, batch_size=4)                 # cross-entropy only

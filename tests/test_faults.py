@@ -403,3 +403,30 @@ def test_a_resume_whose_checkpoints_cannot_be_restored_leaves_config_json_as_it_
     with pytest.raises(UserError, match="no checkpoint of this run can be restored"):
         train.train(_saved_config(run_copy), run_copy, progress=False, log=lambda *a: None)
     assert _files(run_copy) == before
+
+
+def test_a_resume_with_an_edited_best_json_is_refused_before_writing(run_copy):
+    """best.json that is not train's object is refused (`RunFolder.best_record`), but only
+    once the resume had rewritten config.json and split.json, traced the steps and measured
+    the metrics before it (history.json): now with the other checks, nothing written."""
+    from caption_attn.errors import UserError
+    with open(os.path.join(run_copy, "best.json"), "w") as f:
+        f.write("3")
+    before = _files(run_copy)
+    with pytest.raises(UserError, match=r"best\.json: a JSON int, not an object"):
+        train.train(_saved_config(run_copy), run_copy, progress=False, log=lambda *a: None)
+    assert _files(run_copy) == before
+
+
+def test_a_refused_scst_after_asks_for_more_epochs_when_all_were_trained(run_copy):
+    """--epochs 3 --scst-after 1 on a run that trained its 3 epochs with cross-entropy was
+    told to resume with --scst-after 3, which --epochs 3 refuses (no self-critical epoch
+    left): the message asks for more epochs too."""
+    import dataclasses
+    from caption_attn.errors import UserError
+    cfg = _saved_config(run_copy)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3,
+                                                             scst_after=1))
+    with pytest.raises(UserError, match=r"resume with --scst-after 3 and an --epochs above 3 "
+                                        r"\(the next epoch is then self-critical\)"):
+        train.reopen_checks(train.RunFolder(run_copy), cfg, fresh=False)

@@ -890,3 +890,40 @@ def test_resume_mid_epoch_after_train_features_became_unusable_says_which_and_wh
                               f"extraction"), message
     assert path in message and "caption-attn extract-features --verify" in message
     assert _files(run) == before
+
+
+def test_other_bleu_images_are_accepted_when_a_later_stage_change_starts_on_new_values():
+    """A run stopped after 3 cross-entropy epochs (the last one measured val_cider, the
+    self-critical stage was to start) resumed with --scst-after 5 and other --bleu-images:
+    epochs 4-5 monitor val_loss, and the stage change at epoch 6 starts from epoch 5's
+    val_cider, measured on the new images. It was refused because some later epoch monitors
+    val_cider; a note now. At --scst-after 3 (the change now) it is still refused."""
+    old = TrainConfig(epochs=5, scst_after=3, bleu_images=8)
+    history = [{"epoch": 1, "stage": "cross-entropy", "val_loss": 2.0},
+               {"epoch": 2, "stage": "cross-entropy", "val_loss": 1.9},
+               {"epoch": 3, "stage": "cross-entropy", "val_loss": 1.8, "val_cider": 0.5}]
+    run = types.SimpleNamespace(config=__file__, path="RUN", read_history=lambda: history,
+                                load_config=lambda: types.SimpleNamespace(train=old))
+    later = types.SimpleNamespace(train=TrainConfig(epochs=8, scst_after=5, bleu_images=4))
+    notes = train.check_metric_images(run, later, 8)
+    assert len(notes) == 1 and notes[0].startswith("--bleu-images 4 (was 8): val_cider of")
+    now = types.SimpleNamespace(train=TrainConfig(epochs=8, scst_after=3, bleu_images=4))
+    with pytest.raises(UserError, match=r"^--bleu-images 4: RUN measured val_cider on 8 "):
+        train.check_metric_images(run, now, 8)
+
+
+def test_a_broken_pipe_while_training_is_left_to_the_cli(shapes_data, tmp_path, monkeypatch):
+    """`train ... | head -n 3`: printing an epoch line after the reader left raised
+    BrokenPipeError, which train turned into "RUN: Broken pipe while training; free space (or
+    fix the folder)" (exit 1) as if the run folder's disk were full. It goes on to the CLI,
+    which ends quietly with 141 when stdout is what broke."""
+    class PrintsIntoAClosedPipe:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(train, "Trainer", PrintsIntoAClosedPipe)
+    with pytest.raises(BrokenPipeError):
+        train.train(small_config(shapes_data), str(tmp_path / "run"), progress=False,
+                    log=lambda *a: None)

@@ -371,6 +371,8 @@ def stdout_is_closed() -> bool:
         fd = sys.stdout.fileno()
     except (AttributeError, OSError, ValueError):   # a stdout object without a descriptor
         return False        # (io.StringIO, a notebook's) never raises a broken pipe itself
+    if not hasattr(select, "poll"):   # Windows: cannot tell, so it stays an error
+        return False
     poll = select.poll()
     poll.register(fd, select.POLLOUT)
     return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))

@@ -21,6 +21,48 @@ FILE_SECONDS = {"test_export.py": 97, "test_train.py": 76, "test_extract.py": 75
                 "test_coco_metrics.py": 14, "test_quiet.py": 10}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def reuse_random_backbones():
+    """`Backbone.from_manifest` of a random backbone's cache gives, per test process, one
+    Backbone per weights file content and manifest settings: every `caption`, `evaluate`,
+    `export` and rerun of `extract-features` rebuilt the same InceptionV3 (build, load and
+    check the weights, fold the batch norms, trace: ~5 s each, ~40 of them in `make test`).
+
+    Only what the real call already returned is reused, for a weights file of the same bytes
+    (sha256) and the same manifest fields the call reads: a damaged, missing or replaced
+    weights file, an edited manifest or imagenet weights go through the real call (and its
+    refusals). The real call runs once per key, so its own code is still tested."""
+    import hashlib
+
+    from caption_attn import feature_cache
+    from caption_attn.backbone import Backbone
+
+    real = Backbone.from_manifest.__func__
+    built = {}
+
+    def from_manifest(cls, cache_dir, jit_compile=False):
+        try:
+            m = feature_cache.read_manifest(cache_dir)
+            with open(os.path.join(cache_dir, m["weights_file"]), "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            key = (cls, digest, bool(jit_compile), json.dumps(
+                [m[k] for k in ("weights", "seed", "precision", "weights_file",
+                                "weights_sha256", "feature_scale")]))
+        except Exception:                                      # the real call says what
+            return real(cls, cache_dir, jit_compile)
+        if m["weights"] != "random":
+            return real(cls, cache_dir, jit_compile)
+        if key not in built:
+            if len(built) >= 3:                                # memory: ~200 MB each
+                built.pop(next(iter(built)))
+            built[key] = real(cls, cache_dir, jit_compile)
+        return built[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Backbone, "from_manifest", classmethod(from_manifest))
+        yield
+
+
 def pytest_collection_modifyitems(items):
     """Heaviest files first (a stable sort: each file's tests keep their order)."""
     items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))

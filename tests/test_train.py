@@ -207,11 +207,13 @@ def small_config_like(trained, **changes) -> RunConfig:
                      model=changes.get("model", d.model), train=changes.get("train", d.train))
 
 
-def test_fresh_starts_over(shapes_data, tmp_path):
-    run = str(tmp_path / "run")
-    run_trainer(small_config(shapes_data, epochs=1), run)
+def test_fresh_starts_over(shapes_data, run_copy):
+    """(The old run: a copy of the session's trained 3-epoch run.)"""
+    run = run_copy.path
+    with open(os.path.join(run, "history.json")) as f:
+        assert len(json.load(f)) == 3
     old_results = RunFolder(run).eval_outputs("test")  # `evaluate` of the old model
-    os.makedirs(os.path.dirname(old_results[0]))
+    os.makedirs(os.path.dirname(old_results[0]), exist_ok=True)
     for path in old_results:
         with open(path, "w") as f:
             f.write("{}")
@@ -336,15 +338,18 @@ def test_max_steps_in_the_middle_of_an_epoch_finishes_no_epoch(shapes_data, tmp_
            f"{per_epoch}, best val_loss=" in head and head.endswith("at epoch 1")
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes_data, tmp_path):
-    run = str(tmp_path / "run")
-    run_trainer(small_config(shapes_data, epochs=1), run)
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_copy):
+    """(On a copy of the session's trained 3-epoch run: no run of its own to train first.)"""
+    run = run_copy.path
     checkpoints = sorted(os.listdir(os.path.join(run, "checkpoints")))
-    cfg = small_config(shapes_data, epochs=2, learning_rate=1e30, clip_norm=0.0)
+    saved = run_copy.load_config()
+    assert saved.train.epochs == 3
+    cfg = dataclasses.replace(saved, train=dataclasses.replace(
+        saved.train, epochs=4, learning_rate=1e30, clip_norm=0.0))
     with pytest.raises(train.TrainingError) as e:
         run_trainer(cfg, run)
     assert e.value.exit_code == 1
-    assert "epoch 2" in str(e.value) and "checkpoint" in str(e.value)
+    assert "epoch 4" in str(e.value) and "checkpoint" in str(e.value)
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == checkpoints
 
 

@@ -414,16 +414,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return code
     except UserError as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return flushed(e.exit_code)
     except OSError as e:  # a file where a folder is expected, a read-only folder, a full disk
         if isinstance(e, BrokenPipeError) and stdout_is_closed():
             return stdout_closed()
         where = f"{e.filename}: " if e.filename else ""
         print(f"{PROG} {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 2 if e.filename else 1
+        return flushed(2 if e.filename else 1)
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return flushed(130)
+
+
+def flushed(code: int) -> int:
+    """`code`, once what the failed command left in stdout's buffer has gone out: flushed
+    at exit instead, to a reader gone away, it turned the error's status into 120 with an
+    'Exception ignored ... BrokenPipeError' below the error message."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        stdout_closed()      # the rest goes to /dev/null; the command's own error is the news
+    return code
 
 
 if __name__ == "__main__":

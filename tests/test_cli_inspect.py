@@ -124,6 +124,31 @@ def test_a_closed_stdout_ends_quietly_when_stdout_is_buffered(tmp_path):
     assert done.returncode == cli.EXIT_STDOUT_CLOSED
 
 
+def test_an_error_after_output_to_a_closed_stdout_keeps_its_status(tmp_path):
+    # A command that printed (block-buffered: no PYTHONUNBUFFERED) and then failed: the
+    # buffer went out in the interpreter's flush at exit, to a reader gone away, which
+    # printed 'Exception ignored ... BrokenPipeError' and exited 120 instead of the error's 2.
+    path, _ = make(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    script = ("import sys\n"
+              "from caption_attn import cli, data\n"
+              "from caption_attn.errors import UserError\n"
+              "def describe(*args, **kwargs):\n"
+              "    print('some output')\n"
+              "    raise UserError('it went wrong')\n"
+              "data.describe = describe\n"
+              f"sys.exit(cli.main(['inspect', '--captions', {path!r}]))\n")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-c", script], cwd=REPO, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60, env=env)
+    finally:
+        os.close(write_end)
+    assert done.stderr == "caption-attn inspect: error: it went wrong\n"
+    assert done.returncode == 2
+
+
 def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(tmp_path, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise BrokenPipeError(32, "Broken pipe")

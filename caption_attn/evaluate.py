@@ -198,9 +198,11 @@ def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
     if objects:
         # boxes are pixels of the original image: without its size they cannot be put on
         # the attention grid (taking the cache's 299 misplaced every box of other sizes)
-        sized = [k for k in objects if records[k].size is not None]
-        unsized = [k for k in objects if records[k].size is None
-                   and any(o.get("bbox") is not None for o in objects[k])]
+        # (and images whose objects have no box are not grounding's: they would count in
+        # grounding_images without a word that could be grounded)
+        boxed = [k for k in objects if any(o.get("bbox") is not None for o in objects[k])]
+        sized = [k for k in boxed if records[k].size is not None]
+        unsized = [k for k in boxed if records[k].size is None]
         captions = {k: hypotheses[k] for k in objects}
         result.update(shapes_metrics(captions, {k: best[k].words for k in sized},
                                      {k: best[k].attention for k in sized}, objects,

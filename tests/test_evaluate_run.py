@@ -332,18 +332,21 @@ def test_shapes_metrics_say_which_images_they_are_over_and_need_the_image_size()
     box = {"color": "red", "shape": "circle", "size": "small", "bbox": [0, 0, 10, 10]}
     records = {"a.png": ImageRecord("a.png", ["a red circle"], "test", 1, [box], (80, 80)),
                "b.png": ImageRecord("b.png", ["a red circle"], "test", 2, [box], None),
-               "c.png": ImageRecord("c.png", ["a photo"], "test", 3, None, None)}
+               "c.png": ImageRecord("c.png", ["a photo"], "test", 3, None, None),
+               # objects without boxes: scene accuracy's, not grounding's
+               "d.png": ImageRecord("d.png", ["a red circle"], "test", 4,
+                                    [{**box, "bbox": None}], (80, 80))}
     found = evaluate._SplitFeatures("test", "cache", list(records), [], records,
                                     {"image_size": 299}, None)
     hypotheses = {k: "a red circle" for k in records}
     caption = captioner_lib.Caption(["a", "red", "circle"], -1.0,
                                     np.eye(64, dtype=np.float32)[[0, 0, 0, 0]])
     result = evaluate._score(found, hypotheses, {k: caption for k in records}, False)
-    assert (result["scene_accuracy"], result["scene_images"]) == (1.0, 2)
+    assert (result["scene_accuracy"], result["scene_images"]) == (1.0, 3)
     assert (result["grounding"], result["grounding_images"], result["matched_words"]) == \
         (1.0, 1, 2)
     assert "images" not in result            # evaluate's own count of the split stays
-    assert "scene accuracy and grounding are over the 2 of the 3 images that have " \
+    assert "scene accuracy and grounding are over the 3 of the 4 images that have " \
         "ground-truth `objects` in the caption file" in result["notes"]
     assert [n for n in result["notes"] if n.startswith(
         "grounding leaves out 1 images whose objects have boxes but whose entries in the "

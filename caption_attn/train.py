@@ -124,20 +124,32 @@ def schedule_notes(cfg: RunConfig, where: tuple[int, int], old: TrainConfig) -> 
             f"and the steps to come follow the new curve"]
 
 
-def refuse_lost_features_mid_epoch(run: RunFolder, cfg: RunConfig, data: TrainData) -> None:
-    """UserError when the run stopped inside an epoch and train images it was training on
-    (split.json's image digests: usable when it last started) have no usable features now.
-    The rerun would skip the batches already trained by their count in an epoch cut from
-    fewer captions (some twice, others never), with only a "skipped N captions" line; the
-    message names the files, what is wrong with them and the command that repairs them."""
+def check_features_mid_epoch(run: RunFolder, cfg: RunConfig, data: TrainData) -> list[str]:
+    """When the run stopped inside an epoch: UserError if train images it was training on
+    (split.json's image digests: usable when it last started) have no usable features now,
+    and a note if train images it went without then have usable features now (repaired). The
+    rerun skips the batches already trained by their count, in an epoch cut from fewer (more)
+    captions: some twice, others never. Lost features were only a "skipped N captions" line;
+    the message names the files, what is wrong with them and the command that repairs them.
+    Repaired ones, which the user was told to repair, are used, and the note says what that
+    costs the rest of this epoch (from the next one on, every caption once again)."""
     where = checkpoints.position(run.checkpoints) if os.path.exists(run.config) else None
     if where is None or where[1] == 0:
-        return
+        return []
     recorded, unusable = run.image_digests(), data.unusable or {}
     lost = {k: unusable[k] for k in data.splits["train"] if k in recorded and k in unusable}
-    if not lost:
-        return
     epoch, in_epoch = where
+    if not lost:
+        # (keys with a digest now and none recorded: an image without one is in neither)
+        gained = [k for k in data.splits["train"]
+                  if recorded and k in (data.image_digests or {}) and k not in recorded]
+        if not gained:
+            return []
+        return [f"{len(gained)} train images have usable features now that {run.path} went "
+                f"without when it last started (repaired since, e.g. {gained[0]!r}): epoch "
+                f"{epoch + 1}, stopped at step {in_epoch}, goes on cut from more captions, so "
+                f"in its remaining steps some captions come twice and others not at all; "
+                f"from epoch {epoch + 2} on, every caption once again"]
     repair = feature_cache.repair_command(cfg.cache, data.manifest, cfg.captions)
     raise UserError(
         f"{run.path} stopped in epoch {epoch + 1} at step {in_epoch}, and {len(lost)} of the "
@@ -821,7 +833,7 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
                      f"against which later resumes are checked")
     data = load_train_data(cfg, run_dir, reuse=not fresh)
     if not fresh:
-        refuse_lost_features_mid_epoch(run, cfg, data)
+        notes += check_features_mid_epoch(run, cfg, data)
         notes += check_metric_images(run, cfg, len(data.references["val"]))
     for note in notes:
         log("note: " + note)

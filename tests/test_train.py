@@ -873,7 +873,7 @@ def test_resume_with_other_bleu_images_is_refused_when_early_stopping_compares_t
                                          "come are measured on 4 validation images")
 
 
-def test_resume_mid_epoch_after_train_features_became_unusable_says_which_and_why(
+def test_resume_mid_epoch_refuses_lost_train_features_and_notes_repaired_ones(
         shapes_data, copy_cache, tmp_path):
     """A run stopped inside an epoch, resumed after one of its train images' feature files
     changed, trained the rest of the epoch cut from fewer captions (the batches skipped by
@@ -883,6 +883,7 @@ def test_resume_mid_epoch_after_train_features_became_unusable_says_which_and_wh
     run_trainer(small_config(shapes_data, cache=copy_cache, epochs=2, max_steps=3), run)
     key = RunFolder(run).load_splits()["train"][0]
     path = os.path.join(copy_cache, key + ".npy")
+    mtime = os.stat(path).st_mtime_ns
     os.utime(path, (1, 1))                                  # changed after extraction
     before = _files(run)
     with pytest.raises(UserError) as e:
@@ -895,6 +896,22 @@ def test_resume_mid_epoch_after_train_features_became_unusable_says_which_and_wh
                               f"extraction"), message
     assert path in message and "caption-attn extract-features --verify" in message
     assert _files(run) == before
+
+    # The other way round: an image the run went without when it last started (no digest
+    # recorded), repaired since. It is used (the user was told to repair it), with a note on
+    # what that costs the rest of the epoch: without one, the epoch grew without a word.
+    os.utime(path, ns=(mtime, mtime))                       # usable again
+    split = json.load(open(RunFolder(run).split))
+    del split["image_digests"][key]
+    with open(RunFolder(run).split, "w") as f:
+        json.dump(split, f)
+    cfg = small_config(shapes_data, cache=copy_cache, epochs=2)
+    data = train.load_train_data(cfg, RunFolder(run))
+    assert train.check_features_mid_epoch(RunFolder(run), cfg, data) == [
+        f"1 train images have usable features now that {run} went without when it last "
+        f"started (repaired since, e.g. {key!r}): epoch 1, stopped at step 3, goes on cut "
+        f"from more captions, so in its remaining steps some captions come twice and others "
+        f"not at all; from epoch 2 on, every caption once again"]
 
 
 def test_other_bleu_images_are_accepted_when_a_later_stage_change_starts_on_new_values():

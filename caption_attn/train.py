@@ -169,6 +169,11 @@ def check_metric_images(run: RunFolder, cfg: RunConfig, val_images: int) -> list
     if not os.path.exists(run.config):
         return []
     old, new, history = run.load_config().train, cfg.train, run.read_history()
+    # The checkpoint says which epoch comes next: history.json may hold one more, of an
+    # epoch whose end was killed before its checkpoint, which is then trained again
+    where = checkpoints.position(run.checkpoints)
+    upcoming_epoch = len(history) if where is None else where[0]
+    history = [h for h in history if h["epoch"] <= upcoming_epoch]
     was, now = min(old.bleu_images, val_images), min(new.bleu_images, val_images)
     if was == now or not history:
         return []
@@ -178,7 +183,7 @@ def check_metric_images(run: RunFolder, cfg: RunConfig, val_images: int) -> list
     # of its stage so far, or the last epoch's at a stage change there. A stage change
     # later starts from the epoch before it, measured on the new images like every epoch to
     # come, and the metric stays that stage's to the end
-    upcoming = new.monitor_for(len(history)) if new.epochs > len(history) else None
+    upcoming = new.monitor_for(upcoming_epoch) if new.epochs > upcoming_epoch else None
     monitored = [upcoming] if upcoming in logged else []
     if monitored:
         raise UserError(
@@ -190,8 +195,10 @@ def check_metric_images(run: RunFolder, cfg: RunConfig, val_images: int) -> list
             f"{old.bleu_images}, or add --fresh to start this run over")
     if not logged:
         return []
+    measured = "not measured (no validation image)" if now == 0 else \
+        f"measured on {now} validation images"
     return [f"--bleu-images {new.bleu_images} (was {old.bleu_images}): {' and '.join(logged)} "
-            f"of the epochs to come are measured on {now} validation images, those of the "
+            f"of the epochs to come are {measured}, those of the "
             f"run's {len(history)} epoch(s) so far on {was}: not comparable across the change "
             f"in history.json and TensorBoard (early stopping does not use them)"]
 

@@ -871,6 +871,18 @@ def test_resume_with_other_bleu_images_is_refused_when_early_stopping_compares_t
                                       8)
     assert notes and notes[0].startswith("--bleu-images 4 (was 8): val_bleu4 of the epochs to "
                                          "come are measured on 4 validation images")
+    notes = train.check_metric_images(RunFolder(run), other(bleu_images=0, monitor="val_loss"),
+                                      8)
+    assert notes[0].startswith("--bleu-images 0 (was 8): val_bleu4 of the epochs to come are "
+                               "not measured (no validation image), those of the run's 4 ")
+    # Killed after epoch 5's history entry, before its checkpoint: the rerun trains epoch 5
+    # again, compared with the run's val_bleu4. Counted from history.json (5 epochs done),
+    # --epochs 5 had nothing to come, and the other image set passed without a word.
+    history = json.load(open(os.path.join(run, "history.json")))
+    with open(os.path.join(run, "history.json"), "w") as f:
+        json.dump(history + [{**history[-1], "epoch": 5}], f)
+    with pytest.raises(UserError, match=r"^--bleu-images 4: .* measured val_bleu4 on 8 "):
+        train.check_metric_images(RunFolder(run), other(bleu_images=4), 8)
 
 
 def test_resume_mid_epoch_refuses_lost_train_features_and_notes_repaired_ones(
@@ -925,7 +937,8 @@ def test_other_bleu_images_are_accepted_when_a_later_stage_change_starts_on_new_
                {"epoch": 2, "stage": "cross-entropy", "val_loss": 1.9},
                {"epoch": 3, "stage": "cross-entropy", "val_loss": 1.8, "val_cider": 0.5}]
     run = types.SimpleNamespace(config=__file__, path="RUN", read_history=lambda: history,
-                                load_config=lambda: types.SimpleNamespace(train=old))
+                                load_config=lambda: types.SimpleNamespace(train=old),
+                                checkpoints=os.path.join(os.path.dirname(__file__), "none"))
     later = types.SimpleNamespace(train=TrainConfig(epochs=8, scst_after=5, bleu_images=4))
     notes = train.check_metric_images(run, later, 8)
     assert len(notes) == 1 and notes[0].startswith("--bleu-images 4 (was 8): val_cider of")

@@ -55,7 +55,8 @@ from caption_attn.backbone import (BACKBONE, FEATURE_LAYOUT, FEATURE_SHAPE, IMAG
 from caption_attn import feature_index
 from caption_attn.config import ExtractConfig
 from caption_attn.errors import UserError
-from caption_attn.fileio import HOST, atomic_path, read_json, write_bytes_atomic, write_json_atomic
+from caption_attn.fileio import (HOST, keras_file_atomic, read_json, write_bytes_atomic,
+                               write_json_atomic)
 from caption_attn.images import RESIZE_METHOD
 
 FORMAT_VERSION = 2               # bump when the meaning of cached files changes
@@ -325,7 +326,7 @@ def _new_manifest(cache_dir: str, cfg: ExtractConfig, backbone: Backbone, sha: s
     if cfg.weights == "random":
         m["weights_file"] = random_weights_file(cfg.seed)
         path = os.path.join(cache_dir, m["weights_file"])
-        with atomic_path(path, ".weights.h5") as tmp:  # Keras insists on this suffix
+        with keras_file_atomic(path, ".weights.h5", backbone.model) as tmp:  # Keras' suffix
             backbone.model.save_weights(tmp)
     write_json_atomic(manifest_path(cache_dir), m)
     return m

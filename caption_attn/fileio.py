@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 from typing import Any, Iterable, Union
+
+import numpy as np
 
 from caption_attn.errors import UserError
 
@@ -43,6 +47,31 @@ def atomic_path(path: str, suffix: str = ""):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def keras_file_atomic(path: str, suffix: str, model, copies: int = 1):
+    """`atomic_path` for Keras' h5py writers (`save_weights`, `save`), after checking that
+    `path`'s filesystem has room for `copies` of `model`'s weights (plus 10 % and 1 MB).
+
+    Keras leaves its h5py file open when a write fails, and h5py then crashes the interpreter
+    at exit (a segmentation fault, exit 139, after the command's own error message) when that
+    failure was a full disk; a disk already too full is refused here instead, as the OSError
+    of a full disk naming `path`. (A disk that fills during the write is not caught.)"""
+    needed = int(copies * sum(_nbytes(v) for v in model.weights) * 1.1) + 2 ** 20
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({needed / 1e6:.0f} MB "
+                                    f"needed, {free / 1e6:.0f} MB free)", path)
+    return atomic_path(path, suffix)
+
+
+def _nbytes(variable) -> int:
+    size = 1
+    for d in variable.shape:
+        size *= int(d)
+    return size * np.dtype(str(variable.dtype)).itemsize
 
 
 def write_bytes_atomic(path: str, payload: Union[bytes, Iterable[bytes]],

@@ -27,7 +27,7 @@ from typing import Optional
 
 from caption_attn.config import MONITORS, RunConfig, config_diff
 from caption_attn.errors import UserError
-from caption_attn.fileio import atomic_path, parse_json, read_json, write_json_atomic
+from caption_attn.fileio import keras_file_atomic, parse_json, read_json, write_json_atomic
 
 
 class RunFolder:
@@ -321,9 +321,10 @@ class RunFolder:
         """Keep `model` as the best so far (1-based `epoch`): its weights first (from which
         `rewrite_best_model` can make best.keras again), then best.keras, then best.json;
         each written atomically."""
-        with atomic_path(self.best_weights, ".weights.h5") as tmp:
+        with keras_file_atomic(self.best_weights, ".weights.h5", model) as tmp:
             model.save_weights(tmp)
-        with atomic_path(self.best_model, ".keras") as tmp:
+        # (the .keras zip: its weights file is written first, then copied into the zip)
+        with keras_file_atomic(self.best_model, ".keras", model, copies=2) as tmp:
             model.save(tmp)
         write_json_atomic(self.best_info, {"epoch": epoch, "monitor": monitor, "value": value})
 
@@ -378,7 +379,7 @@ class RunFolder:
                             f"caption or evaluate the run after its next finished epoch, or "
                             f"train it again with --fresh") from None
         try:
-            with atomic_path(self.best_model, ".keras") as tmp:
+            with keras_file_atomic(self.best_model, ".keras", model, copies=2) as tmp:
                 model.save(tmp)
         finally:
             model.set_weights(current)

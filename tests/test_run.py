@@ -99,3 +99,29 @@ def test_a_trained_run_that_lost_its_split_or_vocabulary_is_refused(tmp_path, lo
     with pytest.raises(UserError, match=rf"{lost}: missing, but .* has trained "
                                         rf"\(checkpoints\).*add --fresh"):
         run.reopen_notes(cfg)
+
+
+def test_a_disk_without_room_for_the_best_model_is_refused_before_h5py_writes(tmp_path,
+                                                                               monkeypatch):
+    # Keras left its h5py file open when a full disk failed the write, and h5py then crashed
+    # the interpreter at exit: a segmentation fault (exit 139) after train's own one-line
+    # error. A disk without room for the weights is now a full disk's OSError up front.
+    import collections
+    import errno
+
+    from caption_attn import fileio
+    from caption_attn.model import ShowAttendTell
+    model = ShowAttendTell(50, 8, 16)
+    weights = sum(int(v.numpy().nbytes) for v in model.weights)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda path: usage(10 ** 9, 0, 2 ** 20))
+    run = RunFolder(str(tmp_path / "run"))
+    with pytest.raises(OSError) as e:
+        run.save_best(model, 1, "val_loss", 1.0)
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, run.best_weights)
+    assert e.value.strerror == (f"No space left on device ({(weights * 1.1 + 2 ** 20) / 1e6:.0f}"
+                                f" MB needed, 1 MB free)")
+    assert os.listdir(run.path) == []                          # nothing half-written
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda path: usage(10 ** 9, 0, 10 ** 8))
+    run.save_best(model, 1, "val_loss", 1.0)                   # room: written as before
+    assert sorted(os.listdir(run.path)) == ["best.json", "best.keras", "best.weights.h5"]

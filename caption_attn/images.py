@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from typing import Optional
 
 import cv2
@@ -145,16 +146,25 @@ def resize_image(rgb: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
 def read_image_file(path: str) -> tuple[bytes, os.stat_result]:
     """The bytes of an image file and its stat, taken on the open file (so the size and mtime
     are those of the bytes read); raises ImageError."""
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            return f.read(), st
+    try:  # O_NONBLOCK: opening a FIFO named like an image would wait for a writer forever
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ImageError("missing") from None
     except IsADirectoryError:
         raise ImageError("not a file (a folder)") from None
     except OSError as e:
         raise ImageError(f"unreadable ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or /dev/zero would never end
+            raise ImageError("not a file (a folder)" if stat.S_ISDIR(st.st_mode) else
+                             "not a regular file (a FIFO, socket or device)")
+        with open(fd, "rb", closefd=False) as f:
+            return f.read(), st
+    except OSError as e:
+        raise ImageError(f"unreadable ({e.strerror})") from None
+    finally:
+        os.close(fd)
 
 
 def load_image(path: str) -> np.ndarray:

@@ -124,3 +124,17 @@ def test_list_images_follows_folder_symlinks_once(tmp_path):
     (root / "sub" / "loop").symlink_to(root, target_is_directory=True)
     (root / "dangling").symlink_to(tmp_path / "gone", target_is_directory=True)
     assert list_images(str(root)) == ["a.jpg", "linked/c.jpg", "sub/b.jpg"]
+
+
+def test_a_fifo_or_device_named_like_an_image_fails_at_once_instead_of_hanging(tmp_path):
+    fifo = tmp_path / "fifo.jpg"
+    os.mkfifo(fifo)                      # open() without O_NONBLOCK waits for a writer forever
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image(str(fifo))
+    (tmp_path / "folder.jpg").mkdir()
+    with pytest.raises(ImageError, match="not a file \\(a folder\\)"):
+        load_image(str(tmp_path / "folder.jpg"))
+    if os.path.exists("/dev/zero"):      # reading it never ends
+        os.symlink("/dev/zero", tmp_path / "zero.jpg")
+        with pytest.raises(ImageError, match="not a regular file"):
+            load_image(str(tmp_path / "zero.jpg"))

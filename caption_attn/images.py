@@ -78,9 +78,15 @@ def _may_have_alpha(data: bytes, fmt: Optional[str]) -> bool:
 
 
 def _composite_alpha(raw: np.ndarray) -> np.ndarray:
-    """BGRA (uint8 or uint16) -> RGB uint8 composited over white."""
-    peak = 65535.0 if raw.dtype == np.uint16 else 255.0
-    bgra = raw.astype(np.float32) / peak                    # (H, W, 4) in [0, 1]
+    """BGRA (uint8, uint16, or float in [0, 1] as in a float TIFF) -> RGB uint8 composited
+    over white. Other sample types are refused rather than scaled by a guess."""
+    if raw.dtype.kind == "f":
+        peak = 1.0
+    elif raw.dtype in (np.uint8, np.uint16):
+        peak = float(np.iinfo(raw.dtype).max)
+    else:
+        raise ImageError(f"unsupported pixel type ({raw.dtype} samples with alpha)")
+    bgra = np.clip(np.nan_to_num(raw.astype(np.float32) / peak), 0.0, 1.0)  # (H, W, 4)
     rgb, alpha = bgra[..., 2::-1], bgra[..., 3:]            # (H, W, 3), (H, W, 1)
     out = rgb * alpha + (1.0 - alpha)                       # (H, W, 3) over white
     return np.rint(out * 255.0).astype(np.uint8)

@@ -138,3 +138,17 @@ def test_a_fifo_or_device_named_like_an_image_fails_at_once_instead_of_hanging(t
         os.symlink("/dev/zero", tmp_path / "zero.jpg")
         with pytest.raises(ImageError, match="not a regular file"):
             load_image(str(tmp_path / "zero.jpg"))
+
+
+def test_a_float_tiff_with_alpha_is_scaled_from_0_1_not_from_0_255():
+    bgra = np.full((8, 8, 4), 0.8, np.float32)                   # (H, W, 4): gray 0.8, opaque
+    bgra[..., 3] = 1.0
+    bgra[:, :4, 3] = 0.0                                          # left half transparent
+    ok, data = cv2.imencode(".tiff", bgra)
+    assert ok
+    rgb = decode_image(data.tobytes())
+    assert (rgb[:, 4:] == 204).all()                              # 0.8 * 255 (was 254: alpha 1/255)
+    assert (rgb[:, :4] == 255).all()                              # over white
+    with pytest.raises(ImageError, match="unsupported pixel type"):
+        from caption_attn.images import _composite_alpha
+        _composite_alpha(np.zeros((2, 2, 4), np.int32))

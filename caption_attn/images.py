@@ -60,10 +60,54 @@ def _truncated(data: bytes, fmt: Optional[str]) -> bool:
     markers cannot occur inside entropy-coded data, so their absence means a cut file.
     """
     if fmt == "jpeg":
-        return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+        end = _jpeg_end(data)
+        if end is not None:
+            return end < 0
+        return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")  # unparsable: the old rule
     if fmt == "png":
         return data.rfind(b"IEND") == -1
     return False
+
+
+def _jpeg_end(data: bytes) -> Optional[int]:
+    """Where the first JPEG image in `data` ends (after its EOI marker), -1 when the data ends
+    first (a cut file), None when its marker structure cannot be followed.
+
+    Walks the segments by their lengths (an EXIF thumbnail inside APP1 is skipped whole) and
+    each scan's entropy-coded data to the next marker, so bytes after the image (a motion
+    photo's MP4, a phone's trailer, a second MPO frame) are never looked at: the 'last FFDA
+    after the last FFD9' rule called such a file truncated whenever its trailer happened to
+    hold the bytes FF DA.
+    """
+    i, n = 2, len(data)
+    while True:
+        if i + 1 >= n:
+            return -1
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:                            # fill byte
+            i += 1
+        elif marker == 0xD9:                          # EOI
+            return i + 2
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn / TEM: no length
+            i += 2
+        else:
+            if i + 4 > n:
+                return -1
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+            if marker == 0xDA:                        # SOS: entropy-coded data follows
+                while True:
+                    i = data.find(b"\xff", i)
+                    if i == -1 or i + 1 >= n:
+                        return -1
+                    nxt = data[i + 1]
+                    if nxt == 0x00 or 0xD0 <= nxt <= 0xD7:   # stuffed byte / restart marker
+                        i += 2
+                    elif nxt == 0xFF:
+                        i += 1
+                    else:
+                        break
 
 
 def _may_have_alpha(data: bytes, fmt: Optional[str]) -> bool:

@@ -39,7 +39,7 @@ from caption_attn.data import image_key_problem
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
 from caption_attn.feature_index import IMAGE_CHANGED, ImageStamp, SegmentWriter, make_entry
-from caption_attn.fileio import file_digest, write_bytes_atomic
+from caption_attn.fileio import HOST, file_digest, write_bytes_atomic
 from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, list_images,
                                  printable_name, read_image_file, resize_image)
 from caption_attn.run import check_folder_writable
@@ -198,13 +198,40 @@ def _shard_keys(images_dir: str, cfg: ExtractConfig,
     # index line or feature file name can hold it, so it fails under a readable name
     undecodable = {k for k in keys if printable_name(k) != k}
     keys = [k for k in keys if k not in undecodable]
-    failed = {k: reason for k in keys if (reason := image_key_problem(k))}
+    name_max = _name_max(cfg.cache)
+    failed = {k: reason for k in keys
+              if (reason := image_key_problem(k) or _name_problem(k, name_max))}
     failed.update({printable_name(k): "file name is not valid UTF-8: rename the file"
                    for k in undecodable})
     mine = [k for k in keys if k not in failed
             and shard_of(k, cfg.num_shards) == cfg.shard_index]
     failed = {k: r for k, r in failed.items() if shard_of(k, cfg.num_shards) == cfg.shard_index}
     return mine, failed
+
+
+def _name_max(cache_dir: str) -> int:
+    """The longest file name (bytes) the file system of `cache_dir` (or of its nearest
+    existing parent) takes; 255 when it does not say."""
+    probe = os.path.abspath(cache_dir)
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        return os.pathconf(probe, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _name_problem(key: str, name_max: int) -> Optional[str]:
+    """Why `key`'s feature file cannot be written (its temporary name, `fileio.temp_name`
+    with the longest pid, is the longest name written), or None. Without this an image whose
+    name is legal but near the limit (80 CJK characters are 240 bytes) stopped the whole run
+    with ENAMETOOLONG at its turn."""
+    base = key.rsplit("/", 1)[-1] + ".npy"
+    longest = len(f".{base}.tmp.{'9' * 7}.{HOST}".encode("utf-8"))
+    if longest <= name_max:
+        return None
+    return (f"file name too long for the feature cache (the feature file's temporary name "
+            f"needs {longest} bytes, the file system takes {name_max}): rename the image")
 
 
 class _Plan(NamedTuple):

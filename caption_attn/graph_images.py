@@ -7,8 +7,10 @@ against them (tests/test_export.py, README "Export and serve"):
 - JPEG: libjpeg's accurate integer DCT with fancy upsampling, as OpenCV uses: identical
   pixels (grayscale too); CMYK JPEGs +-1 (TensorFlow's own CMYK -> RGB). The EXIF
   orientation (all 8, either byte order) is read from the bytes and applied as OpenCV does.
-  A JPEG whose last scan has no end-of-image marker after it is refused, as
-  `images._truncated` does.
+  A JPEG whose last scan has no end-of-image marker after it is refused. `images._truncated`
+  walks the JPEG's segments to the end of its first image; here the simpler rule over all
+  bytes stands, so a JPEG with appended data holding the bytes FF DA (a motion photo's MP4)
+  is refused by the SavedModel although `caption` takes it (an error, never other pixels).
 - PNG (8/16-bit, gray, gray+alpha, RGB, RGBA, palette with transparency): identical. Alpha
   is composited over white with OpenCV's formula; 16-bit without alpha keeps the top 8 bits.
   A PNG without IEND is refused.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from typing import Optional
 
 import cv2
@@ -59,10 +60,54 @@ def _truncated(data: bytes, fmt: Optional[str]) -> bool:
     markers cannot occur inside entropy-coded data, so their absence means a cut file.
     """
     if fmt == "jpeg":
-        return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+        end = _jpeg_end(data)
+        if end is not None:
+            return end < 0
+        return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")  # unparsable: the old rule
     if fmt == "png":
         return data.rfind(b"IEND") == -1
     return False
+
+
+def _jpeg_end(data: bytes) -> Optional[int]:
+    """Where the first JPEG image in `data` ends (after its EOI marker), -1 when the data ends
+    first (a cut file), None when its marker structure cannot be followed.
+
+    Walks the segments by their lengths (an EXIF thumbnail inside APP1 is skipped whole) and
+    each scan's entropy-coded data to the next marker, so bytes after the image (a motion
+    photo's MP4, a phone's trailer, a second MPO frame) are never looked at: the 'last FFDA
+    after the last FFD9' rule called such a file truncated whenever its trailer happened to
+    hold the bytes FF DA.
+    """
+    i, n = 2, len(data)
+    while True:
+        if i + 1 >= n:
+            return -1
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:                            # fill byte
+            i += 1
+        elif marker == 0xD9:                          # EOI
+            return i + 2
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn / TEM: no length
+            i += 2
+        else:
+            if i + 4 > n:
+                return -1
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+            if marker == 0xDA:                        # SOS: entropy-coded data follows
+                while True:
+                    i = data.find(b"\xff", i)
+                    if i == -1 or i + 1 >= n:
+                        return -1
+                    nxt = data[i + 1]
+                    if nxt == 0x00 or 0xD0 <= nxt <= 0xD7:   # stuffed byte / restart marker
+                        i += 2
+                    elif nxt == 0xFF:
+                        i += 1
+                    else:
+                        break
 
 
 def _may_have_alpha(data: bytes, fmt: Optional[str]) -> bool:
@@ -77,9 +122,15 @@ def _may_have_alpha(data: bytes, fmt: Optional[str]) -> bool:
 
 
 def _composite_alpha(raw: np.ndarray) -> np.ndarray:
-    """BGRA (uint8 or uint16) -> RGB uint8 composited over white."""
-    peak = 65535.0 if raw.dtype == np.uint16 else 255.0
-    bgra = raw.astype(np.float32) / peak                    # (H, W, 4) in [0, 1]
+    """BGRA (uint8, uint16, or float in [0, 1] as in a float TIFF) -> RGB uint8 composited
+    over white. Other sample types are refused rather than scaled by a guess."""
+    if raw.dtype.kind == "f":
+        peak = 1.0
+    elif raw.dtype in (np.uint8, np.uint16):
+        peak = float(np.iinfo(raw.dtype).max)
+    else:
+        raise ImageError(f"unsupported pixel type ({raw.dtype} samples with alpha)")
+    bgra = np.clip(np.nan_to_num(raw.astype(np.float32) / peak), 0.0, 1.0)  # (H, W, 4)
     rgb, alpha = bgra[..., 2::-1], bgra[..., 3:]            # (H, W, 3), (H, W, 1)
     out = rgb * alpha + (1.0 - alpha)                       # (H, W, 3) over white
     return np.rint(out * 255.0).astype(np.uint8)
@@ -145,16 +196,25 @@ def resize_image(rgb: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
 def read_image_file(path: str) -> tuple[bytes, os.stat_result]:
     """The bytes of an image file and its stat, taken on the open file (so the size and mtime
     are those of the bytes read); raises ImageError."""
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            return f.read(), st
+    try:  # O_NONBLOCK: opening a FIFO named like an image would wait for a writer forever
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ImageError("missing") from None
     except IsADirectoryError:
         raise ImageError("not a file (a folder)") from None
     except OSError as e:
         raise ImageError(f"unreadable ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or /dev/zero would never end
+            raise ImageError("not a file (a folder)" if stat.S_ISDIR(st.st_mode) else
+                             "not a regular file (a FIFO, socket or device)")
+        with open(fd, "rb", closefd=False) as f:
+            return f.read(), st
+    except OSError as e:
+        raise ImageError(f"unreadable ({e.strerror})") from None
+    finally:
+        os.close(fd)
 
 
 def load_image(path: str) -> np.ndarray:

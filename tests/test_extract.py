@@ -245,6 +245,22 @@ def test_a_file_name_that_is_not_utf8_fails_alone(images, cache_copy, tmp_path):
     assert summary["exit_code"] == 0 and read_failed(cache_copy)["caf\\xe9.jpg"]
 
 
+def test_an_image_name_too_long_for_its_feature_file_fails_alone(images, cache_copy, tmp_path):
+    """80 CJK characters are a legal 244-byte file name, but its feature file's temporary name
+    (.NAME.npy.tmp.PID.HOST) is not: the writer's ENAMETOOLONG stopped the whole run, with no
+    failed.tsv and no count. It is one failed image now, refused before any extraction."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(os.path.join(images, "a.jpg"), work / "a.jpg")
+    long_name = "\u732b" * 80 + ".jpg"                      # 244 bytes in UTF-8
+    shutil.copy(os.path.join(images, "b.png"), work / long_name)
+    summary = extract_features(str(work), extract_cfg(cache_copy), progress=False)
+    assert list(summary["failures"]) == [long_name]
+    assert "file name too long for the feature cache" in summary["failures"][long_name]
+    assert summary["exit_code"] == 0 and long_name in read_failed(cache_copy)
+    assert summary["skipped"] == 1
+
+
 def test_names_with_tabs_and_newlines_stay_one_entry_each_in_failed_tsv(images, cache_copy,
                                                                          tmp_path):
     """Linux allows a tab or a newline in a file name: written raw, "a\tb.jpg" read back as

@@ -4,6 +4,7 @@ Images are rendered by tests/image_samples.py (OpenCV, and Pillow for CMYK/EXIF/
 into the session's `images` folder (conftest.py).
 """
 
+import io
 import os
 import struct
 import zlib
@@ -11,6 +12,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from caption_attn.errors import UserError
 from caption_attn.images import ImageError, decode_image, list_images, load_image, resize_image
@@ -124,3 +126,51 @@ def test_list_images_follows_folder_symlinks_once(tmp_path):
     (root / "sub" / "loop").symlink_to(root, target_is_directory=True)
     (root / "dangling").symlink_to(tmp_path / "gone", target_is_directory=True)
     assert list_images(str(root)) == ["a.jpg", "linked/c.jpg", "sub/b.jpg"]
+
+
+def test_a_fifo_or_device_named_like_an_image_fails_at_once_instead_of_hanging(tmp_path):
+    fifo = tmp_path / "fifo.jpg"
+    os.mkfifo(fifo)                      # open() without O_NONBLOCK waits for a writer forever
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image(str(fifo))
+    (tmp_path / "folder.jpg").mkdir()
+    with pytest.raises(ImageError, match="not a file \\(a folder\\)"):
+        load_image(str(tmp_path / "folder.jpg"))
+    if os.path.exists("/dev/zero"):      # reading it never ends
+        os.symlink("/dev/zero", tmp_path / "zero.jpg")
+        with pytest.raises(ImageError, match="not a regular file"):
+            load_image(str(tmp_path / "zero.jpg"))
+
+
+def test_a_float_tiff_with_alpha_is_scaled_from_0_1_not_from_0_255():
+    bgra = np.full((8, 8, 4), 0.8, np.float32)                   # (H, W, 4): gray 0.8, opaque
+    bgra[..., 3] = 1.0
+    bgra[:, :4, 3] = 0.0                                          # left half transparent
+    ok, data = cv2.imencode(".tiff", bgra)
+    assert ok
+    rgb = decode_image(data.tobytes())
+    assert (rgb[:, 4:] == 204).all()                              # 0.8 * 255 (was 254: alpha 1/255)
+    assert (rgb[:, :4] == 255).all()                              # over white
+    with pytest.raises(ImageError, match="unsupported pixel type"):
+        from caption_attn.images import _composite_alpha
+        _composite_alpha(np.zeros((2, 2, 4), np.int32))
+
+
+def test_a_jpeg_with_data_after_its_end_is_not_called_truncated():
+    """Motion photos append an MP4, phones a trailer: bytes FF DA in it are no cut scan."""
+    data = cv2.imencode(".jpg", scene(1))[1].tobytes()
+    exif = Image.new("RGB", (40, 30))
+    exif_image = io.BytesIO()
+    exif.save(exif_image, "JPEG", exif=exif.getexif().tobytes())
+    for trailer in (b"ftypmp42\xff\xda\x00\x10junk", b"\xff\xd8\xff\xdb\x00\x43"):
+        assert decode_image(data + trailer).shape == (240, 320, 3)
+    with pytest.raises(ImageError, match="truncated"):
+        decode_image(data[:len(data) // 2] + b"\x00\xff\xda")   # cut inside a scan
+    progressive = io.BytesIO()
+    Image.fromarray(scene(2)).save(progressive, "JPEG", progressive=True)
+    p = progressive.getvalue()
+    assert decode_image(p + b"\xff\xda").shape == (240, 320, 3)
+    for cut in (len(p) // 3, len(p) * 2 // 3, len(p) - 2):
+        with pytest.raises(ImageError, match="truncated"):
+            decode_image(p[:cut])
+    assert decode_image(exif_image.getvalue() + b"\xff\xda").shape == (30, 40, 3)

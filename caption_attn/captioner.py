@@ -304,14 +304,23 @@ def check_heatmap_targets(out_dir: str, paths: Sequence[str],
                           images: Sequence[str] = ()) -> None:
     """UserError when the heatmap of one of `paths` (named by `heatmap_files`) would be
     written over one of those images or of `images`: `--plot-attention` naming the images'
-    own folder, with PNG images in it (the heatmap of x.png is DIR/x.png)."""
+    own folder, with PNG images in it (the heatmap of x.png is DIR/x.png); or over any file
+    already in a folder of those images (`caption photos/cat.jpg --plot-attention photos`
+    wrote cat.jpg's heatmap over the photo photos/cat.png)."""
     protected = {os.path.realpath(p): p for p in [*images, *paths]}
+    image_dirs = {os.path.dirname(p) for p in protected}
     for path, name in heatmap_files(display_names(list(paths))).items():
-        hit = protected.get(os.path.realpath(os.path.join(out_dir, name)))
+        target = os.path.realpath(os.path.join(out_dir, name))
+        hit = protected.get(target)
         if hit is not None:
             raise UserError(f"--plot-attention {out_dir}: the heatmap of {path} would "
                             f"overwrite {hit}, an image being captioned; give the heatmaps a "
                             f"folder of their own")
+        if os.path.dirname(target) in image_dirs and os.path.lexists(target):
+            raise UserError(f"--plot-attention {out_dir}: the heatmap of {path} would "
+                            f"overwrite {os.path.join(out_dir, name)}, a file in the folder "
+                            f"of the images being captioned; give the heatmaps a folder of "
+                            f"their own")
 
 
 # ----------------------------------------------------------------------------- output

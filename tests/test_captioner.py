@@ -482,3 +482,14 @@ def test_caption_into_a_closed_pipe_ends_quietly_after_the_written_batches(
     assert captured.err == ""
     assert [line for line in captured.out.splitlines() if line.startswith("Captions")] == \
         ["Captions for image a.png:", "Captions for image b.png:"]
+
+
+def test_save_attention_plots_never_overwrites_another_file_in_the_images_folder(tmp_path):
+    """`caption photos/cat.jpg --plot-attention photos`: cat.jpg's heatmap is photos/cat.png,
+    which overwrote the user's photo cat.png (not being captioned), exit 0 and no word."""
+    photo, other = tmp_path / "cat.jpg", tmp_path / "cat.png"
+    photo.write_bytes(b"jpeg")
+    other.write_bytes(b"png")
+    with pytest.raises(UserError, match=r"overwrite .*cat\.png, a file in the folder"):
+        captioner.save_attention_plots(str(tmp_path), {str(photo): None})
+    assert other.read_bytes() == b"png"

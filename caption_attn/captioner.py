@@ -155,6 +155,16 @@ class Captioner:
         if model.vocab_size != len(vocab):
             raise UserError(f"{run.best_model}: model vocabulary {model.vocab_size} does not "
                             f"match {run.vocab} ({len(vocab)})")
+        # a best.keras copied from another run of the same vocabulary size loaded and
+        # captioned, silently, with words of this run's vocabulary
+        found = {k: getattr(model, k, None) for k in ("embedding_dim", "units")}
+        wanted = {k: getattr(run_cfg.model, k) for k in found}
+        if found != wanted:
+            def show(d):
+                return ", ".join(f"{k} {v}" for k, v in d.items())
+            raise UserError(f"{run.best_model}: a model with {show(found)}, but "
+                            f"{run.config} says {show(wanted)}: not this run's best model "
+                            f"(copied from another run?)")
         return cls(model, vocab, run_cfg, cfg, run_dir, cache)
 
     # -- features -> captions ----------------------------------------------------------

@@ -493,3 +493,19 @@ def test_save_attention_plots_never_overwrites_another_file_in_the_images_folder
     with pytest.raises(UserError, match=r"overwrite .*cat\.png, a file in the folder"):
         captioner.save_attention_plots(str(tmp_path), {str(photo): None})
     assert other.read_bytes() == b"png"
+
+
+def test_a_best_model_of_another_architecture_is_refused(shapes_data, trained_run, run_copy,
+                                                         capsys):
+    """A best.keras from another run (same vocabulary size, other --units) captioned with this
+    run's vocabulary, exit 0: its sizes are checked against config.json."""
+    with open(run_copy.config) as f:
+        config = json.load(f)
+    config["model"]["units"] += 1
+    with open(run_copy.config, "w") as f:
+        json.dump(config, f)
+    image = _test_images(shapes_data, trained_run, 1)[0]
+    assert main(["caption", "--run", run_copy.path, image]) == 2
+    err = capsys.readouterr().err
+    assert "best.keras: a model with embedding_dim 32, units 64, but" in err
+    assert "units 65: not this run's best model" in err and "Traceback" not in err

@@ -246,9 +246,11 @@ class Captioner:
                 images, ids, errors = {}, {}, {}
 
 
-def expand_image_args(args: Sequence[str]) -> list[str]:
+def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None) -> list[str]:
     """Image files given on the command line, each once; folders expand to the images under
-    them. A path that does not exist is a UserError (before the model is loaded: it is a
+    them, except those in the folder `heatmaps` below them (`--plot-attention`: `caption
+    photos --plot-attention photos/heat` run again captioned the heatmaps of the first run
+    as photos). A path that does not exist is a UserError (before the model is loaded: it is a
     typo, not one bad image of many); an existing file that is no image is reported later,
     by `Captioner.caption_images`, while the others are captioned."""
     missing = [arg for arg in args if not os.path.exists(arg)]
@@ -259,10 +261,16 @@ def expand_image_args(args: Sequence[str]) -> list[str]:
     out = []
     for arg in args:
         if os.path.isdir(arg):
-            found = list_images(arg)
+            found = [os.path.join(arg, k) for k in list_images(arg)]
+            skip, top = os.path.realpath(heatmaps or arg), os.path.realpath(arg)
+            below = skip != top and os.path.commonpath([skip, top]) == top
+            if below:
+                found = [p for p in found if os.path.commonpath(
+                    [os.path.realpath(p), skip]) != skip]
             if not found:
-                raise UserError(f"{arg}: no image files in this folder")
-            out += [os.path.join(arg, k) for k in found]
+                raise UserError(f"{arg}: no image files in this folder"
+                                + (f" (outside --plot-attention {heatmaps})" if below else ""))
+            out += found
         else:
             out.append(arg)
     # one file spelled twice (x.png ./x.png, a folder and a file in it) is captioned once,

@@ -509,3 +509,23 @@ def test_a_best_model_of_another_architecture_is_refused(shapes_data, trained_ru
     err = capsys.readouterr().err
     assert "best.keras: a model with embedding_dim 32, units 64, but" in err
     assert "units 65: not this run's best model" in err and "Traceback" not in err
+
+
+def test_a_heatmap_folder_inside_an_image_folder_is_not_captioned(tmp_path):
+    """`caption photos --plot-attention photos/heat`, run a second time, captioned the first
+    run's heatmaps as photos (and drew heatmaps of them)."""
+    (tmp_path / "heat").mkdir()
+    for name in ("x.jpg", "heat/x.png"):
+        (tmp_path / name).write_bytes(b"x")
+    assert captioner.expand_image_args([str(tmp_path)], heatmaps=str(tmp_path / "heat")) \
+        == [str(tmp_path / "x.jpg")]
+    assert captioner.expand_image_args([str(tmp_path / "heat" / "x.png")],   # named: kept
+                                       heatmaps=str(tmp_path / "heat")) \
+        == [str(tmp_path / "heat" / "x.png")]
+    assert len(captioner.expand_image_args([str(tmp_path)], heatmaps=str(tmp_path))) == 2
+    assert len(captioner.expand_image_args([str(tmp_path / "heat")], heatmaps=str(tmp_path))) \
+        == 1
+    (tmp_path / "x.jpg").unlink()
+    with pytest.raises(UserError, match="no image files in this folder .outside "
+                                        "--plot-attention"):
+        captioner.expand_image_args([str(tmp_path)], heatmaps=str(tmp_path / "heat"))

@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import math
 import os
+import unicodedata
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -292,10 +293,17 @@ def display_names(paths: Sequence[str]) -> dict:
         counts = collections.Counter(suffix.values())
         for p in list(left):
             if counts[suffix[p]] == 1 or depth >= len(parts[p]):
-                names[p] = printable_name(suffix[p])
+                names[p] = _one_line(printable_name(suffix[p]))
                 left.discard(p)
         depth += 1
     return {p: names[p] for p in parts}
+
+
+def _one_line(name: str) -> str:
+    """`name` with control characters (a newline or tab in a file name) written as \\n,
+    \\t, \\x1b: `Captions for image a<newline>b.png:` broke the output's one line per
+    header (and a terminal escape in a name drove the terminal)."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in name)
 
 
 def heatmap_files(names: dict) -> dict:

@@ -529,3 +529,13 @@ def test_a_heatmap_folder_inside_an_image_folder_is_not_captioned(tmp_path):
     with pytest.raises(UserError, match="no image files in this folder .outside "
                                         "--plot-attention"):
         captioner.expand_image_args([str(tmp_path)], heatmaps=str(tmp_path / "heat"))
+
+
+def test_a_file_name_with_a_newline_stays_on_its_header_line():
+    """`Captions for image a<newline>b.png:` split the header over two lines (and a heatmap
+    name): control characters are shown escaped."""
+    names = captioner.display_names(["/i/a\nb.png", "/i/c\td\x1b.png"])
+    assert list(names.values()) == ["a\\nb.png", "c\\td\\x1b.png"]
+    text = captioner.format_captions("/i/a\nb.png", [], names["/i/a\nb.png"])
+    assert text == "Captions for image a\\nb.png:"
+    assert captioner.heatmap_files(names)["/i/a\nb.png"] == "a\\nb.png"

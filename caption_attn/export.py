@@ -397,7 +397,10 @@ class _StaticAttention:
 
 def tflite_function(model, backbone: Backbone, cfg: DecodeConfig, length: int):
     """tf.function: image (1, 299, 299, 3) uint8 -> token_ids, scores, attention (greedy)."""
-    decoder = make_decoder(_StaticAttention(model), dataclasses.replace(cfg, beam=1), length)
+    # greedy: beam 1 and no length penalty (a --length-penalty kept for the SavedModel's beam
+    # search made this DecodeConfig refuse itself, after the SavedModel was built)
+    greedy_cfg = dataclasses.replace(cfg, beam=1, length_penalty=0.0)
+    decoder = make_decoder(_StaticAttention(model), greedy_cfg, length)
     spec = tf.TensorSpec([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8, name="image")
 
     @tf.function(input_signature=[spec], autograph=False)

@@ -511,3 +511,13 @@ def test_a_best_model_replaced_while_it_is_loaded_is_refused(run_copy, tmp_path,
         export.export_run(run_copy.path, str(tmp_path / "out"), DecodeConfig(),
                           ExportConfig(), log=lambda *a: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_greedy_tflite_function_accepts_a_length_penalty_of_the_beam_search():
+    """`export --beam 3 --length-penalty 0.5 --tflite` built the SavedModel, then failed with
+    `--length-penalty 0.5 ... does nothing with --beam 1` (the TFLite model's greedy copy of
+    the settings), exit 2."""
+    from types import SimpleNamespace
+    model = SimpleNamespace(init_decoder=None, decode_step=None)
+    assert callable(export.tflite_function(model, None, DecodeConfig(beam=3, length_penalty=0.5),
+                                           5))

@@ -23,6 +23,7 @@ from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import MANIFEST, read_manifest
+from caption_attn.fileio import HOST
 from caption_attn.images import ImageError, list_images, load_image, printable_name
 from caption_attn.run import RunFolder
 from caption_attn.vocab import PAD, START, Vocabulary
@@ -306,15 +307,32 @@ def _one_line(name: str) -> str:
     return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in name)
 
 
+# The longest heatmap file name (bytes, without .png): 255 (NAME_MAX on common file systems)
+# less what `fileio.temp_name` adds (a 7-digit pid), ".png" and room for a "-999" suffix.
+HEATMAP_NAME_BYTES = 255 - len(f"..tmp.{'9' * 7}.{HOST}".encode()) - len(".png-999")
+
+
+def _fit_name(stem: str) -> str:
+    """`stem` cut to HEATMAP_NAME_BYTES of UTF-8 (on a character boundary): the heatmap of an
+    image with a legal 250-byte name (82 CJK characters) stopped `caption --plot-attention`
+    with 'File name too long' (its temporary name is longer), exit 2 with the rest of the
+    images not captioned."""
+    data = stem.encode("utf-8", "surrogateescape")
+    if len(data) <= HEATMAP_NAME_BYTES:
+        return stem
+    return data[:max(HEATMAP_NAME_BYTES, 1)].decode("utf-8", "ignore")
+
+
 def heatmap_files(names: dict) -> dict:
     """path -> heatmap file name: the display name without its extension, "/" as "__", plus
     .png; where two of those would clash (a.jpg and a.png) the extension is kept (a.jpg.png);
     a name still taken (by the image a.jpg.png, or A.png on a case-insensitive disk) gets -2,
-    -3, ... so no heatmap overwrites another."""
+    -3, ... so no heatmap overwrites another. A name too long for the file system (with the
+    temporary name it is written under, `fileio.temp_name`) is cut (`_fit_name`)."""
     stems = {p: os.path.splitext(n)[0].replace("/", "__") for p, n in names.items()}
     clash = collections.Counter(stems.values())
-    wanted = {p: (stems[p] if clash[stems[p]] == 1 else names[p].replace("/", "__")) + ".png"
-              for p in names}
+    wanted = {p: _fit_name(stems[p] if clash[stems[p]] == 1 else names[p].replace("/", "__"))
+              + ".png" for p in names}
     unique = collections.Counter(f.lower() for f in wanted.values())
     files, used = {}, set()
     for p in names:

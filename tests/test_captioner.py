@@ -539,3 +539,16 @@ def test_a_file_name_with_a_newline_stays_on_its_header_line():
     text = captioner.format_captions("/i/a\nb.png", [], names["/i/a\nb.png"])
     assert text == "Captions for image a\\nb.png:"
     assert captioner.heatmap_files(names)["/i/a\nb.png"] == "a\\nb.png"
+
+
+def test_a_heatmap_of_an_image_with_a_long_name_is_written(tmp_path):
+    """82 CJK characters + .png (250 bytes, a legal name): its heatmap's temporary name was
+    too long, and `caption --plot-attention` stopped with 'File name too long', exit 2."""
+    from caption_attn import plot
+    long_a, long_b = "/i/" + "图" * 82 + ".png", "/i/" + "图" * 82 + "x.png"
+    files = captioner.heatmap_files(captioner.display_names([long_a, long_b]))
+    assert len(set(files.values())) == 2
+    for name in files.values():
+        assert name.endswith(".png") and name.startswith("图" * 20)
+        plot.write_bytes_atomic(str(tmp_path / name), b"png")   # the way heatmaps are saved
+    assert len(os.listdir(tmp_path)) == 2

@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import math
 import os
+import unicodedata
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import MANIFEST, read_manifest
+from caption_attn.fileio import HOST
 from caption_attn.images import ImageError, list_images, load_image, printable_name
 from caption_attn.run import RunFolder
 from caption_attn.vocab import PAD, START, Vocabulary
@@ -155,6 +157,16 @@ class Captioner:
         if model.vocab_size != len(vocab):
             raise UserError(f"{run.best_model}: model vocabulary {model.vocab_size} does not "
                             f"match {run.vocab} ({len(vocab)})")
+        # a best.keras copied from another run of the same vocabulary size loaded and
+        # captioned, silently, with words of this run's vocabulary
+        found = {k: getattr(model, k, None) for k in ("embedding_dim", "units")}
+        wanted = {k: getattr(run_cfg.model, k) for k in found}
+        if found != wanted:
+            def show(d):
+                return ", ".join(f"{k} {v}" for k, v in d.items())
+            raise UserError(f"{run.best_model}: a model with {show(found)}, but "
+                            f"{run.config} says {show(wanted)}: not this run's best model "
+                            f"(copied from another run?)")
         return cls(model, vocab, run_cfg, cfg, run_dir, cache)
 
     # -- features -> captions ----------------------------------------------------------
@@ -236,9 +248,11 @@ class Captioner:
                 images, ids, errors = {}, {}, {}
 
 
-def expand_image_args(args: Sequence[str]) -> list[str]:
+def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None) -> list[str]:
     """Image files given on the command line, each once; folders expand to the images under
-    them. A path that does not exist is a UserError (before the model is loaded: it is a
+    them, except those in the folder `heatmaps` below them (`--plot-attention`: `caption
+    photos --plot-attention photos/heat` run again captioned the heatmaps of the first run
+    as photos). A path that does not exist is a UserError (before the model is loaded: it is a
     typo, not one bad image of many); an existing file that is no image is reported later,
     by `Captioner.caption_images`, while the others are captioned."""
     missing = [arg for arg in args if not os.path.exists(arg)]
@@ -249,10 +263,16 @@ def expand_image_args(args: Sequence[str]) -> list[str]:
     out = []
     for arg in args:
         if os.path.isdir(arg):
-            found = list_images(arg)
+            found = [os.path.join(arg, k) for k in list_images(arg)]
+            skip, top = os.path.realpath(heatmaps or arg), os.path.realpath(arg)
+            below = skip != top and os.path.commonpath([skip, top]) == top
+            if below:
+                found = [p for p in found if os.path.commonpath(
+                    [os.path.realpath(p), skip]) != skip]
             if not found:
-                raise UserError(f"{arg}: no image files in this folder")
-            out += [os.path.join(arg, k) for k in found]
+                raise UserError(f"{arg}: no image files in this folder"
+                                + (f" (outside --plot-attention {heatmaps})" if below else ""))
+            out += found
         else:
             out.append(arg)
     # one file spelled twice (x.png ./x.png, a folder and a file in it) is captioned once,
@@ -274,21 +294,45 @@ def display_names(paths: Sequence[str]) -> dict:
         counts = collections.Counter(suffix.values())
         for p in list(left):
             if counts[suffix[p]] == 1 or depth >= len(parts[p]):
-                names[p] = printable_name(suffix[p])
+                names[p] = _one_line(printable_name(suffix[p]))
                 left.discard(p)
         depth += 1
     return {p: names[p] for p in parts}
+
+
+def _one_line(name: str) -> str:
+    """`name` with control characters (a newline or tab in a file name) written as \\n,
+    \\t, \\x1b: `Captions for image a<newline>b.png:` broke the output's one line per
+    header (and a terminal escape in a name drove the terminal)."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in name)
+
+
+# The longest heatmap file name (bytes, without .png): 255 (NAME_MAX on common file systems)
+# less what `fileio.temp_name` adds (a 7-digit pid), ".png" and room for a "-999" suffix.
+HEATMAP_NAME_BYTES = 255 - len(f"..tmp.{'9' * 7}.{HOST}".encode()) - len(".png-999")
+
+
+def _fit_name(stem: str) -> str:
+    """`stem` cut to HEATMAP_NAME_BYTES of UTF-8 (on a character boundary): the heatmap of an
+    image with a legal 250-byte name (82 CJK characters) stopped `caption --plot-attention`
+    with 'File name too long' (its temporary name is longer), exit 2 with the rest of the
+    images not captioned."""
+    data = stem.encode("utf-8", "surrogateescape")
+    if len(data) <= HEATMAP_NAME_BYTES:
+        return stem
+    return data[:max(HEATMAP_NAME_BYTES, 1)].decode("utf-8", "ignore")
 
 
 def heatmap_files(names: dict) -> dict:
     """path -> heatmap file name: the display name without its extension, "/" as "__", plus
     .png; where two of those would clash (a.jpg and a.png) the extension is kept (a.jpg.png);
     a name still taken (by the image a.jpg.png, or A.png on a case-insensitive disk) gets -2,
-    -3, ... so no heatmap overwrites another."""
+    -3, ... so no heatmap overwrites another. A name too long for the file system (with the
+    temporary name it is written under, `fileio.temp_name`) is cut (`_fit_name`)."""
     stems = {p: os.path.splitext(n)[0].replace("/", "__") for p, n in names.items()}
     clash = collections.Counter(stems.values())
-    wanted = {p: (stems[p] if clash[stems[p]] == 1 else names[p].replace("/", "__")) + ".png"
-              for p in names}
+    wanted = {p: _fit_name(stems[p] if clash[stems[p]] == 1 else names[p].replace("/", "__"))
+              + ".png" for p in names}
     unique = collections.Counter(f.lower() for f in wanted.values())
     files, used = {}, set()
     for p in names:
@@ -304,14 +348,23 @@ def check_heatmap_targets(out_dir: str, paths: Sequence[str],
                           images: Sequence[str] = ()) -> None:
     """UserError when the heatmap of one of `paths` (named by `heatmap_files`) would be
     written over one of those images or of `images`: `--plot-attention` naming the images'
-    own folder, with PNG images in it (the heatmap of x.png is DIR/x.png)."""
+    own folder, with PNG images in it (the heatmap of x.png is DIR/x.png); or over any file
+    already in a folder of those images (`caption photos/cat.jpg --plot-attention photos`
+    wrote cat.jpg's heatmap over the photo photos/cat.png)."""
     protected = {os.path.realpath(p): p for p in [*images, *paths]}
+    image_dirs = {os.path.dirname(p) for p in protected}
     for path, name in heatmap_files(display_names(list(paths))).items():
-        hit = protected.get(os.path.realpath(os.path.join(out_dir, name)))
+        target = os.path.realpath(os.path.join(out_dir, name))
+        hit = protected.get(target)
         if hit is not None:
             raise UserError(f"--plot-attention {out_dir}: the heatmap of {path} would "
                             f"overwrite {hit}, an image being captioned; give the heatmaps a "
                             f"folder of their own")
+        if os.path.dirname(target) in image_dirs and os.path.lexists(target):
+            raise UserError(f"--plot-attention {out_dir}: the heatmap of {path} would "
+                            f"overwrite {os.path.join(out_dir, name)}, a file in the folder "
+                            f"of the images being captioned; give the heatmaps a folder of "
+                            f"their own")
 
 
 # ----------------------------------------------------------------------------- output

@@ -127,7 +127,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from caption_attn import progress
 
     cfg = config_from_args(C.DecodeConfig, args)
-    paths = C_.expand_image_args(args.images)
+    paths = C_.expand_image_args(args.images, heatmaps=args.plot_attention)
     write_heatmaps = None
     if args.plot_attention:
         check_folder_writable(args.plot_attention, "--plot-attention")

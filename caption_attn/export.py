@@ -80,7 +80,14 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     _check_out(out, run, cfg.force, keep=(run.path, cache_dir, run_cfg.captions),
                cache=cache_dir)
     start = time.perf_counter()
+    # A run still training can replace best.keras (and best.json) at any time: export.json
+    # records the best epoch read with the model, and a model replaced while it was being
+    # loaded is refused (the record, read 40 s later at the end, named the next best epoch).
+    before = _best_snapshot(run)
     captioner = Captioner.from_run(run_dir, decode_cfg, cache=cache)
+    if _best_snapshot(run) != before:
+        raise UserError(f"{run.best_model}: replaced while the export read it (is `caption-attn "
+                        f"train` running on this run?); export again")
     backbone = captioner.backbone
     _remove_killed_exports(out, log)
     tmp = temp_name(out)
@@ -92,7 +99,7 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
         log(f"saving the SavedModel (beam {decode_cfg.beam}, max length "
             f"{captioner.max_length}) ...")
         save_servable(tmp, captioner, backbone)
-        info = _describe(run, captioner, backbone)
+        info = _describe(run, captioner, backbone, best=before[1])
         info["saved_model"]["bytes"] = _folder_bytes(tmp)
         if cfg.tflite:
             log("converting the TFLite model ...")
@@ -220,10 +227,20 @@ def _publish(tmp: str, out: str) -> None:
             os.remove(old)
 
 
-def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone) -> dict:
+def _best_snapshot(run: RunFolder) -> tuple:
+    """(identity of best.keras, best.json's record): changes when train saves a new best."""
+    try:
+        st = os.stat(run.best_model)
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None
+    return key, run.best_record()
+
+
+def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone, best=None) -> dict:
     m = read_manifest(captioner.cache)
     return {
-        "format": EXPORT_FORMAT, "run": os.path.abspath(run.path), "best": run.best_record(),
+        "format": EXPORT_FORMAT, "run": os.path.abspath(run.path), "best": best,
         # the backbone's weights and feature scale come from this cache's manifest (--cache)
         "cache": os.path.abspath(captioner.cache),
         "beam": captioner.cfg.beam, "length_penalty": captioner.cfg.length_penalty,
@@ -380,7 +397,10 @@ class _StaticAttention:
 
 def tflite_function(model, backbone: Backbone, cfg: DecodeConfig, length: int):
     """tf.function: image (1, 299, 299, 3) uint8 -> token_ids, scores, attention (greedy)."""
-    decoder = make_decoder(_StaticAttention(model), dataclasses.replace(cfg, beam=1), length)
+    # greedy: beam 1 and no length penalty (a --length-penalty kept for the SavedModel's beam
+    # search made this DecodeConfig refuse itself, after the SavedModel was built)
+    greedy_cfg = dataclasses.replace(cfg, beam=1, length_penalty=0.0)
+    decoder = make_decoder(_StaticAttention(model), greedy_cfg, length)
     spec = tf.TensorSpec([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8, name="image")
 
     @tf.function(input_signature=[spec], autograph=False)

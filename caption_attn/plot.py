@@ -158,12 +158,12 @@ def attention_figure(
         ax = fig.add_axes(rect)
         ax.imshow(image)
         ax.imshow(heat, cmap=CMAP, norm=norm, alpha=alpha)
-        ax.set_title(word, fontsize=11, y=1.0)  # a given y: no search for overlapping ticks
+        ax.set_title(word, fontsize=11, y=1.0, parse_math=False)  # y: no search for ticks
         ax.set_axis_off()
     mappable = ScalarMappable(norm=norm, cmap=CMAP)
     fig.colorbar(mappable, cax=fig.add_axes(colorbar), label="attention weight")
     if title:
-        fig.suptitle(title, y=title_y, va="top")
+        fig.suptitle(title, y=title_y, va="top", parse_math=False)  # "$": no TeX (file names)
     return fig
 
 

@@ -482,3 +482,73 @@ def test_caption_into_a_closed_pipe_ends_quietly_after_the_written_batches(
     assert captured.err == ""
     assert [line for line in captured.out.splitlines() if line.startswith("Captions")] == \
         ["Captions for image a.png:", "Captions for image b.png:"]
+
+
+def test_save_attention_plots_never_overwrites_another_file_in_the_images_folder(tmp_path):
+    """`caption photos/cat.jpg --plot-attention photos`: cat.jpg's heatmap is photos/cat.png,
+    which overwrote the user's photo cat.png (not being captioned), exit 0 and no word."""
+    photo, other = tmp_path / "cat.jpg", tmp_path / "cat.png"
+    photo.write_bytes(b"jpeg")
+    other.write_bytes(b"png")
+    with pytest.raises(UserError, match=r"overwrite .*cat\.png, a file in the folder"):
+        captioner.save_attention_plots(str(tmp_path), {str(photo): None})
+    assert other.read_bytes() == b"png"
+
+
+def test_a_best_model_of_another_architecture_is_refused(shapes_data, trained_run, run_copy,
+                                                         capsys):
+    """A best.keras from another run (same vocabulary size, other --units) captioned with this
+    run's vocabulary, exit 0: its sizes are checked against config.json."""
+    with open(run_copy.config) as f:
+        config = json.load(f)
+    config["model"]["units"] += 1
+    with open(run_copy.config, "w") as f:
+        json.dump(config, f)
+    image = _test_images(shapes_data, trained_run, 1)[0]
+    assert main(["caption", "--run", run_copy.path, image]) == 2
+    err = capsys.readouterr().err
+    assert "best.keras: a model with embedding_dim 32, units 64, but" in err
+    assert "units 65: not this run's best model" in err and "Traceback" not in err
+
+
+def test_a_heatmap_folder_inside_an_image_folder_is_not_captioned(tmp_path):
+    """`caption photos --plot-attention photos/heat`, run a second time, captioned the first
+    run's heatmaps as photos (and drew heatmaps of them)."""
+    (tmp_path / "heat").mkdir()
+    for name in ("x.jpg", "heat/x.png"):
+        (tmp_path / name).write_bytes(b"x")
+    assert captioner.expand_image_args([str(tmp_path)], heatmaps=str(tmp_path / "heat")) \
+        == [str(tmp_path / "x.jpg")]
+    assert captioner.expand_image_args([str(tmp_path / "heat" / "x.png")],   # named: kept
+                                       heatmaps=str(tmp_path / "heat")) \
+        == [str(tmp_path / "heat" / "x.png")]
+    assert len(captioner.expand_image_args([str(tmp_path)], heatmaps=str(tmp_path))) == 2
+    assert len(captioner.expand_image_args([str(tmp_path / "heat")], heatmaps=str(tmp_path))) \
+        == 1
+    (tmp_path / "x.jpg").unlink()
+    with pytest.raises(UserError, match="no image files in this folder .outside "
+                                        "--plot-attention"):
+        captioner.expand_image_args([str(tmp_path)], heatmaps=str(tmp_path / "heat"))
+
+
+def test_a_file_name_with_a_newline_stays_on_its_header_line():
+    """`Captions for image a<newline>b.png:` split the header over two lines (and a heatmap
+    name): control characters are shown escaped."""
+    names = captioner.display_names(["/i/a\nb.png", "/i/c\td\x1b.png"])
+    assert list(names.values()) == ["a\\nb.png", "c\\td\\x1b.png"]
+    text = captioner.format_captions("/i/a\nb.png", [], names["/i/a\nb.png"])
+    assert text == "Captions for image a\\nb.png:"
+    assert captioner.heatmap_files(names)["/i/a\nb.png"] == "a\\nb.png"
+
+
+def test_a_heatmap_of_an_image_with_a_long_name_is_written(tmp_path):
+    """82 CJK characters + .png (250 bytes, a legal name): its heatmap's temporary name was
+    too long, and `caption --plot-attention` stopped with 'File name too long', exit 2."""
+    from caption_attn import plot
+    long_a, long_b = "/i/" + "图" * 82 + ".png", "/i/" + "图" * 82 + "x.png"
+    files = captioner.heatmap_files(captioner.display_names([long_a, long_b]))
+    assert len(set(files.values())) == 2
+    for name in files.values():
+        assert name.endswith(".png") and name.startswith("图" * 20)
+        plot.write_bytes_atomic(str(tmp_path / name), b"png")   # the way heatmaps are saved
+    assert len(os.listdir(tmp_path)) == 2

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -470,3 +471,53 @@ def test_temporary_folders_of_killed_exports_are_removed(tmp_path):
     export._remove_killed_exports(str(out), lines.append)
     assert not killed.exists() and live.exists() and other.exists()
     assert lines == [f"removed {killed}, left by an export that did not finish"]
+
+
+def _new_best(run, epoch):
+    """What train does on a new best epoch: best.keras replaced, then best.json."""
+    shutil.copy(run.best_model, run.best_model + ".new")
+    os.replace(run.best_model + ".new", run.best_model)
+    with open(run.best_info, "w") as f:
+        json.dump({"epoch": epoch, "monitor": "val_loss", "value": 0.5}, f)
+
+
+def test_export_json_names_the_best_epoch_exported_while_the_run_trains_on(
+        run_copy, tmp_path, monkeypatch):
+    """A run still training saves a new best during the export's 40 s: export.json recorded
+    the epoch best.json named at the end, not the one of the model exported."""
+    epoch = run_copy.best_record()["epoch"]
+
+    def save(path, *args):   # the SavedModel is being written when train saves a new best
+        _new_best(run_copy, epoch + 7)
+        open(os.path.join(path, "saved_model.pb"), "wb").write(b"x")
+    monkeypatch.setattr(export, "save_servable", save)
+    info = export.export_run(run_copy.path, str(tmp_path / "out"), DecodeConfig(),
+                             ExportConfig(), log=lambda *a: None)
+    assert info["best"]["epoch"] == epoch
+    assert json.loads((tmp_path / "out" / export.INFO_FILE).read_text())["best"]["epoch"] \
+        == epoch
+
+
+def test_a_best_model_replaced_while_it_is_loaded_is_refused(run_copy, tmp_path, monkeypatch):
+    load = export.Captioner.from_run
+
+    def from_run(*args, **kwargs):
+        captioner = load(*args, **kwargs)
+        _new_best(run_copy, run_copy.best_record()["epoch"] + 1)
+        return captioner
+    monkeypatch.setattr(export.Captioner, "from_run", from_run)
+    monkeypatch.setattr(export, "save_servable", lambda *a: pytest.fail("exported"))
+    with pytest.raises(UserError, match="best.keras: replaced while the export read it"):
+        export.export_run(run_copy.path, str(tmp_path / "out"), DecodeConfig(),
+                          ExportConfig(), log=lambda *a: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_greedy_tflite_function_accepts_a_length_penalty_of_the_beam_search():
+    """`export --beam 3 --length-penalty 0.5 --tflite` built the SavedModel, then failed with
+    `--length-penalty 0.5 ... does nothing with --beam 1` (the TFLite model's greedy copy of
+    the settings), exit 2."""
+    from types import SimpleNamespace
+    model = SimpleNamespace(init_decoder=None, decode_step=None)
+    assert callable(export.tflite_function(model, None, DecodeConfig(beam=3, length_penalty=0.5),
+                                           5))

@@ -152,6 +152,17 @@ def test_figure_title():
     assert attention_figure(_image(), ["a"], _attention(1)).get_suptitle() == ""
 
 
+def test_dollar_signs_in_a_title_or_word_are_drawn_as_they_are():
+    """A heatmap of `x$^$y.jpg` (its title holds the file name) crashed `caption
+    --plot-attention` with matplotlib's mathtext ParseSyntaxException, and `cost $5 and
+    $10.jpg` was drawn as TeX (the text between the $ in math italics, spaces gone)."""
+    for title in ("x$^$y.jpg: a b", "a$\\frac$.jpg: a b", "cost $5 and $10.jpg: a b"):
+        fig = attention_figure(_image(), ["$a$", "b"], _attention(2), title=title)
+        figure_to_png(fig)
+        assert not fig._suptitle.get_parse_math()
+        assert not fig.axes[0].title.get_parse_math()
+
+
 def test_figure_rejects_empty_words():
     with pytest.raises(ValueError, match=r"`words`.*\[\]"):
         attention_figure(_image(), [], _attention(2))

@@ -23,7 +23,7 @@ from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import MANIFEST, read_manifest
-from caption_attn.fileio import HOST
+from caption_attn.fileio import longest_temp_name
 from caption_attn.images import ImageError, list_images, load_image, printable_name
 from caption_attn.run import RunFolder
 from caption_attn.vocab import PAD, START, Vocabulary
@@ -309,7 +309,7 @@ def _one_line(name: str) -> str:
 
 # The longest heatmap file name (bytes, without .png): 255 (NAME_MAX on common file systems)
 # less what `fileio.temp_name` adds (a 7-digit pid), ".png" and room for a "-999" suffix.
-HEATMAP_NAME_BYTES = 255 - len(f"..tmp.{'9' * 7}.{HOST}".encode()) - len(".png-999")
+HEATMAP_NAME_BYTES = 255 - longest_temp_name("") - len(".png-999")
 
 
 def _fit_name(stem: str) -> str:

@@ -39,7 +39,7 @@ from caption_attn.data import image_key_problem
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
 from caption_attn.feature_index import IMAGE_CHANGED, ImageStamp, SegmentWriter, make_entry
-from caption_attn.fileio import HOST, file_digest, write_bytes_atomic
+from caption_attn.fileio import file_digest, longest_temp_name, write_bytes_atomic
 from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, list_images,
                                  printable_name, read_image_file, resize_image)
 from caption_attn.run import check_folder_writable
@@ -227,7 +227,7 @@ def _name_problem(key: str, name_max: int) -> Optional[str]:
     name is legal but near the limit (80 CJK characters are 240 bytes) stopped the whole run
     with ENAMETOOLONG at its turn."""
     base = key.rsplit("/", 1)[-1] + ".npy"
-    longest = len(f".{base}.tmp.{'9' * 7}.{HOST}".encode("utf-8"))
+    longest = longest_temp_name(base)
     if longest <= name_max:
         return None
     return (f"file name too long for the feature cache (the feature file's temporary name "

@@ -32,6 +32,12 @@ def temp_name(path: str, suffix: str = "") -> str:
     return os.path.join(directory, f".{base}.tmp.{os.getpid()}.{HOST}{suffix}")
 
 
+def longest_temp_name(name: str) -> int:
+    """Bytes of the longest `temp_name` of a file called `name` (a pid of up to 7 digits): a
+    name that fits the file system's limit may still make a temporary name that does not."""
+    return len(f".{name}.tmp.{'9' * 7}.{HOST}".encode("utf-8", "surrogateescape"))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ""):
     """Yields a temporary path (`temp_name`) to write; renamed onto `path` when the block

@@ -378,16 +378,15 @@ def _objects(image: dict, path: str, where: str) -> Optional[list]:
     return objects
 
 
-def _check_karpathy_id(path: str, image: dict, i: int, image_id: Any, key: Optional[str],
+def _check_karpathy_id(path: str, field: str, i: int, image_id: Any, key: Optional[str],
                        entries: dict) -> None:
-    """`UserError` if `images[i]`'s id (`cocoid`, else `imgid`) is an earlier entry's of
+    """`UserError` if `images[i]`'s id (its `field`: `cocoid`, else `imgid`) is an earlier entry's of
     another image file: files merged by hand (each numbering `imgid` from 0) gave two images
     one id in the results file, which COCO's evaluation then scores as one image."""
     if key is None:                       # unsafe paths are refused and counted later
         return
     first, other = entries.setdefault(image_id, (i, key))
     if other != key:
-        field = "cocoid" if image.get("cocoid") is not None else "imgid"
         raise UserError(f"{path}: images[{i}] ({key!r}) and images[{first}] ({other!r}) have "
                         f"the same {field} {image_id!r}; the results file would give both "
                         f"images one id (files merged by hand?): give every image its own "
@@ -410,7 +409,8 @@ def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
         # an integer or a string, as COCO's `id` (a list or an object crashed the duplicate
         # check with a TypeError, and would have been the results file's image_id)
         image_id = i if id_field is None else _get(image, id_field, (int, str), path, where)
-        _check_karpathy_id(path, image, i, image_id, safe_image_key(raw_path), entries)
+        _check_karpathy_id(path, id_field or "imgid", i, image_id, safe_image_key(raw_path),
+                           entries)
         out.add(raw_path, captions, where, split=split, image_id=image_id, objects=objects,
                 size=_image_size(image))
 

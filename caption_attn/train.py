@@ -76,7 +76,7 @@ def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
         return []
     notes = run.reopen_notes(cfg)
     run.best_record()   # an edited best.json is refused here, not after config.json is written
-    where = checkpoints.position(run.checkpoints) if os.path.exists(run.config) else None
+    where = _resume_position(run)
     if where is None:                     # nothing trained yet: nothing to resume from
         return notes
     old = run.load_config().train
@@ -85,6 +85,11 @@ def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     refuse_cross_entropy_after_self_critical(run, cfg, where, old)
     refuse_other_stages_of_trained_epochs(run, cfg, where)
     return notes + schedule_notes(cfg, where, old)
+
+
+def _resume_position(run: RunFolder) -> Optional[tuple[int, int]]:
+    """`checkpoints.position` of a run folder that has started (config.json), else None."""
+    return checkpoints.position(run.checkpoints) if os.path.exists(run.config) else None
 
 
 def _scheduled_rate(tc: TrainConfig, epoch: int) -> float:
@@ -133,7 +138,7 @@ def check_features_mid_epoch(run: RunFolder, cfg: RunConfig, data: TrainData) ->
     the message names the files, what is wrong with them and the command that repairs them.
     Repaired ones, which the user was told to repair, are used, and the note says what that
     costs the rest of this epoch (from the next one on, every caption once again)."""
-    where = checkpoints.position(run.checkpoints) if os.path.exists(run.config) else None
+    where = _resume_position(run)
     if where is None or where[1] == 0:
         return []
     recorded, unusable = run.image_digests(), data.unusable or {}
@@ -171,7 +176,7 @@ def check_metric_images(run: RunFolder, cfg: RunConfig, val_images: int) -> list
     old, new, history = run.load_config().train, cfg.train, run.read_history()
     # The checkpoint says which epoch comes next: history.json may hold one more, of an
     # epoch whose end was killed before its checkpoint, which is then trained again
-    where = checkpoints.position(run.checkpoints)
+    where = _resume_position(run)
     upcoming_epoch = len(history) if where is None else where[0]
     history = [h for h in history if h["epoch"] <= upcoming_epoch]
     was, now = min(old.bleu_images, val_images), min(new.bleu_images, val_images)

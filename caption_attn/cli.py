@@ -406,7 +406,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command in USES_TENSORFLOW:
             from caption_attn.quiet import import_tensorflow
             # a multi-worker strategy must configure TF's runtime before any tensor exists
-            import_tensorflow(meet_float16=getattr(args, "strategy", None) != "multi-worker")
+            import_tensorflow(meet_dtypes=getattr(args, "strategy", None) != "multi-worker")
         code = int(args.func(args) or 0)
         # what is still buffered (stdout to a pipe is block-buffered) goes out here, where a
         # reader gone away is caught below, not in the interpreter's flush at exit (exit 120)

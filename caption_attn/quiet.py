@@ -4,11 +4,14 @@ TensorFlow 2.21 logs through absl before absl's logging is initialised, so neith
 `TF_CPP_MIN_LOG_LEVEL` nor absl flags silence what its libraries print while they load: on a
 CPU-only machine, "All log messages before absl::InitializeLog() ...", "oneDNN custom
 operations are on ...", "Could not find cuda drivers ...", CPU-feature and cuInit notices,
-each twice, and on the first float16 tensor "oneDNN supports DT_HALF only on platforms with
-AVX-512" (at ERROR level, although nothing is wrong: float16 ops then run on Eigen).
-`import_tensorflow` imports it (lets it look for GPUs and meet a float16 tensor) with the
-process's stderr (file descriptor 2) sent to a temporary file, then writes back every line
-that is not one of those known notices: real warnings and errors are still shown. Set
+each twice, and, once per process, "oneDNN supports DT_... only on platforms with AVX-512"
+(at ERROR level, although nothing is wrong: that op then runs on Eigen). That last one comes
+with the first tensor type oneDNN leaves to Eigen: DT_HALF at the first float16 tensor on a CPU
+without AVX512-FP16 (AMD Zen), DT_INT32 at the first int32 transpose (the first training step)
+on an Intel CPU with AMX, where float16 is oneDNN's. `import_tensorflow` imports it (lets it
+look for GPUs and meet both types) with the process's stderr (file descriptor 2) sent to a
+temporary file, then writes back every line that is not one of those known notices: real
+warnings and errors are still shown. Set
 `CAPTION_ATTN_TF_LOGS=1` to see everything.
 """
 
@@ -29,15 +32,16 @@ NOISE = re.compile(
     r"|^To enable the following instructions: .* rebuild TensorFlow"
     r"|\] Unable to register cu(DNN|FFT|BLAS) factory"
     r"|\] TF-TRT Warning: Could not find TensorRT"
-    r"|\] oneDNN supports DT_HALF only on platforms with AVX-512")
+    r"|\] oneDNN supports DT_\w+ only on platforms with AVX-512")
 
 
-def import_tensorflow(meet_float16: bool = True):
+def import_tensorflow(meet_dtypes: bool = True):
     """`import tensorflow`, its start-up notices dropped (see the module docstring).
 
-    `meet_float16`: also create a float16 tensor while stderr is captured, which initialises
-    TensorFlow's runtime. A process that must configure the runtime first (a multi-worker
-    strategy sets up collective ops) passes False and calls `meet_float16` afterwards."""
+    `meet_dtypes`: also meet oneDNN's Eigen fallback while stderr is captured (`_meet`), which
+    initialises TensorFlow's runtime. A process that must configure the runtime first (a
+    multi-worker strategy sets up collective ops) passes False and calls `meet_dtypes`
+    afterwards."""
     if "tensorflow" in sys.modules or os.environ.get("CAPTION_ATTN_TF_LOGS") == "1":
         import tensorflow as tf
         return tf
@@ -45,20 +49,28 @@ def import_tensorflow(meet_float16: bool = True):
     with _known_notices_dropped():
         import tensorflow as tf
         tf.config.list_physical_devices("GPU")  # the GPU probe logs too (cuInit)
-        if meet_float16:
-            tf.zeros([1], tf.float16)
+        if meet_dtypes:
+            _meet(tf)
     return tf
 
 
-def meet_float16() -> None:
-    """oneDNN logs at ERROR level, once per process, that it leaves float16 to Eigen when it
-    first meets a float16 tensor (every float16 feature cache); meet one now, that line
-    dropped. No-op with `CAPTION_ATTN_TF_LOGS=1`."""
+def meet_dtypes() -> None:
+    """oneDNN logs at ERROR level, once per process, the first tensor type it leaves to Eigen
+    (the module docstring); meet it now, that line dropped. No-op with
+    `CAPTION_ATTN_TF_LOGS=1`."""
     if os.environ.get("CAPTION_ATTN_TF_LOGS") == "1":
         return
     import tensorflow as tf
     with _known_notices_dropped():
-        tf.zeros([1], tf.float16)
+        _meet(tf)
+
+
+def _meet(tf) -> None:
+    """The ops that bring oneDNN's one-off fallback notice: a float16 tensor where oneDNN has
+    no float16 (every float16 feature cache meets one), an int32 transpose where it has
+    (a training step's first). About 1 ms."""
+    tf.zeros([1], tf.float16)
+    tf.transpose(tf.zeros([1, 1], tf.int32))
 
 
 @contextlib.contextmanager

@@ -398,7 +398,7 @@ class Trainer:
             log("note: --precision float16 is meant for GPUs; on a CPU it is slow, prefer "
                 "bfloat16")
         self.strategy = strategy or distribute.make_strategy(tc.strategy)
-        quiet.meet_float16()  # after the strategy, which may configure TF first (quiet.py)
+        quiet.meet_dtypes()  # after the strategy, which may configure TF first (quiet.py)
         self.chief = distribute.is_chief(self.strategy)
         self.data = data or load_train_data(cfg, run_dir)
         self.images_dir = images_dir or self.data.manifest.get("images_dir")

@@ -34,6 +34,9 @@ def test_only_known_notices_are_dropped():
         "TensorFlow with the appropriate compiler flags.",
         "E0000 00:00:1796052927.627816   15194 util.cc:131] oneDNN supports DT_HALF only on "
         "platforms with AVX-512. Falling back to the default Eigen-based implementation if "
+        "present.",
+        "E0000 00:00:1796129823.509269    6244 util.cc:131] oneDNN supports DT_INT32 only on "
+        "platforms with AVX-512. Falling back to the default Eigen-based implementation if "
         "present."]
     real = ["W0000 00:00:1.0 1 op_kernel.cc:1857] OP_REQUIRES failed at save_restore: DATA_LOSS",
             "E0000 00:00:1.0 1 meta_optimizer.cc:961] layout failed: INVALID_ARGUMENT",
@@ -42,28 +45,31 @@ def test_only_known_notices_are_dropped():
     assert not any(NOISE.search(line) for line in real)
 
 
-def test_a_float16_tensor_after_the_quiet_import_prints_nothing():
-    """oneDNN's one-off DT_HALF notice (every float16 feature cache meets it) is met while
-    stderr is captured."""
+def test_float16_and_int32_after_the_quiet_import_print_nothing():
+    """oneDNN's one-off notice of the first type it leaves to Eigen is met while stderr is
+    captured: DT_HALF on AMD Zen (every float16 feature cache), DT_INT32 on Intel with AMX
+    (the first training step's int32 transpose)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CPP", "CAPTION_ATTN"))}
     code = ("from caption_attn.quiet import import_tensorflow\n"
             "tf = import_tensorflow()\n"
             "x = tf.constant([1.0, 2.0], tf.float16)\n"
-            "print(float(tf.reduce_sum(tf.cast(x, tf.float32))))\n")
+            "i = tf.transpose(tf.constant([[1, 2]], tf.int32))\n"
+            "print(float(tf.reduce_sum(tf.cast(x, tf.float32))) + float(tf.reduce_sum(i)))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**env, "PYTHONPATH": ROOT}, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "3.0"
+    assert done.returncode == 0 and done.stdout.strip() == "6.0"
     assert done.stderr == ""
 
 
-def test_the_runtime_can_still_be_configured_when_float16_is_met_later():
+def test_the_runtime_can_still_be_configured_when_the_types_are_met_later():
     """A multi-worker strategy configures TF's runtime before any tensor exists: the quiet
-    import then leaves the float16 notice to `meet_float16`, called afterwards."""
+    import then leaves oneDNN's notice to `meet_dtypes`, called afterwards."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CPP", "CAPTION_ATTN"))}
-    code = ("from caption_attn.quiet import import_tensorflow, meet_float16\n"
-            "tf = import_tensorflow(meet_float16=False)\n"
+    code = ("from caption_attn.quiet import import_tensorflow, meet_dtypes\n"
+            "tf = import_tensorflow(meet_dtypes=False)\n"
             "tf.config.threading.set_inter_op_parallelism_threads(1)  # before any tensor\n"
-            "meet_float16()\n"
+            "meet_dtypes()\n"
+            "tf.transpose(tf.constant([[1, 2]], tf.int32))\n"
             "print(float(tf.reduce_sum(tf.constant([1.0, 2.0], tf.float16))))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**env, "PYTHONPATH": ROOT}, timeout=300)

@@ -369,6 +369,11 @@ class TrainConfig(Config):
         return self.scst_after is not None and epoch >= self.scst_after
 
     @property
+    def scst_after_flag(self) -> str:
+        """--scst-after as it is written on the command line ("none" when never)."""
+        return "none" if self.scst_after is None else str(self.scst_after)
+
+    @property
     def cross_entropy_epochs(self) -> int:
         """The epochs the cross-entropy learning-rate schedule spans."""
         return self.epochs if self.scst_after is None else self.scst_after

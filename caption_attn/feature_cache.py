@@ -489,13 +489,14 @@ def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
     index = feature_index.load_index(cache_dir)
     checks = feature_index.check_keys(cache_dir, keys, index, fingerprint,
                                       feature_file_size(manifest["dtype"]), images_dir)
-    paths = {k: c.path for k, c in zip(keys, checks) if c.reason is None}
-    if image_digests is not None:
-        image_digests.update((k, c.entry.image_sha256[:IMAGE_DIGEST_CHARS])
-                             for k, c in zip(keys, checks)
-                             if c.reason is None and c.entry is not None
-                             and c.entry.image_sha256)
-    problems = {k: c.reason for k, c in zip(keys, checks) if c.reason is not None}
+    paths, problems = {}, {}
+    for k, c in zip(keys, checks):
+        if c.reason is not None:
+            problems[k] = c.reason
+            continue
+        paths[k] = c.path
+        if image_digests is not None and c.entry is not None and c.entry.image_sha256:
+            image_digests[k] = c.entry.image_sha256[:IMAGE_DIGEST_CHARS]
     return paths, problems
 
 

@@ -247,13 +247,12 @@ def refuse_cross_entropy_after_self_critical(run: RunFolder, cfg: RunConfig,
     history = run.read_history()
     if len(history) < done or history[done - 1].get("stage") != "self-critical":
         return
-    new = "none" if cfg.train.scst_after is None else cfg.train.scst_after
     raise UserError(
-        f"--scst-after {new}: epoch {done} of {run.path} was self-critical, and this would "
-        f"train epoch {done + 1} with cross-entropy again (at --learning-rate, monitoring "
-        f"val_loss: it would undo the self-critical stage, and could replace its best model); "
-        f"resume with the run's --scst-after {old.scst_after}, or add --fresh to start this "
-        f"run over")
+        f"--scst-after {cfg.train.scst_after_flag}: epoch {done} of {run.path} was "
+        f"self-critical, and this would train epoch {done + 1} with cross-entropy again (at "
+        f"--learning-rate, monitoring val_loss: it would undo the self-critical stage, and "
+        f"could replace its best model); resume with the run's --scst-after "
+        f"{old.scst_after_flag}, or add --fresh to start this run over")
 
 
 def refuse_other_stages_of_trained_epochs(run: RunFolder, cfg: RunConfig,
@@ -272,14 +271,13 @@ def refuse_other_stages_of_trained_epochs(run: RunFolder, cfg: RunConfig,
     if not wrong:
         return
     epoch, trained = wrong[0], stages[wrong[0]]
-    after = "none" if tc.scst_after is None else tc.scst_after
     cross_entropy = next((i for i, stage in enumerate(stages) if stage == "self-critical"),
                          len(stages))
     # --scst-after must stay below --epochs: at the run's every epoch, more are needed
     more = f" and an --epochs above {cross_entropy}" if cross_entropy >= tc.epochs else ""
     raise UserError(
-        f"--scst-after {after}: epoch {epoch + 1} of {run.path} was trained with "
-        f"{trained}, and --scst-after {after} would record it as "
+        f"--scst-after {tc.scst_after_flag}: epoch {epoch + 1} of {run.path} was trained "
+        f"with {trained}, and --scst-after {tc.scst_after_flag} would record it as "
         f"{'cross-entropy' if trained == 'self-critical' else 'self-critical'} in config.json "
         f"(the run has trained {cross_entropy} cross-entropy epoch(s), history.json says): "
         f"resume with --scst-after {cross_entropy}{more} (the next epoch is then "
@@ -300,8 +298,8 @@ def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig, where: tuple[
     new = cfg.train
     changed = []
     if old.is_scst(epoch) != new.is_scst(epoch):
-        after = lambda tc: "none" if tc.scst_after is None else tc.scst_after  # noqa: E731
-        changed.append(f"--scst-after {after(new)} (was {after(old)}: the epoch would be "
+        changed.append(f"--scst-after {new.scst_after_flag} (was {old.scst_after_flag}: the "
+                       f"epoch would be "
                        f"{'self-critical' if new.is_scst(epoch) else 'cross-entropy'})")
     if old.batch_size != new.batch_size:
         changed.append(f"--batch-size {new.batch_size} (was {old.batch_size})")

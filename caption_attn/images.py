@@ -121,6 +121,27 @@ def _may_have_alpha(data: bytes, fmt: Optional[str]) -> bool:
     return fmt in ("webp", "tiff")
 
 
+def _png_gray_transparent(data: bytes) -> Optional[int]:
+    """The sample value a grayscale PNG's tRNS chunk makes transparent, on the scale OpenCV
+    decodes it to (bit depths 1, 2 and 4 stretched to 0..255); None when there is none.
+
+    OpenCV turns the tRNS of palette and RGB PNGs into an alpha channel but ignores it on
+    grayscale ones, whose transparent pixels then kept their stored gray (often black).
+    """
+    if len(data) < 26 or data[25] != 0:                    # IHDR colour type 0: gray
+        return None
+    depth, i = data[24], 8
+    while i + 8 <= len(data):                              # the chunks before the pixels
+        length, kind = int.from_bytes(data[i:i + 4], "big"), data[i + 4:i + 8]
+        if kind == b"tRNS" and length >= 2:
+            value = int.from_bytes(data[i + 8:i + 10], "big")
+            return value * (255 // ((1 << depth) - 1)) if depth < 8 else value
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        i += 12 + length
+    return None
+
+
 def _composite_alpha(raw: np.ndarray) -> np.ndarray:
     """BGRA (uint8, uint16, or float in [0, 1] as in a float TIFF) -> RGB uint8 composited
     over white. Other sample types are refused rather than scaled by a guess."""
@@ -136,15 +157,29 @@ def _composite_alpha(raw: np.ndarray) -> np.ndarray:
     return np.rint(out * 255.0).astype(np.uint8)
 
 
+def _from_unchanged(raw: np.ndarray, data: bytes, fmt: Optional[str]) -> Optional[np.ndarray]:
+    """RGB uint8 from OpenCV's IMREAD_UNCHANGED decode when it has an alpha channel or is a
+    grayscale PNG with a transparent gray; None: the ordinary IMREAD_COLOR decode is right
+    (it applies the orientation)."""
+    if raw.ndim == 3 and raw.shape[2] == 4:
+        return _composite_alpha(raw)
+    if fmt == "png" and raw.ndim == 2:
+        key = _png_gray_transparent(data)
+        if key is not None:
+            alpha = np.where(raw == key, 0, np.iinfo(raw.dtype).max).astype(raw.dtype)
+            return _composite_alpha(np.dstack([raw, raw, raw, alpha]))
+    return None
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded bytes -> RGB uint8 (H, W, 3) at the original size; raises ImageError.
 
     JPEG/PNG/BMP/GIF (first frame)/WebP/TIFF and whatever else OpenCV reads. Grayscale and CMYK
     become RGB, the EXIF orientation is applied (OpenCV's IMREAD_COLOR does it), 16-bit images
-    are scaled to 8 bits. Images with an alpha channel are composited over white (what a viewer
-    shows; the colour under transparent pixels is often arbitrary); for those the EXIF
-    orientation is not applied (OpenCV only keeps alpha with IMREAD_UNCHANGED, which ignores
-    it; PNG/WebP files very rarely carry an orientation).
+    are scaled to 8 bits. Images with an alpha channel or a transparent colour (PNG tRNS, GIF)
+    are composited over white (what a viewer shows; the colour under transparent pixels is
+    often arbitrary); for those the EXIF orientation is not applied (OpenCV only keeps alpha
+    with IMREAD_UNCHANGED, which ignores it; PNG/WebP files very rarely carry an orientation).
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
@@ -155,8 +190,9 @@ def decode_image(data: bytes) -> np.ndarray:
     try:
         if _may_have_alpha(data, fmt):
             raw = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-            if raw is not None and raw.ndim == 3 and raw.shape[2] == 4:
-                return _composite_alpha(raw)
+            rgb = None if raw is None else _from_unchanged(raw, data, fmt)
+            if rgb is not None:
+                return rgb
         rgb = cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
     except cv2.error as e:
         limit = _OPENCV_LIMIT.search(str(e))

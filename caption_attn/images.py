@@ -142,25 +142,43 @@ def _png_gray_transparent(data: bytes) -> Optional[int]:
     return None
 
 
+_FLOAT_SLACK = 0.05  # how far float samples may overshoot 0..1 and still be taken as 0..1
+
+
+def _unit_samples(raw: np.ndarray) -> np.ndarray:
+    """uint8, uint16, or float in [0, 1] (as in a float TIFF) samples -> float32 in [0, 1].
+
+    Floats are taken as 0..1 (a slight overshoot, as resampling leaves, is clipped); floats
+    clearly outside it (0..255 or HDR values) and other sample types are refused rather than
+    scaled by a guess, which would make them silently white or black.
+    """
+    if raw.dtype.kind == "f":
+        unit = np.nan_to_num(raw.astype(np.float32), posinf=np.inf, neginf=-np.inf)
+        lo, hi = float(unit.min()), float(unit.max())
+        if lo < -_FLOAT_SLACK or hi > 1.0 + _FLOAT_SLACK:
+            raise ImageError(f"unsupported pixel values ({raw.dtype} samples from {lo:g} to "
+                             f"{hi:g}, not 0..1)")
+        return np.clip(unit, 0.0, 1.0)
+    if raw.dtype in (np.uint8, np.uint16):
+        return raw.astype(np.float32) / float(np.iinfo(raw.dtype).max)
+    raise ImageError(f"unsupported pixel type ({raw.dtype} samples)")
+
+
 def _composite_alpha(raw: np.ndarray) -> np.ndarray:
     """BGRA (uint8, uint16, or float in [0, 1] as in a float TIFF) -> RGB uint8 composited
     over white. Other sample types are refused rather than scaled by a guess."""
-    if raw.dtype.kind == "f":
-        peak = 1.0
-    elif raw.dtype in (np.uint8, np.uint16):
-        peak = float(np.iinfo(raw.dtype).max)
-    else:
-        raise ImageError(f"unsupported pixel type ({raw.dtype} samples with alpha)")
-    bgra = np.clip(np.nan_to_num(raw.astype(np.float32) / peak), 0.0, 1.0)  # (H, W, 4)
+    bgra = _unit_samples(raw)                               # (H, W, 4)
     rgb, alpha = bgra[..., 2::-1], bgra[..., 3:]            # (H, W, 3), (H, W, 1)
     out = rgb * alpha + (1.0 - alpha)                       # (H, W, 3) over white
     return np.rint(out * 255.0).astype(np.uint8)
 
 
 def _from_unchanged(raw: np.ndarray, data: bytes, fmt: Optional[str]) -> Optional[np.ndarray]:
-    """RGB uint8 from OpenCV's IMREAD_UNCHANGED decode when it has an alpha channel or is a
-    grayscale PNG with a transparent gray; None: the ordinary IMREAD_COLOR decode is right
-    (it applies the orientation)."""
+    """RGB uint8 from OpenCV's IMREAD_UNCHANGED decode when it needs handling here: alpha
+    (an alpha channel, or a grayscale PNG's transparent gray) or float samples (OpenCV's
+    IMREAD_COLOR refuses 32/64-bit TIFFs: "corrupt TIFF" was the reason given). None: the
+    ordinary IMREAD_COLOR decode is right (it applies the orientation).
+    """
     if raw.ndim == 3 and raw.shape[2] == 4:
         return _composite_alpha(raw)
     if fmt == "png" and raw.ndim == 2:
@@ -168,7 +186,11 @@ def _from_unchanged(raw: np.ndarray, data: bytes, fmt: Optional[str]) -> Optiona
         if key is not None:
             alpha = np.where(raw == key, 0, np.iinfo(raw.dtype).max).astype(raw.dtype)
             return _composite_alpha(np.dstack([raw, raw, raw, alpha]))
-    return None
+    if raw.dtype.kind != "f" or (raw.ndim == 3 and raw.shape[2] != 3):
+        return None
+    samples = _unit_samples(raw)                            # (H, W) or (H, W, 3) BGR
+    rgb = np.repeat(samples[..., None], 3, 2) if samples.ndim == 2 else samples[..., 2::-1]
+    return np.rint(rgb * 255.0).astype(np.uint8)
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -176,10 +198,11 @@ def decode_image(data: bytes) -> np.ndarray:
 
     JPEG/PNG/BMP/GIF (first frame)/WebP/TIFF and whatever else OpenCV reads. Grayscale and CMYK
     become RGB, the EXIF orientation is applied (OpenCV's IMREAD_COLOR does it), 16-bit images
-    are scaled to 8 bits. Images with an alpha channel or a transparent colour (PNG tRNS, GIF)
-    are composited over white (what a viewer shows; the colour under transparent pixels is
-    often arbitrary); for those the EXIF orientation is not applied (OpenCV only keeps alpha
-    with IMREAD_UNCHANGED, which ignores it; PNG/WebP files very rarely carry an orientation).
+    are scaled to 8 bits, float TIFFs are read as 0..1. Images with an alpha channel or a
+    transparent colour (PNG tRNS, GIF) are composited over white (what a viewer shows; the
+    colour under transparent pixels is often arbitrary); for those and float TIFFs the EXIF
+    orientation is not applied (OpenCV only keeps alpha and floats with IMREAD_UNCHANGED, which
+    ignores it; PNG/WebP files very rarely carry an orientation).
     """
     if not data:
         raise ImageError("empty file (0 bytes)")

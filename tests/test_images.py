@@ -170,6 +170,27 @@ def test_a_float_tiff_with_alpha_is_scaled_from_0_1_not_from_0_255():
     with pytest.raises(ImageError, match="unsupported pixel type"):
         from caption_attn.images import _composite_alpha
         _composite_alpha(np.zeros((2, 2, 4), np.int32))
+    bgra[..., :3] = 200.0                                         # 0..255 values, not 0..1
+    with pytest.raises(ImageError) as e:
+        decode_image(cv2.imencode(".tiff", bgra)[1].tobytes())
+    assert str(e.value) == "unsupported pixel values (float32 samples from 0 to 200, not 0..1)"
+
+
+def test_a_float_tiff_without_alpha_is_read_as_0_1():
+    """OpenCV's IMREAD_COLOR refuses 32/64-bit samples: such a TIFF was called "corrupt TIFF
+    (OpenCV cannot decode it)", a false reason; it is read like a float TIFF with alpha."""
+    gray = np.array([[0.0, 0.2, 0.8, 1.0]], np.float32)          # (1, 4)
+    bgr = np.array([[[0.2, 0.4, 0.6], [1.0, 0.5, 0.0]]], np.float32)  # (1, 2, 3)
+    for image, rgb in ((gray, [[0] * 3, [51] * 3, [204] * 3, [255] * 3]),
+                       (gray.astype(np.float64), [[0] * 3, [51] * 3, [204] * 3, [255] * 3]),
+                       (bgr, [[153, 102, 51], [0, 128, 255]]),
+                       (np.array([[[-0.01, 0.5, 1.02]]], np.float32), [[255, 128, 0]])):  # clipped
+        ok, data = cv2.imencode(".tiff", image)
+        assert ok
+        assert decode_image(data.tobytes())[0].tolist() == rgb, image.dtype
+    with pytest.raises(ImageError) as e:                          # 0..255 scale: no guess
+        decode_image(cv2.imencode(".tiff", gray * 255)[1].tobytes())
+    assert str(e.value) == "unsupported pixel values (float32 samples from 0 to 255, not 0..1)"
 
 
 def test_a_jpeg_with_data_after_its_end_is_not_called_truncated():

@@ -175,9 +175,10 @@ def _composite_alpha(raw: np.ndarray) -> np.ndarray:
 
 def _from_unchanged(raw: np.ndarray, data: bytes, fmt: Optional[str]) -> Optional[np.ndarray]:
     """RGB uint8 from OpenCV's IMREAD_UNCHANGED decode when it needs handling here: alpha
-    (an alpha channel, or a grayscale PNG's transparent gray) or float samples (OpenCV's
-    IMREAD_COLOR refuses 32/64-bit TIFFs: "corrupt TIFF" was the reason given). None: the
-    ordinary IMREAD_COLOR decode is right (it applies the orientation).
+    (an alpha channel, or a grayscale PNG's transparent gray), float samples (OpenCV's
+    IMREAD_COLOR refuses 32/64-bit TIFFs: "corrupt TIFF" was the reason given), or signed /
+    32-bit integer samples, refused (IMREAD_COLOR reads int8/int16 TIFFs as if unsigned: wrong
+    pixels). None: the ordinary IMREAD_COLOR decode is right (it applies the orientation).
     """
     if raw.ndim == 3 and raw.shape[2] == 4:
         return _composite_alpha(raw)
@@ -186,7 +187,7 @@ def _from_unchanged(raw: np.ndarray, data: bytes, fmt: Optional[str]) -> Optiona
         if key is not None:
             alpha = np.where(raw == key, 0, np.iinfo(raw.dtype).max).astype(raw.dtype)
             return _composite_alpha(np.dstack([raw, raw, raw, alpha]))
-    if raw.dtype.kind != "f" or (raw.ndim == 3 and raw.shape[2] != 3):
+    if raw.dtype in (np.uint8, np.uint16) or (raw.ndim == 3 and raw.shape[2] != 3):
         return None
     samples = _unit_samples(raw)                            # (H, W) or (H, W, 3) BGR
     rgb = np.repeat(samples[..., None], 3, 2) if samples.ndim == 2 else samples[..., 2::-1]

@@ -252,3 +252,17 @@ def test_only_a_real_trns_chunk_makes_a_gray_png_transparent():
     text = _chunk(b"tEXt", b"Comment\x00tRNS\x00\x00")
     for data in (_png(2, 1, 8, 0, bytes([0, 200]), text), _png(2, 1, 8, 0, bytes([0, 200]))):
         assert decode_image(data)[0].tolist() == [[0, 0, 0], [200, 200, 200]]
+
+
+def test_a_tiff_of_signed_or_32_bit_integers_is_refused_not_misread():
+    """OpenCV's IMREAD_COLOR reads signed TIFF samples as if unsigned (int16 -1, 5, 32767 came
+    out 127, 0, 255; an int16 gray ramp black), exit 0, and calls int32 ones corrupt; their
+    scale is unknown, so they are refused with their type."""
+    for dtype in (np.int8, np.int16, np.int32):
+        ok, data = cv2.imencode(".tiff", np.array([[[-1, 5, 100]]], dtype))
+        assert ok
+        with pytest.raises(ImageError) as e:
+            decode_image(data.tobytes())
+        assert str(e.value) == f"unsupported pixel type ({np.dtype(dtype).name} samples)"
+    gray16 = cv2.imencode(".tiff", np.array([[0, 5000, 60000]], np.uint16))[1].tobytes()
+    assert decode_image(gray16)[0, :, 0].tolist() == [0, 19, 234]   # unsigned: as before

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import struct
 from typing import Optional
 
 import cv2
@@ -142,6 +143,31 @@ def _png_gray_transparent(data: bytes) -> Optional[int]:
     return None
 
 
+def _tiff_tags(data: bytes, wanted: tuple[int, ...]) -> dict[int, int]:
+    """The first value of each `wanted` SHORT/LONG tag of a TIFF's first image (the one OpenCV
+    decodes); tags it lacks are left out, and an unreadable directory gives {}."""
+    order = "<" if data[:2] == b"II" else ">"
+    tags = {}
+    try:
+        (ifd,) = struct.unpack_from(order + "I", data, 4)
+        (count,) = struct.unpack_from(order + "H", data, ifd)
+        for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
+            tag, kind, n = struct.unpack_from(order + "HHI", data, entry)
+            if tag in wanted and kind in (3, 4) and n >= 1:  # SHORT, LONG
+                fmt = order + ("H" if kind == 3 else "I")
+                at = entry + 8                                # the value, if it fits in 4 bytes
+                if struct.calcsize(fmt) * n > 4:
+                    (at,) = struct.unpack_from(order + "I", data, at)
+                (tags[tag],) = struct.unpack_from(fmt, data, at)
+    except struct.error:
+        return {}
+    return tags
+
+
+_SAMPLES_PER_PIXEL, _EXTRA_SAMPLES = 277, 338            # TIFF tags
+_ASSOCIATED_ALPHA, _UNASSOCIATED_ALPHA = 1, 2            # ExtraSamples values (0: unspecified)
+
+
 _FLOAT_SLACK = 0.05  # how far float samples may overshoot 0..1 and still be taken as 0..1
 
 
@@ -164,13 +190,36 @@ def _unit_samples(raw: np.ndarray) -> np.ndarray:
     raise ImageError(f"unsupported pixel type ({raw.dtype} samples)")
 
 
-def _composite_alpha(raw: np.ndarray) -> np.ndarray:
+def _composite_alpha(raw: np.ndarray, premultiplied: bool = False) -> np.ndarray:
     """BGRA (uint8, uint16, or float in [0, 1] as in a float TIFF) -> RGB uint8 composited
-    over white. Other sample types are refused rather than scaled by a guess."""
+    over white; `premultiplied`: the colour is already multiplied by alpha (a TIFF's
+    associated alpha). Other sample types are refused rather than scaled by a guess."""
     bgra = _unit_samples(raw)                               # (H, W, 4)
     rgb, alpha = bgra[..., 2::-1], bgra[..., 3:]            # (H, W, 3), (H, W, 1)
-    out = rgb * alpha + (1.0 - alpha)                       # (H, W, 3) over white
-    return np.rint(out * 255.0).astype(np.uint8)
+    out = (rgb if premultiplied else rgb * alpha) + (1.0 - alpha)  # (H, W, 3) over white
+    return np.rint(np.minimum(out, 1.0) * 255.0).astype(np.uint8)
+
+
+def _tiff_alpha(raw: np.ndarray, data: bytes) -> Optional[bool]:
+    """For a TIFF OpenCV decoded to `raw`: None when it has no alpha, else whether `raw`'s
+    colour is premultiplied by it. Raises ImageError for a gray+alpha TIFF.
+
+    A TIFF's ExtraSamples tag says whether its alpha is associated (premultiplied) or not, but
+    OpenCV reads 8-bit TIFFs through libtiff's RGBA interface, which premultiplies unassociated
+    alpha; 16-bit and float ones, and an extra sample of unspecified meaning (OpenCV writes
+    BGRA so, meaning straight alpha), come back as stored. Compositing premultiplied colour as
+    straight made half-transparent pixels too dark (red 200 at alpha 0.5 came out 177, not
+    227). A gray+alpha TIFF comes back without its alpha, transparent pixels in their stored
+    gray (often black), so it is refused.
+    """
+    tags = _tiff_tags(data, (_SAMPLES_PER_PIXEL, _EXTRA_SAMPLES))
+    extra = tags.get(_EXTRA_SAMPLES)
+    if raw.ndim == 2 and tags.get(_SAMPLES_PER_PIXEL) == 2 and extra in (_ASSOCIATED_ALPHA,
+                                                                        _UNASSOCIATED_ALPHA):
+        raise ImageError("unsupported TIFF (gray with alpha: OpenCV drops the alpha)")
+    if raw.ndim != 3 or raw.shape[2] != 4:
+        return None
+    return extra == _ASSOCIATED_ALPHA or (extra == _UNASSOCIATED_ALPHA and raw.dtype == np.uint8)
 
 
 def _from_unchanged(raw: np.ndarray, data: bytes, fmt: Optional[str]) -> Optional[np.ndarray]:
@@ -180,6 +229,10 @@ def _from_unchanged(raw: np.ndarray, data: bytes, fmt: Optional[str]) -> Optiona
     32-bit integer samples, refused (IMREAD_COLOR reads int8/int16 TIFFs as if unsigned: wrong
     pixels). None: the ordinary IMREAD_COLOR decode is right (it applies the orientation).
     """
+    if fmt == "tiff":
+        premultiplied = _tiff_alpha(raw, data)
+        if premultiplied is not None:
+            return _composite_alpha(raw, premultiplied)
     if raw.ndim == 3 and raw.shape[2] == 4:
         return _composite_alpha(raw)
     if fmt == "png" and raw.ndim == 2:

@@ -266,3 +266,46 @@ def test_a_tiff_of_signed_or_32_bit_integers_is_refused_not_misread():
         assert str(e.value) == f"unsupported pixel type ({np.dtype(dtype).name} samples)"
     gray16 = cv2.imencode(".tiff", np.array([[0, 5000, 60000]], np.uint16))[1].tobytes()
     assert decode_image(gray16)[0, :, 0].tolist() == [0, 19, 234]   # unsigned: as before
+
+
+def _tiff(pixels: np.ndarray, extra_samples: int) -> bytes:
+    """An uncompressed little-endian RGBA TIFF written by hand (OpenCV writes no ExtraSamples
+    tag, Pillow no 16-bit RGBA): `pixels` (H, W, 4) uint8/uint16 in R, G, B, A order;
+    `extra_samples` 1: associated (premultiplied) alpha, 2: unassociated."""
+    h, w, _ = pixels.shape
+    body = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    bits = struct.pack("<4H", *[pixels.dtype.itemsize * 8] * 4)
+    tags = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 4, 8 + 2 + 12 * 11 + 4),  # BitsPerSample
+            (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, 8 + 2 + 12 * 11 + 4 + len(bits)),
+            (277, 3, 1, 4), (278, 4, 1, h), (279, 4, 1, len(body)), (284, 3, 1, 1),
+            (338, 3, 1, extra_samples)]
+    ifd = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHII" if kind == 4 or n > 1 else "<HHIHxx", tag, kind, n, value)
+        for tag, kind, n, value in tags) + b"\x00" * 4
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + bits + body
+
+
+def test_tiff_alpha_is_composited_by_what_its_extra_sample_says_and_gray_alpha_refused():
+    """OpenCV reads 8-bit TIFFs through libtiff's RGBA interface, which premultiplies
+    unassociated alpha, and a TIFF with associated alpha is premultiplied as stored: both were
+    multiplied by alpha once more, half-transparent pixels too dark (177 for 227). A gray+alpha
+    TIFF came back gray without its alpha (the transparent pixel in its stored gray)."""
+    straight = np.array([[[200, 0, 0, 128], [200, 100, 50, 255], [90, 90, 90, 0]]], np.uint8)
+    premultiplied = np.array([[[100, 0, 0, 128], [200, 100, 50, 255], [0, 0, 0, 0]]],
+                             np.uint8)
+    want = [[227, 127, 127], [200, 100, 50], [255, 255, 255]]    # over white
+    pillow = io.BytesIO()
+    Image.fromarray(straight, "RGBA").save(pillow, "TIFF")       # ExtraSamples 2
+    for name, data in (("pillow 8-bit unassociated", pillow.getvalue()),
+                       ("8-bit unassociated", _tiff(straight, 2)),
+                       ("8-bit associated", _tiff(premultiplied, 1)),
+                       ("16-bit unassociated", _tiff(straight.astype(np.uint16) * 257, 2)),
+                       ("16-bit associated", _tiff(premultiplied.astype(np.uint16) * 257, 1)),
+                       ("OpenCV's BGRA (no ExtraSamples: straight)",
+                        cv2.imencode(".tiff", straight[..., [2, 1, 0, 3]])[1].tobytes())):
+        assert decode_image(data).tolist() == [want], name
+    gray_alpha = io.BytesIO()
+    Image.fromarray(np.array([[[0, 0], [200, 255]]], np.uint8), "LA").save(gray_alpha, "TIFF")
+    with pytest.raises(ImageError) as e:
+        decode_image(gray_alpha.getvalue())
+    assert str(e.value) == "unsupported TIFF (gray with alpha: OpenCV drops the alpha)"

@@ -17,7 +17,7 @@ from PIL import Image
 from caption_attn.errors import UserError
 from caption_attn.images import (ImageError, _may_have_alpha, decode_image, list_images,
                                  load_image, resize_image)
-from image_samples import BAD, BLUE, GOOD, GREEN, RED, scene
+from image_samples import BAD, BLUE, GOOD, GREEN, RED, png_chunk, png_file, scene
 
 
 def test_load_image_formats(images):
@@ -75,28 +75,11 @@ def test_truncated_jpeg_is_detected_even_if_decodable():
         decode_image(cv2.imencode(".png", scene(1))[1].tobytes()[:-12])
 
 
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    """One PNG chunk: length, type, body, CRC."""
-    return (struct.pack(">I", len(body)) + kind + body
-            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
-
-
-def _png(width: int, height: int, depth: int, colour_type: int, pixels: bytes,
-         before_idat: bytes = b"") -> bytes:
-    """A PNG written by hand (OpenCV cannot write tRNS or 1/2/4-bit gray): `pixels` are the
-    packed rows, each given the filter byte 0 here; `before_idat` are extra chunks."""
-    stride = len(pixels) // height
-    rows = b"".join(b"\x00" + pixels[y * stride:(y + 1) * stride] for y in range(height))
-    return (b"\x89PNG\r\n\x1a\n"
-            + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0))
-            + before_idat + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b""))
-
-
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares width x height gray pixels (its pixel data is one empty block)."""
     return (b"\x89PNG\r\n\x1a\n"
-            + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + _chunk(b"IDAT", zlib.compress(b"")) + _chunk(b"IEND", b""))
+            + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b""))
 
 
 def test_an_image_too_large_for_opencv_says_so():
@@ -218,25 +201,23 @@ def test_every_kind_of_transparent_png_is_composited_over_white():
     came out as it is stored, exit 0. Each PNG here has a transparent first pixel over black
     and an opaque second one."""
     u16 = struct.Struct(">H").pack
-    palette = _chunk(b"PLTE", bytes([0, 0, 0, 200, 100, 50]))
+    trns0 = png_chunk(b"tRNS", u16(0))                    # gray 0 is transparent
+    palette = png_chunk(b"PLTE", bytes([0, 0, 0, 200, 100, 50])) + png_chunk(b"tRNS", b"\x00")
     cases = {  # name: (PNG, the opaque pixel's RGB)
-        "gray 8-bit tRNS": (_png(2, 1, 8, 0, bytes([0, 200]), _chunk(b"tRNS", u16(0))),
-                            (200, 200, 200)),
-        "gray 16-bit tRNS": (_png(2, 1, 16, 0, u16(0) + u16(60000), _chunk(b"tRNS", u16(0))),
+        "gray 8-bit tRNS": (png_file(2, 1, 8, 0, bytes([0, 200]), trns0), (200, 200, 200)),
+        "gray 16-bit tRNS": (png_file(2, 1, 16, 0, u16(0) + u16(60000), trns0),
                              (233, 233, 233)),                # 60000 / 65535 * 255
-        "gray 2-bit tRNS": (_png(2, 1, 2, 0, bytes([0b01100000]), _chunk(b"tRNS", u16(1))),
-                            (170, 170, 170)),                 # sample 2 of 0..3
-        "gray+alpha 8-bit": (_png(2, 1, 8, 4, bytes([0, 0, 200, 255])), (200, 200, 200)),
-        "gray+alpha 16-bit": (_png(2, 1, 16, 4, u16(0) + u16(0) + u16(60000) + u16(65535)),
+        "gray 2-bit tRNS": (png_file(2, 1, 2, 0, bytes([0b01100000]), png_chunk(b"tRNS", u16(1))),
+                            (170, 170, 170)),                 # sample 1 transparent, 2 of 0..3
+        "gray+alpha 8-bit": (png_file(2, 1, 8, 4, bytes([0, 0, 200, 255])), (200, 200, 200)),
+        "gray+alpha 16-bit": (png_file(2, 1, 16, 4, u16(0) + u16(0) + u16(60000) + u16(65535)),
                               (233, 233, 233)),
-        "RGB 8-bit tRNS": (_png(2, 1, 8, 2, bytes([0, 0, 0, 200, 100, 50]),
-                                _chunk(b"tRNS", u16(0) * 3)), (200, 100, 50)),
-        "RGB 16-bit tRNS": (_png(2, 1, 16, 2, u16(0) * 3 + u16(60000) * 3,
-                                 _chunk(b"tRNS", u16(0) * 3)), (233, 233, 233)),
-        "palette tRNS": (_png(2, 1, 8, 3, bytes([0, 1]), palette + _chunk(b"tRNS", b"\x00")),
-                         (200, 100, 50)),
-        "palette 4-bit tRNS": (_png(2, 1, 4, 3, bytes([0x01]),
-                                    palette + _chunk(b"tRNS", b"\x00")), (200, 100, 50)),
+        "RGB 8-bit tRNS": (png_file(2, 1, 8, 2, bytes([0, 0, 0, 200, 100, 50]),
+                                    png_chunk(b"tRNS", u16(0) * 3)), (200, 100, 50)),
+        "RGB 16-bit tRNS": (png_file(2, 1, 16, 2, u16(0) * 3 + u16(60000) * 3,
+                                     png_chunk(b"tRNS", u16(0) * 3)), (233, 233, 233)),
+        "palette tRNS": (png_file(2, 1, 8, 3, bytes([0, 1]), palette), (200, 100, 50)),
+        "palette 4-bit tRNS": (png_file(2, 1, 4, 3, bytes([0x01]), palette), (200, 100, 50)),
     }
     for name, (data, opaque) in cases.items():
         assert _may_have_alpha(data, "png"), name
@@ -249,8 +230,9 @@ def test_every_kind_of_transparent_png_is_composited_over_white():
 def test_only_a_real_trns_chunk_makes_a_gray_png_transparent():
     """A text chunk that mentions tRNS passes the cheap header test but is no transparency;
     a gray PNG without one is unchanged."""
-    text = _chunk(b"tEXt", b"Comment\x00tRNS\x00\x00")
-    for data in (_png(2, 1, 8, 0, bytes([0, 200]), text), _png(2, 1, 8, 0, bytes([0, 200]))):
+    text = png_chunk(b"tEXt", b"Comment\x00tRNS\x00\x00")
+    for extra in (text, b""):
+        data = png_file(2, 1, 8, 0, bytes([0, 200]), extra)
         assert decode_image(data)[0].tolist() == [[0, 0, 0], [200, 200, 200]]
 
 

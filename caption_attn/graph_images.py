@@ -11,8 +11,9 @@ against them (tests/test_export.py, README "Export and serve"):
   walks the JPEG's segments to the end of its first image; here the simpler rule over all
   bytes stands, so a JPEG with appended data holding the bytes FF DA (a motion photo's MP4)
   is refused by the SavedModel although `caption` takes it (an error, never other pixels).
-- PNG (8/16-bit, gray, gray+alpha, RGB, RGBA, palette with transparency): identical. Alpha
-  is composited over white with OpenCV's formula; 16-bit without alpha keeps the top 8 bits.
+- PNG (8/16-bit, gray, gray+alpha, RGB, RGBA, palette or gray with transparency): identical.
+  Alpha (a gray PNG's transparent gray, from its tRNS chunk) is composited over white with
+  OpenCV's formula; 16-bit without alpha keeps the top 8 bits.
   A PNG without IEND is refused.
 - GIF: the first frame, identical, except transparent pixels: TensorFlow's decoder makes
   them black, `images.py` composites them over white.
@@ -149,11 +150,46 @@ def _to_rgb(raw, peak, keep_alpha: bool):
     return tf.cond(tf.equal(channels % 2, 0), composite, opaque)
 
 
+def png_gray_transparent(data):
+    """images._png_gray_transparent in ops: the sample value (int64) a grayscale PNG's tRNS
+    chunk makes transparent, on the decoded scale (1/2/4-bit stretched to 0..255); -1 when
+    there is none. TensorFlow's decoder, like OpenCV's, ignores it on gray PNGs."""
+    padded = data + b"\0" * 12                                       # reads past the end: 0
+    n = tf.cast(tf.strings.length(data), tf.int64)
+
+    def uint(pos, size):                                               # big-endian, at pos
+        digits = tf.io.decode_raw(tf.strings.substr(padded, tf.cast(pos, tf.int64),
+                                                    tf.constant(size, tf.int64)), tf.uint8)
+        weights = tf.constant([256 ** k for k in range(size - 1, -1, -1)], tf.int64)
+        return tf.reduce_sum(tf.cast(digits, tf.int64) * weights)
+
+    def chunk(pos, key):                                               # key -2: still looking
+        kind = tf.strings.substr(padded, pos + 4, tf.constant(4, tf.int64))
+        length = uint(pos, 4)
+        last = tf.equal(kind, b"IDAT") | tf.equal(kind, b"IEND")       # the pixels: no tRNS
+        found = tf.equal(kind, b"tRNS") & (length >= 2)
+        key = tf.where(found, uint(pos + 8, 2), tf.where(last, tf.constant(-1, tf.int64), key))
+        return pos + 12 + length, key
+
+    _, key = tf.while_loop(lambda pos, key: tf.equal(key, -2) & (pos + 8 <= n), chunk,
+                           (tf.constant(8, tf.int64), tf.constant(-2, tf.int64)))
+    depth = uint(24, 1)
+    stretch = 255 // tf.maximum(2 ** tf.minimum(depth, 8) - 1, 1)     # 1-bit 255, 2-bit 85 ...
+    key = tf.where(depth < 8, key * stretch, key)
+    return tf.where(tf.equal(uint(25, 1), 0) & (key >= 0), key, -1)  # colour type 0: gray
+
+
 def _decode_png(data):
     depth16 = tf.equal(tf.strings.substr(data, 24, 1), b"\x10")      # IHDR bit depth
     raw = tf.cond(depth16, lambda: tf.cast(tf.io.decode_png(data, 0, tf.uint16), tf.int32),
                   lambda: tf.cast(tf.io.decode_png(data, 0, tf.uint8), tf.int32))
-    return _to_rgb(raw, tf.where(depth16, 65535.0, 255.0), keep_alpha=True)
+    peak = tf.where(depth16, 65535.0, 255.0)
+    key = tf.cast(png_gray_transparent(data), tf.int32)
+    raw = tf.cond((key >= 0) & tf.equal(tf.shape(raw)[-1], 1),        # gray + its tRNS alpha
+                  lambda: tf.concat([raw, tf.where(tf.equal(raw, key), 0,
+                                                   tf.cast(peak, tf.int32))], -1),
+                  lambda: raw)
+    return _to_rgb(raw, peak, keep_alpha=True)
 
 
 def decode(data):

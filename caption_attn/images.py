@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import struct
 from typing import Optional
 
 import cv2
@@ -121,19 +122,129 @@ def _may_have_alpha(data: bytes, fmt: Optional[str]) -> bool:
     return fmt in ("webp", "tiff")
 
 
-def _composite_alpha(raw: np.ndarray) -> np.ndarray:
-    """BGRA (uint8, uint16, or float in [0, 1] as in a float TIFF) -> RGB uint8 composited
-    over white. Other sample types are refused rather than scaled by a guess."""
+def _png_gray_transparent(data: bytes) -> Optional[int]:
+    """The sample value a grayscale PNG's tRNS chunk makes transparent, on the scale OpenCV
+    decodes it to (bit depths 1, 2 and 4 stretched to 0..255); None when there is none.
+
+    OpenCV turns the tRNS of palette and RGB PNGs into an alpha channel but ignores it on
+    grayscale ones, whose transparent pixels then kept their stored gray (often black).
+    """
+    if len(data) < 26 or data[25] != 0:                    # IHDR colour type 0: gray
+        return None
+    depth, i = data[24], 8
+    while i + 8 <= len(data):                              # the chunks before the pixels
+        length, kind = int.from_bytes(data[i:i + 4], "big"), data[i + 4:i + 8]
+        if kind == b"tRNS" and length >= 2:
+            value = int.from_bytes(data[i + 8:i + 10], "big")
+            return value * (255 // ((1 << depth) - 1)) if depth < 8 else value
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        i += 12 + length
+    return None
+
+
+def _tiff_tags(data: bytes, wanted: tuple[int, ...]) -> dict[int, int]:
+    """The first value of each `wanted` SHORT/LONG tag of a TIFF's first image (the one OpenCV
+    decodes); tags it lacks are left out, and an unreadable directory gives {}."""
+    order = "<" if data[:2] == b"II" else ">"
+    tags = {}
+    try:
+        (ifd,) = struct.unpack_from(order + "I", data, 4)
+        (count,) = struct.unpack_from(order + "H", data, ifd)
+        for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
+            tag, kind, n = struct.unpack_from(order + "HHI", data, entry)
+            if tag in wanted and kind in (3, 4) and n >= 1:  # SHORT, LONG
+                fmt = order + ("H" if kind == 3 else "I")
+                at = entry + 8                                # the value, if it fits in 4 bytes
+                if struct.calcsize(fmt) * n > 4:
+                    (at,) = struct.unpack_from(order + "I", data, at)
+                (tags[tag],) = struct.unpack_from(fmt, data, at)
+    except struct.error:
+        return {}
+    return tags
+
+
+_SAMPLES_PER_PIXEL, _EXTRA_SAMPLES = 277, 338            # TIFF tags
+_ASSOCIATED_ALPHA, _UNASSOCIATED_ALPHA = 1, 2            # ExtraSamples values (0: unspecified)
+
+
+_FLOAT_SLACK = 0.05  # how far float samples may overshoot 0..1 and still be taken as 0..1
+
+
+def _unit_samples(raw: np.ndarray) -> np.ndarray:
+    """uint8, uint16, or float in [0, 1] (as in a float TIFF) samples -> float32 in [0, 1].
+
+    Floats are taken as 0..1 (a slight overshoot, as resampling leaves, is clipped); floats
+    clearly outside it (0..255 or HDR values) and other sample types are refused rather than
+    scaled by a guess, which would make them silently white or black.
+    """
     if raw.dtype.kind == "f":
-        peak = 1.0
-    elif raw.dtype in (np.uint8, np.uint16):
-        peak = float(np.iinfo(raw.dtype).max)
-    else:
-        raise ImageError(f"unsupported pixel type ({raw.dtype} samples with alpha)")
-    bgra = np.clip(np.nan_to_num(raw.astype(np.float32) / peak), 0.0, 1.0)  # (H, W, 4)
+        unit = np.nan_to_num(raw.astype(np.float32), posinf=np.inf, neginf=-np.inf)
+        lo, hi = float(unit.min()), float(unit.max())
+        if lo < -_FLOAT_SLACK or hi > 1.0 + _FLOAT_SLACK:
+            raise ImageError(f"unsupported pixel values ({raw.dtype} samples from {lo:g} to "
+                             f"{hi:g}, not 0..1)")
+        return np.clip(unit, 0.0, 1.0)
+    if raw.dtype in (np.uint8, np.uint16):
+        return raw.astype(np.float32) / float(np.iinfo(raw.dtype).max)
+    raise ImageError(f"unsupported pixel type ({raw.dtype} samples)")
+
+
+def _composite_alpha(raw: np.ndarray, premultiplied: bool = False) -> np.ndarray:
+    """BGRA (uint8, uint16, or float in [0, 1] as in a float TIFF) -> RGB uint8 composited
+    over white; `premultiplied`: the colour is already multiplied by alpha (a TIFF's
+    associated alpha). Other sample types are refused rather than scaled by a guess."""
+    bgra = _unit_samples(raw)                               # (H, W, 4)
     rgb, alpha = bgra[..., 2::-1], bgra[..., 3:]            # (H, W, 3), (H, W, 1)
-    out = rgb * alpha + (1.0 - alpha)                       # (H, W, 3) over white
-    return np.rint(out * 255.0).astype(np.uint8)
+    out = (rgb if premultiplied else rgb * alpha) + (1.0 - alpha)  # (H, W, 3) over white
+    return np.rint(np.minimum(out, 1.0) * 255.0).astype(np.uint8)
+
+
+def _tiff_alpha(raw: np.ndarray, data: bytes) -> Optional[bool]:
+    """For a TIFF OpenCV decoded to `raw`: None when it has no alpha, else whether `raw`'s
+    colour is premultiplied by it. Raises ImageError for a gray+alpha TIFF.
+
+    A TIFF's ExtraSamples tag says whether its alpha is associated (premultiplied) or not, but
+    OpenCV reads 8-bit TIFFs through libtiff's RGBA interface, which premultiplies unassociated
+    alpha; 16-bit and float ones, and an extra sample of unspecified meaning (OpenCV writes
+    BGRA so, meaning straight alpha), come back as stored. Compositing premultiplied colour as
+    straight made half-transparent pixels too dark (red 200 at alpha 0.5 came out 177, not
+    227). A gray+alpha TIFF comes back without its alpha, transparent pixels in their stored
+    gray (often black), so it is refused.
+    """
+    tags = _tiff_tags(data, (_SAMPLES_PER_PIXEL, _EXTRA_SAMPLES))
+    extra = tags.get(_EXTRA_SAMPLES)
+    if raw.ndim == 2 and tags.get(_SAMPLES_PER_PIXEL) == 2 and extra in (_ASSOCIATED_ALPHA,
+                                                                        _UNASSOCIATED_ALPHA):
+        raise ImageError("unsupported TIFF (gray with alpha: OpenCV drops the alpha)")
+    if raw.ndim != 3 or raw.shape[2] != 4:
+        return None
+    return extra == _ASSOCIATED_ALPHA or (extra == _UNASSOCIATED_ALPHA and raw.dtype == np.uint8)
+
+
+def _from_unchanged(raw: np.ndarray, data: bytes, fmt: Optional[str]) -> Optional[np.ndarray]:
+    """RGB uint8 from OpenCV's IMREAD_UNCHANGED decode when it needs handling here: alpha
+    (an alpha channel, or a grayscale PNG's transparent gray), float samples (OpenCV's
+    IMREAD_COLOR refuses 32/64-bit TIFFs: "corrupt TIFF" was the reason given), or signed /
+    32-bit integer samples, refused (IMREAD_COLOR reads int8/int16 TIFFs as if unsigned: wrong
+    pixels). None: the ordinary IMREAD_COLOR decode is right (it applies the orientation).
+    """
+    if fmt == "tiff":
+        premultiplied = _tiff_alpha(raw, data)
+        if premultiplied is not None:
+            return _composite_alpha(raw, premultiplied)
+    if raw.ndim == 3 and raw.shape[2] == 4:
+        return _composite_alpha(raw)
+    if fmt == "png" and raw.ndim == 2:
+        key = _png_gray_transparent(data)
+        if key is not None:
+            alpha = np.where(raw == key, 0, np.iinfo(raw.dtype).max).astype(raw.dtype)
+            return _composite_alpha(np.dstack([raw, raw, raw, alpha]))
+    if raw.dtype in (np.uint8, np.uint16) or (raw.ndim == 3 and raw.shape[2] != 3):
+        return None
+    samples = _unit_samples(raw)                            # (H, W) or (H, W, 3) BGR
+    rgb = np.repeat(samples[..., None], 3, 2) if samples.ndim == 2 else samples[..., 2::-1]
+    return np.rint(rgb * 255.0).astype(np.uint8)
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -141,10 +252,11 @@ def decode_image(data: bytes) -> np.ndarray:
 
     JPEG/PNG/BMP/GIF (first frame)/WebP/TIFF and whatever else OpenCV reads. Grayscale and CMYK
     become RGB, the EXIF orientation is applied (OpenCV's IMREAD_COLOR does it), 16-bit images
-    are scaled to 8 bits. Images with an alpha channel are composited over white (what a viewer
-    shows; the colour under transparent pixels is often arbitrary); for those the EXIF
-    orientation is not applied (OpenCV only keeps alpha with IMREAD_UNCHANGED, which ignores
-    it; PNG/WebP files very rarely carry an orientation).
+    are scaled to 8 bits, float TIFFs are read as 0..1. Images with an alpha channel or a
+    transparent colour (PNG tRNS, GIF) are composited over white (what a viewer shows; the
+    colour under transparent pixels is often arbitrary); for those and float TIFFs the EXIF
+    orientation is not applied (OpenCV only keeps alpha and floats with IMREAD_UNCHANGED, which
+    ignores it; PNG/WebP files very rarely carry an orientation).
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
@@ -155,8 +267,9 @@ def decode_image(data: bytes) -> np.ndarray:
     try:
         if _may_have_alpha(data, fmt):
             raw = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-            if raw is not None and raw.ndim == 3 and raw.shape[2] == 4:
-                return _composite_alpha(raw)
+            rgb = None if raw is None else _from_unchanged(raw, data, fmt)
+            if rgb is not None:
+                return rgb
         rgb = cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
     except cv2.error as e:
         limit = _OPENCV_LIMIT.search(str(e))

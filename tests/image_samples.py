@@ -6,6 +6,8 @@ BAD files whose load_image error is the reason in BAD (missing.jpg is not writte
 """
 
 import os
+import struct
+import zlib
 
 import cv2
 import numpy as np
@@ -37,6 +39,24 @@ def bands(height: int = 60, width: int = 40) -> np.ndarray:
     img = np.zeros((height, width, 3), np.uint8)
     img[: height // 3], img[height // 3: 2 * height // 3], img[2 * height // 3:] = RED, GREEN, BLUE
     return img
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk: length, type, body, CRC."""
+    return (struct.pack(">I", len(body)) + kind + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+
+def png_file(width: int, height: int, depth: int, colour_type: int, pixels: bytes,
+             before_idat: bytes = b"") -> bytes:
+    """A PNG written by hand (OpenCV cannot write tRNS or 1/2/4-bit gray): `pixels` are the
+    packed rows, each given the filter byte 0 here; `before_idat` are extra chunks."""
+    stride = len(pixels) // height
+    rows = b"".join(b"\x00" + pixels[y * stride:(y + 1) * stride] for y in range(height))
+    return (b"\x89PNG\r\n\x1a\n"
+            + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0,
+                                             0))
+            + before_idat + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b""))
 
 
 def write_rgb(path, rgb, *params):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from caption_attn import graph_images
 from caption_attn.images import decode_image, resize_image
-from image_samples import BAD, GOOD, scene
+from image_samples import BAD, GOOD, png_chunk, png_file, scene
 
 _decode = tf.function(graph_images.decode, input_signature=[tf.TensorSpec([], tf.string)])
 _resize = tf.function(graph_images.resize, input_signature=[tf.TensorSpec([None, None, 3],
@@ -89,6 +89,20 @@ def test_decode_equals_opencv_on_deep_alpha_and_palette_images(tmp_path):
     ref, got = _both(str(tmp_path / "transparent.gif"))
     differ = np.any(got != ref, axis=-1)
     assert differ.any() and (got[differ] == 0).all() and (ref[differ] == 255).all()
+
+
+def test_a_gray_png_with_a_transparent_gray_is_composited_over_white_like_opencv():
+    """TensorFlow's PNG decoder, like OpenCV's, ignores the tRNS chunk of a grayscale PNG: the
+    SavedModel saw the transparent gray as stored (black here) where images.py makes it
+    white. A tRNS in a text chunk is no transparency."""
+    u16 = struct.Struct(">H").pack
+    for data in (png_file(2, 1, 8, 0, bytes([0, 200]), png_chunk(b"tRNS", u16(0))),
+                 png_file(2, 1, 16, 0, u16(0) + u16(60000), png_chunk(b"tRNS", u16(0))),
+                 png_file(2, 1, 2, 0, bytes([0b01100000]), png_chunk(b"tRNS", u16(1))),
+                 png_file(2, 1, 8, 0, bytes([0, 200]), png_chunk(b"tEXt", b"c\x00tRNS\x00\x00"))):
+        got = _decode(tf.constant(data)).numpy()
+        np.testing.assert_array_equal(got, decode_image(data))
+        assert (got[0, 0] == 255).all() != data.count(b"tEXt")  # transparent -> white
 
 
 @pytest.mark.parametrize("key", sorted(k for k in BAD if k != "missing.jpg"))

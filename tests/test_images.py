@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from caption_attn.errors import UserError
-from caption_attn.images import ImageError, decode_image, list_images, load_image, resize_image
-from image_samples import BAD, BLUE, GOOD, GREEN, RED, scene
+from caption_attn.images import (ImageError, _may_have_alpha, decode_image, list_images,
+                                 load_image, resize_image)
+from image_samples import BAD, BLUE, GOOD, GREEN, RED, png_chunk, png_file, scene
 
 
 def test_load_image_formats(images):
@@ -76,11 +77,9 @@ def test_truncated_jpeg_is_detected_even_if_decodable():
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares width x height gray pixels (its pixel data is one empty block)."""
-    def chunk(kind, body):
-        return (struct.pack(">I", len(body)) + kind + body
-                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n"
+            + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b""))
 
 
 def test_an_image_too_large_for_opencv_says_so():
@@ -154,6 +153,27 @@ def test_a_float_tiff_with_alpha_is_scaled_from_0_1_not_from_0_255():
     with pytest.raises(ImageError, match="unsupported pixel type"):
         from caption_attn.images import _composite_alpha
         _composite_alpha(np.zeros((2, 2, 4), np.int32))
+    bgra[..., :3] = 200.0                                         # 0..255 values, not 0..1
+    with pytest.raises(ImageError) as e:
+        decode_image(cv2.imencode(".tiff", bgra)[1].tobytes())
+    assert str(e.value) == "unsupported pixel values (float32 samples from 0 to 200, not 0..1)"
+
+
+def test_a_float_tiff_without_alpha_is_read_as_0_1():
+    """OpenCV's IMREAD_COLOR refuses 32/64-bit samples: such a TIFF was called "corrupt TIFF
+    (OpenCV cannot decode it)", a false reason; it is read like a float TIFF with alpha."""
+    gray = np.array([[0.0, 0.2, 0.8, 1.0]], np.float32)          # (1, 4)
+    bgr = np.array([[[0.2, 0.4, 0.6], [1.0, 0.5, 0.0]]], np.float32)  # (1, 2, 3)
+    for image, rgb in ((gray, [[0] * 3, [51] * 3, [204] * 3, [255] * 3]),
+                       (gray.astype(np.float64), [[0] * 3, [51] * 3, [204] * 3, [255] * 3]),
+                       (bgr, [[153, 102, 51], [0, 128, 255]]),
+                       (np.array([[[-0.01, 0.5, 1.02]]], np.float32), [[255, 128, 0]])):  # clipped
+        ok, data = cv2.imencode(".tiff", image)
+        assert ok
+        assert decode_image(data.tobytes())[0].tolist() == rgb, image.dtype
+    with pytest.raises(ImageError) as e:                          # 0..255 scale: no guess
+        decode_image(cv2.imencode(".tiff", gray * 255)[1].tobytes())
+    assert str(e.value) == "unsupported pixel values (float32 samples from 0 to 255, not 0..1)"
 
 
 def test_a_jpeg_with_data_after_its_end_is_not_called_truncated():
@@ -174,3 +194,100 @@ def test_a_jpeg_with_data_after_its_end_is_not_called_truncated():
         with pytest.raises(ImageError, match="truncated"):
             decode_image(p[:cut])
     assert decode_image(exif_image.getvalue() + b"\xff\xda").shape == (30, 40, 3)
+
+
+def test_every_kind_of_transparent_png_is_composited_over_white():
+    """OpenCV ignores the tRNS chunk of a grayscale PNG: its transparent gray (usually black)
+    came out as it is stored, exit 0. Each PNG here has a transparent first pixel over black
+    and an opaque second one."""
+    u16 = struct.Struct(">H").pack
+    trns0 = png_chunk(b"tRNS", u16(0))                    # gray 0 is transparent
+    palette = png_chunk(b"PLTE", bytes([0, 0, 0, 200, 100, 50])) + png_chunk(b"tRNS", b"\x00")
+    cases = {  # name: (PNG, the opaque pixel's RGB)
+        "gray 8-bit tRNS": (png_file(2, 1, 8, 0, bytes([0, 200]), trns0), (200, 200, 200)),
+        "gray 16-bit tRNS": (png_file(2, 1, 16, 0, u16(0) + u16(60000), trns0),
+                             (233, 233, 233)),                # 60000 / 65535 * 255
+        "gray 2-bit tRNS": (png_file(2, 1, 2, 0, bytes([0b01100000]), png_chunk(b"tRNS", u16(1))),
+                            (170, 170, 170)),                 # sample 1 transparent, 2 of 0..3
+        "gray+alpha 8-bit": (png_file(2, 1, 8, 4, bytes([0, 0, 200, 255])), (200, 200, 200)),
+        "gray+alpha 16-bit": (png_file(2, 1, 16, 4, u16(0) + u16(0) + u16(60000) + u16(65535)),
+                              (233, 233, 233)),
+        "RGB 8-bit tRNS": (png_file(2, 1, 8, 2, bytes([0, 0, 0, 200, 100, 50]),
+                                    png_chunk(b"tRNS", u16(0) * 3)), (200, 100, 50)),
+        "RGB 16-bit tRNS": (png_file(2, 1, 16, 2, u16(0) * 3 + u16(60000) * 3,
+                                     png_chunk(b"tRNS", u16(0) * 3)), (233, 233, 233)),
+        "palette tRNS": (png_file(2, 1, 8, 3, bytes([0, 1]), palette), (200, 100, 50)),
+        "palette 4-bit tRNS": (png_file(2, 1, 4, 3, bytes([0x01]), palette), (200, 100, 50)),
+    }
+    for name, (data, opaque) in cases.items():
+        assert _may_have_alpha(data, "png"), name
+        rgb = decode_image(data)
+        assert rgb.shape == (1, 2, 3), name
+        assert tuple(rgb[0, 0]) == (255, 255, 255), name      # transparent -> white
+        assert tuple(rgb[0, 1]) == opaque, name
+
+
+def test_only_a_real_trns_chunk_makes_a_gray_png_transparent():
+    """A text chunk that mentions tRNS passes the cheap header test but is no transparency;
+    a gray PNG without one is unchanged."""
+    text = png_chunk(b"tEXt", b"Comment\x00tRNS\x00\x00")
+    for extra in (text, b""):
+        data = png_file(2, 1, 8, 0, bytes([0, 200]), extra)
+        assert decode_image(data)[0].tolist() == [[0, 0, 0], [200, 200, 200]]
+
+
+def test_a_tiff_of_signed_or_32_bit_integers_is_refused_not_misread():
+    """OpenCV's IMREAD_COLOR reads signed TIFF samples as if unsigned (int16 -1, 5, 32767 came
+    out 127, 0, 255; an int16 gray ramp black), exit 0, and calls int32 ones corrupt; their
+    scale is unknown, so they are refused with their type."""
+    for dtype in (np.int8, np.int16, np.int32):
+        ok, data = cv2.imencode(".tiff", np.array([[[-1, 5, 100]]], dtype))
+        assert ok
+        with pytest.raises(ImageError) as e:
+            decode_image(data.tobytes())
+        assert str(e.value) == f"unsupported pixel type ({np.dtype(dtype).name} samples)"
+    gray16 = cv2.imencode(".tiff", np.array([[0, 5000, 60000]], np.uint16))[1].tobytes()
+    assert decode_image(gray16)[0, :, 0].tolist() == [0, 19, 234]   # unsigned: as before
+
+
+def _tiff(pixels: np.ndarray, extra_samples: int) -> bytes:
+    """An uncompressed little-endian RGBA TIFF written by hand (OpenCV writes no ExtraSamples
+    tag, Pillow no 16-bit RGBA): `pixels` (H, W, 4) uint8/uint16 in R, G, B, A order;
+    `extra_samples` 1: associated (premultiplied) alpha, 2: unassociated."""
+    h, w, _ = pixels.shape
+    body = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    bits = struct.pack("<4H", *[pixels.dtype.itemsize * 8] * 4)
+    tags = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 4, 8 + 2 + 12 * 11 + 4),  # BitsPerSample
+            (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, 8 + 2 + 12 * 11 + 4 + len(bits)),
+            (277, 3, 1, 4), (278, 4, 1, h), (279, 4, 1, len(body)), (284, 3, 1, 1),
+            (338, 3, 1, extra_samples)]
+    ifd = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHII" if kind == 4 or n > 1 else "<HHIHxx", tag, kind, n, value)
+        for tag, kind, n, value in tags) + b"\x00" * 4
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + bits + body
+
+
+def test_tiff_alpha_is_composited_by_what_its_extra_sample_says_and_gray_alpha_refused():
+    """OpenCV reads 8-bit TIFFs through libtiff's RGBA interface, which premultiplies
+    unassociated alpha, and a TIFF with associated alpha is premultiplied as stored: both were
+    multiplied by alpha once more, half-transparent pixels too dark (177 for 227). A gray+alpha
+    TIFF came back gray without its alpha (the transparent pixel in its stored gray)."""
+    straight = np.array([[[200, 0, 0, 128], [200, 100, 50, 255], [90, 90, 90, 0]]], np.uint8)
+    premultiplied = np.array([[[100, 0, 0, 128], [200, 100, 50, 255], [0, 0, 0, 0]]],
+                             np.uint8)
+    want = [[227, 127, 127], [200, 100, 50], [255, 255, 255]]    # over white
+    pillow = io.BytesIO()
+    Image.fromarray(straight, "RGBA").save(pillow, "TIFF")       # ExtraSamples 2
+    for name, data in (("pillow 8-bit unassociated", pillow.getvalue()),
+                       ("8-bit unassociated", _tiff(straight, 2)),
+                       ("8-bit associated", _tiff(premultiplied, 1)),
+                       ("16-bit unassociated", _tiff(straight.astype(np.uint16) * 257, 2)),
+                       ("16-bit associated", _tiff(premultiplied.astype(np.uint16) * 257, 1)),
+                       ("OpenCV's BGRA (no ExtraSamples: straight)",
+                        cv2.imencode(".tiff", straight[..., [2, 1, 0, 3]])[1].tobytes())):
+        assert decode_image(data).tolist() == [want], name
+    gray_alpha = io.BytesIO()
+    Image.fromarray(np.array([[[0, 0], [200, 255]]], np.uint8), "LA").save(gray_alpha, "TIFF")
+    with pytest.raises(ImageError) as e:
+        decode_image(gray_alpha.getvalue())
+    assert str(e.value) == "unsupported TIFF (gray with alpha: OpenCV drops the alpha)"

@@ -182,8 +182,11 @@ def _nothing_left(run: RunFolder, tc: TrainConfig, where: Optional[tuple[int, in
         return f"its {where[0]} epochs reach --epochs {tc.epochs}"
     if not trains_more(tc, where[0], checkpoints.steps_taken(run.checkpoints) or 0):
         return f"it reached --max-steps {tc.max_steps}"
-    if EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
-                     initial_history=history).replay():
+    # (a last epoch without the metric gets it measured first, `_metrics_before_resume`, on
+    # the new images: that value may restart patience, so the rerun may train)
+    if history[-1].get(tc.monitor_for(where[0])) is not None and EarlyStopping(
+            tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
+            initial_history=history).replay():
         return (f"early stopping had stopped it ({tc.monitor_for(where[0])} did not improve "
                 f"for --patience {tc.patience} epochs)")
     return None

@@ -983,6 +983,13 @@ def test_other_bleu_images_are_a_note_when_the_rerun_trains_nothing(tmp_path):
     for trains_on in (dict(patience=3), dict(patience=5, max_steps=41)):
         with pytest.raises(UserError, match=r"^--bleu-images 4: RUN measured val_bleu4 on 8 "):
             train.check_metric_images(run, rerun(**trains_on), 8)
+    # a last epoch without val_bleu4 (trained with --monitor val_loss) has it measured on the
+    # new images before early stopping replays: that may restart patience, so it is refused
+    unmeasured = history + [{"epoch": 5, "stage": "cross-entropy", "val_loss": 0.9}]
+    (tmp_path / "later").mkdir()
+    later = _fake_run(tmp_path / "later", old, unmeasured, epoch=5, step=50)
+    with pytest.raises(UserError, match=r"^--bleu-images 4: RUN measured val_bleu4 on 8 "):
+        train.check_metric_images(later, rerun(), 8)
 
 
 def test_a_broken_pipe_while_training_is_left_to_the_cli(shapes_data, tmp_path, monkeypatch):

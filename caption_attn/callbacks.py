@@ -76,6 +76,13 @@ class EarlyStopping(keras.callbacks.Callback):
 
     # state ------------------------------------------------------------------
     def on_train_begin(self, logs=None):
+        if self.replay():
+            self.model.stop_training = True
+
+    def replay(self) -> bool:
+        """Replay `initial_history` (no model needed); whether the resumed run had already
+        stopped, so that training stops before its first epoch. `train.check_metric_images`
+        asks this too, to know whether a rerun trains anything."""
         self.monitor = self._monitor_for(0)
         self.mode = _mode_of(self.monitor, self._fixed_mode)
         self._reset()
@@ -90,7 +97,8 @@ class EarlyStopping(keras.callbacks.Callback):
         last = self.initial_history[-1]["epoch"] if self.initial_history else None
         if last is not None and self._monitor_for(last) == self.monitor and self._exhausted():
             self.stopped_epoch = last - 1
-            self.model.stop_training = True
+            return True
+        return False
 
     def _reset(self, start: Optional[float] = None) -> None:
         worst = np.inf if self.mode == "min" else -np.inf

@@ -11,7 +11,6 @@ import collections
 import dataclasses
 import math
 import os
-import unicodedata
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -23,7 +22,7 @@ from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import MANIFEST, read_manifest
-from caption_attn.fileio import longest_temp_name
+from caption_attn.fileio import longest_temp_name, one_line
 from caption_attn.images import ImageError, list_images, load_image, printable_name
 from caption_attn.run import RunFolder
 from caption_attn.vocab import PAD, START, Vocabulary
@@ -294,17 +293,10 @@ def display_names(paths: Sequence[str]) -> dict:
         counts = collections.Counter(suffix.values())
         for p in list(left):
             if counts[suffix[p]] == 1 or depth >= len(parts[p]):
-                names[p] = _one_line(printable_name(suffix[p]))
+                names[p] = one_line(printable_name(suffix[p]))
                 left.discard(p)
         depth += 1
     return {p: names[p] for p in parts}
-
-
-def _one_line(name: str) -> str:
-    """`name` with control characters (a newline or tab in a file name) written as \\n,
-    \\t, \\x1b: `Captions for image a<newline>b.png:` broke the output's one line per
-    header (and a terminal escape in a name drove the terminal)."""
-    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in name)
 
 
 # The longest heatmap file name (bytes, without .png): 255 (NAME_MAX on common file systems)

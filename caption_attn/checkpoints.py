@@ -98,14 +98,27 @@ def _state_readable(directory: str) -> bool:
         return False
 
 
-def position(directory: str) -> Optional[tuple[int, int]]:
-    """(finished epochs, steps into the next epoch) of the newest readable checkpoint in
-    `directory`, read without building the model; None when there is none."""
+def _newest_counters(directory: str, names: tuple) -> Optional[tuple]:
+    """The int variables `names` of the newest readable checkpoint in `directory`, read
+    without building the model; None when there is none."""
     for prefix in list_checkpoints(directory):
         try:
             reader = tf.train.load_checkpoint(prefix)
-            return (int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE")),
-                    int(reader.get_tensor("step_in_epoch/.ATTRIBUTES/VARIABLE_VALUE")))
+            return tuple(int(reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE"))
+                         for name in names)
         except (tf.errors.OpError, ValueError, KeyError):
             continue  # damaged: restore_newest_intact reports it
     return None
+
+
+def position(directory: str) -> Optional[tuple[int, int]]:
+    """(finished epochs, steps into the next epoch) of the newest readable checkpoint in
+    `directory`, read without building the model; None when there is none."""
+    return _newest_counters(directory, ("epoch", "step_in_epoch"))
+
+
+def steps_taken(directory: str) -> Optional[int]:
+    """The training steps of the run so far (what --max-steps counts) by the newest readable
+    checkpoint in `directory`; None when there is none."""
+    found = _newest_counters(directory, ("step",))
+    return None if found is None else found[0]

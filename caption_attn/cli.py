@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 
 from caption_attn import config as C
 from caption_attn.errors import UserError
+from caption_attn.fileio import one_line
 from caption_attn.run import check_folder_writable
 
 PROG = "caption-attn"
@@ -144,8 +145,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     captioned, failed, count = {}, {}, 0          # captions kept for --json only
 
     def report(errors):
-        for path, reason in errors.items():
-            print(f"{PROG} caption: cannot read {path}: {reason}", file=sys.stderr)
+        for line in unreadable_lines(errors):
+            print(line, file=sys.stderr)
     for results, errors, done in model.caption_batches(paths):
         failed.update(errors)
         if not shown:
@@ -167,6 +168,16 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.plot_attention and count:
         print(f"attention heatmaps: {args.plot_attention}", file=sys.stderr)
     return 0 if count else 1
+
+
+def unreadable_lines(errors: dict) -> list[str]:
+    """`caption`'s line per image it could not read (path -> reason), the path printable and
+    on one line (`captioner.display_names`' escapes): a file named "x.png<newline>caption-attn
+    caption: ..." printed a forged line of its own, and one with an ESC sequence in its name
+    drove the terminal."""
+    from caption_attn.images import printable_name
+    return [f"{PROG} caption: cannot read {one_line(printable_name(path))}: {one_line(reason)}"
+            for path, reason in errors.items()]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -413,12 +424,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.flush()
         return code
     except UserError as e:
-        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        # the messages name files: a terminal escape (or carriage return) in a file name is
+        # printed escaped, never sent to the terminal; newlines stay (some messages list
+        # things a line each), so each message escapes the names it prints on one line
+        print(f"{PROG} {args.command}: error: {one_line(str(e), keep=chr(10))}",
+              file=sys.stderr)
         return flushed(e.exit_code)
     except OSError as e:  # a file where a folder is expected, a read-only folder, a full disk
         if isinstance(e, BrokenPipeError) and stdout_is_closed():
             return stdout_closed()
-        where = f"{e.filename}: " if e.filename else ""
+        where = f"{one_line(str(e.filename))}: " if e.filename else ""
         print(f"{PROG} {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return flushed(2 if e.filename else 1)
     except KeyboardInterrupt:

@@ -173,6 +173,20 @@ MAX_SHAPES_IMAGES = 200_000
 # with a MemoryError traceback (250 GiB); `caption` holds one batch of images (and the
 # backbone's activations of it); larger batches than this gain nothing on any device
 MAX_IMAGE_BATCH = 1024
+# Widest beam `--beam` accepts: four times the 3-5 of captioning papers, past which beam search
+# is known to give shorter, blander captions, not better ones. Each beam decodes like another
+# image (tensors of --batch-size x beam rows, 64 x units each, every step): --beam 100000
+# tried to allocate hundreds of GB, or crawled, without a word of why.
+MAX_BEAM = 20
+
+
+def beam_width(value) -> Optional[str]:
+    """`--beam`'s check: an integer in [1, MAX_BEAM], saying why there is a bound."""
+    problem = integer(1, MAX_BEAM)(value)
+    if problem and isinstance(value, int) and value > MAX_BEAM:
+        problem += (" (each beam costs the memory and time of another image, and beams "
+                    "wider than the usual 3-5 give shorter, blander captions, not better ones)")
+    return problem
 # The float types of the project, each list defined once: how cached features are stored, and
 # the compute precisions of the backbone and of training.
 FEATURE_DTYPES = ("float32", "float16")
@@ -383,7 +397,8 @@ class TrainConfig(Config):
 class DecodeConfig(Config):
     """Decoding (`caption`, `evaluate`)."""
 
-    beam: int = opt(3, "beam width; 1 is greedy decoding", check=integer(1))
+    beam: int = opt(3, f"beam width; 1 is greedy decoding (at most {MAX_BEAM})",
+                    check=beam_width)
     length_penalty: float = opt(0.0, "GNMT length penalty alpha for beam search: scores are "
                                 "log p / ((5 + length) / 6)^alpha (0: plain log p)",
                                 check=NON_NEGATIVE)
@@ -488,7 +503,8 @@ class DemoConfig(Config):
                                "accuracy 0.40 / 0.65 / 0.69 / 0.49 at 0.1 / 1 / 3 / 8, "
                                "measured in short runs before features were standardised)",
                                check=NON_NEGATIVE)
-    beam: int = opt(3, "beam width for evaluation and captions", check=integer(1))
+    beam: int = opt(3, f"beam width for evaluation and captions (at most {MAX_BEAM})",
+                    check=beam_width)
     show: int = opt(4, "test images captioned with heatmaps at the end", check=integer(0))
     seed: int = opt(0, "seed of the dataset, the random backbone and training",
                     check=integer(0))

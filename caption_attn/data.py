@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
 from caption_attn.config import CAPTION_FORMATS, DataConfig, VocabConfig, check_fractions
-from caption_attn.fileio import decode_utf8, parse_json
+from caption_attn.fileio import decode_utf8, one_line, parse_json
 from caption_attn.errors import UserError
 from caption_attn.vocab import standardize
 
@@ -182,11 +182,11 @@ def _read_text(path: str) -> str:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise UserError(f"{path}: caption file not found") from None
+        raise UserError(f"{one_line(path)}: caption file not found") from None
     except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, expected a caption file") from None
+        raise UserError(f"{one_line(path)}: is a folder, expected a caption file") from None
     except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+        raise UserError(f"{one_line(path)}: cannot read ({e.strerror})") from None
     text = decode_utf8(path, raw)
     if "\r" in text and "\n" not in text:  # CR-only line ends (classic Mac): as LF
         text = text.replace("\r", "\n")

@@ -39,7 +39,7 @@ from caption_attn.data import image_key_problem
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
 from caption_attn.feature_index import IMAGE_CHANGED, ImageStamp, SegmentWriter, make_entry
-from caption_attn.fileio import file_digest, longest_temp_name, write_bytes_atomic
+from caption_attn.fileio import file_digest, longest_temp_name, one_line, write_bytes_atomic
 from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, list_images,
                                  printable_name, read_image_file, resize_image)
 from caption_attn.run import check_folder_writable
@@ -389,6 +389,12 @@ def _exit_status(s: dict, strict: bool) -> tuple[int, str]:
     return 0, "ok"
 
 
+def _listed(items) -> str:
+    """(image key, reason) pairs as "KEY: REASON; ...", each on one line (`fileio.one_line`):
+    a failed image named "a<newline>b.jpg" split the summary's line and could forge one."""
+    return "; ".join(f"{one_line(k)}: {one_line(r)}" for k, r in items)
+
+
 def format_summary(summary: dict) -> str:
     """Human-readable summary for the CLI (several lines)."""
     s = summary
@@ -404,7 +410,7 @@ def format_summary(summary: dict) -> str:
              f"{s['weights']}, feature_scale {s['feature_scale']:g})"]
     if s["invalid"]:
         shown = list(s["invalid"].items())[:3]
-        lines.append("extracted again: " + "; ".join(f"{k}: {r}" for k, r in shown)
+        lines.append("extracted again: " + _listed(shown)
                      + (" ..." if len(s["invalid"]) > len(shown) else ""))
     if s.get("previous_images_dir"):
         lines.append(f"note: {s['changed_images']} of these images had been extracted from "
@@ -415,7 +421,7 @@ def format_summary(summary: dict) -> str:
     if s["stale_removed"]:
         shown = list(s["stale_removed"].items())[:3]
         lines.append(f"removed {len(s['stale_removed'])} outdated feature file(s) whose image "
-                     f"failed to extract again: " + "; ".join(f"{k}: {r}" for k, r in shown)
+                     f"failed to extract again: " + _listed(shown)
                      + (" ..." if len(s["stale_removed"]) > len(shown) else ""))
     if s["reindexed"]:
         lines.append(f"{s['reindexed']} image(s) had a new modification time but the same "
@@ -423,6 +429,6 @@ def format_summary(summary: dict) -> str:
     if s["failed"]:
         shown = list(s["failures"].items())[:5]
         lines.append(f"failed images are listed in {s['failed_file']}: "
-                     + "; ".join(f"{k}: {r}" for k, r in shown)
+                     + _listed(shown)
                      + (" ..." if s["failed"] > len(shown) else ""))
     return "\n".join(lines)  # an exit_code's message is the caller's (the CLI: on stderr)

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import unicodedata
 from typing import Any, Iterable, Union
 
 from caption_attn.errors import UserError
@@ -195,13 +196,22 @@ def _check_surrogates(path: str, text: str, obj: Any) -> None:
                         f"a character") from None
 
 
+def one_line(text: str, keep: str = "") -> str:
+    """`text` (a file name, or a message naming files) with its control characters but those
+    in `keep` written as \\n, \\t, \\x1b: `Captions for image a<newline>b.png:` broke the
+    output's one line per header, `cannot read a<newline>b.png` forged a line of its own, and
+    a terminal escape in a name drove the terminal."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" and c not in keep else c
+                   for c in text)
+
+
 def read_json(path: str) -> Any:
     """Read a JSON file; a missing or malformed file is a `UserError` naming it."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
+        raise UserError(f"{one_line(path)}: file not found") from None
     except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+        raise UserError(f"{one_line(path)}: cannot read ({e.strerror})") from None
     return parse_json(path, decode_utf8(path, raw))

@@ -27,7 +27,8 @@ from typing import Optional
 
 from caption_attn.config import MONITORS, RunConfig, config_diff
 from caption_attn.errors import UserError
-from caption_attn.fileio import keras_file_atomic, parse_json, read_json, write_json_atomic
+from caption_attn.fileio import (keras_file_atomic, one_line, parse_json, read_json,
+                                 write_json_atomic)
 
 
 # (key, parsed object) of the split.json read last: `RunFolder._split_field`
@@ -409,7 +410,7 @@ def _keras_archive_config(path: str, recover: str) -> dict:
     except (zipfile.BadZipFile, KeyError, EOFError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: damaged or truncated Keras file ({e}); {recover}") from None
     except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+        raise UserError(f"{one_line(path)}: cannot read ({e.strerror})") from None
     config = parse_json(f"{path}:config.json", text)
     if not isinstance(config, dict):
         raise UserError(f"{path}: damaged Keras file (its config is not an object); {recover}")

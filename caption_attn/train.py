@@ -165,12 +165,42 @@ def check_features_mid_epoch(run: RunFolder, cfg: RunConfig, data: TrainData) ->
         f"start this run over)")
 
 
+def trains_more(tc: TrainConfig, epochs_done: int, steps_done: int) -> bool:
+    """Whether training with `tc` from a run at this position takes a step: epochs are left
+    and --max-steps is not reached (early stopping aside: `EarlyStopping.replay` says whether
+    it had already stopped the run). `Trainer.fit` and `check_metric_images` decide by it."""
+    return epochs_done < tc.epochs and not (tc.max_steps and steps_done >= tc.max_steps)
+
+
+def _nothing_left(run: RunFolder, tc: TrainConfig, where: Optional[tuple[int, int]],
+                  history: list) -> Optional[str]:
+    """Why a rerun with `tc` of a run at checkpoint position `where` (its `history` cut
+    there) trains nothing, as `Trainer.fit` decides it; None when it trains."""
+    if where is None:       # no checkpoint: the run starts from its first epoch
+        return None
+    if where[0] >= tc.epochs:
+        return f"its {where[0]} epochs reach --epochs {tc.epochs}"
+    if not trains_more(tc, where[0], checkpoints.steps_taken(run.checkpoints) or 0):
+        return f"it reached --max-steps {tc.max_steps}"
+    # (a last epoch without the metric gets it measured first, `_metrics_before_resume`, on
+    # the new images: that value may restart patience, so the rerun may train)
+    if history[-1].get(tc.monitor_for(where[0])) is not None and EarlyStopping(
+            tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
+            initial_history=history).replay():
+        return (f"early stopping had stopped it ({tc.monitor_for(where[0])} did not improve "
+                f"for --patience {tc.patience} epochs)")
+    return None
+
+
 def check_metric_images(run: RunFolder, cfg: RunConfig, val_images: int) -> list[str]:
     """A resume with another --bleu-images decodes val_bleu4 / val_cider on another set of
     validation images (the first --bleu-images of the `val_images` sorted ones): UserError
     when early stopping would compare the epochs to come with values of the run's set (their
     best in best.json included: a worse epoch could replace the best model, or a better one
-    be missed); a note when those values are only logged (history.json, TensorBoard)."""
+    be missed); a note when those values are only logged (history.json, TensorBoard), or
+    when the rerun trains nothing (all --epochs done, --max-steps reached, or early stopping
+    had stopped the run): rerunning the command of such a run, say with another --bleu-images
+    for its evaluation, was refused though no epoch would be measured."""
     if not os.path.exists(run.config):
         return []
     old, new, history = run.load_config().train, cfg.train, run.read_history()
@@ -182,6 +212,10 @@ def check_metric_images(run: RunFolder, cfg: RunConfig, val_images: int) -> list
     was, now = min(old.bleu_images, val_images), min(new.bleu_images, val_images)
     if was == now or not history:
         return []
+    why = _nothing_left(run, new, where, history)
+    if why:
+        return [f"--bleu-images {new.bleu_images} (was {old.bleu_images}) measures nothing: "
+                f"{run.path} has nothing left to train ({why})"]
     logged = [m for m in ("val_bleu4", "val_cider") if any(h.get(m) is not None
                                                            for h in history)]
     # Early stopping compares the next epoch with the run's values of its metric: the best
@@ -630,7 +664,7 @@ class Trainer:
         history = self.run.read_history() if resumed else []
         history = [h for h in history if h["epoch"] <= done]
         # A finished run (or one at --max-steps) traces no step and decodes nothing (seconds)
-        todo = done < tc.epochs and not (tc.max_steps and steps_before >= tc.max_steps)
+        todo = trains_more(tc, done, steps_before)
         if todo:
             self._compile(self.inputs.captions("train", epoch=0).element_spec)
             self._metrics_before_resume(history, done)

@@ -172,3 +172,39 @@ def test_a_broken_pipe_is_an_error_when_stdout_has_no_descriptor(tmp_path, capsy
     path, _ = make(tmp_path)
     assert cli.main(["inspect", "--captions", path]) == 1
     assert "caption-attn inspect: error: Broken pipe" in capsys.readouterr().err
+
+
+def test_file_names_in_error_messages_forge_no_lines_and_send_no_escapes(tmp_path, capsys,
+                                                                         monkeypatch):
+    """A file name holding a newline and an ESC sequence printed as it was: the newline
+    started a line of its own (`caption-attn inspect: fake`) and the ESC drove the terminal.
+    Written as \\n, \\x1b instead, so every error stays one line on stderr."""
+    folder = tmp_path / "x\n\x1b[31mcaption-attn inspect: fake"
+    folder.mkdir()
+    assert cli.main(["inspect", "--captions", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err, err
+    assert "x\\n\\x1b[31mcaption-attn inspect: fake: is a folder" in err
+    # any other message naming a file: no terminal escape gets through main
+    path, _ = make(tmp_path)
+    assert cli.main(["inspect", "--captions", path, "--images",
+                     str(tmp_path / "p\x1b]0;title\x07")]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "p\\x1b]0;title\\x07" in err, err
+
+    def fails(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "a\nb\x1b[2J.json")
+    monkeypatch.setattr("caption_attn.data.describe", fails)
+    assert cli.main(["inspect", "--captions", path]) == 2
+    assert capsys.readouterr().err == ("caption-attn inspect: error: a\\nb\\x1b[2J.json: "
+                                       "Permission denied\n")
+
+
+def test_unreadable_images_are_reported_one_line_each():
+    """`caption`'s `cannot read PATH: REASON` printed the path raw: "x.png<newline>
+    caption-attn caption: ..." forged a line, an ESC sequence drove the terminal."""
+    lines = cli.unreadable_lines({"/i/a\nb\x1b[2J.png": "missing", "/i/caf\udce9.png":
+                                  "cannot decode (bad\rdata)"})
+    assert lines == ["caption-attn caption: cannot read /i/a\\nb\\x1b[2J.png: missing",
+                     "caption-attn caption: cannot read /i/caf\\xe9.png: cannot decode "
+                     "(bad\\rdata)"]

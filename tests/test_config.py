@@ -26,6 +26,7 @@ BAD_VALUES = [
     (C.TrainConfig, "scst_samples", 0), (C.TrainConfig, "scst_learning_rate", 0.0),
     (C.TrainConfig, "scst_after", -1), (C.TrainConfig, "monitor", "bleu"),
     (C.DecodeConfig, "beam", 0), (C.DecodeConfig, "length_penalty", math.nan),
+    (C.DecodeConfig, "beam", 100_000),  # (images x beam, 64, units) tensors: hundreds of GB
     (C.DecodeConfig, "temperature", 0.0), (C.DecodeConfig, "top_k", -1),
     (C.DecodeConfig, "max_length", 0), (C.DecodeConfig, "batch_size", 0),
     (C.DecodeConfig, "batch_size", 100_000),  # `caption` would hold 100,000 images
@@ -35,7 +36,7 @@ BAD_VALUES = [
     (C.ExtractConfig, "cache", " "),
     (C.DataConfig, "val_fraction", 1.0), (C.DataConfig, "seed", -3),
     (C.DemoConfig, "num_images", 5), (C.DemoConfig, "num_images", 10**9),
-    (C.DemoConfig, "beam", 0),
+    (C.DemoConfig, "beam", 0), (C.DemoConfig, "beam", 21),
     (C.ShapesConfig, "image_size", 32),
 ]
 
@@ -181,6 +182,25 @@ def test_a_flag_typed_with_its_default_value_is_still_refused(tmp_path, capsys, 
     from caption_attn.cli import main
     assert main(["caption", "--run", str(tmp_path / "run"), *argv, "x.png"]) == 2
     assert refused in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, argv, cls", [
+    ("caption", ["--run", "r", "x.png"], C.DecodeConfig),
+    ("evaluate", ["--run", "r"], C.DecodeConfig),
+    ("export", ["--run", "r", "--out", "e"], C.DecodeConfig),   # the SavedModel's beam search
+    ("demo", [], C.DemoConfig),
+])
+def test_every_beam_flag_has_an_upper_bound(command, argv, cls):
+    """--beam 100000 was taken: (images x beam, 64, units) tensors, hundreds of GB, died of
+    memory (or crawled) without saying why. Each command's --beam is refused above MAX_BEAM
+    when its flags are read, before any file or model is touched, saying why."""
+    from caption_attn.cli import build_parser, config_from_args
+    parser = build_parser()
+    for beam in (1, C.MAX_BEAM):
+        config_from_args(cls, parser.parse_args([command, *argv, "--beam", str(beam)]))
+    with pytest.raises(UserError, match=rf"^--beam \(`beam`\) must be an integer >= 1 and <= "
+                                        rf"{C.MAX_BEAM} \(each beam costs .*, got 100000$"):
+        config_from_args(cls, parser.parse_args([command, *argv, "--beam", "100000"]))
 
 
 def test_export_check_images_typed_with_its_default_is_refused_without_quantization(

@@ -468,3 +468,18 @@ def test_a_cache_that_is_a_file_is_refused_naming_the_flag_before_the_backbone(
     cache.write_text("not a folder")
     with pytest.raises(UserError, match=f"--cache {cache}: {cache} is a file, not a folder"):
         extract_features(str(tmp_path), extract_cfg(str(cache)))
+
+
+def test_the_summary_lists_failed_and_re_extracted_images_one_line_each():
+    """The summary printed failed image keys raw: an image named "a<newline>b.jpg" split the
+    `failed images are listed in ...` line (a forged line), an ESC in a name drove the
+    terminal. Written as \\n, \\x1b, as `caption` prints such names."""
+    summary = dict(changed_images=0, repaired=0, extracted=0, skipped=0, failed=1, images=2,
+                   shard="0/1", seconds=1.0, images_per_s=0.0, cache="c", count=1,
+                   dtype="float16", weights="imagenet", feature_scale=1.0, reindexed=0,
+                   invalid={"x\x1b[2J.jpg": "wrong size"}, stale_removed={},
+                   failures={"a\nb.jpg": "truncated"}, failed_file="c/failed.tsv")
+    lines = format_summary(summary).splitlines()
+    assert len(lines) == 4 and "\x1b" not in "".join(lines)
+    assert lines[2:] == ["extracted again: x\\x1b[2J.jpg: wrong size",
+                         "failed images are listed in c/failed.tsv: a\\nb.jpg: truncated"]

@@ -61,3 +61,15 @@ def test_a_key_twice_in_one_object_is_an_error_naming_it(tmp_path, capsys):
         read_json(str(path))
     path.write_text('{"a": {"a": 1}, "b": [{"a": 1}, {"a": 2}]}')      # not duplicates
     assert read_json(str(path)) == {"a": {"a": 1}, "b": [{"a": 1}, {"a": 2}]}
+
+
+def test_a_file_name_in_a_read_error_stays_on_one_line(tmp_path):
+    from caption_attn import fileio
+    from caption_attn.errors import UserError
+    # `cannot read PATH`: a newline in the name started a forged line of its own
+    folder = tmp_path / "a\nb\x1b[31m.json"
+    folder.mkdir()
+    with pytest.raises(UserError) as e:
+        fileio.read_json(str(folder))
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
+    assert str(e.value).startswith(f"{tmp_path}/a\\nb\\x1b[31m.json: cannot read (")

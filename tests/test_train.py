@@ -947,6 +947,51 @@ def test_other_bleu_images_are_accepted_when_a_later_stage_change_starts_on_new_
         train.check_metric_images(run, now, 8)
 
 
+def _fake_run(tmp_path, old, history, epoch, step, in_epoch=0):
+    """A run folder's stand-in for `check_metric_images`: config `old`, `history` and a real
+    checkpoint holding only the counters (epoch, step, step_in_epoch) it reads."""
+    import tensorflow as tf
+    counters = {name: tf.Variable(value, dtype=tf.int64) for name, value in
+                (("epoch", epoch), ("step", step), ("step_in_epoch", in_epoch))}
+    directory = str(tmp_path / "checkpoints")
+    tf.train.CheckpointManager(tf.train.Checkpoint(**counters), directory,
+                               max_to_keep=1).save(checkpoint_number=step)
+    return types.SimpleNamespace(config=__file__, path="RUN", read_history=lambda: history,
+                                 load_config=lambda: types.SimpleNamespace(train=old),
+                                 checkpoints=directory)
+
+
+def test_other_bleu_images_are_a_note_when_the_rerun_trains_nothing(tmp_path):
+    """Rerunning the command of a run that early stopping had stopped (or that finished its
+    --epochs, or reached --max-steps) with another --bleu-images was refused as if epochs to
+    come would compare val_bleu4 on other images, though the rerun trains nothing: a note.
+    A rerun that does train on (more --patience, more --epochs) is still refused."""
+    old = TrainConfig(epochs=10, monitor="val_bleu4", patience=2, bleu_images=8)
+    history = [{"epoch": e, "stage": "cross-entropy", "val_loss": 1.0, "val_bleu4": b}
+               for e, b in ((1, 0.20), (2, 0.30), (3, 0.29), (4, 0.28))]   # stopped after 4
+    run = _fake_run(tmp_path, old, history, epoch=4, step=40)
+    rerun = lambda **c: types.SimpleNamespace(  # noqa: E731
+        train=dataclasses.replace(old, **{"bleu_images": 4, **c}))
+    notes = train.check_metric_images(run, rerun(), 8)
+    assert notes == ["--bleu-images 4 (was 8) measures nothing: RUN has nothing left to train "
+                     "(early stopping had stopped it (val_bleu4 did not improve for "
+                     "--patience 2 epochs))"]
+    assert "its 4 epochs reach --epochs 4" in train.check_metric_images(
+        run, rerun(epochs=4), 8)[0]
+    assert "it reached --max-steps 40" in train.check_metric_images(
+        run, rerun(patience=5, max_steps=40), 8)[0]
+    for trains_on in (dict(patience=3), dict(patience=5, max_steps=41)):
+        with pytest.raises(UserError, match=r"^--bleu-images 4: RUN measured val_bleu4 on 8 "):
+            train.check_metric_images(run, rerun(**trains_on), 8)
+    # a last epoch without val_bleu4 (trained with --monitor val_loss) has it measured on the
+    # new images before early stopping replays: that may restart patience, so it is refused
+    unmeasured = history + [{"epoch": 5, "stage": "cross-entropy", "val_loss": 0.9}]
+    (tmp_path / "later").mkdir()
+    later = _fake_run(tmp_path / "later", old, unmeasured, epoch=5, step=50)
+    with pytest.raises(UserError, match=r"^--bleu-images 4: RUN measured val_bleu4 on 8 "):
+        train.check_metric_images(later, rerun(), 8)
+
+
 def test_a_broken_pipe_while_training_is_left_to_the_cli(shapes_data, tmp_path, monkeypatch):
     """`train ... | head -n 3`: printing an epoch line after the reader left raised
     BrokenPipeError, which train turned into "RUN: Broken pipe while training; free space (or

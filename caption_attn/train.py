@@ -192,7 +192,8 @@ def _nothing_left(run: RunFolder, tc: TrainConfig, where: Optional[tuple[int, in
     return None
 
 
-def check_metric_images(run: RunFolder, cfg: RunConfig, val_images: int) -> list[str]:
+def check_metric_images(run: RunFolder, cfg: RunConfig,
+                        val_images: int) -> tuple[list[str], RunConfig]:
     """A resume with another --bleu-images decodes val_bleu4 / val_cider on another set of
     validation images (the first --bleu-images of the `val_images` sorted ones): UserError
     when early stopping would compare the epochs to come with values of the run's set (their
@@ -200,9 +201,14 @@ def check_metric_images(run: RunFolder, cfg: RunConfig, val_images: int) -> list
     be missed); a note when those values are only logged (history.json, TensorBoard), or
     when the rerun trains nothing (all --epochs done, --max-steps reached, or early stopping
     had stopped the run): rerunning the command of such a run, say with another --bleu-images
-    for its evaluation, was refused though no epoch would be measured."""
+    for its evaluation, was refused though no epoch would be measured.
+
+    Returns the notes and the config to train with: `cfg`, except that a rerun which trains
+    nothing keeps the run's --bleu-images. config.json must go on naming the images the
+    run's values were measured on, or a later resume that trains on with the new
+    --bleu-images would look unchanged and compare its epochs with the old values."""
     if not os.path.exists(run.config):
-        return []
+        return [], cfg
     old, new, history = run.load_config().train, cfg.train, run.read_history()
     # The checkpoint says which epoch comes next: history.json may hold one more, of an
     # epoch whose end was killed before its checkpoint, which is then trained again
@@ -211,11 +217,14 @@ def check_metric_images(run: RunFolder, cfg: RunConfig, val_images: int) -> list
     history = [h for h in history if h["epoch"] <= upcoming_epoch]
     was, now = min(old.bleu_images, val_images), min(new.bleu_images, val_images)
     if was == now or not history:
-        return []
+        return [], cfg
     why = _nothing_left(run, new, where, history)
     if why:
+        kept = dataclasses.replace(cfg, train=dataclasses.replace(
+            new, bleu_images=old.bleu_images))
         return [f"--bleu-images {new.bleu_images} (was {old.bleu_images}) measures nothing: "
-                f"{run.path} has nothing left to train ({why})"]
+                f"{run.path} has nothing left to train ({why}); the run keeps --bleu-images "
+                f"{old.bleu_images}, which its values were measured with"], kept
     logged = [m for m in ("val_bleu4", "val_cider") if any(h.get(m) is not None
                                                            for h in history)]
     # Early stopping compares the next epoch with the run's values of its metric: the best
@@ -233,13 +242,13 @@ def check_metric_images(run: RunFolder, cfg: RunConfig, val_images: int) -> list
             f"model, or a better one be missed): resume with --bleu-images "
             f"{old.bleu_images}, or add --fresh to start this run over")
     if not logged:
-        return []
+        return [], cfg
     measured = "not measured (no validation image)" if now == 0 else \
         f"measured on {now} validation images"
     return [f"--bleu-images {new.bleu_images} (was {old.bleu_images}): {' and '.join(logged)} "
             f"of the epochs to come are {measured}, those of the "
             f"run's {len(history)} epoch(s) so far on {was}: not comparable across the change "
-            f"in history.json and TensorBoard (early stopping does not use them)"]
+            f"in history.json and TensorBoard (early stopping does not use them)"], cfg
 
 
 def refuse_unrestorable_state(run: RunFolder, cfg: RunConfig, where: tuple[int, int],
@@ -878,7 +887,8 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     data = load_train_data(cfg, run_dir, reuse=not fresh)
     if not fresh:
         notes += check_features_mid_epoch(run, cfg, data)
-        notes += check_metric_images(run, cfg, len(data.references["val"]))
+        more, cfg = check_metric_images(run, cfg, len(data.references["val"]))
+        notes += more
     for note in notes:
         log("note: " + note)
     if fresh:

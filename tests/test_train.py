@@ -866,13 +866,14 @@ def test_resume_with_other_bleu_images_is_refused_when_early_stopping_compares_t
                                         r"with --bleu-images 8, or add --fresh"):
         train.train(other(bleu_images=4), run, progress=False, log=lambda *a: None)
     assert _files(run) == before
-    assert train.check_metric_images(RunFolder(run), other(bleu_images=100), 8) == []
-    notes = train.check_metric_images(RunFolder(run), other(bleu_images=4, monitor="val_loss"),
-                                      8)
+    same = other(bleu_images=100)
+    assert train.check_metric_images(RunFolder(run), same, 8) == ([], same)
+    notes, _ = train.check_metric_images(RunFolder(run),
+                                         other(bleu_images=4, monitor="val_loss"), 8)
     assert notes and notes[0].startswith("--bleu-images 4 (was 8): val_bleu4 of the epochs to "
                                          "come are measured on 4 validation images")
-    notes = train.check_metric_images(RunFolder(run), other(bleu_images=0, monitor="val_loss"),
-                                      8)
+    notes, _ = train.check_metric_images(RunFolder(run),
+                                         other(bleu_images=0, monitor="val_loss"), 8)
     assert notes[0].startswith("--bleu-images 0 (was 8): val_bleu4 of the epochs to come are "
                                "not measured (no validation image), those of the run's 4 ")
     # Killed after epoch 5's history entry, before its checkpoint: the rerun trains epoch 5
@@ -940,7 +941,7 @@ def test_other_bleu_images_are_accepted_when_a_later_stage_change_starts_on_new_
                                 load_config=lambda: types.SimpleNamespace(train=old),
                                 checkpoints=os.path.join(os.path.dirname(__file__), "none"))
     later = types.SimpleNamespace(train=TrainConfig(epochs=8, scst_after=5, bleu_images=4))
-    notes = train.check_metric_images(run, later, 8)
+    notes, _ = train.check_metric_images(run, later, 8)
     assert len(notes) == 1 and notes[0].startswith("--bleu-images 4 (was 8): val_cider of")
     now = types.SimpleNamespace(train=TrainConfig(epochs=8, scst_after=3, bleu_images=4))
     with pytest.raises(UserError, match=r"^--bleu-images 4: RUN measured val_cider on 8 "):
@@ -970,16 +971,20 @@ def test_other_bleu_images_are_a_note_when_the_rerun_trains_nothing(tmp_path):
     history = [{"epoch": e, "stage": "cross-entropy", "val_loss": 1.0, "val_bleu4": b}
                for e, b in ((1, 0.20), (2, 0.30), (3, 0.29), (4, 0.28))]   # stopped after 4
     run = _fake_run(tmp_path, old, history, epoch=4, step=40)
-    rerun = lambda **c: types.SimpleNamespace(  # noqa: E731
+    rerun = lambda **c: RunConfig(  # noqa: E731
         train=dataclasses.replace(old, **{"bleu_images": 4, **c}))
-    notes = train.check_metric_images(run, rerun(), 8)
+    notes, kept = train.check_metric_images(run, rerun(), 8)
     assert notes == ["--bleu-images 4 (was 8) measures nothing: RUN has nothing left to train "
                      "(early stopping had stopped it (val_bleu4 did not improve for "
-                     "--patience 2 epochs))"]
+                     "--patience 2 epochs)); the run keeps --bleu-images 8, which its values "
+                     "were measured with"]
+    # config.json goes on saying 8: had it said 4, a later resume with --bleu-images 4 and
+    # more --patience would look unchanged and compare its val_bleu4 with values on 8 images
+    assert kept.train == old
     assert "its 4 epochs reach --epochs 4" in train.check_metric_images(
-        run, rerun(epochs=4), 8)[0]
+        run, rerun(epochs=4), 8)[0][0]
     assert "it reached --max-steps 40" in train.check_metric_images(
-        run, rerun(patience=5, max_steps=40), 8)[0]
+        run, rerun(patience=5, max_steps=40), 8)[0][0]
     for trains_on in (dict(patience=3), dict(patience=5, max_steps=41)):
         with pytest.raises(UserError, match=r"^--bleu-images 4: RUN measured val_bleu4 on 8 "):
             train.check_metric_images(run, rerun(**trains_on), 8)

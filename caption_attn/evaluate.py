@@ -94,6 +94,13 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
             f"in its {split} split: {changes}; the scores are against {captions}"
             if changes else "")
     keys = [k for k in splits[split] if k in records]
+    absent = [k for k in splits[split] if k not in records]
+    if absent and keys and not recorded:
+        # a run made before runs recorded their caption data: `caption_changes` cannot say
+        # that images are gone, and the split would be scored on fewer images without a word
+        verb = "is" if len(absent) == 1 else "are"
+        note = (f"{len(absent)} of the {len(splits[split])} images of the run's {split} split "
+                f"{verb} not in {captions} (e.g. {absent[0]!r}): scored the other {len(keys)}")
     if not keys:
         raise UserError(f"{captions} has none of the {len(splits[split])} images of the run's "
                         f"{split} split: is it the caption file the run was trained with?")

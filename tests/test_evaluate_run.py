@@ -371,3 +371,30 @@ def test_a_cache_of_other_images_with_the_same_names_is_refused(trained_run, cop
     run_cfg = RunFolder(trained_run).load_config()           # its other images are the run's
     found = evaluate._load_split(trained_run, "val", run_cfg, copy_cache, run_cfg.captions)
     assert found.keys and not found.without
+
+
+def test_split_images_missing_from_the_captions_are_noted_for_a_run_without_caption_data(
+        shapes_data, run_copy, tmp_path, monkeypatch):
+    # A run made before runs recorded their caption data (no `caption_data` in split.json),
+    # evaluated with a caption file that lacks one test image: 7 of 8 images were scored
+    # with no note saying why, the metrics read as the whole split's.
+    monkeypatch.setattr(evaluate, "_decode", lambda captioner, found, progress: {
+        k: captioner_lib.Caption(["a"], 0.0, np.zeros((2, 64))) for k in found.keys})
+    with open(run_copy.split) as f:
+        split = json.load(f)
+    del split["caption_data"]
+    with open(run_copy.split, "w") as f:
+        json.dump(split, f)
+    test_keys = split["splits"]["test"]
+    with open(shapes_data["captions"]) as f:
+        captions = json.load(f)
+    captions["images"] = [i for i in captions["images"] if i["filename"] != test_keys[0]]
+    other = str(tmp_path / "other.json")
+    with open(other, "w") as f:
+        json.dump(captions, f)
+    metrics = evaluate.evaluate_run(run_copy.path, "test", progress=False, use_java=False,
+                                    out=str(tmp_path / "m.json"), captions=other)
+    assert metrics["images"] == len(test_keys) - 1
+    assert metrics["notes"][0] == (
+        f"1 of the {len(test_keys)} images of the run's test split is not in {other} "
+        f"(e.g. {test_keys[0]!r}): scored the other {len(test_keys) - 1}")

@@ -16,6 +16,9 @@ the plumbing, not to the numbers:
 - pycocoevalcap only turns "\\n" inside a caption into a space; the jar also ends a line at
   "\\r", "\\v", "\\f", U+2028 and U+2029, which would shift every later caption onto the wrong
   image. Those become spaces too.
+- The jar's output must be one line per caption and nothing else: a JVM option that logs to
+  stdout (JAVA_TOOL_OPTIONS=-Xlog:gc) adds lines that would shift every caption onto another
+  image; then the jar counts as failed and the Python tokenizer is used, with a note.
 
 Nothing is printed: `COCOEvalCap.evaluate`'s progress lines ("tokenization...") are not used,
 BLEU runs with `verbose=0` (else it prints `{'testlen': ...}`), and the jars' stderr logs
@@ -131,11 +134,18 @@ def ptb_tokenize_java(captions_for_image: dict[Key, list[str]]) -> dict[Key, lis
     stdin (no temporary file) and with the jar's stderr log captured."""
     keys, lines = _sentences(captions_for_image)
     done = subprocess.run(PTB_COMMAND, input="\n".join(lines).encode(), capture_output=True)
-    out_lines = done.stdout.decode().split("\n")
-    if done.returncode != 0 or len(out_lines) < len(keys):
-        raise RuntimeError(f"Stanford PTBTokenizer failed (exit {done.returncode}, "
-                           f"{len(out_lines)} lines for {len(keys)} captions): "
+    out_lines = done.stdout.decode(errors="replace").split("\n")
+    if done.returncode != 0:
+        raise RuntimeError(f"Stanford PTBTokenizer failed (exit {done.returncode}): "
                            f"{done.stderr.decode(errors='replace').strip()[-500:]}")
+    # One line out per line in, and nothing else: a line more (the JVM's own log on stdout,
+    # e.g. JAVA_TOOL_OPTIONS=-Xlog:gc, prints "[0.011s][info][gc] Using G1" first) would put
+    # every later caption on the image before it, and only the count can tell.
+    if len(out_lines) < len(keys) or any(out_lines[len(keys):]):
+        found = len(out_lines) - (out_lines[-1] == "")
+        raise RuntimeError(f"Stanford PTBTokenizer printed {found} lines for {len(keys)} "
+                           f"captions (does a JVM option, e.g. in JAVA_TOOL_OPTIONS, print "
+                           f"to its output? first line: {out_lines[0][:100]!r})")
     return _group(keys, out_lines)
 
 

@@ -116,23 +116,33 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
                           describe_problems(problems, cache) if problems else "", note)
 
 
-def _check_outputs(metrics_path: str, results_path: str) -> None:
+def _check_outputs(metrics_path: str, results_path: str, given: bool = True) -> None:
     """Before any decoding: both outputs must be files that can be written, and replace only
     what an earlier `evaluate` wrote (an --out that names the caption file, the run's
-    config.json or the cache's manifest would otherwise be overwritten)."""
+    config.json or the cache's manifest would otherwise be overwritten). `given`: the user
+    named `metrics_path` with --out; else it is the run's default, and the errors say so
+    instead of naming a flag the user did not give."""
+    name = f"--out {metrics_path}" if given else f"the default output {metrics_path}"
+    other = "choose another --out" if given else "pass --out FILE"
     if os.path.isdir(metrics_path) or metrics_path.endswith(("/", os.sep)):
-        raise UserError(f"--out {metrics_path}: is a folder; give the metrics JSON file to "
-                        f"write, e.g. {os.path.join(metrics_path, 'test_metrics.json')}")
+        raise UserError(f"{name}: is a folder; give the metrics JSON file to write, e.g. "
+                        f"{os.path.join(metrics_path, 'test_metrics.json')}")
     if os.path.isdir(results_path):
-        raise UserError(f"--out {metrics_path}: its captions go to {results_path}, which is a "
-                        f"folder; move that folder or choose another --out")
+        raise UserError(f"{name}: its captions go to {results_path}, which is a folder; move "
+                        f"that folder or {other}")
     for path, ours in ((metrics_path, _is_metrics), (results_path, _is_results)):
         if os.path.exists(path) and not ours(path):
             what = "" if path == metrics_path else "its captions go to "
-            raise UserError(f"--out {metrics_path}: {what}{path}, which exists and was not "
-                            f"written by `caption-attn evaluate`; choose another --out (or "
-                            f"remove that file)")
-    check_folder_writable(os.path.dirname(os.path.abspath(metrics_path)), "--out")
+            raise UserError(f"{name}: {what}{path}, which exists and was not written by "
+                            f"`caption-attn evaluate`; {other} (or remove that file)")
+    folder = os.path.dirname(os.path.abspath(metrics_path))
+    if given:
+        check_folder_writable(folder, "--out")
+        return
+    try:
+        check_folder_writable(folder, "the default output folder")
+    except UserError as e:
+        raise UserError(f"{e}; pass --out FILE") from None
 
 
 def _read_json_or_none(path: str):
@@ -242,7 +252,7 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     from caption_attn.captioner import Captioner
 
     metrics_path, results_path = RunFolder(run_dir).eval_outputs(split, out)
-    _check_outputs(metrics_path, results_path)
+    _check_outputs(metrics_path, results_path, given=out is not None)
     captioner = Captioner.from_run(run_dir, cfg or DecodeConfig(), cache=cache)
     captioner.check_cache(needed_for="evaluate reads the split's features from it")
     recorded = captioner.run_cfg.captions

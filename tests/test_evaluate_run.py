@@ -89,6 +89,30 @@ def test_an_out_whose_results_file_is_a_folder_is_refused_naming_both(trained_ru
         "folder" in err and "m_results.json/" not in err
 
 
+def test_a_default_output_in_the_way_is_named_as_such_not_as_an_out_never_given(
+        run_copy, capsys, monkeypatch):
+    # Without --out, a file in the way of RUN/eval/test_metrics.json (or a file named
+    # RUN/eval, e.g. left by `--out RUN/eval`) was reported as "--out ...: ...; choose
+    # another --out", a flag the user never gave.
+    monkeypatch.setattr(evaluate, "_decode", None)                 # must not be reached
+    eval_dir = os.path.join(run_copy.path, "eval")
+    os.makedirs(eval_dir, exist_ok=True)
+    metrics = os.path.join(eval_dir, "test_metrics.json")
+    with open(metrics, "w") as f:
+        f.write("my notes")
+    assert main(["evaluate", "--run", run_copy.path]) == 2
+    err = capsys.readouterr().err
+    assert f"the default output {metrics}: {metrics}, which exists and was not written" in err
+    assert "pass --out FILE (or remove that file)" in err and "--out " + metrics not in err
+    import shutil
+    shutil.rmtree(eval_dir)
+    open(eval_dir, "w").close()
+    assert main(["evaluate", "--run", run_copy.path]) == 2
+    err = capsys.readouterr().err
+    assert f"the default output folder {eval_dir}: {os.path.abspath(eval_dir)} is a file, " \
+        "not a folder; pass --out FILE" in err
+
+
 @pytest.mark.parametrize("target", ["config", "captions", "manifest", "results_of"])
 def test_an_out_that_would_overwrite_another_file_is_refused_before_decoding(
         shapes_data, run_copy, tmp_path, capsys, monkeypatch, target):

@@ -251,9 +251,17 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     """
     from caption_attn.captioner import Captioner
 
-    metrics_path, results_path = RunFolder(run_dir).eval_outputs(split, out)
+    run = RunFolder(run_dir)
+    metrics_path, results_path = run.eval_outputs(split, out)
     _check_outputs(metrics_path, results_path, given=out is not None)
+    # which best model is scored, read with it: after a resumed `train` saves a new best, an
+    # earlier metrics file could not be told from a current one (nor one made while `train`
+    # replaced best.keras under the load)
+    before = _best_snapshot(run)
     captioner = Captioner.from_run(run_dir, cfg or DecodeConfig(), cache=cache)
+    if _best_snapshot(run) != before:
+        raise UserError(f"{run.best_model}: replaced while evaluate read it (is `caption-attn "
+                        f"train` running on this run?); evaluate again")
     captioner.check_cache(needed_for="evaluate reads the split's features from it")
     recorded = captioner.run_cfg.captions
     if captions is None and not os.path.isfile(recorded):
@@ -265,13 +273,24 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
                         captions or recorded)
     best = _decode(captioner, found, progress)
     hypotheses = {k: c.text for k, c in best.items()}
-    result = {"run": run_dir, "split": split, "images": len(found.keys),
+    result = {"run": run_dir, "split": split, "best": before[1], "images": len(found.keys),
               "images_without_features": len(found.without),
               "decode": _decode_settings(captioner),
               **_score(found, hypotheses, best, use_java)}
     result.update(metrics_file=metrics_path, results_file=results_path)
     write_outputs(result, hypotheses, {k: found.records[k].image_id for k in found.keys})
     return result
+
+
+def _best_snapshot(run: RunFolder) -> tuple:
+    """(identity of best.keras, best.json's {epoch, monitor, value}): changes when `train`
+    saves a new best (as `export`'s)."""
+    try:
+        st = os.stat(run.best_model)
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None
+    return key, run.best_record()
 
 
 def write_outputs(result: dict, hypotheses: dict, image_ids: dict) -> None:

@@ -59,6 +59,33 @@ def test_the_metrics_record_every_decoding_setting(trained_run, tmp_path, monkey
                                  "max_length": 3, "temperature": 0.5, "top_k": 2, "seed": 7}
 
 
+def test_the_metrics_name_the_best_model_scored_and_a_replaced_one_is_refused(
+        run_copy, tmp_path, monkeypatch, capsys):
+    # After a resumed `train` saved a new best, eval/test_metrics.json of the old best model
+    # could not be told from a current one: it did not say which model it scored.
+    monkeypatch.setattr(evaluate, "_decode", lambda captioner, found, progress: {
+        k: captioner_lib.Caption(["a"], 0.0, np.zeros((2, 64))) for k in found.keys})
+    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
+    with open(run_copy.best_info) as f:
+        best = json.load(f)
+    out = str(tmp_path / "m.json")
+    assert main(["evaluate", "--run", run_copy.path, "--out", out]) == 0
+    with open(out) as f:
+        assert json.load(f)["best"] == best
+    assert f"best model of epoch {best['epoch']}" in capsys.readouterr().out
+    # train saving a new best while evaluate loads the model: refused, not scored as either
+    real = captioner_lib.Captioner.from_run
+
+    def from_run_during_a_new_best(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        with open(run_copy.best_info, "w") as f:
+            json.dump({**best, "epoch": best["epoch"] + 1}, f)
+        return loaded
+    monkeypatch.setattr(captioner_lib.Captioner, "from_run", from_run_during_a_new_best)
+    assert main(["evaluate", "--run", run_copy.path, "--out", out]) == 2
+    assert "best.keras: replaced while evaluate read it" in capsys.readouterr().err
+
+
 def test_cli_evaluate_prints_the_table(trained_run, capsys, monkeypatch):
     monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
     assert main(["evaluate", "--run", trained_run, "--split", "val", "--beam", "1"]) == 0

@@ -59,6 +59,7 @@ NOTE_PY_TOKENIZER = ("tokenized with a pure-Python imitation of the Java PTBToke
                      "may differ slightly from pycocoevalcap's")
 
 _LINE_BREAKS = re.compile("[\n\r\v\f\u2028\u2029]")  # all end a line in the jar
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 Key = Hashable
 
@@ -80,6 +81,12 @@ def _check_inputs(references: dict, hypotheses: dict) -> None:
                 or not all(isinstance(r, str) for r in refs):
             raise ValueError(f"`references`[{key!r}] must be a non-empty list of strings, "
                              f"got {refs!r}")
+        # half a surrogate pair (json.loads takes "\ud83d") cannot go to the Java jars as
+        # UTF-8: a UnicodeEncodeError from deep inside the tokenizer otherwise
+        for name, text in [("hypotheses", caption)] + [("references", r) for r in refs]:
+            if _SURROGATE.search(text):
+                raise ValueError(f"`{name}`[{key!r}] holds half of a UTF-16 surrogate pair, "
+                                 f"not a character: {text!r}")
 
 
 # --------------------------------------------------------------------------- BLEU-4 (no Java)

@@ -156,6 +156,18 @@ def test_metric_inputs_are_checked():
         coco_metrics.corpus_bleu4({"a": []}, {"a": "x"})
 
 
+def test_half_a_surrogate_pair_is_named_not_a_unicode_error_from_the_jar():
+    # json.loads("\"\\ud83d\"") gives a lone surrogate: with Java it crashed with a
+    # UnicodeEncodeError from the tokenizer's stdin, naming neither the image nor the text
+    refs = json.loads('{"a": ["a dog \\ud83d runs"], "b": ["a cat"]}')
+    for use_java in (False, True):
+        with pytest.raises(ValueError, match=r"`references`\['a'\] holds half of a UTF-16 "
+                                             r"surrogate pair"):
+            coco_metrics.coco_metrics(refs, {"a": "a dog", "b": "a cat"}, use_java=use_java)
+    with pytest.raises(ValueError, match=r"`hypotheses`\['b'\] holds half"):
+        coco_metrics.corpus_bleu4({"a": ["x"], "b": ["y"]}, {"a": "x", "b": "y\udc00"})
+
+
 # --------------------------------------------------------------------------- BLEU-4
 def test_corpus_bleu4_identical_disjoint_and_standardized():
     refs = {1: ["a red circle to the left of a blue square"],

@@ -437,6 +437,7 @@ def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
 
 
 def _parse_flickr_token(path: str, text: str, out: _Collector) -> None:
+    seen = set()  # (IMAGE#N, caption): a line repeated (files joined) is one caption
     for number, line in _lines(text):
         if not line.strip():
             continue
@@ -444,6 +445,9 @@ def _parse_flickr_token(path: str, text: str, out: _Collector) -> None:
         if not tab:
             raise UserError(f"{path}: line {number}: expected `IMAGE#N<TAB>CAPTION`, got "
                             f"{line[:60]!r}")
+        if (name.strip(), caption) in seen:
+            continue
+        seen.add((name.strip(), caption))
         out.add(_TOKEN_SUFFIX.sub("", name.strip()), [caption], f"line {number}")
 
 

@@ -413,6 +413,16 @@ def test_csv_wrong_number_of_fields(tmp_path):
         data.load_captions(path)
 
 
+def test_token_line_repeated_is_one_caption(tmp_path):
+    # `cat` of two token files that overlap: each repeated IMAGE#N line was a second,
+    # double-weighted copy of the caption (in training and in CIDEr's mean over references)
+    captions = data.load_captions(write(tmp_path, "t.txt", token_text() + token_text()))
+    assert as_dict(captions) == EXPECTED
+    # the same caption under another #N is another annotator's: kept
+    path = write(tmp_path, "t.txt", "a.jpg#0\ta dog\na.jpg#1\ta dog\n")
+    assert as_dict(data.load_captions(path)) == {"a.jpg": ["a dog", "a dog"]}
+
+
 def test_token_line_without_tab(tmp_path):
     path = write(tmp_path, "t.token", "a.jpg#0\tfine\na.jpg#1 no tab here\n")
     with pytest.raises(UserError, match=r"t\.token: line 2: expected `IMAGE#N<TAB>CAPTION`"):

@@ -145,6 +145,20 @@ def _check_outputs(metrics_path: str, results_path: str, given: bool = True) -> 
         raise UserError(f"{e}; pass --out FILE") from None
 
 
+def _check_not_the_runs(run: RunFolder, metrics_path: str, results_path: str) -> None:
+    """Neither output may be a path the run itself uses, existing or not yet: `--out
+    RUN/eval` made a file where the eval/ folder goes (every later evaluate without --out
+    failed), `--out RUN/cider_df.json` one that a later self-critical `train` would read."""
+    own = {os.path.realpath(run.file(n)): n for n in RunFolder.FILES + RunFolder.DIRS}
+    for path in (metrics_path, results_path):
+        name = own.get(os.path.realpath(path))
+        if name is not None:
+            what = "" if path == metrics_path else f"its captions go to {path}, "
+            raise UserError(f"--out {metrics_path}: {what}the run's own {name} (`train` and "
+                            f"`evaluate` use that path); choose another --out, e.g. "
+                            f"{run.file(os.path.join('eval', 'my_metrics.json'))}")
+
+
 def _read_json_or_none(path: str):
     try:
         return read_json(path)
@@ -254,6 +268,7 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     run = RunFolder(run_dir)
     metrics_path, results_path = run.eval_outputs(split, out)
     _check_outputs(metrics_path, results_path, given=out is not None)
+    _check_not_the_runs(run, metrics_path, results_path)
     # which best model is scored, read with it: after a resumed `train` saves a new best, an
     # earlier metrics file could not be told from a current one (nor one made while `train`
     # replaced best.keras under the load)

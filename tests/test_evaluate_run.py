@@ -116,6 +116,22 @@ def test_an_out_whose_results_file_is_a_folder_is_refused_naming_both(trained_ru
         "folder" in err and "m_results.json/" not in err
 
 
+@pytest.mark.parametrize("name", ["eval", "cider_df.json", "logs"])
+def test_an_out_on_a_path_the_run_uses_is_refused_even_before_that_exists(
+        run_copy, capsys, monkeypatch, name):
+    # `--out RUN/eval` wrote the metrics as a file where eval/ goes (each later evaluate
+    # without --out then failed); `--out RUN/cider_df.json` left a file that a later
+    # self-critical train reads as its document frequencies
+    monkeypatch.setattr(evaluate, "_decode", None)                 # must not be reached
+    import shutil
+    path = os.path.join(run_copy.path, name)
+    shutil.rmtree(path, ignore_errors=True)
+    assert main(["evaluate", "--run", run_copy.path, "--out", path]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {path}: the run's own {name} (`train` and `evaluate` use that path)" in err
+    assert not os.path.exists(path)
+
+
 def test_a_default_output_in_the_way_is_named_as_such_not_as_an_out_never_given(
         run_copy, capsys, monkeypatch):
     # Without --out, a file in the way of RUN/eval/test_metrics.json (or a file named

@@ -190,7 +190,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     method = metrics["decode"]["method"]
     beam = f" (beam {metrics['decode']['beam']})" if method == "beam" else ""
-    print(f"{metrics['split']} split, {metrics['images']} images, {method} decoding{beam}")
+    best = metrics.get("best") or {}
+    model = f", best model of epoch {best['epoch']}" if best.get("epoch") else ""
+    print(f"{metrics['split']} split, {metrics['images']} images, {method} decoding{beam}"
+          f"{model}")
     print(evaluate.format_metrics(metrics))
     print(f"metrics: {metrics['metrics_file']}\nresults: {metrics['results_file']}")
     return 0

@@ -16,6 +16,9 @@ the plumbing, not to the numbers:
 - pycocoevalcap only turns "\\n" inside a caption into a space; the jar also ends a line at
   "\\r", "\\v", "\\f", U+2028 and U+2029, which would shift every later caption onto the wrong
   image. Those become spaces too.
+- The jar's output must be one line per caption and nothing else: a JVM option that logs to
+  stdout (JAVA_TOOL_OPTIONS=-Xlog:gc) adds lines that would shift every caption onto another
+  image; then the jar counts as failed and the Python tokenizer is used, with a note.
 
 Nothing is printed: `COCOEvalCap.evaluate`'s progress lines ("tokenization...") are not used,
 BLEU runs with `verbose=0` (else it prints `{'testlen': ...}`), and the jars' stderr logs
@@ -56,6 +59,7 @@ NOTE_PY_TOKENIZER = ("tokenized with a pure-Python imitation of the Java PTBToke
                      "may differ slightly from pycocoevalcap's")
 
 _LINE_BREAKS = re.compile("[\n\r\v\f\u2028\u2029]")  # all end a line in the jar
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 Key = Hashable
 
@@ -77,6 +81,12 @@ def _check_inputs(references: dict, hypotheses: dict) -> None:
                 or not all(isinstance(r, str) for r in refs):
             raise ValueError(f"`references`[{key!r}] must be a non-empty list of strings, "
                              f"got {refs!r}")
+        # half a surrogate pair (json.loads takes "\ud83d") cannot go to the Java jars as
+        # UTF-8: a UnicodeEncodeError from deep inside the tokenizer otherwise
+        for name, text in [("hypotheses", caption)] + [("references", r) for r in refs]:
+            if _SURROGATE.search(text):
+                raise ValueError(f"`{name}`[{key!r}] holds half of a UTF-16 surrogate pair, "
+                                 f"not a character: {text!r}")
 
 
 # --------------------------------------------------------------------------- BLEU-4 (no Java)
@@ -131,11 +141,18 @@ def ptb_tokenize_java(captions_for_image: dict[Key, list[str]]) -> dict[Key, lis
     stdin (no temporary file) and with the jar's stderr log captured."""
     keys, lines = _sentences(captions_for_image)
     done = subprocess.run(PTB_COMMAND, input="\n".join(lines).encode(), capture_output=True)
-    out_lines = done.stdout.decode().split("\n")
-    if done.returncode != 0 or len(out_lines) < len(keys):
-        raise RuntimeError(f"Stanford PTBTokenizer failed (exit {done.returncode}, "
-                           f"{len(out_lines)} lines for {len(keys)} captions): "
+    out_lines = done.stdout.decode(errors="replace").split("\n")
+    if done.returncode != 0:
+        raise RuntimeError(f"Stanford PTBTokenizer failed (exit {done.returncode}): "
                            f"{done.stderr.decode(errors='replace').strip()[-500:]}")
+    # One line out per line in, and nothing else: a line more (the JVM's own log on stdout,
+    # e.g. JAVA_TOOL_OPTIONS=-Xlog:gc, prints "[0.011s][info][gc] Using G1" first) would put
+    # every later caption on the image before it, and only the count can tell.
+    if len(out_lines) < len(keys) or any(out_lines[len(keys):]):
+        found = len(out_lines) - (out_lines[-1] == "")
+        raise RuntimeError(f"Stanford PTBTokenizer printed {found} lines for {len(keys)} "
+                           f"captions (does a JVM option, e.g. in JAVA_TOOL_OPTIONS, print "
+                           f"to its output? first line: {out_lines[0][:100]!r})")
     return _group(keys, out_lines)
 
 

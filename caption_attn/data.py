@@ -327,14 +327,35 @@ def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
         image_id = _get(image, "id", (int, str), path, f"images[{i}]")
         _check_coco_identity(path, images, i, image_id, file_name, entries, ids)
         names[image_id], sizes[image_id] = file_name, _image_size(image)
+    seen = set()  # (annotation id, image id, caption) of annotations with an `id`
     for j, ann in enumerate(annotations):
         where = f"annotations[{j}]"
         image_id = _get(ann, "image_id", (int, str), path, where)
         caption = _get(ann, "caption", str, path, where)
         if image_id not in names:
             raise UserError(f"{path}: {where}.image_id {image_id!r} is not the `id` of any "
-                            f"entry of `images`")
+                            f"entry of `images`{_other_type_hint(image_id, names)}")
+        # an annotation listed twice (files merged with an overlap) is one caption, as an
+        # image listed twice is one image: kept twice, it weighed double in training and in
+        # CIDEr (which averages over the references)
+        ann_id = ann.get("id")
+        if isinstance(ann_id, (int, str)) and not isinstance(ann_id, bool):
+            entry = (type(ann_id), ann_id, type(image_id), image_id, caption)
+            if entry in seen:
+                continue
+            seen.add(entry)
         out.add(names[image_id], [caption], where, image_id=image_id, size=sizes[image_id])
+
+
+def _other_type_hint(image_id: Any, names: dict) -> str:
+    """"(`images` has the id 7 as a number)" when `image_id` is "7" (or 7 and `images` has
+    "7"): ids must have the same JSON type to match."""
+    other = (int(image_id) if isinstance(image_id, str) and image_id.strip().isdigit()
+             else str(image_id) if isinstance(image_id, int) else None)
+    if other is None or other not in names:
+        return ""
+    kind = "a number" if isinstance(other, int) else "a string"
+    return f" (`images` has the id {other!r} as {kind}: ids must be of the same JSON type)"
 
 
 def _karpathy_path(image: dict, path: str, where: str) -> str:
@@ -416,6 +437,7 @@ def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
 
 
 def _parse_flickr_token(path: str, text: str, out: _Collector) -> None:
+    seen = set()  # (IMAGE#N, caption): a line repeated (files joined) is one caption
     for number, line in _lines(text):
         if not line.strip():
             continue
@@ -423,6 +445,9 @@ def _parse_flickr_token(path: str, text: str, out: _Collector) -> None:
         if not tab:
             raise UserError(f"{path}: line {number}: expected `IMAGE#N<TAB>CAPTION`, got "
                             f"{line[:60]!r}")
+        if (name.strip(), caption) in seen:
+            continue
+        seen.add((name.strip(), caption))
         out.add(_TOKEN_SUFFIX.sub("", name.strip()), [caption], f"line {number}")
 
 

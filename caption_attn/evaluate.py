@@ -94,6 +94,13 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
             f"in its {split} split: {changes}; the scores are against {captions}"
             if changes else "")
     keys = [k for k in splits[split] if k in records]
+    absent = [k for k in splits[split] if k not in records]
+    if absent and keys and not recorded:
+        # a run made before runs recorded their caption data: `caption_changes` cannot say
+        # that images are gone, and the split would be scored on fewer images without a word
+        verb = "is" if len(absent) == 1 else "are"
+        note = (f"{len(absent)} of the {len(splits[split])} images of the run's {split} split "
+                f"{verb} not in {captions} (e.g. {absent[0]!r}): scored the other {len(keys)}")
     if not keys:
         raise UserError(f"{captions} has none of the {len(splits[split])} images of the run's "
                         f"{split} split: is it the caption file the run was trained with?")
@@ -109,23 +116,47 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
                           describe_problems(problems, cache) if problems else "", note)
 
 
-def _check_outputs(metrics_path: str, results_path: str) -> None:
+def _check_outputs(metrics_path: str, results_path: str, given: bool = True) -> None:
     """Before any decoding: both outputs must be files that can be written, and replace only
     what an earlier `evaluate` wrote (an --out that names the caption file, the run's
-    config.json or the cache's manifest would otherwise be overwritten)."""
+    config.json or the cache's manifest would otherwise be overwritten). `given`: the user
+    named `metrics_path` with --out; else it is the run's default, and the errors say so
+    instead of naming a flag the user did not give."""
+    name = f"--out {metrics_path}" if given else f"the default output {metrics_path}"
+    other = "choose another --out" if given else "pass --out FILE"
     if os.path.isdir(metrics_path) or metrics_path.endswith(("/", os.sep)):
-        raise UserError(f"--out {metrics_path}: is a folder; give the metrics JSON file to "
-                        f"write, e.g. {os.path.join(metrics_path, 'test_metrics.json')}")
+        raise UserError(f"{name}: is a folder; give the metrics JSON file to write, e.g. "
+                        f"{os.path.join(metrics_path, 'test_metrics.json')}")
     if os.path.isdir(results_path):
-        raise UserError(f"--out {metrics_path}: its captions go to {results_path}, which is a "
-                        f"folder; move that folder or choose another --out")
+        raise UserError(f"{name}: its captions go to {results_path}, which is a folder; move "
+                        f"that folder or {other}")
     for path, ours in ((metrics_path, _is_metrics), (results_path, _is_results)):
         if os.path.exists(path) and not ours(path):
             what = "" if path == metrics_path else "its captions go to "
-            raise UserError(f"--out {metrics_path}: {what}{path}, which exists and was not "
-                            f"written by `caption-attn evaluate`; choose another --out (or "
-                            f"remove that file)")
-    check_folder_writable(os.path.dirname(os.path.abspath(metrics_path)), "--out")
+            raise UserError(f"{name}: {what}{path}, which exists and was not written by "
+                            f"`caption-attn evaluate`; {other} (or remove that file)")
+    folder = os.path.dirname(os.path.abspath(metrics_path))
+    if given:
+        check_folder_writable(folder, "--out")
+        return
+    try:
+        check_folder_writable(folder, "the default output folder")
+    except UserError as e:
+        raise UserError(f"{e}; pass --out FILE") from None
+
+
+def _check_not_the_runs(run: RunFolder, metrics_path: str, results_path: str) -> None:
+    """Neither output may be a path the run itself uses, existing or not yet: `--out
+    RUN/eval` made a file where the eval/ folder goes (every later evaluate without --out
+    failed), `--out RUN/cider_df.json` one that a later self-critical `train` would read."""
+    own = {os.path.realpath(run.file(n)): n for n in RunFolder.FILES + RunFolder.DIRS}
+    for path in (metrics_path, results_path):
+        name = own.get(os.path.realpath(path))
+        if name is not None:
+            what = "" if path == metrics_path else f"its captions go to {path}, "
+            raise UserError(f"--out {metrics_path}: {what}the run's own {name} (`train` and "
+                            f"`evaluate` use that path); choose another --out, e.g. "
+                            f"{run.file(os.path.join('eval', 'my_metrics.json'))}")
 
 
 def _read_json_or_none(path: str):
@@ -234,9 +265,18 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     """
     from caption_attn.captioner import Captioner
 
-    metrics_path, results_path = RunFolder(run_dir).eval_outputs(split, out)
-    _check_outputs(metrics_path, results_path)
+    run = RunFolder(run_dir)
+    metrics_path, results_path = run.eval_outputs(split, out)
+    _check_outputs(metrics_path, results_path, given=out is not None)
+    _check_not_the_runs(run, metrics_path, results_path)
+    # which best model is scored, read with it: after a resumed `train` saves a new best, an
+    # earlier metrics file could not be told from a current one (nor one made while `train`
+    # replaced best.keras under the load)
+    before = _best_snapshot(run)
     captioner = Captioner.from_run(run_dir, cfg or DecodeConfig(), cache=cache)
+    if _best_snapshot(run) != before:
+        raise UserError(f"{run.best_model}: replaced while evaluate read it (is `caption-attn "
+                        f"train` running on this run?); evaluate again")
     captioner.check_cache(needed_for="evaluate reads the split's features from it")
     recorded = captioner.run_cfg.captions
     if captions is None and not os.path.isfile(recorded):
@@ -248,13 +288,24 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
                         captions or recorded)
     best = _decode(captioner, found, progress)
     hypotheses = {k: c.text for k, c in best.items()}
-    result = {"run": run_dir, "split": split, "images": len(found.keys),
+    result = {"run": run_dir, "split": split, "best": before[1], "images": len(found.keys),
               "images_without_features": len(found.without),
               "decode": _decode_settings(captioner),
               **_score(found, hypotheses, best, use_java)}
     result.update(metrics_file=metrics_path, results_file=results_path)
     write_outputs(result, hypotheses, {k: found.records[k].image_id for k in found.keys})
     return result
+
+
+def _best_snapshot(run: RunFolder) -> tuple:
+    """(identity of best.keras, best.json's {epoch, monitor, value}): changes when `train`
+    saves a new best (as `export`'s)."""
+    try:
+        st = os.stat(run.best_model)
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None
+    return key, run.best_record()
 
 
 def write_outputs(result: dict, hypotheses: dict, image_ids: dict) -> None:

@@ -77,6 +77,25 @@ def test_python_tokenizer_matches_java_on_typical_captions():
             == coco_metrics.ptb_tokenize_java(captions))
 
 
+@needs_java
+def test_a_jvm_that_logs_to_stdout_cannot_shift_captions_onto_other_images(monkeypatch):
+    # JAVA_TOOL_OPTIONS=-Xlog:gc makes the JVM print "[0.011s][info][gc] Using G1" before the
+    # tokens: every caption went to the image before it (BLEU-4 1.0 -> 0.0001, exit 0). Now
+    # the extra line is seen, and the Python tokenizer is used, with notes saying why.
+    monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-Xlog:gc")
+    with pytest.raises(RuntimeError, match=r"printed [4-9] lines for 3 captions .*"
+                                           r"JAVA_TOOL_OPTIONS.*\[info\]\[gc\]"):
+        coco_metrics.ptb_tokenize_java({1: ["a dog runs"], 2: ["a cat"], 3: ["a red car"]})
+    monkeypatch.setattr(coco_metrics, "_meteor", lambda gts, res: 0.5)
+    refs = {1: ["a brown dog runs home"], 2: ["a cat sits on a mat"],
+            3: ["a red car is parked"]}
+    metrics, notes = coco_metrics.coco_metrics(refs, {k: v[0] for k, v in refs.items()},
+                                               use_java=True)
+    assert metrics["Bleu_4"] == pytest.approx(1.0)
+    assert "the Java PTBTokenizer failed" in notes[0]
+    assert notes[1] == coco_metrics.NOTE_PY_TOKENIZER
+
+
 @pytest.mark.slow
 @needs_java
 def test_coco_metrics_equal_pycocoevalcap_including_meteor():
@@ -135,6 +154,18 @@ def test_metric_inputs_are_checked():
         coco_metrics.coco_metrics({"a": ["x"]}, {}, use_java=False)
     with pytest.raises(ValueError, match=r"`references`\['a'\] must be a non-empty list"):
         coco_metrics.corpus_bleu4({"a": []}, {"a": "x"})
+
+
+def test_half_a_surrogate_pair_is_named_not_a_unicode_error_from_the_jar():
+    # json.loads("\"\\ud83d\"") gives a lone surrogate: with Java it crashed with a
+    # UnicodeEncodeError from the tokenizer's stdin, naming neither the image nor the text
+    refs = json.loads('{"a": ["a dog \\ud83d runs"], "b": ["a cat"]}')
+    for use_java in (False, True):
+        with pytest.raises(ValueError, match=r"`references`\['a'\] holds half of a UTF-16 "
+                                             r"surrogate pair"):
+            coco_metrics.coco_metrics(refs, {"a": "a dog", "b": "a cat"}, use_java=use_java)
+    with pytest.raises(ValueError, match=r"`hypotheses`\['b'\] holds half"):
+        coco_metrics.corpus_bleu4({"a": ["x"], "b": ["y"]}, {"a": "x", "b": "y\udc00"})
 
 
 # --------------------------------------------------------------------------- BLEU-4

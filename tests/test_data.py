@@ -220,6 +220,34 @@ def test_coco_image_listed_twice_with_the_same_id_is_one_image(tmp_path):
     assert as_dict(captions) == EXPECTED
 
 
+def test_coco_annotation_listed_twice_is_one_caption(tmp_path):
+    # files merged with an overlap repeat annotations: each counted twice, weighing double in
+    # training and in CIDEr's mean over references
+    obj = json.loads(coco_text())
+    obj["annotations"] += [dict(a) for a in obj["annotations"]]
+    captions = data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
+    assert as_dict(captions) == EXPECTED
+    # same id, other caption: both kept (the id is not used; COCO's own scorer keeps both)
+    obj = json.loads(coco_text())
+    obj["annotations"].append({**obj["annotations"][0], "caption": "a blue square"})
+    captions = data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
+    first = obj["annotations"][0]
+    name = [i["file_name"] for i in obj["images"] if i["id"] == first["image_id"]][0]
+    assert as_dict(captions)[name] == EXPECTED[name] + ["a blue square"]
+
+
+def test_coco_image_id_of_another_json_type_says_so(tmp_path):
+    obj = {"images": [{"id": 1, "file_name": "a.png"}, {"id": "2", "file_name": "b.png"}],
+           "annotations": [{"image_id": "1", "caption": "a red circle"}]}
+    with pytest.raises(UserError, match=r"annotations\[0\]\.image_id '1' is not the `id` of "
+                                        r"any entry of `images` \(`images` has the id 1 as a "
+                                        r"number: ids must be of the same JSON type\)"):
+        data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
+    obj["annotations"][0]["image_id"] = 2
+    with pytest.raises(UserError, match=r"has the id '2' as a string"):
+        data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
+
+
 def test_coco_one_file_under_two_ids_is_an_error(tmp_path):
     # merging both ids' captions into one record would describe one image with another's
     obj = json.loads(coco_text())
@@ -383,6 +411,16 @@ def test_csv_wrong_number_of_fields(tmp_path):
                  crlf=True)
     with pytest.raises(UserError, match=r"c\.csv: line 4: expected 2 fields.*got 3"):
         data.load_captions(path)
+
+
+def test_token_line_repeated_is_one_caption(tmp_path):
+    # `cat` of two token files that overlap: each repeated IMAGE#N line was a second,
+    # double-weighted copy of the caption (in training and in CIDEr's mean over references)
+    captions = data.load_captions(write(tmp_path, "t.txt", token_text() + token_text()))
+    assert as_dict(captions) == EXPECTED
+    # the same caption under another #N is another annotator's: kept
+    path = write(tmp_path, "t.txt", "a.jpg#0\ta dog\na.jpg#1\ta dog\n")
+    assert as_dict(data.load_captions(path)) == {"a.jpg": ["a dog", "a dog"]}
 
 
 def test_token_line_without_tab(tmp_path):

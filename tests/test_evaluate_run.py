@@ -59,6 +59,33 @@ def test_the_metrics_record_every_decoding_setting(trained_run, tmp_path, monkey
                                  "max_length": 3, "temperature": 0.5, "top_k": 2, "seed": 7}
 
 
+def test_the_metrics_name_the_best_model_scored_and_a_replaced_one_is_refused(
+        run_copy, tmp_path, monkeypatch, capsys):
+    # After a resumed `train` saved a new best, eval/test_metrics.json of the old best model
+    # could not be told from a current one: it did not say which model it scored.
+    monkeypatch.setattr(evaluate, "_decode", lambda captioner, found, progress: {
+        k: captioner_lib.Caption(["a"], 0.0, np.zeros((2, 64))) for k in found.keys})
+    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
+    with open(run_copy.best_info) as f:
+        best = json.load(f)
+    out = str(tmp_path / "m.json")
+    assert main(["evaluate", "--run", run_copy.path, "--out", out]) == 0
+    with open(out) as f:
+        assert json.load(f)["best"] == best
+    assert f"best model of epoch {best['epoch']}" in capsys.readouterr().out
+    # train saving a new best while evaluate loads the model: refused, not scored as either
+    real = captioner_lib.Captioner.from_run
+
+    def from_run_during_a_new_best(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        with open(run_copy.best_info, "w") as f:
+            json.dump({**best, "epoch": best["epoch"] + 1}, f)
+        return loaded
+    monkeypatch.setattr(captioner_lib.Captioner, "from_run", from_run_during_a_new_best)
+    assert main(["evaluate", "--run", run_copy.path, "--out", out]) == 2
+    assert "best.keras: replaced while evaluate read it" in capsys.readouterr().err
+
+
 def test_cli_evaluate_prints_the_table(trained_run, capsys, monkeypatch):
     monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
     assert main(["evaluate", "--run", trained_run, "--split", "val", "--beam", "1"]) == 0
@@ -87,6 +114,46 @@ def test_an_out_whose_results_file_is_a_folder_is_refused_naming_both(trained_ru
     err = capsys.readouterr().err
     assert f"--out {out}: its captions go to {tmp_path / 'm_results.json'}, which is a " \
         "folder" in err and "m_results.json/" not in err
+
+
+@pytest.mark.parametrize("name", ["eval", "cider_df.json", "logs"])
+def test_an_out_on_a_path_the_run_uses_is_refused_even_before_that_exists(
+        run_copy, capsys, monkeypatch, name):
+    # `--out RUN/eval` wrote the metrics as a file where eval/ goes (each later evaluate
+    # without --out then failed); `--out RUN/cider_df.json` left a file that a later
+    # self-critical train reads as its document frequencies
+    monkeypatch.setattr(evaluate, "_decode", None)                 # must not be reached
+    import shutil
+    path = os.path.join(run_copy.path, name)
+    shutil.rmtree(path, ignore_errors=True)
+    assert main(["evaluate", "--run", run_copy.path, "--out", path]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {path}: the run's own {name} (`train` and `evaluate` use that path)" in err
+    assert not os.path.exists(path)
+
+
+def test_a_default_output_in_the_way_is_named_as_such_not_as_an_out_never_given(
+        run_copy, capsys, monkeypatch):
+    # Without --out, a file in the way of RUN/eval/test_metrics.json (or a file named
+    # RUN/eval, e.g. left by `--out RUN/eval`) was reported as "--out ...: ...; choose
+    # another --out", a flag the user never gave.
+    monkeypatch.setattr(evaluate, "_decode", None)                 # must not be reached
+    eval_dir = os.path.join(run_copy.path, "eval")
+    os.makedirs(eval_dir, exist_ok=True)
+    metrics = os.path.join(eval_dir, "test_metrics.json")
+    with open(metrics, "w") as f:
+        f.write("my notes")
+    assert main(["evaluate", "--run", run_copy.path]) == 2
+    err = capsys.readouterr().err
+    assert f"the default output {metrics}: {metrics}, which exists and was not written" in err
+    assert "pass --out FILE (or remove that file)" in err and "--out " + metrics not in err
+    import shutil
+    shutil.rmtree(eval_dir)
+    open(eval_dir, "w").close()
+    assert main(["evaluate", "--run", run_copy.path]) == 2
+    err = capsys.readouterr().err
+    assert f"the default output folder {eval_dir}: {os.path.abspath(eval_dir)} is a file, " \
+        "not a folder; pass --out FILE" in err
 
 
 @pytest.mark.parametrize("target", ["config", "captions", "manifest", "results_of"])
@@ -371,3 +438,30 @@ def test_a_cache_of_other_images_with_the_same_names_is_refused(trained_run, cop
     run_cfg = RunFolder(trained_run).load_config()           # its other images are the run's
     found = evaluate._load_split(trained_run, "val", run_cfg, copy_cache, run_cfg.captions)
     assert found.keys and not found.without
+
+
+def test_split_images_missing_from_the_captions_are_noted_for_a_run_without_caption_data(
+        shapes_data, run_copy, tmp_path, monkeypatch):
+    # A run made before runs recorded their caption data (no `caption_data` in split.json),
+    # evaluated with a caption file that lacks one test image: 7 of 8 images were scored
+    # with no note saying why, the metrics read as the whole split's.
+    monkeypatch.setattr(evaluate, "_decode", lambda captioner, found, progress: {
+        k: captioner_lib.Caption(["a"], 0.0, np.zeros((2, 64))) for k in found.keys})
+    with open(run_copy.split) as f:
+        split = json.load(f)
+    del split["caption_data"]
+    with open(run_copy.split, "w") as f:
+        json.dump(split, f)
+    test_keys = split["splits"]["test"]
+    with open(shapes_data["captions"]) as f:
+        captions = json.load(f)
+    captions["images"] = [i for i in captions["images"] if i["filename"] != test_keys[0]]
+    other = str(tmp_path / "other.json")
+    with open(other, "w") as f:
+        json.dump(captions, f)
+    metrics = evaluate.evaluate_run(run_copy.path, "test", progress=False, use_java=False,
+                                    out=str(tmp_path / "m.json"), captions=other)
+    assert metrics["images"] == len(test_keys) - 1
+    assert metrics["notes"][0] == (
+        f"1 of the {len(test_keys)} images of the run's test split is not in {other} "
+        f"(e.g. {test_keys[0]!r}): scored the other {len(test_keys) - 1}")

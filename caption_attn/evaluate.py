@@ -272,9 +272,9 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     # which best model is scored, read with it: after a resumed `train` saves a new best, an
     # earlier metrics file could not be told from a current one (nor one made while `train`
     # replaced best.keras under the load)
-    before = _best_snapshot(run)
+    before = run.best_snapshot()
     captioner = Captioner.from_run(run_dir, cfg or DecodeConfig(), cache=cache)
-    if _best_snapshot(run) != before:
+    if run.best_snapshot() != before:
         raise UserError(f"{run.best_model}: replaced while evaluate read it (is `caption-attn "
                         f"train` running on this run?); evaluate again")
     captioner.check_cache(needed_for="evaluate reads the split's features from it")
@@ -295,17 +295,6 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     result.update(metrics_file=metrics_path, results_file=results_path)
     write_outputs(result, hypotheses, {k: found.records[k].image_id for k in found.keys})
     return result
-
-
-def _best_snapshot(run: RunFolder) -> tuple:
-    """(identity of best.keras, best.json's {epoch, monitor, value}): changes when `train`
-    saves a new best (as `export`'s)."""
-    try:
-        st = os.stat(run.best_model)
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-    except OSError:
-        key = None
-    return key, run.best_record()
 
 
 def write_outputs(result: dict, hypotheses: dict, image_ids: dict) -> None:

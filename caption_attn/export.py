@@ -83,9 +83,9 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     # A run still training can replace best.keras (and best.json) at any time: export.json
     # records the best epoch read with the model, and a model replaced while it was being
     # loaded is refused (the record, read 40 s later at the end, named the next best epoch).
-    before = _best_snapshot(run)
+    before = run.best_snapshot()
     captioner = Captioner.from_run(run_dir, decode_cfg, cache=cache)
-    if _best_snapshot(run) != before:
+    if run.best_snapshot() != before:
         raise UserError(f"{run.best_model}: replaced while the export read it (is `caption-attn "
                         f"train` running on this run?); export again")
     backbone = captioner.backbone
@@ -225,16 +225,6 @@ def _publish(tmp: str, out: str) -> None:
             shutil.rmtree(old)
         else:
             os.remove(old)
-
-
-def _best_snapshot(run: RunFolder) -> tuple:
-    """(identity of best.keras, best.json's record): changes when train saves a new best."""
-    try:
-        st = os.stat(run.best_model)
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-    except OSError:
-        key = None
-    return key, run.best_record()
 
 
 def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone, best=None) -> dict:

@@ -358,6 +358,17 @@ class RunFolder:
                             f"train wrote, or train the run again with --fresh")
         return record
 
+    def best_snapshot(self) -> tuple:
+        """(identity of best.keras, best.json's record): changes when `train` saves a new
+        best. `evaluate` and `export` take it before and after loading the model: a run still
+        training can replace both at any time."""
+        try:
+            st = os.stat(self.best_model)
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = None
+        return key, self.best_record()
+
     def restore_best_weights(self, model) -> bool:
         """Load the best weights into `model` (False when there are none yet)."""
         if not os.path.exists(self.best_weights):

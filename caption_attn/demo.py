@@ -37,6 +37,16 @@ def check_workdir(cfg: DemoConfig) -> None:
     work = os.path.abspath(cfg.workdir)
     record = os.path.join(work, "demo.json")
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RERUN_MAY_CHANGE}
+    if not os.path.exists(record):
+        # the demo writes demo.json before anything else: without it, these are someone
+        # else's (`--workdir .` in a project holds its own features_cache and models/shapes),
+        # which --fresh must never delete, nor a demo extract or train into
+        foreign = [name for name in MADE if os.path.lexists(os.path.join(work, name))]
+        if foreign:
+            raise UserError(
+                f"--workdir {cfg.workdir}: holds {', '.join(foreign)} but no demo.json, so "
+                f"no demo made them; the demo neither reuses nor deletes them (not even with "
+                f"--fresh): choose an empty or new --workdir")
     if cfg.fresh:
         for name in MADE:
             path = os.path.join(work, name)

@@ -123,3 +123,20 @@ def test_a_batch_size_below_the_self_critical_samples_names_the_demos_flags():
                             "3 (cross-entropy only)")
     assert "--scst-samples" not in str(e.value)
     DemoConfig(epochs=3, scst_after=3, batch_size=4)                 # cross-entropy only
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_workdir_holding_folders_no_demo_made_is_refused_and_left_alone(tmp_path, fresh):
+    """`--workdir .` in a project holds its own features_cache and models/shapes (README's
+    train example): --fresh deleted them, and a rerun without it extracted and trained there."""
+    from caption_attn.errors import UserError
+    work = tmp_path / "project"
+    os.makedirs(work / "features_cache")
+    (work / "features_cache" / "manifest.json").write_text("{}")
+    os.makedirs(work / "models" / "shapes")
+    (work / "models" / "shapes" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"holds features_cache, models/shapes but no demo\.json"):
+        demo.check_workdir(DemoConfig(workdir=str(work), fresh=fresh))
+    assert (work / "features_cache" / "manifest.json").exists()
+    assert (work / "models" / "shapes" / "config.json").exists()
+    assert not (work / "demo.json").exists()

@@ -3,6 +3,7 @@ worker resumes from the same step."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -11,18 +12,75 @@ import tensorflow as tf
 from caption_attn.errors import UserError
 
 
+def check_strategy(name: str, environ=os.environ) -> None:
+    """UserError unless `name` is a strategy and, for `multi-worker`, TF_CONFIG describes a
+    cluster of more than one process and this worker's place in it. Checked before the run
+    folder is touched: TF's own errors (a JSONDecodeError, a KeyError) came as tracebacks once
+    --fresh had deleted the previous run, and a TF_CONFIG without a cluster silently trained
+    as one worker alone."""
+    if name not in ("default", "mirrored", "multi-worker"):
+        raise UserError(f"--strategy must be default, mirrored or multi-worker, got {name!r}")
+    if name != "multi-worker":
+        return
+    if "TF_CONFIG" not in environ:
+        raise UserError("--strategy multi-worker needs the TF_CONFIG environment "
+                        "variable (cluster and task of this worker)")
+    example = ('e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+               '"task": {"type": "worker", "index": 0}}')
+    try:
+        config = json.loads(environ["TF_CONFIG"])
+    except ValueError as e:
+        raise UserError(f"--strategy multi-worker: the TF_CONFIG environment variable is not "
+                        f"JSON ({e}); set it to this worker's cluster and task, {example}") \
+            from None
+    if not isinstance(config, dict):
+        raise UserError(f"--strategy multi-worker: the TF_CONFIG environment variable is a "
+                        f"JSON {type(config).__name__}, not an object; {example}")
+    cluster, task = config.get("cluster"), config.get("task")
+    if not isinstance(cluster, dict) or not cluster or not all(
+            isinstance(v, list) and v and all(isinstance(a, str) and a for a in v)
+            for v in cluster.values()):
+        raise UserError(f"--strategy multi-worker: TF_CONFIG has no \"cluster\" (an object "
+                        f"of task types, each a list of \"host:port\" addresses), so this "
+                        f"process would train alone as one worker; {example}, or use "
+                        f"--strategy default on one machine")
+    others = sorted(set(cluster) - {"chief", "worker"})
+    if others or len(cluster.get("chief", [])) > 1:
+        raise UserError(f"--strategy multi-worker: the TF_CONFIG cluster may hold one "
+                        f"\"chief\" and \"worker\"s, got "
+                        f"{', '.join(f'{k} x{len(v)}' for k, v in cluster.items())}")
+    if sum(len(v) for v in cluster.values()) < 2:
+        raise UserError(f"--strategy multi-worker: the TF_CONFIG cluster has one process, so it "
+                        f"would train alone; list every worker ({example}), or use "
+                        f"--strategy default on one machine")
+    if not isinstance(task, dict) or task.get("type") not in cluster \
+            or not isinstance(task.get("index"), int) or isinstance(task.get("index"), bool) \
+            or not 0 <= task["index"] < len(cluster[task["type"]]):
+        raise UserError(f"--strategy multi-worker: TF_CONFIG's \"task\" must name this "
+                        f"process's place in the cluster ({', '.join(cluster)}), as "
+                        f"{{\"type\": \"worker\", \"index\": i}} with i from 0 to the number "
+                        f"of that type's addresses - 1, got {json.dumps(task)}")
+
+
 def make_strategy(name: str, devices: Optional[list] = None) -> tf.distribute.Strategy:
     """`default` (one device), `mirrored` (all local GPUs) or `multi-worker` (TF_CONFIG)."""
+    check_strategy(name)
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(devices=devices)
-    if name == "multi-worker":
-        if "TF_CONFIG" not in os.environ:
-            raise UserError("--strategy multi-worker needs the TF_CONFIG environment "
-                            "variable (cluster and task of this worker)")
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    raise UserError(f"--strategy must be default, mirrored or multi-worker, got {name!r}")
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def strategy_notes(name: str, strategy: tf.distribute.Strategy) -> list[str]:
+    """A note when --strategy mirrored found a single device (no GPU, or one): it trains as
+    --strategy default would, which the user asking for several replicas should be told."""
+    if name == "mirrored" and strategy.num_replicas_in_sync == 1:
+        devices = ", ".join(getattr(strategy.extended, "worker_devices", ())) or "one device"
+        return [f"--strategy mirrored found one device ({devices}; it uses every local GPU, "
+                f"and this machine has {len(tf.config.list_physical_devices('GPU'))}): "
+                f"training on one replica, as --strategy default does"]
+    return []
 
 
 def _cluster(strategy: tf.distribute.Strategy):

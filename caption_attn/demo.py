@@ -93,9 +93,33 @@ def run_config(cfg: DemoConfig, captions: str, cache: str) -> RunConfig:
                           scst_after=None if cfg.scst_after == cfg.epochs else cfg.scst_after))
 
 
+def caption_test_images(cfg: DemoConfig, paths: dict, images_dir: str, log) -> list:
+    """Stage 5: caption the first `cfg.show` test images and draw their heatmaps into a
+    heatmaps folder holding nothing else: the heatmaps of an earlier demo run (a larger
+    --show, another --beam, fewer --epochs: an older model) would otherwise stay beside the
+    new ones, looking like this model's. Returns the images that failed (path -> reason)."""
+    from caption_attn import captioner
+
+    if os.path.isdir(paths["heatmaps"]):
+        shutil.rmtree(paths["heatmaps"])
+    if not cfg.show:
+        return {}
+    model = captioner.Captioner.from_run(paths["run"], DecodeConfig(beam=cfg.beam))
+    with open(os.path.join(paths["run"], "split.json"), encoding="utf-8") as f:
+        test_keys = json.load(f)["splits"]["test"][:cfg.show]
+    images = [os.path.join(images_dir, k) for k in test_keys]
+    results, errors = model.caption_images(images)
+    for path, (image, captions) in results.items():
+        log(captioner.format_captions(path, captions))
+    for path, reason in errors.items():
+        log(f"could not caption {path}: {reason}")
+    captioner.save_attention_plots(paths["heatmaps"], results)
+    return errors
+
+
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     """Run every stage into `cfg.workdir`; returns the metrics and where everything is."""
-    from caption_attn import captioner, evaluate, extract, train
+    from caption_attn import evaluate, extract, train
 
     start = time.perf_counter()
     work = os.path.abspath(cfg.workdir)
@@ -140,14 +164,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     log(f"[5/5] caption {cfg.show} test images -> {paths['heatmaps']}" if cfg.show else
         "[5/5] caption test images: skipped (--show 0)")
     t = time.perf_counter()
-    model = captioner.Captioner.from_run(paths["run"], DecodeConfig(beam=cfg.beam))
-    with open(os.path.join(paths["run"], "split.json"), encoding="utf-8") as f:
-        test_keys = json.load(f)["splits"]["test"][:cfg.show]
-    images = [os.path.join(data["images_dir"], k) for k in test_keys]
-    results, errors = model.caption_images(images)
-    for path, (image, captions) in results.items():
-        log(captioner.format_captions(path, captions))
-    captioner.save_attention_plots(paths["heatmaps"], results)
+    errors = caption_test_images(cfg, paths, data["images_dir"], log)
     timings["caption"] = time.perf_counter() - t
 
     seconds = time.perf_counter() - start

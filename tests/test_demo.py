@@ -140,3 +140,30 @@ def test_a_workdir_holding_folders_no_demo_made_is_refused_and_left_alone(tmp_pa
     assert (work / "features_cache" / "manifest.json").exists()
     assert (work / "models" / "shapes" / "config.json").exists()
     assert not (work / "demo.json").exists()
+
+
+def test_heatmaps_of_an_earlier_demo_run_do_not_stay_beside_the_new_ones(tmp_path, monkeypatch):
+    """A rerun with a smaller --show (or --show 0) after more --epochs left the earlier,
+    older model's heatmaps in the folder, looking like this model's."""
+    from caption_attn import captioner
+    run, heat = tmp_path / "run", tmp_path / "heatmaps"
+    os.makedirs(run)
+    (run / "split.json").write_text(json.dumps({"splits": {"test": ["a.png", "b.png"]}}))
+    os.makedirs(heat)
+    for name in ("a.png", "b.png", "c.png"):
+        (heat / name).write_text("old")
+
+    class Model:
+        def caption_images(self, paths):
+            return {}, {paths[0]: "cannot read"}
+    monkeypatch.setattr(captioner.Captioner, "from_run", classmethod(lambda cls, *a: Model()))
+    paths = {"run": str(run), "heatmaps": str(heat)}
+    lines = []
+    errors = demo.caption_test_images(DemoConfig(show=1), paths, "imgs", lines.append)
+    assert not heat.exists() or os.listdir(heat) == []
+    assert errors == {os.path.join("imgs", "a.png"): "cannot read"}
+    assert lines == [f"could not caption {os.path.join('imgs', 'a.png')}: cannot read"]
+    os.makedirs(heat)
+    (heat / "a.png").write_text("old")
+    assert demo.caption_test_images(DemoConfig(show=0), paths, "imgs", lines.append) == {}
+    assert not heat.exists()

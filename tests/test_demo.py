@@ -167,3 +167,28 @@ def test_heatmaps_of_an_earlier_demo_run_do_not_stay_beside_the_new_ones(tmp_pat
     (heat / "a.png").write_text("old")
     assert demo.caption_test_images(DemoConfig(show=0), paths, "imgs", lines.append) == {}
     assert not heat.exists()
+
+
+def test_train_refusals_name_the_demos_scst_after_not_trains_none(monkeypatch):
+    """The demo passes --scst-after equal to --epochs on as train's `none`: a refusal said
+    `--scst-after none`, a value the demo's flag does not take."""
+    from caption_attn import train
+    from caption_attn.errors import UserError
+
+    def refuse(cfg, run, **kwargs):
+        assert cfg.train.scst_after is None
+        raise UserError("--scst-after none: epoch 2 of RUN was self-critical, ...; resume "
+                        "with the run's --scst-after 1, or add --fresh")
+    monkeypatch.setattr(train, "train", refuse)
+    data = {"captions": "c.json", "images_dir": "images"}
+    paths = {"cache": "cache", "run": "run"}
+    with pytest.raises(UserError) as e:
+        demo.train_stage(DemoConfig(epochs=2, scst_after=2), data, paths, print)
+    assert str(e.value).startswith("--scst-after 2 (= --epochs 2: cross-entropy only): epoch 2")
+    assert "none" not in str(e.value) and e.value.exit_code == 2
+
+    def refuse_old(cfg, run, **kwargs):
+        raise UserError("--scst-after 1: ...; resume with the run's --scst-after none, or ...")
+    monkeypatch.setattr(train, "train", refuse_old)
+    with pytest.raises(UserError, match=r"the run's --scst-after equal to its --epochs "):
+        demo.train_stage(DemoConfig(epochs=3, scst_after=1), data, paths, print)

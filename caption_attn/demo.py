@@ -37,6 +37,7 @@ def check_workdir(cfg: DemoConfig) -> None:
     work = os.path.abspath(cfg.workdir)
     record = os.path.join(work, "demo.json")
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RERUN_MAY_CHANGE}
+    _refuse_inside_another_demo(cfg.workdir)
     if not os.path.exists(record):
         # the demo writes demo.json before anything else: without it, these are someone
         # else's (`--workdir .` in a project holds its own features_cache and models/shapes),
@@ -64,6 +65,24 @@ def check_workdir(cfg: DemoConfig) -> None:
                 + "\nrerun with the same flags to reuse it, choose another --workdir, or add "
                   "--fresh to delete it and start over")
     write_json_atomic(record, settings)
+
+
+def _refuse_inside_another_demo(workdir: str) -> None:
+    """UserError when `workdir` is inside what another demo's work folder owns (its dataset,
+    cache, run or heatmaps): that demo's --fresh, re-rendering or heatmaps (redrawn on every
+    run) would delete this one, and this one's files would sit in that one's folders."""
+    real = os.path.realpath(workdir)
+    parent = os.path.dirname(real)
+    while parent != os.path.dirname(parent):
+        if os.path.isfile(os.path.join(parent, "demo.json")):
+            rel = os.path.relpath(real, parent)
+            for name in MADE[:-1]:
+                if rel == name or rel.startswith(name + os.sep):
+                    raise UserError(
+                        f"--workdir {workdir}: inside {os.path.join(parent, name)}, which the "
+                        f"demo in {parent} owns (it deletes or rewrites it on reruns and with "
+                        f"--fresh); choose a folder outside it")
+        parent = os.path.dirname(parent)
 
 
 def _dataset(cfg: DemoConfig, folder: str, log) -> dict:

@@ -192,3 +192,18 @@ def test_train_refusals_name_the_demos_scst_after_not_trains_none(monkeypatch):
     monkeypatch.setattr(train, "train", refuse_old)
     with pytest.raises(UserError, match=r"the run's --scst-after equal to its --epochs "):
         demo.train_stage(DemoConfig(epochs=3, scst_after=1), data, paths, print)
+
+
+@pytest.mark.parametrize("inside", ["heatmaps/mine", "models/shapes", "shapes/x/y",
+                                    "features_cache"])
+def test_a_workdir_inside_what_another_demo_owns_is_refused(tmp_path, inside):
+    """The outer demo redraws its heatmaps on every run (and --fresh deletes its dataset,
+    cache and run): a demo inside them was deleted with them."""
+    from caption_attn.errors import UserError
+    outer = tmp_path / "outer"
+    demo.check_workdir(DemoConfig(workdir=str(outer)))
+    inner = outer / inside
+    with pytest.raises(UserError, match=r"^--workdir .*: inside .*, which the demo in "):
+        demo.check_workdir(DemoConfig(workdir=str(inner)))
+    assert not inner.exists()
+    demo.check_workdir(DemoConfig(workdir=str(outer / "elsewhere")))   # not what it owns

@@ -57,8 +57,16 @@ def check_workdir(cfg: DemoConfig) -> None:
                 os.remove(path)
     elif os.path.exists(record):
         saved = read_json(record)
-        differences = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in settings.items()
-                       if k in saved and saved[k] != v]
+        if not isinstance(saved, dict):
+            raise UserError(f"{record}: a JSON {type(saved).__name__}, not the object of "
+                            f"settings the demo writes, so what {work} holds cannot be told "
+                            f"apart from a demo made with other settings; add --fresh to "
+                            f"delete it and start over, or choose another --workdir")
+        # every setting recorded has been in demo.json since it exists: one missing is an
+        # edited (or foreign) record, not an older demo's, and cannot vouch for the folder
+        differences = [f"{k}: {saved[k]!r} -> {v!r}" if k in saved else
+                       f"{k}: not recorded -> {v!r}"
+                       for k, v in settings.items() if k not in saved or saved[k] != v]
         if differences:
             raise UserError(
                 f"{work} holds a demo made with other settings:\n  " + "\n  ".join(differences)

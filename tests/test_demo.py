@@ -207,3 +207,18 @@ def test_a_workdir_inside_what_another_demo_owns_is_refused(tmp_path, inside):
         demo.check_workdir(DemoConfig(workdir=str(inner)))
     assert not inner.exists()
     demo.check_workdir(DemoConfig(workdir=str(outer / "elsewhere")))   # not what it owns
+
+
+@pytest.mark.parametrize("record", ["[1, 2]", '"x"', "{}", '{"seed": 0}'])
+def test_a_demo_json_that_is_not_a_full_record_is_not_taken_as_the_same_settings(tmp_path,
+                                                                                 record):
+    """A list, a string or an object without the settings passed as "the same settings" (and
+    was overwritten with this run's), so the folder's dataset, cache and run were reused."""
+    from caption_attn.errors import UserError
+    work = tmp_path / "work"
+    os.makedirs(work)
+    (work / "demo.json").write_text(record)
+    with pytest.raises(UserError, match=r"not the object of settings|units: not recorded"):
+        demo.check_workdir(DemoConfig(workdir=str(work)))
+    assert (work / "demo.json").read_text() == record
+    demo.check_workdir(DemoConfig(workdir=str(work), fresh=True))

@@ -72,15 +72,22 @@ def make_strategy(name: str, devices: Optional[list] = None) -> tf.distribute.St
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
-def strategy_notes(name: str, strategy: tf.distribute.Strategy) -> list[str]:
-    """A note when --strategy mirrored found a single device (no GPU, or one): it trains as
-    --strategy default would, which the user asking for several replicas should be told."""
-    if name == "mirrored" and strategy.num_replicas_in_sync == 1:
+def strategy_notes(name: str, strategy: tf.distribute.Strategy, xla: bool = False) -> list[str]:
+    """Notes on what the strategy makes of the flags: --strategy mirrored that found a single
+    device (no GPU, or one) trains as --strategy default would, and --xla is not applied with
+    more than one replica (`Steps.compile`), which the user asking for them should be told."""
+    notes = []
+    replicas = strategy.num_replicas_in_sync
+    if name == "mirrored" and replicas == 1:
         devices = ", ".join(getattr(strategy.extended, "worker_devices", ())) or "one device"
-        return [f"--strategy mirrored found one device ({devices}; it uses every local GPU, "
-                f"and this machine has {len(tf.config.list_physical_devices('GPU'))}): "
-                f"training on one replica, as --strategy default does"]
-    return []
+        notes.append(f"--strategy mirrored found one device ({devices}; it uses every local "
+                     f"GPU, and this machine has "
+                     f"{len(tf.config.list_physical_devices('GPU'))}): training on one "
+                     f"replica, as --strategy default does")
+    if xla and replicas > 1:
+        notes.append(f"--xla is not applied with {replicas} replicas (it compiles the step of "
+                     f"one device only): the training step runs without XLA")
+    return notes
 
 
 def _cluster(strategy: tf.distribute.Strategy):

@@ -440,8 +440,8 @@ class Trainer:
                 "bfloat16")
         if strategy is None:
             strategy = distribute.make_strategy(tc.strategy)
-            for note in distribute.strategy_notes(tc.strategy, strategy):
-                log("note: " + note)
+        for note in distribute.strategy_notes(tc.strategy, strategy, tc.xla):
+            log("note: " + note)
         self.strategy = strategy
         quiet.meet_dtypes()  # after the strategy, which may configure TF first (quiet.py)
         self.chief = distribute.is_chief(self.strategy)

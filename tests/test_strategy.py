@@ -65,3 +65,12 @@ def test_mirrored_on_one_device_says_it_trains_one_replica():
     [note] = distribute.strategy_notes("mirrored", strategy)
     assert "--strategy mirrored found one device" in note and "one replica" in note
     assert distribute.strategy_notes("default", tf.distribute.get_strategy()) == []
+
+
+def test_xla_with_several_replicas_says_it_is_not_applied():
+    # Steps.compile leaves XLA out with more than one replica, silently until now
+    class Two:
+        num_replicas_in_sync = 2
+    [note] = distribute.strategy_notes("multi-worker", Two(), xla=True)
+    assert note.startswith("--xla is not applied with 2 replicas")
+    assert distribute.strategy_notes("multi-worker", Two(), xla=False) == []

@@ -167,7 +167,7 @@ def train_stage(cfg: DemoConfig, data: dict, paths: dict, log) -> dict:
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     """Run every stage into `cfg.workdir`; returns the metrics and where everything is."""
-    from caption_attn import evaluate, extract, train
+    from caption_attn import distribute, evaluate, extract, train
 
     start = time.perf_counter()
     work = os.path.abspath(cfg.workdir)
@@ -178,6 +178,13 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     timings = {}
     # every setting checked (the training ones by TrainConfig) before anything is written
     check_folder_writable(work, "--workdir")
+    try:
+        distribute.check_strategy("default")
+    except UserError:
+        raise UserError("the TF_CONFIG environment variable describes a cluster of several "
+                        "processes, but the demo trains on this machine alone (and each "
+                        "worker started with it would write the same folders): unset "
+                        "TF_CONFIG") from None
     train.check_train_flags(run_config(cfg, os.path.join(paths["shapes"], "captions.json"),
                                        paths["cache"]).train)
     check_workdir(cfg)

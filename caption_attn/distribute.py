@@ -21,6 +21,7 @@ def check_strategy(name: str, environ=os.environ) -> None:
     if name not in ("default", "mirrored", "multi-worker"):
         raise UserError(f"--strategy must be default, mirrored or multi-worker, got {name!r}")
     if name != "multi-worker":
+        _refuse_cluster_without_multi_worker(name, environ)
         return
     if "TF_CONFIG" not in environ:
         raise UserError("--strategy multi-worker needs the TF_CONFIG environment "
@@ -60,6 +61,26 @@ def check_strategy(name: str, environ=os.environ) -> None:
                         f"process's place in the cluster ({', '.join(cluster)}), as "
                         f"{{\"type\": \"worker\", \"index\": i}} with i from 0 to the number "
                         f"of that type's addresses - 1, got {json.dumps(task)}")
+
+
+def _refuse_cluster_without_multi_worker(name: str, environ) -> None:
+    """UserError when TF_CONFIG describes a cluster of several processes but the strategy is
+    not multi-worker: each worker (launched with the cluster's TF_CONFIG, the flag forgotten)
+    would train alone and write the same run folder, every one as its chief."""
+    try:
+        config = json.loads(environ.get("TF_CONFIG", ""))
+    except ValueError:
+        return              # no cluster TensorFlow could read either
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    if not isinstance(cluster, dict):
+        return
+    count = sum(len(v) for v in cluster.values() if isinstance(v, list))
+    if count > 1:
+        raise UserError(f"--strategy {name}: the TF_CONFIG environment variable describes a "
+                        f"cluster of {count} processes, which only --strategy multi-worker "
+                        f"uses: with {name} every worker would train alone and write the same "
+                        f"run folder; add --strategy multi-worker, or unset TF_CONFIG to train "
+                        f"on this machine alone")
 
 
 def make_strategy(name: str, devices: Optional[list] = None) -> tf.distribute.Strategy:

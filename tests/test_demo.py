@@ -222,3 +222,16 @@ def test_a_demo_json_that_is_not_a_full_record_is_not_taken_as_the_same_settings
         demo.check_workdir(DemoConfig(workdir=str(work)))
     assert (work / "demo.json").read_text() == record
     demo.check_workdir(DemoConfig(workdir=str(work), fresh=True))
+
+
+def test_a_cluster_in_tf_config_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    # train refuses it (without --strategy multi-worker), but only in stage 3, naming a
+    # --strategy the demo has not got
+    from caption_attn.errors import UserError
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:1"]},
+                                                "task": {"type": "worker", "index": 0}}))
+    work = tmp_path / "work"
+    with pytest.raises(UserError, match=r"^the TF_CONFIG environment variable .* unset "
+                                        r"TF_CONFIG$"):
+        demo.run_demo(DemoConfig(workdir=str(work)), log=lambda m: None)
+    assert not work.exists()

@@ -74,3 +74,14 @@ def test_xla_with_several_replicas_says_it_is_not_applied():
     [note] = distribute.strategy_notes("multi-worker", Two(), xla=True)
     assert note.startswith("--xla is not applied with 2 replicas")
     assert distribute.strategy_notes("multi-worker", Two(), xla=False) == []
+
+
+@pytest.mark.parametrize("name", ["default", "mirrored"])
+def test_a_cluster_in_tf_config_without_multi_worker_is_refused(name):
+    # every worker launched with the cluster's TF_CONFIG but without --strategy multi-worker
+    # trained alone, all of them writing the same run folder as its chief
+    with pytest.raises(UserError, match=rf"^--strategy {name}: the TF_CONFIG environment "
+                                        r"variable describes a cluster of 2 processes"):
+        distribute.check_strategy(name, {"TF_CONFIG": json.dumps(GOOD)})
+    for harmless in ("{bad", "{}", json.dumps({"cluster": {"worker": ["a:1"]}})):
+        distribute.check_strategy(name, {"TF_CONFIG": harmless})

@@ -14,11 +14,13 @@ import json
 import os
 import shutil
 import time
+from typing import Optional
 
 from caption_attn import shapes
 from caption_attn.backbone import native_bfloat16
 from caption_attn.config import (DataConfig, DecodeConfig, DemoConfig, ExtractConfig,
                                  ModelConfig, RunConfig, ShapesConfig, TrainConfig)
+from caption_attn.data import split_images
 from caption_attn.fileio import read_json, write_json_atomic
 from caption_attn.errors import UserError
 from caption_attn.run import check_folder_writable
@@ -93,13 +95,41 @@ def _refuse_inside_another_demo(workdir: str) -> None:
         parent = os.path.dirname(parent)
 
 
+def _other_dataset(saved, cfg: DemoConfig) -> Optional[str]:
+    """Why the captions.json `saved` is not the dataset the demo renders with `cfg` (None
+    when it is): other images, splits or captions than --seed and --num-images give."""
+    shapes_cfg = ShapesConfig(num_images=cfg.num_images, seed=cfg.seed)
+    if not isinstance(saved, dict) or saved.get("dataset") != shapes.DATASET_NAME \
+            or not isinstance(saved.get("images"), list):
+        return "not a shapes dataset"
+    images = saved["images"]
+    if len(images) != cfg.num_images:
+        return f"{len(images)} images, not --num-images {cfg.num_images}"
+    names = [shapes.filename(i, cfg.num_images) for i in range(cfg.num_images)]
+    splits = split_images(names, shapes_cfg.val_fraction, shapes_cfg.test_fraction, cfg.seed)
+    if [(r.get("filename"), r.get("split")) if isinstance(r, dict) else None
+            for r in images] != [(n, splits[n]) for n in names]:
+        return f"other image names or splits than --seed {cfg.seed} gives"
+    for index in sorted({0, cfg.num_images - 1}):
+        _, record = shapes.make_example(index, cfg.seed, shapes_cfg.image_size)
+        if any(images[index].get(k) != v for k, v in record.items()):
+            return f"other scenes or captions than --seed {cfg.seed} gives ({names[index]})"
+    return None
+
+
 def _dataset(cfg: DemoConfig, folder: str, log) -> dict:
     captions = os.path.join(folder, "captions.json")
     if os.path.exists(captions):
-        with open(captions, encoding="utf-8") as f:
-            if len(json.load(f)["images"]) == cfg.num_images:
-                log(f"reusing {captions}")
-                return {"images_dir": os.path.join(folder, "images"), "captions": captions}
+        why = _other_dataset(read_json(captions), cfg)
+        if why is None:
+            log(f"reusing {captions}")
+            return {"images_dir": os.path.join(folder, "images"), "captions": captions}
+        if os.path.isdir(os.path.join(os.path.dirname(folder), "features_cache")):
+            # replaced after the demo made it (make-shapes --replace into it): extracting
+            # and training on it would overwrite the cache's features of the demo's images
+            raise UserError(f"{captions}: not the dataset this demo made ({why}); it was "
+                            f"replaced since: add --fresh to start the demo over, or choose "
+                            f"another --workdir")
     # the demo owns this folder: a half-rendered dataset of a killed run is replaced
     summary = shapes.make_shapes(folder, ShapesConfig(num_images=cfg.num_images, seed=cfg.seed,
                                                       replace=True))

@@ -235,3 +235,29 @@ def test_a_cluster_in_tf_config_is_refused_before_anything_is_written(tmp_path, 
                                         r"TF_CONFIG$"):
         demo.run_demo(DemoConfig(workdir=str(work)), log=lambda m: None)
     assert not work.exists()
+
+
+def test_a_dataset_replaced_after_the_demo_made_it_is_not_reused(tmp_path):
+    """`make-shapes WORK/shapes --replace --seed 7` after a demo of --seed 0 (same image
+    count): the demo reused it, re-extracted the cache's features of every image, and only
+    train refused, naming its own --captions."""
+    from caption_attn import shapes
+    from caption_attn.config import ShapesConfig
+    from caption_attn.errors import UserError
+    folder = tmp_path / "work" / "shapes"
+    os.makedirs(tmp_path / "work" / "features_cache")
+    shapes.make_shapes(str(folder), ShapesConfig(num_images=20, seed=7))
+    lines = []
+    assert demo._dataset(DemoConfig(num_images=20, seed=7), str(folder), lines.append)
+    assert lines == [f"reusing {folder / 'captions.json'}"]
+    with pytest.raises(UserError, match=r"captions\.json: not the dataset this demo made "
+                                        r"\(other image names or splits than --seed 0"):
+        demo._dataset(DemoConfig(num_images=20, seed=0), str(folder), lines.append)
+    with pytest.raises(UserError, match=r"\(20 images, not --num-images 30\)"):
+        demo._dataset(DemoConfig(num_images=30, seed=7), str(folder), lines.append)
+    data = json.loads((folder / "captions.json").read_text())
+    data["images"][0]["sentences"][0]["raw"] = "a red circle"
+    (folder / "captions.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"other scenes or captions than --seed 7 gives "
+                                        r"\(shape_00000\.png\)"):
+        demo._dataset(DemoConfig(num_images=20, seed=7), str(folder), lines.append)

@@ -150,7 +150,7 @@ def run_config(cfg: DemoConfig, captions: str, cache: str) -> RunConfig:
                           scst_after=None if cfg.scst_after == cfg.epochs else cfg.scst_after))
 
 
-def caption_test_images(cfg: DemoConfig, paths: dict, images_dir: str, log) -> list:
+def caption_test_images(cfg: DemoConfig, paths: dict, images_dir: str, log) -> dict:
     """Stage 5: caption the first `cfg.show` test images and draw their heatmaps into a
     heatmaps folder holding nothing else: the heatmaps of an earlier demo run (a larger
     --show, another --beam, fewer --epochs: an older model) would otherwise stay beside the

@@ -14,11 +14,13 @@ import json
 import os
 import shutil
 import time
+from typing import Optional
 
 from caption_attn import shapes
 from caption_attn.backbone import native_bfloat16
 from caption_attn.config import (DataConfig, DecodeConfig, DemoConfig, ExtractConfig,
                                  ModelConfig, RunConfig, ShapesConfig, TrainConfig)
+from caption_attn.data import split_images
 from caption_attn.fileio import read_json, write_json_atomic
 from caption_attn.errors import UserError
 from caption_attn.run import check_folder_writable
@@ -37,6 +39,17 @@ def check_workdir(cfg: DemoConfig) -> None:
     work = os.path.abspath(cfg.workdir)
     record = os.path.join(work, "demo.json")
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RERUN_MAY_CHANGE}
+    _refuse_inside_another_demo(cfg.workdir)
+    if not os.path.exists(record):
+        # the demo writes demo.json before anything else: without it, these are someone
+        # else's (`--workdir .` in a project holds its own features_cache and models/shapes),
+        # which --fresh must never delete, nor a demo extract or train into
+        foreign = [name for name in MADE if os.path.lexists(os.path.join(work, name))]
+        if foreign:
+            raise UserError(
+                f"--workdir {cfg.workdir}: holds {', '.join(foreign)} but no demo.json, so "
+                f"no demo made them; the demo neither reuses nor deletes them (not even with "
+                f"--fresh): choose an empty or new --workdir")
     if cfg.fresh:
         for name in MADE:
             path = os.path.join(work, name)
@@ -46,8 +59,16 @@ def check_workdir(cfg: DemoConfig) -> None:
                 os.remove(path)
     elif os.path.exists(record):
         saved = read_json(record)
-        differences = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in settings.items()
-                       if k in saved and saved[k] != v]
+        if not isinstance(saved, dict):
+            raise UserError(f"{record}: a JSON {type(saved).__name__}, not the object of "
+                            f"settings the demo writes, so what {work} holds cannot be told "
+                            f"apart from a demo made with other settings; add --fresh to "
+                            f"delete it and start over, or choose another --workdir")
+        # every setting recorded has been in demo.json since it exists: one missing is an
+        # edited (or foreign) record, not an older demo's, and cannot vouch for the folder
+        differences = [f"{k}: {saved[k]!r} -> {v!r}" if k in saved else
+                       f"{k}: not recorded -> {v!r}"
+                       for k, v in settings.items() if k not in saved or saved[k] != v]
         if differences:
             raise UserError(
                 f"{work} holds a demo made with other settings:\n  " + "\n  ".join(differences)
@@ -56,13 +77,59 @@ def check_workdir(cfg: DemoConfig) -> None:
     write_json_atomic(record, settings)
 
 
+def _refuse_inside_another_demo(workdir: str) -> None:
+    """UserError when `workdir` is inside what another demo's work folder owns (its dataset,
+    cache, run or heatmaps): that demo's --fresh, re-rendering or heatmaps (redrawn on every
+    run) would delete this one, and this one's files would sit in that one's folders."""
+    real = os.path.realpath(workdir)
+    parent = os.path.dirname(real)
+    while parent != os.path.dirname(parent):
+        if os.path.isfile(os.path.join(parent, "demo.json")):
+            rel = os.path.relpath(real, parent)
+            for name in MADE[:-1]:
+                if rel == name or rel.startswith(name + os.sep):
+                    raise UserError(
+                        f"--workdir {workdir}: inside {os.path.join(parent, name)}, which the "
+                        f"demo in {parent} owns (it deletes or rewrites it on reruns and with "
+                        f"--fresh); choose a folder outside it")
+        parent = os.path.dirname(parent)
+
+
+def _other_dataset(saved, cfg: DemoConfig) -> Optional[str]:
+    """Why the captions.json `saved` is not the dataset the demo renders with `cfg` (None
+    when it is): other images, splits or captions than --seed and --num-images give."""
+    shapes_cfg = ShapesConfig(num_images=cfg.num_images, seed=cfg.seed)
+    if not isinstance(saved, dict) or saved.get("dataset") != shapes.DATASET_NAME \
+            or not isinstance(saved.get("images"), list):
+        return "not a shapes dataset"
+    images = saved["images"]
+    if len(images) != cfg.num_images:
+        return f"{len(images)} images, not --num-images {cfg.num_images}"
+    names = [shapes.filename(i, cfg.num_images) for i in range(cfg.num_images)]
+    splits = split_images(names, shapes_cfg.val_fraction, shapes_cfg.test_fraction, cfg.seed)
+    if [(r.get("filename"), r.get("split")) if isinstance(r, dict) else None
+            for r in images] != [(n, splits[n]) for n in names]:
+        return f"other image names or splits than --seed {cfg.seed} gives"
+    for index in sorted({0, cfg.num_images - 1}):
+        _, record = shapes.make_example(index, cfg.seed, shapes_cfg.image_size)
+        if any(images[index].get(k) != v for k, v in record.items()):
+            return f"other scenes or captions than --seed {cfg.seed} gives ({names[index]})"
+    return None
+
+
 def _dataset(cfg: DemoConfig, folder: str, log) -> dict:
     captions = os.path.join(folder, "captions.json")
     if os.path.exists(captions):
-        with open(captions, encoding="utf-8") as f:
-            if len(json.load(f)["images"]) == cfg.num_images:
-                log(f"reusing {captions}")
-                return {"images_dir": os.path.join(folder, "images"), "captions": captions}
+        why = _other_dataset(read_json(captions), cfg)
+        if why is None:
+            log(f"reusing {captions}")
+            return {"images_dir": os.path.join(folder, "images"), "captions": captions}
+        if os.path.isdir(os.path.join(os.path.dirname(folder), "features_cache")):
+            # replaced after the demo made it (make-shapes --replace into it): extracting
+            # and training on it would overwrite the cache's features of the demo's images
+            raise UserError(f"{captions}: not the dataset this demo made ({why}); it was "
+                            f"replaced since: add --fresh to start the demo over, or choose "
+                            f"another --workdir")
     # the demo owns this folder: a half-rendered dataset of a killed run is replaced
     summary = shapes.make_shapes(folder, ShapesConfig(num_images=cfg.num_images, seed=cfg.seed,
                                                       replace=True))
@@ -83,9 +150,54 @@ def run_config(cfg: DemoConfig, captions: str, cache: str) -> RunConfig:
                           scst_after=None if cfg.scst_after == cfg.epochs else cfg.scst_after))
 
 
+def caption_test_images(cfg: DemoConfig, paths: dict, images_dir: str, log) -> dict:
+    """Stage 5: caption the first `cfg.show` test images and draw their heatmaps into a
+    heatmaps folder holding nothing else: the heatmaps of an earlier demo run (a larger
+    --show, another --beam, fewer --epochs: an older model) would otherwise stay beside the
+    new ones, looking like this model's. Returns the images that failed (path -> reason)."""
+    from caption_attn import captioner
+
+    if os.path.isdir(paths["heatmaps"]):
+        shutil.rmtree(paths["heatmaps"])
+    if not cfg.show:
+        return {}
+    model = captioner.Captioner.from_run(paths["run"], DecodeConfig(beam=cfg.beam))
+    with open(os.path.join(paths["run"], "split.json"), encoding="utf-8") as f:
+        test_keys = json.load(f)["splits"]["test"][:cfg.show]
+    images = [os.path.join(images_dir, k) for k in test_keys]
+    results, errors = model.caption_images(images)
+    for path, (image, captions) in results.items():
+        log(captioner.format_captions(path, captions))
+    for path, reason in errors.items():
+        log(f"could not caption {path}: {reason}")
+    captioner.save_attention_plots(paths["heatmaps"], results)
+    return errors
+
+
+def train_stage(cfg: DemoConfig, data: dict, paths: dict, log) -> dict:
+    """Stage 3: `train.train` with the demo's settings. Its refusals speak of train's
+    flags; the demo passes its --scst-after equal to --epochs (cross-entropy only) on as
+    train's `none`, which the demo has not got: said in the demo's terms instead."""
+    from caption_attn import train
+
+    try:
+        return train.train(run_config(cfg, data["captions"], paths["cache"]), paths["run"],
+                           images_dir=data["images_dir"], log=log)
+    except UserError as e:
+        message = str(e)
+        if "--scst-after none" not in message:
+            raise
+        message = message.replace("the run's --scst-after none",
+                                  "the run's --scst-after equal to its --epochs (cross-entropy "
+                                  "only)")
+        message = message.replace("--scst-after none", f"--scst-after {cfg.scst_after} (= "
+                                  f"--epochs {cfg.epochs}: cross-entropy only)")
+        raise UserError(message, e.exit_code) from None
+
+
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     """Run every stage into `cfg.workdir`; returns the metrics and where everything is."""
-    from caption_attn import captioner, evaluate, extract, train
+    from caption_attn import distribute, evaluate, extract, train
 
     start = time.perf_counter()
     work = os.path.abspath(cfg.workdir)
@@ -96,6 +208,13 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     timings = {}
     # every setting checked (the training ones by TrainConfig) before anything is written
     check_folder_writable(work, "--workdir")
+    try:
+        distribute.check_strategy("default")
+    except UserError:
+        raise UserError("the TF_CONFIG environment variable describes a cluster of several "
+                        "processes, but the demo trains on this machine alone (and each "
+                        "worker started with it would write the same folders): unset "
+                        "TF_CONFIG") from None
     train.check_train_flags(run_config(cfg, os.path.join(paths["shapes"], "captions.json"),
                                        paths["cache"]).train)
     check_workdir(cfg)
@@ -117,8 +236,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     log(f"[3/5] train -> {paths['run']}")
     t = time.perf_counter()
-    run_cfg = run_config(cfg, data["captions"], paths["cache"])
-    trained = train.train(run_cfg, paths["run"], images_dir=data["images_dir"], log=log)
+    trained = train_stage(cfg, data, paths, log)
     log(train.format_summary(trained))
     timings["train"] = time.perf_counter() - t
 
@@ -130,14 +248,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     log(f"[5/5] caption {cfg.show} test images -> {paths['heatmaps']}" if cfg.show else
         "[5/5] caption test images: skipped (--show 0)")
     t = time.perf_counter()
-    model = captioner.Captioner.from_run(paths["run"], DecodeConfig(beam=cfg.beam))
-    with open(os.path.join(paths["run"], "split.json"), encoding="utf-8") as f:
-        test_keys = json.load(f)["splits"]["test"][:cfg.show]
-    images = [os.path.join(data["images_dir"], k) for k in test_keys]
-    results, errors = model.caption_images(images)
-    for path, (image, captions) in results.items():
-        log(captioner.format_captions(path, captions))
-    captioner.save_attention_plots(paths["heatmaps"], results)
+    errors = caption_test_images(cfg, paths, data["images_dir"], log)
     timings["caption"] = time.perf_counter() - t
 
     seconds = time.perf_counter() - start

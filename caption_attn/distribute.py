@@ -3,6 +3,7 @@ worker resumes from the same step."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -11,18 +12,103 @@ import tensorflow as tf
 from caption_attn.errors import UserError
 
 
+def check_strategy(name: str, environ=os.environ) -> None:
+    """UserError unless `name` is a strategy and, for `multi-worker`, TF_CONFIG describes a
+    cluster of more than one process and this worker's place in it. Checked before the run
+    folder is touched: TF's own errors (a JSONDecodeError, a KeyError) came as tracebacks once
+    --fresh had deleted the previous run, and a TF_CONFIG without a cluster silently trained
+    as one worker alone."""
+    if name not in ("default", "mirrored", "multi-worker"):
+        raise UserError(f"--strategy must be default, mirrored or multi-worker, got {name!r}")
+    if name != "multi-worker":
+        _refuse_cluster_without_multi_worker(name, environ)
+        return
+    if "TF_CONFIG" not in environ:
+        raise UserError("--strategy multi-worker needs the TF_CONFIG environment "
+                        "variable (cluster and task of this worker)")
+    example = ('e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+               '"task": {"type": "worker", "index": 0}}')
+    try:
+        config = json.loads(environ["TF_CONFIG"])
+    except ValueError as e:
+        raise UserError(f"--strategy multi-worker: the TF_CONFIG environment variable is not "
+                        f"JSON ({e}); set it to this worker's cluster and task, {example}") \
+            from None
+    if not isinstance(config, dict):
+        raise UserError(f"--strategy multi-worker: the TF_CONFIG environment variable is a "
+                        f"JSON {type(config).__name__}, not an object; {example}")
+    cluster, task = config.get("cluster"), config.get("task")
+    if not isinstance(cluster, dict) or not cluster or not all(
+            isinstance(v, list) and v and all(isinstance(a, str) and a for a in v)
+            for v in cluster.values()):
+        raise UserError(f"--strategy multi-worker: TF_CONFIG has no \"cluster\" (an object "
+                        f"of task types, each a list of \"host:port\" addresses), so this "
+                        f"process would train alone as one worker; {example}, or use "
+                        f"--strategy default on one machine")
+    others = sorted(set(cluster) - {"chief", "worker"})
+    if others or len(cluster.get("chief", [])) > 1:
+        raise UserError(f"--strategy multi-worker: the TF_CONFIG cluster may hold one "
+                        f"\"chief\" and \"worker\"s, got "
+                        f"{', '.join(f'{k} x{len(v)}' for k, v in cluster.items())}")
+    if sum(len(v) for v in cluster.values()) < 2:
+        raise UserError(f"--strategy multi-worker: the TF_CONFIG cluster has one process, so it "
+                        f"would train alone; list every worker ({example}), or use "
+                        f"--strategy default on one machine")
+    if not isinstance(task, dict) or task.get("type") not in cluster \
+            or not isinstance(task.get("index"), int) or isinstance(task.get("index"), bool) \
+            or not 0 <= task["index"] < len(cluster[task["type"]]):
+        raise UserError(f"--strategy multi-worker: TF_CONFIG's \"task\" must name this "
+                        f"process's place in the cluster ({', '.join(cluster)}), as "
+                        f"{{\"type\": \"worker\", \"index\": i}} with i from 0 to the number "
+                        f"of that type's addresses - 1, got {json.dumps(task)}")
+
+
+def _refuse_cluster_without_multi_worker(name: str, environ) -> None:
+    """UserError when TF_CONFIG describes a cluster of several processes but the strategy is
+    not multi-worker: each worker (launched with the cluster's TF_CONFIG, the flag forgotten)
+    would train alone and write the same run folder, every one as its chief."""
+    try:
+        config = json.loads(environ.get("TF_CONFIG", ""))
+    except ValueError:
+        return              # no cluster TensorFlow could read either
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    if not isinstance(cluster, dict):
+        return
+    count = sum(len(v) for v in cluster.values() if isinstance(v, list))
+    if count > 1:
+        raise UserError(f"--strategy {name}: the TF_CONFIG environment variable describes a "
+                        f"cluster of {count} processes, which only --strategy multi-worker "
+                        f"uses: with {name} every worker would train alone and write the same "
+                        f"run folder; add --strategy multi-worker, or unset TF_CONFIG to train "
+                        f"on this machine alone")
+
+
 def make_strategy(name: str, devices: Optional[list] = None) -> tf.distribute.Strategy:
     """`default` (one device), `mirrored` (all local GPUs) or `multi-worker` (TF_CONFIG)."""
+    check_strategy(name)
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(devices=devices)
-    if name == "multi-worker":
-        if "TF_CONFIG" not in os.environ:
-            raise UserError("--strategy multi-worker needs the TF_CONFIG environment "
-                            "variable (cluster and task of this worker)")
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    raise UserError(f"--strategy must be default, mirrored or multi-worker, got {name!r}")
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def strategy_notes(name: str, strategy: tf.distribute.Strategy, xla: bool = False) -> list[str]:
+    """Notes on what the strategy makes of the flags: --strategy mirrored that found a single
+    device (no GPU, or one) trains as --strategy default would, and --xla is not applied with
+    more than one replica (`Steps.compile`), which the user asking for them should be told."""
+    notes = []
+    replicas = strategy.num_replicas_in_sync
+    if name == "mirrored" and replicas == 1:
+        devices = ", ".join(getattr(strategy.extended, "worker_devices", ())) or "one device"
+        notes.append(f"--strategy mirrored found one device ({devices}; it uses every local "
+                     f"GPU, and this machine has "
+                     f"{len(tf.config.list_physical_devices('GPU'))}): training on one "
+                     f"replica, as --strategy default does")
+    if xla and replicas > 1:
+        notes.append(f"--xla is not applied with {replicas} replicas (it compiles the step of "
+                     f"one device only): the training step runs without XLA")
+    return notes
 
 
 def _cluster(strategy: tf.distribute.Strategy):

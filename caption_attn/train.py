@@ -438,7 +438,11 @@ class Trainer:
         if tc.precision == "float16" and not tf.config.list_physical_devices("GPU"):
             log("note: --precision float16 is meant for GPUs; on a CPU it is slow, prefer "
                 "bfloat16")
-        self.strategy = strategy or distribute.make_strategy(tc.strategy)
+        if strategy is None:
+            strategy = distribute.make_strategy(tc.strategy)
+        for note in distribute.strategy_notes(tc.strategy, strategy, tc.xla):
+            log("note: " + note)
+        self.strategy = strategy
         quiet.meet_dtypes()  # after the strategy, which may configure TF first (quiet.py)
         self.chief = distribute.is_chief(self.strategy)
         self.data = data or load_train_data(cfg, run_dir)
@@ -871,6 +875,7 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     cfg = dataclasses.replace(cfg, captions=os.path.abspath(cfg.captions),
                               cache=os.path.abspath(cfg.cache))
     check_train_flags(cfg.train)
+    distribute.check_strategy(cfg.train.strategy)  # TF_CONFIG too, before --fresh deletes
     run = RunFolder(run_dir)
     run.check_writable(cfg.cache)
     if images_dir is not None and not os.path.isdir(images_dir):

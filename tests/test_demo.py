@@ -123,3 +123,141 @@ def test_a_batch_size_below_the_self_critical_samples_names_the_demos_flags():
                             "3 (cross-entropy only)")
     assert "--scst-samples" not in str(e.value)
     DemoConfig(epochs=3, scst_after=3, batch_size=4)                 # cross-entropy only
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_workdir_holding_folders_no_demo_made_is_refused_and_left_alone(tmp_path, fresh):
+    """`--workdir .` in a project holds its own features_cache and models/shapes (README's
+    train example): --fresh deleted them, and a rerun without it extracted and trained there."""
+    from caption_attn.errors import UserError
+    work = tmp_path / "project"
+    os.makedirs(work / "features_cache")
+    (work / "features_cache" / "manifest.json").write_text("{}")
+    os.makedirs(work / "models" / "shapes")
+    (work / "models" / "shapes" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"holds features_cache, models/shapes but no demo\.json"):
+        demo.check_workdir(DemoConfig(workdir=str(work), fresh=fresh))
+    assert (work / "features_cache" / "manifest.json").exists()
+    assert (work / "models" / "shapes" / "config.json").exists()
+    assert not (work / "demo.json").exists()
+
+
+def test_heatmaps_of_an_earlier_demo_run_do_not_stay_beside_the_new_ones(tmp_path, monkeypatch):
+    """A rerun with a smaller --show (or --show 0) after more --epochs left the earlier,
+    older model's heatmaps in the folder, looking like this model's."""
+    from caption_attn import captioner
+    run, heat = tmp_path / "run", tmp_path / "heatmaps"
+    os.makedirs(run)
+    (run / "split.json").write_text(json.dumps({"splits": {"test": ["a.png", "b.png"]}}))
+    os.makedirs(heat)
+    for name in ("a.png", "b.png", "c.png"):
+        (heat / name).write_text("old")
+
+    class Model:
+        def caption_images(self, paths):
+            return {}, {paths[0]: "cannot read"}
+    monkeypatch.setattr(captioner.Captioner, "from_run", classmethod(lambda cls, *a: Model()))
+    paths = {"run": str(run), "heatmaps": str(heat)}
+    lines = []
+    errors = demo.caption_test_images(DemoConfig(show=1), paths, "imgs", lines.append)
+    assert not heat.exists() or os.listdir(heat) == []
+    assert errors == {os.path.join("imgs", "a.png"): "cannot read"}
+    assert lines == [f"could not caption {os.path.join('imgs', 'a.png')}: cannot read"]
+    os.makedirs(heat)
+    (heat / "a.png").write_text("old")
+    assert demo.caption_test_images(DemoConfig(show=0), paths, "imgs", lines.append) == {}
+    assert not heat.exists()
+
+
+def test_train_refusals_name_the_demos_scst_after_not_trains_none(monkeypatch):
+    """The demo passes --scst-after equal to --epochs on as train's `none`: a refusal said
+    `--scst-after none`, a value the demo's flag does not take."""
+    from caption_attn import train
+    from caption_attn.errors import UserError
+
+    def refuse(cfg, run, **kwargs):
+        assert cfg.train.scst_after is None
+        raise UserError("--scst-after none: epoch 2 of RUN was self-critical, ...; resume "
+                        "with the run's --scst-after 1, or add --fresh")
+    monkeypatch.setattr(train, "train", refuse)
+    data = {"captions": "c.json", "images_dir": "images"}
+    paths = {"cache": "cache", "run": "run"}
+    with pytest.raises(UserError) as e:
+        demo.train_stage(DemoConfig(epochs=2, scst_after=2), data, paths, print)
+    assert str(e.value).startswith("--scst-after 2 (= --epochs 2: cross-entropy only): epoch 2")
+    assert "none" not in str(e.value) and e.value.exit_code == 2
+
+    def refuse_old(cfg, run, **kwargs):
+        raise UserError("--scst-after 1: ...; resume with the run's --scst-after none, or ...")
+    monkeypatch.setattr(train, "train", refuse_old)
+    with pytest.raises(UserError, match=r"the run's --scst-after equal to its --epochs "):
+        demo.train_stage(DemoConfig(epochs=3, scst_after=1), data, paths, print)
+
+
+@pytest.mark.parametrize("inside", ["heatmaps/mine", "models/shapes", "shapes/x/y",
+                                    "features_cache"])
+def test_a_workdir_inside_what_another_demo_owns_is_refused(tmp_path, inside):
+    """The outer demo redraws its heatmaps on every run (and --fresh deletes its dataset,
+    cache and run): a demo inside them was deleted with them."""
+    from caption_attn.errors import UserError
+    outer = tmp_path / "outer"
+    demo.check_workdir(DemoConfig(workdir=str(outer)))
+    inner = outer / inside
+    with pytest.raises(UserError, match=r"^--workdir .*: inside .*, which the demo in "):
+        demo.check_workdir(DemoConfig(workdir=str(inner)))
+    assert not inner.exists()
+    demo.check_workdir(DemoConfig(workdir=str(outer / "elsewhere")))   # not what it owns
+
+
+@pytest.mark.parametrize("record", ["[1, 2]", '"x"', "{}", '{"seed": 0}'])
+def test_a_demo_json_that_is_not_a_full_record_is_not_taken_as_the_same_settings(tmp_path,
+                                                                                 record):
+    """A list, a string or an object without the settings passed as "the same settings" (and
+    was overwritten with this run's), so the folder's dataset, cache and run were reused."""
+    from caption_attn.errors import UserError
+    work = tmp_path / "work"
+    os.makedirs(work)
+    (work / "demo.json").write_text(record)
+    with pytest.raises(UserError, match=r"not the object of settings|units: not recorded"):
+        demo.check_workdir(DemoConfig(workdir=str(work)))
+    assert (work / "demo.json").read_text() == record
+    demo.check_workdir(DemoConfig(workdir=str(work), fresh=True))
+
+
+def test_a_cluster_in_tf_config_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    # train refuses it (without --strategy multi-worker), but only in stage 3, naming a
+    # --strategy the demo has not got
+    from caption_attn.errors import UserError
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:1"]},
+                                                "task": {"type": "worker", "index": 0}}))
+    work = tmp_path / "work"
+    with pytest.raises(UserError, match=r"^the TF_CONFIG environment variable .* unset "
+                                        r"TF_CONFIG$"):
+        demo.run_demo(DemoConfig(workdir=str(work)), log=lambda m: None)
+    assert not work.exists()
+
+
+def test_a_dataset_replaced_after_the_demo_made_it_is_not_reused(tmp_path):
+    """`make-shapes WORK/shapes --replace --seed 7` after a demo of --seed 0 (same image
+    count): the demo reused it, re-extracted the cache's features of every image, and only
+    train refused, naming its own --captions."""
+    from caption_attn import shapes
+    from caption_attn.config import ShapesConfig
+    from caption_attn.errors import UserError
+    folder = tmp_path / "work" / "shapes"
+    os.makedirs(tmp_path / "work" / "features_cache")
+    shapes.make_shapes(str(folder), ShapesConfig(num_images=20, seed=7))
+    lines = []
+    assert demo._dataset(DemoConfig(num_images=20, seed=7), str(folder), lines.append)
+    assert lines == [f"reusing {folder / 'captions.json'}"]
+    with pytest.raises(UserError, match=r"captions\.json: not the dataset this demo made "
+                                        r"\(other image names or splits than --seed 0"):
+        demo._dataset(DemoConfig(num_images=20, seed=0), str(folder), lines.append)
+    with pytest.raises(UserError, match=r"\(20 images, not --num-images 30\)"):
+        demo._dataset(DemoConfig(num_images=30, seed=7), str(folder), lines.append)
+    data = json.loads((folder / "captions.json").read_text())
+    data["images"][0]["sentences"][0]["raw"] = "a red circle"
+    (folder / "captions.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"other scenes or captions than --seed 7 gives "
+                                        r"\(shape_00000\.png\)"):
+        demo._dataset(DemoConfig(num_images=20, seed=7), str(folder), lines.append)

@@ -350,7 +350,8 @@ def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
 def _other_type_hint(image_id: Any, names: dict) -> str:
     """"(`images` has the id 7 as a number)" when `image_id` is "7" (or 7 and `images` has
     "7"): ids must have the same JSON type to match."""
-    other = (int(image_id) if isinstance(image_id, str) and image_id.strip().isdigit()
+    other = (int(image_id) if isinstance(image_id, str) and image_id.strip().isascii()
+             and image_id.strip().isdecimal()   # "²" is a digit to isdigit, not to int()
              else str(image_id) if isinstance(image_id, int) else None)
     if other is None or other not in names:
         return ""

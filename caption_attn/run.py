@@ -35,6 +35,13 @@ from caption_attn.fileio import (keras_file_atomic, one_line, parse_json, read_j
 _SPLIT_JSON: tuple = (None, None)
 
 
+def changed_settings_note(saved, new) -> Optional[str]:
+    """The note on a resume's changed training settings (TrainConfig `saved` -> `new`), or
+    None when none changed (--fresh aside)."""
+    changed = [c for c in config_diff(saved, new, "train.") if not c.startswith("train.fresh")]
+    return "resuming with changed training settings: " + "; ".join(changed) if changed else None
+
+
 class RunFolder:
     """Paths of one run folder, plus the checks that open it."""
 
@@ -115,11 +122,8 @@ class RunFolder:
                 + "\n  ".join(fixed)
                 + "\nrerun with the same flags to resume, use another --run, or add --fresh "
                   "to start this run over")
-        notes = []
-        changed = [c for c in config_diff(saved.train, cfg.train, "train.")
-                   if not c.startswith("train.fresh")]
-        if changed:
-            notes.append("resuming with changed training settings: " + "; ".join(changed))
+        changed = changed_settings_note(saved.train, cfg.train)
+        notes = [changed] if changed else []
         for name in ("captions", "cache"):
             if os.path.abspath(getattr(saved, name)) != os.path.abspath(getattr(cfg, name)):
                 notes.append(f"--{name} differs from the run's previous invocation "

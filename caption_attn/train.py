@@ -32,7 +32,7 @@ from caption_attn.fileio import write_json_atomic
 from caption_attn.model import ShowAttendTell
 from caption_attn.optimizer import (FusedAdam, StagedLearningRate, current_learning_rate,
                                     make_optimizer)
-from caption_attn.run import RunFolder
+from caption_attn.run import RunFolder, changed_settings_note
 from caption_attn.scst import SelfCritical
 from caption_attn.steps import EpochTotals, Steps
 from caption_attn.train_data import EpochData, TrainData, load_train_data as _load_train_data
@@ -892,8 +892,12 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     data = load_train_data(cfg, run_dir, reuse=not fresh)
     if not fresh:
         notes += check_features_mid_epoch(run, cfg, data)
-        more, cfg = check_metric_images(run, cfg, len(data.references["val"]))
-        notes += more
+        more, kept = check_metric_images(run, cfg, len(data.references["val"]))
+        if kept is not cfg:  # the run keeps its --bleu-images: no longer a changed setting
+            saved = run.load_config().train
+            before, after = (changed_settings_note(saved, c.train) for c in (cfg, kept))
+            notes = [n for n in notes if n != before] + ([after] if after else [])
+        notes, cfg = notes + more, kept
     for note in notes:
         log("note: " + note)
     if fresh:

@@ -246,6 +246,11 @@ def test_coco_image_id_of_another_json_type_says_so(tmp_path):
     obj["annotations"][0]["image_id"] = 2
     with pytest.raises(UserError, match=r"has the id '2' as a string"):
         data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
+    # a digit to str.isdigit that int() refuses: the plain error, not a ValueError traceback
+    obj["annotations"][0]["image_id"] = "\u00b2"
+    with pytest.raises(UserError, match=r"image_id '\u00b2' is not the `id` of any entry of "
+                                        r"`images`$"):
+        data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
 
 
 def test_coco_one_file_under_two_ids_is_an_error(tmp_path):

@@ -962,6 +962,28 @@ def _fake_run(tmp_path, old, history, epoch, step, in_epoch=0):
                                  checkpoints=directory)
 
 
+def test_a_rerun_that_trains_nothing_keeps_the_runs_bleu_images(trained, tmp_path):
+    """`train` again on the finished run with --bleu-images 4 (it measured val_bleu4 on 8):
+    nothing is trained, and config.json keeps 8, else a later resume with --bleu-images 4 and
+    more --epochs would pass as unchanged and compare its val_bleu4 with values on 8 images.
+    No note may call 4 a changed setting either."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    cfg = small_config_like(trained, train=dataclasses.replace(trained["cfg"].train,
+                                                               bleu_images=4))
+    logs = []
+    train.train(cfg, run, progress=False, log=logs.append)
+    notes = [line for line in logs if line.startswith("note: ")]
+    assert any("(was 8) measures nothing" in n and "keeps --bleu-images 8" in n
+               for n in notes), notes
+    assert not any("train.bleu_images" in n for n in notes), notes
+    assert RunFolder(run).load_config().train.bleu_images == 8
+    with pytest.raises(UserError, match=r"^--bleu-images 4: .* measured val_bleu4 on 8 "):
+        train.train(small_config_like(trained, train=dataclasses.replace(
+            trained["cfg"].train, bleu_images=4, epochs=5)), run, progress=False,
+            log=lambda *a: None)
+
+
 def test_other_bleu_images_are_a_note_when_the_rerun_trains_nothing(tmp_path):
     """Rerunning the command of a run that early stopping had stopped (or that finished its
     --epochs, or reached --max-steps) with another --bleu-images was refused as if epochs to

@@ -20,7 +20,6 @@ from caption_attn import shapes
 from caption_attn.backbone import native_bfloat16
 from caption_attn.config import (DataConfig, DecodeConfig, DemoConfig, ExtractConfig,
                                  ModelConfig, RunConfig, ShapesConfig, TrainConfig)
-from caption_attn.data import split_images
 from caption_attn.fileio import read_json, write_json_atomic
 from caption_attn.errors import UserError
 from caption_attn.run import check_folder_writable
@@ -48,8 +47,9 @@ def check_workdir(cfg: DemoConfig) -> None:
         if foreign:
             raise UserError(
                 f"--workdir {cfg.workdir}: holds {', '.join(foreign)} but no demo.json, so "
-                f"no demo made them; the demo neither reuses nor deletes them (not even with "
-                f"--fresh): choose an empty or new --workdir")
+                f"they are not a demo's (or an old demo's, made before demo.json): the demo "
+                f"neither reuses nor deletes them (not even with --fresh): choose an empty or "
+                f"new --workdir, or delete them by hand if they are an old demo's")
     if cfg.fresh:
         for name in MADE:
             path = os.path.join(work, name)
@@ -105,8 +105,7 @@ def _other_dataset(saved, cfg: DemoConfig) -> Optional[str]:
     images = saved["images"]
     if len(images) != cfg.num_images:
         return f"{len(images)} images, not --num-images {cfg.num_images}"
-    names = [shapes.filename(i, cfg.num_images) for i in range(cfg.num_images)]
-    splits = split_images(names, shapes_cfg.val_fraction, shapes_cfg.test_fraction, cfg.seed)
+    names, splits = shapes.names_and_splits(shapes_cfg)
     if [(r.get("filename"), r.get("split")) if isinstance(r, dict) else None
             for r in images] != [(n, splits[n]) for n in names]:
         return f"other image names or splits than --seed {cfg.seed} gives"
@@ -127,9 +126,10 @@ def _dataset(cfg: DemoConfig, folder: str, log) -> dict:
         if os.path.isdir(os.path.join(os.path.dirname(folder), "features_cache")):
             # replaced after the demo made it (make-shapes --replace into it): extracting
             # and training on it would overwrite the cache's features of the demo's images
-            raise UserError(f"{captions}: not the dataset this demo made ({why}); it was "
-                            f"replaced since: add --fresh to start the demo over, or choose "
-                            f"another --workdir")
+            raise UserError(f"{captions}: not the dataset this demo renders with these "
+                            f"settings ({why}): replaced since (make-shapes --replace), or "
+                            f"rendered by an older version of the demo; add --fresh to start "
+                            f"the demo over, or choose another --workdir")
     # the demo owns this folder: a half-rendered dataset of a killed run is replaced
     summary = shapes.make_shapes(folder, ShapesConfig(num_images=cfg.num_images, seed=cfg.seed,
                                                       replace=True))
@@ -185,8 +185,10 @@ def train_stage(cfg: DemoConfig, data: dict, paths: dict, log) -> dict:
                            images_dir=data["images_dir"], log=log)
     except UserError as e:
         message = str(e)
-        if "--scst-after none" not in message:
+        if "--scst-after none" not in message and "(was none" not in message:
             raise
+        message = message.replace("(was none", "(was equal to the run's --epochs, "
+                                  "cross-entropy only")
         message = message.replace("the run's --scst-after none",
                                   "the run's --scst-after equal to its --epochs (cross-entropy "
                                   "only)")

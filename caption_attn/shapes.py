@@ -373,6 +373,13 @@ def _check_made_here(out_dir: str, images_dir: str, captions: str) -> None:
                         f"empty or new folder")
 
 
+def names_and_splits(cfg: ShapesConfig) -> tuple[list[str], dict]:
+    """The file names of the dataset `cfg` renders, in order, and each one's split (the
+    demo checks a dataset it reuses against them)."""
+    names = [filename(i, cfg.num_images) for i in range(cfg.num_images)]
+    return names, split_images(names, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+
+
 def make_shapes(out_dir: str, cfg: ShapesConfig) -> dict:
     """Render the dataset into `OUT/images/shape_*.png` and `OUT/captions.json` (Karpathy
     layout plus `objects` and `relation` per image). Images are written first, the JSON last
@@ -382,8 +389,7 @@ def make_shapes(out_dir: str, cfg: ShapesConfig) -> dict:
     """
     start = time.perf_counter()
     images_dir, captions_path = _prepare(out_dir, cfg.replace)
-    names = [filename(i, cfg.num_images) for i in range(cfg.num_images)]
-    splits = split_images(names, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    names, splits = names_and_splits(cfg)
 
     def work(index: int) -> dict:
         image, record = make_example(index, cfg.seed, cfg.image_size)

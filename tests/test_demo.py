@@ -193,6 +193,15 @@ def test_train_refusals_name_the_demos_scst_after_not_trains_none(monkeypatch):
     with pytest.raises(UserError, match=r"the run's --scst-after equal to its --epochs "):
         demo.train_stage(DemoConfig(epochs=3, scst_after=1), data, paths, print)
 
+    def refuse_mid_epoch(cfg, run, **kwargs):   # refuse_other_batches_mid_epoch's wording
+        raise UserError("RUN stopped in epoch 3 at step 5, and this would cut it into other "
+                        "batches: --scst-after 2 (was none: the epoch would be self-critical)")
+    monkeypatch.setattr(train, "train", refuse_mid_epoch)
+    with pytest.raises(UserError) as e:
+        demo.train_stage(DemoConfig(epochs=3, scst_after=2), data, paths, print)
+    assert "(was equal to the run's --epochs, cross-entropy only: the epoch" in str(e.value)
+    assert "none" not in str(e.value)
+
 
 @pytest.mark.parametrize("inside", ["heatmaps/mine", "models/shapes", "shapes/x/y",
                                     "features_cache"])
@@ -250,7 +259,8 @@ def test_a_dataset_replaced_after_the_demo_made_it_is_not_reused(tmp_path):
     lines = []
     assert demo._dataset(DemoConfig(num_images=20, seed=7), str(folder), lines.append)
     assert lines == [f"reusing {folder / 'captions.json'}"]
-    with pytest.raises(UserError, match=r"captions\.json: not the dataset this demo made "
+    with pytest.raises(UserError, match=r"captions\.json: not the dataset this demo renders with "
+                                        r"these settings "
                                         r"\(other image names or splits than --seed 0"):
         demo._dataset(DemoConfig(num_images=20, seed=0), str(folder), lines.append)
     with pytest.raises(UserError, match=r"\(20 images, not --num-images 30\)"):

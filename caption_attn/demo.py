@@ -217,8 +217,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                         "processes, but the demo trains on this machine alone (and each "
                         "worker started with it would write the same folders): unset "
                         "TF_CONFIG") from None
-    train.check_train_flags(run_config(cfg, os.path.join(paths["shapes"], "captions.json"),
-                                       paths["cache"]).train)
+    run_cfg = run_config(cfg, os.path.join(paths["shapes"], "captions.json"), paths["cache"])
+    train.check_train_flags(run_cfg.train)
+    train.check_model_size(run_cfg)
     check_workdir(cfg)
 
     log(f"[1/5] make-shapes -> {paths['shapes']}")

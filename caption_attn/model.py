@@ -130,6 +130,19 @@ class BahdanauAttention(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="caption_attn")
+def parameter_count(vocab_size: int, embedding_dim: int, units: int,
+                    feature_dim: int = FEATURE_DIM) -> int:
+    """The number of weights of `ShowAttendTell(vocab_size, embedding_dim, units)` (its
+    `count_params()`, the feature statistics included), from the sizes alone: `train` checks
+    that a model fits in memory before it builds one (tests/test_model.py checks the sum)."""
+    V, E, U, F = vocab_size, embedding_dim, units, feature_dim
+    return (2 * F + F * E + E                      # feature statistics, encoder
+            + E * U + U + U * U + U                # attention: keys, query, score
+            + V * E + E * U + U + U * E + E        # embedding, init_h, f_beta
+            + 2 * E * 3 * U + U * 3 * U + 6 * U    # GRU: embedding, context, recurrent
+            + U * E + E * E + E * V + V)           # deep output: hidden, context, logits
+
+
 class ShowAttendTell(keras.Model):
     """Caption decoder over (B, P, F) image features.
 

@@ -29,7 +29,7 @@ from caption_attn.cider import CiderD
 from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig
 from caption_attn.errors import UserError
 from caption_attn.fileio import write_json_atomic
-from caption_attn.model import ShowAttendTell
+from caption_attn.model import ShowAttendTell, parameter_count
 from caption_attn.optimizer import (FusedAdam, StagedLearningRate, current_learning_rate,
                                     make_optimizer)
 from caption_attn.run import RunFolder, changed_settings_note
@@ -37,6 +37,7 @@ from caption_attn.scst import SelfCritical
 from caption_attn.steps import EpochTotals, Steps
 from caption_attn.train_data import EpochData, TrainData, load_train_data as _load_train_data
 from caption_attn.validation import SampleFigures, Validator, table_or_files
+from caption_attn.vocab import SPECIAL_TOKENS
 
 EVAL_BATCH_FACTOR = 4  # validation batches are 4x the training batch: forward only, and fewer
 #                       small flushed buckets (demo val set: 1230 -> 1470 captions/s)
@@ -861,6 +862,36 @@ def check_train_flags(tc: TrainConfig) -> None:
                         "--lr-schedule out, or give --scst-after the cross-entropy epochs")
 
 
+# float32 copies of each weight while training: the weight, Adam's two slots, its gradient
+TRAINING_COPIES = 4
+
+
+def check_model_size(cfg: RunConfig, memory_bytes: Optional[int] = None) -> None:
+    """UserError when the model's weights alone, in the float32 copies training holds
+    (`TRAINING_COPIES`), exceed this machine's memory (`memory_bytes`, by default read from
+    the OS; no check where it cannot be read): a typo like --units 51200 for 512 made the
+    process build 10 billion weights and die of memory without a word, after the data was
+    loaded. Activations come on top, so a model that passes can still be too large."""
+    if memory_bytes is None:
+        try:
+            memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):   # no sysconf (Windows)
+            return
+    mc, words = cfg.model, cfg.vocab.vocab_size + len(SPECIAL_TOKENS)
+    weights = parameter_count(words, mc.embedding_dim, mc.units)
+    needed = weights * 4 * TRAINING_COPIES
+    if needed > memory_bytes:
+        def gb(n):
+            return f"{n / 1e9:.3g} GB" if n >= 1e9 else f"{n / 1e6:.3g} MB"
+        count = f"{weights / 1e9:.3g} billion" if weights >= 1e9 else f"{weights / 1e6:.3g} million"
+        raise UserError(
+            f"--units {mc.units} --embedding-dim {mc.embedding_dim} (vocabulary of up to "
+            f"{words} tokens): the model has {count} weights, {gb(needed)} in the "
+            f"{TRAINING_COPIES} float32 copies training holds (weights, Adam's two slots, "
+            f"gradients), more than this machine's {gb(memory_bytes)} of memory; the TF "
+            f"tutorial's sizes are --units 512 --embedding-dim 256")
+
+
 def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
           progress: bool = True, log=print) -> dict:
     """Train (or resume) the run in `run_dir`; returns a summary dict.
@@ -875,6 +906,7 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     cfg = dataclasses.replace(cfg, captions=os.path.abspath(cfg.captions),
                               cache=os.path.abspath(cfg.cache))
     check_train_flags(cfg.train)
+    check_model_size(cfg)
     distribute.check_strategy(cfg.train.strategy)  # TF_CONFIG too, before --fresh deletes
     run = RunFolder(run_dir)
     run.check_writable(cfg.cache)

@@ -110,6 +110,11 @@ def test_train_flag_combinations_are_checked_before_anything_is_written(tmp_path
         demo.run_demo(DemoConfig(workdir=str(work), epochs=2, scst_after=1, batch_size=4),
                       log=lambda m: None)
     assert not work.exists()
+    # a model too large for this machine's memory, before make-shapes (not after extraction)
+    with pytest.raises(UserError, match=r"^--units 10000000 --embedding-dim 128 .* billion "
+                                        r"weights"):
+        demo.run_demo(DemoConfig(workdir=str(work), units=10 ** 7), log=lambda m: None)
+    assert not work.exists()
 
 
 def test_a_batch_size_below_the_self_critical_samples_names_the_demos_flags():

@@ -255,3 +255,10 @@ def test_model_of_an_older_format_is_refused_with_advice():
     with pytest.raises(ValueError, match="model format 1.*caption-attn train"):
         ShowAttendTell.from_config(old)
     assert ShowAttendTell.from_config(config).units == U
+
+
+@pytest.mark.parametrize("sizes", [(29, 8, 16), (101, 32, 24), (7, 5, 3)])
+def test_parameter_count_is_the_built_models(sizes):
+    """`train` checks the model's size before building it, from this sum."""
+    V, E, U = sizes
+    assert model_lib.parameter_count(V, E, U) == ShowAttendTell(V, E, U).count_params()

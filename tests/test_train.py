@@ -207,6 +207,28 @@ def small_config_like(trained, **changes) -> RunConfig:
                      model=changes.get("model", d.model), train=changes.get("train", d.train))
 
 
+def test_a_model_too_large_for_memory_is_refused_before_anything(shapes_data, tmp_path):
+    """--units 51200 (a typo for 512): 10 billion weights, 168 GB in training's float32
+    copies; the process built them and died of memory without a word."""
+    cfg = small_config(shapes_data)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, units=51200))
+    with pytest.raises(UserError, match=r"^--units 51200 --embedding-dim 32 \(vocabulary of up "
+                                        r"to 5004 tokens\): the model has 10\.5 billion weights, "
+                                        r"168 GB in the 4 float32 copies .* more than this "
+                                        r"machine's 24 GB of memory"):
+        train.check_model_size(cfg, memory_bytes=24 * 10 ** 9)
+    with pytest.raises(UserError, match=r"^--units 51200 "):
+        train.train(cfg, str(tmp_path / "run"), progress=False, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+    train.check_model_size(small_config(shapes_data), memory_bytes=24 * 10 ** 9)  # passes
+    # the COCO default sizes need 88 MB: refused only on a machine with less
+    coco = RunConfig()
+    train.check_model_size(coco, memory_bytes=89 * 10 ** 6)
+    with pytest.raises(UserError, match=r"5\.53 million weights, 88\.4 MB in the 4 float32 "
+                                        r"copies .* this machine's 88 MB of memory"):
+        train.check_model_size(coco, memory_bytes=88 * 10 ** 6)
+
+
 def test_fresh_starts_over(shapes_data, run_copy):
     """(The old run: a copy of the session's trained 3-epoch run.)"""
     run = run_copy.path

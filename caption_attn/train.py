@@ -870,8 +870,9 @@ def check_model_size(cfg: RunConfig, memory_bytes: Optional[int] = None) -> None
     """UserError when the model's weights alone, in the float32 copies training holds
     (`TRAINING_COPIES`), exceed this machine's memory (`memory_bytes`, by default read from
     the OS; no check where it cannot be read): a typo like --units 51200 for 512 made the
-    process build 10 billion weights and die of memory without a word, after the data was
-    loaded. Activations come on top, so a model that passes can still be too large."""
+    process build 10 billion weights and end in an OOM traceback (or the OOM killer) after
+    the data was loaded. Activations come on top, so a model that passes can still be too
+    large."""
     if memory_bytes is None:
         try:
             memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -209,7 +209,7 @@ def small_config_like(trained, **changes) -> RunConfig:
 
 def test_a_model_too_large_for_memory_is_refused_before_anything(shapes_data, tmp_path):
     """--units 51200 (a typo for 512): 10 billion weights, 168 GB in training's float32
-    copies; the process built them and died of memory without a word."""
+    copies; the process built them and ended in an OOM traceback after loading the data."""
     cfg = small_config(shapes_data)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, units=51200))
     with pytest.raises(UserError, match=r"^--units 51200 --embedding-dim 32 \(vocabulary of up "

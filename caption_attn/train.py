@@ -941,6 +941,12 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
                        data=data).fit()
     except BrokenPipeError:   # stdout's reader gone (`train ... | head`): the CLI's to say,
         raise                 # not a write of the run folder (no "free space" to advise)
+    except tf.errors.ResourceExhaustedError as e:  # out of memory (this machine's or a GPU's)
+        what = ((e.message or "").strip() or "OOM").splitlines()[0][:200]
+        raise TrainingError(f"{run.path}: out of memory while training ({what}); lower "
+                            f"--batch-size (or --units / --embedding-dim, or --memory-cache-gb "
+                            f"for the features kept in memory) and rerun: it resumes from the "
+                            f"last checkpoint") from None
     except OSError as e:  # a write that failed while training: a full disk, a lost folder
         # h5py (best.weights.h5) names the file and the reason only inside its message
         h5 = dict(re.findall(r"(filename|error message) = '([^']*)'", str(e)))

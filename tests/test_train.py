@@ -8,6 +8,7 @@ import types
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from caption_attn import train
 from caption_attn.config import DataConfig, ModelConfig, RunConfig, TrainConfig, VocabConfig
@@ -1039,6 +1040,31 @@ def test_other_bleu_images_are_a_note_when_the_rerun_trains_nothing(tmp_path):
     later = _fake_run(tmp_path / "later", old, unmeasured, epoch=5, step=50)
     with pytest.raises(UserError, match=r"^--bleu-images 4: RUN measured val_bleu4 on 8 "):
         train.check_metric_images(later, rerun(), 8)
+
+
+def test_out_of_memory_while_training_is_one_line_with_what_to_lower(shapes_data, tmp_path,
+                                                                    monkeypatch):
+    """TensorFlow's ResourceExhaustedError (activations too large for --batch-size) came out
+    as a traceback; it is a TrainingError (exit 1) saying what to lower, and that a rerun
+    resumes."""
+    class RunsOutOfMemory:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            raise tf.errors.ResourceExhaustedError(
+                None, None, "OOM when allocating tensor with shape[64,64,51200] and type float"
+                "\n\t [[{{node while/add}}]]")
+    monkeypatch.setattr(train, "Trainer", RunsOutOfMemory)
+    run = str(tmp_path / "run")
+    with pytest.raises(train.TrainingError) as e:
+        train.train(small_config(shapes_data), run, progress=False, log=lambda *a: None)
+    assert str(e.value) == (
+        f"{run}: out of memory while training (OOM when allocating tensor with "
+        f"shape[64,64,51200] and type float); lower --batch-size (or --units / --embedding-dim, "
+        f"or --memory-cache-gb for the features kept in memory) and rerun: it resumes from the "
+        f"last checkpoint")
+    assert e.value.exit_code == 1
 
 
 def test_a_broken_pipe_while_training_is_left_to_the_cli(shapes_data, tmp_path, monkeypatch):

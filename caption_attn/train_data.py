@@ -43,6 +43,7 @@ class TrainData:
     caption_data: Optional[dict] = None  # fingerprint of the caption data (split.json)
     image_digests: Optional[dict] = None  # image key -> digest of the image its features are of
     unusable: Optional[dict] = None       # image key -> why its feature file cannot be used
+    truncated: int = 0            # train captions longer than --max-length (cut, <end> kept)
 
     def items(self, split: str) -> tuple[list[str], list[list[int]]]:
         """(feature path, token ids) of every caption of `split`, one pair per caption."""
@@ -119,10 +120,12 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
                                   for w in words[k]] for k in keys}
         references[split] = {k: records[k].captions for k in keys}
     _check_not_empty(cfg, splits, caption_ids, problems)
+    truncated = sum(len(w) > cfg.vocab.max_length for k in caption_ids["train"]
+                    for w in words[k])
     return TrainData(vocab, splits, caption_ids, references, paths, reader, manifest,
                      captions.format, skipped_captions, len(problems),
                      feature_cache.describe_problems(problems, cfg.cache) if problems else "",
-                     fingerprint, dict(sorted(digests.items())), problems)
+                     fingerprint, dict(sorted(digests.items())), problems, truncated)
 
 
 

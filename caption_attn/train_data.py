@@ -61,7 +61,8 @@ class TrainData:
                                       "cache_identity": feature_cache.cache_identity(
                                           self.manifest),
                                       "caption_data": self.caption_data,
-                                      "image_digests": self.image_digests})
+                                      "image_digests": self.image_digests,
+                                      "vocab_sha256": self.vocab.digest()})
         self.vocab.save(run.vocab)
 
 
@@ -105,7 +106,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     skipped_captions = sum(len(records[k].captions) for k in problems)
     words = {k: tokenize_all(records[k].captions) for k in paths}  # for vocabulary and ids
     if reuse and os.path.exists(run.vocab):
-        vocab = Vocabulary.load(run.vocab)
+        vocab = run.load_vocab()
     else:
         vocab = Vocabulary.fit_words((w for k in splits["train"] if k in paths
                                       for w in words[k]),

@@ -7,6 +7,7 @@ strings. The vocabulary is fit on the train split only and saved as JSON.
 from __future__ import annotations
 
 import collections
+import hashlib
 import re
 import sys
 import unicodedata
@@ -132,6 +133,10 @@ class Vocabulary:
                 continue
             words.append(self.tokens[i] if 0 <= i < len(self.tokens) else SPECIAL_TOKENS[UNK])
         return words
+
+    def digest(self) -> str:
+        """sha256 of the tokens in id order: the model's weights are tied to this order."""
+        return hashlib.sha256("\n".join(self.tokens).encode()).hexdigest()
 
     def save(self, path: str) -> None:
         write_json_atomic(path, {"special_tokens": list(SPECIAL_TOKENS),

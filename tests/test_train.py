@@ -1059,3 +1059,23 @@ def test_captions_longer_than_max_length_are_counted_and_told(shapes_data, tmp_p
     cfg = small_config(shapes_data, epochs=1)       # max_length 20: shapes captions fit
     train.open_run(str(tmp_path / "run2"), cfg)
     assert train.load_train_data(cfg, str(tmp_path / "run2")).truncated == 0
+
+
+def test_a_reordered_vocabulary_is_refused_not_used_with_the_wrong_words(shapes_data,
+                                                                          tmp_path):
+    """vocab.json sorted or edited by hand (same size) loaded, and the model's ids then named
+    other words: `caption` and a resume went on silently with the wrong words."""
+    cfg = small_config(shapes_data, epochs=1)
+    run = RunFolder(str(tmp_path / "run"))
+    train.open_run(run.path, cfg)
+    data = train.load_train_data(cfg, run.path)
+    data.fix_in(run, cfg.captions)
+    assert run.load_vocab() == data.vocab
+    with open(run.vocab, encoding="utf-8") as f:
+        saved = json.load(f)
+    saved["words"] = sorted(saved["words"], reverse=True)
+    with open(run.vocab, "w", encoding="utf-8") as f:
+        json.dump(saved, f)
+    with pytest.raises(UserError, match="not the vocabulary this run was trained with") as e:
+        train.load_train_data(cfg, run.path)
+    assert run.vocab in str(e.value) and "--fresh" in str(e.value)

@@ -151,7 +151,7 @@ class Captioner:
         cfg = cfg or DecodeConfig()
         run = RunFolder(run_dir)
         run_cfg = run.load_config()
-        vocab = Vocabulary.load(run.vocab)
+        vocab = run.load_vocab()
         model = run.load_best_model()
         if model.vocab_size != len(vocab):
             raise UserError(f"{run.best_model}: model vocabulary {model.vocab_size} does not "

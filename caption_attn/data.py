@@ -94,7 +94,9 @@ def safe_image_key(raw: str) -> Optional[str]:
     Backslashes count as separators. Absolute paths, drive letters, NUL bytes and paths that
     leave the folder after normalisation (`../x.jpg`, `a/../../x.jpg`) are refused.
     """
-    path = raw.strip()
+    # a byte order mark inside the file (files joined with `cat`, each with its BOM) starts a
+    # line: it is no part of the image's name, which would be "missing" with it
+    path = raw.strip().lstrip("\ufeff").strip()
     if not path or "\0" in path or _is_absolute(path):
         return None
     path = posixpath.normpath(path.replace("\\", "/"))

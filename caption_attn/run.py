@@ -224,6 +224,22 @@ class RunFolder:
                             f"keys]}}}})")
         return splits
 
+    def load_vocab(self):
+        """vocab.json, refused when its words are not in the order split.json recorded when
+        the run's vocabulary was made (the model's ids index that order; a vocabulary sorted
+        or edited by hand captioned with the wrong words, silently). Runs made before the
+        order was recorded are not checked."""
+        from caption_attn.vocab import Vocabulary
+
+        vocab = Vocabulary.load(self.vocab)
+        recorded = self._split_field("vocab_sha256")
+        if isinstance(recorded, str) and recorded != vocab.digest():
+            raise UserError(f"{self.vocab}: not the vocabulary this run was trained with "
+                            f"(its words or their order differ from what {self.split} "
+                            f"recorded): the model would say other words than it learned; "
+                            f"restore the file, or retrain with --fresh")
+        return vocab
+
     def cache_identity(self) -> Optional[dict]:
         """The identity of the feature cache the run was trained on (recorded in split.json
         when the run started; None for a run made before caches had identities)."""

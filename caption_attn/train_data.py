@@ -43,6 +43,7 @@ class TrainData:
     caption_data: Optional[dict] = None  # fingerprint of the caption data (split.json)
     image_digests: Optional[dict] = None  # image key -> digest of the image its features are of
     unusable: Optional[dict] = None       # image key -> why its feature file cannot be used
+    truncated: int = 0            # train captions longer than --max-length (cut, <end> kept)
 
     def items(self, split: str) -> tuple[list[str], list[list[int]]]:
         """(feature path, token ids) of every caption of `split`, one pair per caption."""
@@ -60,7 +61,8 @@ class TrainData:
                                       "cache_identity": feature_cache.cache_identity(
                                           self.manifest),
                                       "caption_data": self.caption_data,
-                                      "image_digests": self.image_digests})
+                                      "image_digests": self.image_digests,
+                                      "vocab_sha256": self.vocab.digest()})
         self.vocab.save(run.vocab)
 
 
@@ -104,7 +106,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     skipped_captions = sum(len(records[k].captions) for k in problems)
     words = {k: tokenize_all(records[k].captions) for k in paths}  # for vocabulary and ids
     if reuse and os.path.exists(run.vocab):
-        vocab = Vocabulary.load(run.vocab)
+        vocab = run.load_vocab()
     else:
         vocab = Vocabulary.fit_words((w for k in splits["train"] if k in paths
                                       for w in words[k]),
@@ -119,10 +121,12 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
                                   for w in words[k]] for k in keys}
         references[split] = {k: records[k].captions for k in keys}
     _check_not_empty(cfg, splits, caption_ids, problems)
+    truncated = sum(len(w) > cfg.vocab.max_length for k in caption_ids["train"]
+                    for w in words[k])
     return TrainData(vocab, splits, caption_ids, references, paths, reader, manifest,
                      captions.format, skipped_captions, len(problems),
                      feature_cache.describe_problems(problems, cfg.cache) if problems else "",
-                     fingerprint, dict(sorted(digests.items())), problems)
+                     fingerprint, dict(sorted(digests.items())), problems, truncated)
 
 
 

@@ -7,6 +7,7 @@ strings. The vocabulary is fit on the train split only and saved as JSON.
 from __future__ import annotations
 
 import collections
+import hashlib
 import re
 import sys
 import unicodedata
@@ -19,22 +20,36 @@ PAD, START, END, UNK = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
 
 _SPACES = re.compile(r"\s+")
+# Characters that join or hide inside words (soft hyphen, zero-width (non-)joiner, word joiner,
+# BOM): removed, so "co\u00adoperate" is "cooperate" and an emoji's ZWJ leaves no word behind.
+_REMOVED = dict.fromkeys(map(ord, "\u00ad\u200c\u200d\u2060\ufeff"))
+# Scripts written without spaces between words: each Han ideograph, hiragana and katakana is a
+# word of its own (as BERT's tokenizer does), else a whole Chinese caption was one "word".
+_CJK = re.compile("([\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+                  "\uff66-\uff9f\U00020000-\U0003134f])")
 
 
 def _strip_punctuation(text: str) -> str:
-    # Unicode categories P* (punctuation) and S* (symbols) become spaces, so "dog's" -> "dog s"
-    # (two words) and letters of any script are kept.
-    return "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in text)
+    # Unicode categories P* (punctuation), S* (symbols) and C* (control, format such as the
+    # zero-width space, unassigned) become spaces, so "dog's" -> "dog s" (two words) and
+    # letters of any script are kept.
+    return "".join(" " if unicodedata.category(ch)[0] in "PSC" else ch for ch in text)
 
 
 def standardize(text: str) -> str:
-    """Lowercase, strip punctuation, collapse whitespace; non-ASCII letters are kept.
+    """Lowercase, strip punctuation, collapse whitespace; non-ASCII letters are kept, each
+    CJK character is a word, and pieces without a letter or digit (an emoji's variation
+    selector, a lone combining mark) are dropped.
 
     >>> standardize("  A Café,  near the SEA! ")
     'a café near the sea'
     """
-    text = unicodedata.normalize("NFC", text).lower()
-    return _SPACES.sub(" ", _strip_punctuation(text)).strip()
+    text = unicodedata.normalize("NFC", text).lower().translate(_REMOVED)
+    text = _SPACES.sub(" ", _strip_punctuation(text)).strip()
+    if text.isascii():
+        return text
+    words = _SPACES.sub(" ", _CJK.sub(r" \1 ", text)).strip().split(" ")
+    return " ".join(w for w in words if any(ch.isalnum() for ch in w))
 
 
 def tokenize(text: str) -> list[str]:
@@ -119,6 +134,10 @@ class Vocabulary:
             words.append(self.tokens[i] if 0 <= i < len(self.tokens) else SPECIAL_TOKENS[UNK])
         return words
 
+    def digest(self) -> str:
+        """sha256 of the tokens in id order: the model's weights are tied to this order."""
+        return hashlib.sha256("\n".join(self.tokens).encode()).hexdigest()
+
     def save(self, path: str) -> None:
         write_json_atomic(path, {"special_tokens": list(SPECIAL_TOKENS),
                                  "words": self.tokens[len(SPECIAL_TOKENS):]})
@@ -134,6 +153,17 @@ class Vocabulary:
         if bad:
             raise UserError(f"{path}: words must be non-empty strings, got {bad[:3]!r}")
         try:
-            return cls(d["words"])
+            vocab = cls(d["words"])
         except ValueError as e:  # duplicates or special tokens among the words
             raise UserError(f"{path}: {e}") from None
+        # A word tokenize never makes (hand-edited "Dog", "two words", or made by a version
+        # that tokenized otherwise, e.g. a whole Chinese caption as one word) is never matched
+        # when encoding: captions and evaluation references would silently become <unk>.
+        odd = next((w for w in d["words"] if tokenize(w) != [w]), None)
+        if odd is not None:
+            raise UserError(f"{path}: {odd!r} is not a word as captions are tokenized "
+                            f"({tokenize(odd)!r}): the vocabulary was edited by hand or made "
+                            f"by a version that tokenized captions otherwise, and its "
+                            f"model's words no longer match the captions; retrain the run "
+                            f"(train --fresh)")
+        return vocab

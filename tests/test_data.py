@@ -574,6 +574,22 @@ def test_captions_without_a_word_are_skipped_and_counted_as_empty(tmp_path):
     assert as_dict(captions) == {"a.jpg": ["one dog"], "c.jpg": ["café."]}
     assert captions.skipped_empty == 2
 
+
+def test_a_byte_order_mark_inside_a_joined_file_is_not_part_of_the_image_name(tmp_path):
+    """Two token files joined with `cat` (each with a BOM): the second one's first image was
+    '\\ufeffc.jpg', never found."""
+    text = "a.jpg#0\tA dog\r\n\ufeffc.jpg#0\tA bird\r\n"
+    captions = data.load_captions(write(tmp_path, "t.txt", text, bom=True))
+    assert as_dict(captions) == {"a.jpg": ["A dog"], "c.jpg": ["A bird"]}
+
+
+def test_captions_of_only_emoji_are_skipped_and_counted_as_empty(tmp_path):
+    """An emoji's variation selector or joiner was left as an invisible one-word caption."""
+    text = "a.jpg#0\tone dog\na.jpg#1\t\u2764\ufe0f\nb.jpg#0\t\U0001f468\u200d\U0001f469\n"
+    captions = data.load_captions(write(tmp_path, "t.txt", text))
+    assert as_dict(captions) == {"a.jpg": ["one dog"]}
+    assert captions.skipped_empty == 2
+
 UNSAFE = ["/etc/passwd", "C:\\x.jpg", "c:x.jpg", "\\\\server\\share\\x.jpg", "\\x.jpg",
           "../x.jpg", "a/../../x.jpg", "..\\x.jpg", "a/..", ""]
 

@@ -15,6 +15,7 @@ from caption_attn.config import DataConfig, ModelConfig, RunConfig, TrainConfig,
 from caption_attn.errors import UserError
 from caption_attn.run import RunFolder
 from caption_attn.steps import EpochTotals
+from caption_attn.vocab import tokenize
 
 SMALL_MODEL = ModelConfig(embedding_dim=32, units=64, dropout=0.2)
 
@@ -1082,3 +1083,47 @@ def test_a_broken_pipe_while_training_is_left_to_the_cli(shapes_data, tmp_path, 
     with pytest.raises(BrokenPipeError):
         train.train(small_config(shapes_data), str(tmp_path / "run"), progress=False,
                     log=lambda *a: None)
+
+
+def test_captions_longer_than_max_length_are_counted_and_told(shapes_data, tmp_path):
+    """Captions cut at --max-length were cut silently: now train says how many."""
+    cfg = dataclasses.replace(small_config(shapes_data, epochs=1),
+                              vocab=VocabConfig(max_length=4))
+    train.open_run(str(tmp_path / "run"), cfg)
+    data = train.load_train_data(cfg, str(tmp_path / "run"))
+    lengths = [len(ids) - 2 for ids in data.items("train")[1]]
+    words = {k: [len(tokenize(c)) for c in refs] for k, refs in data.references["train"].items()}
+    long = sum(n > 4 for counts in words.values() for n in counts)
+    assert 0 < long == data.truncated and max(lengths) == 4
+    logged = []
+    fake = types.SimpleNamespace(
+        data=data, cfg=cfg, log=logged.append,
+        strategy=types.SimpleNamespace(num_replicas_in_sync=1),
+        inputs=types.SimpleNamespace(items={s: data.items(s) for s in ("train", "val")},
+                                     train_images=[], steps_per_epoch=1, table=None))
+    train._describe(fake, False, 0)
+    assert any(f"{long} of {len(lengths)} train captions are longer than --max-length 4"
+               in line for line in logged)
+    cfg = small_config(shapes_data, epochs=1)       # max_length 20: shapes captions fit
+    train.open_run(str(tmp_path / "run2"), cfg)
+    assert train.load_train_data(cfg, str(tmp_path / "run2")).truncated == 0
+
+
+def test_a_reordered_vocabulary_is_refused_not_used_with_the_wrong_words(shapes_data,
+                                                                          tmp_path):
+    """vocab.json sorted or edited by hand (same size) loaded, and the model's ids then named
+    other words: `caption` and a resume went on silently with the wrong words."""
+    cfg = small_config(shapes_data, epochs=1)
+    run = RunFolder(str(tmp_path / "run"))
+    train.open_run(run.path, cfg)
+    data = train.load_train_data(cfg, run.path)
+    data.fix_in(run, cfg.captions)
+    assert run.load_vocab() == data.vocab
+    with open(run.vocab, encoding="utf-8") as f:
+        saved = json.load(f)
+    saved["words"] = sorted(saved["words"], reverse=True)
+    with open(run.vocab, "w", encoding="utf-8") as f:
+        json.dump(saved, f)
+    with pytest.raises(UserError, match="not the vocabulary this run was trained with") as e:
+        train.load_train_data(cfg, run.path)
+    assert run.vocab in str(e.value) and "--fresh" in str(e.value)

@@ -124,3 +124,29 @@ def test_load_refuses_a_damaged_words_list_naming_the_file(tmp_path, words, prob
     with pytest.raises(UserError) as e:
         Vocabulary.load(str(path))
     assert str(path) in str(e.value) and problem in str(e.value)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("一只狗在草地上跑", ["一", "只", "狗", "在", "草", "地", "上", "跑"]),  # no spaces in Chinese
+    ("犬が走る dog", ["犬", "が", "走", "る", "dog"]),
+    ("a dog ❤️ here", ["a", "dog", "here"]),          # VS16 after the emoji: no invisible word
+    ("family 👨\u200d👩\u200d👧 here", ["family", "here"]),  # ZWJ sequence
+    ("zero\u200bwidth", ["zero", "width"]),
+    ("co\u00adoperate\ufeff", ["cooperate"]),
+    ("bell\x07ring", ["bell", "ring"]),
+    ("😀 ❤️", []),
+])
+def test_tokenize_cjk_and_invisible_characters(raw, expected):
+    assert tokenize(raw) == expected
+
+
+@pytest.mark.parametrize("word", ["Dog", "two words", "一只狗", "a\u200db", "dog."])
+def test_load_refuses_words_tokenize_never_makes(tmp_path, word):
+    # a hand-edited vocabulary, or one made when a Chinese caption was a single word: its
+    # words never match an encoded caption, so everything would silently become <unk>
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps({"special_tokens": list(SPECIAL_TOKENS),
+                                "words": ["dog", word]}))
+    with pytest.raises(UserError, match="train --fresh") as e:
+        Vocabulary.load(str(path))
+    assert str(path) in str(e.value) and repr(word) in str(e.value)

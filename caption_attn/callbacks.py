@@ -280,6 +280,17 @@ class TensorBoardLogger(keras.callbacks.Callback):
         self.train_writer.flush()
         self.val_writer.flush()
 
+    def add_samples(self, epoch: int, samples) -> None:
+        """Queue the sample heatmaps of 0-based `epoch` (drawn again on resume when a stop
+        lost them: see `Trainer.fit`)."""
+        self._pending.add(epoch, samples)
+
+    def write_pending(self) -> None:
+        """Write the heatmaps still being drawn (waiting for them), when training stops on an
+        error or Ctrl-C: without it the last epoch's were lost."""
+        self._write_samples(wait=True)
+        self.val_writer.flush()
+
     def _write_samples(self, wait: bool = False) -> None:
         for epoch, samples in self._pending.ready(wait):
             if not samples:
@@ -329,6 +340,14 @@ class AttentionSnapshots(keras.callbacks.Callback):
         self._write()
 
     def on_train_end(self, logs=None):
+        self._write(wait=True)
+
+    def add_samples(self, epoch: int, samples) -> None:
+        """As `TensorBoardLogger.add_samples`."""
+        self._pending.add(epoch, samples)
+
+    def write_pending(self) -> None:
+        """As `TensorBoardLogger.write_pending`."""
         self._write(wait=True)
 
     def _write(self, wait: bool = False) -> None:

@@ -698,21 +698,49 @@ class Trainer:
             self.validator.greedy(self.validator.sample_keys[:1])
         gc.collect()
         gc.freeze()  # what lives now lives through training: full collections skip it
+        writers = cbs[1:]
+        if resumed:
+            self._redraw_lost_samples(done, samples, writers)
         reason, start, epoch = "epochs", time.perf_counter(), done
-        while epoch < tc.epochs and not self.model.stop_training:
-            if tc.max_steps and int(self.step.numpy()) >= tc.max_steps:
-                reason = "max_steps"
-                break
-            if not self._epoch(epoch, callbacks, history):
-                reason = "max_steps"
-                break
-            epoch += 1
-        gc.unfreeze()
+        try:
+            while epoch < tc.epochs and not self.model.stop_training:
+                if tc.max_steps and int(self.step.numpy()) >= tc.max_steps:
+                    reason = "max_steps"
+                    break
+                if not self._epoch(epoch, callbacks, history):
+                    reason = "max_steps"
+                    break
+                epoch += 1
+        except BaseException:  # Ctrl-C, a NaN loss, a full disk: keep the finished epochs'
+            for writer in writers:  # heatmaps still being drawn (else lost for good)
+                try:
+                    writer.write_pending()
+                except Exception:  # noqa: BLE001 - the error that stopped training is the news
+                    pass
+            raise
+        finally:
+            gc.unfreeze()
         if self.model.stop_training:
             reason = "early_stopping"
         callbacks.on_train_end()
         return _summary(self, history, early, reason, time.perf_counter() - start,
                         done, steps_before)
+
+    def _redraw_lost_samples(self, done: int, samples: SampleFigures, writers) -> None:
+        """A run killed after an epoch's checkpoint but before its heatmaps were written
+        (they are drawn in the background and written at the next epoch's end) lost them, in
+        attention/ and in TensorBoard. Resumed at that epoch's end, the restored model is the
+        one that epoch finished with: decode and draw its samples again. (Resumed inside an
+        epoch, the model is no longer that epoch's: nothing is drawn.)"""
+        if not (writers and done and self.cfg.train.sample_images
+                and self.validator.sample_keys and not int(self.step_in_epoch.numpy())
+                and not os.path.isdir(self.run.attention_epoch(done))):
+            return
+        self.log(f"note: the attention heatmaps of epoch {done} were lost when the run was "
+                 f"stopped: drawing them again from its checkpoint")
+        figures = samples(done - 1)
+        for writer in writers:
+            writer.add_samples(done - 1, figures)
 
     def _epoch(self, epoch: int, callbacks, history: list) -> bool:
         """Train, validate and record one epoch; False when --max-steps stopped it before its

@@ -16,6 +16,7 @@ of training.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from typing import Callable, Optional, Sequence, Union
 
@@ -296,7 +297,8 @@ class TensorBoardLogger(keras.callbacks.Callback):
             if not samples:
                 continue
             with self.val_writer.as_default(step=epoch + 1):
-                table = "\n".join(f"| {s['image']} | {s['caption']} |" for s in samples)
+                table = "\n".join(f"| {markdown_cell(s['image'])} | "
+                                  f"{markdown_cell(s['caption'])} |" for s in samples)
                 self._tf.summary.text("captions", "| image | caption |\n|---|---|\n" + table)
                 for s in samples:
                     self._png_summary(f"attention/{s['image']}", s["png"])
@@ -316,6 +318,19 @@ class TensorBoardLogger(keras.callbacks.Callback):
         self._write_samples(wait=True)
         self.train_writer.close()
         self.val_writer.close()
+
+
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|])")
+
+
+def markdown_cell(text: str) -> str:
+    """`text` as it is in a cell of TensorBoard's markdown table: an image name with `|`
+    cut the row short (the caption went to a column that is not shown), `*a*` or `[a](b)`
+    became emphasis or a link. Markdown characters are backslash-escaped, `&`, `<` and `>`
+    written as entities (`\\<` is shown with its backslash), newlines as spaces."""
+    text = " ".join(text.splitlines())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MARKDOWN.sub(r"\\\1", text)
 
 
 def png_size(png: bytes) -> tuple[int, int]:

@@ -281,3 +281,32 @@ def test_heatmaps_drawn_in_the_background_are_written_in_order_once_ready(tmp_pa
     assert images == [(1, "attention/img0.png"), (2, "attention/img1.png")]
     assert tf.io.gfile.exists(str(tmp_path / "attention" / "epoch_2" / "img1.png"))
     pool.shutdown()
+
+
+def test_sample_table_shows_names_and_captions_as_they_are(tmp_path):
+    """TensorBoard renders the sample table as markdown: an image name with `|` cut its row
+    (the caption went to a column not shown), `*a*` / `[a](b)` / `<b>` became formatting."""
+    import html as html_module
+
+    import tensorflow as tf
+    from tensorboard.plugin_util import markdown_to_safe_html
+
+    from caption_attn.callbacks import TensorBoardLogger
+
+    png = b"\x89PNG\r\n\x1a\n" + bytes(4) + b"IHDR" + bytes(8)
+    names = ["a|b.jpg", "*x* [1](2) <b>&amp;_c_ #~!-+.`{}\\.png"]
+    samples = lambda epoch: [{"image": n, "caption": "a <unk> dog", "png": png}  # noqa: E731
+                             for n in names]
+    tb = TensorBoardLogger(str(tmp_path), {"units": 8}, samples=samples)
+    tb.set_model(_model())
+    tb.on_train_begin()
+    tb._png_summary = lambda tag, png: None
+    tb.on_epoch_end(0, {"loss": 1.0})
+    tb.on_train_end()
+    text, = [tf.make_ndarray(v.tensor).item().decode() for _, v in
+             _events(str(tmp_path / "validation")) if v.tag == "captions"]
+    html = markdown_to_safe_html(text)
+    rows = html.split("<tr>")[2:]
+    cells = [[html_module.unescape(c.split("</td>")[0]) for c in r.split("<td>")[1:]]
+             for r in rows]
+    assert cells == [[n, "a <unk> dog"] for n in names]

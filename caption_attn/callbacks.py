@@ -368,7 +368,14 @@ class AttentionSnapshots(keras.callbacks.Callback):
     def _write(self, wait: bool = False) -> None:
         for epoch, samples in self._pending.ready(wait):
             folder = os.path.join(self.out_dir, f"epoch_{epoch + 1}")
-            for s in samples:
-                name = s["image"].replace("/", "__")
-                path = os.path.join(folder, os.path.splitext(name)[0] + ".png")
-                write_bytes_atomic(path, s["png"])
+            for name, s in zip(heatmap_names([s["image"] for s in samples]), samples):
+                write_bytes_atomic(os.path.join(folder, name), s["png"])
+
+
+def heatmap_names(keys: Sequence[str]) -> list[str]:
+    """The file names of the heatmaps of image `keys` in one epoch's folder: the key with
+    `/` as `__` and `.png` for its extension, or `.png` after its whole name when another key
+    would get the same file (`cat.jpg` and `cat.png`: one heatmap overwrote the other)."""
+    flat = [k.replace("/", "__") for k in keys]
+    short = [os.path.splitext(f)[0] + ".png" for f in flat]
+    return [s if short.count(s) == 1 else f + ".png" for f, s in zip(flat, short)]

@@ -310,3 +310,21 @@ def test_sample_table_shows_names_and_captions_as_they_are(tmp_path):
     cells = [[html_module.unescape(c.split("</td>")[0]) for c in r.split("<td>")[1:]]
              for r in rows]
     assert cells == [[n, "a <unk> dog"] for n in names]
+
+
+def test_heatmaps_of_images_with_the_same_stem_are_both_kept(tmp_path):
+    """cat.jpg and cat.png sampled together: both were saved as cat.png, one overwriting
+    the other."""
+    import os
+
+    from caption_attn.callbacks import AttentionSnapshots
+
+    samples = lambda epoch: [{"image": k, "caption": "x", "png": k.encode()}  # noqa: E731
+                             for k in ("cat.jpg", "cat.png", "sub/dog.jpg")]
+    files = AttentionSnapshots(str(tmp_path), samples)
+    files.on_train_begin()
+    files.on_epoch_end(0, {})
+    files.on_train_end()
+    folder = tmp_path / "epoch_1"
+    assert sorted(os.listdir(folder)) == ["cat.jpg.png", "cat.png.png", "sub__dog.png"]
+    assert (folder / "cat.jpg.png").read_bytes() == b"cat.jpg"

@@ -684,7 +684,8 @@ class Trainer:
         early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
                               initial_history=history, save_best=self._save_best,
                               restore_best=self._restore_best)
-        samples = SampleFigures(self.validator, self.images_dir, background=True)
+        samples = SampleFigures(self.validator, self.images_dir, background=True,
+                                 log=self.log)
         cbs = [early]
         if self.chief:
             cbs += [TensorBoardLogger(self.run.logs, _hparams(self), samples),

@@ -328,3 +328,24 @@ def test_heatmaps_of_images_with_the_same_stem_are_both_kept(tmp_path):
     folder = tmp_path / "epoch_1"
     assert sorted(os.listdir(folder)) == ["cat.jpg.png", "cat.png.png", "sub__dog.png"]
     assert (folder / "cat.jpg.png").read_bytes() == b"cat.jpg"
+
+
+def test_a_sample_image_that_cannot_be_read_is_reported_once(tmp_path):
+    """A sample image deleted while training: its heatmaps were drawn on a gray square
+    without a word."""
+    import cv2
+
+    from caption_attn.validation import SampleFigures
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    notes = []
+    figures = SampleFigures(None, str(tmp_path), log=notes.append)
+    assert figures._image("a.png").shape[:2] == (299, 299) and not notes
+    (tmp_path / "a.png").unlink()
+    gray = figures._image("a.png")
+    assert (gray == 128).all()
+    figures._image("a.png")                       # the next epoch: not said again
+    assert len(notes) == 1 and "a.png" in notes[0] and "missing" in notes[0], notes
+    (tmp_path / "a.png").write_bytes(b"")         # now another reason: said
+    figures._image("a.png")
+    assert len(notes) == 2 and "empty file" in notes[1]

@@ -368,8 +368,15 @@ class AttentionSnapshots(keras.callbacks.Callback):
     def _write(self, wait: bool = False) -> None:
         for epoch, samples in self._pending.ready(wait):
             folder = os.path.join(self.out_dir, f"epoch_{epoch + 1}")
-            for name, s in zip(heatmap_names([s["image"] for s in samples]), samples):
+            names = heatmap_names([s["image"] for s in samples])
+            for name, s in zip(names, samples):
                 write_bytes_atomic(os.path.join(folder, name), s["png"])
+            # an epoch trained again (a resume from an older checkpoint) with other
+            # --sample-images: the heatmaps of images no longer sampled were of the model
+            # trained before, and passed for this one's
+            for old in set(os.listdir(folder) if os.path.isdir(folder) else ()) - set(names):
+                if old.endswith(".png"):
+                    os.remove(os.path.join(folder, old))
 
 
 def heatmap_names(keys: Sequence[str]) -> list[str]:

@@ -349,3 +349,20 @@ def test_a_sample_image_that_cannot_be_read_is_reported_once(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")         # now another reason: said
     figures._image("a.png")
     assert len(notes) == 2 and "empty file" in notes[1]
+
+
+def test_an_epoch_written_again_keeps_no_heatmaps_of_the_earlier_one(tmp_path):
+    """An epoch trained again (resumed from an older checkpoint) with fewer --sample-images:
+    the heatmaps of the images no longer sampled stayed, of the model trained before."""
+    import os
+
+    from caption_attn.callbacks import AttentionSnapshots
+
+    for keys in (["a.jpg", "b.jpg"], ["a.jpg"]):
+        samples = lambda epoch, keys=keys: [  # noqa: E731
+            {"image": k, "caption": "x", "png": k.encode()} for k in keys]
+        files = AttentionSnapshots(str(tmp_path), samples)
+        files.on_train_begin()
+        files.on_epoch_end(0, {})
+        files.on_train_end()
+    assert os.listdir(tmp_path / "epoch_1") == ["a.png"]

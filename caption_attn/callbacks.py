@@ -281,6 +281,16 @@ class TensorBoardLogger(keras.callbacks.Callback):
         self.train_writer.flush()
         self.val_writer.flush()
 
+    def log_validation(self, epoch: int, logs: dict) -> None:
+        """Scalars of the validation run measured for 0-based `epoch` after it ended (a resume
+        measuring the metric the next epoch monitors: history.json had it, TensorBoard not)."""
+        self._reopen_deleted_writers()
+        with self.val_writer.as_default(step=epoch + 1):
+            for key, tag in self.VALIDATION.items():
+                if logs.get(key) is not None:
+                    self._tf.summary.scalar(tag, logs[key])
+        self.val_writer.flush()
+
     def add_samples(self, epoch: int, samples) -> None:
         """Queue the sample heatmaps of 0-based `epoch` (drawn again on resume when a stop
         lost them: see `Trainer.fit`)."""

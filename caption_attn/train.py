@@ -678,9 +678,10 @@ class Trainer:
         history = [h for h in history if h["epoch"] <= done]
         # A finished run (or one at --max-steps) traces no step and decodes nothing (seconds)
         todo = trains_more(tc, done, steps_before)
+        measured = {}
         if todo:
             self._compile(self.inputs.captions("train", epoch=0).element_spec)
-            self._metrics_before_resume(history, done)
+            measured = self._metrics_before_resume(history, done)
         early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
                               initial_history=history, save_best=self._save_best,
                               restore_best=self._restore_best)
@@ -700,6 +701,8 @@ class Trainer:
         gc.collect()
         gc.freeze()  # what lives now lives through training: full collections skip it
         writers = cbs[1:]
+        if measured and writers:  # history.json has them: TensorBoard too
+            writers[0].log_validation(done - 1, measured)
         if resumed:
             self._redraw_lost_samples(done, samples, writers)
         reason, start, epoch = "epochs", time.perf_counter(), done
@@ -777,23 +780,26 @@ class Trainer:
             self.log(_epoch_line(entry))
         return True
 
-    def _metrics_before_resume(self, history: list, done: int) -> None:
+    def _metrics_before_resume(self, history: list, done: int) -> dict:
         """A run resumed from an epoch that did not log the metric its next epoch monitors (a
         cross-entropy run entering its self-critical stage, whose val_cider was not measured;
         a run resumed with another --monitor) measures it now on the restored model, that
         epoch's, so the epochs to come have the model they start from to beat. (Resumed
-        inside an epoch, the restored model is not that epoch's: nothing is measured.)"""
+        inside an epoch, the restored model is not that epoch's: nothing is measured.)
+        Returns what was measured (for TensorBoard)."""
         tc = self.cfg.train
         if not history or int(self.step_in_epoch.numpy()):
-            return
+            return {}
         wanted = {tc.monitor_for(done)} | ({"val_cider"} if tc.is_scst(done) else set())
         missing = sorted(n for n in wanted & {"val_bleu4", "val_cider"}
                          if history[-1].get(n) is None)
         if not missing:
-            return
-        history[-1].update(self.validator.metrics(missing))
+            return {}
+        measured = self.validator.metrics(missing)
+        history[-1].update(measured)
         if self.chief:
             write_json_atomic(self.run.history, history)
+        return measured
 
 def _hparams(trainer: Trainer) -> dict:
     tc, mc = trainer.cfg.train, trainer.cfg.model

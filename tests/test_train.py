@@ -192,6 +192,8 @@ def test_resume_with_another_monitor_measures_it_and_continues(shapes_data, tmp_
     assert summary["monitor"] == "val_bleu4" and summary["epochs_now"] == 1
     best = max(history, key=lambda h: h["val_bleu4"])
     assert summary["best_value"] == pytest.approx(best["val_bleu4"])
+    # TensorBoard has the value measured on resume too (history.json had it, the chart not)
+    assert _val_steps(run, "epoch_bleu4") == [1, 2]
 
 
 def test_resume_with_other_model_config_is_refused(trained):

@@ -16,6 +16,7 @@ of training.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from typing import Callable, Optional, Sequence, Union
 
@@ -280,12 +281,34 @@ class TensorBoardLogger(keras.callbacks.Callback):
         self.train_writer.flush()
         self.val_writer.flush()
 
+    def log_validation(self, epoch: int, logs: dict) -> None:
+        """Scalars of the validation run measured for 0-based `epoch` after it ended (a resume
+        measuring the metric the next epoch monitors: history.json had it, TensorBoard not)."""
+        self._reopen_deleted_writers()
+        with self.val_writer.as_default(step=epoch + 1):
+            for key, tag in self.VALIDATION.items():
+                if logs.get(key) is not None:
+                    self._tf.summary.scalar(tag, logs[key])
+        self.val_writer.flush()
+
+    def add_samples(self, epoch: int, samples) -> None:
+        """Queue the sample heatmaps of 0-based `epoch` (drawn again on resume when a stop
+        lost them: see `Trainer.fit`)."""
+        self._pending.add(epoch, samples)
+
+    def write_pending(self) -> None:
+        """Write the heatmaps still being drawn (waiting for them), when training stops on an
+        error or Ctrl-C: without it the last epoch's were lost."""
+        self._write_samples(wait=True)
+        self.val_writer.flush()
+
     def _write_samples(self, wait: bool = False) -> None:
         for epoch, samples in self._pending.ready(wait):
             if not samples:
                 continue
             with self.val_writer.as_default(step=epoch + 1):
-                table = "\n".join(f"| {s['image']} | {s['caption']} |" for s in samples)
+                table = "\n".join(f"| {markdown_cell(s['image'])} | "
+                                  f"{markdown_cell(s['caption'])} |" for s in samples)
                 self._tf.summary.text("captions", "| image | caption |\n|---|---|\n" + table)
                 for s in samples:
                     self._png_summary(f"attention/{s['image']}", s["png"])
@@ -305,6 +328,19 @@ class TensorBoardLogger(keras.callbacks.Callback):
         self._write_samples(wait=True)
         self.train_writer.close()
         self.val_writer.close()
+
+
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|])")
+
+
+def markdown_cell(text: str) -> str:
+    """`text` as it is in a cell of TensorBoard's markdown table: an image name with `|`
+    cut the row short (the caption went to a column that is not shown), `*a*` or `[a](b)`
+    became emphasis or a link. Markdown characters are backslash-escaped, `&`, `<` and `>`
+    written as entities (`\\<` is shown with its backslash), newlines as spaces."""
+    text = " ".join(text.splitlines())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MARKDOWN.sub(r"\\\1", text)
 
 
 def png_size(png: bytes) -> tuple[int, int]:
@@ -331,10 +367,32 @@ class AttentionSnapshots(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self._write(wait=True)
 
+    def add_samples(self, epoch: int, samples) -> None:
+        """As `TensorBoardLogger.add_samples`."""
+        self._pending.add(epoch, samples)
+
+    def write_pending(self) -> None:
+        """As `TensorBoardLogger.write_pending`."""
+        self._write(wait=True)
+
     def _write(self, wait: bool = False) -> None:
         for epoch, samples in self._pending.ready(wait):
             folder = os.path.join(self.out_dir, f"epoch_{epoch + 1}")
-            for s in samples:
-                name = s["image"].replace("/", "__")
-                path = os.path.join(folder, os.path.splitext(name)[0] + ".png")
-                write_bytes_atomic(path, s["png"])
+            names = heatmap_names([s["image"] for s in samples])
+            for name, s in zip(names, samples):
+                write_bytes_atomic(os.path.join(folder, name), s["png"])
+            # an epoch trained again (a resume from an older checkpoint) with other
+            # --sample-images: the heatmaps of images no longer sampled were of the model
+            # trained before, and passed for this one's
+            for old in set(os.listdir(folder) if os.path.isdir(folder) else ()) - set(names):
+                if old.endswith(".png"):
+                    os.remove(os.path.join(folder, old))
+
+
+def heatmap_names(keys: Sequence[str]) -> list[str]:
+    """The file names of the heatmaps of image `keys` in one epoch's folder: the key with
+    `/` as `__` and `.png` for its extension, or `.png` after its whole name when another key
+    would get the same file (`cat.jpg` and `cat.png`: one heatmap overwrote the other)."""
+    flat = [k.replace("/", "__") for k in keys]
+    short = [os.path.splitext(f)[0] + ".png" for f in flat]
+    return [s if short.count(s) == 1 else f + ".png" for f, s in zip(flat, short)]

@@ -679,13 +679,15 @@ class Trainer:
         history = [h for h in history if h["epoch"] <= done]
         # A finished run (or one at --max-steps) traces no step and decodes nothing (seconds)
         todo = trains_more(tc, done, steps_before)
+        measured = {}
         if todo:
             self._compile(self.inputs.captions("train", epoch=0).element_spec)
-            self._metrics_before_resume(history, done)
+            measured = self._metrics_before_resume(history, done)
         early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
                               initial_history=history, save_best=self._save_best,
                               restore_best=self._restore_best)
-        samples = SampleFigures(self.validator, self.images_dir, background=True)
+        samples = SampleFigures(self.validator, self.images_dir, background=True,
+                                 log=self.log)
         cbs = [early]
         if self.chief:
             cbs += [TensorBoardLogger(self.run.logs, _hparams(self), samples),
@@ -699,21 +701,51 @@ class Trainer:
             self.validator.greedy(self.validator.sample_keys[:1])
         gc.collect()
         gc.freeze()  # what lives now lives through training: full collections skip it
+        writers = cbs[1:]
+        if measured and writers:  # history.json has them: TensorBoard too
+            writers[0].log_validation(done - 1, measured)
+        if resumed:
+            self._redraw_lost_samples(done, samples, writers)
         reason, start, epoch = "epochs", time.perf_counter(), done
-        while epoch < tc.epochs and not self.model.stop_training:
-            if tc.max_steps and int(self.step.numpy()) >= tc.max_steps:
-                reason = "max_steps"
-                break
-            if not self._epoch(epoch, callbacks, history):
-                reason = "max_steps"
-                break
-            epoch += 1
-        gc.unfreeze()
+        try:
+            while epoch < tc.epochs and not self.model.stop_training:
+                if tc.max_steps and int(self.step.numpy()) >= tc.max_steps:
+                    reason = "max_steps"
+                    break
+                if not self._epoch(epoch, callbacks, history):
+                    reason = "max_steps"
+                    break
+                epoch += 1
+        except BaseException:  # Ctrl-C, a NaN loss, a full disk: keep the finished epochs'
+            for writer in writers:  # heatmaps still being drawn (else lost for good)
+                try:
+                    writer.write_pending()
+                except Exception:  # noqa: BLE001 - the error that stopped training is the news
+                    pass
+            raise
+        finally:
+            gc.unfreeze()
         if self.model.stop_training:
             reason = "early_stopping"
         callbacks.on_train_end()
         return _summary(self, history, early, reason, time.perf_counter() - start,
                         done, steps_before)
+
+    def _redraw_lost_samples(self, done: int, samples: SampleFigures, writers) -> None:
+        """A run killed after an epoch's checkpoint but before its heatmaps were written
+        (they are drawn in the background and written at the next epoch's end) lost them, in
+        attention/ and in TensorBoard. Resumed at that epoch's end, the restored model is the
+        one that epoch finished with: decode and draw its samples again. (Resumed inside an
+        epoch, the model is no longer that epoch's: nothing is drawn.)"""
+        if not (writers and done and self.cfg.train.sample_images
+                and self.validator.sample_keys and not int(self.step_in_epoch.numpy())
+                and not os.path.isdir(self.run.attention_epoch(done))):
+            return
+        self.log(f"note: the attention heatmaps of epoch {done} were lost when the run was "
+                 f"stopped: drawing them again from its checkpoint")
+        figures = samples(done - 1)
+        for writer in writers:
+            writer.add_samples(done - 1, figures)
 
     def _epoch(self, epoch: int, callbacks, history: list) -> bool:
         """Train, validate and record one epoch; False when --max-steps stopped it before its
@@ -749,23 +781,26 @@ class Trainer:
             self.log(_epoch_line(entry))
         return True
 
-    def _metrics_before_resume(self, history: list, done: int) -> None:
+    def _metrics_before_resume(self, history: list, done: int) -> dict:
         """A run resumed from an epoch that did not log the metric its next epoch monitors (a
         cross-entropy run entering its self-critical stage, whose val_cider was not measured;
         a run resumed with another --monitor) measures it now on the restored model, that
         epoch's, so the epochs to come have the model they start from to beat. (Resumed
-        inside an epoch, the restored model is not that epoch's: nothing is measured.)"""
+        inside an epoch, the restored model is not that epoch's: nothing is measured.)
+        Returns what was measured (for TensorBoard)."""
         tc = self.cfg.train
         if not history or int(self.step_in_epoch.numpy()):
-            return
+            return {}
         wanted = {tc.monitor_for(done)} | ({"val_cider"} if tc.is_scst(done) else set())
         missing = sorted(n for n in wanted & {"val_bleu4", "val_cider"}
                          if history[-1].get(n) is None)
         if not missing:
-            return
-        history[-1].update(self.validator.metrics(missing))
+            return {}
+        measured = self.validator.metrics(missing)
+        history[-1].update(measured)
         if self.chief:
             write_json_atomic(self.run.history, history)
+        return measured
 
 def _hparams(trainer: Trainer) -> dict:
     tc, mc = trainer.cfg.train, trainer.cfg.model

@@ -105,15 +105,17 @@ class Validator:
 class SampleFigures:
     """Callable epoch -> [{image, caption, png}]: the sample images' greedy captions drawn as
     attention heatmaps, once per epoch and shared by the TensorBoard and heatmap callbacks.
-    Images come from `images_dir` (a gray square when it is unknown or an image is gone).
+    Images come from `images_dir` (a gray square when it is unknown or an image is gone:
+    `log` gets a note the first time an image cannot be read, naming it and why).
 
     With `background`, the captions are decoded when called (the epoch's weights) and the
     drawing (~0.3 s of CPU per heatmap) goes to one background thread while the next epoch
     trains: the call returns a Future of the list, which the callbacks accept."""
 
     def __init__(self, validator: Validator, images_dir: Optional[str],
-                 background: bool = False):
-        self.validator, self.images_dir = validator, images_dir
+                 background: bool = False, log: Callable[[str], None] = print):
+        self.validator, self.images_dir, self.log = validator, images_dir, log
+        self._unreadable: dict = {}   # image key -> the reason last noted
         self._epoch, self._figures = None, []
         self._pool = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="heatmaps") if background else None
@@ -129,10 +131,17 @@ class SampleFigures:
         from caption_attn import images
 
         if self.images_dir:
+            path = os.path.join(self.images_dir, key)
             try:
-                return images.load_image(os.path.join(self.images_dir, key))
-            except images.ImageError:
-                pass
+                image = images.load_image(path)
+                self._unreadable.pop(key, None)
+                return image
+            except images.ImageError as e:
+                if self._unreadable.get(key) != str(e):
+                    self._unreadable[key] = str(e)
+                    self.log(f"note: sample image {images.printable_name(path)!r}: {e}; its "
+                             f"attention heatmaps are drawn on a gray square until it can be "
+                             f"read")
         return np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 128, np.uint8)
 
 

@@ -281,3 +281,88 @@ def test_heatmaps_drawn_in_the_background_are_written_in_order_once_ready(tmp_pa
     assert images == [(1, "attention/img0.png"), (2, "attention/img1.png")]
     assert tf.io.gfile.exists(str(tmp_path / "attention" / "epoch_2" / "img1.png"))
     pool.shutdown()
+
+
+def test_sample_table_shows_names_and_captions_as_they_are(tmp_path):
+    """TensorBoard renders the sample table as markdown: an image name with `|` cut its row
+    (the caption went to a column not shown), `*a*` / `[a](b)` / `<b>` became formatting."""
+    import html as html_module
+
+    import tensorflow as tf
+    from tensorboard.plugin_util import markdown_to_safe_html
+
+    from caption_attn.callbacks import TensorBoardLogger
+
+    png = b"\x89PNG\r\n\x1a\n" + bytes(4) + b"IHDR" + bytes(8)
+    names = ["a|b.jpg", "*x* [1](2) <b>&amp;_c_ #~!-+.`{}\\.png"]
+    samples = lambda epoch: [{"image": n, "caption": "a <unk> dog", "png": png}  # noqa: E731
+                             for n in names]
+    tb = TensorBoardLogger(str(tmp_path), {"units": 8}, samples=samples)
+    tb.set_model(_model())
+    tb.on_train_begin()
+    tb._png_summary = lambda tag, png: None
+    tb.on_epoch_end(0, {"loss": 1.0})
+    tb.on_train_end()
+    text, = [tf.make_ndarray(v.tensor).item().decode() for _, v in
+             _events(str(tmp_path / "validation")) if v.tag == "captions"]
+    html = markdown_to_safe_html(text)
+    rows = html.split("<tr>")[2:]
+    cells = [[html_module.unescape(c.split("</td>")[0]) for c in r.split("<td>")[1:]]
+             for r in rows]
+    assert cells == [[n, "a <unk> dog"] for n in names]
+
+
+def test_heatmaps_of_images_with_the_same_stem_are_both_kept(tmp_path):
+    """cat.jpg and cat.png sampled together: both were saved as cat.png, one overwriting
+    the other."""
+    import os
+
+    from caption_attn.callbacks import AttentionSnapshots
+
+    samples = lambda epoch: [{"image": k, "caption": "x", "png": k.encode()}  # noqa: E731
+                             for k in ("cat.jpg", "cat.png", "sub/dog.jpg")]
+    files = AttentionSnapshots(str(tmp_path), samples)
+    files.on_train_begin()
+    files.on_epoch_end(0, {})
+    files.on_train_end()
+    folder = tmp_path / "epoch_1"
+    assert sorted(os.listdir(folder)) == ["cat.jpg.png", "cat.png.png", "sub__dog.png"]
+    assert (folder / "cat.jpg.png").read_bytes() == b"cat.jpg"
+
+
+def test_a_sample_image_that_cannot_be_read_is_reported_once(tmp_path):
+    """A sample image deleted while training: its heatmaps were drawn on a gray square
+    without a word."""
+    import cv2
+
+    from caption_attn.validation import SampleFigures
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    notes = []
+    figures = SampleFigures(None, str(tmp_path), log=notes.append)
+    assert figures._image("a.png").shape[:2] == (299, 299) and not notes
+    (tmp_path / "a.png").unlink()
+    gray = figures._image("a.png")
+    assert (gray == 128).all()
+    figures._image("a.png")                       # the next epoch: not said again
+    assert len(notes) == 1 and "a.png" in notes[0] and "missing" in notes[0], notes
+    (tmp_path / "a.png").write_bytes(b"")         # now another reason: said
+    figures._image("a.png")
+    assert len(notes) == 2 and "empty file" in notes[1]
+
+
+def test_an_epoch_written_again_keeps_no_heatmaps_of_the_earlier_one(tmp_path):
+    """An epoch trained again (resumed from an older checkpoint) with fewer --sample-images:
+    the heatmaps of the images no longer sampled stayed, of the model trained before."""
+    import os
+
+    from caption_attn.callbacks import AttentionSnapshots
+
+    for keys in (["a.jpg", "b.jpg"], ["a.jpg"]):
+        samples = lambda epoch, keys=keys: [  # noqa: E731
+            {"image": k, "caption": "x", "png": k.encode()} for k in keys]
+        files = AttentionSnapshots(str(tmp_path), samples)
+        files.on_train_begin()
+        files.on_epoch_end(0, {})
+        files.on_train_end()
+    assert os.listdir(tmp_path / "epoch_1") == ["a.png"]

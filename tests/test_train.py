@@ -194,6 +194,8 @@ def test_resume_with_another_monitor_measures_it_and_continues(shapes_data, tmp_
     assert summary["monitor"] == "val_bleu4" and summary["epochs_now"] == 1
     best = max(history, key=lambda h: h["val_bleu4"])
     assert summary["best_value"] == pytest.approx(best["val_bleu4"])
+    # TensorBoard has the value measured on resume too (history.json had it, the chart not)
+    assert _val_steps(run, "epoch_bleu4") == [1, 2]
 
 
 def test_resume_with_other_model_config_is_refused(trained):
@@ -1127,3 +1129,57 @@ def test_a_reordered_vocabulary_is_refused_not_used_with_the_wrong_words(shapes_
     with pytest.raises(UserError, match="not the vocabulary this run was trained with") as e:
         train.load_train_data(cfg, run.path)
     assert run.vocab in str(e.value) and "--fresh" in str(e.value)
+
+
+def _val_steps(run, tag):
+    """Steps of `tag` (or tags under `tag/`) in the run's validation event files."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    steps = []
+    for path in glob.glob(os.path.join(run, "logs", "validation", "events.out.tfevents.*")):
+        for event in EventFileLoader(path).Load():
+            steps += [event.step for v in event.summary.value
+                      if v.tag == tag or v.tag.startswith(tag + "/")]
+    return sorted(steps)
+
+
+def test_heatmaps_being_drawn_are_kept_when_training_is_interrupted(trained, tmp_path,
+                                                                    monkeypatch):
+    """Ctrl-C (or an error) in epoch 6: epoch 5's heatmaps, drawn in the background and
+    written only at the next epoch's end, were lost from attention/ and TensorBoard."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    real = train.Trainer._run_train_epoch
+
+    def interrupted(self, epoch, callbacks):
+        if epoch == 5:
+            raise KeyboardInterrupt
+        return real(self, epoch, callbacks)
+
+    monkeypatch.setattr(train.Trainer, "_run_train_epoch", interrupted)
+    cfg = small_config_like(trained, train=dataclasses.replace(trained["cfg"].train, epochs=6))
+    with pytest.raises(KeyboardInterrupt):
+        run_trainer(cfg, run)
+    assert len(glob.glob(os.path.join(run, "attention", "epoch_5", "*.png"))) == 2
+    assert _val_steps(run, "captions") == [1, 2, 3, 4, 5]
+    assert _val_steps(run, "attention").count(5) == 2
+
+
+def test_heatmaps_lost_by_a_kill_are_drawn_again_on_resume(trained, tmp_path):
+    """A kill after the last epoch's checkpoint, while its heatmaps were being drawn: the
+    rerun draws them from the restored model (the one that epoch finished with)."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    shutil.rmtree(os.path.join(run, "attention", "epoch_4"))
+    for path in glob.glob(os.path.join(run, "logs", "validation", "events.out.tfevents.*")):
+        os.remove(path)       # as if killed before epoch 4's samples reached TensorBoard
+    logged = []
+    train.open_run(run, trained["cfg"])
+    train.Trainer(trained["cfg"], run, progress=False, log=logged.append).fit()
+    expected = sorted(os.listdir(os.path.join(trained["run"], "attention", "epoch_4")))
+    assert sorted(os.listdir(os.path.join(run, "attention", "epoch_4"))) == expected
+    assert _val_steps(run, "captions") == [4]
+    assert any("heatmaps of epoch 4" in line for line in logged), logged
+    # an epoch whose heatmaps are there is not drawn again
+    logged.clear()
+    train.Trainer(trained["cfg"], run, progress=False, log=logged.append).fit()
+    assert not any("heatmaps" in line for line in logged)

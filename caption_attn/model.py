@@ -129,7 +129,6 @@ class BahdanauAttention(keras.layers.Layer):
         return {**super().get_config(), "units": self.units}
 
 
-@keras.saving.register_keras_serializable(package="caption_attn")
 def parameter_count(vocab_size: int, embedding_dim: int, units: int,
                     feature_dim: int = FEATURE_DIM) -> int:
     """The number of weights of `ShowAttendTell(vocab_size, embedding_dim, units)` (its
@@ -143,6 +142,7 @@ def parameter_count(vocab_size: int, embedding_dim: int, units: int,
             + U * E + E * E + E * V + V)           # deep output: hidden, context, logits
 
 
+@keras.saving.register_keras_serializable(package="caption_attn")
 class ShowAttendTell(keras.Model):
     """Caption decoder over (B, P, F) image features.
 

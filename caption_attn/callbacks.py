@@ -395,4 +395,11 @@ def heatmap_names(keys: Sequence[str]) -> list[str]:
     would get the same file (`cat.jpg` and `cat.png`: one heatmap overwrote the other)."""
     flat = [k.replace("/", "__") for k in keys]
     short = [os.path.splitext(f)[0] + ".png" for f in flat]
-    return [s if short.count(s) == 1 else f + ".png" for f, s in zip(flat, short)]
+    names = [s if short.count(s) == 1 else f + ".png" for f, s in zip(flat, short)]
+    # still the same (`a/b.jpg` and `a__b.jpg`): a number before .png for the later ones
+    seen: dict = {}
+    for i, name in enumerate(names):
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            names[i] = f"{name[:-4]}-{seen[name]}.png"
+    return names

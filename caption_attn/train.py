@@ -720,8 +720,8 @@ class Trainer:
             for writer in writers:  # heatmaps still being drawn (else lost for good)
                 try:
                     writer.write_pending()
-                except Exception:  # noqa: BLE001 - the error that stopped training is the news
-                    pass
+                except BaseException:  # noqa: BLE001 - a failure, or a second Ctrl-C, ends
+                    break              # the writing: the error that stopped training is news
             raise
         finally:
             gc.unfreeze()
@@ -906,10 +906,13 @@ def check_train_flags(tc: TrainConfig) -> None:
 TRAINING_COPIES = 4
 
 
-def check_model_size(cfg: RunConfig, memory_bytes: Optional[int] = None) -> None:
+def check_model_size(cfg: RunConfig, memory_bytes: Optional[int] = None,
+                     vocab_tokens: Optional[int] = None) -> None:
     """UserError when the model's weights alone, in the float32 copies training holds
     (`TRAINING_COPIES`), exceed this machine's memory (`memory_bytes`, by default read from
-    the OS; no check where it cannot be read): a typo like --units 51200 for 512 made the
+    the OS; no check where it cannot be read). `vocab_tokens`: the vocabulary's size (by
+    default --vocab-size + the special tokens, an upper bound: a huge --vocab-size meant as
+    "every word" is not a huge model). A typo like --units 51200 for 512 made the
     process build 10 billion weights and end in an OOM traceback (or the OOM killer) after
     the data was loaded. Activations come on top, so a model that passes can still be too
     large."""
@@ -918,19 +921,20 @@ def check_model_size(cfg: RunConfig, memory_bytes: Optional[int] = None) -> None
             memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (AttributeError, ValueError, OSError):   # no sysconf (Windows)
             return
-    mc, words = cfg.model, cfg.vocab.vocab_size + len(SPECIAL_TOKENS)
+    mc, words = cfg.model, vocab_tokens or cfg.vocab.vocab_size + len(SPECIAL_TOKENS)
     weights = parameter_count(words, mc.embedding_dim, mc.units)
     needed = weights * 4 * TRAINING_COPIES
     if needed > memory_bytes:
         def gb(n):
             return f"{n / 1e9:.3g} GB" if n >= 1e9 else f"{n / 1e6:.3g} MB"
         count = f"{weights / 1e9:.3g} billion" if weights >= 1e9 else f"{weights / 1e6:.3g} million"
+        size = "" if vocab_tokens else "up to "
         raise UserError(
-            f"--units {mc.units} --embedding-dim {mc.embedding_dim} (vocabulary of up to "
+            f"--units {mc.units} --embedding-dim {mc.embedding_dim} (a vocabulary of {size}"
             f"{words} tokens): the model has {count} weights, {gb(needed)} in the "
             f"{TRAINING_COPIES} float32 copies training holds (weights, Adam's two slots, "
-            f"gradients), more than this machine's {gb(memory_bytes)} of memory; the TF "
-            f"tutorial's sizes are --units 512 --embedding-dim 256")
+            f"gradients), more than this machine's {gb(memory_bytes)} of memory; lower "
+            f"--units / --embedding-dim (the TF tutorial's: 512 / 256) or --vocab-size")
 
 
 def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
@@ -947,7 +951,6 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     cfg = dataclasses.replace(cfg, captions=os.path.abspath(cfg.captions),
                               cache=os.path.abspath(cfg.cache))
     check_train_flags(cfg.train)
-    check_model_size(cfg)
     distribute.check_strategy(cfg.train.strategy)  # TF_CONFIG too, before --fresh deletes
     run = RunFolder(run_dir)
     run.check_writable(cfg.cache)
@@ -962,7 +965,8 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
         notes.append(f"{run.split} has no fingerprint of the run's caption data (a run made "
                      f"before they were recorded): recording the one of {cfg.captions}, "
                      f"against which later resumes are checked")
-    data = load_train_data(cfg, run_dir, reuse=not fresh)
+    data = load_train_data(cfg, run_dir, reuse=not fresh)   # reads, writes nothing
+    check_model_size(cfg, vocab_tokens=len(data.vocab))
     if not fresh:
         notes += check_features_mid_epoch(run, cfg, data)
         more, kept = check_metric_images(run, cfg, len(data.references["val"]))
@@ -982,11 +986,15 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     except BrokenPipeError:   # stdout's reader gone (`train ... | head`): the CLI's to say,
         raise                 # not a write of the run folder (no "free space" to advise)
     except tf.errors.ResourceExhaustedError as e:  # out of memory (this machine's or a GPU's)
-        what = ((e.message or "").strip() or "OOM").splitlines()[0][:200]
-        raise TrainingError(f"{run.path}: out of memory while training ({what}); lower "
-                            f"--batch-size (or --units / --embedding-dim, or --memory-cache-gb "
-                            f"for the features kept in memory) and rerun: it resumes from the "
-                            f"last checkpoint") from None
+        # a tf.function's error starts "Graph execution error:" and names the allocation last
+        lines = (e.message or "").splitlines()
+        what = next((line.strip() for line in lines if "OOM" in line or "when allocating"
+                     in line), "OOM")[:200]
+        raise TrainingError(f"{run.path}: out of memory while training ({what}); rerun with a "
+                            f"lower --batch-size (taken at an epoch's start: it resumes from "
+                            f"the last checkpoint), a lower --memory-cache-gb (the features "
+                            f"kept in memory), or smaller --units / --embedding-dim with "
+                            f"--fresh (a new model)") from None
     except OSError as e:  # a write that failed while training: a full disk, a lost folder
         # h5py (best.weights.h5) names the file and the reason only inside its message
         h5 = dict(re.findall(r"(filename|error message) = '([^']*)'", str(e)))

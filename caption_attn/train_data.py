@@ -107,6 +107,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     words = {k: tokenize_all(records[k].captions) for k in paths}  # for vocabulary and ids
     if reuse and os.path.exists(run.vocab):
         vocab = run.load_vocab()
+        vocab.refuse_words_never_tokenized(run.vocab)
     else:
         vocab = Vocabulary.fit_words((w for k in splits["train"] if k in paths
                                       for w in words[k]),

@@ -44,7 +44,11 @@ def standardize(text: str) -> str:
     >>> standardize("  A Café,  near the SEA! ")
     'a café near the sea'
     """
-    text = unicodedata.normalize("NFC", text).lower().translate(_REMOVED)
+    # NFC again after lower() and the removals, which can leave text NFC would change ("J" +
+    # combining caron lowers to "j" + caron, one character in NFC): a word saved so was not
+    # what tokenize makes of it when read back
+    text = unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).lower()
+                                 .translate(_REMOVED))
     text = _SPACES.sub(" ", _strip_punctuation(text)).strip()
     if text.isascii():
         return text
@@ -153,17 +157,21 @@ class Vocabulary:
         if bad:
             raise UserError(f"{path}: words must be non-empty strings, got {bad[:3]!r}")
         try:
-            vocab = cls(d["words"])
+            return cls(d["words"])
         except ValueError as e:  # duplicates or special tokens among the words
             raise UserError(f"{path}: {e}") from None
-        # A word tokenize never makes (hand-edited "Dog", "two words", or made by a version
-        # that tokenized otherwise, e.g. a whole Chinese caption as one word) is never matched
-        # when encoding: captions and evaluation references would silently become <unk>.
-        odd = next((w for w in d["words"] if tokenize(w) != [w]), None)
+
+    def refuse_words_never_tokenized(self, path: str) -> None:
+        """UserError naming the first word `tokenize` never makes (hand-edited "Dog", "two
+        words", or made by a version that tokenized otherwise, e.g. a whole Chinese caption
+        as one word): resuming training, every caption holding it would be encoded with
+        <unk> instead, silently. Decoding never tokenizes, so `caption`, `evaluate` and
+        `export` use such a vocabulary as it is."""
+        words = self.tokens[len(SPECIAL_TOKENS):]
+        odd = next((w for w in words if tokenize(w) != [w]), None)
         if odd is not None:
             raise UserError(f"{path}: {odd!r} is not a word as captions are tokenized "
                             f"({tokenize(odd)!r}): the vocabulary was edited by hand or made "
-                            f"by a version that tokenized captions otherwise, and its "
-                            f"model's words no longer match the captions; retrain the run "
-                            f"(train --fresh)")
-        return vocab
+                            f"by a version that tokenized captions otherwise, so training on "
+                            f"would encode the captions holding it with <unk>; restore the "
+                            f"file, or retrain the run (train --fresh)")

@@ -328,6 +328,11 @@ def test_heatmaps_of_images_with_the_same_stem_are_both_kept(tmp_path):
     folder = tmp_path / "epoch_1"
     assert sorted(os.listdir(folder)) == ["cat.jpg.png", "cat.png.png", "sub__dog.png"]
     assert (folder / "cat.jpg.png").read_bytes() == b"cat.jpg"
+    # names that still meet after / becomes __ (or after the extension is kept)
+    from caption_attn.callbacks import heatmap_names
+    assert heatmap_names(["a/b.jpg", "a__b.jpg"]) == ["a__b.jpg.png", "a__b.jpg-2.png"]
+    assert heatmap_names(["cat.jpg", "cat.png", "cat.jpg.png"]) == [
+        "cat.jpg.png", "cat.png.png", "cat.jpg-2.png"]
 
 
 def test_a_sample_image_that_cannot_be_read_is_reported_once(tmp_path):

@@ -216,14 +216,23 @@ def test_a_model_too_large_for_memory_is_refused_before_anything(shapes_data, tm
     copies; the process built them and ended in an OOM traceback after loading the data."""
     cfg = small_config(shapes_data)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, units=51200))
-    with pytest.raises(UserError, match=r"^--units 51200 --embedding-dim 32 \(vocabulary of up "
-                                        r"to 5004 tokens\): the model has 10\.5 billion weights, "
-                                        r"168 GB in the 4 float32 copies .* more than this "
-                                        r"machine's 24 GB of memory"):
+    with pytest.raises(UserError, match=r"^--units 51200 --embedding-dim 32 \(a vocabulary of "
+                                        r"up to 5004 tokens\): the model has 10\.5 billion "
+                                        r"weights, 168 GB in the 4 float32 copies .* more than "
+                                        r"this machine's 24 GB of memory; lower --units / "
+                                        r"--embedding-dim \(the TF tutorial's: 512 / 256\) or "
+                                        r"--vocab-size$"):
         train.check_model_size(cfg, memory_bytes=24 * 10 ** 9)
-    with pytest.raises(UserError, match=r"^--units 51200 "):
+    with pytest.raises(UserError, match=r"^--units 51200 --embedding-dim 32 \(a vocabulary of "
+                                        r"\d+ tokens\)"):   # the run's own, once counted
         train.train(cfg, str(tmp_path / "run"), progress=False, log=lambda *a: None)
     assert not (tmp_path / "run").exists()
+    # a huge --vocab-size meant as "every word" is judged by the words there are
+    every_word = dataclasses.replace(cfg, model=SMALL_MODEL,
+                                     vocab=VocabConfig(vocab_size=10 ** 9))
+    with pytest.raises(UserError, match=r"up to 1000000004 tokens"):
+        train.check_model_size(every_word, memory_bytes=24 * 10 ** 9)
+    train.check_model_size(every_word, memory_bytes=24 * 10 ** 9, vocab_tokens=33)
     train.check_model_size(small_config(shapes_data), memory_bytes=24 * 10 ** 9)  # passes
     # the COCO default sizes need 88 MB: refused only on a machine with less
     coco = RunConfig()
@@ -1055,18 +1064,20 @@ def test_out_of_memory_while_training_is_one_line_with_what_to_lower(shapes_data
             pass
 
         def fit(self):
-            raise tf.errors.ResourceExhaustedError(
-                None, None, "OOM when allocating tensor with shape[64,64,51200] and type float"
-                "\n\t [[{{node while/add}}]]")
+            raise tf.errors.ResourceExhaustedError(   # as a tf.function's error reads
+                None, None, "Graph execution error:\n\nDetected at node while/add defined at "
+                "(most recent call last):\n  File \"train.py\", line 1\n\nOOM when allocating "
+                "tensor with shape[64,64,51200] and type float\n\t [[{{node while/add}}]]")
     monkeypatch.setattr(train, "Trainer", RunsOutOfMemory)
     run = str(tmp_path / "run")
     with pytest.raises(train.TrainingError) as e:
         train.train(small_config(shapes_data), run, progress=False, log=lambda *a: None)
     assert str(e.value) == (
         f"{run}: out of memory while training (OOM when allocating tensor with "
-        f"shape[64,64,51200] and type float); lower --batch-size (or --units / --embedding-dim, "
-        f"or --memory-cache-gb for the features kept in memory) and rerun: it resumes from the "
-        f"last checkpoint")
+        f"shape[64,64,51200] and type float); rerun with a lower --batch-size (taken at an "
+        f"epoch's start: it resumes from the last checkpoint), a lower --memory-cache-gb (the "
+        f"features kept in memory), or smaller --units / --embedding-dim with --fresh (a new "
+        f"model)")
     assert e.value.exit_code == 1
 
 

@@ -141,12 +141,25 @@ def test_tokenize_cjk_and_invisible_characters(raw, expected):
 
 
 @pytest.mark.parametrize("word", ["Dog", "two words", "一只狗", "a\u200db", "dog."])
-def test_load_refuses_words_tokenize_never_makes(tmp_path, word):
+def test_training_on_refuses_words_tokenize_never_makes(tmp_path, word):
     # a hand-edited vocabulary, or one made when a Chinese caption was a single word: its
-    # words never match an encoded caption, so everything would silently become <unk>
+    # words never match an encoded caption, so resuming would silently train on <unk>.
+    # Decoding (caption, evaluate, export) never tokenizes: it loads as it is.
     path = tmp_path / "vocab.json"
     path.write_text(json.dumps({"special_tokens": list(SPECIAL_TOKENS),
                                 "words": ["dog", word]}))
+    vocab = Vocabulary.load(str(path))
+    assert vocab.decode([len(SPECIAL_TOKENS) + 1]) == [word]
     with pytest.raises(UserError, match="train --fresh") as e:
-        Vocabulary.load(str(path))
+        vocab.refuse_words_never_tokenized(str(path))
     assert str(path) in str(e.value) and repr(word) in str(e.value)
+
+
+@pytest.mark.parametrize("caption", ["J\u030cungle", "T\u0308ime", "W\u030arong",
+                                     "\u03aa\u0301", "e\u00ad\u0301te"])
+def test_a_word_tokenize_makes_is_one_it_makes_again(caption):
+    """lower() and the removed soft hyphen can leave text that NFC composes further ("J" +
+    combining caron lowers to "j" + caron, which NFC makes one character): a vocabulary word
+    saved so was refused by the run's own resume."""
+    words = tokenize(caption)
+    assert all(tokenize(w) == [w] for w in words), words

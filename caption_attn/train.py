@@ -927,7 +927,8 @@ def check_model_size(cfg: RunConfig, memory_bytes: Optional[int] = None,
     if needed > memory_bytes:
         def gb(n):
             return f"{n / 1e9:.3g} GB" if n >= 1e9 else f"{n / 1e6:.3g} MB"
-        count = f"{weights / 1e9:.3g} billion" if weights >= 1e9 else f"{weights / 1e6:.3g} million"
+        count = (f"{weights / 1e9:.3g} billion" if weights >= 1e9 else
+                 f"{weights / 1e6:.3g} million")
         size = "" if vocab_tokens else "up to "
         raise UserError(
             f"--units {mc.units} --embedding-dim {mc.embedding_dim} (a vocabulary of {size}"

@@ -18,6 +18,8 @@ Nothing else in the package joins these names by hand.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import os
 import shutil
@@ -191,6 +193,29 @@ class RunFolder:
             raise UserError(f"{self.history}: {problem} (edited by hand?); restore the file "
                             f"train wrote, or add --fresh to start this run over")
         return entries
+
+    @contextlib.contextmanager
+    def training_lock(self):
+        """Held while `train` works on this run: an exclusive flock on RUN/.train.lock, which
+        records the holder's pid. Two `train`s of one run (a second terminal, a command
+        rerun while the first still ran) restored the same checkpoint and wrote checkpoints,
+        history.json and the best model over each other: nothing stopped them. The lock goes
+        with the process, also when it is killed; the folder must exist."""
+        with open(os.path.join(self.path, ".train.lock"), "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                pid = f.read().strip() or "?"
+                raise UserError(f"--run {self.path}: another `caption-attn train` (pid {pid}) "
+                                f"is training this run now; two would write checkpoints, "
+                                f"history.json and the best model over each other: wait for it "
+                                f"to end (or stop it), or train into another --run") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            yield
 
     def delete_previous(self) -> None:
         """`--fresh`: remove every file and folder a run writes (nothing else), eval/ too:

@@ -11,6 +11,7 @@ runs the epochs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import math
@@ -978,9 +979,18 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
         notes, cfg = notes + more, kept
     for note in notes:
         log("note: " + note)
-    if fresh:
-        run.delete_previous()
     os.makedirs(run_dir, exist_ok=True)
+    # one `train` per run folder at a time (the workers of a multi-worker run share it)
+    with (run.training_lock() if cfg.train.strategy != "multi-worker"
+          else contextlib.nullcontext()):
+        if fresh:
+            run.delete_previous()
+        return _train_in(run, cfg, run_dir, images_dir, progress, log, data)
+
+
+def _train_in(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, progress, log,
+              data) -> dict:
+    """`train`'s training, once every check passed (its errors said in the run's terms)."""
     try:  # the Trainer writes config.json, split.json and vocab.json once it has restored
         return Trainer(cfg, run_dir, images_dir=images_dir, progress=progress, log=log,
                        data=data).fit()

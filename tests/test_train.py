@@ -211,6 +211,30 @@ def small_config_like(trained, **changes) -> RunConfig:
                      model=changes.get("model", d.model), train=changes.get("train", d.train))
 
 
+def test_a_second_train_of_a_run_being_trained_is_refused(trained, tmp_path):
+    """Two `train`s of one run (a second terminal) restored the same checkpoint and wrote
+    checkpoints, history.json and the best model over each other: nothing stopped them."""
+    import fcntl
+
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    before = _files(run)
+    cfg = small_config_like(trained)
+    with open(os.path.join(run, ".train.lock"), "a+") as held:   # the first train's lock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        with pytest.raises(UserError, match=r"another `caption-attn train` \(pid 4242\) is "
+                                            r"training this run now"):
+            train.train(cfg, run, progress=False, log=lambda *a: None)
+        with pytest.raises(UserError, match=r"pid 4242"):   # --fresh deletes nothing then
+            train.train(dataclasses.replace(cfg, train=dataclasses.replace(
+                cfg.train, fresh=True)), run, progress=False, log=lambda *a: None)
+        assert _files(run) == before and os.path.exists(os.path.join(run, "best.keras"))
+    summary = train.train(cfg, run, progress=False, log=lambda *a: None)  # lock released
+    assert summary["steps_now"] == 0
+
+
 def test_a_model_too_large_for_memory_is_refused_before_anything(shapes_data, tmp_path):
     """--units 51200 (a typo for 512): 10 billion weights, 168 GB in training's float32
     copies; the process built them and ended in an OOM traceback after loading the data."""

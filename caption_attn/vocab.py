@@ -44,6 +44,8 @@ def standardize(text: str) -> str:
     >>> standardize("  A Café,  near the SEA! ")
     'a café near the sea'
     """
+    if text.isascii():   # nearly every caption: no normalising, nothing to remove or split
+        return _SPACES.sub(" ", _strip_punctuation(text.lower())).strip()
     # NFC again after lower() and the removals, which can leave text NFC would change ("J" +
     # combining caron lowers to "j" + caron, one character in NFC): a word saved so was not
     # what tokenize makes of it when read back

@@ -19,7 +19,6 @@ Nothing else in the package joins these names by hand.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import os
 import shutil
@@ -201,6 +200,8 @@ class RunFolder:
         rerun while the first still ran) restored the same checkpoint and wrote checkpoints,
         history.json and the best model over each other: nothing stopped them. The lock goes
         with the process, also when it is killed; the folder must exist."""
+        import fcntl  # here: every CLI start imports this module, and Windows has no fcntl
+
         with open(os.path.join(self.path, ".train.lock"), "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

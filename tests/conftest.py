@@ -34,9 +34,8 @@ def reuse_random_backbones():
     (sha256) and the same manifest fields the call reads: a damaged, missing or replaced
     weights file, an edited manifest or imagenet weights go through the real call (and its
     refusals). The real call runs once per key, so its own code is still tested."""
-    import hashlib
-
     from caption_attn import feature_cache
+    from caption_attn.fileio import file_digest
     from caption_attn.backbone import Backbone
 
     real = Backbone.from_manifest.__func__
@@ -45,8 +44,7 @@ def reuse_random_backbones():
     def from_manifest(cls, cache_dir, jit_compile=False):
         try:
             m = feature_cache.read_manifest(cache_dir)
-            with open(os.path.join(cache_dir, m["weights_file"]), "rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            digest = file_digest(os.path.join(cache_dir, m["weights_file"]))
             key = (cls, digest, bool(jit_compile), json.dumps(
                 [m[k] for k in ("weights", "seed", "precision", "weights_file",
                                 "weights_sha256", "feature_scale")]))

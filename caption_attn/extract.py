@@ -226,7 +226,7 @@ def _name_problem(key: str, name_max: int) -> Optional[str]:
     with the longest pid, is the longest name written), or None. Without this an image whose
     name is legal but near the limit (80 CJK characters are 240 bytes) stopped the whole run
     with ENAMETOOLONG at its turn."""
-    base = key.rsplit("/", 1)[-1] + ".npy"
+    base = os.path.basename(feature_path("", key))   # the feature file's own name
     longest = longest_temp_name(base)
     if longest <= name_max:
         return None

@@ -92,6 +92,16 @@ def write_bytes_atomic(path: str, payload: Union[bytes, Iterable[bytes]],
             os.fsync(f.fileno())
 
 
+def file_identity(path: str):
+    """(inode, mtime_ns, size) of `path`, None when it cannot be stat'ed: a file replaced or
+    rewritten (train's atomic renames) gets another one."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def file_digest(path: str, algorithm: str = "sha256") -> str:
     """Hex digest of a file's bytes (read in 1 MiB blocks); raises OSError."""
     h = hashlib.new(algorithm)

@@ -19,6 +19,7 @@ Nothing else in the package joins these names by hand.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import os
 import shutil
@@ -28,12 +29,14 @@ from typing import Optional
 
 from caption_attn.config import MONITORS, RunConfig, config_diff
 from caption_attn.errors import UserError
-from caption_attn.fileio import (keras_file_atomic, one_line, parse_json, read_json,
-                                 write_json_atomic)
+from caption_attn.fileio import (file_identity, keras_file_atomic, one_line, parse_json,
+                                 read_json, write_json_atomic)
 
 
-# (key, parsed object) of the split.json read last: `RunFolder._split_field`
-_SPLIT_JSON: tuple = (None, None)
+@functools.lru_cache(maxsize=1)
+def _parsed_split(path: str, identity: tuple):
+    """The split.json read last, while it is the same file (`RunFolder._split_field`)."""
+    return read_json(path)
 
 
 def changed_settings_note(saved, new) -> Optional[str]:
@@ -291,17 +294,12 @@ class RunFolder:
         size): a COCO run's split.json (15 MB with its image digests) was parsed 4-6 times
         by one `train` resume or `evaluate`, 0.13 s each. Callers do not modify what they
         get."""
-        global _SPLIT_JSON
-        try:
-            st = os.stat(self.split)
-        except OSError:
+        identity = file_identity(self.split)
+        if identity is None:
             if name == "splits":
                 read_json(self.split)  # its error names the file and what is wrong
             return None
-        key = (os.path.abspath(self.split), st.st_ino, st.st_mtime_ns, st.st_size)
-        if _SPLIT_JSON[0] != key:
-            _SPLIT_JSON = (key, read_json(self.split))
-        data = _SPLIT_JSON[1]
+        data = _parsed_split(os.path.abspath(self.split), identity)
         return data.get(name) if isinstance(data, dict) else None
 
     def check_image_digests(self, cache: str, keys, digests: dict, images_dir=None,
@@ -408,12 +406,7 @@ class RunFolder:
         """(identity of best.keras, best.json's record): changes when `train` saves a new
         best. `evaluate` and `export` take it before and after loading the model: a run still
         training can replace both at any time."""
-        try:
-            st = os.stat(self.best_model)
-            key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except OSError:
-            key = None
-        return key, self.best_record()
+        return file_identity(self.best_model), self.best_record()
 
     def restore_best_weights(self, model) -> bool:
         """Load the best weights into `model` (False when there are none yet)."""

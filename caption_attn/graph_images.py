@@ -7,10 +7,9 @@ against them (tests/test_export.py, README "Export and serve"):
 - JPEG: libjpeg's accurate integer DCT with fancy upsampling, as OpenCV uses: identical
   pixels (grayscale too); CMYK JPEGs +-1 (TensorFlow's own CMYK -> RGB). The EXIF
   orientation (all 8, either byte order) is read from the bytes and applied as OpenCV does.
-  A JPEG whose last scan has no end-of-image marker after it is refused. `images._truncated`
-  walks the JPEG's segments to the end of its first image; here the simpler rule over all
-  bytes stands, so a JPEG with appended data holding the bytes FF DA (a motion photo's MP4)
-  is refused by the SavedModel although `caption` takes it (an error, never other pixels).
+  A JPEG that ends before the end-of-image marker of its first image is refused; as in
+  `images._truncated` its segments are walked (`jpeg_end`), so data appended after that
+  marker (a motion photo's MP4, a phone's trailer) is never looked at.
 - PNG (8/16-bit, gray, gray+alpha, RGB, RGBA, palette or gray with transparency): identical.
   Alpha (a gray PNG's transparent gray, from its tRNS chunk) is composited over white with
   OpenCV's formula; 16-bit without alpha keeps the top 8 bits.
@@ -115,12 +114,66 @@ def _orient(rgb, orientation):
     return tf.switch_case(orientation - 1, cases)
 
 
+JPEG_WALK_STEPS = 1 << 14   # markers `jpeg_end` follows before it gives up (None)
+
+
+def jpeg_end(raw):
+    """images._jpeg_end in ops: where the first JPEG image in the bytes `raw` (n,) uint8 ends
+    (after its EOI marker, int32), -1 when the data ends first (a cut file), -2 (None there)
+    when its marker structure cannot be followed, or after JPEG_WALK_STEPS markers.
+
+    The segments are walked by their lengths, one loop iteration per marker; a scan's
+    entropy-coded data is skipped in one step to the first byte FF at or after its start that
+    begins a marker (FF followed by neither 00, FF nor a restart marker D0-D7), found among
+    all such positions by a binary search. Bytes after the image (a motion photo's MP4) are
+    never looked at, as in `caption`.
+    """
+    b = tf.cast(raw, tf.int32)                                        # (n,)
+    n = tf.size(b)
+    nxt = tf.concat([b[1:], [0]], 0)                                  # (n,) the following byte
+    starts = tf.cast(tf.where(
+        tf.equal(b, 0xFF) & (tf.range(n) < n - 1) & tf.not_equal(nxt, 0x00)
+        & tf.not_equal(nxt, 0xFF) & ~((nxt >= 0xD0) & (nxt <= 0xD7)))[:, 0], tf.int32)
+
+    def byte(i):                                                      # 0 past the end
+        return tf.gather(tf.concat([b, [0, 0, 0, 0]], 0), tf.minimum(i, n))
+
+    def step(i, end):
+        marker = byte(i + 1)
+        length = byte(i + 2) * 256 + byte(i + 3)
+        after = i + 2 + length                                        # past a segment
+        scan_end = tf.searchsorted(starts, [after])[0]                # first start >= after
+        next_marker = tf.gather(tf.concat([starts, [-1]], 0), scan_end)  # -1: none (cut)
+        cases = [
+            (i + 1 >= n, (i, -1)),                                    # ends before a marker
+            (tf.not_equal(byte(i), 0xFF), (i, -2)),                   # not a marker: lost
+            (tf.equal(marker, 0xFF), (i + 1, end)),                   # fill byte
+            (tf.equal(marker, 0xD9), (i, i + 2)),                     # EOI
+            (((marker >= 0xD0) & (marker <= 0xD7)) | tf.equal(marker, 0x01), (i + 2, end)),
+            (i + 4 > n, (i, -1)),                                     # cut inside a length
+            (tf.equal(marker, 0xDA), (next_marker, tf.where(next_marker < 0, -1, end))),
+        ]
+        new_i, new_end = after, end                                   # any other segment
+        for condition, (ci, ce) in reversed(cases):                   # the first match wins
+            new_i, new_end = tf.where(condition, ci, new_i), tf.where(condition, ce, new_end)
+        return new_i, new_end
+
+    _, end = tf.while_loop(lambda i, end: tf.equal(end, -3), step,
+                           (tf.constant(2), tf.constant(-3)),
+                           maximum_iterations=JPEG_WALK_STEPS)
+    return tf.where(tf.equal(end, -3), -2, end)
+
+
 def _refuse_truncated(data, fmt):
-    """Assert ops of images._truncated: a JPEG needs an EOI marker after its last scan, a PNG
-    an IEND chunk."""
+    """Assert ops of images._truncated: a JPEG needs an end-of-image marker after its first
+    image (or, when its structure cannot be followed, after its last scan), a PNG an IEND
+    chunk."""
     raw = tf.io.decode_raw(data, tf.uint8)                            # (n,)
     if fmt == JPEG:
-        ok = _last(raw, b"\xff\xd9") >= _last(raw, b"\xff\xda")
+        end = jpeg_end(raw)
+        ok = tf.cond(tf.equal(end, -2),
+                     lambda: _last(raw, b"\xff\xd9") >= _last(raw, b"\xff\xda"),  # the old rule
+                     lambda: end >= 0)
     else:
         ok = _last(raw, b"IEND") >= 0
     return tf.debugging.Assert(ok, ["truncated image"])

@@ -12,6 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from caption_attn import graph_images
+from caption_attn.images import _jpeg_end as _images_jpeg_end
 from caption_attn.images import decode_image, resize_image
 from image_samples import BAD, GOOD, png_chunk, png_file, scene
 
@@ -122,6 +123,68 @@ def test_decode_refuses_a_jpeg_without_end_marker_and_tiff(tmp_path):
     Image.fromarray(scene(2)).save(tmp_path / "x.tif")
     with pytest.raises(tf.errors.InvalidArgumentError):
         _decode(tf.constant((tmp_path / "x.tif").read_bytes()))   # no TensorFlow decoder
+
+
+_jpeg_end = tf.function(lambda data: graph_images.jpeg_end(tf.io.decode_raw(data, tf.uint8)),
+                        input_signature=[tf.TensorSpec([], tf.string)])
+
+
+def _python_jpeg_end(data: bytes) -> int:
+    end = _images_jpeg_end(data)
+    return -2 if end is None else end
+
+
+def test_a_jpeg_with_data_after_its_end_is_decoded_as_caption_does():
+    """The SavedModel refused a motion photo (a JPEG with an MP4 appended) whenever the MP4
+    held the bytes FF DA after its last FF D9, which `caption` took: `images.py` walks the
+    JPEG's segments to the end of its first image, and so does the graph now."""
+    data = cv2.imencode(".jpg", scene(1))[1].tobytes()
+    progressive = io.BytesIO()
+    Image.fromarray(scene(2)).save(progressive, "JPEG", progressive=True)
+    exif_image = io.BytesIO()
+    exif = Image.new("RGB", (40, 30))
+    exif.save(exif_image, "JPEG", exif=exif.getexif().tobytes())
+    for image in (data, progressive.getvalue(), exif_image.getvalue()):
+        for trailer in (b"ftypmp42\xff\xda\x00\x10junk", b"\xff\xd8\xff\xdb\x00\x43", b"\xff\xda"):
+            got = _decode(tf.constant(image + trailer)).numpy()
+            np.testing.assert_array_equal(got, decode_image(image + trailer))
+    p = progressive.getvalue()
+    for cut in (len(data) // 2, len(data) - 2):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="truncated"):
+            _decode(tf.constant(data[:cut] + b"\x00\xff\xda"))   # cut inside a scan
+    for cut in (len(p) // 3, len(p) * 2 // 3, len(p) - 2):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="truncated"):
+            _decode(tf.constant(p[:cut]))
+
+
+def test_jpeg_end_equals_images_py_on_mutated_jpegs():
+    """Ends, cuts (-1) and lost structure (-2) where images._jpeg_end finds them, on real
+    JPEGs (baseline with restart markers, progressive) cut, extended and with bytes changed."""
+    rng = np.random.default_rng(0)
+    restart = cv2.imencode(".jpg", scene(3), [cv2.IMWRITE_JPEG_RST_INTERVAL, 4])[1].tobytes()
+    progressive = io.BytesIO()
+    Image.fromarray(scene(4, 64, 48)).save(progressive, "JPEG", progressive=True)
+    seen = set()
+    for base in (restart, progressive.getvalue()):
+        assert b"\xff\xd0" in base or base is not restart
+        for _ in range(60):
+            data = bytearray(base)
+            kind = rng.integers(4)
+            if kind == 0:
+                data = data[:rng.integers(2, len(data))]
+            elif kind == 1:
+                data += rng.integers(0, 256, rng.integers(1, 40)).astype(np.uint8).tobytes()
+            elif kind == 2:
+                for pos in rng.integers(2, len(data), rng.integers(1, 4)):
+                    data[pos] = rng.choice([0x00, 0xFF, 0xD9, 0xDA, 0xD3, rng.integers(256)])
+            else:
+                pos = rng.integers(2, len(data))
+                data[pos:pos] = bytes([0xFF, rng.choice([0xFF, 0x00, 0xD9, 0xDA, 0x01])])
+            data = bytes(data)
+            expected = _python_jpeg_end(data)
+            assert int(_jpeg_end(tf.constant(data))) == expected
+            seen.add(max(expected, 0) if expected >= 0 else expected)
+    assert {-1, -2} <= seen and any(end > 0 for end in seen)
 
 
 @pytest.mark.parametrize("width, height", [(640, 480), (320, 240), (200, 150), (400, 200),

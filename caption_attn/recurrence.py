@@ -1,9 +1,8 @@
 """The decoder's recurrent step and the training path's hand-written gradients.
 
-`attend_and_update` is one step (Bahdanau attention, gated context, GRU), for decoding
-(`ShowAttendTell.decode_step`). `teacher_forced_recurrence` runs the same computation over all
-T steps with back-propagation through time written out: each step's work after its one
-matmul is a single XLA cluster forward and one backward (`_fused_step`), the backward loop
+`attend_and_update` is one step (Bahdanau attention, gated context, GRU), the same function
+for decoding (`ShowAttendTell.decode_step`) and teacher forcing. `teacher_forced_recurrence`
+runs it over all T steps with back-propagation through time written out: the backward loop
 carries only what is recurrent, and every weight gradient is one large matmul over all T * B
 rows after it. `output_cross_entropy` is the output layer's cross-entropy with its gradient
 written out, and `dense_rows` a Dense layer as one 2-D matmul. The tests check all of them
@@ -14,7 +13,6 @@ Shapes: B batch, T steps, P = 64 feature positions, E embedding size, U units, V
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import keras
@@ -36,7 +34,7 @@ class StepWeights(NamedTuple):
 
 class StepSaved(NamedTuple):
     """What one step keeps for its backward pass (`teacher_forced_recurrence`)."""
-    q: tf.Tensor          # (B, U) projected attention query (tanh(keys + q) is recomputed)
+    e: tf.Tensor          # (B, P, U) tanh(keys + query)
     raw: tf.Tensor        # (B, E) attention-weighted features before the gate
     beta: tf.Tensor       # (B, E) gate
     z: tf.Tensor          # (B, U) GRU update gate
@@ -67,99 +65,25 @@ def attend_and_update(w: StepWeights, x_gates, h, keys, encoded):
     once), h (B, U), keys (B, P, U), encoded (B, P, E) -> new h (B, U), gated context (B, E),
     attention (B, P) float32, and the `StepSaved` intermediates.
     """
-    q = tf.matmul(h, w.query)                                        # (B, U)
-    raw, alpha, _ = additive_attention(keys, encoded, q, w.score)    # (B, E), (B, P)
-    h, context, saved = _gru_update(w.gru_context, x_gates, h, q,
-                                    tf.matmul(h, w.beta) + w.beta_bias,         # (B, E)
-                                    tf.matmul(h, w.gru_recurrent) + w.gru_bias,  # (B, 3U)
-                                    raw)
-    return h, context, alpha, saved
+    return _update(w, x_gates, h, tf.matmul(h, w.query),                # (B, U)
+                   tf.matmul(h, w.beta) + w.beta_bias,                  # (B, E)
+                   tf.matmul(h, w.gru_recurrent) + w.gru_bias,          # (B, 3U)
+                   keys, encoded)
 
 
-def _gru_update(gru_context, x_gates, h, q, h_beta, h_gates, raw):
-    """The step after the attention: from its attention-weighted features raw (B, E), the
-    gate's h_beta (B, E) and the GRU's recurrent share h_gates (B, 3U), biases included
-    -> new h (B, U), gated context (B, E) and the `StepSaved` intermediates (q (B, U), the
-    attention query, is only kept)."""
+def _update(w: StepWeights, x_gates, h, q, h_beta, h_gates, keys, encoded):
+    """`attend_and_update` from h's three projections: the attention query q (B, U), the
+    gate's h_beta (B, E) and the GRU's recurrent share h_gates (B, 3U), biases included."""
+    raw, alpha, e = additive_attention(keys, encoded, q, w.score)    # (B, E), (B, P), .
     beta = tf.sigmoid(h_beta)                                        # (B, E)
     context = beta * raw                                             # (B, E)
-    xz, xr, xh = tf.split(x_gates + tf.matmul(context, gru_context), 3, axis=-1)
+    xz, xr, xh = tf.split(x_gates + tf.matmul(context, w.gru_context), 3, axis=-1)
     hz, hr, hh = tf.split(h_gates, 3, axis=-1)                       # (B, U) each
     z = tf.sigmoid(xz + hz)                                          # (B, U)
     r = tf.sigmoid(xr + hr)                                          # (B, U)
     candidate = tf.tanh(xh + r * hh)                                 # (B, U)
     h_new = z * h + (1.0 - z) * candidate                            # (B, U)
-    return h_new, context, StepSaved(q, raw, beta, z, r, hh, candidate)
-
-
-# The teacher-forced loop's step after the h projection, forward and backward, each one XLA
-# cluster. The (B, P, U) arrays (keys, tanh(keys + q), its gradient) are the step's largest,
-# and as separate ops they went through memory once per op: tanh(keys + q) was written,
-# read by the score matmul, stored for the backward pass and read twice there; its gradient
-# was written, then read by two reductions and the key-gradient sum. Fused, the forward reads
-# the keys once and stores nothing of size (B, P, U); the backward recomputes tanh(keys + q)
-# from the keys (cheaper than storing and reading it back) and adds the step's key gradient
-# in the same pass. The ~25 small element-wise ops of each direction (gates, splits, casts)
-# become one launch as well. The (B, U) x (U, U+E+3U) matmuls stay outside, in oneDNN.
-def _step_forward(x_gates, h, h_proj, keys, encoded, score, gru_context):
-    """The forward step from h_proj = h [W_q | W_beta | W_gru] + biases (B, U+E+3U):
-    -> new h (B, U), gated context (B, E), attention (B, P) float32, `StepSaved`."""
-    U, E = h.shape[-1], encoded.shape[-1]
-    q, h_beta, h_gates = tf.split(h_proj, [U, E, 3 * U], axis=-1)    # (B, U), (B, E), (B, 3U)
-    raw, alpha, _ = additive_attention(keys, encoded, q, score)       # (B, E), (B, P)
-    h, context, saved = _gru_update(gru_context, x_gates, h, q, h_beta, h_gates, raw)
-    return h, context, alpha, saved
-
-
-def _step_backward(dh, s, h_prev, d_context, alpha, d_alpha, keys, encoded, score,
-                   gru_context_t, d_keys):
-    """Back through `_step_forward` given dh (B, U) (the new h's gradient), its `StepSaved`
-    s, h_prev (B, U), d_context (B, E), alpha and d_alpha (B, P) float32:
-    -> dh * z (B, U) (the share of h_prev's gradient not through h_proj), d_x_gates (B, 3U),
-    d_h_proj (B, U+E+3U), d_raw (B, E), d_keys plus this step's (B, P, U) and the score
-    vector's gradient (1, U)."""
-    units, dt = keys.shape[-1], keys.dtype
-    # GRU: h' = z h + (1 - z) c,  c = tanh(xh + r hh), z = sigmoid(.), r = sigmoid(.)
-    d_cand = tf.raw_ops.TanhGrad(y=s.candidate, dy=dh * (1.0 - s.z))
-    d_z = tf.raw_ops.SigmoidGrad(y=s.z, dy=dh * (h_prev - s.candidate))
-    d_r = tf.raw_ops.SigmoidGrad(y=s.r, dy=d_cand * s.hh)
-    d_x = tf.concat([d_z, d_r, d_cand], axis=-1)                      # (B, 3U) input gates
-    # context = beta * raw feeds the GRU's input gates
-    d_ctx = tf.matmul(d_x, gru_context_t) + d_context                 # (B, E)
-    d_beta = tf.raw_ops.SigmoidGrad(y=s.beta, dy=d_ctx * s.raw)       # (B, E)
-    d_raw = d_ctx * s.beta                                            # (B, E)
-    # attention: raw = sum_p alpha_p encoded_p, alpha = softmax_p(e_p w), e = tanh(keys + q)
-    e = tf.tanh(keys + s.q[:, None, :])                               # (B, P, U)
-    d_alpha = tf.cast(tf.einsum("be,bpe->bp", d_raw, encoded), tf.float32) + d_alpha
-    ds = tf.cast(alpha * (d_alpha - tf.reduce_sum(alpha * d_alpha, axis=-1, keepdims=True)),
-                 dt)                                                  # (B, P)
-    d_e = (1.0 - e * e) * (ds[:, :, None] * tf.reshape(score, [units]))  # (B, P, U)
-    d_score = tf.reshape(tf.einsum("bp,bpu->u", ds, e), [1, units])   # (1, U)
-    # h_proj = [q | h_beta | h_gates]
-    d_h_proj = tf.concat([tf.reduce_sum(d_e, axis=1), d_beta, d_z, d_r, d_cand * s.r], axis=-1)
-    return dh * s.z, d_x, d_h_proj, d_raw, d_keys + d_e, d_score
-
-
-@functools.lru_cache(maxsize=None)
-def _fused_step(dtype: tf.DType, units: int, dim: int):
-    """(forward, backward): `_step_forward` and `_step_backward` compiled with XLA for this
-    compute dtype, U and E; traced once, compiled once per batch size and P."""
-    U, E = units, dim
-
-    def spec(*shape, dt=dtype):
-        return tf.TensorSpec(shape, dt)
-    keys, encoded, score = spec(None, None, U), spec(None, None, E), spec(U, 1)
-    rows_u, rows_e, alpha = spec(None, U), spec(None, E), spec(None, None, dt=tf.float32)
-    saved = StepSaved(q=rows_u, raw=rows_e, beta=rows_e, z=rows_u, r=rows_u, hh=rows_u,
-                      candidate=rows_u)
-    compile_ = functools.partial(tf.function, jit_compile=True, autograph=False)
-    forward = compile_(_step_forward, input_signature=[
-        spec(None, 3 * U), rows_u, spec(None, U + E + 3 * U), keys, encoded, score,
-        spec(E, 3 * U)])
-    backward = compile_(_step_backward, input_signature=[
-        rows_u, saved, rows_u, rows_e, alpha, alpha, keys, encoded, score, spec(3 * U, E),
-        keys])
-    return forward, backward
+    return h_new, context, alpha, StepSaved(e, raw, beta, z, r, hh, candidate)
 
 
 def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
@@ -168,9 +92,7 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
     x_gates (T, B, 3U), h0 (B, U), keys (B, P, U), encoded (B, P, E) -> hs (T, B, U),
     contexts (T, B, E), alphas (T, B, P) float32.
 
-    The forward pass computes what the decoder's step computes (the same `additive_attention`
-    and `_gru_update`, compiled per step with XLA: its tanh may differ from the decoder's in
-    the last bits). The backward pass
+    The forward pass is the same function the decoder runs step by step. The backward pass
     differs from what autodiff of the loop builds: its time loop carries only what is
     recurrent (dh, the key gradient, the score vector's gradient) and one fused matmul
     through the transposed query/gate/recurrent kernels; every weight gradient, the feature
@@ -181,9 +103,8 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
     def run(x_gates, h0, keys, encoded, *weights):
         w = StepWeights(*weights)
         T = tf.shape(x_gates)[0]
-        # Per-step tensors go into TensorArrays; the saved ones (all (B, .) rows: nothing of
-        # size (B, P, U) is kept, see `_fused_step`) are read back by the backward loop one
-        # step at a time, never stacked.
+        # Per-step tensors go into TensorArrays; the saved ones are read back by the backward
+        # loop one step at a time, never stacked (e alone is T x B x P x U).
         outputs = [tf.TensorArray(h0.dtype, size=T), tf.TensorArray(h0.dtype, size=T),
                    tf.TensorArray(tf.float32, size=T)]
         saved = StepSaved(*(tf.TensorArray(h0.dtype, size=T) for _ in StepSaved._fields))
@@ -191,14 +112,14 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
         # h feeds the query, the gate and the recurrent gates: one matmul per step instead
         # of three (the same kernels, concatenated once per batch).
         U, E = h0.shape[-1], encoded.shape[-1]
-        step = _fused_step(h0.dtype, U, E)[0]
         h_kernels = tf.concat([w.query, w.beta, w.gru_recurrent], axis=1)  # (U, U+E+3U)
         h_bias = tf.concat([tf.zeros([U], h0.dtype), w.beta_bias, w.gru_bias], 0)
 
         def body(t, h, outputs, saved):
-            h_proj = tf.nn.bias_add(tf.matmul(h, h_kernels), h_bias)  # (B, U+E+3U)
-            h, context, alpha, step_saved = step(x_gates[t], h, h_proj, keys, encoded, w.score,
-                                                 w.gru_context)
+            q, h_beta, h_gates = tf.split(tf.nn.bias_add(tf.matmul(h, h_kernels), h_bias),
+                                          [U, E, 3 * U], axis=-1)   # (B, U), (B, E), (B, 3U)
+            h, context, alpha, step_saved = _update(w, x_gates[t], h, q, h_beta, h_gates, keys,
+                                                    encoded)
             outputs = [a.write(t, x) for a, x in zip(outputs, (h, context, alpha))]
             return t + 1, h, outputs, StepSaved(*(a.write(t, x)
                                                   for a, x in zip(saved, step_saved)))
@@ -225,22 +146,41 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
     `StepWeights`, in that order."""
     dt, U, E = h0.dtype, h0.shape[-1], encoded.shape[-1]
     T = tf.shape(hs)[0]
-    step_backward = _fused_step(dt, U, E)[1]
     # dh flows back through the query, the gate and the recurrent kernels in one matmul.
     # The kernels are transposed once here: oneDNN's matmul with transpose_b took 1.5-1.7x
     # as long for these 64-row products.
     h_kernels_t = tf.transpose(tf.concat([w.query, w.beta, w.gru_recurrent], axis=1))
     gru_context_t = tf.transpose(w.gru_context)                       # (3U, E)
+    score_row = tf.reshape(w.score, [1, U])                           # (1, U)
     h_prev = tf.concat([h0[None], hs[:-1]], axis=0)                   # (T, B, U)
 
     def body(t, dh, d_keys, d_score, d_xs, d_hs_all, d_raws):
         s = StepSaved(*(a.read(t) for a in saved))
-        dh_z, d_x, d_h_all, d_raw, d_keys, d_score_t = step_backward(
-            dh + d_hs[t], s, h_prev[t], d_contexts[t], alphas[t], d_alphas[t], keys, encoded,
-            w.score, gru_context_t, d_keys)
+        dh = dh + d_hs[t]                                             # (B, U)
+        # GRU: h' = z h + (1 - z) c,  c = tanh(xh + r hh), z = sigmoid(.), r = sigmoid(.)
+        d_cand = tf.raw_ops.TanhGrad(y=s.candidate, dy=dh * (1.0 - s.z))
+        d_z = tf.raw_ops.SigmoidGrad(y=s.z, dy=dh * (h_prev[t] - s.candidate))
+        d_r = tf.raw_ops.SigmoidGrad(y=s.r, dy=d_cand * s.hh)
+        d_x = tf.concat([d_z, d_r, d_cand], axis=-1)                  # (B, 3U) input gates
+        # context = beta * raw feeds the GRU's input gates
+        d_ctx = tf.matmul(d_x, gru_context_t) + d_contexts[t]        # (B, E)
+        d_beta = tf.raw_ops.SigmoidGrad(y=s.beta, dy=d_ctx * s.raw)   # (B, E)
+        d_raw = d_ctx * s.beta                                        # (B, E)
+        # attention: raw = sum_p alpha_p encoded_p, alpha = softmax_p(e_p w)
+        alpha = alphas[t]                                             # (B, P) float32
+        d_alpha = tf.cast(tf.einsum("be,bpe->bp", d_raw, encoded), tf.float32) + d_alphas[t]
+        ds = alpha * (d_alpha - tf.reduce_sum(alpha * d_alpha, axis=-1, keepdims=True))
+        ds_c = tf.cast(ds, dt)                                        # (B, P)
+        # ds_bp w_u as a K=1 matmul: a broadcasting multiply took twice as long
+        d_e = tf.raw_ops.TanhGrad(y=s.e, dy=tf.reshape(
+            tf.matmul(tf.reshape(ds_c, [-1, 1]), score_row), tf.shape(s.e)))  # (B, P, U)
+        d_score = d_score + tf.matmul(tf.reshape(ds_c, [1, -1]),
+                                      tf.reshape(s.e, [-1, U]))       # (1, U)
+        d_q = tf.reduce_sum(d_e, axis=1)                              # (B, U)
         # h feeds the query, the gate and the recurrent gates: one matmul back through all
-        dh = dh_z + tf.matmul(d_h_all, h_kernels_t)                   # (B, U)
-        return (t - 1, dh, d_keys, d_score + d_score_t, d_xs.write(t, d_x),
+        d_h_all = tf.concat([d_q, d_beta, d_z, d_r, d_cand * s.r], axis=-1)  # (B, U+E+3U)
+        dh = dh * s.z + tf.matmul(d_h_all, h_kernels_t)              # (B, U)
+        return (t - 1, dh, d_keys + d_e, d_score, d_xs.write(t, d_x),
                 d_hs_all.write(t, d_h_all), d_raws.write(t, d_raw))
 
     arrays = [tf.TensorArray(dt, size=T) for _ in range(3)]

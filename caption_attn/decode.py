@@ -6,7 +6,9 @@ Decoding knows nothing about the model: every decoder takes a step function
         tokens:    (N,) int32, the previous token of each sequence (`start_id` at step 0)
         state:     nested tensors with leading dim N (e.g. the GRU hidden state (N, units))
         context:   nested tensors with leading dim N, constant over steps (e.g. encoded
-                   features (N, P, emb)); beam search and `num_samples` tile it once
+                   features (N, P, emb)); beam search and `num_samples` tile it once.
+                   A step function marked with `per_image_context` takes it untiled
+                   instead, one row per image (B, ...): sequence n is image n // K's.
         logits:    (N, V) next-token logits
         new_state: same structure and shapes as `state`
         attention: (N, P) attention weights of this step over the P pixels
@@ -108,7 +110,7 @@ def beam_search(step_fn: StepFn, state, context, beam_size: int, max_length: int
     # Only beam 0 is alive at first, so the first step does not pick the same token K times.
     first = tf.constant([0.0] + [NEG_INF] * (beam_size - 1))  # (K,)
     log_probs = tf.reshape(tf.tile(first[None, :], [batch, 1]), [-1])  # (B*K,)
-    state, context = _tile((state, context), beam_size)  # leading dims (B*K, ...)
+    state, context = _tile_for(step_fn, state, context, beam_size)  # (B*K, ...), ...
     beams = _run(step_fn, state, context, log_probs, max_length, start_id,
                  _beam_advance(beam_size, length_penalty, end_id))
     return _finalize(beams, beam_size, length_penalty)
@@ -135,7 +137,7 @@ def sample(step_fn: StepFn, state, context, max_length: int, temperature: float 
             or not temperature > 0:
         raise ValueError(f"`temperature` must be a number > 0, got {temperature!r}")
     log_probs = tf.zeros([_batch_size(state, context) * num_samples])  # (B*K,)
-    state, context = _tile((state, context), num_samples)  # leading dims (B*K, ...)
+    state, context = _tile_for(step_fn, state, context, num_samples)  # (B*K, ...), ...
     seed = tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)])  # (2,)
     streams = None if ids is None else tf.reshape(                   # (B*K,) row -> stream
         tf.cast(ids, tf.int64)[:, None] * num_samples
@@ -154,6 +156,20 @@ def decode(step_fn: StepFn, state, context, method: str = "greedy", **kwargs) ->
     if method not in _METHODS:
         raise ValueError(f"`method` must be one of {sorted(_METHODS)}, got {method!r}")
     return _METHODS[method](step_fn, state, context, **kwargs)
+
+
+def per_image_context(step_fn):
+    """Mark `step_fn` (a function, or a method in its class body) as taking the context with
+    one row per image, (B, ...), while tokens and state have N = B * K rows, an image's K
+    sequences adjacent: beam search and `num_samples` then do not tile the context K times
+    (they still tile the state). The step must give the same result as on the tiled context.
+    Unmarked step functions (or wrappers that drop the mark) get the tiled context."""
+    step_fn.per_image_context = True
+    return step_fn
+
+
+def takes_per_image_context(step_fn) -> bool:
+    return getattr(step_fn, "per_image_context", False) is True
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -386,6 +402,13 @@ def _tile(structure, k):
     if k == 1:
         return structure
     return tf.nest.map_structure(lambda x: tf.repeat(x, k, axis=0), structure)
+
+
+def _tile_for(step_fn, state, context, k):
+    """The state tiled k times, and the context too unless `step_fn` takes it per image."""
+    if takes_per_image_context(step_fn):
+        return _tile(state, k), context
+    return _tile((state, context), k)
 
 
 def _split_batch(x, k):

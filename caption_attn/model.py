@@ -35,9 +35,10 @@ import keras
 import tensorflow as tf
 
 from caption_attn.backbone import FEATURE_DIM
+from caption_attn.decode import per_image_context
 from caption_attn.recurrence import (StepWeights, additive_attention, attend_and_update,
-                                     dense_rows, output_cross_entropy,
-                                     teacher_forced_recurrence)
+                                     dense_rows, grouped_attend_and_update,
+                                     output_cross_entropy, teacher_forced_recurrence)
 
 # Version of the saved model's layout. 2: no attention score bias, f_beta without an unused
 # activation, no `num_pixels` argument (format 1 is caption_attn 0.1's).
@@ -245,6 +246,19 @@ class ShowAttendTell(keras.Model):
         embedded = self.embedding(tokens)                            # (B, E)
         x_gates = self.gru_embed(embedded)                           # (B, 3U)
         h, ctx, alpha, _ = attend_and_update(self.step_weights(), x_gates, h, keys, encoded)
+        return self._output(embedded, h, ctx, training), (h,), alpha
+
+    @per_image_context
+    def decode_step_per_image(self, tokens, state, context, training=False):
+        """`decode_step` with the context of `init_decoder` held once per image while the
+        tokens and state have K rows per image (N = B * K, an image's rows adjacent): beam
+        search and `num_samples` then do not tile it (`decode.per_image_context`). The same
+        values as `decode_step` on the context tiled K times."""
+        (h,), (keys, encoded) = state, context
+        embedded = self.embedding(tokens)                            # (N, E)
+        x_gates = self.gru_embed(embedded)                           # (N, 3U)
+        h, ctx, alpha = grouped_attend_and_update(self.step_weights(), x_gates, h, keys,
+                                                  encoded)           # (N, .)
         return self._output(embedded, h, ctx, training), (h,), alpha
 
     # ------------------------------------------------------------------ teacher forcing

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from caption_attn.decode import DecodeResult, beam_search, decode, greedy, sample
+from caption_attn.decode import (DecodeResult, beam_search, decode, greedy, per_image_context,
+                                 sample)
 from caption_attn.vocab import END, PAD, START
 
 V = 6      # PAD, START, END, UNK, and two words
@@ -488,3 +489,44 @@ def test_tf_function_matches_eager_and_traces_once_for_any_batch_size(decoder):
             np.testing.assert_allclose(getattr(graph, name), getattr(eager, name), rtol=1e-6,
                                        err_msg=name)
     assert compiled.experimental_get_tracing_count() == 1
+
+
+# ----------------------------------------------------------------------------- context per image
+
+def per_image_markov_step(rows_seen):
+    """`markov_step` taking the context once per image (`per_image_context`): it records the
+    context's rows and repeats them itself, image n // K for sequence n."""
+    @per_image_context
+    def step(tokens, state, context):
+        rows = tf.shape(context["log_p"])[0]
+        rows_seen.append(int(rows))
+        k = tf.shape(tokens)[0] // rows
+        return markov_step(tokens, state, {"log_p": tf.repeat(context["log_p"], k, axis=0)})
+    return step
+
+
+@pytest.mark.parametrize("decoder", [
+    lambda step, s, c: beam_search(step, s, c, beam_size=3, max_length=6, length_penalty=0.7),
+    lambda step, s, c: sample(step, s, c, max_length=6, seed=3, num_samples=4),
+    lambda step, s, c: sample(step, s, c, max_length=6, seed=3, num_samples=4,
+                              ids=tf.constant([7, 2, 5])),
+    lambda step, s, c: greedy(step, s, c, max_length=6),
+])
+def test_a_step_taking_the_context_per_image_gets_it_untiled_and_decodes_the_same(decoder):
+    state, context = markov_inputs(random_chains(3, seed=5, concentration=2.0))
+    rows_seen = []
+    untiled = decoder(per_image_markov_step(rows_seen), state, context)
+    assert rows_seen and set(rows_seen) == {3}  # one row per image at every step
+    tiled = decoder(markov_step, state, context)
+    for name in DecodeResult._fields:
+        np.testing.assert_array_equal(getattr(untiled, name), getattr(tiled, name),
+                                      err_msg=name)
+    assert len({caption(tiled, b) for b in range(3)}) > 1  # the images' rows were not mixed
+
+
+def test_a_step_without_the_mark_gets_the_context_tiled():
+    state, context = markov_inputs(random_chains(2, seed=6))
+    rows_seen = []
+    marked = per_image_markov_step(rows_seen)
+    beam_search(lambda *args: marked(*args), state, context, beam_size=3, max_length=3)
+    assert rows_seen and set(rows_seen) == {6}  # the wrapper dropped the mark: B * K rows

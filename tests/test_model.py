@@ -41,6 +41,24 @@ def test_stepwise_decoding_equals_teacher_forcing(model, batch):
         np.testing.assert_allclose(alpha.numpy(), alphas[:, t].numpy(), atol=1e-6)
 
 
+def test_decode_step_per_image_equals_decode_step_on_the_tiled_context(model, batch):
+    features, tokens = batch
+    k = 3
+    state, context = model.init_decoder(features)                      # (B, .)
+    tiled_state, tiled_context = tf.nest.map_structure(
+        lambda x: tf.repeat(x, k, axis=0), (state, context))           # (B*K, .)
+    ids = tf.reshape(tf.transpose(tf.stack([tokens] * k)), [k * 3, -1])  # (B*K, T) varied
+    ids = tf.concat([ids[:, :1], tf.roll(ids[:, 1:], 1, axis=0)], 1)   # rows of an image differ
+    a_state = b_state = tiled_state
+    for t in range(tokens.shape[1]):
+        a_logits, a_state, a_alpha = model.decode_step(ids[:, t], a_state, tiled_context)
+        b_logits, b_state, b_alpha = model.decode_step_per_image(ids[:, t], b_state, context)
+        np.testing.assert_allclose(b_logits.numpy(), a_logits.numpy(), atol=1e-5)
+        np.testing.assert_allclose(b_alpha.numpy(), a_alpha.numpy(), atol=1e-6)
+        np.testing.assert_allclose(b_state[0].numpy(), a_state[0].numpy(), atol=1e-6)
+    assert not np.allclose(a_logits[0].numpy(), a_logits[1].numpy())  # the K rows differ
+
+
 def test_attention_keys_computed_once_per_batch(batch, monkeypatch):
     keras.utils.set_random_seed(2)
     m = ShowAttendTell(V, E, U)

@@ -349,27 +349,39 @@ def _fmix32(h):
 
 def _beam_advance(beam_size, length_penalty, end_id):
     def advance(beams, logits, state, attention):
-        step_log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32))  # (N, V)
-        v = tf.shape(step_log_probs)[1]
+        logits = tf.cast(logits, tf.float32)                              # (N, V)
+        # In two stages, without the (B, K*V) top_k: an image's `beam_size` best candidates
+        # are among the `beam_size` best of each of its beams (ties: the lower id, as
+        # below), and these are computed and rounded as in one stage, so they tie the same.
+        v = logits.shape[1] if logits.shape[1] is not None else tf.shape(logits)[1]
+        k = min(beam_size, v) if isinstance(v, int) else tf.minimum(beam_size, v)
+        step_log_probs = tf.nn.log_softmax(logits)                        # (N, V)
         alive = ~beams.finished                                           # (N,)
-        # A finished beam has one continuation, PAD for free, so its score stays frozen.
-        frozen = tf.where(tf.equal(tf.range(v), PAD), 0.0, NEG_INF)       # (V,)
-        step = tf.where(alive[:, None], step_log_probs, frozen[None, :])  # (N, V)
-        candidates = beams.log_probs[:, None] + step                      # (N, V)
         lengths = beams.lengths + tf.cast(alive, tf.int32)                # (N,)
-        scores = candidates / _length_penalty(lengths, length_penalty)[:, None]  # (N, V)
-        scores = tf.reshape(scores, [-1, beam_size * v])                  # (B, K*V)
-        # top_k is sorted and puts equal values in index order: lower beam, then lower id.
+        penalty = _length_penalty(lengths, length_penalty)[:, None]       # (N, 1)
+        row_scores, ids = tf.math.top_k(
+            (beams.log_probs[:, None] + step_log_probs) / penalty, k)     # (N, k) sorted
+        step = tf.gather(step_log_probs, ids, batch_dims=1)               # (N, k)
+        # A finished beam has one continuation, PAD for free, so its score stays frozen.
+        first = tf.range(k) == 0                                          # (k,)
+        frozen = tf.where(first, 0.0, NEG_INF)                            # (k,)
+        step = tf.where(alive[:, None], step, frozen[None, :])            # (N, k)
+        row_scores = tf.where(alive[:, None], row_scores,
+                              (beams.log_probs[:, None] + frozen) / penalty)  # (N, k)
+        ids = tf.where(alive[:, None], ids, PAD)                          # (N, k)
+        scores = tf.reshape(row_scores, [-1, beam_size * k])              # (B, K*k)
+        # top_k is sorted and puts equal values in index order: lower beam, then lower id
+        # (a beam's candidates are in id order among equal logits).
         best = tf.math.top_k(scores, beam_size).indices                   # (B, K)
         first_beam = tf.range(tf.shape(best)[0])[:, None] * beam_size     # (B, 1)
-        parent = tf.reshape(first_beam + best // v, [-1])                # (N,)
-        token = tf.reshape(best % v, [-1])                                # (N,)
-        token_log_prob = tf.gather(tf.reshape(step, [-1, beam_size * v]), best,
-                                   batch_dims=1)                          # (B, K)
+        parent = tf.reshape(first_beam + best // k, [-1])                # (N,)
+        token, token_log_prob = (
+            tf.reshape(tf.gather(tf.reshape(x, [-1, beam_size * k]), best, batch_dims=1), [-1])
+            for x in (ids, step))                                         # (N,) each
         beams = beams._replace(**{f: tf.gather(getattr(beams, f), parent) for f in _HISTORY})
         state = tf.nest.map_structure(lambda x: tf.gather(x, parent), state)
-        return _append(beams, token, tf.reshape(token_log_prob, [-1]), state,
-                       tf.gather(attention, parent), end_id)
+        return _append(beams, token, token_log_prob, state, tf.gather(attention, parent),
+                       end_id)
     return advance
 
 

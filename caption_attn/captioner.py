@@ -94,6 +94,9 @@ def _decoder_function(model, cfg: DecodeConfig, max_length: int, jit_compile: bo
     # the untiled context for beam search (`decode_step_per_image`), where the model has it
     # (export's TFLite wrapper of the model only has `decode_step`)
     step = masked_step(getattr(model, "decode_step_per_image", model.decode_step))
+
+    def init(features):   # one pass less over the features (`ShowAttendTell._folded_encoder`)
+        return model.init_decoder(features, fold_standardization=True)
     kwargs = {"max_length": max_length}
     if cfg.method == "beam":
         kwargs.update(beam_size=cfg.beam, length_penalty=cfg.length_penalty)
@@ -103,13 +106,13 @@ def _decoder_function(model, cfg: DecodeConfig, max_length: int, jit_compile: bo
         @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int64)], autograph=False,
                      jit_compile=jit_compile or None)
         def run_sample(features, ids):
-            state, context = model.init_decoder(features)
+            state, context = init(features)
             return decode_lib.sample(step, state, context, ids=ids, **kwargs)
         return run_sample
 
     @tf.function(input_signature=[spec], jit_compile=jit_compile or None, autograph=False)
     def run(features):
-        state, context = model.init_decoder(features)
+        state, context = init(features)
         return decode_lib.decode(step, state, context, cfg.method, **kwargs)
     return run
 

@@ -59,6 +59,26 @@ def test_decode_step_per_image_equals_decode_step_on_the_tiled_context(model, ba
     assert not np.allclose(a_logits[0].numpy(), a_logits[1].numpy())  # the K rows differ
 
 
+def test_folded_standardization_gives_the_same_decoder_inputs(batch):
+    keras.utils.set_random_seed(3)
+    m = ShowAttendTell(V, E, U)
+    rng = np.random.default_rng(1)
+    # channels of very different offsets and scales, as a backbone's are, some offset by
+    # 60 standard deviations (x (s W) and (m s) W then cancel ~6 bits)
+    m.feature_norm.set_statistics(rng.uniform(0, 2, F), 10.0 ** rng.uniform(-3, 1, F))
+    features = tf.constant(rng.normal(m.feature_norm.mean.numpy(), np.sqrt(
+        m.feature_norm.variance.numpy()), (3, P, F)).astype(np.float32))
+    (h, ), (keys, encoded) = m.init_decoder(features)
+    (h_f,), (keys_f, encoded_f) = m.init_decoder(features, fold_standardization=True)
+    assert np.abs(encoded.numpy()).max() > 1.0                         # not all ReLU-zero
+    for a, b in ((encoded, encoded_f), (keys, keys_f), (h, h_f)):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=2e-5 * np.abs(a.numpy()).max())
+    bf16 = ShowAttendTell(V, E, U, dtype="mixed_bfloat16")             # not folded there
+    bf16.set_weights(m.get_weights())
+    np.testing.assert_array_equal(bf16.init_decoder(features)[1][1],
+                                  bf16.init_decoder(features, fold_standardization=True)[1][1])
+
+
 def test_attention_keys_computed_once_per_batch(batch, monkeypatch):
     keras.utils.set_random_seed(2)
     m = ShowAttendTell(V, E, U)

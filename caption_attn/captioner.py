@@ -60,6 +60,8 @@ def masked_step(step_fn, banned: Sequence[int] = BANNED):
         vocab_size = tf.shape(logits)[-1]
         mask = tf.reduce_sum(tf.one_hot(list(banned), vocab_size), axis=0)  # (V,)
         return tf.where(mask > 0, float("-inf"), logits), state, attention
+    if decode_lib.takes_per_image_context(step_fn):
+        decode_lib.per_image_context(step)
     return step
 
 
@@ -89,7 +91,12 @@ def make_decoder(model, cfg: DecodeConfig, max_length: int):
 
 def _decoder_function(model, cfg: DecodeConfig, max_length: int, jit_compile: bool):
     spec = tf.TensorSpec([None, *FEATURE_SHAPE], tf.float32)
-    step = masked_step(model.decode_step)
+    # the untiled context for beam search (`decode_step_per_image`), where the model has it
+    # (export's TFLite wrapper of the model only has `decode_step`)
+    step = masked_step(getattr(model, "decode_step_per_image", model.decode_step))
+
+    def init(features):   # one pass less over the features (`ShowAttendTell._folded_encoder`)
+        return model.init_decoder(features, fold_standardization=True)
     kwargs = {"max_length": max_length}
     if cfg.method == "beam":
         kwargs.update(beam_size=cfg.beam, length_penalty=cfg.length_penalty)
@@ -99,13 +106,13 @@ def _decoder_function(model, cfg: DecodeConfig, max_length: int, jit_compile: bo
         @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int64)], autograph=False,
                      jit_compile=jit_compile or None)
         def run_sample(features, ids):
-            state, context = model.init_decoder(features)
+            state, context = init(features)
             return decode_lib.sample(step, state, context, ids=ids, **kwargs)
         return run_sample
 
     @tf.function(input_signature=[spec], jit_compile=jit_compile or None, autograph=False)
     def run(features):
-        state, context = model.init_decoder(features)
+        state, context = init(features)
         return decode_lib.decode(step, state, context, cfg.method, **kwargs)
     return run
 

@@ -251,3 +251,46 @@ def output_cross_entropy(x, kernel, bias, targets):
         return ce, grad
 
     return run(x, kernel, bias)
+
+
+# ----------------------------------------------------------------------------- decoding only
+
+def grouped_attend_and_update(w: StepWeights, x_gates, h, keys, encoded):
+    """`attend_and_update` for K sequences per image over the image's context held once
+    (beam search's K beams, `num_samples` samples), for decoding only (no gradient written
+    out, no `StepSaved`).
+
+    x_gates (N, 3U), h (N, U) with N = B * K, sequence n belonging to image n // K (an
+    image's K sequences adjacent); keys (B, P, U), encoded (B, P, E) -> new h (N, U), gated
+    context (N, E), attention (N, P) float32. Tiling the context K times first and calling
+    `attend_and_update` gives the same values; this reads the keys and features once per
+    image instead of K times (beam-3's keys alone were 100 MB per step at 256 images).
+    """
+    raw, alpha = grouped_additive_attention(keys, encoded, tf.matmul(h, w.query),
+                                            w.score)                 # (N, E), (N, P)
+    h_beta = tf.matmul(h, w.beta) + w.beta_bias                      # (N, E)
+    h_gates = tf.matmul(h, w.gru_recurrent) + w.gru_bias             # (N, 3U)
+    # the rest of `_update`
+    beta = tf.sigmoid(h_beta)                                        # (N, E)
+    context = beta * raw                                             # (N, E)
+    xz, xr, xh = tf.split(x_gates + tf.matmul(context, w.gru_context), 3, axis=-1)
+    hz, hr, hh = tf.split(h_gates, 3, axis=-1)                       # (N, U) each
+    z = tf.sigmoid(xz + hz)                                          # (N, U)
+    r = tf.sigmoid(xr + hr)                                          # (N, U)
+    candidate = tf.tanh(xh + r * hh)                                 # (N, U)
+    return z * h + (1.0 - z) * candidate, context, alpha
+
+
+def grouped_additive_attention(keys, values, q, score):
+    """`additive_attention` of K queries per image: keys (B, P, U), values (B, P, E),
+    projected queries q (N, U) with N = B * K (query n asks image n // K), score (U, 1) ->
+    context (N, E), weights (N, P) float32."""
+    units, dim = keys.shape[-1], values.shape[-1]
+    q = tf.reshape(q, [tf.shape(keys)[0], -1, units])                # (B, K, U)
+    e = tf.tanh(keys[:, None, :, :] + q[:, :, None, :])              # (B, K, P, U)
+    scores = tf.reshape(tf.matmul(tf.reshape(e, [-1, units]), score),
+                        tf.shape(e)[:3])                             # (B, K, P)
+    weights = tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1)    # (B, K, P) float32
+    context = tf.matmul(tf.cast(weights, values.dtype), values)      # (B, K, E)
+    pixels = keys.shape[1] if keys.shape[1] is not None else tf.shape(keys)[1]
+    return tf.reshape(context, [-1, dim]), tf.reshape(weights, [-1, pixels])  # (N, E), (N, P)

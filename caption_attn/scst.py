@@ -67,7 +67,9 @@ class SelfCritical:
             raise ValueError(f"`baseline` must be one of {BASELINES}, got {baseline!r}")
         self.model, self.reward = model, reward
         self.samples, self.baseline, self.max_length = samples, baseline, max_length
-        self._sampling_step = masked_step(lambda t, s, c: model.decode_step(t, s, c, True))
+        # the K samples of an image share its context, untiled (`decode_step_per_image`)
+        self._sampling_step = masked_step(decode.per_image_context(
+            lambda t, s, c: model.decode_step_per_image(t, s, c, True)))
         self._greedy_step = masked_step(model.decode_step)
 
     def sample(self, features, seed):

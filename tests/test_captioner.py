@@ -236,6 +236,24 @@ def test_decoding_compiles_nothing_for_one_image_or_inside_a_graph():
     assert not hasattr(captioner.make_decoder(mixed, DecodeConfig(beam=3), 5), "compiled")
 
 
+def test_banned_tokens_are_masked_and_the_per_image_context_mark_is_kept():
+    """`masked_step` of the model's `decode_step_per_image` keeps it taking the context once
+    per image (beam search would otherwise tile it), and bans <pad> and <start>."""
+    from caption_attn import decode
+    from caption_attn.model import ShowAttendTell
+    from caption_attn.vocab import PAD, START
+    model = ShowAttendTell(12, 8, 16)
+    step = captioner.masked_step(model.decode_step_per_image)
+    assert decode.takes_per_image_context(step)
+    assert not decode.takes_per_image_context(captioner.masked_step(model.decode_step))
+    state, context = model.init_decoder(tf.random.uniform([2, *FEATURE_SHAPE]))
+    state = tf.nest.map_structure(lambda x: tf.repeat(x, 3, axis=0), state)  # K = 3
+    logits, _, attention = step(tf.fill([6], START), state, context)
+    assert logits.shape == (6, 12) and attention.shape == (6, FEATURE_SHAPE[0])
+    assert np.all(np.isneginf(logits.numpy()[:, [PAD, START]]))
+    assert np.all(np.isfinite(np.delete(logits.numpy(), [PAD, START], axis=1)))
+
+
 def test_images_give_the_cached_features_captions(shapes_data, trained_run):
     """caption rebuilds the cache's backbone: images and cached features decode the same."""
     model = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=1))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from caption_attn.decode import DecodeResult, beam_search, decode, greedy, sample
+from caption_attn.decode import (DecodeResult, beam_search, decode, greedy, per_image_context,
+                                 sample)
 from caption_attn.vocab import END, PAD, START
 
 V = 6      # PAD, START, END, UNK, and two words
@@ -165,6 +166,8 @@ def test_max_length_truncates_captions_without_end(max_length):
 def test_ties_go_to_the_lower_id():
     state, context = script_inputs([(A, B), END])
     np.testing.assert_array_equal(greedy(script_step, state, context, 4).tokens[0, 0], [A, END])
+    compiled = tf.function(lambda s, c: greedy(script_step, s, c, 4).tokens, jit_compile=True)
+    np.testing.assert_array_equal(compiled(state, context)[0, 0], [A, END])
     r = beam_search(script_step, state, context, beam_size=3, max_length=4)
     np.testing.assert_array_equal(r.tokens[0, :2, :2], [[A, END], [B, END]])
     assert np.all(np.asarray(r.tokens)[0, :2, 2:] == PAD)
@@ -243,8 +246,12 @@ def test_beam_of_one_equals_greedy(seed):
     state, context = markov_inputs(random_chains(4, seed=seed, concentration=2.0))
     g = greedy(markov_step, state, context, max_length=7)
     b = beam_search(markov_step, state, context, beam_size=1, max_length=7)
-    for name in DecodeResult._fields:
+    for name in ("tokens", "lengths", "attention"):
         np.testing.assert_array_equal(getattr(g, name), getattr(b, name), err_msg=name)
+    # greedy's log-probability is not gathered from tf.nn.log_softmax: the last bit may differ
+    for name in ("log_probs", "scores", "token_log_probs"):
+        np.testing.assert_allclose(getattr(g, name), getattr(b, name), rtol=1e-6, atol=0,
+                                   err_msg=name)
 
 
 def test_length_penalty_changes_the_ranking():
@@ -488,3 +495,133 @@ def test_tf_function_matches_eager_and_traces_once_for_any_batch_size(decoder):
             np.testing.assert_allclose(getattr(graph, name), getattr(eager, name), rtol=1e-6,
                                        err_msg=name)
     assert compiled.experimental_get_tracing_count() == 1
+
+
+# ----------------------------------------------------------------------------- context per image
+
+def per_image_markov_step(rows_seen):
+    """`markov_step` taking the context once per image (`per_image_context`): it records the
+    context's rows and repeats them itself, image n // K for sequence n."""
+    @per_image_context
+    def step(tokens, state, context):
+        rows = tf.shape(context["log_p"])[0]
+        rows_seen.append(int(rows))
+        k = tf.shape(tokens)[0] // rows
+        return markov_step(tokens, state, {"log_p": tf.repeat(context["log_p"], k, axis=0)})
+    return step
+
+
+@pytest.mark.parametrize("decoder", [
+    lambda step, s, c: beam_search(step, s, c, beam_size=3, max_length=6, length_penalty=0.7),
+    lambda step, s, c: sample(step, s, c, max_length=6, seed=3, num_samples=4),
+    lambda step, s, c: sample(step, s, c, max_length=6, seed=3, num_samples=4,
+                              ids=tf.constant([7, 2, 5])),
+    lambda step, s, c: greedy(step, s, c, max_length=6),
+])
+def test_a_step_taking_the_context_per_image_gets_it_untiled_and_decodes_the_same(decoder):
+    state, context = markov_inputs(random_chains(3, seed=5, concentration=2.0))
+    rows_seen = []
+    untiled = decoder(per_image_markov_step(rows_seen), state, context)
+    assert rows_seen and set(rows_seen) == {3}  # one row per image at every step
+    tiled = decoder(markov_step, state, context)
+    for name in DecodeResult._fields:
+        np.testing.assert_array_equal(getattr(untiled, name), getattr(tiled, name),
+                                      err_msg=name)
+    assert len({caption(tiled, b) for b in range(3)}) > 1  # the images' rows were not mixed
+
+
+def test_a_step_without_the_mark_gets_the_context_tiled():
+    state, context = markov_inputs(random_chains(2, seed=6))
+    rows_seen = []
+    marked = per_image_markov_step(rows_seen)
+    beam_search(lambda *args: marked(*args), state, context, beam_size=3, max_length=3)
+    assert rows_seen and set(rows_seen) == {6}  # the wrapper dropped the mark: B * K rows
+
+
+# ----------------------------------------------------------------------------- beam advance
+
+def one_stage_beam_choice(log_probs, lengths, finished, logits, beam_size, alpha):
+    """The documented rule written out over all K * V candidates of an image (numpy): score
+    (log_prob + log_softmax) / ((5 + length) / 6) ** alpha, a finished beam's only
+    continuation PAD for free; the best `beam_size` first, ties to the lower beam, then the
+    lower id -> parent (N,), token (N,), token log-prob (N,)."""
+    step = tf.nn.log_softmax(logits).numpy()                              # (N, V) as TF rounds
+    n, v = step.shape
+    frozen = np.where(np.arange(v) == PAD, 0.0, -np.inf).astype(np.float32)
+    step = np.where(finished[:, None], frozen, step)
+    grown = lengths + ~finished
+    penalty = (((5.0 + grown.astype(np.float32)) / 6.0) ** np.float32(alpha)).astype(np.float32)
+    scores = ((log_probs[:, None] + step) / penalty[:, None]).astype(np.float32)
+    parents, tokens, token_log_probs = [], [], []
+    for b in range(n // beam_size):
+        flat = scores[b * beam_size:(b + 1) * beam_size].reshape(-1)      # (K*V,)
+        order = sorted(range(flat.size), key=lambda i: (-flat[i], i))[:beam_size]
+        for i in order:
+            parent, token = b * beam_size + i // v, i % v
+            parents.append(parent)
+            tokens.append(token)
+            token_log_probs.append(step[parent, token])
+    return np.array(parents), np.array(tokens), np.array(token_log_probs, np.float32)
+
+
+@pytest.mark.parametrize("beam_size, alpha, seed", [(3, 0.0, 0), (3, 0.8, 1), (4, 1.0, 2),
+                                                    (8, 0.0, 3)])
+def test_beam_advance_in_two_stages_chooses_as_over_all_candidates(beam_size, alpha, seed):
+    """The per-beam top-k then per-image top-k equals the rule over all K * V candidates,
+    with ties (equal logits, equal beams), -inf logits, finished beams and dead beams."""
+    from caption_attn.decode import _HISTORY, _beam_advance, _empty
+    rng = np.random.default_rng(seed)
+    batch, v = 5, 7                                             # beam 8 > V: k = V per beam
+    n = batch * beam_size
+    logits = rng.integers(-2, 3, (n, v)).astype(np.float32)     # many equal logits
+    logits[rng.random((n, v)) < 0.15] = -np.inf                 # banned tokens
+    logits[1] = logits[0]                                       # two beams alike: ties
+    log_probs = rng.choice([-1.0, -2.0, -3.5], n).astype(np.float32)
+    log_probs[1] = log_probs[0]
+    log_probs[rng.random(n) < 0.15] = -np.inf                   # dead beams
+    finished = rng.random(n) < 0.3
+    lengths = rng.integers(1, 6, n).astype(np.int32)
+    # image 1: one live beam whose 3 tokens' scores differ by less than float32 resolves
+    # at -300: a tie after rounding, which goes to the lower id, not to the larger logit
+    log_probs[beam_size:2 * beam_size], finished[beam_size:2 * beam_size] = -np.inf, False
+    log_probs[beam_size] = -300.0
+    logits[beam_size] = -np.inf
+    logits[beam_size, [3, 4, 5]] = 0.0, 5e-7, 1e-6
+    last = slice(n - beam_size, n)                              # one finished beam, the
+    log_probs[last][1:], finished[last][0] = -np.inf, True      # others dead: K - 1 stay dead
+    beams = _empty(tf.zeros([n]), tf.constant(log_probs), 6, 2)._replace(
+        step=tf.constant(3), lengths=tf.constant(lengths), finished=tf.constant(finished))
+    history = dict(zip(_HISTORY, (tf.constant(log_probs), tf.constant(lengths),
+                                  tf.constant(finished))))
+    beams = beams._replace(**history, tokens=tf.reshape(tf.range(n * 6), [n, 6]))
+    out = _beam_advance(beam_size, alpha, END)(beams, tf.constant(logits), tf.range(n),
+                                               tf.zeros([n, 2]))
+    parent, token, token_log_prob = one_stage_beam_choice(log_probs, lengths, finished,
+                                                          logits, beam_size, alpha)
+    np.testing.assert_array_equal(out.state, parent)            # the state follows the parent
+    np.testing.assert_array_equal(out.tokens[:, :3], beams.tokens.numpy()[parent, :3])
+    np.testing.assert_array_equal(out.tokens[:, 3], np.where(finished[parent], PAD, token))
+    np.testing.assert_array_equal(out.token_log_probs[:, 3], token_log_prob)
+    np.testing.assert_array_equal(out.log_probs, log_probs[parent] + token_log_prob)
+    assert np.isneginf(out.log_probs.numpy()[last][1:]).all()
+    assert out.tokens.numpy()[last][0, 3] == PAD             # the finished beam, frozen
+    assert out.log_probs.numpy()[last][0] == log_probs[last][0]
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_greedy_ties_go_to_the_lower_id_in_a_large_vocabulary(jit_compile):
+    """Greedy's argmax on 5001 logits with 2 to 5 equal maxima anywhere in a row (XLA's
+    vectorised reduction included) takes the lowest of their ids."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 5001)).astype(np.float32)
+    lowest = []
+    for row in logits:
+        ids = np.sort(rng.choice(5001, rng.integers(2, 6), replace=False))
+        row[ids] = row.max() + 1.0
+        lowest.append(ids[0])
+
+    def step(tokens, state, context):
+        return context, state, tf.zeros([tf.shape(tokens)[0], P])
+    decoder = tf.function(lambda c: greedy(step, tf.zeros([64]), c, 1).tokens,
+                          jit_compile=jit_compile)
+    np.testing.assert_array_equal(decoder(tf.constant(logits))[:, 0, 0], lowest)

@@ -41,6 +41,44 @@ def test_stepwise_decoding_equals_teacher_forcing(model, batch):
         np.testing.assert_allclose(alpha.numpy(), alphas[:, t].numpy(), atol=1e-6)
 
 
+def test_decode_step_per_image_equals_decode_step_on_the_tiled_context(model, batch):
+    features, tokens = batch
+    k = 3
+    state, context = model.init_decoder(features)                      # (B, .)
+    tiled_state, tiled_context = tf.nest.map_structure(
+        lambda x: tf.repeat(x, k, axis=0), (state, context))           # (B*K, .)
+    ids = tf.reshape(tf.transpose(tf.stack([tokens] * k)), [k * 3, -1])  # (B*K, T) varied
+    ids = tf.concat([ids[:, :1], tf.roll(ids[:, 1:], 1, axis=0)], 1)   # rows of an image differ
+    a_state = b_state = tiled_state
+    for t in range(tokens.shape[1]):
+        a_logits, a_state, a_alpha = model.decode_step(ids[:, t], a_state, tiled_context)
+        b_logits, b_state, b_alpha = model.decode_step_per_image(ids[:, t], b_state, context)
+        np.testing.assert_allclose(b_logits.numpy(), a_logits.numpy(), atol=1e-5)
+        np.testing.assert_allclose(b_alpha.numpy(), a_alpha.numpy(), atol=1e-6)
+        np.testing.assert_allclose(b_state[0].numpy(), a_state[0].numpy(), atol=1e-6)
+    assert not np.allclose(a_logits[0].numpy(), a_logits[1].numpy())  # the K rows differ
+
+
+def test_folded_standardization_gives_the_same_decoder_inputs(batch):
+    keras.utils.set_random_seed(3)
+    m = ShowAttendTell(V, E, U)
+    rng = np.random.default_rng(1)
+    # channels of very different offsets and scales, as a backbone's are, some offset by
+    # 60 standard deviations (x (s W) and (m s) W then cancel ~6 bits)
+    m.feature_norm.set_statistics(rng.uniform(0, 2, F), 10.0 ** rng.uniform(-3, 1, F))
+    features = tf.constant(rng.normal(m.feature_norm.mean.numpy(), np.sqrt(
+        m.feature_norm.variance.numpy()), (3, P, F)).astype(np.float32))
+    (h, ), (keys, encoded) = m.init_decoder(features)
+    (h_f,), (keys_f, encoded_f) = m.init_decoder(features, fold_standardization=True)
+    assert np.abs(encoded.numpy()).max() > 1.0                         # not all ReLU-zero
+    for a, b in ((encoded, encoded_f), (keys, keys_f), (h, h_f)):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=2e-5 * np.abs(a.numpy()).max())
+    bf16 = ShowAttendTell(V, E, U, dtype="mixed_bfloat16")             # not folded there
+    bf16.set_weights(m.get_weights())
+    np.testing.assert_array_equal(bf16.init_decoder(features)[1][1],
+                                  bf16.init_decoder(features, fold_standardization=True)[1][1])
+
+
 def test_attention_keys_computed_once_per_batch(batch, monkeypatch):
     keras.utils.set_random_seed(2)
     m = ShowAttendTell(V, E, U)

@@ -75,6 +75,15 @@ def _update(w: StepWeights, x_gates, h, q, h_beta, h_gates, keys, encoded):
     """`attend_and_update` from h's three projections: the attention query q (B, U), the
     gate's h_beta (B, E) and the GRU's recurrent share h_gates (B, 3U), biases included."""
     raw, alpha, e = additive_attention(keys, encoded, q, w.score)    # (B, E), (B, P), .
+    h_new, context, (beta, z, r, hh, candidate) = _gru_update(w, x_gates, h, h_beta, h_gates,
+                                                              raw)
+    return h_new, context, alpha, StepSaved(e, raw, beta, z, r, hh, candidate)
+
+
+def _gru_update(w: StepWeights, x_gates, h, h_beta, h_gates, raw):
+    """The step after the attention, from its attention-weighted features raw (B, E):
+    gated context, GRU -> new h (B, U), gated context (B, E) and (beta, z, r, hh,
+    candidate), the intermediates `StepSaved` keeps."""
     beta = tf.sigmoid(h_beta)                                        # (B, E)
     context = beta * raw                                             # (B, E)
     xz, xr, xh = tf.split(x_gates + tf.matmul(context, w.gru_context), 3, axis=-1)
@@ -83,7 +92,7 @@ def _update(w: StepWeights, x_gates, h, q, h_beta, h_gates, keys, encoded):
     r = tf.sigmoid(xr + hr)                                          # (B, U)
     candidate = tf.tanh(xh + r * hh)                                 # (B, U)
     h_new = z * h + (1.0 - z) * candidate                            # (B, U)
-    return h_new, context, alpha, StepSaved(e, raw, beta, z, r, hh, candidate)
+    return h_new, context, (beta, z, r, hh, candidate)
 
 
 def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
@@ -268,17 +277,9 @@ def grouped_attend_and_update(w: StepWeights, x_gates, h, keys, encoded):
     """
     raw, alpha = grouped_additive_attention(keys, encoded, tf.matmul(h, w.query),
                                             w.score)                 # (N, E), (N, P)
-    h_beta = tf.matmul(h, w.beta) + w.beta_bias                      # (N, E)
-    h_gates = tf.matmul(h, w.gru_recurrent) + w.gru_bias             # (N, 3U)
-    # the rest of `_update`
-    beta = tf.sigmoid(h_beta)                                        # (N, E)
-    context = beta * raw                                             # (N, E)
-    xz, xr, xh = tf.split(x_gates + tf.matmul(context, w.gru_context), 3, axis=-1)
-    hz, hr, hh = tf.split(h_gates, 3, axis=-1)                       # (N, U) each
-    z = tf.sigmoid(xz + hz)                                          # (N, U)
-    r = tf.sigmoid(xr + hr)                                          # (N, U)
-    candidate = tf.tanh(xh + r * hh)                                 # (N, U)
-    return z * h + (1.0 - z) * candidate, context, alpha
+    h, context, _ = _gru_update(w, x_gates, h, tf.matmul(h, w.beta) + w.beta_bias,   # (N, E)
+                                tf.matmul(h, w.gru_recurrent) + w.gru_bias, raw)  # (N, 3U)
+    return h, context, alpha
 
 
 def grouped_additive_attention(keys, values, q, score):

@@ -110,10 +110,15 @@ def _decoder_function(model, cfg: DecodeConfig, max_length: int, jit_compile: bo
             return decode_lib.sample(step, state, context, ids=ids, **kwargs)
         return run_sample
 
-    @tf.function(input_signature=[spec], jit_compile=jit_compile or None, autograph=False)
-    def run(features):
-        state, context = init(features)
+    @tf.function(jit_compile=jit_compile or None, autograph=False)
+    def loop(state, context):
         return decode_lib.decode(step, state, context, cfg.method, **kwargs)
+
+    # The encoder and key projection outside XLA: oneDNN's matmuls of (B * 64) rows were
+    # ~12% faster than XLA's (49-52 against 56-61 ms at 256 images, on 2 cores)
+    @tf.function(input_signature=[spec], autograph=False)
+    def run(features):
+        return loop(*init(features))
     return run
 
 

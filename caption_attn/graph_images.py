@@ -9,7 +9,9 @@ against them (tests/test_export.py, README "Export and serve"):
   orientation (all 8, either byte order) is read from the bytes and applied as OpenCV does.
   A JPEG that ends before the end-of-image marker of its first image is refused; as in
   `images._truncated` its segments are walked (`jpeg_end`), so data appended after that
-  marker (a motion photo's MP4, a phone's trailer) is never looked at.
+  marker (a motion photo's MP4, a phone's trailer) does not matter. Only a JPEG of more than
+  16384 segments or fill bytes (no encoder writes one) falls back to the old rule over all
+  bytes (no FF DA after the last FF D9), which such a trailer can fail.
 - PNG (8/16-bit, gray, gray+alpha, RGB, RGBA, palette or gray with transparency): identical.
   Alpha (a gray PNG's transparent gray, from its tRNS chunk) is composited over white with
   OpenCV's formula; 16-bit without alpha keeps the top 8 bits.
@@ -120,13 +122,15 @@ JPEG_WALK_STEPS = 1 << 14   # markers `jpeg_end` follows before it gives up (Non
 def jpeg_end(raw):
     """images._jpeg_end in ops: where the first JPEG image in the bytes `raw` (n,) uint8 ends
     (after its EOI marker, int32), -1 when the data ends first (a cut file), -2 (None there)
-    when its marker structure cannot be followed, or after JPEG_WALK_STEPS markers.
+    when its marker structure cannot be followed, or after JPEG_WALK_STEPS markers (where
+    images._jpeg_end goes on: more than 16384 fill bytes or segments, which no encoder
+    writes; the caller then applies the old rule).
 
     The segments are walked by their lengths, one loop iteration per marker; a scan's
     entropy-coded data is skipped in one step to the first byte FF at or after its start that
-    begins a marker (FF followed by neither 00, FF nor a restart marker D0-D7), found among
-    all such positions by a binary search. Bytes after the image (a motion photo's MP4) are
-    never looked at, as in `caption`.
+    begins a marker (FF followed by neither 00, FF nor a restart marker D0-D7), found by a
+    binary search among all such positions, which are listed once over all bytes. Bytes
+    after the image (a motion photo's MP4) do not change the result, as in `caption`.
     """
     b = tf.cast(raw, tf.int32)                                        # (n,)
     n = tf.size(b)
@@ -134,16 +138,18 @@ def jpeg_end(raw):
     starts = tf.cast(tf.where(
         tf.equal(b, 0xFF) & (tf.range(n) < n - 1) & tf.not_equal(nxt, 0x00)
         & tf.not_equal(nxt, 0xFF) & ~((nxt >= 0xD0) & (nxt <= 0xD7)))[:, 0], tf.int32)
+    # padded once here: a concat inside the loop copied all n bytes at every marker
+    padded, starts_or_none = tf.concat([b, [0]], 0), tf.concat([starts, [-1]], 0)
 
     def byte(i):                                                      # 0 past the end
-        return tf.gather(tf.concat([b, [0, 0, 0, 0]], 0), tf.minimum(i, n))
+        return tf.gather(padded, tf.minimum(i, n))
 
     def step(i, end):
         marker = byte(i + 1)
         length = byte(i + 2) * 256 + byte(i + 3)
         after = i + 2 + length                                        # past a segment
         scan_end = tf.searchsorted(starts, [after])[0]                # first start >= after
-        next_marker = tf.gather(tf.concat([starts, [-1]], 0), scan_end)  # -1: none (cut)
+        next_marker = tf.gather(starts_or_none, scan_end)             # -1: none (cut)
         cases = [
             (i + 1 >= n, (i, -1)),                                    # ends before a marker
             (tf.not_equal(byte(i), 0xFF), (i, -2)),                   # not a marker: lost

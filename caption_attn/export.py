@@ -377,8 +377,13 @@ class _StaticAttention:
     lowers decode.py's `attention[:, None, :]` to a select TF op instead of a RESHAPE."""
 
     def __init__(self, model):
-        self.init_decoder = model.init_decoder
-        self._step = model.decode_step
+        self._init, self._step = model.init_decoder, model.decode_step
+
+    def init_decoder(self, features, fold_standardization=False):
+        """The model's, never with the standardisation folded into the encoder: the TFLite
+        model may be quantized (int8, float16), and x (s W) - (m s) W cancels digits those
+        types do not have."""
+        return self._init(features)
 
     def decode_step(self, tokens, state, context):
         logits, state, attention = self._step(tokens, state, context)

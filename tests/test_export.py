@@ -521,3 +521,23 @@ def test_the_greedy_tflite_function_accepts_a_length_penalty_of_the_beam_search(
     model = SimpleNamespace(init_decoder=None, decode_step=None)
     assert callable(export.tflite_function(model, None, DecodeConfig(beam=3, length_penalty=0.5),
                                            5))
+
+
+def test_the_tflite_decoder_never_folds_the_standardisation():
+    """make_decoder asks init_decoder to fold the feature standardisation into the encoder
+    (float32 decoding); the TFLite model may be quantized (int8, float16), where that fold's
+    cancellation loses what those types cannot hold, so its wrapper keeps the two steps."""
+    import tensorflow as tf
+    from caption_attn.model import ShowAttendTell
+
+    model = ShowAttendTell(11, 8, 16, feature_dim=2048)
+    rng = np.random.default_rng(0)
+    model.feature_norm.set_statistics(rng.normal(5.0, 1.0, 2048), rng.uniform(0.01, 1.0, 2048))
+    features = tf.constant(rng.normal(5.0, 1.0, (2, 64, 2048)), tf.float32)
+    wrapped = export._StaticAttention(model).init_decoder(features, fold_standardization=True)
+    plain = model.init_decoder(features)
+    folded = model.init_decoder(features, fold_standardization=True)
+    for got, want in zip(tf.nest.flatten(wrapped), tf.nest.flatten(plain)):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert any(not np.array_equal(a.numpy(), b.numpy())
+               for a, b in zip(tf.nest.flatten(folded), tf.nest.flatten(plain)))

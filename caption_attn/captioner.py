@@ -68,9 +68,10 @@ def masked_step(step_fn, banned: Sequence[int] = BANNED):
 def make_decoder(model, cfg: DecodeConfig, max_length: int):
     """features (B, 64, 2048) float32 -> DecodeResult, for any batch size (a sampler also
     takes ids (B,) int64: each image's own random stream, see `decode.sample`): one tf.function
-    over the whole decoding loop, XLA-compiled with `cfg.xla`, and by default (see
-    `xla_min_images`) for batches of known size B >= cfg.xla_min_images of a float32 model
-    only. Called inside another tf.function on a batch of unknown size (`export`), it is the
+    that encodes the features (`init_decoder`, the standardisation folded into the encoder of
+    a float32 model) and runs the whole decoding loop, the loop XLA-compiled with `cfg.xla`,
+    and by default (see `xla_min_images`) for batches of known size B >= cfg.xla_min_images
+    of a float32 model only. Called inside another tf.function on a batch of unknown size (`export`), it is the
     plain loop."""
     plain = _decoder_function(model, cfg, max_length, jit_compile=cfg.xla)
     # Not for samples (their decoder takes each image's ids too; `--xla` draws the same
@@ -103,11 +104,13 @@ def _decoder_function(model, cfg: DecodeConfig, max_length: int, jit_compile: bo
     elif cfg.method == "sample":
         kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
 
-        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int64)], autograph=False,
-                     jit_compile=jit_compile or None)
-        def run_sample(features, ids):
-            state, context = init(features)
+        @tf.function(jit_compile=jit_compile or None, autograph=False)
+        def sample_loop(state, context, ids):
             return decode_lib.sample(step, state, context, ids=ids, **kwargs)
+
+        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int64)], autograph=False)
+        def run_sample(features, ids):
+            return sample_loop(*init(features), ids)
         return run_sample
 
     @tf.function(jit_compile=jit_compile or None, autograph=False)

@@ -279,6 +279,7 @@ def _greedy_advance(end_id):
         # log-softmax out to gather one value a row from it).
         top = tf.reduce_max(logits, axis=1, keepdims=True)                # (N, 1)
         ids = tf.range(tf.shape(logits)[1])[None, :]                      # (1, V)
+        # (a row with NaN has no maximum: its token is the last id, as arbitrary as before)
         token = tf.reduce_min(tf.where(tf.equal(logits, top), ids, tf.shape(logits)[1] - 1),
                               axis=1)                                     # (N,) ties: lower id
         # its log_softmax (x - max) - log(sum(exp(x - max))) with x = max (tf.nn.log_softmax

@@ -1,7 +1,9 @@
 """The decoder's recurrent step and the training path's hand-written gradients.
 
 `attend_and_update` is one step (Bahdanau attention, gated context, GRU), the same function
-for decoding (`ShowAttendTell.decode_step`) and teacher forcing. `teacher_forced_recurrence`
+for decoding (`ShowAttendTell.decode_step`; `grouped_attend_and_update`, the same values, for
+beam search's K sequences per image over the image's context held once) and teacher
+forcing. `teacher_forced_recurrence`
 runs it over all T steps with back-propagation through time written out: the backward loop
 carries only what is recurrent, and every weight gradient is one large matmul over all T * B
 rows after it. `output_cross_entropy` is the output layer's cross-entropy with its gradient
@@ -101,7 +103,8 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
     x_gates (T, B, 3U), h0 (B, U), keys (B, P, U), encoded (B, P, E) -> hs (T, B, U),
     contexts (T, B, E), alphas (T, B, P) float32.
 
-    The forward pass is the same function the decoder runs step by step. The backward pass
+    The forward pass is the function `decode_step` runs step by step (beam search's
+    grouped step computes the same values). The backward pass
     differs from what autodiff of the loop builds: its time loop carries only what is
     recurrent (dh, the key gradient, the score vector's gradient) and one fused matmul
     through the transposed query/gate/recurrent kernels; every weight gradient, the feature

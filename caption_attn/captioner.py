@@ -71,8 +71,8 @@ def make_decoder(model, cfg: DecodeConfig, max_length: int):
     that encodes the features (`init_decoder`, the standardisation folded into the encoder of
     a float32 model) and runs the whole decoding loop, the loop XLA-compiled with `cfg.xla`,
     and by default (see `xla_min_images`) for batches of known size B >= cfg.xla_min_images
-    of a float32 model only. Called inside another tf.function on a batch of unknown size (`export`), it is the
-    plain loop."""
+    of a float32 model only. Called inside another tf.function on a batch of unknown size
+    (`export`), it is the plain loop."""
     plain = _decoder_function(model, cfg, max_length, jit_compile=cfg.xla)
     # Not for samples (their decoder takes each image's ids too; `--xla` draws the same
     # samples, see `decode._hashed_uniform`), nor for a model

@@ -47,7 +47,7 @@ def test_decode_step_per_image_equals_decode_step_on_the_tiled_context(model, ba
     state, context = model.init_decoder(features)                      # (B, .)
     tiled_state, tiled_context = tf.nest.map_structure(
         lambda x: tf.repeat(x, k, axis=0), (state, context))           # (B*K, .)
-    ids = tf.reshape(tf.transpose(tf.stack([tokens] * k)), [k * 3, -1])  # (B*K, T) varied
+    ids = tf.repeat(tokens, k, axis=0)                                 # (B*K, T)
     ids = tf.concat([ids[:, :1], tf.roll(ids[:, 1:], 1, axis=0)], 1)   # rows of an image differ
     a_state = b_state = tiled_state
     for t in range(tokens.shape[1]):

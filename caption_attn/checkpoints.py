@@ -73,9 +73,9 @@ def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: str,
         if failures:
             from caption_attn.errors import UserError
             raise UserError(
-                "no checkpoint of this run can be restored:\n  "
-                + "\n  ".join(f"{p}: {r}" for p, r in failures)
-                + "\nif the run was made by an older caption_attn, start it over with --fresh")
+                "no checkpoint of this run can be restored:",
+                lines=[*(f"  {p}: {r}" for p, r in failures),
+                       "if the run was made by an older caption_attn, start it over with --fresh"])
         return None
     for bad, reason in failures:
         log(f"note: skipped the damaged checkpoint {bad} ({reason}); resuming from "

@@ -427,11 +427,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.flush()
         return code
     except UserError as e:
-        # the messages name files: a terminal escape (or carriage return) in a file name is
-        # printed escaped, never sent to the terminal; newlines stay (some messages list
-        # things a line each), so each message escapes the names it prints on one line
-        print(f"{PROG} {args.command}: error: {one_line(str(e), keep=chr(10))}",
-              file=sys.stderr)
+        # the messages name files: a control character in a file name (a terminal escape,
+        # a carriage return, a newline) is printed escaped, never sent to the terminal; a
+        # refusal that lists things has them as lines of their own
+        print(f"{PROG} {args.command}: error: "
+              + "\n".join(one_line(line) for line in (e.message, *e.lines)), file=sys.stderr)
         return flushed(e.exit_code)
     except OSError as e:  # a file where a folder is expected, a read-only folder, a full disk
         if isinstance(e, BrokenPipeError) and stdout_is_closed():

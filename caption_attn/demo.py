@@ -71,9 +71,10 @@ def check_workdir(cfg: DemoConfig) -> None:
                        for k, v in settings.items() if k not in saved or saved[k] != v]
         if differences:
             raise UserError(
-                f"{work} holds a demo made with other settings:\n  " + "\n  ".join(differences)
-                + "\nrerun with the same flags to reuse it, choose another --workdir, or add "
-                  "--fresh to delete it and start over")
+                f"{work} holds a demo made with other settings:",
+                lines=[*(f"  {d}" for d in differences),
+                       "rerun with the same flags to reuse it, choose another --workdir, or add "
+                       "--fresh to delete it and start over"])
     write_json_atomic(record, settings)
 
 
@@ -184,7 +185,7 @@ def train_stage(cfg: DemoConfig, data: dict, paths: dict, log) -> dict:
         return train.train(run_config(cfg, data["captions"], paths["cache"]), paths["run"],
                            images_dir=data["images_dir"], log=log)
     except UserError as e:
-        message = str(e)
+        message = e.message
         if "--scst-after none" not in message and "(was none" not in message:
             raise
         message = message.replace("(was none", "(was equal to the run's --epochs, "
@@ -194,7 +195,7 @@ def train_stage(cfg: DemoConfig, data: dict, paths: dict, log) -> dict:
                                   "only)")
         message = message.replace("--scst-after none", f"--scst-after {cfg.scst_after} (= "
                                   f"--epochs {cfg.epochs}: cross-entropy only)")
-        raise UserError(message, e.exit_code) from None
+        raise UserError(message, e.exit_code, e.lines) from None
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:

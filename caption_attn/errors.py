@@ -4,9 +4,13 @@
 class UserError(Exception):
     """Bad input or environment: the CLI prints the message and exits with `exit_code`.
 
-    The message must name the file or argument and say what was expected.
+    The message must name the file or argument and say what was expected. It is one line:
+    the CLI escapes control characters in it (a newline in a file name it names is printed
+    as \\n). A refusal that lists things gives them as `lines`, each printed on a line of its
+    own after the message (escaped the same way); str() is all of them, a line each.
     """
 
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
+    def __init__(self, message: str, exit_code: int = 2, lines=()):
+        self.message, self.lines = message, tuple(lines)
+        super().__init__("\n".join((message, *self.lines)))
         self.exit_code = exit_code

@@ -122,10 +122,10 @@ class RunFolder:
             fixed += config_diff(getattr(saved, part), getattr(cfg, part), part + ".")
         if fixed:
             raise UserError(
-                f"{self.path} was trained with a different configuration:\n  "
-                + "\n  ".join(fixed)
-                + "\nrerun with the same flags to resume, use another --run, or add --fresh "
-                  "to start this run over")
+                f"{self.path} was trained with a different configuration:",
+                lines=[*(f"  {line}" for line in fixed),
+                       "rerun with the same flags to resume, use another --run, or add --fresh "
+                       "to start this run over"])
         changed = changed_settings_note(saved.train, cfg.train)
         notes = [changed] if changed else []
         for name in ("captions", "cache"):

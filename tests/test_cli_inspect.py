@@ -208,3 +208,34 @@ def test_unreadable_images_are_reported_one_line_each():
     assert lines == ["caption-attn caption: cannot read /i/a\\nb\\x1b[2J.png: missing",
                      "caption-attn caption: cannot read /i/caf\\xe9.png: cannot decode "
                      "(bad\\rdata)"]
+
+
+def test_every_refusal_escapes_newlines_in_names_and_listings_keep_their_lines(tmp_path,
+                                                                              capsys):
+    """The CLI kept newlines in refusals (some list things a line each), so a message that
+    named a file without escaping it itself printed a newline in the name raw: `caption --run
+    "x<newline>caption-attn caption: fake"` forged a line. Listings are now `UserError.lines`,
+    and everything else is one line."""
+    from caption_attn.errors import UserError
+    run = tmp_path / "x\ncaption-attn caption: fake"
+    run.mkdir()
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")
+    assert cli.main(["caption", "--run", str(run), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "x\\ncaption-attn caption: fake" in err, err
+
+    def refuse(*args, **kwargs):
+        raise UserError("a\nb.json differs:", lines=["  one: 1 -> 2", "  two\x1b[2J: 3 -> 4",
+                                                     "rerun with the same flags"])
+    import caption_attn.data
+    original, caption_attn.data.describe = caption_attn.data.describe, refuse
+    try:
+        path, _ = make(tmp_path)
+        assert cli.main(["inspect", "--captions", path]) == 2
+    finally:
+        caption_attn.data.describe = original
+    assert capsys.readouterr().err == ("caption-attn inspect: error: a\\nb.json differs:\n"
+                                       "  one: 1 -> 2\n  two\\x1b[2J: 3 -> 4\n"
+                                       "rerun with the same flags\n")
+    assert str(UserError("m", lines=["  x", "y"])) == "m\n  x\ny"

@@ -262,11 +262,7 @@ class ShowAttendTell(keras.Model):
         """tokens (B,) int32 -> logits (B, V) float32, new state, attention (B, P) float32.
 
         `training` switches the output dropout on (sampling for self-critical training)."""
-        (h,), (keys, encoded) = state, context
-        embedded = self.embedding(tokens)                            # (B, E)
-        x_gates = self.gru_embed(embedded)                           # (B, 3U)
-        h, ctx, alpha, _ = attend_and_update(self.step_weights(), x_gates, h, keys, encoded)
-        return self._output(embedded, h, ctx, training), (h,), alpha
+        return self._decode_with(attend_and_update, tokens, state, context, training)
 
     @per_image_context
     def decode_step_per_image(self, tokens, state, context, training=False):
@@ -274,11 +270,14 @@ class ShowAttendTell(keras.Model):
         tokens and state have K rows per image (N = B * K, an image's rows adjacent): beam
         search and `num_samples` then do not tile it (`decode.per_image_context`). The same
         values as `decode_step` on the context tiled K times."""
+        return self._decode_with(grouped_attend_and_update, tokens, state, context, training)
+
+    def _decode_with(self, update, tokens, state, context, training):
+        """One decoding step around `update` (the recurrence's attention and GRU step)."""
         (h,), (keys, encoded) = state, context
         embedded = self.embedding(tokens)                            # (N, E)
         x_gates = self.gru_embed(embedded)                           # (N, 3U)
-        h, ctx, alpha = grouped_attend_and_update(self.step_weights(), x_gates, h, keys,
-                                                  encoded)           # (N, .)
+        h, ctx, alpha = update(self.step_weights(), x_gates, h, keys, encoded)[:3]
         return self._output(embedded, h, ctx, training), (h,), alpha
 
     # ------------------------------------------------------------------ teacher forcing

@@ -267,14 +267,10 @@ class TensorBoardLogger(keras.callbacks.Callback):
                     self._tf.summary.scalar(f"batch_{key}", logs[key])
 
     def on_epoch_end(self, epoch, logs=None):
-        tf, logs = self._tf, logs or {}
-        step = epoch + 1
+        logs = logs or {}
         self._reopen_deleted_writers()
-        for writer, tags in ((self.train_writer, self.TRAIN), (self.val_writer, self.VALIDATION)):
-            with writer.as_default(step=step):
-                for key, tag in tags.items():
-                    if logs.get(key) is not None:
-                        tf.summary.scalar(tag, logs[key])
+        self._scalars(self.train_writer, self.TRAIN, epoch, logs)
+        self._scalars(self.val_writer, self.VALIDATION, epoch, logs)
         if self.samples:
             self._pending.add(epoch, self.samples(epoch))
         self._write_samples()
@@ -285,11 +281,15 @@ class TensorBoardLogger(keras.callbacks.Callback):
         """Scalars of the validation run measured for 0-based `epoch` after it ended (a resume
         measuring the metric the next epoch monitors: history.json had it, TensorBoard not)."""
         self._reopen_deleted_writers()
-        with self.val_writer.as_default(step=epoch + 1):
-            for key, tag in self.VALIDATION.items():
+        self._scalars(self.val_writer, self.VALIDATION, epoch, logs)
+        self.val_writer.flush()
+
+    def _scalars(self, writer, tags: dict, epoch: int, logs: dict) -> None:
+        """The `logs` values named in `tags` (log key -> tag), at step `epoch` + 1."""
+        with writer.as_default(step=epoch + 1):
+            for key, tag in tags.items():
                 if logs.get(key) is not None:
                     self._tf.summary.scalar(tag, logs[key])
-        self.val_writer.flush()
 
     def add_samples(self, epoch: int, samples) -> None:
         """Queue the sample heatmaps of 0-based `epoch` (drawn again on resume when a stop
@@ -390,16 +390,9 @@ class AttentionSnapshots(keras.callbacks.Callback):
 
 
 def heatmap_names(keys: Sequence[str]) -> list[str]:
-    """The file names of the heatmaps of image `keys` in one epoch's folder: the key with
-    `/` as `__` and `.png` for its extension, or `.png` after its whole name when another key
-    would get the same file (`cat.jpg` and `cat.png`: one heatmap overwrote the other)."""
-    flat = [k.replace("/", "__") for k in keys]
-    short = [os.path.splitext(f)[0] + ".png" for f in flat]
-    names = [s if short.count(s) == 1 else f + ".png" for f, s in zip(flat, short)]
-    # still the same (`a/b.jpg` and `a__b.jpg`): a number before .png for the later ones
-    seen: dict = {}
-    for i, name in enumerate(names):
-        seen[name] = seen.get(name, 0) + 1
-        if seen[name] > 1:
-            names[i] = f"{name[:-4]}-{seen[name]}.png"
-    return names
+    """The file names of the heatmaps of the sample images `keys` (distinct) in one epoch's
+    folder: `caption`'s rule (`captioner.heatmap_files`), so `cat.jpg` and `cat.png` do not
+    share one file, and a long key is cut to what the file system takes."""
+    from caption_attn.captioner import heatmap_files
+    files = heatmap_files({k: k for k in keys})
+    return [files[k] for k in keys]

@@ -196,8 +196,10 @@ def _read_text(path: str) -> str:
 
 
 def _lines(text: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its LF / CRLF ending)."""
+    """(1-based line number, line without its LF / CRLF ending, nor a byte order mark at its
+    start: the first line of a file joined into another by `cat`)."""
     for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removeprefix("\ufeff")
         yield number, line[:-1] if line.endswith("\r") else line
 
 

@@ -583,6 +583,14 @@ def test_a_byte_order_mark_inside_a_joined_file_is_not_part_of_the_image_name(tm
     assert as_dict(captions) == {"a.jpg": ["A dog"], "c.jpg": ["A bird"]}
 
 
+def test_a_token_file_joined_with_itself_reads_its_first_line_once_despite_its_bom(tmp_path):
+    """The exact-repeat check saw the second copy's first line as '\ufeffa.jpg#0' and kept
+    its caption twice (the BOM was only stripped later, from the image name)."""
+    one = "a.jpg#0\tA dog\na.jpg#1\tA cat\n"
+    captions = data.load_captions(write(tmp_path, "t.txt", one + "\ufeff" + one, bom=True))
+    assert as_dict(captions) == {"a.jpg": ["A dog", "A cat"]}
+
+
 def test_captions_of_only_emoji_are_skipped_and_counted_as_empty(tmp_path):
     """An emoji's variation selector or joiner was left as an invisible one-word caption."""
     text = "a.jpg#0\tone dog\na.jpg#1\t\u2764\ufe0f\nb.jpg#0\t\U0001f468\u200d\U0001f469\n"

@@ -230,12 +230,14 @@ def png_gray_transparent(data):
         key = tf.where(found, uint(pos + 8, 2), tf.where(last, tf.constant(-1, tf.int64), key))
         return pos + 12 + length, key
 
+    gray = tf.equal(uint(25, 1), 0)                                    # colour type 0
     _, key = tf.while_loop(lambda pos, key: tf.equal(key, -2) & (pos + 8 <= n), chunk,
-                           (tf.constant(8, tf.int64), tf.constant(-2, tf.int64)))
+                           (tf.constant(8, tf.int64),    # chunks walked for gray PNGs only
+                            tf.where(gray, tf.constant(-2, tf.int64), -1)))
     depth = uint(24, 1)
     stretch = 255 // tf.maximum(2 ** tf.minimum(depth, 8) - 1, 1)     # 1-bit 255, 2-bit 85 ...
     key = tf.where(depth < 8, key * stretch, key)
-    return tf.where(tf.equal(uint(25, 1), 0) & (key >= 0), key, -1)  # colour type 0: gray
+    return tf.where(gray & (key >= 0), key, -1)
 
 
 def _decode_png(data):

@@ -243,6 +243,37 @@ def test_hand_written_backward_under_tf_function_and_bfloat16(batch):
         assert cos > 0.95
 
 
+def test_bfloat16_attention_gradients_accumulate_in_float32():
+    # Under mixed precision the attention's key and score gradients are sums over every time
+    # step; summed in bfloat16 (8 bits of mantissa) 300 equal steps stall near 256 of them.
+    # With a zero query kernel every step attends alike and only the alphas get a gradient,
+    # so each step adds exactly the same key and score gradient: T steps give T times one.
+    from caption_attn.recurrence import StepWeights, teacher_forced_recurrence
+    rng = np.random.default_rng(3)
+    b, p, u, e, T = 2, 4, 8, 6, 300
+
+    def r(*shape):
+        return tf.constant(rng.standard_normal(shape).astype(np.float32))
+    w = StepWeights(tf.zeros([u, u]), r(u, 1), r(u, e), r(e), r(e, 3 * u), r(u, 3 * u),
+                    r(3 * u))
+    inputs = [r(1, b, 3 * u), r(b, u), r(b, p, u), r(b, p, e)]
+    weight = r(b, p)
+
+    def grads(steps):
+        x_gates = tf.cast(tf.tile(inputs[0], [steps, 1, 1]), tf.bfloat16)
+        h0, keys, encoded = (tf.cast(x, tf.bfloat16) for x in inputs[1:])
+        w16 = StepWeights(*(tf.cast(x, tf.bfloat16) for x in w))
+        with tf.GradientTape() as tape:
+            tape.watch([keys, w16.score])
+            _, _, alphas = teacher_forced_recurrence(w16, x_gates, h0, keys, encoded)
+            loss = tf.reduce_sum(alphas * weight)
+        return [tf.cast(g, tf.float32).numpy() for g in tape.gradient(loss, [keys, w16.score])]
+
+    for one, many in zip(grads(1), grads(T)):
+        # each is rounded to bfloat16 once at the end: within its 2^-8, not 15 % off
+        np.testing.assert_allclose(many, T * one, rtol=2 ** -7, atol=1e-6 * T * np.abs(one).max())
+
+
 def test_every_parameter_can_learn():
     # A parameter whose true gradient is always zero (like a bias on the attention scores,
     # which the softmax cancels) has no place in the model: its float32 and bfloat16

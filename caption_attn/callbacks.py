@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence, Union
 import keras
 import numpy as np
 
-from caption_attn.fileio import write_bytes_atomic
+from caption_attn.fileio import temp_name, write_bytes_atomic
 from caption_attn.config import MONITORS
 from caption_attn.errors import UserError
 
@@ -328,6 +328,58 @@ class TensorBoardLogger(keras.callbacks.Callback):
         self._write_samples(wait=True)
         self.train_writer.close()
         self.val_writer.close()
+
+
+def prune_event_files(log_dir: str, epochs: int, steps: int) -> int:
+    """Remove from the event files under `log_dir/train` and `log_dir/validation` what was
+    logged after the point a run resumes from: summaries of epochs after `epochs` (their
+    step is the epoch number) and batch summaries (`batch_*`, step = global step) after step
+    `steps`. A stopped process logged them for training the resumed run does again (a kill
+    after its newest checkpoint, or a damaged checkpoint skipped for an older one), and
+    TensorBoard drew both: every curve went back and on again, and the discarded epochs'
+    heatmaps stood beside the new ones. Returns how many values were removed.
+
+    A file with nothing to remove is left as it is; another is rewritten (a temporary file
+    renamed onto it). A record cut short by a kill ends the file's reading."""
+    import tensorflow as tf
+    from tensorboard.compat.proto import event_pb2
+
+    removed = 0
+    for sub in ("train", "validation"):
+        folder = os.path.join(log_dir, sub)
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        for name in names:
+            if "tfevents" not in name or name.startswith("."):
+                continue
+            path = os.path.join(folder, name)
+            kept, dropped = [], 0
+            try:
+                for record in tf.data.TFRecordDataset(path):
+                    event = event_pb2.Event.FromString(record.numpy())
+                    if event.HasField("summary"):
+                        values = [v for v in event.summary.value
+                                  if event.step <= (steps if v.tag.startswith("batch_")
+                                                    else epochs)]
+                        dropped += len(event.summary.value) - len(values)
+                        if not values:
+                            continue
+                        del event.summary.value[:]
+                        event.summary.value.extend(values)
+                    kept.append(event.SerializeToString())
+            except tf.errors.DataLossError:
+                pass
+            if dropped:
+                tmp = temp_name(os.path.join(folder, "pruned-events"))
+                try:
+                    with tf.io.TFRecordWriter(tmp) as writer:
+                        for record in kept:
+                            writer.write(record)
+                    os.replace(tmp, path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+                removed += dropped
+    return removed
 
 
 _MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|])")

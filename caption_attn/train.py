@@ -17,6 +17,7 @@ import gc
 import math
 import os
 import re
+import shutil
 import time
 from typing import Optional
 
@@ -25,7 +26,8 @@ import numpy as np
 import tensorflow as tf
 
 from caption_attn import checkpoints, distribute, feature_cache, pipeline, progress, quiet
-from caption_attn.callbacks import AttentionSnapshots, EarlyStopping, TensorBoardLogger
+from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoardLogger,
+                                    prune_event_files)
 from caption_attn.cider import CiderD
 from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig
 from caption_attn.errors import UserError
@@ -691,6 +693,7 @@ class Trainer:
                                  log=self.log)
         cbs = [early]
         if self.chief:
+            self._forget_undone(done, steps_before)
             cbs += [TensorBoardLogger(self.run.logs, _hparams(self), samples),
                     AttentionSnapshots(self.run.attention, samples)]
         callbacks = keras.callbacks.CallbackList(cbs, model=self.model)
@@ -731,6 +734,28 @@ class Trainer:
         callbacks.on_train_end()
         return _summary(self, history, early, reason, time.perf_counter() - start,
                         done, steps_before)
+
+    def _forget_undone(self, done: int, steps: int) -> None:
+        """What a stopped process logged of training after the checkpoint this run starts
+        from (epoch `done`, step `steps`) was of a model that no longer exists: a kill after
+        its newest checkpoint, or a damaged one skipped for an older one. Its TensorBoard
+        points (`prune_event_files`) and the heatmaps of later epochs (attention/epoch_K)
+        go: TensorBoard drew them beside the new ones, and a run stopping earlier this time
+        kept them as if of its own epochs."""
+        points = prune_event_files(self.run.logs, done, steps)
+        folder = self.run.attention
+        later = sorted(k for k in (int(name[len("epoch_"):]) for name in (
+            os.listdir(folder) if os.path.isdir(folder) else ())
+            if re.fullmatch(r"epoch_[0-9]+", name)) if k > done)
+        for k in later:
+            shutil.rmtree(self.run.attention_epoch(k))
+        if points or later:
+            gone = [f"{points} TensorBoard value(s)"] if points else []
+            if later:
+                gone.append(f"the heatmaps of epoch(s) {', '.join(map(str, later))}")
+            self.log(f"note: this run goes on from epoch {done}, step {steps}: removed "
+                     f"{' and '.join(gone)} logged after that point by the process that "
+                     f"stopped (that training is done again)")
 
     def _redraw_lost_samples(self, done: int, samples: SampleFigures, writers) -> None:
         """A run killed after an epoch's checkpoint but before its heatmaps were written

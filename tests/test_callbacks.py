@@ -237,6 +237,76 @@ def test_logs_deleted_while_training_are_written_again(tmp_path):
         [(2, "epoch_loss")]
 
 
+def _log_epochs(log_dir, epochs, steps_per_epoch=10):
+    from caption_attn.callbacks import TensorBoardLogger
+
+    tb = TensorBoardLogger(log_dir, {"units": 8}, update_freq=5,
+                           samples=lambda epoch: [{"image": "a.jpg", "caption": f"e{epoch}",
+                                                   "png": _PNG}])
+    tb.set_model(_model())
+    tb.on_train_begin()
+    for epoch in epochs:
+        for step in range(epoch * steps_per_epoch + 1, (epoch + 1) * steps_per_epoch + 1):
+            tb.on_train_batch_end(step, {"loss": 1.0, "global_step": step})
+        tb.on_epoch_end(epoch, {"loss": 1.0 / (epoch + 1), "val_loss": 2.0})
+    tb.on_train_end()
+
+
+_PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(8) + bytes(8)
+
+
+def test_a_resume_removes_what_was_logged_after_its_checkpoint(tmp_path):
+    """A run killed after its newest checkpoint (or resumed from an older one past a damaged
+    one) does epochs and steps again: TensorBoard drew both the stopped process's points and
+    the new ones, each curve going back and on again."""
+    import glob
+    import os
+
+    import tensorflow as tf
+
+    from caption_attn.callbacks import prune_event_files
+
+    logs = str(tmp_path / "logs")
+    _log_epochs(logs, range(4))                              # 4 epochs of 10 steps
+    files = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(logs, "*", "*"))}
+    assert prune_event_files(logs, 4, 40) == 0               # nothing after it: left as is
+    assert {p: os.stat(p).st_mtime_ns for p in files} == files
+    # resumed at epoch 2, step 23 (a checkpoint inside epoch 3)
+    removed = prune_event_files(logs, 2, 23)
+    train, val = (_events(os.path.join(logs, sub)) for sub in ("train", "validation"))
+    assert sorted(step for step, v in train if v.tag == "batch_loss") == [5, 10, 15, 20]
+    assert sorted(step for step, v in train if v.tag == "epoch_loss") == [1, 2]
+    assert sorted(step for step, v in val if v.tag == "epoch_loss") == [1, 2]
+    assert sorted((step, v.tag) for step, v in val if v.tag != "epoch_loss") == [
+        (1, "attention/a.jpg"), (1, "captions"), (2, "attention/a.jpg"), (2, "captions")]
+    assert removed == 4 + 2 + 2 * 3      # batch 25..40; epochs 3, 4: loss; val_loss, text, image
+    for path in glob.glob(os.path.join(logs, "*", "events.out.tfevents.*")):
+        first = next(iter(tf.compat.v1.train.summary_iterator(path)))
+        assert first.file_version == "brain.Event:2"        # what TensorBoard checks first
+    assert sorted(os.listdir(os.path.join(logs, "train"))) == sorted(
+        os.path.basename(p) for p in files if "/train/" in p)  # no temporary file left
+    # the resumed run's own points follow the kept ones
+    _log_epochs(logs, [2])
+    assert sorted(step for step, v in _events(os.path.join(logs, "train"))
+                  if v.tag == "epoch_loss") == [1, 2, 3]
+
+
+def test_pruning_reads_an_event_file_cut_short_by_a_kill(tmp_path):
+    import glob
+    import os
+
+    from caption_attn.callbacks import prune_event_files
+
+    logs = str(tmp_path / "logs")
+    _log_epochs(logs, range(3))
+    path, = glob.glob(os.path.join(logs, "train", "events.out.tfevents.*"))
+    with open(path, "ab") as f:
+        f.write(b"\x20\x00\x00\x00\x00\x00\x00\x00half a record")
+    assert prune_event_files(logs, 1, 10) > 0
+    assert sorted(step for step, v in _events(os.path.join(logs, "train"))
+                  if v.tag == "epoch_loss") == [1]
+
+
 def test_png_size_rejects_other_bytes():
     from caption_attn.callbacks import png_size
 

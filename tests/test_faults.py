@@ -50,6 +50,19 @@ def test_damaged_newest_checkpoint_falls_back_to_an_intact_one(shapes_data, tmp_
     assert skipped and f"ckpt-{steps[-1]}" in skipped[0] and f"ckpt-{steps[-2]}" in skipped[0]
     assert summary["epochs"] == 2
     assert glob.glob(os.path.join(run, "checkpoints", f"damaged-ckpt-{steps[-1]}.*"))
+    # epoch 1 was trained again from inside it: TensorBoard shows each epoch once
+    forgot = [n for n in notes if "removed" in n]
+    assert len(forgot) == 1 and f"goes on from epoch 0, step {steps[-2]}" in forgot[0]
+    assert "the heatmaps of epoch(s) 1 " in forgot[0]
+    for sub in ("train", "validation"):
+        assert _steps(os.path.join(run, "logs", sub), "epoch_loss") == [1, 2]
+
+
+def _steps(folder, tag):
+    import tensorflow as tf
+    return sorted(event.step for path in glob.glob(os.path.join(folder, "events.out.tfevents.*"))
+                  for event in tf.compat.v1.train.summary_iterator(path)
+                  for v in event.summary.value if v.tag == tag)
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate"])

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 
 from caption_attn import config as C
 from caption_attn.errors import UserError
-from caption_attn.fileio import one_line
+from caption_attn.fileio import exit_past_hdf5, one_line
 from caption_attn.run import check_folder_writable
 
 PROG = "caption-attn"
@@ -410,6 +410,10 @@ USES_TENSORFLOW = ("extract-features", "train", "caption", "evaluate", "export",
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    return exit_past_hdf5(_main(argv))
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import unicodedata
 from typing import Any, Iterable, Union
 
@@ -58,14 +59,21 @@ def atomic_path(path: str, suffix: str = ""):
         raise
 
 
+# Set when an h5py write through `keras_file_atomic` failed: see `exit_past_hdf5`.
+hdf5_write_failed = False
+
+
+@contextlib.contextmanager
 def keras_file_atomic(path: str, suffix: str, model, copies: int = 1):
     """`atomic_path` for Keras' h5py writers (`save_weights`, `save`), after checking that
     `path`'s filesystem has room for `copies` of `model`'s weights (plus 10 % and 1 MB).
 
-    Keras leaves its h5py file open when a write fails, and h5py then crashes the interpreter
-    at exit (a segmentation fault, exit 139, after the command's own error message) when that
-    failure was a full disk; a disk already too full is refused here instead, as the OSError
-    of a full disk naming `path`. (A disk that fills during the write is not caught.)"""
+    A write that fills the disk leaves HDF5's library in a state that crashes the interpreter
+    at exit (a segmentation fault, exit 139, in HDF5's own exit handler, after the command's
+    error message). A disk already too full is refused here instead, as the OSError of a full
+    disk naming `path`; a disk that fills during the write (another process writing) sets
+    `hdf5_write_failed`, for `exit_past_hdf5`."""
+    global hdf5_write_failed
     needed = int(copies * sum(_nbytes(v) for v in model.weights) * 1.1) + 2 ** 20
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -73,7 +81,25 @@ def keras_file_atomic(path: str, suffix: str, model, copies: int = 1):
     if free < needed:
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({needed / 1e6:.0f} MB "
                                     f"needed, {free / 1e6:.0f} MB free)", path)
-    return atomic_path(path, suffix)
+    try:
+        with atomic_path(path, suffix) as tmp:
+            yield tmp
+    except OSError:
+        hdf5_write_failed = True
+        raise
+
+
+def exit_past_hdf5(code: int) -> int:
+    """`code`, for a process about to end with it; after a failed h5py write
+    (`hdf5_write_failed`) the process ends here instead (`os._exit`, its output flushed),
+    past the exit handler of HDF5 that would crash it: the command's exit status stays the
+    one its error message goes with, not 139."""
+    if hdf5_write_failed:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    return code
 
 
 def _nbytes(variable) -> int:

@@ -73,3 +73,42 @@ def test_a_file_name_in_a_read_error_stays_on_one_line(tmp_path):
         fileio.read_json(str(folder))
     assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
     assert str(e.value).startswith(f"{tmp_path}/a\\nb\\x1b[31m.json: cannot read (")
+
+
+_FILL_THE_DISK = """
+import sys
+import keras
+from caption_attn import fileio
+fileio._nbytes = lambda variable: 0      # the room check passes: the disk fills while writing
+model = keras.Sequential([keras.Input((1000,)), keras.layers.Dense(1000)])        # 4 MB
+try:
+    with fileio.keras_file_atomic(sys.argv[1], ".weights.h5", model) as tmp:
+        model.save_weights(tmp)
+except OSError as e:
+    print("error", e.errno, file=sys.stderr)
+    sys.exit(fileio.exit_past_hdf5(1))
+"""
+
+
+def test_a_keras_write_that_fills_the_disk_ends_with_its_own_status(tmp_path):
+    """HDF5 crashed the interpreter at exit (segmentation fault, status 139) after a write
+    that filled the disk, below the command's error message of status 1."""
+    import errno
+    import subprocess
+    import sys
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)],
+                      capture_output=True).returncode:
+        pytest.skip("needs a small file system: mounting a 2 MB tmpfs is not permitted here")
+    try:
+        target = str(small / "best.weights.h5")
+        done = subprocess.run([sys.executable, "-c", _FILL_THE_DISK, target],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        assert f"error {errno.ENOSPC}" in done.stderr
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert os.listdir(small) == []                       # no temporary file left either
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)

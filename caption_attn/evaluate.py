@@ -272,11 +272,9 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     # which best model is scored, read with it: after a resumed `train` saves a new best, an
     # earlier metrics file could not be told from a current one (nor one made while `train`
     # replaced best.keras under the load)
-    before = run.best_snapshot()
-    captioner = Captioner.from_run(run_dir, cfg or DecodeConfig(), cache=cache)
-    if run.best_snapshot() != before:
-        raise UserError(f"{run.best_model}: replaced while evaluate read it (is `caption-attn "
-                        f"train` running on this run?); evaluate again")
+    captioner, best_record = run.read_best_unchanged(
+        lambda: Captioner.from_run(run_dir, cfg or DecodeConfig(), cache=cache), "evaluate",
+        "evaluate")
     captioner.check_cache(needed_for="evaluate reads the split's features from it")
     recorded = captioner.run_cfg.captions
     if captions is None and not os.path.isfile(recorded):
@@ -288,7 +286,7 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
                         captions or recorded)
     best = _decode(captioner, found, progress)
     hypotheses = {k: c.text for k, c in best.items()}
-    result = {"run": run_dir, "split": split, "best": before[1], "images": len(found.keys),
+    result = {"run": run_dir, "split": split, "best": best_record, "images": len(found.keys),
               "images_without_features": len(found.without),
               "decode": _decode_settings(captioner),
               **_score(found, hypotheses, best, use_java)}

@@ -83,11 +83,8 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     # A run still training can replace best.keras (and best.json) at any time: export.json
     # records the best epoch read with the model, and a model replaced while it was being
     # loaded is refused (the record, read 40 s later at the end, named the next best epoch).
-    before = run.best_snapshot()
-    captioner = Captioner.from_run(run_dir, decode_cfg, cache=cache)
-    if run.best_snapshot() != before:
-        raise UserError(f"{run.best_model}: replaced while the export read it (is `caption-attn "
-                        f"train` running on this run?); export again")
+    captioner, best_record = run.read_best_unchanged(
+        lambda: Captioner.from_run(run_dir, decode_cfg, cache=cache), "the export", "export")
     backbone = captioner.backbone
     _remove_killed_exports(out, log)
     tmp = temp_name(out)
@@ -99,7 +96,7 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
         log(f"saving the SavedModel (beam {decode_cfg.beam}, max length "
             f"{captioner.max_length}) ...")
         save_servable(tmp, captioner, backbone)
-        info = _describe(run, captioner, backbone, best=before[1])
+        info = _describe(run, captioner, backbone, best=best_record)
         info["saved_model"]["bytes"] = _folder_bytes(tmp)
         if cfg.tflite:
             log("converting the TFLite model ...")

@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from typing import Optional
+from typing import Callable, Optional
 
 from caption_attn.config import MONITORS, RunConfig, config_diff
 from caption_attn.errors import UserError
@@ -404,9 +404,21 @@ class RunFolder:
 
     def best_snapshot(self) -> tuple:
         """(identity of best.keras, best.json's record): changes when `train` saves a new
-        best. `evaluate` and `export` take it before and after loading the model: a run still
-        training can replace both at any time."""
+        best."""
         return file_identity(self.best_model), self.best_record()
+
+    def read_best_unchanged(self, load: Callable, reader: str, command: str):
+        """(`load()`, which reads best.keras; best.json's record read with it), refused when
+        `train` saved a new best model meanwhile: a run still training can replace
+        best.keras and best.json at any time, and what `evaluate` or `export` record as the
+        model's epoch would then be another's. `reader` names the reader in the message,
+        `command` the command to run again."""
+        before = self.best_snapshot()
+        loaded = load()
+        if self.best_snapshot() != before:
+            raise UserError(f"{self.best_model}: replaced while {reader} read it (is "
+                            f"`caption-attn train` running on this run?); {command} again")
+        return loaded, before[1]
 
     def restore_best_weights(self, model) -> bool:
         """Load the best weights into `model` (False when there are none yet)."""

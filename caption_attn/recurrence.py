@@ -36,7 +36,7 @@ class StepWeights(NamedTuple):
 
 class StepSaved(NamedTuple):
     """What one step keeps for its backward pass (`teacher_forced_recurrence`)."""
-    e: tf.Tensor          # (B, P, U) tanh(keys + query), float32
+    e: tf.Tensor          # (B, P, U) tanh(keys + query)
     raw: tf.Tensor        # (B, E) attention-weighted features before the gate
     beta: tf.Tensor       # (B, E) gate
     z: tf.Tensor          # (B, U) GRU update gate
@@ -49,10 +49,10 @@ def additive_attention(keys, values, q, score):
     """keys (B, P, U), values (B, P, E), projected query q (B, U), score (U, 1) -> context
     (B, E), weights (B, P) float32, e = tanh(keys + q) (B, P, U)."""
     units = keys.shape[-1]
-    e = tf.tanh(keys + tf.cast(q, keys.dtype)[:, None, :])            # (B, P, U)
+    e = tf.tanh(keys + q[:, None, :])                                 # (B, P, U)
     # A 2-D matmul, not a tensordot on (B, P, U), whose gradient inside the time loop needs
     # runtime transpose permutations that XLA (--xla) cannot compile.
-    scores = tf.reshape(tf.matmul(tf.reshape(e, [-1, units]), tf.cast(score, e.dtype)),
+    scores = tf.reshape(tf.matmul(tf.reshape(e, [-1, units]), score),
                         tf.shape(e)[:2])                              # (B, P)
     weights = tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1)     # (B, P) float32
     context = tf.einsum("bp,bpe->be", tf.cast(weights, values.dtype), values)  # (B, E)
@@ -104,17 +104,12 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
     contexts (T, B, E), alphas (T, B, P) float32.
 
     The forward pass is the function `decode_step` runs step by step (beam search's
-    grouped step computes the same values), except that under mixed precision the
-    attention's tanh(keys + q) and its gradients are float32 here: the key and score
-    gradients are sums over all T steps, which bfloat16 (8 bits of mantissa) cannot hold
-    (300 equal steps stalled near 256), and on a CPU float32 is also the faster type for
-    these element-wise passes (bfloat16 training step +8 % on Intel with AMX).
-
-    The backward pass differs from what autodiff of the loop builds: its time loop carries
-    only what is recurrent (dh, the key gradient, the score vector's gradient) and one fused
-    matmul through the transposed query/gate/recurrent kernels; every weight gradient, the
-    feature gradient and the input-gate gradient are then computed after the loop as one
-    large matmul over all T * B rows, instead of T small ones accumulated step by step.
+    grouped step computes the same values). The backward pass
+    differs from what autodiff of the loop builds: its time loop carries only what is
+    recurrent (dh, the key gradient, the score vector's gradient) and one fused matmul
+    through the transposed query/gate/recurrent kernels; every weight gradient, the feature
+    gradient and the input-gate gradient are then computed after the loop as one large matmul
+    over all T * B rows, instead of T small ones accumulated step by step.
     """
     @tf.custom_gradient
     def run(x_gates, h0, keys, encoded, *weights):
@@ -124,9 +119,7 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
         # loop one step at a time, never stacked (e alone is T x B x P x U).
         outputs = [tf.TensorArray(h0.dtype, size=T), tf.TensorArray(h0.dtype, size=T),
                    tf.TensorArray(tf.float32, size=T)]
-        saved = StepSaved(*(tf.TensorArray(tf.float32 if f == "e" else h0.dtype, size=T)
-                            for f in StepSaved._fields))
-        keys32 = tf.cast(keys, tf.float32)                            # see the docstring
+        saved = StepSaved(*(tf.TensorArray(h0.dtype, size=T) for _ in StepSaved._fields))
 
         # h feeds the query, the gate and the recurrent gates: one matmul per step instead
         # of three (the same kernels, concatenated once per batch).
@@ -137,8 +130,8 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
         def body(t, h, outputs, saved):
             q, h_beta, h_gates = tf.split(tf.nn.bias_add(tf.matmul(h, h_kernels), h_bias),
                                           [U, E, 3 * U], axis=-1)   # (B, U), (B, E), (B, 3U)
-            h, context, alpha, step_saved = _update(w, x_gates[t], h, q, h_beta, h_gates,
-                                                    keys32, encoded)
+            h, context, alpha, step_saved = _update(w, x_gates[t], h, q, h_beta, h_gates, keys,
+                                                    encoded)
             outputs = [a.write(t, x) for a, x in zip(outputs, (h, context, alpha))]
             return t + 1, h, outputs, StepSaved(*(a.write(t, x)
                                                   for a, x in zip(saved, step_saved)))
@@ -189,11 +182,16 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
         alpha = alphas[t]                                             # (B, P) float32
         d_alpha = tf.cast(tf.einsum("be,bpe->bp", d_raw, encoded), tf.float32) + d_alphas[t]
         ds = alpha * (d_alpha - tf.reduce_sum(alpha * d_alpha, axis=-1, keepdims=True))
+        # The attention's gradients in float32 under mixed precision too: the key and score
+        # gradients are sums over all T steps, which bfloat16 (8 bits of mantissa) cannot
+        # hold (300 equal steps summed to about 256 of them). (Saving e in float32 as well
+        # made a CPU's bfloat16 step 5-8 % faster, but doubled the largest saved tensor.)
+        e = tf.cast(s.e, tf.float32)                                  # (B, P, U)
         # ds_bp w_u as a K=1 matmul: a broadcasting multiply took twice as long
-        d_e = tf.raw_ops.TanhGrad(y=s.e, dy=tf.reshape(
+        d_e = tf.raw_ops.TanhGrad(y=e, dy=tf.reshape(
             tf.matmul(tf.reshape(ds, [-1, 1]), score_row), tf.shape(s.e)))  # (B, P, U)
         d_score = d_score + tf.matmul(tf.reshape(ds, [1, -1]),
-                                      tf.reshape(s.e, [-1, U]))       # (1, U)
+                                      tf.reshape(e, [-1, U]))         # (1, U)
         d_q = tf.cast(tf.reduce_sum(d_e, axis=1), dt)                 # (B, U)
         # h feeds the query, the gate and the recurrent gates: one matmul back through all
         d_h_all = tf.concat([d_q, d_beta, d_z, d_r, d_cand * s.r], axis=-1)  # (B, U+E+3U)

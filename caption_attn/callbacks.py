@@ -15,6 +15,7 @@ of training.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import struct
@@ -298,8 +299,9 @@ class TensorBoardLogger(keras.callbacks.Callback):
 
     def write_pending(self) -> None:
         """Write the heatmaps still being drawn (waiting for them), when training stops on an
-        error or Ctrl-C: without it the last epoch's were lost."""
+        error or Ctrl-C (without it the last epoch's were lost), and flush both runs' summaries."""
         self._write_samples(wait=True)
+        self.train_writer.flush()
         self.val_writer.flush()
 
     def _write_samples(self, wait: bool = False) -> None:
@@ -340,7 +342,10 @@ def prune_event_files(log_dir: str, epochs: int, steps: int) -> int:
     heatmaps stood beside the new ones. Returns how many values were removed.
 
     A file with nothing to remove is left as it is; another is rewritten (a temporary file
-    renamed onto it). A record cut short by a kill ends the file's reading."""
+    renamed onto it; a TensorBoard already running keeps what it read until restarted). A
+    record cut short by a kill ends the file, whose rewrite drops it; a file damaged
+    inside is left as it is (TensorBoard reads it up to the damage too). A write that fails
+    (a full disk) is an OSError naming the file; the file is then left as it was."""
     import tensorflow as tf
     from tensorboard.compat.proto import event_pb2
 
@@ -349,6 +354,8 @@ def prune_event_files(log_dir: str, epochs: int, steps: int) -> int:
         folder = os.path.join(log_dir, sub)
         names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
         for name in names:
+            if name.startswith(f".{_PRUNED}.tmp."):   # `temp_name`'s, left by a pruning
+                os.remove(os.path.join(folder, name))   # that was killed half-way
             if "tfevents" not in name or name.startswith("."):
                 continue
             path = os.path.join(folder, name)
@@ -366,20 +373,34 @@ def prune_event_files(log_dir: str, epochs: int, steps: int) -> int:
                         del event.summary.value[:]
                         event.summary.value.extend(values)
                     kept.append(event.SerializeToString())
-            except tf.errors.DataLossError:
-                pass
+            except tf.errors.DataLossError as e:
+                if "truncated" not in (e.message or ""):
+                    continue
             if dropped:
-                tmp = temp_name(os.path.join(folder, "pruned-events"))
-                try:
-                    with tf.io.TFRecordWriter(tmp) as writer:
-                        for record in kept:
-                            writer.write(record)
-                    os.replace(tmp, path)
-                finally:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
+                _rewrite_events(path, kept)
                 removed += dropped
     return removed
+
+
+_PRUNED = "pruned-events"     # the temporary file's name (`temp_name`), without "tfevents"
+
+
+def _rewrite_events(path: str, records: list) -> None:
+    """The event file `path` made of `records` (serialized events), atomically."""
+    import tensorflow as tf
+
+    tmp = temp_name(os.path.join(os.path.dirname(path), _PRUNED))
+    try:
+        with tf.io.TFRecordWriter(tmp) as writer:
+            for record in records:
+                writer.write(record)
+        os.replace(tmp, path)
+    except tf.errors.OpError as e:
+        code = errno.ENOSPC if "No space left" in (e.message or "") else errno.EIO
+        raise OSError(code, os.strerror(code), path) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 _MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|])")
@@ -433,9 +454,9 @@ class AttentionSnapshots(keras.callbacks.Callback):
             names = heatmap_names([s["image"] for s in samples])
             for name, s in zip(names, samples):
                 write_bytes_atomic(os.path.join(folder, name), s["png"])
-            # an epoch trained again (a resume from an older checkpoint) with other
-            # --sample-images: the heatmaps of images no longer sampled were of the model
-            # trained before, and passed for this one's
+            # a folder of this epoch written before (the Trainer removes those of epochs a
+            # resume trains again, but not every user of this callback is a Trainer): the
+            # heatmaps of images no longer sampled were of another model
             for old in set(os.listdir(folder) if os.path.isdir(folder) else ()) - set(names):
                 if old.endswith(".png"):
                     os.remove(os.path.join(folder, old))

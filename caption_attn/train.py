@@ -744,15 +744,17 @@ class Trainer:
         kept them as if of its own epochs."""
         points = prune_event_files(self.run.logs, done, steps)
         folder = self.run.attention
-        later = sorted(k for k in (int(name[len("epoch_"):]) for name in (
-            os.listdir(folder) if os.path.isdir(folder) else ())
-            if re.fullmatch(r"epoch_[0-9]+", name)) if k > done)
-        for k in later:
-            shutil.rmtree(self.run.attention_epoch(k))
+        later = {}                                                # epoch -> folder name
+        for name in os.listdir(folder) if os.path.isdir(folder) else ():
+            number = re.fullmatch(r"epoch_([0-9]+)", name)
+            if number and int(number[1]) > done and os.path.isdir(os.path.join(folder, name)):
+                later[int(number[1])] = name
+        for name in later.values():
+            shutil.rmtree(os.path.join(folder, name))
         if points or later:
             gone = [f"{points} TensorBoard value(s)"] if points else []
             if later:
-                gone.append(f"the heatmaps of epoch(s) {', '.join(map(str, later))}")
+                gone.append(f"the heatmaps of epoch(s) {', '.join(map(str, sorted(later)))}")
             self.log(f"note: this run goes on from epoch {done}, step {steps}: removed "
                      f"{' and '.join(gone)} logged after that point by the process that "
                      f"stopped (that training is done again)")

@@ -301,10 +301,64 @@ def test_pruning_reads_an_event_file_cut_short_by_a_kill(tmp_path):
     _log_epochs(logs, range(3))
     path, = glob.glob(os.path.join(logs, "train", "events.out.tfevents.*"))
     with open(path, "ab") as f:
-        f.write(b"\x20\x00\x00\x00\x00\x00\x00\x00half a record")
+        f.write(b"\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # 11 of 12 header bytes
+    with open(os.path.join(logs, "train", ".pruned-events.tmp.99.host"), "wb") as f:
+        f.write(b"left by a pruning killed half-way")
     assert prune_event_files(logs, 1, 10) > 0
     assert sorted(step for step, v in _events(os.path.join(logs, "train"))
                   if v.tag == "epoch_loss") == [1]
+    assert os.listdir(os.path.join(logs, "train")) == [os.path.basename(path)]
+
+
+def test_pruning_leaves_an_event_file_damaged_inside_as_it_is(tmp_path):
+    # what follows the damage cannot be read (by TensorBoard either): a rewrite would lose it
+    import glob
+    import os
+
+    from caption_attn.callbacks import prune_event_files
+
+    logs = str(tmp_path / "logs")
+    _log_epochs(logs, range(3))
+    path, = glob.glob(os.path.join(logs, "validation", "events.out.tfevents.*"))
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    damaged = open(path, "rb").read()
+    assert prune_event_files(logs, 1, 10) > 0          # the train run's file is pruned
+    assert open(path, "rb").read() == damaged
+
+
+def test_a_pruning_that_cannot_write_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    # a full disk: TensorFlow's ResourceExhaustedError read as "out of memory" by train
+    import errno
+    import glob
+    import os
+
+    import tensorflow as tf
+
+    from caption_attn.callbacks import prune_event_files
+
+    logs = str(tmp_path / "logs")
+    _log_epochs(logs, range(3))
+    before = {p: open(p, "rb").read() for p in glob.glob(os.path.join(logs, "*", "*"))}
+
+    class FullDisk:
+        def __init__(self, path):
+            open(path, "wb").close()
+
+        def __enter__(self):
+            raise tf.errors.ResourceExhaustedError(None, None, "... No space left on device")
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(tf.io, "TFRecordWriter", FullDisk)
+    with pytest.raises(OSError) as e:
+        prune_event_files(logs, 1, 10)
+    assert e.value.errno == errno.ENOSPC and "tfevents" in e.value.filename
+    assert {p: open(p, "rb").read() for p in glob.glob(os.path.join(logs, "*", "*"))} == before
+    assert not [n for n in os.listdir(os.path.join(logs, "train")) if n.startswith(".")]
 
 
 def test_png_size_rejects_other_bytes():

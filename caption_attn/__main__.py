@@ -2,7 +2,7 @@
 
 import sys
 
-from caption_attn.cli import main
+from caption_attn.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -13,12 +13,13 @@ import json
 import os
 import select
 import sys
+import traceback
 import typing
 from typing import Callable, Optional, Sequence
 
 from caption_attn import config as C
 from caption_attn.errors import UserError
-from caption_attn.fileio import exit_past_hdf5, one_line
+from caption_attn.fileio import exit_past_hdf5, hdf5_write_failed, one_line
 from caption_attn.run import check_folder_writable
 
 PROG = "caption-attn"
@@ -409,11 +410,21 @@ def stdout_closed() -> int:
 USES_TENSORFLOW = ("extract-features", "train", "caption", "evaluate", "export", "demo")
 
 
+def entry() -> int:
+    """The `caption-attn` program (console script, `python -m caption_attn`): `main`, then
+    `exit_past_hdf5` (only here: `main` is also called in-process, by tests and scripts,
+    where ending the interpreter is not its to do)."""
+    try:
+        code = main()
+    except BaseException:
+        if not hdf5_write_failed():
+            raise
+        traceback.print_exc()
+        code = 1
+    return exit_past_hdf5(code)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return exit_past_hdf5(_main(argv))
-
-
-def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -460,4 +471,4 @@ def flushed(code: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

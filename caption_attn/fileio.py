@@ -59,8 +59,13 @@ def atomic_path(path: str, suffix: str = ""):
         raise
 
 
-# Set when an h5py write through `keras_file_atomic` failed: see `exit_past_hdf5`.
-hdf5_write_failed = False
+# An h5py write through `keras_file_atomic` failed (see `exit_past_hdf5`).
+_hdf5_write_failed = False
+
+
+def hdf5_write_failed() -> bool:
+    """Whether an h5py write through `keras_file_atomic` failed in this process."""
+    return _hdf5_write_failed
 
 
 @contextlib.contextmanager
@@ -72,8 +77,8 @@ def keras_file_atomic(path: str, suffix: str, model, copies: int = 1):
     at exit (a segmentation fault, exit 139, in HDF5's own exit handler, after the command's
     error message). A disk already too full is refused here instead, as the OSError of a full
     disk naming `path`; a disk that fills during the write (another process writing) sets
-    `hdf5_write_failed`, for `exit_past_hdf5`."""
-    global hdf5_write_failed
+    `hdf5_write_failed()`, for `exit_past_hdf5`."""
+    global _hdf5_write_failed
     needed = int(copies * sum(_nbytes(v) for v in model.weights) * 1.1) + 2 ** 20
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -85,16 +90,16 @@ def keras_file_atomic(path: str, suffix: str, model, copies: int = 1):
         with atomic_path(path, suffix) as tmp:
             yield tmp
     except OSError:
-        hdf5_write_failed = True
+        _hdf5_write_failed = True
         raise
 
 
 def exit_past_hdf5(code: int) -> int:
     """`code`, for a process about to end with it; after a failed h5py write
-    (`hdf5_write_failed`) the process ends here instead (`os._exit`, its output flushed),
+    (`hdf5_write_failed()`) the process ends here instead (`os._exit`, its output flushed),
     past the exit handler of HDF5 that would crash it: the command's exit status stays the
     one its error message goes with, not 139."""
-    if hdf5_write_failed:
+    if _hdf5_write_failed:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()

@@ -112,3 +112,26 @@ def test_a_keras_write_that_fills_the_disk_ends_with_its_own_status(tmp_path):
         assert os.listdir(small) == []                       # no temporary file left either
     finally:
         subprocess.run(["umount", str(small)], capture_output=True)
+
+
+_ENTRY = """
+import atexit, sys
+from caption_attn import cli, fileio
+fileio._hdf5_write_failed = sys.argv[1] == "failed"
+atexit.register(print, "exit handlers ran", flush=True)   # as HDF5's crashing one would
+sys.argv = ["caption-attn", "inspect", "--captions", sys.argv[2]]
+sys.exit(cli.entry())
+"""
+
+
+@pytest.mark.parametrize("h5", ["failed", "fine"])
+def test_the_program_ends_past_exit_handlers_only_after_a_failed_hdf5_write(tmp_path, h5):
+    import subprocess
+    import sys
+
+    missing = str(tmp_path / "missing.json")
+    done = subprocess.run([sys.executable, "-c", _ENTRY, h5, missing], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2                          # inspect's status for a missing file
+    assert missing in done.stderr and "not found" in done.stderr   # flushed before os._exit
+    assert ("exit handlers ran" in done.stdout) == (h5 == "fine")

@@ -6,6 +6,8 @@
 - `TensorBoardLogger`: scalars, sample captions (text), attention heatmaps (images) and the
   run's hyperparameters (HParams dashboard) under `logs/train` and `logs/validation`.
 - `AttentionSnapshots`: the same heatmaps as PNG files under `attention/epoch_K/`.
+- `prune_event_files`: on resume, the TensorBoard values a stopped process logged after the
+  checkpoint the run goes on from are removed (that training is done again).
 
 The sample heatmaps (`samples(epoch)`) may come as a list or as a `concurrent.futures.Future`
 of one (drawn in a background thread while the next epoch trains); both callbacks then write

@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence, Union
 import keras
 import numpy as np
 
-from caption_attn.fileio import temp_name, write_bytes_atomic
+from caption_attn.fileio import atomic_path, write_bytes_atomic
 from caption_attn.config import MONITORS
 from caption_attn.errors import UserError
 
@@ -384,25 +384,20 @@ def prune_event_files(log_dir: str, epochs: int, steps: int) -> int:
     return removed
 
 
-_PRUNED = "pruned-events"     # the temporary file's name (`temp_name`), without "tfevents"
+_PRUNED = "pruned-events"   # the temporary file's name (`atomic_path`), without "tfevents"
 
 
 def _rewrite_events(path: str, records: list) -> None:
     """The event file `path` made of `records` (serialized events), atomically."""
     import tensorflow as tf
 
-    tmp = temp_name(os.path.join(os.path.dirname(path), _PRUNED))
     try:
-        with tf.io.TFRecordWriter(tmp) as writer:
+        with atomic_path(path, temp_of=_PRUNED) as tmp, tf.io.TFRecordWriter(tmp) as writer:
             for record in records:
                 writer.write(record)
-        os.replace(tmp, path)
     except tf.errors.OpError as e:
         code = errno.ENOSPC if "No space left" in (e.message or "") else errno.EIO
         raise OSError(code, os.strerror(code), path) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 _MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|])")

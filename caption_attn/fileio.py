@@ -43,13 +43,14 @@ def longest_temp_name(name: str) -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str, suffix: str = ""):
+def atomic_path(path: str, suffix: str = "", temp_of: str = ""):
     """Yields a temporary path (`temp_name`) to write; renamed onto `path` when the block
     succeeds, removed when it fails, so a crash or kill never leaves a half-written file under
     the final name. Creates the parent folder. `suffix` is for writers that insist on one
-    (Keras: `.keras`, `.weights.h5`)."""
+    (Keras: `.keras`, `.weights.h5`); `temp_of` names the temporary file after another name
+    in the same folder (one a reader of the folder must not take for `path`'s kind)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = temp_name(path, suffix)
+    tmp = temp_name(os.path.join(os.path.dirname(path), temp_of) if temp_of else path, suffix)
     try:
         yield tmp
         os.replace(tmp, path)

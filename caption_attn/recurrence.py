@@ -3,10 +3,9 @@
 `attend_and_update` is one step (Bahdanau attention, gated context, GRU), the same function
 for decoding (`ShowAttendTell.decode_step`; `grouped_attend_and_update`, the same values, for
 beam search's K sequences per image over the image's context held once) and teacher
-forcing. `teacher_forced_recurrence`
-runs it over all T steps with back-propagation through time written out: the backward loop
-carries only what is recurrent, and every weight gradient is one large matmul over all T * B
-rows after it. `output_cross_entropy` is the output layer's cross-entropy with its gradient
+forcing. `teacher_forced_recurrence` runs it over all T steps with back-propagation through
+time written out: the backward loop carries only what is recurrent, and every weight
+gradient is one large matmul over all T * B rows after it. `output_cross_entropy` is the output layer's cross-entropy with its gradient
 written out, and `dense_rows` a Dense layer as one 2-D matmul. The tests check all of them
 against autodiff of `ShowAttendTell.call`.
 
@@ -104,12 +103,12 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
     contexts (T, B, E), alphas (T, B, P) float32.
 
     The forward pass is the function `decode_step` runs step by step (beam search's
-    grouped step computes the same values). The backward pass
-    differs from what autodiff of the loop builds: its time loop carries only what is
-    recurrent (dh, the key gradient, the score vector's gradient) and one fused matmul
-    through the transposed query/gate/recurrent kernels; every weight gradient, the feature
-    gradient and the input-gate gradient are then computed after the loop as one large matmul
-    over all T * B rows, instead of T small ones accumulated step by step.
+    grouped step computes the same values). The backward pass differs from what autodiff of
+    the loop builds: its time loop carries only what is recurrent (dh, the key gradient, the
+    score vector's gradient) and one fused matmul through the transposed
+    query/gate/recurrent kernels; every weight gradient, the feature gradient and the
+    input-gate gradient are then computed after the loop as one large matmul over all T * B
+    rows, instead of T small ones accumulated step by step.
     """
     @tf.custom_gradient
     def run(x_gates, h0, keys, encoded, *weights):

@@ -53,10 +53,10 @@ class Caption:
         return math.exp(self.log_prob)
 
 
-def masked_step(step_fn, banned: Sequence[int] = BANNED):
-    """`step_fn` whose logits of the `banned` ids are -inf."""
+def masked_step(step_fn, banned: Sequence[int] = BANNED, **step_kwargs):
+    """`step_fn` (called with `step_kwargs`) whose logits of the `banned` ids are -inf."""
     def step(tokens, state, context):
-        logits, state, attention = step_fn(tokens, state, context)   # (N, V), ., (N, P)
+        logits, state, attention = step_fn(tokens, state, context, **step_kwargs)
         vocab_size = tf.shape(logits)[-1]
         mask = tf.reduce_sum(tf.one_hot(list(banned), vocab_size), axis=0)  # (V,)
         return tf.where(mask > 0, float("-inf"), logits), state, attention
@@ -65,14 +65,19 @@ def masked_step(step_fn, banned: Sequence[int] = BANNED):
     return step
 
 
-def make_decoder(model, cfg: DecodeConfig, max_length: int):
+def make_decoder(model, cfg: DecodeConfig, max_length: int, fixed_weights: bool = False):
     """features (B, 64, 2048) float32 -> DecodeResult, for any batch size (a sampler also
     takes ids (B,) int64: each image's own random stream, see `decode.sample`): one tf.function
     that encodes the features (`init_decoder`, the standardisation folded into the encoder of
     a float32 model) and runs the whole decoding loop, the loop XLA-compiled with `cfg.xla`,
     and by default (see `xla_min_images`) for batches of known size B >= cfg.xla_min_images
     of a float32 model only. Called inside another tf.function on a batch of unknown size
-    (`export`), it is the plain loop."""
+    (`export`), it is the plain loop.
+
+    `fixed_weights` promises that the model's weights never change from here on (the
+    `Captioner`'s best model; not a model in training): the compiled loop then looks every
+    step's GRU input gates up in the model's `gate_table`, built at its first call, instead
+    of a matmul per step."""
     plain = _decoder_function(model, cfg, max_length, jit_compile=cfg.xla)
     # Not for samples (their decoder takes each image's ids too; `--xla` draws the same
     # samples, see `decode._hashed_uniform`), nor for a model
@@ -81,23 +86,40 @@ def make_decoder(model, cfg: DecodeConfig, max_length: int):
     if cfg.xla or not cfg.xla_min_images or cfg.method == "sample" \
             or getattr(model, "compute_dtype", "float32") != "float32":
         return plain
-    compiled = _decoder_function(model, cfg, max_length, jit_compile=True)
+    compiled = _decoder_function(model, cfg, max_length, jit_compile=True,
+                                 gates=fixed_weights)
+    table = []   # the gate table, once built
 
     def run(features):
         n = features.shape[0]
-        return (compiled if n is not None and n >= cfg.xla_min_images else plain)(features)
+        if n is None or n < cfg.xla_min_images:
+            return plain(features)
+        if not fixed_weights:
+            return compiled(features)
+        if not table:
+            with tf.init_scope():   # eager even when called while tracing
+                table.append(model.gate_table())                      # (V, 3U)
+        return compiled(features, table[0])
     run.plain, run.compiled = plain, compiled
     return run
 
 
-def _decoder_function(model, cfg: DecodeConfig, max_length: int, jit_compile: bool):
-    spec = tf.TensorSpec([None, *FEATURE_SHAPE], tf.float32)
+def _decoder_function(model, cfg: DecodeConfig, max_length: int, jit_compile: bool,
+                      gates: bool = False):
+    """The tf.function of `make_decoder`; with `gates` (not for samples) it also takes the
+    model's gate table (V, 3U), whose rows the steps look up."""
+    spec = [tf.TensorSpec([None, *FEATURE_SHAPE], tf.float32)]
+    if gates:
+        spec.append(tf.TensorSpec([None, None], model.compute_dtype))
     # the untiled context for beam search (`decode_step_per_image`), where the model has it
     # (export's TFLite wrapper of the model only has `decode_step`)
-    step = masked_step(getattr(model, "decode_step_per_image", model.decode_step))
+    model_step = getattr(model, "decode_step_per_image", model.decode_step)
 
     def init(features):   # one pass less over the features (`ShowAttendTell._folded_encoder`)
         return model.init_decoder(features, fold_standardization=True)
+
+    def step(table):      # table: () or (the gate table,)
+        return masked_step(model_step, **({"gates": table[0]} if table else {}))
     kwargs = {"max_length": max_length}
     if cfg.method == "beam":
         kwargs.update(beam_size=cfg.beam, length_penalty=cfg.length_penalty)
@@ -106,22 +128,23 @@ def _decoder_function(model, cfg: DecodeConfig, max_length: int, jit_compile: bo
 
         @tf.function(jit_compile=jit_compile or None, autograph=False)
         def sample_loop(state, context, ids):
-            return decode_lib.sample(step, state, context, ids=ids, **kwargs)
+            return decode_lib.sample(step(()), state, context, ids=ids, **kwargs)
 
-        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.int64)], autograph=False)
+        @tf.function(input_signature=[spec[0], tf.TensorSpec([None], tf.int64)],
+                     autograph=False)
         def run_sample(features, ids):
             return sample_loop(*init(features), ids)
         return run_sample
 
     @tf.function(jit_compile=jit_compile or None, autograph=False)
-    def loop(state, context):
-        return decode_lib.decode(step, state, context, cfg.method, **kwargs)
+    def loop(state, context, *table):
+        return decode_lib.decode(step(table), state, context, cfg.method, **kwargs)
 
     # The encoder and key projection outside XLA: oneDNN's matmuls of (B * 64) rows were
     # ~12% faster than XLA's (49-52 against 56-61 ms at 256 images, on 2 cores)
-    @tf.function(input_signature=[spec], autograph=False)
-    def run(features):
-        return loop(*init(features))
+    @tf.function(input_signature=spec, autograph=False)
+    def run(features, *table):
+        return loop(*init(features), *table)
     return run
 
 
@@ -155,7 +178,7 @@ class Captioner:
         self.cache = cache or run_cfg.cache   # where the run's features (and backbone) are
         self._cache_flag = bool(cache)        # given as --cache (not the run's own)
         self.max_length = cfg.max_length or run_cfg.vocab.max_length + 1
-        self._decoder = make_decoder(model, cfg, self.max_length)
+        self._decoder = make_decoder(model, cfg, self.max_length, fixed_weights=True)
         self._backbone = None
 
     @classmethod

@@ -258,25 +258,35 @@ class ShowAttendTell(keras.Model):
         y = self.encoder.activation(tf.nn.bias_add(y, bias))
         return tf.reshape(y, tf.concat([tf.shape(features)[:-1], [self.embedding_dim]], 0))
 
-    def decode_step(self, tokens, state, context, training=False):
+    def gate_table(self):
+        """Every word's embedding share of the GRU gates, (V, 3U) in the compute dtype: row w
+        is what a decoding step computes for token w with one (N, E) x (E, 3U) matmul. Given
+        to `decode_step(..., gates=)`, its rows are looked up instead; only for weights that
+        no longer change (`captioner.make_decoder(..., fixed_weights=True)`)."""
+        return self.gru_embed(self.embedding.embeddings)
+
+    def decode_step(self, tokens, state, context, training=False, gates=None):
         """tokens (B,) int32 -> logits (B, V) float32, new state, attention (B, P) float32.
 
-        `training` switches the output dropout on (sampling for self-critical training)."""
-        return self._decode_with(attend_and_update, tokens, state, context, training)
+        `training` switches the output dropout on (sampling for self-critical training);
+        `gates` is this model's `gate_table()`, or None to compute the rows needed."""
+        return self._decode_with(attend_and_update, tokens, state, context, training, gates)
 
     @per_image_context
-    def decode_step_per_image(self, tokens, state, context, training=False):
+    def decode_step_per_image(self, tokens, state, context, training=False, gates=None):
         """`decode_step` with the context of `init_decoder` held once per image while the
         tokens and state have K rows per image (N = B * K, an image's rows adjacent): beam
         search and `num_samples` then do not tile it (`decode.per_image_context`). The same
         values as `decode_step` on the context tiled K times."""
-        return self._decode_with(grouped_attend_and_update, tokens, state, context, training)
+        return self._decode_with(grouped_attend_and_update, tokens, state, context, training,
+                                 gates)
 
-    def _decode_with(self, update, tokens, state, context, training):
+    def _decode_with(self, update, tokens, state, context, training, gates):
         """One decoding step around `update` (the recurrence's attention and GRU step)."""
         (h,), (keys, encoded) = state, context
         embedded = self.embedding(tokens)                            # (N, E)
-        x_gates = self.gru_embed(embedded)                           # (N, 3U)
+        x_gates = (self.gru_embed(embedded) if gates is None
+                   else tf.gather(gates, tokens))                    # (N, 3U)
         h, ctx, alpha = update(self.step_weights(), x_gates, h, keys, encoded)[:3]
         return self._output(embedded, h, ctx, training), (h,), alpha
 

@@ -236,6 +236,34 @@ def test_decoding_compiles_nothing_for_one_image_or_inside_a_graph():
     assert not hasattr(captioner.make_decoder(mixed, DecodeConfig(beam=3), 5), "compiled")
 
 
+@pytest.mark.parametrize("beam", [1, 3])
+def test_fixed_weights_look_the_gates_up_in_a_table_built_once(beam):
+    """The `Captioner`'s decoder (`fixed_weights`) builds the model's gate table at its first
+    compiled batch, once, and gives the captions of the decoder without it; a one-image
+    batch (plain loop) does not build it, and a decoder of weights that may still change
+    (training's validator: no `fixed_weights`) never does."""
+    from caption_attn.model import ShowAttendTell
+    keras.utils.set_random_seed(0)
+    model = ShowAttendTell(12, 8, 16)
+    built = []
+    model.gate_table = lambda: built.append(1) or ShowAttendTell.gate_table(model)
+    feats = tf.random.uniform([3, *FEATURE_SHAPE], seed=1)
+    cfg = DecodeConfig(beam=beam, xla_min_images=2)
+    fixed = captioner.make_decoder(model, cfg, 6, fixed_weights=True)
+    fixed(feats[:1])
+    assert built == []                                   # one image: plain, no table
+    got = [fixed(feats), fixed(feats[1:])]
+    assert built == [1]                                  # built once, for both batches
+    assert fixed.compiled.experimental_get_tracing_count() == 1
+    changing = captioner.make_decoder(model, cfg, 6)
+    want = [changing(feats), changing(feats[1:])]
+    assert built == [1]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.tokens, w.tokens)
+        np.testing.assert_allclose(g.log_probs, w.log_probs, atol=1e-5)
+        np.testing.assert_allclose(g.attention, w.attention, atol=1e-5)
+
+
 def test_banned_tokens_are_masked_and_the_per_image_context_mark_is_kept():
     """`masked_step` of the model's `decode_step_per_image` keeps it taking the context once
     per image (beam search would otherwise tile it), and bans <pad> and <start>."""

@@ -59,6 +59,32 @@ def test_decode_step_per_image_equals_decode_step_on_the_tiled_context(model, ba
     assert not np.allclose(a_logits[0].numpy(), a_logits[1].numpy())  # the K rows differ
 
 
+@pytest.mark.parametrize("per_image", [False, True])
+def test_decoding_steps_with_the_gate_table_equal_the_steps_without(model, batch, per_image):
+    """`gate_table` row w is the GRU input gates a step computes for token w: a step given the
+    table looks its rows up and gives the same logits, state and attention."""
+    features, tokens = batch
+    table = model.gate_table()
+    assert table.shape == (V, 3 * U)
+    np.testing.assert_allclose(table.numpy()[tokens[:, 0].numpy()],
+                               model.gru_embed(model.embedding(tokens[:, 0])).numpy(),
+                               atol=1e-6)
+    step = model.decode_step_per_image if per_image else model.decode_step
+    a_state = b_state = model.init_decoder(features)[0]
+    context = model.init_decoder(features)[1]
+    for t in range(tokens.shape[1]):
+        a_logits, a_state, a_alpha = step(tokens[:, t], a_state, context)
+        b_logits, b_state, b_alpha = step(tokens[:, t], b_state, context, gates=table)
+        np.testing.assert_allclose(b_logits.numpy(), a_logits.numpy(), atol=1e-5)
+        np.testing.assert_allclose(b_alpha.numpy(), a_alpha.numpy(), atol=1e-6)
+        np.testing.assert_allclose(b_state[0].numpy(), a_state[0].numpy(), atol=1e-6)
+    # the table is what the step reads: another table, other logits
+    c_logits = step(tokens[:, 0], model.init_decoder(features)[0], context,
+                    gates=table + 1.0)[0]
+    a_logits = step(tokens[:, 0], model.init_decoder(features)[0], context)[0]
+    assert not np.allclose(c_logits.numpy(), a_logits.numpy(), atol=1e-3)
+
+
 def test_folded_standardization_gives_the_same_decoder_inputs(batch):
     keras.utils.set_random_seed(3)
     m = ShowAttendTell(V, E, U)

@@ -72,6 +72,37 @@ ISA_WITHOUT_BFLOAT16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX
                         "AVX512_CORE_VNNI"}
 
 
+# oneDNN instruction sets (ONEDNN_MAX_CPU_ISA values) without AVX-512
+ISA_WITHOUT_AVX512 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
+XLA_WIDE_VECTORS = "--xla_cpu_prefer_vector_width=512"
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
+    """The CPU's feature flags (words of /proc/cpuinfo); empty where it cannot be read."""
+    try:
+        with open(cpuinfo) as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
+def prefer_wide_xla_vectors(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) -> None:
+    """Ask XLA (`XLA_FLAGS`) for 512-bit vectors in its CPU code where AVX-512 runs at full
+    speed: CPUs with AVX512-BF16 or AMX (AMD Zen 4, Intel Sapphire Rapids and later). XLA's
+    default, 256 bits, spares older Intel AVX-512 cores their lower clock; on these it leaves
+    half of every vector unused (the compiled decoding loop took 0.91x the time greedy and
+    0.95x beam-3 with 512, on Intel with AMX). Nothing changes where `XLA_FLAGS` already
+    choose a width, oneDNN is capped below AVX-512 (`ONEDNN_MAX_CPU_ISA=AVX2`, how the README
+    imitates an AVX2-only CPU) or the CPU has neither. XLA reads its flags at its first
+    compile in the process: call this before it."""
+    current = environ.get("XLA_FLAGS", "")
+    cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if "xla_cpu_prefer_vector_width" in current or cap in ISA_WITHOUT_AVX512 \
+            or not cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"}:
+        return
+    environ["XLA_FLAGS"] = f"{current} {XLA_WIDE_VECTORS}".strip()
+
+
 def native_bfloat16(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) -> bool:
     """Whether bfloat16 runs natively here: on a GPU, or a CPU with AVX512-BF16 or AMX. On
     others (AVX2-only CPUs) TensorFlow emulates it, slower than float32, so no automatic
@@ -85,12 +116,7 @@ def native_bfloat16(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) -> bool:
     cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").upper()
     if cap in ISA_WITHOUT_BFLOAT16:
         return False
-    try:
-        with open(cpuinfo) as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
 
 
 def imagenet_weights_path() -> str:

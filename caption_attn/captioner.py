@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from caption_attn import decode as decode_lib
 from caption_attn import model as _model  # noqa: F401  registers the Keras classes to load
-from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone
+from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone, prefer_wide_xla_vectors
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import MANIFEST, read_manifest
@@ -78,6 +78,8 @@ def make_decoder(model, cfg: DecodeConfig, max_length: int, fixed_weights: bool 
     `Captioner`'s best model; not a model in training): the compiled loop then looks every
     step's GRU input gates up in the model's `gate_table`, built at its first call, instead
     of a matmul per step."""
+    if cfg.xla:
+        prefer_wide_xla_vectors()
     plain = _decoder_function(model, cfg, max_length, jit_compile=cfg.xla)
     # Not for samples (their decoder takes each image's ids too; `--xla` draws the same
     # samples, see `decode._hashed_uniform`), nor for a model
@@ -86,6 +88,7 @@ def make_decoder(model, cfg: DecodeConfig, max_length: int, fixed_weights: bool 
     if cfg.xla or not cfg.xla_min_images or cfg.method == "sample" \
             or getattr(model, "compute_dtype", "float32") != "float32":
         return plain
+    prefer_wide_xla_vectors()
     compiled = _decoder_function(model, cfg, max_length, jit_compile=True,
                                  gates=fixed_weights)
     table = []   # the gate table, once built

@@ -144,3 +144,41 @@ def test_a_onednn_cap_below_bfloat16_is_not_native(tmp_path, environ, native):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16\n")
     assert native_bfloat16(str(cpuinfo), environ) is native
+
+
+@pytest.mark.parametrize("flags, environ, want", [
+    ("avx2 avx512f avx512_bf16", {}, "--xla_cpu_prefer_vector_width=512"),
+    ("avx2 avx512f amx_bf16 amx_tile", {"XLA_FLAGS": "--xla_dump_to=/tmp/x"},
+     "--xla_dump_to=/tmp/x --xla_cpu_prefer_vector_width=512"),   # the user's flags kept
+    ("fpu avx2 fma", {}, None),                                      # AVX2 only (Zen 3)
+    ("avx2 avx512f avx512bw", {}, None),                             # older AVX-512 (clocks down)
+    ("avx2 avx512f avx512_bf16", {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"},
+     "--xla_cpu_prefer_vector_width=256"),                           # the user's choice
+    ("avx2 avx512f avx512_bf16", {"ONEDNN_MAX_CPU_ISA": "AVX2"}, None),  # imitating Zen 3
+])
+def test_xla_gets_512_bit_vectors_only_where_they_run_at_full_speed(tmp_path, flags, environ,
+                                                                     want):
+    from caption_attn.backbone import prefer_wide_xla_vectors
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    prefer_wide_xla_vectors(str(cpuinfo), environ)
+    assert environ.get("XLA_FLAGS") == want
+    prefer_wide_xla_vectors(str(cpuinfo), environ)                   # idempotent
+    assert environ.get("XLA_FLAGS") == want
+
+
+def test_xla_vector_width_is_chosen_only_for_decoders_that_compile(monkeypatch):
+    """`make_decoder` asks for the width before XLA's first compile (XLA reads its flags
+    once), and only when it may compile: not for training's validator (nothing compiled)."""
+    from caption_attn import captioner
+    from caption_attn.config import DecodeConfig
+    from caption_attn.model import ShowAttendTell
+    calls = []
+    monkeypatch.setattr(captioner, "prefer_wide_xla_vectors", lambda: calls.append(1))
+    model = ShowAttendTell(12, 8, 16)
+    captioner.make_decoder(model, DecodeConfig(beam=1, xla_min_images=0), 5)
+    captioner.make_decoder(model, DecodeConfig(sample=True), 5)
+    assert calls == []
+    captioner.make_decoder(model, DecodeConfig(beam=3), 5)
+    captioner.make_decoder(model, DecodeConfig(beam=1, xla=True, xla_min_images=0), 5)
+    assert calls == [1, 1]

@@ -19,6 +19,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
@@ -31,6 +32,7 @@ _PAD_INCHES = 0.05  # around each panel's image
 _WORD_INCHES = 0.3  # the word above each panel
 _TITLE_INCHES = 0.4  # the figure title
 _COLORBAR_INCHES = 1.0  # colorbar, its tick labels and its label
+_WORD_GAP_POINTS = 6.0  # between a panel and its word's baseline (an axes title's pad)
 PNG_COMPRESSION = 3  # zlib level; 13-word figure: 55 ms, 567 KB (level 6: 150 ms, 506 KB)
 CMAP = "inferno"  # dark = ignored, bright = attended: a spotlight on the attended region
 
@@ -144,22 +146,36 @@ def attention_figure(
 
     image: (H, W, 3) uint8 RGB. attention: (T, 64) or (T, 8, 8) with T >= len(words); row t
     belongs to words[t], extra rows (e.g. the step that produced `<end>`) are ignored.
+
+    Each panel is blended here, at the pixel size it is drawn at: the image resized once,
+    each map upsampled to it and coloured by CMAP, (1 - alpha) image + alpha map, then placed
+    on the figure as it is (`Figure.figimage`: no axes, no resampling) with its word above
+    it as a figure text. Axes per panel, each with two resampled images, drew the same
+    picture in twice the time (0.29 against 0.145 s of CPU for 15 words at 299 x 299, most of
+    it making the axes); a large photo was resampled at full size twice per word.
     """
     image = _check_image(image)
     grids = _check_words(words, attention)  # (n, 8, 8)
     height, width = image.shape[:2]
-    maps = [upsample_attention(g, (height, width)) for g in grids]  # n x (H, W)
-    norm = Normalize(vmin=0.0, vmax=max(float(np.max(maps)), 1e-8))
-
     rows, cols = grid_shape(len(words))
     size, panels, colorbar, title_y = _layout(rows, cols, height / width, bool(title))
     fig = _new_figure(size)
-    for rect, word, heat in zip(panels, words, maps):
-        ax = fig.add_axes(rect)
-        ax.imshow(image)
-        ax.imshow(heat, cmap=CMAP, norm=norm, alpha=alpha)
-        ax.set_title(word, fontsize=11, y=1.0, parse_math=False)  # y: no search for ticks
-        ax.set_axis_off()
+    fig_w, fig_h = size[0] * fig.dpi, size[1] * fig.dpi  # pixels
+    panel_w = max(1, round(panels[0][2] * fig_w))
+    panel_h = max(1, round(panels[0][3] * fig_h))
+    shrink = panel_w < width or panel_h < height
+    base = cv2.resize(image, (panel_w, panel_h),
+                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+    maps = np.stack([upsample_attention(g, (panel_h, panel_w)) for g in grids])  # (n, h, w)
+    norm = Normalize(vmin=0.0, vmax=max(float(np.max(maps)), 1e-8))
+    colored = colormaps[CMAP](norm(maps), bytes=True)[..., :3]  # (n, h, w, 3) uint8
+    blended = np.rint((1.0 - alpha) * base.astype(np.float32)
+                      + alpha * colored.astype(np.float32)).astype(np.uint8)
+    word_gap = _WORD_GAP_POINTS / 72 / size[1]  # figure fraction
+    for (left, bottom, w, h), word, panel in zip(panels, words, blended):
+        fig.figimage(panel, xo=round(left * fig_w), yo=round(bottom * fig_h), origin="upper")
+        fig.text(left + w / 2, bottom + h + word_gap, word, ha="center", va="baseline",
+                 fontsize=11, parse_math=False)  # parse_math: "$" is not TeX
     mappable = ScalarMappable(norm=norm, cmap=CMAP)
     fig.colorbar(mappable, cax=fig.add_axes(colorbar), label="attention weight")
     if title:

@@ -28,8 +28,19 @@ def _attention(t, rng_seed=0):
     return a / a.sum(axis=1, keepdims=True)  # (T, 64), rows sum to 1 like softmax output
 
 
-def _image_axes(fig):
-    return [ax for ax in fig.axes if ax.images]
+def _panels(fig):
+    """The panels' images (`Figure.figimage`), in word order."""
+    return fig.images
+
+
+def _words(fig):
+    return [t.get_text() for t in fig.texts if t is not fig._suptitle]
+
+
+def _panel_box(fig, panel):
+    """(x0, y0, x1, y1) of a panel in figure pixels, from the bottom left."""
+    h, w = panel.get_size()
+    return panel.ox, panel.oy, panel.ox + w, panel.oy + h
 
 
 # --- grid_shape ---------------------------------------------------------------------------
@@ -120,30 +131,52 @@ def test_upsample_rejects_bad_size():
 def test_figure_has_one_titled_panel_per_word(n):
     words = WORDS[:n]
     fig = attention_figure(_image(), words, _attention(n + 1))  # + the step that emitted <end>
-    panels = _image_axes(fig)
-    assert len(panels) == n
-    assert [ax.get_title() for ax in panels] == words
-    assert all(not ax.axison for ax in panels)
-    # Panels follow the grid; the remaining axes is the single shared colorbar.
-    assert len(fig.axes) == n + 1
+    assert len(_panels(fig)) == n
+    assert _words(fig) == words
+    # no axes per panel; the one axes is the shared colorbar
+    assert len(fig.axes) == 1 and fig.axes[0].get_ylabel() == "attention weight"
+    for panel, word in zip(_panels(fig), fig.texts):  # each word centred above its panel
+        x0, y0, x1, y1 = _panel_box(fig, panel)
+        x, y = word.get_position()
+        assert x * fig.bbox.width == pytest.approx((x0 + x1) / 2, abs=1)
+        assert y1 < y * fig.bbox.height < y1 + 20
 
 
 def test_figure_panels_share_one_color_scale():
-    fig = attention_figure(_image(), WORDS[:3], _attention(3))
-    overlays = [ax.images[1] for ax in _image_axes(fig)]  # image [0], heatmap [1]
-    limits = {ov.get_clim() for ov in overlays}
-    assert len(limits) == 1
-    vmin, vmax = limits.pop()
-    assert vmin == 0.0 and vmax >= max(ov.get_array().max() for ov in overlays) - 1e-6
+    """Word 0 attends to one cell, word 1 everywhere alike: on one scale word 1's panel is
+    the colormap's low end all over (its own scale would have made it bright)."""
+    from matplotlib import colormaps
+
+    from caption_attn.plot import CMAP
+    attention = np.full((2, 64), 1 / 64, np.float32)
+    attention[0] = 0.0
+    attention[0, 27] = 1.0
+    fig = attention_figure(_image(), ["peak", "flat"], attention, alpha=1.0)
+    peak, flat = (np.asarray(p.get_array()) for p in _panels(fig))
+    low = np.array(colormaps[CMAP](0.0, bytes=True)[:3], np.int16)
+    assert np.abs(flat.astype(np.int16) - low).max() <= 40             # dark everywhere
+    bright = np.array(colormaps[CMAP](1.0, bytes=True)[:3], np.int16)
+    assert np.abs(peak.astype(np.int16) - bright).sum(-1).min() <= 3   # the peak: the top
+    cbar = fig.axes[0]
+    assert cbar.get_ylim()[0] == 0.0 and cbar.get_ylim()[1] >= 0.9     # the peak's scale
 
 
 def test_figure_overlay_covers_the_image_and_uses_alpha():
+    """Each panel is (1 - alpha) x the image (resized to the panel) + alpha x the map's
+    colour: with no attention anywhere, the map is the colormap's lowest colour."""
+    from matplotlib import colormaps
+
+    from caption_attn.plot import CMAP
     image = _image(30, 50)
-    fig = attention_figure(image, ["word"], _attention(1).reshape(1, 8, 8), alpha=0.4)
-    base, overlay = _image_axes(fig)[0].images
-    assert overlay.get_array().shape == image.shape[:2]
-    assert overlay.get_alpha() == 0.4
-    np.testing.assert_array_equal(base.get_array(), image)
+    fig = attention_figure(image, ["word"], np.zeros((1, 8, 8), np.float32), alpha=0.4)
+    (panel,) = _panels(fig)
+    got = np.asarray(panel.get_array())
+    h, w = got.shape[:2]
+    assert h / w == pytest.approx(30 / 50, abs=0.01)                   # the image's aspect
+    resized = cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+    low = np.array(colormaps[CMAP](0.0, bytes=True)[:3], np.float32)
+    want = np.rint(0.6 * resized + 0.4 * low)
+    assert np.abs(got.astype(np.float32) - want).max() <= 1
 
 
 def test_figure_title():
@@ -160,7 +193,8 @@ def test_dollar_signs_in_a_title_or_word_are_drawn_as_they_are():
         fig = attention_figure(_image(), ["$a$", "b"], _attention(2), title=title)
         figure_to_png(fig)
         assert not fig._suptitle.get_parse_math()
-        assert not fig.axes[0].title.get_parse_math()
+        assert _words(fig) == ["$a$", "b"]
+        assert not any(t.get_parse_math() for t in fig.texts)
 
 
 def test_figure_rejects_empty_words():
@@ -191,12 +225,13 @@ def test_fixed_layout_keeps_panels_apart_and_inside(n, size):
                            _attention(n), title="t")
     assert fig.get_layout_engine() is None  # computed once, not solved at every draw
     fig.canvas.draw()
-    boxes = [ax.get_position() for ax in _image_axes(fig)]  # after apply_aspect
-    colorbar = [ax for ax in fig.axes if not ax.images][0].get_position()
-    for i, a in enumerate(boxes):
-        assert 0 <= a.x0 and a.x1 <= colorbar.x0 and 0 <= a.y0 and a.y1 <= 1
-        assert not any(a.overlaps(b) for b in boxes[i + 1:])
-    assert colorbar.x1 < 1
+    boxes = [_panel_box(fig, p) for p in _panels(fig)]                 # pixels
+    colorbar = fig.axes[0].get_window_extent()
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        assert 0 <= x0 and x1 <= colorbar.x0 and 0 <= y0 and y1 <= fig.bbox.height
+        assert not any(x0 < b[2] and b[0] < x1 and y0 < b[3] and b[1] < y1
+                       for b in boxes[i + 1:])
+    assert colorbar.x1 < fig.bbox.width
 
 
 def test_figure_is_garbage_collected_without_pyplot():

@@ -25,22 +25,22 @@ def cpu_name() -> str:
 
 def cpu_flags() -> list[str]:
     """Which of `KIND_FLAGS` the CPU has (from /proc/cpuinfo; empty where it is missing)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f
-                          if line.startswith("flags")), [])
-    except OSError:
-        return []
+    from caption_attn.backbone import cpu_flags as all_flags
+
+    flags = all_flags()
     return [flag for flag in KIND_FLAGS if flag in flags]
 
 
 def describe() -> str:
-    """One line: CPU name, kind flags, cores, load average (1 min)."""
+    """One line: CPU name, kind flags, cores, load average (1 min); the oneDNN cap and the
+    XLA flags where set (decoding sets XLA's vector width on some CPUs)."""
     flags = " ".join(cpu_flags()) or "flags unknown"
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
     limit = f", oneDNN limited to {isa}" if isa else ""
+    xla = os.environ.get("XLA_FLAGS")
+    xla = f", XLA_FLAGS {xla}" if xla else ""
     return (f"CPU: {cpu_name()} ({flags}{limit}), {os.cpu_count()} cores, load average "
-            f"{os.getloadavg()[0]:.1f}")
+            f"{os.getloadavg()[0]:.1f}{xla}")
 
 
 def run_in_temp_folder(prefix: str, measure, args, report=None) -> int:

@@ -70,15 +70,12 @@ def _build_scope(precision: str, seed: int):
 # oneDNN instruction sets (its documented ONEDNN_MAX_CPU_ISA values) without bfloat16 compute
 ISA_WITHOUT_BFLOAT16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
                         "AVX512_CORE_VNNI"}
-
-
-# oneDNN instruction sets (ONEDNN_MAX_CPU_ISA values) without AVX-512
-ISA_WITHOUT_AVX512 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
 XLA_WIDE_VECTORS = "--xla_cpu_prefer_vector_width=512"
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
-    """The CPU's feature flags (words of /proc/cpuinfo); empty where it cannot be read."""
+    """The words of /proc/cpuinfo (its feature flags, "AuthenticAMD"/"GenuineIntel", ...);
+    empty where it cannot be read."""
     try:
         with open(cpuinfo) as f:
             return set(f.read().split())
@@ -86,19 +83,30 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
         return set()
 
 
+def _onednn_cap(environ) -> str:
+    """The instruction set oneDNN is capped at (`ONEDNN_MAX_CPU_ISA`, or its old name
+    `DNNL_MAX_CPU_ISA`), upper case; "" when it is not."""
+    return (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+
+
 def prefer_wide_xla_vectors(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) -> None:
     """Ask XLA (`XLA_FLAGS`) for 512-bit vectors in its CPU code where AVX-512 runs at full
-    speed: CPUs with AVX512-BF16 or AMX (AMD Zen 4, Intel Sapphire Rapids and later). XLA's
-    default, 256 bits, spares older Intel AVX-512 cores their lower clock; on these it leaves
-    half of every vector unused (the compiled decoding loop took 0.91x the time greedy and
-    0.95x beam-3 with 512, on Intel with AMX). Nothing changes where `XLA_FLAGS` already
-    choose a width, oneDNN is capped below AVX-512 (`ONEDNN_MAX_CPU_ISA=AVX2`, how the README
-    imitates an AVX2-only CPU) or the CPU has neither. XLA reads its flags at its first
-    compile in the process: call this before it."""
+    clock: Intel CPUs with AMX (Sapphire Rapids and later) and AMD CPUs with AVX512-BF16
+    (Zen 4 and later). XLA's default, 256 bits, spares older Intel AVX-512 cores (Cooper Lake
+    included, although it has AVX512-BF16) their lower clock under wide vectors; on these it
+    leaves half of every vector unused (the compiled decoding loop took 0.91x the time greedy
+    and 0.95x beam-3 with 512, on Intel with AMX).
+
+    Nothing changes where `XLA_FLAGS` already choose a width or name a `--flagfile`, or
+    oneDNN is capped below AVX512-BF16 (`ONEDNN_MAX_CPU_ISA=AVX2`, how the README imitates an
+    AVX2-only CPU; the cap does not bind XLA's own code, so this keeps XLA's default too).
+    XLA reads its flags at its first compile in the process: call this before it. The flag
+    stays in the environment, so child processes (the same TensorFlow) inherit it."""
     current = environ.get("XLA_FLAGS", "")
-    cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    if "xla_cpu_prefer_vector_width" in current or cap in ISA_WITHOUT_AVX512 \
-            or not cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"}:
+    flags = cpu_flags(cpuinfo)
+    full_clock = "amx_bf16" in flags or {"avx512_bf16", "AuthenticAMD"} <= flags
+    if not full_clock or "xla_cpu_prefer_vector_width" in current or "--flagfile" in current \
+            or _onednn_cap(environ) in ISA_WITHOUT_BFLOAT16:
         return
     environ["XLA_FLAGS"] = f"{current} {XLA_WIDE_VECTORS}".strip()
 
@@ -113,8 +121,7 @@ def native_bfloat16(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) -> bool:
 
     if tf.config.list_physical_devices("GPU"):
         return True
-    cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    if cap in ISA_WITHOUT_BFLOAT16:
+    if _onednn_cap(environ) in ISA_WITHOUT_BFLOAT16:
         return False
     return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
 

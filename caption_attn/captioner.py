@@ -74,24 +74,27 @@ def make_decoder(model, cfg: DecodeConfig, max_length: int, fixed_weights: bool 
     of a float32 model only. Called inside another tf.function on a batch of unknown size
     (`export`), it is the plain loop.
 
-    `fixed_weights` promises that the model's weights never change from here on (the
-    `Captioner`'s best model; not a model in training): the compiled loop then looks every
-    step's GRU input gates up in the model's `gate_table`, built at its first call, instead
-    of a matmul per step."""
-    if cfg.xla:
-        prefer_wide_xla_vectors()
+    `fixed_weights` says the model's weights are not expected to change (the `Captioner`'s
+    best model; not a model in training): batches compiled by size then look every step's GRU
+    input gates up in the model's `gate_table` instead of a matmul per step. The table is
+    built at the first such batch, and again should the embedding or `gru_embed` weights it
+    comes from have changed since (a check of ~1 ms per batch)."""
+    # By batch size: not for samples (their decoder takes each image's ids too; `--xla` draws
+    # the same samples, see `decode._hashed_uniform`), nor for a model that computes in
+    # bfloat16/float16: XLA's fusions round differently there, and near-ties would then
+    # decode differently in a batch of 32 than alone.
+    by_size = bool(cfg.xla_min_images) and not cfg.xla and cfg.method != "sample" \
+        and getattr(model, "compute_dtype", "float32") == "float32"
+    if cfg.xla or by_size:
+        prefer_wide_xla_vectors()   # before XLA's first compile in this process
     plain = _decoder_function(model, cfg, max_length, jit_compile=cfg.xla)
-    # Not for samples (their decoder takes each image's ids too; `--xla` draws the same
-    # samples, see `decode._hashed_uniform`), nor for a model
-    # that computes in bfloat16/float16: XLA's fusions round differently there, and near-ties
-    # would then decode differently in a batch of 32 than alone.
-    if cfg.xla or not cfg.xla_min_images or cfg.method == "sample" \
-            or getattr(model, "compute_dtype", "float32") != "float32":
+    if not by_size:
         return plain
-    prefer_wide_xla_vectors()
     compiled = _decoder_function(model, cfg, max_length, jit_compile=True,
                                  gates=fixed_weights)
-    table = []   # the gate table, once built
+    sources = (model.embedding.embeddings, model.gru_embed.kernel, model.gru_embed.bias) \
+        if fixed_weights else ()
+    table = []   # [the gate table, copies of its sources], once built
 
     def run(features):
         n = features.shape[0]
@@ -99,9 +102,10 @@ def make_decoder(model, cfg: DecodeConfig, max_length: int, fixed_weights: bool 
             return plain(features)
         if not fixed_weights:
             return compiled(features)
-        if not table:
-            with tf.init_scope():   # eager even when called while tracing
-                table.append(model.gate_table())                      # (V, 3U)
+        with tf.init_scope():   # eager even when called while tracing
+            if not table or not all(bool(tf.reduce_all(tf.equal(v, copy)))
+                                    for v, copy in zip(sources, table[1])):
+                table[:] = [model.gate_table(), [tf.identity(v) for v in sources]]  # (V, 3U)
         return compiled(features, table[0])
     run.plain, run.compiled = plain, compiled
     return run

@@ -147,14 +147,18 @@ def test_a_onednn_cap_below_bfloat16_is_not_native(tmp_path, environ, native):
 
 
 @pytest.mark.parametrize("flags, environ, want", [
-    ("avx2 avx512f avx512_bf16", {}, "--xla_cpu_prefer_vector_width=512"),
-    ("avx2 avx512f amx_bf16 amx_tile", {"XLA_FLAGS": "--xla_dump_to=/tmp/x"},
+    ("AuthenticAMD avx2 avx512f avx512_bf16", {}, "--xla_cpu_prefer_vector_width=512"),  # Zen 4
+    ("GenuineIntel avx2 avx512f amx_bf16 amx_tile", {"XLA_FLAGS": "--xla_dump_to=/tmp/x"},
      "--xla_dump_to=/tmp/x --xla_cpu_prefer_vector_width=512"),   # the user's flags kept
-    ("fpu avx2 fma", {}, None),                                      # AVX2 only (Zen 3)
-    ("avx2 avx512f avx512bw", {}, None),                             # older AVX-512 (clocks down)
-    ("avx2 avx512f avx512_bf16", {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"},
+    ("AuthenticAMD fpu avx2 fma", {}, None),                         # AVX2 only (Zen 3)
+    ("GenuineIntel avx2 avx512f avx512bw", {}, None),                # Skylake: clocks down
+    ("GenuineIntel avx2 avx512f avx512_bf16", {}, None),             # Cooper Lake: clocks down
+    ("AuthenticAMD avx2 avx512f avx512_bf16", {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"},
      "--xla_cpu_prefer_vector_width=256"),                           # the user's choice
-    ("avx2 avx512f avx512_bf16", {"ONEDNN_MAX_CPU_ISA": "AVX2"}, None),  # imitating Zen 3
+    ("AuthenticAMD avx2 avx512f avx512_bf16", {"XLA_FLAGS": "--flagfile=/tmp/f"},
+     "--flagfile=/tmp/f"),                                           # may choose one: kept
+    ("GenuineIntel avx2 avx512f amx_bf16", {"ONEDNN_MAX_CPU_ISA": "AVX2"}, None),  # "Zen 3"
+    ("GenuineIntel avx2 avx512f amx_bf16", {"DNNL_MAX_CPU_ISA": "avx512_core_vnni"}, None),
 ])
 def test_xla_gets_512_bit_vectors_only_where_they_run_at_full_speed(tmp_path, flags, environ,
                                                                      want):

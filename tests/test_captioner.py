@@ -239,14 +239,15 @@ def test_decoding_compiles_nothing_for_one_image_or_inside_a_graph():
 @pytest.mark.parametrize("beam", [1, 3])
 def test_fixed_weights_look_the_gates_up_in_a_table_built_once(beam):
     """The `Captioner`'s decoder (`fixed_weights`) builds the model's gate table at its first
-    compiled batch, once, and gives the captions of the decoder without it; a one-image
-    batch (plain loop) does not build it, and a decoder of weights that may still change
-    (training's validator: no `fixed_weights`) never does."""
+    compiled batch, once, reads it, and gives the captions of the decoder without it; a
+    one-image batch (plain loop) does not build it, a decoder of weights that change
+    (training's validator: no `fixed_weights`) never does, and should the weights it comes
+    from change after all, it is built again rather than read stale."""
     from caption_attn.model import ShowAttendTell
     keras.utils.set_random_seed(0)
     model = ShowAttendTell(12, 8, 16)
-    built = []
-    model.gate_table = lambda: built.append(1) or ShowAttendTell.gate_table(model)
+    built, shift = [], [0.0]
+    model.gate_table = lambda: built.append(1) or ShowAttendTell.gate_table(model) + shift[0]
     feats = tf.random.uniform([3, *FEATURE_SHAPE], seed=1)
     cfg = DecodeConfig(beam=beam, xla_min_images=2)
     fixed = captioner.make_decoder(model, cfg, 6, fixed_weights=True)
@@ -258,10 +259,22 @@ def test_fixed_weights_look_the_gates_up_in_a_table_built_once(beam):
     changing = captioner.make_decoder(model, cfg, 6)
     want = [changing(feats), changing(feats[1:])]
     assert built == [1]
-    for g, w in zip(got, want):
+
+    def assert_same(g, w):
         np.testing.assert_array_equal(g.tokens, w.tokens)
         np.testing.assert_allclose(g.log_probs, w.log_probs, atol=1e-5)
         np.testing.assert_allclose(g.attention, w.attention, atol=1e-5)
+    for g, w in zip(got, want):
+        assert_same(g, w)
+    # the compiled loop reads the table: another table, other log-probabilities
+    shift[0] = 0.5
+    shifted = captioner.make_decoder(model, cfg, 6, fixed_weights=True)(feats)
+    assert not np.allclose(shifted.log_probs, want[0].log_probs, atol=1e-3)
+    shift[0] = 0.0
+    # weights changed after all: built again, the new weights' captions
+    model.gru_embed.bias.assign(model.gru_embed.bias + 0.5)
+    assert_same(fixed(feats), changing(feats))
+    assert built == [1, 1, 1]
 
 
 def test_banned_tokens_are_masked_and_the_per_image_context_mark_is_kept():

@@ -219,6 +219,37 @@ def test_figure_rejects_non_rgb_image(shape):
         attention_figure(np.zeros(shape, np.uint8), ["a"], _attention(1))
 
 
+def test_figure_rejects_a_float_image_and_alpha_outside_0_1():
+    """Blended as 0..255 values: a float image in [0, 1] would be drawn black, an alpha of 1.5
+    would wrap around in uint8."""
+    with pytest.raises(ValueError, match=r"`image` must be uint8.*float32"):
+        attention_figure(np.ones((8, 8, 3), np.float32), ["a"], _attention(1))
+    with pytest.raises(ValueError, match=r"`alpha` must be in \[0, 1\]; got 1.5"):
+        attention_figure(_image(), ["a"], _attention(1), alpha=1.5)
+
+
+def test_rendered_panels_show_the_image_upright_where_the_words_say():
+    """In the PNG itself: each panel's top rows show the image's top (red), its bottom rows
+    the bottom (blue), right under its word (alpha 0: the image alone)."""
+    image = np.zeros((40, 60, 3), np.uint8)
+    image[:20, :, 0] = 255                                             # top half red
+    image[20:, :, 2] = 255                                             # bottom half blue
+    fig = attention_figure(image, ["one", "two", "three"], _attention(3), alpha=0.0)
+    png = cv2.imdecode(np.frombuffer(figure_to_png(fig), np.uint8), cv2.IMREAD_COLOR)
+    rgb = png[:, :, ::-1]
+    height = rgb.shape[0]
+    for panel in _panels(fig):
+        x0, y0, x1, y1 = _panel_box(fig, panel)                        # from the bottom
+        top, bottom = height - y1, height - y0                         # rows in the PNG
+        centre = (x0 + x1) // 2
+        np.testing.assert_array_equal(rgb[top + 2, centre], [255, 0, 0])
+        np.testing.assert_array_equal(rgb[bottom - 3, centre], [0, 0, 255])
+        assert (rgb[top - 1, x0:x1] == 255).all()                      # white just above
+        # the word's ink sits above the panel, within its width
+        band = rgb[max(0, top - 25):top - 1, x0:x1]
+        assert (band < 128).any()
+
+
 @pytest.mark.parametrize("n, size", [(1, (48, 64)), (5, (299, 299)), (13, (80, 40))])
 def test_fixed_layout_keeps_panels_apart_and_inside(n, size):
     fig = attention_figure(_image(*size), WORDS[:n] + ["x"] * max(0, n - len(WORDS)),

@@ -261,8 +261,9 @@ class ShowAttendTell(keras.Model):
     def gate_table(self):
         """Every word's embedding share of the GRU gates, (V, 3U) in the compute dtype: row w
         is what a decoding step computes for token w with one (N, E) x (E, 3U) matmul. Given
-        to `decode_step(..., gates=)`, its rows are looked up instead; only for weights that
-        no longer change (`captioner.make_decoder(..., fixed_weights=True)`)."""
+        to `decode_step(..., gates=)`, its rows are looked up instead: for a decoder whose
+        weights do not change (`captioner.make_decoder(..., fixed_weights=True)`, which builds
+        it again should they)."""
         return self.gru_embed(self.embedding.embeddings)
 
     def decode_step(self, tokens, state, context, training=False, gates=None):

@@ -5,9 +5,9 @@ for decoding (`ShowAttendTell.decode_step`; `grouped_attend_and_update`, the sam
 beam search's K sequences per image over the image's context held once) and teacher
 forcing. `teacher_forced_recurrence` runs it over all T steps with back-propagation through
 time written out: the backward loop carries only what is recurrent, and every weight
-gradient is one large matmul over all T * B rows after it. `output_cross_entropy` is the output layer's cross-entropy with its gradient
-written out, and `dense_rows` a Dense layer as one 2-D matmul. The tests check all of them
-against autodiff of `ShowAttendTell.call`.
+gradient is one large matmul over all T * B rows after it. `output_cross_entropy` is the
+output layer's cross-entropy with its gradient written out, and `dense_rows` a Dense layer as
+one 2-D matmul. The tests check all of them against autodiff of `ShowAttendTell.call`.
 
 Shapes: B batch, T steps, P = 64 feature positions, E embedding size, U units, V vocabulary.
 """

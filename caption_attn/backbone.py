@@ -97,15 +97,16 @@ def prefer_wide_xla_vectors(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) 
     leaves half of every vector unused (the compiled decoding loop took 0.91x the time greedy
     and 0.95x beam-3 with 512, on Intel with AMX).
 
-    Nothing changes where `XLA_FLAGS` already choose a width or name a `--flagfile`, or
-    oneDNN is capped below AVX512-BF16 (`ONEDNN_MAX_CPU_ISA=AVX2`, how the README imitates an
-    AVX2-only CPU; the cap does not bind XLA's own code, so this keeps XLA's default too).
+    Nothing changes where `XLA_FLAGS` already choose a width, cap XLA's instruction set
+    (`--xla_cpu_max_isa`) or name a `--flagfile`, or oneDNN is capped below AVX512-BF16
+    (`ONEDNN_MAX_CPU_ISA=AVX2`; the README imitates an AVX2-only CPU with both caps).
     XLA reads its flags at its first compile in the process: call this before it. The flag
     stays in the environment, so child processes (the same TensorFlow) inherit it."""
     current = environ.get("XLA_FLAGS", "")
     flags = cpu_flags(cpuinfo)
     full_clock = "amx_bf16" in flags or {"avx512_bf16", "AuthenticAMD"} <= flags
-    if not full_clock or "xla_cpu_prefer_vector_width" in current or "--flagfile" in current \
+    user_chose = ("xla_cpu_prefer_vector_width", "xla_cpu_max_isa", "--flagfile")
+    if not full_clock or any(flag in current for flag in user_chose) \
             or _onednn_cap(environ) in ISA_WITHOUT_BFLOAT16:
         return
     environ["XLA_FLAGS"] = f"{current} {XLA_WIDE_VECTORS}".strip()

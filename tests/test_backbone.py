@@ -158,6 +158,8 @@ def test_a_onednn_cap_below_bfloat16_is_not_native(tmp_path, environ, native):
     ("AuthenticAMD avx2 avx512f avx512_bf16", {"XLA_FLAGS": "--flagfile=/tmp/f"},
      "--flagfile=/tmp/f"),                                           # may choose one: kept
     ("GenuineIntel avx2 avx512f amx_bf16", {"ONEDNN_MAX_CPU_ISA": "AVX2"}, None),  # "Zen 3"
+    ("GenuineIntel avx2 avx512f amx_bf16", {"XLA_FLAGS": "--xla_cpu_max_isa=AVX2"},
+     "--xla_cpu_max_isa=AVX2"),                                      # XLA capped by the user
     ("GenuineIntel avx2 avx512f amx_bf16", {"DNNL_MAX_CPU_ISA": "avx512_core_vnni"}, None),
 ])
 def test_xla_gets_512_bit_vectors_only_where_they_run_at_full_speed(tmp_path, flags, environ,

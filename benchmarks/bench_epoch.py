@@ -36,8 +36,10 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from caption_attn.quiet import import_tensorflow  # noqa: E402
+
+import_tensorflow()  # without its start-up notices, as the CLI (real warnings still shown)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402

@@ -37,8 +37,10 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from caption_attn.quiet import import_tensorflow  # noqa: E402
+
+import_tensorflow()  # without its start-up notices, as the CLI (real warnings still shown)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -75,3 +75,13 @@ def test_the_runtime_can_still_be_configured_when_the_types_are_met_later():
                           env={**env, "PYTHONPATH": ROOT}, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "3.0" and done.stderr == ""
+
+
+def test_a_benchmark_prints_no_start_up_notices():
+    """`make bench` runs the benchmark scripts: they import TensorFlow as the CLI does
+    (bench_train also imports Keras, which would import TensorFlow loudly before it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CPP", "CAPTION_ATTN"))}
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_train.py"),
+                           "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "--reference-batches" in done.stdout
+    assert done.stderr == ""

@@ -283,10 +283,18 @@ class RunFolder:
 
     def image_digests(self) -> dict:
         """image key -> digest of the image its training-time features were extracted from
-        (`feature_cache.usable_features`' image_digests, recorded in split.json; empty for a
+        (`feature_cache.usable_features`' image_digests, recorded in split.json at every start
+        and kept: an image skipped at one start keeps the digest of an earlier one; empty for a
         run made before runs recorded them)."""
         recorded = self._split_field("image_digests")
         return recorded if isinstance(recorded, dict) else {}
+
+    def without_features(self) -> Optional[set]:
+        """The run's images that had no usable features when it last started (recorded in
+        split.json); None for a run made before they were recorded, whose `image_digests`
+        held only the images usable at its last start."""
+        recorded = self._split_field("without_features")
+        return set(recorded) if isinstance(recorded, list) else None
 
     def _split_field(self, name: str):
         """split.json's `name` (None when the file or the field is missing; `load_splits`

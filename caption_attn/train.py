@@ -146,12 +146,16 @@ def check_features_mid_epoch(run: RunFolder, cfg: RunConfig, data: TrainData) ->
     if where is None or where[1] == 0:
         return []
     recorded, unusable = run.image_digests(), data.unusable or {}
-    lost = {k: unusable[k] for k in data.splits["train"] if k in recorded and k in unusable}
+    went_without = run.without_features()
+
+    def had(k):   # usable features when the run last started
+        return k in recorded and (went_without is None or k not in went_without)
+    lost = {k: unusable[k] for k in data.splits["train"] if had(k) and k in unusable}
     epoch, in_epoch = where
     if not lost:
-        # (keys with a digest now and none recorded: an image without one is in neither)
+        # (keys with a digest now and none then: an image without one is in neither)
         gained = [k for k in data.splits["train"]
-                  if recorded and k in (data.image_digests or {}) and k not in recorded]
+                  if recorded and k in (data.image_digests or {}) and not had(k)]
         if not gained:
             return []
         return [f"{len(gained)} train images have usable features now that {run.path} went "

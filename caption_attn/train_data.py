@@ -44,6 +44,7 @@ class TrainData:
     image_digests: Optional[dict] = None  # image key -> digest of the image its features are of
     unusable: Optional[dict] = None       # image key -> why its feature file cannot be used
     truncated: int = 0            # train captions longer than --max-length (cut, <end> kept)
+    recorded_digests: Optional[dict] = None  # the run's image digests so far (on resume)
 
     def items(self, split: str) -> tuple[list[str], list[list[int]]]:
         """(feature path, token ids) of every caption of `split`, one pair per caption."""
@@ -52,16 +53,21 @@ class TrainData:
         return [p for p, _ in pairs], [t for _, t in pairs]
 
     def fix_in(self, run: RunFolder, captions: str) -> None:
-        """Save split.json (with the identity of the feature cache and the fingerprint of the
-        caption data) and vocab.json (the ones
-        this data was made with, unchanged when they were read from the run): from here on
-        they are fixed for the life of the run."""
+        """Save split.json (with the identity of the feature cache, the fingerprint of the
+        caption data, the digest of every image the run has had features of, and the images
+        without usable features now) and vocab.json (the ones this data was made with,
+        unchanged when they were read from the run): from here on they are fixed for the life
+        of the run. Digests recorded earlier stay: an image skipped now (its features unusable)
+        is still checked when its features come back."""
         write_json_atomic(run.split, {"captions": os.path.abspath(captions),
                                       "format": self.format, "splits": self.splits,
                                       "cache_identity": feature_cache.cache_identity(
                                           self.manifest),
                                       "caption_data": self.caption_data,
-                                      "image_digests": self.image_digests,
+                                      "image_digests": dict(sorted(
+                                          {**(self.recorded_digests or {}),
+                                           **(self.image_digests or {})}.items())),
+                                      "without_features": sorted(self.unusable or {}),
                                       "vocab_sha256": self.vocab.digest()})
         self.vocab.save(run.vocab)
 
@@ -101,6 +107,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     paths, problems = feature_cache.usable_features(
         cfg.cache, [k for keys in splits.values() for k in keys if k in records], manifest,
         images_dir=feature_cache.source_images(manifest), image_digests=digests)
+    recorded_digests = run.image_digests() if reuse else {}
     if reuse:   # before split.json records today's digests as the run's own
         run.check_image_digests(cfg.cache, list(paths), digests, manifest.get("images_dir"))
     skipped_captions = sum(len(records[k].captions) for k in problems)
@@ -127,7 +134,8 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     return TrainData(vocab, splits, caption_ids, references, paths, reader, manifest,
                      captions.format, skipped_captions, len(problems),
                      feature_cache.describe_problems(problems, cfg.cache) if problems else "",
-                     fingerprint, dict(sorted(digests.items())), problems, truncated)
+                     fingerprint, dict(sorted(digests.items())), problems, truncated,
+                     recorded_digests)
 
 
 

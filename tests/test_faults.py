@@ -382,6 +382,36 @@ def test_resume_with_a_cache_of_other_images_of_the_same_names_is_refused(run_co
     assert before == {name: open(os.path.join(run, name), "rb").read() for name in before}
 
 
+def test_an_image_skipped_at_one_resume_is_still_checked_at_the_next(run_copy, copy_cache):
+    """A train image whose features could not be used at one resume (skipped, "rerun
+    extract-features") lost its recorded digest: once extract-features had run on the image now
+    of that name (another picture), the next resume trained the run's captions of it on that
+    picture's features, exit 0. Every digest the run trained with stays recorded."""
+    run = run_copy
+    with open(os.path.join(run, "split.json")) as f:
+        split = json.load(f)
+    key = split["splits"]["train"][0]
+    digest = split["image_digests"][key]
+    path = os.path.join(copy_cache, key + ".npy")
+    stat = os.stat(path)
+    os.utime(path, (1, 1))                              # changed after extraction: skipped
+    cfg = RunConfig.load(os.path.join(run, "config.json"))
+
+    def resume(epochs):
+        return train.train(dataclasses.replace(cfg, cache=copy_cache, train=dataclasses.replace(
+            cfg.train, epochs=epochs)), run, progress=False, log=lambda *a: None)
+    resume(cfg.train.epochs + 1)
+    with open(os.path.join(run, "split.json")) as f:
+        split = json.load(f)
+    assert split["image_digests"][key] == digest and split["without_features"] == [key]
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    give_other_images(copy_cache, [key])                # extracted again: from another image
+    with pytest.raises(UserError, match=rf"feature cache {copy_cache}: the features of 1 of "
+                                        rf"the \d+ images were extracted from other images "
+                                        rf"than the run's of the same name \(e\.g\. '{key}'"):
+        resume(cfg.train.epochs + 2)
+
+
 def test_resume_with_scst_after_below_the_trained_cross_entropy_epochs_is_refused(run_copy):
     """--scst-after 1 on a run that trained 3 cross-entropy epochs went on self-critically
     from epoch 4 (as --scst-after 3 would), exit 0, and config.json recorded --scst-after 1:

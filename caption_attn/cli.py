@@ -103,7 +103,7 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
     keys = None
     if args.captions:
         from caption_attn import data
-        keys = [r.image for r in data.load_captions(args.captions, args.format).records]
+        keys = data.load_captions(args.captions, args.format).keys_to_extract()
     summary = extract.extract_features(args.images, cfg, keys=keys)
     print(extract.format_summary(summary))
     if summary["exit_code"]:

@@ -70,6 +70,22 @@ class CaptionSet:
     refused_paths: int = 0          # distinct unsafe image paths refused (never opened)
     refused_examples: list[str] = field(default_factory=list)  # the first few, as written
     has_split: bool = False         # True when the file carries its own split (Karpathy)
+    refused: list[str] = field(default_factory=list)  # every refused path, as written
+
+    def refused_note(self) -> Optional[str]:
+        """What a command that uses the captions says about the refused image paths (None
+        when there are none): their captions are left out, not silently."""
+        if not self.refused_paths:
+            return None
+        return (f"{self.refused_paths} image path(s) in {self.path} are refused (absolute or "
+                f"outside the images folder){_examples(self.refused_examples)}: their "
+                f"captions are left out; write them relative to the images folder")
+
+    def keys_to_extract(self) -> list[str]:
+        """The images `extract-features --captions` is given: every record's, and every
+        refused path as written, which it lists in failed.tsv as a bad image path (left out
+        of the keys, they were dropped without a word)."""
+        return [r.image for r in self.records] + self.refused
 
     def split(self, name: str) -> list[ImageRecord]:
         """Records of split `name` ("train", "val" or "test")."""
@@ -174,7 +190,7 @@ class _Collector:
             raise UserError(f"no usable captions in {self.path} ({self.skipped_empty} empty "
                             f"captions, {len(refused)} refused image paths)")
         return CaptionSet(self.path, fmt, records, self.skipped_empty, len(refused),
-                          refused[:MAX_EXAMPLES], has_split)
+                          refused[:MAX_EXAMPLES], has_split, refused)
 
 
 # --------------------------------------------------------------------------- reading files

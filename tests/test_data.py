@@ -7,7 +7,7 @@ import random
 import pytest
 
 from caption_attn import data
-from caption_attn.config import DataConfig, VocabConfig
+from caption_attn.config import DataConfig, ExtractConfig, VocabConfig
 from caption_attn.errors import UserError
 
 # Three images; "a.jpg" has its captions spread over the file (merged in file order).
@@ -638,6 +638,28 @@ def test_unsafe_paths_refused_counted_and_never_touched(tmp_path, monkeypatch):
     assert stats["images"] == 1 and stats["captions"] == 1
     assert stats["refused_paths"] == {"count": 6, "examples": bad[:5]}  # distinct paths
     assert touched == [os.path.join(str(images), "ok.jpg")]
+
+
+def test_refused_paths_are_named_by_train_and_extracted_as_failures(tmp_path):
+    """`train` and `extract-features --captions` dropped the captions of absolute and `..`
+    paths without a word (only `inspect` counted them): train now says so in a note, and
+    extract-features is given them, to list each in failed.tsv as a bad image path."""
+    from caption_attn import extract
+    bad = ["/data/pics/a.jpg", "../b.jpg", "/data/pics/c.jpg"]
+    path = write(tmp_path, "c.csv", csv_text([("ok.jpg", "fine")] + [(b, "x") for b in bad]))
+    captions = data.load_captions(path)
+    assert captions.refused_note() == (
+        f"3 image path(s) in {path} are refused (absolute or outside the images folder) (e.g. "
+        f"'/data/pics/a.jpg', '../b.jpg', '/data/pics/c.jpg'): their captions are left out; "
+        f"write them relative to the images folder")
+    keys = captions.keys_to_extract()
+    assert keys == ["ok.jpg", *bad]
+    mine, failed = extract._shard_keys(str(tmp_path), ExtractConfig(
+        cache=str(tmp_path / "cache"), weights="random"), keys)
+    assert mine == ["ok.jpg"] and set(failed) == set(bad)
+    assert all(r.startswith("bad image path") for r in failed.values())
+    clean = write(tmp_path, "d.csv", csv_text([("ok.jpg", "fine")]))
+    assert data.load_captions(clean).refused_note() is None
 
 
 def test_no_usable_captions(tmp_path):

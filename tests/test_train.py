@@ -436,14 +436,25 @@ def test_cache_manifest_is_checked(shapes_data, copy_cache, tmp_path):
 
 
 def test_cli_train_prints_summary(shapes_data, tmp_path, capsys):
+    """... and names the image paths of the caption file it refused (an absolute one here),
+    whose captions it leaves out: it dropped them without a word."""
     from caption_attn.cli import main
+    with open(shapes_data["captions"]) as f:
+        captions = json.load(f)
+    first = next(i for i in captions["images"] if i["split"] == "train")
+    first["filename"] = os.path.join(shapes_data["images"], first["filename"])
+    path = str(tmp_path / "captions.json")
+    with open(path, "w") as f:
+        json.dump(captions, f)
     run = str(tmp_path / "cli_run")
-    code = main(["train", "--captions", shapes_data["captions"], "--cache", shapes_data["cache"],
+    code = main(["train", "--captions", path, "--cache", shapes_data["cache"],
                  "--run", run, "--epochs", "1", "--batch-size", "32", "--embedding-dim", "16",
                  "--units", "32", "--sample-images", "1"])
     out = capsys.readouterr().out
     assert code == 0
     assert "steps (1 epochs finished)" in out and "tensorboard --logdir" in out
+    assert (f"note: 1 image path(s) in {path} are refused (absolute or outside the images "
+            f"folder) (e.g. {first['filename']!r}): their captions are left out") in out
     saved = RunConfig.load(os.path.join(run, "config.json"))
     assert saved.model.units == 32 and saved.train.batch_size == 32
 

@@ -296,7 +296,9 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None) -> li
     """Image files given on the command line, each once; folders expand to the images under
     them, except those in the folder `heatmaps` below them (`--plot-attention`: `caption
     photos --plot-attention photos/heat` run again captioned the heatmaps of the first run
-    as photos). A path that does not exist is a UserError (before the model is loaded: it is a
+    as photos); a folder that is `heatmaps` itself is refused (its heatmaps, which need not
+    overwrite an image, would be captioned by the next run). A path that does not exist is a
+    UserError (before the model is loaded: it is a
     typo, not one bad image of many); an existing file that is no image is reported later,
     by `Captioner.caption_images`, while the others are captioned."""
     missing = [arg for arg in args if not os.path.exists(arg)]
@@ -309,6 +311,12 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None) -> li
         if os.path.isdir(arg):
             found = [os.path.join(arg, k) for k in list_images(arg)]
             skip, top = os.path.realpath(heatmaps or arg), os.path.realpath(arg)
+            if heatmaps and skip == top:
+                raise UserError(f"--plot-attention {heatmaps} is the folder {arg} of the "
+                                f"images being captioned: the heatmaps would be captioned as "
+                                f"photos when it is captioned again; give them a folder of "
+                                f"their own (one inside it, such as {os.path.join(arg, 'heat')}"
+                                f", is left out)")
             below = skip != top and os.path.commonpath([skip, top]) == top
             if below:
                 found = [p for p in found if os.path.commonpath(

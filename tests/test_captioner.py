@@ -581,7 +581,11 @@ def test_a_heatmap_folder_inside_an_image_folder_is_not_captioned(tmp_path):
     assert captioner.expand_image_args([str(tmp_path / "heat" / "x.png")],   # named: kept
                                        heatmaps=str(tmp_path / "heat")) \
         == [str(tmp_path / "heat" / "x.png")]
-    assert len(captioner.expand_image_args([str(tmp_path)], heatmaps=str(tmp_path))) == 2
+    # the images' folder itself: the first run's heatmaps of JPEGs overwrite nothing, and the
+    # second captioned them as photos (and drew heatmaps of heatmaps), exit 0
+    with pytest.raises(UserError, match=r"^--plot-attention .* is the folder .* of the images "
+                                        r"being captioned: .* give them a folder of their own"):
+        captioner.expand_image_args([str(tmp_path)], heatmaps=str(tmp_path) + "/")
     assert len(captioner.expand_image_args([str(tmp_path / "heat")], heatmaps=str(tmp_path))) \
         == 1
     (tmp_path / "x.jpg").unlink()

@@ -226,10 +226,15 @@ class Captioner:
         return to_captions(self._decoder(features, tf.constant(list(ids), tf.int64)),
                            self.vocab)
 
-    def decode_batches(self, features_iter, progress=None) -> list[list[Caption]]:
+    def decode_batches(self, features_iter, progress=None,
+                       ids: Optional[Sequence[int]] = None) -> list[list[Caption]]:
+        """`decode` of every batch; with --sample, image i of the whole set draws from stream
+        `ids[i]` (default i: its place in the set; `evaluate` gives each image's place in
+        the split, so an image left out does not change the others' samples)."""
         out = []
         for batch in features_iter:
-            out += self.decode(batch, range(len(out), len(out) + len(batch)))
+            where = range(len(out), len(out) + len(batch))
+            out += self.decode(batch, where if ids is None else [ids[i] for i in where])
             if progress is not None:
                 progress.add(len(batch))
         return out

@@ -68,6 +68,7 @@ class _SplitFeatures:
     reader: object                      # pipeline.NpyReader of the cache
     problems: str = ""                  # why images were left out (describe_problems)
     references_note: str = ""           # how the references differ from the run's captions
+    places: Optional[list] = None       # each key's place in the split (its --sample stream)
 
 
 def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
@@ -112,8 +113,10 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
     if not keys:
         raise UserError(f"no images of the {split} split have usable features: "
                         f"{describe_problems(problems, cache)}")
+    place = {k: i for i, k in enumerate(splits[split])}
     return _SplitFeatures(split, cache, keys, without, records, manifest, reader,
-                          describe_problems(problems, cache) if problems else "", note)
+                          describe_problems(problems, cache) if problems else "", note,
+                          [place[k] for k in keys])
 
 
 def _check_outputs(metrics_path: str, results_path: str, given: bool = True) -> None:
@@ -190,7 +193,7 @@ def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
     import tensorflow as tf
 
     try:
-        decoded = captioner.decode_batches((b.numpy() for b in batches), bar)
+        decoded = captioner.decode_batches((b.numpy() for b in batches), bar, found.places)
     except tf.errors.InvalidArgumentError as e:
         damaged = pipeline.damaged_from_error(e)
         if damaged is None:

@@ -319,6 +319,27 @@ def test_images_without_a_valid_feature_file_are_skipped_and_reported(trained_ru
     assert any("2 images of the test split" in n and "--verify" in n for n in metrics["notes"])
 
 
+def test_sampled_images_draw_the_stream_of_their_place_in_the_split(run_copy, copy_cache,
+                                                                  monkeypatch):
+    """`evaluate --sample` numbered the streams among the images with features: one test image
+    without a feature file changed every later image's sample (the README: by its place in
+    the split)."""
+    from caption_attn.feature_cache import feature_path
+    test_keys = run_copy.load_splits()["test"]
+    os.remove(feature_path(copy_cache, test_keys[0]))
+    seen, real = [], captioner_lib.Captioner.decode
+
+    def decode(self, features, ids=None):
+        seen.extend(ids)
+        return real(self, features, ids)
+    monkeypatch.setattr(captioner_lib.Captioner, "decode", decode)
+    metrics = evaluate.evaluate_run(run_copy.path, "test", DecodeConfig(sample=True, seed=3,
+                                                                        batch_size=2),
+                                    progress=False, use_java=False, cache=copy_cache)
+    assert metrics["images"] == len(test_keys) - 1
+    assert seen == list(range(1, len(test_keys)))
+
+
 def test_a_feature_file_gone_bad_names_its_reason_and_the_whole_repair_command(
         trained_run, copy_cache, tmp_path):
     """NaN under the same size and mtime (the index still vouches for it): found in-graph

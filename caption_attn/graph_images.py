@@ -12,17 +12,20 @@ against them (tests/test_export.py, README "Export and serve"):
   marker (a motion photo's MP4, a phone's trailer) does not matter. Only a JPEG of more than
   16384 segments or fill bytes (no encoder writes one) falls back to the old rule over all
   bytes (no FF DA after the last FF D9), which such a trailer can fail.
-- PNG (8/16-bit, gray, gray+alpha, RGB, RGBA, palette or gray with transparency): identical.
-  Alpha (a gray PNG's transparent gray, from its tRNS chunk) is composited over white with
-  OpenCV's formula; 16-bit without alpha keeps the top 8 bits.
+- PNG (8/16-bit, gray, gray+alpha, RGB, RGBA, palette, gray or RGB with transparency):
+  identical. Alpha (a gray or RGB PNG's transparent colour, from its tRNS chunk) is
+  composited over white with OpenCV's formula; 16-bit without alpha keeps the top 8 bits.
   A PNG without IEND is refused.
 - GIF: the first frame, identical, except transparent pixels: TensorFlow's decoder makes
   them black, `images.py` composites them over white.
-- BMP: identical, an alpha channel is ignored (OpenCV reads BMP without it).
+- BMP: identical, an alpha channel is ignored (OpenCV reads BMP without it); an 8-bit
+  paletted BMP's indices (TensorFlow's decoder gives them as gray) are looked up in its
+  colour table. 1- and 4-bit BMPs are refused by TensorFlow's decoder.
 - WebP: decoded by TensorFlow's libwebp; alpha composited over white.
 - Not done: TIFF (no TensorFlow decoder: such an image is an error, like a corrupt file);
   the EXIF orientation of the other formats (rare; OpenCV applies it to JPEGs only too,
-  except for a PNG/WebP eXIf chunk).
+  except for a PNG/WebP eXIf chunk, which `caption` therefore applies and this does not: the
+  README lists it among the known differences).
 - Resizing: the shrinking axes with `tf.image.resize(method="area")` (the box filter of
   OpenCV's INTER_AREA; halving both sides rounds halves up like OpenCV's 2x2 path), the
   enlarging ones with OpenCV's INTER_CUBIC (a = -0.75, half-pixel centres, edge pixels
@@ -209,35 +212,68 @@ def _to_rgb(raw, peak, keep_alpha: bool):
     return tf.cond(tf.equal(channels % 2, 0), composite, opaque)
 
 
-def png_gray_transparent(data):
-    """images._png_gray_transparent in ops: the sample value (int64) a grayscale PNG's tRNS
-    chunk makes transparent, on the decoded scale (1/2/4-bit stretched to 0..255); -1 when
-    there is none. TensorFlow's decoder, like OpenCV's, ignores it on gray PNGs."""
-    padded = data + b"\0" * 12                                       # reads past the end: 0
+def _uint(data, pos, size: int, little: bool = False):
+    """The unsigned integer (int64) of `size` bytes at byte `pos` of the string `data`
+    (big-endian, or `little`); bytes past its end must have been padded on by the caller."""
+    digits = tf.io.decode_raw(tf.strings.substr(data, tf.cast(pos, tf.int64),
+                                                tf.constant(size, tf.int64)), tf.uint8)
+    order = range(size) if little else range(size - 1, -1, -1)
+    weights = tf.constant([256 ** k for k in order], tf.int64)
+    return tf.reduce_sum(tf.cast(digits, tf.int64) * weights)
+
+
+def _decode_bmp(data):
+    """A BMP as OpenCV reads it: TensorFlow's decoder gives an 8-bit paletted BMP's (a
+    256-colour or grayscale one) palette indices, looked up here in its colour table; alpha is
+    dropped (OpenCV reads BMP without it). 1- and 4-bit BMPs: TensorFlow refuses them."""
+    raw = tf.io.decode_bmp(data, 0)                                    # (H, W, C) uint8
+    padded = data + b"\0" * 64
+    paletted = (_uint(padded, 28, 2, little=True) <= 8) & tf.equal(tf.shape(raw)[-1], 1)
+
+    def looked_up():
+        colours = _uint(padded, 46, 4, little=True)                    # 0: 2 ** bits
+        colours = tf.where(colours == 0, tf.constant(256, tf.int64), tf.minimum(colours, 256))
+        start = 14 + _uint(padded, 14, 4, little=True)                 # after the DIB header
+        table = tf.reshape(tf.io.decode_raw(tf.strings.substr(padded, start, 4 * colours),
+                                            tf.uint8), [-1, 4])        # (N, 4) B, G, R, 0
+        return tf.gather(table[:, 2::-1], tf.cast(raw[..., 0], tf.int32))  # (H, W, 3) RGB
+    return tf.cond(paletted, looked_up, lambda: _to_rgb(raw, 255.0, keep_alpha=False))
+
+
+def png_transparent(data):
+    """The sample values (int64 (3,)) a gray or RGB PNG's tRNS chunk makes transparent, on the
+    decoded scale (gray: its one value three times, 1/2/4-bit stretched to 0..255); -1s when
+    there is none. TensorFlow's decoder ignores the tRNS of both. OpenCV turns an RGB PNG's
+    into alpha and ignores a gray one's, which images._png_gray_transparent reads instead: both
+    are composited over white there, and here."""
+    padded = data + b"\0" * 16                                       # reads past the end: 0
     n = tf.cast(tf.strings.length(data), tf.int64)
 
     def uint(pos, size):                                               # big-endian, at pos
-        digits = tf.io.decode_raw(tf.strings.substr(padded, tf.cast(pos, tf.int64),
-                                                    tf.constant(size, tf.int64)), tf.uint8)
-        weights = tf.constant([256 ** k for k in range(size - 1, -1, -1)], tf.int64)
-        return tf.reduce_sum(tf.cast(digits, tf.int64) * weights)
+        return _uint(padded, pos, size)
 
-    def chunk(pos, key):                                               # key -2: still looking
+    colour = uint(25, 1)
+    gray, rgb = tf.equal(colour, 0), tf.equal(colour, 2)
+    needed = tf.where(gray, tf.constant(2, tf.int64), 6)               # tRNS bytes it needs
+
+    def chunk(pos, key):                                               # key[0] -2: looking
         kind = tf.strings.substr(padded, pos + 4, tf.constant(4, tf.int64))
         length = uint(pos, 4)
         last = tf.equal(kind, b"IDAT") | tf.equal(kind, b"IEND")       # the pixels: no tRNS
-        found = tf.equal(kind, b"tRNS") & (length >= 2)
-        key = tf.where(found, uint(pos + 8, 2), tf.where(last, tf.constant(-1, tf.int64), key))
+        found = tf.equal(kind, b"tRNS") & (length >= needed)
+        samples = tf.stack([uint(pos + 8, 2), uint(pos + 10, 2), uint(pos + 12, 2)])
+        samples = tf.where(gray, tf.fill([3], samples[0]), samples)
+        key = tf.where(found, samples, tf.where(last, tf.fill([3], tf.constant(-1, tf.int64)),
+                                                key))
         return pos + 12 + length, key
 
-    gray = tf.equal(uint(25, 1), 0)                                    # colour type 0
-    _, key = tf.while_loop(lambda pos, key: tf.equal(key, -2) & (pos + 8 <= n), chunk,
-                           (tf.constant(8, tf.int64),    # chunks walked for gray PNGs only
-                            tf.where(gray, tf.constant(-2, tf.int64), -1)))
+    _, key = tf.while_loop(lambda pos, key: tf.equal(key[0], -2) & (pos + 8 <= n), chunk,
+                           (tf.constant(8, tf.int64),    # chunks walked for gray/RGB only
+                            tf.fill([3], tf.where(gray | rgb, tf.constant(-2, tf.int64), -1))))
     depth = uint(24, 1)
     stretch = 255 // tf.maximum(2 ** tf.minimum(depth, 8) - 1, 1)     # 1-bit 255, 2-bit 85 ...
     key = tf.where(depth < 8, key * stretch, key)
-    return tf.where(gray & (key >= 0), key, -1)
+    return tf.where((gray | rgb) & (key[0] >= 0), key, -1)
 
 
 def _decode_png(data):
@@ -245,10 +281,13 @@ def _decode_png(data):
     raw = tf.cond(depth16, lambda: tf.cast(tf.io.decode_png(data, 0, tf.uint16), tf.int32),
                   lambda: tf.cast(tf.io.decode_png(data, 0, tf.uint8), tf.int32))
     peak = tf.where(depth16, 65535.0, 255.0)
-    key = tf.cast(png_gray_transparent(data), tf.int32)
-    raw = tf.cond((key >= 0) & tf.equal(tf.shape(raw)[-1], 1),        # gray + its tRNS alpha
-                  lambda: tf.concat([raw, tf.where(tf.equal(raw, key), 0,
-                                                   tf.cast(peak, tf.int32))], -1),
+    key = tf.cast(png_transparent(data), tf.int32)
+    channels = tf.shape(raw)[-1]
+
+    def keyed_alpha():                      # gray or RGB + alpha: 0 where the key colour is
+        clear = tf.reduce_all(tf.equal(raw, key[:channels]), axis=-1, keepdims=True)
+        return tf.concat([raw, tf.where(clear, 0, tf.cast(peak, tf.int32))], -1)
+    raw = tf.cond((key[0] >= 0) & ((channels == 1) | (channels == 3)), keyed_alpha,
                   lambda: raw)
     return _to_rgb(raw, peak, keep_alpha=True)
 
@@ -273,7 +312,7 @@ def decode(data):
 
     branches = {UNKNOWN: unknown, JPEG: jpeg, PNG: png,
                 GIF: lambda: tf.io.decode_gif(data)[0],                # first frame
-                BMP: lambda: _to_rgb(tf.io.decode_bmp(data, 0), 255.0, keep_alpha=False),
+                BMP: lambda: _decode_bmp(data),
                 WEBP: lambda: _to_rgb(tf.io.decode_webp(data, 0)[0], 255.0, keep_alpha=True)}
     rgb = tf.switch_case(fmt, [branches[code] for code in sorted(branches)])
     return tf.ensure_shape(rgb, [None, None, 3])

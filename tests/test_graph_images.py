@@ -75,6 +75,9 @@ def _write_more(folder):
     cv2.imwrite(f"{folder}/alpha.bmp", np.dstack([rgb[..., ::-1], np.full((90, 120), 9,
                                                                           np.uint8)]))
     Image.fromarray(rgb).convert("L").save(f"{folder}/gray.bmp")
+    palette.save(f"{folder}/palette16.bmp")                    # 8-bit indices into 16 colours
+    Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=256).save(
+        f"{folder}/palette256.bmp")
     Image.fromarray(rgb).save(f"{folder}/lossless.webp", lossless=True)
     Image.fromarray(rgb).save(f"{folder}/progressive.jpg", progressive=True, quality=90)
 
@@ -82,7 +85,8 @@ def _write_more(folder):
 def test_decode_equals_opencv_on_deep_alpha_and_palette_images(tmp_path):
     _write_more(tmp_path)
     for name in ("rgb16.png", "rgba16.png", "gray16.png", "gray_alpha.png", "alpha.bmp",
-                 "palette_transparent.png", "gray.bmp", "lossless.webp", "progressive.jpg"):
+                 "palette_transparent.png", "gray.bmp", "palette16.bmp", "palette256.bmp",
+                 "lossless.webp", "progressive.jpg"):
         ref, got = _both(str(tmp_path / name))
         np.testing.assert_array_equal(got, ref, err_msg=name)
     # The documented difference: transparent GIF pixels are black in TensorFlow's decoder,
@@ -104,6 +108,22 @@ def test_a_gray_png_with_a_transparent_gray_is_composited_over_white_like_opencv
         got = _decode(tf.constant(data)).numpy()
         np.testing.assert_array_equal(got, decode_image(data))
         assert (got[0, 0] == 255).all() != data.count(b"tEXt")  # transparent -> white
+
+
+def test_an_rgb_png_with_a_transparent_colour_is_composited_over_white_like_opencv():
+    """OpenCV turns an RGB PNG's tRNS colour into alpha; TensorFlow's decoder ignored it, so
+    the SavedModel saw that colour as stored where `caption` saw white."""
+    u16 = struct.Struct(">H").pack
+    key8, key16 = png_chunk(b"tRNS", u16(10) + u16(20) + u16(30)), png_chunk(
+        b"tRNS", u16(1000) + u16(2000) + u16(3000))
+    for data, clear in ((png_file(2, 1, 8, 2, bytes([10, 20, 30, 10, 20, 31]), key8), True),
+                        (png_file(2, 1, 16, 2, u16(1000) + u16(2000) + u16(3000) + u16(1000)
+                                  + u16(2000) + u16(3001), key16), True),
+                        (png_file(2, 1, 8, 2, bytes([10, 20, 30, 10, 20, 31]),
+                                  png_chunk(b"tEXt", b"c\x00" + key8)), False)):
+        got = _decode(tf.constant(data)).numpy()
+        np.testing.assert_array_equal(got, decode_image(data))
+        assert (got[0, 0] == 255).all() == clear and not (got[0, 1] == 255).all()
 
 
 @pytest.mark.parametrize("key", sorted(k for k in BAD if k != "missing.jpg"))

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import keras
 import numpy as np
@@ -145,17 +145,11 @@ def check_features_mid_epoch(run: RunFolder, cfg: RunConfig, data: TrainData) ->
     where = _resume_position(run)
     if where is None or where[1] == 0:
         return []
-    recorded, unusable = run.image_digests(), data.unusable or {}
-    went_without = run.without_features()
-
-    def had(k):   # usable features when the run last started
-        return k in recorded and (went_without is None or k not in went_without)
+    had, unusable = _usable_at_last_start(run), data.unusable or {}
     lost = {k: unusable[k] for k in data.splits["train"] if had(k) and k in unusable}
     epoch, in_epoch = where
     if not lost:
-        # (keys with a digest now and none then: an image without one is in neither)
-        gained = [k for k in data.splits["train"]
-                  if recorded and k in (data.image_digests or {}) and not had(k)]
+        gained = _gained(run, data, "train")
         if not gained:
             return []
         return [f"{len(gained)} train images have usable features now that {run.path} went "
@@ -171,6 +165,46 @@ def check_features_mid_epoch(run: RunFolder, cfg: RunConfig, data: TrainData) ->
         f"of epoch {epoch + 1} would be cut into other batches (some captions twice, others "
         f"never): repair them with `{repair}`, then rerun this command (or add --fresh to "
         f"start this run over)")
+
+
+def _usable_at_last_start(run: RunFolder) -> Callable[[str], bool]:
+    """Whether an image of the run had usable features when it last started: a recorded
+    digest, and not listed without features (a run made before that list: the digest)."""
+    recorded, went_without = run.image_digests(), run.without_features()
+    return lambda k: k in recorded and (went_without is None or k not in went_without)
+
+
+def _gained(run: RunFolder, data: TrainData, split: str) -> list[str]:
+    """The images of `split` with usable features now that the run went without when it last
+    started (keys with a digest now and none then: an image without one is in neither; none
+    for a run too old to have recorded digests)."""
+    had, now = _usable_at_last_start(run), data.image_digests or {}
+    if not run.image_digests():
+        return []
+    return [k for k in data.splits[split] if k in now and not had(k)]
+
+
+def gained_images_notes(run: RunFolder, data: TrainData) -> list[str]:
+    """A note when a resumed run has usable features for images it went without when it last
+    started (their feature files repaired or extracted since): the val ones change the images
+    val_loss and val_bleu4 are measured on, and the train ones (at an epoch's boundary;
+    `check_features_mid_epoch` says what they do inside one) are trained on with the run's
+    vocabulary, fit at its first start, so their words outside it are <unk>. Without a note
+    they joined without a word."""
+    where = _resume_position(run)
+    inside = where is not None and where[1] != 0
+    gained = {s: [] if s == "train" and inside else _gained(run, data, s)
+              for s in ("train", "val")}
+    if not any(gained.values()):
+        return []
+    count = " and ".join(f"{len(keys)} {s}" for s, keys in gained.items() if keys)
+    example = next(k for keys in gained.values() for k in keys)
+    effects = (["the train ones are trained on with the run's vocabulary (fit when it "
+                "started), so their words outside it are <unk>"] if gained["train"] else []) \
+        + (["val_loss and val_bleu4 of the epochs to come are measured with the val ones, on "
+            "other images than the earlier epochs'"] if gained["val"] else [])
+    return [f"{count} images have usable features now that {run.path} went without when it "
+            f"last started (e.g. {example!r}): {'; '.join(effects)}"]
 
 
 def trains_more(tc: TrainConfig, epochs_done: int, steps_done: int) -> bool:
@@ -1003,7 +1037,7 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     data = load_train_data(cfg, run_dir, reuse=not fresh)   # reads, writes nothing
     check_model_size(cfg, vocab_tokens=len(data.vocab))
     if not fresh:
-        notes += check_features_mid_epoch(run, cfg, data)
+        notes += check_features_mid_epoch(run, cfg, data) + gained_images_notes(run, data)
         more, kept = check_metric_images(run, cfg, len(data.references["val"]))
         if kept is not cfg:  # the run keeps its --bleu-images: no longer a changed setting
             saved = run.load_config().train

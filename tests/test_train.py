@@ -1008,6 +1008,29 @@ def test_resume_mid_epoch_refuses_lost_train_features_and_notes_repaired_ones(
     assert train.check_features_mid_epoch(RunFolder(run), cfg, data) == []
 
 
+def test_a_resume_names_the_images_it_now_has_features_for(trained, tmp_path):
+    """Train and val images the run went without when it last started (their features
+    repaired since) joined at the next resume without a word: the train ones with words the
+    vocabulary never saw (<unk>), the val ones changing what val_loss and val_bleu4 measure."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    cfg = small_config_like(trained)
+    data = train.load_train_data(cfg, run)
+    assert train.gained_images_notes(RunFolder(run), data) == []
+    splits = RunFolder(run).load_splits()
+    with open(RunFolder(run).split) as f:
+        split = json.load(f)
+    split["without_features"] = [splits["train"][0], splits["val"][1]]
+    with open(RunFolder(run).split, "w") as f:
+        json.dump(split, f)
+    assert train.gained_images_notes(RunFolder(run), data) == [
+        f"1 train and 1 val images have usable features now that {run} went without when it "
+        f"last started (e.g. {splits['train'][0]!r}): the train ones are trained on with the "
+        f"run's vocabulary (fit when it started), so their words outside it are <unk>; "
+        f"val_loss and val_bleu4 of the epochs to come are measured with the val ones, on "
+        f"other images than the earlier epochs'"]
+
+
 def test_other_bleu_images_are_accepted_when_a_later_stage_change_starts_on_new_values():
     """A run stopped after 3 cross-entropy epochs (the last one measured val_cider, the
     self-critical stage was to start) resumed with --scst-after 5 and other --bleu-images:

@@ -20,12 +20,13 @@ against them (tests/test_export.py, README "Export and serve"):
   them black, `images.py` composites them over white.
 - BMP: identical, an alpha channel is ignored (OpenCV reads BMP without it); an 8-bit
   paletted BMP's indices (TensorFlow's decoder gives them as gray) are looked up in its
-  colour table. 1- and 4-bit BMPs are refused by TensorFlow's decoder.
+  colour table (past the file's colours black, as OpenCV's). 1-, 4- and 16-bit BMPs are
+  refused by TensorFlow's decoder.
 - WebP: decoded by TensorFlow's libwebp; alpha composited over white.
 - Not done: TIFF (no TensorFlow decoder: such an image is an error, like a corrupt file);
   the EXIF orientation of the other formats (rare; OpenCV applies it to JPEGs only too,
-  except for a PNG/WebP eXIf chunk, which `caption` therefore applies and this does not: the
-  README lists it among the known differences).
+  except for the EXIF of a WebP or of an opaque PNG, which `caption` therefore applies and
+  this does not: the README lists it among the known differences).
 - Resizing: the shrinking axes with `tf.image.resize(method="area")` (the box filter of
   OpenCV's INTER_AREA; halving both sides rounds halves up like OpenCV's 2x2 path), the
   enlarging ones with OpenCV's INTER_CUBIC (a = -0.75, half-pixel centres, edge pixels
@@ -225,18 +226,22 @@ def _uint(data, pos, size: int, little: bool = False):
 def _decode_bmp(data):
     """A BMP as OpenCV reads it: TensorFlow's decoder gives an 8-bit paletted BMP's (a
     256-colour or grayscale one) palette indices, looked up here in its colour table; alpha is
-    dropped (OpenCV reads BMP without it). 1- and 4-bit BMPs: TensorFlow refuses them."""
+    dropped (OpenCV reads BMP without it). 1-, 4- and 16-bit BMPs: TensorFlow refuses them."""
     raw = tf.io.decode_bmp(data, 0)                                    # (H, W, C) uint8
     padded = data + b"\0" * 64
     paletted = (_uint(padded, 28, 2, little=True) <= 8) & tf.equal(tf.shape(raw)[-1], 1)
 
     def looked_up():
         colours = _uint(padded, 46, 4, little=True)                    # 0: 2 ** bits
-        colours = tf.where(colours == 0, tf.constant(256, tf.int64), tf.minimum(colours, 256))
+        colours = tf.where(colours == 0, tf.constant(256, tf.int64), colours)
         start = 14 + _uint(padded, 14, 4, little=True)                 # after the DIB header
-        table = tf.reshape(tf.io.decode_raw(tf.strings.substr(padded, start, 4 * colours),
-                                            tf.uint8), [-1, 4])        # (N, 4) B, G, R, 0
-        return tf.gather(table[:, 2::-1], tf.cast(raw[..., 0], tf.int32))  # (H, W, 3) RGB
+        with tf.control_dependencies([tf.debugging.Assert(colours <= 256, [
+                "a BMP colour table of more than 256 colours (OpenCV refuses it)"])]):
+            table = tf.reshape(tf.io.decode_raw(tf.strings.substr(padded, start, 4 * colours),
+                                                tf.uint8), [-1, 4])    # (N, 4) B, G, R, 0
+        # OpenCV's table has 256 entries, those past the file's black: so has this one
+        table = tf.pad(table[:, 2::-1], [[0, 256 - tf.shape(table)[0]], [0, 0]])
+        return tf.gather(table, tf.cast(raw[..., 0], tf.int32))        # (H, W, 3) RGB
     return tf.cond(paletted, looked_up, lambda: _to_rgb(raw, 255.0, keep_alpha=False))
 
 

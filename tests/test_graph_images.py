@@ -110,6 +110,24 @@ def test_a_gray_png_with_a_transparent_gray_is_composited_over_white_like_opencv
         assert (got[0, 0] == 255).all() != data.count(b"tEXt")  # transparent -> white
 
 
+def test_a_paletted_bmp_is_looked_up_in_its_colour_table_like_opencv(tmp_path):
+    """TensorFlow's BMP decoder gives an 8-bit paletted BMP's indices as gray levels (the
+    palette BMPs of test_decode_equals_opencv...); an index past the file's colour count is
+    black in OpenCV's zero-filled table, and a table of more than 256 colours is refused."""
+    from caption_attn.images import ImageError
+    _write_more(tmp_path)
+    data = bytearray((tmp_path / "palette16.bmp").read_bytes())
+    data[46:50] = (2).to_bytes(4, "little")                     # 2 colours, indices up to 15
+    got = _decode(tf.constant(bytes(data))).numpy()
+    np.testing.assert_array_equal(got, decode_image(bytes(data)))
+    assert (got == 0).all(axis=-1).any()
+    data[46:50] = (300).to_bytes(4, "little")
+    with pytest.raises(ImageError):
+        decode_image(bytes(data))
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        _decode(tf.constant(bytes(data)))
+
+
 def test_an_rgb_png_with_a_transparent_colour_is_composited_over_white_like_opencv():
     """OpenCV turns an RGB PNG's tRNS colour into alpha; TensorFlow's decoder ignored it, so
     the SavedModel saw that colour as stored where `caption` saw white."""

@@ -26,7 +26,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from caption_attn.quiet import import_tensorflow  # noqa: E402
 
+import_tensorflow()  # caption_attn.scst imports it: without its start-up notices, as the CLI
 from caption_attn.cider import CiderD, DocumentFrequency  # noqa: E402
 from caption_attn.scst import advantages  # noqa: E402
 from caption_attn.vocab import END, PAD, UNK  # noqa: E402

@@ -95,6 +95,8 @@ def main(argv=None) -> int:
         ap.error("--repeats must be at least 1")
 
     from caption_attn.backbone import native_bfloat16
+    from caption_attn.quiet import import_tensorflow
+    import_tensorflow()  # native_bfloat16 imports it: without its start-up notices
     precision = "bfloat16" if native_bfloat16() else "float32"
     print(describe(), flush=True)
     runs: dict = {"bench_train": [], "bench_epoch": [], "bench_decode": []}

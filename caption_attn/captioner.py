@@ -301,9 +301,9 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None) -> li
     """Image files given on the command line, each once; folders expand to the images under
     them, except those in the folder `heatmaps` below them (`--plot-attention`: `caption
     photos --plot-attention photos/heat` run again captioned the heatmaps of the first run
-    as photos); a folder that is `heatmaps` itself is refused (its heatmaps, which need not
-    overwrite an image, would be captioned by the next run). A path that does not exist is a
-    UserError (before the model is loaded: it is a
+    as photos); `heatmaps` that is a folder given, or the folder of an image given, is
+    refused (its heatmaps, which need not overwrite an image, would be captioned by a later
+    run on that folder). A path that does not exist is a UserError (before the model is loaded: it is a
     typo, not one bad image of many); an existing file that is no image is reported later,
     by `Captioner.caption_images`, while the others are captioned."""
     missing = [arg for arg in args if not os.path.exists(arg)]
@@ -317,11 +317,8 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None) -> li
             found = [os.path.join(arg, k) for k in list_images(arg)]
             skip, top = os.path.realpath(heatmaps or arg), os.path.realpath(arg)
             if heatmaps and skip == top:
-                raise UserError(f"--plot-attention {heatmaps} is the folder {arg} of the "
-                                f"images being captioned: the heatmaps would be captioned as "
-                                f"photos when it is captioned again; give them a folder of "
-                                f"their own (one inside it, such as {os.path.join(arg, 'heat')}"
-                                f", is left out)")
+                _refuse_heatmaps_among_images(heatmaps, arg, f"the folder {arg} of the "
+                                                              f"images being captioned")
             below = skip != top and os.path.commonpath([skip, top]) == top
             if below:
                 found = [p for p in found if os.path.commonpath(
@@ -331,6 +328,10 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None) -> li
                                 + (f" (outside --plot-attention {heatmaps})" if below else ""))
             out += found
         else:
+            folder = os.path.dirname(arg) or "."
+            if heatmaps and os.path.realpath(heatmaps) == os.path.realpath(folder):
+                _refuse_heatmaps_among_images(heatmaps, folder, f"the folder of {arg}, an "
+                                                                 f"image being captioned")
             out.append(arg)
     # one file spelled twice (x.png ./x.png, a folder and a file in it) is captioned once,
     # under its first spelling, in the order given
@@ -338,6 +339,13 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None) -> li
     for p in out:
         first.setdefault(os.path.normpath(os.path.abspath(p)), p)
     return list(first.values())
+
+
+def _refuse_heatmaps_among_images(heatmaps: str, folder: str, what: str) -> None:
+    raise UserError(f"--plot-attention {heatmaps} is {what}: a later `caption "
+                    f"{folder}` would caption the heatmaps as photos; give them "
+                    f"a folder of their own (one inside it, such as "
+                    f"{os.path.join(folder, 'heat')}, is left out when it is captioned)")
 
 
 def display_names(paths: Sequence[str]) -> dict:

@@ -578,9 +578,9 @@ def test_a_heatmap_folder_inside_an_image_folder_is_not_captioned(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     assert captioner.expand_image_args([str(tmp_path)], heatmaps=str(tmp_path / "heat")) \
         == [str(tmp_path / "x.jpg")]
-    assert captioner.expand_image_args([str(tmp_path / "heat" / "x.png")],   # named: kept
-                                       heatmaps=str(tmp_path / "heat")) \
-        == [str(tmp_path / "heat" / "x.png")]
+    with pytest.raises(UserError, match=r"is the folder of .*x\.png, an image being "):
+        captioner.expand_image_args([str(tmp_path / "heat" / "x.png")],   # named: its folder
+                                    heatmaps=str(tmp_path / "heat"))
     # the images' folder itself: the first run's heatmaps of JPEGs overwrite nothing, and the
     # second captioned them as photos (and drew heatmaps of heatmaps), exit 0
     with pytest.raises(UserError, match=r"^--plot-attention .* is the folder .* of the images "

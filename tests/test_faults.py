@@ -171,7 +171,7 @@ def test_heatmaps_never_overwrite_the_images_being_captioned(shapes_data, traine
     for k in ("shape_00000.png", "shape_00001.png"):
         shutil.copy(os.path.join(shapes_data["images"], k), folder / k)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    for args, said in (([str(folder / "shape_00000.png")], "shape_00000.png would overwrite"),
+    for args, said in (([str(folder / "shape_00000.png")], "is the folder of"),
                        ([str(folder)], "is the folder")):  # (heatmaps of JPEGs there too)
         code = main(["caption", "--run", trained_run, "--beam", "1", "--plot-attention",
                      str(folder), *args])
@@ -179,13 +179,15 @@ def test_heatmaps_never_overwrite_the_images_being_captioned(shapes_data, traine
         assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
         assert "--plot-attention" in err and said in err
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-    heat = str(tmp_path / "heat")  # a folder of its own is fine, and so is the images' one
+    heat = str(tmp_path / "heat")  # a folder of its own is fine
     assert main(["caption", "--run", trained_run, "--beam", "1", "--plot-attention", heat,
                  str(folder)]) == 0
+    # the images' folder with no name in common: c.jpg's heatmap c.png overwrote nothing, but
+    # the next `caption imgs` captioned it as a photo
     shutil.copy(os.path.join(shapes_data["images"], "shape_00002.png"), folder / "c.jpg")
     assert main(["caption", "--run", trained_run, "--beam", "1", "--plot-attention",
-                 str(folder), str(folder / "c.jpg")]) == 0
-    assert (folder / "c.png").exists()
+                 str(folder), str(folder / "c.jpg")]) == 2
+    assert "is the folder of" in capsys.readouterr().err and not (folder / "c.png").exists()
 
 
 def test_a_file_where_a_folder_is_expected_is_one_line(trained_run, shapes_data, tmp_path,

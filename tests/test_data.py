@@ -662,6 +662,22 @@ def test_refused_paths_are_named_by_train_and_extracted_as_failures(tmp_path):
     assert data.load_captions(clean).refused_note() is None
 
 
+def test_extract_features_is_given_the_refused_paths(tmp_path, monkeypatch, capsys):
+    """`extract-features --captions` hands them to extraction (which lists each in
+    failed.tsv, as the test above shows); it left them out of its keys."""
+    from caption_attn import cli, extract
+    path = write(tmp_path, "c.csv", csv_text([("ok.jpg", "fine"), ("/abs/x.jpg", "x")]))
+    given = []
+
+    def extract_features(images, cfg, keys=None, **kwargs):
+        given.append(keys)
+        raise UserError("stopped here")
+    monkeypatch.setattr(extract, "extract_features", extract_features)
+    assert cli.main(["extract-features", "--captions", path, "--images", str(tmp_path),
+                     "--cache", str(tmp_path / "cache"), "--weights", "random"]) == 2
+    assert given == [["ok.jpg", "/abs/x.jpg"]] and "stopped here" in capsys.readouterr().err
+
+
 def test_no_usable_captions(tmp_path):
     path = write(tmp_path, "bad.csv", csv_text([("/abs.jpg", "x"), ("ok.jpg", "  ")]))
     with pytest.raises(UserError, match=r"no usable captions in .*bad\.csv"):

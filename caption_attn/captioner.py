@@ -303,9 +303,9 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None) -> li
     photos --plot-attention photos/heat` run again captioned the heatmaps of the first run
     as photos); `heatmaps` that is a folder given, or the folder of an image given, is
     refused (its heatmaps, which need not overwrite an image, would be captioned by a later
-    run on that folder). A path that does not exist is a UserError (before the model is loaded: it is a
-    typo, not one bad image of many); an existing file that is no image is reported later,
-    by `Captioner.caption_images`, while the others are captioned."""
+    run on that folder). A path that does not exist is a UserError (before the model is
+    loaded: it is a typo, not one bad image of many); an existing file that is no image is
+    reported later, by `Captioner.caption_images`, while the others are captioned."""
     missing = [arg for arg in args if not os.path.exists(arg)]
     if missing:
         raise UserError(f"{missing[0]}: no such image file or folder"

@@ -67,10 +67,18 @@ class CaptionSet:
     format: str                     # one of FILE_FORMATS
     records: list[ImageRecord]      # sorted by image key, each with >= 1 caption
     skipped_empty: int = 0          # captions without a word skipped (empty, "...")
-    refused_paths: int = 0          # distinct unsafe image paths refused (never opened)
-    refused_examples: list[str] = field(default_factory=list)  # the first few, as written
+    refused: list[str] = field(default_factory=list)  # distinct unsafe image paths, as written
     has_split: bool = False         # True when the file carries its own split (Karpathy)
-    refused: list[str] = field(default_factory=list)  # every refused path, as written
+
+    @property
+    def refused_paths(self) -> int:
+        """How many distinct image paths were refused (never opened)."""
+        return len(self.refused)
+
+    @property
+    def refused_examples(self) -> list[str]:
+        """The first few refused paths, as written."""
+        return self.refused[:MAX_EXAMPLES]
 
     def refused_note(self) -> Optional[str]:
         """What a command that uses the captions says about the refused image paths (None
@@ -189,8 +197,7 @@ class _Collector:
         if not records:
             raise UserError(f"no usable captions in {self.path} ({self.skipped_empty} empty "
                             f"captions, {len(refused)} refused image paths)")
-        return CaptionSet(self.path, fmt, records, self.skipped_empty, len(refused),
-                          refused[:MAX_EXAMPLES], has_split, refused)
+        return CaptionSet(self.path, fmt, records, self.skipped_empty, refused, has_split)
 
 
 # --------------------------------------------------------------------------- reading files

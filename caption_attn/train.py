@@ -25,7 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from caption_attn import checkpoints, distribute, feature_cache, pipeline, progress, quiet
+from caption_attn import (checkpoints, distribute, feature_cache, ngrams, pipeline, progress,
+                          quiet)
 from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoardLogger,
                                     prune_event_files)
 from caption_attn.cider import CiderD
@@ -970,6 +971,23 @@ def check_train_flags(tc: TrainConfig) -> None:
                         "--lr-schedule out, or give --scst-after the cross-entropy epochs")
 
 
+def check_cider_vocabulary(tc: TrainConfig, vocab_tokens: int) -> None:
+    """UserError when the run measures CIDEr-D (self-critical epochs, --monitor val_cider)
+    with a vocabulary of more tokens than its n-gram codes hold (`ngrams.MAX_VOCAB_SIZE`):
+    said before the first write, not as a traceback after the cross-entropy epochs."""
+    limit = ngrams.MAX_VOCAB_SIZE
+    if vocab_tokens <= limit or (tc.scst_after is None and tc.monitor != "val_cider"):
+        return
+    words = len(SPECIAL_TOKENS)
+    raise UserError(
+        f"the vocabulary has {vocab_tokens} tokens ({vocab_tokens - words} words and {words} "
+        f"special tokens), but self-critical training and val_cider score captions by "
+        f"CIDEr-D, which codes each 4-gram of word ids as one 64-bit integer and so takes at "
+        f"most {limit} tokens: train with --vocab-size {limit - words} or less, or a higher "
+        f"--min-count (a new run, or --fresh: a run keeps its vocabulary), or leave out "
+        f"--scst-after and --monitor val_cider")
+
+
 # float32 copies of each weight while training: the weight, Adam's two slots, its gradient
 TRAINING_COPIES = 4
 
@@ -1036,6 +1054,7 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
                      f"against which later resumes are checked")
     data = load_train_data(cfg, run_dir, reuse=not fresh)   # reads, writes nothing
     check_model_size(cfg, vocab_tokens=len(data.vocab))
+    check_cider_vocabulary(cfg.train, len(data.vocab))
     if not fresh:
         notes += check_features_mid_epoch(run, cfg, data) + gained_images_notes(run, data)
         more, kept = check_metric_images(run, cfg, len(data.references["val"]))

@@ -266,6 +266,30 @@ def test_a_model_too_large_for_memory_is_refused_before_anything(shapes_data, tm
         train.check_model_size(coco, memory_bytes=88 * 10 ** 6)
 
 
+def test_a_vocabulary_too_large_for_cider_is_refused_before_anything(shapes_data, tmp_path,
+                                                                      monkeypatch):
+    """CIDEr-D codes a 4-gram of word ids as one int64, so it takes at most 55,108 tokens:
+    --vocab-size 60000 on captions of 56,400 words trained its cross-entropy epochs, then
+    val_cider (--scst-after, --monitor val_cider) ended in a ValueError traceback and lost the
+    epoch. Refused before the first write, by the vocabulary's real size (the limit lowered
+    here, as 55,108 words would take a large caption file); a run that never measures CIDEr
+    keeps any size."""
+    from caption_attn import ngrams
+    monkeypatch.setattr(ngrams, "MAX_VOCAB_SIZE", 10)
+    run = str(tmp_path / "run")
+    for options in (dict(scst_after=1), dict(monitor="val_cider")):
+        with pytest.raises(UserError, match=r"^the vocabulary has (\d+) tokens \(\d+ words and 4 "
+                                            r"special tokens\), but self-critical training and "
+                                            r"val_cider .* takes at most 10 tokens: train with "
+                                            r"--vocab-size 6 or less, .* or leave out "
+                                            r"--scst-after and --monitor val_cider$"):
+            train.train(small_config(shapes_data, epochs=2, **options), run, progress=False,
+                        log=lambda *a: None)
+        assert not os.path.exists(run)
+    train.check_cider_vocabulary(small_config(shapes_data).train, 10 ** 6)   # never measured
+    train.check_cider_vocabulary(small_config(shapes_data, scst_after=1).train, 10)
+
+
 def test_fresh_starts_over(shapes_data, run_copy):
     """(The old run: a copy of the session's trained 3-epoch run.)"""
     run = run_copy.path

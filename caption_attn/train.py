@@ -698,19 +698,34 @@ class Trainer:
         if not self.run.restore_best_weights(self.model) and os.path.exists(self.run.best_model):
             self.model.set_weights(self.run.load_best_model().get_weights())
 
-    def _repair_best(self, early: EarlyStopping, done: int) -> None:
+    def _repair_best(self, early: EarlyStopping, done: int, history: list,
+                     measured: dict) -> None:
         """If the process died between the checkpoint and saving the best model, the best
         epoch is the restored one: save it now; else make a missing or damaged best.keras
-        whole again from the weights kept beside it."""
+        whole again from the weights kept beside it.
+
+        Only if that process monitored what early stopping monitors now: resumed with
+        another --monitor, the restored epoch's value was never compared (or was measured
+        just now, `_metrics_before_resume`: `measured`), so it is what the next epochs must
+        beat, not a best model lost. history.json records each epoch's monitor (older runs'
+        entries do not: then only `measured` tells)."""
         if not self.chief:
             return
         if early.best_epoch is not None and early.best_epoch + 1 == done and \
-                (self.run.best_record() or {}).get("epoch") != done:
+                (self.run.best_record() or {}).get("epoch") != done and \
+                self._monitored_then(done, history, measured):
             self._save_best(early.best_epoch, early.best)
         else:
             note = self.run.repair_best_model(self.model)
             if note:
                 self.log("note: " + note)
+
+    def _monitored_then(self, done: int, history: list, measured: dict) -> bool:
+        """Whether the process that trained epoch `done` monitored what it is monitored by
+        now (see `_repair_best`)."""
+        now = self.cfg.train.monitor_for(done - 1)
+        then = history[done - 1].get("monitor") if 0 < done <= len(history) else None
+        return now == then if then is not None else now not in measured
 
     # -- main -------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -739,7 +754,7 @@ class Trainer:
         _describe(self, resumed, done)
         self.model.stop_training = False
         callbacks.on_train_begin()
-        self._repair_best(early, done)
+        self._repair_best(early, done, history, measured)
         if todo and self.chief and tc.sample_images:  # trace the greedy decoder now, not in epoch 1
             self.validator.greedy(self.validator.sample_keys[:1])
         gc.collect()
@@ -834,7 +849,8 @@ class Trainer:
                          f"is validated and recorded once a rerun finishes it)")
             return False
         logs.update(self._validate(epoch))
-        logs.update(stage=stage, learning_rate=current_learning_rate(self.optimizer),
+        logs.update(stage=stage, monitor=self.cfg.train.monitor_for(epoch),
+                    learning_rate=current_learning_rate(self.optimizer),
                     seconds=time.perf_counter() - t0)
         self.epoch.assign(epoch + 1)
         self.step_in_epoch.assign(0)

@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -69,8 +70,9 @@ def test_run_folder_layout(trained):
         assert len(pngs) == 2
     entry = trained["history"][0]
     for key in ("epoch", "loss", "ce", "val_loss", "val_bleu4", "gradient_norm",
-                "captions_per_second", "learning_rate", "seconds", "steps"):
+                "captions_per_second", "learning_rate", "seconds", "steps", "monitor"):
         assert key in entry, key
+    assert entry["monitor"] == "val_bleu4"    # what early stopping compared (--monitor)
     assert not glob.glob(os.path.join(run, "*.tmp*"))
 
 
@@ -784,6 +786,36 @@ def test_summary_names_the_best_model_on_disk_after_a_stage_change(tmp_path):
     assert "best val_cider=0.0000 at epoch 4" in train.format_summary(summary)
 
 
+def test_a_resume_with_another_monitor_keeps_the_best_model(tmp_path):
+    """A val_loss run whose best epoch was 2 of 4, resumed with --monitor val_bleu4: epoch 4's
+    val_bleu4, measured at the resume, is the only one, so early stopping's replay made epoch
+    4 "best", and the repair of a save lost to a kill (the process died between epoch 4's
+    checkpoint and its best-model save) replaced best.keras with epoch 4, the worst val_loss
+    since epoch 1, before anything trained. The repair is for the monitor the epoch was
+    trained with only: history.json records it, and for older entries without it, a value
+    measured at the resume was never compared."""
+    from caption_attn.fileio import write_json_atomic
+    run = RunFolder(str(tmp_path / "run"))
+    write_json_atomic(run.best_info, {"epoch": 2, "monitor": "val_loss", "value": 2.91})
+    run.repair_best_model = lambda model: None       # best.keras is whole: nothing to mend
+    early = types.SimpleNamespace(best_epoch=3, best=0.05)           # epoch 4, val_bleu4
+    for now, then, measured, repaired in (
+            ("val_bleu4", "val_loss", {"val_bleu4": 0.05}, False),   # another --monitor
+            ("val_bleu4", None, {"val_bleu4": 0.05}, False),         # an older run's entries
+            ("val_bleu4", "val_bleu4", {}, True),                    # a kill before the save
+            ("val_bleu4", None, {}, True),
+            ("val_loss", "val_loss", {}, True)):
+        saved = []
+        trainer = types.SimpleNamespace(
+            chief=True, run=run, model=None, log=print,
+            cfg=RunConfig(train=TrainConfig(monitor=now)),
+            _save_best=lambda epoch, value: saved.append((epoch, value)))
+        trainer._monitored_then = functools.partial(train.Trainer._monitored_then, trainer)
+        history = [{"epoch": e, **({"monitor": then} if then else {})} for e in (1, 2, 3, 4)]
+        train.Trainer._repair_best(trainer, early, 4, history, measured)
+        assert saved == ([(3, 0.05)] if repaired else []), (now, then, measured)
+
+
 @pytest.mark.parametrize("text, what", [("[]", "a JSON list, not an object"),
                                         ("3", "a JSON int, not an object"),
                                         ('{"epoch": "3"}', "its epoch is '3'")])
@@ -797,7 +829,7 @@ def test_a_best_json_that_is_not_trains_object_is_refused_naming_it(tmp_path, te
     trainer = types.SimpleNamespace(chief=True, run=run, model=None, log=print)
     early = types.SimpleNamespace(best_epoch=1, best=1.0)
     with pytest.raises(UserError) as e:
-        train.Trainer._repair_best(trainer, early, 2)
+        train.Trainer._repair_best(trainer, early, 2, [], {})
     assert str(e.value).startswith(f"{run.best_info}: {what}: not the {{epoch, monitor, "
                                    f"value}} of best.keras that train writes")
     assert "restore the file train wrote, or train the run again with --fresh" in str(e.value)

@@ -37,6 +37,14 @@ comparable with `evaluate`'s CIDEr.
 One df table serves both: it is counted with `<end>` appended, and n-grams of words alone
 are counted the same either way.
 
+**`<unk>` matches nothing.** References are encoded with the run's vocabulary, so a word
+out of it is `<unk>` there ("a <unk> on grass" for "a zebra on grass"). A candidate's `<unk>`
+is scored as a word no reference holds: it earns nothing, as the "<unk>" of a caption
+matches no real word in `evaluate`'s CIDEr. (self-critical.pytorch lets it match, so its
+reward pays a policy for saying `<unk>` in place of any rare word, and its validation
+CIDEr ranked "a <unk> on grass" above "a on grass", which `evaluate` ranks below.) Its
+df is 0, as that of a word no train image has.
+
 **Layout for speed.** An n-gram of ids is one int64, sum w_k * V**(n-k) (V <= 55108 so that
 V**4 fits; refused above). `CiderD` is built once per run: for every reference image the
 distinct n-grams of its references (sorted ids, one contiguous segment per image) with their
@@ -82,6 +90,7 @@ from caption_attn.fileio import read_json, write_json_atomic
 from caption_attn.ngrams import (MAX_N, CodeIndex, check_ids, check_vocab_size,
                                  count_rows, flatten_references, image_ngrams,
                                  ngram_codes, ngram_order, words)
+from caption_attn.vocab import START, UNK
 
 DF_FORMAT = "caption_attn.cider.document_frequency"
 DF_VERSION = 1
@@ -330,6 +339,11 @@ class CiderD:
             raise ValueError(f"`candidates` must be an int array (N={image_index.size}, T), "
                              f"got shape {candidates.shape} of {candidates.dtype}")
         check_ids(candidates, self.vocab_size, "candidates")
+        # A candidate's <unk> matches nothing: as <start>, which no reference holds (`pack`
+        # drops the leading one). A reference's <unk> stands for a word out of the
+        # vocabulary; "a <unk> on grass" must not match "a zebra on grass" (see the module
+        # docstring).
+        candidates = np.where(candidates == UNK, START, candidates)
         n_cand, r = image_index.size, self._ref_tf.shape[1]
         rows = self._rows(image_index)                                      # (N,)
         tokens, length = words(candidates, self.with_end)                  # (N, T+1), (N,)

@@ -502,7 +502,7 @@ class Trainer:
         self.validator = Validator(
             self.model, self.data.vocab, cfg.vocab.max_length + 1,
             table_or_files(self.data.reader, self.data.feature_paths, self.inputs.table),
-            self.data.references["val"], self.data.caption_ids["val"], tc.bleu_images,
+            self.data.references["val"], tc.bleu_images,
             tc.sample_images, self.inputs.document_frequency)
         # Written last, once the checkpoint restored and the features loaded: a resume that
         # fails there leaves config.json describing the settings its checkpoints were made with

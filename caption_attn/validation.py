@@ -21,6 +21,7 @@ from caption_attn.backbone import IMAGE_SIZE
 from caption_attn.cider import CiderD, DocumentFrequency
 from caption_attn.coco_metrics import corpus_bleu4
 from caption_attn.config import DecodeConfig
+from caption_attn.vocab import tokenize_all
 
 DECODE_BATCH = 128   # images per greedy decoding call
 SAMPLE_WORDS = 15    # word panels per epoch heatmap (3 x 5 grid): ~10 ms of drawing each; an
@@ -38,17 +39,18 @@ class Validator:
     """Greedy decoding of fixed validation images and the metrics computed from it.
 
     features(keys) -> iterable of (B, P, F) batches in key order (the trainer's in-memory
-    table or the feature files); references {key: [raw captions]}; reference_ids {key: [id
-    lists]} for CIDEr-D; `df` the train split's document frequencies (built on first use by
-    `df_factory` when CIDEr-D is needed).
+    table or the feature files); references {key: [raw captions]}, which CIDEr-D takes
+    whole (`evaluate`'s references are not cut at --max-length either), words out of the
+    vocabulary as `<unk>`; `df` the train split's document frequencies (built on first use
+    by `df_factory` when CIDEr-D is needed).
     """
 
     def __init__(self, model, vocab, max_length: int,
                  features: Callable[[Sequence[str]], object], references: dict,
-                 reference_ids: dict, bleu_images: int, sample_images: int,
+                 bleu_images: int, sample_images: int,
                  df_factory: Callable[[], DocumentFrequency]):
         self.vocab, self._features = vocab, features
-        self.references, self.reference_ids = references, reference_ids
+        self.references = references
         self.metric_keys = sorted(references)[:bleu_images]
         self.sample_keys = sorted(references)[:sample_images]
         self._decoder = captioner.make_decoder(model, DecodeConfig(beam=1, xla_min_images=0),
@@ -86,8 +88,10 @@ class Validator:
         against their references' ids, with the train split's document frequencies."""
         index = self._metric_index
         if self._cider is None:
-            self._cider = CiderD({index[k]: self.reference_ids[k] for k in self.metric_keys},
-                                 self._df_factory(), with_end=False)
+            self._cider = CiderD({index[k]: [self.vocab.encode_words(w) for w in
+                                             tokenize_all(self.references[k])]
+                                  for k in self.metric_keys}, self._df_factory(),
+                                 with_end=False)
         keys = list(captions)
         ids = [[self.vocab.id(w) for w in captions[k].words] for k in keys]
         width = max(1, max(len(i) for i in ids))

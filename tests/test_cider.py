@@ -67,14 +67,16 @@ def plain_cider_d(candidate, refs, df, num_images, sigma=6.0, clip=True):
 
 
 def words_of(candidate, with_end):
-    """The tokens the reward sees: up to the first <end>/<pad>, <end> kept with `with_end`."""
+    """The tokens the reward sees: up to the first <end>/<pad>, <end> kept with `with_end`;
+    a candidate's <unk> as a token no reference holds (it matches nothing, as the "<unk>" of
+    a caption matches no real word in `evaluate`)."""
     out = []
     for t in candidate:
         if t in (END, PAD):
             if t == END and with_end:
                 out.append(END)
             break
-        out.append(int(t))
+        out.append("unk" if t == UNK else int(t))
     return out
 
 
@@ -226,6 +228,24 @@ def test_reward_equals_pycocoevalcap_cider(data, df, with_end):
                                    rtol=1e-9, atol=1e-12)
 
 
+def test_an_unknown_word_in_a_candidate_matches_nothing():
+    """References hold <unk> where a word is out of the vocabulary ("a <unk> on grass" for
+    "a zebra on grass"). A candidate's <unk> matched them: "a <unk> on grass" scored 4.79
+    against 1.40 for "a on grass" in val_cider, while `evaluate`'s CIDEr (the caption's
+    "<unk>" matches no real word) ranked it lowest, and the self-critical reward paid for
+    saying <unk>. Now a candidate's <unk> scores as a word no reference has (id V - 1)."""
+    references = {0: [[5, UNK, 7, 8]], 1: [[9, 10]], 2: [[11, UNK]]}
+    df = DocumentFrequency.build(references, V)
+    for with_end in (True, False):
+        score = CiderD(references, df, with_end=with_end)
+        unk, unseen, dropped = score([0, 0, 0], np.array([[5, UNK, 7, 8, END],
+                                                          [5, V - 1, 7, 8, END],
+                                                          [5, 7, 8, END, PAD]]))
+        assert unk == pytest.approx(unseen, rel=1e-12)
+        assert unk < 10.0 - 1e-6      # no longer the reference word for word
+        assert dropped > unk          # leaving the word out ranks above <unk>, as in evaluate
+
+
 def test_clipping_is_part_of_the_score():
     """A candidate repeating a reference's word: clipped (coco-caption, pycocoevalcap) and
     unclipped similarity differ, and the reward is the clipped one."""
@@ -307,3 +327,37 @@ def test_images_outside_the_df_are_scored_with_train_idf(data, df):
     want = [plain_cider_d([V - 1, V - 2, 5], val[1000], table, 50),
             plain_cider_d([7, 8, V - 1], val[1001], table, 50)]
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_val_cider_scores_whole_references_and_no_unknown_word():
+    """`Validator.cider` (val_cider) against pycocoevalcap's Cider, which `evaluate` reports:
+    its references were the training ids, cut at --max-length (here a 45-word reference),
+    and a greedy caption's <unk> matched every word out of the vocabulary. With the df
+    counted on the same references, the two agree (the <unk> caption as text matches
+    nothing there either)."""
+    from pycocoevalcap.cider.cider import Cider
+
+    from caption_attn.captioner import Caption
+    from caption_attn.validation import Validator
+    from caption_attn.vocab import Vocabulary, tokenize_all
+
+    long = " ".join(["a", "dog", "runs"] * 15)                     # 45 words
+    references = {"a.jpg": ["a dog on grass", long, "a brown dog on green grass"],
+                  "b.jpg": ["a zebra on grass", "a cat sits on a mat"],
+                  "c.jpg": ["two cats on a mat", "a cat and a cat"]}
+    vocab = Vocabulary.fit_words([w for w in ws if w != "zebra"]      # "zebra" unknown
+                                 for refs in references.values() for ws in tokenize_all(refs))
+    ids = {i: [vocab.encode_words(w) for w in tokenize_all(references[k])]
+           for i, k in enumerate(sorted(references))}
+    validator = object.__new__(Validator)
+    validator.vocab, validator.references, validator._cider = vocab, references, None
+    validator.metric_keys = sorted(references)
+    validator._metric_index = {k: i for i, k in enumerate(validator.metric_keys)}
+    validator._df_factory = lambda: DocumentFrequency.build(ids, len(vocab))
+    captions = {"a.jpg": "a dog runs a dog runs", "b.jpg": "a <unk> on grass",
+                "c.jpg": "a cat on a mat"}
+    ours = validator.cider({k: Caption(c.split(), 0.0, np.zeros((0, 64))) for k, c in
+                            captions.items()})
+    gts = {k: [" ".join(w) for w in tokenize_all(refs)] for k, refs in references.items()}
+    theirs, _ = Cider().compute_score(gts, {k: [c] for k, c in captions.items()})
+    assert ours == pytest.approx(theirs, rel=1e-9)

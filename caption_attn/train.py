@@ -1146,6 +1146,8 @@ def format_summary(summary: dict) -> str:
     else:
         head = (f"trained {s['steps_now']} steps ({s['epochs_now']} epochs finished) in "
                 f"{s['seconds']:.0f} s, stopped by {s['stopped_by']}; the run: {run}{best}")
+    kept = (summary["best_model"] if s["best_epoch"] is not None else
+            "none yet (no epoch finished: the first one saves it)")
     return (f"{head}\n"
-            f"best model: {summary['best_model']}\n"
+            f"best model: {kept}\n"
             f"TensorBoard: tensorboard --logdir {os.path.join(summary['run'], 'logs')}")

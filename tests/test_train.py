@@ -335,6 +335,9 @@ def test_max_steps_then_resume_mid_epoch(shapes_data, tmp_path):
                                           lr_schedule="cosine"), run)
     assert summary["steps"] == 5 and summary["steps_now"] == 2  # this invocation's steps
     assert train.format_summary(summary).startswith("trained 2 steps (0 epochs finished)")
+    # best.keras does not exist yet: the summary named it as the best model
+    assert train.format_summary(summary).splitlines()[1] == \
+        "best model: none yet (no epoch finished: the first one saves it)"
     # through the end of epoch 1 into epoch 2, stopping in its middle
     run_trainer(small_config(shapes_data, epochs=2, max_steps=per_epoch + 2,
                              lr_schedule="cosine"), run)

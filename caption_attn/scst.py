@@ -21,6 +21,8 @@ regulariser is not applied in these epochs (the objective is the reward alone).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import NamedTuple
 
@@ -30,20 +32,40 @@ import tensorflow as tf
 from caption_attn import decode
 from caption_attn.captioner import masked_step
 from caption_attn.cider import CiderD, DocumentFrequency
+from caption_attn.fileio import read_json, write_json_atomic
 from caption_attn.vocab import PAD, START
 
 
 def train_document_frequency(path: str, references: dict, vocab_size: int,
                              save: bool) -> DocumentFrequency:
     """The train split's CIDEr-D document frequencies: read from `path` (a run keeps them in
-    its folder as JSON), else counted from `references` {train image id: [id lists]} and,
-    with `save`, written there."""
+    its folder as JSON) when they were counted on exactly `references` {train image id: [id
+    lists]}, else counted from them and, with `save`, written there.
+
+    The file records a digest of the references it was counted on: a resume whose train
+    images gained or lost features (or a file copied from another run with the same
+    vocabulary size) kept the old counts, an idf over other images. A file written before
+    the digest was recorded is kept if it counted as many images."""
+    digest = references_digest(references)
     if os.path.exists(path):
-        return DocumentFrequency.load(path, vocab_size)
+        stored = read_json(path)
+        df = DocumentFrequency.from_json(stored, source=path)
+        recorded = stored.get("references_sha256")
+        if df.vocab_size == vocab_size and (
+                recorded == digest if recorded is not None
+                else df.num_images == len(references)):
+            return df
     df = DocumentFrequency.build(references, vocab_size)
     if save:
-        df.save(path)
+        write_json_atomic(path, {**df.to_json(), "references_sha256": digest})
     return df
+
+
+def references_digest(references: dict) -> str:
+    """sha256 of {image id: [id lists]} in image id order."""
+    payload = json.dumps([[int(k), [[int(i) for i in ids] for ids in references[k]]]
+                          for k in sorted(references)], separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 class Scored(NamedTuple):

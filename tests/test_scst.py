@@ -64,3 +64,35 @@ def test_policy_gradient_raises_the_better_sample_and_lowers_the_worse():
         var.assign_sub(0.05 / 7 * tf.convert_to_tensor(g))
     after = sample_log_p()
     assert after[0] > before[0] and after[1] < before[1]   # advantage +2 up, -2 down
+
+
+def test_document_frequencies_are_recounted_when_the_train_references_change(tmp_path):
+    """cider_df.json was read whenever it existed: a resume whose train images gained (or
+    lost) features kept the idf of the images counted before, and so did a file copied from
+    another run with the same vocabulary size. It now records a digest of its references."""
+    import json
+
+    from caption_attn.cider import DocumentFrequency
+    from caption_attn.scst import train_document_frequency
+    path, V = str(tmp_path / "cider_df.json"), 20
+    before = {0: [[1, 5, 6, 2]], 1: [[1, 7, 8, 2]]}
+    gained = {**before, 2: [[1, 5, 9, 2]]}
+    df = train_document_frequency(path, before, V, save=True)
+    assert df.num_images == 2
+    with open(path) as f:
+        stored = json.load(f)
+    assert len(stored["references_sha256"]) == 64
+    # the same references: the file is read (its counts marked to tell it from a recount)
+    with open(path, "w") as f:
+        json.dump({**stored, "num_images": 7}, f)
+    assert train_document_frequency(path, before, V, save=True).num_images == 7
+    again = train_document_frequency(path, gained, V, save=True)      # one image gained
+    assert again.num_images == 3 and again.get((9,)) == 1
+    assert DocumentFrequency.load(path).num_images == 3               # and written back
+    # a file written before the digest: kept for as many images, else counted again
+    old = DocumentFrequency.build(before, V).to_json()
+    with open(path, "w") as f:
+        json.dump({**old, "num_images": 2}, f)
+    assert train_document_frequency(path, {0: [[1, 9, 2]], 1: [[1, 5, 2]]}, V,
+                                    save=False).get((6,)) == 1        # kept (old rule)
+    assert train_document_frequency(path, gained, V, save=False).num_images == 3

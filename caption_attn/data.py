@@ -14,9 +14,10 @@ Image paths are never trusted: absolute paths and paths leaving the images folde
 (counted, never opened), see `safe_image_key`.
 
 Entries never silently take another image's place: a COCO `id` given to two different image
-entries, one file under two COCO ids, and an image listed twice with a different split,
-`objects` or size are refused (captions of an image spread over several entries or lines
-are merged, as Flickr files list them).
+entries, one file under two ids (COCO `id`, Karpathy `cocoid` or `imgid`), and an image listed
+twice with a different split, `objects` or size are refused (captions of an image spread over
+several entries or lines are merged, as Flickr files list them; an exact repeat of an entry
+is read once).
 """
 
 from __future__ import annotations
@@ -427,28 +428,46 @@ def _objects(image: dict, path: str, where: str) -> Optional[list]:
     return objects
 
 
-def _check_karpathy_id(path: str, field: str, i: int, image_id: Any, key: Optional[str],
-                       entries: dict) -> None:
-    """`UserError` if `images[i]`'s id (its `field`: `cocoid`, else `imgid`) is an earlier entry's of
-    another image file: files merged by hand (each numbering `imgid` from 0) gave two images
-    one id in the results file, which COCO's evaluation then scores as one image."""
+def _check_karpathy_id(path: str, field: Optional[str], i: int, image_id: Any,
+                       key: Optional[str], entries: dict, ids: dict) -> None:
+    """`UserError` if `images[i]`'s id (its `field`: `cocoid`, else `imgid`; None when it has
+    neither and its index stands in) is an earlier entry's of another image file: files merged
+    by hand (each numbering `imgid` from 0) gave two images one id in the results file, which
+    COCO's evaluation then scores as one image. And if its file is an earlier entry's under
+    another id: its captions were merged into one record under the first id (COCO's parser
+    refuses one file under two ids too). `entries` (id -> (index, key)) and `ids` (key ->
+    (index, field, id)) are updated."""
     if key is None:                       # unsafe paths are refused and counted later
         return
     first, other = entries.setdefault(image_id, (i, key))
     if other != key:
         raise UserError(f"{path}: images[{i}] ({key!r}) and images[{first}] ({other!r}) have "
-                        f"the same {field} {image_id!r}; the results file would give both "
-                        f"images one id (files merged by hand?): give every image its own "
-                        f"`{field}`")
+                        f"the same {field or 'imgid'} {image_id!r}; the results file would "
+                        f"give both images one id (files merged by hand?): give every image "
+                        f"its own `{field or 'imgid'}`")
+    if field is None:                     # no id given: nothing to contradict
+        return
+    first, first_field, first_id = ids.setdefault(key, (i, field, image_id))
+    if (first_field, first_id) != (field, image_id):
+        raise UserError(f"{path}: images[{i}] ({field} {image_id!r}) and images[{first}] "
+                        f"({first_field} {first_id!r}) are both the file {key!r}; list every "
+                        f"image once, with one `{field}`")
 
 
 def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
     obj = _top(obj, path, "Karpathy split")
     images = _get(obj, "images", list, path, "Karpathy split JSON")
     entries = {}                          # image id -> (index, image key) of its first entry
+    ids = {}                              # image key -> (index, id field, id) of its first
+    read = {}                             # path as written -> its entries read so far
     for i, image in enumerate(images):
         where = f"images[{i}]"
         raw_path = _karpathy_path(image, path, where)
+        # an exact repeat (files joined with an overlap) is one entry, as in COCO's `images`:
+        # read twice, its captions weighed double in training and in CIDEr
+        if image in read.setdefault(raw_path, []):
+            continue
+        read[raw_path].append(image)
         split = _karpathy_split(image, path, where)
         sentences = _get(image, "sentences", list, path, where)
         captions = [_get(s, "raw", str, path, f"{where}.sentences[{k}]")
@@ -458,8 +477,8 @@ def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
         # an integer or a string, as COCO's `id` (a list or an object crashed the duplicate
         # check with a TypeError, and would have been the results file's image_id)
         image_id = i if id_field is None else _get(image, id_field, (int, str), path, where)
-        _check_karpathy_id(path, id_field or "imgid", i, image_id, safe_image_key(raw_path),
-                           entries)
+        _check_karpathy_id(path, id_field, i, image_id, safe_image_key(raw_path), entries,
+                           ids)
         out.add(raw_path, captions, where, split=split, image_id=image_id, objects=objects,
                 size=_image_size(image))
 

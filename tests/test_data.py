@@ -506,6 +506,38 @@ def test_karpathy_imgid_given_to_two_images_is_refused_naming_both(tmp_path):
         == len(images) - 1
 
 
+def test_karpathy_entry_listed_twice_exactly_is_read_once(tmp_path):
+    """Files joined with an overlap repeat whole entries: each caption was read twice, weighing
+    double in training and in CIDEr (COCO's parser reads such a repeat once)."""
+    images = karpathy_images()
+    for i, image in enumerate(images):
+        image["cocoid"] = 100 + i
+    images += [dict(images[0]), dict(images[2])]
+    captions = data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+    assert as_dict(captions) == EXPECTED
+    # without an id too: the same entry twice is one
+    images = karpathy_images()
+    images.append(dict(images[1]))
+    assert as_dict(data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))) \
+        == EXPECTED
+
+
+@pytest.mark.parametrize("field", ["cocoid", "imgid"])
+def test_karpathy_one_file_under_two_ids_is_refused_naming_both(tmp_path, field):
+    """Its captions were merged into one record under the first id, silently (COCO's parser
+    refuses one file under two ids)."""
+    images = karpathy_images()
+    for i, image in enumerate(images):
+        image[field] = 100 + i
+    images.append({"filename": "./a.jpg", "split": "train", field: 7,
+                   "sentences": [{"raw": "a blue square"}]})
+    with pytest.raises(UserError) as e:
+        data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+    assert str(e.value) == (
+        f"{tmp_path / 'k.json'}: images[3] ({field} 7) and images[0] ({field} 100) are both "
+        f"the file 'a.jpg'; list every image once, with one `{field}`")
+
+
 @pytest.mark.parametrize("value, kind", [([1], "list"), ({"id": 1}, "dict"), (True, "bool")])
 def test_karpathy_id_that_is_not_an_integer_or_string_is_refused(tmp_path, value, kind):
     # an unhashable imgid crashed the duplicate-id check with `TypeError: unhashable type`

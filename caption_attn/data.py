@@ -516,16 +516,32 @@ def _csv_rows(path: str, text: str) -> Iterator[tuple[int, list[str]]]:
         yield start, row
 
 
+def _csv_name(field: str) -> str:
+    """A CSV field without surrounding spaces, nor the byte order mark a file joined into
+    another by `cat` leaves at the start of its first line."""
+    return field.strip().lstrip("\ufeff").strip()
+
+
+def _is_header_row(row: list[str]) -> bool:
+    return [_csv_name(f).lower() for f in row] == ["image", "caption"]
+
+
 def _parse_flickr_csv(path: str, text: str, out: _Collector) -> None:
     rows = ((n, row) for n, row in _csv_rows(path, text) if any(f.strip() for f in row))
     number, header = next(rows, (1, []))
-    if [f.strip().lower() for f in header] != ["image", "caption"]:
+    if not _is_header_row(header):
         raise UserError(f"{path}: line {number}: expected the CSV header `image,caption`, "
                         f"got {','.join(header)[:60]!r}")
+    seen = set()  # (image, caption): a row repeated (files joined) is one caption
     for number, row in rows:
+        if _is_header_row(row):  # the header of a file joined with `cat`: not an image
+            continue
         if len(row) != 2:
             raise UserError(f"{path}: line {number}: expected 2 fields (image,caption), got "
                             f"{len(row)}; quote captions that contain commas")
+        if (_csv_name(row[0]), row[1]) in seen:
+            continue
+        seen.add((_csv_name(row[0]), row[1]))
         out.add(row[0], [row[1]], f"line {number}")
 
 

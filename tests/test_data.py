@@ -428,6 +428,26 @@ def test_token_line_repeated_is_one_caption(tmp_path):
     assert as_dict(data.load_captions(path)) == {"a.jpg": ["a dog", "a dog"]}
 
 
+def test_csv_files_joined_with_cat_skip_the_second_header(tmp_path):
+    """The second half's header became an image named 'image' with the caption 'caption'."""
+    first, second = csv_text(ENTRIES[:2]), csv_text(ENTRIES[2:])
+    second = "\ufeff" + second.replace("image,caption", "Image, Caption")   # its own BOM
+    captions = data.load_captions(write(tmp_path, "c.csv", first + second, bom=True))
+    assert as_dict(captions) == EXPECTED
+
+
+def test_csv_row_repeated_is_one_caption(tmp_path):
+    """A file joined with an overlap kept each repeated row twice (token files read a repeated
+    line once): it weighed double in training and in CIDEr."""
+    text = (csv_text() + csv_text()[len("image,caption\n"):]
+            + "\ufeffa.jpg,a circle that is red\n")
+    captions = data.load_captions(write(tmp_path, "c.csv", text))
+    assert as_dict(captions) == EXPECTED
+    # the same caption of another image is another caption
+    captions = data.load_captions(write(tmp_path, "c.csv", csv_text() + "c.jpg,dogs play\n"))
+    assert as_dict(captions)["c.jpg"] == EXPECTED["c.jpg"] + ["dogs play"]
+
+
 def test_token_line_without_tab(tmp_path):
     path = write(tmp_path, "t.token", "a.jpg#0\tfine\na.jpg#1 no tab here\n")
     with pytest.raises(UserError, match=r"t\.token: line 2: expected `IMAGE#N<TAB>CAPTION`"):

@@ -70,6 +70,7 @@ class CaptionSet:
     skipped_empty: int = 0          # captions without a word skipped (empty, "...")
     refused: list[str] = field(default_factory=list)  # distinct unsafe image paths, as written
     has_split: bool = False         # True when the file carries its own split (Karpathy)
+    uncaptioned: list[str] = field(default_factory=list)  # images left out: no usable caption
 
     @property
     def refused_paths(self) -> int:
@@ -89,6 +90,20 @@ class CaptionSet:
         return (f"{self.refused_paths} image path(s) in {self.path} are refused (absolute or "
                 f"outside the images folder){_examples(self.refused_examples)}: their "
                 f"captions are left out; write them relative to the images folder")
+
+    def empty_note(self) -> Optional[str]:
+        """What a command that uses the captions says about the empty captions it skipped and
+        the images they (or a COCO image without annotations) left without a usable caption,
+        which are left out (None when there are none)."""
+        left_out = (f"have no usable caption and are left out"
+                    f"{_examples(self.uncaptioned[:MAX_EXAMPLES])}")
+        if not self.skipped_empty:
+            return (f"{len(self.uncaptioned)} image(s) in {self.path} {left_out}"
+                    if self.uncaptioned else None)
+        note = (f"{self.skipped_empty} caption(s) in {self.path} are skipped as empty (no word "
+                f"once punctuation is removed)")
+        return note + (f"; {len(self.uncaptioned)} image(s) {left_out}" if self.uncaptioned
+                       else "")
 
     def keys_to_extract(self) -> list[str]:
         """The images `extract-features --captions` is given: every record's, and every
@@ -159,6 +174,7 @@ class _Collector:
         self.records: dict[str, ImageRecord] = {}
         self.skipped_empty = 0
         self.refused: dict[str, None] = {}  # distinct refused raw paths, in file order
+        self.uncaptioned: dict[str, None] = {}  # keys given no usable caption (so far)
 
     def add(self, raw_path: str, captions: list[str], where: str, split: Optional[str] = None,
             image_id: Any = None, objects: Optional[list] = None,
@@ -173,6 +189,7 @@ class _Collector:
         kept = [c.strip() for c in captions if _has_word(c)]
         self.skipped_empty += len(captions) - len(kept)
         if not kept:
+            self.uncaptioned.setdefault(key, None)  # unless a later entry gives it one
             return
         record = self.records.get(key)
         if record is None:
@@ -198,7 +215,9 @@ class _Collector:
         if not records:
             raise UserError(f"no usable captions in {self.path} ({self.skipped_empty} empty "
                             f"captions, {len(refused)} refused image paths)")
-        return CaptionSet(self.path, fmt, records, self.skipped_empty, refused, has_split)
+        uncaptioned = sorted(k for k in self.uncaptioned if k not in self.records)
+        return CaptionSet(self.path, fmt, records, self.skipped_empty, refused, has_split,
+                          uncaptioned)
 
 
 # --------------------------------------------------------------------------- reading files
@@ -356,6 +375,7 @@ def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
         _check_coco_identity(path, images, i, image_id, file_name, entries, ids)
         names[image_id], sizes[image_id] = file_name, _image_size(image)
     seen = set()  # (annotation id, image id, caption) of annotations with an `id`
+    annotated = set()  # image ids with an annotation
     for j, ann in enumerate(annotations):
         where = f"annotations[{j}]"
         image_id = _get(ann, "image_id", (int, str), path, where)
@@ -372,7 +392,10 @@ def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
             if entry in seen:
                 continue
             seen.add(entry)
+        annotated.add(image_id)
         out.add(names[image_id], [caption], where, image_id=image_id, size=sizes[image_id])
+    for image_id in names.keys() - annotated:  # no caption at all: left out, not silently
+        out.add(names[image_id], [], f"images[{entries[image_id]}]", image_id=image_id)
 
 
 def _other_type_hint(image_id: Any, names: dict) -> str:
@@ -717,6 +740,8 @@ def describe(captions_path: str, data_cfg: DataConfig, vocab_cfg: VocabConfig,
         "splits": {s: len(captions.split(s)) for s in SPLITS},
         "split_source": split_source,
         "skipped_empty_captions": captions.skipped_empty,
+        "uncaptioned_images": {"count": len(captions.uncaptioned),
+                               "examples": captions.uncaptioned[:MAX_EXAMPLES]},
         "refused_paths": {"count": captions.refused_paths,
                           "examples": captions.refused_examples},
         "missing_images": _missing_images(captions, images_dir),
@@ -733,6 +758,7 @@ def format_description(stats: dict) -> str:
     """`describe`'s statistics as a compact aligned text report."""
     splits, length = stats["splits"], stats["caption_length"]
     refused, missing = stats["refused_paths"], stats["missing_images"]
+    uncaptioned = stats["uncaptioned_images"]
     rows = [
         ("file", stats["file"]),
         ("format", stats["format"]),
@@ -741,6 +767,8 @@ def format_description(stats: dict) -> str:
         ("splits", f"train {splits['train']}, val {splits['val']}, test {splits['test']} "
                    f"images (split {stats['split_source']})"),
         ("empty captions", f"{stats['skipped_empty_captions']} skipped"),
+        ("no caption", f"{uncaptioned['count']} image{'' if uncaptioned['count'] == 1 else 's'} "
+                       f"left out{_examples(uncaptioned['examples'])}"),
         ("refused paths", f"{refused['count']}{_examples(refused['examples'])}"),
         ("missing images", "not checked (no images folder given)" if missing is None
          else f"{missing['count']}{_examples(missing['examples'])}"),

@@ -46,6 +46,7 @@ class TrainData:
     truncated: int = 0            # train captions longer than --max-length (cut, <end> kept)
     recorded_digests: Optional[dict] = None  # the run's image digests so far (on resume)
     refused_note: Optional[str] = None    # the caption file's refused image paths
+    empty_note: Optional[str] = None      # its empty captions, images left without one
 
     def items(self, split: str) -> tuple[list[str], list[list[int]]]:
         """(feature path, token ids) of every caption of `split`, one pair per caption."""
@@ -136,7 +137,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
                      captions.format, skipped_captions, len(problems),
                      feature_cache.describe_problems(problems, cfg.cache) if problems else "",
                      fingerprint, dict(sorted(digests.items())), problems, truncated,
-                     recorded_digests, captions.refused_note())
+                     recorded_digests, captions.refused_note(), captions.empty_note())
 
 
 

@@ -122,6 +122,10 @@ def test_coco_image_without_captions_is_dropped(tmp_path):
     obj["images"].append({"file_name": "lonely.jpg", "id": 7})
     captions = data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
     assert "lonely.jpg" not in as_dict(captions)
+    # ... and named: it was dropped without a count
+    assert captions.uncaptioned == ["lonely.jpg"] and captions.skipped_empty == 0
+    assert captions.empty_note() == (f"1 image(s) in {tmp_path / 'c.json'} have no usable "
+                                     f"caption and are left out (e.g. 'lonely.jpg')")
 
 
 def test_flickr_image_ids_follow_key_order_not_file_order(tmp_path):
@@ -618,6 +622,25 @@ def test_empty_captions_are_skipped_and_counted(tmp_path):
 
 
 
+def test_images_left_without_a_usable_caption_are_named(tmp_path):
+    """An image whose captions were all empty vanished without a word (only the captions were
+    counted); one with a usable caption elsewhere in the file is kept."""
+    text = "a.jpg#0\t...\nb.jpg#0\t-\nb.jpg#1\t \na.jpg#1\tone dog\nc.jpg#0\tcafé.\n"
+    path = write(tmp_path, "t.txt", text)
+    captions = data.load_captions(path)
+    assert as_dict(captions) == {"a.jpg": ["one dog"], "c.jpg": ["café."]}
+    assert captions.uncaptioned == ["b.jpg"]
+    assert captions.empty_note() == (
+        f"3 caption(s) in {path} are skipped as empty (no word once punctuation is removed); "
+        f"1 image(s) have no usable caption and are left out (e.g. 'b.jpg')")
+    images = karpathy_images()
+    images[1]["sentences"] = []
+    images.append({"filename": "d.jpg", "split": "train", "sentences": [{"raw": "?"}]})
+    captions = data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+    assert captions.uncaptioned == ["b.jpg", "d.jpg"] and captions.skipped_empty == 1
+    assert data.load_captions(write(tmp_path, "c.csv", csv_text())).empty_note() is None
+
+
 def test_captions_without_a_word_are_skipped_and_counted_as_empty(tmp_path):
     """A caption of only punctuation or symbols ("...", "-", "!!") has no word once
     standardised: trained on, it taught the model to end at once, and it was not counted."""
@@ -746,6 +769,7 @@ def describe_fixture(tmp_path):
         {"filename": "c.jpg", "split": "val", "sentences": [{"raw": "zebra"}]},
         {"filename": "d.jpg", "split": "test", "sentences": [{"raw": "giraffe giraffe"}]},
         {"filename": "../e.jpg", "split": "test", "sentences": [{"raw": "hidden"}]},
+        {"filename": "f.jpg", "split": "test", "sentences": []},
     ]
     path = write(tmp_path, "k.json", karpathy_text(images))
     folder = tmp_path / "images"
@@ -763,6 +787,7 @@ def test_describe_numbers(tmp_path):
     assert stats["splits"] == {"train": 2, "val": 1, "test": 1}
     assert stats["split_source"] == "file"
     assert stats["skipped_empty_captions"] == 1
+    assert stats["uncaptioned_images"] == {"count": 1, "examples": ["f.jpg"]}
     assert stats["refused_paths"] == {"count": 1, "examples": ["../e.jpg"]}
     assert stats["missing_images"] == {"count": 2, "examples": ["b.jpg", "d.jpg"]}
     # train words: a red circle blue square on floor -> 7 + 4 special tokens; no zebra/giraffe
@@ -793,6 +818,7 @@ def test_format_description(tmp_path):
     assert "format          karpathy" in text
     assert "train 2, val 1, test 1 images" in text
     assert "2 (e.g. 'b.jpg', 'd.jpg')" in text
+    assert "no caption      1 image left out (e.g. 'f.jpg')" in text
     assert "11 tokens (train split, incl. 4 special tokens)" in text
     assert "mean 3.0, p50 2, p95 7, max 7 words" in text
     width = len("caption length")  # the longest label

@@ -22,7 +22,7 @@ from caption_attn.backbone import FEATURE_SHAPE
 from caption_attn.config import FEATURE_DTYPES, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.fileio import write_json_atomic
-from caption_attn.run import RunFolder
+from caption_attn.run import RunFolder, splits_digest
 from caption_attn.scst import train_document_frequency
 from caption_attn.vocab import SPECIAL_TOKENS, Vocabulary, tokenize_all
 
@@ -63,6 +63,7 @@ class TrainData:
         is still checked when its features come back."""
         write_json_atomic(run.split, {"captions": os.path.abspath(captions),
                                       "format": self.format, "splits": self.splits,
+                                      "splits_sha256": splits_digest(self.splits),
                                       "cache_identity": feature_cache.cache_identity(
                                           self.manifest),
                                       "caption_data": self.caption_data,

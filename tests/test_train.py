@@ -86,8 +86,11 @@ def test_best_model_is_the_best_epoch(trained):
 
 
 def test_split_is_by_image_and_vocab_from_train_only(trained, shapes_data):
+    from caption_attn.run import splits_digest
     with open(os.path.join(trained["run"], "split.json")) as f:
-        splits = json.load(f)["splits"]
+        split = json.load(f)
+    splits = split["splits"]
+    assert split["splits_sha256"] == splits_digest(splits)   # checked by every load_splits
     with open(shapes_data["captions"]) as f:
         images = json.load(f)["images"]
     assert {s: sorted(splits[s]) for s in splits} == {

@@ -637,29 +637,40 @@ def _captions_digest(captions: list[str]) -> str:
 def caption_fingerprint(records: Iterable[ImageRecord], splits: dict) -> dict:
     """What a run records of its caption data (split.json `caption_data`): `sha256` over the
     parsed records (every image key with its split and raw captions, in key order; the file's
-    path and bytes do not matter, so a moved or reformatted file matches) and `digests`, a
-    short digest of each image's captions per split, in the order of `splits` (None for an
-    image `records` lacks), from which `caption_changes` counts what differs."""
+    path and bytes do not matter, so a moved or reformatted file matches), `unordered_sha256`
+    the same with each image's captions sorted (equal when only their order differs), and
+    `digests`, a short digest of each image's captions per split, in the order of `splits`
+    (None for an image `records` lacks), from which `caption_changes` counts what differs."""
     by_key = {r.image: r for r in records}
-    total = hashlib.sha256()
+    total, unordered = hashlib.sha256(), hashlib.sha256()
     full = {}
     for key in sorted(by_key):
-        full[key] = _captions_digest(by_key[key].captions)
-        total.update(f"{key}\t{by_key[key].split}\t{full[key]}\n".encode())
+        record = by_key[key]
+        full[key] = _captions_digest(record.captions)
+        total.update(f"{key}\t{record.split}\t{full[key]}\n".encode())
+        unordered.update(f"{key}\t{record.split}\t"
+                         f"{_captions_digest(sorted(record.captions))}\n".encode())
     digests = {s: [full[k][:DIGEST_CHARS] if k in full else None for k in keys]
                for s, keys in splits.items()}
-    return {"sha256": total.hexdigest(), "digests": digests}
+    return {"sha256": total.hexdigest(), "unordered_sha256": unordered.hexdigest(),
+            "digests": digests}
 
 
 def caption_changes(recorded: dict, splits: dict, records: Iterable[ImageRecord],
                     only: Optional[str] = None) -> Optional[str]:
     """How `records` differ from the caption data a run `recorded` (`caption_fingerprint`,
     with the run's `splits`), e.g. "3 of 40 images have other captions (e.g. 'a.png'), 2 images
-    added (e.g. 'b.png')"; None when they are the same. With `only`, just that split's images:
-    other captions, or not in `records`."""
+    added (e.g. 'b.png')"; None when they are the same. The same captions in another order
+    (the file's lines reordered) are said to be that: they change the batches a resume
+    replays. With `only` (the references `evaluate` scores against, a set), just that split's
+    images: other captions, or not in `records`; None when all captions are the same in any
+    order (a run recorded before `unordered_sha256` compares them in order)."""
     by_key = {r.image: r for r in records}
-    if only is None and caption_fingerprint(by_key.values(), {})["sha256"] \
-            == recorded.get("sha256"):
+    now = caption_fingerprint(by_key.values(), {})
+    if only is None and now["sha256"] == recorded.get("sha256"):
+        return None
+    reordered = now["unordered_sha256"] == recorded.get("unordered_sha256")
+    if only is not None and reordered:
         return None
     digests = recorded.get("digests") if isinstance(recorded.get("digests"), dict) else {}
     known = {}  # image key -> (split, digest) as recorded; None: not in the data then
@@ -678,6 +689,10 @@ def caption_changes(recorded: dict, splits: dict, records: Iterable[ImageRecord]
          [] if only else sorted(set(by_key) - set(trained))),
         ("1 image removed", "{n} images removed", [k for k in trained if k not in by_key]),
     ]
+    if reordered:  # only the order differs: the images of other captions are the reordered
+        keys = groups[0][2]
+        return (f"the same captions in another order in {len(keys)} of {len(trained)} images"
+                f"{_examples(keys[:1])}, which changes the batches a resume replays")
     parts = [(one if len(keys) == 1 else several).format(n=len(keys), m=len(trained))
              + f" (e.g. {keys[0]!r})" for one, several, keys in groups if keys]
     if only is not None:

@@ -871,8 +871,36 @@ def test_caption_fingerprint_counts_what_changed():
                        c=("val", ["a cow"]), d=("test", ["a hen"]))
     recorded = data.caption_fingerprint(swapped, splits)
     swapped[0].captions.reverse()
-    assert "1 of 4 images has other captions" in data.caption_changes(recorded, splits,
-                                                                         swapped)
+    assert "the same captions in another order in 1 of 4 images" in data.caption_changes(
+        recorded, splits, swapped)
+
+
+def test_the_same_captions_in_another_order_are_called_so():
+    """A file with its lines in another order was reported as "N of N images have other
+    captions" by train's resume check and by evaluate's note on the references."""
+    def records(reordered=(), changed=()):
+        out = _records(a=("train", ["a cat", "x cat"]), b=("train", ["a dog", "y dog"]),
+                       c=("val", ["a cow", "z cow"]), d=("test", ["a hen", "w hen"]))
+        for r in out:
+            r.captions = (r.captions[::-1] if r.image[0] in reordered else
+                          ["a mat"] if r.image[0] in changed else r.captions)
+        return out
+    before = records()
+    splits = {s: sorted(r.image for r in before if r.split == s) for s in data.SPLITS}
+    recorded = data.caption_fingerprint(before, splits)
+    after = records(reordered="ac")
+    # train: still refused (the order decides the batches a resume replays), called so
+    assert data.caption_changes(recorded, splits, after) == (
+        "the same captions in another order in 2 of 4 images (e.g. 'a.jpg'), which changes "
+        "the batches a resume replays")
+    # evaluate: references are a set: nothing to note
+    for split in data.SPLITS:
+        assert data.caption_changes(recorded, splits, after, only=split) is None
+    # a real change is still one
+    changes = data.caption_changes(recorded, splits, records(reordered="a", changed="b"))
+    assert "other captions" in changes and "another order" not in changes
+    assert data.caption_changes(recorded, splits, records(changed="c"), only="val") == \
+        "1 of 1 images has other captions (e.g. 'c.jpg')"
 
 
 @pytest.mark.parametrize("height", [1e999, float("nan"), -5, "299", True])

@@ -607,6 +607,19 @@ def load_dataset(path: str, cfg: DataConfig) -> CaptionSet:
     return captions
 
 
+def refuse_unused_fractions(captions: CaptionSet, cfg: DataConfig) -> None:
+    """--val-fraction / --test-fraction given for a caption file with its own split (Karpathy)
+    would be silently ignored: refused, by `train` and `inspect` alike, as a decoding flag
+    given to another method is."""
+    given = sorted(cfg.given(("val_fraction", "test_fraction")))
+    if captions.has_split and given:
+        flag, value = "--" + given[0].replace("_", "-"), getattr(cfg, given[0])
+        raise UserError(f"{flag} {value} splits files without a split of their own, but "
+                        f"{captions.path} is a {captions.format} file whose images carry their "
+                        f"split, which train uses: leave {flag} out (or edit the file's "
+                        f"splits)")
+
+
 def split_images(keys: Iterable[str], val_fraction: float, test_fraction: float,
                  seed: int) -> dict[str, str]:
     """Deterministic split by image: key -> "train" / "val" / "test".
@@ -743,6 +756,7 @@ def describe(captions_path: str, data_cfg: DataConfig, vocab_cfg: VocabConfig,
     from caption_attn.vocab import tokenize_all
 
     captions = load_dataset(captions_path, data_cfg)
+    refuse_unused_fractions(captions, data_cfg)   # as train does: its split would be shown
     words = {r.image: tokenize_all(r.captions) for r in captions.records}
     split_source = "file" if captions.has_split else (
         f"by image hash (val {data_cfg.val_fraction}, test {data_cfg.test_fraction}, "

@@ -100,7 +100,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     if reuse and os.path.exists(run.split):
         splits = run.load_splits()
     else:
-        _refuse_unused_fractions(cfg, captions)
+        data_lib.refuse_unused_fractions(captions, cfg.data)
         splits = {s: sorted(r.image for r in captions.split(s)) for s in data_lib.SPLITS}
     fingerprint = data_lib.caption_fingerprint(captions.records, splits)  # hashed once
     if reuse and os.path.exists(run.split):
@@ -140,18 +140,6 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
                      fingerprint, dict(sorted(digests.items())), problems, truncated,
                      recorded_digests, captions.refused_note(), captions.empty_note())
 
-
-
-def _refuse_unused_fractions(cfg: RunConfig, captions) -> None:
-    """--val-fraction / --test-fraction given for a caption file with its own split (Karpathy)
-    would be silently ignored: refused, like a decoding flag given to another method."""
-    given = sorted(cfg.data.given(("val_fraction", "test_fraction")))
-    if captions.has_split and given:
-        flag, value = "--" + given[0].replace("_", "-"), getattr(cfg.data, given[0])
-        raise UserError(f"{flag} {value} splits files without a split of their own, but "
-                        f"{cfg.captions} is a {captions.format} file whose images carry their "
-                        f"split, which train uses: leave {flag} out (or edit the file's "
-                        f"splits)")
 
 
 def _refuse_empty_vocabulary(cfg: RunConfig, train_words: list) -> None:

@@ -14,9 +14,10 @@ Image paths are never trusted: absolute paths and paths leaving the images folde
 (counted, never opened), see `safe_image_key`.
 
 Entries never silently take another image's place: a COCO `id` given to two different image
-entries, one file under two COCO ids, and an image listed twice with a different split,
-`objects` or size are refused (captions of an image spread over several entries or lines
-are merged, as Flickr files list them).
+entries, one file under two ids (COCO `id`, Karpathy `cocoid` or `imgid`), and an image listed
+twice with a different split, `objects` or size are refused (captions of an image spread over
+several entries or lines are merged, as Flickr files list them; an exact repeat of an entry
+is read once).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class CaptionSet:
     skipped_empty: int = 0          # captions without a word skipped (empty, "...")
     refused: list[str] = field(default_factory=list)  # distinct unsafe image paths, as written
     has_split: bool = False         # True when the file carries its own split (Karpathy)
+    uncaptioned: list[str] = field(default_factory=list)  # images left out: no usable caption
 
     @property
     def refused_paths(self) -> int:
@@ -88,6 +90,20 @@ class CaptionSet:
         return (f"{self.refused_paths} image path(s) in {self.path} are refused (absolute or "
                 f"outside the images folder){_examples(self.refused_examples)}: their "
                 f"captions are left out; write them relative to the images folder")
+
+    def empty_note(self) -> Optional[str]:
+        """What a command that uses the captions says about the empty captions it skipped and
+        the images they (or a COCO image without annotations) left without a usable caption,
+        which are left out (None when there are none)."""
+        left_out = (f"have no usable caption and are left out"
+                    f"{_examples(self.uncaptioned[:MAX_EXAMPLES])}")
+        if not self.skipped_empty:
+            return (f"{len(self.uncaptioned)} image(s) in {self.path} {left_out}"
+                    if self.uncaptioned else None)
+        note = (f"{self.skipped_empty} caption(s) in {self.path} are skipped as empty (no word "
+                f"once punctuation is removed)")
+        return note + (f"; {len(self.uncaptioned)} image(s) {left_out}" if self.uncaptioned
+                       else "")
 
     def keys_to_extract(self) -> list[str]:
         """The images `extract-features --captions` is given: every record's, and every
@@ -158,6 +174,7 @@ class _Collector:
         self.records: dict[str, ImageRecord] = {}
         self.skipped_empty = 0
         self.refused: dict[str, None] = {}  # distinct refused raw paths, in file order
+        self.uncaptioned: dict[str, None] = {}  # keys given no usable caption (so far)
 
     def add(self, raw_path: str, captions: list[str], where: str, split: Optional[str] = None,
             image_id: Any = None, objects: Optional[list] = None,
@@ -172,6 +189,7 @@ class _Collector:
         kept = [c.strip() for c in captions if _has_word(c)]
         self.skipped_empty += len(captions) - len(kept)
         if not kept:
+            self.uncaptioned.setdefault(key, None)  # unless a later entry gives it one
             return
         record = self.records.get(key)
         if record is None:
@@ -197,7 +215,9 @@ class _Collector:
         if not records:
             raise UserError(f"no usable captions in {self.path} ({self.skipped_empty} empty "
                             f"captions, {len(refused)} refused image paths)")
-        return CaptionSet(self.path, fmt, records, self.skipped_empty, refused, has_split)
+        uncaptioned = sorted(k for k in self.uncaptioned if k not in self.records)
+        return CaptionSet(self.path, fmt, records, self.skipped_empty, refused, has_split,
+                          uncaptioned)
 
 
 # --------------------------------------------------------------------------- reading files
@@ -355,6 +375,7 @@ def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
         _check_coco_identity(path, images, i, image_id, file_name, entries, ids)
         names[image_id], sizes[image_id] = file_name, _image_size(image)
     seen = set()  # (annotation id, image id, caption) of annotations with an `id`
+    annotated = set()  # image ids with an annotation
     for j, ann in enumerate(annotations):
         where = f"annotations[{j}]"
         image_id = _get(ann, "image_id", (int, str), path, where)
@@ -371,7 +392,10 @@ def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
             if entry in seen:
                 continue
             seen.add(entry)
+        annotated.add(image_id)
         out.add(names[image_id], [caption], where, image_id=image_id, size=sizes[image_id])
+    for image_id in names.keys() - annotated:  # no caption at all: left out, not silently
+        out.add(names[image_id], [], f"images[{entries[image_id]}]", image_id=image_id)
 
 
 def _other_type_hint(image_id: Any, names: dict) -> str:
@@ -427,28 +451,46 @@ def _objects(image: dict, path: str, where: str) -> Optional[list]:
     return objects
 
 
-def _check_karpathy_id(path: str, field: str, i: int, image_id: Any, key: Optional[str],
-                       entries: dict) -> None:
-    """`UserError` if `images[i]`'s id (its `field`: `cocoid`, else `imgid`) is an earlier entry's of
-    another image file: files merged by hand (each numbering `imgid` from 0) gave two images
-    one id in the results file, which COCO's evaluation then scores as one image."""
+def _check_karpathy_id(path: str, field: Optional[str], i: int, image_id: Any,
+                       key: Optional[str], entries: dict, ids: dict) -> None:
+    """`UserError` if `images[i]`'s id (its `field`: `cocoid`, else `imgid`; None when it has
+    neither and its index stands in) is an earlier entry's of another image file: files merged
+    by hand (each numbering `imgid` from 0) gave two images one id in the results file, which
+    COCO's evaluation then scores as one image. And if its file is an earlier entry's under
+    another id: its captions were merged into one record under the first id (COCO's parser
+    refuses one file under two ids too). `entries` (id -> (index, key)) and `ids` (key ->
+    (index, field, id)) are updated."""
     if key is None:                       # unsafe paths are refused and counted later
         return
     first, other = entries.setdefault(image_id, (i, key))
     if other != key:
         raise UserError(f"{path}: images[{i}] ({key!r}) and images[{first}] ({other!r}) have "
-                        f"the same {field} {image_id!r}; the results file would give both "
-                        f"images one id (files merged by hand?): give every image its own "
-                        f"`{field}`")
+                        f"the same {field or 'imgid'} {image_id!r}; the results file would "
+                        f"give both images one id (files merged by hand?): give every image "
+                        f"its own `{field or 'imgid'}`")
+    if field is None:                     # no id given: nothing to contradict
+        return
+    first, first_field, first_id = ids.setdefault(key, (i, field, image_id))
+    if (first_field, first_id) != (field, image_id):
+        raise UserError(f"{path}: images[{i}] ({field} {image_id!r}) and images[{first}] "
+                        f"({first_field} {first_id!r}) are both the file {key!r}; list every "
+                        f"image once, with one `{field}`")
 
 
 def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
     obj = _top(obj, path, "Karpathy split")
     images = _get(obj, "images", list, path, "Karpathy split JSON")
     entries = {}                          # image id -> (index, image key) of its first entry
+    ids = {}                              # image key -> (index, id field, id) of its first
+    read = {}                             # path as written -> its entries read so far
     for i, image in enumerate(images):
         where = f"images[{i}]"
         raw_path = _karpathy_path(image, path, where)
+        # an exact repeat (files joined with an overlap) is one entry, as in COCO's `images`:
+        # read twice, its captions weighed double in training and in CIDEr
+        if image in read.setdefault(raw_path, []):
+            continue
+        read[raw_path].append(image)
         split = _karpathy_split(image, path, where)
         sentences = _get(image, "sentences", list, path, where)
         captions = [_get(s, "raw", str, path, f"{where}.sentences[{k}]")
@@ -458,8 +500,8 @@ def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
         # an integer or a string, as COCO's `id` (a list or an object crashed the duplicate
         # check with a TypeError, and would have been the results file's image_id)
         image_id = i if id_field is None else _get(image, id_field, (int, str), path, where)
-        _check_karpathy_id(path, id_field or "imgid", i, image_id, safe_image_key(raw_path),
-                           entries)
+        _check_karpathy_id(path, id_field, i, image_id, safe_image_key(raw_path), entries,
+                           ids)
         out.add(raw_path, captions, where, split=split, image_id=image_id, objects=objects,
                 size=_image_size(image))
 
@@ -497,16 +539,32 @@ def _csv_rows(path: str, text: str) -> Iterator[tuple[int, list[str]]]:
         yield start, row
 
 
+def _csv_name(field: str) -> str:
+    """A CSV field without surrounding spaces, nor the byte order mark a file joined into
+    another by `cat` leaves at the start of its first line."""
+    return field.strip().lstrip("\ufeff").strip()
+
+
+def _is_header_row(row: list[str]) -> bool:
+    return [_csv_name(f).lower() for f in row] == ["image", "caption"]
+
+
 def _parse_flickr_csv(path: str, text: str, out: _Collector) -> None:
     rows = ((n, row) for n, row in _csv_rows(path, text) if any(f.strip() for f in row))
     number, header = next(rows, (1, []))
-    if [f.strip().lower() for f in header] != ["image", "caption"]:
+    if not _is_header_row(header):
         raise UserError(f"{path}: line {number}: expected the CSV header `image,caption`, "
                         f"got {','.join(header)[:60]!r}")
+    seen = set()  # (image, caption): a row repeated (files joined) is one caption
     for number, row in rows:
+        if _is_header_row(row):  # the header of a file joined with `cat`: not an image
+            continue
         if len(row) != 2:
             raise UserError(f"{path}: line {number}: expected 2 fields (image,caption), got "
                             f"{len(row)}; quote captions that contain commas")
+        if (_csv_name(row[0]), row[1]) in seen:
+            continue
+        seen.add((_csv_name(row[0]), row[1]))
         out.add(row[0], [row[1]], f"line {number}")
 
 
@@ -549,6 +607,19 @@ def load_dataset(path: str, cfg: DataConfig) -> CaptionSet:
     return captions
 
 
+def refuse_unused_fractions(captions: CaptionSet, cfg: DataConfig) -> None:
+    """--val-fraction / --test-fraction given for a caption file with its own split (Karpathy)
+    would be silently ignored: refused, by `train` and `inspect` alike, as a decoding flag
+    given to another method is."""
+    given = sorted(cfg.given(("val_fraction", "test_fraction")))
+    if captions.has_split and given:
+        flag, value = "--" + given[0].replace("_", "-"), getattr(cfg, given[0])
+        raise UserError(f"{flag} {value} splits files without a split of their own, but "
+                        f"{captions.path} is a {captions.format} file whose images carry their "
+                        f"split, which train uses: leave {flag} out (or edit the file's "
+                        f"splits)")
+
+
 def split_images(keys: Iterable[str], val_fraction: float, test_fraction: float,
                  seed: int) -> dict[str, str]:
     """Deterministic split by image: key -> "train" / "val" / "test".
@@ -579,29 +650,40 @@ def _captions_digest(captions: list[str]) -> str:
 def caption_fingerprint(records: Iterable[ImageRecord], splits: dict) -> dict:
     """What a run records of its caption data (split.json `caption_data`): `sha256` over the
     parsed records (every image key with its split and raw captions, in key order; the file's
-    path and bytes do not matter, so a moved or reformatted file matches) and `digests`, a
-    short digest of each image's captions per split, in the order of `splits` (None for an
-    image `records` lacks), from which `caption_changes` counts what differs."""
+    path and bytes do not matter, so a moved or reformatted file matches), `unordered_sha256`
+    the same with each image's captions sorted (equal when only their order differs), and
+    `digests`, a short digest of each image's captions per split, in the order of `splits`
+    (None for an image `records` lacks), from which `caption_changes` counts what differs."""
     by_key = {r.image: r for r in records}
-    total = hashlib.sha256()
+    total, unordered = hashlib.sha256(), hashlib.sha256()
     full = {}
     for key in sorted(by_key):
-        full[key] = _captions_digest(by_key[key].captions)
-        total.update(f"{key}\t{by_key[key].split}\t{full[key]}\n".encode())
+        record = by_key[key]
+        full[key] = _captions_digest(record.captions)
+        total.update(f"{key}\t{record.split}\t{full[key]}\n".encode())
+        unordered.update(f"{key}\t{record.split}\t"
+                         f"{_captions_digest(sorted(record.captions))}\n".encode())
     digests = {s: [full[k][:DIGEST_CHARS] if k in full else None for k in keys]
                for s, keys in splits.items()}
-    return {"sha256": total.hexdigest(), "digests": digests}
+    return {"sha256": total.hexdigest(), "unordered_sha256": unordered.hexdigest(),
+            "digests": digests}
 
 
 def caption_changes(recorded: dict, splits: dict, records: Iterable[ImageRecord],
                     only: Optional[str] = None) -> Optional[str]:
     """How `records` differ from the caption data a run `recorded` (`caption_fingerprint`,
     with the run's `splits`), e.g. "3 of 40 images have other captions (e.g. 'a.png'), 2 images
-    added (e.g. 'b.png')"; None when they are the same. With `only`, just that split's images:
-    other captions, or not in `records`."""
+    added (e.g. 'b.png')"; None when they are the same. The same captions in another order
+    (the file's lines reordered) are said to be that: they change the batches a resume
+    replays. With `only` (the references `evaluate` scores against, a set), just that split's
+    images: other captions, or not in `records`; None when all captions are the same in any
+    order (a run recorded before `unordered_sha256` compares them in order)."""
     by_key = {r.image: r for r in records}
-    if only is None and caption_fingerprint(by_key.values(), {})["sha256"] \
-            == recorded.get("sha256"):
+    now = caption_fingerprint(by_key.values(), {})
+    if only is None and now["sha256"] == recorded.get("sha256"):
+        return None
+    reordered = now["unordered_sha256"] == recorded.get("unordered_sha256")
+    if only is not None and reordered:
         return None
     digests = recorded.get("digests") if isinstance(recorded.get("digests"), dict) else {}
     known = {}  # image key -> (split, digest) as recorded; None: not in the data then
@@ -620,6 +702,10 @@ def caption_changes(recorded: dict, splits: dict, records: Iterable[ImageRecord]
          [] if only else sorted(set(by_key) - set(trained))),
         ("1 image removed", "{n} images removed", [k for k in trained if k not in by_key]),
     ]
+    if reordered:  # only the order differs: the images of other captions are the reordered
+        keys = groups[0][2]
+        return (f"the same captions in another order in {len(keys)} of {len(trained)} images"
+                f"{_examples(keys[:1])}, which changes the batches a resume replays")
     parts = [(one if len(keys) == 1 else several).format(n=len(keys), m=len(trained))
              + f" (e.g. {keys[0]!r})" for one, several, keys in groups if keys]
     if only is not None:
@@ -670,6 +756,7 @@ def describe(captions_path: str, data_cfg: DataConfig, vocab_cfg: VocabConfig,
     from caption_attn.vocab import tokenize_all
 
     captions = load_dataset(captions_path, data_cfg)
+    refuse_unused_fractions(captions, data_cfg)   # as train does: its split would be shown
     words = {r.image: tokenize_all(r.captions) for r in captions.records}
     split_source = "file" if captions.has_split else (
         f"by image hash (val {data_cfg.val_fraction}, test {data_cfg.test_fraction}, "
@@ -682,6 +769,8 @@ def describe(captions_path: str, data_cfg: DataConfig, vocab_cfg: VocabConfig,
         "splits": {s: len(captions.split(s)) for s in SPLITS},
         "split_source": split_source,
         "skipped_empty_captions": captions.skipped_empty,
+        "uncaptioned_images": {"count": len(captions.uncaptioned),
+                               "examples": captions.uncaptioned[:MAX_EXAMPLES]},
         "refused_paths": {"count": captions.refused_paths,
                           "examples": captions.refused_examples},
         "missing_images": _missing_images(captions, images_dir),
@@ -698,6 +787,7 @@ def format_description(stats: dict) -> str:
     """`describe`'s statistics as a compact aligned text report."""
     splits, length = stats["splits"], stats["caption_length"]
     refused, missing = stats["refused_paths"], stats["missing_images"]
+    uncaptioned = stats["uncaptioned_images"]
     rows = [
         ("file", stats["file"]),
         ("format", stats["format"]),
@@ -706,6 +796,8 @@ def format_description(stats: dict) -> str:
         ("splits", f"train {splits['train']}, val {splits['val']}, test {splits['test']} "
                    f"images (split {stats['split_source']})"),
         ("empty captions", f"{stats['skipped_empty_captions']} skipped"),
+        ("no caption", f"{uncaptioned['count']} image{'' if uncaptioned['count'] == 1 else 's'} "
+                       f"left out{_examples(uncaptioned['examples'])}"),
         ("refused paths", f"{refused['count']}{_examples(refused['examples'])}"),
         ("missing images", "not checked (no images folder given)" if missing is None
          else f"{missing['count']}{_examples(missing['examples'])}"),

@@ -18,9 +18,13 @@ Nothing else in the package joins these names by hand.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import glob
+import hashlib
+import itertools
+import json
 import os
 import shutil
 import tempfile
@@ -28,6 +32,7 @@ import zipfile
 from typing import Callable, Optional
 
 from caption_attn.config import MONITORS, RunConfig, config_diff
+from caption_attn.data import SPLITS
 from caption_attn.errors import UserError
 from caption_attn.fileio import (file_identity, keras_file_atomic, one_line, parse_json,
                                  read_json, write_json_atomic)
@@ -39,11 +44,39 @@ def _parsed_split(path: str, identity: tuple):
     return read_json(path)
 
 
+def splits_digest(splits: dict) -> str:
+    """sha256 of the image keys of every split, in order (split.json's `splits_sha256`)."""
+    return hashlib.sha256(json.dumps([splits[s] for s in SPLITS], ensure_ascii=False)
+                          .encode()).hexdigest()
+
+
 def changed_settings_note(saved, new) -> Optional[str]:
     """The note on a resume's changed training settings (TrainConfig `saved` -> `new`), or
     None when none changed (--fresh aside)."""
     changed = [c for c in config_diff(saved, new, "train.") if not c.startswith("train.fresh")]
     return "resuming with changed training settings: " + "; ".join(changed) if changed else None
+
+
+def _splits_problem(splits: dict) -> Optional[str]:
+    """What makes split.json's `splits` other than three disjoint lists of distinct image
+    keys named train, val and test (None when nothing does)."""
+    if sorted(splits) != sorted(SPLITS):
+        names = ", ".join(sorted(map(str, splits))) or "none"
+        return f"its splits are {names}, not train, val and test"
+    for name in SPLITS:
+        keys = splits[name]
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            return f"splits.{name} must be a list of image keys (strings)"
+        if len(set(keys)) != len(keys):
+            twice = next(k for k, n in collections.Counter(keys).items() if n > 1)
+            return f"splits.{name} lists {twice!r} twice"
+    for a, b in itertools.combinations(SPLITS, 2):
+        both = sorted(set(splits[a]) & set(splits[b]))
+        if both:
+            return (f"{len(both)} image(s) are in both splits.{a} and splits.{b} (e.g. "
+                    f"{both[0]!r}): an image must be in one split (one trained on and scored "
+                    f"would flatter the metrics)")
+    return None
 
 
 class RunFolder:
@@ -244,13 +277,23 @@ class RunFolder:
                 from None
 
     def load_splits(self) -> dict:
-        """split name -> image keys, as fixed when the run started."""
+        """split name -> image keys, as fixed when the run started: exactly train, val and
+        test, lists of distinct keys, no image in two splits, and (for runs that recorded it)
+        the digest split.json recorded of them. Only the types were checked: an image added
+        to a second split (or moved from train to test) resumed silently, the model then
+        scored on images it trained on; a missing `val` crashed with a KeyError."""
         splits = self._split_field("splits")
-        if not isinstance(splits, dict) or not all(
-                isinstance(v, list) and all(isinstance(k, str) for k in v)
-                for v in splits.values()):
+        if not isinstance(splits, dict):
             raise UserError(f"{self.split}: malformed (expected {{\"splits\": {{name: [image "
                             f"keys]}}}})")
+        problem = _splits_problem(splits)
+        recorded = self._split_field("splits_sha256")
+        if problem is None and isinstance(recorded, str) and recorded != splits_digest(splits):
+            problem = ("its splits are not the ones recorded when the run started "
+                       "(splits_sha256 differs: edited by hand?)")
+        if problem:
+            raise UserError(f"{self.split}: {problem}; restore the split.json train wrote, or "
+                            f"train the run again with --fresh")
         return splits
 
     def load_vocab(self):

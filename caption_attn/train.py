@@ -916,6 +916,8 @@ def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
                     f"without usable features: {d.problems}")
     if d.refused_note:
         trainer.log("note: " + d.refused_note)
+    if d.empty_note:
+        trainer.log("note: " + d.empty_note)
 
 
 def _summary(trainer: Trainer, history, early, reason, seconds, epochs_before: int,

@@ -22,7 +22,7 @@ from caption_attn.backbone import FEATURE_SHAPE
 from caption_attn.config import FEATURE_DTYPES, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.fileio import write_json_atomic
-from caption_attn.run import RunFolder
+from caption_attn.run import RunFolder, splits_digest
 from caption_attn.scst import train_document_frequency
 from caption_attn.vocab import SPECIAL_TOKENS, Vocabulary, tokenize_all
 
@@ -46,6 +46,7 @@ class TrainData:
     truncated: int = 0            # train captions longer than --max-length (cut, <end> kept)
     recorded_digests: Optional[dict] = None  # the run's image digests so far (on resume)
     refused_note: Optional[str] = None    # the caption file's refused image paths
+    empty_note: Optional[str] = None      # its empty captions, images left without one
 
     def items(self, split: str) -> tuple[list[str], list[list[int]]]:
         """(feature path, token ids) of every caption of `split`, one pair per caption."""
@@ -62,6 +63,7 @@ class TrainData:
         is still checked when its features come back."""
         write_json_atomic(run.split, {"captions": os.path.abspath(captions),
                                       "format": self.format, "splits": self.splits,
+                                      "splits_sha256": splits_digest(self.splits),
                                       "cache_identity": feature_cache.cache_identity(
                                           self.manifest),
                                       "caption_data": self.caption_data,
@@ -98,7 +100,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     if reuse and os.path.exists(run.split):
         splits = run.load_splits()
     else:
-        _refuse_unused_fractions(cfg, captions)
+        data_lib.refuse_unused_fractions(captions, cfg.data)
         splits = {s: sorted(r.image for r in captions.split(s)) for s in data_lib.SPLITS}
     fingerprint = data_lib.caption_fingerprint(captions.records, splits)  # hashed once
     if reuse and os.path.exists(run.split):
@@ -136,20 +138,8 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
                      captions.format, skipped_captions, len(problems),
                      feature_cache.describe_problems(problems, cfg.cache) if problems else "",
                      fingerprint, dict(sorted(digests.items())), problems, truncated,
-                     recorded_digests, captions.refused_note())
+                     recorded_digests, captions.refused_note(), captions.empty_note())
 
-
-
-def _refuse_unused_fractions(cfg: RunConfig, captions) -> None:
-    """--val-fraction / --test-fraction given for a caption file with its own split (Karpathy)
-    would be silently ignored: refused, like a decoding flag given to another method."""
-    given = sorted(cfg.data.given(("val_fraction", "test_fraction")))
-    if captions.has_split and given:
-        flag, value = "--" + given[0].replace("_", "-"), getattr(cfg.data, given[0])
-        raise UserError(f"{flag} {value} splits files without a split of their own, but "
-                        f"{cfg.captions} is a {captions.format} file whose images carry their "
-                        f"split, which train uses: leave {flag} out (or edit the file's "
-                        f"splits)")
 
 
 def _refuse_empty_vocabulary(cfg: RunConfig, train_words: list) -> None:

@@ -61,6 +61,25 @@ def test_inspect_format_override(tmp_path, capsys):
     assert "captions.txt: line 1: expected `IMAGE#N<TAB>CAPTION`" in err
 
 
+def test_inspect_refuses_split_fractions_for_a_file_with_its_own_split(tmp_path, capsys):
+    """inspect printed the Karpathy file's own split for --val-fraction 0.5 (train refuses the
+    flag): the user read counts of a split that training would not use."""
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps({"images": [
+        {"filename": "a.jpg", "split": "train", "sentences": [{"raw": "a dog"}]},
+        {"filename": "b.jpg", "split": "val", "sentences": [{"raw": "a cat"}]}]}))
+    code = cli.main(["inspect", "--captions", str(path), "--val-fraction", "0.5"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.strip().endswith(
+        f"--val-fraction 0.5 splits files without a split of their own, but {path} is a "
+        f"karpathy file whose images carry their split, which train uses: leave "
+        f"--val-fraction out (or edit the file's splits)")
+    assert cli.main(["inspect", "--captions", str(path), "--test-fraction", "0.1"]) == 2
+    assert "--test-fraction 0.1 splits files without" in capsys.readouterr().err
+    assert cli.main(["inspect", "--captions", str(path), "--seed", "3"]) == 0
+
+
 def test_inspect_missing_captions_file(tmp_path, capsys):
     missing = str(tmp_path / "missing.json")
     code = cli.main(["inspect", "--captions", missing])

@@ -122,6 +122,10 @@ def test_coco_image_without_captions_is_dropped(tmp_path):
     obj["images"].append({"file_name": "lonely.jpg", "id": 7})
     captions = data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
     assert "lonely.jpg" not in as_dict(captions)
+    # ... and named: it was dropped without a count
+    assert captions.uncaptioned == ["lonely.jpg"] and captions.skipped_empty == 0
+    assert captions.empty_note() == (f"1 image(s) in {tmp_path / 'c.json'} have no usable "
+                                     f"caption and are left out (e.g. 'lonely.jpg')")
 
 
 def test_flickr_image_ids_follow_key_order_not_file_order(tmp_path):
@@ -428,6 +432,26 @@ def test_token_line_repeated_is_one_caption(tmp_path):
     assert as_dict(data.load_captions(path)) == {"a.jpg": ["a dog", "a dog"]}
 
 
+def test_csv_files_joined_with_cat_skip_the_second_header(tmp_path):
+    """The second half's header became an image named 'image' with the caption 'caption'."""
+    first, second = csv_text(ENTRIES[:2]), csv_text(ENTRIES[2:])
+    second = "\ufeff" + second.replace("image,caption", "Image, Caption")   # its own BOM
+    captions = data.load_captions(write(tmp_path, "c.csv", first + second, bom=True))
+    assert as_dict(captions) == EXPECTED
+
+
+def test_csv_row_repeated_is_one_caption(tmp_path):
+    """A file joined with an overlap kept each repeated row twice (token files read a repeated
+    line once): it weighed double in training and in CIDEr."""
+    text = (csv_text() + csv_text()[len("image,caption\n"):]
+            + "\ufeffa.jpg,a circle that is red\n")
+    captions = data.load_captions(write(tmp_path, "c.csv", text))
+    assert as_dict(captions) == EXPECTED
+    # the same caption of another image is another caption
+    captions = data.load_captions(write(tmp_path, "c.csv", csv_text() + "c.jpg,dogs play\n"))
+    assert as_dict(captions)["c.jpg"] == EXPECTED["c.jpg"] + ["dogs play"]
+
+
 def test_token_line_without_tab(tmp_path):
     path = write(tmp_path, "t.token", "a.jpg#0\tfine\na.jpg#1 no tab here\n")
     with pytest.raises(UserError, match=r"t\.token: line 2: expected `IMAGE#N<TAB>CAPTION`"):
@@ -506,6 +530,38 @@ def test_karpathy_imgid_given_to_two_images_is_refused_naming_both(tmp_path):
         == len(images) - 1
 
 
+def test_karpathy_entry_listed_twice_exactly_is_read_once(tmp_path):
+    """Files joined with an overlap repeat whole entries: each caption was read twice, weighing
+    double in training and in CIDEr (COCO's parser reads such a repeat once)."""
+    images = karpathy_images()
+    for i, image in enumerate(images):
+        image["cocoid"] = 100 + i
+    images += [dict(images[0]), dict(images[2])]
+    captions = data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+    assert as_dict(captions) == EXPECTED
+    # without an id too: the same entry twice is one
+    images = karpathy_images()
+    images.append(dict(images[1]))
+    assert as_dict(data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))) \
+        == EXPECTED
+
+
+@pytest.mark.parametrize("field", ["cocoid", "imgid"])
+def test_karpathy_one_file_under_two_ids_is_refused_naming_both(tmp_path, field):
+    """Its captions were merged into one record under the first id, silently (COCO's parser
+    refuses one file under two ids)."""
+    images = karpathy_images()
+    for i, image in enumerate(images):
+        image[field] = 100 + i
+    images.append({"filename": "./a.jpg", "split": "train", field: 7,
+                   "sentences": [{"raw": "a blue square"}]})
+    with pytest.raises(UserError) as e:
+        data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+    assert str(e.value) == (
+        f"{tmp_path / 'k.json'}: images[3] ({field} 7) and images[0] ({field} 100) are both "
+        f"the file 'a.jpg'; list every image once, with one `{field}`")
+
+
 @pytest.mark.parametrize("value, kind", [([1], "list"), ({"id": 1}, "dict"), (True, "bool")])
 def test_karpathy_id_that_is_not_an_integer_or_string_is_refused(tmp_path, value, kind):
     # an unhashable imgid crashed the duplicate-id check with `TypeError: unhashable type`
@@ -564,6 +620,25 @@ def test_empty_captions_are_skipped_and_counted(tmp_path):
     assert as_dict(captions) == {"a.jpg": ["one"], "c.jpg": ["two"]}
     assert captions.skipped_empty == 3
 
+
+
+def test_images_left_without_a_usable_caption_are_named(tmp_path):
+    """An image whose captions were all empty vanished without a word (only the captions were
+    counted); one with a usable caption elsewhere in the file is kept."""
+    text = "a.jpg#0\t...\nb.jpg#0\t-\nb.jpg#1\t \na.jpg#1\tone dog\nc.jpg#0\tcafé.\n"
+    path = write(tmp_path, "t.txt", text)
+    captions = data.load_captions(path)
+    assert as_dict(captions) == {"a.jpg": ["one dog"], "c.jpg": ["café."]}
+    assert captions.uncaptioned == ["b.jpg"]
+    assert captions.empty_note() == (
+        f"3 caption(s) in {path} are skipped as empty (no word once punctuation is removed); "
+        f"1 image(s) have no usable caption and are left out (e.g. 'b.jpg')")
+    images = karpathy_images()
+    images[1]["sentences"] = []
+    images.append({"filename": "d.jpg", "split": "train", "sentences": [{"raw": "?"}]})
+    captions = data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+    assert captions.uncaptioned == ["b.jpg", "d.jpg"] and captions.skipped_empty == 1
+    assert data.load_captions(write(tmp_path, "c.csv", csv_text())).empty_note() is None
 
 
 def test_captions_without_a_word_are_skipped_and_counted_as_empty(tmp_path):
@@ -694,6 +769,7 @@ def describe_fixture(tmp_path):
         {"filename": "c.jpg", "split": "val", "sentences": [{"raw": "zebra"}]},
         {"filename": "d.jpg", "split": "test", "sentences": [{"raw": "giraffe giraffe"}]},
         {"filename": "../e.jpg", "split": "test", "sentences": [{"raw": "hidden"}]},
+        {"filename": "f.jpg", "split": "test", "sentences": []},
     ]
     path = write(tmp_path, "k.json", karpathy_text(images))
     folder = tmp_path / "images"
@@ -711,6 +787,7 @@ def test_describe_numbers(tmp_path):
     assert stats["splits"] == {"train": 2, "val": 1, "test": 1}
     assert stats["split_source"] == "file"
     assert stats["skipped_empty_captions"] == 1
+    assert stats["uncaptioned_images"] == {"count": 1, "examples": ["f.jpg"]}
     assert stats["refused_paths"] == {"count": 1, "examples": ["../e.jpg"]}
     assert stats["missing_images"] == {"count": 2, "examples": ["b.jpg", "d.jpg"]}
     # train words: a red circle blue square on floor -> 7 + 4 special tokens; no zebra/giraffe
@@ -741,6 +818,7 @@ def test_format_description(tmp_path):
     assert "format          karpathy" in text
     assert "train 2, val 1, test 1 images" in text
     assert "2 (e.g. 'b.jpg', 'd.jpg')" in text
+    assert "no caption      1 image left out (e.g. 'f.jpg')" in text
     assert "11 tokens (train split, incl. 4 special tokens)" in text
     assert "mean 3.0, p50 2, p95 7, max 7 words" in text
     width = len("caption length")  # the longest label
@@ -793,8 +871,36 @@ def test_caption_fingerprint_counts_what_changed():
                        c=("val", ["a cow"]), d=("test", ["a hen"]))
     recorded = data.caption_fingerprint(swapped, splits)
     swapped[0].captions.reverse()
-    assert "1 of 4 images has other captions" in data.caption_changes(recorded, splits,
-                                                                         swapped)
+    assert "the same captions in another order in 1 of 4 images" in data.caption_changes(
+        recorded, splits, swapped)
+
+
+def test_the_same_captions_in_another_order_are_called_so():
+    """A file with its lines in another order was reported as "N of N images have other
+    captions" by train's resume check and by evaluate's note on the references."""
+    def records(reordered=(), changed=()):
+        out = _records(a=("train", ["a cat", "x cat"]), b=("train", ["a dog", "y dog"]),
+                       c=("val", ["a cow", "z cow"]), d=("test", ["a hen", "w hen"]))
+        for r in out:
+            r.captions = (r.captions[::-1] if r.image[0] in reordered else
+                          ["a mat"] if r.image[0] in changed else r.captions)
+        return out
+    before = records()
+    splits = {s: sorted(r.image for r in before if r.split == s) for s in data.SPLITS}
+    recorded = data.caption_fingerprint(before, splits)
+    after = records(reordered="ac")
+    # train: still refused (the order decides the batches a resume replays), called so
+    assert data.caption_changes(recorded, splits, after) == (
+        "the same captions in another order in 2 of 4 images (e.g. 'a.jpg'), which changes "
+        "the batches a resume replays")
+    # evaluate: references are a set: nothing to note
+    for split in data.SPLITS:
+        assert data.caption_changes(recorded, splits, after, only=split) is None
+    # a real change is still one
+    changes = data.caption_changes(recorded, splits, records(reordered="a", changed="b"))
+    assert "other captions" in changes and "another order" not in changes
+    assert data.caption_changes(recorded, splits, records(changed="c"), only="val") == \
+        "1 of 1 images has other captions (e.g. 'c.jpg')"
 
 
 @pytest.mark.parametrize("height", [1e999, float("nan"), -5, "299", True])

@@ -125,3 +125,52 @@ def test_a_disk_without_room_for_the_best_model_is_refused_before_h5py_writes(tm
     monkeypatch.setattr(fileio.shutil, "disk_usage", lambda path: usage(10 ** 9, 0, 10 ** 8))
     run.save_best(model, 1, "val_loss", 1.0)                   # room: written as before
     assert sorted(os.listdir(run.path)) == ["best.json", "best.keras", "best.weights.h5"]
+
+
+FIX = "restore the split.json train wrote, or train the run again with --fresh"
+
+
+@pytest.mark.parametrize("splits, problem", [
+    ({"train": ["a.png"], "validation": ["b.png"], "test": ["c.png"]},
+     "its splits are test, train, validation, not train, val and test"),
+    ({"train": ["a.png"], "test": ["c.png"]}, "its splits are test, train, not train, val and "
+                                              "test"),
+    ({"train": ["a.png"], "val": "b.png", "test": []},
+     "splits.val must be a list of image keys (strings)"),
+    ({"train": ["a.png", "d.png", "a.png"], "val": ["b.png"], "test": []},
+     "splits.train lists 'a.png' twice"),
+    ({"train": ["a.png", "d.png"], "val": ["b.png"], "test": ["c.png", "d.png"]},
+     "1 image(s) are in both splits.train and splits.test (e.g. 'd.png'): an image must be in "
+     "one split (one trained on and scored would flatter the metrics)")])
+def test_a_split_json_that_is_not_three_disjoint_splits_is_refused(tmp_path, splits, problem):
+    """Only the types were checked: an image added to two splits (or moved from train to test)
+    resumed silently, training on images it scores; a missing `val` crashed with KeyError."""
+    run = RunFolder(str(tmp_path / "run"))
+    os.makedirs(run.path)
+    with open(run.split, "w") as f:
+        json.dump({"splits": splits}, f)
+    with pytest.raises(UserError) as e:
+        run.load_splits()
+    assert str(e.value) == f"{run.split}: {problem}; {FIX}"
+
+
+def test_splits_other_than_the_recorded_ones_are_refused(tmp_path):
+    """A consistent edit (an image moved from train to test) is caught by the digest that
+    split.json records of its splits, as vocab.json's by vocab_sha256."""
+    from caption_attn.run import splits_digest
+    splits = {"train": ["a.png", "d.png"], "val": ["b.png"], "test": ["c.png"]}
+    for name, recorded in (("old", None), ("new", splits_digest(splits))):
+        run = RunFolder(str(tmp_path / name))
+        os.makedirs(run.path)
+        with open(run.split, "w") as f:    # a run made before the digest: not checked
+            json.dump({"splits": splits, "splits_sha256": recorded}, f)
+        assert run.load_splits() == splits
+    moved = {"train": ["a.png"], "val": ["b.png"], "test": ["c.png", "d.png"]}
+    run = RunFolder(str(tmp_path / "moved"))
+    os.makedirs(run.path)
+    with open(run.split, "w") as f:
+        json.dump({"splits": moved, "splits_sha256": splits_digest(splits)}, f)
+    with pytest.raises(UserError) as e:
+        run.load_splits()
+    assert str(e.value) == (f"{run.split}: its splits are not the ones recorded when the run "
+                            f"started (splits_sha256 differs: edited by hand?); {FIX}")

@@ -86,8 +86,11 @@ def test_best_model_is_the_best_epoch(trained):
 
 
 def test_split_is_by_image_and_vocab_from_train_only(trained, shapes_data):
+    from caption_attn.run import splits_digest
     with open(os.path.join(trained["run"], "split.json")) as f:
-        splits = json.load(f)["splits"]
+        split = json.load(f)
+    splits = split["splits"]
+    assert split["splits_sha256"] == splits_digest(splits)   # checked by every load_splits
     with open(shapes_data["captions"]) as f:
         images = json.load(f)["images"]
     assert {s: sorted(splits[s]) for s in splits} == {
@@ -466,12 +469,14 @@ def test_cache_manifest_is_checked(shapes_data, copy_cache, tmp_path):
 
 def test_cli_train_prints_summary(shapes_data, tmp_path, capsys):
     """... and names the image paths of the caption file it refused (an absolute one here),
-    whose captions it leaves out: it dropped them without a word."""
+    whose captions it leaves out: it dropped them without a word. So it did empty captions
+    and the images they left without a usable caption."""
     from caption_attn.cli import main
     with open(shapes_data["captions"]) as f:
         captions = json.load(f)
-    first = next(i for i in captions["images"] if i["split"] == "train")
+    first, second = [i for i in captions["images"] if i["split"] == "train"][:2]
     first["filename"] = os.path.join(shapes_data["images"], first["filename"])
+    second["sentences"] = [{"raw": "..."}, {"raw": " "}]
     path = str(tmp_path / "captions.json")
     with open(path, "w") as f:
         json.dump(captions, f)
@@ -484,6 +489,9 @@ def test_cli_train_prints_summary(shapes_data, tmp_path, capsys):
     assert "steps (1 epochs finished)" in out and "tensorboard --logdir" in out
     assert (f"note: 1 image path(s) in {path} are refused (absolute or outside the images "
             f"folder) (e.g. {first['filename']!r}): their captions are left out") in out
+    assert (f"note: 2 caption(s) in {path} are skipped as empty (no word once punctuation is "
+            f"removed); 1 image(s) have no usable caption and are left out (e.g. "
+            f"{second['filename']!r})\n") in out
     saved = RunConfig.load(os.path.join(run, "config.json"))
     assert saved.model.units == 32 and saved.train.batch_size == 32
 

@@ -31,13 +31,17 @@ def list_checkpoints(directory: str) -> list[str]:
     return [prefix for _, prefix in sorted(found, reverse=True)]
 
 
+# What reading a damaged checkpoint raises: a file cut to a few bytes raised IndexError ("Read
+# less bytes than requested") from the reader, which only restoring caught.
+DAMAGED = (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError, TypeError)
+
+
 def _try_restore(checkpoint: tf.train.Checkpoint, prefix: str) -> Optional[str]:
     """None if `prefix` restored every object of `checkpoint`, else the reason it did not."""
     try:
         checkpoint.restore(prefix).assert_existing_objects_matched()
         return None
-    except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError,
-            TypeError) as e:
+    except DAMAGED as e:
         text = getattr(e, "message", None) or str(e) or type(e).__name__
         return f"{type(e).__name__}: {text.strip().splitlines()[0][:200]}"
 
@@ -106,7 +110,7 @@ def _newest_counters(directory: str, names: tuple) -> Optional[tuple]:
             reader = tf.train.load_checkpoint(prefix)
             return tuple(int(reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE"))
                          for name in names)
-        except (tf.errors.OpError, ValueError, KeyError):
+        except DAMAGED:
             continue  # damaged: restore_newest_intact reports it
     return None
 

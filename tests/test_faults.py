@@ -58,6 +58,28 @@ def test_damaged_newest_checkpoint_falls_back_to_an_intact_one(shapes_data, tmp_
         assert _steps(os.path.join(run, "logs", sub), "epoch_loss") == [1, 2]
 
 
+def test_a_checkpoint_cut_to_a_few_bytes_is_skipped_when_reading_the_position(tmp_path):
+    """The position of a resume (finished epochs, steps into the next) is read from the
+    newest checkpoint before anything is built: a data file cut short (a copy or a disk that
+    stopped) raised `IndexError: Read less bytes than requested` there, a
+    traceback from `train` instead of the note that skips the damaged checkpoint."""
+    import tensorflow as tf
+
+    from caption_attn import checkpoints
+    folder = str(tmp_path / "checkpoints")
+    epoch, step, step_in_epoch = (tf.Variable(0, dtype=tf.int64) for _ in range(3))
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(epoch=epoch, step=step, step_in_epoch=step_in_epoch), folder, 3)
+    for e, s in ((1, 10), (2, 20)):
+        epoch.assign(e), step.assign(s)
+        manager.save(checkpoint_number=s)
+    data = glob.glob(os.path.join(folder, "ckpt-20.data-*"))[0]
+    with open(data, "r+b") as f:
+        f.truncate(8)                                  # the counters' values cut off
+    assert checkpoints.position(folder) == (1, 0)      # ckpt-10's, not a traceback
+    assert checkpoints.steps_taken(folder) == 10
+
+
 def _steps(folder, tag):
     import tensorflow as tf
     return sorted(event.step for path in glob.glob(os.path.join(folder, "events.out.tfevents.*"))

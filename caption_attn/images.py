@@ -347,22 +347,33 @@ def list_images(images_dir: str) -> list[str]:
 
     Files are recognised by extension (IMAGE_EXTENSIONS, any case); hidden files and folders
     (name starting with ".") are skipped. Symlinked folders are followed (a dataset is often
-    assembled from links), each real folder once, so a link back up cannot loop.
+    assembled from links) under every path that leads to them: `latest -> v2` beside `v2`
+    gives latest/x.jpg and v2/x.jpg, since a caption file may name either. Only a link back
+    up to a folder above it (a loop) is not followed.
     """
     if not os.path.isdir(images_dir):
         raise UserError(f"--images {images_dir}: not a folder")
     keys = []
-    seen = set()  # (st_dev, st_ino) of the folders walked
-    for root, dirs, files in os.walk(images_dir, followlinks=True):
-        st = os.stat(root)
-        if (st.st_dev, st.st_ino) in seen:
-            dirs[:] = []
+    top = os.stat(images_dir)
+    # (key prefix of a folder, (st_dev, st_ino) of it and of every folder above it)
+    stack = [("", ((top.st_dev, top.st_ino),))]
+    while stack:
+        rel, above = stack.pop()
+        try:
+            with os.scandir(os.path.join(images_dir, rel)) as it:
+                entries = sorted(it, key=lambda entry: entry.name)
+        except OSError:
             continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # walked in order
-        rel = os.path.relpath(root, images_dir)
-        for name in files:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                path = name if rel == "." else os.path.join(rel, name)
-                keys.append(path.replace(os.sep, "/"))
+        for entry in reversed(entries):  # popped in order
+            if entry.name.startswith("."):
+                continue
+            try:
+                st = entry.stat() if entry.is_dir() else None  # both follow a symlink
+            except OSError:
+                st = None  # vanished, or a link into a folder that cannot be searched
+            if st is not None:
+                if (st.st_dev, st.st_ino) not in above:
+                    stack.append((rel + entry.name + "/", above + ((st.st_dev, st.st_ino),)))
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                keys.append(rel + entry.name)
     return sorted(keys)

@@ -127,6 +127,19 @@ def test_list_images_follows_folder_symlinks_once(tmp_path):
     assert list_images(str(root)) == ["a.jpg", "linked/c.jpg", "sub/b.jpg"]
 
 
+def test_list_images_lists_a_symlinked_folder_under_both_paths(tmp_path):
+    """images/latest -> v2 beside v2: the first path to the folder claimed it, so v2/x.jpg
+    (which a caption file may name) had no features, without a word. Only a link back up to a
+    folder above it (a loop) is not followed."""
+    root = tmp_path / "images"
+    (root / "v2").mkdir(parents=True)
+    for name in ("x.jpg", "y.jpg"):
+        (root / "v2" / name).write_bytes(b"x")
+    (root / "latest").symlink_to("v2", target_is_directory=True)
+    (root / "v2" / "up").symlink_to("..", target_is_directory=True)
+    assert list_images(str(root)) == ["latest/x.jpg", "latest/y.jpg", "v2/x.jpg", "v2/y.jpg"]
+
+
 def test_a_fifo_or_device_named_like_an_image_fails_at_once_instead_of_hanging(tmp_path):
     fifo = tmp_path / "fifo.jpg"
     os.mkfifo(fifo)                      # open() without O_NONBLOCK waits for a writer forever

@@ -185,12 +185,15 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
 
 def _shard_keys(images_dir: str, cfg: ExtractConfig,
                 keys: Optional[list[str]]) -> tuple[list[str], dict[str, str]]:
-    """(this shard's keys to extract, {this shard's unusable keys: reason})."""
+    """(this shard's keys to extract, {this shard's unusable keys: reason}); without `keys`,
+    the folders under `images_dir` that cannot be listed are failures too ("FOLDER/", in
+    every shard: each shard's images in them are missed)."""
     if not os.path.isdir(images_dir):
         raise UserError(f"--images {images_dir}: not a folder")
+    folders: dict[str, str] = {}
     if keys is None:
-        keys = list_images(images_dir)
-        if not keys:
+        keys = list_images(images_dir, folders)
+        if not keys and not folders:
             raise UserError(f"--images {images_dir}: no image files found (extensions "
                             f"{', '.join(IMAGE_EXTENSIONS)})")
     keys = sorted(set(keys))
@@ -206,6 +209,7 @@ def _shard_keys(images_dir: str, cfg: ExtractConfig,
     mine = [k for k in keys if k not in failed
             and shard_of(k, cfg.num_shards) == cfg.shard_index]
     failed = {k: r for k, r in failed.items() if shard_of(k, cfg.num_shards) == cfg.shard_index}
+    failed.update({printable_name(k): r for k, r in folders.items()})
     return mine, failed
 
 
@@ -305,7 +309,8 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     """Extract the features of this shard's images into `cfg.cache`; return a summary.
 
     `keys`: image paths relative to `images_dir` (e.g. from a caption file); default: every
-    image file under it. Bad images do not stop the run: they are listed in failed.tsv.
+    image file under it. Bad images do not stop the run: they are listed in failed.tsv, and so
+    are the folders under it that cannot be listed (as "FOLDER/", without `keys`).
     Summary: images (in this shard), extracted, skipped (already done), invalid {key: why its
     existing file was extracted again}, repaired (how many of those were), stale_removed {key:
     why its existing file was to be extracted again, but the image failed: the file was
@@ -344,7 +349,8 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
         with contextlib.suppress(FileNotFoundError):
             os.remove(feature_path(cache, key))
     n_failed_file, count = feature_cache.record_run(cache, images_dir, failed,
-                                                    plan.done + written, manifest)
+                                                    plan.done + written, manifest,
+                                                    walked=keys is None)
     rewritten = set(plan.redo) & set(written)
     summary = {
         "images": len(mine) + n_bad_keys,

@@ -8,7 +8,8 @@ Cache layout:
     <cache>/index.jsonl, index/      per-file provenance index (`feature_index`): which backbone
                                      made each file, from which source image
     <cache>/failed.tsv               key<TAB>reason of images that could not be extracted
-                                     (a tab, newline, CR or backslash in them as \\t \\n \\r \\\\)
+                                     (a tab, newline, CR or backslash in them as \\t \\n \\r \\\\),
+                                     and FOLDER/<TAB>reason of folders that could not be listed
     <cache>/backbone_random_seed{S}.weights.h5   random backbone weights (`--weights random`)
     <cache>/.lock                    flock'ed around every manifest / failed.tsv / index update
 
@@ -199,11 +200,16 @@ def read_failed(cache_dir: str) -> dict[str, str]:
     return out
 
 
-def _update_failed(cache_dir: str, failed: dict[str, str], succeeded: Iterable[str]) -> int:
-    """Merge this run into failed.tsv (caller holds the lock); return the entries written."""
+def _update_failed(cache_dir: str, failed: dict[str, str], succeeded: Iterable[str],
+                   walked: bool = False) -> int:
+    """Merge this run into failed.tsv (caller holds the lock); return the entries written.
+    `walked`: this run listed every folder under --images, so its unreadable folders
+    ("FOLDER/" keys) replace those of earlier runs."""
     entries = read_failed(cache_dir)
     for key in succeeded:
         entries.pop(key, None)
+    if walked:
+        entries = {k: r for k, r in entries.items() if not k.endswith("/")}
     entries.update({k: " ".join(r.split()) for k, r in failed.items()})
     lines = [f"{key.translate(_TSV_ESCAPE)}\t{entries[key].translate(_TSV_ESCAPE)}\n"
              .encode("utf-8") for key in sorted(entries)]
@@ -214,16 +220,17 @@ def _update_failed(cache_dir: str, failed: dict[str, str], succeeded: Iterable[s
 
 
 def record_run(cache_dir: str, images_dir: str, failed: dict[str, str],
-               succeeded: list[str], manifest: dict) -> tuple[int, int]:
+               succeeded: list[str], manifest: dict, walked: bool = False) -> tuple[int, int]:
     """After a run, under the lock: merge failed.tsv, compact the index (every shard's
     segments), count the feature files of this cache's identity, and record the count and the
     images folder in the manifest.
 
-    `succeeded`: keys whose file this run checked or wrote. Returns (failed.tsv entries, count).
+    `succeeded`: keys whose file this run checked or wrote; `walked`: the run listed every
+    folder under `images_dir` (see `_update_failed`). Returns (failed.tsv entries, count).
     """
     fingerprint = cache_identity(manifest)["fingerprint"]
     with cache_lock(cache_dir):
-        n_failed_file = _update_failed(cache_dir, failed, succeeded)
+        n_failed_file = _update_failed(cache_dir, failed, succeeded, walked)
         index, _ = feature_index.compact(cache_dir, lambda key: feature_path(cache_dir, key))
         count = sum(entries[-1].identity == fingerprint for entries in index.entries.values())
         m = read_manifest(cache_dir)

@@ -342,7 +342,7 @@ def printable_name(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def list_images(images_dir: str) -> list[str]:
+def list_images(images_dir: str, unreadable: Optional[dict] = None) -> list[str]:
     """Keys (sorted POSIX paths relative to `images_dir`) of every image file under it.
 
     Files are recognised by extension (IMAGE_EXTENSIONS, any case); hidden files and folders
@@ -350,6 +350,10 @@ def list_images(images_dir: str) -> list[str]:
     assembled from links) under every path that leads to them: `latest -> v2` beside `v2`
     gives latest/x.jpg and v2/x.jpg, since a caption file may name either. Only a link back
     up to a folder above it (a loop) is not followed.
+
+    `unreadable`, when given, receives {"FOLDER/": reason} for every folder below
+    `images_dir` that cannot be listed (its images are not in the keys); `images_dir` itself
+    unlistable is a UserError.
     """
     if not os.path.isdir(images_dir):
         raise UserError(f"--images {images_dir}: not a folder")
@@ -362,7 +366,13 @@ def list_images(images_dir: str) -> list[str]:
         try:
             with os.scandir(os.path.join(images_dir, rel)) as it:
                 entries = sorted(it, key=lambda entry: entry.name)
-        except OSError:
+        except OSError as e:
+            if not rel:
+                raise UserError(f"--images {images_dir}: cannot be read ({e.strerror})") \
+                    from None
+            if unreadable is not None:
+                unreadable[rel] = f"folder cannot be read ({e.strerror}): its images were " \
+                                  f"not listed"
             continue
         for entry in reversed(entries):  # popped in order
             if entry.name.startswith("."):

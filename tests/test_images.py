@@ -5,6 +5,7 @@ into the session's `images` folder (conftest.py).
 """
 
 import io
+import json
 import os
 import struct
 import zlib
@@ -17,7 +18,10 @@ from PIL import Image
 from caption_attn.errors import UserError
 from caption_attn.images import (ImageError, _may_have_alpha, decode_image, list_images,
                                  load_image, resize_image)
-from image_samples import BAD, BLUE, GOOD, GREEN, RED, png_chunk, png_file, scene
+from image_samples import (BAD, BLUE, GOOD, GREEN, RED, png_chunk, png_file, run_as_user,
+                           scene)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_load_image_formats(images):
@@ -138,6 +142,39 @@ def test_list_images_lists_a_symlinked_folder_under_both_paths(tmp_path):
     (root / "latest").symlink_to("v2", target_is_directory=True)
     (root / "v2" / "up").symlink_to("..", target_is_directory=True)
     assert list_images(str(root)) == ["latest/x.jpg", "latest/y.jpg", "v2/x.jpg", "v2/y.jpg"]
+
+
+LIST_UNREADABLE = """
+import json, sys
+from caption_attn.errors import UserError
+from caption_attn.images import list_images
+unreadable = {}
+try:
+    print(json.dumps([list_images(sys.argv[1], unreadable), unreadable]))
+except UserError as e:
+    print(e)
+"""
+
+
+def test_list_images_reports_folders_it_cannot_read(tmp_path):
+    """A folder that cannot be listed was skipped by os.walk without a word (its images
+    neither extracted nor in failed.tsv); an unlistable --images said "no image files found"."""
+    root = tmp_path / "images"
+    (root / "locked").mkdir(parents=True)
+    for path in (root / "a.jpg", root / "locked" / "b.jpg"):
+        path.write_bytes(b"x")
+    os.chmod(root / "locked", 0)
+    try:
+        out = run_as_user(LIST_UNREADABLE, str(root), cwd=REPO)
+        os.chmod(root, 0)
+        top = run_as_user(LIST_UNREADABLE, str(root), cwd=REPO)
+    finally:
+        os.chmod(root, 0o755)
+        os.chmod(root / "locked", 0o755)
+    assert json.loads(out.stdout) == [["a.jpg"], {
+        "locked/": "folder cannot be read (Permission denied): its images were not listed"}], \
+        out.stderr
+    assert top.stdout == f"--images {root}: cannot be read (Permission denied)\n", top.stderr
 
 
 def test_a_fifo_or_device_named_like_an_image_fails_at_once_instead_of_hanging(tmp_path):

@@ -346,6 +346,31 @@ def test_a_folder_that_cannot_be_read_is_a_failure_in_failed_tsv(images, cache_c
     assert read_failed(cache_copy) == BAD
 
 
+def test_changed_image_that_cannot_be_read_is_reported_failed_not_done(images, cache_copy,
+                                                                       tmp_path):
+    """An image replaced since extraction by one this user cannot read kept its old features
+    as "already done" (its sha256 could not be taken, as if it were gone); train then refused
+    them as changed and advised extract-features, which said "already done" again. It fails
+    now with the reason, and its outdated feature file is removed."""
+    work = tmp_path / "images"
+    work.mkdir()
+    for key in ("a.jpg", "b.png"):
+        shutil.copy2(os.path.join(images, key), work / key)       # as extracted
+    write_rgb(str(work / "a.jpg"), scene(21))                      # another picture ...
+    os.chmod(work / "a.jpg", 0)                                    # ... that cannot be read
+    code = EXTRACT_AS_USER.replace("progress=False", "keys=['a.jpg', 'b.png'], progress=False")
+    code = code.replace('"exit_code")', '"exit_code", "stale_removed")')
+    try:
+        out = run_as_user(code, str(work), cache_copy, cwd=REPO)
+    finally:
+        os.chmod(work / "a.jpg", 0o644)
+    assert json.loads(out.stdout) == {
+        "skipped": 1, "failures": {"a.jpg": "unreadable (Permission denied)"}, "exit_code": 0,
+        "stale_removed": {"a.jpg": feature_index.IMAGE_CHANGED}}, out.stderr
+    assert read_failed(cache_copy)["a.jpg"] == "unreadable (Permission denied)"
+    assert not os.path.exists(feature_path(cache_copy, "a.jpg"))
+
+
 def test_lost_manifest_never_adopts_other_backbones_files(images, cache_copy):
     os.remove(os.path.join(cache_copy, "manifest.json"))
     summary = extract_features(images, extract_cfg(cache_copy, seed=1), progress=False)

@@ -56,8 +56,8 @@ from caption_attn.backbone import (BACKBONE, FEATURE_LAYOUT, FEATURE_SHAPE, IMAG
 from caption_attn import feature_index
 from caption_attn.config import ExtractConfig
 from caption_attn.errors import UserError
-from caption_attn.fileio import (HOST, keras_file_atomic, read_json, write_bytes_atomic,
-                               write_json_atomic)
+from caption_attn.fileio import (HOST, keras_file_atomic, one_line, read_json,
+                                 write_bytes_atomic, write_json_atomic)
 from caption_attn.images import RESIZE_METHOD
 
 FORMAT_VERSION = 2               # bump when the meaning of cached files changes
@@ -514,18 +514,49 @@ def source_images(manifest: dict) -> Optional[str]:
     return folder if folder and os.path.isdir(folder) else None
 
 
+def _why_failed(key: str, failed: dict[str, str]) -> Optional[str]:
+    """Why failed.tsv (`failed`) says `key` has no features: its own entry, or that of a
+    folder above it that could not be listed ("FOLDER/: reason"); None if neither."""
+    if key in failed:
+        return failed[key]
+    parts = key.split("/")[:-1]
+    for i in range(len(parts), 0, -1):
+        folder = "/".join(parts[:i]) + "/"
+        if folder in failed:
+            return f"{folder}: {failed[folder]}"
+    return None
+
+
 def describe_problems(problems: dict, cache_dir: str, examples: int = 3) -> str:
-    """One paragraph for `usable_features`' problems: counts per reason, a few files, the fix."""
-    by_reason: dict = {}
-    for key, reason in problems.items():
-        by_reason.setdefault(reason, []).append(key)
-    counts = "; ".join(f"{len(keys)} {reason}" for reason, keys in
-                       sorted(by_reason.items(), key=lambda item: -len(item[1])))
-    shown = ", ".join(feature_path(cache_dir, k) for k in list(problems)[:examples])
-    copied = (f"If {cache_dir} was copied without its modification times (`cp -r`), copy it "
-              f"again with `cp -a` or `rsync -a`; otherwise rerun" if
-              feature_index.REWRITTEN in by_reason else "Rerun")
-    return (f"{len(problems)} feature file(s) in {cache_dir} cannot be used: {counts} (e.g. "
-            f"{shown}). {copied} `caption-attn extract-features --cache {cache_dir} ...` with "
-            f"the cache's settings: it extracts exactly these again (--verify also reads every "
-            f"other file's values)")
+    """One paragraph for `usable_features`' problems: counts per reason, a few files, the fix.
+
+    Missing files of images that failed to extract (failed.tsv) are told apart, with the
+    reason: extracting them again fails the same way, so the images must be fixed."""
+    failed_file = read_failed(cache_dir)
+    failed = {k: why for k, r in problems.items()
+              if r == "missing" and (why := _why_failed(k, failed_file)) is not None}
+    parts = []
+    rest = {k: r for k, r in problems.items() if k not in failed}
+    if rest:
+        by_reason: dict = {}
+        for key, reason in rest.items():
+            by_reason.setdefault(reason, []).append(key)
+        counts = "; ".join(f"{len(keys)} {reason}" for reason, keys in
+                           sorted(by_reason.items(), key=lambda item: -len(item[1])))
+        shown = ", ".join(feature_path(cache_dir, k) for k in list(rest)[:examples])
+        copied = (f"If {cache_dir} was copied without its modification times (`cp -r`), copy "
+                  f"it again with `cp -a` or `rsync -a`; otherwise rerun" if
+                  feature_index.REWRITTEN in by_reason else "Rerun")
+        parts.append(f"{len(rest)} feature file(s) in {cache_dir} cannot be used: {counts} "
+                     f"(e.g. {shown}). {copied} `caption-attn extract-features --cache "
+                     f"{cache_dir} ...` with the cache's settings: it extracts exactly these "
+                     f"again (--verify also reads every other file's values)")
+    if failed:
+        shown = "; ".join(f"{one_line(k)} ({one_line(why)})"
+                          for k, why in list(failed.items())[:examples])
+        parts.append(f"{len(failed)} image(s) failed to extract, so they have no feature file "
+                     f"in {cache_dir} (listed in {os.path.join(cache_dir, FAILED)}): {shown}"
+                     f"{' ...' if len(failed) > examples else ''}. Extracting them again fails "
+                     f"the same way: fix or remove these images (or their captions), then "
+                     f"rerun `caption-attn extract-features --cache {cache_dir} ...`")
+    return ". ".join(parts)

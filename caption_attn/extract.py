@@ -68,14 +68,19 @@ class _Writer:
         self.index, self.fingerprint = index, fingerprint
         self.queue: queue.Queue = queue.Queue(maxsize=max_items)
         self.error: Optional[BaseException] = None
+        self.error_path = ""                 # the file whose write failed
         self.written: list[str] = []
         self.thread = threading.Thread(target=self._run, name="feature-writer", daemon=True)
         self.thread.start()
 
     def put(self, key: str, path: str, features: np.ndarray, stamp: ImageStamp) -> None:
         if self.error is not None:
-            raise UserError(f"cannot write {path}: {self.error}")
+            raise UserError(self.failure())
         self.queue.put((key, path, features, stamp))
+
+    def failure(self) -> str:
+        """What failed: the file whose write failed (not the one being queued) and why."""
+        return f"cannot write {one_line(self.error_path)}: {self.error}"
 
     def _run(self) -> None:
         while True:
@@ -90,7 +95,7 @@ class _Writer:
                 self.index.add(make_entry(key, self.fingerprint, os.stat(path), stamp))
                 self.written.append(key)
             except Exception as e:  # noqa: BLE001 - reported by the main thread
-                self.error = e
+                self.error_path, self.error = path, e  # the path first: put() reads both
 
     def close(self) -> None:
         self.queue.put(None)
@@ -179,7 +184,7 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
         pool.shutdown(wait=True, cancel_futures=True)
         writer.close()
     if writer.error is not None:
-        raise UserError(f"cannot write features into {cache_dir}: {writer.error}")
+        raise UserError(writer.failure())
     return writer.written, failed
 
 

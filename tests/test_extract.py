@@ -371,6 +371,28 @@ def test_changed_image_that_cannot_be_read_is_reported_failed_not_done(images, c
     assert not os.path.exists(feature_path(cache_copy, "a.jpg"))
 
 
+def test_a_feature_file_that_cannot_be_written_is_named(images, cache_copy, monkeypatch):
+    """A write that failed (disk full, quota, EFBIG) was reported with the path of the next
+    file queued, or with none ("cannot write features into CACHE: ...")."""
+    import errno
+    real = extract.write_bytes_atomic
+    bad = feature_path(cache_copy, "a.jpg")
+
+    def write(path, *args, **kwargs):
+        if path == bad:
+            raise OSError(errno.EFBIG, "File too large")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(extract, "write_bytes_atomic", write)
+    keys = ["a.jpg", "b.png", "cmyk.jpg", "gray.jpg"]
+    for key in keys:
+        os.remove(feature_path(cache_copy, key))
+    with pytest.raises(UserError) as e:
+        extract_features(images, extract_cfg(cache_copy, batch_size=1), keys=keys,
+                         progress=False)
+    assert str(e.value) == f"cannot write {bad}: [Errno 27] File too large"
+
+
 def test_lost_manifest_never_adopts_other_backbones_files(images, cache_copy):
     os.remove(os.path.join(cache_copy, "manifest.json"))
     summary = extract_features(images, extract_cfg(cache_copy, seed=1), progress=False)

@@ -180,24 +180,45 @@ def _unit_samples(raw: np.ndarray) -> np.ndarray:
     """
     if raw.dtype.kind == "f":
         unit = np.nan_to_num(raw.astype(np.float32), posinf=np.inf, neginf=-np.inf)
-        lo, hi = float(unit.min()), float(unit.max())
-        if lo < -_FLOAT_SLACK or hi > 1.0 + _FLOAT_SLACK:
-            raise ImageError(f"unsupported pixel values ({raw.dtype} samples from {lo:g} to "
-                             f"{hi:g}, not 0..1)")
+        _check_unit_range(float(unit.min()), float(unit.max()), raw.dtype)
         return np.clip(unit, 0.0, 1.0)
     if raw.dtype in (np.uint8, np.uint16):
         return raw.astype(np.float32) / float(np.iinfo(raw.dtype).max)
     raise ImageError(f"unsupported pixel type ({raw.dtype} samples)")
 
 
+def _check_unit_range(lo: float, hi: float, dtype) -> None:
+    """ImageError unless float samples from `lo` to `hi` can be taken as 0..1."""
+    if lo < -_FLOAT_SLACK or hi > 1.0 + _FLOAT_SLACK:
+        raise ImageError(f"unsupported pixel values ({dtype} samples from {lo:g} to {hi:g}, "
+                         f"not 0..1)")
+
+
+_COMPOSITE_PIXELS = 1 << 18   # composited at a time: ~13 MB of float32 temporaries
+
+
 def _composite_alpha(raw: np.ndarray, premultiplied: bool = False) -> np.ndarray:
     """BGRA (uint8, uint16, or float in [0, 1] as in a float TIFF) -> RGB uint8 composited
     over white; `premultiplied`: the colour is already multiplied by alpha (a TIFF's
-    associated alpha). Other sample types are refused rather than scaled by a guess."""
-    bgra = _unit_samples(raw)                               # (H, W, 4)
-    rgb, alpha = bgra[..., 2::-1], bgra[..., 3:]            # (H, W, 3), (H, W, 1)
-    out = (rgb if premultiplied else rgb * alpha) + (1.0 - alpha)  # (H, W, 3) over white
-    return np.rint(np.minimum(out, 1.0) * 255.0).astype(np.uint8)
+    associated alpha). Other sample types are refused rather than scaled by a guess.
+
+    In bands of rows: the float32 temporaries of the whole image took 52 bytes per pixel
+    (1.25 GB for a 24-megapixel PNG); a band's are ~13 MB, and the pixels are the same."""
+    rows = max(1, _COMPOSITE_PIXELS // max(1, raw.shape[1]))
+    bands = [raw[top:top + rows] for top in range(0, raw.shape[0], rows)]
+    if raw.dtype.kind == "f":   # refused on the range of the whole image, not of a band
+        ranges = [(float(u.min()), float(u.max())) for u in
+                  (np.nan_to_num(b.astype(np.float32), posinf=np.inf, neginf=-np.inf)
+                   for b in bands) if u.size]
+        if ranges:
+            _check_unit_range(min(r[0] for r in ranges), max(r[1] for r in ranges), raw.dtype)
+    out = np.empty(raw.shape[:2] + (3,), np.uint8)                # (H, W, 3)
+    for top, band in zip(range(0, raw.shape[0], rows), bands):
+        bgra = _unit_samples(band)                              # (h, W, 4)
+        rgb, alpha = bgra[..., 2::-1], bgra[..., 3:]            # (h, W, 3), (h, W, 1)
+        over = (rgb if premultiplied else rgb * alpha) + (1.0 - alpha)  # (h, W, 3) over white
+        out[top:top + len(band)] = np.rint(np.minimum(over, 1.0) * 255.0)
+    return out
 
 
 def _tiff_alpha(raw: np.ndarray, data: bytes) -> Optional[bool]:

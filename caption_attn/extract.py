@@ -68,14 +68,19 @@ class _Writer:
         self.index, self.fingerprint = index, fingerprint
         self.queue: queue.Queue = queue.Queue(maxsize=max_items)
         self.error: Optional[BaseException] = None
+        self.error_path = ""                 # the file whose write failed
         self.written: list[str] = []
         self.thread = threading.Thread(target=self._run, name="feature-writer", daemon=True)
         self.thread.start()
 
     def put(self, key: str, path: str, features: np.ndarray, stamp: ImageStamp) -> None:
         if self.error is not None:
-            raise UserError(f"cannot write {path}: {self.error}")
+            raise UserError(self.failure())
         self.queue.put((key, path, features, stamp))
+
+    def failure(self) -> str:
+        """What failed: the file whose write failed (not the one being queued) and why."""
+        return f"cannot write {one_line(self.error_path)}: {self.error}"
 
     def _run(self) -> None:
         while True:
@@ -90,7 +95,7 @@ class _Writer:
                 self.index.add(make_entry(key, self.fingerprint, os.stat(path), stamp))
                 self.written.append(key)
             except Exception as e:  # noqa: BLE001 - reported by the main thread
-                self.error = e
+                self.error_path, self.error = path, e  # the path first: put() reads both
 
     def close(self) -> None:
         self.queue.put(None)
@@ -179,18 +184,21 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
         pool.shutdown(wait=True, cancel_futures=True)
         writer.close()
     if writer.error is not None:
-        raise UserError(f"cannot write features into {cache_dir}: {writer.error}")
+        raise UserError(writer.failure())
     return writer.written, failed
 
 
 def _shard_keys(images_dir: str, cfg: ExtractConfig,
                 keys: Optional[list[str]]) -> tuple[list[str], dict[str, str]]:
-    """(this shard's keys to extract, {this shard's unusable keys: reason})."""
+    """(this shard's keys to extract, {this shard's unusable keys: reason}); without `keys`,
+    the folders under `images_dir` that cannot be listed are failures too ("FOLDER/", in
+    every shard: each shard's images in them are missed)."""
     if not os.path.isdir(images_dir):
         raise UserError(f"--images {images_dir}: not a folder")
+    folders: dict[str, str] = {}
     if keys is None:
-        keys = list_images(images_dir)
-        if not keys:
+        keys = list_images(images_dir, folders)
+        if not keys and not folders:
             raise UserError(f"--images {images_dir}: no image files found (extensions "
                             f"{', '.join(IMAGE_EXTENSIONS)})")
     keys = sorted(set(keys))
@@ -206,6 +214,7 @@ def _shard_keys(images_dir: str, cfg: ExtractConfig,
     mine = [k for k in keys if k not in failed
             and shard_of(k, cfg.num_shards) == cfg.shard_index]
     failed = {k: r for k, r in failed.items() if shard_of(k, cfg.num_shards) == cfg.shard_index}
+    failed.update({printable_name(k): r for k, r in folders.items()})
     return mine, failed
 
 
@@ -241,11 +250,18 @@ class _Plan(NamedTuple):
     reindexed: int             # images with a new mtime but the same bytes (entry refreshed)
 
 
+_UNREADABLE = ""   # `_image_sha256` of an image that exists but cannot be read
+
+
 def _image_sha256(images_dir: str, key: str) -> Optional[str]:
+    """The image's sha256 now; None when it is gone (its features still are those of the
+    image as it was); _UNREADABLE on any other OSError (e.g. no read permission)."""
     try:
         return file_digest(os.path.join(images_dir, key))
+    except FileNotFoundError:
+        return None
     except OSError:
-        return None            # gone: the features still are those of the image as it was
+        return _UNREADABLE
 
 
 def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: bool,
@@ -264,7 +280,14 @@ def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         hashes = dict(zip(to_hash, pool.map(lambda k: _image_sha256(images_dir, k), to_hash)))
         for key in to_hash:
-            if hashes[key] is not None and hashes[key] != checks[key].entry.image_sha256:
+            if hashes[key] == _UNREADABLE:
+                # changed (its stat) and unreadable: extracted again, so the pipeline lists it
+                # in failed.tsv with the reason and removes the outdated file; kept as done,
+                # train refused it as changed and sent the user back here. With --verify
+                # and the same stat, the features are still of the image as it is.
+                if checks[key].reason:
+                    redo[key] = IMAGE_CHANGED
+            elif hashes[key] is not None and hashes[key] != checks[key].entry.image_sha256:
                 redo[key] = IMAGE_CHANGED if checks[key].reason else \
                     f"{IMAGE_CHANGED} (same size and modification time, other content)"
         kept = [k for k in kept if k not in redo]
@@ -305,7 +328,8 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     """Extract the features of this shard's images into `cfg.cache`; return a summary.
 
     `keys`: image paths relative to `images_dir` (e.g. from a caption file); default: every
-    image file under it. Bad images do not stop the run: they are listed in failed.tsv.
+    image file under it. Bad images do not stop the run: they are listed in failed.tsv, and so
+    are the folders under it that cannot be listed (as "FOLDER/", without `keys`).
     Summary: images (in this shard), extracted, skipped (already done), invalid {key: why its
     existing file was extracted again}, repaired (how many of those were), stale_removed {key:
     why its existing file was to be extracted again, but the image failed: the file was
@@ -344,7 +368,8 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
         with contextlib.suppress(FileNotFoundError):
             os.remove(feature_path(cache, key))
     n_failed_file, count = feature_cache.record_run(cache, images_dir, failed,
-                                                    plan.done + written, manifest)
+                                                    plan.done + written, manifest,
+                                                    walked=keys is None)
     rewritten = set(plan.redo) & set(written)
     summary = {
         "images": len(mine) + n_bad_keys,

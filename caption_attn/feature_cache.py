@@ -8,7 +8,8 @@ Cache layout:
     <cache>/index.jsonl, index/      per-file provenance index (`feature_index`): which backbone
                                      made each file, from which source image
     <cache>/failed.tsv               key<TAB>reason of images that could not be extracted
-                                     (a tab, newline, CR or backslash in them as \\t \\n \\r \\\\)
+                                     (a tab, newline, CR or backslash in them as \\t \\n \\r \\\\),
+                                     and FOLDER/<TAB>reason of folders that could not be listed
     <cache>/backbone_random_seed{S}.weights.h5   random backbone weights (`--weights random`)
     <cache>/.lock                    flock'ed around every manifest / failed.tsv / index update
 
@@ -55,8 +56,8 @@ from caption_attn.backbone import (BACKBONE, FEATURE_LAYOUT, FEATURE_SHAPE, IMAG
 from caption_attn import feature_index
 from caption_attn.config import ExtractConfig
 from caption_attn.errors import UserError
-from caption_attn.fileio import (HOST, keras_file_atomic, read_json, write_bytes_atomic,
-                               write_json_atomic)
+from caption_attn.fileio import (HOST, keras_file_atomic, one_line, read_json,
+                                 write_bytes_atomic, write_json_atomic)
 from caption_attn.images import RESIZE_METHOD
 
 FORMAT_VERSION = 2               # bump when the meaning of cached files changes
@@ -199,11 +200,16 @@ def read_failed(cache_dir: str) -> dict[str, str]:
     return out
 
 
-def _update_failed(cache_dir: str, failed: dict[str, str], succeeded: Iterable[str]) -> int:
-    """Merge this run into failed.tsv (caller holds the lock); return the entries written."""
+def _update_failed(cache_dir: str, failed: dict[str, str], succeeded: Iterable[str],
+                   walked: bool = False) -> int:
+    """Merge this run into failed.tsv (caller holds the lock); return the entries written.
+    `walked`: this run listed every folder under --images, so its unreadable folders
+    ("FOLDER/" keys) replace those of earlier runs."""
     entries = read_failed(cache_dir)
     for key in succeeded:
         entries.pop(key, None)
+    if walked:
+        entries = {k: r for k, r in entries.items() if not k.endswith("/")}
     entries.update({k: " ".join(r.split()) for k, r in failed.items()})
     lines = [f"{key.translate(_TSV_ESCAPE)}\t{entries[key].translate(_TSV_ESCAPE)}\n"
              .encode("utf-8") for key in sorted(entries)]
@@ -214,16 +220,17 @@ def _update_failed(cache_dir: str, failed: dict[str, str], succeeded: Iterable[s
 
 
 def record_run(cache_dir: str, images_dir: str, failed: dict[str, str],
-               succeeded: list[str], manifest: dict) -> tuple[int, int]:
+               succeeded: list[str], manifest: dict, walked: bool = False) -> tuple[int, int]:
     """After a run, under the lock: merge failed.tsv, compact the index (every shard's
     segments), count the feature files of this cache's identity, and record the count and the
     images folder in the manifest.
 
-    `succeeded`: keys whose file this run checked or wrote. Returns (failed.tsv entries, count).
+    `succeeded`: keys whose file this run checked or wrote; `walked`: the run listed every
+    folder under `images_dir` (see `_update_failed`). Returns (failed.tsv entries, count).
     """
     fingerprint = cache_identity(manifest)["fingerprint"]
     with cache_lock(cache_dir):
-        n_failed_file = _update_failed(cache_dir, failed, succeeded)
+        n_failed_file = _update_failed(cache_dir, failed, succeeded, walked)
         index, _ = feature_index.compact(cache_dir, lambda key: feature_path(cache_dir, key))
         count = sum(entries[-1].identity == fingerprint for entries in index.entries.values())
         m = read_manifest(cache_dir)
@@ -507,18 +514,49 @@ def source_images(manifest: dict) -> Optional[str]:
     return folder if folder and os.path.isdir(folder) else None
 
 
+def _why_failed(key: str, failed: dict[str, str]) -> Optional[str]:
+    """Why failed.tsv (`failed`) says `key` has no features: its own entry, or that of a
+    folder above it that could not be listed ("FOLDER/: reason"); None if neither."""
+    if key in failed:
+        return failed[key]
+    parts = key.split("/")[:-1]
+    for i in range(len(parts), 0, -1):
+        folder = "/".join(parts[:i]) + "/"
+        if folder in failed:
+            return f"{folder}: {failed[folder]}"
+    return None
+
+
 def describe_problems(problems: dict, cache_dir: str, examples: int = 3) -> str:
-    """One paragraph for `usable_features`' problems: counts per reason, a few files, the fix."""
-    by_reason: dict = {}
-    for key, reason in problems.items():
-        by_reason.setdefault(reason, []).append(key)
-    counts = "; ".join(f"{len(keys)} {reason}" for reason, keys in
-                       sorted(by_reason.items(), key=lambda item: -len(item[1])))
-    shown = ", ".join(feature_path(cache_dir, k) for k in list(problems)[:examples])
-    copied = (f"If {cache_dir} was copied without its modification times (`cp -r`), copy it "
-              f"again with `cp -a` or `rsync -a`; otherwise rerun" if
-              feature_index.REWRITTEN in by_reason else "Rerun")
-    return (f"{len(problems)} feature file(s) in {cache_dir} cannot be used: {counts} (e.g. "
-            f"{shown}). {copied} `caption-attn extract-features --cache {cache_dir} ...` with "
-            f"the cache's settings: it extracts exactly these again (--verify also reads every "
-            f"other file's values)")
+    """One paragraph for `usable_features`' problems: counts per reason, a few files, the fix.
+
+    Missing files of images that failed to extract (failed.tsv) are told apart, with the
+    reason: extracting them again fails the same way, so the images must be fixed."""
+    failed_file = read_failed(cache_dir)
+    failed = {k: why for k, r in problems.items()
+              if r == "missing" and (why := _why_failed(k, failed_file)) is not None}
+    parts = []
+    rest = {k: r for k, r in problems.items() if k not in failed}
+    if rest:
+        by_reason: dict = {}
+        for key, reason in rest.items():
+            by_reason.setdefault(reason, []).append(key)
+        counts = "; ".join(f"{len(keys)} {reason}" for reason, keys in
+                           sorted(by_reason.items(), key=lambda item: -len(item[1])))
+        shown = ", ".join(feature_path(cache_dir, k) for k in list(rest)[:examples])
+        copied = (f"If {cache_dir} was copied without its modification times (`cp -r`), copy "
+                  f"it again with `cp -a` or `rsync -a`; otherwise rerun" if
+                  feature_index.REWRITTEN in by_reason else "Rerun")
+        parts.append(f"{len(rest)} feature file(s) in {cache_dir} cannot be used: {counts} "
+                     f"(e.g. {shown}). {copied} `caption-attn extract-features --cache "
+                     f"{cache_dir} ...` with the cache's settings: it extracts exactly these "
+                     f"again (--verify also reads every other file's values)")
+    if failed:
+        shown = "; ".join(f"{one_line(k)} ({one_line(why)})"
+                          for k, why in list(failed.items())[:examples])
+        parts.append(f"{len(failed)} image(s) failed to extract, so they have no feature file "
+                     f"in {cache_dir} (listed in {os.path.join(cache_dir, FAILED)}): {shown}"
+                     f"{' ...' if len(failed) > examples else ''}. Extracting them again fails "
+                     f"the same way: fix or remove these images (or their captions), then "
+                     f"rerun `caption-attn extract-features --cache {cache_dir} ...`")
+    return ". ".join(parts)

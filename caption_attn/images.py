@@ -180,24 +180,45 @@ def _unit_samples(raw: np.ndarray) -> np.ndarray:
     """
     if raw.dtype.kind == "f":
         unit = np.nan_to_num(raw.astype(np.float32), posinf=np.inf, neginf=-np.inf)
-        lo, hi = float(unit.min()), float(unit.max())
-        if lo < -_FLOAT_SLACK or hi > 1.0 + _FLOAT_SLACK:
-            raise ImageError(f"unsupported pixel values ({raw.dtype} samples from {lo:g} to "
-                             f"{hi:g}, not 0..1)")
+        _check_unit_range(float(unit.min()), float(unit.max()), raw.dtype)
         return np.clip(unit, 0.0, 1.0)
     if raw.dtype in (np.uint8, np.uint16):
         return raw.astype(np.float32) / float(np.iinfo(raw.dtype).max)
     raise ImageError(f"unsupported pixel type ({raw.dtype} samples)")
 
 
+def _check_unit_range(lo: float, hi: float, dtype) -> None:
+    """ImageError unless float samples from `lo` to `hi` can be taken as 0..1."""
+    if lo < -_FLOAT_SLACK or hi > 1.0 + _FLOAT_SLACK:
+        raise ImageError(f"unsupported pixel values ({dtype} samples from {lo:g} to {hi:g}, "
+                         f"not 0..1)")
+
+
+_COMPOSITE_PIXELS = 1 << 18   # composited at a time: ~13 MB of float32 temporaries
+
+
 def _composite_alpha(raw: np.ndarray, premultiplied: bool = False) -> np.ndarray:
     """BGRA (uint8, uint16, or float in [0, 1] as in a float TIFF) -> RGB uint8 composited
     over white; `premultiplied`: the colour is already multiplied by alpha (a TIFF's
-    associated alpha). Other sample types are refused rather than scaled by a guess."""
-    bgra = _unit_samples(raw)                               # (H, W, 4)
-    rgb, alpha = bgra[..., 2::-1], bgra[..., 3:]            # (H, W, 3), (H, W, 1)
-    out = (rgb if premultiplied else rgb * alpha) + (1.0 - alpha)  # (H, W, 3) over white
-    return np.rint(np.minimum(out, 1.0) * 255.0).astype(np.uint8)
+    associated alpha). Other sample types are refused rather than scaled by a guess.
+
+    In bands of rows: the float32 temporaries of the whole image took 52 bytes per pixel
+    (1.25 GB for a 24-megapixel PNG); a band's are ~13 MB, and the pixels are the same."""
+    rows = max(1, _COMPOSITE_PIXELS // max(1, raw.shape[1]))
+    bands = [raw[top:top + rows] for top in range(0, raw.shape[0], rows)]
+    if raw.dtype.kind == "f":   # refused on the range of the whole image, not of a band
+        ranges = [(float(u.min()), float(u.max())) for u in
+                  (np.nan_to_num(b.astype(np.float32), posinf=np.inf, neginf=-np.inf)
+                   for b in bands) if u.size]
+        if ranges:
+            _check_unit_range(min(r[0] for r in ranges), max(r[1] for r in ranges), raw.dtype)
+    out = np.empty(raw.shape[:2] + (3,), np.uint8)                # (H, W, 3)
+    for top, band in zip(range(0, raw.shape[0], rows), bands):
+        bgra = _unit_samples(band)                              # (h, W, 4)
+        rgb, alpha = bgra[..., 2::-1], bgra[..., 3:]            # (h, W, 3), (h, W, 1)
+        over = (rgb if premultiplied else rgb * alpha) + (1.0 - alpha)  # (h, W, 3) over white
+        out[top:top + len(band)] = np.rint(np.minimum(over, 1.0) * 255.0)
+    return out
 
 
 def _tiff_alpha(raw: np.ndarray, data: bytes) -> Optional[bool]:
@@ -342,27 +363,48 @@ def printable_name(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def list_images(images_dir: str) -> list[str]:
+def list_images(images_dir: str, unreadable: Optional[dict] = None) -> list[str]:
     """Keys (sorted POSIX paths relative to `images_dir`) of every image file under it.
 
     Files are recognised by extension (IMAGE_EXTENSIONS, any case); hidden files and folders
     (name starting with ".") are skipped. Symlinked folders are followed (a dataset is often
-    assembled from links), each real folder once, so a link back up cannot loop.
+    assembled from links) under every path that leads to them: `latest -> v2` beside `v2`
+    gives latest/x.jpg and v2/x.jpg, since a caption file may name either. Only a link back
+    up to a folder above it (a loop) is not followed.
+
+    `unreadable`, when given, receives {"FOLDER/": reason} for every folder below
+    `images_dir` that cannot be listed (its images are not in the keys); `images_dir` itself
+    unlistable is a UserError.
     """
     if not os.path.isdir(images_dir):
         raise UserError(f"--images {images_dir}: not a folder")
     keys = []
-    seen = set()  # (st_dev, st_ino) of the folders walked
-    for root, dirs, files in os.walk(images_dir, followlinks=True):
-        st = os.stat(root)
-        if (st.st_dev, st.st_ino) in seen:
-            dirs[:] = []
+    top = os.stat(images_dir)
+    # (key prefix of a folder, (st_dev, st_ino) of it and of every folder above it)
+    stack = [("", ((top.st_dev, top.st_ino),))]
+    while stack:
+        rel, above = stack.pop()
+        try:
+            with os.scandir(os.path.join(images_dir, rel)) as it:
+                entries = sorted(it, key=lambda entry: entry.name)
+        except OSError as e:
+            if not rel:
+                raise UserError(f"--images {images_dir}: cannot be read ({e.strerror})") \
+                    from None
+            if unreadable is not None:
+                unreadable[rel] = f"folder cannot be read ({e.strerror}): its images were " \
+                                  f"not listed"
             continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # walked in order
-        rel = os.path.relpath(root, images_dir)
-        for name in files:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                path = name if rel == "." else os.path.join(rel, name)
-                keys.append(path.replace(os.sep, "/"))
+        for entry in reversed(entries):  # popped in order
+            if entry.name.startswith("."):
+                continue
+            try:
+                st = entry.stat() if entry.is_dir() else None  # both follow a symlink
+            except OSError:
+                st = None  # vanished, or a link into a folder that cannot be searched
+            if st is not None:
+                if (st.st_dev, st.st_ino) not in above:
+                    stack.append((rel + entry.name + "/", above + ((st.st_dev, st.st_ino),)))
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                keys.append(rel + entry.name)
     return sorted(keys)

@@ -6,11 +6,15 @@ BAD files whose load_image error is the reason in BAD (missing.jpg is not writte
 """
 
 import os
+import shutil
 import struct
+import subprocess
+import sys
 import zlib
 
 import cv2
 import numpy as np
+import pytest
 from PIL import Image
 
 from caption_attn.config import ExtractConfig
@@ -104,3 +108,16 @@ def extract_cfg(cache, **overrides) -> ExtractConfig:
     """The tests' extraction: seeded random backbone, float16 files, batches of 4."""
     return ExtractConfig(**{"cache": str(cache), "weights": "random", "seed": 0,
                             "dtype": "float16", "batch_size": 4, **overrides})
+
+
+def run_as_user(code: str, *args: str, cwd: str) -> subprocess.CompletedProcess:
+    """`python -c code args` in a process to which file permissions apply: as root, without
+    the capabilities that read and search any file (setpriv), as a user who does not own the
+    files would be; skips the test when root cannot drop them."""
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root reads every file, and setpriv is missing to drop that")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    return subprocess.run([*prefix, sys.executable, "-c", code, *args], cwd=cwd, text=True,
+                          capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})

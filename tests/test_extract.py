@@ -23,7 +23,7 @@ from caption_attn.extract import extract_features, format_summary, shard_of
 from caption_attn.feature_cache import (FORMAT_VERSION, check_feature_file, feature_path,
                                         read_failed, read_manifest)
 from caption_attn.images import list_images
-from image_samples import BAD, GOOD, extract_cfg, scene, write_rgb
+from image_samples import BAD, GOOD, extract_cfg, run_as_user, scene, write_rgb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -311,6 +311,86 @@ def test_changed_image_that_now_fails_is_reported_failed_and_its_old_file_remove
     usable, problems = feature_cache.usable_features(cache_copy, GOOD,
                                                      read_manifest(cache_copy))
     assert "b.png" not in usable and "b.png" in problems
+
+
+EXTRACT_AS_USER = """
+import json, sys
+sys.path.insert(0, "tests")
+from caption_attn.extract import extract_features
+from image_samples import extract_cfg
+summary = extract_features(sys.argv[1], extract_cfg(sys.argv[2]), progress=False)
+print(json.dumps({k: summary[k] for k in ("skipped", "failures", "exit_code")}))
+"""
+
+
+def test_a_folder_that_cannot_be_read_is_a_failure_in_failed_tsv(images, cache_copy,
+                                                                 tmp_path):
+    """A subfolder of --images that cannot be listed was skipped without a word: its images
+    neither extracted nor in failed.tsv, exit 0. It is listed there (FOLDER/) until a run
+    can read it."""
+    work = tmp_path / "images"
+    for key in GOOD:                                              # all extracted already
+        os.makedirs(os.path.dirname(work / key), exist_ok=True)
+        shutil.copy2(os.path.join(images, key), work / key)
+    os.chmod(work / "sub", 0)
+    try:
+        out = run_as_user(EXTRACT_AS_USER, str(work), cache_copy, cwd=REPO)
+    finally:
+        os.chmod(work / "sub", 0o755)
+    reason = "folder cannot be read (Permission denied): its images were not listed"
+    assert json.loads(out.stdout) == {"skipped": len(GOOD) - 2, "failures": {"sub/": reason},
+                                      "exit_code": 0}, out.stderr
+    assert read_failed(cache_copy) == {**BAD, "sub/": reason}
+    summary = extract_features(str(work), extract_cfg(cache_copy), progress=False)
+    assert summary["skipped"] == len(GOOD) and summary["failed"] == 0
+    assert read_failed(cache_copy) == BAD
+
+
+def test_changed_image_that_cannot_be_read_is_reported_failed_not_done(images, cache_copy,
+                                                                       tmp_path):
+    """An image replaced since extraction by one this user cannot read kept its old features
+    as "already done" (its sha256 could not be taken, as if it were gone); train then refused
+    them as changed and advised extract-features, which said "already done" again. It fails
+    now with the reason, and its outdated feature file is removed."""
+    work = tmp_path / "images"
+    work.mkdir()
+    for key in ("a.jpg", "b.png"):
+        shutil.copy2(os.path.join(images, key), work / key)       # as extracted
+    write_rgb(str(work / "a.jpg"), scene(21))                      # another picture ...
+    os.chmod(work / "a.jpg", 0)                                    # ... that cannot be read
+    code = EXTRACT_AS_USER.replace("progress=False", "keys=['a.jpg', 'b.png'], progress=False")
+    code = code.replace('"exit_code")', '"exit_code", "stale_removed")')
+    try:
+        out = run_as_user(code, str(work), cache_copy, cwd=REPO)
+    finally:
+        os.chmod(work / "a.jpg", 0o644)
+    assert json.loads(out.stdout) == {
+        "skipped": 1, "failures": {"a.jpg": "unreadable (Permission denied)"}, "exit_code": 0,
+        "stale_removed": {"a.jpg": feature_index.IMAGE_CHANGED}}, out.stderr
+    assert read_failed(cache_copy)["a.jpg"] == "unreadable (Permission denied)"
+    assert not os.path.exists(feature_path(cache_copy, "a.jpg"))
+
+
+def test_a_feature_file_that_cannot_be_written_is_named(images, cache_copy, monkeypatch):
+    """A write that failed (disk full, quota, EFBIG) was reported with the path of the next
+    file queued, or with none ("cannot write features into CACHE: ...")."""
+    import errno
+    real = extract.write_bytes_atomic
+    bad = feature_path(cache_copy, "a.jpg")
+
+    def write(path, *args, **kwargs):
+        if path == bad:
+            raise OSError(errno.EFBIG, "File too large")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(extract, "write_bytes_atomic", write)
+    keys = ["a.jpg", "b.png", "cmyk.jpg", "gray.jpg"]
+    for key in keys:
+        os.remove(feature_path(cache_copy, key))
+    with pytest.raises(UserError) as e:
+        extract_features(images, extract_cfg(cache_copy, batch_size=1), keys=keys,
+                         progress=False)
+    assert str(e.value) == f"cannot write {bad}: [Errno 27] File too large"
 
 
 def test_lost_manifest_never_adopts_other_backbones_files(images, cache_copy):

@@ -135,3 +135,31 @@ def test_usable_features_checks_index_stat_and_source(images, cache_copy, tmp_pa
                              cache_copy)
     assert text.startswith(f"3 feature file(s) in {cache_copy} cannot be used")
     assert feature_path(cache_copy, "a.jpg") in text and "extract-features --cache" in text
+
+
+def test_problems_name_images_that_failed_to_extract_and_why(cache_copy):
+    """An image extract-features could not read was called "missing" by train and evaluate,
+    with the advice to rerun extract-features ("it extracts exactly these again"), which
+    failed on it again. failed.tsv says why: the image (or its folder) must be fixed."""
+    failed = os.path.join(cache_copy, "failed.tsv")
+    with open(failed, "a") as f:
+        f.write("locked/\tfolder cannot be read (Permission denied): its images were not "
+                "listed\n")
+    text = describe_problems({"truncated.jpg": "missing", "locked/b.jpg": "missing"},
+                             cache_copy)
+    assert text == (
+        f"2 image(s) failed to extract, so they have no feature file in {cache_copy} (listed "
+        f"in {failed}): truncated.jpg (truncated); locked/b.jpg (locked/: folder cannot be "
+        f"read (Permission denied): its images were not listed). Extracting them again fails "
+        f"the same way: fix or remove these images (or their captions), then rerun "
+        f"`caption-attn extract-features --cache {cache_copy} ...`")
+    text = describe_problems({"x.jpg": "missing", "empty.jpg": "missing"}, cache_copy)
+    assert text == (
+        f"1 feature file(s) in {cache_copy} cannot be used: 1 missing (e.g. "
+        f"{feature_path(cache_copy, 'x.jpg')}). Rerun `caption-attn extract-features --cache "
+        f"{cache_copy} ...` with the cache's settings: it extracts exactly these again "
+        f"(--verify also reads every other file's values). 1 image(s) failed to extract, so "
+        f"they have no feature file in {cache_copy} (listed in {failed}): empty.jpg (empty "
+        f"file (0 bytes)). Extracting them again fails the same way: fix or remove these "
+        f"images (or their captions), then rerun `caption-attn extract-features --cache "
+        f"{cache_copy} ...`")

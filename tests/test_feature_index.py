@@ -1,6 +1,7 @@
 """Tests of the provenance index (caption_attn/feature_index.py): segments, loading, matching
 and compaction. No TensorFlow: feature files here are plain bytes."""
 
+import json
 import os
 import shutil
 
@@ -50,6 +51,22 @@ def test_malformed_lines_and_vanished_segments_are_skipped(tmp_path):
         f.write(good + "\n" + good[: len(good) // 2] + "\n" + '{"key": "b.jpg"}\n')
     index = feature_index._load(cache, ["h-1-x-000000.jsonl", "gone-by-now.jsonl"])
     assert list(index.entries) == ["a.jpg"] and index.skipped_lines == 2
+
+
+def test_lines_with_values_of_other_types_are_skipped(tmp_path):
+    """A line of valid JSON whose "key" is a list stopped every command that reads the index
+    with a TypeError traceback (unhashable type: 'list'): a value of another type makes the
+    line malformed, skipped like the others (its file is extracted again)."""
+    cache = str(tmp_path)
+    path = _write_feature(cache, "a.jpg")
+    good = json.loads(make_entry("a.jpg", "f" * 16, os.stat(path), STAMP).to_json())
+    bad = [{**good, "key": ["a.jpg"]}, {**good, "identity": None}, {**good, "size": "64"},
+           {**good, "mtime_ns": True}, {**good, "image_sha256": 1}, [good], "a.jpg"]
+    with open(feature_index.index_path(cache), "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in [good] + bad)
+    index = feature_index.load_index(cache)
+    assert list(index.entries) == ["a.jpg"] and len(index) == 1
+    assert index.skipped_lines == len(bad)
 
 
 def test_a_rewritten_file_matches_no_entry_but_a_copied_cache_does(tmp_path):

@@ -5,8 +5,10 @@ into the session's `images` folder (conftest.py).
 """
 
 import io
+import json
 import os
 import struct
+import tracemalloc
 import zlib
 
 import cv2
@@ -15,9 +17,12 @@ import pytest
 from PIL import Image
 
 from caption_attn.errors import UserError
-from caption_attn.images import (ImageError, _may_have_alpha, decode_image, list_images,
-                                 load_image, resize_image)
-from image_samples import BAD, BLUE, GOOD, GREEN, RED, png_chunk, png_file, scene
+from caption_attn.images import (ImageError, _composite_alpha, _may_have_alpha, decode_image,
+                                 list_images, load_image, resize_image)
+from image_samples import (BAD, BLUE, GOOD, GREEN, RED, png_chunk, png_file, run_as_user,
+                           scene)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_load_image_formats(images):
@@ -125,6 +130,52 @@ def test_list_images_follows_folder_symlinks_once(tmp_path):
     (root / "sub" / "loop").symlink_to(root, target_is_directory=True)
     (root / "dangling").symlink_to(tmp_path / "gone", target_is_directory=True)
     assert list_images(str(root)) == ["a.jpg", "linked/c.jpg", "sub/b.jpg"]
+
+
+def test_list_images_lists_a_symlinked_folder_under_both_paths(tmp_path):
+    """images/latest -> v2 beside v2: the first path to the folder claimed it, so v2/x.jpg
+    (which a caption file may name) had no features, without a word. Only a link back up to a
+    folder above it (a loop) is not followed."""
+    root = tmp_path / "images"
+    (root / "v2").mkdir(parents=True)
+    for name in ("x.jpg", "y.jpg"):
+        (root / "v2" / name).write_bytes(b"x")
+    (root / "latest").symlink_to("v2", target_is_directory=True)
+    (root / "v2" / "up").symlink_to("..", target_is_directory=True)
+    assert list_images(str(root)) == ["latest/x.jpg", "latest/y.jpg", "v2/x.jpg", "v2/y.jpg"]
+
+
+LIST_UNREADABLE = """
+import json, sys
+from caption_attn.errors import UserError
+from caption_attn.images import list_images
+unreadable = {}
+try:
+    print(json.dumps([list_images(sys.argv[1], unreadable), unreadable]))
+except UserError as e:
+    print(e)
+"""
+
+
+def test_list_images_reports_folders_it_cannot_read(tmp_path):
+    """A folder that cannot be listed was skipped by os.walk without a word (its images
+    neither extracted nor in failed.tsv); an unlistable --images said "no image files found"."""
+    root = tmp_path / "images"
+    (root / "locked").mkdir(parents=True)
+    for path in (root / "a.jpg", root / "locked" / "b.jpg"):
+        path.write_bytes(b"x")
+    os.chmod(root / "locked", 0)
+    try:
+        out = run_as_user(LIST_UNREADABLE, str(root), cwd=REPO)
+        os.chmod(root, 0)
+        top = run_as_user(LIST_UNREADABLE, str(root), cwd=REPO)
+    finally:
+        os.chmod(root, 0o755)
+        os.chmod(root / "locked", 0o755)
+    assert json.loads(out.stdout) == [["a.jpg"], {
+        "locked/": "folder cannot be read (Permission denied): its images were not listed"}], \
+        out.stderr
+    assert top.stdout == f"--images {root}: cannot be read (Permission denied)\n", top.stderr
 
 
 def test_a_fifo_or_device_named_like_an_image_fails_at_once_instead_of_hanging(tmp_path):
@@ -291,3 +342,39 @@ def test_tiff_alpha_is_composited_by_what_its_extra_sample_says_and_gray_alpha_r
     with pytest.raises(ImageError) as e:
         decode_image(gray_alpha.getvalue())
     assert str(e.value) == "unsupported TIFF (gray with alpha: OpenCV drops the alpha)"
+
+
+def _composite_whole(raw, premultiplied=False):
+    """_composite_alpha as it was, on the whole image at once in float32."""
+    scale = 1.0 if raw.dtype.kind == "f" else float(np.iinfo(raw.dtype).max)
+    bgra = np.clip(raw.astype(np.float32) / scale, 0.0, 1.0)
+    rgb, alpha = bgra[..., 2::-1], bgra[..., 3:]
+    out = (rgb if premultiplied else rgb * alpha) + (1.0 - alpha)
+    return np.rint(np.minimum(out, 1.0) * 255.0).astype(np.uint8)
+
+
+def test_alpha_is_composited_in_bands_with_the_same_pixels():
+    """Compositing converted the whole BGRA image to float32 with its temporaries: 52 bytes
+    per pixel at the peak, 1.25 GB for a 24-megapixel PNG. In bands of rows it takes the
+    raw image's size plus the output's, and gives the same pixels."""
+    rng = np.random.default_rng(0)
+    for dtype in (np.uint8, np.uint16, np.float32):
+        raw = rng.integers(0, 256 if dtype == np.uint8 else 65536, (700, 1000, 4)).astype(dtype)
+        if dtype == np.float32:
+            raw /= 65535.0
+        for premultiplied in (False, True):
+            np.testing.assert_array_equal(_composite_alpha(raw, premultiplied),
+                                          _composite_whole(raw, premultiplied))
+    raw[-1, -1, 0] = 200.0                       # out of 0..1 in the last band only
+    with pytest.raises(ImageError) as e:
+        _composite_alpha(raw)
+    assert str(e.value).endswith("samples from 0 to 200, not 0..1)")
+
+    raw = rng.integers(0, 256, (2048, 2048, 4), dtype=np.uint8)
+    tracemalloc.start()
+    try:
+        _composite_alpha(raw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak / raw[..., 0].size < 10, peak          # bytes per pixel (3 of them the output)

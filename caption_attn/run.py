@@ -147,6 +147,7 @@ class RunFolder:
         another data, vocabulary or model configuration is refused (resuming it would mix two
         models); changed training settings and moved files are returned as notes."""
         if not os.path.exists(self.config):
+            self._refuse_lost_config()
             return []
         self._refuse_lost_records()
         saved = self.load_config()
@@ -166,6 +167,23 @@ class RunFolder:
                 notes.append(f"--{name} differs from the run's previous invocation "
                              f"({getattr(saved, name)}); config.json now names the new one")
         return notes
+
+    def _refuse_lost_config(self) -> None:
+        """A run that has trained (checkpoints, history, a best model) but lost config.json
+        is refused: the resume would take today's flags for the settings its checkpoints were
+        made with (another --dropout or --max-length trained on, and config.json then said
+        so for every epoch), where with the file they are refused."""
+        trained = [p for p in (self.checkpoints, self.history, self.best_model,
+                               self.best_weights)
+                   if (glob.glob(os.path.join(glob.escape(p), "ckpt-*.index"))
+                       if p == self.checkpoints else os.path.exists(p))]
+        if trained:
+            raise UserError(f"{self.config}: missing, but {self.path} has trained "
+                            f"({os.path.basename(trained[0])}); it records the data, "
+                            f"vocabulary and model settings the run was trained with, and "
+                            f"without it today's flags would be taken for them without a word: "
+                            f"restore it, use another --run, or add --fresh to start this run "
+                            f"over")
 
     def _refuse_lost_records(self) -> None:
         """A run that has trained but lost its checkpoints (a best model, or history.json

@@ -101,6 +101,26 @@ def test_a_trained_run_that_lost_its_split_or_vocabulary_is_refused(tmp_path, lo
         run.reopen_notes(cfg)
 
 
+@pytest.mark.parametrize("trained", ["checkpoints/ckpt-20.index", "history.json",
+                                     "best.keras"])
+def test_a_trained_run_that_lost_its_config_is_refused(tmp_path, trained):
+    """Without config.json a resume took today's flags for the run's: --dropout 0.1
+    --max-length 5 trained on from the checkpoint of a run made with others (refused while
+    config.json was there), exit 0, and config.json then recorded them for all its epochs."""
+    from caption_attn.config import RunConfig
+    run = RunFolder(str(tmp_path / "run"))
+    os.makedirs(run.checkpoints)
+    cfg = RunConfig(captions="captions.json", cache="cache")
+    assert run.reopen_notes(cfg) == []                      # nothing trained: a new run
+    (tmp_path / "run" / trained).write_text("[]")
+    with pytest.raises(UserError, match=rf"^{run.config}: missing, but {run.path} has trained "
+                                        rf"\({os.path.basename(trained.split('/')[0])}\); "
+                                        rf"it records the data, vocabulary and model settings "
+                                        rf".* restore it, use another --run, or add --fresh "
+                                        rf"to start this run over$"):
+        run.reopen_notes(cfg)
+
+
 def test_a_disk_without_room_for_the_best_model_is_refused_before_h5py_writes(tmp_path,
                                                                                monkeypatch):
     # Keras left its h5py file open when a full disk failed the write, and h5py then crashed

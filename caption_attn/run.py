@@ -122,17 +122,25 @@ class RunFolder:
         return metrics, results
 
     # ------------------------------------------------------------------ training
-    def check_writable(self, cache: str) -> None:
+    def check_writable(self, cache: str, images_dirs=()) -> None:
         """`UserError` unless the run folder is (or can become) a writable folder of its own:
-        not the feature cache or inside it, not an existing folder that is not a run and holds
-        other files (training would mix its files with them, and `--fresh` could not tell
-        them apart)."""
+        not the feature cache or inside it, not inside an images folder of `images_dirs`
+        (None entries skipped) nor inside another run's own folders, not an existing folder
+        that is not a run and holds other files (training would mix its files with them,
+        and `--fresh` could not tell them apart)."""
         check_folder_writable(self.path, "--run")
         # realpath: a symlink on the way (`--run link/run`, link -> the cache) must not hide it
         run, cache = os.path.realpath(self.path), os.path.realpath(cache)
         if run == cache or run.startswith(cache + os.sep):
             raise UserError(f"--run {self.path}: inside the feature cache {cache}; give the "
                             f"run a folder of its own, e.g. models/NAME")
+        for images in filter(None, images_dirs):
+            if os.path.commonpath([run, os.path.realpath(images)]) == os.path.realpath(images):
+                raise UserError(f"--run {self.path}: inside the images folder {images}: its "
+                                f"attention heatmaps (PNG files) would be taken for images of "
+                                f"the dataset by extract-features and caption; give the run a "
+                                f"folder of its own, e.g. models/NAME")
+        self._refuse_inside_another_run(run)
         if os.path.isdir(run) and not os.path.exists(self.config):
             others = sorted(n for n in os.listdir(run)
                             if n not in self.FILES + self.DIRS and not n.startswith("."))
@@ -141,6 +149,18 @@ class RunFolder:
                 raise UserError(f"--run {self.path}: not a run folder and not empty (it holds "
                                 f"{shown}); train into a new or empty folder, e.g. "
                                 f"models/NAME")
+
+    def _refuse_inside_another_run(self, run: str) -> None:
+        """UserError when `run` (a realpath) lies in one of the folders another run above it
+        manages (checkpoints/, logs/, attention/, eval/): that run's --fresh deletes them."""
+        below, parent = run, os.path.dirname(run)
+        while parent != below:
+            own = os.path.relpath(run, parent).split(os.sep)[0]
+            if own in self.DIRS and os.path.isfile(os.path.join(parent, "config.json")):
+                raise UserError(f"--run {self.path}: inside {own}/ of the run {parent}, which "
+                                f"that run manages (its --fresh deletes it); give the run a "
+                                f"folder of its own, e.g. models/NAME")
+            below, parent = parent, os.path.dirname(parent)
 
     def reopen_notes(self, cfg: RunConfig) -> list[str]:
         """Compare `cfg` with the saved config.json (nothing is written): a run made with

@@ -121,6 +121,33 @@ def test_a_trained_run_that_lost_its_config_is_refused(tmp_path, trained):
         run.reopen_notes(cfg)
 
 
+def test_a_run_inside_the_images_or_inside_another_runs_folders_is_refused(tmp_path):
+    """`--run images/run` was accepted: its attention/epoch_K/*.png heatmaps were then taken
+    for dataset images (extract-features extracted them, `caption images` captioned them).
+    `--run other/checkpoints/inner` too: `train --run other --fresh` then deleted it with
+    other's own folders. Both refused before anything is written; a run beside another one
+    (models/a, models/b) or in a folder of its own inside one (other/trials/b) is fine."""
+    images, other = tmp_path / "images", RunFolder(str(tmp_path / "other"))
+    os.makedirs(images)
+    os.makedirs(other.checkpoints)
+    (tmp_path / "other" / "config.json").write_text("{}")
+    for path, images_dirs in ((images / "run", [str(images)]),
+                              (images / "a" / "run", [None, str(images)])):
+        with pytest.raises(UserError, match=rf"^--run {path}: inside the images folder "
+                                            rf"{images}: its attention heatmaps \(PNG files\) "
+                                            rf"would be taken for images of the dataset"):
+            RunFolder(str(path)).check_writable("cache", images_dirs)
+    for own in ("checkpoints", "attention", "eval"):
+        inner = tmp_path / "other" / own / "inner"
+        with pytest.raises(UserError, match=rf"^--run {inner}: inside {own}/ of the run "
+                                            rf"{os.path.realpath(tmp_path / 'other')}, which that run manages "
+                                            rf"\(its --fresh deletes it\)"):
+            RunFolder(str(inner)).check_writable("cache", [str(images)])
+    assert not (tmp_path / "other" / "eval").exists() and not (images / "run").exists()
+    for fine in (tmp_path / "models" / "b", tmp_path / "other" / "trials" / "b"):
+        RunFolder(str(fine)).check_writable("cache", [str(images), None])
+
+
 def test_a_disk_without_room_for_the_best_model_is_refused_before_h5py_writes(tmp_path,
                                                                                monkeypatch):
     # Keras left its h5py file open when a full disk failed the write, and h5py then crashed

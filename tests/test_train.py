@@ -723,24 +723,29 @@ def test_cache_copied_without_its_times_says_so_and_how_to_fix(shapes_data, copy
 
 
 @pytest.mark.parametrize("place", ["cache", "inside the cache", "a folder of other files",
-                                   "inside the cache through a symlink"])
+                                   "inside the cache through a symlink",
+                                   "inside the images the cache was extracted from"])
 def test_a_run_folder_that_is_the_cache_or_holds_other_files_is_refused(shapes_data,
                                                                        copy_cache, tmp_path,
                                                                        place):
     run = {"cache": copy_cache, "inside the cache": os.path.join(copy_cache, "run"),
            "a folder of other files": str(tmp_path / "photos"),
-           "inside the cache through a symlink": str(tmp_path / "link" / "run")}[place]
+           "inside the cache through a symlink": str(tmp_path / "link" / "run"),
+           "inside the images the cache was extracted from":
+               os.path.join(shapes_data["images"], "run")}[place]
     os.symlink(copy_cache, tmp_path / "link")  # `--run link/run` trained into the cache
     if place == "a folder of other files":
         os.makedirs(run)
         open(os.path.join(run, "holiday.jpg"), "w").close()
     before = sorted(os.listdir(copy_cache))
-    problem = "not a run folder and not empty" if place.startswith("a folder") \
-        else "inside the feature cache"
+    problem = ("not a run folder and not empty" if place.startswith("a folder") else
+               "inside the images folder" if place.startswith("inside the images") else
+               "inside the feature cache")
     with pytest.raises(UserError, match=problem):
         train.train(small_config(shapes_data, cache=copy_cache, epochs=1), run,
                     progress=False, log=lambda *a: None)
-    assert sorted(os.listdir(copy_cache)) == before
+    assert sorted(os.listdir(copy_cache)) == before and not os.path.exists(
+        os.path.join(shapes_data["images"], "run"))
     if place == "a folder of other files":
         assert os.listdir(run) == ["holiday.jpg"]
 

@@ -342,6 +342,7 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     """
     start = time.monotonic()
     check_folder_writable(cfg.cache, "--cache")  # before the backbone is built
+    feature_cache.check_cache_folder(cfg.cache)
     mine, failed = _shard_keys(images_dir, cfg, keys)
     n_bad_keys = len(failed)
     cache = cfg.cache

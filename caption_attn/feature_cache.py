@@ -339,6 +339,23 @@ def _new_manifest(cache_dir: str, cfg: ExtractConfig, backbone: Backbone, sha: s
     return m
 
 
+def check_cache_folder(cache_dir: str) -> None:
+    """UserError when `cache_dir` exists, is no feature cache (neither a manifest.json nor
+    the provenance index, with which a cache that lost its manifest is recovered) and holds
+    other files (hidden ones aside): a run folder, photos, another tool's output would get
+    feature files, an index and backbone weights among them."""
+    if not os.path.isdir(cache_dir) or any(
+            os.path.exists(os.path.join(cache_dir, name))
+            for name in (MANIFEST, feature_index.INDEX, feature_index.SEGMENTS)):
+        return
+    others = sorted(n for n in os.listdir(cache_dir) if not n.startswith("."))
+    if others:
+        shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+        raise UserError(f"--cache {cache_dir}: not a feature cache (no {MANIFEST}) and not "
+                        f"empty (it holds {shown}); extract into a new or empty folder, e.g. "
+                        f"features_cache")
+
+
 def open_cache(cache_dir: str, cfg: ExtractConfig) -> tuple[Optional[Backbone], dict]:
     """The run's backbone, and the cache manifest created or checked against it.
 

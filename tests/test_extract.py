@@ -550,6 +550,32 @@ def test_a_cache_that_is_a_file_is_refused_naming_the_flag_before_the_backbone(
         extract_features(str(tmp_path), extract_cfg(str(cache)))
 
 
+def test_a_cache_that_is_a_folder_of_other_files_is_refused_before_the_backbone(
+        tmp_path, monkeypatch):
+    """`--cache RUN` (a trained run folder) exited 0 with 40 .npy files, an index and 88 MB
+    of backbone weights among the run's files: any existing folder was taken for a cache.
+    A folder without the cache's manifest.json that holds other files is refused, as
+    `train --run` and `export --out` refuse a folder of other files; an empty one, or one
+    holding only what a cache writes first (its lock), is fine."""
+    monkeypatch.setattr(feature_cache, "open_cache", None)          # must not be reached
+    run = tmp_path / "run"
+    os.makedirs(run / "checkpoints")
+    for name in ("config.json", "history.json"):
+        (run / name).write_text("{}")
+    with pytest.raises(UserError, match=rf"^--cache {run}: not a feature cache \(no "
+                                        rf"manifest.json\) and not empty \(it holds "
+                                        rf"checkpoints, config.json, history.json\); extract "
+                                        rf"into a new or empty folder"):
+        extract_features(str(tmp_path), extract_cfg(str(run)))
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "history.json"]
+    for fine in ((), (".lock",)):
+        folder = tmp_path / f"fine{len(fine)}"
+        os.makedirs(folder)
+        for name in fine:
+            (folder / name).write_text("")
+        feature_cache.check_cache_folder(str(folder))
+
+
 def test_the_summary_lists_failed_and_re_extracted_images_one_line_each():
     """The summary printed failed image keys raw: an image named "a<newline>b.jpg" split the
     `failed images are listed in ...` line (a forged line), an ESC in a name drove the

@@ -164,8 +164,8 @@ def check_features_mid_epoch(run: RunFolder, cfg: RunConfig, data: TrainData) ->
         f"train images it was training on have no usable features now: "
         f"{feature_cache.describe_problems(lost, cfg.cache)}. Resumed without them, the rest "
         f"of epoch {epoch + 1} would be cut into other batches (some captions twice, others "
-        f"never): repair them with `{repair}`, then rerun this command (or add --fresh to "
-        f"start this run over)")
+        f"never): repair them with `{repair}` (after fixing any image that failed to "
+        f"extract), then rerun this command (or add --fresh to start this run over)")
 
 
 def _usable_at_last_start(run: RunFolder) -> Callable[[str], bool]:

@@ -139,9 +139,10 @@ def test_a_run_inside_the_images_or_inside_another_runs_folders_is_refused(tmp_p
             RunFolder(str(path)).check_writable("cache", images_dirs)
     for own in ("checkpoints", "attention", "eval"):
         inner = tmp_path / "other" / own / "inner"
+        outer = os.path.realpath(tmp_path / "other")
         with pytest.raises(UserError, match=rf"^--run {inner}: inside {own}/ of the run "
-                                            rf"{os.path.realpath(tmp_path / 'other')}, which that run manages "
-                                            rf"\(its --fresh deletes it\)"):
+                                            rf"{outer}, which that run manages \(its --fresh "
+                                            rf"deletes it\)"):
             RunFolder(str(inner)).check_writable("cache", [str(images)])
     assert not (tmp_path / "other" / "eval").exists() and not (images / "run").exists()
     for fine in (tmp_path / "models" / "b", tmp_path / "other" / "trials" / "b"):

@@ -454,6 +454,37 @@ def test_an_out_that_is_a_symlink_is_replaced_and_its_target_kept(trained_run, t
     assert sorted(os.listdir(tmp_path)) == ["1", "current"]  # nothing hidden left
 
 
+def test_a_reexport_keeps_assets_extra_and_refuses_other_files(trained_run, tmp_path,
+                                                              monkeypatch):
+    """Re-exporting a run into its earlier export deleted what the user had added there
+    (TF Serving's assets.extra/tf_serving_warmup_requests, a README.txt), exit 0."""
+    out = tmp_path / "1"
+    (out / "variables").mkdir(parents=True)
+    (out / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+    (out / "saved_model.pb").write_bytes(b"old")
+    (out / "assets.extra").mkdir()
+    (out / "assets.extra" / "tf_serving_warmup_requests").write_text("warmup")
+    (out / "README.txt").write_text("notes")
+    _refused(["export", "--run", trained_run, "--out", str(out)],
+             f"--out {out}: holds README.txt, which an export does not write and replacing "
+             f"the earlier export would delete; move it out (extra files for TF Serving go in "
+             f"{out / 'assets.extra'}, which is kept), or add --force to delete it")
+    assert (out / "README.txt").read_text() == "notes"
+
+    def save(path, *args):
+        open(os.path.join(path, "saved_model.pb"), "wb").write(b"new")
+    monkeypatch.setattr(export, "save_servable", save)
+    export.export_run(trained_run, str(out), DecodeConfig(), ExportConfig(force=True),
+                      log=lambda *a: None)
+    assert sorted(os.listdir(out)) == ["assets.extra", export.INFO_FILE, "saved_model.pb"]
+    assert (out / "saved_model.pb").read_bytes() == b"new"
+    assert (out / "assets.extra" / "tf_serving_warmup_requests").read_text() == "warmup"
+    export.export_run(trained_run, str(out), DecodeConfig(), ExportConfig(),
+                      log=lambda *a: None)                   # no other files: no --force
+    assert (out / "assets.extra" / "tf_serving_warmup_requests").read_text() == "warmup"
+    assert sorted(os.listdir(tmp_path)) == ["1"]
+
+
 def test_temporary_folders_of_killed_exports_are_removed(tmp_path):
     """kill -9 during an export leaves its hidden temporary folder beside --out; the next
     export to that --out removes it, and leaves live exports' folders and other files."""

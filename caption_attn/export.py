@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import time
 import warnings
@@ -101,21 +102,45 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
             os.makedirs(tmp)
         except OSError as e:
             raise UserError(f"--out {out}: cannot create {tmp} ({e.strerror})") from None
-        log(f"saving the SavedModel (beam {decode_cfg.beam}, max length "
-            f"{captioner.max_length}) ...")
-        save_servable(tmp, captioner, backbone)
-        info = _describe(run, captioner, backbone, best=best_record)
-        info["saved_model"]["bytes"] = _folder_bytes(tmp)
-        if cfg.tflite:
-            log("converting the TFLite model ...")
-            info["tflite"] = write_tflite(tmp, run, captioner, backbone, cfg)
-        _carry_over(out, tmp)
-        info["seconds"] = round(time.perf_counter() - start, 1)
-        write_json_atomic(os.path.join(tmp, INFO_FILE), info)
+        try:
+            log(f"saving the SavedModel (beam {decode_cfg.beam}, max length "
+                f"{captioner.max_length}) ...")
+            save_servable(tmp, captioner, backbone)
+            info = _describe(run, captioner, backbone, best=best_record)
+            info["saved_model"]["bytes"] = _folder_bytes(tmp)
+            if cfg.tflite:
+                log("converting the TFLite model ...")
+                info["tflite"] = write_tflite(tmp, run, captioner, backbone, cfg)
+            _carry_over(out, tmp)
+            info["seconds"] = round(time.perf_counter() - start, 1)
+            write_json_atomic(os.path.join(tmp, INFO_FILE), info)
+        except (tf.errors.OpError, OSError) as e:
+            raise _write_failed(out, e) from None
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # left only when something failed
     return info
+
+
+def _write_failed(out: str, e: Exception) -> Exception:
+    """The UserError (exit 1) of a write into the temporary folder that failed: a full disk
+    (TensorFlow's SaveV2 raises a ResourceExhaustedError, not an OSError, and printed a
+    16-frame traceback), a folder that became read-only. `e` itself when it is no write's:
+    a broken pipe of the log, TensorFlow running out of memory."""
+    if isinstance(e, BrokenPipeError):
+        return e
+    if isinstance(e, tf.errors.OpError):
+        message = (e.message or str(e)).strip()
+        if "OOM" in message:
+            return e
+        # "{{function_node ...}} DIR/variables_temp/part-...; No space left on device [Op:SaveV2]"
+        reason = re.sub(r"\s*\[Op:\w+\]$", "", message).split("; ")[-1]
+    else:
+        reason = e.strerror or str(e) or type(e).__name__
+    folder = os.path.dirname(os.path.abspath(out))
+    return UserError(f"--out {out}: cannot write the export into {folder} "
+                     f"({reason.splitlines()[0][:200]}): free space there (or make it "
+                     f"writable) and rerun this command; {out} is as it was", exit_code=1)
 
 
 def _remove_killed_exports(out: str, log) -> None:

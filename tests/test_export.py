@@ -485,6 +485,41 @@ def test_a_reexport_keeps_assets_extra_and_refuses_other_files(trained_run, tmp_
     assert sorted(os.listdir(tmp_path)) == ["1"]
 
 
+@pytest.mark.parametrize("where", ["saved_model", "export.json"])
+def test_a_full_disk_is_one_line_naming_out_and_the_earlier_export_is_kept(
+        trained_run, tmp_path, monkeypatch, where):
+    """A disk that filled up while the SavedModel was saved gave TensorFlow's 16-frame
+    traceback (ResourceExhaustedError ... No space left on device [Op:SaveV2]): it is an
+    OpError, not an OSError, so the CLI did not catch it."""
+    import tensorflow as tf
+    out = tmp_path / "1"
+    out.mkdir()
+    (out / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+
+    def save(path, *args):
+        open(os.path.join(path, "saved_model.pb"), "wb").write(b"half")
+        if where == "saved_model":
+            raise tf.errors.ResourceExhaustedError(
+                None, None, "{{function_node __wrapped__SaveV2_dtypes_212_device_/job:localhost"
+                "/replica:0/task:0/device:CPU:0}} " + path + "/variables/variables_temp/part-0"
+                "0000-of-00001.data-00000-of-00001.tempstate2328; No space left on device "
+                "[Op:SaveV2]")
+
+    def write_json(path, data):
+        raise OSError(28, "No space left on device", path)
+    monkeypatch.setattr(export, "save_servable", save)
+    monkeypatch.setattr(export, "write_json_atomic", write_json)
+    code, printed, err = _run_cli(["export", "--run", trained_run, "--out", str(out)])
+    assert code == 1 and printed == ""
+    assert err.splitlines()[-1] == (
+        f"caption-attn export: error: --out {out}: cannot write the export into {tmp_path} "
+        f"(No space left on device): free space there (or make it writable) and rerun this "
+        f"command; {out} is as it was")
+    assert "Traceback" not in err
+    assert os.listdir(out) == [export.INFO_FILE]              # the earlier export
+    assert os.listdir(tmp_path) == ["1"]                       # no temporary folder left
+
+
 def test_temporary_folders_of_killed_exports_are_removed(tmp_path):
     """kill -9 during an export leaves its hidden temporary folder beside --out; the next
     export to that --out removes it, and leaves live exports' folders and other files."""

@@ -175,6 +175,30 @@ def to_captions(result: decode_lib.DecodeResult, vocab: Vocabulary) -> list[list
     return out
 
 
+# Why `caption` (and `export`) need the feature cache, for the message when it is gone.
+CAPTION_NEEDS = ("`caption` rebuilds the backbone from its manifest.json (and, for random "
+                 "weights, the weights saved there)")
+
+
+def check_feature_cache(cache: str, given: bool, run: Optional[RunFolder] = None,
+                        needed_for: str = CAPTION_NEEDS) -> None:
+    """UserError unless `cache` is a feature cache (with a manifest), naming --cache when the
+    user gave it (`given`), else the run's recorded cache and how to point at a moved one;
+    with `run`, also unless it holds features of the backbone the run was trained on
+    (`RunFolder.check_cache`). Cheap: checked before the model is loaded."""
+    if not os.path.exists(os.path.join(cache, MANIFEST)):
+        why = ("is a file, not a folder" if os.path.isfile(cache) else
+               "has no manifest.json: not a cache made by `extract-features`"
+               if os.path.isdir(cache) else "does not exist")
+        if given:
+            raise UserError(f"--cache {cache}: {why}; give the feature cache the run "
+                            f"was trained on (or a copy of it)")
+        raise UserError(f"the run's feature cache {cache} {why}: {needed_for}; if it "
+                        f"moved, pass --cache NEW_FOLDER")
+    if run is not None:
+        run.check_cache(cache, read_manifest(cache))
+
+
 class Captioner:
     """The best model of a run with its vocabulary and decoding settings."""
 
@@ -192,10 +216,12 @@ class Captioner:
     def from_run(cls, run_dir: str, cfg: Optional[DecodeConfig] = None,
                  cache: Optional[str] = None) -> "Captioner":
         """The best model of the run in `run_dir`; `cache` replaces the run's feature cache
-        (a cache that moved, or a copy; it must hold features of the same backbone)."""
+        (a cache that moved, or a copy; it must hold features of the same backbone). The
+        feature cache is checked before the model is loaded (`check_feature_cache`)."""
         cfg = cfg or DecodeConfig()
         run = RunFolder(run_dir)
         run_cfg = run.load_config()
+        check_feature_cache(cache or run_cfg.cache, bool(cache), run)
         vocab = run.load_vocab()
         model = run.load_best_model()
         if model.vocab_size != len(vocab):
@@ -240,29 +266,16 @@ class Captioner:
         return out
 
     # -- images -> captions ------------------------------------------------------------
-    def check_cache(self, needed_for: str = "`caption` rebuilds the backbone from its "
-                    "manifest.json (and, for random weights, the weights saved there)") -> None:
-        """UserError unless the feature cache is one (with a manifest), naming --cache when
-        the user gave it, else the run's recorded cache and how to point at a moved one."""
-        cache = self.cache
-        if not os.path.exists(os.path.join(cache, MANIFEST)):
-            why = ("is a file, not a folder" if os.path.isfile(cache) else
-                   "has no manifest.json: not a cache made by `extract-features`"
-                   if os.path.isdir(cache) else "does not exist")
-            if self._cache_flag:
-                raise UserError(f"--cache {cache}: {why}; give the feature cache the run "
-                                f"was trained on (or a copy of it)")
-            raise UserError(f"the run's feature cache {cache} {why}: {needed_for}; if it "
-                            f"moved, pass --cache NEW_FOLDER")
+    def check_cache(self, needed_for: str = CAPTION_NEEDS) -> None:
+        """`check_feature_cache` of this captioner's cache (without the identity check)."""
+        check_feature_cache(self.cache, self._cache_flag, needed_for=needed_for)
 
     @property
     def backbone(self) -> Backbone:
         if self._backbone is None:
-            cache = self.cache
-            self.check_cache()
-            if self.run_dir:
-                RunFolder(self.run_dir).check_cache(cache, read_manifest(cache))
-            self._backbone = Backbone.from_manifest(cache)
+            check_feature_cache(self.cache, self._cache_flag,
+                                RunFolder(self.run_dir) if self.run_dir else None)
+            self._backbone = Backbone.from_manifest(self.cache)
         return self._backbone
 
     def caption_images(self, paths: Sequence[str]) -> tuple[dict, dict]:

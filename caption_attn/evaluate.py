@@ -266,27 +266,25 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     run's feature cache and caption file (moved, or copies). Returns the metrics dict (also
     holding the paths written).
     """
-    from caption_attn.captioner import Captioner
+    from caption_attn.captioner import Captioner, check_feature_cache
 
     run = RunFolder(run_dir)
     metrics_path, results_path = run.eval_outputs(split, out)
     _check_outputs(metrics_path, results_path, given=out is not None)
     _check_not_the_runs(run, metrics_path, results_path)
+    # every flag and file before the model is loaded: the cache, the caption file, then the
+    # split's records and features (a bad --cache or --captions was reported after it)
+    run_cfg = run.load_config()
+    check_feature_cache(cache or run_cfg.cache, cache is not None, run,
+                        needed_for="evaluate reads the split's features from it")
+    found = _load_split(run_dir, split, run_cfg, cache or run_cfg.cache,
+                        _captions_file(captions, run_cfg.captions))
     # which best model is scored, read with it: after a resumed `train` saves a new best, an
     # earlier metrics file could not be told from a current one (nor one made while `train`
     # replaced best.keras under the load)
     captioner, best_record = run.read_best_unchanged(
         lambda: Captioner.from_run(run_dir, cfg or DecodeConfig(), cache=cache), "evaluate",
         "evaluate")
-    captioner.check_cache(needed_for="evaluate reads the split's features from it")
-    recorded = captioner.run_cfg.captions
-    if captions is None and not os.path.isfile(recorded):
-        raise UserError(f"the run's caption file {recorded} "
-                        f"{'is a folder' if os.path.isdir(recorded) else 'does not exist'}: "
-                        f"evaluate reads the references from it; if it moved, pass "
-                        f"--captions NEW_FILE")
-    found = _load_split(run_dir, split, captioner.run_cfg, captioner.cache,
-                        captions or recorded)
     best = _decode(captioner, found, progress)
     hypotheses = {k: c.text for k, c in best.items()}
     result = {"run": run_dir, "split": split, "best": best_record, "images": len(found.keys),
@@ -296,6 +294,24 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     result.update(metrics_file=metrics_path, results_file=results_path)
     write_outputs(result, hypotheses, {k: found.records[k].image_id for k in found.keys})
     return result
+
+
+def _captions_file(captions: Optional[str], recorded: str) -> str:
+    """The caption file with the references (`captions`, the --captions flag, or the run's
+    `recorded` one), refused when it does not exist or is a folder."""
+    if captions is not None:
+        if not os.path.isfile(captions):
+            raise UserError(f"--captions {captions}: "
+                            f"{'is a folder' if os.path.isdir(captions) else 'does not exist'}; "
+                            f"give the caption file with the references (the run was trained "
+                            f"on {recorded})")
+        return captions
+    if not os.path.isfile(recorded):
+        raise UserError(f"the run's caption file {recorded} "
+                        f"{'is a folder' if os.path.isdir(recorded) else 'does not exist'}: "
+                        f"evaluate reads the references from it; if it moved, pass "
+                        f"--captions NEW_FILE")
+    return recorded
 
 
 def write_outputs(result: dict, hypotheses: dict, image_ids: dict) -> None:

@@ -341,6 +341,44 @@ def test_a_bad_cache_flag_is_named_as_the_flag(shapes_data, trained_run, tmp_pat
     assert f"--cache {cache}: {why}" in err and "is gone" not in err
 
 
+@pytest.mark.parametrize("kind", ["missing", "other backbone"])
+@pytest.mark.parametrize("command", ["caption", "caption of unreadable images", "evaluate",
+                                     "export"])
+def test_a_bad_cache_flag_is_refused_before_the_model_loads(shapes_data, trained_run,
+                                                            tmp_path, capsys, monkeypatch,
+                                                            command, kind):
+    """A bad --cache was reported only after best.keras was loaded (`caption`: after the
+    first batch of images was decoded too; with no readable image, never: exit 1, "cannot
+    read"), the identity check of `export` only when its backbone was built."""
+    from caption_attn.run import RunFolder
+    cache = tmp_path / "cache"
+    if kind == "other backbone":      # float32 files where the run's cache has float16
+        cache.mkdir()
+        with open(os.path.join(shapes_data["cache"], feature_cache.MANIFEST)) as f:
+            manifest = json.load(f)
+        (cache / feature_cache.MANIFEST).write_text(json.dumps({**manifest,
+                                                                "dtype": "float32"}))
+    monkeypatch.setattr(RunFolder, "load_best_model", lambda self: pytest.fail(
+        "the model was loaded before --cache was checked"))
+    image = _test_images(shapes_data, trained_run, 1)[0]
+    if command == "caption of unreadable images":
+        image = str(tmp_path / "notes.png")
+        open(image, "w").write("not an image")
+    argv = {"evaluate": ["evaluate", "--out", str(tmp_path / "m.json")],
+            "export": ["export", "--out", str(tmp_path / "export")]}.get(
+        command, ["caption", image])
+    assert main([*argv, "--run", trained_run, "--cache", str(cache)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"caption-attn {argv[0]}: error: "), err
+    if kind == "missing":
+        assert err[0].endswith(f"--cache {cache}: does not exist; give the feature cache the "
+                               f"run was trained on (or a copy of it)")
+    else:
+        assert f"run {trained_run} was trained on features of " in err[0]
+        assert f", but --cache {cache} holds InceptionV3" in err[0]
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "export").exists()
+
+
 def test_a_run_whose_cache_moved_says_how_to_point_at_it(shapes_data, trained_run, run_copy,
                                                           tmp_path, capsys):
     run = run_copy.path

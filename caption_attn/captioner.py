@@ -180,6 +180,23 @@ CAPTION_NEEDS = ("`caption` rebuilds the backbone from its manifest.json (and, f
                  "weights, the weights saved there)")
 
 
+def check_run_records(run: RunFolder) -> None:
+    """UserError when the run has trained (a best model) but lost split.json, as `train`
+    refuses it: the file records the identity of the feature cache and the order of the
+    vocabulary the model was trained with, and without it `RunFolder.check_cache` and
+    `load_vocab` check nothing (`caption --cache OTHER` captioned another backbone's
+    features, exit 0). A split.json of a run made before it recorded them is not refused."""
+    if os.path.exists(run.split):
+        return
+    trained = [p for p in (run.best_model, run.best_weights) if os.path.exists(p)]
+    if trained:
+        raise UserError(f"{run.split}: missing, but {run.path} has trained "
+                        f"({os.path.basename(trained[0])}); the file records the identity of "
+                        f"the feature cache and the order of the vocabulary the model was "
+                        f"trained with, and without it other features or words would go "
+                        f"unnoticed: restore it, or train the run again with --fresh")
+
+
 def check_feature_cache(cache: str, given: bool, run: Optional[RunFolder] = None,
                         needed_for: str = CAPTION_NEEDS) -> None:
     """UserError unless `cache` is a feature cache (with a manifest), naming --cache when the
@@ -217,10 +234,12 @@ class Captioner:
                  cache: Optional[str] = None) -> "Captioner":
         """The best model of the run in `run_dir`; `cache` replaces the run's feature cache
         (a cache that moved, or a copy; it must hold features of the same backbone). The
-        feature cache is checked before the model is loaded (`check_feature_cache`)."""
+        run's records and its feature cache are checked before the model is loaded
+        (`check_run_records`, `check_feature_cache`)."""
         cfg = cfg or DecodeConfig()
         run = RunFolder(run_dir)
         run_cfg = run.load_config()
+        check_run_records(run)
         check_feature_cache(cache or run_cfg.cache, bool(cache), run)
         vocab = run.load_vocab()
         model = run.load_best_model()

@@ -266,7 +266,7 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     run's feature cache and caption file (moved, or copies). Returns the metrics dict (also
     holding the paths written).
     """
-    from caption_attn.captioner import Captioner, check_feature_cache
+    from caption_attn.captioner import Captioner, check_feature_cache, check_run_records
 
     run = RunFolder(run_dir)
     metrics_path, results_path = run.eval_outputs(split, out)
@@ -275,6 +275,7 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     # every flag and file before the model is loaded: the cache, the caption file, then the
     # split's records and features (a bad --cache or --captions was reported after it)
     run_cfg = run.load_config()
+    check_run_records(run)
     check_feature_cache(cache or run_cfg.cache, cache is not None, run,
                         needed_for="evaluate reads the split's features from it")
     found = _load_split(run_dir, split, run_cfg, cache or run_cfg.cache,

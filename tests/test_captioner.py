@@ -379,6 +379,41 @@ def test_a_bad_cache_flag_is_refused_before_the_model_loads(shapes_data, trained
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "export").exists()
 
 
+@pytest.mark.parametrize("command", ["caption", "evaluate", "export"])
+def test_a_trained_run_that_lost_split_json_is_refused(shapes_data, run_copy, tmp_path,
+                                                       capsys, command):
+    """split.json holds the identity of the run's feature cache and its vocabulary's order;
+    without it `caption --cache OTHER` skipped both checks and captioned another backbone's
+    features, exit 0 (`train` refuses such a run)."""
+    os.remove(run_copy.split)
+    argv = {"caption": ["caption", os.path.join(shapes_data["images"], "shape_00001.png")],
+            "evaluate": ["evaluate", "--out", str(tmp_path / "m.json")],
+            "export": ["export", "--out", str(tmp_path / "export")]}[command]
+    assert main([*argv, "--run", run_copy.path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"caption-attn {command}: error: {run_copy.split}: missing, but "
+                   f"{run_copy.path} has trained (best.keras); the file records the identity "
+                   f"of the feature cache and the order of the vocabulary the model was "
+                   f"trained with, and without it other features or words would go "
+                   f"unnoticed: restore it, or train the run again with --fresh"]
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "export").exists()
+
+
+def test_a_split_json_from_before_cache_identities_is_still_captioned(shapes_data, run_copy,
+                                                                      capsys):
+    """A run made before split.json recorded the cache identity and vocabulary order keeps
+    being captioned without those checks."""
+    with open(run_copy.split) as f:
+        split = json.load(f)
+    for field in ("cache_identity", "vocab_sha256"):
+        split.pop(field)
+    with open(run_copy.split, "w") as f:
+        json.dump(split, f)
+    image = os.path.join(shapes_data["images"], split["splits"]["test"][0])
+    assert main(["caption", "--run", run_copy.path, "--beam", "1", image]) == 0
+    assert capsys.readouterr().out.startswith(f"Captions for image {os.path.basename(image)}")
+
+
 def test_a_run_whose_cache_moved_says_how_to_point_at_it(shapes_data, trained_run, run_copy,
                                                           tmp_path, capsys):
     run = run_copy.path

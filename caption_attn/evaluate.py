@@ -162,6 +162,18 @@ def _check_not_the_runs(run: RunFolder, metrics_path: str, results_path: str) ->
                             f"{run.file(os.path.join('eval', 'my_metrics.json'))}")
 
 
+def _check_not_in_cache(run: RunFolder, metrics_path: str, results_path: str,
+                        cache: str) -> None:
+    """Neither output may go into the feature cache (as `export` refuses an --out there):
+    `--out CACHE/m.json` wrote the metrics among the features `extract-features` owns."""
+    folder = os.path.realpath(cache)
+    for path in (metrics_path, results_path):
+        if os.path.commonpath([os.path.realpath(path), folder]) == folder:
+            raise UserError(f"--out {metrics_path}: inside the feature cache {cache}; choose "
+                            f"another --out, e.g. "
+                            f"{run.file(os.path.join('eval', 'my_metrics.json'))}")
+
+
 def _read_json_or_none(path: str):
     try:
         return read_json(path)
@@ -275,6 +287,8 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     # every flag and file before the model is loaded: the cache, the caption file, then the
     # split's records and features (a bad --cache or --captions was reported after it)
     run_cfg = run.load_config()
+    if out is not None:
+        _check_not_in_cache(run, out, results_path, cache or run_cfg.cache)
     check_run_records(run)
     check_feature_cache(cache or run_cfg.cache, cache is not None, run,
                         needed_for="evaluate reads the split's features from it")

@@ -285,6 +285,21 @@ def test_a_bad_captions_flag_is_refused_before_the_model_loads(trained_run, tmp_
     assert not out.exists()
 
 
+def test_an_out_inside_the_feature_cache_is_refused(shapes_data, trained_run, capsys,
+                                                    monkeypatch):
+    """`evaluate --out CACHE/m.json` wrote the metrics into the feature cache, where
+    `export` refuses its --out."""
+    monkeypatch.setattr(RunFolder, "load_best_model", lambda self: pytest.fail(
+        "the model was loaded before --out was checked"))
+    out = os.path.join(shapes_data["cache"], "m.json")
+    assert main(["evaluate", "--run", trained_run, "--out", out]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"caption-attn evaluate: error: --out {out}: inside the feature cache "
+        f"{shapes_data['cache']}; choose another --out, e.g. "
+        f"{os.path.join(trained_run, 'eval', 'my_metrics.json')}"]
+    assert not os.path.exists(out)
+
+
 def test_unknown_split_is_refused(trained_run, capsys):
     assert main(["evaluate", "--run", trained_run, "--split", "dev"]) == 2
 

@@ -373,6 +373,17 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None) -> li
     return list(first.values())
 
 
+def check_heatmap_folder(out_dir: str, run_dir: str) -> None:
+    """UserError when the `--plot-attention` folder is the run folder or inside it:
+    `--plot-attention RUN/attention/epoch_1` wrote over the heatmaps `train` drew there."""
+    run, target = os.path.realpath(run_dir), os.path.realpath(out_dir)
+    if os.path.commonpath([run, target]) == run:
+        raise UserError(f"--plot-attention {out_dir}: inside the run folder {run_dir}, whose "
+                        f"files and folders `train` and `evaluate` write (its own heatmaps in "
+                        f"{RunFolder(run_dir).attention}); give the heatmaps a folder of their "
+                        f"own, e.g. heatmaps")
+
+
 def _refuse_heatmaps_among_images(heatmaps: str, folder: str, what: str) -> None:
     raise UserError(f"--plot-attention {heatmaps} is {what}: a later `caption "
                     f"{folder}` would caption the heatmaps as photos; give them "

@@ -414,6 +414,27 @@ def test_a_split_json_from_before_cache_identities_is_still_captioned(shapes_dat
     assert capsys.readouterr().out.startswith(f"Captions for image {os.path.basename(image)}")
 
 
+@pytest.mark.parametrize("inside", [os.path.join("attention", "epoch_1"), "heat", "."])
+def test_plot_attention_inside_the_run_folder_is_refused(shapes_data, run_copy, capsys,
+                                                         monkeypatch, inside):
+    """`caption --plot-attention RUN/attention/epoch_1` wrote over the heatmaps `train` drew
+    there (and any folder in the run mixes the user's files with the run's)."""
+    from caption_attn.run import RunFolder
+    monkeypatch.setattr(RunFolder, "load_best_model", lambda self: pytest.fail(
+        "the model was loaded before --plot-attention was checked"))
+    before = sorted(os.listdir(run_copy.attention_epoch(1)))
+    heat = os.path.normpath(os.path.join(run_copy.path, inside))
+    image = _test_images(shapes_data, run_copy.path, 1)[0]
+    assert main(["caption", "--run", run_copy.path, "--plot-attention", heat, image]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"caption-attn caption: error: --plot-attention {heat}: inside the run folder "
+        f"{run_copy.path}, whose files and folders `train` and `evaluate` write (its own "
+        f"heatmaps in {run_copy.attention}); give the heatmaps a folder of their own, e.g. "
+        f"heatmaps"]
+    assert sorted(os.listdir(run_copy.attention_epoch(1))) == before
+    assert not os.path.exists(os.path.join(run_copy.path, "heat"))
+
+
 def test_a_run_whose_cache_moved_says_how_to_point_at_it(shapes_data, trained_run, run_copy,
                                                           tmp_path, capsys):
     run = run_copy.path

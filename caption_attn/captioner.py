@@ -216,6 +216,16 @@ def check_feature_cache(cache: str, given: bool, run: Optional[RunFolder] = None
         run.check_cache(cache, read_manifest(cache))
 
 
+def check_run(run: RunFolder, cache: str, given: bool, needed_for: str = CAPTION_NEEDS) -> None:
+    """What is checked before a run's model is loaded, in this order: its records
+    (`check_run_records`), that it has a best model (without loading it), its feature cache
+    (`check_feature_cache`; `given`: as --cache)."""
+    check_run_records(run)
+    if not os.path.exists(run.best_model):
+        run.load_best_model()   # its refusal: no best model yet, or how to rewrite a lost one
+    check_feature_cache(cache, given, run, needed_for)
+
+
 class Captioner:
     """The best model of a run with its vocabulary and decoding settings."""
 
@@ -234,13 +244,11 @@ class Captioner:
                  cache: Optional[str] = None) -> "Captioner":
         """The best model of the run in `run_dir`; `cache` replaces the run's feature cache
         (a cache that moved, or a copy; it must hold features of the same backbone). The
-        run's records and its feature cache are checked before the model is loaded
-        (`check_run_records`, `check_feature_cache`)."""
+        run and its feature cache are checked before the model is loaded (`check_run`)."""
         cfg = cfg or DecodeConfig()
         run = RunFolder(run_dir)
         run_cfg = run.load_config()
-        check_run_records(run)
-        check_feature_cache(cache or run_cfg.cache, bool(cache), run)
+        check_run(run, cache or run_cfg.cache, bool(cache))
         vocab = run.load_vocab()
         model = run.load_best_model()
         if model.vocab_size != len(vocab):

@@ -278,20 +278,19 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     run's feature cache and caption file (moved, or copies). Returns the metrics dict (also
     holding the paths written).
     """
-    from caption_attn.captioner import Captioner, check_feature_cache, check_run_records
+    from caption_attn.captioner import Captioner, check_run
 
     run = RunFolder(run_dir)
     metrics_path, results_path = run.eval_outputs(split, out)
     _check_outputs(metrics_path, results_path, given=out is not None)
     _check_not_the_runs(run, metrics_path, results_path)
-    # every flag and file before the model is loaded: the cache, the caption file, then the
-    # split's records and features (a bad --cache or --captions was reported after it)
+    # every flag and file before the model is loaded: the run, the cache, the caption file,
+    # then the split's records and features (a bad --cache or --captions was reported after)
     run_cfg = run.load_config()
     if out is not None:
         _check_not_in_cache(run, out, results_path, cache or run_cfg.cache)
-    check_run_records(run)
-    check_feature_cache(cache or run_cfg.cache, cache is not None, run,
-                        needed_for="evaluate reads the split's features from it")
+    check_run(run, cache or run_cfg.cache, cache is not None,
+              needed_for="evaluate reads the split's features from it")
     found = _load_split(run_dir, split, run_cfg, cache or run_cfg.cache,
                         _captions_file(captions, run_cfg.captions))
     # which best model is scored, read with it: after a resumed `train` saves a new best, an

@@ -300,6 +300,17 @@ def test_an_out_inside_the_feature_cache_is_refused(shapes_data, trained_run, ca
     assert not os.path.exists(out)
 
 
+def test_a_run_without_a_best_model_says_so_before_its_cache_is_checked(tmp_path, capsys):
+    """A run that has not finished an epoch is told so, not that its cache is missing."""
+    from caption_attn.config import RunConfig
+    run = tmp_path / "run"
+    run.mkdir()
+    RunConfig(captions=str(tmp_path / "c.json"), cache=str(tmp_path / "cache")).save(
+        str(run / "config.json"))
+    assert main(["evaluate", "--run", str(run), "--out", str(tmp_path / "m.json")]) == 2
+    assert "no best model yet" in capsys.readouterr().err
+
+
 def test_unknown_split_is_refused(trained_run, capsys):
     assert main(["evaluate", "--run", trained_run, "--split", "dev"]) == 2
 

@@ -175,6 +175,57 @@ def to_captions(result: decode_lib.DecodeResult, vocab: Vocabulary) -> list[list
     return out
 
 
+# Why `caption` (and `export`) need the feature cache, for the message when it is gone.
+CAPTION_NEEDS = ("`caption` rebuilds the backbone from its manifest.json (and, for random "
+                 "weights, the weights saved there)")
+
+
+def check_run_records(run: RunFolder) -> None:
+    """UserError when the run has trained (a best model) but lost split.json, as `train`
+    refuses it: the file records the identity of the feature cache and the order of the
+    vocabulary the model was trained with, and without it `RunFolder.check_cache` and
+    `load_vocab` check nothing (`caption --cache OTHER` captioned another backbone's
+    features, exit 0). A split.json of a run made before it recorded them is not refused."""
+    if os.path.exists(run.split):
+        return
+    trained = [p for p in (run.best_model, run.best_weights) if os.path.exists(p)]
+    if trained:
+        raise UserError(f"{run.split}: missing, but {run.path} has trained "
+                        f"({os.path.basename(trained[0])}); the file records the identity of "
+                        f"the feature cache and the order of the vocabulary the model was "
+                        f"trained with, and without it other features or words would go "
+                        f"unnoticed: restore it, or train the run again with --fresh")
+
+
+def check_feature_cache(cache: str, given: bool, run: Optional[RunFolder] = None,
+                        needed_for: str = CAPTION_NEEDS) -> None:
+    """UserError unless `cache` is a feature cache (with a manifest), naming --cache when the
+    user gave it (`given`), else the run's recorded cache and how to point at a moved one;
+    with `run`, also unless it holds features of the backbone the run was trained on
+    (`RunFolder.check_cache`). Cheap: checked before the model is loaded."""
+    if not os.path.exists(os.path.join(cache, MANIFEST)):
+        why = ("is a file, not a folder" if os.path.isfile(cache) else
+               "has no manifest.json: not a cache made by `extract-features`"
+               if os.path.isdir(cache) else "does not exist")
+        if given:
+            raise UserError(f"--cache {cache}: {why}; give the feature cache the run "
+                            f"was trained on (or a copy of it)")
+        raise UserError(f"the run's feature cache {cache} {why}: {needed_for}; if it "
+                        f"moved, pass --cache NEW_FOLDER")
+    if run is not None:
+        run.check_cache(cache, read_manifest(cache))
+
+
+def check_run(run: RunFolder, cache: str, given: bool, needed_for: str = CAPTION_NEEDS) -> None:
+    """What is checked before a run's model is loaded, in this order: its records
+    (`check_run_records`), that it has a best model (without loading it), its feature cache
+    (`check_feature_cache`; `given`: as --cache)."""
+    check_run_records(run)
+    if not os.path.exists(run.best_model):
+        run.load_best_model()   # its refusal: no best model yet, or how to rewrite a lost one
+    check_feature_cache(cache, given, run, needed_for)
+
+
 class Captioner:
     """The best model of a run with its vocabulary and decoding settings."""
 
@@ -192,10 +243,12 @@ class Captioner:
     def from_run(cls, run_dir: str, cfg: Optional[DecodeConfig] = None,
                  cache: Optional[str] = None) -> "Captioner":
         """The best model of the run in `run_dir`; `cache` replaces the run's feature cache
-        (a cache that moved, or a copy; it must hold features of the same backbone)."""
+        (a cache that moved, or a copy; it must hold features of the same backbone). The
+        run and its feature cache are checked before the model is loaded (`check_run`)."""
         cfg = cfg or DecodeConfig()
         run = RunFolder(run_dir)
         run_cfg = run.load_config()
+        check_run(run, cache or run_cfg.cache, bool(cache))
         vocab = run.load_vocab()
         model = run.load_best_model()
         if model.vocab_size != len(vocab):
@@ -240,29 +293,16 @@ class Captioner:
         return out
 
     # -- images -> captions ------------------------------------------------------------
-    def check_cache(self, needed_for: str = "`caption` rebuilds the backbone from its "
-                    "manifest.json (and, for random weights, the weights saved there)") -> None:
-        """UserError unless the feature cache is one (with a manifest), naming --cache when
-        the user gave it, else the run's recorded cache and how to point at a moved one."""
-        cache = self.cache
-        if not os.path.exists(os.path.join(cache, MANIFEST)):
-            why = ("is a file, not a folder" if os.path.isfile(cache) else
-                   "has no manifest.json: not a cache made by `extract-features`"
-                   if os.path.isdir(cache) else "does not exist")
-            if self._cache_flag:
-                raise UserError(f"--cache {cache}: {why}; give the feature cache the run "
-                                f"was trained on (or a copy of it)")
-            raise UserError(f"the run's feature cache {cache} {why}: {needed_for}; if it "
-                            f"moved, pass --cache NEW_FOLDER")
+    def check_cache(self, needed_for: str = CAPTION_NEEDS) -> None:
+        """`check_feature_cache` of this captioner's cache (without the identity check)."""
+        check_feature_cache(self.cache, self._cache_flag, needed_for=needed_for)
 
     @property
     def backbone(self) -> Backbone:
         if self._backbone is None:
-            cache = self.cache
-            self.check_cache()
-            if self.run_dir:
-                RunFolder(self.run_dir).check_cache(cache, read_manifest(cache))
-            self._backbone = Backbone.from_manifest(cache)
+            check_feature_cache(self.cache, self._cache_flag,
+                                RunFolder(self.run_dir) if self.run_dir else None)
+            self._backbone = Backbone.from_manifest(self.cache)
         return self._backbone
 
     def caption_images(self, paths: Sequence[str]) -> tuple[dict, dict]:
@@ -339,6 +379,17 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None) -> li
     for p in out:
         first.setdefault(os.path.normpath(os.path.abspath(p)), p)
     return list(first.values())
+
+
+def check_heatmap_folder(out_dir: str, run_dir: str) -> None:
+    """UserError when the `--plot-attention` folder is the run folder or inside it:
+    `--plot-attention RUN/attention/epoch_1` wrote over the heatmaps `train` drew there."""
+    run, target = os.path.realpath(run_dir), os.path.realpath(out_dir)
+    if os.path.commonpath([run, target]) == run:
+        raise UserError(f"--plot-attention {out_dir}: inside the run folder {run_dir}, whose "
+                        f"files and folders `train` and `evaluate` write (its own heatmaps in "
+                        f"{RunFolder(run_dir).attention}); give the heatmaps a folder of their "
+                        f"own, e.g. heatmaps")
 
 
 def _refuse_heatmaps_among_images(heatmaps: str, folder: str, what: str) -> None:

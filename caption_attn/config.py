@@ -463,7 +463,8 @@ class ExportConfig(Config):
     check_images: int = opt(100, "test-split images on which a quantized TFLite model's "
                             "greedy captions are compared with the float model's (0: no "
                             "check)", check=integer(0))
-    force: bool = opt(False, "replace --out even if it is not an earlier export of this run")
+    force: bool = opt(False, "replace --out even if it is not an earlier export of this run, "
+                             "or holds other files besides one (its assets.extra/ is kept)")
 
     def check_together(self) -> None:
         if self.tflite_quantize != "none" and not self.tflite:

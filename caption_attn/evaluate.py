@@ -162,6 +162,18 @@ def _check_not_the_runs(run: RunFolder, metrics_path: str, results_path: str) ->
                             f"{run.file(os.path.join('eval', 'my_metrics.json'))}")
 
 
+def _check_not_in_cache(run: RunFolder, metrics_path: str, results_path: str,
+                        cache: str) -> None:
+    """Neither output may go into the feature cache (as `export` refuses an --out there):
+    `--out CACHE/m.json` wrote the metrics among the features `extract-features` owns."""
+    folder = os.path.realpath(cache)
+    for path in (metrics_path, results_path):
+        if os.path.commonpath([os.path.realpath(path), folder]) == folder:
+            raise UserError(f"--out {metrics_path}: inside the feature cache {cache}; choose "
+                            f"another --out, e.g. "
+                            f"{run.file(os.path.join('eval', 'my_metrics.json'))}")
+
+
 def _read_json_or_none(path: str):
     try:
         return read_json(path)
@@ -266,27 +278,27 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     run's feature cache and caption file (moved, or copies). Returns the metrics dict (also
     holding the paths written).
     """
-    from caption_attn.captioner import Captioner
+    from caption_attn.captioner import Captioner, check_run
 
     run = RunFolder(run_dir)
     metrics_path, results_path = run.eval_outputs(split, out)
     _check_outputs(metrics_path, results_path, given=out is not None)
     _check_not_the_runs(run, metrics_path, results_path)
+    # every flag and file before the model is loaded: the run, the cache, the caption file,
+    # then the split's records and features (a bad --cache or --captions was reported after)
+    run_cfg = run.load_config()
+    if out is not None:
+        _check_not_in_cache(run, out, results_path, cache or run_cfg.cache)
+    check_run(run, cache or run_cfg.cache, cache is not None,
+              needed_for="evaluate reads the split's features from it")
+    found = _load_split(run_dir, split, run_cfg, cache or run_cfg.cache,
+                        _captions_file(captions, run_cfg.captions))
     # which best model is scored, read with it: after a resumed `train` saves a new best, an
     # earlier metrics file could not be told from a current one (nor one made while `train`
     # replaced best.keras under the load)
     captioner, best_record = run.read_best_unchanged(
         lambda: Captioner.from_run(run_dir, cfg or DecodeConfig(), cache=cache), "evaluate",
         "evaluate")
-    captioner.check_cache(needed_for="evaluate reads the split's features from it")
-    recorded = captioner.run_cfg.captions
-    if captions is None and not os.path.isfile(recorded):
-        raise UserError(f"the run's caption file {recorded} "
-                        f"{'is a folder' if os.path.isdir(recorded) else 'does not exist'}: "
-                        f"evaluate reads the references from it; if it moved, pass "
-                        f"--captions NEW_FILE")
-    found = _load_split(run_dir, split, captioner.run_cfg, captioner.cache,
-                        captions or recorded)
     best = _decode(captioner, found, progress)
     hypotheses = {k: c.text for k, c in best.items()}
     result = {"run": run_dir, "split": split, "best": best_record, "images": len(found.keys),
@@ -296,6 +308,24 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     result.update(metrics_file=metrics_path, results_file=results_path)
     write_outputs(result, hypotheses, {k: found.records[k].image_id for k in found.keys})
     return result
+
+
+def _captions_file(captions: Optional[str], recorded: str) -> str:
+    """The caption file with the references (`captions`, the --captions flag, or the run's
+    `recorded` one), refused when it does not exist or is a folder."""
+    if captions is not None:
+        if not os.path.isfile(captions):
+            raise UserError(f"--captions {captions}: "
+                            f"{'is a folder' if os.path.isdir(captions) else 'does not exist'}; "
+                            f"give the caption file with the references (the run was trained "
+                            f"on {recorded})")
+        return captions
+    if not os.path.isfile(recorded):
+        raise UserError(f"the run's caption file {recorded} "
+                        f"{'is a folder' if os.path.isdir(recorded) else 'does not exist'}: "
+                        f"evaluate reads the references from it; if it moved, pass "
+                        f"--captions NEW_FILE")
+    return recorded
 
 
 def write_outputs(result: dict, hypotheses: dict, image_ids: dict) -> None:

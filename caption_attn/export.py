@@ -26,7 +26,8 @@ Built-in TFLite ops only: the decoder's tf.while_loop becomes a WHILE op. It com
 float32 even for a bfloat16 run (bfloat16 is not a TFLite type).
 
 Nothing is written under DIR until the export is complete: it is made in a hidden temporary
-folder next to DIR and renamed into place.
+folder next to DIR and renamed into place. DIR/assets.extra/ (TF Serving's place for a
+version's extra files, such as its warmup requests) is copied into the new export.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import time
 import warnings
@@ -57,6 +59,12 @@ from caption_attn.vocab import END, PAD, START
 INFO_FILE = "export.json"        # what was exported from which run; marks DIR as an export
 TFLITE_FILE = "captioner.tflite"
 VOCAB_FILE = "vocab.json"
+# What an export writes into DIR (tf.saved_model.save's files, then ours): replaced by the next.
+EXPORT_FILES = ("saved_model.pb", "fingerprint.pb", "variables", "assets", INFO_FILE,
+                TFLITE_FILE, VOCAB_FILE)
+# TF Serving's folder for the user's extra files of a version (its warmup requests,
+# assets.extra/tf_serving_warmup_requests): carried over into the next export of DIR.
+KEPT = "assets.extra"
 EXPORT_FORMAT = 1
 SIGNATURE = "serving_default"
 # What an image that cannot be decoded gets, per output.
@@ -71,7 +79,8 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     `cache` replaces the run's feature cache, whose manifest gives the backbone.
 
     Bad input (unknown run, no best model, an `out` that is not an earlier export of this run
-    without `cfg.force`, an unwritable `out`) is a one-line UserError before any work."""
+    or holds other files besides it, without `cfg.force`; an unwritable `out`) is a one-line
+    UserError before any work. The new export replaces `out`, whose assets.extra/ it keeps."""
     if decode_cfg.method == "sample":
         raise UserError("export decodes with beam search or greedy, not --sample")
     run = RunFolder(run_dir)
@@ -93,20 +102,45 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
             os.makedirs(tmp)
         except OSError as e:
             raise UserError(f"--out {out}: cannot create {tmp} ({e.strerror})") from None
-        log(f"saving the SavedModel (beam {decode_cfg.beam}, max length "
-            f"{captioner.max_length}) ...")
-        save_servable(tmp, captioner, backbone)
-        info = _describe(run, captioner, backbone, best=best_record)
-        info["saved_model"]["bytes"] = _folder_bytes(tmp)
-        if cfg.tflite:
-            log("converting the TFLite model ...")
-            info["tflite"] = write_tflite(tmp, run, captioner, backbone, cfg)
-        info["seconds"] = round(time.perf_counter() - start, 1)
-        write_json_atomic(os.path.join(tmp, INFO_FILE), info)
+        try:
+            log(f"saving the SavedModel (beam {decode_cfg.beam}, max length "
+                f"{captioner.max_length}) ...")
+            save_servable(tmp, captioner, backbone)
+            info = _describe(run, captioner, backbone, best=best_record)
+            info["saved_model"]["bytes"] = _folder_bytes(tmp)
+            if cfg.tflite:
+                log("converting the TFLite model ...")
+                info["tflite"] = write_tflite(tmp, run, captioner, backbone, cfg)
+            _carry_over(out, tmp)
+            info["seconds"] = round(time.perf_counter() - start, 1)
+            write_json_atomic(os.path.join(tmp, INFO_FILE), info)
+        except (tf.errors.OpError, OSError) as e:
+            raise _write_failed(out, e) from None
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # left only when something failed
     return info
+
+
+def _write_failed(out: str, e: Exception) -> Exception:
+    """The UserError (exit 1) of a write into the temporary folder that failed: a full disk
+    (TensorFlow's SaveV2 raises a ResourceExhaustedError, not an OSError, and printed a
+    16-frame traceback), a folder that became read-only. `e` itself when it is no write's:
+    a broken pipe of the log, TensorFlow running out of memory."""
+    if isinstance(e, BrokenPipeError):
+        return e
+    if isinstance(e, tf.errors.OpError):
+        message = (e.message or str(e)).strip()
+        if "OOM" in message:
+            return e
+        # "{{function_node ...}} DIR/variables_temp/part-...; No space left on device [Op:SaveV2]"
+        reason = re.sub(r"\s*\[Op:\w+\]$", "", message).split("; ")[-1]
+    else:
+        reason = e.strerror or str(e) or type(e).__name__
+    folder = os.path.dirname(os.path.abspath(out))
+    return UserError(f"--out {out}: cannot write the export into {folder} "
+                     f"({reason.splitlines()[0][:200]}): free space there (or make it "
+                     f"writable) and rerun this command; {out} is as it was", exit_code=1)
 
 
 def _remove_killed_exports(out: str, log) -> None:
@@ -126,8 +160,9 @@ def _remove_killed_exports(out: str, log) -> None:
 
 
 def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> None:
-    """Refuse an `out` that holds something else than an earlier export of `run` (unless
-    `force`), that would replace a path of `keep`, that is inside the feature cache `cache`
+    """Refuse an `out` that holds something else than an earlier export of `run`, or files
+    besides such an export (other than assets.extra/, which is kept) (unless `force`), that
+    would replace a path of `keep`, that is inside the feature cache `cache`
     or one of the run's own files or folders (even with `force`), or whose parent is not
     writable."""
     if not out or not out.strip():
@@ -154,7 +189,34 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> No
         if earlier is None and not force and (not os.path.isdir(out) or os.listdir(out)):
             raise UserError(f"--out {out}: exists and is not an export of a run (no "
                             f"{INFO_FILE}); use another --out or add --force to replace it")
+        others = _not_written_by_exports(out)
+        if earlier is not None and others and not force:
+            shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+            raise UserError(f"--out {out}: holds {shown}, which an export does not write and "
+                            f"replacing the earlier export would delete; move it out (extra "
+                            f"files for TF Serving go in {os.path.join(out, KEPT)}, which is "
+                            f"kept), or add --force to delete it")
     check_folder_writable(os.path.dirname(target), "--out")
+
+
+def _not_written_by_exports(out: str) -> list:
+    """The names in folder `out` that an export neither writes nor keeps (sorted)."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(n for n in os.listdir(out) if n not in EXPORT_FILES + (KEPT,))
+
+
+def _carry_over(out: str, tmp: str) -> None:
+    """Copy `out`/assets.extra (a folder, file or symlink) into the new export `tmp`: TF
+    Serving reads a version's warmup requests from there, and a re-export deleted them. A
+    copy, not a move: a failed or killed export leaves `out` as it was."""
+    extra, target = os.path.join(out, KEPT), os.path.join(tmp, KEPT)
+    if os.path.islink(extra):
+        os.symlink(os.readlink(extra), target)
+    elif os.path.isdir(extra):
+        shutil.copytree(extra, target, symlinks=True)
+    elif os.path.lexists(extra):
+        shutil.copy2(extra, target)
 
 
 def _refuse_folder_of_exports(out: str) -> None:

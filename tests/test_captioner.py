@@ -341,6 +341,100 @@ def test_a_bad_cache_flag_is_named_as_the_flag(shapes_data, trained_run, tmp_pat
     assert f"--cache {cache}: {why}" in err and "is gone" not in err
 
 
+@pytest.mark.parametrize("kind", ["missing", "other backbone"])
+@pytest.mark.parametrize("command", ["caption", "caption of unreadable images", "evaluate",
+                                     "export"])
+def test_a_bad_cache_flag_is_refused_before_the_model_loads(shapes_data, trained_run,
+                                                            tmp_path, capsys, monkeypatch,
+                                                            command, kind):
+    """A bad --cache was reported only after best.keras was loaded (`caption`: after the
+    first batch of images was decoded too; with no readable image, never: exit 1, "cannot
+    read"), the identity check of `export` only when its backbone was built."""
+    from caption_attn.run import RunFolder
+    cache = tmp_path / "cache"
+    if kind == "other backbone":      # float32 files where the run's cache has float16
+        cache.mkdir()
+        with open(os.path.join(shapes_data["cache"], feature_cache.MANIFEST)) as f:
+            manifest = json.load(f)
+        (cache / feature_cache.MANIFEST).write_text(json.dumps({**manifest,
+                                                                "dtype": "float32"}))
+    monkeypatch.setattr(RunFolder, "load_best_model", lambda self: pytest.fail(
+        "the model was loaded before --cache was checked"))
+    image = _test_images(shapes_data, trained_run, 1)[0]
+    if command == "caption of unreadable images":
+        image = str(tmp_path / "notes.png")
+        open(image, "w").write("not an image")
+    argv = {"evaluate": ["evaluate", "--out", str(tmp_path / "m.json")],
+            "export": ["export", "--out", str(tmp_path / "export")]}.get(
+        command, ["caption", image])
+    assert main([*argv, "--run", trained_run, "--cache", str(cache)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"caption-attn {argv[0]}: error: "), err
+    if kind == "missing":
+        assert err[0].endswith(f"--cache {cache}: does not exist; give the feature cache the "
+                               f"run was trained on (or a copy of it)")
+    else:
+        assert f"run {trained_run} was trained on features of " in err[0]
+        assert f", but --cache {cache} holds InceptionV3" in err[0]
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("command", ["caption", "evaluate", "export"])
+def test_a_trained_run_that_lost_split_json_is_refused(shapes_data, run_copy, tmp_path,
+                                                       capsys, command):
+    """split.json holds the identity of the run's feature cache and its vocabulary's order;
+    without it `caption --cache OTHER` skipped both checks and captioned another backbone's
+    features, exit 0 (`train` refuses such a run)."""
+    os.remove(run_copy.split)
+    argv = {"caption": ["caption", os.path.join(shapes_data["images"], "shape_00001.png")],
+            "evaluate": ["evaluate", "--out", str(tmp_path / "m.json")],
+            "export": ["export", "--out", str(tmp_path / "export")]}[command]
+    assert main([*argv, "--run", run_copy.path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"caption-attn {command}: error: {run_copy.split}: missing, but "
+                   f"{run_copy.path} has trained (best.keras); the file records the identity "
+                   f"of the feature cache and the order of the vocabulary the model was "
+                   f"trained with, and without it other features or words would go "
+                   f"unnoticed: restore it, or train the run again with --fresh"]
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "export").exists()
+
+
+def test_a_split_json_from_before_cache_identities_is_still_captioned(shapes_data, run_copy,
+                                                                      capsys):
+    """A run made before split.json recorded the cache identity and vocabulary order keeps
+    being captioned without those checks."""
+    with open(run_copy.split) as f:
+        split = json.load(f)
+    for field in ("cache_identity", "vocab_sha256"):
+        split.pop(field)
+    with open(run_copy.split, "w") as f:
+        json.dump(split, f)
+    image = os.path.join(shapes_data["images"], split["splits"]["test"][0])
+    assert main(["caption", "--run", run_copy.path, "--beam", "1", image]) == 0
+    assert capsys.readouterr().out.startswith(f"Captions for image {os.path.basename(image)}")
+
+
+@pytest.mark.parametrize("inside", [os.path.join("attention", "epoch_1"), "heat", "."])
+def test_plot_attention_inside_the_run_folder_is_refused(shapes_data, run_copy, capsys,
+                                                         monkeypatch, inside):
+    """`caption --plot-attention RUN/attention/epoch_1` wrote over the heatmaps `train` drew
+    there (and any folder in the run mixes the user's files with the run's)."""
+    from caption_attn.run import RunFolder
+    monkeypatch.setattr(RunFolder, "load_best_model", lambda self: pytest.fail(
+        "the model was loaded before --plot-attention was checked"))
+    before = sorted(os.listdir(run_copy.attention_epoch(1)))
+    heat = os.path.normpath(os.path.join(run_copy.path, inside))
+    image = _test_images(shapes_data, run_copy.path, 1)[0]
+    assert main(["caption", "--run", run_copy.path, "--plot-attention", heat, image]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"caption-attn caption: error: --plot-attention {heat}: inside the run folder "
+        f"{run_copy.path}, whose files and folders `train` and `evaluate` write (its own "
+        f"heatmaps in {run_copy.attention}); give the heatmaps a folder of their own, e.g. "
+        f"heatmaps"]
+    assert sorted(os.listdir(run_copy.attention_epoch(1))) == before
+    assert not os.path.exists(os.path.join(run_copy.path, "heat"))
+
+
 def test_a_run_whose_cache_moved_says_how_to_point_at_it(shapes_data, trained_run, run_copy,
                                                           tmp_path, capsys):
     run = run_copy.path

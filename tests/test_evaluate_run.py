@@ -259,6 +259,58 @@ def test_a_run_whose_cache_or_captions_moved_says_how_to_point_at_them(run_copy,
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("kind", ["missing", "folder", "not JSON"])
+def test_a_bad_captions_flag_is_refused_before_the_model_loads(trained_run, tmp_path, capsys,
+                                                               monkeypatch, kind):
+    """`evaluate --captions X` loaded best.keras before it read X (README: every flag and
+    path is checked before any expensive step)."""
+    monkeypatch.setattr(RunFolder, "load_best_model", lambda self: pytest.fail(
+        "the model was loaded before --captions was checked"))
+    captions = tmp_path / "captions.json"
+    if kind == "folder":
+        captions.mkdir()
+    elif kind == "not JSON":
+        captions.write_text("{")
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--run", trained_run, "--captions", str(captions), "--out",
+                 str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(captions) in err[0], err
+    recorded = RunFolder(trained_run).load_config().captions
+    if kind != "not JSON":
+        why = "does not exist" if kind == "missing" else "is a folder"
+        assert err[0] == (f"caption-attn evaluate: error: --captions {captions}: {why}; give "
+                          f"the caption file with the references (the run was trained on "
+                          f"{recorded})")
+    assert not out.exists()
+
+
+def test_an_out_inside_the_feature_cache_is_refused(shapes_data, trained_run, capsys,
+                                                    monkeypatch):
+    """`evaluate --out CACHE/m.json` wrote the metrics into the feature cache, where
+    `export` refuses its --out."""
+    monkeypatch.setattr(RunFolder, "load_best_model", lambda self: pytest.fail(
+        "the model was loaded before --out was checked"))
+    out = os.path.join(shapes_data["cache"], "m.json")
+    assert main(["evaluate", "--run", trained_run, "--out", out]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"caption-attn evaluate: error: --out {out}: inside the feature cache "
+        f"{shapes_data['cache']}; choose another --out, e.g. "
+        f"{os.path.join(trained_run, 'eval', 'my_metrics.json')}"]
+    assert not os.path.exists(out)
+
+
+def test_a_run_without_a_best_model_says_so_before_its_cache_is_checked(tmp_path, capsys):
+    """A run that has not finished an epoch is told so, not that its cache is missing."""
+    from caption_attn.config import RunConfig
+    run = tmp_path / "run"
+    run.mkdir()
+    RunConfig(captions=str(tmp_path / "c.json"), cache=str(tmp_path / "cache")).save(
+        str(run / "config.json"))
+    assert main(["evaluate", "--run", str(run), "--out", str(tmp_path / "m.json")]) == 2
+    assert "no best model yet" in capsys.readouterr().err
+
+
 def test_unknown_split_is_refused(trained_run, capsys):
     assert main(["evaluate", "--run", trained_run, "--split", "dev"]) == 2
 

@@ -454,6 +454,72 @@ def test_an_out_that_is_a_symlink_is_replaced_and_its_target_kept(trained_run, t
     assert sorted(os.listdir(tmp_path)) == ["1", "current"]  # nothing hidden left
 
 
+def test_a_reexport_keeps_assets_extra_and_refuses_other_files(trained_run, tmp_path,
+                                                              monkeypatch):
+    """Re-exporting a run into its earlier export deleted what the user had added there
+    (TF Serving's assets.extra/tf_serving_warmup_requests, a README.txt), exit 0."""
+    out = tmp_path / "1"
+    (out / "variables").mkdir(parents=True)
+    (out / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+    (out / "saved_model.pb").write_bytes(b"old")
+    (out / "assets.extra").mkdir()
+    (out / "assets.extra" / "tf_serving_warmup_requests").write_text("warmup")
+    (out / "README.txt").write_text("notes")
+    _refused(["export", "--run", trained_run, "--out", str(out)],
+             f"--out {out}: holds README.txt, which an export does not write and replacing "
+             f"the earlier export would delete; move it out (extra files for TF Serving go in "
+             f"{out / 'assets.extra'}, which is kept), or add --force to delete it")
+    assert (out / "README.txt").read_text() == "notes"
+
+    def save(path, *args):
+        open(os.path.join(path, "saved_model.pb"), "wb").write(b"new")
+    monkeypatch.setattr(export, "save_servable", save)
+    export.export_run(trained_run, str(out), DecodeConfig(), ExportConfig(force=True),
+                      log=lambda *a: None)
+    assert sorted(os.listdir(out)) == ["assets.extra", export.INFO_FILE, "saved_model.pb"]
+    assert (out / "saved_model.pb").read_bytes() == b"new"
+    assert (out / "assets.extra" / "tf_serving_warmup_requests").read_text() == "warmup"
+    export.export_run(trained_run, str(out), DecodeConfig(), ExportConfig(),
+                      log=lambda *a: None)                   # no other files: no --force
+    assert (out / "assets.extra" / "tf_serving_warmup_requests").read_text() == "warmup"
+    assert sorted(os.listdir(tmp_path)) == ["1"]
+
+
+@pytest.mark.parametrize("where", ["saved_model", "export.json"])
+def test_a_full_disk_is_one_line_naming_out_and_the_earlier_export_is_kept(
+        trained_run, tmp_path, monkeypatch, where):
+    """A disk that filled up while the SavedModel was saved gave TensorFlow's 16-frame
+    traceback (ResourceExhaustedError ... No space left on device [Op:SaveV2]): it is an
+    OpError, not an OSError, so the CLI did not catch it."""
+    import tensorflow as tf
+    out = tmp_path / "1"
+    out.mkdir()
+    (out / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+
+    def save(path, *args):
+        open(os.path.join(path, "saved_model.pb"), "wb").write(b"half")
+        if where == "saved_model":
+            raise tf.errors.ResourceExhaustedError(
+                None, None, "{{function_node __wrapped__SaveV2_dtypes_212_device_/job:localhost"
+                "/replica:0/task:0/device:CPU:0}} " + path + "/variables/variables_temp/part-0"
+                "0000-of-00001.data-00000-of-00001.tempstate2328; No space left on device "
+                "[Op:SaveV2]")
+
+    def write_json(path, data):
+        raise OSError(28, "No space left on device", path)
+    monkeypatch.setattr(export, "save_servable", save)
+    monkeypatch.setattr(export, "write_json_atomic", write_json)
+    code, printed, err = _run_cli(["export", "--run", trained_run, "--out", str(out)])
+    assert code == 1 and printed == ""
+    assert err.splitlines()[-1] == (
+        f"caption-attn export: error: --out {out}: cannot write the export into {tmp_path} "
+        f"(No space left on device): free space there (or make it writable) and rerun this "
+        f"command; {out} is as it was")
+    assert "Traceback" not in err
+    assert os.listdir(out) == [export.INFO_FILE]              # the earlier export
+    assert os.listdir(tmp_path) == ["1"]                       # no temporary folder left
+
+
 def test_temporary_folders_of_killed_exports_are_removed(tmp_path):
     """kill -9 during an export leaves its hidden temporary folder beside --out; the next
     export to that --out removes it, and leaves live exports' folders and other files."""

@@ -27,7 +27,8 @@ SUMMED = ("loss", "ce", "reward", "baseline", "advantage", "advantage_sq", "entr
 class EpochTotals:
     """Running sums over the steps of one epoch, by name; checkpointed as one vector (so an
     epoch resumed mid-way continues them). `loss` and `ce` are summed times the step's
-    captions; the self-critical fields are sums over sampled captions (tokens for entropy)."""
+    captions; the self-critical fields are sums over sampled captions (tokens for entropy);
+    `steps` counts the steps whose gradients were applied (the mean gradient norm's count)."""
 
     FIELDS = ("loss", "ce", "gradient_norm", "captions", "steps", "reward", "baseline",
               "advantage", "advantage_sq", "entropy", "tokens")
@@ -45,10 +46,12 @@ class EpochTotals:
         n = step["captions"]
         self.sums["loss"] += step["loss"] * n
         self.sums["ce"] += step.get("ce", 0.0) * n
-        # float16 loss scaling skips steps whose gradients overflowed: not in the mean norm
-        self.sums["gradient_norm"] += step["gradient_norm"] \
-            if math.isfinite(step["gradient_norm"]) else 0.0
-        self.sums["steps"] += 1
+        # float16 loss scaling skips steps whose gradients overflowed: not in the mean norm,
+        # neither in its sum nor in its count (`steps`: the steps whose gradients were applied;
+        # they were counted, and one skip in ten logged a mean norm 10 % low)
+        if math.isfinite(step["gradient_norm"]):
+            self.sums["gradient_norm"] += step["gradient_norm"]
+            self.sums["steps"] += 1
         for name in ("captions", "reward", "baseline", "advantage", "advantage_sq", "entropy",
                      "tokens"):
             self.sums[name] += step.get(name, 0.0)

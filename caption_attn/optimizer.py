@@ -71,9 +71,3 @@ def make_optimizer(cfg: TrainConfig, learning_rate: StagedLearningRate):
 def inner(optimizer):
     """The Adam inside a `LossScaleOptimizer` (or the optimizer itself)."""
     return getattr(optimizer, "inner_optimizer", optimizer)
-
-
-def current_learning_rate(optimizer) -> float:
-    adam = inner(optimizer)
-    return float(adam.learning_rate.numpy()) if hasattr(adam.learning_rate, "numpy") \
-        else float(adam.learning_rate)

@@ -34,8 +34,7 @@ from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig
 from caption_attn.errors import UserError
 from caption_attn.fileio import write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
-from caption_attn.optimizer import (FusedAdam, StagedLearningRate, current_learning_rate,
-                                    make_optimizer)
+from caption_attn.optimizer import FusedAdam, StagedLearningRate, inner, make_optimizer
 from caption_attn.run import RunFolder, changed_settings_note
 from caption_attn.scst import SelfCritical
 from caption_attn.steps import EpochTotals, Steps
@@ -584,6 +583,10 @@ class Trainer:
         self.lr_schedule.self_critical.assign(int(self_critical))
         step, in_epoch = int(self.step.numpy()), int(self.step_in_epoch.numpy())
         totals = EpochTotals.from_vector(self.epoch_sums.numpy()) if in_epoch else EpochTotals()
+        # the rate of the epoch's first step (resumed mid-epoch too: the optimizer counts the
+        # steps it applied, which `totals` counts too), what history.json logs for the epoch
+        first = int(inner(self.optimizer).iterations.numpy()) - int(totals.sums["steps"])
+        rate = float(self.lr_schedule(first))
         if self_critical:
             batches = self.inputs.images(epoch, skip=in_epoch)
             if self.steps.scst_step is None:
@@ -628,7 +631,8 @@ class Trainer:
         self._set_counters(step, in_epoch, totals)
         seconds = max(time.perf_counter() - start, 1e-9)
         return {**totals.logs(self_critical), "steps": in_epoch, "target_steps": target,
-                "captions_per_second": (totals.sums["captions"] - earlier) / seconds}
+                "captions_per_second": (totals.sums["captions"] - earlier) / seconds,
+                "learning_rate": rate}
 
     def _set_counters(self, step: int, in_epoch: int, totals: EpochTotals) -> None:
         self.step.assign(step)
@@ -850,7 +854,6 @@ class Trainer:
             return False
         logs.update(self._validate(epoch))
         logs.update(stage=stage, monitor=self.cfg.train.monitor_for(epoch),
-                    learning_rate=current_learning_rate(self.optimizer),
                     seconds=time.perf_counter() - t0)
         self.epoch.assign(epoch + 1)
         self.step_in_epoch.assign(0)

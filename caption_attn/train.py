@@ -207,11 +207,16 @@ def gained_images_notes(run: RunFolder, data: TrainData) -> list[str]:
             f"last started (e.g. {example!r}): {'; '.join(effects)}"]
 
 
-def trains_more(tc: TrainConfig, epochs_done: int, steps_done: int) -> bool:
-    """Whether training with `tc` from a run at this position takes a step: epochs are left
-    and --max-steps is not reached (early stopping aside: `EarlyStopping.replay` says whether
-    it had already stopped the run). `Trainer.fit` and `check_metric_images` decide by it."""
-    return epochs_done < tc.epochs and not (tc.max_steps and steps_done >= tc.max_steps)
+def trains_more(tc: TrainConfig, epochs_done: int, steps_done: int,
+                epoch_ended: bool = False) -> bool:
+    """Whether training with `tc` from a run at this position takes a step, or ends an epoch:
+    epochs are left and --max-steps is not reached, or (`epoch_ended`) the next epoch's steps
+    are all trained and only its end (validation, history, best model) is left, which a
+    process killed after its last checkpoint did not do (early stopping aside:
+    `EarlyStopping.replay` says whether it had already stopped the run). `Trainer.fit` and
+    `check_metric_images` decide by it."""
+    return epochs_done < tc.epochs and (
+        epoch_ended or not (tc.max_steps and steps_done >= tc.max_steps))
 
 
 def _nothing_left(run: RunFolder, tc: TrainConfig, where: Optional[tuple[int, int]],
@@ -739,7 +744,8 @@ class Trainer:
         history = self.run.read_history() if resumed else []
         history = [h for h in history if h["epoch"] <= done]
         # A finished run (or one at --max-steps) traces no step and decodes nothing (seconds)
-        todo = trains_more(tc, done, steps_before)
+        ended = 0 < int(self.step_in_epoch.numpy()) >= self._epoch_length(done)
+        todo = trains_more(tc, done, steps_before, epoch_ended=ended)
         measured = {}
         if todo:
             self._compile(self.inputs.captions("train", epoch=0).element_spec)
@@ -771,7 +777,8 @@ class Trainer:
         reason, start, epoch = "epochs", time.perf_counter(), done
         try:
             while epoch < tc.epochs and not self.model.stop_training:
-                if tc.max_steps and int(self.step.numpy()) >= tc.max_steps:
+                if tc.max_steps and int(self.step.numpy()) >= tc.max_steps and not (
+                        ended and epoch == done):   # only its end left: done now
                     reason = "max_steps"
                     break
                 if not self._epoch(epoch, callbacks, history):
@@ -792,6 +799,11 @@ class Trainer:
         callbacks.on_train_end()
         return _summary(self, history, early, reason, time.perf_counter() - start,
                         done, steps_before)
+
+    def _epoch_length(self, epoch: int) -> int:
+        """The steps of 0-based `epoch` (its stage's)."""
+        return self.inputs.scst_steps_per_epoch if self.cfg.train.is_scst(epoch) \
+            else self.inputs.steps_per_epoch
 
     def _forget_undone(self, done: int, steps: int) -> None:
         """What a stopped process logged of training after the checkpoint this run starts
@@ -1149,7 +1161,11 @@ def format_summary(summary: dict) -> str:
     if s["epoch_steps"]:
         run += (f", in epoch {s['finished_epochs'] + 1} at step {s['epoch_steps']} of "
                 f"{s['epoch_length']}")
-    if s["steps_now"] == 0:
+    if s["steps_now"] == 0 and s["epochs_now"]:   # only an epoch's end was left to do
+        head = (f"ended epoch {s['finished_epochs']} (its steps were trained before the run "
+                f"stopped: validated and recorded now), stopped by {s['stopped_by']}; the "
+                f"run: {run}{best}")
+    elif s["steps_now"] == 0:
         why = (f"the run already reached --max-steps {s['max_steps']} ({run})"
                if s["stopped_by"] == "max_steps" else
                f"the run already finished {run}" + (

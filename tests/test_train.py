@@ -395,6 +395,38 @@ def test_resume_mid_epoch_with_other_batches_is_refused_before_writing(shapes_da
     assert summary["finished_epochs"] == 2
 
 
+def test_an_epoch_whose_end_was_killed_at_max_steps_ends_on_the_rerun(shapes_data, tmp_path,
+                                                                         monkeypatch):
+    """--max-steps at an epoch's last step, checkpointed, then killed in its validation: the
+    same command again said "nothing to train: the run already reached --max-steps" on every
+    rerun, and the epoch, all of whose steps were trained, was never validated or recorded
+    (no history.json, no best model), where an uninterrupted run has both."""
+    run = str(tmp_path / "run")
+    cfg = small_config(shapes_data, epochs=2)
+    train.open_run(run, cfg)
+    per_epoch = train.Trainer(cfg, run, progress=False,
+                              log=lambda *a: None).inputs.steps_per_epoch
+    cfg = small_config(shapes_data, epochs=2, max_steps=per_epoch, checkpoint_every=per_epoch)
+
+    def killed(self, epoch):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(train.Trainer, "_validate", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_trainer(cfg, run)
+    assert not os.path.exists(os.path.join(run, "history.json"))
+    trainer, summary = run_trainer(cfg, run)
+    assert (summary["epochs"], summary["steps_now"], summary["stopped_by"]) == \
+        (1, 0, "max_steps")
+    with open(os.path.join(run, "history.json")) as f:
+        assert [h["epoch"] for h in json.load(f)] == [1]
+    assert os.path.exists(os.path.join(run, "best.keras"))
+    assert int(trainer.step.numpy()) == per_epoch                   # no step more
+    assert train.format_summary(summary).startswith(
+        "ended epoch 1 (its steps were trained before the run stopped: validated and recorded "
+        "now), stopped by max_steps; the run: epoch 1 of 2, step ")
+
+
 def test_max_steps_in_the_middle_of_an_epoch_finishes_no_epoch(shapes_data, tmp_path):
     """Stopping at --max-steps inside epoch 2 saves a checkpoint to continue from, but does
     none of an epoch's end: its validation, history entry, best model, heatmaps and TensorBoard

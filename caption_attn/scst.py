@@ -94,12 +94,15 @@ class SelfCritical:
             lambda t, s, c: model.decode_step_per_image(t, s, c, True)))
         self._greedy_step = masked_step(model.decode_step)
 
-    def sample(self, features, seed):
-        """features (N, P, F) -> (sampled tokens (N, K, T), greedy tokens (N, 1, T') or a
-        (N, 1, 1) PAD placeholder when the baseline is "mean")."""
+    def sample(self, features, seed, ids):
+        """features (N, P, F), their train-image ids (N,) -> (sampled tokens (N, K, T),
+        greedy tokens (N, 1, T') or a (N, 1, 1) PAD placeholder when the baseline is "mean").
+
+        Each image draws from the random stream of (seed, its id), not of its row: under a
+        mirrored strategy every replica's row i drew the same numbers as the others' row i."""
         state, context = self.model.init_decoder(features)
         sampled = decode.sample(self._sampling_step, state, context, self.max_length,
-                                num_samples=self.samples, seed=seed)
+                                num_samples=self.samples, seed=seed, ids=ids)
         if self.baseline == "greedy":
             greedy = decode.greedy(self._greedy_step, state, context, self.max_length).tokens
         else:
@@ -108,7 +111,7 @@ class SelfCritical:
 
     def score(self, features, image_ids, seed) -> Scored:
         """Sample, then reward, baseline and advantage of every sample (no gradient)."""
-        tokens, greedy = self.sample(features, seed)
+        tokens, greedy = self.sample(features, seed, image_ids)
         rewards, baseline = tf.numpy_function(
             self._rewards, [image_ids, tokens, greedy], [tf.float32, tf.float32],
             stateful=False)

@@ -130,6 +130,28 @@ class BahdanauAttention(keras.layers.Layer):
         return {**super().get_config(), "units": self.units}
 
 
+class ReplicaDropout(keras.layers.Dropout):
+    """Keras' Dropout, with a mask of its own on every replica of a distribution strategy.
+
+    The seed generator's state is one mirrored variable: under `--strategy mirrored` every
+    replica drew the same mask (row i of each replica's slice dropped the same units, so two
+    replicas trained otherwise than one device). There, the replica's id is added to the
+    step's seed; on one device (or one replica) this is Keras' Dropout, mask for mask.
+    """
+
+    def call(self, inputs, training=False):
+        ctx = tf.distribute.get_replica_context()
+        if not training or self.rate == 0 or ctx is None or ctx.num_replicas_in_sync == 1:
+            return super().call(inputs, training=training)
+        seed = self.seed_generator.next()                              # (2,) int64
+        replica = tf.cast(ctx.replica_id_in_sync_group, seed.dtype)
+        seed = seed + tf.stack([tf.zeros_like(replica), replica])
+        # as Keras' TensorFlow backend makes its int64 state a stateless op's int32 seed
+        seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
+        return tf.nn.experimental.stateless_dropout(inputs, self.rate, seed,
+                                                    noise_shape=self.noise_shape)
+
+
 def parameter_count(vocab_size: int, embedding_dim: int, units: int,
                     feature_dim: int = FEATURE_DIM) -> int:
     """The number of weights of `ShowAttendTell(vocab_size, embedding_dim, units)` (its
@@ -182,7 +204,7 @@ class ShowAttendTell(keras.Model):
         # Deep output: logits = L_o(dropout(E y_{t-1} + L_h h_t + L_z z_t)).
         self.out_hidden = dense(embedding_dim, use_bias=False, name="out_hidden")
         self.out_context = dense(embedding_dim, use_bias=False, name="out_context")
-        self.out_dropout = keras.layers.Dropout(dropout, name="out_dropout")
+        self.out_dropout = ReplicaDropout(dropout, name="out_dropout")
         self.logits = dense(vocab_size, name="logits")
         self.build(None)
 

@@ -52,6 +52,43 @@ def test_two_replicas_give_the_same_losses_as_one_device(shapes_data, tmp_path):
         assert abs(a["gradient_norm"] - b["gradient_norm"]) < 1e-3
 
 
+DROPOUT = textwrap.dedent("""
+    import json
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    from caption_attn.model import ReplicaDropout
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        layer = ReplicaDropout(0.5, seed=1)
+    masks = []
+    for _ in range(2):   # two steps: a new mask each, per replica
+        out = strategy.run(tf.function(lambda: layer(tf.ones([4, 64]), training=True)))
+        masks += [[r.numpy().tolist() for r in strategy.experimental_local_results(out)]]
+    one = ReplicaDropout(0.5, seed=1)(tf.ones([4, 64]), training=True)
+    keras_one = keras.layers.Dropout(0.5, seed=1)(tf.ones([4, 64]), training=True)
+    print(json.dumps({"masks": masks, "one_is_keras": bool(np.array_equal(one, keras_one))}))
+""")
+
+
+def test_each_replica_draws_its_own_dropout_mask():
+    """Keras' Dropout under --strategy mirrored: its seed generator's state is one mirrored
+    variable, so every replica drew the same mask (row i of each replica's slice dropped the
+    same units: two replicas trained differently from one device with dropout > 0). One
+    device keeps Keras' own masks."""
+    done = subprocess.run([sys.executable, "-c", DROPOUT], env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    (a1, b1), (a2, b2) = out["masks"]
+    assert a1 != b1 and a2 != b2 and a1 != a2             # per replica, per step
+    for mask in (a1, b1, a2, b2):
+        assert {v for row in mask for v in row} <= {0.0, 2.0}   # kept units scaled by 2
+    assert out["one_is_keras"]
+
+
 def _free_ports(n):
     import socket
     sockets = [socket.socket() for _ in range(n)]

@@ -337,7 +337,8 @@ class Captioner:
                 images, ids, errors = {}, {}, {}
 
 
-def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None) -> list[str]:
+def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
+                      unreadable: Optional[dict] = None) -> list[str]:
     """Image files given on the command line, each once; folders expand to the images under
     them, except those in the folder `heatmaps` below them (`--plot-attention`: `caption
     photos --plot-attention photos/heat` run again captioned the heatmaps of the first run
@@ -345,7 +346,9 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None) -> li
     refused (its heatmaps, which need not overwrite an image, would be captioned by a later
     run on that folder). A path that does not exist is a UserError (before the model is
     loaded: it is a typo, not one bad image of many); an existing file that is no image is
-    reported later, by `Captioner.caption_images`, while the others are captioned."""
+    reported later, by `Captioner.caption_images`, while the others are captioned. So is a
+    folder below a folder given that cannot be listed: `unreadable`, when given, receives
+    {its path + "/": why} (they were skipped without a word)."""
     missing = [arg for arg in args if not os.path.exists(arg)]
     if missing:
         raise UserError(f"{missing[0]}: no such image file or folder"
@@ -354,7 +357,10 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None) -> li
     out = []
     for arg in args:
         if os.path.isdir(arg):
-            found = [os.path.join(arg, k) for k in list_images(arg)]
+            folders: dict = {}
+            found = [os.path.join(arg, k) for k in list_images(arg, folders)]
+            if unreadable is not None:
+                unreadable.update({os.path.join(arg, k): why for k, why in folders.items()})
             skip, top = os.path.realpath(heatmaps or arg), os.path.realpath(arg)
             if heatmaps and skip == top:
                 _refuse_heatmaps_among_images(heatmaps, arg, f"the folder {arg} of the "

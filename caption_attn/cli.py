@@ -129,7 +129,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from caption_attn import progress
 
     cfg = config_from_args(C.DecodeConfig, args)
-    paths = C_.expand_image_args(args.images, heatmaps=args.plot_attention)
+    folders: dict = {}   # below a folder given, unlistable: reported as unreadable images are
+    paths = C_.expand_image_args(args.images, heatmaps=args.plot_attention, unreadable=folders)
     write_heatmaps = None
     if args.plot_attention:
         C_.check_heatmap_folder(args.plot_attention, args.run)
@@ -144,11 +145,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
     shown = len(paths) > cfg.batch_size and (args.json or not sys.stdout.isatty())
     bar = progress.bar(len(paths), enabled=shown, unit_name="image", stateful=["failed"],
                        periodic=True, stream=sys.stderr)
-    captioned, failed, count = {}, {}, 0          # captions kept for --json only
+    captioned, failed, count = {}, dict(folders), 0          # captions kept for --json only
 
     def report(errors):
         for line in unreadable_lines(errors):
             print(line, file=sys.stderr)
+    if not shown:
+        report(folders)
     for results, errors, done in model.caption_batches(paths):
         failed.update(errors)
         if not shown:

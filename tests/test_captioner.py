@@ -709,3 +709,28 @@ def test_a_heatmap_of_an_image_with_a_long_name_is_written(tmp_path):
         assert name.endswith(".png") and name.startswith("图" * 20)
         plot.write_bytes_atomic(str(tmp_path / name), b"png")   # the way heatmaps are saved
     assert len(os.listdir(tmp_path)) == 2
+
+
+def test_a_folder_that_cannot_be_read_is_reported_not_skipped(tmp_path):
+    """`caption photos` skipped an unlistable folder below it without a word (its images
+    neither captioned nor reported): it is now reported among the unreadable images."""
+    from image_samples import run_as_user, scene, write_rgb
+    photos = tmp_path / "photos"
+    os.makedirs(photos / "locked")
+    write_rgb(str(photos / "a.png"), scene(0))
+    write_rgb(str(photos / "locked" / "b.png"), scene(1))
+    os.chmod(photos / "locked", 0)
+    try:
+        done = run_as_user("import json, sys\n"
+                           "from caption_attn.captioner import expand_image_args\n"
+                           "folders = {}\n"
+                           "paths = expand_image_args([sys.argv[1]], unreadable=folders)\n"
+                           "print(json.dumps([paths, folders]))", str(photos), cwd=str(tmp_path))
+    finally:
+        os.chmod(photos / "locked", 0o755)
+    assert done.returncode == 0, done.stderr[-2000:]
+    paths, folders = json.loads(done.stdout.strip().splitlines()[-1])
+    assert paths == [str(photos / "a.png")]
+    assert list(folders) == [str(photos / "locked") + "/"]
+    assert folders[str(photos / "locked") + "/"].startswith(
+        "folder cannot be read (Permission denied)")

@@ -135,7 +135,7 @@ class ReplicaDropout(keras.layers.Dropout):
 
     The seed generator's state is one mirrored variable: under `--strategy mirrored` every
     replica drew the same mask (row i of each replica's slice dropped the same units, so two
-    replicas trained otherwise than one device). There, the replica's id is added to the
+    replicas trained otherwise than one device). There, the replica's id is folded into the
     step's seed; on one device (or one replica) this is Keras' Dropout, mask for mask.
     """
 
@@ -143,11 +143,13 @@ class ReplicaDropout(keras.layers.Dropout):
         ctx = tf.distribute.get_replica_context()
         if not training or self.rate == 0 or ctx is None or ctx.num_replicas_in_sync == 1:
             return super().call(inputs, training=training)
-        seed = self.seed_generator.next()                              # (2,) int64
-        replica = tf.cast(ctx.replica_id_in_sync_group, seed.dtype)
-        seed = seed + tf.stack([tf.zeros_like(replica), replica])
         # as Keras' TensorFlow backend makes its int64 state a stateless op's int32 seed
-        seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
+        seed = tf.cast(tf.math.floormod(self.seed_generator.next(), tf.int32.max - 1),
+                       tf.int32)                                       # (2,)
+        # folded in, not added: the generator advances by 1 a call, so replica r's seed
+        # plus r was replica 0's seed r calls later (shifted copies of one mask sequence)
+        seed = tf.random.experimental.stateless_fold_in(
+            seed, tf.cast(ctx.replica_id_in_sync_group, tf.int32))
         return tf.nn.experimental.stateless_dropout(inputs, self.rate, seed,
                                                     noise_shape=self.noise_shape)
 

@@ -64,7 +64,7 @@ DROPOUT = textwrap.dedent("""
     with strategy.scope():
         layer = ReplicaDropout(0.5, seed=1)
     masks = []
-    for _ in range(2):   # two steps: a new mask each, per replica
+    for _ in range(3):   # three steps: a new mask each, per replica
         out = strategy.run(tf.function(lambda: layer(tf.ones([4, 64]), training=True)))
         masks += [[r.numpy().tolist() for r in strategy.experimental_local_results(out)]]
     one = ReplicaDropout(0.5, seed=1)(tf.ones([4, 64]), training=True)
@@ -82,9 +82,11 @@ def test_each_replica_draws_its_own_dropout_mask():
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    (a1, b1), (a2, b2) = out["masks"]
-    assert a1 != b1 and a2 != b2 and a1 != a2             # per replica, per step
-    for mask in (a1, b1, a2, b2):
+    masks = [m for step in out["masks"] for m in step]   # replica 0, 1 of step 1, 2, 3
+    # all different: per replica, per step, and replica 1's not replica 0's of a later step
+    # (the replica id added to the seed, which advances by 1 a step, shifted one sequence)
+    assert len({json.dumps(m) for m in masks}) == 6
+    for mask in masks:
         assert {v for row in mask for v in row} <= {0.0, 2.0}   # kept units scaled by 2
     assert out["one_is_keras"]
 

@@ -370,7 +370,10 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
                 found = [p for p in found if os.path.commonpath(
                     [os.path.realpath(p), skip]) != skip]
             if not found:
-                raise UserError(f"{arg}: no image files in this folder"
+                locked = (f" it could list ({len(folders)} folder(s) below it cannot be read, "
+                          f"e.g. {os.path.join(arg, next(iter(folders)))}: "
+                          f"{next(iter(folders.values()))})" if folders else "")
+                raise UserError(f"{arg}: no image files in this folder{locked}"
                                 + (f" (outside --plot-attention {heatmaps})" if below else ""))
             out += found
         else:
@@ -379,11 +382,12 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
                 _refuse_heatmaps_among_images(heatmaps, folder, f"the folder of {arg}, an "
                                                                  f"image being captioned")
             out.append(arg)
-    # one file spelled twice (x.png ./x.png, a folder and a file in it) is captioned once,
-    # under its first spelling, in the order given
+    # one file spelled twice (x.png ./x.png, a folder and a file in it, a folder reached
+    # through a symlink beside it: `list_images` lists both paths) is captioned once, under
+    # its first spelling, in the order given
     first = {}
     for p in out:
-        first.setdefault(os.path.normpath(os.path.abspath(p)), p)
+        first.setdefault(os.path.realpath(p), p)
     return list(first.values())
 
 

@@ -719,18 +719,44 @@ def test_a_folder_that_cannot_be_read_is_reported_not_skipped(tmp_path):
     os.makedirs(photos / "locked")
     write_rgb(str(photos / "a.png"), scene(0))
     write_rgb(str(photos / "locked" / "b.png"), scene(1))
-    os.chmod(photos / "locked", 0)
+    only = tmp_path / "only"                     # its one image in a folder it cannot list
+    write_rgb(str(only / "locked" / "c.png"), scene(2))
+    for folder in (photos / "locked", only / "locked"):
+        os.chmod(folder, 0)
     try:
         done = run_as_user("import json, sys\n"
                            "from caption_attn.captioner import expand_image_args\n"
+                           "from caption_attn.errors import UserError\n"
                            "folders = {}\n"
                            "paths = expand_image_args([sys.argv[1]], unreadable=folders)\n"
-                           "print(json.dumps([paths, folders]))", str(photos), cwd=str(tmp_path))
+                           "try:\n"
+                           "    expand_image_args([sys.argv[2]])\n"
+                           "except UserError as e:\n"
+                           "    print(e)\n"
+                           "print(json.dumps([paths, folders]))", str(photos), str(only),
+                           cwd=str(tmp_path))
     finally:
-        os.chmod(photos / "locked", 0o755)
+        for folder in (photos / "locked", only / "locked"):
+            os.chmod(folder, 0o755)
     assert done.returncode == 0, done.stderr[-2000:]
-    paths, folders = json.loads(done.stdout.strip().splitlines()[-1])
+    *_, refused, listed = done.stdout.strip().splitlines()
+    assert refused.startswith(f"{only}: no image files in this folder it could list (1 "
+                              f"folder(s) below it cannot be read, e.g. {only}/locked/: folder "
+                              f"cannot be read (Permission denied)")
+    paths, folders = json.loads(listed)
     assert paths == [str(photos / "a.png")]
     assert list(folders) == [str(photos / "locked") + "/"]
     assert folders[str(photos / "locked") + "/"].startswith(
         "folder cannot be read (Permission denied)")
+
+
+def test_a_folder_reached_through_a_symlink_beside_it_is_captioned_once(tmp_path):
+    """`list_images` lists a symlinked folder under every path to it (extraction must: a
+    caption file may name either), and `caption photos` with photos/latest -> v2 captioned
+    every image of v2 twice."""
+    from image_samples import scene, write_rgb
+    photos = tmp_path / "photos"
+    write_rgb(str(photos / "v2" / "x.png"), scene(0))
+    os.symlink("v2", photos / "latest")
+    paths = captioner.expand_image_args([str(photos)])
+    assert [os.path.relpath(p, photos) for p in paths] == ["latest/x.png"]

@@ -412,7 +412,8 @@ def _refuse_heatmaps_among_images(heatmaps: str, folder: str, what: str) -> None
 def display_names(paths: Sequence[str]) -> dict:
     """path -> the shortest trailing part of it that tells it apart from the other paths:
     the file name, or as many parent folders with it as needed (a/cat.jpg, b/cat.jpg);
-    printable (`images.printable_name`); in the order of `paths` (which `heatmap_files` numbers by)."""
+    printable (`images.printable_name`); in the order of `paths` (which `heatmap_files`
+    numbers by)."""
     parts = {p: os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths}
     names, left, depth = {}, set(parts), 1
     while left:

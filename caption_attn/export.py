@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import re
 import shutil
@@ -122,6 +123,11 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     return info
 
 
+# What a write that free space or a writable folder mends fails with
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                 errno.EFBIG)
+
+
 def _write_failed(out: str, e: Exception) -> Exception:
     """The UserError (exit 1) of a write into the temporary folder that failed: a full disk
     (TensorFlow's SaveV2 raises a ResourceExhaustedError, not an OSError, and printed a
@@ -131,10 +137,13 @@ def _write_failed(out: str, e: Exception) -> Exception:
         return e
     if isinstance(e, tf.errors.OpError):
         message = (e.message or str(e)).strip()
-        if "OOM" in message:
-            return e
+        if "OOM" in message or not isinstance(e, (tf.errors.ResourceExhaustedError,
+                                                  tf.errors.PermissionDeniedError)):
+            return e   # not a write that failed: a bug, shown as it is
         # "{{function_node ...}} DIR/variables_temp/part-...; No space left on device [Op:SaveV2]"
         reason = re.sub(r"\s*\[Op:\w+\]$", "", message).split("; ")[-1]
+    elif e.errno not in _WRITE_ERRNOS:
+        return e
     else:
         reason = e.strerror or str(e) or type(e).__name__
     folder = os.path.dirname(os.path.abspath(out))
@@ -211,12 +220,19 @@ def _carry_over(out: str, tmp: str) -> None:
     Serving reads a version's warmup requests from there, and a re-export deleted them. A
     copy, not a move: a failed or killed export leaves `out` as it was."""
     extra, target = os.path.join(out, KEPT), os.path.join(tmp, KEPT)
-    if os.path.islink(extra):
-        os.symlink(os.readlink(extra), target)
-    elif os.path.isdir(extra):
-        shutil.copytree(extra, target, symlinks=True)
-    elif os.path.lexists(extra):
-        shutil.copy2(extra, target)
+    try:
+        if os.path.islink(extra):
+            os.symlink(os.readlink(extra), target)
+        elif os.path.isdir(extra):
+            shutil.copytree(extra, target, symlinks=True)
+        elif os.path.lexists(extra):
+            shutil.copy2(extra, target)
+    except shutil.Error as e:   # copytree's list of (source, target, why), one per file
+        first = e.args[0][0] if e.args and e.args[0] else ("?", "?", str(e))
+        raise UserError(f"--out {out}: cannot copy {extra} into the new export ({len(e.args[0])} "
+                        f"file(s), e.g. {first[0]}: {first[2]}); fix its files (or move the "
+                        f"folder aside) and rerun this command; {out} is as it was",
+                        exit_code=1) from None
 
 
 def _refuse_folder_of_exports(out: str) -> None:

@@ -607,3 +607,23 @@ def test_the_tflite_decoder_never_folds_the_standardisation():
         np.testing.assert_array_equal(got.numpy(), want.numpy())
     assert any(not np.array_equal(a.numpy(), b.numpy())
                for a, b in zip(tf.nest.flatten(folded), tf.nest.flatten(plain)))
+
+
+def test_only_a_write_that_space_or_permissions_mend_gets_the_free_space_advice(tmp_path):
+    """Every TensorFlow error and OSError in the export's writes became "free space there (or
+    make it writable)": a bug (an InvalidArgumentError), an I/O error or a damaged
+    assets.extra got that advice too. They are now shown as they are."""
+    import errno
+
+    import tensorflow as tf
+
+    from caption_attn.export import _write_failed
+    out = str(tmp_path / "ex")
+    for error in (tf.errors.ResourceExhaustedError(None, None, "x; No space left on device"),
+                  OSError(errno.ENOSPC, "No space left on device"),
+                  OSError(errno.EROFS, "Read-only file system")):
+        assert isinstance(_write_failed(out, error), UserError)
+    for error in (tf.errors.InvalidArgumentError(None, None, "a bug"),
+                  tf.errors.ResourceExhaustedError(None, None, "OOM when allocating"),
+                  OSError(errno.EIO, "Input/output error"), BrokenPipeError()):
+        assert _write_failed(out, error) is error

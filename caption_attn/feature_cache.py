@@ -348,7 +348,11 @@ def check_cache_folder(cache_dir: str) -> None:
             os.path.exists(os.path.join(cache_dir, name))
             for name in (MANIFEST, feature_index.INDEX, feature_index.SEGMENTS)):
         return
-    others = sorted(n for n in os.listdir(cache_dir) if not n.startswith("."))
+    # the cache's own first files (a first run killed between saving the random weights and
+    # writing the manifest left them) are no other files
+    own = re.compile(r"backbone_random_seed[0-9]+\.weights\.h5|" + re.escape(FAILED))
+    others = sorted(n for n in os.listdir(cache_dir)
+                    if not n.startswith(".") and not own.fullmatch(n))
     if others:
         shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
         raise UserError(f"--cache {cache_dir}: not a feature cache (no {MANIFEST}) and not "

@@ -213,8 +213,10 @@ def trains_more(tc: TrainConfig, epochs_done: int, steps_done: int,
     epochs are left and --max-steps is not reached, or (`epoch_ended`) the next epoch's steps
     are all trained and only its end (validation, history, best model) is left, which a
     process killed after its last checkpoint did not do (early stopping aside:
-    `EarlyStopping.replay` says whether it had already stopped the run). `Trainer.fit` and
-    `check_metric_images` decide by it."""
+    `EarlyStopping.replay` says whether it had already stopped the run). `Trainer.fit`
+    decides by it, and `check_metric_images` too, without `epoch_ended` (an epoch's steps
+    are counted once the data is loaded): a rerun that only ends such an epoch keeps the
+    run's --bleu-images, with which that epoch is then measured, as the run's others were."""
     return epochs_done < tc.epochs and (
         epoch_ended or not (tc.max_steps and steps_done >= tc.max_steps))
 

@@ -313,19 +313,15 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
 def _captions_file(captions: Optional[str], recorded: str) -> str:
     """The caption file with the references (`captions`, the --captions flag, or the run's
     `recorded` one), refused when it does not exist or is a folder."""
-    if captions is not None:
-        if not os.path.isfile(captions):
-            raise UserError(f"--captions {captions}: "
-                            f"{'is a folder' if os.path.isdir(captions) else 'does not exist'}; "
-                            f"give the caption file with the references (the run was trained "
-                            f"on {recorded})")
-        return captions
-    if not os.path.isfile(recorded):
-        raise UserError(f"the run's caption file {recorded} "
-                        f"{'is a folder' if os.path.isdir(recorded) else 'does not exist'}: "
-                        f"evaluate reads the references from it; if it moved, pass "
-                        f"--captions NEW_FILE")
-    return recorded
+    path = recorded if captions is None else captions
+    if not os.path.isfile(path):
+        what = "is a folder" if os.path.isdir(path) else "does not exist"
+        if captions is not None:
+            raise UserError(f"--captions {captions}: {what}; give the caption file with the "
+                            f"references (the run was trained on {recorded})")
+        raise UserError(f"the run's caption file {recorded} {what}: evaluate reads the "
+                        f"references from it; if it moved, pass --captions NEW_FILE")
+    return path
 
 
 def write_outputs(result: dict, hypotheses: dict, image_ids: dict) -> None:

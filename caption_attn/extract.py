@@ -344,7 +344,8 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     check_folder_writable(cfg.cache, "--cache")  # before the backbone is built
     feature_cache.check_cache_folder(cfg.cache)
     mine, failed = _shard_keys(images_dir, cfg, keys)
-    n_bad_keys = len(failed)
+    folders = sum(k.endswith("/") for k in failed)   # unlistable: no image of their own
+    n_bad_keys = len(failed) - folders
     cache = cfg.cache
     backbone, manifest = feature_cache.open_cache(cache, cfg)
     stale = feature_cache.remove_stale_temp_files(cache)
@@ -379,7 +380,8 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
         "repaired": len(rewritten), "stale_removed": outdated,
         "changed_images": sum(plan.redo[k].startswith(IMAGE_CHANGED) for k in rewritten),
         "reindexed": plan.reindexed,
-        "failed": len(failed), "failures": dict(sorted(failed.items())),
+        "failed": len(failed) - folders, "unreadable_folders": folders,
+        "failures": dict(sorted(failed.items())),
         "seconds": time.monotonic() - start, "extract_seconds": extract_seconds,
         "images_per_s": len(written) / extract_seconds if extract_seconds > 0 and written
         else 0.0,
@@ -408,10 +410,12 @@ def _previous_images_dir(manifest: dict, images_dir: str) -> Optional[str]:
 
 
 def _exit_status(s: dict, strict: bool) -> tuple[int, str]:
-    if s["failed"] and s["extracted"] + s["skipped"] == 0:
+    folders = s.get("unreadable_folders", 0)
+    if (s["failed"] or folders) and s["extracted"] + s["skipped"] == 0:
         return 1, "nothing could be extracted"
-    if strict and s["failed"]:
-        return 1, f"{s['failed']} image(s) failed and --strict is set"
+    if strict and (s["failed"] or folders):
+        also = f" and {folders} folder(s) could not be read" if folders else ""
+        return 1, f"{s['failed']} image(s) failed{also} and --strict is set"
     return 0, "ok"
 
 
@@ -430,7 +434,9 @@ def format_summary(summary: dict) -> str:
     lines = [f"extracted {s['extracted']}"
              + (f" (again: {', '.join(again)})" if again else "")
              + f", skipped {s['skipped']} already done, failed {s['failed']} of {s['images']} "
-             f"images (shard {s['shard']}) in {s['seconds']:.1f} s"
+             f"images" + (f" ({s['unreadable_folders']} folder(s) could not be read)"
+                          if s.get("unreadable_folders") else "")
+             + f" (shard {s['shard']}) in {s['seconds']:.1f} s"
              + (f" ({s['images_per_s']:.1f} images/s)" if s["extracted"] else ""),
              f"cache {s['cache']}: {s['count']} feature files ({s['dtype']}, weights "
              f"{s['weights']}, feature_scale {s['feature_scale']:g})"]
@@ -452,9 +458,9 @@ def format_summary(summary: dict) -> str:
     if s["reindexed"]:
         lines.append(f"{s['reindexed']} image(s) had a new modification time but the same "
                      f"content: re-indexed, not extracted again")
-    if s["failed"]:
+    if s["failures"]:
         shown = list(s["failures"].items())[:5]
         lines.append(f"failed images are listed in {s['failed_file']}: "
                      + _listed(shown)
-                     + (" ..." if s["failed"] > len(shown) else ""))
+                     + (" ..." if len(s["failures"]) > len(shown) else ""))
     return "\n".join(lines)  # an exit_code's message is the caller's (the CLI: on stderr)

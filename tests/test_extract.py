@@ -333,13 +333,21 @@ def test_a_folder_that_cannot_be_read_is_a_failure_in_failed_tsv(images, cache_c
         os.makedirs(os.path.dirname(work / key), exist_ok=True)
         shutil.copy2(os.path.join(images, key), work / key)
     os.chmod(work / "sub", 0)
+    code = EXTRACT_AS_USER.replace('print(json.dumps({k: summary[k] for k in ("skipped", ',
+                                   'print(format_summary(summary))\n'
+                                   'print(json.dumps({k: summary[k] for k in ("skipped", '
+                                   '"failed", "unreadable_folders", "images", ')
+    code = code.replace("import extract_features", "import extract_features, format_summary")
     try:
-        out = run_as_user(EXTRACT_AS_USER, str(work), cache_copy, cwd=REPO)
+        out = run_as_user(code, str(work), cache_copy, cwd=REPO)
     finally:
         os.chmod(work / "sub", 0o755)
     reason = "folder cannot be read (Permission denied): its images were not listed"
-    assert json.loads(out.stdout) == {"skipped": len(GOOD) - 2, "failures": {"sub/": reason},
-                                      "exit_code": 0}, out.stderr
+    # the folder is no image: not in the counts of images (it was "failed 1 of 7 images")
+    assert json.loads(out.stdout.splitlines()[-1]) == {
+        "skipped": len(GOOD) - 2, "failed": 0, "unreadable_folders": 1,
+        "images": len(GOOD) - 2, "failures": {"sub/": reason}, "exit_code": 0}, out.stderr
+    assert f"failed 0 of {len(GOOD) - 2} images (1 folder(s) could not be read)" in out.stdout
     assert read_failed(cache_copy) == {**BAD, "sub/": reason}
     summary = extract_features(str(work), extract_cfg(cache_copy), progress=False)
     assert summary["skipped"] == len(GOOD) and summary["failed"] == 0

@@ -131,8 +131,9 @@ _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 def _write_failed(out: str, e: Exception) -> Exception:
     """The UserError (exit 1) of a write into the temporary folder that failed: a full disk
     (TensorFlow's SaveV2 raises a ResourceExhaustedError, not an OSError, and printed a
-    16-frame traceback), a folder that became read-only. `e` itself when it is no write's:
-    a broken pipe of the log, TensorFlow running out of memory."""
+    16-frame traceback), a folder that became read-only. `e` itself when free space or a
+    writable folder would not mend it: a broken pipe of the log, TensorFlow running out of
+    memory, any other TensorFlow error or OSError (a bug, an I/O error), shown as it is."""
     if isinstance(e, BrokenPipeError):
         return e
     if isinstance(e, tf.errors.OpError):

@@ -152,11 +152,15 @@ class RunFolder:
 
     def _refuse_inside_another_run(self, run: str) -> None:
         """UserError when `run` (a realpath) lies in one of the folders another run above it
-        manages (checkpoints/, logs/, attention/, eval/): that run's --fresh deletes them."""
+        manages (checkpoints/, logs/, attention/, eval/): that run's --fresh deletes them. A
+        run above is a folder with train's config.json and its split.json or vocab.json (a
+        project's own config.json beside its logs/ is none)."""
         below, parent = run, os.path.dirname(run)
         while parent != below:
             own = os.path.relpath(run, parent).split(os.sep)[0]
-            if own in self.DIRS and os.path.isfile(os.path.join(parent, "config.json")):
+            if own in self.DIRS and os.path.isfile(os.path.join(parent, "config.json")) and any(
+                    os.path.isfile(os.path.join(parent, n)) for n in ("split.json",
+                                                                      "vocab.json")):
                 raise UserError(f"--run {self.path}: inside {own}/ of the run {parent}, which "
                                 f"that run manages (its --fresh deletes it); give the run a "
                                 f"folder of its own, e.g. models/NAME")

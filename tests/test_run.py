@@ -131,6 +131,11 @@ def test_a_run_inside_the_images_or_inside_another_runs_folders_is_refused(tmp_p
     os.makedirs(images)
     os.makedirs(other.checkpoints)
     (tmp_path / "other" / "config.json").write_text("{}")
+    project = tmp_path / "project"      # a project's config.json beside its logs/: no run
+    os.makedirs(project / "logs")
+    (project / "config.json").write_text("{}")
+    RunFolder(str(project / "logs" / "run")).check_writable("cache")
+    (tmp_path / "other" / "vocab.json").write_text("{}")
     for path, images_dirs in ((images / "run", [str(images)]),
                               (images / "a" / "run", [None, str(images)])):
         with pytest.raises(UserError, match=rf"^--run {path}: inside the images folder "

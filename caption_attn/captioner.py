@@ -22,7 +22,7 @@ from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone, prefer_wide_xla
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import MANIFEST, read_manifest
-from caption_attn.fileio import longest_temp_name, one_line
+from caption_attn.fileio import is_inside, longest_temp_name, one_line
 from caption_attn.images import ImageError, list_images, load_image, printable_name
 from caption_attn.run import RunFolder
 from caption_attn.vocab import PAD, START, Vocabulary
@@ -394,8 +394,7 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
 def check_heatmap_folder(out_dir: str, run_dir: str) -> None:
     """UserError when the `--plot-attention` folder is the run folder or inside it:
     `--plot-attention RUN/attention/epoch_1` wrote over the heatmaps `train` drew there."""
-    run, target = os.path.realpath(run_dir), os.path.realpath(out_dir)
-    if os.path.commonpath([run, target]) == run:
+    if is_inside(out_dir, run_dir):
         raise UserError(f"--plot-attention {out_dir}: inside the run folder {run_dir}, whose "
                         f"files and folders `train` and `evaluate` write (its own heatmaps in "
                         f"{RunFolder(run_dir).attention}); give the heatmaps a folder of their "

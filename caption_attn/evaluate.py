@@ -19,7 +19,7 @@ from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import (describe_problems, feature_path, read_manifest,
                                         repair_command, source_images, usable_features)
-from caption_attn.fileio import read_json, write_json_atomic
+from caption_attn.fileio import is_inside, read_json, write_json_atomic
 from caption_attn.run import RunFolder, check_folder_writable
 from caption_attn.shapes_metrics import (SHAPES_METRICS, scene_accuracy_by_objects,
                                          shapes_metrics)
@@ -166,9 +166,8 @@ def _check_not_in_cache(run: RunFolder, metrics_path: str, results_path: str,
                         cache: str) -> None:
     """Neither output may go into the feature cache (as `export` refuses an --out there):
     `--out CACHE/m.json` wrote the metrics among the features `extract-features` owns."""
-    folder = os.path.realpath(cache)
     for path in (metrics_path, results_path):
-        if os.path.commonpath([os.path.realpath(path), folder]) == folder:
+        if is_inside(path, cache):
             raise UserError(f"--out {metrics_path}: inside the feature cache {cache}; choose "
                             f"another --out, e.g. "
                             f"{run.file(os.path.join('eval', 'my_metrics.json'))}")

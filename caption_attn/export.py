@@ -51,7 +51,8 @@ from caption_attn.captioner import Captioner, make_decoder
 from caption_attn.config import DecodeConfig, ExportConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import is_stale_temp, read_manifest
-from caption_attn.fileio import read_json, temp_name, write_bytes_atomic, write_json_atomic
+from caption_attn.fileio import (is_inside, read_json, temp_name, write_bytes_atomic,
+                                 write_json_atomic)
 from caption_attn.images import ImageError, load_image
 from caption_attn.model import ShowAttendTell
 from caption_attn.run import RunFolder, check_folder_writable
@@ -182,10 +183,10 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> No
     for folder in keep:
         if target in _ancestors(folder) or real in _ancestors(folder):
             raise UserError(f"--out {out}: would replace {folder}, which the export reads")
-    if cache and _inside(real, cache):
+    if cache and is_inside(real, cache):
         raise UserError(f"--out {out}: inside the feature cache {cache}; give the export a "
                         f"folder of its own, e.g. serving/NAME/1")
-    if _inside(real, run.path):
+    if is_inside(real, run.path):
         own = os.path.relpath(real, os.path.realpath(run.path)).split(os.sep)[0]
         if own in RunFolder.FILES + RunFolder.DIRS:
             raise UserError(f"--out {out}: {own} is one of the run's own files or folders; "
@@ -251,12 +252,6 @@ def _refuse_folder_of_exports(out: str) -> None:
                         f"replacing it would delete (even with --force); give the export a "
                         f"folder of its own, e.g. "
                         f"{os.path.join(out, str(max(numbers, default=0) + 1))}")
-
-
-def _inside(real: str, folder: str) -> bool:
-    """`real` (a realpath) is `folder` or a path inside it."""
-    folder = os.path.realpath(folder)
-    return os.path.commonpath([real, folder]) == folder
 
 
 def _ancestors(path: str) -> set:

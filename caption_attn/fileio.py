@@ -124,6 +124,13 @@ def write_bytes_atomic(path: str, payload: Union[bytes, Iterable[bytes]],
             os.fsync(f.fileno())
 
 
+def is_inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies inside it, symlinks on the way followed on both
+    (`--run link/run` with link -> the cache is inside the cache)."""
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([os.path.realpath(path), folder]) == folder
+
+
 def file_identity(path: str):
     """(inode, mtime_ns, size) of `path`, None when it cannot be stat'ed: a file replaced or
     rewritten (train's atomic renames) gets another one."""

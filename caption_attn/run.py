@@ -34,8 +34,8 @@ from typing import Callable, Optional
 from caption_attn.config import MONITORS, RunConfig, config_diff
 from caption_attn.data import SPLITS
 from caption_attn.errors import UserError
-from caption_attn.fileio import (file_identity, keras_file_atomic, one_line, parse_json,
-                                 read_json, write_json_atomic)
+from caption_attn.fileio import (file_identity, is_inside, keras_file_atomic, one_line,
+                                 parse_json, read_json, write_json_atomic)
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,11 +131,11 @@ class RunFolder:
         check_folder_writable(self.path, "--run")
         # realpath: a symlink on the way (`--run link/run`, link -> the cache) must not hide it
         run, cache = os.path.realpath(self.path), os.path.realpath(cache)
-        if run == cache or run.startswith(cache + os.sep):
+        if is_inside(run, cache):
             raise UserError(f"--run {self.path}: inside the feature cache {cache}; give the "
                             f"run a folder of its own, e.g. models/NAME")
         for images in filter(None, images_dirs):
-            if os.path.commonpath([run, os.path.realpath(images)]) == os.path.realpath(images):
+            if is_inside(run, images):
                 raise UserError(f"--run {self.path}: inside the images folder {images}: its "
                                 f"attention heatmaps (PNG files) would be taken for images of "
                                 f"the dataset by extract-features and caption; give the run a "

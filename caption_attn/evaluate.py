@@ -263,6 +263,11 @@ def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
                          f"and `width` (e.g. {unsized[0]!r}): boxes are in pixels of the "
                          f"original image, which cannot be placed on the attention grid "
                          f"without its size; add them to score grounding on these images")
+        unboxed = [k for k in objects if k not in boxed]
+        if unboxed:
+            notes.append(f"grounding leaves out {len(unboxed)} images whose objects have no "
+                         f"`bbox` in the caption file (e.g. {unboxed[0]!r}): there is no box "
+                         f"for their words' attention to land in")
     return result
 
 

@@ -492,6 +492,10 @@ def test_shapes_metrics_say_which_images_they_are_over_and_need_the_image_size()
     assert [n for n in result["notes"] if n.startswith(
         "grounding leaves out 1 images whose objects have boxes but whose entries in the "
         "caption file have no valid `height` and `width` (e.g. 'b.png')")]
+    # left out of grounding with a note too, as the README says (they were left out silently)
+    assert [n for n in result["notes"] if n.startswith(
+        "grounding leaves out 1 images whose objects have no `bbox` in the caption file "
+        "(e.g. 'd.png')")]
 
 
 def test_a_cache_of_other_images_with_the_same_names_is_refused(trained_run, copy_cache,

@@ -85,16 +85,18 @@ def _near(position: int, cells: tuple[int, int, int, int], grid: int) -> bool:
 def _word_targets(words: list[str], objs: list[dict]) -> dict[int, list[dict]]:
     """Word index -> candidate objects, for each color or shape word matching an object.
 
-    A word of a parsed (color, shape) pair that names an object -> that object. Any other
-    color word -> every object of that color (grounded if near any). Any other shape word ->
-    none (not scored).
+    A word of a parsed (color, shape) pair that names objects -> those objects (two red
+    circles: either). Any other color word -> every object of that color (grounded if near
+    any). Any other shape word -> none (not scored).
     """
-    by_pair = {(o["color"], o["shape"]): o for o in objs}
+    by_pair: dict[tuple, list[dict]] = {}
+    for o in objs:
+        by_pair.setdefault((o["color"], o["shape"]), []).append(o)
     targets: dict[int, list[dict]] = {}
     for i, j in object_positions(words):
-        obj = by_pair.get((words[i], words[j]))
-        if obj is not None:
-            targets[i] = targets[j] = [obj]
+        same = by_pair.get((words[i], words[j]))
+        if same:
+            targets[i] = targets[j] = same
     for i, word in enumerate(words):
         if word in COLORS and i not in targets:
             same_color = [o for o in objs if o["color"] == word]

@@ -93,6 +93,17 @@ def test_grounding_three_objects_and_counts():
                    "grounding_images": 1, "grounded_words": 5, "matched_words": 6}
 
 
+def test_grounding_two_objects_of_one_color_and_shape():
+    # Each mention of "red circle" may land on either red circle: the second circle alone
+    # was kept, and a mention on the first one (perfect attention) counted as missed.
+    far = {**RED_CIRCLE, "bbox": [65, 65, 10, 10]}                  # cells (6..7, 6..7)
+    words = "a red circle and a red circle"
+    cells = [(0, 0), (2, 3), (2, 3), (0, 0), (0, 0), (7, 7), (7, 7)]
+    assert _ground(words, cells, [RED_CIRCLE, far]) == 1.0
+    assert _ground(words, cells, [far, RED_CIRCLE]) == 1.0
+    assert _ground("a red circle", [(0, 0), (5, 0), (5, 0)], [RED_CIRCLE, far]) == 0.0
+
+
 def test_grounding_per_image_height_width():
     # 80 rows x 160 columns: cells are 10 px tall and 20 px wide, so x = 30..40 is column 1.
     size = {"k": (80, 160)}

@@ -523,12 +523,19 @@ def captions_json(results: dict, errors: dict) -> dict:
             "errors": [{"image": p, "error": reason} for p, reason in errors.items()]}
 
 
-def attention_plot(image: np.ndarray, caption: Caption, name: str = ""):
-    """Heatmap Figure of one caption: a panel per word (`<end>` for an empty caption)."""
+def attention_plot(image: np.ndarray, caption: Caption, name: str = "",
+                   max_words: Optional[int] = None):
+    """Heatmap Figure of one caption: a panel per word (`<end>` for an empty caption), of
+    its first `max_words` words only if given; the title then says the caption goes on."""
     from caption_attn import plot
 
     words = caption.words or ["<end>"]
-    title = f"{name}: {caption.text} (p={format_probability(caption.probability)})"
+    p = format_probability(caption.probability)
+    title = f"{name}: {caption.text} (p={p})"
+    if max_words is not None and len(words) > max_words:
+        words = words[:max_words]
+        title = (f"{name}: {' '.join(words)} ... (the first {max_words} of "
+                 f"{len(caption.words)} words; p={p} of all)")
     return plot.attention_figure(image, words, caption.attention[:len(words)], title=title)
 
 

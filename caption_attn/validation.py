@@ -154,17 +154,8 @@ def _draw(decoded: list) -> list[dict]:
 
     return [{"image": s.image, "caption": s.caption.text,
              "png": plot.figure_to_png(captioner.attention_plot(
-                 image, _first_words(s.caption, SAMPLE_WORDS), s.image))}
+                 image, s.caption, s.image, max_words=SAMPLE_WORDS))}
             for s, image in decoded]
-
-
-def _first_words(caption: captioner.Caption, n: int) -> captioner.Caption:
-    """`caption` cut to its first `n` words (and their attention rows), as if it had not
-    ended; the full caption still goes to TensorBoard's text."""
-    if len(caption.words) <= n:
-        return caption
-    return dataclasses.replace(caption, words=caption.words[:n],
-                               attention=caption.attention[:n], ended=False)
 
 
 def table_or_files(reader: pipeline.NpyReader, paths: dict,

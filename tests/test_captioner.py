@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import re
 
@@ -501,6 +502,23 @@ def test_a_file_name_that_is_not_utf8_is_shown_and_plotted(shapes_data, trained_
                  os.fsdecode(image)]) == 0
     assert "Captions for image caf\\xe9.png:" in capsys.readouterr().out
     assert os.listdir(heat) == ["caf\\xe9.png"]
+
+
+def test_an_attention_plot_cut_to_its_first_words_says_so():
+    # Epoch heatmaps draw the first 15 words: the title showed those words as the caption,
+    # beside the probability of the whole 41-word one.
+    words = [f"w{i}" for i in range(20)]
+    caption = captioner.Caption(words, -2.0, np.full((21, 64), 1 / 64, np.float32))
+    image = np.zeros((299, 299, 3), np.uint8)
+    cut = captioner.attention_plot(image, caption, "x.png", max_words=15)
+    assert cut.get_suptitle() == (f"x.png: {' '.join(words[:15])} ... (the first 15 of 20 "
+                                  f"words; p={captioner.format_probability(math.exp(-2))} "
+                                  f"of all)")
+    assert len(cut.images) == 15
+    whole = captioner.attention_plot(image, caption, "x.png", max_words=20)
+    assert whole.get_suptitle() == (f"x.png: {' '.join(words)} "
+                                    f"(p={captioner.format_probability(math.exp(-2))})")
+    assert len(whole.images) == 20
 
 
 def test_caption_batches_hold_batch_size_readable_images_in_order(shapes_data, trained_run,

@@ -51,7 +51,9 @@ class EarlyStopping(keras.callbacks.Callback):
     model there); `restore_best()` is called at the end to put the best weights back. Both
     default to an in-memory copy of the weights. `initial_history` (entries of
     history.json) replays earlier epochs after a resume, so patience carries over; entries
-    without the monitored metric (a run resumed with another --monitor) are left out.
+    trained with another monitor (their `monitor`, or without the metric in older runs:
+    a run resumed with another --monitor) are left out, and the epoch after them starts
+    over from the one before it, as at a stage change.
 
     `monitor` may also be a function of the 0-based epoch (training stages: val_loss during
     cross-entropy, val_cider during self-critical epochs). When it changes, patience starts
@@ -93,8 +95,19 @@ class EarlyStopping(keras.callbacks.Callback):
         self.stopped_epoch = None
         self._best_weights = None
         self._previous_logs: dict = {}
+        switched = False
         for entry in self.initial_history:  # history.json counts epochs from 1
-            self._update(entry["epoch"] - 1, entry, replay=True)
+            epoch = entry["epoch"] - 1
+            if entry.get("monitor", self._monitor_for(epoch)) != self._monitor_for(epoch):
+                # trained with another --monitor: its comparisons were of another metric
+                self._previous_logs, switched = dict(entry), True
+                continue
+            if switched:
+                self._start_from_previous(epoch)
+                switched = False
+            self._update(epoch, entry, replay=True)
+        if switched:  # resumed with another --monitor: the resumed epoch is the one to beat
+            self._start_from_previous(self.initial_history[-1]["epoch"])
         # the resumed run had already stopped, unless its next epoch starts a stage with
         # another monitor (a stopped cross-entropy run resumed with --scst-after): patience
         # starts over there
@@ -119,6 +132,18 @@ class EarlyStopping(keras.callbacks.Callback):
         start = self._previous_logs.get(monitor)
         self._reset(None if start is None else float(start))
         if start is not None:  # the epoch before the change holds the best value so far
+            self.best_epoch = epoch - 1
+
+    def _start_from_previous(self, epoch: int) -> None:
+        """After epochs trained with another --monitor, patience starts over at `epoch`
+        and the value to beat is the epoch before's (when it logged the metric), as at a
+        stage change: the best of all earlier epochs (val_loss, logged by every epoch of a
+        val_bleu4 run) would stop the resumed run before it trained, or ask it to beat a
+        model best.keras does not hold."""
+        self._follow_stage(epoch)
+        start = self._previous_logs.get(self.monitor)
+        self._reset(None if start is None else float(start))
+        if start is not None:
             self.best_epoch = epoch - 1
 
     def _improved(self, value: float) -> bool:

@@ -157,6 +157,29 @@ def test_stage_change_is_replayed_the_same_after_a_resume():
 
 
 
+def test_a_run_resumed_with_another_monitor_starts_over_from_the_resumed_epoch():
+    # A val_bleu4 run logs val_loss too: resumed with --monitor val_loss, the replay compared
+    # every epoch's val_loss, stopped the run at once ("stopped early") and, given more
+    # patience, asked it to beat epoch 2, whose model best.keras does not hold.
+    history = [{"epoch": e, "monitor": "val_bleu4", "val_loss": v, "val_bleu4": b}
+               for e, v, b in ((1, 1.0, 0.1), (2, 0.5, 0.2), (3, 0.6, 0.3), (4, 0.7, 0.4),
+                               (5, 0.8, 0.5))]
+    es = EarlyStopping("val_loss", patience=3, initial_history=history)
+    assert not es.replay()
+    assert (es.best, es.best_epoch, es.wait) == (0.8, 4, 0)
+    # the same monitor: patience carries over as before
+    same = EarlyStopping("val_bleu4", patience=3, initial_history=history)
+    assert not same.replay() and (same.best, same.best_epoch) == (0.5, 4)
+    # switched back: epochs 6-7 were val_loss's, started from epoch 5's value
+    back = history + [{"epoch": 6, "monitor": "val_loss", "val_loss": 0.9, "val_bleu4": 0.4},
+                      {"epoch": 7, "monitor": "val_loss", "val_loss": 0.85, "val_bleu4": 0.3}]
+    es = EarlyStopping("val_loss", patience=2, initial_history=back)
+    assert es.replay() and (es.best, es.best_epoch, es.wait) == (0.8, 4, 2)
+    # and resumed with val_bleu4 after them: from epoch 7's val_bleu4
+    es = EarlyStopping("val_bleu4", patience=2, initial_history=back)
+    assert not es.replay() and (es.best, es.best_epoch, es.wait) == (0.3, 6, 0)
+
+
 def test_a_stopped_run_resumed_into_another_stage_trains_it():
     """A cross-entropy run stopped early, rerun with --scst-after to fine-tune it, printed
     "nothing to train ... (stopped early before)" with exit 0: the replayed val_loss patience

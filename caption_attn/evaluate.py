@@ -201,17 +201,13 @@ def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
     bar = progress_lib.bar(len(found.keys), progress, unit_name="image", periodic=True)
     batches = pipeline.image_dataset([feature_path(found.cache, k) for k in found.keys],
                                      captioner.cfg.batch_size, found.reader)
-    import tensorflow as tf
-
     try:
-        decoded = captioner.decode_batches((b.numpy() for b in batches), bar, found.places)
-    except tf.errors.InvalidArgumentError as e:
-        damaged = pipeline.damaged_from_error(e)
-        if damaged is None:
-            raise
-        raise UserError(f"{pipeline.DAMAGED}{damaged[0]} ({damaged[1]}): repair the cache "
-                        f"with `{repair_command(found.cache, found.manifest)}`, "
-                        f"then evaluate again") from None
+        decoded = captioner.decode_batches((b.numpy() for b in pipeline.checked(batches)),
+                                           bar, found.places)
+    except pipeline.DamagedFeatures as e:   # damaged, or gone since the check: not readable
+        raise UserError(f"{pipeline.DAMAGED}{e.path} ({e.reason}): repair the cache with "
+                        f"`{repair_command(found.cache, found.manifest)}`, then evaluate "
+                        f"again") from None
     return {k: c[0] for k, c in zip(found.keys, decoded)}
 
 

@@ -55,12 +55,59 @@ _DAMAGED_RE = re.compile(re.escape(DAMAGED) + r"(.+?) \((" +
                          "|".join(re.escape(p) for p in PROBLEMS[1:]) + r")\)")
 
 
+# A feature file that cannot be read at all (deleted, made unreadable or a folder since the
+# run started) fails tf.io.read_file: "...: Iterator::Root::...: PATH; No such file or
+# directory\n\t [[...ReadFile]]" from a dataset, "...}} PATH; reason [Op:ReadFile]" eagerly.
+_READ_FAILED_RES = (re.compile(r"Iterator(?:::\w+)+: ([^\n]+?\.npy); ([^\n\[]+?)\s*(?:\n|\[)"),
+                    re.compile(r"\}\} ([^\n]+?\.npy); ([^\n\[]+?)\s*(?:\n|\[)"))
+# what iterating a dataset of feature files raises for a damaged or unreadable one
+READ_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
+               tf.errors.PermissionDeniedError, tf.errors.FailedPreconditionError)
+
+
 def damaged_from_error(exc: BaseException) -> Optional[tuple[str, str]]:
-    """(feature file, what is wrong with it: one of PROBLEMS) named by an `NpyReader` check
-    failure (e.g. the `tf.errors.InvalidArgumentError` raised while iterating a dataset),
-    else None."""
-    m = _DAMAGED_RE.search(getattr(exc, "message", None) or str(exc))
-    return (m.group(1), m.group(2)) if m else None
+    """(feature file, what is wrong with it) named by an `NpyReader` check failure (e.g. the
+    `tf.errors.InvalidArgumentError` raised while iterating a dataset: one of PROBLEMS) or
+    by its failure to read the file (one of `READ_ERRORS`: "missing", or "unreadable:
+    REASON"), else None."""
+    message = getattr(exc, "message", None) or str(exc)
+    m = _DAMAGED_RE.search(message)
+    if m:
+        return m.group(1), m.group(2)
+    if "ReadFile" in message:
+        for pattern in _READ_FAILED_RES:
+            m = pattern.search(message)
+            if m:
+                reason = m.group(2).strip()
+                return m.group(1), ("missing" if reason == "No such file or directory"
+                                    else f"unreadable: {reason[:1].lower()}{reason[1:]}")
+    return None
+
+
+class DamagedFeatures(Exception):
+    """A feature file that failed the in-graph checks, or could not be read, while a batch
+    was read (`checked`)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{DAMAGED}{path} ({reason})")
+        self.path, self.reason = path, reason
+
+
+def checked(batches):
+    """Iterate a dataset of feature batches, turning the error of a damaged or unreadable
+    feature file (`damaged_from_error`) into `DamagedFeatures`; other errors pass."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except READ_ERRORS as e:
+            found = damaged_from_error(e)
+            if found is None:
+                raise
+            raise DamagedFeatures(*found) from None
+        yield batch
 
 
 class NpyReader:
@@ -148,11 +195,16 @@ class FeatureTable:
         with tf.device("/cpu:0"):
             ds = tf.data.Dataset.from_tensor_slices(list(paths)).batch(batch_size)
             parts = []
-            for start, (features, codes) in zip(range(0, len(paths), batch_size), ds.map(
-                    reader.inspect_batch, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)):
-                parts.append(features)                                # (B, P, F)
-                problems += [(paths[start + i], PROBLEMS[c])
-                             for i, c in enumerate(codes.numpy()) if c]
+            batches = ds.map(reader.inspect_batch, num_parallel_calls=AUTOTUNE).prefetch(
+                AUTOTUNE)
+            try:
+                for start, (features, codes) in zip(range(0, len(paths), batch_size),
+                                                    checked(batches)):
+                    parts.append(features)                            # (B, P, F)
+                    problems += [(paths[start + i], PROBLEMS[c])
+                                 for i, c in enumerate(codes.numpy()) if c]
+            except DamagedFeatures as e:                              # not readable at all
+                problems.append((e.path, e.reason))
             if problems:
                 raise UserError(damaged_files_message(problems, fix=fix))
             self.table = tf.Variable(tf.concat(parts, axis=0), trainable=False,
@@ -181,7 +233,7 @@ def feature_statistics(reader: NpyReader, paths: Sequence[str], max_images: int 
         chosen = np.random.default_rng(seed).choice(len(paths), max_images, replace=False)
         paths = [paths[i] for i in sorted(chosen)]
     count, total, total_sq = 0, 0.0, 0.0
-    for batch in image_dataset(paths, batch_size, reader):
+    for batch in checked(image_dataset(paths, batch_size, reader)):
         x = batch.numpy().astype(np.float64).reshape(-1, reader.shape[-1])   # (B*P, F)
         count += x.shape[0]
         total = total + x.sum(axis=0)
@@ -326,5 +378,6 @@ def shuffled_image_dataset(paths: Sequence[str], batch_size: int, reader: NpyRea
 
 def image_dataset(paths: Sequence[str], batch_size: int, reader: NpyReader) -> tf.data.Dataset:
     """features (B, P, F) of images in the given order (for decoding and evaluation)."""
-    ds = tf.data.Dataset.from_tensor_slices(list(paths)).batch(batch_size)
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), tf.string)).batch(
+        batch_size)                                    # typed: no paths is no float32 tensor
     return _static(ds.map(reader.batch, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE))

@@ -412,44 +412,16 @@ def load_train_data(cfg: RunConfig, run_dir: str, reuse: bool = True) -> TrainDa
     return _load_train_data(cfg, RunFolder(run_dir), reuse=reuse)
 
 
-class DamagedFeatures(Exception):
-    """A feature file that failed the in-graph checks while a batch was read."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(path)
-        self.path, self.reason = path, reason
-
-    @classmethod
-    def from_error(cls, error: BaseException) -> Optional["DamagedFeatures"]:
-        """The damaged file named by an in-graph check's error (None: another error)."""
-        found = pipeline.damaged_from_error(error)
-        return cls(*found) if found else None
-
-    def stop(self, repair: str, step: Optional[int] = None) -> TrainingError:
-        """The error that ends training: the file, what is wrong with it and `repair` (the
-        full `extract-features --verify` command of the cache); `step`: where a checkpoint
-        was saved (None: none)."""
-        resume = "" if step is None else f": it continues from step {step} (a checkpoint " \
-            f"was saved)"
-        return TrainingError(
-            f"{pipeline.DAMAGED}{self.path} ({self.reason}): repair the cache with "
-            f"`{repair}`, then rerun this command{resume}")
-
-
-def _checked(dataset):
-    """Iterate `dataset`, turning the in-graph feature checks' error into `DamagedFeatures`."""
-    iterator = iter(dataset)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except tf.errors.InvalidArgumentError as e:
-            damaged = DamagedFeatures.from_error(e)
-            if damaged is None:
-                raise
-            raise damaged from None
-        yield batch
+def damaged_stop(damaged: pipeline.DamagedFeatures, repair: str,
+                 step: Optional[int] = None) -> TrainingError:
+    """The error that ends training at a damaged or unreadable feature file: the file, what
+    is wrong with it and `repair` (the full `extract-features --verify` command of the
+    cache); `step`: where a checkpoint was saved (None: none)."""
+    resume = "" if step is None else f": it continues from step {step} (a checkpoint " \
+        f"was saved)"
+    return TrainingError(
+        f"{pipeline.DAMAGED}{damaged.path} ({damaged.reason}): repair the cache with "
+        f"`{repair}`, then rerun this command{resume}")
 
 
 def check_finite(out: dict, epoch: int, step: int, kept: Optional[str],
@@ -552,11 +524,8 @@ class Trainer:
             try:
                 self.model.feature_norm.set_statistics(*pipeline.feature_statistics(
                     self.data.reader, train_paths, seed=self.cfg.data.seed))
-            except tf.errors.InvalidArgumentError as e:
-                damaged = DamagedFeatures.from_error(e)
-                if damaged is None:
-                    raise
-                raise damaged.stop(self.inputs.repair_command()) from None
+            except pipeline.DamagedFeatures as e:
+                raise damaged_stop(e, self.inputs.repair_command()) from None
 
     def restore(self) -> bool:
         """Whether training resumes from a checkpoint (restored when the trainer was built);
@@ -612,7 +581,7 @@ class Trainer:
         earlier = totals.sums["captions"]  # trained before a restart of this epoch: not in speed
         start = time.perf_counter()
         try:
-            for batch in _checked(batches):
+            for batch in pipeline.checked(batches):
                 out = {k: float(v) for k, v in run(batch, step).items()}
                 check_finite(out, epoch, step, self.manager.latest_checkpoint,
                              loss_scaling=hasattr(self.optimizer, "dynamic_scale"))
@@ -632,9 +601,9 @@ class Trainer:
                     self._save_checkpoint(step, in_epoch, totals)
                 if self.cfg.train.max_steps and step >= self.cfg.train.max_steps:
                     break
-        except DamagedFeatures as e:
+        except pipeline.DamagedFeatures as e:
             self._save_checkpoint(step, in_epoch, totals)
-            raise e.stop(self.inputs.repair_command(), step) from None
+            raise damaged_stop(e, self.inputs.repair_command(), step) from None
         self._set_counters(step, in_epoch, totals)
         seconds = max(time.perf_counter() - start, 1e-9)
         return {**totals.logs(self_critical), "steps": in_epoch, "target_steps": target,
@@ -679,12 +648,13 @@ class Trainer:
                 split, batch_size=EVAL_BATCH_FACTOR * self.cfg.train.batch_size)
         sums = dict.fromkeys(("ce_sum", "tokens", "reg_sum", "caption_count"), 0.0)
         try:
-            for batch in _checked(self._eval_sets[split]):
+            for batch in pipeline.checked(self._eval_sets[split]):
                 for k, v in self.eval_step(batch).items():
                     sums[k] += float(v)
-        except DamagedFeatures as e:  # the epoch's steps are done: keep them
+        except pipeline.DamagedFeatures as e:  # the epoch's steps are done: keep them
             self._save()
-            raise e.stop(self.inputs.repair_command(), int(self.step.numpy())) from None
+            raise damaged_stop(e, self.inputs.repair_command(),
+                               int(self.step.numpy())) from None
         ce = sums["ce_sum"] / max(sums["tokens"], 1.0)
         return {"loss": ce + sums["reg_sum"] / max(sums["caption_count"], 1.0), "ce": ce}
 
@@ -751,7 +721,8 @@ class Trainer:
         measured = {}
         if todo:
             self._compile(self.inputs.captions("train", epoch=0).element_spec)
-            measured = self._metrics_before_resume(history, done)
+            with self._stopped_at_damaged_features():
+                measured = self._metrics_before_resume(history, done)
         early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
                               initial_history=history, save_best=self._save_best,
                               restore_best=self._restore_best)
@@ -768,14 +739,16 @@ class Trainer:
         callbacks.on_train_begin()
         self._repair_best(early, done, history, measured)
         if todo and self.chief and tc.sample_images:  # trace the greedy decoder now, not in epoch 1
-            self.validator.greedy(self.validator.sample_keys[:1])
+            with self._stopped_at_damaged_features():
+                self.validator.greedy(self.validator.sample_keys[:1])
         gc.collect()
         gc.freeze()  # what lives now lives through training: full collections skip it
         writers = cbs[1:]
         if measured and writers:  # history.json has them: TensorBoard too
             writers[0].log_validation(done - 1, measured)
         if resumed:
-            self._redraw_lost_samples(done, samples, writers)
+            with self._stopped_at_damaged_features():
+                self._redraw_lost_samples(done, samples, writers)
         reason, start, epoch = "epochs", time.perf_counter(), done
         try:
             while epoch < tc.epochs and not self.model.stop_training:
@@ -801,6 +774,19 @@ class Trainer:
         callbacks.on_train_end()
         return _summary(self, history, early, reason, time.perf_counter() - start,
                         done, steps_before)
+
+    @contextlib.contextmanager
+    def _stopped_at_damaged_features(self, checkpoint: str = "none"):
+        """A damaged or unreadable feature file met by validation or the sample heatmaps ends
+        training with `damaged_stop`'s message, not TensorFlow's traceback. `checkpoint`:
+        "save" the steps trained (a rerun continues after them), or they are "saved"."""
+        try:
+            yield
+        except pipeline.DamagedFeatures as e:
+            if checkpoint == "save":
+                self._save()
+            step = None if checkpoint == "none" else int(self.step.numpy())
+            raise damaged_stop(e, self.inputs.repair_command(), step) from None
 
     def _epoch_length(self, epoch: int) -> int:
         """The steps of 0-based `epoch` (its stage's)."""
@@ -866,7 +852,8 @@ class Trainer:
                          f" at step {logs['steps']} of {target} (checkpoint saved; the epoch "
                          f"is validated and recorded once a rerun finishes it)")
             return False
-        logs.update(self._validate(epoch))
+        with self._stopped_at_damaged_features(checkpoint="save"):  # the steps are done
+            logs.update(self._validate(epoch))
         logs.update(stage=stage, monitor=self.cfg.train.monitor_for(epoch),
                     seconds=time.perf_counter() - t0)
         self.epoch.assign(epoch + 1)
@@ -876,7 +863,8 @@ class Trainer:
         if self.chief:  # history first: a kill before the checkpoint redoes the epoch
             write_json_atomic(self.run.history, history)
         self._save()
-        callbacks.on_epoch_end(epoch, entry)
+        with self._stopped_at_damaged_features(checkpoint="saved"):  # the sample heatmaps
+            callbacks.on_epoch_end(epoch, entry)
         if self.progress:
             self.log(_epoch_line(entry))
         return True

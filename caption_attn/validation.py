@@ -62,7 +62,10 @@ class Validator:
     def greedy(self, keys: Sequence[str]) -> dict:
         """key -> its greedy `Caption`."""
         out = {}
-        batches = self._features(list(keys))
+        if not keys:
+            return out
+        # a damaged or unreadable feature file: `pipeline.DamagedFeatures`, as in training
+        batches = pipeline.checked(self._features(list(keys)))
         for start, feats in zip(range(0, len(keys), DECODE_BATCH), batches):
             result = self._decoder(tf.cast(feats, tf.float32))
             for key, captions in zip(keys[start:start + DECODE_BATCH],

@@ -247,19 +247,22 @@ def test_features_of_another_backbone_are_refused_naming_both(shapes_data, run_c
         assert json.load(f)["cache_identity"]["fingerprint"]
 
 
-@pytest.mark.parametrize("memory_gb", [0.0, 4.0], ids=["streamed", "in-memory"])
+@pytest.mark.parametrize("memory_gb,split", [(0.0, "train"), (4.0, "train"), (0.0, "val")],
+                         ids=["streamed", "in-memory", "streamed-val"])
 def test_a_feature_file_gone_bad_stops_train_naming_it_before_any_step(shapes_data,
                                                                        copy_cache, tmp_path,
-                                                                       memory_gb):
+                                                                       memory_gb, split):
     """Bit rot: a train image's features hold a NaN under the same size and mtime (the
     provenance index still vouches for it). Found before the first step, streamed or in
-    memory, named with the fix, never blamed on the learning rate."""
+    memory, named with the fix, never blamed on the learning rate. (A validation image's,
+    streamed, met by the sample heatmaps' decoder traced before the first step, was
+    TensorFlow's traceback.)"""
     import numpy as np
 
     from caption_attn.errors import UserError
     from caption_attn.feature_cache import feature_path
     with open(shapes_data["captions"]) as f:
-        key = next(im["filename"] for im in json.load(f)["images"] if im["split"] == "train")
+        key = sorted(im["filename"] for im in json.load(f)["images"] if im["split"] == split)[0]
     path = feature_path(copy_cache, key)
     before = os.stat(path)
     values = np.load(path)
@@ -287,6 +290,40 @@ def test_a_feature_file_gone_bad_stops_train_naming_it_before_any_step(shapes_da
         command = message.split("`")[1]
         assert cli.main(shlex.split(command)[1:]) == 0
         assert np.isfinite(np.load(path)).all()
+
+
+def test_a_feature_file_deleted_while_training_stops_it_naming_it(shapes_data, copy_cache,
+                                                                  tmp_path, monkeypatch):
+    """Streamed features, and a train image's file deleted after epoch 1: TensorFlow's
+    NotFoundError traceback, and no checkpoint of the steps done. Now named, with the
+    repair, after a checkpoint. No sample images (`--sample-images 0`) with streamed
+    features crashed every epoch's end (a dataset of no paths was a float32 tensor)."""
+    from caption_attn.feature_cache import feature_path
+    with open(shapes_data["captions"]) as f:
+        key = sorted(im["filename"] for im in json.load(f)["images"]
+                     if im["split"] == "train")[0]
+    path = feature_path(copy_cache, key)
+    validate = train.Trainer._validate
+
+    def validate_then_delete(self, epoch):
+        logs = validate(self, epoch)
+        if os.path.exists(path):
+            os.remove(path)
+        return logs
+    monkeypatch.setattr(train.Trainer, "_validate", validate_then_delete)
+    run = str(tmp_path / "run")
+    with pytest.raises(train.TrainingError) as e:
+        train.train(_config(shapes_data, copy_cache, memory_cache_gb=0.0, sample_images=0),
+                    run, progress=False, log=lambda message: None)
+    message = str(e.value)
+    assert message.startswith(f"damaged feature file: {path} (missing): repair the cache with "
+                              f"`caption-attn extract-features --verify ")
+    with open(os.path.join(run, "history.json")) as f:
+        history = json.load(f)
+    assert [h["epoch"] for h in history] == [1]                   # epoch 1 ended normally
+    step = int(message.rsplit("continues from step ", 1)[1].split(" ")[0])
+    assert step > history[0]["steps"]                              # epoch 2's steps kept
+    assert glob.glob(os.path.join(run, "checkpoints", f"ckpt-{step}.index"))
 
 
 def _saved_config(run: str, **train_changes) -> RunConfig:

@@ -1,5 +1,7 @@
 import collections
 import itertools
+import os
+import re
 
 import numpy as np
 import pytest
@@ -270,6 +272,30 @@ def test_damaged_file_fails_the_dataset_naming_it(tmp_path):
         list(pipeline.image_dataset(paths[4:], 2, reader))
     assert pipeline.damaged_from_error(e.value)[0] == paths[4]
     assert pipeline.damaged_from_error(ValueError("something else")) is None
+
+
+def test_a_feature_file_that_cannot_be_read_is_named(tmp_path):
+    # deleted or replaced by a folder after the checks: TensorFlow's NotFoundError (or
+    # FailedPreconditionError) traceback; now `checked` names it as a damaged file does
+    paths, reader = _write(tmp_path, 4)
+    os.remove(paths[2])
+    os.rename(paths[3], paths[3] + ".gone")
+    os.mkdir(paths[3])
+    for i, reason in ((2, "missing"), (3, "unreadable: is a directory")):
+        with pytest.raises(pipeline.DamagedFeatures) as e:
+            list(pipeline.checked(pipeline.image_dataset(paths[:2] + [paths[i]], 2, reader)))
+        assert (e.value.path, e.value.reason) == (paths[i], reason)
+        assert str(e.value) == f"damaged feature file: {paths[i]} ({reason})"
+        with pytest.raises(tf.errors.OpError) as e:
+            reader(tf.constant(paths[i]))                              # eagerly: the same
+        assert pipeline.damaged_from_error(e.value) == (paths[i], reason)
+    with pytest.raises(UserError, match=re.escape(
+            f"1 damaged feature file(s): damaged feature file: {paths[2]} (missing)")):
+        pipeline.FeatureTable(reader, paths[:3])
+    assert list(pipeline.image_dataset([], 2, reader)) == []           # no paths: no batch
+    with pytest.raises(tf.errors.InvalidArgumentError):                # other errors pass
+        list(pipeline.checked(tf.data.Dataset.from_tensors(1.0).map(
+            lambda x: tf.debugging.check_numerics(x * np.nan, "not a feature file"))))
 
 
 def test_memory_table_refuses_damaged_files_naming_them(tmp_path):

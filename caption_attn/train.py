@@ -911,11 +911,14 @@ def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
                 f"{len(d.vocab)}, {i.steps_per_epoch} steps/epoch{stages}, "
                 f"{trainer.strategy.num_replicas_in_sync} replica(s), features "
                 f"{'in memory' if i.table is not None else 'streamed from disk'}")
-    if d.truncated:
-        trainer.log(f"note: {d.truncated} of {len(i.items['train'][0])} train captions are "
-                    f"longer than --max-length {trainer.cfg.vocab.max_length} words: trained "
-                    f"on their first {trainer.cfg.vocab.max_length} words, then <end> (see "
-                    f"`caption-attn inspect` for the caption lengths)")
+    if d.truncated or d.truncated_val:
+        n = trainer.cfg.vocab.max_length
+        val = (f" and {d.truncated_val} of {len(i.items['val'][0])} val captions (val_loss "
+               f"is measured on them cut the same way; val_bleu4 and val_cider take whole "
+               f"references)" if d.truncated_val else "")
+        trainer.log(f"note: {d.truncated} of {len(i.items['train'][0])} train captions{val} "
+                    f"are longer than --max-length {n} words: trained on their first {n} "
+                    f"words, then <end> (see `caption-attn inspect` for the caption lengths)")
     if d.skipped_captions:
         trainer.log(f"skipped {d.skipped_captions} captions of {d.skipped_images} images "
                     f"without usable features: {d.problems}")

@@ -47,6 +47,7 @@ class TrainData:
     recorded_digests: Optional[dict] = None  # the run's image digests so far (on resume)
     refused_note: Optional[str] = None    # the caption file's refused image paths
     empty_note: Optional[str] = None      # its empty captions, images left without one
+    truncated_val: int = 0        # val captions cut the same way (val_loss is measured on them)
 
     def items(self, split: str) -> tuple[list[str], list[list[int]]]:
         """(feature path, token ids) of every caption of `split`, one pair per caption."""
@@ -132,13 +133,14 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
                                   for w in words[k]] for k in keys}
         references[split] = {k: records[k].captions for k in keys}
     _check_not_empty(cfg, splits, caption_ids, problems)
-    truncated = sum(len(w) > cfg.vocab.max_length for k in caption_ids["train"]
-                    for w in words[k])
+    truncated, truncated_val = (sum(len(w) > cfg.vocab.max_length for k in caption_ids[split]
+                                    for w in words[k]) for split in ("train", "val"))
     return TrainData(vocab, splits, caption_ids, references, paths, reader, manifest,
                      captions.format, skipped_captions, len(problems),
                      feature_cache.describe_problems(problems, cfg.cache) if problems else "",
                      fingerprint, dict(sorted(digests.items())), problems, truncated,
-                     recorded_digests, captions.refused_note(), captions.empty_note())
+                     recorded_digests, captions.refused_note(), captions.empty_note(),
+                     truncated_val)
 
 
 

@@ -72,6 +72,9 @@ def number(low: float = -math.inf, high: float = math.inf, low_open: bool = Fals
 
 
 POSITIVE = number(0.0, low_open=True)
+# Keras' and numpy's seeds: 2**32 and more was a ValueError traceback from
+# keras.utils.set_random_seed (train), a TypeError from the sampling ops (caption --sample)
+SEED = integer(0, 2**32 - 1)
 NON_NEGATIVE = number(0.0)
 FRACTION = number(0.0, 1.0, high_open=True)   # [0, 1)
 
@@ -208,7 +211,7 @@ class DataConfig(Config):
     test_fraction: float = opt(0.05, "fraction of images held out for testing when the file "
                                "has no split of its own", check=FRACTION)
     seed: int = opt(0, "seed of the split by image and, in `train`, of weight init, "
-                    "shuffling and dropout", check=integer(0))
+                    "shuffling and dropout", check=SEED)
 
     def check_together(self) -> None:
         check_fractions(self.val_fraction, self.test_fraction)
@@ -234,7 +237,7 @@ class ShapesConfig(Config):
     num_images: int = opt(1000, "number of images to render (at most "
                           f"{MAX_SHAPES_IMAGES:,}: about 10 KB of memory and 4 ms of a core "
                           "each, and COCO has 123,287)", check=integer(1, MAX_SHAPES_IMAGES))
-    seed: int = opt(0, "same seed gives byte-identical images and captions", check=integer(0))
+    seed: int = opt(0, "same seed gives byte-identical images and captions", check=SEED)
     image_size: int = opt(299, "side of the square images in pixels (InceptionV3's input "
                           "size, so extraction does not resample them; 64 to 4096: "
                           "extraction shrinks every image to 299 anyway, and a 4096 image "
@@ -256,7 +259,7 @@ class ExtractConfig(Config):
     weights: str = opt("imagenet", "backbone weights: `imagenet` (Keras download), `random` "
                        "(seeded, offline; saved into the cache) or a path to a weights file",
                        check=NON_EMPTY)
-    seed: int = opt(0, "seed of `--weights random`", check=integer(0))
+    seed: int = opt(0, "seed of `--weights random`", check=SEED)
     dtype: str = opt("float32", "dtype of the cached .npy files; float16 halves the cache",
                      choices=FEATURE_DTYPES)
     precision: str = opt("float32", "compute precision of the backbone; bfloat16 is mixed "
@@ -393,6 +396,12 @@ class TrainConfig(Config):
         return self.epochs if self.scst_after is None else self.scst_after
 
 
+# Beyond these, float32 overflows: ((5 + 201) / 6)^alpha passes 3.4e38 at alpha 25 (scores
+# then NaN, beams dead, images without a caption), a temperature under ~1e-38 rounds to 0.
+MAX_LENGTH_PENALTY = 10.0
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
+
+
 @dataclass
 class DecodeConfig(Config):
     """Decoding (`caption`, `evaluate`)."""
@@ -400,15 +409,19 @@ class DecodeConfig(Config):
     beam: int = opt(3, f"beam width; 1 is greedy decoding (at most {MAX_BEAM})",
                     check=beam_width)
     length_penalty: float = opt(0.0, "GNMT length penalty alpha for beam search: scores are "
-                                "log p / ((5 + length) / 6)^alpha (0: plain log p)",
-                                check=NON_NEGATIVE)
+                                "log p / ((5 + length) / 6)^alpha (0: plain log p; at most "
+                                f"{MAX_LENGTH_PENALTY:g}, GNMT used 0.6-1)",
+                                check=number(0.0, MAX_LENGTH_PENALTY))
     sample: bool = opt(False, "sample captions instead of searching (see --temperature, "
                        "--top-k); prints one sample per image")
-    temperature: float = opt(1.0, "sampling temperature (with --sample)", check=POSITIVE)
+    temperature: float = opt(1.0, "sampling temperature (with --sample; towards 0 it "
+                             f"approaches greedy decoding; in [{MIN_TEMPERATURE:g}, "
+                             f"{MAX_TEMPERATURE:g}])",
+                             check=number(MIN_TEMPERATURE, MAX_TEMPERATURE))
     top_k: int = opt(0, "sample only among the K most likely words (0: all; with --sample)",
-                     check=integer(0))
+                     check=integer(0, 2**31 - 1))
     seed: int = opt(0, "sampling seed (with --sample); the same samples with and without "
-                    "--xla and at any --batch-size", check=integer(0))
+                    "--xla and at any --batch-size", check=SEED)
     max_length: Optional[int] = opt(None, "longest caption in words, <end> included; at "
                                     f"most {MAX_CAPTION_WORDS + 1} (default: the run's "
                                     "--max-length + 1)",
@@ -508,7 +521,7 @@ class DemoConfig(Config):
                     check=beam_width)
     show: int = opt(4, "test images captioned with heatmaps at the end", check=integer(0))
     seed: int = opt(0, "seed of the dataset, the random backbone and training",
-                    check=integer(0))
+                    check=SEED)
     fresh: bool = opt(False, "delete what an earlier demo made in --workdir (dataset, "
                       "feature cache, run, heatmaps) and start over")
 

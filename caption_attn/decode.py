@@ -293,7 +293,10 @@ def _greedy_advance(end_id):
 def _sample_advance(temperature, top_k, seed, end_id, streams=None):
     def advance(beams, logits, state, attention):
         logits = tf.cast(logits, tf.float32)                              # (N, V)
-        sampling_logits = _keep_top_k(logits / temperature, top_k)        # (N, V)
+        # the row's largest logit first: divided by a small temperature, logits overflowed
+        # to +-inf, and the lowest id among the +inf ones (<end>), or <pad>, was drawn
+        top = tf.reduce_max(logits, axis=1, keepdims=True)                # (N, 1)
+        sampling_logits = _keep_top_k((logits - top) / temperature, top_k)  # (N, V)
         step_seed = tf.random.experimental.stateless_fold_in(seed, beams.step)  # (2,)
         if streams is None:   # row n draws the n-th numbers of the step's stream
             token = tf.random.stateless_categorical(

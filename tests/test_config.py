@@ -38,6 +38,14 @@ BAD_VALUES = [
     (C.DemoConfig, "num_images", 5), (C.DemoConfig, "num_images", 10**9),
     (C.DemoConfig, "beam", 0), (C.DemoConfig, "beam", 21),
     (C.ShapesConfig, "image_size", 32),
+    # float32 overflows past these: NaN beam scores and captionless images, the sampled
+    # word no longer the likeliest at a cold temperature; a TypeError/ValueError traceback
+    # from the int32/int64 ops and Keras' seed
+    (C.DecodeConfig, "length_penalty", 60.0), (C.DecodeConfig, "temperature", 1e-40),
+    (C.DecodeConfig, "temperature", 1e300), (C.DecodeConfig, "top_k", 2**31),
+    (C.DecodeConfig, "seed", 10**20), (C.DataConfig, "seed", 2**32),
+    (C.ShapesConfig, "seed", 2**32), (C.ExtractConfig, "seed", 2**32),
+    (C.DemoConfig, "seed", 2**32),
 ]
 
 

@@ -405,10 +405,18 @@ def test_sampling_draws_fresh_randomness_at_every_step():
 def test_sampling_top_k_1_and_cold_temperature_equal_greedy():
     state, context = markov_inputs(random_chains(3, seed=5, concentration=2.0))
     g = greedy(markov_step, state, context, max_length=6)
-    for kwargs in ({"top_k": 1, "temperature": 3.0}, {"temperature": 1e-6}):
-        s = sample(markov_step, state, context, max_length=6, seed=11, **kwargs)
-        np.testing.assert_array_equal(s.tokens, g.tokens)
-        np.testing.assert_array_equal(s.log_probs, g.log_probs)
+    # 1e-30: logits / T overflowed to +-inf, and the lowest id among the +inf ones was drawn
+    # (<end> at the first step), or <pad> when all were negative (dead captions)
+    negative = lambda *a: (lambda out: (out[0] - 50.0, *out[1:]))(markov_step(*a))  # noqa
+    for step, kwargs in ((markov_step, {"top_k": 1, "temperature": 3.0}),
+                         (markov_step, {"temperature": 1e-6}),
+                         (markov_step, {"temperature": 1e-30}),
+                         (negative, {"temperature": 1e-30}),
+                         (negative, {"temperature": 1e-30, "num_samples": 2})):
+        s = sample(step, state, context, max_length=6, seed=11, **kwargs)
+        k = kwargs.get("num_samples", 1)
+        np.testing.assert_array_equal(s.tokens, np.repeat(g.tokens, k, axis=1))
+        np.testing.assert_allclose(s.log_probs, np.repeat(g.log_probs, k, axis=1), rtol=1e-5)
 
 
 def test_sampling_top_k_only_draws_the_k_most_likely_tokens():

@@ -112,7 +112,11 @@ def _jpeg_end(data: bytes) -> Optional[int]:
 
 
 def _may_have_alpha(data: bytes, fmt: Optional[str]) -> bool:
-    """Cheap header test; only these images pay for a second, alpha-preserving decode."""
+    """Cheap header test; only these images pay for a second, alpha-preserving decode.
+    Formats not sniffed (PFM, HDR, PNM, ...) may hold alpha or float samples too: read as
+    8-bit colour, a float PFM of 0..1 came out black (OpenCV casts, it does not scale)."""
+    if fmt is None:
+        return True
     if fmt == "png":
         idat = data.find(b"IDAT")
         return (len(data) > 25 and data[25] in (4, 6)) or data.find(b"tRNS", 0, idat) != -1

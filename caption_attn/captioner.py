@@ -175,6 +175,10 @@ def to_captions(result: decode_lib.DecodeResult, vocab: Vocabulary) -> list[list
     return out
 
 
+# An image whose every hypothesis ended with probability 0 (non-finite logits)
+NO_CAPTION = "no caption could be decoded (every hypothesis has probability 0: the model's " \
+    "outputs are not finite numbers)"
+
 # Why `caption` (and `export`) need the feature cache, for the message when it is gone.
 CAPTION_NEEDS = ("`caption` rebuilds the backbone from its manifest.json (and, for random "
                  "weights, the weights saved there)")
@@ -330,9 +334,12 @@ class Captioner:
                 results = {}
                 if images:
                     feats = self.backbone(np.stack(list(images.values())))  # (B, 64, 2048)
-                    results = {key: (images[key], captions)
-                               for key, captions in zip(images, self.decode(
-                                   feats, [ids[key] for key in images]))}
+                    for key, captions in zip(images, self.decode(
+                            feats, [ids[key] for key in images])):
+                        if captions:
+                            results[key] = (images[key], captions)
+                        else:   # every beam died: reported, not an empty block of captions
+                            errors[key] = NO_CAPTION
                 yield results, errors, done
                 images, ids, errors = {}, {}, {}
 

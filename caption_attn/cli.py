@@ -180,8 +180,10 @@ def unreadable_lines(errors: dict) -> list[str]:
     on one line (`captioner.display_names`' escapes): a file named "x.png<newline>caption-attn
     caption: ..." printed a forged line of its own, and one with an ESC sequence in its name
     drove the terminal."""
+    from caption_attn.captioner import NO_CAPTION
     from caption_attn.images import printable_name
-    return [f"{PROG} caption: cannot read {one_line(printable_name(path))}: {one_line(reason)}"
+    return [f"{PROG} caption: {'' if reason == NO_CAPTION else 'cannot read '}"
+            f"{one_line(printable_name(path))}: {one_line(reason)}"
             for path, reason in errors.items()]
 
 

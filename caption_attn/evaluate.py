@@ -197,6 +197,7 @@ def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
     """Image key -> the best `Caption` of `captioner`, decoded from the cached features."""
     from caption_attn import pipeline
     from caption_attn import progress as progress_lib
+    from caption_attn.captioner import NO_CAPTION
 
     bar = progress_lib.bar(len(found.keys), progress, unit_name="image", periodic=True)
     batches = pipeline.image_dataset([feature_path(found.cache, k) for k in found.keys],
@@ -208,6 +209,10 @@ def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
         raise UserError(f"{pipeline.DAMAGED}{e.path} ({e.reason}): repair the cache with "
                         f"`{repair_command(found.cache, found.manifest)}`, then evaluate "
                         f"again") from None
+    dead = [k for k, c in zip(found.keys, decoded) if not c]
+    if dead:
+        raise UserError(f"{len(dead)} of the {len(found.keys)} {found.split} images (e.g. "
+                        f"{dead[0]!r}): {NO_CAPTION}; nothing was scored")
     return {k: c[0] for k, c in zip(found.keys, decoded)}
 
 

@@ -521,6 +521,25 @@ def test_an_attention_plot_cut_to_its_first_words_says_so():
     assert len(whole.images) == 20
 
 
+def test_an_image_without_a_live_caption_is_reported_not_printed_empty(
+        shapes_data, trained_run, tmp_path, capsys, monkeypatch):
+    # every beam dead (an overflowing length penalty did it): `Captions for image X:` with
+    # nothing under it, exit 0; with --plot-attention an IndexError traceback
+    images = _test_images(shapes_data, trained_run, 3)
+    real = captioner.Captioner.decode
+    monkeypatch.setattr(captioner.Captioner, "decode", lambda self, feats, ids=None: [
+        [] if i == 1 else c for i, c in enumerate(real(self, feats, ids))])
+    heat = tmp_path / "heat"
+    code = main(["caption", "--run", trained_run, "--beam", "2", "--plot-attention", str(heat),
+                 *images])
+    out, err = capsys.readouterr()
+    name = os.path.basename(images[1])
+    assert code == 0 and f"Captions for image {name}:" not in out     # the others were
+    assert f"caption-attn caption: {images[1]}: {captioner.NO_CAPTION}\n" in err
+    assert sorted(os.listdir(heat)) == sorted(os.path.basename(p) for p in (images[0],
+                                                                              images[2]))
+
+
 def test_caption_batches_hold_batch_size_readable_images_in_order(shapes_data, trained_run,
                                                                   tmp_path):
     """A bad file does not shrink a batch (one size, one XLA compilation) and is reported

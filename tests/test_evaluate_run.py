@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -463,6 +464,20 @@ def test_format_metrics_table():
     assert table[7].startswith("scene accuracy") and table[8].endswith(" 12")
     assert table[8].startswith("  over images") and table[10].startswith("  over images")
     assert table[9].endswith("n/a") and table[10].endswith(" 10")  # grounding None
+
+
+def test_an_image_without_a_live_caption_is_refused_not_an_index_error():
+    import types
+
+    from caption_attn import pipeline
+    found = types.SimpleNamespace(keys=["a.png", "b.png"], cache="nowhere", places=None,
+                                  reader=pipeline.NpyReader(128, "float16", (64, 2048)),
+                                  split="test", manifest={})
+    model = types.SimpleNamespace(cfg=types.SimpleNamespace(batch_size=2),
+                                  decode_batches=lambda batches, bar, places: [[], ["b"]])
+    with pytest.raises(UserError, match=re.escape(
+            "1 of the 2 test images (e.g. 'a.png'): no caption could be decoded")):
+        evaluate._decode(model, found, progress=False)
 
 
 def test_shapes_metrics_say_which_images_they_are_over_and_need_the_image_size():

@@ -160,6 +160,15 @@ def _check_not_the_runs(run: RunFolder, metrics_path: str, results_path: str) ->
             raise UserError(f"--out {metrics_path}: {what}the run's own {name} (`train` and "
                             f"`evaluate` use that path); choose another --out, e.g. "
                             f"{run.file(os.path.join('eval', 'my_metrics.json'))}")
+        # inside the folders train manages (not eval/, evaluate's own): a resume deletes the
+        # heatmaps of epochs it trains again, --fresh all of them
+        for folder in RunFolder.DIRS:
+            if folder != "eval" and is_inside(path, run.file(folder)):
+                what = "" if path == metrics_path else f"its captions go to {path}, "
+                raise UserError(f"--out {metrics_path}: {what}inside the run's {folder}/, "
+                                f"which `train` manages (a resume or --fresh deletes files "
+                                f"there); choose another --out, e.g. "
+                                f"{run.file(os.path.join('eval', 'my_metrics.json'))}")
 
 
 def _check_not_in_cache(run: RunFolder, metrics_path: str, results_path: str,

@@ -133,6 +133,18 @@ def test_an_out_on_a_path_the_run_uses_is_refused_even_before_that_exists(
     assert not os.path.exists(path)
 
 
+@pytest.mark.parametrize("where", [("attention", "epoch_2"), ("checkpoints",), ("logs",)])
+def test_an_out_inside_a_folder_train_manages_is_refused(run_copy, capsys, monkeypatch,
+                                                         where):
+    # a resume deletes the heatmap folders of the epochs it trains again, --fresh them all
+    monkeypatch.setattr(evaluate, "_decode", None)                 # must not be reached
+    out = os.path.join(run_copy.path, *where, "m.json")
+    assert main(["evaluate", "--run", run_copy.path, "--out", out]) == 2
+    assert f"--out {out}: inside the run's {where[0]}/, which `train` manages" in \
+        capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
 def test_a_default_output_in_the_way_is_named_as_such_not_as_an_out_never_given(
         run_copy, capsys, monkeypatch):
     # Without --out, a file in the way of RUN/eval/test_metrics.json (or a file named

@@ -85,6 +85,9 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     UserError before any work. The new export replaces `out`, whose assets.extra/ it keeps."""
     if decode_cfg.method == "sample":
         raise UserError("export decodes with beam search or greedy, not --sample")
+    # `serving/current/` (a shell completes a symlink so) names the link's target to the OS:
+    # the checks saw the earlier export there, and the final rename of the link failed
+    out = out.rstrip(os.sep + (os.altsep or "")) or out
     run = RunFolder(run_dir)
     run_cfg = run.load_config()
     cache_dir = cache or run_cfg.cache

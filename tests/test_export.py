@@ -454,6 +454,26 @@ def test_an_out_that_is_a_symlink_is_replaced_and_its_target_kept(trained_run, t
     assert sorted(os.listdir(tmp_path)) == ["1", "current"]  # nothing hidden left
 
 
+def test_an_out_symlink_given_with_a_trailing_slash_is_replaced_too(trained_run, tmp_path,
+                                                                    monkeypatch):
+    """`--out current/` (a shell's completion of the symlink) passed every check, built the
+    whole SavedModel, then failed at the rename: "current/: Not a directory"."""
+    earlier = tmp_path / "1"
+    earlier.mkdir()
+    (earlier / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+    link = tmp_path / "current"
+    link.symlink_to("1")
+
+    def save(path, *args):
+        open(os.path.join(path, "saved_model.pb"), "wb").write(b"new")
+    monkeypatch.setattr(export, "save_servable", save)
+    code, printed, err = _run_cli(["export", "--run", trained_run, "--out", f"{link}/"])
+    assert code == 0 and printed.startswith("SavedModel  "), err
+    assert not link.is_symlink() and (link / "saved_model.pb").read_bytes() == b"new"
+    assert os.listdir(earlier) == [export.INFO_FILE]         # the link's target is kept
+    assert sorted(os.listdir(tmp_path)) == ["1", "current"]  # nothing hidden left
+
+
 def test_a_reexport_keeps_assets_extra_and_refuses_other_files(trained_run, tmp_path,
                                                               monkeypatch):
     """Re-exporting a run into its earlier export deleted what the user had added there

@@ -181,7 +181,7 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> No
     writable."""
     if not out or not out.strip():
         raise UserError("--out must name a folder, got an empty string")
-    target, run_path = os.path.abspath(out), os.path.abspath(run.path)
+    target, real_run = os.path.abspath(out), os.path.realpath(run.path)
     real = os.path.realpath(out)  # a symlink on the way must not hide the run or cache
     for folder in keep:
         if target in _ancestors(folder) or real in _ancestors(folder):
@@ -190,14 +190,15 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> No
         raise UserError(f"--out {out}: inside the feature cache {cache}; give the export a "
                         f"folder of its own, e.g. serving/NAME/1")
     if is_inside(real, run.path):
-        own = os.path.relpath(real, os.path.realpath(run.path)).split(os.sep)[0]
+        own = os.path.relpath(real, real_run).split(os.sep)[0]
         if own in RunFolder.FILES + RunFolder.DIRS:
             raise UserError(f"--out {out}: {own} is one of the run's own files or folders; "
                             f"give the export a folder of its own, e.g. serving/NAME/1")
     if os.path.lexists(out):
         _refuse_folder_of_exports(out)
         earlier = _earlier_export(out)
-        if earlier is not None and earlier != run_path and not force:
+        # the path recorded is the one given then: the same run through a symlink is the same
+        if earlier is not None and os.path.realpath(earlier) != real_run and not force:
             raise UserError(f"--out {out}: holds an export of another run ({earlier}); use "
                             f"another --out or add --force to replace it")
         if earlier is None and not force and (not os.path.isdir(out) or os.listdir(out)):

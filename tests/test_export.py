@@ -474,6 +474,29 @@ def test_an_out_symlink_given_with_a_trailing_slash_is_replaced_too(trained_run,
     assert sorted(os.listdir(tmp_path)) == ["1", "current"]  # nothing hidden left
 
 
+def test_a_run_named_through_a_symlink_may_replace_its_own_earlier_export(
+        trained_run, tmp_path, monkeypatch):
+    """export.json records the run's path as it was given: `--run LINK` was refused as
+    "holds an export of another run" where `--run REAL` had exported, and the other way
+    round. The same run is the same folder; export.json still records the path given."""
+    link = tmp_path / "run_link"
+    link.symlink_to(os.path.abspath(trained_run))
+    out = tmp_path / "1"
+    out.mkdir()
+    (out / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+
+    def save(path, *args):
+        open(os.path.join(path, "saved_model.pb"), "wb").write(b"new")
+    monkeypatch.setattr(export, "save_servable", save)
+    for run, recorded in ((link, str(link)), (trained_run, os.path.abspath(trained_run))):
+        code, printed, err = _run_cli(["export", "--run", str(run), "--out", str(out)])
+        assert code == 0, err
+        with open(out / export.INFO_FILE) as f:
+            assert json.load(f)["run"] == recorded
+    other = _fake_run(tmp_path / "other")
+    _refused(["export", "--run", other, "--out", str(out)], "another run")
+
+
 def test_a_reexport_keeps_assets_extra_and_refuses_other_files(trained_run, tmp_path,
                                                               monkeypatch):
     """Re-exporting a run into its earlier export deleted what the user had added there

@@ -196,7 +196,11 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> No
                             f"give the export a folder of its own, e.g. serving/NAME/1")
     if os.path.lexists(out):
         _refuse_folder_of_exports(out)
-        earlier = _earlier_export(out)
+        earlier, damaged = _earlier_export(out)
+        if damaged and not force:
+            raise UserError(f"--out {out}: cannot tell which run it is an export of "
+                            f"({damaged}); repair or delete that file, use another --out, or "
+                            f"add --force to replace {out}")
         # the path recorded is the one given then: the same run through a symlink is the same
         if earlier is not None and os.path.realpath(earlier) != real_run and not force:
             raise UserError(f"--out {out}: holds an export of another run ({earlier}); use "
@@ -271,16 +275,20 @@ def _ancestors(path: str) -> set:
     return found
 
 
-def _earlier_export(out: str):
-    """The run path recorded in `out`/export.json, or None."""
+def _earlier_export(out: str) -> tuple:
+    """(the run path recorded in `out`/export.json, None) when it names one; (None, what is
+    wrong with the file, naming it) when it cannot be read or names no run; (None, None)
+    without the file."""
     path = os.path.join(out, INFO_FILE)
     if not os.path.isfile(path):
-        return None
-    with contextlib.suppress(UserError):
+        return None, None
+    try:
         info = read_json(path)
-        if isinstance(info, dict) and isinstance(info.get("run"), str):
-            return info["run"]
-    return None
+    except UserError as e:
+        return None, str(e)                                 # names the file and the place
+    if isinstance(info, dict) and isinstance(info.get("run"), str):
+        return info["run"], None
+    return None, f"{path}: names no run (expected {{\"run\": PATH, ...}} as export writes)"
 
 
 def _publish(tmp: str, out: str) -> None:

@@ -365,6 +365,22 @@ def test_bad_out_folders_are_refused_in_one_line(tmp_path):
                                                   (["locked"] if os.geteuid() else []))
 
 
+def test_a_damaged_export_json_in_out_is_named_with_what_is_wrong(tmp_path):
+    """An export whose export.json was cut short or edited was refused as "not an export of
+    a run (no export.json)", sending the user to look for a file that is there."""
+    run = _fake_run(tmp_path / "run")
+    out = tmp_path / "1"
+    out.mkdir()
+    info = out / export.INFO_FILE
+    info.write_text('{"format": 1, "run": "/runs/a')                       # cut short
+    _refused(["export", "--run", run, "--out", str(out)], f"{info}: malformed JSON at line 1",
+             "cannot tell which run", "--force")
+    info.write_text(json.dumps({"format": 1, "run": 7}))
+    _refused(["export", "--run", run, "--out", str(out)], f"{info}: names no run",
+             "cannot tell which run", "--force")
+    assert os.listdir(out) == [export.INFO_FILE]
+
+
 def test_out_inside_the_run_or_its_cache_is_refused_even_with_force(tmp_path):
     """--force replaces an earlier export or a folder of other files, never a file or folder
     of the run (best.keras, checkpoints/ ...), its feature cache or its caption file:

@@ -1,10 +1,10 @@
 """Serving speed of `caption-attn export`: the loaded SavedModel vs the in-process Captioner.
 
 Self-contained: renders JPEGs (640x480, like COCO, so both sides decode and resize them),
-makes a random-backbone feature cache of them and a run folder holding an untrained decoder
-at the COCO sizes (E 256, U 512, V 5001; it never emits <end>, so every caption takes all
-`--max-length` steps on both sides), exports it with `--tflite`, and measures on the same
-files:
+makes a random-backbone feature cache of them and a run folder (its split.json and
+vocab.json written as `train` writes them) holding an untrained decoder at the COCO sizes
+(E 256, U 512, V 5001; it never emits <end>, so every caption takes all `--max-length` steps
+on both sides), exports it with `--tflite`, and measures on the same files:
 
   captioner   `Captioner.caption_images(paths)`: OpenCV decode + resize, backbone, decoder
               (what `caption-attn caption` runs), files read from disk
@@ -25,6 +25,7 @@ how often the two give the same caption on these resized JPEGs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -39,14 +40,16 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench_extract import render_images  # noqa: E402
-from machine import cpu_name, run_in_temp_folder  # noqa: E402
+from machine import cpu_name, describe, run_in_temp_folder  # noqa: E402
 from caption_attn import export, extract  # noqa: E402
 from caption_attn.captioner import Captioner  # noqa: E402
 from caption_attn.config import (TFLITE_QUANTIZATIONS, DecodeConfig, ExportConfig,  # noqa: E402
                                  ExtractConfig, ModelConfig, RunConfig, VocabConfig)
+from caption_attn.fileio import write_json_atomic  # noqa: E402
 from caption_attn.images import load_image  # noqa: E402
 from caption_attn.model import ShowAttendTell  # noqa: E402
 from caption_attn.run import RunFolder  # noqa: E402
+from caption_attn.train_data import load_train_data  # noqa: E402
 from caption_attn.vocab import Vocabulary  # noqa: E402
 
 
@@ -60,11 +63,20 @@ def make_run(folder: str, args) -> tuple[str, list[str]]:
     extract.extract_features(images, ExtractConfig(
         cache=cache, weights="random", dtype="float16", precision=args.precision,
         batch_size=16), progress=False)
+    captions = os.path.join(folder, "captions.json")   # one each; the first two train, val
+    write_json_atomic(captions, {"images": [
+        {"filename": k, "split": ("train", "val")[i] if i < 2 else "test",
+         "sentences": [{"raw": "a picture"}]} for i, k in enumerate(keys)]})
     run = RunFolder(os.path.join(folder, "run"))
     os.makedirs(run.path)
-    RunConfig(cache=cache, vocab=VocabConfig(max_length=args.max_length - 1),
-              model=ModelConfig()).save(run.config)
-    Vocabulary([f"w{i}" for i in range(args.vocab - 4)]).save(run.vocab)
+    cfg = RunConfig(captions=captions, cache=cache,
+                    vocab=VocabConfig(max_length=args.max_length - 1), model=ModelConfig())
+    cfg.save(run.config)
+    # split.json and vocab.json as `train` writes them (export refuses a run without the
+    # former); the vocabulary is made up at --vocab words, not built from the captions
+    data = load_train_data(cfg, run, reuse=False)
+    vocab = Vocabulary([f"w{i}" for i in range(args.vocab - 4)])
+    dataclasses.replace(data, vocab=vocab).fix_in(run, captions)
     keras.utils.set_random_seed(0)
     model = ShowAttendTell(args.vocab, ModelConfig.embedding_dim, ModelConfig.units)
     run.save_best(model, epoch=1, monitor="val_loss", value=0.0)
@@ -108,9 +120,8 @@ def measure(sides: dict, lite, paths: list, pixels: list, rounds: int) -> dict:
 
 def report(times: dict, n: int, figures: dict, args) -> None:
     """Print the table and add its figures to `figures`."""
-    print(f"{figures['cpu']}, {os.cpu_count()} cores, load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; {n} JPEGs 640x480, beam "
-          f"{args.beam}, {args.max_length} steps, V {args.vocab}, backbone {args.precision}")
+    print(f"{describe()}; {n} JPEGs 640x480, beam {args.beam}, {args.max_length} steps, "
+          f"V {args.vocab}, backbone {args.precision}")
     print(f"{'':12s} {'batch 1 p50':>12s} {'p95':>8s} {'CPU/img':>9s} {'batch ' + str(n):>12s} "
           f"{'CPU/img':>9s}")
     for name, t in times.items():
@@ -179,6 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tflite-quantize", default="none", choices=TFLITE_QUANTIZATIONS)
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
+    if args.images < 2:   # the run's split needs a train and a val image
+        ap.error(f"--images must be at least 2, got {args.images}")
     return run_in_temp_folder("bench_export_", run_benchmark, args)
 
 

@@ -85,6 +85,9 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     UserError before any work. The new export replaces `out`, whose assets.extra/ it keeps."""
     if decode_cfg.method == "sample":
         raise UserError("export decodes with beam search or greedy, not --sample")
+    # `serving/current/` (a shell completes a symlink so) names the link's target to the OS:
+    # the checks saw the earlier export there, and the final rename of the link failed
+    out = out.rstrip(os.sep + (os.altsep or "")) or out
     run = RunFolder(run_dir)
     run_cfg = run.load_config()
     cache_dir = cache or run_cfg.cache
@@ -178,7 +181,7 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> No
     writable."""
     if not out or not out.strip():
         raise UserError("--out must name a folder, got an empty string")
-    target, run_path = os.path.abspath(out), os.path.abspath(run.path)
+    target, real_run = os.path.abspath(out), os.path.realpath(run.path)
     real = os.path.realpath(out)  # a symlink on the way must not hide the run or cache
     for folder in keep:
         if target in _ancestors(folder) or real in _ancestors(folder):
@@ -187,14 +190,19 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> No
         raise UserError(f"--out {out}: inside the feature cache {cache}; give the export a "
                         f"folder of its own, e.g. serving/NAME/1")
     if is_inside(real, run.path):
-        own = os.path.relpath(real, os.path.realpath(run.path)).split(os.sep)[0]
+        own = os.path.relpath(real, real_run).split(os.sep)[0]
         if own in RunFolder.FILES + RunFolder.DIRS:
             raise UserError(f"--out {out}: {own} is one of the run's own files or folders; "
                             f"give the export a folder of its own, e.g. serving/NAME/1")
     if os.path.lexists(out):
         _refuse_folder_of_exports(out)
-        earlier = _earlier_export(out)
-        if earlier is not None and earlier != run_path and not force:
+        earlier, damaged = _earlier_export(out)
+        if damaged and not force:
+            raise UserError(f"--out {out}: cannot tell which run it is an export of "
+                            f"({damaged}); repair or delete that file, use another --out, or "
+                            f"add --force to replace {out}")
+        # the path recorded is the one given then: the same run through a symlink is the same
+        if earlier is not None and os.path.realpath(earlier) != real_run and not force:
             raise UserError(f"--out {out}: holds an export of another run ({earlier}); use "
                             f"another --out or add --force to replace it")
         if earlier is None and not force and (not os.path.isdir(out) or os.listdir(out)):
@@ -267,16 +275,20 @@ def _ancestors(path: str) -> set:
     return found
 
 
-def _earlier_export(out: str):
-    """The run path recorded in `out`/export.json, or None."""
+def _earlier_export(out: str) -> tuple:
+    """(the run path recorded in `out`/export.json, None) when it names one; (None, what is
+    wrong with the file, naming it) when it cannot be read or names no run; (None, None)
+    without the file."""
     path = os.path.join(out, INFO_FILE)
     if not os.path.isfile(path):
-        return None
-    with contextlib.suppress(UserError):
+        return None, None
+    try:
         info = read_json(path)
-        if isinstance(info, dict) and isinstance(info.get("run"), str):
-            return info["run"]
-    return None
+    except UserError as e:
+        return None, str(e)                                 # names the file and the place
+    if isinstance(info, dict) and isinstance(info.get("run"), str):
+        return info["run"], None
+    return None, f"{path}: names no run (expected {{\"run\": PATH, ...}} as export writes)"
 
 
 def _publish(tmp: str, out: str) -> None:

@@ -6,12 +6,15 @@ against them (tests/test_export.py, README "Export and serve"):
 
 - JPEG: libjpeg's accurate integer DCT with fancy upsampling, as OpenCV uses: identical
   pixels (grayscale too); CMYK JPEGs +-1 (TensorFlow's own CMYK -> RGB). The EXIF
-  orientation (all 8, either byte order) is read from the bytes and applied as OpenCV does.
+  orientation (all 8, either byte order) is applied as OpenCV does, read where OpenCV reads
+  it: the first APP1 Exif segment before the image data that has one, however far in (after
+  an ICC profile's 64 KB chunks), not bytes Exif\\0\\0 elsewhere (in a comment).
   A JPEG that ends before the end-of-image marker of its first image is refused; as in
-  `images._truncated` its segments are walked (`jpeg_end`), so data appended after that
-  marker (a motion photo's MP4, a phone's trailer) does not matter. Only a JPEG of more than
-  16384 segments or fill bytes (no encoder writes one) falls back to the old rule over all
-  bytes (no FF DA after the last FF D9), which such a trailer can fail.
+  `images._truncated` its segments are walked (`jpeg_walk`, which finds the EXIF segment on
+  the way), so data appended after that marker (a motion photo's MP4, a phone's trailer) does
+  not matter. Only a JPEG of more than 16384 segments or fill bytes (no encoder writes one)
+  falls back to the old rule over all bytes (no FF DA after the last FF D9), which such a
+  trailer can fail.
 - PNG (8/16-bit, gray, gray+alpha, RGB, RGBA, palette, gray or RGB with transparency):
   identical. Alpha (a gray or RGB PNG's transparent colour, from its tRNS chunk) is
   composited over white with OpenCV's formula; 16-bit without alpha keeps the top 8 bits.
@@ -48,7 +51,6 @@ _MAGIC = {JPEG: [(0, b"\xff\xd8\xff")], PNG: [(0, b"\x89PNG\r\n\x1a\n")],
           GIF: [(0, b"GIF87a"), (0, b"GIF89a")], BMP: [(0, b"BM")],
           WEBP: [(0, b"RIFF"), (8, b"WEBP")]}   # GIF: either; WebP: both
 CUBIC_A = -0.75                                 # OpenCV's INTER_CUBIC coefficient
-EXIF_SCAN = 1 << 16           # bytes searched for the EXIF segment (APP1 comes first, < 64 KB)
 EXIF_MAX_ENTRIES = 64         # IFD0 entries read (Orientation is among the first few)
 
 
@@ -78,32 +80,29 @@ def _last(raw, pattern: bytes):
     return tf.concat([[-1], found], 0)[-1]
 
 
-def _first(raw, pattern: bytes):
-    """First position (int32) of `pattern` in the bytes `raw` (n,) uint8, -1 if absent."""
-    found = tf.cast(tf.where(_matches(raw, pattern))[:1, 0], tf.int32)   # (0 or 1,)
-    return tf.concat([found, [-1]], 0)[0]
-
-
 def exif_orientation(data):
-    """The EXIF Orientation (1-8, int32) of a JPEG: tag 0x0112 of IFD0 in its APP1 "Exif"
-    segment, read as TIFF (either byte order); 1 when absent or unreadable."""
-    head = tf.io.decode_raw(tf.strings.substr(data, 0, EXIF_SCAN), tf.uint8)  # (n,)
-    start = _first(head, b"Exif\0\0")                                 # APP1 payload
-    raw, n = tf.cast(head, tf.int32), tf.size(head)
-    tiff = start + 6
-    little = tf.equal(raw[tf.clip_by_value(tiff, 0, n - 1)], ord("I"))  # "II": little endian
+    """The EXIF Orientation (1-8, int32) of a JPEG's bytes (string scalar), found by the walk
+    of `jpeg_walk`; 1 when absent or unreadable."""
+    return jpeg_walk(tf.io.decode_raw(data, tf.uint8))[1]
+
+
+def _app1_orientation(byte, tiff, end):
+    """Tag 0x0112 of IFD0 (int32) in the TIFF data from byte `tiff` to `end` of an APP1 Exif
+    segment, read in either byte order with `byte` (positions of any shape -> int32 bytes);
+    -1 when IFD0 has no such tag or is outside the segment (OpenCV then reads the next one)."""
+    little = tf.equal(byte(tiff), ord("I"))                           # "II": little endian
 
     def uint(pos, size):                                               # pos: any shape
-        digits = tf.gather(raw, tf.clip_by_value(pos[..., None] + tf.range(size), 0, n - 1))
+        digits = byte(pos[..., None] + tf.range(size))                # (..., size)
         weights = 256 ** tf.where(little, tf.range(size), tf.range(size - 1, -1, -1))
         return tf.reduce_sum(digits * weights, axis=-1)
 
-    ifd = tiff + uint(tiff + 4, 4)                                     # IFD0
+    ifd = tiff + uint(tiff + 4, 4)                                     # IFD0; < tiff: overflow
     entries = ifd + 2 + 12 * tf.range(EXIF_MAX_ENTRIES)                # (E,) 12-byte entries
-    tags = tf.where(tf.range(EXIF_MAX_ENTRIES) < uint(ifd, 2), uint(entries, 2), -1)
-    value = tf.reduce_max(tf.where(tf.equal(tags, 0x0112), uint(entries + 8, 2), 0))
-    ok = (start >= 0) & (ifd >= 0) & (ifd + 2 < n) & (value >= 1) & (value <= 8)
-    return tf.where(ok, value, 1)
+    readable = (tf.range(EXIF_MAX_ENTRIES) < uint(ifd, 2)) & (entries + 10 <= end)  # (E,)
+    hits = readable & tf.equal(uint(entries, 2), 0x0112) & (ifd >= tiff) & (ifd + 2 <= end)
+    first = tf.argmax(tf.cast(hits, tf.int32), output_type=tf.int32)  # as OpenCV's tag map
+    return tf.where(tf.reduce_any(hits), uint(entries[first] + 8, 2), -1)
 
 
 def _orient(rgb, orientation):
@@ -120,15 +119,28 @@ def _orient(rgb, orientation):
     return tf.switch_case(orientation - 1, cases)
 
 
-JPEG_WALK_STEPS = 1 << 14   # markers `jpeg_end` follows before it gives up (None)
+JPEG_WALK_STEPS = 1 << 14   # markers `jpeg_walk` follows before it gives up (None)
+EXIF = list(b"Exif\0\0")   # how the payload of an APP1 segment of EXIF data starts
 
 
 def jpeg_end(raw):
-    """images._jpeg_end in ops: where the first JPEG image in the bytes `raw` (n,) uint8 ends
-    (after its EOI marker, int32), -1 when the data ends first (a cut file), -2 (None there)
-    when its marker structure cannot be followed, or after JPEG_WALK_STEPS markers (where
-    images._jpeg_end goes on: more than 16384 fill bytes or segments, which no encoder
-    writes; the caller then applies the old rule).
+    """Where the first JPEG image in the bytes `raw` (n,) uint8 ends: see `jpeg_walk`."""
+    return jpeg_walk(raw)[0]
+
+
+def jpeg_walk(raw):
+    """images._jpeg_end and the EXIF orientation in ops: (end, orientation), int32 scalars.
+
+    end: where the first JPEG image in the bytes `raw` (n,) uint8 ends (after its EOI
+    marker), -1 when the data ends first (a cut file), -2 (None there) when its marker
+    structure cannot be followed, or after JPEG_WALK_STEPS markers (where images._jpeg_end
+    goes on: more than 16384 fill bytes or segments, which no encoder writes; the caller then
+    applies the old rule).
+
+    orientation (1-8): the Orientation of IFD0 in the first APP1 segment before the first
+    scan whose payload starts with Exif\\0\\0 and holds that tag, as OpenCV reads it (an ICC
+    profile of 64 KB chunks or an XMP segment may come first, a comment may hold the same
+    bytes); 1 when there is none, it is not 1-8, or the walk stops before it.
 
     The segments are walked by their lengths, one loop iteration per marker; a scan's
     entropy-coded data is skipped in one step to the first byte FF at or after its start that
@@ -145,10 +157,10 @@ def jpeg_end(raw):
     # padded once here: a concat inside the loop copied all n bytes at every marker
     padded, starts_or_none = tf.concat([b, [0]], 0), tf.concat([starts, [-1]], 0)
 
-    def byte(i):                                                      # 0 past the end
-        return tf.gather(padded, tf.minimum(i, n))
+    def byte(i):                                     # any shape; 0 past the end (and before)
+        return tf.gather(padded, tf.clip_by_value(i, 0, n))
 
-    def step(i, end):
+    def step(i, end, orientation):                   # orientation -1: still looking
         marker = byte(i + 1)
         length = byte(i + 2) * 256 + byte(i + 3)
         after = i + 2 + length                                        # past a segment
@@ -166,21 +178,26 @@ def jpeg_end(raw):
         new_i, new_end = after, end                                   # any other segment
         for condition, (ci, ce) in reversed(cases):                   # the first match wins
             new_i, new_end = tf.where(condition, ci, new_i), tf.where(condition, ce, new_end)
-        return new_i, new_end
+        segment = ~tf.reduce_any(tf.stack([c for c, _ in cases[:-1]]))  # a marker + length
+        exif = segment & tf.equal(marker, 0xE1) & tf.equal(orientation, -1) & (length >= 8) \
+            & tf.reduce_all(tf.equal(byte(i + 4 + tf.range(6)), EXIF))
+        orientation = tf.cond(exif, lambda: _app1_orientation(byte, i + 10, tf.minimum(
+            after, n)), lambda: orientation)
+        scan = segment & tf.equal(marker, 0xDA) & tf.equal(orientation, -1)
+        return new_i, new_end, tf.where(scan, 0, orientation)         # none before the scan
 
-    _, end = tf.while_loop(lambda i, end: tf.equal(end, -3), step,
-                           (tf.constant(2), tf.constant(-3)),
-                           maximum_iterations=JPEG_WALK_STEPS)
-    return tf.where(tf.equal(end, -3), -2, end)
+    _, end, orientation = tf.while_loop(lambda i, end, _: tf.equal(end, -3), step,
+                                        (tf.constant(2), tf.constant(-3), tf.constant(-1)),
+                                        maximum_iterations=JPEG_WALK_STEPS)
+    orientation = tf.where((orientation >= 1) & (orientation <= 8), orientation, 1)
+    return tf.where(tf.equal(end, -3), -2, end), orientation
 
 
-def _refuse_truncated(data, fmt):
-    """Assert ops of images._truncated: a JPEG needs an end-of-image marker after its first
-    image (or, when its structure cannot be followed, after its last scan), a PNG an IEND
-    chunk."""
-    raw = tf.io.decode_raw(data, tf.uint8)                            # (n,)
+def _refuse_truncated(raw, fmt, end=None):
+    """Assert ops of images._truncated on the bytes `raw` (n,) uint8: a JPEG needs an
+    end-of-image marker after its first image (`end`, from `jpeg_walk`; or, when its structure
+    cannot be followed, after its last scan), a PNG an IEND chunk."""
     if fmt == JPEG:
-        end = jpeg_end(raw)
         ok = tf.cond(tf.equal(end, -2),
                      lambda: _last(raw, b"\xff\xd9") >= _last(raw, b"\xff\xda"),  # the old rule
                      lambda: end >= 0)
@@ -307,12 +324,14 @@ def decode(data):
             return tf.zeros([0, 0, 3], tf.uint8)
 
     def jpeg():
-        with tf.control_dependencies([_refuse_truncated(data, JPEG)]):
+        raw = tf.io.decode_raw(data, tf.uint8)                        # (n,)
+        end, orientation = jpeg_walk(raw)                             # one walk for both
+        with tf.control_dependencies([_refuse_truncated(raw, JPEG, end)]):
             rgb = tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
-        return _orient(rgb, exif_orientation(data))
+        return _orient(rgb, orientation)
 
     def png():
-        with tf.control_dependencies([_refuse_truncated(data, PNG)]):
+        with tf.control_dependencies([_refuse_truncated(tf.io.decode_raw(data, tf.uint8), PNG)]):
             return _decode_png(data)
 
     branches = {UNKNOWN: unknown, JPEG: jpeg, PNG: png,

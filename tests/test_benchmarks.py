@@ -140,3 +140,16 @@ def test_bench_reward_and_feature_index(capsys):
     out = run_benchmark("bench_feature_index", ["--keys", "50", "--files", "4", "--repeats",
                                                 "1"], capsys)
     assert "files/s" in out and "usable_features" in out
+
+
+def test_bench_export(capsys, tmp_path):
+    """bench_export made its run folder by hand and crashed before measuring once `export`
+    required the split.json that `train` writes."""
+    path = str(tmp_path / "export.json")
+    out = run_benchmark("bench_export", ["--images", "3", "--rounds", "1", "--beam", "2",
+                                         "--max-length", "3", "--vocab", "20", "--json", path],
+                        capsys)
+    assert "SavedModel / Captioner" in out and "same captions on" in out
+    with open(path) as f:
+        figures = json.load(f)
+    numbers(figures, "captioner_images_per_s", "savedmodel_images_per_s", "tflite_p50_ms")

@@ -365,6 +365,22 @@ def test_bad_out_folders_are_refused_in_one_line(tmp_path):
                                                   (["locked"] if os.geteuid() else []))
 
 
+def test_a_damaged_export_json_in_out_is_named_with_what_is_wrong(tmp_path):
+    """An export whose export.json was cut short or edited was refused as "not an export of
+    a run (no export.json)", sending the user to look for a file that is there."""
+    run = _fake_run(tmp_path / "run")
+    out = tmp_path / "1"
+    out.mkdir()
+    info = out / export.INFO_FILE
+    info.write_text('{"format": 1, "run": "/runs/a')                       # cut short
+    _refused(["export", "--run", run, "--out", str(out)], f"{info}: malformed JSON at line 1",
+             "cannot tell which run", "--force")
+    info.write_text(json.dumps({"format": 1, "run": 7}))
+    _refused(["export", "--run", run, "--out", str(out)], f"{info}: names no run",
+             "cannot tell which run", "--force")
+    assert os.listdir(out) == [export.INFO_FILE]
+
+
 def test_out_inside_the_run_or_its_cache_is_refused_even_with_force(tmp_path):
     """--force replaces an earlier export or a folder of other files, never a file or folder
     of the run (best.keras, checkpoints/ ...), its feature cache or its caption file:
@@ -452,6 +468,49 @@ def test_an_out_that_is_a_symlink_is_replaced_and_its_target_kept(trained_run, t
     assert not link.is_symlink() and (link / "saved_model.pb").read_bytes() == b"new"
     assert os.listdir(earlier) == [export.INFO_FILE]         # the link's target is kept
     assert sorted(os.listdir(tmp_path)) == ["1", "current"]  # nothing hidden left
+
+
+def test_an_out_symlink_given_with_a_trailing_slash_is_replaced_too(trained_run, tmp_path,
+                                                                    monkeypatch):
+    """`--out current/` (a shell's completion of the symlink) passed every check, built the
+    whole SavedModel, then failed at the rename: "current/: Not a directory"."""
+    earlier = tmp_path / "1"
+    earlier.mkdir()
+    (earlier / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+    link = tmp_path / "current"
+    link.symlink_to("1")
+
+    def save(path, *args):
+        open(os.path.join(path, "saved_model.pb"), "wb").write(b"new")
+    monkeypatch.setattr(export, "save_servable", save)
+    code, printed, err = _run_cli(["export", "--run", trained_run, "--out", f"{link}/"])
+    assert code == 0 and printed.startswith("SavedModel  "), err
+    assert not link.is_symlink() and (link / "saved_model.pb").read_bytes() == b"new"
+    assert os.listdir(earlier) == [export.INFO_FILE]         # the link's target is kept
+    assert sorted(os.listdir(tmp_path)) == ["1", "current"]  # nothing hidden left
+
+
+def test_a_run_named_through_a_symlink_may_replace_its_own_earlier_export(
+        trained_run, tmp_path, monkeypatch):
+    """export.json records the run's path as it was given: `--run LINK` was refused as
+    "holds an export of another run" where `--run REAL` had exported, and the other way
+    round. The same run is the same folder; export.json still records the path given."""
+    link = tmp_path / "run_link"
+    link.symlink_to(os.path.abspath(trained_run))
+    out = tmp_path / "1"
+    out.mkdir()
+    (out / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+
+    def save(path, *args):
+        open(os.path.join(path, "saved_model.pb"), "wb").write(b"new")
+    monkeypatch.setattr(export, "save_servable", save)
+    for run, recorded in ((link, str(link)), (trained_run, os.path.abspath(trained_run))):
+        code, printed, err = _run_cli(["export", "--run", str(run), "--out", str(out)])
+        assert code == 0, err
+        with open(out / export.INFO_FILE) as f:
+            assert json.load(f)["run"] == recorded
+    other = _fake_run(tmp_path / "other")
+    _refused(["export", "--run", other, "--out", str(out)], "another run")
 
 
 def test_a_reexport_keeps_assets_extra_and_refuses_other_files(trained_run, tmp_path,

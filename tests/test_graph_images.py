@@ -57,6 +57,41 @@ def test_exif_orientation_is_applied_like_opencv(big_endian):
         np.testing.assert_array_equal(got, decode_image(data), err_msg=str(orientation))
 
 
+def _segment(marker: int, payload: bytes) -> bytes:
+    """One JPEG marker segment: FF, marker, big-endian length (itself included), payload."""
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def test_exif_orientation_is_found_where_opencv_finds_it():
+    """The graph searched the first 64 KB for the first bytes Exif\\0\\0: the orientation was
+    lost behind a large ICC profile (APP2 chunks of up to 64 KB each) and taken from a comment
+    holding those bytes. OpenCV reads the APP1 Exif segments before the image data, whatever
+    precedes them, and takes the Orientation of the first one that has it."""
+    jpeg = cv2.imencode(".jpg", scene(6, 64, 40))[1].tobytes()
+    icc = b"".join(_segment(0xE2, b"ICC_PROFILE\0" + bytes([k, 3]) + b"\0" * 60000)
+                   for k in (1, 2, 3))
+    xmp = _segment(0xE1, b"http://ns.adobe.com/xap/1.0/\0<x:xmpmeta/>")  # APP1, not Exif
+    no_orientation = b"Exif\0\0II*\0" + struct.pack("<IH", 8, 0) + b"\0" * 4  # IFD0: 0 tags
+    before = {"ICC profile": icc, "comment": _segment(0xFE, b"x " + _exif(3, False)),
+              "APP2": _segment(0xE2, _exif(3, True)), "XMP APP1": xmp,
+              "APP1 without orientation": _segment(0xE1, no_orientation),
+              "ICC and comment": icc + _segment(0xFE, _exif(8, False))}
+    for name, segments in before.items():
+        data = jpeg[:2] + segments + _segment(0xE1, _exif(6, False)) + jpeg[2:]
+        orientation = int(graph_images.exif_orientation(tf.constant(data)))
+        assert orientation == 6, name
+        expected = decode_image(data)
+        assert expected.shape == (64, 40, 3), name                    # OpenCV rotated it
+        np.testing.assert_array_equal(_decode(tf.constant(data)).numpy(), expected,
+                                      err_msg=name)
+    # An Exif segment after the image (appended to the file) is not the image's: OpenCV does
+    # not read it, the old search did
+    data = jpeg + _segment(0xE1, _exif(6, False))
+    orientation = int(graph_images.exif_orientation(tf.constant(data)))
+    assert orientation == 1
+    np.testing.assert_array_equal(_decode(tf.constant(data)).numpy(), decode_image(data))
+
+
 def _write_more(folder):
     """Files of the kinds images.py handles specially: 16-bit, alpha, palettes, WebP."""
     rgb = scene(3, 120, 90)                                                     # (90, 120, 3)

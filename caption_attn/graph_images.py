@@ -52,6 +52,7 @@ _MAGIC = {JPEG: [(0, b"\xff\xd8\xff")], PNG: [(0, b"\x89PNG\r\n\x1a\n")],
           WEBP: [(0, b"RIFF"), (8, b"WEBP")]}   # GIF: either; WebP: both
 CUBIC_A = -0.75                                 # OpenCV's INTER_CUBIC coefficient
 EXIF_MAX_ENTRIES = 64         # IFD0 entries read (Orientation is among the first few)
+EXIF_SCAN = 1 << 16           # bytes searched for EXIF data when the segments cannot be walked
 
 
 def sniff(data):
@@ -189,8 +190,26 @@ def jpeg_walk(raw):
     _, end, orientation = tf.while_loop(lambda i, end, _: tf.equal(end, -3), step,
                                         (tf.constant(2), tf.constant(-3), tf.constant(-1)),
                                         maximum_iterations=JPEG_WALK_STEPS)
+    end = tf.where(tf.equal(end, -3), -2, end)
+    # A structure the walk cannot follow (libjpeg skips stray bytes between segments, and
+    # OpenCV still finds the EXIF data): the first bytes Exif\0\0 of the first EXIF_SCAN
+    orientation = tf.cond(tf.equal(end, -2) & (orientation < 1),
+                          lambda: _searched_orientation(padded, n), lambda: orientation)
     orientation = tf.where((orientation >= 1) & (orientation <= 8), orientation, 1)
-    return tf.where(tf.equal(end, -3), -2, end), orientation
+    return end, orientation
+
+
+def _searched_orientation(padded, n):
+    """The Orientation (int32, -1 if none) of the APP1 payload at the first bytes Exif\0\0
+    among the first EXIF_SCAN of a JPEG's bytes `padded` (n + 1,) int32 (a 0 after them)."""
+    head = padded[:tf.minimum(n, EXIF_SCAN)]
+    found = tf.cast(tf.where(_matches(head, b"Exif\0\0"))[:1, 0], tf.int32)   # (0 or 1,)
+    start = tf.concat([found, [-1]], 0)[0]
+    payload_end = tf.minimum(start + 6 + (1 << 16), n)       # a segment holds < 64 KB
+
+    def byte(i):
+        return tf.gather(padded, tf.clip_by_value(i, 0, n))
+    return tf.where(start >= 0, _app1_orientation(byte, start + 6, payload_end), -1)
 
 
 def _refuse_truncated(raw, fmt, end=None):

@@ -84,6 +84,13 @@ def test_exif_orientation_is_found_where_opencv_finds_it():
         assert expected.shape == (64, 40, 3), name                    # OpenCV rotated it
         np.testing.assert_array_equal(_decode(tf.constant(data)).numpy(), expected,
                                       err_msg=name)
+    # A stray byte between segments (libjpeg skips it, OpenCV still reads the orientation)
+    # stops the walk: the first bytes Exif\0\0 of the first 64 KB then tell, as they did
+    app0 = 4 + jpeg[4] * 256 + jpeg[5]                                 # after OpenCV's JFIF
+    data = jpeg[:app0] + b"\x00" + _segment(0xE1, _exif(6, False)) + jpeg[app0:]
+    assert int(graph_images.exif_orientation(tf.constant(data))) == 6
+    assert decode_image(data).shape == (64, 40, 3)
+    np.testing.assert_array_equal(_decode(tf.constant(data)).numpy(), decode_image(data))
     # An Exif segment after the image (appended to the file) is not the image's: OpenCV does
     # not read it, the old search did
     data = jpeg + _segment(0xE1, _exif(6, False))

@@ -196,13 +196,14 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> No
                             f"give the export a folder of its own, e.g. serving/NAME/1")
     if os.path.lexists(out):
         _refuse_folder_of_exports(out)
-        earlier, damaged = _earlier_export(out)
+        earlier, about = _earlier_export(out)
+        damaged = about if earlier is None else None
         if damaged and not force:
             raise UserError(f"--out {out}: cannot tell which run it is an export of "
                             f"({damaged}); repair or delete that file, use another --out, or "
                             f"add --force to replace {out}")
-        # the path recorded is the one given then: the same run through a symlink is the same
-        if earlier is not None and os.path.realpath(earlier) != real_run and not force:
+        # the same run folder, whichever path (a symlink) named it then or names it now
+        if earlier is not None and about != real_run and not force:
             raise UserError(f"--out {out}: holds an export of another run ({earlier}); use "
                             f"another --out or add --force to replace it")
         if earlier is None and not force and (not os.path.isdir(out) or os.listdir(out)):
@@ -276,9 +277,9 @@ def _ancestors(path: str) -> set:
 
 
 def _earlier_export(out: str) -> tuple:
-    """(the run path recorded in `out`/export.json, None) when it names one; (None, what is
-    wrong with the file, naming it) when it cannot be read or names no run; (None, None)
-    without the file."""
+    """(the run path recorded in `out`/export.json, the real path of that run folder) when it
+    names one; (None, what is wrong with the file, naming it) when it cannot be read or names
+    no run; (None, None) without the file."""
     path = os.path.join(out, INFO_FILE)
     if not os.path.isfile(path):
         return None, None
@@ -287,7 +288,10 @@ def _earlier_export(out: str) -> tuple:
     except UserError as e:
         return None, str(e)                                 # names the file and the place
     if isinstance(info, dict) and isinstance(info.get("run"), str):
-        return info["run"], None
+        # the folder it was then (`run_realpath`): a symlink given as --run may point at
+        # another run by now; exports made before it was recorded: the path's target now
+        real = info.get("run_realpath")
+        return info["run"], real if isinstance(real, str) else os.path.realpath(info["run"])
     return None, f"{path}: names no run (expected {{\"run\": PATH, ...}} as export writes)"
 
 
@@ -313,7 +317,8 @@ def _publish(tmp: str, out: str) -> None:
 def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone, best=None) -> dict:
     m = read_manifest(captioner.cache)
     return {
-        "format": EXPORT_FORMAT, "run": os.path.abspath(run.path), "best": best,
+        "format": EXPORT_FORMAT, "run": os.path.abspath(run.path),
+        "run_realpath": os.path.realpath(run.path), "best": best,
         # the backbone's weights and feature scale come from this cache's manifest (--cache)
         "cache": os.path.abspath(captioner.cache),
         "beam": captioner.cfg.beam, "length_penalty": captioner.cfg.length_penalty,

@@ -511,6 +511,12 @@ def test_a_run_named_through_a_symlink_may_replace_its_own_earlier_export(
             assert json.load(f)["run"] == recorded
     other = _fake_run(tmp_path / "other")
     _refused(["export", "--run", other, "--out", str(out)], "another run")
+    # the link moved on to another run: its export is still that of the run it was
+    link.unlink()
+    link.symlink_to(os.path.abspath(other))
+    with open(out / export.INFO_FILE) as f:
+        assert json.load(f)["run_realpath"] == os.path.realpath(trained_run)
+    _refused(["export", "--run", other, "--out", str(out)], "another run")
 
 
 def test_a_reexport_keeps_assets_extra_and_refuses_other_files(trained_run, tmp_path,

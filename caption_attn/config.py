@@ -72,8 +72,9 @@ def number(low: float = -math.inf, high: float = math.inf, low_open: bool = Fals
 
 
 POSITIVE = number(0.0, low_open=True)
-# Keras' and numpy's seeds: 2**32 and more was a ValueError traceback from
-# keras.utils.set_random_seed (train), a TypeError from the sampling ops (caption --sample)
+# Seeds that reach Keras or the sampling ops: 2**32 and more was a ValueError traceback from
+# keras.utils.set_random_seed (train, demo), a TypeError from the sampling ops (caption
+# --sample). make-shapes' and extract-features' seeds (numpy, Python's random) take any
 SEED = integer(0, 2**32 - 1)
 NON_NEGATIVE = number(0.0)
 FRACTION = number(0.0, 1.0, high_open=True)   # [0, 1)
@@ -237,7 +238,7 @@ class ShapesConfig(Config):
     num_images: int = opt(1000, "number of images to render (at most "
                           f"{MAX_SHAPES_IMAGES:,}: about 10 KB of memory and 4 ms of a core "
                           "each, and COCO has 123,287)", check=integer(1, MAX_SHAPES_IMAGES))
-    seed: int = opt(0, "same seed gives byte-identical images and captions", check=SEED)
+    seed: int = opt(0, "same seed gives byte-identical images and captions", check=integer(0))
     image_size: int = opt(299, "side of the square images in pixels (InceptionV3's input "
                           "size, so extraction does not resample them; 64 to 4096: "
                           "extraction shrinks every image to 299 anyway, and a 4096 image "
@@ -259,7 +260,7 @@ class ExtractConfig(Config):
     weights: str = opt("imagenet", "backbone weights: `imagenet` (Keras download), `random` "
                        "(seeded, offline; saved into the cache) or a path to a weights file",
                        check=NON_EMPTY)
-    seed: int = opt(0, "seed of `--weights random`", check=SEED)
+    seed: int = opt(0, "seed of `--weights random`", check=integer(0))
     dtype: str = opt("float32", "dtype of the cached .npy files; float16 halves the cache",
                      choices=FEATURE_DTYPES)
     precision: str = opt("float32", "compute precision of the backbone; bfloat16 is mixed "

@@ -51,6 +51,8 @@ def _sniff(data: bytes) -> Optional[str]:
         return "webp"
     if data[:4] in (b"II*\x00", b"MM\x00*"):
         return "tiff"
+    if data[:3] in (b"PF\n", b"Pf\n"):          # Portable FloatMap: colour, gray
+        return "pfm"
     return None
 
 
@@ -113,9 +115,9 @@ def _jpeg_end(data: bytes) -> Optional[int]:
 
 def _may_have_alpha(data: bytes, fmt: Optional[str]) -> bool:
     """Cheap header test; only these images pay for a second, alpha-preserving decode.
-    Formats not sniffed (PFM, HDR, PNM, ...) may hold alpha or float samples too: read as
-    8-bit colour, a float PFM of 0..1 came out black (OpenCV casts, it does not scale)."""
-    if fmt is None:
+    A PFM holds float samples: read as 8-bit colour, one of 0..1 came out black (OpenCV
+    casts, it does not scale)."""
+    if fmt == "pfm":
         return True
     if fmt == "png":
         idat = data.find(b"IDAT")

@@ -227,17 +227,21 @@ def test_a_float_tiff_without_alpha_is_read_as_0_1():
     assert str(e.value) == "unsupported pixel values (float32 samples from 0 to 255, not 0..1)"
 
 
-def test_formats_not_sniffed_keep_their_float_and_16_bit_samples():
+def test_a_float_pfm_is_read_as_0_1_and_other_formats_as_before():
     """A float PFM of 0..1 went through IMREAD_COLOR, which casts without scaling: a black
-    image (max 1 of 255), captioned with exit 0; one of HDR values came out all 0."""
+    image (max 1 of 255), captioned with exit 0; one of huge values came out all 0."""
     bgr = np.array([[[0.2, 0.4, 0.6], [1.0, 0.5, 0.0]]], np.float32)  # (1, 2, 3)
     for ext in (".pfm", ".hdr"):
         ok, data = cv2.imencode(ext, bgr)
         assert ok
         np.testing.assert_allclose(decode_image(data.tobytes())[0], [[153, 102, 51],
                                                                      [0, 128, 255]], atol=1)
+    gray = cv2.imencode(".pfm", bgr[..., 0])[1].tobytes()              # "Pf": one channel
+    np.testing.assert_allclose(decode_image(gray)[0], [[51] * 3, [255] * 3], atol=1)
     with pytest.raises(ImageError, match=r"unsupported pixel values \(float32 samples from "):
         decode_image(cv2.imencode(".pfm", bgr * 1e30)[1].tobytes())
+    # a Radiance HDR image of values over 1 (as they are) stays OpenCV's colour decode
+    assert decode_image(cv2.imencode(".hdr", bgr * 4)[1].tobytes()).dtype == np.uint8
     gray16 = np.array([[0, 257 * 51, 65535]], np.uint16)              # (1, 3) PGM, 16-bit
     ppm8 = np.array([[[30, 60, 90]]], np.uint8)                        # (1, 1, 3) PPM
     assert decode_image(cv2.imencode(".pgm", gray16)[1].tobytes())[0].tolist() == [

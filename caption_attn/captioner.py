@@ -177,7 +177,7 @@ def to_captions(result: decode_lib.DecodeResult, vocab: Vocabulary) -> list[list
 
 # An image whose every hypothesis ended with probability 0 (non-finite logits)
 NO_CAPTION = "no caption could be decoded (every hypothesis has probability 0: the model's " \
-    "outputs are not finite numbers)"
+    "outputs are not finite numbers; a damaged or diverged best.keras?)"
 
 # Why `caption` (and `export`) need the feature cache, for the message when it is gone.
 CAPTION_NEEDS = ("`caption` rebuilds the backbone from its manifest.json (and, for random "

@@ -163,7 +163,7 @@ _PY_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-",
 _PY_SPLITS = {"cannot": "can not", "gonna": "gon na", "wanna": "wan na", "gotta": "got ta"}
 _CLITIC = r"(?:s|re|ve|ll|d|m)\b"  # after an apostrophe: it's, we're, you've, we'll, she'd
 _PY_TOKEN = re.compile(rf"""
-      <[^\W\d_][\w-]*>                       # SGML-like tags stay whole: <unk>, <end>
+      <[a-z][\w-]*>                          # SGML-like tags stay whole: <unk>, <end>
     | \.\.\.                                  # ellipsis
     | --                                      # dash
     | [!?]+                                   # "!!" and "?!" stay one token

@@ -14,3 +14,10 @@ class UserError(Exception):
         self.message, self.lines = message, tuple(lines)
         super().__init__("\n".join((message, *self.lines)))
         self.exit_code = exit_code
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. the loss became NaN, a feature file went bad); exit code 1."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=1)

@@ -155,8 +155,8 @@ def _check_not_the_runs(run: RunFolder, metrics_path: str, results_path: str) ->
     own = {os.path.realpath(run.file(n)): n for n in RunFolder.FILES + RunFolder.DIRS}
     for path in (metrics_path, results_path):
         name = own.get(os.path.realpath(path))
+        what = "" if path == metrics_path else f"its captions go to {path}, "
         if name is not None:
-            what = "" if path == metrics_path else f"its captions go to {path}, "
             raise UserError(f"--out {metrics_path}: {what}the run's own {name} (`train` and "
                             f"`evaluate` use that path); choose another --out, e.g. "
                             f"{run.file(os.path.join('eval', 'my_metrics.json'))}")
@@ -164,7 +164,6 @@ def _check_not_the_runs(run: RunFolder, metrics_path: str, results_path: str) ->
         # heatmaps of epochs it trains again, --fresh all of them
         for folder in RunFolder.DIRS:
             if folder != "eval" and is_inside(path, run.file(folder)):
-                what = "" if path == metrics_path else f"its captions go to {path}, "
                 raise UserError(f"--out {metrics_path}: {what}inside the run's {folder}/, "
                                 f"which `train` manages (a resume or --fresh deletes files "
                                 f"there); choose another --out, e.g. "
@@ -215,13 +214,15 @@ def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
         decoded = captioner.decode_batches((b.numpy() for b in pipeline.checked(batches)),
                                            bar, found.places)
     except pipeline.DamagedFeatures as e:   # damaged, or gone since the check: not readable
-        raise UserError(f"{pipeline.DAMAGED}{e.path} ({e.reason}): repair the cache with "
-                        f"`{repair_command(found.cache, found.manifest)}`, then evaluate "
-                        f"again") from None
+        raise UserError(e.advice(repair_command(found.cache, found.manifest),
+                                 "evaluate again")) from None
     dead = [k for k, c in zip(found.keys, decoded) if not c]
     if dead:
         raise UserError(f"{len(dead)} of the {len(found.keys)} {found.split} images (e.g. "
-                        f"{dead[0]!r}): {NO_CAPTION}; nothing was scored")
+                        f"{dead[0]!r}): {NO_CAPTION}; nothing was scored: check the run's "
+                        f"history.json for a loss that went wrong, and caption an image "
+                        f"with `caption-attn caption` to see the model's output",
+                        exit_code=1)
     return {k: c[0] for k, c in zip(found.keys, decoded)}
 
 

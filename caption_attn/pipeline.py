@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from caption_attn.errors import UserError
+from caption_attn.errors import TrainingError, UserError
 from caption_attn.feature_cache import npy_header
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -91,6 +91,18 @@ class DamagedFeatures(Exception):
     def __init__(self, path: str, reason: str):
         super().__init__(f"{DAMAGED}{path} ({reason})")
         self.path, self.reason = path, reason
+
+    def advice(self, repair: str, then: str) -> str:
+        """The file, what is wrong with it and `repair` (the full `extract-features --verify`
+        command of the cache), then what to do after it."""
+        return f"{self}: repair the cache with `{repair}`, then {then}"
+
+    def stop(self, repair: str, step: Optional[int] = None) -> TrainingError:
+        """The error that ends training here; `step`: where a checkpoint was saved, so that
+        the rerun continues from it (None: none)."""
+        resume = "" if step is None else \
+            f": it continues from step {step} (a checkpoint was saved)"
+        return TrainingError(self.advice(repair, "rerun this command" + resume))
 
 
 def checked(batches):

@@ -31,7 +31,7 @@ from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoa
                                     prune_event_files)
 from caption_attn.cider import CiderD
 from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig
-from caption_attn.errors import UserError
+from caption_attn.errors import TrainingError, UserError
 from caption_attn.fileio import write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
 from caption_attn.optimizer import FusedAdam, StagedLearningRate, inner, make_optimizer
@@ -47,13 +47,6 @@ EVAL_BATCH_FACTOR = 4  # validation batches are 4x the training batch: forward o
 
 __all__ = ["FusedAdam", "Trainer", "TrainingError", "format_summary", "load_train_data",
            "open_run", "train"]
-
-
-class TrainingError(UserError):
-    """Training cannot go on (e.g. the loss became NaN); exit code 1."""
-
-    def __init__(self, message: str):
-        super().__init__(message, exit_code=1)
 
 
 def open_run(run_dir: str, cfg: RunConfig, fresh: bool = False) -> list[str]:
@@ -412,18 +405,6 @@ def load_train_data(cfg: RunConfig, run_dir: str, reuse: bool = True) -> TrainDa
     return _load_train_data(cfg, RunFolder(run_dir), reuse=reuse)
 
 
-def damaged_stop(damaged: pipeline.DamagedFeatures, repair: str,
-                 step: Optional[int] = None) -> TrainingError:
-    """The error that ends training at a damaged or unreadable feature file: the file, what
-    is wrong with it and `repair` (the full `extract-features --verify` command of the
-    cache); `step`: where a checkpoint was saved (None: none)."""
-    resume = "" if step is None else f": it continues from step {step} (a checkpoint " \
-        f"was saved)"
-    return TrainingError(
-        f"{pipeline.DAMAGED}{damaged.path} ({damaged.reason}): repair the cache with "
-        f"`{repair}`, then rerun this command{resume}")
-
-
 def check_finite(out: dict, epoch: int, step: int, kept: Optional[str],
                  loss_scaling: bool) -> None:
     """TrainingError when a step's loss (or, without loss scaling, which skips such steps
@@ -521,11 +502,9 @@ class Trainer:
                            lambda: self.scst)
         if mc.feature_norm and self._restored is None:  # else: restored with the model
             train_paths = {self.data.feature_paths[k] for k in self.inputs.train_images}
-            try:
+            with self._stopped_at_damaged_features():
                 self.model.feature_norm.set_statistics(*pipeline.feature_statistics(
                     self.data.reader, train_paths, seed=self.cfg.data.seed))
-            except pipeline.DamagedFeatures as e:
-                raise damaged_stop(e, self.inputs.repair_command()) from None
 
     def restore(self) -> bool:
         """Whether training resumes from a checkpoint (restored when the trainer was built);
@@ -603,7 +582,7 @@ class Trainer:
                     break
         except pipeline.DamagedFeatures as e:
             self._save_checkpoint(step, in_epoch, totals)
-            raise damaged_stop(e, self.inputs.repair_command(), step) from None
+            raise e.stop(self.inputs.repair_command(), step) from None
         self._set_counters(step, in_epoch, totals)
         seconds = max(time.perf_counter() - start, 1e-9)
         return {**totals.logs(self_critical), "steps": in_epoch, "target_steps": target,
@@ -647,14 +626,11 @@ class Trainer:
             self._eval_sets[split] = self.inputs.captions(
                 split, batch_size=EVAL_BATCH_FACTOR * self.cfg.train.batch_size)
         sums = dict.fromkeys(("ce_sum", "tokens", "reg_sum", "caption_count"), 0.0)
-        try:
-            for batch in pipeline.checked(self._eval_sets[split]):
-                for k, v in self.eval_step(batch).items():
-                    sums[k] += float(v)
-        except pipeline.DamagedFeatures as e:  # the epoch's steps are done: keep them
-            self._save()
-            raise damaged_stop(e, self.inputs.repair_command(),
-                               int(self.step.numpy())) from None
+        # a damaged file: `pipeline.DamagedFeatures`, which `_validate`'s caller turns into
+        # the message after saving the epoch's steps
+        for batch in pipeline.checked(self._eval_sets[split]):
+            for k, v in self.eval_step(batch).items():
+                sums[k] += float(v)
         ce = sums["ce_sum"] / max(sums["tokens"], 1.0)
         return {"loss": ce + sums["reg_sum"] / max(sums["caption_count"], 1.0), "ce": ce}
 
@@ -778,7 +754,7 @@ class Trainer:
     @contextlib.contextmanager
     def _stopped_at_damaged_features(self, checkpoint: str = "none"):
         """A damaged or unreadable feature file met by validation or the sample heatmaps ends
-        training with `damaged_stop`'s message, not TensorFlow's traceback. `checkpoint`:
+        training with `DamagedFeatures.stop`'s message, not TensorFlow's traceback. `checkpoint`:
         "save" the steps trained (a rerun continues after them), or they are "saved"."""
         try:
             yield
@@ -786,7 +762,7 @@ class Trainer:
             if checkpoint == "save":
                 self._save()
             step = None if checkpoint == "none" else int(self.step.numpy())
-            raise damaged_stop(e, self.inputs.repair_command(), step) from None
+            raise e.stop(self.inputs.repair_command(), step) from None
 
     def _epoch_length(self, epoch: int) -> int:
         """The steps of 0-based `epoch` (its stage's)."""
@@ -911,14 +887,16 @@ def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
                 f"{len(d.vocab)}, {i.steps_per_epoch} steps/epoch{stages}, "
                 f"{trainer.strategy.num_replicas_in_sync} replica(s), features "
                 f"{'in memory' if i.table is not None else 'streamed from disk'}")
-    if d.truncated or d.truncated_val:
-        n = trainer.cfg.vocab.max_length
-        val = (f" and {d.truncated_val} of {len(i.items['val'][0])} val captions (val_loss "
-               f"is measured on them cut the same way; val_bleu4 and val_cider take whole "
-               f"references)" if d.truncated_val else "")
-        trainer.log(f"note: {d.truncated} of {len(i.items['train'][0])} train captions{val} "
-                    f"are longer than --max-length {n} words: trained on their first {n} "
-                    f"words, then <end> (see `caption-attn inspect` for the caption lengths)")
+    n = trainer.cfg.vocab.max_length
+    if d.truncated:
+        trainer.log(f"note: {d.truncated} of {len(i.items['train'][0])} train captions are "
+                    f"longer than --max-length {n} words: trained on their first {n} words, "
+                    f"then <end> (see `caption-attn inspect` for the caption lengths)")
+    if d.truncated_val:
+        trainer.log(f"note: {d.truncated_val} of {len(i.items['val'][0])} val captions are "
+                    f"longer than --max-length {n} words: val_loss is measured on their "
+                    f"first {n} words, then <end> (val_bleu4 and val_cider take whole "
+                    f"references)")
     if d.skipped_captions:
         trainer.log(f"skipped {d.skipped_captions} captions of {d.skipped_images} images "
                     f"without usable features: {d.problems}")

@@ -488,8 +488,9 @@ def test_an_image_without_a_live_caption_is_refused_not_an_index_error():
     model = types.SimpleNamespace(cfg=types.SimpleNamespace(batch_size=2),
                                   decode_batches=lambda batches, bar, places: [[], ["b"]])
     with pytest.raises(UserError, match=re.escape(
-            "1 of the 2 test images (e.g. 'a.png'): no caption could be decoded")):
+            "1 of the 2 test images (e.g. 'a.png'): no caption could be decoded")) as e:
         evaluate._decode(model, found, progress=False)
+    assert e.value.exit_code == 1         # the input was fine: the model's output is not
 
 
 def test_shapes_metrics_say_which_images_they_are_over_and_need_the_image_size():

@@ -179,9 +179,11 @@ def to_captions(result: decode_lib.DecodeResult, vocab: Vocabulary) -> list[list
 NO_CAPTION = "no caption could be decoded (every hypothesis has probability 0: the model's " \
     "outputs are not finite numbers; a damaged or diverged best.keras?)"
 
-# Why `caption` (and `export`) need the feature cache, for the message when it is gone.
+# Why `caption` and `export` need the feature cache, for the message when it is gone.
 CAPTION_NEEDS = ("`caption` rebuilds the backbone from its manifest.json (and, for random "
                  "weights, the weights saved there)")
+EXPORT_NEEDS = ("`export` builds the backbone into the SavedModel from its manifest.json "
+                "(and, for random weights, the weights saved there)")
 
 
 def check_run_records(run: RunFolder) -> None:
@@ -245,14 +247,15 @@ class Captioner:
 
     @classmethod
     def from_run(cls, run_dir: str, cfg: Optional[DecodeConfig] = None,
-                 cache: Optional[str] = None) -> "Captioner":
+                 cache: Optional[str] = None, needed_for: str = CAPTION_NEEDS) -> "Captioner":
         """The best model of the run in `run_dir`; `cache` replaces the run's feature cache
         (a cache that moved, or a copy; it must hold features of the same backbone). The
-        run and its feature cache are checked before the model is loaded (`check_run`)."""
+        run and its feature cache are checked before the model is loaded (`check_run`;
+        `needed_for`: why the command needs the cache, for the message when it is gone)."""
         cfg = cfg or DecodeConfig()
         run = RunFolder(run_dir)
         run_cfg = run.load_config()
-        check_run(run, cache or run_cfg.cache, bool(cache))
+        check_run(run, cache or run_cfg.cache, bool(cache), needed_for)
         vocab = run.load_vocab()
         model = run.load_best_model()
         if model.vocab_size != len(vocab):

@@ -17,6 +17,7 @@ import re
 from typing import Optional
 
 import tensorflow as tf
+from tensorflow.python.util import deprecation  # TF has no public switch for its notices
 
 _INDEX = re.compile(r"^ckpt-(\d+)\.index$")
 
@@ -89,8 +90,9 @@ def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: str,
             _set_aside(bad)
     if set_aside and (failures or not _state_readable(directory)):
         intact = list_checkpoints(directory)
-        tf.compat.v1.train.update_checkpoint_state(
-            directory, intact[0], all_model_checkpoint_paths=list(reversed(intact)))
+        with deprecation.silence():  # its notice went to stderr on every such resume
+            tf.compat.v1.train.update_checkpoint_state(
+                directory, intact[0], all_model_checkpoint_paths=list(reversed(intact)))
     return prefix
 
 

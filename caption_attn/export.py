@@ -47,7 +47,7 @@ import tensorflow as tf
 
 from caption_attn import __version__, graph_images
 from caption_attn.backbone import GRID, IMAGE_SIZE, NUM_PIXELS, Backbone, build_backbone
-from caption_attn.captioner import Captioner, make_decoder
+from caption_attn.captioner import EXPORT_NEEDS, Captioner, make_decoder
 from caption_attn.config import DecodeConfig, ExportConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import is_stale_temp, read_manifest
@@ -98,7 +98,8 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     # records the best epoch read with the model, and a model replaced while it was being
     # loaded is refused (the record, read 40 s later at the end, named the next best epoch).
     captioner, best_record = run.read_best_unchanged(
-        lambda: Captioner.from_run(run_dir, decode_cfg, cache=cache), "the export", "export")
+        lambda: Captioner.from_run(run_dir, decode_cfg, cache=cache, needed_for=EXPORT_NEEDS),
+        "the export", "export")
     backbone = captioner.backbone
     _remove_killed_exports(out, log)
     tmp = temp_name(out)

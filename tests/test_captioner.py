@@ -448,7 +448,11 @@ def test_a_run_whose_cache_moved_says_how_to_point_at_it(shapes_data, trained_ru
     assert main(["caption", "--run", run, image]) == 2
     err = capsys.readouterr().err
     assert f"the run's feature cache {tmp_path / 'moved'} does not exist" in err
-    assert "pass --cache NEW_FOLDER" in err
+    assert "pass --cache NEW_FOLDER" in err and "`caption` rebuilds the backbone" in err
+    # export's message named `caption`'s need
+    assert main(["export", "--run", run, "--out", str(tmp_path / "exported")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist: `export` builds the backbone into the SavedModel" in err
 
 
 def test_one_image_spelled_twice_is_captioned_once(tmp_path, monkeypatch):

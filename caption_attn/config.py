@@ -433,9 +433,9 @@ class DecodeConfig(Config):
     xla: bool = opt(False, "compile the decoding loop of every batch with XLA (by default "
                     "only batches of --xla-min-images or more are)")
     xla_min_images: int = opt(32, "batches of at least this many images of a float32 model "
-                              "decode in one XLA-compiled loop: about 1.5 s to compile once "
-                              "per batch size, "
-                              "then up to ~1.3x faster (`evaluate`, `caption` of many images); "
+                              "decode in one XLA-compiled loop: about 1.2-2 s to compile "
+                              "once per batch size, then ~1.0-1.8x faster by CPU and method "
+                              "(README, Speed) (`evaluate`, `caption` of many images); "
                               "smaller batches, such as a one-image `caption`, compile "
                               "nothing. 0: never (unless --xla)", check=integer(0))
 

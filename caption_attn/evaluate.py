@@ -297,8 +297,10 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
 
     run = RunFolder(run_dir)
     metrics_path, results_path = run.eval_outputs(split, out)
-    _check_outputs(metrics_path, results_path, given=out is not None)
+    # the run's own paths first: `--out RUN/logs`, a folder, was told to write
+    # RUN/logs/test_metrics.json, inside the folder train manages (refused in turn)
     _check_not_the_runs(run, metrics_path, results_path)
+    _check_outputs(metrics_path, results_path, given=out is not None)
     # every flag and file before the model is loaded: the run, the cache, the caption file,
     # then the split's records and features (a bad --cache or --captions was reported after)
     run_cfg = run.load_config()

@@ -41,7 +41,7 @@ from caption_attn.recurrence import (StepWeights, additive_attention, attend_and
                                      output_cross_entropy, teacher_forced_recurrence)
 
 # Version of the saved model's layout. 2: no attention score bias, f_beta without an unused
-# activation, no `num_pixels` argument (format 1 is caption_attn 0.1's).
+# activation, no `num_pixels` argument (format 1: models saved before 30 November 2026).
 MODEL_FORMAT = 2
 
 
@@ -385,8 +385,9 @@ def check_model_format(found) -> None:
     if found != MODEL_FORMAT:
         raise ValueError(
             f"the saved model has model format {found!r}; this caption_attn reads format "
-            f"{MODEL_FORMAT} (format 1, caption_attn 0.1, had an attention score bias that "
-            f"could not learn and was removed). Resume its run with `caption-attn train` (its "
+            f"{MODEL_FORMAT} (format 1, of models saved before 30 November 2026, had an "
+            f"attention score bias that could not learn and was removed). Resume its run "
+            f"with `caption-attn train` (its "
             f"checkpoints still load) to save a best model in the current format")
 
 

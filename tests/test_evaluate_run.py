@@ -133,6 +133,15 @@ def test_an_out_on_a_path_the_run_uses_is_refused_even_before_that_exists(
     assert not os.path.exists(path)
 
 
+def test_an_out_naming_a_folder_train_manages_is_told_the_run_uses_it(run_copy, capsys):
+    # it was told "is a folder; give the metrics JSON file to write, e.g. RUN/logs/
+    # test_metrics.json", a path refused in turn
+    path = os.path.join(run_copy.path, "logs")
+    assert os.path.isdir(path)
+    assert main(["evaluate", "--run", run_copy.path, "--out", path]) == 2
+    assert f"--out {path}: the run's own logs" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("where", [("attention", "epoch_2"), ("checkpoints",), ("logs",)])
 def test_an_out_inside_a_folder_train_manages_is_refused(run_copy, capsys, monkeypatch,
                                                          where):
@@ -190,7 +199,9 @@ def test_an_out_that_would_overwrite_another_file_is_refused_before_decoding(
     before = open(victim, "rb").read()
     assert main(["evaluate", "--run", run, "--out", out]) == 2
     err = capsys.readouterr().err
-    assert victim in err and "not written by `caption-attn evaluate`" in err
+    why = "the run's own config.json" if target == "config" else \
+        "not written by `caption-attn evaluate`"
+    assert victim in err and why in err
     assert open(victim, "rb").read() == before
     assert not os.path.exists(str(tmp_path / "notes.json"))
 

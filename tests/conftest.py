@@ -15,11 +15,12 @@ SHAPES_IMAGES = 40
 # order (files with more tests first) the heavy files with few tests came last, and one worker
 # idled for 70 s of a 414 s run while the other ran the last of them.
 # (export, extract, faults, captioner and train scaled by their measured speed-ups when
-# `reuse_random_backbones` came in: 0.80, 0.70, 0.67, 0.53, 0.96.)
+# `reuse_random_backbones` came in: 0.80, 0.70, 0.67, 0.53, 0.96; benchmarks: + ~45 s of
+# bench_export's smoke test, 51 s on the Intel Xeon with AMX of stop 30.)
 FILE_SECONDS = {"test_export.py": 78, "test_train.py": 73, "test_extract.py": 52,
                 "test_demo.py": 52, "test_kill_resume.py": 47, "test_distributed.py": 41,
                 "test_faults.py": 34, "test_captioner.py": 26, "test_train_scst.py": 25,
-                "test_evaluate_run.py": 19, "test_backbone.py": 17, "test_benchmarks.py": 17,
+                "test_evaluate_run.py": 19, "test_backbone.py": 17, "test_benchmarks.py": 60,
                 "test_coco_metrics.py": 14, "test_quiet.py": 10}
 
 

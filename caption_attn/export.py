@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import glob
 import os
 import re
 import shutil
@@ -250,18 +251,21 @@ def _carry_over(out: str, tmp: str) -> None:
 def _refuse_folder_of_exports(out: str) -> None:
     """UserError, even with --force, when `out` (not a symlink) holds exports in folders of
     its own: TF Serving's MODELS/NAME with its versions 1/, 2/ ... given without a version,
-    which replacing would delete with every version in it."""
+    or the MODELS/ root of NAME/VERSION/ exports, which replacing would delete with every
+    version in it."""
     if os.path.islink(out) or not os.path.isdir(out):
         return
-    versions = sorted(n for n in os.listdir(out)
-                      if os.path.isfile(os.path.join(out, n, INFO_FILE)))
-    if versions:
-        numbers = [int(n) for n in versions if n.isdigit()]
-        shown = ", ".join(f"{n}/" for n in versions[:3]) + (" ..." if len(versions) > 3 else "")
+    found = sorted(os.path.relpath(os.path.dirname(p), out) for depth in ("*", "*/*")
+                   for p in glob.glob(os.path.join(glob.escape(out), depth, INFO_FILE)))
+    if found:
+        name = os.path.dirname(found[0])          # "" for versions right below `out`
+        numbers = [int(os.path.basename(v)) for v in found
+                   if os.path.dirname(v) == name and os.path.basename(v).isdigit()]
+        shown = ", ".join(f"{v}/" for v in found[:3]) + (" ..." if len(found) > 3 else "")
         raise UserError(f"--out {out}: holds exports in folders of its own ({shown}), which "
                         f"replacing it would delete (even with --force); give the export a "
                         f"folder of its own, e.g. "
-                        f"{os.path.join(out, str(max(numbers, default=0) + 1))}")
+                        f"{os.path.join(out, name, str(max(numbers, default=0) + 1))}")
 
 
 def _ancestors(path: str) -> set:

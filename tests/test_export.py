@@ -422,6 +422,10 @@ def test_a_folder_of_exported_versions_is_refused_even_with_force(tmp_path):
     _refused(["export", "--run", run, "--out", str(model), "--force"],
              "1/, 2/", str(model / "3"))
     assert sorted(os.listdir(model)) == ["1", "2"]
+    # the models' root (MODELS/NAME/VERSION/) too: it deleted every model's versions
+    _refused(["export", "--run", run, "--out", str(tmp_path / "serving"), "--force"],
+             "captioner/1/, captioner/2/", str(model / "3"))
+    assert sorted(os.listdir(model)) == ["1", "2"]
 
 
 def test_export_config_checks_itself():

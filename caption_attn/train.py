@@ -753,9 +753,10 @@ class Trainer:
 
     @contextlib.contextmanager
     def _stopped_at_damaged_features(self, checkpoint: str = "none"):
-        """A damaged or unreadable feature file met by validation or the sample heatmaps ends
-        training with `DamagedFeatures.stop`'s message, not TensorFlow's traceback. `checkpoint`:
-        "save" the steps trained (a rerun continues after them), or they are "saved"."""
+        """A damaged or unreadable feature file met before the steps (the feature statistics,
+        the decoder's trace), by validation or by the sample heatmaps ends training with
+        `DamagedFeatures.stop`'s message, not TensorFlow's traceback. `checkpoint`: "save"
+        the steps trained (a rerun continues after them), or they are "saved"."""
         try:
             yield
         except pipeline.DamagedFeatures as e:

@@ -549,11 +549,10 @@ class Trainer:
             seed = self.cfg.data.seed * 1_000_003
             run = lambda batch, s: self.steps.scst_step(  # noqa: E731
                 batch, tf.constant(seed + s, tf.int64))
-            target = self.inputs.scst_steps_per_epoch
         else:
             batches = self.inputs.captions("train", epoch=epoch, skip=in_epoch)
             run = lambda batch, s: self.train_step(batch)  # noqa: E731
-            target = self.inputs.steps_per_epoch
+        target = self._epoch_length(epoch)
         bar = progress.bar(target, self.progress, stateful=["loss", "reward", "cap/s"])
         if in_epoch:
             bar.update(in_epoch)

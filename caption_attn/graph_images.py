@@ -194,21 +194,19 @@ def jpeg_walk(raw):
     # A structure the walk cannot follow (libjpeg skips stray bytes between segments, and
     # OpenCV still finds the EXIF data): the first bytes Exif\0\0 of the first EXIF_SCAN
     orientation = tf.cond(tf.equal(end, -2) & (orientation < 1),
-                          lambda: _searched_orientation(padded, n), lambda: orientation)
+                          lambda: _searched_orientation(padded, n, byte), lambda: orientation)
     orientation = tf.where((orientation >= 1) & (orientation <= 8), orientation, 1)
     return end, orientation
 
 
-def _searched_orientation(padded, n):
+def _searched_orientation(padded, n, byte):
     """The Orientation (int32, -1 if none) of the APP1 payload at the first bytes Exif\0\0
-    among the first EXIF_SCAN of a JPEG's bytes `padded` (n + 1,) int32 (a 0 after them)."""
+    among the first EXIF_SCAN of a JPEG's bytes `padded` (n + 1,) int32 (a 0 after them),
+    read with `jpeg_walk`'s `byte`."""
     head = padded[:tf.minimum(n, EXIF_SCAN)]
     found = tf.cast(tf.where(_matches(head, b"Exif\0\0"))[:1, 0], tf.int32)   # (0 or 1,)
     start = tf.concat([found, [-1]], 0)[0]
     payload_end = tf.minimum(start + 6 + (1 << 16), n)       # a segment holds < 64 KB
-
-    def byte(i):
-        return tf.gather(padded, tf.clip_by_value(i, 0, n))
     return tf.where(start >= 0, _app1_orientation(byte, start + 6, payload_end), -1)
 
 

@@ -387,8 +387,8 @@ def check_model_format(found) -> None:
             f"the saved model has model format {found!r}; this caption_attn reads format "
             f"{MODEL_FORMAT} (format 1, of models saved before 30 November 2026, had an "
             f"attention score bias that could not learn and was removed). Resume its run "
-            f"with `caption-attn train` (its "
-            f"checkpoints still load) to save a best model in the current format")
+            f"with `caption-attn train` (its checkpoints still load) to save a best model in "
+            f"the current format")
 
 
 def masked_loss(logits, targets, alphas, attention_reg: float = 1.0):

@@ -18,7 +18,8 @@ from caption_attn.coco_metrics import COCO_METRICS, coco_metrics, write_results
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import (describe_problems, feature_path, read_manifest,
-                                        repair_command, source_images, usable_features)
+                                        repair_command, source_images, usable_features,
+                                        using_features)
 from caption_attn.fileio import is_inside, read_json, write_json_atomic
 from caption_attn.run import RunFolder, check_folder_writable
 from caption_attn.shapes_metrics import (SHAPES_METRICS, scene_accuracy_by_objects,
@@ -308,15 +309,17 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
         _check_not_in_cache(run, out, results_path, cache or run_cfg.cache)
     check_run(run, cache or run_cfg.cache, cache is not None,
               needed_for="evaluate reads the split's features from it")
-    found = _load_split(run_dir, split, run_cfg, cache or run_cfg.cache,
-                        _captions_file(captions, run_cfg.captions))
-    # which best model is scored, read with it: after a resumed `train` saves a new best, an
-    # earlier metrics file could not be told from a current one (nor one made while `train`
-    # replaced best.keras under the load)
-    captioner, best_record = run.read_best_unchanged(
-        lambda: Captioner.from_run(run_dir, cfg or DecodeConfig(), cache=cache), "evaluate",
-        "evaluate")
-    best = _decode(captioner, found, progress)
+    # no extract-features may write the cache while it is read (nor be writing it now)
+    with using_features(cache or run_cfg.cache, writing=False):
+        found = _load_split(run_dir, split, run_cfg, cache or run_cfg.cache,
+                            _captions_file(captions, run_cfg.captions))
+        # which best model is scored, read with it: after a resumed `train` saves a new best,
+        # an earlier metrics file could not be told from a current one (nor one made while
+        # `train` replaced best.keras under the load)
+        captioner, best_record = run.read_best_unchanged(
+            lambda: Captioner.from_run(run_dir, cfg or DecodeConfig(), cache=cache),
+            "evaluate", "evaluate")
+        best = _decode(captioner, found, progress)
     hypotheses = {k: c.text for k, c in best.items()}
     result = {"run": run_dir, "split": split, "best": best_record, "images": len(found.keys),
               "images_without_features": len(found.without),

@@ -343,6 +343,14 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     start = time.monotonic()
     check_folder_writable(cfg.cache, "--cache")  # before the backbone is built
     feature_cache.check_cache_folder(cfg.cache)
+    # refused while a train or evaluate reads the cache (before the images are listed)
+    with feature_cache.using_features(cfg.cache, writing=True):
+        return _extract_into_cache(images_dir, cfg, keys, progress, start)
+
+
+def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list[str]],
+                        progress: bool, start: float) -> dict:
+    """`extract_features` once the cache is this process's to write."""
     mine, failed = _shard_keys(images_dir, cfg, keys)
     folders = sum(k.endswith("/") for k in failed)   # unlistable: no image of their own
     n_bad_keys = len(failed) - folders

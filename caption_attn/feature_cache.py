@@ -12,6 +12,8 @@ Cache layout:
                                      and FOLDER/<TAB>reason of folders that could not be listed
     <cache>/backbone_random_seed{S}.weights.h5   random backbone weights (`--weights random`)
     <cache>/.lock                    flock'ed around every manifest / failed.tsv / index update
+    <cache>/.reading.lock, .writing.lock   flock'ed (shared) by every process reading or
+                                     writing features: the two exclude each other
 
 Each `.npy` is a (64, 2048) array: InceptionV3's last 8x8x2048 map (ImageNet preprocessing, no
 top), flattened row-major (position = row * 8 + col) and multiplied by the cache's
@@ -36,6 +38,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
@@ -43,6 +46,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 from typing import Iterable, Optional
@@ -65,6 +69,7 @@ FORMAT_VERSION = 2               # bump when the meaning of cached files changes
 MANIFEST = "manifest.json"
 FAILED = "failed.tsv"
 LOCK = ".lock"
+READING, WRITING = ".reading.lock", ".writing.lock"   # see `using_features`
 STALE_TEMP_AGE_S = 3600          # temp files of other hosts older than this are stale
 _TEMP_RE = re.compile(r"^\.(?P<base>.+)\.tmp\.(?P<pid>\d+)\.(?P<host>.+?)(\.weights\.h5)?$")
 
@@ -176,6 +181,116 @@ def cache_lock(cache_dir: str):
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def using_features(cache_dir: str, writing: bool):
+    """Held while this process reads the cache's features (`train`, `evaluate`) or writes
+    them (`extract-features`): a shared flock on <cache>/.reading.lock or .writing.lock.
+    Readers share with readers and writers (shards) with writers, but a reader and a writer
+    refuse each other (UserError naming the other's pids): `extract-features` rewrites the
+    file of an image that changed, so a `train` streaming the features (a cache over
+    --memory-cache-gb) trained on the new ones from then on, without a word; a `train`
+    started while a cache was being extracted trained on the images done so far, with a
+    vocabulary fit on their captions. Both sides register under the cache's exclusive lock,
+    so two starting at once cannot both miss the other. A reader of a folder that is no cache
+    (no manifest: its own checks say so) or whose lock files cannot be opened (a read-only
+    cache, which no extraction writes either) holds nothing. The locks go with the process,
+    also when it is killed."""
+    mine, theirs = (WRITING, READING) if writing else (READING, WRITING)
+    if not writing and not os.path.exists(os.path.join(cache_dir, MANIFEST)):
+        yield
+        return
+    created = writing and not os.path.isdir(cache_dir)
+    held = None
+    try:
+        with _exclusive(cache_dir, create=writing):
+            held = _lock_file(os.path.join(cache_dir, mine))
+            if held is not None and not _flock(held, fcntl.LOCK_SH):
+                held.close()
+                held = None
+            other = _lock_file(os.path.join(cache_dir, theirs))
+            if other is not None:
+                with other:
+                    try:
+                        _flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        raise UserError(_in_use_message(cache_dir, writing,
+                                                        _lock_holders(other))) from None
+        yield
+    finally:
+        if held is not None:
+            held.close()
+        # a first extraction that failed before its manifest leaves no folder of lock files
+        with contextlib.suppress(OSError):
+            if created and set(os.listdir(cache_dir)) <= {READING, WRITING, LOCK}:
+                shutil.rmtree(cache_dir)
+
+
+@contextlib.contextmanager
+def _exclusive(cache_dir: str, create: bool):
+    """`cache_lock`, or (`create` False) that lock when its file can be opened at all."""
+    if create:
+        with cache_lock(cache_dir):
+            yield
+        return
+    f = _lock_file(os.path.join(cache_dir, LOCK))
+    if f is None:
+        yield
+        return
+    with f:
+        _flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _flock(f, operation: int) -> bool:
+    """flock `f`; False where its file system has no locks (an NFS mount with `nolock`),
+    where a reader then goes on unlocked as before. BlockingIOError: held by another."""
+    try:
+        fcntl.flock(f.fileno(), operation)
+        return True
+    except BlockingIOError:
+        raise
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            return False
+        raise
+
+
+def _lock_file(path: str):
+    """`path` opened to flock it (created if need be), or None when it cannot be opened."""
+    for mode in ("a+", "r"):   # "r": an existing lock file of a cache this user cannot write
+        try:
+            return open(path, mode)
+        except OSError:
+            continue
+    return None
+
+
+def _lock_holders(f) -> list[int]:
+    """Pids holding a flock on the open file `f`, from Linux' /proc/locks ([] elsewhere)."""
+    st = os.fstat(f.fileno())
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as locks:
+            lines = locks.read().splitlines()
+    except OSError:
+        return []
+    pids = {int(fields[4]) for fields in (line.split() for line in lines)
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device
+            and fields[4].isdigit()}
+    return sorted(pids - {os.getpid()}) or sorted(pids)
+
+
+def _in_use_message(cache_dir: str, writing: bool, pids: list[int]) -> str:
+    who = f" (pid {', '.join(map(str, pids))})" if pids else ""
+    if writing:
+        return (f"--cache {cache_dir}: a `caption-attn train` or `evaluate`{who} is reading "
+                f"its features now; extracting would change feature files under it: wait "
+                f"for it to end, or extract into another --cache")
+    return (f"--cache {cache_dir}: `caption-attn extract-features`{who} is writing into it "
+            f"now; its features are not all there yet and may still change: wait for it to "
+            f"end, then rerun")
 
 
 # failed.tsv's fields escape what would end a field or a line (a file may be named "a\tb.jpg"

@@ -1056,6 +1056,15 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
         notes.append(f"{run.split} has no fingerprint of the run's caption data (a run made "
                      f"before they were recorded): recording the one of {cfg.captions}, "
                      f"against which later resumes are checked")
+    # no extract-features may write the cache while it is read (nor be writing it now)
+    with feature_cache.using_features(cfg.cache, writing=False):
+        return _load_and_train(run, cfg, run_dir, images_dir, progress, log, notes)
+
+
+def _load_and_train(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, progress, log,
+                    notes: list) -> dict:
+    """`train` after its checks of the flags and the run folder."""
+    fresh = cfg.train.fresh
     data = load_train_data(cfg, run_dir, reuse=not fresh)   # reads, writes nothing
     check_model_size(cfg, vocab_tokens=len(data.vocab))
     check_cider_vocabulary(cfg.train, len(data.vocab))

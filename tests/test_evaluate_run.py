@@ -48,6 +48,21 @@ def test_evaluate_run_writes_results_and_metrics(shapes_data, trained_run, tmp_p
                                           "max_length": 21}
 
 
+def test_evaluate_from_a_cache_being_extracted_is_refused(trained_run, tmp_path):
+    """The split's features may be missing or change under it: refused, writing nothing."""
+    from caption_attn.feature_cache import using_features
+
+    cache = RunFolder(trained_run).load_config().cache
+    out = tmp_path / "m.json"
+    with using_features(cache, writing=True):
+        with pytest.raises(UserError, match=rf"^--cache {re.escape(cache)}: `caption-attn "
+                                            rf"extract-features` \(pid {os.getpid()}\) is "
+                                            rf"writing into it now"):
+            evaluate.evaluate_run(trained_run, "test", out=str(out), progress=False,
+                                  use_java=False)
+    assert not out.exists()
+
+
 def test_the_metrics_record_every_decoding_setting(trained_run, tmp_path, monkeypatch):
     # --max-length and the sampling flags change the captions but were not in the metrics
     # JSON: a run scored with --max-length 3 or --sample --seed 7 looked like the default.

@@ -17,7 +17,7 @@ from caption_attn.extract import extract_features
 from caption_attn.feature_cache import (cache_identity, check_feature_file,
                                         describe_difference, describe_problems, feature_path,
                                         npy_header, read_manifest, refuse_other_identity,
-                                        usable_features)
+                                        usable_features, using_features)
 from caption_attn.feature_index import IMAGE_CHANGED, NOT_INDEXED, REWRITTEN
 from image_samples import GOOD, extract_cfg, scene, write_rgb
 
@@ -163,3 +163,83 @@ def test_problems_name_images_that_failed_to_extract_and_why(cache_copy):
         f"file (0 bytes)). Extracting them again fails the same way: fix or remove these "
         f"images (or their captions), then rerun `caption-attn extract-features --cache "
         f"{cache_copy} ...`")
+
+
+def _files_of(folder):
+    """{path: mtime} of every file under `folder`."""
+    return {os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns
+            for d, _, names in os.walk(folder) for n in names}
+
+
+def test_readers_and_writers_of_a_cache_refuse_each_other(tmp_path):
+    """`extract-features` rewrote the file of a changed image under a `train` streaming the
+    cache, which trained on the new features without a word; a `train` started during an
+    extraction trained on the images done so far. Readers share, writers (shards) share, a
+    reader and a writer refuse each other, naming the other's pid."""
+    import subprocess
+    import sys
+
+    cache = str(tmp_path / "cache")
+    os.makedirs(cache)
+    (tmp_path / "cache" / "manifest.json").write_text("{}")
+    me = os.getpid()
+    with using_features(cache, writing=False), using_features(cache, writing=False):
+        with pytest.raises(UserError, match=rf"^--cache {cache}: a `caption-attn train` or "
+                                            rf"`evaluate` \(pid {me}\) is reading its "
+                                            rf"features now; extracting would change"):
+            with using_features(cache, writing=True):
+                pass
+    with using_features(cache, writing=True), using_features(cache, writing=True):
+        with pytest.raises(UserError, match=rf"^--cache {cache}: `caption-attn "
+                                            rf"extract-features` \(pid {me}\) is writing into "
+                                            rf"it now"):
+            with using_features(cache, writing=False):
+                pass
+    with using_features(cache, writing=False):   # both released: each may start again
+        pass
+    # another process's lock is named by its pid (this one's left out)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_SH); print('held', flush=True); time.sleep(60)",
+         os.path.join(cache, ".reading.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(UserError, match=rf"\(pid {holder.pid}\) is reading"):
+            with using_features(cache, writing=True):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with using_features(cache, writing=True):   # its lock went with the process
+        pass
+
+
+def test_features_in_use_holds_nothing_where_there_is_no_cache(tmp_path):
+    """A reader of a folder without a manifest creates no lock files in it (its own checks
+    refuse it); a first extraction that fails before writing anything leaves no folder."""
+    other = tmp_path / "photos"
+    other.mkdir()
+    with using_features(str(other), writing=False):
+        pass
+    assert os.listdir(other) == []
+    new = tmp_path / "new_cache"
+    with pytest.raises(RuntimeError):
+        with using_features(str(new), writing=True):
+            assert new.is_dir()
+            raise RuntimeError("the backbone could not be built")
+    assert not new.exists()
+    with using_features(str(new), writing=True):
+        (new / "manifest.json").write_text("{}")
+    assert sorted(os.listdir(new)) == [".lock", ".reading.lock", ".writing.lock",
+                                       "manifest.json"]
+
+
+def test_extraction_into_a_cache_being_read_is_refused_before_anything(images, cache_copy):
+    def features():   # every file but the lock files
+        return {p: t for p, t in _files_of(cache_copy).items() if not p.endswith(".lock")}
+
+    before = features()
+    with using_features(cache_copy, writing=False):
+        with pytest.raises(UserError, match=r"is reading its features now"):
+            extract_features(images, extract_cfg(cache_copy, verify=True), progress=False)
+    assert features() == before

@@ -3,6 +3,7 @@ import functools
 import glob
 import json
 import os
+import re
 import shutil
 import types
 
@@ -238,6 +239,22 @@ def test_a_second_train_of_a_run_being_trained_is_refused(trained, tmp_path):
         assert _files(run) == before and os.path.exists(os.path.join(run, "best.keras"))
     summary = train.train(cfg, run, progress=False, log=lambda *a: None)  # lock released
     assert summary["steps_now"] == 0
+
+
+def test_train_from_a_cache_being_extracted_is_refused(trained, tmp_path):
+    """A `train` started while `extract-features` wrote its cache trained on the images done
+    so far (their captions' vocabulary), with only a note; it is refused, writing nothing."""
+    from caption_attn.feature_cache import using_features
+
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    before = _files(run)
+    with using_features(trained["cfg"].cache, writing=True):
+        with pytest.raises(UserError, match=rf"^--cache {re.escape(trained['cfg'].cache)}: "
+                                            rf"`caption-attn extract-features` \(pid "
+                                            rf"{os.getpid()}\) is writing into it now"):
+            train.train(small_config_like(trained), run, progress=False, log=lambda *a: None)
+    assert _files(run) == before
 
 
 def test_a_model_too_large_for_memory_is_refused_before_anything(shapes_data, tmp_path):

@@ -8,10 +8,11 @@ as `extract-features` did, runs the backbone that made the run's cache, and capt
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import os
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -552,8 +553,8 @@ def attention_plot(image: np.ndarray, caption: Caption, name: str = "",
 def heatmap_writer(out_dir: str, paths: Sequence[str],
                    images: Sequence[str] = ()) -> Callable[[dict], dict]:
     """A function saving the best caption's heatmap of each image of some `caption_images`
-    (or `caption_batches`) results into OUT_DIR, returning path -> file written; each of
-    `paths` has a distinct file (`heatmap_files` of all of them, so batches written one by
+    (or `caption_batches`) results into OUT_DIR, and removing the file of each image of
+    `failed`, returning path -> file written; each of `paths` has a distinct file (`heatmap_files` of all of them, so batches written one by
     one get the names one call would give). UserError first, nothing written, if a heatmap
     would overwrite one of `paths` or `images` (`check_heatmap_targets`)."""
     from caption_attn import plot
@@ -562,11 +563,17 @@ def heatmap_writer(out_dir: str, paths: Sequence[str],
     names = display_names(list(paths))
     files = heatmap_files(names)
 
-    def write(results: dict) -> dict:
+    def write(results: dict, failed: Iterable[str] = ()) -> dict:
         written = {}
         for path, (image, captions) in results.items():
             written[path] = os.path.join(out_dir, files[path])
             plot.save_figure(attention_plot(image, captions[0], names[path]), written[path])
+        # an image that failed now (unreadable, or no caption) loses the heatmap an earlier
+        # run drew of it: left in OUT_DIR, it showed attention the model no longer gives
+        for path in failed:
+            if path in files:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out_dir, files[path]))
         return written
     return write
 

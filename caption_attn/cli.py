@@ -157,7 +157,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         if not shown:
             report(errors)
         if write_heatmaps:
-            write_heatmaps(results)
+            write_heatmaps(results, errors)
         count += len(results)
         if args.json:
             captioned.update({path: (None, caps) for path, (_, caps) in results.items()})

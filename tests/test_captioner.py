@@ -2,6 +2,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import keras
 import numpy as np
@@ -542,6 +543,29 @@ def test_an_image_without_a_live_caption_is_reported_not_printed_empty(
     assert f"caption-attn caption: {images[1]}: {captioner.NO_CAPTION}\n" in err
     assert sorted(os.listdir(heat)) == sorted(os.path.basename(p) for p in (images[0],
                                                                               images[2]))
+
+
+def test_an_image_failing_now_loses_the_heatmap_an_earlier_caption_drew(
+        shapes_data, trained_run, tmp_path, capsys):
+    """`caption --plot-attention DIR` left an image's heatmap of an earlier run in DIR when
+    the image could not be read now (the failure reported): DIR showed attention the model
+    no longer gives for that file."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    images = []
+    for path in _test_images(shapes_data, trained_run, 2):
+        images.append(str(folder / os.path.basename(path)))
+        shutil.copy(path, images[-1])
+    heat = tmp_path / "heat"
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--plot-attention", str(heat),
+                 *images]) == 0
+    assert len(os.listdir(heat)) == 2
+    with open(images[1], "wb") as f:
+        f.write(b"not pixels any more")
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--plot-attention", str(heat),
+                 *images]) == 0
+    assert "(unrecognised format)" in capsys.readouterr().err           # reported
+    assert os.listdir(heat) == [os.path.basename(images[0])]
 
 
 def test_caption_batches_hold_batch_size_readable_images_in_order(shapes_data, trained_run,

@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from typing import Hashable, Optional, Union
 
 from pycocoevalcap.bleu.bleu import Bleu
@@ -200,20 +201,32 @@ def ptb_tokenize_python(captions_for_image: dict[Key, list[str]]) -> dict[Key, l
 # --------------------------------------------------------------------------- coco metrics
 def _meteor(gts: dict, res: dict) -> float:
     """pycocoevalcap's METEOR; its Java process is always ended (its `__del__` would wait
-    forever on the scorer's lock if `compute_score` raised while holding it)."""
+    forever on the scorer's lock if `compute_score` raised while holding it), and what it
+    writes on stderr is read and dropped: pycocoevalcap pipes it and never reads it, so a JVM
+    writing more than a pipe holds (64 KB: warnings, a stack trace) stopped both processes,
+    each waiting for the other, and `evaluate` hung."""
     meteor = Meteor()
+    proc = meteor.meteor_p
+    drain = threading.Thread(target=_read_to_the_end, args=(proc.stderr,), daemon=True)
+    drain.start()
     try:
         score, _ = meteor.compute_score(gts, res)
         return float(score)
     finally:
-        proc = meteor.meteor_p
         proc.kill()
         proc.wait()
+        drain.join(timeout=10)   # the pipe's end: the process is gone
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             with contextlib.suppress(OSError):
                 stream.close()
         if meteor.lock.locked():
             meteor.lock.release()
+
+
+def _read_to_the_end(stream) -> None:
+    """Read `stream` until it ends, dropping what it holds."""
+    while stream.read(65536):
+        pass
 
 
 def _tokenize_both(gts: dict, res: dict, java: bool, notes: list[str]) -> tuple[dict, dict]:

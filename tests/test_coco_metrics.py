@@ -46,6 +46,57 @@ def _direct_coco(references, hypotheses, with_meteor: bool) -> dict:
     return out
 
 
+# A stand-in for METEOR's jar speaking its stdin protocol (SCORE lines -> statistics, an
+# EVAL line -> a score per image and the total) after writing 1.6 MB on stderr first.
+FAKE_METEOR = r"""
+import sys
+sys.stderr.write("warning " * 200000)
+sys.stderr.flush()
+for line in sys.stdin:
+    if line.startswith("SCORE"):
+        print("1 2 3", flush=True)
+    elif line.startswith("EVAL"):
+        print("0.25\n" * line.count("|||") + "0.25", flush=True)
+"""
+
+
+def test_meteor_reads_what_java_writes_on_stderr(monkeypatch, tmp_path):
+    """pycocoevalcap pipes METEOR's stderr and never reads it: a JVM writing more than a pipe
+    holds (64 KB) waited for us while we waited for its score, and `evaluate` hung."""
+    import threading
+
+    script = tmp_path / "fake_meteor.py"
+    script.write_text(FAKE_METEOR)
+    started = []
+
+    class FakeMeteor(Meteor):
+        def __init__(self):
+            self.meteor_p = subprocess.Popen([sys.executable, str(script)],
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE)
+            self.lock = threading.Lock()
+            started.append(self.meteor_p)
+
+        def __del__(self):
+            pass
+
+    monkeypatch.setattr(coco_metrics, "Meteor", FakeMeteor)
+    gts = {1: ["a red circle"], 2: ["a blue square"]}
+    res = {1: ["a red circle"], 2: ["a square"]}
+    scores = []
+    worker = threading.Thread(target=lambda: scores.append(coco_metrics._meteor(gts, res)),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    try:
+        assert not worker.is_alive(), "METEOR hung on its full stderr pipe"
+        assert scores == [0.25]
+        assert started[0].poll() is not None   # the process is ended
+    finally:
+        for proc in started:
+            proc.kill()
+
+
 # --------------------------------------------------------------------------- coco metrics
 @needs_java
 def test_coco_metrics_java_tokenizer_equals_pycocoevalcap(monkeypatch, capfd):

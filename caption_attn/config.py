@@ -115,15 +115,20 @@ class Config:
     """Base of the config dataclasses: type, range and cross-field checks on creation."""
 
     def __post_init__(self):
+        # kept with the config: checks made after it was created (`inspect` and `train`
+        # refusing --val-fraction for a Karpathy file) ran outside `flags_given`, and took a
+        # flag typed with its default value for one not given
+        self._flags_given = _FLAGS_GIVEN.get()
         self.validate()
 
     def given(self, names) -> set:
         """Those of the fields `names` that the user set: on the command line (even to their
-        default value, see `flags_given`) or, for a config made in Python, to a value other
-        than the default. `check_together` refuses a flag by this, not by its value."""
+        default value, see `flags_given`: the flags given when this config was made) or, for a
+        config made in Python, to a value other than the default. `check_together` refuses a
+        flag by this, not by its value."""
         fields = type(self).__dataclass_fields__
         return {name for name in names
-                if name in _FLAGS_GIVEN.get() or getattr(self, name) != fields[name].default}
+                if name in self._flags_given or getattr(self, name) != fields[name].default}
 
     def validate(self) -> None:
         """`UserError` naming the first invalid flag and its value."""

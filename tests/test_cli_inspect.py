@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from caption_attn import cli
+from caption_attn import config as C
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,6 +79,12 @@ def test_inspect_refuses_split_fractions_for_a_file_with_its_own_split(tmp_path,
     assert cli.main(["inspect", "--captions", str(path), "--test-fraction", "0.1"]) == 2
     assert "--test-fraction 0.1 splits files without" in capsys.readouterr().err
     assert cli.main(["inspect", "--captions", str(path), "--seed", "3"]) == 0
+    capsys.readouterr()
+    # typed with its default value it was taken for a flag not given (and ignored)
+    for flag, value in (("--val-fraction", C.DataConfig.val_fraction),
+                        ("--test-fraction", C.DataConfig.test_fraction)):
+        assert cli.main(["inspect", "--captions", str(path), flag, str(value)]) == 2
+        assert f"{flag} {value} splits files without" in capsys.readouterr().err
 
 
 def test_inspect_missing_captions_file(tmp_path, capsys):

@@ -946,6 +946,22 @@ def test_split_fractions_for_a_file_with_its_own_split_are_refused(shapes_data, 
     assert not os.path.exists(run)
 
 
+def test_a_split_fraction_typed_with_its_default_value_is_refused_too(shapes_data, tmp_path,
+                                                                     capsys):
+    """`train --val-fraction 0.05` (the default, typed) on a Karpathy file trained on the
+    file's own split: the check ran after the config was made, when a flag typed with its
+    default value no longer counted as given."""
+    from caption_attn.cli import main
+
+    run = tmp_path / "run"
+    code = main(["train", "--captions", shapes_data["captions"], "--cache",
+                 shapes_data["cache"], "--run", str(run), "--val-fraction",
+                 str(DataConfig.val_fraction)])
+    assert code == 2 and not run.exists()
+    assert (f"--val-fraction {DataConfig.val_fraction} splits files without a split of their "
+            f"own") in capsys.readouterr().err
+
+
 def test_fractions_that_leave_no_train_image_say_so(shapes_data, tmp_path):
     """--val-fraction 0.99 on a 40-image file without a split of its own rounds every image
     into val: the error blamed missing features ("run extract-features first")."""

@@ -182,7 +182,10 @@ class EarlyStopping(keras.callbacks.Callback):
     # Keras hooks --------------------------------------------------------------
     def on_epoch_end(self, epoch, logs=None):
         self._update(epoch, logs or {})
-        if self._exhausted():
+        # not when the next epoch starts a stage with another monitor (--scst-after), whose
+        # patience starts over: the last cross-entropy epoch stopped the run there, and the
+        # self-critical stage never trained (a rerun, replaying, went on into it)
+        if self._exhausted() and self._monitor_for(epoch + 1) == self.monitor:
             self.stopped_epoch = epoch
             self.model.stop_training = True
 

@@ -930,6 +930,7 @@ def _summary(trainer: Trainer, history, early, reason, seconds, epochs_before: i
             "epoch_length": inputs.scst_steps_per_epoch if trainer.cfg.train.is_scst(finished)
             else inputs.steps_per_epoch,
             "max_steps": trainer.cfg.train.max_steps,
+            "scst_after": trainer.cfg.train.scst_after,
             "epochs_now": finished - epochs_before, "steps_now": steps - steps_before,
             "stopped_by": reason, "monitor": early.monitor,
             "best_monitor": (best or {}).get("monitor"), "best_epoch": (best or {}).get("epoch"),
@@ -1156,6 +1157,11 @@ def format_summary(summary: dict) -> str:
     else:
         head = (f"trained {s['steps_now']} steps ({s['epochs_now']} epochs finished) in "
                 f"{s['seconds']:.0f} s, stopped by {s['stopped_by']}; the run: {run}{best}")
+    if s["stopped_by"] == "early_stopping" and s.get("scst_after") is not None \
+            and s["finished_epochs"] < s["scst_after"]:
+        head += (f"\nno self-critical epoch trained: the cross-entropy stage stopped early, "
+                 f"before --scst-after {s['scst_after']}; rerun with --scst-after "
+                 f"{s['finished_epochs']} to train it from here")
     kept = (summary["best_model"] if s["best_epoch"] is not None else
             "none yet (no epoch finished: the first one saves it)")
     return (f"{head}\n"

@@ -199,6 +199,33 @@ def test_a_stopped_run_resumed_into_another_stage_trains_it():
     assert same.model.stop_training and same.stopped_epoch == 1
 
 
+def test_patience_running_out_at_the_last_cross_entropy_epoch_goes_on_into_the_next_stage():
+    """`--epochs 4 --scst-after 2 --patience 1`: the last cross-entropy epoch without
+    improvement stopped the run there, the self-critical stage never trained and nothing said
+    so; rerun, the replay went on into that stage. Live and replay now agree: a stage with
+    its own monitor starts over; within a stage patience still stops the run."""
+    stage = lambda epoch: "val_cider" if epoch >= 2 else "val_loss"  # noqa: E731
+    logs = [{"val_loss": 2.0}, {"val_loss": 2.5}]
+    es = EarlyStopping(stage, patience=1)
+    model = _model()
+    es.set_model(model)
+    es.on_train_begin()
+    for epoch, entry in enumerate(logs):
+        es.on_epoch_end(epoch, entry)
+    assert not model.stop_training and es.stopped_epoch is None
+    history = [{"epoch": e + 1, **entry} for e, entry in enumerate(logs)]
+    assert not EarlyStopping(stage, patience=1, initial_history=history).replay()
+    es.on_epoch_end(2, {"val_loss": 2.6, "val_cider": 0.3})            # the new stage trains
+    assert not model.stop_training and es.monitor == "val_cider"
+    later = lambda epoch: "val_cider" if epoch >= 3 else "val_loss"  # noqa: E731
+    within = EarlyStopping(later, patience=1)                          # one stage more to go
+    within.set_model(_model())
+    within.on_train_begin()
+    for epoch, entry in enumerate(logs):
+        within.on_epoch_end(epoch, entry)
+    assert within.model.stop_training and within.stopped_epoch == 1
+
+
 # --- TensorBoardLogger ----------------------------------------------------------------------
 
 

@@ -98,6 +98,26 @@ def test_cross_entropy_then_self_critical_in_one_call_with_the_greedy_baseline(s
     assert np.isfinite(history[1]["reward"]) and np.isfinite(history[1]["baseline"])
 
 
+def test_cross_entropy_stopped_early_says_no_self_critical_epoch_trained(shapes_data,
+                                                                        tmp_path):
+    """Early stopping before --scst-after ended the run with "stopped by early_stopping"
+    only: that the self-critical stage never trained went unsaid, and the advice was a larger
+    --patience (more cross-entropy). The advice given, --scst-after N, trains it."""
+    run = str(tmp_path / "run")
+    never_better = dict(epochs=4, patience=1, min_delta=100.0, scst_samples=1,
+                        scst_baseline="greedy")
+    summary = train.train(_config(shapes_data, scst_after=3, **never_better), run,
+                          progress=False, log=lambda *a: None)
+    assert summary["stopped_by"] == "early_stopping" and summary["finished_epochs"] == 2
+    assert ("\nno self-critical epoch trained: the cross-entropy stage stopped early, before "
+            "--scst-after 3; rerun with --scst-after 2 to train it from here\n"
+            ) in train.format_summary(summary)
+    summary = train.train(_config(shapes_data, scst_after=2, **never_better), run,
+                          progress=False, log=lambda *a: None)
+    assert [h["stage"] for h in _history(run)] == ["cross-entropy"] * 2 + ["self-critical"]
+    assert "no self-critical epoch" not in train.format_summary(summary)
+
+
 def test_a_nan_reward_stops_with_a_message_about_the_reward(shapes_data, tmp_path,
                                                             monkeypatch):
     from caption_attn import cider

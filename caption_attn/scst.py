@@ -32,12 +32,13 @@ import tensorflow as tf
 from caption_attn import decode
 from caption_attn.captioner import masked_step
 from caption_attn.cider import CiderD, DocumentFrequency
+from caption_attn.errors import UserError
 from caption_attn.fileio import read_json, write_json_atomic
 from caption_attn.vocab import PAD, START
 
 
 def train_document_frequency(path: str, references: dict, vocab_size: int,
-                             save: bool) -> DocumentFrequency:
+                             save: bool, log=lambda line: None) -> DocumentFrequency:
     """The train split's CIDEr-D document frequencies: read from `path` (a run keeps them in
     its folder as JSON) when they were counted on exactly `references` {train image id: [id
     lists]}, else counted from them and, with `save`, written there.
@@ -45,16 +46,27 @@ def train_document_frequency(path: str, references: dict, vocab_size: int,
     The file records a digest of the references it was counted on: a resume whose train
     images gained or lost features (or a file copied from another run with the same
     vocabulary size) kept the old counts, an idf over other images. A file written before
-    the digest was recorded is kept if it counted as many images."""
+    the digest was recorded is kept if it counted as many images. A file that cannot be read
+    (damaged, another version) is counted again, with a note to `log`: it is a cache, and
+    its error came after an epoch's steps, which were lost with no checkpoint."""
     digest = references_digest(references)
     if os.path.exists(path):
-        stored = read_json(path)
-        df = DocumentFrequency.from_json(stored, source=path)
+        try:
+            stored = read_json(path)
+            df = DocumentFrequency.from_json(stored, source=path)
+        except UserError as e:
+            log(f"note: {e}; counting the document frequencies again")
+            return _count_document_frequency(path, references, vocab_size, save, digest)
         recorded = stored.get("references_sha256")
         if df.vocab_size == vocab_size and (
                 recorded == digest if recorded is not None
                 else df.num_images == len(references)):
             return df
+    return _count_document_frequency(path, references, vocab_size, save, digest)
+
+
+def _count_document_frequency(path: str, references: dict, vocab_size: int, save: bool,
+                              digest: str) -> DocumentFrequency:
     df = DocumentFrequency.build(references, vocab_size)
     if save:
         write_json_atomic(path, {**df.to_json(), "references_sha256": digest})

@@ -450,7 +450,8 @@ class Trainer:
         self.data = data or load_train_data(cfg, run_dir)
         self.images_dir = images_dir or self.data.manifest.get("images_dir")
         keras.utils.set_random_seed(cfg.data.seed)
-        self.inputs = EpochData(cfg, self.data, self.strategy, self.run, self.chief)
+        self.inputs = EpochData(cfg, self.data, self.strategy, self.run, self.chief,
+                                log=self.log)
         # the cosine decay spans the cross-entropy epochs, never --max-steps: a run stopped
         # by it and rerun takes the learning rates of an uninterrupted run
         self._build_state(tc.cross_entropy_epochs

@@ -190,9 +190,10 @@ class EpochData:
     split's references and CIDEr-D document frequencies)."""
 
     def __init__(self, cfg: RunConfig, data: TrainData, strategy, run: RunFolder,
-                 chief: bool):
+                 chief: bool, log=lambda line: None):
         tc = cfg.train
         self.cfg, self.data, self.strategy, self.run, self.chief = cfg, data, strategy, run, chief
+        self.log = log
         self.boundaries = pipeline.bucket_boundaries(cfg.vocab.max_length + 2)
         self.items = {s: data.items(s) for s in ("train", "val")}
         self.steps_per_epoch = pipeline.count_batches(
@@ -252,5 +253,6 @@ class EpochData:
         in its folder by the chief)."""
         if self._df is None:
             self._df = train_document_frequency(self.run.cider_df, self.train_references(),
-                                                len(self.data.vocab), save=self.chief)
+                                                len(self.data.vocab), save=self.chief,
+                                                log=self.log)
         return self._df

@@ -119,3 +119,25 @@ def test_document_frequencies_are_recounted_when_the_train_references_change(tmp
     assert train_document_frequency(path, {0: [[1, 9, 2]], 1: [[1, 5, 2]]}, V,
                                     save=False).get((6,)) == 1        # kept (old rule)
     assert train_document_frequency(path, gained, V, save=False).num_images == 3
+
+
+@pytest.mark.parametrize("damage", ['{"format": "caption_attn', '{"format": "other"}'])
+def test_a_damaged_document_frequency_file_is_counted_again_with_a_note(tmp_path, damage):
+    """A truncated cider_df.json (or one of another version) stopped `train` with its error
+    after the epoch's steps, which were lost without a checkpoint; it is a cache: counted
+    again, with a note, and written back."""
+    from caption_attn.cider import DocumentFrequency
+    from caption_attn.scst import train_document_frequency
+
+    path, V = str(tmp_path / "cider_df.json"), 20
+    references = {0: [[1, 5, 6, 2]], 1: [[1, 7, 8, 2]]}
+    with open(path, "w") as f:
+        f.write(damage)
+    notes = []
+    df = train_document_frequency(path, references, V, save=True, log=notes.append)
+    assert df.num_images == 2 and df.get((5, 6)) == 1
+    assert len(notes) == 1 and notes[0].startswith(f"note: {path}: ")
+    assert notes[0].endswith("; counting the document frequencies again")
+    assert DocumentFrequency.load(path).num_images == 2               # written back
+    assert train_document_frequency(path, references, V, save=True, log=notes.append).get(
+        (5, 6)) == 1 and len(notes) == 1                              # read, no note

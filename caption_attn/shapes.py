@@ -40,6 +40,7 @@ import functools
 import os
 import re
 import shutil
+import stat
 import string
 import time
 from typing import Optional
@@ -345,7 +346,16 @@ def _prepare(out_dir: str, replace: bool) -> tuple[str, str]:
     return images_dir, captions
 
 
-_OWN_IMAGE = re.compile(r"^\.?shape_\d+\.png")  # an image, or its temporary file
+# an image, or fileio's temporary file of one (`.shape_N.png.tmp.<pid>.<host>`, left by a
+# killed run); the whole name, so `shape_00003.png.orig` or `shape_1.png.backup/` is not ours
+_OWN_IMAGE = re.compile(r"shape_\d+\.png|\.shape_\d+\.png\.tmp\.\d+\..+")
+
+
+def _own_image(images_dir: str, name: str) -> bool:
+    """Whether images/`name` is one make-shapes wrote: a regular file (not a folder, nor a
+    link, whose name proves nothing of what it holds) of an image's or its temporary name."""
+    return bool(_OWN_IMAGE.fullmatch(name)) and \
+        stat.S_ISREG(os.lstat(os.path.join(images_dir, name)).st_mode)
 
 
 def _check_made_here(out_dir: str, images_dir: str, captions: str) -> None:
@@ -362,8 +372,13 @@ def _check_made_here(out_dir: str, images_dir: str, captions: str) -> None:
             raise UserError(f"{captions}: not written by make-shapes (no \"dataset\": "
                             f"\"{DATASET_NAME}\"); --replace only deletes a dataset it made: "
                             f"choose an empty or new folder")
+    if os.path.islink(images_dir):
+        # rmtree refuses a link only after captions.json was deleted, and its target is
+        # someone's folder, not one this command made
+        raise UserError(f"{images_dir}: a link, not make-shapes' images folder; choose an "
+                        f"empty or new folder")
     if os.path.isdir(images_dir):
-        others = sorted(n for n in os.listdir(images_dir) if not _OWN_IMAGE.match(n))
+        others = sorted(n for n in os.listdir(images_dir) if not _own_image(images_dir, n))
         if others:
             raise UserError(f"{out_dir}: images/{others[0]} was not made by make-shapes; "
                             f"--replace only deletes a dataset it made: choose an empty or "

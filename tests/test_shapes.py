@@ -340,3 +340,48 @@ def test_existing_dataset_folder_is_refused_unless_replace(tmp_path):
         _make(tmp_path / "d", seed=3, replace=True)
     assert (tmp_path / "d" / "notes.txt").read_text() == "mine"
     assert first["images"] == second["images"]
+
+
+@pytest.mark.parametrize("mine", ["shape_00003.png.orig", "shape_00001.png.backup/notes.txt",
+                                  "shape_00007.png/x.txt", ".shape_00000.png.swp"])
+def test_replace_refuses_files_that_only_start_like_its_images(tmp_path, mine):
+    """`shape_00003.png.orig` and a folder `shape_00001.png.backup/` passed as the command's
+    images (a name starting with shape_N.png) and were deleted by --replace."""
+    out = tmp_path / "d"
+    _make(out, num_images=4)
+    path = out / "images" / mine
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("mine")
+    before = _files(out)
+    with pytest.raises(UserError, match=r"images/" + re.escape(mine.split("/")[0])
+                       + r" was not made by make-shapes"):
+        _make(out, num_images=4, replace=True)
+    assert _files(out) == before
+
+
+def test_replace_deletes_its_images_and_their_temporary_files(tmp_path):
+    """What a killed make-shapes leaves (its images and fileio's temporary files,
+    `.shape_N.png.tmp.<pid>.<host>`) is its own, deleted by --replace."""
+    from caption_attn.fileio import temp_name
+    out = tmp_path / "d"
+    _make(out, num_images=4)
+    temp = temp_name(str(out / "images" / "shape_00001.png"))
+    with open(temp, "wb") as f:
+        f.write(b"half a png")
+    _make(out, num_images=4, seed=3, replace=True)
+    assert sorted(os.listdir(out / "images")) == [f"shape_{i:05d}.png" for i in range(4)]
+
+
+def test_replace_refuses_an_images_folder_that_is_a_link(tmp_path):
+    """rmtree refused the link only after captions.json was deleted: a half-deleted dataset."""
+    target = tmp_path / "photos"
+    target.mkdir()
+    (target / "shape_00000.png").write_bytes(b"mine")
+    out = tmp_path / "d"
+    _make(out, num_images=1)
+    shutil.rmtree(out / "images")
+    os.symlink(target, out / "images")
+    before = _files(out)
+    with pytest.raises(UserError, match=r"images: a link, not make-shapes' images folder"):
+        _make(out, num_images=1, replace=True)
+    assert _files(out) == before and (target / "shape_00000.png").read_bytes() == b"mine"

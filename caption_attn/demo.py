@@ -51,12 +51,7 @@ def check_workdir(cfg: DemoConfig) -> None:
                 f"neither reuses nor deletes them (not even with --fresh): choose an empty or "
                 f"new --workdir, or delete them by hand if they are an old demo's")
     if cfg.fresh:
-        for name in MADE:
-            path = os.path.join(work, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+        _delete_made(work)
     elif os.path.exists(record):
         saved = read_json(record)
         if not isinstance(saved, dict):
@@ -76,6 +71,33 @@ def check_workdir(cfg: DemoConfig) -> None:
                        "rerun with the same flags to reuse it, choose another --workdir, or add "
                        "--fresh to delete it and start over"])
     write_json_atomic(record, settings)
+
+
+def _delete_made(work: str) -> None:
+    """--fresh: delete what the demo made in `work`. A link among them (a big cache moved
+    elsewhere and linked back) is removed as a link, never its target's contents: the target
+    is outside the work folder, and may hold more than the demo's files. Every folder to be
+    emptied is checked before anything is deleted: a refusal halfway (rmtree refused a link
+    after `shapes` was gone) left a half-deleted work folder."""
+    doomed = [os.path.join(work, name) for name in MADE
+              if os.path.lexists(os.path.join(work, name))]
+    for path in doomed:
+        folders = [os.path.dirname(path)]
+        if os.path.isdir(path) and not os.path.islink(path):
+            folders += [folder for folder, _, _ in os.walk(path)]   # links are not followed
+        for folder in folders:
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise UserError(f"--fresh: cannot delete what the demo made in --workdir "
+                                f"{work}: {folder} is not writable; nothing was deleted")
+    for path in doomed:
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except OSError as e:
+            raise UserError(f"--fresh: cannot delete {e.filename or path} ({e.strerror}); "
+                            f"delete what is left of {path} by hand, then rerun") from None
 
 
 def _refuse_inside_another_demo(workdir: str) -> None:
@@ -155,10 +177,14 @@ def caption_test_images(cfg: DemoConfig, paths: dict, images_dir: str, log) -> d
     """Stage 5: caption the first `cfg.show` test images and draw their heatmaps into a
     heatmaps folder holding nothing else: the heatmaps of an earlier demo run (a larger
     --show, another --beam, fewer --epochs: an older model) would otherwise stay beside the
-    new ones, looking like this model's. Returns the images that failed (path -> reason)."""
+    new ones, looking like this model's. A heatmaps link is removed as a link (as by
+    --fresh), its target left alone: rmtree refused it, after evaluating. Returns the images
+    that failed (path -> reason)."""
     from caption_attn import captioner
 
-    if os.path.isdir(paths["heatmaps"]):
+    if os.path.islink(paths["heatmaps"]):
+        os.remove(paths["heatmaps"])
+    elif os.path.isdir(paths["heatmaps"]):
         shutil.rmtree(paths["heatmaps"])
     if not cfg.show:
         return {}

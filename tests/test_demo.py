@@ -172,6 +172,13 @@ def test_heatmaps_of_an_earlier_demo_run_do_not_stay_beside_the_new_ones(tmp_pat
     (heat / "a.png").write_text("old")
     assert demo.caption_test_images(DemoConfig(show=0), paths, "imgs", lines.append) == {}
     assert not heat.exists()
+    # a heatmaps link (rmtree refused it, after evaluating): removed as a link, target kept
+    target = tmp_path / "elsewhere"
+    os.makedirs(target)
+    (target / "mine.png").write_text("kept")
+    os.symlink(target, heat)
+    assert demo.caption_test_images(DemoConfig(show=0), paths, "imgs", lines.append) == {}
+    assert not os.path.lexists(heat) and (target / "mine.png").read_text() == "kept"
 
 
 def test_train_refusals_name_the_demos_scst_after_not_trains_none(monkeypatch):
@@ -276,3 +283,41 @@ def test_a_dataset_replaced_after_the_demo_made_it_is_not_reused(tmp_path):
     with pytest.raises(UserError, match=r"other scenes or captions than --seed 7 gives "
                                         r"\(shape_00000\.png\)"):
         demo._dataset(DemoConfig(num_images=20, seed=7), str(folder), lines.append)
+
+
+@pytest.mark.parametrize("linked", ["features_cache", "heatmaps", "models/shapes"])
+def test_fresh_removes_a_link_as_a_link_and_keeps_its_target(tmp_path, linked):
+    """A cache moved elsewhere and linked back: rmtree refused the link after `shapes` was
+    deleted (a half-deleted work folder, exit 1, no file named)."""
+    work = tmp_path / "work"
+    demo.check_workdir(DemoConfig(workdir=str(work), seed=0))
+    for folder in ("shapes", "features_cache", "models/shapes", "heatmaps"):
+        if folder != linked:
+            os.makedirs(work / folder)
+            (work / folder / "x").write_text("x")
+    target = tmp_path / "elsewhere"
+    os.makedirs(target)
+    (target / "big").write_text("kept")
+    os.makedirs((work / linked).parent, exist_ok=True)
+    os.symlink(target, work / linked)
+    demo.check_workdir(DemoConfig(workdir=str(work), seed=5, fresh=True))
+    assert sorted(os.listdir(work)) == ["demo.json", "models"]
+    assert os.listdir(work / "models") == []
+    assert os.listdir(target) == ["big"] and (target / "big").read_text() == "kept"
+
+
+def test_fresh_checks_every_folder_before_deleting_anything(tmp_path, monkeypatch):
+    from caption_attn.errors import UserError
+    work = tmp_path / "work"
+    demo.check_workdir(DemoConfig(workdir=str(work), seed=0))
+    for folder in ("shapes", "heatmaps/deep"):
+        os.makedirs(work / folder)
+        (work / folder / "x").write_text("x")
+    locked = str(work / "heatmaps" / "deep")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: p != locked and real_access(p, mode))
+    with pytest.raises(UserError, match=r"^--fresh: cannot delete .* --workdir .*: "
+                                        r".*deep is not writable; nothing was deleted"):
+        demo.check_workdir(DemoConfig(workdir=str(work), seed=5, fresh=True))
+    assert (work / "shapes" / "x").exists() and (work / "heatmaps" / "deep" / "x").exists()
+    assert json.loads((work / "demo.json").read_text())["seed"] == 0

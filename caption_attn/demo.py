@@ -100,6 +100,29 @@ def _delete_made(work: str) -> None:
                             f"delete what is left of {path} by hand, then rerun") from None
 
 
+FOLDERS = (("shapes", "dataset"), ("cache", "feature cache"), ("run", "run folder"),
+           ("heatmaps", "heatmaps folder"))
+
+
+def check_paths(cfg: DemoConfig, paths: dict) -> None:
+    """`UserError` in the demo's terms unless each of its folders (`paths`) is a folder or
+    can be made as one: a file `WORKDIR/models` was found by train, after make-shapes and
+    extract-features had run in full, naming train's --run. What --fresh will delete is
+    taken as gone."""
+    work = os.path.abspath(cfg.workdir)
+    doomed = {os.path.join(work, name) for name in MADE} if cfg.fresh else set()
+    for key, label in FOLDERS:
+        probe = paths[key]
+        while (probe in doomed or not os.path.lexists(probe)) \
+                and probe != os.path.dirname(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise UserError(f"--workdir {cfg.workdir}: {probe} is not a folder, but the demo "
+                            f"makes its {label} {paths[key]} there: move it away, or choose "
+                            f"another --workdir")
+        check_folder_writable(probe, f"--workdir {cfg.workdir}: the demo's {label} in")
+
+
 def _refuse_inside_another_demo(workdir: str) -> None:
     """UserError when `workdir` is inside what another demo's work folder owns (its dataset,
     cache, run or heatmaps): that demo's --fresh, re-rendering or heatmaps (redrawn on every
@@ -247,6 +270,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     run_cfg = run_config(cfg, os.path.join(paths["shapes"], "captions.json"), paths["cache"])
     train.check_train_flags(run_cfg.train)
     train.check_model_size(run_cfg)
+    check_paths(cfg, paths)
     check_workdir(cfg)
 
     log(f"[1/5] make-shapes -> {paths['shapes']}")

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 
@@ -321,3 +322,37 @@ def test_fresh_checks_every_folder_before_deleting_anything(tmp_path, monkeypatc
         demo.check_workdir(DemoConfig(workdir=str(work), seed=5, fresh=True))
     assert (work / "shapes" / "x").exists() and (work / "heatmaps" / "deep" / "x").exists()
     assert json.loads((work / "demo.json").read_text())["seed"] == 0
+
+
+@pytest.mark.parametrize("blocker", ["models", "models/shapes", "features_cache", "heatmaps",
+                                     "shapes"])
+def test_a_file_where_the_demo_makes_a_folder_is_refused_before_the_first_stage(
+        tmp_path, monkeypatch, blocker):
+    """`WORKDIR/models` a file: make-shapes and extract-features ran in full, then train
+    refused, naming its --run (a flag the demo has not)."""
+    from caption_attn.errors import UserError
+
+    def first_stage(*args):
+        raise AssertionError("make-shapes ran")
+    monkeypatch.setattr(demo, "_dataset", first_stage)
+    work = tmp_path / "work"
+    cfg = DemoConfig(workdir=str(work), num_images=20, epochs=1, scst_after=1)
+    demo.check_workdir(cfg)
+    os.makedirs((work / blocker).parent, exist_ok=True)
+    (work / blocker).write_text("mine")
+    with pytest.raises(UserError, match=r"^--workdir .*: .*" + re.escape(blocker)
+                       + r" is not a folder, but the demo makes its .* there: move it away, "
+                         r"or choose another --workdir$") as e:
+        demo.run_demo(cfg, log=lambda m: None)
+    assert "--run" not in str(e.value) and "--cache" not in str(e.value)
+    assert sorted(os.listdir(work)) == sorted(["demo.json", blocker.split("/")[0]])
+    if blocker != "models":
+        # --fresh deletes what the demo made, a file of those names included
+        demo.check_paths(dataclasses.replace(cfg, fresh=True), paths(work))
+    new = tmp_path / "new" / "work"                             # made by the demo: fine
+    demo.check_paths(dataclasses.replace(cfg, workdir=str(new)), paths(new))
+
+
+def paths(work):
+    return {"shapes": str(work / "shapes"), "cache": str(work / "features_cache"),
+            "run": str(work / "models" / "shapes"), "heatmaps": str(work / "heatmaps")}

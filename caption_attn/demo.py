@@ -12,14 +12,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from typing import Optional
 
 from caption_attn import shapes
-from caption_attn.backbone import native_bfloat16
-from caption_attn.config import (DataConfig, DecodeConfig, DemoConfig, ExtractConfig,
-                                 ModelConfig, RunConfig, ShapesConfig, TrainConfig)
+from caption_attn.backbone import native_bfloat16, onednn_cap_without_bfloat16
+from caption_attn.config import (BACKBONE_PRECISIONS, DataConfig, DecodeConfig, DemoConfig,
+                                 ExtractConfig, ModelConfig, RunConfig, ShapesConfig,
+                                 TrainConfig)
 from caption_attn.fileio import read_json, write_json_atomic
 from caption_attn.errors import UserError
 from caption_attn.run import check_folder_writable
@@ -183,6 +185,65 @@ def _dataset(cfg: DemoConfig, folder: str, log) -> dict:
     return summary
 
 
+def _recorded_precision(cache: str) -> Optional[str]:
+    """The backbone precision the manifest of `cache` records; None without a (readable)
+    one, whose problems extract-features names."""
+    try:
+        manifest = read_json(os.path.join(cache, "manifest.json"))
+    except (UserError, OSError):
+        return None
+    precision = manifest.get("precision") if isinstance(manifest, dict) else None
+    return precision if precision in BACKBONE_PRECISIONS else None
+
+
+def backbone_precision(cfg: DemoConfig, cache: str, log) -> str:
+    """The precision of the demo's backbone: bfloat16 where it runs natively, float32 on
+    AVX2-only CPUs; but a cache already extracted keeps the precision it was made in (its
+    manifest records it), so a rerun reuses it on any CPU (one made on another CPU kind, or
+    under the README's ONEDNN_MAX_CPU_ISA=AVX2) as the README promises. The demo has no
+    --precision, so the refusal extract-features gave there named flags it has not."""
+    mine = "bfloat16" if native_bfloat16() else "float32"
+    recorded = _recorded_precision(cache)
+    if recorded is None or recorded == mine:
+        return mine
+    cap = onednn_cap_without_bfloat16()
+    if recorded == "bfloat16" and cap:
+        # oneDNN capped below bfloat16 gets bfloat16 ops it has no kernel for: the process
+        # aborts (in extract-features or in captioning the test images)
+        raise UserError(f"--workdir {cfg.workdir}: its feature cache {cache} was extracted "
+                        f"with a bfloat16 backbone, which oneDNN capped at {cap} "
+                        f"(ONEDNN_MAX_CPU_ISA) cannot run: unset ONEDNN_MAX_CPU_ISA to reuse "
+                        f"it, or add --fresh to start the demo over in float32")
+    slower = " (bfloat16 is emulated here: slower)" if recorded == "bfloat16" else ""
+    log(f"note: {cache} was extracted in {recorded}, and the demo keeps its precision to "
+        f"reuse it{slower}; this machine would pick {mine} (--fresh starts over in {mine})")
+    return recorded
+
+
+_OTHER_CACHE = re.compile(r"--cache (.*) holds features made with (.*), this run asks for (.*); "
+                          r"a cache holds one backbone's features only: .*", re.S)
+
+
+def extract_stage(cfg: DemoConfig, data: dict, paths: dict, precision: str) -> dict:
+    """Stage 2: `extract.extract_features` with the demo's settings. A cache of other
+    settings was refused in extract-features' terms (--cache, --precision, --dtype), flags
+    the demo has not: said in the demo's instead."""
+    from caption_attn import extract
+
+    try:
+        return extract.extract_features(data["images_dir"], ExtractConfig(
+            cache=paths["cache"], weights="random", seed=cfg.seed, dtype="float16",
+            precision=precision))
+    except UserError as e:
+        other = _OTHER_CACHE.fullmatch(e.message)
+        if other is None:
+            raise
+        raise UserError(f"--workdir {cfg.workdir}: its feature cache {other[1]} holds "
+                        f"features made with {other[2]}, the demo asks for {other[3]}: add "
+                        f"--fresh to start the demo over, or choose another --workdir",
+                        e.exit_code, e.lines) from None
+
+
 def run_config(cfg: DemoConfig, captions: str, cache: str) -> RunConfig:
     return RunConfig(
         captions=captions, cache=cache, data=DataConfig(seed=cfg.seed),
@@ -272,19 +333,17 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     train.check_model_size(run_cfg)
     check_paths(cfg, paths)
     check_workdir(cfg)
+    precision = backbone_precision(cfg, paths["cache"], log)
 
     log(f"[1/5] make-shapes -> {paths['shapes']}")
     t = time.perf_counter()
     data = _dataset(cfg, paths["shapes"], log)
     timings["make_shapes"] = time.perf_counter() - t
 
-    precision = "bfloat16" if native_bfloat16() else "float32"
     log(f"[2/5] extract-features (random InceptionV3, seed {cfg.seed}, {precision}) -> "
         f"{paths['cache']}")
     t = time.perf_counter()
-    summary = extract.extract_features(data["images_dir"], ExtractConfig(
-        cache=paths["cache"], weights="random", seed=cfg.seed, dtype="float16",
-        precision=precision))
+    summary = extract_stage(cfg, data, paths, precision)
     log(extract.format_summary(summary))
     timings["extract_features"] = time.perf_counter() - t
 

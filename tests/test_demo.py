@@ -356,3 +356,85 @@ def test_a_file_where_the_demo_makes_a_folder_is_refused_before_the_first_stage(
 def paths(work):
     return {"shapes": str(work / "shapes"), "cache": str(work / "features_cache"),
             "run": str(work / "models" / "shapes"), "heatmaps": str(work / "heatmaps")}
+
+
+@pytest.mark.parametrize("native, recorded, expected, note", [
+    (True, None, "bfloat16", None), (False, None, "float32", None),
+    (True, "bfloat16", "bfloat16", None),
+    (True, "float32", "float32", "extracted in float32, and the demo keeps its precision to "
+                                 "reuse it; this machine would pick bfloat16"),
+    (False, "bfloat16", "bfloat16", "extracted in bfloat16, and the demo keeps its precision to "
+                                    "reuse it (bfloat16 is emulated here: slower); this machine "
+                                    "would pick float32 (--fresh starts over in float32)")])
+def test_a_rerun_keeps_the_precision_its_cache_was_extracted_in(tmp_path, monkeypatch, native,
+                                                                recorded, expected, note):
+    """A workdir made on another CPU kind (or under ONEDNN_MAX_CPU_ISA=AVX2, as the README's
+    Results do) was refused by extract-features, naming --cache and --precision, flags the
+    demo has not: a rerun reuses the cache, as the README promises."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(demo, "native_bfloat16", lambda: native)
+    cache = tmp_path / "features_cache"
+    if recorded:
+        os.makedirs(cache)
+        (cache / "manifest.json").write_text(json.dumps({"precision": recorded}))
+    lines = []
+    assert demo.backbone_precision(DemoConfig(), str(cache), lines.append) == expected
+    if note is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and lines[0].startswith(f"note: {cache} was {note}")
+
+
+def test_a_bfloat16_cache_under_onednn_capped_below_it_is_refused_in_the_demos_terms(
+        tmp_path, monkeypatch):
+    """oneDNN capped at AVX2 has no bfloat16 kernels: captioning the test images with the
+    cache's bfloat16 backbone failed after training and evaluating."""
+    from caption_attn.errors import UserError
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    monkeypatch.setattr(demo, "native_bfloat16", lambda: False)
+    os.makedirs(tmp_path / "c")
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps({"precision": "bfloat16"}))
+    with pytest.raises(UserError, match=r"^--workdir w: its feature cache .* bfloat16 backbone, "
+                                        r"which oneDNN capped at AVX2 \(ONEDNN_MAX_CPU_ISA\) "
+                                        r"cannot run: .* add --fresh to start the demo over"):
+        demo.backbone_precision(DemoConfig(workdir="w"), str(tmp_path / "c"), print)
+
+
+def test_run_demo_extracts_in_the_precision_the_cache_records(tmp_path, monkeypatch):
+    from caption_attn import extract
+    monkeypatch.setattr(demo, "native_bfloat16", lambda: True)
+    work = tmp_path / "work"
+    cfg = DemoConfig(workdir=str(work), num_images=20, epochs=1, scst_after=1)
+    demo.check_workdir(cfg)
+    os.makedirs(work / "features_cache")
+    (work / "features_cache" / "manifest.json").write_text(json.dumps({"precision": "float32"}))
+    monkeypatch.setattr(demo, "_dataset", lambda *a: {"images_dir": "i", "captions": "c"})
+    asked = []
+
+    def extract_features(images_dir, extract_cfg, **kwargs):
+        asked.append(extract_cfg.precision)
+        raise KeyboardInterrupt                                # stop before training
+    monkeypatch.setattr(extract, "extract_features", extract_features)
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(cfg, log=lines.append)
+    assert asked == ["float32"]
+    assert any(line.startswith("[2/5] extract-features (random InceptionV3, seed 0, float32)")
+               for line in lines)
+
+
+def test_a_cache_of_other_settings_is_refused_in_the_demos_terms(monkeypatch):
+    from caption_attn import extract, feature_cache
+    from caption_attn.errors import UserError
+
+    def refuse(*args, **kwargs):
+        raise feature_cache._refuse("W/features_cache", "dtype", "float32", "float16",
+                                    " (or --dtype float32)")
+    monkeypatch.setattr(extract, "extract_features", refuse)
+    with pytest.raises(UserError) as e:
+        demo.extract_stage(DemoConfig(workdir="W"), {"images_dir": "i"},
+                           {"cache": "W/features_cache"}, "float32")
+    assert str(e.value) == ("--workdir W: its feature cache W/features_cache holds features "
+                            "made with dtype float32, the demo asks for float16: add --fresh "
+                            "to start the demo over, or choose another --workdir")

@@ -400,7 +400,8 @@ def make_shapes(out_dir: str, cfg: ShapesConfig) -> dict:
     layout plus `objects` and `relation` per image). Images are written first, the JSON last
     (atomically), so a captions.json never points to missing images.
 
-    Returns {"images": n, "images_dir": ..., "captions": path of the JSON, "seconds": wall}.
+    Returns {"images": n, "images_dir": ..., "captions": path of the JSON, "seconds": wall,
+    "notes": [a line for each split asked for that got no image]}.
     """
     start = time.perf_counter()
     images_dir, captions_path = _prepare(out_dir, cfg.replace)
@@ -418,4 +419,19 @@ def make_shapes(out_dir: str, cfg: ShapesConfig) -> dict:
         records = list(pool.map(work, range(cfg.num_images)))
     write_json_atomic(captions_path, {"dataset": DATASET_NAME, "images": records})
     return {"images": cfg.num_images, "images_dir": images_dir, "captions": captions_path,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "notes": empty_split_notes(cfg, splits)}
+
+
+def empty_split_notes(cfg: ShapesConfig, splits: dict) -> list[str]:
+    """A note for each split asked for (a fraction above 0) that got no image: a few images
+    round it to none (round(5 x 0.1) = 0), which made a dataset without val and test images
+    without a word, found only by train or evaluate."""
+    notes = []
+    for split in ("val", "test"):
+        fraction = getattr(cfg, f"{split}_fraction")
+        if fraction > 0 and split not in splits.values():
+            enough = next(n for n in range(1, 10 ** 7) if round(n * fraction) >= 1)
+            notes.append(f"--num-images {cfg.num_images} gives the {split} split no image "
+                         f"(round({cfg.num_images} x {fraction:g}) = 0): use --num-images "
+                         f"{enough} or more, or a larger --{split}-fraction")
+    return notes

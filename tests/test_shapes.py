@@ -385,3 +385,16 @@ def test_replace_refuses_an_images_folder_that_is_a_link(tmp_path):
     with pytest.raises(UserError, match=r"images: a link, not make-shapes' images folder"):
         _make(out, num_images=1, replace=True)
     assert _files(out) == before and (target / "shape_00000.png").read_bytes() == b"mine"
+
+
+def test_a_split_rounded_to_no_image_is_noted(tmp_path, capsys):
+    """`--num-images 5` made no val and no test image (round(0.5) = 0) without a word."""
+    from caption_attn.cli import main
+    assert main(["make-shapes", str(tmp_path / "five"), "--num-images", "5"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"note: --num-images 5 gives the {split} split no image (round(5 x 0.1) = "
+                   f"0): use --num-images 6 or more, or a larger --{split}-fraction"
+                   for split in ("val", "test")]
+    assert _make(tmp_path / "six", num_images=6)["notes"] == []
+    assert _make(tmp_path / "none", num_images=3, val_fraction=0.0,
+                 test_fraction=0.4)["notes"] == []          # val asked for none; test has 1

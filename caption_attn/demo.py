@@ -271,10 +271,15 @@ def caption_test_images(cfg: DemoConfig, paths: dict, images_dir: str, log) -> d
     elif os.path.isdir(paths["heatmaps"]):
         shutil.rmtree(paths["heatmaps"])
     if not cfg.show:
+        log("[5/5] caption test images: skipped (--show 0)")
         return {}
-    model = captioner.Captioner.from_run(paths["run"], DecodeConfig(beam=cfg.beam))
     with open(os.path.join(paths["run"], "split.json"), encoding="utf-8") as f:
         test_keys = json.load(f)["splits"]["test"][:cfg.show]
+    # the number captioned: a --show above the test split's size captions all of it
+    fewer = f" (all the test split holds; --show {cfg.show})" if len(test_keys) < cfg.show \
+        else ""
+    log(f"[5/5] caption {len(test_keys)} test images{fewer} -> {paths['heatmaps']}")
+    model = captioner.Captioner.from_run(paths["run"], DecodeConfig(beam=cfg.beam))
     images = [os.path.join(images_dir, k) for k in test_keys]
     results, errors = model.caption_images(images)
     for path, (image, captions) in results.items():
@@ -358,8 +363,6 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     metrics = evaluate.evaluate_run(paths["run"], "test", DecodeConfig(beam=cfg.beam))
     timings["evaluate"] = time.perf_counter() - t
 
-    log(f"[5/5] caption {cfg.show} test images -> {paths['heatmaps']}" if cfg.show else
-        "[5/5] caption test images: skipped (--show 0)")
     t = time.perf_counter()
     errors = caption_test_images(cfg, paths, data["images_dir"], log)
     timings["caption"] = time.perf_counter() - t

@@ -168,11 +168,18 @@ def test_heatmaps_of_an_earlier_demo_run_do_not_stay_beside_the_new_ones(tmp_pat
     errors = demo.caption_test_images(DemoConfig(show=1), paths, "imgs", lines.append)
     assert not heat.exists() or os.listdir(heat) == []
     assert errors == {os.path.join("imgs", "a.png"): "cannot read"}
-    assert lines == [f"could not caption {os.path.join('imgs', 'a.png')}: cannot read"]
+    assert lines == [f"[5/5] caption 1 test images -> {heat}",
+                     f"could not caption {os.path.join('imgs', 'a.png')}: cannot read"]
+    # a --show above the test split's size: the number captioned, not --show's
+    lines.clear()
+    demo.caption_test_images(DemoConfig(show=5), paths, "imgs", lines.append)
+    assert lines[0] == f"[5/5] caption 2 test images (all the test split holds; --show 5) -> {heat}"
+    lines.clear()
     os.makedirs(heat)
     (heat / "a.png").write_text("old")
     assert demo.caption_test_images(DemoConfig(show=0), paths, "imgs", lines.append) == {}
     assert not heat.exists()
+    assert lines == ["[5/5] caption test images: skipped (--show 0)"]
     # a heatmaps link (rmtree refused it, after evaluating): removed as a link, target kept
     target = tmp_path / "elsewhere"
     os.makedirs(target)

@@ -398,3 +398,10 @@ def test_a_split_rounded_to_no_image_is_noted(tmp_path, capsys):
     assert _make(tmp_path / "six", num_images=6)["notes"] == []
     assert _make(tmp_path / "none", num_images=3, val_fraction=0.0,
                  test_fraction=0.4)["notes"] == []          # val asked for none; test has 1
+
+
+def test_the_module_docstring_gives_the_sizes_the_code_draws():
+    """It said 0.18/0.30 (54/90 px) after the sizes became 0.22/0.36."""
+    small, large = shapes.SIZES["small"], shapes.SIZES["large"]
+    assert f"Sizes {small} and {large} of the image side ({shapes._side('small', 299)} and " \
+           f"{shapes._side('large', 299)} px at 299 px" in " ".join(shapes.__doc__.split())

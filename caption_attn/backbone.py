@@ -89,6 +89,13 @@ def _onednn_cap(environ) -> str:
     return (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").upper()
 
 
+def onednn_cap_without_bfloat16(environ=os.environ) -> str:
+    """The `ONEDNN_MAX_CPU_ISA` cap when it is below bfloat16 compute (a bfloat16 backbone
+    then aborts the process: see `native_bfloat16`), else ""."""
+    cap = _onednn_cap(environ)
+    return cap if cap in ISA_WITHOUT_BFLOAT16 else ""
+
+
 def prefer_wide_xla_vectors(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) -> None:
     """Ask XLA (`XLA_FLAGS`) for 512-bit vectors in its CPU code where AVX-512 runs at full
     clock: Intel CPUs with AMX (Sapphire Rapids and later) and AMD CPUs with AVX512-BF16

@@ -93,6 +93,8 @@ def cmd_make_shapes(args: argparse.Namespace) -> int:
     summary = shapes.make_shapes(args.out, cfg)
     print(f"wrote {summary['images']} images to {summary['images_dir']} and captions to "
           f"{summary['captions']} ({summary['seconds']:.1f} s)")
+    for note in summary["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 

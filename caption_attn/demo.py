@@ -12,14 +12,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from typing import Optional
 
 from caption_attn import shapes
-from caption_attn.backbone import native_bfloat16
-from caption_attn.config import (DataConfig, DecodeConfig, DemoConfig, ExtractConfig,
-                                 ModelConfig, RunConfig, ShapesConfig, TrainConfig)
+from caption_attn.backbone import native_bfloat16, onednn_cap_without_bfloat16
+from caption_attn.config import (BACKBONE_PRECISIONS, DataConfig, DecodeConfig, DemoConfig,
+                                 ExtractConfig, ModelConfig, RunConfig, ShapesConfig,
+                                 TrainConfig)
 from caption_attn.fileio import read_json, write_json_atomic
 from caption_attn.errors import UserError
 from caption_attn.run import check_folder_writable
@@ -51,12 +53,7 @@ def check_workdir(cfg: DemoConfig) -> None:
                 f"neither reuses nor deletes them (not even with --fresh): choose an empty or "
                 f"new --workdir, or delete them by hand if they are an old demo's")
     if cfg.fresh:
-        for name in MADE:
-            path = os.path.join(work, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+        _delete_made(work)
     elif os.path.exists(record):
         saved = read_json(record)
         if not isinstance(saved, dict):
@@ -76,6 +73,56 @@ def check_workdir(cfg: DemoConfig) -> None:
                        "rerun with the same flags to reuse it, choose another --workdir, or add "
                        "--fresh to delete it and start over"])
     write_json_atomic(record, settings)
+
+
+def _delete_made(work: str) -> None:
+    """--fresh: delete what the demo made in `work`. A link among them (a big cache moved
+    elsewhere and linked back) is removed as a link, never its target's contents: the target
+    is outside the work folder, and may hold more than the demo's files. Every folder to be
+    emptied is checked before anything is deleted: a refusal halfway (rmtree refused a link
+    after `shapes` was gone) left a half-deleted work folder."""
+    doomed = [os.path.join(work, name) for name in MADE
+              if os.path.lexists(os.path.join(work, name))]
+    for path in doomed:
+        folders = [os.path.dirname(path)]
+        if os.path.isdir(path) and not os.path.islink(path):
+            folders += [folder for folder, _, _ in os.walk(path)]   # links are not followed
+        for folder in folders:
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise UserError(f"--fresh: cannot delete what the demo made in --workdir "
+                                f"{work}: {folder} is not writable; nothing was deleted")
+    for path in doomed:
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except OSError as e:
+            raise UserError(f"--fresh: cannot delete {e.filename or path} ({e.strerror}); "
+                            f"delete what is left of {path} by hand, then rerun") from None
+
+
+FOLDERS = (("shapes", "dataset"), ("cache", "feature cache"), ("run", "run folder"),
+           ("heatmaps", "heatmaps folder"))
+
+
+def check_paths(cfg: DemoConfig, paths: dict) -> None:
+    """`UserError` in the demo's terms unless each of its folders (`paths`) is a folder or
+    can be made as one: a file `WORKDIR/models` was found by train, after make-shapes and
+    extract-features had run in full, naming train's --run. What --fresh will delete is
+    taken as gone."""
+    work = os.path.abspath(cfg.workdir)
+    doomed = {os.path.join(work, name) for name in MADE} if cfg.fresh else set()
+    for key, label in FOLDERS:
+        probe = paths[key]
+        while (probe in doomed or not os.path.lexists(probe)) \
+                and probe != os.path.dirname(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise UserError(f"--workdir {cfg.workdir}: {probe} is not a folder, but the demo "
+                            f"makes its {label} {paths[key]} there: move it away, or choose "
+                            f"another --workdir")
+        check_folder_writable(probe, f"--workdir {cfg.workdir}: the demo's {label} in")
 
 
 def _refuse_inside_another_demo(workdir: str) -> None:
@@ -138,6 +185,65 @@ def _dataset(cfg: DemoConfig, folder: str, log) -> dict:
     return summary
 
 
+def _recorded_precision(cache: str) -> Optional[str]:
+    """The backbone precision the manifest of `cache` records; None without a (readable)
+    one, whose problems extract-features names."""
+    try:
+        manifest = read_json(os.path.join(cache, "manifest.json"))
+    except (UserError, OSError):
+        return None
+    precision = manifest.get("precision") if isinstance(manifest, dict) else None
+    return precision if precision in BACKBONE_PRECISIONS else None
+
+
+def backbone_precision(cfg: DemoConfig, cache: str, log) -> str:
+    """The precision of the demo's backbone: bfloat16 where it runs natively, float32 on
+    AVX2-only CPUs; but a cache already extracted keeps the precision it was made in (its
+    manifest records it), so a rerun reuses it on any CPU (one made on another CPU kind, or
+    under the README's ONEDNN_MAX_CPU_ISA=AVX2) as the README promises. The demo has no
+    --precision, so the refusal extract-features gave there named flags it has not."""
+    mine = "bfloat16" if native_bfloat16() else "float32"
+    recorded = _recorded_precision(cache)
+    if recorded is None or recorded == mine:
+        return mine
+    cap = onednn_cap_without_bfloat16()
+    if recorded == "bfloat16" and cap:
+        # oneDNN capped below bfloat16 gets bfloat16 ops it has no kernel for: the process
+        # aborts (in extract-features or in captioning the test images)
+        raise UserError(f"--workdir {cfg.workdir}: its feature cache {cache} was extracted "
+                        f"with a bfloat16 backbone, which oneDNN capped at {cap} "
+                        f"(ONEDNN_MAX_CPU_ISA) cannot run: unset ONEDNN_MAX_CPU_ISA to reuse "
+                        f"it, or add --fresh to start the demo over in float32")
+    slower = " (bfloat16 is emulated here: slower)" if recorded == "bfloat16" else ""
+    log(f"note: {cache} was extracted in {recorded}, and the demo keeps its precision to "
+        f"reuse it{slower}; this machine would pick {mine} (--fresh starts over in {mine})")
+    return recorded
+
+
+_OTHER_CACHE = re.compile(r"--cache (.*) holds features made with (.*), this run asks for (.*); "
+                          r"a cache holds one backbone's features only: .*", re.S)
+
+
+def extract_stage(cfg: DemoConfig, data: dict, paths: dict, precision: str) -> dict:
+    """Stage 2: `extract.extract_features` with the demo's settings. A cache of other
+    settings was refused in extract-features' terms (--cache, --precision, --dtype), flags
+    the demo has not: said in the demo's instead."""
+    from caption_attn import extract
+
+    try:
+        return extract.extract_features(data["images_dir"], ExtractConfig(
+            cache=paths["cache"], weights="random", seed=cfg.seed, dtype="float16",
+            precision=precision))
+    except UserError as e:
+        other = _OTHER_CACHE.fullmatch(e.message)
+        if other is None:
+            raise
+        raise UserError(f"--workdir {cfg.workdir}: its feature cache {other[1]} holds "
+                        f"features made with {other[2]}, the demo asks for {other[3]}: add "
+                        f"--fresh to start the demo over, or choose another --workdir",
+                        e.exit_code, e.lines) from None
+
+
 def run_config(cfg: DemoConfig, captions: str, cache: str) -> RunConfig:
     return RunConfig(
         captions=captions, cache=cache, data=DataConfig(seed=cfg.seed),
@@ -155,16 +261,25 @@ def caption_test_images(cfg: DemoConfig, paths: dict, images_dir: str, log) -> d
     """Stage 5: caption the first `cfg.show` test images and draw their heatmaps into a
     heatmaps folder holding nothing else: the heatmaps of an earlier demo run (a larger
     --show, another --beam, fewer --epochs: an older model) would otherwise stay beside the
-    new ones, looking like this model's. Returns the images that failed (path -> reason)."""
+    new ones, looking like this model's. A heatmaps link is removed as a link (as by
+    --fresh), its target left alone: rmtree refused it, after evaluating. Returns the images
+    that failed (path -> reason)."""
     from caption_attn import captioner
 
-    if os.path.isdir(paths["heatmaps"]):
+    if os.path.islink(paths["heatmaps"]):
+        os.remove(paths["heatmaps"])
+    elif os.path.isdir(paths["heatmaps"]):
         shutil.rmtree(paths["heatmaps"])
     if not cfg.show:
+        log("[5/5] caption test images: skipped (--show 0)")
         return {}
-    model = captioner.Captioner.from_run(paths["run"], DecodeConfig(beam=cfg.beam))
     with open(os.path.join(paths["run"], "split.json"), encoding="utf-8") as f:
         test_keys = json.load(f)["splits"]["test"][:cfg.show]
+    # the number captioned: a --show above the test split's size captions all of it
+    fewer = f" (all the test split holds; --show {cfg.show})" if len(test_keys) < cfg.show \
+        else ""
+    log(f"[5/5] caption {len(test_keys)} test images{fewer} -> {paths['heatmaps']}")
+    model = captioner.Captioner.from_run(paths["run"], DecodeConfig(beam=cfg.beam))
     images = [os.path.join(images_dir, k) for k in test_keys]
     results, errors = model.caption_images(images)
     for path, (image, captions) in results.items():
@@ -221,20 +336,19 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     run_cfg = run_config(cfg, os.path.join(paths["shapes"], "captions.json"), paths["cache"])
     train.check_train_flags(run_cfg.train)
     train.check_model_size(run_cfg)
+    check_paths(cfg, paths)
     check_workdir(cfg)
+    precision = backbone_precision(cfg, paths["cache"], log)
 
     log(f"[1/5] make-shapes -> {paths['shapes']}")
     t = time.perf_counter()
     data = _dataset(cfg, paths["shapes"], log)
     timings["make_shapes"] = time.perf_counter() - t
 
-    precision = "bfloat16" if native_bfloat16() else "float32"
     log(f"[2/5] extract-features (random InceptionV3, seed {cfg.seed}, {precision}) -> "
         f"{paths['cache']}")
     t = time.perf_counter()
-    summary = extract.extract_features(data["images_dir"], ExtractConfig(
-        cache=paths["cache"], weights="random", seed=cfg.seed, dtype="float16",
-        precision=precision))
+    summary = extract_stage(cfg, data, paths, precision)
     log(extract.format_summary(summary))
     timings["extract_features"] = time.perf_counter() - t
 
@@ -249,8 +363,6 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     metrics = evaluate.evaluate_run(paths["run"], "test", DecodeConfig(beam=cfg.beam))
     timings["evaluate"] = time.perf_counter() - t
 
-    log(f"[5/5] caption {cfg.show} test images -> {paths['heatmaps']}" if cfg.show else
-        "[5/5] caption test images: skipped (--show 0)")
     t = time.perf_counter()
     errors = caption_test_images(cfg, paths, data["images_dir"], log)
     timings["caption"] = time.perf_counter() - t

@@ -12,10 +12,12 @@ InceptionV3 (visual differences must be strong and clean):
   two of the three channels, so all five stand out (white would hide yellow, black would hide
   blue and purple). No anti-aliasing: every pixel is either background or exactly one object's
   color, which makes the masks and boxes exact.
-- Sizes 0.18 and 0.30 of the image side (54 and 90 px at 299 px, about 1.5 and 2.4 cells of
+- Sizes 0.22 and 0.36 of the image side (66 and 108 px at 299 px, about 1.8 and 2.9 cells of
   the 8x8 feature grid); the large area is over 2.5 times the small one for every shape. A
   linear probe on a random InceptionV3's features told circles, squares and triangles apart
-  at 0.86 with sizes 0.12/0.22 and 0.90 with these (1,500 images), so bigger shapes it is.
+  at 0.86 with sizes 0.12/0.22 and 0.90 with 0.18/0.30 (1,500 images), so bigger shapes it
+  is, and larger still for the demo, which meets its targets with these (README, "Results
+  on the shapes dataset").
 - Boxes are at least `GAP` (0.05 of the side) apart, so objects never touch. No two objects of
   one image share (color, shape), so even a caption without sizes names each object
   unambiguously and a caption's color-shape pairs map back to single objects.
@@ -40,6 +42,7 @@ import functools
 import os
 import re
 import shutil
+import stat
 import string
 import time
 from typing import Optional
@@ -345,7 +348,16 @@ def _prepare(out_dir: str, replace: bool) -> tuple[str, str]:
     return images_dir, captions
 
 
-_OWN_IMAGE = re.compile(r"^\.?shape_\d+\.png")  # an image, or its temporary file
+# an image, or fileio's temporary file of one (`.shape_N.png.tmp.<pid>.<host>`, left by a
+# killed run); the whole name, so `shape_00003.png.orig` or `shape_1.png.backup/` is not ours
+_OWN_IMAGE = re.compile(r"shape_\d+\.png|\.shape_\d+\.png\.tmp\.\d+\..+")
+
+
+def _own_image(images_dir: str, name: str) -> bool:
+    """Whether images/`name` is one make-shapes wrote: a regular file (not a folder, nor a
+    link, whose name proves nothing of what it holds) of an image's or its temporary name."""
+    return bool(_OWN_IMAGE.fullmatch(name)) and \
+        stat.S_ISREG(os.lstat(os.path.join(images_dir, name)).st_mode)
 
 
 def _check_made_here(out_dir: str, images_dir: str, captions: str) -> None:
@@ -362,8 +374,13 @@ def _check_made_here(out_dir: str, images_dir: str, captions: str) -> None:
             raise UserError(f"{captions}: not written by make-shapes (no \"dataset\": "
                             f"\"{DATASET_NAME}\"); --replace only deletes a dataset it made: "
                             f"choose an empty or new folder")
+    if os.path.islink(images_dir):
+        # rmtree refuses a link only after captions.json was deleted, and its target is
+        # someone's folder, not one this command made
+        raise UserError(f"{images_dir}: a link, not make-shapes' images folder; choose an "
+                        f"empty or new folder")
     if os.path.isdir(images_dir):
-        others = sorted(n for n in os.listdir(images_dir) if not _OWN_IMAGE.match(n))
+        others = sorted(n for n in os.listdir(images_dir) if not _own_image(images_dir, n))
         if others:
             raise UserError(f"{out_dir}: images/{others[0]} was not made by make-shapes; "
                             f"--replace only deletes a dataset it made: choose an empty or "
@@ -385,7 +402,8 @@ def make_shapes(out_dir: str, cfg: ShapesConfig) -> dict:
     layout plus `objects` and `relation` per image). Images are written first, the JSON last
     (atomically), so a captions.json never points to missing images.
 
-    Returns {"images": n, "images_dir": ..., "captions": path of the JSON, "seconds": wall}.
+    Returns {"images": n, "images_dir": ..., "captions": path of the JSON, "seconds": wall,
+    "notes": [a line for each split asked for that got no image]}.
     """
     start = time.perf_counter()
     images_dir, captions_path = _prepare(out_dir, cfg.replace)
@@ -403,4 +421,19 @@ def make_shapes(out_dir: str, cfg: ShapesConfig) -> dict:
         records = list(pool.map(work, range(cfg.num_images)))
     write_json_atomic(captions_path, {"dataset": DATASET_NAME, "images": records})
     return {"images": cfg.num_images, "images_dir": images_dir, "captions": captions_path,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "notes": empty_split_notes(cfg, splits)}
+
+
+def empty_split_notes(cfg: ShapesConfig, splits: dict) -> list[str]:
+    """A note for each split asked for (a fraction above 0) that got no image: a few images
+    round it to none (round(5 x 0.1) = 0), which made a dataset without val and test images
+    without a word, found only by train or evaluate."""
+    notes = []
+    for split in ("val", "test"):
+        fraction = getattr(cfg, f"{split}_fraction")
+        if fraction > 0 and split not in splits.values():
+            enough = next(n for n in range(1, 10 ** 7) if round(n * fraction) >= 1)
+            notes.append(f"--num-images {cfg.num_images} gives the {split} split no image "
+                         f"(round({cfg.num_images} x {fraction:g}) = 0): use --num-images "
+                         f"{enough} or more, or a larger --{split}-fraction")
+    return notes

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 
@@ -167,11 +168,25 @@ def test_heatmaps_of_an_earlier_demo_run_do_not_stay_beside_the_new_ones(tmp_pat
     errors = demo.caption_test_images(DemoConfig(show=1), paths, "imgs", lines.append)
     assert not heat.exists() or os.listdir(heat) == []
     assert errors == {os.path.join("imgs", "a.png"): "cannot read"}
-    assert lines == [f"could not caption {os.path.join('imgs', 'a.png')}: cannot read"]
+    assert lines == [f"[5/5] caption 1 test images -> {heat}",
+                     f"could not caption {os.path.join('imgs', 'a.png')}: cannot read"]
+    # a --show above the test split's size: the number captioned, not --show's
+    lines.clear()
+    demo.caption_test_images(DemoConfig(show=5), paths, "imgs", lines.append)
+    assert lines[0] == f"[5/5] caption 2 test images (all the test split holds; --show 5) -> {heat}"
+    lines.clear()
     os.makedirs(heat)
     (heat / "a.png").write_text("old")
     assert demo.caption_test_images(DemoConfig(show=0), paths, "imgs", lines.append) == {}
     assert not heat.exists()
+    assert lines == ["[5/5] caption test images: skipped (--show 0)"]
+    # a heatmaps link (rmtree refused it, after evaluating): removed as a link, target kept
+    target = tmp_path / "elsewhere"
+    os.makedirs(target)
+    (target / "mine.png").write_text("kept")
+    os.symlink(target, heat)
+    assert demo.caption_test_images(DemoConfig(show=0), paths, "imgs", lines.append) == {}
+    assert not os.path.lexists(heat) and (target / "mine.png").read_text() == "kept"
 
 
 def test_train_refusals_name_the_demos_scst_after_not_trains_none(monkeypatch):
@@ -276,3 +291,157 @@ def test_a_dataset_replaced_after_the_demo_made_it_is_not_reused(tmp_path):
     with pytest.raises(UserError, match=r"other scenes or captions than --seed 7 gives "
                                         r"\(shape_00000\.png\)"):
         demo._dataset(DemoConfig(num_images=20, seed=7), str(folder), lines.append)
+
+
+@pytest.mark.parametrize("linked", ["features_cache", "heatmaps", "models/shapes"])
+def test_fresh_removes_a_link_as_a_link_and_keeps_its_target(tmp_path, linked):
+    """A cache moved elsewhere and linked back: rmtree refused the link after `shapes` was
+    deleted (a half-deleted work folder, exit 1, no file named)."""
+    work = tmp_path / "work"
+    demo.check_workdir(DemoConfig(workdir=str(work), seed=0))
+    for folder in ("shapes", "features_cache", "models/shapes", "heatmaps"):
+        if folder != linked:
+            os.makedirs(work / folder)
+            (work / folder / "x").write_text("x")
+    target = tmp_path / "elsewhere"
+    os.makedirs(target)
+    (target / "big").write_text("kept")
+    os.makedirs((work / linked).parent, exist_ok=True)
+    os.symlink(target, work / linked)
+    demo.check_workdir(DemoConfig(workdir=str(work), seed=5, fresh=True))
+    assert sorted(os.listdir(work)) == ["demo.json", "models"]
+    assert os.listdir(work / "models") == []
+    assert os.listdir(target) == ["big"] and (target / "big").read_text() == "kept"
+
+
+def test_fresh_checks_every_folder_before_deleting_anything(tmp_path, monkeypatch):
+    from caption_attn.errors import UserError
+    work = tmp_path / "work"
+    demo.check_workdir(DemoConfig(workdir=str(work), seed=0))
+    for folder in ("shapes", "heatmaps/deep"):
+        os.makedirs(work / folder)
+        (work / folder / "x").write_text("x")
+    locked = str(work / "heatmaps" / "deep")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: p != locked and real_access(p, mode))
+    with pytest.raises(UserError, match=r"^--fresh: cannot delete .* --workdir .*: "
+                                        r".*deep is not writable; nothing was deleted"):
+        demo.check_workdir(DemoConfig(workdir=str(work), seed=5, fresh=True))
+    assert (work / "shapes" / "x").exists() and (work / "heatmaps" / "deep" / "x").exists()
+    assert json.loads((work / "demo.json").read_text())["seed"] == 0
+
+
+@pytest.mark.parametrize("blocker", ["models", "models/shapes", "features_cache", "heatmaps",
+                                     "shapes"])
+def test_a_file_where_the_demo_makes_a_folder_is_refused_before_the_first_stage(
+        tmp_path, monkeypatch, blocker):
+    """`WORKDIR/models` a file: make-shapes and extract-features ran in full, then train
+    refused, naming its --run (a flag the demo has not)."""
+    from caption_attn.errors import UserError
+
+    def first_stage(*args):
+        raise AssertionError("make-shapes ran")
+    monkeypatch.setattr(demo, "_dataset", first_stage)
+    work = tmp_path / "work"
+    cfg = DemoConfig(workdir=str(work), num_images=20, epochs=1, scst_after=1)
+    demo.check_workdir(cfg)
+    os.makedirs((work / blocker).parent, exist_ok=True)
+    (work / blocker).write_text("mine")
+    with pytest.raises(UserError, match=r"^--workdir .*: .*" + re.escape(blocker)
+                       + r" is not a folder, but the demo makes its .* there: move it away, "
+                         r"or choose another --workdir$") as e:
+        demo.run_demo(cfg, log=lambda m: None)
+    assert "--run" not in str(e.value) and "--cache" not in str(e.value)
+    assert sorted(os.listdir(work)) == sorted(["demo.json", blocker.split("/")[0]])
+    if blocker != "models":
+        # --fresh deletes what the demo made, a file of those names included
+        demo.check_paths(dataclasses.replace(cfg, fresh=True), paths(work))
+    new = tmp_path / "new" / "work"                             # made by the demo: fine
+    demo.check_paths(dataclasses.replace(cfg, workdir=str(new)), paths(new))
+
+
+def paths(work):
+    return {"shapes": str(work / "shapes"), "cache": str(work / "features_cache"),
+            "run": str(work / "models" / "shapes"), "heatmaps": str(work / "heatmaps")}
+
+
+@pytest.mark.parametrize("native, recorded, expected, note", [
+    (True, None, "bfloat16", None), (False, None, "float32", None),
+    (True, "bfloat16", "bfloat16", None),
+    (True, "float32", "float32", "extracted in float32, and the demo keeps its precision to "
+                                 "reuse it; this machine would pick bfloat16"),
+    (False, "bfloat16", "bfloat16", "extracted in bfloat16, and the demo keeps its precision to "
+                                    "reuse it (bfloat16 is emulated here: slower); this machine "
+                                    "would pick float32 (--fresh starts over in float32)")])
+def test_a_rerun_keeps_the_precision_its_cache_was_extracted_in(tmp_path, monkeypatch, native,
+                                                                recorded, expected, note):
+    """A workdir made on another CPU kind (or under ONEDNN_MAX_CPU_ISA=AVX2, as the README's
+    Results do) was refused by extract-features, naming --cache and --precision, flags the
+    demo has not: a rerun reuses the cache, as the README promises."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(demo, "native_bfloat16", lambda: native)
+    cache = tmp_path / "features_cache"
+    if recorded:
+        os.makedirs(cache)
+        (cache / "manifest.json").write_text(json.dumps({"precision": recorded}))
+    lines = []
+    assert demo.backbone_precision(DemoConfig(), str(cache), lines.append) == expected
+    if note is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and lines[0].startswith(f"note: {cache} was {note}")
+
+
+def test_a_bfloat16_cache_under_onednn_capped_below_it_is_refused_in_the_demos_terms(
+        tmp_path, monkeypatch):
+    """oneDNN capped at AVX2 has no bfloat16 kernels: captioning the test images with the
+    cache's bfloat16 backbone failed after training and evaluating."""
+    from caption_attn.errors import UserError
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    monkeypatch.setattr(demo, "native_bfloat16", lambda: False)
+    os.makedirs(tmp_path / "c")
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps({"precision": "bfloat16"}))
+    with pytest.raises(UserError, match=r"^--workdir w: its feature cache .* bfloat16 backbone, "
+                                        r"which oneDNN capped at AVX2 \(ONEDNN_MAX_CPU_ISA\) "
+                                        r"cannot run: .* add --fresh to start the demo over"):
+        demo.backbone_precision(DemoConfig(workdir="w"), str(tmp_path / "c"), print)
+
+
+def test_run_demo_extracts_in_the_precision_the_cache_records(tmp_path, monkeypatch):
+    from caption_attn import extract
+    monkeypatch.setattr(demo, "native_bfloat16", lambda: True)
+    work = tmp_path / "work"
+    cfg = DemoConfig(workdir=str(work), num_images=20, epochs=1, scst_after=1)
+    demo.check_workdir(cfg)
+    os.makedirs(work / "features_cache")
+    (work / "features_cache" / "manifest.json").write_text(json.dumps({"precision": "float32"}))
+    monkeypatch.setattr(demo, "_dataset", lambda *a: {"images_dir": "i", "captions": "c"})
+    asked = []
+
+    def extract_features(images_dir, extract_cfg, **kwargs):
+        asked.append(extract_cfg.precision)
+        raise KeyboardInterrupt                                # stop before training
+    monkeypatch.setattr(extract, "extract_features", extract_features)
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(cfg, log=lines.append)
+    assert asked == ["float32"]
+    assert any(line.startswith("[2/5] extract-features (random InceptionV3, seed 0, float32)")
+               for line in lines)
+
+
+def test_a_cache_of_other_settings_is_refused_in_the_demos_terms(monkeypatch):
+    from caption_attn import extract, feature_cache
+    from caption_attn.errors import UserError
+
+    def refuse(*args, **kwargs):
+        raise feature_cache._refuse("W/features_cache", "dtype", "float32", "float16",
+                                    " (or --dtype float32)")
+    monkeypatch.setattr(extract, "extract_features", refuse)
+    with pytest.raises(UserError) as e:
+        demo.extract_stage(DemoConfig(workdir="W"), {"images_dir": "i"},
+                           {"cache": "W/features_cache"}, "float32")
+    assert str(e.value) == ("--workdir W: its feature cache W/features_cache holds features "
+                            "made with dtype float32, the demo asks for float16: add --fresh "
+                            "to start the demo over, or choose another --workdir")

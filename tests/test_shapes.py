@@ -340,3 +340,68 @@ def test_existing_dataset_folder_is_refused_unless_replace(tmp_path):
         _make(tmp_path / "d", seed=3, replace=True)
     assert (tmp_path / "d" / "notes.txt").read_text() == "mine"
     assert first["images"] == second["images"]
+
+
+@pytest.mark.parametrize("mine", ["shape_00003.png.orig", "shape_00001.png.backup/notes.txt",
+                                  "shape_00007.png/x.txt", ".shape_00000.png.swp"])
+def test_replace_refuses_files_that_only_start_like_its_images(tmp_path, mine):
+    """`shape_00003.png.orig` and a folder `shape_00001.png.backup/` passed as the command's
+    images (a name starting with shape_N.png) and were deleted by --replace."""
+    out = tmp_path / "d"
+    _make(out, num_images=4)
+    path = out / "images" / mine
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("mine")
+    before = _files(out)
+    with pytest.raises(UserError, match=r"images/" + re.escape(mine.split("/")[0])
+                       + r" was not made by make-shapes"):
+        _make(out, num_images=4, replace=True)
+    assert _files(out) == before
+
+
+def test_replace_deletes_its_images_and_their_temporary_files(tmp_path):
+    """What a killed make-shapes leaves (its images and fileio's temporary files,
+    `.shape_N.png.tmp.<pid>.<host>`) is its own, deleted by --replace."""
+    from caption_attn.fileio import temp_name
+    out = tmp_path / "d"
+    _make(out, num_images=4)
+    temp = temp_name(str(out / "images" / "shape_00001.png"))
+    with open(temp, "wb") as f:
+        f.write(b"half a png")
+    _make(out, num_images=4, seed=3, replace=True)
+    assert sorted(os.listdir(out / "images")) == [f"shape_{i:05d}.png" for i in range(4)]
+
+
+def test_replace_refuses_an_images_folder_that_is_a_link(tmp_path):
+    """rmtree refused the link only after captions.json was deleted: a half-deleted dataset."""
+    target = tmp_path / "photos"
+    target.mkdir()
+    (target / "shape_00000.png").write_bytes(b"mine")
+    out = tmp_path / "d"
+    _make(out, num_images=1)
+    shutil.rmtree(out / "images")
+    os.symlink(target, out / "images")
+    before = _files(out)
+    with pytest.raises(UserError, match=r"images: a link, not make-shapes' images folder"):
+        _make(out, num_images=1, replace=True)
+    assert _files(out) == before and (target / "shape_00000.png").read_bytes() == b"mine"
+
+
+def test_a_split_rounded_to_no_image_is_noted(tmp_path, capsys):
+    """`--num-images 5` made no val and no test image (round(0.5) = 0) without a word."""
+    from caption_attn.cli import main
+    assert main(["make-shapes", str(tmp_path / "five"), "--num-images", "5"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"note: --num-images 5 gives the {split} split no image (round(5 x 0.1) = "
+                   f"0): use --num-images 6 or more, or a larger --{split}-fraction"
+                   for split in ("val", "test")]
+    assert _make(tmp_path / "six", num_images=6)["notes"] == []
+    assert _make(tmp_path / "none", num_images=3, val_fraction=0.0,
+                 test_fraction=0.4)["notes"] == []          # val asked for none; test has 1
+
+
+def test_the_module_docstring_gives_the_sizes_the_code_draws():
+    """It said 0.18/0.30 (54/90 px) after the sizes became 0.22/0.36."""
+    small, large = shapes.SIZES["small"], shapes.SIZES["large"]
+    assert f"Sizes {small} and {large} of the image side ({shapes._side('small', 299)} and " \
+           f"{shapes._side('large', 299)} px at 299 px" in " ".join(shapes.__doc__.split())

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import math
 import os
 import re
 import shutil
@@ -432,7 +433,9 @@ def empty_split_notes(cfg: ShapesConfig, splits: dict) -> list[str]:
     for split in ("val", "test"):
         fraction = getattr(cfg, f"{split}_fraction")
         if fraction > 0 and split not in splits.values():
-            enough = next(n for n in range(1, 10 ** 7) if round(n * fraction) >= 1)
+            enough = math.floor(0.5 / fraction)   # round(n x f) >= 1 from n x f > 0.5
+            while round(enough * fraction) < 1:    # (0.5 / f rounded down, in floats)
+                enough += 1
             notes.append(f"--num-images {cfg.num_images} gives the {split} split no image "
                          f"(round({cfg.num_images} x {fraction:g}) = 0): use --num-images "
                          f"{enough} or more, or a larger --{split}-fraction")

@@ -398,6 +398,10 @@ def test_a_split_rounded_to_no_image_is_noted(tmp_path, capsys):
     assert _make(tmp_path / "six", num_images=6)["notes"] == []
     assert _make(tmp_path / "none", num_images=3, val_fraction=0.0,
                  test_fraction=0.4)["notes"] == []          # val asked for none; test has 1
+    tiny = _make(tmp_path / "tiny", num_images=3, val_fraction=1e-9, test_fraction=0.4)
+    assert tiny["notes"] == ["--num-images 3 gives the val split no image (round(3 x 1e-09) = "
+                             "0): use --num-images 500000001 or more, or a larger "
+                             "--val-fraction"]          # (the search for it ended at 10**7)
 
 
 def test_the_module_docstring_gives_the_sizes_the_code_draws():

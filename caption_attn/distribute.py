@@ -3,6 +3,7 @@ worker resumes from the same step."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Optional
@@ -149,23 +150,45 @@ def first_local(strategy: tf.distribute.Strategy, value):
     return strategy.experimental_local_results(value)[0]
 
 
+def settings_digest(cfg) -> str:
+    """sha256 of what every worker of a multi-worker run must train with: the data,
+    vocabulary, model and training settings of RunConfig `cfg`, less what may differ by
+    machine (the caption file's and cache's paths, --memory-cache-gb) or call (--fresh)."""
+    d = cfg.to_dict()
+    train = {k: v for k, v in d["train"].items() if k not in ("memory_cache_gb", "fresh")}
+    payload = json.dumps([d["data"], d["vocab"], d["model"], train], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 def check_workers_agree(strategy: tf.distribute.Strategy, step: int, restored: Optional[str],
-                        checkpoints: str) -> None:
-    """Multi-worker: every worker must start from the same step, or the all-reduced gradients
-    would mix different models. Raised on every worker alike."""
+                        checkpoints: str, settings: str = "") -> None:
+    """Multi-worker: every worker must start from the same step with the same settings
+    (`settings_digest`), or the all-reduced gradients would mix different models (a worker
+    started with another --learning-rate trained on, exit 0, its weights 0.09 apart after 10
+    steps; one with another --seed fed other captions). Raised on every worker alike: each
+    compares the spread over all workers, the same number everywhere."""
     if _cluster(strategy) is None:
         return
-    value = tf.constant(float(step))
+    # the step, then the digest's first 64 bits as four 16-bit numbers: float64 sums of
+    # them (and of their squares) are exact, so equal values have a spread of exactly 0
+    chunks = [int(settings[i:i + 4] or "0", 16) for i in range(0, 16, 4)]
+    value = tf.constant([float(step)] + [float(c) for c in chunks], tf.float64)   # (5,)
 
     def spread():
         ctx = tf.distribute.get_replica_context()
         mean = ctx.all_reduce("mean", value)
         return ctx.all_reduce("sum", tf.square(value - mean)), mean
-    spread_sum, mean = (float(first_local(strategy, x)) for x in
+    spread_sum, mean = (first_local(strategy, x).numpy() for x in
                         tf.function(lambda: strategy.run(spread))())
-    if spread_sum > 0:
+    if spread_sum[1:].any():
+        raise UserError(
+            f"the workers were started with other settings (this worker's: sha256 "
+            f"{settings[:12]}… of its data, vocabulary, model and training flags): every "
+            f"worker must run the same `caption-attn train` command, but for the paths of "
+            f"--captions, --cache and --run and --memory-cache-gb")
+    if spread_sum[0] > 0:
         raise UserError(
             f"the workers restored different checkpoints (this worker: step {step} from "
-            f"{restored or 'none'}; mean over workers {mean:.1f}). Every worker must see the "
+            f"{restored or 'none'}; mean over workers {mean[0]:.1f}). Every worker must see the "
             f"chief's {checkpoints} (a shared filesystem), or each its own scratch folder from "
             f"the same run")

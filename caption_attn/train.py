@@ -511,7 +511,8 @@ class Trainer:
         """Whether training resumes from a checkpoint (restored when the trainer was built);
         under multi-worker, refuses workers that restored different steps."""
         distribute.check_workers_agree(self.strategy, int(self.step.numpy()), self._restored,
-                                       self.run.checkpoints)
+                                       self.run.checkpoints,
+                                       distribute.settings_digest(self.cfg))
         return self._restored is not None
 
     @property

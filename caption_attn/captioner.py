@@ -554,8 +554,9 @@ def heatmap_writer(out_dir: str, paths: Sequence[str],
                    images: Sequence[str] = ()) -> Callable[[dict], dict]:
     """A function saving the best caption's heatmap of each image of some `caption_images`
     (or `caption_batches`) results into OUT_DIR, and removing the file of each image of
-    `failed`, returning path -> file written; each of `paths` has a distinct file (`heatmap_files` of all of them, so batches written one by
-    one get the names one call would give). UserError first, nothing written, if a heatmap
+    `failed`, returning path -> file written; each of `paths` has a distinct file
+    (`heatmap_files` of all of them, so batches written one by one get the names one call
+    would give). UserError first, nothing written, if a heatmap
     would overwrite one of `paths` or `images` (`check_heatmap_targets`)."""
     from caption_attn import plot
 

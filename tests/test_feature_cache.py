@@ -183,18 +183,15 @@ def test_readers_and_writers_of_a_cache_refuse_each_other(tmp_path):
     os.makedirs(cache)
     (tmp_path / "cache" / "manifest.json").write_text("{}")
     me = os.getpid()
-    with using_features(cache, writing=False), using_features(cache, writing=False):
-        with pytest.raises(UserError, match=rf"^--cache {cache}: a `caption-attn train` or "
-                                            rf"`evaluate` \(pid {me}\) is reading its "
-                                            rf"features now; extracting would change"):
-            with using_features(cache, writing=True):
-                pass
-    with using_features(cache, writing=True), using_features(cache, writing=True):
-        with pytest.raises(UserError, match=rf"^--cache {cache}: `caption-attn "
-                                            rf"extract-features` \(pid {me}\) is writing into "
-                                            rf"it now"):
-            with using_features(cache, writing=False):
-                pass
+    refused = {True: rf"^--cache {cache}: a `caption-attn train` or `evaluate` \(pid {me}\) "
+                     rf"is reading its features now; extracting would change",
+               False: rf"^--cache {cache}: `caption-attn extract-features` \(pid {me}\) is "
+                      rf"writing into it now"}
+    for writing in (False, True):   # two of a kind share; the other kind is refused
+        with using_features(cache, writing), using_features(cache, writing):
+            with pytest.raises(UserError, match=refused[not writing]):
+                with using_features(cache, not writing):
+                    pass
     with using_features(cache, writing=False):   # both released: each may start again
         pass
     # another process's lock is named by its pid (this one's left out)

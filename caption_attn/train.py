@@ -933,6 +933,7 @@ def _summary(trainer: Trainer, history, early, reason, seconds, epochs_before: i
             else inputs.steps_per_epoch,
             "max_steps": trainer.cfg.train.max_steps,
             "scst_after": trainer.cfg.train.scst_after,
+            "monitor_flag": trainer.cfg.train.monitor,
             "epochs_now": finished - epochs_before, "steps_now": steps - steps_before,
             "stopped_by": reason, "monitor": early.monitor,
             "best_monitor": (best or {}).get("monitor"), "best_epoch": (best or {}).get("epoch"),
@@ -1160,10 +1161,15 @@ def format_summary(summary: dict) -> str:
         head = (f"trained {s['steps_now']} steps ({s['epochs_now']} epochs finished) in "
                 f"{s['seconds']:.0f} s, stopped by {s['stopped_by']}; the run: {run}{best}")
     if s["stopped_by"] == "early_stopping" and s.get("scst_after") is not None \
-            and s["finished_epochs"] < s["scst_after"]:
-        head += (f"\nno self-critical epoch trained: the cross-entropy stage stopped early, "
-                 f"before --scst-after {s['scst_after']}; rerun with --scst-after "
-                 f"{s['finished_epochs']} to train it from here")
+            and s["finished_epochs"] <= s["scst_after"]:
+        head += "\nno self-critical epoch trained: the cross-entropy stage stopped early"
+        if s.get("monitor_flag") is None:   # val_loss, then val_cider: patience starts over
+            head += (f", before --scst-after {s['scst_after']}; rerun with --scst-after "
+                     f"{s['finished_epochs']} to train it from here")
+        else:   # one metric over both stages: its patience goes on into the second
+            head += (f" (--monitor {s['monitor_flag']} watches both stages); rerun with a "
+                     f"larger --patience, or without --monitor (val_cider in self-critical "
+                     f"epochs, its patience starting over)")
     kept = (summary["best_model"] if s["best_epoch"] is not None else
             "none yet (no epoch finished: the first one saves it)")
     return (f"{head}\n"

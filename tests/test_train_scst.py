@@ -112,6 +112,14 @@ def test_cross_entropy_stopped_early_says_no_self_critical_epoch_trained(shapes_
     assert ("\nno self-critical epoch trained: the cross-entropy stage stopped early, before "
             "--scst-after 3; rerun with --scst-after 2 to train it from here\n"
             ) in train.format_summary(summary)
+    # an explicit --monitor watches both stages, its patience going on: --scst-after would
+    # not help (the rerun's replay finds the run stopped), nor at the boundary itself
+    for finished in (2, 3):
+        text = train.format_summary({**summary, "monitor_flag": "val_loss",
+                                     "finished_epochs": finished})
+        assert ("\nno self-critical epoch trained: the cross-entropy stage stopped early "
+                "(--monitor val_loss watches both stages); rerun with a larger --patience, or "
+                "without --monitor") in text
     summary = train.train(_config(shapes_data, scst_after=2, **never_better), run,
                           progress=False, log=lambda *a: None)
     assert [h["stage"] for h in _history(run)] == ["cross-entropy"] * 2 + ["self-critical"]

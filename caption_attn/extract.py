@@ -343,14 +343,17 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     start = time.monotonic()
     check_folder_writable(cfg.cache, "--cache")  # before the backbone is built
     feature_cache.check_cache_folder(cfg.cache)
-    # refused while a train or evaluate reads the cache (before the images are listed)
-    with feature_cache.using_features(cfg.cache, writing=True):
-        return _extract_into_cache(images_dir, cfg, keys, progress, start)
+    # while a train or evaluate reads the cache, refused only before rewriting or removing a
+    # feature file (`busy`): new ones harm no reader, and a script's `extract-features &&
+    # train`, rerun beside a running train, goes on as before
+    with feature_cache.using_features(cfg.cache, writing=True, readers_ok=True) as busy:
+        return _extract_into_cache(images_dir, cfg, keys, progress, start, busy)
 
 
 def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list[str]],
-                        progress: bool, start: float) -> dict:
-    """`extract_features` once the cache is this process's to write."""
+                        progress: bool, start: float, busy: Optional[UserError]) -> dict:
+    """`extract_features` once the cache is this process's to write; `busy` (readers use
+    it) is raised if an existing feature file is to be extracted again, before any is."""
     mine, failed = _shard_keys(images_dir, cfg, keys)
     folders = sum(k.endswith("/") for k in failed)   # unlistable: no image of their own
     n_bad_keys = len(failed) - folders
@@ -362,6 +365,8 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     index = SegmentWriter(cache)
     try:
         plan = _plan(cache, mine, manifest, images_dir, cfg.verify, workers, index)
+        if busy is not None and plan.redo:   # rewritten, or removed if the image fails
+            raise busy
         if backbone is None and plan.todo:  # a random backbone's cache: its saved weights
             backbone = Backbone.from_manifest(cache)
         t0 = time.monotonic()

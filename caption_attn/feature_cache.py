@@ -183,12 +183,16 @@ def cache_lock(cache_dir: str):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+class CacheInUse(UserError):
+    """`using_features` refused: the other kind (reader or writer) holds the cache."""
+
+
 @contextlib.contextmanager
-def using_features(cache_dir: str, writing: bool):
+def using_features(cache_dir: str, writing: bool, readers_ok: bool = False):
     """Held while this process reads the cache's features (`train`, `evaluate`) or writes
     them (`extract-features`): a shared flock on <cache>/.reading.lock or .writing.lock.
     Readers share with readers and writers (shards) with writers, but a reader and a writer
-    refuse each other (UserError naming the other's pids): `extract-features` rewrites the
+    refuse each other (`CacheInUse` naming the other's pids): `extract-features` rewrites the
     file of an image that changed, so a `train` streaming the features (a cache over
     --memory-cache-gb) trained on the new ones from then on, without a word; a `train`
     started while a cache was being extracted trained on the images done so far, with a
@@ -196,13 +200,18 @@ def using_features(cache_dir: str, writing: bool):
     so two starting at once cannot both miss the other. A reader of a folder that is no cache
     (no manifest: its own checks say so) or whose lock files cannot be opened (a read-only
     cache, which no extraction writes either) holds nothing. The locks go with the process,
-    also when it is killed."""
+    also when it is killed.
+
+    A writer with `readers_ok` is not refused for readers: it holds its lock (readers that
+    start later are refused) and is given the `CacheInUse` it would have raised, to raise
+    itself before it rewrites or removes a feature file those readers may read (new files
+    harm no one: `extract-features && train` rerun beside a running train goes on)."""
     mine, theirs = (WRITING, READING) if writing else (READING, WRITING)
     if not writing and not os.path.exists(os.path.join(cache_dir, MANIFEST)):
         yield
         return
     created = writing and not os.path.isdir(cache_dir)
-    held = None
+    held = refusal = None
     try:
         with _exclusive(cache_dir, create=writing):
             held = _lock_file(os.path.join(cache_dir, mine))
@@ -215,9 +224,11 @@ def using_features(cache_dir: str, writing: bool):
                     try:
                         _flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
-                        raise UserError(_in_use_message(cache_dir, writing,
-                                                        _lock_holders(other))) from None
-        yield
+                        refusal = CacheInUse(_in_use_message(cache_dir, writing,
+                                                             _lock_holders(other)))
+                        if not (writing and readers_ok):
+                            raise refusal from None
+        yield refusal
     finally:
         if held is not None:
             held.close()
@@ -244,15 +255,18 @@ def _exclusive(cache_dir: str, create: bool):
 
 
 def _flock(f, operation: int) -> bool:
-    """flock `f`; False where its file system has no locks (an NFS mount with `nolock`),
-    where a reader then goes on unlocked as before. BlockingIOError: held by another."""
+    """flock `f`; False where its file system has no locks (an NFS mount with `nolock`) or
+    none for this file (read-only on NFS): the process then goes on unlocked, as before
+    these locks. BlockingIOError: held by another."""
     try:
         fcntl.flock(f.fileno(), operation)
         return True
     except BlockingIOError:
         raise
     except OSError as e:
-        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+        # EBADF: NFS emulates flock with POSIX locks, whose exclusive lock needs a file open
+        # for writing, and a lock file another user made may only open read-only
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF):
             return False
         raise
 

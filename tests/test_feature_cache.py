@@ -17,7 +17,7 @@ from caption_attn.extract import extract_features
 from caption_attn.feature_cache import (cache_identity, check_feature_file,
                                         describe_difference, describe_problems, feature_path,
                                         npy_header, read_manifest, refuse_other_identity,
-                                        usable_features, using_features)
+                                        usable_features, using_features, CacheInUse)
 from caption_attn.feature_index import IMAGE_CHANGED, NOT_INDEXED, REWRITTEN
 from image_samples import GOOD, extract_cfg, scene, write_rgb
 
@@ -231,12 +231,32 @@ def test_features_in_use_holds_nothing_where_there_is_no_cache(tmp_path):
                                        "manifest.json"]
 
 
-def test_extraction_into_a_cache_being_read_is_refused_before_anything(images, cache_copy):
-    def features():   # every file but the lock files
+def test_extraction_beside_a_reader_refuses_only_to_change_its_files(images, cache_copy):
+    """Beside a running train or evaluate, a feature file to extract again (its image
+    changed, or the file) is refused before anything is written; new images' files harm
+    no reader and are extracted (`extract-features && train` rerun beside a running train);
+    a train starting meanwhile is refused."""
+    def features():   # {path: mtime} of every file but the lock files
         return {p: t for p, t in _files_of(cache_copy).items() if not p.endswith(".lock")}
 
-    before = features()
+    keys = sorted(GOOD)
+    gone, touched = feature_path(cache_copy, keys[0]), feature_path(cache_copy, keys[1])
+    os.remove(gone)
     with using_features(cache_copy, writing=False):
-        with pytest.raises(UserError, match=r"is reading its features now"):
-            extract_features(images, extract_cfg(cache_copy, verify=True), progress=False)
-    assert features() == before
+        st = os.stat(touched)
+        os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # not the indexed file
+        before = features()
+        with pytest.raises(UserError, match=r"is reading its features now; extracting would "
+                                            r"change feature files under it"):
+            extract_features(images, extract_cfg(cache_copy), keys=keys, progress=False)
+        assert features() == before
+        os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns))              # as indexed
+        npy = {p: t for p, t in features().items() if p.endswith(".npy")}
+        with using_features(cache_copy, writing=True, readers_ok=True) as busy:
+            assert isinstance(busy, CacheInUse)
+            with pytest.raises(CacheInUse, match=r"extract-features` \(pid \d+\) is writing"):
+                with using_features(cache_copy, writing=False):
+                    pass
+        summary = extract_features(images, extract_cfg(cache_copy), keys=keys, progress=False)
+        assert summary["extracted"] == 1 and os.path.exists(gone)
+        assert {p: t for p, t in features().items() if p.endswith(".npy") and p != gone} == npy

@@ -22,6 +22,7 @@ from caption_attn.feature_cache import (describe_problems, feature_path, read_ma
                                         using_features)
 from caption_attn.fileio import is_inside, read_json, write_json_atomic
 from caption_attn.run import RunFolder, check_folder_writable
+from caption_attn.shapes import COLORS, SHAPES
 from caption_attn.shapes_metrics import (SHAPES_METRICS, scene_accuracy_by_objects,
                                          shapes_metrics)
 
@@ -252,6 +253,18 @@ def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
                      f"{found.problems}")
     result = {**metrics, "notes": notes}
     objects = {k: records[k].objects for k in found.keys if records[k].objects is not None}
+    # objects the shapes metrics cannot read ("Red", "cube": another dataset's ground truth,
+    # which no caption file check refuses) scored their image wrong whatever the caption
+    # said, and grounding found none of their words: left out, with a note
+    unknown = {k: o for k, objs in objects.items() for o in objs
+               if o["color"] not in COLORS or o["shape"] not in SHAPES}
+    if unknown:
+        key, example = next(iter(unknown.items()))
+        notes.append(f"scene accuracy and grounding leave out {len(unknown)} images whose "
+                     f"`objects` name a colour or shape the shapes metrics do not know (e.g. "
+                     f"{example['color']!r} {example['shape']!r} in {key!r}; they know "
+                     f"{', '.join(COLORS)} and {', '.join(SHAPES)}, lower-case)")
+        objects = {k: v for k, v in objects.items() if k not in unknown}
     if objects:
         # boxes are pixels of the original image: without its size they cannot be put on
         # the attention grid (taking the cache's 299 misplaced every box of other sizes)

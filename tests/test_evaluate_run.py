@@ -543,6 +543,20 @@ def test_shapes_metrics_say_which_images_they_are_over_and_need_the_image_size()
     assert "images" not in result            # evaluate's own count of the split stays
     assert "scene accuracy and grounding are over the 3 of the 4 images that have " \
         "ground-truth `objects` in the caption file" in result["notes"]
+    # objects the metrics cannot read (another dataset's words, a capital) scored their
+    # image wrong whatever the caption said: left out, with a note
+    for color, shape in (("Red", "circle"), ("red", "cube")):
+        odd = {**records, "e.png": ImageRecord("e.png", ["a red circle"], "test", 5, [{
+            **box, "color": color, "shape": shape}], (80, 80))}
+        found = evaluate._SplitFeatures("test", "cache", list(odd), [], odd,
+                                        {"image_size": 299}, None)
+        result = evaluate._score(found, {**hypotheses, "e.png": "a red circle"},
+                                 {k: caption for k in odd}, False)
+        assert (result["scene_accuracy"], result["scene_images"]) == (1.0, 3)
+        assert (f"scene accuracy and grounding leave out 1 images whose `objects` name a "
+                f"colour or shape the shapes metrics do not know (e.g. {color!r} {shape!r} in "
+                f"'e.png'; they know red, green, blue, yellow, purple and circle, square, "
+                f"triangle, lower-case)") in result["notes"]
     assert [n for n in result["notes"] if n.startswith(
         "grounding leaves out 1 images whose objects have boxes but whose entries in the "
         "caption file have no valid `height` and `width` (e.g. 'b.png')")]

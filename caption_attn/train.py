@@ -59,8 +59,19 @@ def open_run(run_dir: str, cfg: RunConfig, fresh: bool = False) -> list[str]:
     if fresh:
         run.delete_previous()
     os.makedirs(run_dir, exist_ok=True)
-    cfg.save(run.config)
+    with_trained_settings(run, cfg).save(run.config)
     return notes
+
+
+def with_trained_settings(run: RunFolder, cfg: RunConfig) -> RunConfig:
+    """`cfg` with the training settings config.json holds when the run has a checkpoint:
+    what `Trainer` writes until this call has trained (`Trainer._record_settings`). A rerun
+    that trained nothing (all epochs done) or failed at its first step rewrote them, and
+    config.json then named a learning rate, schedule or clipping no step was trained with,
+    against which the next resume's notes compared."""
+    if not os.path.exists(run.config) or not checkpoints.list_checkpoints(run.checkpoints):
+        return cfg
+    return dataclasses.replace(cfg, train=run.load_config().train)
 
 
 def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
@@ -465,10 +476,13 @@ class Trainer:
             self.data.references["val"], tc.bleu_images,
             tc.sample_images, self.inputs.document_frequency)
         # Written last, once the checkpoint restored and the features loaded: a resume that
-        # fails there leaves config.json describing the settings its checkpoints were made with
+        # fails there leaves config.json describing the settings its checkpoints were made
+        # with. Its training settings stay the run's until this call trains (`_save`)
         if self.chief:
             self.data.fix_in(self.run, cfg.captions)
-        cfg.save(self.run.config)  # every worker, each into its own run folder
+        self._settings_recorded = self._restored is None
+        (cfg if self._settings_recorded else with_trained_settings(self.run, cfg)).save(
+            self.run.config)  # every worker, each into its own run folder
 
     # -- model, optimizer, checkpoint -----------------------------------------------
     def _build_state(self, cross_entropy_steps: int) -> None:
@@ -599,10 +613,19 @@ class Trainer:
         self._set_counters(step, in_epoch, totals)
         self._save()
 
+    def _record_settings(self) -> None:
+        """config.json gets this call's training settings once it has trained with them:
+        before the first checkpoint or history entry they made (a rerun that trained nothing,
+        or failed at its first step, keeps the run's; `with_trained_settings`)."""
+        if not self._settings_recorded:
+            self.cfg.save(self.run.config)
+            self._settings_recorded = True
+
     def _save(self) -> None:
         """Checkpoint the counters' step; a checkpoint that cannot be written (a full disk, a
         read-only folder) stops training with a TrainingError naming the folder and where a
         rerun resumes, instead of TensorFlow's traceback."""
+        self._record_settings()
         step = int(self.step.numpy())
         try:
             self.manager.save(checkpoint_number=step)
@@ -837,6 +860,7 @@ class Trainer:
         self.step_in_epoch.assign(0)
         entry = {"epoch": epoch + 1, **{k: _plain(v) for k, v in logs.items()}}
         history[:] = [h for h in history if h["epoch"] != epoch + 1] + [entry]
+        self._record_settings()
         if self.chief:  # history first: a kill before the checkpoint redoes the epoch
             write_json_atomic(self.run.history, history)
         self._save()
@@ -1039,7 +1063,8 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     model settings as before unless --fresh), the caption file (on resume, the same caption
     data) and the feature cache; with --fresh, the previous run's files are deleted then.
     config.json, split.json and vocab.json are written once the Trainer has restored the
-    run's checkpoint and loaded its features (a resume that fails there changes none).
+    run's checkpoint and loaded its features (a resume that fails there changes none);
+    config.json's training settings stay the run's until this call trains with its own.
     """
     cfg = dataclasses.replace(cfg, captions=os.path.abspath(cfg.captions),
                               cache=os.path.abspath(cfg.cache))

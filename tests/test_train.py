@@ -180,6 +180,35 @@ def test_rerun_of_a_finished_run_trains_nothing(trained):
         f"nothing to train: the run already finished epoch 4 (--epochs 1), step {steps}")
 
 
+def test_a_rerun_that_trains_nothing_keeps_the_runs_training_settings(trained, tmp_path):
+    """`--learning-rate 0.05 --lr-schedule cosine --clip-norm 0` on a finished run trains
+    nothing, yet config.json said the run was trained so; the next resume's note on changed
+    settings then compared with settings no step used. config.json keeps the run's training
+    settings until a call trains with new ones."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    saved = RunFolder(run).load_config()
+    other = dataclasses.replace(saved.train, learning_rate=0.05, lr_schedule="cosine",
+                                clip_norm=0.0, epochs=2)
+    _, summary = run_trainer(dataclasses.replace(saved, train=other), run)
+    assert summary["steps_now"] == 0
+    assert RunFolder(run).load_config().train == saved.train
+    more = dataclasses.replace(other, epochs=5, max_steps=summary["steps"] + 1)
+    logs = []
+    train.train(dataclasses.replace(saved, train=more), run, progress=False, log=logs.append)
+    assert RunFolder(run).load_config().train == more            # trained with them now
+    assert any("train.epochs: 4 -> 5" in line and "train.learning_rate: 0.01 -> 0.05" in line
+               for line in logs), logs
+
+
+def test_config_json_never_records_fresh(shapes_data, tmp_path):
+    """--fresh says what one call does to the folder, not how the run was made: recorded, a
+    later rerun's note listed `train.fresh: True -> False` as a changed setting."""
+    run = str(tmp_path / "run")
+    train.open_run(run, small_config(shapes_data, fresh=True), fresh=True)
+    assert RunFolder(run).load_config().train.fresh is False
+
+
 def test_resume_with_another_monitor_measures_it_and_continues(shapes_data, tmp_path):
     """--monitor is a training setting that may change on resume: `--monitor val_bleu4` on a
     run trained with val_loss stopped with `early stopping monitors 'val_bleu4' but the epoch
@@ -493,6 +522,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_copy):
     assert e.value.exit_code == 1
     assert "epoch 4" in str(e.value) and "checkpoint" in str(e.value)
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == checkpoints
+    # no step trained with them: config.json keeps the settings the checkpoints were made with
+    assert run_copy.load_config().train == saved.train
 
 
 def test_captions_without_features_are_skipped(shapes_data, copy_cache, tmp_path):

@@ -12,6 +12,7 @@ left.
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 from typing import Optional
@@ -39,12 +40,19 @@ DAMAGED = (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError, 
 
 def _try_restore(checkpoint: tf.train.Checkpoint, prefix: str) -> Optional[str]:
     """None if `prefix` restored every object of `checkpoint`, else the reason it did not."""
+    status = None
     try:
-        checkpoint.restore(prefix).assert_existing_objects_matched()
+        status = checkpoint.restore(prefix)
+        status.assert_existing_objects_matched()
         return None
     except DAMAGED as e:
         text = getattr(e, "message", None) or str(e) or type(e).__name__
         return f"{type(e).__name__}: {text.strip().splitlines()[0][:200]}"
+    finally:
+        # values `checkpoint` has no object for (`EPOCH_START`, read by name; or all of a
+        # restore that failed) are no news: TensorFlow warned of each when the status went
+        if status is not None:
+            status.expect_partial()
 
 
 def _set_aside(prefix: str) -> list[str]:
@@ -114,6 +122,39 @@ def _newest_counters(directory: str, names: tuple) -> Optional[tuple]:
                          for name in names)
         except DAMAGED:
             continue  # damaged: restore_newest_intact reports it
+    return None
+
+
+# The facts of the epoch a checkpoint stopped in that a resume inside it must keep, saved
+# since they were needed (`Trainer._checkpoint_to_save`; older checkpoints restore without
+# them): the learning rate of its first step (history.json's), and the --batch-size and
+# --scst-samples it is cut with (config.json's can be edited, or name a later call's).
+EPOCH_START = ("learning_rate", "batch_size", "scst_samples")
+
+
+def epoch_start(prefix: str) -> Optional[dict]:
+    """`EPOCH_START` of checkpoint `prefix` by name; None when it holds none (made by an
+    older caption_attn, or between epochs of one that never started an epoch)."""
+    try:
+        values = tf.train.load_checkpoint(prefix).get_tensor(
+            "epoch_start/.ATTRIBUTES/VARIABLE_VALUE")
+    except DAMAGED:  # NotFoundError: no such variable
+        return None
+    if len(values) != len(EPOCH_START) or not all(map(math.isfinite, values)):
+        return None
+    return {name: (float(v) if name == "learning_rate" else int(v))
+            for name, v in zip(EPOCH_START, values)}
+
+
+def newest_epoch_start(directory: str) -> Optional[dict]:
+    """`epoch_start` of the newest readable checkpoint in `directory` (the one `position`
+    reads)."""
+    for prefix in list_checkpoints(directory):
+        try:
+            tf.train.load_checkpoint(prefix)
+        except DAMAGED:
+            continue
+        return epoch_start(prefix)
     return None
 
 

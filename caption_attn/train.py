@@ -124,17 +124,33 @@ def schedule_notes(cfg: RunConfig, where: tuple[int, int], old: TrainConfig) -> 
                 f"taken fall elsewhere on the new curve, so the learning rate of epoch "
                 f"{where[0] + 1} is not the one the run's schedule had there (the epochs' "
                 f"rates are in history.json)"]
-    if (old.lr_schedule, old.epochs, old.scst_after) == (new.lr_schedule, new.epochs,
-                                                        new.scst_after):
+    if where[1] or not _schedule_moved(old, new):
+        # inside an epoch, the rate where training continues depends on the epoch's steps,
+        # known once the data is: `Trainer._resume_rate_note` says it
         return []
     was, now = _scheduled_rate(old, where[0]), _scheduled_rate(new, where[0])
+    note = _rate_note(old, new, was, now, f"epoch {where[0] + 1} starts")
+    return [note] if note else []
+
+
+def _schedule_moved(old: TrainConfig, new: TrainConfig) -> bool:
+    """Whether the cross-entropy schedule's shape changed (another rate is the changed
+    settings' note)."""
+    return "cosine" in (old.lr_schedule, new.lr_schedule) and (
+        old.lr_schedule, old.epochs, old.scst_after) != (new.lr_schedule, new.epochs,
+                                                         new.scst_after)
+
+
+def _rate_note(old: TrainConfig, new: TrainConfig, was: float, now: float,
+               where: str) -> Optional[str]:
+    """The note of a moved schedule: `where` ("epoch 3 starts") at `now` instead of `was`."""
     if math.isclose(was, now, rel_tol=1e-6, abs_tol=1e-12):
-        return []
+        return None
     span = lambda tc: ("constant" if tc.lr_schedule == "constant" else  # noqa: E731
                        f"cosine over {tc.cross_entropy_epochs} cross-entropy epochs")
-    return [f"the learning-rate schedule is now {span(new)} (was {span(old)}): epoch "
-            f"{where[0] + 1} starts at a learning rate of {now:.3g} instead of {was:.3g}, "
-            f"and the steps to come follow the new curve"]
+    return (f"the learning-rate schedule is now {span(new)} (was {span(old)}): {where} at a "
+            f"learning rate of {now:.3g} instead of {was:.3g}, and the steps to come follow "
+            f"the new curve")
 
 
 def check_features_mid_epoch(run: RunFolder, cfg: RunConfig, data: TrainData) -> list[str]:
@@ -459,6 +475,9 @@ class Trainer:
         quiet.meet_dtypes()  # after the strategy, which may configure TF first (quiet.py)
         self.chief = distribute.is_chief(self.strategy)
         self.data = data or load_train_data(cfg, run_dir)
+        # the run's training settings until this call trains (`with_trained_settings`)
+        self._previous = self.run.load_config().train if os.path.exists(self.run.config) \
+            else None
         self.images_dir = images_dir or self.data.manifest.get("images_dir")
         keras.utils.set_random_seed(cfg.data.seed)
         self.inputs = EpochData(cfg, self.data, self.strategy, self.run, self.chief,
@@ -468,6 +487,9 @@ class Trainer:
         self._build_state(tc.cross_entropy_epochs
                           * self.inputs.steps_per_epoch)
         self.inputs.load_table()
+        note = self._resume_rate_note() if self._restored else None
+        if note:
+            log("note: " + note)
         self._scst: Optional[SelfCritical] = None
         self._eval_sets: dict = {}
         self.validator = Validator(
@@ -499,11 +521,15 @@ class Trainer:
             self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
             self.epoch_sums = tf.Variable(tf.zeros([len(EpochTotals.FIELDS)], tf.float64),
                                           trainable=False)
+            self.epoch_start = tf.Variable(  # `checkpoints.EPOCH_START`, NaN: not known
+                tf.fill([len(checkpoints.EPOCH_START)], tf.constant(np.nan, tf.float64)),
+                trainable=False)
         rng = [v.value for v in self.model.non_trainable_variables
                if "seed_generator" in v.path]
-        self.checkpoint = tf.train.Checkpoint(
-            model=self.model, optimizer=self.optimizer, epoch=self.epoch, step=self.step,
-            step_in_epoch=self.step_in_epoch, epoch_sums=self.epoch_sums, rng=rng)
+        objects = dict(model=self.model, optimizer=self.optimizer, epoch=self.epoch,
+                       step=self.step, step_in_epoch=self.step_in_epoch,
+                       epoch_sums=self.epoch_sums, rng=rng)
+        self.checkpoint = tf.train.Checkpoint(**objects)   # what every checkpoint holds
         own = self.run.checkpoints if self.chief else \
             self.run.worker_checkpoints(distribute.task_id(self.strategy))
         # Every worker restores the chief's newest intact checkpoint (a shared filesystem),
@@ -512,7 +538,11 @@ class Trainer:
             else own
         self._restored = checkpoints.restore_newest_intact(
             self.checkpoint, source, log=self.log, set_aside=self.chief or source == own)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, own, max_to_keep=3)
+        started = self._restored and checkpoints.epoch_start(self._restored)
+        if started:
+            self.epoch_start.assign([started[k] for k in checkpoints.EPOCH_START])
+        self.manager = tf.train.CheckpointManager(self._checkpoint_to_save(objects), own,
+                                                  max_to_keep=3)
         self.steps = Steps(self.model, self.optimizer, self.strategy, self.cfg,
                            lambda: self.scst)
         if mc.feature_norm and self._restored is None:  # else: restored with the model
@@ -520,6 +550,44 @@ class Trainer:
             with self._stopped_at_damaged_features():
                 self.model.feature_norm.set_statistics(*pipeline.feature_statistics(
                     self.data.reader, train_paths, seed=self.cfg.data.seed))
+
+    def _checkpoint_to_save(self, objects: dict) -> tf.train.Checkpoint:
+        """The checkpoint saved: `objects` and the facts of the epoch it stops in (restored by
+        name, `checkpoints.epoch_start`: a checkpoint made before them lacks them, and a
+        restore that asked for them would refuse it)."""
+        return tf.train.Checkpoint(**objects, epoch_start=self.epoch_start)
+
+    def _epoch_first_rate(self, epoch: int, first: int, in_epoch: int) -> float:
+        """The learning rate of 0-based `epoch`'s first step, the optimizer's step `first`:
+        resumed inside the epoch, the rate that step used (the checkpoint's; for a checkpoint
+        made before it was kept, by the settings of config.json, the run's until this call
+        trains), not the one this call's schedule has there, which no step used."""
+        recorded = float(self.epoch_start.numpy()[0])
+        if in_epoch and math.isfinite(recorded):
+            return recorded
+        if not in_epoch or self._previous is None:
+            return float(self.lr_schedule(first))   # its stage set by the caller
+        tc = self._previous
+        schedule = StagedLearningRate(tc, tc.cross_entropy_epochs * self.inputs.steps_per_epoch)
+        schedule.self_critical.assign(int(self.cfg.train.is_scst(epoch)))
+        return float(schedule(first))
+
+    def _resume_rate_note(self) -> Optional[str]:
+        """`schedule_notes`' note for a run resumed inside a cross-entropy epoch, which only
+        the trainer can give: the rate at the step training continues at, by the run's
+        schedule (config.json's) and by this call's, over the optimizer's steps."""
+        old, new = self._previous, self.cfg.train
+        epoch, in_epoch = int(self.epoch.numpy()), int(self.step_in_epoch.numpy())
+        if old is None or not 0 < in_epoch < self._epoch_length(epoch) or \
+                new.is_scst(epoch) or old.batch_size != new.batch_size or \
+                not _schedule_moved(old, new):
+            return None
+        at = int(inner(self.optimizer).iterations.numpy())
+        per_epoch = self.inputs.steps_per_epoch
+        was, now = (float(StagedLearningRate(tc, tc.cross_entropy_epochs * per_epoch)(at))
+                    for tc in (old, new))
+        return _rate_note(old, new, was, now, f"training continues at step {in_epoch + 1} of "
+                                              f"epoch {epoch + 1}")
 
     def restore(self) -> bool:
         """Whether training resumes from a checkpoint (restored when the trainer was built);
@@ -556,7 +624,9 @@ class Trainer:
         # the rate of the epoch's first step (resumed mid-epoch too: the optimizer counts the
         # steps it applied, which `totals` counts too), what history.json logs for the epoch
         first = int(inner(self.optimizer).iterations.numpy()) - int(totals.sums["steps"])
-        rate = float(self.lr_schedule(first))
+        rate = self._epoch_first_rate(epoch, first, in_epoch)
+        tc = self.cfg.train
+        self.epoch_start.assign([rate, tc.batch_size, tc.scst_samples])
         if self_critical:
             batches = self.inputs.images(epoch, skip=in_epoch)
             if self.steps.scst_step is None:

@@ -414,6 +414,47 @@ def test_max_steps_then_resume_mid_epoch(shapes_data, tmp_path):
                                rtol=1e-5)
 
 
+def test_a_resume_inside_an_epoch_records_and_says_the_rates_really_used(shapes_data,
+                                                                         tmp_path):
+    """history.json's learning_rate of an epoch is its first step's: resumed inside the epoch
+    with another schedule it was the new schedule's rate there, which no step used. The note
+    on a moved cosine schedule said where the epoch "starts" though it had started: it says
+    the rate training continues at, at the step it continues at."""
+    from caption_attn.optimizer import StagedLearningRate
+    run = str(tmp_path / "run")
+    run_trainer(small_config(shapes_data, epochs=2, max_steps=3, lr_schedule="cosine"), run)
+    cfg = small_config(shapes_data, epochs=4, lr_schedule="cosine")
+    assert not [n for n in train.reopen_checks(RunFolder(run), cfg, fresh=False)
+                if "learning-rate schedule" in n]      # it knows no step: the Trainer says it
+    train.open_run(run, cfg)
+    logs = []
+    trainer = train.Trainer(cfg, run, progress=False, log=logs.append)
+    per_epoch = trainer.inputs.steps_per_epoch
+    was, now = (float(StagedLearningRate(cfg.train, n * per_epoch)(3)) for n in (2, 4))
+    assert ("note: the learning-rate schedule is now cosine over 4 cross-entropy epochs (was "
+            "cosine over 2 cross-entropy epochs): training continues at step 4 of epoch 1 at a "
+            f"learning rate of {now:.3g} instead of {was:.3g}, and the steps to come follow "
+            "the new curve") in logs, logs
+    run_trainer(small_config(shapes_data, epochs=1, learning_rate=5e-3), run)
+    assert RunFolder(run).read_history()[0]["learning_rate"] == pytest.approx(1e-2)
+
+
+def test_a_checkpoint_made_before_epoch_facts_were_kept_still_resumes(shapes_data, tmp_path,
+                                                                      monkeypatch):
+    """Checkpoints of an older caption_attn hold no `epoch_start` (the first step's rate, the
+    batches): they restore, and the epoch's rate comes from config.json's settings."""
+    run = str(tmp_path / "run")
+    with monkeypatch.context() as older:
+        older.setattr(train.Trainer, "_checkpoint_to_save",
+                      lambda self, objects: tf.train.Checkpoint(**objects))
+        run_trainer(small_config(shapes_data, epochs=2, max_steps=3), run)
+    reader = tf.train.load_checkpoint(os.path.join(run, "checkpoints", "ckpt-3"))
+    assert not [n for n in reader.get_variable_to_shape_map() if "epoch_start" in n]
+    _, summary = run_trainer(small_config(shapes_data, epochs=1, learning_rate=5e-3), run)
+    assert summary["finished_epochs"] == 1
+    assert RunFolder(run).read_history()[0]["learning_rate"] == pytest.approx(1e-2)
+
+
 def test_resume_mid_epoch_with_other_batches_is_refused_before_writing(shapes_data,
                                                                          tmp_path):
     """A run stopped inside an epoch skips the batches already trained by their count: with

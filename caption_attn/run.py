@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -48,6 +49,13 @@ def splits_digest(splits: dict) -> str:
     """sha256 of the image keys of every split, in order (split.json's `splits_sha256`)."""
     return hashlib.sha256(json.dumps([splits[s] for s in SPLITS], ensure_ascii=False)
                           .encode()).hexdigest()
+
+
+def settings_digest(cfg: RunConfig) -> str:
+    """sha256 of a config's data, vocab and model settings (split.json's `settings_sha256`):
+    the ones a run keeps for its whole life, which its checkpoints were made with."""
+    fixed = {part: dataclasses.asdict(getattr(cfg, part)) for part in ("data", "vocab", "model")}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
 
 
 def changed_settings_note(saved, new) -> Optional[str]:
@@ -175,6 +183,13 @@ class RunFolder:
             return []
         self._refuse_lost_records()
         saved = self.load_config()
+        recorded = self._split_field("settings_sha256")
+        if isinstance(recorded, str) and recorded != settings_digest(saved):
+            # flags that match an edited file would pass, and train on with the checkpoint's
+            raise UserError(f"{self.config}: its data, vocabulary or model settings are not "
+                            f"the ones {self.split} recorded when the run started (edited by "
+                            f"hand?), and its checkpoints were made with those; restore the "
+                            f"file train wrote, or add --fresh to start this run over")
         fixed = []
         for part in ("data", "vocab", "model"):
             fixed += config_diff(getattr(saved, part), getattr(cfg, part), part + ".")

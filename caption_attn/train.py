@@ -35,7 +35,7 @@ from caption_attn.errors import TrainingError, UserError
 from caption_attn.fileio import write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
 from caption_attn.optimizer import FusedAdam, StagedLearningRate, inner, make_optimizer
-from caption_attn.run import RunFolder, changed_settings_note
+from caption_attn.run import RunFolder, changed_settings_note, settings_digest
 from caption_attn.scst import SelfCritical
 from caption_attn.steps import EpochTotals, Steps
 from caption_attn.train_data import EpochData, TrainData, load_train_data as _load_train_data
@@ -408,6 +408,12 @@ def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig, where: tuple[
         return
     epoch, in_epoch = where
     new = cfg.train
+    # what the epoch was cut with, by its checkpoint (config.json may be edited; checkpoints
+    # made before they recorded it: config.json's)
+    cut = checkpoints.newest_epoch_start(run.checkpoints) or {
+        "batch_size": old.batch_size, "scst_samples": old.scst_samples}
+    old = dataclasses.replace(old, batch_size=cut["batch_size"],
+                              scst_samples=cut["scst_samples"])
     changed = []
     if old.is_scst(epoch) != new.is_scst(epoch):
         changed.append(f"--scst-after {new.scst_after_flag} (was {old.scst_after_flag}: the "
@@ -501,7 +507,7 @@ class Trainer:
         # fails there leaves config.json describing the settings its checkpoints were made
         # with. Its training settings stay the run's until this call trains (`_save`)
         if self.chief:
-            self.data.fix_in(self.run, cfg.captions)
+            self.data.fix_in(self.run, cfg.captions, settings_digest(cfg))
         self._settings_recorded = self._restored is None
         (cfg if self._settings_recorded else with_trained_settings(self.run, cfg)).save(
             self.run.config)  # every worker, each into its own run folder

@@ -474,6 +474,17 @@ def test_resume_mid_epoch_with_other_batches_is_refused_before_writing(shapes_da
         assert f"{run} stopped in epoch 1 at step 3" in str(e.value)
         assert needle in str(e.value) and "--epochs 1" in str(e.value)
         assert {n: open(os.path.join(run, n), "rb").read() for n in before} == before
+    # config.json edited to say 8: the checkpoint says what the epoch was cut with
+    edited = json.loads(before["config.json"])
+    edited["train"]["batch_size"] = 8
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump(edited, f)
+    with pytest.raises(UserError, match=r"stopped in epoch 1 at step 3, .*--batch-size 8 "
+                                        r"\(was 16\)"):
+        train.train(small_config(shapes_data, epochs=2, batch_size=8), run, progress=False,
+                    log=lambda *a: None)
+    with open(os.path.join(run, "config.json"), "wb") as f:
+        f.write(before["config.json"])
     summary = train.train(small_config(shapes_data, epochs=1), run, progress=False,
                           log=lambda *a: None)                  # finishes epoch 1 as it was
     assert summary["finished_epochs"] == 1 and summary["epoch_steps"] == 0

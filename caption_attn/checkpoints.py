@@ -11,6 +11,7 @@ left.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import os
@@ -46,6 +47,7 @@ def _try_restore(checkpoint: tf.train.Checkpoint, prefix: str) -> Optional[str]:
         status.assert_existing_objects_matched()
         return None
     except DAMAGED as e:
+        _expect_partial_of_failed_restore(e)
         text = getattr(e, "message", None) or str(e) or type(e).__name__
         return f"{type(e).__name__}: {text.strip().splitlines()[0][:200]}"
     finally:
@@ -53,6 +55,32 @@ def _try_restore(checkpoint: tf.train.Checkpoint, prefix: str) -> Optional[str]:
         # restore that failed) are no news: TensorFlow warned of each when the status went
         if status is not None:
             status.expect_partial()
+
+
+def _expect_partial_of_failed_restore(error: BaseException) -> None:
+    """`expect_partial` on the restore that raised `error` inside `Checkpoint.restore` (a
+    shape mismatch), which returned no status to call it on: its "deleted with unrestored
+    values" warnings (six lines after the message, when the process ended) said nothing the
+    message does not. TensorFlow has no public handle on it: its restore coordinator is a
+    local of the frames the error went through."""
+    tb = error.__traceback__
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if type(value).__name__ == "_CheckpointRestoreCoordinator":
+                with contextlib.suppress(AttributeError):
+                    value.expect_partial = True
+        tb = tb.tb_next
+
+
+def _likely_cause(failures: list) -> str:
+    """What the reasons of checkpoints that all failed to restore point at."""
+    if any("incompatible tensor with shape" in reason for _, reason in failures):
+        # every checkpoint of the run has the model's sizes: config.json's are others
+        return ("their shapes differ from the model config.json describes: its model sizes "
+                "(embedding_dim, units) or vocabulary are not the checkpoints' (config.json "
+                "edited by hand, or copied from another run?); restore the run's config.json, "
+                "or start the run over with --fresh")
+    return "if the run was made by an older caption_attn, start it over with --fresh"
 
 
 def _set_aside(prefix: str) -> list[str]:
@@ -87,8 +115,7 @@ def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: str,
             from caption_attn.errors import UserError
             raise UserError(
                 "no checkpoint of this run can be restored:",
-                lines=[*(f"  {p}: {r}" for p, r in failures),
-                       "if the run was made by an older caption_attn, start it over with --fresh"])
+                lines=[*(f"  {p}: {r}" for p, r in failures), _likely_cause(failures)])
         return None
     for bad, reason in failures:
         log(f"note: skipped the damaged checkpoint {bad} ({reason}); resuming from "

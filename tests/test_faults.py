@@ -82,6 +82,31 @@ def test_a_checkpoint_cut_to_a_few_bytes_is_skipped_when_reading_the_position(tm
     assert checkpoints.steps_taken(folder) == 10
 
 
+def test_checkpoints_of_other_model_sizes_name_the_cause_without_warnings(tmp_path, capfd):
+    """Checkpoints whose shapes are not the model's (config.json's sizes edited, or copied
+    from another run) were blamed on "an older caption_attn", followed by six TensorFlow
+    warnings about unrestored values at exit."""
+    import gc
+
+    import tensorflow as tf
+
+    from caption_attn import checkpoints
+    folder = str(tmp_path / "checkpoints")
+    tf.train.CheckpointManager(tf.train.Checkpoint(w=tf.Variable(tf.zeros([3, 2])),
+                                                   n=tf.Variable(1)), folder, 3).save(5)
+    other = tf.train.Checkpoint(w=tf.Variable(tf.zeros([4, 2])), n=tf.Variable(1))
+    with pytest.raises(UserError) as e:
+        checkpoints.restore_newest_intact(other, folder)
+    text = str(e.value)
+    assert "ckpt-5: ValueError: Received incompatible tensor with shape (3, 2)" in text
+    assert "their shapes differ from the model config.json describes: its model sizes" \
+        in text and "--fresh" in text
+    assert "older caption_attn" not in text
+    del other, e
+    gc.collect()
+    assert "unrestored values" not in capfd.readouterr().err
+
+
 def _steps(folder, tag):
     import tensorflow as tf
     return sorted(event.step for path in glob.glob(os.path.join(folder, "events.out.tfevents.*"))

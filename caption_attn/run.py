@@ -183,6 +183,7 @@ class RunFolder:
             return []
         self._refuse_lost_records()
         saved = self.load_config()
+        cfg = self.with_recorded_format(cfg)
         recorded = self._split_field("settings_sha256")
         if isinstance(recorded, str) and recorded != settings_digest(saved):
             # flags that match an edited file would pass, and train on with the checkpoint's
@@ -206,6 +207,20 @@ class RunFolder:
                 notes.append(f"--{name} differs from the run's previous invocation "
                              f"({getattr(saved, name)}); config.json now names the new one")
         return notes
+
+    def with_recorded_format(self, cfg: RunConfig) -> RunConfig:
+        """`cfg` with config.json's --format when both read the caption file as the format
+        split.json recorded (`auto` resolves to it): `--format karpathy` on a run made with
+        `--format auto` was refused as another data configuration. config.json keeps its
+        value, which its digest (`settings_digest`) covers."""
+        if not os.path.exists(self.config) or not os.path.exists(self.split):
+            return cfg
+        saved, recorded = self.load_config().data.format, self._split_field("format")
+        resolved = lambda f: recorded if f == "auto" else f  # noqa: E731
+        if cfg.data.format == saved or not isinstance(recorded, str) or \
+                resolved(cfg.data.format) != resolved(saved):
+            return cfg
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format=saved))
 
     def _refuse_lost_config(self) -> None:
         """A run that has trained (checkpoints, history, a best model) but lost config.json

@@ -1154,6 +1154,8 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
                         f" (it is only for the attention heatmaps: leave it out to use the "
                         f"images folder recorded in the cache)")
     fresh = cfg.train.fresh
+    if not fresh:   # the run's --format, when the one given reads the file the same way
+        cfg = run.with_recorded_format(cfg)
     notes = reopen_checks(run, cfg, fresh)
     if not fresh and os.path.exists(run.split) and run.caption_data() is None:
         notes.append(f"{run.split} has no fingerprint of the run's caption data (a run made "

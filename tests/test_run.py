@@ -251,3 +251,18 @@ def test_data_vocab_or_model_settings_edited_in_config_json_are_refused(run_copy
     with open(run_copy.split, "w") as f:
         json.dump(split, f)
     assert run_copy.reopen_notes(cfg) == []
+
+
+def test_a_format_that_resolves_to_the_runs_is_not_a_changed_setting(run_copy):
+    """`--format karpathy` on a run made with `--format auto` (split.json records the format
+    auto found: karpathy) was refused as another data configuration; it reads the same file
+    the same way. config.json keeps the run's own value (its digest is split.json's)."""
+    import dataclasses
+    saved = run_copy.load_config()
+    assert saved.data.format == "auto"
+    typed = dataclasses.replace(saved, data=dataclasses.replace(saved.data, format="karpathy"))
+    assert run_copy.reopen_notes(typed) == []
+    assert run_copy.with_recorded_format(typed) == saved
+    other = dataclasses.replace(saved, data=dataclasses.replace(saved.data, format="coco"))
+    with pytest.raises(UserError, match="data.format: 'auto' -> 'coco'"):
+        run_copy.reopen_notes(other)

@@ -72,6 +72,41 @@ def _expect_partial_of_failed_restore(error: BaseException) -> None:
         tb = tb.tb_next
 
 
+def _step(prefix: str) -> int:
+    return int(prefix.rsplit("-", 1)[1])
+
+
+def _without_index(directory: str) -> list[str]:
+    """Prefixes of checkpoints in `directory` with data files but no `.index` (which
+    `list_checkpoints` cannot see), newest first."""
+    found = {os.path.join(directory, m.group(1))
+             for path in glob.glob(os.path.join(glob.escape(directory), "ckpt-*.data-*"))
+             for m in [re.match(r"^(ckpt-\d+)\.data-", os.path.basename(path))] if m}
+    return sorted((p for p in found if not os.path.exists(p + ".index")), key=_step,
+                  reverse=True)
+
+
+def _skip_without_index(directory: str, restored: Optional[str], log,
+                        set_aside: bool) -> list[str]:
+    """Checkpoints newer than `restored` (None: any) that have data files but no `.index`:
+    not listed, so never tried, they were passed over with no word but a note blaming "the
+    process that stopped" for the training lost. Each is named with why (and with
+    `set_aside` renamed like a damaged one); returns them."""
+    newer = [p for p in _without_index(directory)
+             if restored is None or _step(p) > _step(restored)]
+    start = (f"resuming from {os.path.basename(restored)}, and the steps after it are "
+             f"trained again") if restored else "training starts again from the first step"
+    for bad in newer:
+        name = os.path.basename(bad)
+        log(f"note: skipped the checkpoint {name} of {directory}: {name}.index is missing "
+            f"(deleted, or a copy that left it out), so its data files cannot be read; "
+            f"{start}"
+            + (". Its files were renamed to damaged-*" if set_aside else ""))
+        if set_aside:
+            _set_aside(bad)
+    return newer
+
+
 def _likely_cause(failures: list) -> str:
     """What the reasons of checkpoints that all failed to restore point at."""
     if any("incompatible tensor with shape" in reason for _, reason in failures):
@@ -116,6 +151,7 @@ def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: str,
             raise UserError(
                 "no checkpoint of this run can be restored:",
                 lines=[*(f"  {p}: {r}" for p, r in failures), _likely_cause(failures)])
+        _skip_without_index(directory, None, log, set_aside)
         return None
     for bad, reason in failures:
         log(f"note: skipped the damaged checkpoint {bad} ({reason}); resuming from "
@@ -123,7 +159,8 @@ def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: str,
                                              if set_aside else ""))
         if set_aside:
             _set_aside(bad)
-    if set_aside and (failures or not _state_readable(directory)):
+    newer = _skip_without_index(directory, prefix, log, set_aside)
+    if set_aside and (failures or newer or not _state_readable(directory)):
         intact = list_checkpoints(directory)
         with deprecation.silence():  # its notice went to stderr on every such resume
             tf.compat.v1.train.update_checkpoint_state(

@@ -107,6 +107,32 @@ def test_checkpoints_of_other_model_sizes_name_the_cause_without_warnings(tmp_pa
     assert "unrestored values" not in capfd.readouterr().err
 
 
+def test_a_newest_checkpoint_without_its_index_is_named_when_skipped(tmp_path):
+    """A newest checkpoint whose `.index` was deleted is not listed: the run resumed from the
+    one before with only a note that blamed "the process that stopped" for what was lost.
+    The skipped checkpoint is named with why, set aside like a damaged one, and the state
+    file no longer names it."""
+    import tensorflow as tf
+
+    from caption_attn import checkpoints
+    folder = str(tmp_path / "checkpoints")
+    step = tf.Variable(0, dtype=tf.int64)
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(step=step), folder, 3)
+    for s in (10, 20):
+        step.assign(s)
+        manager.save(checkpoint_number=s)
+    os.remove(os.path.join(folder, "ckpt-20.index"))
+    notes = []
+    restored = checkpoints.restore_newest_intact(tf.train.Checkpoint(step=step), folder,
+                                                 log=notes.append)
+    assert restored.endswith("ckpt-10") and int(step.numpy()) == 10
+    assert len(notes) == 1 and "skipped the checkpoint ckpt-20" in notes[0], notes
+    assert "ckpt-20.index is missing" in notes[0] and "resuming from ckpt-10" in notes[0]
+    assert glob.glob(os.path.join(folder, "damaged-ckpt-20.data-*"))
+    assert not glob.glob(os.path.join(folder, "ckpt-20.*"))
+    assert tf.train.get_checkpoint_state(folder).model_checkpoint_path.endswith("ckpt-10")
+
+
 def _steps(folder, tag):
     import tensorflow as tf
     return sorted(event.step for path in glob.glob(os.path.join(folder, "events.out.tfevents.*"))

@@ -1008,6 +1008,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path):
                         " No space left on device [Op:SaveV2]")
     run = RunFolder(str(tmp_path / "run"))
     fake = types.SimpleNamespace(step=types.SimpleNamespace(numpy=lambda: 36), run=run,
+                                 _record_settings=lambda: None,   # config.json: not here
                                  manager=types.SimpleNamespace(
                                      save=full_disk, latest_checkpoint="/r/checkpoints/ckpt-18"))
     with pytest.raises(train.TrainingError) as e:

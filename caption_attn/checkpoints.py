@@ -11,7 +11,9 @@ left.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import math
 import os
 import re
 from typing import Optional
@@ -39,12 +41,81 @@ DAMAGED = (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError, 
 
 def _try_restore(checkpoint: tf.train.Checkpoint, prefix: str) -> Optional[str]:
     """None if `prefix` restored every object of `checkpoint`, else the reason it did not."""
+    status = None
     try:
-        checkpoint.restore(prefix).assert_existing_objects_matched()
+        status = checkpoint.restore(prefix)
+        status.assert_existing_objects_matched()
         return None
     except DAMAGED as e:
+        _expect_partial_of_failed_restore(e)
         text = getattr(e, "message", None) or str(e) or type(e).__name__
         return f"{type(e).__name__}: {text.strip().splitlines()[0][:200]}"
+    finally:
+        # values `checkpoint` has no object for (`EPOCH_START`, read by name; or all of a
+        # restore that failed) are no news: TensorFlow warned of each when the status went
+        if status is not None:
+            status.expect_partial()
+
+
+def _expect_partial_of_failed_restore(error: BaseException) -> None:
+    """`expect_partial` on the restore that raised `error` inside `Checkpoint.restore` (a
+    shape mismatch), which returned no status to call it on: its "deleted with unrestored
+    values" warnings (six lines after the message, when the process ended) said nothing the
+    message does not. TensorFlow has no public handle on it: its restore coordinator is a
+    local of the frames the error went through."""
+    tb = error.__traceback__
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if type(value).__name__ == "_CheckpointRestoreCoordinator":
+                with contextlib.suppress(AttributeError):
+                    value.expect_partial = True
+        tb = tb.tb_next
+
+
+def _step(prefix: str) -> int:
+    return int(prefix.rsplit("-", 1)[1])
+
+
+def _without_index(directory: str) -> list[str]:
+    """Prefixes of checkpoints in `directory` with data files but no `.index` (which
+    `list_checkpoints` cannot see), newest first."""
+    found = {os.path.join(directory, m.group(1))
+             for path in glob.glob(os.path.join(glob.escape(directory), "ckpt-*.data-*"))
+             for m in [re.match(r"^(ckpt-\d+)\.data-", os.path.basename(path))] if m}
+    return sorted((p for p in found if not os.path.exists(p + ".index")), key=_step,
+                  reverse=True)
+
+
+def _skip_without_index(directory: str, restored: Optional[str], log,
+                        set_aside: bool) -> list[str]:
+    """Checkpoints newer than `restored` (None: any) that have data files but no `.index`:
+    not listed, so never tried, they were passed over with no word but a note blaming "the
+    process that stopped" for the training lost. Each is named with why (and with
+    `set_aside` renamed like a damaged one); returns them."""
+    newer = [p for p in _without_index(directory)
+             if restored is None or _step(p) > _step(restored)]
+    start = (f"resuming from {os.path.basename(restored)}, and the steps after it are "
+             f"trained again") if restored else "training starts again from the first step"
+    for bad in newer:
+        name = os.path.basename(bad)
+        log(f"note: skipped the checkpoint {name} of {directory}: {name}.index is missing "
+            f"(deleted, or a copy that left it out), so its data files cannot be read; "
+            f"{start}"
+            + (". Its files were renamed to damaged-*" if set_aside else ""))
+        if set_aside:
+            _set_aside(bad)
+    return newer
+
+
+def _likely_cause(failures: list) -> str:
+    """What the reasons of checkpoints that all failed to restore point at."""
+    if any("incompatible tensor with shape" in reason for _, reason in failures):
+        # every checkpoint of the run has the model's sizes: config.json's are others
+        return ("their shapes differ from the model config.json describes: its model sizes "
+                "(embedding_dim, units) or vocabulary are not the checkpoints' (config.json "
+                "edited by hand, or copied from another run?); restore the run's config.json, "
+                "or start the run over with --fresh")
+    return "if the run was made by an older caption_attn, start it over with --fresh"
 
 
 def _set_aside(prefix: str) -> list[str]:
@@ -79,8 +150,8 @@ def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: str,
             from caption_attn.errors import UserError
             raise UserError(
                 "no checkpoint of this run can be restored:",
-                lines=[*(f"  {p}: {r}" for p, r in failures),
-                       "if the run was made by an older caption_attn, start it over with --fresh"])
+                lines=[*(f"  {p}: {r}" for p, r in failures), _likely_cause(failures)])
+        _skip_without_index(directory, None, log, set_aside)
         return None
     for bad, reason in failures:
         log(f"note: skipped the damaged checkpoint {bad} ({reason}); resuming from "
@@ -88,7 +159,8 @@ def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: str,
                                              if set_aside else ""))
         if set_aside:
             _set_aside(bad)
-    if set_aside and (failures or not _state_readable(directory)):
+    newer = _skip_without_index(directory, prefix, log, set_aside)
+    if set_aside and (failures or newer or not _state_readable(directory)):
         intact = list_checkpoints(directory)
         with deprecation.silence():  # its notice went to stderr on every such resume
             tf.compat.v1.train.update_checkpoint_state(
@@ -114,6 +186,39 @@ def _newest_counters(directory: str, names: tuple) -> Optional[tuple]:
                          for name in names)
         except DAMAGED:
             continue  # damaged: restore_newest_intact reports it
+    return None
+
+
+# The facts of the epoch a checkpoint stopped in that a resume inside it must keep, saved
+# since they were needed (`Trainer._checkpoint_to_save`; older checkpoints restore without
+# them): the learning rate of its first step (history.json's), and the --batch-size and
+# --scst-samples it is cut with (config.json's can be edited, or name a later call's).
+EPOCH_START = ("learning_rate", "batch_size", "scst_samples")
+
+
+def epoch_start(prefix: str) -> Optional[dict]:
+    """`EPOCH_START` of checkpoint `prefix` by name; None when it holds none (made by an
+    older caption_attn, or between epochs of one that never started an epoch)."""
+    try:
+        values = tf.train.load_checkpoint(prefix).get_tensor(
+            "epoch_start/.ATTRIBUTES/VARIABLE_VALUE")
+    except DAMAGED:  # NotFoundError: no such variable
+        return None
+    if len(values) != len(EPOCH_START) or not all(map(math.isfinite, values)):
+        return None
+    return {name: (float(v) if name == "learning_rate" else int(v))
+            for name, v in zip(EPOCH_START, values)}
+
+
+def newest_epoch_start(directory: str) -> Optional[dict]:
+    """`epoch_start` of the newest readable checkpoint in `directory` (the one `position`
+    reads)."""
+    for prefix in list_checkpoints(directory):
+        try:
+            tf.train.load_checkpoint(prefix)
+        except DAMAGED:
+            continue
+        return epoch_start(prefix)
     return None
 
 

@@ -566,7 +566,11 @@ class RunConfig(Config):
         return from_dict(cls, d)
 
     def save(self, path: str) -> None:
-        write_json_atomic(path, self.to_dict())
+        """Write config.json; `train.fresh` always false there: it says what one call did to
+        the run folder, not how the run was made (recorded, the next rerun's note listed
+        `train.fresh: True -> False` among its changed settings)."""
+        kept = dataclasses.replace(self, train=dataclasses.replace(self.train, fresh=False))
+        write_json_atomic(path, kept.to_dict())
 
     @classmethod
     def load(cls, path: str) -> "RunConfig":

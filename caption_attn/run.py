@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -48,6 +49,13 @@ def splits_digest(splits: dict) -> str:
     """sha256 of the image keys of every split, in order (split.json's `splits_sha256`)."""
     return hashlib.sha256(json.dumps([splits[s] for s in SPLITS], ensure_ascii=False)
                           .encode()).hexdigest()
+
+
+def settings_digest(cfg: RunConfig) -> str:
+    """sha256 of a config's data, vocab and model settings (split.json's `settings_sha256`):
+    the ones a run keeps for its whole life, which its checkpoints were made with."""
+    fixed = {part: dataclasses.asdict(getattr(cfg, part)) for part in ("data", "vocab", "model")}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
 
 
 def changed_settings_note(saved, new) -> Optional[str]:
@@ -175,6 +183,14 @@ class RunFolder:
             return []
         self._refuse_lost_records()
         saved = self.load_config()
+        cfg = self.with_recorded_format(cfg)
+        recorded = self._split_field("settings_sha256")
+        if isinstance(recorded, str) and recorded != settings_digest(saved):
+            # flags that match an edited file would pass, and train on with the checkpoint's
+            raise UserError(f"{self.config}: its data, vocabulary or model settings are not "
+                            f"the ones {self.split} recorded when the run started (edited by "
+                            f"hand?), and its checkpoints were made with those; restore the "
+                            f"file train wrote, or add --fresh to start this run over")
         fixed = []
         for part in ("data", "vocab", "model"):
             fixed += config_diff(getattr(saved, part), getattr(cfg, part), part + ".")
@@ -191,6 +207,20 @@ class RunFolder:
                 notes.append(f"--{name} differs from the run's previous invocation "
                              f"({getattr(saved, name)}); config.json now names the new one")
         return notes
+
+    def with_recorded_format(self, cfg: RunConfig) -> RunConfig:
+        """`cfg` with config.json's --format when both read the caption file as the format
+        split.json recorded (`auto` resolves to it): `--format karpathy` on a run made with
+        `--format auto` was refused as another data configuration. config.json keeps its
+        value, which its digest (`settings_digest`) covers."""
+        if not os.path.exists(self.config) or not os.path.exists(self.split):
+            return cfg
+        saved, recorded = self.load_config().data.format, self._split_field("format")
+        resolved = lambda f: recorded if f == "auto" else f  # noqa: E731
+        if cfg.data.format == saved or not isinstance(recorded, str) or \
+                resolved(cfg.data.format) != resolved(saved):
+            return cfg
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, format=saved))
 
     def _refuse_lost_config(self) -> None:
         """A run that has trained (checkpoints, history, a best model) but lost config.json

@@ -35,7 +35,7 @@ from caption_attn.errors import TrainingError, UserError
 from caption_attn.fileio import write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
 from caption_attn.optimizer import FusedAdam, StagedLearningRate, inner, make_optimizer
-from caption_attn.run import RunFolder, changed_settings_note
+from caption_attn.run import RunFolder, changed_settings_note, settings_digest
 from caption_attn.scst import SelfCritical
 from caption_attn.steps import EpochTotals, Steps
 from caption_attn.train_data import EpochData, TrainData, load_train_data as _load_train_data
@@ -59,8 +59,19 @@ def open_run(run_dir: str, cfg: RunConfig, fresh: bool = False) -> list[str]:
     if fresh:
         run.delete_previous()
     os.makedirs(run_dir, exist_ok=True)
-    cfg.save(run.config)
+    with_trained_settings(run, cfg).save(run.config)
     return notes
+
+
+def with_trained_settings(run: RunFolder, cfg: RunConfig) -> RunConfig:
+    """`cfg` with the training settings config.json holds when the run has a checkpoint:
+    what `Trainer` writes until this call has trained (`Trainer._record_settings`). A rerun
+    that trained nothing (all epochs done) or failed at its first step rewrote them, and
+    config.json then named a learning rate, schedule or clipping no step was trained with,
+    against which the next resume's notes compared."""
+    if not os.path.exists(run.config) or not checkpoints.list_checkpoints(run.checkpoints):
+        return cfg
+    return dataclasses.replace(cfg, train=run.load_config().train)
 
 
 def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
@@ -113,17 +124,33 @@ def schedule_notes(cfg: RunConfig, where: tuple[int, int], old: TrainConfig) -> 
                 f"taken fall elsewhere on the new curve, so the learning rate of epoch "
                 f"{where[0] + 1} is not the one the run's schedule had there (the epochs' "
                 f"rates are in history.json)"]
-    if (old.lr_schedule, old.epochs, old.scst_after) == (new.lr_schedule, new.epochs,
-                                                        new.scst_after):
+    if where[1] or not _schedule_moved(old, new):
+        # inside an epoch, the rate where training continues depends on the epoch's steps,
+        # known once the data is: `Trainer._resume_rate_note` says it
         return []
     was, now = _scheduled_rate(old, where[0]), _scheduled_rate(new, where[0])
+    note = _rate_note(old, new, was, now, f"epoch {where[0] + 1} starts")
+    return [note] if note else []
+
+
+def _schedule_moved(old: TrainConfig, new: TrainConfig) -> bool:
+    """Whether the cross-entropy schedule's shape changed (another rate is the changed
+    settings' note)."""
+    return "cosine" in (old.lr_schedule, new.lr_schedule) and (
+        old.lr_schedule, old.epochs, old.scst_after) != (new.lr_schedule, new.epochs,
+                                                         new.scst_after)
+
+
+def _rate_note(old: TrainConfig, new: TrainConfig, was: float, now: float,
+               where: str) -> Optional[str]:
+    """The note of a moved schedule: `where` ("epoch 3 starts") at `now` instead of `was`."""
     if math.isclose(was, now, rel_tol=1e-6, abs_tol=1e-12):
-        return []
+        return None
     span = lambda tc: ("constant" if tc.lr_schedule == "constant" else  # noqa: E731
                        f"cosine over {tc.cross_entropy_epochs} cross-entropy epochs")
-    return [f"the learning-rate schedule is now {span(new)} (was {span(old)}): epoch "
-            f"{where[0] + 1} starts at a learning rate of {now:.3g} instead of {was:.3g}, "
-            f"and the steps to come follow the new curve"]
+    return (f"the learning-rate schedule is now {span(new)} (was {span(old)}): {where} at a "
+            f"learning rate of {now:.3g} instead of {was:.3g}, and the steps to come follow "
+            f"the new curve")
 
 
 def check_features_mid_epoch(run: RunFolder, cfg: RunConfig, data: TrainData) -> list[str]:
@@ -381,6 +408,12 @@ def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig, where: tuple[
         return
     epoch, in_epoch = where
     new = cfg.train
+    # what the epoch was cut with, by its checkpoint (config.json may be edited; checkpoints
+    # made before they recorded it: config.json's)
+    cut = checkpoints.newest_epoch_start(run.checkpoints) or {
+        "batch_size": old.batch_size, "scst_samples": old.scst_samples}
+    old = dataclasses.replace(old, batch_size=cut["batch_size"],
+                              scst_samples=cut["scst_samples"])
     changed = []
     if old.is_scst(epoch) != new.is_scst(epoch):
         changed.append(f"--scst-after {new.scst_after_flag} (was {old.scst_after_flag}: the "
@@ -448,6 +481,9 @@ class Trainer:
         quiet.meet_dtypes()  # after the strategy, which may configure TF first (quiet.py)
         self.chief = distribute.is_chief(self.strategy)
         self.data = data or load_train_data(cfg, run_dir)
+        # the run's training settings until this call trains (`with_trained_settings`)
+        self._previous = self.run.load_config().train if os.path.exists(self.run.config) \
+            else None
         self.images_dir = images_dir or self.data.manifest.get("images_dir")
         keras.utils.set_random_seed(cfg.data.seed)
         self.inputs = EpochData(cfg, self.data, self.strategy, self.run, self.chief,
@@ -457,6 +493,9 @@ class Trainer:
         self._build_state(tc.cross_entropy_epochs
                           * self.inputs.steps_per_epoch)
         self.inputs.load_table()
+        note = self._resume_rate_note() if self._restored else None
+        if note:
+            log("note: " + note)
         self._scst: Optional[SelfCritical] = None
         self._eval_sets: dict = {}
         self.validator = Validator(
@@ -465,10 +504,13 @@ class Trainer:
             self.data.references["val"], tc.bleu_images,
             tc.sample_images, self.inputs.document_frequency)
         # Written last, once the checkpoint restored and the features loaded: a resume that
-        # fails there leaves config.json describing the settings its checkpoints were made with
+        # fails there leaves config.json describing the settings its checkpoints were made
+        # with. Its training settings stay the run's until this call trains (`_save`)
         if self.chief:
-            self.data.fix_in(self.run, cfg.captions)
-        cfg.save(self.run.config)  # every worker, each into its own run folder
+            self.data.fix_in(self.run, cfg.captions, settings_digest(cfg))
+        self._settings_recorded = self._restored is None
+        (cfg if self._settings_recorded else with_trained_settings(self.run, cfg)).save(
+            self.run.config)  # every worker, each into its own run folder
 
     # -- model, optimizer, checkpoint -----------------------------------------------
     def _build_state(self, cross_entropy_steps: int) -> None:
@@ -485,11 +527,15 @@ class Trainer:
             self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
             self.epoch_sums = tf.Variable(tf.zeros([len(EpochTotals.FIELDS)], tf.float64),
                                           trainable=False)
+            self.epoch_start = tf.Variable(  # `checkpoints.EPOCH_START`, NaN: not known
+                tf.fill([len(checkpoints.EPOCH_START)], tf.constant(np.nan, tf.float64)),
+                trainable=False)
         rng = [v.value for v in self.model.non_trainable_variables
                if "seed_generator" in v.path]
-        self.checkpoint = tf.train.Checkpoint(
-            model=self.model, optimizer=self.optimizer, epoch=self.epoch, step=self.step,
-            step_in_epoch=self.step_in_epoch, epoch_sums=self.epoch_sums, rng=rng)
+        objects = dict(model=self.model, optimizer=self.optimizer, epoch=self.epoch,
+                       step=self.step, step_in_epoch=self.step_in_epoch,
+                       epoch_sums=self.epoch_sums, rng=rng)
+        self.checkpoint = tf.train.Checkpoint(**objects)   # what every checkpoint holds
         own = self.run.checkpoints if self.chief else \
             self.run.worker_checkpoints(distribute.task_id(self.strategy))
         # Every worker restores the chief's newest intact checkpoint (a shared filesystem),
@@ -498,7 +544,11 @@ class Trainer:
             else own
         self._restored = checkpoints.restore_newest_intact(
             self.checkpoint, source, log=self.log, set_aside=self.chief or source == own)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, own, max_to_keep=3)
+        started = self._restored and checkpoints.epoch_start(self._restored)
+        if started:
+            self.epoch_start.assign([started[k] for k in checkpoints.EPOCH_START])
+        self.manager = tf.train.CheckpointManager(self._checkpoint_to_save(objects), own,
+                                                  max_to_keep=3)
         self.steps = Steps(self.model, self.optimizer, self.strategy, self.cfg,
                            lambda: self.scst)
         if mc.feature_norm and self._restored is None:  # else: restored with the model
@@ -506,6 +556,44 @@ class Trainer:
             with self._stopped_at_damaged_features():
                 self.model.feature_norm.set_statistics(*pipeline.feature_statistics(
                     self.data.reader, train_paths, seed=self.cfg.data.seed))
+
+    def _checkpoint_to_save(self, objects: dict) -> tf.train.Checkpoint:
+        """The checkpoint saved: `objects` and the facts of the epoch it stops in (restored by
+        name, `checkpoints.epoch_start`: a checkpoint made before them lacks them, and a
+        restore that asked for them would refuse it)."""
+        return tf.train.Checkpoint(**objects, epoch_start=self.epoch_start)
+
+    def _epoch_first_rate(self, epoch: int, first: int, in_epoch: int) -> float:
+        """The learning rate of 0-based `epoch`'s first step, the optimizer's step `first`:
+        resumed inside the epoch, the rate that step used (the checkpoint's; for a checkpoint
+        made before it was kept, by the settings of config.json, the run's until this call
+        trains), not the one this call's schedule has there, which no step used."""
+        recorded = float(self.epoch_start.numpy()[0])
+        if in_epoch and math.isfinite(recorded):
+            return recorded
+        if not in_epoch or self._previous is None:
+            return float(self.lr_schedule(first))   # its stage set by the caller
+        tc = self._previous
+        schedule = StagedLearningRate(tc, tc.cross_entropy_epochs * self.inputs.steps_per_epoch)
+        schedule.self_critical.assign(int(self.cfg.train.is_scst(epoch)))
+        return float(schedule(first))
+
+    def _resume_rate_note(self) -> Optional[str]:
+        """`schedule_notes`' note for a run resumed inside a cross-entropy epoch, which only
+        the trainer can give: the rate at the step training continues at, by the run's
+        schedule (config.json's) and by this call's, over the optimizer's steps."""
+        old, new = self._previous, self.cfg.train
+        epoch, in_epoch = int(self.epoch.numpy()), int(self.step_in_epoch.numpy())
+        if old is None or not 0 < in_epoch < self._epoch_length(epoch) or \
+                new.is_scst(epoch) or old.batch_size != new.batch_size or \
+                not _schedule_moved(old, new):
+            return None
+        at = int(inner(self.optimizer).iterations.numpy())
+        per_epoch = self.inputs.steps_per_epoch
+        was, now = (float(StagedLearningRate(tc, tc.cross_entropy_epochs * per_epoch)(at))
+                    for tc in (old, new))
+        return _rate_note(old, new, was, now, f"training continues at step {in_epoch + 1} of "
+                                              f"epoch {epoch + 1}")
 
     def restore(self) -> bool:
         """Whether training resumes from a checkpoint (restored when the trainer was built);
@@ -543,7 +631,9 @@ class Trainer:
         # the rate of the epoch's first step (resumed mid-epoch too: the optimizer counts the
         # steps it applied, which `totals` counts too), what history.json logs for the epoch
         first = int(inner(self.optimizer).iterations.numpy()) - int(totals.sums["steps"])
-        rate = float(self.lr_schedule(first))
+        rate = self._epoch_first_rate(epoch, first, in_epoch)
+        tc = self.cfg.train
+        self.epoch_start.assign([rate, tc.batch_size, tc.scst_samples])
         if self_critical:
             batches = self.inputs.images(epoch, skip=in_epoch)
             if self.steps.scst_step is None:
@@ -600,10 +690,19 @@ class Trainer:
         self._set_counters(step, in_epoch, totals)
         self._save()
 
+    def _record_settings(self) -> None:
+        """config.json gets this call's training settings once it has trained with them:
+        before the first checkpoint or history entry they made (a rerun that trained nothing,
+        or failed at its first step, keeps the run's; `with_trained_settings`)."""
+        if not self._settings_recorded:
+            self.cfg.save(self.run.config)
+            self._settings_recorded = True
+
     def _save(self) -> None:
         """Checkpoint the counters' step; a checkpoint that cannot be written (a full disk, a
         read-only folder) stops training with a TrainingError naming the folder and where a
         rerun resumes, instead of TensorFlow's traceback."""
+        self._record_settings()
         step = int(self.step.numpy())
         try:
             self.manager.save(checkpoint_number=step)
@@ -838,6 +937,7 @@ class Trainer:
         self.step_in_epoch.assign(0)
         entry = {"epoch": epoch + 1, **{k: _plain(v) for k, v in logs.items()}}
         history[:] = [h for h in history if h["epoch"] != epoch + 1] + [entry]
+        self._record_settings()
         if self.chief:  # history first: a kill before the checkpoint redoes the epoch
             write_json_atomic(self.run.history, history)
         self._save()
@@ -1041,7 +1141,8 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     model settings as before unless --fresh), the caption file (on resume, the same caption
     data) and the feature cache; with --fresh, the previous run's files are deleted then.
     config.json, split.json and vocab.json are written once the Trainer has restored the
-    run's checkpoint and loaded its features (a resume that fails there changes none).
+    run's checkpoint and loaded its features (a resume that fails there changes none);
+    config.json's training settings stay the run's until this call trains with its own.
     """
     cfg = dataclasses.replace(cfg, captions=os.path.abspath(cfg.captions),
                               cache=os.path.abspath(cfg.cache))
@@ -1055,6 +1156,8 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
                         f" (it is only for the attention heatmaps: leave it out to use the "
                         f"images folder recorded in the cache)")
     fresh = cfg.train.fresh
+    if not fresh:   # the run's --format, when the one given reads the file the same way
+        cfg = run.with_recorded_format(cfg)
     notes = reopen_checks(run, cfg, fresh)
     if not fresh and os.path.exists(run.split) and run.caption_data() is None:
         notes.append(f"{run.split} has no fingerprint of the run's caption data (a run made "

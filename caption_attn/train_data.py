@@ -55,10 +55,11 @@ class TrainData:
                  for ids in lists]
         return [p for p, _ in pairs], [t for _, t in pairs]
 
-    def fix_in(self, run: RunFolder, captions: str) -> None:
+    def fix_in(self, run: RunFolder, captions: str, settings: Optional[str] = None) -> None:
         """Save split.json (with the identity of the feature cache, the fingerprint of the
-        caption data, the digest of every image the run has had features of, and the images
-        without usable features now) and vocab.json (the ones this data was made with,
+        caption data, the digest of every image the run has had features of, the images
+        without usable features now, and `settings`: the run's `settings_digest`, which
+        config.json must match from then on) and vocab.json (the ones this data was made with,
         unchanged when they were read from the run): from here on they are fixed for the life
         of the run. Digests recorded earlier stay: an image skipped now (its features unusable)
         is still checked when its features come back."""
@@ -72,7 +73,8 @@ class TrainData:
                                           {**(self.recorded_digests or {}),
                                            **(self.image_digests or {})}.items())),
                                       "without_features": sorted(self.unusable or {}),
-                                      "vocab_sha256": self.vocab.digest()})
+                                      "vocab_sha256": self.vocab.digest(),
+                                      **({"settings_sha256": settings} if settings else {})})
         self.vocab.save(run.vocab)
 
 

@@ -82,6 +82,57 @@ def test_a_checkpoint_cut_to_a_few_bytes_is_skipped_when_reading_the_position(tm
     assert checkpoints.steps_taken(folder) == 10
 
 
+def test_checkpoints_of_other_model_sizes_name_the_cause_without_warnings(tmp_path, capfd):
+    """Checkpoints whose shapes are not the model's (config.json's sizes edited, or copied
+    from another run) were blamed on "an older caption_attn", followed by six TensorFlow
+    warnings about unrestored values at exit."""
+    import gc
+
+    import tensorflow as tf
+
+    from caption_attn import checkpoints
+    folder = str(tmp_path / "checkpoints")
+    tf.train.CheckpointManager(tf.train.Checkpoint(w=tf.Variable(tf.zeros([3, 2])),
+                                                   n=tf.Variable(1)), folder, 3).save(5)
+    other = tf.train.Checkpoint(w=tf.Variable(tf.zeros([4, 2])), n=tf.Variable(1))
+    with pytest.raises(UserError) as e:
+        checkpoints.restore_newest_intact(other, folder)
+    text = str(e.value)
+    assert "ckpt-5: ValueError: Received incompatible tensor with shape (3, 2)" in text
+    assert "their shapes differ from the model config.json describes: its model sizes" \
+        in text and "--fresh" in text
+    assert "older caption_attn" not in text
+    del other, e
+    gc.collect()
+    assert "unrestored values" not in capfd.readouterr().err
+
+
+def test_a_newest_checkpoint_without_its_index_is_named_when_skipped(tmp_path):
+    """A newest checkpoint whose `.index` was deleted is not listed: the run resumed from the
+    one before with only a note that blamed "the process that stopped" for what was lost.
+    The skipped checkpoint is named with why, set aside like a damaged one, and the state
+    file no longer names it."""
+    import tensorflow as tf
+
+    from caption_attn import checkpoints
+    folder = str(tmp_path / "checkpoints")
+    step = tf.Variable(0, dtype=tf.int64)
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(step=step), folder, 3)
+    for s in (10, 20):
+        step.assign(s)
+        manager.save(checkpoint_number=s)
+    os.remove(os.path.join(folder, "ckpt-20.index"))
+    notes = []
+    restored = checkpoints.restore_newest_intact(tf.train.Checkpoint(step=step), folder,
+                                                 log=notes.append)
+    assert restored.endswith("ckpt-10") and int(step.numpy()) == 10
+    assert len(notes) == 1 and "skipped the checkpoint ckpt-20" in notes[0], notes
+    assert "ckpt-20.index is missing" in notes[0] and "resuming from ckpt-10" in notes[0]
+    assert glob.glob(os.path.join(folder, "damaged-ckpt-20.data-*"))
+    assert not glob.glob(os.path.join(folder, "ckpt-20.*"))
+    assert tf.train.get_checkpoint_state(folder).model_checkpoint_path.endswith("ckpt-10")
+
+
 def _steps(folder, tag):
     import tensorflow as tf
     return sorted(event.step for path in glob.glob(os.path.join(folder, "events.out.tfevents.*"))

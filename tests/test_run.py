@@ -227,3 +227,42 @@ def test_splits_other_than_the_recorded_ones_are_refused(tmp_path):
         run.load_splits()
     assert str(e.value) == (f"{run.split}: its splits are not the ones recorded when the run "
                             f"started (splits_sha256 differs: edited by hand?); {FIX}")
+
+
+def test_data_vocab_or_model_settings_edited_in_config_json_are_refused(run_copy):
+    """`"feature_norm": false` edited into config.json and resumed with --no-feature-norm
+    trained on with the checkpoint's standardisation while config.json said none: the flags
+    matched the file, and the file was taken at its word. split.json records a digest of
+    its data, vocab and model settings (runs made before it are not checked)."""
+    assert run_copy.reopen_notes(run_copy.load_config()) == []
+    with open(run_copy.config) as f:
+        edited = json.load(f)
+    edited["model"]["feature_norm"] = False
+    with open(run_copy.config, "w") as f:
+        json.dump(edited, f)
+    cfg = run_copy.load_config()
+    with pytest.raises(UserError, match=rf"^{run_copy.config}: its data, vocabulary or model "
+                                        rf"settings are not the ones .*edited by hand\?.* "
+                                        rf"--fresh"):
+        run_copy.reopen_notes(cfg)
+    with open(run_copy.split) as f:
+        split = json.load(f)
+    del split["settings_sha256"]                    # a run made before the digest
+    with open(run_copy.split, "w") as f:
+        json.dump(split, f)
+    assert run_copy.reopen_notes(cfg) == []
+
+
+def test_a_format_that_resolves_to_the_runs_is_not_a_changed_setting(run_copy):
+    """`--format karpathy` on a run made with `--format auto` (split.json records the format
+    auto found: karpathy) was refused as another data configuration; it reads the same file
+    the same way. config.json keeps the run's own value (its digest is split.json's)."""
+    import dataclasses
+    saved = run_copy.load_config()
+    assert saved.data.format == "auto"
+    typed = dataclasses.replace(saved, data=dataclasses.replace(saved.data, format="karpathy"))
+    assert run_copy.reopen_notes(typed) == []
+    assert run_copy.with_recorded_format(typed) == saved
+    other = dataclasses.replace(saved, data=dataclasses.replace(saved.data, format="coco"))
+    with pytest.raises(UserError, match="data.format: 'auto' -> 'coco'"):
+        run_copy.reopen_notes(other)

@@ -180,6 +180,35 @@ def test_rerun_of_a_finished_run_trains_nothing(trained):
         f"nothing to train: the run already finished epoch 4 (--epochs 1), step {steps}")
 
 
+def test_a_rerun_that_trains_nothing_keeps_the_runs_training_settings(trained, tmp_path):
+    """`--learning-rate 0.05 --lr-schedule cosine --clip-norm 0` on a finished run trains
+    nothing, yet config.json said the run was trained so; the next resume's note on changed
+    settings then compared with settings no step used. config.json keeps the run's training
+    settings until a call trains with new ones."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    saved = RunFolder(run).load_config()
+    other = dataclasses.replace(saved.train, learning_rate=0.05, lr_schedule="cosine",
+                                clip_norm=0.0, epochs=2)
+    _, summary = run_trainer(dataclasses.replace(saved, train=other), run)
+    assert summary["steps_now"] == 0
+    assert RunFolder(run).load_config().train == saved.train
+    more = dataclasses.replace(other, epochs=5, max_steps=summary["steps"] + 1)
+    logs = []
+    train.train(dataclasses.replace(saved, train=more), run, progress=False, log=logs.append)
+    assert RunFolder(run).load_config().train == more            # trained with them now
+    assert any("train.epochs: 4 -> 5" in line and "train.learning_rate: 0.01 -> 0.05" in line
+               for line in logs), logs
+
+
+def test_config_json_never_records_fresh(shapes_data, tmp_path):
+    """--fresh says what one call does to the folder, not how the run was made: recorded, a
+    later rerun's note listed `train.fresh: True -> False` as a changed setting."""
+    run = str(tmp_path / "run")
+    train.open_run(run, small_config(shapes_data, fresh=True), fresh=True)
+    assert RunFolder(run).load_config().train.fresh is False
+
+
 def test_resume_with_another_monitor_measures_it_and_continues(shapes_data, tmp_path):
     """--monitor is a training setting that may change on resume: `--monitor val_bleu4` on a
     run trained with val_loss stopped with `early stopping monitors 'val_bleu4' but the epoch
@@ -385,6 +414,47 @@ def test_max_steps_then_resume_mid_epoch(shapes_data, tmp_path):
                                rtol=1e-5)
 
 
+def test_a_resume_inside_an_epoch_records_and_says_the_rates_really_used(shapes_data,
+                                                                         tmp_path):
+    """history.json's learning_rate of an epoch is its first step's: resumed inside the epoch
+    with another schedule it was the new schedule's rate there, which no step used. The note
+    on a moved cosine schedule said where the epoch "starts" though it had started: it says
+    the rate training continues at, at the step it continues at."""
+    from caption_attn.optimizer import StagedLearningRate
+    run = str(tmp_path / "run")
+    run_trainer(small_config(shapes_data, epochs=2, max_steps=3, lr_schedule="cosine"), run)
+    cfg = small_config(shapes_data, epochs=4, lr_schedule="cosine")
+    assert not [n for n in train.reopen_checks(RunFolder(run), cfg, fresh=False)
+                if "learning-rate schedule" in n]      # it knows no step: the Trainer says it
+    train.open_run(run, cfg)
+    logs = []
+    trainer = train.Trainer(cfg, run, progress=False, log=logs.append)
+    per_epoch = trainer.inputs.steps_per_epoch
+    was, now = (float(StagedLearningRate(cfg.train, n * per_epoch)(3)) for n in (2, 4))
+    assert ("note: the learning-rate schedule is now cosine over 4 cross-entropy epochs (was "
+            "cosine over 2 cross-entropy epochs): training continues at step 4 of epoch 1 at a "
+            f"learning rate of {now:.3g} instead of {was:.3g}, and the steps to come follow "
+            "the new curve") in logs, logs
+    run_trainer(small_config(shapes_data, epochs=1, learning_rate=5e-3), run)
+    assert RunFolder(run).read_history()[0]["learning_rate"] == pytest.approx(1e-2)
+
+
+def test_a_checkpoint_made_before_epoch_facts_were_kept_still_resumes(shapes_data, tmp_path,
+                                                                      monkeypatch):
+    """Checkpoints of an older caption_attn hold no `epoch_start` (the first step's rate, the
+    batches): they restore, and the epoch's rate comes from config.json's settings."""
+    run = str(tmp_path / "run")
+    with monkeypatch.context() as older:
+        older.setattr(train.Trainer, "_checkpoint_to_save",
+                      lambda self, objects: tf.train.Checkpoint(**objects))
+        run_trainer(small_config(shapes_data, epochs=2, max_steps=3), run)
+    reader = tf.train.load_checkpoint(os.path.join(run, "checkpoints", "ckpt-3"))
+    assert not [n for n in reader.get_variable_to_shape_map() if "epoch_start" in n]
+    _, summary = run_trainer(small_config(shapes_data, epochs=1, learning_rate=5e-3), run)
+    assert summary["finished_epochs"] == 1
+    assert RunFolder(run).read_history()[0]["learning_rate"] == pytest.approx(1e-2)
+
+
 def test_resume_mid_epoch_with_other_batches_is_refused_before_writing(shapes_data,
                                                                          tmp_path):
     """A run stopped inside an epoch skips the batches already trained by their count: with
@@ -404,6 +474,17 @@ def test_resume_mid_epoch_with_other_batches_is_refused_before_writing(shapes_da
         assert f"{run} stopped in epoch 1 at step 3" in str(e.value)
         assert needle in str(e.value) and "--epochs 1" in str(e.value)
         assert {n: open(os.path.join(run, n), "rb").read() for n in before} == before
+    # config.json edited to say 8: the checkpoint says what the epoch was cut with
+    edited = json.loads(before["config.json"])
+    edited["train"]["batch_size"] = 8
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump(edited, f)
+    with pytest.raises(UserError, match=r"stopped in epoch 1 at step 3, .*--batch-size 8 "
+                                        r"\(was 16\)"):
+        train.train(small_config(shapes_data, epochs=2, batch_size=8), run, progress=False,
+                    log=lambda *a: None)
+    with open(os.path.join(run, "config.json"), "wb") as f:
+        f.write(before["config.json"])
     summary = train.train(small_config(shapes_data, epochs=1), run, progress=False,
                           log=lambda *a: None)                  # finishes epoch 1 as it was
     assert summary["finished_epochs"] == 1 and summary["epoch_steps"] == 0
@@ -493,6 +574,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_copy):
     assert e.value.exit_code == 1
     assert "epoch 4" in str(e.value) and "checkpoint" in str(e.value)
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == checkpoints
+    # no step trained with them: config.json keeps the settings the checkpoints were made with
+    assert run_copy.load_config().train == saved.train
 
 
 def test_captions_without_features_are_skipped(shapes_data, copy_cache, tmp_path):
@@ -925,6 +1008,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path):
                         " No space left on device [Op:SaveV2]")
     run = RunFolder(str(tmp_path / "run"))
     fake = types.SimpleNamespace(step=types.SimpleNamespace(numpy=lambda: 36), run=run,
+                                 _record_settings=lambda: None,   # config.json: not here
                                  manager=types.SimpleNamespace(
                                      save=full_disk, latest_checkpoint="/r/checkpoints/ckpt-18"))
     with pytest.raises(train.TrainingError) as e:

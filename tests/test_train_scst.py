@@ -145,3 +145,14 @@ def test_a_reward_of_zero_for_every_sample_is_not_an_error(shapes_data, tmp_path
                           progress=False, log=lambda *a: None)
     last = _history(str(tmp_path / "run"))[-1]
     assert summary["epochs"] == 2 and last["reward"] == 0.0 and last["loss"] == 0.0
+
+
+def test_a_self_critical_epoch_resumed_at_another_rate_records_its_first_steps(shapes_data,
+                                                                              tmp_path):
+    """history.json's learning_rate of a self-critical epoch resumed inside it with another
+    --scst-learning-rate was the new one, which its first step did not use."""
+    run = str(tmp_path / "run")
+    quiet = dict(progress=False, log=lambda *a: None)
+    train.train(_config(shapes_data, scst_after=0, max_steps=1), run, **quiet)
+    train.train(_config(shapes_data, scst_after=0, scst_learning_rate=5e-4), run, **quiet)
+    assert [h["learning_rate"] for h in _history(run)] == pytest.approx([1e-3])

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import hashlib
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -560,6 +562,21 @@ class RunConfig(Config):
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    # training settings that may differ between the workers of one multi-worker run
+    PER_MACHINE = ("memory_cache_gb", "fresh")
+
+    def settings_digest(self, with_train: bool = False) -> str:
+        """sha256 of the data, vocab and model settings (split.json's `settings_sha256`: a
+        run keeps them for its whole life, its checkpoints were made with them); with
+        `with_train`, also the training settings less `PER_MACHINE` (what every worker of a
+        multi-worker run must train with). Paths are never part of it."""
+        parts = {part: dataclasses.asdict(getattr(self, part))
+                 for part in ("data", "vocab", "model")}
+        if with_train:
+            parts["train"] = {k: v for k, v in dataclasses.asdict(self.train).items()
+                              if k not in self.PER_MACHINE}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":

@@ -3,7 +3,6 @@ worker resumes from the same step."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Optional
@@ -150,23 +149,14 @@ def first_local(strategy: tf.distribute.Strategy, value):
     return strategy.experimental_local_results(value)[0]
 
 
-def settings_digest(cfg) -> str:
-    """sha256 of what every worker of a multi-worker run must train with: the data,
-    vocabulary, model and training settings of RunConfig `cfg`, less what may differ by
-    machine (the caption file's and cache's paths, --memory-cache-gb) or call (--fresh)."""
-    d = cfg.to_dict()
-    train = {k: v for k, v in d["train"].items() if k not in ("memory_cache_gb", "fresh")}
-    payload = json.dumps([d["data"], d["vocab"], d["model"], train], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
 def check_workers_agree(strategy: tf.distribute.Strategy, step: int, restored: Optional[str],
                         checkpoints: str, settings: str = "") -> None:
     """Multi-worker: every worker must start from the same step with the same settings
-    (`settings_digest`), or the all-reduced gradients would mix different models (a worker
-    started with another --learning-rate trained on, exit 0, its weights 0.09 apart after 10
-    steps; one with another --seed fed other captions). Raised on every worker alike: each
-    compares the spread over all workers, the same number everywhere."""
+    (`RunConfig.settings_digest(with_train=True)`), or the all-reduced gradients would mix
+    different models (a worker started with another --learning-rate trained on, exit 0, its
+    weights 0.09 apart after 10 steps; one with another --seed fed other captions). Raised
+    on every worker alike: each compares the spread over all workers, the same number
+    everywhere."""
     if _cluster(strategy) is None:
         return
     # the step, then the digest's first 64 bits as four 16-bit numbers: float64 sums of

@@ -51,13 +51,6 @@ def splits_digest(splits: dict) -> str:
                           .encode()).hexdigest()
 
 
-def settings_digest(cfg: RunConfig) -> str:
-    """sha256 of a config's data, vocab and model settings (split.json's `settings_sha256`):
-    the ones a run keeps for its whole life, which its checkpoints were made with."""
-    fixed = {part: dataclasses.asdict(getattr(cfg, part)) for part in ("data", "vocab", "model")}
-    return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
-
-
 def changed_settings_note(saved, new) -> Optional[str]:
     """The note on a resume's changed training settings (TrainConfig `saved` -> `new`), or
     None when none changed (--fresh aside)."""
@@ -185,7 +178,7 @@ class RunFolder:
         saved = self.load_config()
         cfg = self.with_recorded_format(cfg)
         recorded = self._split_field("settings_sha256")
-        if isinstance(recorded, str) and recorded != settings_digest(saved):
+        if isinstance(recorded, str) and recorded != saved.settings_digest():
             # flags that match an edited file would pass, and train on with the checkpoint's
             raise UserError(f"{self.config}: its data, vocabulary or model settings are not "
                             f"the ones {self.split} recorded when the run started (edited by "
@@ -212,7 +205,7 @@ class RunFolder:
         """`cfg` with config.json's --format when both read the caption file as the format
         split.json recorded (`auto` resolves to it): `--format karpathy` on a run made with
         `--format auto` was refused as another data configuration. config.json keeps its
-        value, which its digest (`settings_digest`) covers."""
+        value, which its digest (`RunConfig.settings_digest`) covers."""
         if not os.path.exists(self.config) or not os.path.exists(self.split):
             return cfg
         saved, recorded = self.load_config().data.format, self._split_field("format")

@@ -35,7 +35,7 @@ from caption_attn.errors import TrainingError, UserError
 from caption_attn.fileio import write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
 from caption_attn.optimizer import FusedAdam, StagedLearningRate, inner, make_optimizer
-from caption_attn.run import RunFolder, changed_settings_note, settings_digest
+from caption_attn.run import RunFolder, changed_settings_note
 from caption_attn.scst import SelfCritical
 from caption_attn.steps import EpochTotals, Steps
 from caption_attn.train_data import EpochData, TrainData, load_train_data as _load_train_data
@@ -492,6 +492,12 @@ class Trainer:
         # by it and rerun takes the learning rates of an uninterrupted run
         self._build_state(tc.cross_entropy_epochs
                           * self.inputs.steps_per_epoch)
+        # multi-worker: workers with other settings or steps are refused before any of them
+        # writes the run folder (a refused start left the odd worker's config.json, and the
+        # matching rerun was then refused as a changed configuration)
+        distribute.check_workers_agree(self.strategy, int(self.step.numpy()), self._restored,
+                                       self.run.checkpoints,
+                                       self.cfg.settings_digest(with_train=True))
         self.inputs.load_table()
         note = self._resume_rate_note() if self._restored else None
         if note:
@@ -507,7 +513,7 @@ class Trainer:
         # fails there leaves config.json describing the settings its checkpoints were made
         # with. Its training settings stay the run's until this call trains (`_save`)
         if self.chief:
-            self.data.fix_in(self.run, cfg.captions, settings_digest(cfg))
+            self.data.fix_in(self.run, cfg.captions, cfg.settings_digest())
         self._settings_recorded = self._restored is None
         (cfg if self._settings_recorded else with_trained_settings(self.run, cfg)).save(
             self.run.config)  # every worker, each into its own run folder
@@ -596,11 +602,8 @@ class Trainer:
                                               f"epoch {epoch + 1}")
 
     def restore(self) -> bool:
-        """Whether training resumes from a checkpoint (restored when the trainer was built);
-        under multi-worker, refuses workers that restored different steps."""
-        distribute.check_workers_agree(self.strategy, int(self.step.numpy()), self._restored,
-                                       self.run.checkpoints,
-                                       distribute.settings_digest(self.cfg))
+        """Whether training resumes from a checkpoint (restored when the trainer was built;
+        under multi-worker, the workers were checked to agree then)."""
         return self._restored is not None
 
     @property

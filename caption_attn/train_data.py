@@ -58,7 +58,7 @@ class TrainData:
     def fix_in(self, run: RunFolder, captions: str, settings: Optional[str] = None) -> None:
         """Save split.json (with the identity of the feature cache, the fingerprint of the
         caption data, the digest of every image the run has had features of, the images
-        without usable features now, and `settings`: the run's `settings_digest`, which
+        without usable features now, and `settings`: the run's `RunConfig.settings_digest`, which
         config.json must match from then on) and vocab.json (the ones this data was made with,
         unchanged when they were read from the run): from here on they are fixed for the life
         of the run. Digests recorded earlier stay: an image skipped now (its features unusable)

@@ -24,7 +24,7 @@ from caption_attn.config import (BACKBONE_PRECISIONS, DataConfig, DecodeConfig, 
                                  TrainConfig)
 from caption_attn.fileio import read_json, write_json_atomic
 from caption_attn.errors import UserError
-from caption_attn.run import check_folder_writable
+from caption_attn.run import check_folder_writable, folder_write_problem
 
 TARGETS = {"scene_accuracy": 0.95, "Bleu_4": 0.90, "grounding": 0.90}
 # What the demo makes in its work folder, and the settings that may change between reruns
@@ -88,9 +88,10 @@ def _delete_made(work: str) -> None:
         if os.path.isdir(path) and not os.path.islink(path):
             folders += [folder for folder, _, _ in os.walk(path)]   # links are not followed
         for folder in folders:
-            if not os.access(folder, os.W_OK | os.X_OK):
+            problem = folder_write_problem(folder)   # (os.access alone says yes to root)
+            if problem:
                 raise UserError(f"--fresh: cannot delete what the demo made in --workdir "
-                                f"{work}: {folder} is not writable; nothing was deleted")
+                                f"{work}: {problem}; nothing was deleted")
     for path in doomed:
         try:
             if os.path.isdir(path) and not os.path.islink(path):

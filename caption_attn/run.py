@@ -606,14 +606,21 @@ def check_folder_writable(path: str, what: str) -> None:
         probe = parent
     if not os.path.isdir(probe):
         raise UserError(f"{what} {path}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {path}: {probe} is not writable")
+    problem = folder_write_problem(probe)
+    if problem:
+        raise UserError(f"{what} {path}: {problem}")
+
+
+def folder_write_problem(folder: str) -> Optional[str]:
+    """Why files cannot be created (or removed) in the existing `folder`, or None."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} is not writable"
     # os.access says yes to root everywhere, and to read-only file systems such as /proc:
     # only writing a file there tells (it is removed at once)
     try:
-        fd, name = tempfile.mkstemp(dir=probe, prefix=".caption-attn-probe-")
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".caption-attn-probe-")
         os.close(fd)
         os.remove(name)
     except OSError as e:
-        raise UserError(f"{what} {path}: cannot create files in {probe} ({e.strerror})") \
-            from None
+        return f"cannot create files in {folder} ({e.strerror})"
+    return None

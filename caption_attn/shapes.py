@@ -428,8 +428,12 @@ def make_shapes(out_dir: str, cfg: ShapesConfig) -> dict:
 def empty_split_notes(cfg: ShapesConfig, splits: dict) -> list[str]:
     """A note for each split asked for (a fraction above 0) that got no image: a few images
     round it to none (round(5 x 0.1) = 0), which made a dataset without val and test images
-    without a word, found only by train or evaluate."""
+    without a word, found only by train or evaluate; and one when train got none."""
     notes = []
+    if "train" not in splits.values():
+        notes.append(f"--num-images {cfg.num_images} leaves the train split no image (val "
+                     f"and test take them all): use more images or smaller --val-fraction / "
+                     f"--test-fraction")
     for split in ("val", "test"):
         fraction = getattr(cfg, f"{split}_fraction")
         if fraction > 0 and split not in splits.values():

@@ -402,6 +402,9 @@ def test_a_split_rounded_to_no_image_is_noted(tmp_path, capsys):
     assert tiny["notes"] == ["--num-images 3 gives the val split no image (round(3 x 1e-09) = "
                              "0): use --num-images 500000001 or more, or a larger "
                              "--val-fraction"]          # (the search for it ended at 10**7)
+    assert _make(tmp_path / "two", num_images=2, val_fraction=0.3, test_fraction=0.3)[
+        "notes"] == ["--num-images 2 leaves the train split no image (val and test take them "
+                     "all): use more images or smaller --val-fraction / --test-fraction"]
 
 
 def test_the_module_docstring_gives_the_sizes_the_code_draws():

@@ -199,13 +199,21 @@ def ptb_tokenize_python(captions_for_image: dict[Key, list[str]]) -> dict[Key, l
 
 
 # --------------------------------------------------------------------------- coco metrics
+class _Meteor(Meteor):
+    """pycocoevalcap's METEOR without its `__del__`, which waits for the scorer's lock: a
+    Ctrl-C inside `compute_score` left the lock taken, and `evaluate` printed "interrupted",
+    then hung for ever in that `__del__` (`_meteor` ends the Java process itself)."""
+
+    def __del__(self):
+        pass
+
+
 def _meteor(gts: dict, res: dict) -> float:
-    """pycocoevalcap's METEOR; its Java process is always ended (its `__del__` would wait
-    forever on the scorer's lock if `compute_score` raised while holding it), and what it
-    writes on stderr is read and dropped: pycocoevalcap pipes it and never reads it, so a JVM
+    """pycocoevalcap's METEOR; its Java process is always ended here (`_Meteor` has no
+    `__del__` to do it), and what it writes on stderr is read and dropped: pycocoevalcap pipes it and never reads it, so a JVM
     writing more than a pipe holds (64 KB: warnings, a stack trace) stopped both processes,
     each waiting for the other, and `evaluate` hung."""
-    meteor = Meteor()
+    meteor = _Meteor()
     proc = meteor.meteor_p
     drain = threading.Thread(target=_read_to_the_end, args=(proc.stderr,), daemon=True)
     drain.start()
@@ -219,8 +227,6 @@ def _meteor(gts: dict, res: dict) -> float:
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             with contextlib.suppress(OSError):
                 stream.close()
-        if meteor.lock.locked():
-            meteor.lock.release()
 
 
 def _read_to_the_end(stream) -> None:

@@ -69,7 +69,7 @@ def test_meteor_reads_what_java_writes_on_stderr(monkeypatch, tmp_path):
     script.write_text(FAKE_METEOR)
     started = []
 
-    class FakeMeteor(Meteor):
+    class FakeMeteor(coco_metrics._Meteor):
         def __init__(self):
             self.meteor_p = subprocess.Popen([sys.executable, str(script)],
                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -77,10 +77,7 @@ def test_meteor_reads_what_java_writes_on_stderr(monkeypatch, tmp_path):
             self.lock = threading.Lock()
             started.append(self.meteor_p)
 
-        def __del__(self):
-            pass
-
-    monkeypatch.setattr(coco_metrics, "Meteor", FakeMeteor)
+    monkeypatch.setattr(coco_metrics, "_Meteor", FakeMeteor)
     gts = {1: ["a red circle"], 2: ["a blue square"]}
     res = {1: ["a red circle"], 2: ["a square"]}
     scores = []
@@ -95,6 +92,21 @@ def test_meteor_reads_what_java_writes_on_stderr(monkeypatch, tmp_path):
     finally:
         for proc in started:
             proc.kill()
+
+
+def test_an_interrupted_meteor_does_not_hang_the_exit():
+    """Ctrl-C inside pycocoevalcap's compute_score left its lock taken: `evaluate` printed
+    "interrupted", then hung for ever in Meteor.__del__, which waits for that lock."""
+    import threading
+
+    meteor = object.__new__(coco_metrics._Meteor)
+    meteor.lock = threading.Lock()
+    meteor.lock.acquire()                    # as the interrupt left it
+    meteor.meteor_p = None
+    ended = threading.Event()
+    threading.Thread(target=lambda: (meteor.__del__(), ended.set()), daemon=True).start()
+    assert ended.wait(10), "METEOR's clean-up waits on the lock the interrupt left taken"
+    assert issubclass(coco_metrics._Meteor, Meteor)   # pycocoevalcap's scorer otherwise
 
 
 # --------------------------------------------------------------------------- coco metrics

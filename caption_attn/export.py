@@ -301,15 +301,18 @@ def _earlier_export(out: str) -> tuple:
 
 
 def _publish(tmp: str, out: str) -> None:
-    """Rename the finished export `tmp` to `out`, replacing what was there."""
+    """Rename the finished export `tmp` to `out`, replacing what was there. Whatever stops
+    it between the two renames (an error, a Ctrl-C) puts the earlier export back: `out`
+    was left missing, the earlier export only under its hidden .old name, and the caller
+    then deleted the new one (a server had no model until a rerun)."""
     old = None
-    if os.path.lexists(out):
-        old = temp_name(out, ".old")
-        os.replace(out, old)
     try:
+        if os.path.lexists(out):
+            old = temp_name(out, ".old")
+            os.replace(out, old)
         os.replace(tmp, out)
-    except OSError:
-        if old is not None:
+    except BaseException:
+        if old is not None and os.path.lexists(old) and not os.path.lexists(out):
             os.replace(old, out)
         raise
     if old is not None:  # a symlink (to an earlier export) goes, not what it points to

@@ -679,3 +679,29 @@ def test_only_a_write_that_space_or_permissions_mend_gets_the_free_space_advice(
                   tf.errors.ResourceExhaustedError(None, None, "OOM when allocating"),
                   OSError(errno.EIO, "Input/output error"), BrokenPipeError()):
         assert _write_failed(out, error) is error
+
+
+@pytest.mark.parametrize("interrupted_after", [1, 2])
+def test_an_interrupt_between_the_renames_keeps_an_export_in_place(tmp_path, monkeypatch,
+                                                                    interrupted_after):
+    """A Ctrl-C between `_publish`'s two renames left `--out` missing (the earlier export
+    only under a hidden .old name) and the caller deleted the new one: a server had no model
+    until a rerun. The earlier export goes back; once the new one is in, it stays."""
+    out, tmp = tmp_path / "serving" / "1", tmp_path / "serving" / ".1.tmp"
+    for folder, text in ((out, "earlier"), (tmp, "new")):
+        folder.mkdir(parents=True)
+        (folder / "saved_model.pb").write_text(text)
+    calls = []
+    real = os.replace
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == interrupted_after:
+            real(src, dst)
+            raise KeyboardInterrupt
+        return real(src, dst)
+    monkeypatch.setattr(export.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        export._publish(str(tmp), str(out))
+    assert (out / "saved_model.pb").read_text() == ("earlier" if interrupted_after == 1
+                                                    else "new")

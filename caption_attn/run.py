@@ -177,13 +177,13 @@ class RunFolder:
         self._refuse_lost_records()
         saved = self.load_config()
         cfg = self.with_recorded_format(cfg)
-        recorded = self._split_field("settings_sha256")
-        if isinstance(recorded, str) and recorded != saved.settings_digest():
-            # flags that match an edited file would pass, and train on with the checkpoint's
-            raise UserError(f"{self.config}: its data, vocabulary or model settings are not "
-                            f"the ones {self.split} recorded when the run started (edited by "
-                            f"hand?), and its checkpoints were made with those; restore the "
-                            f"file train wrote, or add --fresh to start this run over")
+        # flags that match an edited file would pass, and train on with the checkpoint's
+        self._refuse_unrecorded("settings_sha256", saved.settings_digest(),
+                                f"{self.config}: its data, vocabulary or model settings are "
+                                f"not the ones {self.split} recorded when the run started "
+                                f"(edited by hand?), and its checkpoints were made with "
+                                f"those; restore the file train wrote, or add --fresh to "
+                                f"start this run over")
         fixed = []
         for part in ("data", "vocab", "model"):
             fixed += config_diff(getattr(saved, part), getattr(cfg, part), part + ".")
@@ -369,13 +369,19 @@ class RunFolder:
         from caption_attn.vocab import Vocabulary
 
         vocab = Vocabulary.load(self.vocab)
-        recorded = self._split_field("vocab_sha256")
-        if isinstance(recorded, str) and recorded != vocab.digest():
-            raise UserError(f"{self.vocab}: not the vocabulary this run was trained with "
-                            f"(its words or their order differ from what {self.split} "
-                            f"recorded): the model would say other words than it learned; "
-                            f"restore the file, or retrain with --fresh")
+        self._refuse_unrecorded("vocab_sha256", vocab.digest(),
+                                f"{self.vocab}: not the vocabulary this run was trained with "
+                                f"(its words or their order differ from what {self.split} "
+                                f"recorded): the model would say other words than it "
+                                f"learned; restore the file, or retrain with --fresh")
         return vocab
+
+    def _refuse_unrecorded(self, field: str, digest: str, message: str) -> None:
+        """UserError(`message`) when split.json's `field` holds another digest than
+        `digest` (runs made before it was recorded are not checked)."""
+        recorded = self._split_field(field)
+        if isinstance(recorded, str) and recorded != digest:
+            raise UserError(message)
 
     def cache_identity(self) -> Optional[dict]:
         """The identity of the feature cache the run was trained on (recorded in split.json

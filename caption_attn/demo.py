@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 import time
 from typing import Optional
@@ -221,26 +220,20 @@ def backbone_precision(cfg: DemoConfig, cache: str, log) -> str:
     return recorded
 
 
-_OTHER_CACHE = re.compile(r"--cache (.*) holds features made with (.*), this run asks for (.*); "
-                          r"a cache holds one backbone's features only: .*", re.S)
-
-
 def extract_stage(cfg: DemoConfig, data: dict, paths: dict, precision: str) -> dict:
     """Stage 2: `extract.extract_features` with the demo's settings. A cache of other
     settings was refused in extract-features' terms (--cache, --precision, --dtype), flags
     the demo has not: said in the demo's instead."""
     from caption_attn import extract
+    from caption_attn.feature_cache import OtherCache
 
     try:
         return extract.extract_features(data["images_dir"], ExtractConfig(
             cache=paths["cache"], weights="random", seed=cfg.seed, dtype="float16",
             precision=precision))
-    except UserError as e:
-        other = _OTHER_CACHE.fullmatch(e.message)
-        if other is None:
-            raise
-        raise UserError(f"--workdir {cfg.workdir}: its feature cache {other[1]} holds "
-                        f"features made with {other[2]}, the demo asks for {other[3]}: add "
+    except OtherCache as e:
+        raise UserError(f"--workdir {cfg.workdir}: its feature cache {e.cache} holds "
+                        f"features made with {e.made}, the demo asks for {e.wanted}: add "
                         f"--fresh to start the demo over, or choose another --workdir",
                         e.exit_code, e.lines) from None
 

@@ -420,10 +420,19 @@ def _settings(cfg: ExtractConfig) -> dict:
             "image_size": IMAGE_SIZE, "resize": RESIZE_METHOD}
 
 
-def _refuse(cache_dir: str, what: str, cached, wanted, hint: str = "") -> UserError:
-    return UserError(f"--cache {cache_dir} holds features made with {what} {cached}, this run "
-                     f"asks for {wanted}; a cache holds one backbone's features only: use another "
-                     f"--cache folder{hint}")
+class OtherCache(UserError):
+    """A cache of other settings than asked for; `cache`, `made` ("dtype float32") and
+    `wanted` kept for callers that say it in their own terms (the demo)."""
+
+    def __init__(self, cache: str, made: str, wanted, hint: str = ""):
+        super().__init__(f"--cache {cache} holds features made with {made}, this run asks "
+                         f"for {wanted}; a cache holds one backbone's features only: use "
+                         f"another --cache folder{hint}")
+        self.cache, self.made, self.wanted = cache, made, wanted
+
+
+def _refuse(cache_dir: str, what: str, cached, wanted, hint: str = "") -> OtherCache:
+    return OtherCache(cache_dir, f"{what} {cached}", wanted, hint)
 
 
 def _check_settings(cache_dir: str, m: dict, cfg: ExtractConfig) -> None:

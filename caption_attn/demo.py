@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Optional
 
@@ -21,7 +20,7 @@ from caption_attn.backbone import native_bfloat16, onednn_cap_without_bfloat16
 from caption_attn.config import (BACKBONE_PRECISIONS, DataConfig, DecodeConfig, DemoConfig,
                                  ExtractConfig, ModelConfig, RunConfig, ShapesConfig,
                                  TrainConfig)
-from caption_attn.fileio import read_json, write_json_atomic
+from caption_attn.fileio import read_json, remove_path, write_json_atomic
 from caption_attn.errors import UserError
 from caption_attn.run import check_folder_writable, folder_write_problem
 
@@ -93,10 +92,7 @@ def _delete_made(work: str) -> None:
                                 f"{work}: {problem}; nothing was deleted")
     for path in doomed:
         try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
+            remove_path(path)
         except OSError as e:
             raise UserError(f"--fresh: cannot delete {e.filename or path} ({e.strerror}); "
                             f"delete what is left of {path} by hand, then rerun") from None
@@ -260,10 +256,8 @@ def caption_test_images(cfg: DemoConfig, paths: dict, images_dir: str, log) -> d
     that failed (path -> reason)."""
     from caption_attn import captioner
 
-    if os.path.islink(paths["heatmaps"]):
-        os.remove(paths["heatmaps"])
-    elif os.path.isdir(paths["heatmaps"]):
-        shutil.rmtree(paths["heatmaps"])
+    if os.path.lexists(paths["heatmaps"]):
+        remove_path(paths["heatmaps"])
     if not cfg.show:
         log("[5/5] caption test images: skipped (--show 0)")
         return {}

@@ -52,8 +52,8 @@ from caption_attn.captioner import EXPORT_NEEDS, Captioner, make_decoder
 from caption_attn.config import DecodeConfig, ExportConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import is_stale_temp, read_manifest
-from caption_attn.fileio import (is_inside, read_json, temp_name, write_bytes_atomic,
-                                 write_json_atomic)
+from caption_attn.fileio import (is_inside, read_json, remove_path, temp_name,
+                                 write_bytes_atomic, write_json_atomic)
 from caption_attn.images import ImageError, load_image
 from caption_attn.model import ShowAttendTell
 from caption_attn.run import RunFolder, check_folder_writable
@@ -316,10 +316,7 @@ def _publish(tmp: str, out: str) -> None:
             os.replace(old, out)
         raise
     if old is not None:  # a symlink (to an earlier export) goes, not what it points to
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old)
-        else:
-            os.remove(old)
+        remove_path(old)
 
 
 def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone, best=None) -> dict:

@@ -124,6 +124,15 @@ def write_bytes_atomic(path: str, payload: Union[bytes, Iterable[bytes]],
             os.fsync(f.fileno())
 
 
+def remove_path(path: str) -> None:
+    """Delete `path`: a folder with all it holds, or a file or a symlink (the link itself,
+    never what it points to: rmtree refuses a link, and its target is not ours to delete)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
 def is_inside(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or lies inside it, symlinks on the way followed on both
     (`--run link/run` with link -> the cache is inside the cache)."""

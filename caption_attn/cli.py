@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import select
+import signal
 import sys
 import traceback
 import typing
@@ -414,6 +415,19 @@ def stdout_closed() -> int:
     return EXIT_STDOUT_CLOSED
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a batch scheduler's time limit, `docker stop`): raised in the main
+    thread like Ctrl-C's KeyboardInterrupt, so that the same clean-up runs (a training run
+    keeps its finished epochs and the heatmaps being drawn, export removes its temporary
+    folder), then exit 143 (128 + 15, what the shell shows for a process SIGTERM ended)."""
+
+
+def _terminated(signum, frame) -> None:
+    # a second SIGTERM ends the process at once (clean-up hung, or the sender insists)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
+
+
 # Commands that run TensorFlow (the others never import it, so they start at once).
 USES_TENSORFLOW = ("extract-features", "train", "caption", "evaluate", "export", "demo")
 
@@ -421,7 +435,9 @@ USES_TENSORFLOW = ("extract-features", "train", "caption", "evaluate", "export",
 def entry() -> int:
     """The `caption-attn` program (console script, `python -m caption_attn`): `main`, then
     `exit_past_hdf5` (only here: `main` is also called in-process, by tests and scripts,
-    where ending the interpreter is not its to do)."""
+    where ending the interpreter is not its to do), with SIGTERM handled as `Terminated`
+    (also only here: a signal handler belongs to the program, not to a library call)."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         code = main()
     except BaseException:
@@ -462,9 +478,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         where = f"{one_line(str(e.filename))}: " if e.filename else ""
         print(f"{PROG} {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return flushed(2 if e.filename else 1)
-    except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
-        return flushed(130)
+    except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM under `entry`
+        terminated = isinstance(e, Terminated)
+        print(f"{PROG} {args.command}: {'terminated' if terminated else 'interrupted'}",
+              file=sys.stderr)
+        return flushed(143 if terminated else 130)
 
 
 def flushed(code: int) -> int:

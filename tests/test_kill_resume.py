@@ -1,9 +1,11 @@
 """kill -9 during training, then the same command again: the run ends exactly as an
-uninterrupted one (cross-entropy and self-critical epochs)."""
+uninterrupted one (cross-entropy and self-critical epochs). SIGTERM: the same clean-up as
+Ctrl-C, exit 143."""
 
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -75,3 +77,52 @@ def test_kill_mid_self_critical_epoch_then_resume_matches_uninterrupted(shapes_d
                                                                   "self-critical"]
     for key in ("loss", "reward", "baseline", "val_loss", "val_cider"):
         assert abs(a[1][key] - b[1][key]) < 1e-3, key
+
+
+def test_sigterm_runs_the_interrupt_clean_up_and_exits_143(tmp_path):
+    """`kill` (SIGTERM: a batch scheduler's time limit, `docker stop`) ended every command
+    with exit 143 and no word, none of Ctrl-C's clean-up run (an export's temporary folder
+    stayed behind). It now raises in the command like Ctrl-C does: its `finally` blocks run,
+    one line says so, exit 143."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from caption_attn import cli, shapes\n"
+        "def make_shapes(out, cfg):\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(60)\n"
+        "    finally:\n"
+        "        print('cleaned up', flush=True)\n"
+        "shapes.make_shapes = make_shapes\n"
+        "sys.argv = ['caption-attn', 'make-shapes', sys.argv[1]]\n"
+        "sys.exit(cli.entry())\n")
+    start = time.time()
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "shapes")], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert time.time() - start < 50                        # not the sleep's 60 s
+    assert (done.returncode, done.stdout, done.stderr) == (
+        143, "cleaned up\n", "caption-attn make-shapes: terminated\n")
+
+
+@pytest.mark.slow
+def test_sigterm_during_training_keeps_the_finished_epochs_and_the_rerun_resumes(shapes_data,
+                                                                                 tmp_path):
+    run = str(tmp_path / "run")
+    proc = subprocess.Popen(train_cmd(shapes_data, run), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    checkpoint = os.path.join(run, "checkpoints", "checkpoint")
+    deadline = time.time() + 300
+    while not (read_history(run) and os.path.exists(checkpoint)) and time.time() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, stderr
+    assert stderr.splitlines()[-1] == "caption-attn train: terminated"
+    assert 1 <= len(read_history(run)) < 3
+
+    done = subprocess.run(train_cmd(shapes_data, run), env=ENV, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming after epoch" in done.stdout
+    assert [h["epoch"] for h in read_history(run)] == [1, 2, 3]

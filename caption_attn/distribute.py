@@ -126,6 +126,12 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
         and "chief" not in resolver.cluster_spec().as_dict())
 
 
+def single_process(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process trains alone (no TF_CONFIG cluster): it can save a checkpoint
+    without the other workers, whose saves are collectives."""
+    return _cluster(strategy) is None
+
+
 def task_id(strategy: tf.distribute.Strategy) -> int:
     resolver = _cluster(strategy)
     return 0 if resolver is None else int(resolver.task_id)

@@ -25,8 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from caption_attn import (checkpoints, distribute, feature_cache, ngrams, pipeline, progress,
-                          quiet)
+from caption_attn import (checkpoints, distribute, feature_cache, interrupts, ngrams, pipeline,
+                          progress, quiet)
 from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoardLogger,
                                     prune_event_files)
 from caption_attn.cider import CiderD
@@ -653,30 +653,39 @@ class Trainer:
             bar.update(in_epoch)
         earlier = totals.sums["captions"]  # trained before a restart of this epoch: not in speed
         start = time.perf_counter()
-        try:
-            for batch in pipeline.checked(batches):
-                out = {k: float(v) for k, v in run(batch, step).items()}
-                check_finite(out, epoch, step, self.manager.latest_checkpoint,
-                             loss_scaling=hasattr(self.optimizer, "dynamic_scale"))
-                step, in_epoch = step + 1, in_epoch + 1
-                totals.add(out)
-                speed = (totals.sums["captions"] - earlier) / max(time.perf_counter() - start,
-                                                                  1e-9)
-                shown = [("loss", totals.sums["loss"] / totals.sums["captions"]),
-                         ("cap/s", speed)]
-                if self_critical:
-                    shown.append(("reward", totals.sums["reward"] / totals.sums["captions"]))
-                bar.update(in_epoch, shown)
-                callbacks.on_train_batch_end(step, {"loss": out["loss"], "global_step": step,
-                                                    "gradient_norm": out["gradient_norm"]})
-                every = self.cfg.train.checkpoint_every
-                if every and step % every == 0:
-                    self._save_checkpoint(step, in_epoch, totals)
-                if self.cfg.train.max_steps and step >= self.cfg.train.max_steps:
-                    break
-        except pipeline.DamagedFeatures as e:
-            self._save_checkpoint(step, in_epoch, totals)
-            raise e.stop(self.inputs.repair_command(), step) from None
+        # Ctrl-C or SIGTERM stops after the running step and its bookkeeping, checkpointed
+        # there (else up to an epoch of steps was lost); multi-worker saves are collectives,
+        # which one worker's signal cannot start alone: there it stops at once, as before
+        with interrupts.held(enabled=distribute.single_process(self.strategy)) as stopping:
+            try:
+                for batch in pipeline.checked(batches):
+                    out = {k: float(v) for k, v in run(batch, step).items()}
+                    check_finite(out, epoch, step, self.manager.latest_checkpoint,
+                                 loss_scaling=hasattr(self.optimizer, "dynamic_scale"))
+                    step, in_epoch = step + 1, in_epoch + 1
+                    totals.add(out)
+                    speed = (totals.sums["captions"] - earlier) / max(
+                        time.perf_counter() - start, 1e-9)
+                    shown = [("loss", totals.sums["loss"] / totals.sums["captions"]),
+                             ("cap/s", speed)]
+                    if self_critical:
+                        shown.append(("reward",
+                                      totals.sums["reward"] / totals.sums["captions"]))
+                    bar.update(in_epoch, shown)
+                    callbacks.on_train_batch_end(step, {"loss": out["loss"], "global_step": step,
+                                                        "gradient_norm": out["gradient_norm"]})
+                    every = self.cfg.train.checkpoint_every
+                    if every and step % every == 0 and not stopping:
+                        self._save_checkpoint(step, in_epoch, totals)
+                    if stopping or self.cfg.train.max_steps and step >= self.cfg.train.max_steps:
+                        break
+            except pipeline.DamagedFeatures as e:
+                self._save_checkpoint(step, in_epoch, totals)
+                raise e.stop(self.inputs.repair_command(), step) from None
+            if stopping:
+                self._save_checkpoint(step, in_epoch, totals)
+                self.log(f"epoch {epoch + 1}: stopped at step {in_epoch} of {target} "
+                         f"(checkpoint saved: the same command continues from there)")
         self._set_counters(step, in_epoch, totals)
         seconds = max(time.perf_counter() - start, 1e-9)
         return {**totals.logs(self_critical), "steps": in_epoch, "target_steps": target,
@@ -933,7 +942,14 @@ class Trainer:
                          f"is validated and recorded once a rerun finishes it)")
             return False
         with self._stopped_at_damaged_features(checkpoint="save"):  # the steps are done
-            logs.update(self._validate(epoch))
+            try:
+                logs.update(self._validate(epoch))
+            except KeyboardInterrupt:   # Ctrl-C or SIGTERM: keep the steps (not multi-worker:
+                if distribute.single_process(self.strategy):  # a save there is collective)
+                    self._save()
+                    self.log(f"epoch {epoch + 1}: stopped in its validation (checkpoint "
+                             f"saved: the same command validates and records the epoch)")
+                raise
         logs.update(stage=stage, monitor=self.cfg.train.monitor_for(epoch),
                     seconds=time.perf_counter() - t0)
         self.epoch.assign(epoch + 1)

@@ -525,6 +525,97 @@ def test_an_epoch_whose_end_was_killed_at_max_steps_ends_on_the_rerun(shapes_dat
         "now), stopped by max_steps; the run: epoch 1 of 2, step ")
 
 
+def _history(run):
+    with open(os.path.join(run, "history.json")) as f:
+        return [(h["epoch"], h["steps"], h["learning_rate"], h["loss"], h["val_loss"])
+                for h in json.load(f)]
+
+
+@pytest.fixture(scope="module")
+def whole_cosine_run(shapes_data, tmp_path_factory):
+    """An uninterrupted run of 2 epochs on a cosine schedule."""
+    run = str(tmp_path_factory.mktemp("whole") / "run")
+    run_trainer(small_config(shapes_data, epochs=2, lr_schedule="cosine"), run)
+    return run
+
+
+@pytest.mark.parametrize("where", ["steps", "validation"])
+def test_ctrl_c_keeps_the_epochs_steps_and_the_rerun_matches_an_uninterrupted_run(
+        shapes_data, tmp_path, monkeypatch, where, whole_cosine_run):
+    """Ctrl-C (or SIGTERM) inside an epoch lost every step since the last checkpoint, up to
+    a whole epoch, also one stopped in its validation, all of whose steps were trained. Now
+    the running step finishes and is checkpointed (a Ctrl-C landing between a step and its
+    counters cannot be saved as another step), and the rerun ends as an uninterrupted run."""
+    import signal
+    from caption_attn import pipeline
+    cfg = small_config(shapes_data, epochs=2, lr_schedule="cosine")
+    run = str(tmp_path / "run")
+    train.open_run(run, cfg)
+    lines = []
+    trainer = train.Trainer(cfg, run, progress=False, log=lines.append)
+    per_epoch = trainer.inputs.steps_per_epoch
+    epochs, sent = [], []
+    checked, steps = pipeline.checked, train.Trainer._run_train_epoch
+
+    def epoch_steps(self, epoch, callbacks):
+        epochs.append(epoch)
+        return steps(self, epoch, callbacks)
+
+    def ctrl_c_at_epoch_2_batch_3(dataset):          # (validation's batches pass here too)
+        for i, batch in enumerate(checked(dataset)):
+            if epochs == [0, 1] and i == 2 and where == "steps" and not sent:
+                os.kill(os.getpid(), signal.SIGINT)  # before the step: held
+                sent.append(i)
+            yield batch
+
+    def ctrl_c_in_validation(self, epoch):
+        sent.append(epoch)
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "checked", ctrl_c_at_epoch_2_batch_3)
+        m.setattr(train.Trainer, "_run_train_epoch", epoch_steps)
+        if where == "validation":
+            m.setattr(train.Trainer, "_validate", ctrl_c_in_validation)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit()
+    assert sent and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    saved = (per_epoch + 3) if where == "steps" else per_epoch
+    assert max(int(p.rsplit("ckpt-", 1)[1].split(".")[0]) for p in
+               glob.glob(os.path.join(run, "checkpoints", "ckpt-*.index"))) == saved
+    assert lines[-1] == ("epoch 2: stopped at step 3 of %d (checkpoint saved: the same command "
+                         "continues from there)" % per_epoch if where == "steps" else
+                         "epoch 1: stopped in its validation (checkpoint saved: the same "
+                         "command validates and records the epoch)")
+    _, summary = run_trainer(cfg, run)
+    assert summary["steps_now"] == 2 * per_epoch - saved
+    np.testing.assert_allclose(np.array(_history(run)), np.array(_history(whole_cosine_run)),
+                               rtol=1e-5)
+
+
+def test_held_signals_wait_for_the_block_a_second_one_does_not():
+    import signal
+    from caption_attn import interrupts
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.held() as pending:
+            signal.raise_signal(signal.SIGINT)
+            done.append(bool(pending))                      # still running: held
+    assert done == [True]
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.held() as pending:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)              # the user insists
+            done.append("not reached")
+    with pytest.raises(ZeroDivisionError):                  # the block's error ends it
+        with interrupts.held() as pending:
+            signal.raise_signal(signal.SIGINT)
+            1 / 0
+    with interrupts.held(enabled=False) as pending:
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert done == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_max_steps_in_the_middle_of_an_epoch_finishes_no_epoch(shapes_data, tmp_path):
     """Stopping at --max-steps inside epoch 2 saves a checkpoint to continue from, but does
     none of an epoch's end: its validation, history entry, best model, heatmaps and TensorBoard

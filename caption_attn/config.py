@@ -340,7 +340,8 @@ class TrainConfig(Config):
                                    check=integer(1))
     precision: str = opt("float32", "compute precision: bfloat16 (CPU/GPU) or float16 with "
                          "loss scaling (GPU)", choices=TRAIN_PRECISIONS)
-    xla: bool = opt(False, "compile the training step with XLA (jit_compile)")
+    xla: bool = opt(False, "compile the cross-entropy training step with XLA "
+                         "(jit_compile; not the self-critical step)")
     strategy: str = opt("default", "tf.distribute strategy: `mirrored` uses all local GPUs, "
                         "`multi-worker` reads TF_CONFIG",
                         choices=("default", "mirrored", "multi-worker"))

@@ -737,7 +737,8 @@ def _missing_images(captions: CaptionSet, images_dir: Optional[str]) -> Optional
 def _vocab_size(captions: CaptionSet, words: dict, vocab_cfg: VocabConfig) -> int:
     from caption_attn.vocab import Vocabulary
 
-    train = (w for r in captions.split("train") for w in words[r.image])
+    train = (w[:vocab_cfg.max_length] for r in captions.split("train")   # as `train` fits it
+             for w in words[r.image])
     try:
         return len(Vocabulary.fit_words(train, vocab_cfg.vocab_size, vocab_cfg.min_count))
     except ValueError as e:

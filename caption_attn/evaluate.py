@@ -84,9 +84,10 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
     if split not in splits:
         raise UserError(f"--split must be one of {sorted(splits)}, got {split!r}")
     if not splits[split]:
-        others = [s for s in sorted(splits) if splits[s]]
+        others = [s if s != "train" else "train, whose images it was trained on: scores "
+                  "there flatter it" for s in ("test", "val", "train") if splits.get(s)]
         raise UserError(f"the run's {split} split is empty ({run.split}): nothing to "
-                        f"evaluate; choose another with --split ({', '.join(others)})")
+                        f"evaluate; choose another with --split ({'; '.join(others)})")
     records = {r.image: r for r in data.load_dataset(captions, run_cfg.data).records}
     manifest = read_manifest(cache)
     run.check_cache(cache, manifest)

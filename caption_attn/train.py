@@ -30,7 +30,7 @@ from caption_attn import (checkpoints, distribute, feature_cache, interrupts, ng
 from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoardLogger,
                                     prune_event_files)
 from caption_attn.cider import CiderD
-from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig
+from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig, flag_name
 from caption_attn.errors import TrainingError, UserError
 from caption_attn.fileio import write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
@@ -40,7 +40,7 @@ from caption_attn.scst import SelfCritical
 from caption_attn.steps import EpochTotals, Steps
 from caption_attn.train_data import EpochData, TrainData, load_train_data as _load_train_data
 from caption_attn.validation import SampleFigures, Validator, table_or_files
-from caption_attn.vocab import SPECIAL_TOKENS
+from caption_attn.vocab import SPECIAL_TOKENS, UNK
 
 EVAL_BATCH_FACTOR = 4  # validation batches are 4x the training batch: forward only, and fewer
 #                       small flushed buckets (demo val set: 1230 -> 1470 captions/s)
@@ -477,6 +477,9 @@ class Trainer:
             strategy = distribute.make_strategy(tc.strategy)
         for note in distribute.strategy_notes(tc.strategy, strategy, tc.xla):
             log("note: " + note)
+        if tc.xla and tc.scst_after is not None:
+            log("note: --xla compiles the cross-entropy step only: the self-critical step, "
+                "whose CIDEr-D reward is computed in numpy, runs without XLA")
         self.strategy = strategy
         quiet.meet_dtypes()  # after the strategy, which may configure TF first (quiet.py)
         self.chief = distribute.is_chief(self.strategy)
@@ -1001,7 +1004,8 @@ def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
     d, tc, i = trainer.data, trainer.cfg.train, trainer.inputs
     stages = "" if tc.scst_after is None else (
         f", self-critical after epoch {tc.scst_after} ({i.scst_steps_per_epoch} steps of "
-        f"{i.images_per_step} images x {tc.scst_samples} samples)")
+        f"{min(i.images_per_step, len(i.train_images))} images x {tc.scst_samples} "
+        f"samples)")
     trainer.log(f"{'resuming after epoch ' + str(done) if resumed else 'training'}: "
                 f"{len(i.items['train'][0])} train captions ({len(i.train_images)} "
                 f"images), {len(i.items['val'][0])} val captions, vocabulary "
@@ -1013,6 +1017,14 @@ def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
         trainer.log(f"note: {d.truncated} of {len(i.items['train'][0])} train captions are "
                     f"longer than --max-length {n} words: trained on their first {n} words, "
                     f"then <end> (see `caption-attn inspect` for the caption lengths)")
+    words = [ids[1:-1] for lists in d.caption_ids["train"].values() for ids in lists]
+    unknown = sum(i == UNK for ids in words for i in ids) / max(1, sum(map(len, words)))
+    if unknown >= 0.1:
+        v = trainer.cfg.vocab
+        trainer.log(f"note: {unknown:.0%} of the train captions' words are <unk>, outside the "
+                    f"vocabulary of {len(d.vocab) - len(SPECIAL_TOKENS)} words (--vocab-size "
+                    f"{v.vocab_size}, --min-count {v.min_count}): the model learns to say "
+                    f"<unk> where they are")
     if d.truncated_val:
         trainer.log(f"note: {d.truncated_val} of {len(i.items['val'][0])} val captions are "
                     f"longer than --max-length {n} words: val_loss is measured on their "
@@ -1077,6 +1089,14 @@ def check_train_flags(tc: TrainConfig) -> None:
     """UserError for flag combinations `train` refuses (checked here, not by TrainConfig: the
     config.json of a run made before must still load for `caption` and `evaluate`)."""
     if tc.scst_after is None:
+        ignored = [flag_name(TrainConfig.__dataclass_fields__[name]) for name in
+                   ("scst_samples", "scst_baseline", "scst_learning_rate")
+                   if name in tc.given(("scst_samples", "scst_baseline", "scst_learning_rate"))]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} set{'s' if len(ignored) == 1 else ''} the "
+                            f"self-critical epochs, which only --scst-after N turns on (this "
+                            f"call trains none): add --scst-after, or leave "
+                            f"{'it' if len(ignored) == 1 else 'them'} out")
         return
     if tc.monitor is None and tc.bleu_images < 1:
         raise UserError(f"--scst-after {tc.scst_after}: early stopping and the best model "

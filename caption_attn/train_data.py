@@ -15,6 +15,8 @@ import math
 import os
 from typing import Optional
 
+import numpy as np
+
 from caption_attn import data as data_lib
 from caption_attn import distribute, feature_cache, pipeline
 from caption_attn.cider import DocumentFrequency
@@ -122,12 +124,15 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
         vocab = run.load_vocab()
         vocab.refuse_words_never_tokenized(run.vocab)
     else:
-        vocab = Vocabulary.fit_words((w for k in splits["train"] if k in paths
+        # on the words the model trains on: a word seen only past --max-length's cut took a
+        # place (and --min-count counted it) that a trained word then lost to <unk>
+        cut = cfg.vocab.max_length
+        vocab = Vocabulary.fit_words((w[:cut] for k in splits["train"] if k in paths
                                       for w in words[k]),
                                      cfg.vocab.vocab_size, cfg.vocab.min_count)
         if len(vocab) == len(SPECIAL_TOKENS):
             _refuse_empty_vocabulary(cfg, [w for k in splits["train"] if k in paths
-                                           for caption in words[k] for w in caption])
+                                           for caption in words[k] for w in caption[:cut]])
     caption_ids, references = {}, {}
     for split, keys in splits.items():
         keys = [k for k in keys if k in paths]
@@ -257,4 +262,11 @@ class EpochData:
             self._df = train_document_frequency(self.run.cider_df, self.train_references(),
                                                 len(self.data.vocab), save=self.chief,
                                                 log=self.log)
+            df = self._df
+            if df.counts.size and bool(np.all(df.counts == df.num_images)):
+                self.log(f"note: every n-gram of the train captions occurs in all "
+                         f"{df.num_images} train image(s): CIDEr-D weighs each by log(images / "
+                         f"images holding it) = 0, so val_cider and the self-critical reward "
+                         f"are 0 whatever the caption (it needs more, and more varied, train "
+                         f"images)")
         return self._df

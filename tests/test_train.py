@@ -1229,6 +1229,24 @@ def test_more_scst_samples_than_batch_size_is_refused_up_front(shapes_data, tmp_
                             .train)
 
 
+def test_self_critical_flags_without_scst_after_are_refused():
+    """--scst-samples, --scst-baseline and --scst-learning-rate without --scst-after changed
+    nothing, and config.json recorded them as the run's settings, exit 0."""
+    from caption_attn import cli
+    args = cli.build_parser().parse_args(
+        ["train", "--captions", "c.json", "--run", "r", "--scst-samples", "5",
+         "--scst-learning-rate", "1e-4"])
+    tc = cli.config_from_args(TrainConfig, args)
+    with pytest.raises(UserError, match=r"^--scst-samples, --scst-learning-rate set the "
+                                        r"self-critical epochs, which only --scst-after N turns "
+                                        r"on \(this call trains none\): add --scst-after, or "
+                                        r"leave them out$"):
+        train.check_train_flags(tc)
+    train.check_train_flags(TrainConfig())
+    train.check_train_flags(TrainConfig(epochs=3, scst_after=1, scst_samples=5,
+                                        scst_learning_rate=1e-4))
+
+
 def test_a_cosine_schedule_without_cross_entropy_epochs_is_refused_up_front(shapes_data,
                                                                           tmp_path):
     """--lr-schedule cosine --scst-after 0 was accepted: a cosine over zero cross-entropy
@@ -1517,9 +1535,35 @@ def test_captions_longer_than_max_length_are_counted_and_told(shapes_data, tmp_p
     assert any(f"{val_long} of {len(data.items('val')[1])} val captions are longer than "
                f"--max-length 4 words: val_loss is measured on their first 4 words" in line
                for line in logged)
+    # the vocabulary holds the words trained on: a word seen only past the cut took a place
+    # (and --min-count counted it) though the model never trains on it
+    kept = {w for refs in data.references["train"].values() for c in refs for w in tokenize(c)[:4]}
+    past = {w for refs in data.references["train"].values() for c in refs
+            for w in tokenize(c)[4:]} - kept
+    assert past and set(data.vocab.tokens[len(train.SPECIAL_TOKENS):]) == kept
+    assert not [line for line in logged if "<unk>" in line]
     cfg = small_config(shapes_data, epochs=1)       # max_length 20: shapes captions fit
     train.open_run(str(tmp_path / "run2"), cfg)
     assert train.load_train_data(cfg, str(tmp_path / "run2")).truncated == 0
+
+
+def test_a_vocabulary_leaving_most_words_unknown_is_told(shapes_data, tmp_path):
+    cfg = dataclasses.replace(small_config(shapes_data, epochs=1),
+                              vocab=VocabConfig(max_length=20, vocab_size=2))
+    train.open_run(str(tmp_path / "run"), cfg)
+    data = train.load_train_data(cfg, str(tmp_path / "run"))
+    logged = []
+    train._describe(types.SimpleNamespace(
+        data=data, cfg=cfg, log=logged.append,
+        strategy=types.SimpleNamespace(num_replicas_in_sync=1),
+        inputs=types.SimpleNamespace(items={s: data.items(s) for s in ("train", "val")},
+                                     train_images=[], steps_per_epoch=1, table=None)),
+        False, 0)
+    ids = [i for ids in data.items("train")[1] for i in ids[1:-1]]
+    share = sum(i == train.UNK for i in ids) / len(ids)
+    assert share > 0.5 and (f"note: {share:.0%} of the train captions' words are <unk>, "
+                            f"outside the vocabulary of 2 words (--vocab-size 2, --min-count 1)"
+                            in "\n".join(logged))
 
 
 def test_a_reordered_vocabulary_is_refused_not_used_with_the_wrong_words(shapes_data,
@@ -1594,3 +1638,22 @@ def test_heatmaps_lost_by_a_kill_are_drawn_again_on_resume(trained, tmp_path):
     logged.clear()
     train.Trainer(trained["cfg"], run, progress=False, log=logged.append).fit()
     assert not any("heatmaps of epoch" in line for line in logged), "\n".join(logged)
+
+
+def test_references_that_give_cider_no_weight_are_told(tmp_path):
+    """One train image, or captions alike in every train image: every n-gram is in all of
+    them, CIDEr-D's idf is 0, and val_cider and the reward were 0 whatever the caption, shown
+    as 0.0000 without a word (three self-critical epochs trained nothing)."""
+    from caption_attn import train_data
+    for refs, told in (({0: [[4, 5, 2]], 1: [[4, 5, 2]]}, True),      # the same captions
+                       ({0: [[4, 5, 2]]}, True),                        # one image
+                       ({0: [[4, 5, 2]], 1: [[4, 6, 2]]}, False)):
+        logged = []
+        fake = types.SimpleNamespace(
+            _df=None, run=types.SimpleNamespace(cider_df=str(tmp_path / "df.json")),
+            train_references=lambda: refs, data=types.SimpleNamespace(vocab=[0] * 7),
+            chief=False, log=logged.append)
+        df = train_data.EpochData.document_frequency(fake)
+        assert df.num_images == len(refs)
+        assert any("CIDEr-D weighs each by log(images / images holding it) = 0" in line
+                   for line in logged) == told

@@ -1657,3 +1657,22 @@ def test_references_that_give_cider_no_weight_are_told(tmp_path):
         assert df.num_images == len(refs)
         assert any("CIDEr-D weighs each by log(images / images holding it) = 0" in line
                    for line in logged) == told
+
+
+def test_xla_and_a_step_larger_than_the_train_images_are_told_as_they_are(shapes_data,
+                                                                          tmp_path):
+    """--xla was silently not applied to the self-critical step (its reward is numpy), and
+    the start line said a self-critical step takes --batch-size // --scst-samples images where
+    the train split has fewer."""
+    run = str(tmp_path / "run")
+    cfg = small_config(shapes_data, epochs=2, scst_after=1, xla=True)
+    train.open_run(run, cfg)
+    logs = []
+    trainer = train.Trainer(cfg, run, progress=False, log=logs.append)
+    assert ("note: --xla compiles the cross-entropy step only: the self-critical step, whose "
+            "CIDEr-D reward is computed in numpy, runs without XLA") in logs
+    logs.clear()
+    trainer.inputs.train_images = trainer.inputs.train_images[:2]
+    trainer.inputs.images_per_step = 3
+    train._describe(trainer, False, 0)
+    assert "self-critical after epoch 1 (" in logs[0] and "of 2 images x 5 samples)" in logs[0]

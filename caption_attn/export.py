@@ -46,7 +46,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from caption_attn import __version__, graph_images
+from caption_attn import __version__, graph_images, quiet
 from caption_attn.backbone import GRID, IMAGE_SIZE, NUM_PIXELS, Backbone, build_backbone
 from caption_attn.captioner import EXPORT_NEEDS, Captioner, make_decoder
 from caption_attn.config import DecodeConfig, ExportConfig
@@ -551,11 +551,13 @@ def write_tflite(folder: str, run: RunFolder, captioner: Captioner, backbone: Ba
 
 
 def interpreter(blob: bytes):
-    """A TFLite interpreter of `blob` (TensorFlow's; it warns that LiteRT is its future)."""
-    with warnings.catch_warnings():
+    """A TFLite interpreter of `blob` (TensorFlow's; it warns that LiteRT is its future,
+    and its XNNPACK delegate announces itself on stderr: both are kept quiet)."""
+    with warnings.catch_warnings(), quiet.known_notices_dropped():
         warnings.simplefilter("ignore")
         it = tf.lite.Interpreter(model_content=blob, num_threads=os.cpu_count())
-    return it.get_signature_runner(SIGNATURE)
+        it.allocate_tensors()          # where the delegate is applied, and says so
+        return it.get_signature_runner(SIGNATURE)
 
 
 def quantized_agreement(float_model: bytes, quantized: bytes, run: RunFolder,

@@ -32,7 +32,8 @@ NOISE = re.compile(
     r"|^To enable the following instructions: .* rebuild TensorFlow"
     r"|\] Unable to register cu(DNN|FFT|BLAS) factory"
     r"|\] TF-TRT Warning: Could not find TensorRT"
-    r"|\] oneDNN supports DT_\w+ only on platforms with AVX-512")
+    r"|\] oneDNN supports DT_\w+ only on platforms with AVX-512"
+    r"|^INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.$")
 
 
 def import_tensorflow(meet_dtypes: bool = True):
@@ -46,7 +47,7 @@ def import_tensorflow(meet_dtypes: bool = True):
         import tensorflow as tf
         return tf
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # what it does silence: INFO
-    with _known_notices_dropped():
+    with known_notices_dropped():
         import tensorflow as tf
         tf.config.list_physical_devices("GPU")  # the GPU probe logs too (cuInit)
         if meet_dtypes:
@@ -61,7 +62,7 @@ def meet_dtypes() -> None:
     if os.environ.get("CAPTION_ATTN_TF_LOGS") == "1":
         return
     import tensorflow as tf
-    with _known_notices_dropped():
+    with known_notices_dropped():
         _meet(tf)
 
 
@@ -74,7 +75,7 @@ def _meet(tf) -> None:
 
 
 @contextlib.contextmanager
-def _known_notices_dropped():
+def known_notices_dropped():
     """File descriptor 2 sent to a temporary file inside; afterwards every line of it that
     is not a `NOISE` notice is written to stderr."""
     sys.stderr.flush()

@@ -705,3 +705,26 @@ def test_an_interrupt_between_the_renames_keeps_an_export_in_place(tmp_path, mon
         export._publish(str(tmp), str(out))
     assert (out / "saved_model.pb").read_text() == ("earlier" if interrupted_after == 1
                                                     else "new")
+
+
+def test_the_tflite_interpreter_does_not_announce_its_delegate_on_stderr():
+    """`export --tflite` printed TFLite's "INFO: Created TensorFlow Lite XNNPACK delegate for
+    CPU." on stderr (start-up noise, issue #11 point 7), when the check of the model built
+    its interpreter."""
+    script = (
+        "import numpy as np, tensorflow as tf\n"
+        "from caption_attn import export\n"
+        "class M(tf.Module):\n"
+        "    @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32)])\n"
+        "    def f(self, x):\n"
+        "        return {'y': tf.matmul(x, tf.ones([4, 4]))}\n"
+        "m = M()\n"
+        "blob = tf.lite.TFLiteConverter.from_concrete_functions(\n"
+        "    [m.f.get_concrete_function()], m).convert()\n"
+        "print(export.interpreter(blob)(x=np.ones((1, 4), np.float32))['y'].tolist())\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": root}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == "[[4.0, 4.0, 4.0, 4.0]]\n"
+    assert "XNNPACK" not in done.stderr, done.stderr[-2000:]

@@ -57,6 +57,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls, exclude: Sequence[str]
             continue
         if typing.get_origin(kind) is typing.Union:  # Optional[X]
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
+            if kind in (int, float):   # `--scst-after none`, as --help shows the default
+                kind = _or_none(kind)
         shown = "none" if default is None else default
         group.add_argument(C.flag_name(f), dest=f.name, type=kind, default=default,
                            action=_recorded(argparse._StoreAction),
@@ -64,6 +66,15 @@ def add_config_args(parser: argparse.ArgumentParser, cls, exclude: Sequence[str]
                            f.metadata.get("choices") else f.name.split("_")[-1].upper(),
                            help=f.metadata["help"] if "(default" in f.metadata["help"]
                            else f"{f.metadata['help']} (default: {shown})")
+
+
+def _or_none(kind):
+    """argparse type: `kind`, or None for "none" (what --help shows as the default of an
+    optional number, and what messages such as `--scst-after none` tell users to type)."""
+    def convert(text: str):
+        return None if text.strip().lower() == "none" else kind(text)
+    convert.__name__ = kind.__name__          # argparse's "invalid int value: 'x'"
+    return convert
 
 
 def config_from_args(cls, args: argparse.Namespace, **fixed):
@@ -103,10 +114,14 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
     from caption_attn import extract
 
     cfg = config_from_args(C.ExtractConfig, args)
+    if args.format is not None and not args.captions:
+        raise UserError(f"--format {args.format} is the format of --captions, which is not "
+                        f"given (every image file under --images is extracted): give "
+                        f"--captions FILE, or leave --format out")
     keys = None
     if args.captions:
         from caption_attn import data
-        keys = data.load_captions(args.captions, args.format).keys_to_extract()
+        keys = data.load_captions(args.captions, args.format or "auto").keys_to_extract()
     summary = extract.extract_features(args.images, cfg, keys=keys)
     print(extract.format_summary(summary))
     if summary["exit_code"]:
@@ -280,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", metavar="FILE",
                    help="caption file; when given, only its images are extracted (missing ones "
                         "are reported in failed.tsv); default: every image file under --images")
-    p.add_argument("--format", default="auto", choices=C.CAPTION_FORMATS,
-                   help="format of --captions (default: auto)")
+    p.add_argument("--format", choices=C.CAPTION_FORMATS,
+                   help="format of --captions (default: auto, found from the file)")
     add_config_args(p, C.ExtractConfig)
 
     p = command("train", cmd_train, "train (or resume) a captioner on cached features",

@@ -252,8 +252,9 @@ class ShapesConfig(Config):
                           "is 48 MB in memory)", check=integer(64, 4096))
     val_fraction: float = opt(0.1, "fraction of images in the val split", check=FRACTION)
     test_fraction: float = opt(0.1, "fraction of images in the test split", check=FRACTION)
-    replace: bool = opt(False, "write into OUT even if it already holds files (a dataset made "
-                        "before by make-shapes is deleted first; nothing else is)")
+    replace: bool = opt(False, "write into OUT even if it already holds a dataset made before "
+                        "by make-shapes (deleted first); OUT may hold nothing else (any "
+                        "other file is refused, never deleted)")
 
     def check_together(self) -> None:
         check_fractions(self.val_fraction, self.test_fraction)
@@ -307,7 +308,7 @@ class ModelConfig(Config):
                                check=NON_NEGATIVE)
     feature_norm: bool = opt(True, "standardise each feature channel with its mean and "
                              "variance over (up to 1,000) training images before the "
-                             "encoder; off: raw features")
+                             "encoder (default: on); --no-feature-norm: raw features")
 
 
 @dataclass
@@ -444,8 +445,9 @@ class DecodeConfig(Config):
                               "decode in one XLA-compiled loop: about 1.2-2 s to compile "
                               "once per batch size, then ~1.0-1.8x faster by CPU and method "
                               "(README, Speed) (`evaluate`, `caption` of many images); "
-                              "smaller batches, such as a one-image `caption`, compile "
-                              "nothing. 0: never (unless --xla)", check=integer(0))
+                              "smaller batches, such as a one-image `caption`, and --sample "
+                              "batches compile nothing. 0: never (unless --xla)",
+                              check=integer(0))
 
     @property
     def method(self) -> str:
@@ -507,7 +509,8 @@ class DemoConfig(Config):
                           "faster but recognise shapes worse (at least 20: every split needs "
                           f"images; at most {MAX_SHAPES_IMAGES:,})",
                           check=integer(20, MAX_SHAPES_IMAGES))
-    epochs: int = opt(13, "training epochs (cross-entropy about 17 s each on 2 Zen 4 cores, "
+    epochs: int = opt(13, "training epochs, all of them trained (early stopping's patience "
+                      "is set to --epochs; cross-entropy about 17 s each on 2 Zen 4 cores, "
                       "self-critical about 1.6x that)", check=integer(1))
     scst_after: Optional[int] = opt(11, "epochs after this one are self-critical (CIDEr-D "
                                     "reward: in a trial run 2 of them raised scene accuracy "
@@ -518,8 +521,10 @@ class DemoConfig(Config):
     units: int = opt(256, "GRU and attention units (COCO default 512)", check=integer(1))
     batch_size: int = opt(32, "captions per step (more steps per epoch than 64 learned "
                           "faster in the same time)", check=integer(1))
-    learning_rate: float = opt(2e-3, "Adam learning rate, cosine-decayed over the run (3e-3 "
-                               "sometimes got stuck)", check=POSITIVE)
+    learning_rate: float = opt(2e-3, "Adam learning rate, cosine-decayed over the "
+                               "cross-entropy epochs (3e-3 sometimes got stuck); the "
+                               "self-critical ones take train's --scst-learning-rate 5e-5",
+                               check=POSITIVE)
     dropout: float = opt(0.3, "output dropout", check=FRACTION)
     attention_reg: float = opt(3.0, "doubly stochastic attention weight; higher than the "
                                "COCO default 1.0 because it measurably helped here (scene "

@@ -265,3 +265,29 @@ def test_every_refusal_escapes_newlines_in_names_and_listings_keep_their_lines(t
                                        "  one: 1 -> 2\n  two\\x1b[2J: 3 -> 4\n"
                                        "rerun with the same flags\n")
     assert str(UserError("m", lines=["  x", "y"])) == "m\n  x\ny"
+
+
+def test_optional_numbers_take_none_as_help_shows_their_default():
+    """--help shows "(default: none)" and refusals say "--scst-after none", but typing it
+    was "invalid int value: 'none'"."""
+    args = cli.build_parser().parse_args(["train", "--captions", "c", "--run", "r",
+                                          "--scst-after", "none", "--max-steps", "None"])
+    assert (args.scst_after, args.max_steps) == (None, None)
+    assert {"scst_after", "max_steps"} <= args.given_flags
+    assert cli.build_parser().parse_args(["train", "--captions", "c", "--run", "r",
+                                          "--scst-after", "3"]).scst_after == 3
+    assert cli.main(["train", "--captions", "c", "--run", "r", "--scst-after", "x"]) == 2
+
+
+def test_extract_features_refuses_format_without_captions(tmp_path, capsys):
+    """--format without --captions was silently ignored (every image was extracted)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    cache = tmp_path / "cache"
+    assert cli.main(["extract-features", "--images", str(images), "--cache", str(cache),
+                     "--weights", "random", "--format", "coco"]) == 2
+    assert capsys.readouterr().err == (
+        "caption-attn extract-features: error: --format coco is the format of --captions, "
+        "which is not given (every image file under --images is extracted): give --captions "
+        "FILE, or leave --format out\n")
+    assert not cache.exists()

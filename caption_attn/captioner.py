@@ -537,12 +537,13 @@ def captions_json(results: dict, errors: dict) -> dict:
 def attention_plot(image: np.ndarray, caption: Caption, name: str = "",
                    max_words: Optional[int] = None):
     """Heatmap Figure of one caption: a panel per word (`<end>` for an empty caption), of
-    its first `max_words` words only if given; the title then says the caption goes on."""
+    its first `max_words` words only if given; the title then says the caption goes on. A
+    caption cut at the maximum length ends its title with "...", as `format_captions`."""
     from caption_attn import plot
 
     words = caption.words or ["<end>"]
     p = format_probability(caption.probability)
-    title = f"{name}: {caption.text} (p={p})"
+    title = f"{name}: {caption.text}{'' if caption.ended else ' ...'} (p={p})"
     if max_words is not None and len(words) > max_words:
         words = words[:max_words]
         title = (f"{name}: {' '.join(words)} ... (the first {max_words} of "

@@ -66,18 +66,19 @@ def _as_grids(attention, per_step: bool) -> np.ndarray:
 
 
 def upsample_attention(attention, size: tuple[int, int]) -> np.ndarray:
-    """One attention map (64,) or (8, 8) as a smooth (H, W) float32 map, values >= 0.
+    """One attention map (64,) or (8, 8) as a smooth (H, W) float32 map, values in [0, 1].
 
     Bicubic interpolation with pixel-centre alignment: grid cell (r, c) covers image rows
     r*H/8 .. (r+1)*H/8 and columns c*W/8 .. (c+1)*W/8, and a lone weight peaks at its centre.
-    Bicubic overshoots slightly below zero next to sharp peaks; those values are clipped.
+    Bicubic overshoots next to sharp peaks, below zero and above the weights themselves; the
+    values are clipped to the range of an attention weight (the colour bar went past 1).
     """
     height, width = (int(s) for s in size)
     if height < 1 or width < 1:
         raise ValueError(f"`size` must be (H, W) with H, W >= 1; got {size}")
     grid = _as_grids(attention, per_step=False)  # (8, 8)
     up = cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)  # (H, W)
-    return np.maximum(up, 0.0).astype(np.float32)
+    return np.clip(up, 0.0, 1.0).astype(np.float32)
 
 
 def _check_image(image) -> np.ndarray:

@@ -526,6 +526,14 @@ def test_an_attention_plot_cut_to_its_first_words_says_so():
     assert len(whole.images) == 20
 
 
+def test_an_attention_plot_of_a_caption_cut_at_max_length_says_so():
+    """A caption cut at --max-length was titled like a finished one, while the printed text
+    ends it with "..."."""
+    cut = captioner.Caption(["a", "red"], np.log(0.5), np.full((2, 64), 1 / 64), ended=False)
+    fig = captioner.attention_plot(np.zeros((299, 299, 3), np.uint8), cut, "x.png")
+    assert fig.get_suptitle() == "x.png: a red ... (p=0.500000)"
+
+
 def test_an_image_without_a_live_caption_is_reported_not_printed_empty(
         shapes_data, trained_run, tmp_path, capsys, monkeypatch):
     # every beam dead (an overflowing length penalty did it): `Captions for image X:` with

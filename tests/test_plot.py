@@ -99,6 +99,16 @@ def test_upsample_is_smooth_not_a_block_stretch():
     assert up.min() >= 0.0
 
 
+def test_upsample_stays_within_attention_weights():
+    """Bicubic overshoot was clipped below 0 only: two strong cells side by side peaked at
+    1.18 between them, and the heatmap's colour bar went past 1, which no attention weight
+    can reach."""
+    grid = np.zeros((8, 8), np.float32)
+    grid[3, 4:6] = 1.0
+    up = upsample_attention(grid, (128, 128))
+    assert up.max() == 1.0 and up.min() >= 0.0
+
+
 def test_upsample_reads_flat_attention_row_major():
     flat = np.zeros(64, np.float32)
     flat[1 * 8 + 6] = 1.0  # row 1 (near the top), column 6 (near the right)

@@ -369,7 +369,7 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     for arg in args:
         if os.path.isdir(arg):
             folders: dict = {}
-            found = [os.path.join(arg, k) for k in list_images(arg, folders)]
+            found = [os.path.join(arg, k) for k in list_images(arg, folders, flag="")]
             if unreadable is not None:
                 unreadable.update({os.path.join(arg, k): why for k, why in folders.items()})
             skip, top = os.path.realpath(heatmaps or arg), os.path.realpath(arg)

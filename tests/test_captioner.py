@@ -823,6 +823,27 @@ def test_a_folder_that_cannot_be_read_is_reported_not_skipped(tmp_path):
         "folder cannot be read (Permission denied)")
 
 
+def test_an_image_folder_that_cannot_be_read_is_named_without_a_flag(tmp_path):
+    """`caption photos` with photos unlistable said `--images photos: cannot be read`, a flag
+    `caption` has not got (`list_images` named it for every caller)."""
+    from image_samples import run_as_user
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0)
+    try:
+        done = run_as_user("import sys\n"
+                           "from caption_attn.captioner import expand_image_args\n"
+                           "from caption_attn.errors import UserError\n"
+                           "try:\n"
+                           "    expand_image_args([sys.argv[1]])\n"
+                           "except UserError as e:\n"
+                           "    print(e)\n", str(locked), cwd=str(tmp_path))
+    finally:
+        os.chmod(locked, 0o755)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"{locked}: cannot be read (Permission denied)"
+
+
 def test_a_folder_reached_through_a_symlink_beside_it_is_captioned_once(tmp_path):
     """`list_images` lists a symlinked folder under every path to it (extraction must: a
     caption file may name either), and `caption photos` with photos/latest -> v2 captioned

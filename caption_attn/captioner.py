@@ -22,7 +22,7 @@ from caption_attn import model as _model  # noqa: F401  registers the Keras clas
 from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone, prefer_wide_xla_vectors
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
-from caption_attn.feature_cache import MANIFEST, read_manifest
+from caption_attn.feature_cache import MANIFEST, cache_images, read_manifest
 from caption_attn.fileio import is_inside, longest_temp_name, one_line
 from caption_attn.images import ImageError, list_images, load_image, printable_name
 from caption_attn.run import RunFolder
@@ -402,14 +402,31 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     return list(first.values())
 
 
-def check_heatmap_folder(out_dir: str, run_dir: str) -> None:
-    """UserError when the `--plot-attention` folder is the run folder or inside it:
-    `--plot-attention RUN/attention/epoch_1` wrote over the heatmaps `train` drew there."""
+def check_heatmap_folder(out_dir: str, run_dir: str, cache: Optional[str] = None) -> None:
+    """UserError when the `--plot-attention` folder is the run folder or inside it
+    (`--plot-attention RUN/attention/epoch_1` wrote over the heatmaps `train` drew there), or
+    inside the run's feature cache (`cache`, default the run's) or the images folder that
+    cache was extracted from (`--plot-attention shapes/images` wrote a heatmap over the
+    dataset image of its name; `train --run` is refused there for the same reason)."""
+    own = "give the heatmaps a folder of their own, e.g. heatmaps"
     if is_inside(out_dir, run_dir):
         raise UserError(f"--plot-attention {out_dir}: inside the run folder {run_dir}, whose "
                         f"files and folders `train` and `evaluate` write (its own heatmaps in "
-                        f"{RunFolder(run_dir).attention}); give the heatmaps a folder of their "
-                        f"own, e.g. heatmaps")
+                        f"{RunFolder(run_dir).attention}); {own}")
+    if cache is None:
+        try:
+            cache = RunFolder(run_dir).load_config().cache
+        except UserError:
+            return              # not a run: said when it is loaded
+    if is_inside(out_dir, cache):
+        raise UserError(f"--plot-attention {out_dir}: inside the feature cache {cache}, whose "
+                        f"files `extract-features` writes; {own}")
+    images = cache_images(cache)
+    if images and is_inside(out_dir, images):
+        raise UserError(f"--plot-attention {out_dir}: inside the images folder {images} the "
+                        f"feature cache {cache} was extracted from: a heatmap would overwrite "
+                        f"the dataset image of its name, and an extraction would take the "
+                        f"heatmaps for images; {own}")
 
 
 def _refuse_heatmaps_among_images(heatmaps: str, folder: str, what: str) -> None:

@@ -136,7 +136,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     paths = C_.expand_image_args(args.images, heatmaps=args.plot_attention, unreadable=folders)
     write_heatmaps = None
     if args.plot_attention:
-        C_.check_heatmap_folder(args.plot_attention, args.run)
+        C_.check_heatmap_folder(args.plot_attention, args.run, args.cache)
         check_folder_writable(args.plot_attention, "--plot-attention")
         write_heatmaps = C_.heatmap_writer(args.plot_attention, paths)
     model = C_.Captioner.from_run(args.run, cfg, cache=args.cache)

@@ -437,6 +437,28 @@ def test_plot_attention_inside_the_run_folder_is_refused(shapes_data, run_copy, 
     assert not os.path.exists(os.path.join(run_copy.path, "heat"))
 
 
+@pytest.mark.parametrize("inside", ["images", "images/heat", "cache", "cache/heat"])
+def test_plot_attention_in_the_dataset_images_or_the_cache_is_refused(
+        shapes_data, trained_run, tmp_path, capsys, monkeypatch, inside):
+    """`--plot-attention shapes/images` wrote a heatmap over the dataset image of the same
+    name (train's --run is refused there for the same reason); one in the cache mixed its
+    PNGs with the feature files."""
+    from caption_attn.run import RunFolder
+    monkeypatch.setattr(RunFolder, "load_best_model", lambda self: pytest.fail(
+        "the model was loaded before --plot-attention was checked"))
+    image = str(tmp_path / "shape_00003.png")
+    shutil.copy(os.path.join(shapes_data["images"], "shape_00003.png"), image)
+    top, _, below = inside.partition("/")
+    heat = os.path.join(shapes_data[top], below)
+    assert main(["caption", "--run", trained_run, "--plot-attention", heat, image]) == 2
+    err = capsys.readouterr().err
+    what = ("the images folder" if top == "images" else "the feature cache") + \
+        f" {os.path.abspath(shapes_data[top])}"
+    assert err.startswith(f"caption-attn caption: error: --plot-attention {heat}: inside "
+                          f"{what}") and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(os.path.join(shapes_data[top], "heat"))
+
+
 def test_a_run_whose_cache_moved_says_how_to_point_at_it(shapes_data, trained_run, run_copy,
                                                           tmp_path, capsys):
     run = run_copy.path

@@ -353,9 +353,9 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     """Image files given on the command line, each once; folders expand to the images under
     them, except those in the folder `heatmaps` below them (`--plot-attention`: `caption
     photos --plot-attention photos/heat` run again captioned the heatmaps of the first run
-    as photos); `heatmaps` that is a folder given, or the folder of an image given, is
-    refused (its heatmaps, which need not overwrite an image, would be captioned by a later
-    run on that folder). A path that does not exist is a UserError (before the model is
+    as photos); `heatmaps` that is a folder given, or the folder of an image given, or a
+    folder above either, is refused (its heatmaps, which need not overwrite an image, would be
+    captioned by a later run on that folder). A path that does not exist is a UserError (before the model is
     loaded: it is a typo, not one bad image of many); an existing file that is no image is
     reported later, by `Captioner.caption_images`, while the others are captioned. So is a
     folder below a folder given that cannot be listed: `unreadable`, when given, receives
@@ -376,6 +376,9 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
             if heatmaps and skip == top:
                 _refuse_heatmaps_among_images(heatmaps, arg, f"the folder {arg} of the "
                                                               f"images being captioned")
+            if heatmaps and is_inside(top, skip):
+                _refuse_heatmaps_among_images(heatmaps, heatmaps, f"a folder above {arg}, a "
+                                                                   f"folder being captioned")
             below = skip != top and os.path.commonpath([skip, top]) == top
             if below:
                 found = [p for p in found if os.path.commonpath(
@@ -392,6 +395,9 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
             if heatmaps and os.path.realpath(heatmaps) == os.path.realpath(folder):
                 _refuse_heatmaps_among_images(heatmaps, folder, f"the folder of {arg}, an "
                                                                  f"image being captioned")
+            if heatmaps and is_inside(folder, heatmaps):
+                _refuse_heatmaps_among_images(heatmaps, heatmaps, f"a folder above {arg}, an "
+                                                                   f"image being captioned")
             out.append(arg)
     # one file spelled twice (x.png ./x.png, a folder and a file in it, a folder reached
     # through a symlink beside it: `list_images` lists both paths) is captioned once, under

@@ -775,8 +775,16 @@ def test_a_heatmap_folder_inside_an_image_folder_is_not_captioned(tmp_path):
     with pytest.raises(UserError, match=r"^--plot-attention .* is the folder .* of the images "
                                         r"being captioned: .* give them a folder of their own"):
         captioner.expand_image_args([str(tmp_path)], heatmaps=str(tmp_path) + "/")
-    assert len(captioner.expand_image_args([str(tmp_path / "heat")], heatmaps=str(tmp_path))) \
-        == 1
+    # a folder above the images (`caption photos/sub --plot-attention photos`,
+    # `--plot-attention photos photos/sub/c.png`): accepted, and `caption photos` then
+    # captioned the heatmaps
+    with pytest.raises(UserError, match=r"^--plot-attention .* is a folder above .*heat, a "
+                                        r"folder being captioned: a later `caption "):
+        captioner.expand_image_args([str(tmp_path / "heat")], heatmaps=str(tmp_path))
+    with pytest.raises(UserError, match=r"^--plot-attention .* is a folder above .*x\.png, "
+                                        r"an image being captioned: a later `caption "):
+        captioner.expand_image_args([str(tmp_path / "heat" / "x.png")],
+                                    heatmaps=str(tmp_path))
     (tmp_path / "x.jpg").unlink()
     with pytest.raises(UserError, match="no image files in this folder .outside "
                                         "--plot-attention"):

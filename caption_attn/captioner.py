@@ -499,25 +499,36 @@ def heatmap_files(names: dict) -> dict:
 
 def check_heatmap_targets(out_dir: str, paths: Sequence[str],
                           images: Sequence[str] = ()) -> None:
-    """UserError when the heatmap of one of `paths` (named by `heatmap_files`) would be
-    written over one of those images or of `images`: `--plot-attention` naming the images'
-    own folder, with PNG images in it (the heatmap of x.png is DIR/x.png); or over any file
-    already in a folder of those images (`caption photos/cat.jpg --plot-attention photos`
-    wrote cat.jpg's heatmap over the photo photos/cat.png)."""
+    """UserError when `--plot-attention` OUT_DIR holds a file the heatmaps of `paths` (named
+    by `heatmap_files`) would overwrite or remove, or any image, that is not a heatmap
+    `caption` drew (`plot.is_heatmap_file`): one of `paths` or `images` (the images' own
+    folder: the heatmap of x.png is DIR/x.png), another file (`caption photos/cat.jpg
+    --plot-attention photos` wrote over the photo photos/cat.png; the heatmap of an image
+    failing now deleted a photo of its name), or any image under OUT_DIR (a heatmap folder
+    inside a folder being captioned is left out of it, `expand_image_args`: photos kept
+    there were skipped without a word)."""
+    from caption_attn import plot
+
     protected = {os.path.realpath(p): p for p in [*images, *paths]}
-    image_dirs = {os.path.dirname(p) for p in protected}
     for path, name in heatmap_files(display_names(list(paths))).items():
-        target = os.path.realpath(os.path.join(out_dir, name))
-        hit = protected.get(target)
+        target = os.path.join(out_dir, name)
+        hit = protected.get(os.path.realpath(target))
         if hit is not None:
             raise UserError(f"--plot-attention {out_dir}: the heatmap of {path} would "
                             f"overwrite {hit}, an image being captioned; give the heatmaps a "
                             f"folder of their own")
-        if os.path.dirname(target) in image_dirs and os.path.lexists(target):
+        if os.path.lexists(target) and not plot.is_heatmap_file(target):
             raise UserError(f"--plot-attention {out_dir}: the heatmap of {path} would "
-                            f"overwrite {os.path.join(out_dir, name)}, a file in the folder "
-                            f"of the images being captioned; give the heatmaps a folder of "
-                            f"their own")
+                            f"overwrite {target}, which is not a heatmap caption-attn drew; "
+                            f"give the heatmaps a folder of their own")
+    if os.path.isdir(out_dir):
+        others = [k for k in list_images(out_dir, flag="--plot-attention")
+                  if not plot.is_heatmap_file(os.path.join(out_dir, k))]
+        if others:
+            raise UserError(f"--plot-attention {out_dir}: holds {len(others)} "
+                            f"image{'s' if len(others) > 1 else ''} that caption-attn did not "
+                            f"draw ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}"
+                            f"); give the heatmaps a new or empty folder of their own")
 
 
 # ----------------------------------------------------------------------------- output
@@ -580,8 +591,8 @@ def heatmap_writer(out_dir: str, paths: Sequence[str],
     (or `caption_batches`) results into OUT_DIR, and removing the file of each image of
     `failed`, returning path -> file written; each of `paths` has a distinct file
     (`heatmap_files` of all of them, so batches written one by one get the names one call
-    would give). UserError first, nothing written, if a heatmap
-    would overwrite one of `paths` or `images` (`check_heatmap_targets`)."""
+    would give). UserError first, nothing written, if OUT_DIR holds a file a heatmap would
+    overwrite, or any image, that is not a heatmap `caption` drew (`check_heatmap_targets`)."""
     from caption_attn import plot
 
     check_heatmap_targets(out_dir, paths, images)
@@ -595,8 +606,9 @@ def heatmap_writer(out_dir: str, paths: Sequence[str],
             plot.save_figure(attention_plot(image, captions[0], names[path]), written[path])
         # an image that failed now (unreadable, or no caption) loses the heatmap an earlier
         # run drew of it: left in OUT_DIR, it showed attention the model no longer gives
+        # (only a heatmap: `check_heatmap_targets` refused a folder with anything else there)
         for path in failed:
-            if path in files:
+            if path in files and plot.is_heatmap_file(os.path.join(out_dir, files[path])):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(out_dir, files[path]))
         return written

@@ -738,7 +738,7 @@ def test_save_attention_plots_never_overwrites_another_file_in_the_images_folder
     photo, other = tmp_path / "cat.jpg", tmp_path / "cat.png"
     photo.write_bytes(b"jpeg")
     other.write_bytes(b"png")
-    with pytest.raises(UserError, match=r"overwrite .*cat\.png, a file in the folder"):
+    with pytest.raises(UserError, match=r"overwrite .*cat\.png, which is not a heatmap "):
         captioner.save_attention_plots(str(tmp_path), {str(photo): None})
     assert other.read_bytes() == b"png"
 
@@ -789,6 +789,50 @@ def test_a_heatmap_folder_inside_an_image_folder_is_not_captioned(tmp_path):
     with pytest.raises(UserError, match="no image files in this folder .outside "
                                         "--plot-attention"):
         captioner.expand_image_args([str(tmp_path)], heatmaps=str(tmp_path / "heat"))
+
+
+def test_a_heatmap_folder_holding_other_images_is_refused_untouched(shapes_data, trained_run,
+                                                                   tmp_path, capsys):
+    """`caption photos --plot-attention photos/sub` with photos of its own in photos/sub:
+    they were left out without a word, one overwritten by a heatmap, exit 0; and the heatmap
+    of an image failing now (photos2/a.png) deleted the photo photos2/sub/a.png. Only files
+    `caption` drew are redrawn or removed: a folder holding anything else is refused."""
+    shape = os.path.join(shapes_data["images"], "shape_0000{}.png").format
+    for top, first in (("photos", shape(1)), ("photos2", None)):
+        os.makedirs(tmp_path / top / "sub")
+        if first:
+            shutil.copy(first, tmp_path / top / "a.png")
+        else:
+            (tmp_path / top / "a.png").write_bytes(b"not an image")
+        shutil.copy(shape(4), tmp_path / top / "b.png")
+        shutil.copy(shape(2), tmp_path / top / "sub" / "a.png")
+        shutil.copy(shape(5), tmp_path / top / "sub" / "c.png")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.png")}
+    for top in ("photos", "photos2"):
+        sub = str(tmp_path / top / "sub")
+        code = main(["caption", "--run", trained_run, "--beam", "1", "--max-length", "2",
+                     "--plot-attention", sub, str(tmp_path / top)])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "" and err == (
+            f"caption-attn caption: error: --plot-attention {sub}: the heatmap of "
+            f"{tmp_path / top / 'a.png'} would overwrite {sub}/a.png, which is not a heatmap "
+            f"caption-attn drew; give the heatmaps a folder of their own\n")
+    (tmp_path / "photos" / "sub" / "a.png").unlink()     # no clash left, still photos there
+    del before[tmp_path / "photos" / "sub" / "a.png"]
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--plot-attention",
+                 str(tmp_path / "photos" / "sub"), str(tmp_path / "photos" / "b.png")]) == 2
+    assert capsys.readouterr().err == (
+        f"caption-attn caption: error: --plot-attention {tmp_path / 'photos' / 'sub'}: holds "
+        f"1 image that caption-attn did not draw (c.png); give the heatmaps a new or empty "
+        f"folder of their own\n")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.png")} == before
+    # a folder of its own heatmaps inside the images: redrawn, and left out of the images
+    heat = str(tmp_path / "photos" / "heat")
+    for _ in range(2):
+        assert main(["caption", "--run", trained_run, "--beam", "1", "--max-length", "2",
+                     "--plot-attention", heat, str(tmp_path / "photos")]) == 0
+        assert capsys.readouterr().out.count("Captions for image") == 3
+        assert sorted(os.listdir(heat)) == ["a.png", "b.png", "c.png"]
 
 
 def test_a_file_name_with_a_newline_stays_on_its_header_line():

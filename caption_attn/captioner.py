@@ -586,35 +586,53 @@ def attention_plot(image: np.ndarray, caption: Caption, name: str = "",
 
 
 def heatmap_writer(out_dir: str, paths: Sequence[str],
-                   images: Sequence[str] = ()) -> Callable[[dict], dict]:
+                   images: Sequence[str] = ()) -> Callable[..., tuple[dict, dict]]:
     """A function saving the best caption's heatmap of each image of some `caption_images`
     (or `caption_batches`) results into OUT_DIR, and removing the file of each image of
-    `failed`, returning path -> file written; each of `paths` has a distinct file
-    (`heatmap_files` of all of them, so batches written one by one get the names one call
-    would give). UserError first, nothing written, if OUT_DIR holds a file a heatmap would
-    overwrite, or any image, that is not a heatmap `caption` drew (`check_heatmap_targets`)."""
+    `failed`, returning (path -> file written, path -> why its heatmap could not be written
+    or removed: the others go on, and the reason names the heatmap, not its temporary file);
+    each of `paths` has a distinct file (`heatmap_files` of all of them, so batches written
+    one by one get the names one call would give). UserError first, nothing written, if
+    OUT_DIR holds a file a heatmap would overwrite, or any image, that is not a heatmap
+    `caption` drew (`check_heatmap_targets`)."""
     from caption_attn import plot
 
     check_heatmap_targets(out_dir, paths, images)
     names = display_names(list(paths))
     files = heatmap_files(names)
 
-    def write(results: dict, failed: Iterable[str] = ()) -> dict:
-        written = {}
+    def write(results: dict, failed: Iterable[str] = ()) -> tuple[dict, dict]:
+        written, problems = {}, {}
         for path, (image, captions) in results.items():
-            written[path] = os.path.join(out_dir, files[path])
-            plot.save_figure(attention_plot(image, captions[0], names[path]), written[path])
+            target = os.path.join(out_dir, files[path])
+            try:
+                plot.save_figure(attention_plot(image, captions[0], names[path]), target)
+                written[path] = target
+            except OSError as e:
+                problems[path] = f"cannot write its heatmap {target} ({e.strerror or e})"
         # an image that failed now (unreadable, or no caption) loses the heatmap an earlier
         # run drew of it: left in OUT_DIR, it showed attention the model no longer gives
         # (only a heatmap: `check_heatmap_targets` refused a folder with anything else there)
         for path in failed:
-            if path in files and plot.is_heatmap_file(os.path.join(out_dir, files[path])):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(out_dir, files[path]))
-        return written
+            target = os.path.join(out_dir, files.get(path, ""))
+            if path in files and plot.is_heatmap_file(target):
+                try:
+                    os.remove(target)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    problems[path] = (f"cannot remove its heatmap {target}, drawn by an "
+                                      f"earlier run ({e.strerror or e})")
+        return written, problems
     return write
 
 
 def save_attention_plots(out_dir: str, results: dict, images: Sequence[str] = ()) -> dict:
-    """`heatmap_writer` for the images of `results` at once."""
-    return heatmap_writer(out_dir, list(results), images)(results)
+    """`heatmap_writer` for the images of `results` at once: path -> file written; OSError
+    (after the others are written) if a heatmap could not be."""
+    written, problems = heatmap_writer(out_dir, list(results), images)(results)
+    if problems:
+        path, why = next(iter(problems.items()))
+        raise OSError(f"{path}: {why}"
+                      + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return written

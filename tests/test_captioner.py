@@ -598,6 +598,36 @@ def test_an_image_failing_now_loses_the_heatmap_an_earlier_caption_drew(
     assert os.listdir(heat) == [os.path.basename(images[0])]
 
 
+def test_a_heatmap_that_cannot_be_written_is_reported_and_the_rest_go_on(
+        shapes_data, trained_run, tmp_path, capsys, monkeypatch):
+    """A heatmap that could not be written ended `caption` with `error: DIR/.x.png.tmp.PID.vm:
+    ...` (its temporary file), exit 2, and none of the batch's captions printed, though the
+    heatmaps before it were written."""
+    import errno
+
+    from caption_attn import plot
+    images = _test_images(shapes_data, trained_run, 3)
+    heat = tmp_path / "heat"
+    bad = str(heat / os.path.basename(images[1]))
+    real = plot.write_bytes_atomic
+
+    def write(path, payload, fsync=False):
+        if path == bad:
+            raise OSError(errno.ENOSPC, "No space left on device", path + ".tmp.1.vm")
+        real(path, payload, fsync)
+    monkeypatch.setattr(plot, "write_bytes_atomic", write)
+    code = main(["caption", "--run", trained_run, "--beam", "1", "--plot-attention", str(heat),
+                 *images])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out.count("Captions for image") == 3
+    assert err.splitlines() == [f"caption-attn caption: {images[1]}: cannot write its heatmap "
+                                f"{bad} (No space left on device)",
+                                f"attention heatmaps: {heat}"]
+    assert sorted(os.listdir(heat)) == sorted(os.path.basename(p) for p in (images[0],
+                                                                              images[2]))
+
+
 def test_caption_batches_hold_batch_size_readable_images_in_order(shapes_data, trained_run,
                                                                   tmp_path):
     """A bad file does not shrink a batch (one size, one XLA compilation) and is reported

@@ -8,7 +8,6 @@ as `extract-features` did, runs the backbone that made the run's cache, and capt
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import math
 import os
@@ -355,11 +354,13 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     photos --plot-attention photos/heat` run again captioned the heatmaps of the first run
     as photos); `heatmaps` that is a folder given, or the folder of an image given, or a
     folder above either, is refused (its heatmaps, which need not overwrite an image, would be
-    captioned by a later run on that folder). A path that does not exist is a UserError (before the model is
-    loaded: it is a typo, not one bad image of many); an existing file that is no image is
-    reported later, by `Captioner.caption_images`, while the others are captioned. So is a
-    folder below a folder given that cannot be listed: `unreadable`, when given, receives
-    {its path + "/": why} (they were skipped without a word)."""
+    captioned by a later run on that folder); `check_heatmap_targets` refuses one below
+    holding anything but heatmaps, whose images would be left out here. A path that does not
+    exist is a UserError (before the model is loaded: it is a typo, not one bad image of
+    many); an existing file that is no image is reported later, by
+    `Captioner.caption_images`, while the others are captioned. So is a folder below a folder
+    given that cannot be listed: `unreadable`, when given, receives {its path + "/": why}
+    (they were skipped without a word)."""
     missing = [arg for arg in args if not os.path.exists(arg)]
     if missing:
         raise UserError(f"{missing[0]}: no such image file or folder"

@@ -8,7 +8,6 @@ as `extract-features` did, runs the backbone that made the run's cache, and capt
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import math
 import os
@@ -22,7 +21,7 @@ from caption_attn import model as _model  # noqa: F401  registers the Keras clas
 from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone, prefer_wide_xla_vectors
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
-from caption_attn.feature_cache import MANIFEST, read_manifest
+from caption_attn.feature_cache import MANIFEST, cache_images, read_manifest
 from caption_attn.fileio import is_inside, longest_temp_name, one_line
 from caption_attn.images import ImageError, list_images, load_image, printable_name
 from caption_attn.run import RunFolder
@@ -353,13 +352,15 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     """Image files given on the command line, each once; folders expand to the images under
     them, except those in the folder `heatmaps` below them (`--plot-attention`: `caption
     photos --plot-attention photos/heat` run again captioned the heatmaps of the first run
-    as photos); `heatmaps` that is a folder given, or the folder of an image given, is
-    refused (its heatmaps, which need not overwrite an image, would be captioned by a later
-    run on that folder). A path that does not exist is a UserError (before the model is
-    loaded: it is a typo, not one bad image of many); an existing file that is no image is
-    reported later, by `Captioner.caption_images`, while the others are captioned. So is a
-    folder below a folder given that cannot be listed: `unreadable`, when given, receives
-    {its path + "/": why} (they were skipped without a word)."""
+    as photos); `heatmaps` that is a folder given, or the folder of an image given, or a
+    folder above either, is refused (its heatmaps, which need not overwrite an image, would be
+    captioned by a later run on that folder); `check_heatmap_targets` refuses one below
+    holding anything but heatmaps, whose images would be left out here. A path that does not
+    exist is a UserError (before the model is loaded: it is a typo, not one bad image of
+    many); an existing file that is no image is reported later, by
+    `Captioner.caption_images`, while the others are captioned. So is a folder below a folder
+    given that cannot be listed: `unreadable`, when given, receives {its path + "/": why}
+    (they were skipped without a word)."""
     missing = [arg for arg in args if not os.path.exists(arg)]
     if missing:
         raise UserError(f"{missing[0]}: no such image file or folder"
@@ -369,13 +370,16 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     for arg in args:
         if os.path.isdir(arg):
             folders: dict = {}
-            found = [os.path.join(arg, k) for k in list_images(arg, folders)]
+            found = [os.path.join(arg, k) for k in list_images(arg, folders, flag="")]
             if unreadable is not None:
                 unreadable.update({os.path.join(arg, k): why for k, why in folders.items()})
             skip, top = os.path.realpath(heatmaps or arg), os.path.realpath(arg)
             if heatmaps and skip == top:
                 _refuse_heatmaps_among_images(heatmaps, arg, f"the folder {arg} of the "
                                                               f"images being captioned")
+            if heatmaps and is_inside(top, skip):
+                _refuse_heatmaps_among_images(heatmaps, heatmaps, f"a folder above {arg}, a "
+                                                                   f"folder being captioned")
             below = skip != top and os.path.commonpath([skip, top]) == top
             if below:
                 found = [p for p in found if os.path.commonpath(
@@ -392,6 +396,9 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
             if heatmaps and os.path.realpath(heatmaps) == os.path.realpath(folder):
                 _refuse_heatmaps_among_images(heatmaps, folder, f"the folder of {arg}, an "
                                                                  f"image being captioned")
+            if heatmaps and is_inside(folder, heatmaps):
+                _refuse_heatmaps_among_images(heatmaps, heatmaps, f"a folder above {arg}, an "
+                                                                   f"image being captioned")
             out.append(arg)
     # one file spelled twice (x.png ./x.png, a folder and a file in it, a folder reached
     # through a symlink beside it: `list_images` lists both paths) is captioned once, under
@@ -402,14 +409,31 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     return list(first.values())
 
 
-def check_heatmap_folder(out_dir: str, run_dir: str) -> None:
-    """UserError when the `--plot-attention` folder is the run folder or inside it:
-    `--plot-attention RUN/attention/epoch_1` wrote over the heatmaps `train` drew there."""
+def check_heatmap_folder(out_dir: str, run_dir: str, cache: Optional[str] = None) -> None:
+    """UserError when the `--plot-attention` folder is the run folder or inside it
+    (`--plot-attention RUN/attention/epoch_1` wrote over the heatmaps `train` drew there), or
+    inside the run's feature cache (`cache`, default the run's) or the images folder that
+    cache was extracted from (`--plot-attention shapes/images` wrote a heatmap over the
+    dataset image of its name; `train --run` is refused there for the same reason)."""
+    own = "give the heatmaps a folder of their own, e.g. heatmaps"
     if is_inside(out_dir, run_dir):
         raise UserError(f"--plot-attention {out_dir}: inside the run folder {run_dir}, whose "
                         f"files and folders `train` and `evaluate` write (its own heatmaps in "
-                        f"{RunFolder(run_dir).attention}); give the heatmaps a folder of their "
-                        f"own, e.g. heatmaps")
+                        f"{RunFolder(run_dir).attention}); {own}")
+    if cache is None:
+        try:
+            cache = RunFolder(run_dir).load_config().cache
+        except UserError:
+            return              # not a run: said when it is loaded
+    if is_inside(out_dir, cache):
+        raise UserError(f"--plot-attention {out_dir}: inside the feature cache {cache}, whose "
+                        f"files `extract-features` writes; {own}")
+    images = cache_images(cache)
+    if images and is_inside(out_dir, images):
+        raise UserError(f"--plot-attention {out_dir}: inside the images folder {images} the "
+                        f"feature cache {cache} was extracted from: a heatmap would overwrite "
+                        f"the dataset image of its name, and an extraction would take the "
+                        f"heatmaps for images; {own}")
 
 
 def _refuse_heatmaps_among_images(heatmaps: str, folder: str, what: str) -> None:
@@ -476,25 +500,36 @@ def heatmap_files(names: dict) -> dict:
 
 def check_heatmap_targets(out_dir: str, paths: Sequence[str],
                           images: Sequence[str] = ()) -> None:
-    """UserError when the heatmap of one of `paths` (named by `heatmap_files`) would be
-    written over one of those images or of `images`: `--plot-attention` naming the images'
-    own folder, with PNG images in it (the heatmap of x.png is DIR/x.png); or over any file
-    already in a folder of those images (`caption photos/cat.jpg --plot-attention photos`
-    wrote cat.jpg's heatmap over the photo photos/cat.png)."""
+    """UserError when `--plot-attention` OUT_DIR holds a file the heatmaps of `paths` (named
+    by `heatmap_files`) would overwrite or remove, or any image, that is not a heatmap
+    `caption` drew (`plot.is_heatmap_file`): one of `paths` or `images` (the images' own
+    folder: the heatmap of x.png is DIR/x.png), another file (`caption photos/cat.jpg
+    --plot-attention photos` wrote over the photo photos/cat.png; the heatmap of an image
+    failing now deleted a photo of its name), or any image under OUT_DIR (a heatmap folder
+    inside a folder being captioned is left out of it, `expand_image_args`: photos kept
+    there were skipped without a word)."""
+    from caption_attn import plot
+
     protected = {os.path.realpath(p): p for p in [*images, *paths]}
-    image_dirs = {os.path.dirname(p) for p in protected}
     for path, name in heatmap_files(display_names(list(paths))).items():
-        target = os.path.realpath(os.path.join(out_dir, name))
-        hit = protected.get(target)
+        target = os.path.join(out_dir, name)
+        hit = protected.get(os.path.realpath(target))
         if hit is not None:
             raise UserError(f"--plot-attention {out_dir}: the heatmap of {path} would "
                             f"overwrite {hit}, an image being captioned; give the heatmaps a "
                             f"folder of their own")
-        if os.path.dirname(target) in image_dirs and os.path.lexists(target):
+        if os.path.lexists(target) and not plot.is_heatmap_file(target):
             raise UserError(f"--plot-attention {out_dir}: the heatmap of {path} would "
-                            f"overwrite {os.path.join(out_dir, name)}, a file in the folder "
-                            f"of the images being captioned; give the heatmaps a folder of "
-                            f"their own")
+                            f"overwrite {target}, which is not a heatmap caption-attn drew; "
+                            f"give the heatmaps a folder of their own")
+    if os.path.isdir(out_dir):
+        others = [k for k in list_images(out_dir, flag="--plot-attention")
+                  if not plot.is_heatmap_file(os.path.join(out_dir, k))]
+        if others:
+            raise UserError(f"--plot-attention {out_dir}: holds {len(others)} "
+                            f"image{'s' if len(others) > 1 else ''} that caption-attn did not "
+                            f"draw ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}"
+                            f"); give the heatmaps a new or empty folder of their own")
 
 
 # ----------------------------------------------------------------------------- output
@@ -537,12 +572,13 @@ def captions_json(results: dict, errors: dict) -> dict:
 def attention_plot(image: np.ndarray, caption: Caption, name: str = "",
                    max_words: Optional[int] = None):
     """Heatmap Figure of one caption: a panel per word (`<end>` for an empty caption), of
-    its first `max_words` words only if given; the title then says the caption goes on."""
+    its first `max_words` words only if given; the title then says the caption goes on. A
+    caption cut at the maximum length ends its title with "...", as `format_captions`."""
     from caption_attn import plot
 
     words = caption.words or ["<end>"]
     p = format_probability(caption.probability)
-    title = f"{name}: {caption.text} (p={p})"
+    title = f"{name}: {caption.text}{'' if caption.ended else ' ...'} (p={p})"
     if max_words is not None and len(words) > max_words:
         words = words[:max_words]
         title = (f"{name}: {' '.join(words)} ... (the first {max_words} of "
@@ -551,34 +587,53 @@ def attention_plot(image: np.ndarray, caption: Caption, name: str = "",
 
 
 def heatmap_writer(out_dir: str, paths: Sequence[str],
-                   images: Sequence[str] = ()) -> Callable[[dict], dict]:
+                   images: Sequence[str] = ()) -> Callable[..., tuple[dict, dict]]:
     """A function saving the best caption's heatmap of each image of some `caption_images`
     (or `caption_batches`) results into OUT_DIR, and removing the file of each image of
-    `failed`, returning path -> file written; each of `paths` has a distinct file
-    (`heatmap_files` of all of them, so batches written one by one get the names one call
-    would give). UserError first, nothing written, if a heatmap
-    would overwrite one of `paths` or `images` (`check_heatmap_targets`)."""
+    `failed`, returning (path -> file written, path -> why its heatmap could not be written
+    or removed: the others go on, and the reason names the heatmap, not its temporary file);
+    each of `paths` has a distinct file (`heatmap_files` of all of them, so batches written
+    one by one get the names one call would give). UserError first, nothing written, if
+    OUT_DIR holds a file a heatmap would overwrite, or any image, that is not a heatmap
+    `caption` drew (`check_heatmap_targets`)."""
     from caption_attn import plot
 
     check_heatmap_targets(out_dir, paths, images)
     names = display_names(list(paths))
     files = heatmap_files(names)
 
-    def write(results: dict, failed: Iterable[str] = ()) -> dict:
-        written = {}
+    def write(results: dict, failed: Iterable[str] = ()) -> tuple[dict, dict]:
+        written, problems = {}, {}
         for path, (image, captions) in results.items():
-            written[path] = os.path.join(out_dir, files[path])
-            plot.save_figure(attention_plot(image, captions[0], names[path]), written[path])
+            target = os.path.join(out_dir, files[path])
+            try:
+                plot.save_figure(attention_plot(image, captions[0], names[path]), target)
+                written[path] = target
+            except OSError as e:
+                problems[path] = f"cannot write its heatmap {target} ({e.strerror or e})"
         # an image that failed now (unreadable, or no caption) loses the heatmap an earlier
         # run drew of it: left in OUT_DIR, it showed attention the model no longer gives
+        # (only a heatmap: `check_heatmap_targets` refused a folder with anything else there)
         for path in failed:
-            if path in files:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(out_dir, files[path]))
-        return written
+            target = os.path.join(out_dir, files.get(path, ""))
+            if path in files and plot.is_heatmap_file(target):
+                try:
+                    os.remove(target)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    problems[path] = (f"cannot remove its heatmap {target}, drawn by an "
+                                      f"earlier run ({e.strerror or e})")
+        return written, problems
     return write
 
 
 def save_attention_plots(out_dir: str, results: dict, images: Sequence[str] = ()) -> dict:
-    """`heatmap_writer` for the images of `results` at once."""
-    return heatmap_writer(out_dir, list(results), images)(results)
+    """`heatmap_writer` for the images of `results` at once: path -> file written; OSError
+    (after the others are written) if a heatmap could not be."""
+    written, problems = heatmap_writer(out_dir, list(results), images)(results)
+    if problems:
+        path, why = next(iter(problems.items()))
+        raise OSError(f"{path}: {why}"
+                      + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return written

@@ -151,7 +151,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     paths = C_.expand_image_args(args.images, heatmaps=args.plot_attention, unreadable=folders)
     write_heatmaps = None
     if args.plot_attention:
-        C_.check_heatmap_folder(args.plot_attention, args.run)
+        C_.check_heatmap_folder(args.plot_attention, args.run, args.cache)
         check_folder_writable(args.plot_attention, "--plot-attention")
         write_heatmaps = C_.heatmap_writer(args.plot_attention, paths)
     model = C_.Captioner.from_run(args.run, cfg, cache=args.cache)
@@ -164,9 +164,10 @@ def cmd_caption(args: argparse.Namespace) -> int:
     bar = progress.bar(len(paths), enabled=shown, unit_name="image", stateful=["failed"],
                        periodic=True, stream=sys.stderr)
     captioned, failed, count = {}, dict(folders), 0          # captions kept for --json only
+    drawn, undrawn = 0, {}      # heatmaps written; images whose heatmap could not be
 
-    def report(errors):
-        for line in unreadable_lines(errors):
+    def report(errors, heatmaps=False):
+        for line in unreadable_lines(errors, heatmaps):
             print(line, file=sys.stderr)
     if not shown:
         report(folders)
@@ -174,8 +175,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
         failed.update(errors)
         if not shown:
             report(errors)
-        if write_heatmaps:
-            write_heatmaps(results, errors)
         count += len(results)
         if args.json:
             captioned.update({path: (None, caps) for path, (_, caps) in results.items()})
@@ -183,24 +182,34 @@ def cmd_caption(args: argparse.Namespace) -> int:
             for path, (_, captions) in results.items():
                 print(C_.format_captions(path, captions, names[path]))
             sys.stdout.flush()
+        # after the captions: a heatmap that cannot be written is that image's report, and
+        # the captions, and the other heatmaps, are out all the same
+        if write_heatmaps:
+            written, problems = write_heatmaps(results, errors)
+            drawn += len(written)
+            undrawn.update(problems)
+            if not shown:
+                report(problems, heatmaps=True)
         bar.update(done, [("failed", len(failed))])
     if shown:
         report(failed)
+        report(undrawn, heatmaps=True)
     if args.json:
         print(json.dumps(C_.captions_json(captioned, failed), indent=2))
-    if args.plot_attention and count:
+    if drawn:
         print(f"attention heatmaps: {args.plot_attention}", file=sys.stderr)
-    return 0 if count else 1
+    return 0 if count and not undrawn else 1
 
 
-def unreadable_lines(errors: dict) -> list[str]:
-    """`caption`'s line per image it could not read (path -> reason), the path printable and
-    on one line (`captioner.display_names`' escapes): a file named "x.png<newline>caption-attn
-    caption: ..." printed a forged line of its own, and one with an ESC sequence in its name
-    drove the terminal."""
+def unreadable_lines(errors: dict, heatmaps: bool = False) -> list[str]:
+    """`caption`'s line per image it could not read (path -> reason), or (`heatmaps`) whose
+    heatmap it could not write, the path printable and on one line
+    (`captioner.display_names`' escapes): a file named "x.png<newline>caption-attn caption:
+    ..." printed a forged line of its own, and one with an ESC sequence in its name drove
+    the terminal."""
     from caption_attn.captioner import NO_CAPTION
     from caption_attn.images import printable_name
-    return [f"{PROG} caption: {'' if reason == NO_CAPTION else 'cannot read '}"
+    return [f"{PROG} caption: {'' if reason == NO_CAPTION or heatmaps else 'cannot read '}"
             f"{one_line(printable_name(path))}: {one_line(reason)}"
             for path, reason in errors.items()]
 

@@ -673,6 +673,16 @@ def source_images(manifest: dict) -> Optional[str]:
     return folder if folder and os.path.isdir(folder) else None
 
 
+def cache_images(cache: str) -> Optional[str]:
+    """The images folder the feature cache `cache` was extracted from (`source_images`), None
+    when the cache cannot be read yet (its own checks say why, later): a folder the run's
+    files (train's --run, caption's --plot-attention) must not go into."""
+    try:
+        return source_images(read_manifest(cache))
+    except (UserError, OSError):
+        return None
+
+
 def _why_failed(key: str, failed: dict[str, str]) -> Optional[str]:
     """Why failed.tsv (`failed`) says `key` has no features: its own entry, or that of a
     folder above it that could not be listed ("FOLDER/: reason"); None if neither."""

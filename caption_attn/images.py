@@ -369,7 +369,8 @@ def printable_name(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def list_images(images_dir: str, unreadable: Optional[dict] = None) -> list[str]:
+def list_images(images_dir: str, unreadable: Optional[dict] = None,
+                flag: str = "--images") -> list[str]:
     """Keys (sorted POSIX paths relative to `images_dir`) of every image file under it.
 
     Files are recognised by extension (IMAGE_EXTENSIONS, any case); hidden files and folders
@@ -380,10 +381,12 @@ def list_images(images_dir: str, unreadable: Optional[dict] = None) -> list[str]
 
     `unreadable`, when given, receives {"FOLDER/": reason} for every folder below
     `images_dir` that cannot be listed (its images are not in the keys); `images_dir` itself
-    unlistable is a UserError.
+    unlistable is a UserError naming it after `flag`, the caller's flag ("" for an argument
+    without one: `caption photos` was told of an --images it has not got).
     """
+    name = f"{flag} {images_dir}" if flag else images_dir
     if not os.path.isdir(images_dir):
-        raise UserError(f"--images {images_dir}: not a folder")
+        raise UserError(f"{name}: not a folder")
     keys = []
     top = os.stat(images_dir)
     # (key prefix of a folder, (st_dev, st_ino) of it and of every folder above it)
@@ -395,8 +398,7 @@ def list_images(images_dir: str, unreadable: Optional[dict] = None) -> list[str]
                 entries = sorted(it, key=lambda entry: entry.name)
         except OSError as e:
             if not rel:
-                raise UserError(f"--images {images_dir}: cannot be read ({e.strerror})") \
-                    from None
+                raise UserError(f"{name}: cannot be read ({e.strerror})") from None
             if unreadable is not None:
                 unreadable[rel] = f"folder cannot be read ({e.strerror}): its images were " \
                                   f"not listed"

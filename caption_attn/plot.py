@@ -11,9 +11,13 @@ p = row * 8 + col, row 0 at the top of the image) once per word.
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
+import struct
 import sys
 import warnings
+import zlib
 from typing import Sequence
 
 import cv2
@@ -66,18 +70,19 @@ def _as_grids(attention, per_step: bool) -> np.ndarray:
 
 
 def upsample_attention(attention, size: tuple[int, int]) -> np.ndarray:
-    """One attention map (64,) or (8, 8) as a smooth (H, W) float32 map, values >= 0.
+    """One attention map (64,) or (8, 8) as a smooth (H, W) float32 map, values in [0, 1].
 
     Bicubic interpolation with pixel-centre alignment: grid cell (r, c) covers image rows
     r*H/8 .. (r+1)*H/8 and columns c*W/8 .. (c+1)*W/8, and a lone weight peaks at its centre.
-    Bicubic overshoots slightly below zero next to sharp peaks; those values are clipped.
+    Bicubic overshoots next to sharp peaks, below zero and above the weights themselves; the
+    values are clipped to the range of an attention weight (the colour bar went past 1).
     """
     height, width = (int(s) for s in size)
     if height < 1 or width < 1:
         raise ValueError(f"`size` must be (H, W) with H, W >= 1; got {size}")
     grid = _as_grids(attention, per_step=False)  # (8, 8)
     up = cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)  # (H, W)
-    return np.maximum(up, 0.0).astype(np.float32)
+    return np.clip(up, 0.0, 1.0).astype(np.float32)
 
 
 def _check_image(image) -> np.ndarray:
@@ -230,6 +235,38 @@ def _report_missing_glyphs(caught) -> None:
               f"uses it", file=sys.stderr)
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data)))
+
+
+# Every heatmap file `save_figure` writes carries this tEXt chunk right after the PNG's
+# header (OpenCV's encoder writes no text chunks of its own): how `caption --plot-attention`
+# tells the heatmaps it drew, which it may redraw or remove, from the user's images, which it
+# never touches (`is_heatmap_file`).
+HEATMAP_MARK = _png_chunk(b"tEXt", b"Software\0caption-attn heatmap")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_HEADER_END = len(_PNG_SIGNATURE) + 25   # then the IHDR chunk: length, type, 13 bytes, CRC
+
+
+def mark_heatmap(png: bytes) -> bytes:
+    """PNG bytes (`figure_to_png`) with `HEATMAP_MARK` after their header chunk."""
+    return png[:_HEADER_END] + HEATMAP_MARK + png[_HEADER_END:]
+
+
+def is_heatmap_file(path) -> bool:
+    """Whether `path` is a file (not a link, folder or FIFO) that `save_figure` wrote."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        with open(path, "rb") as f:
+            head = f.read(_HEADER_END + len(HEATMAP_MARK))
+    except OSError:
+        return False
+    return head[:len(_PNG_SIGNATURE)] == _PNG_SIGNATURE and head[_HEADER_END:] == HEATMAP_MARK
+
+
 def save_figure(fig: Figure, path) -> None:
-    """Write `fig` as a PNG at `path` atomically (`config.atomic_path`); creates parents."""
-    write_bytes_atomic(str(path), figure_to_png(fig))
+    """Write `fig` as a PNG at `path` atomically (`config.atomic_path`), marked as a heatmap
+    (`mark_heatmap`); creates parents."""
+    write_bytes_atomic(str(path), mark_heatmap(figure_to_png(fig)))

@@ -1188,7 +1188,7 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     check_train_flags(cfg.train)
     distribute.check_strategy(cfg.train.strategy)  # TF_CONFIG too, before --fresh deletes
     run = RunFolder(run_dir)
-    run.check_writable(cfg.cache, [images_dir, _cache_images(cfg.cache)])
+    run.check_writable(cfg.cache, [images_dir, feature_cache.cache_images(cfg.cache)])
     if images_dir is not None and not os.path.isdir(images_dir):
         raise UserError(f"--images {images_dir}: "
                         f"{'not a folder' if os.path.exists(images_dir) else 'no such folder'}"
@@ -1231,15 +1231,6 @@ def _load_and_train(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, pr
         if fresh:
             run.delete_previous()
         return _train_in(run, cfg, run_dir, images_dir, progress, log, data)
-
-
-def _cache_images(cache: str) -> Optional[str]:
-    """The images folder the feature cache was extracted from (None when the cache cannot
-    be read yet: its own checks say why, later)."""
-    try:
-        return feature_cache.source_images(feature_cache.read_manifest(cache))
-    except (UserError, OSError):
-        return None
 
 
 def _train_in(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, progress, log,

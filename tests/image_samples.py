@@ -119,5 +119,8 @@ def run_as_user(code: str, *args: str, cwd: str) -> subprocess.CompletedProcess:
         if shutil.which("setpriv") is None:
             pytest.skip("root reads every file, and setpriv is missing to drop that")
         prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    # PYTHONPATH: the caption_attn of this checkout, not the one installed in the interpreter
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.run([*prefix, sys.executable, "-c", code, *args], cwd=cwd, text=True,
-                          capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                          capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+                                                    "PYTHONPATH": root})

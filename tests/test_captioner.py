@@ -437,6 +437,28 @@ def test_plot_attention_inside_the_run_folder_is_refused(shapes_data, run_copy, 
     assert not os.path.exists(os.path.join(run_copy.path, "heat"))
 
 
+@pytest.mark.parametrize("inside", ["images", "images/heat", "cache", "cache/heat"])
+def test_plot_attention_in_the_dataset_images_or_the_cache_is_refused(
+        shapes_data, trained_run, tmp_path, capsys, monkeypatch, inside):
+    """`--plot-attention shapes/images` wrote a heatmap over the dataset image of the same
+    name (train's --run is refused there for the same reason); one in the cache mixed its
+    PNGs with the feature files."""
+    from caption_attn.run import RunFolder
+    monkeypatch.setattr(RunFolder, "load_best_model", lambda self: pytest.fail(
+        "the model was loaded before --plot-attention was checked"))
+    image = str(tmp_path / "shape_00003.png")
+    shutil.copy(os.path.join(shapes_data["images"], "shape_00003.png"), image)
+    top, _, below = inside.partition("/")
+    heat = os.path.join(shapes_data[top], below)
+    assert main(["caption", "--run", trained_run, "--plot-attention", heat, image]) == 2
+    err = capsys.readouterr().err
+    what = ("the images folder" if top == "images" else "the feature cache") + \
+        f" {os.path.abspath(shapes_data[top])}"
+    assert err.startswith(f"caption-attn caption: error: --plot-attention {heat}: inside "
+                          f"{what}") and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(os.path.join(shapes_data[top], "heat"))
+
+
 def test_a_run_whose_cache_moved_says_how_to_point_at_it(shapes_data, trained_run, run_copy,
                                                           tmp_path, capsys):
     run = run_copy.path
@@ -526,6 +548,14 @@ def test_an_attention_plot_cut_to_its_first_words_says_so():
     assert len(whole.images) == 20
 
 
+def test_an_attention_plot_of_a_caption_cut_at_max_length_says_so():
+    """A caption cut at --max-length was titled like a finished one, while the printed text
+    ends it with "..."."""
+    cut = captioner.Caption(["a", "red"], np.log(0.5), np.full((2, 64), 1 / 64), ended=False)
+    fig = captioner.attention_plot(np.zeros((299, 299, 3), np.uint8), cut, "x.png")
+    assert fig.get_suptitle() == "x.png: a red ... (p=0.500000)"
+
+
 def test_an_image_without_a_live_caption_is_reported_not_printed_empty(
         shapes_data, trained_run, tmp_path, capsys, monkeypatch):
     # every beam dead (an overflowing length penalty did it): `Captions for image X:` with
@@ -566,6 +596,36 @@ def test_an_image_failing_now_loses_the_heatmap_an_earlier_caption_drew(
                  *images]) == 0
     assert "(unrecognised format)" in capsys.readouterr().err           # reported
     assert os.listdir(heat) == [os.path.basename(images[0])]
+
+
+def test_a_heatmap_that_cannot_be_written_is_reported_and_the_rest_go_on(
+        shapes_data, trained_run, tmp_path, capsys, monkeypatch):
+    """A heatmap that could not be written ended `caption` with `error: DIR/.x.png.tmp.PID.vm:
+    ...` (its temporary file), exit 2, and none of the batch's captions printed, though the
+    heatmaps before it were written."""
+    import errno
+
+    from caption_attn import plot
+    images = _test_images(shapes_data, trained_run, 3)
+    heat = tmp_path / "heat"
+    bad = str(heat / os.path.basename(images[1]))
+    real = plot.write_bytes_atomic
+
+    def write(path, payload, fsync=False):
+        if path == bad:
+            raise OSError(errno.ENOSPC, "No space left on device", path + ".tmp.1.vm")
+        real(path, payload, fsync)
+    monkeypatch.setattr(plot, "write_bytes_atomic", write)
+    code = main(["caption", "--run", trained_run, "--beam", "1", "--plot-attention", str(heat),
+                 *images])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out.count("Captions for image") == 3
+    assert err.splitlines() == [f"caption-attn caption: {images[1]}: cannot write its heatmap "
+                                f"{bad} (No space left on device)",
+                                f"attention heatmaps: {heat}"]
+    assert sorted(os.listdir(heat)) == sorted(os.path.basename(p) for p in (images[0],
+                                                                              images[2]))
 
 
 def test_caption_batches_hold_batch_size_readable_images_in_order(shapes_data, trained_run,
@@ -708,7 +768,7 @@ def test_save_attention_plots_never_overwrites_another_file_in_the_images_folder
     photo, other = tmp_path / "cat.jpg", tmp_path / "cat.png"
     photo.write_bytes(b"jpeg")
     other.write_bytes(b"png")
-    with pytest.raises(UserError, match=r"overwrite .*cat\.png, a file in the folder"):
+    with pytest.raises(UserError, match=r"overwrite .*cat\.png, which is not a heatmap "):
         captioner.save_attention_plots(str(tmp_path), {str(photo): None})
     assert other.read_bytes() == b"png"
 
@@ -745,12 +805,64 @@ def test_a_heatmap_folder_inside_an_image_folder_is_not_captioned(tmp_path):
     with pytest.raises(UserError, match=r"^--plot-attention .* is the folder .* of the images "
                                         r"being captioned: .* give them a folder of their own"):
         captioner.expand_image_args([str(tmp_path)], heatmaps=str(tmp_path) + "/")
-    assert len(captioner.expand_image_args([str(tmp_path / "heat")], heatmaps=str(tmp_path))) \
-        == 1
+    # a folder above the images (`caption photos/sub --plot-attention photos`,
+    # `--plot-attention photos photos/sub/c.png`): accepted, and `caption photos` then
+    # captioned the heatmaps
+    with pytest.raises(UserError, match=r"^--plot-attention .* is a folder above .*heat, a "
+                                        r"folder being captioned: a later `caption "):
+        captioner.expand_image_args([str(tmp_path / "heat")], heatmaps=str(tmp_path))
+    with pytest.raises(UserError, match=r"^--plot-attention .* is a folder above .*x\.png, "
+                                        r"an image being captioned: a later `caption "):
+        captioner.expand_image_args([str(tmp_path / "heat" / "x.png")],
+                                    heatmaps=str(tmp_path))
     (tmp_path / "x.jpg").unlink()
     with pytest.raises(UserError, match="no image files in this folder .outside "
                                         "--plot-attention"):
         captioner.expand_image_args([str(tmp_path)], heatmaps=str(tmp_path / "heat"))
+
+
+def test_a_heatmap_folder_holding_other_images_is_refused_untouched(shapes_data, trained_run,
+                                                                   tmp_path, capsys):
+    """`caption photos --plot-attention photos/sub` with photos of its own in photos/sub:
+    they were left out without a word, one overwritten by a heatmap, exit 0; and the heatmap
+    of an image failing now (photos2/a.png) deleted the photo photos2/sub/a.png. Only files
+    `caption` drew are redrawn or removed: a folder holding anything else is refused."""
+    shape = os.path.join(shapes_data["images"], "shape_0000{}.png").format
+    for top, first in (("photos", shape(1)), ("photos2", None)):
+        os.makedirs(tmp_path / top / "sub")
+        if first:
+            shutil.copy(first, tmp_path / top / "a.png")
+        else:
+            (tmp_path / top / "a.png").write_bytes(b"not an image")
+        shutil.copy(shape(4), tmp_path / top / "b.png")
+        shutil.copy(shape(2), tmp_path / top / "sub" / "a.png")
+        shutil.copy(shape(5), tmp_path / top / "sub" / "c.png")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.png")}
+    for top in ("photos", "photos2"):
+        sub = str(tmp_path / top / "sub")
+        code = main(["caption", "--run", trained_run, "--beam", "1", "--max-length", "2",
+                     "--plot-attention", sub, str(tmp_path / top)])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "" and err == (
+            f"caption-attn caption: error: --plot-attention {sub}: the heatmap of "
+            f"{tmp_path / top / 'a.png'} would overwrite {sub}/a.png, which is not a heatmap "
+            f"caption-attn drew; give the heatmaps a folder of their own\n")
+    (tmp_path / "photos" / "sub" / "a.png").unlink()     # no clash left, still photos there
+    del before[tmp_path / "photos" / "sub" / "a.png"]
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--plot-attention",
+                 str(tmp_path / "photos" / "sub"), str(tmp_path / "photos" / "b.png")]) == 2
+    assert capsys.readouterr().err == (
+        f"caption-attn caption: error: --plot-attention {tmp_path / 'photos' / 'sub'}: holds "
+        f"1 image that caption-attn did not draw (c.png); give the heatmaps a new or empty "
+        f"folder of their own\n")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.png")} == before
+    # a folder of its own heatmaps inside the images: redrawn, and left out of the images
+    heat = str(tmp_path / "photos" / "heat")
+    for _ in range(2):
+        assert main(["caption", "--run", trained_run, "--beam", "1", "--max-length", "2",
+                     "--plot-attention", heat, str(tmp_path / "photos")]) == 0
+        assert capsys.readouterr().out.count("Captions for image") == 3
+        assert sorted(os.listdir(heat)) == ["a.png", "b.png", "c.png"]
 
 
 def test_a_file_name_with_a_newline_stays_on_its_header_line():
@@ -813,6 +925,27 @@ def test_a_folder_that_cannot_be_read_is_reported_not_skipped(tmp_path):
     assert list(folders) == [str(photos / "locked") + "/"]
     assert folders[str(photos / "locked") + "/"].startswith(
         "folder cannot be read (Permission denied)")
+
+
+def test_an_image_folder_that_cannot_be_read_is_named_without_a_flag(tmp_path):
+    """`caption photos` with photos unlistable said `--images photos: cannot be read`, a flag
+    `caption` has not got (`list_images` named it for every caller)."""
+    from image_samples import run_as_user
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0)
+    try:
+        done = run_as_user("import sys\n"
+                           "from caption_attn.captioner import expand_image_args\n"
+                           "from caption_attn.errors import UserError\n"
+                           "try:\n"
+                           "    expand_image_args([sys.argv[1]])\n"
+                           "except UserError as e:\n"
+                           "    print(e)\n", str(locked), cwd=str(tmp_path))
+    finally:
+        os.chmod(locked, 0o755)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"{locked}: cannot be read (Permission denied)"
 
 
 def test_a_folder_reached_through_a_symlink_beside_it_is_captioned_once(tmp_path):

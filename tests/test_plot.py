@@ -10,6 +10,8 @@ import pytest
 from caption_attn.plot import (
     attention_figure,
     figure_to_png,
+    is_heatmap_file,
+    mark_heatmap,
     grid_shape,
     save_figure,
     upsample_attention,
@@ -97,6 +99,16 @@ def test_upsample_is_smooth_not_a_block_stretch():
     # Neighbouring pixels differ by a small step: no cliff at the cell border.
     assert np.abs(np.diff(up, axis=1)).max() < 0.2
     assert up.min() >= 0.0
+
+
+def test_upsample_stays_within_attention_weights():
+    """Bicubic overshoot was clipped below 0 only: two strong cells side by side peaked at
+    1.18 between them, and the heatmap's colour bar went past 1, which no attention weight
+    can reach."""
+    grid = np.zeros((8, 8), np.float32)
+    grid[3, 4:6] = 1.0
+    up = upsample_attention(grid, (128, 128))
+    assert up.max() == 1.0 and up.min() >= 0.0
 
 
 def test_upsample_reads_flat_attention_row_major():
@@ -294,10 +306,27 @@ def test_save_figure_writes_atomically_and_creates_parents(tmp_path):
     fig = attention_figure(_image(), WORDS[:2], _attention(2))
     path = tmp_path / "run" / "attention" / "epoch_001.png"
     save_figure(fig, path)
-    assert path.read_bytes() == figure_to_png(fig)
+    assert path.read_bytes() == mark_heatmap(figure_to_png(fig))
     assert os.listdir(path.parent) == ["epoch_001.png"]  # no temp file left behind
     save_figure(fig, str(path))  # overwriting an existing file (str path) works too
     assert os.listdir(path.parent) == ["epoch_001.png"]
+
+
+def test_saved_heatmaps_are_marked_and_still_decode(tmp_path):
+    """`caption --plot-attention` redraws or removes only the files it drew: a heatmap saved
+    carries a mark that an image from elsewhere (this PNG without it) has not."""
+    fig = attention_figure(_image(), WORDS[:2], _attention(2))
+    path = tmp_path / "x.png"
+    save_figure(fig, path)
+    assert is_heatmap_file(path)
+    decoded = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    plain = cv2.imdecode(np.frombuffer(figure_to_png(fig), np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(decoded, plain)
+    (tmp_path / "photo.png").write_bytes(figure_to_png(fig))
+    os.symlink("x.png", tmp_path / "link.png")
+    (tmp_path / "dir.png").mkdir()
+    assert not any(is_heatmap_file(tmp_path / n) for n in ("photo.png", "link.png", "dir.png",
+                                                           "missing.png"))
 
 
 def test_save_figure_leaves_no_temp_file_on_failure(tmp_path, monkeypatch):

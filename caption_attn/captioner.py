@@ -348,7 +348,8 @@ class Captioner:
 
 
 def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
-                      unreadable: Optional[dict] = None) -> list[str]:
+                      unreadable: Optional[dict] = None,
+                      drawn: Optional[list] = None) -> list[str]:
     """Image files given on the command line, each once; folders expand to the images under
     them, except those in the folder `heatmaps` below them (`--plot-attention`: `caption
     photos --plot-attention photos/heat` run again captioned the heatmaps of the first run
@@ -360,7 +361,11 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     many); an existing file that is no image is reported later, by
     `Captioner.caption_images`, while the others are captioned. So is a folder below a folder
     given that cannot be listed: `unreadable`, when given, receives {its path + "/": why}
-    (they were skipped without a word)."""
+    (they were skipped without a word). Heatmaps caption-attn drew (`plot.is_heatmap_file`)
+    found in a folder are left out too, wherever they are (`caption photos` after `caption
+    photos --plot-attention photos/heat` captioned them as photos), and listed in `drawn`."""
+    from caption_attn import plot
+
     missing = [arg for arg in args if not os.path.exists(arg)]
     if missing:
         raise UserError(f"{missing[0]}: no such image file or folder"
@@ -384,12 +389,19 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
             if below:
                 found = [p for p in found if os.path.commonpath(
                     [os.path.realpath(p), skip]) != skip]
+            ours = {p for p in found if p.lower().endswith(".png") and plot.is_heatmap_file(p)}
+            if ours:
+                found = [p for p in found if p not in ours]
+                if drawn is not None:
+                    drawn += sorted(ours)
             if not found:
                 locked = (f" it could list ({len(folders)} folder(s) below it cannot be read, "
                           f"e.g. {os.path.join(arg, next(iter(folders)))}: "
                           f"{next(iter(folders.values()))})" if folders else "")
                 raise UserError(f"{arg}: no image files in this folder{locked}"
-                                + (f" (outside --plot-attention {heatmaps})" if below else ""))
+                                + (f" (outside --plot-attention {heatmaps})" if below else "")
+                                + (f" besides {len(ours)} heatmap(s) caption-attn drew"
+                                   if ours else ""))
             out += found
         else:
             folder = os.path.dirname(arg) or "."

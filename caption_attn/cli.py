@@ -148,7 +148,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(C.DecodeConfig, args)
     folders: dict = {}   # below a folder given, unlistable: reported as unreadable images are
-    paths = C_.expand_image_args(args.images, heatmaps=args.plot_attention, unreadable=folders)
+    drawn: list = []     # heatmaps caption-attn drew, found in a folder given: not photos
+    paths = C_.expand_image_args(args.images, heatmaps=args.plot_attention, unreadable=folders,
+                                 drawn=drawn)
+    if drawn:
+        print(f"note: left out {len(drawn)} heatmap{'s' if len(drawn) > 1 else ''} "
+              f"caption-attn drew ({', '.join(one_line(p) for p in drawn[:2])}"
+              f"{', ...' if len(drawn) > 2 else ''}): they are not photos", file=sys.stderr)
     write_heatmaps = None
     if args.plot_attention:
         C_.check_heatmap_folder(args.plot_attention, args.run, args.cache)

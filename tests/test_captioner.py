@@ -821,6 +821,29 @@ def test_a_heatmap_folder_inside_an_image_folder_is_not_captioned(tmp_path):
         captioner.expand_image_args([str(tmp_path)], heatmaps=str(tmp_path / "heat"))
 
 
+def test_heatmaps_caption_attn_drew_are_never_captioned_as_photos(tmp_path):
+    """`caption photos --plot-attention photos/heat`, then `caption photos` without the flag:
+    the heatmaps were captioned as photos (the README said they were left out)."""
+    from caption_attn import plot
+    (tmp_path / "heat").mkdir()
+    (tmp_path / "x.png").write_bytes(b"x")
+    fig = plot.Figure(figsize=(1, 1))
+    plot.save_figure(fig, tmp_path / "heat" / "x.png")
+    (tmp_path / "heat" / "y.png").write_bytes(b"y")              # a photo put there
+    drawn = []
+    assert captioner.expand_image_args([str(tmp_path)], drawn=drawn) == \
+        [str(tmp_path / "heat" / "y.png"), str(tmp_path / "x.png")]
+    assert drawn == [str(tmp_path / "heat" / "x.png")]
+    # named on its own, a file is captioned whatever it is
+    assert captioner.expand_image_args([str(tmp_path / "heat" / "x.png")]) == \
+        [str(tmp_path / "heat" / "x.png")]
+    for name in ("x.png", "heat/y.png"):
+        (tmp_path / name).unlink()
+    with pytest.raises(UserError, match=r"no image files in this folder besides 1 heatmap\(s\) "
+                                        r"caption-attn drew$"):
+        captioner.expand_image_args([str(tmp_path)])
+
+
 def test_a_heatmap_folder_holding_other_images_is_refused_untouched(shapes_data, trained_run,
                                                                    tmp_path, capsys):
     """`caption photos --plot-attention photos/sub` with photos of its own in photos/sub:

@@ -14,10 +14,10 @@ Image paths are never trusted: absolute paths and paths leaving the images folde
 (counted, never opened), see `safe_image_key`.
 
 Entries never silently take another image's place: a COCO `id` given to two different image
-entries, one file under two ids (COCO `id`, Karpathy `cocoid` or `imgid`), and an image listed
-twice with a different split, `objects` or size are refused (captions of an image spread over
-several entries or lines are merged, as Flickr files list them; an exact repeat of an entry
-is read once).
+entries, one file under two ids (COCO `id`, Karpathy `cocoid` or `imgid`), and an image in two
+Karpathy entries that differ (in split, `objects`, size, the spelling of its path or `sentids`:
+its captions would be read twice) are refused (captions of an image spread over several COCO
+annotations or Flickr lines are merged; an exact repeat of an entry is read once).
 """
 
 from __future__ import annotations
@@ -482,15 +482,16 @@ def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
     images = _get(obj, "images", list, path, "Karpathy split JSON")
     entries = {}                          # image id -> (index, image key) of its first entry
     ids = {}                              # image key -> (index, id field, id) of its first
-    read = {}                             # path as written -> its entries read so far
+    firsts = {}                           # image key -> (index, entry) of its first entry
     for i, image in enumerate(images):
         where = f"images[{i}]"
         raw_path = _karpathy_path(image, path, where)
+        key = safe_image_key(raw_path)    # None: refused and counted by `out`
+        first, entry = firsts.setdefault(key, (i, image)) if key else (i, image)
         # an exact repeat (files joined with an overlap) is one entry, as in COCO's `images`:
         # read twice, its captions weighed double in training and in CIDEr
-        if image in read.setdefault(raw_path, []):
+        if first != i and entry == image:
             continue
-        read[raw_path].append(image)
         split = _karpathy_split(image, path, where)
         sentences = _get(image, "sentences", list, path, where)
         captions = [_get(s, "raw", str, path, f"{where}.sentences[{k}]")
@@ -500,10 +501,24 @@ def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
         # an integer or a string, as COCO's `id` (a list or an object crashed the duplicate
         # check with a TypeError, and would have been the results file's image_id)
         image_id = i if id_field is None else _get(image, id_field, (int, str), path, where)
-        _check_karpathy_id(path, id_field, i, image_id, safe_image_key(raw_path), entries,
-                           ids)
+        _check_karpathy_id(path, id_field, i, image_id, key, entries, ids)
         out.add(raw_path, captions, where, split=split, image_id=image_id, objects=objects,
                 size=_image_size(image))
+        if first != i:  # after `out.add`, which names another split, objects or size
+            _refuse_second_entry(path, i, first, key, entry, image, id_field)
+
+
+def _refuse_second_entry(path: str, i: int, first: int, key: str, entry: dict, image: dict,
+                         id_field: Optional[str]) -> None:
+    """`images[i]` is another entry of the image of `images[first]` (`entry`), not an exact
+    repeat: refused, as COCO's parser refuses two different `images` entries of one id. Merged,
+    an image listed twice with its path spelled otherwise (`train2014/` and `train2014`) or
+    other `sentids` had each caption read twice, weighing double in training and in CIDEr."""
+    differ = sorted(k for k in {**entry, **image} if entry.get(k) != image.get(k))
+    ident = f" ({id_field} {image[id_field]!r})" if id_field else ""
+    raise UserError(f"{path}: images[{i}] and images[{first}] are both the image {key!r}{ident}, "
+                    f"but different entries (they differ in {', '.join(differ)}): its captions "
+                    f"would be read twice; list every image once, with all its captions")
 
 
 def _parse_flickr_token(path: str, text: str, out: _Collector) -> None:

@@ -299,13 +299,28 @@ def test_karpathy_objects_that_are_no_ground_truth_are_refused(tmp_path, objects
         data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
 
 
-def test_karpathy_image_listed_twice_merges_captions_when_nothing_conflicts(tmp_path):
+@pytest.mark.parametrize("change, differ", [
+    (lambda e: e.update(filepath="train2014/"), "filepath"),     # the path spelled otherwise
+    (lambda e: e.update(sentids=[5, 6]), "sentids"),
+    (lambda e: e.update(sentences=[{"raw": "again"}]), "sentences")])
+def test_karpathy_image_in_two_different_entries_is_refused_naming_both(
+        tmp_path, change, differ):
+    """One image in two entries that differ only in the spelling of its path or in `sentids`
+    (files joined with an overlap, one of them rewritten) had its captions read twice,
+    weighing double in training and in CIDEr (`inspect` counted 160 captions of 150). As
+    COCO's parser refuses two different `images` entries of one id, so is a second entry of
+    one image that is not an exact repeat (which is read once)."""
     images = karpathy_images()
-    images[0]["objects"] = [{"color": "red", "shape": "circle", "bbox": [0, 0, 9, 9]}]
-    images.append({"filename": "a.jpg", "split": "train", "sentences": [{"raw": "again"}]})
-    captions = data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
-    assert captions.records[0].captions == EXPECTED["a.jpg"] + ["again"]
-    assert captions.records[0].objects == images[0]["objects"]
+    for i, image in enumerate(images):
+        image.update(filepath="train2014", cocoid=100 + i, sentids=[0, 1])
+    images.insert(2, dict(images[0]))
+    change(images[2])
+    with pytest.raises(UserError) as e:
+        data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+    assert str(e.value) == (
+        f"{tmp_path / 'k.json'}: images[2] and images[0] are both the image "
+        f"'train2014/a.jpg' (cocoid 100), but different entries (they differ in {differ}): "
+        f"its captions would be read twice; list every image once, with all its captions")
 
 
 # --------------------------------------------------------------------------- splits
@@ -525,7 +540,7 @@ def test_karpathy_imgid_given_to_two_images_is_refused_naming_both(tmp_path):
     assert [r.image_id for r in data.load_captions(
         write(tmp_path, "k.json", karpathy_text(images))).records] == \
         [100 + i for i in range(len(images))]
-    images.append(dict(images[0], sentences=[{"raw": "one more"}]))   # one image twice: fine
+    images.append(dict(images[0]))                  # one image twice, exactly: read once
     assert len(data.load_captions(write(tmp_path, "k.json", karpathy_text(images))).records) \
         == len(images) - 1
 

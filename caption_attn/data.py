@@ -10,14 +10,19 @@ Supported files (auto-detected from the content, or chosen with `DataConfig.form
 - `flickr-token`: Flickr8k/30k `IMAGE#N<TAB>CAPTION` lines.
 - `flickr-csv`: Kaggle Flickr8k `captions.txt`, a CSV with the header `image,caption`.
 
+Flickr8k's official split comes as lists of image names beside its caption file
+(`Flickr_8k.trainImages.txt`, `Flickr_8k.devImages.txt`, `Flickr_8k.testImages.txt`): a
+`flickr-token` or `flickr-csv` file with them beside it is split by them (`read_split_lists`),
+any other file without a split of its own by image hash (`split_images`).
+
 Image paths are never trusted: absolute paths and paths leaving the images folder are refused
 (counted, never opened), see `safe_image_key`.
 
 Entries never silently take another image's place: a COCO `id` given to two different image
-entries, one file under two ids (COCO `id`, Karpathy `cocoid` or `imgid`), and an image listed
-twice with a different split, `objects` or size are refused (captions of an image spread over
-several entries or lines are merged, as Flickr files list them; an exact repeat of an entry
-is read once).
+entries, one file under two ids (COCO `id`, Karpathy `cocoid` or `imgid`), and an image in two
+Karpathy entries that differ (in split, `objects`, size, the spelling of its path or `sentids`:
+its captions would be read twice) are refused (captions of an image spread over several COCO
+annotations or Flickr lines are merged; an exact repeat of an entry is read once).
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ SPLITS = ("train", "val", "test")
 KARPATHY_SPLITS = ("train", "val", "test", "restval")  # restval is read as train
 FILE_FORMATS = tuple(f for f in CAPTION_FORMATS if f != "auto")
 MAX_EXAMPLES = 5  # examples kept of refused paths and missing images
+# Flickr8k's official split: (split, list of image names beside the caption file)
+SPLIT_LISTS = (("train", "Flickr_8k.trainImages.txt"), ("val", "Flickr_8k.devImages.txt"),
+               ("test", "Flickr_8k.testImages.txt"))
+LISTS_GLOB = "Flickr_8k.*Images.txt"
+LIST_FORMATS = ("flickr-token", "flickr-csv")   # the formats Flickr8k comes in
 
 _DRIVE = re.compile(r"^[A-Za-z]:")                 # C:\x.jpg, C:x.jpg
 _TOKEN_LINE = re.compile(r"^[^\t]+#\d+\t")         # 1000268201_693b08cb0e.jpg#0<TAB>...
@@ -71,6 +81,11 @@ class CaptionSet:
     refused: list[str] = field(default_factory=list)  # distinct unsafe image paths, as written
     has_split: bool = False         # True when the file carries its own split (Karpathy)
     uncaptioned: list[str] = field(default_factory=list)  # images left out: no usable caption
+    # how `load_dataset` split the records: "file" (Karpathy), "lists" (Flickr8k's official
+    # lists beside the file) or "hash" (`split_images`); None before (`load_captions`)
+    split_source: Optional[str] = None
+    split_note: Optional[str] = None      # what `train` says about the split (lists or hash)
+    unlisted: list[str] = field(default_factory=list)  # left out: in none of the lists
 
     @property
     def refused_paths(self) -> int:
@@ -217,7 +232,7 @@ class _Collector:
                             f"captions, {len(refused)} refused image paths)")
         uncaptioned = sorted(k for k in self.uncaptioned if k not in self.records)
         return CaptionSet(self.path, fmt, records, self.skipped_empty, refused, has_split,
-                          uncaptioned)
+                          uncaptioned, "file" if has_split else None)
 
 
 # --------------------------------------------------------------------------- reading files
@@ -482,15 +497,16 @@ def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
     images = _get(obj, "images", list, path, "Karpathy split JSON")
     entries = {}                          # image id -> (index, image key) of its first entry
     ids = {}                              # image key -> (index, id field, id) of its first
-    read = {}                             # path as written -> its entries read so far
+    firsts = {}                           # image key -> (index, entry) of its first entry
     for i, image in enumerate(images):
         where = f"images[{i}]"
         raw_path = _karpathy_path(image, path, where)
+        key = safe_image_key(raw_path)    # None: refused and counted by `out`
+        first, entry = firsts.setdefault(key, (i, image)) if key else (i, image)
         # an exact repeat (files joined with an overlap) is one entry, as in COCO's `images`:
         # read twice, its captions weighed double in training and in CIDEr
-        if image in read.setdefault(raw_path, []):
+        if first != i and entry == image:
             continue
-        read[raw_path].append(image)
         split = _karpathy_split(image, path, where)
         sentences = _get(image, "sentences", list, path, where)
         captions = [_get(s, "raw", str, path, f"{where}.sentences[{k}]")
@@ -500,10 +516,24 @@ def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
         # an integer or a string, as COCO's `id` (a list or an object crashed the duplicate
         # check with a TypeError, and would have been the results file's image_id)
         image_id = i if id_field is None else _get(image, id_field, (int, str), path, where)
-        _check_karpathy_id(path, id_field, i, image_id, safe_image_key(raw_path), entries,
-                           ids)
+        _check_karpathy_id(path, id_field, i, image_id, key, entries, ids)
         out.add(raw_path, captions, where, split=split, image_id=image_id, objects=objects,
                 size=_image_size(image))
+        if first != i:  # after `out.add`, which names another split, objects or size
+            _refuse_second_entry(path, i, first, key, entry, image, id_field)
+
+
+def _refuse_second_entry(path: str, i: int, first: int, key: str, entry: dict, image: dict,
+                         id_field: Optional[str]) -> None:
+    """`images[i]` is another entry of the image of `images[first]` (`entry`), not an exact
+    repeat: refused, as COCO's parser refuses two different `images` entries of one id. Merged,
+    an image listed twice with its path spelled otherwise (`train2014/` and `train2014`) or
+    other `sentids` had each caption read twice, weighing double in training and in CIDEr."""
+    differ = sorted(k for k in {**entry, **image} if entry.get(k) != image.get(k))
+    ident = f" ({id_field} {image[id_field]!r})" if id_field else ""
+    raise UserError(f"{path}: images[{i}] and images[{first}] are both the image {key!r}{ident}, "
+                    f"but different entries (they differ in {', '.join(differ)}): its captions "
+                    f"would be read twice; list every image once, with all its captions")
 
 
 def _parse_flickr_token(path: str, text: str, out: _Collector) -> None:
@@ -594,30 +624,125 @@ def load_captions(path: str, format: str = "auto") -> CaptionSet:
     return captions
 
 
-def load_dataset(path: str, cfg: DataConfig) -> CaptionSet:
-    """Parse `path` and give every record a split: the file's own (Karpathy) or
-    `split_images` by image with `cfg`'s fractions and seed."""
+def load_dataset(path: str, cfg: DataConfig, lists: bool = True) -> CaptionSet:
+    """Parse `path` and give every record a split: the file's own (Karpathy), Flickr8k's
+    official lists beside a Flickr8k file (`read_split_lists`; not with `lists=False`: a run
+    split by image hash before keeps that split), else `split_images` by image with `cfg`'s
+    fractions and seed. `split_source` and `split_note` say which."""
     captions = load_captions(path, cfg.format)
     if captions.has_split:
+        return captions
+    official = read_split_lists(path) if lists and captions.format in LIST_FORMATS else None
+    if official is not None:
+        _split_by_lists(captions, official)
         return captions
     assignment = split_images((r.image for r in captions.records), cfg.val_fraction,
                               cfg.test_fraction, cfg.seed)
     for record in captions.records:
         record.split = assignment[record.image]
+    captions.split_source = "hash"
+    why = (f"Flickr8k's official lists {LISTS_GLOB} are not beside {path}"
+           if captions.format in LIST_FORMATS and not has_split_lists(path)
+           else f"{path} has no split of its own")
+    captions.split_note = (f"split by image hash (--val-fraction {cfg.val_fraction}, "
+                           f"--test-fraction {cfg.test_fraction}, --seed {cfg.seed}): {why}")
     return captions
+
+
+def _split_list_paths(captions_path: str) -> list[tuple[str, str]]:
+    """(split, path) of Flickr8k's official lists beside `captions_path`."""
+    folder = os.path.dirname(captions_path)
+    return [(split, os.path.join(folder, name)) for split, name in SPLIT_LISTS]
+
+
+def has_split_lists(captions_path: str) -> bool:
+    """Whether any of Flickr8k's official split lists lies beside `captions_path`."""
+    return any(os.path.lexists(p) for _, p in _split_list_paths(captions_path))
+
+
+def _read_list(path: str) -> str:
+    """A split list's text; unreadable is a UserError naming it."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except IsADirectoryError:
+        raise UserError(f"{path}: a folder, expected Flickr8k's split list (an image name a "
+                        f"line)") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read Flickr8k's split list ({e.strerror})") from None
+    return decode_utf8(path, raw)
+
+
+def read_split_lists(captions_path: str) -> Optional[dict[str, str]]:
+    """image key -> "train" / "val" / "test" from Flickr8k's official lists beside caption
+    file `captions_path` (`SPLIT_LISTS`: the dev list is the val split), or None when none of
+    them is there. Without them the README's Flickr8k run was split by image hash: the
+    official test and dev images trained on. Some of the lists only, a list that cannot be
+    read, or an image named in two lists are a UserError naming the file."""
+    paths = _split_list_paths(captions_path)
+    present = [os.path.lexists(p) for _, p in paths]
+    if not any(present):
+        return None
+    if not all(present):
+        missing = [p for (_, p), there in zip(paths, present) if not there]
+        found = [os.path.basename(p) for (_, p), there in zip(paths, present) if there]
+        raise UserError(f"{captions_path}: Flickr8k's official split lists beside it are "
+                        f"incomplete: {' and '.join(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} missing (only "
+                        f"{' and '.join(found)} {'is' if len(found) == 1 else 'are'} there); "
+                        f"put all three beside it, or move them away to split by image hash "
+                        f"(--val-fraction, --test-fraction)")
+    splits, where = {}, {}   # image key -> split, (list, line) naming it first
+    for split, path in paths:
+        for number, line in _lines(_read_list(path)):
+            name = line.strip()
+            if not name:
+                continue
+            key = safe_image_key(name) or name   # an unsafe name matches no record
+            if splits.setdefault(key, split) != split:
+                other, at = where[key]
+                raise UserError(f"{path}: line {number}: {name!r} is also in {other} (line "
+                                f"{at}): an image must be in one split; remove it from one "
+                                f"of the lists")
+            where.setdefault(key, (path, number))
+    return splits
+
+
+def _split_by_lists(captions: CaptionSet, official: dict[str, str]) -> None:
+    """Give `captions`' records the split of Flickr8k's `official` lists; the records in
+    none of them are left out (`unlisted`), said in `split_note`."""
+    listed = [r for r in captions.records if r.image in official]
+    if not listed:
+        raise UserError(f"{captions.path}: none of its {len(captions.records)} images is in "
+                        f"Flickr8k's official split lists beside it ({LISTS_GLOB}): the "
+                        f"lists of another dataset? Move them away to split by image hash")
+    captions.unlisted = [r.image for r in captions.records if r.image not in official]
+    for record in listed:
+        record.split = official[record.image]
+    captions.records, captions.split_source = listed, "lists"
+    names = [name for _, name in SPLIT_LISTS]
+    captions.split_note = (f"split by Flickr8k's official lists beside {captions.path} "
+                           f"({names[0]}, {names[1]} as val, {names[2]})")
+    if captions.unlisted:
+        captions.split_note += (f"; {len(captions.unlisted)} image(s) in none of them are "
+                                f"left out{_examples(captions.unlisted[:MAX_EXAMPLES])}")
 
 
 def refuse_unused_fractions(captions: CaptionSet, cfg: DataConfig) -> None:
     """--val-fraction / --test-fraction given for a caption file with its own split (Karpathy)
-    would be silently ignored: refused, by `train` and `inspect` alike, as a decoding flag
-    given to another method is."""
+    or split by Flickr8k's official lists beside it would be silently ignored: refused, by
+    `train` and `inspect` alike, as a decoding flag given to another method is."""
     given = sorted(cfg.given(("val_fraction", "test_fraction")))
-    if captions.has_split and given:
+    if captions.split_source in ("file", "lists") and given:
         flag, value = "--" + given[0].replace("_", "-"), getattr(cfg, given[0])
+        whose = (f"{captions.path} is a {captions.format} file whose images carry their "
+                 f"split" if captions.split_source == "file" else
+                 f"Flickr8k's official lists beside {captions.path} ({LISTS_GLOB}) give its "
+                 f"split")
+        undo = ("edit the file's splits" if captions.split_source == "file" else
+                "move the lists away to split by image hash")
         raise UserError(f"{flag} {value} splits files without a split of their own, but "
-                        f"{captions.path} is a {captions.format} file whose images carry their "
-                        f"split, which train uses: leave {flag} out (or edit the file's "
-                        f"splits)")
+                        f"{whose}, which train uses: leave {flag} out (or {undo})")
 
 
 def split_images(keys: Iterable[str], val_fraction: float, test_fraction: float,
@@ -759,17 +884,16 @@ def describe(captions_path: str, data_cfg: DataConfig, vocab_cfg: VocabConfig,
     captions = load_dataset(captions_path, data_cfg)
     refuse_unused_fractions(captions, data_cfg)   # as train does: its split would be shown
     words = {r.image: tokenize_all(r.captions) for r in captions.records}
-    split_source = "file" if captions.has_split else (
-        f"by image hash (val {data_cfg.val_fraction}, test {data_cfg.test_fraction}, "
-        f"seed {data_cfg.seed})")
     return {
         "file": captions_path,
         "format": captions.format,
         "images": len(captions.records),
         "captions": captions.num_captions,
         "splits": {s: len(captions.split(s)) for s in SPLITS},
-        "split_source": split_source,
+        "split_source": _split_source(captions, data_cfg),
         "skipped_empty_captions": captions.skipped_empty,
+        "unlisted_images": {"count": len(captions.unlisted),
+                            "examples": captions.unlisted[:MAX_EXAMPLES]},
         "uncaptioned_images": {"count": len(captions.uncaptioned),
                                "examples": captions.uncaptioned[:MAX_EXAMPLES]},
         "refused_paths": {"count": captions.refused_paths,
@@ -778,6 +902,20 @@ def describe(captions_path: str, data_cfg: DataConfig, vocab_cfg: VocabConfig,
         "vocab_size": _vocab_size(captions, words, vocab_cfg),
         "caption_length": _caption_lengths(words),
     }
+
+
+def _split_source(captions: CaptionSet, cfg: DataConfig) -> str:
+    """How `describe` says the records were split (after "split ")."""
+    if captions.split_source == "file":
+        return "file"
+    if captions.split_source == "lists":
+        n = len(captions.unlisted)
+        return (f"by Flickr8k's official lists {LISTS_GLOB} beside the file"
+                + (f"; {n} image{'' if n == 1 else 's'} in none of them left out"
+                   f"{_examples(captions.unlisted[:MAX_EXAMPLES])}" if n else ""))
+    return (f"by image hash (val {cfg.val_fraction}, test {cfg.test_fraction}, seed "
+            f"{cfg.seed})" + (f": Flickr8k's official lists {LISTS_GLOB} are not beside the "
+                              f"file" if captions.format in LIST_FORMATS else ""))
 
 
 def _examples(items: list[str]) -> str:

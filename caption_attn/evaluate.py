@@ -88,7 +88,9 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
                   "there flatter it" for s in ("test", "val", "train") if splits.get(s)]
         raise UserError(f"the run's {split} split is empty ({run.split}): nothing to "
                         f"evaluate; choose another with --split ({'; '.join(others)})")
-    records = {r.image: r for r in data.load_dataset(captions, run_cfg.data).records}
+    # split as the run was: a run split by image hash keeps every image, lists beside or not
+    records = {r.image: r for r in data.load_dataset(captions, run_cfg.data,
+                                                      lists=run.split_by_lists()).records}
     manifest = read_manifest(cache)
     run.check_cache(cache, manifest)
     reader = pipeline.NpyReader.from_manifest(manifest)

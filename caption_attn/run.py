@@ -395,6 +395,12 @@ class RunFolder:
         recorded = self._split_field("caption_data")
         return recorded if isinstance(recorded, dict) and recorded.get("sha256") else None
 
+    def split_by_lists(self) -> bool:
+        """Whether the run was split by Flickr8k's official lists beside its caption file
+        (split.json's `split_source`): a run split by image hash (or made before the lists
+        were read, when every Flickr8k run was) keeps that split, lists or not."""
+        return self._split_field("split_source") == "lists"
+
     def image_digests(self) -> dict:
         """image key -> digest of the image its training-time features were extracted from
         (`feature_cache.usable_features`' image_digests, recorded in split.json at every start

@@ -1033,6 +1033,8 @@ def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
     if d.skipped_captions:
         trainer.log(f"skipped {d.skipped_captions} captions of {d.skipped_images} images "
                     f"without usable features: {d.problems}")
+    if d.split_note:
+        trainer.log("note: " + d.split_note)
     if d.refused_note:
         trainer.log("note: " + d.refused_note)
     if d.empty_note:

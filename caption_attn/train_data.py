@@ -50,6 +50,8 @@ class TrainData:
     refused_note: Optional[str] = None    # the caption file's refused image paths
     empty_note: Optional[str] = None      # its empty captions, images left without one
     truncated_val: int = 0        # val captions cut the same way (val_loss is measured on them)
+    split_source: Optional[str] = None    # "file", "lists" or "hash" (`data.CaptionSet`)
+    split_note: Optional[str] = None      # what train says about the split
 
     def items(self, split: str) -> tuple[list[str], list[list[int]]]:
         """(feature path, token ids) of every caption of `split`, one pair per caption."""
@@ -67,6 +69,7 @@ class TrainData:
         is still checked when its features come back."""
         write_json_atomic(run.split, {"captions": os.path.abspath(captions),
                                       "format": self.format, "splits": self.splits,
+                                      "split_source": self.split_source,
                                       "splits_sha256": splits_digest(self.splits),
                                       "cache_identity": feature_cache.cache_identity(
                                           self.manifest),
@@ -101,9 +104,13 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     if reuse:
         run.check_cache(cfg.cache, manifest)
     reader = pipeline.NpyReader.from_manifest(manifest)
-    captions = data_lib.load_dataset(cfg.captions, cfg.data)
-    if reuse and os.path.exists(run.split):
+    resumed = reuse and os.path.exists(run.split)
+    captions = data_lib.load_dataset(cfg.captions, cfg.data,
+                                     lists=run.split_by_lists() if resumed else True)
+    split_note = captions.split_note
+    if resumed:
         splits = run.load_splits()
+        split_note = _resumed_split_note(run, cfg.captions, captions) or split_note
     else:
         data_lib.refuse_unused_fractions(captions, cfg.data)
         splits = {s: sorted(r.image for r in captions.split(s)) for s in data_lib.SPLITS}
@@ -147,7 +154,29 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
                      feature_cache.describe_problems(problems, cfg.cache) if problems else "",
                      fingerprint, dict(sorted(digests.items())), problems, truncated,
                      recorded_digests, captions.refused_note(), captions.empty_note(),
-                     truncated_val)
+                     truncated_val, captions.split_source, split_note)
+
+
+def _resumed_split_note(run: RunFolder, path: str,
+                        captions: data_lib.CaptionSet) -> Optional[str]:
+    """On resume, the run keeps the split it was made with: split by image hash (or made
+    before Flickr8k's official lists were read), it was loaded so (`split_by_lists`), and with
+    the lists beside the caption file now, that is said (None when nothing needs saying).
+    Split by the lists, which are gone now, it is refused: split by image hash, its captions
+    would differ from the recorded ones only in their split, a refusal that said "restore the
+    file's earlier captions"."""
+    if run.split_by_lists() and captions.split_source != "lists":
+        raise UserError(f"{run.path} was split by Flickr8k's official lists "
+                        f"{data_lib.LISTS_GLOB} beside its caption file, but they are not "
+                        f"beside {path} now: put them back beside it, or add --fresh to start "
+                        f"this run over split by image hash")
+    if captions.split_source == "hash" and captions.format in data_lib.LIST_FORMATS and \
+            data_lib.has_split_lists(path):
+        return (f"{run.path} keeps the split by image hash it was made with ({run.split}); "
+                f"Flickr8k's official lists {data_lib.LISTS_GLOB} beside {path} split a new "
+                f"run: add --fresh to train on them (most of their test and dev images are "
+                f"in this run's train split)")
+    return None
 
 
 

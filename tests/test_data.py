@@ -299,13 +299,28 @@ def test_karpathy_objects_that_are_no_ground_truth_are_refused(tmp_path, objects
         data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
 
 
-def test_karpathy_image_listed_twice_merges_captions_when_nothing_conflicts(tmp_path):
+@pytest.mark.parametrize("change, differ", [
+    (lambda e: e.update(filepath="train2014/"), "filepath"),     # the path spelled otherwise
+    (lambda e: e.update(sentids=[5, 6]), "sentids"),
+    (lambda e: e.update(sentences=[{"raw": "again"}]), "sentences")])
+def test_karpathy_image_in_two_different_entries_is_refused_naming_both(
+        tmp_path, change, differ):
+    """One image in two entries that differ only in the spelling of its path or in `sentids`
+    (files joined with an overlap, one of them rewritten) had its captions read twice,
+    weighing double in training and in CIDEr (`inspect` counted 160 captions of 150). As
+    COCO's parser refuses two different `images` entries of one id, so is a second entry of
+    one image that is not an exact repeat (which is read once)."""
     images = karpathy_images()
-    images[0]["objects"] = [{"color": "red", "shape": "circle", "bbox": [0, 0, 9, 9]}]
-    images.append({"filename": "a.jpg", "split": "train", "sentences": [{"raw": "again"}]})
-    captions = data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
-    assert captions.records[0].captions == EXPECTED["a.jpg"] + ["again"]
-    assert captions.records[0].objects == images[0]["objects"]
+    for i, image in enumerate(images):
+        image.update(filepath="train2014", cocoid=100 + i, sentids=[0, 1])
+    images.insert(2, dict(images[0]))
+    change(images[2])
+    with pytest.raises(UserError) as e:
+        data.load_captions(write(tmp_path, "k.json", karpathy_text(images)))
+    assert str(e.value) == (
+        f"{tmp_path / 'k.json'}: images[2] and images[0] are both the image "
+        f"'train2014/a.jpg' (cocoid 100), but different entries (they differ in {differ}): "
+        f"its captions would be read twice; list every image once, with all its captions")
 
 
 # --------------------------------------------------------------------------- splits
@@ -350,6 +365,107 @@ def test_bad_fractions_are_a_user_error(tmp_path):
     path = write(tmp_path, "t.txt", token_text())
     with pytest.raises(UserError, match="val_fraction"):
         data.load_dataset(path, DataConfig(val_fraction=0.6, test_fraction=0.5))
+
+
+# --------------------------------------------------------------------------- Flickr8k's lists
+LISTS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+         "test": "Flickr_8k.testImages.txt"}
+
+
+def flickr8k_folder(tmp_path, fmt="flickr-token", lists=True, n_images=40):
+    """A Flickr8k caption file of `n_images` images whose official lists (with `lists`) put
+    the first 30 images in train, 5 in dev (val), 5 in test, and the rest in none."""
+    entries = many_entries(n_images, per_image=2)
+    path = write(tmp_path, "Flickr8k.token.txt" if fmt == "flickr-token" else "captions.txt",
+                 token_text(entries) if fmt == "flickr-token" else csv_text(entries))
+    official = {"train": range(0, 30), "val": range(30, 35), "test": range(35, 40)}
+    for split, name in LISTS.items():
+        if lists:
+            write(tmp_path, name, "".join(f"img{i:04d}.jpg\n" for i in official[split]),
+                  crlf=split == "val")
+    return path, {f"img{i:04d}.jpg": s for s, r in official.items() for i in r}
+
+
+@pytest.mark.parametrize("fmt", ["flickr-token", "flickr-csv"])
+def test_flickr8k_official_lists_beside_the_file_are_its_split(tmp_path, fmt):
+    """The README's Flickr8k line trained on Flickr8k.token.txt with a split by image hash:
+    the official test and dev images were trained on, and images in none of the lists (92 in
+    the real file) too, without a word. The lists beside the file now give the split; the
+    images in none of them are left out with a note; --val-fraction is refused as for a
+    Karpathy file, whose split is its own."""
+    path, official = flickr8k_folder(tmp_path, fmt, n_images=43)
+    captions = data.load_dataset(path, DataConfig())
+    assert split_of(captions) == official                     # img0040-42 left out
+    assert captions.split_source == "lists" and captions.unlisted == [
+        "img0040.jpg", "img0041.jpg", "img0042.jpg"]
+    assert captions.split_note == (
+        f"split by Flickr8k's official lists beside {path} (Flickr_8k.trainImages.txt, "
+        f"Flickr_8k.devImages.txt as val, Flickr_8k.testImages.txt); 3 image(s) in none of "
+        f"them are left out (e.g. 'img0040.jpg', 'img0041.jpg', 'img0042.jpg')")
+    with pytest.raises(UserError, match=r"^--val-fraction 0.2 splits files without a split of "
+                                        r"their own, but Flickr8k's official lists beside "):
+        data.refuse_unused_fractions(captions, DataConfig(val_fraction=0.2))
+    stats = data.describe(path, DataConfig(), VocabConfig())
+    assert stats["splits"] == {"train": 30, "val": 5, "test": 5} and stats["images"] == 40
+    assert stats["unlisted_images"] == {"count": 3, "examples": [
+        "img0040.jpg", "img0041.jpg", "img0042.jpg"]}
+    assert ("(split by Flickr8k's official lists Flickr_8k.*Images.txt beside the file; 3 "
+            "images in none of them left out (e.g. 'img0040.jpg', 'img0041.jpg', "
+            "'img0042.jpg'))") in data.format_description(stats)
+    # a run split by image hash before keeps it (`lists=False`): every image, as then
+    hashed = data.load_dataset(path, DataConfig(), lists=False)
+    assert hashed.split_source == "hash" and len(hashed.records) == 43
+
+
+def test_without_flickr8k_lists_the_split_by_image_hash_is_said(tmp_path):
+    path, _ = flickr8k_folder(tmp_path, lists=False)
+    captions = data.load_dataset(path, DataConfig())
+    assert captions.split_source == "hash" and len(captions.records) == 40
+    assert captions.split_note == (
+        f"split by image hash (--val-fraction 0.05, --test-fraction 0.05, --seed 0): "
+        f"Flickr8k's official lists Flickr_8k.*Images.txt are not beside {path}")
+    assert data.describe(path, DataConfig(), VocabConfig())["split_source"] == (
+        "by image hash (val 0.05, test 0.05, seed 0): Flickr8k's official lists "
+        "Flickr_8k.*Images.txt are not beside the file")
+    coco = data.load_dataset(write(tmp_path, "c.json", coco_text()), DataConfig())
+    assert coco.split_note == (f"split by image hash (--val-fraction 0.05, --test-fraction "
+                               f"0.05, --seed 0): {tmp_path / 'c.json'} has no split of its own")
+
+
+def test_flickr8k_lists_that_cannot_split_are_refused_naming_the_file(tmp_path):
+    path, _ = flickr8k_folder(tmp_path)
+    os.remove(tmp_path / LISTS["val"])
+    os.remove(tmp_path / LISTS["test"])
+    with pytest.raises(UserError) as e:
+        data.load_dataset(path, DataConfig())
+    assert str(e.value) == (
+        f"{path}: Flickr8k's official split lists beside it are incomplete: "
+        f"{tmp_path / LISTS['val']} and {tmp_path / LISTS['test']} are missing (only "
+        f"Flickr_8k.trainImages.txt is there); put all three beside it, or move them away "
+        f"to split by image hash (--val-fraction, --test-fraction)")
+    (tmp_path / LISTS["val"]).write_text("img0030.jpg\n")
+    (tmp_path / LISTS["test"]).write_text("img0035.jpg\n\nimg0003.jpg\n")   # also in train
+    with pytest.raises(UserError) as e:
+        data.load_dataset(path, DataConfig())
+    assert str(e.value) == (
+        f"{tmp_path / LISTS['test']}: line 3: 'img0003.jpg' is also in "
+        f"{tmp_path / LISTS['train']} (line 4): an image must be in one split; remove it from "
+        f"one of the lists")
+    (tmp_path / LISTS["test"]).write_bytes(b"img0035.jpg\n\xe9t\xe9.jpg\n")   # Latin-1
+    with pytest.raises(UserError, match=r"^.*Flickr_8k\.testImages\.txt: not valid UTF-8 "):
+        data.load_dataset(path, DataConfig())
+    os.remove(tmp_path / LISTS["test"])
+    os.mkdir(tmp_path / LISTS["test"])
+    with pytest.raises(UserError, match=r"^.*Flickr_8k\.testImages\.txt: a folder, expected "
+                                        r"Flickr8k's split list"):
+        data.load_dataset(path, DataConfig())
+    # the lists of another dataset name none of the file's images
+    for split, name in LISTS.items():
+        os.rmdir(tmp_path / name) if split == "test" else None
+        (tmp_path / name).write_text(f"other_{split}.jpg\n")
+    with pytest.raises(UserError, match=r"none of its 40 images is in Flickr8k's official "
+                                        r"split lists beside it"):
+        data.load_dataset(path, DataConfig())
 
 
 # --------------------------------------------------------------------------- bad input
@@ -525,7 +641,7 @@ def test_karpathy_imgid_given_to_two_images_is_refused_naming_both(tmp_path):
     assert [r.image_id for r in data.load_captions(
         write(tmp_path, "k.json", karpathy_text(images))).records] == \
         [100 + i for i in range(len(images))]
-    images.append(dict(images[0], sentences=[{"raw": "one more"}]))   # one image twice: fine
+    images.append(dict(images[0]))                  # one image twice, exactly: read once
     assert len(data.load_captions(write(tmp_path, "k.json", karpathy_text(images))).records) \
         == len(images) - 1
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import re
@@ -614,3 +615,28 @@ def test_split_images_missing_from_the_captions_are_noted_for_a_run_without_capt
     assert metrics["notes"][0] == (
         f"1 of the {len(test_keys)} images of the run's test split is not in {other} "
         f"(e.g. {test_keys[0]!r}): scored the other {len(test_keys) - 1}")
+
+
+def test_a_run_split_by_image_hash_is_scored_on_its_whole_split_with_flickr8k_lists_beside(
+        shapes_data, tmp_path):
+    """A Flickr8k run split by image hash (made before the official lists were read) and
+    evaluated with the lists beside its caption file: the images in none of the lists were
+    left out of the references, and its test images among them were "removed" from the
+    split (scored on fewer, a note blaming the caption file). Read as the run was split, its
+    whole test split is scored."""
+    from caption_attn import train
+    from test_train import flickr8k_like, small_config
+
+    captions = flickr8k_like(shapes_data, str(tmp_path), lists=False)
+    cfg = dataclasses.replace(small_config(shapes_data, epochs=1), captions=captions)
+    run = RunFolder(str(tmp_path / "run"))
+    train.open_run(run.path, cfg)
+    data = train.load_train_data(cfg, run.path)
+    data.fix_in(run, captions)
+    test = data.splits["test"]
+    for split, name in (("train", "Flickr_8k.trainImages.txt"),
+                        ("val", "Flickr_8k.devImages.txt"), ("test", "Flickr_8k.testImages.txt")):
+        with open(tmp_path / name, "w") as f:   # the lists name every image but test[0]
+            f.writelines(f"{k}\n" for k in data.splits[split] if k != test[0])
+    found = evaluate._load_split(run.path, "test", cfg, shapes_data["cache"], captions)
+    assert found.keys == test and found.references_note == ""

@@ -1676,3 +1676,77 @@ def test_xla_and_a_step_larger_than_the_train_images_are_told_as_they_are(shapes
     trainer.inputs.images_per_step = 3
     train._describe(trainer, False, 0)
     assert "self-critical after epoch 1 (" in logs[0] and "of 2 images x 5 samples)" in logs[0]
+
+
+def flickr8k_like(shapes_data, folder, lists=True) -> str:
+    """The shapes dataset as a Flickr8k token file in `folder`, with (`lists`) Flickr8k's
+    official lists beside it: captions.json's split, one train image in none of them."""
+    with open(shapes_data["captions"]) as f:
+        images = json.load(f)["images"]
+    path = os.path.join(folder, "Flickr8k.token.txt")
+    with open(path, "w") as f:
+        f.writelines(f"{i['filename']}#{k}\t{s['raw']}\n" for i in images
+                     for k, s in enumerate(i["sentences"]))
+    for split, name in (("train", "Flickr_8k.trainImages.txt"),
+                        ("val", "Flickr_8k.devImages.txt"), ("test", "Flickr_8k.testImages.txt")):
+        if lists:
+            names = [i["filename"] for i in images if i["split"] == split]
+            with open(os.path.join(folder, name), "w") as f:
+                f.writelines(f"{n}\n" for n in names[1 if split == "train" else 0:])
+    return path
+
+
+def test_a_run_split_by_image_hash_keeps_its_split_when_flickr8k_lists_appear(
+        shapes_data, tmp_path):
+    """Flickr8k's official lists now split a Flickr8k file. A run made before (split by image
+    hash, as every Flickr8k run was) resumed with the lists beside its file must not change
+    split under its weights (its captions now looked other: "N images are in another split",
+    refused with "restore the file's earlier captions"): it keeps its split, with a note; with
+    --fresh it is split by the lists. A run split by the lists whose lists are gone is refused,
+    saying so."""
+    captions = flickr8k_like(shapes_data, str(tmp_path), lists=False)
+    cfg = dataclasses.replace(small_config(shapes_data, epochs=1), captions=captions)
+    run = RunFolder(str(tmp_path / "run"))
+    train.open_run(run.path, cfg)
+    data = train.load_train_data(cfg, run.path)
+    assert data.split_source == "hash" and data.split_note.startswith("split by image hash")
+    data.fix_in(run, captions)
+    with open(run.split) as f:
+        split = json.load(f)
+    del split["split_source"]                  # a run made before split.json recorded it
+    with open(run.split, "w") as f:
+        json.dump(split, f)
+    flickr8k_like(shapes_data, str(tmp_path))                  # the lists appear
+    resumed = train.load_train_data(cfg, run.path)
+    assert resumed.splits == data.splits and resumed.split_source == "hash"
+    assert resumed.split_note == (
+        f"{run.path} keeps the split by image hash it was made with ({run.split}); "
+        f"Flickr8k's official lists Flickr_8k.*Images.txt beside {captions} split a new run: "
+        f"add --fresh to train on them (most of their test and dev images are in this run's "
+        f"train split)")
+    logged = []
+    train._describe(types.SimpleNamespace(
+        data=resumed, cfg=cfg, log=logged.append,
+        strategy=types.SimpleNamespace(num_replicas_in_sync=1),
+        inputs=types.SimpleNamespace(items={s: resumed.items(s) for s in ("train", "val")},
+                                     train_images=[], steps_per_epoch=1, table=None)),
+        True, 1)
+    assert "note: " + resumed.split_note in logged
+    fresh = train.load_train_data(cfg, run.path, reuse=False)   # --fresh
+    assert fresh.split_source == "lists" and fresh.splits != data.splits
+    with open(tmp_path / "Flickr_8k.testImages.txt") as f:
+        assert fresh.splits["test"] == sorted(f.read().split())
+    # the train image in none of the lists is left out
+    assert sum(map(len, fresh.splits.values())) == sum(map(len, data.splits.values())) - 1
+    fresh.fix_in(run, captions)
+    assert RunFolder(run.path).split_by_lists()
+    assert train.load_train_data(cfg, run.path).splits == fresh.splits
+    os.remove(tmp_path / "Flickr_8k.trainImages.txt")
+    os.remove(tmp_path / "Flickr_8k.devImages.txt")
+    os.remove(tmp_path / "Flickr_8k.testImages.txt")
+    with pytest.raises(UserError) as e:
+        train.load_train_data(cfg, run.path)
+    assert str(e.value) == (
+        f"{run.path} was split by Flickr8k's official lists Flickr_8k.*Images.txt beside its "
+        f"caption file, but they are not beside {captions} now: put them back beside it, or "
+        f"add --fresh to start this run over split by image hash")

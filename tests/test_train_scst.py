@@ -14,7 +14,9 @@ from caption_attn.config import DataConfig, ModelConfig, RunConfig, TrainConfig,
 
 def _config(shapes_data, **options) -> RunConfig:
     base = dict(epochs=1, batch_size=16, learning_rate=1e-2, patience=10, sample_images=1,
-                bleu_images=8, scst_samples=3, scst_learning_rate=1e-3)
+                bleu_images=8)
+    if options.get("scst_after") is not None:   # else refused: they would change nothing
+        base.update(scst_samples=3, scst_learning_rate=1e-3)
     base.update(options)
     return RunConfig(captions=shapes_data["captions"], cache=shapes_data["cache"],
                      data=DataConfig(seed=1), vocab=VocabConfig(max_length=20),

@@ -728,11 +728,15 @@ def _split_by_lists(captions: CaptionSet, official: dict[str, str]) -> None:
                                 f"left out{_examples(captions.unlisted[:MAX_EXAMPLES])}")
 
 
-def refuse_unused_fractions(captions: CaptionSet, cfg: DataConfig) -> None:
+def refuse_unused_fractions(captions: CaptionSet, cfg: DataConfig,
+                            seed_splits_only: bool = False) -> None:
     """--val-fraction / --test-fraction given for a caption file with its own split (Karpathy)
     or split by Flickr8k's official lists beside it would be silently ignored: refused, by
-    `train` and `inspect` alike, as a decoding flag given to another method is."""
-    given = sorted(cfg.given(("val_fraction", "test_fraction")))
+    `train` and `inspect` alike, as a decoding flag given to another method is. So is
+    --seed where it only seeds the split (`seed_splits_only`: `inspect`; train's seeds the
+    model's initialisation, shuffling and dropout too)."""
+    names = ("val_fraction", "test_fraction") + (("seed",) if seed_splits_only else ())
+    given = sorted(cfg.given(names))
     if captions.split_source in ("file", "lists") and given:
         flag, value = "--" + given[0].replace("_", "-"), getattr(cfg, given[0])
         whose = (f"{captions.path} is a {captions.format} file whose images carry their "
@@ -741,7 +745,8 @@ def refuse_unused_fractions(captions: CaptionSet, cfg: DataConfig) -> None:
                  f"split")
         undo = ("edit the file's splits" if captions.split_source == "file" else
                 "move the lists away to split by image hash")
-        raise UserError(f"{flag} {value} splits files without a split of their own, but "
+        does = "seeds (in inspect, only) the split of" if given[0] == "seed" else "splits"
+        raise UserError(f"{flag} {value} {does} files without a split of their own, but "
                         f"{whose}, which train uses: leave {flag} out (or {undo})")
 
 
@@ -882,7 +887,8 @@ def describe(captions_path: str, data_cfg: DataConfig, vocab_cfg: VocabConfig,
     from caption_attn.vocab import tokenize_all
 
     captions = load_dataset(captions_path, data_cfg)
-    refuse_unused_fractions(captions, data_cfg)   # as train does: its split would be shown
+    refuse_unused_fractions(captions, data_cfg,   # as train does: its split would be shown
+                            seed_splits_only=True)
     words = {r.image: tokenize_all(r.captions) for r in captions.records}
     return {
         "file": captions_path,

@@ -78,8 +78,11 @@ def test_inspect_refuses_split_fractions_for_a_file_with_its_own_split(tmp_path,
         f"--val-fraction out (or edit the file's splits)")
     assert cli.main(["inspect", "--captions", str(path), "--test-fraction", "0.1"]) == 2
     assert "--test-fraction 0.1 splits files without" in capsys.readouterr().err
-    assert cli.main(["inspect", "--captions", str(path), "--seed", "3"]) == 0
-    capsys.readouterr()
+    # inspect's --seed seeds nothing but the split (train's seeds its model too): it was
+    # ignored here, exit 0
+    assert cli.main(["inspect", "--captions", str(path), "--seed", "3"]) == 2
+    assert "--seed 3 seeds (in inspect, only) the split of files without a split of their " \
+        "own" in capsys.readouterr().err
     # typed with its default value it was taken for a flag not given (and ignored)
     for flag, value in (("--val-fraction", C.DataConfig.val_fraction),
                         ("--test-fraction", C.DataConfig.test_fraction)):

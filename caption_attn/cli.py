@@ -297,8 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, metavar="DIR",
                    help="run folder, e.g. models/coco_baseline")
     p.add_argument("--images", metavar="DIR",
-                   help="images folder, only for the attention heatmaps (default: the one "
-                        "recorded in the cache manifest); must exist")
+                   help="images folder of the caption file: the attention heatmaps are "
+                        "drawn from it, and the features' source images are checked in it "
+                        "(images of other content are left out as changed) (default: the one "
+                        "the cache was last extracted from, recorded in its manifest); must "
+                        "exist")
     add_config_args(p, C.DataConfig)
     add_config_args(p, C.VocabConfig)
     add_config_args(p, C.ModelConfig)

@@ -285,6 +285,10 @@ class ExtractConfig(Config):
                        "ones")
     strict: bool = opt(False, "exit non-zero if any image failed")
     workers: int = opt(0, "image decoding threads (0: one per CPU core)", check=integer(0))
+    replace_other_images: bool = opt(False, "extract images of --images whose same-named "
+                                     "images of another folder this cache holds features of "
+                                     "(refused without it: their features would be replaced, "
+                                     "under the runs trained on them)")
 
     def check_together(self) -> None:
         if self.shard_index >= self.num_shards:

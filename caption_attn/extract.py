@@ -248,6 +248,8 @@ class _Plan(NamedTuple):
     todo: list[str]            # keys to extract: no file, or `redo`
     redo: dict[str, str]       # key -> why its existing feature file is extracted again
     reindexed: int             # images with a new mtime but the same bytes (entry refreshed)
+    others: dict[str, str]     # key of `redo` -> the other images folder whose image of that
+                               # name (as it is now) its features are of
 
 
 _UNREADABLE = ""   # `_image_sha256` of an image that exists but cannot be read
@@ -304,7 +306,47 @@ def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: 
             reindexed += 1
     done = [k for k in kept if k not in redo]
     todo = [k for k in keys if k in redo or checks[k].reason == "missing"]
-    return _Plan(done, todo, redo, reindexed)
+    others = _of_other_folders({k: checks[k].entry for k, r in redo.items()
+                                if r.startswith(IMAGE_CHANGED)}, manifest, images_dir)
+    return _Plan(done, todo, redo, reindexed, others)
+
+
+def _of_other_folders(entries: dict, manifest: dict, images_dir: str) -> dict[str, str]:
+    """{key: FOLDER} for the feature files about to be extracted again because this folder's
+    image changed (`entries`: their index entries) that are the features of FOLDER/key as it
+    is now, FOLDER another images folder the cache was extracted from (the newest first):
+    same name, other content, and extracting would replace that folder's features."""
+    folders = []
+    for folder in reversed(feature_cache.images_folders(manifest)):
+        with contextlib.suppress(OSError):
+            if os.path.isdir(folder) and not os.path.samefile(folder, images_dir):
+                folders.append(folder)
+    found = {}
+    for key, entry in entries.items():
+        for folder in folders:
+            with contextlib.suppress(OSError):
+                if entry.matches_image(os.stat(os.path.join(folder, key))):
+                    found[key] = folder
+                    break
+    return found
+
+
+def _refuse_replacing(images_dir: str, others: dict[str, str]) -> UserError:
+    """The refusal of an extraction that would replace the features of another folder's
+    same-named images: they stood in for that folder's images without a word (a note after
+    the fact was all), for every run on its captions (`train` checks the cache's last
+    --images, this folder from then on)."""
+    by_folder = collections.Counter(others.values())
+    folder, n = by_folder.most_common(1)[0]
+    example = next(k for k, f in others.items() if f == folder)
+    more = f" (and {len(others) - n} of other folders)" if len(others) > n else ""
+    return UserError(
+        f"--images {images_dir}: {n} of its images{more} have the names of images of "
+        f"{folder} whose features this cache holds, with other content (e.g. "
+        f"{one_line(example)}): extracting would replace those features, and runs on "
+        f"{folder}'s captions would train on or be scored against these images. A cache holds "
+        f"one feature file per image path: extract this dataset into another --cache (one "
+        f"per dataset), or, if these images are to replace those, add --replace-other-images")
 
 
 def _extract_with_progress(backbone: Backbone, images_dir: str, todo: list[str],
@@ -336,8 +378,9 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     removed}, changed_images (of
     them, because the source image changed), reindexed (images with a new mtime but the same
     bytes), failed, failures {key: reason}, seconds, images_per_s, cache, manifest,
-    failed_file, count, feature_scale, stale_temp_removed, previous_images_dir (the cache's
-    last images folder, when images changed because they come from another one), exit_code (1
+    failed_file, count, feature_scale, stale_temp_removed, replaced_others {key: the other
+    images folder whose same-named image's features were replaced, with
+    `cfg.replace_other_images`}, exit_code (1
     when `cfg.strict` and something failed, or when nothing could be extracted) and message.
     """
     start = time.monotonic()
@@ -365,6 +408,8 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     index = SegmentWriter(cache)
     try:
         plan = _plan(cache, mine, manifest, images_dir, cfg.verify, workers, index)
+        if plan.others and not cfg.replace_other_images:
+            raise _refuse_replacing(images_dir, plan.others)
         if busy is not None and plan.redo:   # rewritten, or removed if the image fails
             raise busy
         if backbone is None and plan.todo:  # a random backbone's cache: its saved weights
@@ -403,23 +448,10 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
         "count": count, "dtype": cfg.dtype, "weights": manifest["weights"],
         "feature_scale": manifest["feature_scale"], "stale_temp_removed": stale,
         "shard": f"{cfg.shard_index}/{cfg.num_shards}",
-        "previous_images_dir": _previous_images_dir(manifest, images_dir)
-        if any(plan.redo[k].startswith(IMAGE_CHANGED) for k in rewritten) else None,
+        "replaced_others": {k: f for k, f in plan.others.items() if k in rewritten},
     }
     summary["exit_code"], summary["message"] = _exit_status(summary, cfg.strict)
     return summary
-
-
-def _previous_images_dir(manifest: dict, images_dir: str) -> Optional[str]:
-    """The images folder the cache was last extracted from when it still exists and is not
-    `images_dir`: its images' features were replaced by same-named ones from here."""
-    previous = manifest.get("images_dir")
-    try:
-        if previous and os.path.isdir(previous) and not os.path.samefile(previous, images_dir):
-            return previous
-    except OSError:
-        pass
-    return None
 
 
 def _exit_status(s: dict, strict: bool) -> tuple[int, str]:
@@ -457,12 +489,14 @@ def format_summary(summary: dict) -> str:
         shown = list(s["invalid"].items())[:3]
         lines.append("extracted again: " + _listed(shown)
                      + (" ..." if len(s["invalid"]) > len(shown) else ""))
-    if s.get("previous_images_dir"):
-        lines.append(f"note: {s['changed_images']} of these images had been extracted from "
-                     f"{s['previous_images_dir']} (the cache's last --images): same path, other "
-                     f"content, so their features are now this folder's. A cache holds one "
-                     f"feature file per image path: extract another dataset into another "
-                     f"--cache")
+    if s.get("replaced_others"):
+        folders = sorted(set(s["replaced_others"].values()))
+        lines.append(f"note: {len(s['replaced_others'])} of these images had been extracted "
+                     f"from {', '.join(folders)} (--replace-other-images): same path, other "
+                     f"content, so their features are now this folder's: give `train` "
+                     f"--images {folders[0]} for a run on that folder's captions (it then "
+                     f"leaves these images out as changed). A cache holds one feature file "
+                     f"per image path: extract another dataset into another --cache")
     if s["stale_removed"]:
         shown = list(s["stale_removed"].items())[:3]
         lines.append(f"removed {len(s['stale_removed'])} outdated feature file(s) whose image "

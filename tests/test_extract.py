@@ -215,20 +215,39 @@ def test_changed_images_are_extracted_again(images, extracted, cache_copy, tmp_p
     assert problems == {}
 
 
-def test_same_names_from_another_images_folder_say_so(images, cache_copy, tmp_path):
-    """Extracting a second dataset into a cache replaces the features of its same-named images
-    (one file per image path); the summary said only "source image changed since extraction"
-    while the first folder's images had not changed at all."""
+def test_same_names_from_another_images_folder_are_refused(images, cache_copy, tmp_path):
+    """Extracting a second dataset into a cache replaced the features of its same-named images
+    (one file per image path) with a note after the fact, and every run on the first folder's
+    captions then trained on the second's features. Refused now, before anything is written,
+    naming the folder; --replace-other-images replaces them (with the note), and the images
+    of a folder no other holds, or the same folder again, are extracted as before."""
     other = tmp_path / "other"
     write_rgb(str(other / "a.jpg"), scene(33))
     write_rgb(str(other / "new.jpg"), scene(34))
+    before = {n: os.stat(os.path.join(cache_copy, n)).st_mtime_ns
+              for n in os.listdir(cache_copy) if n.endswith(".npy")}
+    with pytest.raises(UserError) as e:
+        extract_features(str(other), extract_cfg(cache_copy), progress=False)
+    assert str(e.value) == (
+        f"--images {other}: 1 of its images have the names of images of {images} whose "
+        f"features this cache holds, with other content (e.g. a.jpg): extracting would "
+        f"replace those features, and runs on {images}'s captions would train on or be scored "
+        f"against these images. A cache holds one feature file per image path: extract this "
+        f"dataset into another --cache (one per dataset), or, if these images are to replace "
+        f"those, add --replace-other-images")
+    assert {n: os.stat(os.path.join(cache_copy, n)).st_mtime_ns for n in os.listdir(cache_copy)
+            if n.endswith(".npy")} == before
+    summary = extract_features(str(other), extract_cfg(cache_copy, replace_other_images=True),
+                               progress=False)
+    assert summary["changed_images"] == 1 and summary["replaced_others"] == {"a.jpg": images}
+    assert (f"note: 1 of these images had been extracted from {images} "
+            f"(--replace-other-images): same path, other content" in format_summary(summary))
+    assert read_manifest(cache_copy)["images_dirs"] == [images, str(other)]
     summary = extract_features(str(other), extract_cfg(cache_copy), progress=False)
-    assert summary["changed_images"] == 1 and summary["previous_images_dir"] == images
-    text = format_summary(summary)
-    assert (f"note: 1 of these images had been extracted from {images} (the cache's last "
-            f"--images): same path, other content" in text)
-    summary = extract_features(str(other), extract_cfg(cache_copy), progress=False)
-    assert summary["previous_images_dir"] is None and "note:" not in format_summary(summary)
+    assert summary["replaced_others"] == {} and "note:" not in format_summary(summary)
+    # back to the first folder: its a.jpg is now the one another folder's features are of
+    with pytest.raises(UserError, match=f"1 of its images have the names of images of {other}"):
+        extract_features(images, extract_cfg(cache_copy), keys=["a.jpg"], progress=False)
 
 
 def test_a_file_name_that_is_not_utf8_fails_alone(images, cache_copy, tmp_path):

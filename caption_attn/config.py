@@ -172,6 +172,11 @@ def _type_problem(kind, value) -> Optional[str]:
 
 
 CAPTION_FORMATS = ("auto", "coco", "karpathy", "flickr-token", "flickr-csv")
+# what a folder walk (`images.list_images`) takes for an image, any case (decoding goes by the
+# bytes, not the name); here for the --help texts. .jfif / .pjpeg / .pjp: JPEGs as browsers
+# on Windows save them
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".pjpeg", ".pjp", ".png", ".bmp", ".dib",
+                    ".gif", ".webp", ".tif", ".tiff")
 # Longest caption `--max-length` accepts, in words: four times COCO's longest captions (about
 # 50 words), yet small enough that a typo (100000 for 100) is refused instead of decoding
 # samples and drawing heatmap panels for minutes. Decoding adds one for <end>, so a run

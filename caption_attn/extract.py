@@ -40,8 +40,8 @@ from caption_attn.errors import UserError
 from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
 from caption_attn.feature_index import IMAGE_CHANGED, ImageStamp, SegmentWriter, make_entry
 from caption_attn.fileio import file_digest, longest_temp_name, one_line, write_bytes_atomic
-from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, list_images,
-                                 printable_name, read_image_file, resize_image)
+from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, left_out_note,
+                                 list_images, printable_name, read_image_file, resize_image)
 from caption_attn.run import check_folder_writable
 
 
@@ -188,19 +188,21 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
     return writer.written, failed
 
 
-def _shard_keys(images_dir: str, cfg: ExtractConfig,
-                keys: Optional[list[str]]) -> tuple[list[str], dict[str, str]]:
+def _shard_keys(images_dir: str, cfg: ExtractConfig, keys: Optional[list[str]],
+                left_out: Optional[list] = None) -> tuple[list[str], dict[str, str]]:
     """(this shard's keys to extract, {this shard's unusable keys: reason}); without `keys`,
     the folders under `images_dir` that cannot be listed are failures too ("FOLDER/", in
-    every shard: each shard's images in them are missed)."""
+    every shard: each shard's images in them are missed), and `left_out` receives the files
+    the walk did not take for their extension."""
     if not os.path.isdir(images_dir):
         raise UserError(f"--images {images_dir}: not a folder")
     folders: dict[str, str] = {}
     if keys is None:
-        keys = list_images(images_dir, folders)
+        keys = list_images(images_dir, folders, left_out)
         if not keys and not folders:
             raise UserError(f"--images {images_dir}: no image files found (extensions "
-                            f"{', '.join(IMAGE_EXTENSIONS)})")
+                            f"{', '.join(IMAGE_EXTENSIONS)})"
+                            + (f"; {left_out_note(left_out, 'there')}" if left_out else ""))
     keys = sorted(set(keys))
     # a file name that is not UTF-8 (caf\xe9.jpg) is 'caf\udce9.jpg' here: no shard hash,
     # index line or feature file name can hold it, so it fails under a readable name
@@ -380,7 +382,8 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     bytes), failed, failures {key: reason}, seconds, images_per_s, cache, manifest,
     failed_file, count, feature_scale, stale_temp_removed, replaced_others {key: the other
     images folder whose same-named image's features were replaced, with
-    `cfg.replace_other_images`}, exit_code (1
+    `cfg.replace_other_images`}, left_out (files under `images_dir` a walk without `keys` did
+    not take for their extension), images_dir, exit_code (1
     when `cfg.strict` and something failed, or when nothing could be extracted) and message.
     """
     start = time.monotonic()
@@ -397,7 +400,8 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
                         progress: bool, start: float, busy: Optional[UserError]) -> dict:
     """`extract_features` once the cache is this process's to write; `busy` (readers use
     it) is raised if an existing feature file is to be extracted again, before any is."""
-    mine, failed = _shard_keys(images_dir, cfg, keys)
+    left_out: list[str] = []
+    mine, failed = _shard_keys(images_dir, cfg, keys, left_out)
     folders = sum(k.endswith("/") for k in failed)   # unlistable: no image of their own
     n_bad_keys = len(failed) - folders
     cache = cfg.cache
@@ -449,6 +453,7 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
         "feature_scale": manifest["feature_scale"], "stale_temp_removed": stale,
         "shard": f"{cfg.shard_index}/{cfg.num_shards}",
         "replaced_others": {k: f for k, f in plan.others.items() if k in rewritten},
+        "left_out": left_out, "images_dir": images_dir,
     }
     summary["exit_code"], summary["message"] = _exit_status(summary, cfg.strict)
     return summary
@@ -502,6 +507,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"removed {len(s['stale_removed'])} outdated feature file(s) whose image "
                      f"failed to extract again: " + _listed(shown)
                      + (" ..." if len(s["stale_removed"]) > len(shown) else ""))
+    if s.get("left_out"):
+        lines.append("note: " + left_out_note(s["left_out"], f"under --images {s['images_dir']}"))
     if s["reindexed"]:
         lines.append(f"{s['reindexed']} image(s) had a new modification time but the same "
                      f"content: re-indexed, not extracted again")

@@ -250,6 +250,28 @@ def test_same_names_from_another_images_folder_are_refused(images, cache_copy, t
         extract_features(images, extract_cfg(cache_copy), keys=["a.jpg"], progress=False)
 
 
+def test_a_folder_walk_takes_jfif_and_notes_the_files_it_leaves_out(cache_copy, tmp_path):
+    """Without --captions, real JPEGs named .jfif and a .heic were skipped without a word (12
+    of 24 images of a folder); a rerun said "skipped 12 already done" (the 12 it had taken).
+    .jfif is an image now, and the summary counts the files left out, naming two."""
+    work = tmp_path / "work"
+    write_rgb(str(work / "p.jpg"), scene(41))
+    write_rgb(str(work / "q.jpg"), scene(42))
+    os.rename(work / "q.jpg", work / "q.jfif")
+    for name in ("r.heic", "s.heic", "notes.txt", ".hidden.heic"):
+        (work / name).write_bytes(b"x")
+    for extracted, skipped in ((2, 0), (0, 2)):          # and the rerun
+        summary = extract_features(str(work), extract_cfg(cache_copy), progress=False)
+        assert (summary["extracted"], summary["skipped"]) == (extracted, skipped)
+        assert summary["left_out"] == ["notes.txt", "r.heic", "s.heic"]
+        assert (f"note: left out 3 file(s) under --images {work} whose extension is not an "
+                f"image's (notes.txt, r.heic ...); images are taken by extension: .jpg .jpeg "
+                f".jpe .jfif" in format_summary(summary))
+    summary = extract_features(str(work), extract_cfg(cache_copy), keys=["p.jpg"],
+                               progress=False)
+    assert summary["left_out"] == [] and "left out" not in format_summary(summary)
+
+
 def test_a_file_name_that_is_not_utf8_fails_alone(images, cache_copy, tmp_path):
     """A Latin-1 file name (caf\xe9.jpg, from an old archive) reaches Python as 'caf\udce9.jpg',
     which cannot be hashed for its shard nor written to the index: the whole run died with a

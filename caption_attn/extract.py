@@ -252,6 +252,7 @@ class _Plan(NamedTuple):
     reindexed: int             # images with a new mtime but the same bytes (entry refreshed)
     others: dict[str, str]     # key of `redo` -> the other images folder whose image of that
                                # name (as it is now) its features are of
+    copies: set                # those of the folders this folder is a copy of
 
 
 _UNREADABLE = ""   # `_image_sha256` of an image that exists but cannot be read
@@ -310,7 +311,17 @@ def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: 
     todo = [k for k in keys if k in redo or checks[k].reason == "missing"]
     others = _of_other_folders({k: checks[k].entry for k, r in redo.items()
                                 if r.startswith(IMAGE_CHANGED)}, manifest, images_dir)
-    return _Plan(done, todo, redo, reindexed, others)
+    copies = {folder for folder in set(others.values())
+              if _is_copy_of(folder, {k: checks[k].entry for k in done})}
+    return _Plan(done, todo, redo, reindexed, others, copies)
+
+
+def _same_image(folder: str, key: str, entry) -> bool:
+    """FOLDER/key is the image `entry` (an index entry) was made from (size and mtime)."""
+    try:
+        return entry.matches_image(os.stat(os.path.join(folder, key)))
+    except OSError:
+        return False
 
 
 def _of_other_folders(entries: dict, manifest: dict, images_dir: str) -> dict[str, str]:
@@ -325,12 +336,18 @@ def _of_other_folders(entries: dict, manifest: dict, images_dir: str) -> dict[st
                 folders.append(folder)
     found = {}
     for key, entry in entries.items():
-        for folder in folders:
-            with contextlib.suppress(OSError):
-                if entry.matches_image(os.stat(os.path.join(folder, key))):
-                    found[key] = folder
-                    break
+        folder = next((f for f in folders if _same_image(f, key, entry)), None)
+        if folder is not None:
+            found[key] = folder
     return found
+
+
+def _is_copy_of(folder: str, done: dict) -> bool:
+    """This images folder is a copy of `folder` (`cp -a`, `rsync -a`): some image of it whose
+    features are kept (`done`: key -> index entry) is also, by size and mtime, `folder`'s
+    image of that name. Its other images of those names are then edits of the same dataset,
+    extracted as before; a folder with none in common is another dataset."""
+    return any(_same_image(folder, key, entry) for key, entry in done.items())
 
 
 def _refuse_replacing(images_dir: str, others: dict[str, str]) -> UserError:
@@ -382,7 +399,7 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     bytes), failed, failures {key: reason}, seconds, images_per_s, cache, manifest,
     failed_file, count, feature_scale, stale_temp_removed, replaced_others {key: the other
     images folder whose same-named image's features were replaced, with
-    `cfg.replace_other_images`}, left_out (files under `images_dir` a walk without `keys` did
+    `cfg.replace_other_images` or from a folder this one is a copy of}, left_out (files under `images_dir` a walk without `keys` did
     not take for their extension), images_dir, exit_code (1
     when `cfg.strict` and something failed, or when nothing could be extracted) and message.
     """
@@ -412,8 +429,9 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     index = SegmentWriter(cache)
     try:
         plan = _plan(cache, mine, manifest, images_dir, cfg.verify, workers, index)
-        if plan.others and not cfg.replace_other_images:
-            raise _refuse_replacing(images_dir, plan.others)
+        refused = {k: f for k, f in plan.others.items() if f not in plan.copies}
+        if refused and not cfg.replace_other_images:
+            raise _refuse_replacing(images_dir, refused)
         if busy is not None and plan.redo:   # rewritten, or removed if the image fails
             raise busy
         if backbone is None and plan.todo:  # a random backbone's cache: its saved weights
@@ -497,7 +515,7 @@ def format_summary(summary: dict) -> str:
     if s.get("replaced_others"):
         folders = sorted(set(s["replaced_others"].values()))
         lines.append(f"note: {len(s['replaced_others'])} of these images had been extracted "
-                     f"from {', '.join(folders)} (--replace-other-images): same path, other "
+                     f"from {', '.join(folders)}: same path, other "
                      f"content, so their features are now this folder's: give `train` "
                      f"--images {folders[0]} for a run on that folder's captions (it then "
                      f"leaves these images out as changed). A cache holds one feature file "

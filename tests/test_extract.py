@@ -200,6 +200,8 @@ def test_changed_images_are_extracted_again(images, extracted, cache_copy, tmp_p
     summary = extract_features(work, extract_cfg(cache_copy), keys=keys, progress=False)
     assert summary["extracted"] == 1 and summary["changed_images"] == 1
     assert summary["invalid"] == {"a.jpg": feature_index.IMAGE_CHANGED}
+    # a copy of the first folder (its other images the same files): an edit, not refused
+    assert summary["replaced_others"] == {"a.jpg": images}
     assert summary["reindexed"] == 1 and "changed image" in format_summary(summary)
     before = np.load(feature_path(extracted[0], "a.jpg")).astype(np.float32)
     assert not np.allclose(np.load(feature_path(cache_copy, "a.jpg")), before, atol=1e-2)
@@ -220,7 +222,8 @@ def test_same_names_from_another_images_folder_are_refused(images, cache_copy, t
     (one file per image path) with a note after the fact, and every run on the first folder's
     captions then trained on the second's features. Refused now, before anything is written,
     naming the folder; --replace-other-images replaces them (with the note), and the images
-    of a folder no other holds, or the same folder again, are extracted as before."""
+    of a folder no other holds, or the same folder again, are extracted as before (so are
+    those of a copy of the folder: test_changed_images_are_extracted_again)."""
     other = tmp_path / "other"
     write_rgb(str(other / "a.jpg"), scene(33))
     write_rgb(str(other / "new.jpg"), scene(34))
@@ -240,8 +243,8 @@ def test_same_names_from_another_images_folder_are_refused(images, cache_copy, t
     summary = extract_features(str(other), extract_cfg(cache_copy, replace_other_images=True),
                                progress=False)
     assert summary["changed_images"] == 1 and summary["replaced_others"] == {"a.jpg": images}
-    assert (f"note: 1 of these images had been extracted from {images} "
-            f"(--replace-other-images): same path, other content" in format_summary(summary))
+    assert (f"note: 1 of these images had been extracted from {images}: same path, other "
+            f"content" in format_summary(summary))
     assert read_manifest(cache_copy)["images_dirs"] == [images, str(other)]
     summary = extract_features(str(other), extract_cfg(cache_copy), progress=False)
     assert summary["replaced_others"] == {} and "note:" not in format_summary(summary)

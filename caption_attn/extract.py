@@ -399,8 +399,9 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     bytes), failed, failures {key: reason}, seconds, images_per_s, cache, manifest,
     failed_file, count, feature_scale, stale_temp_removed, replaced_others {key: the other
     images folder whose same-named image's features were replaced, with
-    `cfg.replace_other_images` or from a folder this one is a copy of}, left_out (files under `images_dir` a walk without `keys` did
-    not take for their extension), images_dir, exit_code (1
+    `cfg.replace_other_images` or from a folder this one is a copy of}, left_out (files under
+    `images_dir` a walk without `keys` did not take for their extension), images_dir,
+    exit_code (1
     when `cfg.strict` and something failed, or when nothing could be extracted) and message.
     """
     start = time.monotonic()

@@ -23,7 +23,8 @@ from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import MANIFEST, cache_images, read_manifest
 from caption_attn.fileio import is_inside, longest_temp_name, one_line
-from caption_attn.images import ImageError, list_images, load_image, printable_name
+from caption_attn.images import (ImageError, left_out_note, list_images, load_image,
+                                 printable_name)
 from caption_attn.run import RunFolder
 from caption_attn.vocab import PAD, START, Vocabulary
 
@@ -349,7 +350,8 @@ class Captioner:
 
 def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
                       unreadable: Optional[dict] = None,
-                      drawn: Optional[list] = None) -> list[str]:
+                      drawn: Optional[list] = None,
+                      left_out: Optional[list] = None) -> list[str]:
     """Image files given on the command line, each once; folders expand to the images under
     them, except those in the folder `heatmaps` below them (`--plot-attention`: `caption
     photos --plot-attention photos/heat` run again captioned the heatmaps of the first run
@@ -361,9 +363,11 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     many); an existing file that is no image is reported later, by
     `Captioner.caption_images`, while the others are captioned. So is a folder below a folder
     given that cannot be listed: `unreadable`, when given, receives {its path + "/": why}
-    (they were skipped without a word). Heatmaps caption-attn drew (`plot.is_heatmap_file`)
-    found in a folder are left out too, wherever they are (`caption photos` after `caption
-    photos --plot-attention photos/heat` captioned them as photos), and listed in `drawn`."""
+    (they were skipped without a word), and `left_out` the paths of the files in the folders
+    given that are not taken for their extension (`list_images`). Heatmaps caption-attn drew
+    (`plot.is_heatmap_file`) found in a folder are left out too, wherever they are (`caption
+    photos` after `caption photos --plot-attention photos/heat` captioned them as photos),
+    and listed in `drawn`."""
     from caption_attn import plot
 
     missing = [arg for arg in args if not os.path.exists(arg)]
@@ -375,7 +379,10 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     for arg in args:
         if os.path.isdir(arg):
             folders: dict = {}
-            found = [os.path.join(arg, k) for k in list_images(arg, folders, flag="")]
+            others: list = []
+            found = [os.path.join(arg, k) for k in list_images(arg, folders, others, flag="")]
+            if left_out is not None:
+                left_out += [os.path.join(arg, k) for k in others]
             if unreadable is not None:
                 unreadable.update({os.path.join(arg, k): why for k, why in folders.items()})
             skip, top = os.path.realpath(heatmaps or arg), os.path.realpath(arg)
@@ -401,7 +408,8 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
                 raise UserError(f"{arg}: no image files in this folder{locked}"
                                 + (f" (outside --plot-attention {heatmaps})" if below else "")
                                 + (f" besides {len(ours)} heatmap(s) caption-attn drew"
-                                   if ours else ""))
+                                   if ours else "")
+                                + (f"; {left_out_note(others, 'there')}" if others else ""))
             out += found
         else:
             folder = os.path.dirname(arg) or "."

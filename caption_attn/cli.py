@@ -149,8 +149,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
     cfg = config_from_args(C.DecodeConfig, args)
     folders: dict = {}   # below a folder given, unlistable: reported as unreadable images are
     drawn: list = []     # heatmaps caption-attn drew, found in a folder given: not photos
+    left_out: list = []  # files in the folders given that are not taken for their extension
     paths = C_.expand_image_args(args.images, heatmaps=args.plot_attention, unreadable=folders,
-                                 drawn=drawn)
+                                 drawn=drawn, left_out=left_out)
     if drawn:
         print(f"note: left out {len(drawn)} heatmap{'s' if len(drawn) > 1 else ''} "
               f"caption-attn drew ({', '.join(one_line(p) for p in drawn[:2])}"
@@ -161,6 +162,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
         check_folder_writable(args.plot_attention, "--plot-attention")
         write_heatmaps = C_.heatmap_writer(args.plot_attention, paths)
     model = C_.Captioner.from_run(args.run, cfg, cache=args.cache)
+    if left_out:
+        from caption_attn.images import left_out_note
+        print(f"note: {left_out_note(left_out, 'in the folders given')}", file=sys.stderr)
     names = C_.display_names(paths)
     # One batch of images at a time: its captions are printed (and its heatmaps drawn)
     # before the next is read. Where the printed captions do not show the progress (--json
@@ -309,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "relative to it")
     p.add_argument("--captions", metavar="FILE",
                    help="caption file; when given, only its images are extracted (missing ones "
-                        "are reported in failed.tsv); default: every image file under --images")
+                        "are reported in failed.tsv); default: every image file under --images "
+                        f"(by extension, any case: {' '.join(C.IMAGE_EXTENSIONS)}; a note "
+                        "counts the other files)")
     p.add_argument("--format", choices=C.CAPTION_FORMATS,
                    help="format of --captions (default: auto, found from the file)")
     add_config_args(p, C.ExtractConfig)
@@ -327,8 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, metavar="DIR",
                    help="run folder, e.g. models/coco_baseline")
     p.add_argument("--images", metavar="DIR",
-                   help="images folder, only for the attention heatmaps (default: the one "
-                        "recorded in the cache manifest); must exist")
+                   help="images folder of the caption file: the attention heatmaps are "
+                        "drawn from it, and the features' source images are checked in it "
+                        "(images of other content are left out as changed) (default: the one "
+                        "the cache was last extracted from, recorded in its manifest); must "
+                        "exist")
     add_config_args(p, C.DataConfig)
     add_config_args(p, C.VocabConfig)
     add_config_args(p, C.ModelConfig)
@@ -339,7 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "run. Images are decoded and resized exactly as extract-features did and go "
                 "through the same backbone (rebuilt from the run's cache manifest). Prints "
                 "the captions best first with their probability p.")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files or folders (a folder: every image file under it, by "
+                        f"extension, any case: {' '.join(C.IMAGE_EXTENSIONS)}; a note counts "
+                        "the other files)")
     p.add_argument("--run", required=True, metavar="DIR", help="run folder made by `train`")
     p.add_argument("--json", action="store_true",
                    help="print JSON with each word's 8x8 attention map")

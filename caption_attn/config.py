@@ -172,6 +172,11 @@ def _type_problem(kind, value) -> Optional[str]:
 
 
 CAPTION_FORMATS = ("auto", "coco", "karpathy", "flickr-token", "flickr-csv")
+# what a folder walk (`images.list_images`) takes for an image, any case (decoding goes by the
+# bytes, not the name); here for the --help texts. .jfif / .pjpeg / .pjp: JPEGs as browsers
+# on Windows save them
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".pjpeg", ".pjp", ".png", ".bmp", ".dib",
+                    ".gif", ".webp", ".tif", ".tiff")
 # Longest caption `--max-length` accepts, in words: four times COCO's longest captions (about
 # 50 words), yet small enough that a typo (100000 for 100) is refused instead of decoding
 # samples and drawing heatmap panels for minutes. Decoding adds one for <end>, so a run
@@ -286,6 +291,10 @@ class ExtractConfig(Config):
                        "ones")
     strict: bool = opt(False, "exit non-zero if any image failed")
     workers: int = opt(0, "image decoding threads (0: one per CPU core)", check=integer(0))
+    replace_other_images: bool = opt(False, "extract images of --images whose same-named "
+                                     "images of another folder this cache holds features of "
+                                     "(refused without it: their features would be replaced, "
+                                     "under the runs trained on them)")
 
     def check_together(self) -> None:
         if self.shard_index >= self.num_shards:

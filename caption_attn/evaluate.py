@@ -115,12 +115,12 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
     run.check_image_digests(cache, keys, digests, manifest.get("images_dir"), f"{split} ")
     without = [k for k in keys if k not in usable]
     keys = [k for k in keys if k in usable]
+    why = describe_problems(problems, cache, manifest=manifest, captions=captions) \
+        if problems else ""
     if not keys:
-        raise UserError(f"no images of the {split} split have usable features: "
-                        f"{describe_problems(problems, cache)}")
+        raise UserError(f"no images of the {split} split have usable features: {why}")
     place = {k: i for i, k in enumerate(splits[split])}
-    return _SplitFeatures(split, cache, keys, without, records, manifest, reader,
-                          describe_problems(problems, cache) if problems else "", note,
+    return _SplitFeatures(split, cache, keys, without, records, manifest, reader, why, note,
                           [place[k] for k in keys])
 
 

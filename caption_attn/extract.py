@@ -40,8 +40,8 @@ from caption_attn.errors import UserError
 from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
 from caption_attn.feature_index import IMAGE_CHANGED, ImageStamp, SegmentWriter, make_entry
 from caption_attn.fileio import file_digest, longest_temp_name, one_line, write_bytes_atomic
-from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, list_images,
-                                 printable_name, read_image_file, resize_image)
+from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, left_out_note,
+                                 list_images, printable_name, read_image_file, resize_image)
 from caption_attn.run import check_folder_writable
 
 
@@ -188,19 +188,21 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
     return writer.written, failed
 
 
-def _shard_keys(images_dir: str, cfg: ExtractConfig,
-                keys: Optional[list[str]]) -> tuple[list[str], dict[str, str]]:
+def _shard_keys(images_dir: str, cfg: ExtractConfig, keys: Optional[list[str]],
+                left_out: Optional[list] = None) -> tuple[list[str], dict[str, str]]:
     """(this shard's keys to extract, {this shard's unusable keys: reason}); without `keys`,
     the folders under `images_dir` that cannot be listed are failures too ("FOLDER/", in
-    every shard: each shard's images in them are missed)."""
+    every shard: each shard's images in them are missed), and `left_out` receives the files
+    the walk did not take for their extension."""
     if not os.path.isdir(images_dir):
         raise UserError(f"--images {images_dir}: not a folder")
     folders: dict[str, str] = {}
     if keys is None:
-        keys = list_images(images_dir, folders)
+        keys = list_images(images_dir, folders, left_out)
         if not keys and not folders:
             raise UserError(f"--images {images_dir}: no image files found (extensions "
-                            f"{', '.join(IMAGE_EXTENSIONS)})")
+                            f"{', '.join(IMAGE_EXTENSIONS)})"
+                            + (f"; {left_out_note(left_out, 'there')}" if left_out else ""))
     keys = sorted(set(keys))
     # a file name that is not UTF-8 (caf\xe9.jpg) is 'caf\udce9.jpg' here: no shard hash,
     # index line or feature file name can hold it, so it fails under a readable name
@@ -248,6 +250,9 @@ class _Plan(NamedTuple):
     todo: list[str]            # keys to extract: no file, or `redo`
     redo: dict[str, str]       # key -> why its existing feature file is extracted again
     reindexed: int             # images with a new mtime but the same bytes (entry refreshed)
+    others: dict[str, str]     # key of `redo` -> the other images folder whose image of that
+                               # name (as it is now) its features are of
+    copies: set                # those of the folders this folder is a copy of
 
 
 _UNREADABLE = ""   # `_image_sha256` of an image that exists but cannot be read
@@ -304,7 +309,63 @@ def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: 
             reindexed += 1
     done = [k for k in kept if k not in redo]
     todo = [k for k in keys if k in redo or checks[k].reason == "missing"]
-    return _Plan(done, todo, redo, reindexed)
+    others = _of_other_folders({k: checks[k].entry for k, r in redo.items()
+                                if r.startswith(IMAGE_CHANGED)}, manifest, images_dir)
+    copies = {folder for folder in set(others.values())
+              if _is_copy_of(folder, {k: checks[k].entry for k in done})}
+    return _Plan(done, todo, redo, reindexed, others, copies)
+
+
+def _same_image(folder: str, key: str, entry) -> bool:
+    """FOLDER/key is the image `entry` (an index entry) was made from (size and mtime)."""
+    try:
+        return entry.matches_image(os.stat(os.path.join(folder, key)))
+    except OSError:
+        return False
+
+
+def _of_other_folders(entries: dict, manifest: dict, images_dir: str) -> dict[str, str]:
+    """{key: FOLDER} for the feature files about to be extracted again because this folder's
+    image changed (`entries`: their index entries) that are the features of FOLDER/key as it
+    is now, FOLDER another images folder the cache was extracted from (the newest first):
+    same name, other content, and extracting would replace that folder's features."""
+    folders = []
+    for folder in reversed(feature_cache.images_folders(manifest)):
+        with contextlib.suppress(OSError):
+            if os.path.isdir(folder) and not os.path.samefile(folder, images_dir):
+                folders.append(folder)
+    found = {}
+    for key, entry in entries.items():
+        folder = next((f for f in folders if _same_image(f, key, entry)), None)
+        if folder is not None:
+            found[key] = folder
+    return found
+
+
+def _is_copy_of(folder: str, done: dict) -> bool:
+    """This images folder is a copy of `folder` (`cp -a`, `rsync -a`): some image of it whose
+    features are kept (`done`: key -> index entry) is also, by size and mtime, `folder`'s
+    image of that name. Its other images of those names are then edits of the same dataset,
+    extracted as before; a folder with none in common is another dataset."""
+    return any(_same_image(folder, key, entry) for key, entry in done.items())
+
+
+def _refuse_replacing(images_dir: str, others: dict[str, str]) -> UserError:
+    """The refusal of an extraction that would replace the features of another folder's
+    same-named images: they stood in for that folder's images without a word (a note after
+    the fact was all), for every run on its captions (`train` checks the cache's last
+    --images, this folder from then on)."""
+    by_folder = collections.Counter(others.values())
+    folder, n = by_folder.most_common(1)[0]
+    example = next(k for k, f in others.items() if f == folder)
+    more = f" (and {len(others) - n} of other folders)" if len(others) > n else ""
+    return UserError(
+        f"--images {images_dir}: {n} of its images{more} have the names of images of "
+        f"{folder} whose features this cache holds, with other content (e.g. "
+        f"{one_line(example)}): extracting would replace those features, and runs on "
+        f"{folder}'s captions would train on or be scored against these images. A cache holds "
+        f"one feature file per image path: extract this dataset into another --cache (one "
+        f"per dataset), or, if these images are to replace those, add --replace-other-images")
 
 
 def _extract_with_progress(backbone: Backbone, images_dir: str, todo: list[str],
@@ -336,8 +397,11 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     removed}, changed_images (of
     them, because the source image changed), reindexed (images with a new mtime but the same
     bytes), failed, failures {key: reason}, seconds, images_per_s, cache, manifest,
-    failed_file, count, feature_scale, stale_temp_removed, previous_images_dir (the cache's
-    last images folder, when images changed because they come from another one), exit_code (1
+    failed_file, count, feature_scale, stale_temp_removed, replaced_others {key: the other
+    images folder whose same-named image's features were replaced, with
+    `cfg.replace_other_images` or from a folder this one is a copy of}, left_out (files under
+    `images_dir` a walk without `keys` did not take for their extension), images_dir,
+    exit_code (1
     when `cfg.strict` and something failed, or when nothing could be extracted) and message.
     """
     start = time.monotonic()
@@ -354,7 +418,8 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
                         progress: bool, start: float, busy: Optional[UserError]) -> dict:
     """`extract_features` once the cache is this process's to write; `busy` (readers use
     it) is raised if an existing feature file is to be extracted again, before any is."""
-    mine, failed = _shard_keys(images_dir, cfg, keys)
+    left_out: list[str] = []
+    mine, failed = _shard_keys(images_dir, cfg, keys, left_out)
     folders = sum(k.endswith("/") for k in failed)   # unlistable: no image of their own
     n_bad_keys = len(failed) - folders
     cache = cfg.cache
@@ -365,6 +430,9 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     index = SegmentWriter(cache)
     try:
         plan = _plan(cache, mine, manifest, images_dir, cfg.verify, workers, index)
+        refused = {k: f for k, f in plan.others.items() if f not in plan.copies}
+        if refused and not cfg.replace_other_images:
+            raise _refuse_replacing(images_dir, refused)
         if busy is not None and plan.redo:   # rewritten, or removed if the image fails
             raise busy
         if backbone is None and plan.todo:  # a random backbone's cache: its saved weights
@@ -403,23 +471,11 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
         "count": count, "dtype": cfg.dtype, "weights": manifest["weights"],
         "feature_scale": manifest["feature_scale"], "stale_temp_removed": stale,
         "shard": f"{cfg.shard_index}/{cfg.num_shards}",
-        "previous_images_dir": _previous_images_dir(manifest, images_dir)
-        if any(plan.redo[k].startswith(IMAGE_CHANGED) for k in rewritten) else None,
+        "replaced_others": {k: f for k, f in plan.others.items() if k in rewritten},
+        "left_out": left_out, "images_dir": images_dir,
     }
     summary["exit_code"], summary["message"] = _exit_status(summary, cfg.strict)
     return summary
-
-
-def _previous_images_dir(manifest: dict, images_dir: str) -> Optional[str]:
-    """The images folder the cache was last extracted from when it still exists and is not
-    `images_dir`: its images' features were replaced by same-named ones from here."""
-    previous = manifest.get("images_dir")
-    try:
-        if previous and os.path.isdir(previous) and not os.path.samefile(previous, images_dir):
-            return previous
-    except OSError:
-        pass
-    return None
 
 
 def _exit_status(s: dict, strict: bool) -> tuple[int, str]:
@@ -457,17 +513,21 @@ def format_summary(summary: dict) -> str:
         shown = list(s["invalid"].items())[:3]
         lines.append("extracted again: " + _listed(shown)
                      + (" ..." if len(s["invalid"]) > len(shown) else ""))
-    if s.get("previous_images_dir"):
-        lines.append(f"note: {s['changed_images']} of these images had been extracted from "
-                     f"{s['previous_images_dir']} (the cache's last --images): same path, other "
-                     f"content, so their features are now this folder's. A cache holds one "
-                     f"feature file per image path: extract another dataset into another "
-                     f"--cache")
+    if s.get("replaced_others"):
+        folders = sorted(set(s["replaced_others"].values()))
+        lines.append(f"note: {len(s['replaced_others'])} of these images had been extracted "
+                     f"from {', '.join(folders)}: same path, other "
+                     f"content, so their features are now this folder's: give `train` "
+                     f"--images {folders[0]} for a run on that folder's captions (it then "
+                     f"leaves these images out as changed). A cache holds one feature file "
+                     f"per image path: extract another dataset into another --cache")
     if s["stale_removed"]:
         shown = list(s["stale_removed"].items())[:3]
         lines.append(f"removed {len(s['stale_removed'])} outdated feature file(s) whose image "
                      f"failed to extract again: " + _listed(shown)
                      + (" ..." if len(s["stale_removed"]) > len(shown) else ""))
+    if s.get("left_out"):
+        lines.append("note: " + left_out_note(s["left_out"], f"under --images {s['images_dir']}"))
     if s["reindexed"]:
         lines.append(f"{s['reindexed']} image(s) had a new modification time but the same "
                      f"content: re-indexed, not extracted again")

@@ -364,9 +364,22 @@ def record_run(cache_dir: str, images_dir: str, failed: dict[str, str],
         count = sum(entries[-1].identity == fingerprint for entries in index.entries.values())
         m = read_manifest(cache_dir)
         m["count"] = count
-        m["images_dir"] = os.path.abspath(images_dir)  # informational: heatmaps in `train`
+        here = os.path.abspath(images_dir)
+        m["images_dir"] = here  # the source images `train` and `evaluate` check by default
+        m["images_dirs"] = [d for d in images_folders(m) if d != here] + [here]
         write_json_atomic(manifest_path(cache_dir), m)
     return n_failed_file, count
+
+
+def images_folders(manifest: dict) -> list[str]:
+    """Every images folder the cache was extracted from (absolute paths, the last one last):
+    an extraction from another folder is refused where it would replace features of their
+    images (`extract`)."""
+    folders = manifest.get("images_dirs")
+    if isinstance(folders, list) and all(isinstance(d, str) for d in folders):
+        return list(folders)
+    last = manifest.get("images_dir")   # a cache made before the list was recorded
+    return [last] if isinstance(last, str) and last else []
 
 
 # =========================================================================== manifest
@@ -696,16 +709,58 @@ def _why_failed(key: str, failed: dict[str, str]) -> Optional[str]:
     return None
 
 
-def describe_problems(problems: dict, cache_dir: str, examples: int = 3) -> str:
+def extract_command(cache_dir: str, manifest: Optional[dict] = None,
+                    captions: Optional[str] = None, images_dir: Optional[str] = None) -> str:
+    """The `extract-features` command that extracts a caption file's missing or outdated
+    features into this cache: --captions (when known), --images (`images_dir`, else as
+    recorded at extraction) and every flag the manifest needs; "--cache DIR ..." without a
+    manifest. Without --captions and --images a rerun extracted the cache's last folder
+    again, which need not hold the caption file's images under its names."""
+    if manifest is None:
+        return f"caption-attn extract-features --cache {cache_dir} ..."
+    images = images_dir or manifest.get("images_dir")
+    with_captions = f"--captions {shlex.quote(captions)} " if captions else ""
+    return (f"caption-attn extract-features {with_captions}--images "
+            f"{shlex.quote(images) if images else 'IMAGES_DIR'} --cache "
+            f"{shlex.quote(cache_dir)} {_settings_text(cache_identity(manifest))}")
+
+
+def _under_other_names(missing: list[str], cache_dir: str) -> Optional[tuple[int, str, str]]:
+    """(how many, a missing key, the key the cache holds it under) when feature files of the
+    cache end with `missing` keys under a folder prefix ("train2017/a.jpg" for "a.jpg"): the
+    cache was extracted with an --images above the folder the caption file's names are
+    relative to. The prefix of most of them; None when there is none."""
+    wanted = set(missing)
+    found: dict[str, list] = {}
+    for key in feature_index.load_index(cache_dir).entries:
+        parts = key.split("/")
+        for i in range(1, len(parts)):
+            tail = "/".join(parts[i:])
+            if tail in wanted:
+                found.setdefault("/".join(parts[:i]), []).append((tail, key))
+    if not found:
+        return None
+    pairs = max(found.values(), key=len)
+    return len({tail for tail, _ in pairs}), pairs[0][0], pairs[0][1]
+
+
+def describe_problems(problems: dict, cache_dir: str, examples: int = 3,
+                      manifest: Optional[dict] = None, captions: Optional[str] = None,
+                      images_dir: Optional[str] = None) -> str:
     """One paragraph for `usable_features`' problems: counts per reason, a few files, the fix.
 
     Missing files of images that failed to extract (failed.tsv) are told apart, with the
-    reason: extracting them again fails the same way, so the images must be fixed."""
+    reason: extracting them again fails the same way, so the images must be fixed. With the
+    cache's `manifest`, the fix is the whole `extract-features` command (`extract_command`:
+    `captions`, the images folder `images_dir` or the recorded one); missing files the cache
+    holds under a longer path (extracted from a folder above the caption file's) are named,
+    with the folder to extract from instead."""
     failed_file = read_failed(cache_dir)
     failed = {k: why for k, r in problems.items()
               if r == "missing" and (why := _why_failed(k, failed_file)) is not None}
     parts = []
     rest = {k: r for k, r in problems.items() if k not in failed}
+    images = images_dir or (manifest or {}).get("images_dir")
     if rest:
         by_reason: dict = {}
         for key, reason in rest.items():
@@ -713,13 +768,29 @@ def describe_problems(problems: dict, cache_dir: str, examples: int = 3) -> str:
         counts = "; ".join(f"{len(keys)} {reason}" for reason, keys in
                            sorted(by_reason.items(), key=lambda item: -len(item[1])))
         shown = ", ".join(feature_path(cache_dir, k) for k in list(rest)[:examples])
+        elsewhere = _under_other_names(by_reason["missing"], cache_dir) \
+            if "missing" in by_reason else None
+        named = ""
+        if elsewhere is not None:
+            n, key, held = elsewhere
+            prefix = held[:-len(key) - 1]
+            folder = os.path.join(images, *prefix.split("/")) if images else \
+                f"the folder {prefix}/ of the images"
+            named = (f" {n} of the missing ones are in the cache under a longer path (e.g. "
+                     f"{one_line(key)} as {one_line(held)}): feature files are named after "
+                     f"the image's path relative to --images, and the caption file's names "
+                     f"are relative to {one_line(folder)}: extract with --images "
+                     f"{one_line(folder)} instead.")
+            images = folder if images else None
         copied = (f"If {cache_dir} was copied without its modification times (`cp -r`), copy "
                   f"it again with `cp -a` or `rsync -a`; otherwise rerun" if
                   feature_index.REWRITTEN in by_reason else "Rerun")
+        settings = " with the cache's settings" if manifest is None else ""
         parts.append(f"{len(rest)} feature file(s) in {cache_dir} cannot be used: {counts} "
-                     f"(e.g. {shown}). {copied} `caption-attn extract-features --cache "
-                     f"{cache_dir} ...` with the cache's settings: it extracts exactly these "
-                     f"again (--verify also reads every other file's values)")
+                     f"(e.g. {shown}).{named} {copied} `"
+                     f"{extract_command(cache_dir, manifest, captions, images)}`{settings}: "
+                     f"it extracts exactly these again (--verify also reads every other "
+                     f"file's values)")
     if failed:
         shown = "; ".join(f"{one_line(k)} ({one_line(why)})"
                           for k, why in list(failed.items())[:examples])
@@ -727,5 +798,5 @@ def describe_problems(problems: dict, cache_dir: str, examples: int = 3) -> str:
                      f"in {cache_dir} (listed in {os.path.join(cache_dir, FAILED)}): {shown}"
                      f"{' ...' if len(failed) > examples else ''}. Extracting them again fails "
                      f"the same way: fix or remove these images (or their captions), then "
-                     f"rerun `caption-attn extract-features --cache {cache_dir} ...`")
+                     f"rerun `{extract_command(cache_dir, manifest, captions, images)}`")
     return ". ".join(parts)

@@ -18,12 +18,12 @@ import cv2
 import numpy as np
 
 from caption_attn.backbone import IMAGE_SIZE
+from caption_attn.config import IMAGE_EXTENSIONS
 from caption_attn.errors import UserError
+from caption_attn.fileio import one_line
 
 RESIZE_METHOD = ("stretch to 299x299 (aspect ratio not kept, no crop); per axis INTER_AREA "
                  "when shrinking, INTER_CUBIC when enlarging; alpha composited over white")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".gif", ".webp", ".tif",
-                    ".tiff")
 
 
 # OpenCV refuses images larger than these (environment variables of the same name raise them)
@@ -370,11 +370,13 @@ def printable_name(name: str) -> str:
 
 
 def list_images(images_dir: str, unreadable: Optional[dict] = None,
-                flag: str = "--images") -> list[str]:
+                left_out: Optional[list] = None, flag: str = "--images") -> list[str]:
     """Keys (sorted POSIX paths relative to `images_dir`) of every image file under it.
 
     Files are recognised by extension (IMAGE_EXTENSIONS, any case); hidden files and folders
-    (name starting with ".") are skipped. Symlinked folders are followed (a dataset is often
+    (name starting with ".") are skipped. `left_out`, when given, receives the keys of the
+    other files (sorted), which callers report (`left_out_note`): a phone's .heic or a
+    Windows .jfif was skipped without a word. Symlinked folders are followed (a dataset is often
     assembled from links) under every path that leads to them: `latest -> v2` beside `v2`
     gives latest/x.jpg and v2/x.jpg, since a caption file may name either. Only a link back
     up to a folder above it (a loop) is not followed.
@@ -415,4 +417,19 @@ def list_images(images_dir: str, unreadable: Optional[dict] = None,
                     stack.append((rel + entry.name + "/", above + ((st.st_dev, st.st_ino),)))
             elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
                 keys.append(rel + entry.name)
+            elif left_out is not None:
+                left_out.append(rel + entry.name)
+    if left_out is not None:
+        left_out.sort()
     return sorted(keys)
+
+
+def left_out_note(paths: list[str], where: str, examples: int = 2) -> str:
+    """One line for the files a folder walk left out for their extension (`list_images`'
+    `left_out`), with a count and a few of them; "" when there are none."""
+    if not paths:
+        return ""
+    shown = ", ".join(one_line(printable_name(p)) for p in paths[:examples])
+    return (f"left out {len(paths)} file(s) {where} whose extension is not an image's "
+            f"({shown}{' ...' if len(paths) > examples else ''}); images are taken by "
+            f"extension: {' '.join(IMAGE_EXTENSIONS)} (any case)")

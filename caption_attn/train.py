@@ -181,7 +181,7 @@ def check_features_mid_epoch(run: RunFolder, cfg: RunConfig, data: TrainData) ->
     raise UserError(
         f"{run.path} stopped in epoch {epoch + 1} at step {in_epoch}, and {len(lost)} of the "
         f"train images it was training on have no usable features now: "
-        f"{feature_cache.describe_problems(lost, cfg.cache)}. Resumed without them, the rest "
+        f"{data.describe(lost)}. Resumed without them, the rest "
         f"of epoch {epoch + 1} would be cut into other batches (some captions twice, others "
         f"never): repair them with `{repair}` (after fixing any image that failed to "
         f"extract), then rerun this command (or add --fresh to start this run over)")
@@ -432,10 +432,11 @@ def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig, where: tuple[
             f"resume with the new ones")
 
 
-def load_train_data(cfg: RunConfig, run_dir: str, reuse: bool = True) -> TrainData:
+def load_train_data(cfg: RunConfig, run_dir: str, reuse: bool = True,
+                    images_dir: Optional[str] = None) -> TrainData:
     """`train_data.load_train_data` for a run folder path (`reuse`: its split and vocabulary
-    when it has them)."""
-    return _load_train_data(cfg, RunFolder(run_dir), reuse=reuse)
+    when it has them; `images_dir`: --images, where the source images are checked)."""
+    return _load_train_data(cfg, RunFolder(run_dir), reuse=reuse, images_dir=images_dir)
 
 
 def check_finite(out: dict, epoch: int, step: int, kept: Optional[str],
@@ -483,7 +484,7 @@ class Trainer:
         self.strategy = strategy
         quiet.meet_dtypes()  # after the strategy, which may configure TF first (quiet.py)
         self.chief = distribute.is_chief(self.strategy)
-        self.data = data or load_train_data(cfg, run_dir)
+        self.data = data or load_train_data(cfg, run_dir, images_dir=images_dir)
         # the run's training settings until this call trains (`with_trained_settings`)
         self._previous = self.run.load_config().train if os.path.exists(self.run.config) \
             else None
@@ -1194,8 +1195,8 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     if images_dir is not None and not os.path.isdir(images_dir):
         raise UserError(f"--images {images_dir}: "
                         f"{'not a folder' if os.path.exists(images_dir) else 'no such folder'}"
-                        f" (it is only for the attention heatmaps: leave it out to use the "
-                        f"images folder recorded in the cache)")
+                        f" (the images folder of the caption file: leave it out to use the "
+                        f"one recorded in the cache)")
     fresh = cfg.train.fresh
     if not fresh:   # the run's --format, when the one given reads the file the same way
         cfg = run.with_recorded_format(cfg)
@@ -1213,7 +1214,8 @@ def _load_and_train(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, pr
                     notes: list) -> dict:
     """`train` after its checks of the flags and the run folder."""
     fresh = cfg.train.fresh
-    data = load_train_data(cfg, run_dir, reuse=not fresh)   # reads, writes nothing
+    data = load_train_data(cfg, run_dir, reuse=not fresh,   # reads, writes nothing
+                           images_dir=images_dir)
     check_model_size(cfg, vocab_tokens=len(data.vocab))
     check_cider_vocabulary(cfg.train, len(data.vocab))
     if not fresh:

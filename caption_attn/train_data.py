@@ -52,6 +52,16 @@ class TrainData:
     truncated_val: int = 0        # val captions cut the same way (val_loss is measured on them)
     split_source: Optional[str] = None    # "file", "lists" or "hash" (`data.CaptionSet`)
     split_note: Optional[str] = None      # what train says about the split
+    captions: Optional[str] = None    # the caption file
+    images_dir: Optional[str] = None  # where the source images were checked (or None)
+    cache: Optional[str] = None       # the feature cache
+
+    def describe(self, problems: dict) -> str:
+        """`feature_cache.describe_problems` of some of `unusable`, with the whole
+        `extract-features` command for this caption file and images folder."""
+        return feature_cache.describe_problems(problems, self.cache, manifest=self.manifest,
+                                               captions=self.captions,
+                                               images_dir=self.images_dir)
 
     def items(self, split: str) -> tuple[list[str], list[list[int]]]:
         """(feature path, token ids) of every caption of `split`, one pair per caption."""
@@ -96,11 +106,19 @@ def check_manifest(cache: str) -> dict:
     return manifest
 
 
-def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> TrainData:
+def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
+                    images_dir: Optional[str] = None) -> TrainData:
     """Captions, split, vocabulary and feature files of a run (with `reuse`, the split and
     vocabulary of the run folder when it has them: they never change under a run; --fresh
-    makes new ones). Writes nothing."""
+    makes new ones). Writes nothing.
+
+    The feature files' source images are checked in `images_dir` (`train --images`: the
+    folder of the caption file's images) or else in the folder the cache was last extracted
+    from: a cache into which another folder with same-named images was extracted holds that
+    folder's features under these names, which checked against it looked right."""
     manifest = check_manifest(cfg.cache)
+    images_dir = os.path.abspath(images_dir) if images_dir else \
+        feature_cache.source_images(manifest)
     if reuse:
         run.check_cache(cfg.cache, manifest)
     reader = pipeline.NpyReader.from_manifest(manifest)
@@ -121,10 +139,11 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
     digests = {}   # of every split's images, so `evaluate --cache` can tell other images
     paths, problems = feature_cache.usable_features(
         cfg.cache, [k for keys in splits.values() for k in keys if k in records], manifest,
-        images_dir=feature_cache.source_images(manifest), image_digests=digests)
+        images_dir=images_dir, image_digests=digests)
     recorded_digests = run.image_digests() if reuse else {}
     if reuse:   # before split.json records today's digests as the run's own
-        run.check_image_digests(cfg.cache, list(paths), digests, manifest.get("images_dir"))
+        run.check_image_digests(cfg.cache, list(paths), digests,
+                                images_dir or manifest.get("images_dir"))
     skipped_captions = sum(len(records[k].captions) for k in problems)
     words = {k: tokenize_all(records[k].captions) for k in paths}  # for vocabulary and ids
     if reuse and os.path.exists(run.vocab):
@@ -146,15 +165,18 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True) -> Train
         caption_ids[split] = {k: [vocab.encode_words(w, cfg.vocab.max_length)
                                   for w in words[k]] for k in keys}
         references[split] = {k: records[k].captions for k in keys}
-    _check_not_empty(cfg, splits, caption_ids, problems)
+    data = TrainData(vocab, splits, caption_ids, references, paths, reader, manifest,
+                     captions.format, skipped_captions, len(problems), "",
+                     fingerprint, dict(sorted(digests.items())), problems, 0,
+                     recorded_digests, captions.refused_note(), captions.empty_note(),
+                     captions=cfg.captions, images_dir=images_dir, cache=cfg.cache,
+                     split_source=captions.split_source, split_note=split_note)
+    data.problems = data.describe(problems) if problems else ""
+    _check_not_empty(cfg, splits, caption_ids, problems, data.describe)
     truncated, truncated_val = (sum(len(w) > cfg.vocab.max_length for k in caption_ids[split]
                                     for w in words[k]) for split in ("train", "val"))
-    return TrainData(vocab, splits, caption_ids, references, paths, reader, manifest,
-                     captions.format, skipped_captions, len(problems),
-                     feature_cache.describe_problems(problems, cfg.cache) if problems else "",
-                     fingerprint, dict(sorted(digests.items())), problems, truncated,
-                     recorded_digests, captions.refused_note(), captions.empty_note(),
-                     truncated_val, captions.split_source, split_note)
+    data.truncated, data.truncated_val = truncated, truncated_val
+    return data
 
 
 def _resumed_split_note(run: RunFolder, path: str,
@@ -191,7 +213,10 @@ def _refuse_empty_vocabulary(cfg: RunConfig, train_words: list) -> None:
                     f"times; lower --min-count")
 
 
-def _check_not_empty(cfg: RunConfig, splits: dict, caption_ids: dict, problems: dict) -> None:
+def _check_not_empty(cfg: RunConfig, splits: dict, caption_ids: dict, problems: dict,
+                     describe) -> None:
+    """UserError when the train or val split has no caption with usable features, saying why
+    (`describe`: `feature_cache.describe_problems` of some `problems`, with the fix)."""
     if not splits["train"]:
         counts = ", ".join(f"{len(splits[s])} {s}" for s in data_lib.SPLITS if splits[s])
         raise UserError(
@@ -202,16 +227,18 @@ def _check_not_empty(cfg: RunConfig, splits: dict, caption_ids: dict, problems: 
     train_problems = {k: problems[k] for k in splits["train"] if k in problems}
     if not caption_ids["train"] and train_problems:  # feature files there, but not usable
         raise UserError(f"no training captions have usable features in {cfg.cache}: "
-                        + feature_cache.describe_problems(train_problems, cfg.cache))
+                        + describe(train_problems))
     if not caption_ids["train"]:
         raise UserError(f"no training captions have features in {cfg.cache}; run "
                         f"`caption-attn extract-features` for {cfg.captions} first")
     if not caption_ids["val"]:
+        val_problems = {k: problems[k] for k in splits["val"] if k in problems}
+        why = (f": {describe(val_problems)}" if val_problems else "")
         raise UserError(
             f"the val split of {cfg.captions} has no images with features in {cfg.cache} "
             f"({len(splits['val'])} val images); validation drives early stopping and the "
             f"best model. Give the caption file val images, raise --val-fraction (for files "
-            f"without splits), or extract their features")
+            f"without splits), or extract their features{why}")
 
 
 def hash_seed(seed: int, epoch: int) -> int:

@@ -789,6 +789,23 @@ def test_a_best_model_of_another_architecture_is_refused(shapes_data, trained_ru
     assert "units 65: not this run's best model" in err and "Traceback" not in err
 
 
+def test_a_folder_given_hands_back_the_files_it_leaves_out(tmp_path):
+    """`caption photos/` captioned A.JPG and d.JPEG and said nothing of c.jfif (a JPEG, as
+    Windows names downloads) or b.heic: .jfif is an image now, and the files left out for
+    their extension come back for the CLI's one note (a folder of none of them says so)."""
+    for name in ("A.JPG", "c.jfif", "b.heic", ".hidden.heic"):
+        (tmp_path / name).write_bytes(b"x")
+    left: list = []
+    assert captioner.expand_image_args([str(tmp_path)], left_out=left) == [
+        str(tmp_path / "A.JPG"), str(tmp_path / "c.jfif")]
+    assert left == [str(tmp_path / "b.heic")]
+    (tmp_path / "A.JPG").unlink()
+    (tmp_path / "c.jfif").unlink()
+    with pytest.raises(UserError, match=r"no image files in this folder; left out 1 file\(s\) "
+                                        r"there whose extension is not an image's \(b\.heic\)"):
+        captioner.expand_image_args([str(tmp_path)])
+
+
 def test_a_heatmap_folder_inside_an_image_folder_is_not_captioned(tmp_path):
     """`caption photos --plot-attention photos/heat`, run a second time, captioned the first
     run's heatmaps as photos (and drew heatmaps of them)."""

@@ -200,6 +200,8 @@ def test_changed_images_are_extracted_again(images, extracted, cache_copy, tmp_p
     summary = extract_features(work, extract_cfg(cache_copy), keys=keys, progress=False)
     assert summary["extracted"] == 1 and summary["changed_images"] == 1
     assert summary["invalid"] == {"a.jpg": feature_index.IMAGE_CHANGED}
+    # a copy of the first folder (its other images the same files): an edit, not refused
+    assert summary["replaced_others"] == {"a.jpg": images}
     assert summary["reindexed"] == 1 and "changed image" in format_summary(summary)
     before = np.load(feature_path(extracted[0], "a.jpg")).astype(np.float32)
     assert not np.allclose(np.load(feature_path(cache_copy, "a.jpg")), before, atol=1e-2)
@@ -215,20 +217,62 @@ def test_changed_images_are_extracted_again(images, extracted, cache_copy, tmp_p
     assert problems == {}
 
 
-def test_same_names_from_another_images_folder_say_so(images, cache_copy, tmp_path):
-    """Extracting a second dataset into a cache replaces the features of its same-named images
-    (one file per image path); the summary said only "source image changed since extraction"
-    while the first folder's images had not changed at all."""
+def test_same_names_from_another_images_folder_are_refused(images, cache_copy, tmp_path):
+    """Extracting a second dataset into a cache replaced the features of its same-named images
+    (one file per image path) with a note after the fact, and every run on the first folder's
+    captions then trained on the second's features. Refused now, before anything is written,
+    naming the folder; --replace-other-images replaces them (with the note), and the images
+    of a folder no other holds, or the same folder again, are extracted as before (so are
+    those of a copy of the folder: test_changed_images_are_extracted_again)."""
     other = tmp_path / "other"
     write_rgb(str(other / "a.jpg"), scene(33))
     write_rgb(str(other / "new.jpg"), scene(34))
+    before = {n: os.stat(os.path.join(cache_copy, n)).st_mtime_ns
+              for n in os.listdir(cache_copy) if n.endswith(".npy")}
+    with pytest.raises(UserError) as e:
+        extract_features(str(other), extract_cfg(cache_copy), progress=False)
+    assert str(e.value) == (
+        f"--images {other}: 1 of its images have the names of images of {images} whose "
+        f"features this cache holds, with other content (e.g. a.jpg): extracting would "
+        f"replace those features, and runs on {images}'s captions would train on or be scored "
+        f"against these images. A cache holds one feature file per image path: extract this "
+        f"dataset into another --cache (one per dataset), or, if these images are to replace "
+        f"those, add --replace-other-images")
+    assert {n: os.stat(os.path.join(cache_copy, n)).st_mtime_ns for n in os.listdir(cache_copy)
+            if n.endswith(".npy")} == before
+    summary = extract_features(str(other), extract_cfg(cache_copy, replace_other_images=True),
+                               progress=False)
+    assert summary["changed_images"] == 1 and summary["replaced_others"] == {"a.jpg": images}
+    assert (f"note: 1 of these images had been extracted from {images}: same path, other "
+            f"content" in format_summary(summary))
+    assert read_manifest(cache_copy)["images_dirs"] == [images, str(other)]
     summary = extract_features(str(other), extract_cfg(cache_copy), progress=False)
-    assert summary["changed_images"] == 1 and summary["previous_images_dir"] == images
-    text = format_summary(summary)
-    assert (f"note: 1 of these images had been extracted from {images} (the cache's last "
-            f"--images): same path, other content" in text)
-    summary = extract_features(str(other), extract_cfg(cache_copy), progress=False)
-    assert summary["previous_images_dir"] is None and "note:" not in format_summary(summary)
+    assert summary["replaced_others"] == {} and "note:" not in format_summary(summary)
+    # back to the first folder: its a.jpg is now the one another folder's features are of
+    with pytest.raises(UserError, match=f"1 of its images have the names of images of {other}"):
+        extract_features(images, extract_cfg(cache_copy), keys=["a.jpg"], progress=False)
+
+
+def test_a_folder_walk_takes_jfif_and_notes_the_files_it_leaves_out(cache_copy, tmp_path):
+    """Without --captions, real JPEGs named .jfif and a .heic were skipped without a word (12
+    of 24 images of a folder); a rerun said "skipped 12 already done" (the 12 it had taken).
+    .jfif is an image now, and the summary counts the files left out, naming two."""
+    work = tmp_path / "work"
+    write_rgb(str(work / "p.jpg"), scene(41))
+    write_rgb(str(work / "q.jpg"), scene(42))
+    os.rename(work / "q.jpg", work / "q.jfif")
+    for name in ("r.heic", "s.heic", "notes.txt", ".hidden.heic"):
+        (work / name).write_bytes(b"x")
+    for extracted, skipped in ((2, 0), (0, 2)):          # and the rerun
+        summary = extract_features(str(work), extract_cfg(cache_copy), progress=False)
+        assert (summary["extracted"], summary["skipped"]) == (extracted, skipped)
+        assert summary["left_out"] == ["notes.txt", "r.heic", "s.heic"]
+        assert (f"note: left out 3 file(s) under --images {work} whose extension is not an "
+                f"image's (notes.txt, r.heic ...); images are taken by extension: .jpg .jpeg "
+                f".jpe .jfif" in format_summary(summary))
+    summary = extract_features(str(work), extract_cfg(cache_copy), keys=["p.jpg"],
+                               progress=False)
+    assert summary["left_out"] == [] and "left out" not in format_summary(summary)
 
 
 def test_a_file_name_that_is_not_utf8_fails_alone(images, cache_copy, tmp_path):

@@ -165,6 +165,30 @@ def test_problems_name_images_that_failed_to_extract_and_why(cache_copy):
         f"{cache_copy} ...`")
 
 
+def test_problems_name_the_command_for_the_caption_file_and_its_images(images, cache_copy):
+    """The fix said "Rerun `caption-attn extract-features --cache CACHE ...` with the cache's
+    settings: it extracts exactly these again", which extracts the cache's last --images
+    again, never a caption file's images it lacks; and a cache extracted with --images one
+    folder above the caption file's names holds them as train2017/NAME, so that rerun
+    extracted nothing. The command now names --captions and --images, and the folder the
+    caption file's names are relative to."""
+    manifest = read_manifest(cache_copy)
+    settings = "--weights random --seed 0 --dtype float16 --precision float32"
+    text = describe_problems({"x.jpg": "missing"}, cache_copy, manifest=manifest,
+                             captions="caps.json")
+    assert (f"Rerun `caption-attn extract-features --captions caps.json --images {images} "
+            f"--cache {cache_copy} {settings}`: it extracts exactly these again") in text
+    assert "longer path" not in text
+    text = describe_problems({"c.jpg": "missing", "deeper/d.jpg": "missing"}, cache_copy,
+                             manifest=manifest, captions="caps.json")
+    sub = os.path.join(images, "sub")
+    assert (f"2 of the missing ones are in the cache under a longer path (e.g. c.jpg as "
+            f"sub/c.jpg): feature files are named after the image's path relative to "
+            f"--images, and the caption file's names are relative to {sub}: extract with "
+            f"--images {sub} instead. Rerun `caption-attn extract-features --captions "
+            f"caps.json --images {sub} --cache {cache_copy} {settings}`") in text
+
+
 def _files_of(folder):
     """{path: mtime} of every file under `folder`."""
     return {os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns

@@ -18,7 +18,7 @@ from PIL import Image
 
 from caption_attn.errors import UserError
 from caption_attn.images import (ImageError, _composite_alpha, _may_have_alpha, decode_image,
-                                 list_images, load_image, resize_image)
+                                 left_out_note, list_images, load_image, resize_image)
 from image_samples import (BAD, BLUE, GOOD, GREEN, RED, png_chunk, png_file, run_as_user,
                            scene)
 
@@ -116,6 +116,29 @@ def test_list_images_keys(images):
     assert "sub/deeper/d.jpg" in keys                       # POSIX separators, subfolders
     with pytest.raises(UserError, match="--images"):
         list_images(os.path.join(images, "nope"))
+
+
+def test_list_images_takes_jfif_and_reports_the_files_it_leaves_out(tmp_path):
+    """Real JPEGs saved as .jfif (Windows' name for a downloaded JPEG) or .pjpeg, and a
+    phone's .heic, were skipped by every folder walk without a word. JPEG's other names are
+    images now; the files left out for their extension are handed back (hidden ones aside)
+    and said in one line with a count and two of them."""
+    jpeg = cv2.imencode(".jpg", np.full((8, 8, 3), 90, np.uint8))[1].tobytes()
+    for name in ("a.jfif", "sub/b.PJPEG", "c.pjp", "d.jpe"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(jpeg)
+    for name in ("e.heic", "sub/notes.txt", "f.xyz", ".hidden.heic"):
+        (tmp_path / name).write_bytes(b"x")
+    left_out: list = []
+    assert list_images(str(tmp_path), left_out=left_out) == ["a.jfif", "c.pjp", "d.jpe",
+                                                              "sub/b.PJPEG"]
+    assert left_out == ["e.heic", "f.xyz", "sub/notes.txt"]
+    assert load_image(str(tmp_path / "a.jfif")).shape == (299, 299, 3)
+    assert left_out_note(left_out, "under --images X") == (
+        "left out 3 file(s) under --images X whose extension is not an image's (e.heic, "
+        "f.xyz ...); images are taken by extension: .jpg .jpeg .jpe .jfif .pjpeg .pjp .png "
+        ".bmp .dib .gif .webp .tif .tiff (any case)")
+    assert left_out_note([], "anywhere") == ""
 
 
 def test_list_images_follows_folder_symlinks_once(tmp_path):

@@ -680,6 +680,38 @@ def test_captions_without_features_are_skipped(shapes_data, copy_cache, tmp_path
     assert first_train["filename"] not in data.feature_paths
 
 
+def test_source_images_are_checked_in_the_images_given(shapes_data, copy_cache, tmp_path):
+    """A cache into which another folder's same-named image was extracted holds that folder's
+    features under the run's image name. train checked the source images only in the cache's
+    last --images (the other folder), so it trained on them without a word, also when given
+    the run's own folder with --images (used for the heatmaps only). They are checked in
+    --images now: left out as a changed image, with the command that extracts them from it."""
+    from caption_attn.extract import extract_features
+    from caption_attn.config import ExtractConfig
+    from caption_attn.feature_index import IMAGE_CHANGED
+
+    with open(shapes_data["captions"]) as f:
+        key = next(i for i in json.load(f)["images"] if i["split"] == "train")["filename"]
+    other = tmp_path / "other"
+    other.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+    assert cv2_write(str(other / key), rgb)
+    extract_features(str(other), ExtractConfig(
+        cache=copy_cache, weights="random", dtype="float16", precision="float32",
+        replace_other_images=True), progress=False)
+    cfg = small_config(shapes_data, cache=copy_cache, epochs=1)
+    data = train.load_train_data(cfg, str(tmp_path / "run"), images_dir=shapes_data["images"])
+    assert data.unusable == {key: IMAGE_CHANGED}
+    assert (f"`caption-attn extract-features --captions {shapes_data['captions']} --images "
+            f"{shapes_data['images']} --cache {copy_cache} --weights random --seed 0 --dtype "
+            f"float16 --precision float32`: it extracts exactly these again" in data.problems)
+
+
+def cv2_write(path: str, rgb) -> bool:
+    import cv2
+    return cv2.imwrite(path, rgb[..., ::-1])
+
+
 def test_cache_manifest_is_checked(shapes_data, copy_cache, tmp_path):
     path = os.path.join(copy_cache, "manifest.json")
     with open(path) as f:

@@ -111,11 +111,16 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
         raise UserError(f"{captions} has none of the {len(splits[split])} images of the run's "
                         f"{split} split: is it the caption file the run was trained with?")
     digests = {}
-    usable, problems = usable_features(cache, keys, manifest, source_images(manifest), digests)
-    run.check_image_digests(cache, keys, digests, manifest.get("images_dir"), f"{split} ")
+    # checked where train checked them (not the cache's last folder, which may since have
+    # replaced same-named images' features: they were scored as this run's images, exit 0)
+    folder = run.images_dir() or source_images(manifest)
+    usable, problems = usable_features(cache, keys, manifest, folder, digests)
+    run.check_image_digests(cache, keys, digests, folder or manifest.get("images_dir"),
+                            f"{split} ")
     without = [k for k in keys if k not in usable]
     keys = [k for k in keys if k in usable]
-    why = describe_problems(problems, cache, manifest=manifest, captions=captions) \
+    why = describe_problems(problems, cache, manifest=manifest, captions=captions,
+                            images_dir=folder) \
         if problems else ""
     if not keys:
         raise UserError(f"no images of the {split} split have usable features: {why}")

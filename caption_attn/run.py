@@ -401,6 +401,16 @@ class RunFolder:
         were read, when every Flickr8k run was) keeps that split, lists or not."""
         return self._split_field("split_source") == "lists"
 
+    def images_dir(self) -> Optional[str]:
+        """The folder the run's feature files had their source images checked in when it last
+        trained (split.json's `images_dir`: `train --images`, or the cache's last images
+        folder then), when it is still a folder; None otherwise (and for runs made before it
+        was recorded). A cache can hold another folder's same-named images since
+        (`extract-features --replace-other-images`): checked in the cache's last folder, their
+        features looked like this run's images'."""
+        folder = self._split_field("images_dir")
+        return folder if isinstance(folder, str) and os.path.isdir(folder) else None
+
     def image_digests(self) -> dict:
         """image key -> digest of the image its training-time features were extracted from
         (`feature_cache.usable_features`' image_digests, recorded in split.json at every start

@@ -80,6 +80,7 @@ class TrainData:
         write_json_atomic(run.split, {"captions": os.path.abspath(captions),
                                       "format": self.format, "splits": self.splits,
                                       "split_source": self.split_source,
+                                      "images_dir": self.images_dir,
                                       "splits_sha256": splits_digest(self.splits),
                                       "cache_identity": feature_cache.cache_identity(
                                           self.manifest),
@@ -113,12 +114,12 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
     makes new ones). Writes nothing.
 
     The feature files' source images are checked in `images_dir` (`train --images`: the
-    folder of the caption file's images) or else in the folder the cache was last extracted
-    from: a cache into which another folder with same-named images was extracted holds that
+    folder of the caption file's images), or else (resumed) where the run last checked them
+    (`RunFolder.images_dir`), or else in the folder the cache was last extracted from: a cache into which another folder with same-named images was extracted holds that
     folder's features under these names, which checked against it looked right."""
     manifest = check_manifest(cfg.cache)
     images_dir = os.path.abspath(images_dir) if images_dir else \
-        feature_cache.source_images(manifest)
+        (reuse and run.images_dir()) or feature_cache.source_images(manifest)
     if reuse:
         run.check_cache(cfg.cache, manifest)
     reader = pipeline.NpyReader.from_manifest(manifest)

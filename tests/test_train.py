@@ -707,6 +707,43 @@ def test_source_images_are_checked_in_the_images_given(shapes_data, copy_cache, 
             f"float16 --precision float32`: it extracts exactly these again" in data.problems)
 
 
+def test_evaluate_and_a_resume_check_source_images_where_train_did(shapes_data, copy_cache,
+                                                                    tmp_path):
+    """After another folder's same-named test image replaced its features in the cache
+    (--replace-other-images), `train --images OWN` left that image out, but `evaluate` (and a
+    resume without --images) checked the source images in the cache's last folder, the
+    other one: the run was scored on the other image's features, exit 0. The folder train
+    checked in is recorded in split.json and used by both."""
+    from caption_attn import evaluate
+    from caption_attn.config import ExtractConfig
+    from caption_attn.extract import extract_features
+    from caption_attn.feature_index import IMAGE_CHANGED
+
+    with open(shapes_data["captions"]) as f:
+        key = next(i for i in json.load(f)["images"] if i["split"] == "test")["filename"]
+    other = tmp_path / "other"
+    other.mkdir()
+    assert cv2_write(str(other / key), np.random.default_rng(1).integers(0, 256, (64, 64, 3),
+                                                                           np.uint8))
+    extract_features(str(other), ExtractConfig(
+        cache=copy_cache, weights="random", dtype="float16", precision="float32",
+        replace_other_images=True), progress=False)
+    run = str(tmp_path / "run")
+    cfg = small_config(shapes_data, cache=copy_cache, epochs=1)
+    train.train(cfg, run, images_dir=shapes_data["images"], progress=False,
+                log=lambda *a: None)
+    with open(os.path.join(run, "split.json")) as f:
+        recorded = json.load(f)
+    assert recorded["images_dir"] == os.path.abspath(shapes_data["images"])
+    assert key in recorded["without_features"] and key not in recorded["image_digests"]
+    loaded = evaluate._load_split(run, "test", RunFolder(run).load_config(), copy_cache,
+                                  shapes_data["captions"])
+    assert key in loaded.without and key not in loaded.keys
+    assert "source image changed" in loaded.problems
+    data = train.load_train_data(cfg, run)                  # a resume without --images
+    assert data.unusable == {key: IMAGE_CHANGED}
+
+
 def cv2_write(path: str, rgb) -> bool:
     import cv2
     return cv2.imwrite(path, rgb[..., ::-1])

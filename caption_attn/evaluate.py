@@ -18,7 +18,8 @@ from caption_attn.coco_metrics import COCO_METRICS, coco_metrics, write_results
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import (describe_problems, feature_path, read_manifest,
-                                        repair_command, source_images, usable_features,
+                                        repair_command, source_images,
+                                        usable_features_checked_in,
                                         using_features)
 from caption_attn.fileio import is_inside, read_json, write_json_atomic
 from caption_attn.run import RunFolder, check_folder_writable
@@ -114,7 +115,8 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
     # checked where train checked them (not the cache's last folder, which may since have
     # replaced same-named images' features: they were scored as this run's images, exit 0)
     folder = run.images_dir() or source_images(manifest)
-    usable, problems = usable_features(cache, keys, manifest, folder, digests)
+    usable, problems = usable_features_checked_in(cache, keys, manifest, run.images_dir(),
+                                                  run.image_digests(), digests)
     run.check_image_digests(cache, keys, digests, folder or manifest.get("images_dir"),
                             f"{split} ")
     without = [k for k in keys if k not in usable]

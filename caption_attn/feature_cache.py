@@ -679,6 +679,29 @@ def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
     return paths, problems
 
 
+def usable_features_checked_in(cache_dir: str, keys: Iterable[str], manifest: dict,
+                               checked_in: Optional[str], known: dict,
+                               image_digests: Optional[dict] = None) -> tuple[dict, dict]:
+    """`usable_features` with the source images checked where a run checked them before
+    (`checked_in`, `RunFolder.images_dir`; None: the cache's last folder). A key whose image
+    differs there but matches the cache's last images folder is usable only if `known` (the
+    run's recorded image digests) has it: `check_image_digests` then compares the contents,
+    so a dataset copied elsewhere with new modification times and indexed again still
+    counts, while an image the run never had features of, left out as changed when it
+    trained (another folder's same-named image, `--replace-other-images`), stays out."""
+    keys = list(keys)
+    last = source_images(manifest)
+    paths, problems = usable_features(cache_dir, keys, manifest, checked_in or last,
+                                      image_digests)
+    retry = [k for k, why in problems.items() if why == feature_index.IMAGE_CHANGED and k in known]
+    if checked_in and last and retry and os.path.realpath(checked_in) != os.path.realpath(last):
+        more, _ = usable_features(cache_dir, retry, manifest, last, image_digests)
+        paths.update(more)
+        for k in more:
+            del problems[k]
+    return paths, problems
+
+
 def source_images(manifest: dict) -> Optional[str]:
     """The images folder a cache was extracted from (recorded in its manifest) when it is on
     this machine: `usable_features` then checks the images against the index; else None."""

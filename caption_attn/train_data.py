@@ -115,11 +115,14 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
 
     The feature files' source images are checked in `images_dir` (`train --images`: the
     folder of the caption file's images), or else (resumed) where the run last checked them
-    (`RunFolder.images_dir`), or else in the folder the cache was last extracted from: a cache into which another folder with same-named images was extracted holds that
-    folder's features under these names, which checked against it looked right."""
+    (`RunFolder.images_dir`; `feature_cache.usable_features_checked_in`), or else in the
+    folder the cache was last extracted from: a cache into which another folder with
+    same-named images was extracted holds that folder's features under these names, which
+    checked against it looked right."""
     manifest = check_manifest(cfg.cache)
+    checked_in = None if images_dir or not reuse else run.images_dir()  # a resume: as before
     images_dir = os.path.abspath(images_dir) if images_dir else \
-        (reuse and run.images_dir()) or feature_cache.source_images(manifest)
+        checked_in or feature_cache.source_images(manifest)
     if reuse:
         run.check_cache(cfg.cache, manifest)
     reader = pipeline.NpyReader.from_manifest(manifest)
@@ -138,10 +141,11 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
         run.check_captions(cfg.captions, captions.records, splits, fingerprint)
     records = {r.image: r for r in captions.records}
     digests = {}   # of every split's images, so `evaluate --cache` can tell other images
-    paths, problems = feature_cache.usable_features(
-        cfg.cache, [k for keys in splits.values() for k in keys if k in records], manifest,
-        images_dir=images_dir, image_digests=digests)
     recorded_digests = run.image_digests() if reuse else {}
+    # --images given is the folder to check in; a resume's recorded one may be an older copy
+    paths, problems = feature_cache.usable_features_checked_in(
+        cfg.cache, [k for keys in splits.values() for k in keys if k in records], manifest,
+        images_dir, recorded_digests if checked_in else {}, digests)
     if reuse:   # before split.json records today's digests as the run's own
         run.check_image_digests(cfg.cache, list(paths), digests,
                                 images_dir or manifest.get("images_dir"))

@@ -742,6 +742,20 @@ def test_evaluate_and_a_resume_check_source_images_where_train_did(shapes_data, 
     assert "source image changed" in loaded.problems
     data = train.load_train_data(cfg, run)                  # a resume without --images
     assert data.unusable == {key: IMAGE_CHANGED}
+    # the dataset copied elsewhere with new modification times and extracted from there (the
+    # same bytes: indexed again): its images still count, checked by their recorded digests;
+    # the image the run never had features of stays out
+    copy = tmp_path / "copy"
+    shutil.copytree(shapes_data["images"], copy)
+    for name in os.listdir(copy):
+        os.utime(copy / name, (1e9, 1e9))
+    extract_features(str(copy), ExtractConfig(
+        cache=copy_cache, weights="random", dtype="float16", precision="float32",
+        replace_other_images=True), progress=False)
+    loaded = evaluate._load_split(run, "test", RunFolder(run).load_config(), copy_cache,
+                                  shapes_data["captions"])
+    assert loaded.without == [key]
+    assert train.load_train_data(cfg, run).unusable == {key: IMAGE_CHANGED}
 
 
 def cv2_write(path: str, rgb) -> bool:

@@ -693,7 +693,8 @@ def usable_features_checked_in(cache_dir: str, keys: Iterable[str], manifest: di
     last = source_images(manifest)
     paths, problems = usable_features(cache_dir, keys, manifest, checked_in or last,
                                       image_digests)
-    retry = [k for k, why in problems.items() if why == feature_index.IMAGE_CHANGED and k in known]
+    retry = [k for k, why in problems.items()
+             if why == feature_index.IMAGE_CHANGED and k in known]
     if checked_in and last and retry and os.path.realpath(checked_in) != os.path.realpath(last):
         more, _ = usable_features(cache_dir, retry, manifest, last, image_digests)
         paths.update(more)
@@ -809,11 +810,17 @@ def describe_problems(problems: dict, cache_dir: str, examples: int = 3,
                   f"it again with `cp -a` or `rsync -a`; otherwise rerun" if
                   feature_index.REWRITTEN in by_reason else "Rerun")
         settings = " with the cache's settings" if manifest is None else ""
+        others = [f for f in images_folders(manifest or {}) if images is None or
+                  os.path.realpath(f) != os.path.realpath(images)]
+        replacing = (f" (refused, naming the folder, if these names' features are now of "
+                     f"another images folder's images, e.g. {one_line(others[-1])}'s: add "
+                     f"--replace-other-images to replace them then)"
+                     if feature_index.IMAGE_CHANGED in by_reason and others else "")
         parts.append(f"{len(rest)} feature file(s) in {cache_dir} cannot be used: {counts} "
                      f"(e.g. {shown}).{named} {copied} `"
                      f"{extract_command(cache_dir, manifest, captions, images)}`{settings}: "
-                     f"it extracts exactly these again (--verify also reads every other "
-                     f"file's values)")
+                     f"it extracts exactly these again{replacing} (--verify also reads every "
+                     f"other file's values)")
     if failed:
         shown = "; ".join(f"{one_line(k)} ({one_line(why)})"
                           for k, why in list(failed.items())[:examples])

@@ -705,6 +705,10 @@ def test_source_images_are_checked_in_the_images_given(shapes_data, copy_cache, 
     assert (f"`caption-attn extract-features --captions {shapes_data['captions']} --images "
             f"{shapes_data['images']} --cache {copy_cache} --weights random --seed 0 --dtype "
             f"float16 --precision float32`: it extracts exactly these again" in data.problems)
+    # which that command refuses until told: the cache's features of that name are other's
+    assert (f"(refused, naming the folder, if these names' features are now of another images "
+            f"folder's images, e.g. {other}'s: add --replace-other-images to replace them "
+            f"then)" in data.problems)
 
 
 def test_evaluate_and_a_resume_check_source_images_where_train_did(shapes_data, copy_cache,

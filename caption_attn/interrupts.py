@@ -9,6 +9,7 @@ saves a checkpoint there and only then lets the signal end the program as it wou
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Iterator, Optional
@@ -27,14 +28,19 @@ class Pending:
 
 
 @contextlib.contextmanager
-def held(enabled: bool = True) -> Iterator[Pending]:
+def held(enabled: bool = True, saying: str = "") -> Iterator[Pending]:
     """Within the block, Ctrl-C and SIGTERM are noted in the `Pending` it yields instead of
-    raised; the block checks it where stopping is safe. When the block ends normally, the
-    handlers are put back and a noted signal is delivered again: it ends the program as it
-    would have (KeyboardInterrupt, `cli.Terminated`, or SIGTERM's default action). Should the
-    block raise, that error ends it and the noted signal is dropped. A second signal while
-    one is held is delivered at once (a hung step, or a user who insists). Signals that are
-    ignored (`nohup`) stay ignored. Not `enabled`, or outside the main thread (where Python
+    raised (`saying`, if given, is written to stderr then: what happens next); the block
+    checks it where stopping is safe. When the block ends normally, the handlers are put back
+    and a noted signal is delivered again: it ends the program as it would have
+    (KeyboardInterrupt, `cli.Terminated`, or SIGTERM's default action); a handler of the
+    caller's that returns instead is followed by KeyboardInterrupt, since the block stopped.
+    Should the block raise, that error ends it and the noted signal is dropped. A second
+    signal while one is held is delivered at once (a hung step, or a user who insists).
+    Ignored signals stay ignored. A signal arriving while the handlers are swapped in (other
+    threads may take it, so it cannot be blocked) ends the program as if it came before the
+    block, and every handler is put back either way: none of this block's is left behind (a
+    later Ctrl-C was swallowed). Not `enabled`, or outside the main thread (where Python
     cannot set handlers), the block runs with the handlers as they are."""
     pending = Pending()
     if not enabled or threading.current_thread() is not threading.main_thread():
@@ -44,8 +50,7 @@ def held(enabled: bool = True) -> Iterator[Pending]:
     kept = [s for s in SIGNALS if previous[s] not in (signal.SIG_IGN, None)]
 
     def restore() -> None:
-        for s in kept:
-            signal.signal(s, previous[s])
+        _set_all({s: previous[s] for s in kept})
 
     def note(signum, frame) -> None:
         if pending:
@@ -53,12 +58,32 @@ def held(enabled: bool = True) -> Iterator[Pending]:
             signal.raise_signal(signum)
         else:
             pending.signum = signum
+            if saying:   # a raw write: the interrupted code may be inside a stderr write
+                os.write(2, saying.encode())
 
-    for s in kept:
-        signal.signal(s, note)
+    try:
+        _set_all({s: note for s in kept})
+    except BaseException:   # a signal before the block took effect: handled as then
+        restore()
+        raise
     try:
         yield pending
     finally:
         restore()
     if pending:
         signal.raise_signal(pending.signum)
+        raise KeyboardInterrupt   # the caller's handler returned: the block stopped all the same
+
+
+def _set_all(handlers: dict) -> None:
+    """signal.signal for each of `handlers` {signum: handler}: all of them are set, also when
+    a signal's handler raises in between (right after one `signal.signal` returns)."""
+    items = list(handlers.items())
+
+    def set_from(i: int) -> None:
+        if i < len(items):
+            try:
+                signal.signal(*items[i])
+            finally:
+                set_from(i + 1)
+    set_from(0)

@@ -660,7 +660,9 @@ class Trainer:
         # Ctrl-C or SIGTERM stops after the running step and its bookkeeping, checkpointed
         # there (else up to an epoch of steps was lost); multi-worker saves are collectives,
         # which one worker's signal cannot start alone: there it stops at once, as before
-        with interrupts.held(enabled=distribute.single_process(self.strategy)) as stopping:
+        with interrupts.held(enabled=distribute.single_process(self.strategy),
+                             saying="\nstopping after this step, which is then checkpointed "
+                                    "(again: stop at once)\n") as stopping:
             try:
                 for batch in pipeline.checked(batches):
                     out = {k: float(v) for k, v in run(batch, step).items()}
@@ -690,7 +692,7 @@ class Trainer:
                 self._save_checkpoint(step, in_epoch, totals)
                 self.log(f"epoch {epoch + 1}: stopped at step {in_epoch} of {target} "
                          f"(checkpoint saved: the same command continues from there)")
-        self._set_counters(step, in_epoch, totals)
+            self._set_counters(step, in_epoch, totals)   # before a held signal is raised
         seconds = max(time.perf_counter() - start, 1e-9)
         return {**totals.logs(self_critical), "steps": in_epoch, "target_steps": target,
                 "captions_per_second": (totals.sums["captions"] - earlier) / seconds,
@@ -937,23 +939,24 @@ class Trainer:
         callbacks.on_epoch_begin(epoch)
         t0 = time.perf_counter()
         logs = self._run_train_epoch(epoch, callbacks)
-        target = logs.pop("target_steps")
-        if logs["steps"] < target:
-            self._save()
-            if self.progress:
-                self.log(f"epoch {epoch + 1}: stopped by --max-steps {self.cfg.train.max_steps}"
-                         f" at step {logs['steps']} of {target} (checkpoint saved; the epoch "
-                         f"is validated and recorded once a rerun finishes it)")
-            return False
-        with self._stopped_at_damaged_features(checkpoint="save"):  # the steps are done
-            try:
+        try:   # Ctrl-C or SIGTERM from here on: keep the steps (not multi-worker: a save
+            target = logs.pop("target_steps")            # there is collective)
+            if logs["steps"] < target:
+                self._save()
+                if self.progress:
+                    self.log(f"epoch {epoch + 1}: stopped by --max-steps "
+                             f"{self.cfg.train.max_steps} at step {logs['steps']} of {target} "
+                             f"(checkpoint saved; the epoch is validated and recorded once a "
+                             f"rerun finishes it)")
+                return False
+            with self._stopped_at_damaged_features(checkpoint="save"):  # the steps are done
                 logs.update(self._validate(epoch))
-            except KeyboardInterrupt:   # Ctrl-C or SIGTERM: keep the steps (not multi-worker:
-                if distribute.single_process(self.strategy):  # a save there is collective)
-                    self._save()
-                    self.log(f"epoch {epoch + 1}: stopped in its validation (checkpoint "
-                             f"saved: the same command validates and records the epoch)")
-                raise
+        except KeyboardInterrupt:
+            if distribute.single_process(self.strategy):
+                self._save()
+                self.log(f"epoch {epoch + 1}: stopped in its validation (checkpoint saved: "
+                         f"the same command validates and records the epoch)")
+            raise
         logs.update(stage=stage, monitor=self.cfg.train.monitor_for(epoch),
                     seconds=time.perf_counter() - t0)
         self.epoch.assign(epoch + 1)

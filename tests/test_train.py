@@ -616,6 +616,52 @@ def test_held_signals_wait_for_the_block_a_second_one_does_not():
     assert done == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_held_signals_cannot_slip_between_the_handler_swaps(monkeypatch, capfd):
+    """A SIGTERM landing after SIGINT's handler was swapped but before SIGTERM's escaped
+    from the block's start, and SIGINT kept the block's handler for good: the next Ctrl-C
+    was swallowed. A caller's handler that returns left the loop stopped as if by
+    --max-steps. The first held signal now also says what happens."""
+    import signal
+    from caption_attn import interrupts
+
+    class Term(Exception):
+        pass
+
+    def term(signum, frame):
+        raise Term()
+    old_term = signal.signal(signal.SIGTERM, term)
+    real = signal.signal
+    calls = []
+
+    def swap_with_a_signal_between(signum, handler):
+        calls.append(signum)
+        previous = real(signum, handler)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)             # between the two swaps
+        return previous
+    try:
+        monkeypatch.setattr(signal, "signal", swap_with_a_signal_between)
+        with pytest.raises(Term):                            # as if it came before the block
+            with interrupts.held():
+                calls.append("the block ran")
+        monkeypatch.setattr(signal, "signal", real)
+        assert "the block ran" not in calls
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is term
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.held(saying="stopping soon\n") as pending:
+                signal.raise_signal(signal.SIGINT)
+                assert pending.signum == signal.SIGINT
+        assert capfd.readouterr().err == "stopping soon\n"
+        real(signal.SIGINT, lambda *a: None)                 # a host's handler that returns
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.held():
+                signal.raise_signal(signal.SIGINT)
+    finally:
+        real(signal.SIGTERM, old_term)
+        real(signal.SIGINT, signal.default_int_handler)
+
+
 def test_max_steps_in_the_middle_of_an_epoch_finishes_no_epoch(shapes_data, tmp_path):
     """Stopping at --max-steps inside epoch 2 saves a checkpoint to continue from, but does
     none of an epoch's end: its validation, history entry, best model, heatmaps and TensorBoard

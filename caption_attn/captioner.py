@@ -457,10 +457,11 @@ def check_heatmap_folder(out_dir: str, run_dir: str, cache: Optional[str] = None
 
 
 def _refuse_heatmaps_among_images(heatmaps: str, folder: str, what: str) -> None:
-    raise UserError(f"--plot-attention {heatmaps} is {what}: a later `caption "
-                    f"{folder}` would caption the heatmaps as photos; give them "
-                    f"a folder of their own (one inside it, such as "
-                    f"{os.path.join(folder, 'heat')}, is left out when it is captioned)")
+    raise UserError(f"--plot-attention {heatmaps} is {what}: the heatmaps would lie among "
+                    f"the photos, where a heatmap can take a photo's name and other tools "
+                    f"take them for photos; give them a folder of their own (a new one inside "
+                    f"a captioned folder, such as {os.path.join(folder, 'heat')}, is left out "
+                    f"when it is captioned)")
 
 
 def display_names(paths: Sequence[str]) -> dict:

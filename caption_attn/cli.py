@@ -152,16 +152,18 @@ def cmd_caption(args: argparse.Namespace) -> int:
     left_out: list = []  # files in the folders given that are not taken for their extension
     paths = C_.expand_image_args(args.images, heatmaps=args.plot_attention, unreadable=folders,
                                  drawn=drawn, left_out=left_out)
-    if drawn:
-        print(f"note: left out {len(drawn)} heatmap{'s' if len(drawn) > 1 else ''} "
-              f"caption-attn drew ({', '.join(one_line(p) for p in drawn[:2])}"
-              f"{', ...' if len(drawn) > 2 else ''}): they are not photos", file=sys.stderr)
     write_heatmaps = None
     if args.plot_attention:
         C_.check_heatmap_folder(args.plot_attention, args.run, args.cache)
         check_folder_writable(args.plot_attention, "--plot-attention")
         write_heatmaps = C_.heatmap_writer(args.plot_attention, paths)
     model = C_.Captioner.from_run(args.run, cfg, cache=args.cache)
+    if drawn:   # after the refusals: a refused command says one line
+        print(f"note: left out {len(drawn)} heatmap{'s' if len(drawn) > 1 else ''} "
+              f"caption-attn drew ({', '.join(one_line(p) for p in drawn[:2])}"
+              f"{', ...' if len(drawn) > 2 else ''}): "
+              f"{'they are not photos' if len(drawn) > 1 else 'it is not a photo'}",
+              file=sys.stderr)
     if left_out:
         from caption_attn.images import left_out_note
         print(f"note: {left_out_note(left_out, 'in the folders given')}", file=sys.stderr)
@@ -479,9 +481,13 @@ def entry() -> int:
     `exit_past_hdf5` (only here: `main` is also called in-process, by tests and scripts,
     where ending the interpreter is not its to do), with SIGTERM handled as `Terminated`
     (also only here: a signal handler belongs to the program, not to a library call)."""
-    signal.signal(signal.SIGTERM, _terminated)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:   # one the parent ignored stays so
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         code = main()
+    except Terminated:      # before `main` could say it (while parsing the flags)
+        print(f"{PROG}: terminated", file=sys.stderr)
+        code = 143
     except BaseException:
         if not hdf5_write_failed():
             raise

@@ -219,7 +219,8 @@ class DataConfig(Config):
     format: str = opt("auto", "caption file format; `auto` detects it from the content",
                       choices=CAPTION_FORMATS)
     val_fraction: float = opt(0.05, "fraction of images held out for validation when the "
-                              "file has no split of its own (Karpathy files do)",
+                              "file has no split of its own (Karpathy files do, and Flickr8k "
+                              "files with the official lists beside them)",
                               check=FRACTION)
     test_fraction: float = opt(0.05, "fraction of images held out for testing when the file "
                                "has no split of its own", check=FRACTION)

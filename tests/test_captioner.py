@@ -826,10 +826,10 @@ def test_a_heatmap_folder_inside_an_image_folder_is_not_captioned(tmp_path):
     # `--plot-attention photos photos/sub/c.png`): accepted, and `caption photos` then
     # captioned the heatmaps
     with pytest.raises(UserError, match=r"^--plot-attention .* is a folder above .*heat, a "
-                                        r"folder being captioned: a later `caption "):
+                                        r"folder being captioned: the heatmaps would lie "):
         captioner.expand_image_args([str(tmp_path / "heat")], heatmaps=str(tmp_path))
     with pytest.raises(UserError, match=r"^--plot-attention .* is a folder above .*x\.png, "
-                                        r"an image being captioned: a later `caption "):
+                                        r"an image being captioned: the heatmaps would lie "):
         captioner.expand_image_args([str(tmp_path / "heat" / "x.png")],
                                     heatmaps=str(tmp_path))
     (tmp_path / "x.jpg").unlink()

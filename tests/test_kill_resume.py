@@ -126,3 +126,15 @@ def test_sigterm_during_training_keeps_the_finished_epochs_and_the_rerun_resumes
     assert done.returncode == 0, done.stderr
     assert "resuming after epoch" in done.stdout
     assert [h["epoch"] for h in read_history(run)] == [1, 2, 3]
+
+
+def test_the_program_collects_garbage_rarely_enough_for_coco_sized_files():
+    """The collector's default thresholds made loading 123k images' captions superlinear
+    (14 full collections of ~1 M live objects): the program raises them."""
+    script = ("import gc, sys\n"
+              "from caption_attn import cli\n"
+              "cli.main = lambda: print(gc.get_threshold()) or 0\n"
+              "sys.exit(cli.entry())\n")
+    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "(100000, 50, 100)\n"), done.stderr

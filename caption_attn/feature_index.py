@@ -268,9 +268,13 @@ def compact(cache_dir: str, feature_path) -> tuple[Index, dict[str, os.stat_resu
         if matching:
             kept.add(matching[-1])
             stats[key] = st
-    write_bytes_atomic(index_path(cache_dir),
-                       [(e.to_json() + "\n").encode("utf-8")
-                        for entries in kept.entries.values() for e in entries], fsync=True)
+    # rewritten only when something changed: a rerun of a complete COCO cache rewrote and
+    # fsynced its 33 MB index every time (3.6 s)
+    if names or index.skipped_lines or \
+            sum(map(len, kept.entries.values())) != sum(map(len, index.entries.values())):
+        write_bytes_atomic(index_path(cache_dir),
+                           [(e.to_json() + "\n").encode("utf-8")
+                            for entries in kept.entries.values() for e in entries], fsync=True)
     for name in names:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(segments_dir(cache_dir), name))

@@ -108,6 +108,16 @@ def test_compact_keeps_the_newest_matching_entry_and_removes_segments(tmp_path):
         lines = f.read().splitlines()
     assert len(lines) == 1 and '"key":"a.jpg"' in lines[0]
     assert feature_index.load_index(cache).entries == index.entries
+    # nothing to merge or drop: the index is left as it is (a rerun of a complete COCO cache
+    # rewrote and fsynced its 33 MB every time); a line it cannot read is dropped
+    os.utime(feature_index.index_path(cache), ns=(0, 7))
+    assert feature_index.compact(cache, _path(cache))[0].entries == index.entries
+    assert os.stat(feature_index.index_path(cache)).st_mtime_ns == 7
+    with open(feature_index.index_path(cache), "a") as f:
+        f.write("not json\n")
+    feature_index.compact(cache, _path(cache))
+    with open(feature_index.index_path(cache)) as f:
+        assert f.read().splitlines() == lines
 
 
 def test_entry_round_trip():

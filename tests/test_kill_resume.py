@@ -14,6 +14,16 @@ from caption_attn.quiet import NOISE
 from train_subprocess import ENV, checkpoint_steps, read_history, train_cmd
 
 
+def _wait_for_epoch_1(proc, run: str) -> None:
+    """Until epoch 1 of the training `proc` is checkpointed (history.json is written just
+    before that), it ended, or 300 s passed."""
+    checkpoint = os.path.join(run, "checkpoints", "checkpoint")
+    deadline = time.time() + 300
+    while not (read_history(run) and os.path.exists(checkpoint)) and time.time() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
 def test_kill_after_an_epoch_then_resume_matches_uninterrupted(shapes_data, tmp_path):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
@@ -28,12 +38,7 @@ def test_kill_after_an_epoch_then_resume_matches_uninterrupted(shapes_data, tmp_
 
     proc = subprocess.Popen(train_cmd(shapes_data, killed), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # kill as soon as epoch 1 is checkpointed (history.json is written just before that)
-    checkpoint = os.path.join(killed, "checkpoints", "checkpoint")
-    deadline = time.time() + 300
-    while not (read_history(killed) and os.path.exists(checkpoint)) and time.time() < deadline \
-            and proc.poll() is None:
-        time.sleep(0.02)
+    _wait_for_epoch_1(proc, killed)   # kill as soon as epoch 1 is checkpointed
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
     assert len(read_history(killed)) < 3
@@ -110,11 +115,7 @@ def test_sigterm_during_training_keeps_the_finished_epochs_and_the_rerun_resumes
     run = str(tmp_path / "run")
     proc = subprocess.Popen(train_cmd(shapes_data, run), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    checkpoint = os.path.join(run, "checkpoints", "checkpoint")
-    deadline = time.time() + 300
-    while not (read_history(run) and os.path.exists(checkpoint)) and time.time() < deadline \
-            and proc.poll() is None:
-        time.sleep(0.02)
+    _wait_for_epoch_1(proc, run)
     proc.send_signal(signal.SIGTERM)
     stderr = proc.communicate(timeout=120)[1]
     assert proc.returncode == 143, stderr

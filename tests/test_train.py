@@ -1643,6 +1643,18 @@ def test_a_broken_pipe_while_training_is_left_to_the_cli(shapes_data, tmp_path, 
                     log=lambda *a: None)
 
 
+def _described(data, cfg, resumed: bool = False, done: int = 0) -> list:
+    """The lines `train._describe` logs for `data` (no Trainer built)."""
+    logged = []
+    train._describe(types.SimpleNamespace(
+        data=data, cfg=cfg, log=logged.append,
+        strategy=types.SimpleNamespace(num_replicas_in_sync=1),
+        inputs=types.SimpleNamespace(items={s: data.items(s) for s in ("train", "val")},
+                                     train_images=[], steps_per_epoch=1, table=None)),
+        resumed, done)
+    return logged
+
+
 def test_captions_longer_than_max_length_are_counted_and_told(shapes_data, tmp_path):
     """Captions cut at --max-length were cut silently: now train says how many."""
     cfg = dataclasses.replace(small_config(shapes_data, epochs=1),
@@ -1653,13 +1665,7 @@ def test_captions_longer_than_max_length_are_counted_and_told(shapes_data, tmp_p
     words = {k: [len(tokenize(c)) for c in refs] for k, refs in data.references["train"].items()}
     long = sum(n > 4 for counts in words.values() for n in counts)
     assert 0 < long == data.truncated and max(lengths) == 4
-    logged = []
-    fake = types.SimpleNamespace(
-        data=data, cfg=cfg, log=logged.append,
-        strategy=types.SimpleNamespace(num_replicas_in_sync=1),
-        inputs=types.SimpleNamespace(items={s: data.items(s) for s in ("train", "val")},
-                                     train_images=[], steps_per_epoch=1, table=None))
-    train._describe(fake, False, 0)
+    logged = _described(data, cfg)
     val_long = sum(len(tokenize(c)) > 4 for refs in data.references["val"].values()
                    for c in refs)
     assert 0 < val_long == data.truncated_val       # val_loss's captions: cut, and said so
@@ -1685,13 +1691,7 @@ def test_a_vocabulary_leaving_most_words_unknown_is_told(shapes_data, tmp_path):
                               vocab=VocabConfig(max_length=20, vocab_size=2))
     train.open_run(str(tmp_path / "run"), cfg)
     data = train.load_train_data(cfg, str(tmp_path / "run"))
-    logged = []
-    train._describe(types.SimpleNamespace(
-        data=data, cfg=cfg, log=logged.append,
-        strategy=types.SimpleNamespace(num_replicas_in_sync=1),
-        inputs=types.SimpleNamespace(items={s: data.items(s) for s in ("train", "val")},
-                                     train_images=[], steps_per_epoch=1, table=None)),
-        False, 0)
+    logged = _described(data, cfg)
     ids = [i for ids in data.items("train")[1] for i in ids[1:-1]]
     share = sum(i == train.UNK for i in ids) / len(ids)
     assert share > 0.5 and (f"note: {share:.0%} of the train captions' words are <unk>, "
@@ -1857,13 +1857,7 @@ def test_a_run_split_by_image_hash_keeps_its_split_when_flickr8k_lists_appear(
         f"Flickr8k's official lists Flickr_8k.*Images.txt beside {captions} split a new run: "
         f"add --fresh to train on them (most of their test and dev images are in this run's "
         f"train split)")
-    logged = []
-    train._describe(types.SimpleNamespace(
-        data=resumed, cfg=cfg, log=logged.append,
-        strategy=types.SimpleNamespace(num_replicas_in_sync=1),
-        inputs=types.SimpleNamespace(items={s: resumed.items(s) for s in ("train", "val")},
-                                     train_images=[], steps_per_epoch=1, table=None)),
-        True, 1)
+    logged = _described(resumed, cfg, True, 1)
     assert "note: " + resumed.split_note in logged
     fresh = train.load_train_data(cfg, run.path, reuse=False)   # --fresh
     assert fresh.split_source == "lists" and fresh.splits != data.splits

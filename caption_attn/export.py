@@ -52,7 +52,7 @@ from caption_attn.captioner import EXPORT_NEEDS, Captioner, make_decoder
 from caption_attn.config import DecodeConfig, ExportConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import is_stale_temp, read_manifest
-from caption_attn.fileio import (is_inside, read_json, remove_path, temp_name,
+from caption_attn.fileio import (holding_lock, is_inside, read_json, remove_path, temp_name,
                                  write_bytes_atomic, write_json_atomic)
 from caption_attn.images import ImageError, load_image
 from caption_attn.model import ShowAttendTell
@@ -90,6 +90,14 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     # the checks saw the earlier export there, and the final rename of the link failed
     out = out.rstrip(os.sep + (os.altsep or "")) or out
     run = RunFolder(run_dir)
+    # no `train --fresh` deleting the run meanwhile, and one export into `out` at a time
+    with run.reading_lock("export"), _exporting_to(out):
+        return _export(run, run_dir, out, decode_cfg, cfg, cache, log)
+
+
+def _export(run: RunFolder, run_dir: str, out: str, decode_cfg: DecodeConfig,
+            cfg: ExportConfig, cache: Optional[str], log) -> dict:
+    """`export_run`'s work, holding its locks."""
     run_cfg = run.load_config()
     cache_dir = cache or run_cfg.cache
     _check_out(out, run, cfg.force, keep=(run.path, cache_dir, run_cfg.captions),
@@ -127,6 +135,20 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # left only when something failed
     return info
+
+
+@contextlib.contextmanager
+def _exporting_to(out: str):
+    """Held from `_check_out` until `_publish`: an exclusive flock on `.NAME.export.lock`
+    beside `out` (NAME its name). Two exports into one --out both reported success while the
+    last one's rename won, or the loser failed on the folder the other had just published,
+    leaving the earlier export under a hidden temporary name."""
+    parent, name = os.path.split(os.path.abspath(out))
+    with holding_lock(os.path.join(parent, f".{name}.export.lock"), lambda who: (
+            f"--out {out}: another `caption-attn export`{who} is exporting into it now; "
+            f"two would replace each other's export: wait for it to end, or choose another "
+            f"--out")):
+        yield
 
 
 # What a write that free space or a writable folder mends fails with

@@ -70,7 +70,10 @@ FAILED = "failed.tsv"
 LOCK = ".lock"
 READING, WRITING = ".reading.lock", ".writing.lock"   # see `using_features`
 STALE_TEMP_AGE_S = 3600          # temp files of other hosts older than this are stale
-_TEMP_RE = re.compile(r"^\.(?P<base>.+)\.tmp\.(?P<pid>\d+)\.(?P<host>.+?)(\.weights\.h5)?$")
+# `temp_name`s, with the suffixes given to it: .weights.h5 (Keras), .old (export's earlier
+# export moved aside while the new one is renamed into place: a host "HOST.old" was no host)
+_TEMP_RE = re.compile(r"^\.(?P<base>.+)\.tmp\.(?P<pid>\d+)\.(?P<host>.+?)"
+                      r"(\.weights\.h5|\.old)?$")
 
 
 # =========================================================================== feature files

@@ -8,6 +8,7 @@ commands, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -143,8 +144,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    # the locks it takes, held to its end: the run's readers' lock (no `train --fresh`
+    # deleting the model meanwhile) and the --plot-attention folder's
+    with contextlib.ExitStack() as hold:
+        return _caption(args, hold)
+
+
+def _caption(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
     from caption_attn import captioner as C_
     from caption_attn import progress
+    from caption_attn.run import RunFolder
 
     cfg = config_from_args(C.DecodeConfig, args)
     folders: dict = {}   # below a folder given, unlistable: reported as unreadable images are
@@ -157,10 +166,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
               f"caption-attn drew ({', '.join(one_line(p) for p in drawn[:2])}"
               f"{', ...' if len(drawn) > 2 else ''}): they are not photos", file=sys.stderr)
     write_heatmaps = None
+    hold.enter_context(RunFolder(args.run).reading_lock("caption"))
     if args.plot_attention:
         C_.check_heatmap_folder(args.plot_attention, args.run, args.cache)
         check_folder_writable(args.plot_attention, "--plot-attention")
-        write_heatmaps = C_.heatmap_writer(args.plot_attention, paths)
+        write_heatmaps = C_.heatmap_writer(args.plot_attention, paths, hold=hold)
     model = C_.Captioner.from_run(args.run, cfg, cache=args.cache)
     if left_out:
         from caption_attn.images import left_out_note

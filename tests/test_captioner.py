@@ -124,6 +124,46 @@ def test_plot_attention_writes_pngs(shapes_data, trained_run, tmp_path, capsys):
     assert all((out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in written)
 
 
+def _held(path):
+    """The lock file `path` flock'ed (exclusive) by this test as another process would."""
+    import fcntl
+    f = open(path, "a+")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return f
+
+
+def test_a_second_caption_into_one_heatmap_folder_is_refused(shapes_data, trained_run,
+                                                             tmp_path, capsys, monkeypatch):
+    """Two `caption --plot-attention DIR` at once each removed and drew heatmaps there,
+    leaving a mix of both runs': the second is refused before the model loads."""
+    images = _test_images(shapes_data, trained_run, 2)
+    out = tmp_path / "heat"
+    out.mkdir()
+    monkeypatch.setattr(captioner.Captioner, "from_run", None)   # must not be reached
+    with _held(out / ".caption-attn.lock"):
+        assert main(["caption", "--run", trained_run, "--plot-attention", str(out),
+                     *images]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    assert re.match(rf"caption-attn caption: error: --plot-attention {re.escape(str(out))}: "
+                    rf"another `caption-attn caption` \(pid {os.getpid()}: .*\) is drawing "
+                    rf"its heatmaps there now; the two would leave a mix of both runs' "
+                    rf"heatmaps: wait for it to end, or give another --plot-attention "
+                    rf"folder$", captured.err), captured.err
+    assert os.listdir(out) == [".caption-attn.lock"]
+
+
+def test_caption_while_train_fresh_deletes_the_run_is_refused(shapes_data, run_copy, capsys):
+    images = _test_images(shapes_data, run_copy.path, 1)
+    with _held(os.path.join(run_copy.path, ".reading.lock")):
+        assert main(["caption", "--run", run_copy.path, *images]) == 2
+    err = capsys.readouterr().err
+    assert re.match(rf"caption-attn caption: error: --run {re.escape(run_copy.path)}: "
+                    rf"`caption-attn train --fresh` \(pid {os.getpid()}: .*\) is deleting "
+                    rf"this run's files now; wait for it to end \(or stop it\), then caption "
+                    rf"again$", err), err
+
+
 def test_folder_argument_captions_every_image(shapes_data, trained_run, tmp_path, capsys):
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -672,8 +672,9 @@ def heatmap_lock(out_dir: str):
 def save_attention_plots(out_dir: str, results: dict, images: Sequence[str] = ()) -> dict:
     """`heatmap_writer` for the images of `results` at once: path -> file written; OSError
     (after the others are written) if a heatmap could not be."""
-    with contextlib.ExitStack() as hold:
-        written, problems = heatmap_writer(out_dir, list(results), images, hold)(results)
+    with contextlib.ExitStack() as hold:   # nothing to draw: no folder made for the lock
+        written, problems = heatmap_writer(out_dir, list(results), images,
+                                           hold if results else None)(results)
     if problems:
         path, why = next(iter(problems.items()))
         raise OSError(f"{path}: {why}"

@@ -166,12 +166,19 @@ def _caption(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
               f"caption-attn drew ({', '.join(one_line(p) for p in drawn[:2])}"
               f"{', ...' if len(drawn) > 2 else ''}): they are not photos", file=sys.stderr)
     write_heatmaps = None
-    hold.enter_context(RunFolder(args.run).reading_lock("caption"))
+    run = RunFolder(args.run)
+    hold.enter_context(run.reading_lock("caption"))
     if args.plot_attention:
         C_.check_heatmap_folder(args.plot_attention, args.run, args.cache)
         check_folder_writable(args.plot_attention, "--plot-attention")
         write_heatmaps = C_.heatmap_writer(args.plot_attention, paths, hold=hold)
-    model = C_.Captioner.from_run(args.run, cfg, cache=args.cache)
+    # which best model captions, read with it (a run still training replaces it): the
+    # captions never said which epoch's model made them
+    model, best = run.read_best_unchanged(
+        lambda: C_.Captioner.from_run(args.run, cfg, cache=args.cache), "caption", "caption")
+    if best is not None:
+        print(f"note: best model of epoch {best['epoch']} ({one_line(run.best_model)})",
+              file=sys.stderr)
     if left_out:
         from caption_attn.images import left_out_note
         print(f"note: {left_out_note(left_out, 'in the folders given')}", file=sys.stderr)
@@ -215,7 +222,7 @@ def _caption(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
         report(failed)
         report(undrawn, heatmaps=True)
     if args.json:
-        print(json.dumps(C_.captions_json(captioned, failed), indent=2))
+        print(json.dumps({**C_.captions_json(captioned, failed), "best": best}, indent=2))
     if drawn:
         print(f"attention heatmaps: {args.plot_attention}", file=sys.stderr)
     return 0 if count and not undrawn else 1

@@ -62,6 +62,21 @@ def test_a_path_that_does_not_exist_is_refused_before_the_model_loads(trained_ru
     assert f"{typo}: no such image file or folder" in capsys.readouterr().err
 
 
+def test_caption_names_the_best_epoch_it_used(shapes_data, trained_run, capsys):
+    """caption never said which epoch's best model made its captions (evaluate and export
+    record it): a note on stderr, and "best" in --json."""
+    images = _test_images(shapes_data, trained_run, 1)
+    with open(os.path.join(trained_run, "best.json")) as f:
+        best = json.load(f)
+    note = (f"note: best model of epoch {best['epoch']} "
+            f"({os.path.join(trained_run, 'best.keras')})")
+    assert main(["caption", "--run", trained_run, "--beam", "1", *images]) == 0
+    assert note in capsys.readouterr().err.splitlines()
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--json", *images]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["best"] == best and note in captured.err.splitlines()
+
+
 def test_caption_json_has_attention_maps(shapes_data, trained_run, capsys):
     images = _test_images(shapes_data, trained_run, 4)
     assert main(["caption", "--run", trained_run, "--json", "--beam", "2", *images]) == 0
@@ -661,9 +676,10 @@ def test_a_heatmap_that_cannot_be_written_is_reported_and_the_rest_go_on(
     out, err = capsys.readouterr()
     assert code == 1
     assert out.count("Captions for image") == 3
-    assert err.splitlines() == [f"caption-attn caption: {images[1]}: cannot write its heatmap "
-                                f"{bad} (No space left on device)",
-                                f"attention heatmaps: {heat}"]
+    assert err.splitlines()[1:] == [f"caption-attn caption: {images[1]}: cannot write its "
+                                    f"heatmap {bad} (No space left on device)",
+                                    f"attention heatmaps: {heat}"]
+    assert err.startswith("note: best model of epoch ")
     assert sorted(os.listdir(heat)) == sorted(os.path.basename(p) for p in (images[0],
                                                                               images[2]))
 

@@ -297,27 +297,15 @@ class RunFolder:
 
     @contextlib.contextmanager
     def training_lock(self):
-        """Held while `train` works on this run: an exclusive flock on RUN/.train.lock, which
-        records the holder's pid. Two `train`s of one run (a second terminal, a command
-        rerun while the first still ran) restored the same checkpoint and wrote checkpoints,
+        """Held while `train` works on this run: an exclusive flock on RUN/.train.lock
+        (`fileio.holding_lock`). Two `train`s of one run (a second terminal, a command rerun
+        while the first still ran) restored the same checkpoint and wrote checkpoints,
         history.json and the best model over each other: nothing stopped them. The lock goes
         with the process, also when it is killed; the folder must exist."""
-        import fcntl  # here: every CLI start imports this module, and Windows has no fcntl
-
-        with open(os.path.join(self.path, ".train.lock"), "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                pid = f.read().strip() or "?"
-                raise UserError(f"--run {self.path}: another `caption-attn train` (pid {pid}) "
-                                f"is training this run now; two would write checkpoints, "
-                                f"history.json and the best model over each other: wait for it "
-                                f"to end (or stop it), or train into another --run") from None
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
+        with holding_lock(os.path.join(self.path, ".train.lock"), lambda who: (
+                f"--run {self.path}: another `caption-attn train`{who} is training this run "
+                f"now; two would write checkpoints, history.json and the best model over each "
+                f"other: wait for it to end (or stop it), or train into another --run")):
             yield
 
     @contextlib.contextmanager

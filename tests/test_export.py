@@ -629,6 +629,19 @@ def test_a_second_export_into_the_same_out_is_refused_before_loading(trained_run
     assert os.listdir(tmp_path) == [".1.export.lock"]
 
 
+def test_an_export_into_a_new_folder_locks_it_too(trained_run, tmp_path, monkeypatch):
+    """The lock of an --out whose parent did not exist yet (`serving/1`, the first export)
+    could not be made, and two such exports both ran."""
+    out = tmp_path / "serving" / "1"
+
+    def loading(*a, **k):
+        assert os.path.exists(tmp_path / "serving" / ".1.export.lock")
+        raise UserError("stop here")
+    monkeypatch.setattr(export.Captioner, "from_run", loading)
+    _refused(["export", "--run", trained_run, "--out", str(out)], "stop here")
+    assert os.listdir(tmp_path / "serving") == []          # the lock went with the export
+
+
 def test_export_while_train_fresh_deletes_the_run_is_refused(run_copy, tmp_path):
     out = tmp_path / "1"
     with _held(os.path.join(run_copy.path, ".reading.lock")):

@@ -326,8 +326,8 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     # RUN/logs/test_metrics.json, inside the folder train manages (refused in turn)
     _check_not_the_runs(run, metrics_path, results_path)
     _check_outputs(metrics_path, results_path, given=out is not None)
-    # one evaluate per --out at a time, and no `train --fresh` deleting the run meanwhile
-    with _writing_outputs(metrics_path, given=out is not None), run.reading_lock("evaluate"):
+    # no `train --fresh` deleting the run meanwhile, and one evaluate per --out at a time
+    with run.reading_lock("evaluate"), contextlib.ExitStack() as hold:
         # every flag and file before the model is loaded: the run, the cache, the caption
         # file, then the split's records and features (a bad --cache or --captions was
         # reported after)
@@ -336,6 +336,10 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
             _check_not_in_cache(run, out, results_path, cache or run_cfg.cache)
         check_run(run, cache or run_cfg.cache, cache is not None,
                   needed_for="evaluate reads the split's features from it")
+        # once the run is known to be one (the lock's folder is made for it: RUN/eval/),
+        # and the outputs checked again under it
+        hold.enter_context(_writing_outputs(metrics_path, given=out is not None))
+        _check_outputs(metrics_path, results_path, given=out is not None)
         # no extract-features may write the cache while it is read (nor be writing it now)
         with using_features(cache or run_cfg.cache, writing=False):
             found = _load_split(run_dir, split, run_cfg, cache or run_cfg.cache,

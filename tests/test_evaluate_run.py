@@ -114,6 +114,14 @@ def test_a_second_evaluate_to_the_same_out_is_refused_before_decoding(run_copy, 
     assert not decoded
 
 
+def test_evaluate_of_a_folder_that_is_no_run_writes_nothing_there(tmp_path):
+    """The lock beside the default output must not make RUN/eval/ in a folder that is no
+    run before evaluate says so."""
+    with pytest.raises(UserError, match="not a training run"):
+        evaluate.evaluate_run(str(tmp_path), "test", progress=False, use_java=False)
+    assert os.listdir(tmp_path) == []
+
+
 def test_the_metrics_record_every_decoding_setting(trained_run, tmp_path, monkeypatch):
     # --max-length and the sampling flags change the captions but were not in the metrics
     # JSON: a run scored with --max-length 3 or --sample --seed 7 looked like the default.

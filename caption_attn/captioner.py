@@ -660,12 +660,10 @@ def heatmap_lock(out_dir: str):
     on OUT_DIR/.caption-attn.lock (hidden: the folder walks skip it). Two captions with one
     --plot-attention folder each removed and wrote the other's heatmaps, leaving a mix of
     both runs'."""
-    with contextlib.suppress(OSError):   # checked writable; else the writes say why
-        os.makedirs(out_dir, exist_ok=True)
     with holding_lock(os.path.join(out_dir, ".caption-attn.lock"), lambda who: (
             f"--plot-attention {out_dir}: another `caption-attn caption`{who} is drawing "
             f"its heatmaps there now; the two would leave a mix of both runs' heatmaps: "
-            f"wait for it to end, or give another --plot-attention folder")):
+            f"wait for it to end, or give another --plot-attention folder"), make_folder=True):
         yield
 
 

@@ -80,12 +80,10 @@ def workdir_lock(workdir: str):
     WORKDIR/.demo.lock. A `demo --fresh` beside a running demo deleted everything that demo
     was making, and a second demo without --fresh was refused halfway in train's or
     extract-features' terms (their --run, --cache: flags the demo does not have)."""
-    with contextlib.suppress(OSError):   # checked writable; else the writes say why
-        os.makedirs(workdir, exist_ok=True)
     with holding_lock(os.path.join(workdir, ".demo.lock"), lambda who: (
             f"--workdir {workdir}: another `caption-attn demo`{who} is working in it now; "
             f"a second demo (or its --fresh) would delete or write over what that one "
-            f"makes: wait for it to end, or choose another --workdir")):
+            f"makes: wait for it to end, or choose another --workdir"), make_folder=True):
         yield
 
 

@@ -369,13 +369,11 @@ def _writing_outputs(metrics_path: str, given: bool):
     --out paired one's metrics with the other's captions, or the second crashed after
     decoding on the file the first had just replaced."""
     folder, name = os.path.split(os.path.abspath(metrics_path))
-    with contextlib.suppress(OSError):   # checked writable; else the write says why
-        os.makedirs(folder, exist_ok=True)
     flag = f"--out {metrics_path}" if given else f"the default output {metrics_path}"
     with holding_lock(os.path.join(folder, f".{name}.lock"), lambda who: (
             f"{flag}: another `caption-attn evaluate`{who} is writing it now; two would "
             f"write their metrics and captions over each other: wait for it to end, or "
-            f"{'choose another --out' if given else 'pass --out FILE'}")):
+            f"{'choose another --out' if given else 'pass --out FILE'}"), make_folder=True):
         yield
 
 

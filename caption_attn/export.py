@@ -147,12 +147,10 @@ def _exporting_to(out: str):
     reported success while the last one's rename won, or the loser failed on the folder the
     other had just published, leaving the earlier export under a hidden temporary name."""
     parent, name = os.path.split(os.path.abspath(out))
-    with contextlib.suppress(OSError):   # checked writable; else the export's write says why
-        os.makedirs(parent, exist_ok=True)
     with holding_lock(os.path.join(parent, f".{name}.export.lock"), lambda who: (
             f"--out {out}: another `caption-attn export`{who} is exporting into it now; "
             f"two would replace each other's export: wait for it to end, or choose another "
-            f"--out")):
+            f"--out"), make_folder=True):
         yield
 
 

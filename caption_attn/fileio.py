@@ -281,7 +281,7 @@ class InUse(UserError):
 
 
 @contextlib.contextmanager
-def holding_lock(path: str, refusal, shared: bool = False):
+def holding_lock(path: str, refusal, shared: bool = False, make_folder: bool = False):
     """Held while this process uses what the lock file `path` guards: a flock on it, shared
     (readers) or exclusive, never waited for. Held by another in a way that excludes this
     one, `InUse(refusal(who))` is raised, `who` naming the holders as " (pid N: COMMAND)"
@@ -289,7 +289,31 @@ def holding_lock(path: str, refusal, shared: bool = False):
     opened, or its file system has no locks (an NFS mount with `nolock`), the process goes
     on unlocked, as before these locks. The lock goes with the process, also when killed.
     An exclusive holder removes the file as it ends (no lock file is left beside the user's
-    files); so each locker checks that the file it locked is still the one at `path`."""
+    files); so each locker checks that the file it locked is still the one at `path`.
+    `make_folder`: the lock file's folder is made if missing (the output folder the lock
+    guards, checked writable by the caller), and removed again at the end if still empty
+    (a command refused later leaves no empty folder behind)."""
+    made = []   # the folders made for the lock file, deepest first
+    folder = os.path.dirname(os.path.abspath(path))
+    while make_folder and not os.path.lexists(folder) and folder != os.path.dirname(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    if made:
+        with contextlib.suppress(OSError):   # cannot: the lock file cannot be opened either
+            os.makedirs(made[0])
+    try:
+        with _holding_lock(path, refusal, shared):
+            yield
+    finally:
+        for folder in made:
+            try:
+                os.rmdir(folder)
+            except OSError:   # not empty: the command wrote into it
+                break
+
+
+@contextlib.contextmanager
+def _holding_lock(path: str, refusal, shared: bool):
     import fcntl  # here: every CLI start imports this module, and Windows has no fcntl
 
     while True:

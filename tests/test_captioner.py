@@ -168,6 +168,19 @@ def test_a_second_caption_into_one_heatmap_folder_is_refused(shapes_data, traine
     assert os.listdir(out) == [".caption-attn.lock"]
 
 
+def test_a_caption_refused_after_the_heatmap_lock_leaves_no_folder(shapes_data, trained_run,
+                                                                   tmp_path, capsys):
+    """The heatmap folder is made to hold its lock; a caption refused later (a folder that
+    is no run) leaves none behind."""
+    images = _test_images(shapes_data, trained_run, 1)
+    (tmp_path / "norun").mkdir()
+    heat = tmp_path / "new" / "heat"
+    assert main(["caption", "--run", str(tmp_path / "norun"), "--plot-attention", str(heat),
+                 *images]) == 2
+    assert "not a training run" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
 def test_caption_while_train_fresh_deletes_the_run_is_refused(shapes_data, run_copy, capsys):
     images = _test_images(shapes_data, run_copy.path, 1)
     with _held(os.path.join(run_copy.path, ".reading.lock")):

@@ -639,7 +639,7 @@ def test_an_export_into_a_new_folder_locks_it_too(trained_run, tmp_path, monkeyp
         raise UserError("stop here")
     monkeypatch.setattr(export.Captioner, "from_run", loading)
     _refused(["export", "--run", trained_run, "--out", str(out)], "stop here")
-    assert os.listdir(tmp_path / "serving") == []          # the lock went with the export
+    assert not (tmp_path / "serving").exists()   # the lock and its folder went with it
 
 
 def test_export_while_train_fresh_deletes_the_run_is_refused(run_copy, tmp_path):

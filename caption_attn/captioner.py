@@ -8,6 +8,7 @@ as `extract-features` did, runs the backbone that made the run's cache, and capt
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import os
@@ -22,7 +23,7 @@ from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone, prefer_wide_xla
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import MANIFEST, cache_images, read_manifest
-from caption_attn.fileio import is_inside, longest_temp_name, one_line
+from caption_attn.fileio import holding_lock, is_inside, longest_temp_name, one_line
 from caption_attn.images import (ImageError, left_out_note, list_images, load_image,
                                  printable_name)
 from caption_attn.run import RunFolder
@@ -607,8 +608,9 @@ def attention_plot(image: np.ndarray, caption: Caption, name: str = "",
     return plot.attention_figure(image, words, caption.attention[:len(words)], title=title)
 
 
-def heatmap_writer(out_dir: str, paths: Sequence[str],
-                   images: Sequence[str] = ()) -> Callable[..., tuple[dict, dict]]:
+def heatmap_writer(out_dir: str, paths: Sequence[str], images: Sequence[str] = (),
+                   hold: Optional[contextlib.ExitStack] = None
+                   ) -> Callable[..., tuple[dict, dict]]:
     """A function saving the best caption's heatmap of each image of some `caption_images`
     (or `caption_batches`) results into OUT_DIR, and removing the file of each image of
     `failed`, returning (path -> file written, path -> why its heatmap could not be written
@@ -616,9 +618,13 @@ def heatmap_writer(out_dir: str, paths: Sequence[str],
     each of `paths` has a distinct file (`heatmap_files` of all of them, so batches written
     one by one get the names one call would give). UserError first, nothing written, if
     OUT_DIR holds a file a heatmap would overwrite, or any image, that is not a heatmap
-    `caption` drew (`check_heatmap_targets`)."""
+    `caption` drew (`check_heatmap_targets`). `hold` (an ExitStack of the caller's) is
+    given the `heatmap_lock` of OUT_DIR first: until it closes, no other caption draws
+    there."""
     from caption_attn import plot
 
+    if hold is not None:
+        hold.enter_context(heatmap_lock(out_dir))
     check_heatmap_targets(out_dir, paths, images)
     names = display_names(list(paths))
     files = heatmap_files(names)
@@ -649,10 +655,25 @@ def heatmap_writer(out_dir: str, paths: Sequence[str],
     return write
 
 
+@contextlib.contextmanager
+def heatmap_lock(out_dir: str):
+    """Held while a caption draws heatmaps into OUT_DIR (made for it): an exclusive flock
+    on OUT_DIR/.caption-attn.lock (hidden: the folder walks skip it). Two captions with one
+    --plot-attention folder each removed and wrote the other's heatmaps, leaving a mix of
+    both runs'."""
+    with holding_lock(os.path.join(out_dir, ".caption-attn.lock"), lambda who: (
+            f"--plot-attention {out_dir}: another `caption-attn caption`{who} is drawing "
+            f"its heatmaps there now; the two would leave a mix of both runs' heatmaps: "
+            f"wait for it to end, or give another --plot-attention folder"), make_folder=True):
+        yield
+
+
 def save_attention_plots(out_dir: str, results: dict, images: Sequence[str] = ()) -> dict:
     """`heatmap_writer` for the images of `results` at once: path -> file written; OSError
     (after the others are written) if a heatmap could not be."""
-    written, problems = heatmap_writer(out_dir, list(results), images)(results)
+    with contextlib.ExitStack() as hold:   # nothing to draw: no folder made for the lock
+        written, problems = heatmap_writer(out_dir, list(results), images,
+                                           hold if results else None)(results)
     if problems:
         path, why = next(iter(problems.items()))
         raise OSError(f"{path}: {why}"

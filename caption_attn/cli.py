@@ -8,6 +8,7 @@ commands, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -144,8 +145,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    # the locks it takes, held to its end: the run's readers' lock (no `train --fresh`
+    # deleting the model meanwhile) and the --plot-attention folder's
+    with contextlib.ExitStack() as hold:
+        return _caption(args, hold)
+
+
+def _caption(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
     from caption_attn import captioner as C_
     from caption_attn import progress
+    from caption_attn.run import RunFolder
 
     cfg = config_from_args(C.DecodeConfig, args)
     folders: dict = {}   # below a folder given, unlistable: reported as unreadable images are
@@ -154,16 +163,24 @@ def cmd_caption(args: argparse.Namespace) -> int:
     paths = C_.expand_image_args(args.images, heatmaps=args.plot_attention, unreadable=folders,
                                  drawn=drawn, left_out=left_out)
     write_heatmaps = None
+    run = RunFolder(args.run)
+    hold.enter_context(run.reading_lock("caption"))
     if args.plot_attention:
         C_.check_heatmap_folder(args.plot_attention, args.run, args.cache)
         check_folder_writable(args.plot_attention, "--plot-attention")
-        write_heatmaps = C_.heatmap_writer(args.plot_attention, paths)
-    model = C_.Captioner.from_run(args.run, cfg, cache=args.cache)
+        write_heatmaps = C_.heatmap_writer(args.plot_attention, paths, hold=hold)
+    # which best model captions, read with it (a run still training replaces it): the
+    # captions never said which epoch's model made them
+    model, best = run.read_best_unchanged(
+        lambda: C_.Captioner.from_run(args.run, cfg, cache=args.cache), "caption", "caption")
     if drawn:   # after the refusals: a refused command says one line
         print(f"note: left out {len(drawn)} heatmap{'s' if len(drawn) > 1 else ''} "
               f"caption-attn drew ({', '.join(one_line(p) for p in drawn[:2])}"
               f"{', ...' if len(drawn) > 2 else ''}): "
               f"{'they are not photos' if len(drawn) > 1 else 'it is not a photo'}",
+              file=sys.stderr)
+    if best is not None:
+        print(f"note: best model of epoch {best['epoch']} ({one_line(run.best_model)})",
               file=sys.stderr)
     if left_out:
         from caption_attn.images import left_out_note
@@ -208,7 +225,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         report(failed)
         report(undrawn, heatmaps=True)
     if args.json:
-        print(json.dumps(C_.captions_json(captioned, failed), indent=2))
+        print(json.dumps({**C_.captions_json(captioned, failed), "best": best}, indent=2))
     if drawn:
         print(f"attention heatmaps: {args.plot_attention}", file=sys.stderr)
     return 0 if count and not undrawn else 1

@@ -9,6 +9,7 @@ refused (`--fresh` starts over).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,7 +21,7 @@ from caption_attn.backbone import native_bfloat16, onednn_cap_without_bfloat16
 from caption_attn.config import (BACKBONE_PRECISIONS, DataConfig, DecodeConfig, DemoConfig,
                                  ExtractConfig, ModelConfig, RunConfig, ShapesConfig,
                                  TrainConfig)
-from caption_attn.fileio import read_json, remove_path, write_json_atomic
+from caption_attn.fileio import holding_lock, read_json, remove_path, write_json_atomic
 from caption_attn.errors import UserError
 from caption_attn.run import check_folder_writable, folder_write_problem
 
@@ -71,6 +72,19 @@ def check_workdir(cfg: DemoConfig) -> None:
                        "rerun with the same flags to reuse it, choose another --workdir, or add "
                        "--fresh to delete it and start over"])
     write_json_atomic(record, settings)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Held while a demo works in `workdir` (made for it): an exclusive flock on
+    WORKDIR/.demo.lock. A `demo --fresh` beside a running demo deleted everything that demo
+    was making, and a second demo without --fresh was refused halfway in train's or
+    extract-features' terms (their --run, --cache: flags the demo does not have)."""
+    with holding_lock(os.path.join(workdir, ".demo.lock"), lambda who: (
+            f"--workdir {workdir}: another `caption-attn demo`{who} is working in it now; "
+            f"a second demo (or its --fresh) would delete or write over what that one "
+            f"makes: wait for it to end, or choose another --workdir"), make_folder=True):
+        yield
 
 
 def _delete_made(work: str) -> None:
@@ -325,51 +339,53 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     train.check_train_flags(run_cfg.train)
     train.check_model_size(run_cfg)
     check_paths(cfg, paths)
-    check_workdir(cfg)
-    precision = backbone_precision(cfg, paths["cache"], log)
+    # one demo per work folder at a time, from before --fresh deletes anything to its end
+    with workdir_lock(cfg.workdir):
+        check_workdir(cfg)
+        precision = backbone_precision(cfg, paths["cache"], log)
 
-    log(f"[1/5] make-shapes -> {paths['shapes']}")
-    t = time.perf_counter()
-    data = _dataset(cfg, paths["shapes"], log)
-    timings["make_shapes"] = time.perf_counter() - t
+        log(f"[1/5] make-shapes -> {paths['shapes']}")
+        t = time.perf_counter()
+        data = _dataset(cfg, paths["shapes"], log)
+        timings["make_shapes"] = time.perf_counter() - t
 
-    log(f"[2/5] extract-features (random InceptionV3, seed {cfg.seed}, {precision}) -> "
-        f"{paths['cache']}")
-    t = time.perf_counter()
-    summary = extract_stage(cfg, data, paths, precision)
-    log(extract.format_summary(summary))
-    timings["extract_features"] = time.perf_counter() - t
+        log(f"[2/5] extract-features (random InceptionV3, seed {cfg.seed}, {precision}) -> "
+            f"{paths['cache']}")
+        t = time.perf_counter()
+        summary = extract_stage(cfg, data, paths, precision)
+        log(extract.format_summary(summary))
+        timings["extract_features"] = time.perf_counter() - t
 
-    log(f"[3/5] train -> {paths['run']}")
-    t = time.perf_counter()
-    trained = train_stage(cfg, data, paths, log)
-    log(train.format_summary(trained))
-    timings["train"] = time.perf_counter() - t
+        log(f"[3/5] train -> {paths['run']}")
+        t = time.perf_counter()
+        trained = train_stage(cfg, data, paths, log)
+        log(train.format_summary(trained))
+        timings["train"] = time.perf_counter() - t
 
-    log(f"[4/5] evaluate the test split (beam {cfg.beam})")
-    t = time.perf_counter()
-    metrics = evaluate.evaluate_run(paths["run"], "test", DecodeConfig(beam=cfg.beam))
-    timings["evaluate"] = time.perf_counter() - t
+        log(f"[4/5] evaluate the test split (beam {cfg.beam})")
+        t = time.perf_counter()
+        metrics = evaluate.evaluate_run(paths["run"], "test", DecodeConfig(beam=cfg.beam))
+        timings["evaluate"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    errors = caption_test_images(cfg, paths, data["images_dir"], log)
-    timings["caption"] = time.perf_counter() - t
+        t = time.perf_counter()
+        errors = caption_test_images(cfg, paths, data["images_dir"], log)
+        timings["caption"] = time.perf_counter() - t
 
-    seconds = time.perf_counter() - start
-    log("")
-    log(evaluate.format_metrics(metrics))
-    for name, target in TARGETS.items():
-        value = metrics.get(name)
-        mark = "n/a" if value is None else "met" if value >= target else "below target"
-        log(f"target {name} >= {target}: {mark}")
-    log(f"\ndemo finished in {seconds:.0f} s "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    log(f"TensorBoard:   tensorboard --logdir {os.path.join(paths['run'], 'logs')}")
-    attention = os.path.join(paths['run'], 'attention')
-    log(f"heatmaps:      {paths['heatmaps']} (and per epoch in {attention})" if cfg.show else
-        f"heatmaps:      none drawn (--show 0); per epoch in {attention}")
-    log(f"best model:    {os.path.join(paths['run'], 'best.keras')}")
-    log(f"metrics:       {metrics['metrics_file']}")
-    log(f"caption more:  caption-attn caption --run {paths['run']} IMAGE...")
-    return {"metrics": metrics, "paths": paths, "seconds": seconds, "timings": timings,
-            "errors": errors}
+        seconds = time.perf_counter() - start
+        log("")
+        log(evaluate.format_metrics(metrics))
+        for name, target in TARGETS.items():
+            value = metrics.get(name)
+            mark = "n/a" if value is None else "met" if value >= target else "below target"
+            log(f"target {name} >= {target}: {mark}")
+        log(f"\ndemo finished in {seconds:.0f} s "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+        log(f"TensorBoard:   tensorboard --logdir {os.path.join(paths['run'], 'logs')}")
+        attention = os.path.join(paths['run'], 'attention')
+        log(f"heatmaps:      {paths['heatmaps']} (and per epoch in {attention})" if cfg.show else
+            f"heatmaps:      none drawn (--show 0); per epoch in {attention}")
+        log(f"best model:    {os.path.join(paths['run'], 'best.keras')}")
+        log(f"metrics:       {metrics['metrics_file']}")
+        log(f"caption more:  caption-attn caption --run {paths['run']} IMAGE...")
+        return {"metrics": metrics, "paths": paths, "seconds": seconds, "timings": timings,
+                "errors": errors}

@@ -7,6 +7,7 @@ module loads TensorFlow only inside `evaluate_run`, so printing a metrics table 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Optional
@@ -21,7 +22,7 @@ from caption_attn.feature_cache import (describe_problems, feature_path, read_ma
                                         repair_command, source_images,
                                         usable_features_checked_in,
                                         using_features)
-from caption_attn.fileio import is_inside, read_json, write_json_atomic
+from caption_attn.fileio import holding_lock, is_inside, read_json, write_json_atomic
 from caption_attn.run import RunFolder, check_folder_writable
 from caption_attn.shapes import COLORS, SHAPES
 from caption_attn.shapes_metrics import (SHAPES_METRICS, scene_accuracy_by_objects,
@@ -325,32 +326,55 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     # RUN/logs/test_metrics.json, inside the folder train manages (refused in turn)
     _check_not_the_runs(run, metrics_path, results_path)
     _check_outputs(metrics_path, results_path, given=out is not None)
-    # every flag and file before the model is loaded: the run, the cache, the caption file,
-    # then the split's records and features (a bad --cache or --captions was reported after)
-    run_cfg = run.load_config()
-    if out is not None:
-        _check_not_in_cache(run, out, results_path, cache or run_cfg.cache)
-    check_run(run, cache or run_cfg.cache, cache is not None,
-              needed_for="evaluate reads the split's features from it")
-    # no extract-features may write the cache while it is read (nor be writing it now)
-    with using_features(cache or run_cfg.cache, writing=False):
-        found = _load_split(run_dir, split, run_cfg, cache or run_cfg.cache,
-                            _captions_file(captions, run_cfg.captions))
-        # which best model is scored, read with it: after a resumed `train` saves a new best,
-        # an earlier metrics file could not be told from a current one (nor one made while
-        # `train` replaced best.keras under the load)
-        captioner, best_record = run.read_best_unchanged(
-            lambda: Captioner.from_run(run_dir, cfg or DecodeConfig(), cache=cache),
-            "evaluate", "evaluate")
-        best = _decode(captioner, found, progress)
-    hypotheses = {k: c.text for k, c in best.items()}
-    result = {"run": run_dir, "split": split, "best": best_record, "images": len(found.keys),
-              "images_without_features": len(found.without),
-              "decode": _decode_settings(captioner),
-              **_score(found, hypotheses, best, use_java)}
-    result.update(metrics_file=metrics_path, results_file=results_path)
-    write_outputs(result, hypotheses, {k: found.records[k].image_id for k in found.keys})
+    # no `train --fresh` deleting the run meanwhile, and one evaluate per --out at a time
+    with run.reading_lock("evaluate"), contextlib.ExitStack() as hold:
+        # every flag and file before the model is loaded: the run, the cache, the caption
+        # file, then the split's records and features (a bad --cache or --captions was
+        # reported after)
+        run_cfg = run.load_config()
+        if out is not None:
+            _check_not_in_cache(run, out, results_path, cache or run_cfg.cache)
+        check_run(run, cache or run_cfg.cache, cache is not None,
+                  needed_for="evaluate reads the split's features from it")
+        # once the run is known to be one (the lock's folder is made for it: RUN/eval/),
+        # and the outputs checked again under it
+        hold.enter_context(_writing_outputs(metrics_path, given=out is not None))
+        _check_outputs(metrics_path, results_path, given=out is not None)
+        # no extract-features may write the cache while it is read (nor be writing it now)
+        with using_features(cache or run_cfg.cache, writing=False):
+            found = _load_split(run_dir, split, run_cfg, cache or run_cfg.cache,
+                                _captions_file(captions, run_cfg.captions))
+            # which best model is scored, read with it: after a resumed `train` saves a new
+            # best, an earlier metrics file could not be told from a current one (nor one
+            # made while `train` replaced best.keras under the load)
+            captioner, best_record = run.read_best_unchanged(
+                lambda: Captioner.from_run(run_dir, cfg or DecodeConfig(), cache=cache),
+                "evaluate", "evaluate")
+            best = _decode(captioner, found, progress)
+        hypotheses = {k: c.text for k, c in best.items()}
+        result = {"run": run_dir, "split": split, "best": best_record,
+                  "images": len(found.keys), "images_without_features": len(found.without),
+                  "decode": _decode_settings(captioner),
+                  **_score(found, hypotheses, best, use_java)}
+        result.update(metrics_file=metrics_path, results_file=results_path)
+        write_outputs(result, hypotheses,
+                      {k: found.records[k].image_id for k in found.keys})
     return result
+
+
+@contextlib.contextmanager
+def _writing_outputs(metrics_path: str, given: bool):
+    """Held from `_check_outputs` until the metrics are written: an exclusive flock on
+    `.NAME.lock` beside the metrics file (its folder made for it). Two evaluates with one
+    --out paired one's metrics with the other's captions, or the second crashed after
+    decoding on the file the first had just replaced."""
+    folder, name = os.path.split(os.path.abspath(metrics_path))
+    flag = f"--out {metrics_path}" if given else f"the default output {metrics_path}"
+    with holding_lock(os.path.join(folder, f".{name}.lock"), lambda who: (
+            f"{flag}: another `caption-attn evaluate`{who} is writing it now; two would "
+            f"write their metrics and captions over each other: wait for it to end, or "
+            f"{'choose another --out' if given else 'pass --out FILE'}"), make_folder=True):
+        yield
 
 
 def _captions_file(captions: Optional[str], recorded: str) -> str:

@@ -52,7 +52,7 @@ from caption_attn.captioner import EXPORT_NEEDS, Captioner, make_decoder
 from caption_attn.config import DecodeConfig, ExportConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import is_stale_temp, read_manifest
-from caption_attn.fileio import (is_inside, read_json, remove_path, temp_name,
+from caption_attn.fileio import (holding_lock, is_inside, read_json, remove_path, temp_name,
                                  write_bytes_atomic, write_json_atomic)
 from caption_attn.images import ImageError, load_image
 from caption_attn.model import ShowAttendTell
@@ -90,10 +90,21 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     # the checks saw the earlier export there, and the final rename of the link failed
     out = out.rstrip(os.sep + (os.altsep or "")) or out
     run = RunFolder(run_dir)
+    # no `train --fresh` deleting the run meanwhile, and one export into `out` at a time
+    with run.reading_lock("export"), contextlib.ExitStack() as hold:
+        return _export(run, run_dir, out, decode_cfg, cfg, cache, log, hold)
+
+
+def _export(run: RunFolder, run_dir: str, out: str, decode_cfg: DecodeConfig,
+            cfg: ExportConfig, cache: Optional[str], log, hold: contextlib.ExitStack) -> dict:
+    """`export_run`'s work; `hold` is given its lock on `out`, once `out` passed its checks
+    (the lock file's folder is made then), and `out` is checked again under it."""
     run_cfg = run.load_config()
     cache_dir = cache or run_cfg.cache
-    _check_out(out, run, cfg.force, keep=(run.path, cache_dir, run_cfg.captions),
-               cache=cache_dir)
+    keep = (run.path, cache_dir, run_cfg.captions)
+    _check_out(out, run, cfg.force, keep=keep, cache=cache_dir)
+    hold.enter_context(_exporting_to(out))
+    _check_out(out, run, cfg.force, keep=keep, cache=cache_dir)  # what is there now, locked
     start = time.perf_counter()
     # A run still training can replace best.keras (and best.json) at any time: export.json
     # records the best epoch read with the model, and a model replaced while it was being
@@ -127,6 +138,20 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # left only when something failed
     return info
+
+
+@contextlib.contextmanager
+def _exporting_to(out: str):
+    """Held from `_check_out` until `_publish`: an exclusive flock on `.NAME.export.lock`
+    beside `out` (NAME its name; its folder made for it). Two exports into one --out both
+    reported success while the last one's rename won, or the loser failed on the folder the
+    other had just published, leaving the earlier export under a hidden temporary name."""
+    parent, name = os.path.split(os.path.abspath(out))
+    with holding_lock(os.path.join(parent, f".{name}.export.lock"), lambda who: (
+            f"--out {out}: another `caption-attn export`{who} is exporting into it now; "
+            f"two would replace each other's export: wait for it to end, or choose another "
+            f"--out"), make_folder=True):
+        yield
 
 
 # What a write that free space or a writable folder mends fails with

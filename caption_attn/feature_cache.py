@@ -38,7 +38,6 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import io
@@ -60,8 +59,8 @@ from caption_attn.backbone import (BACKBONE, FEATURE_LAYOUT, FEATURE_SHAPE, IMAG
 from caption_attn import feature_index
 from caption_attn.config import ExtractConfig
 from caption_attn.errors import UserError
-from caption_attn.fileio import (HOST, keras_file_atomic, one_line, read_json,
-                                 write_bytes_atomic, write_json_atomic)
+from caption_attn.fileio import (HOST, flock, keras_file_atomic, lock_file, lock_holders,
+                                 one_line, read_json, write_bytes_atomic, write_json_atomic)
 from caption_attn.images import RESIZE_METHOD
 
 FORMAT_VERSION = 2               # bump when the meaning of cached files changes
@@ -71,7 +70,10 @@ FAILED = "failed.tsv"
 LOCK = ".lock"
 READING, WRITING = ".reading.lock", ".writing.lock"   # see `using_features`
 STALE_TEMP_AGE_S = 3600          # temp files of other hosts older than this are stale
-_TEMP_RE = re.compile(r"^\.(?P<base>.+)\.tmp\.(?P<pid>\d+)\.(?P<host>.+?)(\.weights\.h5)?$")
+# `temp_name`s, with the suffixes given to it: .weights.h5 (Keras), .old (export's earlier
+# export moved aside while the new one is renamed into place: a host "HOST.old" was no host)
+_TEMP_RE = re.compile(r"^\.(?P<base>.+)\.tmp\.(?P<pid>\d+)\.(?P<host>.+?)"
+                      r"(\.weights\.h5|\.old)?$")
 
 
 # =========================================================================== feature files
@@ -214,18 +216,18 @@ def using_features(cache_dir: str, writing: bool, readers_ok: bool = False):
     held = refusal = None
     try:
         with _exclusive(cache_dir, create=writing):
-            held = _lock_file(os.path.join(cache_dir, mine))
-            if held is not None and not _flock(held, fcntl.LOCK_SH):
+            held = lock_file(os.path.join(cache_dir, mine))
+            if held is not None and not flock(held, fcntl.LOCK_SH):
                 held.close()
                 held = None
-            other = _lock_file(os.path.join(cache_dir, theirs))
+            other = lock_file(os.path.join(cache_dir, theirs))
             if other is not None:
                 with other:
                     try:
-                        _flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
                         refusal = CacheInUse(_in_use_message(cache_dir, writing,
-                                                             _lock_holders(other)))
+                                                             lock_holders(other)))
                         if not (writing and readers_ok):
                             raise refusal from None
         yield refusal
@@ -245,55 +247,13 @@ def _exclusive(cache_dir: str, create: bool):
         with cache_lock(cache_dir):
             yield
         return
-    f = _lock_file(os.path.join(cache_dir, LOCK))
+    f = lock_file(os.path.join(cache_dir, LOCK))
     if f is None:
         yield
         return
     with f:
-        _flock(f, fcntl.LOCK_EX)
+        flock(f, fcntl.LOCK_EX)
         yield
-
-
-def _flock(f, operation: int) -> bool:
-    """flock `f`; False where its file system has no locks (an NFS mount with `nolock`) or
-    none for this file (read-only on NFS): the process then goes on unlocked, as before
-    these locks. BlockingIOError: held by another."""
-    try:
-        fcntl.flock(f.fileno(), operation)
-        return True
-    except BlockingIOError:
-        raise
-    except OSError as e:
-        # EBADF: NFS emulates flock with POSIX locks, whose exclusive lock needs a file open
-        # for writing, and a lock file another user made may only open read-only
-        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF):
-            return False
-        raise
-
-
-def _lock_file(path: str):
-    """`path` opened to flock it (created if need be), or None when it cannot be opened."""
-    for mode in ("a+", "r"):   # "r": an existing lock file of a cache this user cannot write
-        try:
-            return open(path, mode)
-        except OSError:
-            continue
-    return None
-
-
-def _lock_holders(f) -> list[int]:
-    """Pids holding a flock on the open file `f`, from Linux' /proc/locks ([] elsewhere)."""
-    st = os.fstat(f.fileno())
-    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    try:
-        with open("/proc/locks") as locks:
-            lines = locks.read().splitlines()
-    except OSError:
-        return []
-    pids = {int(fields[4]) for fields in (line.split() for line in lines)
-            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device
-            and fields[4].isdigit()}
-    return sorted(pids - {os.getpid()}) or sorted(pids)
 
 
 def _in_use_message(cache_dir: str, writing: bool, pids: list[int]) -> str:

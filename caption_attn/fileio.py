@@ -273,3 +273,146 @@ def read_json(path: str) -> Any:
     except OSError as e:
         raise UserError(f"{one_line(path)}: cannot read ({e.strerror})") from None
     return parse_json(path, decode_utf8(path, raw))
+
+
+# ------------------------------------------------------------------ locks between processes
+class InUse(UserError):
+    """`holding_lock` refused: another process holds the lock."""
+
+
+@contextlib.contextmanager
+def holding_lock(path: str, refusal, shared: bool = False, make_folder: bool = False):
+    """Held while this process uses what the lock file `path` guards: a flock on it, shared
+    (readers) or exclusive, never waited for. Held by another in a way that excludes this
+    one, `InUse(refusal(who))` is raised, `who` naming the holders as " (pid N: COMMAND)"
+    read from Linux' /proc/locks ("" when unknown). Where the lock file cannot be made or
+    opened, or its file system has no locks (an NFS mount with `nolock`), the process goes
+    on unlocked, as before these locks. The lock goes with the process, also when killed.
+    An exclusive holder removes the file as it ends (no lock file is left beside the user's
+    files); so each locker checks that the file it locked is still the one at `path`.
+    `make_folder`: the lock file's folder is made if missing (the output folder the lock
+    guards, checked writable by the caller), and removed again at the end if still empty
+    (a command refused later leaves no empty folder behind)."""
+    made = []   # the folders made for the lock file, deepest first
+    folder = os.path.dirname(os.path.abspath(path))
+    while make_folder and not os.path.lexists(folder) and folder != os.path.dirname(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    if made:
+        with contextlib.suppress(OSError):   # cannot: the lock file cannot be opened either
+            os.makedirs(made[0])
+    try:
+        with _holding_lock(path, refusal, shared):
+            yield
+    finally:
+        for folder in made:
+            try:
+                os.rmdir(folder)
+            except OSError:   # not empty: the command wrote into it
+                break
+
+
+@contextlib.contextmanager
+def _holding_lock(path: str, refusal, shared: bool):
+    import fcntl  # here: every CLI start imports this module, and Windows has no fcntl
+
+    while True:
+        f = lock_file(path)
+        if f is None:
+            yield
+            return
+        try:
+            locked = flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = describe_holders(lock_holders(f))
+            f.close()
+            raise InUse(refusal(who)) from None
+        if not locked or _is_at(f, path):
+            break
+        f.close()   # its holder removed it as it ended: lock the file at `path` now
+    with f:
+        try:
+            yield
+        finally:
+            if locked and not shared:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
+
+def _is_at(f, path: str) -> bool:
+    """Whether the open file `f` is the file at `path`."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    mine = os.fstat(f.fileno())
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def flock(f, operation: int) -> bool:
+    """flock `f`; False where its file system has no locks (an NFS mount with `nolock`) or
+    none for this file (read-only on NFS): the process then goes on unlocked, as before
+    these locks. BlockingIOError: held by another."""
+    import fcntl
+
+    try:
+        fcntl.flock(f.fileno(), operation)
+        return True
+    except BlockingIOError:
+        raise
+    except OSError as e:
+        # EBADF: NFS emulates flock with POSIX locks, whose exclusive lock needs a file open
+        # for writing, and a lock file another user made may only open read-only
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF):
+            return False
+        raise
+
+
+def lock_file(path: str):
+    """`path` opened to flock it (created if need be), or None when it cannot be opened."""
+    for mode in ("a+", "r"):   # "r": an existing lock file of a folder this user cannot write
+        try:
+            return open(path, mode)
+        except OSError:
+            continue
+    return None
+
+
+def lock_holders(f) -> list[int]:
+    """Pids holding a flock on the open file `f`, from Linux' /proc/locks ([] elsewhere)."""
+    st = os.fstat(f.fileno())
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as locks:
+            lines = locks.read().splitlines()
+    except OSError:
+        return []
+    pids = {int(fields[4]) for fields in (line.split() for line in lines)
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == device
+            and fields[4].isdigit()}
+    return sorted(pids - {os.getpid()}) or sorted(pids)
+
+
+def describe_holders(pids: list[int]) -> str:
+    """" (pid N: caption-attn evaluate --run r)" for the lock holders `pids` ("" for none)."""
+    if not pids:
+        return ""
+    return " (" + "; ".join(f"pid {p}{_command_of(p)}" for p in pids[:3]) + ")"
+
+
+def _command_of(pid: int) -> str:
+    """": COMMAND" of the process `pid`, as `caption-attn ...` when it runs the CLI ("" when
+    it cannot be read)."""
+    import shlex
+
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().decode("utf-8", "replace").split("\0")[:-1]
+    except OSError:
+        return ""
+    for i, arg in enumerate(args):
+        if arg == "caption_attn" or os.path.basename(arg) == "caption-attn":
+            args = ["caption-attn"] + args[i + 1:]
+            break
+    text = one_line(shlex.join(args)) if args else ""
+    return f": {text[:120]}{'...' if len(text) > 120 else ''}" if text else ""

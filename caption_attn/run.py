@@ -35,8 +35,8 @@ from typing import Callable, Optional
 from caption_attn.config import MONITORS, RunConfig, config_diff
 from caption_attn.data import SPLITS
 from caption_attn.errors import UserError
-from caption_attn.fileio import (file_identity, is_inside, keras_file_atomic, one_line,
-                                 parse_json, read_json, write_json_atomic)
+from caption_attn.fileio import (file_identity, holding_lock, is_inside, keras_file_atomic,
+                                 one_line, parse_json, read_json, write_json_atomic)
 
 
 @functools.lru_cache(maxsize=1)
@@ -86,6 +86,7 @@ class RunFolder:
     FILES = ("config.json", "vocab.json", "split.json", "history.json", "best.keras",
              "best.json", "best.weights.h5", "cider_df.json")
     DIRS = ("checkpoints", "logs", "attention", "eval")  # eval/: `evaluate`'s default output
+    READING_LOCK = ".reading.lock"   # `reading_lock`, `fresh_lock`
 
     def __init__(self, path: str):
         if not path or not str(path).strip():
@@ -296,27 +297,42 @@ class RunFolder:
 
     @contextlib.contextmanager
     def training_lock(self):
-        """Held while `train` works on this run: an exclusive flock on RUN/.train.lock, which
-        records the holder's pid. Two `train`s of one run (a second terminal, a command
-        rerun while the first still ran) restored the same checkpoint and wrote checkpoints,
+        """Held while `train` works on this run: an exclusive flock on RUN/.train.lock
+        (`fileio.holding_lock`). Two `train`s of one run (a second terminal, a command rerun
+        while the first still ran) restored the same checkpoint and wrote checkpoints,
         history.json and the best model over each other: nothing stopped them. The lock goes
         with the process, also when it is killed; the folder must exist."""
-        import fcntl  # here: every CLI start imports this module, and Windows has no fcntl
+        with holding_lock(os.path.join(self.path, ".train.lock"), lambda who: (
+                f"--run {self.path}: another `caption-attn train`{who} is training this run "
+                f"now; two would write checkpoints, history.json and the best model over each "
+                f"other: wait for it to end (or stop it), or train into another --run")):
+            yield
 
-        with open(os.path.join(self.path, ".train.lock"), "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                pid = f.read().strip() or "?"
-                raise UserError(f"--run {self.path}: another `caption-attn train` (pid {pid}) "
-                                f"is training this run now; two would write checkpoints, "
-                                f"history.json and the best model over each other: wait for it "
-                                f"to end (or stop it), or train into another --run") from None
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
+    @contextlib.contextmanager
+    def reading_lock(self, command: str):
+        """Held while `evaluate`, `export` or `caption` (`command`) use this run: a shared
+        flock on RUN/.reading.lock, which `train --fresh` takes exclusive before it deletes
+        the run's files (`fresh_lock`). A `train --fresh` run meanwhile deleted the model
+        being evaluated, and evaluate then wrote the deleted model's metrics (its best epoch)
+        into the fresh run. A folder with no config.json (its own checks refuse it) is not
+        locked: nothing is written into a folder that is no run."""
+        if not os.path.exists(self.config):
+            yield
+            return
+        with holding_lock(os.path.join(self.path, self.READING_LOCK), lambda who: (
+                f"--run {self.path}: `caption-attn train --fresh`{who} is deleting this "
+                f"run's files now; wait for it to end (or stop it), then {command} again"),
+                shared=True):
+            yield
+
+    @contextlib.contextmanager
+    def fresh_lock(self):
+        """`train --fresh`'s exclusive hold of RUN/.reading.lock around `delete_previous`:
+        refused while an `evaluate`, `export` or `caption` reads the run (`reading_lock`)."""
+        with holding_lock(os.path.join(self.path, self.READING_LOCK), lambda who: (
+                f"--fresh: a `caption-attn evaluate`, `export` or `caption`{who} is reading "
+                f"--run {self.path} now; --fresh would delete the model under it: wait for "
+                f"it to end (or stop it), or train into another --run")):
             yield
 
     def delete_previous(self) -> None:

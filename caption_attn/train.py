@@ -1236,7 +1236,8 @@ def _load_and_train(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, pr
     with (run.training_lock() if cfg.train.strategy != "multi-worker"
           else contextlib.nullcontext()):
         if fresh:
-            run.delete_previous()
+            with run.fresh_lock():   # no evaluate, export or caption reading the run
+                run.delete_previous()
         return _train_in(run, cfg, run_dir, images_dir, progress, log, data)
 
 

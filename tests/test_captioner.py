@@ -62,6 +62,21 @@ def test_a_path_that_does_not_exist_is_refused_before_the_model_loads(trained_ru
     assert f"{typo}: no such image file or folder" in capsys.readouterr().err
 
 
+def test_caption_names_the_best_epoch_it_used(shapes_data, trained_run, capsys):
+    """caption never said which epoch's best model made its captions (evaluate and export
+    record it): a note on stderr, and "best" in --json."""
+    images = _test_images(shapes_data, trained_run, 1)
+    with open(os.path.join(trained_run, "best.json")) as f:
+        best = json.load(f)
+    note = (f"note: best model of epoch {best['epoch']} "
+            f"({os.path.join(trained_run, 'best.keras')})")
+    assert main(["caption", "--run", trained_run, "--beam", "1", *images]) == 0
+    assert note in capsys.readouterr().err.splitlines()
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--json", *images]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["best"] == best and note in captured.err.splitlines()
+
+
 def test_caption_json_has_attention_maps(shapes_data, trained_run, capsys):
     images = _test_images(shapes_data, trained_run, 4)
     assert main(["caption", "--run", trained_run, "--json", "--beam", "2", *images]) == 0
@@ -122,6 +137,59 @@ def test_plot_attention_writes_pngs(shapes_data, trained_run, tmp_path, capsys):
     written = sorted(os.listdir(out))
     assert written == sorted(os.path.splitext(os.path.basename(p))[0] + ".png" for p in images)
     assert all((out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in written)
+
+
+def _held(path):
+    """The lock file `path` flock'ed (exclusive) by this test as another process would."""
+    import fcntl
+    f = open(path, "a+")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return f
+
+
+def test_a_second_caption_into_one_heatmap_folder_is_refused(shapes_data, trained_run,
+                                                             tmp_path, capsys, monkeypatch):
+    """Two `caption --plot-attention DIR` at once each removed and drew heatmaps there,
+    leaving a mix of both runs': the second is refused before the model loads."""
+    images = _test_images(shapes_data, trained_run, 2)
+    out = tmp_path / "heat"
+    out.mkdir()
+    monkeypatch.setattr(captioner.Captioner, "from_run", None)   # must not be reached
+    with _held(out / ".caption-attn.lock"):
+        assert main(["caption", "--run", trained_run, "--plot-attention", str(out),
+                     *images]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    assert re.match(rf"caption-attn caption: error: --plot-attention {re.escape(str(out))}: "
+                    rf"another `caption-attn caption` \(pid {os.getpid()}: .*\) is drawing "
+                    rf"its heatmaps there now; the two would leave a mix of both runs' "
+                    rf"heatmaps: wait for it to end, or give another --plot-attention "
+                    rf"folder$", captured.err), captured.err
+    assert os.listdir(out) == [".caption-attn.lock"]
+
+
+def test_a_caption_refused_after_the_heatmap_lock_leaves_no_folder(shapes_data, trained_run,
+                                                                   tmp_path, capsys):
+    """The heatmap folder is made to hold its lock; a caption refused later (a folder that
+    is no run) leaves none behind."""
+    images = _test_images(shapes_data, trained_run, 1)
+    (tmp_path / "norun").mkdir()
+    heat = tmp_path / "new" / "heat"
+    assert main(["caption", "--run", str(tmp_path / "norun"), "--plot-attention", str(heat),
+                 *images]) == 2
+    assert "not a training run" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_caption_while_train_fresh_deletes_the_run_is_refused(shapes_data, run_copy, capsys):
+    images = _test_images(shapes_data, run_copy.path, 1)
+    with _held(os.path.join(run_copy.path, ".reading.lock")):
+        assert main(["caption", "--run", run_copy.path, *images]) == 2
+    err = capsys.readouterr().err
+    assert re.match(rf"caption-attn caption: error: --run {re.escape(run_copy.path)}: "
+                    rf"`caption-attn train --fresh` \(pid {os.getpid()}: .*\) is deleting "
+                    rf"this run's files now; wait for it to end \(or stop it\), then caption "
+                    rf"again$", err), err
 
 
 def test_folder_argument_captions_every_image(shapes_data, trained_run, tmp_path, capsys):
@@ -621,9 +689,10 @@ def test_a_heatmap_that_cannot_be_written_is_reported_and_the_rest_go_on(
     out, err = capsys.readouterr()
     assert code == 1
     assert out.count("Captions for image") == 3
-    assert err.splitlines() == [f"caption-attn caption: {images[1]}: cannot write its heatmap "
-                                f"{bad} (No space left on device)",
-                                f"attention heatmaps: {heat}"]
+    assert err.splitlines()[1:] == [f"caption-attn caption: {images[1]}: cannot write its "
+                                    f"heatmap {bad} (No space left on device)",
+                                    f"attention heatmaps: {heat}"]
+    assert err.startswith("note: best model of epoch ")
     assert sorted(os.listdir(heat)) == sorted(os.path.basename(p) for p in (images[0],
                                                                               images[2]))
 

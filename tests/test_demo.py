@@ -97,6 +97,29 @@ def test_fresh_removes_what_the_demo_made_and_nothing_else(tmp_path):
         assert json.load(f)["seed"] == 5
 
 
+@pytest.mark.parametrize("fresh", [False, True], ids=["again", "fresh"])
+def test_a_second_demo_in_a_workdir_in_use_is_refused_in_the_demos_terms(tmp_path, capsys,
+                                                                        fresh):
+    """`demo --fresh` beside a running demo deleted everything that demo was making, and a
+    second demo without it was refused halfway naming train's --run or extract's --cache:
+    now either is refused first, deleting nothing, naming --workdir and the other's pid."""
+    import fcntl
+    from caption_attn.cli import main
+    work = tmp_path / "work"
+    demo.check_workdir(DemoConfig(workdir=str(work), seed=0))
+    (work / "shapes").mkdir()
+    (work / "shapes" / "x").write_text("x")
+    with open(work / ".demo.lock", "a+") as held:   # the running demo's
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["demo", "--workdir", str(work), "--num-images", "20"]
+                    + ["--fresh"] * fresh) == 2
+    err = capsys.readouterr().err
+    assert re.match(rf"caption-attn demo: error: --workdir {re.escape(str(work))}: another "
+                    rf"`caption-attn demo` \(pid {os.getpid()}: .*\) is working in it now; "
+                    rf".* wait for it to end, or choose another --workdir$", err), err
+    assert (work / "shapes" / "x").read_text() == "x"
+
+
 def test_train_flag_combinations_are_checked_before_anything_is_written(tmp_path):
     """The demo's cosine schedule is left out with --scst-after 0 (no cross-entropy epoch to
     decay over; train refuses cosine there), and a --batch-size below the self-critical

@@ -64,6 +64,64 @@ def test_evaluate_from_a_cache_being_extracted_is_refused(trained_run, tmp_path)
     assert not out.exists()
 
 
+def _held(path, shared=False):
+    """The lock file `path` flock'ed by this test as another process would (a file opened
+    apart conflicts with the command's own opening of it)."""
+    import fcntl
+
+    f = open(path, "a+")
+    fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    return f
+
+
+def test_evaluate_while_train_fresh_deletes_the_run_is_refused(run_copy, tmp_path):
+    """`train --fresh` deleted the run's files while evaluate read them, and evaluate then
+    wrote the deleted model's metrics into the fresh run: each refuses the other now."""
+    out = tmp_path / "m.json"
+    with _held(os.path.join(run_copy.path, ".reading.lock")):   # train --fresh deleting
+        with pytest.raises(UserError, match=rf"^--run {re.escape(run_copy.path)}: "
+                                            rf"`caption-attn train --fresh` \(pid "
+                                            rf"{os.getpid()}: .*\) is deleting this run's "
+                                            rf"files now; .* then evaluate again$"):
+            evaluate.evaluate_run(run_copy.path, "test", out=str(out), progress=False,
+                                  use_java=False)
+    assert not out.exists()
+
+
+def test_a_second_evaluate_to_the_same_out_is_refused_before_decoding(run_copy, tmp_path,
+                                                                    monkeypatch):
+    """Two evaluates with one --out paired one's metrics with the other's captions (or the
+    second crashed on the file the first replaced, after decoding)."""
+    out = tmp_path / "m.json"
+    decoded = []
+    monkeypatch.setattr(evaluate, "_decode", lambda *a: decoded.append(1))
+    with _held(tmp_path / ".m.json.lock"):   # the first evaluate's
+        with pytest.raises(UserError, match=rf"^--out {re.escape(str(out))}: another "
+                                            rf"`caption-attn evaluate` \(pid {os.getpid()}"
+                                            rf": .*\) is writing it now; .* choose another "
+                                            rf"--out$"):
+            evaluate.evaluate_run(run_copy.path, "test", out=str(out), progress=False,
+                                  use_java=False)
+    assert not decoded and not out.exists()
+    # the default output: its own words
+    with _held(os.path.join(run_copy.path, "eval", ".test_metrics.json.lock")
+               if os.makedirs(os.path.join(run_copy.path, "eval"), exist_ok=True) is None
+               else None):
+        with pytest.raises(UserError, match=r"^the default output .*test_metrics.json: "
+                                            r"another `caption-attn evaluate`.* pass --out "
+                                            r"FILE$"):
+            evaluate.evaluate_run(run_copy.path, "test", progress=False, use_java=False)
+    assert not decoded
+
+
+def test_evaluate_of_a_folder_that_is_no_run_writes_nothing_there(tmp_path):
+    """The lock beside the default output must not make RUN/eval/ in a folder that is no
+    run before evaluate says so."""
+    with pytest.raises(UserError, match="not a training run"):
+        evaluate.evaluate_run(str(tmp_path), "test", progress=False, use_java=False)
+    assert os.listdir(tmp_path) == []
+
+
 def test_the_metrics_record_every_decoding_setting(trained_run, tmp_path, monkeypatch):
     # --max-length and the sampling flags change the captions but were not in the metrics
     # JSON: a run scored with --max-length 3 or --sample --seed 7 looked like the default.

@@ -407,7 +407,9 @@ def test_out_inside_the_run_or_its_cache_is_refused_even_with_force(tmp_path):
                  str(out))
     assert (run / "best.keras").read_text() == "model" and captions.read_text() == "{}"
     assert sorted(os.listdir(cache)) == ["manifest.json"]
-    assert sorted(os.listdir(run)) == ["best.keras", "checkpoints", "config.json"]
+    # and the readers' lock file (`RunFolder.reading_lock`)
+    assert sorted(os.listdir(run)) == [".reading.lock", "best.keras", "checkpoints",
+                                       "config.json"]
     assert (tmp_path / "link").is_symlink()
 
 
@@ -589,6 +591,64 @@ def test_temporary_folders_of_killed_exports_are_removed(tmp_path):
     export._remove_killed_exports(str(out), lines.append)
     assert not killed.exists() and live.exists() and other.exists()
     assert lines == [f"removed {killed}, left by an export that did not finish"]
+
+
+def test_the_earlier_export_moved_aside_by_a_killed_export_is_removed(tmp_path):
+    """`_publish` moves the earlier export to `.NAME.tmp.PID.HOST.old`; killed then, that
+    folder stayed for good: the host was read as "HOST.old", no host of a stale writer."""
+    from caption_attn.fileio import HOST
+    out = tmp_path / "1"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = tmp_path / f".1.tmp.{dead.pid}.{HOST}.old"
+    (old / "variables").mkdir(parents=True)
+    lines = []
+    export._remove_killed_exports(str(out), lines.append)
+    assert not old.exists() and lines == [f"removed {old}, left by an export that did not "
+                                          f"finish"]
+
+
+def _held(path):
+    """The lock file `path` flock'ed (exclusive) by this test as another process would."""
+    import fcntl
+    f = open(path, "a+")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return f
+
+
+def test_a_second_export_into_the_same_out_is_refused_before_loading(trained_run, tmp_path,
+                                                                   monkeypatch):
+    """Two exports into one --out: both reported success while the last rename won, or the
+    loser failed on the other's folder and left the earlier export hidden."""
+    out = tmp_path / "1"
+    monkeypatch.setattr(export.Captioner, "from_run", None)   # must not be reached
+    with _held(tmp_path / ".1.export.lock"):
+        _refused(["export", "--run", trained_run, "--out", str(out)],
+                 f"--out {out}: another `caption-attn export` (pid {os.getpid()}: ",
+                 "is exporting into it now", "wait for it to end, or choose another --out")
+    assert os.listdir(tmp_path) == [".1.export.lock"]
+
+
+def test_an_export_into_a_new_folder_locks_it_too(trained_run, tmp_path, monkeypatch):
+    """The lock of an --out whose parent did not exist yet (`serving/1`, the first export)
+    could not be made, and two such exports both ran."""
+    out = tmp_path / "serving" / "1"
+
+    def loading(*a, **k):
+        assert os.path.exists(tmp_path / "serving" / ".1.export.lock")
+        raise UserError("stop here")
+    monkeypatch.setattr(export.Captioner, "from_run", loading)
+    _refused(["export", "--run", trained_run, "--out", str(out)], "stop here")
+    assert not (tmp_path / "serving").exists()   # the lock and its folder went with it
+
+
+def test_export_while_train_fresh_deletes_the_run_is_refused(run_copy, tmp_path):
+    out = tmp_path / "1"
+    with _held(os.path.join(run_copy.path, ".reading.lock")):
+        _refused(["export", "--run", run_copy.path, "--out", str(out)],
+                 f"--run {run_copy.path}: `caption-attn train --fresh` (pid {os.getpid()}",
+                 "then export again")
+    assert not out.exists()
 
 
 def _new_best(run, epoch):

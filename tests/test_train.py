@@ -257,17 +257,32 @@ def test_a_second_train_of_a_run_being_trained_is_refused(trained, tmp_path):
     cfg = small_config_like(trained)
     with open(os.path.join(run, ".train.lock"), "a+") as held:   # the first train's lock
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.write("4242\n")
-        held.flush()
-        with pytest.raises(UserError, match=r"another `caption-attn train` \(pid 4242\) is "
-                                            r"training this run now"):
+        with pytest.raises(UserError, match=rf"another `caption-attn train` \(pid "
+                                            rf"{os.getpid()}: .*\) is training this run now"):
             train.train(cfg, run, progress=False, log=lambda *a: None)
-        with pytest.raises(UserError, match=r"pid 4242"):   # --fresh deletes nothing then
+        with pytest.raises(UserError, match=rf"pid {os.getpid()}"):   # --fresh deletes nothing
             train.train(dataclasses.replace(cfg, train=dataclasses.replace(
                 cfg.train, fresh=True)), run, progress=False, log=lambda *a: None)
         assert _files(run) == before and os.path.exists(os.path.join(run, "best.keras"))
     summary = train.train(cfg, run, progress=False, log=lambda *a: None)  # lock released
     assert summary["steps_now"] == 0
+
+
+def test_train_fresh_while_evaluate_reads_the_run_is_refused(trained, tmp_path):
+    """`train --fresh` deleted the run's files while `evaluate` read them, and evaluate then
+    wrote the deleted model's metrics into the fresh run: --fresh is refused, deleting
+    nothing, while an evaluate, export or caption holds the run."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    before = _files(run)
+    cfg = small_config_like(trained)
+    fresh = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fresh=True))
+    with RunFolder(run).reading_lock("evaluate"):
+        with pytest.raises(UserError, match=rf"^--fresh: a `caption-attn evaluate`, `export` "
+                                            rf"or `caption` \(pid {os.getpid()}: .*\) is "
+                                            rf"reading --run {re.escape(run)} now; "):
+            train.train(fresh, run, progress=False, log=lambda *a: None)
+        assert _files(run) == before
 
 
 def test_train_from_a_cache_being_extracted_is_refused(trained, tmp_path):

@@ -546,6 +546,16 @@ def _history(run):
                 for h in json.load(f)]
 
 
+@pytest.fixture
+def default_sigint():
+    """Ctrl-C raising KeyboardInterrupt, as in a terminal (pytest-xdist's workers, `make
+    test`, ignore SIGINT: the held signals would be ignored ones)."""
+    import signal
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 @pytest.fixture(scope="module")
 def whole_cosine_run(shapes_data, tmp_path_factory):
     """An uninterrupted run of 2 epochs on a cosine schedule."""
@@ -556,7 +566,7 @@ def whole_cosine_run(shapes_data, tmp_path_factory):
 
 @pytest.mark.parametrize("where", ["steps", "validation"])
 def test_ctrl_c_keeps_the_epochs_steps_and_the_rerun_matches_an_uninterrupted_run(
-        shapes_data, tmp_path, monkeypatch, where, whole_cosine_run):
+        shapes_data, tmp_path, monkeypatch, where, whole_cosine_run, default_sigint):
     """Ctrl-C (or SIGTERM) inside an epoch lost every step since the last checkpoint, up to
     a whole epoch, also one stopped in its validation, all of whose steps were trained. Now
     the running step finishes and is checkpointed (a Ctrl-C landing between a step and its
@@ -607,7 +617,7 @@ def test_ctrl_c_keeps_the_epochs_steps_and_the_rerun_matches_an_uninterrupted_ru
                                rtol=1e-5)
 
 
-def test_held_signals_wait_for_the_block_a_second_one_does_not():
+def test_held_signals_wait_for_the_block_a_second_one_does_not(default_sigint):
     import signal
     from caption_attn import interrupts
     done = []
@@ -631,7 +641,8 @@ def test_held_signals_wait_for_the_block_a_second_one_does_not():
     assert done == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_held_signals_cannot_slip_between_the_handler_swaps(monkeypatch, capfd):
+def test_held_signals_cannot_slip_between_the_handler_swaps(monkeypatch, capfd,
+                                                            default_sigint):
     """A SIGTERM landing after SIGINT's handler was swapped but before SIGTERM's escaped
     from the block's start, and SIGINT kept the block's handler for good: the next Ctrl-C
     was swallowed. A caller's handler that returns left the loop stopped as if by

@@ -115,8 +115,9 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
     digests = {}
     # checked where train checked them (not the cache's last folder, which may since have
     # replaced same-named images' features: they were scored as this run's images, exit 0)
-    folder = run.images_dir() or source_images(manifest)
-    usable, problems = usable_features_checked_in(cache, keys, manifest, run.images_dir(),
+    checked_in = run.images_dir()
+    folder = checked_in or source_images(manifest)
+    usable, problems = usable_features_checked_in(cache, keys, manifest, checked_in,
                                                   run.image_digests(), digests)
     run.check_image_digests(cache, keys, digests, folder or manifest.get("images_dir"),
                             f"{split} ")

@@ -24,8 +24,8 @@ from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import MANIFEST, cache_images, read_manifest
 from caption_attn.fileio import holding_lock, is_inside, longest_temp_name, one_line
-from caption_attn.images import (ImageError, left_out_note, list_images, load_image,
-                                 printable_name)
+from caption_attn.images import (ImageError, is_heatmap_file, left_out_note, list_images,
+                                 load_image, printable_name)
 from caption_attn.run import RunFolder
 from caption_attn.vocab import PAD, START, Vocabulary
 
@@ -366,11 +366,9 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     given that cannot be listed: `unreadable`, when given, receives {its path + "/": why}
     (they were skipped without a word), and `left_out` the paths of the files in the folders
     given that are not taken for their extension (`list_images`). Heatmaps caption-attn drew
-    (`plot.is_heatmap_file`) found in a folder are left out too, wherever they are (`caption
-    photos` after `caption photos --plot-attention photos/heat` captioned them as photos),
-    and listed in `drawn`."""
-    from caption_attn import plot
-
+    (`images.is_heatmap_file`) found in a folder are left out too, wherever they are
+    (`caption photos` after `caption photos --plot-attention photos/heat` captioned them as
+    photos), and those outside `heatmaps` listed in `drawn`."""
     missing = [arg for arg in args if not os.path.exists(arg)]
     if missing:
         raise UserError(f"{missing[0]}: no such image file or folder"
@@ -381,7 +379,10 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
         if os.path.isdir(arg):
             folders: dict = {}
             others: list = []
-            found = [os.path.join(arg, k) for k in list_images(arg, folders, others, flag="")]
+            ours: list = []     # heatmaps caption-attn drew
+            found = [os.path.join(arg, k)
+                     for k in list_images(arg, folders, others, flag="", heatmaps=ours)]
+            ours = [os.path.join(arg, k) for k in ours]
             if left_out is not None:
                 left_out += [os.path.join(arg, k) for k in others]
             if unreadable is not None:
@@ -394,14 +395,11 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
                 _refuse_heatmaps_among_images(heatmaps, heatmaps, f"a folder above {arg}, a "
                                                                    f"folder being captioned")
             below = skip != top and os.path.commonpath([skip, top]) == top
-            if below:
-                found = [p for p in found if os.path.commonpath(
-                    [os.path.realpath(p), skip]) != skip]
-            ours = {p for p in found if p.lower().endswith(".png") and plot.is_heatmap_file(p)}
-            if ours:
-                found = [p for p in found if p not in ours]
-                if drawn is not None:
-                    drawn += sorted(ours)
+            if below:   # the heatmaps in it go without a note: they are where they belong
+                found, ours = ([p for p in paths if os.path.commonpath(
+                    [os.path.realpath(p), skip]) != skip] for paths in (found, ours))
+            if drawn is not None:
+                drawn += ours
             if not found:
                 locked = (f" it could list ({len(folders)} folder(s) below it cannot be read, "
                           f"e.g. {os.path.join(arg, next(iter(folders)))}: "
@@ -524,14 +522,12 @@ def check_heatmap_targets(out_dir: str, paths: Sequence[str],
                           images: Sequence[str] = ()) -> None:
     """UserError when `--plot-attention` OUT_DIR holds a file the heatmaps of `paths` (named
     by `heatmap_files`) would overwrite or remove, or any image, that is not a heatmap
-    `caption` drew (`plot.is_heatmap_file`): one of `paths` or `images` (the images' own
+    `caption` drew (`images.is_heatmap_file`): one of `paths` or `images` (the images' own
     folder: the heatmap of x.png is DIR/x.png), another file (`caption photos/cat.jpg
     --plot-attention photos` wrote over the photo photos/cat.png; the heatmap of an image
     failing now deleted a photo of its name), or any image under OUT_DIR (a heatmap folder
     inside a folder being captioned is left out of it, `expand_image_args`: photos kept
     there were skipped without a word)."""
-    from caption_attn import plot
-
     protected = {os.path.realpath(p): p for p in [*images, *paths]}
     for path, name in heatmap_files(display_names(list(paths))).items():
         target = os.path.join(out_dir, name)
@@ -540,13 +536,12 @@ def check_heatmap_targets(out_dir: str, paths: Sequence[str],
             raise UserError(f"--plot-attention {out_dir}: the heatmap of {path} would "
                             f"overwrite {hit}, an image being captioned; give the heatmaps a "
                             f"folder of their own")
-        if os.path.lexists(target) and not plot.is_heatmap_file(target):
+        if os.path.lexists(target) and not is_heatmap_file(target):
             raise UserError(f"--plot-attention {out_dir}: the heatmap of {path} would "
                             f"overwrite {target}, which is not a heatmap caption-attn drew; "
                             f"give the heatmaps a folder of their own")
     if os.path.isdir(out_dir):
-        others = [k for k in list_images(out_dir, flag="--plot-attention")
-                  if not plot.is_heatmap_file(os.path.join(out_dir, k))]
+        others = list_images(out_dir, flag="--plot-attention")   # heatmaps left out
         if others:
             raise UserError(f"--plot-attention {out_dir}: holds {len(others)} "
                             f"image{'s' if len(others) > 1 else ''} that caption-attn did not "
@@ -643,7 +638,7 @@ def heatmap_writer(out_dir: str, paths: Sequence[str], images: Sequence[str] = (
         # (only a heatmap: `check_heatmap_targets` refused a folder with anything else there)
         for path in failed:
             target = os.path.join(out_dir, files.get(path, ""))
-            if path in files and plot.is_heatmap_file(target):
+            if path in files and is_heatmap_file(target):
                 try:
                     os.remove(target)
                 except FileNotFoundError:

@@ -174,11 +174,8 @@ def _caption(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
     model, best = run.read_best_unchanged(
         lambda: C_.Captioner.from_run(args.run, cfg, cache=args.cache), "caption", "caption")
     if drawn:   # after the refusals: a refused command says one line
-        print(f"note: left out {len(drawn)} heatmap{'s' if len(drawn) > 1 else ''} "
-              f"caption-attn drew ({', '.join(one_line(p) for p in drawn[:2])}"
-              f"{', ...' if len(drawn) > 2 else ''}): "
-              f"{'they are not photos' if len(drawn) > 1 else 'it is not a photo'}",
-              file=sys.stderr)
+        from caption_attn.images import heatmaps_note
+        print(f"note: {heatmaps_note(drawn, 'in the folders given')}", file=sys.stderr)
     if best is not None:
         print(f"note: best model of epoch {best['epoch']} ({one_line(run.best_model)})",
               file=sys.stderr)

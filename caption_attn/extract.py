@@ -40,8 +40,9 @@ from caption_attn.errors import UserError
 from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
 from caption_attn.feature_index import IMAGE_CHANGED, ImageStamp, SegmentWriter, make_entry
 from caption_attn.fileio import file_digest, longest_temp_name, one_line, write_bytes_atomic
-from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, left_out_note,
-                                 list_images, printable_name, read_image_file, resize_image)
+from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, heatmaps_note,
+                                 is_heatmap_file, left_out_note, list_images, printable_name,
+                                 read_image_file, resize_image)
 from caption_attn.run import check_folder_writable
 
 
@@ -188,21 +189,31 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
     return writer.written, failed
 
 
+# why an image the caption file names is not extracted: a heatmap `caption --plot-attention`
+# drew (`images.is_heatmap_file`) is no photo of the dataset
+HEATMAP = ("a heatmap caption-attn drew (caption --plot-attention), not a photo: take it out "
+           "of the caption file")
+
+
 def _shard_keys(images_dir: str, cfg: ExtractConfig, keys: Optional[list[str]],
-                left_out: Optional[list] = None) -> tuple[list[str], dict[str, str]]:
+                left_out: Optional[list] = None,
+                heatmaps: Optional[list] = None) -> tuple[list[str], dict[str, str]]:
     """(this shard's keys to extract, {this shard's unusable keys: reason}); without `keys`,
     the folders under `images_dir` that cannot be listed are failures too ("FOLDER/", in
-    every shard: each shard's images in them are missed), and `left_out` receives the files
-    the walk did not take for their extension."""
+    every shard: each shard's images in them are missed), `left_out` receives the files
+    the walk did not take for their extension and `heatmaps` the heatmaps caption-attn drew
+    it left out. A heatmap named in `keys` (a .png) fails as `HEATMAP`."""
     if not os.path.isdir(images_dir):
         raise UserError(f"--images {images_dir}: not a folder")
     folders: dict[str, str] = {}
-    if keys is None:
-        keys = list_images(images_dir, folders, left_out)
+    walked = keys is None
+    if walked:
+        keys = list_images(images_dir, folders, left_out, heatmaps=heatmaps)
         if not keys and not folders:
             raise UserError(f"--images {images_dir}: no image files found (extensions "
                             f"{', '.join(IMAGE_EXTENSIONS)})"
-                            + (f"; {left_out_note(left_out, 'there')}" if left_out else ""))
+                            + (f"; {left_out_note(left_out, 'there')}" if left_out else "")
+                            + (f"; {heatmaps_note(heatmaps, 'there')}" if heatmaps else ""))
     keys = sorted(set(keys))
     # a file name that is not UTF-8 (caf\xe9.jpg) is 'caf\udce9.jpg' here: no shard hash,
     # index line or feature file name can hold it, so it fails under a readable name
@@ -216,6 +227,10 @@ def _shard_keys(images_dir: str, cfg: ExtractConfig, keys: Optional[list[str]],
     mine = [k for k in keys if k not in failed
             and shard_of(k, cfg.num_shards) == cfg.shard_index]
     failed = {k: r for k, r in failed.items() if shard_of(k, cfg.num_shards) == cfg.shard_index}
+    if not walked:   # the walk left them out; read only for this shard's .png names
+        failed.update({k: HEATMAP for k in mine if k.lower().endswith(".png")
+                       and is_heatmap_file(os.path.join(images_dir, k), links=True)})
+        mine = [k for k in mine if k not in failed]
     failed.update({printable_name(k): r for k, r in folders.items()})
     return mine, failed
 
@@ -389,20 +404,20 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     """Extract the features of this shard's images into `cfg.cache`; return a summary.
 
     `keys`: image paths relative to `images_dir` (e.g. from a caption file); default: every
-    image file under it. Bad images do not stop the run: they are listed in failed.tsv, and so
-    are the folders under it that cannot be listed (as "FOLDER/", without `keys`).
+    image file under it but the heatmaps `caption --plot-attention` drew. Bad images do not
+    stop the run: they are listed in failed.tsv, and so are the folders under it that cannot
+    be listed (as "FOLDER/", without `keys`) and such heatmaps that `keys` names (`HEATMAP`).
     Summary: images (in this shard), extracted, skipped (already done), invalid {key: why its
     existing file was extracted again}, repaired (how many of those were), stale_removed {key:
-    why its existing file was to be extracted again, but the image failed: the file was
-    removed}, changed_images (of
-    them, because the source image changed), reindexed (images with a new mtime but the same
-    bytes), failed, failures {key: reason}, seconds, images_per_s, cache, manifest,
-    failed_file, count, feature_scale, stale_temp_removed, replaced_others {key: the other
-    images folder whose same-named image's features were replaced, with
-    `cfg.replace_other_images` or from a folder this one is a copy of}, left_out (files under
-    `images_dir` a walk without `keys` did not take for their extension), images_dir,
-    exit_code (1
-    when `cfg.strict` and something failed, or when nothing could be extracted) and message.
+    why its existing file was to be extracted again, but the image failed, or `HEATMAP`: the
+    file was removed}, changed_images (of them, because the source image changed), reindexed
+    (images with a new mtime but the same bytes), failed, failures {key: reason}, seconds,
+    images_per_s, cache, manifest, failed_file, count, feature_scale, stale_temp_removed,
+    replaced_others {key: the other images folder whose same-named image's features were
+    replaced, with `cfg.replace_other_images` or from a folder this one is a copy of},
+    left_out (files under `images_dir` a walk without `keys` did not take for their
+    extension), heatmaps (the heatmaps such a walk left out), images_dir, exit_code (1 when
+    `cfg.strict` and something failed, or when nothing could be extracted) and message.
     """
     start = time.monotonic()
     check_folder_writable(cfg.cache, "--cache")  # before the backbone is built
@@ -419,10 +434,15 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     """`extract_features` once the cache is this process's to write; `busy` (readers use
     it) is raised if an existing feature file is to be extracted again, before any is."""
     left_out: list[str] = []
-    mine, failed = _shard_keys(images_dir, cfg, keys, left_out)
+    heatmaps: list[str] = []
+    mine, failed = _shard_keys(images_dir, cfg, keys, left_out, heatmaps)
     folders = sum(k.endswith("/") for k in failed)   # unlistable: no image of their own
     n_bad_keys = len(failed) - folders
     cache = cfg.cache
+    # features an extraction before heatmaps were left out made of a heatmap the caption
+    # file names: removed below, as those of an image that fails now (`outdated`)
+    drawn = {k: r for k, r in failed.items()
+             if r == HEATMAP and os.path.lexists(feature_path(cache, k))}
     backbone, manifest = feature_cache.open_cache(cache, cfg)
     stale = feature_cache.remove_stale_temp_files(cache)
     fingerprint = feature_cache.cache_identity(manifest)["fingerprint"]
@@ -433,7 +453,7 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
         refused = {k: f for k, f in plan.others.items() if f not in plan.copies}
         if refused and not cfg.replace_other_images:
             raise _refuse_replacing(images_dir, refused)
-        if busy is not None and plan.redo:   # rewritten, or removed if the image fails
+        if busy is not None and (plan.redo or drawn):   # rewritten or removed
             raise busy
         if backbone is None and plan.todo:  # a random backbone's cache: its saved weights
             backbone = Backbone.from_manifest(cache)
@@ -446,7 +466,7 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     failed.update(bad)
     # a file to redo whose image now fails keeps features of the image as it was, or damaged
     # ones: removed, so neither the count nor the index vouches for it (train skips the image)
-    outdated = {k: r for k, r in plan.redo.items() if k in bad}
+    outdated = {k: r for k, r in plan.redo.items() if k in bad} | drawn
     for key in outdated:
         with contextlib.suppress(FileNotFoundError):
             os.remove(feature_path(cache, key))
@@ -472,7 +492,7 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
         "feature_scale": manifest["feature_scale"], "stale_temp_removed": stale,
         "shard": f"{cfg.shard_index}/{cfg.num_shards}",
         "replaced_others": {k: f for k, f in plan.others.items() if k in rewritten},
-        "left_out": left_out, "images_dir": images_dir,
+        "left_out": left_out, "heatmaps": heatmaps, "images_dir": images_dir,
     }
     summary["exit_code"], summary["message"] = _exit_status(summary, cfg.strict)
     return summary
@@ -524,10 +544,13 @@ def format_summary(summary: dict) -> str:
     if s["stale_removed"]:
         shown = list(s["stale_removed"].items())[:3]
         lines.append(f"removed {len(s['stale_removed'])} outdated feature file(s) whose image "
-                     f"failed to extract again: " + _listed(shown)
+                     f"fails now: " + _listed(shown)
                      + (" ..." if len(s["stale_removed"]) > len(shown) else ""))
     if s.get("left_out"):
         lines.append("note: " + left_out_note(s["left_out"], f"under --images {s['images_dir']}"))
+    if s.get("heatmaps"):
+        lines.append("note: " + heatmaps_note(s["heatmaps"], f"under --images {s['images_dir']}")
+                     + " (`caption --plot-attention` marks each PNG it writes)")
     if s["reindexed"]:
         lines.append(f"{s['reindexed']} image(s) had a new modification time but the same "
                      f"content: re-indexed, not extracted again")

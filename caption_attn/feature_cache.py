@@ -59,8 +59,9 @@ from caption_attn.backbone import (BACKBONE, FEATURE_LAYOUT, FEATURE_SHAPE, IMAG
 from caption_attn import feature_index
 from caption_attn.config import ExtractConfig
 from caption_attn.errors import UserError
-from caption_attn.fileio import (HOST, flock, keras_file_atomic, lock_file, lock_holders,
-                                 one_line, read_json, write_bytes_atomic, write_json_atomic)
+from caption_attn.fileio import (HOST, describe_holders, flock, keras_file_atomic, lock_file,
+                                 lock_holders, one_line, read_json, write_bytes_atomic,
+                                 write_json_atomic)
 from caption_attn.images import RESIZE_METHOD
 
 FORMAT_VERSION = 2               # bump when the meaning of cached files changes
@@ -194,8 +195,8 @@ def using_features(cache_dir: str, writing: bool, readers_ok: bool = False):
     """Held while this process reads the cache's features (`train`, `evaluate`) or writes
     them (`extract-features`): a shared flock on <cache>/.reading.lock or .writing.lock.
     Readers share with readers and writers (shards) with writers, but a reader and a writer
-    refuse each other (`CacheInUse` naming the other's pids): `extract-features` rewrites the
-    file of an image that changed, so a `train` streaming the features (a cache over
+    refuse each other (`CacheInUse` naming the other's pids and commands): `extract-features`
+    rewrites the file of an image that changed, so a `train` streaming the features (a cache over
     --memory-cache-gb) trained on the new ones from then on, without a word; a `train`
     started while a cache was being extracted trained on the images done so far, with a
     vocabulary fit on their captions. Both sides register under the cache's exclusive lock,
@@ -226,8 +227,8 @@ def using_features(cache_dir: str, writing: bool, readers_ok: bool = False):
                     try:
                         flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
-                        refusal = CacheInUse(_in_use_message(cache_dir, writing,
-                                                             lock_holders(other)))
+                        refusal = CacheInUse(_in_use_message(
+                            cache_dir, writing, describe_holders(lock_holders(other))))
                         if not (writing and readers_ok):
                             raise refusal from None
         yield refusal
@@ -256,8 +257,9 @@ def _exclusive(cache_dir: str, create: bool):
         yield
 
 
-def _in_use_message(cache_dir: str, writing: bool, pids: list[int]) -> str:
-    who = f" (pid {', '.join(map(str, pids))})" if pids else ""
+def _in_use_message(cache_dir: str, writing: bool, who: str) -> str:
+    """The refusal of `using_features`; `who` names the other kind's processes, " (pid N:
+    COMMAND)" (`fileio.describe_holders`), as the other locks' refusals do."""
     if writing:
         return (f"--cache {cache_dir}: a `caption-attn train` or `evaluate`{who} is reading "
                 f"its features now; extracting would change feature files under it: wait "

@@ -12,6 +12,7 @@ import os
 import re
 import stat
 import struct
+import zlib
 from typing import Optional
 
 import cv2
@@ -369,14 +370,58 @@ def printable_name(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data)))
+
+
+# Every heatmap file `plot.save_figure` writes carries this tEXt chunk right after the PNG's
+# header (OpenCV's encoder writes no text chunks of its own): how `caption --plot-attention`
+# tells the heatmaps it drew, which it may redraw or remove, from the user's images, which it
+# never touches, and how every folder walk (`list_images`) leaves them out of the images.
+HEATMAP_MARK = _png_chunk(b"tEXt", b"Software\0caption-attn heatmap")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_HEADER_END = len(_PNG_SIGNATURE) + 25   # then the IHDR chunk: length, type, 13 bytes, CRC
+
+
+def mark_heatmap(png: bytes) -> bytes:
+    """PNG bytes (`plot.figure_to_png`) with `HEATMAP_MARK` after their header chunk."""
+    return png[:_HEADER_END] + HEATMAP_MARK + png[_HEADER_END:]
+
+
+def is_heatmap_file(path, links: bool = False) -> bool:
+    """Whether `path` is a file (not a folder or FIFO) that `plot.save_figure` wrote: its
+    first 70 bytes carry `HEATMAP_MARK`. A symlink is none unless `links` (a heatmap's file
+    is one `caption` may overwrite: never a link; a folder walk goes by what it reads)."""
+    try:
+        if not links and stat.S_ISLNK(os.lstat(path).st_mode):
+            return False
+        # O_NONBLOCK: opening a FIFO named like an image would wait for a writer forever
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            head = os.read(fd, _HEADER_END + len(HEATMAP_MARK))
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return head[:len(_PNG_SIGNATURE)] == _PNG_SIGNATURE and head[_HEADER_END:] == HEATMAP_MARK
+
+
 def list_images(images_dir: str, unreadable: Optional[dict] = None,
-                left_out: Optional[list] = None, flag: str = "--images") -> list[str]:
+                left_out: Optional[list] = None, flag: str = "--images",
+                heatmaps: Optional[list] = None) -> list[str]:
     """Keys (sorted POSIX paths relative to `images_dir`) of every image file under it.
 
     Files are recognised by extension (IMAGE_EXTENSIONS, any case); hidden files and folders
     (name starting with ".") are skipped. `left_out`, when given, receives the keys of the
     other files (sorted), which callers report (`left_out_note`): a phone's .heic or a
-    Windows .jfif was skipped without a word. Symlinked folders are followed (a dataset is often
+    Windows .jfif was skipped without a word. The heatmaps `caption --plot-attention` drew
+    (`is_heatmap_file`, read for .png names only) are no images either: `heatmaps`, when
+    given, receives their keys (sorted; `heatmaps_note`): drawn into a folder of the dataset,
+    they were extracted as images by a later `extract-features` without a word, and
+    captioned as photos by a later `caption`. Symlinked folders are followed (a dataset is often
     assembled from links) under every path that leads to them: `latest -> v2` beside `v2`
     gives latest/x.jpg and v2/x.jpg, since a caption file may name either. Only a link back
     up to a folder above it (a loop) is not followed.
@@ -415,12 +460,17 @@ def list_images(images_dir: str, unreadable: Optional[dict] = None,
             if st is not None:
                 if (st.st_dev, st.st_ino) not in above:
                     stack.append((rel + entry.name + "/", above + ((st.st_dev, st.st_ino),)))
-            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            elif not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                if left_out is not None:
+                    left_out.append(rel + entry.name)
+            elif entry.name.lower().endswith(".png") and is_heatmap_file(entry.path, links=True):
+                if heatmaps is not None:
+                    heatmaps.append(rel + entry.name)
+            else:
                 keys.append(rel + entry.name)
-            elif left_out is not None:
-                left_out.append(rel + entry.name)
-    if left_out is not None:
-        left_out.sort()
+    for found in (left_out, heatmaps):
+        if found is not None:
+            found.sort()
     return sorted(keys)
 
 
@@ -433,3 +483,15 @@ def left_out_note(paths: list[str], where: str, examples: int = 2) -> str:
     return (f"left out {len(paths)} file(s) {where} whose extension is not an image's "
             f"({shown}{' ...' if len(paths) > examples else ''}); images are taken by "
             f"extension: {' '.join(IMAGE_EXTENSIONS)} (any case)")
+
+
+def heatmaps_note(paths: list[str], where: str, examples: int = 2) -> str:
+    """One line for the heatmaps caption-attn drew that a folder walk left out (`list_images`'
+    `heatmaps`), with a count and a few of them; "" when there are none."""
+    if not paths:
+        return ""
+    shown = ", ".join(one_line(printable_name(p)) for p in paths[:examples])
+    one = len(paths) == 1
+    return (f"left out {len(paths)} heatmap{'' if one else 's'} caption-attn drew {where} "
+            f"({shown}{', ...' if len(paths) > examples else ''}): "
+            f"{'it is not a photo' if one else 'they are not photos'}")

@@ -11,13 +11,9 @@ p = row * 8 + col, row 0 at the top of the image) once per word.
 from __future__ import annotations
 
 import math
-import os
 import re
-import stat
-import struct
 import sys
 import warnings
-import zlib
 from typing import Sequence
 
 import cv2
@@ -30,6 +26,7 @@ from matplotlib.figure import Figure
 
 from caption_attn.backbone import GRID
 from caption_attn.fileio import write_bytes_atomic
+from caption_attn.images import mark_heatmap
 
 PANEL_INCHES = 2.2  # width of one word panel; readable titles at 100 dpi
 _PAD_INCHES = 0.05  # around each panel's image
@@ -235,38 +232,8 @@ def _report_missing_glyphs(caught) -> None:
               f"uses it", file=sys.stderr)
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data)))
-
-
-# Every heatmap file `save_figure` writes carries this tEXt chunk right after the PNG's
-# header (OpenCV's encoder writes no text chunks of its own): how `caption --plot-attention`
-# tells the heatmaps it drew, which it may redraw or remove, from the user's images, which it
-# never touches (`is_heatmap_file`).
-HEATMAP_MARK = _png_chunk(b"tEXt", b"Software\0caption-attn heatmap")
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_HEADER_END = len(_PNG_SIGNATURE) + 25   # then the IHDR chunk: length, type, 13 bytes, CRC
-
-
-def mark_heatmap(png: bytes) -> bytes:
-    """PNG bytes (`figure_to_png`) with `HEATMAP_MARK` after their header chunk."""
-    return png[:_HEADER_END] + HEATMAP_MARK + png[_HEADER_END:]
-
-
-def is_heatmap_file(path) -> bool:
-    """Whether `path` is a file (not a link, folder or FIFO) that `save_figure` wrote."""
-    try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return False
-        with open(path, "rb") as f:
-            head = f.read(_HEADER_END + len(HEATMAP_MARK))
-    except OSError:
-        return False
-    return head[:len(_PNG_SIGNATURE)] == _PNG_SIGNATURE and head[_HEADER_END:] == HEATMAP_MARK
-
-
 def save_figure(fig: Figure, path) -> None:
     """Write `fig` as a PNG at `path` atomically (`config.atomic_path`), marked as a heatmap
-    (`mark_heatmap`); creates parents."""
+    (`images.mark_heatmap`: `caption` redraws and removes only files so marked, and folder
+    walks leave them out of the images); creates parents."""
     write_bytes_atomic(str(path), mark_heatmap(figure_to_png(fig)))

@@ -920,6 +920,11 @@ def test_heatmaps_caption_attn_drew_are_never_captioned_as_photos(tmp_path):
     assert captioner.expand_image_args([str(tmp_path)], drawn=drawn) == \
         [str(tmp_path / "heat" / "y.png"), str(tmp_path / "x.png")]
     assert drawn == [str(tmp_path / "heat" / "x.png")]
+    # in the --plot-attention folder of this run they are where they belong: no note
+    drawn = []
+    assert captioner.expand_image_args([str(tmp_path)], heatmaps=str(tmp_path / "heat"),
+                                       drawn=drawn) == [str(tmp_path / "x.png")]
+    assert drawn == []
     # named on its own, a file is captioned whatever it is
     assert captioner.expand_image_args([str(tmp_path / "heat" / "x.png")]) == \
         [str(tmp_path / "heat" / "x.png")]

@@ -57,7 +57,7 @@ def test_evaluate_from_a_cache_being_extracted_is_refused(trained_run, tmp_path)
     out = tmp_path / "m.json"
     with using_features(cache, writing=True):
         with pytest.raises(UserError, match=rf"^--cache {re.escape(cache)}: `caption-attn "
-                                            rf"extract-features` \(pid {os.getpid()}\) is "
+                                            rf"extract-features` \(pid {os.getpid()}: .*\) is "
                                             rf"writing into it now"):
             evaluate.evaluate_run(trained_run, "test", out=str(out), progress=False,
                                   use_java=False)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import cv2
 import numpy as np
 import pytest
 
@@ -22,7 +23,7 @@ from caption_attn.errors import UserError
 from caption_attn.extract import extract_features, format_summary, shard_of
 from caption_attn.feature_cache import (FORMAT_VERSION, check_feature_file, feature_path,
                                         read_failed, read_manifest)
-from caption_attn.images import list_images
+from caption_attn.images import list_images, mark_heatmap
 from image_samples import BAD, GOOD, extract_cfg, run_as_user, scene, write_rgb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -273,6 +274,72 @@ def test_a_folder_walk_takes_jfif_and_notes_the_files_it_leaves_out(cache_copy, 
     summary = extract_features(str(work), extract_cfg(cache_copy), keys=["p.jpg"],
                                progress=False)
     assert summary["left_out"] == [] and "left out" not in format_summary(summary)
+
+
+def _heatmap_png(seed: int) -> bytes:
+    """A PNG carrying the mark of the heatmaps `caption --plot-attention` draws."""
+    return mark_heatmap(cv2.imencode(".png", scene(seed, 64, 48))[1].tobytes())
+
+
+def test_a_folder_walk_leaves_out_the_heatmaps_caption_drew(cache_copy, tmp_path):
+    """`caption photos --plot-attention photos/heat`, then `extract-features --images photos`:
+    the heatmaps were extracted as dataset images without a word (features of heatmaps in
+    the cache). The walk leaves out every PNG with the heatmap mark and a note counts them."""
+    work = tmp_path / "work"
+    write_rgb(str(work / "p.jpg"), scene(43))
+    write_rgb(str(work / "heat" / "q.png"), scene(44))         # a photo among them
+    for name in ("heat/p.png", "heat/r.png"):
+        (work / name).write_bytes(_heatmap_png(45))
+    summary = extract_features(str(work), extract_cfg(cache_copy), progress=False)
+    assert (summary["extracted"], summary["failed"]) == (2, 0)
+    assert summary["heatmaps"] == ["heat/p.png", "heat/r.png"]
+    assert not os.path.exists(feature_path(cache_copy, "heat/p.png"))
+    assert (f"note: left out 2 heatmaps caption-attn drew under --images {work} (heat/p.png, "
+            f"heat/r.png): they are not photos (`caption --plot-attention` marks each PNG it "
+            f"writes)" in format_summary(summary))
+    os.remove(work / "heat" / "q.png")
+    with pytest.raises(UserError, match=rf"^--images {re.escape(str(work / 'heat'))}: no image "
+                                        rf"files found .*\); left out 2 heatmaps "
+                                        rf"caption-attn drew there \(p.png, r.png\): they "
+                                        rf"are not photos$"):
+        extract_features(str(work / "heat"), extract_cfg(cache_copy), progress=False)
+
+
+def test_a_heatmap_the_caption_file_names_fails_and_loses_old_features(cache_copy, tmp_path,
+                                                                        monkeypatch):
+    """A caption file naming a heatmap caption-attn drew: not extracted as an image, but one
+    failure naming it (failed.tsv, the summary, --strict); features an earlier version
+    extracted of it are removed (`train` would have used them), not while a train reads."""
+    work = tmp_path / "work"
+    write_rgb(str(work / "p.jpg"), scene(46))
+    (work / "heat").mkdir()
+    (work / "heat" / "p.png").write_bytes(_heatmap_png(47))
+    keys = ["p.jpg", "heat/p.png"]
+    with monkeypatch.context() as m:        # a version that did not know the mark
+        m.setattr(extract, "is_heatmap_file", lambda *a, **k: False)
+        assert extract_features(str(work), extract_cfg(cache_copy), keys=keys,
+                                progress=False)["extracted"] == 2
+    old = feature_path(cache_copy, "heat/p.png")
+    with feature_cache.using_features(cache_copy, writing=False):
+        with pytest.raises(UserError, match="is reading its features now; extracting would "):
+            extract_features(str(work), extract_cfg(cache_copy), keys=keys, progress=False)
+    assert os.path.exists(old)
+    summary = extract_features(str(work), extract_cfg(cache_copy), keys=keys, progress=False)
+    assert summary["failures"] == {"heat/p.png": extract.HEATMAP}
+    assert summary["stale_removed"] == {"heat/p.png": extract.HEATMAP}
+    assert (summary["skipped"], summary["failed"], summary["exit_code"]) == (1, 1, 0)
+    assert not os.path.exists(old)
+    assert read_failed(cache_copy)["heat/p.png"] == extract.HEATMAP
+    text = format_summary(summary)
+    assert ("removed 1 outdated feature file(s) whose image fails now: heat/p.png: a heatmap "
+            "caption-attn drew (caption --plot-attention), not a photo: take it out of the "
+            "caption file" in text)
+    assert (f"failed images are listed in {os.path.join(cache_copy, 'failed.tsv')}: "
+            f"heat/p.png: a heatmap caption-attn drew" in text)
+    summary = extract_features(str(work), extract_cfg(cache_copy, strict=True), keys=keys,
+                               progress=False)
+    assert summary["failures"] == {"heat/p.png": extract.HEATMAP}
+    assert summary["stale_removed"] == {} and summary["exit_code"] == 1
 
 
 def test_a_file_name_that_is_not_utf8_fails_alone(images, cache_copy, tmp_path):

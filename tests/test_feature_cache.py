@@ -6,6 +6,7 @@ cache made by another backbone, the cache identity, old caches and which files a
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -199,7 +200,8 @@ def test_readers_and_writers_of_a_cache_refuse_each_other(tmp_path):
     """`extract-features` rewrote the file of a changed image under a `train` streaming the
     cache, which trained on the new features without a word; a `train` started during an
     extraction trained on the images done so far. Readers share, writers (shards) share, a
-    reader and a writer refuse each other, naming the other's pid."""
+    reader and a writer refuse each other, naming the other's pid and command line, as the
+    other locks do (`fileio.describe_holders`; it named the pid alone)."""
     import subprocess
     import sys
 
@@ -207,10 +209,10 @@ def test_readers_and_writers_of_a_cache_refuse_each_other(tmp_path):
     os.makedirs(cache)
     (tmp_path / "cache" / "manifest.json").write_text("{}")
     me = os.getpid()
-    refused = {True: rf"^--cache {cache}: a `caption-attn train` or `evaluate` \(pid {me}\) "
-                     rf"is reading its features now; extracting would change",
-               False: rf"^--cache {cache}: `caption-attn extract-features` \(pid {me}\) is "
-                      rf"writing into it now"}
+    refused = {True: rf"^--cache {cache}: a `caption-attn train` or `evaluate` \(pid {me}: "
+                     rf".*\) is reading its features now; extracting would change",
+               False: rf"^--cache {cache}: `caption-attn extract-features` \(pid {me}: .*\) "
+                      rf"is writing into it now"}
     for writing in (False, True):   # two of a kind share; the other kind is refused
         with using_features(cache, writing), using_features(cache, writing):
             with pytest.raises(UserError, match=refused[not writing]):
@@ -218,14 +220,15 @@ def test_readers_and_writers_of_a_cache_refuse_each_other(tmp_path):
                     pass
     with using_features(cache, writing=False):   # both released: each may start again
         pass
-    # another process's lock is named by its pid (this one's left out)
+    # another process's lock is named by its pid and command (this one's left out)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
          "fcntl.flock(f, fcntl.LOCK_SH); print('held', flush=True); time.sleep(60)",
          os.path.join(cache, ".reading.lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        with pytest.raises(UserError, match=rf"\(pid {holder.pid}\) is reading"):
+        with pytest.raises(UserError, match=rf"\(pid {holder.pid}: "
+                                            rf"{re.escape(sys.executable)} -c .*\) is reading"):
             with using_features(cache, writing=True):
                 pass
     finally:
@@ -278,7 +281,8 @@ def test_extraction_beside_a_reader_refuses_only_to_change_its_files(images, cac
         npy = {p: t for p, t in features().items() if p.endswith(".npy")}
         with using_features(cache_copy, writing=True, readers_ok=True) as busy:
             assert isinstance(busy, CacheInUse)
-            with pytest.raises(CacheInUse, match=r"extract-features` \(pid \d+\) is writing"):
+            with pytest.raises(CacheInUse, match=r"extract-features` \(pid \d+: .*\) is "
+                                                 r"writing"):
                 with using_features(cache_copy, writing=False):
                     pass
         summary = extract_features(images, extract_cfg(cache_copy), keys=keys, progress=False)

@@ -18,7 +18,8 @@ from PIL import Image
 
 from caption_attn.errors import UserError
 from caption_attn.images import (ImageError, _composite_alpha, _may_have_alpha, decode_image,
-                                 left_out_note, list_images, load_image, resize_image)
+                                 heatmaps_note, is_heatmap_file, left_out_note, list_images,
+                                 load_image, mark_heatmap, resize_image)
 from image_samples import (BAD, BLUE, GOOD, GREEN, RED, png_chunk, png_file, run_as_user,
                            scene)
 
@@ -139,6 +140,38 @@ def test_list_images_takes_jfif_and_reports_the_files_it_leaves_out(tmp_path):
         "f.xyz ...); images are taken by extension: .jpg .jpeg .jpe .jfif .pjpeg .pjp .png "
         ".bmp .dib .gif .webp .tif .tiff (any case)")
     assert left_out_note([], "anywhere") == ""
+
+
+def test_list_images_leaves_out_the_heatmaps_caption_drew(tmp_path):
+    """`caption --plot-attention photos/heat`, then `extract-features --images photos`: the
+    heatmaps were extracted as images of the dataset without a word. Every walk leaves out
+    the PNGs that carry caption-attn's heatmap mark (through a link too) and hands them back
+    to be counted in a note; other PNGs, a FIFO named .png (not waited on), and a heatmap
+    renamed .jpg (only .png names are read) are still images."""
+    png = cv2.imencode(".png", np.full((8, 8, 3), 90, np.uint8))[1].tobytes()
+    (tmp_path / "heat").mkdir()
+    for name in ("a.png", "heat/x.png", "heat/y.PNG", "renamed.jpg"):
+        (tmp_path / name).write_bytes(mark_heatmap(png))
+    (tmp_path / "photo.png").write_bytes(png)
+    (tmp_path / "heat" / "b.png").write_bytes(png)           # a photo put among them
+    os.symlink("heat/x.png", tmp_path / "link.png")
+    os.mkfifo(tmp_path / "fifo.png")
+    assert load_image(str(tmp_path / "a.png")).shape == (299, 299, 3)   # a PNG all the same
+    heatmaps: list = []
+    assert list_images(str(tmp_path), heatmaps=heatmaps) == [
+        "fifo.png", "heat/b.png", "photo.png", "renamed.jpg"]
+    assert heatmaps == ["a.png", "heat/x.png", "heat/y.PNG", "link.png"]
+    assert list_images(str(tmp_path)) == ["fifo.png", "heat/b.png", "photo.png", "renamed.jpg"]
+    # a link is no heatmap file `caption` may overwrite, but is one to leave out of a walk
+    assert not is_heatmap_file(tmp_path / "link.png")
+    assert is_heatmap_file(tmp_path / "link.png", links=True)
+    assert not is_heatmap_file(tmp_path / "fifo.png", links=True)
+    assert heatmaps_note(heatmaps, "under --images X") == (
+        "left out 4 heatmaps caption-attn drew under --images X (a.png, heat/x.png, ...): "
+        "they are not photos")
+    assert heatmaps_note(["a.png"], "there") == (
+        "left out 1 heatmap caption-attn drew there (a.png): it is not a photo")
+    assert heatmaps_note([], "anywhere") == ""
 
 
 def test_list_images_follows_folder_symlinks_once(tmp_path):

@@ -7,11 +7,10 @@ import cv2
 import numpy as np
 import pytest
 
+from caption_attn.images import is_heatmap_file, mark_heatmap
 from caption_attn.plot import (
     attention_figure,
     figure_to_png,
-    is_heatmap_file,
-    mark_heatmap,
     grid_shape,
     save_figure,
     upsample_attention,

@@ -9,19 +9,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 SHAPES_IMAGES = 40
 
-# Seconds each heavy test file takes (2 cores of an AMD EPYC Zen 4, `make test`; the others
-# take under 6 s). `make test` runs files in this order, heaviest first, with xdist's
-# `--dist loadfile --no-loadscope-reorder`, so the two workers end together: in xdist's own
-# order (files with more tests first) the heavy files with few tests came last, and one worker
-# idled for 70 s of a 414 s run while the other ran the last of them.
-# (export, extract, faults, captioner and train scaled by their measured speed-ups when
-# `reuse_random_backbones` came in: 0.80, 0.70, 0.67, 0.53, 0.96; benchmarks: + ~45 s of
-# bench_export's smoke test, 51 s on the Intel Xeon with AMX of stop 30.)
-FILE_SECONDS = {"test_export.py": 78, "test_train.py": 73, "test_extract.py": 52,
-                "test_demo.py": 52, "test_kill_resume.py": 47, "test_distributed.py": 41,
-                "test_faults.py": 34, "test_captioner.py": 26, "test_train_scst.py": 25,
-                "test_evaluate_run.py": 19, "test_backbone.py": 17, "test_benchmarks.py": 60,
-                "test_coco_metrics.py": 14, "test_quiet.py": 10}
+# Seconds each heavy test file takes (2 cores of an AMD EPYC Zen 4, `make test`, per file the
+# sum of its tests' times in `--junitxml`; the others take under 12 s). `make test` runs files
+# in this order, heaviest first, with xdist's `--dist loadfile --no-loadscope-reorder`, so the
+# two workers end together: in xdist's own order (files with more tests first) the heavy files
+# with few tests came last, and one worker idled for 70 s of a 414 s run while the other ran
+# the last of them. Measured again as the suite grew (1116 tests, 634 s): the figures before
+# were 2-4x too low for the distributed, kill-resume and captioner files.
+FILE_SECONDS = {"test_train.py": 190, "test_export.py": 121, "test_distributed.py": 116,
+                "test_extract.py": 107, "test_kill_resume.py": 104, "test_captioner.py": 102,
+                "test_faults.py": 81, "test_train_scst.py": 74, "test_demo.py": 70,
+                "test_benchmarks.py": 67, "test_evaluate_run.py": 33, "test_backbone.py": 25,
+                "test_quiet.py": 22, "test_coco_metrics.py": 21, "test_feature_cache.py": 12,
+                "test_graph_images.py": 12, "test_pipeline.py": 10, "test_model.py": 9}
 
 
 @pytest.fixture(scope="session", autouse=True)

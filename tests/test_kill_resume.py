@@ -24,18 +24,33 @@ def _wait_for_epoch_1(proc, run: str) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.slow
-def test_kill_after_an_epoch_then_resume_matches_uninterrupted(shapes_data, tmp_path):
-    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    # with TensorFlow's own log level: none of its known notices may come through (on Intel
-    # CPUs with AMX, oneDNN's DT_INT32 notice came at ERROR level in the first step)
+@pytest.fixture(scope="module")
+def uninterrupted(shapes_data, tmp_path_factory):
+    """The history of `train_cmd`'s training run uninterrupted, which the interrupted ones
+    must end with. Run with TensorFlow's own log level: none of its known notices may come
+    through (on Intel CPUs with AMX, oneDNN's DT_INT32 notice came at ERROR level in the
+    first step)."""
+    full = str(tmp_path_factory.mktemp("full") / "run")
     loud = {k: v for k, v in ENV.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     done = subprocess.run(train_cmd(shapes_data, full), check=True, env=loud,
                           capture_output=True, text=True)
     notices = [line for line in done.stderr.splitlines()
                if NOISE.search(line) or "] oneDNN supports DT_" in line]
     assert not notices, done.stderr
+    return read_history(full)
 
+
+def _same_epochs(a: list, b: list) -> None:
+    assert [h["epoch"] for h in a] == [h["epoch"] for h in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-3
+        assert abs(x["val_loss"] - y["val_loss"]) < 1e-3
+
+
+@pytest.mark.slow
+def test_kill_after_an_epoch_then_resume_matches_uninterrupted(shapes_data, tmp_path,
+                                                               uninterrupted):
+    killed = str(tmp_path / "killed")
     proc = subprocess.Popen(train_cmd(shapes_data, killed), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_epoch_1(proc, killed)   # kill as soon as epoch 1 is checkpointed
@@ -47,11 +62,7 @@ def test_kill_after_an_epoch_then_resume_matches_uninterrupted(shapes_data, tmp_
                           text=True)
     assert done.returncode == 0, done.stderr
     assert "resuming after epoch" in done.stdout
-    a, b = read_history(full), read_history(killed)
-    assert [h["epoch"] for h in a] == [h["epoch"] for h in b] == [1, 2, 3]
-    for x, y in zip(a, b):
-        assert abs(x["loss"] - y["loss"]) < 1e-3
-        assert abs(x["val_loss"] - y["val_loss"]) < 1e-3
+    _same_epochs(uninterrupted, read_history(killed))
 
 
 @pytest.mark.slow
@@ -110,8 +121,8 @@ def test_sigterm_runs_the_interrupt_clean_up_and_exits_143(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_during_training_keeps_the_finished_epochs_and_the_rerun_resumes(shapes_data,
-                                                                                 tmp_path):
+def test_sigterm_during_training_keeps_the_finished_epochs_and_the_rerun_resumes(
+        shapes_data, tmp_path, uninterrupted):
     run = str(tmp_path / "run")
     proc = subprocess.Popen(train_cmd(shapes_data, run), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -126,7 +137,7 @@ def test_sigterm_during_training_keeps_the_finished_epochs_and_the_rerun_resumes
                           text=True)
     assert done.returncode == 0, done.stderr
     assert "resuming after epoch" in done.stdout
-    assert [h["epoch"] for h in read_history(run)] == [1, 2, 3]
+    _same_epochs(uninterrupted, read_history(run))
 
 
 def test_the_program_collects_garbage_rarely_enough_for_coco_sized_files():

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from caption_attn.quiet import NOISE
-from train_subprocess import ENV, checkpoint_steps, read_history, train_cmd
+from train_subprocess import ENV, checkpoint_steps, read_history, slowed, train_cmd
 
 
 def _wait_for_epoch_1(proc, run: str) -> None:
@@ -51,7 +51,7 @@ def _same_epochs(a: list, b: list) -> None:
 def test_kill_after_an_epoch_then_resume_matches_uninterrupted(shapes_data, tmp_path,
                                                                uninterrupted):
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen(train_cmd(shapes_data, killed), env=ENV,
+    proc = subprocess.Popen(slowed(train_cmd(shapes_data, killed)), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_epoch_1(proc, killed)   # kill as soon as epoch 1 is checkpointed
     proc.send_signal(signal.SIGKILL)
@@ -73,7 +73,7 @@ def test_kill_mid_self_critical_epoch_then_resume_matches_uninterrupted(shapes_d
         "--scst-after", "1", "--scst-samples", "3", "--checkpoint-every", "2"]
     subprocess.run(cmd(full), check=True, env=ENV, capture_output=True)
 
-    proc = subprocess.Popen(cmd(killed), env=ENV, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(slowed(cmd(killed)), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     # kill once a checkpoint inside the self-critical epoch exists
     deadline = time.time() + 300
@@ -124,8 +124,8 @@ def test_sigterm_runs_the_interrupt_clean_up_and_exits_143(tmp_path):
 def test_sigterm_during_training_keeps_the_finished_epochs_and_the_rerun_resumes(
         shapes_data, tmp_path, uninterrupted):
     run = str(tmp_path / "run")
-    proc = subprocess.Popen(train_cmd(shapes_data, run), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(slowed(train_cmd(shapes_data, run)), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_epoch_1(proc, run)
     proc.send_signal(signal.SIGTERM)
     stderr = proc.communicate(timeout=120)[1]

@@ -17,6 +17,28 @@ def train_cmd(shapes_data, run, epochs=3):
             "--max-length", "20", "--sample-images", "1", "--patience", "10"]
 
 
+# `python -m caption_attn` with every training step after the first epoch's 0.5 s longer: a
+# test that stops a run once epoch 1 (or a checkpoint in epoch 2) is saved has seconds to do
+# it, where epoch 2 and 3 of the shapes data took 0.3 s each and the run could end first
+SLOWED = (
+    "import sys, time\n"
+    "from caption_attn import cli, train\n"
+    "checked = train.check_finite\n"
+    "def check_finite(out, epoch, *args, **kwargs):\n"
+    "    if epoch >= 1:\n"
+    "        time.sleep(0.5)\n"
+    "    return checked(out, epoch, *args, **kwargs)\n"
+    "train.check_finite = check_finite\n"
+    "sys.argv[0] = 'caption-attn'\n"
+    "sys.exit(cli.entry())\n")
+
+
+def slowed(cmd):
+    """`cmd` (a `train_cmd`) run with `SLOWED`'s steps."""
+    assert cmd[1:3] == ["-m", "caption_attn"], cmd
+    return [cmd[0], "-c", SLOWED, *cmd[3:]]
+
+
 def checkpoint_steps(run):
     return [int(p.rsplit("ckpt-", 1)[1].split(".")[0])
             for p in glob.glob(os.path.join(run, "checkpoints", "ckpt-*.index"))]

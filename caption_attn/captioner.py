@@ -396,8 +396,9 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
                                                                    f"folder being captioned")
             below = skip != top and os.path.commonpath([skip, top]) == top
             if below:   # the heatmaps in it go without a note: they are where they belong
-                found, ours = ([p for p in paths if os.path.commonpath(
-                    [os.path.realpath(p), skip]) != skip] for paths in (found, ours))
+                def outside(p: str) -> bool:
+                    return os.path.commonpath([os.path.realpath(p), skip]) != skip
+                found, ours = list(filter(outside, found)), list(filter(outside, ours))
             if drawn is not None:
                 drawn += ours
             if not found:

@@ -176,14 +176,18 @@ def remove_stale_temp_files(cache_dir: str) -> int:
 
 @contextlib.contextmanager
 def cache_lock(cache_dir: str):
-    """Exclusive flock on <cache>/.lock (shards share one cache)."""
+    """Exclusive flock on <cache>/.lock (shards share one cache), waited for; unlocked where
+    the file system has no locks (`fileio.flock`: an NFS mount with `nolock` raised ENOLCK
+    here, where the cache's other locks went on). Unlocked explicitly at the end: a worker
+    process forked meanwhile shares the open file, which would keep it locked."""
     os.makedirs(cache_dir, exist_ok=True)
     with open(os.path.join(cache_dir, LOCK), "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        locked = flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class CacheInUse(UserError):

@@ -270,8 +270,7 @@ def compact(cache_dir: str, feature_path) -> tuple[Index, dict[str, os.stat_resu
             stats[key] = st
     # rewritten only when something changed: a rerun of a complete COCO cache rewrote and
     # fsynced its 33 MB index every time (3.6 s)
-    if names or index.skipped_lines or \
-            sum(map(len, kept.entries.values())) != sum(map(len, index.entries.values())):
+    if names or index.skipped_lines or len(kept) != len(index):
         write_bytes_atomic(index_path(cache_dir),
                            [(e.to_json() + "\n").encode("utf-8")
                             for entries in kept.entries.values() for e in entries], fsync=True)

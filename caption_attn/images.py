@@ -479,10 +479,9 @@ def left_out_note(paths: list[str], where: str, examples: int = 2) -> str:
     `left_out`), with a count and a few of them; "" when there are none."""
     if not paths:
         return ""
-    shown = ", ".join(one_line(printable_name(p)) for p in paths[:examples])
     return (f"left out {len(paths)} file(s) {where} whose extension is not an image's "
-            f"({shown}{' ...' if len(paths) > examples else ''}); images are taken by "
-            f"extension: {' '.join(IMAGE_EXTENSIONS)} (any case)")
+            f"({_some_of(paths, examples)}); images are taken by extension: "
+            f"{' '.join(IMAGE_EXTENSIONS)} (any case)")
 
 
 def heatmaps_note(paths: list[str], where: str, examples: int = 2) -> str:
@@ -490,8 +489,13 @@ def heatmaps_note(paths: list[str], where: str, examples: int = 2) -> str:
     `heatmaps`), with a count and a few of them; "" when there are none."""
     if not paths:
         return ""
-    shown = ", ".join(one_line(printable_name(p)) for p in paths[:examples])
     one = len(paths) == 1
     return (f"left out {len(paths)} heatmap{'' if one else 's'} caption-attn drew {where} "
-            f"({shown}{', ...' if len(paths) > examples else ''}): "
+            f"({_some_of(paths, examples)}): "
             f"{'it is not a photo' if one else 'they are not photos'}")
+
+
+def _some_of(paths: list[str], examples: int) -> str:
+    """The first `examples` of `paths`, printable, and ", ..." if there are more."""
+    shown = ", ".join(one_line(printable_name(p)) for p in paths[:examples])
+    return shown + (", ..." if len(paths) > examples else "")

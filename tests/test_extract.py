@@ -269,7 +269,7 @@ def test_a_folder_walk_takes_jfif_and_notes_the_files_it_leaves_out(cache_copy, 
         assert (summary["extracted"], summary["skipped"]) == (extracted, skipped)
         assert summary["left_out"] == ["notes.txt", "r.heic", "s.heic"]
         assert (f"note: left out 3 file(s) under --images {work} whose extension is not an "
-                f"image's (notes.txt, r.heic ...); images are taken by extension: .jpg .jpeg "
+                f"image's (notes.txt, r.heic, ...); images are taken by extension: .jpg .jpeg "
                 f".jpe .jfif" in format_summary(summary))
     summary = extract_features(str(work), extract_cfg(cache_copy), keys=["p.jpg"],
                                progress=False)

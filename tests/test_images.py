@@ -137,7 +137,7 @@ def test_list_images_takes_jfif_and_reports_the_files_it_leaves_out(tmp_path):
     assert load_image(str(tmp_path / "a.jfif")).shape == (299, 299, 3)
     assert left_out_note(left_out, "under --images X") == (
         "left out 3 file(s) under --images X whose extension is not an image's (e.heic, "
-        "f.xyz ...); images are taken by extension: .jpg .jpeg .jpe .jfif .pjpeg .pjp .png "
+        "f.xyz, ...); images are taken by extension: .jpg .jpeg .jpe .jfif .pjpeg .pjp .png "
         ".bmp .dib .gif .webp .tif .tiff (any case)")
     assert left_out_note([], "anywhere") == ""
 

@@ -1277,7 +1277,8 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
     (`_load_and_train`), having written nothing.
 
     Decided so only when the full load could say or write nothing more (besides the data's
-    description, `_describe`, and the strategy's notes, which speak of training): the run
+    description, `_describe`, and the strategy's notes, which speak of training; no feature
+    file is read, which the full load did to build the in-memory table): the run
     stands at an epoch's boundary, with every metric its resume would measure logged; the
     caption file has the bytes it had when the run last read it (split.json's
     `caption_file`: the same caption data, which the load checks; a Flickr8k file, whose

@@ -168,6 +168,19 @@ def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: str,
     return prefix
 
 
+def restores_as_it_is(checkpoint: tf.train.Checkpoint, directory: str) -> Optional[str]:
+    """The newest checkpoint in `directory` (its prefix) when it restores into `checkpoint`
+    completely and `restore_newest_intact` would skip, set aside and rewrite nothing (no
+    newer data files without an `.index`, a readable state file); else None. Nothing is
+    renamed or written."""
+    prefixes = list_checkpoints(directory)
+    if not prefixes or any(_step(p) > _step(prefixes[0]) for p in _without_index(directory)):
+        return None
+    if _try_restore(checkpoint, prefixes[0]) is not None or not _state_readable(directory):
+        return None
+    return prefixes[0]
+
+
 def _state_readable(directory: str) -> bool:
     """Whether the manager's `checkpoint` state file parses (it is rewritten if not)."""
     try:

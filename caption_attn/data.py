@@ -86,6 +86,7 @@ class CaptionSet:
     split_source: Optional[str] = None
     split_note: Optional[str] = None      # what `train` says about the split (lists or hash)
     unlisted: list[str] = field(default_factory=list)  # left out: in none of the lists
+    stamp: Optional[dict] = None          # `file_stamp` of the bytes read
 
     @property
     def refused_paths(self) -> int:
@@ -238,6 +239,35 @@ class _Collector:
 # --------------------------------------------------------------------------- reading files
 def _read_text(path: str) -> str:
     """The file decoded as UTF-8 (a leading BOM removed); unreadable input is a UserError."""
+    return _read_file(path)[0]
+
+
+def file_stamp(raw: bytes) -> dict:
+    """What a run records of the bytes of the caption file it last read (split.json's
+    `caption_file`): their size and sha256. A rerun whose file has the same bytes reads the
+    same caption data, so one with nothing left to train need not parse it again
+    (`train.rerun_without_data`; hashing COCO's Karpathy file takes 0.1 s, parsing,
+    tokenizing and fingerprinting it 25 s)."""
+    return {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def caption_file_stamp(path: str) -> Optional[dict]:
+    """`file_stamp` of the file at `path` now, read in chunks; None when it cannot be read
+    (the full load says why)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            size = 0
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError:
+        return None
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def _read_file(path: str) -> tuple[str, dict]:
+    """(`_read_text`'s text, `file_stamp` of the bytes it was decoded from)."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -250,7 +280,7 @@ def _read_text(path: str) -> str:
     text = decode_utf8(path, raw)
     if "\r" in text and "\n" not in text:  # CR-only line ends (classic Mac): as LF
         text = text.replace("\r", "\n")
-    return text
+    return text, file_stamp(raw)
 
 
 def _lines(text: str) -> Iterator[tuple[int, str]]:
@@ -602,7 +632,7 @@ def load_captions(path: str, format: str = "auto") -> CaptionSet:
     """Parse caption file `path` (no split assigned except a Karpathy file's own)."""
     if format not in CAPTION_FORMATS:
         raise UserError(f"unknown caption format {format!r}; supported: auto, {_supported()}")
-    text = _read_text(path)
+    text, stamp = _read_file(path)
     obj = None
     if format == "auto":
         format, obj = _sniff(path, text)
@@ -618,6 +648,7 @@ def load_captions(path: str, format: str = "auto") -> CaptionSet:
     else:
         _parse_flickr_csv(path, text, out)
     captions = out.finish(format, has_split=format == "karpathy")
+    captions.stamp = stamp
     if format not in ("coco", "karpathy"):
         for index, record in enumerate(captions.records):  # index in key order: stable
             record.image_id = index

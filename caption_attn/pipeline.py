@@ -273,6 +273,35 @@ def grouped_order(keys: Sequence, seed: int) -> np.ndarray:
     return np.concatenate([rng.permutation(images[i]) for i in rng.permutation(len(images))])
 
 
+def first_batches(lengths: np.ndarray, batch_size: int, boundaries: Sequence[int],
+                  count: int) -> np.ndarray:
+    """Which captions (of `lengths` tokens, in the order given) the first `count` batches
+    of `caption_dataset`'s bucketing hold, as a bool mask: tf.data's
+    `bucket_by_sequence_length` replayed in numpy. A bucket yields a batch when its
+    `batch_size`-th caption arrives; at the end the buckets' partial batches follow in
+    bucket order (`count_batches`). The first batches hold, of every bucket, a prefix of
+    its captions in arrival order, so bucketing the captions without them yields exactly
+    the batches that followed them (`Dataset.skip` ran every skipped batch through the
+    bucketing instead: 30-37 s to resume near the end of a COCO epoch, 9,000 of 9,638
+    batches of 64, now 1.5-2.5 s, building the dataset included)."""
+    buckets = np.searchsorted(np.asarray(boundaries), lengths, side="right")   # (C,)
+    members = [np.flatnonzero(buckets == b) for b in range(len(boundaries) + 1)]
+    # (arrival of its last caption, bucket, batch's index in its bucket) of each full batch
+    full = sorted((int(m[end - 1]), b, end // batch_size) for b, m in enumerate(members)
+                  for end in range(batch_size, len(m) + 1, batch_size))
+    flushed = [(b, len(m) // batch_size + 1) for b, m in enumerate(members)
+               if len(m) % batch_size]
+    taken = [0] * len(members)                    # batches of each bucket among the first
+    for b, index in [(b, i) for _, b, i in full] + flushed:
+        if count <= 0:
+            break
+        taken[b], count = index, count - 1
+    mask = np.zeros(len(lengths), bool)
+    for b, m in enumerate(members):
+        mask[m[:taken[b] * batch_size]] = True
+    return mask
+
+
 def caption_dataset(paths: Sequence[str], token_lists: Sequence[Sequence[int]],
                     batch_size: int, boundaries: Sequence[int], reader: NpyReader,
                     table: Optional[FeatureTable] = None, shuffle_seed: Optional[int] = None,
@@ -286,7 +315,9 @@ def caption_dataset(paths: Sequence[str], token_lists: Sequence[Sequence[int]],
     Captions are shuffled by `grouped_order` when `shuffle_seed` is given (same seed, same
     order), grouped by length and padded to their bucket boundary with 0 (`<pad>`); features
     are read after bucketing, so buckets hold file names, not feature maps. `skip_batches`
-    drops the first batches (resuming in the middle of an epoch).
+    drops the first batches (resuming in the middle of an epoch): their captions are left
+    out before bucketing (`first_batches` finds them), and the rest yields exactly the
+    batches that followed them in the whole epoch.
 
     (Bucketing by the longest caption of each image instead kept an image's captions in one
     batch, 4.7 captions per encoded image instead of 1.5, but was not faster on a 2-core CPU,
@@ -306,14 +337,17 @@ def caption_dataset(paths: Sequence[str], token_lists: Sequence[Sequence[int]],
     if shuffle_seed is not None:
         order = grouped_order(keys, shuffle_seed)
         keys, tokens = [keys[i] for i in order], [tokens[i] for i in order]
+    if skip_batches:
+        lengths = np.fromiter(map(len, tokens), np.int64, len(tokens))
+        kept = np.flatnonzero(~first_batches(lengths, batch_size, boundaries, skip_batches))
+        keys, tokens = [keys[i] for i in kept], [tokens[i] for i in kept]
+    keys = tf.constant(keys, tf.string if table is None else tf.int32)  # typed when empty
     ds = tf.data.Dataset.from_tensor_slices((keys, _ragged(tokens))).map(_dense_tokens)
     ds = ds.bucket_by_sequence_length(
         element_length_func=_num_tokens,
         bucket_boundaries=list(boundaries),
         bucket_batch_sizes=[batch_size] * (len(boundaries) + 1),
         pad_to_bucket_boundary=True)
-    if skip_batches:
-        ds = ds.skip(skip_batches)
     if num_replicas > 1:
         def slices(keys, tokens):
             return _replica_slices(keys, tokens, num_replicas, replica_ids)
@@ -375,13 +409,14 @@ def shuffled_image_dataset(paths: Sequence[str], batch_size: int, reader: NpyRea
     """(features (N, P, F), image ids (N,) int32) batches of every image once, in an order
     shuffled by `seed`; an image's id is its position in `paths` (self-critical training
     rewards each image's samples against that image's references). `skip_batches` resumes
-    mid-epoch; replicas as in `caption_dataset`."""
+    mid-epoch (the images of the batches skipped are left out before batching); replicas as
+    in `caption_dataset`."""
     order = np.random.default_rng(seed).permutation(len(paths))       # (I,)
     keys = [table.index[paths[i]] for i in order] if table is not None \
         else [paths[i] for i in order]
+    keys, order = keys[skip_batches * batch_size:], order[skip_batches * batch_size:]
+    keys = tf.constant(keys, tf.string if table is None else tf.int32)  # typed when empty
     ds = tf.data.Dataset.from_tensor_slices((keys, order.astype(np.int32))).batch(batch_size)
-    if skip_batches:
-        ds = ds.skip(skip_batches)
     if num_replicas > 1:
         ds = ds.flat_map(lambda k, i: _replica_slices(k, i, num_replicas, replica_ids))
     read = table.batch if table is not None else reader.batch

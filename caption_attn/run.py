@@ -417,15 +417,38 @@ class RunFolder:
         were read, when every Flickr8k run was) keeps that split, lists or not."""
         return self._split_field("split_source") == "lists"
 
-    def images_dir(self) -> Optional[str]:
+    def images_dir(self, existing: bool = True) -> Optional[str]:
         """The folder the run's feature files had their source images checked in when it last
         trained (split.json's `images_dir`: `train --images`, or the cache's last images
-        folder then), when it is still a folder; None otherwise (and for runs made before it
-        was recorded). A cache can hold another folder's same-named images since
-        (`extract-features --replace-other-images`): checked in the cache's last folder, their
-        features looked like this run's images'."""
+        folder then), when it is still a folder (or with `existing` False, whether or not);
+        None otherwise (and for runs made before it was recorded). A cache can hold another
+        folder's same-named images since (`extract-features --replace-other-images`):
+        checked in the cache's last folder, their features looked like this run's images'."""
         folder = self._split_field("images_dir")
-        return folder if isinstance(folder, str) and os.path.isdir(folder) else None
+        return folder if isinstance(folder, str) and (not existing or os.path.isdir(folder)) \
+            else None
+
+    def caption_file(self) -> Optional[dict]:
+        """The caption file the run last read, as split.json recorded it: its `path`, the
+        `format` it was read as, and the `size` and `sha256` of its bytes
+        (`data.file_stamp`); None for a run made before the bytes were recorded."""
+        stamp = self._split_field("caption_file")
+        if not isinstance(stamp, dict):
+            return None
+        return {"path": self._split_field("captions"), "format": self._split_field("format"),
+                **stamp}
+
+    def split_fields(self) -> set:
+        """The fields split.json holds (none without the file)."""
+        identity = file_identity(self.split)
+        data = None if identity is None else _parsed_split(os.path.abspath(self.split),
+                                                           identity)
+        return set(data) if isinstance(data, dict) else set()
+
+    def settings_recorded(self) -> Optional[str]:
+        """split.json's `settings_sha256` (`RunConfig.settings_digest`; None for a run made
+        before it was recorded)."""
+        return self._split_field("settings_sha256")
 
     def image_digests(self) -> dict:
         """image key -> digest of the image its training-time features were extracted from

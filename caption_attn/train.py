@@ -27,18 +27,20 @@ import tensorflow as tf
 
 from caption_attn import (checkpoints, distribute, feature_cache, interrupts, ngrams, pipeline,
                           progress, quiet)
+from caption_attn import data as data_lib
 from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoardLogger,
                                     prune_event_files)
 from caption_attn.cider import CiderD
 from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig, flag_name
 from caption_attn.errors import TrainingError, UserError
-from caption_attn.fileio import write_json_atomic
+from caption_attn.fileio import read_json, write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
 from caption_attn.optimizer import FusedAdam, StagedLearningRate, inner, make_optimizer
 from caption_attn.run import RunFolder, changed_settings_note
 from caption_attn.scst import SelfCritical
 from caption_attn.steps import EpochTotals, Steps
-from caption_attn.train_data import EpochData, TrainData, load_train_data as _load_train_data
+from caption_attn.train_data import (SPLIT_FIELDS, EpochData, TrainData, features_as_recorded,
+                                     load_train_data as _load_train_data)
 from caption_attn.validation import SampleFigures, Validator, table_or_files
 from caption_attn.vocab import SPECIAL_TOKENS, UNK
 
@@ -261,6 +263,29 @@ def _nothing_left(run: RunFolder, tc: TrainConfig, where: Optional[tuple[int, in
     return None
 
 
+def _unmeasured(tc: TrainConfig, history: list, done: int) -> list[str]:
+    """The metrics a run resumed from epoch `done`'s end (`history` up to it) measures on
+    the restored model before it trains on (`Trainer._metrics_before_resume`): what the next
+    epoch monitors, and val_cider before a self-critical one, that the last epoch did not
+    log (loss-based metrics are logged by every epoch)."""
+    wanted = {tc.monitor_for(done)} | ({"val_cider"} if tc.is_scst(done) else set())
+    return sorted(n for n in wanted & {"val_bleu4", "val_cider"}
+                  if history[-1].get(n) is None)
+
+
+def metric_images_notes(run: RunFolder, cfg: RunConfig, notes: list,
+                        val_images: int) -> tuple[list, RunConfig]:
+    """`notes` with `check_metric_images`' notes added, and the config to train with: a
+    rerun that trains nothing keeps the run's --bleu-images, which is then no changed
+    setting (`changed_settings_note` among `notes` is said again without it)."""
+    more, kept = check_metric_images(run, cfg, val_images)
+    if kept is not cfg:
+        saved = run.load_config().train
+        before, after = (changed_settings_note(saved, c.train) for c in (cfg, kept))
+        notes = [n for n in notes if n != before] + ([after] if after else [])
+    return notes + more, kept
+
+
 def check_metric_images(run: RunFolder, cfg: RunConfig,
                         val_images: int) -> tuple[list[str], RunConfig]:
     """A resume with another --bleu-images decodes val_bleu4 / val_cider on another set of
@@ -439,6 +464,31 @@ def load_train_data(cfg: RunConfig, run_dir: str, reuse: bool = True,
     return _load_train_data(cfg, RunFolder(run_dir), reuse=reuse, images_dir=images_dir)
 
 
+def forget_undone(run: RunFolder, done: int, steps: int, log) -> None:
+    """What a stopped process logged of training after the checkpoint a run starts from
+    (epoch `done`, step `steps`) was of a model that no longer exists: a kill after its
+    newest checkpoint, or a damaged one skipped for an older one. Its TensorBoard points
+    (`prune_event_files`) and the heatmaps of later epochs (attention/epoch_K) go:
+    TensorBoard drew them beside the new ones, and a run stopping earlier this time kept
+    them as if of its own epochs."""
+    points = prune_event_files(run.logs, done, steps)
+    folder = run.attention
+    later = {}                                                # epoch -> folder name
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        number = re.fullmatch(r"epoch_([0-9]+)", name)
+        if number and int(number[1]) > done and os.path.isdir(os.path.join(folder, name)):
+            later[int(number[1])] = name
+    for name in later.values():
+        shutil.rmtree(os.path.join(folder, name))
+    if points or later:
+        gone = [f"{points} TensorBoard value(s)"] if points else []
+        if later:
+            gone.append(f"the heatmaps of epoch(s) {', '.join(map(str, sorted(later)))}")
+        log(f"note: this run goes on from epoch {done}, step {steps}: removed "
+            f"{' and '.join(gone)} logged after that point by the process that stopped "
+            f"(that training is done again)")
+
+
 def check_finite(out: dict, epoch: int, step: int, kept: Optional[str],
                  loss_scaling: bool) -> None:
     """TrainingError when a step's loss (or, without loss scaling, which skips such steps
@@ -458,6 +508,29 @@ def check_finite(out: dict, epoch: int, step: int, kept: Optional[str],
                         "No checkpoint was written yet. ")
         + "The features were checked (finite, undamaged), so the optimisation diverged: "
           "try a lower --learning-rate, --clip-norm 5, or --precision float32.")
+
+
+def training_state(cfg: RunConfig, vocab_tokens: int,
+                   cross_entropy_steps: int) -> tuple[StagedLearningRate, dict]:
+    """(the learning-rate schedule, what every checkpoint of a run holds, by the names it
+    holds them under: the model, its optimizer, the counters and the dropout seed
+    generators' states), new; under the caller's strategy scope. `Trainer` trains them,
+    `rerun_without_data` checks that the run's newest checkpoint restores into them."""
+    tc, mc = cfg.train, cfg.model
+    model = ShowAttendTell(vocab_tokens, mc.embedding_dim, mc.units, mc.dropout,
+                           dtype=DTYPE_POLICIES[tc.precision], name="show_attend_tell")
+    lr_schedule = StagedLearningRate(tc, cross_entropy_steps)
+    optimizer = make_optimizer(tc, lr_schedule)
+    optimizer.build(model.trainable_variables)
+    rng = [v.value for v in model.non_trainable_variables if "seed_generator" in v.path]
+    return lr_schedule, dict(
+        model=model, optimizer=optimizer,
+        epoch=tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch"),
+        step=tf.Variable(0, dtype=tf.int64, trainable=False, name="step"),
+        step_in_epoch=tf.Variable(0, dtype=tf.int64, trainable=False),
+        epoch_sums=tf.Variable(tf.zeros([len(EpochTotals.FIELDS)], tf.float64),
+                               trainable=False),
+        rng=rng)
 
 
 class Trainer:
@@ -526,25 +599,14 @@ class Trainer:
     def _build_state(self, cross_entropy_steps: int) -> None:
         tc, mc = self.cfg.train, self.cfg.model
         with self.strategy.scope():
-            self.model = ShowAttendTell(len(self.data.vocab), mc.embedding_dim, mc.units,
-                                        mc.dropout, dtype=DTYPE_POLICIES[tc.precision],
-                                        name="show_attend_tell")
-            self.lr_schedule = StagedLearningRate(tc, cross_entropy_steps)
-            self.optimizer = make_optimizer(tc, self.lr_schedule)
-            self.optimizer.build(self.model.trainable_variables)
-            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-            self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-            self.epoch_sums = tf.Variable(tf.zeros([len(EpochTotals.FIELDS)], tf.float64),
-                                          trainable=False)
+            self.lr_schedule, objects = training_state(self.cfg, len(self.data.vocab),
+                                                       cross_entropy_steps)
             self.epoch_start = tf.Variable(  # `checkpoints.EPOCH_START`, NaN: not known
                 tf.fill([len(checkpoints.EPOCH_START)], tf.constant(np.nan, tf.float64)),
                 trainable=False)
-        rng = [v.value for v in self.model.non_trainable_variables
-               if "seed_generator" in v.path]
-        objects = dict(model=self.model, optimizer=self.optimizer, epoch=self.epoch,
-                       step=self.step, step_in_epoch=self.step_in_epoch,
-                       epoch_sums=self.epoch_sums, rng=rng)
+        self.model, self.optimizer = objects["model"], objects["optimizer"]
+        self.epoch, self.step = objects["epoch"], objects["step"]
+        self.step_in_epoch, self.epoch_sums = objects["step_in_epoch"], objects["epoch_sums"]
         self.checkpoint = tf.train.Checkpoint(**objects)   # what every checkpoint holds
         own = self.run.checkpoints if self.chief else \
             self.run.worker_checkpoints(distribute.task_id(self.strategy))
@@ -893,28 +955,7 @@ class Trainer:
             else self.inputs.steps_per_epoch
 
     def _forget_undone(self, done: int, steps: int) -> None:
-        """What a stopped process logged of training after the checkpoint this run starts
-        from (epoch `done`, step `steps`) was of a model that no longer exists: a kill after
-        its newest checkpoint, or a damaged one skipped for an older one. Its TensorBoard
-        points (`prune_event_files`) and the heatmaps of later epochs (attention/epoch_K)
-        go: TensorBoard drew them beside the new ones, and a run stopping earlier this time
-        kept them as if of its own epochs."""
-        points = prune_event_files(self.run.logs, done, steps)
-        folder = self.run.attention
-        later = {}                                                # epoch -> folder name
-        for name in os.listdir(folder) if os.path.isdir(folder) else ():
-            number = re.fullmatch(r"epoch_([0-9]+)", name)
-            if number and int(number[1]) > done and os.path.isdir(os.path.join(folder, name)):
-                later[int(number[1])] = name
-        for name in later.values():
-            shutil.rmtree(os.path.join(folder, name))
-        if points or later:
-            gone = [f"{points} TensorBoard value(s)"] if points else []
-            if later:
-                gone.append(f"the heatmaps of epoch(s) {', '.join(map(str, sorted(later)))}")
-            self.log(f"note: this run goes on from epoch {done}, step {steps}: removed "
-                     f"{' and '.join(gone)} logged after that point by the process that "
-                     f"stopped (that training is done again)")
+        forget_undone(self.run, done, steps, self.log)
 
     def _redraw_lost_samples(self, done: int, samples: SampleFigures, writers) -> None:
         """A run killed after an epoch's checkpoint but before its heatmaps were written
@@ -984,12 +1025,9 @@ class Trainer:
         epoch's, so the epochs to come have the model they start from to beat. (Resumed
         inside an epoch, the restored model is not that epoch's: nothing is measured.)
         Returns what was measured (for TensorBoard)."""
-        tc = self.cfg.train
         if not history or int(self.step_in_epoch.numpy()):
             return {}
-        wanted = {tc.monitor_for(done)} | ({"val_cider"} if tc.is_scst(done) else set())
-        missing = sorted(n for n in wanted & {"val_bleu4", "val_cider"}
-                         if history[-1].get(n) is None)
+        missing = _unmeasured(self.cfg.train, history, done)
         if not missing:
             return {}
         measured = self.validator.metrics(missing)
@@ -1055,33 +1093,43 @@ def _summary(trainer: Trainer, history, early, reason, seconds, epochs_before: i
     it has not finished ("epoch_steps" of "epoch_length"; 0 of it between epochs) and what
     this invocation did ("epochs_now": epochs finished now, "steps_now"); "monitor": what
     early stopping watches now, "best_*": the best model on disk (best.json)."""
-    last = history[-1] if history else {}
     steps, finished = int(trainer.step.numpy()), int(trainer.epoch.numpy())
+    inputs, tc = trainer.inputs, trainer.cfg.train
+    return _summary_of(trainer.run_dir, tc, history, early, reason, seconds, finished,
+                       steps, int(trainer.step_in_epoch.numpy()),
+                       inputs.scst_steps_per_epoch if tc.is_scst(finished)
+                       else inputs.steps_per_epoch,
+                       epochs_before, steps_before, trainer.data.skipped_captions,
+                       best=trainer.run.best_record() if trainer.chief else None)
+
+
+def _summary_of(run_dir: str, tc: TrainConfig, history: list, early: EarlyStopping,
+                reason: str, seconds: float, finished: int, steps: int, epoch_steps: int,
+                epoch_length: Optional[int], epochs_before: int, steps_before: int,
+                skipped_captions: int, best: Optional[dict]) -> dict:
+    """`_summary`'s dict (`best`: best.json's record, None for none or a worker's); also of
+    `rerun_without_data`, whose `epoch_length` is None (the data was not loaded)."""
+    last = history[-1] if history else {}
     # the best model on disk: after a stage change, early stopping's best epoch is the one
     # the new stage has to beat, while best.keras stays the earlier stage's best until it does
-    best = trainer.run.best_record() if trainer.chief else None
     if not (isinstance(best, dict) and isinstance(best.get("epoch"), int)
             and isinstance(best.get("value"), (int, float)) and best.get("monitor")):
         best = None  # none yet, or edited by hand: early stopping's own record
     if best is None and early.best_epoch is not None:
         best = {"monitor": early.monitor, "epoch": early.best_epoch + 1,
                 "value": float(early.best)}
-    inputs = trainer.inputs
-    return {"run": trainer.run_dir, "epochs": len(history), "steps": steps,
-            "finished_epochs": finished, "target_epochs": trainer.cfg.train.epochs,
-            "epoch_steps": int(trainer.step_in_epoch.numpy()),
-            "epoch_length": inputs.scst_steps_per_epoch if trainer.cfg.train.is_scst(finished)
-            else inputs.steps_per_epoch,
-            "max_steps": trainer.cfg.train.max_steps,
-            "scst_after": trainer.cfg.train.scst_after,
-            "monitor_flag": trainer.cfg.train.monitor,
+    return {"run": run_dir, "epochs": len(history), "steps": steps,
+            "finished_epochs": finished, "target_epochs": tc.epochs,
+            "epoch_steps": epoch_steps, "epoch_length": epoch_length,
+            "max_steps": tc.max_steps, "scst_after": tc.scst_after,
+            "monitor_flag": tc.monitor,
             "epochs_now": finished - epochs_before, "steps_now": steps - steps_before,
             "stopped_by": reason, "monitor": early.monitor,
             "best_monitor": (best or {}).get("monitor"), "best_epoch": (best or {}).get("epoch"),
             "best_value": (best or {}).get("value"),
             "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
-            "seconds": seconds, "skipped_captions": trainer.data.skipped_captions,
-            "best_model": trainer.run.best_model}
+            "seconds": seconds, "skipped_captions": skipped_captions,
+            "best_model": RunFolder(run_dir).best_model}
 
 
 def _plain(value):
@@ -1214,7 +1262,85 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
                      f"against which later resumes are checked")
     # no extract-features may write the cache while it is read (nor be writing it now)
     with feature_cache.using_features(cfg.cache, writing=False):
-        return _load_and_train(run, cfg, run_dir, images_dir, progress, log, notes)
+        settled = None if fresh else rerun_without_data(run, cfg, run_dir, images_dir, notes,
+                                                        log)
+        return settled or _load_and_train(run, cfg, run_dir, images_dir, progress, log,
+                                           notes)
+
+
+def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
+                       notes: list, log) -> Optional[dict]:
+    """The summary of a rerun that trains nothing (all --epochs done, --max-steps reached,
+    or stopped early), decided from the run folder before the caption file is parsed (COCO's
+    Karpathy file: 25 s of parsing, tokenizing and fingerprinting for "nothing to train"),
+    `notes` and `check_metric_images`' logged; None when the rerun is to load the data
+    (`_load_and_train`), having written nothing.
+
+    Decided so only when the full load could say or write nothing more (besides the data's
+    description, `_describe`, and the strategy's notes, which speak of training; no feature
+    file is read, which the full load did to build the in-memory table): the run
+    stands at an epoch's boundary, with every metric its resume would measure logged; the
+    caption file has the bytes it had when the run last read it (split.json's
+    `caption_file`: the same caption data, which the load checks; a Flickr8k file, whose
+    split also depends on the lists beside it, is loaded); `features_as_recorded` (the
+    features of every image, with its refusals); config.json and split.json would be
+    rewritten as they are; the newest checkpoint restores (none skipped or set aside); the
+    best model loads and is the best epoch's (none to save or rewrite), and the last
+    epoch's heatmaps are there (none to draw again). A multi-worker run is loaded, whose
+    workers agree on their checkpoints in the Trainer. What a stopped process logged past
+    the checkpoint is removed as by the Trainer (`forget_undone`)."""
+    tc = cfg.train
+    where, recorded = _resume_position(run), run.caption_file()
+    if tc.strategy == "multi-worker" or where is None or where[1] or recorded is None \
+            or not os.path.exists(run.vocab):
+        return None
+    done, steps = where[0], checkpoints.steps_taken(run.checkpoints) or 0
+    history = [h for h in run.read_history() if h["epoch"] <= done]
+    if _nothing_left(run, tc, where, history) is None or (
+            trains_more(tc, done, steps) and _unmeasured(tc, history, done)):
+        return None
+    kept = with_trained_settings(run, cfg)   # what config.json is rewritten with
+    if read_json(run.config) != dataclasses.replace(kept, train=dataclasses.replace(
+            kept.train, fresh=False)).to_dict() or \
+            not run.split_fields() >= set(SPLIT_FIELDS) or \
+            run.settings_recorded() != cfg.settings_digest():
+        return None
+    if recorded["path"] != cfg.captions or recorded["format"] in data_lib.LIST_FORMATS or \
+            {k: recorded.get(k) for k in ("size", "sha256")} != \
+            data_lib.caption_file_stamp(cfg.captions):
+        return None
+    if not features_as_recorded(cfg, run, images_dir):
+        return None
+    vocab = run.load_vocab()
+    vocab.refuse_words_never_tokenized(run.vocab)
+    check_model_size(cfg, vocab_tokens=len(vocab))
+    check_cider_vocabulary(tc, len(vocab))
+    notes, cfg = metric_images_notes(run, cfg, notes, len(run.load_splits()["val"]))
+    with run.training_lock():
+        _, objects = training_state(cfg, len(vocab), 1)
+        if checkpoints.restores_as_it_is(tf.train.Checkpoint(**objects), run.checkpoints) \
+                is None or (int(objects["epoch"].numpy()), int(objects["step"].numpy()),
+                            int(objects["step_in_epoch"].numpy())) != (done, steps, 0):
+            return None
+        early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
+                              initial_history=history)
+        stopped, best = early.replay(), run.best_record()
+        if early.best_epoch is not None and early.best_epoch + 1 == done and \
+                (best or {}).get("epoch") != done:   # `Trainer._repair_best` saves it
+            return None
+        if best and os.path.exists(run.best_weights):
+            try:
+                run.load_best_model()
+            except UserError:                        # `RunFolder.repair_best_model`'s
+                return None
+        if done and tc.sample_images and not os.path.isdir(run.attention_epoch(done)):
+            return None                              # `Trainer._redraw_lost_samples`'
+        for note in notes:
+            log("note: " + note)
+        forget_undone(run, done, steps, log)
+    reason = "early_stopping" if stopped else "max_steps" if done < tc.epochs else "epochs"
+    return _summary_of(run_dir, tc, history, early, reason, 0.0, done, steps, 0, None, done,
+                       steps, 0, best)
 
 
 def _load_and_train(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, progress, log,
@@ -1227,12 +1353,7 @@ def _load_and_train(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, pr
     check_cider_vocabulary(cfg.train, len(data.vocab))
     if not fresh:
         notes += check_features_mid_epoch(run, cfg, data) + gained_images_notes(run, data)
-        more, kept = check_metric_images(run, cfg, len(data.references["val"]))
-        if kept is not cfg:  # the run keeps its --bleu-images: no longer a changed setting
-            saved = run.load_config().train
-            before, after = (changed_settings_note(saved, c.train) for c in (cfg, kept))
-            notes = [n for n in notes if n != before] + ([after] if after else [])
-        notes, cfg = notes + more, kept
+        notes, cfg = metric_images_notes(run, cfg, notes, len(data.references["val"]))
     for note in notes:
         log("note: " + note)
     os.makedirs(run_dir, exist_ok=True)

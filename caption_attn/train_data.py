@@ -29,6 +29,14 @@ from caption_attn.scst import train_document_frequency
 from caption_attn.vocab import SPECIAL_TOKENS, Vocabulary, tokenize_all
 
 
+# What split.json holds (`TrainData.fix_in`): a run whose file lacks one of them (made before
+# it was recorded) gets it at its next load, which a rerun therefore does not skip
+# (`train.rerun_without_data`)
+SPLIT_FIELDS = ("captions", "format", "splits", "split_source", "images_dir", "splits_sha256",
+                "cache_identity", "caption_data", "caption_file", "image_digests",
+                "without_features", "vocab_sha256", "settings_sha256")
+
+
 @dataclasses.dataclass
 class TrainData:
     vocab: Vocabulary
@@ -55,6 +63,7 @@ class TrainData:
     captions: Optional[str] = None    # the caption file
     images_dir: Optional[str] = None  # where the source images were checked (or None)
     cache: Optional[str] = None       # the feature cache
+    caption_file: Optional[dict] = None   # `data.file_stamp` of the caption file's bytes read
 
     def describe(self, problems: dict) -> str:
         """`feature_cache.describe_problems` of some of `unusable`, with the whole
@@ -76,21 +85,21 @@ class TrainData:
         config.json must match from then on) and vocab.json (the ones this data was made with,
         unchanged when they were read from the run): from here on they are fixed for the life
         of the run. Digests recorded earlier stay: an image skipped now (its features unusable)
-        is still checked when its features come back."""
-        write_json_atomic(run.split, {"captions": os.path.abspath(captions),
-                                      "format": self.format, "splits": self.splits,
-                                      "split_source": self.split_source,
-                                      "images_dir": self.images_dir,
-                                      "splits_sha256": splits_digest(self.splits),
-                                      "cache_identity": feature_cache.cache_identity(
-                                          self.manifest),
-                                      "caption_data": self.caption_data,
-                                      "image_digests": dict(sorted(
-                                          {**(self.recorded_digests or {}),
-                                           **(self.image_digests or {})}.items())),
-                                      "without_features": sorted(self.unusable or {}),
-                                      "vocab_sha256": self.vocab.digest(),
-                                      **({"settings_sha256": settings} if settings else {})})
+        is still checked when its features come back. `caption_file` stamps the bytes the
+        caption data was read from (a rerun with nothing left to train and the same bytes
+        need not read them again: `train.rerun_without_data`)."""
+        record = {"captions": os.path.abspath(captions), "format": self.format,
+                  "splits": self.splits, "split_source": self.split_source,
+                  "images_dir": self.images_dir, "splits_sha256": splits_digest(self.splits),
+                  "cache_identity": feature_cache.cache_identity(self.manifest),
+                  "caption_data": self.caption_data, "caption_file": self.caption_file,
+                  "image_digests": dict(sorted({**(self.recorded_digests or {}),
+                                                **(self.image_digests or {})}.items())),
+                  "without_features": sorted(self.unusable or {}),
+                  "vocab_sha256": self.vocab.digest(),
+                  **({"settings_sha256": settings} if settings else {})}
+        assert set(record) <= set(SPLIT_FIELDS), set(record) - set(SPLIT_FIELDS)
+        write_json_atomic(run.split, record)
         self.vocab.save(run.vocab)
 
 
@@ -120,9 +129,6 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
     same-named images was extracted holds that folder's features under these names, which
     checked against it looked right."""
     manifest = check_manifest(cfg.cache)
-    checked_in = None if images_dir or not reuse else run.images_dir()  # a resume: as before
-    images_dir = os.path.abspath(images_dir) if images_dir else \
-        checked_in or feature_cache.source_images(manifest)
     if reuse:
         run.check_cache(cfg.cache, manifest)
     reader = pipeline.NpyReader.from_manifest(manifest)
@@ -140,15 +146,9 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
     if reuse and os.path.exists(run.split):
         run.check_captions(cfg.captions, captions.records, splits, fingerprint)
     records = {r.image: r for r in captions.records}
-    digests = {}   # of every split's images, so `evaluate --cache` can tell other images
-    recorded_digests = run.image_digests() if reuse else {}
-    # --images given is the folder to check in; a resume's recorded one may be an older copy
-    paths, problems = feature_cache.usable_features_checked_in(
-        cfg.cache, [k for keys in splits.values() for k in keys if k in records], manifest,
-        images_dir, recorded_digests if checked_in else {}, digests)
-    if reuse:   # before split.json records today's digests as the run's own
-        run.check_image_digests(cfg.cache, list(paths), digests,
-                                images_dir or manifest.get("images_dir"))
+    images_dir, paths, problems, digests, recorded_digests = _usable_features(
+        cfg, run, manifest, [k for keys in splits.values() for k in keys if k in records],
+        reuse, images_dir)
     skipped_captions = sum(len(records[k].captions) for k in problems)
     words = {k: tokenize_all(records[k].captions) for k in paths}  # for vocabulary and ids
     if reuse and os.path.exists(run.vocab):
@@ -175,13 +175,55 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
                      fingerprint, dict(sorted(digests.items())), problems, 0,
                      recorded_digests, captions.refused_note(), captions.empty_note(),
                      captions=cfg.captions, images_dir=images_dir, cache=cfg.cache,
-                     split_source=captions.split_source, split_note=split_note)
+                     split_source=captions.split_source, split_note=split_note,
+                     caption_file=captions.stamp)
     data.problems = data.describe(problems) if problems else ""
     _check_not_empty(cfg, splits, caption_ids, problems, data.describe)
     truncated, truncated_val = (sum(len(w) > cfg.vocab.max_length for k in caption_ids[split]
                                     for w in words[k]) for split in ("train", "val"))
     data.truncated, data.truncated_val = truncated, truncated_val
     return data
+
+
+def _usable_features(cfg: RunConfig, run: RunFolder, manifest: dict, keys: list[str],
+                     reuse: bool, images_dir: Optional[str]) -> tuple:
+    """(images folder checked in, {key: feature path} usable, {key: why not}, {key: digest
+    of its source image}, the run's recorded digests) of the images `keys`, for
+    `load_train_data` (`reuse`: a resume, whose recorded digests are checked) and
+    `features_as_recorded`. Writes nothing."""
+    checked_in = None if images_dir or not reuse else run.images_dir()  # a resume: as before
+    images_dir = os.path.abspath(images_dir) if images_dir else \
+        checked_in or feature_cache.source_images(manifest)
+    digests = {}   # of every split's images, so `evaluate --cache` can tell other images
+    recorded_digests = run.image_digests() if reuse else {}
+    # --images given is the folder to check in; a resume's recorded one may be an older copy
+    paths, problems = feature_cache.usable_features_checked_in(
+        cfg.cache, keys, manifest, images_dir, recorded_digests if checked_in else {}, digests)
+    if reuse:   # before split.json records today's digests as the run's own
+        run.check_image_digests(cfg.cache, list(paths), digests,
+                                images_dir or manifest.get("images_dir"))
+    return images_dir, paths, problems, digests, recorded_digests
+
+
+def features_as_recorded(cfg: RunConfig, run: RunFolder,
+                         images_dir: Optional[str] = None) -> bool:
+    """Whether `load_train_data` would find what the run recorded when it last started
+    (split.json) of its feature cache and of every image of its split: the same cache
+    identity, the same images folder checked, usable features for every image (none went
+    without then), each extracted from the image recorded then, none new. Then the load
+    would neither note nor record anything of them (`TrainData.fix_in` would write what
+    split.json holds). Its refusals are raised as there (another cache; features extracted
+    from other images); nothing is written. For `train.rerun_without_data`."""
+    manifest = check_manifest(cfg.cache)
+    run.check_cache(cfg.cache, manifest)
+    if run.cache_identity() != feature_cache.cache_identity(manifest) or \
+            run.without_features() != set():   # or a run too old to have recorded them
+        return False
+    keys = [k for split in run.load_splits().values() for k in split]
+    folder, paths, problems, digests, recorded = _usable_features(cfg, run, manifest, keys,
+                                                                  True, images_dir)
+    return not problems and folder == run.images_dir(existing=False) and \
+        all(recorded.get(k) == digest for k, digest in digests.items())
 
 
 def _resumed_split_note(run: RunFolder, path: str,

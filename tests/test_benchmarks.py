@@ -142,6 +142,18 @@ def test_bench_reward_and_feature_index(capsys):
     assert "files/s" in out and "usable_features" in out
 
 
+def test_bench_resume(capsys, tmp_path):
+    path = str(tmp_path / "resume.json")
+    out = run_benchmark("bench_resume", ["--images", "60", "--train-images", "20",
+                                         "--val-images", "6", "--rounds", "1", "--skip", "3",
+                                         "--json", path], capsys)
+    assert "without parsing the captions" in out and "first batch after" in out
+    with open(path) as f:
+        figures = json.load(f)
+    numbers(figures, "rerun_full_s", "rerun_quick_s", "first_batch_skip_none_s",
+            "first_batch_skip_many_s")
+
+
 def test_bench_export(capsys, tmp_path):
     """bench_export made its run folder by hand and crashed before measuring once `export`
     required the split.json that `train` writes."""

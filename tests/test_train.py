@@ -1109,6 +1109,128 @@ def test_run_made_before_caption_fingerprints_still_resumes(trained, shapes_data
         _resume(trained, tmp_path, captions=other)
 
 
+# --------------------------------------------------------------------------- nothing left to train
+def _run_files(run):
+    return {n: open(os.path.join(run, n), "rb").read() for n in (
+        "config.json", "split.json", "vocab.json", "history.json", "best.json")}
+
+
+def _counting_loads(monkeypatch) -> list:
+    """The caption files `load_train_data` parses from now on."""
+    from caption_attn import data as data_lib
+    loads, real = [], data_lib.load_dataset
+    monkeypatch.setattr(data_lib, "load_dataset",
+                        lambda path, *a, **k: loads.append(path) or real(path, *a, **k))
+    return loads
+
+
+def _early_stopped(run):
+    """history.json of the copy as if val_bleu4 had been best in epoch 1."""
+    path = os.path.join(run, "history.json")
+    with open(path) as f:
+        history = json.load(f)
+    for h in history:
+        h["val_bleu4"] = 0.5 if h["epoch"] == 1 else 0.1
+    with open(path, "w") as f:
+        json.dump(history, f)
+
+
+@pytest.mark.parametrize("case", ["same", "fewer epochs, other bleu images", "stopped early"])
+def test_a_rerun_with_nothing_left_to_train_parses_no_captions(trained, tmp_path, monkeypatch,
+                                                               case):
+    """A rerun of a finished run parsed the whole caption file (COCO's Karpathy file: 30 s
+    of parsing, tokenizing and fingerprinting) before it said "nothing to train". When the
+    file has the bytes the run last read (split.json's `caption_file`) it now says so
+    without parsing it: the same summary and notes, nothing written. A run recorded before
+    the stamp is loaded once (recording it: its files are then as they were)."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    cfg = small_config_like(trained)
+    if case == "fewer epochs, other bleu images":   # notes of changed settings, --bleu-images
+        cfg = small_config_like(trained, train=dataclasses.replace(cfg.train, epochs=2,
+                                                                    bleu_images=4))
+    if case == "stopped early":
+        _early_stopped(run)
+        cfg = small_config_like(trained, train=dataclasses.replace(cfg.train, epochs=8,
+                                                                    patience=2))
+    before = _run_files(run)
+    path = os.path.join(run, "split.json")
+    with open(path) as f:
+        split = json.load(f)
+    split.pop("caption_file", None)
+    with open(path, "w") as f:
+        json.dump(split, f)                            # as a run made before the stamp
+    loads = _counting_loads(monkeypatch)
+    logs = {"loaded": [], "quick": []}
+    loaded = train.train(cfg, run, progress=False, log=logs["loaded"].append)
+    assert loads == [cfg.captions] and _run_files(run) == before
+    quick = train.train(cfg, run, progress=False, log=logs["quick"].append)
+    assert loads == [cfg.captions] and _run_files(run) == before   # not parsed again
+    assert train.format_summary(quick) == train.format_summary(loaded)
+    assert train.format_summary(quick).startswith(
+        "nothing to train: the run already finished epoch 4 ")
+    assert {k for k in loaded if loaded[k] != quick[k]} <= {"epoch_length", "seconds"}
+    notes = {k: [line for line in v if line.startswith("note:")] for k, v in logs.items()}
+    assert notes["quick"] == notes["loaded"]
+    assert len(notes["quick"]) == {"same": 0, "stopped early": 1}.get(case, 2), notes
+    if case == "stopped early":
+        assert quick["stopped_by"] == "early_stopping"
+        assert "(stopped early before" in train.format_summary(quick)
+
+
+def test_a_rerun_with_nothing_left_to_train_still_tells_what_changed(
+        trained, shapes_data, copy_cache, tmp_path, monkeypatch):
+    """The rerun of a finished run that parses no captions is taken only when the full load
+    could say or do nothing more; else the data is loaded and everything told as before:
+    captions edited in place are refused, so are features extracted from other images; a
+    lost best model is rewritten, lost heatmaps drawn again, an unusable feature file
+    skipped with a note; and more --epochs train."""
+    from conftest import give_other_images
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    captions = _captions_file(shapes_data, tmp_path, "captions.json")  # the same captions
+    cfg = small_config_like(trained)
+    cfg.captions, cfg.cache = captions, copy_cache
+    loads, logs = _counting_loads(monkeypatch), []
+
+    def rerun(config=cfg):
+        logs.clear()
+        return train.train(config, run, progress=False, log=logs.append)
+    rerun()                                            # moved: loaded, noted, recorded
+    assert len(loads) == 1 and any("--captions differs" in line for line in logs)
+    assert rerun()["steps_now"] == 0 and len(loads) == 1
+    original = open(captions).read()
+    with open(captions, "w") as f:                     # edited in place
+        f.write(original.replace('"raw": "', '"raw": "a cat and ', 1))
+    with pytest.raises(UserError, match="not the caption data"):
+        rerun()
+    with open(captions, "w") as f:
+        f.write(original)
+    index = os.path.join(copy_cache, "index.jsonl")
+    entries = open(index).read()
+    key = RunFolder(run).load_splits()["train"][0]
+    give_other_images(copy_cache, [key])
+    with pytest.raises(UserError, match="extracted from other images"):
+        rerun()
+    with open(index, "w") as f:
+        f.write(entries)
+    assert rerun()["steps_now"] == 0 and len(loads) == 2 and not logs  # quick again
+    os.remove(os.path.join(run, "best.keras"))
+    rerun()
+    assert any("best.keras: missing; rewrote it from" in line for line in logs), logs
+    shutil.rmtree(os.path.join(run, "attention", "epoch_4"))
+    rerun()
+    assert any("heatmaps of epoch 4 were lost" in line for line in logs), logs
+    assert os.path.isdir(os.path.join(run, "attention", "epoch_4"))
+    assert len(loads) == 4
+    os.utime(os.path.join(copy_cache, key + ".npy"), (1, 1))   # changed after extraction
+    rerun()
+    assert any(re.match(r"skipped \d+ captions of 1 images", line) for line in logs), logs
+    assert len(loads) == 5
+    summary = rerun(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=5)))
+    assert summary["epochs_now"] == 1 and len(loads) == 6
+
+
 @pytest.mark.parametrize("kind", ["missing", "file"])
 def test_images_that_are_not_a_folder_are_refused_before_writing(shapes_data, tmp_path, kind):
     images = str(tmp_path / "images")

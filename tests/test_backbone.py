@@ -154,6 +154,55 @@ def test_random_weights_are_seeded(extracted):
     assert weights_sha256(build_backbone(path)) == sha
 
 
+def test_a_caches_random_backbone_is_read_without_keras_load_weights(extracted, monkeypatch):
+    """The random backbone saved in a cache is read straight from its h5 file (Keras' own
+    `load_weights` walks every attribute of every layer: 0.8 s of a one-image `caption`), into
+    exactly the weights of the manifest's sha256."""
+    import keras
+
+    from caption_attn.backbone import random_model_from_cache
+
+    m = read_manifest(extracted[0])
+    monkeypatch.setattr(keras.Model, "load_weights",
+                        lambda *a, **k: pytest.fail("read by Keras' load_weights"))
+    assert weights_sha256(random_model_from_cache(extracted[0], m)) == m["weights_sha256"]
+
+
+def test_weights_the_direct_reader_gets_wrong_or_cannot_read_are_read_by_keras(
+        extracted, monkeypatch, tmp_path):
+    """Where the direct read does not give the manifest's weights (a file of another Keras
+    layout) or cannot read the file, Keras' `load_weights` reads it: the backbone is the
+    cache's all the same. A file without a layer's group is not read at all (no weight
+    half assigned)."""
+    import h5py
+
+    from caption_attn import backbone as backbone_lib
+
+    cache = extracted[0]
+    m = read_manifest(cache)
+    real = backbone_lib.read_saved_weights
+
+    def misread(model, path):
+        done = real(model, path)
+        model.weights[0].assign(np.zeros(model.weights[0].shape, np.float32))
+        return done
+    for reader in (misread, lambda model, path: False):
+        monkeypatch.setattr(backbone_lib, "read_saved_weights", reader)
+        model = backbone_lib.random_model_from_cache(cache, m)
+        assert weights_sha256(model) == m["weights_sha256"]
+
+    other = str(tmp_path / "other.weights.h5")
+    with h5py.File(os.path.join(cache, m["weights_file"]), "r") as f, \
+            h5py.File(other, "w") as g:
+        for key in f["layers"]:
+            if key != "conv2d_93":
+                f.copy(f["layers"][key], g.require_group("layers"), name=key)
+    model = build_backbone("random", 1)
+    before = weights_sha256(model)
+    assert real(model, other) is False
+    assert weights_sha256(model) == before
+
+
 def test_random_weights_same_in_another_process(extracted):
     code = ("from caption_attn.backbone import build_backbone, weights_sha256; "
             "print(weights_sha256(build_backbone('random', 0)))")

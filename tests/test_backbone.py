@@ -168,6 +168,28 @@ def test_a_caches_random_backbone_is_read_without_keras_load_weights(extracted, 
     assert weights_sha256(random_model_from_cache(extracted[0], m)) == m["weights_sha256"]
 
 
+def test_a_backbone_whose_weights_are_loaded_draws_no_random_kernels(extracted, monkeypatch):
+    """The random backbone of a cache and a weights file are built without drawing the 21.8 M
+    random numbers of InceptionV3's kernels (0.3 s of a one-image `caption`) that their loaded
+    weights replace; a seeded random backbone still draws them, the same as before."""
+    import keras
+
+    from caption_attn.backbone import random_model_from_cache
+
+    m = read_manifest(extracted[0])
+    path = os.path.join(extracted[0], m["weights_file"])
+    with monkeypatch.context() as patch:
+        patch.setattr(keras.initializers.GlorotUniform, "__call__",
+                      lambda *a, **k: pytest.fail("random kernels drawn"))
+        assert weights_sha256(random_model_from_cache(extracted[0], m)) == m["weights_sha256"]
+        assert weights_sha256(build_backbone(path)) == m["weights_sha256"]
+        model = build_backbone(path, precision="bfloat16")
+        assert model.layers[1].dtype_policy.name == "mixed_bfloat16"
+        assert weights_sha256(model) == m["weights_sha256"]
+    assert keras.initializers.get("glorot_uniform").__class__ is keras.initializers.GlorotUniform
+    assert weights_sha256(build_backbone("random", 0)) == m["weights_sha256"]
+
+
 def test_weights_the_direct_reader_gets_wrong_or_cannot_read_are_read_by_keras(
         extracted, monkeypatch, tmp_path):
     """Where the direct read does not give the manifest's weights (a file of another Keras

@@ -526,8 +526,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_path_flags(args)
         if args.command in USES_TENSORFLOW:
             from caption_attn.quiet import import_tensorflow
-            # a multi-worker strategy must configure TF's runtime before any tensor exists
-            import_tensorflow(meet_dtypes=getattr(args, "strategy", None) != "multi-worker")
+            # a multi-worker strategy must configure TF's runtime before any tensor exists;
+            # what the import makes lives as long as the program: frozen, never scanned
+            import_tensorflow(meet_dtypes=getattr(args, "strategy", None) != "multi-worker",
+                              freeze=True)
         code = int(args.func(args) or 0)
         # what is still buffered (stdout to a pipe is block-buffered) goes out here, where a
         # reader gone away is caught below, not in the interpreter's flush at exit (exit 120)

@@ -63,6 +63,74 @@ def test_folded_batchnorm_matches_keras_model(backbone):
     np.testing.assert_allclose(got, plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max())
 
 
+def clone_folded(model):
+    """The folding `fold_batchnorm` did before it ran the model's own graph: a second Keras
+    model (`keras.models.clone_model`) with each BatchNormalization passed through and its
+    convolution given the folded kernel and bias. Kept as the reference of the features."""
+    import keras
+
+    pairs = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            pairs[layer.input._keras_history[0].name] = layer
+
+    class PassThrough(keras.layers.Layer):
+        def call(self, x, training=None, mask=None):
+            return x
+
+    def clone(layer):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return PassThrough(name=layer.name, dtype=layer.dtype_policy.name)
+        config = layer.get_config()
+        if layer.name in pairs:
+            config["use_bias"] = True
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    for layer in model.layers:
+        if layer.name in pairs:
+            bn = pairs[layer.name]
+            gamma = bn.gamma.numpy().astype(np.float64) if bn.scale else 1.0
+            beta = bn.beta.numpy().astype(np.float64) if bn.center else 0.0
+            factor = gamma / np.sqrt(bn.moving_variance.numpy().astype(np.float64)
+                                     + bn.epsilon)                         # (C_out,)
+            copy.get_layer(layer.name).set_weights([
+                (layer.kernel.numpy() * factor).astype(np.float32),
+                (beta - bn.moving_mean.numpy() * factor).astype(np.float32)])
+    return copy
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_folded_batchnorm_gives_the_features_of_a_cloned_model_bit_for_bit(
+        backbone, precision, monkeypatch):
+    """The folded backbone runs the model's own graph of layers with the folded convolutions
+    in their place, building no second Keras model (`clone_model` took 1.3 s of a one-image
+    `caption`): the features of every cache extracted before are the same to the last bit,
+    in both precisions, and only the folded convolutions hold variables (what an export
+    saves)."""
+    import keras
+    import tensorflow as tf
+
+    model = backbone.model if precision == "float32" else \
+        build_backbone("random", 0, precision=precision)
+    reference = clone_folded(model)
+    with monkeypatch.context() as patch:
+        patch.setattr(keras.models, "clone_model", lambda *a, **k: pytest.fail("cloned"))
+        ours = Backbone(model, backbone.feature_scale)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(ours.inference_model.variables) == 2 * len(convs) == 188
+    assert {v.name for v in ours.inference_model.variables} == {"kernel", "bias"}
+    pixels = np.stack([resize_image(scene(i)) for i in range(3)])       # (3, 299, 299, 3)
+    old = Backbone(model, backbone.feature_scale)
+    old.inference_model = reference
+    old._forward = tf.function(old.forward, autograph=False,
+                               input_signature=[tf.TensorSpec((None, 299, 299, 3), tf.uint8)])
+    want, got = old(pixels), ours(pixels)
+    assert got.dtype == want.dtype == np.float32
+    assert np.array_equal(got, want)
+    assert np.array_equal(ours(pixels[1:2]), old(pixels[1:2]))        # one image: caption
+
+
 def test_bfloat16_backbone_close_to_float32(images, backbone):
     import keras
 
@@ -84,6 +152,77 @@ def test_random_weights_are_seeded(extracted):
     # a weights file gives the same backbone
     path = os.path.join(extracted[0], read_manifest(extracted[0])["weights_file"])
     assert weights_sha256(build_backbone(path)) == sha
+
+
+def test_a_caches_random_backbone_is_read_without_keras_load_weights(extracted, monkeypatch):
+    """The random backbone saved in a cache is read straight from its h5 file (Keras' own
+    `load_weights` walks every attribute of every layer: 0.8 s of a one-image `caption`), into
+    exactly the weights of the manifest's sha256."""
+    import keras
+
+    from caption_attn.backbone import random_model_from_cache
+
+    m = read_manifest(extracted[0])
+    monkeypatch.setattr(keras.Model, "load_weights",
+                        lambda *a, **k: pytest.fail("read by Keras' load_weights"))
+    assert weights_sha256(random_model_from_cache(extracted[0], m)) == m["weights_sha256"]
+
+
+def test_a_backbone_whose_weights_are_loaded_draws_no_random_kernels(extracted, monkeypatch):
+    """The random backbone of a cache and a weights file are built without drawing the 21.8 M
+    random numbers of InceptionV3's kernels (0.3 s of a one-image `caption`) that their loaded
+    weights replace; a seeded random backbone still draws them, the same as before."""
+    import keras
+
+    from caption_attn.backbone import random_model_from_cache
+
+    m = read_manifest(extracted[0])
+    path = os.path.join(extracted[0], m["weights_file"])
+    with monkeypatch.context() as patch:
+        patch.setattr(keras.initializers.GlorotUniform, "__call__",
+                      lambda *a, **k: pytest.fail("random kernels drawn"))
+        assert weights_sha256(random_model_from_cache(extracted[0], m)) == m["weights_sha256"]
+        assert weights_sha256(build_backbone(path)) == m["weights_sha256"]
+        model = build_backbone(path, precision="bfloat16")
+        assert model.layers[1].dtype_policy.name == "mixed_bfloat16"
+        assert weights_sha256(model) == m["weights_sha256"]
+    assert keras.initializers.get("glorot_uniform").__class__ is keras.initializers.GlorotUniform
+    assert weights_sha256(build_backbone("random", 0)) == m["weights_sha256"]
+
+
+def test_weights_the_direct_reader_gets_wrong_or_cannot_read_are_read_by_keras(
+        extracted, monkeypatch, tmp_path):
+    """Where the direct read does not give the manifest's weights (a file of another Keras
+    layout) or cannot read the file, Keras' `load_weights` reads it: the backbone is the
+    cache's all the same. A file without a layer's group is not read at all (no weight
+    half assigned)."""
+    import h5py
+
+    from caption_attn import backbone as backbone_lib
+
+    cache = extracted[0]
+    m = read_manifest(cache)
+    real = backbone_lib.read_saved_weights
+
+    def misread(model, path):
+        done = real(model, path)
+        model.weights[0].assign(np.zeros(model.weights[0].shape, np.float32))
+        return done
+    for reader in (misread, lambda model, path: False):
+        monkeypatch.setattr(backbone_lib, "read_saved_weights", reader)
+        model = backbone_lib.random_model_from_cache(cache, m)
+        assert weights_sha256(model) == m["weights_sha256"]
+
+    other = str(tmp_path / "other.weights.h5")
+    with h5py.File(os.path.join(cache, m["weights_file"]), "r") as f, \
+            h5py.File(other, "w") as g:
+        for key in f["layers"]:
+            if key != "conv2d_93":
+                f.copy(f["layers"][key], g.require_group("layers"), name=key)
+    model = build_backbone("random", 1)
+    before = weights_sha256(model)
+    assert real(model, other) is False
+    assert weights_sha256(model) == before
 
 
 def test_random_weights_same_in_another_process(extracted):

@@ -116,9 +116,9 @@ def test_nothing_to_extract_builds_no_backbone(images, cache_copy, monkeypatch):
     backbone (seconds); with an image to do, the cache's saved weights are still checked."""
     from caption_attn import backbone as backbone_lib
 
-    built = []
-    real = backbone_lib.build_backbone
-    monkeypatch.setattr(backbone_lib, "build_backbone",
+    built = []   # every InceptionV3 built (a cache's random backbone skips `build_backbone`)
+    real = backbone_lib._inception_v3
+    monkeypatch.setattr(backbone_lib, "_inception_v3",
                         lambda *a, **k: built.append(a) or real(*a, **k))
     keys = sorted(GOOD)  # (failed images are tried again on every run)
     summary = extract_features(images, extract_cfg(cache_copy), keys=keys, progress=False)

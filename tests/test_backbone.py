@@ -131,6 +131,26 @@ def test_folded_batchnorm_gives_the_features_of_a_cloned_model_bit_for_bit(
     assert np.array_equal(ours(pixels[1:2]), old(pixels[1:2]))        # one image: caption
 
 
+def test_a_keras_without_the_graph_internals_folds_into_a_cloned_model(backbone,
+                                                                        monkeypatch):
+    """`FoldedModel` runs Keras' functional internals (`_run_through_graph`), which are not
+    its public API: under a Keras whose internals differ, `fold_batchnorm` builds a second
+    model with `keras.models.clone_model` instead, of the same features to the bit, rather
+    than every extraction and caption failing."""
+    from caption_attn.backbone import FoldedModel
+
+    assert FoldedModel.runs_on(backbone.model)          # this Keras: the quick way
+    assert not FoldedModel.runs_on(object())
+    monkeypatch.setattr(FoldedModel, "runs_on", staticmethod(lambda model: False))
+    cloned = Backbone(backbone.model, backbone.feature_scale)
+    assert not isinstance(cloned.inference_model, FoldedModel)
+    assert len(cloned.inference_model.variables) == 188
+    assert {v.name for v in cloned.inference_model.variables} == {"kernel", "bias"}
+    pixels = np.stack([resize_image(scene(i)) for i in range(2)])       # (2, 299, 299, 3)
+    assert np.array_equal(cloned(pixels), backbone(pixels))
+    assert isinstance(backbone.inference_model, FoldedModel)
+
+
 def test_bfloat16_backbone_close_to_float32(images, backbone):
     import keras
 

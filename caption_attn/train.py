@@ -597,7 +597,7 @@ class Trainer:
 
     # -- model, optimizer, checkpoint -----------------------------------------------
     def _build_state(self, cross_entropy_steps: int) -> None:
-        tc, mc = self.cfg.train, self.cfg.model
+        mc = self.cfg.model
         with self.strategy.scope():
             self.lr_schedule, objects = training_state(self.cfg, len(self.data.vocab),
                                                        cross_entropy_steps)

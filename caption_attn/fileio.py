@@ -16,6 +16,7 @@ import sys
 import unicodedata
 from typing import Any, Iterable, Union
 
+from caption_attn import interrupts
 from caption_attn.errors import UserError
 
 # A `\uD800`-`\uDFFF` escape that is not half of a surrogate pair: json accepts it, but the
@@ -78,7 +79,12 @@ def keras_file_atomic(path: str, suffix: str, model, copies: int = 1):
     at exit (a segmentation fault, exit 139, in HDF5's own exit handler, after the command's
     error message). A disk already too full is refused here instead, as the OSError of a full
     disk naming `path`; a disk that fills during the write (another process writing) sets
-    `hdf5_write_failed()`, for `exit_past_hdf5`."""
+    `hdf5_write_failed()`, for `exit_past_hdf5`.
+
+    Ctrl-C and SIGTERM wait for the write's end (`interrupts.held`): a handler that raises
+    inside h5py's writer came out as h5py's "TypeError: Operation not defined for data type
+    class" (exit 1, a traceback) instead of the stop; the file is written and renamed into
+    place, then the signal is delivered (a second one still stops at once)."""
     global _hdf5_write_failed
     needed = int(copies * sum(_nbytes(v) for v in model.weights) * 1.1) + 2 ** 20
     folder = os.path.dirname(os.path.abspath(path))
@@ -88,7 +94,7 @@ def keras_file_atomic(path: str, suffix: str, model, copies: int = 1):
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({needed / 1e6:.0f} MB "
                                     f"needed, {free / 1e6:.0f} MB free)", path)
     try:
-        with atomic_path(path, suffix) as tmp:
+        with interrupts.held(), atomic_path(path, suffix) as tmp:
             yield tmp
     except OSError:
         _hdf5_write_failed = True

@@ -40,7 +40,8 @@ def held(enabled: bool = True, saying: str = "") -> Iterator[Pending]:
     Ignored signals stay ignored. A signal arriving while the handlers are swapped in (other
     threads may take it, so it cannot be blocked) ends the program as if it came before the
     block, and every handler is put back either way: none of this block's is left behind (a
-    later Ctrl-C was swallowed). Not `enabled`, or outside the main thread (where Python
+    later Ctrl-C was swallowed). Nested in another `held` block, a noted signal is handed
+    to the enclosing block when this one ends. Not `enabled`, or outside the main thread (where Python
     cannot set handlers), the block runs with the handlers as they are."""
     pending = Pending()
     if not enabled or threading.current_thread() is not threading.main_thread():
@@ -60,6 +61,7 @@ def held(enabled: bool = True, saying: str = "") -> Iterator[Pending]:
             pending.signum = signum
             if saying:   # a raw write: the interrupted code may be inside a stderr write
                 os.write(2, saying.encode())
+    note.holds = pending   # marks the handler as a `held` block's, for a nested one
 
     try:
         _set_all({s: note for s in kept})
@@ -72,7 +74,9 @@ def held(enabled: bool = True, saying: str = "") -> Iterator[Pending]:
         restore()
     if pending:
         signal.raise_signal(pending.signum)
-        raise KeyboardInterrupt   # the caller's handler returned: the block stopped all the same
+        if getattr(previous[pending.signum], "holds", None) is None:
+            raise KeyboardInterrupt   # the caller's handler returned: the block stopped anyway
+        # else an enclosing `held` block noted it: that block goes on, and ends as it would
 
 
 def _set_all(handlers: dict) -> None:

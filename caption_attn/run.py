@@ -32,6 +32,7 @@ import tempfile
 import zipfile
 from typing import Callable, Optional
 
+from caption_attn import interrupts
 from caption_attn.config import MONITORS, RunConfig, config_diff
 from caption_attn.data import SPLITS
 from caption_attn.errors import UserError
@@ -555,13 +556,15 @@ class RunFolder:
     def save_best(self, model, epoch: int, monitor: str, value: float) -> None:
         """Keep `model` as the best so far (1-based `epoch`): its weights first (from which
         `rewrite_best_model` can make best.keras again), then best.keras, then best.json;
-        each written atomically."""
-        with keras_file_atomic(self.best_weights, ".weights.h5", model) as tmp:
-            model.save_weights(tmp)
-        # (the .keras zip: its weights file is written first, then copied into the zip)
-        with keras_file_atomic(self.best_model, ".keras", model, copies=2) as tmp:
-            model.save(tmp)
-        write_json_atomic(self.best_info, {"epoch": epoch, "monitor": monitor, "value": value})
+        each written atomically, and a Ctrl-C or SIGTERM held until all three are."""
+        with interrupts.held():
+            with keras_file_atomic(self.best_weights, ".weights.h5", model) as tmp:
+                model.save_weights(tmp)
+            # (the .keras zip: its weights file is written first, then copied into the zip)
+            with keras_file_atomic(self.best_model, ".keras", model, copies=2) as tmp:
+                model.save(tmp)
+            write_json_atomic(self.best_info,
+                              {"epoch": epoch, "monitor": monitor, "value": value})
 
     def best_record(self) -> Optional[dict]:
         """best.json ({epoch, monitor, value}) or None; a `UserError` naming the file unless

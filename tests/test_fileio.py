@@ -135,3 +135,39 @@ def test_the_program_ends_past_exit_handlers_only_after_a_failed_hdf5_write(tmp_
     assert done.returncode == 2                          # inspect's status for a missing file
     assert missing in done.stderr and "not found" in done.stderr   # flushed before os._exit
     assert ("exit handlers ran" in done.stdout) == (h5 == "fine")
+
+
+def test_a_signal_during_a_keras_write_lands_once_the_file_is_complete(tmp_path):
+    """A SIGTERM whose handler raised inside h5py's writer (CI: `train` stopped while it
+    saved the best model) came out as h5py's "TypeError: Operation not defined for data type
+    class", exit 1 and a traceback instead of the stop. The write now finishes and is renamed
+    into place first; the signal is then delivered, to the handler that was in place."""
+    import signal
+
+    import keras
+    import numpy as np
+
+    from caption_attn.fileio import keras_file_atomic
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop(signum)
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    path = str(tmp_path / "best.weights.h5")
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stop):
+            with keras_file_atomic(path, ".weights.h5", model) as tmp:
+                os.kill(os.getpid(), signal.SIGTERM)        # arrives as the write begins
+                model.save_weights(tmp)
+        assert signal.getsignal(signal.SIGTERM) is stop      # the handler put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert os.listdir(tmp_path) == ["best.weights.h5"]       # complete, nothing else left
+    loaded = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    loaded.load_weights(path)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)

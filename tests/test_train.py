@@ -659,6 +659,36 @@ def test_held_signals_wait_for_the_block_a_second_one_does_not(default_sigint):
     assert done == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_signal_held_by_nested_blocks_ends_the_outer_one_as_it_would_have(default_sigint):
+    """`held` inside `held` (a best-model save: its three files, each file's write): the
+    inner block's end handed the signal to the outer block's handler, which notes it and
+    returns, and then raised KeyboardInterrupt as after a host's handler that returns: a
+    SIGTERM ended `train` as a Ctrl-C (status 130, not 143). It now ends the outer block as
+    it would have, after the outer block's work."""
+    import signal
+    from caption_attn import interrupts
+
+    class Term(Exception):
+        pass
+
+    def term(signum, frame):
+        raise Term()
+    old_term = signal.signal(signal.SIGTERM, term)
+    done = []
+    try:
+        with pytest.raises(Term):
+            with interrupts.held() as outer:
+                with interrupts.held() as inner:
+                    signal.raise_signal(signal.SIGTERM)
+                    done.append(inner.signum)
+                done.append(outer.signum)                    # the outer block goes on
+        assert done == [signal.SIGTERM, signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is term
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+
+
 def test_held_signals_cannot_slip_between_the_handler_swaps(monkeypatch, capfd,
                                                             default_sigint):
     """A SIGTERM landing after SIGINT's handler was swapped but before SIGTERM's escaped

@@ -41,8 +41,8 @@ def held(enabled: bool = True, saying: str = "") -> Iterator[Pending]:
     threads may take it, so it cannot be blocked) ends the program as if it came before the
     block, and every handler is put back either way: none of this block's is left behind (a
     later Ctrl-C was swallowed). Nested in another `held` block, a noted signal is handed
-    to the enclosing block when this one ends. Not `enabled`, or outside the main thread (where Python
-    cannot set handlers), the block runs with the handlers as they are."""
+    to the enclosing block when this one ends. Not `enabled`, or outside the main thread
+    (where Python cannot set handlers), the block runs with the handlers as they are."""
     pending = Pending()
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield pending

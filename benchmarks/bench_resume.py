@@ -39,11 +39,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from caption_attn import feature_cache, feature_index, pipeline, train  # noqa: E402
-from caption_attn.backbone import FEATURE_SHAPE, IMAGE_SIZE  # noqa: E402
 from caption_attn.config import (DataConfig, ModelConfig, RunConfig,  # noqa: E402
                                  TrainConfig, VocabConfig)
 from caption_attn.fileio import write_json_atomic  # noqa: E402
 from caption_attn.train_data import hash_seed  # noqa: E402
+from bench_train import synthetic_manifest  # noqa: E402
 from machine import describe, run_in_temp_folder  # noqa: E402
 
 BATCH = 64
@@ -71,12 +71,7 @@ def write_dataset(root: str, images: int, train_images: int, val_images: int) ->
         os.makedirs(os.path.join(cache, folder))
     header = feature_cache.npy_header("float16")
     size = feature_cache.feature_file_size("float16")
-    manifest = {
-        "format_version": feature_cache.FORMAT_VERSION, "backbone": "synthetic", "weights": "none",
-        "weights_sha256": "", "dtype": "float16", "precision": "float32",
-        "feature_shape": list(FEATURE_SHAPE), "image_size": IMAGE_SIZE, "resize": "",
-        "preprocess": "", "feature_layout": "", "feature_scale": 1.0,
-        "npy_header_bytes": len(header), "count": images}
+    manifest = synthetic_manifest(images)
     fingerprint = feature_cache.cache_identity(manifest)["fingerprint"]
     writer = feature_index.SegmentWriter(cache, flush_seconds=1e9, flush_entries=1024)
     no_image = feature_index.ImageStamp(0, 0, "")

@@ -65,6 +65,16 @@ def caption_lengths(n: int, rng) -> np.ndarray:
     return np.clip(np.round(lengths), 5, 40).astype(int)
 
 
+def synthetic_manifest(count: int) -> dict:
+    """The manifest of a float16 cache of `count` synthetic feature files (no backbone)."""
+    return {
+        "format_version": feature_cache.FORMAT_VERSION, "backbone": "synthetic", "weights": "none",
+        "weights_sha256": "", "dtype": "float16", "precision": "float32",
+        "feature_shape": [P, F], "image_size": IMAGE_SIZE, "resize": "", "preprocess": "",
+        "feature_layout": "", "feature_scale": 1.0,
+        "npy_header_bytes": len(feature_cache.npy_header("float16")), "count": count}
+
+
 def write_dataset(root: str, images: int, per_image: int, vocab_words: int, seed: int = 0):
     """Karpathy captions.json (all train but 2 val images) + a float16 feature cache."""
     rng = np.random.default_rng(seed)
@@ -75,12 +85,7 @@ def write_dataset(root: str, images: int, per_image: int, vocab_words: int, seed
     os.makedirs(cache)
     header = feature_cache.npy_header("float16")
     entries = []
-    manifest = {
-        "format_version": feature_cache.FORMAT_VERSION, "backbone": "synthetic", "weights": "none",
-        "weights_sha256": "", "dtype": "float16", "precision": "float32",
-        "feature_shape": [P, F], "image_size": IMAGE_SIZE, "resize": "", "preprocess": "",
-        "feature_layout": "", "feature_scale": 1.0, "npy_header_bytes": len(header),
-        "count": images}
+    manifest = synthetic_manifest(images)
     fingerprint = feature_cache.cache_identity(manifest)["fingerprint"]
     index = feature_index.SegmentWriter(cache)      # so the files count as this cache's own
     no_image = feature_index.ImageStamp(0, 0, "")

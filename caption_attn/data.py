@@ -248,21 +248,25 @@ def file_stamp(raw: bytes) -> dict:
     same caption data, so one with nothing left to train need not parse it again
     (`train.rerun_without_data`; hashing COCO's Karpathy file takes 0.1 s, parsing,
     tokenizing and fingerprinting it 25 s)."""
-    return {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    return _stamp([raw])
 
 
 def caption_file_stamp(path: str) -> Optional[dict]:
     """`file_stamp` of the file at `path` now, read in chunks; None when it cannot be read
     (the full load says why)."""
-    digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
-            size = 0
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-                size += len(chunk)
+            return _stamp(iter(lambda: f.read(1 << 20), b""))
     except OSError:
         return None
+
+
+def _stamp(chunks: Iterable[bytes]) -> dict:
+    """{size, sha256} of the bytes `chunks` hold, one after the other."""
+    digest, size = hashlib.sha256(), 0
+    for chunk in chunks:
+        digest.update(chunk)
+        size += len(chunk)
     return {"size": size, "sha256": digest.hexdigest()}
 
 

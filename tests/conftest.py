@@ -29,7 +29,7 @@ def reuse_random_backbones():
     """`Backbone.from_manifest` of a random backbone's cache gives, per test process, one
     Backbone per weights file content and manifest settings: every `caption`, `evaluate`,
     `export` and rerun of `extract-features` rebuilt the same InceptionV3 (build, load and
-    check the weights, fold the batch norms, trace: ~5 s each).
+    check the weights, fold the batch norms, trace: ~3 s each on 2 cores).
 
     Only what the real call already returned is reused, for a weights file of the same bytes
     (sha256) and the same manifest fields the call reads: a damaged, missing or replaced

@@ -4,6 +4,8 @@ A Ctrl-C raised between a training step and the counters that record it (or insi
 step's bookkeeping) would leave a checkpoint saved then naming the wrong step: training
 holds the signals over its loop of steps instead, stops after the step that is running,
 saves a checkpoint there and only then lets the signal end the program as it would have.
+Keras' h5py writes hold them too (`fileio.keras_file_atomic`, `RunFolder.save_best`): raised
+inside h5py's writer, the stop came out as an h5py TypeError and a traceback.
 """
 
 from __future__ import annotations

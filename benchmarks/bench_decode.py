@@ -8,7 +8,8 @@ the same work:
   batched greedy   `captioner.make_decoder` on a (B, 64, 2048) batch with the default
                    settings of `caption`/`evaluate`: one tf.function + tf.while_loop over
                    steps for all images at once, XLA-compiled for batches of
-                   `--xla-min-images` (32) or more, the GRU's input gates looked up in
+                   `--xla-min-images` (32) or more (on a CPU in one slice per core,
+                   decoded side by side), the GRU's input gates looked up in
                    the model's gate table (`fixed_weights`, as the `Captioner`); the
                    one-off compile and table are printed separately, not counted in the rate
   batched beam-3   the same with beam search (3 hypotheses per image)

@@ -94,6 +94,8 @@ def make_decoder(model, cfg: DecodeConfig, max_length: int, fixed_weights: bool 
         return plain
     compiled = _decoder_function(model, cfg, max_length, jit_compile=True,
                                  gates=fixed_weights)
+    cores = decoding_slices()
+    sliced = {}  # slices -> the compiled decoder of a batch in that many slices, once needed
     sources = (model.embedding.embeddings, model.gru_embed.kernel, model.gru_embed.bias) \
         if fixed_weights else ()
     table = []   # [the gate table, copies of its sources], once built
@@ -102,21 +104,48 @@ def make_decoder(model, cfg: DecodeConfig, max_length: int, fixed_weights: bool 
         n = features.shape[0]
         if n is None or n < cfg.xla_min_images:
             return plain(features)
+        slices = max(1, min(cores, n // MIN_SLICE_IMAGES))
+        if slices > 1 and slices not in sliced:
+            sliced[slices] = _decoder_function(model, cfg, max_length, jit_compile=True,
+                                               gates=fixed_weights, slices=slices)
+        decoder = sliced[slices] if slices > 1 else compiled
         if not fixed_weights:
-            return compiled(features)
+            return decoder(features)
         with tf.init_scope():   # eager even when called while tracing
             if not table or not all(bool(tf.reduce_all(tf.equal(v, copy)))
                                     for v, copy in zip(sources, table[1])):
                 table[:] = [model.gate_table(), [tf.identity(v) for v in sources]]  # (V, 3U)
-        return compiled(features, table[0])
-    run.plain, run.compiled = plain, compiled
+        return decoder(features, table[0])
+    run.plain, run.compiled, run.slices = plain, compiled, sliced
     return run
 
 
+# A compiled batch is decoded in slices of at least this many images (`decoding_slices`).
+MIN_SLICE_IMAGES = 16
+MAX_SLICES = 8
+
+
+def decoding_slices() -> int:
+    """Into how many slices, decoded side by side (`decode.in_slices`), a batch compiled by
+    `make_decoder` is cut at most: XLA's compiled CPU loop keeps about one core busy, so one
+    slice per core this process may run on (at most `MAX_SLICES`: more were never measured,
+    and slices of `MIN_SLICE_IMAGES`), and no more than TensorFlow runs side by side (its
+    inter-op threads, where set); 1 with a GPU, which runs the loop on its own cores."""
+    if tf.config.list_logical_devices("GPU"):
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        cores = os.cpu_count() or 1
+    inter_op = tf.config.threading.get_inter_op_parallelism_threads()
+    return max(1, min(cores, inter_op or cores, MAX_SLICES))
+
+
 def _decoder_function(model, cfg: DecodeConfig, max_length: int, jit_compile: bool,
-                      gates: bool = False):
+                      gates: bool = False, slices: int = 1):
     """The tf.function of `make_decoder`; with `gates` (not for samples) it also takes the
-    model's gate table (V, 3U), whose rows the steps look up."""
+    model's gate table (V, 3U), whose rows the steps look up; with `slices` > 1 (not for
+    samples) it decodes the batch in that many slices side by side (`decode.in_slices`)."""
     spec = [tf.TensorSpec([None, *FEATURE_SHAPE], tf.float32)]
     if gates:
         spec.append(tf.TensorSpec([None, None], model.compute_dtype))
@@ -153,7 +182,8 @@ def _decoder_function(model, cfg: DecodeConfig, max_length: int, jit_compile: bo
     # ~12% faster than XLA's (49-52 against 56-61 ms at 256 images, on 2 cores)
     @tf.function(input_signature=spec, autograph=False)
     def run(features, *table):
-        return loop(*init(features), *table)
+        return decode_lib.in_slices(lambda state, context: loop(state, context, *table),
+                                    *init(features), slices)
     return run
 
 

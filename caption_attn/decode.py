@@ -174,6 +174,47 @@ def takes_per_image_context(step_fn) -> bool:
 
 # ----------------------------------------------------------------------------- the loop
 
+def in_slices(run: Callable[[Any, Any], DecodeResult], state, context,
+              slices: int) -> DecodeResult:
+    """`run(state, context)` (a decoding loop over a batch: the `DecodeResult` of `decode`)
+    on `slices` equal slices of the batch, merged into the batch's result. The slices' loops
+    do not depend on each other, so TensorFlow runs them side by side: XLA's compiled CPU
+    loop keeps about one core busy, and 2 slices decoded 256 images 1.12x (greedy) and 1.18x
+    (beam-3) as fast as one loop on 2 cores (Intel Xeon with AMX; see the README's Speed).
+
+    Every image is decoded on its own, so the values are the whole batch's loop's. The last
+    slice is padded to the others' size with copies of the batch's first image (one shape:
+    one XLA compile), which are dropped again; a slice that stopped after fewer steps gets
+    its histories padded as a finished sequence's are (PAD, log-probability 0, zero
+    attention)."""
+    if slices == 1:
+        return run(state, context)
+    n = _batch_size(state, context)
+    size = -(-n // slices)                                            # ceil(n / slices)
+    pad = size * slices - n
+
+    def padded(x):
+        return tf.concat([x, tf.repeat(x[:1], pad, axis=0)], axis=0)  # (size * slices, ...)
+    state, context = tf.nest.map_structure(padded, (state, context))
+    results = [run(*tf.nest.map_structure(lambda x: x[i * size:(i + 1) * size],
+                                          (state, context)))
+               for i in range(slices)]
+    steps = tf.reduce_max([tf.shape(r.tokens)[2] for r in results])   # the longest slice's T
+
+    def merged(field, fill):
+        parts = []
+        for r in results:
+            x = getattr(r, field)                                     # (size, K, T, ...)
+            if field in ("tokens", "token_log_probs", "attention"):
+                widths = [[0, 0], [0, 0], [0, steps - tf.shape(x)[2]]] + \
+                    [[0, 0]] * (x.shape.rank - 3)
+                x = tf.pad(x, widths, constant_values=fill)
+            parts.append(x)
+        return tf.concat(parts, axis=0)[:n]
+    return DecodeResult(**{field: merged(field, PAD if field == "tokens" else 0)
+                           for field in DecodeResult._fields})
+
+
 def _run(step_fn, state, context, log_probs, max_length, start_id, advance) -> _Beams:
     """Step all N sequences until each has produced END or `max_length` tokens.
 

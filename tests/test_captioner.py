@@ -287,6 +287,32 @@ def test_xla_decoding_of_one_token(beam):
     np.testing.assert_allclose(compiled.log_probs, plain.log_probs, atol=1e-5)
 
 
+@pytest.mark.parametrize("beam", [1, 3])
+def test_a_large_compiled_batch_is_decoded_in_slices_side_by_side(monkeypatch, beam):
+    """XLA's compiled CPU loop keeps about one core busy: a batch of at least 16 images per
+    core is decoded as that many slices, whose loops run side by side, with the captions of
+    the whole batch in one loop (an odd batch too: one compiled shape for its slices).
+    Smaller batches stay whole."""
+    from caption_attn.model import ShowAttendTell
+    keras.utils.set_random_seed(0)
+    model = ShowAttendTell(12, 8, 16)
+    monkeypatch.setattr(captioner, "decoding_slices", lambda: 2)   # any machine: 2 cores
+    feats = tf.random.uniform([35, *FEATURE_SHAPE], seed=2)
+    decoder = captioner.make_decoder(model, DecodeConfig(beam=beam, xla_min_images=2), 6,
+                                     fixed_weights=True)
+    got, small = decoder(feats), decoder(feats[:31])
+    assert sorted(decoder.slices) == [2]                 # 35 images: 2 slices; 31: whole
+    assert decoder.slices[2].experimental_get_tracing_count() == 1
+    assert decoder.compiled.experimental_get_tracing_count() == 1
+    whole = decoder.compiled(feats, model.gate_table())  # the batch in one loop
+    np.testing.assert_array_equal(got.tokens, whole.tokens)
+    np.testing.assert_array_equal(got.lengths, whole.lengths)
+    np.testing.assert_allclose(got.log_probs, whole.log_probs, atol=1e-5)
+    np.testing.assert_allclose(got.token_log_probs, whole.token_log_probs, atol=1e-5)
+    np.testing.assert_allclose(got.attention, whole.attention, atol=1e-5)
+    np.testing.assert_array_equal(small.tokens, whole.tokens[:31, :, :small.tokens.shape[2]])
+
+
 def test_decoding_compiles_nothing_for_one_image_or_inside_a_graph():
     """A one-image `caption`, sampling, a bfloat16 model and a caller's tf.function (export)
     take the plain loop: compiling would cost seconds there, and change the samples or, in

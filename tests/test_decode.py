@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from caption_attn.decode import (DecodeResult, beam_search, decode, greedy, per_image_context,
-                                 sample)
+from caption_attn.decode import (DecodeResult, beam_search, decode, greedy, in_slices,
+                                 per_image_context, sample)
 from caption_attn.vocab import END, PAD, START
 
 V = 6      # PAD, START, END, UNK, and two words
@@ -633,3 +633,42 @@ def test_greedy_ties_go_to_the_lower_id_in_a_large_vocabulary(jit_compile):
     decoder = tf.function(lambda c: greedy(step, tf.zeros([64]), c, 1).tokens,
                           jit_compile=jit_compile)
     np.testing.assert_array_equal(decoder(tf.constant(logits))[:, 0, 0], lowest)
+
+
+def test_slices_decoded_side_by_side_merge_into_the_whole_batchs_result():
+    """`in_slices` runs a decoding loop on equal slices of the batch (the last padded with
+    copies of the first image, dropped again) and merges their results: a slice that stopped
+    after fewer steps gets its histories padded as finished sequences are (PAD, 0, zero
+    attention), so the merged result is the one the whole batch's loop would give."""
+    calls = []
+
+    def run(state, context):           # a loop whose steps depend on the slice's first row
+        m = tf.shape(state)[0]
+        calls.append(state.shape[0])
+        steps = 1 + tf.cast(state[0, 0], tf.int32)
+        ids = tf.cast(state[:, 0], tf.int32)                              # (m,)
+        tokens = tf.tile((ids + 5)[:, None, None], [1, 1, steps])        # (m, 1, T)
+        return DecodeResult(
+            tokens=tokens, log_probs=-tf.cast(ids, tf.float32)[:, None],
+            scores=-2.0 * tf.cast(ids, tf.float32)[:, None],
+            token_log_probs=-tf.ones([m, 1, steps]),
+            attention=tf.ones([m, 1, steps, 4]) + context[:, None, None, :1],
+            lengths=tf.fill([m, 1], steps))
+
+    n, parts = 7, 3                    # slices [0 1 2] [3 4 5] [6 + 2 copies of 0]
+    state = tf.range(n, dtype=tf.float32)[:, None]                        # (7, 1)
+    context = 10.0 * state
+    got = in_slices(run, state, context, parts)
+    assert calls == [3, 3, 3]          # one shape for every slice (one XLA compile)
+    steps_of = {0: 1, 1: 1, 2: 1, 3: 4, 4: 4, 5: 4, 6: 7}
+    assert got.tokens.shape == (n, 1, 7) and got.attention.shape == (n, 1, 7, 4)
+    for b, t in steps_of.items():
+        np.testing.assert_array_equal(got.tokens[b, 0], [b + 5] * t + [PAD] * (7 - t))
+        np.testing.assert_array_equal(got.token_log_probs[b, 0], [-1.0] * t + [0.0] * (7 - t))
+        np.testing.assert_array_equal(got.attention[b, 0, :, 0],
+                                      [1.0 + 10 * b] * t + [0.0] * (7 - t))
+    np.testing.assert_array_equal(got.log_probs[:, 0], -np.arange(n))
+    np.testing.assert_array_equal(got.scores[:, 0], -2.0 * np.arange(n))
+    np.testing.assert_array_equal(got.lengths[:, 0], [steps_of[b] for b in range(n)])
+    whole = in_slices(run, state, context, 1)                              # no slicing
+    assert whole.tokens.shape == (n, 1, 1) and calls[-1] == n

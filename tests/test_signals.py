@@ -1,0 +1,31 @@
+"""Ctrl-C and SIGTERM sent at chosen points of real commands (`signal_inject`): the command
+ends with 130 / 143 and its one line, and the same command run again ends as an
+uninterrupted one would have."""
+
+import os
+import signal
+
+import pytest
+
+from signal_inject import inject, leftovers, run_cli, stopped_cleanly
+from train_subprocess import read_history, train_cmd
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_an_epochs_heatmaps_are_written_keeps_them(shapes_data, tmp_path):
+    """The heatmaps of an epoch (drawn in the background, written at a later epoch's end)
+    were taken off the queue before they were written: a Ctrl-C in the write lost them for
+    good, also in TensorBoard (the clean-up wrote only those still queued, and a rerun redraws
+    only the last epoch's, and only when its folder is missing)."""
+    run = str(tmp_path / "run")
+    cmd = train_cmd(shapes_data, run, epochs=2)[3:]
+    stopped_cleanly(inject("caption_attn.callbacks:write_bytes_atomic", cmd,
+                           signum=signal.SIGINT), "train", signal.SIGINT)
+    done = run_cli(cmd)
+    assert done.returncode == 0, done.stderr
+    epochs = [h["epoch"] for h in read_history(run)]
+    assert epochs == [1, 2]
+    drawn = {e: os.listdir(os.path.join(run, "attention", f"epoch_{e}"))
+             for e in epochs if os.path.isdir(os.path.join(run, "attention", f"epoch_{e}"))}
+    assert sorted(drawn) == epochs and all(len(names) == 1 for names in drawn.values()), drawn
+    assert leftovers(run) == []

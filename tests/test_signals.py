@@ -29,3 +29,28 @@ def test_ctrl_c_while_an_epochs_heatmaps_are_written_keeps_them(shapes_data, tmp
              for e in epochs if os.path.isdir(os.path.join(run, "attention", f"epoch_{e}"))}
     assert sorted(drawn) == epochs and all(len(names) == 1 for names in drawn.values()), drawn
     assert leftovers(run) == []
+
+
+def test_ctrl_c_right_after_an_export_is_published_leaves_no_copy_of_the_earlier(
+        tmp_path, monkeypatch):
+    """A Ctrl-C or SIGTERM between `_publish`'s rename of the new export into place and the
+    removal of the earlier one (moved aside as `.NAME.tmp.PID.HOST.old`) left that full copy
+    next to --out until an export into it ran again (which then said an export "did not
+    finish"). The renames and the removal are done whole, then the signal ends the command."""
+    from caption_attn import export
+    out, tmp = tmp_path / "serving" / "1", tmp_path / "serving" / ".1.tmp"
+    for folder, text in ((out, "earlier"), (tmp, "new")):
+        folder.mkdir(parents=True)
+        (folder / "saved_model.pb").write_text(text)
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        real(src, dst)
+        calls.append(src)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(export.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        export._publish(str(tmp), str(out))
+    assert (out / "saved_model.pb").read_text() == "new"
+    assert sorted(os.listdir(out.parent)) == ["1"]

@@ -1009,11 +1009,15 @@ class Trainer:
         entry = {"epoch": epoch + 1, **{k: _plain(v) for k, v in logs.items()}}
         history[:] = [h for h in history if h["epoch"] != epoch + 1] + [entry]
         self._record_settings()
-        if self.chief:  # history first: a kill before the checkpoint redoes the epoch
-            write_json_atomic(self.run.history, history)
-        self._save()
-        with self._stopped_at_damaged_features(checkpoint="saved"):  # the sample heatmaps
-            callbacks.on_epoch_end(epoch, entry)
+        # Ctrl-C or SIGTERM waits for all of the epoch's records: one after its checkpoint
+        # lost its TensorBoard scalars (and best model, heatmaps) for good, since a rerun
+        # resumes after the epoch (multi-worker: as in the steps, it stops at once)
+        with interrupts.held(enabled=distribute.single_process(self.strategy)):
+            if self.chief:  # history first: a kill before the checkpoint redoes the epoch
+                write_json_atomic(self.run.history, history)
+            self._save()
+            with self._stopped_at_damaged_features(checkpoint="saved"):  # sample heatmaps
+                callbacks.on_epoch_end(epoch, entry)
         if self.progress:
             self.log(_epoch_line(entry))
         return True

@@ -11,16 +11,37 @@ from signal_inject import inject, leftovers, run_cli, stopped_cleanly
 from train_subprocess import read_history, train_cmd
 
 
+def _tensorboard_epochs(run: str) -> dict:
+    """{(train or validation, tag): sorted steps} of the epoch scalars and sample heatmaps in
+    `run`'s TensorBoard event files (all of them: each process of a resumed run has its own)."""
+    import tensorflow as tf
+    found: dict = {}
+    for folder in ("train", "validation"):
+        for name in os.listdir(os.path.join(run, "logs", folder)):
+            for event in tf.compat.v1.train.summary_iterator(
+                    os.path.join(run, "logs", folder, name)):
+                for value in event.summary.value:
+                    if value.tag.startswith(("epoch_", "attention/")):
+                        found.setdefault((folder, value.tag), set()).add(event.step)
+    return {k: sorted(v) for k, v in found.items()}
+
+
+# (the function signalled, its call, the signal): the sample heatmaps of an epoch (drawn in
+# the background, written at a later epoch's end) were taken off the queue before they were
+# written: a Ctrl-C in the write lost them for good, in attention/ and TensorBoard (the
+# clean-up wrote only those still queued; a rerun redraws only the last epoch's, and only
+# when its folder is missing). A SIGTERM after epoch 1's checkpoint, before its TensorBoard
+# scalars were written, lost those for good: the rerun resumes after epoch 1.
 @pytest.mark.slow
-def test_ctrl_c_while_an_epochs_heatmaps_are_written_keeps_them(shapes_data, tmp_path):
-    """The heatmaps of an epoch (drawn in the background, written at a later epoch's end)
-    were taken off the queue before they were written: a Ctrl-C in the write lost them for
-    good, also in TensorBoard (the clean-up wrote only those still queued, and a rerun redraws
-    only the last epoch's, and only when its folder is missing)."""
+@pytest.mark.parametrize("target, signum", [
+    ("caption_attn.callbacks:write_bytes_atomic", signal.SIGINT),
+    ("caption_attn.callbacks:TensorBoardLogger.on_epoch_end", signal.SIGTERM)],
+    ids=["heatmap-write", "tensorboard-epoch-end"])
+def test_a_stop_at_an_epochs_end_loses_none_of_its_records(shapes_data, tmp_path, target,
+                                                             signum):
     run = str(tmp_path / "run")
     cmd = train_cmd(shapes_data, run, epochs=2)[3:]
-    stopped_cleanly(inject("caption_attn.callbacks:write_bytes_atomic", cmd,
-                           signum=signal.SIGINT), "train", signal.SIGINT)
+    stopped_cleanly(inject(target, cmd, signum=signum), "train", signum)
     done = run_cli(cmd)
     assert done.returncode == 0, done.stderr
     epochs = [h["epoch"] for h in read_history(run)]
@@ -28,8 +49,10 @@ def test_ctrl_c_while_an_epochs_heatmaps_are_written_keeps_them(shapes_data, tmp
     drawn = {e: os.listdir(os.path.join(run, "attention", f"epoch_{e}"))
              for e in epochs if os.path.isdir(os.path.join(run, "attention", f"epoch_{e}"))}
     assert sorted(drawn) == epochs and all(len(names) == 1 for names in drawn.values()), drawn
+    logged = _tensorboard_epochs(run)
+    assert logged and all(steps == epochs for steps in logged.values()), logged
+    assert ("train", "epoch_loss") in logged and ("validation", "epoch_loss") in logged
     assert leftovers(run) == []
-
 
 def test_ctrl_c_right_after_an_export_is_published_leaves_no_copy_of_the_earlier(
         tmp_path, monkeypatch):

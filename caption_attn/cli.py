@@ -505,9 +505,10 @@ def entry() -> int:
     gc.set_threshold(100_000, 50, 100)
     try:
         code = main()
-    except Terminated:      # before `main` could say it (while parsing the flags)
-        print(f"{PROG}: terminated", file=sys.stderr)
-        code = 143
+    except KeyboardInterrupt as e:   # before `main` could say it (while parsing the flags):
+        terminated = isinstance(e, Terminated)      # Ctrl-C there showed a traceback
+        print(f"{PROG}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        code = 143 if terminated else 130
     except BaseException:
         if not hdf5_write_failed():
             raise

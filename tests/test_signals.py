@@ -88,3 +88,21 @@ def test_a_stop_while_the_flags_are_read_says_one_line(signum, tmp_path):
     word, code = ("interrupted", 130) if signum == signal.SIGINT else ("terminated", 143)
     assert (done.returncode, done.stderr.splitlines()[-1]) == (code, f"caption-attn: {word}")
     assert "Traceback" not in done.stderr, done.stderr
+
+
+def _files(folder) -> dict:
+    return {os.path.relpath(os.path.join(r, f), folder): open(os.path.join(r, f), "rb").read()
+            for r, _, files in os.walk(folder) for f in files}
+
+
+def test_ctrl_c_in_make_shapes_leaves_a_folder_the_rerun_takes(tmp_path):
+    """Stopped before captions.json was written, make-shapes left the images drawn so far,
+    and the same command then refused the folder ("not empty (images) ... add --replace").
+    The images go with the stop; the rerun makes the dataset an uninterrupted run makes."""
+    args = ["make-shapes", tmp_path / "shapes", "--num-images", "6"]
+    stopped_cleanly(inject("caption_attn.shapes:write_json_atomic", args,
+                           signum=signal.SIGINT), "make-shapes", signal.SIGINT)
+    done = run_cli(args)
+    assert done.returncode == 0, done.stderr
+    assert run_cli(["make-shapes", tmp_path / "whole", "--num-images", "6"]).returncode == 0
+    assert _files(tmp_path / "shapes") == _files(tmp_path / "whole")

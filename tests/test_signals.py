@@ -106,3 +106,26 @@ def test_ctrl_c_in_make_shapes_leaves_a_folder_the_rerun_takes(tmp_path):
     assert done.returncode == 0, done.stderr
     assert run_cli(["make-shapes", tmp_path / "whole", "--num-images", "6"]).returncode == 0
     assert _files(tmp_path / "shapes") == _files(tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_sigterm_while_features_are_handed_to_the_writer_keeps_the_cache_whole(
+        shapes_data, tmp_path):
+    """SIGTERM once the writer thread was handed some of the feature files (it writes them
+    and their index entries while the main thread runs the backbone): what was handed over
+    is written and indexed, and the rerun extracts the rest into a cache `--verify` finds
+    whole."""
+    import shutil
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in sorted(os.listdir(shapes_data["images"]))[:6]:
+        shutil.copy(os.path.join(shapes_data["images"], name), images / name)
+    args = ["extract-features", "--images", images, "--cache", tmp_path / "cache", "--weights",
+            "random", "--dtype", "float16", "--precision", "float32", "--batch-size", "2"]
+    stopped_cleanly(inject("caption_attn.extract:_Writer.put", args, when="after", call=3),
+                    "extract-features")
+    assert leftovers(tmp_path / "cache") == [".lock", ".reading.lock", ".writing.lock"]
+    done = run_cli(args + ["--verify"])
+    assert done.returncode == 0, done.stderr
+    assert "extracted 3, skipped 3 already done, failed 0 of 6 images" in done.stdout, \
+        done.stdout

@@ -4,6 +4,8 @@ subprocess (for tests/test_signals.py): `inject(target, ...)` runs `caption-attn
 itself:
   "before": as it is called (the handler raises before it runs);
   "after":  once it returned (between it and what comes next);
+  "finalizer": as it is called, inside an object's __del__ (where Python prints an exception
+            as "Exception ignored in" and goes on: TensorFlow's objects have many);
   "inside": at the `at`-th call of a C function (a builtin, a C extension's) made inside
             it, directly or deeper: a signal landing in the middle of it (as one that a
             C function notices, or that arrives in a C extension's callback into Python).
@@ -41,6 +43,11 @@ def wrapper(*args, **kwargs):
     mine = calls[0] == spec["call"] and not fired
     if mine and spec["when"] == "before":
         fire()
+    if mine and spec["when"] == "finalizer":
+        class Dropped:
+            def __del__(self):
+                fire()
+        Dropped()   # collected at once: the handler runs inside its __del__
     if mine and spec["when"] == "inside":
         count = [0]
         def profile(frame, event, arg):

@@ -129,3 +129,16 @@ def test_sigterm_while_features_are_handed_to_the_writer_keeps_the_cache_whole(
     assert done.returncode == 0, done.stderr
     assert "extracted 3, skipped 3 already done, failed 0 of 6 images" in done.stdout, \
         done.stdout
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_whose_handler_runs_in_a_finalizer_still_ends_the_command(signum, tmp_path):
+    """A Ctrl-C or SIGTERM handled while a __del__ ran (TensorFlow's AtomicFunction.__del__
+    during `train`) was printed as "Exception ignored in ... Terminated" with a traceback,
+    and the command went on to exit 0 (a later SIGTERM then killed it without clean-up)."""
+    done = inject("caption_attn.shapes:write_json_atomic",
+                  ["make-shapes", tmp_path / "shapes", "--num-images", "6"], when="finalizer",
+                  signum=signum)
+    assert "Exception ignored" not in done.stderr, done.stderr
+    stopped_cleanly(done, "make-shapes", signum)
+    assert not os.path.exists(tmp_path / "shapes" / "captions.json")

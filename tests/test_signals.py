@@ -109,27 +109,20 @@ def test_ctrl_c_in_make_shapes_leaves_a_folder_the_rerun_takes(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_while_features_are_handed_to_the_writer_keeps_the_cache_whole(
+def test_a_stop_before_the_metric_measured_for_a_resume_is_logged_loses_it_nowhere(
         shapes_data, tmp_path):
-    """SIGTERM once the writer thread was handed some of the feature files (it writes them
-    and their index entries while the main thread runs the backbone): what was handed over
-    is written and indexed, and the rerun extracts the rest into a cache `--verify` finds
-    whole."""
-    import shutil
-    images = tmp_path / "images"
-    images.mkdir()
-    for name in sorted(os.listdir(shapes_data["images"]))[:6]:
-        shutil.copy(os.path.join(shapes_data["images"], name), images / name)
-    args = ["extract-features", "--images", images, "--cache", tmp_path / "cache", "--weights",
-            "random", "--dtype", "float16", "--precision", "float32", "--batch-size", "2"]
-    stopped_cleanly(inject("caption_attn.extract:_Writer.put", args, when="after", call=3),
-                    "extract-features")
-    assert leftovers(tmp_path / "cache") == [".lock", ".reading.lock", ".writing.lock"]
-    done = run_cli(args + ["--verify"])
-    assert done.returncode == 0, done.stderr
-    assert "extracted 3, skipped 3 already done, failed 0 of 6 images" in done.stdout, \
-        done.stdout
-
+    """A cross-entropy run resumed into its self-critical stage first measures the val_cider
+    its last epoch did not log. history.json got it at once, TensorBoard only after the
+    writers opened and the decoder was traced: a SIGTERM between left it out of TensorBoard
+    for good (the rerun finds it in history.json and measures nothing)."""
+    run = str(tmp_path / "run")
+    cmd = train_cmd(shapes_data, run, epochs=1)
+    assert run_cli(cmd[3:]).returncode == 0
+    resume = train_cmd(shapes_data, run, epochs=2)[3:] + ["--scst-after", "1"]
+    stopped_cleanly(inject("caption_attn.callbacks:TensorBoardLogger.log_validation",
+                           resume), "train")
+    in_history = [h["epoch"] for h in read_history(run) if "val_cider" in h]
+    assert in_history == _tensorboard_epochs(run).get(("validation", "epoch_cider"), [])
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_whose_handler_runs_in_a_finalizer_still_ends_the_command(signum, tmp_path):

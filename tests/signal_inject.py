@@ -19,7 +19,7 @@ import sys
 from train_subprocess import ENV
 
 WRAPPER = r"""
-import importlib, json, os, signal, sys, threading
+import importlib, json, os, signal, sys
 from caption_attn import cli
 spec = json.loads(sys.argv[1])
 module, _, attrs = spec["target"].partition(":")
@@ -110,12 +110,3 @@ def leftovers(folder: str) -> list:
                 found.append(os.path.relpath(os.path.join(root, name), folder))
     return sorted(found)
 
-
-def listing(folder: str) -> dict:
-    """{relative path: size} of the files under `folder`."""
-    return {os.path.relpath(os.path.join(r, f), folder): os.path.getsize(os.path.join(r, f))
-            for r, _, files in os.walk(folder) for f in files}
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=1, sort_keys=True)

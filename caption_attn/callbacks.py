@@ -208,15 +208,18 @@ class _Pending:
         self._items.append((epoch, samples))
 
     def ready(self, wait: bool = False):
-        """(epoch, sample list) of the oldest entries that are drawn (all with `wait`)."""
+        """(epoch, sample list) of the oldest entries that are drawn (all with `wait`). An
+        entry leaves the queue once the caller's loop body for it is done: taken off before,
+        a Ctrl-C or SIGTERM in its write lost that epoch's heatmaps for good (the clean-up's
+        `write_pending` writes what is still queued; a rerun redraws only the last epoch's)."""
         while self._items:
             epoch, samples = self._items[0]
             if hasattr(samples, "result"):
                 if not (wait or samples.done()):
                     return
                 samples = samples.result()
-            self._items.pop(0)
             yield epoch, samples
+            self._items.pop(0)
 
 
 class TensorBoardLogger(keras.callbacks.Callback):

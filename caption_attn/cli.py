@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import traceback
 import typing
 from typing import Callable, Optional, Sequence
@@ -487,6 +488,30 @@ def _terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def _stop_after_finalizer(unraisable) -> None:
+    """`sys.unraisablehook` of the program: a Ctrl-C or SIGTERM whose handler ran inside a
+    finalizer (a `__del__`, a weakref callback: TensorFlow's objects have many) raised there,
+    where Python prints the exception ("Exception ignored in ...", a traceback) and goes on:
+    the command went on to exit 0, and a later SIGTERM killed it without clean-up. The
+    signal is raised again at the main thread's next call of a C function, out of the
+    finalizer (in another finalizer, this comes again); other exceptions as before."""
+    if not (isinstance(unraisable.exc_type, type)
+            and issubclass(unraisable.exc_type, KeyboardInterrupt)
+            and threading.current_thread() is threading.main_thread()):
+        sys.__unraisablehook__(unraisable)
+        return
+    signum = signal.SIGINT
+    if issubclass(unraisable.exc_type, Terminated):
+        signum = signal.SIGTERM
+        signal.signal(signal.SIGTERM, _terminated)   # it set the default, for a second one
+
+    def again(frame, event, arg) -> None:
+        if event == "c_call":   # (an exception of a "call" event can be lost: Python 3.11)
+            sys.setprofile(None)
+            signal.raise_signal(signum)   # its handler raises here, into the caller
+    sys.setprofile(again)
+
+
 # Commands that run TensorFlow (the others never import it, so they start at once).
 USES_TENSORFLOW = ("extract-features", "train", "caption", "evaluate", "export", "demo")
 
@@ -495,9 +520,11 @@ def entry() -> int:
     """The `caption-attn` program (console script, `python -m caption_attn`): `main`, then
     `exit_past_hdf5` (only here: `main` is also called in-process, by tests and scripts,
     where ending the interpreter is not its to do), with SIGTERM handled as `Terminated`
-    (also only here: a signal handler belongs to the program, not to a library call)."""
+    and a stop handled inside a finalizer raised again out of it (`_stop_after_finalizer`;
+    also only here: signal handling belongs to the program, not to a library call)."""
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:   # one the parent ignored stays so
         signal.signal(signal.SIGTERM, _terminated)
+    sys.unraisablehook = _stop_after_finalizer
     # Loading a COCO-sized caption file keeps ~1 M Python objects alive, and the collector's
     # default thresholds ran 14 full passes over them (0.4 s each) while it loaded: 35-50 %
     # of `train`, `inspect`, `evaluate` and `extract-features` start-up at 123k images
@@ -505,9 +532,10 @@ def entry() -> int:
     gc.set_threshold(100_000, 50, 100)
     try:
         code = main()
-    except Terminated:      # before `main` could say it (while parsing the flags)
-        print(f"{PROG}: terminated", file=sys.stderr)
-        code = 143
+    except KeyboardInterrupt as e:   # before `main` could say it (while parsing the flags):
+        terminated = isinstance(e, Terminated)      # Ctrl-C there showed a traceback
+        print(f"{PROG}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        code = 143 if terminated else 130
     except BaseException:
         if not hdf5_write_failed():
             raise

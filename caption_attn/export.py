@@ -46,7 +46,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from caption_attn import __version__, graph_images, quiet
+from caption_attn import __version__, graph_images, interrupts, quiet
 from caption_attn.backbone import GRID, IMAGE_SIZE, NUM_PIXELS, Backbone, build_backbone
 from caption_attn.captioner import EXPORT_NEEDS, Captioner, make_decoder
 from caption_attn.config import DecodeConfig, ExportConfig
@@ -326,22 +326,25 @@ def _earlier_export(out: str) -> tuple:
 
 
 def _publish(tmp: str, out: str) -> None:
-    """Rename the finished export `tmp` to `out`, replacing what was there. Whatever stops
-    it between the two renames (an error, a Ctrl-C) puts the earlier export back: `out`
-    was left missing, the earlier export only under its hidden .old name, and the caller
-    then deleted the new one (a server had no model until a rerun)."""
+    """Rename the finished export `tmp` to `out`, replacing what was there. An error
+    between the two renames puts the earlier export back: `out` was left missing, the
+    earlier export only under its hidden .old name, and the caller then deleted the new one
+    (a server had no model until a rerun). Ctrl-C and SIGTERM wait for the renames and the
+    removal of the earlier export (`interrupts.held`): one right after the second rename
+    left that full copy next to `out` until the next export into it."""
     old = None
-    try:
-        if os.path.lexists(out):
-            old = temp_name(out, ".old")
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None and os.path.lexists(old) and not os.path.lexists(out):
-            os.replace(old, out)
-        raise
-    if old is not None:  # a symlink (to an earlier export) goes, not what it points to
-        remove_path(old)
+    with interrupts.held():
+        try:
+            if os.path.lexists(out):
+                old = temp_name(out, ".old")
+                os.replace(out, old)
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None and os.path.lexists(old) and not os.path.lexists(out):
+                os.replace(old, out)
+            raise
+        if old is not None:  # a symlink (to an earlier export) goes, not what it points to
+            remove_path(old)
 
 
 def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone, best=None) -> dict:

@@ -418,9 +418,17 @@ def make_shapes(out_dir: str, cfg: ShapesConfig) -> dict:
 
     # cv2 releases the GIL while drawing and encoding; map() keeps index order, and every
     # image depends only on (seed, index), so the output does not depend on the threads.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        records = list(pool.map(work, range(cfg.num_images)))
-    write_json_atomic(captions_path, {"dataset": DATASET_NAME, "images": records})
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            records = list(pool.map(work, range(cfg.num_images)))
+        write_json_atomic(captions_path, {"dataset": DATASET_NAME, "images": records})
+    except BaseException:
+        # stopped (Ctrl-C, SIGTERM, an error) before captions.json was written: the images
+        # drawn so far go, so the same command can run again (it refused a folder holding
+        # part of a dataset, without --replace)
+        if not os.path.exists(captions_path):
+            shutil.rmtree(images_dir, ignore_errors=True)
+        raise
     return {"images": cfg.num_images, "images_dir": images_dir, "captions": captions_path,
             "seconds": time.perf_counter() - start, "notes": empty_split_notes(cfg, splits)}
 

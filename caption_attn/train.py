@@ -904,8 +904,8 @@ class Trainer:
         gc.collect(1)
         gc.freeze()
         writers = cbs[1:]
-        if measured and writers:  # history.json has them: TensorBoard too
-            writers[0].log_validation(done - 1, measured)
+        if measured:
+            self._record_measured(history, done, measured, writers)
         if resumed:
             with self._stopped_at_damaged_features():
                 self._redraw_lost_samples(done, samples, writers)
@@ -1009,11 +1009,15 @@ class Trainer:
         entry = {"epoch": epoch + 1, **{k: _plain(v) for k, v in logs.items()}}
         history[:] = [h for h in history if h["epoch"] != epoch + 1] + [entry]
         self._record_settings()
-        if self.chief:  # history first: a kill before the checkpoint redoes the epoch
-            write_json_atomic(self.run.history, history)
-        self._save()
-        with self._stopped_at_damaged_features(checkpoint="saved"):  # the sample heatmaps
-            callbacks.on_epoch_end(epoch, entry)
+        # Ctrl-C or SIGTERM waits for all of the epoch's records: one after its checkpoint
+        # lost its TensorBoard scalars (and best model, heatmaps) for good, since a rerun
+        # resumes after the epoch (multi-worker: as in the steps, it stops at once)
+        with interrupts.held(enabled=distribute.single_process(self.strategy)):
+            if self.chief:  # history first: a kill before the checkpoint redoes the epoch
+                write_json_atomic(self.run.history, history)
+            self._save()
+            with self._stopped_at_damaged_features(checkpoint="saved"):  # sample heatmaps
+                callbacks.on_epoch_end(epoch, entry)
         if self.progress:
             self.log(_epoch_line(entry))
         return True
@@ -1024,7 +1028,8 @@ class Trainer:
         a run resumed with another --monitor) measures it now on the restored model, that
         epoch's, so the epochs to come have the model they start from to beat. (Resumed
         inside an epoch, the restored model is not that epoch's: nothing is measured.)
-        Returns what was measured (for TensorBoard)."""
+        Returns what was measured, added to `history`, which `fit` writes together with
+        TensorBoard's record of it (`_record_measured`)."""
         if not history or int(self.step_in_epoch.numpy()):
             return {}
         missing = _unmeasured(self.cfg.train, history, done)
@@ -1032,9 +1037,18 @@ class Trainer:
             return {}
         measured = self.validator.metrics(missing)
         history[-1].update(measured)
-        if self.chief:
-            write_json_atomic(self.run.history, history)
         return measured
+
+    def _record_measured(self, history: list, done: int, measured: dict, writers) -> None:
+        """history.json with the metrics `_metrics_before_resume` measured, and TensorBoard,
+        together: written when measured, history.json had them for good and TensorBoard not
+        yet (its writers open later); a stop between lost them there, as the rerun measures
+        nothing history.json has. A stop before this measures them again."""
+        with interrupts.held(enabled=distribute.single_process(self.strategy)):
+            if self.chief:
+                write_json_atomic(self.run.history, history)
+            if writers:
+                writers[0].log_validation(done - 1, measured)
 
 def _hparams(trainer: Trainer) -> dict:
     tc, mc = trainer.cfg.train, trainer.cfg.model

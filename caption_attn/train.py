@@ -1050,6 +1050,7 @@ class Trainer:
             if writers:
                 writers[0].log_validation(done - 1, measured)
 
+
 def _hparams(trainer: Trainer) -> dict:
     tc, mc = trainer.cfg.train, trainer.cfg.model
     return {"embedding_dim": mc.embedding_dim, "units": mc.units, "dropout": mc.dropout,

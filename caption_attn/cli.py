@@ -54,7 +54,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls, exclude: Sequence[str]
         default = (defaults or {}).get(f.name, f.default)
         kind = hints[f.name]
         if kind is bool:  # on by default: --no-flag turns it off
-            group.add_argument(C.flag_name(f), dest=f.name, default=default, help=f.metadata["help"],
+            group.add_argument(C.flag_name(f), dest=f.name, default=default,
+                               help=f.metadata["help"],
                                action=_recorded(argparse.BooleanOptionalAction if default
                                                 else argparse._StoreTrueAction))
             continue

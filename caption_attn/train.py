@@ -1061,6 +1061,7 @@ def _hparams(trainer: Trainer) -> dict:
             "scst_after": -1 if tc.scst_after is None else tc.scst_after,
             "scst_samples": tc.scst_samples, "scst_baseline": tc.scst_baseline}
 
+
 def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
     d, tc, i = trainer.data, trainer.cfg.train, trainer.inputs
     stages = "" if tc.scst_after is None else (

@@ -54,6 +54,7 @@ def test_a_stop_at_an_epochs_end_loses_none_of_its_records(shapes_data, tmp_path
     assert ("train", "epoch_loss") in logged and ("validation", "epoch_loss") in logged
     assert leftovers(run) == []
 
+
 def test_ctrl_c_right_after_an_export_is_published_leaves_no_copy_of_the_earlier(
         tmp_path, monkeypatch):
     """A Ctrl-C or SIGTERM between `_publish`'s rename of the new export into place and the
@@ -123,6 +124,7 @@ def test_a_stop_before_the_metric_measured_for_a_resume_is_logged_loses_it_nowhe
                            resume), "train")
     in_history = [h["epoch"] for h in read_history(run) if "val_cider" in h]
     assert in_history == _tensorboard_epochs(run).get(("validation", "epoch_cider"), [])
+
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_whose_handler_runs_in_a_finalizer_still_ends_the_command(signum, tmp_path):

@@ -178,3 +178,13 @@ def give_other_images(cache: str, keys) -> None:
             e["image_sha256"] = "0" * 64
     with open(index, "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in entries)
+
+
+@pytest.fixture
+def default_sigint():
+    """Ctrl-C raising KeyboardInterrupt, as in a terminal (pytest-xdist's workers, `make
+    test`, ignore SIGINT: the held signals would be ignored ones)."""
+    import signal
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)

@@ -56,7 +56,7 @@ def test_a_stop_at_an_epochs_end_loses_none_of_its_records(shapes_data, tmp_path
 
 
 def test_ctrl_c_right_after_an_export_is_published_leaves_no_copy_of_the_earlier(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, default_sigint):
     """A Ctrl-C or SIGTERM between `_publish`'s rename of the new export into place and the
     removal of the earlier one (moved aside as `.NAME.tmp.PID.HOST.old`) left that full copy
     next to --out until an export into it ran again (which then said an export "did not

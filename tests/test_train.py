@@ -564,16 +564,6 @@ def _history(run):
                 for h in json.load(f)]
 
 
-@pytest.fixture
-def default_sigint():
-    """Ctrl-C raising KeyboardInterrupt, as in a terminal (pytest-xdist's workers, `make
-    test`, ignore SIGINT: the held signals would be ignored ones)."""
-    import signal
-    old = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, old)
-
-
 @pytest.fixture(scope="module")
 def whole_cosine_run(shapes_data, tmp_path_factory):
     """An uninterrupted run of 2 epochs on a cosine schedule."""

@@ -204,8 +204,8 @@ def in_slices(run: Callable[[Any, Any], DecodeResult], state, context,
     def merged(field, fill):
         parts = []
         for r in results:
-            x = getattr(r, field)                                     # (size, K, T, ...)
-            if field in ("tokens", "token_log_probs", "attention"):
+            x = getattr(r, field)                           # (size, K) or (size, K, T, ...)
+            if x.shape.rank >= 3:                                     # a history over steps
                 widths = [[0, 0], [0, 0], [0, steps - tf.shape(x)[2]]] + \
                     [[0, 0]] * (x.shape.rank - 3)
                 x = tf.pad(x, widths, constant_values=fill)

@@ -722,9 +722,8 @@ class Trainer:
         # Ctrl-C or SIGTERM stops after the running step and its bookkeeping, checkpointed
         # there (else up to an epoch of steps was lost); multi-worker saves are collectives,
         # which one worker's signal cannot start alone: there it stops at once, as before
-        with interrupts.held(enabled=distribute.single_process(self.strategy),
-                             saying="\nstopping after this step, which is then checkpointed "
-                                    "(again: stop at once)\n") as stopping:
+        with self._signals_held(saying="\nstopping after this step, which is then "
+                                        "checkpointed (again: stop at once)\n") as stopping:
             try:
                 for batch in pipeline.checked(batches):
                     out = {k: float(v) for k, v in run(batch, step).items()}
@@ -759,6 +758,12 @@ class Trainer:
         return {**totals.logs(self_critical), "steps": in_epoch, "target_steps": target,
                 "captions_per_second": (totals.sums["captions"] - earlier) / seconds,
                 "learning_rate": rate}
+
+    def _signals_held(self, saying: str = ""):
+        """`interrupts.held` where this process may stop after what it holds them over: not
+        under multi-worker training, whose saves are collectives one worker's signal cannot
+        start alone (there a signal stops at once)."""
+        return interrupts.held(enabled=distribute.single_process(self.strategy), saying=saying)
 
     def _set_counters(self, step: int, in_epoch: int, totals: EpochTotals) -> None:
         self.step.assign(step)
@@ -886,7 +891,7 @@ class Trainer:
                                  log=self.log)
         cbs = [early]
         if self.chief:
-            self._forget_undone(done, steps_before)
+            forget_undone(self.run, done, steps_before, self.log)
             cbs += [TensorBoardLogger(self.run.logs, _hparams(self), samples),
                     AttentionSnapshots(self.run.attention, samples)]
         callbacks = keras.callbacks.CallbackList(cbs, model=self.model)
@@ -954,9 +959,6 @@ class Trainer:
         return self.inputs.scst_steps_per_epoch if self.cfg.train.is_scst(epoch) \
             else self.inputs.steps_per_epoch
 
-    def _forget_undone(self, done: int, steps: int) -> None:
-        forget_undone(self.run, done, steps, self.log)
-
     def _redraw_lost_samples(self, done: int, samples: SampleFigures, writers) -> None:
         """A run killed after an epoch's checkpoint but before its heatmaps were written
         (they are drawn in the background and written at the next epoch's end) lost them, in
@@ -1012,7 +1014,7 @@ class Trainer:
         # Ctrl-C or SIGTERM waits for all of the epoch's records: one after its checkpoint
         # lost its TensorBoard scalars (and best model, heatmaps) for good, since a rerun
         # resumes after the epoch (multi-worker: as in the steps, it stops at once)
-        with interrupts.held(enabled=distribute.single_process(self.strategy)):
+        with self._signals_held():
             if self.chief:  # history first: a kill before the checkpoint redoes the epoch
                 write_json_atomic(self.run.history, history)
             self._save()
@@ -1044,7 +1046,7 @@ class Trainer:
         together: written when measured, history.json had them for good and TensorBoard not
         yet (its writers open later); a stop between lost them there, as the rerun measures
         nothing history.json has. A stop before this measures them again."""
-        with interrupts.held(enabled=distribute.single_process(self.strategy)):
+        with self._signals_held():
             if self.chief:
                 write_json_atomic(self.run.history, history)
             if writers:

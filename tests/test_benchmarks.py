@@ -74,7 +74,7 @@ def test_bench_train(capsys, tmp_path):
     # longer than everything else here (it is the benchmark's own code, not the package's)
     path = str(tmp_path / "train.json")
     out = run_benchmark("bench_train", ["--images", "8", "--captions-per-image", "2",
-                                        "--vocab", "12", "--embedding-dim", "8", "--units",
+                                        "--vocab", "60", "--embedding-dim", "8", "--units",
                                         "8", "--batch-size", "4", "--reference-batches", "0",
                                         "--rounds", "2", "--json", path], capsys)
     assert "reference  skipped" in out and "MFU" in out and "self-critical" in out
@@ -86,6 +86,10 @@ def test_bench_train(capsys, tmp_path):
     assert figures["ours_captions_per_s"] == max(figures["ours_rounds_captions_per_s"])
     assert figures["speedup"] is None and figures["reference_rounds_captions_per_s"] is None
     assert report_fields("bench_train") == ["speedup"]
+    # every word of --vocab is in the vocabulary (+ 4 special tokens), as the setup line says,
+    # though the words exceed a caption's 38 (the trainer fits it on the words it keeps)
+    assert figures["setup"]["vocab"] == 64
+    assert figures["setup"]["max_tokens"] <= 40
 
 
 def test_rounds_alternate_and_the_best_of_each_side_counts():

@@ -118,6 +118,25 @@ def test_attention_keys_computed_once_per_batch(batch, monkeypatch):
     assert calls.count("key_proj") == 1  # not once per time step (25)
 
 
+def test_dense_rows_of_a_wide_relu_layer_has_autodiffs_gradients():
+    # the encoder (more inputs than units, ReLU) takes its kernel gradient written out
+    keras.utils.set_random_seed(3)
+    layer = keras.layers.Dense(5, activation="relu")
+    layer.build((None, 40))
+    x = tf.constant(np.random.default_rng(3).normal(size=(2, 7, 40)), tf.float32)
+    weights = tf.constant(np.random.default_rng(4).normal(size=(2, 7, 5)), tf.float32)
+    grads = []
+    for dense in (model_lib.dense_rows, lambda layer, x: layer(x)):   # ours, Keras'
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = dense(layer, x)
+            loss = tf.reduce_sum(y * weights)
+        grads.append([y] + tape.gradient(loss, [x, layer.kernel, layer.bias]))
+    assert 0.2 < float(tf.reduce_mean(tf.cast(grads[1][0] > 0, tf.float32))) < 0.8
+    for ours, keras_grad in zip(*grads):
+        np.testing.assert_allclose(ours.numpy(), keras_grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_gru_receives_previous_hidden_state(model, batch):
     # The same token at every step must still give different outputs per step, because the
     # hidden state carries over (the TF tutorial's decoder never passed it).

@@ -47,20 +47,9 @@ import numpy as np  # noqa: E402
 from bench_train import reference_batches, time_reference, write_dataset  # noqa: E402
 from machine import describe, run_in_temp_folder  # noqa: E402
 from caption_attn import train  # noqa: E402
-from caption_attn.config import (ModelConfig, RunConfig, TrainConfig, VocabConfig,  # noqa: E402
-                                 write_json_atomic)
+from caption_attn.config import ModelConfig, RunConfig, TrainConfig, VocabConfig  # noqa: E402
 
 TARGET = 5.5  # issue #11: end-to-end training throughput >= 5.5x the tutorial's step
-
-
-def make_val_split(captions: str, val_fraction: float) -> None:
-    """Mark the first `val_fraction` of the images as val (bench_train keeps 2)."""
-    with open(captions, encoding="utf-8") as f:
-        data = json.load(f)
-    n_val = max(4, round(val_fraction * len(data["images"])))
-    for i, entry in enumerate(data["images"]):
-        entry["split"] = "val" if i < n_val else "train"
-    write_json_atomic(captions, data)
 
 
 class EpochStarts:
@@ -75,8 +64,8 @@ class EpochStarts:
 
 
 def measure(args, root: str) -> dict:
-    captions, cache = write_dataset(root, args.images, args.captions_per_image, args.vocab)
-    make_val_split(captions, args.val_fraction)
+    captions, cache = write_dataset(root, args.images, args.captions_per_image, args.vocab,
+                                    val_images=max(4, round(args.val_fraction * args.images)))
     cfg = RunConfig(captions=captions, cache=cache,
                     vocab=VocabConfig(vocab_size=args.vocab, max_length=38),
                     model=ModelConfig(embedding_dim=args.embedding_dim, units=args.units),

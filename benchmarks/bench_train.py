@@ -80,8 +80,7 @@ def cover_every_word(captions: list[list[str]], words: list[str], rng) -> None:
     """Puts every word of `words` that no caption uses in place of a word used more than
     once, so each occurs and the captions keep their drawn lengths: the trainer fits its
     vocabulary on captions cut to --max-length, so one long caption of every word (as
-    before) gave V 2864, not 5001. The last captions take them first (bench_epoch makes the
-    first images val). In place."""
+    before) gave V 2864, not 5001. In place."""
     counts = collections.Counter(w for c in captions for w in c)
     missing = [w for w in words if w not in counts]
     for i in reversed(range(len(captions))):
@@ -96,10 +95,11 @@ def cover_every_word(captions: list[list[str]], words: list[str], rng) -> None:
                          "captions: fewer --vocab words or more --images")
 
 
-def write_dataset(root: str, images: int, per_image: int, vocab_words: int, seed: int = 0):
-    """Karpathy captions.json (all train but 2 val images) + a float16 feature cache, whose
-    train captions use every one of the `vocab_words` words: the vocabulary is exactly
-    vocab_words + 4 tokens."""
+def write_dataset(root: str, images: int, per_image: int, vocab_words: int, seed: int = 0,
+                  val_images: int = 2):
+    """Karpathy captions.json (the first `val_images` images val, the rest train) + a float16
+    feature cache, whose train captions use every one of the `vocab_words` words: the
+    vocabulary is exactly vocab_words + 4 tokens."""
     rng = np.random.default_rng(seed)
     words = [f"w{i}" for i in range(vocab_words)]
     zipf = 1.0 / np.arange(1, vocab_words + 1)
@@ -121,9 +121,9 @@ def write_dataset(root: str, images: int, per_image: int, vocab_words: int, seed
         index.add(feature_index.make_entry(name, fingerprint, os.stat(path), no_image))
         captions.append([list(rng.choice(words, size=n - 2, p=zipf))
                          for n in caption_lengths(per_image, rng)])
-    train = [c for per_image_captions in captions[2:] for c in per_image_captions]
+    train = [c for per_image_captions in captions[val_images:] for c in per_image_captions]
     cover_every_word(train, words, rng)
-    entries = [{"filename": f"img{i:05d}.jpg", "split": "val" if i < 2 else "train",
+    entries = [{"filename": f"img{i:05d}.jpg", "split": "val" if i < val_images else "train",
                 "sentences": [{"raw": " ".join(c)} for c in image_captions]}
                for i, image_captions in enumerate(captions)]
     index.close()

@@ -106,7 +106,7 @@ def test_rounds_alternate_and_the_best_of_each_side_counts():
 def test_bench_epoch(capsys, tmp_path):
     path = str(tmp_path / "epoch.json")
     out = run_benchmark("bench_epoch", ["--images", "12", "--captions-per-image", "2",
-                                        "--val-fraction", "0.25", "--vocab", "12",
+                                        "--val-fraction", "0.25", "--vocab", "50",
                                         "--embedding-dim", "8", "--units", "8", "--batch-size",
                                         "4", "--epochs", "3", "--sample-images", "1",
                                         "--reference-batches", "0", "--json", path], capsys)
@@ -117,6 +117,7 @@ def test_bench_epoch(capsys, tmp_path):
     numbers(figures, "end_to_end_captions_per_s", "steps_only_captions_per_s")
     assert set(report_fields("bench_epoch")) <= set(figures)
     assert figures["speedup_end_to_end"] is None
+    assert figures["setup"]["vocab"] == 54      # every word in the train split: see bench_train
 
 
 def test_cpu_report_summary():

@@ -118,8 +118,8 @@ def test_attention_keys_computed_once_per_batch(batch, monkeypatch):
     assert calls.count("key_proj") == 1  # not once per time step (25)
 
 
-def test_dense_rows_of_a_wide_relu_layer_has_autodiffs_gradients():
-    # the encoder (more inputs than units, ReLU) takes its kernel gradient written out
+def test_dense_rows_of_a_wide_relu_layer_equals_keras_dense():
+    # dense_rows (the encoder: more inputs than units, ReLU) as Keras' Dense, gradients too
     keras.utils.set_random_seed(3)
     layer = keras.layers.Dense(5, activation="relu")
     layer.build((None, 40))

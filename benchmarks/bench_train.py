@@ -78,9 +78,9 @@ def synthetic_manifest(count: int) -> dict:
 
 def cover_every_word(captions: list[list[str]], words: list[str], rng) -> None:
     """Puts every word of `words` that no caption uses in place of a word used more than
-    once, so each occurs and the captions keep their drawn lengths: the trainer fits its
-    vocabulary on captions cut to --max-length, so one long caption of every word (as
-    before) gave V 2864, not 5001. In place."""
+    once, so each occurs and the captions keep their drawn lengths (in place). The trainer
+    fits its vocabulary on captions cut to --max-length: the one long caption of every word
+    that this replaces (until stop 36) gave V 2864, not 5001."""
     counts = collections.Counter(w for c in captions for w in c)
     missing = [w for w in words if w not in counts]
     for i in reversed(range(len(captions))):

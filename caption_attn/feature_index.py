@@ -56,6 +56,7 @@ import threading
 import time
 from typing import Iterable, NamedTuple, Optional
 
+from caption_attn import interrupts
 from caption_attn.fileio import HOST, write_bytes_atomic
 
 INDEX = "index.jsonl"
@@ -150,11 +151,15 @@ class SegmentWriter:
         # names sort by time (strictly increasing within a process even if the clock steps)
         self._last_time_ns = max(time.time_ns(), self._last_time_ns + 1)
         path = os.path.join(self.dir, f"{self._last_time_ns:020d}-{self.suffix}")
-        write_bytes_atomic(path, [(e.to_json() + "\n").encode("utf-8") for e in self.pending],
-                           fsync=True)
-        self.segments += 1
-        self.entries += len(self.pending)
-        self.pending = []
+        # a Ctrl-C or SIGTERM lands once the segment is written and its entries are no longer
+        # pending: raised inside the write, it dropped the entries of files already on disk
+        # (the last flush: those extracted since the one before), extracted again by a rerun
+        with interrupts.held():
+            write_bytes_atomic(path, [(e.to_json() + "\n").encode("utf-8")
+                                      for e in self.pending], fsync=True)
+            self.segments += 1
+            self.entries += len(self.pending)
+            self.pending = []
 
     def close(self) -> None:
         self.flush()

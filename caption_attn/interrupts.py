@@ -6,6 +6,8 @@ holds the signals over its loop of steps instead, stops after the step that is r
 saves a checkpoint there and only then lets the signal end the program as it would have.
 Keras' h5py writes hold them too (`fileio.keras_file_atomic`, `RunFolder.save_best`): raised
 inside h5py's writer, the stop came out as an h5py TypeError and a traceback.
+So do the feature index's segment writes (`feature_index.SegmentWriter`): a stop inside one
+dropped the entries of feature files already written, and they were extracted again.
 """
 
 from __future__ import annotations

@@ -137,3 +137,22 @@ def test_a_stop_whose_handler_runs_in_a_finalizer_still_ends_the_command(signum,
     assert "Exception ignored" not in done.stderr, done.stderr
     stopped_cleanly(done, "make-shapes", signum)
     assert not os.path.exists(tmp_path / "shapes" / "captions.json")
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_extract_features_writes_its_last_index_entries_keeps_them(tmp_path):
+    """A Ctrl-C landing in the index segment extract-features writes as it ends (the entries
+    of the files written since the last one) dropped the segment: the features were on disk,
+    but the rerun found no entry vouching for them and extracted those images again."""
+    shapes = tmp_path / "shapes"
+    assert run_cli(["make-shapes", shapes, "--num-images", "6"]).returncode == 0
+    args = ["extract-features", "--images", shapes / "images", "--cache", tmp_path / "cache",
+            "--weights", "random", "--dtype", "float16", "--precision", "float32"]
+    # the 3rd C call inside the segment's atomic write (6 entries: the only segment)
+    stopped_cleanly(inject("caption_attn.feature_index:write_bytes_atomic", args,
+                           when="inside", at=3, signum=signal.SIGINT),
+                    "extract-features", signal.SIGINT)
+    done = run_cli(args)
+    assert done.returncode == 0, done.stderr
+    assert "extracted 0, skipped 6 already done" in done.stdout + done.stderr, done.stdout
+    assert not [f for f in leftovers(str(tmp_path / "cache")) if ".tmp." in f]

@@ -341,7 +341,8 @@ def _holding_lock(path: str, refusal, shared: bool):
             yield
         finally:
             if locked and not shared:
-                with contextlib.suppress(OSError):
+                # a Ctrl-C as it is removed lands after: raised before, it left the file
+                with interrupts.held(), contextlib.suppress(OSError):
                     os.remove(path)
 
 

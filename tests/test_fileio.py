@@ -171,3 +171,28 @@ def test_a_signal_during_a_keras_write_lands_once_the_file_is_complete(tmp_path)
     loaded.load_weights(path)
     for a, b in zip(model.get_weights(), loaded.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_signal_as_an_exclusive_lock_is_given_up_still_removes_its_file(tmp_path,
+                                                                            monkeypatch,
+                                                                            default_sigint):
+    """A Ctrl-C landing as an exclusive holder removed its lock file (`holding_lock` removes
+    it as it ends, so that no lock file is left beside the user's files: `caption --out`,
+    `export`) raised before the removal and left the file behind."""
+    import signal
+
+    from caption_attn import fileio
+
+    path = str(tmp_path / ".out.lock")
+    remove = os.remove
+
+    def signalled_remove(name, *args, **kwargs):
+        if name == path:
+            signal.raise_signal(signal.SIGINT)                # arrives as it is removed
+        return remove(name, *args, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        with fileio.holding_lock(path, lambda who: f"in use{who}"):
+            assert os.path.exists(path)
+            monkeypatch.setattr(os, "remove", signalled_remove)
+    assert os.listdir(tmp_path) == []

@@ -100,6 +100,9 @@ def write_dataset(root: str, images: int, per_image: int, vocab_words: int, seed
     """Karpathy captions.json (the first `val_images` images val, the rest train) + a float16
     feature cache, whose train captions use every one of the `vocab_words` words: the
     vocabulary is exactly vocab_words + 4 tokens."""
+    if not 0 <= val_images < images:
+        raise SystemExit(f"{images} images with {val_images} val ones leave no train image: "
+                         "more --images")
     rng = np.random.default_rng(seed)
     words = [f"w{i}" for i in range(vocab_words)]
     zipf = 1.0 / np.arange(1, vocab_words + 1)

@@ -19,7 +19,7 @@ import sys
 from train_subprocess import ENV
 
 WRAPPER = r"""
-import importlib, json, os, signal, sys
+import importlib, json, os, signal, sys, threading
 from caption_attn import cli
 spec = json.loads(sys.argv[1])
 module, _, attrs = spec["target"].partition(":")
@@ -39,6 +39,8 @@ def fire():
             os.write(2, "".join(traceback.format_stack()[-8:-2]).encode())
         os.kill(os.getpid(), spec["signal"])
 def wrapper(*args, **kwargs):
+    if spec["main_thread"] and threading.current_thread() is not threading.main_thread():
+        return real(*args, **kwargs)   # not counted
     calls[0] += 1
     mine = calls[0] == spec["call"] and not fired
     if mine and spec["when"] == "before":
@@ -79,9 +81,12 @@ sys.exit(code)
 
 
 def inject(target: str, args: list, when: str = "before", call: int = 1, at: int = 1,
-           signum: int = 15, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`caption-attn ARGS` with SIGTERM (`signum`) sent at `target`'s `call`-th call."""
-    spec = {"target": target, "when": when, "call": call, "at": at, "signal": signum}
+           signum: int = 15, timeout: float = 300,
+           main_thread: bool = False) -> subprocess.CompletedProcess:
+    """`caption-attn ARGS` with SIGTERM (`signum`) sent at `target`'s `call`-th call
+    (`main_thread`: of the calls made in the main thread)."""
+    spec = {"target": target, "when": when, "call": call, "at": at, "signal": signum,
+            "main_thread": main_thread}
     return subprocess.run([sys.executable, "-c", WRAPPER, json.dumps(spec), *map(str, args)],
                           env=ENV, capture_output=True, text=True, timeout=timeout)
 

@@ -89,7 +89,6 @@ def test_bench_train(capsys, tmp_path):
     # every word of --vocab is in the vocabulary (+ 4 special tokens), as the setup line says,
     # though the words exceed a caption's 38 (the trainer fits it on the words it keeps)
     assert figures["setup"]["vocab"] == 64
-    assert figures["setup"]["max_tokens"] <= 40
 
 
 def test_rounds_alternate_and_the_best_of_each_side_counts():

@@ -148,9 +148,10 @@ def test_ctrl_c_while_extract_features_writes_its_last_index_entries_keeps_them(
     assert run_cli(["make-shapes", shapes, "--num-images", "6"]).returncode == 0
     args = ["extract-features", "--images", shapes / "images", "--cache", tmp_path / "cache",
             "--weights", "random", "--dtype", "float16", "--precision", "float32"]
-    # the 3rd C call inside the segment's atomic write (6 entries: the only segment)
+    # the 3rd C call inside the main thread's first segment write: the last one, at the end
+    # (the extraction's writer thread writes one only after 10 s)
     stopped_cleanly(inject("caption_attn.feature_index:write_bytes_atomic", args,
-                           when="inside", at=3, signum=signal.SIGINT),
+                           when="inside", at=3, signum=signal.SIGINT, main_thread=True),
                     "extract-features", signal.SIGINT)
     done = run_cli(args)
     assert done.returncode == 0, done.stderr

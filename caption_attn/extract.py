@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional
 import cv2
 import numpy as np
 
-from caption_attn import feature_cache, feature_index
+from caption_attn import feature_cache, feature_index, interrupts
 from caption_attn import progress as progress_lib
 from caption_attn.backbone import IMAGE_SIZE, Backbone
 from caption_attn.config import ExtractConfig
@@ -99,8 +99,12 @@ class _Writer:
                 self.error_path, self.error = path, e  # the path first: put() reads both
 
     def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        """Waits until the queued files are written and indexed. A Ctrl-C or SIGTERM lands
+        after (a second one at once): it ended the wait and the thread wrote on past the
+        index's last segment (files without an entry, extracted again), or died mid-file."""
+        with interrupts.held():
+            self.queue.put(None)
+            self.thread.join()
 
 
 @contextlib.contextmanager

@@ -7,8 +7,9 @@ saves a checkpoint there and only then lets the signal end the program as it wou
 Keras' h5py writes hold them too (`fileio.keras_file_atomic`, `RunFolder.save_best`): raised
 inside h5py's writer, the stop came out as an h5py TypeError and a traceback.
 So do the feature index's segment writes (`feature_index.SegmentWriter`): a stop inside one
-dropped the entries of feature files already written, and they were extracted again; and an
-exclusive lock's removal (`fileio.holding_lock`), which a stop before it left beside the
+dropped the entries of feature files already written, and they were extracted again; so does
+extract-features' wait for its writer thread's queued files (`extract._Writer.close`); and
+an exclusive lock's removal (`fileio.holding_lock`), which a stop before it left beside the
 user's files.
 """
 

@@ -709,3 +709,31 @@ def test_the_summary_lists_failed_and_re_extracted_images_one_line_each():
     assert len(lines) == 4 and "\x1b" not in "".join(lines)
     assert lines[2:] == ["extracted again: x\\x1b[2J.jpg: wrong size",
                          "failed images are listed in c/failed.tsv: a\\nb.jpg: truncated"]
+
+
+def test_ctrl_c_while_the_feature_writer_finishes_keeps_its_queued_files(tmp_path,
+                                                                           default_sigint):
+    """A Ctrl-C while extract-features waited for its writer thread to finish the queued
+    feature files ended the wait at once: the thread went on writing past the index's last
+    segment, and the files it wrote then had no entry (extracted again by the rerun), or it
+    died with the process in the middle of one. The queued files are now finished and
+    indexed first; the Ctrl-C lands after."""
+    import threading
+
+    added = []
+
+    class SlowIndex:                       # each entry takes 0.3 s: the wait is ~0.9 s long
+        def add(self, entry):
+            time.sleep(0.3)
+            added.append(entry.key)
+
+    header = feature_cache.npy_header("float16")
+    writer = extract._Writer(header, "float16", 8, SlowIndex(), "identity")
+    stamp = feature_index.ImageStamp(0, 0, "")
+    for key in ("a.jpg", "b.jpg", "c.jpg"):
+        writer.put(key, str(tmp_path / f"{key}.npy"), np.zeros((64, 2048), np.float32), stamp)
+    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()  # during the wait
+    with pytest.raises(KeyboardInterrupt):
+        writer.close()
+    assert added == ["a.jpg", "b.jpg", "c.jpg"] and writer.written == added
+    assert not writer.thread.is_alive()

@@ -722,9 +722,9 @@ def test_ctrl_c_while_the_feature_writer_finishes_keeps_its_queued_files(tmp_pat
 
     added = []
 
-    class SlowIndex:                       # each entry takes 0.3 s: the wait is ~0.9 s long
+    class SlowIndex:                       # each entry takes 0.5 s: the wait is ~1.5 s long
         def add(self, entry):
-            time.sleep(0.3)
+            time.sleep(0.5)
             added.append(entry.key)
 
     header = feature_cache.npy_header("float16")
@@ -732,8 +732,12 @@ def test_ctrl_c_while_the_feature_writer_finishes_keeps_its_queued_files(tmp_pat
     stamp = feature_index.ImageStamp(0, 0, "")
     for key in ("a.jpg", "b.jpg", "c.jpg"):
         writer.put(key, str(tmp_path / f"{key}.npy"), np.zeros((64, 2048), np.float32), stamp)
-    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()  # during the wait
-    with pytest.raises(KeyboardInterrupt):
-        writer.close()
+    timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))  # during the wait
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            writer.close()
+    finally:
+        timer.cancel()                     # never a stray Ctrl-C for a later test
     assert added == ["a.jpg", "b.jpg", "c.jpg"] and writer.written == added
     assert not writer.thread.is_alive()

@@ -186,8 +186,10 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
         if batch_keys:
             run_batch()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        writer.close()
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+        finally:   # a Ctrl-C in that wait skipped it: the writer wrote on, unwaited
+            writer.close()
     if writer.error is not None:
         raise UserError(writer.failure())
     return writer.written, failed

@@ -5,6 +5,7 @@ One float16 extraction of the session's images is shared (`extracted`, conftest.
 change a cache work on a copy of it (`cache_copy`).
 """
 
+import concurrent.futures
 import json
 import os
 import re
@@ -741,3 +742,29 @@ def test_ctrl_c_while_the_feature_writer_finishes_keeps_its_queued_files(tmp_pat
         timer.cancel()                     # never a stray Ctrl-C for a later test
     assert added == ["a.jpg", "b.jpg", "c.jpg"] and writer.written == added
     assert not writer.thread.is_alive()
+
+
+def test_ctrl_c_while_the_decode_pool_shuts_down_still_finishes_the_writer(images, tmp_path,
+                                                                             monkeypatch):
+    """A Ctrl-C while extract-features waited for its decode pool to shut down skipped the
+    writer's close: its thread wrote on unwaited, past the index's last segment."""
+    closed = []
+    real_close = extract._Writer.close
+    real_shutdown = concurrent.futures.ThreadPoolExecutor.shutdown
+
+    def interrupted_shutdown(self, *args, **kwargs):
+        real_shutdown(self, *args, **kwargs)
+        if self._thread_name_prefix == "decode":       # the pipeline's, not the planning's
+            raise KeyboardInterrupt
+
+    def close(self):
+        closed.append(True)
+        real_close(self)
+
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "shutdown",
+                        interrupted_shutdown)
+    monkeypatch.setattr(extract._Writer, "close", close)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(images, extract_cfg(tmp_path / "cache"), keys=GOOD[:2],
+                         progress=False)
+    assert closed == [True]

@@ -363,6 +363,9 @@ def manifest_path(cache_dir: str) -> str:
 def read_manifest(cache_dir: str) -> dict:
     """The cache's manifest.json; UserError when missing or malformed."""
     path = manifest_path(cache_dir)
+    if os.path.isfile(cache_dir):   # (it said "CACHE/manifest.json: no ... manifest")
+        raise UserError(f"{cache_dir}: is a file, not a folder: a feature cache is the folder "
+                        f"`extract-features --cache FOLDER` makes")
     if not os.path.exists(path):
         raise UserError(f"{path}: no feature cache manifest (run `extract-features --cache "
                         f"{cache_dir}` first)")
@@ -385,7 +388,20 @@ def read_manifest(cache_dir: str) -> dict:
                         f"reads {FORMAT_VERSION}; extract into a new --cache folder")
     if m["weights"] == "random" and "weights_file" not in m:
         raise UserError(f"{path}: malformed manifest, random weights without `weights_file`")
+    wrong = [f"{k} {m[k]!r} (not {what})" for k, (types, what) in _TYPES.items()
+             if k in m and (not isinstance(m[k], types) or isinstance(m[k], bool))]
+    if wrong:   # (a string header size ended in a traceback; a string scale read as another
+        raise UserError(f"{path}: malformed manifest: {'; '.join(wrong)}; extract into a "
+                        f"new --cache folder")   # backbone's features)
     return m
+
+
+# manifest fields read as numbers, lists or text: their JSON types
+_TYPES = {"npy_header_bytes": (int, "an integer"), "count": (int, "an integer"),
+          "image_size": (int, "an integer"), "feature_scale": ((int, float), "a number"),
+          "feature_shape": (list, "a list"), "dtype": (str, "text"),
+          "precision": (str, "text"), "backbone": (str, "text"), "weights": (str, "text"),
+          "weights_sha256": (str, "text"), "resize": (str, "text")}
 
 
 def _describe_weights(weights: str, seed: Optional[int]) -> str:
@@ -615,13 +631,18 @@ IMAGE_DIGEST_CHARS = 16   # of an image's sha256, as a run records the images it
 
 def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
                     images_dir: Optional[str] = None,
-                    image_digests: Optional[dict] = None) -> tuple[dict, dict]:
+                    image_digests: Optional[dict] = None,
+                    other_folders: bool = True) -> tuple[dict, dict]:
     """({key: feature path} usable, {key: reason} not usable) for `keys`, cheaply.
 
     Usable: the key's feature file has an index entry made with this manifest's identity, the
     file's size and mtime equal the recorded ones (so it was not rewritten or damaged since),
     and, when `images_dir` is given, its source image has the size and mtime it had when it
-    was read (a missing image is accepted). `images_dir=None` skips the source check, e.g.
+    was read. An image missing from `images_dir` is checked in the other folders the cache
+    was extracted from (`images_folders`, the newest first; with `other_folders`): a cache of
+    two folders (COCO's train2014 and val2014) checked in the last one found none of the
+    first's images there and took their features whatever those images had become. One
+    missing from all of them is accepted. `images_dir=None` skips the source check, e.g.
     when the images are on another machine. No array is read: values changed in place without
     a new mtime are caught by `pipeline.NpyReader`'s in-graph checks and by `extract-features
     --verify`. `describe_problems` summarises the reasons with the fix. Measured for 123,287
@@ -632,8 +653,13 @@ def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
     keys = list(keys)
     fingerprint = cache_identity(manifest)["fingerprint"]
     index = feature_index.load_index(cache_dir)
+    more = []
+    if images_dir is not None and other_folders:
+        here = os.path.realpath(images_dir)
+        more = [d for d in reversed(images_folders(manifest))
+                if os.path.realpath(d) != here and os.path.isdir(d)]
     checks = feature_index.check_keys(cache_dir, keys, index, fingerprint,
-                                      feature_file_size(manifest["dtype"]), images_dir)
+                                      feature_file_size(manifest["dtype"]), images_dir, more)
     paths, problems = {}, {}
     for k, c in zip(keys, checks):
         if c.reason is not None:
@@ -659,10 +685,13 @@ def usable_features_checked_in(cache_dir: str, keys: Iterable[str], manifest: di
     last = source_images(manifest)
     paths, problems = usable_features(cache_dir, keys, manifest, checked_in or last,
                                       image_digests)
-    retry = [k for k, why in problems.items()
-             if why == feature_index.IMAGE_CHANGED and k in known]
+    # only an image that is in the last folder, the same there: one missing there was taken
+    # as it was, though it had changed where the run checked it
+    retry = [k for k, why in problems.items() if why == feature_index.IMAGE_CHANGED
+             and k in known and last and os.path.isfile(os.path.join(last, k))]
     if checked_in and last and retry and os.path.realpath(checked_in) != os.path.realpath(last):
-        more, _ = usable_features(cache_dir, retry, manifest, last, image_digests)
+        more, _ = usable_features(cache_dir, retry, manifest, last, image_digests,
+                                  other_folders=False)
         paths.update(more)
         for k in more:
             del problems[k]
@@ -674,6 +703,22 @@ def source_images(manifest: dict) -> Optional[str]:
     this machine: `usable_features` then checks the images against the index; else None."""
     folder = manifest.get("images_dir")
     return folder if folder and os.path.isdir(folder) else None
+
+
+def unchecked_images_note(cache: str, manifest: dict, checked_in: Optional[str],
+                          recorded: Optional[str] = None,
+                          fix: str = "; give --images FOLDER (where the caption file's "
+                                     "images are now) to check them") -> Optional[str]:
+    """What to say when no source image was checked (`checked_in` None) because the folder
+    they were checked in (`recorded`: a run's; else the one `cache` was extracted from) is
+    gone from this machine (renamed, moved, another machine): the features were taken as
+    they are, which a changed image's would have been too; None when they were checked (or
+    no folder was ever recorded)."""
+    recorded = recorded or manifest.get("images_dir")
+    if checked_in is not None or not isinstance(recorded, str) or not recorded:
+        return None
+    return (f"the source images were not checked against their features in {cache}: "
+            f"{recorded}, where they were, is not a folder on this machine{fix}")
 
 
 def cache_images(cache: str) -> Optional[str]:
@@ -751,6 +796,11 @@ def describe_problems(problems: dict, cache_dir: str, examples: int = 3,
     parts = []
     rest = {k: r for k, r in problems.items() if k not in failed}
     images = images_dir or (manifest or {}).get("images_dir")
+    changed = [k for k, r in rest.items() if r == feature_index.IMAGE_CHANGED]
+    if changed and images and not os.path.isfile(os.path.join(images, changed[0])):
+        # checked in another folder the cache was extracted from (`usable_features`)
+        images = next((f for f in reversed(images_folders(manifest or {}))
+                       if os.path.isfile(os.path.join(f, changed[0]))), images)
     if rest:
         by_reason: dict = {}
         for key, reason in rest.items():

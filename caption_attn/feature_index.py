@@ -54,7 +54,7 @@ import os
 import secrets
 import threading
 import time
-from typing import Iterable, NamedTuple, Optional
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 from caption_attn import interrupts
 from caption_attn.fileio import HOST, write_bytes_atomic
@@ -358,12 +358,15 @@ def _with_image(path: str, mine: list, reason: Optional[str], image_st) -> KeyCh
 
 
 def check_keys(cache_dir: str, keys: list[str], index: Index, fingerprint: str,
-               size: int, images_dir: Optional[str] = None) -> list[KeyCheck]:
+               size: int, images_dir: Optional[str] = None,
+               more_dirs: Sequence[str] = ()) -> list[KeyCheck]:
     """Whether each key's feature file is one this identity made (index + stat, nothing read).
 
     Reasons: "missing", NOT_INDEXED, REWRITTEN, OTHER_BACKBONE, "wrong size", and with
-    `images_dir` IMAGE_CHANGED (size or mtime differ; `entry` is then set). A source image that
-    is gone is no reason: the features still are those of the image as it was.
+    `images_dir` IMAGE_CHANGED (size or mtime differ; `entry` is then set). A source image
+    missing there is looked for in `more_dirs`, in turn (the cache's other images folders:
+    `feature_cache.usable_features`); one that is gone from all of them is no reason: the
+    features still are those of the image as it was.
     """
     prefix = os.path.join(cache_dir, "")
     paths = [prefix + key + ".npy" for key in keys]   # = feature_path (keys use "/")
@@ -371,9 +374,13 @@ def check_keys(cache_dir: str, keys: list[str], index: Index, fingerprint: str,
              for key, st in zip(keys, _stat_all(paths))]
     image_stats = [None] * len(keys)
     if images_dir is not None:
-        usable = [i for i, (mine, _) in enumerate(found) if mine]
-        image_prefix = os.path.join(images_dir, "")
-        for i, st in zip(usable, _stat_all([image_prefix + keys[i] for i in usable])):
-            image_stats[i] = st
+        todo = [i for i, (mine, _) in enumerate(found) if mine]
+        for folder in (images_dir, *more_dirs):
+            image_prefix = os.path.join(folder, "")
+            for i, st in zip(todo, _stat_all([image_prefix + keys[i] for i in todo])):
+                image_stats[i] = st
+            todo = [i for i in todo if image_stats[i] is None]
+            if not todo:
+                break
     return [_with_image(path, mine, reason, image_st)
             for path, (mine, reason), image_st in zip(paths, found, image_stats)]

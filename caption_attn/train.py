@@ -561,7 +561,10 @@ class Trainer:
         # the run's training settings until this call trains (`with_trained_settings`)
         self._previous = self.run.load_config().train if os.path.exists(self.run.config) \
             else None
-        self.images_dir = images_dir or self.data.manifest.get("images_dir")
+        # where the source images were checked (a resume: where the run trained), for the
+        # heatmaps: the cache's last folder may hold another dataset's images since
+        self.images_dir = images_dir or self.data.images_dir or \
+            self.data.manifest.get("images_dir")
         keras.utils.set_random_seed(cfg.data.seed)
         self.inputs = EpochData(cfg, self.data, self.strategy, self.run, self.chief,
                                 log=self.log)
@@ -1097,6 +1100,8 @@ def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
     if d.skipped_captions:
         trainer.log(f"skipped {d.skipped_captions} captions of {d.skipped_images} images "
                     f"without usable features: {d.problems}")
+    if d.images_note:
+        trainer.log("note: " + d.images_note)
     if d.split_note:
         trainer.log("note: " + d.split_note)
     if d.refused_note:

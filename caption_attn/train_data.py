@@ -60,6 +60,7 @@ class TrainData:
     truncated_val: int = 0        # val captions cut the same way (val_loss is measured on them)
     split_source: Optional[str] = None    # "file", "lists" or "hash" (`data.CaptionSet`)
     split_note: Optional[str] = None      # what train says about the split
+    images_note: Optional[str] = None     # that no source image could be checked
     captions: Optional[str] = None    # the caption file
     images_dir: Optional[str] = None  # where the source images were checked (or None)
     cache: Optional[str] = None       # the feature cache
@@ -178,6 +179,8 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
                      split_source=captions.split_source, split_note=split_note,
                      caption_file=captions.stamp)
     data.problems = data.describe(problems) if problems else ""
+    data.images_note = feature_cache.unchecked_images_note(
+        cfg.cache, manifest, images_dir, run.images_dir(existing=False) if reuse else None)
     _check_not_empty(cfg, splits, caption_ids, problems, data.describe)
     truncated, truncated_val = (sum(len(w) > cfg.vocab.max_length for k in caption_ids[split]
                                     for w in words[k]) for split in ("train", "val"))

@@ -18,7 +18,8 @@ from caption_attn.extract import extract_features
 from caption_attn.feature_cache import (cache_identity, check_feature_file,
                                         describe_difference, describe_problems, feature_path,
                                         npy_header, read_manifest, refuse_other_identity,
-                                        usable_features, using_features, CacheInUse)
+                                        usable_features, usable_features_checked_in,
+                                        using_features, CacheInUse)
 from caption_attn.feature_index import IMAGE_CHANGED, NOT_INDEXED, REWRITTEN
 from image_samples import GOOD, extract_cfg, scene, write_rgb
 
@@ -94,6 +95,27 @@ def test_cache_identity_fingerprint_description_and_difference(extracted):
     refuse_other_identity(identity, manifest, "run models/x", "cache_a")     # same: no error
 
 
+def test_a_manifest_field_of_the_wrong_type_is_refused_as_malformed(cache_copy):
+    """A header size written as text ended `train` in a ValueError traceback from the feature
+    reader; a scale written as text made the features look like another backbone's."""
+    path = os.path.join(cache_copy, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**manifest, "npy_header_bytes": "x", "feature_scale": "1024",
+                   "count": True}, f)
+    with pytest.raises(UserError) as e:
+        read_manifest(cache_copy)
+    assert str(e.value) == (
+        f"{path}: malformed manifest: npy_header_bytes 'x' (not an integer); count True (not "
+        f"an integer); feature_scale '1024' (not a number); extract into a new --cache "
+        f"folder")
+    # a file given as the cache: said so (not "FILE/manifest.json: no manifest")
+    with pytest.raises(UserError, match=f"^{re.escape(path)}: is a file, not a folder: a "
+                                        f"feature cache is the folder"):
+        read_manifest(path)
+
+
 def test_format_1_cache_is_refused_with_the_fix(images, cache_copy):
     path = os.path.join(cache_copy, "manifest.json")
     with open(path) as f:
@@ -136,6 +158,51 @@ def test_usable_features_checks_index_stat_and_source(images, cache_copy, tmp_pa
                              cache_copy)
     assert text.startswith(f"3 feature file(s) in {cache_copy} cannot be used")
     assert feature_path(cache_copy, "a.jpg") in text and "extract-features --cache" in text
+
+
+def _two_folder_cache(images, cache_copy, tmp_path):
+    """The cache as if extracted from `work` (a copy of `images` with their modification
+    times), then from `other` (other names): (manifest, work, other)."""
+    work, other = tmp_path / "work", tmp_path / "other"
+    shutil.copytree(images, work)
+    write_rgb(str(other / "new.jpg"), scene(34))
+    manifest = {**read_manifest(cache_copy), "images_dir": str(other),
+                "images_dirs": [str(work), str(other)]}
+    return manifest, str(work), str(other)
+
+
+def test_an_image_missing_from_the_last_folder_is_checked_in_the_cache_s_others(
+        images, cache_copy, tmp_path):
+    """A cache extracted from two folders (COCO's train2014 and val2014) checked the source
+    images in the last one only: the first folder's images are not there, so each was taken
+    as a gone image, whatever it had become since: a changed image trained (and was scored)
+    on its old features without a word. It is checked in the folder that has it now."""
+    manifest, work, other = _two_folder_cache(images, cache_copy, tmp_path)
+    write_rgb(os.path.join(work, "b.png"), scene(30))                    # changed since
+    paths, problems = usable_features(cache_copy, GOOD, manifest, other)
+    assert problems == {"b.png": IMAGE_CHANGED} and len(paths) == len(GOOD) - 1
+    # the fix extracts it from the folder that has it, not from the last one
+    assert f"--images {work} --cache" in describe_problems(problems, cache_copy,
+                                                           manifest=manifest, images_dir=other)
+    # gone from every folder: the features stand for the image as it was
+    os.remove(os.path.join(work, "b.png"))
+    assert usable_features(cache_copy, GOOD, manifest, other)[1] == {}
+    # without the other folders (as a run's retry in the last folder asks): not checked
+    write_rgb(os.path.join(work, "b.png"), scene(30))
+    assert usable_features(cache_copy, GOOD, manifest, other, other_folders=False)[1] == {}
+
+
+def test_a_run_s_changed_image_is_not_taken_because_the_last_folder_lacks_it(
+        images, cache_copy, tmp_path):
+    """A run checks its images where it trained (`checked_in`); one changed there was retried
+    in the cache's last folder, and, missing there, taken with its old features. Retried
+    only when the last folder has it."""
+    manifest, work, other = _two_folder_cache(images, cache_copy, tmp_path)
+    manifest = {**manifest, "images_dirs": [str(other)]}    # `work` itself never extracted
+    write_rgb(os.path.join(work, "b.png"), scene(30))
+    paths, problems = usable_features_checked_in(cache_copy, GOOD, manifest, work,
+                                                 known={"b.png": "0" * 16})
+    assert problems == {"b.png": IMAGE_CHANGED} and "b.png" not in paths
 
 
 def test_problems_name_images_that_failed_to_extract_and_why(cache_copy):

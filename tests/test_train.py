@@ -872,6 +872,60 @@ def test_evaluate_and_a_resume_check_source_images_where_train_did(shapes_data, 
     assert train.load_train_data(cfg, run).unusable == {key: IMAGE_CHANGED}
 
 
+def test_train_and_evaluate_say_when_no_source_image_could_be_checked(shapes_data, copy_cache,
+                                                                       tmp_path):
+    """With the folder the cache was extracted from renamed (or on another machine), train
+    and evaluate checked no source image at all and said nothing: changed images trained and
+    were scored on their old features. Still taken (the images may be elsewhere on purpose),
+    but each says so, naming the folder, and train how to check them."""
+    from caption_attn import evaluate
+
+    manifest_file = os.path.join(copy_cache, "manifest.json")
+    with open(manifest_file) as f:
+        manifest = json.load(f)
+    gone = str(tmp_path / "renamed")                    # the folder, as if renamed since
+    manifest.update(images_dir=gone, images_dirs=[gone])
+    with open(manifest_file, "w") as f:
+        json.dump(manifest, f)
+    run, lines = str(tmp_path / "run"), []
+    train.train(small_config(shapes_data, cache=copy_cache, epochs=1), run, progress=False,
+                log=lines.append)
+    said = (f"note: the source images were not checked against their features in "
+            f"{copy_cache}: {gone}, where they were, is not a folder on this machine")
+    assert any(line.startswith(said) and "give --images FOLDER" in line for line in lines)
+    loaded = evaluate._load_split(run, "test", RunFolder(run).load_config(), copy_cache,
+                                  shapes_data["captions"])
+    assert loaded.images_note.startswith(said[len("note: "):])
+    # checked: nothing to say
+    lines.clear()
+    train.train(small_config(shapes_data, cache=copy_cache, epochs=1), str(tmp_path / "r2"),
+                images_dir=shapes_data["images"], progress=False, log=lines.append)
+    assert not any("were not checked" in line for line in lines)
+
+
+def test_a_resume_draws_its_heatmaps_from_the_folder_the_run_trained_on(shapes_data,
+                                                                         copy_cache, tmp_path):
+    """A resumed run drew its sample heatmaps from the cache's last images folder (another
+    dataset extracted into the cache since), on a gray square for every image missing there,
+    though its source images were checked in its own folder."""
+    from caption_attn.config import ExtractConfig
+    from caption_attn.extract import extract_features
+
+    run = str(tmp_path / "run")
+    cfg = small_config(shapes_data, cache=copy_cache, epochs=1)
+    train.train(cfg, run, images_dir=shapes_data["images"], progress=False,
+                log=lambda *a: None)
+    other = tmp_path / "other"
+    other.mkdir()
+    assert cv2_write(str(other / "elsewhere.png"), np.zeros((64, 64, 3), np.uint8))
+    extract_features(str(other), ExtractConfig(cache=copy_cache, weights="random",
+                                               dtype="float16", precision="float32"),
+                     progress=False)
+    trainer = train.Trainer(small_config(shapes_data, cache=copy_cache, epochs=2), run,
+                            progress=False, log=lambda *a: None)
+    assert trainer.images_dir == os.path.abspath(shapes_data["images"])
+
+
 def cv2_write(path: str, rgb) -> bool:
     import cv2
     return cv2.imwrite(path, rgb[..., ::-1])

@@ -14,13 +14,13 @@ from typing import Optional
 
 import numpy as np
 
-from caption_attn import data
+from caption_attn import data, interrupts
 from caption_attn.coco_metrics import COCO_METRICS, coco_metrics, write_results
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import (describe_problems, feature_path, read_manifest,
                                         repair_command, source_images,
-                                        usable_features_checked_in,
+                                        unchecked_images_note, usable_features_checked_in,
                                         using_features)
 from caption_attn.fileio import holding_lock, is_inside, read_json, write_json_atomic
 from caption_attn.run import RunFolder, check_folder_writable
@@ -72,6 +72,7 @@ class _SplitFeatures:
     reader: object                      # pipeline.NpyReader of the cache
     problems: str = ""                  # why images were left out (describe_problems)
     references_note: str = ""           # how the references differ from the run's captions
+    images_note: str = ""               # that the source images could not be checked
     places: Optional[list] = None       # each key's place in the split (its --sample stream)
 
 
@@ -129,8 +130,10 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
     if not keys:
         raise UserError(f"no images of the {split} split have usable features: {why}")
     place = {k: i for i, k in enumerate(splits[split])}
+    unchecked = unchecked_images_note(cache, manifest, folder, run.images_dir(existing=False),
+                                      fix=" (scored as they are)") or ""
     return _SplitFeatures(split, cache, keys, without, records, manifest, reader, why, note,
-                          [place[k] for k in keys])
+                          unchecked, [place[k] for k in keys])
 
 
 def _check_outputs(metrics_path: str, results_path: str, given: bool = True) -> None:
@@ -147,11 +150,14 @@ def _check_outputs(metrics_path: str, results_path: str, given: bool = True) -> 
     if os.path.isdir(results_path):
         raise UserError(f"{name}: its captions go to {results_path}, which is a folder; move "
                         f"that folder or {other}")
-    for path, ours in ((metrics_path, _is_metrics), (results_path, _is_results)):
-        if os.path.exists(path) and not ours(path):
-            what = "" if path == metrics_path else "its captions go to "
-            raise UserError(f"{name}: {what}{path}, which exists and was not written by "
-                            f"`caption-attn evaluate`; {other} (or remove that file)")
+    if os.path.exists(metrics_path) and not _is_metrics(metrics_path):
+        raise UserError(f"{name}: {metrics_path}, which exists and was not written by "
+                        f"`caption-attn evaluate`; {other} (or remove that file)")
+    if os.path.exists(results_path) and not _is_results(results_path, metrics_path):
+        raise UserError(f"{name}: its captions go to {results_path}, which exists and no "
+                        f"metrics file of `caption-attn evaluate` names it ({metrics_path}): "
+                        f"not written by `caption-attn evaluate`, or left by one stopped "
+                        f"between its two files; {other} (or remove that file)")
     folder = os.path.dirname(os.path.abspath(metrics_path))
     if given:
         check_folder_writable(folder, "--out")
@@ -208,11 +214,18 @@ def _is_metrics(path: str) -> bool:
     return isinstance(found, dict) and "metrics_file" in found and "split" in found
 
 
-def _is_results(path: str) -> bool:
-    """Whether `path` is a COCO results JSON: a list of {"image_id", "caption"}."""
-    found = _read_json_or_none(path)
+def _is_results(path: str, metrics_path: str) -> bool:
+    """Whether `path` is the results JSON of an earlier `evaluate`: a COCO results list of
+    {"image_id", "caption"} that its metrics file `metrics_path`, beside it, names (by file
+    name: a run folder copied or moved keeps them a pair). The list alone is any captioning
+    tool's results format, and `[]` passed too: another model's results were replaced
+    without a word."""
+    found, metrics = _read_json_or_none(path), _read_json_or_none(metrics_path)
     return isinstance(found, list) and all(
-        isinstance(r, dict) and set(r) == {"image_id", "caption"} for r in found)
+        isinstance(r, dict) and set(r) == {"image_id", "caption"} for r in found) and \
+        isinstance(metrics, dict) and "metrics_file" in metrics and "split" in metrics and \
+        isinstance(metrics.get("results_file"), str) and \
+        os.path.basename(metrics["results_file"]) == os.path.basename(path)
 
 
 def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
@@ -260,6 +273,8 @@ def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
     metrics, notes = coco_metrics(references, hypotheses, use_java=use_java)
     if found.references_note:
         notes.insert(0, found.references_note)
+    if found.images_note:
+        notes.append(found.images_note)
     if found.without:
         notes.append(f"{len(found.without)} images of the {found.split} split were left out: "
                      f"{found.problems}")
@@ -395,8 +410,11 @@ def _captions_file(captions: Optional[str], recorded: str) -> str:
 def write_outputs(result: dict, hypotheses: dict, image_ids: dict) -> None:
     """The results file (`result["results_file"]`), then the metrics file that names it. An
     earlier evaluate's metrics file goes first: killed between the two writes, this left new
-    captions beside the old metrics, a pair that looked whole; now the metrics are missing."""
-    if os.path.exists(result["metrics_file"]):
-        os.remove(result["metrics_file"])
-    write_results(result["results_file"], hypotheses, image_ids)
-    write_json_atomic(result["metrics_file"], result)
+    captions beside the old metrics, a pair that looked whole; now the metrics are missing.
+    A Ctrl-C or SIGTERM lands once both are written: results that no metrics file names are
+    refused as another tool's by the next evaluate with this --out (`_is_results`)."""
+    with interrupts.held():
+        if os.path.exists(result["metrics_file"]):
+            os.remove(result["metrics_file"])
+        write_results(result["results_file"], hypotheses, image_ids)
+        write_json_atomic(result["metrics_file"], result)

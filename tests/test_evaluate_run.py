@@ -252,7 +252,8 @@ def test_a_default_output_in_the_way_is_named_as_such_not_as_an_out_never_given(
         "not a folder; pass --out FILE" in err
 
 
-@pytest.mark.parametrize("target", ["config", "captions", "manifest", "results_of"])
+@pytest.mark.parametrize("target", ["config", "captions", "manifest", "results_of",
+                                    "coco_results_of", "empty_results_of"])
 def test_an_out_that_would_overwrite_another_file_is_refused_before_decoding(
         shapes_data, run_copy, tmp_path, capsys, monkeypatch, target):
     """--out (or the results file next to it) over the run's config.json, the caption file,
@@ -265,7 +266,11 @@ def test_an_out_that_would_overwrite_another_file_is_refused_before_decoding(
     shutil.copy(shapes_data["captions"], captions)
     manifest = os.path.join(shapes_data["cache"], "manifest.json")
     notes = tmp_path / "notes_results.json"                         # results of --out notes.json
-    notes.write_text("my notes")
+    # another tool's COCO results (or an empty list): the format evaluate writes, so they
+    # passed for its own and were replaced
+    notes.write_text({"coco_results_of": '[{"image_id": 1, "caption": "my other model"}]',
+                      "empty_results_of": "[]"}.get(target, "my notes"))
+    target = "results_of" if target.endswith("results_of") else target
     out, victim = {"config": (os.path.join(run, "config.json"),) * 2,
                    "captions": (captions,) * 2,
                    "manifest": (manifest,) * 2,
@@ -317,6 +322,27 @@ def test_a_kill_between_the_two_outputs_leaves_no_stale_metrics_beside_new_resul
     evaluate.write_outputs(new, {"a.png": "new"}, {"a.png": 1})
     with open(metrics) as f:
         assert json.load(f) == new
+
+
+def test_a_ctrl_c_while_evaluate_writes_its_outputs_lands_once_both_are_written(
+        tmp_path, monkeypatch, default_sigint):
+    """Stopped between its two files, evaluate left results that no metrics file names,
+    which the next evaluate with that --out refuses (such a list may be another tool's
+    results). A Ctrl-C there lands once both are written."""
+    import signal
+    metrics, results = str(tmp_path / "test_metrics.json"), str(tmp_path / "test_results.json")
+    real = evaluate.write_results
+
+    def interrupted(*args):
+        signal.raise_signal(signal.SIGINT)
+        real(*args)
+    monkeypatch.setattr(evaluate, "write_results", interrupted)
+    new = {"split": "test", "metrics_file": metrics, "results_file": results, "BLEU-4": 0.1}
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.write_outputs(new, {"a.png": "new"}, {"a.png": 1})
+    with open(metrics) as f:
+        assert json.load(f) == new
+    assert evaluate._is_results(results, metrics)
 
 
 def test_an_empty_split_is_refused_as_empty(run_copy, capsys, monkeypatch):

@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, func: Callable, help: str, description: str):
         p = sub.add_parser(name, help=help, description=description, formatter_class=_formatter)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, command_parser=p)
         return p
 
     p = command("inspect", cmd_inspect, "statistics of a caption file",
@@ -406,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "Write the whole captioner (image decoding and resizing, InceptionV3, the "
                 "decoder, beam search, the vocabulary) into one SavedModel that needs only "
                 "TensorFlow: signature serving_default, images (encoded files) -> captions, "
-                "scores, words, attention. --tflite adds a TFLite model for devices (one "
+                "scores, words, attention, and every beam's beam_captions and beam_scores. "
+                "--tflite adds a TFLite model for devices (one "
                 "resized image, greedy). Written to a temporary folder and renamed, so --out "
                 "never holds half an export.")
     p.add_argument("--run", required=True, metavar="DIR", help="run folder made by `train`")
@@ -513,6 +514,26 @@ def _stop_after_finalizer(unraisable) -> None:
     sys.setprofile(again)
 
 
+def _open_closed_standard_streams() -> None:
+    """stdin, stdout or stderr closed when the program starts (`2>&-`, `>&-`, some daemons')
+    opened on /dev/null instead: Python had made sys.stderr None, so every TensorFlow
+    command ended in an AttributeError with nowhere to show it (exit 1, not a word), a closed
+    stdout ended commands in a traceback after their work was done, and the files the
+    program opened took those descriptors, where TensorFlow's C++ logging could write."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)  # the lowest: fd
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
+
+
 # Commands that run TensorFlow (the others never import it, so they start at once).
 USES_TENSORFLOW = ("extract-features", "train", "caption", "evaluate", "export", "demo")
 
@@ -523,6 +544,7 @@ def entry() -> int:
     where ending the interpreter is not its to do), with SIGTERM handled as `Terminated`
     and a stop handled inside a finalizer raised again out of it (`_stop_after_finalizer`;
     also only here: signal handling belongs to the program, not to a library call)."""
+    _open_closed_standard_streams()
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:   # one the parent ignored stays so
         signal.signal(signal.SIGTERM, _terminated)
     sys.unraisablehook = _stop_after_finalizer
@@ -548,7 +570,9 @@ def entry() -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:   # said by the command's parser: the top one gave its usage, no command
+            args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as e:  # --help, --version, usage errors (exit 2)
         return int(e.code or 0)
     try:

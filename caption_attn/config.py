@@ -93,8 +93,8 @@ def check_fractions(val_fraction: float, test_fraction: float) -> None:
         if problem:
             raise UserError(f"--{name.replace('_', '-')} (`{name}`) {problem}, got {value!r}")
     if val_fraction + test_fraction >= 1.0:
-        raise UserError(f"`val_fraction` + `test_fraction` must be < 1, got "
-                        f"{val_fraction} + {test_fraction}")
+        raise UserError(f"--val-fraction + --test-fraction (`val_fraction` + `test_fraction`) "
+                        f"must be < 1, got {val_fraction} + {test_fraction}")
 
 
 # Fields whose flags were on the command line, set by `cli.config_from_args` while it builds

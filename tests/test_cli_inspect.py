@@ -294,3 +294,50 @@ def test_extract_features_refuses_format_without_captions(tmp_path, capsys):
         "which is not given (every image file under --images is extracted): give --captions "
         "FILE, or leave --format out\n")
     assert not cache.exists()
+
+
+def _closing(*fds):
+    """A `preexec_fn` that closes `fds` in the child before it starts Python (`>&-`)."""
+    def close():
+        for fd in fds:
+            os.close(fd)
+    return close
+
+
+def test_a_command_started_with_stdout_closed_ends_well(tmp_path):
+    """`make-shapes ... >&-` wrote the dataset, then ended in an AttributeError traceback
+    (exit 1): Python starts with sys.stdout None when descriptor 1 is closed."""
+    done = subprocess.run([sys.executable, "-m", "caption_attn", "make-shapes",
+                           str(tmp_path / "d"), "--num-images", "4", "--image-size", "64"],
+                          cwd=REPO, stderr=subprocess.PIPE, text=True, timeout=120,
+                          preexec_fn=_closing(1))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert len(os.listdir(tmp_path / "d" / "images")) == 4
+
+
+def test_closed_standard_streams_are_opened_on_dev_null(tmp_path):
+    """With stderr closed (`2>&-`) every TensorFlow command exited 1 without a word: its
+    first flush of sys.stderr, None then, raised where nothing could show it; and the files
+    the program opened took descriptor 2, where TensorFlow's C++ logging writes."""
+    out = tmp_path / "out.txt"
+    code = ("import os, sys\n"
+            "before = [sys.stdin is None, sys.stdout is None, sys.stderr is None]\n"
+            "from caption_attn import cli\n"
+            "cli._open_closed_standard_streams()\n"
+            "sys.stderr.write('x'); sys.stderr.flush(); print('y', flush=True)\n"
+            "after = [os.path.realpath(f'/proc/self/fd/{fd}') for fd in (0, 1, 2)]\n"
+            f"open({str(out)!r}, 'w').write(repr((before, after)))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60,
+                          preexec_fn=_closing(0, 1, 2))
+    assert done.returncode == 0
+    assert out.read_text() == repr(([True, True, True], [os.devnull] * 3))
+
+
+def test_an_unknown_flag_is_refused_by_the_command_that_got_it(tmp_path, capsys):
+    """`evaluate --run R --json` printed the top-level usage and "caption-attn: error:
+    unrecognized arguments", naming no command: the user had to guess whose flags to read."""
+    path, _ = make(tmp_path)
+    assert cli.main(["inspect", "--captions", path, "--bogus", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: caption-attn inspect ")
+    assert err.endswith("caption-attn inspect: error: unrecognized arguments: --bogus 1\n")

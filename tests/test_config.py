@@ -81,7 +81,9 @@ def test_rules_between_fields_name_both_flags():
     C.TrainConfig(epochs=5, scst_after=2, scst_samples=1, scst_baseline="greedy")
     with pytest.raises(UserError, match=r"--shard-index must be in \[0, --num-shards\)"):
         C.ExtractConfig(num_shards=2, shard_index=2)
-    with pytest.raises(UserError, match=r"`val_fraction` \+ `test_fraction` must be < 1"):
+    # (the flags named, as every other refusal here does; it named only the fields)
+    with pytest.raises(UserError, match=r"^--val-fraction \+ --test-fraction \(`val_fraction` "
+                                        r"\+ `test_fraction`\) must be < 1"):
         C.DataConfig(val_fraction=0.5, test_fraction=0.5)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from typing import Optional
 
 import numpy as np
@@ -234,15 +235,33 @@ def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
     from caption_attn import progress as progress_lib
     from caption_attn.captioner import NO_CAPTION
 
-    bar = progress_lib.bar(len(found.keys), progress, unit_name="image", periodic=True)
-    batches = pipeline.image_dataset([feature_path(found.cache, k) for k in found.keys],
-                                     captioner.cfg.batch_size, found.reader)
-    try:
-        decoded = captioner.decode_batches((b.numpy() for b in pipeline.checked(batches)),
-                                           bar, found.places)
-    except pipeline.DamagedFeatures as e:   # damaged, or gone since the check: not readable
-        raise UserError(e.advice(repair_command(found.cache, found.manifest),
-                                 "evaluate again")) from None
+    damaged = []
+    while True:
+        bar = progress_lib.bar(len(found.keys), progress, unit_name="image", periodic=True)
+        batches = pipeline.image_dataset([feature_path(found.cache, k) for k in found.keys],
+                                         captioner.cfg.batch_size, found.reader)
+        try:
+            decoded = captioner.decode_batches((b.numpy() for b in pipeline.checked(batches)),
+                                               bar, found.places)
+            break
+        except pipeline.DamagedFeatures as e:   # damaged, or gone since the check
+            # one image of many: left out with the repair (as a missing file is), the rest
+            # decoded again without it; it ended the whole evaluate before
+            where = [i for i, k in enumerate(found.keys)
+                     if feature_path(found.cache, k) == e.path]
+            repair = repair_command(found.cache, found.manifest)
+            if not where or len(found.keys) == 1:
+                raise UserError(e.advice(repair, "evaluate again")) from None
+            if progress:
+                print(file=sys.stdout, flush=True)   # past the bar the error cut short
+            found.without.append(found.keys.pop(where[0]))
+            found.places.pop(where[0])
+            damaged.append(e)
+    if damaged:
+        found.problems = " ".join(filter(None, [found.problems, (
+            f"{len(damaged)} damaged feature file(s) found while decoding: "
+            f"{'; '.join(str(e) for e in damaged[:3])}: repair the cache with `{repair}`, "
+            f"then evaluate again")]))
     dead = [k for k, c in zip(found.keys, decoded) if not c]
     if dead:
         raise UserError(f"{len(dead)} of the {len(found.keys)} {found.split} images (e.g. "

@@ -530,7 +530,6 @@ def test_a_feature_file_gone_bad_names_its_reason_and_the_whole_repair_command(
 
     import numpy as np
 
-    from caption_attn.errors import UserError
     from caption_attn.feature_cache import feature_path
     run = str(tmp_path / "run")
     shutil.copytree(trained_run, run)

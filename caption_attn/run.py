@@ -144,6 +144,7 @@ class RunFolder:
                                 f"the dataset by extract-features and caption; give the run a "
                                 f"folder of its own, e.g. models/NAME")
         self._refuse_inside_another_run(run)
+        self._refuse_files_in_place_of_folders()
         if os.path.isdir(run) and not os.path.exists(self.config):
             others = sorted(n for n in os.listdir(run)
                             if n not in self.FILES + self.DIRS and not n.startswith("."))
@@ -152,6 +153,23 @@ class RunFolder:
                 raise UserError(f"--run {self.path}: not a run folder and not empty (it holds "
                                 f"{shown}); train into a new or empty folder, e.g. "
                                 f"models/NAME")
+
+    def _refuse_files_in_place_of_folders(self) -> None:
+        """UserError when a file stands where train writes one of its folders: logs/ (or its
+        train/ and validation/) ended train in a TensorFlow traceback once the data was
+        loaded, attention/ (or attention/epoch_N/) only after an epoch had trained."""
+        places = ["checkpoints", "logs", os.path.join("logs", "train"),
+                  os.path.join("logs", "validation"), "attention"]
+        attention = self.file("attention")
+        if os.path.isdir(attention):
+            places += [os.path.join("attention", n) for n in sorted(os.listdir(attention))
+                       if n.startswith("epoch_")]
+        for place in places:
+            path = self.file(place)
+            if os.path.lexists(path) and not os.path.isdir(path):
+                raise UserError(f"--run {self.path}: {path} is a file, where train keeps its "
+                                f"{place}/ folder; move that file away (or remove it), then "
+                                f"rerun")
 
     def _refuse_inside_another_run(self, run: str) -> None:
         """UserError when `run` (a realpath) lies in one of the folders another run above it
@@ -190,8 +208,13 @@ class RunFolder:
         for part in ("data", "vocab", "model"):
             fixed += config_diff(getattr(saved, part), getattr(cfg, part), part + ".")
         if fixed:
+            trained = os.path.exists(self.history) or (
+                os.path.isdir(self.checkpoints) and bool(os.listdir(self.checkpoints)))
+            # (it said "trained" of a run stopped before its first checkpoint)
+            how = "trained" if trained else ("set up, by a train stopped before its first "
+                                             "checkpoint (nothing trained yet),")
             raise UserError(
-                f"{self.path} was trained with a different configuration:",
+                f"{self.path} was {how} with a different configuration:",
                 lines=[*(f"  {line}" for line in fixed),
                        "rerun with the same flags to resume, use another --run, or add --fresh "
                        "to start this run over"])
@@ -610,18 +633,40 @@ class RunFolder:
     def repair_best_model(self, model) -> Optional[str]:
         """If best.keras is missing, damaged or of an old format while best.json and the best
         weights are kept, rewrite it from them (through `model`, a model of this run whose
-        weights are left as they were); returns a note saying so, or None."""
+        weights are left as they were); if the weights cannot be loaded beside a whole
+        best.keras, rewrite them from it (the end of training restores them: it failed there,
+        after the epochs, on every rerun). Returns a note saying so, or None. Both gone
+        while best.json records a best epoch: a `UserError` naming them (training went on,
+        then named a best.keras that was not there, exit 0)."""
         record = self.best_record()
-        if not record or not os.path.exists(self.best_weights):
+        if not record:
             return None
+        if not os.path.exists(self.best_weights):
+            if os.path.exists(self.best_model):   # (a run from before the weights were kept)
+                return None
+            raise UserError(f"{self.best_model} and {self.best_weights}: missing, though "
+                            f"{self.best_info} records the best model of epoch "
+                            f"{record.get('epoch')}: put them back (from a copy of the run), "
+                            f"or train the run again with --fresh")
         try:
-            self.load_best_model()
-            return None
+            best = self.load_best_model()
         except UserError as e:
             problem = str(e).split(";")[0]
-        self.rewrite_best_model(model)
-        return (f"{problem}; rewrote it from {self.best_weights} (epoch "
-                f"{record.get('epoch')})")
+            self.rewrite_best_model(model)
+            return (f"{problem}; rewrote it from {self.best_weights} (epoch "
+                    f"{record.get('epoch')})")
+        current = model.get_weights()
+        try:
+            model.load_weights(self.best_weights)
+            return None
+        except Exception as e:  # noqa: BLE001 - h5py/Keras raise many kinds for a bad file
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        finally:
+            model.set_weights(current)
+        with keras_file_atomic(self.best_weights, ".weights.h5", best) as tmp:
+            best.save_weights(tmp)
+        return (f"{self.best_weights}: cannot be loaded ({problem}); rewrote it from "
+                f"{self.best_model} (epoch {record.get('epoch')})")
 
     def rewrite_best_model(self, model) -> None:
         """best.keras again from best.weights.h5, through `model` (a model of this run

@@ -1351,6 +1351,9 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
         if early.best_epoch is not None and early.best_epoch + 1 == done and \
                 (best or {}).get("epoch") != done:   # `Trainer._repair_best` saves it
             return None
+        if best and not (os.path.exists(run.best_weights) and
+                         os.path.exists(run.best_model)):
+            return None                              # `RunFolder.repair_best_model`'s
         if best and os.path.exists(run.best_weights):
             try:
                 run.load_best_model()

@@ -162,6 +162,45 @@ def test_rerunning_train_rewrites_a_missing_or_damaged_best_model(shapes_data, r
                                                               "shape_00000.png")]) == 0
 
 
+def test_a_damaged_best_weights_file_beside_a_whole_best_model_is_rewritten(shapes_data,
+                                                                          run_copy):
+    """best.weights.h5 damaged, best.keras whole: train trained its epochs, then failed where
+    training ends by restoring the best weights ("free space ... and rerun"), on every
+    rerun. It is rewritten from best.keras before training now."""
+    weights = os.path.join(run_copy, "best.weights.h5")
+    with open(weights, "r+b") as f:
+        f.truncate(1000)
+    with open(os.path.join(run_copy, "config.json")) as f:
+        cfg = RunConfig.from_dict(json.load(f))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                             epochs=cfg.train.epochs + 1))
+    notes = []
+    train.train(cfg, run_copy, progress=False, log=notes.append)
+    assert any(n.startswith(f"note: {weights}: cannot be loaded (") and
+               f"rewrote it from {os.path.join(run_copy, 'best.keras')} (epoch " in n
+               for n in notes), notes
+    assert len(json.load(open(os.path.join(run_copy, "history.json")))) == cfg.train.epochs
+
+
+def test_a_best_model_gone_with_its_weights_is_refused_before_training(shapes_data,
+                                                                       run_copy):
+    """best.keras and best.weights.h5 deleted, best.json kept: train trained on and ended
+    with exit 0 naming best.keras as the best model, which was not there; caption then said
+    the run had not finished an epoch. Refused now, naming both, before any step."""
+    for name in ("best.keras", "best.weights.h5"):
+        os.remove(os.path.join(run_copy, name))
+    with open(os.path.join(run_copy, "config.json")) as f:
+        cfg = RunConfig.from_dict(json.load(f))
+    history = open(os.path.join(run_copy, "history.json")).read()
+    for epochs in (cfg.train.epochs, cfg.train.epochs + 1):   # a rerun, and one that trains
+        more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
+        with pytest.raises(UserError, match=r"best\.keras and .*best\.weights\.h5: missing, "
+                                            r"though .*best\.json records the best model of "
+                                            r"epoch \d+: put them back"):
+            train.train(more, run_copy, progress=False, log=lambda *a: None)
+    assert open(os.path.join(run_copy, "history.json")).read() == history
+
+
 def test_a_failed_train_leaves_the_run_folder_as_it_was(shapes_data, run_copy, tmp_path,
                                                         capsys):
     before = _files(run_copy)

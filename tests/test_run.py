@@ -154,6 +154,21 @@ def test_a_run_inside_the_images_or_inside_another_runs_folders_is_refused(tmp_p
         RunFolder(str(fine)).check_writable("cache", [str(images), None])
 
 
+@pytest.mark.parametrize("place", ["logs", "logs/train", "attention",
+                                   "attention/epoch_4", "checkpoints"])
+def test_a_file_where_train_keeps_a_folder_is_refused_before_anything_runs(tmp_path, place):
+    """logs/ as a file ended train in a TensorFlow traceback once the data was loaded, and
+    attention/epoch_N as a file failed only after that epoch had trained ("File exists ...
+    free space (or fix the folder)")."""
+    run = RunFolder(str(tmp_path / "run"))
+    path = tmp_path / "run" / place
+    os.makedirs(path.parent, exist_ok=True)
+    path.write_text("x")
+    with pytest.raises(UserError, match=rf"^--run {run.path}: {path} is a file, where train "
+                                        rf"keeps its {place}/ folder; move that file away"):
+        run.check_writable("cache")
+
+
 def test_a_disk_without_room_for_the_best_model_is_refused_before_h5py_writes(tmp_path,
                                                                                monkeypatch):
     # Keras left its h5py file open when a full disk failed the write, and h5py then crashed

@@ -256,6 +256,20 @@ def test_resume_with_other_model_config_is_refused(trained):
     with pytest.raises(UserError) as e:
         train.open_run(trained["run"], cfg)
     assert "model.units: 64 -> 48" in str(e.value) and "--fresh" in str(e.value)
+    assert f"{trained['run']} was trained with a different configuration" in str(e.value)
+
+
+def test_other_model_settings_for_a_run_never_trained_do_not_say_it_was(trained, tmp_path):
+    """A train stopped before its first checkpoint left config.json: the next call with
+    other model flags was told the run "was trained with a different configuration"."""
+    run = str(tmp_path / "run")
+    train.open_run(run, small_config_like(trained))
+    cfg = small_config_like(trained, model=ModelConfig(embedding_dim=32, units=48, dropout=0.2))
+    with pytest.raises(UserError) as e:
+        train.open_run(run, cfg)
+    assert str(e.value).startswith(f"{run} was set up, by a train stopped before its first "
+                                   f"checkpoint (nothing trained yet), with a different "
+                                   f"configuration")
 
 
 def small_config_like(trained, **changes) -> RunConfig:

@@ -258,7 +258,7 @@ def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
             found.places.pop(where[0])
             damaged.append(e)
     if damaged:
-        found.problems = " ".join(filter(None, [found.problems, (
+        found.problems = ". ".join(filter(None, [found.problems, (
             f"{len(damaged)} damaged feature file(s) found while decoding: "
             f"{'; '.join(str(e) for e in damaged[:3])}: repair the cache with `{repair}`, "
             f"then evaluate again")]))

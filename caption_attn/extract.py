@@ -333,7 +333,8 @@ def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: 
     others = _of_other_folders({k: checks[k].entry for k, r in redo.items()
                                 if r.startswith(IMAGE_CHANGED)}, manifest, images_dir)
     copies = {folder for folder in set(others.values())
-              if _is_copy_of(folder, {k: checks[k].entry for k in done})}
+              if _is_copy_of(folder, {k: checks[k].entry for k in done},
+                             sum(f == folder for f in others.values()))}
     return _Plan(done, todo, redo, reindexed, others, copies)
 
 
@@ -363,12 +364,20 @@ def _of_other_folders(entries: dict, manifest: dict, images_dir: str) -> dict[st
     return found
 
 
-def _is_copy_of(folder: str, done: dict) -> bool:
-    """This images folder is a copy of `folder` (`cp -a`, `rsync -a`): some image of it whose
-    features are kept (`done`: key -> index entry) is also, by size and mtime, `folder`'s
-    image of that name. Its other images of those names are then edits of the same dataset,
-    extracted as before; a folder with none in common is another dataset."""
-    return any(_same_image(folder, key, entry) for key, entry in done.items())
+def _is_copy_of(folder: str, done: dict, changed: int) -> bool:
+    """This images folder is a copy of `folder` (`cp -a`, `rsync -a`): at least as many of
+    its images whose features are kept (`done`: key -> index entry) are also, by size and
+    mtime, `folder`'s images of those names as `changed`, its images of `folder`'s names
+    with other content. Those are then edits of the same dataset, extracted as before; a
+    folder with fewer in common is another dataset (one image copied into a folder of others
+    made the whole folder pass for a copy, and its other images replaced `folder`'s
+    features)."""
+    same = 0
+    for key, entry in done.items():
+        same += _same_image(folder, key, entry)
+        if same >= changed:
+            return True
+    return False
 
 
 def _refuse_replacing(images_dir: str, others: dict[str, str]) -> UserError:

@@ -219,6 +219,27 @@ def test_changed_images_are_extracted_again(images, extracted, cache_copy, tmp_p
     assert problems == {}
 
 
+def test_a_folder_sharing_fewer_images_than_it_changes_is_no_copy(images, cache_copy,
+                                                                  tmp_path):
+    """One image copied from the cache's folder into a folder of other images made the whole
+    folder pass for a copy (an edited dataset): its same-named images of other content
+    replaced the first folder's features with a note, where another dataset is refused."""
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy2(os.path.join(images, "gray.jpg"), other / "gray.jpg")   # the very file
+    write_rgb(str(other / "a.jpg"), scene(33))                            # other content
+    write_rgb(str(other / "b.png"), scene(35))                            # other content
+    with pytest.raises(UserError, match=rf"^--images {other}: 2 of its images have the names "
+                                        rf"of images of {images}"):
+        extract_features(str(other), extract_cfg(cache_copy),
+                         keys=["a.jpg", "b.png", "gray.jpg"], progress=False)
+    # with as many of its images the very files as it changes: a copy, edited
+    for name in ("rgba.png",):
+        shutil.copy2(os.path.join(images, name), other / name)
+    summary = extract_features(str(other), extract_cfg(cache_copy), progress=False)
+    assert summary["replaced_others"] == {"a.jpg": images, "b.png": images}
+
+
 def test_same_names_from_another_images_folder_are_refused(images, cache_copy, tmp_path):
     """Extracting a second dataset into a cache replaced the features of its same-named images
     (one file per image path) with a note after the fact, and every run on the first folder's

@@ -116,6 +116,15 @@ def test_a_manifest_field_of_the_wrong_type_is_refused_as_malformed(cache_copy):
         read_manifest(path)
 
 
+def test_the_project_s_own_features_cache_folder_takes_a_first_extraction():
+    """The clone's features_cache/ held a README.md, so the README's own first command
+    (`extract-features ... --cache features_cache`) was refused as a folder of other files,
+    naming the same folder as the one to use."""
+    from caption_attn.feature_cache import check_cache_folder
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    check_cache_folder(os.path.join(repo, "features_cache"))
+
+
 def test_format_1_cache_is_refused_with_the_fix(images, cache_copy):
     path = os.path.join(cache_copy, "manifest.json")
     with open(path) as f:

@@ -154,7 +154,10 @@ def _check_outputs(metrics_path: str, results_path: str, given: bool = True) -> 
     if os.path.exists(metrics_path) and not _is_metrics(metrics_path):
         raise UserError(f"{name}: {metrics_path}, which exists and was not written by "
                         f"`caption-attn evaluate`; {other} (or remove that file)")
-    if os.path.exists(results_path) and not _is_results(results_path, metrics_path):
+    # the run's own eval/ (no --out): a results file left by an evaluate that died between
+    # its two files (a full disk, a kill) is that evaluate's, not another tool's
+    if os.path.exists(results_path) and not _is_results(results_path, metrics_path) and not (
+            not given and _is_results_list(results_path)):
         raise UserError(f"{name}: its captions go to {results_path}, which exists and no "
                         f"metrics file of `caption-attn evaluate` names it ({metrics_path}): "
                         f"not written by `caption-attn evaluate`, or left by one stopped "
@@ -221,12 +224,23 @@ def _is_results(path: str, metrics_path: str) -> bool:
     name: a run folder copied or moved keeps them a pair). The list alone is any captioning
     tool's results format, and `[]` passed too: another model's results were replaced
     without a word."""
-    found, metrics = _read_json_or_none(path), _read_json_or_none(metrics_path)
-    return isinstance(found, list) and all(
-        isinstance(r, dict) and set(r) == {"image_id", "caption"} for r in found) and \
-        isinstance(metrics, dict) and "metrics_file" in metrics and "split" in metrics and \
+    metrics = _read_json_or_none(metrics_path)
+    return _is_results_list(path) and isinstance(metrics, dict) and \
+        "metrics_file" in metrics and "split" in metrics and \
         isinstance(metrics.get("results_file"), str) and \
         os.path.basename(metrics["results_file"]) == os.path.basename(path)
+
+
+def _is_results_list(path: str) -> bool:
+    """Whether `path` holds a COCO results list, [{"image_id", "caption"}, ...]."""
+    found = _read_json_or_none(path)
+    return isinstance(found, list) and all(
+        isinstance(r, dict) and set(r) == {"image_id", "caption"} for r in found)
+
+
+# damaged feature files `evaluate` leaves out, each found by decoding the split again: more
+# mean a damaged cache, said as one error (the split decoded once per file left out)
+MAX_DAMAGED = 3
 
 
 def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
@@ -250,8 +264,10 @@ def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
             where = [i for i, k in enumerate(found.keys)
                      if feature_path(found.cache, k) == e.path]
             repair = repair_command(found.cache, found.manifest)
-            if not where or len(found.keys) == 1:
-                raise UserError(e.advice(repair, "evaluate again")) from None
+            if not where or len(found.keys) == 1 or len(damaged) == MAX_DAMAGED:
+                more = (f" ({len(damaged)} other damaged file(s) found before it: "
+                        f"{', '.join(d.path for d in damaged)})" if damaged else "")
+                raise UserError(e.advice(repair, "evaluate again") + more) from None
             if progress:
                 print(file=sys.stdout, flush=True)   # past the bar the error cut short
             found.without.append(found.keys.pop(where[0]))

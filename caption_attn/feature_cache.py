@@ -401,7 +401,8 @@ _TYPES = {"npy_header_bytes": (int, "an integer"), "count": (int, "an integer"),
           "image_size": (int, "an integer"), "feature_scale": ((int, float), "a number"),
           "feature_shape": (list, "a list"), "dtype": (str, "text"),
           "precision": (str, "text"), "backbone": (str, "text"), "weights": (str, "text"),
-          "weights_sha256": (str, "text"), "resize": (str, "text")}
+          "weights_sha256": (str, "text"), "resize": (str, "text"),
+          "images_dir": (str, "text"), "weights_file": (str, "text")}
 
 
 def _describe_weights(weights: str, seed: Optional[int]) -> str:

@@ -27,6 +27,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -163,7 +164,7 @@ class RunFolder:
         attention = self.file("attention")
         if os.path.isdir(attention):
             places += [os.path.join("attention", n) for n in sorted(os.listdir(attention))
-                       if n.startswith("epoch_")]
+                       if re.fullmatch(r"epoch_[0-9]+", n)]   # as `train.forget_undone`
         for place in places:
             path = self.file(place)
             if os.path.lexists(path) and not os.path.isdir(path):
@@ -660,7 +661,7 @@ class RunFolder:
             model.load_weights(self.best_weights)
             return None
         except Exception as e:  # noqa: BLE001 - h5py/Keras raise many kinds for a bad file
-            problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
         finally:
             model.set_weights(current)
         with keras_file_atomic(self.best_weights, ".weights.h5", best) as tmp:

@@ -296,21 +296,19 @@ def test_extract_features_refuses_format_without_captions(tmp_path, capsys):
     assert not cache.exists()
 
 
-def _closing(*fds):
-    """A `preexec_fn` that closes `fds` in the child before it starts Python (`>&-`)."""
-    def close():
-        for fd in fds:
-            os.close(fd)
-    return close
+def _closing(redirections: str, *command) -> list:
+    """`command` run by sh with `redirections` (`>&-`: stdout closed before Python starts;
+    no `preexec_fn`, unsafe in a process with threads)."""
+    return ["sh", "-c", f'exec "$0" "$@" {redirections}', *command]
 
 
 def test_a_command_started_with_stdout_closed_ends_well(tmp_path):
     """`make-shapes ... >&-` wrote the dataset, then ended in an AttributeError traceback
     (exit 1): Python starts with sys.stdout None when descriptor 1 is closed."""
-    done = subprocess.run([sys.executable, "-m", "caption_attn", "make-shapes",
-                           str(tmp_path / "d"), "--num-images", "4", "--image-size", "64"],
-                          cwd=REPO, stderr=subprocess.PIPE, text=True, timeout=120,
-                          preexec_fn=_closing(1))
+    done = subprocess.run(_closing(">&-", sys.executable, "-m", "caption_attn", "make-shapes",
+                                   str(tmp_path / "d"), "--num-images", "4", "--image-size",
+                                   "64"),
+                          cwd=REPO, stderr=subprocess.PIPE, text=True, timeout=120)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert len(os.listdir(tmp_path / "d" / "images")) == 4
 
@@ -327,8 +325,8 @@ def test_closed_standard_streams_are_opened_on_dev_null(tmp_path):
             "sys.stderr.write('x'); sys.stderr.flush(); print('y', flush=True)\n"
             "after = [os.path.realpath(f'/proc/self/fd/{fd}') for fd in (0, 1, 2)]\n"
             f"open({str(out)!r}, 'w').write(repr((before, after)))\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60,
-                          preexec_fn=_closing(0, 1, 2))
+    done = subprocess.run(_closing("<&- >&- 2>&-", sys.executable, "-c", code), cwd=REPO,
+                          timeout=60)
     assert done.returncode == 0
     assert out.read_text() == repr(([True, True, True], [os.devnull] * 3))
 

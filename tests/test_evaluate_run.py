@@ -536,11 +536,7 @@ def test_a_feature_file_gone_bad_names_its_reason_and_the_whole_repair_command(
     with open(os.path.join(run, "split.json")) as f:
         key = json.load(f)["splits"]["test"][0]
     path = feature_path(copy_cache, key)
-    before = os.stat(path)
-    values = np.load(path)
-    values[0, 0] = np.inf
-    np.save(path, values)
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    _damage_in_place(path, np.inf)
     result = evaluate.evaluate_run(run, "test", DecodeConfig(beam=1), progress=False,
                                    use_java=False, cache=copy_cache)
     with open(os.path.join(run, "split.json")) as f:
@@ -556,6 +552,36 @@ def test_a_feature_file_gone_bad_names_its_reason_and_the_whole_repair_command(
     assert (f"`caption-attn extract-features --verify --images {m['images_dir']} --cache "
             f"{copy_cache} --weights {m['weights']} --seed {m['seed']} --dtype {m['dtype']} "
             f"--precision {m['precision']}`") in note
+    # more than evaluate.MAX_DAMAGED: a damaged cache, one error (each costs a decoding)
+    for key in test_keys[1:evaluate.MAX_DAMAGED + 1]:
+        _damage_in_place(feature_path(copy_cache, key), np.nan)
+    with pytest.raises(UserError, match=rf"\({evaluate.MAX_DAMAGED} other damaged file\(s\) "
+                                        rf"found before it: "):
+        evaluate.evaluate_run(run, "test", DecodeConfig(beam=1), progress=False,
+                              use_java=False, cache=copy_cache)
+
+
+def _damage_in_place(path: str, value) -> None:
+    """One value of a feature file set to `value` under its size and mtime (the index still
+    vouches for the file)."""
+    import numpy as np
+    st = os.stat(path)
+    values = np.load(path)
+    values[0, 0] = value
+    np.save(path, values)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_results_left_in_the_run_s_own_eval_folder_do_not_block_the_next_evaluate(tmp_path):
+    """An evaluate that died between its two files (a full disk, a kill) left results no
+    metrics file names: refused as another tool's where --out names them, but in the run's
+    own eval/ (no --out) they are that evaluate's."""
+    metrics, results = str(tmp_path / "test_metrics.json"), str(tmp_path / "test_results.json")
+    with open(results, "w") as f:
+        json.dump([{"image_id": 1, "caption": "a red circle"}], f)
+    evaluate._check_outputs(metrics, results, given=False)
+    with pytest.raises(UserError, match="no metrics file of `caption-attn evaluate` names it"):
+        evaluate._check_outputs(metrics, results, given=True)
 
 
 def test_other_references_are_scored_with_a_note(shapes_data, trained_run, tmp_path):

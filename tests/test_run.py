@@ -167,6 +167,10 @@ def test_a_file_where_train_keeps_a_folder_is_refused_before_anything_runs(tmp_p
     with pytest.raises(UserError, match=rf"^--run {run.path}: {path} is a file, where train "
                                         rf"keeps its {place}/ folder; move that file away"):
         run.check_writable("cache")
+    path.unlink()
+    (tmp_path / "run" / "attention").mkdir(exist_ok=True)
+    (tmp_path / "run" / "attention" / "epoch_notes.txt").write_text("x")   # not train's name
+    run.check_writable("cache")
 
 
 def test_a_disk_without_room_for_the_best_model_is_refused_before_h5py_writes(tmp_path,

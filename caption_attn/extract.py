@@ -351,11 +351,7 @@ def _of_other_folders(entries: dict, manifest: dict, images_dir: str) -> dict[st
     image changed (`entries`: their index entries) that are the features of FOLDER/key as it
     is now, FOLDER another images folder the cache was extracted from (the newest first):
     same name, other content, and extracting would replace that folder's features."""
-    folders = []
-    for folder in reversed(feature_cache.images_folders(manifest)):
-        with contextlib.suppress(OSError):
-            if os.path.isdir(folder) and not os.path.samefile(folder, images_dir):
-                folders.append(folder)
+    folders = feature_cache.other_images_folders(manifest, images_dir)
     found = {}
     for key, entry in entries.items():
         folder = next((f for f in folders if _same_image(f, key, entry)), None)

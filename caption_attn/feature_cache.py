@@ -337,6 +337,22 @@ def record_run(cache_dir: str, images_dir: str, failed: dict[str, str],
     return n_failed_file, count
 
 
+def other_images_folders(manifest: dict, images_dir: str) -> list[str]:
+    """The other images folders the cache was extracted from that are folders on this
+    machine, the newest first: where `usable_features` looks for an image missing from
+    `images_dir`, `describe_problems` for the folder that holds a changed one, and `extract`
+    for a folder whose same-named images it would replace."""
+    found = []
+    for folder in reversed(images_folders(manifest)):
+        if not os.path.isdir(folder):
+            continue
+        with contextlib.suppress(OSError):
+            if os.path.samefile(folder, images_dir):
+                continue
+        found.append(folder)
+    return found
+
+
 def images_folders(manifest: dict) -> list[str]:
     """Every images folder the cache was extracted from (absolute paths, the last one last):
     an extraction from another folder is refused where it would replace features of their
@@ -654,11 +670,8 @@ def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
     keys = list(keys)
     fingerprint = cache_identity(manifest)["fingerprint"]
     index = feature_index.load_index(cache_dir)
-    more = []
-    if images_dir is not None and other_folders:
-        here = os.path.realpath(images_dir)
-        more = [d for d in reversed(images_folders(manifest))
-                if os.path.realpath(d) != here and os.path.isdir(d)]
+    more = other_images_folders(manifest, images_dir) \
+        if images_dir is not None and other_folders else []
     checks = feature_index.check_keys(cache_dir, keys, index, fingerprint,
                                       feature_file_size(manifest["dtype"]), images_dir, more)
     paths, problems = {}, {}
@@ -800,7 +813,7 @@ def describe_problems(problems: dict, cache_dir: str, examples: int = 3,
     changed = [k for k, r in rest.items() if r == feature_index.IMAGE_CHANGED]
     if changed and images and not os.path.isfile(os.path.join(images, changed[0])):
         # checked in another folder the cache was extracted from (`usable_features`)
-        images = next((f for f in reversed(images_folders(manifest or {}))
+        images = next((f for f in other_images_folders(manifest or {}, images)
                        if os.path.isfile(os.path.join(f, changed[0]))), images)
     if rest:
         by_reason: dict = {}

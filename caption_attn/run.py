@@ -114,6 +114,8 @@ class RunFolder:
         """Scratch checkpoints of a non-chief multi-worker task (TensorFlow's convention)."""
         return os.path.join(self.checkpoints, f"worker_{task_id}")
 
+    ATTENTION_EPOCH = re.compile(r"epoch_([0-9]+)")   # the folder names `attention_epoch` makes
+
     def attention_epoch(self, epoch: int) -> str:
         """Heatmaps of 1-based `epoch`."""
         return os.path.join(self.attention, f"epoch_{epoch}")
@@ -164,7 +166,7 @@ class RunFolder:
         attention = self.file("attention")
         if os.path.isdir(attention):
             places += [os.path.join("attention", n) for n in sorted(os.listdir(attention))
-                       if re.fullmatch(r"epoch_[0-9]+", n)]   # as `train.forget_undone`
+                       if self.ATTENTION_EPOCH.fullmatch(n)]
         for place in places:
             path = self.file(place)
             if os.path.lexists(path) and not os.path.isdir(path):

@@ -475,7 +475,7 @@ def forget_undone(run: RunFolder, done: int, steps: int, log) -> None:
     folder = run.attention
     later = {}                                                # epoch -> folder name
     for name in os.listdir(folder) if os.path.isdir(folder) else ():
-        number = re.fullmatch(r"epoch_([0-9]+)", name)
+        number = RunFolder.ATTENTION_EPOCH.fullmatch(name)
         if number and int(number[1]) > done and os.path.isdir(os.path.join(folder, name)):
             later[int(number[1])] = name
     for name in later.values():

@@ -64,9 +64,9 @@ class _Writer:
     stalls the model."""
 
     def __init__(self, header: bytes, dtype: str, max_items: int, index: SegmentWriter,
-                 fingerprint: str):
+                 fingerprint: str, images_dir: str):
         self.header, self.dtype = header, np.dtype(dtype)
-        self.index, self.fingerprint = index, fingerprint
+        self.index, self.fingerprint, self.images_dir = index, fingerprint, images_dir
         self.queue: queue.Queue = queue.Queue(maxsize=max_items)
         self.error: Optional[BaseException] = None
         self.error_path = ""                 # the file whose write failed
@@ -93,7 +93,8 @@ class _Writer:
             key, path, features, stamp = item
             try:  # write_bytes_atomic creates the key's sub-folders
                 write_bytes_atomic(path, (self.header, features.astype(self.dtype).tobytes()))
-                self.index.add(make_entry(key, self.fingerprint, os.stat(path), stamp))
+                self.index.add(make_entry(key, self.fingerprint, os.stat(path), stamp,
+                                          self.images_dir))
                 self.written.append(key)
             except Exception as e:  # noqa: BLE001 - reported by the main thread
                 self.error_path, self.error = path, e  # the path first: put() reads both
@@ -138,7 +139,7 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
     """
     failed: dict[str, str] = {}
     header = npy_header(dtype)
-    writer = _Writer(header, dtype, 2 * batch_size, index, fingerprint)
+    writer = _Writer(header, dtype, 2 * batch_size, index, fingerprint, images_dir)
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="decode")
     lookahead = 2 * batch_size + workers  # next batch is decoded while the model runs
     pending: collections.deque = collections.deque()
@@ -322,12 +323,21 @@ def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: 
                                                             full=True), kept)
             redo.update({k: r for k, r in zip(kept, list(results)) if r is not None})
     reindexed = 0
+    here = os.path.abspath(images_dir)
+    recorded_here = {f for f in {c.entry.images_dir for c in checks.values() if c.entry}
+                     if f is not None and os.path.realpath(f) == os.path.realpath(here)}
     for key in kept:
         check = checks[key]
         if key not in redo and check.reason == IMAGE_CHANGED and hashes.get(key):
             index.add(check.entry._replace(image_size=check.image_stat.st_size,
-                                           image_mtime_ns=check.image_stat.st_mtime_ns))
+                                           image_mtime_ns=check.image_stat.st_mtime_ns,
+                                           images_dir=here))
             reindexed += 1
+        elif key not in redo and check.reason is None and check.image_stat is not None \
+                and check.entry.images_dir not in recorded_here:
+            # kept, its image here the one it was made from: the entry records this folder
+            # (an older index recorded none; a copy's images are this folder's from now on)
+            index.add(check.entry._replace(images_dir=here))
     done = [k for k in kept if k not in redo]
     todo = [k for k in keys if k in redo or checks[k].reason == "missing"]
     others = _of_other_folders({k: checks[k].entry for k, r in redo.items()

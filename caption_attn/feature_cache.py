@@ -31,8 +31,9 @@ Guarantees:
 - Provenance: a feature file is used (`usable_features`, `feature_index.check_keys`) only
   when it has an index entry of this cache's identity whose recorded size and mtime match
   the file on disk and, where the images folder is known, whose source image size and mtime
-  match the image's. A lost manifest therefore never adopts another backbone's files, and a
-  changed image or a rewritten feature file is noticed without reading either.
+  match the image's (in the folder the entry records it was read from, when it is missing
+  from the one given). A lost manifest therefore never adopts another backbone's files, and
+  a changed image or a rewritten feature file is noticed without reading either.
 """
 
 from __future__ import annotations
@@ -339,9 +340,9 @@ def record_run(cache_dir: str, images_dir: str, failed: dict[str, str],
 
 def other_images_folders(manifest: dict, images_dir: str) -> list[str]:
     """The other images folders the cache was extracted from that are folders on this
-    machine, the newest first: where `usable_features` looks for an image missing from
-    `images_dir`, `describe_problems` for the folder that holds a changed one, and `extract`
-    for a folder whose same-named images it would replace."""
+    machine, the newest first: where `usable_features` and `describe_problems` take the
+    folder an index entry records for an image missing from `images_dir`, and `extract`
+    looks for a folder whose same-named images it would replace."""
     found = []
     for folder in reversed(images_folders(manifest)):
         if not os.path.isdir(folder):
@@ -655,11 +656,14 @@ def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
     Usable: the key's feature file has an index entry made with this manifest's identity, the
     file's size and mtime equal the recorded ones (so it was not rewritten or damaged since),
     and, when `images_dir` is given, its source image has the size and mtime it had when it
-    was read. An image missing from `images_dir` is checked in the other folders the cache
-    was extracted from (`images_folders`, the newest first; with `other_folders`): a cache of
-    two folders (COCO's train2014 and val2014) checked in the last one found none of the
-    first's images there and took their features whatever those images had become. One
-    missing from all of them is accepted. `images_dir=None` skips the source check, e.g.
+    was read. An image missing from `images_dir` is checked in the folder its features were
+    extracted from, as its index entry records it, when that is another folder the cache was
+    extracted from (`images_folders`; with `other_folders`): a cache of two folders (COCO's
+    train2014 and val2014) checked in the last one found none of the first's images there and
+    took their features whatever those images had become. Only there: a same-named image of
+    another folder is another image (after `--replace-other-images` and a deletion it was
+    called changed). One missing there, or whose entry records no folder (an index written
+    before it did), is accepted. `images_dir=None` skips the source check, e.g.
     when the images are on another machine. No array is read: values changed in place without
     a new mtime are caught by `pipeline.NpyReader`'s in-graph checks and by `extract-features
     --verify`. `describe_problems` summarises the reasons with the fix. Measured for 123,287

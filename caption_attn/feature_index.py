@@ -5,13 +5,16 @@ Format: JSON lines (UTF-8), one object per feature file, for example
 
     {"key": "train2014/COCO_train2014_000000000009.jpg", "identity": "3f1c9a0b5e2d7c41",
      "size": 262272, "mtime_ns": 1718000000123456789, "ino": 1234567,
-     "image_size": 161159, "image_mtime_ns": 1400000000000000000, "image_sha256": "ab12..."}
+     "image_size": 161159, "image_mtime_ns": 1400000000000000000, "image_sha256": "ab12...",
+     "images_dir": "/data/coco"}
 
     key             image path relative to --images (the feature file is <cache>/<key>.npy)
     identity        fingerprint of the cache identity the features were made with
                     (`feature_cache.cache_identity`: backbone, weights sha256, dtype, ...)
     size, mtime_ns, ino   the feature file right after it was written
     image_size, image_mtime_ns, image_sha256   the source image file as it was read
+    images_dir      the absolute --images folder it was read from (<images_dir>/<key>);
+                    absent from lines written before it was recorded
 
 Files:
 
@@ -38,7 +41,8 @@ again.
 
 Checking (`check_keys`): which keys' feature files an identity made from the current source
 image, from the index and one stat per file (and per image), in threads (a network file
-system answers each stat slowly).
+system answers each stat slowly). An image missing from the folder checked is compared only
+in the folder its entry records (a same-named image of another folder is another image).
 
 Measured (AMD EPYC, 2 cores shared with other jobs, local disk,
 `benchmarks/bench_feature_index.py`): a COCO-size index (123,287 entries, 33 MB) loads in
@@ -76,9 +80,13 @@ class Entry(NamedTuple):
     image_size: int
     image_mtime_ns: int
     image_sha256: str
+    images_dir: Optional[str] = None   # absolute; None: not recorded (an older line)
 
     def to_json(self) -> str:
-        return json.dumps(self._asdict(), ensure_ascii=False, separators=(",", ":"))
+        fields = self._asdict()
+        if fields["images_dir"] is None:
+            del fields["images_dir"]
+        return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
 
     def matches_file(self, st: os.stat_result) -> bool:
         """The feature file on disk (`st`) is the one this entry recorded."""
@@ -98,9 +106,11 @@ class ImageStamp(NamedTuple):
 
 
 def make_entry(key: str, identity: str, feature_stat: os.stat_result,
-               image: ImageStamp) -> Entry:
+               image: ImageStamp, images_dir: Optional[str] = None) -> Entry:
+    """The entry of a feature file just written from `images_dir`/`key` (made absolute)."""
     return Entry(key, identity, feature_stat.st_size, feature_stat.st_mtime_ns,
-                 feature_stat.st_ino, image.size, image.mtime_ns, image.sha256)
+                 feature_stat.st_ino, image.size, image.mtime_ns, image.sha256,
+                 os.path.abspath(images_dir) if images_dir is not None else None)
 
 
 def index_path(cache_dir: str) -> str:
@@ -199,10 +209,11 @@ _TYPES = (str, str, int, int, int, int, int, str)   # of Entry's fields (bool is
 
 def _entry(r) -> Entry:
     """The Entry of one parsed line; KeyError or TypeError unless `r` is an object with every
-    field, of its type (a list as "key" stopped every reader: unhashable)."""
+    field, of its type (a list as "key" stopped every reader: unhashable); "images_dir" may be
+    absent (a line written before it was recorded)."""
     e = Entry(r["key"], r["identity"], r["size"], r["mtime_ns"], r["ino"], r["image_size"],
-              r["image_mtime_ns"], r["image_sha256"])
-    if tuple(map(type, e)) != _TYPES:
+              r["image_mtime_ns"], r["image_sha256"], r.get("images_dir"))
+    if tuple(map(type, e[:-1])) != _TYPES or not isinstance(e.images_dir, (str, type(None))):
         raise TypeError("an index field of another type")
     return e
 
@@ -364,9 +375,13 @@ def check_keys(cache_dir: str, keys: list[str], index: Index, fingerprint: str,
 
     Reasons: "missing", NOT_INDEXED, REWRITTEN, OTHER_BACKBONE, "wrong size", and with
     `images_dir` IMAGE_CHANGED (size or mtime differ; `entry` is then set). A source image
-    missing there is looked for in `more_dirs`, in turn (the cache's other images folders:
-    `feature_cache.usable_features`); one that is gone from all of them is no reason: the
-    features still are those of the image as it was.
+    missing there is looked for in the folder its entry records it was read from, when that
+    is one of `more_dirs` (the cache's other images folders on this machine:
+    `feature_cache.usable_features`): another folder's image of that name is another image
+    (`--replace-other-images` gave the name a later folder's features, and that image may be
+    gone since), and an entry that records no folder (an older index) is compared nowhere
+    else. One gone from there is no reason: the features still are those of the image as it
+    was.
     """
     prefix = os.path.join(cache_dir, "")
     paths = [prefix + key + ".npy" for key in keys]   # = feature_path (keys use "/")
@@ -375,12 +390,23 @@ def check_keys(cache_dir: str, keys: list[str], index: Index, fingerprint: str,
     image_stats = [None] * len(keys)
     if images_dir is not None:
         todo = [i for i, (mine, _) in enumerate(found) if mine]
-        for folder in (images_dir, *more_dirs):
-            image_prefix = os.path.join(folder, "")
-            for i, st in zip(todo, _stat_all([image_prefix + keys[i] for i in todo])):
+        image_prefix = os.path.join(images_dir, "")
+        for i, st in zip(todo, _stat_all([image_prefix + keys[i] for i in todo])):
+            image_stats[i] = st
+        todo = [i for i in todo if image_stats[i] is None]
+        if todo and more_dirs:
+            folders = recorded_folders(more_dirs, {found[i][0][-1].images_dir for i in todo})
+            todo = [(i, folders[d]) for i in todo
+                    if (d := found[i][0][-1].images_dir) in folders]
+            for (i, _), st in zip(todo, _stat_all([os.path.join(f, keys[i]) for i, f in todo])):
                 image_stats[i] = st
-            todo = [i for i in todo if image_stats[i] is None]
-            if not todo:
-                break
     return [_with_image(path, mine, reason, image_st)
             for path, (mine, reason), image_st in zip(paths, found, image_stats)]
+
+
+def recorded_folders(more_dirs: Sequence[str], recorded: set) -> dict[str, str]:
+    """{images folder an entry records (of `recorded`): the folder of `more_dirs` it is} (by
+    real path: a folder recorded through a symbolic link is the same folder)."""
+    real = {os.path.realpath(d): d for d in reversed(more_dirs)}
+    return {r: real[os.path.realpath(r)] for r in recorded
+            if r is not None and os.path.realpath(r) in real}

@@ -750,7 +750,7 @@ def test_ctrl_c_while_the_feature_writer_finishes_keeps_its_queued_files(tmp_pat
             added.append(entry.key)
 
     header = feature_cache.npy_header("float16")
-    writer = extract._Writer(header, "float16", 8, SlowIndex(), "identity")
+    writer = extract._Writer(header, "float16", 8, SlowIndex(), "identity", str(tmp_path))
     stamp = feature_index.ImageStamp(0, 0, "")
     for key in ("a.jpg", "b.jpg", "c.jpg"):
         writer.put(key, str(tmp_path / f"{key}.npy"), np.zeros((64, 2048), np.float32), stamp)

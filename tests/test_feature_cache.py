@@ -170,10 +170,12 @@ def test_usable_features_checks_index_stat_and_source(images, cache_copy, tmp_pa
 
 
 def _two_folder_cache(images, cache_copy, tmp_path):
-    """The cache as if extracted from `work` (a copy of `images` with their modification
-    times), then from `other` (other names): (manifest, work, other)."""
+    """The cache extracted from `work` (a copy of `images` with their modification times:
+    the index then records `work` as their folder), and as if then from `other` (other
+    names): (manifest, work, other)."""
     work, other = tmp_path / "work", tmp_path / "other"
     shutil.copytree(images, work)
+    extract_features(str(work), extract_cfg(cache_copy), keys=GOOD, progress=False)
     write_rgb(str(other / "new.jpg"), scene(34))
     manifest = {**read_manifest(cache_copy), "images_dir": str(other),
                 "images_dirs": [str(work), str(other)]}
@@ -212,6 +214,53 @@ def test_a_run_s_changed_image_is_not_taken_because_the_last_folder_lacks_it(
     paths, problems = usable_features_checked_in(cache_copy, GOOD, manifest, work,
                                                  known={"b.png": "0" * 16})
     assert problems == {"b.png": IMAGE_CHANGED} and "b.png" not in paths
+
+
+def _forget_folders(cache):
+    """Take the images folder out of every index entry: an index written before it was
+    recorded."""
+    index = os.path.join(cache, "index.jsonl")
+    with open(index) as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    assert all("images_dir" in e for e in entries)
+    with open(index, "w") as f:
+        f.writelines(json.dumps({k: v for k, v in e.items() if k != "images_dir"}) + "\n"
+                     for e in entries)
+
+
+def test_an_image_gone_from_the_folder_that_replaced_its_features_is_not_changed(
+        images, cache_copy, tmp_path):
+    """Extracted from `work`, then from `other` with --replace-other-images (its a.jpg's
+    features replaced work's), then other/a.jpg deleted: the other-folders lookup found
+    work/a.jpg and compared it with the image recorded from other/a.jpg, "source image
+    changed", a false refusal whose fix extracted work's a.jpg again, features the cache does
+    not say it holds. An image is compared only in the folder its features were extracted
+    from (each index entry records it); gone from there, its features stand."""
+    work, other = tmp_path / "work", tmp_path / "other"
+    shutil.copytree(images, work)
+    extract_features(str(work), extract_cfg(cache_copy), keys=GOOD, progress=False)
+    write_rgb(str(other / "a.jpg"), scene(33))
+    write_rgb(str(other / "new.jpg"), scene(34))
+    extract_features(str(other), extract_cfg(cache_copy, replace_other_images=True),
+                     progress=False)
+    os.remove(other / "a.jpg")
+    manifest, keys = read_manifest(cache_copy), GOOD + ["new.jpg"]
+    paths, problems = usable_features(cache_copy, keys, manifest, str(other))
+    assert problems == {} and sorted(paths) == sorted(keys)
+    # checked in work (a run on its captions): a.jpg's features are other's, left out
+    assert usable_features(cache_copy, keys, manifest, str(work))[1] == {"a.jpg": IMAGE_CHANGED}
+    # an image changed in the folder it was extracted from is still found there
+    write_rgb(str(work / "b.png"), scene(30))
+    assert usable_features(cache_copy, keys, manifest, str(other))[1] == {"b.png": IMAGE_CHANGED}
+    # an index that does not say which folder (written before it did): no other folder's
+    # image is compared, a.jpg is never called changed (b.png's change is not seen either)
+    _forget_folders(cache_copy)
+    assert usable_features(cache_copy, keys, manifest, str(other))[1] == {}
+    # extracting work again records the folder of its images, those kept as they are too
+    extract_features(str(work), extract_cfg(cache_copy), keys=GOOD[1:], progress=False)
+    write_rgb(str(work / "gray.jpg"), scene(31))
+    assert usable_features(cache_copy, keys, manifest, str(other))[1] == {
+        "gray.jpg": IMAGE_CHANGED}
 
 
 def test_problems_name_images_that_failed_to_extract_and_why(cache_copy):

@@ -61,7 +61,8 @@ def test_lines_with_values_of_other_types_are_skipped(tmp_path):
     path = _write_feature(cache, "a.jpg")
     good = json.loads(make_entry("a.jpg", "f" * 16, os.stat(path), STAMP).to_json())
     bad = [{**good, "key": ["a.jpg"]}, {**good, "identity": None}, {**good, "size": "64"},
-           {**good, "mtime_ns": True}, {**good, "image_sha256": 1}, [good], "a.jpg"]
+           {**good, "mtime_ns": True}, {**good, "image_sha256": 1}, [good], "a.jpg",
+           {**good, "images_dir": ["/data"]}]
     with open(feature_index.index_path(cache), "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in [good] + bad)
     index = feature_index.load_index(cache)
@@ -121,7 +122,13 @@ def test_compact_keeps_the_newest_matching_entry_and_removes_segments(tmp_path):
 
 
 def test_entry_round_trip():
-    entry = Entry("dir/ü x.jpg", "0123456789abcdef", 262272, 17, 99, 5, 6, "cd" * 32)
+    entry = Entry("dir/ü x.jpg", "0123456789abcdef", 262272, 17, 99, 5, 6, "cd" * 32,
+                  "/data/ü")
     index = feature_index.Index()
     feature_index._parse_lines(entry.to_json() + "\n", index)
     assert index.entries == {"dir/ü x.jpg": [entry]}
+    # a line written before the images folder was recorded: read, with none
+    old = entry._replace(key="old.jpg", images_dir=None)
+    assert "images_dir" not in json.loads(old.to_json())
+    feature_index._parse_lines(old.to_json() + "\n", index)
+    assert index.entries["old.jpg"] == [old] and index.skipped_lines == 0

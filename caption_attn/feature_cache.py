@@ -797,6 +797,43 @@ def _under_other_names(missing: list[str], cache_dir: str) -> Optional[tuple[int
     return len({tail for tail, _ in pairs}), pairs[0][0], pairs[0][1]
 
 
+def _changed_elsewhere(cache_dir: str, keys: list[str], manifest: dict,
+                       images: str) -> dict[str, str]:
+    """{key: images folder} for the `keys` (of changed images) missing from `images` that
+    `usable_features` found changed in another folder the cache was extracted from: the one
+    the index entry of the key's feature file records, which holds the image. Extracting them
+    again reads them there."""
+    keys = [k for k in keys if not os.path.isfile(os.path.join(images, k))]
+    folders = other_images_folders(manifest, images) if keys else []
+    if not folders:
+        return {}
+    index = feature_index.load_index(cache_dir)
+    fingerprint = cache_identity(manifest)["fingerprint"]
+    recorded = {}
+    for key in keys:   # the entry `usable_features` went by
+        with contextlib.suppress(OSError):
+            mine = [e for e in index.match(key, os.stat(feature_path(cache_dir, key)))
+                    if e.identity == fingerprint]
+            if mine:
+                recorded[key] = mine[-1].images_dir
+    where = feature_index.recorded_folders(folders, set(recorded.values()))
+    return {k: where[r] for k, r in recorded.items()
+            if r in where and os.path.isfile(os.path.join(where[r], k))}
+
+
+def _fix_commands(cache_dir: str, manifest: Optional[dict], captions: Optional[str],
+                  groups: list[tuple[Optional[str], list[str]]]) -> str:
+    """"`COMMAND`: it extracts exactly these again" for (images folder, keys) `groups`; with
+    several folders a command each, "`COMMAND` (for N of them, e.g. KEY) and ...: they ..."."""
+    settings = " with the cache's settings" if manifest is None else ""
+    if len(groups) == 1:
+        return (f"`{extract_command(cache_dir, manifest, captions, groups[0][0])}`{settings}: "
+                f"it extracts exactly these again")
+    return " and ".join(f"`{extract_command(cache_dir, manifest, captions, folder)}`{settings} "
+                        f"(for {len(keys)} of them, e.g. {one_line(keys[0])})"
+                        for folder, keys in groups) + ": they extract exactly these again"
+
+
 def describe_problems(problems: dict, cache_dir: str, examples: int = 3,
                       manifest: Optional[dict] = None, captions: Optional[str] = None,
                       images_dir: Optional[str] = None) -> str:
@@ -805,9 +842,10 @@ def describe_problems(problems: dict, cache_dir: str, examples: int = 3,
     Missing files of images that failed to extract (failed.tsv) are told apart, with the
     reason: extracting them again fails the same way, so the images must be fixed. With the
     cache's `manifest`, the fix is the whole `extract-features` command (`extract_command`:
-    `captions`, the images folder `images_dir` or the recorded one); missing files the cache
-    holds under a longer path (extracted from a folder above the caption file's) are named,
-    with the folder to extract from instead."""
+    `captions`, the images folder `images_dir` or the recorded one); changed images found in
+    other folders the cache was extracted from (`usable_features`) get a command each of
+    those folders; missing files the cache holds under a longer path (extracted from a folder
+    above the caption file's) are named, with the folder to extract from instead."""
     failed_file = read_failed(cache_dir)
     failed = {k: why for k, r in problems.items()
               if r == "missing" and (why := _why_failed(k, failed_file)) is not None}
@@ -815,10 +853,8 @@ def describe_problems(problems: dict, cache_dir: str, examples: int = 3,
     rest = {k: r for k, r in problems.items() if k not in failed}
     images = images_dir or (manifest or {}).get("images_dir")
     changed = [k for k, r in rest.items() if r == feature_index.IMAGE_CHANGED]
-    if changed and images and not os.path.isfile(os.path.join(images, changed[0])):
-        # checked in another folder the cache was extracted from (`usable_features`)
-        images = next((f for f in other_images_folders(manifest or {}, images)
-                       if os.path.isfile(os.path.join(f, changed[0]))), images)
+    moved = _changed_elsewhere(cache_dir, changed, manifest or {}, images) \
+        if changed and images else {}
     if rest:
         by_reason: dict = {}
         for key, reason in rest.items():
@@ -843,18 +879,20 @@ def describe_problems(problems: dict, cache_dir: str, examples: int = 3,
         copied = (f"If {cache_dir} was copied without its modification times (`cp -r`), copy "
                   f"it again with `cp -a` or `rsync -a`; otherwise rerun" if
                   feature_index.REWRITTEN in by_reason else "Rerun")
-        settings = " with the cache's settings" if manifest is None else ""
         others = [f for f in images_folders(manifest or {}) if images is None or
                   os.path.realpath(f) != os.path.realpath(images)]
+        # (an image changed in the folder its features were extracted from replaces none)
         replacing = (f" (refused, naming the folder, if these names' features are now of "
                      f"another images folder's images, e.g. {one_line(others[-1])}'s: add "
                      f"--replace-other-images to replace them then)"
-                     if feature_index.IMAGE_CHANGED in by_reason and others else "")
+                     if set(changed) - set(moved) and others else "")
+        groups = [(images, [k for k in rest if k not in moved])]
+        for folder in dict.fromkeys(moved.values()):
+            groups.append((folder, [k for k, f in moved.items() if f == folder]))
+        fix = _fix_commands(cache_dir, manifest, captions, [g for g in groups if g[1]])
         parts.append(f"{len(rest)} feature file(s) in {cache_dir} cannot be used: {counts} "
-                     f"(e.g. {shown}).{named} {copied} `"
-                     f"{extract_command(cache_dir, manifest, captions, images)}`{settings}: "
-                     f"it extracts exactly these again{replacing} (--verify also reads every "
-                     f"other file's values)")
+                     f"(e.g. {shown}).{named} {copied} {fix}{replacing} (--verify "
+                     f"also reads every other file's values)")
     if failed:
         shown = "; ".join(f"{one_line(k)} ({one_line(why)})"
                           for k, why in list(failed.items())[:examples])

@@ -263,6 +263,36 @@ def test_an_image_gone_from_the_folder_that_replaced_its_features_is_not_changed
         "gray.jpg": IMAGE_CHANGED}
 
 
+def test_problems_in_two_images_folders_get_a_command_each(images, cache_copy, tmp_path):
+    """Changed images of two folders the cache was extracted from got one fix command, with
+    the --images of the first one listed: the others were not extracted again by it. Each
+    folder gets its own command now; missing files and failed images go with the folder
+    checked."""
+    work, other = tmp_path / "work", tmp_path / "other"
+    shutil.copytree(images, work)
+    extract_features(str(work), extract_cfg(cache_copy), keys=GOOD, progress=False)
+    write_rgb(str(other / "new.jpg"), scene(34))
+    extract_features(str(other), extract_cfg(cache_copy), progress=False)
+    write_rgb(str(work / "b.png"), scene(30))
+    write_rgb(str(work / "rgba.png"), scene(32))
+    write_rgb(str(other / "new.jpg"), scene(35))
+    manifest = read_manifest(cache_copy)
+    _, problems = usable_features(cache_copy, GOOD + ["new.jpg", "x.jpg"], manifest,
+                                  str(other))
+    assert problems == {"b.png": IMAGE_CHANGED, "rgba.png": IMAGE_CHANGED,
+                        "new.jpg": IMAGE_CHANGED, "x.jpg": "missing"}
+    problems["truncated.jpg"] = "missing"                     # failed.tsv says why
+    text = describe_problems(problems, cache_copy, manifest=manifest, captions="caps.json",
+                             images_dir=str(other))
+    command = (f"caption-attn extract-features --captions caps.json --images {{}} --cache "
+               f"{cache_copy} --weights random --seed 0 --dtype float16 --precision float32")
+    assert (f"Rerun `{command.format(other)}` (for 2 of them, e.g. new.jpg) and "
+            f"`{command.format(work)}` (for 2 of them, e.g. b.png): they extract exactly these "
+            f"again") in text
+    assert text.count("--images") == 3
+    assert text.endswith(f"then rerun `{command.format(other)}`")
+
+
 def test_problems_name_images_that_failed_to_extract_and_why(cache_copy):
     """An image extract-features could not read was called "missing" by train and evaluate,
     with the advice to rerun extract-features ("it extracts exactly these again"), which

@@ -662,8 +662,9 @@ def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
     train2014 and val2014) checked in the last one found none of the first's images there and
     took their features whatever those images had become. Only there: a same-named image of
     another folder is another image (after `--replace-other-images` and a deletion it was
-    called changed). One missing there, or whose entry records no folder (an index written
-    before it did), is accepted. `images_dir=None` skips the source check, e.g.
+    called changed). One whose entry records no folder (an index written before it did) is
+    looked for in each other folder in turn, the newest first. One missing there is accepted.
+    `images_dir=None` skips the source check, e.g.
     when the images are on another machine. No array is read: values changed in place without
     a new mtime are caught by `pipeline.NpyReader`'s in-graph checks and by `extract-features
     --verify`. `describe_problems` summarises the reasons with the fix. Measured for 123,287

@@ -379,9 +379,9 @@ def check_keys(cache_dir: str, keys: list[str], index: Index, fingerprint: str,
     is one of `more_dirs` (the cache's other images folders on this machine:
     `feature_cache.usable_features`): another folder's image of that name is another image
     (`--replace-other-images` gave the name a later folder's features, and that image may be
-    gone since), and an entry that records no folder (an older index) is compared nowhere
-    else. One gone from there is no reason: the features still are those of the image as it
-    was.
+    gone since); an entry that records no folder (an older index) is looked for in each of
+    `more_dirs` in turn. One gone from there is no reason: the features still are those of
+    the image as it was.
     """
     prefix = os.path.join(cache_dir, "")
     paths = [prefix + key + ".npy" for key in keys]   # = feature_path (keys use "/")
@@ -396,10 +396,22 @@ def check_keys(cache_dir: str, keys: list[str], index: Index, fingerprint: str,
         todo = [i for i in todo if image_stats[i] is None]
         if todo and more_dirs:
             folders = recorded_folders(more_dirs, {found[i][0][-1].images_dir for i in todo})
-            todo = [(i, folders[d]) for i in todo
-                    if (d := found[i][0][-1].images_dir) in folders]
-            for (i, _), st in zip(todo, _stat_all([os.path.join(f, keys[i]) for i, f in todo])):
+            recorded = [(i, folders[d]) for i in todo
+                        if (d := found[i][0][-1].images_dir) in folders]
+            for (i, _), st in zip(recorded, _stat_all([os.path.join(f, keys[i])
+                                                       for i, f in recorded])):
                 image_stats[i] = st
+            # an entry that records no folder (an older index): each other folder in turn, the
+            # newest first (a rare false "changed" after --replace-other-images and a deletion
+            # is a refusal that says so; a change left unseen would be silent)
+            todo = [i for i in todo if found[i][0][-1].images_dir is None]
+            for folder in more_dirs:
+                image_prefix = os.path.join(folder, "")
+                for i, st in zip(todo, _stat_all([image_prefix + keys[i] for i in todo])):
+                    image_stats[i] = st
+                todo = [i for i in todo if image_stats[i] is None]
+                if not todo:
+                    break
     return [_with_image(path, mine, reason, image_st)
             for path, (mine, reason), image_st in zip(paths, found, image_stats)]
 

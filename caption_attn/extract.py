@@ -360,11 +360,18 @@ def _of_other_folders(entries: dict, manifest: dict, images_dir: str) -> dict[st
     """{key: FOLDER} for the feature files about to be extracted again because this folder's
     image changed (`entries`: their index entries) that are the features of FOLDER/key as it
     is now, FOLDER another images folder the cache was extracted from (the newest first):
-    same name, other content, and extracting would replace that folder's features."""
+    same name, other content, and extracting would replace that folder's features. Also
+    those whose entry records FOLDER, when the image is gone from it: its features stand for
+    it in every run on FOLDER's captions (a missing source image keeps its features), and
+    replacing them with this folder's image went without a word."""
     folders = feature_cache.other_images_folders(manifest, images_dir)
+    recorded = feature_index.recorded_folders(folders, {e.images_dir for e in entries.values()})
     found = {}
     for key, entry in entries.items():
         folder = next((f for f in folders if _same_image(f, key, entry)), None)
+        mine = recorded.get(entry.images_dir)
+        if folder is None and mine and not os.path.lexists(os.path.join(mine, key)):
+            folder = mine
         if folder is not None:
             found[key] = folder
     return found

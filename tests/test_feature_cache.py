@@ -266,6 +266,30 @@ def test_an_image_gone_from_the_folder_that_replaced_its_features_is_not_changed
         "a.jpg": IMAGE_CHANGED, "gray.jpg": IMAGE_CHANGED}
 
 
+def test_features_of_a_deleted_image_of_another_folder_are_not_replaced_without_a_word(
+        images, cache_copy, tmp_path):
+    """After --replace-other-images (work's a.jpg features replaced by other's) and other/a.jpg
+    deleted, extracting work again replaced other's features with work's a.jpg without a word
+    (the refusal looked for other's image, gone): a run on other's captions, whose a.jpg
+    features stand while the image is gone, then trained on work's image. Refused now, naming
+    the folder the features were extracted from; --replace-other-images still replaces them."""
+    work, other = tmp_path / "work", tmp_path / "other"
+    shutil.copytree(images, work)
+    extract_features(str(work), extract_cfg(cache_copy), keys=GOOD, progress=False)
+    write_rgb(str(other / "a.jpg"), scene(33))
+    extract_features(str(other), extract_cfg(cache_copy, replace_other_images=True),
+                     progress=False)
+    os.remove(other / "a.jpg")
+    before = open(os.path.join(cache_copy, "a.jpg.npy"), "rb").read()
+    with pytest.raises(UserError, match=f"1 of its images have the names of images of {other}"):
+        extract_features(str(work), extract_cfg(cache_copy), keys=GOOD, progress=False)
+    assert open(os.path.join(cache_copy, "a.jpg.npy"), "rb").read() == before
+    summary = extract_features(str(work), extract_cfg(cache_copy, replace_other_images=True),
+                               keys=GOOD, progress=False)
+    assert summary["replaced_others"] == {"a.jpg": str(other)}
+    assert usable_features(cache_copy, GOOD, read_manifest(cache_copy), str(work))[1] == {}
+
+
 def test_problems_in_two_images_folders_get_a_command_each(images, cache_copy, tmp_path):
     """Changed images of two folders the cache was extracted from got one fix command, with
     the --images of the first one listed: the others were not extracted again by it. Each

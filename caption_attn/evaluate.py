@@ -73,6 +73,7 @@ class _SplitFeatures:
     reader: object                      # pipeline.NpyReader of the cache
     problems: str = ""                  # why images were left out (describe_problems)
     references_note: str = ""           # how the references differ from the run's captions
+    objects_note: str = ""              # how the ground-truth objects differ from the run's
     images_note: str = ""               # that the source images could not be checked
     places: Optional[list] = None       # each key's place in the split (its --sample stream)
 
@@ -104,6 +105,7 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
             f"in its {split} split: {changes}; the scores are against {captions}"
             if changes else "")
     keys = [k for k in splits[split] if k in records]
+    objects_note = _objects_note(recorded, splits, records, split, captions)
     absent = [k for k in splits[split] if k not in records]
     if absent and keys and not recorded:
         # a run made before runs recorded their caption data: `caption_changes` cannot say
@@ -134,7 +136,24 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
     unchecked = unchecked_images_note(cache, manifest, folder, run.images_dir(existing=False),
                                       fix=" (scored as they are)") or ""
     return _SplitFeatures(split, cache, keys, without, records, manifest, reader, why, note,
-                          unchecked, [place[k] for k in keys])
+                          objects_note, unchecked, [place[k] for k in keys])
+
+
+def _objects_note(recorded: Optional[dict], splits: dict, records: dict, split: str,
+                  captions: str) -> str:
+    """What `evaluate` says when the ground-truth objects of the `split` images in `captions`
+    (`records`) are not the ones the run recorded (scene accuracy and grounding score against
+    them), or could not be compared (a run made before it recorded them); else ""."""
+    if not any(records[k].objects is not None for k in splits[split] if k in records):
+        return ""
+    if not data.objects_recorded(recorded):
+        return (f"the run did not record the ground-truth `objects` of its images (made "
+                f"before runs recorded them): scene accuracy and grounding are against the "
+                f"ones in {captions}, which could not be compared with the run's")
+    changes = data.objects_changes(recorded, splits, records.values(), split)
+    return (f"the ground-truth `objects` in {captions} differ from the ones the run was "
+            f"trained with in its {split} split: {changes}; scene accuracy and grounding are "
+            f"against {captions}" if changes else "")
 
 
 def _check_outputs(metrics_path: str, results_path: str, given: bool = True) -> None:
@@ -306,8 +325,7 @@ def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
     records = found.records
     references = {k: records[k].captions for k in found.keys}
     metrics, notes = coco_metrics(references, hypotheses, use_java=use_java)
-    if found.references_note:
-        notes.insert(0, found.references_note)
+    notes[:0] = [n for n in (found.references_note, found.objects_note) if n]
     if found.images_note:
         notes.append(found.images_note)
     if found.without:

@@ -375,7 +375,9 @@ class RunFolder:
     # ------------------------------------------------------------------ using a run
     def load_config(self) -> RunConfig:
         if not os.path.exists(self.config):
-            raise UserError(f"{self.path}: not a training run (no config.json); train one with "
+            why = "no config.json" if os.path.isdir(self.path) else (
+                "a file, not a folder" if os.path.exists(self.path) else "no such folder")
+            raise UserError(f"--run {self.path}: not a training run ({why}); train one with "
                             f"`caption-attn train --run {self.path} ...`")
         try:
             return RunConfig.from_dict(read_json(self.config))

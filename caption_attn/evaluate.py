@@ -183,7 +183,7 @@ def _check_outputs(metrics_path: str, results_path: str, given: bool = True) -> 
                         f"between its two files; {other} (or remove that file)")
     folder = os.path.dirname(os.path.abspath(metrics_path))
     if given:
-        check_folder_writable(folder, "--out")
+        check_folder_writable(folder, "--out", given=metrics_path)
         return
     try:
         check_folder_writable(folder, "the default output folder")

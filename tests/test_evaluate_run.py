@@ -178,7 +178,13 @@ def test_an_out_that_cannot_be_written_is_refused_before_decoding(trained_run, c
     monkeypatch.setattr(evaluate, "_decode", None)                 # must not be reached
     assert main(["evaluate", "--run", trained_run, "--out", "/proc/m.json"]) == 2
     err = capsys.readouterr().err
-    assert "--out /proc: cannot create files in /proc" in err and ".tmp" not in err
+    # --out as given, and the folder that cannot be written (it said "--out /proc: ...")
+    assert "error: --out /proc/m.json: cannot create files in /proc (" in err
+    assert ".tmp" not in err
+    assert main(["evaluate", "--run", trained_run, "--out", "/proc/new/m.json"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --out /proc/new/m.json: cannot create files in /proc (" in err
+    assert "), where its folder /proc/new would be made" in err
 
 
 def test_an_out_whose_results_file_is_a_folder_is_refused_naming_both(trained_run, tmp_path,

@@ -23,7 +23,8 @@ from caption_attn.feature_cache import (describe_problems, feature_path, read_ma
                                         repair_command, source_images,
                                         unchecked_images_note, usable_features_checked_in,
                                         using_features)
-from caption_attn.fileio import holding_lock, is_inside, read_json, write_json_atomic
+from caption_attn.fileio import (holding_lock, is_inside, printable_json, read_json,
+                                 write_json_atomic)
 from caption_attn.run import RunFolder, check_folder_writable
 from caption_attn.shapes import COLORS, SHAPES
 from caption_attn.shapes_metrics import (SHAPES_METRICS, scene_accuracy_by_objects,
@@ -247,7 +248,7 @@ def _is_results(path: str, metrics_path: str) -> bool:
     return _is_results_list(path) and isinstance(metrics, dict) and \
         "metrics_file" in metrics and "split" in metrics and \
         isinstance(metrics.get("results_file"), str) and \
-        os.path.basename(metrics["results_file"]) == os.path.basename(path)
+        os.path.basename(metrics["results_file"]) == printable_json(os.path.basename(path))
 
 
 def _is_results_list(path: str) -> bool:
@@ -470,4 +471,5 @@ def write_outputs(result: dict, hypotheses: dict, image_ids: dict) -> None:
         if os.path.exists(result["metrics_file"]):
             os.remove(result["metrics_file"])
         write_results(result["results_file"], hypotheses, image_ids)
-        write_json_atomic(result["metrics_file"], result)
+        # valid UTF-8 whatever the paths' bytes (`_is_results` compares names so written)
+        write_json_atomic(result["metrics_file"], printable_json(result))

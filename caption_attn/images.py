@@ -370,6 +370,27 @@ def printable_name(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def is_utf8_name(name: str) -> bool:
+    """Whether the file name `name` (as Python holds a name from the command line or the
+    disk) is valid UTF-8: without the surrogate escapes of bytes that are not."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def json_name(name: str, key: str = "image") -> dict:
+    """How JSON output names a file: `key` -> the name as every printed message shows it
+    (`printable_name`), and, only for a name that is not UTF-8, `key`_hex -> its exact
+    bytes in hex. A name held with surrogate escapes went out as "caf\\udce9.png", a lone
+    surrogate that strict JSON and UTF-8 readers refuse or mangle; "caf\\xe9.png" alone
+    could not be told from a file named so, hence the bytes (`bytes.fromhex`)."""
+    if is_utf8_name(name):
+        return {key: name}
+    return {key: printable_name(name), f"{key}_hex": os.fsencode(name).hex()}
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return (struct.pack(">I", len(data)) + kind + data
             + struct.pack(">I", zlib.crc32(kind + data)))

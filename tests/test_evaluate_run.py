@@ -833,3 +833,20 @@ def test_a_run_that_did_not_record_its_objects_says_they_could_not_be_checked(
         f"the run did not record the ground-truth `objects` of its images (made before runs "
         f"recorded them): scene accuracy and grounding are against the ones in "
         f"{shapes_data['captions']}, which could not be compared with the run's")
+
+
+def test_an_out_whose_path_is_not_utf8_is_written_as_valid_utf8_json(trained_run, tmp_path,
+                                                                     monkeypatch, capsys):
+    # --out in a folder named b"\xff": the metrics JSON could not be encoded, a traceback
+    # after decoding, and the results file left alone blocked every later evaluate there
+    _decoded_as_a(monkeypatch)
+    folder = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"\xff"))
+    out = os.path.join(folder, "m.json")
+    for _ in range(2):                                   # its own outputs are replaced
+        assert main(["evaluate", "--run", trained_run, "--out", out]) == 0
+        assert f"metrics: {tmp_path}/\\xff/m.json" in capsys.readouterr().out
+        with open(out, "rb") as f:
+            metrics = json.loads(f.read().decode("utf-8"))          # strict UTF-8
+        assert metrics["metrics_file"] == f"{tmp_path}/\\xff/m.json"
+        assert metrics["results_file"] == f"{tmp_path}/\\xff/m_results.json"
+        assert os.path.exists(os.path.join(folder, "m_results.json"))

@@ -275,6 +275,31 @@ def _from_unchanged(raw: np.ndarray, data: bytes, fmt: Optional[str]) -> Optiona
     return np.rint(rgb * 255.0).astype(np.uint8)
 
 
+# PNG chunks of colour management, which OpenCV reads past without applying (the pixels are
+# the same without them) and about which libpng itself prints "libpng warning: iCCP: known
+# incorrect sRGB profile", "... sRGB: invalid" to stderr, whatever OpenCV's log level: noise
+# between the progress bar and the captions, for images that decode fine
+_COLOUR_CHUNKS = (b"iCCP", b"sRGB")
+
+
+def _without_colour_chunks(data: bytes) -> bytes:
+    """PNG `data` without its `_COLOUR_CHUNKS` (the same bytes when it has none, or when its
+    chunks cannot be walked: the decoder says what is wrong then)."""
+    pos, kept, start = len(_PNG_SIGNATURE), [], 0
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I", data[pos:pos + 4])[0], data[pos + 4:pos + 8]
+        end = pos + 12 + length                            # length, type, data, CRC
+        if end > len(data):
+            return data
+        if kind in _COLOUR_CHUNKS:
+            kept.append(data[start:pos])
+            start = end
+        if kind == b"IEND":
+            break
+        pos = end
+    return data if not kept else b"".join(kept) + data[start:]
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded bytes -> RGB uint8 (H, W, 3) at the original size; raises ImageError.
 
@@ -291,7 +316,7 @@ def decode_image(data: bytes) -> np.ndarray:
     fmt = _sniff(data)
     if _truncated(data, fmt):
         raise ImageError("truncated")
-    buf = np.frombuffer(data, np.uint8)
+    buf = np.frombuffer(_without_colour_chunks(data) if fmt == "png" else data, np.uint8)
     try:
         if _may_have_alpha(data, fmt):
             raw = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)

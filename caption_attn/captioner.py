@@ -601,11 +601,14 @@ def format_captions(path: str, captions: list[Caption], name: Optional[str] = No
 
 
 def captions_json(results: dict, errors: dict) -> dict:
-    """JSON-able form of `caption_images` output, with each word's 8x8 attention map."""
+    """JSON-able form of `caption_images` output, with each word's 8x8 attention map; every
+    string valid Unicode (image names as `images.json_name` gives them)."""
+    from caption_attn.images import json_name, printable_name
+
     side = GRID
     images = []
     for path, (_, captions) in results.items():
-        images.append({"image": path, "captions": [{
+        images.append({**json_name(path), "captions": [{
             "caption": c.text, "words": c.words, "ended": c.ended, "log_prob": c.log_prob,
             "p": c.probability,
             # rounded in float64: float32 values rounded to 5 decimals printed as 7.0000001e-05
@@ -614,7 +617,8 @@ def captions_json(results: dict, errors: dict) -> dict:
                           for t, w in enumerate(c.steps)],
         } for c in captions]})
     return {"images": images,
-            "errors": [{"image": p, "error": reason} for p, reason in errors.items()]}
+            "errors": [{**json_name(p), "error": printable_name(reason)}
+                       for p, reason in errors.items()]}
 
 
 def attention_plot(image: np.ndarray, caption: Caption, name: str = "",

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 from caption_attn import config as C
 from caption_attn.errors import UserError
-from caption_attn.fileio import exit_past_hdf5, hdf5_write_failed, one_line
+from caption_attn.fileio import exit_past_hdf5, hdf5_write_failed, one_line, printable_json
 from caption_attn.run import check_folder_writable
 
 PROG = "caption-attn"
@@ -97,7 +97,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     data_cfg = config_from_args(C.DataConfig, args)
     vocab_cfg = config_from_args(C.VocabConfig, args)
     stats = data.describe(args.captions, data_cfg, vocab_cfg, images_dir=args.images)
-    print(json.dumps(stats, indent=2, ensure_ascii=False) if args.json
+    # valid UTF-8 JSON whatever the bytes of the paths in it (printed as \xNN)
+    print(json.dumps(printable_json(stats), indent=2, ensure_ascii=False) if args.json
           else data.format_description(stats))
     return 0
 
@@ -258,7 +259,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{metrics['split']} split, {metrics['images']} images, {method} decoding{beam}"
           f"{model}")
     print(evaluate.format_metrics(metrics))
-    print(f"metrics: {metrics['metrics_file']}\nresults: {metrics['results_file']}")
+    # as the metrics file names them (valid UTF-8: a path's other bytes as \xNN)
+    paths = printable_json([metrics["metrics_file"], metrics["results_file"]])
+    print(f"metrics: {one_line(paths[0])}\nresults: {one_line(paths[1])}")
     return 0
 
 

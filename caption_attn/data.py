@@ -812,13 +812,27 @@ def _captions_digest(captions: list[str]) -> str:
     return hashlib.sha256(json.dumps(captions, ensure_ascii=False).encode()).hexdigest()
 
 
+def _truth_digest(record: ImageRecord) -> Optional[str]:
+    """Short digest of an image's ground truth for scene accuracy and grounding: its
+    `objects` and its size (which places their boxes on the attention grid); None when it
+    has no objects."""
+    if record.objects is None:
+        return None
+    size = None if record.size is None else list(record.size)
+    text = json.dumps([record.objects, size], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:DIGEST_CHARS]
+
+
 def caption_fingerprint(records: Iterable[ImageRecord], splits: dict) -> dict:
     """What a run records of its caption data (split.json `caption_data`): `sha256` over the
     parsed records (every image key with its split and raw captions, in key order; the file's
     path and bytes do not matter, so a moved or reformatted file matches), `unordered_sha256`
     the same with each image's captions sorted (equal when only their order differs), and
     `digests`, a short digest of each image's captions per split, in the order of `splits`
-    (None for an image `records` lacks), from which `caption_changes` counts what differs."""
+    (None for an image `records` lacks), from which `caption_changes` counts what differs.
+    `objects` holds the same per split for the images' ground-truth objects and size
+    (`objects_changes`; None for an image without objects), or {} when no image has
+    objects; the sha256s leave them out: training does not read them."""
     by_key = {r.image: r for r in records}
     total, unordered = hashlib.sha256(), hashlib.sha256()
     full = {}
@@ -830,8 +844,10 @@ def caption_fingerprint(records: Iterable[ImageRecord], splits: dict) -> dict:
                          f"{_captions_digest(sorted(record.captions))}\n".encode())
     digests = {s: [full[k][:DIGEST_CHARS] if k in full else None for k in keys]
                for s, keys in splits.items()}
+    truth = {k: _truth_digest(r) for k, r in by_key.items() if r.objects is not None}
+    objects = {s: [truth.get(k) for k in keys] for s, keys in splits.items()} if truth else {}
     return {"sha256": total.hexdigest(), "unordered_sha256": unordered.hexdigest(),
-            "digests": digests}
+            "digests": digests, "objects": objects}
 
 
 def caption_changes(recorded: dict, splits: dict, records: Iterable[ImageRecord],
@@ -876,6 +892,32 @@ def caption_changes(recorded: dict, splits: dict, records: Iterable[ImageRecord]
     if only is not None:
         return ", ".join(parts) or None
     return ", ".join(parts) or "the captions differ"
+
+
+def objects_changes(recorded: dict, splits: dict, records: Iterable[ImageRecord],
+                    split: str) -> Optional[str]:
+    """How the ground-truth objects (and size) of the images of `split` in `records` differ
+    from those the run `recorded` (`caption_fingerprint`'s `objects`, with the run's
+    `splits`), e.g. "2 of 8 images have other objects (e.g. 'a.png')"; None when they are the
+    same, or when the run did not record them (`recorded` has no `objects`: see
+    `objects_recorded`). Images gone from `records` are `caption_changes`' news."""
+    if not objects_recorded(recorded):
+        return None
+    by_key = {r.image: r for r in records}
+    digests = recorded["objects"].get(split)
+    known = dict(zip(splits.get(split, []), digests if isinstance(digests, list) else []))
+    kept = [k for k in splits.get(split, []) if k in by_key]
+    other = sorted(k for k in kept if _truth_digest(by_key[k]) != known.get(k))
+    if not other:
+        return None
+    verb = "has" if len(other) == 1 else "have"
+    return f"{len(other)} of {len(kept)} images {verb} other objects (e.g. {other[0]!r})"
+
+
+def objects_recorded(recorded: Optional[dict]) -> bool:
+    """Whether a run's caption data (`RunFolder.caption_data`) holds the digests of its
+    images' ground-truth objects (runs made before they were recorded do not)."""
+    return isinstance(recorded, dict) and isinstance(recorded.get("objects"), dict)
 
 
 # --------------------------------------------------------------------------- statistics

@@ -23,7 +23,8 @@ from caption_attn.feature_cache import (describe_problems, feature_path, read_ma
                                         repair_command, source_images,
                                         unchecked_images_note, usable_features_checked_in,
                                         using_features)
-from caption_attn.fileio import holding_lock, is_inside, read_json, write_json_atomic
+from caption_attn.fileio import (holding_lock, is_inside, printable_json, read_json,
+                                 write_json_atomic)
 from caption_attn.run import RunFolder, check_folder_writable
 from caption_attn.shapes import COLORS, SHAPES
 from caption_attn.shapes_metrics import (SHAPES_METRICS, scene_accuracy_by_objects,
@@ -73,6 +74,7 @@ class _SplitFeatures:
     reader: object                      # pipeline.NpyReader of the cache
     problems: str = ""                  # why images were left out (describe_problems)
     references_note: str = ""           # how the references differ from the run's captions
+    objects_note: str = ""              # how the ground-truth objects differ from the run's
     images_note: str = ""               # that the source images could not be checked
     places: Optional[list] = None       # each key's place in the split (its --sample stream)
 
@@ -104,6 +106,7 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
             f"in its {split} split: {changes}; the scores are against {captions}"
             if changes else "")
     keys = [k for k in splits[split] if k in records]
+    objects_note = _objects_note(recorded, splits, records, split, captions)
     absent = [k for k in splits[split] if k not in records]
     if absent and keys and not recorded:
         # a run made before runs recorded their caption data: `caption_changes` cannot say
@@ -134,7 +137,24 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
     unchecked = unchecked_images_note(cache, manifest, folder, run.images_dir(existing=False),
                                       fix=" (scored as they are)") or ""
     return _SplitFeatures(split, cache, keys, without, records, manifest, reader, why, note,
-                          unchecked, [place[k] for k in keys])
+                          objects_note, unchecked, [place[k] for k in keys])
+
+
+def _objects_note(recorded: Optional[dict], splits: dict, records: dict, split: str,
+                  captions: str) -> str:
+    """What `evaluate` says when the ground-truth objects of the `split` images in `captions`
+    (`records`) are not the ones the run recorded (scene accuracy and grounding score against
+    them), or could not be compared (a run made before it recorded them); else ""."""
+    if not any(records[k].objects is not None for k in splits[split] if k in records):
+        return ""
+    if not data.objects_recorded(recorded):
+        return (f"the run did not record the ground-truth `objects` of its images (made "
+                f"before runs recorded them): scene accuracy and grounding are against the "
+                f"ones in {captions}, which could not be compared with the run's")
+    changes = data.objects_changes(recorded, splits, records.values(), split)
+    return (f"the ground-truth `objects` in {captions} differ from the ones the run was "
+            f"trained with in its {split} split: {changes}; scene accuracy and grounding are "
+            f"against {captions}" if changes else "")
 
 
 def _check_outputs(metrics_path: str, results_path: str, given: bool = True) -> None:
@@ -164,7 +184,7 @@ def _check_outputs(metrics_path: str, results_path: str, given: bool = True) -> 
                         f"between its two files; {other} (or remove that file)")
     folder = os.path.dirname(os.path.abspath(metrics_path))
     if given:
-        check_folder_writable(folder, "--out")
+        check_folder_writable(folder, "--out", given=metrics_path)
         return
     try:
         check_folder_writable(folder, "the default output folder")
@@ -228,7 +248,7 @@ def _is_results(path: str, metrics_path: str) -> bool:
     return _is_results_list(path) and isinstance(metrics, dict) and \
         "metrics_file" in metrics and "split" in metrics and \
         isinstance(metrics.get("results_file"), str) and \
-        os.path.basename(metrics["results_file"]) == os.path.basename(path)
+        os.path.basename(metrics["results_file"]) == printable_json(os.path.basename(path))
 
 
 def _is_results_list(path: str) -> bool:
@@ -306,8 +326,7 @@ def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
     records = found.records
     references = {k: records[k].captions for k in found.keys}
     metrics, notes = coco_metrics(references, hypotheses, use_java=use_java)
-    if found.references_note:
-        notes.insert(0, found.references_note)
+    notes[:0] = [n for n in (found.references_note, found.objects_note) if n]
     if found.images_note:
         notes.append(found.images_note)
     if found.without:
@@ -452,4 +471,5 @@ def write_outputs(result: dict, hypotheses: dict, image_ids: dict) -> None:
         if os.path.exists(result["metrics_file"]):
             os.remove(result["metrics_file"])
         write_results(result["results_file"], hypotheses, image_ids)
-        write_json_atomic(result["metrics_file"], result)
+        # valid UTF-8 whatever the paths' bytes (`_is_results` compares names so written)
+        write_json_atomic(result["metrics_file"], printable_json(result))

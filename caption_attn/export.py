@@ -243,7 +243,7 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> No
                             f"replacing the earlier export would delete; move it out (extra "
                             f"files for TF Serving go in {os.path.join(out, KEPT)}, which is "
                             f"kept), or add --force to delete it")
-    check_folder_writable(os.path.dirname(target), "--out")
+    check_folder_writable(os.path.dirname(target), "--out", given=out)
 
 
 def _not_written_by_exports(out: str) -> list:

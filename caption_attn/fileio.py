@@ -269,6 +269,21 @@ def one_line(text: str, keep: str = "") -> str:
                    for c in text)
 
 
+def printable_json(obj: Any) -> Any:
+    """`obj` (a JSON value) with the bytes that are not UTF-8 in its strings and keys (a
+    file name's, which Python holds as surrogate escapes: b'\\xff' as '\\udcff') written as
+    \\xNN, as the printed messages show them (`images.printable_name`): written as they
+    were, a JSON output held a lone surrogate, which strict readers refuse, or could not be
+    written at all."""
+    if isinstance(obj, str):
+        return obj.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if isinstance(obj, dict):
+        return {printable_json(k): printable_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [printable_json(v) for v in obj]
+    return obj
+
+
 def read_json(path: str) -> Any:
     """Read a JSON file; a missing or malformed file is a `UserError` naming it."""
     try:

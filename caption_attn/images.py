@@ -275,6 +275,31 @@ def _from_unchanged(raw: np.ndarray, data: bytes, fmt: Optional[str]) -> Optiona
     return np.rint(rgb * 255.0).astype(np.uint8)
 
 
+# PNG chunks of colour management, which OpenCV reads past without applying (the pixels are
+# the same without them) and about which libpng itself prints "libpng warning: iCCP: known
+# incorrect sRGB profile", "... sRGB: invalid" to stderr, whatever OpenCV's log level: noise
+# between the progress bar and the captions, for images that decode fine
+_COLOUR_CHUNKS = (b"iCCP", b"sRGB")
+
+
+def _without_colour_chunks(data: bytes) -> bytes:
+    """PNG `data` without its `_COLOUR_CHUNKS` (the same bytes when it has none, or when its
+    chunks cannot be walked: the decoder says what is wrong then)."""
+    pos, kept, start = len(_PNG_SIGNATURE), [], 0
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I", data[pos:pos + 4])[0], data[pos + 4:pos + 8]
+        end = pos + 12 + length                            # length, type, data, CRC
+        if end > len(data):
+            return data
+        if kind in _COLOUR_CHUNKS:
+            kept.append(data[start:pos])
+            start = end
+        if kind == b"IEND":
+            break
+        pos = end
+    return data if not kept else b"".join(kept) + data[start:]
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded bytes -> RGB uint8 (H, W, 3) at the original size; raises ImageError.
 
@@ -291,7 +316,7 @@ def decode_image(data: bytes) -> np.ndarray:
     fmt = _sniff(data)
     if _truncated(data, fmt):
         raise ImageError("truncated")
-    buf = np.frombuffer(data, np.uint8)
+    buf = np.frombuffer(_without_colour_chunks(data) if fmt == "png" else data, np.uint8)
     try:
         if _may_have_alpha(data, fmt):
             raw = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
@@ -368,6 +393,27 @@ def printable_name(name: str) -> str:
     holds as 'caf\\udce9.png') written as \\xNN, so it can be printed, drawn and saved; a
     UTF-8 name comes back as it is."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_utf8_name(name: str) -> bool:
+    """Whether the file name `name` (as Python holds a name from the command line or the
+    disk) is valid UTF-8: without the surrogate escapes of bytes that are not."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def json_name(name: str, key: str = "image") -> dict:
+    """How JSON output names a file: `key` -> the name as every printed message shows it
+    (`printable_name`), and, only for a name that is not UTF-8, `key`_hex -> its exact
+    bytes in hex. A name held with surrogate escapes went out as "caf\\udce9.png", a lone
+    surrogate that strict JSON and UTF-8 readers refuse or mangle; "caf\\xe9.png" alone
+    could not be told from a file named so, hence the bytes (`bytes.fromhex`)."""
+    if is_utf8_name(name):
+        return {key: name}
+    return {key: printable_name(name), f"{key}_hex": os.fsencode(name).hex()}
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

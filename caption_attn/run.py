@@ -375,7 +375,9 @@ class RunFolder:
     # ------------------------------------------------------------------ using a run
     def load_config(self) -> RunConfig:
         if not os.path.exists(self.config):
-            raise UserError(f"{self.path}: not a training run (no config.json); train one with "
+            why = "no config.json" if os.path.isdir(self.path) else (
+                "a file, not a folder" if os.path.exists(self.path) else "no such folder")
+            raise UserError(f"--run {self.path}: not a training run ({why}); train one with "
                             f"`caption-attn train --run {self.path} ...`")
         try:
             return RunConfig.from_dict(read_json(self.config))
@@ -707,20 +709,26 @@ def _keras_archive_config(path: str, recover: str) -> dict:
     return config
 
 
-def check_folder_writable(path: str, what: str) -> None:
+def check_folder_writable(path: str, what: str, given: Optional[str] = None) -> None:
     """`UserError` (one line) unless `path` is a writable folder or can be created as one:
-    checked before any expensive work that would write there."""
+    checked before any expensive work that would write there. The message begins with
+    `what` and the flag's value: `given` when `path` is the folder of what the flag names
+    (`--out FILE`: "--out a/m.json: ...", not "--out a"), else `path`; it names the folder
+    that cannot be written, and the one that would be made in it."""
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)
         if parent == probe:
             break
         probe = parent
+    label = f"{what} {path if given is None else given}"
     if not os.path.isdir(probe):
-        raise UserError(f"{what} {path}: {probe} is a file, not a folder")
+        raise UserError(f"{label}: {probe} is a file, not a folder")
     problem = folder_write_problem(probe)
     if problem:
-        raise UserError(f"{what} {path}: {problem}")
+        made = "" if probe == os.path.abspath(path) else \
+            f", where {'its folder ' if given is not None else ''}{path} would be made"
+        raise UserError(f"{label}: {problem}{made}")
 
 
 def folder_write_problem(folder: str) -> Optional[str]:

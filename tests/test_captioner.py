@@ -97,6 +97,41 @@ def test_caption_json_has_attention_maps(shapes_data, trained_run, capsys):
     assert ended >= 1
 
 
+def _strings(obj):
+    """Every string in a parsed JSON value, keys too."""
+    if isinstance(obj, dict):
+        return [s for k, v in obj.items() for s in [k, *_strings(v)]]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return [obj] if isinstance(obj, str) else []
+
+
+def test_caption_json_names_a_file_whose_name_is_not_utf8_in_valid_unicode_and_its_bytes(
+        shapes_data, trained_run, tmp_path, capsys):
+    # b"caf\xe9.png" (a Latin-1 name) came out as "caf\udce9.png", a lone surrogate that
+    # strict JSON / UTF-8 readers (Rust's serde_json, Go's decoder) refuse or mangle
+    image = _test_images(shapes_data, trained_run, 1)[0]
+    latin = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"caf\xe9.png"))
+    utf8 = str(tmp_path / "caf\u00e9.png")
+    broken = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"\xff.jpg"))
+    for path in (latin, utf8):
+        shutil.copy(image, path)
+    with open(broken, "wb") as f:
+        f.write(b"not pixels")
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--json", latin, utf8,
+                 broken]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for text in _strings(out):
+        text.encode("utf-8")                                # strict: no lone surrogates
+    # as every other output of caption names it (\xNN), with its exact bytes beside
+    assert out["images"][0]["image"] == f"{tmp_path}/caf\\xe9.png"
+    assert out["images"][0]["image_hex"] == os.fsencode(latin).hex()
+    assert out["images"][1]["image"] == utf8 and "image_hex" not in out["images"][1]
+    [error] = out["errors"]
+    assert error["image"] == f"{tmp_path}/\\xff.jpg"
+    assert bytes.fromhex(error["image_hex"]) == os.fsencode(broken)
+
+
 def test_captions_cut_at_max_length_keep_json_and_text_consistent(shapes_data, trained_run,
                                                                    capsys):
     image = _test_images(shapes_data, trained_run, 1)[0]

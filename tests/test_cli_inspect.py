@@ -339,3 +339,15 @@ def test_an_unknown_flag_is_refused_by_the_command_that_got_it(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.startswith("usage: caption-attn inspect ")
     assert err.endswith("caption-attn inspect: error: unrecognized arguments: --bogus 1\n")
+
+
+def test_inspect_json_names_a_file_whose_name_is_not_utf8_in_valid_utf8(tmp_path, capsys):
+    # --captions b"capt\xe9.txt": the JSON held "capt\udce9.txt", which cannot be encoded
+    # (an error on a strict stdout, a byte that is no UTF-8 on a lenient one)
+    path, images = make(tmp_path)
+    latin = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"capt\xe9.txt"))
+    os.rename(path, latin)
+    assert cli.main(["inspect", "--captions", latin, "--images", images, "--json"]) == 0
+    out = capsys.readouterr().out
+    out.encode("utf-8")                                     # strict
+    assert json.loads(out)["file"] == f"{tmp_path}/capt\\xe9.txt"

@@ -1019,6 +1019,43 @@ def test_the_same_captions_in_another_order_are_called_so():
         "1 of 1 images has other captions (e.g. 'c.jpg')"
 
 
+def test_the_fingerprint_records_the_ground_truth_objects_apart_from_the_captions():
+    """`evaluate` scored against other `objects` than the run had without a word: the run
+    did not record them. They are recorded apart: training does not read them, so they
+    change neither `sha256` (a resume's check) nor `caption_changes`."""
+    box = {"color": "red", "shape": "circle", "size": "small", "bbox": [1, 2, 3, 4]}
+
+    def records(color="red", size=(80, 80), d_objects=None):
+        out = _records(a=("train", ["a cat"]), b=("test", ["a dog"]), c=("test", ["a cow"]),
+                       d=("test", ["a hen"]))
+        for r in out[:3]:
+            r.objects, r.size = [dict(box)], (80, 80)
+        out[1].objects[0]["color"], out[1].size, out[3].objects = color, size, d_objects
+        return out
+    before = records()
+    splits = {s: sorted(r.image for r in before if r.split == s) for s in data.SPLITS}
+    recorded = data.caption_fingerprint(before, splits)
+    assert data.objects_recorded(recorded)
+    assert data.objects_changes(recorded, splits, records(), "test") is None
+    for after in (records(color="blue"), records(size=(160, 80))):
+        assert data.caption_fingerprint(after, splits)["sha256"] == recorded["sha256"]
+        assert data.caption_changes(recorded, splits, after) is None
+        assert data.objects_changes(recorded, splits, after, "test") == \
+            "1 of 3 images has other objects (e.g. 'b.jpg')"
+        assert data.objects_changes(recorded, splits, after, "train") is None
+    # objects where there were none, and none where there were
+    after = records(d_objects=[box])
+    after[2].objects = None
+    assert data.objects_changes(recorded, splits, after, "test") == \
+        "2 of 3 images have other objects (e.g. 'c.jpg')"
+    # a dataset without objects records none; one recorded before they were is no change
+    plain = _records(a=("train", ["a cat"]), b=("test", ["a dog"]))
+    assert data.caption_fingerprint(plain, splits)["objects"] == {}
+    old = {k: v for k, v in recorded.items() if k != "objects"}
+    assert not data.objects_recorded(old) and not data.objects_recorded(None)
+    assert data.objects_changes(old, splits, records(color="blue"), "test") is None
+
+
 @pytest.mark.parametrize("height", [1e999, float("nan"), -5, "299", True])
 def test_an_image_size_that_is_no_finite_positive_number_is_not_used(tmp_path, height):
     """Karpathy's `height: Infinity` (or 1e999) was taken as the image's size, and grounding

@@ -178,7 +178,13 @@ def test_an_out_that_cannot_be_written_is_refused_before_decoding(trained_run, c
     monkeypatch.setattr(evaluate, "_decode", None)                 # must not be reached
     assert main(["evaluate", "--run", trained_run, "--out", "/proc/m.json"]) == 2
     err = capsys.readouterr().err
-    assert "--out /proc: cannot create files in /proc" in err and ".tmp" not in err
+    # --out as given, and the folder that cannot be written (it said "--out /proc: ...")
+    assert "error: --out /proc/m.json: cannot create files in /proc (" in err
+    assert ".tmp" not in err
+    assert main(["evaluate", "--run", trained_run, "--out", "/proc/new/m.json"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --out /proc/new/m.json: cannot create files in /proc (" in err
+    assert "), where its folder /proc/new would be made" in err
 
 
 def test_an_out_whose_results_file_is_a_folder_is_refused_naming_both(trained_run, tmp_path,
@@ -757,3 +763,90 @@ def test_a_run_split_by_image_hash_is_scored_on_its_whole_split_with_flickr8k_li
             f.writelines(f"{k}\n" for k in data.splits[split] if k != test[0])
     found = evaluate._load_split(run.path, "test", cfg, shapes_data["cache"], captions)
     assert found.keys == test and found.references_note == ""
+
+
+def _with_other_objects(shapes_data, tmp_path, key, change):
+    """The run's caption file with `change` applied to the entry of image `key`, saved as
+    tmp_path/other.json (its captions unchanged)."""
+    with open(shapes_data["captions"]) as f:
+        captions = json.load(f)
+    change([i for i in captions["images"] if i["filename"] == key][0])
+    other = str(tmp_path / "other.json")
+    with open(other, "w") as f:
+        json.dump(captions, f)
+    return other
+
+
+def _decoded_as_a(monkeypatch):
+    monkeypatch.setattr(evaluate, "_decode", lambda captioner, found, progress: {
+        k: captioner_lib.Caption(["a"], 0.0, np.zeros((2, 64))) for k in found.keys})
+
+
+def test_other_ground_truth_objects_are_scored_with_a_note(shapes_data, trained_run, tmp_path,
+                                                           monkeypatch):
+    # Only the `objects` of a test image changed (scene accuracy's and grounding's ground
+    # truth): scored against the new objects without a word, as if they were the run's.
+    _decoded_as_a(monkeypatch)
+    with open(os.path.join(trained_run, "split.json")) as f:
+        test_keys = json.load(f)["splits"]["test"]
+
+    def recolour(image):
+        image["objects"][0]["color"] = "purple" if image["objects"][0]["color"] != "purple" \
+            else "red"
+    other = _with_other_objects(shapes_data, tmp_path, test_keys[2], recolour)
+    metrics = evaluate.evaluate_run(trained_run, "test", progress=False, use_java=False,
+                                    out=str(tmp_path / "m.json"), captions=other)
+    assert metrics["notes"][0] == (
+        f"the ground-truth `objects` in {other} differ from the ones the run was trained with "
+        f"in its test split: 1 of {len(test_keys)} images has other objects (e.g. "
+        f"{test_keys[2]!r}); scene accuracy and grounding are against {other}")
+    # the size places the boxes on the attention grid: part of grounding's ground truth
+    other = _with_other_objects(shapes_data, tmp_path, test_keys[0],
+                                lambda image: image.update(width=598))
+    metrics = evaluate.evaluate_run(trained_run, "test", progress=False, use_java=False,
+                                    out=str(tmp_path / "m.json"), captions=other)
+    assert f"1 of {len(test_keys)} images has other objects (e.g. {test_keys[0]!r})" in \
+        metrics["notes"][0]
+    # another split's objects are not this split's news; the run's own file says nothing
+    with open(os.path.join(trained_run, "split.json")) as f:
+        train_key = json.load(f)["splits"]["train"][0]
+    other = _with_other_objects(shapes_data, tmp_path, train_key, recolour)
+    for captions in (other, None):
+        metrics = evaluate.evaluate_run(trained_run, "test", progress=False, use_java=False,
+                                        out=str(tmp_path / "m.json"), captions=captions)
+        assert not any("objects" in n for n in metrics["notes"]), metrics["notes"]
+
+
+def test_a_run_that_did_not_record_its_objects_says_they_could_not_be_checked(
+        shapes_data, run_copy, tmp_path, monkeypatch):
+    # A run made before runs recorded the digests of their ground-truth objects: nothing
+    # can tell whether the objects scored against are the ones it had, and the metrics say so.
+    _decoded_as_a(monkeypatch)
+    with open(run_copy.split) as f:
+        split = json.load(f)
+    del split["caption_data"]["objects"]
+    with open(run_copy.split, "w") as f:
+        json.dump(split, f)
+    metrics = evaluate.evaluate_run(run_copy.path, "test", progress=False, use_java=False,
+                                    out=str(tmp_path / "m.json"))
+    assert metrics["notes"][0] == (
+        f"the run did not record the ground-truth `objects` of its images (made before runs "
+        f"recorded them): scene accuracy and grounding are against the ones in "
+        f"{shapes_data['captions']}, which could not be compared with the run's")
+
+
+def test_an_out_whose_path_is_not_utf8_is_written_as_valid_utf8_json(trained_run, tmp_path,
+                                                                     monkeypatch, capsys):
+    # --out in a folder named b"\xff": the metrics JSON could not be encoded, a traceback
+    # after decoding, and the results file left alone blocked every later evaluate there
+    _decoded_as_a(monkeypatch)
+    folder = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"\xff"))
+    out = os.path.join(folder, "m.json")
+    for _ in range(2):                                   # its own outputs are replaced
+        assert main(["evaluate", "--run", trained_run, "--out", out]) == 0
+        assert f"metrics: {tmp_path}/\\xff/m.json" in capsys.readouterr().out
+        with open(out, "rb") as f:
+            metrics = json.loads(f.read().decode("utf-8"))          # strict UTF-8
+        assert metrics["metrics_file"] == f"{tmp_path}/\\xff/m.json"
+        assert metrics["results_file"] == f"{tmp_path}/\\xff/m_results.json"
+        assert os.path.exists(os.path.join(folder, "m_results.json"))

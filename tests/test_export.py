@@ -351,7 +351,14 @@ def test_bad_out_folders_are_refused_in_one_line(tmp_path):
     _refused(["export", "--run", run, "--out", str(other)], "another run (/somewhere/else)")
     afile = tmp_path / "afile"
     afile.write_text("x")
-    _refused(["export", "--run", run, "--out", str(afile / "export")], "is a file")
+    _refused(["export", "--run", run, "--out", str(afile / "export")],
+             f"--out {afile / 'export'}: {afile} is a file, not a folder")
+    # the folder that cannot be written is named, and --out as given (it was "--out /proc")
+    _refused(["export", "--run", run, "--out", "/proc/export"],
+             "error: --out /proc/export: cannot create files in /proc (")
+    _refused(["export", "--run", run, "--out", "/proc/new/export"],
+             "error: --out /proc/new/export: cannot create files in /proc (", "), where its "
+             "folder /proc/new would be made")
     _refused(["export", "--run", run, "--out", str(tmp_path)], "would replace", run)
     _refused(["export", "--run", run, "--out", str(tmp_path / "x"), "--tflite-quantize",
               "float16"], "add --tflite")

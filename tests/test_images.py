@@ -456,3 +456,28 @@ def test_alpha_is_composited_in_bands_with_the_same_pixels():
     finally:
         tracemalloc.stop()
     assert peak / raw[..., 0].size < 10, peak          # bytes per pixel (3 of them the output)
+
+
+def _with_chunks(png: bytes, *chunks: tuple) -> bytes:
+    """`png` with (type, data) chunks put right after its header chunk."""
+    return png[:33] + b"".join(png_chunk(k, d) for k, d in chunks) + png[33:]
+
+
+def test_colour_profile_chunks_that_libpng_warns_about_print_nothing(capfd):
+    # "libpng warning: iCCP: too short" (or "known incorrect sRGB profile", "sRGB: invalid")
+    # went to the terminal for each such PNG, between the progress bar and the captions:
+    # libpng's own default handler writes it, whatever OpenCV's log level. OpenCV does not
+    # apply colour profiles, so the chunks are dropped before decoding: the same pixels.
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    png = cv2.imencode(".png", pixels)[1].tobytes()
+    expected = decode_image(png)
+    capfd.readouterr()
+    for chunks in ([(b"iCCP", b"ICC Profile\0\0" + zlib.compress(bytes(200)))],
+                   [(b"sRGB", b"\x07")], [(b"sRGB", b"\0"), (b"sRGB", b"\0")]):
+        assert np.array_equal(decode_image(_with_chunks(png, *chunks)), expected)
+        assert capfd.readouterr().err == ""
+    # damage is still said: a PNG whose image data is cut is refused as before
+    damaged = _with_chunks(png, (b"iCCP", b"x\0\0" + zlib.compress(bytes(200))))
+    start = damaged.index(b"IDAT") + 8
+    with pytest.raises(ImageError, match="corrupt PNG"):
+        decode_image(damaged[:start] + bytes(40) + damaged[start + 40:])

@@ -16,8 +16,8 @@ def test_a_tensorflow_command_prints_only_its_own_error(tmp_path):
                           env={**env, "PYTHONPATH": ROOT}, timeout=300)
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
-        f"caption-attn evaluate: error: {tmp_path / 'none'}: not a training run (no "
-        f"config.json); train one with `caption-attn train --run {tmp_path / 'none'} ...`"]
+        f"caption-attn evaluate: error: --run {tmp_path / 'none'}: not a training run (no "
+        f"such folder); train one with `caption-attn train --run {tmp_path / 'none'} ...`"]
 
 
 def test_only_known_notices_are_dropped():

@@ -26,6 +26,23 @@ def test_not_a_run(tmp_path):
         RunFolder(str(tmp_path)).load_config()
 
 
+@pytest.mark.parametrize("command", ["caption", "evaluate", "export"])
+def test_a_run_flag_that_names_no_run_is_named_as_the_flag(tmp_path, capsys, command):
+    # `caption --run nope IMG` said "nope: not a training run": not which flag was wrong
+    from caption_attn.cli import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "x.png").write_bytes(b"")
+    extra = {"caption": [str(tmp_path / "x.png")], "evaluate": [],
+             "export": ["--out", str(tmp_path / "out")]}[command]
+    for name, why in (("nope", "no such folder"), ("empty", "no config.json")):
+        run = str(tmp_path / name)
+        assert main([command, "--run", run, *extra]) == 2
+        assert capsys.readouterr().err == (
+            f"caption-attn {command}: error: --run {run}: not a training run ({why}); train "
+            f"one with `caption-attn train --run {run} ...`\n")
+
+
 def test_truncated_best_model_names_the_file_and_the_recovery(run_copy):
     with open(run_copy.best_model, "r+b") as f:
         f.truncate(os.path.getsize(run_copy.best_model) // 2)

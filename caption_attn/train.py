@@ -623,7 +623,7 @@ class Trainer:
         if started:
             self.epoch_start.assign([started[k] for k in checkpoints.EPOCH_START])
         self.manager = tf.train.CheckpointManager(self._checkpoint_to_save(objects), own,
-                                                  max_to_keep=3)
+                                                  max_to_keep=checkpoints.KEEP)
         self.steps = Steps(self.model, self.optimizer, self.strategy, self.cfg,
                            lambda: self.scst)
         if mc.feature_norm and self._restored is None:  # else: restored with the model
@@ -1307,11 +1307,12 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
     `caption_file`: the same caption data, which the load checks; a Flickr8k file, whose
     split also depends on the lists beside it, is loaded); `features_as_recorded` (the
     features of every image, with its refusals); config.json and split.json would be
-    rewritten as they are; the newest checkpoint restores (none skipped or set aside); the
-    best model loads and is the best epoch's (none to save or rewrite), and the last
-    epoch's heatmaps are there (none to draw again). A multi-worker run is loaded, whose
-    workers agree on their checkpoints in the Trainer. What a stopped process logged past
-    the checkpoint is removed as by the Trainer (`forget_undone`)."""
+    rewritten as they are; the newest checkpoint restores (none skipped, set aside or
+    deleted: `checkpoints.restores_as_it_is`); the best model loads and is the best epoch's
+    (none to save or rewrite), and the last epoch's heatmaps are there (none to draw
+    again). A multi-worker run is loaded, whose workers agree on their checkpoints in the
+    Trainer. What a stopped process logged past the checkpoint is removed as by the Trainer
+    (`forget_undone`)."""
     tc = cfg.train
     where, recorded = _resume_position(run), run.caption_file()
     if tc.strategy == "multi-worker" or where is None or where[1] or recorded is None \

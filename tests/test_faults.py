@@ -133,6 +133,101 @@ def test_a_newest_checkpoint_without_its_index_is_named_when_skipped(tmp_path):
     assert tf.train.get_checkpoint_state(folder).model_checkpoint_path.endswith("ckpt-10")
 
 
+def _on_disk(folder):
+    """The steps of the checkpoints in `folder`, by their files (an .index or data files)."""
+    import re
+    return sorted({int(m.group(1)) for name in os.listdir(folder)
+                   for m in [re.match(r"ckpt-(\d+)\.(index|data-\d{5}-of-\d{5})$", name)] if m})
+
+
+@pytest.mark.parametrize("cause", ["killed before the state file", "state file deleted",
+                                   "damaged newest"])
+def test_a_resume_keeps_only_the_newest_checkpoints(tmp_path, cause):
+    """`tf.train.CheckpointManager` deletes only the checkpoints its state file (`checkpoint`)
+    lists with their times: a process killed after writing ckpt-N but before the state file,
+    a deleted state file, or the state file rewritten (without times) after a damaged
+    checkpoint was set aside, left checkpoints on disk for good, silently (hundreds of MB
+    each at COCO size). A resume keeps the newest `KEEP` and goes on from the newest intact
+    one; files that are not checkpoints are left alone."""
+    import tensorflow as tf
+
+    from caption_attn import checkpoints
+    folder = str(tmp_path / "checkpoints")
+    step = tf.Variable(0, dtype=tf.int64)
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(step=step), folder,
+                                         checkpoints.KEEP)
+    for s in (10, 20, 30):
+        step.assign(s)
+        manager.save(checkpoint_number=s)
+    if cause == "killed before the state file":      # ckpt-40 written, `checkpoint` not
+        state = open(os.path.join(folder, "checkpoint")).read()
+        first = {p: open(p, "rb").read() for p in glob.glob(os.path.join(folder, "ckpt-10.*"))}
+        step.assign(40)
+        manager.save(checkpoint_number=40)               # (which deleted ckpt-10)
+        for path, data in first.items():
+            open(path, "wb").write(data)
+        open(os.path.join(folder, "checkpoint"), "w").write(state)
+    elif cause == "state file deleted":
+        os.remove(os.path.join(folder, "checkpoint"))
+    else:
+        data = glob.glob(os.path.join(folder, "ckpt-30.data-*"))[0]
+        with open(data, "r+b") as f:
+            f.truncate(4)
+    others = ["notes.txt", "ckpt-5.index.bak", "my-ckpt-1.index", "ckpt-5.data-x"]
+    for name in others:
+        open(os.path.join(folder, name), "w").close()
+    newest = {"killed before the state file": 40, "state file deleted": 30}.get(cause, 20)
+    notes = []
+    restored = tf.train.Checkpoint(step=step)            # as `Trainer._build_state`
+    # a rerun with nothing to train loads the data (and the Trainer deletes them) then
+    assert checkpoints.restores_as_it_is(restored, folder) is None
+    assert checkpoints.restore_newest_intact(restored, folder, log=notes.append).endswith(
+        f"ckpt-{newest}") and int(step.numpy()) == newest
+    kept = [s for s in (10, 20, 30, 40) if s <= newest][-checkpoints.KEEP:]
+    assert _on_disk(folder) == kept, notes
+    assert checkpoints.restores_as_it_is(restored, folder).endswith(f"ckpt-{newest}")
+    manager = tf.train.CheckpointManager(restored, folder, max_to_keep=checkpoints.KEEP)
+    for s in (50, 60):
+        step.assign(s)
+        manager.save(checkpoint_number=s)
+    assert _on_disk(folder) == [kept[-1], 50, 60]
+    for name in others:
+        assert os.path.exists(os.path.join(folder, name))
+    if cause == "damaged newest":                        # set aside as before
+        assert glob.glob(os.path.join(folder, "damaged-ckpt-30.*"))
+
+
+@pytest.mark.parametrize("cause", ["killed before the state file", "state file deleted"])
+def test_train_resumed_keeps_only_the_newest_checkpoints(shapes_data, run_copy, cause):
+    """`train`'s resume of a run whose state file lists fewer checkpoints than it has, or
+    was deleted: each such event left checkpoints on disk for good."""
+    import tensorflow as tf
+
+    from caption_attn import checkpoints
+    folder = os.path.join(run_copy, "checkpoints")
+    steps = _on_disk(folder)
+    assert len(steps) == checkpoints.KEEP
+    if cause == "killed before the state file":     # the newest written, not yet listed
+        state = tf.train.get_checkpoint_state(folder)
+        tf.compat.v1.train.update_checkpoint_state(
+            folder, state.all_model_checkpoint_paths[-2],
+            all_model_checkpoint_paths=list(state.all_model_checkpoint_paths[:-1]),
+            all_model_checkpoint_timestamps=list(state.all_model_checkpoint_timestamps[:-1]),
+            last_preserved_timestamp=state.last_preserved_timestamp)
+    else:
+        os.remove(os.path.join(folder, "checkpoint"))
+    with open(os.path.join(run_copy, "config.json")) as f:
+        cfg = RunConfig.from_dict(json.load(f))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                             epochs=cfg.train.epochs + 1))
+    summary = train.train(cfg, run_copy, progress=False, log=lambda *a: None)
+    assert summary["epochs"] == cfg.train.epochs
+    on_disk = _on_disk(folder)
+    assert on_disk[:-1] == steps[1:] and len(on_disk) == checkpoints.KEEP   # resumed at the
+    assert tf.train.get_checkpoint_state(folder).model_checkpoint_path.endswith(   # newest
+        f"ckpt-{on_disk[-1]}")
+
+
 def _steps(folder, tag):
     import tensorflow as tf
     return sorted(event.step for path in glob.glob(os.path.join(folder, "events.out.tfevents.*"))

@@ -277,23 +277,75 @@ def test_a_damaged_best_weights_file_beside_a_whole_best_model_is_rewritten(shap
     assert len(json.load(open(os.path.join(run_copy, "history.json")))) == cfg.train.epochs
 
 
-def test_a_best_model_gone_with_its_weights_is_refused_before_training(shapes_data,
-                                                                       run_copy):
+def _listing(folder):
+    """Every file and folder under `folder` (hidden ones too) with its size and mtime (not
+    `folder`'s own mtime: the check that it is writable creates and removes a probe file)."""
+    stats = {os.path.join(d, n): os.stat(os.path.join(d, n))
+             for d, dirs, files in os.walk(folder) for n in dirs + files}
+    return {os.path.relpath(p, folder): (st.st_size, st.st_mtime_ns) for p, st in stats.items()}
+
+
+@pytest.mark.parametrize("damage, refusal", [
+    ("both deleted", r"best\.keras and .*best\.weights\.h5: missing, though .*best\.json "
+                     r"records the best model of epoch \d+: put them back"),
+    ("weights cut short", r"best\.weights\.h5: cannot be loaded \(OSError: Unable to "
+                          r".*truncated file.*\); best\.keras, missing or damaged, cannot be "
+                          r"rewritten from it: put either file back")])
+def test_a_best_model_beyond_repair_is_refused_before_training(shapes_data, run_copy,
+                                                               monkeypatch, damage, refusal):
     """best.keras and best.weights.h5 deleted, best.json kept: train trained on and ended
     with exit 0 naming best.keras as the best model, which was not there; caption then said
-    the run had not finished an epoch. Refused now, naming both, before any step."""
+    the run had not finished an epoch. Refused now, naming both, before any step; and, as
+    best.keras deleted beside a best.weights.h5 cut short, before the caption data and
+    features are loaded and anything is written into the run folder (both were refused only
+    after those, having rewritten config.json, split.json and vocab.json and written
+    TensorBoard event files into logs/)."""
+    os.remove(os.path.join(run_copy, "best.keras"))
+    weights = os.path.join(run_copy, "best.weights.h5")
+    if damage == "both deleted":
+        os.remove(weights)
+    else:
+        with open(weights, "r+b") as f:
+            f.truncate(1000)
+    with open(os.path.join(run_copy, "config.json")) as f:
+        cfg = RunConfig.from_dict(json.load(f))
+    before = _listing(run_copy)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the caption data was loaded before the refusal")
+
+    monkeypatch.setattr(train, "load_train_data", no_load)
+    for epochs in (cfg.train.epochs, cfg.train.epochs + 1):   # a rerun, and one that trains
+        more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
+        with pytest.raises(UserError, match=refusal):
+            train.train(more, run_copy, progress=False, log=lambda *a: None)
+        assert _listing(run_copy) == before
+    monkeypatch.undo()
+    with pytest.raises(UserError, match=refusal):
+        train.open_run(run_copy, cfg)                         # tests' and benchmarks' way in
+    assert _listing(run_copy) == before
+
+
+def test_a_best_model_lost_to_a_kill_before_its_save_is_saved_not_refused(shapes_data,
+                                                                          run_copy):
+    """The early refusal of a best model gone with its weights leaves out what the resume
+    repairs: killed between the last epoch's checkpoint and its best-model save (best.json
+    still names an earlier epoch), the restored model is the best, and the resume saves all
+    three files (here with the earlier best's files gone too)."""
+    history = json.load(open(os.path.join(run_copy, "history.json")))
+    best = min(history, key=lambda h: h["val_loss"])["epoch"]
+    assert best == len(history) > 1                  # the trained_run fixture's val_loss falls
+    with open(os.path.join(run_copy, "best.json"), "w") as f:
+        json.dump({"epoch": best - 1, "monitor": "val_loss",
+                   "value": history[best - 2]["val_loss"]}, f)
     for name in ("best.keras", "best.weights.h5"):
         os.remove(os.path.join(run_copy, name))
     with open(os.path.join(run_copy, "config.json")) as f:
         cfg = RunConfig.from_dict(json.load(f))
-    history = open(os.path.join(run_copy, "history.json")).read()
-    for epochs in (cfg.train.epochs, cfg.train.epochs + 1):   # a rerun, and one that trains
-        more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
-        with pytest.raises(UserError, match=r"best\.keras and .*best\.weights\.h5: missing, "
-                                            r"though .*best\.json records the best model of "
-                                            r"epoch \d+: put them back"):
-            train.train(more, run_copy, progress=False, log=lambda *a: None)
-    assert open(os.path.join(run_copy, "history.json")).read() == history
+    train.train(cfg, run_copy, progress=False, log=lambda *a: None)
+    assert json.load(open(os.path.join(run_copy, "best.json")))["epoch"] == best
+    assert main(["caption", "--run", run_copy, os.path.join(shapes_data["images"],
+                                                              "shape_00000.png")]) == 0
 
 
 def test_a_failed_train_leaves_the_run_folder_as_it_was(shapes_data, run_copy, tmp_path,

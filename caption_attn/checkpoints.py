@@ -7,6 +7,11 @@ than requested") without naming the file. `restore_newest_intact` tries the chec
 first, skips damaged ones with the reason, renames their files to `damaged-ckpt-STEP.*` so that
 they are never tried (or rotated into) again, and points the manager's state file at what is
 left.
+
+The manager deletes only the checkpoints its state file (`checkpoint`) lists with their
+times: a process killed between writing ckpt-N and the state file, or a deleted state file,
+left the others on disk for good. `keep_newest` deletes them on resume, and lists the ones
+kept so that the manager made afterwards rotates them.
 """
 
 from __future__ import annotations
@@ -16,12 +21,17 @@ import glob
 import math
 import os
 import re
+import time
 from typing import Optional
 
 import tensorflow as tf
 from tensorflow.python.util import deprecation  # TF has no public switch for its notices
 
 _INDEX = re.compile(r"^ckpt-(\d+)\.index$")
+_FILE = re.compile(r"^ckpt-(\d+)\.(?:index|data-\d{5}-of-\d{5})$")   # TF's names, no others
+
+KEEP = 3   # checkpoints a run keeps (its CheckpointManager's max_to_keep): older ones to fall
+#            back to when the newest is damaged
 
 
 def list_checkpoints(directory: str) -> list[str]:
@@ -129,12 +139,13 @@ def _set_aside(prefix: str) -> list[str]:
 
 
 def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: str,
-                          log=print, set_aside: bool = True) -> Optional[str]:
+                          log=print, set_aside: bool = True, keep: int = KEEP) -> Optional[str]:
     """Restore `checkpoint` from the newest checkpoint in `directory` that loads completely;
     returns its prefix (None when there is none). Every damaged newer one is reported through
     `log`, naming the file and why, and (with `set_aside`: the process that owns `directory`)
-    renamed; the state file is then rewritten to list the intact checkpoints, so a
-    CheckpointManager made afterwards continues from them.
+    renamed; then only the newest `keep` intact checkpoints are kept, listed in the state
+    file, so a CheckpointManager made afterwards continues from them and rotates them
+    (`keep_newest`).
 
     If none of several checkpoints loads, nothing is set aside and the error names them all.
     """
@@ -159,34 +170,82 @@ def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: str,
                                              if set_aside else ""))
         if set_aside:
             _set_aside(bad)
-    newer = _skip_without_index(directory, prefix, log, set_aside)
-    if set_aside and (failures or newer or not _state_readable(directory)):
-        intact = list_checkpoints(directory)
-        with deprecation.silence():  # its notice went to stderr on every such resume
-            tf.compat.v1.train.update_checkpoint_state(
-                directory, intact[0], all_model_checkpoint_paths=list(reversed(intact)))
+    _skip_without_index(directory, prefix, log, set_aside)
+    if set_aside:
+        keep_newest(directory, keep, log)
     return prefix
 
 
-def restores_as_it_is(checkpoint: tf.train.Checkpoint, directory: str) -> Optional[str]:
+def keep_newest(directory: str, keep: int = KEEP, log=print) -> list[str]:
+    """Delete the checkpoints of `directory` older than its newest `keep` ones with an
+    `.index` (and the data files of older ones without), then make the state file list those
+    `keep` with the times `tf.train.CheckpointManager` rotates them by (it deletes no other,
+    nor any listed without a time). Only files with TensorFlow's names of a checkpoint's
+    files older than the newest one are deleted; returns their paths."""
+    kept = list_checkpoints(directory)[:keep]
+    old = _older_files(directory, kept)
+    for path in old:   # the .index first: a stop half-way leaves data files, deleted later
+        os.remove(path)
+    if old:
+        names = sorted({_FILE.match(os.path.basename(p)).group(1) for p in old}, key=int)
+        log(f"note: deleted the checkpoint(s) {', '.join('ckpt-' + n for n in names)} of "
+            f"{directory}: older than the newest {keep} a run keeps, and left behind as its "
+            f"state file `checkpoint` did not list them for deletion (a process killed while "
+            f"saving, or the file deleted)")
+    if kept and not _state_lists(directory, kept):
+        names = [os.path.basename(p) for p in reversed(kept)]        # oldest first
+        now = time.time()
+        times = [min(os.path.getmtime(p + ".index"), now) for p in reversed(kept)]
+        with deprecation.silence():  # its notice went to stderr on every such resume
+            tf.compat.v1.train.update_checkpoint_state(
+                os.path.abspath(directory), names[-1], all_model_checkpoint_paths=names,
+                all_model_checkpoint_timestamps=times, last_preserved_timestamp=min(times) - 1)
+    return old
+
+
+def _older_files(directory: str, kept: list[str]) -> list[str]:
+    """The files named as a checkpoint's (`_FILE`) in `directory` of steps older than the
+    newest of `kept` and not among them; `.index` files first."""
+    if not kept:
+        return []
+    steps = {_step(p) for p in kept}
+    found = [(name.endswith(".index"), name) for name in os.listdir(directory)
+             for m in [_FILE.match(name)] if m and int(m.group(1)) not in steps and
+             int(m.group(1)) < max(steps)]
+    return [os.path.join(directory, name) for _, name in sorted(found, reverse=True)]
+
+
+def _state_lists(directory: str, kept: list[str]) -> bool:
+    """Whether the state file names `kept` (newest first) as the checkpoints, each with a
+    time the manager rotates it by."""
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except Exception:  # noqa: BLE001 - a damaged text proto raises parse errors of any kind
+        return False
+    if state is None:
+        return False
+    listed = [os.path.abspath(p) for p in state.all_model_checkpoint_paths]
+    times = list(state.all_model_checkpoint_timestamps)
+    return os.path.abspath(state.model_checkpoint_path) == os.path.abspath(kept[0]) and \
+        listed == [os.path.abspath(p) for p in reversed(kept)] and \
+        len(times) == len(listed) and all(t > state.last_preserved_timestamp for t in times)
+
+
+def restores_as_it_is(checkpoint: tf.train.Checkpoint, directory: str,
+                      keep: int = KEEP) -> Optional[str]:
     """The newest checkpoint in `directory` (its prefix) when it restores into `checkpoint`
-    completely and `restore_newest_intact` would skip, set aside and rewrite nothing (no
-    newer data files without an `.index`, a readable state file); else None. Nothing is
-    renamed or written."""
+    completely and `restore_newest_intact` would skip, set aside, delete and rewrite nothing
+    (no newer data files without an `.index`, no checkpoint past the newest `keep`, a state
+    file that lists those); else None. Nothing is renamed or written."""
     prefixes = list_checkpoints(directory)
     if not prefixes or any(_step(p) > _step(prefixes[0]) for p in _without_index(directory)):
         return None
-    if _try_restore(checkpoint, prefixes[0]) is not None or not _state_readable(directory):
+    kept = prefixes[:keep]
+    if _older_files(directory, kept) or not _state_lists(directory, kept):
+        return None
+    if _try_restore(checkpoint, prefixes[0]) is not None:
         return None
     return prefixes[0]
-
-
-def _state_readable(directory: str) -> bool:
-    """Whether the manager's `checkpoint` state file parses (it is rewritten if not)."""
-    try:
-        return tf.train.get_checkpoint_state(directory) is not None
-    except Exception:  # noqa: BLE001 - a damaged text proto raises parse errors of any kind
-        return False
 
 
 def _newest_counters(directory: str, names: tuple) -> Optional[tuple]:

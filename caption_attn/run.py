@@ -640,19 +640,17 @@ class RunFolder:
         weights are kept, rewrite it from them (through `model`, a model of this run whose
         weights are left as they were); if the weights cannot be loaded beside a whole
         best.keras, rewrite them from it (the end of training restores them: it failed there,
-        after the epochs, on every rerun). Returns a note saying so, or None. Both gone
-        while best.json records a best epoch: a `UserError` naming them (training went on,
-        then named a best.keras that was not there, exit 0)."""
+        after the epochs, on every rerun). Returns a note saying so, or None. Neither can be
+        made whole from the other (`best_model_beyond_repair`, or weights that do not load):
+        a `UserError` naming them."""
         record = self.best_record()
         if not record:
             return None
-        if not os.path.exists(self.best_weights):
-            if os.path.exists(self.best_model):   # (a run from before the weights were kept)
-                return None
-            raise UserError(f"{self.best_model} and {self.best_weights}: missing, though "
-                            f"{self.best_info} records the best model of epoch "
-                            f"{record.get('epoch')}: put them back (from a copy of the run), "
-                            f"or train the run again with --fresh")
+        beyond = self.best_model_beyond_repair()
+        if beyond is not None:
+            raise beyond
+        if not os.path.exists(self.best_weights):   # (a run from before the weights were kept)
+            return None
         try:
             best = self.load_best_model()
         except UserError as e:
@@ -673,6 +671,46 @@ class RunFolder:
         return (f"{self.best_weights}: cannot be loaded ({problem}); rewrote it from "
                 f"{self.best_model} (epoch {record.get('epoch')})")
 
+    def best_model_beyond_repair(self) -> Optional[UserError]:
+        """The refusal of a resume whose best model `repair_best_model` cannot make whole,
+        as far as it shows without loading a model (None when nothing shows): best.keras and
+        best.weights.h5 both gone while best.json records them (training went on, then named
+        a best.keras that was not there, exit 0), or best.keras gone or not a zip archive
+        beside a best.weights.h5 that HDF5 cannot open (cut short, overwritten).
+        `train.refuse_unrepairable_best_model` raises it before the data is loaded and
+        anything is written (it came after both); `repair_best_model` raises what else
+        fails."""
+        record = self.best_record()
+        if not record:
+            return None
+        if not os.path.exists(self.best_weights):
+            if os.path.exists(self.best_model):   # (a run from before the weights were kept)
+                return None
+            return UserError(f"{self.best_model} and {self.best_weights}: missing, though "
+                             f"{self.best_info} records the best model of epoch "
+                             f"{record.get('epoch')}: put them back (from a copy of the run), "
+                             f"or train the run again with --fresh")
+        try:   # its central directory, at the end of the file: a copy cut short has none
+            zipfile.ZipFile(self.best_model).close()
+            return None
+        except (OSError, zipfile.BadZipFile):
+            pass
+        import h5py
+        try:
+            h5py.File(self.best_weights, "r").close()
+            return None
+        except Exception as e:  # noqa: BLE001 - h5py raises many kinds for a bad file
+            return self._weights_unloadable(e)
+
+    def _weights_unloadable(self, error: Exception) -> UserError:
+        """best.weights.h5 cannot be loaded while best.keras is missing or damaged: every
+        resume is refused (it said "caption or evaluate the run after its next finished
+        epoch", which no resume reached)."""
+        return UserError(f"{self.best_weights}: cannot be loaded ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:200]}); best.keras, missing or "
+                         f"damaged, cannot be rewritten from it: put either file back (from a "
+                         f"copy of the run), or train the run again with --fresh")
+
     def rewrite_best_model(self, model) -> None:
         """best.keras again from best.weights.h5, through `model` (a model of this run
         whose own weights are left as they were)."""
@@ -680,10 +718,7 @@ class RunFolder:
         try:
             model.load_weights(self.best_weights)
         except Exception as e:  # noqa: BLE001 - h5py/Keras raise many kinds for a bad file
-            raise UserError(f"{self.best_weights}: cannot be loaded ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]}); best.keras cannot be rewritten: "
-                            f"caption or evaluate the run after its next finished epoch, or "
-                            f"train it again with --fresh") from None
+            raise self._weights_unloadable(e) from None
         try:
             with keras_file_atomic(self.best_model, ".keras", model, copies=2) as tmp:
                 model.save(tmp)

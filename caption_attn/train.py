@@ -79,9 +79,9 @@ def with_trained_settings(run: RunFolder, cfg: RunConfig) -> RunConfig:
 def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     """The checks of a run folder about to be resumed with `cfg`, nothing written (none with
     --fresh): `RunFolder.reopen_notes`, `refuse_unrestorable_state`,
-    `refuse_other_batches_mid_epoch`, `refuse_cross_entropy_after_self_critical` and
-    `refuse_other_stages_of_trained_epochs` (and `RunFolder.best_record`'s); returns
-    the notes to print (`schedule_notes` among them)."""
+    `refuse_other_batches_mid_epoch`, `refuse_cross_entropy_after_self_critical`,
+    `refuse_other_stages_of_trained_epochs` and `refuse_unrepairable_best_model` (and
+    `RunFolder.best_record`'s); returns the notes to print (`schedule_notes` among them)."""
     if fresh:
         return []
     notes = run.reopen_notes(cfg)
@@ -94,6 +94,7 @@ def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     refuse_other_batches_mid_epoch(run, cfg, where, old)
     refuse_cross_entropy_after_self_critical(run, cfg, where, old)
     refuse_other_stages_of_trained_epochs(run, cfg, where)
+    refuse_unrepairable_best_model(run, cfg, where)
     return notes + schedule_notes(cfg, where, old)
 
 
@@ -457,6 +458,48 @@ def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig, where: tuple[
             f"resume with the new ones")
 
 
+def saves_restored_as_best(run: RunFolder, tc: TrainConfig, early: EarlyStopping,
+                           done: int, history: list, measured) -> bool:
+    """Whether a resume from the end of epoch `done` saves the restored model as the best
+    (`Trainer._repair_best`): early stopping (replayed on `history`) has it as the best
+    epoch, best.json names another (the process died between the checkpoint and saving the
+    best model), and that process monitored what is monitored now (`measured`: the metrics
+    measured at the resume, `Trainer._metrics_before_resume`)."""
+    return early.best_epoch is not None and early.best_epoch + 1 == done and \
+        (run.best_record() or {}).get("epoch") != done and \
+        _monitored_then(tc, done, history, measured)
+
+
+def _monitored_then(tc: TrainConfig, done: int, history: list, measured) -> bool:
+    """Whether the process that trained epoch `done` monitored what it is monitored by now
+    (see `Trainer._repair_best`)."""
+    now = tc.monitor_for(done - 1)
+    then = history[done - 1].get("monitor") if 0 < done <= len(history) else None
+    return now == then if then is not None else now not in measured
+
+
+def refuse_unrepairable_best_model(run: RunFolder, cfg: RunConfig,
+                                   where: tuple[int, int]) -> None:
+    """`RunFolder.best_model_beyond_repair`'s refusal (best.keras and best.weights.h5 gone
+    while best.json records them, or best.keras gone beside weights HDF5 cannot open) before
+    the data is loaded and anything is written: it came from `Trainer._repair_best`, after
+    both. Not when the resume saves the restored epoch as the best
+    (`saves_restored_as_best`, with what `Trainer.fit` would measure first), which writes all
+    three files again."""
+    beyond = run.best_model_beyond_repair()
+    if beyond is None:
+        return
+    tc, (done, in_epoch) = cfg.train, where
+    history = [h for h in run.read_history() if h["epoch"] <= done]
+    measured = _unmeasured(tc, history, done) if history and not in_epoch and trains_more(
+        tc, done, checkpoints.steps_taken(run.checkpoints) or 0) else []
+    early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
+                          initial_history=history)
+    early.replay()
+    if not saves_restored_as_best(run, tc, early, done, history, measured):
+        raise beyond
+
+
 def load_train_data(cfg: RunConfig, run_dir: str, reuse: bool = True,
                     images_dir: Optional[str] = None) -> TrainData:
     """`train_data.load_train_data` for a run folder path (`reuse`: its split and vocabulary
@@ -623,7 +666,7 @@ class Trainer:
         if started:
             self.epoch_start.assign([started[k] for k in checkpoints.EPOCH_START])
         self.manager = tf.train.CheckpointManager(self._checkpoint_to_save(objects), own,
-                                                  max_to_keep=3)
+                                                  max_to_keep=checkpoints.KEEP)
         self.steps = Steps(self.model, self.optimizer, self.strategy, self.cfg,
                            lambda: self.scst)
         if mc.feature_norm and self._restored is None:  # else: restored with the model
@@ -856,21 +899,12 @@ class Trainer:
         entries do not: then only `measured` tells)."""
         if not self.chief:
             return
-        if early.best_epoch is not None and early.best_epoch + 1 == done and \
-                (self.run.best_record() or {}).get("epoch") != done and \
-                self._monitored_then(done, history, measured):
+        if saves_restored_as_best(self.run, self.cfg.train, early, done, history, measured):
             self._save_best(early.best_epoch, early.best)
         else:
             note = self.run.repair_best_model(self.model)
             if note:
                 self.log("note: " + note)
-
-    def _monitored_then(self, done: int, history: list, measured: dict) -> bool:
-        """Whether the process that trained epoch `done` monitored what it is monitored by
-        now (see `_repair_best`)."""
-        now = self.cfg.train.monitor_for(done - 1)
-        then = history[done - 1].get("monitor") if 0 < done <= len(history) else None
-        return now == then if then is not None else now not in measured
 
     # -- main -------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -1307,11 +1341,12 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
     `caption_file`: the same caption data, which the load checks; a Flickr8k file, whose
     split also depends on the lists beside it, is loaded); `features_as_recorded` (the
     features of every image, with its refusals); config.json and split.json would be
-    rewritten as they are; the newest checkpoint restores (none skipped or set aside); the
-    best model loads and is the best epoch's (none to save or rewrite), and the last
-    epoch's heatmaps are there (none to draw again). A multi-worker run is loaded, whose
-    workers agree on their checkpoints in the Trainer. What a stopped process logged past
-    the checkpoint is removed as by the Trainer (`forget_undone`)."""
+    rewritten as they are; the newest checkpoint restores (none skipped, set aside or
+    deleted: `checkpoints.restores_as_it_is`); the best model loads and is the best epoch's
+    (none to save or rewrite), and the last epoch's heatmaps are there (none to draw
+    again). A multi-worker run is loaded, whose workers agree on their checkpoints in the
+    Trainer. What a stopped process logged past the checkpoint is removed as by the Trainer
+    (`forget_undone`)."""
     tc = cfg.train
     where, recorded = _resume_position(run), run.caption_file()
     if tc.strategy == "multi-worker" or where is None or where[1] or recorded is None \

@@ -133,6 +133,101 @@ def test_a_newest_checkpoint_without_its_index_is_named_when_skipped(tmp_path):
     assert tf.train.get_checkpoint_state(folder).model_checkpoint_path.endswith("ckpt-10")
 
 
+def _on_disk(folder):
+    """The steps of the checkpoints in `folder`, by their files (an .index or data files)."""
+    import re
+    return sorted({int(m.group(1)) for name in os.listdir(folder)
+                   for m in [re.match(r"ckpt-(\d+)\.(index|data-\d{5}-of-\d{5})$", name)] if m})
+
+
+@pytest.mark.parametrize("cause", ["killed before the state file", "state file deleted",
+                                   "damaged newest"])
+def test_a_resume_keeps_only_the_newest_checkpoints(tmp_path, cause):
+    """`tf.train.CheckpointManager` deletes only the checkpoints its state file (`checkpoint`)
+    lists with their times: a process killed after writing ckpt-N but before the state file,
+    a deleted state file, or the state file rewritten (without times) after a damaged
+    checkpoint was set aside, left checkpoints on disk for good, silently (hundreds of MB
+    each at COCO size). A resume keeps the newest `KEEP` and goes on from the newest intact
+    one; files that are not checkpoints are left alone."""
+    import tensorflow as tf
+
+    from caption_attn import checkpoints
+    folder = str(tmp_path / "checkpoints")
+    step = tf.Variable(0, dtype=tf.int64)
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(step=step), folder,
+                                         checkpoints.KEEP)
+    for s in (10, 20, 30):
+        step.assign(s)
+        manager.save(checkpoint_number=s)
+    if cause == "killed before the state file":      # ckpt-40 written, `checkpoint` not
+        state = open(os.path.join(folder, "checkpoint")).read()
+        first = {p: open(p, "rb").read() for p in glob.glob(os.path.join(folder, "ckpt-10.*"))}
+        step.assign(40)
+        manager.save(checkpoint_number=40)               # (which deleted ckpt-10)
+        for path, data in first.items():
+            open(path, "wb").write(data)
+        open(os.path.join(folder, "checkpoint"), "w").write(state)
+    elif cause == "state file deleted":
+        os.remove(os.path.join(folder, "checkpoint"))
+    else:
+        data = glob.glob(os.path.join(folder, "ckpt-30.data-*"))[0]
+        with open(data, "r+b") as f:
+            f.truncate(4)
+    others = ["notes.txt", "ckpt-5.index.bak", "my-ckpt-1.index", "ckpt-5.data-x"]
+    for name in others:
+        open(os.path.join(folder, name), "w").close()
+    newest = {"killed before the state file": 40, "state file deleted": 30}.get(cause, 20)
+    notes = []
+    restored = tf.train.Checkpoint(step=step)            # as `Trainer._build_state`
+    # a rerun with nothing to train loads the data (and the Trainer deletes them) then
+    assert checkpoints.restores_as_it_is(restored, folder) is None
+    assert checkpoints.restore_newest_intact(restored, folder, log=notes.append).endswith(
+        f"ckpt-{newest}") and int(step.numpy()) == newest
+    kept = [s for s in (10, 20, 30, 40) if s <= newest][-checkpoints.KEEP:]
+    assert _on_disk(folder) == kept, notes
+    assert checkpoints.restores_as_it_is(restored, folder).endswith(f"ckpt-{newest}")
+    manager = tf.train.CheckpointManager(restored, folder, max_to_keep=checkpoints.KEEP)
+    for s in (50, 60):
+        step.assign(s)
+        manager.save(checkpoint_number=s)
+    assert _on_disk(folder) == [kept[-1], 50, 60]
+    for name in others:
+        assert os.path.exists(os.path.join(folder, name))
+    if cause == "damaged newest":                        # set aside as before
+        assert glob.glob(os.path.join(folder, "damaged-ckpt-30.*"))
+
+
+@pytest.mark.parametrize("cause", ["killed before the state file", "state file deleted"])
+def test_train_resumed_keeps_only_the_newest_checkpoints(shapes_data, run_copy, cause):
+    """`train`'s resume of a run whose state file lists fewer checkpoints than it has, or
+    was deleted: each such event left checkpoints on disk for good."""
+    import tensorflow as tf
+
+    from caption_attn import checkpoints
+    folder = os.path.join(run_copy, "checkpoints")
+    steps = _on_disk(folder)
+    assert len(steps) == checkpoints.KEEP
+    if cause == "killed before the state file":     # the newest written, not yet listed
+        state = tf.train.get_checkpoint_state(folder)
+        tf.compat.v1.train.update_checkpoint_state(
+            folder, state.all_model_checkpoint_paths[-2],
+            all_model_checkpoint_paths=list(state.all_model_checkpoint_paths[:-1]),
+            all_model_checkpoint_timestamps=list(state.all_model_checkpoint_timestamps[:-1]),
+            last_preserved_timestamp=state.last_preserved_timestamp)
+    else:
+        os.remove(os.path.join(folder, "checkpoint"))
+    with open(os.path.join(run_copy, "config.json")) as f:
+        cfg = RunConfig.from_dict(json.load(f))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                             epochs=cfg.train.epochs + 1))
+    summary = train.train(cfg, run_copy, progress=False, log=lambda *a: None)
+    assert summary["epochs"] == cfg.train.epochs
+    on_disk = _on_disk(folder)
+    assert on_disk[:-1] == steps[1:] and len(on_disk) == checkpoints.KEEP   # resumed at the
+    assert tf.train.get_checkpoint_state(folder).model_checkpoint_path.endswith(   # newest
+        f"ckpt-{on_disk[-1]}")
+
+
 def _steps(folder, tag):
     import tensorflow as tf
     return sorted(event.step for path in glob.glob(os.path.join(folder, "events.out.tfevents.*"))
@@ -182,23 +277,75 @@ def test_a_damaged_best_weights_file_beside_a_whole_best_model_is_rewritten(shap
     assert len(json.load(open(os.path.join(run_copy, "history.json")))) == cfg.train.epochs
 
 
-def test_a_best_model_gone_with_its_weights_is_refused_before_training(shapes_data,
-                                                                       run_copy):
+def _listing(folder):
+    """Every file and folder under `folder` (hidden ones too) with its size and mtime (not
+    `folder`'s own mtime: the check that it is writable creates and removes a probe file)."""
+    stats = {os.path.join(d, n): os.stat(os.path.join(d, n))
+             for d, dirs, files in os.walk(folder) for n in dirs + files}
+    return {os.path.relpath(p, folder): (st.st_size, st.st_mtime_ns) for p, st in stats.items()}
+
+
+@pytest.mark.parametrize("damage, refusal", [
+    ("both deleted", r"best\.keras and .*best\.weights\.h5: missing, though .*best\.json "
+                     r"records the best model of epoch \d+: put them back"),
+    ("weights cut short", r"best\.weights\.h5: cannot be loaded \(OSError: Unable to "
+                          r".*truncated file.*\); best\.keras, missing or damaged, cannot be "
+                          r"rewritten from it: put either file back")])
+def test_a_best_model_beyond_repair_is_refused_before_training(shapes_data, run_copy,
+                                                               monkeypatch, damage, refusal):
     """best.keras and best.weights.h5 deleted, best.json kept: train trained on and ended
     with exit 0 naming best.keras as the best model, which was not there; caption then said
-    the run had not finished an epoch. Refused now, naming both, before any step."""
+    the run had not finished an epoch. Refused now, naming both, before any step; and, as
+    best.keras deleted beside a best.weights.h5 cut short, before the caption data and
+    features are loaded and anything is written into the run folder (both were refused only
+    after those, having rewritten config.json, split.json and vocab.json and written
+    TensorBoard event files into logs/)."""
+    os.remove(os.path.join(run_copy, "best.keras"))
+    weights = os.path.join(run_copy, "best.weights.h5")
+    if damage == "both deleted":
+        os.remove(weights)
+    else:
+        with open(weights, "r+b") as f:
+            f.truncate(1000)
+    with open(os.path.join(run_copy, "config.json")) as f:
+        cfg = RunConfig.from_dict(json.load(f))
+    before = _listing(run_copy)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the caption data was loaded before the refusal")
+
+    monkeypatch.setattr(train, "load_train_data", no_load)
+    for epochs in (cfg.train.epochs, cfg.train.epochs + 1):   # a rerun, and one that trains
+        more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
+        with pytest.raises(UserError, match=refusal):
+            train.train(more, run_copy, progress=False, log=lambda *a: None)
+        assert _listing(run_copy) == before
+    monkeypatch.undo()
+    with pytest.raises(UserError, match=refusal):
+        train.open_run(run_copy, cfg)                         # tests' and benchmarks' way in
+    assert _listing(run_copy) == before
+
+
+def test_a_best_model_lost_to_a_kill_before_its_save_is_saved_not_refused(shapes_data,
+                                                                          run_copy):
+    """The early refusal of a best model gone with its weights leaves out what the resume
+    repairs: killed between the last epoch's checkpoint and its best-model save (best.json
+    still names an earlier epoch), the restored model is the best, and the resume saves all
+    three files (here with the earlier best's files gone too)."""
+    history = json.load(open(os.path.join(run_copy, "history.json")))
+    best = min(history, key=lambda h: h["val_loss"])["epoch"]
+    assert best == len(history) > 1                  # the trained_run fixture's val_loss falls
+    with open(os.path.join(run_copy, "best.json"), "w") as f:
+        json.dump({"epoch": best - 1, "monitor": "val_loss",
+                   "value": history[best - 2]["val_loss"]}, f)
     for name in ("best.keras", "best.weights.h5"):
         os.remove(os.path.join(run_copy, name))
     with open(os.path.join(run_copy, "config.json")) as f:
         cfg = RunConfig.from_dict(json.load(f))
-    history = open(os.path.join(run_copy, "history.json")).read()
-    for epochs in (cfg.train.epochs, cfg.train.epochs + 1):   # a rerun, and one that trains
-        more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
-        with pytest.raises(UserError, match=r"best\.keras and .*best\.weights\.h5: missing, "
-                                            r"though .*best\.json records the best model of "
-                                            r"epoch \d+: put them back"):
-            train.train(more, run_copy, progress=False, log=lambda *a: None)
-    assert open(os.path.join(run_copy, "history.json")).read() == history
+    train.train(cfg, run_copy, progress=False, log=lambda *a: None)
+    assert json.load(open(os.path.join(run_copy, "best.json")))["epoch"] == best
+    assert main(["caption", "--run", run_copy, os.path.join(shapes_data["images"],
+                                                              "shape_00000.png")]) == 0
 
 
 def test_a_failed_train_leaves_the_run_folder_as_it_was(shapes_data, run_copy, tmp_path,

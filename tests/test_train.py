@@ -1,5 +1,4 @@
 import dataclasses
-import functools
 import glob
 import json
 import os
@@ -1449,7 +1448,6 @@ def test_a_resume_with_another_monitor_keeps_the_best_model(tmp_path):
             chief=True, run=run, model=None, log=print,
             cfg=RunConfig(train=TrainConfig(monitor=now)),
             _save_best=lambda epoch, value: saved.append((epoch, value)))
-        trainer._monitored_then = functools.partial(train.Trainer._monitored_then, trainer)
         history = [{"epoch": e, **({"monitor": then} if then else {})} for e in (1, 2, 3, 4)]
         train.Trainer._repair_best(trainer, early, 4, history, measured)
         assert saved == ([(3, 0.05)] if repaired else []), (now, then, measured)
@@ -1465,7 +1463,7 @@ def test_a_best_json_that_is_not_trains_object_is_refused_naming_it(tmp_path, te
     os.makedirs(run.path)
     with open(run.best_info, "w") as f:
         f.write(text)
-    trainer = types.SimpleNamespace(chief=True, run=run, model=None, log=print)
+    trainer = types.SimpleNamespace(chief=True, run=run, model=None, log=print, cfg=RunConfig())
     early = types.SimpleNamespace(best_epoch=1, best=1.0)
     with pytest.raises(UserError) as e:
         train.Trainer._repair_best(trainer, early, 2, [], {})

@@ -29,7 +29,7 @@ from caption_attn import (checkpoints, distribute, feature_cache, interrupts, ng
                           progress, quiet)
 from caption_attn import data as data_lib
 from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoardLogger,
-                                    prune_event_files)
+                                    log_missing_epochs, prune_event_files)
 from caption_attn.cider import CiderD
 from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig, flag_name
 from caption_attn.errors import TrainingError, UserError
@@ -489,6 +489,19 @@ def forget_undone(run: RunFolder, done: int, steps: int, log) -> None:
             f"(that training is done again)")
 
 
+def log_lost_epochs(run: RunFolder, done: int, log) -> None:
+    """The TensorBoard scalars of epochs up to `done` that history.json has and the event
+    files lack, written from history.json (`log_missing_epochs`), with a note: a stop after
+    an epoch's entry and checkpoint, before its scalars were written (a full disk or a
+    second Ctrl-C while its best model was saved, a kill), lost them for good, as the run
+    resumes after that epoch."""
+    epochs = log_missing_epochs(run.logs, [h for h in run.read_history() if h["epoch"] <= done])
+    if epochs:
+        log(f"note: TensorBoard lacked the scalars of epoch(s) {', '.join(map(str, epochs))}, "
+            f"which history.json has (the process that trained them stopped before it wrote "
+            f"them): wrote them from history.json")
+
+
 def check_finite(out: dict, epoch: int, step: int, kept: Optional[str],
                  loss_scaling: bool) -> None:
     """TrainingError when a step's loss (or, without loss scaling, which skips such steps
@@ -895,6 +908,7 @@ class Trainer:
         cbs = [early]
         if self.chief:
             forget_undone(self.run, done, steps_before, self.log)
+            log_lost_epochs(self.run, done, self.log)
             cbs += [TensorBoardLogger(self.run.logs, _hparams(self), samples),
                     AttentionSnapshots(self.run.attention, samples)]
         callbacks = keras.callbacks.CallbackList(cbs, model=self.model)
@@ -1311,7 +1325,8 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
     best model loads and is the best epoch's (none to save or rewrite), and the last
     epoch's heatmaps are there (none to draw again). A multi-worker run is loaded, whose
     workers agree on their checkpoints in the Trainer. What a stopped process logged past
-    the checkpoint is removed as by the Trainer (`forget_undone`)."""
+    the checkpoint is removed as by the Trainer (`forget_undone`), and TensorBoard gets the
+    epochs' scalars a stop lost (`log_lost_epochs`)."""
     tc = cfg.train
     where, recorded = _resume_position(run), run.caption_file()
     if tc.strategy == "multi-worker" or where is None or where[1] or recorded is None \
@@ -1364,6 +1379,7 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
         for note in notes:
             log("note: " + note)
         forget_undone(run, done, steps, log)
+        log_lost_epochs(run, done, log)
     reason = "early_stopping" if stopped else "max_steps" if done < tc.epochs else "epochs"
     return _summary_of(run_dir, tc, history, early, reason, 0.0, done, steps, 0, None, done,
                        steps, 0, best)

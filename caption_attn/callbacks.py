@@ -9,6 +9,7 @@
 - `prune_event_files`: on resume, the TensorBoard values a stopped process logged after the
   checkpoint the run goes on from are removed (that training is done again);
   `log_missing_epochs` writes the epoch scalars of history.json's epochs a stop lost.
+- `log_hparams`: the run's hyperparameters, written once per run (again when they change).
 
 The sample heatmaps (`samples(epoch)`) may come as a list or as a `concurrent.futures.Future`
 of one (drawn in a background thread while the next epoch trains); both callbacks then write
@@ -237,7 +238,8 @@ class TensorBoardLogger(keras.callbacks.Callback):
     `epoch_advantage_std` and `epoch_entropy` (of the policy at the sampled tokens); in the
     validation run `epoch_bleu4` and `epoch_cider` when measured, the sample captions (text)
     and their attention heatmaps (images). Every `update_freq` steps: `batch_loss` and
-    `batch_gradient_norm`. The hyperparameters go to the HParams dashboard.
+    `batch_gradient_norm`. The hyperparameters go to the HParams dashboard (`log_hparams`,
+    `hparams_since`: where a change of them took effect, for its record there).
     `samples(epoch)` returns a list of dicts with keys image (name), caption, png (bytes).
     """
 
@@ -250,29 +252,18 @@ class TensorBoardLogger(keras.callbacks.Callback):
                   "val_cider": "epoch_cider"}
 
     def __init__(self, log_dir: str, hparams: dict, samples: Optional[Callable] = None,
-                 update_freq: int = 50):
+                 update_freq: int = 50, hparams_since: str = "epoch 1"):
         super().__init__()
-        self.log_dir, self.hparams = log_dir, hparams
+        self.log_dir, self.hparams, self.hparams_since = log_dir, hparams, hparams_since
         self.samples, self.update_freq = samples, max(1, update_freq)
 
     def on_train_begin(self, logs=None):
         import tensorflow as tf
-        from tensorboard.plugins.hparams import api as hp
 
         self._tf = tf
         self._pending = _Pending()
         self._open_writers()
-        root = tf.summary.create_file_writer(self.log_dir)
-        with root.as_default():
-            hp.hparams_config(
-                hparams=[hp.HParam(k) for k in sorted(self.hparams)],
-                metrics=[hp.Metric("epoch_loss", group="validation", display_name="val_loss"),
-                         hp.Metric("epoch_bleu4", group="validation", display_name="val_bleu4"),
-                         hp.Metric("epoch_cider", group="validation", display_name="val_cider"),
-                         hp.Metric("epoch_loss", group="train", display_name="loss")])
-            hp.hparams(self.hparams, trial_id=os.path.basename(os.path.dirname(
-                os.path.abspath(self.log_dir))))
-        root.flush()
+        log_hparams(self.log_dir, self.hparams, self.hparams_since)
 
     def _open_writers(self) -> None:
         tf = self._tf
@@ -505,6 +496,92 @@ def _read_events(path: str) -> tuple[list, bool]:
         if "truncated" not in (e.message or ""):
             return events, False
     return events, True
+
+
+HPARAM_CHANGES = "resume_changes"   # the hyperparameter that records a resume's changes
+_HPARAMS_TAGS = ("_hparams_/experiment", "_hparams_/session_start_info")
+_HPARAMS_METRICS = (("epoch_loss", "validation", "val_loss"),
+                    ("epoch_bleu4", "validation", "val_bleu4"),
+                    ("epoch_cider", "validation", "val_cider"), ("epoch_loss", "train", "loss"))
+
+
+def log_hparams(log_dir: str, hparams: dict, since: str) -> Optional[str]:
+    """The run's hyperparameters in TensorBoard's HParams dashboard, in an event file of
+    `log_dir` itself (the run beside train/ and validation/): written once per run, and
+    again only when missing (the logs deleted) or other than `hparams`. TensorBoard shows
+    the first it reads of a run and ignores the others: every `train` of a run wrote them
+    again, and a resume with another learning rate left the old one shown, without a word.
+
+    So a change rewrites that first one: with `hparams` (the values the run trains with from
+    now on, config.json's), and `resume_changes` (HPARAM_CHANGES) adds what changed and
+    where (`since`, e.g. "epoch 4: learning_rate 0.01 -> 0.005") to the changes recorded
+    before; the run's start time stays. Returns the change ("" when they were written
+    for the first time or only their names changed), None when nothing was written."""
+    from tensorboard.plugins.hparams import metadata
+
+    trial = os.path.basename(os.path.dirname(os.path.abspath(log_dir)))
+    for path in _event_files(log_dir):
+        events, _ = _read_events(path)
+        shown = next((v for event in events for v in event.summary.value
+                      if v.tag == metadata.SESSION_START_INFO_TAG), None)
+        if shown is not None:
+            break
+    else:
+        os.makedirs(log_dir, exist_ok=True)
+        _rewrite_events(_new_event_file(log_dir), [_event(file_version="brain.Event:2"),
+                                                   *_hparams_events(hparams, trial, None)])
+        return ""
+    info = metadata.parse_session_start_info_plugin_data(shown.metadata.plugin_data.content)
+    before, now = (_plain_hparams(info.hparams), _plain_hparams(_hparams_info(hparams)))
+    changes = before.pop(HPARAM_CHANGES, "")
+    if before == now:
+        return None
+    change = ", ".join(f"{k} {_hparam_text(before[k])} -> {_hparam_text(now[k])}"
+                       for k in sorted(now) if k in before and before[k] != now[k])
+    if change:   # (else only names came or went: a run of another version)
+        change = f"{since}: {change}"
+        changes = f"{changes}; {change}" if changes else change
+    ours = [any(v.tag in _HPARAMS_TAGS for v in event.summary.value) for event in events]
+    at, kept = ours.index(True), [event for event, mine in zip(events, ours) if not mine]
+    new = _hparams_events({**hparams, **({HPARAM_CHANGES: changes} if changes else {})},
+                          trial, info.start_time_secs or None)
+    _rewrite_events(path, kept[:at] + new + kept[at:])
+    return change
+
+
+def _hparams_events(hparams: dict, trial: str, start: Optional[float]) -> list:
+    """The HParams plugin's events of a run: its experiment (the hyperparameters' names, the
+    metrics the dashboard shows) and its session (the values), at step 0."""
+    from tensorboard.plugins.hparams import api as hp
+    from tensorboard.plugins.hparams import summary_v2
+
+    names = [hp.HParam(k) for k in sorted(hparams) if k != HPARAM_CHANGES]
+    names.append(hp.HParam(HPARAM_CHANGES, display_name="changed on resume", description=(
+        "training settings a resume changed, and from where; the other columns show the "
+        "values the run trains with since")))
+    config = summary_v2.hparams_config_pb(names, [
+        hp.Metric(tag, group=group, display_name=name) for tag, group, name in
+        _HPARAMS_METRICS])
+    session = summary_v2.hparams_pb(hparams, trial_id=trial, start_time_secs=start)
+    return [_event(step=0, summary=config), _event(step=0, summary=session)]
+
+
+def _hparams_info(hparams: dict) -> dict:
+    """`hparams` as the session's proto values (numbers as floats)."""
+    from tensorboard.plugins.hparams import metadata, summary_v2
+    summary = summary_v2.hparams_pb(hparams, trial_id="-")
+    return metadata.parse_session_start_info_plugin_data(
+        summary.value[0].metadata.plugin_data.content).hparams
+
+
+def _plain_hparams(values) -> dict:
+    """A session's hyperparameters (`google.protobuf.Value`s) as Python values."""
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in values.items()}
+
+
+def _hparam_text(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else str(value)
 
 
 _PRUNED = "pruned-events"   # the temporary file's name (`atomic_path`), without "tfevents"

@@ -29,7 +29,7 @@ from caption_attn import (checkpoints, distribute, feature_cache, interrupts, ng
                           progress, quiet)
 from caption_attn import data as data_lib
 from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoardLogger,
-                                    log_missing_epochs, prune_event_files)
+                                    log_hparams, log_missing_epochs, prune_event_files)
 from caption_attn.cider import CiderD
 from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig, flag_name
 from caption_attn.errors import TrainingError, UserError
@@ -608,6 +608,7 @@ class Trainer:
         if self.chief:
             self.data.fix_in(self.run, cfg.captions, cfg.settings_digest())
         self._settings_recorded = self._restored is None
+        self._settings_from = "epoch 1"   # where this call's settings apply (`fit` says)
         (cfg if self._settings_recorded else with_trained_settings(self.run, cfg)).save(
             self.run.config)  # every worker, each into its own run folder
 
@@ -794,9 +795,14 @@ class Trainer:
     def _record_settings(self) -> None:
         """config.json gets this call's training settings once it has trained with them:
         before the first checkpoint or history entry they made (a rerun that trained nothing,
-        or failed at its first step, keeps the run's; `with_trained_settings`)."""
+        or failed at its first step, keeps the run's; `with_trained_settings`); so does
+        TensorBoard's HParams dashboard (`log_hparams`)."""
         if not self._settings_recorded:
             self.cfg.save(self.run.config)
+            if self.chief:   # and TensorBoard's HParams, with what changed (a kill between
+                # the two: the next start writes it there, as changed "before epoch N")
+                log_hparams(self.run.logs, _hparams(self.cfg, len(self.data.vocab)),
+                            self._settings_from)
             self._settings_recorded = True
 
     def _save(self) -> None:
@@ -906,10 +912,15 @@ class Trainer:
         samples = SampleFigures(self.validator, self.images_dir, background=True,
                                  log=self.log)
         cbs = [early]
+        in_epoch = int(self.step_in_epoch.numpy())
+        self._settings_from = f"epoch {done + 1}" if not in_epoch else \
+            f"step {steps_before} (epoch {done + 1})"
         if self.chief:
             forget_undone(self.run, done, steps_before, self.log)
             log_lost_epochs(self.run, done, self.log)
-            cbs += [TensorBoardLogger(self.run.logs, _hparams(self), samples),
+            hparams = _hparams(with_trained_settings(self.run, self.cfg), len(self.data.vocab))
+            cbs += [TensorBoardLogger(self.run.logs, hparams, samples,
+                                      hparams_since="before " + self._settings_from),
                     AttentionSnapshots(self.run.attention, samples)]
         callbacks = keras.callbacks.CallbackList(cbs, model=self.model)
         _describe(self, resumed, done)
@@ -1070,13 +1081,14 @@ class Trainer:
                 writers[0].log_validation(done - 1, measured)
 
 
-def _hparams(trainer: Trainer) -> dict:
-    tc, mc = trainer.cfg.train, trainer.cfg.model
+def _hparams(cfg: RunConfig, vocab_size: int) -> dict:
+    """The hyperparameters TensorBoard's HParams dashboard shows of a run with `cfg`."""
+    tc, mc = cfg.train, cfg.model
     return {"embedding_dim": mc.embedding_dim, "units": mc.units, "dropout": mc.dropout,
-            "attention_reg": mc.attention_reg, "vocab_size": len(trainer.data.vocab),
+            "attention_reg": mc.attention_reg, "vocab_size": vocab_size,
             "batch_size": tc.batch_size, "learning_rate": tc.learning_rate,
             "lr_schedule": tc.lr_schedule, "clip_norm": tc.clip_norm,
-            "precision": tc.precision, "seed": trainer.cfg.data.seed,
+            "precision": tc.precision, "seed": cfg.data.seed,
             "scst_after": -1 if tc.scst_after is None else tc.scst_after,
             "scst_samples": tc.scst_samples, "scst_baseline": tc.scst_baseline}
 
@@ -1326,7 +1338,8 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
     epoch's heatmaps are there (none to draw again). A multi-worker run is loaded, whose
     workers agree on their checkpoints in the Trainer. What a stopped process logged past
     the checkpoint is removed as by the Trainer (`forget_undone`), and TensorBoard gets the
-    epochs' scalars a stop lost (`log_lost_epochs`)."""
+    epochs' scalars a stop lost (`log_lost_epochs`) and the hyperparameters (`log_hparams`:
+    when missing)."""
     tc = cfg.train
     where, recorded = _resume_position(run), run.caption_file()
     if tc.strategy == "multi-worker" or where is None or where[1] or recorded is None \
@@ -1380,6 +1393,7 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
             log("note: " + note)
         forget_undone(run, done, steps, log)
         log_lost_epochs(run, done, log)
+        log_hparams(run.logs, _hparams(kept, len(vocab)), f"before epoch {done + 1}")
     reason = "early_stopping" if stopped else "max_steps" if done < tc.epochs else "epochs"
     return _summary_of(run_dir, tc, history, early, reason, 0.0, done, steps, 0, None, done,
                        steps, 0, best)

@@ -1,5 +1,5 @@
 """What `train` leaves in a run's TensorBoard event files across stops and resumes: each
-epoch's scalars exactly once (those history.json has)."""
+epoch's scalars exactly once (those history.json has), the hyperparameters once."""
 
 import dataclasses
 import errno
@@ -131,3 +131,75 @@ def test_a_hole_between_logged_epochs_is_filled_in_step_order(run_copy):
     assert len(run_copy.read_history()) == cfg.train.epochs
     assert_once_as_history(run_copy.path)
 
+
+def hparams_sessions(run: str) -> list:
+    """The HParams sessions (hyperparameter values) in `run`'s logs/, in reading order."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import metadata
+    found = []
+    for path in sorted(glob.glob(os.path.join(run, "logs", "*tfevents*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for v in event.summary.value:
+                if v.tag == metadata.SESSION_START_INFO_TAG:
+                    found.append(dict(metadata.parse_session_start_info_plugin_data(
+                        v.metadata.plugin_data.content).hparams))
+    return found
+
+
+def hparams_shown(run: str) -> dict:
+    """The hyperparameters TensorBoard shows for `run` (its own event loader's reading)."""
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+    from tensorboard.plugins.hparams import metadata
+    loader = plugin_event_accumulator.EventAccumulator(os.path.join(run, "logs"))
+    loader.Reload()
+    content = loader.PluginTagToContent("hparams")[metadata.SESSION_START_INFO_TAG]
+    values = metadata.parse_session_start_info_plugin_data(content).hparams
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in values.items()}
+
+
+def test_a_resume_writes_the_hyperparameters_no_more(run_copy):
+    """Every `train` of a run wrote its hyperparameters again at step 0 (TensorBoard shows
+    the first and ignores the others): written once per run."""
+    assert len(hparams_sessions(run_copy.path)) == 1
+    cfg = run_copy.load_config()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                             epochs=cfg.train.epochs + 1))
+    train.train(cfg, run_copy.path, progress=False, log=lambda *a: None)
+    assert len(run_copy.read_history()) == cfg.train.epochs
+    assert len(hparams_sessions(run_copy.path)) == 1
+    assert "resume_changes" not in hparams_shown(run_copy.path)
+
+
+def test_a_resume_with_another_learning_rate_shows_it_and_the_change_in_hparams(run_copy):
+    """A resume with another --learning-rate left TensorBoard showing the run's first one,
+    without a word (the new session it wrote is ignored). Shown now: the rate the run trains
+    with (config.json's), and `resume_changes` says from where and what it was."""
+    cfg = run_copy.load_config()
+    done = len(run_copy.read_history())
+    was = cfg.train.learning_rate
+    assert hparams_shown(run_copy.path)["learning_rate"] == pytest.approx(was)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, epochs=done + 1, learning_rate=was / 2))
+    train.train(cfg, run_copy.path, progress=False, log=lambda *a: None)
+    shown = hparams_shown(run_copy.path)
+    assert shown["learning_rate"] == pytest.approx(was / 2)
+    assert shown["resume_changes"] == f"epoch {done + 1}: learning_rate {was:g} -> {was / 2:g}"
+    assert len(hparams_sessions(run_copy.path)) == 1
+    # a rerun with nothing to train keeps the run's rate, as config.json does
+    again = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=was))
+    assert train.train(again, run_copy.path, progress=False,
+                       log=lambda *a: None)["steps_now"] == 0
+    assert run_copy.load_config().train.learning_rate == pytest.approx(was / 2)
+    assert hparams_shown(run_copy.path) == shown
+
+
+def test_hyperparameters_deleted_with_the_logs_are_written_again(run_copy):
+    """`rm logs/events*` (or the whole logs/): the next `train`, even one with nothing left
+    to train, writes them again, once."""
+    for path in glob.glob(os.path.join(run_copy.logs, "*tfevents*")):
+        os.remove(path)
+    summary = train.train(run_copy.load_config(), run_copy.path, progress=False,
+                          log=lambda *a: None)
+    assert summary["steps_now"] == 0
+    assert len(hparams_sessions(run_copy.path)) == 1
+    assert hparams_shown(run_copy.path)["units"] == run_copy.load_config().model.units

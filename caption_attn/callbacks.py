@@ -7,7 +7,9 @@
   run's hyperparameters (HParams dashboard) under `logs/train` and `logs/validation`.
 - `AttentionSnapshots`: the same heatmaps as PNG files under `attention/epoch_K/`.
 - `prune_event_files`: on resume, the TensorBoard values a stopped process logged after the
-  checkpoint the run goes on from are removed (that training is done again).
+  checkpoint the run goes on from are removed (that training is done again);
+  `log_missing_epochs` writes the epoch scalars of history.json's epochs a stop lost.
+- `log_hparams`: the run's hyperparameters, written once per run (again when they change).
 
 The sample heatmaps (`samples(epoch)`) may come as a list or as a `concurrent.futures.Future`
 of one (drawn in a background thread while the next epoch trains); both callbacks then write
@@ -20,7 +22,9 @@ from __future__ import annotations
 import errno
 import os
 import re
+import socket
 import struct
+import time
 from typing import Callable, Optional, Sequence, Union
 
 import keras
@@ -234,7 +238,8 @@ class TensorBoardLogger(keras.callbacks.Callback):
     `epoch_advantage_std` and `epoch_entropy` (of the policy at the sampled tokens); in the
     validation run `epoch_bleu4` and `epoch_cider` when measured, the sample captions (text)
     and their attention heatmaps (images). Every `update_freq` steps: `batch_loss` and
-    `batch_gradient_norm`. The hyperparameters go to the HParams dashboard.
+    `batch_gradient_norm`. The hyperparameters go to the HParams dashboard (`log_hparams`,
+    `hparams_since`: where a change of them took effect, for its record there).
     `samples(epoch)` returns a list of dicts with keys image (name), caption, png (bytes).
     """
 
@@ -247,29 +252,18 @@ class TensorBoardLogger(keras.callbacks.Callback):
                   "val_cider": "epoch_cider"}
 
     def __init__(self, log_dir: str, hparams: dict, samples: Optional[Callable] = None,
-                 update_freq: int = 50):
+                 update_freq: int = 50, hparams_since: str = "epoch 1"):
         super().__init__()
-        self.log_dir, self.hparams = log_dir, hparams
+        self.log_dir, self.hparams, self.hparams_since = log_dir, hparams, hparams_since
         self.samples, self.update_freq = samples, max(1, update_freq)
 
     def on_train_begin(self, logs=None):
         import tensorflow as tf
-        from tensorboard.plugins.hparams import api as hp
 
         self._tf = tf
         self._pending = _Pending()
         self._open_writers()
-        root = tf.summary.create_file_writer(self.log_dir)
-        with root.as_default():
-            hp.hparams_config(
-                hparams=[hp.HParam(k) for k in sorted(self.hparams)],
-                metrics=[hp.Metric("epoch_loss", group="validation", display_name="val_loss"),
-                         hp.Metric("epoch_bleu4", group="validation", display_name="val_bleu4"),
-                         hp.Metric("epoch_cider", group="validation", display_name="val_cider"),
-                         hp.Metric("epoch_loss", group="train", display_name="loss")])
-            hp.hparams(self.hparams, trial_id=os.path.basename(os.path.dirname(
-                os.path.abspath(self.log_dir))))
-        root.flush()
+        log_hparams(self.log_dir, self.hparams, self.hparams_since)
 
     def _open_writers(self) -> None:
         tf = self._tf
@@ -379,53 +373,228 @@ def prune_event_files(log_dir: str, epochs: int, steps: int) -> int:
     record cut short by a kill ends the file, whose rewrite drops it; a file damaged
     inside is left as it is (TensorBoard reads it up to the damage too). A write that fails
     (a full disk) is an OSError naming the file; the file is then left as it was."""
-    import tensorflow as tf
-    from tensorboard.compat.proto import event_pb2
-
     removed = 0
     for sub in ("train", "validation"):
-        folder = os.path.join(log_dir, sub)
-        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-        for name in names:
-            if name.startswith(f".{_PRUNED}.tmp."):   # `temp_name`'s, left by a pruning
-                os.remove(os.path.join(folder, name))   # that was killed half-way
-            if "tfevents" not in name or name.startswith("."):
+        for path in _event_files(os.path.join(log_dir, sub)):
+            events, whole = _read_events(path)
+            if not whole:
                 continue
-            path = os.path.join(folder, name)
             kept, dropped = [], 0
-            try:
-                for record in tf.data.TFRecordDataset(path):
-                    event = event_pb2.Event.FromString(record.numpy())
-                    if event.HasField("summary"):
-                        values = [v for v in event.summary.value
-                                  if event.step <= (steps if v.tag.startswith("batch_")
-                                                    else epochs)]
-                        dropped += len(event.summary.value) - len(values)
-                        if not values:
-                            continue
-                        del event.summary.value[:]
-                        event.summary.value.extend(values)
-                    kept.append(event.SerializeToString())
-            except tf.errors.DataLossError as e:
-                if "truncated" not in (e.message or ""):
-                    continue
+            for event in events:
+                if event.HasField("summary"):
+                    values = [v for v in event.summary.value
+                              if event.step <= (steps if v.tag.startswith("batch_")
+                                                else epochs)]
+                    dropped += len(event.summary.value) - len(values)
+                    if not values:
+                        continue
+                    del event.summary.value[:]
+                    event.summary.value.extend(values)
+                kept.append(event)
             if dropped:
                 _rewrite_events(path, kept)
                 removed += dropped
     return removed
 
 
+def log_missing_epochs(log_dir: str, history: Sequence[dict]) -> list[int]:
+    """Write the epoch scalars of `history` (history.json's entries) that the event files
+    under `log_dir/train` and `log_dir/validation` lack, each value of them once, with the
+    tag, step (the epoch number) and run `TensorBoardLogger` gives it. A stop after an
+    epoch's history.json entry and checkpoint but before its scalars were written (a full
+    disk or a second Ctrl-C while its best model was saved, a kill) lost them for good: the
+    resumed run goes on after that epoch. Returns the epochs that got any.
+
+    Each value goes where TensorBoard reads it in step order: into the event file of the
+    first later epoch's summaries, before them (TensorBoard's data server, reading a step of
+    a tag again after later ones, drops the tag's points from that step on: epoch 2
+    appended after epoch 3 took epoch 3 off the chart), else at the end of the last file,
+    or in a new one when there is none (or the file is damaged inside, left as it is).
+    Files are rewritten as `prune_event_files` does (the same errors)."""
+    from tensorboard.plugins.scalar import summary_v2 as scalar_summary
+
+    written = set()
+    for sub, tags in (("train", TensorBoardLogger.TRAIN),
+                      ("validation", TensorBoardLogger.VALIDATION)):
+        folder = os.path.join(log_dir, sub)
+        files = [(path, *_read_events(path)) for path in _event_files(folder)]
+        logged = {(v.tag, event.step) for _, events, _ in files for event in events
+                  for v in event.summary.value}
+        missing = [_event(step=entry["epoch"], summary=scalar_summary.scalar_pb(tag, entry[key]))
+                   for entry in history for key, tag in tags.items()
+                   if entry.get(key) is not None and (tag, entry["epoch"]) not in logged]
+        if missing:
+            _insert_events(folder, files, missing)
+            written.update(event.step for event in missing)
+    return sorted(written)
+
+
+def _insert_events(folder: str, files: list, new: list) -> None:
+    """`new` events (ascending steps) into `folder`'s event files `files` ((path, events,
+    whole) in reading order): each before the first event of a later epoch (`batch_*`
+    summaries, at global steps, aside), else at the end (`log_missing_epochs`)."""
+    later = [(i, j, event.step) for i, (_, events, _) in enumerate(files)
+             for j, event in enumerate(events)
+             if any(not v.tag.startswith("batch_") for v in event.summary.value)]
+    into: dict = {}                  # file index -> {event index: [events before it]}
+    for event in new:
+        i, j = next(((i, j) for i, j, step in later if step > event.step),
+                    (len(files) - 1, len(files[-1][1])) if files else (-1, 0))
+        if i < 0 or not files[i][2]:  # no file, or one damaged inside: a file of its own
+            i, j = -1, 0
+        into.setdefault(i, {}).setdefault(j, []).append(event)
+    for i, places in into.items():
+        if i < 0:
+            _rewrite_events(_new_event_file(folder), [_event(file_version="brain.Event:2")]
+                            + places[0])
+            continue
+        events = files[i][1]
+        merged = [e for j in range(len(events) + 1) for e in places.get(j, []) +
+                  events[j:j + 1]]
+        _rewrite_events(files[i][0], merged)
+
+
+def _event(**fields):
+    """An `Event` proto of now with `fields`."""
+    from tensorboard.compat.proto import event_pb2
+    return event_pb2.Event(**{"wall_time": time.time(), **fields})
+
+
+def _new_event_file(folder: str) -> str:
+    """The path of a new event file in `folder`, named as TensorFlow names them but read
+    before a file a summary writer of this process opens in the same second (`0-` sorts
+    before any writer's `N.`), whose later steps must come after it."""
+    return os.path.join(folder, f"events.out.tfevents.{int(time.time()):010d}."
+                                f"{socket.gethostname()}.{os.getpid()}.0-history.v2")
+
+
+def _event_files(folder: str) -> list[str]:
+    """The event files in `folder` (none if it is missing) in the order TensorBoard reads
+    them (by name); temporary files of a rewrite killed half-way are removed."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    files = []
+    for name in names:
+        if name.startswith(f".{_PRUNED}.tmp."):   # `temp_name`'s, left by a rewrite
+            os.remove(os.path.join(folder, name))   # that was killed half-way
+        elif "tfevents" in name and not name.startswith("."):
+            files.append(os.path.join(folder, name))
+    return files
+
+
+def _read_events(path: str) -> tuple[list, bool]:
+    """The events of the event file `path` in order, and whether it may be rewritten: a
+    record cut short by a kill ends the file (a rewrite drops it); a file damaged inside
+    gives the events before the damage (what TensorBoard reads of it) and False."""
+    import tensorflow as tf
+    from tensorboard.compat.proto import event_pb2
+
+    events = []
+    try:
+        for record in tf.data.TFRecordDataset(path):
+            events.append(event_pb2.Event.FromString(record.numpy()))
+    except tf.errors.DataLossError as e:
+        if "truncated" not in (e.message or ""):
+            return events, False
+    return events, True
+
+
+HPARAM_CHANGES = "resume_changes"   # the hyperparameter that records a resume's changes
+_HPARAMS_TAGS = ("_hparams_/experiment", "_hparams_/session_start_info")
+_HPARAMS_METRICS = (("epoch_loss", "validation", "val_loss"),
+                    ("epoch_bleu4", "validation", "val_bleu4"),
+                    ("epoch_cider", "validation", "val_cider"), ("epoch_loss", "train", "loss"))
+
+
+def log_hparams(log_dir: str, hparams: dict, since: str) -> Optional[str]:
+    """The run's hyperparameters in TensorBoard's HParams dashboard, in an event file of
+    `log_dir` itself (the run beside train/ and validation/): written once per run, and
+    again only when missing (the logs deleted) or other than `hparams`. TensorBoard shows
+    the first it reads of a run and ignores the others: every `train` of a run wrote them
+    again, and a resume with another learning rate left the old one shown, without a word.
+
+    So a change rewrites that first one: with `hparams` (the values the run trains with from
+    now on, config.json's), and `resume_changes` (HPARAM_CHANGES) adds what changed and
+    where (`since`, e.g. "epoch 4: learning_rate 0.01 -> 0.005") to the changes recorded
+    before; the run's start time stays. Returns the change ("" when they were written
+    for the first time or only their names changed), None when nothing was written."""
+    from tensorboard.plugins.hparams import metadata
+
+    trial = os.path.basename(os.path.dirname(os.path.abspath(log_dir)))
+    for path in _event_files(log_dir):
+        events, _ = _read_events(path)
+        shown = next((v for event in events for v in event.summary.value
+                      if v.tag == metadata.SESSION_START_INFO_TAG), None)
+        if shown is not None:
+            break
+    else:
+        os.makedirs(log_dir, exist_ok=True)
+        _rewrite_events(_new_event_file(log_dir), [_event(file_version="brain.Event:2"),
+                                                   *_hparams_events(hparams, trial, None)])
+        return ""
+    info = metadata.parse_session_start_info_plugin_data(shown.metadata.plugin_data.content)
+    before, now = (_plain_hparams(info.hparams), _plain_hparams(_hparams_info(hparams)))
+    changes = before.pop(HPARAM_CHANGES, "")
+    if before == now:
+        return None
+    change = ", ".join(f"{k} {_hparam_text(before[k])} -> {_hparam_text(now[k])}"
+                       for k in sorted(now) if k in before and before[k] != now[k])
+    if change:   # (else only names came or went: a run of another version)
+        change = f"{since}: {change}"
+        changes = f"{changes}; {change}" if changes else change
+    ours = [any(v.tag in _HPARAMS_TAGS for v in event.summary.value) for event in events]
+    at, kept = ours.index(True), [event for event, mine in zip(events, ours) if not mine]
+    new = _hparams_events({**hparams, **({HPARAM_CHANGES: changes} if changes else {})},
+                          trial, info.start_time_secs or None)
+    _rewrite_events(path, kept[:at] + new + kept[at:])
+    return change
+
+
+def _hparams_events(hparams: dict, trial: str, start: Optional[float]) -> list:
+    """The HParams plugin's events of a run: its experiment (the hyperparameters' names, the
+    metrics the dashboard shows) and its session (the values), at step 0."""
+    from tensorboard.plugins.hparams import api as hp
+    from tensorboard.plugins.hparams import summary_v2
+
+    names = [hp.HParam(k) for k in sorted(hparams) if k != HPARAM_CHANGES]
+    names.append(hp.HParam(HPARAM_CHANGES, display_name="changed on resume", description=(
+        "training settings a resume changed, and from where; the other columns show the "
+        "values the run trains with since")))
+    config = summary_v2.hparams_config_pb(names, [
+        hp.Metric(tag, group=group, display_name=name) for tag, group, name in
+        _HPARAMS_METRICS])
+    session = summary_v2.hparams_pb(hparams, trial_id=trial, start_time_secs=start)
+    return [_event(step=0, summary=config), _event(step=0, summary=session)]
+
+
+def _hparams_info(hparams: dict) -> dict:
+    """`hparams` as the session's proto values (numbers as floats)."""
+    from tensorboard.plugins.hparams import metadata, summary_v2
+    summary = summary_v2.hparams_pb(hparams, trial_id="-")
+    return metadata.parse_session_start_info_plugin_data(
+        summary.value[0].metadata.plugin_data.content).hparams
+
+
+def _plain_hparams(values) -> dict:
+    """A session's hyperparameters (`google.protobuf.Value`s) as Python values."""
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in values.items()}
+
+
+def _hparam_text(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else str(value)
+
+
 _PRUNED = "pruned-events"   # the temporary file's name (`atomic_path`), without "tfevents"
 
 
-def _rewrite_events(path: str, records: list) -> None:
-    """The event file `path` made of `records` (serialized events), atomically."""
+def _rewrite_events(path: str, events: list) -> None:
+    """The event file `path` made of `events` (Event protos), atomically."""
     import tensorflow as tf
 
     try:
         with atomic_path(path, temp_of=_PRUNED) as tmp, tf.io.TFRecordWriter(tmp) as writer:
-            for record in records:
-                writer.write(record)
+            for event in events:
+                writer.write(event.SerializeToString())
     except tf.errors.OpError as e:
         code = errno.ENOSPC if "No space left" in (e.message or "") else errno.EIO
         raise OSError(code, os.strerror(code), path) from None

@@ -29,7 +29,7 @@ from caption_attn import (checkpoints, distribute, feature_cache, interrupts, ng
                           progress, quiet)
 from caption_attn import data as data_lib
 from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoardLogger,
-                                    prune_event_files)
+                                    log_hparams, log_missing_epochs, prune_event_files)
 from caption_attn.cider import CiderD
 from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig, flag_name
 from caption_attn.errors import TrainingError, UserError
@@ -532,6 +532,19 @@ def forget_undone(run: RunFolder, done: int, steps: int, log) -> None:
             f"(that training is done again)")
 
 
+def log_lost_epochs(run: RunFolder, done: int, log) -> None:
+    """The TensorBoard scalars of epochs up to `done` that history.json has and the event
+    files lack, written from history.json (`log_missing_epochs`), with a note: a stop after
+    an epoch's entry and checkpoint, before its scalars were written (a full disk or a
+    second Ctrl-C while its best model was saved, a kill), lost them for good, as the run
+    resumes after that epoch."""
+    epochs = log_missing_epochs(run.logs, [h for h in run.read_history() if h["epoch"] <= done])
+    if epochs:
+        log(f"note: TensorBoard lacked the scalars of epoch(s) {', '.join(map(str, epochs))}, "
+            f"which history.json has (the process that trained them stopped before it wrote "
+            f"them): wrote them from history.json")
+
+
 def check_finite(out: dict, epoch: int, step: int, kept: Optional[str],
                  loss_scaling: bool) -> None:
     """TrainingError when a step's loss (or, without loss scaling, which skips such steps
@@ -638,6 +651,7 @@ class Trainer:
         if self.chief:
             self.data.fix_in(self.run, cfg.captions, cfg.settings_digest())
         self._settings_recorded = self._restored is None
+        self._settings_from = "epoch 1"   # where this call's settings apply (`fit` says)
         (cfg if self._settings_recorded else with_trained_settings(self.run, cfg)).save(
             self.run.config)  # every worker, each into its own run folder
 
@@ -824,9 +838,14 @@ class Trainer:
     def _record_settings(self) -> None:
         """config.json gets this call's training settings once it has trained with them:
         before the first checkpoint or history entry they made (a rerun that trained nothing,
-        or failed at its first step, keeps the run's; `with_trained_settings`)."""
+        or failed at its first step, keeps the run's; `with_trained_settings`); so does
+        TensorBoard's HParams dashboard (`log_hparams`)."""
         if not self._settings_recorded:
             self.cfg.save(self.run.config)
+            if self.chief:   # and TensorBoard's HParams, with what changed (a kill between
+                # the two: the next start writes it there, as changed "before epoch N")
+                log_hparams(self.run.logs, _hparams(self.cfg, len(self.data.vocab)),
+                            self._settings_from)
             self._settings_recorded = True
 
     def _save(self) -> None:
@@ -927,9 +946,15 @@ class Trainer:
         samples = SampleFigures(self.validator, self.images_dir, background=True,
                                  log=self.log)
         cbs = [early]
+        in_epoch = int(self.step_in_epoch.numpy())
+        self._settings_from = f"epoch {done + 1}" if not in_epoch else \
+            f"step {steps_before} (epoch {done + 1})"
         if self.chief:
             forget_undone(self.run, done, steps_before, self.log)
-            cbs += [TensorBoardLogger(self.run.logs, _hparams(self), samples),
+            log_lost_epochs(self.run, done, self.log)
+            hparams = _hparams(with_trained_settings(self.run, self.cfg), len(self.data.vocab))
+            cbs += [TensorBoardLogger(self.run.logs, hparams, samples,
+                                      hparams_since="before " + self._settings_from),
                     AttentionSnapshots(self.run.attention, samples)]
         callbacks = keras.callbacks.CallbackList(cbs, model=self.model)
         _describe(self, resumed, done)
@@ -1090,13 +1115,14 @@ class Trainer:
                 writers[0].log_validation(done - 1, measured)
 
 
-def _hparams(trainer: Trainer) -> dict:
-    tc, mc = trainer.cfg.train, trainer.cfg.model
+def _hparams(cfg: RunConfig, vocab_size: int) -> dict:
+    """The hyperparameters TensorBoard's HParams dashboard shows of a run with `cfg`."""
+    tc, mc = cfg.train, cfg.model
     return {"embedding_dim": mc.embedding_dim, "units": mc.units, "dropout": mc.dropout,
-            "attention_reg": mc.attention_reg, "vocab_size": len(trainer.data.vocab),
+            "attention_reg": mc.attention_reg, "vocab_size": vocab_size,
             "batch_size": tc.batch_size, "learning_rate": tc.learning_rate,
             "lr_schedule": tc.lr_schedule, "clip_norm": tc.clip_norm,
-            "precision": tc.precision, "seed": trainer.cfg.data.seed,
+            "precision": tc.precision, "seed": cfg.data.seed,
             "scst_after": -1 if tc.scst_after is None else tc.scst_after,
             "scst_samples": tc.scst_samples, "scst_baseline": tc.scst_baseline}
 
@@ -1346,7 +1372,8 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
     (none to save or rewrite), and the last epoch's heatmaps are there (none to draw
     again). A multi-worker run is loaded, whose workers agree on their checkpoints in the
     Trainer. What a stopped process logged past the checkpoint is removed as by the Trainer
-    (`forget_undone`)."""
+    (`forget_undone`), and TensorBoard gets the epochs' scalars a stop lost
+    (`log_lost_epochs`) and the hyperparameters (`log_hparams`: when missing)."""
     tc = cfg.train
     where, recorded = _resume_position(run), run.caption_file()
     if tc.strategy == "multi-worker" or where is None or where[1] or recorded is None \
@@ -1399,6 +1426,8 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
         for note in notes:
             log("note: " + note)
         forget_undone(run, done, steps, log)
+        log_lost_epochs(run, done, log)
+        log_hparams(run.logs, _hparams(kept, len(vocab)), f"before epoch {done + 1}")
     reason = "early_stopping" if stopped else "max_steps" if done < tc.epochs else "epochs"
     return _summary_of(run_dir, tc, history, early, reason, 0.0, done, steps, 0, None, done,
                        steps, 0, best)

@@ -545,3 +545,52 @@ def test_an_epoch_written_again_keeps_no_heatmaps_of_the_earlier_one(tmp_path):
         files.on_epoch_end(0, {})
         files.on_train_end()
     assert os.listdir(tmp_path / "epoch_1") == ["a.png"]
+
+
+def test_hparams_a_run_wrote_at_each_start_are_rewritten_once_changed(tmp_path):
+    """A run's logs/ as earlier versions left them, the hyperparameters written again by each
+    `train` (TensorBoard shows the first it reads and ignores the rest: the second
+    learning rate was never shown). A change rewrites the first, keeping the run's start
+    time and saying what changed; the same values again write nothing."""
+    import glob
+    import os
+    import time
+
+    import tensorflow as tf
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+    from tensorboard.plugins.hparams import api as hp
+    from tensorboard.plugins.hparams import metadata
+
+    from caption_attn.callbacks import log_hparams
+
+    logs = str(tmp_path / "run" / "logs")
+    for rate in (0.01, 0.005):
+        writer = tf.summary.create_file_writer(logs)
+        with writer.as_default():
+            hp.hparams_config(hparams=[hp.HParam("learning_rate"), hp.HParam("units")],
+                              metrics=[hp.Metric("epoch_loss")])
+            hp.hparams({"learning_rate": rate, "units": 8}, trial_id="run",
+                       start_time_secs=1000.0 + rate)
+        writer.close()
+        time.sleep(1.01)   # event files are named by the second
+
+    def shown():
+        loader = plugin_event_accumulator.EventAccumulator(logs)
+        loader.Reload()
+        info = metadata.parse_session_start_info_plugin_data(
+            loader.PluginTagToContent("hparams")[metadata.SESSION_START_INFO_TAG])
+        return {k: getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}, \
+            info.start_time_secs
+
+    assert shown() == ({"learning_rate": 0.01, "units": 8}, 1000.01)
+    files = sorted(glob.glob(os.path.join(logs, "*tfevents*")))
+    assert log_hparams(logs, {"learning_rate": 0.0025, "units": 8}, "before epoch 4") == \
+        "before epoch 4: learning_rate 0.01 -> 0.0025"
+    assert sorted(glob.glob(os.path.join(logs, "*tfevents*"))) == files   # rewritten in place
+    assert shown() == ({"learning_rate": 0.0025, "units": 8, "resume_changes":
+                        "before epoch 4: learning_rate 0.01 -> 0.0025"}, 1000.01)
+    assert log_hparams(logs, {"learning_rate": 0.0025, "units": 8}, "epoch 6") is None
+    assert log_hparams(logs, {"learning_rate": 0.0025, "units": 16}, "epoch 6") == \
+        "epoch 6: units 8 -> 16"
+    assert shown()[0]["resume_changes"] == ("before epoch 4: learning_rate 0.01 -> 0.0025; "
+                                            "epoch 6: units 8 -> 16")

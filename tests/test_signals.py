@@ -55,6 +55,33 @@ def test_a_stop_at_an_epochs_end_loses_none_of_its_records(shapes_data, tmp_path
     assert leftovers(run) == []
 
 
+@pytest.mark.slow
+def test_a_kill_while_the_best_model_is_saved_loses_no_tensorboard_scalars(shapes_data,
+                                                                          tmp_path):
+    """Killed (SIGKILL: no clean-up runs) as epoch 1's best model was saved, after its
+    history.json entry and checkpoint: its TensorBoard scalars were never written, and the
+    rerun went on after epoch 1, a hole there for good. The rerun writes them, once."""
+    import tensorflow as tf
+    run = str(tmp_path / "run")
+    cmd = train_cmd(shapes_data, run, epochs=2)[3:]
+    killed = inject("caption_attn.run:RunFolder.save_best", cmd, signum=signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert [h["epoch"] for h in read_history(run)] == [1]
+    done = run_cli(cmd)
+    assert done.returncode == 0, done.stderr
+    assert [h["epoch"] for h in read_history(run)] == [1, 2]
+    steps: dict = {}
+    for folder in ("train", "validation"):
+        for name in sorted(os.listdir(os.path.join(run, "logs", folder))):
+            for event in tf.compat.v1.train.summary_iterator(
+                    os.path.join(run, "logs", folder, name)):
+                for value in event.summary.value:
+                    if value.tag.startswith("epoch_"):
+                        steps.setdefault((folder, value.tag), []).append(event.step)
+    assert ("train", "epoch_loss") in steps and ("validation", "epoch_loss") in steps
+    assert all(found == [1, 2] for found in steps.values()), steps
+
+
 def test_ctrl_c_right_after_an_export_is_published_leaves_no_copy_of_the_earlier(
         tmp_path, monkeypatch, default_sigint):
     """A Ctrl-C or SIGTERM between `_publish`'s rename of the new export into place and the

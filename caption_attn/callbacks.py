@@ -502,7 +502,8 @@ HPARAM_CHANGES = "resume_changes"   # the hyperparameter that records a resume's
 _HPARAMS_TAGS = ("_hparams_/experiment", "_hparams_/session_start_info")
 _HPARAMS_METRICS = (("epoch_loss", "validation", "val_loss"),
                     ("epoch_bleu4", "validation", "val_bleu4"),
-                    ("epoch_cider", "validation", "val_cider"), ("epoch_loss", "train", "loss"))
+                    ("epoch_cider", "validation", "val_cider"), ("epoch_loss", "train", "loss"),
+                    ("epoch_reward", "train", "reward"))
 
 
 def log_hparams(log_dir: str, hparams: dict, since: str) -> Optional[str]:

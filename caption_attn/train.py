@@ -1124,7 +1124,8 @@ def _hparams(cfg: RunConfig, vocab_size: int) -> dict:
             "lr_schedule": tc.lr_schedule, "clip_norm": tc.clip_norm,
             "precision": tc.precision, "seed": cfg.data.seed,
             "scst_after": -1 if tc.scst_after is None else tc.scst_after,
-            "scst_samples": tc.scst_samples, "scst_baseline": tc.scst_baseline}
+            "scst_samples": tc.scst_samples, "scst_baseline": tc.scst_baseline,
+            "scst_learning_rate": tc.scst_learning_rate}
 
 
 def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
@@ -1219,8 +1220,14 @@ def _plain(value):
     return float(value) if isinstance(value, (np.floating, float)) else value
 
 
+def metric_text(value: float) -> str:
+    """A loss or metric as printed: four decimals, or three digits for a value that they
+    would round to zero (`best val_cider=0.0000` of a run whose best.json held 1.08e-05)."""
+    return f"{value:.4f}" if value == 0 or abs(value) >= 5e-5 else f"{value:.2e}"
+
+
 def _epoch_line(entry: dict) -> str:
-    parts = [f"{k}={entry[k]:.4f}" for k in ("loss", "reward", "val_loss", "val_bleu4",
+    parts = [f"{k}={metric_text(entry[k])}" for k in ("loss", "reward", "val_loss", "val_bleu4",
                                              "val_cider") if entry.get(k) is not None]
     return (f"epoch {entry['epoch']}: " + " ".join(parts)
             + f" ({entry['captions_per_second']:.0f} captions/s, {entry['seconds']:.1f} s)")
@@ -1494,7 +1501,7 @@ def format_summary(summary: dict) -> str:
     best model and how to open TensorBoard."""
     s = summary
     best = ("" if s["best_epoch"] is None else
-            f", best {s['best_monitor']}={s['best_value']:.4f} at epoch {s['best_epoch']}")
+            f", best {s['best_monitor']}={metric_text(s['best_value'])} at epoch {s['best_epoch']}")
     run = (f"epoch {s['finished_epochs']} of {s['target_epochs']}"
            if s["finished_epochs"] <= s["target_epochs"] else
            f"epoch {s['finished_epochs']} (--epochs {s['target_epochs']})") + f", step {s['steps']}"

@@ -203,3 +203,26 @@ def test_hyperparameters_deleted_with_the_logs_are_written_again(run_copy):
     assert summary["steps_now"] == 0
     assert len(hparams_sessions(run_copy.path)) == 1
     assert hparams_shown(run_copy.path)["units"] == run_copy.load_config().model.units
+
+
+def test_hparams_show_the_self_critical_rate_and_reward():
+    """Runs that differ only by --scst-learning-rate looked the same in the HParams
+    dashboard (its learning_rate is cross-entropy's), whose metrics had no reward."""
+    from caption_attn.callbacks import _HPARAMS_METRICS
+    from caption_attn.config import RunConfig
+    cfg = RunConfig()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                             scst_learning_rate=7e-6))
+    assert train._hparams(cfg, 40)["scst_learning_rate"] == 7e-6
+    assert ("epoch_reward", "train", "reward") in _HPARAMS_METRICS
+
+
+def test_small_metric_values_are_not_printed_as_zero():
+    """`best val_cider=0.0000 at epoch 2` while best.json held 1.08e-05 (a self-critical run
+    from an untrained model): four decimals round a small value to zero."""
+    entry = {"epoch": 2, "loss": 1.5, "val_cider": 1.08e-05, "captions_per_second": 10.0,
+             "seconds": 1.0}
+    assert "val_cider=1.08e-05" in train._epoch_line(entry)
+    assert "loss=1.5000" in train._epoch_line(entry)
+    assert train.metric_text(0.0) == "0.0000" and train.metric_text(2.33184) == "2.3318"
+    assert train.metric_text(-3e-7) == "-3.00e-07"

@@ -51,7 +51,8 @@ from caption_attn.backbone import GRID, IMAGE_SIZE, NUM_PIXELS, Backbone, build_
 from caption_attn.captioner import EXPORT_NEEDS, Captioner, make_decoder
 from caption_attn.config import DecodeConfig, ExportConfig
 from caption_attn.errors import UserError
-from caption_attn.feature_cache import is_stale_temp, read_manifest
+from caption_attn.feature_cache import (images_folders, is_stale_temp, read_manifest,
+                                         source_images)
 from caption_attn.fileio import (holding_lock, is_inside, read_json, remove_path, temp_name,
                                  write_bytes_atomic, write_json_atomic)
 from caption_attn.images import ImageError, load_image
@@ -82,8 +83,9 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     `cache` replaces the run's feature cache, whose manifest gives the backbone.
 
     Bad input (unknown run, no best model, an `out` that is not an earlier export of this run
-    or holds other files besides it, without `cfg.force`; an unwritable `out`) is a one-line
-    UserError before any work. The new export replaces `out`, whose assets.extra/ it keeps."""
+    or holds other files besides it, without `cfg.force`; with it too, an `out` that is no
+    export but holds files, or the run, its cache, caption file or images folders; an
+    unwritable `out`) is a one-line UserError before any work. The new export replaces `out`, whose assets.extra/ it keeps."""
     if decode_cfg.method == "sample":
         raise UserError("export decodes with beam search or greedy, not --sample")
     # `serving/current/` (a shell completes a symlink so) names the link's target to the OS:
@@ -102,9 +104,11 @@ def _export(run: RunFolder, run_dir: str, out: str, decode_cfg: DecodeConfig,
     run_cfg = run.load_config()
     cache_dir = cache or run_cfg.cache
     keep = (run.path, cache_dir, run_cfg.captions)
-    _check_out(out, run, cfg.force, keep=keep, cache=cache_dir)
+    images = _images_folders(run, cache_dir)
+    _check_out(out, run, cfg.force, keep=keep, cache=cache_dir, images=images)
     hold.enter_context(_exporting_to(out))
-    _check_out(out, run, cfg.force, keep=keep, cache=cache_dir)  # what is there now, locked
+    # what is there now, locked
+    _check_out(out, run, cfg.force, keep=keep, cache=cache_dir, images=images)
     start = time.perf_counter()
     # A run still training can replace best.keras (and best.json) at any time: export.json
     # records the best epoch read with the model, and a model replaced while it was being
@@ -200,27 +204,59 @@ def _remove_killed_exports(out: str, log) -> None:
             log(f"removed {path}, left by an export that did not finish")
 
 
-def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> None:
+def _images_folders(run: RunFolder, cache: str) -> list:
+    """(folder, what it is) of every images folder the run and its feature cache `cache`
+    name: the run's (split.json's `images_dir`), then each the cache was extracted from (its
+    manifest; none when the manifest cannot be read yet: its own checks say why, later)."""
+    found = []
+    recorded = run.images_dir(existing=False)
+    if recorded:
+        found.append((recorded, "the images folder the run was trained on (split.json's "
+                                "images_dir)"))
+    try:
+        extracted = images_folders(read_manifest(cache))
+    except (UserError, OSError):
+        extracted = []
+    seen = {os.path.realpath(f) for f, _ in found}
+    for folder in extracted:
+        if os.path.realpath(folder) not in seen:
+            seen.add(os.path.realpath(folder))
+            found.append((folder, f"an images folder the feature cache {cache} was "
+                                  f"extracted from"))
+    return found
+
+
+def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None,
+               images=()) -> None:
     """Refuse an `out` that holds something else than an earlier export of `run`, or files
-    besides such an export (other than assets.extra/, which is kept) (unless `force`), that
-    would replace a path of `keep`, that is inside the feature cache `cache`
-    or one of the run's own files or folders (even with `force`), or whose parent is not
-    writable."""
+    besides such an export (other than assets.extra/, which is kept) (unless `force`), and,
+    even with `force`: an `out` that would replace a path of `keep`, that is, holds or lies
+    inside an images folder of `images` ((folder, what it is) pairs), that is inside the
+    feature cache `cache` or one of the run's own files or folders, that exists and is no
+    export but holds files an export does not write (`export --out IMAGES --force` replaced
+    the run's training images), or whose parent is not writable."""
     if not out or not out.strip():
         raise UserError("--out must name a folder, got an empty string")
     target, real_run = os.path.abspath(out), os.path.realpath(run.path)
     real = os.path.realpath(out)  # a symlink on the way must not hide the run or cache
+    own = "give the export a folder of its own, e.g. serving/NAME/1"
     for folder in keep:
         if target in _ancestors(folder) or real in _ancestors(folder):
             raise UserError(f"--out {out}: would replace {folder}, which the export reads")
+    for folder, what in images:
+        if target in _ancestors(folder) or real in _ancestors(folder):
+            raise UserError(f"--out {out}: would replace {folder}, {what}; refused even with "
+                            f"--force: {own}")
+        if is_inside(real, folder):
+            raise UserError(f"--out {out}: inside {folder}, {what}: the export would lie "
+                            f"among the images; refused even with --force: {own}")
     if cache and is_inside(real, cache):
-        raise UserError(f"--out {out}: inside the feature cache {cache}; give the export a "
-                        f"folder of its own, e.g. serving/NAME/1")
+        raise UserError(f"--out {out}: inside the feature cache {cache}; {own}")
     if is_inside(real, run.path):
-        own = os.path.relpath(real, real_run).split(os.sep)[0]
-        if own in RunFolder.FILES + RunFolder.DIRS:
-            raise UserError(f"--out {out}: {own} is one of the run's own files or folders; "
-                            f"give the export a folder of its own, e.g. serving/NAME/1")
+        part = os.path.relpath(real, real_run).split(os.sep)[0]
+        if part in RunFolder.FILES + RunFolder.DIRS:
+            raise UserError(f"--out {out}: {part} is one of the run's own files or folders; "
+                            f"{own}")
     if os.path.lexists(out):
         _refuse_folder_of_exports(out)
         earlier, about = _earlier_export(out)
@@ -233,9 +269,8 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> No
         if earlier is not None and about != real_run and not force:
             raise UserError(f"--out {out}: holds an export of another run ({earlier}); use "
                             f"another --out or add --force to replace it")
-        if earlier is None and not force and (not os.path.isdir(out) or os.listdir(out)):
-            raise UserError(f"--out {out}: exists and is not an export of a run (no "
-                            f"{INFO_FILE}); use another --out or add --force to replace it")
+        if about is None:                                  # no export.json: no export
+            _refuse_what_is_no_export(out, force)
         others = _not_written_by_exports(out)
         if earlier is not None and others and not force:
             shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
@@ -244,6 +279,25 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> No
                             f"files for TF Serving go in {os.path.join(out, KEPT)}, which is "
                             f"kept), or add --force to delete it")
     check_folder_writable(os.path.dirname(target), "--out", given=out)
+
+
+def _refuse_what_is_no_export(out: str, force: bool) -> None:
+    """`out` exists and holds no export.json: a file, or a folder with files an export does
+    not write, is refused even with `force` (--force replaces exports, not whatever is
+    there: `--out IMAGES --force` deleted a dataset); a folder of only export-written files
+    (no export.json) needs `force`; an empty folder passes."""
+    if not os.path.isdir(out):
+        raise UserError(f"--out {out}: a file, not an export; refused even with --force "
+                        f"(which replaces only an earlier export): use another --out")
+    others = _not_written_by_exports(out)
+    if others:
+        shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+        raise UserError(f"--out {out}: exists and is not an export of a run (no {INFO_FILE}; "
+                        f"it holds {shown}); refused even with --force, which replaces only "
+                        f"an earlier export: use another --out (or move those files out)")
+    if os.listdir(out) and not force:
+        raise UserError(f"--out {out}: exists and is not an export of a run (no {INFO_FILE}); "
+                        f"use another --out or add --force to replace it")
 
 
 def _not_written_by_exports(out: str) -> list:

@@ -275,7 +275,8 @@ def test_quantized_tflite_prints_sizes_and_agreement(trained_run, tmp_path, monk
     quantize = "dynamic"
     out = tmp_path / "export"
     out.mkdir()
-    (out / "old.txt").write_text("replaced with --force")
+    (out / export.INFO_FILE).write_text(json.dumps({"run": "/another/run"}))
+    (out / "old.txt").write_text("replaced with --force: an export's extra file")
     code, printed, err = _run_cli(["export", "--run", trained_run, "--out", str(out),
                                    "--tflite", "--tflite-quantize", quantize, "--force"])
     assert code == 0, err
@@ -795,3 +796,53 @@ def test_the_tflite_interpreter_does_not_announce_its_delegate_on_stderr():
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == "[[4.0, 4.0, 4.0, 4.0]]\n"
     assert "XNNPACK" not in done.stderr, done.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- red team, stop 38
+def _save_placeholder(path, *args):
+    """save_servable's stand-in where the SavedModel itself is not what a test looks at."""
+    open(os.path.join(path, "saved_model.pb"), "wb").write(b"new")
+
+
+def test_force_never_replaces_an_images_folder_or_a_folder_that_is_no_export(
+        trained_run, shapes_data, copy_cache, tmp_path, monkeypatch):
+    """`export --out IMAGES --force` replaced the run's training images with saved_model.pb
+    and the rest (exit 0): --force replaced any folder. Refused, before anything is built or
+    written: the run's images folder (split.json), the images folders its cache was extracted
+    from (manifest), a folder inside or above them, and any folder of other files that is no
+    export."""
+    monkeypatch.setattr(export.Captioner, "from_run", None)   # must not be reached
+    images = shapes_data["images"]
+    before = sorted(os.listdir(images))
+    listing = lambda: sorted(os.listdir(images))  # noqa: E731
+    _refused(["export", "--run", trained_run, "--out", images, "--force"],
+             f"--out {images}: ", "the images folder the run was trained on", "even with --force")
+    _refused(["export", "--run", trained_run, "--out", images + "/", "--force"],
+             "the images folder the run was trained on")
+    _refused(["export", "--run", trained_run, "--out", os.path.join(images, "export"),
+              "--force"], f"inside {images}, the images folder the run was trained on")
+    # a folder above it (`shapes/`, which holds images/ and captions.json)
+    _refused(["export", "--run", trained_run, "--out", os.path.dirname(images), "--force"],
+             "would replace")
+    # another images folder the cache (--cache) was extracted from
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.png").write_bytes(b"\x89PNG not really")
+    manifest = os.path.join(copy_cache, "manifest.json")
+    with open(manifest) as f:
+        m = json.load(f)
+    m["images_dirs"] = [str(photos)] + m.get("images_dirs", [m["images_dir"]])
+    with open(manifest, "w") as f:
+        json.dump(m, f)
+    _refused(["export", "--run", trained_run, "--cache", copy_cache, "--out", str(photos),
+              "--force"], f"--out {photos}: ", f"an images folder the feature cache "
+             f"{copy_cache} was extracted from")
+    # a folder of other files, no export: --force replaces exports, not whatever is there
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    _refused(["export", "--run", trained_run, "--out", str(notes), "--force"],
+             f"--out {notes}: ", "not an export", "todo.txt", "even with --force")
+    assert listing() == before and (photos / "cat.png").exists()
+    assert os.listdir(notes) == ["todo.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["cache", "notes", "photos"]   # no lock left

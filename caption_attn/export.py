@@ -85,7 +85,8 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     Bad input (unknown run, no best model, an `out` that is not an earlier export of this run
     or holds other files besides it, without `cfg.force`; with it too, an `out` that is no
     export but holds files, or the run, its cache, caption file or images folders; an
-    unwritable `out`) is a one-line UserError before any work. The new export replaces `out`, whose assets.extra/ it keeps."""
+    unwritable `out`) is a one-line UserError before any work. The new export replaces
+    `out`, whose assets.extra/ it keeps."""
     if decode_cfg.method == "sample":
         raise UserError("export decodes with beam search or greedy, not --sample")
     # `serving/current/` (a shell completes a symlink so) names the link's target to the OS:

@@ -51,10 +51,10 @@ from caption_attn.backbone import GRID, IMAGE_SIZE, NUM_PIXELS, Backbone, build_
 from caption_attn.captioner import EXPORT_NEEDS, Captioner, make_decoder
 from caption_attn.config import DecodeConfig, ExportConfig
 from caption_attn.errors import UserError
-from caption_attn.feature_cache import (images_folders, is_stale_temp, read_manifest,
-                                         source_images)
-from caption_attn.fileio import (holding_lock, is_inside, read_json, remove_path, temp_name,
-                                 write_bytes_atomic, write_json_atomic)
+from caption_attn.feature_cache import (IMAGE_DIGEST_CHARS, images_folders, is_stale_temp,
+                                         read_manifest, source_images)
+from caption_attn.fileio import (file_digest, holding_lock, is_inside, read_json, remove_path,
+                                 temp_name, write_bytes_atomic, write_json_atomic)
 from caption_attn.images import ImageError, load_image
 from caption_attn.model import ShowAttendTell
 from caption_attn.run import RunFolder, check_folder_writable
@@ -446,6 +446,8 @@ def format_summary(info: dict, out: str) -> str:
                          f"{agreement['same_captions']}/{agreement['images']} test images "
                          f"({100 * agreement['fraction']:.1f}%); their log-probabilities "
                          f"differ by up to {agreement['max_score_difference']:.4f}")
+            if agreement.get("note"):
+                lines.append(f"            ({agreement['note']})")
         elif agreement:
             lines.append(f"agreement   not measured: {agreement['note']}")
     lines.append(f"inspect     saved_model_cli show --dir {out} --all")
@@ -645,21 +647,76 @@ def interpreter(blob: bytes):
 
 def quantized_agreement(float_model: bytes, quantized: bytes, run: RunFolder,
                         captioner: Captioner, limit: int) -> dict:
-    """Greedy captions of both TFLite models on up to `limit` test-split images."""
-    images_dir = read_manifest(captioner.cache).get("images_dir")
-    keys = run.load_splits().get("test", [])[:limit]
-    pixels = []
-    for key in keys if images_dir and os.path.isdir(images_dir) else []:
-        with contextlib.suppress(ImageError):
-            pixels.append(load_image(os.path.join(images_dir, key)))
+    """Greedy captions of both TFLite models on up to `limit` test-split images of the run
+    (`_test_images`: where `evaluate` finds them, confirmed by their digests)."""
+    pixels, folder, notes = _test_images(run, captioner.cache, limit)
     if not pixels:
-        return {"images": 0, "note": f"no test images found (images folder {images_dir})"}
+        return {"images": 0, "images_dir": folder,
+                "note": "; ".join(notes) or f"no test images found in {folder}"}
     runs = [interpreter(blob) for blob in (float_model, quantized)]
     score_diff = []                          # of the images whose captions are the same
     for image in pixels:
         a, b = (r(image=image[None]) for r in runs)
         if np.array_equal(a["token_ids"], b["token_ids"]):
             score_diff.append(abs(float(a["scores"][0]) - float(b["scores"][0])))
-    return {"images": len(pixels), "same_captions": len(score_diff),
-            "fraction": round(len(score_diff) / len(pixels), 4),
-            "max_score_difference": round(max(score_diff, default=0.0), 6)}
+    found = {"images": len(pixels), "images_dir": folder, "same_captions": len(score_diff),
+             "fraction": round(len(score_diff) / len(pixels), 4),
+             "max_score_difference": round(max(score_diff, default=0.0), 6)}
+    return found | ({"note": "; ".join(notes)} if notes else {})
+
+
+def _test_images(run: RunFolder, cache: str, limit: int) -> tuple:
+    """(pixels of up to `limit` of the run's test images, the folder they were read in,
+    notes). The folder is the run's (split.json's `images_dir`, as `evaluate` takes it), or
+    when the run recorded none or it is gone (said), the one `cache` was last extracted
+    from. An image whose digest is not the one the run recorded (another image of the same
+    name: that folder was the cache's measured as the run's, silently) is left out, said."""
+    recorded, folder = run.images_dir(existing=False), run.images_dir()
+    notes = [] if folder or not recorded else \
+        [f"the run's images folder {recorded} is not a folder on this machine"]
+    manifest = read_manifest(cache)
+    folder = folder or source_images(manifest)
+    keys = run.load_splits().get("test", [])[:limit]
+    last = manifest.get("images_dir")
+    if not keys:
+        return [], folder, notes + ["the run's test split is empty"]
+    if folder is None and last and last != recorded:
+        notes.append(f"the images folder {last} of the feature cache {cache} is not a folder "
+                     f"on this machine")
+    elif folder is None and not recorded:
+        notes.append(f"neither the run nor its feature cache {cache} records an images folder")
+    if folder is None:
+        return [], folder, notes
+    if notes:
+        notes[0] += f"; measured in {folder}, the feature cache's images folder"
+    digests, pixels = run.image_digests(), []
+    missing, other, unconfirmed, unreadable = [], [], [], []
+    for key in keys:
+        path = os.path.join(folder, key)
+        try:
+            digest = file_digest(path)[:IMAGE_DIGEST_CHARS]
+        except OSError:
+            missing.append(key)
+            continue
+        if key in digests and digests[key] != digest:
+            other.append(key)
+            continue
+        try:
+            pixels.append(load_image(path))
+        except ImageError:
+            unreadable.append(key)
+            continue
+        if key not in digests:
+            unconfirmed.append(key)
+    counted = lambda found: f"{len(found)} test image{'s' * (len(found) != 1)}"  # noqa: E731
+    if other:
+        notes.append(f"{counted(other)} in {folder} (e.g. {other[0]}) differ from the "
+                     f"run's images of the same name (their digests in {run.split}): left "
+                     f"out")
+    if missing or unreadable:
+        notes.append(f"{counted(missing + unreadable)} missing or unreadable in {folder} (e.g. "
+                     f"{(missing + unreadable)[0]}): left out")
+    if unconfirmed:
+        notes.append(f"{counted(unconfirmed)} could not be confirmed to be the run's ({run.split} "
+                     f"records no digest of them): measured as they are")
+    return pixels, folder, notes

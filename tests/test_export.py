@@ -846,3 +846,76 @@ def test_force_never_replaces_an_images_folder_or_a_folder_that_is_no_export(
     assert listing() == before and (photos / "cat.png").exists()
     assert os.listdir(notes) == ["todo.txt"]
     assert sorted(os.listdir(tmp_path)) == ["cache", "notes", "photos"]   # no lock left
+
+
+def _tiny_tflite(tmp_path):
+    """A small TFLite model with the captioner's signature (image -> token_ids, scores)
+    whose ids and score are the image's mean level: agreement is measured, fast."""
+    import tensorflow as tf
+    module = tf.Module()
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 299, 299, 3], tf.uint8, name="image")])
+    def serve(image):
+        mean = tf.reduce_mean(tf.cast(image, tf.float32))
+        return {"token_ids": tf.reshape(tf.cast(mean, tf.int32), [1, 1]),
+                "scores": tf.reshape(mean, [1])}
+    folder = str(tmp_path / "tiny_saved_model")
+    tf.saved_model.save(module, folder, signatures={export.SIGNATURE: serve})
+    return export.convert(folder)
+
+
+def _set_split_field(run, name, value):
+    with open(run.split) as f:
+        split = json.load(f)
+    split[name] = value
+    with open(run.split, "w") as f:
+        json.dump(split, f)
+
+
+def test_quantized_agreement_uses_the_runs_images_checked_by_their_digests(
+        run_copy, shapes_data, copy_cache, tmp_path):
+    """The agreement of a quantized TFLite model was measured in the cache manifest's last
+    images folder: "no test images found" for a run trained with `--images` of another
+    folder, and other same-named images there were measured as the run's test images."""
+    from types import SimpleNamespace
+    blob = _tiny_tflite(tmp_path)
+    test = run_copy.load_splits()["test"]
+    ours = tmp_path / "ours"                      # the run's images (train --images ours)
+    shutil.copytree(shapes_data["images"], ours)
+    _set_split_field(run_copy, "images_dir", str(ours))
+    manifest = os.path.join(copy_cache, "manifest.json")
+    with open(manifest) as f:
+        m = json.load(f)
+    m["images_dir"] = str(tmp_path / "gone")      # the cache's last folder: not here any more
+    with open(manifest, "w") as f:
+        json.dump(m, f)
+    captioner = SimpleNamespace(cache=copy_cache)
+    got = export.quantized_agreement(blob, blob, run_copy, captioner, 100)
+    assert got["images"] == len(test) and got["same_captions"] == len(test), got
+
+    # the cache's folder holds other images of the same names, the run's is gone
+    others = tmp_path / "others"
+    others.mkdir()
+    for key in test:
+        cv2.imwrite(str(others / key), np.full((299, 299, 3), 7, np.uint8))
+    m["images_dir"] = str(others)
+    with open(manifest, "w") as f:
+        json.dump(m, f)
+    shutil.rmtree(ours)
+    got = export.quantized_agreement(blob, blob, run_copy, captioner, 100)
+    assert got["images"] == 0, got
+    assert str(ours) in got["note"] and "not a folder" in got["note"], got
+
+    # the run's folder is back, but two of its test images are others now: left out, said
+    shutil.copytree(shapes_data["images"], ours)
+    for key in test[:2]:
+        shutil.copy(others / key, ours / key)
+    got = export.quantized_agreement(blob, blob, run_copy, captioner, 100)
+    assert got["images"] == len(test) - 2, got
+    assert "2 test images" in got["note"] and "left out" in got["note"], got
+    line = export.format_summary({"saved_model": {"bytes": 1, "outputs": {}}, "beam": 1,
+                                  "max_length": 9, "seconds": 1, "tflite": {
+                                      "quantize": "float16", "file": "c.tflite", "bytes": 1,
+                                      "float32_bytes": 2, "vocab": "vocab.json",
+                                      "agreement": got}}, "out")
+    assert got["note"] in line

@@ -23,7 +23,8 @@ TFLite (DIR/captioner.tflite with DIR/vocab.json), signature `serving_default`:
     scores     float32 (1,)            its log-probability
     attention  float32 (1, L, 8, 8)    the map of each token id (<end> included), then zero
 Built-in TFLite ops only: the decoder's tf.while_loop becomes a WHILE op. It computes in
-float32 even for a bfloat16 run (bfloat16 is not a TFLite type).
+float32 even for a bfloat16 run (bfloat16 is not a TFLite type): export says so, and
+export.json records each part's precision there (`tflite.precision`, `tflite.converted`).
 
 Nothing is written under DIR until the export is complete: it is made in a hidden temporary
 folder next to DIR and renamed into place. DIR/assets.extra/ (TF Serving's place for a
@@ -134,6 +135,8 @@ def _export(run: RunFolder, run_dir: str, out: str, decode_cfg: DecodeConfig,
             if cfg.tflite:
                 log("converting the TFLite model ...")
                 info["tflite"] = write_tflite(tmp, run, captioner, backbone, cfg)
+                if info["tflite"]["converted"]:
+                    log(f"note: {converted_note(info['tflite']['converted'])}")
             _carry_over(out, tmp)
             info["seconds"] = round(time.perf_counter() - start, 1)
             write_json_atomic(os.path.join(tmp, INFO_FILE), info)
@@ -413,6 +416,8 @@ def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone, best=Non
         "max_length": captioner.max_length, "vocab_size": len(captioner.vocab),
         "backbone": {k: m.get(k) for k in ("weights", "weights_sha256", "precision")}
         | {"feature_scale": backbone.feature_scale},
+        # the SavedModel computes as `caption` does: the run's (train --precision)
+        "decoder": {"precision": captioner.model.compute_dtype},
         "saved_model": {"signature": SIGNATURE, "inputs": {"images": "string (N,)"},
                         "outputs": _signature_outputs(captioner)},
         "tflite": None, "caption_attn": __version__, "tensorflow": tf.__version__,
@@ -614,7 +619,12 @@ def convert(saved_model_dir: str, quantize: str = "none") -> bytes:
 
 def write_tflite(folder: str, run: RunFolder, captioner: Captioner, backbone: Backbone,
                  cfg: ExportConfig) -> dict:
-    """captioner.tflite (+ vocab.json) into `folder`; returns its description."""
+    """captioner.tflite (+ vocab.json) into `folder`; returns its description, with the
+    precision each part computes in there and the run's precision of each part converted to
+    float32 for it (`converted`: `caption` computes those in their own precision)."""
+    converted = {part: dtype for part, dtype in (
+        ("decoder", captioner.model.compute_dtype), ("backbone", backbone.model.compute_dtype))
+        if dtype != "float32"}
     model, backbone = float32_copies(captioner.model, backbone)
     greedy = tflite_function(model, backbone, captioner.cfg, captioner.max_length)
     staging = os.path.join(folder, ".tflite_saved_model")
@@ -628,11 +638,24 @@ def write_tflite(folder: str, run: RunFolder, captioner: Captioner, backbone: Ba
     captioner.vocab.save(os.path.join(folder, VOCAB_FILE))
     info = {"file": TFLITE_FILE, "vocab": VOCAB_FILE, "quantize": cfg.tflite_quantize,
             "bytes": len(blob), "float32_bytes": len(float_model), "max_length":
-            captioner.max_length, "signature": SIGNATURE}
+            captioner.max_length, "signature": SIGNATURE,
+            "precision": {"decoder": model.compute_dtype,
+                          "backbone": backbone.model.compute_dtype},
+            "converted": converted}
     if cfg.tflite_quantize != "none" and cfg.check_images:
         info["agreement"] = quantized_agreement(float_model, blob, run, captioner,
                                                 cfg.check_images)
     return info
+
+
+def converted_note(converted: dict) -> str:
+    """What export says of the parts (`converted`: part -> the run's precision) the TFLite
+    model computes in float32 where `caption` does not (bfloat16 is no TFLite type)."""
+    why = {"decoder": "train --precision", "backbone": "the feature cache's --precision"}
+    parts = " and ".join(f"the {part} (run in {dtype} by `caption`: {why[part]} {dtype})"
+                         for part, dtype in converted.items())
+    return (f"the TFLite model computes {parts} in float32: its greedy token ids may differ "
+            f"from those of `caption --beam 1` where two words are near a tie")
 
 
 def interpreter(blob: bytes):

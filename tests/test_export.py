@@ -919,3 +919,39 @@ def test_quantized_agreement_uses_the_runs_images_checked_by_their_digests(
                                       "float32_bytes": 2, "vocab": "vocab.json",
                                       "agreement": got}}, "out")
     assert got["note"] in line
+
+
+@pytest.fixture(scope="module")
+def bfloat16_run(shapes_data, tmp_path_factory):
+    """A tiny run trained with --precision bfloat16 (a few steps: only its precision
+    matters)."""
+    from caption_attn import train
+    from caption_attn.config import DataConfig, ModelConfig, TrainConfig, VocabConfig
+
+    run = str(tmp_path_factory.mktemp("trained_bf16") / "run")
+    cfg = RunConfig(captions=shapes_data["captions"], cache=shapes_data["cache"],
+                    data=DataConfig(seed=1), vocab=VocabConfig(max_length=12),
+                    model=ModelConfig(embedding_dim=16, units=16),
+                    train=TrainConfig(epochs=1, batch_size=32, precision="bfloat16",
+                                      bleu_images=0, sample_images=0))
+    train.train(cfg, run, progress=False, log=lambda *a: None)
+    return run
+
+
+def test_the_tflite_model_of_a_bfloat16_run_says_its_decoder_was_converted(
+        bfloat16_run, tmp_path, monkeypatch):
+    """`caption` runs a `train --precision bfloat16` run's decoder in bfloat16, the TFLite
+    model in float32 (bfloat16 is no TFLite type): 11/12 greedy captions were equal, and
+    nothing said the TFLite model was another computation."""
+    monkeypatch.setattr(export, "save_servable", _save_placeholder)
+    out = tmp_path / "1"
+    code, printed, err = _run_cli(["export", "--run", bfloat16_run, "--out", str(out),
+                                   "--tflite"])
+    assert code == 0, err
+    info = json.loads((out / export.INFO_FILE).read_text())
+    assert info["decoder"] == {"precision": "bfloat16"}
+    assert info["tflite"]["precision"] == {"decoder": "float32", "backbone": "float32"}
+    assert info["tflite"]["converted"] == {"decoder": "bfloat16"}
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "decoder" in notes[0] and "bfloat16" in notes[0] \
+        and "caption --beam 1" in notes[0], err

@@ -111,6 +111,7 @@ def _export(run: RunFolder, run_dir: str, out: str, decode_cfg: DecodeConfig,
     hold.enter_context(_exporting_to(out))
     # what is there now, locked
     _check_out(out, run, cfg.force, keep=keep, cache=cache_dir, images=images)
+    replaced = _earlier_info(out)
     start = time.perf_counter()
     # A run still training can replace best.keras (and best.json) at any time: export.json
     # records the best epoch read with the model, and a model replaced while it was being
@@ -145,7 +146,63 @@ def _export(run: RunFolder, run_dir: str, out: str, decode_cfg: DecodeConfig,
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # left only when something failed
+    changed = changed_settings(replaced, info) if replaced else []
+    if changed:
+        log(f"note: {replaced_note(out, changed)}")
     return info
+
+
+def _earlier_info(out: str) -> Optional[dict]:
+    """export.json of the export in `out` that this one replaces (None: none, or one that
+    cannot be read, which only --force replaces)."""
+    try:
+        info = read_json(os.path.join(out, INFO_FILE))
+    except (UserError, OSError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _settings(info: dict) -> dict:
+    """What an export was made of and with, by the name its note gives it (a field an older
+    export.json lacks is left out)."""
+    found = {k: info[k] for k in ("beam", "length_penalty", "max_length", "cache")
+             if k in info}
+    if "run" in info:
+        found["run"] = info.get("run_realpath") or info["run"]
+    if isinstance(info.get("best"), dict):
+        found["best epoch"] = info["best"].get("epoch")
+    for part in ("backbone", "decoder"):
+        if isinstance(info.get(part), dict) and "precision" in info[part]:
+            found[f"{part} precision"] = info[part]["precision"]
+    if "tflite" in info:
+        lite = info["tflite"]
+        found["tflite"] = "off" if not isinstance(lite, dict) else \
+            {"none": "float32"}.get(lite.get("quantize"), lite.get("quantize"))
+    return found
+
+
+def changed_settings(earlier: dict, info: dict) -> list:
+    """"NAME OLD -> NEW" of each setting (`_settings`) of export.json `info` that differs
+    from the `earlier` one's."""
+    old, new = _settings(earlier), _settings(info)
+    return [f"{k} {old[k]} -> {new.get(k)}" for k in new if k in old and old[k] != new[k]]
+
+
+def replaced_note(out: str, changed: list) -> str:
+    """What a re-export into `out` says when it replaced an export made otherwise
+    (`changed`): TF Serving does not load a version number again."""
+    parent, version = os.path.split(os.path.abspath(out))
+    if version.isdigit():
+        taken = []
+        with contextlib.suppress(OSError):
+            taken = [int(n) for n in os.listdir(parent) if n.isdigit()]
+        hint = (f"a TF Serving server that already loaded version {version} will not load it "
+                f"again: export into a new version folder, e.g. "
+                f"{os.path.join(parent, str(max(taken + [int(version)]) + 1))}")
+    else:
+        hint = ("a TF Serving server that already loaded it will not load it again: give "
+                "each export a new version folder (MODELS/NAME/VERSION)")
+    return f"replaced the export in {out}, made with other settings: {'; '.join(changed)}; {hint}"
 
 
 @contextlib.contextmanager

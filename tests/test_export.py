@@ -955,3 +955,23 @@ def test_the_tflite_model_of_a_bfloat16_run_says_its_decoder_was_converted(
     notes = [line for line in err.splitlines() if line.startswith("note: ")]
     assert len(notes) == 1 and "decoder" in notes[0] and "bfloat16" in notes[0] \
         and "caption --beam 1" in notes[0], err
+
+
+def test_a_reexport_with_other_settings_names_them(trained_run, tmp_path, monkeypatch):
+    """Re-exporting into the same --out replaced an export of beam 3 with one of beam 1
+    without a word; a TF Serving server that loaded that version does not load it again."""
+    monkeypatch.setattr(export, "save_servable", _save_placeholder)
+    out = tmp_path / "captioner" / "1"
+    code, _, err = _run_cli(["export", "--run", trained_run, "--out", str(out), "--beam", "3"])
+    assert code == 0 and "note:" not in err, err
+    code, _, err = _run_cli(["export", "--run", trained_run, "--out", str(out), "--beam", "3"])
+    assert code == 0 and "note:" not in err, err          # the same settings: nothing to say
+    code, _, err = _run_cli(["export", "--run", trained_run, "--out", str(out), "--beam", "1",
+                             "--max-length", "9"])
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1, err
+    assert f"replaced the export in {out}" in notes[0] and "beam 3 -> 1" in notes[0] \
+        and "max_length" in notes[0] and "-> 9" in notes[0], notes
+    assert "TF Serving" in notes[0] and str(tmp_path / "captioner" / "2") in notes[0], notes
+    assert json.loads((out / export.INFO_FILE).read_text())["beam"] == 1

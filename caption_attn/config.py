@@ -497,8 +497,10 @@ class ExportConfig(Config):
     check_images: int = opt(100, "test-split images on which a quantized TFLite model's "
                             "greedy captions are compared with the float model's (0: no "
                             "check)", check=integer(0))
-    force: bool = opt(False, "replace --out even if it is not an earlier export of this run, "
-                             "or holds other files besides one (its assets.extra/ is kept)")
+    force: bool = opt(False, "replace --out even if it is an export of another run, or an "
+                             "export holding other files besides one (its assets.extra/ is "
+                             "kept); never a folder that is no export, the run, its cache or "
+                             "its images")
 
     def check_together(self) -> None:
         if self.tflite_quantize != "none" and not self.tflite:

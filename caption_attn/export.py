@@ -23,7 +23,8 @@ TFLite (DIR/captioner.tflite with DIR/vocab.json), signature `serving_default`:
     scores     float32 (1,)            its log-probability
     attention  float32 (1, L, 8, 8)    the map of each token id (<end> included), then zero
 Built-in TFLite ops only: the decoder's tf.while_loop becomes a WHILE op. It computes in
-float32 even for a bfloat16 run (bfloat16 is not a TFLite type).
+float32 even for a bfloat16 run (bfloat16 is not a TFLite type): export says so, and
+export.json records each part's precision there (`tflite.precision`, `tflite.converted`).
 
 Nothing is written under DIR until the export is complete: it is made in a hidden temporary
 folder next to DIR and renamed into place. DIR/assets.extra/ (TF Serving's place for a
@@ -51,9 +52,10 @@ from caption_attn.backbone import GRID, IMAGE_SIZE, NUM_PIXELS, Backbone, build_
 from caption_attn.captioner import EXPORT_NEEDS, Captioner, make_decoder
 from caption_attn.config import DecodeConfig, ExportConfig
 from caption_attn.errors import UserError
-from caption_attn.feature_cache import is_stale_temp, read_manifest
-from caption_attn.fileio import (holding_lock, is_inside, read_json, remove_path, temp_name,
-                                 write_bytes_atomic, write_json_atomic)
+from caption_attn.feature_cache import (IMAGE_DIGEST_CHARS, images_folders, is_stale_temp,
+                                         read_manifest, source_images)
+from caption_attn.fileio import (file_digest, holding_lock, is_inside, read_json, remove_path,
+                                 temp_name, write_bytes_atomic, write_json_atomic)
 from caption_attn.images import ImageError, load_image
 from caption_attn.model import ShowAttendTell
 from caption_attn.run import RunFolder, check_folder_writable
@@ -82,8 +84,10 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     `cache` replaces the run's feature cache, whose manifest gives the backbone.
 
     Bad input (unknown run, no best model, an `out` that is not an earlier export of this run
-    or holds other files besides it, without `cfg.force`; an unwritable `out`) is a one-line
-    UserError before any work. The new export replaces `out`, whose assets.extra/ it keeps."""
+    or holds other files besides it, without `cfg.force`; with it too, an `out` that is no
+    export but holds files, or the run, its cache, caption file or images folders; an
+    unwritable `out`) is a one-line UserError before any work. The new export replaces
+    `out`, whose assets.extra/ it keeps."""
     if decode_cfg.method == "sample":
         raise UserError("export decodes with beam search or greedy, not --sample")
     # `serving/current/` (a shell completes a symlink so) names the link's target to the OS:
@@ -102,9 +106,12 @@ def _export(run: RunFolder, run_dir: str, out: str, decode_cfg: DecodeConfig,
     run_cfg = run.load_config()
     cache_dir = cache or run_cfg.cache
     keep = (run.path, cache_dir, run_cfg.captions)
-    _check_out(out, run, cfg.force, keep=keep, cache=cache_dir)
+    images = _images_folders(run, cache_dir)
+    _check_out(out, run, cfg.force, keep=keep, cache=cache_dir, images=images)
     hold.enter_context(_exporting_to(out))
-    _check_out(out, run, cfg.force, keep=keep, cache=cache_dir)  # what is there now, locked
+    # what is there now, locked
+    _check_out(out, run, cfg.force, keep=keep, cache=cache_dir, images=images)
+    replaced = _earlier_info(out)
     start = time.perf_counter()
     # A run still training can replace best.keras (and best.json) at any time: export.json
     # records the best epoch read with the model, and a model replaced while it was being
@@ -129,6 +136,8 @@ def _export(run: RunFolder, run_dir: str, out: str, decode_cfg: DecodeConfig,
             if cfg.tflite:
                 log("converting the TFLite model ...")
                 info["tflite"] = write_tflite(tmp, run, captioner, backbone, cfg)
+                if info["tflite"]["converted"]:
+                    log(f"note: {converted_note(info['tflite']['converted'])}")
             _carry_over(out, tmp)
             info["seconds"] = round(time.perf_counter() - start, 1)
             write_json_atomic(os.path.join(tmp, INFO_FILE), info)
@@ -137,7 +146,63 @@ def _export(run: RunFolder, run_dir: str, out: str, decode_cfg: DecodeConfig,
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # left only when something failed
+    changed = changed_settings(replaced, info) if replaced else []
+    if changed:
+        log(f"note: {replaced_note(out, changed)}")
     return info
+
+
+def _earlier_info(out: str) -> Optional[dict]:
+    """export.json of the export in `out` that this one replaces (None: none, or one that
+    cannot be read, which only --force replaces)."""
+    try:
+        info = read_json(os.path.join(out, INFO_FILE))
+    except (UserError, OSError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _settings(info: dict) -> dict:
+    """What an export was made of and with, by the name its note gives it (a field an older
+    export.json lacks is left out)."""
+    found = {k: info[k] for k in ("beam", "length_penalty", "max_length", "cache")
+             if k in info}
+    if "run" in info:
+        found["run"] = info.get("run_realpath") or info["run"]
+    if isinstance(info.get("best"), dict):
+        found["best epoch"] = info["best"].get("epoch")
+    for part in ("backbone", "decoder"):
+        if isinstance(info.get(part), dict) and "precision" in info[part]:
+            found[f"{part} precision"] = info[part]["precision"]
+    if "tflite" in info:
+        lite = info["tflite"]
+        found["tflite"] = "off" if not isinstance(lite, dict) else \
+            {"none": "float32"}.get(lite.get("quantize"), lite.get("quantize"))
+    return found
+
+
+def changed_settings(earlier: dict, info: dict) -> list:
+    """"NAME OLD -> NEW" of each setting (`_settings`) of export.json `info` that differs
+    from the `earlier` one's."""
+    old, new = _settings(earlier), _settings(info)
+    return [f"{k} {old[k]} -> {new.get(k)}" for k in new if k in old and old[k] != new[k]]
+
+
+def replaced_note(out: str, changed: list) -> str:
+    """What a re-export into `out` says when it replaced an export made otherwise
+    (`changed`): TF Serving does not load a version number again."""
+    parent, version = os.path.split(os.path.abspath(out))
+    if version.isdigit():
+        taken = []
+        with contextlib.suppress(OSError):
+            taken = [int(n) for n in os.listdir(parent) if n.isdigit()]
+        hint = (f"a TF Serving server that already loaded version {version} will not load it "
+                f"again: export into a new version folder, e.g. "
+                f"{os.path.join(parent, str(max(taken + [int(version)]) + 1))}")
+    else:
+        hint = ("a TF Serving server that already loaded it will not load it again: give "
+                "each export a new version folder (MODELS/NAME/VERSION)")
+    return f"replaced the export in {out}, made with other settings: {'; '.join(changed)}; {hint}"
 
 
 @contextlib.contextmanager
@@ -200,27 +265,59 @@ def _remove_killed_exports(out: str, log) -> None:
             log(f"removed {path}, left by an export that did not finish")
 
 
-def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> None:
+def _images_folders(run: RunFolder, cache: str) -> list:
+    """(folder, what it is) of every images folder the run and its feature cache `cache`
+    name: the run's (split.json's `images_dir`), then each the cache was extracted from (its
+    manifest; none when the manifest cannot be read yet: its own checks say why, later)."""
+    found = []
+    recorded = run.images_dir(existing=False)
+    if recorded:
+        found.append((recorded, "the images folder the run was trained on (split.json's "
+                                "images_dir)"))
+    try:
+        extracted = images_folders(read_manifest(cache))
+    except (UserError, OSError):
+        extracted = []
+    seen = {os.path.realpath(f) for f, _ in found}
+    for folder in extracted:
+        if os.path.realpath(folder) not in seen:
+            seen.add(os.path.realpath(folder))
+            found.append((folder, f"an images folder the feature cache {cache} was "
+                                  f"extracted from"))
+    return found
+
+
+def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None,
+               images=()) -> None:
     """Refuse an `out` that holds something else than an earlier export of `run`, or files
-    besides such an export (other than assets.extra/, which is kept) (unless `force`), that
-    would replace a path of `keep`, that is inside the feature cache `cache`
-    or one of the run's own files or folders (even with `force`), or whose parent is not
-    writable."""
+    besides such an export (other than assets.extra/, which is kept) (unless `force`), and,
+    even with `force`: an `out` that would replace a path of `keep`, that is, holds or lies
+    inside an images folder of `images` ((folder, what it is) pairs), that is inside the
+    feature cache `cache` or one of the run's own files or folders, that exists and is no
+    export but holds files an export does not write (`export --out IMAGES --force` replaced
+    the run's training images), or whose parent is not writable."""
     if not out or not out.strip():
         raise UserError("--out must name a folder, got an empty string")
     target, real_run = os.path.abspath(out), os.path.realpath(run.path)
     real = os.path.realpath(out)  # a symlink on the way must not hide the run or cache
+    own = "give the export a folder of its own, e.g. serving/NAME/1"
     for folder in keep:
         if target in _ancestors(folder) or real in _ancestors(folder):
             raise UserError(f"--out {out}: would replace {folder}, which the export reads")
+    for folder, what in images:
+        if target in _ancestors(folder) or real in _ancestors(folder):
+            raise UserError(f"--out {out}: would replace {folder}, {what}; refused even with "
+                            f"--force: {own}")
+        if is_inside(real, folder):
+            raise UserError(f"--out {out}: inside {folder}, {what}: the export would lie "
+                            f"among the images; refused even with --force: {own}")
     if cache and is_inside(real, cache):
-        raise UserError(f"--out {out}: inside the feature cache {cache}; give the export a "
-                        f"folder of its own, e.g. serving/NAME/1")
+        raise UserError(f"--out {out}: inside the feature cache {cache}; {own}")
     if is_inside(real, run.path):
-        own = os.path.relpath(real, real_run).split(os.sep)[0]
-        if own in RunFolder.FILES + RunFolder.DIRS:
-            raise UserError(f"--out {out}: {own} is one of the run's own files or folders; "
-                            f"give the export a folder of its own, e.g. serving/NAME/1")
+        part = os.path.relpath(real, real_run).split(os.sep)[0]
+        if part in RunFolder.FILES + RunFolder.DIRS:
+            raise UserError(f"--out {out}: {part} is one of the run's own files or folders; "
+                            f"{own}")
     if os.path.lexists(out):
         _refuse_folder_of_exports(out)
         earlier, about = _earlier_export(out)
@@ -233,9 +330,8 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> No
         if earlier is not None and about != real_run and not force:
             raise UserError(f"--out {out}: holds an export of another run ({earlier}); use "
                             f"another --out or add --force to replace it")
-        if earlier is None and not force and (not os.path.isdir(out) or os.listdir(out)):
-            raise UserError(f"--out {out}: exists and is not an export of a run (no "
-                            f"{INFO_FILE}); use another --out or add --force to replace it")
+        if about is None:                                  # no export.json: no export
+            _refuse_what_is_no_export(out, force)
         others = _not_written_by_exports(out)
         if earlier is not None and others and not force:
             shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
@@ -244,6 +340,25 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None) -> No
                             f"files for TF Serving go in {os.path.join(out, KEPT)}, which is "
                             f"kept), or add --force to delete it")
     check_folder_writable(os.path.dirname(target), "--out", given=out)
+
+
+def _refuse_what_is_no_export(out: str, force: bool) -> None:
+    """`out` exists and holds no export.json: a file, or a folder with files an export does
+    not write, is refused even with `force` (--force replaces exports, not whatever is
+    there: `--out IMAGES --force` deleted a dataset); a folder of only export-written files
+    (no export.json) needs `force`; an empty folder passes."""
+    if not os.path.isdir(out):
+        raise UserError(f"--out {out}: a file, not an export; refused even with --force "
+                        f"(which replaces only an earlier export): use another --out")
+    others = _not_written_by_exports(out)
+    if others:
+        shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+        raise UserError(f"--out {out}: exists and is not an export of a run (no {INFO_FILE}; "
+                        f"it holds {shown}); refused even with --force, which replaces only "
+                        f"an earlier export: use another --out (or move those files out)")
+    if os.listdir(out) and not force:
+        raise UserError(f"--out {out}: exists and is not an export of a run (no {INFO_FILE}); "
+                        f"use another --out or add --force to replace it")
 
 
 def _not_written_by_exports(out: str) -> list:
@@ -358,6 +473,8 @@ def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone, best=Non
         "max_length": captioner.max_length, "vocab_size": len(captioner.vocab),
         "backbone": {k: m.get(k) for k in ("weights", "weights_sha256", "precision")}
         | {"feature_scale": backbone.feature_scale},
+        # the SavedModel computes as `caption` does: the run's (train --precision)
+        "decoder": {"precision": captioner.model.compute_dtype},
         "saved_model": {"signature": SIGNATURE, "inputs": {"images": "string (N,)"},
                         "outputs": _signature_outputs(captioner)},
         "tflite": None, "caption_attn": __version__, "tensorflow": tf.__version__,
@@ -391,6 +508,8 @@ def format_summary(info: dict, out: str) -> str:
                          f"{agreement['same_captions']}/{agreement['images']} test images "
                          f"({100 * agreement['fraction']:.1f}%); their log-probabilities "
                          f"differ by up to {agreement['max_score_difference']:.4f}")
+            if agreement.get("note"):
+                lines.append(f"            ({agreement['note']})")
         elif agreement:
             lines.append(f"agreement   not measured: {agreement['note']}")
     lines.append(f"inspect     saved_model_cli show --dir {out} --all")
@@ -557,7 +676,12 @@ def convert(saved_model_dir: str, quantize: str = "none") -> bytes:
 
 def write_tflite(folder: str, run: RunFolder, captioner: Captioner, backbone: Backbone,
                  cfg: ExportConfig) -> dict:
-    """captioner.tflite (+ vocab.json) into `folder`; returns its description."""
+    """captioner.tflite (+ vocab.json) into `folder`; returns its description, with the
+    precision each part computes in there and the run's precision of each part converted to
+    float32 for it (`converted`: `caption` computes those in their own precision)."""
+    converted = {part: dtype for part, dtype in (
+        ("decoder", captioner.model.compute_dtype), ("backbone", backbone.model.compute_dtype))
+        if dtype != "float32"}
     model, backbone = float32_copies(captioner.model, backbone)
     greedy = tflite_function(model, backbone, captioner.cfg, captioner.max_length)
     staging = os.path.join(folder, ".tflite_saved_model")
@@ -571,11 +695,24 @@ def write_tflite(folder: str, run: RunFolder, captioner: Captioner, backbone: Ba
     captioner.vocab.save(os.path.join(folder, VOCAB_FILE))
     info = {"file": TFLITE_FILE, "vocab": VOCAB_FILE, "quantize": cfg.tflite_quantize,
             "bytes": len(blob), "float32_bytes": len(float_model), "max_length":
-            captioner.max_length, "signature": SIGNATURE}
+            captioner.max_length, "signature": SIGNATURE,
+            "precision": {"decoder": model.compute_dtype,
+                          "backbone": backbone.model.compute_dtype},
+            "converted": converted}
     if cfg.tflite_quantize != "none" and cfg.check_images:
         info["agreement"] = quantized_agreement(float_model, blob, run, captioner,
                                                 cfg.check_images)
     return info
+
+
+def converted_note(converted: dict) -> str:
+    """What export says of the parts (`converted`: part -> the run's precision) the TFLite
+    model computes in float32 where `caption` does not (bfloat16 is no TFLite type)."""
+    why = {"decoder": "train --precision", "backbone": "the feature cache's --precision"}
+    parts = " and ".join(f"the {part} (run in {dtype} by `caption`: {why[part]} {dtype})"
+                         for part, dtype in converted.items())
+    return (f"the TFLite model computes {parts} in float32: its greedy token ids may differ "
+            f"from those of `caption --beam 1` where two words are near a tie")
 
 
 def interpreter(blob: bytes):
@@ -590,21 +727,76 @@ def interpreter(blob: bytes):
 
 def quantized_agreement(float_model: bytes, quantized: bytes, run: RunFolder,
                         captioner: Captioner, limit: int) -> dict:
-    """Greedy captions of both TFLite models on up to `limit` test-split images."""
-    images_dir = read_manifest(captioner.cache).get("images_dir")
-    keys = run.load_splits().get("test", [])[:limit]
-    pixels = []
-    for key in keys if images_dir and os.path.isdir(images_dir) else []:
-        with contextlib.suppress(ImageError):
-            pixels.append(load_image(os.path.join(images_dir, key)))
+    """Greedy captions of both TFLite models on up to `limit` test-split images of the run
+    (`_test_images`: where `evaluate` finds them, confirmed by their digests)."""
+    pixels, folder, notes = _test_images(run, captioner.cache, limit)
     if not pixels:
-        return {"images": 0, "note": f"no test images found (images folder {images_dir})"}
+        return {"images": 0, "images_dir": folder,
+                "note": "; ".join(notes) or f"no test images found in {folder}"}
     runs = [interpreter(blob) for blob in (float_model, quantized)]
     score_diff = []                          # of the images whose captions are the same
     for image in pixels:
         a, b = (r(image=image[None]) for r in runs)
         if np.array_equal(a["token_ids"], b["token_ids"]):
             score_diff.append(abs(float(a["scores"][0]) - float(b["scores"][0])))
-    return {"images": len(pixels), "same_captions": len(score_diff),
-            "fraction": round(len(score_diff) / len(pixels), 4),
-            "max_score_difference": round(max(score_diff, default=0.0), 6)}
+    found = {"images": len(pixels), "images_dir": folder, "same_captions": len(score_diff),
+             "fraction": round(len(score_diff) / len(pixels), 4),
+             "max_score_difference": round(max(score_diff, default=0.0), 6)}
+    return found | ({"note": "; ".join(notes)} if notes else {})
+
+
+def _test_images(run: RunFolder, cache: str, limit: int) -> tuple:
+    """(pixels of up to `limit` of the run's test images, the folder they were read in,
+    notes). The folder is the run's (split.json's `images_dir`, as `evaluate` takes it), or
+    when the run recorded none or it is gone (said), the one `cache` was last extracted
+    from. An image whose digest is not the one the run recorded (another image of the same
+    name: that folder was the cache's measured as the run's, silently) is left out, said."""
+    recorded, folder = run.images_dir(existing=False), run.images_dir()
+    notes = [] if folder or not recorded else \
+        [f"the run's images folder {recorded} is not a folder on this machine"]
+    manifest = read_manifest(cache)
+    folder = folder or source_images(manifest)
+    keys = run.load_splits().get("test", [])[:limit]
+    last = manifest.get("images_dir")
+    if not keys:
+        return [], folder, notes + ["the run's test split is empty"]
+    if folder is None and last and last != recorded:
+        notes.append(f"the images folder {last} of the feature cache {cache} is not a folder "
+                     f"on this machine")
+    elif folder is None and not recorded:
+        notes.append(f"neither the run nor its feature cache {cache} records an images folder")
+    if folder is None:
+        return [], folder, notes
+    if notes:
+        notes[0] += f"; measured in {folder}, the feature cache's images folder"
+    digests, pixels = run.image_digests(), []
+    missing, other, unconfirmed, unreadable = [], [], [], []
+    for key in keys:
+        path = os.path.join(folder, key)
+        try:
+            digest = file_digest(path)[:IMAGE_DIGEST_CHARS]
+        except OSError:
+            missing.append(key)
+            continue
+        if key in digests and digests[key] != digest:
+            other.append(key)
+            continue
+        try:
+            pixels.append(load_image(path))
+        except ImageError:
+            unreadable.append(key)
+            continue
+        if key not in digests:
+            unconfirmed.append(key)
+    counted = lambda found: f"{len(found)} test image{'s' * (len(found) != 1)}"  # noqa: E731
+    if other:
+        notes.append(f"{counted(other)} in {folder} (e.g. {other[0]}) differ from the "
+                     f"run's images of the same name (their digests in {run.split}): left "
+                     f"out")
+    if missing or unreadable:
+        notes.append(f"{counted(missing + unreadable)} missing or unreadable in {folder} (e.g. "
+                     f"{(missing + unreadable)[0]}): left out")
+    if unconfirmed:
+        notes.append(f"{counted(unconfirmed)} could not be confirmed to be the run's ({run.split} "
+                     f"records no digest of them): measured as they are")
+    return pixels, folder, notes

@@ -275,7 +275,8 @@ def test_quantized_tflite_prints_sizes_and_agreement(trained_run, tmp_path, monk
     quantize = "dynamic"
     out = tmp_path / "export"
     out.mkdir()
-    (out / "old.txt").write_text("replaced with --force")
+    (out / export.INFO_FILE).write_text(json.dumps({"run": "/another/run"}))
+    (out / "old.txt").write_text("replaced with --force: an export's extra file")
     code, printed, err = _run_cli(["export", "--run", trained_run, "--out", str(out),
                                    "--tflite", "--tflite-quantize", quantize, "--force"])
     assert code == 0, err
@@ -795,3 +796,182 @@ def test_the_tflite_interpreter_does_not_announce_its_delegate_on_stderr():
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == "[[4.0, 4.0, 4.0, 4.0]]\n"
     assert "XNNPACK" not in done.stderr, done.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- red team, stop 38
+def _save_placeholder(path, *args):
+    """save_servable's stand-in where the SavedModel itself is not what a test looks at."""
+    open(os.path.join(path, "saved_model.pb"), "wb").write(b"new")
+
+
+def test_force_never_replaces_an_images_folder_or_a_folder_that_is_no_export(
+        trained_run, shapes_data, copy_cache, tmp_path, monkeypatch):
+    """`export --out IMAGES --force` replaced the run's training images with saved_model.pb
+    and the rest (exit 0): --force replaced any folder. Refused, before anything is built or
+    written: the run's images folder (split.json), the images folders its cache was extracted
+    from (manifest), a folder inside or above them, and any folder of other files that is no
+    export."""
+    monkeypatch.setattr(export.Captioner, "from_run", None)   # must not be reached
+    images = shapes_data["images"]
+    before = sorted(os.listdir(images))
+    listing = lambda: sorted(os.listdir(images))  # noqa: E731
+    _refused(["export", "--run", trained_run, "--out", images, "--force"],
+             f"--out {images}: ", "the images folder the run was trained on", "even with --force")
+    _refused(["export", "--run", trained_run, "--out", images + "/", "--force"],
+             "the images folder the run was trained on")
+    _refused(["export", "--run", trained_run, "--out", os.path.join(images, "export"),
+              "--force"], f"inside {images}, the images folder the run was trained on")
+    # a folder above it (`shapes/`, which holds images/ and captions.json)
+    _refused(["export", "--run", trained_run, "--out", os.path.dirname(images), "--force"],
+             "would replace")
+    # another images folder the cache (--cache) was extracted from
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.png").write_bytes(b"\x89PNG not really")
+    manifest = os.path.join(copy_cache, "manifest.json")
+    with open(manifest) as f:
+        m = json.load(f)
+    m["images_dirs"] = [str(photos)] + m.get("images_dirs", [m["images_dir"]])
+    with open(manifest, "w") as f:
+        json.dump(m, f)
+    _refused(["export", "--run", trained_run, "--cache", copy_cache, "--out", str(photos),
+              "--force"], f"--out {photos}: ", f"an images folder the feature cache "
+             f"{copy_cache} was extracted from")
+    # a folder of other files, no export: --force replaces exports, not whatever is there
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    _refused(["export", "--run", trained_run, "--out", str(notes), "--force"],
+             f"--out {notes}: ", "not an export", "todo.txt", "even with --force")
+    assert listing() == before and (photos / "cat.png").exists()
+    assert os.listdir(notes) == ["todo.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["cache", "notes", "photos"]   # no lock left
+
+
+def _tiny_tflite(tmp_path):
+    """A small TFLite model with the captioner's signature (image -> token_ids, scores)
+    whose ids and score are the image's mean level: agreement is measured, fast."""
+    import tensorflow as tf
+    module = tf.Module()
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 299, 299, 3], tf.uint8, name="image")])
+    def serve(image):
+        mean = tf.reduce_mean(tf.cast(image, tf.float32))
+        return {"token_ids": tf.reshape(tf.cast(mean, tf.int32), [1, 1]),
+                "scores": tf.reshape(mean, [1])}
+    folder = str(tmp_path / "tiny_saved_model")
+    tf.saved_model.save(module, folder, signatures={export.SIGNATURE: serve})
+    return export.convert(folder)
+
+
+def _set_split_field(run, name, value):
+    with open(run.split) as f:
+        split = json.load(f)
+    split[name] = value
+    with open(run.split, "w") as f:
+        json.dump(split, f)
+
+
+def test_quantized_agreement_uses_the_runs_images_checked_by_their_digests(
+        run_copy, shapes_data, copy_cache, tmp_path):
+    """The agreement of a quantized TFLite model was measured in the cache manifest's last
+    images folder: "no test images found" for a run trained with `--images` of another
+    folder, and other same-named images there were measured as the run's test images."""
+    from types import SimpleNamespace
+    blob = _tiny_tflite(tmp_path)
+    test = run_copy.load_splits()["test"]
+    ours = tmp_path / "ours"                      # the run's images (train --images ours)
+    shutil.copytree(shapes_data["images"], ours)
+    _set_split_field(run_copy, "images_dir", str(ours))
+    manifest = os.path.join(copy_cache, "manifest.json")
+    with open(manifest) as f:
+        m = json.load(f)
+    m["images_dir"] = str(tmp_path / "gone")      # the cache's last folder: not here any more
+    with open(manifest, "w") as f:
+        json.dump(m, f)
+    captioner = SimpleNamespace(cache=copy_cache)
+    got = export.quantized_agreement(blob, blob, run_copy, captioner, 100)
+    assert got["images"] == len(test) and got["same_captions"] == len(test), got
+
+    # the cache's folder holds other images of the same names, the run's is gone
+    others = tmp_path / "others"
+    others.mkdir()
+    for key in test:
+        cv2.imwrite(str(others / key), np.full((299, 299, 3), 7, np.uint8))
+    m["images_dir"] = str(others)
+    with open(manifest, "w") as f:
+        json.dump(m, f)
+    shutil.rmtree(ours)
+    got = export.quantized_agreement(blob, blob, run_copy, captioner, 100)
+    assert got["images"] == 0, got
+    assert str(ours) in got["note"] and "not a folder" in got["note"], got
+
+    # the run's folder is back, but two of its test images are others now: left out, said
+    shutil.copytree(shapes_data["images"], ours)
+    for key in test[:2]:
+        shutil.copy(others / key, ours / key)
+    got = export.quantized_agreement(blob, blob, run_copy, captioner, 100)
+    assert got["images"] == len(test) - 2, got
+    assert "2 test images" in got["note"] and "left out" in got["note"], got
+    line = export.format_summary({"saved_model": {"bytes": 1, "outputs": {}}, "beam": 1,
+                                  "max_length": 9, "seconds": 1, "tflite": {
+                                      "quantize": "float16", "file": "c.tflite", "bytes": 1,
+                                      "float32_bytes": 2, "vocab": "vocab.json",
+                                      "agreement": got}}, "out")
+    assert got["note"] in line
+
+
+@pytest.fixture(scope="module")
+def bfloat16_run(shapes_data, tmp_path_factory):
+    """A tiny run trained with --precision bfloat16 (a few steps: only its precision
+    matters)."""
+    from caption_attn import train
+    from caption_attn.config import DataConfig, ModelConfig, TrainConfig, VocabConfig
+
+    run = str(tmp_path_factory.mktemp("trained_bf16") / "run")
+    cfg = RunConfig(captions=shapes_data["captions"], cache=shapes_data["cache"],
+                    data=DataConfig(seed=1), vocab=VocabConfig(max_length=12),
+                    model=ModelConfig(embedding_dim=16, units=16),
+                    train=TrainConfig(epochs=1, batch_size=32, precision="bfloat16",
+                                      bleu_images=0, sample_images=0))
+    train.train(cfg, run, progress=False, log=lambda *a: None)
+    return run
+
+
+def test_the_tflite_model_of_a_bfloat16_run_says_its_decoder_was_converted(
+        bfloat16_run, tmp_path, monkeypatch):
+    """`caption` runs a `train --precision bfloat16` run's decoder in bfloat16, the TFLite
+    model in float32 (bfloat16 is no TFLite type): 11/12 greedy captions were equal, and
+    nothing said the TFLite model was another computation."""
+    monkeypatch.setattr(export, "save_servable", _save_placeholder)
+    out = tmp_path / "1"
+    code, printed, err = _run_cli(["export", "--run", bfloat16_run, "--out", str(out),
+                                   "--tflite"])
+    assert code == 0, err
+    info = json.loads((out / export.INFO_FILE).read_text())
+    assert info["decoder"] == {"precision": "bfloat16"}
+    assert info["tflite"]["precision"] == {"decoder": "float32", "backbone": "float32"}
+    assert info["tflite"]["converted"] == {"decoder": "bfloat16"}
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "decoder" in notes[0] and "bfloat16" in notes[0] \
+        and "caption --beam 1" in notes[0], err
+
+
+def test_a_reexport_with_other_settings_names_them(trained_run, tmp_path, monkeypatch):
+    """Re-exporting into the same --out replaced an export of beam 3 with one of beam 1
+    without a word; a TF Serving server that loaded that version does not load it again."""
+    monkeypatch.setattr(export, "save_servable", _save_placeholder)
+    out = tmp_path / "captioner" / "1"
+    code, _, err = _run_cli(["export", "--run", trained_run, "--out", str(out), "--beam", "3"])
+    assert code == 0 and "note:" not in err, err
+    code, _, err = _run_cli(["export", "--run", trained_run, "--out", str(out), "--beam", "3"])
+    assert code == 0 and "note:" not in err, err          # the same settings: nothing to say
+    code, _, err = _run_cli(["export", "--run", trained_run, "--out", str(out), "--beam", "1",
+                             "--max-length", "9"])
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1, err
+    assert f"replaced the export in {out}" in notes[0] and "beam 3 -> 1" in notes[0] \
+        and "max_length" in notes[0] and "-> 9" in notes[0], notes
+    assert "TF Serving" in notes[0] and str(tmp_path / "captioner" / "2") in notes[0], notes
+    assert json.loads((out / export.INFO_FILE).read_text())["beam"] == 1

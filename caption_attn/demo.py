@@ -199,7 +199,7 @@ def _recorded_precision(cache: str) -> Optional[str]:
     """The backbone precision the manifest of `cache` records; None without a (readable)
     one, whose problems extract-features names."""
     try:
-        manifest = read_json(os.path.join(cache, "manifest.json"))
+        manifest = read_json(os.path.join(cache, "manifest.json"), file_names=True)
     except (UserError, OSError):
         return None
     precision = manifest.get("precision") if isinstance(manifest, dict) else None

@@ -131,7 +131,8 @@ def _export(run: RunFolder, run_dir: str, out: str, decode_cfg: DecodeConfig,
                 info["tflite"] = write_tflite(tmp, run, captioner, backbone, cfg)
             _carry_over(out, tmp)
             info["seconds"] = round(time.perf_counter() - start, 1)
-            write_json_atomic(os.path.join(tmp, INFO_FILE), info)
+            # its run and cache paths as their own bytes (`_earlier_export` reads them back)
+            write_json_atomic(os.path.join(tmp, INFO_FILE), info, file_names=True)
         except (tf.errors.OpError, OSError) as e:
             raise _write_failed(out, e) from None
         _publish(tmp, out)
@@ -314,7 +315,7 @@ def _earlier_export(out: str) -> tuple:
     if not os.path.isfile(path):
         return None, None
     try:
-        info = read_json(path)
+        info = read_json(path, file_names=True)
     except UserError as e:
         return None, str(e)                                 # names the file and the place
     if isinstance(info, dict) and isinstance(info.get("run"), str):

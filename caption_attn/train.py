@@ -1323,8 +1323,8 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
             trains_more(tc, done, steps) and _unmeasured(tc, history, done)):
         return None
     kept = with_trained_settings(run, cfg)   # what config.json is rewritten with
-    if read_json(run.config) != dataclasses.replace(kept, train=dataclasses.replace(
-            kept.train, fresh=False)).to_dict() or \
+    if read_json(run.config, file_names=True) != dataclasses.replace(
+            kept, train=dataclasses.replace(kept.train, fresh=False)).to_dict() or \
             not run.split_fields() >= set(SPLIT_FIELDS) or \
             run.settings_recorded() != cfg.settings_digest():
         return None

@@ -2131,3 +2131,38 @@ def test_a_run_split_by_image_hash_keeps_its_split_when_flickr8k_lists_appear(
         f"{run.path} was split by Flickr8k's official lists Flickr_8k.*Images.txt beside its "
         f"caption file, but they are not beside {captions} now: put them back beside it, or "
         f"add --fresh to start this run over split by image hash")
+
+
+def _not_utf8(tmp_path, name: str = "caf\xe9") -> str:
+    """tmp_path/NAME with NAME's characters as single bytes (Latin-1): a folder name that is
+    not UTF-8, held by Python with surrogate escapes."""
+    return os.fsdecode(os.fsencode(str(tmp_path)) + b"/" + name.encode("latin-1"))
+
+
+def test_captions_and_images_in_folders_not_utf8_train_and_resume_as_the_same(shapes_data,
+                                                                              tmp_path,
+                                                                              monkeypatch):
+    """--captions / --images in a folder named with bytes that are not UTF-8: writing
+    split.json ended in a UnicodeEncodeError once the data was loaded. Now config.json and
+    split.json hold the exact paths, so a rerun sees the same caption file and images folder
+    (a path read back changed would say --captions differs, or check the images elsewhere)."""
+    folder = _not_utf8(tmp_path)
+    os.makedirs(folder)
+    captions = os.path.join(folder, "captions.json")
+    shutil.copy(shapes_data["captions"], captions)
+    images = os.path.join(folder, "images")
+    os.symlink(shapes_data["images"], images)
+    run = str(tmp_path / "run")
+    cfg = dataclasses.replace(small_config(shapes_data, epochs=1, bleu_images=0),
+                              captions=captions)
+    train.train(cfg, run, images_dir=images, progress=False, log=lambda *a: None)
+    folder_run = RunFolder(run)
+    assert folder_run.load_config().captions == captions
+    assert folder_run.images_dir() == images and folder_run.caption_file()["path"] == captions
+    # the rerun finds all done from config.json and split.json, as written (no data loaded)
+    monkeypatch.setattr(train, "_load_and_train",
+                        lambda *a, **k: pytest.fail("the rerun loaded the data again"))
+    logs = []
+    summary = train.train(cfg, run, images_dir=images, progress=False, log=logs.append)
+    assert summary["epochs"] == 1
+    assert not any("differs" in str(line) for line in logs), logs

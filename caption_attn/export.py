@@ -52,8 +52,8 @@ from caption_attn.captioner import EXPORT_NEEDS, Captioner, make_decoder
 from caption_attn.config import DecodeConfig, ExportConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import is_stale_temp, read_manifest
-from caption_attn.fileio import (holding_lock, is_inside, read_json, remove_path, temp_name,
-                                 write_bytes_atomic, write_json_atomic)
+from caption_attn.fileio import (check_utf8_path, holding_lock, is_inside, read_json,
+                                 remove_path, temp_name, write_bytes_atomic, write_json_atomic)
 from caption_attn.images import ImageError, load_image
 from caption_attn.model import ShowAttendTell
 from caption_attn.run import RunFolder, check_folder_writable
@@ -89,6 +89,7 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     # `serving/current/` (a shell completes a symlink so) names the link's target to the OS:
     # the checks saw the earlier export there, and the final rename of the link failed
     out = out.rstrip(os.sep + (os.altsep or "")) or out
+    check_utf8_path("--out", out, "writes the SavedModel")
     run = RunFolder(run_dir)
     # no `train --fresh` deleting the run meanwhile, and one export into `out` at a time
     with run.reading_lock("export"), contextlib.ExitStack() as hold:

@@ -300,6 +300,39 @@ def printable_json(obj: Any) -> Any:
     return obj
 
 
+def check_utf8_path(label: str, path: str, opened: str) -> None:
+    """`UserError` when `path` (a flag's value; `label`: the flag) is not valid UTF-8, made
+    absolute (a folder named b'caf\\xe9', Latin-1). For the paths TensorFlow opens (`opened`:
+    what it does there), checked before any work: it takes paths as UTF-8 text, so such a
+    path ended in a UnicodeEncodeError or ValueError traceback after the work before it (and
+    its errors naming a file there cannot be decoded: UnicodeDecodeError)."""
+    where = os.path.abspath(path)
+    try:
+        where.encode("utf-8")
+        return
+    except UnicodeEncodeError:
+        pass
+    cwd = "" if where == path or not _is_utf8(path) else \
+        f" (the current folder {_printable(os.getcwd())} is not)"
+    raise UserError(f"{label} {_printable(path)}: not a UTF-8 path{cwd}; TensorFlow {opened} "
+                    f"there and takes only UTF-8 paths: rename the folder, or give a symlink "
+                    f"to it whose path is UTF-8 (`ln -s`)")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(path: str) -> str:
+    """`path` as messages print it: bytes that are not UTF-8 as \\xNN, control characters
+    escaped (`one_line`)."""
+    return one_line(printable_json(path))
+
+
 def read_json(path: str, file_names: bool = False) -> Any:
     """Read a JSON file; a missing or malformed file is a `UserError` naming it.
     `file_names`: one `write_json_atomic(path, obj, file_names=True)` wrote."""

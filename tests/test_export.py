@@ -797,6 +797,16 @@ def test_the_tflite_interpreter_does_not_announce_its_delegate_on_stderr():
     assert "XNNPACK" not in done.stderr, done.stderr[-2000:]
 
 
+def test_an_out_not_utf8_is_refused_first(tmp_path):
+    """TensorFlow writes the SavedModel by a UTF-8 path: --out in a folder named b'caf\\xe9'
+    crashed (UnicodeEncodeError) once the model was built and traced."""
+    run = _fake_run(tmp_path / "run")
+    out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9/1")
+    _refused(["export", "--run", run, "--out", out],
+             f"error: --out {tmp_path}/caf\\xe9/1: not a UTF-8 path", "symlink")
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
 def test_an_earlier_export_of_a_run_whose_path_is_not_utf8_names_that_very_run(tmp_path):
     """export.json records the run exported: one at a path that is not UTF-8 is held as the
     path's own bytes, and read back as that very path (it was refused as not UTF-8, so the

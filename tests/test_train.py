@@ -2166,3 +2166,24 @@ def test_captions_and_images_in_folders_not_utf8_train_and_resume_as_the_same(sh
     summary = train.train(cfg, run, images_dir=images, progress=False, log=logs.append)
     assert summary["epochs"] == 1
     assert not any("differs" in str(line) for line in logs), logs
+
+
+@pytest.mark.parametrize("flag", ["--run", "--cache"])
+def test_a_run_or_cache_folder_not_utf8_is_refused_before_anything(shapes_data, tmp_path,
+                                                                   flag):
+    """TensorFlow opens the run folder (checkpoints, TensorBoard logs) and the cache's feature
+    files by paths it holds as UTF-8: such a --run crashed (UnicodeEncodeError) after the
+    data was loaded, leaving an empty run folder; such a --cache (ValueError) too. Refused
+    first, naming the flag, the path as printed and a way out."""
+    odd = _not_utf8(tmp_path)
+    cache = odd if flag == "--cache" else shapes_data["cache"]
+    if flag == "--cache":
+        shutil.copytree(shapes_data["cache"], cache)
+    run = os.path.join(odd, "run") if flag == "--run" else str(tmp_path / "run")
+    shown = (run if flag == "--run" else cache).replace("\udce9", "\\xe9")
+    with pytest.raises(UserError) as e:
+        train.train(small_config(shapes_data, cache=cache, epochs=1), run, progress=False,
+                    log=lambda *a: None)
+    assert str(e.value).startswith(f"{flag} {shown}: not a UTF-8 path"), str(e.value)
+    assert "symlink" in str(e.value)
+    assert not os.path.exists(run)

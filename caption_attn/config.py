@@ -606,11 +606,11 @@ class RunConfig(Config):
         the run folder, not how the run was made (recorded, the next rerun's note listed
         `train.fresh: True -> False` among its changed settings)."""
         kept = dataclasses.replace(self, train=dataclasses.replace(self.train, fresh=False))
-        write_json_atomic(path, kept.to_dict())
+        write_json_atomic(path, kept.to_dict(), file_names=True)  # captions, cache
 
     @classmethod
     def load(cls, path: str) -> "RunConfig":
-        return cls.from_dict(read_json(path))
+        return cls.from_dict(read_json(path, file_names=True))
 
 
 def from_dict(cls, d: dict):

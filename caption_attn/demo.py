@@ -21,7 +21,8 @@ from caption_attn.backbone import native_bfloat16, onednn_cap_without_bfloat16
 from caption_attn.config import (BACKBONE_PRECISIONS, DataConfig, DecodeConfig, DemoConfig,
                                  ExtractConfig, ModelConfig, RunConfig, ShapesConfig,
                                  TrainConfig)
-from caption_attn.fileio import holding_lock, read_json, remove_path, write_json_atomic
+from caption_attn.fileio import (check_utf8_path, holding_lock, read_json, remove_path,
+                                 write_json_atomic)
 from caption_attn.errors import UserError
 from caption_attn.run import check_folder_writable, folder_write_problem
 
@@ -199,7 +200,7 @@ def _recorded_precision(cache: str) -> Optional[str]:
     """The backbone precision the manifest of `cache` records; None without a (readable)
     one, whose problems extract-features names."""
     try:
-        manifest = read_json(os.path.join(cache, "manifest.json"))
+        manifest = read_json(os.path.join(cache, "manifest.json"), file_names=True)
     except (UserError, OSError):
         return None
     precision = manifest.get("precision") if isinstance(manifest, dict) else None
@@ -327,6 +328,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
              "heatmaps": os.path.join(work, "heatmaps")}
     timings = {}
     # every setting checked (the training ones by TrainConfig) before anything is written
+    check_utf8_path("--workdir", cfg.workdir, "writes the run's checkpoints and logs")
     check_folder_writable(work, "--workdir")
     try:
         distribute.check_strategy("default")

@@ -23,8 +23,8 @@ from caption_attn.feature_cache import (describe_problems, feature_path, read_ma
                                         repair_command, source_images,
                                         unchecked_images_note, usable_features_checked_in,
                                         using_features)
-from caption_attn.fileio import (holding_lock, is_inside, printable_json, read_json,
-                                 write_json_atomic)
+from caption_attn.fileio import (check_utf8_path, holding_lock, is_inside, printable_json,
+                                 read_json, write_json_atomic)
 from caption_attn.run import RunFolder, check_folder_writable
 from caption_attn.shapes import COLORS, SHAPES
 from caption_attn.shapes_metrics import (SHAPES_METRICS, scene_accuracy_by_objects,
@@ -404,6 +404,8 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
         run_cfg = run.load_config()
         if out is not None:
             _check_not_in_cache(run, out, results_path, cache or run_cfg.cache)
+        check_utf8_path("--cache" if cache else f"{run.config}: cache", cache or run_cfg.cache,
+                        "reads the feature files")
         check_run(run, cache or run_cfg.cache, cache is not None,
                   needed_for="evaluate reads the split's features from it")
         # once the run is known to be one (the lock's folder is made for it: RUN/eval/),

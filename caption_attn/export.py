@@ -54,8 +54,9 @@ from caption_attn.config import DecodeConfig, ExportConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import (IMAGE_DIGEST_CHARS, images_folders, is_stale_temp,
                                          read_manifest, source_images)
-from caption_attn.fileio import (file_digest, holding_lock, is_inside, read_json, remove_path,
-                                 temp_name, write_bytes_atomic, write_json_atomic)
+from caption_attn.fileio import (check_utf8_path, file_digest, holding_lock, is_inside,
+                                 read_json, remove_path, temp_name, write_bytes_atomic,
+                                 write_json_atomic)
 from caption_attn.images import ImageError, load_image
 from caption_attn.model import ShowAttendTell
 from caption_attn.run import RunFolder, check_folder_writable
@@ -93,6 +94,7 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     # `serving/current/` (a shell completes a symlink so) names the link's target to the OS:
     # the checks saw the earlier export there, and the final rename of the link failed
     out = out.rstrip(os.sep + (os.altsep or "")) or out
+    check_utf8_path("--out", out, "writes the SavedModel")
     run = RunFolder(run_dir)
     # no `train --fresh` deleting the run meanwhile, and one export into `out` at a time
     with run.reading_lock("export"), contextlib.ExitStack() as hold:
@@ -140,7 +142,8 @@ def _export(run: RunFolder, run_dir: str, out: str, decode_cfg: DecodeConfig,
                     log(f"note: {converted_note(info['tflite']['converted'])}")
             _carry_over(out, tmp)
             info["seconds"] = round(time.perf_counter() - start, 1)
-            write_json_atomic(os.path.join(tmp, INFO_FILE), info)
+            # its run and cache paths as their own bytes (`_earlier_export` reads them back)
+            write_json_atomic(os.path.join(tmp, INFO_FILE), info, file_names=True)
         except (tf.errors.OpError, OSError) as e:
             raise _write_failed(out, e) from None
         _publish(tmp, out)
@@ -156,7 +159,7 @@ def _earlier_info(out: str) -> Optional[dict]:
     """export.json of the export in `out` that this one replaces (None: none, or one that
     cannot be read, which only --force replaces)."""
     try:
-        info = read_json(os.path.join(out, INFO_FILE))
+        info = read_json(os.path.join(out, INFO_FILE), file_names=True)
     except (UserError, OSError):
         return None
     return info if isinstance(info, dict) else None
@@ -429,7 +432,7 @@ def _earlier_export(out: str) -> tuple:
     if not os.path.isfile(path):
         return None, None
     try:
-        info = read_json(path)
+        info = read_json(path, file_names=True)
     except UserError as e:
         return None, str(e)                                 # names the file and the place
     if isinstance(info, dict) and isinstance(info.get("run"), str):

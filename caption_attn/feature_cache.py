@@ -334,7 +334,7 @@ def record_run(cache_dir: str, images_dir: str, failed: dict[str, str],
         here = os.path.abspath(images_dir)
         m["images_dir"] = here  # the source images `train` and `evaluate` check by default
         m["images_dirs"] = [d for d in images_folders(m) if d != here] + [here]
-        write_json_atomic(manifest_path(cache_dir), m)
+        write_json_atomic(manifest_path(cache_dir), m, file_names=True)
     return n_failed_file, count
 
 
@@ -386,7 +386,7 @@ def read_manifest(cache_dir: str) -> dict:
     if not os.path.exists(path):
         raise UserError(f"{path}: no feature cache manifest (run `extract-features --cache "
                         f"{cache_dir}` first)")
-    m = read_json(path)
+    m = read_json(path, file_names=True)   # images_dir(s): any bytes a folder name has
     missing = [k for k in _REQUIRED if not isinstance(m, dict) or k not in m]
     if not missing and m["format_version"] == FORMAT_VERSION:
         missing = [k for k in _REQUIRED_V2 if k not in m]
@@ -486,7 +486,7 @@ def _new_manifest(cache_dir: str, cfg: ExtractConfig, backbone: Backbone, sha: s
         path = os.path.join(cache_dir, m["weights_file"])
         with keras_file_atomic(path, ".weights.h5", backbone.model) as tmp:  # Keras' suffix
             backbone.model.save_weights(tmp)
-    write_json_atomic(manifest_path(cache_dir), m)
+    write_json_atomic(manifest_path(cache_dir), m, file_names=True)
     return m
 
 

@@ -1,7 +1,8 @@
 """The feature cache's provenance index: for every `.npy`, which backbone made it and from
 which source image.
 
-Format: JSON lines (UTF-8), one object per feature file, for example
+Format: JSON lines (UTF-8; an images folder whose name is not UTF-8 as its own bytes), one
+object per feature file, for example
 
     {"key": "train2014/COCO_train2014_000000000009.jpg", "identity": "3f1c9a0b5e2d7c41",
      "size": 262272, "mtime_ns": 1718000000123456789, "ino": 1234567,
@@ -88,6 +89,11 @@ class Entry(NamedTuple):
             del fields["images_dir"]
         return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
 
+    def to_line(self) -> bytes:
+        """The entry's line in the index: an images folder whose name is not UTF-8 as its own
+        bytes (`fileio.write_json_atomic`'s `file_names`; read back so by `_read_text`)."""
+        return (self.to_json() + "\n").encode("utf-8", "surrogateescape")
+
     def matches_file(self, st: os.stat_result) -> bool:
         """The feature file on disk (`st`) is the one this entry recorded."""
         return self.size == st.st_size and self.mtime_ns == st.st_mtime_ns
@@ -165,8 +171,7 @@ class SegmentWriter:
         # pending: raised inside the write, it dropped the entries of files already on disk
         # (the last flush: those extracted since the one before), extracted again by a rerun
         with interrupts.held():
-            write_bytes_atomic(path, [(e.to_json() + "\n").encode("utf-8")
-                                      for e in self.pending], fsync=True)
+            write_bytes_atomic(path, [e.to_line() for e in self.pending], fsync=True)
             self.segments += 1
             self.entries += len(self.pending)
             self.pending = []
@@ -244,7 +249,7 @@ def _parse_lines(text: str, index: Index) -> None:
 
 def _read_text(path: str) -> Optional[str]:
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             return f.read()
     except FileNotFoundError:
         return None
@@ -288,8 +293,8 @@ def compact(cache_dir: str, feature_path) -> tuple[Index, dict[str, os.stat_resu
     # fsynced its 33 MB index every time (3.6 s)
     if names or index.skipped_lines or len(kept) != len(index):
         write_bytes_atomic(index_path(cache_dir),
-                           [(e.to_json() + "\n").encode("utf-8")
-                            for entries in kept.entries.values() for e in entries], fsync=True)
+                           [e.to_line() for entries in kept.entries.values() for e in entries],
+                           fsync=True)
     for name in names:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(segments_dir(cache_dir), name))

@@ -165,10 +165,23 @@ def file_digest(path: str, algorithm: str = "sha256") -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON (indented, UTF-8) through `atomic_path`, synced to disk before the rename."""
+def write_json_atomic(path: str, obj: Any, file_names: bool = False) -> None:
+    """Write JSON (indented, UTF-8) through `atomic_path`, synced to disk before the rename.
+
+    `file_names`: its strings may hold file names whose bytes are not UTF-8 (Linux allows
+    any; Python holds b'caf\\xe9' as 'caf\\udce9'), written as those very bytes, as `ls`
+    shows them, so that `read_json(path, file_names=True)` gives back the exact path (a
+    path read back changed would make the cache or the run look moved). Only then is the
+    file not strict UTF-8: for files the tool reads back; outputs for people and other tools
+    write such names as \\xNN instead (`printable_json`). Without it, such a string is a
+    UnicodeEncodeError."""
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-    write_bytes_atomic(path, text.encode("utf-8"), fsync=True)
+    write_bytes_atomic(path, text.encode("utf-8", _errors(file_names)), fsync=True)
+
+
+def _errors(file_names: bool) -> str:
+    """The codec error handler of UTF-8 text that may hold file names' other bytes."""
+    return "surrogateescape" if file_names else "strict"
 
 
 # Byte order marks of other Unicode encodings (UTF-32 first: its little-endian mark begins
@@ -177,17 +190,19 @@ _OTHER_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32LE"), (codecs.BOM_UTF32_BE, "UTF-32B
                (codecs.BOM_UTF16_LE, "UTF-16LE"), (codecs.BOM_UTF16_BE, "UTF-16BE"))
 
 
-def decode_utf8(path: str, raw: bytes) -> str:
+def decode_utf8(path: str, raw: bytes, file_names: bool = False) -> str:
     """`raw`, the bytes of file `path`, as UTF-8 text (a leading BOM removed). Text in another
     encoding is a `UserError` naming the file, the encoding when its byte order mark or NUL
-    bytes tell it (Windows tools save "Unicode" as UTF-16), and how to save it as UTF-8."""
+    bytes tell it (Windows tools save "Unicode" as UTF-16), and how to save it as UTF-8.
+    `file_names`: bytes that are not UTF-8 are a file name's (`write_json_atomic`), held as
+    surrogate escapes as Python holds such names; UTF-16 and UTF-32 are still refused."""
     for bom, encoding in _OTHER_BOMS:
         if raw.startswith(bom):
             raise UserError(f"{path}: {encoding} text (it starts with the byte order mark "
                             f"{bom.hex(' ')}), not UTF-8; save it as UTF-8, e.g. `iconv -f "
                             f"{encoding[:6]} -t UTF-8 {path} > NEW_FILE`") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8", _errors(file_names))
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise UserError(f"{path}: not valid UTF-8 at byte {e.start} (line {line}): byte "
@@ -199,8 +214,9 @@ def decode_utf8(path: str, raw: bytes) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def parse_json(path: str, text: str) -> Any:
-    """JSON `text` read from `path`; malformed JSON is a `UserError` naming the place."""
+def parse_json(path: str, text: str, file_names: bool = False) -> Any:
+    """JSON `text` read from `path`; malformed JSON is a `UserError` naming the place.
+    `file_names`: `text` may hold file names' surrogate escapes (`decode_utf8`)."""
     try:
         obj = json.loads(text, object_pairs_hook=_object_without_duplicates)
     except _DuplicateKey as e:
@@ -211,7 +227,7 @@ def parse_json(path: str, text: str) -> Any:
     except RecursionError:
         raise UserError(f"{path}: JSON nested too deeply to be read (thousands of levels of "
                         f"[ or {{); not a caption_attn file?") from None
-    _check_surrogates(path, text, obj)
+    _check_surrogates(path, text, obj, file_names)
     return obj
 
 
@@ -239,13 +255,13 @@ def _object_without_duplicates(pairs: list) -> dict:
                           "silently lost: merge or remove one")
 
 
-def _check_surrogates(path: str, text: str, obj: Any) -> None:
+def _check_surrogates(path: str, text: str, obj: Any, file_names: bool) -> None:
     """`UserError` at the first lone surrogate escape of `text` if `obj` holds one (the regex
     alone could be fooled by an escaped backslash before `u`, so the parsed value decides)."""
     if "\\u" not in text or not _LONE_SURROGATE.search(text):
         return
     try:
-        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        json.dumps(obj, ensure_ascii=False).encode("utf-8", _errors(file_names))
     except UnicodeEncodeError:
         for match in _LONE_SURROGATE.finditer(text):
             # the escape is real when an even number of backslashes precede it
@@ -284,8 +300,42 @@ def printable_json(obj: Any) -> Any:
     return obj
 
 
-def read_json(path: str) -> Any:
-    """Read a JSON file; a missing or malformed file is a `UserError` naming it."""
+def check_utf8_path(label: str, path: str, opened: str) -> None:
+    """`UserError` when `path` (a flag's value; `label`: the flag) is not valid UTF-8, made
+    absolute (a folder named b'caf\\xe9', Latin-1). For the paths TensorFlow opens (`opened`:
+    what it does there), checked before any work: it takes paths as UTF-8 text, so such a
+    path ended in a UnicodeEncodeError or ValueError traceback after the work before it (and
+    its errors naming a file there cannot be decoded: UnicodeDecodeError)."""
+    where = os.path.abspath(path)
+    try:
+        where.encode("utf-8")
+        return
+    except UnicodeEncodeError:
+        pass
+    cwd = "" if where == path or not _is_utf8(path) else \
+        f" (the current folder {_printable(os.getcwd())} is not)"
+    raise UserError(f"{label} {_printable(path)}: not a UTF-8 path{cwd}; TensorFlow {opened} "
+                    f"there and takes only UTF-8 paths: rename the folder, or give a symlink "
+                    f"to it whose path is UTF-8 (`ln -s`)")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(path: str) -> str:
+    """`path` as messages print it: bytes that are not UTF-8 as \\xNN, control characters
+    escaped (`one_line`)."""
+    return one_line(printable_json(path))
+
+
+def read_json(path: str, file_names: bool = False) -> Any:
+    """Read a JSON file; a missing or malformed file is a `UserError` naming it.
+    `file_names`: one `write_json_atomic(path, obj, file_names=True)` wrote."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -293,7 +343,7 @@ def read_json(path: str) -> Any:
         raise UserError(f"{one_line(path)}: file not found") from None
     except OSError as e:
         raise UserError(f"{one_line(path)}: cannot read ({e.strerror})") from None
-    return parse_json(path, decode_utf8(path, raw))
+    return parse_json(path, decode_utf8(path, raw, file_names), file_names)
 
 
 # ------------------------------------------------------------------ locks between processes

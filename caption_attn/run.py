@@ -44,7 +44,7 @@ from caption_attn.fileio import (file_identity, holding_lock, is_inside, keras_f
 @functools.lru_cache(maxsize=1)
 def _parsed_split(path: str, identity: tuple):
     """The split.json read last, while it is the same file (`RunFolder._split_field`)."""
-    return read_json(path)
+    return read_json(path, file_names=True)
 
 
 def splits_digest(splits: dict) -> str:
@@ -380,7 +380,7 @@ class RunFolder:
             raise UserError(f"--run {self.path}: not a training run ({why}); train one with "
                             f"`caption-attn train --run {self.path} ...`")
         try:
-            return RunConfig.from_dict(read_json(self.config))
+            return RunConfig.from_dict(read_json(self.config, file_names=True))
         except UserError as e:
             msg = str(e)
             raise UserError(msg if msg.startswith(self.config) else f"{self.config}: {msg}") \
@@ -503,7 +503,8 @@ class RunFolder:
         identity = file_identity(self.split)
         if identity is None:
             if name == "splits":
-                read_json(self.split)  # its error names the file and what is wrong
+                # its error names the file and what is wrong
+                read_json(self.split, file_names=True)
             return None
         data = _parsed_split(os.path.abspath(self.split), identity)
         return data.get(name) if isinstance(data, dict) else None

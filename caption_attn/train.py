@@ -33,7 +33,7 @@ from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoa
 from caption_attn.cider import CiderD
 from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig, flag_name
 from caption_attn.errors import TrainingError, UserError
-from caption_attn.fileio import read_json, write_json_atomic
+from caption_attn.fileio import check_utf8_path, read_json, write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
 from caption_attn.optimizer import FusedAdam, StagedLearningRate, inner, make_optimizer
 from caption_attn.run import RunFolder, changed_settings_note
@@ -1333,6 +1333,8 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     """
     cfg = dataclasses.replace(cfg, captions=os.path.abspath(cfg.captions),
                               cache=os.path.abspath(cfg.cache))
+    check_utf8_path("--run", run_dir, "writes the run's checkpoints and logs")
+    check_utf8_path("--cache", cfg.cache, "reads the feature files")
     check_train_flags(cfg.train)
     distribute.check_strategy(cfg.train.strategy)  # TF_CONFIG too, before --fresh deletes
     run = RunFolder(run_dir)
@@ -1392,8 +1394,8 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
             trains_more(tc, done, steps) and _unmeasured(tc, history, done)):
         return None
     kept = with_trained_settings(run, cfg)   # what config.json is rewritten with
-    if read_json(run.config) != dataclasses.replace(kept, train=dataclasses.replace(
-            kept.train, fresh=False)).to_dict() or \
+    if read_json(run.config, file_names=True) != dataclasses.replace(
+            kept, train=dataclasses.replace(kept.train, fresh=False)).to_dict() or \
             not run.split_fields() >= set(SPLIT_FIELDS) or \
             run.settings_recorded() != cfg.settings_digest():
         return None

@@ -100,7 +100,7 @@ class TrainData:
                   "vocab_sha256": self.vocab.digest(),
                   **({"settings_sha256": settings} if settings else {})}
         assert set(record) <= set(SPLIT_FIELDS), set(record) - set(SPLIT_FIELDS)
-        write_json_atomic(run.split, record)
+        write_json_atomic(run.split, record, file_names=True)  # captions, images_dir
         self.vocab.save(run.vocab)
 
 

@@ -468,3 +468,16 @@ def test_a_cache_of_other_settings_is_refused_in_the_demos_terms(monkeypatch):
     assert str(e.value) == ("--workdir W: its feature cache W/features_cache holds features "
                             "made with dtype float32, the demo asks for float16: add --fresh "
                             "to start the demo over, or choose another --workdir")
+
+
+def test_a_workdir_not_utf8_is_refused_before_anything_is_written(tmp_path):
+    """The demo trains into its work folder, whose checkpoints and TensorBoard logs
+    TensorFlow opens by UTF-8 paths: in a folder named b'caf\\xe9' it made the dataset, then
+    crashed (UnicodeEncodeError) at the end of the extraction, leaving them behind."""
+    from caption_attn.errors import UserError
+    work = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9/work")
+    with pytest.raises(UserError) as e:
+        demo.run_demo(DemoConfig(workdir=work, num_images=20, epochs=1, scst_after=1),
+                      log=lambda m: None)
+    assert str(e.value).startswith(f"--workdir {tmp_path}/caf\\xe9/work: not a UTF-8 path")
+    assert os.listdir(tmp_path) == []

@@ -850,3 +850,17 @@ def test_an_out_whose_path_is_not_utf8_is_written_as_valid_utf8_json(trained_run
         assert metrics["metrics_file"] == f"{tmp_path}/\\xff/m.json"
         assert metrics["results_file"] == f"{tmp_path}/\\xff/m_results.json"
         assert os.path.exists(os.path.join(folder, "m_results.json"))
+
+
+def test_a_cache_not_utf8_is_refused_before_the_model_loads(trained_run, copy_cache,
+                                                            tmp_path):
+    """evaluate reads the features in TensorFlow, by UTF-8 paths: --cache of a folder named
+    b'caf\\xe9' crashed (ValueError: Error converting unicode string) instead."""
+    cache = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")
+    os.rename(copy_cache, cache)
+    out = str(tmp_path / "m.json")
+    with pytest.raises(UserError) as e:
+        evaluate.evaluate_run(trained_run, "test", DecodeConfig(), progress=False,
+                              use_java=False, out=out, cache=cache)
+    assert str(e.value).startswith(f"--cache {tmp_path}/caf\\xe9: not a UTF-8 path")
+    assert not os.path.exists(out)

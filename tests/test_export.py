@@ -567,7 +567,7 @@ def test_a_full_disk_is_one_line_naming_out_and_the_earlier_export_is_kept(
                 "0000-of-00001.data-00000-of-00001.tempstate2328; No space left on device "
                 "[Op:SaveV2]")
 
-    def write_json(path, data):
+    def write_json(path, data, **kwargs):
         raise OSError(28, "No space left on device", path)
     monkeypatch.setattr(export, "save_servable", save)
     monkeypatch.setattr(export, "write_json_atomic", write_json)
@@ -975,3 +975,40 @@ def test_a_reexport_with_other_settings_names_them(trained_run, tmp_path, monkey
         and "max_length" in notes[0] and "-> 9" in notes[0], notes
     assert "TF Serving" in notes[0] and str(tmp_path / "captioner" / "2") in notes[0], notes
     assert json.loads((out / export.INFO_FILE).read_text())["beam"] == 1
+
+
+def test_an_out_not_utf8_is_refused_first(tmp_path):
+    """TensorFlow writes the SavedModel by a UTF-8 path: --out in a folder named b'caf\\xe9'
+    crashed (UnicodeEncodeError) once the model was built and traced."""
+    run = _fake_run(tmp_path / "run")
+    out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9/1")
+    _refused(["export", "--run", run, "--out", out],
+             f"error: --out {tmp_path}/caf\\xe9/1: not a UTF-8 path", "symlink")
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_an_earlier_export_of_a_run_whose_path_is_not_utf8_names_that_very_run(tmp_path):
+    """export.json records the run exported: one at a path that is not UTF-8 is held as the
+    path's own bytes, and read back as that very path (it was refused as not UTF-8, so the
+    export of that run could not be replaced)."""
+    run = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9/run")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / export.INFO_FILE).write_bytes(b'{"run": "%s", "run_realpath": "%s"}'
+                                         % (os.fsencode(run), os.fsencode(run)))
+    assert export._earlier_export(str(out)) == (run, run)
+
+
+def test_an_export_of_a_run_whose_path_is_not_utf8_records_it_exactly(trained_run,
+                                                                       tmp_path):
+    """--run of a folder named b'caf\\xe9' (here a symlink to a run): export.json could not
+    be written (UnicodeEncodeError) after the SavedModel was built; now it records the very
+    path, and the export is taken for that run's when exported again."""
+    run = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")
+    os.symlink(trained_run, run)
+    out = str(tmp_path / "out")
+    code, printed, err = _run_cli(["export", "--run", run, "--out", out])
+    assert code == 0, err
+    assert export._earlier_export(out) == (run, os.path.realpath(trained_run))
+    with open(os.path.join(out, export.INFO_FILE), "rb") as f:
+        assert b'"run": "%s"' % os.fsencode(run) in f.read()

@@ -789,3 +789,25 @@ def test_ctrl_c_while_the_decode_pool_shuts_down_still_finishes_the_writer(image
         extract_features(images, extract_cfg(tmp_path / "cache"), keys=GOOD[:2],
                          progress=False)
     assert closed == [True]
+
+
+def test_an_images_folder_whose_name_is_not_utf8_is_extracted_and_then_done(cache_copy,
+                                                                             tmp_path):
+    """--images of a folder named with bytes that are not UTF-8 (b'caf\\xe9', Latin-1): the
+    whole extraction ended in a UnicodeEncodeError writing the index, leaving feature files
+    no index entry vouched for. Now the manifest and the index record the very folder, so
+    that a rerun finds its features done (a folder read back changed would not match)."""
+    folder = os.path.join(os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9"), "images")
+    write_rgb(tmp_path / "new.png", scene(7))          # (OpenCV cannot open such a name)
+    os.makedirs(folder)
+    os.rename(tmp_path / "new.png", os.path.join(folder, "new.png"))
+    summary = extract_features(folder, extract_cfg(cache_copy), keys=["new.png"],
+                               progress=False)
+    assert summary["extracted"] == 1 and summary["failed"] == 0
+    manifest = feature_cache.read_manifest(cache_copy)
+    assert manifest["images_dir"] == folder and manifest["images_dirs"][-1] == folder
+    entries = feature_index.load_index(cache_copy).entries["new.png"]
+    assert entries[-1].images_dir == folder
+    again = extract_features(folder, extract_cfg(cache_copy), keys=["new.png"],
+                             progress=False)
+    assert again["extracted"] == 0 and again["skipped"] == 1

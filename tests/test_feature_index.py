@@ -132,3 +132,21 @@ def test_entry_round_trip():
     assert "images_dir" not in json.loads(old.to_json())
     feature_index._parse_lines(old.to_json() + "\n", index)
     assert index.entries["old.jpg"] == [old] and index.skipped_lines == 0
+
+
+def test_an_images_folder_whose_name_is_not_utf8_is_read_back_exactly(tmp_path):
+    """The index records each feature file's images folder: one named with bytes that are not
+    UTF-8 (b'caf\\xe9') crashed the flush after the whole extraction (UnicodeEncodeError), and
+    read back as U+FFFD it would not match the folder again."""
+    cache = str(tmp_path)
+    folder = os.fsdecode(b"/data/caf\xe9/images")
+    writer = SegmentWriter(cache, flush_seconds=3600, flush_entries=100)
+    path = _write_feature(cache, "a.jpg")
+    writer.add(make_entry("a.jpg", "f" * 16, os.stat(path), STAMP, images_dir=folder))
+    writer.close()
+    assert feature_index.load_index(cache).entries["a.jpg"][0].images_dir == folder
+    index, _ = feature_index.compact(cache, _path(cache))
+    assert index.entries["a.jpg"][0].images_dir == folder
+    with open(feature_index.index_path(cache), "rb") as f:
+        assert b'"images_dir":"/data/caf\xe9/images"' in f.read()
+    assert feature_index.load_index(cache).entries["a.jpg"][0].images_dir == folder

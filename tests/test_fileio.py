@@ -196,3 +196,44 @@ def test_a_signal_as_an_exclusive_lock_is_given_up_still_removes_its_file(tmp_pa
             assert os.path.exists(path)
             monkeypatch.setattr(os, "remove", signalled_remove)
     assert os.listdir(tmp_path) == []
+
+
+# file names whose bytes are not UTF-8 (Python holds them with surrogate escapes): Latin-1,
+# a lone byte, a sequence cut short (at the end too), an encoded surrogate, a control byte
+NOT_UTF8_NAMES = [b"/data/caf\xe9", b"\xff", b"/a/\xe9\x82x", b"/a/x\xc3", b"\xed\xa0\x80",
+                  b"/a\nb\xe9/c"]
+
+
+def test_json_of_file_names_gives_back_their_exact_bytes(tmp_path):
+    """A file the tool reads back (a manifest, a run's config.json) holding a path whose bytes
+    are not UTF-8 gives back the very path: the file holds the name's own bytes, as `ls`
+    shows them (strict UTF-8 could not write it: UnicodeEncodeError)."""
+    from caption_attn.fileio import read_json, write_json_atomic
+    names = [os.fsdecode(n) for n in NOT_UTF8_NAMES]
+    obj = {"images_dir": names[0], "images_dirs": names, "count": 3, "name": "café"}
+    path = str(tmp_path / "manifest.json")
+    write_json_atomic(path, obj, file_names=True)
+    with open(path, "rb") as f:
+        raw = f.read()
+    assert b'"images_dir": "/data/caf\xe9"' in raw and "café".encode() in raw
+    assert read_json(path, file_names=True) == obj
+
+
+def test_json_of_file_names_still_names_a_file_in_another_encoding(tmp_path):
+    """Read as a file of names, a file saved as UTF-16 is still refused as such (its bytes
+    are not a name's), and by default a byte that is not UTF-8 is still refused."""
+    from caption_attn.errors import UserError
+    from caption_attn.fileio import read_json
+    utf16 = tmp_path / "utf16.json"
+    utf16.write_bytes('{"a": 1}'.encode("utf-16"))
+    with pytest.raises(UserError, match=r"utf16\.json: UTF-16LE text \(it starts with the "
+                                        r"byte order mark ff fe\), not UTF-8"):
+        read_json(str(utf16), file_names=True)
+    utf16.write_bytes('{"a": 1}'.encode("utf-16-le"))
+    with pytest.raises(UserError, match=r"utf16\.json: holds NUL bytes"):
+        read_json(str(utf16), file_names=True)
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes(b'{"a": "caf\xe9"}')
+    with pytest.raises(UserError, match=r"latin1\.json: not valid UTF-8 at byte 10"):
+        read_json(str(latin1))
+    assert read_json(str(latin1), file_names=True) == {"a": "caf\udce9"}

@@ -2129,3 +2129,59 @@ def test_a_run_split_by_image_hash_keeps_its_split_when_flickr8k_lists_appear(
         f"{run.path} was split by Flickr8k's official lists Flickr_8k.*Images.txt beside its "
         f"caption file, but they are not beside {captions} now: put them back beside it, or "
         f"add --fresh to start this run over split by image hash")
+
+
+def _not_utf8(tmp_path, name: str = "caf\xe9") -> str:
+    """tmp_path/NAME with NAME's characters as single bytes (Latin-1): a folder name that is
+    not UTF-8, held by Python with surrogate escapes."""
+    return os.fsdecode(os.fsencode(str(tmp_path)) + b"/" + name.encode("latin-1"))
+
+
+def test_captions_and_images_in_folders_not_utf8_train_and_resume_as_the_same(shapes_data,
+                                                                              tmp_path,
+                                                                              monkeypatch):
+    """--captions / --images in a folder named with bytes that are not UTF-8: writing
+    split.json ended in a UnicodeEncodeError once the data was loaded. Now config.json and
+    split.json hold the exact paths, so a rerun sees the same caption file and images folder
+    (a path read back changed would say --captions differs, or check the images elsewhere)."""
+    folder = _not_utf8(tmp_path)
+    os.makedirs(folder)
+    captions = os.path.join(folder, "captions.json")
+    shutil.copy(shapes_data["captions"], captions)
+    images = os.path.join(folder, "images")
+    os.symlink(shapes_data["images"], images)
+    run = str(tmp_path / "run")
+    cfg = dataclasses.replace(small_config(shapes_data, epochs=1, bleu_images=0),
+                              captions=captions)
+    train.train(cfg, run, images_dir=images, progress=False, log=lambda *a: None)
+    folder_run = RunFolder(run)
+    assert folder_run.load_config().captions == captions
+    assert folder_run.images_dir() == images and folder_run.caption_file()["path"] == captions
+    # the rerun finds all done from config.json and split.json, as written (no data loaded)
+    monkeypatch.setattr(train, "_load_and_train",
+                        lambda *a, **k: pytest.fail("the rerun loaded the data again"))
+    logs = []
+    summary = train.train(cfg, run, images_dir=images, progress=False, log=logs.append)
+    assert summary["epochs"] == 1
+    assert not any("differs" in str(line) for line in logs), logs
+
+
+@pytest.mark.parametrize("flag", ["--run", "--cache"])
+def test_a_run_or_cache_folder_not_utf8_is_refused_before_anything(shapes_data, tmp_path,
+                                                                   flag):
+    """TensorFlow opens the run folder (checkpoints, TensorBoard logs) and the cache's feature
+    files by paths it holds as UTF-8: such a --run crashed (UnicodeEncodeError) after the
+    data was loaded, leaving an empty run folder; such a --cache (ValueError) too. Refused
+    first, naming the flag, the path as printed and a way out."""
+    odd = _not_utf8(tmp_path)
+    cache = odd if flag == "--cache" else shapes_data["cache"]
+    if flag == "--cache":
+        shutil.copytree(shapes_data["cache"], cache)
+    run = os.path.join(odd, "run") if flag == "--run" else str(tmp_path / "run")
+    shown = (run if flag == "--run" else cache).replace("\udce9", "\\xe9")
+    with pytest.raises(UserError) as e:
+        train.train(small_config(shapes_data, cache=cache, epochs=1), run, progress=False,
+                    log=lambda *a: None)
+    assert str(e.value).startswith(f"{flag} {shown}: not a UTF-8 path"), str(e.value)
+    assert "symlink" in str(e.value)
+    assert not os.path.exists(run)

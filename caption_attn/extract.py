@@ -39,7 +39,8 @@ from caption_attn.data import image_key_problem
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
 from caption_attn.feature_index import IMAGE_CHANGED, ImageStamp, SegmentWriter, make_entry
-from caption_attn.fileio import file_digest, longest_temp_name, one_line, write_bytes_atomic
+from caption_attn.fileio import (check_utf8_path, file_digest, longest_temp_name, one_line,
+                                 write_bytes_atomic)
 from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, heatmaps_note,
                                  is_heatmap_file, left_out_note, list_images, printable_name,
                                  read_image_file, resize_image)
@@ -448,6 +449,8 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     `cfg.strict` and something failed, or when nothing could be extracted) and message.
     """
     start = time.monotonic()
+    # train and evaluate refuse such a cache (TensorFlow reads its files): refused first
+    check_utf8_path("--cache", cfg.cache, "reads the feature files (`train`, `evaluate`)")
     check_folder_writable(cfg.cache, "--cache")  # before the backbone is built
     feature_cache.check_cache_folder(cfg.cache)
     # while a train or evaluate reads the cache, refused only before rewriting or removing a

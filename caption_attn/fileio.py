@@ -307,21 +307,20 @@ def check_utf8_path(label: str, path: str, opened: str) -> None:
     path ended in a UnicodeEncodeError or ValueError traceback after the work before it (and
     its errors naming a file there cannot be decoded: UnicodeDecodeError)."""
     where = os.path.abspath(path)
-    try:
-        where.encode("utf-8")
+    if is_utf8(where):
         return
-    except UnicodeEncodeError:
-        pass
-    cwd = "" if where == path or not _is_utf8(path) else \
+    cwd = "" if where == path or not is_utf8(path) else \
         f" (the current folder {_printable(os.getcwd())} is not)"
     raise UserError(f"{label} {_printable(path)}: not a UTF-8 path{cwd}; TensorFlow {opened} "
                     f"there and takes only UTF-8 paths: rename the folder, or give a symlink "
                     f"to it whose path is UTF-8 (`ln -s`)")
 
 
-def _is_utf8(text: str) -> bool:
+def is_utf8(name: str) -> bool:
+    """Whether the path or file name `name` (as Python holds one from the command line or the
+    disk) is valid UTF-8: without the surrogate escapes of bytes that are not."""
     try:
-        text.encode("utf-8")
+        name.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True

@@ -21,7 +21,7 @@ import numpy as np
 from caption_attn.backbone import IMAGE_SIZE
 from caption_attn.config import IMAGE_EXTENSIONS
 from caption_attn.errors import UserError
-from caption_attn.fileio import one_line
+from caption_attn.fileio import is_utf8, one_line, printable_json
 
 RESIZE_METHOD = ("stretch to 299x299 (aspect ratio not kept, no crop); per axis INTER_AREA "
                  "when shrinking, INTER_CUBIC when enlarging; alpha composited over white")
@@ -391,18 +391,8 @@ def load_image(path: str) -> np.ndarray:
 def printable_name(name: str) -> str:
     """`name` with the bytes of a file name that is not UTF-8 (caf\\xe9.png, which Python
     holds as 'caf\\udce9.png') written as \\xNN, so it can be printed, drawn and saved; a
-    UTF-8 name comes back as it is."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def is_utf8_name(name: str) -> bool:
-    """Whether the file name `name` (as Python holds a name from the command line or the
-    disk) is valid UTF-8: without the surrogate escapes of bytes that are not."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    UTF-8 name comes back as it is (`fileio.printable_json` of a string)."""
+    return printable_json(name)
 
 
 def json_name(name: str, key: str = "image") -> dict:
@@ -411,7 +401,7 @@ def json_name(name: str, key: str = "image") -> dict:
     bytes in hex. A name held with surrogate escapes went out as "caf\\udce9.png", a lone
     surrogate that strict JSON and UTF-8 readers refuse or mangle; "caf\\xe9.png" alone
     could not be told from a file named so, hence the bytes (`bytes.fromhex`)."""
-    if is_utf8_name(name):
+    if is_utf8(name):
         return {key: name}
     return {key: printable_name(name), f"{key}_hex": os.fsencode(name).hex()}
 

@@ -811,3 +811,14 @@ def test_an_images_folder_whose_name_is_not_utf8_is_extracted_and_then_done(cach
     again = extract_features(folder, extract_cfg(cache_copy), keys=["new.png"],
                              progress=False)
     assert again["extracted"] == 0 and again["skipped"] == 1
+
+
+def test_a_cache_folder_not_utf8_is_refused_before_anything(images, tmp_path):
+    """--cache of a folder named with bytes that are not UTF-8: extracted into (Python writes
+    there), then refused by `train` and `evaluate` (TensorFlow reads the feature files by
+    UTF-8 paths), after the whole extraction. Refused first now, nothing written."""
+    parent = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")
+    cache = os.path.join(parent, "cache")
+    with pytest.raises(UserError, match=r"--cache .*caf\\xe9/cache: not a UTF-8 path"):
+        extract_features(str(images), extract_cfg(cache), keys=GOOD, progress=False)
+    assert not os.path.lexists(parent)

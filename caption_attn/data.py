@@ -238,7 +238,8 @@ class _Collector:
 
 # --------------------------------------------------------------------------- reading files
 def _read_text(path: str) -> str:
-    """The file decoded as UTF-8 (a leading BOM removed); unreadable input is a UserError."""
+    """The file decoded as UTF-8 (a leading BOM removed), every line end as LF
+    (`_universal_newlines`); unreadable input is a UserError."""
     return _read_file(path)[0]
 
 
@@ -281,18 +282,22 @@ def _read_file(path: str) -> tuple[str, dict]:
         raise UserError(f"{one_line(path)}: is a folder, expected a caption file") from None
     except OSError as e:
         raise UserError(f"{one_line(path)}: cannot read ({e.strerror})") from None
-    text = decode_utf8(path, raw)
-    if "\r" in text and "\n" not in text:  # CR-only line ends (classic Mac): as LF
-        text = text.replace("\r", "\n")
-    return text, file_stamp(raw)
+    return _universal_newlines(decode_utf8(path, raw)), file_stamp(raw)
+
+
+def _universal_newlines(text: str) -> str:
+    """`text` with every CRLF and bare CR as LF, as Python's universal newlines (and the csv
+    module) read line ends: a file with CR-only (classic Mac) line ends, or with LF and bare
+    CR mixed (lines pasted from such a file), was read as one line where the CRs were, a
+    token file's lines after it as part of one caption (exit 0)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
 def _lines(text: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its LF / CRLF ending, nor a byte order mark at its
-    start: the first line of a file joined into another by `cat`)."""
+    """(1-based line number, line without a byte order mark at its start: the first line of
+    a file joined into another by `cat`) of `_universal_newlines` text."""
     for number, line in enumerate(text.split("\n"), start=1):
-        line = line.removeprefix("\ufeff")
-        yield number, line[:-1] if line.endswith("\r") else line
+        yield number, line.removeprefix("\ufeff")
 
 
 def _supported() -> str:
@@ -578,7 +583,8 @@ def _parse_flickr_token(path: str, text: str, out: _Collector) -> None:
         name, tab, caption = line.partition("\t")
         if not tab:
             raise UserError(f"{path}: line {number}: expected `IMAGE#N<TAB>CAPTION`, got "
-                            f"{line[:60]!r}")
+                            f"{line[:60]!r} (a line ends at a line feed, CRLF or a bare "
+                            f"carriage return)")
         if (name.strip(), caption) in seen:
             continue
         seen.add((name.strip(), caption))

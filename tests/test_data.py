@@ -106,9 +106,29 @@ def test_a_stray_carriage_return_in_a_csv_header_is_a_one_line_error(tmp_path):
         data.load_captions(path)
 
 
-def test_a_stray_carriage_return_in_a_file_with_line_feeds_stays_in_its_caption(tmp_path):
+@pytest.mark.parametrize("fmt", sorted(TEXTS))
+def test_a_bare_carriage_return_ends_a_line_in_a_file_with_line_feeds_too(tmp_path, fmt):
+    """Line ends mixed (LF, bare CR, CRLF) as Python's universal newlines read them: a token
+    file with both read as 2 images, the second's caption holding the other lines (exit 0),
+    and a CR-only file with one final LF as 1 image."""
+    text = TEXTS[fmt]().rstrip("\n") + "\n"
+    lines = text.split("\n")[:-1]
+    mixed = "".join(line + ("\r", "\n", "\r\n")[i % 3] for i, line in enumerate(lines))
+    captions = data.load_captions(write(tmp_path, "mixed", mixed))
+    assert captions.format == fmt and as_dict(captions) == EXPECTED
+    cr_then_lf = text.replace("\n", "\r")[:-1] + "\n"
+    assert as_dict(data.load_captions(write(tmp_path, "cr_lf", cr_then_lf))) == EXPECTED
+
+
+def test_a_stray_carriage_return_inside_a_token_line_ends_it_and_is_refused(tmp_path):
+    """It was kept inside the caption, while the same carriage return in a CSV ended the row
+    (the csv module reads with universal newlines): now it ends the line everywhere, so the
+    rest of the line is a line without a tab, refused naming it and saying why."""
     stray = write(tmp_path, "stray.txt", "a.jpg#0\ta dog\r running\nb.jpg#0\ta cat\n")
-    assert as_dict(data.load_captions(stray))["a.jpg"] == ["a dog\r running"]
+    with pytest.raises(UserError, match=r"stray\.txt: line 2: expected `IMAGE#N<TAB>CAPTION`, "
+                                        r"got ' running' \(a line ends at a line feed, CRLF or "
+                                        r"a bare carriage return\)"):
+        data.load_captions(stray)
 
 
 def test_coco_image_id_is_the_coco_id(tmp_path):

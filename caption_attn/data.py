@@ -702,7 +702,8 @@ def has_split_lists(captions_path: str) -> bool:
 
 
 def _read_list(path: str) -> str:
-    """A split list's text; unreadable is a UserError naming it."""
+    """A split list's text, read as a caption file is (every line end as LF: a list with
+    CR-only line ends was one line naming no image); unreadable is a UserError naming it."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -711,7 +712,7 @@ def _read_list(path: str) -> str:
                         f"line)") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read Flickr8k's split list ({e.strerror})") from None
-    return decode_utf8(path, raw)
+    return _universal_newlines(decode_utf8(path, raw))
 
 
 def read_split_lists(captions_path: str) -> Optional[dict[str, str]]:

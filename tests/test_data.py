@@ -437,6 +437,18 @@ def test_flickr8k_official_lists_beside_the_file_are_its_split(tmp_path, fmt):
     assert hashed.split_source == "hash" and len(hashed.records) == 43
 
 
+def test_flickr8k_lists_with_cr_line_ends_are_read_line_by_line(tmp_path):
+    """A list with CR-only line ends (or LF and bare CR mixed) was one line naming no image:
+    an empty test split, its images called "in none of them" (exit 0)."""
+    path, official = flickr8k_folder(tmp_path)
+    test = "".join(f"img{i:04d}.jpg\r" for i in range(35, 40))
+    (tmp_path / LISTS["test"]).write_bytes(test.encode())
+    train = "".join(f"img{i:04d}.jpg" + "\r\n"[i % 2] for i in range(30))
+    (tmp_path / LISTS["train"]).write_bytes(train.encode())
+    captions = data.load_dataset(path, DataConfig())
+    assert split_of(captions) == official and captions.unlisted == []
+
+
 def test_without_flickr8k_lists_the_split_by_image_hash_is_said(tmp_path):
     path, _ = flickr8k_folder(tmp_path, lists=False)
     captions = data.load_dataset(path, DataConfig())

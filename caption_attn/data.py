@@ -696,6 +696,12 @@ def _split_list_paths(captions_path: str) -> list[tuple[str, str]]:
     return [(split, os.path.join(folder, name)) for split, name in SPLIT_LISTS]
 
 
+def split_list_path(captions_path: str, split: str) -> str:
+    """The path of Flickr8k's official list of `split` ("train", "val": the dev list, "test")
+    beside `captions_path`."""
+    return dict(_split_list_paths(captions_path))[split]
+
+
 def has_split_lists(captions_path: str) -> bool:
     """Whether any of Flickr8k's official split lists lies beside `captions_path`."""
     return any(os.path.lexists(p) for _, p in _split_list_paths(captions_path))

@@ -1538,6 +1538,31 @@ def test_fractions_that_leave_no_train_image_say_so(shapes_data, tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.parametrize("empty", ["train", "val"])
+def test_an_empty_split_of_official_lists_names_the_list_not_the_fractions(shapes_data,
+                                                                           tmp_path, empty):
+    """A Flickr8k file split by the lists beside it whose train (or dev) list names none of its
+    images was told to lower (raise) --val-fraction / --test-fraction, which are refused
+    for it."""
+    with open(shapes_data["captions"]) as f:
+        images = json.load(f)["images"]
+    path = tmp_path / "Flickr8k.token.txt"
+    path.write_text("".join(f"{im['filename']}#{i}\t{s['raw']}\n" for im in images
+                            for i, s in enumerate(im["sentences"])))
+    names = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+             "test": "Flickr_8k.testImages.txt"}
+    chunks = {"train": images[:30], "val": images[30:35], "test": images[35:]}
+    for split, name in names.items():
+        (tmp_path / name).write_text("".join(f"{im['filename']}\n" for im in chunks[split]
+                                             if split != empty))
+    cfg = dataclasses.replace(small_config(shapes_data), captions=str(path))
+    with pytest.raises(UserError) as e:
+        train.train(cfg, str(tmp_path / "run"), progress=False, log=lambda *a: None)
+    assert f"{tmp_path / names[empty]} (Flickr8k's official {empty} list" in str(e.value)
+    assert "-fraction" not in str(e.value)
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_self_critical_epochs_without_bleu_images_are_refused_up_front(shapes_data, tmp_path):
     """Self-critical epochs monitor val_cider, decoded over --bleu-images validation images:
     with 0 the first of them trained, then failed with "no value for val_cider (an empty

@@ -86,6 +86,9 @@ class CaptionSet:
     split_source: Optional[str] = None
     split_note: Optional[str] = None      # what `train` says about the split (lists or hash)
     unlisted: list[str] = field(default_factory=list)  # left out: in none of the lists
+    # list path -> the names in it that are no image of the file (nor one left out for want
+    # of a usable caption), in list order: dropped, said in `split_note` and by `describe`
+    unmatched: dict[str, list[str]] = field(default_factory=dict)
     stamp: Optional[dict] = None          # `file_stamp` of the bytes read
 
     @property
@@ -675,7 +678,7 @@ def load_dataset(path: str, cfg: DataConfig, lists: bool = True) -> CaptionSet:
         return captions
     official = read_split_lists(path) if lists and captions.format in LIST_FORMATS else None
     if official is not None:
-        _split_by_lists(captions, official)
+        _split_by_lists(captions, *official)
         return captions
     assignment = split_images((r.image for r in captions.records), cfg.val_fraction,
                               cfg.test_fraction, cfg.seed)
@@ -721,12 +724,14 @@ def _read_list(path: str) -> str:
     return _universal_newlines(decode_utf8(path, raw))
 
 
-def read_split_lists(captions_path: str) -> Optional[dict[str, str]]:
-    """image key -> "train" / "val" / "test" from Flickr8k's official lists beside caption
-    file `captions_path` (`SPLIT_LISTS`: the dev list is the val split), or None when none of
-    them is there. Without them the README's Flickr8k run was split by image hash: the
-    official test and dev images trained on. Some of the lists only, a list that cannot be
-    read, or an image named in two lists are a UserError naming the file."""
+def read_split_lists(captions_path: str) -> Optional[tuple[dict[str, str], dict]]:
+    """(image key -> "train" / "val" / "test", list path -> its image keys in list order) of
+    Flickr8k's official lists beside caption file `captions_path` (`SPLIT_LISTS`: the dev
+    list is the val split), or None when none of them is there. Without them the README's
+    Flickr8k run was split by image hash: the official test and dev images trained on. Some
+    of the lists only, a list that cannot be read, an image named in two lists, or a line
+    that is no image name (a token file's `a.jpg#0` or a tab: it named no image, dropped
+    without a word) are a UserError naming the file."""
     paths = _split_list_paths(captions_path)
     present = [os.path.lexists(p) for _, p in paths]
     if not any(present):
@@ -741,24 +746,34 @@ def read_split_lists(captions_path: str) -> Optional[dict[str, str]]:
                         f"put all three beside it, or move them away to split by image hash "
                         f"(--val-fraction, --test-fraction)")
     splits, where = {}, {}   # image key -> split, (list, line) naming it first
+    named = {path: [] for _, path in paths}
     for split, path in paths:
         for number, line in _lines(_read_list(path)):
             name = line.strip()
             if not name:
                 continue
+            if "\t" in name or _TOKEN_SUFFIX.search(name):
+                raise UserError(f"{path}: line {number}: expected an image name, got "
+                                f"{line[:60]!r}: a Flickr8k split list names one image a "
+                                f"line, without `#N` or a tab (those are the caption file's)")
             key = safe_image_key(name) or name   # an unsafe name matches no record
+            if key not in where:
+                named[path].append(key)
             if splits.setdefault(key, split) != split:
                 other, at = where[key]
                 raise UserError(f"{path}: line {number}: {name!r} is also in {other} (line "
                                 f"{at}): an image must be in one split; remove it from one "
                                 f"of the lists")
             where.setdefault(key, (path, number))
-    return splits
+    return splits, named
 
 
-def _split_by_lists(captions: CaptionSet, official: dict[str, str]) -> None:
-    """Give `captions`' records the split of Flickr8k's `official` lists; the records in
-    none of them are left out (`unlisted`), said in `split_note`."""
+def _split_by_lists(captions: CaptionSet, official: dict[str, str],
+                    named: dict[str, list[str]]) -> None:
+    """Give `captions`' records the split of Flickr8k's `official` lists (`named`: list path
+    -> its image keys); the records in none of them are left out (`unlisted`), and the names
+    of a list that are no image of the file are dropped (`unmatched`: a note, as Flickr8k's
+    own lists name only its images, but a user's may not), both said in `split_note`."""
     listed = [r for r in captions.records if r.image in official]
     if not listed:
         raise UserError(f"{captions.path}: none of its {len(captions.records)} images is in "
@@ -774,6 +789,14 @@ def _split_by_lists(captions: CaptionSet, official: dict[str, str]) -> None:
     if captions.unlisted:
         captions.split_note += (f"; {len(captions.unlisted)} image(s) in none of them are "
                                 f"left out{_examples(captions.unlisted[:MAX_EXAMPLES])}")
+    known = {r.image for r in captions.records} | set(captions.uncaptioned)
+    for path, keys in named.items():
+        unmatched = [k for k in keys if k not in known]
+        if unmatched:
+            captions.unmatched[path] = unmatched
+            captions.split_note += (f"; {len(unmatched)} name(s) in {path} are in no caption "
+                                    f"data of {captions.path}"
+                                    f"{_examples(unmatched[:MAX_EXAMPLES])}")
 
 
 def refuse_unused_fractions(captions: CaptionSet, cfg: DataConfig,
@@ -990,6 +1013,8 @@ def describe(captions_path: str, data_cfg: DataConfig, vocab_cfg: VocabConfig,
         "skipped_empty_captions": captions.skipped_empty,
         "unlisted_images": {"count": len(captions.unlisted),
                             "examples": captions.unlisted[:MAX_EXAMPLES]},
+        "unmatched_list_names": {path: {"count": len(names), "examples": names[:MAX_EXAMPLES]}
+                                 for path, names in captions.unmatched.items()},
         "uncaptioned_images": {"count": len(captions.uncaptioned),
                                "examples": captions.uncaptioned[:MAX_EXAMPLES]},
         "refused_paths": {"count": captions.refused_paths,
@@ -1008,10 +1033,22 @@ def _split_source(captions: CaptionSet, cfg: DataConfig) -> str:
         n = len(captions.unlisted)
         return (f"by Flickr8k's official lists {LISTS_GLOB} beside the file"
                 + (f"; {n} image{'' if n == 1 else 's'} in none of them left out"
-                   f"{_examples(captions.unlisted[:MAX_EXAMPLES])}" if n else ""))
+                   f"{_examples(captions.unlisted[:MAX_EXAMPLES])}" if n else "")
+                + _unmatched_summary(captions.unmatched))
     return (f"by image hash (val {cfg.val_fraction}, test {cfg.test_fraction}, seed "
             f"{cfg.seed})" + (f": Flickr8k's official lists {LISTS_GLOB} are not beside the "
                               f"file" if captions.format in LIST_FORMATS else ""))
+
+
+def _unmatched_summary(unmatched: dict[str, list[str]]) -> str:
+    """"; 2 names in LIST, 1 name in LIST2 in no caption data (e.g. 'x', 'y')" (the first of
+    each list), or "" when every list name is an image of the file."""
+    if not unmatched:
+        return ""
+    counts = ", ".join(f"{len(names)} name{'' if len(names) == 1 else 's'} in "
+                       f"{os.path.basename(path)}" for path, names in unmatched.items())
+    firsts = [names[0] for names in unmatched.values()]
+    return f"; {counts} in no caption data{_examples(firsts)}"
 
 
 def _examples(items: list[str]) -> str:

@@ -449,6 +449,44 @@ def test_flickr8k_lists_with_cr_line_ends_are_read_line_by_line(tmp_path):
     assert split_of(captions) == official and captions.unlisted == []
 
 
+def test_list_names_in_no_caption_data_are_counted_per_list_with_an_example(tmp_path):
+    """A list naming an image the caption file lacks dropped it without a word."""
+    path, official = flickr8k_folder(tmp_path)
+    train = tmp_path / LISTS["train"]
+    train.write_text(train.read_text() + "zz.jpg\nimg0099.jpg\n")
+    test = tmp_path / LISTS["test"]
+    test.write_text(test.read_text() + "gone.jpg\n")
+    captions = data.load_dataset(path, DataConfig())
+    assert split_of(captions) == official
+    assert captions.unmatched == {str(train): ["zz.jpg", "img0099.jpg"],
+                                  str(test): ["gone.jpg"]}
+    assert captions.split_note.endswith(
+        f"; 2 name(s) in {train} are in no caption data of {path} (e.g. 'zz.jpg', "
+        f"'img0099.jpg'); 1 name(s) in {test} are in no caption data of {path} (e.g. "
+        f"'gone.jpg')")
+    stats = data.describe(path, DataConfig(), VocabConfig())
+    assert stats["unmatched_list_names"] == {
+        str(train): {"count": 2, "examples": ["zz.jpg", "img0099.jpg"]},
+        str(test): {"count": 1, "examples": ["gone.jpg"]}}
+    assert ("beside the file; 2 names in Flickr_8k.trainImages.txt, 1 name in "
+            "Flickr_8k.testImages.txt in no caption data (e.g. 'zz.jpg', 'gone.jpg'))"
+            ) in data.format_description(stats)
+
+
+@pytest.mark.parametrize("line", ["img0001.jpg#0", "img0001.jpg\tx", "img0001.jpg#12  "])
+def test_a_list_line_with_a_tab_or_hash_n_is_refused_naming_it(tmp_path, line):
+    """A token line pasted into a list (`a.jpg#0`, `a.jpg<TAB>...`) named no image: dropped
+    without a word."""
+    path, _ = flickr8k_folder(tmp_path)
+    train = tmp_path / LISTS["train"]
+    train.write_text("img0000.jpg\n" + line + "\n")
+    with pytest.raises(UserError) as e:
+        data.load_dataset(path, DataConfig())
+    assert str(e.value) == (
+        f"{train}: line 2: expected an image name, got {line!r}: a Flickr8k split list "
+        f"names one image a line, without `#N` or a tab (those are the caption file's)")
+
+
 def test_without_flickr8k_lists_the_split_by_image_hash_is_said(tmp_path):
     path, _ = flickr8k_folder(tmp_path, lists=False)
     captions = data.load_dataset(path, DataConfig())

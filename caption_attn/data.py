@@ -56,6 +56,7 @@ LIST_FORMATS = ("flickr-token", "flickr-csv")   # the formats Flickr8k comes in
 _DRIVE = re.compile(r"^[A-Za-z]:")                 # C:\x.jpg, C:x.jpg
 _TOKEN_LINE = re.compile(r"^[^\t]+#\d+\t")         # 1000268201_693b08cb0e.jpg#0<TAB>...
 _TOKEN_SUFFIX = re.compile(r"#\d+$")
+_LEADING = re.compile(r"[\s\ufeff]*")               # whitespace and byte order marks
 
 
 @dataclass
@@ -331,13 +332,24 @@ def _is_csv_header(line: str) -> bool:
     return [f.strip().lower() for f in fields] == ["image", "caption"]
 
 
+def _parse_json(path: str, text: str) -> Any:
+    """`parse_json`, but JSON after a second byte order mark (the first is gone: `decode_utf8`)
+    is refused saying so: "cannot detect the caption format from line 1 ('{...')" hid it."""
+    start = _LEADING.match(text).end()
+    if "\ufeff" in text[:start] and text[start:start + 1] in ("{", "["):
+        raise UserError(f"{path}: a second byte order mark (U+FEFF) is at the start, before "
+                        f"its JSON (saved with a BOM twice, or joined to another file?); "
+                        f"remove it: a JSON file may start with one BOM at most")
+    return parse_json(path, text)
+
+
 def _sniff(path: str, text: str) -> tuple[str, Any]:
     """(format, parsed JSON or None) detected from the content."""
-    stripped = text.lstrip()
-    if not stripped:
+    stripped = text[_LEADING.match(text).end():]
+    if not stripped:   # whitespace and byte order marks only
         raise UserError(f"{path}: file is empty; supported caption formats: {_supported()}")
     if stripped[0] in "{[":
-        obj = parse_json(path, text)
+        obj = _parse_json(path, text)
         fmt = _json_format(obj)
         if fmt is None:
             raise UserError(f"{path}: cannot detect the caption format: JSON that is neither "
@@ -650,7 +662,7 @@ def load_captions(path: str, format: str = "auto") -> CaptionSet:
     if format == "auto":
         format, obj = _sniff(path, text)
     elif format in ("coco", "karpathy"):
-        obj = parse_json(path, text)
+        obj = _parse_json(path, text)
     out = _Collector(path)
     if format == "coco":
         _parse_coco(path, obj, out)

@@ -661,6 +661,26 @@ def test_empty_file(tmp_path):
         data.detect_format(write(tmp_path, "e.txt", " \n\n"))
 
 
+def test_a_file_of_byte_order_marks_only_is_empty(tmp_path):
+    """Two BOMs and a newline crashed with a StopIteration traceback."""
+    for text in ("\ufeff\ufeff\n", "\ufeff\n\ufeff \r\n\ufeff"):
+        with pytest.raises(UserError, match=r"b\.txt: file is empty"):
+            data.load_captions(write(tmp_path, "b.txt", text))
+
+
+@pytest.mark.parametrize("fmt", ["auto", "coco", "karpathy"])
+def test_json_after_a_second_byte_order_mark_names_it(tmp_path, fmt):
+    """JSON saved with a BOM twice was "cannot detect the caption format from line 1
+    ('{"images":...')", the BOM hidden."""
+    path = write(tmp_path, "c.json", "\ufeff" + coco_text(), bom=True)
+    with pytest.raises(UserError) as e:
+        data.load_captions(path, fmt)
+    assert str(e.value) == (
+        f"{path}: a second byte order mark (U+FEFF) is at the start, before its JSON (saved "
+        f"with a BOM twice, or joined to another file?); remove it: a JSON file may start "
+        f"with one BOM at most")
+
+
 def test_unknown_format_value(tmp_path):
     with pytest.raises(UserError, match="'yaml'.*coco, karpathy"):
         data.load_captions(write(tmp_path, "t.txt", token_text()), "yaml")

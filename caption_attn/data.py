@@ -22,8 +22,9 @@ Entries never silently take another image's place: a COCO `id` given to two diff
 entries, one file under two ids (COCO `id`, Karpathy `cocoid` or `imgid`), and an image in two
 Karpathy entries that differ (in split, `objects`, size, the spelling of its path or `sentids`:
 its captions would be read twice) are refused (captions of an image spread over several COCO
-annotations or Flickr lines are merged; an exact repeat of an entry is read once).
-"""
+annotations or Flickr lines are merged; an exact repeat of an entry is read once), and so are
+one COCO annotation `id` on two different annotations and one Flickr `IMAGE#N` with two
+different captions."""
 
 from __future__ import annotations
 
@@ -443,7 +444,7 @@ def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
         image_id = _get(image, "id", (int, str), path, f"images[{i}]")
         _check_coco_identity(path, images, i, image_id, file_name, entries, ids)
         names[image_id], sizes[image_id] = file_name, _image_size(image)
-    seen = set()  # (annotation id, image id, caption) of annotations with an `id`
+    firsts = {}  # (JSON type, annotation id) -> index of its first annotation
     annotated = set()  # image ids with an annotation
     for j, ann in enumerate(annotations):
         where = f"annotations[{j}]"
@@ -457,14 +458,30 @@ def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
         # CIDEr (which averages over the references)
         ann_id = ann.get("id")
         if isinstance(ann_id, (int, str)) and not isinstance(ann_id, bool):
-            entry = (type(ann_id), ann_id, type(image_id), image_id, caption)
-            if entry in seen:
+            first = firsts.setdefault((type(ann_id), ann_id), j)
+            if first != j and _same_annotation(path, annotations, first, j):
                 continue
-            seen.add(entry)
         annotated.add(image_id)
         out.add(names[image_id], [caption], where, image_id=image_id, size=sizes[image_id])
     for image_id in names.keys() - annotated:  # no caption at all: left out, not silently
         out.add(names[image_id], [], f"images[{entries[image_id]}]", image_id=image_id)
+
+
+def _same_annotation(path: str, annotations: list, first: int, j: int) -> bool:
+    """True when `annotations[j]`, whose `id` is `annotations[first]`'s, is a repeat of it
+    (the same image and caption, but for whitespace around it); otherwise a `UserError`
+    naming both, as `images` refuses one id on two different entries: two versions of a file
+    merged gave one caption twice (or to another image), and pycocotools' `anns` index keeps
+    only the last of them."""
+    a, b = annotations[first], annotations[j]
+    ids = (type(a["image_id"]), a["image_id"]), (type(b["image_id"]), b["image_id"])
+    if ids[0] == ids[1] and a["caption"].strip() == b["caption"].strip():
+        return True
+    what = (f"image_id {a['image_id']!r} and {b['image_id']!r}" if ids[0] != ids[1] else
+            f"caption {a['caption'][:60]!r} and {b['caption'][:60]!r}")
+    raise UserError(f"{path}: annotations[{first}] and annotations[{j}] have the same id "
+                    f"{b['id']!r} but are different annotations ({what}); every annotation "
+                    f"needs its own `id`")
 
 
 def _other_type_hint(image_id: Any, names: dict) -> str:
@@ -591,7 +608,11 @@ def _refuse_second_entry(path: str, i: int, first: int, key: str, entry: dict, i
 
 
 def _parse_flickr_token(path: str, text: str, out: _Collector) -> None:
-    seen = set()  # (IMAGE#N, caption): a line repeated (files joined) is one caption
+    # IMAGE#N (or (IMAGE, caption) for a name without #N) -> (its caption, line): a line
+    # repeated (files joined with an overlap; whitespace around the caption aside) is one
+    # caption, another caption of one IMAGE#N (Flickr8k.token.txt joined with its lemma
+    # file: both were kept) is refused
+    seen = {}
     for number, line in _lines(text):
         if not line.strip():
             continue
@@ -600,10 +621,18 @@ def _parse_flickr_token(path: str, text: str, out: _Collector) -> None:
             raise UserError(f"{path}: line {number}: expected `IMAGE#N<TAB>CAPTION`, got "
                             f"{line[:60]!r} (a line ends at a line feed, CRLF or a bare "
                             f"carriage return)")
-        if (name.strip(), caption) in seen:
-            continue
-        seen.add((name.strip(), caption))
-        out.add(_TOKEN_SUFFIX.sub("", name.strip()), [caption], f"line {number}")
+        name, stripped = _csv_name(name), caption.strip()
+        ident = name if _TOKEN_SUFFIX.search(name) else (name, stripped)
+        earlier, at = seen.setdefault(ident, (stripped, number))
+        if at != number:
+            if earlier == stripped:
+                continue
+            raise UserError(f"{path}: line {number}: {name!r} has another caption here than "
+                            f"on line {at} ({stripped[:60]!r}, not {earlier[:60]!r}): an "
+                            f"IMAGE#N is one caption (two files joined, such as "
+                            f"Flickr8k.token.txt and Flickr8k.lemma.token.txt?); keep one of "
+                            f"the lines")
+        out.add(_TOKEN_SUFFIX.sub("", name), [caption], f"line {number}")
 
 
 def _csv_rows(path: str, text: str) -> Iterator[tuple[int, list[str]]]:
@@ -640,16 +669,17 @@ def _parse_flickr_csv(path: str, text: str, out: _Collector) -> None:
     if not _is_header_row(header):
         raise UserError(f"{path}: line {number}: expected the CSV header `image,caption`, "
                         f"got {','.join(header)[:60]!r}")
-    seen = set()  # (image, caption): a row repeated (files joined) is one caption
+    seen = set()  # (image, caption): a row repeated (files joined) is one caption, whitespace
+    # around them aside
     for number, row in rows:
         if _is_header_row(row):  # the header of a file joined with `cat`: not an image
             continue
         if len(row) != 2:
             raise UserError(f"{path}: line {number}: expected 2 fields (image,caption), got "
                             f"{len(row)}; quote captions that contain commas")
-        if (_csv_name(row[0]), row[1]) in seen:
+        if (_csv_name(row[0]), row[1].strip()) in seen:
             continue
-        seen.add((_csv_name(row[0]), row[1]))
+        seen.add((_csv_name(row[0]), row[1].strip()))
         out.add(row[0], [row[1]], f"line {number}")
 
 

@@ -57,7 +57,12 @@ def karpathy_text(images):
 
 
 def token_text(entries=ENTRIES):
-    return "".join(f"{n}#{i % 5}\t{c}\n" for i, (n, c) in enumerate(entries))
+    """`IMAGE#N<TAB>CAPTION` lines, N counting each image's captions from 0."""
+    lines, count = [], {}
+    for n, c in entries:
+        lines.append(f"{n}#{count.get(n, 0)}\t{c}\n")
+        count[n] = count.get(n, 0) + 1
+    return "".join(lines)
 
 
 def csv_text(entries=ENTRIES):
@@ -251,13 +256,28 @@ def test_coco_annotation_listed_twice_is_one_caption(tmp_path):
     obj["annotations"] += [dict(a) for a in obj["annotations"]]
     captions = data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
     assert as_dict(captions) == EXPECTED
-    # same id, other caption: both kept (the id is not used; COCO's own scorer keeps both)
+    # a repeat that differs only in whitespace around the caption is a repeat too
     obj = json.loads(coco_text())
-    obj["annotations"].append({**obj["annotations"][0], "caption": "a blue square"})
-    captions = data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
-    first = obj["annotations"][0]
-    name = [i["file_name"] for i in obj["images"] if i["id"] == first["image_id"]][0]
-    assert as_dict(captions)[name] == EXPECTED[name] + ["a blue square"]
+    obj["annotations"].append({**obj["annotations"][0], "caption": " A red circle . "})
+    assert as_dict(data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))) == EXPECTED
+
+
+@pytest.mark.parametrize("change", [{"caption": "a blue square"}, {"image_id": 102}])
+def test_coco_annotation_id_of_two_different_annotations_is_refused_naming_both(tmp_path,
+                                                                                change):
+    """Both were kept (files of two versions merged: the caption read twice, or given to
+    another image), as `images` refuses one id on two different entries; pycocotools'
+    `anns` index keeps only the last of them."""
+    obj = json.loads(coco_text())
+    obj["annotations"].append({**obj["annotations"][0], **change})
+    path = write(tmp_path, "c.json", json.dumps(obj))
+    with pytest.raises(UserError) as e:
+        data.load_captions(path)
+    what = ("caption 'A red circle .' and 'a blue square'" if "caption" in change else
+            "image_id 100 and 102")
+    assert str(e.value) == (
+        f"{path}: annotations[0] and annotations[5] have the same id 0 but are different "
+        f"annotations ({what}); every annotation needs its own `id`")
 
 
 def test_coco_image_id_of_another_json_type_says_so(tmp_path):
@@ -638,6 +658,26 @@ def test_csv_row_repeated_is_one_caption(tmp_path):
     assert as_dict(captions)["c.jpg"] == EXPECTED["c.jpg"] + ["dogs play"]
 
 
+def test_token_image_n_with_two_different_captions_is_refused_naming_both_lines(tmp_path):
+    """Flickr8k.token.txt joined with Flickr8k.lemma.token.txt kept both captions of every
+    IMAGE#N (exit 0); a repeat that differs only in surrounding whitespace was kept twice."""
+    path = write(tmp_path, "t.txt", "a.jpg#0\tA dog.\n a.jpg#0\tA dog. \na.jpg#1\t A dog.\n")
+    assert as_dict(data.load_captions(path)) == {"a.jpg": ["A dog.", "A dog."]}
+    path = write(tmp_path, "t.txt", "a.jpg#0\tA dog runs .\nb.jpg#0\tx\n\ufeffa.jpg#0\tA dog "
+                                    "run .\n")
+    with pytest.raises(UserError) as e:
+        data.load_captions(path)
+    assert str(e.value) == (
+        f"{path}: line 3: 'a.jpg#0' has another caption here than on line 1 ('A dog run .', "
+        f"not 'A dog runs .'): an IMAGE#N is one caption (two files joined, such as "
+        f"Flickr8k.token.txt and Flickr8k.lemma.token.txt?); keep one of the lines")
+
+
+def test_csv_row_repeated_with_other_whitespace_is_one_caption(tmp_path):
+    path = write(tmp_path, "c.csv", "image,caption\na.jpg,a dog\n a.jpg , a dog \n")
+    assert as_dict(data.load_captions(path)) == {"a.jpg": ["a dog"]}
+
+
 def test_token_line_without_tab(tmp_path):
     path = write(tmp_path, "t.token", "a.jpg#0\tfine\na.jpg#1 no tab here\n")
     with pytest.raises(UserError, match=r"t\.token: line 2: expected `IMAGE#N<TAB>CAPTION`"):
@@ -821,7 +861,8 @@ def test_utf16_without_a_bom_is_refused_not_read_as_names_full_of_nul(tmp_path):
 
 
 def test_empty_captions_are_skipped_and_counted(tmp_path):
-    text = "image,caption\na.jpg,one\na.jpg,\na.jpg,\"  \"\nb.jpg,\t\nc.jpg,two\n"
+    # (a.jpg's "" and "  " would be one caption repeated: whitespace around it aside)
+    text = "image,caption\na.jpg,one\na.jpg,\nc.jpg,\"  \"\nb.jpg,\t\nc.jpg,two\n"
     captions = data.load_captions(write(tmp_path, "c.csv", text))
     assert as_dict(captions) == {"a.jpg": ["one"], "c.jpg": ["two"]}
     assert captions.skipped_empty == 3

@@ -972,6 +972,35 @@ def caption_changes(recorded: dict, splits: dict, records: Iterable[ImageRecord]
     return ", ".join(parts) or "the captions differ"
 
 
+def list_changes(recorded: dict, splits: dict, captions: CaptionSet) -> Optional[str]:
+    """For `captions` split by Flickr8k's official lists (`_split_by_lists`), when they differ
+    from the caption data a run `recorded` (`caption_fingerprint`, with the run's `splits`)
+    only in what the lists say now, how, naming the lists: e.g. "1 image is in another list
+    ('a.jpg': train then, Flickr_8k.devImages.txt now), 1 image is in none of them now
+    ('b.jpg': test then)"; None when the captions of an image differ, an image is gone from
+    the file, or nothing moved (`caption_changes` says what then)."""
+    by_key = {r.image: r for r in captions.records}
+    digests = recorded.get("digests") if isinstance(recorded.get("digests"), dict) else {}
+    was = {}  # image key -> (split, captions digest) as recorded
+    for split, keys in splits.items():
+        was.update((k, (split, d)) for k, d in zip(keys, digests.get(split) or []))
+    unlisted = set(captions.unlisted)
+    for key, (_, digest) in was.items():
+        if key in by_key and _captions_digest(by_key[key].captions)[:DIGEST_CHARS] != digest \
+                or key not in by_key and key not in unlisted:
+            return None
+    lists = dict(SPLIT_LISTS)
+    moved = [k for k in sorted(was) if k in by_key and by_key[k].split != was[k][0]]
+    gone = [k for k in sorted(was) if k in unlisted]
+    new = [k for k in sorted(by_key) if k not in was]
+    parts = [(f"{len(keys)} image{' is' if len(keys) == 1 else 's are'} {what} ({keys[0]!r}: "
+              f"{how(keys[0])})") for keys, what, how in (
+        (moved, "in another list", lambda k: f"{was[k][0]} then, {lists[by_key[k].split]} now"),
+        (gone, "in none of them now", lambda k: f"{was[k][0]} then"),
+        (new, "newly listed", lambda k: f"in {lists[by_key[k].split]}")) if keys]
+    return ", ".join(parts) or None
+
+
 def objects_changes(recorded: dict, splits: dict, records: Iterable[ImageRecord],
                     split: str) -> Optional[str]:
     """How the ground-truth objects (and size) of the images of `split` in `records` differ

@@ -145,7 +145,8 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
         splits = {s: sorted(r.image for r in captions.split(s)) for s in data_lib.SPLITS}
     fingerprint = data_lib.caption_fingerprint(captions.records, splits)  # hashed once
     if reuse and os.path.exists(run.split):
-        run.check_captions(cfg.captions, captions.records, splits, fingerprint)
+        run.check_captions(cfg.captions, captions.records, splits, fingerprint,
+                           captions if captions.split_source == "lists" else None)
     records = {r.image: r for r in captions.records}
     images_dir, paths, problems, digests, recorded_digests = _usable_features(
         cfg, run, manifest, [k for keys in splits.values() for k in keys if k in records],

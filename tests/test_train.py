@@ -2106,6 +2106,40 @@ def flickr8k_like(shapes_data, folder, lists=True) -> str:
     return path
 
 
+def test_a_resume_after_only_a_split_list_changed_names_the_lists_and_what_moved(
+        shapes_data, tmp_path):
+    """It was refused as "--captions ...token.txt: not the caption data ... (1 image is in
+    another split, ...); restore the file's earlier captions", the file being unchanged."""
+    captions = flickr8k_like(shapes_data, str(tmp_path))
+    cfg = dataclasses.replace(small_config(shapes_data, epochs=1), captions=captions)
+    run = RunFolder(str(tmp_path / "run"))
+    train.open_run(run.path, cfg)
+    data = train.load_train_data(cfg, run.path)
+    data.fix_in(run, captions)
+    lists = {s: tmp_path / n for s, n in (("train", "Flickr_8k.trainImages.txt"),
+                                          ("val", "Flickr_8k.devImages.txt"),
+                                          ("test", "Flickr_8k.testImages.txt"))}
+    names = {s: p.read_text().split() for s, p in lists.items()}
+    moved, gone = names["train"][0], names["test"][0]
+    lists["train"].write_text("\n".join(names["train"][1:]) + "\n")
+    lists["val"].write_text("\n".join(names["val"] + [moved]) + "\n")
+    lists["test"].write_text("\n".join(names["test"][1:]) + "\n")
+    with pytest.raises(UserError) as e:
+        train.load_train_data(cfg, run.path)
+    assert str(e.value) == (
+        f"--captions {captions}: Flickr8k's official lists beside it split its images "
+        f"otherwise than when {run.path} was trained on them (1 image is in another list "
+        f"({moved!r}: train then, Flickr_8k.devImages.txt now), 1 image is in none of them "
+        f"now ({gone!r}: test then)); restore the lists, use another --run, or add --fresh to "
+        f"start this run over with the lists as they are")
+    # a caption changed as well: the caption file is named, as before
+    with open(captions, "a") as f:
+        f.write(f"{names['train'][1]}#9\ta new caption\n")
+    with pytest.raises(UserError, match=r"not the caption data .* restore the file's earlier "
+                                        r"captions"):
+        train.load_train_data(cfg, run.path)
+
+
 def test_a_run_split_by_image_hash_keeps_its_split_when_flickr8k_lists_appear(
         shapes_data, tmp_path):
     """Flickr8k's official lists now split a Flickr8k file. A run made before (split by image

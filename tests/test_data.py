@@ -507,6 +507,22 @@ def test_a_list_line_with_a_tab_or_hash_n_is_refused_naming_it(tmp_path, line):
         f"names one image a line, without `#N` or a tab (those are the caption file's)")
 
 
+def test_list_changes_say_what_the_lists_moved_and_nothing_when_captions_changed(tmp_path):
+    path, _ = flickr8k_folder(tmp_path, n_images=41)                # img0040 in no list
+    before = data.load_dataset(path, DataConfig())
+    splits = {s: sorted(r.image for r in before.split(s)) for s in data.SPLITS}
+    recorded = data.caption_fingerprint(before.records, splits)
+    assert data.list_changes(recorded, splits, before) is None      # nothing moved
+    test = tmp_path / LISTS["test"]
+    test.write_text(test.read_text() + "img0040.jpg\n")
+    after = data.load_dataset(path, DataConfig())
+    assert data.list_changes(recorded, splits, after) == (
+        "1 image is newly listed ('img0040.jpg': in Flickr_8k.testImages.txt)")
+    with open(path, "a") as f:
+        f.write("img0001.jpg#7\tanother caption\n")
+    assert data.list_changes(recorded, splits, data.load_dataset(path, DataConfig())) is None
+
+
 def test_without_flickr8k_lists_the_split_by_image_hash_is_said(tmp_path):
     path, _ = flickr8k_folder(tmp_path, lists=False)
     captions = data.load_dataset(path, DataConfig())

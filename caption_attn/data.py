@@ -108,9 +108,14 @@ class CaptionSet:
         when there are none): their captions are left out, not silently."""
         if not self.refused_paths:
             return None
-        return (f"{self.refused_paths} image path(s) in {self.path} are refused (absolute or "
-                f"outside the images folder){_examples(self.refused_examples)}: their "
-                f"captions are left out; write them relative to the images folder")
+        empty = sum(not p.strip().lstrip("\ufeff").strip() for p in self.refused)
+        why, fix = (("empty", "give every image its file name") if empty == self.refused_paths
+                    else ("empty, absolute or outside the images folder", "give every image "
+                          "its file name, relative to the images folder") if empty
+                    else ("absolute or outside the images folder",
+                          "write them relative to the images folder"))
+        return (f"{self.refused_paths} image path(s) in {self.path} are refused ({why})"
+                f"{_examples(self.refused_examples)}: their captions are left out; {fix}")
 
     def empty_note(self) -> Optional[str]:
         """What a command that uses the captions says about the empty captions it skipped and
@@ -196,6 +201,7 @@ class _Collector:
         self.skipped_empty = 0
         self.refused: dict[str, None] = {}  # distinct refused raw paths, in file order
         self.uncaptioned: dict[str, None] = {}  # keys given no usable caption (so far)
+        self.bare: dict[str, None] = {}  # of those, keys given no caption at all (so far)
 
     def add(self, raw_path: str, captions: list[str], where: str, split: Optional[str] = None,
             image_id: Any = None, objects: Optional[list] = None,
@@ -211,6 +217,8 @@ class _Collector:
         self.skipped_empty += len(captions) - len(kept)
         if not kept:
             self.uncaptioned.setdefault(key, None)  # unless a later entry gives it one
+            if not captions:  # a COCO image without annotations, a Karpathy one without
+                self.bare.setdefault(key, None)  # sentences
             return
         record = self.records.get(key)
         if record is None:
@@ -234,8 +242,10 @@ class _Collector:
         records = [self.records[k] for k in sorted(self.records)]
         refused = list(self.refused)
         if not records:
+            bare = (f", {len(self.bare)} images without "
+                    f"{'annotations' if fmt == 'coco' else 'sentences'}" if self.bare else "")
             raise UserError(f"no usable captions in {self.path} ({self.skipped_empty} empty "
-                            f"captions, {len(refused)} refused image paths)")
+                            f"captions, {len(refused)} refused image paths{bare})")
         uncaptioned = sorted(k for k in self.uncaptioned if k not in self.records)
         return CaptionSet(self.path, fmt, records, self.skipped_empty, refused, has_split,
                           uncaptioned, "file" if has_split else None)
@@ -317,7 +327,7 @@ def _json_format(obj: Any) -> Optional[str]:
         return "coco"
     images = obj.get("images")
     first = images[0] if isinstance(images, list) and images else None
-    if "dataset" in obj and isinstance(images, list) or \
+    if "dataset" in obj and images is not None or \
             isinstance(first, dict) and ("sentences" in first or "filename" in first):
         return "karpathy"
     if isinstance(first, dict) and "file_name" in first:

@@ -1000,6 +1000,38 @@ def test_refused_paths_are_named_by_train_and_extracted_as_failures(tmp_path):
     assert data.load_captions(clean).refused_note() is None
 
 
+def test_empty_image_names_are_called_empty_not_absolute_or_outside(tmp_path):
+    obj = json.loads(coco_text())
+    obj["images"][0]["file_name"] = " "
+    captions = data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
+    assert captions.refused_note() == (
+        f"1 image path(s) in {tmp_path / 'c.json'} are refused (empty) (e.g. ' '): their "
+        f"captions are left out; give every image its file name")
+    obj["images"][1]["file_name"] = "/abs.jpg"
+    captions = data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
+    assert captions.refused_note().startswith(
+        f"2 image path(s) in {tmp_path / 'c.json'} are refused (empty, absolute or outside the "
+        f"images folder) (e.g. ' ', '/abs.jpg'): their captions are left out; give every "
+        f"image its file name, relative to the images folder")
+
+
+def test_coco_images_without_any_annotation_say_so(tmp_path):
+    obj = json.loads(coco_text())
+    obj["annotations"] = []
+    path = write(tmp_path, "c.json", json.dumps(obj))
+    with pytest.raises(UserError) as e:
+        data.load_captions(path)
+    assert str(e.value) == (f"no usable captions in {path} (0 empty captions, 0 refused image "
+                            f"paths, 3 images without annotations)")
+
+
+def test_karpathy_images_that_are_an_object_must_be_a_list(tmp_path):
+    path = write(tmp_path, "k.json", json.dumps({"dataset": "coco", "images": {"a": 1}}))
+    with pytest.raises(UserError) as e:
+        data.load_captions(path)
+    assert str(e.value) == f"{path}: Karpathy split JSON.images must be a list, got dict"
+
+
 def test_extract_features_is_given_the_refused_paths(tmp_path, monkeypatch, capsys):
     """`extract-features --captions` hands them to extraction (which lists each in
     failed.tsv, as the test above shows); it left them out of its keys."""

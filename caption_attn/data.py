@@ -22,8 +22,9 @@ Entries never silently take another image's place: a COCO `id` given to two diff
 entries, one file under two ids (COCO `id`, Karpathy `cocoid` or `imgid`), and an image in two
 Karpathy entries that differ (in split, `objects`, size, the spelling of its path or `sentids`:
 its captions would be read twice) are refused (captions of an image spread over several COCO
-annotations or Flickr lines are merged; an exact repeat of an entry is read once).
-"""
+annotations or Flickr lines are merged; an exact repeat of an entry is read once), and so are
+one COCO annotation `id` on two different annotations and one Flickr `IMAGE#N` with two
+different captions."""
 
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ LIST_FORMATS = ("flickr-token", "flickr-csv")   # the formats Flickr8k comes in
 _DRIVE = re.compile(r"^[A-Za-z]:")                 # C:\x.jpg, C:x.jpg
 _TOKEN_LINE = re.compile(r"^[^\t]+#\d+\t")         # 1000268201_693b08cb0e.jpg#0<TAB>...
 _TOKEN_SUFFIX = re.compile(r"#\d+$")
+_LEADING = re.compile(r"[\s\ufeff]*")               # whitespace and byte order marks
 
 
 @dataclass
@@ -86,6 +88,9 @@ class CaptionSet:
     split_source: Optional[str] = None
     split_note: Optional[str] = None      # what `train` says about the split (lists or hash)
     unlisted: list[str] = field(default_factory=list)  # left out: in none of the lists
+    # list path -> the names in it that are no image of the file (nor one left out for want
+    # of a usable caption), in list order: dropped, said in `split_note` and by `describe`
+    unmatched: dict[str, list[str]] = field(default_factory=dict)
     stamp: Optional[dict] = None          # `file_stamp` of the bytes read
 
     @property
@@ -103,9 +108,14 @@ class CaptionSet:
         when there are none): their captions are left out, not silently."""
         if not self.refused_paths:
             return None
-        return (f"{self.refused_paths} image path(s) in {self.path} are refused (absolute or "
-                f"outside the images folder){_examples(self.refused_examples)}: their "
-                f"captions are left out; write them relative to the images folder")
+        empty = sum(not p.strip().lstrip("\ufeff").strip() for p in self.refused)
+        why, fix = (("empty", "give every image its file name") if empty == self.refused_paths
+                    else ("empty, absolute or outside the images folder", "give every image "
+                          "its file name, relative to the images folder") if empty
+                    else ("absolute or outside the images folder",
+                          "write them relative to the images folder"))
+        return (f"{self.refused_paths} image path(s) in {self.path} are refused ({why})"
+                f"{_examples(self.refused_examples)}: their captions are left out; {fix}")
 
     def empty_note(self) -> Optional[str]:
         """What a command that uses the captions says about the empty captions it skipped and
@@ -191,6 +201,7 @@ class _Collector:
         self.skipped_empty = 0
         self.refused: dict[str, None] = {}  # distinct refused raw paths, in file order
         self.uncaptioned: dict[str, None] = {}  # keys given no usable caption (so far)
+        self.bare: dict[str, None] = {}  # of those, keys given no caption at all (so far)
 
     def add(self, raw_path: str, captions: list[str], where: str, split: Optional[str] = None,
             image_id: Any = None, objects: Optional[list] = None,
@@ -206,6 +217,8 @@ class _Collector:
         self.skipped_empty += len(captions) - len(kept)
         if not kept:
             self.uncaptioned.setdefault(key, None)  # unless a later entry gives it one
+            if not captions:  # a COCO image without annotations, a Karpathy one without
+                self.bare.setdefault(key, None)  # sentences
             return
         record = self.records.get(key)
         if record is None:
@@ -229,8 +242,10 @@ class _Collector:
         records = [self.records[k] for k in sorted(self.records)]
         refused = list(self.refused)
         if not records:
+            bare = (f", {len(self.bare)} images without "
+                    f"{'annotations' if fmt == 'coco' else 'sentences'}" if self.bare else "")
             raise UserError(f"no usable captions in {self.path} ({self.skipped_empty} empty "
-                            f"captions, {len(refused)} refused image paths)")
+                            f"captions, {len(refused)} refused image paths{bare})")
         uncaptioned = sorted(k for k in self.uncaptioned if k not in self.records)
         return CaptionSet(self.path, fmt, records, self.skipped_empty, refused, has_split,
                           uncaptioned, "file" if has_split else None)
@@ -238,7 +253,8 @@ class _Collector:
 
 # --------------------------------------------------------------------------- reading files
 def _read_text(path: str) -> str:
-    """The file decoded as UTF-8 (a leading BOM removed); unreadable input is a UserError."""
+    """The file decoded as UTF-8 (a leading BOM removed), every line end as LF
+    (`_universal_newlines`); unreadable input is a UserError."""
     return _read_file(path)[0]
 
 
@@ -281,18 +297,22 @@ def _read_file(path: str) -> tuple[str, dict]:
         raise UserError(f"{one_line(path)}: is a folder, expected a caption file") from None
     except OSError as e:
         raise UserError(f"{one_line(path)}: cannot read ({e.strerror})") from None
-    text = decode_utf8(path, raw)
-    if "\r" in text and "\n" not in text:  # CR-only line ends (classic Mac): as LF
-        text = text.replace("\r", "\n")
-    return text, file_stamp(raw)
+    return _universal_newlines(decode_utf8(path, raw)), file_stamp(raw)
+
+
+def _universal_newlines(text: str) -> str:
+    """`text` with every CRLF and bare CR as LF, as Python's universal newlines (and the csv
+    module) read line ends: a file with CR-only (classic Mac) line ends, or with LF and bare
+    CR mixed (lines pasted from such a file), was read as one line where the CRs were, a
+    token file's lines after it as part of one caption (exit 0)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
 def _lines(text: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its LF / CRLF ending, nor a byte order mark at its
-    start: the first line of a file joined into another by `cat`)."""
+    """(1-based line number, line without a byte order mark at its start: the first line of
+    a file joined into another by `cat`) of `_universal_newlines` text."""
     for number, line in enumerate(text.split("\n"), start=1):
-        line = line.removeprefix("\ufeff")
-        yield number, line[:-1] if line.endswith("\r") else line
+        yield number, line.removeprefix("\ufeff")
 
 
 def _supported() -> str:
@@ -307,7 +327,7 @@ def _json_format(obj: Any) -> Optional[str]:
         return "coco"
     images = obj.get("images")
     first = images[0] if isinstance(images, list) and images else None
-    if "dataset" in obj and isinstance(images, list) or \
+    if "dataset" in obj and images is not None or \
             isinstance(first, dict) and ("sentences" in first or "filename" in first):
         return "karpathy"
     if isinstance(first, dict) and "file_name" in first:
@@ -323,13 +343,24 @@ def _is_csv_header(line: str) -> bool:
     return [f.strip().lower() for f in fields] == ["image", "caption"]
 
 
+def _parse_json(path: str, text: str) -> Any:
+    """`parse_json`, but JSON after a second byte order mark (the first is gone: `decode_utf8`)
+    is refused saying so: "cannot detect the caption format from line 1 ('{...')" hid it."""
+    start = _LEADING.match(text).end()
+    if "\ufeff" in text[:start] and text[start:start + 1] in ("{", "["):
+        raise UserError(f"{path}: a second byte order mark (U+FEFF) is at the start, before "
+                        f"its JSON (saved with a BOM twice, or joined to another file?); "
+                        f"remove it: a JSON file may start with one BOM at most")
+    return parse_json(path, text)
+
+
 def _sniff(path: str, text: str) -> tuple[str, Any]:
     """(format, parsed JSON or None) detected from the content."""
-    stripped = text.lstrip()
-    if not stripped:
+    stripped = text[_LEADING.match(text).end():]
+    if not stripped:   # whitespace and byte order marks only
         raise UserError(f"{path}: file is empty; supported caption formats: {_supported()}")
     if stripped[0] in "{[":
-        obj = parse_json(path, text)
+        obj = _parse_json(path, text)
         fmt = _json_format(obj)
         if fmt is None:
             raise UserError(f"{path}: cannot detect the caption format: JSON that is neither "
@@ -423,7 +454,7 @@ def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
         image_id = _get(image, "id", (int, str), path, f"images[{i}]")
         _check_coco_identity(path, images, i, image_id, file_name, entries, ids)
         names[image_id], sizes[image_id] = file_name, _image_size(image)
-    seen = set()  # (annotation id, image id, caption) of annotations with an `id`
+    firsts = {}  # (JSON type, annotation id) -> index of its first annotation
     annotated = set()  # image ids with an annotation
     for j, ann in enumerate(annotations):
         where = f"annotations[{j}]"
@@ -437,14 +468,30 @@ def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
         # CIDEr (which averages over the references)
         ann_id = ann.get("id")
         if isinstance(ann_id, (int, str)) and not isinstance(ann_id, bool):
-            entry = (type(ann_id), ann_id, type(image_id), image_id, caption)
-            if entry in seen:
+            first = firsts.setdefault((type(ann_id), ann_id), j)
+            if first != j and _same_annotation(path, annotations, first, j):
                 continue
-            seen.add(entry)
         annotated.add(image_id)
         out.add(names[image_id], [caption], where, image_id=image_id, size=sizes[image_id])
     for image_id in names.keys() - annotated:  # no caption at all: left out, not silently
         out.add(names[image_id], [], f"images[{entries[image_id]}]", image_id=image_id)
+
+
+def _same_annotation(path: str, annotations: list, first: int, j: int) -> bool:
+    """True when `annotations[j]`, whose `id` is `annotations[first]`'s, is a repeat of it
+    (the same image and caption, but for whitespace around it); otherwise a `UserError`
+    naming both, as `images` refuses one id on two different entries: two versions of a file
+    merged gave one caption twice (or to another image), and pycocotools' `anns` index keeps
+    only the last of them."""
+    a, b = annotations[first], annotations[j]
+    ids = (type(a["image_id"]), a["image_id"]), (type(b["image_id"]), b["image_id"])
+    if ids[0] == ids[1] and a["caption"].strip() == b["caption"].strip():
+        return True
+    what = (f"image_id {a['image_id']!r} and {b['image_id']!r}" if ids[0] != ids[1] else
+            f"caption {a['caption'][:60]!r} and {b['caption'][:60]!r}")
+    raise UserError(f"{path}: annotations[{first}] and annotations[{j}] have the same id "
+                    f"{b['id']!r} but are different annotations ({what}); every annotation "
+                    f"needs its own `id`")
 
 
 def _other_type_hint(image_id: Any, names: dict) -> str:
@@ -571,18 +618,31 @@ def _refuse_second_entry(path: str, i: int, first: int, key: str, entry: dict, i
 
 
 def _parse_flickr_token(path: str, text: str, out: _Collector) -> None:
-    seen = set()  # (IMAGE#N, caption): a line repeated (files joined) is one caption
+    # IMAGE#N (or (IMAGE, caption) for a name without #N) -> (its caption, line): a line
+    # repeated (files joined with an overlap; whitespace around the caption aside) is one
+    # caption, another caption of one IMAGE#N (Flickr8k.token.txt joined with its lemma
+    # file: both were kept) is refused
+    seen = {}
     for number, line in _lines(text):
         if not line.strip():
             continue
         name, tab, caption = line.partition("\t")
         if not tab:
             raise UserError(f"{path}: line {number}: expected `IMAGE#N<TAB>CAPTION`, got "
-                            f"{line[:60]!r}")
-        if (name.strip(), caption) in seen:
-            continue
-        seen.add((name.strip(), caption))
-        out.add(_TOKEN_SUFFIX.sub("", name.strip()), [caption], f"line {number}")
+                            f"{line[:60]!r} (a line ends at a line feed, CRLF or a bare "
+                            f"carriage return)")
+        name, stripped = _csv_name(name), caption.strip()
+        ident = name if _TOKEN_SUFFIX.search(name) else (name, stripped)
+        earlier, at = seen.setdefault(ident, (stripped, number))
+        if at != number:
+            if earlier == stripped:
+                continue
+            raise UserError(f"{path}: line {number}: {name!r} has another caption here than "
+                            f"on line {at} ({stripped[:60]!r}, not {earlier[:60]!r}): an "
+                            f"IMAGE#N is one caption (two files joined, such as "
+                            f"Flickr8k.token.txt and Flickr8k.lemma.token.txt?); keep one of "
+                            f"the lines")
+        out.add(_TOKEN_SUFFIX.sub("", name), [caption], f"line {number}")
 
 
 def _csv_rows(path: str, text: str) -> Iterator[tuple[int, list[str]]]:
@@ -619,16 +679,17 @@ def _parse_flickr_csv(path: str, text: str, out: _Collector) -> None:
     if not _is_header_row(header):
         raise UserError(f"{path}: line {number}: expected the CSV header `image,caption`, "
                         f"got {','.join(header)[:60]!r}")
-    seen = set()  # (image, caption): a row repeated (files joined) is one caption
+    seen = set()  # (image, caption): a row repeated (files joined) is one caption, whitespace
+    # around them aside
     for number, row in rows:
         if _is_header_row(row):  # the header of a file joined with `cat`: not an image
             continue
         if len(row) != 2:
             raise UserError(f"{path}: line {number}: expected 2 fields (image,caption), got "
                             f"{len(row)}; quote captions that contain commas")
-        if (_csv_name(row[0]), row[1]) in seen:
+        if (_csv_name(row[0]), row[1].strip()) in seen:
             continue
-        seen.add((_csv_name(row[0]), row[1]))
+        seen.add((_csv_name(row[0]), row[1].strip()))
         out.add(row[0], [row[1]], f"line {number}")
 
 
@@ -641,7 +702,7 @@ def load_captions(path: str, format: str = "auto") -> CaptionSet:
     if format == "auto":
         format, obj = _sniff(path, text)
     elif format in ("coco", "karpathy"):
-        obj = parse_json(path, text)
+        obj = _parse_json(path, text)
     out = _Collector(path)
     if format == "coco":
         _parse_coco(path, obj, out)
@@ -669,7 +730,7 @@ def load_dataset(path: str, cfg: DataConfig, lists: bool = True) -> CaptionSet:
         return captions
     official = read_split_lists(path) if lists and captions.format in LIST_FORMATS else None
     if official is not None:
-        _split_by_lists(captions, official)
+        _split_by_lists(captions, *official)
         return captions
     assignment = split_images((r.image for r in captions.records), cfg.val_fraction,
                               cfg.test_fraction, cfg.seed)
@@ -690,13 +751,20 @@ def _split_list_paths(captions_path: str) -> list[tuple[str, str]]:
     return [(split, os.path.join(folder, name)) for split, name in SPLIT_LISTS]
 
 
+def split_list_path(captions_path: str, split: str) -> str:
+    """The path of Flickr8k's official list of `split` ("train", "val": the dev list, "test")
+    beside `captions_path`."""
+    return dict(_split_list_paths(captions_path))[split]
+
+
 def has_split_lists(captions_path: str) -> bool:
     """Whether any of Flickr8k's official split lists lies beside `captions_path`."""
     return any(os.path.lexists(p) for _, p in _split_list_paths(captions_path))
 
 
 def _read_list(path: str) -> str:
-    """A split list's text; unreadable is a UserError naming it."""
+    """A split list's text, read as a caption file is (every line end as LF: a list with
+    CR-only line ends was one line naming no image); unreadable is a UserError naming it."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -705,15 +773,17 @@ def _read_list(path: str) -> str:
                         f"line)") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read Flickr8k's split list ({e.strerror})") from None
-    return decode_utf8(path, raw)
+    return _universal_newlines(decode_utf8(path, raw))
 
 
-def read_split_lists(captions_path: str) -> Optional[dict[str, str]]:
-    """image key -> "train" / "val" / "test" from Flickr8k's official lists beside caption
-    file `captions_path` (`SPLIT_LISTS`: the dev list is the val split), or None when none of
-    them is there. Without them the README's Flickr8k run was split by image hash: the
-    official test and dev images trained on. Some of the lists only, a list that cannot be
-    read, or an image named in two lists are a UserError naming the file."""
+def read_split_lists(captions_path: str) -> Optional[tuple[dict[str, str], dict]]:
+    """(image key -> "train" / "val" / "test", list path -> its image keys in list order) of
+    Flickr8k's official lists beside caption file `captions_path` (`SPLIT_LISTS`: the dev
+    list is the val split), or None when none of them is there. Without them the README's
+    Flickr8k run was split by image hash: the official test and dev images trained on. Some
+    of the lists only, a list that cannot be read, an image named in two lists, or a line
+    that is no image name (a token file's `a.jpg#0` or a tab: it named no image, dropped
+    without a word) are a UserError naming the file."""
     paths = _split_list_paths(captions_path)
     present = [os.path.lexists(p) for _, p in paths]
     if not any(present):
@@ -728,24 +798,34 @@ def read_split_lists(captions_path: str) -> Optional[dict[str, str]]:
                         f"put all three beside it, or move them away to split by image hash "
                         f"(--val-fraction, --test-fraction)")
     splits, where = {}, {}   # image key -> split, (list, line) naming it first
+    named = {path: [] for _, path in paths}
     for split, path in paths:
         for number, line in _lines(_read_list(path)):
             name = line.strip()
             if not name:
                 continue
+            if "\t" in name or _TOKEN_SUFFIX.search(name):
+                raise UserError(f"{path}: line {number}: expected an image name, got "
+                                f"{line[:60]!r}: a Flickr8k split list names one image a "
+                                f"line, without `#N` or a tab (those are the caption file's)")
             key = safe_image_key(name) or name   # an unsafe name matches no record
+            if key not in where:
+                named[path].append(key)
             if splits.setdefault(key, split) != split:
                 other, at = where[key]
                 raise UserError(f"{path}: line {number}: {name!r} is also in {other} (line "
                                 f"{at}): an image must be in one split; remove it from one "
                                 f"of the lists")
             where.setdefault(key, (path, number))
-    return splits
+    return splits, named
 
 
-def _split_by_lists(captions: CaptionSet, official: dict[str, str]) -> None:
-    """Give `captions`' records the split of Flickr8k's `official` lists; the records in
-    none of them are left out (`unlisted`), said in `split_note`."""
+def _split_by_lists(captions: CaptionSet, official: dict[str, str],
+                    named: dict[str, list[str]]) -> None:
+    """Give `captions`' records the split of Flickr8k's `official` lists (`named`: list path
+    -> its image keys); the records in none of them are left out (`unlisted`), and the names
+    of a list that are no image of the file are dropped (`unmatched`: a note, as Flickr8k's
+    own lists name only its images, but a user's may not), both said in `split_note`."""
     listed = [r for r in captions.records if r.image in official]
     if not listed:
         raise UserError(f"{captions.path}: none of its {len(captions.records)} images is in "
@@ -761,6 +841,14 @@ def _split_by_lists(captions: CaptionSet, official: dict[str, str]) -> None:
     if captions.unlisted:
         captions.split_note += (f"; {len(captions.unlisted)} image(s) in none of them are "
                                 f"left out{_examples(captions.unlisted[:MAX_EXAMPLES])}")
+    known = {r.image for r in captions.records} | set(captions.uncaptioned)
+    for path, keys in named.items():
+        unmatched = [k for k in keys if k not in known]
+        if unmatched:
+            captions.unmatched[path] = unmatched
+            captions.split_note += (f"; {len(unmatched)} name(s) in {path} are in no caption "
+                                    f"data of {captions.path}"
+                                    f"{_examples(unmatched[:MAX_EXAMPLES])}")
 
 
 def refuse_unused_fractions(captions: CaptionSet, cfg: DataConfig,
@@ -894,6 +982,35 @@ def caption_changes(recorded: dict, splits: dict, records: Iterable[ImageRecord]
     return ", ".join(parts) or "the captions differ"
 
 
+def list_changes(recorded: dict, splits: dict, captions: CaptionSet) -> Optional[str]:
+    """For `captions` split by Flickr8k's official lists (`_split_by_lists`), when they differ
+    from the caption data a run `recorded` (`caption_fingerprint`, with the run's `splits`)
+    only in what the lists say now, how, naming the lists: e.g. "1 image is in another list
+    ('a.jpg': train then, Flickr_8k.devImages.txt now), 1 image is in none of them now
+    ('b.jpg': test then)"; None when the captions of an image differ, an image is gone from
+    the file, or nothing moved (`caption_changes` says what then)."""
+    by_key = {r.image: r for r in captions.records}
+    digests = recorded.get("digests") if isinstance(recorded.get("digests"), dict) else {}
+    was = {}  # image key -> (split, captions digest) as recorded
+    for split, keys in splits.items():
+        was.update((k, (split, d)) for k, d in zip(keys, digests.get(split) or []))
+    unlisted = set(captions.unlisted)
+    for key, (_, digest) in was.items():
+        if key in by_key and _captions_digest(by_key[key].captions)[:DIGEST_CHARS] != digest \
+                or key not in by_key and key not in unlisted:
+            return None
+    lists = dict(SPLIT_LISTS)
+    moved = [k for k in sorted(was) if k in by_key and by_key[k].split != was[k][0]]
+    gone = [k for k in sorted(was) if k in unlisted]
+    new = [k for k in sorted(by_key) if k not in was]
+    parts = [(f"{len(keys)} image{' is' if len(keys) == 1 else 's are'} {what} ({keys[0]!r}: "
+              f"{how(keys[0])})") for keys, what, how in (
+        (moved, "in another list", lambda k: f"{was[k][0]} then, {lists[by_key[k].split]} now"),
+        (gone, "in none of them now", lambda k: f"{was[k][0]} then"),
+        (new, "newly listed", lambda k: f"in {lists[by_key[k].split]}")) if keys]
+    return ", ".join(parts) or None
+
+
 def objects_changes(recorded: dict, splits: dict, records: Iterable[ImageRecord],
                     split: str) -> Optional[str]:
     """How the ground-truth objects (and size) of the images of `split` in `records` differ
@@ -977,6 +1094,8 @@ def describe(captions_path: str, data_cfg: DataConfig, vocab_cfg: VocabConfig,
         "skipped_empty_captions": captions.skipped_empty,
         "unlisted_images": {"count": len(captions.unlisted),
                             "examples": captions.unlisted[:MAX_EXAMPLES]},
+        "unmatched_list_names": {path: {"count": len(names), "examples": names[:MAX_EXAMPLES]}
+                                 for path, names in captions.unmatched.items()},
         "uncaptioned_images": {"count": len(captions.uncaptioned),
                                "examples": captions.uncaptioned[:MAX_EXAMPLES]},
         "refused_paths": {"count": captions.refused_paths,
@@ -995,10 +1114,22 @@ def _split_source(captions: CaptionSet, cfg: DataConfig) -> str:
         n = len(captions.unlisted)
         return (f"by Flickr8k's official lists {LISTS_GLOB} beside the file"
                 + (f"; {n} image{'' if n == 1 else 's'} in none of them left out"
-                   f"{_examples(captions.unlisted[:MAX_EXAMPLES])}" if n else ""))
+                   f"{_examples(captions.unlisted[:MAX_EXAMPLES])}" if n else "")
+                + _unmatched_summary(captions.unmatched))
     return (f"by image hash (val {cfg.val_fraction}, test {cfg.test_fraction}, seed "
             f"{cfg.seed})" + (f": Flickr8k's official lists {LISTS_GLOB} are not beside the "
                               f"file" if captions.format in LIST_FORMATS else ""))
+
+
+def _unmatched_summary(unmatched: dict[str, list[str]]) -> str:
+    """"; 2 names in LIST, 1 name in LIST2 in no caption data (e.g. 'x', 'y')" (the first of
+    each list), or "" when every list name is an image of the file."""
+    if not unmatched:
+        return ""
+    counts = ", ".join(f"{len(names)} name{'' if len(names) == 1 else 's'} in "
+                       f"{os.path.basename(path)}" for path, names in unmatched.items())
+    firsts = [names[0] for names in unmatched.values()]
+    return f"; {counts} in no caption data{_examples(firsts)}"
 
 
 def _examples(items: list[str]) -> str:

@@ -526,15 +526,25 @@ class RunFolder:
                             f"run's cache, or extract the run's images into it (if you changed "
                             f"those images on purpose, train a new run or add --fresh)")
 
-    def check_captions(self, captions: str, records, splits: dict, fingerprint: dict) -> None:
+    def check_captions(self, captions: str, records, splits: dict, fingerprint: dict,
+                       by_lists=None) -> None:
         """Refuse caption data (`records` parsed from the file `captions`, whose
         `data.caption_fingerprint` is `fingerprint`) other than the data the run was trained
-        on, saying what differs; the same data in another file passes."""
-        from caption_attn.data import caption_changes
+        on, saying what differs; the same data in another file passes. `by_lists`: the
+        `data.CaptionSet` of `records` when Flickr8k's official lists beside the file split
+        it; when only they differ, they are named with what moved (the caption file, which
+        had not changed, was)."""
+        from caption_attn.data import caption_changes, list_changes
 
         recorded = self.caption_data()
         if not recorded or recorded["sha256"] == fingerprint["sha256"]:
             return
+        moved = by_lists and list_changes(recorded, splits, by_lists)
+        if moved:
+            raise UserError(f"--captions {captions}: Flickr8k's official lists beside it split "
+                            f"its images otherwise than when {self.path} was trained on them "
+                            f"({moved}); restore the lists, use another --run, or add --fresh "
+                            f"to start this run over with the lists as they are")
         changes = caption_changes(recorded, splits, records)
         original = self.load_config().captions
         way_back = ("restore the file's earlier captions" if os.path.abspath(original)

@@ -145,7 +145,8 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
         splits = {s: sorted(r.image for r in captions.split(s)) for s in data_lib.SPLITS}
     fingerprint = data_lib.caption_fingerprint(captions.records, splits)  # hashed once
     if reuse and os.path.exists(run.split):
-        run.check_captions(cfg.captions, captions.records, splits, fingerprint)
+        run.check_captions(cfg.captions, captions.records, splits, fingerprint,
+                           captions if captions.split_source == "lists" else None)
     records = {r.image: r for r in captions.records}
     images_dir, paths, problems, digests, recorded_digests = _usable_features(
         cfg, run, manifest, [k for keys in splits.values() for k in keys if k in records],
@@ -181,7 +182,8 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
     data.problems = data.describe(problems) if problems else ""
     data.images_note = feature_cache.unchecked_images_note(
         cfg.cache, manifest, images_dir, run.images_dir(existing=False) if reuse else None)
-    _check_not_empty(cfg, splits, caption_ids, problems, data.describe)
+    _check_not_empty(cfg, splits, caption_ids, problems, data.describe,
+                     captions.split_source == "lists")
     truncated, truncated_val = (sum(len(w) > cfg.vocab.max_length for k in caption_ids[split]
                                     for w in words[k]) for split in ("train", "val"))
     data.truncated, data.truncated_val = truncated, truncated_val
@@ -264,16 +266,20 @@ def _refuse_empty_vocabulary(cfg: RunConfig, train_words: list) -> None:
 
 
 def _check_not_empty(cfg: RunConfig, splits: dict, caption_ids: dict, problems: dict,
-                     describe) -> None:
+                     describe, by_lists: bool = False) -> None:
     """UserError when the train or val split has no caption with usable features, saying why
-    (`describe`: `feature_cache.describe_problems` of some `problems`, with the fix)."""
+    (`describe`: `feature_cache.describe_problems` of some `problems`, with the fix). With
+    `by_lists` (split by Flickr8k's official lists beside the caption file, for which
+    --val-fraction and --test-fraction are refused) an empty split names its list instead."""
     if not splits["train"]:
         counts = ", ".join(f"{len(splits[s])} {s}" for s in data_lib.SPLITS if splits[s])
-        raise UserError(
-            f"the train split of {cfg.captions} has no images (its images: {counts or 'none'})"
-            f": lower --val-fraction ({cfg.data.val_fraction}) / --test-fraction "
-            f"({cfg.data.test_fraction}) for a file without a split of its own, or give the "
-            f"file train images")
+        fix = (f"{_split_list(cfg, 'train')} names none of its images; list its train images "
+               f"there, an image name a line" if by_lists else
+               f"lower --val-fraction ({cfg.data.val_fraction}) / --test-fraction "
+               f"({cfg.data.test_fraction}) for a file without a split of its own, or give "
+               f"the file train images")
+        raise UserError(f"the train split of {cfg.captions} has no images (its images: "
+                        f"{counts or 'none'}): {fix}")
     train_problems = {k: problems[k] for k in splits["train"] if k in problems}
     if not caption_ids["train"] and train_problems:  # feature files there, but not usable
         raise UserError(f"no training captions have usable features in {cfg.cache}: "
@@ -284,11 +290,20 @@ def _check_not_empty(cfg: RunConfig, splits: dict, caption_ids: dict, problems: 
     if not caption_ids["val"]:
         val_problems = {k: problems[k] for k in splits["val"] if k in problems}
         why = (f": {describe(val_problems)}" if val_problems else "")
+        give = (f"List val images in {_split_list(cfg, 'val')}" if by_lists else
+                "Give the caption file val images, raise --val-fraction (for files without "
+                "splits)")
         raise UserError(
             f"the val split of {cfg.captions} has no images with features in {cfg.cache} "
             f"({len(splits['val'])} val images); validation drives early stopping and the "
-            f"best model. Give the caption file val images, raise --val-fraction (for files "
-            f"without splits), or extract their features{why}")
+            f"best model. {give}, or extract their features{why}")
+
+
+def _split_list(cfg: RunConfig, split: str) -> str:
+    """"PATH (Flickr8k's official SPLIT list beside it)": the list of `split` beside
+    `cfg.captions`."""
+    return f"{data_lib.split_list_path(cfg.captions, split)} (Flickr8k's official {split} " \
+           f"list beside it)"
 
 
 def hash_seed(seed: int, epoch: int) -> int:

@@ -57,7 +57,12 @@ def karpathy_text(images):
 
 
 def token_text(entries=ENTRIES):
-    return "".join(f"{n}#{i % 5}\t{c}\n" for i, (n, c) in enumerate(entries))
+    """`IMAGE#N<TAB>CAPTION` lines, N counting each image's captions from 0."""
+    lines, count = [], {}
+    for n, c in entries:
+        lines.append(f"{n}#{count.get(n, 0)}\t{c}\n")
+        count[n] = count.get(n, 0) + 1
+    return "".join(lines)
 
 
 def csv_text(entries=ENTRIES):
@@ -106,9 +111,29 @@ def test_a_stray_carriage_return_in_a_csv_header_is_a_one_line_error(tmp_path):
         data.load_captions(path)
 
 
-def test_a_stray_carriage_return_in_a_file_with_line_feeds_stays_in_its_caption(tmp_path):
+@pytest.mark.parametrize("fmt", sorted(TEXTS))
+def test_a_bare_carriage_return_ends_a_line_in_a_file_with_line_feeds_too(tmp_path, fmt):
+    """Line ends mixed (LF, bare CR, CRLF) as Python's universal newlines read them: a token
+    file with both read as 2 images, the second's caption holding the other lines (exit 0),
+    and a CR-only file with one final LF as 1 image."""
+    text = TEXTS[fmt]().rstrip("\n") + "\n"
+    lines = text.split("\n")[:-1]
+    mixed = "".join(line + ("\r", "\n", "\r\n")[i % 3] for i, line in enumerate(lines))
+    captions = data.load_captions(write(tmp_path, "mixed", mixed))
+    assert captions.format == fmt and as_dict(captions) == EXPECTED
+    cr_then_lf = text.replace("\n", "\r")[:-1] + "\n"
+    assert as_dict(data.load_captions(write(tmp_path, "cr_lf", cr_then_lf))) == EXPECTED
+
+
+def test_a_stray_carriage_return_inside_a_token_line_ends_it_and_is_refused(tmp_path):
+    """It was kept inside the caption, while the same carriage return in a CSV ended the row
+    (the csv module reads with universal newlines): now it ends the line everywhere, so the
+    rest of the line is a line without a tab, refused naming it and saying why."""
     stray = write(tmp_path, "stray.txt", "a.jpg#0\ta dog\r running\nb.jpg#0\ta cat\n")
-    assert as_dict(data.load_captions(stray))["a.jpg"] == ["a dog\r running"]
+    with pytest.raises(UserError, match=r"stray\.txt: line 2: expected `IMAGE#N<TAB>CAPTION`, "
+                                        r"got ' running' \(a line ends at a line feed, CRLF or "
+                                        r"a bare carriage return\)"):
+        data.load_captions(stray)
 
 
 def test_coco_image_id_is_the_coco_id(tmp_path):
@@ -231,13 +256,28 @@ def test_coco_annotation_listed_twice_is_one_caption(tmp_path):
     obj["annotations"] += [dict(a) for a in obj["annotations"]]
     captions = data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
     assert as_dict(captions) == EXPECTED
-    # same id, other caption: both kept (the id is not used; COCO's own scorer keeps both)
+    # a repeat that differs only in whitespace around the caption is a repeat too
     obj = json.loads(coco_text())
-    obj["annotations"].append({**obj["annotations"][0], "caption": "a blue square"})
-    captions = data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
-    first = obj["annotations"][0]
-    name = [i["file_name"] for i in obj["images"] if i["id"] == first["image_id"]][0]
-    assert as_dict(captions)[name] == EXPECTED[name] + ["a blue square"]
+    obj["annotations"].append({**obj["annotations"][0], "caption": " A red circle . "})
+    assert as_dict(data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))) == EXPECTED
+
+
+@pytest.mark.parametrize("change", [{"caption": "a blue square"}, {"image_id": 102}])
+def test_coco_annotation_id_of_two_different_annotations_is_refused_naming_both(tmp_path,
+                                                                                change):
+    """Both were kept (files of two versions merged: the caption read twice, or given to
+    another image), as `images` refuses one id on two different entries; pycocotools'
+    `anns` index keeps only the last of them."""
+    obj = json.loads(coco_text())
+    obj["annotations"].append({**obj["annotations"][0], **change})
+    path = write(tmp_path, "c.json", json.dumps(obj))
+    with pytest.raises(UserError) as e:
+        data.load_captions(path)
+    what = ("caption 'A red circle .' and 'a blue square'" if "caption" in change else
+            "image_id 100 and 102")
+    assert str(e.value) == (
+        f"{path}: annotations[0] and annotations[5] have the same id 0 but are different "
+        f"annotations ({what}); every annotation needs its own `id`")
 
 
 def test_coco_image_id_of_another_json_type_says_so(tmp_path):
@@ -417,6 +457,72 @@ def test_flickr8k_official_lists_beside_the_file_are_its_split(tmp_path, fmt):
     assert hashed.split_source == "hash" and len(hashed.records) == 43
 
 
+def test_flickr8k_lists_with_cr_line_ends_are_read_line_by_line(tmp_path):
+    """A list with CR-only line ends (or LF and bare CR mixed) was one line naming no image:
+    an empty test split, its images called "in none of them" (exit 0)."""
+    path, official = flickr8k_folder(tmp_path)
+    test = "".join(f"img{i:04d}.jpg\r" for i in range(35, 40))
+    (tmp_path / LISTS["test"]).write_bytes(test.encode())
+    train = "".join(f"img{i:04d}.jpg" + "\r\n"[i % 2] for i in range(30))
+    (tmp_path / LISTS["train"]).write_bytes(train.encode())
+    captions = data.load_dataset(path, DataConfig())
+    assert split_of(captions) == official and captions.unlisted == []
+
+
+def test_list_names_in_no_caption_data_are_counted_per_list_with_an_example(tmp_path):
+    """A list naming an image the caption file lacks dropped it without a word."""
+    path, official = flickr8k_folder(tmp_path)
+    train = tmp_path / LISTS["train"]
+    train.write_text(train.read_text() + "zz.jpg\nimg0099.jpg\n")
+    test = tmp_path / LISTS["test"]
+    test.write_text(test.read_text() + "gone.jpg\n")
+    captions = data.load_dataset(path, DataConfig())
+    assert split_of(captions) == official
+    assert captions.unmatched == {str(train): ["zz.jpg", "img0099.jpg"],
+                                  str(test): ["gone.jpg"]}
+    assert captions.split_note.endswith(
+        f"; 2 name(s) in {train} are in no caption data of {path} (e.g. 'zz.jpg', "
+        f"'img0099.jpg'); 1 name(s) in {test} are in no caption data of {path} (e.g. "
+        f"'gone.jpg')")
+    stats = data.describe(path, DataConfig(), VocabConfig())
+    assert stats["unmatched_list_names"] == {
+        str(train): {"count": 2, "examples": ["zz.jpg", "img0099.jpg"]},
+        str(test): {"count": 1, "examples": ["gone.jpg"]}}
+    assert ("beside the file; 2 names in Flickr_8k.trainImages.txt, 1 name in "
+            "Flickr_8k.testImages.txt in no caption data (e.g. 'zz.jpg', 'gone.jpg'))"
+            ) in data.format_description(stats)
+
+
+@pytest.mark.parametrize("line", ["img0001.jpg#0", "img0001.jpg\tx", "img0001.jpg#12  "])
+def test_a_list_line_with_a_tab_or_hash_n_is_refused_naming_it(tmp_path, line):
+    """A token line pasted into a list (`a.jpg#0`, `a.jpg<TAB>...`) named no image: dropped
+    without a word."""
+    path, _ = flickr8k_folder(tmp_path)
+    train = tmp_path / LISTS["train"]
+    train.write_text("img0000.jpg\n" + line + "\n")
+    with pytest.raises(UserError) as e:
+        data.load_dataset(path, DataConfig())
+    assert str(e.value) == (
+        f"{train}: line 2: expected an image name, got {line!r}: a Flickr8k split list "
+        f"names one image a line, without `#N` or a tab (those are the caption file's)")
+
+
+def test_list_changes_say_what_the_lists_moved_and_nothing_when_captions_changed(tmp_path):
+    path, _ = flickr8k_folder(tmp_path, n_images=41)                # img0040 in no list
+    before = data.load_dataset(path, DataConfig())
+    splits = {s: sorted(r.image for r in before.split(s)) for s in data.SPLITS}
+    recorded = data.caption_fingerprint(before.records, splits)
+    assert data.list_changes(recorded, splits, before) is None      # nothing moved
+    test = tmp_path / LISTS["test"]
+    test.write_text(test.read_text() + "img0040.jpg\n")
+    after = data.load_dataset(path, DataConfig())
+    assert data.list_changes(recorded, splits, after) == (
+        "1 image is newly listed ('img0040.jpg': in Flickr_8k.testImages.txt)")
+    with open(path, "a") as f:
+        f.write("img0001.jpg#7\tanother caption\n")
+    assert data.list_changes(recorded, splits, data.load_dataset(path, DataConfig())) is None
+
+
 def test_without_flickr8k_lists_the_split_by_image_hash_is_said(tmp_path):
     path, _ = flickr8k_folder(tmp_path, lists=False)
     captions = data.load_dataset(path, DataConfig())
@@ -568,6 +674,26 @@ def test_csv_row_repeated_is_one_caption(tmp_path):
     assert as_dict(captions)["c.jpg"] == EXPECTED["c.jpg"] + ["dogs play"]
 
 
+def test_token_image_n_with_two_different_captions_is_refused_naming_both_lines(tmp_path):
+    """Flickr8k.token.txt joined with Flickr8k.lemma.token.txt kept both captions of every
+    IMAGE#N (exit 0); a repeat that differs only in surrounding whitespace was kept twice."""
+    path = write(tmp_path, "t.txt", "a.jpg#0\tA dog.\n a.jpg#0\tA dog. \na.jpg#1\t A dog.\n")
+    assert as_dict(data.load_captions(path)) == {"a.jpg": ["A dog.", "A dog."]}
+    path = write(tmp_path, "t.txt", "a.jpg#0\tA dog runs .\nb.jpg#0\tx\n\ufeffa.jpg#0\tA dog "
+                                    "run .\n")
+    with pytest.raises(UserError) as e:
+        data.load_captions(path)
+    assert str(e.value) == (
+        f"{path}: line 3: 'a.jpg#0' has another caption here than on line 1 ('A dog run .', "
+        f"not 'A dog runs .'): an IMAGE#N is one caption (two files joined, such as "
+        f"Flickr8k.token.txt and Flickr8k.lemma.token.txt?); keep one of the lines")
+
+
+def test_csv_row_repeated_with_other_whitespace_is_one_caption(tmp_path):
+    path = write(tmp_path, "c.csv", "image,caption\na.jpg,a dog\n a.jpg , a dog \n")
+    assert as_dict(data.load_captions(path)) == {"a.jpg": ["a dog"]}
+
+
 def test_token_line_without_tab(tmp_path):
     path = write(tmp_path, "t.token", "a.jpg#0\tfine\na.jpg#1 no tab here\n")
     with pytest.raises(UserError, match=r"t\.token: line 2: expected `IMAGE#N<TAB>CAPTION`"):
@@ -589,6 +715,26 @@ def test_unknown_format_lists_supported_formats(tmp_path, text):
 def test_empty_file(tmp_path):
     with pytest.raises(UserError, match=r"e\.txt: file is empty.*flickr-csv"):
         data.detect_format(write(tmp_path, "e.txt", " \n\n"))
+
+
+def test_a_file_of_byte_order_marks_only_is_empty(tmp_path):
+    """Two BOMs and a newline crashed with a StopIteration traceback."""
+    for text in ("\ufeff\ufeff\n", "\ufeff\n\ufeff \r\n\ufeff"):
+        with pytest.raises(UserError, match=r"b\.txt: file is empty"):
+            data.load_captions(write(tmp_path, "b.txt", text))
+
+
+@pytest.mark.parametrize("fmt", ["auto", "coco", "karpathy"])
+def test_json_after_a_second_byte_order_mark_names_it(tmp_path, fmt):
+    """JSON saved with a BOM twice was "cannot detect the caption format from line 1
+    ('{"images":...')", the BOM hidden."""
+    path = write(tmp_path, "c.json", "\ufeff" + coco_text(), bom=True)
+    with pytest.raises(UserError) as e:
+        data.load_captions(path, fmt)
+    assert str(e.value) == (
+        f"{path}: a second byte order mark (U+FEFF) is at the start, before its JSON (saved "
+        f"with a BOM twice, or joined to another file?); remove it: a JSON file may start "
+        f"with one BOM at most")
 
 
 def test_unknown_format_value(tmp_path):
@@ -731,7 +877,8 @@ def test_utf16_without_a_bom_is_refused_not_read_as_names_full_of_nul(tmp_path):
 
 
 def test_empty_captions_are_skipped_and_counted(tmp_path):
-    text = "image,caption\na.jpg,one\na.jpg,\na.jpg,\"  \"\nb.jpg,\t\nc.jpg,two\n"
+    # (a.jpg's "" and "  " would be one caption repeated: whitespace around it aside)
+    text = "image,caption\na.jpg,one\na.jpg,\nc.jpg,\"  \"\nb.jpg,\t\nc.jpg,two\n"
     captions = data.load_captions(write(tmp_path, "c.csv", text))
     assert as_dict(captions) == {"a.jpg": ["one"], "c.jpg": ["two"]}
     assert captions.skipped_empty == 3
@@ -851,6 +998,38 @@ def test_refused_paths_are_named_by_train_and_extracted_as_failures(tmp_path):
     assert all(r.startswith("bad image path") for r in failed.values())
     clean = write(tmp_path, "d.csv", csv_text([("ok.jpg", "fine")]))
     assert data.load_captions(clean).refused_note() is None
+
+
+def test_empty_image_names_are_called_empty_not_absolute_or_outside(tmp_path):
+    obj = json.loads(coco_text())
+    obj["images"][0]["file_name"] = " "
+    captions = data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
+    assert captions.refused_note() == (
+        f"1 image path(s) in {tmp_path / 'c.json'} are refused (empty) (e.g. ' '): their "
+        f"captions are left out; give every image its file name")
+    obj["images"][1]["file_name"] = "/abs.jpg"
+    captions = data.load_captions(write(tmp_path, "c.json", json.dumps(obj)))
+    assert captions.refused_note().startswith(
+        f"2 image path(s) in {tmp_path / 'c.json'} are refused (empty, absolute or outside the "
+        f"images folder) (e.g. ' ', '/abs.jpg'): their captions are left out; give every "
+        f"image its file name, relative to the images folder")
+
+
+def test_coco_images_without_any_annotation_say_so(tmp_path):
+    obj = json.loads(coco_text())
+    obj["annotations"] = []
+    path = write(tmp_path, "c.json", json.dumps(obj))
+    with pytest.raises(UserError) as e:
+        data.load_captions(path)
+    assert str(e.value) == (f"no usable captions in {path} (0 empty captions, 0 refused image "
+                            f"paths, 3 images without annotations)")
+
+
+def test_karpathy_images_that_are_an_object_must_be_a_list(tmp_path):
+    path = write(tmp_path, "k.json", json.dumps({"dataset": "coco", "images": {"a": 1}}))
+    with pytest.raises(UserError) as e:
+        data.load_captions(path)
+    assert str(e.value) == f"{path}: Karpathy split JSON.images must be a list, got dict"
 
 
 def test_extract_features_is_given_the_refused_paths(tmp_path, monkeypatch, capsys):

@@ -1538,6 +1538,31 @@ def test_fractions_that_leave_no_train_image_say_so(shapes_data, tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.parametrize("empty", ["train", "val"])
+def test_an_empty_split_of_official_lists_names_the_list_not_the_fractions(shapes_data,
+                                                                           tmp_path, empty):
+    """A Flickr8k file split by the lists beside it whose train (or dev) list names none of its
+    images was told to lower (raise) --val-fraction / --test-fraction, which are refused
+    for it."""
+    with open(shapes_data["captions"]) as f:
+        images = json.load(f)["images"]
+    path = tmp_path / "Flickr8k.token.txt"
+    path.write_text("".join(f"{im['filename']}#{i}\t{s['raw']}\n" for im in images
+                            for i, s in enumerate(im["sentences"])))
+    names = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+             "test": "Flickr_8k.testImages.txt"}
+    chunks = {"train": images[:30], "val": images[30:35], "test": images[35:]}
+    for split, name in names.items():
+        (tmp_path / name).write_text("".join(f"{im['filename']}\n" for im in chunks[split]
+                                             if split != empty))
+    cfg = dataclasses.replace(small_config(shapes_data), captions=str(path))
+    with pytest.raises(UserError) as e:
+        train.train(cfg, str(tmp_path / "run"), progress=False, log=lambda *a: None)
+    assert f"{tmp_path / names[empty]} (Flickr8k's official {empty} list" in str(e.value)
+    assert "-fraction" not in str(e.value)
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_self_critical_epochs_without_bleu_images_are_refused_up_front(shapes_data, tmp_path):
     """Self-critical epochs monitor val_cider, decoded over --bleu-images validation images:
     with 0 the first of them trained, then failed with "no value for val_cider (an empty
@@ -2079,6 +2104,40 @@ def flickr8k_like(shapes_data, folder, lists=True) -> str:
             with open(os.path.join(folder, name), "w") as f:
                 f.writelines(f"{n}\n" for n in names[1 if split == "train" else 0:])
     return path
+
+
+def test_a_resume_after_only_a_split_list_changed_names_the_lists_and_what_moved(
+        shapes_data, tmp_path):
+    """It was refused as "--captions ...token.txt: not the caption data ... (1 image is in
+    another split, ...); restore the file's earlier captions", the file being unchanged."""
+    captions = flickr8k_like(shapes_data, str(tmp_path))
+    cfg = dataclasses.replace(small_config(shapes_data, epochs=1), captions=captions)
+    run = RunFolder(str(tmp_path / "run"))
+    train.open_run(run.path, cfg)
+    data = train.load_train_data(cfg, run.path)
+    data.fix_in(run, captions)
+    lists = {s: tmp_path / n for s, n in (("train", "Flickr_8k.trainImages.txt"),
+                                          ("val", "Flickr_8k.devImages.txt"),
+                                          ("test", "Flickr_8k.testImages.txt"))}
+    names = {s: p.read_text().split() for s, p in lists.items()}
+    moved, gone = names["train"][0], names["test"][0]
+    lists["train"].write_text("\n".join(names["train"][1:]) + "\n")
+    lists["val"].write_text("\n".join(names["val"] + [moved]) + "\n")
+    lists["test"].write_text("\n".join(names["test"][1:]) + "\n")
+    with pytest.raises(UserError) as e:
+        train.load_train_data(cfg, run.path)
+    assert str(e.value) == (
+        f"--captions {captions}: Flickr8k's official lists beside it split its images "
+        f"otherwise than when {run.path} was trained on them (1 image is in another list "
+        f"({moved!r}: train then, Flickr_8k.devImages.txt now), 1 image is in none of them "
+        f"now ({gone!r}: test then)); restore the lists, use another --run, or add --fresh to "
+        f"start this run over with the lists as they are")
+    # a caption changed as well: the caption file is named, as before
+    with open(captions, "a") as f:
+        f.write(f"{names['train'][1]}#9\ta new caption\n")
+    with pytest.raises(UserError, match=r"not the caption data .* restore the file's earlier "
+                                        r"captions"):
+        train.load_train_data(cfg, run.path)
 
 
 def test_a_run_split_by_image_hash_keeps_its_split_when_flickr8k_lists_appear(

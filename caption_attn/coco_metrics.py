@@ -163,6 +163,9 @@ _PY_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-",
                 "{": "-lcb-", "}": "-rcb-"}  # lowercased, so ptbtokenizer.py keeps them too
 _PY_SPLITS = {"cannot": "can not", "gonna": "gon na", "wanna": "wan na", "gotta": "got ta"}
 _CLITIC = r"(?:s|re|ve|ll|d|m)\b"  # after an apostrophe: it's, we're, you've, we'll, she'd
+_ABBREV = (r"mrs?|ms|dr|st|jr|sr|etc|vs|inc|co|corp|ltd|bros|mt|ft|ave|rd|blvd|gen|gov"
+           r"|prof|capt|sen|rep|lt|sgt|col|jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec")
+# Matched on the caption as written (case counts for "AT&T" against "b & w"), IGNORECASE.
 _PY_TOKEN = re.compile(rf"""
       <[a-z][\w-]*>                          # SGML-like tags stay whole: <unk>, <end>
     | \.\.\.                                  # ellipsis
@@ -172,28 +175,32 @@ _PY_TOKEN = re.compile(rf"""
     | n't\b
     | '{_CLITIC}                               # 's 're 've 'll 'd 'm
     | \w+(?:-\w+)+                             # well-known, 3-year-old
-    | \d+(?:[.,:/]\d+)*                       # 3.5  1,000  10:30  1/2
+    | \d+(?:[.,:]\d+)+(?=[^\W\d_])            # 3.5 of 3.5mm, 1,000 of 1,000s
     | (?:[^\W\d_]\.){{2,}}                    # abbreviations: u.s.
-    | (?:mr|mrs|ms|dr|st)\.                   # titles keep their period
-    | @?\w+(?:[/&.]\w+|'(?!{_CLITIC})\w+)*   # words: a/b, o'neil, @home
+    | (?:{_ABBREV})\.(?!\w)                   # titles etc. keep their period: mr. etc.
+    | no\.(?=\s+\d)                            # no. 5
+    | (?-i:[A-Z]+&[A-Z]+)\b                   # AT&T, B&W whole; b&w is b & w
+    | @?\w+(?:[/.]\w+|'(?!{_CLITIC})\w+)*     # words: 2nd, 4x4, 1/2, 3.5, a.b, o'neil
+      (?:[,:]\d+)*                             # 1,000  10:30
     | \S                                      # any other character on its own
-""", re.VERBOSE)
+""", re.VERBOSE | re.IGNORECASE)
 
 
 def _py_tokenize_line(line: str) -> str:
     """One caption, PTB-tokenized and lowercased (before punctuation removal)."""
-    text = line.lower()
+    text = line
     for old, new in _PY_REPLACE.items():
         text = text.replace(old, new)
-    tokens = [_PY_BRACKETS.get(t, _PY_SPLITS.get(t, t)) for t in _PY_TOKEN.findall(text)]
+    tokens = [t.lower() for t in _PY_TOKEN.findall(text)]
+    tokens = [_PY_BRACKETS.get(t, _PY_SPLITS.get(t, t)) for t in tokens]
     return " ".join("``" if t == '"' else t for t in tokens)
 
 
 def ptb_tokenize_python(captions_for_image: dict[Key, list[str]]) -> dict[Key, list[str]]:
     """A pure-Python imitation of `ptb_tokenize_java` for machines without Java: lowercase,
     PTB splitting (clitics, n't, punctuation, brackets) and the same punctuation removal.
-    Common captions come out identical; rare constructs (some abbreviations, units glued to
-    numbers, "rock'n'roll") may differ."""
+    Common captions come out identical; rare constructs (abbreviations not in `_ABBREV`,
+    "b&w." at the end of a caption, "rock'n'roll") may differ."""
     keys, lines = _sentences(captions_for_image)
     return _group(keys, [_py_tokenize_line(line) for line in lines])
 

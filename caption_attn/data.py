@@ -70,6 +70,9 @@ class ImageRecord:
     image_id: Any = None            # COCO id, Karpathy cocoid/imgid, else a running index
     objects: Optional[list] = None  # shapes ground truth: [{color, shape, size, bbox}]
     size: Optional[tuple] = None    # (height, width) in pixels when the file gives them
+    # captions without a word (".", ""), as written: never trained on, but references all
+    # the same, as pycocoevalcap scores them (they weigh in CIDEr and BLEU's lengths)
+    wordless: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -202,6 +205,7 @@ class _Collector:
         self.refused: dict[str, None] = {}  # distinct refused raw paths, in file order
         self.uncaptioned: dict[str, None] = {}  # keys given no usable caption (so far)
         self.bare: dict[str, None] = {}  # of those, keys given no caption at all (so far)
+        self.wordless: dict[str, list[str]] = {}  # captions without a word, per key
 
     def add(self, raw_path: str, captions: list[str], where: str, split: Optional[str] = None,
             image_id: Any = None, objects: Optional[list] = None,
@@ -215,6 +219,8 @@ class _Collector:
         # would teach the model to end at once
         kept = [c.strip() for c in captions if _has_word(c)]
         self.skipped_empty += len(captions) - len(kept)
+        if len(kept) < len(captions):
+            self.wordless.setdefault(key, []).extend(c for c in captions if not _has_word(c))
         if not kept:
             self.uncaptioned.setdefault(key, None)  # unless a later entry gives it one
             if not captions:  # a COCO image without annotations, a Karpathy one without
@@ -240,6 +246,8 @@ class _Collector:
     def finish(self, fmt: str, has_split: bool) -> CaptionSet:
         """The CaptionSet, records sorted by key; no usable caption at all is an error."""
         records = [self.records[k] for k in sorted(self.records)]
+        for record in records:
+            record.wordless = self.wordless.get(record.image, [])
         refused = list(self.refused)
         if not records:
             bare = (f", {len(self.bare)} images without "

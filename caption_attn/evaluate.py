@@ -324,7 +324,8 @@ def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
     """The coco metrics of `hypotheses` and their notes, then the shapes metrics of `best`
     (captions with words and attention) when the records have ground-truth objects."""
     records = found.records
-    references = {k: records[k].captions for k in found.keys}
+    # with the captions without a word ("."): pycocoevalcap scores against them too
+    references = {k: records[k].captions + records[k].wordless for k in found.keys}
     metrics, notes = coco_metrics(references, hypotheses, use_java=use_java)
     notes[:0] = [n for n in (found.references_note, found.objects_note) if n]
     if found.images_note:

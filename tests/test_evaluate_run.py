@@ -817,6 +817,30 @@ def test_other_ground_truth_objects_are_scored_with_a_note(shapes_data, trained_
         assert not any("objects" in n for n in metrics["notes"]), metrics["notes"]
 
 
+def test_references_without_a_word_are_scored_as_pycocoevalcap_scores_them(
+        shapes_data, trained_run, tmp_path, monkeypatch):
+    # A reference "." (no word: not trained on) was dropped from the references too, so
+    # CIDEr was 0.168429 where pycocoevalcap, given the whole file, said 0.166932.
+    words = ["a", "red", "circle"]
+    monkeypatch.setattr(evaluate, "_decode", lambda captioner, found, progress: {
+        k: captioner_lib.Caption(words, 0.0, np.zeros((4, 64))) for k in found.keys})
+    with open(os.path.join(trained_run, "split.json")) as f:
+        test_keys = json.load(f)["splits"]["test"]
+    other = _with_other_objects(shapes_data, tmp_path, test_keys[0], lambda image: image[
+        "sentences"].extend([{"raw": "."}, {"raw": " ... "}]))
+    metrics = evaluate.evaluate_run(trained_run, "test", progress=False, use_java=False,
+                                    out=str(tmp_path / "m.json"), captions=other)
+    _, refs = _references(shapes_data, test_keys)
+    hyps = {k: "a red circle" for k in test_keys}
+    without, _ = coco_metrics.coco_metrics(refs, hyps, use_java=False)
+    refs[test_keys[0]] += [".", " ... "]
+    direct, _ = coco_metrics.coco_metrics(refs, hyps, use_java=False)
+    assert direct["CIDEr"] != pytest.approx(without["CIDEr"])  # the test can tell
+    for name, value in direct.items():
+        assert metrics[name] == pytest.approx(value), name
+    assert not any("references" in n for n in metrics["notes"]), metrics["notes"]
+
+
 def test_a_run_that_did_not_record_its_objects_says_they_could_not_be_checked(
         shapes_data, run_copy, tmp_path, monkeypatch):
     # A run made before runs recorded the digests of their ground-truth objects: nothing

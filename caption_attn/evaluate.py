@@ -144,9 +144,14 @@ def _objects_note(recorded: Optional[dict], splits: dict, records: dict, split: 
                   captions: str) -> str:
     """What `evaluate` says when the ground-truth objects of the `split` images in `captions`
     (`records`) are not the ones the run recorded (scene accuracy and grounding score against
-    them), or could not be compared (a run made before it recorded them); else ""."""
+    them), could not be compared (a run made before it recorded them) or are gone (the run
+    had them; then there is no scene accuracy or grounding); else ""."""
     if not any(records[k].objects is not None for k in splits[split] if k in records):
-        return ""
+        digests = recorded["objects"].get(split) if data.objects_recorded(recorded) else None
+        had = isinstance(digests, list) and any(d is not None for d in digests)
+        return (f"{captions} has no ground-truth `objects` for the images of the {split} "
+                f"split, which the run was trained with: scene accuracy and grounding are not "
+                f"computed" if had else "")
     if not data.objects_recorded(recorded):
         return (f"the run did not record the ground-truth `objects` of its images (made "
                 f"before runs recorded them): scene accuracy and grounding are against the "

@@ -841,6 +841,26 @@ def test_references_without_a_word_are_scored_as_pycocoevalcap_scores_them(
     assert not any("references" in n for n in metrics["notes"]), metrics["notes"]
 
 
+def test_a_caption_file_without_the_objects_the_run_had_says_the_metrics_are_not_computed(
+        shapes_data, trained_run, tmp_path, monkeypatch):
+    # The run was trained with ground-truth objects; a file without them made scene accuracy
+    # and grounding disappear from the metrics without a word.
+    _decoded_as_a(monkeypatch)
+    with open(shapes_data["captions"]) as f:
+        captions = json.load(f)
+    for image in captions["images"]:
+        del image["objects"]
+    other = str(tmp_path / "no_objects.json")
+    with open(other, "w") as f:
+        json.dump(captions, f)
+    metrics = evaluate.evaluate_run(trained_run, "test", progress=False, use_java=False,
+                                    out=str(tmp_path / "m.json"), captions=other)
+    assert "scene_accuracy" not in metrics and "grounding" not in metrics
+    assert metrics["notes"][0] == (
+        f"{other} has no ground-truth `objects` for the images of the test split, which the "
+        f"run was trained with: scene accuracy and grounding are not computed")
+
+
 def test_a_run_that_did_not_record_its_objects_says_they_could_not_be_checked(
         shapes_data, run_copy, tmp_path, monkeypatch):
     # A run made before runs recorded the digests of their ground-truth objects: nothing

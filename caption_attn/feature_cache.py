@@ -860,9 +860,12 @@ def describe_problems(problems: dict, cache_dir: str, examples: int = 3,
         by_reason: dict = {}
         for key, reason in rest.items():
             by_reason.setdefault(reason, []).append(key)
-        counts = "; ".join(f"{len(keys)} {reason}" for reason, keys in
-                           sorted(by_reason.items(), key=lambda item: -len(item[1])))
-        shown = ", ".join(feature_path(cache_dir, k) for k in list(rest)[:examples])
+        # each reason with its own examples (all of them after the last reason read as that
+        # reason's: "5 changed; 1 missing (e.g. a, b, c)" where a and c were changed ones)
+        counts = "; ".join(
+            f"{len(keys)} {reason} (e.g. "
+            f"{', '.join(feature_path(cache_dir, k) for k in keys[:examples])})"
+            for reason, keys in sorted(by_reason.items(), key=lambda item: -len(item[1])))
         elsewhere = _under_other_names(by_reason["missing"], cache_dir) \
             if "missing" in by_reason else None
         named = ""
@@ -891,8 +894,8 @@ def describe_problems(problems: dict, cache_dir: str, examples: int = 3,
         for folder in dict.fromkeys(moved.values()):
             groups.append((folder, [k for k, f in moved.items() if f == folder]))
         fix = _fix_commands(cache_dir, manifest, captions, [g for g in groups if g[1]])
-        parts.append(f"{len(rest)} feature file(s) in {cache_dir} cannot be used: {counts} "
-                     f"(e.g. {shown}).{named} {copied} {fix}{replacing} (--verify "
+        parts.append(f"{len(rest)} feature file(s) in {cache_dir} cannot be used: {counts}."
+                     f"{named} {copied} {fix}{replacing} (--verify "
                      f"also reads every other file's values)")
     if failed:
         shown = "; ".join(f"{one_line(k)} ({one_line(why)})"

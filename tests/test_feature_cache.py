@@ -169,6 +169,17 @@ def test_usable_features_checks_index_stat_and_source(images, cache_copy, tmp_pa
     assert feature_path(cache_copy, "a.jpg") in text and "extract-features --cache" in text
 
 
+def test_problems_give_examples_of_each_reason_after_that_reason(cache_copy):
+    # "5 changed ...; 1 missing (e.g. a, b, c)" where a and c were changed ones: the examples
+    # of all reasons came after the last reason.
+    problems = {f"c{i}.jpg": IMAGE_CHANGED for i in range(5)}
+    problems = {"c0.jpg": IMAGE_CHANGED, "x.jpg": "missing", **problems}
+    text = describe_problems(problems, cache_copy, examples=2)
+    path = lambda key: feature_path(cache_copy, key)  # noqa: E731
+    assert f"cannot be used: 5 {IMAGE_CHANGED} (e.g. {path('c0.jpg')}, {path('c1.jpg')}); " \
+           f"1 missing (e.g. {path('x.jpg')})." in text, text
+
+
 def _two_folder_cache(images, cache_copy, tmp_path):
     """The cache extracted from `work` (a copy of `images` with their modification times:
     the index then records `work` as their folder), and as if then from `other` (other

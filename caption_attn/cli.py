@@ -256,8 +256,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     beam = f" (beam {metrics['decode']['beam']})" if method == "beam" else ""
     best = metrics.get("best") or {}
     model = f", best model of epoch {best['epoch']}" if best.get("epoch") else ""
-    print(f"{metrics['split']} split, {metrics['images']} images, {method} decoding{beam}"
-          f"{model}")
+    print(f"{metrics['split']} split, {evaluate.images_count(metrics['images'])}, {method} "
+          f"decoding{beam}{model}")
     print(evaluate.format_metrics(metrics))
     # as the metrics file names them (valid UTF-8: a path's other bytes as \xNN)
     paths = printable_json([metrics["metrics_file"], metrics["results_file"]])

@@ -317,11 +317,19 @@ def _decode_settings(captioner) -> dict:
     """How the captions were decoded, as the metrics JSON records it: every setting that
     changes them (`--max-length`, and the sampling flags of `--sample`), not just the beam."""
     cfg = captioner.cfg
-    settings = {"method": cfg.method, "beam": cfg.beam, "length_penalty": cfg.length_penalty,
-                "max_length": captioner.max_length}
-    if cfg.method == "sample":
-        settings.update(temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
+    settings = {"method": cfg.method}
+    if cfg.method == "sample":  # the beam width and length penalty are not used
+        settings.update(max_length=captioner.max_length, temperature=cfg.temperature,
+                        top_k=cfg.top_k, seed=cfg.seed)
+    else:
+        settings.update(beam=cfg.beam, length_penalty=cfg.length_penalty,
+                        max_length=captioner.max_length)
     return settings
+
+
+def images_count(n: int) -> str:
+    """ "1 image", "2 images"."""
+    return f"{n} image" if n == 1 else f"{n} images"
 
 
 def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
@@ -336,7 +344,8 @@ def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
     if found.images_note:
         notes.append(found.images_note)
     if found.without:
-        notes.append(f"{len(found.without)} images of the {found.split} split were left out: "
+        notes.append(f"{images_count(len(found.without))} of the {found.split} split "
+                     f"{'was' if len(found.without) == 1 else 'were'} left out: "
                      f"{found.problems}")
     result = {**metrics, "notes": notes}
     objects = {k: records[k].objects for k in found.keys if records[k].objects is not None}

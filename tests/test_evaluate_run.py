@@ -130,8 +130,9 @@ def test_the_metrics_record_every_decoding_setting(trained_run, tmp_path, monkey
     cfg = DecodeConfig(sample=True, seed=7, top_k=2, temperature=0.5, max_length=3)
     metrics = evaluate.evaluate_run(trained_run, "val", cfg, out=str(tmp_path / "m.json"),
                                     progress=False, use_java=False)
-    assert metrics["decode"] == {"method": "sample", "beam": 3, "length_penalty": 0.0,
-                                 "max_length": 3, "temperature": 0.5, "top_k": 2, "seed": 7}
+    # (not the beam width and length penalty, which sampling does not use)
+    assert metrics["decode"] == {"method": "sample", "max_length": 3, "temperature": 0.5,
+                                 "top_k": 2, "seed": 7}
 
 
 def test_the_metrics_name_the_best_model_scored_and_a_replaced_one_is_refused(
@@ -159,6 +160,22 @@ def test_the_metrics_name_the_best_model_scored_and_a_replaced_one_is_refused(
     monkeypatch.setattr(captioner_lib.Captioner, "from_run", from_run_during_a_new_best)
     assert main(["evaluate", "--run", run_copy.path, "--out", out]) == 2
     assert "best.keras: replaced while evaluate read it" in capsys.readouterr().err
+
+
+def test_cli_evaluate_header_says_1_image_not_1_images(trained_run, capsys, monkeypatch,
+                                                       tmp_path):
+    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
+    monkeypatch.setattr(evaluate, "_decode", lambda captioner, found, progress: {
+        k: captioner_lib.Caption(["a"], 0.0, np.zeros((2, 64))) for k in found.keys[:1]})
+    real = evaluate._load_split
+
+    def one_image(*args, **kwargs):
+        found = real(*args, **kwargs)
+        return dataclasses.replace(found, keys=found.keys[:1], places=[0])
+    monkeypatch.setattr(evaluate, "_load_split", one_image)
+    assert main(["evaluate", "--run", trained_run, "--split", "val", "--beam", "1", "--out",
+                 str(tmp_path / "m.json")]) == 0
+    assert "val split, 1 image, greedy decoding" in capsys.readouterr().out
 
 
 def test_cli_evaluate_prints_the_table(trained_run, capsys, monkeypatch):
@@ -552,7 +569,7 @@ def test_a_feature_file_gone_bad_names_its_reason_and_the_whole_repair_command(
         assert len(json.load(f)) == len(test_keys) - 1
     note = next(n for n in result["notes"] if "left out" in n)
     m = json.load(open(os.path.join(copy_cache, "manifest.json")))
-    assert note.startswith(f"1 images of the test split were left out: 1 damaged feature "
+    assert note.startswith(f"1 image of the test split was left out: 1 damaged feature "
                            f"file(s) found while decoding: damaged feature file: {path} "
                            f"(non-finite values): repair the cache with")
     assert (f"`caption-attn extract-features --verify --images {m['images_dir']} --cache "

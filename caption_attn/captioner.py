@@ -24,8 +24,8 @@ from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import MANIFEST, cache_images, read_manifest
 from caption_attn.fileio import holding_lock, is_inside, longest_temp_name, one_line
-from caption_attn.images import (ImageError, is_heatmap_file, left_out_note, list_images,
-                                 load_image, printable_name)
+from caption_attn.images import (ImageError, heatmap_source, is_heatmap_file, left_out_note,
+                                 list_images, load_image, printable_name)
 from caption_attn.run import RunFolder
 from caption_attn.vocab import PAD, START, Vocabulary
 
@@ -639,12 +639,15 @@ def attention_plot(image: np.ndarray, caption: Caption, name: str = "",
 
 
 def heatmap_writer(out_dir: str, paths: Sequence[str], images: Sequence[str] = (),
-                   hold: Optional[contextlib.ExitStack] = None
-                   ) -> Callable[..., tuple[dict, dict]]:
+                   hold: Optional[contextlib.ExitStack] = None,
+                   notes: Optional[list] = None) -> Callable[..., tuple[dict, dict]]:
     """A function saving the best caption's heatmap of each image of some `caption_images`
     (or `caption_batches`) results into OUT_DIR, and removing the file of each image of
-    `failed`, returning (path -> file written, path -> why its heatmap could not be written
-    or removed: the others go on, and the reason names the heatmap, not its temporary file);
+    `failed` (only a heatmap that records it shows that very image, `images.heatmap_source`:
+    H/cat.png of d2/cat.png went when d1/cat.png failed; an older heatmap, recording no image,
+    is kept, and a line on it added to `notes` if given), returning (path -> file written,
+    path -> why its heatmap could not be written or removed: the others go on, and the
+    reason names the heatmap, not its temporary file);
     each of `paths` has a distinct file (`heatmap_files` of all of them, so batches written
     one by one get the names one call would give). UserError first, nothing written, if
     OUT_DIR holds a file a heatmap would overwrite, or any image, that is not a heatmap
@@ -664,16 +667,27 @@ def heatmap_writer(out_dir: str, paths: Sequence[str], images: Sequence[str] = (
         for path, (image, captions) in results.items():
             target = os.path.join(out_dir, files[path])
             try:
-                plot.save_figure(attention_plot(image, captions[0], names[path]), target)
+                plot.save_figure(attention_plot(image, captions[0], names[path]), target,
+                                 os.path.realpath(path))
                 written[path] = target
             except OSError as e:
                 problems[path] = f"cannot write its heatmap {target} ({e.strerror or e})"
         # an image that failed now (unreadable, or no caption) loses the heatmap an earlier
         # run drew of it: left in OUT_DIR, it showed attention the model no longer gives
-        # (only a heatmap: `check_heatmap_targets` refused a folder with anything else there)
+        # (only a heatmap: `check_heatmap_targets` refused a folder with anything else there),
+        # and only one drawn of that very image: another image of its name keeps its heatmap
         for path in failed:
             target = os.path.join(out_dir, files.get(path, ""))
-            if path in files and is_heatmap_file(target):
+            if path not in files or not is_heatmap_file(target):
+                continue
+            source = heatmap_source(target)
+            if source is None:
+                if notes is not None:
+                    notes.append(f"kept {one_line(printable_name(target))}: it may be the "
+                                 f"heatmap of {one_line(printable_name(path))}, which failed, "
+                                 f"but an older caption-attn drew it and it does not record "
+                                 f"which image it shows; remove it if it is of that image")
+            elif source == os.path.realpath(path):
                 try:
                     os.remove(target)
                 except FileNotFoundError:

@@ -165,13 +165,13 @@ def _caption(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
     left_out: list = []  # files in the folders given that are not taken for their extension
     paths = C_.expand_image_args(args.images, heatmaps=args.plot_attention, unreadable=folders,
                                  drawn=drawn, left_out=left_out)
-    write_heatmaps = None
+    write_heatmaps, kept = None, []   # kept: notes on older heatmaps a failure left in place
     run = RunFolder(args.run)
     hold.enter_context(run.reading_lock("caption"))
     if args.plot_attention:
         C_.check_heatmap_folder(args.plot_attention, args.run, args.cache)
         check_folder_writable(args.plot_attention, "--plot-attention")
-        write_heatmaps = C_.heatmap_writer(args.plot_attention, paths, hold=hold)
+        write_heatmaps = C_.heatmap_writer(args.plot_attention, paths, hold=hold, notes=kept)
     # which best model captions, read with it (a run still training replaces it): the
     # captions never said which epoch's model made them
     model, best = run.read_best_unchanged(
@@ -220,10 +220,15 @@ def _caption(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
             undrawn.update(problems)
             if not shown:
                 report(problems, heatmaps=True)
+                for note in kept:
+                    print(f"note: {note}", file=sys.stderr)
+                kept.clear()
         bar.update(done, [("failed", len(failed))])
     if shown:
         report(failed)
         report(undrawn, heatmaps=True)
+        for note in kept:
+            print(f"note: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps({**C_.captions_json(captioned, failed), "best": best}, indent=2))
     if drawn:

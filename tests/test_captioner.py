@@ -1133,3 +1133,43 @@ def test_a_folder_reached_through_a_symlink_beside_it_is_captioned_once(tmp_path
     os.symlink("v2", photos / "latest")
     paths = captioner.expand_image_args([str(photos)])
     assert [os.path.relpath(p, photos) for p in paths] == ["latest/x.png"]
+
+
+def test_a_failing_image_removes_only_a_heatmap_drawn_of_that_very_image(
+        shapes_data, trained_run, tmp_path, capsys):
+    """`caption --plot-attention H d2/cat.png`, then `caption --plot-attention H d1/cat.png`
+    with d1/cat.png truncated: the heatmap of d2/cat.png (H/cat.png, the same name) was
+    removed without a word. The heatmap now records the image it shows; an older heatmap
+    without that record is kept (it may be another image's), with a note."""
+    from caption_attn.images import heatmap_source
+    (tmp_path / "d1").mkdir()
+    (tmp_path / "d2").mkdir()
+    good = _test_images(shapes_data, trained_run, 1)[0]
+    shutil.copy(good, tmp_path / "d2" / "cat.png")
+    with open(good, "rb") as f:
+        (tmp_path / "d1" / "cat.png").write_bytes(f.read()[:200])    # truncated
+    heat = tmp_path / "heat"
+    caption = ["caption", "--run", trained_run, "--beam", "1", "--plot-attention", str(heat)]
+    assert main([*caption, str(tmp_path / "d2" / "cat.png")]) == 0
+    assert heatmap_source(str(heat / "cat.png")) == os.path.realpath(tmp_path / "d2" / "cat.png")
+    capsys.readouterr()
+    assert main([*caption, str(tmp_path / "d1" / "cat.png")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+    assert os.listdir(heat) == ["cat.png"]                   # d2's heatmap kept
+    # a heatmap of d1/cat.png itself goes when d1/cat.png fails
+    shutil.copy(good, tmp_path / "d1" / "cat.png")
+    assert main([*caption, str(tmp_path / "d1" / "cat.png")]) == 0
+    assert heatmap_source(str(heat / "cat.png")) == os.path.realpath(tmp_path / "d1" / "cat.png")
+    (tmp_path / "d1" / "cat.png").write_bytes(b"not pixels any more")
+    assert main([*caption, str(tmp_path / "d1" / "cat.png")]) == 1
+    assert os.listdir(heat) == []
+    # an older heatmap, which does not say which image it shows, is kept, with a note
+    from caption_attn.images import mark_heatmap
+    with open(good, "rb") as f:
+        (heat / "cat.png").write_bytes(mark_heatmap(f.read()))
+    capsys.readouterr()
+    assert main([*caption, str(tmp_path / "d1" / "cat.png")]) == 1
+    err = capsys.readouterr().err
+    assert os.listdir(heat) == ["cat.png"]
+    assert f"kept {heat / 'cat.png'}" in err and "does not record which image" in err
+

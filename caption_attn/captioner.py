@@ -495,21 +495,38 @@ def _refuse_heatmaps_among_images(heatmaps: str, folder: str, what: str) -> None
 
 
 def display_names(paths: Sequence[str]) -> dict:
-    """path -> the shortest trailing part of it that tells it apart from the other paths:
-    the file name, or as many parent folders with it as needed (a/cat.jpg, b/cat.jpg);
-    printable (`images.printable_name`); in the order of `paths` (which `heatmap_files`
-    numbers by)."""
+    """path -> the shortest trailing part of it that, as printed, tells it apart from the
+    other paths: the file name, or as many parent folders with it as needed (a/cat.jpg,
+    b/cat.jpg); printable (`images.printable_name`, `one_line`); in the order of `paths`
+    (which `heatmap_files` numbers by). Told apart on the printed form: x<newline>y.png and
+    a file named x\\ny.png both print as x\\ny.png (as do a Latin-1 caf<byte e9>.png and one
+    named caf\\xe9.png), and were shown, and their heatmaps titled, alike. Two whole paths
+    printed alike are told apart by their bytes in hex (`_by_bytes`)."""
     parts = {p: os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths}
     names, left, depth = {}, set(parts), 1
     while left:
-        suffix = {p: "/".join(parts[p][-depth:]) for p in left}
-        counts = collections.Counter(suffix.values())
+        shown = {p: one_line(printable_name("/".join(parts[p][-depth:]))) for p in left}
+        counts = collections.Counter(shown.values())
+        alike = [p for p in left if counts[shown[p]] > 1 and depth >= len(parts[p])]
+        names.update(_by_bytes({p: shown[p] for p in alike}, parts))
         for p in list(left):
-            if counts[suffix[p]] == 1 or depth >= len(parts[p]):
-                names[p] = one_line(printable_name(suffix[p]))
+            if counts[shown[p]] == 1 or p in names:
+                names.setdefault(p, shown[p])
                 left.discard(p)
         depth += 1
     return {p: names[p] for p in parts}
+
+
+def _by_bytes(shown: dict, parts: dict) -> dict:
+    """path -> its file name, printed, plus the bytes of that name in hex (x\\ny.png (bytes
+    780a792e706e67)); where two of `shown` (path -> its whole path printed) have file names of
+    the same bytes (folders printed alike), the whole path printed and its bytes in hex."""
+    def hexed(p, whole):
+        return os.fsencode("/".join(parts[p] if whole else parts[p][-1:])).hex()
+    named = collections.Counter(hexed(p, False) for p in shown)
+    return {p: f"{shown[p]} (bytes {hexed(p, True)})" if named[hexed(p, False)] > 1 else
+            f"{one_line(printable_name(parts[p][-1]))} (bytes {hexed(p, False)})"
+            for p in shown}
 
 
 # The longest heatmap file name (bytes, without .png): 255 (NAME_MAX on common file systems)

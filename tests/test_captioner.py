@@ -1173,3 +1173,23 @@ def test_a_failing_image_removes_only_a_heatmap_drawn_of_that_very_image(
     assert os.listdir(heat) == ["cat.png"]
     assert f"kept {heat / 'cat.png'}" in err and "does not record which image" in err
 
+
+
+def test_two_files_never_get_the_same_printed_name():
+    """`x<newline>y.png` and `x\\ny.png` (a backslash and n) both printed as x\\ny.png, as did
+    caf<byte e9>.png and a file literally named caf\\xe9.png: uniqueness was checked on the raw
+    names, before escaping; their heatmaps got -2 with identical titles."""
+    for a, b in [("/i/x\ny.png", "/i/x\\ny.png"), ("/i/caf\udce9.png", "/i/caf\\xe9.png"),
+                 ("/p/d/x\ny.png", "/q/d/x\\ny.png")]:
+        names = captioner.display_names([a, b, "/i/other.png"])
+        assert names[a] != names[b], names
+        assert names["/i/other.png"] == "other.png"
+        for n in names.values():
+            assert captioner.one_line(captioner.printable_name(n)) == n   # printable as it is
+    names = captioner.display_names(["/i/x\ny.png", "/i/x\\ny.png"])
+    assert names["/i/x\ny.png"] == "x\\ny.png (bytes 780a792e706e67)"
+    assert captioner.display_names(["/p/d/x\ny.png", "/q/d/x\\ny.png"]) == {
+        "/p/d/x\ny.png": "p/d/x\\ny.png", "/q/d/x\\ny.png": "q/d/x\\ny.png"}
+    # names that do not clash once printed keep their short form
+    names = captioner.display_names(["/i/x\ny.png", "/i/z.png"])
+    assert names["/i/x\ny.png"] == "x\\ny.png"

@@ -382,7 +382,8 @@ class Captioner:
 def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
                       unreadable: Optional[dict] = None,
                       drawn: Optional[list] = None,
-                      left_out: Optional[list] = None) -> list[str]:
+                      left_out: Optional[list] = None,
+                      same: Optional[dict] = None) -> list[str]:
     """Image files given on the command line, each once; folders expand to the images under
     them, except those in the folder `heatmaps` below them (`--plot-attention`: `caption
     photos --plot-attention photos/heat` run again captioned the heatmaps of the first run
@@ -398,7 +399,10 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     given that are not taken for their extension (`list_images`). Heatmaps caption-attn drew
     (`images.is_heatmap_file`) found in a folder are left out too, wherever they are
     (`caption photos` after `caption photos --plot-attention photos/heat` captioned them as
-    photos), and those outside `heatmaps` listed in `drawn`."""
+    photos), and those outside `heatmaps` listed in `drawn`. A file given twice is captioned
+    once, under the name it is first given; `same`, when given, receives {each other name it
+    is given under: that first name} (`caption --json link.png a.png`, link.png -> a.png, had
+    one entry, without a word, for a script matching its inputs to the outputs)."""
     missing = [arg for arg in args if not os.path.exists(arg)]
     if missing:
         raise UserError(f"{missing[0]}: no such image file or folder"
@@ -455,7 +459,9 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     # its first spelling, in the order given
     first = {}
     for p in out:
-        first.setdefault(os.path.realpath(p), p)
+        kept = first.setdefault(os.path.realpath(p), p)
+        if kept != p and same is not None:
+            same.setdefault(p, kept)
     return list(first.values())
 
 
@@ -617,12 +623,18 @@ def format_captions(path: str, captions: list[Caption], name: Optional[str] = No
     return "\n".join(lines)
 
 
-def captions_json(results: dict, errors: dict) -> dict:
+def captions_json(results: dict, errors: dict, same: Optional[dict] = None) -> dict:
     """JSON-able form of `caption_images` output, with each word's 8x8 attention map; every
-    string valid Unicode (image names as `images.json_name` gives them)."""
+    string valid Unicode (image names as `images.json_name` gives them). `same` (see
+    `expand_image_args`: another name a file was given under -> the name it was captioned
+    under) adds an entry per other name, right after the first name's, the same captions or
+    error, with `same_as`: the first name (so each name given has its entry)."""
     from caption_attn.images import json_name, printable_name
 
     side = GRID
+    others = collections.defaultdict(list)   # the name captioned -> the other names
+    for other, kept in (same or {}).items():
+        others[kept].append(other)
     images = []
     for path, (_, captions) in results.items():
         images.append({**json_name(path), "captions": [{
@@ -633,9 +645,14 @@ def captions_json(results: dict, errors: dict) -> dict:
                                                       .astype(np.float64), 5).tolist()}
                           for t, w in enumerate(c.steps)],
         } for c in captions]})
-    return {"images": images,
-            "errors": [{**json_name(p), "error": printable_name(reason)}
-                       for p, reason in errors.items()]}
+        images += [{**json_name(other), "same_as": json_name(path)["image"],
+                    "captions": images[-1]["captions"]} for other in others[path]]
+    errors_out = []
+    for path, reason in errors.items():
+        errors_out.append({**json_name(path), "error": printable_name(reason)})
+        errors_out += [{**json_name(other), "same_as": json_name(path)["image"],
+                        "error": printable_name(reason)} for other in others[path]]
+    return {"images": images, "errors": errors_out}
 
 
 def attention_plot(image: np.ndarray, caption: Caption, name: str = "",

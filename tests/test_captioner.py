@@ -1193,3 +1193,41 @@ def test_two_files_never_get_the_same_printed_name():
     # names that do not clash once printed keep their short form
     names = captioner.display_names(["/i/x\ny.png", "/i/z.png"])
     assert names["/i/x\ny.png"] == "x\\ny.png"
+
+
+def test_a_file_given_under_two_names_is_captioned_once_and_said(
+        shapes_data, trained_run, tmp_path, monkeypatch, capsys):
+    """`caption --json link.png a.png` (link.png -> a.png), or `a.png ./a.png`: one entry,
+    no word: a script matching its inputs to the outputs found one missing."""
+    shutil.copy(_test_images(shapes_data, trained_run, 1)[0], tmp_path / "a.png")
+    os.symlink("a.png", tmp_path / "link.png")
+    monkeypatch.chdir(tmp_path)
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--json",
+                 "link.png", "a.png", "./a.png"]) == 0
+    out, err = capsys.readouterr()
+    images = json.loads(out)["images"]
+    assert [e["image"] for e in images] == ["link.png", "a.png", "./a.png"]
+    assert "same_as" not in images[0]
+    assert images[1]["same_as"] == images[2]["same_as"] == "link.png"
+    assert images[1]["captions"] == images[0]["captions"]
+    assert "note: a.png is the same file as link.png: captioned once, as link.png" in err
+    assert "note: ./a.png is the same file as link.png" in err
+    assert main(["caption", "--run", trained_run, "--beam", "1", "a.png", "./a.png"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("Captions for image") == 1
+    assert "note: ./a.png is the same file as a.png: captioned once, as a.png" in err
+
+
+def test_a_file_given_twice_with_a_heatmap_folder_and_a_failing_image(
+        shapes_data, trained_run, tmp_path, monkeypatch, capsys):
+    """The notes on a file given twice come with the heatmap writer's own (an image failing),
+    and an error of a file given twice is listed under each name in --json."""
+    (tmp_path / "bad.png").write_bytes(b"not pixels")
+    monkeypatch.chdir(tmp_path)
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--json", "--plot-attention",
+                 "heat", "bad.png", "./bad.png"]) == 1
+    out, err = capsys.readouterr()
+    errors = json.loads(out)["errors"]
+    assert [(e["image"], e.get("same_as")) for e in errors] == [("bad.png", None),
+                                                                 ("./bad.png", "bad.png")]
+    assert "note: ./bad.png is the same file as bad.png" in err

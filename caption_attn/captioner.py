@@ -24,8 +24,8 @@ from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.feature_cache import MANIFEST, cache_images, read_manifest
 from caption_attn.fileio import holding_lock, is_inside, longest_temp_name, one_line
-from caption_attn.images import (ImageError, is_heatmap_file, left_out_note, list_images,
-                                 load_image, printable_name)
+from caption_attn.images import (ImageError, heatmap_source, is_heatmap_file, left_out_note,
+                                 list_images, load_image, printable_name)
 from caption_attn.run import RunFolder
 from caption_attn.vocab import PAD, START, Vocabulary
 
@@ -382,7 +382,8 @@ class Captioner:
 def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
                       unreadable: Optional[dict] = None,
                       drawn: Optional[list] = None,
-                      left_out: Optional[list] = None) -> list[str]:
+                      left_out: Optional[list] = None,
+                      same: Optional[dict] = None) -> list[str]:
     """Image files given on the command line, each once; folders expand to the images under
     them, except those in the folder `heatmaps` below them (`--plot-attention`: `caption
     photos --plot-attention photos/heat` run again captioned the heatmaps of the first run
@@ -398,7 +399,10 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     given that are not taken for their extension (`list_images`). Heatmaps caption-attn drew
     (`images.is_heatmap_file`) found in a folder are left out too, wherever they are
     (`caption photos` after `caption photos --plot-attention photos/heat` captioned them as
-    photos), and those outside `heatmaps` listed in `drawn`."""
+    photos), and those outside `heatmaps` listed in `drawn`. A file given twice is captioned
+    once, under the name it is first given; `same`, when given, receives {each other name it
+    is given under: that first name} (`caption --json link.png a.png`, link.png -> a.png, had
+    one entry, without a word, for a script matching its inputs to the outputs)."""
     missing = [arg for arg in args if not os.path.exists(arg)]
     if missing:
         raise UserError(f"{missing[0]}: no such image file or folder"
@@ -455,7 +459,9 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     # its first spelling, in the order given
     first = {}
     for p in out:
-        first.setdefault(os.path.realpath(p), p)
+        kept = first.setdefault(os.path.realpath(p), p)
+        if kept != p and same is not None:
+            same.setdefault(p, kept)
     return list(first.values())
 
 
@@ -495,21 +501,38 @@ def _refuse_heatmaps_among_images(heatmaps: str, folder: str, what: str) -> None
 
 
 def display_names(paths: Sequence[str]) -> dict:
-    """path -> the shortest trailing part of it that tells it apart from the other paths:
-    the file name, or as many parent folders with it as needed (a/cat.jpg, b/cat.jpg);
-    printable (`images.printable_name`); in the order of `paths` (which `heatmap_files`
-    numbers by)."""
+    """path -> the shortest trailing part of it that, as printed, tells it apart from the
+    other paths: the file name, or as many parent folders with it as needed (a/cat.jpg,
+    b/cat.jpg); printable (`images.printable_name`, `one_line`); in the order of `paths`
+    (which `heatmap_files` numbers by). Told apart on the printed form: x<newline>y.png and
+    a file named x\\ny.png both print as x\\ny.png (as do a Latin-1 caf<byte e9>.png and one
+    named caf\\xe9.png), and were shown, and their heatmaps titled, alike. Two whole paths
+    printed alike are told apart by their bytes in hex (`_by_bytes`)."""
     parts = {p: os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths}
     names, left, depth = {}, set(parts), 1
     while left:
-        suffix = {p: "/".join(parts[p][-depth:]) for p in left}
-        counts = collections.Counter(suffix.values())
+        shown = {p: one_line(printable_name("/".join(parts[p][-depth:]))) for p in left}
+        counts = collections.Counter(shown.values())
+        alike = [p for p in left if counts[shown[p]] > 1 and depth >= len(parts[p])]
+        names.update(_by_bytes({p: shown[p] for p in alike}, parts))
         for p in list(left):
-            if counts[suffix[p]] == 1 or depth >= len(parts[p]):
-                names[p] = one_line(printable_name(suffix[p]))
+            if counts[shown[p]] == 1 or p in names:
+                names.setdefault(p, shown[p])
                 left.discard(p)
         depth += 1
     return {p: names[p] for p in parts}
+
+
+def _by_bytes(shown: dict, parts: dict) -> dict:
+    """path -> its file name, printed, plus the bytes of that name in hex (x\\ny.png (bytes
+    780a792e706e67)); where two of `shown` (path -> its whole path printed) have file names of
+    the same bytes (folders printed alike), the whole path printed and its bytes in hex."""
+    def hexed(p, whole):
+        return os.fsencode("/".join(parts[p] if whole else parts[p][-1:])).hex()
+    named = collections.Counter(hexed(p, False) for p in shown)
+    return {p: f"{shown[p]} (bytes {hexed(p, True)})" if named[hexed(p, False)] > 1 else
+            f"{one_line(printable_name(parts[p][-1]))} (bytes {hexed(p, False)})"
+            for p in shown}
 
 
 # The longest heatmap file name (bytes, without .png): 255 (NAME_MAX on common file systems)
@@ -600,12 +623,18 @@ def format_captions(path: str, captions: list[Caption], name: Optional[str] = No
     return "\n".join(lines)
 
 
-def captions_json(results: dict, errors: dict) -> dict:
+def captions_json(results: dict, errors: dict, same: Optional[dict] = None) -> dict:
     """JSON-able form of `caption_images` output, with each word's 8x8 attention map; every
-    string valid Unicode (image names as `images.json_name` gives them)."""
+    string valid Unicode (image names as `images.json_name` gives them). `same` (see
+    `expand_image_args`: another name a file was given under -> the name it was captioned
+    under) adds an entry per other name, right after the first name's, the same captions or
+    error, with `same_as`: the first name (so each name given has its entry)."""
     from caption_attn.images import json_name, printable_name
 
     side = GRID
+    others = collections.defaultdict(list)   # the name captioned -> the other names
+    for other, kept in (same or {}).items():
+        others[kept].append(other)
     images = []
     for path, (_, captions) in results.items():
         images.append({**json_name(path), "captions": [{
@@ -616,9 +645,14 @@ def captions_json(results: dict, errors: dict) -> dict:
                                                       .astype(np.float64), 5).tolist()}
                           for t, w in enumerate(c.steps)],
         } for c in captions]})
-    return {"images": images,
-            "errors": [{**json_name(p), "error": printable_name(reason)}
-                       for p, reason in errors.items()]}
+        images += [{**json_name(other), "same_as": json_name(path)["image"],
+                    "captions": images[-1]["captions"]} for other in others[path]]
+    errors_out = []
+    for path, reason in errors.items():
+        errors_out.append({**json_name(path), "error": printable_name(reason)})
+        errors_out += [{**json_name(other), "same_as": json_name(path)["image"],
+                        "error": printable_name(reason)} for other in others[path]]
+    return {"images": images, "errors": errors_out}
 
 
 def attention_plot(image: np.ndarray, caption: Caption, name: str = "",
@@ -639,12 +673,15 @@ def attention_plot(image: np.ndarray, caption: Caption, name: str = "",
 
 
 def heatmap_writer(out_dir: str, paths: Sequence[str], images: Sequence[str] = (),
-                   hold: Optional[contextlib.ExitStack] = None
-                   ) -> Callable[..., tuple[dict, dict]]:
+                   hold: Optional[contextlib.ExitStack] = None,
+                   notes: Optional[list] = None) -> Callable[..., tuple[dict, dict]]:
     """A function saving the best caption's heatmap of each image of some `caption_images`
     (or `caption_batches`) results into OUT_DIR, and removing the file of each image of
-    `failed`, returning (path -> file written, path -> why its heatmap could not be written
-    or removed: the others go on, and the reason names the heatmap, not its temporary file);
+    `failed` (only a heatmap that records it shows that very image, `images.heatmap_source`:
+    H/cat.png of d2/cat.png went when d1/cat.png failed; an older heatmap, recording no image,
+    is kept, and a line on it added to `notes` if given), returning (path -> file written,
+    path -> why its heatmap could not be written or removed: the others go on, and the
+    reason names the heatmap, not its temporary file);
     each of `paths` has a distinct file (`heatmap_files` of all of them, so batches written
     one by one get the names one call would give). UserError first, nothing written, if
     OUT_DIR holds a file a heatmap would overwrite, or any image, that is not a heatmap
@@ -664,16 +701,27 @@ def heatmap_writer(out_dir: str, paths: Sequence[str], images: Sequence[str] = (
         for path, (image, captions) in results.items():
             target = os.path.join(out_dir, files[path])
             try:
-                plot.save_figure(attention_plot(image, captions[0], names[path]), target)
+                plot.save_figure(attention_plot(image, captions[0], names[path]), target,
+                                 os.path.realpath(path))
                 written[path] = target
             except OSError as e:
                 problems[path] = f"cannot write its heatmap {target} ({e.strerror or e})"
         # an image that failed now (unreadable, or no caption) loses the heatmap an earlier
         # run drew of it: left in OUT_DIR, it showed attention the model no longer gives
-        # (only a heatmap: `check_heatmap_targets` refused a folder with anything else there)
+        # (only a heatmap: `check_heatmap_targets` refused a folder with anything else there),
+        # and only one drawn of that very image: another image of its name keeps its heatmap
         for path in failed:
             target = os.path.join(out_dir, files.get(path, ""))
-            if path in files and is_heatmap_file(target):
+            if path not in files or not is_heatmap_file(target):
+                continue
+            source = heatmap_source(target)
+            if source is None:
+                if notes is not None:
+                    notes.append(f"kept {one_line(printable_name(target))}: it may be the "
+                                 f"heatmap of {one_line(printable_name(path))}, which failed, "
+                                 f"but an older caption-attn drew it and it does not record "
+                                 f"which image it shows; remove it if it is of that image")
+            elif source == os.path.realpath(path):
                 try:
                     os.remove(target)
                 except FileNotFoundError:

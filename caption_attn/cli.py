@@ -154,24 +154,29 @@ def cmd_caption(args: argparse.Namespace) -> int:
         return _caption(args, hold)
 
 
+SAME_NOTES = 5   # files given under two names: a note each for this many, then a count
+
+
 def _caption(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
     from caption_attn import captioner as C_
     from caption_attn import progress
+    from caption_attn.images import printable_name
     from caption_attn.run import RunFolder
 
     cfg = config_from_args(C.DecodeConfig, args)
     folders: dict = {}   # below a folder given, unlistable: reported as unreadable images are
     drawn: list = []     # heatmaps caption-attn drew, found in a folder given: not photos
     left_out: list = []  # files in the folders given that are not taken for their extension
+    same: dict = {}      # another name a file is given under -> the name it is captioned as
     paths = C_.expand_image_args(args.images, heatmaps=args.plot_attention, unreadable=folders,
-                                 drawn=drawn, left_out=left_out)
-    write_heatmaps = None
+                                 drawn=drawn, left_out=left_out, same=same)
+    write_heatmaps, kept = None, []   # kept: notes on older heatmaps a failure left in place
     run = RunFolder(args.run)
     hold.enter_context(run.reading_lock("caption"))
     if args.plot_attention:
         C_.check_heatmap_folder(args.plot_attention, args.run, args.cache)
         check_folder_writable(args.plot_attention, "--plot-attention")
-        write_heatmaps = C_.heatmap_writer(args.plot_attention, paths, hold=hold)
+        write_heatmaps = C_.heatmap_writer(args.plot_attention, paths, hold=hold, notes=kept)
     # which best model captions, read with it (a run still training replaces it): the
     # captions never said which epoch's model made them
     model, best = run.read_best_unchanged(
@@ -186,6 +191,15 @@ def _caption(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
         from caption_attn.images import left_out_note
         print(f"note: {left_out_note(left_out, 'in the folders given')}", file=sys.stderr)
     names = C_.display_names(paths)
+    # after the refusals, as the notes above: a file given under two names is said, not lost
+    for other, first in list(same.items())[:SAME_NOTES]:
+        print(f"note: {one_line(printable_name(other))} is the same file as "
+              f"{one_line(printable_name(first))}: captioned once, as {names[first]}"
+              + (" (in --json: an entry for each name, `same_as` the first)" if args.json
+                 else ""), file=sys.stderr)
+    if len(same) > SAME_NOTES:
+        print(f"note: {len(same) - SAME_NOTES} more files given under a second name are "
+              f"captioned once each, under the first", file=sys.stderr)
     # One batch of images at a time: its captions are printed (and its heatmaps drawn)
     # before the next is read. Where the printed captions do not show the progress (--json
     # prints once at the end; stdout may be a file), a bar on stderr does, and the unreadable
@@ -220,12 +234,18 @@ def _caption(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
             undrawn.update(problems)
             if not shown:
                 report(problems, heatmaps=True)
+                for note in kept:
+                    print(f"note: {note}", file=sys.stderr)
+                kept.clear()
         bar.update(done, [("failed", len(failed))])
     if shown:
         report(failed)
         report(undrawn, heatmaps=True)
+        for note in kept:
+            print(f"note: {note}", file=sys.stderr)
     if args.json:
-        print(json.dumps({**C_.captions_json(captioned, failed), "best": best}, indent=2))
+        print(json.dumps({**C_.captions_json(captioned, failed, same), "best": best},
+                         indent=2))
     if drawn:
         print(f"attention heatmaps: {args.plot_attention}", file=sys.stderr)
     return 0 if count and not undrawn else 1

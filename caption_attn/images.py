@@ -12,6 +12,7 @@ import os
 import re
 import stat
 import struct
+import urllib.parse
 import zlib
 from typing import Optional
 
@@ -420,9 +421,40 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _HEADER_END = len(_PNG_SIGNATURE) + 25   # then the IHDR chunk: length, type, 13 bytes, CRC
 
 
-def mark_heatmap(png: bytes) -> bytes:
-    """PNG bytes (`plot.figure_to_png`) with `HEATMAP_MARK` after their header chunk."""
-    return png[:_HEADER_END] + HEATMAP_MARK + png[_HEADER_END:]
+def mark_heatmap(png: bytes, source: Optional[str] = None) -> bytes:
+    """PNG bytes (`plot.figure_to_png`) with `HEATMAP_MARK` after their header chunk, then,
+    given `source` (the real path of the image the heatmap shows), a tEXt chunk recording it
+    (`heatmap_source`): a heatmap of d2/cat.png was removed as the heatmap of d1/cat.png, an
+    image failing now, as both are drawn into DIR/cat.png."""
+    marks = HEATMAP_MARK
+    if source is not None:   # percent-encoded: tEXt is Latin-1, a path any bytes but NUL
+        marks += _png_chunk(b"tEXt", _SOURCE_KEY + b"\0"
+                            + urllib.parse.quote_from_bytes(os.fsencode(source), "/").encode())
+    return png[:_HEADER_END] + marks + png[_HEADER_END:]
+
+
+_SOURCE_KEY = b"caption-attn image"
+
+
+def heatmap_source(path) -> Optional[str]:
+    """The real path of the image the heatmap file `path` shows, as `mark_heatmap` recorded
+    it; None for a file that is no heatmap, or a heatmap drawn before the source was
+    recorded."""
+    if not is_heatmap_file(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            f.seek(_HEADER_END + len(HEATMAP_MARK))
+            head = f.read(8)
+            if len(head) < 8 or head[4:] != b"tEXt":
+                return None
+            data = f.read(struct.unpack(">I", head[:4])[0])
+    except OSError:
+        return None
+    key, _, value = data.partition(b"\0")
+    if key != _SOURCE_KEY:
+        return None
+    return os.fsdecode(urllib.parse.unquote_to_bytes(value.decode("latin-1")))
 
 
 def is_heatmap_file(path, links: bool = False) -> bool:

@@ -14,7 +14,7 @@ import math
 import re
 import sys
 import warnings
-from typing import Sequence
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -232,8 +232,9 @@ def _report_missing_glyphs(caught) -> None:
               f"uses it", file=sys.stderr)
 
 
-def save_figure(fig: Figure, path) -> None:
+def save_figure(fig: Figure, path, source: Optional[str] = None) -> None:
     """Write `fig` as a PNG at `path` atomically (`config.atomic_path`), marked as a heatmap
     (`images.mark_heatmap`: `caption` redraws and removes only files so marked, and folder
-    walks leave them out of the images); creates parents."""
-    write_bytes_atomic(str(path), mark_heatmap(figure_to_png(fig)))
+    walks leave them out of the images), of the image `source` (its real path) if given;
+    creates parents."""
+    write_bytes_atomic(str(path), mark_heatmap(figure_to_png(fig), source))

@@ -1133,3 +1133,101 @@ def test_a_folder_reached_through_a_symlink_beside_it_is_captioned_once(tmp_path
     os.symlink("v2", photos / "latest")
     paths = captioner.expand_image_args([str(photos)])
     assert [os.path.relpath(p, photos) for p in paths] == ["latest/x.png"]
+
+
+def test_a_failing_image_removes_only_a_heatmap_drawn_of_that_very_image(
+        shapes_data, trained_run, tmp_path, capsys):
+    """`caption --plot-attention H d2/cat.png`, then `caption --plot-attention H d1/cat.png`
+    with d1/cat.png truncated: the heatmap of d2/cat.png (H/cat.png, the same name) was
+    removed without a word. The heatmap now records the image it shows; an older heatmap
+    without that record is kept (it may be another image's), with a note."""
+    from caption_attn.images import heatmap_source
+    (tmp_path / "d1").mkdir()
+    (tmp_path / "d2").mkdir()
+    good = _test_images(shapes_data, trained_run, 1)[0]
+    shutil.copy(good, tmp_path / "d2" / "cat.png")
+    with open(good, "rb") as f:
+        (tmp_path / "d1" / "cat.png").write_bytes(f.read()[:200])    # truncated
+    heat = tmp_path / "heat"
+    caption = ["caption", "--run", trained_run, "--beam", "1", "--plot-attention", str(heat)]
+    assert main([*caption, str(tmp_path / "d2" / "cat.png")]) == 0
+    assert heatmap_source(str(heat / "cat.png")) == os.path.realpath(tmp_path / "d2" / "cat.png")
+    capsys.readouterr()
+    assert main([*caption, str(tmp_path / "d1" / "cat.png")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+    assert os.listdir(heat) == ["cat.png"]                   # d2's heatmap kept
+    # a heatmap of d1/cat.png itself goes when d1/cat.png fails
+    shutil.copy(good, tmp_path / "d1" / "cat.png")
+    assert main([*caption, str(tmp_path / "d1" / "cat.png")]) == 0
+    assert heatmap_source(str(heat / "cat.png")) == os.path.realpath(tmp_path / "d1" / "cat.png")
+    (tmp_path / "d1" / "cat.png").write_bytes(b"not pixels any more")
+    assert main([*caption, str(tmp_path / "d1" / "cat.png")]) == 1
+    assert os.listdir(heat) == []
+    # an older heatmap, which does not say which image it shows, is kept, with a note
+    from caption_attn.images import mark_heatmap
+    with open(good, "rb") as f:
+        (heat / "cat.png").write_bytes(mark_heatmap(f.read()))
+    capsys.readouterr()
+    assert main([*caption, str(tmp_path / "d1" / "cat.png")]) == 1
+    err = capsys.readouterr().err
+    assert os.listdir(heat) == ["cat.png"]
+    assert f"kept {heat / 'cat.png'}" in err and "does not record which image" in err
+
+
+
+def test_two_files_never_get_the_same_printed_name():
+    """`x<newline>y.png` and `x\\ny.png` (a backslash and n) both printed as x\\ny.png, as did
+    caf<byte e9>.png and a file literally named caf\\xe9.png: uniqueness was checked on the raw
+    names, before escaping; their heatmaps got -2 with identical titles."""
+    for a, b in [("/i/x\ny.png", "/i/x\\ny.png"), ("/i/caf\udce9.png", "/i/caf\\xe9.png"),
+                 ("/p/d/x\ny.png", "/q/d/x\\ny.png")]:
+        names = captioner.display_names([a, b, "/i/other.png"])
+        assert names[a] != names[b], names
+        assert names["/i/other.png"] == "other.png"
+        for n in names.values():
+            assert captioner.one_line(captioner.printable_name(n)) == n   # printable as it is
+    names = captioner.display_names(["/i/x\ny.png", "/i/x\\ny.png"])
+    assert names["/i/x\ny.png"] == "x\\ny.png (bytes 780a792e706e67)"
+    assert captioner.display_names(["/p/d/x\ny.png", "/q/d/x\\ny.png"]) == {
+        "/p/d/x\ny.png": "p/d/x\\ny.png", "/q/d/x\\ny.png": "q/d/x\\ny.png"}
+    # names that do not clash once printed keep their short form
+    names = captioner.display_names(["/i/x\ny.png", "/i/z.png"])
+    assert names["/i/x\ny.png"] == "x\\ny.png"
+
+
+def test_a_file_given_under_two_names_is_captioned_once_and_said(
+        shapes_data, trained_run, tmp_path, monkeypatch, capsys):
+    """`caption --json link.png a.png` (link.png -> a.png), or `a.png ./a.png`: one entry,
+    no word: a script matching its inputs to the outputs found one missing."""
+    shutil.copy(_test_images(shapes_data, trained_run, 1)[0], tmp_path / "a.png")
+    os.symlink("a.png", tmp_path / "link.png")
+    monkeypatch.chdir(tmp_path)
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--json",
+                 "link.png", "a.png", "./a.png"]) == 0
+    out, err = capsys.readouterr()
+    images = json.loads(out)["images"]
+    assert [e["image"] for e in images] == ["link.png", "a.png", "./a.png"]
+    assert "same_as" not in images[0]
+    assert images[1]["same_as"] == images[2]["same_as"] == "link.png"
+    assert images[1]["captions"] == images[0]["captions"]
+    assert "note: a.png is the same file as link.png: captioned once, as link.png" in err
+    assert "note: ./a.png is the same file as link.png" in err
+    assert main(["caption", "--run", trained_run, "--beam", "1", "a.png", "./a.png"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("Captions for image") == 1
+    assert "note: ./a.png is the same file as a.png: captioned once, as a.png" in err
+
+
+def test_a_file_given_twice_with_a_heatmap_folder_and_a_failing_image(
+        shapes_data, trained_run, tmp_path, monkeypatch, capsys):
+    """The notes on a file given twice come with the heatmap writer's own (an image failing),
+    and an error of a file given twice is listed under each name in --json."""
+    (tmp_path / "bad.png").write_bytes(b"not pixels")
+    monkeypatch.chdir(tmp_path)
+    assert main(["caption", "--run", trained_run, "--beam", "1", "--json", "--plot-attention",
+                 "heat", "bad.png", "./bad.png"]) == 1
+    out, err = capsys.readouterr()
+    errors = json.loads(out)["errors"]
+    assert [(e["image"], e.get("same_as")) for e in errors] == [("bad.png", None),
+                                                                 ("./bad.png", "bad.png")]
+    assert "note: ./bad.png is the same file as bad.png" in err

@@ -481,3 +481,20 @@ def test_colour_profile_chunks_that_libpng_warns_about_print_nothing(capfd):
     start = damaged.index(b"IDAT") + 8
     with pytest.raises(ImageError, match="corrupt PNG"):
         decode_image(damaged[:start] + bytes(40) + damaged[start + 40:])
+
+
+def test_a_heatmap_records_the_image_it_shows(tmp_path):
+    """The mark said only that caption-attn drew the file, so a failing d1/cat.png removed
+    H/cat.png drawn of d2/cat.png. The recorded path comes back byte for byte (a Latin-1
+    name, a newline), the PNG still decodes, and an older heatmap records none."""
+    from caption_attn.images import heatmap_source
+    png = cv2.imencode(".png", np.zeros((4, 6, 3), np.uint8))[1].tobytes()
+    source = "/d\n1/caf\udce9 100%.png"
+    (tmp_path / "h.png").write_bytes(mark_heatmap(png, source))
+    (tmp_path / "old.png").write_bytes(mark_heatmap(png))
+    assert heatmap_source(str(tmp_path / "h.png")) == source
+    assert is_heatmap_file(str(tmp_path / "h.png"))
+    assert load_image(str(tmp_path / "h.png")).shape[-1] == 3
+    assert heatmap_source(str(tmp_path / "old.png")) is None
+    (tmp_path / "plain.png").write_bytes(png)
+    assert heatmap_source(str(tmp_path / "plain.png")) is None

@@ -473,11 +473,13 @@ def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
                             f"entry of `images`{_other_type_hint(image_id, names)}")
         # an annotation listed twice (files merged with an overlap) is one caption, as an
         # image listed twice is one image: kept twice, it weighed double in training and in
-        # CIDEr (which averages over the references)
+        # CIDEr (which averages over the references). One id on different annotations (a
+        # converter numbering each image's captions from 0) keeps both, as pycocoevalcap
+        # scores them (its `imgToAnns` keeps every annotation)
         ann_id = ann.get("id")
         if isinstance(ann_id, (int, str)) and not isinstance(ann_id, bool):
             first = firsts.setdefault((type(ann_id), ann_id), j)
-            if first != j and _same_annotation(path, annotations, first, j):
+            if first != j and _same_annotation(annotations[first], ann):
                 continue
         annotated.add(image_id)
         out.add(names[image_id], [caption], where, image_id=image_id, size=sizes[image_id])
@@ -485,21 +487,11 @@ def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
         out.add(names[image_id], [], f"images[{entries[image_id]}]", image_id=image_id)
 
 
-def _same_annotation(path: str, annotations: list, first: int, j: int) -> bool:
-    """True when `annotations[j]`, whose `id` is `annotations[first]`'s, is a repeat of it
-    (the same image and caption, but for whitespace around it); otherwise a `UserError`
-    naming both, as `images` refuses one id on two different entries: two versions of a file
-    merged gave one caption twice (or to another image), and pycocotools' `anns` index keeps
-    only the last of them."""
-    a, b = annotations[first], annotations[j]
-    ids = (type(a["image_id"]), a["image_id"]), (type(b["image_id"]), b["image_id"])
-    if ids[0] == ids[1] and a["caption"].strip() == b["caption"].strip():
-        return True
-    what = (f"image_id {a['image_id']!r} and {b['image_id']!r}" if ids[0] != ids[1] else
-            f"caption {a['caption'][:60]!r} and {b['caption'][:60]!r}")
-    raise UserError(f"{path}: annotations[{first}] and annotations[{j}] have the same id "
-                    f"{b['id']!r} but are different annotations ({what}); every annotation "
-                    f"needs its own `id`")
+def _same_annotation(a: dict, b: dict) -> bool:
+    """Whether annotation `b`, whose `id` is `a`'s, repeats it: the same image and caption,
+    but for whitespace around it."""
+    return (type(a["image_id"]), a["image_id"]) == (type(b["image_id"]), b["image_id"]) and \
+        a["caption"].strip() == b["caption"].strip()
 
 
 def _other_type_hint(image_id: Any, names: dict) -> str:

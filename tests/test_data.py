@@ -263,21 +263,16 @@ def test_coco_annotation_listed_twice_is_one_caption(tmp_path):
 
 
 @pytest.mark.parametrize("change", [{"caption": "a blue square"}, {"image_id": 102}])
-def test_coco_annotation_id_of_two_different_annotations_is_refused_naming_both(tmp_path,
-                                                                                change):
-    """Both were kept (files of two versions merged: the caption read twice, or given to
-    another image), as `images` refuses one id on two different entries; pycocotools'
-    `anns` index keeps only the last of them."""
+def test_coco_annotation_id_of_two_different_annotations_keeps_both(tmp_path, change):
+    """One annotation id on two different annotations (a converter numbering each image's
+    captions from 0) keeps both, as pycocoevalcap scores them (COCOEvalCap reads
+    `imgToAnns`, which keeps every annotation): refusing the whole file broke files read
+    before, and the runs and evaluations made on them."""
     obj = json.loads(coco_text())
     obj["annotations"].append({**obj["annotations"][0], **change})
-    path = write(tmp_path, "c.json", json.dumps(obj))
-    with pytest.raises(UserError) as e:
-        data.load_captions(path)
-    what = ("caption 'A red circle .' and 'a blue square'" if "caption" in change else
-            "image_id 100 and 102")
-    assert str(e.value) == (
-        f"{path}: annotations[0] and annotations[5] have the same id 0 but are different "
-        f"annotations ({what}); every annotation needs its own `id`")
+    captions = as_dict(data.load_captions(write(tmp_path, "c.json", json.dumps(obj))))
+    image = "a.jpg" if "caption" in change else "c.jpg"                # (ids 100, 102)
+    assert captions[image] == EXPECTED[image] + [change.get("caption", "A red circle .")]
 
 
 def test_coco_image_id_of_another_json_type_says_so(tmp_path):

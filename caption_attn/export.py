@@ -336,8 +336,13 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None,
         if about is None:                                  # no export.json: no export
             _refuse_what_is_no_export(out, force)
         others = _not_written_by_exports(out)
+        shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+        if damaged and others:   # another tool's export.json, or one cut short, beside them
+            raise UserError(f"--out {out}: cannot tell which run it is an export of "
+                            f"({damaged}), and it holds {shown}, which an export does not "
+                            f"write; refused even with --force, which replaces only an "
+                            f"earlier export: use another --out (or move those files out)")
         if earlier is not None and others and not force:
-            shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
             raise UserError(f"--out {out}: holds {shown}, which an export does not write and "
                             f"replacing the earlier export would delete; move it out (extra "
                             f"files for TF Serving go in {os.path.join(out, KEPT)}, which is "

@@ -843,8 +843,16 @@ def test_force_never_replaces_an_images_folder_or_a_folder_that_is_no_export(
     (notes / "todo.txt").write_text("mine")
     _refused(["export", "--run", trained_run, "--out", str(notes), "--force"],
              f"--out {notes}: ", "not an export", "todo.txt", "even with --force")
+    # nor when it holds an export.json of another tool (or one that names no run): its
+    # files, an export's or not, were replaced with --force as a damaged export's
+    (notes / "export.json").write_text('{"format": "label-studio"}')
+    _refused(["export", "--run", trained_run, "--out", str(notes), "--force"],
+             f"--out {notes}: ", "todo.txt", "even with --force")
+    (notes / "export.json").write_text("{not json")
+    _refused(["export", "--run", trained_run, "--out", str(notes), "--force"],
+             f"--out {notes}: ", "todo.txt", "even with --force")
     assert listing() == before and (photos / "cat.png").exists()
-    assert os.listdir(notes) == ["todo.txt"]
+    assert sorted(os.listdir(notes)) == ["export.json", "todo.txt"]
     assert sorted(os.listdir(tmp_path)) == ["cache", "notes", "photos"]   # no lock left
 
 

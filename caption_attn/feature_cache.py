@@ -802,8 +802,8 @@ def _changed_elsewhere(cache_dir: str, keys: list[str], manifest: dict,
                        images: str) -> dict[str, str]:
     """{key: images folder} for the `keys` (of changed images) missing from `images` that
     `usable_features` found changed in another folder the cache was extracted from: the one
-    the index entry of the key's feature file records, which holds the image. Extracting them
-    again reads them there."""
+    the index entry of the key's feature file records, which holds the image (one recording
+    none: the newest that holds it). Extracting them again reads them there."""
     keys = [k for k in keys if not os.path.isfile(os.path.join(images, k))]
     folders = other_images_folders(manifest, images) if keys else []
     if not folders:
@@ -818,8 +818,15 @@ def _changed_elsewhere(cache_dir: str, keys: list[str], manifest: dict,
             if mine:
                 recorded[key] = mine[-1].images_dir
     where = feature_index.recorded_folders(folders, set(recorded.values()))
-    return {k: where[r] for k, r in recorded.items()
-            if r in where and os.path.isfile(os.path.join(where[r], k))}
+    found = {k: where[r] for k, r in recorded.items()
+             if r in where and os.path.isfile(os.path.join(where[r], k))}
+    # an entry that records no folder (an older index): each other folder in turn, the newest
+    # first, as `feature_index.check_keys` looked for it
+    for key in (k for k, r in recorded.items() if r is None):
+        folder = next((f for f in folders if os.path.isfile(os.path.join(f, key))), None)
+        if folder is not None:
+            found[key] = folder
+    return found
 
 
 def _fix_commands(cache_dir: str, manifest: Optional[dict], captions: Optional[str],

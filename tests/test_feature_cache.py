@@ -329,6 +329,13 @@ def test_problems_in_two_images_folders_get_a_command_each(images, cache_copy, t
             f"again") in text
     assert text.count("--images") == 3
     assert text.endswith(f"then rerun `{command.format(other)}`")
+    # an index written before entries recorded their folder: each other folder in turn, as
+    # `usable_features` looks there (the fix named the folder checked, which has no b.png,
+    # and extracted nothing again)
+    _forget_folders(cache_copy)
+    text = describe_problems(problems, cache_copy, manifest=manifest, captions="caps.json",
+                             images_dir=str(other))
+    assert f"`{command.format(work)}` (for 2 of them, e.g. b.png)" in text
 
 
 def test_problems_name_images_that_failed_to_extract_and_why(cache_copy):

@@ -557,6 +557,16 @@ def _open_closed_standard_streams() -> None:
             setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
 
 
+def _escape_undecodable_output() -> None:
+    """stdout writes a path whose bytes are not UTF-8 as those bytes, as `ls` prints it (and
+    as Python's stdout does in the C locale): a summary naming such a path (export's agreement
+    note, of the run's images folder) ended in a UnicodeEncodeError traceback on a UTF-8
+    stdout, after the command's work. (Messages escape such bytes as \\xNN themselves.)"""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and sys.stdout.errors == "strict":
+        reconfigure(errors="surrogateescape")
+
+
 # Commands that run TensorFlow (the others never import it, so they start at once).
 USES_TENSORFLOW = ("extract-features", "train", "caption", "evaluate", "export", "demo")
 
@@ -568,6 +578,7 @@ def entry() -> int:
     and a stop handled inside a finalizer raised again out of it (`_stop_after_finalizer`;
     also only here: signal handling belongs to the program, not to a library call)."""
     _open_closed_standard_streams()
+    _escape_undecodable_output()
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:   # one the parent ignored stays so
         signal.signal(signal.SIGTERM, _terminated)
     sys.unraisablehook = _stop_after_finalizer

@@ -168,10 +168,11 @@ def _earlier_info(out: str) -> Optional[dict]:
 def _settings(info: dict) -> dict:
     """What an export was made of and with, by the name its note gives it (a field an older
     export.json lacks is left out)."""
-    found = {k: info[k] for k in ("beam", "length_penalty", "max_length", "cache")
-             if k in info}
-    if "run" in info:
-        found["run"] = info.get("run_realpath") or info["run"]
+    found = {k: info[k] for k in ("beam", "length_penalty", "max_length") if k in info}
+    if isinstance(info.get("cache"), str):   # the same folder, whichever path named it
+        found["cache"] = os.path.realpath(info["cache"])
+    if isinstance(info.get("run"), str):
+        found["run"] = info.get("run_realpath") or os.path.realpath(info["run"])
     if isinstance(info.get("best"), dict):
         found["best epoch"] = info["best"].get("epoch")
     for part in ("backbone", "decoder"):

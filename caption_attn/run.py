@@ -718,9 +718,9 @@ class RunFolder:
         resume is refused (it said "caption or evaluate the run after its next finished
         epoch", which no resume reached)."""
         return UserError(f"{self.best_weights}: cannot be loaded ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0][:200]}); best.keras, missing or "
-                         f"damaged, cannot be rewritten from it: put either file back (from a "
-                         f"copy of the run), or train the run again with --fresh")
+                         f"{(str(error).splitlines() or [''])[0][:200]}); best.keras, "
+                         f"missing or damaged, cannot be rewritten from it: put either file "
+                         f"back (from a copy of the run), or train the run again with --fresh")
 
     def rewrite_best_model(self, model) -> None:
         """best.keras again from best.weights.h5, through `model` (a model of this run

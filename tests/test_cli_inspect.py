@@ -351,3 +351,19 @@ def test_inspect_json_names_a_file_whose_name_is_not_utf8_in_valid_utf8(tmp_path
     out = capsys.readouterr().out
     out.encode("utf-8")                                     # strict
     assert json.loads(out)["file"] == f"{tmp_path}/capt\\xe9.txt"
+
+
+def test_a_path_not_utf8_printed_to_stdout_ends_no_command_in_a_traceback(tmp_path):
+    """A summary naming a path whose bytes are not UTF-8 (export's agreement note naming the
+    run's images folder b'caf\\xe9') raised UnicodeEncodeError on a UTF-8 stdout after the
+    command's work (stdout was strict). It writes the path's own bytes, as `ls` does."""
+    code = ("import sys\n"
+            "from caption_attn import cli\n"
+            "sys.argv = ['caption-attn', '--version']\n"
+            "cli.main = lambda: print('images caf\\udce9') or 0\n"
+            "sys.exit(cli.entry())\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8", "LC_ALL": "C.UTF-8"},
+                          timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout == b"images caf\xe9\n"

@@ -22,9 +22,9 @@ Entries never silently take another image's place: a COCO `id` given to two diff
 entries, one file under two ids (COCO `id`, Karpathy `cocoid` or `imgid`), and an image in two
 Karpathy entries that differ (in split, `objects`, size, the spelling of its path or `sentids`:
 its captions would be read twice) are refused (captions of an image spread over several COCO
-annotations or Flickr lines are merged; an exact repeat of an entry is read once), and so are
-one COCO annotation `id` on two different annotations and one Flickr `IMAGE#N` with two
-different captions."""
+annotations or Flickr lines are merged; an exact repeat of an entry is read once), and so is
+one Flickr `IMAGE#N` with two different captions (one COCO annotation `id` on two different
+annotations keeps both, as pycocoevalcap scores them)."""
 
 from __future__ import annotations
 

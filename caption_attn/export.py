@@ -337,7 +337,7 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None,
         if about is None:                                  # no export.json: no export
             _refuse_what_is_no_export(out, force)
         others = _not_written_by_exports(out)
-        shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+        shown = _some(others)
         if damaged and others:   # another tool's export.json, or one cut short, beside them
             raise UserError(f"--out {out}: cannot tell which run it is an export of "
                             f"({damaged}), and it holds {shown}, which an export does not "
@@ -361,13 +361,18 @@ def _refuse_what_is_no_export(out: str, force: bool) -> None:
                         f"(which replaces only an earlier export): use another --out")
     others = _not_written_by_exports(out)
     if others:
-        shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+        shown = _some(others)
         raise UserError(f"--out {out}: exists and is not an export of a run (no {INFO_FILE}; "
                         f"it holds {shown}); refused even with --force, which replaces only "
                         f"an earlier export: use another --out (or move those files out)")
     if os.listdir(out) and not force:
         raise UserError(f"--out {out}: exists and is not an export of a run (no {INFO_FILE}); "
                         f"use another --out or add --force to replace it")
+
+
+def _some(names: list) -> str:
+    """The first three of `names`, "..." after them when there are more."""
+    return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
 
 
 def _not_written_by_exports(out: str) -> list:

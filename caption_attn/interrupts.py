@@ -48,7 +48,8 @@ def held(enabled: bool = True, saying: str = "") -> Iterator[Pending]:
     threads may take it, so it cannot be blocked) ends the program as if it came before the
     block, and every handler is put back either way: none of this block's is left behind (a
     later Ctrl-C was swallowed). Nested in another `held` block, a noted signal is handed
-    to the enclosing block when this one ends. Not `enabled`, or outside the main thread
+    to the enclosing block when this one ends, and a second signal (the first noted by
+    either block) goes through every enclosing block at once. Not `enabled`, or outside the main thread
     (where Python cannot set handlers), the block runs with the handlers as they are."""
     pending = Pending()
     if not enabled or threading.current_thread() is not threading.main_thread():
@@ -61,8 +62,11 @@ def held(enabled: bool = True, saying: str = "") -> Iterator[Pending]:
         _set_all({s: previous[s] for s in kept})
 
     def note(signum, frame) -> None:
-        if pending:
+        outer = getattr(previous.get(signum), "holds", None)   # an enclosing block's
+        if pending or outer:   # a second signal, here or before this block: at once
             restore()
+            if outer is not None and not outer:
+                outer.signum = signum       # so the enclosing block delivers it at once too
             signal.raise_signal(signum)
         else:
             pending.signum = signum

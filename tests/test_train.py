@@ -692,6 +692,32 @@ def test_a_signal_held_by_nested_blocks_ends_the_outer_one_as_it_would_have(defa
         signal.signal(signal.SIGTERM, old_term)
 
 
+def test_a_second_signal_in_nested_blocks_ends_the_program_at_once(default_sigint):
+    """A second Ctrl-C is delivered at once (a hung write, or a user who insists). Nested
+    (a best-model save held inside the training loop's block), the inner block handed its
+    second signal to the outer block, which noted it as its first: a third was needed, and
+    a fourth when the first came before the inner block began."""
+    import signal
+    from caption_attn import interrupts
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.held():
+            with interrupts.held():
+                signal.raise_signal(signal.SIGINT)
+                done.append("held")
+                signal.raise_signal(signal.SIGINT)           # the user insists
+                done.append("not reached")
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.held() as outer:
+            signal.raise_signal(signal.SIGINT)               # noted by the training loop
+            with interrupts.held():                          # then a save that hangs
+                done.append(outer.signum)
+                signal.raise_signal(signal.SIGINT)
+                done.append("not reached")
+    assert done == ["held", signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_held_signals_cannot_slip_between_the_handler_swaps(monkeypatch, capfd,
                                                             default_sigint):
     """A SIGTERM landing after SIGINT's handler was swapped but before SIGTERM's escaped

@@ -204,7 +204,8 @@ def decode_utf8(path: str, raw: bytes, file_names: bool = False) -> str:
     try:
         text = raw.decode("utf-8", _errors(file_names))
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
+        before = raw[:e.start]   # lines as universal newlines read them (CR, LF, CR LF)
+        line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
         raise UserError(f"{path}: not valid UTF-8 at byte {e.start} (line {line}): byte "
                         f"0x{raw[e.start]:02x}; save the file as UTF-8") from None
     if "\0" in text:   # UTF-16 of ASCII text is valid UTF-8, with a NUL after every letter

@@ -846,6 +846,17 @@ def test_non_utf8_names_the_byte_position(tmp_path):
         data.load_captions(str(path))
 
 
+@pytest.mark.parametrize("end", ["\r", "\r\n"])
+def test_non_utf8_line_counts_every_line_end_the_parser_reads(tmp_path, end):
+    """Caption files are read with universal newlines (a bare CR ends a line): the line
+    number of a bad byte counted LF only, so a Mac-style file said line 1 for line 3."""
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(f"a.jpg#0\tok{end}b.jpg#0\tok{end}c.jpg#0\tcaf\xe9{end}"
+                     .encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1\.txt: not valid UTF-8 at byte \d+ \(line 3\)"):
+        data.load_captions(str(path))
+
+
 @pytest.mark.parametrize("encoding, bom", [("utf-16", "ff fe"), ("utf-16-be", "fe ff"),
                                            ("utf-32", "ff fe 00 00")])
 def test_utf16_and_utf32_files_are_named_as_such_with_the_fix(tmp_path, encoding, bom):

@@ -150,6 +150,16 @@ class EarlyStopping(keras.callbacks.Callback):
         if start is not None:
             self.best_epoch = epoch - 1
 
+    def start_from(self, epoch: int, value: float) -> None:
+        """Make 0-based `epoch`'s `value` the best so far when it is at least the replay's
+        best (or there is none), patience starting over: the value of the best model on disk
+        measured again after a resume (`train.Trainer._val_cider_again`)."""
+        if self.best_epoch == epoch:
+            return
+        if self.best_epoch is None or (value >= self.best if self.mode == "max"
+                                       else value <= self.best):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+
     def _improved(self, value: float) -> bool:
         if self.mode == "min":
             return value < self.best - self.min_delta

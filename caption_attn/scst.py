@@ -73,6 +73,16 @@ def _count_document_frequency(path: str, references: dict, vocab_size: int, save
     return df
 
 
+def recorded_digest(path: str):
+    """The digest of the references `path` (a cider_df.json) records it was counted on; None
+    when there is no such file, it cannot be read, or it records none (an older run's)."""
+    try:
+        digest = read_json(path).get("references_sha256") if os.path.exists(path) else None
+    except (UserError, OSError, AttributeError):
+        return None
+    return digest if isinstance(digest, str) else None
+
+
 def references_digest(references: dict) -> str:
     """sha256 of {image id: [id lists]} in image id order."""
     payload = json.dumps([[int(k), [[int(i) for i in ids] for ids in references[k]]]

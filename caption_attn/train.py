@@ -37,7 +37,7 @@ from caption_attn.fileio import check_utf8_path, read_json, write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
 from caption_attn.optimizer import FusedAdam, StagedLearningRate, inner, make_optimizer
 from caption_attn.run import RunFolder, changed_settings_note
-from caption_attn.scst import SelfCritical
+from caption_attn.scst import SelfCritical, recorded_digest
 from caption_attn.steps import EpochTotals, Steps
 from caption_attn.train_data import (SPLIT_FIELDS, EpochData, TrainData, features_as_recorded,
                                      load_train_data as _load_train_data)
@@ -617,6 +617,9 @@ class Trainer:
         # the run's training settings until this call trains (`with_trained_settings`)
         self._previous = self.run.load_config().train if os.path.exists(self.run.config) \
             else None
+        # the table the val_cider of history.json's entries without a digest was measured
+        # with: cider_df.json as found, before anything counts it again (`_on_other_table`)
+        self._df_found = recorded_digest(self.run.cider_df)
         # where the source images were checked (a resume: where the run trained), for the
         # heatmaps: the cache's last folder may hold another dataset's images since
         self.images_dir = images_dir or self.data.images_dir or \
@@ -935,13 +938,15 @@ class Trainer:
         # A finished run (or one at --max-steps) traces no step and decodes nothing (seconds)
         ended = 0 < int(self.step_in_epoch.numpy()) >= self._epoch_length(done)
         todo = trains_more(tc, done, steps_before, epoch_ended=ended)
-        measured = {}
+        measured, best_cider, replayed = {}, None, history
         if todo:
             self._compile(self.inputs.captions("train", epoch=0).element_spec)
             with self._stopped_at_damaged_features():
+                best_cider = self._val_cider_again(history, done)
                 measured = self._metrics_before_resume(history, done)
+            replayed = self._comparable(history)
         early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
-                              initial_history=history, save_best=self._save_best,
+                              initial_history=replayed, save_best=self._save_best,
                               restore_best=self._restore_best)
         samples = SampleFigures(self.validator, self.images_dir, background=True,
                                  log=self.log)
@@ -960,6 +965,13 @@ class Trainer:
         _describe(self, resumed, done)
         self.model.stop_training = False
         callbacks.on_train_begin()
+        if best_cider is not None:
+            early.start_from(*best_cider)
+            if self.chief and saves_restored_as_best(self.run, tc, early, done, history,
+                                                     measured):
+                self.log(f"note: with the new document frequencies the resumed epoch {done} "
+                         f"has the best val_cider ({metric_text(early.best)}): it becomes "
+                         f"{self.run.best_model}")
         self._repair_best(early, done, history, measured)
         if todo and self.chief and tc.sample_images:  # trace the greedy decoder now, not in epoch 1
             with self._stopped_at_damaged_features():
@@ -1068,6 +1080,8 @@ class Trainer:
             raise
         logs.update(stage=stage, monitor=self.cfg.train.monitor_for(epoch),
                     seconds=time.perf_counter() - t0)
+        if "val_cider" in logs:   # the document frequencies it was measured with
+            logs["cider_df_sha256"] = self.inputs.df_digest()
         self.epoch.assign(epoch + 1)
         self.step_in_epoch.assign(0)
         entry = {"epoch": epoch + 1, **{k: _plain(v) for k, v in logs.items()}}
@@ -1101,7 +1115,84 @@ class Trainer:
             return {}
         measured = self.validator.metrics(missing)
         history[-1].update(measured)
+        if "val_cider" in measured:
+            history[-1]["cider_df_sha256"] = self.inputs.df_digest()
         return measured
+
+    # -- val_cider of another table of document frequencies ------------------------------
+    def _on_other_table(self, entry: dict) -> bool:
+        """Whether `entry`'s val_cider was measured with other CIDEr-D document frequencies
+        than this call's: those of other train references (the digest recorded beside it,
+        else, for an entry written before it was, the one of cider_df.json as found)."""
+        if entry.get("val_cider") is None:
+            return False
+        table = entry.get("cider_df_sha256", self._df_found)
+        return table is not None and table != self.inputs.df_digest()
+
+    def _comparable(self, history: list) -> list:
+        """`history` for early stopping's replay: val_cider values of another table of
+        document frequencies, on another scale, left out: neither the bar nor an epoch
+        without improvement (`EarlyStopping` skips an entry without its monitor)."""
+        if not any(h.get("val_cider") is not None for h in history):
+            return history
+        return [{k: v for k, v in h.items() if k != "val_cider"}
+                if self._on_other_table(h) else h for h in history]
+
+    def _val_cider_again(self, history: list, done: int) -> Optional[tuple[int, float]]:
+        """A resume whose train references changed (train images gained or lost features)
+        counts cider_df.json again: the val_cider of earlier epochs is on another scale, and
+        early stopping would compare the next epochs with it (the best model never replaced,
+        or replaced by a worse one). Say so, and measure again with the new table, when
+        val_cider is monitored, the models there are: the restored one (at the end of epoch
+        `done`) and best.keras; `history` (and history.json, best.json) get the new values.
+        Returns (0-based epoch, val_cider) of best.keras measured again, the bar that
+        `EarlyStopping.start_from` keeps when the replay (`_comparable`) found none as
+        high, or None."""
+        stale = [h["epoch"] for h in history if self._on_other_table(h)]
+        if not stale:
+            return None
+        tc, digest = self.cfg.train, self.inputs.df_digest()
+        at_end = not int(self.step_in_epoch.numpy()) and history[-1]["epoch"] == done
+        record = self.run.best_record() or {}
+        best = record.get("epoch")
+        again = {}   # 1-based epoch -> val_cider with the new table
+        if tc.monitor_for(done) == "val_cider":
+            if at_end and done in stale:
+                again[done] = self.validator.metrics(["val_cider"]).get("val_cider")
+            entry = next((h for h in history if h["epoch"] == best), None)
+            if entry is not None and tc.monitor_for(done - 1) == "val_cider" and \
+                    not (at_end and best == done) and \
+                    (entry.get("val_cider") is None or best in stale):
+                again[best] = self._best_model_val_cider()
+        again = {e: v for e, v in again.items() if v is not None}
+        was = {}
+        for h in history:
+            if h["epoch"] in again:
+                was[h["epoch"]] = h.get("val_cider")
+                h.update(val_cider=again[h["epoch"]], cider_df_sha256=digest)
+        if self.chief and again:
+            write_json_atomic(self.run.history, history)
+            if record.get("monitor") == "val_cider" and best in again:
+                write_json_atomic(self.run.best_info, {**record, "value": again[best]})
+        self.log("note: " + _other_table_note(self.run.cider_df, stale, was, again, best))
+        return (best - 1, again[best]) if best in again else None
+
+    def _best_model_val_cider(self) -> Optional[float]:
+        """val_cider of best.keras's model (its weights put in the model for the decoding,
+        then the restored ones back); None, with a note, when they cannot be loaded."""
+        weights = self.model.get_weights()
+        try:
+            if not self.run.restore_best_weights(self.model):
+                if not os.path.exists(self.run.best_model):
+                    return None
+                self.model.set_weights(self.run.load_best_model().get_weights())
+            return self.validator.metrics(["val_cider"]).get("val_cider")
+        except (UserError, OSError, ValueError) as e:
+            self.log(f"note: cannot measure the val_cider of {self.run.best_model} again "
+                     f"({e}); the next epochs are compared with the resumed one's")
+            return None
+        finally:
+            self.model.set_weights(weights)
 
     def _record_measured(self, history: list, done: int, measured: dict, writers) -> None:
         """history.json with the metrics `_metrics_before_resume` measured, and TensorBoard,
@@ -1113,6 +1204,33 @@ class Trainer:
                 write_json_atomic(self.run.history, history)
             if writers:
                 writers[0].log_validation(done - 1, measured)
+
+
+def _other_table_note(path: str, stale: list, was: dict, again: dict,
+                      best: Optional[int]) -> str:
+    """`Trainer._val_cider_again`'s note: `stale` the epochs whose val_cider was measured
+    with the old table, `was` / `again` {epoch: val_cider} before and after measuring again,
+    `best` best.json's epoch."""
+    epochs = ", ".join(str(e) for e in stale)
+    text = (f"{path}: the train split's references changed since epoch{'s' * (len(stale) > 1)} "
+            f"{epochs} measured val_cider (train images gained or lost features), so the "
+            f"CIDEr-D document frequencies were counted again and those val_cider values are "
+            f"on another scale; ")
+    if again:
+        remeasured = "; ".join(
+            f"epoch {e}{' (best.keras)' if e == best else ''} "
+            f"{'-' if was.get(e) is None else metric_text(was[e])} -> {metric_text(v)}"
+            for e, v in sorted(again.items()))
+        kept = [e for e in stale if e not in again]
+        text += (f"measured again with the new ones: {remeasured}. Early stopping and the best "
+                 f"model compare the next epochs with these")
+        if kept:
+            text += (f", not with epoch{'s' * (len(kept) > 1)} "
+                     f"{', '.join(str(e) for e in kept)} (nor count "
+                     f"{'them' if len(kept) > 1 else 'it'} against --patience)")
+        return text
+    return text + ("early stopping and the best model leave them out (nor count them against "
+                   "--patience): the next epoch's val_cider is the first compared")
 
 
 def _hparams(cfg: RunConfig, vocab_size: int) -> dict:

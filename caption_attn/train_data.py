@@ -25,7 +25,7 @@ from caption_attn.config import FEATURE_DTYPES, RunConfig
 from caption_attn.errors import UserError
 from caption_attn.fileio import write_json_atomic
 from caption_attn.run import RunFolder, splits_digest
-from caption_attn.scst import train_document_frequency
+from caption_attn.scst import references_digest, train_document_frequency
 from caption_attn.vocab import SPECIAL_TOKENS, Vocabulary, tokenize_all
 
 
@@ -331,6 +331,7 @@ class EpochData:
         self.scst_steps_per_epoch = math.ceil(len(self.train_images) / self.images_per_step)
         self.table: Optional[pipeline.FeatureTable] = None
         self._df: Optional[DocumentFrequency] = None
+        self._df_digest: Optional[str] = None
 
     def load_table(self) -> None:
         """Keep the train and val features in memory when they fit in --memory-cache-gb."""
@@ -375,6 +376,13 @@ class EpochData:
         """{train image id: [token id lists]}: the references of the self-critical reward."""
         ids = self.data.caption_ids["train"]
         return {i: ids[k] for i, k in enumerate(self.train_images)}
+
+    def df_digest(self) -> str:
+        """The digest of the train references the document frequencies are counted on (what
+        cider_df.json records): history.json and best.json note it beside each val_cider."""
+        if self._df_digest is None:
+            self._df_digest = references_digest(self.train_references())
+        return self._df_digest
 
     def document_frequency(self) -> DocumentFrequency:
         """CIDEr-D document frequencies of the train split (counted once per run and kept

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -158,3 +159,83 @@ def test_a_self_critical_epoch_resumed_at_another_rate_records_its_first_steps(s
     train.train(_config(shapes_data, scst_after=0, max_steps=1), run, **quiet)
     train.train(_config(shapes_data, scst_after=0, scst_learning_rate=5e-4), run, **quiet)
     assert [h["learning_rate"] for h in _history(run)] == pytest.approx([1e-3])
+
+
+@pytest.fixture(scope="module")
+def three_epochs(shapes_data, tmp_path_factory):
+    """1 cross-entropy and 2 self-critical epochs on a private copy of the feature cache."""
+    root = tmp_path_factory.mktemp("scst_df")
+    shutil.copytree(shapes_data["cache"], root / "cache")
+    cfg = _config(shapes_data, epochs=3, scst_after=1)
+    cfg.cache = str(root / "cache")
+    train.train(cfg, str(root / "run"), progress=False, log=lambda *a: None)
+    return root
+
+
+@pytest.fixture(params=["digests", "no digests"])
+def on_old_table(three_epochs, tmp_path, request):
+    """A copy of `three_epochs` whose history.json's val_cider values stand for a table of
+    other document frequencies (x1000: another scale), and a copy of its cache; with "no
+    digests", history.json is a run's written before it recorded the table of each val_cider
+    (cider_df.json's own digest then tells)."""
+    shutil.copytree(three_epochs / "cache", tmp_path / "cache")
+    shutil.copytree(three_epochs / "run", tmp_path / "run")
+    history = _history(str(tmp_path / "run"))
+    for h in history:
+        h["val_cider"] *= 1000
+        if request.param == "no digests":
+            h.pop("cider_df_sha256", None)
+    with open(tmp_path / "run" / "history.json", "w") as f:
+        json.dump(history, f)
+    with open(tmp_path / "run" / "split.json") as f:
+        train_keys = json.load(f)["splits"]["train"]
+    return {"run": str(tmp_path / "run"), "cache": str(tmp_path / "cache"),
+            "train_keys": train_keys, "old": history}
+
+
+def _resume(shapes_data, old, notes, **options):
+    cfg = _config(shapes_data, scst_after=1, **options)
+    cfg.cache = old["cache"]
+    return train.train(cfg, old["run"], progress=False, log=notes.append)
+
+
+def test_val_cider_of_another_document_frequency_table_is_not_the_bar(shapes_data,
+                                                                      on_old_table):
+    """A resume whose train references changed (a train image lost its features) counts
+    cider_df.json again, and val_cider moves to another scale: the earlier epochs' values
+    stayed the bar of best.keras and early stopping (here x1000: the run counted its epochs
+    as no improvement and had stopped; a new epoch could never replace the best model)."""
+    os.remove(os.path.join(on_old_table["cache"], on_old_table["train_keys"][0] + ".npy"))
+    notes = []
+    _resume(shapes_data, on_old_table, notes, epochs=4, patience=2)
+    said = [n for n in notes if "cider_df.json" in n and "val_cider" in n]
+    assert len(said) == 1, notes
+    history = _history(on_old_table["run"])
+    df = DocumentFrequency.load(os.path.join(on_old_table["run"], "cider_df.json"))
+    with open(os.path.join(on_old_table["run"], "cider_df.json")) as f:
+        digest = json.load(f)["references_sha256"]
+    assert df.num_images == len(on_old_table["train_keys"]) - 1
+    # epoch 2, measured on the old table, neither set the bar nor counted against patience:
+    # epoch 4 trained; the best model (epoch 1's) and the resumed epoch 3 were measured again
+    assert len(history) == 4
+    assert history[1]["val_cider"] == on_old_table["old"][1]["val_cider"]
+    assert history[1].get("cider_df_sha256") != digest
+    now = {h["epoch"]: h["val_cider"] for h in history if h.get("cider_df_sha256") == digest}
+    assert sorted(now) == [1, 3, 4] and max(now.values()) < 1
+    with open(os.path.join(on_old_table["run"], "best.json")) as f:
+        best = json.load(f)
+    winner = max(now, key=lambda e: (now[e], -e))   # a tie keeps the earlier model
+    assert best["epoch"] == winner
+    if winner != 1:
+        assert best["monitor"] == "val_cider" and best["value"] == now[winner]
+
+
+def test_a_resume_with_the_same_train_references_keeps_the_val_cider_bar(shapes_data,
+                                                                         on_old_table):
+    """Nothing changed: no note, and the recorded values stay the bar (x1000 here: the run
+    had stopped by patience, and stays stopped)."""
+    notes = []
+    summary = _resume(shapes_data, on_old_table, notes, epochs=4, patience=2)
+    assert not [n for n in notes if "cider_df.json" in n]
+    assert summary["stopped_by"] == "early_stopping" and summary["epochs_now"] == 0
+    assert _history(on_old_table["run"]) == on_old_table["old"]

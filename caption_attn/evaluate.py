@@ -315,12 +315,15 @@ def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
 
 def _decode_settings(captioner) -> dict:
     """How the captions were decoded, as the metrics JSON records it: every setting that
-    changes them (`--max-length`, and the sampling flags of `--sample`), not just the beam."""
+    changes them (`--max-length`, and the sampling flags of `--sample`), not just the beam,
+    and none that the method does not use (greedy decoding has no length penalty)."""
     cfg = captioner.cfg
     settings = {"method": cfg.method}
     if cfg.method == "sample":  # the beam width and length penalty are not used
         settings.update(max_length=captioner.max_length, temperature=cfg.temperature,
                         top_k=cfg.top_k, seed=cfg.seed)
+    elif cfg.method == "greedy":  # --beam 1: one hypothesis, nothing to rank by length
+        settings.update(beam=cfg.beam, max_length=captioner.max_length)
     else:
         settings.update(beam=cfg.beam, length_penalty=cfg.length_penalty,
                         max_length=captioner.max_length)

@@ -135,6 +135,18 @@ def test_the_metrics_record_every_decoding_setting(trained_run, tmp_path, monkey
                                  "top_k": 2, "seed": 7}
 
 
+def test_greedy_metrics_record_no_length_penalty(trained_run, tmp_path, monkeypatch):
+    # --beam 1 (greedy) recorded "length_penalty": 0.0, a setting greedy decoding never uses
+    monkeypatch.setattr(evaluate, "_decode", lambda captioner, found, progress: {
+        k: captioner_lib.Caption(["a"], 0.0, np.zeros((2, 64))) for k in found.keys})
+    metrics = evaluate.evaluate_run(trained_run, "val", DecodeConfig(beam=1, max_length=5),
+                                    out=str(tmp_path / "m.json"), progress=False,
+                                    use_java=False)
+    assert metrics["decode"] == {"method": "greedy", "beam": 1, "max_length": 5}
+    with open(tmp_path / "m.json") as f:
+        assert json.load(f)["decode"] == metrics["decode"]
+
+
 def test_the_metrics_name_the_best_model_scored_and_a_replaced_one_is_refused(
         run_copy, tmp_path, monkeypatch, capsys):
     # After a resumed `train` saved a new best, eval/test_metrics.json of the old best model

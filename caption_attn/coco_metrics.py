@@ -158,51 +158,102 @@ def ptb_tokenize_java(captions_for_image: dict[Key, list[str]]) -> dict[Key, lis
 
 
 _PY_REPLACE = {"\u201c": ' " ', "\u201d": ' " ', "\u2018": " ' ", "\u2019": "'",
-               "\u2026": " ... ", "\x85": " ... ", "\u2014": " -- ", "\u2013": " -- "}
+               "\u2026": " ... ", "\x85": " ... ", "\u2014": " -- ", "\u2013": " -- ",
+               # the jar's fractions and currency signs, as it writes them
+               "\u00bc": " 1/4 ", "\u00bd": " 1/2 ", "\u00be": " 3/4 ", "\u2153": " 1/3 ",
+               "\u2154": " 2/3 ", "\u20ac": " $ ", "\u00a3": " # ", "\u00a2": " cents ",
+               # zero-width spaces and marks separate words; a soft hyphen joins them
+               "\u200b": " ", "\u200e": " ", "\u200f": " ", "\ufeff": " ", "\u00ad": ""}
 _PY_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-",
                 "{": "-lcb-", "}": "-rcb-"}  # lowercased, so ptbtokenizer.py keeps them too
-_PY_SPLITS = {"cannot": "can not", "gonna": "gon na", "wanna": "wan na", "gotta": "got ta"}
+_PY_SPLITS = {"cannot": "can not", "gonna": "gon na", "wanna": "wan na", "gotta": "got ta",
+              "gimme": "gim me", "lemme": "lem me"}
+_BEYOND_BMP = re.compile("[\U00010000-\U0010ffff]")  # the jar drops them (untokenizable)
 _CLITIC = r"(?:s|re|ve|ll|d|m)\b"  # after an apostrophe: it's, we're, you've, we'll, she'd
-_ABBREV = (r"mrs?|ms|dr|st|jr|sr|etc|vs|inc|co|corp|ltd|bros|mt|ft|ave|rd|blvd|gen|gov"
-           r"|prof|capt|sen|rep|lt|sgt|col|jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec")
+# The jar's abbreviations that keep their period, as CoreNLP 3.4.1 has them (checked with the
+# jar, tests/test_coco_metrics.py): any case, but a letter in brackets only as written there
+# (a capital: "Ill." keeps it, "ill." does not; "MFG." neither).
+_ABBREV = (r"jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec|mon|tues?|wed|thu(?:rs)?|fri"
+           r"|ala|ariz|calif|colo|conn|ct|dak|fla|ga|ind|kans?|ky|md|mich|minn|mo|mont|neb"
+           r"|nev|okla|penn|tenn|va|vt|wisc?|wyo|(?-i:A)(?:z|rk)|(?-i:D)el|(?-i:I)ll|(?-i:L)a"
+           r"|(?-i:M)(?:ass|iss)|(?-i:O)re|(?-i:P)a|(?-i:T)ex|(?-i:W)ash"
+           r"|mrs?|ms|drs?|profs?|sens?|reps?|attys?|lt|col|gen|messrs|govs?|adm|rev|maj|sgt"
+           r"|cpl|pvt|mt|capt|ste?|ave|pres|lieut|hon|brig|co?mdr|pfc|spc|supts?|det|mme"
+           r"|mlle|ph|jr|sr|bros|(?:ed|ph)\.d|blvd|rd|esq|inc|cos?|corp|pp?t(?-i:y)s?|ltd"
+           r"|plc|bancorp|dept|bhd|assn|univ|intl|sys|invt|elec|natl|m(?-i:[ft])g|etc|al"
+           r"|seq|vs|alex|wm|jos|cie|cf|treas|ft|tel|est|ext|sq|bldg")
+# Words before which the jar takes a single letter's period for a sentence end ("plan b. The
+# dog" -> "plan b . the dog"), as capitalised (THE too, not "the"), followed by a space: the
+# ones found among 160 common words tried with the jar; it has more, induced from the WSJ.
+_STARTERS = ("A An The He In It There They She We This Her Then As At If But So You Our Their "
+             "These That What When While After Since Some Many One Here Now However Yet Once "
+             "Last Other Such More").split()
+_STARTER = "(?:" + "|".join(f"(?-i:{w[0]}){w[1:]}" for w in _STARTERS) + r")\s"
+_STARTS_A_SENTENCE = re.compile(r"\s*" + _STARTER, re.IGNORECASE)
+_LETTER_AND_PERIOD = re.compile(r"[a-z]\.", re.IGNORECASE)
 # Matched on the caption as written (case counts for "AT&T" against "b & w"), IGNORECASE.
 _PY_TOKEN = re.compile(rf"""
       <[a-z][\w-]*>                          # SGML-like tags stay whole: <unk>, <end>
+    | [a-z0-9][^\s"<>|()]*@(?:[^\s"<>|().]+\.)*[^\s"<>|().]+   # e-mail: user@example.com
+    | [<>]?[:;=][-o*']?[()\[\]dp\\{{@|](?!\w)   # smileys: :) :-( ;p
     | \.\.\.                                  # ellipsis
     | --                                      # dash
     | [!?]+                                   # "!!" and "?!" stay one token
     | \w+?(?=n't\b)                           # "do" of "don't", "ca" of "can't"
     | n't\b
     | '{_CLITIC}                               # 's 're 've 'll 'd 'm
-    | \w+(?:-\w+)+                             # well-known, 3-year-old
+    | 'n'|'n(?!\w)                            # 'n' of rock'n'roll, rock 'n roll, more'n
+    | 't(?=(?:is|was)\b)                       # 'tis, 'twas
+    | '(?:em|cause|til)\b                      # 'em, 'cause, 'til
+    | (?<![^\W\d_])'\d+s?(?!\w|'s|")            # '90s, 5'10 (not '80's, 5'10" nor it'5)
+    | (?<!\w)y'(?=[^\W\d_])                      # y' of y'all, y'know
+    | (?:\d+[.,])?\w+(?:-\w+)+                  # well-known, 3-year-old, 4.5-inch
     | \d+(?:[.,:]\d+)+(?=[^\W\d_])            # 3.5 of 3.5mm, 1,000 of 1,000s
-    | (?:[^\W\d_]\.){{2,}}                    # abbreviations: u.s.
+    | [^\W\d_](?:\.[^\W\d_])+\.?(?!\w)         # acronyms: u.s. a.b.c
     | (?:{_ABBREV})\.(?!\w)                   # titles etc. keep their period: mr. etc.
-    | no\.(?=\s+\d)                            # no. 5
+    | (?<!\w)[a-z]\.(?!\w|\s+{_STARTER})        # so does a single letter: "plan b." "b&w."
+    | (?:ca|figs?|prop|nos?|art|pp|op)\.(?=\s*\d)   # before a number: no. 5, fig. 3
     | (?-i:[A-Z]+&[A-Z]+)\b                   # AT&T, B&W whole; b&w is b & w
-    | @?\w+(?:[/.]\w+|'(?!{_CLITIC})\w+)*     # words: 2nd, 4x4, 1/2, 3.5, a.b, o'neil
+    | c\+\+|[cf]\#                            # C++, C#, F#
+    | \#[^\W\d_]\w*                            # #hashtag (but "# 1")
+    | [-+]\.?\d+(?:[.,]\d+)*                   # signed numbers: -5, +1, -.5
+    | @?\w+(?:[/.]\w+|'(?!{_CLITIC}|n'|n\b)[^\W\d_]\w*)*   # 2nd, 4x4, 1/2, 3.5, o'neil
       (?:[,:]\d+)*                             # 1,000  10:30
     | \S                                      # any other character on its own
 """, re.VERBOSE | re.IGNORECASE)
 
 
-def _py_tokenize_line(line: str) -> str:
-    """One caption, PTB-tokenized and lowercased (before punctuation removal)."""
-    text = line
+def _py_tokenize_line(line: str, before_a_sentence: bool = False) -> str:
+    """One caption, PTB-tokenized and lowercased (before punctuation removal).
+    `before_a_sentence`: the next caption starts with a word of `_STARTERS`, which the jar,
+    reading all captions as one text, sees after this one's last period."""
+    text = _BEYOND_BMP.sub(" ", line)
     for old, new in _PY_REPLACE.items():
         text = text.replace(old, new)
     tokens = [t.lower() for t in _PY_TOKEN.findall(text)]
+    if before_a_sentence and tokens and _LETTER_AND_PERIOD.fullmatch(tokens[-1]):
+        tokens[-1:] = [tokens[-1][0], "."]   # "vitamin c." then "A dog ...": "vitamin c ."
     tokens = [_PY_BRACKETS.get(t, _PY_SPLITS.get(t, t)) for t in tokens]
+    # a smiley's bracket as a bracket token's: ":)" -> ":-rrb-"
+    tokens = [t[:-1] + _PY_BRACKETS[t[-1]] if len(t) > 1 and t[0] in "<>:;=" and
+              t[-1] in _PY_BRACKETS else t for t in tokens]
     return " ".join("``" if t == '"' else t for t in tokens)
 
 
 def ptb_tokenize_python(captions_for_image: dict[Key, list[str]]) -> dict[Key, list[str]]:
     """A pure-Python imitation of `ptb_tokenize_java` for machines without Java: lowercase,
     PTB splitting (clitics, n't, punctuation, brackets) and the same punctuation removal.
-    Common captions come out identical; rare constructs (abbreviations not in `_ABBREV`,
-    "b&w." at the end of a caption, "rock'n'roll") may differ."""
+    Common captions come out identical, and so do the 326 of tests/ptb_tricky_captions.txt;
+    what still differs: a single letter's period before a sentence-starting word that is not
+    in `_STARTERS` (the jar's list is longer), other characters the jar cannot tokenize
+    (it drops e.g. "\u20b9"), "v1.2.3" (jar: "v1 .2.3"), "1,000-2,000" (jar: "1,000-2 ,000")
+    and more such constructs, rare in captions."""
     keys, lines = _sentences(captions_for_image)
-    return _group(keys, [_py_tokenize_line(line) for line in lines])
+    starts = [False] * len(lines)   # whether the next line that is not blank starts a sentence
+    for i in range(len(lines) - 2, -1, -1):
+        after = lines[i + 1]
+        starts[i] = bool(_STARTS_A_SENTENCE.match(after + "\n")) if after.strip() else starts[i + 1]
+    return _group(keys, [_py_tokenize_line(line, s) for line, s in zip(lines, starts)])
 
 
 # --------------------------------------------------------------------------- coco metrics

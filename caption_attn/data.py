@@ -95,6 +95,10 @@ class CaptionSet:
     # of a usable caption), in list order: dropped, said in `split_note` and by `describe`
     unmatched: dict[str, list[str]] = field(default_factory=dict)
     stamp: Optional[dict] = None          # `file_stamp` of the bytes read
+    # the images of `uncaptioned` whose captions all lack a word (".", "!!"), as records with
+    # no `captions` and those as `wordless`: never trained on, but pycocoevalcap scores an
+    # image against such references (`evaluate` does too, when the image is in the split)
+    wordless_only: list[ImageRecord] = field(default_factory=list)
 
     @property
     def refused_paths(self) -> int:
@@ -206,6 +210,7 @@ class _Collector:
         self.uncaptioned: dict[str, None] = {}  # keys given no usable caption (so far)
         self.bare: dict[str, None] = {}  # of those, keys given no caption at all (so far)
         self.wordless: dict[str, list[str]] = {}  # captions without a word, per key
+        self.silent: dict[str, ImageRecord] = {}  # keys first seen with only such captions
 
     def add(self, raw_path: str, captions: list[str], where: str, split: Optional[str] = None,
             image_id: Any = None, objects: Optional[list] = None,
@@ -223,6 +228,8 @@ class _Collector:
             self.wordless.setdefault(key, []).extend(c for c in captions if not _has_word(c))
         if not kept:
             self.uncaptioned.setdefault(key, None)  # unless a later entry gives it one
+            if captions and key not in self.records:
+                self.silent.setdefault(key, ImageRecord(key, [], split, image_id, objects, size))
             if not captions:  # a COCO image without annotations, a Karpathy one without
                 self.bare.setdefault(key, None)  # sentences
             return
@@ -255,8 +262,12 @@ class _Collector:
             raise UserError(f"no usable captions in {self.path} ({self.skipped_empty} empty "
                             f"captions, {len(refused)} refused image paths{bare})")
         uncaptioned = sorted(k for k in self.uncaptioned if k not in self.records)
+        wordless_only = [self.silent[k] for k in uncaptioned if k in self.silent]
+        for record in wordless_only:
+            record.wordless = self.wordless[record.image]
         return CaptionSet(self.path, fmt, records, self.skipped_empty, refused, has_split,
-                          uncaptioned, "file" if has_split else None)
+                          uncaptioned, "file" if has_split else None,
+                          wordless_only=wordless_only)
 
 
 # --------------------------------------------------------------------------- reading files
@@ -717,6 +728,8 @@ def load_captions(path: str, format: str = "auto") -> CaptionSet:
     if format not in ("coco", "karpathy"):
         for index, record in enumerate(captions.records):  # index in key order: stable
             record.image_id = index
+        for index, record in enumerate(captions.wordless_only, len(captions.records)):
+            record.image_id = index  # after the others, whose ids stay as they were
     return captions
 
 

@@ -95,8 +95,13 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
         raise UserError(f"the run's {split} split is empty ({run.split}): nothing to "
                         f"evaluate; choose another with --split ({'; '.join(others)})")
     # split as the run was: a run split by image hash keeps every image, lists beside or not
-    records = {r.image: r for r in data.load_dataset(captions, run_cfg.data,
-                                                      lists=run.split_by_lists()).records}
+    loaded = data.load_dataset(captions, run_cfg.data, lists=run.split_by_lists())
+    records = {r.image: r for r in loaded.records}
+    # an image of the split whose captions all lack a word ("." "!!") is no image to train
+    # on, but pycocoevalcap scores it against them (about 0): so does evaluate, with a note
+    in_split = set(splits[split])
+    silent = [r for r in loaded.wordless_only if r.image in in_split]
+    records.update((r.image, r) for r in silent)
     manifest = read_manifest(cache)
     run.check_cache(cache, manifest)
     reader = pipeline.NpyReader.from_manifest(manifest)
@@ -105,6 +110,8 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
     note = (f"the references in {captions} differ from the captions the run was trained with "
             f"in its {split} split: {changes}; the scores are against {captions}"
             if changes else "")
+    if silent:
+        note = "; ".join(filter(None, [note, _wordless_note(silent, split, captions)]))
     keys = [k for k in splits[split] if k in records]
     objects_note = _objects_note(recorded, splits, records, split, captions)
     absent = [k for k in splits[split] if k not in records]
@@ -138,6 +145,18 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
                                       fix=" (scored as they are)") or ""
     return _SplitFeatures(split, cache, keys, without, records, manifest, reader, why, note,
                           objects_note, unchecked, [place[k] for k in keys])
+
+
+def _wordless_note(silent: list, split: str, captions: str) -> str:
+    """What `evaluate` says of the `silent` records of its `split`: images whose captions in
+    `captions` all lack a word, scored against them as pycocoevalcap scores them."""
+    first, one = silent[0], len(silent) == 1
+    return (f"{images_count(len(silent))} of the {split} split {'has' if one else 'have'} "
+            f"only captions without a word in {captions} ({'' if one else 'e.g. '}"
+            f"{first.image!r}: {', '.join(repr(c) for c in first.wordless[:3])}): scored "
+            f"against them, as "
+            f"pycocoevalcap scores such an image (they hold no word to match, so about 0 on "
+            f"every metric), not left out")
 
 
 def _objects_note(recorded: Optional[dict], splits: dict, records: dict, split: str,
@@ -315,12 +334,15 @@ def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
 
 def _decode_settings(captioner) -> dict:
     """How the captions were decoded, as the metrics JSON records it: every setting that
-    changes them (`--max-length`, and the sampling flags of `--sample`), not just the beam."""
+    changes them (`--max-length`, and the sampling flags of `--sample`), not just the beam,
+    and none that the method does not use (greedy decoding has no length penalty)."""
     cfg = captioner.cfg
     settings = {"method": cfg.method}
     if cfg.method == "sample":  # the beam width and length penalty are not used
         settings.update(max_length=captioner.max_length, temperature=cfg.temperature,
                         top_k=cfg.top_k, seed=cfg.seed)
+    elif cfg.method == "greedy":  # --beam 1: one hypothesis, nothing to rank by length
+        settings.update(beam=cfg.beam, max_length=captioner.max_length)
     else:
         settings.update(beam=cfg.beam, length_penalty=cfg.length_penalty,
                         max_length=captioner.max_length)

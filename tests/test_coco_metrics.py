@@ -149,6 +149,36 @@ PTB_CASES = {
     "the No. 5 bus on Main Ave. in Jan. etc.": "the no. 5 bus on main ave. in jan. etc.",
     "a no. and 5 lb. of approx. mph.": "a no and 5 lb of approx mph",
     "www.google.com, a.b and file.jpg": "www.google.com a.b and file.jpg",
+    # a single letter keeps its period (initials, "plan b."): "b&w." at the end was "b & w"
+    "an old b&w. q&a. the letter a. plan B. I. x.": "an old b & w. q & a. the letter a. "
+                                                   "plan b. i. x.",
+    "a... a.. dog, (a.) 5x. é. a.b.c": "a. a. dog -lrb- a. -rrb- 5x é a.b.c",
+    # the jar's own abbreviations (some need a capital: "Ill." but "ill.")
+    "the Univ. and Dept. of Ph.D. students": "the univ. and dept. of ph.d. students",
+    "Calif. ill. Ill. Tue. Esq. Mfg. MFG. fig. approx. May. Sat.":
+        "calif. ill ill. tue. esq. mfg. mfg fig approx may sat",
+    # 'n', 'tis, 'em, '90s; gimme and lemme split as gonna
+    "rock'n'roll! rock 'n' roll, rock 'n roll, more'n": "rock 'n' roll rock 'n' roll rock 'n "
+                                                       "roll more 'n",
+    "'Tis 'twas 'em 'cause 'til 'round the '90s, '80's, 5'10 tall, it'5":
+        "'t is 't was 'em 'cause 'til round the '90s 80 's 5 '10 tall it 5",
+    "gimme lemme o'neil's c'mon d'ye": "gim me lem me o'neil 's c'mon d'ye",
+    # signed numbers, hashtags, C++, e-mail addresses, smileys
+    "-5 degrees, +1 vote, 1+1, -.5, $-5 and a -a": "-5 degrees +1 vote 1 +1 -.5 $ -5 and a a",
+    "#tag #1 a#b C++ c# F# j# a++": "#tag # 1 a #b c++ c# f# j # a + +",
+    "mail user@example.com or e-mail:a@b.c": "mail user@example.com or e-mail:a@b.c",
+    "a dog :) :-( ;) :D =) note:do this 5:p": "a dog :-rrb- :--lrb- ;-rrb- :d =-rrb- note do "
+                                             "this 5 :p",
+    # ... but not before a word that may start a sentence, then a space: "plan b . the dog"
+    "plan b. The dog, x. A cat, b&w. Then, y. there": "plan b the dog x a cat b & w. then y. "
+                                                     "there",
+    # fractions and currency signs as the jar writes them; zero-width space, soft hyphen
+    "\u00bd cup, 1\u00bc mile, \u20ac5, \u00a35, 5\u00a2": "1/2 cup 1 1/4 mile $ 5 # 5 5 cents",
+    "a dog\u200bhouse, a dog\u00adhouse, y'all, y'know, a 4.5-inch knife":
+        "a dog house a doghouse y' all y' know a 4.5-inch knife",
+    # characters beyond the BMP (emoji, flags) are dropped by the jar as untokenizable
+    "a dog \U0001F600 smiles, a\U0001F436b, a \U0001F1FA\U0001F1F8 flag \u263a \u2665":
+        "a dog smiles a b a flag \u263a \u2665",
 }
 
 
@@ -178,6 +208,35 @@ def test_python_tokenizer_matches_java_on_typical_captions():
     ])}
     assert (coco_metrics.ptb_tokenize_python(captions)
             == coco_metrics.ptb_tokenize_java(captions))
+
+
+def test_python_tokenizer_reads_a_single_letters_period_before_the_next_caption():
+    # The jar reads all captions as one text: "vitamin c." keeps its period before a caption
+    # "the end" but not before "A dog ..." (a sentence start), even one of another image.
+    captions = {1: ["Vitamin C.", "A bottle of pills.", "plan b.", "", "The end"],
+                2: ["grade a.", "the end"], 3: ["a b&w."], 4: ["   ", "Then it rained"]}
+    assert coco_metrics.ptb_tokenize_python(captions) == {
+        1: ["vitamin c", "a bottle of pills", "plan b", "", "the end"],
+        2: ["grade a.", "the end"], 3: ["a b & w"], 4: ["", "then it rained"]}
+
+
+# Captions written to differ between the two tokenizers (contractions, hyphens, numbers,
+# quotes, ellipses, &, $, %, slashes, brackets, abbreviations, smileys, emoji, non-ASCII
+# letters), one per line. Left out as known differences (see ptb_tokenize_python):
+# "v1.2.3" (jar: "v1 .2.3"), "1,000-2,000" (jar: "1,000-2 ,000").
+TRICKY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ptb_tricky_captions.txt")
+
+
+@needs_java
+def test_python_tokenizer_matches_java_on_tricky_captions():
+    with open(TRICKY, encoding="utf-8", newline="") as f:
+        lines = f.read().split("\n")[:-1]
+    assert len(lines) > 300
+    each = {i: [c] for i, c in enumerate(lines)}
+    python, java = coco_metrics.ptb_tokenize_python(each), coco_metrics.ptb_tokenize_java(each)
+    assert {i: (lines[i], python[i]) for i in each if python[i] != java[i]} == {}
+    together = {1: lines}   # as one image's references: each caption before the next
+    assert coco_metrics.ptb_tokenize_python(together) == coco_metrics.ptb_tokenize_java(together)
 
 
 @needs_java

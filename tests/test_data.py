@@ -910,6 +910,17 @@ def test_images_left_without_a_usable_caption_are_named(tmp_path):
     assert data.load_captions(write(tmp_path, "c.csv", csv_text())).empty_note() is None
 
 
+def test_images_whose_captions_all_lack_a_word_are_kept_for_scoring(tmp_path):
+    # pycocoevalcap scores such an image (against "" once tokenized); evaluate needs its
+    # captions, id and ground truth, which were dropped with the image
+    text = "a.jpg#0\tone dog\nb.jpg#0\t-\nb.jpg#1\t!!\nc.jpg#0\t \nd.jpg#0\t.\nd.jpg#1\ta cat\n"
+    captions = data.load_captions(write(tmp_path, "t.txt", text))
+    assert captions.uncaptioned == ["b.jpg", "c.jpg"]
+    assert [(r.image, r.captions, r.wordless, r.image_id) for r in captions.wordless_only] == [
+        ("b.jpg", [], ["-", "!!"], 2), ("c.jpg", [], [" "], 3)]  # after a.jpg 0, d.jpg 1
+    assert [r.image_id for r in captions.records] == [0, 1]
+
+
 def test_captions_without_a_word_are_skipped_and_counted_as_empty(tmp_path):
     """A caption of only punctuation or symbols ("...", "-", "!!") has no word once
     standardised: trained on, it taught the model to end at once, and it was not counted."""

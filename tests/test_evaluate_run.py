@@ -135,6 +135,18 @@ def test_the_metrics_record_every_decoding_setting(trained_run, tmp_path, monkey
                                  "top_k": 2, "seed": 7}
 
 
+def test_greedy_metrics_record_no_length_penalty(trained_run, tmp_path, monkeypatch):
+    # --beam 1 (greedy) recorded "length_penalty": 0.0, a setting greedy decoding never uses
+    monkeypatch.setattr(evaluate, "_decode", lambda captioner, found, progress: {
+        k: captioner_lib.Caption(["a"], 0.0, np.zeros((2, 64))) for k in found.keys})
+    metrics = evaluate.evaluate_run(trained_run, "val", DecodeConfig(beam=1, max_length=5),
+                                    out=str(tmp_path / "m.json"), progress=False,
+                                    use_java=False)
+    assert metrics["decode"] == {"method": "greedy", "beam": 1, "max_length": 5}
+    with open(tmp_path / "m.json") as f:
+        assert json.load(f)["decode"] == metrics["decode"]
+
+
 def test_the_metrics_name_the_best_model_scored_and_a_replaced_one_is_refused(
         run_copy, tmp_path, monkeypatch, capsys):
     # After a resumed `train` saved a new best, eval/test_metrics.json of the old best model
@@ -876,6 +888,41 @@ def test_a_caption_file_without_the_objects_the_run_had_says_the_metrics_are_not
     assert metrics["notes"][0] == (
         f"{other} has no ground-truth `objects` for the images of the test split, which the "
         f"run was trained with: scene accuracy and grounding are not computed")
+
+
+@pytest.mark.parametrize("use_java", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not coco_metrics.java_available(), reason="needs Java on PATH"))])
+def test_an_image_whose_references_all_have_no_word_is_scored_as_pycocoevalcap_does(
+        shapes_data, trained_run, tmp_path, monkeypatch, use_java):
+    # A test image whose captions are all "." or "..." (empty once PTB-tokenized) was left
+    # out as "removed" from the caption file; pycocoevalcap scores it (0 against nothing).
+    words = ["a", "red", "circle"]
+    monkeypatch.setattr(evaluate, "_decode", lambda captioner, found, progress: {
+        k: captioner_lib.Caption(words, 0.0, np.zeros((4, 64))) for k in found.keys})
+    if use_java:  # METEOR's jar is slow to start; the tokens are the point here
+        monkeypatch.setattr(coco_metrics, "_meteor", lambda gts, res: 0.5)
+    with open(os.path.join(trained_run, "split.json")) as f:
+        test_keys = json.load(f)["splits"]["test"]
+    silent = [".", " ... ", "?"]
+    other = _with_other_objects(shapes_data, tmp_path, test_keys[0], lambda image: image.update(
+        sentences=[{"raw": c} for c in silent]))
+    metrics = evaluate.evaluate_run(trained_run, "test", progress=False, use_java=use_java,
+                                    out=str(tmp_path / "m.json"), captions=other)
+    images, refs = _references(shapes_data, test_keys)
+    refs[test_keys[0]] = silent
+    hyps = {k: "a red circle" for k in test_keys}
+    direct, _ = coco_metrics.coco_metrics(refs, hyps, use_java=use_java)
+    without, _ = coco_metrics.coco_metrics({k: refs[k] for k in test_keys[1:]},
+                                           {k: hyps[k] for k in test_keys[1:]},
+                                           use_java=use_java)
+    assert direct["Bleu_1"] != pytest.approx(without["Bleu_1"])  # the test can tell
+    assert metrics["images"] == len(test_keys)
+    for name, value in direct.items():
+        assert metrics[name] == pytest.approx(value), name
+    with open(metrics["results_file"]) as f:
+        assert {r["image_id"] for r in json.load(f)} == {images[k]["imgid"] for k in test_keys}
+    note = [n for n in metrics["notes"] if test_keys[0] in n]
+    assert note and "removed" not in note[0] and "without a word" in note[0], metrics["notes"]
 
 
 def test_a_run_that_did_not_record_its_objects_says_they_could_not_be_checked(

@@ -1381,7 +1381,8 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
     (none to save or rewrite), and the last epoch's heatmaps are there (none to draw
     again). A multi-worker run is loaded, whose workers agree on their checkpoints in the
     Trainer. What a stopped process logged past the checkpoint is removed as by the Trainer
-    (`forget_undone`), and TensorBoard gets the epochs' scalars a stop lost
+    (`forget_undone`), so are the shards of a save it was stopped in
+    (`checkpoints.remove_save_leftovers`), and TensorBoard gets the epochs' scalars a stop lost
     (`log_lost_epochs`) and the hyperparameters (`log_hparams`: when missing)."""
     tc = cfg.train
     where, recorded = _resume_position(run), run.caption_file()
@@ -1435,6 +1436,7 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
         for note in notes:
             log("note: " + note)
         forget_undone(run, done, steps, log)
+        checkpoints.remove_save_leftovers(run.checkpoints, log)
         log_lost_epochs(run, done, log)
         log_hparams(run.logs, _hparams(kept, len(vocab)), f"before epoch {done + 1}")
     reason = "early_stopping" if stopped else "max_steps" if done < tc.epochs else "epochs"

@@ -151,6 +151,32 @@ def _set_aside(prefix: str) -> list[str]:
     return moved
 
 
+def _newest_restoring(checkpoint: tf.train.Checkpoint,
+                      directory: str) -> tuple[Optional[str], list]:
+    """(the newest checkpoint of `directory` that restored into `checkpoint`, None when there
+    is none; the (prefix, reason) of each newer one that did not). When there are
+    checkpoints and none restores, the refusal naming them all is raised."""
+    failures = []
+    for prefix in list_checkpoints(directory):
+        reason = _try_restore(checkpoint, prefix)
+        if reason is None:
+            return prefix, failures
+        failures.append((prefix, reason))
+    if failures:
+        from caption_attn.errors import UserError
+        raise UserError(
+            "no checkpoint of this run can be restored:",
+            lines=[*(f"  {p}: {r}" for p, r in failures), _likely_cause(failures)])
+    return None, failures
+
+
+def refuse_unrestorable(checkpoint: tf.train.Checkpoint, directory: str) -> None:
+    """`restore_newest_intact`'s refusal when `directory` has checkpoints and none of them
+    restores into `checkpoint`, with nothing set aside, deleted or logged (the restore that
+    follows does that); restores the newest that does."""
+    _newest_restoring(checkpoint, directory)
+
+
 def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: str,
                           log=print, set_aside: bool = True, keep: int = KEEP) -> Optional[str]:
     """Restore `checkpoint` from the newest checkpoint in `directory` that loads completely;
@@ -162,19 +188,8 @@ def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: str,
 
     If none of several checkpoints loads, nothing is set aside and the error names them all.
     """
-    prefixes = list_checkpoints(directory)
-    failures = []
-    for prefix in prefixes:
-        reason = _try_restore(checkpoint, prefix)
-        if reason is None:
-            break
-        failures.append((prefix, reason))
-    else:
-        if failures:
-            from caption_attn.errors import UserError
-            raise UserError(
-                "no checkpoint of this run can be restored:",
-                lines=[*(f"  {p}: {r}" for p, r in failures), _likely_cause(failures)])
+    prefix, failures = _newest_restoring(checkpoint, directory)
+    if prefix is None:
         _skip_without_index(directory, None, log, set_aside)
         if set_aside:
             remove_save_leftovers(directory, log)

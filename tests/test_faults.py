@@ -853,6 +853,36 @@ def test_a_resume_whose_checkpoints_cannot_be_restored_leaves_config_json_as_it_
     assert _files(run_copy) == before
 
 
+@pytest.mark.parametrize("damage", ["data files cut in half", "index files cut short"])
+def test_checkpoints_that_cannot_be_restored_are_refused_before_the_data_is_read(
+        run_copy, monkeypatch, damage):
+    """"no checkpoint of this run can be restored" came from the Trainer, after the caption
+    data and the features were loaded (minutes at COCO size) and the cache's reading lock
+    taken. It comes now with the checks of the run folder: before the cache or the caption
+    file is used and before anything is written, with the same message."""
+    for path in glob.glob(os.path.join(run_copy, "checkpoints", "ckpt-*." + (
+            "data-*" if damage == "data files cut in half" else "index"))):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2 if damage == "data files cut in half" else 8)
+    before = _listing(run_copy)
+
+    def no_use(what):
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{what} before the refusal")
+        return refuse
+
+    monkeypatch.setattr(train, "load_train_data", no_use("the caption data was loaded"))
+    monkeypatch.setattr(train.feature_cache, "using_features", no_use("the cache was used"))
+    cfg = _saved_config(run_copy)
+    refusal = r"^no checkpoint of this run can be restored:\n  .*ckpt-\d+: "
+    with pytest.raises(UserError, match=refusal):
+        train.train(cfg, run_copy, progress=False, log=lambda *a: None)
+    assert _listing(run_copy) == before
+    with pytest.raises(UserError, match=refusal):
+        train.open_run(run_copy, cfg)                         # tests' and benchmarks' way in
+    assert _listing(run_copy) == before
+
+
 def test_a_resume_with_an_edited_best_json_is_refused_before_writing(run_copy):
     """best.json that is not train's object is refused (`RunFolder.best_record`), but only
     once the resume had rewritten config.json and split.json, traced the steps and measured

@@ -12,6 +12,11 @@ The manager deletes only the checkpoints its state file (`checkpoint`) lists wit
 times: a process killed between writing ckpt-N and the state file, or a deleted state file,
 left the others on disk for good. `keep_newest` deletes them on resume, and lists the ones
 kept so that the manager made afterwards rotates them.
+
+TensorFlow writes a checkpoint's shards into a folder `ckpt-N_temp/` beside it, then merges
+them into ckpt-N.* and deletes the folder (`functional_saver.MultiDeviceSaver.save`): a
+process killed while saving left that folder, with shards as large as the checkpoint, for
+good. `remove_save_leftovers` deletes them on resume.
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ from tensorflow.python.util import deprecation  # TF has no public switch for it
 
 _INDEX = re.compile(r"^ckpt-(\d+)\.index$")
 _FILE = re.compile(r"^ckpt-(\d+)\.(?:index|data-\d{5}-of-\d{5})$")   # TF's names, no others
+
+# What a save that was stopped leaves (TF 2.x, seen with kill -9 at several moments of a
+# save): the folder `<prefix>-N_temp/` of the shards of ckpt-N, holding shard files
+# `part-SSSSS-of-NNNNN.{index,data-00000-of-00001}` (`functional_saver.sharded_filename`),
+# each while being written with `.tempstate` and a random uint64 after it (BundleWriter).
+_TEMP_DIR = re.compile(r"^ckpt-\d+_temp$")
+_TEMP_FILE = re.compile(r"^part-\d{5}-of-\d{5}\.(?:index|data-\d{5}-of-\d{5})"
+                        r"(?:\.tempstate\d+)?$")
 
 KEEP = 3   # checkpoints a run keeps (its CheckpointManager's max_to_keep): older ones to fall
 #            back to when the newest is damaged
@@ -138,6 +151,32 @@ def _set_aside(prefix: str) -> list[str]:
     return moved
 
 
+def _newest_restoring(checkpoint: tf.train.Checkpoint,
+                      directory: str) -> tuple[Optional[str], list]:
+    """(the newest checkpoint of `directory` that restored into `checkpoint`, None when there
+    is none; the (prefix, reason) of each newer one that did not). When there are
+    checkpoints and none restores, the refusal naming them all is raised."""
+    failures = []
+    for prefix in list_checkpoints(directory):
+        reason = _try_restore(checkpoint, prefix)
+        if reason is None:
+            return prefix, failures
+        failures.append((prefix, reason))
+    if failures:
+        from caption_attn.errors import UserError
+        raise UserError(
+            "no checkpoint of this run can be restored:",
+            lines=[*(f"  {p}: {r}" for p, r in failures), _likely_cause(failures)])
+    return None, failures
+
+
+def refuse_unrestorable(checkpoint: tf.train.Checkpoint, directory: str) -> None:
+    """`restore_newest_intact`'s refusal when `directory` has checkpoints and none of them
+    restores into `checkpoint`, with nothing set aside, deleted or logged (the restore that
+    follows does that); restores the newest that does."""
+    _newest_restoring(checkpoint, directory)
+
+
 def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: str,
                           log=print, set_aside: bool = True, keep: int = KEEP) -> Optional[str]:
     """Restore `checkpoint` from the newest checkpoint in `directory` that loads completely;
@@ -149,20 +188,11 @@ def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: str,
 
     If none of several checkpoints loads, nothing is set aside and the error names them all.
     """
-    prefixes = list_checkpoints(directory)
-    failures = []
-    for prefix in prefixes:
-        reason = _try_restore(checkpoint, prefix)
-        if reason is None:
-            break
-        failures.append((prefix, reason))
-    else:
-        if failures:
-            from caption_attn.errors import UserError
-            raise UserError(
-                "no checkpoint of this run can be restored:",
-                lines=[*(f"  {p}: {r}" for p, r in failures), _likely_cause(failures)])
+    prefix, failures = _newest_restoring(checkpoint, directory)
+    if prefix is None:
         _skip_without_index(directory, None, log, set_aside)
+        if set_aside:
+            remove_save_leftovers(directory, log)
         return None
     for bad, reason in failures:
         log(f"note: skipped the damaged checkpoint {bad} ({reason}); resuming from "
@@ -173,7 +203,45 @@ def restore_newest_intact(checkpoint: tf.train.Checkpoint, directory: str,
     _skip_without_index(directory, prefix, log, set_aside)
     if set_aside:
         keep_newest(directory, keep, log)
+        remove_save_leftovers(directory, log)
     return prefix
+
+
+def remove_save_leftovers(directory: str, log=print) -> list[str]:
+    """Delete the shards that saves which were stopped left in `directory` (its `ckpt-N_temp/`
+    folders, `_TEMP_DIR`), for the process that owns `directory`, which saves nothing
+    meanwhile; returns the folders deleted. Only real folders of that name are looked into
+    (not a link), and only regular files with TensorFlow's names of shards (`_TEMP_FILE`)
+    deleted from them: a folder holding anything else stays, named with what it holds."""
+    deleted, size = [], 0
+    for name in sorted(os.listdir(directory) if os.path.isdir(directory) else []):
+        folder = os.path.join(directory, name)
+        if not _TEMP_DIR.match(name) or os.path.islink(folder) or not os.path.isdir(folder):
+            continue
+        foreign, shards, freed = [], 0, 0
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if _TEMP_FILE.match(entry.name) and entry.is_file(follow_symlinks=False):
+                freed += entry.stat(follow_symlinks=False).st_size
+                os.remove(entry.path)
+                shards += 1
+            else:
+                foreign.append(entry.name)
+        if foreign:
+            log(f"note: left {folder} in place" +
+                (f" (deleted the {shards} shard file(s) in it, {freed / 1e6:.1f} MB)"
+                 if shards else "") +
+                f": a folder TensorFlow writes a checkpoint's shards into while saving, but "
+                f"it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
+                f"which TensorFlow does not write")
+            continue
+        os.rmdir(folder)
+        deleted.append(name)
+        size += freed
+    if deleted:
+        log(f"note: deleted {', '.join(name + '/' for name in deleted)} of {directory} "
+            f"({size / 1e6:.1f} MB): the shards TensorFlow writes a checkpoint into while "
+            f"saving, left behind by a process killed while saving")
+    return deleted
 
 
 def keep_newest(directory: str, keep: int = KEEP, log=print) -> list[str]:
@@ -236,7 +304,8 @@ def restores_as_it_is(checkpoint: tf.train.Checkpoint, directory: str,
     """The newest checkpoint in `directory` (its prefix) when it restores into `checkpoint`
     completely and `restore_newest_intact` would skip, set aside, delete and rewrite nothing
     (no newer data files without an `.index`, no checkpoint past the newest `keep`, a state
-    file that lists those); else None. Nothing is renamed or written."""
+    file that lists those); else None. Nothing is renamed or written. The shards of a save
+    that was stopped (`remove_save_leftovers`) are no matter: the caller deletes them."""
     prefixes = list_checkpoints(directory)
     if not prefixes or any(_step(p) > _step(prefixes[0]) for p in _without_index(directory)):
         return None

@@ -80,14 +80,16 @@ def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     """The checks of a run folder about to be resumed with `cfg`, nothing written (none with
     --fresh): `RunFolder.reopen_notes`, `refuse_unrestorable_state`,
     `refuse_other_batches_mid_epoch`, `refuse_cross_entropy_after_self_critical`,
-    `refuse_other_stages_of_trained_epochs` and `refuse_unrepairable_best_model` (and
-    `RunFolder.best_record`'s); returns the notes to print (`schedule_notes` among them)."""
+    `refuse_other_stages_of_trained_epochs`, `refuse_unrepairable_best_model` and
+    `refuse_unrestorable_checkpoints` (and `RunFolder.best_record`'s); returns the notes to
+    print (`schedule_notes` among them)."""
     if fresh:
         return []
     notes = run.reopen_notes(cfg)
     run.best_record()   # an edited best.json is refused here, not after config.json is written
     where = _resume_position(run)
     if where is None:                     # nothing trained yet: nothing to resume from
+        refuse_unrestorable_checkpoints(run, cfg)      # (or no checkpoint reads)
         return notes
     old = run.load_config().train
     refuse_unrestorable_state(run, cfg, where, old)
@@ -95,7 +97,21 @@ def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     refuse_cross_entropy_after_self_critical(run, cfg, where, old)
     refuse_other_stages_of_trained_epochs(run, cfg, where)
     refuse_unrepairable_best_model(run, cfg, where)
+    refuse_unrestorable_checkpoints(run, cfg)   # last: the refusals above name the cause
     return notes + schedule_notes(cfg, where, old)
+
+
+def refuse_unrestorable_checkpoints(run: RunFolder, cfg: RunConfig) -> None:
+    """`checkpoints.restore_newest_intact`'s refusal when the run has checkpoints and none
+    restores into the model `cfg` and the run's vocabulary (vocab.json, which a resume
+    reuses) make, before the data is loaded and anything is written: it came from the
+    Trainer, after both. A run without config.json or vocab.json is left to the Trainer,
+    which knows its vocabulary once the data is loaded."""
+    if not (os.path.exists(run.config) and os.path.exists(run.vocab)
+            and checkpoints.list_checkpoints(run.checkpoints)):
+        return
+    _, objects = training_state(cfg, len(run.load_vocab()), 1)
+    checkpoints.refuse_unrestorable(tf.train.Checkpoint(**objects), run.checkpoints)
 
 
 def _resume_position(run: RunFolder) -> Optional[tuple[int, int]]:
@@ -1499,7 +1515,8 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
     (none to save or rewrite), and the last epoch's heatmaps are there (none to draw
     again). A multi-worker run is loaded, whose workers agree on their checkpoints in the
     Trainer. What a stopped process logged past the checkpoint is removed as by the Trainer
-    (`forget_undone`), and TensorBoard gets the epochs' scalars a stop lost
+    (`forget_undone`), so are the shards of a save it was stopped in
+    (`checkpoints.remove_save_leftovers`), and TensorBoard gets the epochs' scalars a stop lost
     (`log_lost_epochs`) and the hyperparameters (`log_hparams`: when missing)."""
     tc = cfg.train
     where, recorded = _resume_position(run), run.caption_file()
@@ -1553,6 +1570,7 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
         for note in notes:
             log("note: " + note)
         forget_undone(run, done, steps, log)
+        checkpoints.remove_save_leftovers(run.checkpoints, log)
         log_lost_epochs(run, done, log)
         log_hparams(run.logs, _hparams(kept, len(vocab)), f"before epoch {done + 1}")
     reason = "early_stopping" if stopped else "max_steps" if done < tc.epochs else "epochs"

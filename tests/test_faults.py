@@ -197,6 +197,110 @@ def test_a_resume_keeps_only_the_newest_checkpoints(tmp_path, cause):
         assert glob.glob(os.path.join(folder, "damaged-ckpt-30.*"))
 
 
+def _leave_save_leftovers(folder):
+    """What a process killed inside `tf.train.CheckpointManager.save` leaves in `folder` (seen
+    with kill -9 at several moments of saving a 240 MB variable with TF 2.21): the
+    `ckpt-N_temp/` folder TensorFlow writes a checkpoint's shards into before it merges them
+    into ckpt-N.*: a shard still being written (`.tempstate` and a random number), written
+    shards (`part-...`), or nothing (killed after the merge, before the folder went)."""
+    shards = {"ckpt-30_temp": ["part-00000-of-00001.data-00000-of-00001.tempstate"
+                               "13085049617881902330"],
+              "ckpt-40_temp": ["part-00000-of-00001.data-00000-of-00001",
+                               "part-00000-of-00001.index",
+                               "part-00000-of-00001.index.tempstate9611313132219485145"],
+              "ckpt-50_temp": []}
+    for name, files in shards.items():
+        os.makedirs(os.path.join(folder, name))
+        for file in files:
+            with open(os.path.join(folder, name, file), "wb") as f:
+                f.write(b"x" * 250_000)
+    return sorted(shards)
+
+
+def test_a_resume_deletes_the_shards_of_a_save_that_was_killed(tmp_path):
+    """A kill -9 while TensorFlow saved a checkpoint left its `ckpt-N_temp/` folder of shards
+    for good (hundreds of MB at COCO size). The resume of the process owning the folder
+    deletes them and says what; anything that is not certainly TensorFlow's temporary output
+    for the prefix `ckpt` is left alone: other files (those in a `ckpt-N_temp/` too, which
+    then stays), other names, a file or a link of that name."""
+    import tensorflow as tf
+
+    from caption_attn import checkpoints
+    folder = str(tmp_path / "checkpoints")
+    step = tf.Variable(0, dtype=tf.int64)
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(step=step), folder,
+                                         checkpoints.KEEP)
+    for s in (10, 20):
+        step.assign(s)
+        manager.save(checkpoint_number=s)
+    leftovers = _leave_save_leftovers(folder)
+    elsewhere = str(tmp_path / "elsewhere")
+    os.makedirs(elsewhere)
+    open(os.path.join(elsewhere, "part-00000-of-00001.index"), "w").close()
+    os.symlink(elsewhere, os.path.join(folder, "ckpt-60_temp"))
+    others = ["ckpt-70_temp/notes.txt", "ckpt-70_temp/part-00000-of-00001.index.bak",
+              "ckpt-x_temp/part-00000-of-00001.index", "my-ckpt-3_temp/part-00000-of-00001.index",
+              "ckpt-80_tmp/part-00000-of-00001.index", "ckpt-90_temp"]
+    for name in others:
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        open(os.path.join(folder, name), "w").close()
+    open(os.path.join(folder, "ckpt-70_temp", "part-00000-of-00001.index"), "w").close()
+    notes = []
+    restored = tf.train.Checkpoint(step=step)
+    assert checkpoints.restore_newest_intact(restored, folder, log=notes.append,
+                                             set_aside=False).endswith("ckpt-20")
+    assert all(os.path.isdir(os.path.join(folder, name)) for name in leftovers), \
+        "a process that does not own the folder deletes nothing"
+    assert checkpoints.restore_newest_intact(restored, folder, log=notes.append).endswith(
+        "ckpt-20") and int(step.numpy()) == 20
+    assert not any(os.path.lexists(os.path.join(folder, name)) for name in leftovers)
+    deleted = [n for n in notes if "ckpt-30_temp" in n]
+    assert len(deleted) == 1 and all(name in deleted[0] for name in leftovers), notes
+    assert "killed while saving" in deleted[0] and "1.0 MB" in deleted[0], deleted
+    assert not os.path.exists(os.path.join(folder, "ckpt-70_temp", "part-00000-of-00001.index"))
+    for name in others:
+        assert os.path.exists(os.path.join(folder, name)), name
+    assert os.path.exists(os.path.join(elsewhere, "part-00000-of-00001.index"))
+    assert os.path.islink(os.path.join(folder, "ckpt-60_temp"))
+    kept = [n for n in notes if "ckpt-70_temp" in n and "left" in n]
+    assert len(kept) == 1 and "notes.txt" in kept[0], notes
+    assert _on_disk(folder) == [10, 20]
+
+
+def test_the_shards_of_a_first_save_that_was_killed_are_deleted(tmp_path):
+    """Killed inside the first save, the run has no checkpoint to resume from, only the
+    shards of ckpt-N_temp/: deleted too when training starts again."""
+    import tensorflow as tf
+
+    from caption_attn import checkpoints
+    folder = str(tmp_path / "checkpoints")
+    leftovers = _leave_save_leftovers(folder)
+    notes = []
+    assert checkpoints.restore_newest_intact(
+        tf.train.Checkpoint(step=tf.Variable(0, dtype=tf.int64)), folder,
+        log=notes.append) is None
+    assert os.listdir(folder) == [] and len(notes) == 1 and leftovers[0] in notes[0], notes
+
+
+def test_a_rerun_with_nothing_to_train_deletes_the_shards_of_a_killed_save(run_copy,
+                                                                           monkeypatch):
+    """`train` that has nothing to train decides so from the run folder without loading the
+    data (`rerun_without_data`): the shards of a killed save are deleted there too."""
+    folder = os.path.join(run_copy, "checkpoints")
+    leftovers = _leave_save_leftovers(folder)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the caption data was loaded")
+
+    monkeypatch.setattr(train, "load_train_data", no_load)
+    notes = []
+    summary = train.train(RunConfig.load(os.path.join(run_copy, "config.json")), run_copy,
+                          progress=False, log=notes.append)
+    assert summary["epochs_now"] == 0 and summary["epoch_length"] is None
+    assert not any(os.path.lexists(os.path.join(folder, name)) for name in leftovers)
+    assert any("ckpt-30_temp" in n for n in notes), notes
+
+
 @pytest.mark.parametrize("cause", ["killed before the state file", "state file deleted"])
 def test_train_resumed_keeps_only_the_newest_checkpoints(shapes_data, run_copy, cause):
     """`train`'s resume of a run whose state file lists fewer checkpoints than it has, or
@@ -747,6 +851,36 @@ def test_a_resume_whose_checkpoints_cannot_be_restored_leaves_config_json_as_it_
     with pytest.raises(UserError, match="no checkpoint of this run can be restored"):
         train.train(_saved_config(run_copy), run_copy, progress=False, log=lambda *a: None)
     assert _files(run_copy) == before
+
+
+@pytest.mark.parametrize("damage", ["data files cut in half", "index files cut short"])
+def test_checkpoints_that_cannot_be_restored_are_refused_before_the_data_is_read(
+        run_copy, monkeypatch, damage):
+    """"no checkpoint of this run can be restored" came from the Trainer, after the caption
+    data and the features were loaded (minutes at COCO size) and the cache's reading lock
+    taken. It comes now with the checks of the run folder: before the cache or the caption
+    file is used and before anything is written, with the same message."""
+    for path in glob.glob(os.path.join(run_copy, "checkpoints", "ckpt-*." + (
+            "data-*" if damage == "data files cut in half" else "index"))):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2 if damage == "data files cut in half" else 8)
+    before = _listing(run_copy)
+
+    def no_use(what):
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{what} before the refusal")
+        return refuse
+
+    monkeypatch.setattr(train, "load_train_data", no_use("the caption data was loaded"))
+    monkeypatch.setattr(train.feature_cache, "using_features", no_use("the cache was used"))
+    cfg = _saved_config(run_copy)
+    refusal = r"^no checkpoint of this run can be restored:\n  .*ckpt-\d+: "
+    with pytest.raises(UserError, match=refusal):
+        train.train(cfg, run_copy, progress=False, log=lambda *a: None)
+    assert _listing(run_copy) == before
+    with pytest.raises(UserError, match=refusal):
+        train.open_run(run_copy, cfg)                         # tests' and benchmarks' way in
+    assert _listing(run_copy) == before
 
 
 def test_a_resume_with_an_edited_best_json_is_refused_before_writing(run_copy):

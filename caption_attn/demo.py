@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
+import stat
 import time
 from typing import Optional
 
@@ -262,17 +264,77 @@ def run_config(cfg: DemoConfig, captions: str, cache: str) -> RunConfig:
                           scst_after=None if cfg.scst_after == cfg.epochs else cfg.scst_after))
 
 
+# what the demo's stage 5 leaves in its heatmaps folder besides the heatmaps (marked PNGs):
+# the lock of `captioner.heatmap_lock`, and a heatmap's temporary file a killed run left
+# (`fileio.temp_name`: `.NAME.png.tmp.<pid>.<host>`)
+_OWN_EXTRAS = re.compile(r"\.caption-attn\.lock|\..+\.png\.tmp\.\d+\..+")
+
+
+def _own_heatmap_files(folder: str) -> tuple[list, list]:
+    """(the demo's files in its heatmaps `folder`, the names of the others) by what they
+    are: a regular file marked as a heatmap (`images.is_heatmap_file`, never a link) or one
+    of `_OWN_EXTRAS`; anything else, a folder included (the demo makes none there), is not
+    the demo's. Both empty for a missing folder."""
+    from caption_attn.images import is_heatmap_file
+
+    own, others = [], []
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    for name in names:
+        path = os.path.join(folder, name)
+        if is_heatmap_file(path) or (_OWN_EXTRAS.fullmatch(name)
+                                     and stat.S_ISREG(os.lstat(path).st_mode)):
+            own.append(path)
+        else:
+            others.append(name + "/" if os.path.isdir(path) and not os.path.islink(path)
+                          else name)
+    return own, others
+
+
+def check_heatmaps_folder(cfg: DemoConfig, folder: str) -> None:
+    """UserError, before the first stage, when the heatmaps `folder` holds anything the demo
+    did not draw: a rerun deleted the whole folder, files of one's own put there with it,
+    without a word. The demo removes only its own heatmaps (`caption_test_images`) and, as
+    it does with other folders it did not make, refuses rather than work beside them (after
+    training and evaluating, `caption`'s check of the folder refused images there). A
+    heatmaps link is removed as a link (`caption_test_images`): not checked."""
+    if os.path.islink(folder):
+        return
+    _, others = _own_heatmap_files(folder)
+    if others:
+        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise UserError(f"--workdir {cfg.workdir}: {folder} holds files the demo did not draw "
+                        f"({listed}); a rerun redraws the demo's heatmaps there and deletes "
+                        f"only those it drew, so it leaves these alone and stops here, nothing "
+                        f"deleted: move them out of {folder}, or choose another --workdir")
+
+
+def _remove_own_heatmaps(folder: str) -> None:
+    """Remove the heatmaps an earlier demo run drew in `folder` (`_own_heatmap_files`), and
+    the folder if nothing else is left; a link is removed as a link, its target left."""
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        if os.path.lexists(folder):
+            remove_path(folder)
+        return
+    own, others = _own_heatmap_files(folder)
+    for path in own:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    if not others:
+        with contextlib.suppress(OSError):   # something put there meanwhile: kept
+            os.rmdir(folder)
+
+
 def caption_test_images(cfg: DemoConfig, paths: dict, images_dir: str, log) -> dict:
-    """Stage 5: caption the first `cfg.show` test images and draw their heatmaps into a
-    heatmaps folder holding nothing else: the heatmaps of an earlier demo run (a larger
-    --show, another --beam, fewer --epochs: an older model) would otherwise stay beside the
-    new ones, looking like this model's. A heatmaps link is removed as a link (as by
-    --fresh), its target left alone: rmtree refused it, after evaluating. Returns the images
-    that failed (path -> reason)."""
+    """Stage 5: caption the first `cfg.show` test images and draw their heatmaps into the
+    heatmaps folder, after removing every heatmap an earlier demo run drew there: those of a
+    larger --show, another --beam, fewer --epochs (an older model) would otherwise stay
+    beside the new ones, looking like this model's. Only those: files of one's own there
+    are kept (`check_heatmaps_folder` refused them before the first stage). A heatmaps link
+    is removed as a link (as by --fresh), its target left alone: rmtree refused it, after
+    evaluating. Returns the images that failed (path -> reason)."""
     from caption_attn import captioner
 
-    if os.path.lexists(paths["heatmaps"]):
-        remove_path(paths["heatmaps"])
+    _remove_own_heatmaps(paths["heatmaps"])
     if not cfg.show:
         log("[5/5] caption test images: skipped (--show 0)")
         return {}
@@ -344,6 +406,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     # one demo per work folder at a time, from before --fresh deletes anything to its end
     with workdir_lock(cfg.workdir):
         check_workdir(cfg)
+        check_heatmaps_folder(cfg, paths["heatmaps"])
         precision = backbone_precision(cfg, paths["cache"], log)
 
         log(f"[1/5] make-shapes -> {paths['shapes']}")

@@ -23,8 +23,8 @@ from caption_attn.backbone import native_bfloat16, onednn_cap_without_bfloat16
 from caption_attn.config import (BACKBONE_PRECISIONS, DataConfig, DecodeConfig, DemoConfig,
                                  ExtractConfig, ModelConfig, RunConfig, ShapesConfig,
                                  TrainConfig)
-from caption_attn.fileio import (check_utf8_path, holding_lock, read_json, remove_path,
-                                 write_json_atomic)
+from caption_attn.fileio import (check_utf8_path, file_digest, holding_lock, read_json,
+                                 remove_path, write_json_atomic)
 from caption_attn.errors import UserError
 from caption_attn.run import check_folder_writable, folder_write_problem
 
@@ -233,6 +233,42 @@ def backbone_precision(cfg: DemoConfig, cache: str, log) -> str:
     return recorded
 
 
+# The demo's advice where a run's images changed since it trained on them: train's says
+# --cache, --run or a new run, which the demo has not got.
+_CHANGED_IMAGES_ADVICE = ("add --fresh to render the dataset again and start the demo over, or "
+                          "choose another --workdir")
+
+
+def check_images_unchanged(cfg: DemoConfig, images_dir: str, run: str) -> None:
+    """UserError, before extraction, when images the demo's run trained on (the digests its
+    split.json records) have other contents in `images_dir` now: extract-features took them
+    as changed and extracted them again over the run's features, and only then train
+    refused, in its terms (`RunFolder.check_image_digests`: --cache, a new run). An image
+    only touched (same bytes) passes; a missing or unreadable one, and a split.json that
+    cannot be read, are left to the stages that name them."""
+    from caption_attn.feature_cache import IMAGE_DIGEST_CHARS
+    from caption_attn.run import RunFolder
+
+    try:
+        recorded = RunFolder(run).image_digests()
+    except (UserError, OSError):
+        return
+    changed = []
+    for key, digest in recorded.items():
+        try:
+            now = file_digest(os.path.join(images_dir, key))[:IMAGE_DIGEST_CHARS]
+        except OSError:
+            continue
+        if now != digest:
+            changed.append(key)
+    if changed:
+        listed = ", ".join(sorted(changed)[:3]) + (", ..." if len(changed) > 3 else "")
+        raise UserError(f"--workdir {cfg.workdir}: {len(changed)} of the {len(recorded)} images "
+                        f"the demo trained on changed in {images_dir} since ({listed}): the "
+                        f"demo would extract their features again over those the run was "
+                        f"trained on; {_CHANGED_IMAGES_ADVICE}")
+
+
 def extract_stage(cfg: DemoConfig, data: dict, paths: dict, precision: str) -> dict:
     """Stage 2: `extract.extract_features` with the demo's settings. A cache of other
     settings was refused in extract-features' terms (--cache, --precision, --dtype), flags
@@ -366,6 +402,13 @@ def train_stage(cfg: DemoConfig, data: dict, paths: dict, log) -> dict:
                            images_dir=data["images_dir"], log=log)
     except UserError as e:
         message = e.message
+        guess = message.find(": the cache of another dataset? Point --cache at the run's")
+        if guess > 0 and "extracted from other images than the run's" in message:
+            # the cache already holds the changed images' features (an earlier rerun
+            # extracted them): `check_images_unchanged` passed, train refused
+            raise UserError(f"--workdir {cfg.workdir}: {message[:guess]}: images the demo "
+                            f"trained on changed since; {_CHANGED_IMAGES_ADVICE}",
+                            e.exit_code, e.lines) from None
         if "--scst-after none" not in message and "(was none" not in message:
             raise
         message = message.replace("(was none", "(was equal to the run's --epochs, "
@@ -417,6 +460,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         log(f"[2/5] extract-features (random InceptionV3, seed {cfg.seed}, {precision}) -> "
             f"{paths['cache']}")
         t = time.perf_counter()
+        check_images_unchanged(cfg, data["images_dir"], paths["run"])
         summary = extract_stage(cfg, data, paths, precision)
         log(extract.format_summary(summary))
         timings["extract_features"] = time.perf_counter() - t

@@ -58,6 +58,19 @@ def test_demo_end_to_end_on_a_reduced_size(tmp_path):
     assert "none drawn (--show 0)" in text and paths["heatmaps"] not in text
     assert not os.path.exists(paths["heatmaps"])
 
+    # an image of the dataset changed: refused before its features are extracted again
+    images = os.path.join(paths["shapes"], "images")
+    first, other = sorted(os.listdir(images))[:2]
+    with open(os.path.join(images, other), "rb") as src, \
+            open(os.path.join(images, first), "wb") as dst:
+        dst.write(src.read())
+    index = sorted(os.listdir(paths["cache"]))
+    with pytest.raises(UserError, match=rf"^--workdir .*: 1 of the \d+ images the demo trained "
+                                        rf"on changed in {re.escape(images)} since \({first}\)"
+                                        rf".* add --fresh"):
+        demo.run_demo(cfg, log=lines.append)
+    assert sorted(os.listdir(paths["cache"])) == index
+
 
 def test_settings_are_checked_before_anything_is_written(tmp_path):
     from caption_attn.errors import UserError
@@ -557,3 +570,75 @@ def test_a_rerun_with_files_of_ones_own_in_heatmaps_is_refused_before_anything(t
     with pytest.raises(AssertionError, match="make-shapes ran"):
         demo.run_demo(cfg, log=lambda m: None)
 
+
+def _digest(data: bytes) -> str:
+    import hashlib
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def test_images_changed_since_the_run_trained_are_refused_before_extraction(tmp_path,
+                                                                           monkeypatch):
+    """One image of WORKDIR/shapes/images changed: the rerun extracted it into the cache
+    again, and only then train refused, saying `Point --cache at the run's cache`, a flag the
+    demo has not."""
+    from caption_attn import extract
+    from caption_attn.errors import UserError
+    work = tmp_path / "work"
+    cfg = DemoConfig(workdir=str(work), num_images=20, epochs=1, scst_after=1)
+    demo.check_workdir(cfg)
+    images = work / "shapes" / "images"
+    os.makedirs(images)
+    os.makedirs(work / "models" / "shapes")
+    (images / "shape_00.png").write_bytes(b"one")
+    (images / "shape_01.png").write_bytes(b"two")
+    (work / "models" / "shapes" / "split.json").write_text(json.dumps(
+        {"image_digests": {"shape_00.png": _digest(b"one"), "shape_01.png": _digest(b"two")}}))
+    monkeypatch.setattr(demo, "_dataset", lambda *a: {"images_dir": str(images),
+                                                      "captions": "c"})
+
+    def extract_features(*args, **kwargs):
+        raise AssertionError("extracted")
+    monkeypatch.setattr(extract, "extract_features", extract_features)
+    os.utime(images / "shape_00.png", (1, 1))           # touched, the same bytes: not changed
+    with pytest.raises(AssertionError, match="extracted"):
+        demo.run_demo(cfg, log=lambda m: None)
+    (images / "shape_01.png").write_bytes(b"edited")
+    with pytest.raises(UserError) as e:
+        demo.run_demo(cfg, log=lambda m: None)
+    assert str(e.value) == (
+        f"--workdir {work}: 1 of the 2 images the demo trained on changed in {images} since "
+        f"(shape_01.png): the demo would extract their features again over those the run "
+        f"was trained on; add --fresh to render the dataset again and start the demo over, "
+        f"or choose another --workdir")
+
+
+def test_trains_refusal_of_other_images_names_the_demos_flags(tmp_path, monkeypatch):
+    """If the cache already holds the changed images' features (an earlier rerun extracted
+    them), train's refusal is said in the demo's terms: no --cache, --run or a new run."""
+    from caption_attn import train
+    from caption_attn.errors import UserError
+    from caption_attn.run import RunFolder
+    run = tmp_path / "run"
+    os.makedirs(run)
+    (run / "split.json").write_text(json.dumps({"image_digests": {"a.png": "1" * 16}}))
+    with pytest.raises(UserError) as refused:
+        RunFolder(str(run)).check_image_digests("W/features_cache", ["a.png"],
+                                                {"a.png": "2" * 16}, "W/shapes/images")
+    assert "Point --cache" in str(refused.value)       # train's own advice stays as it was
+
+    def refuse(cfg, run, **kwargs):
+        raise refused.value
+    monkeypatch.setattr(train, "train", refuse)
+    with pytest.raises(UserError) as e:
+        demo.train_stage(DemoConfig(workdir="W", epochs=2, scst_after=2),
+                         {"captions": "c.json", "images_dir": "W/shapes/images"},
+                         {"cache": "W/features_cache", "run": "W/models/shapes"}, print)
+    message = str(e.value)
+    assert message == ("--workdir W: feature cache W/features_cache: the features of 1 of "
+                       "the 1 images were extracted from other images than the run's of the "
+                       "same name (e.g. 'a.png', from W/shapes/images): images the demo "
+                       "trained on changed since; add --fresh to render the dataset again and "
+                       "start the demo over, or choose another --workdir")
+    for flag in ("--cache", "--run", "train a new run", "another dataset"):
+        assert flag not in message
+    assert e.value.exit_code == refused.value.exit_code

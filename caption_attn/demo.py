@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
+import stat
 import time
 from typing import Optional
 
@@ -21,8 +23,8 @@ from caption_attn.backbone import native_bfloat16, onednn_cap_without_bfloat16
 from caption_attn.config import (BACKBONE_PRECISIONS, DataConfig, DecodeConfig, DemoConfig,
                                  ExtractConfig, ModelConfig, RunConfig, ShapesConfig,
                                  TrainConfig)
-from caption_attn.fileio import (check_utf8_path, holding_lock, read_json, remove_path,
-                                 write_json_atomic)
+from caption_attn.fileio import (check_utf8_path, file_digest, holding_lock, read_json,
+                                 remove_path, write_json_atomic)
 from caption_attn.errors import UserError
 from caption_attn.run import check_folder_writable, folder_write_problem
 
@@ -231,6 +233,42 @@ def backbone_precision(cfg: DemoConfig, cache: str, log) -> str:
     return recorded
 
 
+# The demo's advice where a run's images changed since it trained on them: train's says
+# --cache, --run or a new run, which the demo has not got.
+_CHANGED_IMAGES_ADVICE = ("add --fresh to render the dataset again and start the demo over, or "
+                          "choose another --workdir")
+
+
+def check_images_unchanged(cfg: DemoConfig, images_dir: str, run: str) -> None:
+    """UserError, before extraction, when images the demo's run trained on (the digests its
+    split.json records) have other contents in `images_dir` now: extract-features took them
+    as changed and extracted them again over the run's features, and only then train
+    refused, in its terms (`RunFolder.check_image_digests`: --cache, a new run). An image
+    only touched (same bytes) passes; a missing or unreadable one, and a split.json that
+    cannot be read, are left to the stages that name them."""
+    from caption_attn.feature_cache import IMAGE_DIGEST_CHARS
+    from caption_attn.run import RunFolder
+
+    try:
+        recorded = RunFolder(run).image_digests()
+    except (UserError, OSError):
+        return
+    changed = []
+    for key, digest in recorded.items():
+        try:
+            now = file_digest(os.path.join(images_dir, key))[:IMAGE_DIGEST_CHARS]
+        except OSError:
+            continue
+        if now != digest:
+            changed.append(key)
+    if changed:
+        listed = ", ".join(sorted(changed)[:3]) + (", ..." if len(changed) > 3 else "")
+        raise UserError(f"--workdir {cfg.workdir}: {len(changed)} of the {len(recorded)} images "
+                        f"the demo trained on changed in {images_dir} since ({listed}): the "
+                        f"demo would extract their features again over those the run was "
+                        f"trained on; {_CHANGED_IMAGES_ADVICE}")
+
+
 def extract_stage(cfg: DemoConfig, data: dict, paths: dict, precision: str) -> dict:
     """Stage 2: `extract.extract_features` with the demo's settings. A cache of other
     settings was refused in extract-features' terms (--cache, --precision, --dtype), flags
@@ -262,17 +300,77 @@ def run_config(cfg: DemoConfig, captions: str, cache: str) -> RunConfig:
                           scst_after=None if cfg.scst_after == cfg.epochs else cfg.scst_after))
 
 
+# what the demo's stage 5 leaves in its heatmaps folder besides the heatmaps (marked PNGs):
+# the lock of `captioner.heatmap_lock`, and a heatmap's temporary file a killed run left
+# (`fileio.temp_name`: `.NAME.png.tmp.<pid>.<host>`)
+_OWN_EXTRAS = re.compile(r"\.caption-attn\.lock|\..+\.png\.tmp\.\d+\..+")
+
+
+def _own_heatmap_files(folder: str) -> tuple[list, list]:
+    """(the demo's files in its heatmaps `folder`, the names of the others) by what they
+    are: a regular file marked as a heatmap (`images.is_heatmap_file`, never a link) or one
+    of `_OWN_EXTRAS`; anything else, a folder included (the demo makes none there), is not
+    the demo's. Both empty for a missing folder."""
+    from caption_attn.images import is_heatmap_file
+
+    own, others = [], []
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    for name in names:
+        path = os.path.join(folder, name)
+        if is_heatmap_file(path) or (_OWN_EXTRAS.fullmatch(name)
+                                     and stat.S_ISREG(os.lstat(path).st_mode)):
+            own.append(path)
+        else:
+            others.append(name + "/" if os.path.isdir(path) and not os.path.islink(path)
+                          else name)
+    return own, others
+
+
+def check_heatmaps_folder(cfg: DemoConfig, folder: str) -> None:
+    """UserError, before the first stage, when the heatmaps `folder` holds anything the demo
+    did not draw: a rerun deleted the whole folder, files of one's own put there with it,
+    without a word. The demo removes only its own heatmaps (`caption_test_images`) and, as
+    it does with other folders it did not make, refuses rather than work beside them (after
+    training and evaluating, `caption`'s check of the folder refused images there). A
+    heatmaps link is removed as a link (`caption_test_images`): not checked."""
+    if os.path.islink(folder):
+        return
+    _, others = _own_heatmap_files(folder)
+    if others:
+        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise UserError(f"--workdir {cfg.workdir}: {folder} holds files the demo did not draw "
+                        f"({listed}); a rerun redraws the demo's heatmaps there and deletes "
+                        f"only those it drew, so it leaves these alone and stops here, nothing "
+                        f"deleted: move them out of {folder}, or choose another --workdir")
+
+
+def _remove_own_heatmaps(folder: str) -> None:
+    """Remove the heatmaps an earlier demo run drew in `folder` (`_own_heatmap_files`), and
+    the folder if nothing else is left; a link is removed as a link, its target left."""
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        if os.path.lexists(folder):
+            remove_path(folder)
+        return
+    own, others = _own_heatmap_files(folder)
+    for path in own:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    if not others:
+        with contextlib.suppress(OSError):   # something put there meanwhile: kept
+            os.rmdir(folder)
+
+
 def caption_test_images(cfg: DemoConfig, paths: dict, images_dir: str, log) -> dict:
-    """Stage 5: caption the first `cfg.show` test images and draw their heatmaps into a
-    heatmaps folder holding nothing else: the heatmaps of an earlier demo run (a larger
-    --show, another --beam, fewer --epochs: an older model) would otherwise stay beside the
-    new ones, looking like this model's. A heatmaps link is removed as a link (as by
-    --fresh), its target left alone: rmtree refused it, after evaluating. Returns the images
-    that failed (path -> reason)."""
+    """Stage 5: caption the first `cfg.show` test images and draw their heatmaps into the
+    heatmaps folder, after removing every heatmap an earlier demo run drew there: those of a
+    larger --show, another --beam, fewer --epochs (an older model) would otherwise stay
+    beside the new ones, looking like this model's. Only those: files of one's own there
+    are kept (`check_heatmaps_folder` refused them before the first stage). A heatmaps link
+    is removed as a link (as by --fresh), its target left alone: rmtree refused it, after
+    evaluating. Returns the images that failed (path -> reason)."""
     from caption_attn import captioner
 
-    if os.path.lexists(paths["heatmaps"]):
-        remove_path(paths["heatmaps"])
+    _remove_own_heatmaps(paths["heatmaps"])
     if not cfg.show:
         log("[5/5] caption test images: skipped (--show 0)")
         return {}
@@ -304,6 +402,13 @@ def train_stage(cfg: DemoConfig, data: dict, paths: dict, log) -> dict:
                            images_dir=data["images_dir"], log=log)
     except UserError as e:
         message = e.message
+        guess = message.find(": the cache of another dataset? Point --cache at the run's")
+        if guess > 0 and "extracted from other images than the run's" in message:
+            # the cache already holds the changed images' features (an earlier rerun
+            # extracted them): `check_images_unchanged` passed, train refused
+            raise UserError(f"--workdir {cfg.workdir}: {message[:guess]}: images the demo "
+                            f"trained on changed since; {_CHANGED_IMAGES_ADVICE}",
+                            e.exit_code, e.lines) from None
         if "--scst-after none" not in message and "(was none" not in message:
             raise
         message = message.replace("(was none", "(was equal to the run's --epochs, "
@@ -344,6 +449,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     # one demo per work folder at a time, from before --fresh deletes anything to its end
     with workdir_lock(cfg.workdir):
         check_workdir(cfg)
+        check_heatmaps_folder(cfg, paths["heatmaps"])
         precision = backbone_precision(cfg, paths["cache"], log)
 
         log(f"[1/5] make-shapes -> {paths['shapes']}")
@@ -354,6 +460,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         log(f"[2/5] extract-features (random InceptionV3, seed {cfg.seed}, {precision}) -> "
             f"{paths['cache']}")
         t = time.perf_counter()
+        check_images_unchanged(cfg, data["images_dir"], paths["run"])
         summary = extract_stage(cfg, data, paths, precision)
         log(extract.format_summary(summary))
         timings["extract_features"] = time.perf_counter() - t

@@ -11,6 +11,7 @@ from caption_attn.config import DemoConfig
 
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_reduced_size(tmp_path):
+    from caption_attn.errors import UserError
     lines = []
     cfg = DemoConfig(workdir=str(tmp_path / "work"), num_images=150, epochs=4, scst_after=3,
                      show=2, beam=2)
@@ -37,14 +38,38 @@ def test_demo_end_to_end_on_a_reduced_size(tmp_path):
                      "Captions for image"):
         assert expected in text
 
+    # a file of one's own among the heatmaps: refused at once, nothing deleted
+    mine = os.path.join(paths["heatmaps"], "mine.txt")
+    with open(mine, "w") as f:
+        f.write("x")
+    with pytest.raises(UserError, match=r"holds files the demo did not draw \(mine\.txt\)"):
+        demo.run_demo(cfg, log=lines.append)
+    assert len(os.listdir(paths["heatmaps"])) == 3
+    os.remove(mine)
+
     # a rerun reuses the dataset, the cache and the finished run; with --show 0 (not part of
-    # the recorded settings) it draws no heatmaps and does not name a heatmaps folder
+    # the recorded settings) it draws no heatmaps (removing those it drew: its own) and does
+    # not name a heatmaps folder
     lines.clear()
     again = demo.run_demo(dataclasses.replace(cfg, show=0), log=lines.append)
     text = "\n".join(lines)
     assert "reusing" in text
     assert again["metrics"]["Bleu_4"] == pytest.approx(metrics["Bleu_4"])
     assert "none drawn (--show 0)" in text and paths["heatmaps"] not in text
+    assert not os.path.exists(paths["heatmaps"])
+
+    # an image of the dataset changed: refused before its features are extracted again
+    images = os.path.join(paths["shapes"], "images")
+    first, other = sorted(os.listdir(images))[:2]
+    with open(os.path.join(images, other), "rb") as src, \
+            open(os.path.join(images, first), "wb") as dst:
+        dst.write(src.read())
+    index = sorted(os.listdir(paths["cache"]))
+    with pytest.raises(UserError, match=rf"^--workdir .*: 1 of the \d+ images the demo trained "
+                                        rf"on changed in {re.escape(images)} since \({first}\)"
+                                        rf".* add --fresh"):
+        demo.run_demo(cfg, log=lines.append)
+    assert sorted(os.listdir(paths["cache"])) == index
 
 
 def test_settings_are_checked_before_anything_is_written(tmp_path):
@@ -180,7 +205,7 @@ def test_heatmaps_of_an_earlier_demo_run_do_not_stay_beside_the_new_ones(tmp_pat
     (run / "split.json").write_text(json.dumps({"splits": {"test": ["a.png", "b.png"]}}))
     os.makedirs(heat)
     for name in ("a.png", "b.png", "c.png"):
-        (heat / name).write_text("old")
+        (heat / name).write_bytes(heatmap_png())
 
     class Model:
         def caption_images(self, paths):
@@ -199,7 +224,7 @@ def test_heatmaps_of_an_earlier_demo_run_do_not_stay_beside_the_new_ones(tmp_pat
     assert lines[0] == f"[5/5] caption 2 test images (all the test split holds; --show 5) -> {heat}"
     lines.clear()
     os.makedirs(heat)
-    (heat / "a.png").write_text("old")
+    (heat / "a.png").write_bytes(heatmap_png())
     assert demo.caption_test_images(DemoConfig(show=0), paths, "imgs", lines.append) == {}
     assert not heat.exists()
     assert lines == ["[5/5] caption test images: skipped (--show 0)"]
@@ -481,3 +506,139 @@ def test_a_workdir_not_utf8_is_refused_before_anything_is_written(tmp_path):
                       log=lambda m: None)
     assert str(e.value).startswith(f"--workdir {tmp_path}/caf\\xe9/work: not a UTF-8 path")
     assert os.listdir(tmp_path) == []
+
+
+def heatmap_png() -> bytes:
+    """A PNG carrying the mark of the heatmaps `caption --plot-attention` (and the demo) draw."""
+    import cv2
+    import numpy as np
+    from caption_attn.images import mark_heatmap
+    return mark_heatmap(cv2.imencode(".png", np.zeros((4, 4, 3), np.uint8))[1].tobytes())
+
+
+def test_a_rerun_removes_only_the_heatmaps_it_drew(tmp_path, monkeypatch):
+    """A rerun deleted the whole heatmaps folder: files of one's own put there went with the
+    demo's heatmaps, without a word."""
+    from caption_attn import captioner
+    run, heat = tmp_path / "run", tmp_path / "heatmaps"
+    os.makedirs(run)
+    (run / "split.json").write_text(json.dumps({"splits": {"test": ["a.png"]}}))
+    os.makedirs(heat / "sub")
+    (heat / "old.png").write_bytes(heatmap_png())
+    (heat / ".old.png.tmp.123.host").write_bytes(heatmap_png()[:20])   # a killed write's
+    (heat / "mine.txt").write_text("x")
+    (heat / "sub" / "keep.txt").write_text("y")
+    monkeypatch.setattr(captioner.Captioner, "from_run", classmethod(lambda cls, *a: None))
+    paths = {"run": str(run), "heatmaps": str(heat)}
+    assert demo.caption_test_images(DemoConfig(show=0), paths, "imgs", lambda m: None) == {}
+    assert sorted(os.listdir(heat)) == ["mine.txt", "sub"]
+    assert (heat / "mine.txt").read_text() == "x" and (heat / "sub" / "keep.txt").read_text() == "y"
+
+
+def test_a_rerun_with_files_of_ones_own_in_heatmaps_is_refused_before_anything(tmp_path,
+                                                                              monkeypatch):
+    """The demo treats files it did not make as it does elsewhere (a workdir of someone's
+    folders, a replaced dataset): it refuses, deleting nothing, and says what to do."""
+    from caption_attn.errors import UserError
+
+    def first_stage(*args):
+        raise AssertionError("make-shapes ran")
+    monkeypatch.setattr(demo, "_dataset", first_stage)
+    work = tmp_path / "work"
+    cfg = DemoConfig(workdir=str(work), num_images=20, epochs=1, scst_after=1)
+    demo.check_workdir(cfg)
+    heat = work / "heatmaps"
+    os.makedirs(heat / "sub")
+    (heat / "shape_00001.png").write_bytes(heatmap_png())
+    (heat / "mine.txt").write_text("x")
+    (heat / "sub" / "keep.txt").write_text("y")
+    with pytest.raises(UserError) as e:
+        demo.run_demo(cfg, log=lambda m: None)
+    assert str(e.value) == (
+        f"--workdir {work}: {heat} holds files the demo did not draw (mine.txt, sub/); a rerun "
+        f"redraws the demo's heatmaps there and deletes only those it drew, so it leaves "
+        f"these alone and stops here, nothing deleted: move them out of {heat}, or choose "
+        f"another --workdir")
+    assert "--cache" not in str(e.value) and "--run" not in str(e.value)
+    assert sorted(os.listdir(heat)) == ["mine.txt", "shape_00001.png", "sub"]
+    assert (heat / "sub" / "keep.txt").read_text() == "y"
+    # the demo's own heatmaps alone (and its lock) are no reason to stop
+    os.remove(heat / "mine.txt")
+    os.remove(heat / "sub" / "keep.txt")
+    os.rmdir(heat / "sub")
+    (heat / ".caption-attn.lock").write_text("")
+    with pytest.raises(AssertionError, match="make-shapes ran"):
+        demo.run_demo(cfg, log=lambda m: None)
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def test_images_changed_since_the_run_trained_are_refused_before_extraction(tmp_path,
+                                                                           monkeypatch):
+    """One image of WORKDIR/shapes/images changed: the rerun extracted it into the cache
+    again, and only then train refused, saying `Point --cache at the run's cache`, a flag the
+    demo has not."""
+    from caption_attn import extract
+    from caption_attn.errors import UserError
+    work = tmp_path / "work"
+    cfg = DemoConfig(workdir=str(work), num_images=20, epochs=1, scst_after=1)
+    demo.check_workdir(cfg)
+    images = work / "shapes" / "images"
+    os.makedirs(images)
+    os.makedirs(work / "models" / "shapes")
+    (images / "shape_00.png").write_bytes(b"one")
+    (images / "shape_01.png").write_bytes(b"two")
+    (work / "models" / "shapes" / "split.json").write_text(json.dumps(
+        {"image_digests": {"shape_00.png": _digest(b"one"), "shape_01.png": _digest(b"two")}}))
+    monkeypatch.setattr(demo, "_dataset", lambda *a: {"images_dir": str(images),
+                                                      "captions": "c"})
+
+    def extract_features(*args, **kwargs):
+        raise AssertionError("extracted")
+    monkeypatch.setattr(extract, "extract_features", extract_features)
+    os.utime(images / "shape_00.png", (1, 1))           # touched, the same bytes: not changed
+    with pytest.raises(AssertionError, match="extracted"):
+        demo.run_demo(cfg, log=lambda m: None)
+    (images / "shape_01.png").write_bytes(b"edited")
+    with pytest.raises(UserError) as e:
+        demo.run_demo(cfg, log=lambda m: None)
+    assert str(e.value) == (
+        f"--workdir {work}: 1 of the 2 images the demo trained on changed in {images} since "
+        f"(shape_01.png): the demo would extract their features again over those the run "
+        f"was trained on; add --fresh to render the dataset again and start the demo over, "
+        f"or choose another --workdir")
+
+
+def test_trains_refusal_of_other_images_names_the_demos_flags(tmp_path, monkeypatch):
+    """If the cache already holds the changed images' features (an earlier rerun extracted
+    them), train's refusal is said in the demo's terms: no --cache, --run or a new run."""
+    from caption_attn import train
+    from caption_attn.errors import UserError
+    from caption_attn.run import RunFolder
+    run = tmp_path / "run"
+    os.makedirs(run)
+    (run / "split.json").write_text(json.dumps({"image_digests": {"a.png": "1" * 16}}))
+    with pytest.raises(UserError) as refused:
+        RunFolder(str(run)).check_image_digests("W/features_cache", ["a.png"],
+                                                {"a.png": "2" * 16}, "W/shapes/images")
+    assert "Point --cache" in str(refused.value)       # train's own advice stays as it was
+
+    def refuse(cfg, run, **kwargs):
+        raise refused.value
+    monkeypatch.setattr(train, "train", refuse)
+    with pytest.raises(UserError) as e:
+        demo.train_stage(DemoConfig(workdir="W", epochs=2, scst_after=2),
+                         {"captions": "c.json", "images_dir": "W/shapes/images"},
+                         {"cache": "W/features_cache", "run": "W/models/shapes"}, print)
+    message = str(e.value)
+    assert message == ("--workdir W: feature cache W/features_cache: the features of 1 of "
+                       "the 1 images were extracted from other images than the run's of the "
+                       "same name (e.g. 'a.png', from W/shapes/images): images the demo "
+                       "trained on changed since; add --fresh to render the dataset again and "
+                       "start the demo over, or choose another --workdir")
+    for flag in ("--cache", "--run", "train a new run", "another dataset"):
+        assert flag not in message
+    assert e.value.exit_code == refused.value.exit_code

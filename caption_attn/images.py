@@ -1,5 +1,6 @@
 """Image files -> RGB pixels, the same everywhere: `extract-features`, `caption` and the
-attention snapshots of `train` all go through `load_image`.
+attention snapshots of `train` all go through `load_image` (the heatmaps are drawn on the
+photo in its own proportions, `heatmap_view`).
 
 Images are decoded with OpenCV (`decode_image`: format sniffed from the magic bytes, truncated
 JPEG/PNG refused, alpha composited over white) and stretched to 299x299 by `resize_image`.
@@ -387,6 +388,26 @@ def read_image_file(path: str) -> tuple[bytes, os.stat_result]:
 def load_image(path: str) -> np.ndarray:
     """Image file -> uint8 (299, 299, 3) RGB exactly as extraction sees it; raises ImageError."""
     return resize_image(decode_image(read_image_file(path)[0]))
+
+
+def heatmap_view(rgb: np.ndarray, longest: int = IMAGE_SIZE) -> np.ndarray:
+    """RGB (H, W, 3) -> the photo heatmaps are drawn on: its own proportions (the model's
+    8x8 grid is stretched over all of it, as `resize_image` stretched the photo), shrunk
+    (area) so its longest side is at most `longest`, never enlarged: no more pixels than
+    the 299x299 image every photo used to be squeezed into for its heatmaps, still more
+    than a panel shows (210 px at most, `plot.PANEL_INCHES`)."""
+    h, w = rgb.shape[:2]
+    if max(h, w) <= longest:
+        return rgb
+    scale = longest / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))        # (W', H')
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
+def load_image_and_view(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Image file -> (`load_image`'s (299, 299, 3), its `heatmap_view`), decoded once."""
+    rgb = decode_image(read_image_file(path)[0])
+    return resize_image(rgb), heatmap_view(rgb)
 
 
 def printable_name(name: str) -> str:

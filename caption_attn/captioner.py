@@ -21,7 +21,7 @@ from caption_attn import decode as decode_lib
 from caption_attn import model as _model  # noqa: F401  registers the Keras classes to load
 from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone, prefer_wide_xla_vectors
 from caption_attn.config import DecodeConfig, RunConfig
-from caption_attn.errors import UserError
+from caption_attn.errors import UserError, counted
 from caption_attn.feature_cache import MANIFEST, cache_images, read_manifest
 from caption_attn.fileio import holding_lock, is_inside, longest_temp_name, one_line
 from caption_attn.images import (ImageError, heatmap_source, is_heatmap_file, left_out_note,
@@ -599,8 +599,8 @@ def check_heatmap_targets(out_dir: str, paths: Sequence[str],
     if os.path.isdir(out_dir):
         others = list_images(out_dir, flag="--plot-attention")   # heatmaps left out
         if others:
-            raise UserError(f"--plot-attention {out_dir}: holds {len(others)} "
-                            f"image{'s' if len(others) > 1 else ''} that caption-attn did not "
+            raise UserError(f"--plot-attention {out_dir}: holds {counted(len(others), 'image')}"
+                            f" that caption-attn did not "
                             f"draw ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}"
                             f"); give the heatmaps a new or empty folder of their own")
 

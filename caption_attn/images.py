@@ -22,7 +22,7 @@ import numpy as np
 
 from caption_attn.backbone import IMAGE_SIZE
 from caption_attn.config import IMAGE_EXTENSIONS
-from caption_attn.errors import UserError
+from caption_attn.errors import UserError, counted
 from caption_attn.fileio import is_utf8, one_line, printable_json
 
 RESIZE_METHOD = ("stretch to 299x299 (aspect ratio not kept, no crop); per axis INTER_AREA "
@@ -579,7 +579,7 @@ def heatmaps_note(paths: list[str], where: str, examples: int = 2) -> str:
     if not paths:
         return ""
     one = len(paths) == 1
-    return (f"left out {len(paths)} heatmap{'' if one else 's'} caption-attn drew {where} "
+    return (f"left out {counted(len(paths), 'heatmap')} caption-attn drew {where} "
             f"({_some_of(paths, examples)}): "
             f"{'it is not a photo' if one else 'they are not photos'}")
 

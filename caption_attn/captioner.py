@@ -21,11 +21,11 @@ from caption_attn import decode as decode_lib
 from caption_attn import model as _model  # noqa: F401  registers the Keras classes to load
 from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone, prefer_wide_xla_vectors
 from caption_attn.config import DecodeConfig, RunConfig
-from caption_attn.errors import UserError
+from caption_attn.errors import UserError, counted
 from caption_attn.feature_cache import MANIFEST, cache_images, read_manifest
 from caption_attn.fileio import holding_lock, is_inside, longest_temp_name, one_line
 from caption_attn.images import (ImageError, heatmap_source, is_heatmap_file, left_out_note,
-                                 list_images, load_image, printable_name)
+                                 list_images, load_image_and_view, printable_name)
 from caption_attn.run import RunFolder
 from caption_attn.vocab import PAD, START, Vocabulary
 
@@ -345,7 +345,9 @@ class Captioner:
         return self._backbone
 
     def caption_images(self, paths: Sequence[str]) -> tuple[dict, dict]:
-        """(path -> (image uint8 (299, 299, 3), captions), path -> error reason)."""
+        """(path -> (image, captions), path -> error reason); the image is the photo to
+        draw heatmaps on (`images.heatmap_view`: uint8 (H, W, 3) in its own proportions, at
+        most 299 on its longest side), not the 299x299 the model saw."""
         results, errors = {}, {}
         for batch_results, batch_errors, _ in self.caption_batches(paths):
             results.update(batch_results)
@@ -358,10 +360,10 @@ class Captioner:
         failed on the way), so only one batch of images is in memory and each batch's
         captions can be shown before the next is read. Unreadable files do not shrink a
         batch (every full batch has one size: one XLA compilation)."""
-        images, ids, errors, done = {}, {}, {}, 0
+        images, views, ids, errors, done = {}, {}, {}, {}, 0
         for done, path in enumerate(paths, 1):
             try:
-                images[path] = load_image(path)
+                images[path], views[path] = load_image_and_view(path)
                 ids.setdefault(path, done - 1)  # its index in `paths`: its samples' stream
             except ImageError as e:
                 errors[path] = str(e)
@@ -372,11 +374,11 @@ class Captioner:
                     for key, captions in zip(images, self.decode(
                             feats, [ids[key] for key in images])):
                         if captions:
-                            results[key] = (images[key], captions)
+                            results[key] = (views[key], captions)
                         else:   # every beam died: reported, not an empty block of captions
                             errors[key] = NO_CAPTION
                 yield results, errors, done
-                images, ids, errors = {}, {}, {}
+                images, views, ids, errors = {}, {}, {}, {}
 
 
 def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
@@ -597,8 +599,8 @@ def check_heatmap_targets(out_dir: str, paths: Sequence[str],
     if os.path.isdir(out_dir):
         others = list_images(out_dir, flag="--plot-attention")   # heatmaps left out
         if others:
-            raise UserError(f"--plot-attention {out_dir}: holds {len(others)} "
-                            f"image{'s' if len(others) > 1 else ''} that caption-attn did not "
+            raise UserError(f"--plot-attention {out_dir}: holds {counted(len(others), 'image')}"
+                            f" that caption-attn did not "
                             f"draw ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}"
                             f"); give the heatmaps a new or empty folder of their own")
 

@@ -22,7 +22,7 @@ import typing
 from typing import Callable, Optional, Sequence
 
 from caption_attn import config as C
-from caption_attn.errors import UserError
+from caption_attn.errors import UserError, counted
 from caption_attn.fileio import exit_past_hdf5, hdf5_write_failed, one_line, printable_json
 from caption_attn.run import check_folder_writable
 
@@ -276,7 +276,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     beam = f" (beam {metrics['decode']['beam']})" if method == "beam" else ""
     best = metrics.get("best") or {}
     model = f", best model of epoch {best['epoch']}" if best.get("epoch") else ""
-    print(f"{metrics['split']} split, {evaluate.images_count(metrics['images'])}, {method} "
+    print(f"{metrics['split']} split, {counted(metrics['images'], 'image')}, {method} "
           f"decoding{beam}{model}")
     print(evaluate.format_metrics(metrics))
     # as the metrics file names them (valid UTF-8: a path's other bytes as \xNN)

@@ -41,7 +41,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from caption_attn.config import CAPTION_FORMATS, DataConfig, VocabConfig, check_fractions
 from caption_attn.fileio import decode_utf8, one_line, parse_json
-from caption_attn.errors import UserError
+from caption_attn.errors import UserError, counted
 from caption_attn.vocab import standardize
 
 SPLITS = ("train", "val", "test")
@@ -1126,7 +1126,7 @@ def _split_source(captions: CaptionSet, cfg: DataConfig) -> str:
     if captions.split_source == "lists":
         n = len(captions.unlisted)
         return (f"by Flickr8k's official lists {LISTS_GLOB} beside the file"
-                + (f"; {n} image{'' if n == 1 else 's'} in none of them left out"
+                + (f"; {counted(n, 'image')} in none of them left out"
                    f"{_examples(captions.unlisted[:MAX_EXAMPLES])}" if n else "")
                 + _unmatched_summary(captions.unmatched))
     return (f"by image hash (val {cfg.val_fraction}, test {cfg.test_fraction}, seed "
@@ -1139,7 +1139,7 @@ def _unmatched_summary(unmatched: dict[str, list[str]]) -> str:
     each list), or "" when every list name is an image of the file."""
     if not unmatched:
         return ""
-    counts = ", ".join(f"{len(names)} name{'' if len(names) == 1 else 's'} in "
+    counts = ", ".join(f"{counted(len(names), 'name')} in "
                        f"{os.path.basename(path)}" for path, names in unmatched.items())
     firsts = [names[0] for names in unmatched.values()]
     return f"; {counts} in no caption data{_examples(firsts)}"
@@ -1162,7 +1162,7 @@ def format_description(stats: dict) -> str:
         ("splits", f"train {splits['train']}, val {splits['val']}, test {splits['test']} "
                    f"images (split {stats['split_source']})"),
         ("empty captions", f"{stats['skipped_empty_captions']} skipped"),
-        ("no caption", f"{uncaptioned['count']} image{'' if uncaptioned['count'] == 1 else 's'} "
+        ("no caption", f"{counted(uncaptioned['count'], 'image')} "
                        f"left out{_examples(uncaptioned['examples'])}"),
         ("refused paths", f"{refused['count']}{_examples(refused['examples'])}"),
         ("missing images", "not checked (no images folder given)" if missing is None

@@ -1,4 +1,5 @@
-"""The one exception type users see as a message instead of a traceback."""
+"""The one exception type users see as a message instead of a traceback, and how messages
+count things (`counted`)."""
 
 
 class UserError(Exception):
@@ -14,6 +15,12 @@ class UserError(Exception):
         self.message, self.lines = message, tuple(lines)
         super().__init__("\n".join((message, *self.lines)))
         self.exit_code = exit_code
+
+
+def counted(n, noun: str, plural: str = "") -> str:
+    """How a message counts things: "1 image", "2 images", "0 images"; `plural` when the
+    plural is not `noun` + "s". `n` may be a count's digits (a JSON key: "1 object")."""
+    return f"{n} {noun if str(n) == '1' else plural or noun + 's'}"
 
 
 class TrainingError(UserError):

@@ -18,7 +18,7 @@ import numpy as np
 from caption_attn import data, interrupts
 from caption_attn.coco_metrics import COCO_METRICS, coco_metrics, write_results
 from caption_attn.config import DecodeConfig, RunConfig
-from caption_attn.errors import UserError
+from caption_attn.errors import UserError, counted
 from caption_attn.feature_cache import (describe_problems, feature_path, read_manifest,
                                         repair_command, source_images,
                                         unchecked_images_note, usable_features_checked_in,
@@ -54,7 +54,7 @@ def format_metrics(metrics: dict) -> str:
     rows += [(DISPLAY_NAMES[k], _format_value(metrics[k])) for k in SHAPES_METRICS
              if k in metrics]
     by_objects = metrics.get("scene_accuracy_by_objects") or {}
-    rows += [(f"  with {n} object{'s' if n != '1' else ''}", _format_value(v))
+    rows += [(f"  with {counted(n, 'object')}", _format_value(v))
              for n, v in by_objects.items()]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value:>8}" for name, value in rows)
@@ -349,11 +349,6 @@ def _decode_settings(captioner) -> dict:
     return settings
 
 
-def images_count(n: int) -> str:
-    """ "1 image", "2 images"."""
-    return f"{n} image" if n == 1 else f"{n} images"
-
-
 def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
            use_java: Optional[bool]) -> dict:
     """The coco metrics of `hypotheses` and their notes, then the shapes metrics of `best`
@@ -366,7 +361,7 @@ def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
     if found.images_note:
         notes.append(found.images_note)
     if found.without:
-        notes.append(f"{images_count(len(found.without))} of the {found.split} split "
+        notes.append(f"{counted(len(found.without), 'image')} of the {found.split} split "
                      f"{'was' if len(found.without) == 1 else 'were'} left out: "
                      f"{found.problems}")
     result = {**metrics, "notes": notes}

@@ -51,7 +51,7 @@ from caption_attn import __version__, graph_images, interrupts, quiet
 from caption_attn.backbone import GRID, IMAGE_SIZE, NUM_PIXELS, Backbone, build_backbone
 from caption_attn.captioner import EXPORT_NEEDS, Captioner, make_decoder
 from caption_attn.config import DecodeConfig, ExportConfig
-from caption_attn.errors import UserError
+from caption_attn.errors import UserError, counted
 from caption_attn.feature_cache import (IMAGE_DIGEST_CHARS, images_folders, is_stale_temp,
                                          read_manifest, source_images)
 from caption_attn.fileio import (check_utf8_path, file_digest, holding_lock, is_inside,
@@ -802,14 +802,13 @@ def _test_images(run: RunFolder, cache: str, limit: int) -> tuple:
             continue
         if key not in digests:
             unconfirmed.append(key)
-    counted = lambda found: f"{len(found)} test image{'s' * (len(found) != 1)}"  # noqa: E731
     if other:
-        notes.append(f"{counted(other)} in {folder} (e.g. {other[0]}) differ from the "
-                     f"run's images of the same name (their digests in {run.split}): left "
-                     f"out")
+        notes.append(f"{counted(len(other), 'test image')} in {folder} (e.g. {other[0]}) "
+                     f"differ from the run's images of the same name (their digests in "
+                     f"{run.split}): left out")
     if missing or unreadable:
-        notes.append(f"{counted(missing + unreadable)} missing or unreadable in {folder} (e.g. "
-                     f"{(missing + unreadable)[0]}): left out")
+        notes.append(f"{counted(len(missing + unreadable), 'test image')} missing or "
+                     f"unreadable in {folder} (e.g. {(missing + unreadable)[0]}): left out")
     if unconfirmed:
         notes.append(f"{counted(unconfirmed)} could not be confirmed to be the run's ({run.split} "
                      f"records no digest of them): measured as they are")

@@ -1,5 +1,6 @@
 """Image files -> RGB pixels, the same everywhere: `extract-features`, `caption` and the
-attention snapshots of `train` all go through `load_image`.
+attention snapshots of `train` all go through `load_image` (the heatmaps are drawn on the
+photo in its own proportions, `heatmap_view`).
 
 Images are decoded with OpenCV (`decode_image`: format sniffed from the magic bytes, truncated
 JPEG/PNG refused, alpha composited over white) and stretched to 299x299 by `resize_image`.
@@ -21,7 +22,7 @@ import numpy as np
 
 from caption_attn.backbone import IMAGE_SIZE
 from caption_attn.config import IMAGE_EXTENSIONS
-from caption_attn.errors import UserError
+from caption_attn.errors import UserError, counted
 from caption_attn.fileio import is_utf8, one_line, printable_json
 
 RESIZE_METHOD = ("stretch to 299x299 (aspect ratio not kept, no crop); per axis INTER_AREA "
@@ -389,6 +390,26 @@ def load_image(path: str) -> np.ndarray:
     return resize_image(decode_image(read_image_file(path)[0]))
 
 
+def heatmap_view(rgb: np.ndarray, longest: int = IMAGE_SIZE) -> np.ndarray:
+    """RGB (H, W, 3) -> the photo heatmaps are drawn on: its own proportions (the model's
+    8x8 grid is stretched over all of it, as `resize_image` stretched the photo), shrunk
+    (area) so its longest side is at most `longest`, never enlarged: no more pixels than
+    the 299x299 image every photo used to be squeezed into for its heatmaps, still more
+    than a panel shows (210 px at most, `plot.PANEL_INCHES`)."""
+    h, w = rgb.shape[:2]
+    if max(h, w) <= longest:
+        return rgb
+    scale = longest / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))        # (W', H')
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
+def load_image_and_view(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Image file -> (`load_image`'s (299, 299, 3), its `heatmap_view`), decoded once."""
+    rgb = decode_image(read_image_file(path)[0])
+    return resize_image(rgb), heatmap_view(rgb)
+
+
 def printable_name(name: str) -> str:
     """`name` with the bytes of a file name that is not UTF-8 (caf\\xe9.png, which Python
     holds as 'caf\\udce9.png') written as \\xNN, so it can be printed, drawn and saved; a
@@ -558,7 +579,7 @@ def heatmaps_note(paths: list[str], where: str, examples: int = 2) -> str:
     if not paths:
         return ""
     one = len(paths) == 1
-    return (f"left out {len(paths)} heatmap{'' if one else 's'} caption-attn drew {where} "
+    return (f"left out {counted(len(paths), 'heatmap')} caption-attn drew {where} "
             f"({_some_of(paths, examples)}): "
             f"{'it is not a photo' if one else 'they are not photos'}")
 

@@ -33,6 +33,7 @@ _PAD_INCHES = 0.05  # around each panel's image
 _WORD_INCHES = 0.3  # the word above each panel
 _TITLE_INCHES = 0.4  # the figure title
 _COLORBAR_INCHES = 1.0  # colorbar, its tick labels and its label
+_MIN_BAR_INCHES = 1.5  # the colorbar's least height: room for its label and a few ticks
 _WORD_GAP_POINTS = 6.0  # between a panel and its word's baseline (an axes title's pad)
 PNG_COMPRESSION = 1  # zlib level; 15-word figure: 35 ms, 776 KB (level 3: 56 ms, 719 KB)
 CMAP = "inferno"  # dark = ignored, bright = attended: a spotlight on the attended region
@@ -109,25 +110,30 @@ def _layout(rows: int, cols: int, aspect: float, title: bool):
 
     Returns the figure size, one [left, bottom, width, height] rectangle (figure fractions) per
     panel in row-major order, the colorbar's rectangle and the title's y. Each panel cell is
-    PANEL_INCHES wide with its word above it; the colorbar spans 80% of the panels' height.
+    PANEL_INCHES wide with its word above it; the image (`aspect` = height / width) fills it
+    across, or, when taller than wide, is as high as a square one and centred across (a
+    1:20 strip made a cell 42 inches high). The colorbar spans 80% of the panels' height,
+    at least _MIN_BAR_INCHES (beside one row of a wide strip it was too short for its ticks:
+    the figure is then that much higher, the panels at its top).
     (Constrained layout gave nearly the same picture but cost 0.6 s per 13-word figure: three
     solves, each measuring every text.)
     """
-    image_w = PANEL_INCHES - 2 * _PAD_INCHES
-    image_h = image_w * aspect
+    side = PANEL_INCHES - 2 * _PAD_INCHES  # the image's longest side
+    image_w, image_h = (side, side * aspect) if aspect <= 1 else (side / aspect, side)
     cell_h = image_h + 2 * _PAD_INCHES + _WORD_INCHES
     top = _TITLE_INCHES if title else 0.0
     width = cols * PANEL_INCHES + _COLORBAR_INCHES
-    height = rows * cell_h + top
+    grid_h = rows * cell_h
+    bar_h = max(0.8 * grid_h, _MIN_BAR_INCHES)
+    body_h = max(grid_h, bar_h / 0.8)
+    height = body_h + top
     panels = []
     for r in range(rows):
         for c in range(cols):
-            left = c * PANEL_INCHES + _PAD_INCHES
+            left = c * PANEL_INCHES + (PANEL_INCHES - image_w) / 2
             bottom = height - top - (r + 1) * cell_h + _PAD_INCHES
             panels.append([left / width, bottom / height, image_w / width, image_h / height])
-    grid_h = rows * cell_h
-    bar_h = 0.8 * grid_h
-    bottom = (grid_h - bar_h) / 2
+    bottom = (body_h - bar_h) / 2
     colorbar = [(cols * PANEL_INCHES + 0.1) / width, bottom / height, 0.15 / width,
                 bar_h / height]
     return (width, height), panels, colorbar, 1 - 0.1 / height
@@ -148,7 +154,9 @@ def attention_figure(
 ) -> Figure:
     """The image under each word's attention map, one panel per word, one shared color scale.
 
-    image: (H, W, 3) uint8 RGB. attention: (T, 64) or (T, 8, 8) with T >= len(words); row t
+    image: (H, W, 3) uint8 RGB, the photo in its own proportions (`images.heatmap_view`, not
+    the 299x299 the model saw): each 8x8 map is stretched over all of it, as the model's
+    resize stretched the photo. attention: (T, 64) or (T, 8, 8) with T >= len(words); row t
     belongs to words[t], extra rows (e.g. the step that produced `<end>`) are ignored.
 
     Each panel is blended here, at the pixel size it is drawn at: the image resized once,

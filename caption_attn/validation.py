@@ -140,7 +140,8 @@ class SampleFigures:
         if self.images_dir:
             path = os.path.join(self.images_dir, key)
             try:
-                image = images.load_image(path)
+                image = images.heatmap_view(images.decode_image(
+                    images.read_image_file(path)[0]))
                 self._unreadable.pop(key, None)
                 return image
             except images.ImageError as e:

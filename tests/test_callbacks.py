@@ -519,7 +519,7 @@ def test_a_sample_image_that_cannot_be_read_is_reported_once(tmp_path):
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8, 3), np.uint8))
     notes = []
     figures = SampleFigures(None, str(tmp_path), log=notes.append)
-    assert figures._image("a.png").shape[:2] == (299, 299) and not notes
+    assert figures._image("a.png").shape[:2] == (8, 8) and not notes   # as it is
     (tmp_path / "a.png").unlink()
     gray = figures._image("a.png")
     assert (gray == 128).all()
@@ -528,6 +528,25 @@ def test_a_sample_image_that_cannot_be_read_is_reported_once(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")         # now another reason: said
     figures._image("a.png")
     assert len(notes) == 2 and "empty file" in notes[1]
+
+
+def test_sample_heatmaps_show_each_image_in_its_own_proportions(tmp_path):
+    """The epoch heatmaps (TensorBoard and attention/epoch_K) drew each sample image squeezed
+    to 299x299; now in its own proportions, a big photo shrunk to that size's longest side."""
+    import cv2
+
+    from caption_attn import captioner
+    from caption_attn.validation import SampleFigures, _draw, Sample
+
+    cv2.imwrite(str(tmp_path / "wide.png"), np.zeros((360, 640, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "tall.png"), np.zeros((1200, 400, 3), np.uint8))
+    figures = SampleFigures(None, str(tmp_path))
+    assert figures._image("wide.png").shape == (168, 299, 3)
+    assert figures._image("tall.png").shape == (299, 100, 3)
+    caption = captioner.Caption(["a", "b"], -1.0, np.full((3, 64), 1 / 64, np.float32))
+    (drawn,) = _draw([(Sample("wide.png", caption), figures._image("wide.png"))])
+    png = cv2.imdecode(np.frombuffer(drawn["png"], np.uint8), cv2.IMREAD_COLOR)
+    assert png.shape[0] < png.shape[1] / 2     # one row of two 16:9 panels, not of squares
 
 
 def test_an_epoch_written_again_keeps_no_heatmaps_of_the_earlier_one(tmp_path):

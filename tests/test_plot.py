@@ -276,6 +276,29 @@ def test_fixed_layout_keeps_panels_apart_and_inside(n, size):
     assert colorbar.x1 < fig.bbox.width
 
 
+@pytest.mark.parametrize("h, w", [(360, 640), (640, 360), (30, 600), (600, 30)])
+def test_rendered_panels_keep_the_photo_proportions_within_todays_panel_size(h, w):
+    """In the PNG: the panel (a solid green photo, alpha 0) has the photo's width/height
+    within a pixel or two, its longest side that of a square panel (a tall photo made a
+    panel as tall as its width allowed, a figure 10 panels high for a 1:20 strip), the
+    colorbar still readable beside a thin strip, and the figure no taller than a square
+    photo's."""
+    green = np.zeros((h, w, 3), np.uint8)
+    green[..., 1] = 255
+    square = figure_to_png(attention_figure(_image(99, 99), ["word"], _attention(1), title="t"))
+    fig = attention_figure(green, ["word"], _attention(1), title="t", alpha=0.0)
+    png = cv2.imdecode(np.frombuffer(figure_to_png(fig), np.uint8), cv2.IMREAD_COLOR)  # BGR
+    assert fig.axes[0].get_window_extent().height >= 120   # a colorbar its ticks fit on
+    rows, cols = np.nonzero((png == [0, 255, 0]).all(axis=-1))
+    ph, pw = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert len(rows) == ph * pw                                        # one solid rectangle
+    side = attention_figure(_image(99, 99), ["w"], _attention(1)).images[0].get_size()[1]
+    assert max(ph, pw) == side
+    assert abs(ph - pw * h / w) <= 2 if w >= h else abs(pw - ph * w / h) <= 2  # short side
+    square_h = cv2.imdecode(np.frombuffer(square, np.uint8), cv2.IMREAD_COLOR).shape[0]
+    assert png.shape[0] <= square_h
+
+
 def test_figure_is_garbage_collected_without_pyplot():
     ref = weakref.ref(attention_figure(_image(), WORDS[:2], _attention(2)))
     gc.collect()

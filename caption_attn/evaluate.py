@@ -151,7 +151,7 @@ def _wordless_note(silent: list, split: str, captions: str) -> str:
     """What `evaluate` says of the `silent` records of its `split`: images whose captions in
     `captions` all lack a word, scored against them as pycocoevalcap scores them."""
     first, one = silent[0], len(silent) == 1
-    return (f"{images_count(len(silent))} of the {split} split {'has' if one else 'have'} "
+    return (f"{counted(len(silent), 'image')} of the {split} split {'has' if one else 'have'} "
             f"only captions without a word in {captions} ({'' if one else 'e.g. '}"
             f"{first.image!r}: {', '.join(repr(c) for c in first.wordless[:3])}): scored "
             f"against them, as "

@@ -1259,7 +1259,10 @@ def _hparams(cfg: RunConfig, vocab_size: int) -> dict:
             "precision": tc.precision, "seed": cfg.data.seed,
             "scst_after": -1 if tc.scst_after is None else tc.scst_after,
             "scst_samples": tc.scst_samples, "scst_baseline": tc.scst_baseline,
-            "scst_learning_rate": tc.scst_learning_rate}
+            "scst_learning_rate": tc.scst_learning_rate,
+            # the length of the cosine curve, and what stops the run and picks its best model
+            "epochs": tc.epochs, "monitor": tc.monitor or "auto (by stage)",
+            "patience": tc.patience, "min_delta": tc.min_delta}
 
 
 def _describe(trainer: Trainer, resumed: bool, done: int) -> None:

@@ -165,9 +165,12 @@ def test_a_resume_writes_the_hyperparameters_no_more(run_copy):
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
                                                              epochs=cfg.train.epochs + 1))
     train.train(cfg, run_copy.path, progress=False, log=lambda *a: None)
-    assert len(run_copy.read_history()) == cfg.train.epochs
+    done = cfg.train.epochs
+    assert len(run_copy.read_history()) == done
     assert len(hparams_sessions(run_copy.path)) == 1
-    assert "resume_changes" not in hparams_shown(run_copy.path)
+    # the one change shown: the run was extended (with cosine, that moves the curve)
+    assert hparams_shown(run_copy.path)["resume_changes"] == f"epoch {done}: epochs " \
+        f"{done - 1} -> {done}"
 
 
 def test_a_resume_with_another_learning_rate_shows_it_and_the_change_in_hparams(run_copy):
@@ -183,7 +186,8 @@ def test_a_resume_with_another_learning_rate_shows_it_and_the_change_in_hparams(
     train.train(cfg, run_copy.path, progress=False, log=lambda *a: None)
     shown = hparams_shown(run_copy.path)
     assert shown["learning_rate"] == pytest.approx(was / 2)
-    assert shown["resume_changes"] == f"epoch {done + 1}: learning_rate {was:g} -> {was / 2:g}"
+    assert shown["resume_changes"] == (f"epoch {done + 1}: epochs {done} -> {done + 1}, "
+                                       f"learning_rate {was:g} -> {was / 2:g}")
     assert len(hparams_sessions(run_copy.path)) == 1
     # a rerun with nothing to train keeps the run's rate, as config.json does
     again = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=was))
@@ -215,6 +219,19 @@ def test_hparams_show_the_self_critical_rate_and_reward():
                                                              scst_learning_rate=7e-6))
     assert train._hparams(cfg, 40)["scst_learning_rate"] == 7e-6
     assert ("epoch_reward", "train", "reward") in _HPARAMS_METRICS
+
+
+def test_hparams_show_what_shapes_the_schedule_and_the_stop():
+    """--epochs (the length of the cosine curve), --monitor, --patience and --min-delta were
+    not among the HParams: runs that differ by them looked the same, and a resume that
+    changed --epochs moved the learning rate curve with nothing in `resume_changes`."""
+    from caption_attn.config import RunConfig
+    cfg = RunConfig()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, epochs=7, monitor="val_bleu4", patience=4, min_delta=0.01))
+    shown = train._hparams(cfg, 40)
+    assert (shown["epochs"], shown["monitor"], shown["patience"], shown["min_delta"]) == \
+        (7, "val_bleu4", 4, 0.01)
 
 
 def test_small_metric_values_are_not_printed_as_zero():

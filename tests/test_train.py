@@ -1473,7 +1473,9 @@ def test_a_rerun_with_nothing_left_to_train_still_tells_what_changed(
         rerun()
     with open(index, "w") as f:
         f.write(entries)
-    assert rerun()["steps_now"] == 0 and len(loads) == 2 and not logs  # quick again
+    assert rerun()["steps_now"] == 0 and len(loads) == 2     # quick again: says only where
+    assert logs == [f"source images checked in {shapes_data['images']} (the run's images "
+                    f"folder, recorded in {os.path.join(run, 'split.json')})"]
     os.remove(os.path.join(run, "best.keras"))
     rerun()
     assert any("best.keras: missing; rewrote it from" in line for line in logs), logs

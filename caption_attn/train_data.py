@@ -134,7 +134,10 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
     (`RunFolder.images_dir`; `feature_cache.usable_features_checked_in`), or else in the
     folder the cache was last extracted from: a cache into which another folder with
     same-named images was extracted holds that folder's features under these names, which
-    checked against it looked right."""
+    checked against it looked right. So a new run without `images_dir` is refused when the
+    caption file's images may be others: the cache's folders share its image names
+    (`_refuse_shared_names`), or its own folder holds them with other content
+    (`_refuse_other_images_beside`)."""
     manifest = check_manifest(cfg.cache)
     if reuse:
         run.check_cache(cfg.cache, manifest)

@@ -377,8 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", metavar="DIR",
                    help="images folder of the caption file: the attention heatmaps are "
                         "drawn from it, and the features' source images are checked in it "
-                        "(images of other content are left out as changed) (default: the one "
-                        "the cache was last extracted from, recorded in its manifest); must "
+                        "(images of other content are left out as changed) (default: on "
+                        "resume the run's, else the one the cache was last extracted from, "
+                        "recorded in its manifest; a new run is refused without it when the "
+                        "caption file's images may be other images of the same names); must "
                         "exist")
     add_config_args(p, C.DataConfig)
     add_config_args(p, C.VocabConfig)

@@ -47,6 +47,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import sys
 import time
 from typing import Iterable, Optional
@@ -60,9 +61,9 @@ from caption_attn.backbone import (BACKBONE, FEATURE_LAYOUT, FEATURE_SHAPE, IMAG
 from caption_attn import feature_index
 from caption_attn.config import ExtractConfig
 from caption_attn.errors import UserError
-from caption_attn.fileio import (HOST, describe_holders, flock, keras_file_atomic, lock_file,
-                                 lock_holders, one_line, read_json, write_bytes_atomic,
-                                 write_json_atomic)
+from caption_attn.fileio import (HOST, describe_holders, file_digest, flock, keras_file_atomic,
+                                 lock_file, lock_holders, one_line, read_json,
+                                 write_bytes_atomic, write_json_atomic)
 from caption_attn.images import RESIZE_METHOD
 
 FORMAT_VERSION = 2               # bump when the meaning of cached files changes
@@ -722,6 +723,94 @@ def source_images(manifest: dict) -> Optional[str]:
     this machine: `usable_features` then checks the images against the index; else None."""
     folder = manifest.get("images_dir")
     return folder if folder and os.path.isdir(folder) else None
+
+
+# A new run without --images checks its features' source images in the cache's last images
+# folder, where another dataset's same-named images look right (a cache of another dataset;
+# another dataset extracted into it with --replace-other-images): `shared_names` and
+# `other_images_beside` look for the caption file's images elsewhere, at a bounded cost
+SAMPLE_NAMES = 256   # caption file image names looked up in each images folder of the cache
+PROBE_NAMES = 8      # ... in the caption file's folder and in each of its subfolders
+HASH_NAMES = 3       # images of a folder beside the caption file hashed (COCO's: 0.1 ms each)
+MAX_BESIDE = 32      # subfolders of the caption file's folder looked into
+
+
+def name_sample(keys: Iterable[str], n: int) -> list[str]:
+    """At most `n` of `keys`, spread evenly over them in sorted order (first and last in)."""
+    keys = sorted(keys)
+    if len(keys) <= n:
+        return keys
+    return [keys[i * (len(keys) - 1) // (n - 1)] for i in range(n)]
+
+
+def _is_file(st) -> bool:
+    return isinstance(st, os.stat_result) and stat.S_ISREG(st.st_mode)
+
+
+def shared_names(manifest: dict, keys: Iterable[str]) -> Optional[tuple[str, list, int, int]]:
+    """(a name, the cache's images folders holding it, how many names are held by more than
+    one, how many were looked up) when more than one of the folders the cache was extracted
+    from (those on this machine, one per real path) hold an image of one of `keys`' names
+    (the caption file's); None otherwise. The cache holds one feature file per name, of one
+    folder's image: which folder holds the caption file's images cannot be told. COCO's
+    train2014 and val2014 extracted into one cache share no name. A sample of SAMPLE_NAMES
+    names is looked up (one stat each per folder)."""
+    folders, seen = [], set()
+    for folder in images_folders(manifest):
+        real = os.path.realpath(folder)
+        if real not in seen and os.path.isdir(folder):
+            seen.add(real)
+            folders.append(folder)
+    if len(folders) < 2:
+        return None
+    sample = name_sample(keys, SAMPLE_NAMES)
+    held: dict = {k: [] for k in sample}
+    for folder in folders:
+        prefix = os.path.join(folder, "")
+        for k, st in zip(sample, feature_index._stat_all([prefix + k for k in sample])):
+            if _is_file(st):
+                held[k].append(folder)
+    shared = [k for k in sample if len(held[k]) > 1]
+    return (shared[0], held[shared[0]], len(shared), len(sample)) if shared else None
+
+
+def other_images_beside(captions: str, digests: dict,
+                        checked_in: Optional[str]) -> Optional[tuple[str, str]]:
+    """(a folder, an image name) when the caption file's folder or one of its subfolders
+    (`images/` beside a shapes captions.json) holds images of the caption file's names,
+    most of a sample of PROBE_NAMES of `digests`' (image name -> digest of the image its
+    features were extracted from: `usable_features`' image_digests), of other content than
+    those (sha256 of HASH_NAMES of them): the cache of another dataset with the same file
+    names, whose features checked in its own folder (`checked_in`) looked right. None when
+    no such folder is there, or one is the folder checked (by real path) or holds the very
+    images (a copy of it). At most one listing, (1 + MAX_BESIDE) x PROBE_NAMES stats and
+    HASH_NAMES reads per folder."""
+    sample = name_sample(digests, PROBE_NAMES)
+    base = os.path.dirname(os.path.abspath(captions))
+    try:
+        with os.scandir(base) as entries:
+            subfolders = sorted(e.path for e in entries if e.is_dir())[:MAX_BESIDE]
+    except OSError:
+        return None
+    checked = os.path.realpath(checked_in) if checked_in else None
+    candidates = [base] + subfolders
+    if not sample or any(os.path.realpath(f) == checked for f in candidates):
+        return None
+    other = None
+    for folder in candidates:
+        prefix = os.path.join(folder, "")
+        present = [k for k in sample if _is_file(feature_index._stat(prefix + k))]
+        if 2 * len(present) <= len(sample):
+            continue                                # not the caption file's images
+        differ = []
+        for k in present[:HASH_NAMES]:
+            with contextlib.suppress(OSError):
+                if file_digest(prefix + k)[:IMAGE_DIGEST_CHARS] != digests[k]:
+                    differ.append(k)
+        if not differ:
+            return None                             # the images the features were made of
+        other = other or (folder, differ[0])
+    return other
 
 
 def unchecked_images_note(cache: str, manifest: dict, checked_in: Optional[str],

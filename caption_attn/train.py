@@ -39,7 +39,8 @@ from caption_attn.optimizer import FusedAdam, StagedLearningRate, inner, make_op
 from caption_attn.run import RunFolder, changed_settings_note
 from caption_attn.scst import SelfCritical, recorded_digest
 from caption_attn.steps import EpochTotals, Steps
-from caption_attn.train_data import (SPLIT_FIELDS, EpochData, TrainData, features_as_recorded,
+from caption_attn.train_data import (SPLIT_FIELDS, EpochData, TrainData, checked_in_line,
+                                     features_as_recorded, images_why,
                                      load_train_data as _load_train_data)
 from caption_attn.validation import SampleFigures, Validator, table_or_files
 from caption_attn.vocab import SPECIAL_TOKENS, UNK
@@ -1277,6 +1278,9 @@ def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
                 f"{len(d.vocab)}, {i.steps_per_epoch} steps/epoch{stages}, "
                 f"{trainer.strategy.num_replicas_in_sync} replica(s), features "
                 f"{'in memory' if i.table is not None else 'streamed from disk'}")
+    # where the features' source images were checked, and why there (or why nowhere)
+    trainer.log(d.images_line() or "note: " + (d.images_note or "no source image was "
+                                               "checked: no images folder is recorded"))
     n = trainer.cfg.vocab.max_length
     if d.truncated:
         trainer.log(f"note: {d.truncated} of {len(i.items['train'][0])} train captions are "
@@ -1298,8 +1302,6 @@ def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
     if d.skipped_captions:
         trainer.log(f"skipped {d.skipped_captions} captions of {d.skipped_images} images "
                     f"without usable features: {d.problems}")
-    if d.images_note:
-        trainer.log("note: " + d.images_note)
     if d.split_note:
         trainer.log("note: " + d.split_note)
     if d.refused_note:
@@ -1570,6 +1572,10 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
                 return None
         if done and tc.sample_images and not os.path.isdir(run.attention_epoch(done)):
             return None                              # `Trainer._redraw_lost_samples`'
+        folder = os.path.abspath(images_dir) if images_dir else run.images_dir()
+        line = checked_in_line(folder, images_why(cfg, run, images_dir, folder))
+        if line:    # as the full load says it (`_describe`)
+            log(line)
         for note in notes:
             log("note: " + note)
         forget_undone(run, done, steps, log)

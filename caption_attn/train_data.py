@@ -63,6 +63,7 @@ class TrainData:
     images_note: Optional[str] = None     # that no source image could be checked
     captions: Optional[str] = None    # the caption file
     images_dir: Optional[str] = None  # where the source images were checked (or None)
+    images_why: str = ""              # why there (`images_line`)
     cache: Optional[str] = None       # the feature cache
     caption_file: Optional[dict] = None   # `data.file_stamp` of the caption file's bytes read
 
@@ -72,6 +73,11 @@ class TrainData:
         return feature_cache.describe_problems(problems, self.cache, manifest=self.manifest,
                                                captions=self.captions,
                                                images_dir=self.images_dir)
+
+    def images_line(self) -> Optional[str]:
+        """Where the features' source images were checked and why there (train's opening
+        lines); None when nowhere (`images_note` says why)."""
+        return checked_in_line(self.images_dir, self.images_why)
 
     def items(self, split: str) -> tuple[list[str], list[list[int]]]:
         """(feature path, token ids) of every caption of `split`, one pair per caption."""
@@ -128,7 +134,10 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
     (`RunFolder.images_dir`; `feature_cache.usable_features_checked_in`), or else in the
     folder the cache was last extracted from: a cache into which another folder with
     same-named images was extracted holds that folder's features under these names, which
-    checked against it looked right."""
+    checked against it looked right. So a new run without `images_dir` is refused when the
+    caption file's images may be others: the cache's folders share its image names
+    (`_refuse_shared_names`), or its own folder holds them with other content
+    (`_refuse_other_images_beside`)."""
     manifest = check_manifest(cfg.cache)
     if reuse:
         run.check_cache(cfg.cache, manifest)
@@ -148,9 +157,14 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
         run.check_captions(cfg.captions, captions.records, splits, fingerprint,
                            captions if captions.split_source == "lists" else None)
     records = {r.image: r for r in captions.records}
+    keys = [k for split_keys in splits.values() for k in split_keys if k in records]
+    given = images_dir
+    if given is None and not resumed:
+        _refuse_shared_names(cfg, manifest, keys)
     images_dir, paths, problems, digests, recorded_digests = _usable_features(
-        cfg, run, manifest, [k for keys in splits.values() for k in keys if k in records],
-        reuse, images_dir)
+        cfg, run, manifest, keys, reuse, images_dir)
+    if given is None and not resumed:
+        _refuse_other_images_beside(cfg, manifest, digests, images_dir)
     skipped_captions = sum(len(records[k].captions) for k in problems)
     words = {k: tokenize_all(records[k].captions) for k in paths}  # for vocabulary and ids
     if reuse and os.path.exists(run.vocab):
@@ -177,6 +191,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
                      fingerprint, dict(sorted(digests.items())), problems, 0,
                      recorded_digests, captions.refused_note(), captions.empty_note(),
                      captions=cfg.captions, images_dir=images_dir, cache=cfg.cache,
+                     images_why=images_why(cfg, run, given, images_dir, reuse),
                      split_source=captions.split_source, split_note=split_note,
                      caption_file=captions.stamp)
     data.problems = data.describe(problems) if problems else ""
@@ -208,6 +223,63 @@ def _usable_features(cfg: RunConfig, run: RunFolder, manifest: dict, keys: list[
         run.check_image_digests(cfg.cache, list(paths), digests,
                                 images_dir or manifest.get("images_dir"))
     return images_dir, paths, problems, digests, recorded_digests
+
+
+def images_why(cfg: RunConfig, run: RunFolder, given: Optional[str], folder: Optional[str],
+               reuse: bool = True) -> str:
+    """Why the source images were checked in `folder` (`_usable_features`): --images
+    (`given`), the run's recorded folder (a resume), or the folder the cache was last
+    extracted from, which may hold another dataset's images of the caption file's names."""
+    if given is not None:
+        return "given by --images"
+    if reuse and folder is not None and folder == run.images_dir():
+        return f"the run's images folder, recorded in {run.split}"
+    return (f"the folder {cfg.cache} was last extracted from; pass --images to name the "
+            f"caption file's folder")
+
+
+def checked_in_line(folder: Optional[str], why: str) -> Optional[str]:
+    """train's line saying where the features' source images were checked (None: nowhere)."""
+    return f"source images checked in {folder} ({why})" if folder else None
+
+
+def _refuse_shared_names(cfg: RunConfig, manifest: dict, keys: list[str]) -> None:
+    """A new run without --images, whose cache was extracted from several images folders
+    holding images of the caption file's names (`feature_cache.shared_names`: another
+    dataset of the same file names extracted into it with --replace-other-images): its
+    features were checked in the last folder, whose images of those names looked right,
+    whichever dataset the caption file is. Refused, naming the folders."""
+    shared = feature_cache.shared_names(manifest, keys)
+    if shared is None:
+        return
+    key, folders, n, looked = shared
+    raise UserError(f"--cache {cfg.cache} was extracted from more than one images folder, and "
+                    f"images named as the caption file's are in more than one of them (e.g. "
+                    f"{key!r} in {' and '.join(folders)}; {n} of {looked} names looked up): "
+                    f"its features of such a name are of one folder's image, and which folder "
+                    f"holds the images of {cfg.captions} cannot be told (by default they are "
+                    f"checked in the last one extracted, {manifest.get('images_dir')}); pass "
+                    f"--images DIR with the caption file's images folder")
+
+
+def _refuse_other_images_beside(cfg: RunConfig, manifest: dict, digests: dict,
+                                checked_in: Optional[str]) -> None:
+    """A new run without --images on the cache of another dataset with the caption file's
+    image names: the caption file's folder (or a subfolder, `images/`) holds images of its
+    names of other content than the features' (`feature_cache.other_images_beside`).
+    Refused, naming both folders."""
+    found = feature_cache.other_images_beside(cfg.captions, digests, checked_in)
+    if found is None:
+        return
+    folder, key = found
+    source = checked_in or manifest.get("images_dir")
+    raise UserError(f"{folder}, beside --captions {cfg.captions}, holds its images, but the "
+                    f"features in --cache {cfg.cache} were extracted from other images of "
+                    f"those names (e.g. {key!r} in {source}): the cache of another dataset? "
+                    f"Pass --images {folder} to check the features against the caption "
+                    f"file's images (those of other content are left out), or --images "
+                    f"{source} if those are the caption file's images; or extract {folder} "
+                    f"into a cache of its own")
 
 
 def features_as_recorded(cfg: RunConfig, run: RunFolder,

@@ -511,3 +511,32 @@ def test_extraction_beside_a_reader_refuses_only_to_change_its_files(images, cac
         summary = extract_features(images, extract_cfg(cache_copy), keys=keys, progress=False)
         assert summary["extracted"] == 1 and os.path.exists(gone)
         assert {p: t for p, t in features().items() if p.endswith(".npy") and p != gone} == npy
+
+
+def test_looking_for_the_caption_files_images_takes_few_stats(tmp_path, monkeypatch):
+    """`train`'s checks of a new run without --images (which folder holds the caption file's
+    images) look up a sample of its names: at COCO size (123k names) a stat of every name in
+    every folder would double the cost of checking the features."""
+    from caption_attn import feature_cache, feature_index
+    stats = []
+    real = feature_index._stat
+    monkeypatch.setattr(feature_index, "_stat", lambda p: stats.append(p) or real(p))
+    keys = [f"COCO_train2014_{i:012d}.jpg" for i in range(123_287)]
+    train2014, val2014 = tmp_path / "train2014", tmp_path / "val2014"
+    for folder in (train2014, val2014):
+        folder.mkdir()
+    (train2014 / keys[0]).write_bytes(b"x")
+    manifest = {"images_dir": str(val2014), "images_dirs": [str(train2014), str(val2014)]}
+    assert feature_cache.shared_names(manifest, keys) is None    # no name in both
+    assert len(stats) == 2 * feature_cache.SAMPLE_NAMES
+    (val2014 / keys[0]).write_bytes(b"y")
+    assert feature_cache.shared_names(manifest, keys) == (
+        keys[0], [str(train2014), str(val2014)], 1, feature_cache.SAMPLE_NAMES)
+    # beside the caption file: its folder and at most MAX_BESIDE subfolders
+    for i in range(40):
+        (tmp_path / f"sub{i:02d}").mkdir()
+    stats.clear()
+    digests = {k: "0" * 16 for k in keys}
+    assert feature_cache.other_images_beside(str(tmp_path / "captions.json"), digests,
+                                             None) is None
+    assert len(stats) == (1 + feature_cache.MAX_BESIDE) * feature_cache.PROBE_NAMES

@@ -942,6 +942,152 @@ def test_train_and_evaluate_say_when_no_source_image_could_be_checked(shapes_dat
     assert not any("were not checked" in line for line in lines)
 
 
+def other_shapes(folder, num_images=3, seed=1):
+    """A tiny shapes dataset (by default --seed 1: the same file names as `shapes_data`'s
+    first images, other pictures). Returns make_shapes' summary."""
+    from caption_attn import shapes
+    from caption_attn.config import ShapesConfig
+    return shapes.make_shapes(str(folder), ShapesConfig(
+        num_images=num_images, seed=seed, image_size=64, val_fraction=0.25, test_fraction=0))
+
+
+def extract_into(images, cache, **options):
+    from caption_attn.config import ExtractConfig
+    from caption_attn.extract import extract_features
+    extract_features(images, ExtractConfig(cache=str(cache), weights="random", dtype="float16",
+                                           precision="float32", **options), progress=False)
+
+
+def test_train_says_where_it_checked_the_source_images_and_why(shapes_data, tmp_path):
+    """train never named the images folder the features' source images were checked in: a
+    cache of another dataset with the same file names (checked against its own images)
+    trained the caption file's captions on other pictures without a word. Its opening lines
+    say where and why there: the cache's last folder, --images, or the run's own folder."""
+    run, lines = str(tmp_path / "run"), []
+    cfg = small_config(shapes_data, epochs=1, max_steps=1, sample_images=0)
+    train.train(cfg, run, progress=False, log=lines.append)
+    said = (f"source images checked in {shapes_data['images']} (the folder "
+            f"{shapes_data['cache']} was last extracted from; pass --images to name the "
+            f"caption file's folder)")
+    assert said in opening(lines)
+    lines.clear()
+    whole = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=None))
+    train.train(whole, run, progress=False, log=lines.append)       # a resume
+    said = (f"source images checked in {shapes_data['images']} (the run's images folder, "
+            f"recorded in {os.path.join(run, 'split.json')})")
+    assert said in opening(lines)
+    lines.clear()
+    train.train(whole, run, progress=False, log=lines.append)       # nothing left to train
+    assert lines[0] == said and not any(line.startswith("resuming") for line in lines)
+    lines.clear()
+    train.train(cfg, str(tmp_path / "r2"), images_dir=shapes_data["images"], progress=False,
+                log=lines.append)
+    assert f"source images checked in {shapes_data['images']} (given by --images)" in \
+        opening(lines)
+
+
+def opening(lines: list) -> list:
+    """What train says first: its data's description and the line after it."""
+    i = next(i for i, line in enumerate(lines) if line.startswith(("training: ", "resuming")))
+    return lines[:i + 2]
+
+
+def test_a_new_run_is_refused_when_two_images_folders_of_the_cache_hold_its_images(
+        shapes_data, copy_cache, tmp_path, capsys):
+    """Another dataset with the same file names extracted into the cache
+    (--replace-other-images): a new run without --images checked its features in the cache's
+    last folder, the other dataset's, where they looked right, and trained the caption
+    file's captions on the other pictures, exit 0. Which folder holds the caption file's
+    images cannot be told: refused before anything is written, naming the folders."""
+    from caption_attn.cli import main
+    from caption_attn.feature_index import IMAGE_CHANGED
+
+    other = other_shapes(tmp_path / "other")
+    extract_into(other["images_dir"], copy_cache, replace_other_images=True)
+    run = str(tmp_path / "run")
+    code = main(["train", "--captions", shapes_data["captions"], "--cache", copy_cache,
+                 "--run", run, "--epochs", "1", "--embedding-dim", "8", "--units", "16"])
+    err = capsys.readouterr().err
+    assert code == 2 and not os.path.exists(run)
+    assert (f"--cache {copy_cache} was extracted from more than one images folder, and images "
+            f"named as the caption file's are in more than one of them (e.g. 'shape_00000.png' "
+            f"in {shapes_data['images']} and {other['images_dir']}; 3 of 40 names looked "
+            f"up)") in err
+    assert "pass --images DIR" in err
+    # named, it is checked there: the replaced features are left out as changed
+    data = train.load_train_data(small_config(shapes_data, cache=copy_cache), run,
+                                 images_dir=shapes_data["images"])
+    assert set(data.unusable) == {f"shape_0000{i}.png" for i in range(3)}
+    assert set(data.unusable.values()) == {IMAGE_CHANGED}
+
+
+def test_a_cache_of_two_folders_of_other_names_is_not_refused(shapes_data, copy_cache,
+                                                              tmp_path):
+    """COCO's train2014 and val2014 extracted into one cache: no name is in both folders."""
+    other = tmp_path / "val2014"
+    other.mkdir()
+    assert cv2_write(str(other / "COCO_val2014_000000000042.png"), np.zeros((8, 8, 3),
+                                                                              np.uint8))
+    path = os.path.join(copy_cache, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest.update(images_dir=str(other), images_dirs=[shapes_data["images"], str(other)])
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    data = train.load_train_data(small_config(shapes_data, cache=copy_cache),
+                                 str(tmp_path / "run"))
+    assert data.unusable == {} and data.images_dir == str(other)
+
+
+def test_a_cache_of_another_dataset_is_refused_beside_the_caption_files_images(shapes_data,
+                                                                               tmp_path):
+    """The cache of another dataset with the same file names (shapes of another --seed):
+    checked against its own images, its features looked right, and a new run trained the
+    caption file's captions on them, exit 0. The caption file's folder holds its images
+    (`images/` beside captions.json), of other content than the features': refused, naming
+    both folders and --images."""
+    mine, other = other_shapes(tmp_path / "ds1", 8, seed=0), other_shapes(tmp_path / "ds2", 8)
+    cache = tmp_path / "c2"
+    extract_into(other["images_dir"], cache)
+    run = str(tmp_path / "run")
+    cfg = dataclasses.replace(small_config(shapes_data, cache=str(cache)),
+                              captions=mine["captions"])
+    with pytest.raises(UserError) as e:
+        train.load_train_data(cfg, run)
+    assert (f"{mine['images_dir']}, beside --captions {mine['captions']}, holds its images, "
+            f"but the features in --cache {cache} were extracted from other images of those "
+            f"names (e.g. 'shape_0000") in e.value.message
+    assert (f"in {other['images_dir']}): the cache of another dataset? Pass --images "
+            f"{mine['images_dir']}") in e.value.message
+    assert not os.path.exists(run)
+    # named: checked there, and every feature file is left out as changed
+    with pytest.raises(UserError, match="source image changed"):
+        train.load_train_data(cfg, run, images_dir=mine["images_dir"])
+    # the other dataset's own captions: its folder is the one the cache was extracted from
+    data = train.load_train_data(dataclasses.replace(cfg, captions=other["captions"]), run)
+    assert data.unusable == {}
+
+
+def test_the_caption_files_images_are_not_refused_in_a_copy_or_by_another_path(
+        shapes_data, copy_cache, tmp_path):
+    """The cache extracted from a copy of the images (`cp -a` to a local disk), or from the
+    images folder by another path (a symbolic link): the images beside the caption file are
+    the ones the features were made from."""
+    copy, link = tmp_path / "copy", tmp_path / "link"
+    shutil.copytree(shapes_data["images"], copy)   # copy2: the same modification times
+    os.symlink(shapes_data["images"], link)
+    path = os.path.join(copy_cache, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    for folder in (copy, link):
+        manifest.update(images_dir=str(folder), images_dirs=[str(folder)])
+        with open(path, "w") as f:
+            json.dump(manifest, f)
+        data = train.load_train_data(small_config(shapes_data, cache=copy_cache),
+                                     str(tmp_path / "run"))
+        assert data.unusable == {} and data.images_dir == str(folder)
+
+
 def test_a_resume_draws_its_heatmaps_from_the_folder_the_run_trained_on(shapes_data,
                                                                          copy_cache, tmp_path):
     """A resumed run drew its sample heatmaps from the cache's last images folder (another
@@ -1327,7 +1473,9 @@ def test_a_rerun_with_nothing_left_to_train_still_tells_what_changed(
         rerun()
     with open(index, "w") as f:
         f.write(entries)
-    assert rerun()["steps_now"] == 0 and len(loads) == 2 and not logs  # quick again
+    assert rerun()["steps_now"] == 0 and len(loads) == 2     # quick again: says only where
+    assert logs == [f"source images checked in {shapes_data['images']} (the run's images "
+                    f"folder, recorded in {os.path.join(run, 'split.json')})"]
     os.remove(os.path.join(run, "best.keras"))
     rerun()
     assert any("best.keras: missing; rewrote it from" in line for line in logs), logs

@@ -98,6 +98,7 @@ def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     refuse_other_stages_of_trained_epochs(run, cfg, where)
     refuse_unrepairable_best_model(run, cfg, where)
     refuse_unrestorable_checkpoints(run, cfg)   # last: the refusals above name the cause
+    notes = notes + min_delta_notes(run, cfg, where, old)
     history = [h for h in run.read_history() if h["epoch"] <= where[0]]
     if history and _nothing_left(run, cfg.train, where, history):
         return notes                  # no step to come: no word on their learning rate
@@ -277,12 +278,51 @@ def _nothing_left(run: RunFolder, tc: TrainConfig, where: Optional[tuple[int, in
         return f"it reached --max-steps {tc.max_steps}"
     # (a last epoch without the metric gets it measured first, `_metrics_before_resume`, on
     # the new images: that value may restart patience, so the rerun may train)
-    if history[-1].get(tc.monitor_for(where[0])) is not None and EarlyStopping(
-            tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
-            initial_history=history).replay():
+    if history[-1].get(tc.monitor_for(where[0])) is not None and \
+            replayed_early_stopping(run, tc, history).replay():
         return (f"early stopping had stopped it ({tc.monitor_for(where[0])} did not improve "
                 f"for --patience {tc.patience} epochs)")
     return None
+
+
+def replayed_early_stopping(run: RunFolder, tc: TrainConfig, history: list,
+                            recorded: Optional[TrainConfig] = None, **hooks) -> EarlyStopping:
+    """Early stopping with `tc`'s settings, `history` to replay: each epoch compared by the
+    --min-delta it was trained with (its entry's; older entries: `recorded`'s, the run's
+    training settings, by default config.json's). Replayed with this call's --min-delta, a
+    rerun with another one took another epoch for the best: best.keras was replaced as if
+    its save had been lost, with nothing to train and without a word."""
+    if recorded is None and os.path.exists(run.config):
+        recorded = run.load_config().train
+    return EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
+                         initial_history=history, replay_min_delta=None if recorded is None
+                         else recorded.min_delta, **hooks)
+
+
+def min_delta_notes(run: RunFolder, cfg: RunConfig, where: tuple[int, int],
+                    old: TrainConfig) -> list[str]:
+    """A note when this call's --min-delta, had it compared the run's epochs so far, would
+    make another epoch the best than the one the run kept: the epochs so far stay compared
+    as they were (`replayed_early_stopping`), only the epochs to come by the new value."""
+    new = cfg.train
+    if new.min_delta == old.min_delta:
+        return []
+    history = [h for h in run.read_history() if h["epoch"] <= where[0]]
+    kept = replayed_early_stopping(run, new, history, old)
+    kept.replay()
+    other = EarlyStopping(new.monitor_for, patience=new.patience, min_delta=new.min_delta,
+                          initial_history=[{k: v for k, v in h.items() if k != "min_delta"}
+                                           for h in history])
+    other.replay()
+    if None in (kept.best_epoch, other.best_epoch) or kept.best_epoch == other.best_epoch \
+            or kept.monitor != other.monitor:
+        return []
+    return [f"--min-delta {new.min_delta:g} (was {old.min_delta:g}): with it epoch "
+            f"{other.best_epoch + 1} would be the best ({other.monitor}="
+            f"{metric_text(other.best)}), but the run's epochs were compared with --min-delta "
+            f"{old.min_delta:g}, which kept epoch {kept.best_epoch + 1} ({kept.monitor}="
+            f"{metric_text(kept.best)}); the epochs to come are compared with --min-delta "
+            f"{new.min_delta:g}"]
 
 
 def _unmeasured(tc: TrainConfig, history: list, done: int) -> list[str]:
@@ -514,8 +554,7 @@ def refuse_unrepairable_best_model(run: RunFolder, cfg: RunConfig,
     history = [h for h in run.read_history() if h["epoch"] <= done]
     measured = _unmeasured(tc, history, done) if history and not in_epoch and trains_more(
         tc, done, checkpoints.steps_taken(run.checkpoints) or 0) else []
-    early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
-                          initial_history=history)
+    early = replayed_early_stopping(run, tc, history)
     early.replay()
     if not saves_restored_as_best(run, tc, early, done, history, measured):
         raise beyond
@@ -1006,9 +1045,9 @@ class Trainer:
                 best_cider = self._val_cider_again(history, done)
                 measured = self._metrics_before_resume(history, done)
             replayed = self._comparable(history)
-        early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
-                              initial_history=replayed, save_best=self._save_best,
-                              restore_best=self._restore_best)
+        early = replayed_early_stopping(self.run, tc, replayed, self._previous,
+                                        save_best=self._save_best,
+                                        restore_best=self._restore_best)
         samples = SampleFigures(self.validator, self.images_dir, background=True,
                                  log=self.log)
         cbs = [early]
@@ -1140,7 +1179,7 @@ class Trainer:
                          f"the same command validates and records the epoch)")
             raise
         logs.update(stage=stage, monitor=self.cfg.train.monitor_for(epoch),
-                    seconds=time.perf_counter() - t0)
+                    min_delta=self.cfg.train.min_delta, seconds=time.perf_counter() - t0)
         if "val_cider" in logs:   # the document frequencies it was measured with
             logs["cider_df_sha256"] = self.inputs.df_digest()
         self.epoch.assign(epoch + 1)
@@ -1596,8 +1635,7 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
                 is None or (int(objects["epoch"].numpy()), int(objects["step"].numpy()),
                             int(objects["step_in_epoch"].numpy())) != (done, steps, 0):
             return None
-        early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
-                              initial_history=history)
+        early = replayed_early_stopping(run, tc, history)
         stopped, best = early.replay(), run.best_record()
         if early.best_epoch is not None and early.best_epoch + 1 == done and \
                 (best or {}).get("epoch") != done:   # `Trainer._repair_best` saves it

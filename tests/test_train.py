@@ -2338,3 +2338,48 @@ def test_schedule_notes_only_when_something_trains_and_worded_for_constant(shape
         saved.train, lr_schedule="cosine")), run_copy.path, progress=False, log=logs.append)
     assert summary["steps_now"] == 0
     assert not [line for line in logs if "learning-rate schedule" in line], logs
+
+
+def test_a_rerun_with_another_min_delta_keeps_the_best_model_and_says_so(shapes_data,
+                                                                         tmp_path):
+    """`--min-delta 10` made epoch 1 the best of 2; rerun with `--min-delta 0` it trained
+    nothing, yet best.keras was replaced by epoch 2's model and best.json said epoch 2,
+    without a word: early stopping's replay with the new --min-delta picked epoch 2, which
+    the repair of a lost save took for one. The epochs so far are replayed as they were
+    compared; the note says what the new --min-delta would have picked."""
+    run = str(tmp_path / "run")
+    run_trainer(small_config(shapes_data, epochs=2, min_delta=10.0, sample_images=0), run)
+    folder = RunFolder(run)
+    assert folder.best_record()["epoch"] == 1
+    with open(folder.best_model, "rb") as f:
+        before = f.read()
+    logs = []
+    summary = train.train(small_config(shapes_data, epochs=2, sample_images=0), run,
+                          progress=False, log=logs.append)
+    assert summary["steps_now"] == 0 and summary["best_epoch"] == 1
+    assert folder.best_record()["epoch"] == 1
+    with open(folder.best_model, "rb") as f:
+        assert f.read() == before
+    history = folder.read_history()
+    assert history[1]["val_loss"] < history[0]["val_loss"]     # better, by less than 10
+    assert (f"note: --min-delta 0 (was 10): with it epoch 2 would be the best (val_loss="
+            f"{train.metric_text(history[1]['val_loss'])}), but the run's epochs were compared "
+            f"with --min-delta 10, which kept epoch 1 (val_loss="
+            f"{train.metric_text(history[0]['val_loss'])}); the epochs to come are compared "
+            f"with --min-delta 0") in logs, logs
+    # entries written before they recorded their --min-delta: config.json's, the run's
+    from caption_attn.fileio import write_json_atomic
+    write_json_atomic(folder.history, [{k: v for k, v in h.items() if k != "min_delta"}
+                                       for h in history])
+    summary = train.train(small_config(shapes_data, epochs=2, sample_images=0), run,
+                          progress=False, log=lambda *a: None)
+    assert summary["best_epoch"] == 1 and folder.best_record()["epoch"] == 1
+    with open(folder.best_model, "rb") as f:
+        assert f.read() == before
+    # trained on, the next epoch has to beat the kept epoch 1 (by more than 0), not epoch 2
+    summary = train.train(small_config(shapes_data, epochs=3, sample_images=0), run,
+                          progress=False, log=lambda *a: None)
+    third = folder.read_history()[2]
+    assert third["min_delta"] == 0 and "min_delta" not in folder.read_history()[1]
+    best = 3 if third["val_loss"] < history[0]["val_loss"] else 1
+    assert folder.best_record()["epoch"] == best == summary["best_epoch"]

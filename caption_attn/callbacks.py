@@ -57,7 +57,10 @@ class EarlyStopping(keras.callbacks.Callback):
     history.json) replays earlier epochs after a resume, so patience carries over; entries
     trained with another monitor (their `monitor`, or without the metric in older runs:
     a run resumed with another --monitor) are left out, and the epoch after them starts
-    over from the one before it, as at a stage change.
+    over from the one before it, as at a stage change. Each entry is compared as it was when
+    trained: by its `min_delta` (else `replay_min_delta`, the run's recorded --min-delta;
+    else `min_delta`), so a resume with another --min-delta keeps the best epoch the run
+    kept (best.json's) and compares only the epochs to come by the new one.
 
     `monitor` may also be a function of the 0-based epoch (training stages: val_loss during
     cross-entropy, val_cider during self-critical epochs). When it changes, patience starts
@@ -71,7 +74,8 @@ class EarlyStopping(keras.callbacks.Callback):
                  mode: str = "auto", patience: int = 3, min_delta: float = 0.0,
                  initial_history: Sequence[dict] = (),
                  save_best: Optional[Callable[[int, float], None]] = None,
-                 restore_best: Optional[Callable[[], None]] = None):
+                 restore_best: Optional[Callable[[], None]] = None,
+                 replay_min_delta: Optional[float] = None):
         super().__init__()
         self._monitor_for = monitor if callable(monitor) else (lambda epoch: monitor)
         self._fixed_mode = mode
@@ -81,6 +85,8 @@ class EarlyStopping(keras.callbacks.Callback):
             raise ValueError(f"`patience` must be >= 0, got {patience}")
         self.patience = patience
         self.min_delta = abs(min_delta)
+        self.replay_min_delta = self.min_delta if replay_min_delta is None \
+            else abs(replay_min_delta)
         self.initial_history = list(initial_history)
         self._save_best, self._restore_best = save_best, restore_best
 
@@ -160,10 +166,10 @@ class EarlyStopping(keras.callbacks.Callback):
                                        else value <= self.best):
             self.best, self.best_epoch, self.wait = value, epoch, 0
 
-    def _improved(self, value: float) -> bool:
+    def _improved(self, value: float, min_delta: float) -> bool:
         if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
+            return value < self.best - min_delta
+        return value > self.best + min_delta
 
     def _update(self, epoch: int, logs: dict, replay: bool = False) -> None:
         self._follow_stage(epoch)
@@ -175,7 +181,9 @@ class EarlyStopping(keras.callbacks.Callback):
             raise UserError(f"early stopping monitors {self.monitor!r} but the epoch logs have "
                             f"no value for it, only for {have} (an empty validation split?)")
         value = float(logs[self.monitor])
-        if self._improved(value):
+        delta = self.min_delta if not replay else self.replay_min_delta \
+            if logs.get("min_delta") is None else abs(float(logs["min_delta"]))
+        if self._improved(value, delta):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if not replay:
                 self._keep_best(epoch, value)

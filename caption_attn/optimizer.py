@@ -41,7 +41,14 @@ class StagedLearningRate(keras.optimizers.schedules.LearningRateSchedule):
     """`--learning-rate` (constant, or cosine-decayed over the cross-entropy steps) while
     `self_critical` is 0, `--scst-learning-rate` while it is 1. The trainer sets the flag at
     the start of every epoch, so a resumed run gets the rate of its stage; nothing of the
-    schedule is checkpointed, so changed rates apply on resume."""
+    schedule is checkpointed, so changed rates apply on resume.
+
+    The cosine's position is the optimizer's step plus `shift`, which the trainer sets at
+    every epoch's start to make it `epoch x steps per epoch` there (`at_epoch`): the decay
+    goes on from the fraction of training done, in epochs. 0 when the epochs kept their
+    steps (the same rates as an uninterrupted run); after a change of steps per epoch
+    (another --batch-size, other data) the steps already taken, counted in the old epochs,
+    stood elsewhere on the new curve: up to past its end, at a learning rate of 0."""
 
     def __init__(self, cfg: TrainConfig, cross_entropy_steps: int):
         self.xe_rate = cfg.learning_rate
@@ -51,9 +58,16 @@ class StagedLearningRate(keras.optimizers.schedules.LearningRateSchedule):
         self.scst_rate = cfg.scst_learning_rate
         self.self_critical = tf.Variable(0, dtype=tf.int32, trainable=False,
                                          name="self_critical_stage")
+        self.shift = tf.Variable(0, dtype=tf.int64, trainable=False, name="schedule_shift")
+
+    def at_epoch(self, epoch: int, steps_per_epoch: int, first: int) -> None:
+        """Place 0-based `epoch`, whose first step is the optimizer's step `first`, at
+        `epoch * steps_per_epoch` of the cosine (see the class docstring)."""
+        self.shift.assign(epoch * steps_per_epoch - first)
 
     def __call__(self, step):
-        xe = self.cosine(step) if self.cosine is not None else tf.constant(self.xe_rate)
+        xe = self.cosine(tf.cast(step, tf.int64) + self.shift) if self.cosine is not None \
+            else tf.constant(self.xe_rate)
         return tf.where(self.self_critical > 0, tf.constant(self.scst_rate, xe.dtype), xe)
 
     def get_config(self):

@@ -311,7 +311,7 @@ class RunFolder:
                     isinstance(entry["epoch"], bool):
                 problem = f"entry {i} is not the object of epoch {i + 1}: {str(entry)[:80]}"
             else:
-                bad = [k for k in ("loss", *MONITORS) if entry.get(k) is not None
+                bad = [k for k in ("loss", "min_delta", *MONITORS) if entry.get(k) is not None
                        and (isinstance(entry[k], bool) or not isinstance(entry[k], (int, float)))]
                 if bad:
                     problem = f"epoch {i + 1}'s {bad[0]} is {entry[bad[0]]!r}, not a number"

@@ -99,6 +99,10 @@ def reopen_checks(run: RunFolder, cfg: RunConfig, fresh: bool) -> list[str]:
     refuse_other_stages_of_trained_epochs(run, cfg, where)
     refuse_unrepairable_best_model(run, cfg, where)
     refuse_unrestorable_checkpoints(run, cfg)   # last: the refusals above name the cause
+    notes = notes + min_delta_notes(run, cfg, where, old)
+    history = [h for h in run.read_history() if h["epoch"] <= where[0]]
+    if history and _nothing_left(run, cfg.train, where, history):
+        return notes                  # no step to come: no word on their learning rate
     return notes + schedule_notes(cfg, where, old)
 
 
@@ -131,19 +135,16 @@ def schedule_notes(cfg: RunConfig, where: tuple[int, int], old: TrainConfig) -> 
     one its previous schedule had there: the cosine decay spans --epochs (or --scst-after)
     of the call that resumes, so another --epochs, --scst-after or --lr-schedule moves the
     rate of the steps to come (e.g. from 0 at the end of a finished cosine run back up to
-    half the initial rate when --epochs doubles); over steps, so another --batch-size moves
-    it too (how far depends on the data: said without a number). `where`: the run's
-    `checkpoints.position`, `old`: its training settings until now."""
+    half the initial rate when --epochs doubles). Its position is the fraction of training
+    done, in epochs (`StagedLearningRate`), so another --batch-size leaves the rate an
+    epoch starts at as it was: `Trainer._steps_changed_note` says so once the epochs' steps
+    are known (with the moved rate, if any). `where`: the run's `checkpoints.position`,
+    `old`: its training settings until now."""
     new = cfg.train
     if new.is_scst(where[0]) or "cosine" not in (old.lr_schedule, new.lr_schedule):
         return []
     if old.batch_size != new.batch_size and new.lr_schedule == "cosine":
-        # the decay is over steps, counted in the run's earlier batches: its position moves
-        return [f"--lr-schedule cosine decays over steps, and --batch-size {new.batch_size} "
-                f"(was {old.batch_size}) changes how many make an epoch: the steps already "
-                f"taken fall elsewhere on the new curve, so the learning rate of epoch "
-                f"{where[0] + 1} is not the one the run's schedule had there (the epochs' "
-                f"rates are in history.json)"]
+        return []                                  # `Trainer._steps_changed_note`'s
     if where[1] or not _schedule_moved(old, new):
         # inside an epoch, the rate where training continues depends on the epoch's steps,
         # known once the data is: `Trainer._resume_rate_note` says it
@@ -166,11 +167,16 @@ def _rate_note(old: TrainConfig, new: TrainConfig, was: float, now: float,
     """The note of a moved schedule: `where` ("epoch 3 starts") at `now` instead of `was`."""
     if math.isclose(was, now, rel_tol=1e-6, abs_tol=1e-12):
         return None
-    span = lambda tc: ("constant" if tc.lr_schedule == "constant" else  # noqa: E731
-                       f"cosine over {tc.cross_entropy_epochs} cross-entropy epochs")
-    return (f"the learning-rate schedule is now {span(new)} (was {span(old)}): {where} at a "
-            f"learning rate of {now:.3g} instead of {was:.3g}, and the steps to come follow "
-            f"the new curve")
+    to_come = ("which every step to come keeps" if new.lr_schedule == "constant" else
+               "and the steps to come follow the new curve")
+    return (f"the learning-rate schedule is now {_span(new)} (was {_span(old)}): {where} at a "
+            f"learning rate of {now:.3g} instead of {was:.3g}, {to_come}")
+
+
+def _span(tc: TrainConfig) -> str:
+    """A learning-rate schedule in words."""
+    return ("constant" if tc.lr_schedule == "constant" else
+            f"cosine over {tc.cross_entropy_epochs} cross-entropy epochs")
 
 
 def check_features_mid_epoch(run: RunFolder, cfg: RunConfig, data: TrainData) -> list[str]:
@@ -273,12 +279,51 @@ def _nothing_left(run: RunFolder, tc: TrainConfig, where: Optional[tuple[int, in
         return f"it reached --max-steps {tc.max_steps}"
     # (a last epoch without the metric gets it measured first, `_metrics_before_resume`, on
     # the new images: that value may restart patience, so the rerun may train)
-    if history[-1].get(tc.monitor_for(where[0])) is not None and EarlyStopping(
-            tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
-            initial_history=history).replay():
+    if history[-1].get(tc.monitor_for(where[0])) is not None and \
+            replayed_early_stopping(run, tc, history).replay():
         return (f"early stopping had stopped it ({tc.monitor_for(where[0])} did not improve "
                 f"for --patience {tc.patience} epochs)")
     return None
+
+
+def replayed_early_stopping(run: RunFolder, tc: TrainConfig, history: list,
+                            recorded: Optional[TrainConfig] = None, **hooks) -> EarlyStopping:
+    """Early stopping with `tc`'s settings, `history` to replay: each epoch compared by the
+    --min-delta it was trained with (its entry's; older entries: `recorded`'s, the run's
+    training settings, by default config.json's). Replayed with this call's --min-delta, a
+    rerun with another one took another epoch for the best: best.keras was replaced as if
+    its save had been lost, with nothing to train and without a word."""
+    if recorded is None and os.path.exists(run.config):
+        recorded = run.load_config().train
+    return EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
+                         initial_history=history, replay_min_delta=None if recorded is None
+                         else recorded.min_delta, **hooks)
+
+
+def min_delta_notes(run: RunFolder, cfg: RunConfig, where: tuple[int, int],
+                    old: TrainConfig) -> list[str]:
+    """A note when this call's --min-delta, had it compared the run's epochs so far, would
+    make another epoch the best than the one the run kept: the epochs so far stay compared
+    as they were (`replayed_early_stopping`), only the epochs to come by the new value."""
+    new = cfg.train
+    if new.min_delta == old.min_delta:
+        return []
+    history = [h for h in run.read_history() if h["epoch"] <= where[0]]
+    kept = replayed_early_stopping(run, new, history, old)
+    kept.replay()
+    other = EarlyStopping(new.monitor_for, patience=new.patience, min_delta=new.min_delta,
+                          initial_history=[{k: v for k, v in h.items() if k != "min_delta"}
+                                           for h in history])
+    other.replay()
+    if None in (kept.best_epoch, other.best_epoch) or kept.best_epoch == other.best_epoch \
+            or kept.monitor != other.monitor:
+        return []
+    return [f"--min-delta {new.min_delta:g} (was {old.min_delta:g}): with it epoch "
+            f"{other.best_epoch + 1} would be the best ({other.monitor}="
+            f"{metric_text(other.best)}), but the run's epochs were compared with --min-delta "
+            f"{old.min_delta:g}, which kept epoch {kept.best_epoch + 1} ({kept.monitor}="
+            f"{metric_text(kept.best)}); the epochs to come are compared with --min-delta "
+            f"{new.min_delta:g}"]
 
 
 def _unmeasured(tc: TrainConfig, history: list, done: int) -> list[str]:
@@ -510,8 +555,7 @@ def refuse_unrepairable_best_model(run: RunFolder, cfg: RunConfig,
     history = [h for h in run.read_history() if h["epoch"] <= done]
     measured = _unmeasured(tc, history, done) if history and not in_epoch and trains_more(
         tc, done, checkpoints.steps_taken(run.checkpoints) or 0) else []
-    early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
-                          initial_history=history)
+    early = replayed_early_stopping(run, tc, history)
     early.replay()
     if not saves_restored_as_best(run, tc, early, done, history, measured):
         raise beyond
@@ -655,9 +699,9 @@ class Trainer:
                                        self.run.checkpoints,
                                        self.cfg.settings_digest(with_train=True))
         self.inputs.load_table()
-        note = self._resume_rate_note() if self._restored else None
-        if note:
-            log("note: " + note)
+        if self._restored and self._trains_on():   # no step to come: no word on their rate
+            for note in filter(None, (self._resume_rate_note(), self._steps_changed_note())):
+                log("note: " + note)
         self._scst: Optional[SelfCritical] = None
         self._eval_sets: dict = {}
         self.validator = Validator(
@@ -740,12 +784,50 @@ class Trainer:
                 new.is_scst(epoch) or old.batch_size != new.batch_size or \
                 not _schedule_moved(old, new):
             return None
-        at = int(inner(self.optimizer).iterations.numpy())
         per_epoch = self.inputs.steps_per_epoch
+        at = epoch * per_epoch + in_epoch   # the cosine's position (`StagedLearningRate`)
         was, now = (float(StagedLearningRate(tc, tc.cross_entropy_epochs * per_epoch)(at))
                     for tc in (old, new))
         return _rate_note(old, new, was, now, f"training continues at step {in_epoch + 1} of "
                                               f"epoch {epoch + 1}")
+
+    def _steps_changed_note(self) -> Optional[str]:
+        """For a cosine run resumed at the start of a cross-entropy epoch whose epochs now have
+        another number of steps than its last cross-entropy one (another --batch-size, other
+        train data): where the decay goes on, with the rate the epoch starts at, by this
+        call's schedule and by the run's. (The decay once counted the steps taken: a bigger
+        --batch-size put them further along a shorter curve, and the epochs to come trained
+        at ~0.)"""
+        old, new = self._previous, self.cfg.train
+        done, per_epoch = int(self.epoch.numpy()), self.inputs.steps_per_epoch
+        if old is None or new.lr_schedule != "cosine" or new.is_scst(done) or \
+                int(self.step_in_epoch.numpy()):
+            return None
+        trained = [h.get("steps") for h in self.run.read_history()[:done]
+                   if h.get("stage", "cross-entropy") == "cross-entropy"]
+        if not trained or not isinstance(trained[-1], int) or trained[-1] == per_epoch:
+            return None
+        cause = (f"--batch-size {new.batch_size}, was {old.batch_size}"
+                 if old.batch_size != new.batch_size else "other train data")
+        was, now = _scheduled_rate(old, done), _scheduled_rate(new, done)
+        there = ("as the run's schedule had there"
+                 if math.isclose(was, now, rel_tol=1e-6, abs_tol=1e-12) else
+                 f"where the run's schedule ({_span(old)}) had {was:.3g}")
+        return (f"an epoch is now {per_epoch} steps (was {trained[-1]}: {cause}): the cosine "
+                f"decay goes on from the fraction of training done, {done} of "
+                f"{new.cross_entropy_epochs} cross-entropy epochs; epoch {done + 1} starts at "
+                f"a learning rate of {now:.3g}, {there}")
+
+    def _trains_on(self) -> bool:
+        """Whether `fit` takes a step or ends an epoch (see `trains_more`, `_nothing_left`)."""
+        tc, done = self.cfg.train, int(self.epoch.numpy())
+        in_epoch = int(self.step_in_epoch.numpy())
+        ended = 0 < in_epoch >= self._epoch_length(done)
+        if not trains_more(tc, done, int(self.step.numpy()), epoch_ended=ended):
+            return False
+        history = [h for h in self.run.read_history() if h["epoch"] <= done]
+        return bool(in_epoch) or not history or \
+            _nothing_left(self.run, tc, (done, 0), history) is None
 
     def restore(self) -> bool:
         """Whether training resumes from a checkpoint (restored when the trainer was built;
@@ -780,6 +862,8 @@ class Trainer:
         # the rate of the epoch's first step (resumed mid-epoch too: the optimizer counts the
         # steps it applied, which `totals` counts too), what history.json logs for the epoch
         first = int(inner(self.optimizer).iterations.numpy()) - int(totals.sums["steps"])
+        if not self_critical:   # the cosine goes on from the epochs done, whatever their steps
+            self.lr_schedule.at_epoch(epoch, self.inputs.steps_per_epoch, first)
         rate = self._epoch_first_rate(epoch, first, in_epoch)
         tc = self.cfg.train
         self.epoch_start.assign([rate, tc.batch_size, tc.scst_samples])
@@ -962,9 +1046,9 @@ class Trainer:
                 best_cider = self._val_cider_again(history, done)
                 measured = self._metrics_before_resume(history, done)
             replayed = self._comparable(history)
-        early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
-                              initial_history=replayed, save_best=self._save_best,
-                              restore_best=self._restore_best)
+        early = replayed_early_stopping(self.run, tc, replayed, self._previous,
+                                        save_best=self._save_best,
+                                        restore_best=self._restore_best)
         samples = SampleFigures(self.validator, self.images_dir, background=True,
                                  log=self.log)
         cbs = [early]
@@ -1096,7 +1180,7 @@ class Trainer:
                          f"the same command validates and records the epoch)")
             raise
         logs.update(stage=stage, monitor=self.cfg.train.monitor_for(epoch),
-                    seconds=time.perf_counter() - t0)
+                    min_delta=self.cfg.train.min_delta, seconds=time.perf_counter() - t0)
         if "val_cider" in logs:   # the document frequencies it was measured with
             logs["cider_df_sha256"] = self.inputs.df_digest()
         self.epoch.assign(epoch + 1)
@@ -1556,8 +1640,7 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
                 is None or (int(objects["epoch"].numpy()), int(objects["step"].numpy()),
                             int(objects["step_in_epoch"].numpy())) != (done, steps, 0):
             return None
-        early = EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
-                              initial_history=history)
+        early = replayed_early_stopping(run, tc, history)
         stopped, best = early.replay(), run.best_record()
         if early.best_epoch is not None and early.best_epoch + 1 == done and \
                 (best or {}).get("epoch") != done:   # `Trainer._repair_best` saves it

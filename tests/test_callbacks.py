@@ -613,3 +613,30 @@ def test_hparams_a_run_wrote_at_each_start_are_rewritten_once_changed(tmp_path):
         "epoch 6: units 8 -> 16"
     assert shown()[0]["resume_changes"] == ("before epoch 4: learning_rate 0.01 -> 0.0025; "
                                             "epoch 6: units 8 -> 16")
+
+
+def test_replay_compares_each_epoch_by_the_min_delta_it_was_trained_with():
+    """Replayed with the resuming call's --min-delta, a run whose --min-delta 10 kept epoch 1
+    took epoch 2 (better by less than 10) for its best: best.keras was replaced as a lost
+    save. Each entry is replayed by its own min_delta (else the run's recorded one); the
+    new --min-delta compares the epochs to come."""
+    history = [{"epoch": 1, "val_loss": 2.0, "min_delta": 10.0},
+               {"epoch": 2, "val_loss": 1.5, "min_delta": 10.0}]
+    early = EarlyStopping("val_loss", patience=5, min_delta=0.0, initial_history=history)
+    early.replay()
+    assert (early.best_epoch, early.best, early.wait) == (0, 2.0, 1)
+    older = [{k: v for k, v in h.items() if k != "min_delta"} for h in history]
+    early = EarlyStopping("val_loss", patience=5, min_delta=0.0, initial_history=older,
+                          replay_min_delta=10.0)
+    early.replay()
+    assert early.best_epoch == 0
+    early = EarlyStopping("val_loss", patience=5, min_delta=0.0, initial_history=older)
+    early.replay()
+    assert early.best_epoch == 1                     # no record of another: this call's
+    saved = []
+    early = EarlyStopping("val_loss", patience=5, min_delta=0.0, initial_history=history,
+                          save_best=lambda epoch, value: saved.append((epoch, value)))
+    early.set_model(_model())
+    early.on_train_begin()
+    early.on_epoch_end(2, {"val_loss": 1.9})         # the epochs to come: by --min-delta 0
+    assert saved == [(2, 1.9)]

@@ -59,7 +59,7 @@ def open_run(run_dir: str, cfg: RunConfig, fresh: bool = False) -> list[str]:
     run.check_writable(cfg.cache)
     notes = reopen_checks(run, cfg, fresh)
     if fresh:
-        run.delete_previous()
+        notes += filter(None, [run.fresh_note(run.delete_previous())])
     os.makedirs(run_dir, exist_ok=True)
     with_trained_settings(run, cfg).save(run.config)
     return notes
@@ -1616,7 +1616,9 @@ def _load_and_train(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, pr
           else contextlib.nullcontext()):
         if fresh:
             with run.fresh_lock():   # no evaluate, export or caption reading the run
-                run.delete_previous()
+                kept = run.fresh_note(run.delete_previous())
+            if kept:
+                log("note: " + kept)
         return _train_in(run, cfg, run_dir, images_dir, progress, log, data)
 
 

@@ -187,6 +187,7 @@ def test_a_file_where_train_keeps_a_folder_is_refused_before_anything_runs(tmp_p
     path.unlink()
     (tmp_path / "run" / "attention").mkdir(exist_ok=True)
     (tmp_path / "run" / "attention" / "epoch_notes.txt").write_text("x")   # not train's name
+    (tmp_path / "run" / "config.json").write_text("{}")   # (a run: no folder of others)
     run.check_writable("cache")
 
 

@@ -34,6 +34,7 @@ from tensorflow.python.util import deprecation  # TF has no public switch for it
 
 _INDEX = re.compile(r"^ckpt-(\d+)\.index$")
 _FILE = re.compile(r"^ckpt-(\d+)\.(?:index|data-\d{5}-of-\d{5})$")   # TF's names, no others
+CHECKPOINT_FILE = _FILE
 
 # What a save that was stopped leaves (TF 2.x, seen with kill -9 at several moments of a
 # save): the folder `<prefix>-N_temp/` of the shards of ckpt-N, holding shard files
@@ -42,6 +43,7 @@ _FILE = re.compile(r"^ckpt-(\d+)\.(?:index|data-\d{5}-of-\d{5})$")   # TF's name
 _TEMP_DIR = re.compile(r"^ckpt-\d+_temp$")
 _TEMP_FILE = re.compile(r"^part-\d{5}-of-\d{5}\.(?:index|data-\d{5}-of-\d{5})"
                         r"(?:\.tempstate\d+)?$")
+TEMP_DIR, TEMP_FILE = _TEMP_DIR, _TEMP_FILE   # (what `RunFolder.is_own` takes for the run's)
 
 KEEP = 3   # checkpoints a run keeps (its CheckpointManager's max_to_keep): older ones to fall
 #            back to when the newest is damaged

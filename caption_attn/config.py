@@ -80,6 +80,15 @@ POSITIVE = number(0.0, low_open=True)
 SEED = integer(0, 2**32 - 1)
 NON_NEGATIVE = number(0.0)
 FRACTION = number(0.0, 1.0, high_open=True)   # [0, 1)
+# Adam moves every weight by about the learning rate per step: past 10 every step throws the
+# weights far beyond their scale (1e38: "loss became nan"), and past float32's 3.4e38 it was
+# a ValueError traceback after config.json, split.json and vocab.json were written
+MAX_LEARNING_RATE = 10.0
+LEARNING_RATE = number(0.0, MAX_LEARNING_RATE, low_open=True)   # (0, 10]
+# The attention regulariser's weight: 1e39 is float32's inf (an infinite loss, said to be a
+# divergence); the paper uses 1, the demo 3 (8 scored lower)
+MAX_ATTENTION_REG = 1000.0
+ATTENTION_REG = number(0.0, MAX_ATTENTION_REG)
 
 
 def NON_EMPTY(value) -> Optional[str]:  # noqa: N802 - used like the constants above
@@ -314,8 +323,8 @@ class ModelConfig(Config):
                          check=FRACTION)
     attention_reg: float = opt(1.0, "weight of the doubly stochastic attention regulariser "
                                "mean_i (1 - sum_t alpha_ti)^2 over the 64 positions (Show, "
-                               "Attend and Tell eq. 14; averaged as in sgrvinod's tutorial)",
-                               check=NON_NEGATIVE)
+                               "Attend and Tell eq. 14; averaged as in sgrvinod's tutorial; "
+                               f"at most {MAX_ATTENTION_REG:g})", check=ATTENTION_REG)
     feature_norm: bool = opt(True, "standardise each feature channel with its mean and "
                              "variance over (up to 1,000) training images before the "
                              "encoder (default: on); --no-feature-norm: raw features")
@@ -329,7 +338,8 @@ class TrainConfig(Config):
                       check=integer(1))
     batch_size: int = opt(64, "captions per step (global batch over all replicas); in "
                           "self-critical epochs, sampled captions per step", check=integer(1))
-    learning_rate: float = opt(1e-3, "Adam learning rate", check=POSITIVE)
+    learning_rate: float = opt(1e-3, f"Adam learning rate (at most {MAX_LEARNING_RATE:g})",
+                               check=LEARNING_RATE)
     lr_schedule: str = opt("constant", "learning-rate schedule over the cross-entropy steps",
                            choices=("constant", "cosine"))
     clip_norm: float = opt(5.0, "clip gradients by this global norm (0 disables)",
@@ -379,7 +389,8 @@ class TrainConfig(Config):
                              "(\"new self-critical\") or the `greedy` caption's reward",
                              choices=("mean", "greedy"))
     scst_learning_rate: float = opt(5e-5, "Adam learning rate of the self-critical epochs (as "
-                                    "self-critical.pytorch)", check=POSITIVE)
+                                    "self-critical.pytorch; at most "
+                                    f"{MAX_LEARNING_RATE:g})", check=LEARNING_RATE)
 
     def check_together(self) -> None:
         if self.monitor in ("val_bleu4", "val_cider") and self.bleu_images < 1:
@@ -536,14 +547,14 @@ class DemoConfig(Config):
                           "faster in the same time)", check=integer(1))
     learning_rate: float = opt(2e-3, "Adam learning rate, cosine-decayed over the "
                                "cross-entropy epochs (3e-3 sometimes got stuck); the "
-                               "self-critical ones take train's --scst-learning-rate 5e-5",
-                               check=POSITIVE)
+                               "self-critical ones take train's --scst-learning-rate 5e-5 (at "
+                               f"most {MAX_LEARNING_RATE:g})", check=LEARNING_RATE)
     dropout: float = opt(0.3, "output dropout", check=FRACTION)
     attention_reg: float = opt(3.0, "doubly stochastic attention weight; higher than the "
                                "COCO default 1.0 because it measurably helped here (scene "
                                "accuracy 0.40 / 0.65 / 0.69 / 0.49 at 0.1 / 1 / 3 / 8, "
-                               "measured in short runs before features were standardised)",
-                               check=NON_NEGATIVE)
+                               "measured in short runs before features were standardised; at most "
+                               f"{MAX_ATTENTION_REG:g})", check=ATTENTION_REG)
     beam: int = opt(3, f"beam width for evaluation and captions (at most {MAX_BEAM})",
                     check=beam_width)
     show: int = opt(4, "test images captioned with heatmaps at the end", check=integer(0))

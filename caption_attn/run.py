@@ -28,7 +28,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import tempfile
 import zipfile
 from typing import Callable, Optional
@@ -39,6 +38,11 @@ from caption_attn.data import SPLITS
 from caption_attn.errors import UserError
 from caption_attn.fileio import (file_identity, holding_lock, is_inside, keras_file_atomic,
                                  one_line, parse_json, read_json, write_json_atomic)
+
+
+_TEMP_NAME = re.compile(r"\.(.+)\.tmp\.\d+\..*", re.S)   # `fileio.temp_name`'s, of NAME
+_STATE_TEMP = re.compile(r"checkpoint\.tmp[0-9a-f]{32}")   # TF's atomic write of the state
+_WORKER = re.compile(r"worker_\d+")                         # `RunFolder.worker_checkpoints`
 
 
 @functools.lru_cache(maxsize=1)
@@ -149,8 +153,9 @@ class RunFolder:
         self._refuse_inside_another_run(run)
         self._refuse_files_in_place_of_folders()
         if os.path.isdir(run) and not os.path.exists(self.config):
-            others = sorted(n for n in os.listdir(run)
-                            if n not in self.FILES + self.DIRS and not n.startswith("."))
+            # anything but what a train stopped before config.json left (dotfiles, files
+            # inside folders named like the run's: --fresh deleted those of others)
+            others = self.foreign_files()
             if others:
                 shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
                 raise UserError(f"--run {self.path}: not a run folder and not empty (it holds "
@@ -362,15 +367,120 @@ class RunFolder:
                 f"it to end (or stop it), or train into another --run")):
             yield
 
-    def delete_previous(self) -> None:
-        """`--fresh`: remove every file and folder a run writes (nothing else), eval/ too:
-        its metrics are of the model being deleted, and kept they would pass for the new
-        one's."""
-        for name in self.FILES:
-            if os.path.exists(self.file(name)):
+    LOCKS = (".train.lock", READING_LOCK)
+
+    def is_own(self, relpath: str) -> bool:
+        """Whether the file `relpath` (relative to the run folder) is one that `train` or
+        `evaluate` writes there, by its name (and for an `evaluate --out RUN/eval/NAME`, its
+        content): what `--fresh` deletes; anything else is the user's."""
+        from caption_attn import checkpoints
+
+        *folders, name = relpath.split(os.sep)
+        temp = _TEMP_NAME.fullmatch(name)            # `fileio.temp_name`'s, of an atomic write
+        base = temp[1] if temp else name
+        if not folders:
+            return base in self.FILES or name in self.LOCKS
+        top, below = folders[0], folders[1:]
+        if top == "checkpoints":
+            if below and _WORKER.fullmatch(below[0]):   # `worker_checkpoints`: named alike
+                below = below[1:]
+            if below:   # a save's shards (`checkpoints.remove_save_leftovers`)
+                return len(below) == 1 and bool(checkpoints.TEMP_DIR.match(below[0])) and \
+                    bool(checkpoints.TEMP_FILE.match(name))
+            return name == "checkpoint" or bool(_STATE_TEMP.fullmatch(name)) or bool(
+                checkpoints.CHECKPOINT_FILE.match(name.removeprefix("damaged-")))
+        if top == "logs":   # TensorBoard's event files, and their rewrites' temporary files
+            return below in ([], ["train"], ["validation"]) and (
+                ("tfevents" in name and not name.startswith(".")) or
+                name.startswith(".pruned-events.tmp."))
+        if top == "attention":   # `AttentionSnapshots`: attention/epoch_K/*.png
+            return len(below) == 1 and bool(self.ATTENTION_EPOCH.fullmatch(below[0])) and \
+                base.endswith(".png")
+        if top == "eval":   # `evaluate`'s outputs, their lock and temporary files
+            if base.endswith(("_metrics.json", "_results.json")) or \
+                    (name.startswith(".") and name.endswith(".lock")):
+                return True
+            return base.endswith(".json") and base in self._named_eval_outputs(
+                os.path.join(self.path, *folders))
+        return False
+
+    @staticmethod
+    def _named_eval_outputs(folder: str) -> set:
+        """The names of the metrics files of `evaluate` in `folder` (`--out` names them as
+        told) and of the results files they name."""
+        from caption_attn.evaluate import _is_metrics
+
+        names = set()
+        for name in os.listdir(folder) if os.path.isdir(folder) else ():
+            path = os.path.join(folder, name)
+            if name.endswith(".json") and os.path.isfile(path) and _is_metrics(path):
+                names.add(name)
+                results = read_json(path).get("results_file")
+                if isinstance(results, str):
+                    names.add(os.path.basename(results))
+        return names
+
+    def foreign_files(self) -> list[str]:
+        """The paths (relative to the run folder, sorted) of what is in it that `train` and
+        `evaluate` do not write (`is_own`): files, links, and folders other than the run's
+        own (a folder of the user's is named once, e.g. `.git`)."""
+        found = []
+        for name in sorted(os.listdir(self.path)) if os.path.isdir(self.path) else ():
+            path = self.file(name)
+            if name in self.DIRS and os.path.isdir(path) and not os.path.islink(path):
+                for folder, dirs, files in os.walk(path):
+                    dirs.sort()
+                    for entry in sorted(files) + [d for d in dirs
+                                                  if os.path.islink(os.path.join(folder, d))]:
+                        rel = os.path.relpath(os.path.join(folder, entry), self.path)
+                        if not self.is_own(rel):
+                            found.append(rel)
+            elif os.path.isdir(path) or not self.is_own(name):
+                found.append(name)
+        return found
+
+    def delete_previous(self) -> list[str]:
+        """`--fresh`: remove every file a run writes (`is_own`: config.json, checkpoints,
+        event files, heatmaps, eval/ too: its metrics are of the model being deleted, and
+        kept they would pass for the new one's), then the folders of the run left empty.
+        Nothing else: it deleted all of checkpoints/, logs/, attention/ and eval/, the
+        user's files there among them. Returns the files kept inside those folders (the
+        caller says so; other files beside them are the folder's own business)."""
+        for name in os.listdir(self.path) if os.path.isdir(self.path) else ():
+            # its files and their writes' leftovers; not the locks, held while it deletes
+            if name not in self.LOCKS and self.is_own(name) and (
+                    os.path.islink(self.file(name)) or not os.path.isdir(self.file(name))):
                 os.remove(self.file(name))
-        for name in self.DIRS:
-            shutil.rmtree(self.file(name), ignore_errors=True)
+        kept = []
+        for top in self.DIRS:
+            path = self.file(top)
+            if not os.path.isdir(path) or os.path.islink(path):
+                continue
+            for folder, dirs, files in os.walk(path, topdown=False):
+                for name in files:
+                    rel = os.path.relpath(os.path.join(folder, name), self.path)
+                    if self.is_own(rel):
+                        os.remove(os.path.join(folder, name))
+                    else:
+                        kept.append(rel)
+                for name in dirs:
+                    inner = os.path.join(folder, name)
+                    if os.path.islink(inner):
+                        kept.append(os.path.relpath(inner, self.path))
+                    elif not os.listdir(inner):
+                        os.rmdir(inner)
+            if not os.listdir(path):
+                os.rmdir(path)
+        return sorted(kept)
+
+    def fresh_note(self, kept: list[str]) -> Optional[str]:
+        """The note on the files `delete_previous` kept (None when it kept none)."""
+        if not kept:
+            return None
+        shown = ", ".join(self.file(p) for p in kept[:5]) + (" ..." if len(kept) > 5 else "")
+        return (f"--fresh kept {len(kept)} file(s) in the run's folders that train and "
+                f"evaluate do not write: {shown}; they stay beside the new run's files "
+                f"(remove them if they were of the old run)")
 
     # ------------------------------------------------------------------ using a run
     def load_config(self) -> RunConfig:

@@ -60,7 +60,7 @@ def open_run(run_dir: str, cfg: RunConfig, fresh: bool = False) -> list[str]:
     run.check_writable(cfg.cache)
     notes = reopen_checks(run, cfg, fresh)
     if fresh:
-        run.delete_previous()
+        notes += filter(None, [run.fresh_note(run.delete_previous())])
     os.makedirs(run_dir, exist_ok=True)
     with_trained_settings(run, cfg).save(run.config)
     return notes
@@ -607,10 +607,13 @@ def log_lost_epochs(run: RunFolder, done: int, log) -> None:
 
 
 def check_finite(out: dict, epoch: int, step: int, kept: Optional[str],
-                 loss_scaling: bool) -> None:
+                 loss_scaling: bool, tc: Optional[TrainConfig] = None,
+                 self_critical: bool = False) -> None:
     """TrainingError when a step's loss (or, without loss scaling, which skips such steps
     itself, its gradient norm) or self-critical reward is not finite; `kept` is the newest
-    checkpoint, which the message names."""
+    checkpoint, which the message names; `tc` (the run's training settings) and
+    `self_critical` (the epoch's kind) make its advice name only what would change
+    something: it said "--clip-norm 5, or --precision float32" to a run using both."""
     if "reward" in out and not math.isfinite(out["reward"]):
         raise TrainingError(
             f"the self-critical reward became {out['reward']} at epoch {epoch + 1}, step "
@@ -619,12 +622,27 @@ def check_finite(out: dict, epoch: int, step: int, kept: Optional[str],
             f"({kept or 'none yet'}). Please report it")
     if math.isfinite(out["loss"]) and (math.isfinite(out["gradient_norm"]) or loss_scaling):
         return
+    what = (f"the loss became {out['loss']}" if not math.isfinite(out["loss"]) else
+            f"the gradient norm became {out['gradient_norm']} (the loss was {out['loss']})")
+    rate = "--scst-learning-rate" if self_critical else "--learning-rate"
+    if tc is None:
+        advice = f"a lower {rate}, --clip-norm 5 (if clipping is off), or --precision float32"
+    else:
+        now = tc.scst_learning_rate if self_critical else tc.learning_rate
+        advice = [f"a lower {rate} (now {now:g})"]
+        if tc.clip_norm == 0:
+            advice.append("--clip-norm 5 (clipping is off)")
+        elif tc.clip_norm > 5:
+            advice.append(f"a lower --clip-norm (now {tc.clip_norm:g})")
+        if tc.precision != "float32":
+            advice.append(f"--precision float32 (now {tc.precision})")
+        advice = ", ".join(advice[:-1]) + (" or " if len(advice) > 1 else "") + advice[-1]
     raise TrainingError(
-        f"the loss became {out['loss']} at epoch {epoch + 1}, step {step + 1}; training "
+        f"{what} at epoch {epoch + 1}, step {step + 1}; training "
         f"stopped. " + (f"The last good checkpoint is kept: {kept}. " if kept else
                         "No checkpoint was written yet. ")
-        + "The features were checked (finite, undamaged), so the optimisation diverged: "
-          "try a lower --learning-rate, --clip-norm 5, or --precision float32.")
+        + f"The features were checked (finite, undamaged), so the optimisation diverged: "
+          f"try {advice}.")
 
 
 def training_state(cfg: RunConfig, vocab_tokens: int,
@@ -892,7 +910,8 @@ class Trainer:
                 for batch in pipeline.checked(batches):
                     out = {k: float(v) for k, v in run(batch, step).items()}
                     check_finite(out, epoch, step, self.manager.latest_checkpoint,
-                                 loss_scaling=hasattr(self.optimizer, "dynamic_scale"))
+                                 loss_scaling=hasattr(self.optimizer, "dynamic_scale"),
+                                 tc=self.cfg.train, self_critical=self_critical)
                     step, in_epoch = step + 1, in_epoch + 1
                     totals.add(out)
                     speed = (totals.sums["captions"] - earlier) / max(
@@ -1689,7 +1708,9 @@ def _load_and_train(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, pr
           else contextlib.nullcontext()):
         if fresh:
             with run.fresh_lock():   # no evaluate, export or caption reading the run
-                run.delete_previous()
+                kept = run.fresh_note(run.delete_previous())
+            if kept:
+                log("note: " + kept)
         return _train_in(run, cfg, run_dir, images_dir, progress, log, data)
 
 

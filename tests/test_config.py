@@ -45,6 +45,13 @@ BAD_VALUES = [
     (C.DecodeConfig, "temperature", 1e300), (C.DecodeConfig, "top_k", 2**31),
     (C.DecodeConfig, "seed", 10**20), (C.DataConfig, "seed", 2**32),
     (C.DemoConfig, "seed", 2**32),
+    # past float32's range a traceback after config.json, split.json and vocab.json were
+    # written (1e39: "Can't convert Python sequence with a value out of range"); far below it
+    # every step throws the weights about (1e38: "loss became nan")
+    (C.TrainConfig, "learning_rate", 1e39), (C.TrainConfig, "learning_rate", 1e300),
+    (C.TrainConfig, "learning_rate", 100.0), (C.TrainConfig, "scst_learning_rate", 1e39),
+    (C.DemoConfig, "learning_rate", 1e39), (C.ModelConfig, "attention_reg", 1e39),
+    (C.DemoConfig, "attention_reg", 1e300),
 ]
 
 
@@ -109,7 +116,12 @@ def test_saved_config_with_a_bad_value_is_refused(tmp_path):
     (["--units", "0"], "--units"), (["--dropout", "1.5"], "--dropout"),
     (["--batch-size", "0"], "--batch-size"), (["--learning-rate", "nan"], "--learning-rate"),
     (["--max-length", "0"], "--max-length"), (["--epochs", "-1"], "--epochs"),
-    (["--clip-norm", "-1"], "--clip-norm"), (["--vocab-size", "0"], "--vocab-size")])
+    (["--clip-norm", "-1"], "--clip-norm"), (["--vocab-size", "0"], "--vocab-size"),
+    (["--learning-rate", "1e39"], "--learning-rate (`learning_rate`) must be"),
+    (["--learning-rate", "1e300"], "--learning-rate (`learning_rate`) must be"),
+    (["--scst-after", "0", "--epochs", "2", "--scst-learning-rate", "1e300"],
+     "--scst-learning-rate (`scst_learning_rate`) must be"),
+    (["--attention-reg", "1e39"], "--attention-reg (`attention_reg`) must be")])
 def test_train_refuses_bad_flags_before_writing_anything(tmp_path, capsys, flags, named):
     run = tmp_path / "run"
     code = main(["train", "--captions", str(tmp_path / "missing.json"), "--cache",

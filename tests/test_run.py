@@ -187,6 +187,7 @@ def test_a_file_where_train_keeps_a_folder_is_refused_before_anything_runs(tmp_p
     path.unlink()
     (tmp_path / "run" / "attention").mkdir(exist_ok=True)
     (tmp_path / "run" / "attention" / "epoch_notes.txt").write_text("x")   # not train's name
+    (tmp_path / "run" / "config.json").write_text("{}")   # (a run: no folder of others)
     run.check_writable("cache")
 
 
@@ -302,3 +303,78 @@ def test_a_format_that_resolves_to_the_runs_is_not_a_changed_setting(run_copy):
     other = dataclasses.replace(saved, data=dataclasses.replace(saved.data, format="coco"))
     with pytest.raises(UserError, match="data.format: 'auto' -> 'coco'"):
         run_copy.reopen_notes(other)
+
+
+def _make(root, names, text="x"):
+    for name in names:
+        path = os.path.join(str(root), name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def _listing(root) -> list:
+    return sorted(os.path.relpath(os.path.join(d, n), root)
+                  for d, dirs, files in os.walk(root) for n in dirs + files)
+
+
+@pytest.mark.parametrize("names", [
+    ["logs/server.log", "checkpoints/other_model.pt", "eval/results.csv"],
+    [".git/HEAD"], ["attention/epoch_1/notes.txt"], ["logs/train/my.csv"]])
+def test_a_folder_that_is_no_run_and_holds_anything_is_refused(tmp_path, names):
+    """`train --run Q --fresh` on a folder with no config.json deleted the files of others in
+    its logs/, checkpoints/ and eval/ (exit 0), and without --fresh mixed the run's files with
+    them: entries named like the run's folders, and dotfiles (.git), were not looked into."""
+    run = tmp_path / "Q"
+    _make(run, names)
+    before = _listing(run)
+    with pytest.raises(UserError, match=r"not a run folder and not empty \(it holds ") as e:
+        RunFolder(str(run)).check_writable(str(tmp_path / "cache"))
+    assert names[0].split("/")[0] in str(e.value)
+    assert _listing(run) == before
+
+
+def test_what_a_first_train_stopped_before_config_json_left_is_no_foreign_file(tmp_path):
+    run = tmp_path / "r"
+    _make(run, [".train.lock", "logs/events.out.tfevents.1700000000.h.1.0-history.v2",
+                "logs/train/events.out.tfevents.1700000000.h.1.v2", "vocab.json"])
+    os.makedirs(run / "checkpoints")
+    RunFolder(str(run)).check_writable(str(tmp_path / "cache"))
+
+
+RUNS_OWN = [
+    "config.json", "vocab.json", "split.json", "history.json", "best.keras", "best.json",
+    "best.weights.h5", "cider_df.json", ".config.json.tmp.123.host",
+    "checkpoints/checkpoint", "checkpoints/ckpt-3.index",
+    "checkpoints/ckpt-3.data-00000-of-00001", "checkpoints/damaged-ckpt-2.index",
+    "checkpoints/ckpt-4_temp/part-00000-of-00001.index",
+    "checkpoints/checkpoint.tmp0123456789abcdef0123456789abcdef",
+    "checkpoints/worker_1/ckpt-1.index", "checkpoints/worker_1/checkpoint",
+    "logs/events.out.tfevents.1700000000.h.1.0-history.v2",
+    "logs/train/events.out.tfevents.1700000000.h.2.v2",
+    "logs/validation/events.out.tfevents.1700000000.h.2.v2",
+    "attention/epoch_1/cat.png", "attention/epoch_12/.dog.png.tmp.9.host",
+    "eval/test_metrics.json", "eval/test_results.json", "eval/.test_metrics.json.lock"]
+FOREIGN_INSIDE = ["eval/mine.txt", "checkpoints/README", "checkpoints/other_model.pt",
+                  "logs/server.log", "logs/train/notes.md", "attention/epoch_1/notes.txt",
+                  "attention/mine.png", "attention/old/cat.png"]
+
+
+def test_fresh_deletes_only_what_the_run_writes_and_says_what_it_kept(tmp_path):
+    """--fresh deleted every file in logs/, checkpoints/, eval/ and attention/, the user's
+    own among them (eval/mine.txt, checkpoints/README), though the README says other files
+    are kept: only files named as the run's go, the others stay and are named."""
+    run = tmp_path / "r"
+    _make(run, RUNS_OWN + FOREIGN_INSIDE + ["notes.txt", ".git/HEAD"])
+    # `evaluate --out RUN/eval/my.json` names its metrics file as it was told
+    _make(run, ["eval/my.json"], json.dumps({"split": "val", "metrics_file": "x/eval/my.json",
+                                              "results_file": "x/eval/my_results.json"}))
+    _make(run, ["eval/my_results.json"], "[]")
+    kept = RunFolder(str(run)).delete_previous()
+    left = [p for p in _listing(run) if os.path.isfile(os.path.join(run, p))]
+    assert left == sorted(FOREIGN_INSIDE + ["notes.txt", ".git/HEAD"])
+    assert sorted(kept) == sorted(FOREIGN_INSIDE)   # (the folder's own files are not news)
+    # folders emptied of the run's files go; those holding the user's stay
+    assert not os.path.exists(run / "logs" / "validation")
+    assert not os.path.exists(run / "attention" / "epoch_12")
+    assert not os.path.exists(run / "checkpoints" / "worker_1")

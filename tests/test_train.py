@@ -1,6 +1,7 @@
 import dataclasses
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -808,7 +809,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_copy):
     saved = run_copy.load_config()
     assert saved.train.epochs == 3
     cfg = dataclasses.replace(saved, train=dataclasses.replace(
-        saved.train, epochs=4, learning_rate=1e30, clip_norm=0.0))
+        saved.train, epochs=4, clip_norm=0.0))
+    # past what the flag allows (10, which did not diverge within an epoch): set after the
+    # check, to make a real divergence
+    cfg.train.learning_rate = 1e30
     with pytest.raises(train.TrainingError) as e:
         run_trainer(cfg, run)
     assert e.value.exit_code == 1
@@ -2531,3 +2535,62 @@ def test_a_rerun_with_another_min_delta_keeps_the_best_model_and_says_so(shapes_
     assert third["min_delta"] == 0 and "min_delta" not in folder.read_history()[1]
     best = 3 if third["val_loss"] < history[0]["val_loss"] else 1
     assert folder.best_record()["epoch"] == best == summary["best_epoch"]
+
+
+@pytest.mark.parametrize("tc, self_critical, advice, not_advised", [
+    (TrainConfig(learning_rate=1e-2), False,
+     "lower --learning-rate (now 0.01)", "--clip-norm"),
+    (TrainConfig(learning_rate=1e-2, clip_norm=0.0), False,
+     "--clip-norm 5 (clipping is off)", "--precision"),
+    (TrainConfig(epochs=4, scst_after=2, precision="bfloat16"), True,
+     "lower --scst-learning-rate (now 5e-05)", "--clip-norm 5"),
+])
+def test_a_diverged_loss_advises_what_would_change_something(tc, self_critical, advice,
+                                                              not_advised):
+    """`--learning-rate 1e38` ended with "try a lower --learning-rate, --clip-norm 5, or
+    --precision float32", though --clip-norm 5 and float32 were the settings already used."""
+    out = {"loss": math.nan, "gradient_norm": math.nan}
+    with pytest.raises(train.TrainingError) as e:
+        train.check_finite(out, 0, 1, None, loss_scaling=False, tc=tc,
+                           self_critical=self_critical)
+    message = str(e.value)
+    assert advice in message and not_advised not in message, message
+    assert ("--precision float32" in message) == (tc.precision != "float32"), message
+
+
+def test_a_non_finite_gradient_of_a_finite_loss_is_named_as_such():
+    # "the loss became -0.0 ... diverged": the gradient norm was what was not finite
+    with pytest.raises(train.TrainingError, match=r"the gradient norm became inf \(the loss "
+                                                  r"was -0\.0\) at epoch 1, step 3"):
+        train.check_finite({"loss": -0.0, "gradient_norm": math.inf}, 0, 2, None,
+                           loss_scaling=False)
+
+
+def test_fresh_on_a_folder_of_other_files_deletes_nothing(shapes_data, tmp_path):
+    """`train --run Q --fresh` deleted logs/server.log, checkpoints/other_model.pt and
+    eval/results.csv of a folder that was no run (exit 0)."""
+    run = tmp_path / "Q"
+    for name in ("logs/server.log", "checkpoints/other_model.pt", "eval/results.csv"):
+        os.makedirs(os.path.dirname(run / name), exist_ok=True)
+        (run / name).write_text("theirs")
+    with pytest.raises(UserError, match=r"not a run folder and not empty"):
+        train.train(small_config(shapes_data, epochs=1, max_steps=2, fresh=True), str(run),
+                    progress=False, log=lambda *a: None)
+    assert sorted(os.listdir(run)) == ["checkpoints", "eval", "logs"]
+    assert (run / "eval" / "results.csv").read_text() == "theirs"
+
+
+def test_fresh_keeps_and_names_the_users_files_in_the_runs_folders(shapes_data, run_copy):
+    run = run_copy.path
+    mine = [os.path.join("eval", "mine.txt"), os.path.join("checkpoints", "README")]
+    for name in mine:
+        os.makedirs(os.path.dirname(os.path.join(run, name)), exist_ok=True)
+        with open(os.path.join(run, name), "w") as f:
+            f.write("mine")
+    logs = []
+    train.train(small_config(shapes_data, epochs=1, max_steps=2, fresh=True), run,
+                progress=False, log=logs.append)
+    for name in mine:
+        assert open(os.path.join(run, name)).read() == "mine"
+    kept = [line for line in logs if "--fresh kept" in line]
+    assert len(kept) == 1 and all(os.path.join(run, n) in kept[0] for n in mine), logs

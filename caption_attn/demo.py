@@ -396,10 +396,13 @@ def train_stage(cfg: DemoConfig, data: dict, paths: dict, log) -> dict:
     flags; the demo passes its --scst-after equal to --epochs (cross-entropy only) on as
     train's `none`, which the demo has not got: said in the demo's terms instead."""
     from caption_attn import train
+    from caption_attn.train_data import GIVEN_WHY
 
+    def said(line: str) -> None:   # the demo gives train its images folder: no --images flag
+        log(line.replace(f"({GIVEN_WHY})", "(the demo's dataset)"))
     try:
         return train.train(run_config(cfg, data["captions"], paths["cache"]), paths["run"],
-                           images_dir=data["images_dir"], log=log)
+                           images_dir=data["images_dir"], log=said)
     except UserError as e:
         message = e.message
         guess = message.find(": the cache of another dataset? Point --cache at the run's")

@@ -225,13 +225,16 @@ def _usable_features(cfg: RunConfig, run: RunFolder, manifest: dict, keys: list[
     return images_dir, paths, problems, digests, recorded_digests
 
 
+GIVEN_WHY = "given by --images"   # (the demo, which has no such flag, words it its own way)
+
+
 def images_why(cfg: RunConfig, run: RunFolder, given: Optional[str], folder: Optional[str],
                reuse: bool = True) -> str:
     """Why the source images were checked in `folder` (`_usable_features`): --images
     (`given`), the run's recorded folder (a resume), or the folder the cache was last
     extracted from, which may hold another dataset's images of the caption file's names."""
     if given is not None:
-        return "given by --images"
+        return GIVEN_WHY
     if reuse and folder is not None and folder == run.images_dir():
         return f"the run's images folder, recorded in {run.split}"
     return (f"the folder {cfg.cache} was last extracted from; pass --images to name the "

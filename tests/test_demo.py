@@ -37,6 +37,9 @@ def test_demo_end_to_end_on_a_reduced_size(tmp_path):
     for expected in ("tensorboard --logdir", "heatmaps:", "best model:", "BLEU-4",
                      "Captions for image"):
         assert expected in text
+    # the demo has no --images flag: its train line does not name one
+    checked = [line for line in lines if line.startswith("source images checked in")]
+    assert checked and all(line.endswith("(the demo's dataset)") for line in checked), checked
 
     # a file of one's own among the heatmaps: refused at once, nothing deleted
     mine = os.path.join(paths["heatmaps"], "mine.txt")

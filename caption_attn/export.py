@@ -810,6 +810,6 @@ def _test_images(run: RunFolder, cache: str, limit: int) -> tuple:
         notes.append(f"{counted(len(missing + unreadable), 'test image')} missing or "
                      f"unreadable in {folder} (e.g. {(missing + unreadable)[0]}): left out")
     if unconfirmed:
-        notes.append(f"{counted(unconfirmed)} could not be confirmed to be the run's ({run.split} "
-                     f"records no digest of them): measured as they are")
+        notes.append(f"{counted(len(unconfirmed), 'test image')} could not be confirmed to be "
+                     f"the run's ({run.split} records no digest of them): measured as they are")
     return pixels, folder, notes

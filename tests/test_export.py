@@ -928,6 +928,15 @@ def test_quantized_agreement_uses_the_runs_images_checked_by_their_digests(
                                       "agreement": got}}, "out")
     assert got["note"] in line
 
+    # a run made before runs recorded their images' digests: measured as they are, said
+    # (the note's count raised a TypeError once)
+    shutil.rmtree(ours)
+    shutil.copytree(shapes_data["images"], ours)
+    _set_split_field(run_copy, "image_digests", {})
+    got = export.quantized_agreement(blob, blob, run_copy, captioner, 100)
+    assert got["images"] == len(test), got
+    assert f"{len(test)} test images could not be confirmed" in got["note"], got
+
 
 @pytest.fixture(scope="module")
 def bfloat16_run(shapes_data, tmp_path_factory):

@@ -110,8 +110,6 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
     note = (f"the references in {captions} differ from the captions the run was trained with "
             f"in its {split} split: {changes}; the scores are against {captions}"
             if changes else "")
-    if silent:
-        note = "; ".join(filter(None, [note, _wordless_note(silent, split, captions)]))
     keys = [k for k in splits[split] if k in records]
     objects_note = _objects_note(recorded, splits, records, split, captions)
     absent = [k for k in splits[split] if k not in records]
@@ -121,6 +119,8 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
         verb = "is" if len(absent) == 1 else "are"
         note = (f"{len(absent)} of the {len(splits[split])} images of the run's {split} split "
                 f"{verb} not in {captions} (e.g. {absent[0]!r}): scored the other {len(keys)}")
+    if silent:
+        note = "; ".join(filter(None, [note, _wordless_note(silent, split, captions)]))
     if not keys:
         raise UserError(f"{captions} has none of the {len(splits[split])} images of the run's "
                         f"{split} split: is it the caption file the run was trained with?")

@@ -111,10 +111,12 @@ def refuse_unrestorable_checkpoints(run: RunFolder, cfg: RunConfig) -> None:
     restores into the model `cfg` and the run's vocabulary (vocab.json, which a resume
     reuses) make, before the data is loaded and anything is written: it came from the
     Trainer, after both. A run without config.json or vocab.json is left to the Trainer,
-    which knows its vocabulary once the data is loaded."""
+    which knows its vocabulary once the data is loaded, and so is multi-worker training."""
     if not (os.path.exists(run.config) and os.path.exists(run.vocab)
             and checkpoints.list_checkpoints(run.checkpoints)):
         return
+    if cfg.train.strategy == "multi-worker":   # its collective ops must be set up before any
+        return                                # TF op runs: left to the Trainer, as before
     _, objects = training_state(cfg, len(run.load_vocab()), 1)
     checkpoints.refuse_unrestorable(tf.train.Checkpoint(**objects), run.checkpoints)
 

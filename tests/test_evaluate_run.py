@@ -758,15 +758,19 @@ def test_split_images_missing_from_the_captions_are_noted_for_a_run_without_capt
     with open(shapes_data["captions"]) as f:
         captions = json.load(f)
     captions["images"] = [i for i in captions["images"] if i["filename"] != test_keys[0]]
+    for image in captions["images"]:   # and one whose captions hold no word: scored, said
+        if image["filename"] == test_keys[1]:
+            image["sentences"] = [{"raw": "."}, {"raw": "!!"}]
     other = str(tmp_path / "other.json")
     with open(other, "w") as f:
         json.dump(captions, f)
     metrics = evaluate.evaluate_run(run_copy.path, "test", progress=False, use_java=False,
                                     out=str(tmp_path / "m.json"), captions=other)
     assert metrics["images"] == len(test_keys) - 1
-    assert metrics["notes"][0] == (
+    assert metrics["notes"][0].startswith(
         f"1 of the {len(test_keys)} images of the run's test split is not in {other} "
-        f"(e.g. {test_keys[0]!r}): scored the other {len(test_keys) - 1}")
+        f"(e.g. {test_keys[0]!r}): scored the other {len(test_keys) - 1}; ")
+    assert f"{test_keys[1]!r}: '.', '!!'" in metrics["notes"][0]   # the note was overwritten
 
 
 def test_a_run_split_by_image_hash_is_scored_on_its_whole_split_with_flickr8k_lists_beside(

@@ -91,11 +91,21 @@ def workdir_lock(workdir: str):
 
 
 def _delete_made(work: str) -> None:
-    """--fresh: delete what the demo made in `work`. A link among them (a big cache moved
-    elsewhere and linked back) is removed as a link, never its target's contents: the target
-    is outside the work folder, and may hold more than the demo's files. Every folder to be
+    """--fresh: delete what the demo made in `work` (refused, nothing deleted, when its
+    heatmaps folder holds files the demo did not draw: a rerun refuses them too). A link
+    among them (a big cache moved elsewhere and linked back) is removed as a link, never its
+    target's contents: the target is outside the work folder, and may hold more than the
+    demo's files. Every folder to be
     emptied is checked before anything is deleted: a refusal halfway (rmtree refused a link
     after `shapes` was gone) left a half-deleted work folder."""
+    heatmaps = os.path.join(work, "heatmaps")
+    if os.path.isdir(heatmaps) and not os.path.islink(heatmaps):
+        others = _own_heatmap_files(heatmaps)[1]   # as a rerun does (`check_heatmaps_folder`)
+        if others:
+            listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise UserError(f"--fresh: {heatmaps} holds files the demo did not draw "
+                            f"({listed}); nothing was deleted: move them out of it, or choose "
+                            f"another --workdir")
     doomed = [os.path.join(work, name) for name in MADE
               if os.path.lexists(os.path.join(work, name))]
     for path in doomed:

@@ -49,8 +49,9 @@ def held(enabled: bool = True, saying: str = "") -> Iterator[Pending]:
     block, and every handler is put back either way: none of this block's is left behind (a
     later Ctrl-C was swallowed). Nested in another `held` block, a noted signal is handed
     to the enclosing block when this one ends, and a second signal (the first noted by
-    either block) goes through every enclosing block at once. Not `enabled`, or outside the main thread
-    (where Python cannot set handlers), the block runs with the handlers as they are."""
+    either block) goes through every enclosing block at once. Not `enabled`, or outside the
+    main thread (where Python cannot set handlers), the block runs with the handlers as they
+    are."""
     pending = Pending()
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield pending

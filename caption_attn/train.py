@@ -636,8 +636,11 @@ def check_finite(out: dict, epoch: int, step: int, kept: Optional[str],
             advice.append("--clip-norm 5 (clipping is off)")
         elif tc.clip_norm > 5:
             advice.append(f"a lower --clip-norm (now {tc.clip_norm:g})")
-        if tc.precision != "float32":
+        if tc.precision == "bfloat16":
             advice.append(f"--precision float32 (now {tc.precision})")
+        elif tc.precision == "float16":   # its checkpoints do not restore into float32
+            advice.append("--precision float32 with --fresh (now float16, whose checkpoints "
+                          "do not restore into float32)")
         advice = ", ".join(advice[:-1]) + (" or " if len(advice) > 1 else "") + advice[-1]
     raise TrainingError(
         f"{what} at epoch {epoch + 1}, step {step + 1}; training "
@@ -789,10 +792,12 @@ class Trainer:
             return recorded
         if not in_epoch or self._previous is None:
             return float(self.lr_schedule(first))   # its stage set by the caller
-        tc = self._previous
-        schedule = StagedLearningRate(tc, tc.cross_entropy_epochs * self.inputs.steps_per_epoch)
+        tc, per_epoch = self._previous, self.inputs.steps_per_epoch
+        schedule = StagedLearningRate(tc, tc.cross_entropy_epochs * per_epoch)
         schedule.self_critical.assign(int(self.cfg.train.is_scst(epoch)))
-        return float(schedule(first))
+        # the cosine's position at the epoch's start (`_resume_rate_note`): earlier epochs
+        # of another batch size took another number of the optimizer's steps
+        return float(schedule(epoch * per_epoch))
 
     def _resume_rate_note(self) -> Optional[str]:
         """`schedule_notes`' note for a run resumed inside a cross-entropy epoch, which only
@@ -1352,7 +1357,7 @@ def _other_table_note(path: str, stale: list, was: dict, again: dict,
                      f"{'them' if len(kept) > 1 else 'it'} against --patience)")
         return text
     return text + ("early stopping and the best model leave them out (nor count them against "
-                   "--patience): the next epoch's val_cider is the first compared")
+                   "--patience): the next val_cider measured is the first compared")
 
 
 def _hparams(cfg: RunConfig, vocab_size: int) -> dict:

@@ -454,7 +454,7 @@ class EpochData:
 
     def df_digest(self) -> str:
         """The digest of the train references the document frequencies are counted on (what
-        cider_df.json records): history.json and best.json note it beside each val_cider."""
+        cider_df.json records): history.json notes it beside each val_cider."""
         if self._df_digest is None:
             self._df_digest = references_digest(self.train_references())
         return self._df_digest

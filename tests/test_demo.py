@@ -112,12 +112,19 @@ def test_rerun_with_other_settings_is_refused_with_the_differences(tmp_path):
 
 
 def test_fresh_removes_what_the_demo_made_and_nothing_else(tmp_path):
+    from caption_attn.errors import UserError
     work = tmp_path / "work"
     demo.check_workdir(DemoConfig(workdir=str(work), seed=0))
     for folder in ("shapes", "features_cache", "models/shapes", "heatmaps"):
         os.makedirs(work / folder)
         (work / folder / "x").write_text("x")
     (work / "notes.txt").write_text("mine")
+    # a file of one's own among the heatmaps: --fresh deleted it with them, without a word
+    with pytest.raises(UserError, match=r"^--fresh: .*heatmaps holds files the demo did not "
+                                        r"draw \(x\); nothing was deleted"):
+        demo.check_workdir(DemoConfig(workdir=str(work), seed=5, fresh=True))
+    assert (work / "heatmaps" / "x").exists() and (work / "shapes" / "x").exists()
+    os.remove(work / "heatmaps" / "x")
     demo.check_workdir(DemoConfig(workdir=str(work), seed=5, fresh=True))
     assert sorted(os.listdir(work)) == ["demo.json", "models", "notes.txt"]
     assert os.listdir(work / "models") == []
@@ -353,7 +360,8 @@ def test_fresh_removes_a_link_as_a_link_and_keeps_its_target(tmp_path, linked):
     for folder in ("shapes", "features_cache", "models/shapes", "heatmaps"):
         if folder != linked:
             os.makedirs(work / folder)
-            (work / folder / "x").write_text("x")
+            if folder != "heatmaps":   # a file there would be one's own: refused
+                (work / folder / "x").write_text("x")
     target = tmp_path / "elsewhere"
     os.makedirs(target)
     (target / "big").write_text("kept")
@@ -369,16 +377,18 @@ def test_fresh_checks_every_folder_before_deleting_anything(tmp_path, monkeypatc
     from caption_attn.errors import UserError
     work = tmp_path / "work"
     demo.check_workdir(DemoConfig(workdir=str(work), seed=0))
-    for folder in ("shapes", "heatmaps/deep"):
+    for folder in ("heatmaps", "shapes/deep"):
         os.makedirs(work / folder)
-        (work / folder / "x").write_text("x")
-    locked = str(work / "heatmaps" / "deep")
+    (work / "shapes" / "deep" / "x").write_text("x")
+    (work / "shapes" / "x").write_text("x")
+    locked = str(work / "shapes" / "deep")
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: p != locked and real_access(p, mode))
     with pytest.raises(UserError, match=r"^--fresh: cannot delete .* --workdir .*: "
                                         r".*deep is not writable; nothing was deleted"):
         demo.check_workdir(DemoConfig(workdir=str(work), seed=5, fresh=True))
-    assert (work / "shapes" / "x").exists() and (work / "heatmaps" / "deep" / "x").exists()
+    assert (work / "shapes" / "x").exists() and (work / "shapes" / "deep" / "x").exists()
+    assert (work / "heatmaps").is_dir()
     assert json.loads((work / "demo.json").read_text())["seed"] == 0
 
 

@@ -2544,6 +2544,8 @@ def test_a_rerun_with_another_min_delta_keeps_the_best_model_and_says_so(shapes_
      "--clip-norm 5 (clipping is off)", "--precision"),
     (TrainConfig(epochs=4, scst_after=2, precision="bfloat16"), True,
      "lower --scst-learning-rate (now 5e-05)", "--clip-norm 5"),
+    # a float16 run's checkpoints do not restore into float32: a resume would be refused
+    (TrainConfig(precision="float16"), False, "--precision float32 with --fresh", "--clip-norm"),
 ])
 def test_a_diverged_loss_advises_what_would_change_something(tc, self_critical, advice,
                                                               not_advised):

@@ -923,13 +923,8 @@ def test_train_and_evaluate_say_when_no_source_image_could_be_checked(shapes_dat
     but each says so, naming the folder, and train how to check them."""
     from caption_attn import evaluate
 
-    manifest_file = os.path.join(copy_cache, "manifest.json")
-    with open(manifest_file) as f:
-        manifest = json.load(f)
     gone = str(tmp_path / "renamed")                    # the folder, as if renamed since
-    manifest.update(images_dir=gone, images_dirs=[gone])
-    with open(manifest_file, "w") as f:
-        json.dump(manifest, f)
+    _edit_manifest(copy_cache, images_dir=gone, images_dirs=[gone])
     run, lines = str(tmp_path / "run"), []
     train.train(small_config(shapes_data, cache=copy_cache, epochs=1), run, progress=False,
                 log=lines.append)
@@ -1032,12 +1027,8 @@ def test_a_cache_of_two_folders_of_other_names_is_not_refused(shapes_data, copy_
     other.mkdir()
     assert cv2_write(str(other / "COCO_val2014_000000000042.png"), np.zeros((8, 8, 3),
                                                                               np.uint8))
-    path = os.path.join(copy_cache, "manifest.json")
-    with open(path) as f:
-        manifest = json.load(f)
-    manifest.update(images_dir=str(other), images_dirs=[shapes_data["images"], str(other)])
-    with open(path, "w") as f:
-        json.dump(manifest, f)
+    _edit_manifest(copy_cache, images_dir=str(other),
+                   images_dirs=[shapes_data["images"], str(other)])
     data = train.load_train_data(small_config(shapes_data, cache=copy_cache),
                                  str(tmp_path / "run"))
     assert data.unusable == {} and data.images_dir == str(other)
@@ -1080,13 +1071,8 @@ def test_the_caption_files_images_are_not_refused_in_a_copy_or_by_another_path(
     copy, link = tmp_path / "copy", tmp_path / "link"
     shutil.copytree(shapes_data["images"], copy)   # copy2: the same modification times
     os.symlink(shapes_data["images"], link)
-    path = os.path.join(copy_cache, "manifest.json")
-    with open(path) as f:
-        manifest = json.load(f)
     for folder in (copy, link):
-        manifest.update(images_dir=str(folder), images_dirs=[str(folder)])
-        with open(path, "w") as f:
-            json.dump(manifest, f)
+        _edit_manifest(copy_cache, images_dir=str(folder), images_dirs=[str(folder)])
         data = train.load_train_data(small_config(shapes_data, cache=copy_cache),
                                      str(tmp_path / "run"))
         assert data.unusable == {} and data.images_dir == str(folder)
@@ -1120,13 +1106,18 @@ def cv2_write(path: str, rgb) -> bool:
     return cv2.imwrite(path, rgb[..., ::-1])
 
 
-def test_cache_manifest_is_checked(shapes_data, copy_cache, tmp_path):
-    path = os.path.join(copy_cache, "manifest.json")
+def _edit_manifest(cache: str, **fields) -> None:
+    """Set `fields` in the feature cache's manifest.json (a test's copy of the cache)."""
+    path = os.path.join(cache, "manifest.json")
     with open(path) as f:
         manifest = json.load(f)
-    manifest["feature_shape"] = [49, 2048]
+    manifest.update(fields)
     with open(path, "w") as f:
         json.dump(manifest, f)
+
+
+def test_cache_manifest_is_checked(shapes_data, copy_cache, tmp_path):
+    _edit_manifest(copy_cache, feature_shape=[49, 2048])
     cfg = small_config(shapes_data, cache=copy_cache)
     with pytest.raises(UserError, match=r"feature_shape \[49, 2048\], expected \[64, 2048\]"):
         train.load_train_data(cfg, str(tmp_path))

@@ -99,13 +99,11 @@ def _delete_made(work: str) -> None:
     emptied is checked before anything is deleted: a refusal halfway (rmtree refused a link
     after `shapes` was gone) left a half-deleted work folder."""
     heatmaps = os.path.join(work, "heatmaps")
-    if os.path.isdir(heatmaps) and not os.path.islink(heatmaps):
-        others = _own_heatmap_files(heatmaps)[1]   # as a rerun does (`check_heatmaps_folder`)
-        if others:
-            listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-            raise UserError(f"--fresh: {heatmaps} holds files the demo did not draw "
-                            f"({listed}); nothing was deleted: move them out of it, or choose "
-                            f"another --workdir")
+    listed = _foreign_heatmaps(heatmaps)   # as a rerun refuses them (`check_heatmaps_folder`)
+    if listed:
+        raise UserError(f"--fresh: {heatmaps} holds files the demo did not draw ({listed}); "
+                        f"nothing was deleted: move them out of it, or choose another "
+                        f"--workdir")
     doomed = [os.path.join(work, name) for name in MADE
               if os.path.lexists(os.path.join(work, name))]
     for path in doomed:
@@ -336,6 +334,13 @@ def _own_heatmap_files(folder: str) -> tuple[list, list]:
     return own, others
 
 
+def _foreign_heatmaps(folder: str) -> str:
+    """The first names of what the heatmaps `folder` holds that the demo did not draw
+    (`_own_heatmap_files`), "" when nothing; a link is removed as a link: not looked into."""
+    others = [] if os.path.islink(folder) else _own_heatmap_files(folder)[1]
+    return ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+
+
 def check_heatmaps_folder(cfg: DemoConfig, folder: str) -> None:
     """UserError, before the first stage, when the heatmaps `folder` holds anything the demo
     did not draw: a rerun deleted the whole folder, files of one's own put there with it,
@@ -343,11 +348,8 @@ def check_heatmaps_folder(cfg: DemoConfig, folder: str) -> None:
     it does with other folders it did not make, refuses rather than work beside them (after
     training and evaluating, `caption`'s check of the folder refused images there). A
     heatmaps link is removed as a link (`caption_test_images`): not checked."""
-    if os.path.islink(folder):
-        return
-    _, others = _own_heatmap_files(folder)
-    if others:
-        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+    listed = _foreign_heatmaps(folder)
+    if listed:
         raise UserError(f"--workdir {cfg.workdir}: {folder} holds files the demo did not draw "
                         f"({listed}); a rerun redraws the demo's heatmaps there and deletes "
                         f"only those it drew, so it leaves these alone and stops here, nothing "

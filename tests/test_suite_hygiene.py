@@ -1,0 +1,8 @@
+"""The test suite itself: it must not fill the disk of the machine it runs on."""
+
+
+def test_passing_tests_leave_no_temporary_folders_behind(pytestconfig):
+    # A full run writes ~9 GB into tmp_path folders; with pytest's default ("all", 3 sessions)
+    # CI's disk filled up with earlier runs' folders and every later test failed in setup.
+    assert pytestconfig.getini("tmp_path_retention_policy") == "failed"
+    assert int(pytestconfig.getini("tmp_path_retention_count")) <= 1

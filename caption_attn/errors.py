@@ -1,5 +1,14 @@
 """The one exception type users see as a message instead of a traceback, and how messages
-count things (`counted`)."""
+count things (`counted`), and what a write that failed while a command ran says
+(`WriteFailed`)."""
+
+import errno
+
+# the errors of a disk that filled up (or a quota that was reached) while a command wrote
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+# what to do when a write failed, said by every command's message
+FREE_SPACE = "free space there (or make its folder writable) and rerun this command"
 
 
 class UserError(Exception):
@@ -28,3 +37,15 @@ class TrainingError(UserError):
 
     def __init__(self, message: str):
         super().__init__(message, exit_code=1)
+
+
+class WriteFailed(UserError):
+    """A file (or stdout) could not be written while the command ran: a disk that filled up,
+    a quota, a folder made read-only since it was checked. Exit code 1: the job ran and
+    failed (2 is for bad input, refused before anything was done). The message names `what`
+    could not be written, the reason, and what to do (`advice`)."""
+
+    def __init__(self, what: str, error: BaseException, advice: str = FREE_SPACE):
+        reason = (getattr(error, "strerror", None) or str(error) or type(error).__name__)
+        super().__init__(f"cannot write {what} ({reason}): {advice}", exit_code=1)
+        self.error = error

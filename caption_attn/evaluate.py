@@ -18,7 +18,7 @@ import numpy as np
 from caption_attn import data, interrupts
 from caption_attn.coco_metrics import COCO_METRICS, coco_metrics, write_results
 from caption_attn.config import DecodeConfig, RunConfig
-from caption_attn.errors import UserError, counted
+from caption_attn.errors import FREE_SPACE, UserError, WriteFailed, counted
 from caption_attn.feature_cache import (describe_problems, feature_path, read_manifest,
                                         repair_command, source_images,
                                         unchecked_images_note, usable_features_checked_in,
@@ -501,9 +501,21 @@ def write_outputs(result: dict, hypotheses: dict, image_ids: dict) -> None:
     captions beside the old metrics, a pair that looked whole; now the metrics are missing.
     A Ctrl-C or SIGTERM lands once both are written: results that no metrics file names are
     refused as another tool's by the next evaluate with this --out (`_is_results`)."""
+    metrics, results = result["metrics_file"], result["results_file"]
     with interrupts.held():
-        if os.path.exists(result["metrics_file"]):
-            os.remove(result["metrics_file"])
-        write_results(result["results_file"], hypotheses, image_ids)
-        # valid UTF-8 whatever the paths' bytes (`_is_results` compares names so written)
-        write_json_atomic(result["metrics_file"], printable_json(result))
+        if os.path.exists(metrics):
+            os.remove(metrics)
+        path = results
+        try:
+            write_results(results, hypotheses, image_ids)
+            path = metrics
+            # valid UTF-8 whatever the paths' bytes (`_is_results` compares names so written)
+            write_json_atomic(metrics, printable_json(result))
+        except OSError as e:
+            # a full disk (or a folder made read-only): the results file, written now or
+            # the earlier evaluate's whose metrics were just removed, would be named by no
+            # metrics file, and the rerun of this very command refused it as another tool's
+            with contextlib.suppress(OSError):
+                os.remove(results)
+            raise WriteFailed(path, e, f"{FREE_SPACE}; neither {metrics} nor {results} "
+                                       f"was left") from None

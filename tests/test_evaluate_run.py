@@ -359,6 +359,54 @@ def test_a_kill_between_the_two_outputs_leaves_no_stale_metrics_beside_new_resul
         assert json.load(f) == new
 
 
+def test_a_full_disk_while_the_metrics_are_written_leaves_nothing_that_blocks_the_rerun(
+        trained_run, tmp_path, capsys, monkeypatch):
+    """The results file was written, then the metrics file hit a full disk: evaluate said
+    `error: No space left on device` (no file named, exit 1) and left the results file,
+    which the rerun of the same command refused as no metrics file's (exit 2)."""
+    import errno
+    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
+    out = str(tmp_path / "m.json")
+    real = evaluate.write_json_atomic
+
+    def full(path, obj, **kwargs):
+        if path == out:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, obj, **kwargs)
+    monkeypatch.setattr(evaluate, "write_json_atomic", full)
+    command = ["evaluate", "--run", trained_run, "--split", "val", "--beam", "1", "--out", out]
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot write {out} (No space left on device): free space" in err
+    assert "rerun this command" in err
+    assert sorted(os.listdir(tmp_path)) == []           # no results, no metrics, no lock
+    monkeypatch.setattr(evaluate, "write_json_atomic", real)
+    assert main(command) == 0
+    assert sorted(os.listdir(tmp_path)) == ["m.json", "m_results.json"]
+
+
+def test_a_results_file_that_cannot_be_written_is_named_and_the_old_pair_is_not_left_half(
+        tmp_path, monkeypatch):
+    """The earlier evaluate's metrics go first (`write_outputs`): its results, left alone by
+    a failed write of the new ones, were named by no metrics file and blocked the rerun."""
+    import errno
+    metrics, results = str(tmp_path / "m.json"), str(tmp_path / "m_results.json")
+    old = {"split": "test", "metrics_file": metrics, "results_file": results, "BLEU-4": 0.5}
+    for path, obj in ((metrics, old), (results, [{"image_id": 1, "caption": "old"}])):
+        with open(path, "w") as f:
+            json.dump(obj, f)
+
+    def full(path, obj, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    monkeypatch.setattr(coco_metrics, "write_json_atomic", full)
+    new = {"split": "test", "metrics_file": metrics, "results_file": results, "BLEU-4": 0.1}
+    with pytest.raises(UserError) as e:
+        evaluate.write_outputs(new, {"a.png": "new"}, {"a.png": 1})
+    assert e.value.exit_code == 1
+    assert str(e.value).startswith(f"cannot write {results} (No space left on device): ")
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_ctrl_c_while_evaluate_writes_its_outputs_lands_once_both_are_written(
         tmp_path, monkeypatch, default_sigint):
     """Stopped between its two files, evaluate left results that no metrics file names,

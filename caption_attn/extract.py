@@ -36,9 +36,10 @@ from caption_attn import progress as progress_lib
 from caption_attn.backbone import IMAGE_SIZE, Backbone
 from caption_attn.config import ExtractConfig
 from caption_attn.data import image_key_problem
-from caption_attn.errors import UserError
+from caption_attn.errors import UserError, WriteFailed
 from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
-from caption_attn.feature_index import IMAGE_CHANGED, ImageStamp, SegmentWriter, make_entry
+from caption_attn.feature_index import (IMAGE_CHANGED, RERUN, ImageStamp, SegmentWriter,
+                                        make_entry)
 from caption_attn.fileio import (check_utf8_path, file_digest, longest_temp_name, one_line,
                                  write_bytes_atomic)
 from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, heatmaps_note,
@@ -69,20 +70,17 @@ class _Writer:
         self.header, self.dtype = header, np.dtype(dtype)
         self.index, self.fingerprint, self.images_dir = index, fingerprint, images_dir
         self.queue: queue.Queue = queue.Queue(maxsize=max_items)
-        self.error: Optional[BaseException] = None
-        self.error_path = ""                 # the file whose write failed
+        # what failed, naming the file whose write failed (not the one being queued): a
+        # feature file, or the index segment its entry went into
+        self.error: Optional[UserError] = None
         self.written: list[str] = []
         self.thread = threading.Thread(target=self._run, name="feature-writer", daemon=True)
         self.thread.start()
 
     def put(self, key: str, path: str, features: np.ndarray, stamp: ImageStamp) -> None:
         if self.error is not None:
-            raise UserError(self.failure())
+            raise self.error
         self.queue.put((key, path, features, stamp))
-
-    def failure(self) -> str:
-        """What failed: the file whose write failed (not the one being queued) and why."""
-        return f"cannot write {one_line(self.error_path)}: {self.error}"
 
     def _run(self) -> None:
         while True:
@@ -97,8 +95,10 @@ class _Writer:
                 self.index.add(make_entry(key, self.fingerprint, os.stat(path), stamp,
                                           self.images_dir))
                 self.written.append(key)
+            except UserError as e:   # the index's segment (`SegmentWriter`), named by it
+                self.error = e
             except Exception as e:  # noqa: BLE001 - reported by the main thread
-                self.error_path, self.error = path, e  # the path first: put() reads both
+                self.error = WriteFailed(one_line(path), e, RERUN)
 
     def close(self) -> None:
         """Waits until the queued files are written and indexed. A Ctrl-C or SIGTERM lands
@@ -193,7 +193,7 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
         finally:   # a Ctrl-C in that wait skipped it: the writer wrote on, unwaited
             writer.close()
     if writer.error is not None:
-        raise UserError(writer.failure())
+        raise writer.error
     return writer.written, failed
 
 
@@ -492,8 +492,13 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
         written, bad = _extract_with_progress(backbone, images_dir, plan.todo, cfg, workers,
                                               progress, index, fingerprint)
         extract_seconds = time.monotonic() - t0
-    finally:
-        index.close()  # entries of every file written so far, even when interrupted
+    except BaseException:
+        # entries of every file written so far, even when interrupted; a failed write of
+        # them (the disk that failed a feature file) is not news enough to hide why it ended
+        with contextlib.suppress(WriteFailed):
+            index.close()
+        raise
+    index.close()
     failed.update(bad)
     # a file to redo whose image now fails keeps features of the image as it was, or damaged
     # ones: removed, so neither the count nor the index vouches for it (train skips the image)

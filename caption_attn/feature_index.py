@@ -62,6 +62,7 @@ import time
 from typing import Iterable, NamedTuple, Optional, Sequence
 
 from caption_attn import interrupts
+from caption_attn.errors import FREE_SPACE, WriteFailed
 from caption_attn.fileio import HOST, write_bytes_atomic
 
 INDEX = "index.jsonl"
@@ -128,6 +129,11 @@ def segments_dir(cache_dir: str) -> str:
 
 
 # =========================================================================== writing
+# what to do when the cache could not be written while extracting (a full disk)
+RERUN = (f"{FREE_SPACE}: it extracts only the images whose features are not in the cache's "
+         f"index yet")
+
+
 class SegmentWriter:
     """Appends this process's entries to the index in atomically written segments.
 
@@ -171,7 +177,10 @@ class SegmentWriter:
         # pending: raised inside the write, it dropped the entries of files already on disk
         # (the last flush: those extracted since the one before), extracted again by a rerun
         with interrupts.held():
-            write_bytes_atomic(path, [e.to_line() for e in self.pending], fsync=True)
+            try:
+                write_bytes_atomic(path, [e.to_line() for e in self.pending], fsync=True)
+            except OSError as e:   # a full disk: the entries stay pending for the next flush
+                raise WriteFailed(f"the feature index's segment {path}", e, RERUN) from None
             self.segments += 1
             self.entries += len(self.pending)
             self.pending = []
@@ -292,9 +301,13 @@ def compact(cache_dir: str, feature_path) -> tuple[Index, dict[str, os.stat_resu
     # rewritten only when something changed: a rerun of a complete COCO cache rewrote and
     # fsynced its 33 MB index every time (3.6 s)
     if names or index.skipped_lines or len(kept) != len(index):
-        write_bytes_atomic(index_path(cache_dir),
-                           [e.to_line() for entries in kept.entries.values() for e in entries],
-                           fsync=True)
+        try:
+            write_bytes_atomic(index_path(cache_dir), [
+                e.to_line() for entries in kept.entries.values() for e in entries], fsync=True)
+        except OSError as e:   # a full disk: the segments stay, and the entries in them
+            raise WriteFailed(f"the feature index {index_path(cache_dir)}", e,
+                              f"{FREE_SPACE}: the features extracted are kept (their entries "
+                              f"stay in the index's segments)") from None
     for name in names:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(segments_dir(cache_dir), name))

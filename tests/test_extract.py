@@ -531,7 +531,40 @@ def test_a_feature_file_that_cannot_be_written_is_named(images, cache_copy, monk
     with pytest.raises(UserError) as e:
         extract_features(images, extract_cfg(cache_copy, batch_size=1), keys=keys,
                          progress=False)
-    assert str(e.value) == f"cannot write {bad}: [Errno 27] File too large"
+    # the job ran and failed: exit code 1 (it was 2, "bad input, nothing was done")
+    assert e.value.exit_code == 1
+    assert str(e.value).startswith(f"cannot write {bad} (File too large): free space ")
+
+
+def test_an_index_segment_that_cannot_be_written_is_named_with_exit_code_1(
+        images, cache_copy, monkeypatch, capsys):
+    """The disk filled while the feature index was written (the .npy files fitted): it said
+    `error: No space left on device`, no file, exit 1; a failed .npy write said `cannot write
+    PATH: [Errno 28] ...`, exit 2."""
+    import errno
+
+    from caption_attn.cli import main
+    real = feature_index.write_bytes_atomic
+    segments = feature_index.segments_dir(cache_copy)
+
+    def write(path, *args, **kwargs):
+        if os.path.dirname(path) == segments:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(feature_index, "write_bytes_atomic", write)
+    keys = ["a.jpg", "b.png"]
+    for key in keys:
+        os.remove(feature_path(cache_copy, key))
+    code = main(["extract-features", "--images", images, "--cache", cache_copy,
+                 "--weights", "random", "--dtype", "float16", "--batch-size", "1"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    line = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"caption-attn extract-features: error: cannot write the feature index's segment "
+        rf"{re.escape(segments)}/\S+\.jsonl \(No space left on device\): free space .*",
+        line), line
 
 
 def test_lost_manifest_never_adopts_other_backbones_files(images, cache_copy):

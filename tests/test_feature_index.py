@@ -150,3 +150,59 @@ def test_an_images_folder_whose_name_is_not_utf8_is_read_back_exactly(tmp_path):
     with open(feature_index.index_path(cache), "rb") as f:
         assert b'"images_dir":"/data/caf\xe9/images"' in f.read()
     assert feature_index.load_index(cache).entries["a.jpg"][0].images_dir == folder
+
+
+def test_a_segment_that_cannot_be_written_is_named_and_its_entries_stay_pending(
+        tmp_path, monkeypatch):
+    """A full disk while a segment was written raised the bare OSError (no file named; the
+    CLI said `error: No space left on device`)."""
+    import errno
+
+    import pytest
+
+    from caption_attn.errors import UserError
+    cache = str(tmp_path)
+    writer = SegmentWriter(cache, flush_seconds=3600, flush_entries=100)
+    path = _write_feature(cache, "a.jpg")
+    writer.add(make_entry("a.jpg", "f" * 16, os.stat(path), STAMP))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(feature_index, "write_bytes_atomic", full)
+    with pytest.raises(UserError) as e:
+        writer.close()
+    assert e.value.exit_code == 1
+    segments = feature_index.segments_dir(cache)
+    assert str(e.value).startswith(f"cannot write the feature index's segment {segments}/")
+    assert " (No space left on device): free space " in str(e.value)
+    assert len(writer.pending) == 1 and writer.segments == 0
+    monkeypatch.undo()
+    writer.close()                                   # room again: the entry is written
+    assert sorted(feature_index.load_index(cache).entries) == ["a.jpg"]
+
+
+def test_an_index_that_cannot_be_compacted_is_named_and_its_segments_are_kept(
+        tmp_path, monkeypatch):
+    """A full disk while the segments were merged into index.jsonl (the .npy files fitted)
+    said `error: No space left on device`, no file named."""
+    import errno
+
+    import pytest
+
+    from caption_attn.errors import UserError
+    cache = str(tmp_path)
+    writer = SegmentWriter(cache, flush_seconds=3600, flush_entries=100)
+    path = _write_feature(cache, "a.jpg")
+    writer.add(make_entry("a.jpg", "f" * 16, os.stat(path), STAMP))
+    writer.close()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(feature_index, "write_bytes_atomic", full)
+    with pytest.raises(UserError) as e:
+        feature_index.compact(cache, _path(cache))
+    assert e.value.exit_code == 1
+    assert str(e.value).startswith(f"cannot write the feature index "
+                                   f"{feature_index.index_path(cache)} (No space left on "
+                                   f"device): free space ")
+    assert sorted(feature_index.load_index(cache).entries) == ["a.jpg"]   # segments kept

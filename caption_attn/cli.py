@@ -22,7 +22,7 @@ import typing
 from typing import Callable, Optional, Sequence
 
 from caption_attn import config as C
-from caption_attn.errors import UserError, counted
+from caption_attn.errors import DISK_FULL, UserError, WriteFailed, counted
 from caption_attn.fileio import exit_past_hdf5, hdf5_write_failed, one_line, printable_json
 from caption_attn.run import check_folder_writable
 
@@ -98,8 +98,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     vocab_cfg = config_from_args(C.VocabConfig, args)
     stats = data.describe(args.captions, data_cfg, vocab_cfg, images_dir=args.images)
     # valid UTF-8 JSON whatever the bytes of the paths in it (printed as \xNN)
-    print(json.dumps(printable_json(stats), indent=2, ensure_ascii=False) if args.json
-          else data.format_description(stats))
+    say(json.dumps(printable_json(stats), indent=2, ensure_ascii=False) if args.json
+        else data.format_description(stats))
     return 0
 
 
@@ -108,8 +108,8 @@ def cmd_make_shapes(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(C.ShapesConfig, args)
     summary = shapes.make_shapes(args.out, cfg)
-    print(f"wrote {summary['images']} images to {summary['images_dir']} and captions to "
-          f"{summary['captions']} ({summary['seconds']:.1f} s)")
+    say(f"wrote {summary['images']} images to {summary['images_dir']} and captions to "
+        f"{summary['captions']} ({summary['seconds']:.1f} s)")
     for note in summary["notes"]:
         print(f"note: {note}", file=sys.stderr)
     return 0
@@ -128,7 +128,7 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
         from caption_attn import data
         keys = data.load_captions(args.captions, args.format or "auto").keys_to_extract()
     summary = extract.extract_features(args.images, cfg, keys=keys)
-    print(extract.format_summary(summary))
+    say(extract.format_summary(summary))
     if summary["exit_code"]:
         print(f"{PROG} extract-features: error: {summary['message']}", file=sys.stderr)
     return summary["exit_code"]
@@ -143,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       model=config_from_args(C.ModelConfig, args),
                       train=config_from_args(C.TrainConfig, args))
     summary = train.train(cfg, args.run, images_dir=args.images)
-    print(train.format_summary(summary))
+    say(train.format_summary(summary))
     return 0
 
 
@@ -224,8 +224,8 @@ def _caption(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
             captioned.update({path: (None, caps) for path, (_, caps) in results.items()})
         else:
             for path, (_, captions) in results.items():
-                print(C_.format_captions(path, captions, names[path]))
-            sys.stdout.flush()
+                say(C_.format_captions(path, captions, names[path]))
+            say(flush=True)
         # after the captions: a heatmap that cannot be written is that image's report, and
         # the captions, and the other heatmaps, are out all the same
         if write_heatmaps:
@@ -244,11 +244,29 @@ def _caption(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
         for note in kept:
             print(f"note: {note}", file=sys.stderr)
     if args.json:
-        print(json.dumps({**C_.captions_json(captioned, failed, same), "best": best},
-                         indent=2))
+        say(json.dumps({**C_.captions_json(captioned, failed, same), "best": best}, indent=2))
     if drawn:
         print(f"attention heatmaps: {args.plot_attention}", file=sys.stderr)
     return 0 if count and not undrawn else 1
+
+
+# what `caption ... > FILE` is told when FILE's disk filled up
+STDOUT_ADVICE = "free space where it goes (or write it elsewhere) and rerun this command"
+
+
+def say(text: Optional[str] = None, flush: bool = False) -> None:
+    """print(text) to stdout (and/or flush it), a failed write said as the output's: stdout
+    redirected to a full disk (`caption --json > full/out.json`) said `error: No space left
+    on device`, naming nothing. A reader gone away stays a BrokenPipeError (`main`)."""
+    try:
+        if text is not None:
+            print(text)
+        if flush:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise WriteFailed("the output to stdout", e, STDOUT_ADVICE) from None
 
 
 def unreadable_lines(errors: dict, heatmaps: bool = False) -> list[str]:
@@ -276,12 +294,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     beam = f" (beam {metrics['decode']['beam']})" if method == "beam" else ""
     best = metrics.get("best") or {}
     model = f", best model of epoch {best['epoch']}" if best.get("epoch") else ""
-    print(f"{metrics['split']} split, {counted(metrics['images'], 'image')}, {method} "
-          f"decoding{beam}{model}")
-    print(evaluate.format_metrics(metrics))
+    say(f"{metrics['split']} split, {counted(metrics['images'], 'image')}, {method} "
+        f"decoding{beam}{model}")
+    say(evaluate.format_metrics(metrics))
     # as the metrics file names them (valid UTF-8: a path's other bytes as \xNN)
     paths = printable_json([metrics["metrics_file"], metrics["results_file"]])
-    print(f"metrics: {one_line(paths[0])}\nresults: {one_line(paths[1])}")
+    say(f"metrics: {one_line(paths[0])}\nresults: {one_line(paths[1])}")
     return 0
 
 
@@ -292,7 +310,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = config_from_args(C.ExportConfig, args)
     info = export.export_run(args.run, args.out, decode_cfg, cfg, cache=args.cache,
                              log=lambda message: print(message, file=sys.stderr))
-    print(export.format_summary(info, args.out))
+    say(export.format_summary(info, args.out))
     return 0
 
 
@@ -622,7 +640,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         code = int(args.func(args) or 0)
         # what is still buffered (stdout to a pipe is block-buffered) goes out here, where a
         # reader gone away is caught below, not in the interpreter's flush at exit (exit 120)
-        sys.stdout.flush()
+        say(flush=True)
         return code
     except UserError as e:
         # the messages name files: a control character in a file name (a terminal escape,
@@ -635,8 +653,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if isinstance(e, BrokenPipeError) and stdout_is_closed():
             return stdout_closed()
         where = f"{one_line(str(e.filename))}: " if e.filename else ""
-        print(f"{PROG} {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
-        return flushed(2 if e.filename else 1)
+        # a disk that filled up while the command wrote: the job ran and failed (exit 1,
+        # not 2, "bad input, nothing was done")
+        full = e.errno in DISK_FULL
+        advice = ": free space (or write elsewhere) and rerun this command" if full else ""
+        print(f"{PROG} {args.command}: error: {where}{e.strerror or e}{advice}",
+              file=sys.stderr)
+        return flushed(2 if e.filename and not full else 1)
     except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM under `entry`
         terminated = isinstance(e, Terminated)
         print(f"{PROG} {args.command}: {'terminated' if terminated else 'interrupted'}",
@@ -650,8 +673,8 @@ def flushed(code: int) -> int:
     'Exception ignored ... BrokenPipeError' below the error message."""
     try:
         sys.stdout.flush()
-    except BrokenPipeError:
-        stdout_closed()      # the rest goes to /dev/null; the command's own error is the news
+    except OSError:          # a reader gone away, a full disk (`> full/out.json`): the rest
+        stdout_closed()      # goes to /dev/null; the command's own error is the news
     return code
 
 

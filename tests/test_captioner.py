@@ -1,3 +1,4 @@
+import errno
 import json
 import math
 import os
@@ -725,6 +726,45 @@ def test_an_image_failing_now_loses_the_heatmap_an_earlier_caption_drew(
                  *images]) == 0
     assert "(unrecognised format)" in capsys.readouterr().err           # reported
     assert os.listdir(heat) == [os.path.basename(images[0])]
+
+
+class _FullDisk:
+    """A stdout redirected to a full disk (`caption --json > full/out.json`): every write and
+    flush fails with ENOSPC while `full`, as the file's do."""
+
+    def __init__(self):
+        self.full, self.text = True, []
+
+    def write(self, text):
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.text.append(text)
+        return len(text)
+
+    def flush(self):
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def isatty(self):
+        return False
+
+
+@pytest.mark.parametrize("flags", [["--json"], []])
+def test_a_stdout_on_a_full_disk_is_said_as_the_output_that_could_not_be_written(
+        shapes_data, trained_run, capsys, monkeypatch, flags):
+    """`caption --json > full/out.json` said `error: No space left on device`: no file, no
+    word that it was the output that failed."""
+    import sys
+    images = _test_images(shapes_data, trained_run, 1)
+    stdout = _FullDisk()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    code = main(["caption", "--run", trained_run, "--beam", "1", *flags, *images])
+    stdout.full = False
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.splitlines()[-1] == (
+        "caption-attn caption: error: cannot write the output to stdout (No space left on "
+        "device): free space where it goes (or write it elsewhere) and rerun this command")
 
 
 def test_a_heatmap_that_cannot_be_written_is_reported_and_the_rest_go_on(

@@ -13,3 +13,35 @@ def test_counted_says_one_thing_or_many(n, noun, plural, want):
     """The one helper messages count things with (evaluate, export, images, data and
     captioner each spelt it out)."""
     assert counted(n, noun, plural) == want
+
+
+@pytest.mark.parametrize("filename, where, code", [
+    ("out/x.json", "out/x.json: ", 1), (None, "", 1)])
+def test_the_cli_names_the_file_of_a_full_disk_and_says_to_free_space(
+        monkeypatch, capsys, filename, where, code):
+    """An OSError that reached the CLI's handler: a full disk with a file named was exit
+    code 2 ("bad input, nothing was done"), and no message said what to do."""
+    import errno
+
+    from caption_attn import cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+    monkeypatch.setattr(cli, "cmd_inspect", full)
+    assert cli.main(["inspect", "--captions", "c.json"]) == code
+    assert capsys.readouterr().err == (
+        f"caption-attn inspect: error: {where}No space left on device: free space "
+        f"(or write elsewhere) and rerun this command\n")
+
+
+def test_the_cli_names_the_file_of_other_os_errors(monkeypatch, capsys):
+    import errno
+
+    from caption_attn import cli
+
+    def denied(args):
+        raise PermissionError(errno.EACCES, "Permission denied", "out/x.json")
+    monkeypatch.setattr(cli, "cmd_inspect", denied)
+    assert cli.main(["inspect", "--captions", "c.json"]) == 2
+    assert capsys.readouterr().err == \
+        "caption-attn inspect: error: out/x.json: Permission denied\n"

@@ -981,12 +981,14 @@ class Trainer:
     def _save(self) -> None:
         """Checkpoint the counters' step; a checkpoint that cannot be written (a full disk, a
         read-only folder) stops training with a TrainingError naming the folder and where a
-        rerun resumes, instead of TensorFlow's traceback."""
+        rerun resumes, instead of TensorFlow's traceback, once the shards the failed save
+        wrote (`ckpt-N_temp/`) are deleted."""
         self._record_settings()
         step = int(self.step.numpy())
         try:
             self.manager.save(checkpoint_number=step)
         except tf.errors.OpError as e:
+            checkpoints.remove_failed_save(self.manager.directory, step)  # its shards
             reason = re.sub(r"\s*\[Op:\w+\]$", "", (e.message or str(e)).strip()).split("; ")[-1]
             kept = self.manager.latest_checkpoint
             raise TrainingError(

@@ -1654,13 +1654,47 @@ def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path):
     fake = types.SimpleNamespace(step=types.SimpleNamespace(numpy=lambda: 36), run=run,
                                  _record_settings=lambda: None,   # config.json: not here
                                  manager=types.SimpleNamespace(
-                                     save=full_disk, latest_checkpoint="/r/checkpoints/ckpt-18"))
+                                     save=full_disk, latest_checkpoint="/r/checkpoints/ckpt-18",
+                                     directory=run.checkpoints))
     with pytest.raises(train.TrainingError) as e:
         train.Trainer._save(fake)
     assert str(e.value) == (f"cannot write the checkpoint of step 36 into {run.checkpoints} (No "
                             f"space left on device): free space there (or make it writable) and "
                             f"rerun this command; it resumes from ckpt-18")
 
+
+
+def test_a_checkpoint_save_that_fails_removes_its_shards(tmp_path):
+    """A save that failed on a full disk left TensorFlow's `ckpt-N_temp/` folder of shards
+    (as large as the checkpoint) on the full disk, and the rerun deleted it saying it was
+    "left behind by a process killed while saving", though nothing was killed. The failed
+    save removes its own; the folders of other steps are the resume's to judge."""
+    import tensorflow as tf
+
+    run = RunFolder(str(tmp_path / "run"))
+    other = os.path.join(run.checkpoints, "ckpt-18_temp", "notes.txt")
+    os.makedirs(os.path.dirname(other))
+    open(other, "w").close()
+
+    def full_disk(checkpoint_number):
+        temp = os.path.join(run.checkpoints, f"ckpt-{checkpoint_number}_temp")
+        os.makedirs(temp)
+        for name in ("part-00000-of-00001.index",
+                     "part-00000-of-00001.data-00000-of-00001.tempstate1308504961788190"):
+            with open(os.path.join(temp, name), "wb") as f:
+                f.write(b"x" * 1000)
+        raise tf.errors.ResourceExhaustedError(
+            None, None, f"{temp}/part-00000-of-00001.data-00000-of-00001.tempstate1308504961788"
+                        f"190; No space left on device [Op:SaveV2]")
+    fake = types.SimpleNamespace(step=types.SimpleNamespace(numpy=lambda: 36), run=run,
+                                 _record_settings=lambda: None,
+                                 manager=types.SimpleNamespace(
+                                     save=full_disk, latest_checkpoint=None,
+                                     directory=run.checkpoints))
+    with pytest.raises(train.TrainingError, match=r"^cannot write the checkpoint of step 36 "):
+        train.Trainer._save(fake)
+    assert sorted(os.listdir(run.checkpoints)) == ["ckpt-18_temp"]
+    assert os.path.exists(other)
 
 def test_split_fractions_for_a_file_with_its_own_split_are_refused(shapes_data, tmp_path):
     """--val-fraction 0.5 on a Karpathy file (the shapes dataset's) trained on the file's own

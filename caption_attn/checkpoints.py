@@ -15,8 +15,9 @@ kept so that the manager made afterwards rotates them.
 
 TensorFlow writes a checkpoint's shards into a folder `ckpt-N_temp/` beside it, then merges
 them into ckpt-N.* and deletes the folder (`functional_saver.MultiDeviceSaver.save`): a
-process killed while saving left that folder, with shards as large as the checkpoint, for
-good. `remove_save_leftovers` deletes them on resume.
+process killed while saving, or a save that failed (a full disk), left that folder, with
+shards as large as the checkpoint, for good. A failed save removes its own
+(`remove_failed_save`); `remove_save_leftovers` deletes the others on resume.
 """
 
 from __future__ import annotations
@@ -220,14 +221,7 @@ def remove_save_leftovers(directory: str, log=print) -> list[str]:
         folder = os.path.join(directory, name)
         if not _TEMP_DIR.match(name) or os.path.islink(folder) or not os.path.isdir(folder):
             continue
-        foreign, shards, freed = [], 0, 0
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            if _TEMP_FILE.match(entry.name) and entry.is_file(follow_symlinks=False):
-                freed += entry.stat(follow_symlinks=False).st_size
-                os.remove(entry.path)
-                shards += 1
-            else:
-                foreign.append(entry.name)
+        foreign, shards, freed = _remove_shards(folder)
         if foreign:
             log(f"note: left {folder} in place" +
                 (f" (deleted the {shards} shard file(s) in it, {freed / 1e6:.1f} MB)"
@@ -242,8 +236,35 @@ def remove_save_leftovers(directory: str, log=print) -> list[str]:
     if deleted:
         log(f"note: deleted {', '.join(name + '/' for name in deleted)} of {directory} "
             f"({size / 1e6:.1f} MB): the shards TensorFlow writes a checkpoint into while "
-            f"saving, left behind by a process killed while saving")
+            f"saving, left behind by a save that was killed or failed")
     return deleted
+
+
+def _remove_shards(folder: str) -> tuple[list[str], int, int]:
+    """Delete the regular files with TensorFlow's names of shards (`_TEMP_FILE`) in the
+    `ckpt-N_temp/` folder `folder`; returns (the names of the other entries, sorted; the
+    shards deleted; their bytes)."""
+    foreign, shards, freed = [], 0, 0
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if _TEMP_FILE.match(entry.name) and entry.is_file(follow_symlinks=False):
+            freed += entry.stat(follow_symlinks=False).st_size
+            os.remove(entry.path)
+            shards += 1
+        else:
+            foreign.append(entry.name)
+    return foreign, shards, freed
+
+
+def remove_failed_save(directory: str, step: int) -> None:
+    """Best effort, after the save of ckpt-`step` into `directory` failed (a full disk): delete
+    the shards it left in `ckpt-STEP_temp/` and the folder (only TensorFlow's shards, as
+    `remove_save_leftovers`; not a link): they took the room of a checkpoint on a disk
+    already full, and the rerun blamed them on a process killed while saving."""
+    folder = os.path.join(directory, f"ckpt-{step}_temp")
+    with contextlib.suppress(OSError):
+        if os.path.isdir(folder) and not os.path.islink(folder) and \
+                not _remove_shards(folder)[0]:
+            os.rmdir(folder)
 
 
 def keep_newest(directory: str, keep: int = KEEP, log=print) -> list[str]:

@@ -49,16 +49,39 @@ def atomic_path(path: str, suffix: str = "", temp_of: str = ""):
     succeeds, removed when it fails, so a crash or kill never leaves a half-written file under
     the final name. Creates the parent folder. `suffix` is for writers that insist on one
     (Keras: `.keras`, `.weights.h5`); `temp_of` names the temporary file after another name
-    in the same folder (one a reader of the folder must not take for `path`'s kind)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    in the same folder (one a reader of the folder must not take for `path`'s kind).
+
+    A failure removes the folders made for `path` again when they are still empty (a
+    heatmap that filled the disk left its epoch's folder empty, which a rerun took for
+    heatmaps written); an OSError naming no file (write(2), fsync(2) on a full disk) is
+    given `path` as its filename, so its message names the file that could not be
+    written, not its temporary name nor none."""
+    made = _make_parents(path)
     tmp = temp_name(os.path.join(os.path.dirname(path), temp_of) if temp_of else path, suffix)
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        for folder in made:   # deepest first
+            try:
+                os.rmdir(folder)
+            except OSError:   # not empty: another file was written there
+                break
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            e.filename = path   # (h5py's, errno None: its text names the file, kept as it is)
         raise
+
+
+def _make_parents(path: str) -> list[str]:
+    """Make the folders `path` goes into; returns those made, deepest first."""
+    made, folder = [], os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder) and folder != os.path.dirname(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return made
 
 
 # An h5py write through `keras_file_atomic` failed (see `exit_past_hdf5`).

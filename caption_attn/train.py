@@ -29,7 +29,8 @@ from caption_attn import (checkpoints, distribute, feature_cache, interrupts, ng
                           progress, quiet)
 from caption_attn import data as data_lib
 from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoardLogger,
-                                    log_hparams, log_missing_epochs, prune_event_files)
+                                    heatmap_names, log_hparams, log_missing_epochs,
+                                    prune_event_files)
 from caption_attn.cider import CiderD
 from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig, flag_name
 from caption_attn.errors import TrainingError, UserError
@@ -608,6 +609,49 @@ def log_lost_epochs(run: RunFolder, done: int, log) -> None:
             f"them): wrote them from history.json")
 
 
+def missing_heatmaps(run: RunFolder, epoch: int, names: list[str]) -> list[str]:
+    """Those of the heatmap files `names` that attention/epoch_`epoch` lacks: a folder there
+    is not enough, a stop (a full disk, a kill) while they were written leaves it with some
+    of them or none."""
+    folder = run.attention_epoch(epoch)
+    return [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+
+
+def log_unredrawable_heatmaps(run: RunFolder, last: int, names: list[str], log) -> None:
+    """A note naming the epochs 1..`last` whose attention/epoch_K lacks heatmaps among
+    `names` (the sample images' now): lost by a stop before they were written (the heatmaps
+    of an epoch are written after its checkpoint, during the next epoch), and past drawing
+    again, as the model is no longer those epochs'; `Trainer._redraw_lost_samples` draws
+    those of the epoch a run resumes from at its end. Only the names some epoch's folder
+    holds count (a rerun with a higher --sample-images does not make the earlier epochs'
+    folders incomplete)."""
+    drawn = set()
+    for epoch in range(1, last + 1):
+        folder = run.attention_epoch(epoch)
+        drawn.update(os.listdir(folder) if os.path.isdir(folder) else ())
+    expected = [n for n in names if n in drawn]
+    lacking = {e: len(missing_heatmaps(run, e, expected)) for e in range(1, last + 1)}
+    lacking = {e: count for e, count in lacking.items() if count}
+    if not lacking:
+        return
+    low, high = min(lacking.values()), max(lacking.values())
+    log(f"note: {run.attention}: the heatmaps of epoch(s) {_epoch_ranges(sorted(lacking))} "
+        f"lack {low}{'' if low == high else f' to {high}'} of the {len(expected)} sample "
+        f"images' (lost when a run stopped before writing them, or drawn with fewer "
+        f"--sample-images); only those of the epoch a rerun resumes from can be drawn again")
+
+
+def _epoch_ranges(epochs: list[int]) -> str:
+    """"1-3, 5" of the ascending epochs [1, 2, 3, 5]."""
+    runs: list[list[int]] = []
+    for e in epochs:
+        if runs and e == runs[-1][1] + 1:
+            runs[-1][1] = e
+        else:
+            runs.append([e, e])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def check_finite(out: dict, epoch: int, step: int, kept: Optional[str],
                  loss_scaling: bool, tc: Optional[TrainConfig] = None,
                  self_critical: bool = False) -> None:
@@ -981,12 +1025,14 @@ class Trainer:
     def _save(self) -> None:
         """Checkpoint the counters' step; a checkpoint that cannot be written (a full disk, a
         read-only folder) stops training with a TrainingError naming the folder and where a
-        rerun resumes, instead of TensorFlow's traceback."""
+        rerun resumes, instead of TensorFlow's traceback, once the shards the failed save
+        wrote (`ckpt-N_temp/`) are deleted."""
         self._record_settings()
         step = int(self.step.numpy())
         try:
             self.manager.save(checkpoint_number=step)
         except tf.errors.OpError as e:
+            checkpoints.remove_failed_save(self.manager.directory, step)  # its shards
             reason = re.sub(r"\s*\[Op:\w+\]$", "", (e.message or str(e)).strip()).split("; ")[-1]
             kept = self.manager.latest_checkpoint
             raise TrainingError(
@@ -1115,6 +1161,9 @@ class Trainer:
         if resumed:
             with self._stopped_at_damaged_features():
                 self._redraw_lost_samples(done, samples, writers)
+            if writers and tc.sample_images:   # the chief's
+                log_unredrawable_heatmaps(self.run, done - 1 if not in_epoch else done,
+                                          heatmap_names(self.validator.sample_keys), self.log)
         reason, start, epoch = "epochs", time.perf_counter(), done
         try:
             while epoch < tc.epochs and not self.model.stop_training:
@@ -1165,10 +1214,11 @@ class Trainer:
         (they are drawn in the background and written at the next epoch's end) lost them, in
         attention/ and in TensorBoard. Resumed at that epoch's end, the restored model is the
         one that epoch finished with: decode and draw its samples again. (Resumed inside an
-        epoch, the model is no longer that epoch's: nothing is drawn.)"""
+        epoch, the model is no longer that epoch's: nothing is drawn.) So is a folder that
+        lacks any sample's heatmap: a stop (a full disk) while they were written."""
         if not (writers and done and self.cfg.train.sample_images
                 and self.validator.sample_keys and not int(self.step_in_epoch.numpy())
-                and not os.path.isdir(self.run.attention_epoch(done))):
+                and missing_heatmaps(self.run, done, heatmap_names(self.validator.sample_keys))):
             return
         self.log(f"note: the attention heatmaps of epoch {done} were lost when the run was "
                  f"stopped: drawing them again from its checkpoint")
@@ -1679,7 +1729,10 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
                 run.load_best_model()
             except UserError:                        # `RunFolder.repair_best_model`'s
                 return None
-        if done and tc.sample_images and not os.path.isdir(run.attention_epoch(done)):
+        # the sample images of the full load when every val image has features (else one
+        # lacking here makes the full load decide: `Trainer._redraw_lost_samples`)
+        samples = heatmap_names(sorted(run.load_splits()["val"])[:tc.sample_images])
+        if done and tc.sample_images and missing_heatmaps(run, done, samples):
             return None                              # `Trainer._redraw_lost_samples`'
         folder = os.path.abspath(images_dir) if images_dir else run.images_dir()
         line = checked_in_line(folder, images_why(cfg, run, images_dir, folder))
@@ -1690,6 +1743,8 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
         forget_undone(run, done, steps, log)
         checkpoints.remove_save_leftovers(run.checkpoints, log)
         log_lost_epochs(run, done, log)
+        if tc.sample_images:   # as the full load says it (`Trainer.fit`)
+            log_unredrawable_heatmaps(run, done - 1, samples, log)
         log_hparams(run.logs, _hparams(kept, len(vocab)), f"before epoch {done + 1}")
     reason = "early_stopping" if stopped else "max_steps" if done < tc.epochs else "epochs"
     return _summary_of(run_dir, tc, history, early, reason, 0.0, done, steps, 0, None, done,

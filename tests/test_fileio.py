@@ -237,3 +237,84 @@ def test_json_of_file_names_still_names_a_file_in_another_encoding(tmp_path):
     with pytest.raises(UserError, match=r"latin1\.json: not valid UTF-8 at byte 10"):
         read_json(str(latin1))
     assert read_json(str(latin1), file_names=True) == {"a": "caf\udce9"}
+
+
+class _FullDisk:
+    """A file whose writes (or flush) fail as on a full disk: OSError(ENOSPC) naming no file,
+    as the OS' write(2) and fsync(2) raise it."""
+
+    def __init__(self, path, mode="r", *args, **kwargs):
+        self._f = open(path, mode, *args, **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+    def fileno(self):
+        return self._f.fileno()
+
+    def write(self, data):
+        import errno
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    flush = write
+
+
+@pytest.mark.parametrize("writer", ["bytes", "json", "fsync"])
+def test_a_write_that_fills_the_disk_names_the_file_and_leaves_no_folder(tmp_path, monkeypatch,
+                                                                         writer):
+    """A heatmap whose write filled the disk ended `train` with "RUN: No space left on
+    device" (the OSError named no file: write(2)'s never does), and left the epoch's folder
+    that `atomic_path` had made empty, which the rerun took for heatmaps written. The error
+    names the file the writer could not write; the folders made for it are removed again."""
+    import errno
+
+    from caption_attn import fileio
+    path = str(tmp_path / "attention" / "epoch_2" / "cat.png")
+    if writer == "fsync":
+        def fsync(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(fileio.os, "fsync", fsync)
+    else:
+        monkeypatch.setattr(fileio, "open", _FullDisk, raising=False)
+    with pytest.raises(OSError) as e:
+        if writer == "json":
+            fileio.write_json_atomic(path, {"a": 1})
+        else:
+            fileio.write_bytes_atomic(path, b"png", fsync=writer == "fsync")
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, path)
+    assert str(e.value) == f"[Errno 28] No space left on device: '{path}'"
+    assert os.listdir(tmp_path) == []              # neither the temporary file nor its folders
+
+
+def test_a_failed_write_keeps_a_folder_that_was_there_or_holds_files(tmp_path, monkeypatch):
+    import errno
+
+    from caption_attn import fileio
+    folder = tmp_path / "epoch_2"
+    fileio.write_bytes_atomic(str(folder / "cat.png"), b"png")
+    monkeypatch.setattr(fileio, "open", _FullDisk, raising=False)
+    with pytest.raises(OSError) as e:
+        fileio.write_bytes_atomic(str(folder / "dog.png"), b"png")
+    assert e.value.errno == errno.ENOSPC
+    assert os.listdir(folder) == ["cat.png"]
+    with pytest.raises(OSError):
+        fileio.write_bytes_atomic(str(tmp_path / "empty" / "x.png"), b"png")
+    assert sorted(os.listdir(tmp_path)) == ["epoch_2"]
+    (tmp_path / "mine").mkdir()                    # a folder that was there stays, empty
+    with pytest.raises(OSError):
+        fileio.write_bytes_atomic(str(tmp_path / "mine" / "x.png"), b"png")
+    assert sorted(os.listdir(tmp_path)) == ["epoch_2", "mine"]
+
+
+def test_an_error_that_is_not_of_the_file_keeps_its_own_text(tmp_path):
+    """h5py's OSError (no errno: its message names the file and the reason, which `train`
+    reads) passes through `atomic_path` as it was."""
+    from caption_attn import fileio
+    error = OSError("Can't synchronously write data (filename = 'x', errno = 28)")
+    with pytest.raises(OSError) as e:
+        with fileio.atomic_path(str(tmp_path / "best.weights.h5"), ".weights.h5"):
+            raise error
+    assert e.value is error and e.value.filename is None and str(e.value) == error.args[0]

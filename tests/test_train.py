@@ -1654,13 +1654,47 @@ def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path):
     fake = types.SimpleNamespace(step=types.SimpleNamespace(numpy=lambda: 36), run=run,
                                  _record_settings=lambda: None,   # config.json: not here
                                  manager=types.SimpleNamespace(
-                                     save=full_disk, latest_checkpoint="/r/checkpoints/ckpt-18"))
+                                     save=full_disk, latest_checkpoint="/r/checkpoints/ckpt-18",
+                                     directory=run.checkpoints))
     with pytest.raises(train.TrainingError) as e:
         train.Trainer._save(fake)
     assert str(e.value) == (f"cannot write the checkpoint of step 36 into {run.checkpoints} (No "
                             f"space left on device): free space there (or make it writable) and "
                             f"rerun this command; it resumes from ckpt-18")
 
+
+
+def test_a_checkpoint_save_that_fails_removes_its_shards(tmp_path):
+    """A save that failed on a full disk left TensorFlow's `ckpt-N_temp/` folder of shards
+    (as large as the checkpoint) on the full disk, and the rerun deleted it saying it was
+    "left behind by a process killed while saving", though nothing was killed. The failed
+    save removes its own; the folders of other steps are the resume's to judge."""
+    import tensorflow as tf
+
+    run = RunFolder(str(tmp_path / "run"))
+    other = os.path.join(run.checkpoints, "ckpt-18_temp", "notes.txt")
+    os.makedirs(os.path.dirname(other))
+    open(other, "w").close()
+
+    def full_disk(checkpoint_number):
+        temp = os.path.join(run.checkpoints, f"ckpt-{checkpoint_number}_temp")
+        os.makedirs(temp)
+        for name in ("part-00000-of-00001.index",
+                     "part-00000-of-00001.data-00000-of-00001.tempstate1308504961788190"):
+            with open(os.path.join(temp, name), "wb") as f:
+                f.write(b"x" * 1000)
+        raise tf.errors.ResourceExhaustedError(
+            None, None, f"{temp}/part-00000-of-00001.data-00000-of-00001.tempstate1308504961788"
+                        f"190; No space left on device [Op:SaveV2]")
+    fake = types.SimpleNamespace(step=types.SimpleNamespace(numpy=lambda: 36), run=run,
+                                 _record_settings=lambda: None,
+                                 manager=types.SimpleNamespace(
+                                     save=full_disk, latest_checkpoint=None,
+                                     directory=run.checkpoints))
+    with pytest.raises(train.TrainingError, match=r"^cannot write the checkpoint of step 36 "):
+        train.Trainer._save(fake)
+    assert sorted(os.listdir(run.checkpoints)) == ["ckpt-18_temp"]
+    assert os.path.exists(other)
 
 def test_split_fractions_for_a_file_with_its_own_split_are_refused(shapes_data, tmp_path):
     """--val-fraction 0.5 on a Karpathy file (the shapes dataset's) trained on the file's own
@@ -2217,6 +2251,91 @@ def test_heatmaps_lost_by_a_kill_are_drawn_again_on_resume(trained, tmp_path):
     train.Trainer(trained["cfg"], run, progress=False, log=logged.append).fit()
     assert not any("heatmaps of epoch" in line for line in logged), "\n".join(logged)
 
+
+
+@pytest.mark.parametrize("lost", ["empty folder", "one of two"])
+def test_heatmaps_a_stop_cut_short_are_drawn_again_and_older_ones_named(trained, tmp_path,
+                                                                       lost):
+    """A full disk while the last epoch's heatmaps were written left attention/epoch_4
+    empty, or with one of its two heatmaps: the rerun took the folder for heatmaps written
+    (it only checked that the folder was there), drew nothing and said nothing, also when it
+    trained nothing (`rerun_without_data`). It draws them again when any sample's heatmap is
+    missing; those of an earlier epoch cannot be (the model is no longer that epoch's): a
+    note names that epoch."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    last, earlier = (os.path.join(run, "attention", f"epoch_{k}") for k in (4, 2))
+    names = sorted(os.listdir(last))
+    assert len(names) == 2
+    for name in names if lost == "empty folder" else names[1:]:
+        os.remove(os.path.join(last, name))
+    os.remove(os.path.join(earlier, names[0]))
+    for path in glob.glob(os.path.join(run, "logs", "validation", "events.out.tfevents.*")):
+        os.remove(path)       # as if stopped before epoch 4's samples reached TensorBoard
+    logged = []
+    summary = train.train(trained["cfg"], run, progress=False, log=logged.append)
+    assert summary["epochs_now"] == 0
+    assert sorted(os.listdir(last)) == names
+    assert _val_steps(run, "captions") == [4]
+    notes = [line for line in logged if "heatmaps of epoch" in line]
+    assert len(notes) == 2 and "heatmaps of epoch 4 were lost" in notes[0], logged
+    assert notes[1] == (f"note: {os.path.join(run, 'attention')}: the heatmaps of epoch(s) 2 "
+                        f"lack 1 of the {len(names)} sample images' (lost when a run stopped "
+                        f"before writing them, or drawn with fewer --sample-images); only those "
+                        f"of the epoch a rerun resumes from can be drawn again"), notes
+    logged.clear()      # the last epoch's are whole: not drawn again; the lost ones still said
+    train.train(trained["cfg"], run, progress=False, log=logged.append)
+    assert [line for line in logged if "heatmaps of epoch" in line] == notes[1:], logged
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_heatmap_that_fills_the_disk_is_named_and_drawn_again_by_the_rerun(
+        trained, tmp_path, monkeypatch, failing):
+    """The heatmap write that filled the disk ended `train` with "RUN: No space left on
+    device while training" (the error named no file) and left attention/epoch_5 empty or
+    with one of its two heatmaps, which the rerun never drew again. The message names the
+    heatmap; no empty folder is left; the rerun draws the epoch's heatmaps."""
+    import errno
+
+    from caption_attn import fileio
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    names = sorted(os.listdir(os.path.join(run, "attention", "epoch_4")))
+    folder = os.path.join(run, "attention", "epoch_5")
+    real = open
+
+    class FullDisk:
+        def __init__(self, path, *args):
+            self._f = real(path, *args)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def fake_open(path, mode="r", *args):
+        full = mode == "wb" and os.path.basename(path).startswith(f".{names[failing]}.tmp.")
+        return (FullDisk if full else real)(path, mode, *args)
+    monkeypatch.setattr(fileio, "open", fake_open, raising=False)
+    cfg = small_config_like(trained, train=dataclasses.replace(trained["cfg"].train, epochs=5))
+    with pytest.raises(train.TrainingError) as e:
+        train.train(cfg, run, progress=False, log=lambda *a: None)
+    assert str(e.value) == (f"{os.path.join(folder, names[failing])}: No space left on device "
+                            f"while training; free space (or fix the folder) and rerun this "
+                            f"command: it resumes from the last checkpoint")
+    assert sorted(os.listdir(folder) if os.path.exists(folder) else []) == names[:failing]
+    monkeypatch.undo()
+    logged = []
+    assert train.train(cfg, run, progress=False, log=logged.append)["epochs_now"] == 0
+    assert any("heatmaps of epoch 5 were lost" in line for line in logged), logged
+    assert sorted(os.listdir(folder)) == names
 
 def test_references_that_give_cider_no_weight_are_told(tmp_path):
     """One train image, or captions alike in every train image: every n-gram is in all of

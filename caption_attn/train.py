@@ -1478,12 +1478,16 @@ def _summary(trainer: Trainer, history, early, reason, seconds, epochs_before: i
     early stopping watches now, "best_*": the best model on disk (best.json)."""
     steps, finished = int(trainer.step.numpy()), int(trainer.epoch.numpy())
     inputs, tc = trainer.inputs, trainer.cfg.train
-    return _summary_of(trainer.run_dir, tc, history, early, reason, seconds, finished,
-                       steps, int(trainer.step_in_epoch.numpy()),
-                       inputs.scst_steps_per_epoch if tc.is_scst(finished)
-                       else inputs.steps_per_epoch,
-                       epochs_before, steps_before, trainer.data.skipped_captions,
-                       best=trainer.run.best_record() if trainer.chief else None)
+    d = trainer.data
+    summary = _summary_of(trainer.run_dir, tc, history, early, reason, seconds, finished,
+                          steps, int(trainer.step_in_epoch.numpy()),
+                          inputs.scst_steps_per_epoch if tc.is_scst(finished)
+                          else inputs.steps_per_epoch,
+                          epochs_before, steps_before, d.skipped_captions,
+                          best=trainer.run.best_record() if trainer.chief else None)
+    # the images left out for want of features, and of how many ("skipped_images", "images")
+    return {**summary, "skipped_images": d.skipped_images,
+            "images": len(d.feature_paths) + d.skipped_images}
 
 
 def _summary_of(run_dir: str, tc: TrainConfig, history: list, early: EarlyStopping,
@@ -1846,6 +1850,12 @@ def format_summary(summary: dict) -> str:
             head += (f" (--monitor {s['monitor_flag']} watches both stages); rerun with a "
                      f"larger --patience, or without --monitor (val_cider in self-critical "
                      f"epochs, its patience starting over)")
+    if s.get("skipped_images"):   # said at the start too, in a line that scrolled away
+        head += (f"\nnote: {s['skipped_images']} of the {s['images']} images "
+                 f"({s['skipped_images'] / s['images']:.0%}) were left out, with their "
+                 f"{s['skipped_captions']} captions: they have no usable features in the cache "
+                 f"(the \"skipped\" line above says why, and which extract-features command "
+                 f"adds them)")
     kept = (summary["best_model"] if s["best_epoch"] is not None else
             "none yet (no epoch finished: the first one saves it)")
     return (f"{head}\n"

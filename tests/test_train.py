@@ -1485,6 +1485,9 @@ def test_a_rerun_with_nothing_left_to_train_still_tells_what_changed(
     assert len(loads) == 5
     summary = rerun(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=5)))
     assert summary["epochs_now"] == 1 and len(loads) == 6
+    assert summary["skipped_images"] == 1 and summary["images"] > 1     # said at the end too
+    assert re.search(rf"^note: 1 of the {summary['images']} images \(\d+%\) were left out",
+                     train.format_summary(summary), re.M)
 
 
 @pytest.mark.parametrize("kind", ["missing", "file"])
@@ -1822,6 +1825,25 @@ def test_a_rerun_of_a_run_stopped_early_says_how_to_train_on():
         "nothing to train: the run already finished epoch 4 of 8, step 72 (stopped early "
         "before: val_loss did not improve for --patience epochs; rerun with a larger "
         "--patience to train on), best val_loss=1.8700 at epoch 3")
+
+
+def test_the_summary_repeats_the_images_left_out_for_want_of_features():
+    """A cache missing a whole shard trained on half the images, exit 0, saying so only in
+    one line near the start that scrolled away; the last lines, which users read, said
+    nothing. The summary repeats how many images were left out, of how many."""
+    summary = {"run": "r", "epochs": 2, "steps": 8, "finished_epochs": 2, "target_epochs": 2,
+               "epoch_steps": 0, "epoch_length": 4, "max_steps": None, "epochs_now": 2,
+               "steps_now": 8, "stopped_by": "epochs", "monitor": "val_loss",
+               "best_monitor": "val_loss", "best_epoch": 2, "best_value": 1.5,
+               "final_loss": 2.1, "final_val_loss": 1.9, "seconds": 3.0,
+               "skipped_captions": 140, "skipped_images": 28, "images": 60,
+               "best_model": "r/best.keras"}
+    text = train.format_summary(summary)
+    assert ("note: 28 of the 60 images (47%) were left out, with their 140 captions: they "
+            "have no usable features in the cache (the \"skipped\" line above says why, and "
+            "which extract-features command adds them)") in text.splitlines()
+    assert "left out" not in train.format_summary({**summary, "skipped_captions": 0,
+                                                   "skipped_images": 0})
 
 
 def test_more_scst_samples_than_batch_size_is_refused_up_front(shapes_data, tmp_path):

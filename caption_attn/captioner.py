@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -381,6 +382,23 @@ class Captioner:
                 images, views, ids, errors = {}, {}, {}, {}
 
 
+def _why_missing(path: str) -> str:
+    """Why `path`, which os.path.exists denies, is not there: a symlink loop and a broken
+    symlink (naming its target) were "no such image file or folder", like a typo."""
+    if os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return (f"a symlink loop ({e.strerror}): point the link at an image, or "
+                        f"remove it")
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                return (f"a broken symlink to {os.readlink(path)}, which does not exist: "
+                        f"point the link at an image, or remove it")
+            return f"unreadable ({e.strerror})"
+    return "no such image file or folder"
+
+
 def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
                       unreadable: Optional[dict] = None,
                       drawn: Optional[list] = None,
@@ -405,9 +423,11 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     once, under the name it is first given; `same`, when given, receives {each other name it
     is given under: that first name} (`caption --json link.png a.png`, link.png -> a.png, had
     one entry, without a word, for a script matching its inputs to the outputs)."""
+    if any(not arg for arg in args):
+        raise UserError("IMAGE_OR_DIR must name a file or folder, got an empty string")
     missing = [arg for arg in args if not os.path.exists(arg)]
     if missing:
-        raise UserError(f"{missing[0]}: no such image file or folder"
+        raise UserError(f"{missing[0]}: {_why_missing(missing[0])}"
                         + (f" (and {len(missing) - 1} more: {', '.join(missing[1:4])})"
                            if len(missing) > 1 else ""))
     out = []

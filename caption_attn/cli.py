@@ -326,6 +326,23 @@ def _formatter(prog):
     return argparse.HelpFormatter(prog, max_help_position=34)
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser. `caption -x.png` took the image for a flag and said only "the
+    following arguments are required: IMAGE_OR_DIR" (or "unrecognized arguments: -x.png"
+    after another image): its error says how to name such an image."""
+
+    def error(self, message):
+        if self.prog.endswith(" caption"):
+            dashed = [a for a in message.split("unrecognized arguments: ", 1)[-1].split()
+                      if a.startswith("-")] if "unrecognized arguments: " in message else []
+            if dashed or "IMAGE_OR_DIR" in message:
+                name = dashed[0] if dashed else "-photo.jpg"
+                message += (f"; an image whose name starts with - is taken for a flag: put "
+                            f"-- before the images (caption --run DIR -- {name}) or write "
+                            f"./{name}")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=_formatter,
@@ -333,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Run `caption-attn COMMAND --help` for the flags of a command.")
     from caption_attn import __version__
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
     sub.required = True
 
     def command(name: str, func: Callable, help: str, description: str):

@@ -20,7 +20,9 @@ against them (tests/test_export.py, README "Export and serve"):
   composited over white with OpenCV's formula; 16-bit without alpha keeps the top 8 bits.
   A PNG without IEND is refused.
 - GIF: the first frame, identical, except transparent pixels: TensorFlow's decoder makes
-  them black, `images.py` composites them over white.
+  them black, `images.py` composites them over white. A first frame smaller than the GIF's
+  logical screen is placed at its offset on a canvas of the screen's size in the background
+  colour, as OpenCV does (`_decode_gif`), and refused where OpenCV refuses it.
 - BMP: identical, an alpha channel is ignored (OpenCV reads BMP without it); an 8-bit
   paletted BMP's indices (TensorFlow's decoder gives them as gray) are looked up in its
   colour table (past the file's colours black, as OpenCV's). 1-, 4- and 16-bit BMPs are
@@ -331,6 +333,81 @@ def _decode_png(data):
     return _to_rgb(raw, peak, keep_alpha=True)
 
 
+def _gif_frame(data):
+    """Where the first frame of a GIF's bytes (string scalar) lies on its logical screen, as
+    OpenCV reads them: int32 (position of its image descriptor or -1 when the blocks before it
+    cannot be followed, left, top, width, height, screen width, screen height, canvas colour
+    (3,), whether the background index is in the global colour table or there is none). The
+    descriptor (0x2C) follows the header (13 bytes), the global colour table and
+    any extension blocks (0x21, a label, then sub-blocks of a length byte each up to a 0)."""
+    b = tf.cast(tf.io.decode_raw(data, tf.uint8), tf.int32)           # (n,)
+    n = tf.size(b)
+    padded = tf.concat([b, [0]], 0)
+
+    def byte(i):                                     # any shape; 0 past the end
+        return tf.gather(padded, tf.clip_by_value(i, 0, n))
+
+    def word(i):                                     # little-endian 16 bits
+        return byte(i) + 256 * byte(i + 1)
+
+    flags = byte(10)
+    colours = tf.where(flags >= 0x80, 2 ** (flags % 8 + 1), 0)       # global table entries
+
+    def step(pos, inside):           # inside: among an extension's sub-blocks, at a length
+        length = byte(pos)
+        return (tf.where(inside, pos + 1 + length, pos + 2),
+                tf.where(inside, tf.not_equal(length, 0), True))
+
+    pos, _ = tf.while_loop(
+        lambda pos, inside: (pos < n) & (inside | tf.equal(byte(pos), 0x21)), step,
+        (13 + 3 * colours, tf.constant(False)))
+    found = (pos + 9 < n) & tf.equal(byte(pos), 0x2C)
+    bg = byte(11)
+    table = 13 + 3 * tf.minimum(bg, tf.maximum(colours - 1, 0)) + tf.range(3)
+    colour = tf.where(bg < colours, byte(table), 0)                   # OpenCV's canvas
+    # images.py reads a GIF with a transparency flag in its first graphic control extension
+    # (found by its bytes 21 F9 04) with alpha and composites it over white: the canvas too
+    gce = tf.cast(tf.where(_matches(tf.cast(padded[:-1], tf.uint8), b"\x21\xf9\x04"))
+                  [:1, 0], tf.int32)
+    gce = tf.concat([gce, [-1]], 0)[0]
+    alpha = (gce >= 0) & (gce + 3 < n) & tf.equal(byte(gce + 3) % 2, 1)
+    colour = tf.where(alpha, 255, colour)
+    return (tf.where(found, pos, -1), word(pos + 1), word(pos + 3), word(pos + 5),
+            word(pos + 7), word(6), word(8), colour, (colours == 0) | (bg < colours))
+
+
+def _decode_gif(data):
+    """A GIF's first frame as OpenCV reads it: drawn at its offset on a canvas of the GIF's
+    logical screen (bytes 6-9), in the colour of the background index of the global colour
+    table (black without one; white for a GIF images.py composites over white). TensorFlow's
+    decoder gives a canvas of the largest frame's size, where a first frame at an offset was
+    cut off or left black: the frame is decoded with its offset set to 0 in a copy of the
+    bytes, then placed. A frame that does not fit its screen is refused (as by OpenCV)."""
+    pos, left, top, width, height, screen_w, screen_h, colour, background_ok = \
+        _gif_frame(data)
+    fits = (width > 0) & (height > 0) & (left + width <= screen_w) & (top + height <= screen_h)
+    with tf.control_dependencies([tf.debugging.Assert((pos < 0) | fits, [
+            "a GIF whose first frame lies outside its logical screen (OpenCV refuses it)"]),
+            tf.debugging.Assert(background_ok, ["a GIF whose background colour index is "
+                                                "past its colour table (OpenCV refuses it)"])]):
+        moved = (pos >= 0) & ((left > 0) | (top > 0))
+    at_origin = tf.cond(moved, lambda: tf.strings.join([
+        tf.strings.substr(data, 0, pos + 1), b"\0\0\0\0", tf.strings.substr(data, pos + 5, -1)]),
+        lambda: data)
+    frame = tf.io.decode_gif(at_origin)[0]                             # (h', w', 3)
+    placed = (pos >= 0) & ((screen_w != width) | (screen_h != height) | moved
+                           | (tf.shape(frame)[0] != height) | (tf.shape(frame)[1] != width))
+
+    def place():
+        image = tf.pad(frame[:height, :width], [[top, screen_h - top - height],
+                                                [left, screen_w - left - width], [0, 0]])
+        inside = tf.pad(tf.ones([height, width, 1], tf.bool),
+                        [[top, screen_h - top - height], [left, screen_w - left - width],
+                         [0, 0]])
+        return tf.where(inside, image, tf.cast(colour, tf.uint8))
+    return tf.cond(placed, place, lambda: frame)
+
+
 def decode(data):
     """Encoded bytes (string scalar) -> uint8 RGB (H, W, 3) like images.decode_image; a
     TensorFlow error (InvalidArgumentError) for anything it refuses."""
@@ -352,7 +429,7 @@ def decode(data):
             return _decode_png(data)
 
     branches = {UNKNOWN: unknown, JPEG: jpeg, PNG: png,
-                GIF: lambda: tf.io.decode_gif(data)[0],                # first frame
+                GIF: lambda: _decode_gif(data),                        # first frame
                 BMP: lambda: _decode_bmp(data),
                 WEBP: lambda: _to_rgb(tf.io.decode_webp(data, 0)[0], 255.0, keep_alpha=True)}
     rgb = tf.switch_case(fmt, [branches[code] for code in sorted(branches)])

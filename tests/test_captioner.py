@@ -63,6 +63,41 @@ def test_a_path_that_does_not_exist_is_refused_before_the_model_loads(trained_ru
     assert f"{typo}: no such image file or folder" in capsys.readouterr().err
 
 
+def test_a_symlink_loop_or_broken_link_given_by_name_is_said_so(trained_run, tmp_path,
+                                                                 capsys, monkeypatch):
+    """They were "no such image file or folder", as a typo; inside a folder the same files are
+    reported precisely ("unreadable (Too many levels of symbolic links)", "missing")."""
+    monkeypatch.setattr(captioner.Captioner, "from_run", None)   # must not be reached
+    monkeypatch.chdir(tmp_path)
+    os.symlink("l2.jpg", "l1.jpg")
+    os.symlink("l1.jpg", "l2.jpg")
+    os.symlink("gone/cat.jpg", "dangling.jpg")
+    assert main(["caption", "--run", trained_run, "l1.jpg"]) == 2
+    err = capsys.readouterr().err
+    assert "l1.jpg: a symlink loop (Too many levels of symbolic links)" in err, err
+    assert "no such image" not in err
+    assert main(["caption", "--run", trained_run, "dangling.jpg"]) == 2
+    err = capsys.readouterr().err
+    assert "dangling.jpg: a broken symlink to gone/cat.jpg, which does not exist" in err, err
+
+
+def test_an_empty_image_argument_is_said_to_be_empty(trained_run, capsys, monkeypatch):
+    monkeypatch.setattr(captioner.Captioner, "from_run", None)   # must not be reached
+    assert main(["caption", "--run", trained_run, ""]) == 2
+    err = capsys.readouterr().err
+    assert "IMAGE_OR_DIR must name a file or folder, got an empty string" in err, err
+
+
+@pytest.mark.parametrize("images", [["-dash.png"], ["a.png", "-dash.png"]])
+def test_an_image_named_with_a_leading_dash_gets_a_hint_to_use_double_dash(trained_run,
+                                                                           capsys, images):
+    assert main(["caption", "--run", trained_run, *images]) == 2
+    err = capsys.readouterr().err
+    assert "a.png" in images or "required: IMAGE_OR_DIR" in err
+    assert "taken for a flag: put -- before the images (caption --run DIR -- " in err, err
+    assert "a.png" not in images or "-- -dash.png) or write ./-dash.png" in err, err
+
+
 def test_caption_names_the_best_epoch_it_used(shapes_data, trained_run, capsys):
     """caption never said which epoch's best model made its captions (evaluate and export
     record it): a note on stderr, and "best" in --json."""

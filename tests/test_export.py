@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -260,6 +261,26 @@ def test_tflite_equals_greedy_caption_with_builtin_ops_only(exported, shapes_dat
         np.testing.assert_allclose(got["attention"][0].reshape(length, 64)[:steps],
                                    best.attention, atol=1e-4)
         assert not got["attention"][0, steps:].any()
+
+
+def test_the_readme_tflite_example_refuses_an_image_of_the_wrong_shape(exported):
+    """The signature runner resizes the input to any array: the README's example captioned a
+    gray (1, 299, 299, 1) image wrongly without a word. Its check must refuse it (TFLite's
+    built-in ops cannot), and run a right one."""
+    import tensorflow as tf
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        readme = f.read()
+    example = re.search(r"```python\n(runner = tf\.lite\.Interpreter\(.*?)```", readme,
+                        re.S).group(1)
+    example = example.replace("serving/captioner/1/captioner.tflite",
+                              os.path.join(exported[0], export.TFLITE_FILE))
+    for bad in (np.zeros((299, 299, 1), np.uint8), np.zeros((300, 299, 3), np.uint8),
+                np.zeros((1, 299, 299, 3), np.uint8), np.zeros((299, 299, 3), np.float32)):
+        with pytest.raises(ValueError, match=r"must be uint8 \(299, 299, 3\)"):
+            exec(example, {"tf": tf, "np": np, "pixels": bad})
+    scope = {"tf": tf, "np": np, "pixels": np.zeros((299, 299, 3), np.uint8)}
+    exec(example, scope)
+    assert scope["out"]["token_ids"].shape[0] == 1
 
 
 @pytest.mark.slow

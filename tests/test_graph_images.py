@@ -13,7 +13,7 @@ from PIL import Image
 
 from caption_attn import graph_images
 from caption_attn.images import _jpeg_end as _images_jpeg_end
-from caption_attn.images import decode_image, resize_image
+from caption_attn.images import ImageError, decode_image, resize_image
 from image_samples import BAD, GOOD, png_chunk, png_file, scene
 
 _decode = tf.function(graph_images.decode, input_signature=[tf.TensorSpec([], tf.string)])
@@ -291,3 +291,79 @@ def test_resize_matches_opencv_within_one_level(width, height):
     assert np.mean(got != ref) <= 0.004
     if (width % 299, height % 299) == (0, 0) or (width <= 299 and height <= 299):
         assert np.mean(got != ref) <= 1e-4
+
+
+def _gif_on_canvas(frame, canvas, at, background=3, transparent=None, comment=False,
+                   local_table=False) -> bytes:
+    """A GIF whose first (and only) frame `frame` (h, w, 3) lies at `at` (left, top) of a
+    logical screen `canvas` (width, height): Pillow's GIF of the frame, its header patched.
+    `comment` puts a comment extension before the image; `local_table` moves the colour table
+    into the image descriptor (no global one: OpenCV's canvas is then black)."""
+    image = Image.fromarray(frame).convert("P", palette=Image.ADAPTIVE, colors=16)
+    buffer = io.BytesIO()
+    image.save(buffer, "GIF", **({} if transparent is None else {"transparency": transparent}))
+    data = bytearray(buffer.getvalue())
+    table = 3 * 2 ** ((data[10] & 7) + 1)
+    assert data[10] & 0x80
+    i = 13 + table
+    while data[i] == 0x21:                                          # extension blocks
+        i += 2
+        while data[i]:
+            i += data[i] + 1
+        i += 1
+    assert data[i] == 0x2C
+    data[6:10] = struct.pack("<HH", *canvas)
+    data[11] = background
+    data[i + 1:i + 5] = struct.pack("<HH", *at)
+    if comment:
+        note = b"\x21\xfe" + bytes([9]) + b"a comment" + bytes([250]) + b"x" * 250 + b"\0"
+        data[i:i] = note
+        i += len(note)
+    if local_table:
+        colours = data[13:13 + table]
+        data[i + 9] |= 0x80 | (data[10] & 7)                         # its own table follows
+        data[i + 10:i + 10] = colours
+        data[10] &= 0x7F
+        del data[13:13 + table]
+    return bytes(data)
+
+
+@pytest.mark.parametrize("case", [
+    dict(canvas=(299, 299), at=(100, 100)),                          # the red-team image
+    dict(canvas=(64, 48), at=(0, 0)), dict(canvas=(64, 48), at=(24, 8)),  # corner, far edge
+    dict(canvas=(299, 299), at=(5, 200), comment=True),
+    dict(canvas=(80, 70), at=(3, 4), local_table=True)])            # no global table: black
+def test_a_gif_frame_smaller_than_its_screen_is_placed_on_it_like_opencv(case):
+    """OpenCV draws the first frame at its offset on a canvas of the GIF's logical screen, in
+    the background colour; TensorFlow's decoder gave only the frame's own size (and drew a
+    frame at an offset beyond it as black), so the SavedModel captioned another picture."""
+    h, w = (99, 99) if case["canvas"] == (299, 299) else (40, 40)
+    data = _gif_on_canvas(scene(7, w, h), **case)
+    ref = decode_image(data)
+    assert ref.shape == (case["canvas"][1], case["canvas"][0], 3)
+    np.testing.assert_array_equal(_decode(tf.constant(data)).numpy(), ref)
+
+
+def test_a_transparent_gif_frame_smaller_than_its_screen_has_white_around_it():
+    """images.py composites a transparent GIF over white, the canvas outside the frame too;
+    inside the frame TensorFlow's transparent pixels stay black (the documented difference)."""
+    data = _gif_on_canvas(scene(8, 40, 30), (90, 60), (20, 10), transparent=0)
+    ref, got = decode_image(data).astype(int), _decode(tf.constant(data)).numpy().astype(int)
+    assert got.shape == ref.shape == (60, 90, 3)
+    differ = np.any(got != ref, axis=-1)
+    assert not differ[:10].any() and not differ[:, :20].any() and (ref[:10] == 255).all()
+    assert (got[differ] == 0).all() and (ref[differ] == 255).all()
+
+
+@pytest.mark.parametrize("case", [dict(canvas=(60, 60), at=(30, 0), why="outside"),
+                                  dict(canvas=(60, 60), at=(0, 0), background=200,
+                                       why="background colour index")])
+def test_a_gif_opencv_refuses_is_refused(case):
+    """A frame beyond its screen, a background index past the colour table: OpenCV refuses
+    them (`caption` reports the image); so does the SavedModel, not a frame drawn elsewhere."""
+    why = case.pop("why")
+    data = _gif_on_canvas(scene(9, 40, 40), **case)
+    with pytest.raises(ImageError):
+        decode_image(data)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=why):
+        _decode(tf.constant(data))

@@ -331,12 +331,22 @@ class _CommandParser(argparse.ArgumentParser):
     following arguments are required: IMAGE_OR_DIR" (or "unrecognized arguments: -x.png"
     after another image): its error says how to name such an image."""
 
+    given: list = []   # the command's arguments as given
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):
         if self.prog.endswith(" caption"):
-            dashed = [a for a in message.split("unrecognized arguments: ", 1)[-1].split()
-                      if a.startswith("-")] if "unrecognized arguments: " in message else []
-            if dashed or "IMAGE_OR_DIR" in message:
-                name = dashed[0] if dashed else "-photo.jpg"
+            # arguments that look like short flags and are none of caption's (nor a negative
+            # number); `--bem 3` is a mistyped flag, not an image
+            flags = self._option_string_actions
+            dashed = [a for a in self.given if a.startswith("-") and not a.startswith("--")
+                      and a.split("=", 1)[0] not in flags
+                      and not a[1:].replace(".", "", 1).isdigit()]
+            if dashed:
+                name = dashed[0]
                 message += (f"; an image whose name starts with - is taken for a flag: put "
                             f"-- before the images (caption --run DIR -- {name}) or write "
                             f"./{name}")

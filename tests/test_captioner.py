@@ -98,6 +98,13 @@ def test_an_image_named_with_a_leading_dash_gets_a_hint_to_use_double_dash(train
     assert "a.png" not in images or "-- -dash.png) or write ./-dash.png" in err, err
 
 
+def test_caption_without_images_gets_no_hint_about_dashes(trained_run, capsys):
+    """No image given at all: the hint about names starting with - would mislead."""
+    assert main(["caption", "--run", trained_run, "--beam", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "required: IMAGE_OR_DIR" in err and "taken for a flag" not in err, err
+
+
 def test_caption_names_the_best_epoch_it_used(shapes_data, trained_run, capsys):
     """caption never said which epoch's best model made its captions (evaluate and export
     record it): a note on stderr, and "best" in --json."""

@@ -3,8 +3,11 @@ worker resumes from the same step."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 from typing import Optional
 
 import tensorflow as tf
@@ -90,7 +93,26 @@ def make_strategy(name: str, devices: Optional[list] = None) -> tf.distribute.St
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(devices=devices)
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    with _python_signal_handlers_kept():
+        return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+@contextlib.contextmanager
+def _python_signal_handlers_kept():
+    """Python's handlers of SIGTERM and SIGINT set again once the block has run: building a
+    MultiWorkerMirroredStrategy starts TensorFlow's coordination service, which installs a
+    SIGTERM handler of its own in C++ (a preemption notifier that logs "SIGTERM caught" and
+    returns), so `kill` of a worker or the chief did nothing: it trained to its end, exit 0.
+    (`signal.getsignal` still showed Python's handler, which no longer ran.) Outside the main
+    thread, where Python cannot set handlers, nothing is done."""
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            if handler is not None:           # None: a handler not set from Python, left be
+                signal.signal(signum, handler)
 
 
 def strategy_notes(name: str, strategy: tf.distribute.Strategy, xla: bool = False) -> list[str]:

@@ -166,3 +166,35 @@ def test_multi_worker_workers_started_with_other_settings_are_refused(shapes_dat
     # refused before any of them wrote the run folder (the odd worker's config.json got the
     # matching rerun refused as a changed configuration)
     assert not os.path.exists(run) or os.listdir(run) in ([], [".train.lock"]), os.listdir(run)
+
+
+SIGTERM_AFTER_STRATEGY = textwrap.dedent("""
+    import json, os, signal, sys
+    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"chief": [sys.argv[1]]},
+                                          "task": {"type": "chief", "index": 0}})
+    from caption_attn import cli, distribute
+    from caption_attn.quiet import import_tensorflow
+    signal.signal(signal.SIGTERM, cli._terminated)     # as `cli.entry` sets it
+    import_tensorflow(meet_dtypes=False)
+    distribute.check_strategy = lambda name: None      # one process: enough to build it
+    distribute.make_strategy("multi-worker")
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):        # the handler runs at the main thread's next bytecodes
+            sum(range(1000))
+        print("SIGTERM went unnoticed")
+    except cli.Terminated:
+        print("terminated")
+""")
+
+
+def test_sigterm_stops_multi_worker_training_as_the_others():
+    """TensorFlow's coordination service, set up by MultiWorkerMirroredStrategy, installs
+    its own SIGTERM handler (a preemption notifier that logs "SIGTERM caught" and returns):
+    `kill` of a multi-worker worker or chief did nothing, and it trained to its end, exit 0
+    (the README: SIGTERM stops training, exit 143). Python's handler is put back."""
+    port, = _free_ports(1)
+    done = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_STRATEGY, f"localhost:{port}"],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "terminated", done.stdout + done.stderr

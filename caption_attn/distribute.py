@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import threading
 from typing import Optional
@@ -210,3 +211,45 @@ def check_workers_agree(strategy: tf.distribute.Strategy, step: int, restored: O
             f"{restored or 'none'}; mean over workers {mean[0]:.1f}). Every worker must see the "
             f"chief's {checkpoints} (a shared filesystem), or each its own scratch folder from "
             f"the same run")
+
+
+# TensorFlow's words for a collective op or the coordination service that lost a worker
+_LOST_WORKER = re.compile(r"collective|coordination|CollectiveReduce|RecvBuf|Socket closed"
+                          r"|stopped sending heartbeats|tasks have crashed", re.IGNORECASE)
+_TASK = re.compile(r"/job:(chief|worker)/(?:replica:\d+/)?task:(\d+)")
+
+
+def other_worker_stopped(error: BaseException, environ=os.environ) -> Optional[str]:
+    """The one line `train --strategy multi-worker` ends with when `error` (or an error it was
+    raised from) is TensorFlow's word that a collective op lost another worker of the run:
+    one stopped (Ctrl-C, SIGTERM, a crash) or can no longer be reached. The surviving worker
+    printed ~100 lines and a traceback of CollectiveReduceV2 ("Socket closed" from the chief,
+    "The tasks have crashed" from a worker), where rerunning every worker resumes the run.
+    The worker named is the one other than this process (`environ`'s TF_CONFIG) that
+    TensorFlow's message names, if it names one. None for any other error."""
+    kinds = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+             tf.errors.InternalError)
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = getattr(error, "message", None) or str(error)
+        if isinstance(error, kinds) and _LOST_WORKER.search(text):
+            others = {(job, int(index)) for job, index in _TASK.findall(text)} - {_this_task(
+                environ)}
+            who = ""
+            if len(others) == 1:
+                job, index = others.pop()
+                who = " (chief)" if job == "chief" else f" ({job} {index})"
+            return (f"another worker of this multi-worker run stopped{who}: rerun the same "
+                    f"command on every worker to resume from the last checkpoint")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _this_task(environ) -> Optional[tuple]:
+    """(task type, index) of this process in TF_CONFIG, or None."""
+    try:
+        task = json.loads(environ.get("TF_CONFIG", ""))["task"]
+        return task["type"], int(task["index"])
+    except (ValueError, KeyError, TypeError):
+        return None

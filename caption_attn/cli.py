@@ -692,6 +692,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG} {args.command}: {'terminated' if terminated else 'interrupted'}",
               file=sys.stderr)
         return flushed(143 if terminated else 130)
+    except Exception as e:
+        said = _other_worker_stopped(args, e)
+        if said is None:
+            raise
+        print(f"{PROG} {args.command}: error: {said}", file=sys.stderr)
+        return flushed(1)
+
+
+def _other_worker_stopped(args: argparse.Namespace, error: Exception) -> Optional[str]:
+    """`distribute.other_worker_stopped` of `train --strategy multi-worker`, else None."""
+    if args.command != "train" or getattr(args, "strategy", None) != "multi-worker":
+        return None
+    from caption_attn import distribute
+    return distribute.other_worker_stopped(error)
 
 
 def flushed(code: int) -> int:

@@ -3,8 +3,12 @@ worker resumes from the same step."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
+import threading
 from typing import Optional
 
 import tensorflow as tf
@@ -90,7 +94,26 @@ def make_strategy(name: str, devices: Optional[list] = None) -> tf.distribute.St
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(devices=devices)
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    with _python_signal_handlers_kept():
+        return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+@contextlib.contextmanager
+def _python_signal_handlers_kept():
+    """Python's handlers of SIGTERM and SIGINT set again once the block has run: building a
+    MultiWorkerMirroredStrategy starts TensorFlow's coordination service, which installs a
+    SIGTERM handler of its own in C++ (a preemption notifier that logs "SIGTERM caught" and
+    returns), so `kill` of a worker or the chief did nothing: it trained to its end, exit 0.
+    (`signal.getsignal` still showed Python's handler, which no longer ran.) Outside the main
+    thread, where Python cannot set handlers, nothing is done."""
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            if handler is not None:           # None: a handler not set from Python, left be
+                signal.signal(signum, handler)
 
 
 def strategy_notes(name: str, strategy: tf.distribute.Strategy, xla: bool = False) -> list[str]:
@@ -188,3 +211,45 @@ def check_workers_agree(strategy: tf.distribute.Strategy, step: int, restored: O
             f"{restored or 'none'}; mean over workers {mean[0]:.1f}). Every worker must see the "
             f"chief's {checkpoints} (a shared filesystem), or each its own scratch folder from "
             f"the same run")
+
+
+# TensorFlow's words for a collective op or the coordination service that lost a worker
+_LOST_WORKER = re.compile(r"collective|coordination|CollectiveReduce|RecvBuf|Socket closed"
+                          r"|stopped sending heartbeats|tasks have crashed", re.IGNORECASE)
+_TASK = re.compile(r"/job:(chief|worker)/(?:replica:\d+/)?task:(\d+)")
+
+
+def other_worker_stopped(error: BaseException, environ=os.environ) -> Optional[str]:
+    """The one line `train --strategy multi-worker` ends with when `error` (or an error it was
+    raised from) is TensorFlow's word that a collective op lost another worker of the run:
+    one stopped (Ctrl-C, SIGTERM, a crash) or can no longer be reached. The surviving worker
+    printed ~100 lines and a traceback of CollectiveReduceV2 ("Socket closed" from the chief,
+    "The tasks have crashed" from a worker), where rerunning every worker resumes the run.
+    The worker named is the one other than this process (`environ`'s TF_CONFIG) that
+    TensorFlow's message names, if it names one. None for any other error."""
+    kinds = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+             tf.errors.InternalError)
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = getattr(error, "message", None) or str(error)
+        if isinstance(error, kinds) and _LOST_WORKER.search(text):
+            others = {(job, int(index)) for job, index in _TASK.findall(text)} - {_this_task(
+                environ)}
+            who = ""
+            if len(others) == 1:
+                job, index = others.pop()
+                who = " (chief)" if job == "chief" else f" ({job} {index})"
+            return (f"another worker of this multi-worker run stopped{who}: rerun the same "
+                    f"command on every worker to resume from the last checkpoint")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _this_task(environ) -> Optional[tuple]:
+    """(task type, index) of this process in TF_CONFIG, or None."""
+    try:
+        task = json.loads(environ.get("TF_CONFIG", ""))["task"]
+        return task["type"], int(task["index"])
+    except (ValueError, KeyError, TypeError):
+        return None

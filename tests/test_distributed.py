@@ -166,3 +166,119 @@ def test_multi_worker_workers_started_with_other_settings_are_refused(shapes_dat
     # refused before any of them wrote the run folder (the odd worker's config.json got the
     # matching rerun refused as a changed configuration)
     assert not os.path.exists(run) or os.listdir(run) in ([], [".train.lock"]), os.listdir(run)
+
+
+SIGTERM_AFTER_STRATEGY = textwrap.dedent("""
+    import json, os, signal, sys
+    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"chief": [sys.argv[1]]},
+                                          "task": {"type": "chief", "index": 0}})
+    from caption_attn import cli, distribute
+    from caption_attn.quiet import import_tensorflow
+    signal.signal(signal.SIGTERM, cli._terminated)     # as `cli.entry` sets it
+    import_tensorflow(meet_dtypes=False)
+    distribute.check_strategy = lambda name: None      # one process: enough to build it
+    distribute.make_strategy("multi-worker")
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):        # the handler runs at the main thread's next bytecodes
+            sum(range(1000))
+        print("SIGTERM went unnoticed")
+    except cli.Terminated:
+        print("terminated")
+""")
+
+
+def test_sigterm_stops_multi_worker_training_as_the_others():
+    """TensorFlow's coordination service, set up by MultiWorkerMirroredStrategy, installs
+    its own SIGTERM handler (a preemption notifier that logs "SIGTERM caught" and returns):
+    `kill` of a multi-worker worker or chief did nothing, and it trained to its end, exit 0
+    (the README: SIGTERM stops training, exit 143). Python's handler is put back."""
+    port, = _free_ports(1)
+    done = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_STRATEGY, f"localhost:{port}"],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "terminated", done.stdout + done.stderr
+
+
+# what the surviving process of a two-process run got when the other was stopped (TF 2.21)
+WORKER_SAW = (  # the chief stopped: the worker's pending all-reduce lost its socket
+    "{{function_node __inference_<lambda>_3534}} Collective ops is aborted by: Socket closed\n"
+    "Additional GRPC error information from remote target /job:chief/replica:0/task:0 while "
+    "calling /tensorflow.WorkerService/RecvBuf:\n:UNKNOWN:Error received from peer  "
+    "{grpc_status:14, grpc_message:\"Socket closed\"}\nThe error could be from a previous "
+    "operation. Restart your program to reset.\n\t [[{{node CollectiveReduceV2}}]] "
+    "[Op:__inference_<lambda>_3534]")
+CHIEF_SAW = (   # the worker stopped: the coordination service missed its heartbeats
+    "{{function_node __inference_<lambda>_4409}} Collective ops is aborted by: Error reported "
+    "from /job:worker/task:0: The following tasks are unhealthy (stopped sending heartbeats):"
+    "\n/job:worker/replica:0/task:0\nThe tasks have crashed. Check the task logs for an "
+    "earlier error, or scheduler events (e.g. preemption, eviction) to debug further.\nThe "
+    "error could be from a previous operation. Restart your program to reset.\n\t "
+    "[[{{node CollectiveReduceV2}}]] [Op:__inference_<lambda>_4409]")
+TWO = {"chief": ["localhost:1"], "worker": ["localhost:2"]}
+
+
+def _tf_config(task_type, cluster=TWO):
+    return {"TF_CONFIG": json.dumps({"cluster": cluster,
+                                     "task": {"type": task_type, "index": 0}})}
+
+
+def test_another_workers_stop_is_recognised_and_named():
+    import tensorflow as tf
+    from caption_attn.distribute import other_worker_stopped
+    rerun = "rerun the same command on every worker to resume from the last checkpoint"
+    said = other_worker_stopped(tf.errors.UnavailableError(None, None, WORKER_SAW),
+                                _tf_config("worker"))
+    assert said and "another worker of this multi-worker run stopped" in said
+    assert "(chief)" in said and said.endswith(rerun) and "\n" not in said
+    said = other_worker_stopped(tf.errors.UnavailableError(None, None, CHIEF_SAW),
+                                _tf_config("chief"))
+    assert said and "(worker 0)" in said and said.endswith(rerun)
+    for cls in (tf.errors.AbortedError, tf.errors.CancelledError, tf.errors.InternalError):
+        assert other_worker_stopped(cls(None, None, CHIEF_SAW), _tf_config("chief"))
+    # the task named cannot be told (one of several, or only this one's): none is named
+    three = {"chief": ["a:1"], "worker": ["b:1", "c:1"]}
+    said = other_worker_stopped(tf.errors.UnavailableError(
+        None, None, WORKER_SAW.replace("task:0 while", "task:0, /job:worker/task:1 while")),
+        _tf_config("worker", three))
+    assert said and "stopped:" in said and "(" not in said.split(":")[0]
+    # wrapped in another error (raised while handling it): still recognised
+    try:
+        try:
+            raise tf.errors.UnavailableError(None, None, WORKER_SAW)
+        except tf.errors.UnavailableError as e:
+            raise RuntimeError("saving the checkpoint failed") from e
+    except RuntimeError as e:
+        assert other_worker_stopped(e, _tf_config("worker"))
+    # errors that are not about the collectives or other workers stay as they were
+    for error in (tf.errors.UnavailableError(None, None, "gs://bucket/x: connection reset"),
+                  tf.errors.InternalError(None, None, "Failed to allocate memory"),
+                  tf.errors.InvalidArgumentError(None, None, WORKER_SAW),
+                  RuntimeError("Collective ops is aborted by: Socket closed")):
+        assert other_worker_stopped(error, _tf_config("worker")) is None, error
+
+
+@pytest.mark.parametrize("strategy, said", [("multi-worker", True), ("default", False)])
+def test_train_says_another_workers_stop_in_one_line(monkeypatch, capsys, tmp_path,
+                                                     strategy, said):
+    """The surviving worker of a multi-worker run whose other worker was stopped (Ctrl-C,
+    SIGTERM, a crash) printed ~100 lines and a TensorFlow traceback of CollectiveReduceV2;
+    it says which worker stopped and what to do, exit 1. Not for other strategies."""
+    import tensorflow as tf
+    from caption_attn import cli, train
+    monkeypatch.setenv("TF_CONFIG", _tf_config("worker")["TF_CONFIG"])
+
+    def stopped(*args, **kwargs):
+        raise tf.errors.UnavailableError(None, None, WORKER_SAW)
+    monkeypatch.setattr(train, "train", stopped)
+    args = ["train", "--captions", str(tmp_path / "c.json"), "--cache", str(tmp_path / "c"),
+            "--run", str(tmp_path / "run"), "--strategy", strategy]
+    if not said:
+        with pytest.raises(tf.errors.UnavailableError):
+            cli.main(args)
+        return
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["caption-attn train: error: another worker of this multi-worker run "
+                   "stopped (chief): rerun the same command on every worker to resume from "
+                   "the last checkpoint"], err

@@ -138,6 +138,47 @@ def test_nothing_to_extract_builds_no_backbone(images, cache_copy, monkeypatch):
     assert len(built) == 1
 
 
+def _first_of_shard(shard, shards=2):
+    return next(k for k in sorted(GOOD) if shard_of(k, shards) == shard)
+
+
+def test_a_weights_file_of_the_caches_own_weights_is_the_same_backbone(images, cache_copy,
+                                                                       tmp_path):
+    """A cache of `--weights random` given `--weights PATH` of the very weights it saved (a
+    shard, a rerun) was refused ("holds features made with weights random (seed 0), this run
+    asks for PATH"): the name was compared, though the identity is the weights' sha256. The
+    same weights are accepted and write files of the cache's identity; other weights are
+    refused, naming both with their sha256."""
+    from caption_attn.backbone import build_backbone
+
+    manifest = read_manifest(cache_copy)
+    own = os.path.join(cache_copy, manifest["weights_file"])
+    fingerprint = feature_cache.cache_identity(manifest)["fingerprint"]
+    redo = [_first_of_shard(1), _first_of_shard(0)]
+    for key in redo:
+        os.remove(feature_path(cache_copy, key))
+    summary = extract_features(images, extract_cfg(cache_copy, weights=own, num_shards=2,
+                                                   shard_index=1), keys=GOOD, progress=False)
+    assert summary["extracted"] == 1 and summary["count"] == len(GOOD) - 1
+    summary = extract_features(images, extract_cfg(cache_copy, weights=own), keys=GOOD,
+                               progress=False)                  # a plain rerun, not sharded
+    assert summary["extracted"] == 1 and summary["count"] == len(GOOD)
+    index = feature_index.load_index(cache_copy)
+    assert all(index.entries[k][-1].identity == fingerprint for k in redo)
+    assert read_manifest(cache_copy)["weights"] == "random"
+
+    model = build_backbone(own)                   # other bytes: one weight changed
+    model.weights[0].assign(model.weights[0] + 1.0)
+    other = str(tmp_path / "other.weights.h5")
+    model.save_weights(other)
+    sha = manifest["weights_sha256"][:12]
+    with pytest.raises(UserError, match=rf"holds features made with weights random \(seed 0\) "
+                                        rf"\(sha256 {sha}…\), this run asks for "
+                                        rf"{re.escape(other)} \(sha256 (?!{sha})\w{{12}}…\)"):
+        extract_features(images, extract_cfg(cache_copy, weights=other), keys=GOOD,
+                         progress=False)
+
+
 def test_count_and_index_cover_every_shard(images, cache_copy):
     """The manifest's count and the compacted index cover every shard's files, and the index
     is compacted into index.jsonl (no segment left)."""

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import os
 import queue
+import sys
 import threading
 import time
 from typing import NamedTuple, Optional
@@ -66,14 +67,15 @@ class _Writer:
     stalls the model."""
 
     def __init__(self, header: bytes, dtype: str, max_items: int, index: SegmentWriter,
-                 fingerprint: str, images_dir: str):
+                 fingerprint: str, images_dir: str, written: Optional[list] = None):
         self.header, self.dtype = header, np.dtype(dtype)
         self.index, self.fingerprint, self.images_dir = index, fingerprint, images_dir
         self.queue: queue.Queue = queue.Queue(maxsize=max_items)
         # what failed, naming the file whose write failed (not the one being queued): a
         # feature file, or the index segment its entry went into
         self.error: Optional[UserError] = None
-        self.written: list[str] = []
+        # keys written and indexed (the caller's list: it still has them after a Ctrl-C)
+        self.written: list[str] = [] if written is None else written
         self.thread = threading.Thread(target=self._run, name="feature-writer", daemon=True)
         self.thread.start()
 
@@ -131,16 +133,18 @@ def _show(bar, done: int, failed: int, finalize: bool = False) -> None:
 
 def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: list[str],
                   dtype: str, batch_size: int, workers: int, progress,
-                  index: SegmentWriter, fingerprint: str) -> tuple[list[str], dict[str, str]]:
+                  index: SegmentWriter, fingerprint: str,
+                  written: Optional[list] = None) -> tuple[list[str], dict[str, str]]:
     """Decode (thread pool) -> backbone (batches) -> write (writer thread, index entries into
     `index` with `fingerprint`).
 
     `progress`: a keras.utils.Progbar over `keys` (never finalized here). Returns (keys
-    written, {key: failure reason}).
+    written, {key: failure reason}); `written`, if given, is that list, filled as they are
+    (what was written when an interrupt or error ends the run).
     """
     failed: dict[str, str] = {}
     header = npy_header(dtype)
-    writer = _Writer(header, dtype, 2 * batch_size, index, fingerprint, images_dir)
+    writer = _Writer(header, dtype, 2 * batch_size, index, fingerprint, images_dir, written)
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="decode")
     lookahead = 2 * batch_size + workers  # next batch is decoded while the model runs
     pending: collections.deque = collections.deque()
@@ -414,16 +418,17 @@ def _refuse_replacing(images_dir: str, others: dict[str, str]) -> UserError:
 
 def _extract_with_progress(backbone: Backbone, images_dir: str, todo: list[str],
                            cfg: ExtractConfig, workers: int, progress: bool,
-                           index: SegmentWriter,
-                           fingerprint: str) -> tuple[list[str], dict[str, str]]:
+                           index: SegmentWriter, fingerprint: str,
+                           written: list) -> tuple[list[str], dict[str, str]]:
     """`_run_pipeline` over `todo` with OpenCV set up and a progress bar: one line redrawn on
     a terminal; in a log file a plain line a minute and one at the end; none without
-    `progress`."""
+    `progress`. `written` receives the keys written as they are."""
     bar = progress_lib.bar(len(todo), progress, unit_name="image", stateful=["failed"],
                            periodic=True)
     with _opencv_settings():
         written, failed = _run_pipeline(backbone, images_dir, cfg.cache, todo, cfg.dtype,
-                                        cfg.batch_size, workers, bar, index, fingerprint)
+                                        cfg.batch_size, workers, bar, index, fingerprint,
+                                        written)
     _show(bar, len(written), len(failed), finalize=True)
     return written, failed
 
@@ -479,6 +484,7 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     fingerprint = feature_cache.cache_identity(manifest)["fingerprint"]
     workers = cfg.workers or os.cpu_count() or 1
     index = SegmentWriter(cache)
+    plan, so_far = None, []   # so_far: the keys written, as they are
     try:
         plan = _plan(cache, mine, manifest, images_dir, cfg.verify, workers, index)
         refused = {k: f for k, f in plan.others.items() if f not in plan.copies}
@@ -490,13 +496,17 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
             backbone = Backbone.from_manifest(cache)
         t0 = time.monotonic()
         written, bad = _extract_with_progress(backbone, images_dir, plan.todo, cfg, workers,
-                                              progress, index, fingerprint)
+                                              progress, index, fingerprint, so_far)
         extract_seconds = time.monotonic() - t0
-    except BaseException:
+    except BaseException as e:
         # entries of every file written so far, even when interrupted; a failed write of
         # them (the disk that failed a feature file) is not news enough to hide why it ended
         with contextlib.suppress(WriteFailed):
             index.close()
+            # Ctrl-C, SIGTERM: what is kept (said only once their entries are written)
+            if isinstance(e, KeyboardInterrupt) and plan is not None and plan.todo:
+                print(_interrupted_note(cfg, len(so_far), len(plan.todo), len(plan.done)),
+                      file=sys.stderr, flush=True)
         raise
     index.close()
     failed.update(bad)
@@ -532,6 +542,22 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     }
     summary["exit_code"], summary["message"] = _exit_status(summary, cfg.strict)
     return summary
+
+
+def _interrupted_note(cfg: ExtractConfig, kept: int, todo: int, done: int) -> str:
+    """What an extraction stopped by Ctrl-C or SIGTERM leaves (`kept` of the `todo` feature
+    files to extract were written and indexed; `done` were there before) and that the same
+    command goes on with the rest, as `train` says of its checkpoint."""
+    before = f" ({done} were there before)" if done else ""
+    shard = f"shard {cfg.shard_index}/{cfg.num_shards}"
+    if not kept:
+        return (f"caption-attn extract-features: interrupted before any of the {todo} feature "
+                f"files to extract ({shard}) was written into {one_line(cfg.cache)}{before}: "
+                f"the same command extracts them")
+    return (f"caption-attn extract-features: interrupted after {kept} of the {todo} feature "
+            f"files to extract ({shard}), written and kept in {one_line(cfg.cache)}{before}: "
+            f"the same command continues from there (only the other {todo - kept} are "
+            f"extracted)")
 
 
 def _exit_status(s: dict, strict: bool) -> tuple[int, str]:

@@ -865,6 +865,39 @@ def test_ctrl_c_while_the_decode_pool_shuts_down_still_finishes_the_writer(image
     assert closed == [True]
 
 
+def test_an_interrupted_extraction_says_what_it_kept_and_that_a_rerun_continues(
+        images, cache_copy, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM in an extraction said only "interrupted": not that the feature files
+    written are kept and the same command continues with the rest. One line on stderr says
+    how many, then the interrupt goes on (the CLI's exit 130 or 143)."""
+    from caption_attn.backbone import Backbone
+
+    todo = sorted(GOOD)[:3]
+    for key in todo:
+        os.remove(feature_path(cache_copy, key))
+    real, calls = Backbone.__call__, []
+
+    def interrupted(self, x):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, x)
+
+    monkeypatch.setattr(Backbone, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(images, extract_cfg(cache_copy, batch_size=1), keys=GOOD,
+                         progress=False)
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"caption-attn extract-features: interrupted after 1 of the 3 feature files to "
+        f"extract (shard 0/1), written and kept in {cache_copy} ({len(GOOD) - 3} were "
+        f"there before): the same command continues from there (only the other 2 are "
+        f"extracted)"]
+    monkeypatch.setattr(Backbone, "__call__", real)
+    summary = extract_features(images, extract_cfg(cache_copy), keys=GOOD, progress=False)
+    assert summary["extracted"] == 2 and summary["skipped"] == len(GOOD) - 2
+
+
 def test_an_images_folder_whose_name_is_not_utf8_is_extracted_and_then_done(cache_copy,
                                                                              tmp_path):
     """--images of a folder named with bytes that are not UTF-8 (b'caf\\xe9', Latin-1): the

@@ -41,8 +41,8 @@ from caption_attn.errors import UserError, WriteFailed
 from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
 from caption_attn.feature_index import (IMAGE_CHANGED, RERUN, ImageStamp, SegmentWriter,
                                         make_entry)
-from caption_attn.fileio import (check_utf8_path, file_digest, longest_temp_name, one_line,
-                                 write_bytes_atomic)
+from caption_attn.fileio import (check_utf8_path, describe_holders, file_digest,
+                                 longest_temp_name, one_line, write_bytes_atomic)
 from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, heatmaps_note,
                                  is_heatmap_file, left_out_note, list_images, printable_name,
                                  read_image_file, resize_image)
@@ -446,7 +446,9 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     why its existing file was to be extracted again, but the image failed, or `HEATMAP`: the
     file was removed}, changed_images (of them, because the source image changed), reindexed
     (images with a new mtime but the same bytes), failed, failures {key: reason}, seconds,
-    images_per_s, cache, manifest, failed_file, count, feature_scale, stale_temp_removed,
+    images_per_s, cache, manifest, failed_file, count (the cache's feature files, so far when
+    other_writers: the pids of other extractions, e.g. shards, still writing into the cache on
+    this machine; still_writing says so for the summary), feature_scale, stale_temp_removed,
     replaced_others {key: the other images folder whose same-named image's features were
     replaced, with `cfg.replace_other_images` or from a folder this one is a copy of},
     left_out (files under `images_dir` a walk without `keys` did not take for their
@@ -519,6 +521,8 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     n_failed_file, count = feature_cache.record_run(cache, images_dir, failed,
                                                     plan.done + written, manifest,
                                                     walked=keys is None)
+    # shards still writing: the count is of the files so far (the last one's is the cache's)
+    writers = feature_cache.other_writers(cache)
     rewritten = set(plan.redo) & set(written)
     summary = {
         "images": len(mine) + n_bad_keys,
@@ -534,7 +538,8 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
         else 0.0,
         "cache": cache, "manifest": feature_cache.manifest_path(cache),
         "failed_file": os.path.join(cache, FAILED), "failed_file_entries": n_failed_file,
-        "count": count, "dtype": cfg.dtype, "weights": manifest["weights"],
+        "count": count, "other_writers": writers, "still_writing": _still_writing(writers),
+        "dtype": cfg.dtype, "weights": manifest["weights"],
         "feature_scale": manifest["feature_scale"], "stale_temp_removed": stale,
         "shard": f"{cfg.shard_index}/{cfg.num_shards}",
         "replaced_others": {k: f for k, f in plan.others.items() if k in rewritten},
@@ -576,9 +581,22 @@ def _listed(items) -> str:
     return "; ".join(f"{one_line(k)}: {one_line(r)}" for k, r in items)
 
 
+def _still_writing(pids: list[int]) -> str:
+    """"; another extract-features (pid P: COMMAND) is still writing into it" for the other
+    writers of the cache (`feature_cache.other_writers`), "" for none; said as they run (a
+    command is read from /proc)."""
+    if not pids:
+        return ""
+    who = "another extract-features" if len(pids) == 1 else \
+        f"{len(pids)} other extract-features"
+    return (f"; {who}{describe_holders(pids)} {'is' if len(pids) == 1 else 'are'} still "
+            f"writing into it")
+
+
 def format_summary(summary: dict) -> str:
     """Human-readable summary for the CLI (several lines)."""
     s = summary
+    writers = s.get("other_writers") or []
     again = [f"{s['changed_images']} changed image(s)"] if s["changed_images"] else []
     if s["repaired"] > s["changed_images"]:
         again.append(f"{s['repaired'] - s['changed_images']} unusable feature file(s)")
@@ -589,8 +607,9 @@ def format_summary(summary: dict) -> str:
                           if s.get("unreadable_folders") else "")
              + f" (shard {s['shard']}) in {s['seconds']:.1f} s"
              + (f" ({s['images_per_s']:.1f} images/s)" if s["extracted"] else ""),
-             f"cache {s['cache']}: {s['count']} feature files ({s['dtype']}, weights "
-             f"{s['weights']}, feature_scale {s['feature_scale']:g})"]
+             f"cache {s['cache']}: {s['count']} feature files{' so far' if writers else ''} "
+             f"({s['dtype']}, weights {s['weights']}, feature_scale {s['feature_scale']:g})"
+             + s.get("still_writing", "")]
     if s["invalid"]:
         shown = list(s["invalid"].items())[:3]
         lines.append("extracted again: " + _listed(shown)

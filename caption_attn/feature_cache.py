@@ -247,6 +247,17 @@ def using_features(cache_dir: str, writing: bool, readers_ok: bool = False):
                 shutil.rmtree(cache_dir)
 
 
+def other_writers(cache_dir: str) -> list[int]:
+    """Pids of the other processes writing features into the cache now (other shards: they
+    hold .writing.lock, `using_features`), as this machine's /proc/locks shows them: [] for
+    none, off Linux, and for the writers of other machines sharing the folder."""
+    f = lock_file(os.path.join(cache_dir, WRITING))
+    if f is None:
+        return []
+    with f:
+        return [pid for pid in lock_holders(f) if pid != os.getpid()]
+
+
 @contextlib.contextmanager
 def _exclusive(cache_dir: str, create: bool):
     """`cache_lock`, or (`create` False) that lock when its file can be opened at all."""

@@ -898,6 +898,31 @@ def test_an_interrupted_extraction_says_what_it_kept_and_that_a_rerun_continues(
     assert summary["extracted"] == 2 and summary["skipped"] == len(GOOD) - 2
 
 
+def test_the_summary_says_another_shard_is_still_writing(images, cache_copy):
+    """A shard that ended while another was still writing gave the cache's count at that
+    moment as if it were the cache's ("cache c: 28 feature files"). The other writers hold
+    the cache's .writing.lock: the summary names them."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_SH); print('locked', flush=True); sys.stdin.read()",
+         os.path.join(cache_copy, feature_cache.WRITING)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        summary = extract_features(images, extract_cfg(cache_copy), keys=GOOD, progress=False)
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert summary["other_writers"] == [holder.pid]
+    line = format_summary(summary).splitlines()[1]
+    assert line.startswith(f"cache {cache_copy}: {len(GOOD)} feature files so far (")
+    assert f"; another extract-features (pid {holder.pid}: " in line
+    assert line.endswith(") is still writing into it")
+    summary = extract_features(images, extract_cfg(cache_copy), keys=GOOD, progress=False)
+    assert summary["other_writers"] == []
+    assert "still writing" not in format_summary(summary)
+
+
 def test_an_images_folder_whose_name_is_not_utf8_is_extracted_and_then_done(cache_copy,
                                                                              tmp_path):
     """--images of a folder named with bytes that are not UTF-8 (b'caf\\xe9', Latin-1): the

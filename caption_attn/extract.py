@@ -556,10 +556,10 @@ def _interrupted_note(cfg: ExtractConfig, kept: int, todo: int, done: int) -> st
     before = f" ({done} were there before)" if done else ""
     shard = f"shard {cfg.shard_index}/{cfg.num_shards}"
     if not kept:
-        return (f"caption-attn extract-features: interrupted before any of the {todo} feature "
+        return (f"caption-attn extract-features: stopped before any of the {todo} feature "
                 f"files to extract ({shard}) was written into {one_line(cfg.cache)}{before}: "
                 f"the same command extracts them")
-    return (f"caption-attn extract-features: interrupted after {kept} of the {todo} feature "
+    return (f"caption-attn extract-features: stopped after {kept} of the {todo} feature "
             f"files to extract ({shard}), written and kept in {one_line(cfg.cache)}{before}: "
             f"the same command continues from there (only the other {todo - kept} are "
             f"extracted)")

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import os
 import queue
+import sys
 import threading
 import time
 from typing import NamedTuple, Optional
@@ -40,8 +41,8 @@ from caption_attn.errors import UserError, WriteFailed
 from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
 from caption_attn.feature_index import (IMAGE_CHANGED, RERUN, ImageStamp, SegmentWriter,
                                         make_entry)
-from caption_attn.fileio import (check_utf8_path, file_digest, longest_temp_name, one_line,
-                                 write_bytes_atomic)
+from caption_attn.fileio import (check_utf8_path, describe_holders, file_digest,
+                                 longest_temp_name, one_line, write_bytes_atomic)
 from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, heatmaps_note,
                                  is_heatmap_file, left_out_note, list_images, printable_name,
                                  read_image_file, resize_image)
@@ -66,14 +67,15 @@ class _Writer:
     stalls the model."""
 
     def __init__(self, header: bytes, dtype: str, max_items: int, index: SegmentWriter,
-                 fingerprint: str, images_dir: str):
+                 fingerprint: str, images_dir: str, written: Optional[list] = None):
         self.header, self.dtype = header, np.dtype(dtype)
         self.index, self.fingerprint, self.images_dir = index, fingerprint, images_dir
         self.queue: queue.Queue = queue.Queue(maxsize=max_items)
         # what failed, naming the file whose write failed (not the one being queued): a
         # feature file, or the index segment its entry went into
         self.error: Optional[UserError] = None
-        self.written: list[str] = []
+        # keys written and indexed (the caller's list: it still has them after a Ctrl-C)
+        self.written: list[str] = [] if written is None else written
         self.thread = threading.Thread(target=self._run, name="feature-writer", daemon=True)
         self.thread.start()
 
@@ -131,16 +133,18 @@ def _show(bar, done: int, failed: int, finalize: bool = False) -> None:
 
 def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: list[str],
                   dtype: str, batch_size: int, workers: int, progress,
-                  index: SegmentWriter, fingerprint: str) -> tuple[list[str], dict[str, str]]:
+                  index: SegmentWriter, fingerprint: str,
+                  written: Optional[list] = None) -> tuple[list[str], dict[str, str]]:
     """Decode (thread pool) -> backbone (batches) -> write (writer thread, index entries into
     `index` with `fingerprint`).
 
     `progress`: a keras.utils.Progbar over `keys` (never finalized here). Returns (keys
-    written, {key: failure reason}).
+    written, {key: failure reason}); `written`, if given, is that list, filled as they are
+    (what was written when an interrupt or error ends the run).
     """
     failed: dict[str, str] = {}
     header = npy_header(dtype)
-    writer = _Writer(header, dtype, 2 * batch_size, index, fingerprint, images_dir)
+    writer = _Writer(header, dtype, 2 * batch_size, index, fingerprint, images_dir, written)
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="decode")
     lookahead = 2 * batch_size + workers  # next batch is decoded while the model runs
     pending: collections.deque = collections.deque()
@@ -414,16 +418,17 @@ def _refuse_replacing(images_dir: str, others: dict[str, str]) -> UserError:
 
 def _extract_with_progress(backbone: Backbone, images_dir: str, todo: list[str],
                            cfg: ExtractConfig, workers: int, progress: bool,
-                           index: SegmentWriter,
-                           fingerprint: str) -> tuple[list[str], dict[str, str]]:
+                           index: SegmentWriter, fingerprint: str,
+                           written: list) -> tuple[list[str], dict[str, str]]:
     """`_run_pipeline` over `todo` with OpenCV set up and a progress bar: one line redrawn on
     a terminal; in a log file a plain line a minute and one at the end; none without
-    `progress`."""
+    `progress`. `written` receives the keys written as they are."""
     bar = progress_lib.bar(len(todo), progress, unit_name="image", stateful=["failed"],
                            periodic=True)
     with _opencv_settings():
         written, failed = _run_pipeline(backbone, images_dir, cfg.cache, todo, cfg.dtype,
-                                        cfg.batch_size, workers, bar, index, fingerprint)
+                                        cfg.batch_size, workers, bar, index, fingerprint,
+                                        written)
     _show(bar, len(written), len(failed), finalize=True)
     return written, failed
 
@@ -441,7 +446,9 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     why its existing file was to be extracted again, but the image failed, or `HEATMAP`: the
     file was removed}, changed_images (of them, because the source image changed), reindexed
     (images with a new mtime but the same bytes), failed, failures {key: reason}, seconds,
-    images_per_s, cache, manifest, failed_file, count, feature_scale, stale_temp_removed,
+    images_per_s, cache, manifest, failed_file, count (the cache's feature files, so far when
+    other_writers: the pids of other extractions, e.g. shards, still writing into the cache on
+    this machine; still_writing says so for the summary), feature_scale, stale_temp_removed,
     replaced_others {key: the other images folder whose same-named image's features were
     replaced, with `cfg.replace_other_images` or from a folder this one is a copy of},
     left_out (files under `images_dir` a walk without `keys` did not take for their
@@ -479,6 +486,7 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     fingerprint = feature_cache.cache_identity(manifest)["fingerprint"]
     workers = cfg.workers or os.cpu_count() or 1
     index = SegmentWriter(cache)
+    plan, so_far = None, []   # so_far: the keys written, as they are
     try:
         plan = _plan(cache, mine, manifest, images_dir, cfg.verify, workers, index)
         refused = {k: f for k, f in plan.others.items() if f not in plan.copies}
@@ -490,13 +498,17 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
             backbone = Backbone.from_manifest(cache)
         t0 = time.monotonic()
         written, bad = _extract_with_progress(backbone, images_dir, plan.todo, cfg, workers,
-                                              progress, index, fingerprint)
+                                              progress, index, fingerprint, so_far)
         extract_seconds = time.monotonic() - t0
-    except BaseException:
+    except BaseException as e:
         # entries of every file written so far, even when interrupted; a failed write of
         # them (the disk that failed a feature file) is not news enough to hide why it ended
         with contextlib.suppress(WriteFailed):
             index.close()
+            # Ctrl-C, SIGTERM: what is kept (said only once their entries are written)
+            if isinstance(e, KeyboardInterrupt) and plan is not None and plan.todo:
+                print(_interrupted_note(cfg, len(so_far), len(plan.todo), len(plan.done)),
+                      file=sys.stderr, flush=True)
         raise
     index.close()
     failed.update(bad)
@@ -509,6 +521,8 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     n_failed_file, count = feature_cache.record_run(cache, images_dir, failed,
                                                     plan.done + written, manifest,
                                                     walked=keys is None)
+    # shards still writing: the count is of the files so far (the last one's is the cache's)
+    writers = feature_cache.other_writers(cache)
     rewritten = set(plan.redo) & set(written)
     summary = {
         "images": len(mine) + n_bad_keys,
@@ -524,7 +538,8 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
         else 0.0,
         "cache": cache, "manifest": feature_cache.manifest_path(cache),
         "failed_file": os.path.join(cache, FAILED), "failed_file_entries": n_failed_file,
-        "count": count, "dtype": cfg.dtype, "weights": manifest["weights"],
+        "count": count, "other_writers": writers, "still_writing": _still_writing(writers),
+        "dtype": cfg.dtype, "weights": manifest["weights"],
         "feature_scale": manifest["feature_scale"], "stale_temp_removed": stale,
         "shard": f"{cfg.shard_index}/{cfg.num_shards}",
         "replaced_others": {k: f for k, f in plan.others.items() if k in rewritten},
@@ -532,6 +547,22 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     }
     summary["exit_code"], summary["message"] = _exit_status(summary, cfg.strict)
     return summary
+
+
+def _interrupted_note(cfg: ExtractConfig, kept: int, todo: int, done: int) -> str:
+    """What an extraction stopped by Ctrl-C or SIGTERM leaves (`kept` of the `todo` feature
+    files to extract were written and indexed; `done` were there before) and that the same
+    command goes on with the rest, as `train` says of its checkpoint."""
+    before = f" ({done} were there before)" if done else ""
+    shard = f"shard {cfg.shard_index}/{cfg.num_shards}"
+    if not kept:
+        return (f"caption-attn extract-features: stopped before any of the {todo} feature "
+                f"files to extract ({shard}) was written into {one_line(cfg.cache)}{before}: "
+                f"the same command extracts them")
+    return (f"caption-attn extract-features: stopped after {kept} of the {todo} feature "
+            f"files to extract ({shard}), written and kept in {one_line(cfg.cache)}{before}: "
+            f"the same command continues from there (only the other {todo - kept} are "
+            f"extracted)")
 
 
 def _exit_status(s: dict, strict: bool) -> tuple[int, str]:
@@ -550,9 +581,22 @@ def _listed(items) -> str:
     return "; ".join(f"{one_line(k)}: {one_line(r)}" for k, r in items)
 
 
+def _still_writing(pids: list[int]) -> str:
+    """"; another extract-features (pid P: COMMAND) is still writing into it" for the other
+    writers of the cache (`feature_cache.other_writers`), "" for none; said as they run (a
+    command is read from /proc)."""
+    if not pids:
+        return ""
+    who = "another extract-features" if len(pids) == 1 else \
+        f"{len(pids)} other extract-features"
+    return (f"; {who}{describe_holders(pids)} {'is' if len(pids) == 1 else 'are'} still "
+            f"writing into it")
+
+
 def format_summary(summary: dict) -> str:
     """Human-readable summary for the CLI (several lines)."""
     s = summary
+    writers = s.get("other_writers") or []
     again = [f"{s['changed_images']} changed image(s)"] if s["changed_images"] else []
     if s["repaired"] > s["changed_images"]:
         again.append(f"{s['repaired'] - s['changed_images']} unusable feature file(s)")
@@ -563,8 +607,9 @@ def format_summary(summary: dict) -> str:
                           if s.get("unreadable_folders") else "")
              + f" (shard {s['shard']}) in {s['seconds']:.1f} s"
              + (f" ({s['images_per_s']:.1f} images/s)" if s["extracted"] else ""),
-             f"cache {s['cache']}: {s['count']} feature files ({s['dtype']}, weights "
-             f"{s['weights']}, feature_scale {s['feature_scale']:g})"]
+             f"cache {s['cache']}: {s['count']} feature files{' so far' if writers else ''} "
+             f"({s['dtype']}, weights {s['weights']}, feature_scale {s['feature_scale']:g})"
+             + s.get("still_writing", "")]
     if s["invalid"]:
         shown = list(s["invalid"].items())[:3]
         lines.append("extracted again: " + _listed(shown)

@@ -247,6 +247,17 @@ def using_features(cache_dir: str, writing: bool, readers_ok: bool = False):
                 shutil.rmtree(cache_dir)
 
 
+def other_writers(cache_dir: str) -> list[int]:
+    """Pids of the other processes writing features into the cache now (other shards: they
+    hold .writing.lock, `using_features`), as this machine's /proc/locks shows them: [] for
+    none, off Linux, and for the writers of other machines sharing the folder."""
+    f = lock_file(os.path.join(cache_dir, WRITING))
+    if f is None:
+        return []
+    with f:
+        return [pid for pid in lock_holders(f) if pid != os.getpid()]
+
+
 @contextlib.contextmanager
 def _exclusive(cache_dir: str, create: bool):
     """`cache_lock`, or (`create` False) that lock when its file can be opened at all."""
@@ -455,12 +466,13 @@ def _check_settings(cache_dir: str, m: dict, cfg: ExtractConfig) -> None:
         if m.get(key) != value:
             flag = {"dtype": " (or --dtype {})", "precision": " (or --precision {})"}.get(key, "")
             raise _refuse(cache_dir, key, m.get(key), value, flag.format(m.get(key)))
+    # by name only where the weights cannot be the same: seeded random ones of another seed,
+    # random and ImageNet. A weights file is compared by its sha256 (`open_cache`): the
+    # random backbone a cache saved, given as --weights PATH, is the cache's backbone
     kinds = {m["weights"], cfg.weights}
     mine, theirs = _describe_weights(cfg.weights, cfg.seed), \
         _describe_weights(m["weights"], m.get("seed"))
-    if "random" in kinds and (len(kinds) > 1 or m.get("seed") != cfg.seed):
-        raise _refuse(cache_dir, "weights", theirs, mine)
-    if kinds == {"imagenet", "random"}:
+    if (kinds == {"random"} and m.get("seed") != cfg.seed) or kinds == {"imagenet", "random"}:
         raise _refuse(cache_dir, "weights", theirs, mine)
 
 
@@ -517,9 +529,12 @@ def open_cache(cache_dir: str, cfg: ExtractConfig) -> tuple[Optional[Backbone], 
 
     The backbone is built outside the lock (seconds); creating the manifest happens under it,
     re-reading first, since another shard may have created it meanwhile. An existing cache of
-    a random backbone extracts with its own saved weights: the backbone is then None, for
-    `Backbone.from_manifest` to build only if there is something to extract. Any other
-    backbone is built here, since its weights must be checked against the cache's.
+    a random backbone asked for `--weights random` extracts with its own saved weights: the
+    backbone is then None, for `Backbone.from_manifest` to build only if there is something
+    to extract. Any other backbone is built here, since its weights must be checked against
+    the cache's: by sha256, whatever they are called (`--weights PATH` of the random
+    backbone a cache saved is that backbone; a cache of `--weights PATH` takes `--weights
+    random --seed S` of the same weights).
     """
     existing = None
     if os.path.isdir(cache_dir):  # (a failed first run leaves no empty cache folder behind)
@@ -527,7 +542,7 @@ def open_cache(cache_dir: str, cfg: ExtractConfig) -> tuple[Optional[Backbone], 
             existing = _read_manifest_if_any(cache_dir)
     if existing is not None:
         _check_settings(cache_dir, existing, cfg)  # cheap refusals before building anything
-        if existing["weights"] == "random":
+        if existing["weights"] == "random" and cfg.weights == "random":
             return None, existing
     model = build_backbone(cfg.weights, cfg.seed, cfg.precision)
     backbone, sha = Backbone(model), weights_sha256(model)

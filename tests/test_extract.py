@@ -138,6 +138,47 @@ def test_nothing_to_extract_builds_no_backbone(images, cache_copy, monkeypatch):
     assert len(built) == 1
 
 
+def _first_of_shard(shard, shards=2):
+    return next(k for k in sorted(GOOD) if shard_of(k, shards) == shard)
+
+
+def test_a_weights_file_of_the_caches_own_weights_is_the_same_backbone(images, cache_copy,
+                                                                       tmp_path):
+    """A cache of `--weights random` given `--weights PATH` of the very weights it saved (a
+    shard, a rerun) was refused ("holds features made with weights random (seed 0), this run
+    asks for PATH"): the name was compared, though the identity is the weights' sha256. The
+    same weights are accepted and write files of the cache's identity; other weights are
+    refused, naming both with their sha256."""
+    from caption_attn.backbone import build_backbone
+
+    manifest = read_manifest(cache_copy)
+    own = os.path.join(cache_copy, manifest["weights_file"])
+    fingerprint = feature_cache.cache_identity(manifest)["fingerprint"]
+    redo = [_first_of_shard(1), _first_of_shard(0)]
+    for key in redo:
+        os.remove(feature_path(cache_copy, key))
+    summary = extract_features(images, extract_cfg(cache_copy, weights=own, num_shards=2,
+                                                   shard_index=1), keys=GOOD, progress=False)
+    assert summary["extracted"] == 1 and summary["count"] == len(GOOD) - 1
+    summary = extract_features(images, extract_cfg(cache_copy, weights=own), keys=GOOD,
+                               progress=False)                  # a plain rerun, not sharded
+    assert summary["extracted"] == 1 and summary["count"] == len(GOOD)
+    index = feature_index.load_index(cache_copy)
+    assert all(index.entries[k][-1].identity == fingerprint for k in redo)
+    assert read_manifest(cache_copy)["weights"] == "random"
+
+    model = build_backbone(own)                   # other bytes: one weight changed
+    model.weights[0].assign(model.weights[0] + 1.0)
+    other = str(tmp_path / "other.weights.h5")
+    model.save_weights(other)
+    sha = manifest["weights_sha256"][:12]
+    with pytest.raises(UserError, match=rf"holds features made with weights random \(seed 0\) "
+                                        rf"\(sha256 {sha}…\), this run asks for "
+                                        rf"{re.escape(other)} \(sha256 (?!{sha})\w{{12}}…\)"):
+        extract_features(images, extract_cfg(cache_copy, weights=other), keys=GOOD,
+                         progress=False)
+
+
 def test_count_and_index_cover_every_shard(images, cache_copy):
     """The manifest's count and the compacted index cover every shard's files, and the index
     is compacted into index.jsonl (no segment left)."""
@@ -822,6 +863,64 @@ def test_ctrl_c_while_the_decode_pool_shuts_down_still_finishes_the_writer(image
         extract_features(images, extract_cfg(tmp_path / "cache"), keys=GOOD[:2],
                          progress=False)
     assert closed == [True]
+
+
+def test_an_interrupted_extraction_says_what_it_kept_and_that_a_rerun_continues(
+        images, cache_copy, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM in an extraction said only "interrupted": not that the feature files
+    written are kept and the same command continues with the rest. One line on stderr says
+    how many, then the interrupt goes on (the CLI's exit 130 or 143)."""
+    from caption_attn.backbone import Backbone
+
+    todo = sorted(GOOD)[:3]
+    for key in todo:
+        os.remove(feature_path(cache_copy, key))
+    real, calls = Backbone.__call__, []
+
+    def interrupted(self, x):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, x)
+
+    monkeypatch.setattr(Backbone, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(images, extract_cfg(cache_copy, batch_size=1), keys=GOOD,
+                         progress=False)
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"caption-attn extract-features: stopped after 1 of the 3 feature files to "
+        f"extract (shard 0/1), written and kept in {cache_copy} ({len(GOOD) - 3} were "
+        f"there before): the same command continues from there (only the other 2 are "
+        f"extracted)"]
+    monkeypatch.setattr(Backbone, "__call__", real)
+    summary = extract_features(images, extract_cfg(cache_copy), keys=GOOD, progress=False)
+    assert summary["extracted"] == 2 and summary["skipped"] == len(GOOD) - 2
+
+
+def test_the_summary_says_another_shard_is_still_writing(images, cache_copy):
+    """A shard that ended while another was still writing gave the cache's count at that
+    moment as if it were the cache's ("cache c: 28 feature files"). The other writers hold
+    the cache's .writing.lock: the summary names them."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_SH); print('locked', flush=True); sys.stdin.read()",
+         os.path.join(cache_copy, feature_cache.WRITING)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        summary = extract_features(images, extract_cfg(cache_copy), keys=GOOD, progress=False)
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert summary["other_writers"] == [holder.pid]
+    line = format_summary(summary).splitlines()[1]
+    assert line.startswith(f"cache {cache_copy}: {len(GOOD)} feature files so far (")
+    assert f"; another extract-features (pid {holder.pid}: " in line
+    assert line.endswith(") is still writing into it")
+    summary = extract_features(images, extract_cfg(cache_copy), keys=GOOD, progress=False)
+    assert summary["other_writers"] == []
+    assert "still writing" not in format_summary(summary)
 
 
 def test_an_images_folder_whose_name_is_not_utf8_is_extracted_and_then_done(cache_copy,

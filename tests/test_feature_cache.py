@@ -63,6 +63,20 @@ def test_cache_with_other_backbone_is_refused(images, cache_copy, change, messag
     assert "another --cache" in str(e.value)
 
 
+def test_a_cache_of_a_weights_file_takes_the_random_backbone_of_the_same_weights(
+        images, cache_copy):
+    """A cache made with `--weights PATH` (a random backbone's saved weights) refused
+    `--weights random --seed 0`, the same weights by name only: compared by sha256 now."""
+    manifest = read_manifest(cache_copy)
+    path = os.path.join(cache_copy, manifest.pop("weights_file"))
+    manifest.update(weights=path, seed=None)
+    with open(os.path.join(cache_copy, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    os.remove(feature_path(cache_copy, sorted(GOOD)[0]))
+    summary = extract_features(images, extract_cfg(cache_copy), keys=GOOD, progress=False)
+    assert summary["extracted"] == 1 and summary["count"] == len(GOOD)
+
+
 # --------------------------------------------------------------------------- identity
 def test_cache_identity_fingerprint_description_and_difference(extracted):
     manifest = read_manifest(extracted[0])

@@ -214,8 +214,10 @@ def check_workers_agree(strategy: tf.distribute.Strategy, step: int, restored: O
 
 
 # TensorFlow's words for a collective op or the coordination service that lost a worker
-_LOST_WORKER = re.compile(r"collective|coordination|CollectiveReduce|RecvBuf|Socket closed"
-                          r"|stopped sending heartbeats|tasks have crashed", re.IGNORECASE)
+# (only these: a collective that failed on this worker, say NCCL's error, is its own news)
+_LOST_WORKER = re.compile(r"Collective ops is aborted by|Socket closed|stopped sending "
+                          r"heartbeats|tasks have crashed|tasks are unhealthy|Connection refused"
+                          r"|failed to connect to all addresses", re.IGNORECASE)
 _TASK = re.compile(r"/job:(chief|worker)/(?:replica:\d+/)?task:(\d+)")
 
 
@@ -226,12 +228,17 @@ def other_worker_stopped(error: BaseException, environ=os.environ) -> Optional[s
     printed ~100 lines and a traceback of CollectiveReduceV2 ("Socket closed" from the chief,
     "The tasks have crashed" from a worker), where rerunning every worker resumes the run.
     The worker named is the one other than this process (`environ`'s TF_CONFIG) that
-    TensorFlow's message names, if it names one. None for any other error."""
+    TensorFlow's message names, if it names one. None for any other error, and when this
+    process's own Ctrl-C or SIGTERM is in the chain (its stop is the news)."""
     kinds = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
              tf.errors.InternalError)
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
+    chain = []
+    while error is not None and all(error is not e for e in chain):
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    if any(isinstance(e, KeyboardInterrupt) for e in chain):   # this process's own stop
+        return None
+    for error in chain:
         text = getattr(error, "message", None) or str(error)
         if isinstance(error, kinds) and _LOST_WORKER.search(text):
             others = {(job, int(index)) for job, index in _TASK.findall(text)} - {_this_task(
@@ -242,7 +249,6 @@ def other_worker_stopped(error: BaseException, environ=os.environ) -> Optional[s
                 who = " (chief)" if job == "chief" else f" ({job} {index})"
             return (f"another worker of this multi-worker run stopped{who}: rerun the same "
                     f"command on every worker to resume from the last checkpoint")
-        error = error.__cause__ or error.__context__
     return None
 
 

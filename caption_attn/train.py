@@ -1033,6 +1033,9 @@ class Trainer:
             self.manager.save(checkpoint_number=step)
         except tf.errors.OpError as e:
             checkpoints.remove_failed_save(self.manager.directory, step)  # its shards
+            if self.cfg.train.strategy == "multi-worker" and \
+                    distribute.other_worker_stopped(e) is not None:
+                raise   # not the disk: `cli.main` says which worker stopped
             reason = re.sub(r"\s*\[Op:\w+\]$", "", (e.message or str(e)).strip()).split("; ")[-1]
             kept = self.manager.latest_checkpoint
             raise TrainingError(
@@ -1851,11 +1854,11 @@ def format_summary(summary: dict) -> str:
                      f"larger --patience, or without --monitor (val_cider in self-critical "
                      f"epochs, its patience starting over)")
     if s.get("skipped_images"):   # said at the start too, in a line that scrolled away
+        share = s["skipped_images"] / s["images"]
         head += (f"\nnote: {s['skipped_images']} of the {s['images']} images "
-                 f"({s['skipped_images'] / s['images']:.0%}) were left out, with their "
-                 f"{s['skipped_captions']} captions: they have no usable features in the cache "
-                 f"(the \"skipped\" line above says why, and which extract-features command "
-                 f"adds them)")
+                 f"({'<1%' if share < 0.01 else format(share, '.0%')}) were left out, with "
+                 f"their {s['skipped_captions']} captions: they have no usable features in "
+                 f"the cache (the \"skipped\" line above says why, and what to do)")
     kept = (summary["best_model"] if s["best_epoch"] is not None else
             "none yet (no epoch finished: the first one saves it)")
     return (f"{head}\n"

@@ -254,8 +254,22 @@ def test_another_workers_stop_is_recognised_and_named():
     for error in (tf.errors.UnavailableError(None, None, "gs://bucket/x: connection reset"),
                   tf.errors.InternalError(None, None, "Failed to allocate memory"),
                   tf.errors.InvalidArgumentError(None, None, WORKER_SAW),
-                  RuntimeError("Collective ops is aborted by: Socket closed")):
+                  RuntimeError("Collective ops is aborted by: Socket closed"),
+                  # a collective that failed on this worker: its own error, not a lost worker
+                  tf.errors.InternalError(None, None, "NCCL error in CollectiveReduceV2: "
+                                                      "unhandled cuda error"),
+                  tf.errors.UnavailableError(None, None, "coordination service agent: "
+                                                         "not connected yet")):
         assert other_worker_stopped(error, _tf_config("worker")) is None, error
+    # this process's own Ctrl-C or SIGTERM whose clean-up met a cancelled collective: the
+    # stop is the news (exit 130 / 143), not another worker
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise tf.errors.CancelledError(None, None, WORKER_SAW)
+    except tf.errors.CancelledError as e:
+        assert other_worker_stopped(e, _tf_config("worker")) is None
 
 
 @pytest.mark.parametrize("strategy, said", [("multi-worker", True), ("default", False)])

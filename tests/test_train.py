@@ -1656,6 +1656,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path):
     run = RunFolder(str(tmp_path / "run"))
     fake = types.SimpleNamespace(step=types.SimpleNamespace(numpy=lambda: 36), run=run,
                                  _record_settings=lambda: None,   # config.json: not here
+                                 cfg=types.SimpleNamespace(train=TrainConfig()),
                                  manager=types.SimpleNamespace(
                                      save=full_disk, latest_checkpoint="/r/checkpoints/ckpt-18",
                                      directory=run.checkpoints))
@@ -1664,7 +1665,6 @@ def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path):
     assert str(e.value) == (f"cannot write the checkpoint of step 36 into {run.checkpoints} (No "
                             f"space left on device): free space there (or make it writable) and "
                             f"rerun this command; it resumes from ckpt-18")
-
 
 
 def test_a_checkpoint_save_that_fails_removes_its_shards(tmp_path):
@@ -1691,6 +1691,7 @@ def test_a_checkpoint_save_that_fails_removes_its_shards(tmp_path):
                         f"190; No space left on device [Op:SaveV2]")
     fake = types.SimpleNamespace(step=types.SimpleNamespace(numpy=lambda: 36), run=run,
                                  _record_settings=lambda: None,
+                                 cfg=types.SimpleNamespace(train=TrainConfig()),
                                  manager=types.SimpleNamespace(
                                      save=full_disk, latest_checkpoint=None,
                                      directory=run.checkpoints))
@@ -1698,6 +1699,20 @@ def test_a_checkpoint_save_that_fails_removes_its_shards(tmp_path):
         train.Trainer._save(fake)
     assert sorted(os.listdir(run.checkpoints)) == ["ckpt-18_temp"]
     assert os.path.exists(other)
+
+    # multi-worker: a save whose collective lost the other worker is not a full disk (the
+    # advice to free space misled); the error goes on to `cli.main`, which names the worker
+    def lost(checkpoint_number):
+        raise tf.errors.UnavailableError(None, None, "Collective ops is aborted by: Socket "
+                                                     "closed [Op:CollectiveReduceV2]")
+    fake.manager.save = lost
+    fake.cfg.train = TrainConfig(strategy="multi-worker")
+    with pytest.raises(tf.errors.UnavailableError):
+        train.Trainer._save(fake)
+    fake.cfg.train = TrainConfig()
+    with pytest.raises(train.TrainingError, match=r"^cannot write the checkpoint of step 36 "):
+        train.Trainer._save(fake)
+
 
 def test_split_fractions_for_a_file_with_its_own_split_are_refused(shapes_data, tmp_path):
     """--val-fraction 0.5 on a Karpathy file (the shapes dataset's) trained on the file's own
@@ -1841,7 +1856,9 @@ def test_the_summary_repeats_the_images_left_out_for_want_of_features():
     text = train.format_summary(summary)
     assert ("note: 28 of the 60 images (47%) were left out, with their 140 captions: they "
             "have no usable features in the cache (the \"skipped\" line above says why, and "
-            "which extract-features command adds them)") in text.splitlines()
+            "what to do)") in text.splitlines()
+    assert "note: 1 of the 1000 images (<1%) were left out" in train.format_summary(
+        {**summary, "skipped_images": 1, "skipped_captions": 5, "images": 1000})
     assert "left out" not in train.format_summary({**summary, "skipped_captions": 0,
                                                    "skipped_images": 0})
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import gc
 import json
 import os
@@ -680,13 +681,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if isinstance(e, BrokenPipeError) and stdout_is_closed():
             return stdout_closed()
         where = f"{one_line(str(e.filename))}: " if e.filename else ""
-        # a disk that filled up while the command wrote: the job ran and failed (exit 1,
-        # not 2, "bad input, nothing was done")
+        # exit 2 ("bad input, nothing was done") only for a path given that cannot be used;
+        # a write that failed while the job ran (a full disk, an I/O error) is exit 1
         full = e.errno in DISK_FULL
         advice = ": free space (or write elsewhere) and rerun this command" if full else ""
         print(f"{PROG} {args.command}: error: {where}{e.strerror or e}{advice}",
               file=sys.stderr)
-        return flushed(2 if e.filename and not full else 1)
+        return flushed(2 if e.filename and e.errno in BAD_PATH else 1)
     except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM under `entry`
         terminated = isinstance(e, Terminated)
         print(f"{PROG} {args.command}: {'terminated' if terminated else 'interrupted'}",
@@ -706,6 +707,11 @@ def _other_worker_stopped(args: argparse.Namespace, error: Exception) -> Optiona
         return None
     from caption_attn import distribute
     return distribute.other_worker_stopped(error)
+
+
+# the errors of a path given that cannot be used (exit 2), not of a write that failed
+BAD_PATH = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EEXIST,
+            errno.ELOOP, errno.ENAMETOOLONG, errno.EINVAL)
 
 
 def flushed(code: int) -> int:

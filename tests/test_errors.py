@@ -45,3 +45,24 @@ def test_the_cli_names_the_file_of_other_os_errors(monkeypatch, capsys):
     assert cli.main(["inspect", "--captions", "c.json"]) == 2
     assert capsys.readouterr().err == \
         "caption-attn inspect: error: out/x.json: Permission denied\n"
+
+
+@pytest.mark.parametrize("code_name, exit_code", [
+    ("EIO", 1), ("EROFS", 1), ("EFBIG", 1),            # a write that failed while it ran
+    ("ENOENT", 2), ("EISDIR", 2), ("ENOTDIR", 2)])     # a path given that cannot be used
+def test_the_cli_exit_code_of_a_named_file_says_bad_input_only_for_bad_paths(
+        monkeypatch, capsys, code_name, exit_code):
+    """Every atomic write names its file now: an I/O error or a file grown too large in the
+    middle of a job became exit code 2 ("bad input, nothing was done") by that name alone."""
+    import errno
+    import os
+
+    from caption_attn import cli
+    code = getattr(errno, code_name)
+
+    def failed(args):
+        raise OSError(code, os.strerror(code), "out/x.json")
+    monkeypatch.setattr(cli, "cmd_inspect", failed)
+    assert cli.main(["inspect", "--captions", "c.json"]) == exit_code
+    assert capsys.readouterr().err == \
+        f"caption-attn inspect: error: out/x.json: {os.strerror(code)}\n"

@@ -517,5 +517,6 @@ def write_outputs(result: dict, hypotheses: dict, image_ids: dict) -> None:
             # metrics file, and the rerun of this very command refused it as another tool's
             with contextlib.suppress(OSError):
                 os.remove(results)
-            raise WriteFailed(path, e, f"{FREE_SPACE}; neither {metrics} nor {results} "
-                                       f"was left") from None
+            left = (f"neither {metrics} nor {results} was left" if not os.path.exists(results)
+                    else f"remove {results}, which could not be removed, before the rerun")
+            raise WriteFailed(path, e, f"{FREE_SPACE}; {left}") from None

@@ -554,13 +554,14 @@ def _interrupted_note(cfg: ExtractConfig, kept: int, todo: int, done: int) -> st
     files to extract were written and indexed; `done` were there before) and that the same
     command goes on with the rest, as `train` says of its checkpoint."""
     before = f" ({done} were there before)" if done else ""
-    shard = f"shard {cfg.shard_index}/{cfg.num_shards}"
+    # (a note, not in the name of `extract-features`: the demo extracts too)
+    shard = f" (shard {cfg.shard_index}/{cfg.num_shards})" if cfg.num_shards > 1 else ""
     if not kept:
-        return (f"caption-attn extract-features: stopped before any of the {todo} feature "
-                f"files to extract ({shard}) was written into {one_line(cfg.cache)}{before}: "
-                f"the same command extracts them")
-    return (f"caption-attn extract-features: stopped after {kept} of the {todo} feature "
-            f"files to extract ({shard}), written and kept in {one_line(cfg.cache)}{before}: "
+        return (f"note: feature extraction stopped before any of the {todo} feature files "
+                f"to extract{shard} was written into {one_line(cfg.cache)}{before}: the same "
+                f"command extracts them")
+    return (f"note: feature extraction stopped after {kept} of the {todo} feature files to "
+            f"extract{shard}, written and kept in {one_line(cfg.cache)}{before}: "
             f"the same command continues from there (only the other {todo - kept} are "
             f"extracted)")
 

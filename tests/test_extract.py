@@ -889,8 +889,8 @@ def test_an_interrupted_extraction_says_what_it_kept_and_that_a_rerun_continues(
                          progress=False)
     err = capsys.readouterr().err
     assert err.splitlines() == [
-        f"caption-attn extract-features: stopped after 1 of the 3 feature files to "
-        f"extract (shard 0/1), written and kept in {cache_copy} ({len(GOOD) - 3} were "
+        f"note: feature extraction stopped after 1 of the 3 feature files to "
+        f"extract, written and kept in {cache_copy} ({len(GOOD) - 3} were "
         f"there before): the same command continues from there (only the other 2 are "
         f"extracted)"]
     monkeypatch.setattr(Backbone, "__call__", real)

@@ -1482,23 +1482,25 @@ def _summary(trainer: Trainer, history, early, reason, seconds, epochs_before: i
     steps, finished = int(trainer.step.numpy()), int(trainer.epoch.numpy())
     inputs, tc = trainer.inputs, trainer.cfg.train
     d = trainer.data
-    summary = _summary_of(trainer.run_dir, tc, history, early, reason, seconds, finished,
-                          steps, int(trainer.step_in_epoch.numpy()),
-                          inputs.scst_steps_per_epoch if tc.is_scst(finished)
-                          else inputs.steps_per_epoch,
-                          epochs_before, steps_before, d.skipped_captions,
-                          best=trainer.run.best_record() if trainer.chief else None)
-    # the images left out for want of features, and of how many ("skipped_images", "images")
-    return {**summary, "skipped_images": d.skipped_images,
-            "images": len(d.feature_paths) + d.skipped_images}
+    return _summary_of(trainer.run_dir, tc, history, early, reason, seconds, finished,
+                       steps, int(trainer.step_in_epoch.numpy()),
+                       inputs.scst_steps_per_epoch if tc.is_scst(finished)
+                       else inputs.steps_per_epoch,
+                       epochs_before, steps_before, d.skipped_captions,
+                       best=trainer.run.best_record() if trainer.chief else None,
+                       skipped_images=d.skipped_images,
+                       images=len(d.feature_paths) + d.skipped_images)
 
 
 def _summary_of(run_dir: str, tc: TrainConfig, history: list, early: EarlyStopping,
                 reason: str, seconds: float, finished: int, steps: int, epoch_steps: int,
                 epoch_length: Optional[int], epochs_before: int, steps_before: int,
-                skipped_captions: int, best: Optional[dict]) -> dict:
+                skipped_captions: int, best: Optional[dict], skipped_images: int = 0,
+                images: Optional[int] = None) -> dict:
     """`_summary`'s dict (`best`: best.json's record, None for none or a worker's); also of
-    `rerun_without_data`, whose `epoch_length` is None (the data was not loaded)."""
+    `rerun_without_data`, whose `epoch_length` and `images` are None (the data was not
+    loaded; taken only when no image is left out). "skipped_images" of "images" were left
+    out for want of usable features."""
     last = history[-1] if history else {}
     # the best model on disk: after a stage change, early stopping's best epoch is the one
     # the new stage has to beat, while best.keras stays the earlier stage's best until it does
@@ -1519,6 +1521,7 @@ def _summary_of(run_dir: str, tc: TrainConfig, history: list, early: EarlyStoppi
             "best_value": (best or {}).get("value"),
             "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
             "seconds": seconds, "skipped_captions": skipped_captions,
+            "skipped_images": skipped_images, "images": images,
             "best_model": RunFolder(run_dir).best_model}
 
 

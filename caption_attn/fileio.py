@@ -56,7 +56,7 @@ def atomic_path(path: str, suffix: str = "", temp_of: str = ""):
     heatmaps written); an OSError naming no file (write(2), fsync(2) on a full disk) is
     given `path` as its filename, so its message names the file that could not be
     written, not its temporary name nor none."""
-    made = _make_parents(path)
+    made = make_folders(os.path.dirname(os.path.abspath(path)))
     tmp = temp_name(os.path.join(os.path.dirname(path), temp_of) if temp_of else path, suffix)
     try:
         yield tmp
@@ -64,24 +64,47 @@ def atomic_path(path: str, suffix: str = "", temp_of: str = ""):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        for folder in made:   # deepest first
-            try:
-                os.rmdir(folder)
-            except OSError:   # not empty: another file was written there
-                break
+        remove_folders(made)
         if isinstance(e, OSError) and e.errno is not None and e.filename is None:
             e.filename = path   # (h5py's, errno None: its text names the file, kept as it is)
         raise
 
 
-def _make_parents(path: str) -> list[str]:
-    """Make the folders `path` goes into; returns those made, deepest first."""
-    made, folder = [], os.path.dirname(os.path.abspath(path))
-    while not os.path.isdir(folder) and folder != os.path.dirname(folder):
-        made.append(folder)
-        folder = os.path.dirname(folder)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def make_folders(folder: str) -> list[str]:
+    """Make `folder` and the folders above it that are missing; returns those this call made,
+    deepest first (for `remove_folders`). They are made one at a time from the top, and only
+    those whose mkdir succeeded count: one that another process (another extract-features
+    shard) made at the same moment is its, and is not removed under it. A file where a folder
+    is expected raises as `os.makedirs` does (FileExistsError, NotADirectoryError), having
+    removed the folders it made."""
+    missing, above = [], folder
+    while not os.path.lexists(above) and above != os.path.dirname(above):
+        missing.append(above)
+        above = os.path.dirname(above)
+    made = []
+    for name in reversed(missing):   # from the top
+        try:
+            os.mkdir(name)
+        except FileExistsError:      # made by another process just now: not ours
+            continue
+        except OSError:              # os.makedirs below says why
+            break
+        made.insert(0, name)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except BaseException:
+        remove_folders(made)
+        raise
     return made
+
+
+def remove_folders(made: list[str]) -> None:
+    """Remove the folders `make_folders` made (deepest first) again while they are empty."""
+    for folder in made:
+        try:
+            os.rmdir(folder)
+        except OSError:   # not empty: another file was written there
+            break
 
 
 # An h5py write through `keras_file_atomic` failed (see `exit_past_hdf5`).
@@ -388,22 +411,14 @@ def holding_lock(path: str, refusal, shared: bool = False, make_folder: bool = F
     guards, checked writable by the caller), and removed again at the end if still empty
     (a command refused later leaves no empty folder behind)."""
     made = []   # the folders made for the lock file, deepest first
-    folder = os.path.dirname(os.path.abspath(path))
-    while make_folder and not os.path.lexists(folder) and folder != os.path.dirname(folder):
-        made.append(folder)
-        folder = os.path.dirname(folder)
-    if made:
+    if make_folder:
         with contextlib.suppress(OSError):   # cannot: the lock file cannot be opened either
-            os.makedirs(made[0])
+            made = make_folders(os.path.dirname(os.path.abspath(path)))
     try:
         with _holding_lock(path, refusal, shared):
             yield
     finally:
-        for folder in made:
-            try:
-                os.rmdir(folder)
-            except OSError:   # not empty: the command wrote into it
-                break
+        remove_folders(made)   # those the command left empty
 
 
 @contextlib.contextmanager

@@ -318,3 +318,45 @@ def test_an_error_that_is_not_of_the_file_keeps_its_own_text(tmp_path):
         with fileio.atomic_path(str(tmp_path / "best.weights.h5"), ".weights.h5"):
             raise error
     assert e.value is error and e.value.filename is None and str(e.value) == error.args[0]
+
+
+@pytest.mark.parametrize("maker", ["atomic_path", "holding_lock"])
+def test_a_failure_keeps_a_folder_another_process_made_at_the_same_moment(tmp_path, monkeypatch,
+                                                                          maker):
+    """The folders a path goes into were listed as missing before they were made, so one that
+    another process (another extract-features shard) made at the same moment was counted as
+    made here, and a failed write (or a lock's end) removed it under the other process. Only
+    the folders this process's own mkdir made are removed again."""
+    from caption_attn import fileio
+    ours, theirs = tmp_path / "a" / "b", tmp_path / "a"
+    mkdir = os.mkdir
+
+    def racing_mkdir(name, *args, **kwargs):
+        if os.fspath(name) == str(theirs) and not theirs.exists():
+            mkdir(name, *args, **kwargs)            # the other process is first
+        return mkdir(name, *args, **kwargs)        # FileExistsError for ours then
+
+    monkeypatch.setattr(os, "mkdir", racing_mkdir)
+    with pytest.raises(ValueError):
+        if maker == "atomic_path":
+            with fileio.atomic_path(str(ours / "x.npy")):
+                assert ours.is_dir()
+                raise ValueError("the write failed")
+        else:
+            with fileio.holding_lock(str(ours / ".x.lock"), lambda who: "in use",
+                                     make_folder=True):
+                assert ours.is_dir()
+                raise ValueError("the command failed")
+    monkeypatch.undo()
+    assert theirs.is_dir() and os.listdir(theirs) == []   # theirs stays; ours is gone
+
+
+def test_a_file_where_a_folder_is_expected_is_still_refused(tmp_path):
+    from caption_attn import fileio
+    (tmp_path / "f").write_text("")
+    for path, error in [(tmp_path / "f" / "x.npy", FileExistsError),
+                        (tmp_path / "f" / "d" / "x.npy", NotADirectoryError)]:
+        with pytest.raises(error):
+            with fileio.atomic_path(str(path)):
+                pass
+    assert os.listdir(tmp_path) == ["f"]

@@ -23,7 +23,7 @@ import typing
 from typing import Callable, Optional, Sequence
 
 from caption_attn import config as C
-from caption_attn.errors import DISK_FULL, UserError, WriteFailed, counted
+from caption_attn.errors import DISK_FULL, UserError, WriteFailed, counted, free_space
 from caption_attn.fileio import exit_past_hdf5, hdf5_write_failed, one_line, printable_json
 from caption_attn.run import check_folder_writable
 
@@ -252,7 +252,7 @@ def _caption(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
 
 
 # what `caption ... > FILE` is told when FILE's disk filled up
-STDOUT_ADVICE = "free space where it goes (or write it elsewhere) and rerun this command"
+STDOUT_ADVICE = free_space("where it goes", "write it elsewhere")
 
 
 def say(text: Optional[str] = None, flush: bool = False) -> None:
@@ -684,7 +684,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # exit 2 ("bad input, nothing was done") only for a path given that cannot be used;
         # a write that failed while the job ran (a full disk, an I/O error) is exit 1
         full = e.errno in DISK_FULL
-        advice = ": free space (or write elsewhere) and rerun this command" if full else ""
+        advice = f": {free_space('', 'write elsewhere')}" if full else ""
         print(f"{PROG} {args.command}: error: {where}{e.strerror or e}{advice}",
               file=sys.stderr)
         return flushed(2 if e.filename and e.errno in BAD_PATH else 1)

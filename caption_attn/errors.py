@@ -7,8 +7,18 @@ import errno
 # the errors of a disk that filled up (or a quota that was reached) while a command wrote
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
-# what to do when a write failed, said by every command's message
-FREE_SPACE = "free space there (or make its folder writable) and rerun this command"
+# what to do when a write failed, said by every command's message (`free_space`)
+_FREE_SPACE = "free space{where} (or {alternative}) and rerun this command"
+
+
+def free_space(where: str = "there", alternative: str = "make its folder writable") -> str:
+    """What a message says to do when a write failed (a full disk, a quota, a folder made
+    read-only): "free space there (or make its folder writable) and rerun this command".
+    `where`: where to free space ("" for nowhere named); `alternative`: the other mend."""
+    return _FREE_SPACE.format(where=f" {where}" if where else "", alternative=alternative)
+
+
+FREE_SPACE = free_space()
 
 
 class UserError(Exception):

@@ -51,7 +51,7 @@ from caption_attn import __version__, graph_images, interrupts, quiet
 from caption_attn.backbone import GRID, IMAGE_SIZE, NUM_PIXELS, Backbone, build_backbone
 from caption_attn.captioner import EXPORT_NEEDS, Captioner, make_decoder
 from caption_attn.config import DecodeConfig, ExportConfig
-from caption_attn.errors import UserError, counted
+from caption_attn.errors import UserError, counted, free_space
 from caption_attn.feature_cache import (IMAGE_DIGEST_CHARS, images_folders, is_stale_temp,
                                          read_manifest, source_images)
 from caption_attn.fileio import (check_utf8_path, file_digest, holding_lock, is_inside,
@@ -249,8 +249,9 @@ def _write_failed(out: str, e: Exception) -> Exception:
         reason = e.strerror or str(e) or type(e).__name__
     folder = os.path.dirname(os.path.abspath(out))
     return UserError(f"--out {out}: cannot write the export into {folder} "
-                     f"({reason.splitlines()[0][:200]}): free space there (or make it "
-                     f"writable) and rerun this command; {out} is as it was", exit_code=1)
+                     f"({reason.splitlines()[0][:200]}): "
+                     f"{free_space(alternative='make it writable')}; {out} is as it was",
+                     exit_code=1)
 
 
 def _remove_killed_exports(out: str, log) -> None:

@@ -33,7 +33,7 @@ from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoa
                                     prune_event_files)
 from caption_attn.cider import CiderD
 from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig, flag_name
-from caption_attn.errors import TrainingError, UserError
+from caption_attn.errors import TrainingError, UserError, free_space
 from caption_attn.fileio import check_utf8_path, read_json, write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
 from caption_attn.optimizer import FusedAdam, StagedLearningRate, inner, make_optimizer
@@ -1040,8 +1040,8 @@ class Trainer:
             kept = self.manager.latest_checkpoint
             raise TrainingError(
                 f"cannot write the checkpoint of step {step} into {self.run.checkpoints} "
-                f"({reason.splitlines()[0][:200]}): free space there (or make it writable) "
-                f"and rerun this command; it resumes from "
+                f"({reason.splitlines()[0][:200]}): "
+                f"{free_space(alternative='make it writable')}; it resumes from "
                 f"{os.path.basename(kept) if kept else 'the start (no checkpoint yet)'}") \
                 from None
 
@@ -1813,8 +1813,8 @@ def _train_in(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, progress
         where = os.path.join(os.path.dirname(path), name) if name else run.path
         reason = h5.get("error message") or (e.strerror or str(e) or
                                              type(e).__name__).splitlines()[0][:200]
-        raise TrainingError(f"{where}: {reason} while training; free space (or fix "
-                            f"the folder) and rerun this command: it resumes from the last "
+        raise TrainingError(f"{where}: {reason} while training; "
+                            f"{free_space('', 'fix the folder')}: it resumes from the last "
                             f"checkpoint") from None
 
 

@@ -32,11 +32,14 @@ def cpu_flags() -> list[str]:
 
 
 def describe() -> str:
-    """One line: CPU name, kind flags, cores, load average (1 min); the oneDNN cap and the
-    XLA flags where set (decoding sets XLA's vector width on some CPUs)."""
+    """One line: CPU name, kind flags, cores, load average (1 min); the oneDNN cap,
+    TF_ENABLE_ONEDNN_OPTS and the XLA flags where set (decoding sets XLA's vector width on
+    some CPUs)."""
     flags = " ".join(cpu_flags()) or "flags unknown"
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
     limit = f", oneDNN limited to {isa}" if isa else ""
+    opts = os.environ.get("TF_ENABLE_ONEDNN_OPTS")   # set by the user or, on AVX2-only
+    limit += f", TF_ENABLE_ONEDNN_OPTS={opts}" if opts else ""   # CPUs, `import_tensorflow`
     xla = os.environ.get("XLA_FLAGS")
     xla = f", XLA_FLAGS {xla}" if xla else ""
     return (f"CPU: {cpu_name()} ({flags}{limit}), {os.cpu_count()} cores, load average "

@@ -43,13 +43,16 @@ def import_tensorflow(meet_dtypes: bool = True, freeze: bool = False):
     `meet_dtypes`: also meet oneDNN's Eigen fallback while stderr is captured (`_meet`), which
     initialises TensorFlow's runtime. A process that must configure the runtime first (a
     multi-worker strategy sets up collective ops) passes False and calls `meet_dtypes`
-    afterwards. `freeze` (the `caption-attn` program, whose process it is): no garbage
+    afterwards. oneDNN is turned on first where TensorFlow would leave an AVX2 CPU without
+    it (`backbone.onednn_on_avx2_cpus`). `freeze` (the `caption-attn` program, whose process it is): no garbage
     collection while TensorFlow imports, and what the process holds then frozen
     (`frozen_after`). Nothing of either when TensorFlow is imported already."""
     if "tensorflow" in sys.modules:
         import tensorflow as tf
         return tf
     with frozen_after() if freeze else contextlib.nullcontext():
+        from caption_attn import backbone   # (its imports, cv2's, among those frozen)
+        backbone.onednn_on_avx2_cpus()      # read as TensorFlow loads
         if os.environ.get("CAPTION_ATTN_TF_LOGS") == "1":
             import tensorflow as tf
             return tf

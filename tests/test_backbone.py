@@ -347,3 +347,51 @@ def test_xla_vector_width_is_chosen_only_for_decoders_that_compile(monkeypatch):
     captioner.make_decoder(model, DecodeConfig(beam=3), 5)
     captioner.make_decoder(model, DecodeConfig(beam=1, xla=True, xla_min_images=0), 5)
     assert calls == [1, 1]
+
+
+# TensorFlow's own default (`DefaultOneDnnPolicy`, Linux): oneDNN on only where the CPU has one
+# of these; on an AVX2-only CPU (AMD Zen 3) every op ran on Eigen, its convolutions 1.35x the
+# CPU time of oneDNN's AVX2 kernels (README: Speed).
+@pytest.mark.parametrize("flags, environ, gpus, want", [
+    ("AuthenticAMD fpu avx avx2 fma", {}, [], "1"),                  # Zen 3: turned on
+    ("GenuineIntel avx avx2 fma avx512f avx512bw", {}, [], "1"),     # Skylake-SP: on too
+    ("AuthenticAMD avx2 fma avx512f avx512_bf16 avx512_vnni", {}, [], None),  # Zen 4: already
+    ("GenuineIntel avx2 fma avx512f amx_bf16 amx_tile", {}, [], None),        # AMX: already
+    ("GenuineIntel avx2 fma avx_vnni", {}, [], None),                # Alder Lake: already
+    ("AuthenticAMD avx2 fma", {"TF_ENABLE_ONEDNN_OPTS": "0"}, [], "0"),  # the user's choice
+    ("AuthenticAMD avx2 fma", {"TF_ENABLE_ONEDNN_OPTS": "false"}, [], "false"),
+    ("AuthenticAMD avx2 fma", {}, ["/dev/nvidia0"], None),           # a GPU does the work
+    ("GenuineIntel avx fma", {}, [], None),                          # no AVX2: left to TF
+    ("", {}, [], None),                                              # cpuinfo unreadable / ARM
+])
+def test_onednn_is_turned_on_where_tensorflow_leaves_avx2_cpus_without_it(
+        tmp_path, flags, environ, gpus, want):
+    from caption_attn.backbone import onednn_on_avx2_cpus
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n" if flags else "")
+    onednn_on_avx2_cpus(str(cpuinfo), environ, gpus=gpus)
+    assert environ.get("TF_ENABLE_ONEDNN_OPTS") == want
+    onednn_on_avx2_cpus(str(cpuinfo), environ, gpus=gpus)           # idempotent
+    assert environ.get("TF_ENABLE_ONEDNN_OPTS") == want
+
+
+def test_import_tensorflow_chooses_onednn_before_tensorflow_loads():
+    """TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, as it loads: `quiet.import_tensorflow`
+    (the CLI's and the benchmarks' import) must apply the choice before that."""
+    code = ("import sys\n"
+            "from caption_attn import backbone, quiet\n"
+            "seen = []\n"
+            "backbone.onednn_on_avx2_cpus = lambda: seen.append('tensorflow' in sys.modules)\n"
+            "quiet.import_tensorflow()\n"
+            "print(seen, 'tensorflow' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "[False] True", done.stdout
+
+
+def test_the_test_suite_chooses_onednn_as_the_cli_does():
+    """The tests run TensorFlow as the CLI does: conftest applies the same choice before any
+    test module imports TensorFlow (on an AVX2-only CPU the suite ran on Eigen otherwise)."""
+    import conftest
+    assert conftest.ONEDNN_CHOSEN_BEFORE_TENSORFLOW is True

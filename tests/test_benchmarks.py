@@ -169,3 +169,14 @@ def test_bench_export(capsys, tmp_path):
     with open(path) as f:
         figures = json.load(f)
     numbers(figures, "captioner_images_per_s", "savedmodel_images_per_s", "tflite_p50_ms")
+
+
+@pytest.mark.parametrize("value", ["1", "0"])
+def test_the_cpu_line_says_whether_onednn_was_chosen(monkeypatch, value):
+    """A figure taken with oneDNN turned on (or off) says so beside the CPU: on an AVX2-only
+    CPU `import_tensorflow` turns it on, which TensorFlow alone would not."""
+    machine = benchmark("machine")
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", value)
+    assert f", TF_ENABLE_ONEDNN_OPTS={value})" in machine.describe()
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
+    assert "ONEDNN_OPTS" not in machine.describe()

@@ -124,26 +124,29 @@ def prefer_wide_xla_vectors(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) 
 
 # TensorFlow turns oneDNN on by itself (Linux) only on CPUs with one of these (its
 # `DefaultOneDnnPolicy`); /proc/cpuinfo's names
-ONEDNN_BY_DEFAULT = {"avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"}
+ONEDNN_BY_DEFAULT = {"avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8",
+                     "amx_bf16"}
 
 
 def onednn_on_avx2_cpus(cpuinfo: str = "/proc/cpuinfo", environ=os.environ,
                         gpus: Optional[list] = None) -> None:
-    """Turn TensorFlow's oneDNN kernels on (`TF_ENABLE_ONEDNN_OPTS=1`) on x86 CPUs with AVX2
-    and FMA where TensorFlow leaves them off: those without any of `ONEDNN_BY_DEFAULT`
-    (AMD Zen 3, Intel before Cascade Lake). Every op there ran on Eigen, whose convolutions
-    took 1.35x the CPU time of oneDNN's AVX2 kernels for the InceptionV3 backbone (the
-    README's Speed), and no machine the project measured on ran that way: the AVX2 caps that
-    imitate Zen 3 kept oneDNN on, as the CPUs with AVX-512 have it.
+    """Turn TensorFlow's oneDNN kernels on (`TF_ENABLE_ONEDNN_OPTS=1`) on AVX2-only x86 CPUs
+    (AVX2 and FMA, no AVX-512: AMD Zen 3 and older, Intel's client cores before AVX-VNNI),
+    where TensorFlow leaves them off: it turns them on by itself only with one of
+    `ONEDNN_BY_DEFAULT`. Every op there ran on Eigen, which took 1.2x the time of oneDNN's
+    AVX2 kernels for the InceptionV3 backbone and 1.17x for a training step (the README's
+    Speed), and no machine the project measured on ran that way: the AVX2 caps that imitate
+    Zen 3 kept oneDNN on, as the CPUs with AVX512-BF16 or AMX have it.
 
     Nothing changes where the user chose (`TF_ENABLE_ONEDNN_OPTS` set, whatever its value),
-    without AVX2 and FMA (nor on other architectures), or where an NVIDIA GPU is present
-    (`gpus`: its /dev/nvidiaN devices; TensorFlow advises against oneDNN beside a GPU). Read
-    by TensorFlow once, as it loads: call this before (`quiet.import_tensorflow` does)."""
+    on CPUs with AVX-512 but none of `ONEDNN_BY_DEFAULT` (Skylake-SP: not measured), without
+    AVX2 and FMA (nor on other architectures), or where an NVIDIA GPU is present (`gpus`: its
+    /dev/nvidiaN devices; TensorFlow advises against oneDNN beside a GPU). TensorFlow reads
+    the variable once, as it loads: call this before (`quiet.import_tensorflow` does)."""
     if "TF_ENABLE_ONEDNN_OPTS" in environ:
         return
     flags = cpu_flags(cpuinfo)
-    if not {"avx2", "fma"} <= flags or flags & ONEDNN_BY_DEFAULT:
+    if not {"avx2", "fma"} <= flags or "avx512f" in flags or flags & ONEDNN_BY_DEFAULT:
         return
     if (glob.glob("/dev/nvidia[0-9]*") if gpus is None else gpus):
         return

@@ -43,10 +43,10 @@ def import_tensorflow(meet_dtypes: bool = True, freeze: bool = False):
     `meet_dtypes`: also meet oneDNN's Eigen fallback while stderr is captured (`_meet`), which
     initialises TensorFlow's runtime. A process that must configure the runtime first (a
     multi-worker strategy sets up collective ops) passes False and calls `meet_dtypes`
-    afterwards. oneDNN is turned on first where TensorFlow would leave an AVX2 CPU without
-    it (`backbone.onednn_on_avx2_cpus`). `freeze` (the `caption-attn` program, whose process it is): no garbage
-    collection while TensorFlow imports, and what the process holds then frozen
-    (`frozen_after`). Nothing of either when TensorFlow is imported already."""
+    afterwards. oneDNN is turned on first where TensorFlow would leave an AVX2-only CPU
+    without it (`backbone.onednn_on_avx2_cpus`). `freeze` (the `caption-attn` program, whose
+    process it is): no garbage collection while TensorFlow imports, and what the process
+    holds then frozen (`frozen_after`). Nothing of either when TensorFlow is imported already."""
     if "tensorflow" in sys.modules:
         import tensorflow as tf
         return tf

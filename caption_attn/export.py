@@ -560,11 +560,27 @@ def serving_function(captioner: Captioner, backbone: Backbone):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")],
                  autograph=False)
     def serve(images):
+        images = checked_rank(images)
         index, pixels = load_images(images)                           # (M,), (M, 299, 299, 3)
         outputs = tf.cond(tf.size(index) > 0, lambda: caption(pixels), nothing)
         outputs = scatter(outputs, index, tf.shape(images)[0])        # (N, ...)
         return {k: tf.ensure_shape(v, shapes.get(k, [None])) for k, v in outputs.items()}
     return serve
+
+
+def checked_rank(images):
+    """images, once its rank is checked at run time: a loaded signature does not check its
+    declared shape (N,), and one image passed as a scalar (or a 2-D input) failed deep in
+    the graph naming nothing. The declared rank 1 is static, so tf.rank, assert_rank and
+    Rank or Size ops of the shape are folded to constants (by Python or Grappler) and check
+    nothing: the shape goes through a serialisation, whose parsed tensor has no static shape."""
+    shape = tf.io.parse_tensor(tf.io.serialize_tensor(tf.shape(images)), tf.int32)
+    rank = tf.size(shape)
+    message = tf.strings.format(
+        "`images` must be a 1-D string tensor of encoded images (N,), got rank {} (shape {}); "
+        "pass one image as a list: images=[data] or tf.constant([data])", (rank, shape))
+    with tf.control_dependencies([tf.debugging.Assert(tf.equal(rank, 1), [message])]):
+        return tf.identity(images)
 
 
 def load_images(images):

@@ -201,6 +201,28 @@ def test_resized_images_agree_with_the_caption_command(served, tool):
 
 
 @pytest.mark.slow
+def test_one_image_not_in_a_list_and_a_2d_input_say_what_images_must_be(
+        exported, shapes_data, trained_run):
+    """A loaded signature does not check its declared shape (N,): one image passed as a
+    scalar, the usual mistake, or a 2-D input failed inside the graph ("slice index 0 of
+    dimension 0 out of bounds", "Incompatible shapes at component 1"), naming nothing. The
+    saved graph checks the rank at run time (static checks are folded away: the spec's rank
+    is 1) and says what to do; the advice itself works."""
+    import tensorflow as tf
+    serve = tf.saved_model.load(exported[0]).signatures["serving_default"]
+    data = open(_split_images(shapes_data, trained_run, "test")[0], "rb").read()
+    for images, rank in ((tf.constant(data), 0), (tf.constant([[data]]), 2),
+                         (tf.constant([[data], [data]]), 2), (tf.constant([[[data]]]), 3)):
+        with pytest.raises(tf.errors.InvalidArgumentError) as refused:
+            serve(images=images)
+        message = " ".join(refused.value.message.split())
+        assert "`images` must be a 1-D string tensor of encoded images (N,)" in message
+        assert f"got rank {rank}" in message
+        assert "images=[data]" in message and "tf.constant([data])" in message
+    assert serve(images=[data])["captions"].shape == (1,)
+
+
+@pytest.mark.slow
 def test_saved_model_cli_shows_and_runs_it(exported, shapes_data, trained_run, tool,
                                           tmp_path):
     out = exported[0]

@@ -111,7 +111,8 @@ def bench_index(n: int) -> None:
 
 
 def bench_reader(files: int, repeats: int) -> None:
-    import tensorflow as tf
+    from caption_attn.quiet import import_tensorflow
+    tf = import_tensorflow()   # oneDNN chosen as the CLI does, its start-up notices dropped
 
     from caption_attn import pipeline
 

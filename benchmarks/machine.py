@@ -25,7 +25,7 @@ def cpu_name() -> str:
 
 def cpu_flags() -> list[str]:
     """Which of `KIND_FLAGS` the CPU has (from /proc/cpuinfo; empty where it is missing)."""
-    from caption_attn.backbone import cpu_flags as all_flags
+    from caption_attn.quiet import cpu_flags as all_flags
 
     flags = all_flags()
     return [flag for flag in KIND_FLAGS if flag in flags]
@@ -38,12 +38,13 @@ def describe() -> str:
     flags = " ".join(cpu_flags()) or "flags unknown"
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
     limit = f", oneDNN limited to {isa}" if isa else ""
-    opts = os.environ.get("TF_ENABLE_ONEDNN_OPTS")   # set by the user or, on AVX2-only
-    limit += f", TF_ENABLE_ONEDNN_OPTS={opts}" if opts else ""   # CPUs, `import_tensorflow`
+    # set by the user or, on AVX2-only CPUs, by `import_tensorflow`
+    opts = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    opts_note = f", TF_ENABLE_ONEDNN_OPTS={opts}" if opts else ""
     xla = os.environ.get("XLA_FLAGS")
     xla = f", XLA_FLAGS {xla}" if xla else ""
-    return (f"CPU: {cpu_name()} ({flags}{limit}), {os.cpu_count()} cores, load average "
-            f"{os.getloadavg()[0]:.1f}{xla}")
+    return (f"CPU: {cpu_name()} ({flags}{limit}{opts_note}), {os.cpu_count()} cores, "
+            f"load average {os.getloadavg()[0]:.1f}{xla}")
 
 
 def run_in_temp_folder(prefix: str, measure, args, report=None) -> int:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 
-import tensorflow as tf
+from caption_attn.quiet import import_tensorflow
+
+tf = import_tensorflow()   # oneDNN chosen as the CLI does (a no-op once TensorFlow is loaded)
 
 
 def matmul_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:

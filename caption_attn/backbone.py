@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import glob
 import hashlib
 import inspect
 import math
 import os
 import random
 import socket
-from typing import Optional
 
 import cv2
 import numpy as np
@@ -30,6 +28,7 @@ from caption_attn.config import BACKBONE_PRECISIONS as PRECISIONS
 from caption_attn.config import DTYPE_POLICIES
 from caption_attn.errors import UserError
 from caption_attn.fileio import file_digest
+from caption_attn.quiet import cpu_flags
 
 IMAGE_SIZE = 299                        # InceptionV3's native input side (pixels)
 GRID = 8                                # the `mixed10` map is GRID x GRID positions
@@ -76,16 +75,6 @@ ISA_WITHOUT_BFLOAT16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX
 XLA_WIDE_VECTORS = "--xla_cpu_prefer_vector_width=512"
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
-    """The words of /proc/cpuinfo (its feature flags, "AuthenticAMD"/"GenuineIntel", ...);
-    empty where it cannot be read."""
-    try:
-        with open(cpuinfo) as f:
-            return set(f.read().split())
-    except OSError:
-        return set()
-
-
 def _onednn_cap(environ) -> str:
     """The instruction set oneDNN is capped at (`ONEDNN_MAX_CPU_ISA`, or its old name
     `DNNL_MAX_CPU_ISA`), upper case; "" when it is not."""
@@ -120,37 +109,6 @@ def prefer_wide_xla_vectors(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) 
             or _onednn_cap(environ) in ISA_WITHOUT_BFLOAT16:
         return
     environ["XLA_FLAGS"] = f"{current} {XLA_WIDE_VECTORS}".strip()
-
-
-# TensorFlow turns oneDNN on by itself (Linux) only on CPUs with one of these (its
-# `DefaultOneDnnPolicy`); /proc/cpuinfo's names
-ONEDNN_BY_DEFAULT = {"avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8",
-                     "amx_bf16"}
-
-
-def onednn_on_avx2_cpus(cpuinfo: str = "/proc/cpuinfo", environ=os.environ,
-                        gpus: Optional[list] = None) -> None:
-    """Turn TensorFlow's oneDNN kernels on (`TF_ENABLE_ONEDNN_OPTS=1`) on AVX2-only x86 CPUs
-    (AVX2 and FMA, no AVX-512: AMD Zen 3 and older, Intel's client cores before AVX-VNNI),
-    where TensorFlow leaves them off: it turns them on by itself only with one of
-    `ONEDNN_BY_DEFAULT`. Every op there ran on Eigen, which took 1.2x the time of oneDNN's
-    AVX2 kernels for the InceptionV3 backbone and 1.17x for a training step (the README's
-    Speed), and no machine the project measured on ran that way: the AVX2 caps that imitate
-    Zen 3 kept oneDNN on, as the CPUs with AVX512-BF16 or AMX have it.
-
-    Nothing changes where the user chose (`TF_ENABLE_ONEDNN_OPTS` set, whatever its value),
-    on CPUs with AVX-512 but none of `ONEDNN_BY_DEFAULT` (Skylake-SP: not measured), without
-    AVX2 and FMA (nor on other architectures), or where an NVIDIA GPU is present (`gpus`: its
-    /dev/nvidiaN devices; TensorFlow advises against oneDNN beside a GPU). TensorFlow reads
-    the variable once, as it loads: call this before (`quiet.import_tensorflow` does)."""
-    if "TF_ENABLE_ONEDNN_OPTS" in environ:
-        return
-    flags = cpu_flags(cpuinfo)
-    if not {"avx2", "fma"} <= flags or "avx512f" in flags or flags & ONEDNN_BY_DEFAULT:
-        return
-    if (glob.glob("/dev/nvidia[0-9]*") if gpus is None else gpus):
-        return
-    environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
 
 
 def native_bfloat16(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) -> bool:

@@ -74,22 +74,33 @@ def make_folders(folder: str) -> list[str]:
     """Make `folder` and the folders above it that are missing; returns those this call made,
     deepest first (for `remove_folders`). They are made one at a time from the top, and only
     those whose mkdir succeeded count: one that another process (another extract-features
-    shard) made at the same moment is its, and is not removed under it. A file where a folder
-    is expected raises as `os.makedirs` does (FileExistsError, NotADirectoryError), having
-    removed the folders it made."""
-    missing, above = [], folder
-    while not os.path.lexists(above) and above != os.path.dirname(above):
-        missing.append(above)
-        above = os.path.dirname(above)
+    shard) made at the same moment is its, and is not removed under it. One seen as there
+    but removed by another process before the folder below it was made (its failed write
+    removed the folders it made) is listed again and made here. A file where a folder is
+    expected raises as `os.makedirs` does (FileExistsError, NotADirectoryError), having
+    removed the folders it made.
+
+    Not covered: another process may still remove a folder this call found there, after this
+    call returned (its failed write, while the folder was still empty); the write into it
+    then fails with FileNotFoundError, naming the file."""
     made = []
-    for name in reversed(missing):   # from the top
+    for _ in range(3):   # listed again when a folder above vanished in between
+        missing, above = [], folder
+        while not os.path.lexists(above) and above != os.path.dirname(above):
+            missing.append(above)
+            above = os.path.dirname(above)
         try:
-            os.mkdir(name)
-        except FileExistsError:      # made by another process just now: not ours
+            for name in reversed(missing):   # from the top
+                try:
+                    os.mkdir(name)
+                except FileExistsError:      # made by another process just now: not ours
+                    continue
+                made.insert(0, name)
+        except FileNotFoundError:            # a folder above was removed meanwhile
             continue
-        except OSError:              # os.makedirs below says why
-            break
-        made.insert(0, name)
+        except OSError:                      # os.makedirs below says why
+            pass
+        break
     try:
         os.makedirs(folder, exist_ok=True)
     except BaseException:

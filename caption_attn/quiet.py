@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import glob
 import os
 import re
 import sys
 import tempfile
+from typing import Optional
 
 NOISE = re.compile(
     r"All log messages before absl::InitializeLog\(\) is called"
@@ -37,6 +39,49 @@ NOISE = re.compile(
     r"|^INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.$")
 
 
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
+    """The words of /proc/cpuinfo (its feature flags, "AuthenticAMD"/"GenuineIntel", ...);
+    empty where it cannot be read."""
+    try:
+        with open(cpuinfo) as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
+# TensorFlow turns oneDNN on by itself (Linux) only on CPUs with one of these (its
+# `DefaultOneDnnPolicy`); /proc/cpuinfo's names
+ONEDNN_BY_DEFAULT = {"avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8",
+                     "amx_bf16"}
+
+
+def onednn_on_avx2_cpus(cpuinfo: str = "/proc/cpuinfo", environ=os.environ,
+                        gpus: Optional[list] = None) -> None:
+    """Turn TensorFlow's oneDNN kernels on (`TF_ENABLE_ONEDNN_OPTS=1`) on AVX2-only x86 CPUs
+    (AVX2 and FMA, no AVX-512: AMD Zen 3 and older, Intel's client cores before AVX-VNNI),
+    where TensorFlow leaves them off: it turns them on by itself only with one of
+    `ONEDNN_BY_DEFAULT`. Every op there ran on Eigen, which took 1.2x the time of oneDNN's
+    AVX2 kernels for the InceptionV3 backbone and 1.17x for a training step (the README's
+    Speed), and no machine the project measured on ran that way: the AVX2 caps that imitate
+    Zen 3 kept oneDNN on, as the CPUs with AVX512-BF16 or AMX have it.
+
+    Nothing changes where the user chose (`TF_ENABLE_ONEDNN_OPTS` set, whatever its value),
+    on CPUs with AVX-512 but none of `ONEDNN_BY_DEFAULT` (Skylake-SP: not measured), without
+    AVX2 and FMA (nor on other architectures), or where an NVIDIA GPU is present (`gpus`: its
+    /dev/nvidiaN devices; the heavy ops run there, and oneDNN beside one was not measured).
+    bfloat16 ops keep Eigen's kernels on these CPUs (TensorFlow gives them to oneDNN only
+    with AVX512F or AVX-NE-CONVERT). TensorFlow reads the variable once, as it loads: call
+    this before (`import_tensorflow` does)."""
+    if "TF_ENABLE_ONEDNN_OPTS" in environ:
+        return
+    flags = cpu_flags(cpuinfo)
+    if not {"avx2", "fma"} <= flags or "avx512f" in flags or flags & ONEDNN_BY_DEFAULT:
+        return
+    if (glob.glob("/dev/nvidia[0-9]*") if gpus is None else gpus):
+        return
+    environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
+
+
 def import_tensorflow(meet_dtypes: bool = True, freeze: bool = False):
     """`import tensorflow`, its start-up notices dropped (see the module docstring).
 
@@ -44,15 +89,15 @@ def import_tensorflow(meet_dtypes: bool = True, freeze: bool = False):
     initialises TensorFlow's runtime. A process that must configure the runtime first (a
     multi-worker strategy sets up collective ops) passes False and calls `meet_dtypes`
     afterwards. oneDNN is turned on first where TensorFlow would leave an AVX2-only CPU
-    without it (`backbone.onednn_on_avx2_cpus`). `freeze` (the `caption-attn` program, whose
+    without it (`onednn_on_avx2_cpus`). `freeze` (the `caption-attn` program, whose
     process it is): no garbage collection while TensorFlow imports, and what the process
-    holds then frozen (`frozen_after`). Nothing of either when TensorFlow is imported already."""
+    holds then frozen (`frozen_after`). Nothing of either when TensorFlow is imported
+    already."""
     if "tensorflow" in sys.modules:
         import tensorflow as tf
         return tf
     with frozen_after() if freeze else contextlib.nullcontext():
-        from caption_attn import backbone   # (its imports, cv2's, among those frozen)
-        backbone.onednn_on_avx2_cpus()      # read as TensorFlow loads
+        onednn_on_avx2_cpus()   # read as TensorFlow loads
         if os.environ.get("CAPTION_ATTN_TF_LOGS") == "1":
             import tensorflow as tf
             return tf

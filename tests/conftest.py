@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # oneDNN on or off as the CLI chooses it (`quiet.import_tensorflow`), before any test module
 # imports TensorFlow: on an AVX2-only CPU the suite ran on Eigen while the CLI does not.
 if "tensorflow" not in sys.modules:
-    from caption_attn.backbone import onednn_on_avx2_cpus
+    from caption_attn.quiet import onednn_on_avx2_cpus
     onednn_on_avx2_cpus()
     ONEDNN_CHOSEN_BEFORE_TENSORFLOW = "tensorflow" not in sys.modules
 

@@ -366,7 +366,7 @@ def test_xla_vector_width_is_chosen_only_for_decoders_that_compile(monkeypatch):
 ])
 def test_onednn_is_turned_on_where_tensorflow_leaves_avx2_cpus_without_it(
         tmp_path, flags, environ, gpus, want):
-    from caption_attn.backbone import onednn_on_avx2_cpus
+    from caption_attn.quiet import onednn_on_avx2_cpus
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n" if flags else "")
     onednn_on_avx2_cpus(str(cpuinfo), environ, gpus=gpus)
@@ -379,9 +379,9 @@ def test_import_tensorflow_chooses_onednn_before_tensorflow_loads():
     """TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, as it loads: `quiet.import_tensorflow`
     (the CLI's and the benchmarks' import) must apply the choice before that."""
     code = ("import sys\n"
-            "from caption_attn import backbone, quiet\n"
+            "from caption_attn import quiet\n"
             "seen = []\n"
-            "backbone.onednn_on_avx2_cpus = lambda: seen.append('tensorflow' in sys.modules)\n"
+            "quiet.onednn_on_avx2_cpus = lambda: seen.append('tensorflow' in sys.modules)\n"
             "quiet.import_tensorflow()\n"
             "print(seen, 'tensorflow' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -210,7 +210,8 @@ def test_one_image_not_in_a_list_and_a_2d_input_say_what_images_must_be(
     is 1) and says what to do; the advice itself works."""
     import tensorflow as tf
     serve = tf.saved_model.load(exported[0]).signatures["serving_default"]
-    data = open(_split_images(shapes_data, trained_run, "test")[0], "rb").read()
+    with open(_split_images(shapes_data, trained_run, "test")[0], "rb") as f:
+        data = f.read()
     for images, rank in ((tf.constant(data), 0), (tf.constant([[data]]), 2),
                          (tf.constant([[data], [data]]), 2), (tf.constant([[[data]]]), 3)):
         with pytest.raises(tf.errors.InvalidArgumentError) as refused:

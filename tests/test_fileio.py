@@ -351,6 +351,33 @@ def test_a_failure_keeps_a_folder_another_process_made_at_the_same_moment(tmp_pa
     assert theirs.is_dir() and os.listdir(theirs) == []   # theirs stays; ours is gone
 
 
+def test_folders_made_after_another_process_removed_one_above_still_count_as_made(tmp_path,
+                                                                                monkeypatch):
+    """A folder seen as there (`a`) was removed by another process (its failed write removing
+    the folders it made) before the folder below it was made: mkdir said FileNotFoundError,
+    and the folders `os.makedirs` then made were not counted, so a failed write left them
+    behind, empty. They are listed again and made one at a time, and count as made."""
+    from caption_attn import fileio
+    (tmp_path / "a").mkdir()
+    target = tmp_path / "a" / "b" / "c"
+    mkdir = os.mkdir
+    removed = []
+
+    def racing_mkdir(name, *args, **kwargs):
+        if not removed:
+            os.rmdir(tmp_path / "a")               # the other process removes its own `a`
+            removed.append(1)
+        return mkdir(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", racing_mkdir)
+    made = fileio.make_folders(str(target))
+    monkeypatch.undo()
+    assert target.is_dir()
+    assert made == [str(target), str(target.parent), str(tmp_path / "a")]
+    fileio.remove_folders(made)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_file_where_a_folder_is_expected_is_still_refused(tmp_path):
     from caption_attn import fileio
     (tmp_path / "f").write_text("")

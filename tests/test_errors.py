@@ -68,7 +68,6 @@ def test_the_cli_exit_code_of_a_named_file_says_bad_input_only_for_bad_paths(
         f"caption-attn inspect: error: out/x.json: {os.strerror(code)}\n"
 
 
-
 def _advice_built_as_commands_run(monkeypatch, capsys, tmp_path):
     """(message, where, alternative) of every place that advises to free space and rerun with
     a message built as the command runs, each message built by the code that says it."""

@@ -63,7 +63,7 @@ def onednn_on_avx2_cpus(cpuinfo: str = "/proc/cpuinfo", environ=os.environ,
     `ONEDNN_BY_DEFAULT`. Every op there ran on Eigen, which took 1.2x the time of oneDNN's
     AVX2 kernels for the InceptionV3 backbone and 1.17x for a training step under the AVX2
     caps that imitate Zen 3 (they kept oneDNN on, as CPUs with AVX512-BF16 or AMX have it),
-    and 1.16x for the step on a real Zen 3 (the README's Speed).
+    and 1.19x for the step on a real Zen 3 (the README's Speed).
 
     Nothing changes where the user chose (`TF_ENABLE_ONEDNN_OPTS` set, whatever its value),
     on CPUs with AVX-512 but none of `ONEDNN_BY_DEFAULT` (Skylake-SP: not measured), without

@@ -350,7 +350,7 @@ def test_xla_vector_width_is_chosen_only_for_decoders_that_compile(monkeypatch):
 
 
 # TensorFlow's own default (`DefaultOneDnnPolicy`, Linux): oneDNN on only where the CPU has one
-# of these; on an AVX2-only CPU (AMD Zen 3) every op ran on Eigen, the training step at 1.16x
+# of these; on an AVX2-only CPU (AMD Zen 3) every op ran on Eigen, the training step at 1.19x
 # the time of oneDNN's AVX2 kernels on a real Zen 3 (README: Speed).
 @pytest.mark.parametrize("flags, environ, gpus, want", [
     ("AuthenticAMD fpu avx avx2 fma", {}, [], "1"),                  # Zen 3: turned on

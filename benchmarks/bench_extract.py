@@ -12,9 +12,10 @@ the machine only ever slow a run down). CPU ms/image (process time) is printed t
 sensitive to other load than images/s.
 
 It also prints the yardstick for the bfloat16/float32 ratio: the backbone's GFLOP/s in each
-precision next to what a 2048x2048 tf.matmul reaches on this CPU in that precision
-(matmul_ceiling.py), and the matmul's own bfloat16/float32 ratio. Without AMX a CPU's bf16 dot
-products (AVX512-BF16) do at most twice the fp32 FMA work per cycle, so that ratio is <= 2.
+precision next to what a 2048x2048 tf.matmul (`--matmul-size`) reaches on this CPU in that
+precision (matmul_ceiling.py), and the matmul's own bfloat16/float32 ratio. Without AMX a CPU's
+bf16 dot products (AVX512-BF16) do at most twice the fp32 FMA work per cycle, so that ratio is
+<= 2.
 
     .venv/bin/python benchmarks/bench_extract.py --images 64 --batch-size 16
 """
@@ -125,6 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0, help="decode threads (0: CPU count)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats, best kept")
     p.add_argument("--size", default="640x480", help="rendered image size WxH")
+    p.add_argument("--matmul-size", type=int, default=2048,
+                   help="N of the N x N matmul yardstick (default 2048)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = p.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -147,7 +150,7 @@ def main(argv=None) -> int:
         for precision in args.precisions.split(","):
             backbone = Backbone(build_backbone("random", 0, precision))
             gflop = backbone_gflop(backbone.model)
-            matmul[precision] = matmul_gflops(precision)
+            matmul[precision] = matmul_gflops(precision, args.matmul_size)
             backbone(images[:args.batch_size])                                  # trace, warm up
             best = {"model": (0.0, 0.0), "e2e": (0.0, 0.0)}
             for _ in range(args.repeats):
@@ -162,14 +165,15 @@ def main(argv=None) -> int:
                   f"end-to-end/model-only {ei / mi:.2f}")
             print(f"{'':>9}  backbone {gflop:.2f} GFLOP/image -> {mi * gflop:5.0f} GFLOP/s "
                   f"model-only = {100 * mi * gflop / matmul[precision]:.0f} % of this CPU's "
-                  f"{matmul[precision]:.0f} GFLOP/s {precision} matmul")
+                  f"{matmul[precision]:.0f} GFLOP/s {precision} matmul "
+                  f"({args.matmul_size}x{args.matmul_size})")
         if {"float32", "bfloat16"} <= set(results):
             f32, b16 = results["float32"], results["bfloat16"]
             print(f"bfloat16/float32: model-only {b16['model'][0] / f32['model'][0]:.2f}x, "
                   f"end-to-end {b16['e2e'][0] / f32['e2e'][0]:.2f}x, CPU time per image "
                   f"{f32['model'][1] / b16['model'][1]:.2f}x less")
-            print(f"bfloat16/float32 of the CPU's 2048x2048 matmul (the ceiling): "
-                  f"{matmul['bfloat16'] / matmul['float32']:.2f}x")
+            print(f"bfloat16/float32 of the CPU's {args.matmul_size}x{args.matmul_size} matmul "
+                  f"(the ceiling): {matmul['bfloat16'] / matmul['float32']:.2f}x")
         if args.json:
             write_json_atomic(args.json, {
                 "cpu": describe(), "images": len(keys), "batch_size": args.batch_size,

@@ -23,8 +23,8 @@ to 40) into a temp folder, then
 
 and prints captions/s of both and their ratio, the first-step (trace + compile) time, and the
 model-FLOP utilisation (useful FLOPs of real tokens, forward + backward = 3x forward) against
-the CPU's matmul ceiling in the same precision (a 2048x2048 tf.matmul measured in this run, see
-matmul_ceiling.py).
+the CPU's matmul ceiling in the same precision (a 2048x2048 tf.matmul, `--matmul-size`, measured
+in this run, see matmul_ceiling.py).
 
     .venv/bin/python benchmarks/bench_train.py                 # E 256, U 512, V 5001, B 64
     .venv/bin/python benchmarks/bench_train.py --precision bfloat16 --xla
@@ -321,6 +321,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds of (one epoch of ours, the reference batches), alternating; "
                          "each side's best round counts")
+    ap.add_argument("--matmul-size", type=int, default=2048,
+                    help="N of the N x N matmul yardstick of the MFU (default 2048)")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = ap.parse_args(argv)
     if args.rounds < 1:
@@ -359,7 +361,7 @@ def measure(args, root: str) -> dict:
         sum(int(b[0].shape[0]) for b in batches)
     flops = model_flops(lengths, round(len(lengths) / per_image), args.embedding_dim,
                         args.units, V) * 3
-    peak = matmul_gflops(args.precision)
+    peak = matmul_gflops(args.precision, args.matmul_size)
     ours_gflops = flops / (len(lengths) / ours) / 1e9
 
     scst = time_scst(trainer)
@@ -368,7 +370,8 @@ def measure(args, root: str) -> dict:
         "setup": {"embedding_dim": args.embedding_dim, "units": args.units, "vocab": V,
                   "batch_size": args.batch_size, "precision": args.precision, "xla": args.xla,
                   "captions": len(lengths), "mean_tokens": float(np.mean(lengths)),
-                  "max_tokens": max_tokens, "threads": os.cpu_count()},
+                  "max_tokens": max_tokens, "threads": os.cpu_count(),
+                  "matmul_size": args.matmul_size},
         "rounds": args.rounds,
         "ours_rounds_captions_per_s": [r[0] for r in ours_rounds],
         "reference_rounds_captions_per_s": [r[0] for r in ref_rounds] if ref_rounds else None,
@@ -413,8 +416,8 @@ def report(figures: dict) -> None:
               f"vs {figures['reference_captions_per_cpu_s']:.1f} captions; load average "
               f"{figures['load_average']:.1f} on {s['threads']} CPUs)")
     print(f"MFU        {100 * figures['mfu']:8.1f} %  ({figures['model_gflops_per_s']:.1f} model "
-          f"GFLOP/s of the CPU's {figures['matmul_gflops_per_s']:.0f} GFLOP/s 2048x2048 "
-          f"{s['precision']} matmul)")
+          f"GFLOP/s of the CPU's {figures['matmul_gflops_per_s']:.0f} GFLOP/s "
+          f"{s['matmul_size']}x{s['matmul_size']} {s['precision']} matmul)")
     sc = figures["scst"]
     print(f"self-critical {sc['captions_per_s']:8.1f} sampled captions/s  "
           f"({sc['images_per_step']} images x {sc['samples']} samples per step, first step "

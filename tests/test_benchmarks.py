@@ -50,8 +50,9 @@ def test_bench_extract(capsys, tmp_path):
     path = str(tmp_path / "extract.json")
     out = run_benchmark("bench_extract", ["--images", "2", "--batch-size", "2", "--repeats",
                                           "1", "--precisions", "float32", "--size", "64x48",
-                                          "--json", path], capsys)
+                                          "--matmul-size", "128", "--json", path], capsys)
     assert "model-only" in out and "end-to-end" in out and "GFLOP/s" in out
+    assert "float32 matmul (128x128)" in out    # the yardstick's 2048x2048: ~4 CPU s, here 0
     with open(path) as f:
         figures = json.load(f)
     numbers(figures, "float32_end_to_end_images_per_s", "float32_model_only_images_per_s")
@@ -76,8 +77,10 @@ def test_bench_train(capsys, tmp_path):
     out = run_benchmark("bench_train", ["--images", "8", "--captions-per-image", "2",
                                         "--vocab", "60", "--embedding-dim", "8", "--units",
                                         "8", "--batch-size", "4", "--reference-batches", "0",
-                                        "--rounds", "2", "--json", path], capsys)
+                                        "--rounds", "2", "--matmul-size", "128", "--json", path],
+                        capsys)
     assert "reference  skipped" in out and "MFU" in out and "self-critical" in out
+    assert "128x128 float32 matmul" in out      # the yardstick's 2048x2048: ~4 CPU s, here 0
     with open(path) as f:
         figures = json.load(f)
     numbers(figures, "ours_captions_per_s", "ours_first_step_s", "mfu")

@@ -165,7 +165,7 @@ def test_bench_export(capsys, tmp_path):
     """bench_export made its run folder by hand and crashed before measuring once `export`
     required the split.json that `train` writes."""
     path = str(tmp_path / "export.json")
-    out = run_benchmark("bench_export", ["--images", "3", "--rounds", "1", "--beam", "2",
+    out = run_benchmark("bench_export", ["--images", "2", "--rounds", "1", "--beam", "2",
                                          "--max-length", "3", "--vocab", "20", "--json", path],
                         capsys)
     assert "SavedModel / Captioner" in out and "same captions on" in out

@@ -627,18 +627,21 @@ def scatter(outputs: dict, index, n) -> dict:
 
 
 def _module(function, *models) -> tf.Module:
-    """A tf.Module holding `function` and the variables of the Keras `models` (tracked as
-    plain variables: Keras objects themselves are not saved, so loading needs no Keras)."""
+    """A tf.Module holding the concrete function of `function` (its signature's) and the
+    variables of the Keras `models` (tracked as plain variables: Keras objects themselves are
+    not saved, so loading needs no Keras). The concrete function, not the tf.function: saving
+    a tf.function traced it again in the save's context: a second trace of the backbone and
+    the decoder in each SavedModel written (the export's and the TFLite model's staging one)."""
     module = tf.Module()
     module.weights = [v.value for model in models for v in model.variables]  # tf.Variables
-    module.function = function
+    module.function = function.get_concrete_function()
     return module
 
 
 def save_servable(path: str, captioner: Captioner, backbone: Backbone) -> None:
     serve = serving_function(captioner, backbone)
     module = _module(serve, backbone.inference_model, captioner.model)
-    tf.saved_model.save(module, path, signatures={SIGNATURE: serve.get_concrete_function()})
+    tf.saved_model.save(module, path, signatures={SIGNATURE: module.function})
 
 
 # ----------------------------------------------------------------------------- TFLite
@@ -716,8 +719,8 @@ def write_tflite(folder: str, run: RunFolder, captioner: Captioner, backbone: Ba
     model, backbone = float32_copies(captioner.model, backbone)
     greedy = tflite_function(model, backbone, captioner.cfg, captioner.max_length)
     staging = os.path.join(folder, ".tflite_saved_model")
-    tf.saved_model.save(_module(greedy, backbone.inference_model, model), staging,
-                        signatures={SIGNATURE: greedy.get_concrete_function()})
+    module = _module(greedy, backbone.inference_model, model)
+    tf.saved_model.save(module, staging, signatures={SIGNATURE: module.function})
     float_model = convert(staging)
     blob = float_model if cfg.tflite_quantize == "none" else \
         convert(staging, cfg.tflite_quantize)

@@ -315,7 +315,7 @@ def test_quantized_tflite_prints_sizes_and_agreement(exported, trained_run, tmp_
     saving it again (with the float32 TFLite model in the same export: `exported`) is left
     out (a placeholder file, ~7 s). Nor does the float32 TFLite model (greedy whatever the
     beam): its conversion, the same as `exported`'s of the same run, is that model's bytes
-    (~4 s on 2 cores of an AMD EPYC Zen 3); the int8 one is converted here."""
+    (11 CPU s on 2 cores of an AMD EPYC Zen 3 under load); the int8 one is converted here."""
     saved, converted = [], []
     monkeypatch.setattr(export, "save_servable", lambda path, *args: saved.append(path) or
                         open(os.path.join(path, "saved_model.pb"), "wb").close())

@@ -1,6 +1,7 @@
 """kill -9 during training, then the same command again: the run ends exactly as an
 uninterrupted one (cross-entropy and self-critical epochs). SIGTERM: the same clean-up as
-Ctrl-C, exit 143."""
+Ctrl-C, exit 143. The runs stopped are subprocesses; the reruns and the self-critical
+reference run are the same command run in the test's process (`run_here`)."""
 
 import os
 import signal
@@ -11,7 +12,8 @@ import time
 import pytest
 
 from caption_attn.quiet import NOISE
-from train_subprocess import ENV, checkpoint_steps, read_history, slowed, train_cmd
+from train_subprocess import (ENV, checkpoint_steps, read_history, run_here, slowed,
+                              train_cmd)
 
 
 def _wait_for_epoch_1(proc, run: str) -> None:
@@ -49,7 +51,7 @@ def _same_epochs(a: list, b: list) -> None:
 
 @pytest.mark.slow
 def test_kill_after_an_epoch_then_resume_matches_uninterrupted(shapes_data, tmp_path,
-                                                               uninterrupted):
+                                                               uninterrupted, capsys):
     killed = str(tmp_path / "killed")
     proc = subprocess.Popen(slowed(train_cmd(shapes_data, killed)), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -58,8 +60,7 @@ def test_kill_after_an_epoch_then_resume_matches_uninterrupted(shapes_data, tmp_
     assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
     assert len(read_history(killed)) < 3
 
-    done = subprocess.run(train_cmd(shapes_data, killed), env=ENV, capture_output=True,
-                          text=True)
+    done = run_here(train_cmd(shapes_data, killed)[3:], capsys)
     assert done.returncode == 0, done.stderr
     assert "resuming after epoch" in done.stdout
     _same_epochs(uninterrupted, read_history(killed))
@@ -67,11 +68,11 @@ def test_kill_after_an_epoch_then_resume_matches_uninterrupted(shapes_data, tmp_
 
 @pytest.mark.slow
 def test_kill_mid_self_critical_epoch_then_resume_matches_uninterrupted(shapes_data,
-                                                                         tmp_path):
+                                                                         tmp_path, capsys):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     cmd = lambda run: train_cmd(shapes_data, run, epochs=2) + [  # noqa: E731
         "--scst-after", "1", "--scst-samples", "3", "--checkpoint-every", "2"]
-    subprocess.run(cmd(full), check=True, env=ENV, capture_output=True)
+    assert run_here(cmd(full)[3:], capsys).returncode == 0
 
     proc = subprocess.Popen(slowed(cmd(killed)), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -86,7 +87,7 @@ def test_kill_mid_self_critical_epoch_then_resume_matches_uninterrupted(shapes_d
     assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
     assert len(read_history(killed)) == 1
 
-    done = subprocess.run(cmd(killed), env=ENV, capture_output=True, text=True)
+    done = run_here(cmd(killed)[3:], capsys)
     assert done.returncode == 0, done.stderr
     a, b = read_history(full), read_history(killed)
     assert [h["stage"] for h in a] == [h["stage"] for h in b] == ["cross-entropy",
@@ -122,7 +123,7 @@ def test_sigterm_runs_the_interrupt_clean_up_and_exits_143(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_during_training_keeps_the_finished_epochs_and_the_rerun_resumes(
-        shapes_data, tmp_path, uninterrupted):
+        shapes_data, tmp_path, uninterrupted, capsys):
     run = str(tmp_path / "run")
     proc = subprocess.Popen(slowed(train_cmd(shapes_data, run)), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -133,8 +134,7 @@ def test_sigterm_during_training_keeps_the_finished_epochs_and_the_rerun_resumes
     assert stderr.splitlines()[-1] == "caption-attn train: terminated"
     assert 1 <= len(read_history(run)) < 3
 
-    done = subprocess.run(train_cmd(shapes_data, run), env=ENV, capture_output=True,
-                          text=True)
+    done = run_here(train_cmd(shapes_data, run)[3:], capsys)
     assert done.returncode == 0, done.stderr
     assert "resuming after epoch" in done.stdout
     _same_epochs(uninterrupted, read_history(run))

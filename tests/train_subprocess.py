@@ -1,8 +1,10 @@
-"""Helpers of the tests that train in subprocesses (test_kill_resume, test_distributed)."""
+"""Helpers of the tests that train in subprocesses (test_kill_resume, test_distributed,
+test_signals)."""
 
 import glob
 import json
 import os
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +39,19 @@ def slowed(cmd):
     """`cmd` (a `train_cmd`) run with `SLOWED`'s steps."""
     assert cmd[1:3] == ["-m", "caption_attn"], cmd
     return [cmd[0], "-c", SLOWED, *cmd[3:]]
+
+
+def run_here(args, capsys) -> subprocess.CompletedProcess:
+    """`caption-attn ARGS` (`train_cmd(...)[3:]`) run in this test process: `cli.main`, the
+    function the program's `entry` calls, with TensorFlow imported already (a subprocess
+    paid ~5 s for the import before its first step). For the runs that are not themselves
+    stopped (a reference run, the rerun after a stop): what they are checked by is on disk
+    and in their output, the same as the program's. Its output as a subprocess's."""
+    from caption_attn import cli
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
 
 
 def checkpoint_steps(run):

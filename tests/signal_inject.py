@@ -91,11 +91,6 @@ def inject(target: str, args: list, when: str = "before", call: int = 1, at: int
                           env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def run_cli(args: list, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "caption_attn", *map(str, args)], env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def stopped_cleanly(done: subprocess.CompletedProcess, command: str, signum: int = 15) -> None:
     """The command ended as a signal should end it: 143 / 130, its one line last, no
     traceback or other exception."""

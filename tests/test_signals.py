@@ -1,14 +1,15 @@
 """Ctrl-C and SIGTERM sent at chosen points of real commands (`signal_inject`): the command
 ends with 130 / 143 and its one line, and the same command run again ends as an
-uninterrupted one would have."""
+uninterrupted one would have. The commands stopped are subprocesses; the reruns and the
+runs that set a test up are the same command run in the test's process (`run_here`)."""
 
 import os
 import signal
 
 import pytest
 
-from signal_inject import inject, leftovers, run_cli, stopped_cleanly
-from train_subprocess import read_history, train_cmd
+from signal_inject import inject, leftovers, stopped_cleanly
+from train_subprocess import read_history, run_here, train_cmd
 
 
 def _tensorboard_epochs(run: str) -> dict:
@@ -38,11 +39,11 @@ def _tensorboard_epochs(run: str) -> dict:
     ("caption_attn.callbacks:TensorBoardLogger.on_epoch_end", signal.SIGTERM)],
     ids=["heatmap-write", "tensorboard-epoch-end"])
 def test_a_stop_at_an_epochs_end_loses_none_of_its_records(shapes_data, tmp_path, target,
-                                                             signum):
+                                                             signum, capsys):
     run = str(tmp_path / "run")
     cmd = train_cmd(shapes_data, run, epochs=2)[3:]
     stopped_cleanly(inject(target, cmd, signum=signum), "train", signum)
-    done = run_cli(cmd)
+    done = run_here(cmd, capsys)
     assert done.returncode == 0, done.stderr
     epochs = [h["epoch"] for h in read_history(run)]
     assert epochs == [1, 2]
@@ -57,7 +58,7 @@ def test_a_stop_at_an_epochs_end_loses_none_of_its_records(shapes_data, tmp_path
 
 @pytest.mark.slow
 def test_a_kill_while_the_best_model_is_saved_loses_no_tensorboard_scalars(shapes_data,
-                                                                          tmp_path):
+                                                                          tmp_path, capsys):
     """Killed (SIGKILL: no clean-up runs) as epoch 1's best model was saved, after its
     history.json entry and checkpoint: its TensorBoard scalars were never written, and the
     rerun went on after epoch 1, a hole there for good. The rerun writes them, once."""
@@ -67,7 +68,7 @@ def test_a_kill_while_the_best_model_is_saved_loses_no_tensorboard_scalars(shape
     killed = inject("caption_attn.run:RunFolder.save_best", cmd, signum=signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert [h["epoch"] for h in read_history(run)] == [1]
-    done = run_cli(cmd)
+    done = run_here(cmd, capsys)
     assert done.returncode == 0, done.stderr
     assert [h["epoch"] for h in read_history(run)] == [1, 2]
     steps: dict = {}
@@ -123,29 +124,30 @@ def _files(folder) -> dict:
             for r, _, files in os.walk(folder) for f in files}
 
 
-def test_ctrl_c_in_make_shapes_leaves_a_folder_the_rerun_takes(tmp_path):
+def test_ctrl_c_in_make_shapes_leaves_a_folder_the_rerun_takes(tmp_path, capsys):
     """Stopped before captions.json was written, make-shapes left the images drawn so far,
     and the same command then refused the folder ("not empty (images) ... add --replace").
     The images go with the stop; the rerun makes the dataset an uninterrupted run makes."""
     args = ["make-shapes", tmp_path / "shapes", "--num-images", "6"]
     stopped_cleanly(inject("caption_attn.shapes:write_json_atomic", args,
                            signum=signal.SIGINT), "make-shapes", signal.SIGINT)
-    done = run_cli(args)
+    done = run_here(args, capsys)
     assert done.returncode == 0, done.stderr
-    assert run_cli(["make-shapes", tmp_path / "whole", "--num-images", "6"]).returncode == 0
+    assert run_here(["make-shapes", tmp_path / "whole", "--num-images", "6"],
+                    capsys).returncode == 0
     assert _files(tmp_path / "shapes") == _files(tmp_path / "whole")
 
 
 @pytest.mark.slow
 def test_a_stop_before_the_metric_measured_for_a_resume_is_logged_loses_it_nowhere(
-        shapes_data, tmp_path):
+        shapes_data, tmp_path, capsys):
     """A cross-entropy run resumed into its self-critical stage first measures the val_cider
     its last epoch did not log. history.json got it at once, TensorBoard only after the
     writers opened and the decoder was traced: a SIGTERM between left it out of TensorBoard
     for good (the rerun finds it in history.json and measures nothing)."""
     run = str(tmp_path / "run")
     cmd = train_cmd(shapes_data, run, epochs=1)
-    assert run_cli(cmd[3:]).returncode == 0
+    assert run_here(cmd[3:], capsys).returncode == 0
     resume = train_cmd(shapes_data, run, epochs=2)[3:] + ["--scst-after", "1"]
     stopped_cleanly(inject("caption_attn.callbacks:TensorBoardLogger.log_validation",
                            resume), "train")
@@ -167,12 +169,13 @@ def test_a_stop_whose_handler_runs_in_a_finalizer_still_ends_the_command(signum,
 
 
 @pytest.mark.slow
-def test_ctrl_c_while_extract_features_writes_its_last_index_entries_keeps_them(tmp_path):
+def test_ctrl_c_while_extract_features_writes_its_last_index_entries_keeps_them(tmp_path,
+                                                                                capsys):
     """A Ctrl-C landing in the index segment extract-features writes as it ends (the entries
     of the files written since the last one) dropped the segment: the features were on disk,
     but the rerun found no entry vouching for them and extracted those images again."""
     shapes = tmp_path / "shapes"
-    assert run_cli(["make-shapes", shapes, "--num-images", "6"]).returncode == 0
+    assert run_here(["make-shapes", shapes, "--num-images", "6"], capsys).returncode == 0
     args = ["extract-features", "--images", shapes / "images", "--cache", tmp_path / "cache",
             "--weights", "random", "--dtype", "float16", "--precision", "float32"]
     # the 3rd C call inside the main thread's first segment write: the last one, at the end
@@ -180,7 +183,7 @@ def test_ctrl_c_while_extract_features_writes_its_last_index_entries_keeps_them(
     stopped_cleanly(inject("caption_attn.feature_index:write_bytes_atomic", args,
                            when="inside", at=3, signum=signal.SIGINT, main_thread=True),
                     "extract-features", signal.SIGINT)
-    done = run_cli(args)
+    done = run_here(args, capsys)
     assert done.returncode == 0, done.stderr
     assert "extracted 0, skipped 6 already done" in done.stdout + done.stderr, done.stdout
     assert not [f for f in leftovers(str(tmp_path / "cache")) if ".tmp." in f]

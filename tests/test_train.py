@@ -20,6 +20,9 @@ from caption_attn.steps import EpochTotals
 from caption_attn.vocab import tokenize
 
 SMALL_MODEL = ModelConfig(embedding_dim=32, units=64, dropout=0.2)
+# For runs whose heatmaps and BLEU are not what the test checks: no sample heatmaps, no
+# validation decoding (each fit would trace the greedy decoder and draw the heatmaps).
+NO_DECODING = dict(sample_images=0, bleu_images=0)
 
 
 def small_config(shapes_data, cache=None, **train_overrides) -> RunConfig:
@@ -138,7 +141,7 @@ def test_features_standardised_with_train_statistics_only(trained, shapes_data):
 
 
 def test_no_feature_norm_keeps_raw_features(shapes_data, tmp_path):
-    cfg = small_config(shapes_data, epochs=1, max_steps=1)
+    cfg = small_config(shapes_data, epochs=1, max_steps=1, **NO_DECODING)
     cfg.model = ModelConfig(embedding_dim=32, units=64, feature_norm=False)
     trainer, _ = run_trainer(cfg, str(tmp_path / "raw"))
     np.testing.assert_array_equal(trainer.model.feature_norm.mean.numpy(), 0.0)
@@ -234,12 +237,12 @@ def test_resume_with_another_monitor_measures_it_and_continues(shapes_data, tmp_
     Now the epoch the run resumes from gets the new metric measured (its model is the one
     restored), and the epochs after it must beat it."""
     run = str(tmp_path / "run")
-    run_trainer(small_config(shapes_data, epochs=1), run)
-    trainer, summary = run_trainer(small_config(shapes_data, epochs=1, monitor="val_bleu4"),
-                                   run)                   # finished: nothing to train
+    run_trainer(small_config(shapes_data, epochs=1, sample_images=0), run)
+    trainer, summary = run_trainer(small_config(shapes_data, epochs=1, monitor="val_bleu4",
+                                                sample_images=0), run)   # nothing to train
     assert summary["steps_now"] == 0
-    trainer, summary = run_trainer(small_config(shapes_data, epochs=2, monitor="val_bleu4"),
-                                   run)
+    trainer, summary = run_trainer(small_config(shapes_data, epochs=2, monitor="val_bleu4",
+                                                sample_images=0), run)
     with open(os.path.join(run, "history.json")) as f:
         history = json.load(f)
     assert [h["epoch"] for h in history] == [1, 2]
@@ -402,7 +405,7 @@ def test_fresh_starts_over(shapes_data, run_copy):
     for name in ("notes.txt", os.path.join("mine", "keep.txt")):  # not the run's files
         with open(os.path.join(run, name), "w") as f:
             f.write("kept")
-    cfg = small_config(shapes_data, epochs=1, fresh=True)
+    cfg = small_config(shapes_data, epochs=1, fresh=True, **NO_DECODING)
     cfg.model = ModelConfig(embedding_dim=16, units=32, dropout=0.2)  # allowed with --fresh
     _, summary = run_trainer(cfg, run)
     with open(os.path.join(run, "history.json")) as f:
@@ -414,21 +417,22 @@ def test_fresh_starts_over(shapes_data, run_copy):
     assert os.path.isfile(os.path.join(run, "notes.txt"))
 
 
-def test_max_steps_then_resume_mid_epoch(shapes_data, tmp_path):
+def test_max_steps_then_resume_mid_epoch(shapes_data, tmp_path, whole_cosine_run):
     run = str(tmp_path / "run")
-    cfg = small_config(shapes_data, epochs=2, max_steps=3, lr_schedule="cosine")
+    cfg = small_config(shapes_data, epochs=2, max_steps=3, lr_schedule="cosine",
+                       **NO_DECODING)
     trainer, summary = run_trainer(cfg, run)
     assert summary["steps"] == 3 and summary["stopped_by"] == "max_steps"
     assert int(trainer.step_in_epoch.numpy()) == 3
     assert not os.path.exists(os.path.join(run, "history.json"))  # no epoch finished
     per_epoch = trainer.inputs.steps_per_epoch
     _, summary = run_trainer(small_config(shapes_data, epochs=2, max_steps=3,
-                                          lr_schedule="cosine"), run)
+                                          lr_schedule="cosine", **NO_DECODING), run)
     assert summary["steps_now"] == 0 and train.format_summary(summary).startswith(
         f"nothing to train: the run already reached --max-steps 3 (epoch 0 of 2, step 3, "
         f"in epoch 1 at step 3 of {per_epoch})")
     _, summary = run_trainer(small_config(shapes_data, epochs=2, max_steps=5,
-                                          lr_schedule="cosine"), run)
+                                          lr_schedule="cosine", **NO_DECODING), run)
     assert summary["steps"] == 5 and summary["steps_now"] == 2  # this invocation's steps
     assert train.format_summary(summary).startswith("trained 2 steps (0 epochs finished)")
     # best.keras does not exist yet: the summary named it as the best model
@@ -436,11 +440,11 @@ def test_max_steps_then_resume_mid_epoch(shapes_data, tmp_path):
         "best model: none yet (no epoch finished: the first one saves it)"
     # through the end of epoch 1 into epoch 2, stopping in its middle
     run_trainer(small_config(shapes_data, epochs=2, max_steps=per_epoch + 2,
-                             lr_schedule="cosine"), run)
+                             lr_schedule="cosine", **NO_DECODING), run)
     with open(os.path.join(run, "history.json")) as f:
         assert [h["epoch"] for h in json.load(f)] == [1]
-    trainer, summary = run_trainer(small_config(shapes_data, epochs=2, lr_schedule="cosine"),
-                                   run)
+    trainer, summary = run_trainer(small_config(shapes_data, epochs=2, lr_schedule="cosine",
+                                                **NO_DECODING), run)
     assert summary["steps"] == 2 * trainer.inputs.steps_per_epoch
     assert summary["steps_now"] == per_epoch - 2 and summary["epochs_now"] == 1
     with open(os.path.join(run, "history.json")) as f:
@@ -448,10 +452,9 @@ def test_max_steps_then_resume_mid_epoch(shapes_data, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
     assert all(h["steps"] == trainer.inputs.steps_per_epoch for h in history)
     # The cosine decay spans --epochs, not --max-steps (it used to decay over the 3 steps):
-    # the same learning rates, so the same weights and losses as an uninterrupted run.
-    run_trainer(small_config(shapes_data, epochs=2, lr_schedule="cosine"),
-                str(tmp_path / "whole"))
-    with open(os.path.join(str(tmp_path / "whole"), "history.json")) as f:
+    # the same learning rates, so the same weights and losses as an uninterrupted run (the
+    # module's, of the same settings)
+    with open(os.path.join(whole_cosine_run, "history.json")) as f:
         whole = json.load(f)
     # each epoch's rate is its first step's: the cosine's start, then its middle (the rate
     # after the epoch was logged: epoch 2, which trained at 5e-3 down to 6e-5, logged 0)
@@ -469,8 +472,9 @@ def test_a_resume_inside_an_epoch_records_and_says_the_rates_really_used(shapes_
     the rate training continues at, at the step it continues at."""
     from caption_attn.optimizer import StagedLearningRate
     run = str(tmp_path / "run")
-    run_trainer(small_config(shapes_data, epochs=2, max_steps=3, lr_schedule="cosine"), run)
-    cfg = small_config(shapes_data, epochs=4, lr_schedule="cosine")
+    run_trainer(small_config(shapes_data, epochs=2, max_steps=3, lr_schedule="cosine",
+                             **NO_DECODING), run)
+    cfg = small_config(shapes_data, epochs=4, lr_schedule="cosine", **NO_DECODING)
     assert not [n for n in train.reopen_checks(RunFolder(run), cfg, fresh=False)
                 if "learning-rate schedule" in n]      # it knows no step: the Trainer says it
     train.open_run(run, cfg)
@@ -482,7 +486,7 @@ def test_a_resume_inside_an_epoch_records_and_says_the_rates_really_used(shapes_
             "cosine over 2 cross-entropy epochs): training continues at step 4 of epoch 1 at a "
             f"learning rate of {now:.3g} instead of {was:.3g}, and the steps to come follow "
             "the new curve") in logs, logs
-    run_trainer(small_config(shapes_data, epochs=1, learning_rate=5e-3), run)
+    run_trainer(small_config(shapes_data, epochs=1, learning_rate=5e-3, **NO_DECODING), run)
     assert RunFolder(run).read_history()[0]["learning_rate"] == pytest.approx(1e-2)
 
 
@@ -494,10 +498,11 @@ def test_a_checkpoint_made_before_epoch_facts_were_kept_still_resumes(shapes_dat
     with monkeypatch.context() as older:
         older.setattr(train.Trainer, "_checkpoint_to_save",
                       lambda self, objects: tf.train.Checkpoint(**objects))
-        run_trainer(small_config(shapes_data, epochs=2, max_steps=3), run)
+        run_trainer(small_config(shapes_data, epochs=2, max_steps=3, **NO_DECODING), run)
     reader = tf.train.load_checkpoint(os.path.join(run, "checkpoints", "ckpt-3"))
     assert not [n for n in reader.get_variable_to_shape_map() if "epoch_start" in n]
-    _, summary = run_trainer(small_config(shapes_data, epochs=1, learning_rate=5e-3), run)
+    _, summary = run_trainer(small_config(shapes_data, epochs=1, learning_rate=5e-3,
+                                          **NO_DECODING), run)
     assert summary["finished_epochs"] == 1
     assert RunFolder(run).read_history()[0]["learning_rate"] == pytest.approx(1e-2)
 
@@ -509,15 +514,15 @@ def test_resume_mid_epoch_with_other_batches_is_refused_before_writing(shapes_da
     of that epoch twice and others never, with exit 0. Refused now; between epochs (and with
     the same batches) it resumes."""
     run = str(tmp_path / "run")
-    run_trainer(small_config(shapes_data, epochs=2, max_steps=3), run)
+    run_trainer(small_config(shapes_data, epochs=2, max_steps=3, sample_images=0), run)
     before = {n: open(os.path.join(run, n), "rb").read() for n in ("config.json",
                                                                     "split.json")}
     for change, needle in (({"batch_size": 8}, "--batch-size 8 (was 16)"),
                            ({"scst_after": 0}, "--scst-after 0 (was none: the epoch would "
                                                "be self-critical)")):
         with pytest.raises(UserError) as e:
-            train.train(small_config(shapes_data, epochs=2, **change), run, progress=False,
-                        log=lambda *a: None)
+            train.train(small_config(shapes_data, epochs=2, sample_images=0, **change), run,
+                        progress=False, log=lambda *a: None)
         assert f"{run} stopped in epoch 1 at step 3" in str(e.value)
         assert needle in str(e.value) and "--epochs 1" in str(e.value)
         assert {n: open(os.path.join(run, n), "rb").read() for n in before} == before
@@ -528,14 +533,15 @@ def test_resume_mid_epoch_with_other_batches_is_refused_before_writing(shapes_da
         json.dump(edited, f)
     with pytest.raises(UserError, match=r"stopped in epoch 1 at step 3, .*--batch-size 8 "
                                         r"\(was 16\)"):
-        train.train(small_config(shapes_data, epochs=2, batch_size=8), run, progress=False,
-                    log=lambda *a: None)
+        train.train(small_config(shapes_data, epochs=2, batch_size=8, sample_images=0), run,
+                    progress=False, log=lambda *a: None)
     with open(os.path.join(run, "config.json"), "wb") as f:
         f.write(before["config.json"])
-    summary = train.train(small_config(shapes_data, epochs=1), run, progress=False,
-                          log=lambda *a: None)                  # finishes epoch 1 as it was
+    summary = train.train(small_config(shapes_data, epochs=1, sample_images=0), run,
+                          progress=False, log=lambda *a: None)  # finishes epoch 1 as it was
     assert summary["finished_epochs"] == 1 and summary["epoch_steps"] == 0
-    summary = train.train(small_config(shapes_data, epochs=2, batch_size=8, max_steps=None),
+    summary = train.train(small_config(shapes_data, epochs=2, batch_size=8, max_steps=None,
+                                       sample_images=0),
                           run, progress=False, log=lambda *a: None)
     assert summary["finished_epochs"] == 2
 
@@ -547,11 +553,12 @@ def test_an_epoch_whose_end_was_killed_at_max_steps_ends_on_the_rerun(shapes_dat
     rerun, and the epoch, all of whose steps were trained, was never validated or recorded
     (no history.json, no best model), where an uninterrupted run has both."""
     run = str(tmp_path / "run")
-    cfg = small_config(shapes_data, epochs=2)
+    cfg = small_config(shapes_data, epochs=2, **NO_DECODING)
     train.open_run(run, cfg)
     per_epoch = train.Trainer(cfg, run, progress=False,
                               log=lambda *a: None).inputs.steps_per_epoch
-    cfg = small_config(shapes_data, epochs=2, max_steps=per_epoch, checkpoint_every=per_epoch)
+    cfg = small_config(shapes_data, epochs=2, max_steps=per_epoch, checkpoint_every=per_epoch,
+                       **NO_DECODING)
 
     def killed(self, epoch):
         raise KeyboardInterrupt
@@ -580,9 +587,10 @@ def _history(run):
 
 @pytest.fixture(scope="module")
 def whole_cosine_run(shapes_data, tmp_path_factory):
-    """An uninterrupted run of 2 epochs on a cosine schedule."""
+    """An uninterrupted run of 2 epochs on a cosine schedule (no decoding: its losses and
+    rates are what the runs stopped and resumed are compared with)."""
     run = str(tmp_path_factory.mktemp("whole") / "run")
-    run_trainer(small_config(shapes_data, epochs=2, lr_schedule="cosine"), run)
+    run_trainer(small_config(shapes_data, epochs=2, lr_schedule="cosine", **NO_DECODING), run)
     return run
 
 
@@ -595,7 +603,7 @@ def test_ctrl_c_keeps_the_epochs_steps_and_the_rerun_matches_an_uninterrupted_ru
     counters cannot be saved as another step), and the rerun ends as an uninterrupted run."""
     import signal
     from caption_attn import pipeline
-    cfg = small_config(shapes_data, epochs=2, lr_schedule="cosine")
+    cfg = small_config(shapes_data, epochs=2, lr_schedule="cosine", **NO_DECODING)
     run = str(tmp_path / "run")
     train.open_run(run, cfg)
     lines = []
@@ -926,8 +934,8 @@ def test_train_and_evaluate_say_when_no_source_image_could_be_checked(shapes_dat
     gone = str(tmp_path / "renamed")                    # the folder, as if renamed since
     _edit_manifest(copy_cache, images_dir=gone, images_dirs=[gone])
     run, lines = str(tmp_path / "run"), []
-    train.train(small_config(shapes_data, cache=copy_cache, epochs=1), run, progress=False,
-                log=lines.append)
+    train.train(small_config(shapes_data, cache=copy_cache, epochs=1, max_steps=1,
+                             **NO_DECODING), run, progress=False, log=lines.append)
     said = (f"note: the source images were not checked against their features in "
             f"{copy_cache}: {gone}, where they were, is not a folder on this machine")
     assert any(line.startswith(said) and "give --images FOLDER" in line for line in lines)
@@ -936,7 +944,8 @@ def test_train_and_evaluate_say_when_no_source_image_could_be_checked(shapes_dat
     assert loaded.images_note.startswith(said[len("note: "):])
     # checked: nothing to say
     lines.clear()
-    train.train(small_config(shapes_data, cache=copy_cache, epochs=1), str(tmp_path / "r2"),
+    train.train(small_config(shapes_data, cache=copy_cache, epochs=1, max_steps=1,
+                             **NO_DECODING), str(tmp_path / "r2"),
                 images_dir=shapes_data["images"], progress=False, log=lines.append)
     assert not any("were not checked" in line for line in lines)
 
@@ -963,7 +972,7 @@ def test_train_says_where_it_checked_the_source_images_and_why(shapes_data, tmp_
     trained the caption file's captions on other pictures without a word. Its opening lines
     say where and why there: the cache's last folder, --images, or the run's own folder."""
     run, lines = str(tmp_path / "run"), []
-    cfg = small_config(shapes_data, epochs=1, max_steps=1, sample_images=0)
+    cfg = small_config(shapes_data, epochs=1, max_steps=1, **NO_DECODING)
     train.train(cfg, run, progress=False, log=lines.append)
     said = (f"source images checked in {shapes_data['images']} (the folder "
             f"{shapes_data['cache']} was last extracted from; pass --images to name the "
@@ -1087,7 +1096,7 @@ def test_a_resume_draws_its_heatmaps_from_the_folder_the_run_trained_on(shapes_d
     from caption_attn.extract import extract_features
 
     run = str(tmp_path / "run")
-    cfg = small_config(shapes_data, cache=copy_cache, epochs=1)
+    cfg = small_config(shapes_data, cache=copy_cache, epochs=1, max_steps=1, **NO_DECODING)
     train.train(cfg, run, images_dir=shapes_data["images"], progress=False,
                 log=lambda *a: None)
     other = tmp_path / "other"
@@ -1178,7 +1187,8 @@ def test_mixed_precision_trains(shapes_data, tmp_path, precision):
 
 
 def test_xla_step_compiles_and_trains(shapes_data, tmp_path):
-    trainer, summary = run_trainer(small_config(shapes_data, epochs=1, max_steps=2, xla=True),
+    trainer, summary = run_trainer(small_config(shapes_data, epochs=1, max_steps=2, xla=True,
+                                                **NO_DECODING),
                                    str(tmp_path / "run"))
     totals = EpochTotals.from_vector(trainer.epoch_sums.numpy())  # of the unfinished epoch
     assert summary["steps"] == totals.sums["steps"] == 2
@@ -1223,9 +1233,9 @@ def test_fused_adam_matches_keras_adam(schedule):
 def test_speed_of_a_resumed_epoch_counts_only_its_own_captions(shapes_data, tmp_path,
                                                                 monkeypatch):
     run = str(tmp_path / "run")
-    cfg = small_config(shapes_data, epochs=1, max_steps=3)
+    cfg = small_config(shapes_data, epochs=1, max_steps=3, **NO_DECODING)
     run_trainer(cfg, run)
-    cfg = small_config(shapes_data, epochs=1)
+    cfg = small_config(shapes_data, epochs=1, **NO_DECODING)
     train.open_run(run, cfg)
     trainer = train.Trainer(cfg, run, progress=False, log=lambda *a: None)
     trainer.restore()
@@ -1959,15 +1969,16 @@ def test_resume_mid_epoch_refuses_lost_train_features_and_notes_repaired_ones(
     their count), exit 0, saying only "skipped 5 captions ...". Refused before writing, naming
     the file, what is wrong with it and the extract-features command that repairs it."""
     run = str(tmp_path / "run")
-    run_trainer(small_config(shapes_data, cache=copy_cache, epochs=2, max_steps=3), run)
+    run_trainer(small_config(shapes_data, cache=copy_cache, epochs=2, max_steps=3,
+                             **NO_DECODING), run)
     key = RunFolder(run).load_splits()["train"][0]
     path = os.path.join(copy_cache, key + ".npy")
     mtime = os.stat(path).st_mtime_ns
     os.utime(path, (1, 1))                                  # changed after extraction
     before = _files(run)
     with pytest.raises(UserError) as e:
-        train.train(small_config(shapes_data, cache=copy_cache, epochs=2), run, progress=False,
-                    log=lambda *a: None)
+        train.train(small_config(shapes_data, cache=copy_cache, epochs=2, **NO_DECODING), run,
+                    progress=False, log=lambda *a: None)
     message = str(e.value)
     assert message.startswith(f"{run} stopped in epoch 1 at step 3, and 1 of the train images "
                               f"it was training on have no usable features now: 1 feature "
@@ -1984,7 +1995,7 @@ def test_resume_mid_epoch_refuses_lost_train_features_and_notes_repaired_ones(
     digest = split["image_digests"].pop(key)            # a run made before without_features
     with open(RunFolder(run).split, "w") as f:
         json.dump(split, f)
-    cfg = small_config(shapes_data, cache=copy_cache, epochs=2)
+    cfg = small_config(shapes_data, cache=copy_cache, epochs=2, **NO_DECODING)
     data = train.load_train_data(cfg, RunFolder(run))
     gained = [
         f"1 train images have usable features now that {run} went without when it last "
@@ -2584,11 +2595,11 @@ def test_a_resume_with_another_batch_size_goes_on_along_the_cosine_by_epochs(sha
     import math
     run = str(tmp_path / "run")
     per_epoch = 10                                  # 40 shapes images at --batch-size 16
-    run_trainer(small_config(shapes_data, epochs=3, lr_schedule="cosine", sample_images=0,
-                             max_steps=per_epoch), run)
+    run_trainer(small_config(shapes_data, epochs=3, lr_schedule="cosine",
+                             max_steps=per_epoch, **NO_DECODING), run)
     logs = []
-    train.train(small_config(shapes_data, epochs=3, lr_schedule="cosine", sample_images=0,
-                             batch_size=64), run, progress=False, log=logs.append)
+    train.train(small_config(shapes_data, epochs=3, lr_schedule="cosine",
+                             batch_size=64, **NO_DECODING), run, progress=False, log=logs.append)
     rates = [h["learning_rate"] for h in RunFolder(run).read_history()]
     cosine = [1e-2 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in range(3)]
     assert rates == pytest.approx(cosine, rel=1e-5)
@@ -2651,13 +2662,13 @@ def test_a_rerun_with_another_min_delta_keeps_the_best_model_and_says_so(shapes_
     the repair of a lost save took for one. The epochs so far are replayed as they were
     compared; the note says what the new --min-delta would have picked."""
     run = str(tmp_path / "run")
-    run_trainer(small_config(shapes_data, epochs=2, min_delta=10.0, sample_images=0), run)
+    run_trainer(small_config(shapes_data, epochs=2, min_delta=10.0, **NO_DECODING), run)
     folder = RunFolder(run)
     assert folder.best_record()["epoch"] == 1
     with open(folder.best_model, "rb") as f:
         before = f.read()
     logs = []
-    summary = train.train(small_config(shapes_data, epochs=2, sample_images=0), run,
+    summary = train.train(small_config(shapes_data, epochs=2, **NO_DECODING), run,
                           progress=False, log=logs.append)
     assert summary["steps_now"] == 0 and summary["best_epoch"] == 1
     assert folder.best_record()["epoch"] == 1
@@ -2674,13 +2685,13 @@ def test_a_rerun_with_another_min_delta_keeps_the_best_model_and_says_so(shapes_
     from caption_attn.fileio import write_json_atomic
     write_json_atomic(folder.history, [{k: v for k, v in h.items() if k != "min_delta"}
                                        for h in history])
-    summary = train.train(small_config(shapes_data, epochs=2, sample_images=0), run,
+    summary = train.train(small_config(shapes_data, epochs=2, **NO_DECODING), run,
                           progress=False, log=lambda *a: None)
     assert summary["best_epoch"] == 1 and folder.best_record()["epoch"] == 1
     with open(folder.best_model, "rb") as f:
         assert f.read() == before
     # trained on, the next epoch has to beat the kept epoch 1 (by more than 0), not epoch 2
-    summary = train.train(small_config(shapes_data, epochs=3, sample_images=0), run,
+    summary = train.train(small_config(shapes_data, epochs=3, **NO_DECODING), run,
                           progress=False, log=lambda *a: None)
     third = folder.read_history()[2]
     assert third["min_delta"] == 0 and "min_delta" not in folder.read_history()[1]
@@ -2741,8 +2752,8 @@ def test_fresh_keeps_and_names_the_users_files_in_the_runs_folders(shapes_data, 
         with open(os.path.join(run, name), "w") as f:
             f.write("mine")
     logs = []
-    train.train(small_config(shapes_data, epochs=1, max_steps=2, fresh=True), run,
-                progress=False, log=logs.append)
+    train.train(small_config(shapes_data, epochs=1, max_steps=2, fresh=True, **NO_DECODING),
+                run, progress=False, log=logs.append)
     for name in mine:
         assert open(os.path.join(run, name)).read() == "mine"
     kept = [line for line in logs if "--fresh kept" in line]

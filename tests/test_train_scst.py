@@ -14,7 +14,9 @@ from caption_attn.config import DataConfig, ModelConfig, RunConfig, TrainConfig,
 
 
 def _config(shapes_data, **options) -> RunConfig:
-    base = dict(epochs=1, batch_size=16, learning_rate=1e-2, patience=10, sample_images=1,
+    # no sample heatmaps: no test here looks at them (each epoch would draw them); val_cider
+    # decodes --bleu-images
+    base = dict(epochs=1, batch_size=16, learning_rate=1e-2, patience=10, sample_images=0,
                 bleu_images=8)
     if options.get("scst_after") is not None:   # else refused: they would change nothing
         base.update(scst_samples=3, scst_learning_rate=1e-3)
@@ -162,13 +164,12 @@ def test_a_self_critical_epoch_resumed_at_another_rate_records_its_first_steps(s
 
 
 @pytest.fixture(scope="module")
-def three_epochs(shapes_data, tmp_path_factory):
-    """1 cross-entropy and 2 self-critical epochs on a private copy of the feature cache."""
+def three_epochs(continued, shapes_data, tmp_path_factory):
+    """1 cross-entropy and 2 self-critical epochs (a copy of `continued`'s run: trained
+    once for the module) and a private copy of the feature cache."""
     root = tmp_path_factory.mktemp("scst_df")
     shutil.copytree(shapes_data["cache"], root / "cache")
-    cfg = _config(shapes_data, epochs=3, scst_after=1)
-    cfg.cache = str(root / "cache")
-    train.train(cfg, str(root / "run"), progress=False, log=lambda *a: None)
+    shutil.copytree(continued["run"], root / "run")
     return root
 
 

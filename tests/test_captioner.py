@@ -1151,64 +1151,63 @@ def test_a_heatmap_of_an_image_with_a_long_name_is_written(tmp_path):
     assert len(os.listdir(tmp_path)) == 2
 
 
-def test_a_folder_that_cannot_be_read_is_reported_not_skipped(tmp_path):
-    """`caption photos` skipped an unlistable folder below it without a word (its images
-    neither captioned nor reported): it is now reported among the unreadable images."""
+@pytest.fixture(scope="module")
+def unreadable_folders(tmp_path_factory):
+    """The image arguments of the two tests below, expanded in one process as a user to whom
+    file permissions apply (each such process imports TensorFlow: ~5 s of CPU)."""
     from image_samples import run_as_user, scene, write_rgb
-    photos = tmp_path / "photos"
+    root = tmp_path_factory.mktemp("unreadable")
+    photos = root / "photos"
     os.makedirs(photos / "locked")
     write_rgb(str(photos / "a.png"), scene(0))
     write_rgb(str(photos / "locked" / "b.png"), scene(1))
-    only = tmp_path / "only"                     # its one image in a folder it cannot list
+    only = root / "only"                         # its one image in a folder it cannot list
     write_rgb(str(only / "locked" / "c.png"), scene(2))
-    for folder in (photos / "locked", only / "locked"):
+    locked = root / "locked"                     # a folder given that cannot be listed
+    locked.mkdir()
+    for folder in (photos / "locked", only / "locked", locked):
         os.chmod(folder, 0)
     try:
         done = run_as_user("import json, sys\n"
                            "from caption_attn.captioner import expand_image_args\n"
                            "from caption_attn.errors import UserError\n"
+                           "def refused(path):\n"
+                           "    try:\n"
+                           "        expand_image_args([path])\n"
+                           "    except UserError as e:\n"
+                           "        return str(e)\n"
                            "folders = {}\n"
                            "paths = expand_image_args([sys.argv[1]], unreadable=folders)\n"
-                           "try:\n"
-                           "    expand_image_args([sys.argv[2]])\n"
-                           "except UserError as e:\n"
-                           "    print(e)\n"
-                           "print(json.dumps([paths, folders]))", str(photos), str(only),
-                           cwd=str(tmp_path))
+                           "print(json.dumps({'paths': paths, 'folders': folders,\n"
+                           "                  'only_refused': refused(sys.argv[2]),\n"
+                           "                  'locked_refused': refused(sys.argv[3])}))",
+                           str(photos), str(only), str(locked), cwd=str(root))
     finally:
-        for folder in (photos / "locked", only / "locked"):
+        for folder in (photos / "locked", only / "locked", locked):
             os.chmod(folder, 0o755)
     assert done.returncode == 0, done.stderr[-2000:]
-    *_, refused, listed = done.stdout.strip().splitlines()
-    assert refused.startswith(f"{only}: no image files in this folder it could list (1 "
-                              f"folder(s) below it cannot be read, e.g. {only}/locked/: folder "
-                              f"cannot be read (Permission denied)")
-    paths, folders = json.loads(listed)
+    return {"photos": photos, "only": only, "locked": locked, **json.loads(done.stdout)}
+
+
+def test_a_folder_that_cannot_be_read_is_reported_not_skipped(unreadable_folders):
+    """`caption photos` skipped an unlistable folder below it without a word (its images
+    neither captioned nor reported): it is now reported among the unreadable images."""
+    photos, only = unreadable_folders["photos"], unreadable_folders["only"]
+    assert unreadable_folders["only_refused"].startswith(
+        f"{only}: no image files in this folder it could list (1 folder(s) below it cannot "
+        f"be read, e.g. {only}/locked/: folder cannot be read (Permission denied)")
+    paths, folders = unreadable_folders["paths"], unreadable_folders["folders"]
     assert paths == [str(photos / "a.png")]
     assert list(folders) == [str(photos / "locked") + "/"]
     assert folders[str(photos / "locked") + "/"].startswith(
         "folder cannot be read (Permission denied)")
 
 
-def test_an_image_folder_that_cannot_be_read_is_named_without_a_flag(tmp_path):
+def test_an_image_folder_that_cannot_be_read_is_named_without_a_flag(unreadable_folders):
     """`caption photos` with photos unlistable said `--images photos: cannot be read`, a flag
     `caption` has not got (`list_images` named it for every caller)."""
-    from image_samples import run_as_user
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    os.chmod(locked, 0)
-    try:
-        done = run_as_user("import sys\n"
-                           "from caption_attn.captioner import expand_image_args\n"
-                           "from caption_attn.errors import UserError\n"
-                           "try:\n"
-                           "    expand_image_args([sys.argv[1]])\n"
-                           "except UserError as e:\n"
-                           "    print(e)\n", str(locked), cwd=str(tmp_path))
-    finally:
-        os.chmod(locked, 0o755)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == f"{locked}: cannot be read (Permission denied)"
+    locked = unreadable_folders["locked"]
+    assert unreadable_folders["locked_refused"] == f"{locked}: cannot be read (Permission denied)"
 
 
 def test_a_folder_reached_through_a_symlink_beside_it_is_captioned_once(tmp_path):

@@ -490,67 +490,81 @@ def test_changed_image_that_now_fails_is_reported_failed_and_its_old_file_remove
 EXTRACT_AS_USER = """
 import json, sys
 sys.path.insert(0, "tests")
-from caption_attn.extract import extract_features
+from caption_attn.extract import extract_features, format_summary
 from image_samples import extract_cfg
 summary = extract_features(sys.argv[1], extract_cfg(sys.argv[2]), progress=False)
-print(json.dumps({k: summary[k] for k in ("skipped", "failures", "exit_code")}))
+print(format_summary(summary))
+print(json.dumps({k: summary[k] for k in ("skipped", "failed", "unreadable_folders", "images",
+                                          "failures", "exit_code")}))
+print("--- the changed image")
+summary = extract_features(sys.argv[3], extract_cfg(sys.argv[4]), keys=["a.jpg", "b.png"],
+                           progress=False)
+print(json.dumps({k: summary[k] for k in ("skipped", "failures", "exit_code",
+                                          "stale_removed")}))
 """
 
 
-def test_a_folder_that_cannot_be_read_is_a_failure_in_failed_tsv(images, cache_copy,
-                                                                 tmp_path):
-    """A subfolder of --images that cannot be listed was skipped without a word: its images
-    neither extracted nor in failed.tsv, exit 0. It is listed there (FOLDER/) until a run
-    can read it."""
-    work = tmp_path / "images"
+@pytest.fixture(scope="module")
+def extracted_as_user(images, extracted, tmp_path_factory):
+    """The extractions of the two tests below, each into its own copy of the `extracted`
+    cache, run in one process as a user to whom file permissions apply (each such process
+    imports TensorFlow and reads the backbone: ~5 s of CPU): per test, its images folder,
+    its cache and what the extraction printed."""
+    root = tmp_path_factory.mktemp("as_user")
+    folder, changed = root / "folder", root / "changed"
+    for case in (folder, changed):
+        shutil.copytree(extracted[0], case / "cache")
+    work = folder / "images"                                      # a folder it cannot list
     for key in GOOD:                                              # all extracted already
         os.makedirs(os.path.dirname(work / key), exist_ok=True)
         shutil.copy2(os.path.join(images, key), work / key)
+    (changed / "images").mkdir()
+    for key in ("a.jpg", "b.png"):                                # as extracted
+        shutil.copy2(os.path.join(images, key), changed / "images" / key)
+    write_rgb(str(changed / "images" / "a.jpg"), scene(21))        # another picture ...
     os.chmod(work / "sub", 0)
-    code = EXTRACT_AS_USER.replace('print(json.dumps({k: summary[k] for k in ("skipped", ',
-                                   'print(format_summary(summary))\n'
-                                   'print(json.dumps({k: summary[k] for k in ("skipped", '
-                                   '"failed", "unreadable_folders", "images", ')
-    code = code.replace("import extract_features", "import extract_features, format_summary")
+    os.chmod(changed / "images" / "a.jpg", 0)                      # ... that cannot be read
     try:
-        out = run_as_user(code, str(work), cache_copy, cwd=REPO)
+        out = run_as_user(EXTRACT_AS_USER, str(work), str(folder / "cache"),
+                          str(changed / "images"), str(changed / "cache"), cwd=REPO)
     finally:
         os.chmod(work / "sub", 0o755)
+        os.chmod(changed / "images" / "a.jpg", 0o644)
+    assert out.returncode == 0, out.stderr
+    printed = out.stdout.split("--- the changed image\n")
+    assert len(printed) == 2, out.stdout + out.stderr
+    return {"folder": (str(work), str(folder / "cache"), printed[0]),
+            "changed": (str(changed / "images"), str(changed / "cache"), printed[1])}
+
+
+def test_a_folder_that_cannot_be_read_is_a_failure_in_failed_tsv(extracted_as_user):
+    """A subfolder of --images that cannot be listed was skipped without a word: its images
+    neither extracted nor in failed.tsv, exit 0. It is listed there (FOLDER/) until a run
+    can read it."""
+    work, cache, stdout = extracted_as_user["folder"]
     reason = "folder cannot be read (Permission denied): its images were not listed"
     # the folder is no image: not in the counts of images (it was "failed 1 of 7 images")
-    assert json.loads(out.stdout.splitlines()[-1]) == {
+    assert json.loads(stdout.splitlines()[-1]) == {
         "skipped": len(GOOD) - 2, "failed": 0, "unreadable_folders": 1,
-        "images": len(GOOD) - 2, "failures": {"sub/": reason}, "exit_code": 0}, out.stderr
-    assert f"failed 0 of {len(GOOD) - 2} images (1 folder(s) could not be read)" in out.stdout
-    assert read_failed(cache_copy) == {**BAD, "sub/": reason}
-    summary = extract_features(str(work), extract_cfg(cache_copy), progress=False)
+        "images": len(GOOD) - 2, "failures": {"sub/": reason}, "exit_code": 0}
+    assert f"failed 0 of {len(GOOD) - 2} images (1 folder(s) could not be read)" in stdout
+    assert read_failed(cache) == {**BAD, "sub/": reason}
+    summary = extract_features(work, extract_cfg(cache), progress=False)
     assert summary["skipped"] == len(GOOD) and summary["failed"] == 0
-    assert read_failed(cache_copy) == BAD
+    assert read_failed(cache) == BAD
 
 
-def test_changed_image_that_cannot_be_read_is_reported_failed_not_done(images, cache_copy,
-                                                                       tmp_path):
+def test_changed_image_that_cannot_be_read_is_reported_failed_not_done(extracted_as_user):
     """An image replaced since extraction by one this user cannot read kept its old features
     as "already done" (its sha256 could not be taken, as if it were gone); train then refused
     them as changed and advised extract-features, which said "already done" again. It fails
     now with the reason, and its outdated feature file is removed."""
-    work = tmp_path / "images"
-    work.mkdir()
-    for key in ("a.jpg", "b.png"):
-        shutil.copy2(os.path.join(images, key), work / key)       # as extracted
-    write_rgb(str(work / "a.jpg"), scene(21))                      # another picture ...
-    os.chmod(work / "a.jpg", 0)                                    # ... that cannot be read
-    code = EXTRACT_AS_USER.replace("progress=False", "keys=['a.jpg', 'b.png'], progress=False")
-    code = code.replace('"exit_code")', '"exit_code", "stale_removed")')
-    try:
-        out = run_as_user(code, str(work), cache_copy, cwd=REPO)
-    finally:
-        os.chmod(work / "a.jpg", 0o644)
-    assert json.loads(out.stdout) == {
+    _, cache, stdout = extracted_as_user["changed"]
+    assert json.loads(stdout) == {
         "skipped": 1, "failures": {"a.jpg": "unreadable (Permission denied)"}, "exit_code": 0,
-        "stale_removed": {"a.jpg": feature_index.IMAGE_CHANGED}}, out.stderr
-    assert read_failed(cache_copy)["a.jpg"] == "unreadable (Permission denied)"
-    assert not os.path.exists(feature_path(cache_copy, "a.jpg"))
+        "stale_removed": {"a.jpg": feature_index.IMAGE_CHANGED}}
+    assert read_failed(cache)["a.jpg"] == "unreadable (Permission denied)"
+    assert not os.path.exists(feature_path(cache, "a.jpg"))
 
 
 def test_a_feature_file_that_cannot_be_written_is_named(images, cache_copy, monkeypatch):

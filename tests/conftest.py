@@ -190,6 +190,16 @@ def give_other_images(cache: str, keys) -> None:
 
 
 @pytest.fixture
+def no_java(monkeypatch):
+    """Metrics as on a machine without Java: no METEOR (its JVM loads paraphrase tables, 8-10 s
+    a run on 2 cores) and the Python tokenizer. For tests that check nothing METEOR or the Java
+    tokenizer change; METEOR itself is compared with pycocoevalcap in test_coco_metrics.py and
+    test_evaluate_run.py."""
+    from caption_attn import coco_metrics
+    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
+
+
+@pytest.fixture
 def default_sigint():
     """Ctrl-C raising KeyboardInterrupt, as in a terminal (pytest-xdist's workers, `make
     test`, ignore SIGINT: the held signals would be ignored ones)."""

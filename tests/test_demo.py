@@ -10,7 +10,7 @@ from caption_attn.config import DemoConfig
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_on_a_reduced_size(tmp_path):
+def test_demo_end_to_end_on_a_reduced_size(tmp_path, no_java):
     from caption_attn.errors import UserError
     lines = []
     cfg = DemoConfig(workdir=str(tmp_path / "work"), num_images=150, epochs=4, scst_after=3,

@@ -148,12 +148,11 @@ def test_greedy_metrics_record_no_length_penalty(trained_run, tmp_path, monkeypa
 
 
 def test_the_metrics_name_the_best_model_scored_and_a_replaced_one_is_refused(
-        run_copy, tmp_path, monkeypatch, capsys):
+        run_copy, tmp_path, monkeypatch, capsys, no_java):
     # After a resumed `train` saved a new best, eval/test_metrics.json of the old best model
     # could not be told from a current one: it did not say which model it scored.
     monkeypatch.setattr(evaluate, "_decode", lambda captioner, found, progress: {
         k: captioner_lib.Caption(["a"], 0.0, np.zeros((2, 64))) for k in found.keys})
-    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
     with open(run_copy.best_info) as f:
         best = json.load(f)
     out = str(tmp_path / "m.json")
@@ -175,8 +174,7 @@ def test_the_metrics_name_the_best_model_scored_and_a_replaced_one_is_refused(
 
 
 def test_cli_evaluate_header_says_1_image_not_1_images(trained_run, capsys, monkeypatch,
-                                                       tmp_path):
-    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
+                                                       tmp_path, no_java):
     monkeypatch.setattr(evaluate, "_decode", lambda captioner, found, progress: {
         k: captioner_lib.Caption(["a"], 0.0, np.zeros((2, 64))) for k in found.keys[:1]})
     real = evaluate._load_split
@@ -190,8 +188,7 @@ def test_cli_evaluate_header_says_1_image_not_1_images(trained_run, capsys, monk
     assert "val split, 1 image, greedy decoding" in capsys.readouterr().out
 
 
-def test_cli_evaluate_prints_the_table(trained_run, capsys, monkeypatch):
-    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
+def test_cli_evaluate_prints_the_table(trained_run, capsys, no_java):
     assert main(["evaluate", "--run", trained_run, "--split", "val", "--beam", "1"]) == 0
     captured = capsys.readouterr()
     for name in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "scene accuracy"):
@@ -320,8 +317,8 @@ def test_an_out_that_would_overwrite_another_file_is_refused_before_decoding(
     assert not os.path.exists(str(tmp_path / "notes.json"))
 
 
-def test_evaluate_may_replace_its_own_earlier_outputs(trained_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
+def test_evaluate_may_replace_its_own_earlier_outputs(trained_run, tmp_path, monkeypatch,
+                                                      no_java):
     out = str(tmp_path / "m.json")
     for beam in (1, 2):
         assert main(["evaluate", "--run", trained_run, "--split", "val", "--beam", str(beam),
@@ -360,12 +357,11 @@ def test_a_kill_between_the_two_outputs_leaves_no_stale_metrics_beside_new_resul
 
 
 def test_a_full_disk_while_the_metrics_are_written_leaves_nothing_that_blocks_the_rerun(
-        trained_run, tmp_path, capsys, monkeypatch):
+        trained_run, tmp_path, capsys, monkeypatch, no_java):
     """The results file was written, then the metrics file hit a full disk: evaluate said
     `error: No space left on device` (no file named, exit 1) and left the results file,
     which the rerun of the same command refused as no metrics file's (exit 2)."""
     import errno
-    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
     out = str(tmp_path / "m.json")
     real = evaluate.write_json_atomic
 
@@ -996,11 +992,11 @@ def test_a_run_that_did_not_record_its_objects_says_they_could_not_be_checked(
 
 
 def test_an_out_whose_path_is_not_utf8_is_written_as_valid_utf8_json(trained_run, tmp_path,
-                                                                     monkeypatch, capsys):
+                                                                     monkeypatch, capsys,
+                                                                     no_java):
     # --out in a folder named b"\xff": the metrics JSON could not be encoded, a traceback
     # after decoding, and the results file left alone blocked every later evaluate there
     _decoded_as_a(monkeypatch)
-    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)  # METEOR: ~8 s a run
     folder = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"\xff"))
     out = os.path.join(folder, "m.json")
     for _ in range(2):                                   # its own outputs are replaced

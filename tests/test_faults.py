@@ -482,9 +482,7 @@ def test_a_run_with_relative_paths_works_from_another_directory(shapes_data, tmp
 
 
 def test_caption_and_evaluate_accept_a_moved_cache(shapes_data, run_copy, tmp_path, capsys,
-                                                   monkeypatch):
-    from caption_attn import coco_metrics
-    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)  # METEOR: ~8 s a run
+                                                   no_java):
     moved = str(tmp_path / "moved_cache")
     shutil.copytree(shapes_data["cache"], moved)
     config = os.path.join(run_copy, "config.json")

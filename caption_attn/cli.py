@@ -47,7 +47,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls, exclude: Sequence[str]
 
     `defaults` overrides the dataclass default shown and used by this command only.
     """
-    group = parser.add_argument_group(title or cls.__doc__.strip().splitlines()[0].rstrip("."))
+    first = " ".join(cls.__doc__.strip().split("\n\n")[0].split())    # its first paragraph
+    group = parser.add_argument_group(title or first.rstrip("."))
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in exclude or "help" not in f.metadata:

@@ -525,8 +525,8 @@ class ExportConfig(Config):
 
 @dataclass
 class DemoConfig(Config):
-    """The end-to-end offline demo (`demo`); sized for a 2-core CPU (5-9 minutes: the
-    README's Shapes results)."""
+    """The end-to-end offline demo (`demo`), sized for a 2-core CPU (5-14 minutes by CPU
+    kind: the README's Shapes results)."""
 
     workdir: str = opt("demo_work", "folder for everything the demo makes", check=NON_EMPTY)
     num_images: int = opt(3000, "shapes images to render (80/10/10 split); fewer images train "

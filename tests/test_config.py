@@ -179,6 +179,17 @@ def test_every_field_with_a_check_is_reachable_as_a_flag():
                 assert C.flag_name(f) in text, f.name
 
 
+def test_every_help_section_title_is_a_whole_sentence():
+    """`demo --help` titled its settings "... sized for a 2-core CPU (5-9 minutes: the": the
+    first line of a docstring whose first sentence ran on to the next line."""
+    from caption_attn.cli import build_parser
+    titles = [g.title for sub in build_parser()._subparsers._group_actions[0].choices.values()
+              for g in sub._action_groups]
+    assert "The end-to-end offline demo (`demo`)" in " ".join(titles)
+    for title in titles:
+        assert title.count("(") == title.count(")") and not title.endswith(("the", ":")), title
+
+
 @pytest.mark.parametrize("flags, refused", [
     (dict(sample=True, beam=5), "--beam 5 applies to beam search, not to --sample"),
     (dict(sample=True, length_penalty=0.6), "--length-penalty 0.6 applies to beam search"),

@@ -343,29 +343,67 @@ class ShowAttendTell(keras.Model):
         on the R real tokens only, not on the bucket's padding. `real_tokens_only=False`
         runs them on all T * B rows and masks the result, for XLA, which needs static shapes.
         """
-        (h0,), (keys, encoded) = self.init_decoder(features, image_index)  # (B, .)
+        x, alphas = self._output_rows(features, image_index, tokens)  # (T * B, E), (T, B, P)
         targets = tf.reshape(tf.transpose(targets), [-1])            # (T * B,)
-        embedded = self.embedding(tf.transpose(tokens))              # (T, B, E)
-        x_gates = dense_rows(self.gru_embed, embedded)              # (T, B, 3U)
-        hs, contexts, alphas = teacher_forced_recurrence(
-            self.step_weights(), x_gates, h0, keys, encoded)         # (T, B, .) each
-        x = embedded + self.out_hidden(hs) + self.out_context(contexts)  # (T, B, E)
-        x = tf.reshape(x, [-1, self.embedding_dim])                  # (T * B, E)
         mask = tf.cast(tf.not_equal(targets, 0), tf.float32)         # (T * B,)
         if real_tokens_only:
             real = tf.where(mask > 0)[:, 0]                          # (R,)
             x, rows_targets = tf.gather(x, real), tf.gather(targets, real)  # (R, E), (R,)
         else:
             rows_targets = targets
-        dt = self.compute_dtype
-        x = tf.cast(self.out_dropout(x, training=training), dt)      # (its policy: float32)
-        ce = output_cross_entropy(x, tf.cast(self.logits.kernel, dt),
-                                  tf.cast(self.logits.bias, dt), rows_targets)  # (R,)
+        ce = self._token_cross_entropy(x, rows_targets, training)    # (R,)
         ce_sum = tf.reduce_sum(ce if real_tokens_only else ce * mask)
         mask = tf.reshape(mask, tf.shape(alphas)[:2])                # (T, B)
         coverage = tf.reduce_sum(alphas * mask[..., None], axis=0)   # (B, P)
         reg = attention_reg * tf.reduce_mean(tf.square(1.0 - coverage), axis=-1)  # (B,)
         return ce_sum, tf.reduce_sum(mask), tf.reduce_sum(reg)
+
+    def self_critical_loss(self, features, image_index, tokens, targets, weights,
+                           banned=(), training=False):
+        """The policy-gradient sums of sampled captions, computed as `teacher_forced_loss`
+        computes cross-entropy (time-major, the output layer on real tokens only, its
+        gradient written out): -weight x log p(token) is the caption's weight times that
+        token's cross-entropy.
+
+        features (N, P, F), image_index (B,), decoder inputs tokens (B, T), the sampled
+        targets (B, T) (0 = <pad> after <end>), weights (B,) float32 (each caption's
+        advantage), `banned` token ids the policy never chooses (probability 0, as in
+        sampling) -> (sum of weight x cross-entropy over the real tokens, their number, the
+        summed entropy of the policy at them, without gradient).
+        """
+        x, _ = self._output_rows(features, image_index, tokens)      # (T * B, E)
+        targets = tf.reshape(tf.transpose(targets), [-1])            # (T * B,)
+        real = tf.where(tf.not_equal(targets, 0))[:, 0]              # (R,) row t * B + b
+        ce, entropy = self._token_cross_entropy(
+            tf.gather(x, real), tf.gather(targets, real), training, banned, entropy=True)
+        caption = real % tf.cast(tf.shape(tokens)[0], real.dtype)    # (R,) its b
+        loss_sum = tf.reduce_sum(tf.gather(weights, caption) * ce)
+        return (loss_sum, tf.cast(tf.size(real), tf.float32),
+                tf.reduce_sum(tf.stop_gradient(entropy)))
+
+    def _output_rows(self, features, image_index, tokens):
+        """The teacher-forced decoder, time-major, up to the output layer: decoder inputs
+        tokens (B, T) -> the output layer's input of every step and caption (T * B, E), row
+        t * B + b, before the dropout, and the attention (T, B, P) float32."""
+        (h0,), (keys, encoded) = self.init_decoder(features, image_index)  # (B, .)
+        embedded = self.embedding(tf.transpose(tokens))              # (T, B, E)
+        x_gates = dense_rows(self.gru_embed, embedded)              # (T, B, 3U)
+        hs, contexts, alphas = teacher_forced_recurrence(
+            self.step_weights(), x_gates, h0, keys, encoded)         # (T, B, .) each
+        x = embedded + self.out_hidden(hs) + self.out_context(contexts)  # (T, B, E)
+        return tf.reshape(x, [-1, self.embedding_dim]), alphas
+
+    def _token_cross_entropy(self, x, targets, training, banned=(), entropy=False):
+        """The output dropout, then `output_cross_entropy` of rows x (R, E) with targets
+        (R,); `banned` token ids get -inf logits."""
+        dt = self.compute_dtype
+        x = tf.cast(self.out_dropout(x, training=training), dt)      # (its policy: float32)
+        bias = tf.cast(self.logits.bias, dt)
+        if banned:
+            bias = bias + tf.cast(tf.reduce_sum(tf.one_hot(list(banned), self.vocab_size,
+                                                           on_value=float("-inf")), 0), dt)
+        return output_cross_entropy(x, tf.cast(self.logits.kernel, dt), bias, targets,
+                                    entropy)
 
     def get_config(self):
         return {**super().get_config(), "vocab_size": self.vocab_size,

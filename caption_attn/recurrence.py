@@ -237,7 +237,7 @@ def dense_rows(layer: keras.layers.Dense, x):
     return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [layer.units]], 0))  # (..., units)
 
 
-def output_cross_entropy(x, kernel, bias, targets):
+def output_cross_entropy(x, kernel, bias, targets, entropy: bool = False):
     """Cross-entropy of the output layer, with its gradient written out.
 
     x (R, E), kernel (E, V), bias (V,) in the compute dtype, targets (R,) int -> ce (R,)
@@ -246,6 +246,11 @@ def output_cross_entropy(x, kernel, bias, targets):
     comes from oneDNN's multi-threaded softmax (TensorFlow's cross-entropy kernel took 15 ms
     of a 220 ms step for 830 x 5001 logits on 2 cores) and is kept for the backward pass,
     whose d_logits = (softmax - onehot) * d_ce goes straight into the two matmuls.
+
+    A -inf in `bias` bans that token (self-critical training bans <pad> and <start>): its
+    probability is 0 and it gets no gradient; no target may be banned. With `entropy`, the
+    result is (ce, entropy (R,) float32): the entropy of each row's distribution, for the
+    logs (no gradient flows from it).
     """
     @tf.custom_gradient
     def run(x, kernel, bias):
@@ -256,7 +261,9 @@ def output_cross_entropy(x, kernel, bias, targets):
         lse = tf.reduce_max(logits, -1) - tf.math.log(tf.reduce_max(probs, -1))  # (R,)
         ce = lse - tf.gather(logits, targets, batch_dims=1)          # (R,)
 
-        def grad(d_ce):                                              # (R,)
+        def grad(d_ce, *_):                                          # (R,); entropy's: none
+            if d_ce is None:
+                d_ce = tf.zeros_like(ce)
             rows = tf.stack([tf.range(tf.shape(targets)[0], dtype=targets.dtype), targets], 1)
             d_logits = tf.tensor_scatter_nd_sub(probs * d_ce[:, None], rows, d_ce)  # (R, V)
             d_logits = tf.cast(d_logits, x.dtype)
@@ -265,7 +272,10 @@ def output_cross_entropy(x, kernel, bias, targets):
             return (tf.matmul(d_logits, tf.einsum("ev->ve", kernel)),  # (R, E)
                     tf.matmul(x, d_logits, transpose_a=True),         # (E, V)
                     tf.reduce_sum(d_logits, axis=0))                  # (V,)
-        return ce, grad
+        if not entropy:
+            return ce, grad
+        # -sum p log p = lse - sum p l; a banned token's p l is 0 * -inf, taken as 0
+        return (ce, lse - tf.reduce_sum(tf.math.multiply_no_nan(logits, probs), -1)), grad
 
     return run(x, kernel, bias)
 

@@ -96,3 +96,31 @@ def test_training_loss_dropout_only_in_training():
     b = m.teacher_forced_loss(features, image_index, tokens, targets)[0]
     c = m.teacher_forced_loss(features, image_index, tokens, targets, training=True)[0]
     assert float(a) == float(b) != float(c)
+
+
+def test_output_cross_entropy_with_banned_tokens_and_entropy():
+    """-inf in the bias bans a token (probability 0, no gradient); the entropy is that of
+    the distribution left, with no gradient of its own."""
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(size=(4, 8)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(8, V)) * 3, tf.float32)
+    bias = tf.constant(rng.normal(size=(V,)), tf.float32)
+    banned = tf.constant([-np.inf, -np.inf] + [0.0] * (V - 2), tf.float32)   # tokens 0, 1
+    targets = tf.constant([2, 5, 29, 5])
+    d_ce = tf.constant([1.0, -0.5, 2.0, 0.25])
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, kernel, bias])
+        ce, entropy = output_cross_entropy(x, kernel, bias + banned, targets, entropy=True)
+        logits = tf.matmul(x, kernel) + bias
+        log_p = tf.nn.log_softmax(logits[:, 2:])                     # tokens 2.. only
+        expected = -tf.gather(log_p, targets - 2, batch_dims=1)
+        loss, expected_loss = tf.reduce_sum(ce * d_ce), tf.reduce_sum(expected * d_ce)
+    np.testing.assert_allclose(ce.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        entropy.numpy(), (-tf.reduce_sum(tf.exp(log_p) * log_p, axis=-1)).numpy(), rtol=1e-5)
+    grads = tape.gradient(loss, [x, kernel, bias])
+    for g, e in zip(grads, tape.gradient(expected_loss, [x, kernel, bias])):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-5, atol=1e-5)
+    assert not np.any(grads[1].numpy()[:, :2]) and not np.any(grads[2].numpy()[:2])
+    for g in tape.gradient(tf.reduce_sum(entropy), [x, kernel, bias]):
+        assert g is None or not np.any(g.numpy())

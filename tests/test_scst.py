@@ -141,3 +141,61 @@ def test_a_damaged_document_frequency_file_is_counted_again_with_a_note(tmp_path
     assert DocumentFrequency.load(path).num_images == 2               # written back
     assert train_document_frequency(path, references, V, save=True, log=notes.append).get(
         (5, 6)) == 1 and len(notes) == 1                              # read, no note
+
+
+@pytest.mark.parametrize("advantage", [[[2.0, -2.0]], [[0.5, 1.5]]])
+def test_the_loss_and_its_gradients_are_those_of_the_policy_through_call(advantage):
+    """The loss runs on the real tokens only, time-major, with the output layer's gradient
+    written out (as cross-entropy training does); its values and gradients are those of the
+    policy computed through `call`: log-softmax over the words with <pad> and <start>
+    banned, -advantage x log p of every real sampled token, the entropy of each step's
+    distribution at those tokens."""
+    import keras
+    import tensorflow as tf
+
+    from caption_attn.model import ShowAttendTell
+    from caption_attn.scst import Scored, SelfCritical
+    from caption_attn.vocab import END, PAD, START
+
+    keras.utils.set_random_seed(5)
+    model = ShowAttendTell(12, 8, 16, dropout=0.0, feature_dim=32)
+    # <pad> and <start> made likely, so that banning them changes every distribution
+    model.logits.bias.assign(tf.one_hot(PAD, 12) * 3.0 + tf.one_hot(START, 12) * 2.0)
+    scst = SelfCritical(model, reward=None, samples=2, baseline="mean", max_length=5)
+    features = tf.constant(np.random.default_rng(1).normal(size=(2, 64, 32)), tf.float32)
+    tokens = tf.constant([[[5, 6, END, PAD], [7, 7, 8, END]],
+                          [[END, PAD, PAD, PAD], [9, END, PAD, PAD]]], tf.int32)  # (2, 2, 4)
+    adv = tf.constant(advantage * 2, tf.float32)                      # (N=2, K=2)
+    scored = Scored(tokens, adv, adv, adv)
+
+    def through_call():
+        targets = tf.reshape(tokens, [4, -1])
+        inputs = tf.concat([tf.fill([4, 1], START), targets[:, :-1]], axis=1)
+        logits, _ = model((features, tf.constant([0, 0, 1, 1]), inputs))
+        logits = tf.where(tf.reduce_any(tf.one_hot([PAD, START], 12) > 0, 0), -np.inf,
+                          logits)
+        log_p = tf.nn.log_softmax(logits)
+        real = targets != PAD
+        token_log_p = tf.where(real, tf.gather(log_p, targets, batch_dims=2), 0.0)
+        p = tf.exp(log_p)
+        entropy = -tf.reduce_sum(tf.where(p > 0, p * log_p, 0.0), axis=-1)
+        mask = tf.cast(real, tf.float32)
+        return (-tf.reduce_sum(tf.reshape(adv, [4, 1]) * token_log_p), tf.reduce_sum(mask),
+                tf.reduce_sum(entropy * mask))
+
+    with tf.GradientTape() as tape:
+        got = scst.loss(features, scored)
+    grads = tape.gradient(got[0], model.trainable_variables)
+    with tf.GradientTape() as tape:
+        expected = through_call()
+    expected_grads = tape.gradient(expected[0], model.trainable_variables)
+    np.testing.assert_allclose([float(x) for x in got], [float(x) for x in expected],
+                               rtol=1e-5)
+    assert float(got[1]) == 3 + 4 + 1 + 2
+    for var, g, e in zip(model.trainable_variables, grads, expected_grads):
+        if e is None:                                   # not in the policy: no gradient
+            assert g is None or not np.any(tf.convert_to_tensor(g).numpy()), var.path
+            continue
+        np.testing.assert_allclose(tf.convert_to_tensor(g).numpy(),
+                                   tf.convert_to_tensor(e).numpy(), rtol=1e-4, atol=1e-6,
+                                   err_msg=var.path)

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from caption_attn import decode
-from caption_attn.captioner import masked_step
+from caption_attn.captioner import BANNED, masked_step
 from caption_attn.cider import CiderD, DocumentFrequency
 from caption_attn.errors import UserError
 from caption_attn.fileio import read_json, write_json_atomic
@@ -167,7 +167,7 @@ class SelfCritical:
         image_index = tf.repeat(tf.range(n), k)                          # (N*K,)
         return self.model.self_critical_loss(
             features, image_index, inputs, targets, tf.reshape(scored.advantage, [n * k]),
-            banned=(PAD, START), training=training)
+            banned=BANNED, training=training)
 
 
 # --------------------------------------------------------------------------- baselines

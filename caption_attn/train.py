@@ -1218,13 +1218,20 @@ class Trainer:
         attention/ and in TensorBoard. Resumed at that epoch's end, the restored model is the
         one that epoch finished with: decode and draw its samples again. (Resumed inside an
         epoch, the model is no longer that epoch's: nothing is drawn.) So is a folder that
-        lacks any sample's heatmap: a stop (a full disk) while they were written."""
+        lacks any sample's heatmap: a stop (a full disk) while they were written, or a rerun
+        with a higher --sample-images."""
         if not (writers and done and self.cfg.train.sample_images
-                and self.validator.sample_keys and not int(self.step_in_epoch.numpy())
-                and missing_heatmaps(self.run, done, heatmap_names(self.validator.sample_keys))):
+                and self.validator.sample_keys and not int(self.step_in_epoch.numpy())):
             return
-        self.log(f"note: the attention heatmaps of epoch {done} were lost when the run was "
-                 f"stopped: drawing them again from its checkpoint")
+        names = heatmap_names(self.validator.sample_keys)
+        missing = missing_heatmaps(self.run, done, names)
+        if not missing:
+            return
+        # the folder cannot tell a heatmap lost from one never drawn (a rerun with a higher
+        # --sample-images): say both, as log_unredrawable_heatmaps does
+        self.log(f"note: the attention heatmaps of epoch {done} lack {len(missing)} of the "
+                 f"{len(names)} sample images' (lost when the run was stopped, or drawn with "
+                 f"fewer --sample-images): drawing them from its checkpoint")
         figures = samples(done - 1)
         for writer in writers:
             writer.add_samples(done - 1, figures)

@@ -1488,7 +1488,9 @@ def test_a_rerun_with_nothing_left_to_train_still_tells_what_changed(
     assert any("best.keras: missing; rewrote it from" in line for line in logs), logs
     shutil.rmtree(os.path.join(run, "attention", "epoch_4"))
     rerun()
-    assert any("heatmaps of epoch 4 were lost" in line for line in logs), logs
+    assert f"note: the attention heatmaps of epoch 4 lack {cfg.train.sample_images} of the " \
+        f"{cfg.train.sample_images} sample images' (lost when the run was stopped, or drawn " \
+        f"with fewer --sample-images): drawing them from its checkpoint" in logs, logs
     assert os.path.isdir(os.path.join(run, "attention", "epoch_4"))
     assert len(loads) == 4
     os.utime(os.path.join(copy_cache, key + ".npy"), (1, 1))   # changed after extraction
@@ -1500,6 +1502,15 @@ def test_a_rerun_with_nothing_left_to_train_still_tells_what_changed(
     assert summary["skipped_images"] == 1 and summary["images"] > 1     # said at the end too
     assert re.search(rf"^note: 1 of the {summary['images']} images \(\d+%\) were left out",
                      train.format_summary(summary), re.M)
+    # a higher --sample-images: the last epoch's heatmaps of the new sample were never
+    # drawn, not lost; told as either, and drawn from its checkpoint
+    more = cfg.train.sample_images + 1
+    rerun(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=5,
+                                                             sample_images=more)))
+    assert f"note: the attention heatmaps of epoch 5 lack 1 of the {more} sample images' " \
+        f"(lost when the run was stopped, or drawn with fewer --sample-images): drawing them " \
+        f"from its checkpoint" in logs, logs
+    assert len(os.listdir(os.path.join(run, "attention", "epoch_5"))) == more
 
 
 @pytest.mark.parametrize("kind", ["missing", "file"])
@@ -2330,7 +2341,7 @@ def test_heatmaps_a_stop_cut_short_are_drawn_again_and_older_ones_named(trained,
     assert sorted(os.listdir(last)) == names
     assert _val_steps(run, "captions") == [4]
     notes = [line for line in logged if "heatmaps of epoch" in line]
-    assert len(notes) == 2 and "heatmaps of epoch 4 were lost" in notes[0], logged
+    assert len(notes) == 2 and "heatmaps of epoch 4 lack " in notes[0], logged
     assert notes[1] == (f"note: {os.path.join(run, 'attention')}: the heatmaps of epoch(s) 2 "
                         f"lack 1 of the {len(names)} sample images' (lost when a run stopped "
                         f"before writing them, or drawn with fewer --sample-images); only those "
@@ -2386,7 +2397,7 @@ def test_a_heatmap_that_fills_the_disk_is_named_and_drawn_again_by_the_rerun(
     monkeypatch.undo()
     logged = []
     assert train.train(cfg, run, progress=False, log=logged.append)["epochs_now"] == 0
-    assert any("heatmaps of epoch 5 were lost" in line for line in logged), logged
+    assert any("heatmaps of epoch 5 lack " in line for line in logged), logged
     assert sorted(os.listdir(folder)) == names
 
 def test_references_that_give_cider_no_weight_are_told(tmp_path):

@@ -427,13 +427,18 @@ class EpochData:
                  batch_size: Optional[int] = None):
         """Caption batches of one epoch (shuffled by its seed; in order without `epoch`);
         every replica gets its slice of each global batch (`pipeline.caption_dataset`), so
-        any replica count sees the same data."""
+        any replica count sees the same data. In order (the validation loss, forward only),
+        adjacent length buckets are merged where fewer, fuller batches are faster
+        (`pipeline.merged_boundaries`; the loss is a sum over tokens, so batching does not
+        change it beyond rounding)."""
         paths, tokens = self.items[split]
         seed = None if epoch is None else hash_seed(self.cfg.data.seed, epoch)
         batch_size = batch_size or self.cfg.train.batch_size
+        boundaries = self.boundaries if epoch is not None else pipeline.merged_boundaries(
+            [len(t) for t in tokens], batch_size, self.boundaries)
         return distribute.distribute_dataset(self.strategy, lambda replicas, ids: (
             pipeline.caption_dataset(
-                paths, tokens, batch_size, self.boundaries, self.data.reader,
+                paths, tokens, batch_size, boundaries, self.data.reader,
                 self.table, shuffle_seed=seed, skip_batches=skip, num_replicas=replicas,
                 replica_ids=ids, pad_images=self.cfg.train.xla)))
 

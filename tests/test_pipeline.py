@@ -81,6 +81,47 @@ def test_bucket_boundaries():
     assert pipeline.bucket_boundaries(5) == [6]
 
 
+def _forward_cost(lengths, batch_size, boundaries, step_rows=pipeline.STEP_ROWS):
+    """merged_boundaries' model: a batch padded to T tokens costs T x (step_rows + rows)."""
+    buckets = np.searchsorted(np.asarray(boundaries), np.asarray(lengths), side="right")
+    total = 0
+    for k, edge in enumerate(boundaries):
+        rows = int((buckets == k).sum())
+        total += (edge - 1) * (step_rows * -(-rows // batch_size) + rows) if rows else 0
+    return total
+
+
+def test_merged_boundaries_merge_the_small_buckets_of_a_small_split():
+    """bench_epoch's validation set: 200 captions in 11 buckets, five of 1-3 captions. The
+    merged buckets keep the last boundary (every caption has one), are boundaries of the
+    ladder (tf.data pads to them), need fewer batches and cost less in the model."""
+    b = pipeline.bucket_boundaries(40)
+    counts = {7: 7, 9: 33, 11: 62, 13: 48, 15: 26, 17: 14, 19: 3, 23: 3, 27: 1, 31: 1, 39: 2}
+    lengths = [n for n, c in counts.items() for _ in range(c)]
+    merged = pipeline.merged_boundaries(lengths, 256, b)
+    assert merged == [12, 18, 40, 41]
+    assert set(merged) <= set(b) and merged[-1] == b[-1] and merged == sorted(merged)
+    assert pipeline.count_batches(lengths, 256, merged) == 3 < \
+        pipeline.count_batches(lengths, 256, b) == 11
+    assert _forward_cost(lengths, 256, merged) < 0.6 * _forward_cost(lengths, 256, b)
+    # no other choice of kept boundaries costs less (the dynamic programme is exact)
+    inner = b[:-1]
+    for mask in range(2 ** len(inner)):
+        other = [e for i, e in enumerate(inner) if mask >> i & 1] + [b[-1]]
+        assert _forward_cost(lengths, 256, merged) <= _forward_cost(lengths, 256, other)
+
+
+def test_merged_boundaries_keep_full_buckets_apart():
+    """A large split (COCO's 25k val captions) fills its buckets: merging them would pad
+    thousands of captions to a longer length, so every occupied boundary stays; with no
+    caption at all only the last one is left, and one occupied bucket keeps its own."""
+    b = pipeline.bucket_boundaries(40)
+    lengths = [edge - 1 for edge in b[:8] for _ in range(1024)]   # 4 full batches each
+    assert pipeline.merged_boundaries(lengths, 256, b)[:8] == b[:8]
+    assert pipeline.merged_boundaries([], 256, b) == [b[-1]]
+    assert pipeline.merged_boundaries([5] * 300, 64, b) == [8, b[-1]]   # not padded to 40
+
+
 def _batches(ds):
     """(features per caption (B, P, F), tokens (B, L)) of each batch."""
     return [(tf.gather(f, i).numpy(), t.numpy()) for f, i, t in ds]

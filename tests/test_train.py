@@ -180,6 +180,27 @@ def test_train_step_traced_once_over_varied_lengths(trained):
     assert trainer.eval_step.experimental_get_tracing_count() == 1
 
 
+def test_validation_loss_is_that_of_the_length_buckets_it_merged(trained):
+    """The validation batches merge adjacent length buckets (`pipeline.merged_boundaries`):
+    fewer batches, and the loss of one batch per bucket to rounding (a sum over tokens)."""
+    from caption_attn import pipeline
+    trainer = trained["trainer"]
+    inputs = trainer.inputs
+    paths, tokens = inputs.items["val"]
+    size = train.EVAL_BATCH_FACTOR * trainer.cfg.train.batch_size
+    plain = list(pipeline.caption_dataset(paths, tokens, size, inputs.boundaries,
+                                          inputs.data.reader, inputs.table))
+    sums = dict.fromkeys(("ce_sum", "tokens", "reg_sum", "caption_count"), 0.0)
+    for batch in plain:
+        for k, v in trainer.eval_step(batch).items():
+            sums[k] += float(v)
+    loss = sums["ce_sum"] / sums["tokens"] + sums["reg_sum"] / sums["caption_count"]
+    merged = list(inputs.captions("val", batch_size=size))
+    assert 1 <= len(merged) < len(plain)
+    assert sum(int(b[2].shape[0]) for b in merged) == len(tokens)     # every caption once
+    assert trainer.evaluate_loss("val")["loss"] == pytest.approx(loss, rel=1e-5)
+
+
 def test_rerun_of_a_finished_run_trains_nothing(trained):
     run = trained["run"] + "_copy"
     shutil.copytree(trained["run"], run)

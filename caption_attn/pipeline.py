@@ -59,8 +59,7 @@ def merged_boundaries(lengths: Sequence[int], batch_size: int, boundaries: Seque
     Exact by dynamic programming over the groups of consecutive buckets, with a batch of
     `batch_size` rows padded to T tokens costing T x (`step_rows` + rows)."""
     edges = list(boundaries)
-    buckets = np.searchsorted(np.asarray(edges), np.asarray(lengths, np.int64), side="right")
-    counts = np.bincount(buckets, minlength=len(edges) + 1)[:len(edges)]
+    counts = bucket_counts(lengths, edges)[:len(edges)]   # none at or above the last edge
     padded = [b - 1 for b in edges]        # tf.data pads bucket k to boundary k - 1
 
     def cost(first: int, last: int) -> float:          # buckets first..last as one
@@ -80,12 +79,18 @@ def merged_boundaries(lengths: Sequence[int], batch_size: int, boundaries: Seque
     return sorted(kept)
 
 
+def bucket_counts(lengths: Sequence[int], boundaries: Sequence[int]) -> np.ndarray:
+    """Captions of `lengths` tokens per bucket of `caption_dataset` (len(boundaries) + 1:
+    bucket k holds boundaries[k - 1] <= length < boundaries[k])."""
+    buckets = np.searchsorted(np.asarray(boundaries), np.asarray(lengths, np.int64),
+                              side="right")
+    return np.bincount(buckets, minlength=len(boundaries) + 1)
+
+
 def count_batches(lengths: Sequence[int], batch_size: int, boundaries: Sequence[int]) -> int:
     """Exact number of batches `caption_dataset` yields for captions of `lengths` tokens
     (buckets flush their rest at the end)."""
-    buckets = np.searchsorted(np.asarray(boundaries), np.asarray(lengths), side="right")
-    counts = np.bincount(buckets, minlength=len(boundaries) + 1)
-    return int(sum(math.ceil(c / batch_size) for c in counts))
+    return int(sum(math.ceil(c / batch_size) for c in bucket_counts(lengths, boundaries)))
 
 
 # In-graph checks of a feature file: problem codes and their reasons (`NpyReader.inspect`).

@@ -44,6 +44,26 @@ class StepSaved(NamedTuple):
     candidate: tf.Tensor  # (B, U)
 
 
+def _saved_widths(U, E):
+    """Widths of StepSaved's (B, .) fields after e, as saved side by side in one (B, 2E + 4U)
+    row per step: raw, beta (E each), z, r, hh, candidate (U each)."""
+    return [E, E, U, U, U, U]
+
+
+def _per_step(x) -> tf.TensorArray:
+    """x (T, ...) as a TensorArray whose read(t) is x[t]: inside a time loop one op, where
+    x[t] is a strided slice and the three small ops that build its bounds. (Each op of a
+    time loop costs the executor microseconds whatever its size: the shapes demo's model
+    at batch 8 spent 1.0 ms per time step of a training step, nearly all of it that, on a
+    2-core Zen 5; 0.7 ms with the loops' ops cut by a quarter.)"""
+    return tf.TensorArray(x.dtype, size=tf.shape(x)[0]).unstack(x)
+
+
+def _positions(keys):
+    """P of keys (B, P, .): static when known (a reshape to it then needs no shape ops)."""
+    return keys.shape[1] if keys.shape[1] is not None else tf.shape(keys)[1]
+
+
 def additive_attention(keys, values, q, score):
     """keys (B, P, U), values (B, P, E), projected query q (B, U), score (U, 1) -> context
     (B, E), weights (B, P) float32, e = tanh(keys + q) (B, P, U)."""
@@ -52,7 +72,7 @@ def additive_attention(keys, values, q, score):
     # A 2-D matmul, not a tensordot on (B, P, U), whose gradient inside the time loop needs
     # runtime transpose permutations that XLA (--xla) cannot compile.
     scores = tf.reshape(tf.matmul(tf.reshape(e, [-1, units]), score),
-                        tf.shape(e)[:2])                              # (B, P)
+                        [-1, _positions(keys)])                       # (B, P)
     weights = tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1)     # (B, P) float32
     context = tf.einsum("bp,bpe->be", tf.cast(weights, values.dtype), values)  # (B, E)
     return context, weights, e
@@ -114,11 +134,13 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
     def run(x_gates, h0, keys, encoded, *weights):
         w = StepWeights(*weights)
         T = tf.shape(x_gates)[0]
+        steps = _per_step(x_gates)
         # Per-step tensors go into TensorArrays; the saved ones are read back by the backward
-        # loop one step at a time, never stacked (e alone is T x B x P x U).
+        # loop one step at a time, never stacked (e alone is T x B x P x U). The saved (B, .)
+        # rows go into one TensorArray, side by side (`_saved_widths`).
         outputs = [tf.TensorArray(h0.dtype, size=T), tf.TensorArray(h0.dtype, size=T),
                    tf.TensorArray(tf.float32, size=T)]
-        saved = StepSaved(*(tf.TensorArray(h0.dtype, size=T) for _ in StepSaved._fields))
+        saved = (tf.TensorArray(h0.dtype, size=T), tf.TensorArray(h0.dtype, size=T))
 
         # h feeds the query, the gate and the recurrent gates: one matmul per step instead
         # of three (the same kernels, concatenated once per batch).
@@ -129,11 +151,11 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
         def body(t, h, outputs, saved):
             q, h_beta, h_gates = tf.split(tf.nn.bias_add(tf.matmul(h, h_kernels), h_bias),
                                           [U, E, 3 * U], axis=-1)   # (B, U), (B, E), (B, 3U)
-            h, context, alpha, step_saved = _update(w, x_gates[t], h, q, h_beta, h_gates, keys,
-                                                    encoded)
+            h, context, alpha, s = _update(w, steps.read(t), h, q, h_beta, h_gates, keys,
+                                           encoded)
             outputs = [a.write(t, x) for a, x in zip(outputs, (h, context, alpha))]
-            return t + 1, h, outputs, StepSaved(*(a.write(t, x)
-                                                  for a, x in zip(saved, step_saved)))
+            return t + 1, h, outputs, (saved[0].write(t, s.e),
+                                       saved[1].write(t, tf.concat(s[1:], axis=-1)))
 
         _, _, outputs, saved = tf.while_loop(lambda t, *_: t < T, body,
                                              (tf.constant(0), h0, outputs, saved))
@@ -164,22 +186,28 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
     gru_context_t = tf.transpose(w.gru_context)                       # (3U, E)
     score_row = tf.reshape(tf.cast(w.score, tf.float32), [1, U])      # (1, U)
     h_prev = tf.concat([h0[None], hs[:-1]], axis=0)                   # (T, B, U)
+    # What each step reads of the (T, B, .) tensors, one TensorArray read per dtype
+    by_step = _per_step(tf.concat([d_hs, h_prev, d_contexts], axis=-1))     # (B, 2U + E)
+    by_step_f32 = _per_step(tf.concat([alphas, d_alphas], axis=-1))        # (B, 2P)
+    P = _positions(keys)
+    e_saved, rows_saved = saved
 
     def body(t, dh, d_keys, d_score, d_xs, d_hs_all, d_raws):
-        s = StepSaved(*(a.read(t) for a in saved))
-        dh = dh + d_hs[t]                                             # (B, U)
+        s = StepSaved(e_saved.read(t), *tf.split(rows_saved.read(t), _saved_widths(U, E), -1))
+        d_h, h_before, d_context = tf.split(by_step.read(t), [U, U, E], axis=-1)
+        alpha, d_alpha_out = tf.split(by_step_f32.read(t), 2, axis=-1)  # (B, P) float32
+        dh = dh + d_h                                                 # (B, U)
         # GRU: h' = z h + (1 - z) c,  c = tanh(xh + r hh), z = sigmoid(.), r = sigmoid(.)
         d_cand = tf.raw_ops.TanhGrad(y=s.candidate, dy=dh * (1.0 - s.z))
-        d_z = tf.raw_ops.SigmoidGrad(y=s.z, dy=dh * (h_prev[t] - s.candidate))
+        d_z = tf.raw_ops.SigmoidGrad(y=s.z, dy=dh * (h_before - s.candidate))
         d_r = tf.raw_ops.SigmoidGrad(y=s.r, dy=d_cand * s.hh)
         d_x = tf.concat([d_z, d_r, d_cand], axis=-1)                  # (B, 3U) input gates
         # context = beta * raw feeds the GRU's input gates
-        d_ctx = tf.matmul(d_x, gru_context_t) + d_contexts[t]        # (B, E)
+        d_ctx = tf.matmul(d_x, gru_context_t) + d_context             # (B, E)
         d_beta = tf.raw_ops.SigmoidGrad(y=s.beta, dy=d_ctx * s.raw)   # (B, E)
         d_raw = d_ctx * s.beta                                        # (B, E)
         # attention: raw = sum_p alpha_p encoded_p, alpha = softmax_p(e_p w)
-        alpha = alphas[t]                                             # (B, P) float32
-        d_alpha = tf.cast(tf.einsum("be,bpe->bp", d_raw, encoded), tf.float32) + d_alphas[t]
+        d_alpha = tf.cast(tf.einsum("be,bpe->bp", d_raw, encoded), tf.float32) + d_alpha_out
         ds = alpha * (d_alpha - tf.reduce_sum(alpha * d_alpha, axis=-1, keepdims=True))
         # The attention's gradients in float32 under mixed precision too: the key and score
         # gradients are sums over all T steps, which bfloat16 (8 bits of mantissa) cannot
@@ -188,7 +216,7 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
         e = tf.cast(s.e, tf.float32)                                  # (B, P, U)
         # ds_bp w_u as a K=1 matmul: a broadcasting multiply took twice as long
         d_e = tf.raw_ops.TanhGrad(y=e, dy=tf.reshape(
-            tf.matmul(tf.reshape(ds, [-1, 1]), score_row), tf.shape(s.e)))  # (B, P, U)
+            tf.matmul(tf.reshape(ds, [-1, 1]), score_row), [-1, P, U]))  # (B, P, U)
         d_score = d_score + tf.matmul(tf.reshape(ds, [1, -1]),
                                       tf.reshape(e, [-1, U]))         # (1, U)
         d_q = tf.cast(tf.reduce_sum(d_e, axis=1), dt)                 # (B, U)

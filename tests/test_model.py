@@ -1,3 +1,5 @@
+import collections
+
 import keras
 import numpy as np
 import pytest
@@ -318,6 +320,45 @@ def test_bfloat16_attention_gradients_accumulate_in_float32():
         # each is rounded to bfloat16 once at the end: within its 2^-8, not 15 % off
         np.testing.assert_allclose(many, T * one, rtol=2 ** -7, atol=1e-6 * T * np.abs(one).max())
 
+
+def test_time_loops_read_each_step_without_shape_ops():
+    # Every op of a time loop costs the executor microseconds, whatever its size: for small
+    # batches that, not arithmetic, is most of a step. x[t] is a strided slice plus the
+    # ops that build its bounds, a reshape to tf.shape(.) a Shape op more, each
+    # StepSaved field its own TensorArray and loop variable: the loops read and save each
+    # step's rows whole (one TensorArray per dtype and kind) and reshape to static shapes.
+    from caption_attn.recurrence import StepWeights, teacher_forced_recurrence
+    rng = np.random.default_rng(4)
+    b, p, u, e, T = 2, 4, 8, 6, 5
+
+    def r(*shape):
+        return tf.constant(rng.standard_normal(shape).astype(np.float32))
+    w = StepWeights(r(u, u), r(u, 1), r(u, e), r(e), r(e, 3 * u), r(u, 3 * u), r(3 * u))
+    inputs = [r(T, b, 3 * u), r(b, u), r(b, p, u), r(b, p, e)]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 3 * u]),
+                                  tf.TensorSpec([None, u]), tf.TensorSpec([None, p, u]),
+                                  tf.TensorSpec([None, p, e])])
+    def grads(x_gates, h0, keys, encoded):
+        with tf.GradientTape() as tape:
+            tape.watch([x_gates, keys])
+            hs, contexts, alphas = teacher_forced_recurrence(w, x_gates, h0, keys, encoded)
+            loss = tf.reduce_sum(hs) + tf.reduce_sum(contexts) + tf.reduce_sum(alphas ** 2)
+        return tape.gradient(loss, [x_gates, keys])
+
+    graph = grads.get_concrete_function().graph.as_graph_def()
+    bodies = {f.signature.name: collections.Counter(n.op for n in f.node_def)
+              for f in graph.library.function if "while" in f.signature.name
+              and "body" in f.signature.name}
+    assert len(bodies) == 2, sorted(bodies)                            # forward, backward
+    for name, ops in bodies.items():
+        assert not ops["Shape"] and not ops["Pack"], (name, ops)
+    forward, backward = sorted(bodies.values(), key=lambda ops: ops["TensorListGetItem"])
+    assert forward["TensorListSetItem"] == 5          # h, context, alpha, e, the saved rows
+    assert forward["TensorListGetItem"] == 1          # the step's input gates
+    assert backward["TensorListGetItem"] == 4         # e, saved rows, per-step inputs x 2
+    assert not backward["StridedSlice"], backward
+    assert all(np.all(np.isfinite(g.numpy())) for g in grads(*inputs))
 
 def test_every_parameter_can_learn():
     # A parameter whose true gradient is always zero (like a bias on the attention scores,

@@ -360,6 +360,7 @@ def test_time_loops_read_each_step_without_shape_ops():
     assert not backward["StridedSlice"], backward
     assert all(np.all(np.isfinite(g.numpy())) for g in grads(*inputs))
 
+
 def test_every_parameter_can_learn():
     # A parameter whose true gradient is always zero (like a bias on the attention scores,
     # which the softmax cancels) has no place in the model: its float32 and bfloat16

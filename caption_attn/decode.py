@@ -225,7 +225,7 @@ def _run(step_fn, state, context, log_probs, max_length, start_id, advance) -> _
     n = tf.shape(log_probs)[0]
     start = tf.fill([n], tf.constant(start_id, tf.int32))  # (N,)
     logits, state, attention = step_fn(start, state, context)  # (N, V), ..., (N, P)
-    empty = _empty(state, log_probs, max_length, _dim(attention, 1))
+    empty = _empty(state, log_probs, max_length, static_dim(attention, 1))
     beams = advance(empty, logits, state, attention)
     if max_length == 1:
         # No loop: compiled with XLA, a loop whose condition is false from the start made
@@ -407,7 +407,7 @@ def _beam_advance(beam_size, length_penalty, end_id):
         # In two stages, without the (B, K*V) top_k: an image's `beam_size` best candidates
         # are among the `beam_size` best of each of its beams (ties: the lower id, as
         # below), and these are computed and rounded as in one stage, so they tie the same.
-        v = logits.shape[1] if logits.shape[1] is not None else tf.shape(logits)[1]
+        v = static_dim(logits, 1)
         k = min(beam_size, v) if isinstance(v, int) else tf.minimum(beam_size, v)
         step_log_probs = tf.nn.log_softmax(logits)                        # (N, V)
         alive = ~beams.finished                                           # (N,)
@@ -484,8 +484,9 @@ def _split_batch(x, k):
     return tf.reshape(x, [-1, k] + trailing)
 
 
-def _dim(x, axis):
-    """Static size of `x` along `axis` when known, else the dynamic one."""
+def static_dim(x, axis):
+    """Static size of `x` along `axis` when known (a Python int: a reshape to it needs no
+    Shape op), else the dynamic one (a scalar tensor). The recurrence uses it too."""
     return x.shape[axis] if x.shape[axis] is not None else tf.shape(x)[axis]
 
 

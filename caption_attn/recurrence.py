@@ -19,6 +19,8 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
+from caption_attn.decode import static_dim
+
 
 class StepWeights(NamedTuple):
     """The recurrent step's weights, in the compute dtype (see `ShowAttendTell.step_weights`):
@@ -59,11 +61,6 @@ def _per_step(x) -> tf.TensorArray:
     return tf.TensorArray(x.dtype, size=tf.shape(x)[0]).unstack(x)
 
 
-def _positions(keys):
-    """P of keys (B, P, .): static when known (a reshape to it then needs no shape ops)."""
-    return keys.shape[1] if keys.shape[1] is not None else tf.shape(keys)[1]
-
-
 def additive_attention(keys, values, q, score):
     """keys (B, P, U), values (B, P, E), projected query q (B, U), score (U, 1) -> context
     (B, E), weights (B, P) float32, e = tanh(keys + q) (B, P, U)."""
@@ -72,7 +69,7 @@ def additive_attention(keys, values, q, score):
     # A 2-D matmul, not a tensordot on (B, P, U), whose gradient inside the time loop needs
     # runtime transpose permutations that XLA (--xla) cannot compile.
     scores = tf.reshape(tf.matmul(tf.reshape(e, [-1, units]), score),
-                        [-1, _positions(keys)])                       # (B, P)
+                        [-1, static_dim(keys, 1)])                    # (B, P)
     weights = tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1)     # (B, P) float32
     context = tf.einsum("bp,bpe->be", tf.cast(weights, values.dtype), values)  # (B, E)
     return context, weights, e
@@ -189,7 +186,7 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
     # What each step reads of the (T, B, .) tensors, one TensorArray read per dtype
     by_step = _per_step(tf.concat([d_hs, h_prev, d_contexts], axis=-1))     # (B, 2U + E)
     by_step_f32 = _per_step(tf.concat([alphas, d_alphas], axis=-1))        # (B, 2P)
-    P = _positions(keys)
+    P = static_dim(keys, 1)
     e_saved, rows_saved = saved
 
     def body(t, dh, d_keys, d_score, d_xs, d_hs_all, d_raws):
@@ -339,5 +336,5 @@ def grouped_additive_attention(keys, values, q, score):
                         tf.shape(e)[:3])                             # (B, K, P)
     weights = tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1)    # (B, K, P) float32
     context = tf.matmul(tf.cast(weights, values.dtype), values)      # (B, K, E)
-    pixels = keys.shape[1] if keys.shape[1] is not None else tf.shape(keys)[1]
+    pixels = static_dim(keys, 1)
     return tf.reshape(context, [-1, dim]), tf.reshape(weights, [-1, pixels])  # (N, E), (N, P)

@@ -62,12 +62,25 @@ def test_bench_decode(capsys, tmp_path):
     path = str(tmp_path / "decode.json")
     out = run_benchmark("bench_decode", ["--batch", "3", "--one-at-a-time", "1",
                                          "--max-length", "3", "--vocab", "40", "--repeats",
-                                         "1", "--json", path], capsys)
-    assert "issue #11 targets" in out
+                                         "1", "--rounds", "2", "--json", path], capsys)
+    assert "issue #11 targets" in out and "best of 2 rounds alternating" in out
     with open(path) as f:
         figures = json.load(f)
     numbers(figures, "one_at_a_time_captions_per_s", "greedy_captions_per_s",
             "beam3_captions_per_s", *report_fields("bench_decode"))
+    # the yardstick before every round and after the last; each side's best counts
+    assert len(figures["one_at_a_time_passes"]) == 3
+    assert figures["one_at_a_time_captions_per_s"] == max(figures["one_at_a_time_passes"])
+    assert len(figures["greedy_rounds"]) == 2
+    assert figures["greedy_captions_per_s"] == max(figures["greedy_rounds"])
+
+
+@pytest.mark.parametrize("flag", ["--rounds", "--repeats", "--batch"])
+def test_bench_decode_refuses_a_count_below_one(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        benchmark("bench_decode").main([flag, "0"])
+    assert exit_.value.code == 2
+    assert f"{flag} must be at least 1" in capsys.readouterr().err
 
 
 def test_bench_train(capsys, tmp_path):

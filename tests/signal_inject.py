@@ -20,6 +20,9 @@ from train_subprocess import ENV
 
 WRAPPER = r"""
 import importlib, json, os, signal, sys, threading
+# Ctrl-C as in a command started from a terminal: a suite started in the background (`make
+# test &`, `nohup`) passes SIGINT on ignored, and the signals sent here would be lost
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from caption_attn import cli
 spec = json.loads(sys.argv[1])
 module, _, attrs = spec["target"].partition(":")

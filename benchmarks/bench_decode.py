@@ -29,6 +29,7 @@ timed in one short window between two passes, a slow spell in that window decide
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -47,7 +48,7 @@ from caption_attn.config import DecodeConfig  # noqa: E402
 from caption_attn.fileio import write_json_atomic  # noqa: E402
 from caption_attn.model import ShowAttendTell  # noqa: E402
 from caption_attn.vocab import START  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import describe, interleaved  # noqa: E402
 
 
 def batched_decoder(model, features, cfg: DecodeConfig, max_length: int):
@@ -120,20 +121,21 @@ def main(argv=None) -> int:
     for name, _, beam, overrides, _ in ROWS:
         decoders[name], firsts[name] = batched_decoder(
             model, inputs[name], DecodeConfig(beam=beam, **overrides), args.max_length)
-    passes, rounds = [], {name: [] for name in decoders}
-    for _ in range(args.rounds):
-        passes.append(time_one_at_a_time(model, features[:args.one_at_a_time],
-                                         args.max_length))
-        for name, decoder in decoders.items():
-            rounds[name].append(time_batched(decoder, inputs[name], args.repeats))
-    passes.append(time_one_at_a_time(model, features[:args.one_at_a_time], args.max_length))
+
+    def yardstick():
+        return time_one_at_a_time(model, features[:args.one_at_a_time], args.max_length)
+    timers = [functools.partial(time_batched, decoders[name], inputs[name], args.repeats)
+              for name in decoders]
+    passes, *per_row = interleaved(args.rounds, yardstick, *timers)
+    passes.append(yardstick())                   # and once after the last round
+    rounds = dict(zip(decoders, per_row))
     single = max(passes)
     rates = {name: (max(rounds[name]), firsts[name]) for name in decoders}
 
     print(describe())
     print(f"decoder E 256, U 512, V {args.vocab}; {args.max_length} steps per caption; "
           f"{args.batch} images per batch; each side's best of {args.rounds} rounds "
-          f"alternating; TensorFlow {tf.__version__}")
+          f"alternating (one at a time: {args.rounds + 1} passes); TensorFlow {tf.__version__}")
     print(f"{'':34s} {'captions/s':>10s} {'speedup':>8s} {'first call':>11s}")
     print(f"{'one at a time, eager':34s} {single:10.1f} {1:7.1f}x   (passes "
           + ", ".join(f"{p:.1f}" for p in passes) + ")")
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
     for name, label, *_ in ROWS:
         rate, first = rates[name]
         figures.update({f"{name}_captions_per_s": rate, f"{name}_speedup": rate / single,
-                        f"{name}_first_call_s": first, f"{name}_rounds": rounds[name]})
+                        f"{name}_first_call_s": first,
+                        f"{name}_rounds_captions_per_s": rounds[name]})
         print(f"{label:34s} {rate:10.1f} {rate / single:7.1f}x {first:10.1f}s   (rounds "
               + ", ".join(f"{r:.1f}" for r in rounds[name]) + ")")
     print("issue #11 targets, default settings: " + "; ".join(

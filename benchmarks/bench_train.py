@@ -52,7 +52,7 @@ from caption_attn.backbone import FEATURE_SHAPE, IMAGE_SIZE  # noqa: E402
 from caption_attn.config import (ModelConfig, RunConfig, TrainConfig, VocabConfig,  # noqa: E402
                                  write_json_atomic)
 from matmul_ceiling import matmul_gflops  # noqa: E402
-from machine import describe, run_in_temp_folder  # noqa: E402
+from machine import describe, interleaved, run_in_temp_folder  # noqa: E402
 
 P, F = FEATURE_SHAPE
 
@@ -224,18 +224,6 @@ def time_ours(trainer, batches) -> tuple[float, float]:
     float(out["loss"])
     captions = sum(int(b[2].shape[0]) for b in batches)
     return captions / (time.perf_counter() - t0), captions / (time.process_time() - c0)
-
-
-def interleaved(rounds: int, *timers) -> list[list]:
-    """Each timer called once per round, in turn (ours, reference, ours, ...), so that a
-    spell of other load on the machine hits both sides alike: one list of results per timer.
-    The benchmarks report each side's best round: interference only ever slows a round
-    down (as `timeit` takes the minimum)."""
-    results = [[] for _ in timers]
-    for _ in range(rounds):
-        for out, timer in zip(results, timers):
-            out.append(timer())
-    return results
 
 
 def best(rounds: list) -> tuple:

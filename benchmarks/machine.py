@@ -47,6 +47,18 @@ def describe() -> str:
             f"load average {os.getloadavg()[0]:.1f}{xla}")
 
 
+def interleaved(rounds: int, *timers) -> list[list]:
+    """Each timer called once per round, in turn (ours, reference, ours, ...), so that a
+    spell of other load on the machine hits both sides alike: one list of results per timer.
+    The benchmarks report each side's best round: interference only ever slows a round
+    down (as `timeit` takes the minimum)."""
+    results = [[] for _ in timers]
+    for _ in range(rounds):
+        for out, timer in zip(results, timers):
+            out.append(timer())
+    return results
+
+
 def run_in_temp_folder(prefix: str, measure, args, report=None) -> int:
     """`measure(args, folder)` in a temporary folder removed afterwards (whatever happens);
     then `report(figures)` and, with `args.json`, the figures written as JSON. Exit code 0."""

@@ -58,12 +58,23 @@ def test_bench_extract(capsys, tmp_path):
     numbers(figures, "float32_end_to_end_images_per_s", "float32_model_only_images_per_s")
 
 
-def test_bench_decode(capsys, tmp_path):
+DECODE_TOY = ["--batch", "3", "--one-at-a-time", "1", "--max-length", "3", "--vocab", "40"]
+
+
+def test_bench_decode(capsys, tmp_path, monkeypatch):
     path = str(tmp_path / "decode.json")
-    out = run_benchmark("bench_decode", ["--batch", "3", "--one-at-a-time", "1",
-                                         "--max-length", "3", "--vocab", "40", "--repeats",
-                                         "1", "--rounds", "2", "--json", path], capsys)
+    module, calls = benchmark("bench_decode"), []
+    for name, tag in (("time_one_at_a_time", "one"), ("time_batched", "batched")):
+        def recorded(*args, _real=getattr(module, name), _tag=tag):
+            calls.append(_tag)
+            return _real(*args)
+        monkeypatch.setattr(module, name, recorded)
+    out = run_benchmark("bench_decode", DECODE_TOY + ["--repeats", "1", "--rounds", "2",
+                                                      "--json", path], capsys)
     assert "issue #11 targets" in out and "best of 2 rounds alternating" in out
+    # the sides alternate: a pass one at a time, every batched method, ..., a last pass
+    rows = len(module.ROWS)
+    assert calls == (["one"] + ["batched"] * rows) * 2 + ["one"], calls
     with open(path) as f:
         figures = json.load(f)
     numbers(figures, "one_at_a_time_captions_per_s", "greedy_captions_per_s",
@@ -71,14 +82,14 @@ def test_bench_decode(capsys, tmp_path):
     # the yardstick before every round and after the last; each side's best counts
     assert len(figures["one_at_a_time_passes"]) == 3
     assert figures["one_at_a_time_captions_per_s"] == max(figures["one_at_a_time_passes"])
-    assert len(figures["greedy_rounds"]) == 2
-    assert figures["greedy_captions_per_s"] == max(figures["greedy_rounds"])
+    assert len(figures["greedy_rounds_captions_per_s"]) == 2
+    assert figures["greedy_captions_per_s"] == max(figures["greedy_rounds_captions_per_s"])
 
 
 @pytest.mark.parametrize("flag", ["--rounds", "--repeats", "--batch"])
 def test_bench_decode_refuses_a_count_below_one(flag, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        benchmark("bench_decode").main([flag, "0"])
+    with pytest.raises(SystemExit) as exit_:    # toy sizes: a regression fails fast
+        benchmark("bench_decode").main(DECODE_TOY + [flag, "0"])
     assert exit_.value.code == 2
     assert f"{flag} must be at least 1" in capsys.readouterr().err
 

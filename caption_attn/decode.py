@@ -94,7 +94,7 @@ def greedy(step_fn: StepFn, state, context, max_length: int, start_id: int = STA
 
 def beam_search(step_fn: StepFn, state, context, beam_size: int, max_length: int,
                 length_penalty: float = 0.0, start_id: int = START,
-                end_id: int = END) -> DecodeResult:
+                end_id: int = END, chunked_top_k: bool = False) -> DecodeResult:
     """The `beam_size` best sequences per image found by beam search. K = beam_size.
 
     Each step expands every beam by every token and keeps the `beam_size` best candidates
@@ -103,6 +103,10 @@ def beam_search(step_fn: StepFn, state, context, beam_size: int, max_length: int
     Finished beams stay in the beam with a frozen score and compete with live ones; the
     search stops when every beam has finished. Ties go to the lower beam, then the lower id,
     so `beam_size=1` is `greedy`.
+
+    `chunked_top_k` finds each beam's best candidates through the best of each 64-id chunk
+    of the vocabulary (`_best_continuations`): the same choice, faster where the decoder is
+    XLA-compiled for a CPU (whose top_k over whole rows is slow), slower uncompiled (more ops).
     """
     beam_size = _check_int("beam_size", beam_size, 1)
     max_length = _check_int("max_length", max_length, 1)
@@ -112,7 +116,7 @@ def beam_search(step_fn: StepFn, state, context, beam_size: int, max_length: int
     log_probs = tf.reshape(tf.tile(first[None, :], [batch, 1]), [-1])  # (B*K,)
     state, context = _tile_for(step_fn, state, context, beam_size)  # (B*K, ...), ...
     beams = _run(step_fn, state, context, log_probs, max_length, start_id,
-                 _beam_advance(beam_size, length_penalty, end_id))
+                 _beam_advance(beam_size, length_penalty, end_id, chunked_top_k))
     return _finalize(beams, beam_size, length_penalty)
 
 
@@ -401,7 +405,7 @@ def _fmix32(h):
     return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
 
 
-def _beam_advance(beam_size, length_penalty, end_id):
+def _beam_advance(beam_size, length_penalty, end_id, chunked_top_k=False):
     def advance(beams, logits, state, attention):
         logits = tf.cast(logits, tf.float32)                              # (N, V)
         # In two stages, without the (B, K*V) top_k: an image's `beam_size` best candidates
@@ -409,13 +413,11 @@ def _beam_advance(beam_size, length_penalty, end_id):
         # below), and these are computed and rounded as in one stage, so they tie the same.
         v = static_dim(logits, 1)
         k = min(beam_size, v) if isinstance(v, int) else tf.minimum(beam_size, v)
-        step_log_probs = tf.nn.log_softmax(logits)                        # (N, V)
         alive = ~beams.finished                                           # (N,)
         lengths = beams.lengths + tf.cast(alive, tf.int32)                # (N,)
         penalty = _length_penalty(lengths, length_penalty)[:, None]       # (N, 1)
-        row_scores, ids = tf.math.top_k(
-            (beams.log_probs[:, None] + step_log_probs) / penalty, k)     # (N, k) sorted
-        step = tf.gather(step_log_probs, ids, batch_dims=1)               # (N, k)
+        row_scores, ids, step = _best_continuations(logits, beams.log_probs, penalty, k,
+                                                    chunked_top_k)        # (N, k) each
         # A finished beam has one continuation, PAD for free, so its score stays frozen.
         first = tf.range(k) == 0                                          # (k,)
         frozen = tf.where(first, 0.0, NEG_INF)                            # (k,)
@@ -437,6 +439,54 @@ def _beam_advance(beam_size, length_penalty, end_id):
         return _append(beams, token, token_log_prob, state, tf.gather(attention, parent),
                        end_id)
     return advance
+
+
+# `_best_continuations` in chunks of this many ids, where a row holds at least 4 chunks per
+# candidate (XLA-compiled on 2 cores of a Zen 5, 768 rows x 5001 ids, k 3: 3.4 ms against
+# 6.3 ms for top_k over whole rows; chunks of 128 and 256 ids 3.7 and 4.0 ms, rows padded to
+# whole chunks 4.7-5.6 ms).
+TOP_K_CHUNK = 64
+
+
+def _best_continuations(logits, log_probs, penalty, k, chunked: bool):
+    """Each row's `k` best continuations, best first, ties to the lower id: (scores, ids,
+    log-probabilities), each (N, k), as `top_k((log_probs + log_softmax(logits)) / penalty)`
+    with the log-softmax values of the ids it picks. `log_probs` (N,), `penalty` (N, 1).
+
+    `chunked` (for a static V of at least 4k chunks of `TOP_K_CHUNK` ids) finds the same
+    ones without a top_k over whole rows: the row's best k lie in the k chunks whose best
+    candidates are best (ties to the lower chunk, whose ids are the lower ones), so top_k
+    runs over the chunks' maxima, then over the k chunks chosen. Every score is the same
+    expression on the same values as in the plain path, so the same candidates win, ties
+    included (a row with a NaN logit has only NaN scores and may pick other ids).
+    """
+    v = static_dim(logits, 1)
+    chunks = v // TOP_K_CHUNK if isinstance(v, int) else 0
+    if not chunked or not isinstance(k, int) or chunks < 4 * k:
+        step_log_probs = tf.nn.log_softmax(logits)                        # (N, V)
+        scores, ids = tf.math.top_k((log_probs[:, None] + step_log_probs) / penalty, k)
+        return scores, ids, tf.gather(step_log_probs, ids, batch_dims=1)
+    # log_softmax as its kernels compute it: (x - max) - log(sum(exp(x - max)))
+    shifted = logits - tf.reduce_max(logits, axis=1, keepdims=True)      # (N, V)
+    log_sum = tf.math.log(tf.reduce_sum(tf.exp(shifted), axis=1, keepdims=True))  # (N, 1)
+
+    def score(x):                                                         # x: shifted logits
+        return (log_probs[:, None] + (x - log_sum)) / penalty
+
+    whole = chunks * TOP_K_CHUNK
+    best = tf.reduce_max(tf.reshape(score(shifted[:, :whole]), [-1, chunks, TOP_K_CHUNK]),
+                         axis=2)                                          # (N, C)
+    if whole < v:   # the last ids, fewer than a chunk
+        best = tf.concat([best, tf.reduce_max(score(shifted[:, whole:]), axis=1,
+                                              keepdims=True)], axis=1)    # (N, C + 1)
+    chosen = tf.sort(tf.math.top_k(best, k).indices, axis=1)              # (N, k) ascending
+    candidates = tf.reshape(chosen[:, :, None] * TOP_K_CHUNK + tf.range(TOP_K_CHUNK),
+                            [-1, k * TOP_K_CHUNK])                        # (N, k * 64) ids
+    x = tf.gather(shifted, tf.minimum(candidates, v - 1), batch_dims=1)   # (N, k * 64)
+    # ids past V (the last chunk's) score -inf and come after every real id of that score
+    scores, where = tf.math.top_k(tf.where(candidates < v, score(x), NEG_INF), k)
+    return (scores, tf.gather(candidates, where, batch_dims=1),
+            tf.gather(x, where, batch_dims=1) - log_sum)
 
 
 def _own_log_prob(step_log_probs, token, finished):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from caption_attn import captioner, feature_cache
+from caption_attn import captioner, decode, feature_cache
 from caption_attn.cli import main
 from caption_attn.backbone import FEATURE_SHAPE
 from caption_attn.config import DecodeConfig
@@ -328,16 +328,33 @@ def test_beam_one_equals_greedy(shapes_data, trained_run):
 
 
 @pytest.mark.parametrize("beam", [1, 3])
-def test_xla_decoding_gives_the_same_captions(shapes_data, trained_run, beam):
+def test_xla_decoding_gives_the_same_captions(shapes_data, trained_run, beam, monkeypatch):
+    """... and beam search asks for its candidates by chunks of ids where it is compiled
+    (`decode._best_continuations`; this run's vocabulary is too small for them to be used:
+    tests/test_decode.py checks them on 5001 words), not in the plain loop."""
     with open(os.path.join(trained_run, "split.json")) as f:
         keys = json.load(f)["splits"]["val"][:6]
     feats = np.stack([np.load(feature_cache.feature_path(shapes_data["cache"], k))
                       for k in keys]).astype(np.float32)
+    asked = []
+    best_continuations = decode._best_continuations
+    monkeypatch.setattr(decode, "_best_continuations", lambda *args: asked.append(args[-1])
+                        or best_continuations(*args))
+    seen = []
+
+    def traced_since():   # the flags asked for in the traces since the last call
+        seen.append(len(asked))
+        return set(asked[seen[-2] if len(seen) > 1 else 0:])
     plain = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=beam)).decode(feats)
+    assert traced_since() == ({False} if beam > 1 else set())   # greedy has no top_k
     xla = captioner.Captioner.from_run(trained_run,
                                        DecodeConfig(beam=beam, xla=True)).decode(feats)
+    assert traced_since() == ({True} if beam > 1 else set())
     auto = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=beam, xla_min_images=4))
-    automatic = auto.decode(feats) + auto.decode(feats[:2])
+    automatic = auto.decode(feats)
+    assert traced_since() == ({True} if beam > 1 else set())
+    automatic += auto.decode(feats[:2])
+    assert traced_since() == ({False} if beam > 1 else set())
     # the default path: batches of >= xla_min_images images compiled, smaller ones plain
     assert auto._decoder.compiled.experimental_get_tracing_count() == 1
     assert auto._decoder.plain.experimental_get_tracing_count() == 1

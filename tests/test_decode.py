@@ -616,6 +616,70 @@ def test_beam_advance_in_two_stages_chooses_as_over_all_candidates(beam_size, al
     assert out.log_probs.numpy()[last][0] == log_probs[last][0]
 
 
+@pytest.mark.parametrize("k, v", [(1, 5001), (3, 40 * 64), (10, 5001)])
+def test_best_continuations_in_chunks_are_top_k_over_whole_rows(k, v):
+    """Under XLA (where the `Captioner` asks for chunks), each row's best k found through
+    64-id chunks are top_k's over the whole row: equal logits all over a row, a row all
+    alike, a tie made by rounding, -inf logits with the last (partial) chunk's last id among
+    the few finite ones, the best k spanning two chunks, dead rows and length penalties."""
+    from caption_attn.decode import TOP_K_CHUNK, _best_continuations
+    assert v // TOP_K_CHUNK >= 4 * k                            # the chunked path is taken
+    rng = np.random.default_rng(k)
+    n = 32
+    logits = rng.normal(size=(n, v)).astype(np.float32) * 4
+    logits[:8] = rng.integers(-3, 4, (8, v))                    # many equal logits
+    logits[8] = 0.0                                             # a row all alike
+    logits[9] = -np.inf
+    logits[9, [v - 1, 5, 700]] = 1.0                            # finite in three spots only
+    logits[10] = -np.inf                                        # at -300 their scores round
+    logits[10, [3, 4, 5]] = 0.0, 5e-7, 1e-6                     # equal: the lower id first
+    logits[11, 7 * TOP_K_CHUNK - 2:7 * TOP_K_CHUNK + 9] = 50.0  # the best across two chunks
+    tied = 2 * TOP_K_CHUNK + 2                                  # ties id 10, in a chunk whose
+    logits[15] = -np.inf                                        # best (id tied + 1) comes
+    logits[15, [10, tied, tied + 1]] = 1.0, 1.0, 5.0            # first: still id 10 first
+    log_probs = rng.choice([-1.0, -2.0, -3.5, 0.0], n).astype(np.float32)
+    log_probs[10] = -300.0
+    log_probs[12:15] = -np.inf                                  # dead rows
+    penalty = rng.choice([1.0, 1.3, 2.25], (n, 1)).astype(np.float32)
+    args = [tf.constant(x) for x in (logits, log_probs, penalty)]
+    chunked, whole = (tf.function(lambda *a, c=c: _best_continuations(*a, k, c),
+                                  jit_compile=True)(*args) for c in (True, False))
+    np.testing.assert_array_equal(chunked[1], whole[1])         # the same ids, in order
+    assert whole[1][10, 0] == 3 and set(whole[1][11, :min(k, 11)].numpy()) <= set(
+        range(7 * TOP_K_CHUNK - 2, 7 * TOP_K_CHUNK + 9))
+    assert list(whole[1][15, :3].numpy())[:k] == [tied + 1, 10, tied][:k]
+    for got, want in ((chunked[0], whole[0]), (chunked[2], whole[2])):   # scores, log-probs
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+
+
+def test_beam_search_in_chunks_decodes_as_over_whole_rows():
+    """`chunked_top_k` under XLA on a 5001-word step with many equal logits, banned words
+    and beams that finish: the same captions, scores and attention."""
+    rng = np.random.default_rng(0)
+    v, batch = 5001, 6
+    table = rng.integers(-4, 5, (97, v)).astype(np.float32)    # logits by the last token
+    table[:, [11, 12]] = -np.inf                                # never chosen
+    table[::5, END] = 6.0                                       # some words lead to END
+    table = tf.constant(table)
+
+    def step(tokens, state, context):
+        logits = tf.gather(table, tokens % 97) + context        # (N, V)
+        return logits, state + 1, tf.one_hot((tokens + state) % P, P)
+
+    state = tf.zeros([batch], tf.int32)
+    context = tf.constant(rng.normal(size=(batch, v)).astype(np.float32) * 0.5)
+    chunked, whole = (tf.nest.map_structure(np.asarray, tf.function(
+        lambda s, c, flag=flag: beam_search(step, s, c, 3, 8, length_penalty=0.7,
+                                            chunked_top_k=flag),
+        jit_compile=True)(state, context)) for flag in (True, False))
+    np.testing.assert_array_equal(chunked.tokens, whole.tokens)
+    np.testing.assert_array_equal(chunked.lengths, whole.lengths)
+    np.testing.assert_array_equal(chunked.attention, whole.attention)
+    for field in ("log_probs", "scores", "token_log_probs"):
+        np.testing.assert_allclose(getattr(chunked, field), getattr(whole, field), rtol=1e-6)
+    assert (whole.lengths < 8).any() and (whole.lengths == 8).any()  # some beams finished
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_greedy_ties_go_to_the_lower_id_in_a_large_vocabulary(jit_compile):
     """Greedy's argmax on 5001 logits with 2 to 5 equal maxima anywhere in a row (XLA's

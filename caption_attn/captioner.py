@@ -161,10 +161,10 @@ def _decoder_function(model, cfg: DecodeConfig, max_length: int, jit_compile: bo
         return masked_step(model_step, **({"gates": table[0]} if table else {}))
     kwargs = {"max_length": max_length}
     if cfg.method == "beam":
-        # each beam's best candidates by chunks of ids where XLA compiles for a CPU: the same
-        # choice as a top_k over whole rows, whose XLA code on a CPU is slow (`decode`)
+        # each beam's best candidates by chunks of ids on a CPU: the same choice as a top_k
+        # over whole rows, which is slower there, most of all XLA's (`decode.beam_search`)
         kwargs.update(beam_size=cfg.beam, length_penalty=cfg.length_penalty,
-                      chunked_top_k=jit_compile and not tf.config.list_logical_devices("GPU"))
+                      chunked_top_k=not tf.config.list_logical_devices("GPU"))
     elif cfg.method == "sample":
         kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
 

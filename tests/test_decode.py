@@ -616,12 +616,14 @@ def test_beam_advance_in_two_stages_chooses_as_over_all_candidates(beam_size, al
     assert out.log_probs.numpy()[last][0] == log_probs[last][0]
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("k, v", [(1, 5001), (3, 40 * 64), (10, 5001)])
-def test_best_continuations_in_chunks_are_top_k_over_whole_rows(k, v):
-    """Under XLA (where the `Captioner` asks for chunks), each row's best k found through
-    64-id chunks are top_k's over the whole row: equal logits all over a row, a row all
-    alike, a tie made by rounding, -inf logits with the last (partial) chunk's last id among
-    the few finite ones, the best k spanning two chunks, dead rows and length penalties."""
+def test_best_continuations_in_chunks_are_top_k_over_whole_rows(k, v, jit_compile):
+    """With XLA and without, each row's best k found through 64-id chunks (as the
+    `Captioner` asks for on a CPU) are top_k's over the whole row: equal logits all over a
+    row, a row all alike, a tie made by rounding, -inf logits with the last (partial) chunk's
+    last id among the few finite ones, the best k spanning two chunks, dead rows and length
+    penalties."""
     from caption_attn.decode import TOP_K_CHUNK, _best_continuations
     assert v // TOP_K_CHUNK >= 4 * k                            # the chunked path is taken
     rng = np.random.default_rng(k)
@@ -643,7 +645,7 @@ def test_best_continuations_in_chunks_are_top_k_over_whole_rows(k, v):
     penalty = rng.choice([1.0, 1.3, 2.25], (n, 1)).astype(np.float32)
     args = [tf.constant(x) for x in (logits, log_probs, penalty)]
     chunked, whole = (tf.function(lambda *a, c=c: _best_continuations(*a, k, c),
-                                  jit_compile=True)(*args) for c in (True, False))
+                                  jit_compile=jit_compile)(*args) for c in (True, False))
     np.testing.assert_array_equal(chunked[1], whole[1])         # the same ids, in order
     assert whole[1][10, 0] == 3 and set(whole[1][11, :min(k, 11)].numpy()) <= set(
         range(7 * TOP_K_CHUNK - 2, 7 * TOP_K_CHUNK + 9))
@@ -652,9 +654,10 @@ def test_best_continuations_in_chunks_are_top_k_over_whole_rows(k, v):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
 
 
-def test_beam_search_in_chunks_decodes_as_over_whole_rows():
-    """`chunked_top_k` under XLA on a 5001-word step with many equal logits, banned words
-    and beams that finish: the same captions, scores and attention."""
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_beam_search_in_chunks_decodes_as_over_whole_rows(jit_compile):
+    """`chunked_top_k` on a 5001-word step with many equal logits, banned words and beams
+    that finish, with XLA and without: the same captions, scores and attention."""
     rng = np.random.default_rng(0)
     v, batch = 5001, 6
     table = rng.integers(-4, 5, (97, v)).astype(np.float32)    # logits by the last token
@@ -671,7 +674,7 @@ def test_beam_search_in_chunks_decodes_as_over_whole_rows():
     chunked, whole = (tf.nest.map_structure(np.asarray, tf.function(
         lambda s, c, flag=flag: beam_search(step, s, c, 3, 8, length_penalty=0.7,
                                             chunked_top_k=flag),
-        jit_compile=True)(state, context)) for flag in (True, False))
+        jit_compile=jit_compile)(state, context)) for flag in (True, False))
     np.testing.assert_array_equal(chunked.tokens, whole.tokens)
     np.testing.assert_array_equal(chunked.lengths, whole.lengths)
     np.testing.assert_array_equal(chunked.attention, whole.attention)

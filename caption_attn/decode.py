@@ -442,9 +442,10 @@ def _beam_advance(beam_size, length_penalty, end_id, chunked_top_k=False):
 
 
 # `_best_continuations` in chunks of this many ids, where a row holds at least 4 chunks per
-# candidate (XLA-compiled on 2 cores of a Zen 5, 768 rows x 5001 ids, k 3: 3.4 ms against
-# 6.3 ms for top_k over whole rows; chunks of 128 and 256 ids 3.7 and 4.0 ms, rows padded to
-# whole chunks 4.7-5.6 ms; uncompiled, beam-3 at 256 images 1.06x as fast, one image the same).
+# candidate (XLA-compiled on 2 cores of a Zen 5, 768 rows x 5001 ids, k 3: 3.4-3.6 ms
+# against 6.3-6.4 ms for top_k over whole rows; chunks of 128 and 256 ids 3.7 and 4.0 ms,
+# rows padded to whole chunks 4.7-5.6 ms; uncompiled, beam-3 at 256 images 1.06x as fast,
+# one image the same).
 TOP_K_CHUNK = 64
 
 

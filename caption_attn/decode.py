@@ -105,8 +105,10 @@ def beam_search(step_fn: StepFn, state, context, beam_size: int, max_length: int
     so `beam_size=1` is `greedy`.
 
     `chunked_top_k` finds each beam's best candidates through the best of each 64-id chunk
-    of the vocabulary (`_best_continuations`): the same choice, faster on a CPU (most of all
-    XLA-compiled, whose top_k over whole rows is slow); not measured on a GPU.
+    of the vocabulary where it holds at least 4 chunks per beam (`_best_continuations`; else
+    by a top_k over whole rows): the same choice, faster on a CPU where the decoder is
+    XLA-compiled (whose top_k over whole rows is slow), faster or the same uncompiled; not
+    measured on a GPU.
     """
     beam_size = _check_int("beam_size", beam_size, 1)
     max_length = _check_int("max_length", max_length, 1)
@@ -442,10 +444,10 @@ def _beam_advance(beam_size, length_penalty, end_id, chunked_top_k=False):
 
 
 # `_best_continuations` in chunks of this many ids, where a row holds at least 4 chunks per
-# candidate (XLA-compiled on 2 cores of a Zen 5, 768 rows x 5001 ids, k 3: 3.4-3.6 ms
-# against 6.3-6.4 ms for top_k over whole rows; chunks of 128 and 256 ids 3.7 and 4.0 ms,
-# rows padded to whole chunks 4.7-5.6 ms; uncompiled, beam-3 at 256 images 1.06x as fast,
-# one image the same).
+# candidate (a choice: only k 3 was measured. XLA-compiled on 2 cores of a Zen 5, 768 rows x
+# 5001 ids, k 3: 3.4-3.6 ms against 6.3-6.4 ms for top_k over whole rows; chunks of 128 and
+# 256 ids 3.6-3.7 and 4.0 ms, rows padded to whole chunks 4.7-5.6 ms; uncompiled, beam-3 at
+# 256 images 1.06x as fast, one image the same).
 TOP_K_CHUNK = 64
 
 
@@ -454,40 +456,38 @@ def _best_continuations(logits, log_probs, penalty, k, chunked: bool):
     log-probabilities), each (N, k), as `top_k((log_probs + log_softmax(logits)) / penalty)`
     with the log-softmax values of the ids it picks. `log_probs` (N,), `penalty` (N, 1).
 
-    `chunked` (for a static V of at least 4k chunks of `TOP_K_CHUNK` ids) finds the same
-    ones without a top_k over whole rows: the row's best k lie in the k chunks whose best
-    candidates are best (ties to the lower chunk, whose ids are the lower ones), so top_k
-    runs over the chunks' maxima, then over the k chunks chosen. Every score is the same
-    expression on the same values as in the plain path, so the same candidates win, ties
-    included (a row with a NaN logit has only NaN scores and may pick other ids).
+    `chunked` finds the same ones without a top_k over whole rows, where V is static and
+    holds at least 4k chunks of `TOP_K_CHUNK` ids (else it is the top_k): the row's best k
+    lie in the k chunks whose best candidates are best (ties to the lower chunk, whose ids
+    are the lower ones), so top_k runs over the chunks' maxima, then over the k chunks
+    chosen, taken in id order. Every score is the same expression on the same log-softmax
+    values as in the top_k over whole rows, so the same candidates win, ties included (a
+    row with a NaN logit has only NaN scores and may pick other ids).
     """
+    step_log_probs = tf.nn.log_softmax(logits)                            # (N, V)
+
+    def score(x):                                                         # x: log-softmax
+        return (log_probs[:, None] + x) / penalty
+
     v = static_dim(logits, 1)
     chunks = v // TOP_K_CHUNK if isinstance(v, int) else 0
     if not chunked or not isinstance(k, int) or chunks < 4 * k:
-        step_log_probs = tf.nn.log_softmax(logits)                        # (N, V)
-        scores, ids = tf.math.top_k((log_probs[:, None] + step_log_probs) / penalty, k)
+        scores, ids = tf.math.top_k(score(step_log_probs), k)            # (N, k) each
         return scores, ids, tf.gather(step_log_probs, ids, batch_dims=1)
-    # log_softmax as its kernels compute it: (x - max) - log(sum(exp(x - max)))
-    shifted = logits - tf.reduce_max(logits, axis=1, keepdims=True)      # (N, V)
-    log_sum = tf.math.log(tf.reduce_sum(tf.exp(shifted), axis=1, keepdims=True))  # (N, 1)
-
-    def score(x):                                                         # x: shifted logits
-        return (log_probs[:, None] + (x - log_sum)) / penalty
-
     whole = chunks * TOP_K_CHUNK
-    best = tf.reduce_max(tf.reshape(score(shifted[:, :whole]), [-1, chunks, TOP_K_CHUNK]),
-                         axis=2)                                          # (N, C)
+    best = tf.reduce_max(tf.reshape(score(step_log_probs[:, :whole]),
+                                    [-1, chunks, TOP_K_CHUNK]), axis=2)   # (N, C)
     if whole < v:   # the last ids, fewer than a chunk
-        best = tf.concat([best, tf.reduce_max(score(shifted[:, whole:]), axis=1,
+        best = tf.concat([best, tf.reduce_max(score(step_log_probs[:, whole:]), axis=1,
                                               keepdims=True)], axis=1)    # (N, C + 1)
     chosen = tf.sort(tf.math.top_k(best, k).indices, axis=1)              # (N, k) ascending
     candidates = tf.reshape(chosen[:, :, None] * TOP_K_CHUNK + tf.range(TOP_K_CHUNK),
                             [-1, k * TOP_K_CHUNK])                        # (N, k * 64) ids
-    x = tf.gather(shifted, tf.minimum(candidates, v - 1), batch_dims=1)   # (N, k * 64)
+    x = tf.gather(step_log_probs, tf.minimum(candidates, v - 1), batch_dims=1)  # (N, k * 64)
     # ids past V (the last chunk's) score -inf and come after every real id of that score
     scores, where = tf.math.top_k(tf.where(candidates < v, score(x), NEG_INF), k)
     return (scores, tf.gather(candidates, where, batch_dims=1),
-            tf.gather(x, where, batch_dims=1) - log_sum)
+            tf.gather(x, where, batch_dims=1))
 
 
 def _own_log_prob(step_log_probs, token, finished):

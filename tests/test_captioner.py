@@ -329,9 +329,9 @@ def test_beam_one_equals_greedy(shapes_data, trained_run):
 
 @pytest.mark.parametrize("beam", [1, 3])
 def test_xla_decoding_gives_the_same_captions(shapes_data, trained_run, beam, monkeypatch):
-    """... and beam search asks for its candidates by chunks of ids on this CPU, compiled or
-    not (`decode._best_continuations`; this run's vocabulary is too small for them to be used:
-    tests/test_decode.py checks them on 5001 words)."""
+    """... and beam search asks for its candidates by chunks of ids on a CPU, compiled or
+    not, and not on a GPU (`decode._best_continuations`; this run's vocabulary is too small
+    for them to be used: tests/test_decode.py checks them on 5001 words)."""
     with open(os.path.join(trained_run, "split.json")) as f:
         keys = json.load(f)["splits"]["val"][:6]
     feats = np.stack([np.load(feature_cache.feature_path(shapes_data["cache"], k))
@@ -346,7 +346,8 @@ def test_xla_decoding_gives_the_same_captions(shapes_data, trained_run, beam, mo
     auto = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=beam, xla_min_images=4))
     automatic = auto.decode(feats) + auto.decode(feats[:2])
     # traced for the plain loop, --xla, a compiled batch and a plain one; greedy has no top_k
-    assert asked == [] if beam == 1 else (set(asked) == {True} and len(asked) >= 4)
+    on_cpu = not tf.config.list_logical_devices("GPU")
+    assert asked == [] if beam == 1 else (set(asked) == {on_cpu} and len(asked) >= 4)
     # the default path: batches of >= xla_min_images images compiled, smaller ones plain
     assert auto._decoder.compiled.experimental_get_tracing_count() == 1
     assert auto._decoder.plain.experimental_get_tracing_count() == 1
@@ -417,6 +418,31 @@ def test_decoding_compiles_nothing_for_one_image_or_inside_a_graph():
     assert not hasattr(sampler, "compiled")
     mixed = ShowAttendTell(12, 8, 16, dtype="mixed_bfloat16")    # XLA would round otherwise
     assert not hasattr(captioner.make_decoder(mixed, DecodeConfig(beam=3), 5), "compiled")
+
+
+def test_a_vocabulary_large_enough_for_chunks_decodes_as_without_them(monkeypatch):
+    """A model of 800 words (12 chunks of 64 ids, enough for beam 3): the `Captioner`'s
+    decoder (a compiled batch with the gate table and the masked special tokens, and the
+    plain loop of one image) gives the same beams to the bit with its candidates chosen
+    through chunks as with a top_k over whole rows."""
+    from caption_attn.model import ShowAttendTell
+    keras.utils.set_random_seed(0)
+    model = ShowAttendTell(800, 8, 16)
+    feats = tf.random.uniform([3, *FEATURE_SHAPE], seed=3)
+    best_continuations, asked = decode._best_continuations, []
+
+    def decoded(chunks):
+        monkeypatch.setattr(decode, "_best_continuations", lambda *args: asked.append(
+            args[-1]) or best_continuations(*args[:-1], chunks and args[-1]))
+        run = captioner.make_decoder(model, DecodeConfig(beam=3, xla_min_images=2), 6,
+                                     fixed_weights=True)
+        return [tf.nest.map_structure(np.asarray, run(x)) for x in (feats, feats[:1])]
+    with_chunks, without = decoded(True), decoded(False)
+    assert set(asked) == {not tf.config.list_logical_devices("GPU")}
+    for got, want in zip(with_chunks, without):
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    assert len({tuple(t) for t in with_chunks[0].tokens[:, 0]}) > 1   # the images differ
 
 
 @pytest.mark.parametrize("beam", [1, 3])

@@ -163,7 +163,8 @@ def _decoder_function(model, cfg: DecodeConfig, max_length: int, jit_compile: bo
     if cfg.method == "beam":
         # each beam's best candidates by chunks of ids on a CPU: the same choice as a top_k
         # over whole rows, which is slower there, most of all XLA's (`decode.beam_search`).
-        # Decided when traced: a SavedModel exported on a CPU keeps the chunks on a GPU too.
+        # Decided when the decoder is built and kept in its graph: a SavedModel exported on a
+        # CPU keeps the chunks on a GPU too.
         kwargs.update(beam_size=cfg.beam, length_penalty=cfg.length_penalty,
                       chunked_top_k=not tf.config.list_logical_devices("GPU"))
     elif cfg.method == "sample":

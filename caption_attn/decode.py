@@ -445,9 +445,9 @@ def _beam_advance(beam_size, length_penalty, end_id, chunked_top_k=False):
 
 # `_best_continuations` in chunks of this many ids, where a row holds at least 4 chunks per
 # candidate (a choice: only k 3 was measured. XLA-compiled on 2 cores of a Zen 5, 768 rows x
-# 5001 ids, k 3: 3.4-3.6 ms against 6.3-6.4 ms for top_k over whole rows; chunks of 128 and
+# 5001 ids, k 3: 3.4-3.6 ms against 6.3-6.6 ms for top_k over whole rows; chunks of 128 and
 # 256 ids 3.6-3.7 and 4.0 ms, rows padded to whole chunks 4.7-5.6 ms; uncompiled, beam-3 at
-# 256 images 1.06x as fast, one image the same).
+# 256 images 1.06-1.07x as fast, one image the same within noise).
 TOP_K_CHUNK = 64
 
 
@@ -461,8 +461,9 @@ def _best_continuations(logits, log_probs, penalty, k, chunked: bool):
     lie in the k chunks whose best candidates are best (ties to the lower chunk, whose ids
     are the lower ones), so top_k runs over the chunks' maxima, then over the k chunks
     chosen, taken in id order. Every score is the same expression on the same log-softmax
-    values as in the top_k over whole rows, so the same candidates win, ties included (a
-    row with a NaN logit has only NaN scores and may pick other ids).
+    values as in the top_k over whole rows (uncompiled, one kernel's; under XLA, the same
+    op compiled in both), so the same candidates win, ties included (a row with a NaN logit
+    has only NaN scores and may pick other ids).
     """
     step_log_probs = tf.nn.log_softmax(logits)                            # (N, V)
 

@@ -431,14 +431,17 @@ def test_a_vocabulary_large_enough_for_chunks_decodes_as_without_them(monkeypatc
     feats = tf.random.uniform([3, *FEATURE_SHAPE], seed=3)
     best_continuations, asked = decode._best_continuations, []
 
-    def decoded(chunks):
+    def decoded(chunks):   # records (chunks asked for, V as traced, k)
         monkeypatch.setattr(decode, "_best_continuations", lambda *args: asked.append(
-            args[-1]) or best_continuations(*args[:-1], chunks and args[-1]))
+            (args[-1], args[0].shape[1], args[3])) or best_continuations(
+                *args[:-1], chunks and args[-1]))
         run = captioner.make_decoder(model, DecodeConfig(beam=3, xla_min_images=2), 6,
                                      fixed_weights=True)
         return [tf.nest.map_structure(np.asarray, run(x)) for x in (feats, feats[:1])]
     with_chunks, without = decoded(True), decoded(False)
-    assert set(asked) == {not tf.config.list_logical_devices("GPU")}
+    # a static V of enough chunks for k 3: the chunks were really used on a CPU
+    assert set(asked) == {(not tf.config.list_logical_devices("GPU"), 800, 3)}
+    assert 800 // decode.TOP_K_CHUNK >= 4 * 3
     for got, want in zip(with_chunks, without):
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)

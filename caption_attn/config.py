@@ -525,7 +525,7 @@ class ExportConfig(Config):
 
 @dataclass
 class DemoConfig(Config):
-    """The end-to-end offline demo (`demo`), sized for a 2-core CPU (5-14 minutes by CPU
+    """The end-to-end offline demo (`demo`), sized for a 2-core CPU (3-14 minutes by CPU
     kind: the README's Shapes results)."""
 
     workdir: str = opt("demo_work", "folder for everything the demo makes", check=NON_EMPTY)

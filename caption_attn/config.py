@@ -344,6 +344,11 @@ class TrainConfig(Config):
                            choices=("constant", "cosine"))
     clip_norm: float = opt(5.0, "clip gradients by this global norm (0 disables)",
                            check=NON_NEGATIVE)
+    ema: float = opt(0.0, "keep an exponential moving average of the weights with this "
+                     "momentum (0.995 averages about the last 200 steps; the first 1800 "
+                     "steps fewer) and validate, choose and save the best model, and draw "
+                     "the sample heatmaps with it; the steps train the weights as they are "
+                     "(0: off)", check=FRACTION)
     monitor: Optional[str] = opt(None, "metric for early stopping and the best model: "
                                  "val_loss, val_bleu4 or val_cider (the last two decode up to "
                                  "--bleu-images validation images each epoch; loss and BLEU "
@@ -552,6 +557,10 @@ class DemoConfig(Config):
                                "self-critical ones take train's --scst-learning-rate 5e-5 (at "
                                f"most {MAX_LEARNING_RATE:g})", check=LEARNING_RATE)
     dropout: float = opt(0.3, "output dropout", check=FRACTION)
+    ema: float = opt(0.995, "train's --ema: the best model is the moving average of the "
+                     "weights (on an Intel Xeon, scene accuracy 0.953 / 0.960 / 0.960 with "
+                     "training seeds 0 / 1 / 2 against 0.947 / 0.960 / 0.940 without; 0: off)",
+                     check=FRACTION)
     attention_reg: float = opt(3.0, "doubly stochastic attention weight; higher than the "
                                "COCO default 1.0 because it measurably helped here (scene "
                                "accuracy 0.40 / 0.65 / 0.69 / 0.49 at 0.1 / 1 / 3 / 8, "

@@ -33,6 +33,9 @@ TARGETS = {"scene_accuracy": 0.95, "Bleu_4": 0.90, "grounding": 0.90}
 # (the others shape the dataset, the cache or the model, which a rerun reuses).
 MADE = ("shapes", "features_cache", os.path.join("models", "shapes"), "heatmaps", "demo.json")
 RERUN_MAY_CHANGE = ("workdir", "fresh", "epochs", "scst_after", "beam", "show")
+# Settings added to demo.json after it came to exist, and the value a demo made before then
+# had: its demo.json lacks them (stop 69: --ema; those demos trained without the average).
+RECORDED_SINCE = {"ema": 0.0}
 
 
 def check_workdir(cfg: DemoConfig) -> None:
@@ -63,8 +66,9 @@ def check_workdir(cfg: DemoConfig) -> None:
                             f"settings the demo writes, so what {work} holds cannot be told "
                             f"apart from a demo made with other settings; add --fresh to "
                             f"delete it and start over, or choose another --workdir")
-        # every setting recorded has been in demo.json since it exists: one missing is an
+        # every other setting has been in demo.json since it exists: one missing is an
         # edited (or foreign) record, not an older demo's, and cannot vouch for the folder
+        saved = {**RECORDED_SINCE, **saved}
         differences = [f"{k}: {saved[k]!r} -> {v!r}" if k in saved else
                        f"{k}: not recorded -> {v!r}"
                        for k, v in settings.items() if k not in saved or saved[k] != v]
@@ -301,7 +305,7 @@ def run_config(cfg: DemoConfig, captions: str, cache: str) -> RunConfig:
         model=ModelConfig(embedding_dim=cfg.embedding_dim, units=cfg.units,
                           dropout=cfg.dropout, attention_reg=cfg.attention_reg),
         train=TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size,
-                          learning_rate=cfg.learning_rate,
+                          learning_rate=cfg.learning_rate, ema=cfg.ema,
                           # cosine over the cross-entropy epochs; --scst-after 0 has none
                           lr_schedule="constant" if cfg.scst_after == 0 else "cosine",
                           patience=cfg.epochs, sample_images=2,

@@ -36,7 +36,8 @@ from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig, flag_nam
 from caption_attn.errors import TrainingError, UserError, free_space
 from caption_attn.fileio import check_utf8_path, read_json, write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
-from caption_attn.optimizer import FusedAdam, StagedLearningRate, inner, make_optimizer
+from caption_attn.optimizer import (AveragedWeights, FusedAdam, StagedLearningRate, inner,
+                                    make_optimizer)
 from caption_attn.run import RunFolder, changed_settings_note
 from caption_attn.scst import SelfCritical, recorded_digest
 from caption_attn.steps import EpochTotals, Steps
@@ -418,7 +419,17 @@ def refuse_unrestorable_state(run: RunFolder, cfg: RunConfig, where: tuple[int, 
     checkpoints of one cannot be restored into the other; bfloat16 and float32 swap), or a
     history.json that is malformed or lacks epochs the checkpoint finished (early stopping
     replays it: its patience and best value would start over, and a worse epoch replace the
-    best model)."""
+    best model), or --ema turned on or off (the moving averages are slots of the optimizer:
+    the checkpoints of one hold other slots than the other's optimizer restores)."""
+    was, now = old.ema, cfg.train.ema
+    if (was > 0) != (now > 0):
+        keep = f"--ema {was:g}" if was > 0 else "--ema 0"
+        raise UserError(
+            f"--ema {now:g}: {run.path} was trained "
+            + (f"with --ema {was:g}" if was > 0 else "without --ema (0)")
+            + f", and its checkpoints hold the optimizer state of that setting, which a run "
+            f"{'without' if was > 0 else 'with'} the moving average cannot restore: resume "
+            f"with {keep}, use another --run, or add --fresh to start this run over")
     old, new = old.precision, cfg.train.precision
     if (old == "float16") != (new == "float16"):
         swap = {"float32": " (or bfloat16)", "bfloat16": " (or float32)"}.get(old, "")
@@ -814,6 +825,8 @@ class Trainer:
                                                   max_to_keep=checkpoints.KEEP)
         self.steps = Steps(self.model, self.optimizer, self.strategy, self.cfg,
                            lambda: self.scst)
+        # --ema: what an epoch is measured, saved and drawn with (`AveragedWeights`)
+        self.averaged = AveragedWeights(self.optimizer)
         if mc.feature_norm and self._restored is None:  # else: restored with the model
             train_paths = {self.data.feature_paths[k] for k in self.inputs.train_images}
             with self._stopped_at_damaged_features():
@@ -1028,6 +1041,7 @@ class Trainer:
         rerun resumes, instead of TensorFlow's traceback, once the shards the failed save
         wrote (`ckpt-N_temp/`) are deleted."""
         self._record_settings()
+        self.averaged.put(False)   # the trained weights where they belong, whatever stopped
         step = int(self.step.numpy())
         try:
             self.manager.save(checkpoint_number=step)
@@ -1064,6 +1078,10 @@ class Trainer:
         return {"loss": ce + sums["reg_sum"] / max(sums["caption_count"], 1.0), "ce": ce}
 
     def _validate(self, epoch: int) -> dict:
+        with self.averaged():
+            return self._validate_model(epoch)
+
+    def _validate_model(self, epoch: int) -> dict:
         tc, logs = self.cfg.train, {}
         val = self.evaluate_loss("val")
         if val is not None:
@@ -1078,7 +1096,9 @@ class Trainer:
     # -- best model -------------------------------------------------------------------
     def _save_best(self, epoch: int, value: float) -> None:
         if self.chief:
-            self.run.save_best(self.model, epoch + 1, self.cfg.train.monitor_for(epoch), value)
+            with self.averaged():
+                self.run.save_best(self.model, epoch + 1, self.cfg.train.monitor_for(epoch),
+                                   value)
 
     def _restore_best(self) -> None:
         if not self.run.restore_best_weights(self.model) and os.path.exists(self.run.best_model):
@@ -1232,7 +1252,8 @@ class Trainer:
         self.log(f"note: the attention heatmaps of epoch {done} lack {len(missing)} of the "
                  f"{len(names)} sample images' (lost when the run was stopped, or drawn with "
                  f"fewer --sample-images): drawing them from its checkpoint")
-        figures = samples(done - 1)
+        with self.averaged():
+            figures = samples(done - 1)
         for writer in writers:
             writer.add_samples(done - 1, figures)
 
@@ -1281,8 +1302,8 @@ class Trainer:
             if self.chief:  # history first: a kill before the checkpoint redoes the epoch
                 write_json_atomic(self.run.history, history)
             self._save()
-            with self._stopped_at_damaged_features(checkpoint="saved"):  # sample heatmaps
-                callbacks.on_epoch_end(epoch, entry)
+            with self._stopped_at_damaged_features(checkpoint="saved"), self.averaged():
+                callbacks.on_epoch_end(epoch, entry)   # the best model, sample heatmaps
         if self.progress:
             self.log(_epoch_line(entry))
         return True
@@ -1300,7 +1321,8 @@ class Trainer:
         missing = _unmeasured(self.cfg.train, history, done)
         if not missing:
             return {}
-        measured = self.validator.metrics(missing)
+        with self.averaged():
+            measured = self.validator.metrics(missing)
         history[-1].update(measured)
         if "val_cider" in measured:
             history[-1]["cider_df_sha256"] = self.inputs.df_digest()
@@ -1345,7 +1367,8 @@ class Trainer:
         again = {}   # 1-based epoch -> val_cider with the new table
         if tc.monitor_for(done) == "val_cider":
             if at_end and done in stale:
-                again[done] = self.validator.metrics(["val_cider"]).get("val_cider")
+                with self.averaged():
+                    again[done] = self.validator.metrics(["val_cider"]).get("val_cider")
             entry = next((h for h in history if h["epoch"] == best), None)
             if entry is not None and tc.monitor_for(done - 1) == "val_cider" and \
                     not (at_end and best == done) and \
@@ -1426,7 +1449,7 @@ def _hparams(cfg: RunConfig, vocab_size: int) -> dict:
     return {"embedding_dim": mc.embedding_dim, "units": mc.units, "dropout": mc.dropout,
             "attention_reg": mc.attention_reg, "vocab_size": vocab_size,
             "batch_size": tc.batch_size, "learning_rate": tc.learning_rate,
-            "lr_schedule": tc.lr_schedule, "clip_norm": tc.clip_norm,
+            "lr_schedule": tc.lr_schedule, "clip_norm": tc.clip_norm, "ema": tc.ema,
             "precision": tc.precision, "seed": cfg.data.seed,
             "scst_after": -1 if tc.scst_after is None else tc.scst_after,
             "scst_samples": tc.scst_samples, "scst_baseline": tc.scst_baseline,
@@ -1448,6 +1471,9 @@ def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
                 f"{len(d.vocab)}, {i.steps_per_epoch} steps/epoch{stages}, "
                 f"{trainer.strategy.num_replicas_in_sync} replica(s), features "
                 f"{'in memory' if i.table is not None else 'streamed from disk'}")
+    if tc.ema:
+        trainer.log(f"validating, saving the best model and drawing the heatmaps with the "
+                    f"weights' moving average (--ema {tc.ema:g})")
     # where the features' source images were checked, and why there (or why nowhere)
     trainer.log(d.images_line() or "note: " + (d.images_note or "no source image was "
                                                "checked: no images folder is recorded"))

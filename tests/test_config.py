@@ -25,6 +25,8 @@ BAD_VALUES = [
     (C.TrainConfig, "max_steps", 0), (C.TrainConfig, "memory_cache_gb", -2.0),
     (C.TrainConfig, "scst_samples", 0), (C.TrainConfig, "scst_learning_rate", 0.0),
     (C.TrainConfig, "scst_after", -1), (C.TrainConfig, "monitor", "bleu"),
+    # a momentum of 1 never moves the average off the first step's weights
+    (C.TrainConfig, "ema", 1.0), (C.TrainConfig, "ema", -0.5), (C.DemoConfig, "ema", 1.0),
     (C.DecodeConfig, "beam", 0), (C.DecodeConfig, "length_penalty", math.nan),
     (C.DecodeConfig, "beam", 100_000),  # (images x beam, 64, units) tensors: hundreds of GB
     (C.DecodeConfig, "temperature", 0.0), (C.DecodeConfig, "top_k", -1),

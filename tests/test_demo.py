@@ -311,6 +311,25 @@ def test_a_demo_json_that_is_not_a_full_record_is_not_taken_as_the_same_settings
     demo.check_workdir(DemoConfig(workdir=str(work), fresh=True))
 
 
+def test_a_demo_made_before_ema_was_recorded_reruns_with_ema_0(tmp_path):
+    """demo.json gained `ema` in stop 69: an older demo's lacks it and trained without the
+    average. Taken as 0 (not as an edited record): today's default (0.995) is refused as the
+    other setting it is, naming it, and `--ema 0` reuses the folder."""
+    import json
+    from caption_attn.errors import UserError
+    work = tmp_path / "work"
+    demo.check_workdir(DemoConfig(workdir=str(work)))
+    record = json.loads((work / "demo.json").read_text())
+    assert record["ema"] == 0.995
+    del record["ema"]
+    (work / "demo.json").write_text(json.dumps(record))
+    with pytest.raises(UserError) as e:
+        demo.check_workdir(DemoConfig(workdir=str(work)))
+    assert e.value.lines[0] == "  ema: 0.0 -> 0.995"
+    demo.check_workdir(DemoConfig(workdir=str(work), ema=0.0))
+    assert json.loads((work / "demo.json").read_text())["ema"] == 0.0
+
+
 def test_a_cluster_in_tf_config_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     # train refuses it (without --strategy multi-worker), but only in stage 3, naming a
     # --strategy the demo has not got

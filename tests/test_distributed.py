@@ -21,13 +21,15 @@ SCRIPT = textwrap.dedent("""
     from caption_attn.config import DataConfig, ModelConfig, RunConfig, TrainConfig, VocabConfig
     captions, cache, root = sys.argv[1:4]
     out = {}
-    for name, strategy in (("one", tf.distribute.get_strategy()),
-                           ("two", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))):
+    two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    for name, strategy, ema in (("one", tf.distribute.get_strategy(), 0.0), ("two", two, 0.0),
+                                ("one_ema", tf.distribute.get_strategy(), 0.9),
+                                ("two_ema", two, 0.9)):
         cfg = RunConfig(captions=captions, cache=cache, data=DataConfig(seed=3),
                         vocab=VocabConfig(max_length=20),
                         model=ModelConfig(embedding_dim=32, units=64, dropout=0.0),
                         train=TrainConfig(epochs=2, batch_size=15, learning_rate=0.01,
-                                          sample_images=0))
+                                          sample_images=0, ema=ema))
         run = f"{root}/{name}"
         train.open_run(run, cfg)
         trainer = train.Trainer(cfg, run, strategy=strategy, progress=False, log=lambda *a: 0)
@@ -46,10 +48,17 @@ def test_two_replicas_give_the_same_losses_as_one_device(shapes_data, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["one"]["replicas"] == 1 and out["two"]["replicas"] == 2
-    for a, b in zip(out["one"]["history"], out["two"]["history"]):
-        assert abs(a["loss"] - b["loss"]) < 1e-4
-        assert abs(a["val_loss"] - b["val_loss"]) < 1e-4
-        assert abs(a["gradient_norm"] - b["gradient_norm"]) < 1e-3
+    assert out["one_ema"]["replicas"] == 1 and out["two_ema"]["replicas"] == 2
+    for one, two in (("one", "two"), ("one_ema", "two_ema")):
+        for a, b in zip(out[one]["history"], out[two]["history"]):
+            assert abs(a["loss"] - b["loss"]) < 1e-4
+            assert abs(a["val_loss"] - b["val_loss"]) < 1e-4
+            assert abs(a["gradient_norm"] - b["gradient_norm"]) < 1e-3
+    # --ema: the same steps, validated with the average (--ema's val_loss the mirrored
+    # replicas' average too, above)
+    for a, b in zip(out["one"]["history"], out["one_ema"]["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["val_loss"] != pytest.approx(b["val_loss"], rel=1e-5)
 
 
 DROPOUT = textwrap.dedent("""
@@ -119,17 +128,20 @@ def _multi_worker(shapes_data, run, epochs, flags=((), ())):
 
 @pytest.mark.slow
 def test_multi_worker_resume_restores_every_worker_from_the_chief(shapes_data, tmp_path):
+    """(With --ema: each worker validates with the moving average, its own copy of it
+    restored from the chief's checkpoint too.)"""
     import shutil
     run = str(tmp_path / "run")
+    ema = ["--ema", "0.9"]
     # --memory-cache-gb may differ between the workers (each machine's own)
     for code, out in _multi_worker(shapes_data, run, epochs=1,
-                                   flags=((), ["--memory-cache-gb", "0"])):
+                                   flags=(ema, ema + ["--memory-cache-gb", "0"])):
         assert code == 0, out
     assert [h["epoch"] for h in read_history(run)] == [1]
     # the second worker lost its scratch checkpoints (a new machine): it must restore the
     # chief's, not start from scratch and mix a fresh model into the chief's gradients
     shutil.rmtree(os.path.join(run, "checkpoints", "worker_1"))
-    results = _multi_worker(shapes_data, run, epochs=2)
+    results = _multi_worker(shapes_data, run, epochs=2, flags=(ema, ema))
     for code, out in results:
         assert code == 0, out
         assert "resuming after epoch 1" in out
@@ -147,7 +159,7 @@ def test_multi_worker_resume_restores_every_worker_from_the_chief(shapes_data, t
     # that: test_faults.py::test_resume_of_a_trained_run_without_checkpoints_is_refused)
     for name in ("history.json", "best.keras", "best.weights.h5", "best.json"):
         os.remove(os.path.join(run, name))
-    for code, out in _multi_worker(shapes_data, run, epochs=3):
+    for code, out in _multi_worker(shapes_data, run, epochs=3, flags=(ema, ema)):
         assert code == 2 and "the workers restored different checkpoints" in out, out
 
 

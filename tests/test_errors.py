@@ -93,6 +93,7 @@ def _advice_built_as_commands_run(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(train.checkpoints, "remove_failed_save", lambda *args: None)
     trainer = types.SimpleNamespace(
         _record_settings=lambda: None, step=tf.Variable(3),
+        averaged=types.SimpleNamespace(put=lambda averaged: None),
         manager=types.SimpleNamespace(save=save, directory="ckpts", latest_checkpoint=None),
         cfg=types.SimpleNamespace(train=types.SimpleNamespace(strategy="one-device")),
         run=types.SimpleNamespace(checkpoints="ckpts"))

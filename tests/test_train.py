@@ -1700,6 +1700,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path):
     run = RunFolder(str(tmp_path / "run"))
     fake = types.SimpleNamespace(step=types.SimpleNamespace(numpy=lambda: 36), run=run,
                                  _record_settings=lambda: None,   # config.json: not here
+                                 averaged=types.SimpleNamespace(put=lambda averaged: None),
                                  cfg=types.SimpleNamespace(train=TrainConfig()),
                                  manager=types.SimpleNamespace(
                                      save=full_disk, latest_checkpoint="/r/checkpoints/ckpt-18",
@@ -1735,6 +1736,7 @@ def test_a_checkpoint_save_that_fails_removes_its_shards(tmp_path):
                         f"190; No space left on device [Op:SaveV2]")
     fake = types.SimpleNamespace(step=types.SimpleNamespace(numpy=lambda: 36), run=run,
                                  _record_settings=lambda: None,
+                                 averaged=types.SimpleNamespace(put=lambda averaged: None),
                                  cfg=types.SimpleNamespace(train=TrainConfig()),
                                  manager=types.SimpleNamespace(
                                      save=full_disk, latest_checkpoint=None,

@@ -558,9 +558,9 @@ class DemoConfig(Config):
                                f"most {MAX_LEARNING_RATE:g})", check=LEARNING_RATE)
     dropout: float = opt(0.3, "output dropout", check=FRACTION)
     ema: float = opt(0.995, "train's --ema: the best model is the moving average of the "
-                     "weights (on an Intel Xeon, scene accuracy 0.953 / 0.960 / 0.960 with "
-                     "training seeds 0 / 1 / 2 against 0.947 / 0.960 / 0.940 without; 0: off)",
-                     check=FRACTION)
+                     "weights (on an Intel Xeon with AMX, scene accuracy with training seeds "
+                     "0-4: 0.953 / 0.960 / 0.960 / 0.943 / 0.960, without it 0.947 / 0.960 / "
+                     "0.940 / 0.940 / 0.960; 0: off)", check=FRACTION)
     attention_reg: float = opt(3.0, "doubly stochastic attention weight; higher than the "
                                "COCO default 1.0 because it measurably helped here (scene "
                                "accuracy 0.40 / 0.65 / 0.69 / 0.49 at 0.1 / 1 / 3 / 8, "

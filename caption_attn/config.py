@@ -345,10 +345,11 @@ class TrainConfig(Config):
     clip_norm: float = opt(5.0, "clip gradients by this global norm (0 disables)",
                            check=NON_NEGATIVE)
     ema: float = opt(0.0, "keep an exponential moving average of the weights with this "
-                     "momentum (0.995 averages about the last 200 steps; the first 1800 "
-                     "steps fewer) and validate, choose and save the best model, and draw "
-                     "the sample heatmaps with it; the steps train the weights as they are "
-                     "(0: off)", check=FRACTION)
+                     "momentum (0.995 averages about the last 200 steps, fewer during the "
+                     "first ~1800) and validate, choose and save the best model, and draw "
+                     "the sample heatmaps with it; the steps train the weights as they are. "
+                     "On or off is fixed for a run: a resume cannot change it, only the "
+                     "momentum (0: off)", check=FRACTION)
     monitor: Optional[str] = opt(None, "metric for early stopping and the best model: "
                                  "val_loss, val_bleu4 or val_cider (the last two decode up to "
                                  "--bleu-images validation images each epoch; loss and BLEU "

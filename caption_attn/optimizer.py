@@ -52,6 +52,8 @@ class FusedAdam(keras.optimizers.Adam):
                                               (1.0 + t) / (10.0 + t)), 0.0)
         for variable, average in zip(trainable_variables,
                                      self._model_variables_moving_average):
+            if average is None:   # Keras' none for a variable that takes its gradient as is
+                continue
             m = tf.cast(momentum, average.dtype)
             average.assign(m * average + (1.0 - m) * tf.cast(variable, average.dtype))
 
@@ -124,7 +126,8 @@ class AveragedWeights:
     def __init__(self, optimizer):
         adam = inner(optimizer)   # built: its averages pair with the variables it was built on
         averages = adam._model_variables_moving_average if adam.use_ema else []
-        self.pairs = list(zip(adam._trainable_variables, averages))
+        self.pairs = [(v, a) for v, a in zip(adam._trainable_variables, averages)
+                      if a is not None]
         self.swapped = tf.Variable(False, trainable=False, name="averaged_weights_in")
         self._swap = tf.function(self._swap_all, autograph=False) if self.pairs else None
 

@@ -423,7 +423,7 @@ def refuse_unrestorable_state(run: RunFolder, cfg: RunConfig, where: tuple[int, 
     the checkpoints of one hold other slots than the other's optimizer restores)."""
     was, now = old.ema, cfg.train.ema
     if (was > 0) != (now > 0):
-        keep = f"--ema {was:g}" if was > 0 else "--ema 0"
+        keep = f"--ema {was:g} (or another momentum)" if was > 0 else "--ema 0"
         raise UserError(
             f"--ema {now:g}: {run.path} was trained "
             + (f"with --ema {was:g}" if was > 0 else "without --ema (0)")

@@ -189,12 +189,10 @@ def test_another_momentum_on_resume_is_noted_and_trains_on(shapes_data, tmp_path
     assert RunFolder(run).load_config().train.ema == 0.99
 
 
-def test_every_measurement_decoding_and_redrawing_uses_the_average(shapes_data, tmp_path,
-                                                                   monkeypatch):
-    """Each place that measures or draws a trained epoch's model does so with the average in
-    the model: the epoch's validation (loss, val_bleu4) and sample heatmaps, the metric a
-    resume with another --monitor measures on the restored model, and the heatmaps a resume
-    draws again for an epoch that lost them."""
+@pytest.fixture
+def seen(monkeypatch):
+    """[(what, whether the average was in the model)] for every validation loss ("loss"),
+    decoded metric ("metrics") and sample heatmaps ("samples") of the runs trained after."""
     from caption_attn import validation
     made, seen = [], []
     init = train.AveragedWeights.__init__
@@ -215,6 +213,15 @@ def test_every_measurement_decoding_and_redrawing_uses_the_average(shapes_data, 
                         noting("metrics", validation.Validator.metrics))
     monkeypatch.setattr(validation.SampleFigures, "__call__",
                         noting("samples", validation.SampleFigures.__call__))
+    return seen
+
+
+def test_every_measurement_decoding_and_redrawing_uses_the_average(shapes_data, tmp_path,
+                                                                   seen):
+    """Each place that measures or draws a trained epoch's model does so with the average in
+    the model: the epoch's validation (loss, val_bleu4) and sample heatmaps, the metric a
+    resume with another --monitor measures on the restored model, and the heatmaps a resume
+    draws again for an epoch that lost them."""
     run = str(tmp_path / "run")
     base = dict(ema=EMA, sample_images=1, bleu_images=4)
     run_trainer(small_config(shapes_data, epochs=1, **base), run,
@@ -236,6 +243,29 @@ def test_every_measurement_decoding_and_redrawing_uses_the_average(shapes_data, 
                 images=shapes_data["images"])
     assert seen[0] == ("samples", True) and all(averaged for _, averaged in seen), seen
     assert sorted(glob.glob(os.path.join(run, "attention", "epoch_2", "*.png"))) == sorted(lost)
+
+
+def test_val_cider_measured_again_on_a_new_table_is_the_averages(shapes_data, copy_cache,
+                                                                 tmp_path, seen):
+    """A resume whose train references changed measures the restored epoch's val_cider
+    again with the new document frequencies: from the average, as the epoch was measured
+    (with the trained weights, the bar for the next epochs was another model's)."""
+    run = str(tmp_path / "run")
+    base = dict(ema=EMA, monitor="val_cider", sample_images=0, bleu_images=4)
+    run_trainer(small_config(shapes_data, cache=copy_cache, epochs=1, **base), run)
+    with open(os.path.join(run, "split.json")) as f:
+        os.remove(os.path.join(copy_cache, json.load(f)["splits"]["train"][0] + ".npy"))
+    with open(os.path.join(run, "history.json")) as f:
+        before = json.load(f)[0]["val_cider"]
+    seen.clear()
+    notes = []
+    cfg = small_config(shapes_data, cache=copy_cache, epochs=2, **base)
+    train.open_run(run, cfg)
+    train.Trainer(cfg, run, progress=False, log=notes.append).fit()
+    assert [n for n in notes if "measured again with the new ones: epoch 1 (best.keras)" in n]
+    assert seen[0] == ("metrics", True) and all(averaged for _, averaged in seen), seen
+    with open(os.path.join(run, "history.json")) as f:
+        assert json.load(f)[0]["val_cider"] != before
 
 
 def test_a_best_model_lost_to_a_crash_is_saved_again_from_the_average(shapes_data, tmp_path,

@@ -198,6 +198,49 @@ def test_bench_export(capsys, tmp_path):
     numbers(figures, "captioner_images_per_s", "savedmodel_images_per_s", "tflite_p50_ms")
 
 
+def test_bench_caption_command(capsys, tmp_path, trained_run, shapes_data):
+    """One real `caption` process of this checkout, timed (--run: no run made here)."""
+    path = str(tmp_path / "caption.json")
+    image = os.path.join(shapes_data["images"], sorted(os.listdir(shapes_data["images"]))[0])
+    out = run_benchmark("bench_caption_command", ["--run", trained_run, "--image", image,
+                                                  "--rounds", "1", "--beam", "1", "--json",
+                                                  path], capsys)
+    assert "beam 1, this checkout: best" in out and "this / against" not in out
+    with open(path) as f:
+        figures = json.load(f)
+    side = figures["beams"]["1"]["this"]
+    numbers(side, "best_s", "median_s")
+    assert side["seconds"] == [side["best_s"]] and side["caption_words"] >= 1
+    assert set(figures["beams"]["1"]) == {"this"} and figures["against"] is None
+
+
+def test_bench_caption_command_makes_its_runs_with_commands_the_cli_accepts():
+    """The commands that make a side's run are not run by the test above: today's parser
+    must still take them, and the `caption` call the rounds time."""
+    from caption_attn.cli import build_parser
+
+    commands = benchmark("bench_caption_command").prepare_commands(60)
+    assert [c[0] for c in commands] == ["make-shapes", "extract-features", "train"]
+    for command in commands + [["caption", "--run", "run", "--beam", "3", "image.png"]]:
+        build_parser().parse_args(command)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "0"], "--rounds and --beam must be at least 1"),
+    (["--beam", "0"], "--rounds and --beam must be at least 1"),
+    (["--images", "9"], "--images at least 10"),
+    (["--run", "."], "--run and --image go together"),
+    (["--run", ".", "--image", __file__, "--against", sys.executable], "cannot be used with"),
+    (["--run", "no_such_run", "--image", __file__], "--run no_such_run: no such folder"),
+    (["--run", ".", "--image", "no.png"], "--image no.png: no such file"),
+    (["--against", __file__], "not an executable file"),
+])
+def test_bench_caption_command_refuses_bad_flags_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        benchmark("bench_caption_command").main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value", ["1", "0"])
 def test_the_cpu_line_says_whether_onednn_was_chosen(monkeypatch, value):
     """A figure taken with oneDNN turned on (or off) says so beside the CPU: on an AVX2-only

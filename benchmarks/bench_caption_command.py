@@ -2,9 +2,10 @@
 the run's model and the cache's backbone loaded, one image decoded (issue #11 point 5: the
 batched decoders may not make a one-image `caption` slower than it was).
 
-This checkout's command (`python -m caption_attn` with this interpreter, this checkout's
-package first on its path) and, with --against, another installation's `caption-attn`, such
-as the code issue #11 was filed on (01f8548):
+This checkout's command (`python -m caption_attn` with this interpreter, which runs what the
+`caption-attn` script runs, with this checkout's package first on PYTHONPATH) and, with
+--against, another installation's `caption-attn` (without PYTHONPATH, so that it runs its
+own package), such as the code issue #11's work started from (01f8548):
 
     git worktree add /tmp/base 01f8548 && make -C /tmp/base .venv/.installed
     .venv/bin/python benchmarks/bench_caption_command.py \\
@@ -21,13 +22,15 @@ bigger run barely changes):
           --embedding-dim 128 --units 256
 
 Without --against, --run and --image time an existing run instead. Then, per --beam, rounds
-alternate the sides (this side first in even rounds, the other first in odd ones): one
-`caption --run run --beam B IMAGE` each, a new process timed from its start to its exit,
-with this process's environment (so ONEDNN_MAX_CPU_ISA and XLA_FLAGS apply to both). Each
-side's best round counts, as in the other benchmarks (other load only ever slows a round
-down); medians are printed beside them. The two sides' models differ (each trained with its
-own code), so their captions do: the first caption of each is printed, and its length in
-words, which decides how many decoding steps the command ran.
+alternate the sides (this side first in even rounds, the other first in odd ones:
+`machine.interleaved`): one `caption --run run --beam B IMAGE` each, a new process timed
+from its start to its exit, with this process's environment (so ONEDNN_MAX_CPU_ISA and
+XLA_FLAGS apply to both; PYTHONPATH as above). Each side's best round counts, as in the
+other benchmarks (other load only ever slows a round down); medians are printed beside
+them. The two sides' models differ (each trained with its own code), so their captions do:
+the first caption of each is printed, and its length in words. With --beam 1 that length is
+the number of decoding steps the command ran (one more for an ended caption's <end>); a beam
+search runs until every beam has ended, so at least that many.
 
     .venv/bin/python benchmarks/bench_caption_command.py            # this side, ~1 min
     .venv/bin/python benchmarks/bench_caption_command.py --against EXE --rounds 10 --json out.json
@@ -36,6 +39,7 @@ words, which decides how many decoding steps the command ran.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import subprocess
@@ -46,7 +50,7 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPOSITORY)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine import describe, run_in_temp_folder  # noqa: E402
+from machine import describe, interleaved, run_in_temp_folder  # noqa: E402
 
 THIS = [sys.executable, "-m", "caption_attn"]
 
@@ -60,13 +64,16 @@ def prepare_commands(images: int) -> list[list[str]]:
              "--epochs", "2", "--embedding-dim", "128", "--units", "256"]]
 
 
-def run_command(command: list[str], folder: str) -> tuple[float, str]:
+def run_command(command: list[str], folder: str, this_side: bool) -> tuple[float, str]:
     """`command` in `folder` -> (wall seconds, its stdout); a failure ends the benchmark with
     the command and the end of its stderr. This side's commands import this checkout's
-    package (PYTHONPATH), whichever one the interpreter has installed."""
+    package (PYTHONPATH), whichever one the interpreter has installed; the other side's get
+    no PYTHONPATH, which could make them import a package other than their own."""
     env = dict(os.environ)
-    if command[:len(THIS)] == THIS:
+    if this_side:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPOSITORY, env.get("PYTHONPATH")]))
+    else:
+        env.pop("PYTHONPATH", None)
     start = time.perf_counter()
     done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -85,6 +92,12 @@ def first_caption(stdout: str) -> str:
     return ""
 
 
+def caption_words(caption: str) -> int:
+    """Words of a printed caption; its end mark is none: "." (<end>) or "..." (cut at the
+    maximum length)."""
+    return len([w for w in caption.split() if w not in (".", "...")])
+
+
 def measure(args, root: str) -> dict:
     sides = {"this": THIS}
     if args.against:
@@ -98,28 +111,26 @@ def measure(args, root: str) -> dict:
         os.makedirs(folder)
         print(f"{name}: making its run ({' '.join(exe)}) ...", flush=True)
         for command in prepare_commands(args.images):
-            run_command(exe + command, folder)
+            run_command(exe + command, folder, name == "this")
         images = os.path.join(folder, "shapes", "images")
         targets[name] = (os.path.join(folder, "run"),
                          os.path.join(images, sorted(os.listdir(images))[-1]))
     figures = {"rounds": args.rounds, "beams": {}}
     for beam in args.beam:
-        seconds = {name: [] for name in sides}
-        captions = {}
-        for r in range(args.rounds):
-            for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-                run, image = targets[name]
-                wall, out = run_command(sides[name] + ["caption", "--run", run, "--beam",
-                                                       str(beam), image], os.path.dirname(run))
-                seconds[name].append(wall)
-                captions[name] = first_caption(out)
-        entry = {name: {"seconds": seconds[name], "best_s": min(seconds[name]),
-                        "median_s": statistics.median(seconds[name]),
-                        "first_caption": captions[name],
-                        # its end mark is no word: "." (<end>) or "..." (cut at the length)
-                        "caption_words": len([w for w in captions[name].split()
-                                              if w not in (".", "...")])}
-                 for name in sides}
+        def time_caption(name, beam=beam):
+            run, image = targets[name]
+            return run_command(sides[name] + ["caption", "--run", run, "--beam", str(beam),
+                                              image], os.path.dirname(run), name == "this")
+
+        rounds = interleaved(args.rounds, *[functools.partial(time_caption, name)
+                                            for name in sides], swap=True)
+        entry = {}
+        for name, results in zip(sides, rounds):
+            seconds = [wall for wall, _ in results]
+            caption = first_caption(results[-1][1])
+            entry[name] = {"seconds": seconds, "best_s": min(seconds),
+                           "median_s": statistics.median(seconds), "first_caption": caption,
+                           "caption_words": caption_words(caption)}
         if args.against:
             entry["this_over_against_best"] = entry["this"]["best_s"] / entry["against"]["best_s"]
             entry["this_over_against_median"] = (entry["this"]["median_s"]
@@ -158,9 +169,9 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=60, help="shapes images of a side's run")
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     args = p.parse_args(argv)
-    if args.rounds < 1 or args.images < 10 or min(args.beam) < 1:
-        p.error("--rounds and --beam must be at least 1, --images at least 10 (so that "
-                "each of make-shapes' splits gets an image)")
+    if args.rounds < 1 or args.images < 6 or min(args.beam) < 1:
+        p.error("--rounds and --beam must be at least 1, --images at least 6 (fewer leave "
+                "make-shapes' val or test split without an image)")
     if bool(args.run) != bool(args.image):
         p.error("--run and --image go together")
     if args.run and args.against:

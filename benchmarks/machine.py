@@ -47,14 +47,16 @@ def describe() -> str:
             f"load average {os.getloadavg()[0]:.1f}{xla}")
 
 
-def interleaved(rounds: int, *timers) -> list[list]:
+def interleaved(rounds: int, *timers, swap: bool = False) -> list[list]:
     """Each timer called once per round, in turn (ours, reference, ours, ...), so that a
     spell of other load on the machine hits both sides alike: one list of results per timer.
-    The benchmarks report each side's best round: interference only ever slows a round
-    down (as `timeit` takes the minimum)."""
+    With `swap`, odd rounds call them in reverse order, so that no side always runs first
+    (after the same other one). The benchmarks report each side's best round: interference
+    only ever slows a round down (as `timeit` takes the minimum)."""
     results = [[] for _ in timers]
-    for _ in range(rounds):
-        for out, timer in zip(results, timers):
+    for r in range(rounds):
+        order = list(zip(results, timers))
+        for out, timer in (order[::-1] if swap and r % 2 else order):
             out.append(timer())
     return results
 

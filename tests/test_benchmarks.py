@@ -129,6 +129,15 @@ def test_rounds_alternate_and_the_best_of_each_side_counts():
     assert [bench_train.best(r) for r in rounds] == [(5.0, 1.0), (1.0, 4.0)]
 
 
+def test_swapped_rounds_take_turns_at_going_first():
+    calls = []
+    rounds = benchmark("machine").interleaved(3, lambda: calls.append("a") or len(calls),
+                                              lambda: calls.append("b") or len(calls),
+                                              swap=True)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert rounds == [[1, 4, 5], [2, 3, 6]]          # each side's results in round order
+
+
 def test_bench_epoch(capsys, tmp_path):
     path = str(tmp_path / "epoch.json")
     out = run_benchmark("bench_epoch", ["--images", "12", "--captions-per-image", "2",
@@ -216,7 +225,8 @@ def test_bench_caption_command(capsys, tmp_path, trained_run, shapes_data):
 
 def test_bench_caption_command_makes_its_runs_with_commands_the_cli_accepts():
     """The commands that make a side's run are not run by the test above: today's parser
-    must still take them, and the `caption` call the rounds time."""
+    must still take them, and the `caption` call the rounds time. (Whether an older
+    installation takes them, only running it against that one shows.)"""
     from caption_attn.cli import build_parser
 
     commands = benchmark("bench_caption_command").prepare_commands(60)
@@ -225,10 +235,34 @@ def test_bench_caption_command_makes_its_runs_with_commands_the_cli_accepts():
         build_parser().parse_args(command)
 
 
+def test_bench_caption_command_runs_each_side_with_its_own_package(monkeypatch, tmp_path):
+    """This side imports this checkout's package; another installation's `caption-attn`
+    must not inherit a PYTHONPATH that could make it import another package than its own."""
+    module = benchmark("bench_caption_command")
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    show = [sys.executable, "-c", "import os; print(os.environ.get('PYTHONPATH'))"]
+    _, this = module.run_command(show, str(tmp_path), this_side=True)
+    _, other = module.run_command(show, str(tmp_path), this_side=False)
+    assert this.split() == [os.pathsep.join([module.REPOSITORY, "/elsewhere"])]
+    assert other.split() == ["None"]
+    with pytest.raises(SystemExit, match="exited with 3"):
+        module.run_command([sys.executable, "-c", "raise SystemExit(3)"], str(tmp_path), True)
+
+
+def test_bench_caption_command_reads_the_first_caption_and_counts_its_words():
+    module = benchmark("bench_caption_command")
+    out = ("Captions for image x.png:\n  0) a red circle a a ... (p=1.2e-08)\n"
+           "  1) a red circle . (p=1.0e-09)\n")
+    assert module.first_caption(out) == "a red circle a a ..."
+    assert module.caption_words("a red circle a a ...") == 5       # cut: "..." is no word
+    assert module.caption_words("a red circle .") == 3             # ended: "." is no word
+    assert module.first_caption("no caption here\n") == ""
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "0"], "--rounds and --beam must be at least 1"),
     (["--beam", "0"], "--rounds and --beam must be at least 1"),
-    (["--images", "9"], "--images at least 10"),
+    (["--images", "5"], "--images at least 6"),
     (["--run", "."], "--run and --image go together"),
     (["--run", ".", "--image", __file__, "--against", sys.executable], "cannot be used with"),
     (["--run", "no_such_run", "--image", __file__], "--run no_such_run: no such folder"),

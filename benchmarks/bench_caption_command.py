@@ -115,14 +115,14 @@ def measure(args, root: str) -> dict:
         images = os.path.join(folder, "shapes", "images")
         targets[name] = (os.path.join(folder, "run"),
                          os.path.join(images, sorted(os.listdir(images))[-1]))
+    def time_caption(name, beam):
+        run, image = targets[name]
+        return run_command(sides[name] + ["caption", "--run", run, "--beam", str(beam), image],
+                           os.path.dirname(run), name == "this")
+
     figures = {"rounds": args.rounds, "beams": {}}
     for beam in args.beam:
-        def time_caption(name, beam=beam):
-            run, image = targets[name]
-            return run_command(sides[name] + ["caption", "--run", run, "--beam", str(beam),
-                                              image], os.path.dirname(run), name == "this")
-
-        rounds = interleaved(args.rounds, *[functools.partial(time_caption, name)
+        rounds = interleaved(args.rounds, *[functools.partial(time_caption, name, beam)
                                             for name in sides], swap=True)
         entry = {}
         for name, results in zip(sides, rounds):

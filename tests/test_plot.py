@@ -324,6 +324,15 @@ def test_figure_to_png_decodes_to_the_figure_pixel_size():
     assert decoded.std() > 10  # something was drawn, not a blank canvas
 
 
+def test_figure_to_png_is_lossless_with_its_fast_encoding():
+    """The PNG's speed settings (run-length strategy, Paeth filter) change its size, never a
+    pixel: decoded, it is the canvas the figure was drawn on."""
+    fig = attention_figure(_image(120, 160), WORDS[:7], _attention(7), title="t")
+    decoded = cv2.imdecode(np.frombuffer(figure_to_png(fig), np.uint8), cv2.IMREAD_COLOR)
+    drawn = cv2.cvtColor(np.asarray(fig.canvas.buffer_rgba()), cv2.COLOR_RGBA2BGR)
+    np.testing.assert_array_equal(decoded, drawn)
+
+
 def test_save_figure_writes_atomically_and_creates_parents(tmp_path):
     fig = attention_figure(_image(), WORDS[:2], _attention(2))
     path = tmp_path / "run" / "attention" / "epoch_001.png"

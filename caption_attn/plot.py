@@ -36,9 +36,10 @@ _COLORBAR_INCHES = 1.0  # colorbar, its tick labels and its label
 _MIN_BAR_INCHES = 1.5  # the colorbar's least height: room for its label and a few ticks
 _WORD_GAP_POINTS = 6.0  # between a panel and its word's baseline (an axes title's pad)
 # PNG encoding of a heatmap, lossless: zlib level 1 with its run-length strategy, every row
-# Paeth-filtered. A 15-word figure on a photo: 23 ms, 725 KB, where level 1 alone took 32 ms,
-# 865 KB (run-length with libpng's default, all five filters tried per row: 28 ms, 723 KB;
-# level 3: 51 ms, 843 KB); on a gray square 24 ms, 643 KB against 35 ms, 761 KB.
+# Paeth-filtered. A 15-word figure on a photo-like (synthetic) image: 23 ms, 725 kB, where
+# level 1 alone took 32 ms, 865 kB (run-length with libpng's default, all five filters tried
+# per row: 28 ms, 723 kB; level 3: 51 ms, 843 kB); on a gray square 24 ms, 643 kB against
+# 35 ms, 761 kB. The level comes first: OpenCV resets the strategy when it reads the level.
 PNG_PARAMS = (cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY,
               cv2.IMWRITE_PNG_STRATEGY_RLE, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH)
 CMAP = "inferno"  # dark = ignored, bright = attended: a spotlight on the attended region

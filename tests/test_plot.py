@@ -325,12 +325,17 @@ def test_figure_to_png_decodes_to_the_figure_pixel_size():
 
 
 def test_figure_to_png_is_lossless_with_its_fast_encoding():
-    """The PNG's speed settings (run-length strategy, Paeth filter) change its size, never a
-    pixel: decoded, it is the canvas the figure was drawn on."""
+    """The PNG's speed settings (run-length strategy, Paeth filter) change its bytes, never a
+    pixel: decoded, it is the canvas the figure was drawn on. The strategy is in effect
+    (OpenCV resets it when it reads the compression level after it)."""
     fig = attention_figure(_image(120, 160), WORDS[:7], _attention(7), title="t")
-    decoded = cv2.imdecode(np.frombuffer(figure_to_png(fig), np.uint8), cv2.IMREAD_COLOR)
+    png = figure_to_png(fig)
+    decoded = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
     drawn = cv2.cvtColor(np.asarray(fig.canvas.buffer_rgba()), cv2.COLOR_RGBA2BGR)
     np.testing.assert_array_equal(decoded, drawn)
+    without_strategy = [cv2.IMWRITE_PNG_COMPRESSION, 1,
+                        cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH]
+    assert png != cv2.imencode(".png", drawn, without_strategy)[1].tobytes()
 
 
 def test_save_figure_writes_atomically_and_creates_parents(tmp_path):

@@ -13,7 +13,8 @@ the validation pass has its usual weight) and its model sizes (E 256, U 512, bat
   steps only  the same epochs' best history `captions_per_second` (the step loop alone)
   drawing     the CPU time of drawing each epoch's sample heatmaps: a background thread does
               it while the next epoch trains, so it is not in the epoch's time besides its
-              steps; the steps absorb it (stop 72: 5-12 % faster end to end without them)
+              steps; the steps absorb it (stop 72: epochs 5-12 % faster end to end without
+              the heatmaps)
   reference   the TensorFlow tutorial's step (bench_train.reference_step) on the first
               --reference-batches batches of the same data, in the same process: one round
               before the epochs and one after, the better counts
@@ -22,9 +23,9 @@ Each side's best counts because other load on the machine only ever slows an epo
 down (every epoch's and round's figure is printed and kept in the JSON).
 
 and prints end-to-end / reference (issue #11's target: >= 5.5) and an epoch's fixed cost:
-what it spends besides its steps (start-to-start minus history `seconds`: sample decoding,
-TensorBoard, checkpoint, best model, history) plus the CPU time of drawing its heatmaps
-(issue #11's target for the sum: <= 2 s).
+what it spends besides its steps and validation loss (start-to-start minus history
+`seconds`: sample decoding, TensorBoard, checkpoint, best model, history) plus the CPU time
+of drawing its heatmaps (issue #11's target for the sum: <= 2 s).
 
     .venv/bin/python benchmarks/bench_epoch.py                # 5 epochs, about 2 minutes
     .venv/bin/python benchmarks/bench_epoch.py --json out.json

@@ -30,7 +30,7 @@ def _attention(t, rng_seed=0):
 
 
 def _panels(fig):
-    """The panels' images (`Figure.figimage`), in word order."""
+    """The panels' images (figure images, `plot._Panel`), in word order."""
     return fig.images
 
 
@@ -336,6 +336,56 @@ def test_figure_to_png_is_lossless_with_its_fast_encoding():
     without_strategy = [cv2.IMWRITE_PNG_COMPRESSION, 1,
                         cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH]
     assert png != cv2.imencode(".png", drawn, without_strategy)[1].tobytes()
+
+
+def _with_plain_figure_images(fig):
+    """`fig` with each panel replaced by a plain `Figure.figimage` of the same pixels."""
+    import matplotlib.image
+
+    panels = list(_panels(fig))
+    for panel in panels:
+        fig.figimage(panel.get_array(), xo=panel.ox, yo=panel.oy, origin="upper")
+        panel.remove()
+    assert len(fig.images) == len(panels)
+    assert all(type(p) is matplotlib.image.FigureImage for p in fig.images)
+    return fig
+
+
+def test_panels_are_drawn_as_matplotlib_draws_a_figure_image_without_resampling(monkeypatch):
+    """At the figure's own dpi the panels skip matplotlib's float32 resampling and still give
+    the canvas a plain `Figure.figimage` of the same pixels gives, to the byte."""
+    import matplotlib.image
+
+    fig = attention_figure(_image(120, 160), WORDS[:7], _attention(7), title="t")
+    with monkeypatch.context() as m:
+        def refused(*args, **kwargs):
+            raise AssertionError("a panel was resampled")
+        m.setattr(matplotlib.image._ImageBase, "_make_image", refused)
+        fast = figure_to_png(fig)
+    assert figure_to_png(_with_plain_figure_images(fig)) == fast
+
+
+@pytest.mark.parametrize("fmt, dpi", [("png", 50), ("png", 200), ("svg", 100), ("pdf", 100)])
+def test_a_heatmap_saved_another_way_is_what_plain_figure_images_give(fmt, dpi):
+    """`savefig` at another dpi or in a vector format (where matplotlib's own path draws the
+    panels) gives the same bytes as with plain `Figure.figimage` panels."""
+    import io
+
+    import matplotlib
+
+    def saved(fig):
+        buffer = io.BytesIO()
+        with matplotlib.rc_context({"svg.hashsalt": "fixed"}):    # SVG ids, else random
+            fig.savefig(buffer, format=fmt, dpi=dpi, metadata={"Date": None} if
+                        fmt != "png" else None)
+        return buffer.getvalue()
+
+    def figure():
+        return attention_figure(_image(120, 160), WORDS[:3], _attention(3), title="t")
+
+    ours = saved(figure())
+    assert len(ours) > 1000 and saved(figure()) == ours                # reproducible
+    assert saved(_with_plain_figure_images(figure())) == ours
 
 
 def test_save_figure_writes_atomically_and_creates_parents(tmp_path):

@@ -24,7 +24,7 @@ from caption_attn.config import DecodeConfig
 from caption_attn.vocab import tokenize_all
 
 DECODE_BATCH = 128   # images per greedy decoding call
-SAMPLE_WORDS = 15    # word panels per epoch heatmap (3 x 5 grid): ~10 ms of drawing each; an
+SAMPLE_WORDS = 15    # word panels per epoch heatmap (3 x 5 grid): ~5 ms of drawing each; an
 #                      untrained model's 39-word captions took 0.75 s per heatmap (issue #11)
 
 
@@ -116,7 +116,7 @@ class SampleFigures:
     `log` gets a note the first time an image cannot be read, naming it and why).
 
     With `background`, the captions are decoded when called (the epoch's weights) and the
-    drawing (~0.15 s of CPU per heatmap) goes to one background thread while the next epoch
+    drawing (~0.08 s of CPU per heatmap) goes to one background thread while the next epoch
     trains: the call returns a Future of the list, which the callbacks accept."""
 
     def __init__(self, validator: Validator, images_dir: Optional[str],

@@ -150,17 +150,19 @@ class _Panel(FigureImage):
     """A word's panel: uint8 RGB pixels placed on the figure as they are.
 
     matplotlib's `FigureImage` resamples every image through float32 RGBA, even one drawn
-    1:1: about 1.6 ms per 210 x 210 panel, half the Agg drawing of a 15-word heatmap (52 of
-    which 28 ms). At the figure's own dpi, unscaled, unclipped and opaque, a panel goes to
-    the renderer as it is, the same pixels to the byte (a test draws both ways); anything
-    else (`savefig` at another dpi, a vector format) takes matplotlib's path.
+    1:1: about 1.9 ms per 210 x 210 panel, half the Agg drawing of a 15-word heatmap (28 of
+    its 53 ms). Unscaled (the renderer at the figure's dpi: `savefig(dpi=...)` sets both),
+    unclipped and opaque, a panel goes to the renderer as it is, the same pixels to the byte
+    (a test draws both ways); anything else (a vector format at other than 72 dpi, a panel
+    past the figure's edge) takes matplotlib's path.
     """
 
     def make_image(self, renderer, magnification=1.0, unsampled=False):
         pixels = self.get_array()
         height, width = pixels.shape[:2]
         fig = self.get_figure(root=True)
-        if (magnification != 1.0 or renderer.dpi != fig.dpi or self.origin != "upper"
+        if (unsampled or magnification != 1.0 or renderer.dpi != fig.dpi
+                or self.origin != "upper"
                 or self.get_alpha() is not None or pixels.dtype != np.uint8
                 or pixels.shape[2:] != (3,) or min(self.ox, self.oy) < 0
                 or self.ox + width > fig.bbox.width or self.oy + height > fig.bbox.height):

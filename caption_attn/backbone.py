@@ -28,7 +28,7 @@ from caption_attn.config import BACKBONE_PRECISIONS as PRECISIONS
 from caption_attn.config import DTYPE_POLICIES
 from caption_attn.errors import UserError
 from caption_attn.fileio import file_digest
-from caption_attn.quiet import cpu_flags
+from caption_attn.quiet import cpu_flags, nvidia_gpus, onednn_on
 
 IMAGE_SIZE = 299                        # InceptionV3's native input side (pixels)
 GRID = 8                                # the `mixed10` map is GRID x GRID positions
@@ -86,6 +86,53 @@ def onednn_cap_without_bfloat16(environ=os.environ) -> str:
     then aborts the process: see `native_bfloat16`), else ""."""
     cap = _onednn_cap(environ)
     return cap if cap in ISA_WITHOUT_BFLOAT16 else ""
+
+
+# The ONEDNN_MAX_CPU_ISA caps under which oneDNN has no kernel for a precision's ops, while
+# TensorFlow still hands it those ops by the CPU's flags: the process aborts (SIGSEGV or
+# SIGABRT, no Python error) at the first matmul or convolution. Measured with TensorFlow 2.21
+# on an Intel Xeon with AMX (model 207): bfloat16 aborted under every cap of the AVX2 family
+# and below and ran under AVX512_CORE and above (oneDNN emulates it there: not native, see
+# `ISA_WITHOUT_BFLOAT16`); float16 aborted under every cap below AVX512_CORE_FP16.
+ISA_ABORTING = {"bfloat16": {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}}
+ISA_ABORTING["float16"] = ISA_ABORTING["bfloat16"] | {"AVX512_CORE", "AVX512_CORE_VNNI",
+                                                      "AVX512_CORE_BF16"}
+
+
+def onednn_aborts_on(precision: str, cpuinfo: str = "/proc/cpuinfo", environ=os.environ,
+                     gpus=None) -> str:
+    """The `ONEDNN_MAX_CPU_ISA` cap (or `DNNL_MAX_CPU_ISA`) under which `precision`'s ops
+    would abort this process (`ISA_ABORTING`), upper case; "" where they run.
+
+    TensorFlow hands bfloat16 ops to oneDNN on CPUs with AVX512F or AVX-NE-CONVERT, float16
+    ones on CPUs with AVX512BW and AVX512-FP16 or AMX-FP16, or with AVX-NE-CONVERT (its
+    `IsDataTypeSupportedByOneDNNOnThisCPU`), whatever the cap. Elsewhere (an AVX2-only CPU
+    such as Zen 3) they run on Eigen's kernels, as they do where oneDNN is off
+    (`quiet.onednn_on`). With an NVIDIA GPU (`gpus`: its /dev/nvidiaN devices) they run
+    there: not refused (not measured)."""
+    cap = _onednn_cap(environ)
+    if cap not in ISA_ABORTING.get(precision, ()):
+        return ""
+    flags = cpu_flags(cpuinfo)
+    handed = ("avx_ne_convert" in flags
+              or ("avx512f" in flags if precision == "bfloat16" else
+                  "avx512bw" in flags and bool(flags & {"avx512_fp16", "amx_fp16"})))
+    if not handed or not onednn_on(cpuinfo, environ) or (nvidia_gpus() if gpus is None
+                                                          else gpus):
+        return ""
+    return cap
+
+
+def refuse_aborting_precision(precision: str, what: str, instead: str) -> None:
+    """`UserError` where `precision`'s ops would abort the process here (`onednn_aborts_on`),
+    before anything is written: `what` names the flag or file that asks for the precision,
+    `instead` says what else would do."""
+    cap = onednn_aborts_on(precision)
+    if cap:
+        raise UserError(f"{what}: oneDNN capped at {cap} (ONEDNN_MAX_CPU_ISA) has no "
+                        f"{precision} kernels, and TensorFlow hands {precision} ops to it on "
+                        f"this CPU, so the process would abort at its first one: unset "
+                        f"ONEDNN_MAX_CPU_ISA, or {instead}")
 
 
 def prefer_wide_xla_vectors(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) -> None:
@@ -386,6 +433,9 @@ class Backbone:
         from caption_attn import feature_cache  # imported here: it imports this module
 
         m = feature_cache.read_manifest(cache_dir)
+        refuse_aborting_precision(m["precision"], f"{feature_cache.manifest_path(cache_dir)}: "
+                                  f"the cache's backbone computes in {m['precision']}",
+                                  "use a cache extracted with --precision float32")
         if m["weights"] == "random":
             model = random_model_from_cache(cache_dir, m)
         else:

@@ -20,7 +20,8 @@ import tensorflow as tf
 
 from caption_attn import decode as decode_lib
 from caption_attn import model as _model  # noqa: F401  registers the Keras classes to load
-from caption_attn.backbone import FEATURE_SHAPE, GRID, Backbone, prefer_wide_xla_vectors
+from caption_attn.backbone import (FEATURE_SHAPE, GRID, Backbone, prefer_wide_xla_vectors,
+                                   refuse_aborting_precision)
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError, counted
 from caption_attn.feature_cache import MANIFEST, cache_images, read_manifest
@@ -294,6 +295,9 @@ class Captioner:
         run = RunFolder(run_dir)
         run_cfg = run.load_config()
         check_run(run, cache or run_cfg.cache, bool(cache), needed_for)
+        precision = run_cfg.train.precision              # the decoder computes in it
+        refuse_aborting_precision(precision, f"{run.config}: the run was trained with "
+                                  f"--precision {precision}", "use a run trained in float32")
         vocab = run.load_vocab()
         model = run.load_best_model()
         if model.vocab_size != len(vocab):

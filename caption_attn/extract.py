@@ -34,7 +34,7 @@ import numpy as np
 
 from caption_attn import feature_cache, feature_index, interrupts
 from caption_attn import progress as progress_lib
-from caption_attn.backbone import IMAGE_SIZE, Backbone
+from caption_attn.backbone import IMAGE_SIZE, Backbone, refuse_aborting_precision
 from caption_attn.config import ExtractConfig
 from caption_attn.data import image_key_problem
 from caption_attn.errors import UserError, WriteFailed
@@ -456,6 +456,9 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     `cfg.strict` and something failed, or when nothing could be extracted) and message.
     """
     start = time.monotonic()
+    refuse_aborting_precision(cfg.precision, f"--precision {cfg.precision}",
+                              "use --precision float32 (with another --cache, if this one was "
+                              "extracted in bfloat16)")
     # train and evaluate refuse such a cache (TensorFlow reads its files): refused first
     check_utf8_path("--cache", cfg.cache, "reads the feature files (`train`, `evaluate`)")
     check_folder_writable(cfg.cache, "--cache")  # before the backbone is built

@@ -77,9 +77,23 @@ def onednn_on_avx2_cpus(cpuinfo: str = "/proc/cpuinfo", environ=os.environ,
     flags = cpu_flags(cpuinfo)
     if not {"avx2", "fma"} <= flags or "avx512f" in flags or flags & ONEDNN_BY_DEFAULT:
         return
-    if (glob.glob("/dev/nvidia[0-9]*") if gpus is None else gpus):
+    if nvidia_gpus() if gpus is None else gpus:
         return
     environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
+
+
+def nvidia_gpus() -> list:
+    """The NVIDIA GPU devices of this machine (/dev/nvidiaN), without importing TensorFlow."""
+    return glob.glob("/dev/nvidia[0-9]*")
+
+
+def onednn_on(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) -> bool:
+    """Whether TensorFlow runs its oneDNN kernels: as `TF_ENABLE_ONEDNN_OPTS` says where it
+    is set (1/true or 0/false), else on CPUs with one of `ONEDNN_BY_DEFAULT`."""
+    chosen = environ.get("TF_ENABLE_ONEDNN_OPTS")
+    if chosen is not None:
+        return chosen.strip().lower() in ("1", "true")
+    return bool(cpu_flags(cpuinfo) & ONEDNN_BY_DEFAULT)
 
 
 def import_tensorflow(meet_dtypes: bool = True, freeze: bool = False):

@@ -33,6 +33,7 @@ from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoa
                                     prune_event_files)
 from caption_attn.cider import CiderD
 from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig, flag_name
+from caption_attn.backbone import refuse_aborting_precision
 from caption_attn.errors import TrainingError, UserError, free_space
 from caption_attn.fileio import check_utf8_path, read_json, write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
@@ -1679,6 +1680,8 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     check_utf8_path("--cache", cfg.cache, "reads the feature files")
     check_train_flags(cfg.train)
     distribute.check_strategy(cfg.train.strategy)  # TF_CONFIG too, before --fresh deletes
+    refuse_aborting_precision(cfg.train.precision, f"--precision {cfg.train.precision}",
+                              "train with --precision float32")
     run = RunFolder(run_dir)
     run.check_writable(cfg.cache, [images_dir, feature_cache.cache_images(cfg.cache)])
     if images_dir is not None and not os.path.isdir(images_dir):

@@ -5,6 +5,7 @@ The backbone is `weights="random"` (no network); `extracted` and `backbone` are 
 float16 extraction and the backbone rebuilt from its manifest (conftest.py).
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -107,7 +108,8 @@ def bfloat16_model():
     return build_backbone("random", 0, precision="bfloat16")
 
 
-@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("precision", [
+    "float32", pytest.param("bfloat16", marks=pytest.mark.precision("bfloat16"))])
 def test_folded_batchnorm_gives_the_features_of_a_cloned_model_bit_for_bit(
         backbone, precision, monkeypatch, request):
     """The folded backbone runs the model's own graph of layers with the folded convolutions
@@ -157,6 +159,7 @@ def test_a_keras_without_the_graph_internals_folds_into_a_cloned_model(backbone,
     assert isinstance(backbone.inference_model, FoldedModel)
 
 
+@pytest.mark.precision("bfloat16")
 def test_bfloat16_backbone_close_to_float32(images, backbone, bfloat16_model):
     import keras
 
@@ -295,7 +298,7 @@ def test_bfloat16_is_chosen_only_where_it_is_native(tmp_path, flags, native):
     from caption_attn.backbone import native_bfloat16
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-    assert native_bfloat16(str(cpuinfo)) is native
+    assert native_bfloat16(str(cpuinfo), environ={}) is native     # whatever the caller's cap
 
 
 @pytest.mark.parametrize("environ, native", [({"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
@@ -309,6 +312,92 @@ def test_a_onednn_cap_below_bfloat16_is_not_native(tmp_path, environ, native):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16\n")
     assert native_bfloat16(str(cpuinfo), environ) is native
+
+
+AMX_XEON = "GenuineIntel avx2 fma avx512f avx512bw avx512_bf16 avx512_fp16 amx_bf16 amx_tile"
+ZEN5 = "AuthenticAMD avx2 fma avx512f avx512bw avx512_vnni avx512_bf16"
+ZEN3 = "AuthenticAMD avx2 fma"
+SKYLAKE_SP = "GenuineIntel avx2 fma avx512f avx512bw"           # AVX-512, oneDNN off by default
+CAP = "ONEDNN_MAX_CPU_ISA"
+
+
+@pytest.mark.parametrize("flags, environ, precision, gpus, want", [
+    (AMX_XEON, {CAP: "AVX2"}, "bfloat16", [], "AVX2"),
+    (AMX_XEON, {CAP: "AVX2"}, "float16", [], "AVX2"),
+    (AMX_XEON, {"DNNL_MAX_CPU_ISA": "avx2_vnni"}, "bfloat16", [], "AVX2_VNNI"),
+    (AMX_XEON, {CAP: "AVX512_CORE"}, "bfloat16", [], ""),          # emulated by oneDNN: runs
+    (AMX_XEON, {CAP: "AVX512_CORE"}, "float16", [], "AVX512_CORE"),
+    (AMX_XEON, {CAP: "AVX512_CORE_BF16"}, "float16", [], "AVX512_CORE_BF16"),
+    (AMX_XEON, {CAP: "AVX512_CORE_FP16"}, "float16", [], ""),
+    (AMX_XEON, {}, "bfloat16", [], ""),
+    (AMX_XEON, {CAP: "AVX2"}, "float32", [], ""),
+    (AMX_XEON, {CAP: "AVX2", "TF_ENABLE_ONEDNN_OPTS": "0"}, "bfloat16", [], ""),  # Eigen's
+    (AMX_XEON, {CAP: "AVX2"}, "bfloat16", ["/dev/nvidia0"], ""),
+    (ZEN5, {CAP: "AVX2"}, "bfloat16", [], "AVX2"),
+    (ZEN5, {CAP: "AVX2"}, "float16", [], ""),           # no AVX512-FP16: Eigen's kernels
+    (ZEN3, {CAP: "AVX2", "TF_ENABLE_ONEDNN_OPTS": "1"}, "bfloat16", [], ""),
+    (SKYLAKE_SP, {CAP: "AVX2"}, "bfloat16", [], ""),
+    (SKYLAKE_SP, {CAP: "AVX2", "TF_ENABLE_ONEDNN_OPTS": "true"}, "bfloat16", [], "AVX2"),
+    ("GenuineIntel avx2 fma avx_vnni avx_ne_convert", {CAP: "AVX2"}, "float16", [], "AVX2"),
+])
+def test_a_precision_oneDNN_cannot_run_under_its_cap_is_known_before_it_aborts(
+        tmp_path, flags, environ, precision, gpus, want):
+    """Under `ONEDNN_MAX_CPU_ISA` below a precision's kernels, TensorFlow still hands that
+    precision's ops to oneDNN where the CPU's flags say so, and the process aborts; on other
+    CPUs, or with oneDNN off, Eigen runs them."""
+    from caption_attn.backbone import onednn_aborts_on
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: x\nflags\t\t: {flags}\n")
+    assert onednn_aborts_on(precision, str(cpuinfo), environ, gpus) == want
+
+
+_LOW_PRECISION_OPS = """
+import sys
+import tensorflow as tf
+dtype = tf.as_dtype(sys.argv[1])
+x = tf.ones([2, 16, 16, 8], dtype)
+y = tf.nn.conv2d(x, tf.ones([3, 3, 8, 8], dtype), 1, "SAME")
+z = tf.matmul(tf.reshape(y, [-1, 8]), tf.ones([8, 64], dtype))
+print("ran", float(tf.reduce_sum(tf.cast(z, tf.float32))))
+"""
+
+
+@pytest.mark.slow
+def test_what_aborts_under_a_cap_is_what_this_cpu_does():
+    """`onednn_aborts_on` against TensorFlow itself on the machine running the tests: a
+    convolution and a matmul in each low precision, in a fresh process (oneDNN reads its cap
+    as it starts) under a cap that aborts where the CPU hands the precision to oneDNN (an
+    AVX-512 machine) and under one that does not. A process it calls safe must run them, and
+    one it refuses must die (on Zen 3 nothing is refused: Eigen runs them)."""
+    from caption_attn.backbone import onednn_aborts_on
+    cases = [("bfloat16", "AVX2"), ("bfloat16", "AVX512_CORE"), ("float16", "AVX2"),
+             ("float16", "AVX512_CORE_FP16")]
+    # oneDNN on or off as in this process (conftest: as the CLI chooses)
+    procs = [subprocess.Popen([sys.executable, "-c", _LOW_PRECISION_OPS, precision],
+                              env={**os.environ, CAP: cap}, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+             for precision, cap in cases]
+    for (precision, cap), proc in zip(cases, procs):
+        out, _ = proc.communicate(timeout=300)
+        refused = onednn_aborts_on(precision, environ={**os.environ, CAP: cap})
+        ran = proc.returncode == 0 and out.startswith("ran")
+        assert ran != bool(refused), (precision, cap, proc.returncode, out)
+
+
+def test_a_cache_whose_backbone_would_abort_is_refused_naming_its_manifest(
+        extracted, tmp_path, onednn_capped_below):
+    """`caption` of image files and `export` build the cache's backbone: one extracted in
+    bfloat16, under a cap without bfloat16 kernels, is refused before anything is built."""
+    m = read_manifest(extracted[0])
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(json.dumps({**m, "precision": "bfloat16"}))
+    onednn_capped_below("bfloat16")
+    with pytest.raises(UserError, match=r"^.*manifest\.json: the cache's backbone computes in "
+                                        r"bfloat16: oneDNN capped at AVX2 \(ONEDNN_MAX_CPU_ISA\) "
+                                        r"has no bfloat16 kernels.* unset ONEDNN_MAX_CPU_ISA, or "
+                                        r"use a cache extracted with --precision float32$"):
+        Backbone.from_manifest(str(cache))
 
 
 @pytest.mark.parametrize("flags, environ, want", [

@@ -1011,6 +1011,32 @@ def bfloat16_run(shapes_data, tmp_path_factory):
     return run
 
 
+@pytest.mark.parametrize("command", ["caption", "export"])
+def test_a_run_trained_in_a_precision_the_capped_onednn_would_abort_in_is_refused(
+        run_copy, shapes_data, tmp_path, onednn_capped_below, command):
+    """`caption` and `export` of a `train --precision bfloat16` run under
+    ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU aborted the process in the decoder's first
+    matmul; refused now, naming the run's config.json, before anything is written."""
+    config = run_copy.config
+    with open(config) as f:
+        saved = json.load(f)
+    saved["train"]["precision"] = "bfloat16"
+    with open(config, "w") as f:
+        json.dump(saved, f)
+    onednn_capped_below("bfloat16")
+    image = os.path.join(shapes_data["images"], sorted(os.listdir(shapes_data["images"]))[0])
+    out = tmp_path / "out"
+    argv = {"caption": ["caption", "--run", run_copy.path, image],
+            "export": ["export", "--run", run_copy.path, "--out", str(out)]}[command]
+    code, printed, err = _run_cli(argv)
+    assert code == 2 and printed == "", (printed, err)
+    assert re.search(rf"error: {re.escape(config)}: the run was trained with --precision "
+                     rf"bfloat16: oneDNN capped at AVX2 .* use a run trained in float32\n$",
+                     err), err
+    assert not out.exists()
+
+
+@pytest.mark.precision("bfloat16")
 def test_the_tflite_model_of_a_bfloat16_run_says_its_decoder_was_converted(
         bfloat16_run, tmp_path, monkeypatch):
     """`caption` runs a `train --precision bfloat16` run's decoder in bfloat16, the TFLite

@@ -959,6 +959,20 @@ def test_an_images_folder_whose_name_is_not_utf8_is_extracted_and_then_done(cach
     assert again["extracted"] == 0 and again["skipped"] == 1
 
 
+def test_a_precision_the_capped_onednn_would_abort_in_is_refused_before_anything(
+        images, tmp_path, onednn_capped_below):
+    """`extract-features --precision bfloat16` under ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512
+    CPU died in the backbone's first convolution with TensorFlow's traceback."""
+    onednn_capped_below("bfloat16")
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError, match=r"^--precision bfloat16: oneDNN capped at AVX2 "
+                                        r"\(ONEDNN_MAX_CPU_ISA\) has no bfloat16 kernels, .* "
+                                        r"use --precision float32 \(with another --cache"):
+        extract_features(str(images), extract_cfg(cache, precision="bfloat16"), keys=GOOD,
+                         progress=False)
+    assert not cache.exists()
+
+
 def test_a_cache_folder_not_utf8_is_refused_before_anything(images, tmp_path):
     """--cache of a folder named with bytes that are not UTF-8: extracted into (Python writes
     there), then refused by `train` and `evaluate` (TensorFlow reads the feature files by

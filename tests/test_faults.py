@@ -679,7 +679,8 @@ def _saved_config(run: str, **train_changes) -> RunConfig:
                                                               **train_changes))
 
 
-@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+@pytest.mark.parametrize("precision", [
+    pytest.param("float16", marks=pytest.mark.precision("float16")), "bfloat16"])
 def test_resume_across_float16_is_refused_before_writing(run_copy, precision):
     """float32 -> float16 (or back) on resume failed while restoring, after config.json was
     rewritten, with 40 TensorFlow warnings and "if the run was made by an older caption_attn,

@@ -87,6 +87,7 @@ def test_decoding_steps_with_the_gate_table_equal_the_steps_without(model, batch
     assert not np.allclose(c_logits.numpy(), a_logits.numpy(), atol=1e-3)
 
 
+@pytest.mark.precision("bfloat16")
 def test_folded_standardization_gives_the_same_decoder_inputs(batch):
     keras.utils.set_random_seed(3)
     m = ShowAttendTell(V, E, U)
@@ -200,6 +201,7 @@ def test_attention_layer_config_round_trip():
     assert clone.units == 12 and clone.name == "att"
 
 
+@pytest.mark.precision("bfloat16")
 def test_bfloat16_policy_runs(batch):
     m = ShowAttendTell(V, E, U, dtype=keras.DTypePolicy("mixed_bfloat16"))
     logits, alphas = m(batch)
@@ -268,6 +270,7 @@ def test_hand_written_backward_equals_autodiff():
                                    err_msg=var.path)
 
 
+@pytest.mark.precision("bfloat16")
 def test_hand_written_backward_under_tf_function_and_bfloat16(batch):
     features, tokens = batch
     grads = {}

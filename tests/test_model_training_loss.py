@@ -64,6 +64,7 @@ def test_training_loss_and_gradients_equal_masked_loss_of_call(attention_reg,
                                    err_msg=var.path)
 
 
+@pytest.mark.precision("bfloat16")
 def test_training_loss_under_tf_function_and_bfloat16():
     features, image_index, tokens, targets = _batch(32, seed=6)
     results = {}

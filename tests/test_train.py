@@ -987,6 +987,20 @@ def extract_into(images, cache, **options):
                                            precision="float32", **options), progress=False)
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_a_precision_the_capped_onednn_would_abort_in_is_refused_before_writing(
+        shapes_data, tmp_path, onednn_capped_below, precision):
+    """`train --precision bfloat16` (or float16) under ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512
+    CPU aborted the process at the first step (SIGSEGV), its run folder already written."""
+    onednn_capped_below(precision)
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=rf"^--precision {precision}: oneDNN capped at AVX2 "
+                                        rf".* train with --precision float32$"):
+        train.train(small_config(shapes_data, precision=precision), str(run), progress=False,
+                    log=lambda *a: None)
+    assert not run.exists()
+
+
 def test_train_says_where_it_checked_the_source_images_and_why(shapes_data, tmp_path):
     """train never named the images folder the features' source images were checked in: a
     cache of another dataset with the same file names (checked against its own images)
@@ -1196,7 +1210,8 @@ def test_losses_are_finite_numbers(trained):
         assert 0.0 <= h["val_bleu4"] <= 1.0
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+@pytest.mark.parametrize("precision", [pytest.param(p, marks=pytest.mark.precision(p))
+                                       for p in ("bfloat16", "float16")])
 def test_mixed_precision_trains(shapes_data, tmp_path, precision):
     trainer, summary = run_trainer(small_config(shapes_data, epochs=1, precision=precision),
                                    str(tmp_path / "run"))

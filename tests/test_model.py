@@ -293,6 +293,7 @@ def test_hand_written_backward_under_tf_function_and_bfloat16(batch):
         assert cos > 0.95
 
 
+@pytest.mark.precision("bfloat16")
 def test_bfloat16_attention_gradients_accumulate_in_float32():
     # Under mixed precision the attention's key and score gradients are sums over every time
     # step; summed in bfloat16 (8 bits of mantissa) 300 equal steps stall near 256 of them.

@@ -89,11 +89,12 @@ def onednn_cap_without_bfloat16(environ=os.environ) -> str:
 
 
 # The ONEDNN_MAX_CPU_ISA caps under which oneDNN has no kernel for a precision's ops, while
-# TensorFlow still hands it those ops by the CPU's flags: the process aborts (SIGSEGV or
-# SIGABRT, no Python error) at the first matmul or convolution. Measured with TensorFlow 2.21
-# on an Intel Xeon with AMX (model 207): bfloat16 aborted under every cap of the AVX2 family
-# and below and ran under AVX512_CORE and above (oneDNN emulates it there: not native, see
-# `ISA_WITHOUT_BFLOAT16`); float16 aborted under every cap below AVX512_CORE_FP16.
+# TensorFlow still hands it those ops by the CPU's flags: the process dies at the first matmul
+# (SIGSEGV, or SIGABRT from an uncaught dnnl::error; no Python error), or TensorFlow raises at
+# the first convolution ("could not create a primitive descriptor"). Measured with TensorFlow
+# 2.21 on an Intel Xeon with AMX (model 207): bfloat16 failed under every cap of the AVX2
+# family and below and ran under AVX512_CORE and above (oneDNN emulates it there: not native,
+# see `ISA_WITHOUT_BFLOAT16`); float16 failed under every cap below AVX512_CORE_FP16.
 ISA_ABORTING = {"bfloat16": {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}}
 ISA_ABORTING["float16"] = ISA_ABORTING["bfloat16"] | {"AVX512_CORE", "AVX512_CORE_VNNI",
                                                       "AVX512_CORE_BF16"}

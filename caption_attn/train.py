@@ -28,12 +28,12 @@ import tensorflow as tf
 from caption_attn import (checkpoints, distribute, feature_cache, interrupts, ngrams, pipeline,
                           progress, quiet)
 from caption_attn import data as data_lib
+from caption_attn.backbone import refuse_aborting_precision
 from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoardLogger,
                                     heatmap_names, log_hparams, log_missing_epochs,
                                     prune_event_files)
 from caption_attn.cider import CiderD
 from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig, flag_name
-from caption_attn.backbone import refuse_aborting_precision
 from caption_attn.errors import TrainingError, UserError, free_space
 from caption_attn.fileio import check_utf8_path, read_json, write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count

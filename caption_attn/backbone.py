@@ -69,7 +69,8 @@ def _build_scope(precision: str, seed: int):
         random.setstate(previous_state)
 
 
-# oneDNN instruction sets (its documented ONEDNN_MAX_CPU_ISA values) without bfloat16 compute
+# oneDNN instruction sets (its documented ONEDNN_MAX_CPU_ISA values) without native bfloat16
+# compute
 ISA_WITHOUT_BFLOAT16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
                         "AVX512_CORE_VNNI"}
 XLA_WIDE_VECTORS = "--xla_cpu_prefer_vector_width=512"
@@ -81,13 +82,6 @@ def _onednn_cap(environ) -> str:
     return (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").upper()
 
 
-def onednn_cap_without_bfloat16(environ=os.environ) -> str:
-    """The `ONEDNN_MAX_CPU_ISA` cap when it is below bfloat16 compute (a bfloat16 backbone
-    then aborts the process: see `native_bfloat16`), else ""."""
-    cap = _onednn_cap(environ)
-    return cap if cap in ISA_WITHOUT_BFLOAT16 else ""
-
-
 # The ONEDNN_MAX_CPU_ISA caps under which oneDNN has no kernel for a precision's ops, while
 # TensorFlow still hands it those ops by the CPU's flags: the process dies at the first matmul
 # (SIGSEGV, or SIGABRT from an uncaught dnnl::error; no Python error), or TensorFlow raises at
@@ -95,9 +89,8 @@ def onednn_cap_without_bfloat16(environ=os.environ) -> str:
 # 2.21 on an Intel Xeon with AMX (model 207): bfloat16 failed under every cap of the AVX2
 # family and below and ran under AVX512_CORE and above (oneDNN emulates it there: not native,
 # see `ISA_WITHOUT_BFLOAT16`); float16 failed under every cap below AVX512_CORE_FP16.
-ISA_ABORTING = {"bfloat16": {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}}
-ISA_ABORTING["float16"] = ISA_ABORTING["bfloat16"] | {"AVX512_CORE", "AVX512_CORE_VNNI",
-                                                      "AVX512_CORE_BF16"}
+ISA_ABORTING = {"bfloat16": ISA_WITHOUT_BFLOAT16 - {"AVX512_CORE", "AVX512_CORE_VNNI"},
+                "float16": ISA_WITHOUT_BFLOAT16 | {"AVX512_CORE_BF16"}}
 
 
 def onednn_aborts_on(precision: str, cpuinfo: str = "/proc/cpuinfo", environ=os.environ,
@@ -110,11 +103,15 @@ def onednn_aborts_on(precision: str, cpuinfo: str = "/proc/cpuinfo", environ=os.
     `IsDataTypeSupportedByOneDNNOnThisCPU`), whatever the cap. Elsewhere (an AVX2-only CPU
     such as Zen 3) they run on Eigen's kernels, as they do where oneDNN is off
     (`quiet.onednn_on`). With an NVIDIA GPU (`gpus`: its /dev/nvidiaN devices) they run
-    there: not refused (not measured)."""
+    there: not refused (not measured). Nor is `AVX2_VNNI_2` on a CPU with AVX-NE-CONVERT,
+    whose own instruction set it is, with oneDNN kernels for both (not measured: the Xeon
+    above has no AVX-NE-CONVERT, so its oneDNN fell back to `AVX2_VNNI`)."""
     cap = _onednn_cap(environ)
     if cap not in ISA_ABORTING.get(precision, ()):
         return ""
     flags = cpu_flags(cpuinfo)
+    if cap == "AVX2_VNNI_2" and "avx_ne_convert" in flags:
+        return ""
     handed = ("avx_ne_convert" in flags
               or ("avx512f" in flags if precision == "bfloat16" else
                   "avx512bw" in flags and bool(flags & {"avx512_fp16", "amx_fp16"})))
@@ -163,8 +160,9 @@ def native_bfloat16(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) -> bool:
     """Whether bfloat16 runs natively here: on a GPU, or a CPU with AVX512-BF16 or AMX. On
     others (AVX2-only CPUs) TensorFlow emulates it, slower than float32, so no automatic
     choice may pick it there. Nor where `ONEDNN_MAX_CPU_ISA` (or its old name
-    `DNNL_MAX_CPU_ISA`) caps oneDNN below bfloat16: TensorFlow still sends bfloat16 ops to
-    oneDNN by the CPU's flags, which then has no kernel for them (the process aborts)."""
+    `DNNL_MAX_CPU_ISA`) caps oneDNN below AVX512-BF16: TensorFlow still sends bfloat16 ops to
+    oneDNN by the CPU's flags, which emulates them under `AVX512_CORE` and has no kernel for
+    them below (the process aborts: `onednn_aborts_on`)."""
     import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU"):
@@ -434,9 +432,6 @@ class Backbone:
         from caption_attn import feature_cache  # imported here: it imports this module
 
         m = feature_cache.read_manifest(cache_dir)
-        refuse_aborting_precision(m["precision"], f"{feature_cache.manifest_path(cache_dir)}: "
-                                  f"the cache's backbone computes in {m['precision']}",
-                                  "use a cache extracted with --precision float32")
         if m["weights"] == "random":
             model = random_model_from_cache(cache_dir, m)
         else:

@@ -24,7 +24,7 @@ from caption_attn.backbone import (FEATURE_SHAPE, GRID, Backbone, prefer_wide_xl
                                    refuse_aborting_precision)
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError, counted
-from caption_attn.feature_cache import MANIFEST, cache_images, read_manifest
+from caption_attn.feature_cache import MANIFEST, cache_images, manifest_path, read_manifest
 from caption_attn.fileio import holding_lock, is_inside, longest_temp_name, one_line
 from caption_attn.images import (ImageError, heatmap_source, is_heatmap_file, left_out_note,
                                  list_images, load_image_and_view, printable_name)
@@ -275,9 +275,10 @@ class Captioner:
     """The best model of a run with its vocabulary and decoding settings."""
 
     def __init__(self, model, vocab: Vocabulary, run_cfg: RunConfig, cfg: DecodeConfig,
-                 run_dir: str = "", cache: Optional[str] = None):
+                 run_dir: str = "", cache: Optional[str] = None, computes: bool = True):
         self.model, self.vocab, self.run_cfg, self.cfg = model, vocab, run_cfg, cfg
         self.run_dir = run_dir
+        self.computes = computes              # runs its models here (export only traces them)
         self.cache = cache or run_cfg.cache   # where the run's features (and backbone) are
         self._cache_flag = bool(cache)        # given as --cache (not the run's own)
         self.max_length = cfg.max_length or run_cfg.vocab.max_length + 1
@@ -286,20 +287,25 @@ class Captioner:
 
     @classmethod
     def from_run(cls, run_dir: str, cfg: Optional[DecodeConfig] = None,
-                 cache: Optional[str] = None, needed_for: str = CAPTION_NEEDS) -> "Captioner":
+                 cache: Optional[str] = None, needed_for: str = CAPTION_NEEDS,
+                 computes: bool = True) -> "Captioner":
         """The best model of the run in `run_dir`; `cache` replaces the run's feature cache
         (a cache that moved, or a copy; it must hold features of the same backbone). The
         run and its feature cache are checked before the model is loaded (`check_run`;
-        `needed_for`: why the command needs the cache, for the message when it is gone)."""
+        `needed_for`: why the command needs the cache, for the message when it is gone).
+        `computes`: the caller runs the models here, so a precision oneDNN's cap would abort
+        in is refused (`refuse_aborting_precision`); export, which only traces them, runs
+        under the cap."""
         cfg = cfg or DecodeConfig()
         run = RunFolder(run_dir)
         run_cfg = run.load_config()
         check_run(run, cache or run_cfg.cache, bool(cache), needed_for)
-        precision = run_cfg.train.precision              # the decoder computes in it
-        refuse_aborting_precision(precision, f"{run.config}: the run was trained with "
-                                  f"--precision {precision}", "use a run trained in float32")
         vocab = run.load_vocab()
-        model = run.load_best_model()
+        model = run.load_best_model()      # computes nothing yet
+        if computes:   # in its own precision, which a resume in another one keeps a while
+            refuse_aborting_precision(model.compute_dtype, f"{run.best_model}: the run's "
+                                      f"best model computes in {model.compute_dtype}",
+                                      "use a best model trained in float32")
         if model.vocab_size != len(vocab):
             raise UserError(f"{run.best_model}: model vocabulary {model.vocab_size} does not "
                             f"match {run.vocab} ({len(vocab)})")
@@ -313,7 +319,7 @@ class Captioner:
             raise UserError(f"{run.best_model}: a model with {show(found)}, but "
                             f"{run.config} says {show(wanted)}: not this run's best model "
                             f"(copied from another run?)")
-        return cls(model, vocab, run_cfg, cfg, run_dir, cache)
+        return cls(model, vocab, run_cfg, cfg, run_dir, cache, computes)
 
     # -- features -> captions ----------------------------------------------------------
     def decode(self, features: np.ndarray, ids: Optional[Sequence[int]] = None
@@ -351,6 +357,11 @@ class Captioner:
         if self._backbone is None:
             check_feature_cache(self.cache, self._cache_flag,
                                 RunFolder(self.run_dir) if self.run_dir else None)
+            if self.computes:
+                precision = read_manifest(self.cache)["precision"]
+                refuse_aborting_precision(precision, f"{manifest_path(self.cache)}: the "
+                                          f"cache's backbone computes in {precision}",
+                                          "use a cache extracted with --precision float32")
             self._backbone = Backbone.from_manifest(self.cache)
         return self._backbone
 

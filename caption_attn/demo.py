@@ -18,8 +18,9 @@ import stat
 import time
 from typing import Optional
 
+from caption_attn import backbone as backbone_lib
 from caption_attn import shapes
-from caption_attn.backbone import native_bfloat16, onednn_cap_without_bfloat16
+from caption_attn.backbone import native_bfloat16
 from caption_attn.config import (BACKBONE_PRECISIONS, DataConfig, DecodeConfig, DemoConfig,
                                  ExtractConfig, ModelConfig, RunConfig, ShapesConfig,
                                  TrainConfig)
@@ -231,7 +232,7 @@ def backbone_precision(cfg: DemoConfig, cache: str, log) -> str:
     recorded = _recorded_precision(cache)
     if recorded is None or recorded == mine:
         return mine
-    cap = onednn_cap_without_bfloat16()
+    cap = backbone_lib.onednn_aborts_on("bfloat16")
     if recorded == "bfloat16" and cap:
         # oneDNN capped below bfloat16 gets bfloat16 ops it has no kernel for: the process
         # aborts (in extract-features or in captioning the test images)

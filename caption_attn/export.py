@@ -119,7 +119,8 @@ def _export(run: RunFolder, run_dir: str, out: str, decode_cfg: DecodeConfig,
     # records the best epoch read with the model, and a model replaced while it was being
     # loaded is refused (the record, read 40 s later at the end, named the next best epoch).
     captioner, best_record = run.read_best_unchanged(
-        lambda: Captioner.from_run(run_dir, decode_cfg, cache=cache, needed_for=EXPORT_NEEDS),
+        lambda: Captioner.from_run(run_dir, decode_cfg, cache=cache, needed_for=EXPORT_NEEDS,
+                                   computes=False),    # traced only: runs under any cap
         "the export", "export")
     backbone = captioner.backbone
     _remove_killed_exports(out, log)

@@ -88,11 +88,12 @@ def nvidia_gpus() -> list:
 
 
 def onednn_on(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) -> bool:
-    """Whether TensorFlow runs its oneDNN kernels: as `TF_ENABLE_ONEDNN_OPTS` says where it
-    is set (1/true or 0/false), else on CPUs with one of `ONEDNN_BY_DEFAULT`."""
-    chosen = environ.get("TF_ENABLE_ONEDNN_OPTS")
-    if chosen is not None:
-        return chosen.strip().lower() in ("1", "true")
+    """Whether TensorFlow runs its oneDNN kernels: as `TF_ENABLE_ONEDNN_OPTS` says (1 or
+    true, 0 or false, in any case), else, as TensorFlow does for an unset or other value, on
+    CPUs with one of `ONEDNN_BY_DEFAULT`."""
+    chosen = environ.get("TF_ENABLE_ONEDNN_OPTS", "").lower()
+    if chosen in ("0", "false", "1", "true"):
+        return chosen in ("1", "true")
     return bool(cpu_flags(cpuinfo) & ONEDNN_BY_DEFAULT)
 
 

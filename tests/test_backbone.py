@@ -5,7 +5,6 @@ The backbone is `weights="random"` (no network); `extracted` and `backbone` are 
 float16 extraction and the backbone rebuilt from its manifest (conftest.py).
 """
 
-import json
 import os
 import socket
 import subprocess
@@ -332,6 +331,8 @@ CAP = "ONEDNN_MAX_CPU_ISA"
     (AMX_XEON, {}, "bfloat16", [], ""),
     (AMX_XEON, {CAP: "AVX2"}, "float32", [], ""),
     (AMX_XEON, {CAP: "AVX2", "TF_ENABLE_ONEDNN_OPTS": "0"}, "bfloat16", [], ""),  # Eigen's
+    (AMX_XEON, {CAP: "AVX2", "TF_ENABLE_ONEDNN_OPTS": "yes"}, "bfloat16", [], "AVX2"),  # unread
+    (AMX_XEON, {CAP: "AVX2_VNNI_2"}, "bfloat16", [], "AVX2_VNNI_2"),
     (AMX_XEON, {CAP: "AVX2"}, "bfloat16", ["/dev/nvidia0"], ""),
     (ZEN5, {CAP: "AVX2"}, "bfloat16", [], "AVX2"),
     (ZEN5, {CAP: "AVX2"}, "float16", [], ""),           # no AVX512-FP16: Eigen's kernels
@@ -339,6 +340,7 @@ CAP = "ONEDNN_MAX_CPU_ISA"
     (SKYLAKE_SP, {CAP: "AVX2"}, "bfloat16", [], ""),
     (SKYLAKE_SP, {CAP: "AVX2", "TF_ENABLE_ONEDNN_OPTS": "true"}, "bfloat16", [], "AVX2"),
     ("GenuineIntel avx2 fma avx_vnni avx_ne_convert", {CAP: "AVX2"}, "float16", [], "AVX2"),
+    ("GenuineIntel avx2 fma avx_vnni avx_ne_convert", {CAP: "AVX2_VNNI_2"}, "float16", [], ""),
 ])
 def test_a_precision_oneDNN_cannot_run_under_its_cap_is_known_before_it_aborts(
         tmp_path, flags, environ, precision, gpus, want):
@@ -374,30 +376,22 @@ def test_what_aborts_under_a_cap_is_what_this_cpu_does():
              ("float16", "AVX512_CORE_FP16")]
     # oneDNN on or off as in this process (conftest: as the CLI chooses)
     procs = [subprocess.Popen([sys.executable, "-c", _LOW_PRECISION_OPS, precision],
-                              env={**os.environ, CAP: cap}, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
+                              env={**os.environ, CAP: cap},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for precision, cap in cases]
-    for (precision, cap), proc in zip(cases, procs):
-        out, _ = proc.communicate(timeout=300)
-        refused = onednn_aborts_on(precision, environ={**os.environ, CAP: cap})
-        ran = proc.returncode == 0 and out.startswith("ran")
-        assert ran != bool(refused), (precision, cap, proc.returncode, out)
-
-
-def test_a_cache_whose_backbone_would_abort_is_refused_naming_its_manifest(
-        extracted, tmp_path, onednn_capped_below):
-    """`caption` of image files and `export` build the cache's backbone: one extracted in
-    bfloat16, under a cap without bfloat16 kernels, is refused before anything is built."""
-    m = read_manifest(extracted[0])
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "manifest.json").write_text(json.dumps({**m, "precision": "bfloat16"}))
-    onednn_capped_below("bfloat16")
-    with pytest.raises(UserError, match=r"^.*manifest\.json: the cache's backbone computes in "
-                                        r"bfloat16: oneDNN capped at AVX2 \(ONEDNN_MAX_CPU_ISA\) "
-                                        r"has no bfloat16 kernels.* unset ONEDNN_MAX_CPU_ISA, or "
-                                        r"use a cache extracted with --precision float32$"):
-        Backbone.from_manifest(str(cache))
+    try:
+        for (precision, cap), proc in zip(cases, procs):
+            out, err = proc.communicate(timeout=300)
+            if onednn_aborts_on(precision, environ={**os.environ, CAP: cap}):
+                # killed (SIGSEGV, SIGABRT), or TensorFlow's error: oneDNN's, not another
+                assert proc.returncode in (-11, -6) or "primitive descriptor" in err, \
+                    (precision, cap, proc.returncode, err[-2000:])
+            else:
+                assert proc.returncode == 0 and out.startswith("ran"), \
+                    (precision, cap, proc.returncode, err[-2000:])
+    finally:
+        for proc in procs:
+            proc.kill()
 
 
 @pytest.mark.parametrize("flags, environ, want", [

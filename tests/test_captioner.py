@@ -401,6 +401,28 @@ def test_a_large_compiled_batch_is_decoded_in_slices_side_by_side(monkeypatch, b
     np.testing.assert_array_equal(small.tokens, whole.tokens[:31, :, :small.tokens.shape[2]])
 
 
+def test_a_cache_whose_backbone_the_capped_onednn_would_abort_in_is_refused(
+        trained_run, copy_cache, onednn_capped_below):
+    """`caption` of image files builds the cache's backbone: one extracted in bfloat16 (the
+    demo's cache on a CPU with native bfloat16), under ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512
+    CPU, died in its first convolution with TensorFlow's traceback (stop 74). Refused, naming
+    the cache's manifest, before the backbone is built."""
+    from caption_attn.run import RunFolder
+    path = feature_cache.manifest_path(copy_cache)
+    with open(path) as f:
+        manifest = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**manifest, "precision": "bfloat16"}, f)
+    run = RunFolder(trained_run)
+    onednn_capped_below("bfloat16")
+    model = captioner.Captioner(run.load_best_model(), run.load_vocab(), run.load_config(),
+                                DecodeConfig(), cache=copy_cache)
+    with pytest.raises(UserError, match=rf"^{re.escape(path)}: the cache's backbone computes "
+                                        rf"in bfloat16: oneDNN capped at AVX2 .* use a cache "
+                                        rf"extracted with --precision float32$"):
+        model.backbone
+
+
 def test_decoding_compiles_nothing_for_one_image_or_inside_a_graph():
     """A one-image `caption`, sampling, a bfloat16 model and a caller's tf.function (export)
     take the plain loop: compiling would cost seconds there, and change the samples or, in

@@ -474,11 +474,11 @@ def test_a_rerun_keeps_the_precision_its_cache_was_extracted_in(tmp_path, monkey
 
 
 def test_a_bfloat16_cache_under_onednn_capped_below_it_is_refused_in_the_demos_terms(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, onednn_capped_below):
     """oneDNN capped at AVX2 has no bfloat16 kernels: captioning the test images with the
     cache's bfloat16 backbone failed after training and evaluating."""
     from caption_attn.errors import UserError
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    onednn_capped_below("bfloat16")
     monkeypatch.setattr(demo, "native_bfloat16", lambda: False)
     os.makedirs(tmp_path / "c")
     (tmp_path / "c" / "manifest.json").write_text(json.dumps({"precision": "bfloat16"}))

@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 from bench_train import reference_batches, time_reference, write_dataset  # noqa: E402
-from machine import describe, run_in_temp_folder  # noqa: E402
+from machine import check_precisions, describe, run_in_temp_folder  # noqa: E402
 from caption_attn import train, validation  # noqa: E402
 from caption_attn.config import ModelConfig, RunConfig, TrainConfig, VocabConfig  # noqa: E402
 
@@ -196,6 +196,7 @@ def main(argv=None) -> int:
                     help="batches of the tutorial's step to time (0: skip it)")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = ap.parse_args(argv)
+    check_precisions(ap, "--precision", [args.precision])
     if args.epochs < 3:
         ap.error(f"--epochs must be >= 3 (epoch 1 compiles, the last has no next start); "
                  f"got {args.epochs}")

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench_extract import render_images  # noqa: E402
-from machine import cpu_name, describe, run_in_temp_folder  # noqa: E402
+from machine import check_precisions, cpu_name, describe, run_in_temp_folder  # noqa: E402
 from caption_attn import export, extract  # noqa: E402
 from caption_attn.captioner import Captioner  # noqa: E402
 from caption_attn.config import (TFLITE_QUANTIZATIONS, DecodeConfig, ExportConfig,  # noqa: E402
@@ -190,6 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tflite-quantize", default="none", choices=TFLITE_QUANTIZATIONS)
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
+    check_precisions(ap, "--precision", [args.precision])
     if args.images < 2:   # the run's split needs a train and a val image
         ap.error(f"--images must be at least 2, got {args.images}")
     return run_in_temp_folder("bench_export_", run_benchmark, args)

@@ -52,7 +52,8 @@ from caption_attn.backbone import FEATURE_SHAPE, IMAGE_SIZE  # noqa: E402
 from caption_attn.config import (ModelConfig, RunConfig, TrainConfig, VocabConfig,  # noqa: E402
                                  write_json_atomic)
 from matmul_ceiling import matmul_gflops  # noqa: E402
-from machine import describe, interleaved, run_in_temp_folder  # noqa: E402
+from machine import (check_precisions, describe, interleaved,  # noqa: E402
+                     run_in_temp_folder)
 
 P, F = FEATURE_SHAPE
 
@@ -313,6 +314,7 @@ def main(argv=None) -> int:
                     help="N of the N x N matmul yardstick of the MFU (default 2048)")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = ap.parse_args(argv)
+    check_precisions(ap, "--precision", [args.precision])
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
     return run_in_temp_folder("bench_train_", measure, args, report)

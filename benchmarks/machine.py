@@ -47,6 +47,19 @@ def describe() -> str:
             f"load average {os.getloadavg()[0]:.1f}{xla}")
 
 
+def check_precisions(parser, flag: str, precisions) -> None:
+    """`parser.error` (exit 2) for a precision whose ops would abort this process:
+    oneDNN capped below its kernels (`backbone.refuse_aborting_precision`, as the CLI)."""
+    from caption_attn.backbone import refuse_aborting_precision
+    from caption_attn.errors import UserError
+
+    try:
+        for precision in precisions:
+            refuse_aborting_precision(precision, f"{flag} {precision}", "use float32")
+    except UserError as e:
+        parser.error(str(e))
+
+
 def interleaved(rounds: int, *timers, swap: bool = False) -> list[list]:
     """Each timer called once per round, in turn (ours, reference, ours, ...), so that a
     spell of other load on the machine hits both sides alike: one list of results per timer.

@@ -11,6 +11,7 @@ import importlib
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -44,6 +45,33 @@ def numbers(figures: dict, *names: str) -> list[float]:
 def report_fields(script: str) -> list[str]:
     """The fields of `script`'s JSON that cpu_report.py reads."""
     return [field for _, name, field, *_ in benchmark("cpu_report").TARGETS if name == script]
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("bench_train", ["--precision", "bfloat16"]), ("bench_epoch", ["--precision", "bfloat16"]),
+    ("bench_export", ["--precision", "bfloat16"]),
+    ("bench_extract", ["--precisions", "float32,bfloat16"])])
+def test_a_precision_the_capped_onednn_would_abort_in_is_refused_first(
+        onednn_capped_below, capsys, name, argv):
+    """Under ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU a bfloat16 benchmark died in its first
+    matmul (stop 74), `bench_extract` by default: refused as the CLI refuses it."""
+    onednn_capped_below("bfloat16")
+    with pytest.raises(SystemExit) as stopped:
+        benchmark(name).main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and re.search(
+        r"error: --precisions? bfloat16: oneDNN capped at AVX2 \(ONEDNN_MAX_CPU_ISA\) has no "
+        r"bfloat16 kernels.* use float32\n$", err), err
+
+
+def test_bench_extract_leaves_out_by_default_a_precision_the_cap_would_abort_in(
+        onednn_capped_below, capsys):
+    extract = benchmark("bench_extract")
+    onednn_capped_below("float16")                  # (whatever cap this process runs under)
+    assert extract.default_precisions() == ["float32", "bfloat16"]
+    onednn_capped_below("bfloat16")
+    assert extract.default_precisions() == ["float32"]
+    assert "note: bfloat16 left out: oneDNN capped at AVX2" in capsys.readouterr().out
 
 
 def test_bench_extract(capsys, tmp_path):

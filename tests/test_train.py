@@ -991,7 +991,7 @@ def extract_into(images, cache, **options):
 def test_a_precision_the_capped_onednn_would_abort_in_is_refused_before_writing(
         shapes_data, tmp_path, onednn_capped_below, precision):
     """`train --precision bfloat16` (or float16) under ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512
-    CPU aborted the process at the first step (SIGSEGV), its run folder already written."""
+    CPU died at the first step (SIGABRT, stop 74), its run folder already written."""
     onednn_capped_below(precision)
     run = tmp_path / "run"
     with pytest.raises(UserError, match=rf"^--precision {precision}: oneDNN capped at AVX2 "

@@ -203,6 +203,12 @@ def trained_run(shapes_data, tmp_path_factory):
     return run
 
 
+def file_mtimes(folder) -> dict:
+    """{path: mtime} of every file under `folder` (hidden ones too): what a command wrote."""
+    return {os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns
+            for d, _, names in os.walk(folder) for n in names}
+
+
 def give_other_images(cache: str, keys) -> None:
     """Make `keys`' feature files of `cache` look extracted from other images (their index
     entries' image sha256 changed): the cache of another dataset with the same file names."""

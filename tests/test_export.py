@@ -21,6 +21,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from conftest import file_mtimes
 
 from caption_attn import export
 from caption_attn.captioner import Captioner
@@ -1013,8 +1014,7 @@ def bfloat16_run(shapes_data, tmp_path_factory):
 
 def _files_under(folder) -> set:
     """Every file under `folder` but the lock files that readers hold (kept, empty)."""
-    return {os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
-            if not f.endswith(".lock")}
+    return {path for path in file_mtimes(folder) if not path.endswith(".lock")}
 
 
 @pytest.mark.precision("bfloat16")                   # its fixture trains in bfloat16

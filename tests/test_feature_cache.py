@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import file_mtimes
 
 from caption_attn.backbone import FEATURE_SHAPE
 from caption_attn.errors import UserError
@@ -404,12 +405,6 @@ def test_problems_name_the_command_for_the_caption_file_and_its_images(images, c
             f"caps.json --images {sub} --cache {cache_copy} {settings}`") in text
 
 
-def _files_of(folder):
-    """{path: mtime} of every file under `folder`."""
-    return {os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns
-            for d, _, names in os.walk(folder) for n in names}
-
-
 def test_readers_and_writers_of_a_cache_refuse_each_other(tmp_path):
     """`extract-features` rewrote the file of a changed image under a `train` streaming the
     cache, which trained on the new features without a word; a `train` started during an
@@ -501,7 +496,7 @@ def test_extraction_beside_a_reader_refuses_only_to_change_its_files(images, cac
     no reader and are extracted (`extract-features && train` rerun beside a running train);
     a train starting meanwhile is refused."""
     def features():   # {path: mtime} of every file but the lock files
-        return {p: t for p, t in _files_of(cache_copy).items() if not p.endswith(".lock")}
+        return {p: t for p, t in file_mtimes(cache_copy).items() if not p.endswith(".lock")}
 
     keys = sorted(GOOD)
     gone, touched = feature_path(cache_copy, keys[0]), feature_path(cache_copy, keys[1])

@@ -721,12 +721,11 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     assert indexed <= {os.path.relpath(p, cache)[:-4] for p in done}
     assert len(indexed) >= 2                                    # segments were flushed
 
-    proc = _runner(images, cache)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    extracted, skipped, failed, count = map(int, out.split())
-    assert skipped == len(indexed) and extracted == 16 - len(indexed) and failed == 0
-    assert count == 16 and len(_npy_files(cache)) == 16
+    # the rerun in this process (the RUNNER's settings): a second TensorFlow import bought
+    # nothing the killed process does not already test
+    s = extract_features(str(images), extract_cfg(cache, batch_size=2), progress=False)
+    assert s["skipped"] == len(indexed) and s["extracted"] == 16 - len(indexed)
+    assert s["failed"] == 0 and s["count"] == 16 and len(_npy_files(cache)) == 16
     leftovers = [n for _, _, names in os.walk(cache) for n in names if ".tmp." in n]
     assert leftovers == []
     _check_compacted_index(cache, [f"img_{i:02d}.jpg" for i in range(16)])

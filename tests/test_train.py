@@ -1223,9 +1223,12 @@ def test_mixed_precision_trains(shapes_data, tmp_path, precision):
 
 
 def test_xla_step_compiles_and_trains(shapes_data, tmp_path):
-    trainer, summary = run_trainer(small_config(shapes_data, epochs=1, max_steps=2, xla=True,
-                                                **NO_DECODING),
-                                   str(tmp_path / "run"))
+    # captions cut to 5 tokens: one bucket, so XLA compiles the step once, not per length
+    # (a second compile cost 6-8 s on an AVX2-only Zen 3)
+    cfg = dataclasses.replace(small_config(shapes_data, epochs=1, max_steps=2, xla=True,
+                                           **NO_DECODING),
+                              vocab=VocabConfig(max_length=5))
+    trainer, summary = run_trainer(cfg, str(tmp_path / "run"))
     totals = EpochTotals.from_vector(trainer.epoch_sums.numpy())  # of the unfinished epoch
     assert summary["steps"] == totals.sums["steps"] == 2
     assert np.isfinite(totals.logs(self_critical=False)["loss"])

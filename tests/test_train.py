@@ -1223,8 +1223,8 @@ def test_mixed_precision_trains(shapes_data, tmp_path, precision):
 
 
 def test_xla_step_compiles_and_trains(shapes_data, tmp_path):
-    # captions cut to 5 tokens: one bucket, so XLA compiles the step once, not per length
-    # (a second compile cost 6-8 s on an AVX2-only Zen 3)
+    # captions cut to 5 words: one bucket, so XLA compiles the step once, not per length
+    # (10 s of test alone on an AVX2-only Zen 3, 5.9 s so)
     cfg = dataclasses.replace(small_config(shapes_data, epochs=1, max_steps=2, xla=True,
                                            **NO_DECODING),
                               vocab=VocabConfig(max_length=5))

@@ -92,12 +92,38 @@ def config_from_args(cls, args: argparse.Namespace, **fixed):
         return cls(**kwargs)
 
 
+def config_of(args: argparse.Namespace, cls):
+    """The command's config `cls` from the parsed flags, made once: `check_flags` makes each
+    of the command's configs (`args.configs`) before TensorFlow is imported."""
+    made = vars(args).setdefault("made_configs", {})
+    if cls not in made:
+        made[cls] = config_from_args(cls, args)
+    return made[cls]
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Every refusal of the flags that needs no TensorFlow and reads no data: made before
+    TensorFlow is imported (seconds) and before the command reads anything. `train
+    --batch-size 0` was refused only after that import; `extract-features --images TYPO`
+    only once the caption file was read and the cache folder made (and removed again)."""
+    check_path_flags(args)
+    for cls in args.configs:
+        config_of(args, cls)
+    if args.command == "extract-features":
+        if args.format is not None and not args.captions:
+            raise UserError(f"--format {args.format} is the format of --captions, which is "
+                            f"not given (every image file under --images is extracted): give "
+                            f"--captions FILE, or leave --format out")
+        from caption_attn import extract
+        extract.check_flags(args.images, config_of(args, C.ExtractConfig))
+
+
 # --------------------------------------------------------------------------- commands
 def cmd_inspect(args: argparse.Namespace) -> int:
     from caption_attn import data
 
-    data_cfg = config_from_args(C.DataConfig, args)
-    vocab_cfg = config_from_args(C.VocabConfig, args)
+    data_cfg = config_of(args, C.DataConfig)
+    vocab_cfg = config_of(args, C.VocabConfig)
     stats = data.describe(args.captions, data_cfg, vocab_cfg, images_dir=args.images)
     # valid UTF-8 JSON whatever the bytes of the paths in it (printed as \xNN)
     say(json.dumps(printable_json(stats), indent=2, ensure_ascii=False) if args.json
@@ -108,7 +134,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_make_shapes(args: argparse.Namespace) -> int:
     from caption_attn import shapes
 
-    cfg = config_from_args(C.ShapesConfig, args)
+    cfg = config_of(args, C.ShapesConfig)
     summary = shapes.make_shapes(args.out, cfg)
     say(f"wrote {summary['images']} images to {summary['images_dir']} and captions to "
         f"{summary['captions']} ({summary['seconds']:.1f} s)")
@@ -120,11 +146,7 @@ def cmd_make_shapes(args: argparse.Namespace) -> int:
 def cmd_extract_features(args: argparse.Namespace) -> int:
     from caption_attn import extract
 
-    cfg = config_from_args(C.ExtractConfig, args)
-    if args.format is not None and not args.captions:
-        raise UserError(f"--format {args.format} is the format of --captions, which is not "
-                        f"given (every image file under --images is extracted): give "
-                        f"--captions FILE, or leave --format out")
+    cfg = config_of(args, C.ExtractConfig)   # its flags checked (`check_flags`)
     keys = None
     if args.captions:
         from caption_attn import data
@@ -140,10 +162,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from caption_attn import train
 
     cfg = C.RunConfig(captions=args.captions, cache=args.cache,
-                      data=config_from_args(C.DataConfig, args),
-                      vocab=config_from_args(C.VocabConfig, args),
-                      model=config_from_args(C.ModelConfig, args),
-                      train=config_from_args(C.TrainConfig, args))
+                      data=config_of(args, C.DataConfig),
+                      vocab=config_of(args, C.VocabConfig),
+                      model=config_of(args, C.ModelConfig),
+                      train=config_of(args, C.TrainConfig))
     summary = train.train(cfg, args.run, images_dir=args.images)
     say(train.format_summary(summary))
     return 0
@@ -165,7 +187,7 @@ def _caption(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
     from caption_attn.images import printable_name
     from caption_attn.run import RunFolder
 
-    cfg = config_from_args(C.DecodeConfig, args)
+    cfg = config_of(args, C.DecodeConfig)
     folders: dict = {}   # below a folder given, unlistable: reported as unreadable images are
     drawn: list = []     # heatmaps caption-attn drew, found in a folder given: not photos
     left_out: list = []  # files in the folders given that are not taken for their extension
@@ -287,7 +309,7 @@ def unreadable_lines(errors: dict, heatmaps: bool = False) -> list[str]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from caption_attn import evaluate
 
-    cfg = config_from_args(C.DecodeConfig, args)
+    cfg = config_of(args, C.DecodeConfig)
     metrics = evaluate.evaluate_run(args.run, args.split, cfg, out=args.out, cache=args.cache,
                                     captions=args.captions)
     for note in metrics["notes"]:
@@ -308,8 +330,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from caption_attn import export
 
-    decode_cfg = config_from_args(C.DecodeConfig, args)
-    cfg = config_from_args(C.ExportConfig, args)
+    decode_cfg = config_of(args, C.DecodeConfig)
+    cfg = config_of(args, C.ExportConfig)
     info = export.export_run(args.run, args.out, decode_cfg, cfg, cache=args.cache,
                              log=lambda message: print(message, file=sys.stderr))
     say(export.format_summary(info, args.out))
@@ -319,7 +341,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from caption_attn import demo
 
-    demo.run_demo(config_from_args(C.DemoConfig, args))
+    demo.run_demo(config_of(args, C.DemoConfig))
     return 0
 
 
@@ -352,6 +374,11 @@ class _CommandParser(argparse.ArgumentParser):
                 message += (f"; an image whose name starts with - is taken for a flag: put "
                             f"-- before the images (caption --run DIR -- {name}) or write "
                             f"./{name}")
+            elif message.startswith("unrecognized arguments: ") and \
+                    not message.split(": ", 1)[1].startswith("-"):
+                # `caption a.png --run R b.png`: argparse takes the images of one place only
+                message += ("; give all the images together, after the flags (caption --run "
+                            "DIR a.png b.png) or before them")
         super().error(message)
 
 
@@ -365,14 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
     sub.required = True
 
-    def command(name: str, func: Callable, help: str, description: str):
+    def command(name: str, func: Callable, help: str, description: str, configs: tuple):
+        """The command's parser; `configs`: the config classes its flags make."""
         p = sub.add_parser(name, help=help, description=description, formatter_class=_formatter)
-        p.set_defaults(func=func, command_parser=p)
+        p.set_defaults(func=func, command_parser=p, configs=configs)
         return p
 
     p = command("inspect", cmd_inspect, "statistics of a caption file",
                 "Read a caption file (COCO, Karpathy, Flickr8k/30k token or Flickr8k CSV), "
-                "split it by image and print its statistics.")
+                "split it by image and print its statistics.", (C.DataConfig, C.VocabConfig))
     p.add_argument("--captions", required=True, metavar="FILE", help="caption file to read")
     p.add_argument("--images", metavar="DIR",
                    help="images folder; when given, images missing on disk are counted")
@@ -383,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("make-shapes", cmd_make_shapes, "render the built-in synthetic shapes dataset",
                 "Render images of 1-3 colored shapes with five captions each into "
                 "OUT/images/*.png and OUT/captions.json (Karpathy layout with `split` and "
-                "per-image `objects` ground truth).")
+                "per-image `objects` ground truth).", (C.ShapesConfig,))
     p.add_argument("out", metavar="OUT", help="output folder")
     add_config_args(p, C.ShapesConfig)
 
@@ -396,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "every image and reads every file, and re-extracts damaged files; "
                 "--num-shards/--shard-index split the work over machines. Images that cannot "
                 "be read are listed in <cache>/failed.tsv and do not stop the run (exit 0 "
-                "unless --strict or nothing could be extracted).")
+                "unless --strict or nothing could be extracted).", (C.ExtractConfig,))
     p.add_argument("--images", required=True, metavar="DIR",
                    help="images folder; each feature file is named after the image's path "
                         "relative to it")
@@ -413,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "Train the attention decoder on features from `extract-features`. Rerunning "
                 "the same command resumes from the run's last checkpoint; --fresh starts over. "
                 "Everything goes into the run folder (config, vocabulary, split, checkpoints, "
-                "best model, history, TensorBoard logs, attention heatmaps).")
+                "best model, history, TensorBoard logs, attention heatmaps).",
+                (C.DataConfig, C.VocabConfig, C.ModelConfig, C.TrainConfig))
     p.add_argument("--captions", required=True, metavar="FILE",
                    help="caption file; on resume it must hold the run's caption data (the "
                         "same file, or a moved or reformatted copy)")
@@ -438,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Caption image files (or every image in a folder) with the best model of a "
                 "run. Images are decoded and resized exactly as extract-features did and go "
                 "through the same backbone (rebuilt from the run's cache manifest). Prints "
-                "the captions best first with their probability p.")
+                "the captions best first with their probability p.", (C.DecodeConfig,))
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
                    help="image files or folders (a folder: every image file under it, by "
                         f"extension, any case: {' '.join(C.IMAGE_EXTENSIONS)}; a note counts "
@@ -458,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Decode a split of the run's dataset from the feature cache and score it "
                 "with pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr; METEOR needs Java) "
                 "and, for the shapes dataset, scene accuracy and attention grounding. Writes "
-                "a COCO results JSON and a metrics JSON.")
+                "a COCO results JSON and a metrics JSON.", (C.DecodeConfig,))
     p.add_argument("--run", required=True, metavar="DIR", help="run folder made by `train`")
     p.add_argument("--split", default="test", choices=("train", "val", "test"),
                    help="split to evaluate (default: test)")
@@ -481,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "scores, words, attention, and every beam's beam_captions and beam_scores. "
                 "--tflite adds a TFLite model for devices (one "
                 "resized image, greedy). Written to a temporary folder and renamed, so --out "
-                "never holds half an export.")
+                "never holds half an export.", (C.DecodeConfig, C.ExportConfig))
     p.add_argument("--run", required=True, metavar="DIR", help="run folder made by `train`")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="export folder (for TF Serving: MODELS/NAME/VERSION, e.g. "
@@ -499,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "make-shapes -> extract-features (seeded random backbone, no network) -> "
                 "train -> evaluate -> caption test images with attention heatmaps, all in "
                 "one work folder; prints the metrics and where the TensorBoard logs, "
-                "heatmaps and model are.")
+                "heatmaps and model are.", (C.DemoConfig,))
     add_config_args(p, C.DemoConfig)
     return parser
 
@@ -659,7 +688,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as e:  # --help, --version, usage errors (exit 2)
         return int(e.code or 0)
     try:
-        check_path_flags(args)
+        check_flags(args)
         if args.command in USES_TENSORFLOW:
             from caption_attn.quiet import import_tensorflow
             # a multi-worker strategy must configure TF's runtime before any tensor exists;

@@ -84,7 +84,11 @@ FRACTION = number(0.0, 1.0, high_open=True)   # [0, 1)
 # weights far beyond their scale (1e38: "loss became nan"), and past float32's 3.4e38 it was
 # a ValueError traceback after config.json, split.json and vocab.json were written
 MAX_LEARNING_RATE = 10.0
-LEARNING_RATE = number(0.0, MAX_LEARNING_RATE, low_open=True)   # (0, 10]
+# Below this no weight moves: Adam's step of about the rate is under float32's rounding step of
+# a weight of 0.01 (9e-10), and 1e-300 is float32's 0. Such a run "trained" every epoch and
+# ended with exit 0 and its initial weights.
+MIN_LEARNING_RATE = 1e-9
+LEARNING_RATE = number(MIN_LEARNING_RATE, MAX_LEARNING_RATE)   # [1e-9, 10]
 # The attention regulariser's weight: 1e39 is float32's inf (an infinite loss, said to be a
 # divergence); the paper uses 1, the demo 3 (8 scored lower)
 MAX_ATTENTION_REG = 1000.0
@@ -198,6 +202,10 @@ MAX_SHAPES_IMAGES = 200_000
 # with a MemoryError traceback (250 GiB); `caption` holds one batch of images (and the
 # backbone's activations of it); larger batches than this gain nothing on any device
 MAX_IMAGE_BATCH = 1024
+# extract-features' decoding threads: each may hold a decoded image, and --workers 100000
+# started threads until "can't start new thread" (a traceback, after the cache folder was
+# made) or the memory ran out. Decoding gains nothing past the cores of any one machine.
+MAX_WORKERS = 256
 # Widest beam `--beam` accepts: four times the 3-5 of captioning papers, past which beam search
 # is known to give shorter, blander captions, not better ones. Each beam decodes like another
 # image (tensors of --batch-size x beam rows, 64 x units each, every step): --beam 100000
@@ -300,13 +308,19 @@ class ExtractConfig(Config):
                        "and every image's sha256 against the index, and re-extract the bad "
                        "ones")
     strict: bool = opt(False, "exit non-zero if any image failed")
-    workers: int = opt(0, "image decoding threads (0: one per CPU core)", check=integer(0))
+    workers: int = opt(0, f"image decoding threads (0: one per CPU core; at most "
+                       f"{MAX_WORKERS})", check=integer(0, MAX_WORKERS))
     replace_other_images: bool = opt(False, "extract images of --images whose same-named "
                                      "images of another folder this cache holds features of "
                                      "(refused without it: their features would be replaced, "
                                      "under the runs trained on them)")
 
     def check_together(self) -> None:
+        # `--weights imagenet --seed 7` ended with exit 0 and `seed: null` in the manifest:
+        # only random weights are seeded (extraction itself has nothing random)
+        if self.given(("seed",)) and self.weights != "random":
+            raise UserError(f"--seed seeds --weights random only; with --weights "
+                            f"{self.weights} it would change nothing: leave it out")
         if self.shard_index >= self.num_shards:
             raise UserError(f"--shard-index must be in [0, --num-shards) = [0, "
                             f"{self.num_shards}), got {self.shard_index}")
@@ -338,7 +352,8 @@ class TrainConfig(Config):
                       check=integer(1))
     batch_size: int = opt(64, "captions per step (global batch over all replicas); in "
                           "self-critical epochs, sampled captions per step", check=integer(1))
-    learning_rate: float = opt(1e-3, f"Adam learning rate (at most {MAX_LEARNING_RATE:g})",
+    learning_rate: float = opt(1e-3, f"Adam learning rate ({MIN_LEARNING_RATE:g} to "
+                               f"{MAX_LEARNING_RATE:g})",
                                check=LEARNING_RATE)
     lr_schedule: str = opt("constant", "learning-rate schedule over the cross-entropy steps",
                            choices=("constant", "cosine"))
@@ -395,7 +410,7 @@ class TrainConfig(Config):
                              "(\"new self-critical\") or the `greedy` caption's reward",
                              choices=("mean", "greedy"))
     scst_learning_rate: float = opt(5e-5, "Adam learning rate of the self-critical epochs (as "
-                                    "self-critical.pytorch; at most "
+                                    f"self-critical.pytorch; {MIN_LEARNING_RATE:g} to "
                                     f"{MAX_LEARNING_RATE:g})", check=LEARNING_RATE)
 
     def check_together(self) -> None:
@@ -555,8 +570,9 @@ class DemoConfig(Config):
                           "faster in the same time)", check=integer(1))
     learning_rate: float = opt(2e-3, "Adam learning rate, cosine-decayed over the "
                                "cross-entropy epochs (3e-3 sometimes got stuck); the "
-                               "self-critical ones take train's --scst-learning-rate 5e-5 (at "
-                               f"most {MAX_LEARNING_RATE:g})", check=LEARNING_RATE)
+                               "self-critical ones take train's --scst-learning-rate 5e-5 "
+                               f"({MIN_LEARNING_RATE:g} to {MAX_LEARNING_RATE:g})",
+                               check=LEARNING_RATE)
     dropout: float = opt(0.3, "output dropout", check=FRACTION)
     ema: float = opt(0.995, "train's --ema: the best model is the moving average of the "
                      "weights (on an Intel Xeon with AMX, scene accuracy with training seeds "

@@ -456,6 +456,18 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     `cfg.strict` and something failed, or when nothing could be extracted) and message.
     """
     start = time.monotonic()
+    check_flags(images_dir, cfg)
+    # while a train or evaluate reads the cache, refused only before rewriting or removing a
+    # feature file (`busy`): new ones harm no reader, and a script's `extract-features &&
+    # train`, rerun beside a running train, goes on as before
+    with feature_cache.using_features(cfg.cache, writing=True, readers_ok=True) as busy:
+        return _extract_into_cache(images_dir, cfg, keys, progress, start, busy)
+
+
+def check_flags(images_dir: str, cfg: ExtractConfig) -> None:
+    """The refusals of `extract_features` that read no image, no caption file and no
+    TensorFlow: the CLI makes them before it imports TensorFlow and reads `--captions` (a
+    COCO file's seconds), and `extract_features` first of all."""
     refuse_aborting_precision(cfg.precision, f"--precision {cfg.precision}",
                               "use --precision float32 (with another --cache, if this one was "
                               "extracted in bfloat16)")
@@ -463,11 +475,8 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     check_utf8_path("--cache", cfg.cache, "reads the feature files (`train`, `evaluate`)")
     check_folder_writable(cfg.cache, "--cache")  # before the backbone is built
     feature_cache.check_cache_folder(cfg.cache)
-    # while a train or evaluate reads the cache, refused only before rewriting or removing a
-    # feature file (`busy`): new ones harm no reader, and a script's `extract-features &&
-    # train`, rerun beside a running train, goes on as before
-    with feature_cache.using_features(cfg.cache, writing=True, readers_ok=True) as busy:
-        return _extract_into_cache(images_dir, cfg, keys, progress, start, busy)
+    if not os.path.isdir(images_dir):
+        raise UserError(f"--images {images_dir}: not a folder")
 
 
 def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list[str]],

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from caption_attn import cli
 from caption_attn import config as C
 
@@ -294,6 +296,62 @@ def test_extract_features_refuses_format_without_captions(tmp_path, capsys):
         "which is not given (every image file under --images is extracted): give --captions "
         "FILE, or leave --format out\n")
     assert not cache.exists()
+
+
+def test_extract_features_checks_images_and_cache_before_reading_captions(tmp_path, capsys,
+                                                                          monkeypatch):
+    """`--images TYPO` was said only after the caption file was read (a COCO file's
+    seconds), TensorFlow imported and the cache folder made (and removed again)."""
+    from caption_attn import data
+    path, _ = make(tmp_path)
+    monkeypatch.setattr(data, "load_captions", None)          # must not be reached
+    cache = tmp_path / "cache"
+    typo = tmp_path / "imgaes"
+    assert cli.main(["extract-features", "--images", str(typo), "--captions", path,
+                     "--cache", str(cache), "--weights", "random"]) == 2
+    assert capsys.readouterr().err == \
+        f"caption-attn extract-features: error: --images {typo}: not a folder\n"
+    assert not cache.exists()
+
+
+# a bad flag of each command that imports TensorFlow
+REFUSED_BEFORE_TENSORFLOW = [
+    ["train", "--captions", "c.json", "--run", "r", "--batch-size", "0"],
+    ["train", "--captions", "c.json", "--run", "r", "--learning-rate", "1e-300"],
+    ["caption", "--run", "r", "a.png", "--beam", "0"],
+    ["evaluate", "--run", "r", "--max-length", "0"],
+    ["export", "--run", "r", "--out", "o", "--beam", "0"],
+    ["extract-features", "--images", "i", "--workers", "100000"],
+    ["extract-features", "--images", "i", "--weights", "imagenet", "--seed", "7"],
+    ["demo", "--num-images", "5"],
+]
+
+
+@pytest.mark.parametrize("argv", REFUSED_BEFORE_TENSORFLOW,
+                         ids=[" ".join(a[:1] + a[-2:]) for a in REFUSED_BEFORE_TENSORFLOW])
+def test_a_bad_flag_is_refused_before_tensorflow_is_imported(tmp_path, capsys, monkeypatch,
+                                                             argv):
+    """`train --batch-size 0` was refused only after `import tensorflow` (3-6 s) and its
+    runtime's start: every flag a config checks is checked before."""
+    from caption_attn import quiet
+
+    def imported(**_):
+        raise AssertionError("TensorFlow imported before the flags were checked")
+    monkeypatch.setattr(quiet, "import_tensorflow", imported)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"caption-attn {argv[0]}: error: --" in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_caption_images_on_both_sides_of_a_flag_get_a_hint(tmp_path, capsys):
+    """`caption a.png --run R b.png` said only "unrecognized arguments: b.png"."""
+    assert cli.main(["caption", "a.png", "--run", str(tmp_path), "b.png"]) == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("error: unrecognized arguments: b.png; give all the images "
+                                 "together, after the flags (caption --run DIR a.png b.png) "
+                                 "or before them"), err
 
 
 def _closing(redirections: str, *command) -> list:

@@ -54,6 +54,11 @@ BAD_VALUES = [
     (C.TrainConfig, "learning_rate", 100.0), (C.TrainConfig, "scst_learning_rate", 1e39),
     (C.DemoConfig, "learning_rate", 1e39), (C.ModelConfig, "attention_reg", 1e39),
     (C.DemoConfig, "attention_reg", 1e300),
+    # below it no float32 weight moves (1e-300 is float32's 0): exit 0, initial weights
+    (C.TrainConfig, "learning_rate", 1e-300), (C.TrainConfig, "learning_rate", 1e-10),
+    (C.TrainConfig, "scst_learning_rate", 1e-12), (C.DemoConfig, "learning_rate", 1e-300),
+    # "can't start new thread" (a traceback) after the cache folder was made, or out of memory
+    (C.ExtractConfig, "workers", 100_000),
 ]
 
 
@@ -70,7 +75,7 @@ def test_bad_value_names_flag_and_value(cls, name, value):
 def test_seeds_only_numpy_and_python_read_are_not_bounded():
     # a cache extracted with --seed 2**40 prints that seed in its own repair command
     C.ShapesConfig(seed=2**40)
-    C.ExtractConfig(seed=2**40)
+    C.ExtractConfig(weights="random", seed=2**40)
 
 
 @pytest.mark.parametrize("value", [True, "3", 2.5])
@@ -94,6 +99,24 @@ def test_rules_between_fields_name_both_flags():
     with pytest.raises(UserError, match=r"^--val-fraction \+ --test-fraction \(`val_fraction` "
                                         r"\+ `test_fraction`\) must be < 1"):
         C.DataConfig(val_fraction=0.5, test_fraction=0.5)
+
+
+def test_learning_rate_bounds_are_taken():
+    for rate in (C.MIN_LEARNING_RATE, C.MAX_LEARNING_RATE, 1e-3):
+        C.TrainConfig(learning_rate=rate, scst_learning_rate=rate)
+    C.ExtractConfig(workers=C.MAX_WORKERS)
+
+
+def test_extract_seed_without_random_weights_is_refused():
+    """`--weights imagenet --seed 7` ended with exit 0 and `seed: null` in the manifest."""
+    for weights in ("imagenet", "/some/backbone.weights.h5"):
+        with C.flags_given({"seed"}), \
+                pytest.raises(UserError, match=rf"^--seed seeds --weights random only; with "
+                                               rf"--weights {weights} it would change nothing"):
+            C.ExtractConfig(weights=weights, seed=0)       # typed, even with its default
+        C.ExtractConfig(weights=weights)                    # not typed: nothing to refuse
+    with C.flags_given({"seed"}):
+        assert C.ExtractConfig(weights="random", seed=7).seed == 7
 
 
 def test_defaults_are_valid_and_monitor_follows_the_stage():

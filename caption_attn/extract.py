@@ -93,8 +93,9 @@ class _Writer:
                 continue  # drain after an error
             key, path, features, stamp = item
             try:  # write_bytes_atomic creates the key's sub-folders
-                write_bytes_atomic(path, (self.header, features.astype(self.dtype).tobytes()))
-                self.index.add(make_entry(key, self.fingerprint, os.stat(path), stamp,
+                written = write_bytes_atomic(
+                    path, (self.header, features.astype(self.dtype).tobytes()))
+                self.index.add(make_entry(key, self.fingerprint, written, stamp,
                                           self.images_dir))
                 self.written.append(key)
             except UserError as e:   # the index's segment (`SegmentWriter`), named by it

@@ -177,14 +177,19 @@ def _nbytes(variable) -> int:
 
 
 def write_bytes_atomic(path: str, payload: Union[bytes, Iterable[bytes]],
-                       fsync: bool = False) -> None:
-    """Write `payload` (bytes or an iterable of bytes) to `path` through `atomic_path`."""
+                       fsync: bool = False) -> os.stat_result:
+    """Write `payload` (bytes or an iterable of bytes) to `path` through `atomic_path`;
+    returns the stat of the file written, taken before the rename: a stat of `path` after
+    it could be of another process's file renamed there meanwhile (an extraction's index
+    entry then recorded that file as this image's features)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for part in [payload] if isinstance(payload, bytes) else payload:
             f.write(part)
+        f.flush()
         if fsync:
-            f.flush()
             os.fsync(f.fileno())
+        written = os.fstat(f.fileno())
+    return written
 
 
 def remove_path(path: str) -> None:

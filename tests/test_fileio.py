@@ -22,8 +22,12 @@ def test_atomic_write_leaves_nothing_on_interrupt(tmp_path):
             open(tmp, "wb").close()
             raise ValueError("cannot save")
     assert os.listdir(tmp_path) == []
-    write_bytes_atomic(str(tmp_path / "new" / "x.npy"), b"done")   # creates the folder
+    written = write_bytes_atomic(str(tmp_path / "new" / "x.npy"), [b"do", b"ne"])  # makes it
     assert os.listdir(tmp_path / "new") == ["x.npy"]
+    # the stat of the file written, taken before the rename (an index entry records it)
+    now = os.stat(tmp_path / "new" / "x.npy")
+    assert (written.st_ino, written.st_size, written.st_mtime_ns) == \
+        (now.st_ino, 4, now.st_mtime_ns)
 
 
 def test_json_nested_too_deeply_is_a_one_line_error(tmp_path):

@@ -432,6 +432,9 @@ class Backbone:
         from caption_attn import feature_cache  # imported here: it imports this module
 
         m = feature_cache.read_manifest(cache_dir)
+        feature_cache.refuse_other_images_to_features(
+            cache_dir, m, "captioned with this version, images would give the model other "
+            "features than it was trained on")
         if m["weights"] == "random":
             model = random_model_from_cache(cache_dir, m)
         else:

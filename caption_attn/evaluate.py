@@ -21,7 +21,8 @@ from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import FREE_SPACE, UserError, WriteFailed, counted
 from caption_attn.feature_cache import (describe_problems, feature_path, read_manifest,
                                         repair_command, source_images,
-                                        unchecked_images_note, usable_features_checked_in,
+                                        unchecked_images_note, unfound_images_note,
+                                        usable_features_checked_in,
                                         using_features)
 from caption_attn.fileio import (check_utf8_path, holding_lock, is_inside, printable_json,
                                  read_json, write_json_atomic)
@@ -129,8 +130,9 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
     # replaced same-named images' features: they were scored as this run's images, exit 0)
     checked_in = run.images_dir()
     folder = checked_in or source_images(manifest)
+    unfound: list = []
     usable, problems = usable_features_checked_in(cache, keys, manifest, checked_in,
-                                                  run.image_digests(), digests)
+                                                  run.image_digests(), digests, unfound)
     run.check_image_digests(cache, keys, digests, folder or manifest.get("images_dir"),
                             f"{split} ")
     without = [k for k in keys if k not in usable]
@@ -142,7 +144,8 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
         raise UserError(f"no images of the {split} split have usable features: {why}")
     place = {k: i for i, k in enumerate(splits[split])}
     unchecked = unchecked_images_note(cache, manifest, folder, run.images_dir(existing=False),
-                                      fix=" (scored as they are)") or ""
+                                      fix=" (scored as they are)") or \
+        unfound_images_note(unfound, len(keys), folder, cache) or ""
     return _SplitFeatures(split, cache, keys, without, records, manifest, reader, why, note,
                           objects_note, unchecked, [place[k] for k in keys])
 

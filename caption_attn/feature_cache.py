@@ -440,9 +440,26 @@ def _describe_weights(weights: str, seed: Optional[int]) -> str:
 
 def _settings(cfg: ExtractConfig) -> dict:
     """Manifest fields an extraction must agree with (besides the weights)."""
-    return {"format_version": FORMAT_VERSION, "backbone": BACKBONE, "dtype": cfg.dtype,
-            "precision": cfg.precision, "feature_shape": list(FEATURE_SHAPE),
-            "image_size": IMAGE_SIZE, "resize": RESIZE_METHOD}
+    return {"format_version": FORMAT_VERSION, "dtype": cfg.dtype, "precision": cfg.precision,
+            "feature_shape": list(FEATURE_SHAPE), **_IMAGES_TO_FEATURES}
+
+
+# How this version turns an image into features. A cache whose manifest records otherwise was
+# made by another version: `caption` and `export` (which decode, resize and scale images with
+# this one) would give its runs' models other features than they were trained on.
+_IMAGES_TO_FEATURES = {"backbone": BACKBONE, "image_size": IMAGE_SIZE, "resize": RESIZE_METHOD,
+                       "preprocess": PREPROCESS, "feature_layout": FEATURE_LAYOUT}
+
+
+def refuse_other_images_to_features(cache_dir: str, m: dict, why: str) -> None:
+    """`UserError` when the cache's features were made from images otherwise than this
+    version makes them (`_IMAGES_TO_FEATURES`); `why` says what that would spoil."""
+    other = [f"{k} {m.get(k)!r} (this version: {v!r})"
+             for k, v in _IMAGES_TO_FEATURES.items() if m.get(k) != v]
+    if other:
+        raise UserError(f"{manifest_path(cache_dir)}: its features were made from the images "
+                        f"by another version of caption_attn: {'; '.join(other)}; {why}: "
+                        f"extract the images again into a new --cache folder")
 
 
 class OtherCache(UserError):
@@ -488,7 +505,6 @@ def _new_manifest(cache_dir: str, cfg: ExtractConfig, backbone: Backbone, sha: s
         else os.path.abspath(cfg.weights)
     m = {**_settings(cfg), "weights": weights, "weights_sha256": sha,
          "seed": cfg.seed if cfg.weights == "random" else None,
-         "feature_layout": FEATURE_LAYOUT, "preprocess": PREPROCESS,
          "feature_scale": scale, "calibration_rms": rms,
          "npy_header_bytes": len(npy_header(cfg.dtype)), "count": 0,
          "index": feature_index.INDEX,
@@ -666,7 +682,8 @@ IMAGE_DIGEST_CHARS = 16   # of an image's sha256, as a run records the images it
 def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
                     images_dir: Optional[str] = None,
                     image_digests: Optional[dict] = None,
-                    other_folders: bool = True) -> tuple[dict, dict]:
+                    other_folders: bool = True,
+                    unfound: Optional[list] = None) -> tuple[dict, dict]:
     """({key: feature path} usable, {key: reason} not usable) for `keys`, cheaply.
 
     Usable: the key's feature file has an index entry made with this manifest's identity, the
@@ -687,6 +704,8 @@ def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
     keys: see the README's feature-cache section (`benchmarks/bench_feature_index.py`).
     `image_digests`, when given, receives key -> IMAGE_DIGEST_CHARS hex digits of the sha256
     of the image each usable file was extracted from (as its index entry records it).
+    `unfound`, when given, receives the usable keys whose source image was found nowhere
+    (with `images_dir`: their features were taken unchecked, `unfound_images_note`).
     """
     keys = list(keys)
     fingerprint = cache_identity(manifest)["fingerprint"]
@@ -701,6 +720,8 @@ def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
             problems[k] = c.reason
             continue
         paths[k] = c.path
+        if unfound is not None and images_dir is not None and c.image_stat is None:
+            unfound.append(k)
         if image_digests is not None and c.entry is not None and c.entry.image_sha256:
             image_digests[k] = c.entry.image_sha256[:IMAGE_DIGEST_CHARS]
     return paths, problems
@@ -708,18 +729,23 @@ def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
 
 def usable_features_checked_in(cache_dir: str, keys: Iterable[str], manifest: dict,
                                checked_in: Optional[str], known: dict,
-                               image_digests: Optional[dict] = None) -> tuple[dict, dict]:
+                               image_digests: Optional[dict] = None,
+                               unfound: Optional[list] = None) -> tuple[dict, dict]:
     """`usable_features` with the source images checked where a run checked them before
     (`checked_in`, `RunFolder.images_dir`; None: the cache's last folder). A key whose image
     differs there but matches the cache's last images folder is usable only if `known` (the
     run's recorded image digests) has it: `check_image_digests` then compares the contents,
     so a dataset copied elsewhere with new modification times and indexed again still
     counts, while an image the run never had features of, left out as changed when it
-    trained (another folder's same-named image, `--replace-other-images`), stays out."""
+    trained (another folder's same-named image, `--replace-other-images`), stays out.
+    Such a key's image where the run checks it must hold the bytes the run recorded, too:
+    checked only in the last folder, an image edited in the run's folder beside an old
+    copy there was taken with the old copy's features. (Hashed: only these keys, whose
+    index entries are another folder's.)"""
     keys = list(keys)
     last = source_images(manifest)
     paths, problems = usable_features(cache_dir, keys, manifest, checked_in or last,
-                                      image_digests)
+                                      image_digests, unfound=unfound)
     # only an image that is in the last folder, the same there: one missing there was taken
     # as it was, though it had changed where the run checked it
     retry = [k for k, why in problems.items() if why == feature_index.IMAGE_CHANGED
@@ -727,10 +753,26 @@ def usable_features_checked_in(cache_dir: str, keys: Iterable[str], manifest: di
     if checked_in and last and retry and os.path.realpath(checked_in) != os.path.realpath(last):
         more, _ = usable_features(cache_dir, retry, manifest, last, image_digests,
                                   other_folders=False)
-        paths.update(more)
         for k in more:
-            del problems[k]
+            if _same_bytes_as_recorded(os.path.join(checked_in, k), known[k],
+                                       os.path.join(last, k)):
+                paths[k] = more[k]
+                del problems[k]
+            elif image_digests is not None:
+                image_digests.pop(k, None)
     return paths, problems
+
+
+def _same_bytes_as_recorded(image: str, digest: str, copy: str) -> bool:
+    """Whether the file `image` holds the bytes whose sha256 begins with `digest` (a run's
+    record); `copy`, a file of those bytes, tells most changes by its size alone."""
+    if not isinstance(digest, str) or not digest:    # an edited split.json's
+        return False
+    try:
+        return os.path.getsize(image) == os.path.getsize(copy) and \
+            file_digest(image)[:len(digest)] == digest
+    except OSError:     # gone or unreadable since it was checked: not the recorded bytes
+        return False
 
 
 def source_images(manifest: dict) -> Optional[str]:
@@ -842,6 +884,22 @@ def unchecked_images_note(cache: str, manifest: dict, checked_in: Optional[str],
         return None
     return (f"the source images were not checked against their features in {cache}: "
             f"{recorded}, where they were, is not a folder on this machine{fix}")
+
+
+def unfound_images_note(unfound: list, usable: int, folder: str, cache: str) -> Optional[str]:
+    """What to say of the `unfound` of `usable` images with features whose source image is
+    not in `folder` (nor in another folder the cache was extracted from): their features
+    were taken unchecked (a folder given one level off named the checks' folder all the
+    same). None when there are none."""
+    if not unfound:
+        return None
+    n = len(unfound)
+    which, verb = ("the image", "is not") if usable == 1 else \
+        (f"none of the {usable} images", "is") if n == usable else \
+        (f"{n} of the {usable} images", "is not" if n == 1 else "are not")
+    return (f"{which} with features in {cache} {verb} in {folder} (e.g. no "
+            f"{os.path.join(folder, unfound[0])}): {'its' if n == 1 else 'their'} "
+            f"features were taken unchecked, as a changed image's would be")
 
 
 def cache_images(cache: str) -> Optional[str]:

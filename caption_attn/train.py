@@ -1478,6 +1478,8 @@ def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
     # where the features' source images were checked, and why there (or why nowhere)
     trainer.log(d.images_line() or "note: " + (d.images_note or "no source image was "
                                                "checked: no images folder is recorded"))
+    if d.unfound_note:
+        trainer.log("note: " + d.unfound_note)
     n = trainer.cfg.vocab.max_length
     if d.truncated:
         trainer.log(f"note: {d.truncated} of {len(i.items['train'][0])} train captions are "

@@ -61,6 +61,7 @@ class TrainData:
     split_source: Optional[str] = None    # "file", "lists" or "hash" (`data.CaptionSet`)
     split_note: Optional[str] = None      # what train says about the split
     images_note: Optional[str] = None     # that no source image could be checked
+    unfound_note: Optional[str] = None    # that some could not, being in no images folder
     captions: Optional[str] = None    # the caption file
     images_dir: Optional[str] = None  # where the source images were checked (or None)
     images_why: str = ""              # why there (`images_line`)
@@ -120,6 +121,9 @@ def check_manifest(cache: str) -> dict:
     if manifest.get("dtype") not in FEATURE_DTYPES:
         raise UserError(f"{path}: dtype {manifest.get('dtype')!r}, expected one of "
                         f"{FEATURE_DTYPES}")
+    feature_cache.refuse_other_images_to_features(
+        cache, manifest, "`caption` and `export` would give a model trained on them other "
+        "features of the same images")
     return manifest
 
 
@@ -161,7 +165,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
     given = images_dir
     if given is None and not resumed:
         _refuse_shared_names(cfg, manifest, keys)
-    images_dir, paths, problems, digests, recorded_digests = _usable_features(
+    images_dir, paths, problems, digests, recorded_digests, unfound = _usable_features(
         cfg, run, manifest, keys, reuse, images_dir)
     if given is None and not resumed:
         _refuse_other_images_beside(cfg, manifest, digests, images_dir)
@@ -197,6 +201,8 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
     data.problems = data.describe(problems) if problems else ""
     data.images_note = feature_cache.unchecked_images_note(
         cfg.cache, manifest, images_dir, run.images_dir(existing=False) if reuse else None)
+    data.unfound_note = feature_cache.unfound_images_note(unfound, len(paths), images_dir,
+                                                          cfg.cache)
     _check_not_empty(cfg, splits, caption_ids, problems, data.describe,
                      captions.split_source == "lists")
     truncated, truncated_val = (sum(len(w) > cfg.vocab.max_length for k in caption_ids[split]
@@ -208,21 +214,31 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
 def _usable_features(cfg: RunConfig, run: RunFolder, manifest: dict, keys: list[str],
                      reuse: bool, images_dir: Optional[str]) -> tuple:
     """(images folder checked in, {key: feature path} usable, {key: why not}, {key: digest
-    of its source image}, the run's recorded digests) of the images `keys`, for
-    `load_train_data` (`reuse`: a resume, whose recorded digests are checked) and
-    `features_as_recorded`. Writes nothing."""
+    of its source image}, the run's recorded digests, the usable keys whose source image was
+    found nowhere) of the images `keys`, for `load_train_data` (`reuse`: a resume, whose
+    recorded digests are checked) and `features_as_recorded`. Writes nothing. `images_dir`
+    (--images) that holds none of them is refused: nothing could be checked, nor drawn."""
+    given = images_dir
     checked_in = None if images_dir or not reuse else run.images_dir()  # a resume: as before
     images_dir = os.path.abspath(images_dir) if images_dir else \
         checked_in or feature_cache.source_images(manifest)
     digests = {}   # of every split's images, so `evaluate --cache` can tell other images
     recorded_digests = run.image_digests() if reuse else {}
     # --images given is the folder to check in; a resume's recorded one may be an older copy
+    unfound: list = []
     paths, problems = feature_cache.usable_features_checked_in(
-        cfg.cache, keys, manifest, images_dir, recorded_digests if checked_in else {}, digests)
+        cfg.cache, keys, manifest, images_dir, recorded_digests if checked_in else {}, digests,
+        unfound)
+    if given and paths and len(unfound) == len(paths):
+        raise UserError(f"--images {given}: none of the {len(paths)} images of {cfg.captions} "
+                        f"with features in {cfg.cache} is in it (e.g. no "
+                        f"{os.path.join(images_dir, unfound[0])}), so none can be checked "
+                        f"against its features, nor drawn: give the folder the caption "
+                        f"file's image paths are relative to")
     if reuse:   # before split.json records today's digests as the run's own
         run.check_image_digests(cfg.cache, list(paths), digests,
                                 images_dir or manifest.get("images_dir"))
-    return images_dir, paths, problems, digests, recorded_digests
+    return images_dir, paths, problems, digests, recorded_digests, unfound
 
 
 GIVEN_WHY = "given by --images"   # (the demo, which has no such flag, words it its own way)
@@ -300,8 +316,8 @@ def features_as_recorded(cfg: RunConfig, run: RunFolder,
             run.without_features() != set():   # or a run too old to have recorded them
         return False
     keys = [k for split in run.load_splits().values() for k in split]
-    folder, paths, problems, digests, recorded = _usable_features(cfg, run, manifest, keys,
-                                                                  True, images_dir)
+    folder, paths, problems, digests, recorded, _ = _usable_features(cfg, run, manifest, keys,
+                                                                     True, images_dir)
     return not problems and folder == run.images_dir(existing=False) and \
         all(recorded.get(k) == digest for k, digest in digests.items())
 

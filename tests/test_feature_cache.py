@@ -16,12 +16,13 @@ from conftest import file_mtimes
 from caption_attn.backbone import FEATURE_SHAPE
 from caption_attn.errors import UserError
 from caption_attn.extract import extract_features
-from caption_attn.feature_cache import (cache_identity, check_feature_file,
+from caption_attn.feature_cache import (IMAGE_DIGEST_CHARS, cache_identity, check_feature_file,
                                         describe_difference, describe_problems, feature_path,
                                         npy_header, read_manifest, refuse_other_identity,
                                         usable_features, usable_features_checked_in,
                                         using_features, CacheInUse)
 from caption_attn.feature_index import IMAGE_CHANGED, NOT_INDEXED, REWRITTEN
+from caption_attn.fileio import file_digest
 from image_samples import GOOD, extract_cfg, scene, write_rgb
 
 
@@ -129,6 +130,33 @@ def test_a_manifest_field_of_the_wrong_type_is_refused_as_malformed(cache_copy):
     with pytest.raises(UserError, match=f"^{re.escape(path)}: is a file, not a folder: a "
                                         f"feature cache is the folder"):
         read_manifest(path)
+
+
+@pytest.mark.parametrize("field", ["resize", "preprocess", "feature_layout", "image_size"])
+def test_a_cache_made_from_images_otherwise_is_refused_where_images_are_captioned(
+        images, cache_copy, field):
+    """Only the extraction compared how its images were resized, and not how they were
+    scaled: `caption` and `export`, which turn images into features with this version, and
+    a new run, trained on features `caption` would not reproduce, took a cache made
+    otherwise (by another version) without a word."""
+    from caption_attn.backbone import Backbone
+    from caption_attn.feature_cache import OtherCache
+    from caption_attn.train_data import check_manifest
+    path = os.path.join(cache_copy, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    value = 331 if field == "image_size" else "another way"
+    with open(path, "w") as f:
+        json.dump({**manifest, field: value}, f)
+    said = (rf"^{re.escape(path)}: its features were made from the images by another "
+            rf"version of caption_attn: {field} {value!r} \(this version: .*\); .*: extract the "
+            rf"images again into a new --cache folder$")
+    with pytest.raises(UserError, match=said):
+        Backbone.from_manifest(cache_copy)
+    with pytest.raises(UserError, match=said):
+        check_manifest(cache_copy)
+    with pytest.raises(OtherCache, match=rf"holds features made with {field} {value}"):
+        extract_features(images, extract_cfg(cache_copy), keys=GOOD, progress=False)
 
 
 def test_the_project_s_own_features_cache_folder_takes_a_first_extraction():
@@ -240,6 +268,34 @@ def test_a_run_s_changed_image_is_not_taken_because_the_last_folder_lacks_it(
     paths, problems = usable_features_checked_in(cache_copy, GOOD, manifest, work,
                                                  known={"b.png": "0" * 16})
     assert problems == {"b.png": IMAGE_CHANGED} and "b.png" not in paths
+
+
+def test_a_run_s_edited_image_is_not_taken_for_an_old_copy_in_the_last_folder(
+        images, cache_copy, tmp_path):
+    """A run trained on `work`; the cache then extracted from `copy`, a copy of it with new
+    modification times (the index now records copy's files); then work/b.png edited. Changed
+    where the run checks it, it was retried in `copy`, whose old b.png matches the index,
+    and taken with the old image's features. It must hold the bytes the run recorded."""
+    work, copy = tmp_path / "work", tmp_path / "copy"
+    shutil.copytree(images, work)
+    shutil.copytree(images, copy)
+    for name in GOOD:
+        os.utime(copy / name, (1e9, 1e9))
+    extract_features(str(copy), extract_cfg(cache_copy), keys=GOOD, progress=False)
+    manifest = read_manifest(cache_copy)
+    assert manifest["images_dir"] == str(copy)
+    known = {k: file_digest(str(work / k))[:IMAGE_DIGEST_CHARS] for k in GOOD}
+    paths, problems = usable_features_checked_in(cache_copy, GOOD, manifest, str(work), known)
+    assert problems == {} and sorted(paths) == sorted(GOOD)       # the same bytes: taken
+    edited = bytearray((work / "b.png").read_bytes())             # same size, other bytes
+    edited[-1] ^= 1
+    (work / "b.png").write_bytes(bytes(edited))
+    write_rgb(str(work / "a.jpg"), scene(30))                     # other size
+    digests = {}
+    paths, problems = usable_features_checked_in(cache_copy, GOOD, manifest, str(work), known,
+                                                 digests)
+    assert problems == {"a.jpg": IMAGE_CHANGED, "b.png": IMAGE_CHANGED}
+    assert sorted(paths) == sorted(set(GOOD) - {"a.jpg", "b.png"}) == sorted(digests)
 
 
 def _forget_folders(cache):

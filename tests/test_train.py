@@ -862,6 +862,42 @@ def test_captions_without_features_are_skipped(shapes_data, copy_cache, tmp_path
     assert first_train["filename"] not in data.feature_paths
 
 
+def test_images_missing_from_the_folder_checked_in_are_said_or_refused(shapes_data,
+                                                                      copy_cache, tmp_path):
+    """--images of a folder one level off (or empty) checked no source image, and train said
+    "source images checked in DIR (given by --images)". Given, a folder that has none of
+    them is refused; images missing from the folder checked in are said, by train and by
+    evaluate. (The cache's own folder renamed: no other folder to check them in.)"""
+    from caption_attn import evaluate
+    gone = str(tmp_path / "renamed")
+    _edit_manifest(copy_cache, images_dir=gone, images_dirs=[gone])
+    cfg = small_config(shapes_data, cache=copy_cache, epochs=1, max_steps=1, **NO_DECODING)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match=rf"^--images {re.escape(str(empty))}: none of the "
+                                        rf"\d+ images of .* with features in .* is in it \(e\.g\. "
+                                        rf"no {re.escape(str(empty))}/.*: give the folder"):
+        train.load_train_data(cfg, str(tmp_path / "run"), images_dir=str(empty))
+    with open(shapes_data["captions"]) as f:
+        test = sorted(i["filename"] for i in json.load(f)["images"] if i["split"] == "test")
+    partial = tmp_path / "partial"
+    shutil.copytree(shapes_data["images"], partial)
+    os.remove(partial / test[0])
+    run, lines = str(tmp_path / "run"), []
+    train.train(cfg, run, images_dir=str(partial), progress=False, log=lines.append)
+    said = [line for line in lines if "features were taken unchecked" in line]
+    usable = len(json.load(open(os.path.join(run, "split.json")))["image_digests"])
+    assert said == [f"note: 1 of the {usable} images with features in {copy_cache} is not "
+                    f"in {partial} (e.g. no {partial / test[0]}): its features were taken "
+                    f"unchecked, as a changed image's would be"], lines
+    loaded = evaluate._load_split(run, "test", RunFolder(run).load_config(), copy_cache,
+                                  shapes_data["captions"])
+    assert loaded.images_note == (
+        f"1 of the {len(loaded.keys)} images with features in {copy_cache} is not in "
+        f"{partial} (e.g. no {partial / test[0]}): its features were taken unchecked, as a "
+        f"changed image's would be")
+
+
 def test_source_images_are_checked_in_the_images_given(shapes_data, copy_cache, tmp_path):
     """A cache into which another folder's same-named image was extracted holds that folder's
     features under the run's image name. train checked the source images only in the cache's

@@ -341,16 +341,54 @@ def restores_as_it_is(checkpoint: tf.train.Checkpoint, directory: str,
 
 
 def _newest_counters(directory: str, names: tuple) -> Optional[tuple]:
-    """The int variables `names` of the newest readable checkpoint in `directory`, read
-    without building the model; None when there is none."""
+    """The int variables `names` of the newest whole checkpoint in `directory` (`newest_whole`),
+    read without building the model; None when there is none."""
+    prefix = newest_whole(directory)
+    if prefix is None:
+        return None
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        return tuple(int(reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE"))
+                     for name in names)
+    except DAMAGED:   # not a checkpoint of a run: restore_newest_intact reports it
+        return None
+
+
+def newest_whole(directory: str) -> Optional[str]:
+    """The newest checkpoint in `directory` whose every value reads, each checked against its
+    checksum, without building the model: the one `restore_newest_intact` restores (a damaged
+    newer one is its to report). The resume's checks read where the run stands from it: read
+    from a newer one with a damaged model value (a bad sector, a copy with flipped bytes),
+    whose counters still read, they checked another place than the one restored, and a
+    --batch-size changed inside an epoch passed."""
     for prefix in list_checkpoints(directory):
+        if _reads_whole(prefix):
+            return prefix
+    return None
+
+
+_WHOLE: dict = {}   # (prefix, its files' identities) -> whether every value of it reads
+
+
+def _reads_whole(prefix: str) -> bool:
+    """Whether every value of checkpoint `prefix` reads (its checksum checked): a resume asks
+    several times, so the answer is kept while its files are the same (size, mtime, inode)."""
+    try:
+        files = tuple((f, st.st_size, st.st_mtime_ns, st.st_ino)
+                      for f in sorted(glob.glob(glob.escape(prefix) + ".*"))
+                      for st in [os.stat(f)])
+    except OSError:
+        return False
+    key = (prefix, files)
+    if key not in _WHOLE:
         try:
             reader = tf.train.load_checkpoint(prefix)
-            return tuple(int(reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE"))
-                         for name in names)
+            for name in reader.get_variable_to_shape_map():
+                reader.get_tensor(name)
+            _WHOLE[key] = True
         except DAMAGED:
-            continue  # damaged: restore_newest_intact reports it
-    return None
+            _WHOLE[key] = False
+    return _WHOLE[key]
 
 
 # The facts of the epoch a checkpoint stopped in that a resume inside it must keep, saved
@@ -375,25 +413,20 @@ def epoch_start(prefix: str) -> Optional[dict]:
 
 
 def newest_epoch_start(directory: str) -> Optional[dict]:
-    """`epoch_start` of the newest readable checkpoint in `directory` (the one `position`
+    """`epoch_start` of the newest whole checkpoint in `directory` (the one `position`
     reads)."""
-    for prefix in list_checkpoints(directory):
-        try:
-            tf.train.load_checkpoint(prefix)
-        except DAMAGED:
-            continue
-        return epoch_start(prefix)
-    return None
+    prefix = newest_whole(directory)
+    return None if prefix is None else epoch_start(prefix)
 
 
 def position(directory: str) -> Optional[tuple[int, int]]:
-    """(finished epochs, steps into the next epoch) of the newest readable checkpoint in
+    """(finished epochs, steps into the next epoch) of the newest whole checkpoint in
     `directory`, read without building the model; None when there is none."""
     return _newest_counters(directory, ("epoch", "step_in_epoch"))
 
 
 def steps_taken(directory: str) -> Optional[int]:
-    """The training steps of the run so far (what --max-steps counts) by the newest readable
+    """The training steps of the run so far (what --max-steps counts) by the newest whole
     checkpoint in `directory`; None when there is none."""
     found = _newest_counters(directory, ("step",))
     return None if found is None else found[0]

@@ -536,15 +536,46 @@ def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig, where: tuple[
 
 
 def saves_restored_as_best(run: RunFolder, tc: TrainConfig, early: EarlyStopping,
-                           done: int, history: list, measured) -> bool:
+                           done: int, history: list, measured, at_end: bool = True) -> bool:
     """Whether a resume from the end of epoch `done` saves the restored model as the best
     (`Trainer._repair_best`): early stopping (replayed on `history`) has it as the best
     epoch, best.json names another (the process died between the checkpoint and saving the
     best model), and that process monitored what is monitored now (`measured`: the metrics
-    measured at the resume, `Trainer._metrics_before_resume`)."""
-    return early.best_epoch is not None and early.best_epoch + 1 == done and \
+    measured at the resume, `Trainer._metrics_before_resume`). Never when the restored
+    checkpoint is inside epoch `done` + 1 (not `at_end`): a newer one could not be restored,
+    and its weights, never validated, were saved as epoch `done`'s best model."""
+    return at_end and early.best_epoch is not None and early.best_epoch + 1 == done and \
         (run.best_record() or {}).get("epoch") != done and \
         _monitored_then(tc, done, history, measured)
+
+
+def keep_best_of_epochs_trained_again(run: RunFolder, tc: TrainConfig, early: EarlyStopping,
+                                      done: int) -> Optional[str]:
+    """best.keras of an epoch after `done`, the one this resume goes on from (its newer
+    checkpoints could not be restored, or older ones were put back): a model validated
+    before, of epochs now trained again. It stays the model to beat (`EarlyStopping.
+    start_from`, where it is at least the kept epochs' best by today's monitor): compared
+    with the best of epochs 1..`done` only, a worse epoch replaced it, or, with none
+    better, best.json named an epoch whose history.json entry is now another model's.
+    Returns the note that says so, or None. (Every worker reads best.json, as it reads
+    history.json: their early stopping must agree.)"""
+    record = run.best_record()
+    if record is None or record["epoch"] <= done:
+        return None
+    epoch, value, monitor = record["epoch"], record.get("value"), tc.monitor_for(done)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+    if number and record.get("monitor") == monitor:
+        early.start_from(epoch - 1, float(value))
+    again = f"epoch {epoch} is" if epoch == done + 1 else f"epochs {done + 1}-{epoch} are"
+    then = ("it stays the best model until an epoch beats it"
+            if early.best_epoch == epoch - 1 else
+            f"an epoch that beats the best {monitor} of epochs 1-{done} replaces it" if done
+            else "the first epoch trained replaces it")
+    return (f"{run.best_model} is the best model of epoch {epoch} ({record.get('monitor')}="
+            f"{metric_text(value) if number else value}), trained after the checkpoint this "
+            f"run goes on from (epoch {done}) by the process that stopped: {again} trained "
+            f"again, and {then}")
 
 
 def _monitored_then(tc: TrainConfig, done: int, history: list, measured) -> bool:
@@ -572,7 +603,8 @@ def refuse_unrepairable_best_model(run: RunFolder, cfg: RunConfig,
         tc, done, checkpoints.steps_taken(run.checkpoints) or 0) else []
     early = replayed_early_stopping(run, tc, history)
     early.replay()
-    if not saves_restored_as_best(run, tc, early, done, history, measured):
+    if not saves_restored_as_best(run, tc, early, done, history, measured,
+                                  at_end=not in_epoch):
         raise beyond
 
 
@@ -1118,7 +1150,8 @@ class Trainer:
         entries do not: then only `measured` tells)."""
         if not self.chief:
             return
-        if saves_restored_as_best(self.run, self.cfg.train, early, done, history, measured):
+        if saves_restored_as_best(self.run, self.cfg.train, early, done, history, measured,
+                                  at_end=not int(self.step_in_epoch.numpy())):
             self._save_best(early.best_epoch, early.best)
         else:
             note = self.run.repair_best_model(self.model)
@@ -1162,10 +1195,13 @@ class Trainer:
         _describe(self, resumed, done)
         self.model.stop_training = False
         callbacks.on_train_begin()
+        ahead = keep_best_of_epochs_trained_again(self.run, tc, early, done)
+        if ahead and self.chief:
+            self.log("note: " + ahead)
         if best_cider is not None:
             early.start_from(*best_cider)
             if self.chief and saves_restored_as_best(self.run, tc, early, done, history,
-                                                     measured):
+                                                     measured, at_end=not in_epoch):
                 self.log(f"note: with the new document frequencies the resumed epoch {done} "
                          f"has the best val_cider ({metric_text(early.best)}): it becomes "
                          f"{self.run.best_model}")

@@ -60,6 +60,69 @@ def test_damaged_newest_checkpoint_falls_back_to_an_intact_one(shapes_data, tmp_
         assert _steps(os.path.join(run, "logs", sub), "epoch_loss") == [1, 2]
 
 
+def test_a_fallback_inside_the_best_epoch_keeps_its_best_model(shapes_data, tmp_path):
+    """The newest checkpoint, the end of epoch 2 (whose model is best.keras), damaged: the
+    resume goes on from a checkpoint inside epoch 2. It saved those weights, never
+    validated, over best.keras as epoch 1's best model, without a word; and the retrained
+    epoch 2 was compared with epoch 1 only, so a worse one replaced best.keras too. The
+    best model stays, and is the one to beat, with a note."""
+    from caption_attn.run import RunFolder
+    run = str(tmp_path / "run")
+    folder = RunFolder(run)
+    train.train(_config(shapes_data, checkpoint_every=3), run, progress=False,
+                log=lambda *a: None)
+    before = folder.best_record()
+    assert before["epoch"] == 2, before        # val_loss fell: epoch 2's model is the best
+    length = json.load(open(folder.history))[0]["steps"]
+    steps = sorted(int(p.rsplit("-", 1)[1].split(".")[0]) for p in
+                   glob.glob(os.path.join(run, "checkpoints", "ckpt-*.index")))
+    assert steps[-1] == 2 * length and length < steps[-2] < 2 * length, (steps, length)
+    newest = glob.glob(os.path.join(run, "checkpoints", f"ckpt-{steps[-1]}.data-*"))[0]
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) // 3)
+    model = open(folder.best_model, "rb").read()
+    notes = []
+    train.train(_config(shapes_data, checkpoint_every=3, max_steps=steps[-2]), run,
+                progress=False, log=notes.append)              # restores, trains nothing
+    assert open(folder.best_model, "rb").read() == model and folder.best_record() == before
+    said = [n for n in notes if "is the best model of epoch 2" in n]
+    assert len(said) == 1 and said[0].endswith(
+        "run goes on from (epoch 1) by the process that stopped: epoch 2 is trained again, "
+        "and it stays the best model until an epoch beats it"), notes
+    notes.clear()
+    train.train(_config(shapes_data, checkpoint_every=3), run, progress=False,
+                log=notes.append)
+    after = folder.best_record()
+    assert after == before or (after["epoch"] == 2 and after["value"] < before["value"])
+    assert after["value"] <= min(h["val_loss"] for h in json.load(open(folder.history)))
+
+
+def test_the_resume_checks_read_the_checkpoint_that_restores(shapes_data, tmp_path):
+    """The newest checkpoint (the end of epoch 1) with bytes flipped in a model value, its
+    counters whole: the resume's checks read "epoch 1 finished" from it, while the restore
+    fell back to a checkpoint inside epoch 1, so another --batch-size went on there, its
+    epoch cut into other batches (some captions twice, others never), without a word."""
+    from caption_attn import checkpoints
+    run = str(tmp_path / "run")
+    train.train(_config(shapes_data, epochs=1, checkpoint_every=3), run, progress=False,
+                log=lambda *a: None)
+    folder = os.path.join(run, "checkpoints")
+    steps = sorted(int(p.rsplit("-", 1)[1].split(".")[0]) for p in
+                   glob.glob(os.path.join(folder, "ckpt-*.index")))
+    newest = glob.glob(os.path.join(folder, f"ckpt-{steps[-1]}.data-*"))[0]
+    with open(newest, "r+b") as f:                   # a bad sector: same size, other bytes
+        f.seek(os.path.getsize(newest) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert checkpoints.newest_whole(folder).endswith(f"ckpt-{steps[-2]}")
+    assert checkpoints.position(folder) == (0, steps[-2])
+    with pytest.raises(UserError, match=rf"stopped in epoch 1 at step {steps[-2]}, and "
+                                        rf"resuming it with --batch-size 8 \(was 16\)"):
+        train.train(_config(shapes_data, epochs=2, checkpoint_every=3, batch_size=8), run,
+                    progress=False, log=lambda *a: None)
+
+
 def test_a_checkpoint_cut_to_a_few_bytes_is_skipped_when_reading_the_position(tmp_path):
     """The position of a resume (finished epochs, steps into the next) is read from the
     newest checkpoint before anything is built: a data file cut short (a copy or a disk that

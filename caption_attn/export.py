@@ -510,6 +510,12 @@ def format_summary(info: dict, out: str) -> str:
     lines = [f"SavedModel  {out} ({_megabytes(model['bytes'])}): signature {SIGNATURE}, images "
              f"-> {', '.join(model['outputs'])}; beam {info['beam']}, max length "
              f"{info['max_length']} ({info['seconds']:.0f} s)"]
+    best = info.get("best")
+    if isinstance(best, dict) and best.get("epoch"):   # which epoch's model ships (it said not)
+        value = best.get("value")
+        measured = f", {best.get('monitor')}={value:.4f}" \
+            if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+        lines.append(f"model       the run's best model, of epoch {best['epoch']}{measured}")
     lite = info["tflite"]
     if lite:
         kind = {"none": "float32", "float16": "float16 weights",

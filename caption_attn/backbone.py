@@ -434,7 +434,8 @@ class Backbone:
         m = feature_cache.read_manifest(cache_dir)
         feature_cache.refuse_other_images_to_features(
             cache_dir, m, "captioned with this version, images would give the model other "
-            "features than it was trained on")
+            "features than it was trained on: caption with the version that made the cache, "
+            "or train a run on a cache this version extracts")
         if m["weights"] == "random":
             model = random_model_from_cache(cache_dir, m)
         else:

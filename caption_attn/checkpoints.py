@@ -371,8 +371,10 @@ _WHOLE: dict = {}   # (prefix, its files' identities) -> whether every value of 
 
 
 def _reads_whole(prefix: str) -> bool:
-    """Whether every value of checkpoint `prefix` reads (its checksum checked): a resume asks
-    several times, so the answer is kept while its files are the same (size, mtime, inode)."""
+    """Whether every value of checkpoint `prefix` that a restore reads reads (its checksum
+    checked; not `EPOCH_START`, read by name, and as missing when damaged): one read of the
+    checkpoint before the restore reads it again, and kept while its files are the same
+    (size, mtime, inode), as a resume asks several times."""
     try:
         files = tuple((f, st.st_size, st.st_mtime_ns, st.st_ino)
                       for f in sorted(glob.glob(glob.escape(prefix) + ".*"))
@@ -384,7 +386,8 @@ def _reads_whole(prefix: str) -> bool:
         try:
             reader = tf.train.load_checkpoint(prefix)
             for name in reader.get_variable_to_shape_map():
-                reader.get_tensor(name)
+                if not name.startswith("epoch_start/"):
+                    reader.get_tensor(name)
             _WHOLE[key] = True
         except DAMAGED:
             _WHOLE[key] = False

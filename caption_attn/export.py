@@ -59,7 +59,7 @@ from caption_attn.fileio import (check_utf8_path, file_digest, holding_lock, is_
                                  write_json_atomic)
 from caption_attn.images import ImageError, load_image
 from caption_attn.model import ShowAttendTell
-from caption_attn.run import RunFolder, check_folder_writable
+from caption_attn.run import RunFolder, check_folder_writable, metric_text
 from caption_attn.vocab import END, PAD, START
 
 INFO_FILE = "export.json"        # what was exported from which run; marks DIR as an export
@@ -513,7 +513,7 @@ def format_summary(info: dict, out: str) -> str:
     best = info.get("best")
     if isinstance(best, dict) and best.get("epoch"):   # which epoch's model ships (it said not)
         value = best.get("value")
-        measured = f", {best.get('monitor')}={value:.4f}" \
+        measured = f", {best.get('monitor')}={metric_text(value)}" \
             if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
         lines.append(f"model       the run's best model, of epoch {best['epoch']}{measured}")
     lite = info["tflite"]

@@ -441,25 +441,25 @@ def _describe_weights(weights: str, seed: Optional[int]) -> str:
 def _settings(cfg: ExtractConfig) -> dict:
     """Manifest fields an extraction must agree with (besides the weights)."""
     return {"format_version": FORMAT_VERSION, "dtype": cfg.dtype, "precision": cfg.precision,
-            "feature_shape": list(FEATURE_SHAPE), **_IMAGES_TO_FEATURES}
+            "feature_shape": list(FEATURE_SHAPE), **IMAGES_TO_FEATURES}
 
 
 # How this version turns an image into features. A cache whose manifest records otherwise was
 # made by another version: `caption` and `export` (which decode, resize and scale images with
 # this one) would give its runs' models other features than they were trained on.
-_IMAGES_TO_FEATURES = {"backbone": BACKBONE, "image_size": IMAGE_SIZE, "resize": RESIZE_METHOD,
+IMAGES_TO_FEATURES = {"backbone": BACKBONE, "image_size": IMAGE_SIZE, "resize": RESIZE_METHOD,
                        "preprocess": PREPROCESS, "feature_layout": FEATURE_LAYOUT}
 
 
 def refuse_other_images_to_features(cache_dir: str, m: dict, why: str) -> None:
     """`UserError` when the cache's features were made from images otherwise than this
-    version makes them (`_IMAGES_TO_FEATURES`); `why` says what that would spoil."""
+    version makes them (`IMAGES_TO_FEATURES`); `why` says what that would spoil, and what
+    to do."""
     other = [f"{k} {m.get(k)!r} (this version: {v!r})"
-             for k, v in _IMAGES_TO_FEATURES.items() if m.get(k) != v]
+             for k, v in IMAGES_TO_FEATURES.items() if m.get(k) != v]
     if other:
         raise UserError(f"{manifest_path(cache_dir)}: its features were made from the images "
-                        f"by another version of caption_attn: {'; '.join(other)}; {why}: "
-                        f"extract the images again into a new --cache folder")
+                        f"by another version of caption_attn: {'; '.join(other)}; {why}")
 
 
 class OtherCache(UserError):
@@ -738,10 +738,12 @@ def usable_features_checked_in(cache_dir: str, keys: Iterable[str], manifest: di
     so a dataset copied elsewhere with new modification times and indexed again still
     counts, while an image the run never had features of, left out as changed when it
     trained (another folder's same-named image, `--replace-other-images`), stays out.
-    Such a key's image where the run checks it must hold the bytes the run recorded, too:
-    checked only in the last folder, an image edited in the run's folder beside an old
-    copy there was taken with the old copy's features. (Hashed: only these keys, whose
-    index entries are another folder's.)"""
+    When its features are of the image the run recorded, the image where the run checks
+    it must hold those bytes, too: checked only in the last folder, an image edited in the
+    run's folder beside an old copy there was taken with the old copy's features. (Hashed:
+    only these keys, whose index entries are another folder's; in the copied dataset above,
+    each of them at every resume and `evaluate`. Features of another image are taken for
+    `check_image_digests` to refuse, naming them.)"""
     keys = list(keys)
     last = source_images(manifest)
     paths, problems = usable_features(cache_dir, keys, manifest, checked_in or last,
@@ -751,15 +753,16 @@ def usable_features_checked_in(cache_dir: str, keys: Iterable[str], manifest: di
     retry = [k for k, why in problems.items() if why == feature_index.IMAGE_CHANGED
              and k in known and last and os.path.isfile(os.path.join(last, k))]
     if checked_in and last and retry and os.path.realpath(checked_in) != os.path.realpath(last):
-        more, _ = usable_features(cache_dir, retry, manifest, last, image_digests,
+        found: dict = {}
+        more, _ = usable_features(cache_dir, retry, manifest, last, found,
                                   other_folders=False)
         for k in more:
-            if _same_bytes_as_recorded(os.path.join(checked_in, k), known[k],
-                                       os.path.join(last, k)):
+            if found.get(k) != known[k] or _same_bytes_as_recorded(
+                    os.path.join(checked_in, k), known[k], os.path.join(last, k)):
                 paths[k] = more[k]
                 del problems[k]
-            elif image_digests is not None:
-                image_digests.pop(k, None)
+                if image_digests is not None and k in found:
+                    image_digests[k] = found[k]
     return paths, problems
 
 

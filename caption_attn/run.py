@@ -865,6 +865,12 @@ def _keras_archive_config(path: str, recover: str) -> dict:
     return config
 
 
+def metric_text(value: float) -> str:
+    """A loss or metric as printed: four decimals, or three digits for a value that they
+    would round to zero (`best val_cider=0.0000` of a run whose best.json held 1.08e-05)."""
+    return f"{value:.4f}" if value == 0 or abs(value) >= 5e-5 else f"{value:.2e}"
+
+
 def check_folder_writable(path: str, what: str, given: Optional[str] = None) -> None:
     """`UserError` (one line) unless `path` is a writable folder or can be created as one:
     checked before any expensive work that would write there. The message begins with

@@ -39,7 +39,7 @@ from caption_attn.fileio import check_utf8_path, read_json, write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
 from caption_attn.optimizer import (AveragedWeights, FusedAdam, StagedLearningRate, inner,
                                     make_optimizer)
-from caption_attn.run import RunFolder, changed_settings_note
+from caption_attn.run import RunFolder, changed_settings_note, metric_text
 from caption_attn.scst import SelfCritical, recorded_digest
 from caption_attn.steps import EpochTotals, Steps
 from caption_attn.train_data import (SPLIT_FIELDS, EpochData, TrainData, checked_in_line,
@@ -536,7 +536,7 @@ def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig, where: tuple[
 
 
 def saves_restored_as_best(run: RunFolder, tc: TrainConfig, early: EarlyStopping,
-                           done: int, history: list, measured, at_end: bool = True) -> bool:
+                           done: int, history: list, measured, *, at_end: bool) -> bool:
     """Whether a resume from the end of epoch `done` saves the restored model as the best
     (`Trainer._repair_best`): early stopping (replayed on `history`) has it as the best
     epoch, best.json names another (the process died between the checkpoint and saving the
@@ -549,33 +549,38 @@ def saves_restored_as_best(run: RunFolder, tc: TrainConfig, early: EarlyStopping
         _monitored_then(tc, done, history, measured)
 
 
-def keep_best_of_epochs_trained_again(run: RunFolder, tc: TrainConfig, early: EarlyStopping,
-                                      done: int) -> Optional[str]:
-    """best.keras of an epoch after `done`, the one this resume goes on from (its newer
-    checkpoints could not be restored, or older ones were put back): a model validated
-    before, of epochs now trained again. It stays the model to beat (`EarlyStopping.
-    start_from`, where it is at least the kept epochs' best by today's monitor): compared
-    with the best of epochs 1..`done` only, a worse epoch replaced it, or, with none
-    better, best.json named an epoch whose history.json entry is now another model's.
-    Returns the note that says so, or None. (Every worker reads best.json, as it reads
+def keep_better_best_model(run: RunFolder, tc: TrainConfig, early: EarlyStopping, done: int,
+                           steps: int) -> Optional[str]:
+    """best.keras when it beats every epoch the replay (of history.json up to `done`) has,
+    or is of an epoch after `done`: a resume from an older checkpoint than the one after
+    its epoch (a newer one could not be restored, or older ones were put back) trains that
+    epoch again. It stays the model to beat (`EarlyStopping.keep_better`, by today's
+    monitor): compared with the kept epochs only, a worse epoch replaced it, at this resume
+    or, once the retrained epoch's entry had replaced its own, at any later one. Returns
+    the note that says so, or None. (Every worker reads best.json, as it reads
     history.json: their early stopping must agree.)"""
     record = run.best_record()
-    if record is None or record["epoch"] <= done:
+    if record is None or not os.path.exists(run.best_model):   # lost: `_repair_best`'s
         return None
     epoch, value, monitor = record["epoch"], record.get("value"), tc.monitor_for(done)
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and \
         math.isfinite(value)
-    if number and record.get("monitor") == monitor:
-        early.start_from(epoch - 1, float(value))
+    kept = number and record.get("monitor") == monitor and \
+        early.keep_better(epoch - 1, float(value))
+    if epoch <= done and not kept:
+        return None
+    said = f"{run.best_model} is the best model of epoch {epoch} ({record.get('monitor')}=" \
+        f"{metric_text(value) if number else value})"
+    if epoch <= done:
+        return (f"{said}, better than every epoch in {run.history}, whose epoch {epoch} is "
+                f"of the model trained again after the run went back to an older checkpoint: "
+                f"it stays the best model until an epoch beats it")
     again = f"epoch {epoch} is" if epoch == done + 1 else f"epochs {done + 1}-{epoch} are"
-    then = ("it stays the best model until an epoch beats it"
-            if early.best_epoch == epoch - 1 else
+    then = ("it stays the best model until an epoch beats it" if kept else
             f"an epoch that beats the best {monitor} of epochs 1-{done} replaces it" if done
             else "the first epoch trained replaces it")
-    return (f"{run.best_model} is the best model of epoch {epoch} ({record.get('monitor')}="
-            f"{metric_text(value) if number else value}), trained after the checkpoint this "
-            f"run goes on from (epoch {done}) by the process that stopped: {again} trained "
-            f"again, and {then}")
+    return (f"{said}, trained after the checkpoint this run goes on from (epoch {done}, "
+            f"step {steps}) by the process that stopped: {again} trained again, and {then}")
 
 
 def _monitored_then(tc: TrainConfig, done: int, history: list, measured) -> bool:
@@ -1138,7 +1143,7 @@ class Trainer:
             self.model.set_weights(self.run.load_best_model().get_weights())
 
     def _repair_best(self, early: EarlyStopping, done: int, history: list,
-                     measured: dict) -> None:
+                     measured: dict, *, at_end: bool) -> None:
         """If the process died between the checkpoint and saving the best model, the best
         epoch is the restored one: save it now; else make a missing or damaged best.keras
         whole again from the weights kept beside it.
@@ -1147,11 +1152,12 @@ class Trainer:
         another --monitor, the restored epoch's value was never compared (or was measured
         just now, `_metrics_before_resume`: `measured`), so it is what the next epochs must
         beat, not a best model lost. history.json records each epoch's monitor (older runs'
-        entries do not: then only `measured` tells)."""
+        entries do not: then only `measured` tells). `at_end`: the restored checkpoint is
+        the end of epoch `done` (`saves_restored_as_best`)."""
         if not self.chief:
             return
         if saves_restored_as_best(self.run, self.cfg.train, early, done, history, measured,
-                                  at_end=not int(self.step_in_epoch.numpy())):
+                                  at_end=at_end):
             self._save_best(early.best_epoch, early.best)
         else:
             note = self.run.repair_best_model(self.model)
@@ -1195,9 +1201,9 @@ class Trainer:
         _describe(self, resumed, done)
         self.model.stop_training = False
         callbacks.on_train_begin()
-        ahead = keep_best_of_epochs_trained_again(self.run, tc, early, done)
-        if ahead and self.chief:
-            self.log("note: " + ahead)
+        kept = keep_better_best_model(self.run, tc, early, done, steps_before)
+        if kept and self.chief:
+            self.log("note: " + kept)
         if best_cider is not None:
             early.start_from(*best_cider)
             if self.chief and saves_restored_as_best(self.run, tc, early, done, history,
@@ -1205,7 +1211,7 @@ class Trainer:
                 self.log(f"note: with the new document frequencies the resumed epoch {done} "
                          f"has the best val_cider ({metric_text(early.best)}): it becomes "
                          f"{self.run.best_model}")
-        self._repair_best(early, done, history, measured)
+        self._repair_best(early, done, history, measured, at_end=not in_epoch)
         if todo and self.chief and tc.sample_images:  # trace the greedy decoder now, not in epoch 1
             with self._stopped_at_damaged_features():
                 self.validator.greedy(self.validator.sample_keys[:1])
@@ -1599,12 +1605,6 @@ def _summary_of(run_dir: str, tc: TrainConfig, history: list, early: EarlyStoppi
 
 def _plain(value):
     return float(value) if isinstance(value, (np.floating, float)) else value
-
-
-def metric_text(value: float) -> str:
-    """A loss or metric as printed: four decimals, or three digits for a value that they
-    would round to zero (`best val_cider=0.0000` of a run whose best.json held 1.08e-05)."""
-    return f"{value:.4f}" if value == 0 or abs(value) >= 5e-5 else f"{value:.2e}"
 
 
 def _epoch_line(entry: dict) -> str:

@@ -123,7 +123,7 @@ def check_manifest(cache: str) -> dict:
                         f"{FEATURE_DTYPES}")
     feature_cache.refuse_other_images_to_features(
         cache, manifest, "`caption` and `export` would give a model trained on them other "
-        "features of the same images")
+        "features of the same images: extract the images again into a new --cache folder")
     return manifest
 
 
@@ -229,12 +229,14 @@ def _usable_features(cfg: RunConfig, run: RunFolder, manifest: dict, keys: list[
     paths, problems = feature_cache.usable_features_checked_in(
         cfg.cache, keys, manifest, images_dir, recorded_digests if checked_in else {}, digests,
         unfound)
-    if given and paths and len(unfound) == len(paths):
+    # (one stat in the usual case; `unfound` cannot tell: the cache's other images folders
+    # may hold what --images lacks)
+    if given and paths and not any(os.path.isfile(os.path.join(images_dir, k)) for k in paths):
         raise UserError(f"--images {given}: none of the {len(paths)} images of {cfg.captions} "
                         f"with features in {cfg.cache} is in it (e.g. no "
-                        f"{os.path.join(images_dir, unfound[0])}), so none can be checked "
-                        f"against its features, nor drawn: give the folder the caption "
-                        f"file's image paths are relative to")
+                        f"{os.path.join(images_dir, next(iter(paths)))}), so none can be "
+                        f"checked there against its features, nor drawn: give the folder "
+                        f"the caption file's image paths are relative to")
     if reuse:   # before split.json records today's digests as the run's own
         run.check_image_digests(cfg.cache, list(paths), digests,
                                 images_dir or manifest.get("images_dir"))

@@ -58,7 +58,8 @@ def reuse_random_backbones():
             digest = file_digest(os.path.join(cache_dir, m["weights_file"]))
             key = (cls, digest, bool(jit_compile), json.dumps(
                 [m[k] for k in ("weights", "seed", "precision", "weights_file",
-                                "weights_sha256", "feature_scale")]))
+                                "weights_sha256", "feature_scale")]
+                + [m.get(k) for k in feature_cache.IMAGES_TO_FEATURES]))   # its refusal's
         except Exception:                                      # the real call says what
             return real(cls, cache_dir, jit_compile)
         # imagenet weights, or a precision the real call refuses under oneDNN's cap

@@ -149,9 +149,10 @@ def test_signature_and_printed_summary(exported, served, trained_run):
                     "beam_captions": ["string", [None, BEAM]],
                     "beam_scores": ["float32", [None, BEAM]]}}
     assert f"SavedModel  {out} (" in printed and "captioner.tflite" in printed
+    from caption_attn.run import metric_text
     best = json.load(open(os.path.join(trained_run, "best.json")))
     assert f"\nmodel       the run's best model, of epoch {best['epoch']}, " \
-           f"{best['monitor']}={best['value']:.4f}\n" in printed, printed
+           f"{best['monitor']}={metric_text(best['value'])}\n" in printed, printed
     assert os.listdir(os.path.dirname(out)) == ["1"]           # no temporary folder left
 
 

@@ -87,14 +87,46 @@ def test_a_fallback_inside_the_best_epoch_keeps_its_best_model(shapes_data, tmp_
     assert open(folder.best_model, "rb").read() == model and folder.best_record() == before
     said = [n for n in notes if "is the best model of epoch 2" in n]
     assert len(said) == 1 and said[0].endswith(
-        "run goes on from (epoch 1) by the process that stopped: epoch 2 is trained again, "
-        "and it stays the best model until an epoch beats it"), notes
+        f"run goes on from (epoch 1, step {steps[-2]}) by the process that stopped: epoch 2 "
+        f"is trained again, and it stays the best model until an epoch beats it"), notes
     notes.clear()
     train.train(_config(shapes_data, checkpoint_every=3), run, progress=False,
                 log=notes.append)
     after = folder.best_record()
     assert after == before or (after["epoch"] == 2 and after["value"] < before["value"])
     assert after["value"] <= min(h["val_loss"] for h in json.load(open(folder.history)))
+
+
+def test_a_kept_best_model_stays_the_one_to_beat_at_a_later_resume(tmp_path):
+    """After such a fallback the retrained epoch 2 (val_loss 0.9) took its own entry in
+    history.json, while best.keras stayed the earlier epoch 2's model (0.8). A later resume
+    replayed history.json alone: an epoch of 0.85 replaced the better model."""
+    from caption_attn.config import TrainConfig
+    from caption_attn.run import RunFolder
+    run = RunFolder(str(tmp_path / "run"))
+    os.makedirs(run.path)
+    history = [{"epoch": e, "val_loss": v, "monitor": "val_loss", "min_delta": 0.0}
+               for e, v in ((1, 1.0), (2, 0.9))]
+    with open(run.best_info, "w") as f:
+        json.dump({"epoch": 2, "monitor": "val_loss", "value": 0.8}, f)
+    open(run.best_model, "wb").close()
+    saved = []
+    tc = TrainConfig(epochs=5)
+    early = train.replayed_early_stopping(run, tc, history,
+                                          save_best=lambda *a: saved.append(a))
+    early.replay()
+    assert train.keep_better_best_model(run, tc, early, 2, 40) == (
+        f"{run.best_model} is the best model of epoch 2 (val_loss=0.8000), better than every "
+        f"epoch in {run.history}, whose epoch 2 is of the model trained again after the run "
+        f"went back to an older checkpoint: it stays the best model until an epoch beats it")
+    early.on_epoch_end(2, {"val_loss": 0.85})      # Keras' hooks, 0-based epochs
+    early.on_epoch_end(3, {"val_loss": 0.7})
+    assert saved == [(3, 0.7)]
+    # a best model that beats nothing history.json has is no news
+    early = train.replayed_early_stopping(run, tc, history[:1] + [{**history[1],
+                                                                   "val_loss": 0.8}])
+    early.replay()
+    assert train.keep_better_best_model(run, tc, early, 2, 40) is None
 
 
 def test_the_resume_checks_read_the_checkpoint_that_restores(shapes_data, tmp_path):

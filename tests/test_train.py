@@ -869,15 +869,17 @@ def test_images_missing_from_the_folder_checked_in_are_said_or_refused(shapes_da
     them is refused; images missing from the folder checked in are said, by train and by
     evaluate. (The cache's own folder renamed: no other folder to check them in.)"""
     from caption_attn import evaluate
-    gone = str(tmp_path / "renamed")
-    _edit_manifest(copy_cache, images_dir=gone, images_dirs=[gone])
-    cfg = small_config(shapes_data, cache=copy_cache, epochs=1, max_steps=1, **NO_DECODING)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(UserError, match=rf"^--images {re.escape(str(empty))}: none of the "
-                                        rf"\d+ images of .* with features in .* is in it \(e\.g\. "
-                                        rf"no {re.escape(str(empty))}/.*: give the folder"):
-        train.load_train_data(cfg, str(tmp_path / "run"), images_dir=str(empty))
+    for cache in (shapes_data["cache"], copy_cache):     # its folder there, then gone
+        cfg = small_config(shapes_data, cache=cache, epochs=1, max_steps=1, **NO_DECODING)
+        with pytest.raises(UserError, match=rf"^--images {re.escape(str(empty))}: none of the "
+                                            rf"\d+ images of .* with features in "
+                                            rf"{re.escape(cache)} is in it \(e\.g\. no "
+                                            rf"{re.escape(str(empty))}/.*: give the folder"):
+            train.load_train_data(cfg, str(tmp_path / "run"), images_dir=str(empty))
+        gone = str(tmp_path / "renamed")
+        _edit_manifest(copy_cache, images_dir=gone, images_dirs=[gone])
     with open(shapes_data["captions"]) as f:
         test = sorted(i["filename"] for i in json.load(f)["images"] if i["split"] == "test")
     partial = tmp_path / "partial"
@@ -1718,7 +1720,7 @@ def test_a_resume_with_another_monitor_keeps_the_best_model(tmp_path):
             cfg=RunConfig(train=TrainConfig(monitor=now)),
             _save_best=lambda epoch, value: saved.append((epoch, value)))
         history = [{"epoch": e, **({"monitor": then} if then else {})} for e in (1, 2, 3, 4)]
-        train.Trainer._repair_best(trainer, early, 4, history, measured)
+        train.Trainer._repair_best(trainer, early, 4, history, measured, at_end=True)
         assert saved == ([(3, 0.05)] if repaired else []), (now, then, measured)
 
 
@@ -1735,7 +1737,7 @@ def test_a_best_json_that_is_not_trains_object_is_refused_naming_it(tmp_path, te
     trainer = types.SimpleNamespace(chief=True, run=run, model=None, log=print, cfg=RunConfig())
     early = types.SimpleNamespace(best_epoch=1, best=1.0)
     with pytest.raises(UserError) as e:
-        train.Trainer._repair_best(trainer, early, 2, [], {})
+        train.Trainer._repair_best(trainer, early, 2, [], {}, at_end=True)
     assert str(e.value).startswith(f"{run.best_info}: {what}: not the {{epoch, monitor, "
                                    f"value}} of best.keras that train writes")
     assert "restore the file train wrote, or train the run again with --fresh" in str(e.value)

@@ -159,6 +159,14 @@ def test_a_cache_made_from_images_otherwise_is_refused_where_images_are_captione
         check_manifest(cache_copy)
     with pytest.raises(OtherCache, match=rf"holds features made with {field} {value}"):
         extract_features(images, extract_cfg(cache_copy), keys=GOOD, progress=False)
+    # features of another backbone (the benchmarks' synthetic ones) train as they are
+    with open(path, "w") as f:
+        json.dump({**manifest, field: value, "backbone": "synthetic"}, f)
+    check_manifest(cache_copy)
+    with pytest.raises(UserError, match=rf"^{re.escape(path)}: its features were made from "
+                                        rf"the images by another version of caption_attn: "
+                                        rf"backbone 'synthetic' \(this version: 'InceptionV3'\)"):
+        Backbone.from_manifest(cache_copy)
 
 
 def test_the_project_s_own_features_cache_folder_takes_a_first_extraction():

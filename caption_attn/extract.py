@@ -509,6 +509,8 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
             raise busy
         if backbone is None and plan.todo:  # a random backbone's cache: its saved weights
             backbone = Backbone.from_manifest(cache)
+        if plan.todo:
+            feature_cache.add_images_folder(cache, images_dir)
         t0 = time.monotonic()
         written, bad = _extract_with_progress(backbone, images_dir, plan.todo, cfg, workers,
                                               progress, index, fingerprint, so_far)

@@ -1102,6 +1102,37 @@ def test_a_new_run_is_refused_when_two_images_folders_of_the_cache_hold_its_imag
     assert set(data.unusable.values()) == {IMAGE_CHANGED}
 
 
+def test_an_extraction_stopped_midway_has_recorded_its_images_folder(
+        shapes_data, copy_cache, tmp_path, capsys, monkeypatch):
+    """The other dataset's extraction stopped (Ctrl-C) before its end, where the cache
+    recorded the folder: a new run on its captions without --images was checked in the
+    cache's last folder, `shapes_data`'s, not refused for the names both share, and trained
+    the other captions on the first dataset's features. The folder is recorded first."""
+    from caption_attn import extract
+    from caption_attn.cli import main
+    from caption_attn.feature_cache import read_manifest
+
+    other = other_shapes(tmp_path / "other")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(extract, "_extract_with_progress", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        extract_into(other["images_dir"], copy_cache, replace_other_images=True)
+    monkeypatch.undo()
+    mine, theirs = (os.path.abspath(d) for d in (shapes_data["images"], other["images_dir"]))
+    manifest = read_manifest(copy_cache)
+    assert manifest["images_dir"] == mine and manifest["images_dirs"][-2:] == [theirs, mine]
+    capsys.readouterr()
+    run = str(tmp_path / "run")
+    assert main(["train", "--captions", other["captions"], "--cache", copy_cache, "--run", run,
+                 "--epochs", "1", "--embedding-dim", "8", "--units", "16"]) == 2
+    assert f"--cache {copy_cache} was extracted from more than one images folder" in \
+        capsys.readouterr().err and not os.path.exists(run)
+    extract_into(other["images_dir"], copy_cache, replace_other_images=True)   # once whole
+    assert read_manifest(copy_cache)["images_dirs"][-2:] == [mine, theirs]
+
+
 def test_a_cache_of_two_folders_of_other_names_is_not_refused(shapes_data, copy_cache,
                                                               tmp_path):
     """COCO's train2014 and val2014 extracted into one cache: no name is in both folders."""

@@ -166,16 +166,14 @@ class EarlyStopping(keras.callbacks.Callback):
                                        else value <= self.best):
             self.best, self.best_epoch, self.wait = value, epoch, 0
 
-    def keep_better(self, epoch: int, value: float) -> bool:
+    def keep_better(self, epoch: int, value: float, waited: int) -> bool:
         """Make 0-based `epoch`'s `value` the one to beat when it beats the replay's best:
         the best model on disk, of an epoch trained again since, whose history.json entry
-        is now the retrained model's (`train.keep_better_best_model`). Patience starts over
-        unless `epoch` is the replay's best already. Returns whether it did."""
+        is now the retrained model's (`train.keep_better_best_model`); `waited`: the epochs
+        since it that did not beat it, which patience counts. Returns whether it did."""
         if self.best_epoch is not None and not self._improved(value, 0.0):
             return False
-        if self.best_epoch != epoch:
-            self.wait = 0
-        self.best, self.best_epoch = value, epoch
+        self.best, self.best_epoch, self.wait = value, epoch, waited
         return True
 
     def _improved(self, value: float, min_delta: float) -> bool:

@@ -499,7 +499,7 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     fingerprint = feature_cache.cache_identity(manifest)["fingerprint"]
     workers = cfg.workers or os.cpu_count() or 1
     index = SegmentWriter(cache)
-    plan, so_far = None, []   # so_far: the keys written, as they are
+    plan, so_far, added = None, [], False   # so_far: the keys written, as they are
     try:
         plan = _plan(cache, mine, manifest, images_dir, cfg.verify, workers, index)
         refused = {k: f for k, f in plan.others.items() if f not in plan.copies}
@@ -510,7 +510,7 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
         if backbone is None and plan.todo:  # a random backbone's cache: its saved weights
             backbone = Backbone.from_manifest(cache)
         if plan.todo:
-            feature_cache.add_images_folder(cache, images_dir)
+            added = feature_cache.add_images_folder(cache, images_dir)
         t0 = time.monotonic()
         written, bad = _extract_with_progress(backbone, images_dir, plan.todo, cfg, workers,
                                               progress, index, fingerprint, so_far)
@@ -524,6 +524,9 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
             if isinstance(e, KeyboardInterrupt) and plan is not None and plan.todo:
                 print(_interrupted_note(cfg, len(so_far), len(plan.todo), len(plan.done)),
                       file=sys.stderr, flush=True)
+        if added and not so_far:     # nothing of the folder in the cache after all
+            with contextlib.suppress(OSError, UserError):     # (kept: a refusal names it)
+                feature_cache.remove_images_folder(cache, images_dir)
         raise
     index.close()
     failed.update(bad)

@@ -327,20 +327,32 @@ def _update_failed(cache_dir: str, failed: dict[str, str], succeeded: Iterable[s
     return len(entries)
 
 
-def add_images_folder(cache_dir: str, images_dir: str) -> None:
+def add_images_folder(cache_dir: str, images_dir: str) -> bool:
     """Record `images_dir` among the folders the cache was extracted from before features of
     its images are written (`record_run` makes it the last one at the end). Recorded only
     there, an extraction stopped midway (Ctrl-C, a kill) left its folder unnamed: a new run
     on the other folder's captions, checked in the cache's last folder, was not refused for
     names both folders share (`_refuse_shared_names`), and trained those captions on the
-    last folder's features."""
+    last folder's features. Returns whether it was not recorded before."""
     here = os.path.abspath(images_dir)
     with cache_lock(cache_dir):
         m = read_manifest(cache_dir)
         folders = images_folders(m)
         if here in folders:
-            return
+            return False
         m["images_dirs"] = folders[:-1] + [here] + folders[-1:]   # the last one stays last
+        write_json_atomic(manifest_path(cache_dir), m, file_names=True)
+        return True
+
+
+def remove_images_folder(cache_dir: str, images_dir: str) -> None:
+    """Undo `add_images_folder` for an extraction stopped before it wrote a feature file:
+    the cache holds nothing of that folder (a kill leaves it recorded: a refusal to come
+    that names it, `_refuse_shared_names`, is mended by --images)."""
+    here = os.path.abspath(images_dir)
+    with cache_lock(cache_dir):
+        m = read_manifest(cache_dir)
+        m["images_dirs"] = [d for d in images_folders(m) if d != here]
         write_json_atomic(manifest_path(cache_dir), m, file_names=True)
 
 

@@ -550,23 +550,31 @@ def saves_restored_as_best(run: RunFolder, tc: TrainConfig, early: EarlyStopping
 
 
 def keep_better_best_model(run: RunFolder, tc: TrainConfig, early: EarlyStopping, done: int,
-                           steps: int) -> Optional[str]:
-    """best.keras when it beats every epoch the replay (of history.json up to `done`) has,
-    or is of an epoch after `done`: a resume from an older checkpoint than the one after
-    its epoch (a newer one could not be restored, or older ones were put back) trains that
-    epoch again. It stays the model to beat (`EarlyStopping.keep_better`, by today's
-    monitor): compared with the kept epochs only, a worse epoch replaced it, at this resume
-    or, once the retrained epoch's entry had replaced its own, at any later one. Returns
-    the note that says so, or None. (Every worker reads best.json, as it reads
-    history.json: their early stopping must agree.)"""
+                           steps: int, history: list) -> Optional[str]:
+    """best.keras of an epoch after `done` (a resume from an older checkpoint than the one
+    after its epoch: a newer one could not be restored, or older ones were put back), or of
+    an epoch that `history` (history.json up to `done`) has with another value of the same
+    metric (that epoch was trained again so, before). It stays the model to beat when it
+    beats the replay's best (`EarlyStopping.keep_better`, by today's monitor): compared with
+    the kept epochs only, a worse epoch replaced it, at that resume or at any later one.
+    Not by val_cider at a later one: its values change with the document frequencies
+    (`Trainer._val_cider_again`, which may rewrite best.json meanwhile); val_loss and
+    val_bleu4 stay as measured. Returns the note that says so, or None. (Every worker reads
+    best.json, as it reads history.json: their early stopping must agree.)"""
     record = run.best_record()
-    if record is None or not os.path.exists(run.best_model):   # lost: `_repair_best`'s
+    if record is None or not (os.path.exists(run.best_model) or
+                              os.path.exists(run.best_weights)):   # lost: nothing to keep
         return None
     epoch, value, monitor = record["epoch"], record.get("value"), tc.monitor_for(done)
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and \
         math.isfinite(value)
-    kept = number and record.get("monitor") == monitor and \
-        early.keep_better(epoch - 1, float(value))
+    same = number and record.get("monitor") == monitor
+    if epoch <= done:
+        entry = next((h for h in history if h["epoch"] == epoch), None)
+        if not (same and monitor != "val_cider" and entry is not None and
+                entry.get(monitor) is not None and entry.get(monitor) != value):
+            return None
+    kept = same and early.keep_better(epoch - 1, float(value), max(0, done - epoch))
     if epoch <= done and not kept:
         return None
     said = f"{run.best_model} is the best model of epoch {epoch} ({record.get('monitor')}=" \
@@ -1201,7 +1209,7 @@ class Trainer:
         _describe(self, resumed, done)
         self.model.stop_training = False
         callbacks.on_train_begin()
-        kept = keep_better_best_model(self.run, tc, early, done, steps_before)
+        kept = keep_better_best_model(self.run, tc, early, done, steps_before, history)
         if kept and self.chief:
             self.log("note: " + kept)
         if best_cider is not None:

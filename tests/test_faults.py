@@ -115,18 +115,29 @@ def test_a_kept_best_model_stays_the_one_to_beat_at_a_later_resume(tmp_path):
     early = train.replayed_early_stopping(run, tc, history,
                                           save_best=lambda *a: saved.append(a))
     early.replay()
-    assert train.keep_better_best_model(run, tc, early, 2, 40) == (
+    assert train.keep_better_best_model(run, tc, early, 2, 40, history) == (
         f"{run.best_model} is the best model of epoch 2 (val_loss=0.8000), better than every "
         f"epoch in {run.history}, whose epoch 2 is of the model trained again after the run "
         f"went back to an older checkpoint: it stays the best model until an epoch beats it")
+    assert early.wait == 0
     early.on_epoch_end(2, {"val_loss": 0.85})      # Keras' hooks, 0-based epochs
     early.on_epoch_end(3, {"val_loss": 0.7})
     assert saved == [(3, 0.7)]
-    # a best model that beats nothing history.json has is no news
-    early = train.replayed_early_stopping(run, tc, history[:1] + [{**history[1],
-                                                                   "val_loss": 0.8}])
+    # epoch 2's entry the best model's own: no news (nor when a resume with another
+    # --monitor came between: the entry holds the value best.json does)
+    same = history[:1] + [{**history[1], "val_loss": 0.8}]
+    early = train.replayed_early_stopping(run, tc, same)
     early.replay()
-    assert train.keep_better_best_model(run, tc, early, 2, 40) is None
+    assert train.keep_better_best_model(run, tc, early, 2, 40, same) is None
+    # val_cider's values change with the document frequencies: no retraining to tell
+    with open(run.best_info, "w") as f:
+        json.dump({"epoch": 2, "monitor": "val_cider", "value": 2.0}, f)
+    cider = [{**h, "monitor": "val_cider", "val_cider": c} for h, c in zip(history, (1, 1.5))]
+    tc = TrainConfig(epochs=5, monitor="val_cider")
+    early = train.replayed_early_stopping(run, tc, cider)
+    early.replay()
+    assert train.keep_better_best_model(run, tc, early, 2, 40, cider) is None
+    assert (early.best, early.best_epoch) == (1.5, 1)
 
 
 def test_the_resume_checks_read_the_checkpoint_that_restores(shapes_data, tmp_path):

@@ -306,6 +306,11 @@ def test_a_run_s_edited_image_is_not_taken_for_an_old_copy_in_the_last_folder(
                                                  digests)
     assert problems == {"a.jpg": IMAGE_CHANGED, "b.png": IMAGE_CHANGED}
     assert sorted(paths) == sorted(set(GOOD) - {"a.jpg", "b.png"}) == sorted(digests)
+    # features of another image than the run's (its record differs from the index's): taken,
+    # for `RunFolder.check_image_digests` to refuse naming them, not called changed
+    paths, problems = usable_features_checked_in(cache_copy, GOOD, manifest, str(work),
+                                                 {**known, "b.png": "0" * IMAGE_DIGEST_CHARS})
+    assert "b.png" in paths and problems == {"a.jpg": IMAGE_CHANGED}
 
 
 def _forget_folders(cache):

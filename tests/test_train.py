@@ -1113,16 +1113,20 @@ def test_an_extraction_stopped_midway_has_recorded_its_images_folder(
     from caption_attn.feature_cache import read_manifest
 
     other = other_shapes(tmp_path / "other")
-
-    def stopped(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(extract, "_extract_with_progress", stopped)
-    with pytest.raises(KeyboardInterrupt):
-        extract_into(other["images_dir"], copy_cache, replace_other_images=True)
-    monkeypatch.undo()
     mine, theirs = (os.path.abspath(d) for d in (shapes_data["images"], other["images_dir"]))
-    manifest = read_manifest(copy_cache)
-    assert manifest["images_dir"] == mine and manifest["images_dirs"][-2:] == [theirs, mine]
+    before = read_manifest(copy_cache)["images_dirs"]
+    for written in (0, 1):          # stopped before its first feature file, then after it
+
+        def stopped(backbone, images_dir, todo, *args):
+            args[-1].extend(todo[:written])              # so_far: the keys written
+            raise KeyboardInterrupt
+        monkeypatch.setattr(extract, "_extract_with_progress", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            extract_into(other["images_dir"], copy_cache, replace_other_images=True)
+        monkeypatch.undo()
+        manifest = read_manifest(copy_cache)
+        assert manifest["images_dir"] == mine
+        assert manifest["images_dirs"] == (before[:-1] + [theirs, mine] if written else before)
     capsys.readouterr()
     run = str(tmp_path / "run")
     assert main(["train", "--captions", other["captions"], "--cache", copy_cache, "--run", run,

@@ -215,9 +215,8 @@ def _shard_keys(images_dir: str, cfg: ExtractConfig, keys: Optional[list[str]],
     the folders under `images_dir` that cannot be listed are failures too ("FOLDER/", in
     every shard: each shard's images in them are missed), `left_out` receives the files
     the walk did not take for their extension and `heatmaps` the heatmaps caption-attn drew
-    it left out. A heatmap named in `keys` (a .png) fails as `HEATMAP`."""
-    if not os.path.isdir(images_dir):
-        raise UserError(f"--images {images_dir}: not a folder")
+    it left out. A heatmap named in `keys` (a .png) fails as `HEATMAP`. (`images_dir` is a
+    folder: `check_flags`.)"""
     folders: dict[str, str] = {}
     walked = keys is None
     if walked:

@@ -28,6 +28,12 @@ def run_copy(trained_run, tmp_path):
     return target
 
 
+def _checkpoint_steps(folder):
+    """The steps of the checkpoints in `folder` (each one's `ckpt-STEP.index`), in order."""
+    return sorted(int(p.rsplit("-", 1)[1].split(".")[0]) for p in
+                  glob.glob(os.path.join(folder, "ckpt-*.index")))
+
+
 def _files(folder):
     return {os.path.relpath(p, folder): os.path.getmtime(p)
             for p in glob.glob(os.path.join(folder, "**"), recursive=True) if os.path.isfile(p)}
@@ -37,8 +43,7 @@ def test_damaged_newest_checkpoint_falls_back_to_an_intact_one(shapes_data, tmp_
     run = str(tmp_path / "run")
     quiet = dict(progress=False, log=lambda *a: None)
     train.train(_config(shapes_data, epochs=1, checkpoint_every=3), run, **quiet)
-    steps = sorted(int(p.rsplit("-", 1)[1].split(".")[0]) for p in
-                   glob.glob(os.path.join(run, "checkpoints", "ckpt-*.index")))
+    steps = _checkpoint_steps(os.path.join(run, "checkpoints"))
     assert len(steps) >= 2
     newest = glob.glob(os.path.join(run, "checkpoints", f"ckpt-{steps[-1]}.data-*"))[0]
     with open(newest, "r+b") as f:                        # a copy that stopped half-way
@@ -74,8 +79,7 @@ def test_a_fallback_inside_the_best_epoch_keeps_its_best_model(shapes_data, tmp_
     before = folder.best_record()
     assert before["epoch"] == 2, before        # val_loss fell: epoch 2's model is the best
     length = json.load(open(folder.history))[0]["steps"]
-    steps = sorted(int(p.rsplit("-", 1)[1].split(".")[0]) for p in
-                   glob.glob(os.path.join(run, "checkpoints", "ckpt-*.index")))
+    steps = _checkpoint_steps(os.path.join(run, "checkpoints"))
     assert steps[-1] == 2 * length and length < steps[-2] < 2 * length, (steps, length)
     newest = glob.glob(os.path.join(run, "checkpoints", f"ckpt-{steps[-1]}.data-*"))[0]
     with open(newest, "r+b") as f:
@@ -150,8 +154,7 @@ def test_the_resume_checks_read_the_checkpoint_that_restores(shapes_data, tmp_pa
     train.train(_config(shapes_data, epochs=1, checkpoint_every=3), run, progress=False,
                 log=lambda *a: None)
     folder = os.path.join(run, "checkpoints")
-    steps = sorted(int(p.rsplit("-", 1)[1].split(".")[0]) for p in
-                   glob.glob(os.path.join(folder, "ckpt-*.index")))
+    steps = _checkpoint_steps(folder)
     newest = glob.glob(os.path.join(folder, f"ckpt-{steps[-1]}.data-*"))[0]
     with open(newest, "r+b") as f:                   # a bad sector: same size, other bytes
         f.seek(os.path.getsize(newest) // 2)

@@ -105,7 +105,8 @@ def check_flags(args: argparse.Namespace) -> None:
     """Every refusal of the flags that needs no TensorFlow and reads no data: made before
     TensorFlow is imported (seconds) and before the command reads anything. `train
     --batch-size 0` was refused only after that import; `extract-features --images TYPO`
-    only once the caption file was read and the cache folder made (and removed again)."""
+    only once the caption file was read and the cache folder made (and removed again).
+    Then those of the files and folders it reads (`check_input_paths`)."""
     check_path_flags(args)
     for cls in args.configs:
         config_of(args, cls)
@@ -116,6 +117,32 @@ def check_flags(args: argparse.Namespace) -> None:
                             f"--captions FILE, or leave --format out")
         from caption_attn import extract
         extract.check_flags(args.images, config_of(args, C.ExtractConfig))
+    check_input_paths(args)
+
+
+def check_input_paths(args: argparse.Namespace) -> None:
+    """The command's own refusals of a file or folder it reads that is none, made before
+    TensorFlow is imported: `train --captions TYPO` was told after that import (3-6 s), and
+    so were a --cache without a manifest and an --images that is no folder (train reads all
+    three, resumed or not), `extract-features --captions TYPO` and evaluate's caption file.
+    In the command's words and order (`train` names its cache and caption file absolute)."""
+    from caption_attn import data
+    if args.command == "train":
+        from caption_attn import feature_cache
+        if args.images is not None:
+            data.check_images_folder(args.images)
+        feature_cache.read_manifest(os.path.abspath(args.cache))
+        data.check_caption_file(os.path.abspath(args.captions))
+    elif args.command == "extract-features" and args.captions:
+        data.check_caption_file(args.captions)
+    elif args.command == "evaluate":
+        from caption_attn import evaluate
+        from caption_attn.run import RunFolder
+        try:   # the caption file the run names, as evaluate reads it
+            recorded = RunFolder(args.run).load_config().captions
+        except UserError:   # no run (or a broken one): evaluate says so, in its turn
+            return
+        evaluate._captions_file(args.captions, recorded)
 
 
 # --------------------------------------------------------------------------- commands

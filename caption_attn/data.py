@@ -29,6 +29,7 @@ annotations keeps both, as pycocoevalcap scores them)."""
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ import math
 import os
 import posixpath
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
@@ -58,6 +60,7 @@ _DRIVE = re.compile(r"^[A-Za-z]:")                 # C:\x.jpg, C:x.jpg
 _TOKEN_LINE = re.compile(r"^[^\t]+#\d+\t")         # 1000268201_693b08cb0e.jpg#0<TAB>...
 _TOKEN_SUFFIX = re.compile(r"#\d+$")
 _LEADING = re.compile(r"[\s\ufeff]*")               # whitespace and byte order marks
+_LINE_BOMS = re.compile(r"^\ufeff+", re.MULTILINE)  # byte order marks starting a line
 
 
 @dataclass
@@ -310,13 +313,38 @@ def _read_file(path: str) -> tuple[str, dict]:
     try:
         with open(path, "rb") as f:
             raw = f.read()
-    except FileNotFoundError:
-        raise UserError(f"{one_line(path)}: caption file not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{one_line(path)}: is a folder, expected a caption file") from None
     except OSError as e:
-        raise UserError(f"{one_line(path)}: cannot read ({e.strerror})") from None
+        raise _cannot_read(path, e) from None
     return _universal_newlines(decode_utf8(path, raw)), file_stamp(raw)
+
+
+def _cannot_read(path: str, e: OSError) -> UserError:
+    """What a caption file that cannot be read (`e`: why) is told."""
+    why = ("caption file not found" if e.errno == errno.ENOENT else
+           "is a folder, expected a caption file" if e.errno == errno.EISDIR else
+           f"cannot read ({e.strerror})")
+    return UserError(f"{one_line(path)}: {why}")
+
+
+def check_caption_file(path: str) -> None:
+    """`load_captions`' refusal of a `path` that is no file (missing, a folder), for the
+    commands that make it before they import TensorFlow: `train --captions TYPO` was told
+    after 3-6 s. `path` is not opened: a named pipe's writer would lose its one reader."""
+    try:
+        if stat.S_ISDIR(os.stat(path).st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+
+
+def check_images_folder(images_dir: str) -> None:
+    """`train --images`' refusal of a path that is no folder, also made before TensorFlow's
+    import (`cli.check_flags`): the same words, said seconds sooner."""
+    if not os.path.isdir(images_dir):
+        raise UserError(f"--images {images_dir}: "
+                        f"{'not a folder' if os.path.exists(images_dir) else 'no such folder'}"
+                        f" (the images folder of the caption file: leave it out to use the "
+                        f"one recorded in the cache)")
 
 
 def _universal_newlines(text: str) -> str:
@@ -473,7 +501,7 @@ def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
         image_id = _get(image, "id", (int, str), path, f"images[{i}]")
         _check_coco_identity(path, images, i, image_id, file_name, entries, ids)
         names[image_id], sizes[image_id] = file_name, _image_size(image)
-    firsts = {}  # (JSON type, annotation id) -> index of its first annotation
+    seen = set()  # (JSON type, id, type, image id, caption stripped) of the annotations read
     annotated = set()  # image ids with an annotation
     for j, ann in enumerate(annotations):
         where = f"annotations[{j}]"
@@ -486,23 +514,19 @@ def _parse_coco(path: str, obj: Any, out: _Collector) -> None:
         # image listed twice is one image: kept twice, it weighed double in training and in
         # CIDEr (which averages over the references). One id on different annotations (a
         # converter numbering each image's captions from 0) keeps both, as pycocoevalcap
-        # scores them (its `imgToAnns` keeps every annotation)
+        # scores them (its `imgToAnns` keeps every annotation). So a repeat (the same id,
+        # image and caption) is looked for among all the earlier annotations, not only its
+        # id's first: b.jpg's caption 0 listed twice was kept twice after a.jpg's caption 0
         ann_id = ann.get("id")
         if isinstance(ann_id, (int, str)) and not isinstance(ann_id, bool):
-            first = firsts.setdefault((type(ann_id), ann_id), j)
-            if first != j and _same_annotation(annotations[first], ann):
+            same = (type(ann_id), ann_id, type(image_id), image_id, caption.strip())
+            if same in seen:
                 continue
+            seen.add(same)
         annotated.add(image_id)
         out.add(names[image_id], [caption], where, image_id=image_id, size=sizes[image_id])
     for image_id in names.keys() - annotated:  # no caption at all: left out, not silently
         out.add(names[image_id], [], f"images[{entries[image_id]}]", image_id=image_id)
-
-
-def _same_annotation(a: dict, b: dict) -> bool:
-    """Whether annotation `b`, whose `id` is `a`'s, repeats it: the same image and caption,
-    but for whitespace around it."""
-    return (type(a["image_id"]), a["image_id"]) == (type(b["image_id"]), b["image_id"]) and \
-        a["caption"].strip() == b["caption"].strip()
 
 
 def _other_type_hint(image_id: Any, names: dict) -> str:
@@ -657,8 +681,13 @@ def _parse_flickr_token(path: str, text: str, out: _Collector) -> None:
 
 
 def _csv_rows(path: str, text: str) -> Iterator[tuple[int, list[str]]]:
-    """(first line number of the row, fields); malformed CSV is a UserError with the line."""
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    """(first line number of the row, fields); malformed CSV is a UserError with the line.
+
+    A byte order mark starting a line (files joined with `cat`, each with its BOM) goes
+    before the csv module reads it: it took `\\ufeff"image"` for an unquoted field, quotes
+    and all (pandas' `quoting=QUOTE_ALL`), so a second header was an image '"image"' and a
+    quoted name with a comma three fields. A line inside a quoted field is refused anyway."""
+    reader = csv.reader(io.StringIO(_LINE_BOMS.sub("", text), newline=""), strict=True)
     while True:
         start = reader.line_num + 1
         try:

@@ -1730,11 +1730,8 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
                               "train with --precision float32")
     run = RunFolder(run_dir)
     run.check_writable(cfg.cache, [images_dir, feature_cache.cache_images(cfg.cache)])
-    if images_dir is not None and not os.path.isdir(images_dir):
-        raise UserError(f"--images {images_dir}: "
-                        f"{'not a folder' if os.path.exists(images_dir) else 'no such folder'}"
-                        f" (the images folder of the caption file: leave it out to use the "
-                        f"one recorded in the cache)")
+    if images_dir is not None:
+        data_lib.check_images_folder(images_dir)
     fresh = cfg.train.fresh
     if not fresh:   # the run's --format, when the one given reads the file the same way
         cfg = run.with_recorded_format(cfg)

@@ -314,10 +314,22 @@ def test_extract_features_checks_images_and_cache_before_reading_captions(tmp_pa
     assert not cache.exists()
 
 
-# a bad flag of each command that imports TensorFlow
+def _no_tensorflow(monkeypatch):
+    """`quiet.import_tensorflow` failing the test: what is refused must be before it."""
+    from caption_attn import quiet
+
+    def imported(**_):
+        raise AssertionError("TensorFlow imported before the flags and paths were checked")
+    monkeypatch.setattr(quiet, "import_tensorflow", imported)
+
+
+# a bad flag of each command that imports TensorFlow (c.json: never there)
 REFUSED_BEFORE_TENSORFLOW = [
     ["train", "--captions", "c.json", "--run", "r", "--batch-size", "0"],
     ["train", "--captions", "c.json", "--run", "r", "--learning-rate", "1e-300"],
+    ["train", "--captions", "c.json", "--run", "r", "--images", "imgs"],
+    ["train", "--captions", "c.json", "--run", "r", "--cache", "c"],
+    ["extract-features", "--images", ".", "--captions", "c.json"],
     ["caption", "--run", "r", "a.png", "--beam", "0"],
     ["evaluate", "--run", "r", "--max-length", "0"],
     ["export", "--run", "r", "--out", "o", "--beam", "0"],
@@ -332,17 +344,87 @@ REFUSED_BEFORE_TENSORFLOW = [
 def test_a_bad_flag_is_refused_before_tensorflow_is_imported(tmp_path, capsys, monkeypatch,
                                                              argv):
     """`train --batch-size 0` was refused only after `import tensorflow` (3-6 s) and its
-    runtime's start: every flag a config checks is checked before."""
-    from caption_attn import quiet
-
-    def imported(**_):
-        raise AssertionError("TensorFlow imported before the flags were checked")
-    monkeypatch.setattr(quiet, "import_tensorflow", imported)
+    runtime's start: every flag a config checks is checked before, and so are the files and
+    folders a command reads (`train --captions TYPO`)."""
+    _no_tensorflow(monkeypatch)
     monkeypatch.chdir(tmp_path)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert f"caption-attn {argv[0]}: error: --" in err and "Traceback" not in err, err
+    # the flag, or a path given (train names its files absolute)
+    said = err.partition(f"caption-attn {argv[0]}: error: ")[2]
+    assert said.startswith(("--", f"{tmp_path}{os.sep}", "c.json: ")), err
+    assert "Traceback" not in err
     assert os.listdir(tmp_path) == []
+
+
+def test_train_refuses_its_caption_file_cache_and_images_before_tensorflow(tmp_path, capsys,
+                                                                           monkeypatch):
+    """`train --captions TYPO` (and a --cache without a manifest, an --images that is no
+    folder) was refused after `import tensorflow` (3-6 s), in the words said here."""
+    from caption_attn import feature_cache
+    _no_tensorflow(monkeypatch)
+    captions, images = make(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+
+    def refusal(*flags):
+        assert cli.main(["train", "--run", str(tmp_path / "run"), *flags]) == 2
+        return capsys.readouterr().err.removeprefix("caption-attn train: error: ")
+    assert refusal("--captions", captions, "--cache", str(cache)) == (
+        f"{cache}/manifest.json: no feature cache manifest (run `extract-features --cache "
+        f"{cache}` first)\n")
+    for missing in ("no such folder", "not a folder"):
+        folder = tmp_path / "pics"
+        assert refusal("--captions", captions, "--cache", str(cache), "--images",
+                       str(folder)) == (
+            f"--images {folder}: {missing} (the images folder of the caption file: leave "
+            f"it out to use the one recorded in the cache)\n")
+        folder.write_text("")
+    read = []
+    monkeypatch.setattr(feature_cache, "read_manifest", lambda cache: read.append(cache))
+    monkeypatch.chdir(tmp_path)
+    assert refusal("--captions", "typo.json", "--cache", "cache") == \
+        f"{tmp_path}/typo.json: caption file not found\n"
+    assert read == [str(cache)]
+    assert refusal("--captions", images, "--cache", "cache") == \
+        f"{images}: is a folder, expected a caption file\n"
+    # all there: nothing refused (resumed or not, train reads all three)
+    args = cli.build_parser().parse_args(["train", "--captions", captions, "--cache", "cache",
+                                          "--run", "run", "--images", images])
+    cli.check_flags(args)
+    assert not (tmp_path / "run").exists()
+
+
+def test_extract_features_refuses_a_missing_caption_file_before_tensorflow(tmp_path, capsys,
+                                                                           monkeypatch):
+    _no_tensorflow(monkeypatch)
+    _, images = make(tmp_path)
+    cache, typo = tmp_path / "cache", tmp_path / "typo.json"
+    assert cli.main(["extract-features", "--images", images, "--captions", str(typo),
+                     "--cache", str(cache), "--weights", "random"]) == 2
+    assert capsys.readouterr().err == \
+        f"caption-attn extract-features: error: {typo}: caption file not found\n"
+    assert not cache.exists()
+
+
+def test_evaluate_refuses_a_missing_caption_file_before_tensorflow(tmp_path, capsys,
+                                                                   monkeypatch):
+    """evaluate's refusal of --captions TYPO (or of the run's caption file, moved) came after
+    `import tensorflow`."""
+    _no_tensorflow(monkeypatch)
+    run, trained_on = tmp_path / "run", tmp_path / "c.json"
+    run.mkdir()
+    C.RunConfig(captions=str(trained_on), cache=str(tmp_path / "cache")).save(
+        str(run / "config.json"))
+    assert cli.main(["evaluate", "--run", str(run), "--captions", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"caption-attn evaluate: error: --captions {tmp_path}: is a folder; give the caption "
+        f"file with the references (the run was trained on {trained_on})\n")
+    assert cli.main(["evaluate", "--run", str(run)]) == 2
+    assert capsys.readouterr().err == (
+        f"caption-attn evaluate: error: the run's caption file {trained_on} does not exist: "
+        f"evaluate reads the references from it; if it moved, pass --captions NEW_FILE\n")
+    assert os.listdir(run) == ["config.json"]
 
 
 def test_caption_images_on_both_sides_of_a_flag_get_a_hint(tmp_path, capsys):

@@ -1,8 +1,10 @@
 """Tests of caption file reading, records and splits (`caption_attn.data`)."""
 
+import itertools
 import json
 import os
 import random
+import threading
 
 import pytest
 
@@ -273,6 +275,20 @@ def test_coco_annotation_id_of_two_different_annotations_keeps_both(tmp_path, ch
     captions = as_dict(data.load_captions(write(tmp_path, "c.json", json.dumps(obj))))
     image = "a.jpg" if "caption" in change else "c.jpg"                # (ids 100, 102)
     assert captions[image] == EXPECTED[image] + [change.get("caption", "A red circle .")]
+
+
+def test_coco_annotation_repeated_is_read_once_whatever_comes_before_it(tmp_path):
+    """A converter numbering each image's captions from 0, joined with an overlap: a repeat
+    was compared only with the first annotation of its id, another image's, so b.jpg's
+    caption 0 was kept twice when a.jpg's came first, and once otherwise."""
+    annotations = [{"id": 0, "image_id": 1, "caption": "a cat"},
+                   {"id": 0, "image_id": 2, "caption": "a dog"},
+                   {"id": 0, "image_id": 2, "caption": "a dog "}]
+    images = [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}]
+    for order in itertools.permutations(annotations):
+        path = write(tmp_path, "c.json", json.dumps({"images": images,
+                                                     "annotations": list(order)}))
+        assert as_dict(data.load_captions(path)) == {"a.jpg": ["a cat"], "b.jpg": ["a dog"]}
 
 
 def test_coco_image_id_of_another_json_type_says_so(tmp_path):
@@ -582,6 +598,28 @@ def test_folder_instead_of_file(tmp_path):
         data.load_captions(str(tmp_path))
 
 
+def test_check_caption_file_refuses_in_the_words_of_reading_it(tmp_path):
+    """`check_caption_file` refuses before TensorFlow's import what `load_captions` refuses
+    after it (train, extract-features: seconds), in the same words; a named pipe is not
+    opened (its writer would lose its one reader) and passes, as reading it would."""
+    file = write(tmp_path, "c.csv", csv_text())
+    for path, why in ((str(tmp_path / "typo.json"), "caption file not found"),
+                      (str(tmp_path), "is a folder, expected a caption file"),
+                      (os.path.join(file, "b.json"), "cannot read (Not a directory)")):
+        with pytest.raises(UserError) as read:
+            data.load_captions(path)
+        with pytest.raises(UserError) as checked:
+            data.check_caption_file(path)
+        assert str(checked.value) == str(read.value) == f"{path}: {why}"
+    pipe = str(tmp_path / "pipe")
+    os.mkfifo(pipe)
+    checking = threading.Thread(target=data.check_caption_file, args=(pipe,), daemon=True)
+    checking.start()
+    checking.join(10)
+    assert not checking.is_alive()
+    data.check_caption_file(file)
+
+
 def test_malformed_json_names_line_and_column(tmp_path):
     path = write(tmp_path, "bad.json", '{"images": [\n  {"file_name": "a.jpg",}\n]}',
                  crlf=True)
@@ -655,6 +693,22 @@ def test_csv_files_joined_with_cat_skip_the_second_header(tmp_path):
     second = "\ufeff" + second.replace("image,caption", "Image, Caption")   # its own BOM
     captions = data.load_captions(write(tmp_path, "c.csv", first + second, bom=True))
     assert as_dict(captions) == EXPECTED
+
+
+def test_csv_files_quoted_and_joined_with_cat_read_no_byte_order_mark_into_a_field(tmp_path):
+    """Parts written with every field quoted and a BOM (pandas' `to_csv(quoting=QUOTE_ALL,
+    encoding="utf-8-sig")`), joined with `cat`: the csv module read `\\ufeff"image"` as an
+    unquoted field, quotes and all, so the second header became an image '"image"' with the
+    caption 'caption', and a second part's first row `"b,c.jpg"` three fields."""
+    part = '\ufeff"image","caption"\n"a.jpg","a dog"\n'
+    path = write(tmp_path, "c.csv", part + part.replace("a.jpg", "b.jpg"))
+    assert as_dict(data.load_captions(path)) == {"a.jpg": ["a dog"], "b.jpg": ["a dog"]}
+    path = write(tmp_path, "c.csv", part + '\ufeff"b,c.jpg","a cat"\n')
+    assert as_dict(data.load_captions(path)) == {"a.jpg": ["a dog"], "b,c.jpg": ["a cat"]}
+    # a line inside a quoted field is no row's start: such a field is refused all the same
+    path = write(tmp_path, "c.csv", 'image,caption\na.jpg,"a dog\n\ufeffrunning"\n')
+    with pytest.raises(UserError, match=r"c\.csv: line 2: a quoted field runs over several"):
+        data.load_captions(path)
 
 
 def test_csv_row_repeated_is_one_caption(tmp_path):

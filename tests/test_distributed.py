@@ -297,6 +297,7 @@ def test_train_says_another_workers_stop_in_one_line(monkeypatch, capsys, tmp_pa
     def stopped(*args, **kwargs):
         raise tf.errors.UnavailableError(None, None, WORKER_SAW)
     monkeypatch.setattr(train, "train", stopped)
+    monkeypatch.setattr(cli, "check_input_paths", lambda args: None)   # (none is read)
     args = ["train", "--captions", str(tmp_path / "c.json"), "--cache", str(tmp_path / "c"),
             "--run", str(tmp_path / "run"), "--strategy", strategy]
     if not said:

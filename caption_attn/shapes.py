@@ -321,8 +321,9 @@ def _write_png(path: str, image: np.ndarray) -> None:
 
 def _prepare(out_dir: str, replace: bool) -> tuple[str, str]:
     """Create OUT/images. A folder that already holds files is refused, unless `replace` and
-    it holds only a dataset of this command (images/ and captions.json), which is deleted
-    first: new images must never mix with old ones, nor an old captions.json describe them."""
+    it holds only a dataset of this command (images/ and captions.json, and the temporary
+    file of a captions.json a kill cut short), which is deleted first: new images must never
+    mix with old ones, nor an old captions.json describe them."""
     images_dir = os.path.join(out_dir, "images")
     captions = os.path.join(out_dir, "captions.json")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -332,13 +333,17 @@ def _prepare(out_dir: str, replace: bool) -> tuple[str, str]:
         raise UserError(f"{out_dir}: not empty ({', '.join(present[:3])}"
                         f"{' ...' if len(present) > 3 else ''}); choose an empty or new "
                         f"folder, or add --replace to delete the dataset made there before")
-    others = [name for name in present if name not in ("images", "captions.json")]
+    temps = [name for name in present if _own_file(out_dir, name, _OWN_CAPTIONS_TEMP)]
+    others = [name for name in present
+              if name not in ("images", "captions.json") and name not in temps]
     if others:
         raise UserError(f"{out_dir}: holds files that are not a shapes dataset "
                         f"({', '.join(others[:3])}); --replace only deletes images/ and "
                         f"captions.json: choose an empty or new folder")
     _check_made_here(out_dir, images_dir, captions)
     try:
+        for name in temps:
+            os.remove(os.path.join(out_dir, name))
         if os.path.exists(captions):
             os.remove(captions)
         if os.path.isdir(images_dir):
@@ -352,13 +357,16 @@ def _prepare(out_dir: str, replace: bool) -> tuple[str, str]:
 # an image, or fileio's temporary file of one (`.shape_N.png.tmp.<pid>.<host>`, left by a
 # killed run); the whole name, so `shape_00003.png.orig` or `shape_1.png.backup/` is not ours
 _OWN_IMAGE = re.compile(r"shape_\d+\.png|\.shape_\d+\.png\.tmp\.\d+\..+")
+# fileio's temporary file of captions.json (`write_json_atomic`), left by a run killed while
+# writing it (seconds for 100k+ images, all drawn by then)
+_OWN_CAPTIONS_TEMP = re.compile(r"\.captions\.json\.tmp\.\d+\..+")
 
 
-def _own_image(images_dir: str, name: str) -> bool:
-    """Whether images/`name` is one make-shapes wrote: a regular file (not a folder, nor a
-    link, whose name proves nothing of what it holds) of an image's or its temporary name."""
-    return bool(_OWN_IMAGE.fullmatch(name)) and \
-        stat.S_ISREG(os.lstat(os.path.join(images_dir, name)).st_mode)
+def _own_file(folder: str, name: str, pattern: re.Pattern) -> bool:
+    """Whether `folder`/`name` is one make-shapes wrote: a regular file (not a folder, nor a
+    link, whose name proves nothing of what it holds) whose whole name `pattern` matches."""
+    return bool(pattern.fullmatch(name)) and \
+        stat.S_ISREG(os.lstat(os.path.join(folder, name)).st_mode)
 
 
 def _check_made_here(out_dir: str, images_dir: str, captions: str) -> None:
@@ -381,7 +389,8 @@ def _check_made_here(out_dir: str, images_dir: str, captions: str) -> None:
         raise UserError(f"{images_dir}: a link, not make-shapes' images folder; choose an "
                         f"empty or new folder")
     if os.path.isdir(images_dir):
-        others = sorted(n for n in os.listdir(images_dir) if not _own_image(images_dir, n))
+        others = sorted(n for n in os.listdir(images_dir)
+                        if not _own_file(images_dir, n, _OWN_IMAGE))
         if others:
             raise UserError(f"{out_dir}: images/{others[0]} was not made by make-shapes; "
                             f"--replace only deletes a dataset it made: choose an empty or "

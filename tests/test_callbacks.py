@@ -615,6 +615,65 @@ def test_hparams_a_run_wrote_at_each_start_are_rewritten_once_changed(tmp_path):
                                             "epoch 6: units 8 -> 16")
 
 
+def _session_starts(logs):
+    """The HParams session start infos in the event files of `logs`."""
+    from tensorboard.plugins.hparams import metadata
+    return [metadata.parse_session_start_info_plugin_data(v.metadata.plugin_data.content)
+            for _, v in _events(logs) if v.tag == metadata.SESSION_START_INFO_TAG]
+
+
+def test_runs_in_folders_of_one_name_are_not_one_hparams_group(tmp_path):
+    """Every demo's run folder is `models/shapes`: with the folder's name as trial id, two
+    demos under one `tensorboard --logdir` were one session group, which TensorBoard shows
+    as one row (the first's hyperparameters, both runs' metrics averaged). Each run has a
+    group of its own, which stays the run's when a resume rewrites its hyperparameters,
+    moved to another folder or not."""
+    import os
+
+    from caption_attn.callbacks import log_hparams
+
+    a, b = (str(tmp_path / work / "models" / "shapes" / "logs") for work in ("a", "b"))
+    assert log_hparams(a, {"learning_rate": 0.002, "units": 8}, "epoch 1") == ""
+    assert log_hparams(b, {"learning_rate": 0.001, "units": 8}, "epoch 1") == ""
+    (start_a,), (start_b,) = _session_starts(a), _session_starts(b)
+    assert start_a.group_name != start_b.group_name
+    assert start_a.group_name.startswith("shapes-") and start_b.group_name.startswith("shapes-")
+    assert log_hparams(b, {"learning_rate": 0.0005, "units": 8}, "epoch 3") == \
+        "epoch 3: learning_rate 0.001 -> 0.0005"
+    (again,) = _session_starts(b)
+    assert (again.group_name, again.hparams["learning_rate"].number_value) == \
+        (start_b.group_name, 0.0005)
+    os.rename(tmp_path / "a", tmp_path / "moved")
+    moved = str(tmp_path / "moved" / "models" / "shapes" / "logs")
+    assert log_hparams(moved, {"learning_rate": 0.004, "units": 8}, "epoch 2") == \
+        "epoch 2: learning_rate 0.002 -> 0.004"
+    (again,) = _session_starts(moved)
+    assert (again.group_name, again.start_time_secs) == \
+        (start_a.group_name, start_a.start_time_secs)
+
+
+def test_hparams_grouped_by_the_folder_name_alone_get_a_group_of_their_own(tmp_path):
+    """A run logged by an earlier version (trial id: its folder's name) shared its row with
+    every run of that name: its next `train` gives it its own group, values, changes and
+    start time kept, and then writes nothing more."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hp
+
+    from caption_attn.callbacks import log_hparams
+
+    logs = str(tmp_path / "shapes" / "logs")
+    values = {"learning_rate": 0.01, "resume_changes": "epoch 2: learning_rate 0.02 -> 0.01"}
+    writer = tf.summary.create_file_writer(logs)
+    with writer.as_default():
+        hp.hparams(values, trial_id="shapes", start_time_secs=1000.0)
+    writer.close()
+    assert log_hparams(logs, {"learning_rate": 0.01}, "epoch 4") == ""
+    (start,) = _session_starts(logs)
+    assert start.group_name.startswith("shapes-") and start.start_time_secs == 1000.0
+    assert {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()} == values
+    assert log_hparams(logs, {"learning_rate": 0.01}, "epoch 4") is None
+
+
 def test_replay_compares_each_epoch_by_the_min_delta_it_was_trained_with():
     """Replayed with the resuming call's --min-delta, a run whose --min-delta 10 kept epoch 1
     took epoch 2 (better by less than 10) for its best: best.keras was replaced as a lost

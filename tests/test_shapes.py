@@ -372,6 +372,40 @@ def test_replace_deletes_its_images_and_their_temporary_files(tmp_path):
     assert sorted(os.listdir(out / "images")) == [f"shape_{i:05d}.png" for i in range(4)]
 
 
+def test_replace_deletes_what_a_kill_while_writing_captions_json_left(tmp_path):
+    """`kill -9` while captions.json was written (seconds for 100k+ images) left the images
+    and fileio's temporary file `.captions.json.tmp.<pid>.<host>`, and --replace refused the
+    folder as "not a shapes dataset", where the README says to rerun with --replace."""
+    from caption_attn.fileio import temp_name
+    out = tmp_path / "d"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "shape_00000.png").write_bytes(b"a png")
+    (out / ".captions.json.tmp.1.h").write_text('{"dataset": "shapes", "ima')
+    with open(temp_name(str(out / "captions.json")), "w") as f:   # this host's, as written
+        f.write('{"dataset": "sh')
+    summary = _make(out, num_images=2, replace=True)
+    assert sorted(os.listdir(out)) == ["captions.json", "images"]
+    assert sorted(os.listdir(summary["images_dir"])) == ["shape_00000.png", "shape_00001.png"]
+
+
+@pytest.mark.parametrize("mine", [".captions.json.tmp", ".captions.json.tmp.x.h",
+                                  "captions.json.tmp.1.h", ".captions.json.swp",
+                                  ".captions.json.tmp.1.h/notes.txt"])
+def test_replace_refuses_files_that_only_look_like_a_temporary_captions_json(tmp_path, mine):
+    """Only fileio's exact temporary name of captions.json, and only a regular file, is a
+    killed run's: anything else of that look in OUT is someone's, refused and kept."""
+    out = tmp_path / "d"
+    _make(out, num_images=2)
+    path = out / mine
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("mine")
+    before = _files(out)
+    with pytest.raises(UserError, match=r"not a shapes dataset \(" +
+                       re.escape(mine.split("/")[0]) + r"\)"):
+        _make(out, num_images=2, replace=True)
+    assert _files(out) == before
+
+
 def test_replace_refuses_an_images_folder_that_is_a_link(tmp_path):
     """rmtree refused the link only after captions.json was deleted: a half-deleted dataset."""
     target = tmp_path / "photos"

@@ -146,14 +146,19 @@ def hparams_sessions(run: str) -> list:
     return found
 
 
-def hparams_shown(run: str) -> dict:
-    """The hyperparameters TensorBoard shows for `run` (its own event loader's reading)."""
+def session_start(run: str):
+    """The HParams session TensorBoard shows for `run` (its own event loader's reading)."""
     from tensorboard.backend.event_processing import plugin_event_accumulator
     from tensorboard.plugins.hparams import metadata
     loader = plugin_event_accumulator.EventAccumulator(os.path.join(run, "logs"))
     loader.Reload()
     content = loader.PluginTagToContent("hparams")[metadata.SESSION_START_INFO_TAG]
-    values = metadata.parse_session_start_info_plugin_data(content).hparams
+    return metadata.parse_session_start_info_plugin_data(content)
+
+
+def hparams_shown(run: str) -> dict:
+    """The hyperparameters TensorBoard shows for `run`."""
+    values = session_start(run).hparams
     return {k: getattr(v, v.WhichOneof("kind")) for k, v in values.items()}
 
 
@@ -181,6 +186,8 @@ def test_a_resume_with_another_learning_rate_shows_it_and_the_change_in_hparams(
     done = len(run_copy.read_history())
     was = cfg.train.learning_rate
     assert hparams_shown(run_copy.path)["learning_rate"] == pytest.approx(was)
+    group = session_start(run_copy.path).group_name   # the row's: the trained run's, copied
+    assert group.startswith("run-")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, epochs=done + 1, learning_rate=was / 2))
     train.train(cfg, run_copy.path, progress=False, log=lambda *a: None)
@@ -189,6 +196,7 @@ def test_a_resume_with_another_learning_rate_shows_it_and_the_change_in_hparams(
     assert shown["resume_changes"] == (f"epoch {done + 1}: epochs {done} -> {done + 1}, "
                                        f"learning_rate {was:g} -> {was / 2:g}")
     assert len(hparams_sessions(run_copy.path)) == 1
+    assert session_start(run_copy.path).group_name == group   # still the run's own row
     # a rerun with nothing to train keeps the run's rate, as config.json does
     again = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=was))
     assert train.train(again, run_copy.path, progress=False,

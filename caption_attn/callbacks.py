@@ -160,7 +160,7 @@ class EarlyStopping(keras.callbacks.Callback):
     def start_from(self, epoch: int, value: float) -> None:
         """Make 0-based `epoch`'s `value` the best so far when it is at least the replay's
         best (or there is none), patience starting over: the value of the best model on disk
-        measured again after a resume (`train.Trainer._val_cider_again`)."""
+        measured again after a resume (`train.Trainer._measured_again`)."""
         if self.best_epoch == epoch:
             return
         if self.best_epoch is None or (value >= self.best if self.mode == "max"

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import hashlib
+import json
 import math
 import os
 import re
@@ -50,6 +52,9 @@ from caption_attn.vocab import SPECIAL_TOKENS, UNK
 
 EVAL_BATCH_FACTOR = 4  # validation batches are 4x the training batch: forward only, and fewer
 #                       small flushed buckets (demo val set: 1230 -> 1470 captions/s)
+# what early stopping can monitor: history.json records beside each value the validation
+# images it was measured on (`Trainer._stamped`)
+VAL_METRICS = ("val_loss", "val_bleu4", "val_cider")
 
 __all__ = ["FusedAdam", "Trainer", "TrainingError", "format_summary", "load_train_data",
            "open_run", "train"]
@@ -235,27 +240,38 @@ def _gained(run: RunFolder, data: TrainData, split: str) -> list[str]:
     return [k for k in data.splits[split] if k in now and not had(k)]
 
 
-def gained_images_notes(run: RunFolder, data: TrainData) -> list[str]:
+def changed_images_notes(run: RunFolder, data: TrainData) -> list[str]:
     """A note when a resumed run has usable features for images it went without when it last
-    started (their feature files repaired or extracted since): the val ones change the images
-    val_loss and val_bleu4 are measured on, and the train ones (at an epoch's boundary;
-    `check_features_mid_epoch` says what they do inside one) are trained on with the run's
-    vocabulary, fit at its first start, so their words outside it are <unk>. Without a note
-    they joined without a word."""
+    started (their feature files repaired or extracted since), and when val images it had
+    then have none now: the val ones change the images val_loss, val_bleu4 and val_cider are
+    measured on (`Trainer._measured_again` says what early stopping does about it), and the
+    train ones gained (at an epoch's boundary; `check_features_mid_epoch` says what they do
+    inside one) are trained on with the run's vocabulary, fit at its first start, so their
+    words outside it are <unk>. Without a note they joined, or left, without a word."""
     where = _resume_position(run)
     inside = where is not None and where[1] != 0
     gained = {s: [] if s == "train" and inside else _gained(run, data, s)
               for s in ("train", "val")}
-    if not any(gained.values()):
-        return []
-    count = " and ".join(f"{len(keys)} {s}" for s, keys in gained.items() if keys)
-    example = next(k for keys in gained.values() for k in keys)
-    effects = (["the train ones are trained on with the run's vocabulary (fit when it "
-                "started), so their words outside it are <unk>"] if gained["train"] else []) \
-        + (["val_loss and val_bleu4 of the epochs to come are measured with the val ones, on "
-            "other images than the earlier epochs'"] if gained["val"] else [])
-    return [f"{count} images have usable features now that {run.path} went without when it "
-            f"last started (e.g. {example!r}): {'; '.join(effects)}"]
+    notes = []
+    if any(gained.values()):
+        count = " and ".join(f"{len(keys)} {s}" for s, keys in gained.items() if keys)
+        example = next(k for keys in gained.values() for k in keys)
+        effects = (["the train ones are trained on with the run's vocabulary (fit when it "
+                    "started), so their words outside it are <unk>"] if gained["train"] else
+                   []) + (["the validation values of the epochs to come are measured with the "
+                           "val ones, on other images than the earlier epochs'"]
+                          if gained["val"] else [])
+        notes.append(f"{count} images have usable features now that {run.path} went without "
+                     f"when it last started (e.g. {example!r}): {'; '.join(effects)}")
+    had = _usable_at_last_start(run)
+    lost = [k for k in data.splits["val"] if run.image_digests() and had(k) and
+            k not in data.caption_ids["val"]]
+    if lost:
+        notes.append(f"{len(lost)} val images {run.path} had usable features of when it last "
+                     f"started have none now (e.g. {lost[0]!r}): the validation values of the "
+                     f"epochs to come are measured without them, on other images than the "
+                     f"earlier epochs'")
+    return notes
 
 
 def trains_more(tc: TrainConfig, epochs_done: int, steps_done: int,
@@ -558,9 +574,10 @@ def keep_better_best_model(run: RunFolder, tc: TrainConfig, early: EarlyStopping
     beats the replay's best (`EarlyStopping.keep_better`, by today's monitor): compared with
     the kept epochs only, a worse epoch replaced it, at that resume or at any later one.
     Not by val_cider at a later one: its values change with the document frequencies
-    (`Trainer._val_cider_again`, which may rewrite best.json meanwhile); val_loss and
-    val_bleu4 stay as measured. Returns the note that says so, or None. (Every worker reads
-    best.json, as it reads history.json: their early stopping must agree.)"""
+    (`Trainer._measured_again`, which may rewrite best.json meanwhile), nor after
+    best.keras was measured again (`Trainer.fit` does not call it then: the new value is the
+    bar). Returns the note that says so, or None. (Every worker reads best.json, as it reads
+    history.json: their early stopping must agree.)"""
     record = run.best_record()
     if record is None or not (os.path.exists(run.best_model) or
                               os.path.exists(run.best_weights)):   # lost: nothing to keep
@@ -805,6 +822,7 @@ class Trainer:
         # the table the val_cider of history.json's entries without a digest was measured
         # with: cider_df.json as found, before anything counts it again (`_on_other_table`)
         self._df_found = recorded_digest(self.run.cider_df)
+        self._digests: Optional[dict] = None   # `_images_digests`
         # where the source images were checked (a resume: where the run trained), for the
         # heatmaps: the cache's last folder may hold another dataset's images since
         self.images_dir = images_dir or self.data.images_dir or \
@@ -1182,11 +1200,11 @@ class Trainer:
         # A finished run (or one at --max-steps) traces no step and decodes nothing (seconds)
         ended = 0 < int(self.step_in_epoch.numpy()) >= self._epoch_length(done)
         todo = trains_more(tc, done, steps_before, epoch_ended=ended)
-        measured, best_cider, replayed = {}, None, history
+        measured, bar, replayed = {}, None, history
         if todo:
             self._compile(self.inputs.captions("train", epoch=0).element_spec)
             with self._stopped_at_damaged_features():
-                best_cider = self._val_cider_again(history, done)
+                bar = self._measured_again(history, done)
                 measured = self._metrics_before_resume(history, done)
             replayed = self._comparable(history)
         early = replayed_early_stopping(self.run, tc, replayed, self._previous,
@@ -1209,15 +1227,17 @@ class Trainer:
         _describe(self, resumed, done)
         self.model.stop_training = False
         callbacks.on_train_begin()
-        kept = keep_better_best_model(self.run, tc, early, done, steps_before, history)
+        # best.keras measured again (`bar`) is the bar as measured now: nothing to keep
+        kept = None if bar is not None else keep_better_best_model(
+            self.run, tc, early, done, steps_before, history)
         if kept and self.chief:
             self.log("note: " + kept)
-        if best_cider is not None:
-            early.start_from(*best_cider)
+        if bar is not None:
+            early.start_from(*bar)
             if self.chief and saves_restored_as_best(self.run, tc, early, done, history,
                                                      measured, at_end=not in_epoch):
-                self.log(f"note: with the new document frequencies the resumed epoch {done} "
-                         f"has the best val_cider ({metric_text(early.best)}): it becomes "
+                self.log(f"note: measured again, the resumed epoch {done} has the best "
+                         f"{tc.monitor_for(done)} ({metric_text(early.best)}): it becomes "
                          f"{self.run.best_model}")
         self._repair_best(early, done, history, measured, at_end=not in_epoch)
         if todo and self.chief and tc.sample_images:  # trace the greedy decoder now, not in epoch 1
@@ -1339,8 +1359,7 @@ class Trainer:
             raise
         logs.update(stage=stage, monitor=self.cfg.train.monitor_for(epoch),
                     min_delta=self.cfg.train.min_delta, seconds=time.perf_counter() - t0)
-        if "val_cider" in logs:   # the document frequencies it was measured with
-            logs["cider_df_sha256"] = self.inputs.df_digest()
+        logs = self._stamped(logs)   # the images and the table its values were measured on
         self.epoch.assign(epoch + 1)
         self.step_in_epoch.assign(0)
         entry = {"epoch": epoch + 1, **{k: _plain(v) for k, v in logs.items()}}
@@ -1374,12 +1393,30 @@ class Trainer:
             return {}
         with self.averaged():
             measured = self.validator.metrics(missing)
-        history[-1].update(measured)
-        if "val_cider" in measured:
-            history[-1]["cider_df_sha256"] = self.inputs.df_digest()
+        history[-1].update(self._stamped(measured))
         return measured
 
-    # -- val_cider of another table of document frequencies ------------------------------
+    # -- values measured otherwise than the next epochs' -------------------------------
+    def _images_digests(self) -> dict:
+        """{metric: digest of the validation images it is measured on now}: val_loss on every
+        val image with usable features, val_bleu4 and val_cider on the first --bleu-images of
+        them. history.json records it beside each value (`_stamped`)."""
+        if self._digests is None:
+            metric = _keys_digest(self.validator.metric_keys)
+            self._digests = {"val_loss": _keys_digest(self.data.caption_ids["val"]),
+                             "val_bleu4": metric, "val_cider": metric}
+        return self._digests
+
+    def _stamped(self, values: dict) -> dict:
+        """`values` (of an epoch's entry) with what its validation values were measured on:
+        `VAL_METRIC`_images_sha256 for each, and the document frequencies of val_cider."""
+        digests = self._images_digests()
+        stamps = {f"{m}_images_sha256": digests[m] for m in VAL_METRICS
+                  if values.get(m) is not None}
+        if values.get("val_cider") is not None:
+            stamps["cider_df_sha256"] = self.inputs.df_digest()
+        return {**values, **stamps}
+
     def _on_other_table(self, entry: dict) -> bool:
         """Whether `entry`'s val_cider was measured with other CIDEr-D document frequencies
         than this call's: those of other train references (the digest recorded beside it,
@@ -1389,57 +1426,99 @@ class Trainer:
         table = entry.get("cider_df_sha256", self._df_found)
         return table is not None and table != self.inputs.df_digest()
 
-    def _comparable(self, history: list) -> list:
-        """`history` for early stopping's replay: val_cider values of another table of
-        document frequencies, on another scale, left out: neither the bar nor an epoch
-        without improvement (`EarlyStopping` skips an entry without its monitor)."""
-        if not any(h.get("val_cider") is not None for h in history):
-            return history
-        return [{k: v for k, v in h.items() if k != "val_cider"}
-                if self._on_other_table(h) else h for h in history]
+    def _on_other_images(self, entry: dict, metric: str) -> bool:
+        """Whether `entry`'s `metric` was measured on other validation images than the next
+        epochs' will be (val images gained or lost usable features since; an entry written
+        before the digest was recorded: taken as measured on these)."""
+        images = entry.get(f"{metric}_images_sha256")
+        return entry.get(metric) is not None and images is not None and \
+            images != self._images_digests()[metric]
 
-    def _val_cider_again(self, history: list, done: int) -> Optional[tuple[int, float]]:
-        """A resume whose train references changed (train images gained or lost features)
-        counts cider_df.json again: the val_cider of earlier epochs is on another scale, and
-        early stopping would compare the next epochs with it (the best model never replaced,
-        or replaced by a worse one). Say so, and measure again with the new table, when
-        val_cider is monitored, the models there are: the restored one (at the end of epoch
-        `done`) and best.keras; `history` (and history.json, best.json) get the new values.
-        Returns (0-based epoch, val_cider) of best.keras measured again, the bar that
-        `EarlyStopping.start_from` keeps when the replay (`_comparable`) found none as
-        high, or None."""
-        stale = [h["epoch"] for h in history if self._on_other_table(h)]
-        if not stale:
+    def _stale(self, entry: dict, metric: str) -> bool:
+        """Whether `entry`'s `metric` is not comparable with the next epochs' values."""
+        return self._on_other_images(entry, metric) or \
+            (metric == "val_cider" and self._on_other_table(entry))
+
+    def _comparable(self, history: list) -> list:
+        """`history` for early stopping's replay: values measured otherwise than the next
+        epochs' will be (`_stale`: val_cider of another table of document frequencies, on
+        another scale; any value on other validation images) left out: neither the bar nor
+        an epoch without improvement (`EarlyStopping` skips an entry without its monitor)."""
+        return [{k: v for k, v in h.items() if not (k in VAL_METRICS and self._stale(h, k))}
+                for h in history]
+
+    def _measured_again(self, history: list, done: int) -> Optional[tuple[int, float]]:
+        """A resume whose earlier values were measured otherwise than the next epochs' will
+        be: val_cider when the train references changed (train images gained or lost
+        features: cider_df.json is counted again, and the old values are on another scale),
+        any value when the val images did (the same). Early stopping would compare the next
+        epochs with them (the best model never replaced, or replaced by a worse one). Say
+        so, and measure the metric early stopping monitors again for the models there are:
+        the restored one (at the end of epoch `done`) and best.keras; `history` (and
+        history.json, best.json) get the new values. Returns (0-based epoch, value) of
+        best.keras measured again, the bar that `EarlyStopping.start_from` keeps when the
+        replay (`_comparable`) found none as good, or None."""
+        tc = self.cfg.train
+        monitor = tc.monitor_for(done)
+        table = [h["epoch"] for h in history if self._on_other_table(h)]
+        images = [h["epoch"] for h in history if self._on_other_images(h, monitor)]
+        if not table and not images:
             return None
-        tc, digest = self.cfg.train, self.inputs.df_digest()
+        stale = [h["epoch"] for h in history if self._stale(h, monitor)]
         at_end = not int(self.step_in_epoch.numpy()) and history[-1]["epoch"] == done
         record = self.run.best_record() or {}
         best = record.get("epoch")
-        again = {}   # 1-based epoch -> val_cider with the new table
-        if tc.monitor_for(done) == "val_cider":
+        again = {}   # 1-based epoch -> the entry's new values
+        if stale:
             if at_end and done in stale:
                 with self.averaged():
-                    again[done] = self.validator.metrics(["val_cider"]).get("val_cider")
+                    again[done] = self._measure(monitor)
             entry = next((h for h in history if h["epoch"] == best), None)
-            if entry is not None and tc.monitor_for(done - 1) == "val_cider" and \
+            if entry is not None and tc.monitor_for(done - 1) == monitor and \
                     not (at_end and best == done) and \
-                    (entry.get("val_cider") is None or best in stale):
-                again[best] = self._best_model_val_cider()
+                    (entry.get(monitor) is None or best in stale):
+                again[best] = self._best_model_measure(monitor)
         again = {e: v for e, v in again.items() if v is not None}
         was = {}
         for h in history:
             if h["epoch"] in again:
-                was[h["epoch"]] = h.get("val_cider")
-                h.update(val_cider=again[h["epoch"]], cider_df_sha256=digest)
+                was[h["epoch"]] = h.get(monitor)
+                h.update(again[h["epoch"]])
         if self.chief and again:
             write_json_atomic(self.run.history, history)
-            if record.get("monitor") == "val_cider" and best in again:
-                write_json_atomic(self.run.best_info, {**record, "value": again[best]})
-        self.log("note: " + _other_table_note(self.run.cider_df, stale, was, again, best))
-        return (best - 1, again[best]) if best in again else None
+            if record.get("monitor") == monitor and best in again:
+                write_json_atomic(self.run.best_info,
+                                  {**record, "value": again[best][monitor]})
+        values = {e: v[monitor] for e, v in again.items()}
+        if table:
+            cider = values if monitor == "val_cider" else {}
+            self.log("note: " + _measured_again_note(
+                f"{self.run.cider_df}: the train split's references changed since "
+                f"{_epochs_text(table)} measured val_cider (train images gained or lost "
+                f"features), so the CIDEr-D document frequencies were counted again and those "
+                f"val_cider values are on another scale", "val_cider", "with the new ones",
+                table, was, {e: v for e, v in cider.items() if e in table}, best))
+        if images:
+            self.log("note: " + _measured_again_note(
+                f"{_epochs_text(images)} measured {monitor} on other validation images than "
+                f"the epochs to come (val images gained or lost usable features since), so "
+                f"those values are not comparable with theirs", monitor, "on the current ones",
+                images, was, {e: v for e, v in values.items() if e in images}, best))
+        return (best - 1, values[best]) if best in values else None
 
-    def _best_model_val_cider(self) -> Optional[float]:
-        """val_cider of best.keras's model (its weights put in the model for the decoding,
+    def _measure(self, metric: str) -> Optional[dict]:
+        """`metric` of the model as it is now, with what it was measured on (the fields of
+        an epoch's entry: val_loss comes with val_ce); None when nothing measures it."""
+        if metric == "val_loss":
+            val = self.evaluate_loss("val")
+            values = None if val is None else {"val_loss": val["loss"], "val_ce": val["ce"]}
+        else:
+            value = self.validator.metrics([metric]).get(metric)
+            values = None if value is None else {metric: value}
+        return values and self._stamped({k: _plain(v) for k, v in values.items()})
+
+    def _best_model_measure(self, metric: str) -> Optional[dict]:
+        """`_measure` of best.keras's model (its weights put in the model for the measure,
         then the restored ones back); None, with a note, when they cannot be loaded."""
         weights = self.model.get_weights()
         try:
@@ -1447,9 +1526,9 @@ class Trainer:
                 if not os.path.exists(self.run.best_model):
                     return None
                 self.model.set_weights(self.run.load_best_model().get_weights())
-            return self.validator.metrics(["val_cider"]).get("val_cider")
+            return self._measure(metric)
         except (UserError, OSError, ValueError) as e:
-            self.log(f"note: cannot measure the val_cider of {self.run.best_model} again "
+            self.log(f"note: cannot measure the {metric} of {self.run.best_model} again "
                      f"({e}); the next epochs are compared with the resumed one's")
             return None
         finally:
@@ -1467,31 +1546,34 @@ class Trainer:
                 writers[0].log_validation(done - 1, measured)
 
 
-def _other_table_note(path: str, stale: list, was: dict, again: dict,
-                      best: Optional[int]) -> str:
-    """`Trainer._val_cider_again`'s note: `stale` the epochs whose val_cider was measured
-    with the old table, `was` / `again` {epoch: val_cider} before and after measuring again,
-    `best` best.json's epoch."""
-    epochs = ", ".join(str(e) for e in stale)
-    text = (f"{path}: the train split's references changed since epoch{'s' * (len(stale) > 1)} "
-            f"{epochs} measured val_cider (train images gained or lost features), so the "
-            f"CIDEr-D document frequencies were counted again and those val_cider values are "
-            f"on another scale; ")
-    if again:
-        remeasured = "; ".join(
-            f"epoch {e}{' (best.keras)' if e == best else ''} "
-            f"{'-' if was.get(e) is None else metric_text(was[e])} -> {metric_text(v)}"
-            for e, v in sorted(again.items()))
-        kept = [e for e in stale if e not in again]
-        text += (f"measured again with the new ones: {remeasured}. Early stopping and the best "
-                 f"model compare the next epochs with these")
-        if kept:
-            text += (f", not with epoch{'s' * (len(kept) > 1)} "
-                     f"{', '.join(str(e) for e in kept)} (nor count "
-                     f"{'them' if len(kept) > 1 else 'it'} against --patience)")
-        return text
-    return text + ("early stopping and the best model leave them out (nor count them against "
-                   "--patience): the next val_cider measured is the first compared")
+def _epochs_text(epochs: list) -> str:
+    return f"epoch{'s' * (len(epochs) > 1)} {', '.join(str(e) for e in epochs)}"
+
+
+def _measured_again_note(why: str, metric: str, how: str, stale: list, was: dict,
+                         again: dict, best: Optional[int]) -> str:
+    """`Trainer._measured_again`'s note: `why` the values of epochs `stale` are not
+    comparable, `was` / `again` {epoch: value} of `metric` before and after measuring again
+    (`how`), `best` best.json's epoch."""
+    if not again:
+        return (f"{why}; early stopping and the best model leave them out (nor count them "
+                f"against --patience): the next {metric} measured is the first compared")
+    remeasured = "; ".join(
+        f"epoch {e}{' (best.keras)' if e == best else ''} "
+        f"{'-' if was.get(e) is None else metric_text(was[e])} -> {metric_text(v)}"
+        for e, v in sorted(again.items()))
+    kept = [e for e in stale if e not in again]
+    text = (f"{why}; measured again {how}: {remeasured}. Early stopping and the best model "
+            f"compare the next epochs with these")
+    if kept:
+        text += (f", not with {_epochs_text(kept)} (nor count "
+                 f"{'them' if len(kept) > 1 else 'it'} against --patience)")
+    return text
+
+
+def _keys_digest(keys) -> str:
+    """sha256 of image keys, sorted (what history.json records a value was measured on)."""
+    return hashlib.sha256(json.dumps(sorted(keys), ensure_ascii=False).encode()).hexdigest()
 
 
 def _hparams(cfg: RunConfig, vocab_size: int) -> dict:
@@ -1849,7 +1931,7 @@ def _load_and_train(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, pr
     check_model_size(cfg, vocab_tokens=len(data.vocab))
     check_cider_vocabulary(cfg.train, len(data.vocab))
     if not fresh:
-        notes += check_features_mid_epoch(run, cfg, data) + gained_images_notes(run, data)
+        notes += check_features_mid_epoch(run, cfg, data) + changed_images_notes(run, data)
         notes, cfg = metric_images_notes(run, cfg, notes, len(data.references["val"]))
     for note in notes:
         log("note: " + note)

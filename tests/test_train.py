@@ -2143,24 +2143,105 @@ def test_resume_mid_epoch_refuses_lost_train_features_and_notes_repaired_ones(
 def test_a_resume_names_the_images_it_now_has_features_for(trained, tmp_path):
     """Train and val images the run went without when it last started (their features
     repaired since) joined at the next resume without a word: the train ones with words the
-    vocabulary never saw (<unk>), the val ones changing what val_loss and val_bleu4 measure."""
+    vocabulary never saw (<unk>), the val ones changing what the validation values measure.
+    So did val images that lost their features since (deleted, damaged), the other way."""
     run = str(tmp_path / "run")
     shutil.copytree(trained["run"], run)
     cfg = small_config_like(trained)
     data = train.load_train_data(cfg, run)
-    assert train.gained_images_notes(RunFolder(run), data) == []
+    assert train.changed_images_notes(RunFolder(run), data) == []
     splits = RunFolder(run).load_splits()
     with open(RunFolder(run).split) as f:
         split = json.load(f)
     split["without_features"] = [splits["train"][0], splits["val"][1]]
     with open(RunFolder(run).split, "w") as f:
         json.dump(split, f)
-    assert train.gained_images_notes(RunFolder(run), data) == [
+    assert train.changed_images_notes(RunFolder(run), data) == [
         f"1 train and 1 val images have usable features now that {run} went without when it "
         f"last started (e.g. {splits['train'][0]!r}): the train ones are trained on with the "
         f"run's vocabulary (fit when it started), so their words outside it are <unk>; "
-        f"val_loss and val_bleu4 of the epochs to come are measured with the val ones, on "
+        f"the validation values of the epochs to come are measured with the val ones, on "
         f"other images than the earlier epochs'"]
+    split["without_features"] = []
+    with open(RunFolder(run).split, "w") as f:
+        json.dump(split, f)
+    lost = splits["val"][2]
+    del data.caption_ids["val"][lost]                      # no usable features now
+    assert train.changed_images_notes(RunFolder(run), data) == [
+        f"1 val images {run} had usable features of when it last started have none now "
+        f"(e.g. {lost!r}): the validation values of the epochs to come are measured without "
+        f"them, on other images than the earlier epochs'"]
+
+
+def _measured_on_other_images(run: str, metric: str, value: float) -> list:
+    """history.json and best.json of `run` as if every `metric` had been measured on other
+    validation images (another digest), each worth `value`: a bar no epoch can beat."""
+    with open(os.path.join(run, "history.json")) as f:
+        history = json.load(f)
+    assert all(h[f"{metric}_images_sha256"] for h in history)
+    for h in history:
+        h[metric], h[f"{metric}_images_sha256"] = value, "0" * 64
+    with open(os.path.join(run, "history.json"), "w") as f:
+        json.dump(history, f)
+    with open(os.path.join(run, "best.json")) as f:
+        best = json.load(f)
+    with open(os.path.join(run, "best.json"), "w") as f:
+        json.dump({**best, "value": value}, f)
+    return history
+
+
+def test_val_bleu4_measured_on_other_val_images_is_measured_again(trained, tmp_path):
+    """A resume whose val images changed since the epochs measured val_bleu4 (a val image
+    gained or lost its features): early stopping compared the next epochs with values of
+    other images, and a worse epoch could replace the best model or a better one be missed
+    (here the old values, 1000, beat any epoch: the next one could never become the best).
+    The monitored metric of the restored epoch and of best.keras is measured again."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    old = _measured_on_other_images(run, "val_bleu4", 1000.0)
+    with open(os.path.join(run, "best.json")) as f:
+        best = json.load(f)["epoch"]
+    cfg = small_config_like(trained, train=dataclasses.replace(trained["cfg"].train,
+                                                               epochs=5))
+    notes = []
+    train.train(cfg, run, progress=False, log=notes.append)
+    said = [n for n in notes if "on other validation images" in n]
+    assert len(said) == 1 and "epochs 1, 2, 3, 4 measured val_bleu4" in said[0], notes
+    history = json.load(open(os.path.join(run, "history.json")))
+    assert len(history) == 5
+    again = {h["epoch"] for h in history if h["val_bleu4"] != 1000.0}
+    assert again == {4, best, 5} and all(0 <= h["val_bleu4"] <= 1 for h in history
+                                         if h["epoch"] in again)
+    digests = {h["val_bleu4_images_sha256"] for h in history if h["epoch"] in again}
+    assert len(digests) == 1 and digests != {old[0]["val_bleu4_images_sha256"]}
+    record = json.load(open(os.path.join(run, "best.json")))
+    now = {h["epoch"]: h["val_bleu4"] for h in history if h["epoch"] in again}
+    winner = max(now, key=lambda e: (now[e], -e))   # a tie keeps the earlier model
+    assert record["epoch"] == winner and record["value"] == now[winner]
+
+
+def test_val_loss_measured_on_other_val_images_is_left_out_or_measured_again(
+        shapes_data, tmp_path):
+    """The same for val_loss (monitored by default): the restored epoch and best.keras are
+    measured again, an epoch that is neither is left out; the next epoch is compared with
+    the new values, not with the old ones' unbeatable -1000."""
+    run = str(tmp_path / "run")
+    run_trainer(small_config(shapes_data, epochs=2, **NO_DECODING), run)
+    _measured_on_other_images(run, "val_loss", -1000.0)
+    best = json.load(open(os.path.join(run, "best.json")))["epoch"]
+    notes = []
+    train.train(small_config(shapes_data, epochs=3, **NO_DECODING), run, progress=False,
+                log=notes.append)
+    said = [n for n in notes if "on other validation images" in n]
+    assert len(said) == 1 and "epochs 1, 2 measured val_loss" in said[0], notes
+    assert ("not with epoch 1 (nor count it against --patience)" in said[0]) == (best == 2)
+    history = json.load(open(os.path.join(run, "history.json")))
+    again = {2, best, 3}
+    assert [h["val_loss"] > 0 for h in history] == [e in again for e in (1, 2, 3)]
+    assert all(h["val_ce"] <= h["val_loss"] for h in history if h["epoch"] in again)
+    record = json.load(open(os.path.join(run, "best.json")))
+    winner = min(again, key=lambda e: (history[e - 1]["val_loss"], e))
+    assert record["epoch"] == winner and record["value"] == history[winner - 1]["val_loss"]
 
 
 def test_other_bleu_images_are_accepted_when_a_later_stage_change_starts_on_new_values():

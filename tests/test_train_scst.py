@@ -231,6 +231,39 @@ def test_val_cider_of_another_document_frequency_table_is_not_the_bar(shapes_dat
         assert best["monitor"] == "val_cider" and best["value"] == now[winner]
 
 
+def test_val_cider_measured_with_a_val_image_lost_since_is_measured_again(
+        shapes_data, three_epochs, tmp_path):
+    """A val image lost its features between two trainings of a run (its feature file
+    deleted): the earlier epochs' val_cider, measured with it, stayed the bar of best.keras
+    and early stopping for epochs measured without it, with nothing said. Now a note names
+    the image, and the restored epoch (and best.keras) are measured again on the images the
+    next epochs are measured on."""
+    shutil.copytree(three_epochs / "cache", tmp_path / "cache")
+    shutil.copytree(three_epochs / "run", tmp_path / "run")
+    run = str(tmp_path / "run")
+    with open(os.path.join(run, "split.json")) as f:
+        first = sorted(json.load(f)["splits"]["val"])[0]   # a metric image: the first ones
+    os.remove(os.path.join(tmp_path / "cache", first + ".npy"))
+    old = _history(run)
+    notes = []
+    _resume(shapes_data, {"run": run, "cache": str(tmp_path / "cache")}, notes, epochs=4,
+            patience=2)
+    assert any(n.startswith(f"note: 1 val images {run} had usable features of when it last "
+                            f"started have none now (e.g. {first!r})") for n in notes), notes
+    said = [n for n in notes if "measured val_cider on other validation images" in n]
+    assert len(said) == 1 and "epoch 3" in said[0], notes
+    history = _history(run)
+    assert len(history) == 4
+    new = history[3]["val_cider_images_sha256"]
+    assert new != old[2]["val_cider_images_sha256"]
+    assert history[2]["val_cider_images_sha256"] == new          # the restored epoch
+    with open(os.path.join(run, "best.json")) as f:
+        best = json.load(f)
+    assert history[best["epoch"] - 1]["val_cider_images_sha256"] == new   # best.keras's
+    if best["monitor"] == "val_cider":     # (else the cross-entropy epoch's, by val_loss)
+        assert best["value"] == history[best["epoch"] - 1]["val_cider"]
+
+
 def test_a_resume_with_the_same_train_references_keeps_the_val_cider_bar(shapes_data,
                                                                          on_old_table):
     """Nothing changed: no note, and the recorded values stay the bar (x1000 here: the run

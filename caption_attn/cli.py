@@ -124,8 +124,9 @@ def check_input_paths(args: argparse.Namespace) -> None:
     """The command's own refusals of a file or folder it reads that is none, made before
     TensorFlow is imported: `train --captions TYPO` was told after that import (3-6 s), and
     so were a --cache without a manifest and an --images that is no folder (train reads all
-    three, resumed or not), `extract-features --captions TYPO` and evaluate's caption file.
-    In the command's words and order (`train` names its cache and caption file absolute)."""
+    three, resumed or not) and `extract-features --captions TYPO`. In the command's words
+    and order (`train` names its cache and caption file absolute). Not evaluate's caption
+    file: the run (no best model yet, say) is told first, and its records name that file."""
     from caption_attn import data
     if args.command == "train":
         from caption_attn import feature_cache
@@ -135,14 +136,6 @@ def check_input_paths(args: argparse.Namespace) -> None:
         data.check_caption_file(os.path.abspath(args.captions))
     elif args.command == "extract-features" and args.captions:
         data.check_caption_file(args.captions)
-    elif args.command == "evaluate":
-        from caption_attn import evaluate
-        from caption_attn.run import RunFolder
-        try:   # the caption file the run names, as evaluate reads it
-            recorded = RunFolder(args.run).load_config().captions
-        except UserError:   # no run (or a broken one): evaluate says so, in its turn
-            return
-        evaluate._captions_file(args.captions, recorded)
 
 
 # --------------------------------------------------------------------------- commands

@@ -407,26 +407,6 @@ def test_extract_features_refuses_a_missing_caption_file_before_tensorflow(tmp_p
     assert not cache.exists()
 
 
-def test_evaluate_refuses_a_missing_caption_file_before_tensorflow(tmp_path, capsys,
-                                                                   monkeypatch):
-    """evaluate's refusal of --captions TYPO (or of the run's caption file, moved) came after
-    `import tensorflow`."""
-    _no_tensorflow(monkeypatch)
-    run, trained_on = tmp_path / "run", tmp_path / "c.json"
-    run.mkdir()
-    C.RunConfig(captions=str(trained_on), cache=str(tmp_path / "cache")).save(
-        str(run / "config.json"))
-    assert cli.main(["evaluate", "--run", str(run), "--captions", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == (
-        f"caption-attn evaluate: error: --captions {tmp_path}: is a folder; give the caption "
-        f"file with the references (the run was trained on {trained_on})\n")
-    assert cli.main(["evaluate", "--run", str(run)]) == 2
-    assert capsys.readouterr().err == (
-        f"caption-attn evaluate: error: the run's caption file {trained_on} does not exist: "
-        f"evaluate reads the references from it; if it moved, pass --captions NEW_FILE\n")
-    assert os.listdir(run) == ["config.json"]
-
-
 def test_caption_images_on_both_sides_of_a_flag_get_a_hint(tmp_path, capsys):
     """`caption a.png --run R b.png` said only "unrecognized arguments: b.png"."""
     assert cli.main(["caption", "a.png", "--run", str(tmp_path), "b.png"]) == 2

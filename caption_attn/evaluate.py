@@ -187,7 +187,8 @@ def _objects_note(recorded: Optional[dict], splits: dict, records: dict, split: 
 def _check_outputs(metrics_path: str, results_path: str, given: bool = True) -> None:
     """Before any decoding: both outputs must be files that can be written, and replace only
     what an earlier `evaluate` wrote (an --out that names the caption file, the run's
-    config.json or the cache's manifest would otherwise be overwritten). `given`: the user
+    config.json or the cache's manifest would otherwise be overwritten), and not captions
+    that another metrics file names (`_metrics_naming`). `given`: the user
     named `metrics_path` with --out; else it is the run's default, and the errors say so
     instead of naming a flag the user did not give."""
     name = f"--out {metrics_path}" if given else f"the default output {metrics_path}"
@@ -201,6 +202,12 @@ def _check_outputs(metrics_path: str, results_path: str, given: bool = True) -> 
     if os.path.exists(metrics_path) and not _is_metrics(metrics_path):
         raise UserError(f"{name}: {metrics_path}, which exists and was not written by "
                         f"`caption-attn evaluate`; {other} (or remove that file)")
+    paired = _metrics_naming(results_path, metrics_path)
+    if paired is not None:
+        raise UserError(f"{name}: its captions go to {results_path}, which {paired}, the "
+                        f"metrics file of another `caption-attn evaluate`, names: its scores "
+                        f"would stand beside this one's captions; {other} (or remove both "
+                        f"{paired} and {results_path})")
     # the run's own eval/ (no --out): a results file left by an evaluate that died between
     # its two files (a full disk, a kill) is that evaluate's, not another tool's
     if os.path.exists(results_path) and not _is_results(results_path, metrics_path) and not (
@@ -267,15 +274,50 @@ def _is_metrics(path: str) -> bool:
 
 def _is_results(path: str, metrics_path: str) -> bool:
     """Whether `path` is the results JSON of an earlier `evaluate`: a COCO results list of
-    {"image_id", "caption"} that its metrics file `metrics_path`, beside it, names (by file
-    name: a run folder copied or moved keeps them a pair). The list alone is any captioning
-    tool's results format, and `[]` passed too: another model's results were replaced
-    without a word."""
-    metrics = _read_json_or_none(metrics_path)
-    return _is_results_list(path) and isinstance(metrics, dict) and \
-        "metrics_file" in metrics and "split" in metrics and \
-        isinstance(metrics.get("results_file"), str) and \
-        os.path.basename(metrics["results_file"]) == printable_json(os.path.basename(path))
+    {"image_id", "caption"} that its metrics file `metrics_path`, beside it, names. The list
+    alone is any captioning tool's results format, and `[]` passed too: another model's
+    results were replaced without a word."""
+    return _is_results_list(path) and _names_results(_read_json_or_none(metrics_path), path)
+
+
+def _names_results(metrics, results_path: str) -> bool:
+    """Whether `metrics` (a JSON value read) is a metrics JSON of `evaluate_run` that names
+    the results file `results_path` (by file name: a run folder copied or moved keeps them a
+    pair)."""
+    return isinstance(metrics, dict) and "metrics_file" in metrics and "split" in metrics \
+        and isinstance(metrics.get("results_file"), str) and \
+        os.path.basename(metrics["results_file"]) == \
+        printable_json(os.path.basename(results_path))
+
+
+# a metrics JSON is a few KB: bigger files beside the outputs (a COCO caption file of
+# hundreds of MB) are not parsed in search of one (`_metrics_naming`)
+_METRICS_MAX_BYTES = 2 ** 20
+
+
+def _metrics_naming(results_path: str, metrics_path: str) -> Optional[str]:
+    """Another metrics file of `evaluate` beside `results_path` that names it, or None.
+    `--out D/x.json` and `--out D/x_metrics.json` (and the default eval/test_metrics.json
+    and `--out eval/test.json`) share D/x_results.json: the second replaced the captions
+    the first's scores are of, exit 0 both times. Read are the .json files there and those
+    named as metrics of that results file (`--out D/x`)."""
+    folder, own = os.path.split(results_path)
+    try:
+        names = sorted(os.listdir(folder or "."))
+    except OSError:   # not made yet (or not listable: then nothing to tell)
+        return None
+    stem = own.removesuffix("_results.json")
+    for name in names:
+        path = os.path.join(folder, name)
+        if name in (own, os.path.basename(metrics_path)) or not (
+                name.endswith(".json") or
+                os.path.splitext(name)[0].removesuffix("_metrics") == stem):
+            continue
+        with contextlib.suppress(OSError):   # gone meanwhile
+            if os.path.isfile(path) and os.path.getsize(path) <= _METRICS_MAX_BYTES and \
+                    _names_results(_read_json_or_none(path), results_path):
+                return path
+    return None
 
 
 def _is_results_list(path: str) -> bool:
@@ -445,7 +487,7 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
                   needed_for="evaluate reads the split's features from it")
         # once the run is known to be one (the lock's folder is made for it: RUN/eval/),
         # and the outputs checked again under it
-        hold.enter_context(_writing_outputs(metrics_path, given=out is not None))
+        hold.enter_context(_writing_outputs(metrics_path, results_path, given=out is not None))
         _check_outputs(metrics_path, results_path, given=out is not None)
         # no extract-features may write the cache while it is read (nor be writing it now)
         with using_features(cache or run_cfg.cache, writing=False):
@@ -470,17 +512,24 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
 
 
 @contextlib.contextmanager
-def _writing_outputs(metrics_path: str, given: bool):
+def _writing_outputs(metrics_path: str, results_path: str, given: bool):
     """Held from `_check_outputs` until the metrics are written: an exclusive flock on
-    `.NAME.lock` beside the metrics file (its folder made for it). Two evaluates with one
-    --out paired one's metrics with the other's captions, or the second crashed after
-    decoding on the file the first had just replaced."""
+    `.NAME.lock` beside the metrics file (its folder made for it), and one on the results
+    file's (beside it). Two evaluates with one --out paired one's metrics with the other's
+    captions, or the second crashed after decoding on the file the first had just replaced;
+    two whose --out differ but share a results file (`--out D/x.json`, `--out
+    D/x_metrics.json`) both wrote it."""
     folder, name = os.path.split(os.path.abspath(metrics_path))
     flag = f"--out {metrics_path}" if given else f"the default output {metrics_path}"
+    other = "choose another --out" if given else "pass --out FILE"
     with holding_lock(os.path.join(folder, f".{name}.lock"), lambda who: (
             f"{flag}: another `caption-attn evaluate`{who} is writing it now; two would "
             f"write their metrics and captions over each other: wait for it to end, or "
-            f"{'choose another --out' if given else 'pass --out FILE'}"), make_folder=True):
+            f"{other}"), make_folder=True), holding_lock(
+            os.path.join(folder, f".{os.path.basename(results_path)}.lock"), lambda who: (
+            f"{flag}: another `caption-attn evaluate`{who} is writing {results_path} now, "
+            f"where this one's captions go; two would write their captions over each other: "
+            f"wait for it to end, or {other}")):
         yield
 
 

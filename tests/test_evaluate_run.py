@@ -663,6 +663,88 @@ def test_results_left_in_the_run_s_own_eval_folder_do_not_block_the_next_evaluat
         evaluate._check_outputs(metrics, results, given=True)
 
 
+@pytest.mark.parametrize("other", ["test.json", "test", "archived.json"])
+def test_an_out_whose_results_file_another_metrics_file_names_is_refused(tmp_path, other):
+    """`--out D/test.json`, `--out D/test` (or a metrics file renamed since) and the default
+    D/test_metrics.json all put their captions in D/test_results.json: the second replaced
+    the captions the first's scores are of, exit 0. Refused naming that metrics file."""
+    other, results = str(tmp_path / other), str(tmp_path / "test_results.json")
+    with open(other, "w") as f:
+        json.dump({"split": "test", "metrics_file": other, "results_file": results}, f)
+    with open(results, "w") as f:
+        json.dump([{"image_id": 1, "caption": "a red circle"}], f)
+    metrics = str(tmp_path / "test_metrics.json")
+    for given, name, fix in ((False, "the default output", "pass --out FILE"),
+                             (True, "--out", "choose another --out")):
+        with pytest.raises(UserError, match=(
+                rf"^{name} {re.escape(metrics)}: its captions go to {re.escape(results)}, "
+                rf"which {re.escape(other)}, the metrics file of another `caption-attn "
+                rf"evaluate`, names: .*; {fix} \(or remove both {re.escape(other)} and "
+                rf"{re.escape(results)}\)$")):
+            evaluate._check_outputs(metrics, results, given=given)
+    evaluate._check_outputs(other, results)                  # its own pair: replaced
+    # named by none (left by a killed evaluate): still taken in the run's own eval/
+    with open(other, "w") as f:
+        json.dump({"split": "test", "metrics_file": other,
+                   "results_file": str(tmp_path / "val_results.json")}, f)
+    evaluate._check_outputs(metrics, results, given=False)
+
+
+def test_evaluate_after_an_out_sharing_the_default_results_file_is_refused_before_decoding(
+        run_copy, capsys, monkeypatch, no_java):
+    """`evaluate --run R --beam 1 --out R/eval/test.json`, then `evaluate --run R`: the
+    second replaced R/eval/test_results.json with its captions, while R/eval/test.json kept
+    the first's scores and named that file (exit 0 both times)."""
+    _decoded_as_a(monkeypatch)
+    eval_dir = os.path.join(run_copy.path, "eval")
+    out, results = os.path.join(eval_dir, "test.json"), os.path.join(eval_dir,
+                                                                      "test_results.json")
+    assert main(["evaluate", "--run", run_copy.path, "--beam", "1", "--out", out]) == 0
+    capsys.readouterr()
+    before, listed = open(results, "rb").read(), sorted(os.listdir(eval_dir))
+    monkeypatch.setattr(evaluate, "_decode", None)                 # must not be reached
+    assert main(["evaluate", "--run", run_copy.path]) == 2
+    err = capsys.readouterr().err
+    assert f"the default output {os.path.join(eval_dir, 'test_metrics.json')}: its captions " \
+        f"go to {results}, which {out}, the metrics file of another `caption-attn " \
+        f"evaluate`, names" in err
+    assert f"pass --out FILE (or remove both {out} and {results})" in err
+    assert open(results, "rb").read() == before
+    assert sorted(os.listdir(eval_dir)) == listed and "test_metrics.json" not in listed
+
+
+def test_two_evaluates_whose_outs_share_a_results_file_cannot_both_proceed(
+        run_copy, tmp_path, monkeypatch, no_java):
+    """`--out D/x.json` and `--out D/x_metrics.json` at once took different locks and both
+    wrote D/x_results.json: the one started second is refused while the first decodes, and
+    once the first has written its files, by them."""
+    folder = tmp_path / "out"
+    first, second = str(folder / "x.json"), str(folder / "x_metrics.json")
+    results = str(folder / "x_results.json")
+    refused = []
+
+    def decode(captioner, found, progress):
+        if not refused:   # the second starts while the first decodes
+            with pytest.raises(UserError) as e:
+                evaluate.evaluate_run(run_copy.path, "test", out=second, progress=False,
+                                      use_java=False)
+            refused.append(str(e.value))
+        return {k: captioner_lib.Caption(["a"], 0.0, np.zeros((2, 64))) for k in found.keys}
+    monkeypatch.setattr(evaluate, "_decode", decode)
+    evaluate.evaluate_run(run_copy.path, "test", out=first, progress=False, use_java=False)
+    assert re.fullmatch(rf"--out {re.escape(second)}: another `caption-attn evaluate` \(pid "
+                        rf"{os.getpid()}: .*\) is writing {re.escape(results)} now, where "
+                        rf"this one's captions go; .* choose another --out", refused[0])
+    assert sorted(os.listdir(folder)) == ["x.json", "x_results.json"]
+    with open(first) as f:
+        assert json.load(f)["results_file"] == results
+    with pytest.raises(UserError, match=rf"^--out {re.escape(second)}: its captions go to "
+                                        rf"{re.escape(results)}, which {re.escape(first)}, "):
+        evaluate.evaluate_run(run_copy.path, "test", out=second, progress=False,
+                              use_java=False)
+    assert len(refused) == 1 and sorted(os.listdir(folder)) == ["x.json", "x_results.json"]
+
+
 def test_other_references_are_scored_with_a_note(shapes_data, trained_run, tmp_path):
     with open(os.path.join(trained_run, "split.json")) as f:
         test_keys = json.load(f)["splits"]["test"]

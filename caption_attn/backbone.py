@@ -172,16 +172,27 @@ def native_bfloat16(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) -> bool:
     return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
 
 
-def imagenet_weights_path() -> str:
-    """Path of Keras' cached ImageNet weights, downloading them once; UserError when offline."""
+def imagenet_weights_path(verify: bool = True, recorded_in: str = "") -> str:
+    """Path of Keras' cached ImageNet weights, downloading them once; UserError when offline,
+    advising `--weights PATH` (extract-features), or, with `recorded_in` (the manifest of a
+    cache extracted with them: `caption` and `export` have no --weights), where to put the
+    file. `verify` False takes a file already there without reading all of it for its md5,
+    for a check before the model loads (`Backbone.check_manifest`; the build then verifies)."""
     import keras
 
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         return keras.utils.get_file(IMAGENET_FILE, IMAGENET_URL, cache_subdir="models",
-                                    file_hash=IMAGENET_MD5)
+                                    file_hash=IMAGENET_MD5 if verify else None)
     except Exception as e:  # URL/DNS/timeout errors arrive as plain Exception from Keras
+        if recorded_in:
+            raise UserError(
+                f"{recorded_in}: the features were extracted with the ImageNet weights, which "
+                f"Keras has not cached here and cannot download ({e}); the backbone that made "
+                f"the features cannot be rebuilt without them: copy {IMAGENET_FILE} from a "
+                f"machine that has it into ~/.keras/models/ here (where Keras keeps it; "
+                f"$KERAS_HOME/models/ if KERAS_HOME is set)") from None
         raise UserError(
             f"--weights imagenet: cannot get the InceptionV3 ImageNet weights ({e}). Without "
             f"network: copy {IMAGENET_FILE} from a machine that has it (Keras keeps it in "
@@ -209,27 +220,33 @@ def build_backbone(weights: str = "imagenet", seed: int = 0, precision: str = "f
     """
     if precision not in PRECISIONS:
         raise ValueError(f"`precision` must be one of {PRECISIONS}, got {precision!r}")
+    if weights == "random":
+        return _inception_v3(precision, seed)
     if weights == "imagenet":
         path = imagenet_weights_path()
-    elif weights == "random":
-        path = None
-    else:
-        path = weights
-        if os.path.isdir(path):
-            raise UserError(f"--weights {weights}: is a folder (expected `imagenet`, `random` "
-                            f"or the path of an InceptionV3 weights file such as "
-                            f"{IMAGENET_FILE})")
-        if not os.path.isfile(path):
-            raise UserError(f"--weights {weights}: no such file (expected `imagenet`, `random` "
-                            f"or the path of an InceptionV3 weights file such as "
-                            f"{IMAGENET_FILE})")
-    model = _inception_v3(precision, seed, draw_kernels=path is None)
-    if path is not None:
-        try:
-            model.load_weights(path)
-        except Exception as e:
-            raise UserError(f"--weights {path}: cannot load it into InceptionV3 without top "
-                            f"({type(e).__name__}: {e})") from None
+        return load_backbone(path, precision, seed, f"--weights imagenet ({path})")
+    why = _not_a_file(weights)
+    if why:
+        raise UserError(f"--weights {weights}: {why} (expected `imagenet`, `random` or the "
+                        f"path of an InceptionV3 weights file such as {IMAGENET_FILE})")
+    return load_backbone(weights, precision, seed, f"--weights {weights}")
+
+
+def _not_a_file(path: str) -> str:
+    """Why `path` is no weights file ("is a folder", "no such file"); "" when it is one."""
+    return "" if os.path.isfile(path) else "is a folder" if os.path.isdir(path) else \
+        "no such file"
+
+
+def load_backbone(path: str, precision: str, seed: int, named: str):
+    """InceptionV3 without top with the weights of file `path`; UserError, `named` (the flag
+    or manifest that gave the file) first, when they do not load into it."""
+    model = _inception_v3(precision, seed, draw_kernels=False)   # loaded below
+    try:
+        model.load_weights(path)
+    except Exception as e:
+        raise UserError(f"{named}: cannot load it into InceptionV3 without top "
+                        f"({type(e).__name__}: {e})") from None
     return model
 
 
@@ -426,9 +443,13 @@ class Backbone:
             features *= self.feature_scale
         return features
 
-    @classmethod
-    def from_manifest(cls, cache_dir: str, jit_compile: bool = False) -> "Backbone":
-        """Exactly the backbone that made the cache (weights checked against its sha256)."""
+    @staticmethod
+    def check_manifest(cache_dir: str, verify: bool = False) -> tuple[dict, str]:
+        """(manifest, weights file) of the cache: what `from_manifest` needs, checked from the
+        manifest alone, no model built: features made from images as this version makes them,
+        and the weights file it records there (`manifest_weights_file`; `verify`: an ImageNet
+        file md5-checked). `caption` and `export` call it before they load the run's model:
+        a weights file gone was found after that and the first batch of images."""
         from caption_attn import feature_cache  # imported here: it imports this module
 
         m = feature_cache.read_manifest(cache_dir)
@@ -436,13 +457,22 @@ class Backbone:
             cache_dir, m, "captioned with this version, images would give the model other "
             "features than it was trained on: caption with the version that made the cache, "
             "or train a run on a cache this version extracts")
+        return m, manifest_weights_file(cache_dir, m, verify)
+
+    @classmethod
+    def from_manifest(cls, cache_dir: str, jit_compile: bool = False) -> "Backbone":
+        """Exactly the backbone that made the cache (weights checked against its sha256)."""
+        from caption_attn.feature_cache import manifest_path
+
+        m, path = cls.check_manifest(cache_dir, verify=True)
         if m["weights"] == "random":
             model = random_model_from_cache(cache_dir, m)
-        else:
-            model = build_backbone(m["weights"], m.get("seed") or 0, m["precision"])
+        else:   # named by the manifest: `caption` and `export` have no --weights
+            model = load_backbone(path, m["precision"], m.get("seed") or 0,
+                                  f"{manifest_path(cache_dir)}: the weights {path} it records")
             sha = weights_sha256(model)
             if sha != m["weights_sha256"]:
-                raise UserError(f"{feature_cache.manifest_path(cache_dir)}: the cache was made "
+                raise UserError(f"{manifest_path(cache_dir)}: the cache was made "
                                 f"with weights sha256 {m['weights_sha256'][:12]}…, but "
                                 f"{m['weights']} now has {sha[:12]}… (the weights file changed?)")
         return cls(model, m["feature_scale"], jit_compile=jit_compile)
@@ -453,15 +483,41 @@ def random_weights_file(seed: int) -> str:
     return f"backbone_random_seed{seed}.weights.h5"
 
 
+def manifest_weights_file(cache_dir: str, m: dict, verify: bool = True) -> str:
+    """The file the backbone of the cache of manifest `m` loads its weights from: the random
+    backbone saved in the cache, the weights file extraction was given (absolute path), or
+    Keras' copy of the ImageNet weights (downloaded if it has none; `verify`: see
+    `imagenet_weights_path`). UserError naming the manifest and the file when it is not
+    there (a cache copied without its random weights, a weights file deleted since, ImageNet
+    weights offline): the commands that read it have no --weights to name."""
+    from caption_attn.feature_cache import manifest_path
+
+    where = manifest_path(cache_dir)
+    if m["weights"] == "imagenet":
+        return imagenet_weights_path(verify, recorded_in=where)
+    if m["weights"] == "random":
+        path = os.path.join(cache_dir, m["weights_file"])
+        what, fix = "the random backbone saved in", ("put the file back (copy it with the "
+                                                     "cache), or extract the images into a "
+                                                     "new cache")
+    else:
+        path = m["weights"]
+        what, fix = "the weights file", ("put the file back at that path (the same weights: "
+                                         "they are checked against the manifest's sha256)")
+    why = _not_a_file(path)
+    if why:
+        raise UserError(f"{where}: the features were extracted with {what} {path}: {why}; "
+                        f"the backbone that made the features cannot be rebuilt without it: "
+                        f"{fix}")
+    return path
+
+
 def random_model_from_cache(cache_dir: str, m: dict):
     """The random backbone saved in a cache (manifest `m`), checked against its sha256.
 
     Its weights are read by `read_saved_weights`; where that does not give the manifest's
     weights (or cannot read the file), by Keras' `load_weights`, whose result decides."""
-    path = os.path.join(cache_dir, m["weights_file"])
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: missing; the random backbone of cache {cache_dir} cannot be "
-                        f"rebuilt (extract into a new --cache folder)")
+    path = manifest_weights_file(cache_dir, m)
     model = _inception_v3(m["precision"], m["seed"], draw_kernels=False)   # loaded below
     if read_saved_weights(model, path) and weights_sha256(model) == m["weights_sha256"]:
         return model

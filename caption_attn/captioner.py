@@ -24,7 +24,7 @@ from caption_attn.backbone import (FEATURE_SHAPE, GRID, Backbone, prefer_wide_xl
                                    refuse_aborting_precision)
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError, counted
-from caption_attn.feature_cache import MANIFEST, cache_images, manifest_path, read_manifest
+from caption_attn.feature_cache import MANIFEST, images_folders, manifest_path, read_manifest
 from caption_attn.fileio import holding_lock, is_inside, longest_temp_name, one_line
 from caption_attn.images import (ImageError, heatmap_source, is_heatmap_file, left_out_note,
                                  list_images, load_image_and_view, printable_name)
@@ -261,14 +261,18 @@ def check_feature_cache(cache: str, given: bool, run: Optional[RunFolder] = None
         run.check_cache(cache, read_manifest(cache))
 
 
-def check_run(run: RunFolder, cache: str, given: bool, needed_for: str = CAPTION_NEEDS) -> None:
+def check_run(run: RunFolder, cache: str, given: bool, needed_for: str = CAPTION_NEEDS,
+              needs_backbone: bool = False) -> None:
     """What is checked before a run's model is loaded, in this order: its records
     (`check_run_records`), that it has a best model (without loading it), its feature cache
-    (`check_feature_cache`; `given`: as --cache)."""
+    (`check_feature_cache`; `given`: as --cache), and with `needs_backbone` what rebuilding
+    the cache's backbone needs (`Backbone.check_manifest`: its weights file is there)."""
     check_run_records(run)
     if not os.path.exists(run.best_model):
         run.load_best_model()   # its refusal: no best model yet, or how to rewrite a lost one
     check_feature_cache(cache, given, run, needed_for)
+    if needs_backbone:
+        Backbone.check_manifest(cache)
 
 
 class Captioner:
@@ -288,18 +292,20 @@ class Captioner:
     @classmethod
     def from_run(cls, run_dir: str, cfg: Optional[DecodeConfig] = None,
                  cache: Optional[str] = None, needed_for: str = CAPTION_NEEDS,
-                 computes: bool = True) -> "Captioner":
+                 computes: bool = True, needs_backbone: bool = False) -> "Captioner":
         """The best model of the run in `run_dir`; `cache` replaces the run's feature cache
         (a cache that moved, or a copy; it must hold features of the same backbone). The
         run and its feature cache are checked before the model is loaded (`check_run`;
-        `needed_for`: why the command needs the cache, for the message when it is gone).
+        `needed_for`: why the command needs the cache, for the message when it is gone;
+        `needs_backbone`: the caller captions image files, so the weights file of the cache's
+        backbone is checked too: `evaluate`, which reads features only, needs none).
         `computes`: the caller runs the models here, so a precision oneDNN's cap would abort
         in is refused (`refuse_aborting_precision`); export, which only traces them, runs
         under the cap."""
         cfg = cfg or DecodeConfig()
         run = RunFolder(run_dir)
         run_cfg = run.load_config()
-        check_run(run, cache or run_cfg.cache, bool(cache), needed_for)
+        check_run(run, cache or run_cfg.cache, bool(cache), needed_for, needs_backbone)
         vocab = run.load_vocab()
         model = run.load_best_model()      # computes nothing yet
         if computes:   # in its own precision, which a resume in another one keeps a while
@@ -507,31 +513,56 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     return list(first.values())
 
 
+def run_images_folders(run: RunFolder, cache: str) -> list:
+    """(folder, what it is) of every images folder the run and its feature cache `cache`
+    name: the run's (split.json's `images_dir`), then each the cache was extracted from (its
+    manifest; none when the manifest cannot be read yet: its own checks say why, later).
+    Where `export --out` and `caption --plot-attention` may not go: `caption` refused only
+    the cache's last folder, so a heatmap could overwrite an image of an earlier one."""
+    found = []
+    recorded = run.images_dir(existing=False)
+    if recorded:
+        found.append((recorded, "the images folder the run was trained on (split.json's "
+                                "images_dir)"))
+    try:
+        extracted = images_folders(read_manifest(cache))
+    except (UserError, OSError):
+        extracted = []
+    seen = {os.path.realpath(f) for f, _ in found}
+    for folder in extracted:
+        if os.path.realpath(folder) not in seen:
+            seen.add(os.path.realpath(folder))
+            found.append((folder, f"an images folder the feature cache {cache} was "
+                                  f"extracted from"))
+    return found
+
+
 def check_heatmap_folder(out_dir: str, run_dir: str, cache: Optional[str] = None) -> None:
     """UserError when the `--plot-attention` folder is the run folder or inside it
     (`--plot-attention RUN/attention/epoch_1` wrote over the heatmaps `train` drew there), or
-    inside the run's feature cache (`cache`, default the run's) or the images folder that
-    cache was extracted from (`--plot-attention shapes/images` wrote a heatmap over the
-    dataset image of its name; `train --run` is refused there for the same reason)."""
+    inside the run's feature cache (`cache`, default the run's) or an images folder of the
+    run or that cache (`run_images_folders`: `--plot-attention shapes/images` wrote a heatmap
+    over the dataset image of its name; `train --run` is refused there for the same
+    reason)."""
     own = "give the heatmaps a folder of their own, e.g. heatmaps"
     if is_inside(out_dir, run_dir):
         raise UserError(f"--plot-attention {out_dir}: inside the run folder {run_dir}, whose "
                         f"files and folders `train` and `evaluate` write (its own heatmaps in "
                         f"{RunFolder(run_dir).attention}); {own}")
+    run = RunFolder(run_dir)
     if cache is None:
         try:
-            cache = RunFolder(run_dir).load_config().cache
+            cache = run.load_config().cache
         except UserError:
             return              # not a run: said when it is loaded
     if is_inside(out_dir, cache):
         raise UserError(f"--plot-attention {out_dir}: inside the feature cache {cache}, whose "
                         f"files `extract-features` writes; {own}")
-    images = cache_images(cache)
-    if images and is_inside(out_dir, images):
-        raise UserError(f"--plot-attention {out_dir}: inside the images folder {images} the "
-                        f"feature cache {cache} was extracted from: a heatmap would overwrite "
-                        f"the dataset image of its name, and an extraction would take the "
-                        f"heatmaps for images; {own}")
+    for folder, what in run_images_folders(run, cache):
+        if is_inside(out_dir, folder):
+            raise UserError(f"--plot-attention {out_dir}: inside {folder}, {what}: a heatmap "
+                            f"would overwrite the dataset image of its name, and an "
+                            f"extraction would take the heatmaps for images; {own}")
 
 
 def _refuse_heatmaps_among_images(heatmaps: str, folder: str, what: str) -> None:

@@ -224,7 +224,8 @@ def _caption(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
     # which best model captions, read with it (a run still training replaces it): the
     # captions never said which epoch's model made them
     model, best = run.read_best_unchanged(
-        lambda: C_.Captioner.from_run(args.run, cfg, cache=args.cache), "caption", "caption")
+        lambda: C_.Captioner.from_run(args.run, cfg, cache=args.cache, needs_backbone=True),
+        "caption", "caption")
     if drawn:   # after the refusals: a refused command says one line
         from caption_attn.images import heatmaps_note
         print(f"note: {heatmaps_note(drawn, 'in the folders given')}", file=sys.stderr)

@@ -49,11 +49,11 @@ import tensorflow as tf
 
 from caption_attn import __version__, graph_images, interrupts, quiet
 from caption_attn.backbone import GRID, IMAGE_SIZE, NUM_PIXELS, Backbone, build_backbone
-from caption_attn.captioner import EXPORT_NEEDS, Captioner, make_decoder
+from caption_attn.captioner import EXPORT_NEEDS, Captioner, make_decoder, run_images_folders
 from caption_attn.config import DecodeConfig, ExportConfig
 from caption_attn.errors import UserError, counted, free_space
-from caption_attn.feature_cache import (IMAGE_DIGEST_CHARS, images_folders, is_stale_temp,
-                                         read_manifest, source_images)
+from caption_attn.feature_cache import (IMAGE_DIGEST_CHARS, is_stale_temp, read_manifest,
+                                         source_images)
 from caption_attn.fileio import (check_utf8_path, file_digest, holding_lock, is_inside,
                                  read_json, remove_path, temp_name, write_bytes_atomic,
                                  write_json_atomic)
@@ -108,7 +108,7 @@ def _export(run: RunFolder, run_dir: str, out: str, decode_cfg: DecodeConfig,
     run_cfg = run.load_config()
     cache_dir = cache or run_cfg.cache
     keep = (run.path, cache_dir, run_cfg.captions)
-    images = _images_folders(run, cache_dir)
+    images = run_images_folders(run, cache_dir)
     _check_out(out, run, cfg.force, keep=keep, cache=cache_dir, images=images)
     hold.enter_context(_exporting_to(out))
     # what is there now, locked
@@ -120,7 +120,8 @@ def _export(run: RunFolder, run_dir: str, out: str, decode_cfg: DecodeConfig,
     # loaded is refused (the record, read 40 s later at the end, named the next best epoch).
     captioner, best_record = run.read_best_unchanged(
         lambda: Captioner.from_run(run_dir, decode_cfg, cache=cache, needed_for=EXPORT_NEEDS,
-                                   computes=False),    # traced only: runs under any cap
+                                   computes=False,     # traced only: runs under any cap
+                                   needs_backbone=True),
         "the export", "export")
     backbone = captioner.backbone
     _remove_killed_exports(out, log)
@@ -269,28 +270,6 @@ def _remove_killed_exports(out: str, log) -> None:
                 and is_stale_temp(path, name):
             shutil.rmtree(path, ignore_errors=True)
             log(f"removed {path}, left by an export that did not finish")
-
-
-def _images_folders(run: RunFolder, cache: str) -> list:
-    """(folder, what it is) of every images folder the run and its feature cache `cache`
-    name: the run's (split.json's `images_dir`), then each the cache was extracted from (its
-    manifest; none when the manifest cannot be read yet: its own checks say why, later)."""
-    found = []
-    recorded = run.images_dir(existing=False)
-    if recorded:
-        found.append((recorded, "the images folder the run was trained on (split.json's "
-                                "images_dir)"))
-    try:
-        extracted = images_folders(read_manifest(cache))
-    except (UserError, OSError):
-        extracted = []
-    seen = {os.path.realpath(f) for f, _ in found}
-    for folder in extracted:
-        if os.path.realpath(folder) not in seen:
-            seen.add(os.path.realpath(folder))
-            found.append((folder, f"an images folder the feature cache {cache} was "
-                                  f"extracted from"))
-    return found
 
 
 def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None,

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from caption_attn import captioner, decode, feature_cache
 from caption_attn.cli import main
-from caption_attn.backbone import FEATURE_SHAPE
+from caption_attn.backbone import FEATURE_SHAPE, IMAGENET_FILE
 from caption_attn.config import DecodeConfig
 from caption_attn.errors import UserError
 
@@ -619,6 +619,140 @@ def test_a_bad_cache_flag_is_refused_before_the_model_loads(shapes_data, trained
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "export").exists()
 
 
+def _without_backbone_weights(cache, kind, tmp_path, monkeypatch):
+    """Make `cache` (a copy of the shapes cache) record backbone weights that are not there:
+    `random`, its random backbone's file deleted (a cache copied without it); `file`, the
+    weights file extraction was given (`--weights /tmp/w.h5`, deleted since, or a cache
+    copied to another machine); `imagenet`, ImageNet weights Keras neither has nor can
+    download (offline). Returns what the refusal says."""
+    path = feature_cache.manifest_path(cache)
+    with open(path) as f:
+        manifest = json.load(f)
+    saved = os.path.join(cache, manifest.pop("weights_file"))
+    os.remove(saved)
+    if kind == "random":
+        return (f"{path}: the features were extracted with the random backbone saved in "
+                f"{saved}: no such file; the backbone that made the features cannot be "
+                f"rebuilt without it: put the file back (copy it with the cache), or extract "
+                f"the images into a new cache")
+    weights = str(tmp_path / "w.h5") if kind == "file" else "imagenet"
+    with open(path, "w") as f:
+        json.dump({**manifest, "weights": weights, "seed": None}, f)
+    if kind == "file":
+        return (f"{path}: the features were extracted with the weights file {weights}: no "
+                f"such file; the backbone that made the features cannot be rebuilt without "
+                f"it: put the file back at that path (the same weights: they are checked "
+                f"against the manifest's sha256)")
+
+    def offline(*args, **kwargs):
+        raise Exception("no network")
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    return (f"{path}: the features were extracted with the ImageNet weights, which Keras has "
+            f"not cached here and cannot download (no network); the backbone that made the "
+            f"features cannot be rebuilt without them: copy {IMAGENET_FILE} from a machine "
+            f"that has it into ~/.keras/models/ here (where Keras keeps it; "
+            f"$KERAS_HOME/models/ if KERAS_HOME is set)")
+
+
+@pytest.mark.parametrize("kind", ["random", "file", "imagenet"])
+def test_backbone_weights_that_are_gone_are_refused_before_the_model_loads(
+        trained_run, copy_cache, tmp_path, monkeypatch, kind):
+    """`extract-features --weights /tmp/w.h5`, `rm /tmp/w.h5`, then `caption --run R photos/`:
+    best.keras loaded and up to 64 photos were read before `--weights /tmp/w.h5: no such
+    file`, a flag `caption` does not have, naming no manifest. Checked from the manifest
+    before the model loads now (`needs_backbone`), in its name; `evaluate`, which reads
+    features only, is not refused, and a backbone built later says the same."""
+    from caption_attn.run import RunFolder
+    said = _without_backbone_weights(copy_cache, kind, tmp_path, monkeypatch)
+    with monkeypatch.context() as patch:
+        patch.setattr(RunFolder, "load_best_model", lambda self: pytest.fail(
+            "the model was loaded before the backbone's weights were checked"))
+        with pytest.raises(UserError) as e:
+            captioner.Captioner.from_run(trained_run, cache=copy_cache, needs_backbone=True)
+    assert str(e.value) == said and "--weights" not in said
+    model = captioner.Captioner.from_run(trained_run, cache=copy_cache)   # as evaluate's
+    with pytest.raises(UserError) as e:
+        model.backbone                                      # `Backbone.from_manifest`'s own
+    assert str(e.value) == said
+
+
+@pytest.mark.parametrize("kind", ["random", "file", "imagenet"])
+@pytest.mark.parametrize("command", ["caption", "export"])
+def test_caption_and_export_name_the_manifest_when_the_backbone_weights_are_gone(
+        shapes_data, trained_run, copy_cache, tmp_path, capsys, monkeypatch, command, kind):
+    """The commands' one line: the manifest and the file it records, no flag they lack."""
+    from caption_attn.run import RunFolder
+    said = _without_backbone_weights(copy_cache, kind, tmp_path, monkeypatch)
+    monkeypatch.setattr(RunFolder, "load_best_model", lambda self: pytest.fail(
+        "the model was loaded before the backbone's weights were checked"))
+    argv = {"caption": ["caption", _test_images(shapes_data, trained_run, 1)[0]],
+            "export": ["export", "--out", str(tmp_path / "export")]}[command]
+    assert main([*argv, "--run", trained_run, "--cache", copy_cache]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"caption-attn {command}: error: {said}"]
+    assert not (tmp_path / "export").exists()
+
+
+def test_the_backbone_check_builds_nothing_and_reads_no_imagenet_file_whole(
+        shapes_data, copy_cache, monkeypatch):
+    """The check before the model loads is cheap: no InceptionV3 built, and Keras' copy of
+    the ImageNet weights taken as it is (its md5, reading all of it, is for the build)."""
+    from caption_attn import backbone as backbone_lib
+    monkeypatch.setattr(backbone_lib, "_inception_v3", lambda *a, **k: pytest.fail(
+        "a backbone was built"))
+    m, path = backbone_lib.Backbone.check_manifest(shapes_data["cache"])
+    assert path == os.path.join(shapes_data["cache"], m["weights_file"])
+    with open(feature_cache.manifest_path(copy_cache), "w") as f:
+        json.dump({**m, "weights": "imagenet", "seed": None}, f)
+    asked = []
+    monkeypatch.setattr(keras.utils, "get_file",
+                        lambda *a, **k: asked.append(k) or "/keras/models/imagenet.h5")
+    assert backbone_lib.Backbone.check_manifest(copy_cache)[1] == "/keras/models/imagenet.h5"
+    assert [k["file_hash"] for k in asked] == [None]
+
+
+@pytest.mark.parametrize("folder", ["an earlier images folder of the cache",
+                                    "the images folder the run recorded"])
+def test_plot_attention_in_any_images_folder_of_the_cache_or_the_run_is_refused(
+        shapes_data, run_copy, copy_cache, tmp_path, capsys, monkeypatch, folder):
+    """`extract-features` from /data/a, then from /data/b into the same cache: `caption
+    --plot-attention /data/a/heat` was accepted (only the cache's last images folder was
+    refused), as was one in the images folder the run recorded in split.json; `export
+    --out` refuses them all (`captioner.run_images_folders`)."""
+    from caption_attn.run import RunFolder
+    monkeypatch.setattr(RunFolder, "load_best_model", lambda self: pytest.fail(
+        "the model was loaded before --plot-attention was checked"))
+    other = tmp_path / "a"
+    other.mkdir()
+    if folder == "an earlier images folder of the cache":
+        path = feature_cache.manifest_path(copy_cache)
+        what = f"an images folder the feature cache {copy_cache} was extracted from"
+    else:
+        path = run_copy.split
+        what = "the images folder the run was trained on (split.json's images_dir)"
+    with open(path) as f:
+        data = json.load(f)
+    if path == run_copy.split:
+        data["images_dir"] = str(other)
+    else:
+        data["images_dirs"] = [str(other), *feature_cache.images_folders(data)]
+    with open(path, "w") as f:
+        json.dump(data, f)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    image = str(photos / "shape_00003.png")
+    shutil.copy(os.path.join(shapes_data["images"], "shape_00003.png"), image)
+    heat = str(other / "heat")
+    assert main(["caption", "--run", run_copy.path, "--cache", copy_cache,
+                 "--plot-attention", heat, image]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"caption-attn caption: error: --plot-attention {heat}: inside {other}, {what}: a "
+        f"heatmap would overwrite the dataset image of its name, and an extraction would "
+        f"take the heatmaps for images; give the heatmaps a folder of their own, e.g. "
+        f"heatmaps"]
+    assert not os.path.exists(heat)
+
+
 @pytest.mark.parametrize("command", ["caption", "evaluate", "export"])
 def test_a_trained_run_that_lost_split_json_is_refused(shapes_data, run_copy, tmp_path,
                                                        capsys, command):
@@ -690,8 +824,8 @@ def test_plot_attention_in_the_dataset_images_or_the_cache_is_refused(
     heat = os.path.join(shapes_data[top], below)
     assert main(["caption", "--run", trained_run, "--plot-attention", heat, image]) == 2
     err = capsys.readouterr().err
-    what = ("the images folder" if top == "images" else "the feature cache") + \
-        f" {os.path.abspath(shapes_data[top])}"
+    what = (f"{os.path.abspath(shapes_data[top])}, the images folder the run was trained on"
+            if top == "images" else f"the feature cache {os.path.abspath(shapes_data[top])}")
     assert err.startswith(f"caption-attn caption: error: --plot-attention {heat}: inside "
                           f"{what}") and len(err.strip().splitlines()) == 1, err
     assert not os.path.exists(os.path.join(shapes_data[top], "heat"))

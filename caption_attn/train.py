@@ -35,7 +35,7 @@ from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoa
                                     heatmap_names, log_hparams, log_missing_epochs,
                                     prune_event_files)
 from caption_attn.cider import CiderD
-from caption_attn.config import DTYPE_POLICIES, RunConfig, TrainConfig, flag_name
+from caption_attn.config import DTYPE_POLICIES, MONITORS, RunConfig, TrainConfig, flag_name
 from caption_attn.errors import TrainingError, UserError, free_space
 from caption_attn.fileio import check_utf8_path, read_json, write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
@@ -52,9 +52,6 @@ from caption_attn.vocab import SPECIAL_TOKENS, UNK
 
 EVAL_BATCH_FACTOR = 4  # validation batches are 4x the training batch: forward only, and fewer
 #                       small flushed buckets (demo val set: 1230 -> 1470 captions/s)
-# what early stopping can monitor: history.json records beside each value the validation
-# images it was measured on (`Trainer._stamped`)
-VAL_METRICS = ("val_loss", "val_bleu4", "val_cider")
 
 __all__ = ["FusedAdam", "Trainer", "TrainingError", "format_summary", "load_train_data",
            "open_run", "train"]
@@ -263,9 +260,8 @@ def changed_images_notes(run: RunFolder, data: TrainData) -> list[str]:
                           if gained["val"] else [])
         notes.append(f"{count} images have usable features now that {run.path} went without "
                      f"when it last started (e.g. {example!r}): {'; '.join(effects)}")
-    had = _usable_at_last_start(run)
-    lost = [k for k in data.splits["val"] if run.image_digests() and had(k) and
-            k not in data.caption_ids["val"]]
+    had = _usable_at_last_start(run) if run.image_digests() else lambda k: False
+    lost = [k for k in data.splits["val"] if had(k) and k not in data.caption_ids["val"]]
     if lost:
         notes.append(f"{len(lost)} val images {run.path} had usable features of when it last "
                      f"started have none now (e.g. {lost[0]!r}): the validation values of the "
@@ -1409,9 +1405,10 @@ class Trainer:
 
     def _stamped(self, values: dict) -> dict:
         """`values` (of an epoch's entry) with what its validation values were measured on:
-        `VAL_METRIC`_images_sha256 for each, and the document frequencies of val_cider."""
+        `<metric>`_images_sha256 for each monitor, and the document frequencies of
+        val_cider."""
         digests = self._images_digests()
-        stamps = {f"{m}_images_sha256": digests[m] for m in VAL_METRICS
+        stamps = {f"{m}_images_sha256": digests[m] for m in MONITORS
                   if values.get(m) is not None}
         if values.get("val_cider") is not None:
             stamps["cider_df_sha256"] = self.inputs.df_digest()
@@ -1444,7 +1441,7 @@ class Trainer:
         epochs' will be (`_stale`: val_cider of another table of document frequencies, on
         another scale; any value on other validation images) left out: neither the bar nor
         an epoch without improvement (`EarlyStopping` skips an entry without its monitor)."""
-        return [{k: v for k, v in h.items() if not (k in VAL_METRICS and self._stale(h, k))}
+        return [{k: v for k, v in h.items() if not (k in MONITORS and self._stale(h, k))}
                 for h in history]
 
     def _measured_again(self, history: list, done: int) -> Optional[tuple[int, float]]:
@@ -1474,9 +1471,11 @@ class Trainer:
                 with self.averaged():
                     again[done] = self._measure(monitor)
             entry = next((h for h in history if h["epoch"] == best), None)
+            # (a best epoch without val_cider, of the cross-entropy stage, measured for the
+            # self-critical one; not one of another --monitor, whose best.json says which)
             if entry is not None and tc.monitor_for(done - 1) == monitor and \
-                    not (at_end and best == done) and \
-                    (entry.get(monitor) is None or best in stale):
+                    not (at_end and best == done) and (best in stale or (
+                        monitor == "val_cider" and entry.get(monitor) is None)):
                 again[best] = self._best_model_measure(monitor)
         again = {e: v for e, v in again.items() if v is not None}
         was = {}
@@ -1522,15 +1521,16 @@ class Trainer:
         then the restored ones back); None, with a note, when they cannot be loaded."""
         weights = self.model.get_weights()
         try:
-            if not self.run.restore_best_weights(self.model):
-                if not os.path.exists(self.run.best_model):
-                    return None
-                self.model.set_weights(self.run.load_best_model().get_weights())
+            try:   # (only the loading: measuring val_loss is a collective of every worker)
+                if not self.run.restore_best_weights(self.model):
+                    if not os.path.exists(self.run.best_model):
+                        return None
+                    self.model.set_weights(self.run.load_best_model().get_weights())
+            except (UserError, OSError, ValueError) as e:
+                self.log(f"note: cannot measure the {metric} of {self.run.best_model} again "
+                         f"({e}); the next epochs are compared with the resumed one's")
+                return None
             return self._measure(metric)
-        except (UserError, OSError, ValueError) as e:
-            self.log(f"note: cannot measure the {metric} of {self.run.best_model} again "
-                     f"({e}); the next epochs are compared with the resumed one's")
-            return None
         finally:
             self.model.set_weights(weights)
 

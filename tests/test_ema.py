@@ -194,7 +194,7 @@ def test_another_momentum_on_resume_is_noted_and_trains_on(shapes_data, tmp_path
 def seen(monkeypatch):
     """[(what, whether the average was in the model)] for every validation loss ("loss"),
     decoded metric ("metrics") and sample heatmaps ("samples") of the runs trained after.
-    Not for a run that measures best.keras again (`Trainer._best_model_val_cider`): that
+    Not for a run that measures best.keras again (`Trainer._best_model_measure`): that
     model is already the average, put in the model's weights without the swap."""
     from caption_attn import validation
     made, seen = [], []

@@ -251,7 +251,10 @@ def test_val_cider_measured_with_a_val_image_lost_since_is_measured_again(
     assert any(n.startswith(f"note: 1 val images {run} had usable features of when it last "
                             f"started have none now (e.g. {first!r})") for n in notes), notes
     said = [n for n in notes if "measured val_cider on other validation images" in n]
-    assert len(said) == 1 and "epoch 3" in said[0], notes
+    assert len(said) == 1, notes
+    remeasured = said[0].split("measured again on the current ones: ")[1]
+    assert remeasured.startswith(("epoch 1 (best.keras) ", "epoch 3 ")) and \
+        "epoch 3 " in remeasured.split(". Early stopping")[0], said   # the restored one
     history = _history(run)
     assert len(history) == 4
     new = history[3]["val_cider_images_sha256"]

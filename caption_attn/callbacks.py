@@ -545,9 +545,10 @@ def log_hparams(log_dir: str, hparams: dict, since: str) -> Optional[str]:
     So a change rewrites that first one: with `hparams` (the values the run trains with from
     now on, config.json's), and `resume_changes` (HPARAM_CHANGES) adds what changed and
     where (`since`, e.g. "epoch 4: learning_rate 0.01 -> 0.005") to the changes recorded
-    before; the run's start time and group (`_trial_id`) stay. Returns the change ("" when
-    they were written for the first time, or only their names or an earlier version's group
-    changed), None when nothing was written."""
+    before; the run's start time stays, and the group is the run's where it is now
+    (`_trial_id`: a copied or moved run gets its own once, an earlier version's shared one
+    too). Returns the change ("" when they were written for the first time, or only their
+    names or the group changed), None when nothing was written."""
     from tensorboard.plugins.hparams import metadata
 
     trial = _trial_id(log_dir)
@@ -563,13 +564,9 @@ def log_hparams(log_dir: str, hparams: dict, since: str) -> Optional[str]:
                                                    *_hparams_events(hparams, trial, None)])
         return ""
     info = metadata.parse_session_start_info_plugin_data(shown.metadata.plugin_data.content)
-    # the group written stays (a run moved since keeps its own), unless an earlier version
-    # wrote the folder's name alone, which every run of that name shares
-    old = os.path.basename(os.path.dirname(os.path.abspath(log_dir)))
-    group = trial if info.group_name in ("", old) else info.group_name
     before, now = (_plain_hparams(info.hparams), _plain_hparams(_hparams_info(hparams)))
     changes = before.pop(HPARAM_CHANGES, "")
-    if before == now and group == info.group_name:
+    if before == now and trial == info.group_name:
         return None
     change = ", ".join(f"{k} {_hparam_text(before[k])} -> {_hparam_text(now[k])}"
                        for k in sorted(now) if k in before and before[k] != now[k])
@@ -579,7 +576,7 @@ def log_hparams(log_dir: str, hparams: dict, since: str) -> Optional[str]:
     ours = [any(v.tag in _HPARAMS_TAGS for v in event.summary.value) for event in events]
     at, kept = ours.index(True), [event for event, mine in zip(events, ours) if not mine]
     new = _hparams_events({**hparams, **({HPARAM_CHANGES: changes} if changes else {})},
-                          group, info.start_time_secs or None)
+                          trial, info.start_time_secs or None)
     _rewrite_events(path, kept[:at] + new + kept[at:])
     return change
 
@@ -589,7 +586,8 @@ def _trial_id(log_dir: str) -> str:
     digest of its real path (`shapes-1a2b3c4d`). TensorBoard makes the id the session's
     group and shows a group as one row, the first session's hyperparameters beside the mean
     of all its sessions' metrics: by the name alone, the runs of two demos (both
-    `models/shapes`) under one `--logdir` were one row, without a word."""
+    `models/shapes`) under one `--logdir` were one row, without a word; kept from a copy's
+    original, a run copied to try other settings was its original's row."""
     run = os.path.dirname(os.path.abspath(log_dir))
     digest = hashlib.sha256(os.fsencode(os.path.realpath(run))).hexdigest()[:8]
     return f"{os.path.basename(run)}-{digest}"

@@ -24,7 +24,8 @@ from caption_attn.backbone import (FEATURE_SHAPE, GRID, Backbone, prefer_wide_xl
                                    refuse_aborting_precision)
 from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import UserError, counted
-from caption_attn.feature_cache import MANIFEST, images_folders, manifest_path, read_manifest
+from caption_attn.feature_cache import (MANIFEST, cache_images_folders, manifest_path,
+                                         read_manifest)
 from caption_attn.fileio import holding_lock, is_inside, longest_temp_name, one_line
 from caption_attn.images import (ImageError, heatmap_source, is_heatmap_file, left_out_note,
                                  list_images, load_image_and_view, printable_name)
@@ -524,10 +525,7 @@ def run_images_folders(run: RunFolder, cache: str) -> list:
     if recorded:
         found.append((recorded, "the images folder the run was trained on (split.json's "
                                 "images_dir)"))
-    try:
-        extracted = images_folders(read_manifest(cache))
-    except (UserError, OSError):
-        extracted = []
+    extracted = cache_images_folders(cache)
     seen = {os.path.realpath(f) for f, _ in found}
     for folder in extracted:
         if os.path.realpath(folder) not in seen:

@@ -125,7 +125,8 @@ def check_input_paths(args: argparse.Namespace) -> None:
     TensorFlow is imported: `train --captions TYPO` was told after that import (3-6 s), and
     so were a --cache without a manifest and an --images that is no folder (train reads all
     three, resumed or not) and `extract-features --captions TYPO`. In the command's words
-    and order (`train` names its cache and caption file absolute). Not evaluate's caption
+    and order (`train` names its cache and caption file absolute), before train's own checks
+    of the run folder, which only a run that can start needs. Not evaluate's caption
     file: the run (no best model yet, say) is told first, and its records name that file."""
     from caption_attn import data
     if args.command == "train":

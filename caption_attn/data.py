@@ -704,8 +704,8 @@ def _csv_rows(path: str, text: str) -> Iterator[tuple[int, list[str]]]:
 
 
 def _csv_name(field: str) -> str:
-    """A CSV field without surrounding spaces, nor the byte order mark a file joined into
-    another by `cat` leaves at the start of its first line."""
+    """A CSV field without surrounding spaces, nor a byte order mark after them (one that
+    starts a line, as a file joined into another by `cat` leaves, `_csv_rows` removed)."""
     return field.strip().lstrip("\ufeff").strip()
 
 

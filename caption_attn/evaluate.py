@@ -299,8 +299,9 @@ def _metrics_naming(results_path: str, metrics_path: str) -> Optional[str]:
     """Another metrics file of `evaluate` beside `results_path` that names it, or None.
     `--out D/x.json` and `--out D/x_metrics.json` (and the default eval/test_metrics.json
     and `--out eval/test.json`) share D/x_results.json: the second replaced the captions
-    the first's scores are of, exit 0 both times. Read are the .json files there and those
-    named as metrics of that results file (`--out D/x`)."""
+    the first's scores are of, exit 0 both times. Read are only the files whose names give
+    that results file (D/x, D/x.*, D/x_metrics, D/x_metrics.*), and one counts when it
+    names itself too: a copy or a renamed metrics file names other captions."""
     folder, own = os.path.split(results_path)
     try:
         names = sorted(os.listdir(folder or "."))
@@ -309,13 +310,14 @@ def _metrics_naming(results_path: str, metrics_path: str) -> Optional[str]:
     stem = own.removesuffix("_results.json")
     for name in names:
         path = os.path.join(folder, name)
-        if name in (own, os.path.basename(metrics_path)) or not (
-                name.endswith(".json") or
-                os.path.splitext(name)[0].removesuffix("_metrics") == stem):
+        if name == os.path.basename(metrics_path) or \
+                os.path.splitext(name)[0].removesuffix("_metrics") != stem:
             continue
         with contextlib.suppress(OSError):   # gone meanwhile
-            if os.path.isfile(path) and os.path.getsize(path) <= _METRICS_MAX_BYTES and \
-                    _names_results(_read_json_or_none(path), results_path):
+            found = _read_json_or_none(path) if os.path.isfile(path) and \
+                os.path.getsize(path) <= _METRICS_MAX_BYTES else None
+            if _names_results(found, results_path) and isinstance(found["metrics_file"], str) \
+                    and os.path.basename(found["metrics_file"]) == printable_json(name):
                 return path
     return None
 

@@ -934,14 +934,15 @@ def unfound_images_note(unfound: list, usable: int, folder: str, cache: str) -> 
             f"features were taken unchecked, as a changed image's would be")
 
 
-def cache_images(cache: str) -> Optional[str]:
-    """The images folder the feature cache `cache` was extracted from (`source_images`), None
-    when the cache cannot be read yet (its own checks say why, later): a folder the run's
-    files (train's --run, caption's --plot-attention) must not go into."""
+def cache_images_folders(cache: str) -> list[str]:
+    """Every images folder the feature cache `cache` was extracted from (`images_folders`),
+    none when the cache cannot be read yet (its own checks say why, later): folders the
+    run's files (train's --run, caption's --plot-attention, export's --out) must not go
+    into. The last one alone let `train --run` into an earlier one."""
     try:
-        return source_images(read_manifest(cache))
+        return images_folders(read_manifest(cache))
     except (UserError, OSError):
-        return None
+        return []
 
 
 def _why_failed(key: str, failed: dict[str, str]) -> Optional[str]:

@@ -1811,7 +1811,7 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     refuse_aborting_precision(cfg.train.precision, f"--precision {cfg.train.precision}",
                               "train with --precision float32")
     run = RunFolder(run_dir)
-    run.check_writable(cfg.cache, [images_dir, feature_cache.cache_images(cfg.cache)])
+    run.check_writable(cfg.cache, [images_dir, *feature_cache.cache_images_folders(cfg.cache)])
     if images_dir is not None:
         data_lib.check_images_folder(images_dir)
     fresh = cfg.train.fresh
@@ -1853,7 +1853,8 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
     Trainer. What a stopped process logged past the checkpoint is removed as by the Trainer
     (`forget_undone`), so are the shards of a save it was stopped in
     (`checkpoints.remove_save_leftovers`), and TensorBoard gets the epochs' scalars a stop lost
-    (`log_lost_epochs`) and the hyperparameters (`log_hparams`: when missing)."""
+    (`log_lost_epochs`) and the hyperparameters (`log_hparams`: when missing, or of another
+    group: a run copied or moved)."""
     tc = cfg.train
     where, recorded = _resume_position(run), run.caption_file()
     if tc.strategy == "multi-worker" or where is None or where[1] or recorded is None \

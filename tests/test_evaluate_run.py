@@ -2,6 +2,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -663,11 +664,12 @@ def test_results_left_in_the_run_s_own_eval_folder_do_not_block_the_next_evaluat
         evaluate._check_outputs(metrics, results, given=True)
 
 
-@pytest.mark.parametrize("other", ["test.json", "test", "archived.json"])
+@pytest.mark.parametrize("other", ["test.json", "test"])
 def test_an_out_whose_results_file_another_metrics_file_names_is_refused(tmp_path, other):
-    """`--out D/test.json`, `--out D/test` (or a metrics file renamed since) and the default
-    D/test_metrics.json all put their captions in D/test_results.json: the second replaced
-    the captions the first's scores are of, exit 0. Refused naming that metrics file."""
+    """`--out D/test.json`, `--out D/test` and the default D/test_metrics.json all put their
+    captions in D/test_results.json: the second replaced the captions the first's scores
+    are of, exit 0. Refused naming that metrics file; not for a copy of one under another
+    name (its captions are where it was written)."""
     other, results = str(tmp_path / other), str(tmp_path / "test_results.json")
     with open(other, "w") as f:
         json.dump({"split": "test", "metrics_file": other, "results_file": results}, f)
@@ -683,6 +685,12 @@ def test_an_out_whose_results_file_another_metrics_file_names_is_refused(tmp_pat
                 rf"{re.escape(results)}\)$")):
             evaluate._check_outputs(metrics, results, given=given)
     evaluate._check_outputs(other, results)                  # its own pair: replaced
+    # a copy under another name that gives the same results file: it names the original
+    copy = str(tmp_path / ("test" if other.endswith(".json") else "test.json"))
+    shutil.copy(other, copy)
+    os.remove(other)
+    evaluate._check_outputs(metrics, results, given=False)
+    os.rename(copy, other)
     # named by none (left by a killed evaluate): still taken in the run's own eval/
     with open(other, "w") as f:
         json.dump({"split": "test", "metrics_file": other,

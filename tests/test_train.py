@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from caption_attn import train
+from caption_attn import feature_cache, train
 from caption_attn.config import DataConfig, ModelConfig, RunConfig, TrainConfig, VocabConfig
 from caption_attn.errors import UserError
 from caption_attn.run import RunFolder
@@ -1653,7 +1653,8 @@ def test_cache_copied_without_its_times_says_so_and_how_to_fix(shapes_data, copy
 
 @pytest.mark.parametrize("place", ["cache", "inside the cache", "a folder of other files",
                                    "inside the cache through a symlink",
-                                   "inside the images the cache was extracted from"])
+                                   "inside the images the cache was extracted from",
+                                   "inside the images an earlier extraction read"])
 def test_a_run_folder_that_is_the_cache_or_holds_other_files_is_refused(shapes_data,
                                                                        copy_cache, tmp_path,
                                                                        place):
@@ -1661,8 +1662,17 @@ def test_a_run_folder_that_is_the_cache_or_holds_other_files_is_refused(shapes_d
            "a folder of other files": str(tmp_path / "photos"),
            "inside the cache through a symlink": str(tmp_path / "link" / "run"),
            "inside the images the cache was extracted from":
-               os.path.join(shapes_data["images"], "run")}[place]
+               os.path.join(shapes_data["images"], "run"),
+           # not only the cache's last images folder (`--run` was let into an earlier one)
+           "inside the images an earlier extraction read": str(tmp_path / "earlier" / "run")
+           }[place]
     os.symlink(copy_cache, tmp_path / "link")  # `--run link/run` trained into the cache
+    if place == "inside the images an earlier extraction read":
+        manifest = json.load(open(os.path.join(copy_cache, "manifest.json")))
+        manifest["images_dirs"] = [str(tmp_path / "earlier"),
+                                   *feature_cache.images_folders(manifest)]
+        with open(os.path.join(copy_cache, "manifest.json"), "w") as f:
+            json.dump(manifest, f)
     if place == "a folder of other files":
         os.makedirs(run)
         open(os.path.join(run, "holiday.jpg"), "w").close()

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from caption_attn import train
+from caption_attn import callbacks, train
 from caption_attn.run import RunFolder
 
 from test_train import small_config
@@ -186,7 +186,7 @@ def test_a_resume_with_another_learning_rate_shows_it_and_the_change_in_hparams(
     done = len(run_copy.read_history())
     was = cfg.train.learning_rate
     assert hparams_shown(run_copy.path)["learning_rate"] == pytest.approx(was)
-    group = session_start(run_copy.path).group_name   # the row's: the trained run's, copied
+    group = session_start(run_copy.path).group_name   # the trained run's, copied with it
     assert group.startswith("run-")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, epochs=done + 1, learning_rate=was / 2))
@@ -196,7 +196,9 @@ def test_a_resume_with_another_learning_rate_shows_it_and_the_change_in_hparams(
     assert shown["resume_changes"] == (f"epoch {done + 1}: epochs {done} -> {done + 1}, "
                                        f"learning_rate {was:g} -> {was / 2:g}")
     assert len(hparams_sessions(run_copy.path)) == 1
-    assert session_start(run_copy.path).group_name == group   # still the run's own row
+    own = session_start(run_copy.path).group_name     # the copy's own row now
+    assert own.startswith("run-") and own != group
+    assert own == callbacks._trial_id(os.path.join(run_copy.path, "logs"))
     # a rerun with nothing to train keeps the run's rate, as config.json does
     again = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=was))
     assert train.train(again, run_copy.path, progress=False,

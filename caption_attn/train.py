@@ -819,6 +819,10 @@ class Trainer:
         # with: cider_df.json as found, before anything counts it again (`_on_other_table`)
         self._df_found = recorded_digest(self.run.cider_df)
         self._digests: Optional[dict] = None   # `_images_digests`
+        # the same for the validation images of entries without a digest (`_on_other_images`):
+        # the run's val images with usable features when it last started, from split.json
+        # as found, before this call records its own
+        self._val_found = _val_images_at_last_start(self.run, self.data, self._previous)
         # where the source images were checked (a resume: where the run trained), for the
         # heatmaps: the cache's last folder may hold another dataset's images since
         self.images_dir = images_dir or self.data.images_dir or \
@@ -1426,8 +1430,8 @@ class Trainer:
     def _on_other_images(self, entry: dict, metric: str) -> bool:
         """Whether `entry`'s `metric` was measured on other validation images than the next
         epochs' will be (val images gained or lost usable features since; an entry written
-        before the digest was recorded: taken as measured on these)."""
-        images = entry.get(f"{metric}_images_sha256")
+        before the digest was recorded: on those the run had when it last started)."""
+        images = entry.get(f"{metric}_images_sha256", (self._val_found or {}).get(metric))
         return entry.get(metric) is not None and images is not None and \
             images != self._images_digests()[metric]
 
@@ -1569,6 +1573,20 @@ def _measured_again_note(why: str, metric: str, how: str, stale: list, was: dict
         text += (f", not with {_epochs_text(kept)} (nor count "
                  f"{'them' if len(kept) > 1 else 'it'} against --patience)")
     return text
+
+
+def _val_images_at_last_start(run: RunFolder, data: TrainData,
+                              previous: Optional[TrainConfig]) -> Optional[dict]:
+    """{metric: digest of the val images it was measured on} at the run's last start (its
+    val images with usable features then, the first --bleu-images of them for val_bleu4 and
+    val_cider), as `Trainer._images_digests` gives them now; None for a new run, or one too
+    old to have recorded its images' digests."""
+    if previous is None or not run.image_digests():
+        return None
+    had = _usable_at_last_start(run)
+    found = sorted(k for k in data.splits["val"] if had(k))
+    metric = _keys_digest(found[:previous.bleu_images])
+    return {"val_loss": _keys_digest(found), "val_bleu4": metric, "val_cider": metric}
 
 
 def _keys_digest(keys) -> str:

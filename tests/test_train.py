@@ -2230,6 +2230,42 @@ def test_val_bleu4_measured_on_other_val_images_is_measured_again(trained, tmp_p
     assert record["epoch"] == winner and record["value"] == now[winner]
 
 
+def test_entries_without_image_digests_count_as_measured_on_the_last_starts_images(
+        trained, tmp_path):
+    """history.json of a run trained before the digests were recorded: its values count as
+    measured on the val images the run had usable features of when it last started
+    (split.json), so a val image gained since still has them measured again; with the
+    same images, nothing is."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    with open(os.path.join(run, "history.json")) as f:
+        history = [{k: v for k, v in h.items() if not k.endswith("_images_sha256")}
+                   for h in json.load(f)]
+    with open(os.path.join(run, "history.json"), "w") as f:
+        json.dump(history, f)
+    cfg = small_config_like(trained, train=dataclasses.replace(trained["cfg"].train,
+                                                               epochs=5))
+    split_path = RunFolder(run).split
+    split = json.load(open(split_path))
+    gained = sorted(split["splits"]["val"])[0]        # a metric image (the first ones)
+    split["without_features"] = [gained]              # none usable at the last start
+    with open(split_path, "w") as f:
+        json.dump(split, f)
+    notes = []
+    train.train(cfg, run, progress=False, log=notes.append)
+    said = [n for n in notes if "measured val_bleu4 on other validation images" in n]
+    assert len(said) == 1 and "epochs 1, 2, 3, 4 measured" in said[0], notes
+    assert "measured again on the current ones: " in said[0]
+    # the same images as at the last start: nothing measured again
+    run2 = str(tmp_path / "run2")
+    shutil.copytree(trained["run"], run2)
+    with open(os.path.join(run2, "history.json"), "w") as f:
+        json.dump(history, f)
+    notes = []
+    train.train(cfg, run2, progress=False, log=notes.append)
+    assert not [n for n in notes if "on other validation images" in n], notes
+
+
 def test_val_loss_measured_on_other_val_images_is_left_out_or_measured_again(
         shapes_data, tmp_path):
     """The same for val_loss (monitored by default): the restored epoch and best.keras are

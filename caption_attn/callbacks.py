@@ -588,8 +588,8 @@ def _trial_id(log_dir: str) -> str:
     of all its sessions' metrics: by the name alone, the runs of two demos (both
     `models/shapes`) under one `--logdir` were one row, without a word; kept from a copy's
     original, a run copied to try other settings was its original's row."""
-    run = os.path.dirname(os.path.abspath(log_dir))
-    digest = hashlib.sha256(os.fsencode(os.path.realpath(run))).hexdigest()[:8]
+    run = os.path.realpath(os.path.dirname(os.path.abspath(log_dir)))   # one id by any path
+    digest = hashlib.sha256(os.fsencode(run)).hexdigest()[:8]
     return f"{os.path.basename(run)}-{digest}"
 
 

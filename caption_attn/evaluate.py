@@ -299,9 +299,10 @@ def _metrics_naming(results_path: str, metrics_path: str) -> Optional[str]:
     """Another metrics file of `evaluate` beside `results_path` that names it, or None.
     `--out D/x.json` and `--out D/x_metrics.json` (and the default eval/test_metrics.json
     and `--out eval/test.json`) share D/x_results.json: the second replaced the captions
-    the first's scores are of, exit 0 both times. Read are only the files whose names give
-    that results file (D/x, D/x.*, D/x_metrics, D/x_metrics.*), and one counts when it
-    names itself too: a copy or a renamed metrics file names other captions."""
+    the first's scores are of, exit 0 both times. Read are the .json files there and those
+    whose names give that results file (`--out D/x`); one counts when it was written in
+    this folder (`_written_in`): a copy of another run's metrics names that run's captions,
+    but one renamed here (eval/test_epoch5.json) names these."""
     folder, own = os.path.split(results_path)
     try:
         names = sorted(os.listdir(folder or "."))
@@ -310,16 +311,29 @@ def _metrics_naming(results_path: str, metrics_path: str) -> Optional[str]:
     stem = own.removesuffix("_results.json")
     for name in names:
         path = os.path.join(folder, name)
-        if name == os.path.basename(metrics_path) or \
-                os.path.splitext(name)[0].removesuffix("_metrics") != stem:
+        if name in (own, os.path.basename(metrics_path)) or not (
+                name.endswith(".json") or
+                os.path.splitext(name)[0].removesuffix("_metrics") == stem):
             continue
         with contextlib.suppress(OSError):   # gone meanwhile
             found = _read_json_or_none(path) if os.path.isfile(path) and \
                 os.path.getsize(path) <= _METRICS_MAX_BYTES else None
-            if _names_results(found, results_path) and isinstance(found["metrics_file"], str) \
-                    and os.path.basename(found["metrics_file"]) == printable_json(name):
+            if _names_results(found, results_path) and _written_in(found, folder, name):
                 return path
     return None
+
+
+def _written_in(metrics: dict, folder: str, name: str) -> bool:
+    """Whether the metrics JSON read from `folder`/`name` was written in `folder` (under
+    this name, or renamed since): the path it records is there. A relative one is taken
+    from here; by name it is, wherever the folder moved."""
+    recorded = metrics["metrics_file"]
+    if not isinstance(recorded, str):
+        return False
+    here = {printable_json(os.path.abspath(folder or ".")),
+            printable_json(os.path.realpath(folder or "."))}
+    return os.path.basename(recorded) == printable_json(name) or \
+        os.path.abspath(os.path.dirname(recorded) or ".") in here
 
 
 def _is_results_list(path: str) -> bool:

@@ -938,9 +938,11 @@ def cache_images_folders(cache: str) -> list[str]:
     """Every images folder the feature cache `cache` was extracted from (`images_folders`),
     none when the cache cannot be read yet (its own checks say why, later): folders the
     run's files (train's --run, caption's --plot-attention, export's --out) must not go
-    into. The last one alone let `train --run` into an earlier one."""
+    into. The last one alone let `train --run` into an earlier one. Only those there now:
+    one recorded by an extraction killed before its first image, or gone since, holds no
+    image a heatmap could be taken for."""
     try:
-        return images_folders(read_manifest(cache))
+        return [d for d in images_folders(read_manifest(cache)) if os.path.isdir(d)]
     except (UserError, OSError):
         return []
 

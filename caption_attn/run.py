@@ -146,10 +146,11 @@ class RunFolder:
                             f"run a folder of its own, e.g. models/NAME")
         for images in filter(None, images_dirs):
             if is_inside(run, images):
-                raise UserError(f"--run {self.path}: inside the images folder {images}: its "
-                                f"attention heatmaps (PNG files) would be taken for images of "
-                                f"the dataset by extract-features and caption; give the run a "
-                                f"folder of its own, e.g. models/NAME")
+                raise UserError(f"--run {self.path}: inside the images folder {images} (of "
+                                f"the dataset, or one the feature cache was extracted from): "
+                                f"its attention heatmaps (PNG files) would be taken for images "
+                                f"of the dataset by extract-features and caption; give the run "
+                                f"a folder of its own outside it")
         self._refuse_inside_another_run(run)
         self._refuse_files_in_place_of_folders()
         if os.path.isdir(run) and not os.path.exists(self.config):

@@ -855,6 +855,7 @@ class Trainer:
         # fails there leaves config.json describing the settings its checkpoints were made
         # with. Its training settings stay the run's until this call trains (`_save`)
         if self.chief:
+            self._record_found_digests()
             self.data.fix_in(self.run, cfg.captions, cfg.settings_digest())
         self._settings_recorded = self._restored is None
         self._settings_from = "epoch 1"   # where this call's settings apply (`fit` says)
@@ -1417,6 +1418,30 @@ class Trainer:
         if values.get("val_cider") is not None:
             stamps["cider_df_sha256"] = self.inputs.df_digest()
         return {**values, **stamps}
+
+    def _record_found_digests(self) -> None:
+        """history.json's entries written before the digests were (`_stamped`) get the ones
+        they count with (`_val_found`, `_df_found`), before split.json and cider_df.json are
+        written again: read from them at the next start, those would be this start's, and
+        the entries that were measured on the images before and not measured again (or all
+        of them, after a stop before `_measured_again` wrote) would be taken for comparable.
+        Only where they differ from today's: else the next start finds the same."""
+        history = self.run.read_history()
+        now = self._images_digests()
+        found = {f"{m}_images_sha256": d for m, d in (self._val_found or {}).items()
+                 if d != now[m]}
+        # (the references' digest only when an entry needs it: seconds at COCO's size)
+        if self._df_found is not None and any(h.get("val_cider") is not None and
+                                              "cider_df_sha256" not in h for h in history) \
+                and self._df_found != self.inputs.df_digest():
+            found["cider_df_sha256"] = self._df_found
+        missing = [(h, field) for h in history for field, metric in (
+            *((f"{m}_images_sha256", m) for m in MONITORS), ("cider_df_sha256", "val_cider"))
+            if h.get(metric) is not None and field not in h and field in found]
+        if missing:
+            for h, field in missing:
+                h[field] = found[field]
+            write_json_atomic(self.run.history, history)
 
     def _on_other_table(self, entry: dict) -> bool:
         """Whether `entry`'s val_cider was measured with other CIDEr-D document frequencies

@@ -685,12 +685,17 @@ def test_an_out_whose_results_file_another_metrics_file_names_is_refused(tmp_pat
                 rf"{re.escape(results)}\)$")):
             evaluate._check_outputs(metrics, results, given=given)
     evaluate._check_outputs(other, results)                  # its own pair: replaced
-    # a copy under another name that gives the same results file: it names the original
-    copy = str(tmp_path / ("test" if other.endswith(".json") else "test.json"))
-    shutil.copy(other, copy)
-    os.remove(other)
+    # renamed here (eval/test_epoch5.json): its captions are still these
+    renamed = str(tmp_path / "test_epoch5.json")
+    os.rename(other, renamed)
+    with pytest.raises(UserError, match=rf"which {re.escape(renamed)}, the metrics file"):
+        evaluate._check_outputs(metrics, results, given=False)
+    # a copy of another folder's (test_results.json there): not these captions
+    with open(renamed, "w") as f:
+        json.dump({"split": "test", "metrics_file": str(tmp_path / "a" / os.path.basename(other)),
+                   "results_file": str(tmp_path / "a" / "test_results.json")}, f)
     evaluate._check_outputs(metrics, results, given=False)
-    os.rename(copy, other)
+    os.remove(renamed)
     # named by none (left by a killed evaluate): still taken in the run's own eval/
     with open(other, "w") as f:
         json.dump({"split": "test", "metrics_file": other,

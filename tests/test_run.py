@@ -156,8 +156,10 @@ def test_a_run_inside_the_images_or_inside_another_runs_folders_is_refused(tmp_p
     for path, images_dirs in ((images / "run", [str(images)]),
                               (images / "a" / "run", [None, str(images)])):
         with pytest.raises(UserError, match=rf"^--run {path}: inside the images folder "
-                                            rf"{images}: its attention heatmaps \(PNG files\) "
-                                            rf"would be taken for images of the dataset"):
+                                            rf"{images} \(of the dataset, or one the feature "
+                                            rf"cache was extracted from\): its attention "
+                                            rf"heatmaps \(PNG files\) would be taken for "
+                                            rf"images of the dataset"):
             RunFolder(str(path)).check_writable("cache", images_dirs)
     for own in ("checkpoints", "attention", "eval"):
         inner = tmp_path / "other" / own / "inner"

@@ -1668,6 +1668,7 @@ def test_a_run_folder_that_is_the_cache_or_holds_other_files_is_refused(shapes_d
            }[place]
     os.symlink(copy_cache, tmp_path / "link")  # `--run link/run` trained into the cache
     if place == "inside the images an earlier extraction read":
+        os.makedirs(tmp_path / "earlier")          # (one no longer there holds no image)
         manifest = json.load(open(os.path.join(copy_cache, "manifest.json")))
         manifest["images_dirs"] = [str(tmp_path / "earlier"),
                                    *feature_cache.images_folders(manifest)]
@@ -2256,6 +2257,19 @@ def test_entries_without_image_digests_count_as_measured_on_the_last_starts_imag
     said = [n for n in notes if "measured val_bleu4 on other validation images" in n]
     assert len(said) == 1 and "epochs 1, 2, 3, 4 measured" in said[0], notes
     assert "measured again on the current ones: " in said[0]
+    # recorded for good: the next start's split.json is this one's, whose images the
+    # epochs not measured again (1-3 but the best) were not measured on
+    again = json.load(open(os.path.join(run, "history.json")))
+    stale = {h["epoch"] for h in again if h["val_bleu4_images_sha256"] != again[-1][
+        "val_bleu4_images_sha256"]}
+    assert stale and stale <= {1, 2, 3}, again
+    notes = []
+    train.train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=6)),
+                run, progress=False, log=notes.append)
+    said = [n for n in notes if "measured val_bleu4 on other validation images" in n]
+    assert len(said) == 1 and said[0].startswith(
+        f"note: epoch{'s' * (len(stale) > 1)} {', '.join(map(str, sorted(stale)))} measured"), \
+        notes
     # the same images as at the last start: nothing measured again
     run2 = str(tmp_path / "run2")
     shutil.copytree(trained["run"], run2)

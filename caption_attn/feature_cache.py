@@ -335,14 +335,8 @@ def add_images_folder(cache_dir: str, images_dir: str) -> bool:
     names both folders share (`_refuse_shared_names`), and trained those captions on the
     last folder's features. Returns whether it was not recorded before."""
     here = os.path.abspath(images_dir)
-    with cache_lock(cache_dir):
-        m = read_manifest(cache_dir)
-        folders = images_folders(m)
-        if here in folders:
-            return False
-        m["images_dirs"] = folders[:-1] + [here] + folders[-1:]   # the last one stays last
-        write_json_atomic(manifest_path(cache_dir), m, file_names=True)
-        return True
+    return _change_images_folders(cache_dir, lambda folders: None if here in folders else
+                                  folders[:-1] + [here] + folders[-1:])   # the last stays last
 
 
 def remove_images_folder(cache_dir: str, images_dir: str) -> None:
@@ -350,10 +344,20 @@ def remove_images_folder(cache_dir: str, images_dir: str) -> None:
     the cache holds nothing of that folder (a kill leaves it recorded: a refusal to come
     that names it, `_refuse_shared_names`, is mended by --images)."""
     here = os.path.abspath(images_dir)
+    _change_images_folders(cache_dir, lambda folders: [d for d in folders if d != here])
+
+
+def _change_images_folders(cache_dir: str, change) -> bool:
+    """The manifest's `images_dirs` as `change(folders)` makes them, under the cache's lock
+    (None: left as they are). Returns whether they were written."""
     with cache_lock(cache_dir):
         m = read_manifest(cache_dir)
-        m["images_dirs"] = [d for d in images_folders(m) if d != here]
+        folders = change(images_folders(m))
+        if folders is None:
+            return False
+        m["images_dirs"] = folders
         write_json_atomic(manifest_path(cache_dir), m, file_names=True)
+        return True
 
 
 def record_run(cache_dir: str, images_dir: str, failed: dict[str, str],

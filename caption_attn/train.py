@@ -227,6 +227,15 @@ def _usable_at_last_start(run: RunFolder) -> Callable[[str], bool]:
     return lambda k: k in recorded and (went_without is None or k not in went_without)
 
 
+def _had_at_last_start(run: RunFolder, data: TrainData, split: str) -> Optional[list[str]]:
+    """The images of `split` with usable features when the run last started (in split
+    order); None for a run too old to have recorded digests."""
+    if not run.image_digests():
+        return None
+    had = _usable_at_last_start(run)
+    return [k for k in data.splits[split] if had(k)]
+
+
 def _gained(run: RunFolder, data: TrainData, split: str) -> list[str]:
     """The images of `split` with usable features now that the run went without when it last
     started (keys with a digest now and none then: an image without one is in neither; none
@@ -260,8 +269,8 @@ def changed_images_notes(run: RunFolder, data: TrainData) -> list[str]:
                           if gained["val"] else [])
         notes.append(f"{count} images have usable features now that {run.path} went without "
                      f"when it last started (e.g. {example!r}): {'; '.join(effects)}")
-    had = _usable_at_last_start(run) if run.image_digests() else lambda k: False
-    lost = [k for k in data.splits["val"] if had(k) and k not in data.caption_ids["val"]]
+    lost = [k for k in _had_at_last_start(run, data, "val") or []
+            if k not in data.caption_ids["val"]]
     if lost:
         notes.append(f"{len(lost)} val images {run.path} had usable features of when it last "
                      f"started have none now (e.g. {lost[0]!r}): the validation values of the "
@@ -1606,10 +1615,10 @@ def _val_images_at_last_start(run: RunFolder, data: TrainData,
     val images with usable features then, the first --bleu-images of them for val_bleu4 and
     val_cider), as `Trainer._images_digests` gives them now; None for a new run, or one too
     old to have recorded its images' digests."""
-    if previous is None or not run.image_digests():
+    had = _had_at_last_start(run, data, "val")
+    if previous is None or had is None:
         return None
-    had = _usable_at_last_start(run)
-    found = sorted(k for k in data.splits["val"] if had(k))
+    found = sorted(had)
     metric = _keys_digest(found[:previous.bleu_images])
     return {"val_loss": _keys_digest(found), "val_bleu4": metric, "val_cider": metric}
 

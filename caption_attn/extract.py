@@ -11,8 +11,9 @@ A rerun resumes (`_plan`): a feature file counts as done only if its index entry
 cache's identity, its stat matches the entry and its source image's size and mtime match too
 (an image with a new mtime but the same sha256 is only re-indexed); everything else is
 extracted again and reported (one that fails then loses its old file: not counted, not used).
-`--verify` also hashes every image and reads every feature file fully. shard = sha256(key) mod
-num_shards, and shards may write into one cache concurrently.
+`--verify` also hashes every image and reads every feature file fully (the files of images
+it finds changed under the same size and mtime are removed before any is extracted).
+shard = sha256(key) mod num_shards, and shards may write into one cache concurrently.
 The cache itself (layout, checks, manifest, identity) is `feature_cache`.
 """
 
@@ -37,12 +38,12 @@ from caption_attn import progress as progress_lib
 from caption_attn.backbone import IMAGE_SIZE, Backbone, refuse_aborting_precision
 from caption_attn.config import ExtractConfig
 from caption_attn.data import image_key_problem
-from caption_attn.errors import UserError, WriteFailed
+from caption_attn.errors import UserError, WriteFailed, counted
 from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
 from caption_attn.feature_index import (IMAGE_CHANGED, RERUN, ImageStamp, SegmentWriter,
                                         make_entry)
-from caption_attn.fileio import (check_utf8_path, describe_holders, file_digest,
-                                 longest_temp_name, one_line, write_bytes_atomic)
+from caption_attn.fileio import (check_utf8_path, describe_holders, longest_temp_name,
+                                 one_line, write_bytes_atomic)
 from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, heatmaps_note,
                                  is_heatmap_file, left_out_note, list_images, printable_name,
                                  read_image_file, resize_image)
@@ -280,20 +281,28 @@ class _Plan(NamedTuple):
     others: dict[str, str]     # key of `redo` -> the other images folder whose image of that
                                # name (as it is now) its features are of
     copies: set                # those of the folders this folder is a copy of
+    unmarked: list[str]        # keys of `redo` whose image `--verify` found changed under
+                               # the same size and mtime: nothing else tells their features
+                               # are outdated (`_remove_unmarked`)
 
 
 _UNREADABLE = ""   # `_image_sha256` of an image that exists but cannot be read
+# why `--verify` extracts an image again whose size and mtime are those its index entry
+# records: only its sha256 differs, so no other command can tell (`_Plan.unmarked`)
+SAME_STAT_CHANGED = f"{IMAGE_CHANGED} (same size and modification time, other content)"
 
 
 def _image_sha256(images_dir: str, key: str) -> Optional[str]:
     """The image's sha256 now; None when it is gone (its features still are those of the
-    image as it was); _UNREADABLE on any other OSError (e.g. no read permission)."""
+    image as it was); _UNREADABLE when it cannot be read (e.g. no read permission) or is no
+    regular file. Read as the decode path reads it (`images.read_image_file`): an image
+    replaced by a FIFO (or a link to /dev/zero) hung the rerun here, before its progress
+    bar, in a pool thread even Ctrl-C waited for."""
     try:
-        return file_digest(os.path.join(images_dir, key))
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return _UNREADABLE
+        data, _ = read_image_file(os.path.join(images_dir, key))
+    except ImageError as e:
+        return None if str(e) == "missing" else _UNREADABLE
+    return hashlib.sha256(data).hexdigest()
 
 
 def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: bool,
@@ -320,8 +329,7 @@ def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: 
                 if checks[key].reason:
                     redo[key] = IMAGE_CHANGED
             elif hashes[key] is not None and hashes[key] != checks[key].entry.image_sha256:
-                redo[key] = IMAGE_CHANGED if checks[key].reason else \
-                    f"{IMAGE_CHANGED} (same size and modification time, other content)"
+                redo[key] = IMAGE_CHANGED if checks[key].reason else SAME_STAT_CHANGED
         kept = [k for k in kept if k not in redo]
         if verify:
             results = pool.map(lambda k: check_feature_file(checks[k].path, manifest["dtype"],
@@ -347,10 +355,14 @@ def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: 
     todo = [k for k in keys if k in redo or checks[k].reason == "missing"]
     others = _of_other_folders({k: checks[k].entry for k, r in redo.items()
                                 if r.startswith(IMAGE_CHANGED)}, manifest, images_dir)
+    # only the kept images found here are this folder's: a caption file's key whose image
+    # is missing here keeps its features too, and counting those, another dataset sharing
+    # a few names with the cache's folder passed for a copy of it (their features replaced)
+    found_here = {k: checks[k].entry for k in done if checks[k].image_stat is not None}
     copies = {folder for folder in set(others.values())
-              if _is_copy_of(folder, {k: checks[k].entry for k in done},
-                             sum(f == folder for f in others.values()))}
-    return _Plan(done, todo, redo, reindexed, others, copies)
+              if _is_copy_of(folder, found_here, sum(f == folder for f in others.values()))}
+    unmarked = [k for k, r in redo.items() if r == SAME_STAT_CHANGED]
+    return _Plan(done, todo, redo, reindexed, others, copies, unmarked)
 
 
 def _same_image(folder: str, key: str, entry) -> bool:
@@ -384,12 +396,12 @@ def _of_other_folders(entries: dict, manifest: dict, images_dir: str) -> dict[st
 
 def _is_copy_of(folder: str, done: dict, changed: int) -> bool:
     """This images folder is a copy of `folder` (`cp -a`, `rsync -a`): at least as many of
-    its images whose features are kept (`done`: key -> index entry) are also, by size and
-    mtime, `folder`'s images of those names as `changed`, its images of `folder`'s names
-    with other content. Those are then edits of the same dataset, extracted as before; a
-    folder with fewer in common is another dataset (one image copied into a folder of others
-    made the whole folder pass for a copy, and its other images replaced `folder`'s
-    features)."""
+    its images whose features are kept (`done`: key -> index entry, of images found in this
+    folder only) are also, by size and mtime, `folder`'s images of those names as
+    `changed`, its images of `folder`'s names with other content. Those are then edits of
+    the same dataset, extracted as before; a folder with fewer in common is another dataset
+    (one image copied into a folder of others made the whole folder pass for a copy, and
+    its other images replaced `folder`'s features)."""
     same = 0
     for key, entry in done.items():
         same += _same_image(folder, key, entry)
@@ -414,6 +426,34 @@ def _refuse_replacing(images_dir: str, others: dict[str, str]) -> UserError:
         f"{folder}'s captions would train on or be scored against these images. A cache holds "
         f"one feature file per image path: extract this dataset into another --cache (one "
         f"per dataset), or, if these images are to replace those, add --replace-other-images")
+
+
+def _naming_unmarked(error: UserError, unmarked: list[str]) -> UserError:
+    """`error` (a refusal that stops the run before `_remove_unmarked`) also naming the
+    feature files `--verify` found outdated (`_Plan.unmarked`): they stay as they are, and
+    the refusal was all the run said, so `train` and `evaluate` went on with them."""
+    if not unmarked:
+        return error
+    n = len(unmarked)
+    return type(error)(
+        f"{error.message}. Also, --verify found {counted(n, 'image')} whose content changed "
+        f"under the same size and modification time (e.g. {one_line(unmarked[0])}): "
+        f"{'its feature file is' if n == 1 else 'their feature files are'} still of the "
+        f"image as it was, and `train` and `evaluate`, which compare only sizes and "
+        f"modification times, use {'it' if n == 1 else 'them'} until an `extract-features "
+        f"--verify` gets past this refusal", error.exit_code, error.lines)
+
+
+def _remove_unmarked(cache: str, unmarked: list[str]) -> None:
+    """Remove the feature files `--verify` found outdated (`_Plan.unmarked`) once the run's
+    refusals have passed: their index entries still vouch for them (the image's size and
+    mtime are the recorded ones), so a run that stopped before their turn (Ctrl-C, a kill,
+    random weights that could not be read) left them to `train`, which took the features
+    of the image as it was. Removed, they are "missing" until extracted, as the file of a
+    changed image that fails now (`outdated`)."""
+    for key in unmarked:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(feature_path(cache, key))
 
 
 def _extract_with_progress(backbone: Backbone, images_dir: str, todo: list[str],
@@ -503,9 +543,10 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
         plan = _plan(cache, mine, manifest, images_dir, cfg.verify, workers, index)
         refused = {k: f for k, f in plan.others.items() if f not in plan.copies}
         if refused and not cfg.replace_other_images:
-            raise _refuse_replacing(images_dir, refused)
+            raise _naming_unmarked(_refuse_replacing(images_dir, refused), plan.unmarked)
         if busy is not None and (plan.redo or drawn):   # rewritten or removed
-            raise busy
+            raise _naming_unmarked(busy, plan.unmarked)
+        _remove_unmarked(cache, plan.unmarked)
         if backbone is None and plan.todo:  # a random backbone's cache: its saved weights
             backbone = Backbone.from_manifest(cache)
         if plan.todo:

@@ -241,10 +241,28 @@ def using_features(cache_dir: str, writing: bool, readers_ok: bool = False):
     finally:
         if held is not None:
             held.close()
-        # a first extraction that failed before its manifest leaves no folder of lock files
-        with contextlib.suppress(OSError):
-            if created and set(os.listdir(cache_dir)) <= {READING, WRITING, LOCK}:
-                shutil.rmtree(cache_dir)
+        if created:   # a first extraction that failed before its manifest
+            _remove_if_only_locks(cache_dir)
+
+
+def _remove_if_only_locks(cache_dir: str) -> None:
+    """Remove the cache folder a first extraction created when it holds nothing but the
+    cache's lock files, under the cache's lock and only when no other process holds
+    .writing.lock or .reading.lock: another extraction (a shard) started meanwhile writes
+    into it, and removing the lock file it held let a `train` start beside it, on the
+    images extracted so far. (Where the file system has no locks, none tells.)"""
+    with contextlib.suppress(OSError):
+        with _exclusive(cache_dir, create=False):
+            if not set(os.listdir(cache_dir)) <= {READING, WRITING, LOCK}:
+                return
+            for name in (WRITING, READING):
+                path = os.path.join(cache_dir, name)
+                f = lock_file(path) if os.path.exists(path) else None
+                if f is not None:
+                    with f:
+                        # held by another: BlockingIOError, and the folder stays
+                        flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(cache_dir)
 
 
 def other_writers(cache_dir: str) -> list[int]:
@@ -676,8 +694,10 @@ def describe_difference(a: dict, b: dict) -> str:
 
 
 def _settings_text(identity: dict) -> str:
-    """The extract-features flags that make features of this identity."""
-    flags = f"--weights {identity.get('weights')}"
+    """The extract-features flags that make features of this identity (a weights file's
+    path quoted for the shell, as the commands' other paths: one with a space broke the
+    command pasted)."""
+    flags = f"--weights {shlex.quote(str(identity.get('weights')))}"
     if identity.get("weights") == "random":
         flags += f" --seed {identity.get('seed')}"
     return f"{flags} --dtype {identity.get('dtype')} --precision {identity.get('precision')}"

@@ -6,6 +6,7 @@ change a cache work on a copy of it (`cache_copy`).
 """
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import cv2
@@ -260,6 +262,67 @@ def test_changed_images_are_extracted_again(images, extracted, cache_copy, tmp_p
     assert problems == {}
 
 
+def _with_changed_bitmap(images, tmp_path) -> str:
+    """A copy of `images` (sizes and mtimes kept) whose bitmap.bmp has other pixels under
+    the same size and mtime: only --verify (sha256) tells."""
+    work = str(tmp_path / "images")
+    shutil.copytree(images, work)
+    bmp = os.path.join(work, "bitmap.bmp")
+    st = os.stat(bmp)
+    with open(bmp, "r+b") as f:
+        f.seek(st.st_size - 3000)
+        f.write(bytes(range(256)) * 4)
+    _restore_mtime(bmp, st)
+    return work
+
+
+def test_a_verify_finding_is_named_by_the_refusal_that_stops_the_run(images, cache_copy,
+                                                                     tmp_path):
+    """--verify found an image changed under the same size and mtime, and a refusal (here:
+    a train reads the cache) stopped the run without a word of it: the index still vouched
+    for the old features, and train went on with them. The refusal names them now."""
+    work = _with_changed_bitmap(images, tmp_path)
+    path = feature_path(cache_copy, "bitmap.bmp")
+    before = os.stat(path).st_mtime_ns
+    with feature_cache.using_features(cache_copy, writing=False):        # a running train
+        with pytest.raises(feature_cache.CacheInUse) as e:
+            extract_features(work, extract_cfg(cache_copy, verify=True),
+                             keys=list_images(work), progress=False)
+    assert "is reading its features now" in str(e.value)
+    assert ("Also, --verify found 1 image whose content changed under the same size and "
+            "modification time (e.g. bitmap.bmp): its feature file is still of the image as "
+            "it was" in str(e.value))
+    assert os.stat(path).st_mtime_ns == before                           # nothing changed
+    refusal = extract._naming_unmarked(extract._refuse_replacing(work, {"a.jpg": images}),
+                                       ["bitmap.bmp", "b.png"])
+    assert refusal.message.startswith(f"--images {work}: 1 of its images have the names")
+    assert "--verify found 2 images whose content changed" in refusal.message
+    assert "(e.g. bitmap.bmp): their feature files are still" in refusal.message
+
+
+def test_a_verify_finding_survives_a_run_stopped_before_its_turn(images, cache_copy, tmp_path,
+                                                                 monkeypatch, capsys):
+    """A run stopped after --verify found an image changed under the same size and mtime
+    (Ctrl-C, a kill, random weights that cannot be read) left the old features vouched
+    for by the index: train took them. They are removed before anything else, so they are
+    "missing" until extracted."""
+    from caption_attn.backbone import Backbone
+
+    work = _with_changed_bitmap(images, tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Backbone, "from_manifest", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(work, extract_cfg(cache_copy, verify=True), keys=list_images(work),
+                         progress=False)
+    assert "the same command extracts them" in capsys.readouterr().err
+    _, problems = feature_cache.usable_features(cache_copy, GOOD, read_manifest(cache_copy),
+                                                work)
+    assert problems == {"bitmap.bmp": "missing"}
+
+
 def test_a_folder_sharing_fewer_images_than_it_changes_is_no_copy(images, cache_copy,
                                                                   tmp_path):
     """One image copied from the cache's folder into a folder of other images made the whole
@@ -279,6 +342,21 @@ def test_a_folder_sharing_fewer_images_than_it_changes_is_no_copy(images, cache_
         shutil.copy2(os.path.join(images, name), other / name)
     summary = extract_features(str(other), extract_cfg(cache_copy), progress=False)
     assert summary["replaced_others"] == {"a.jpg": images, "b.png": images}
+
+
+def test_images_missing_here_are_no_evidence_of_a_copy(images, cache_copy, tmp_path):
+    """The caption file's images missing from --images kept their features and counted as
+    this folder's images the very files of the cache's folder: a folder of two other
+    images sharing two names passed for a copy, and their features were replaced."""
+    other = tmp_path / "other"
+    write_rgb(str(other / "a.jpg"), scene(33))
+    write_rgb(str(other / "b.png"), scene(35))
+    keys = ["a.jpg", "b.png", "sub/c.jpg", "gray.jpg"]      # the last two: not in `other`
+    before = os.stat(feature_path(cache_copy, "a.jpg")).st_mtime_ns
+    with pytest.raises(UserError, match=rf"^--images {other}: 2 of its images have the names "
+                                        rf"of images of {images}"):
+        extract_features(str(other), extract_cfg(cache_copy), keys=keys, progress=False)
+    assert os.stat(feature_path(cache_copy, "a.jpg")).st_mtime_ns == before
 
 
 def test_same_names_from_another_images_folder_are_refused(images, cache_copy, tmp_path):
@@ -485,6 +563,36 @@ def test_changed_image_that_now_fails_is_reported_failed_and_its_old_file_remove
     usable, problems = feature_cache.usable_features(cache_copy, GOOD,
                                                      read_manifest(cache_copy))
     assert "b.png" not in usable and "b.png" in problems
+
+
+def test_an_image_replaced_by_a_fifo_fails_alone_instead_of_hanging_the_rerun(
+        images, cache_copy, tmp_path):
+    """An image replaced by a FIFO has a new stat, so the rerun hashed it (an edit or only a
+    touch?) with a plain open(), which waits for a writer forever, in a pool thread even
+    Ctrl-C waited for. It is read as the decode path reads it now: not a regular file, it
+    fails alone and its old features are removed."""
+    work = str(tmp_path / "images")
+    shutil.copytree(images, work)
+    fifo = os.path.join(work, "a.jpg")
+    os.remove(fifo)
+    os.mkfifo(fifo)
+    result = []
+    hashing = threading.Thread(target=lambda: result.append(extract._image_sha256(work, "a.jpg")),
+                               daemon=True)
+    hashing.start()
+    hashing.join(10)
+    hung = hashing.is_alive()
+    while hashing.is_alive():   # let a thread stuck in open() go: a writer, then end of file
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        hashing.join(0.1)
+    assert not hung and result == [extract._UNREADABLE]
+
+    summary = extract_features(work, extract_cfg(cache_copy), keys=["a.jpg", "b.png"],
+                               progress=False)
+    assert summary["failures"]["a.jpg"].startswith("not a regular file")
+    assert summary["stale_removed"] == {"a.jpg": feature_index.IMAGE_CHANGED}
+    assert summary["skipped"] == 1 and not os.path.exists(feature_path(cache_copy, "a.jpg"))
 
 
 EXTRACT_AS_USER = """

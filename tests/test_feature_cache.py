@@ -561,6 +561,47 @@ def test_features_in_use_holds_nothing_where_there_is_no_cache(tmp_path):
                                        "manifest.json"]
 
 
+def test_a_failed_first_extraction_keeps_a_folder_another_extraction_holds(tmp_path):
+    """A first extraction that failed before its manifest removed its new cache folder of
+    lock files, the .writing.lock another extraction (a shard started meanwhile) held with
+    it: a `train` started then was not refused, and trained on a half-extracted cache. The
+    folder stays while another holds a lock in it (with none: removed, as
+    test_features_in_use_holds_nothing_where_there_is_no_cache checks)."""
+    import fcntl
+
+    new = tmp_path / "new_cache"
+    held = []
+    with pytest.raises(RuntimeError):
+        with using_features(str(new), writing=True):
+            shard = open(new / ".writing.lock", "a+")       # another shard's lock
+            fcntl.flock(shard.fileno(), fcntl.LOCK_SH)
+            held.append(shard)
+            raise RuntimeError("the backbone could not be built")
+    with held[0]:
+        lock = new / ".writing.lock"
+        assert lock.exists() and os.path.samestat(os.stat(lock), os.fstat(held[0].fileno()))
+        (new / "manifest.json").write_text("{}")            # the shard's, written on
+        with pytest.raises(CacheInUse, match="is writing into it"):
+            with using_features(str(new), writing=False):   # a train started now
+                pass
+
+
+def test_fix_commands_quote_the_weights_path(cache_copy):
+    """A cache made with `--weights PATH` printed the path unquoted in every fix command:
+    pasted, one with a space ended as "--weights /m/My" and an unrecognised argument."""
+    import shlex
+
+    from caption_attn.feature_cache import _settings_text, extract_command
+
+    manifest = {**read_manifest(cache_copy), "weights": "/m/My W/w.h5", "seed": None}
+    assert "--weights '/m/My W/w.h5' --dtype float16" in _settings_text(manifest)
+    command = extract_command(cache_copy, manifest, "caps.json", "/data/my images")
+    words = shlex.split(command)
+    assert words[words.index("--weights") + 1] == "/m/My W/w.h5"
+    assert words[words.index("--images") + 1] == "/data/my images"
+    assert "--weights random --seed 0" in _settings_text(read_manifest(cache_copy))
+
+
 def test_extraction_beside_a_reader_refuses_only_to_change_its_files(images, cache_copy):
     """Beside a running train or evaluate, a feature file to extract again (its image
     changed, or the file) is refused before anything is written; new images' files harm

@@ -58,7 +58,8 @@ def check_strategy(name: str, environ=os.environ) -> None:
         raise UserError(f"--strategy multi-worker: the TF_CONFIG cluster has one process, so it "
                         f"would train alone; list every worker ({example}), or use "
                         f"--strategy default on one machine")
-    if not isinstance(task, dict) or task.get("type") not in cluster \
+    if not isinstance(task, dict) or not isinstance(task.get("type"), str) \
+            or task["type"] not in cluster \
             or not isinstance(task.get("index"), int) or isinstance(task.get("index"), bool) \
             or not 0 <= task["index"] < len(cluster[task["type"]]):
         raise UserError(f"--strategy multi-worker: TF_CONFIG's \"task\" must name this "
@@ -178,20 +179,28 @@ def first_local(strategy: tf.distribute.Strategy, value):
     return strategy.experimental_local_results(value)[0]
 
 
-def check_workers_agree(strategy: tf.distribute.Strategy, step: int, restored: Optional[str],
-                        checkpoints: str, settings: str = "") -> None:
-    """Multi-worker: every worker must start from the same step with the same settings
-    (`RunConfig.settings_digest(with_train=True)`), or the all-reduced gradients would mix
-    different models (a worker started with another --learning-rate trained on, exit 0, its
-    weights 0.09 apart after 10 steps; one with another --seed fed other captions). Raised
-    on every worker alike: each compares the spread over all workers, the same number
-    everywhere."""
+def check_workers_agree(strategy: tf.distribute.Strategy, step: Optional[int] = None,
+                        restored: Optional[str] = None, checkpoints: str = "",
+                        agree: Optional[dict] = None) -> None:
+    """Multi-worker: every worker must start with the same settings and data, `agree`
+    ({what: its hex digest}, e.g. "flags": `RunConfig.settings_digest(with_train=True)`,
+    "vocabulary", "split", ...), and from the same `step` (None: not compared), or the
+    all-reduced gradients would mix different models (a worker started with another
+    --learning-rate trained on, exit 0, its weights 0.09 apart after 10 steps; one with
+    another --seed fed other captions) or different data (a worker whose cache lacked a few
+    train features fitted another vocabulary: one word's gradients were summed with another
+    word's). Raised on every worker alike, naming what differs: each compares the spread
+    over all workers, the same numbers everywhere. A collective: every worker calls it at
+    the same point."""
     if _cluster(strategy) is None:
         return
-    # the step, then the digest's first 64 bits as four 16-bit numbers: float64 sums of
+    agree = dict(agree or {})
+    # the step, then each digest's first 64 bits as four 16-bit numbers: float64 sums of
     # them (and of their squares) are exact, so equal values have a spread of exactly 0
-    chunks = [int(settings[i:i + 4] or "0", 16) for i in range(0, 16, 4)]
-    value = tf.constant([float(step)] + [float(c) for c in chunks], tf.float64)   # (5,)
+    chunks = [int(digest[i:i + 4] or "0", 16) for digest in agree.values()
+              for i in range(0, 16, 4)]
+    value = tf.constant([float(step or 0)] + [float(c) for c in chunks],
+                        tf.float64)   # (1 + 4P,)
 
     def spread():
         ctx = tf.distribute.get_replica_context()
@@ -199,13 +208,17 @@ def check_workers_agree(strategy: tf.distribute.Strategy, step: int, restored: O
         return ctx.all_reduce("sum", tf.square(value - mean)), mean
     spread_sum, mean = (first_local(strategy, x).numpy() for x in
                         tf.function(lambda: strategy.run(spread))())
-    if spread_sum[1:].any():
+    differ = [what for i, what in enumerate(agree) if spread_sum[1 + 4 * i:5 + 4 * i].any()]
+    if differ:
         raise UserError(
-            f"the workers were started with other settings (this worker's: sha256 "
-            f"{settings[:12]}… of its data, vocabulary, model and training flags): every "
-            f"worker must run the same `caption-attn train` command, but for the paths of "
-            f"--captions, --cache and --run and --memory-cache-gb")
-    if spread_sum[0] > 0:
+            f"the workers were started with other settings or data: they differ in their "
+            f"{', '.join(differ)} (this worker's: "
+            f"{', '.join(f'{what} sha256 {agree[what][:12]}…' for what in differ)}); every "
+            f"worker must run the same `caption-attn train` command (but for the paths of "
+            f"--captions, --cache and --run and --memory-cache-gb) on the same caption data "
+            f"and a copy of the same feature cache, the same train and val images' features "
+            f"usable (each worker's notes say which images it skipped)")
+    if step is not None and spread_sum[0] > 0:
         raise UserError(
             f"the workers restored different checkpoints (this worker: step {step} from "
             f"{restored or 'none'}; mean over workers {mean[0]:.1f}). Every worker must see the "
@@ -226,7 +239,9 @@ def other_worker_stopped(error: BaseException, environ=os.environ) -> Optional[s
     raised from) is TensorFlow's word that a collective op lost another worker of the run:
     one stopped (Ctrl-C, SIGTERM, a crash) or can no longer be reached. The surviving worker
     printed ~100 lines and a traceback of CollectiveReduceV2 ("Socket closed" from the chief,
-    "The tasks have crashed" from a worker), where rerunning every worker resumes the run.
+    "The tasks have crashed" from a worker), where rerunning every worker resumes the run;
+    unless the other one failed (a damaged feature file its table met, a full disk): its own
+    output says why, and a rerun fails alike until that is fixed, which the line says.
     The worker named is the one other than this process (`environ`'s TF_CONFIG) that
     TensorFlow's message names, if it names one. None for any other error, and when this
     process's own Ctrl-C or SIGTERM is in the chain (its stop is the news)."""
@@ -247,8 +262,9 @@ def other_worker_stopped(error: BaseException, environ=os.environ) -> Optional[s
             if len(others) == 1:
                 job, index = others.pop()
                 who = " (chief)" if job == "chief" else f" ({job} {index})"
-            return (f"another worker of this multi-worker run stopped{who}: rerun the same "
-                    f"command on every worker to resume from the last checkpoint")
+            return (f"another worker of this multi-worker run stopped{who}: if it failed, "
+                    f"its own output says why (fix that first); then rerun the same command "
+                    f"on every worker to resume from the last checkpoint")
     return None
 
 

@@ -329,17 +329,28 @@ class RunFolder:
         return entries
 
     @contextlib.contextmanager
-    def training_lock(self):
+    def training_lock(self, shared: bool = False):
         """Held while `train` works on this run: an exclusive flock on RUN/.train.lock
         (`fileio.holding_lock`). Two `train`s of one run (a second terminal, a command rerun
         while the first still ran) restored the same checkpoint and wrote checkpoints,
-        history.json and the best model over each other: nothing stopped them. The lock goes
-        with the process, also when it is killed; the folder must exist."""
-        with holding_lock(os.path.join(self.path, ".train.lock"), lambda who: (
-                f"--run {self.path}: another `caption-attn train`{who} is training this run "
-                f"now; two would write checkpoints, history.json and the best model over each "
-                f"other: wait for it to end (or stop it), or train into another --run")):
-            yield
+        history.json and the best model over each other: nothing stopped them. `shared`: the
+        workers of a multi-worker run, which train it together (each one's lock shared with
+        the others on the same file system), but never beside another `train` (nor a `train
+        --fresh`, which deleted their checkpoints under them); the last of them to end
+        removes the lock file, as an exclusive holder does. The lock goes with the process,
+        also when it is killed; the folder must exist."""
+        path = os.path.join(self.path, ".train.lock")
+        try:
+            with holding_lock(path, lambda who: (
+                    f"--run {self.path}: another `caption-attn train`{who} is training this "
+                    f"run now; two would write checkpoints, history.json and the best model "
+                    f"over each other: wait for it to end (or stop it), or train into another "
+                    f"--run"), shared=shared):
+                yield
+        finally:
+            if shared:   # removed unless another holds it (`holding_lock`, exclusive)
+                with contextlib.suppress(UserError), holding_lock(path, lambda who: ""):
+                    pass
 
     @contextlib.contextmanager
     def reading_lock(self, command: str):

@@ -37,11 +37,12 @@ from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoa
 from caption_attn.cider import CiderD
 from caption_attn.config import DTYPE_POLICIES, MONITORS, RunConfig, TrainConfig, flag_name
 from caption_attn.errors import TrainingError, UserError, free_space
-from caption_attn.fileio import check_utf8_path, read_json, write_json_atomic
+from caption_attn.fileio import check_utf8_path, read_json, temp_name, write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
 from caption_attn.optimizer import (AveragedWeights, FusedAdam, StagedLearningRate, inner,
                                     make_optimizer)
-from caption_attn.run import RunFolder, changed_settings_note, metric_text
+from caption_attn.run import (RunFolder, changed_settings_note, metric_text,
+                              splits_digest)
 from caption_attn.scst import SelfCritical, recorded_digest
 from caption_attn.steps import EpochTotals, Steps
 from caption_attn.train_data import (SPLIT_FIELDS, EpochData, TrainData, checked_in_line,
@@ -839,16 +840,18 @@ class Trainer:
         keras.utils.set_random_seed(cfg.data.seed)
         self.inputs = EpochData(cfg, self.data, self.strategy, self.run, self.chief,
                                 log=self.log)
+        # multi-worker: workers with other settings or data are refused before the model is
+        # built (another vocabulary's size: weights of other shapes), those that restore other
+        # steps after, all before any of them writes the run folder (a refused start left the
+        # odd worker's config.json, and the matching rerun was then refused as a changed
+        # configuration)
+        distribute.check_workers_agree(self.strategy, agree=self._agreement())
         # the cosine decay spans the cross-entropy epochs, never --max-steps: a run stopped
         # by it and rerun takes the learning rates of an uninterrupted run
         self._build_state(tc.cross_entropy_epochs
                           * self.inputs.steps_per_epoch)
-        # multi-worker: workers with other settings or steps are refused before any of them
-        # writes the run folder (a refused start left the odd worker's config.json, and the
-        # matching rerun was then refused as a changed configuration)
         distribute.check_workers_agree(self.strategy, int(self.step.numpy()), self._restored,
-                                       self.run.checkpoints,
-                                       self.cfg.settings_digest(with_train=True))
+                                       self.run.checkpoints)
         self.inputs.load_table()
         if self._restored and self._trains_on():   # no step to come: no word on their rate
             for note in filter(None, (self._resume_rate_note(), self._steps_changed_note())):
@@ -868,8 +871,50 @@ class Trainer:
             self.data.fix_in(self.run, cfg.captions, cfg.settings_digest())
         self._settings_recorded = self._restored is None
         self._settings_from = "epoch 1"   # where this call's settings apply (`fit` says)
-        (cfg if self._settings_recorded else with_trained_settings(self.run, cfg)).save(
-            self.run.config)  # every worker, each into its own run folder
+        self._save_config(cfg if self._settings_recorded else
+                          with_trained_settings(self.run, cfg))
+
+    def _agreement(self) -> dict:
+        """What every worker of a multi-worker run must have alike, by name, as hex digests
+        (`distribute.check_workers_agree`): the flags (`RunConfig.settings_digest`, paths
+        and `PER_MACHINE` aside) and the data each worker read or made of its own
+        --captions and --cache. Flags alone let a worker whose cache lacked a few train
+        features (or whose caption file was another version) fit another vocabulary,
+        split by hash into another val set, and feed other images: the mirrored weights
+        were trained on mixed token ids, and the chief's val images in the other's train."""
+        data = self.data
+        usable = {s: sorted(data.caption_ids[s]) for s in ("train", "val")}
+        return {"flags": self.cfg.settings_digest(with_train=True),
+                "vocabulary": data.vocab.digest(),
+                "split": splits_digest(data.splits),
+                "caption data": (data.caption_data or {}).get("sha256", ""),
+                "feature cache": feature_cache.cache_identity(data.manifest)["fingerprint"],
+                "train and val images with usable features": hashlib.sha256(
+                    json.dumps(usable).encode()).hexdigest()}
+
+    def _save_config(self, cfg: RunConfig) -> None:
+        """Save `cfg` as the run's config.json: the chief replaces it, another worker of a
+        multi-worker run writes it only where there is none (its own run folder, which a rerun
+        without the chief's split.json then refuses). In a shared run folder every worker's
+        replaced it, the last one winning: config.json then named another machine's --cache
+        and --memory-cache-gb, and `evaluate` or a resume on the chief's machine used them."""
+        if self.chief:
+            cfg.save(self.run.config)
+            return
+        if os.path.exists(self.run.config):
+            return
+        tmp = temp_name(self.run.config, ".worker")
+        try:
+            cfg.save(tmp)
+            os.link(tmp, self.run.config)   # made only if missing: the chief's may be there now
+        except FileExistsError:
+            pass
+        except OSError:   # a file system without hard links: nearly as well
+            if not os.path.exists(self.run.config):
+                os.replace(tmp, self.run.config)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
     # -- model, optimizer, checkpoint -----------------------------------------------
     def _build_state(self, cross_entropy_steps: int) -> None:
@@ -1102,7 +1147,7 @@ class Trainer:
         or failed at its first step, keeps the run's; `with_trained_settings`); so does
         TensorBoard's HParams dashboard (`log_hparams`)."""
         if not self._settings_recorded:
-            self.cfg.save(self.run.config)
+            self._save_config(self.cfg)
             if self.chief:   # and TensorBoard's HParams, with what changed (a kill between
                 # the two: the next start writes it there, as changed "before epoch N")
                 log_hparams(self.run.logs, _hparams(self.cfg, len(self.data.vocab)),
@@ -1990,8 +2035,7 @@ def _load_and_train(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, pr
         log("note: " + note)
     os.makedirs(run_dir, exist_ok=True)
     # one `train` per run folder at a time (the workers of a multi-worker run share it)
-    with (run.training_lock() if cfg.train.strategy != "multi-worker"
-          else contextlib.nullcontext()):
+    with run.training_lock(shared=cfg.train.strategy == "multi-worker"):
         if fresh:
             with run.fresh_lock():   # no evaluate, export or caption reading the run
                 kept = run.fresh_note(run.delete_previous())

@@ -1,6 +1,7 @@
 """Distributed training in subprocesses: two replicas give one device's losses; multi-worker
 training resumes every worker from the chief's checkpoint."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -243,6 +244,9 @@ def test_another_workers_stop_is_recognised_and_named():
                                 _tf_config("worker"))
     assert said and "another worker of this multi-worker run stopped" in said
     assert "(chief)" in said and said.endswith(rerun) and "\n" not in said
+    # one that failed (a damaged feature file, a full disk) says why in its own output: the
+    # rerun alone would fail alike
+    assert "if it failed, its own output says why (fix that first)" in said
     said = other_worker_stopped(tf.errors.UnavailableError(None, None, CHIEF_SAW),
                                 _tf_config("chief"))
     assert said and "(worker 0)" in said and said.endswith(rerun)
@@ -307,5 +311,140 @@ def test_train_says_another_workers_stop_in_one_line(monkeypatch, capsys, tmp_pa
     assert cli.main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["caption-attn train: error: another worker of this multi-worker run "
-                   "stopped (chief): rerun the same command on every worker to resume from "
-                   "the last checkpoint"], err
+                   "stopped (chief): if it failed, its own output says why (fix that first); "
+                   "then rerun the same command on every worker to resume from the last "
+                   "checkpoint"], err
+
+
+def _small(shapes_data, cache=None, **train):
+    from caption_attn.config import DataConfig, ModelConfig, RunConfig, TrainConfig, VocabConfig
+    return RunConfig(captions=shapes_data["captions"], cache=cache or shapes_data["cache"],
+                     data=DataConfig(seed=1), vocab=VocabConfig(max_length=20),
+                     model=ModelConfig(embedding_dim=32, units=64),
+                     train=TrainConfig(epochs=1, batch_size=16, sample_images=0, **train))
+
+
+def _cache_without_a_train_feature(shapes_data, tmp_path):
+    """A copy of the shapes cache without the feature file of one train image (a machine whose
+    copy lost it, or whose extraction skipped it)."""
+    import shutil
+    from caption_attn import train
+    data = train.load_train_data(_small(shapes_data), str(tmp_path / "probe"), reuse=False)
+    path = data.feature_paths[sorted(data.caption_ids["train"])[0]]
+    cache = str(tmp_path / "cache_without_one")
+    shutil.copytree(shapes_data["cache"], cache)
+    os.remove(os.path.join(cache, os.path.relpath(path, shapes_data["cache"])))
+    return cache
+
+
+def test_workers_are_compared_on_their_data_not_only_their_flags(shapes_data, tmp_path,
+                                                                 monkeypatch):
+    """The workers compared their flags only: one whose cache lacked a few train features (or
+    whose caption file was another version) fitted its own vocabulary and split, fed other
+    images, and the mirrored weights trained on mixed token ids, exit 0. Each part of what
+    they read is compared, so the refusal names the one that differs."""
+    from caption_attn import distribute, train
+    seen = []
+    monkeypatch.setattr(distribute, "check_workers_agree",
+                        lambda strategy, step=None, restored=None, checkpoints="", agree=None:
+                        seen.append(agree) if agree is not None else None)
+    for name, cache in (("chief", shapes_data["cache"]),
+                        ("worker", _cache_without_a_train_feature(shapes_data, tmp_path))):
+        cfg = _small(shapes_data, cache=cache)
+        train.open_run(str(tmp_path / name), cfg)
+        train.Trainer(cfg, str(tmp_path / name), progress=False, log=lambda *a: 0)
+    chief, worker = seen
+    assert list(chief) == ["flags", "vocabulary", "split", "caption data", "feature cache",
+                           "train and val images with usable features"]
+    assert all(isinstance(v, str) and len(v) >= 16 for v in chief.values()), chief
+    differ = {k for k in chief if chief[k] != worker[k]}
+    # (the vocabulary may differ too: its words counted without that image's captions)
+    assert differ - {"vocabulary"} == {"train and val images with usable features"}, differ
+
+
+def test_a_worker_does_not_rewrite_the_chiefs_config(shapes_data, tmp_path, monkeypatch):
+    """Every worker wrote config.json, the last one winning: a shared run folder's then named
+    a worker's --cache and --memory-cache-gb, which `evaluate` and the chief's resumes used.
+    Another worker writes it only where there is none (its own run folder)."""
+    from caption_attn import distribute, train
+    from caption_attn.config import RunConfig
+    run = str(tmp_path / "run")
+    chief = _small(shapes_data, memory_cache_gb=4.0)
+    train.open_run(run, chief)                                  # the chief's config.json
+    link = str(tmp_path / "worker_cache")                       # the worker's own path
+    os.symlink(shapes_data["cache"], link)
+    worker = dataclasses.replace(chief, cache=link, train=dataclasses.replace(
+        chief.train, memory_cache_gb=0.0))
+    monkeypatch.setattr(distribute, "is_chief", lambda strategy: False)
+    monkeypatch.setattr(distribute, "task_id", lambda strategy: 1)
+    trainer = train.Trainer(worker, run, progress=False, log=lambda *a: 0)
+    trainer._settings_recorded = False     # as after a resume, once it has trained
+    trainer._record_settings()
+    saved = RunConfig.load(os.path.join(run, "config.json"))
+    assert saved.cache == shapes_data["cache"] and saved.train.memory_cache_gb == 4.0
+    # a worker's own run folder (no shared filesystem) gets its config.json
+    own = str(tmp_path / "own")
+    os.makedirs(own)
+    train.Trainer(worker, own, progress=False, log=lambda *a: 0)
+    saved = RunConfig.load(os.path.join(own, "config.json"))
+    assert saved.cache == link and saved.train.memory_cache_gb == 0.0
+    assert not any(".tmp." in name for name in os.listdir(own)), os.listdir(own)
+
+
+MULTI = {"cluster": {"worker": ["localhost:1", "localhost:2"]},
+         "task": {"type": "worker", "index": 0}}
+
+
+def test_a_multi_worker_run_and_another_train_of_its_folder_refuse_each_other(
+        shapes_data, tmp_path, monkeypatch):
+    """A multi-worker run took no lock on its run folder: a `train` of it in another shell
+    trained beside it (both writing the same checkpoints), `train --fresh` deleted its
+    checkpoints under it, and a multi-worker launch on a run being trained went ahead."""
+    from caption_attn import train
+    from caption_attn.errors import UserError
+    from caption_attn.run import RunFolder
+    run = RunFolder(str(tmp_path / "run"))
+    alone, worker = _small(shapes_data), _small(shapes_data, strategy="multi-worker")
+    train.open_run(run.path, alone)
+    busy = r"another `caption-attn train`.* is training this run now"
+    checked = []
+
+    def train_in(run_, cfg, *args, **kwargs):   # the multi-worker run's training: meanwhile
+        if cfg.train.strategy != "multi-worker":
+            pytest.fail("a single-process train trained beside the multi-worker run")
+        monkeypatch.delenv("TF_CONFIG")     # a shell without the cluster
+        for fresh in (False, True):
+            with pytest.raises(UserError, match=busy):
+                train.train(dataclasses.replace(alone, train=dataclasses.replace(
+                    alone.train, fresh=fresh)), run.path, log=lambda m: None)
+        monkeypatch.setenv("TF_CONFIG", json.dumps(MULTI))
+        checked.append(True)
+        return {}
+    monkeypatch.setattr(train, "_train_in", train_in)
+    monkeypatch.setenv("TF_CONFIG", json.dumps(MULTI))
+    assert train.train(worker, run.path, log=lambda m: None) == {} and checked
+    assert os.path.exists(run.config)                          # --fresh deleted nothing
+    assert not os.path.exists(os.path.join(run.path, ".train.lock"))
+    # the other way round: a single-process train holds the run
+    monkeypatch.setattr(train, "_train_in",
+                        lambda *a, **k: pytest.fail("trained beside another train"))
+    with run.training_lock():
+        with pytest.raises(UserError, match=busy):
+            train.train(worker, run.path, log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_multi_worker_workers_with_other_data_are_refused(shapes_data, tmp_path):
+    """A worker whose cache lacks one train image's features (same flags) trained with the
+    chief, exit 0, on another image list (and maybe another vocabulary's token ids). Both are
+    refused, naming what differs, before a step."""
+    cache = _cache_without_a_train_feature(shapes_data, tmp_path)
+    run = str(tmp_path / "run")
+    for code, out in _multi_worker(shapes_data, run, epochs=1,
+                                   flags=([], ["--cache", cache])):
+        assert code == 2, out
+        assert "the workers were started with other settings or data: they differ in their " \
+               in out, out
+        assert "train and val images with usable features (this worker's" in out, out
+        assert "flags" not in out.split("they differ in their ")[1].split("(")[0], out
+    assert not os.path.exists(run) or os.listdir(run) in ([], [".train.lock"]), os.listdir(run)

@@ -380,3 +380,29 @@ def test_fresh_deletes_only_what_the_run_writes_and_says_what_it_kept(tmp_path):
     assert not os.path.exists(run / "logs" / "validation")
     assert not os.path.exists(run / "attention" / "epoch_12")
     assert not os.path.exists(run / "checkpoints" / "worker_1")
+
+
+def test_multi_worker_workers_share_the_training_lock_and_no_other_train_does(tmp_path):
+    """A multi-worker run took no lock, so a `train` or `train --fresh` of its run folder (a
+    shell on the chief's machine) trained beside it, or deleted its checkpoints. Its workers
+    hold the lock shared: together, never with another `train`."""
+    run = RunFolder(str(tmp_path / "run"))
+    os.makedirs(run.path)
+    lock = os.path.join(run.path, ".train.lock")
+    busy = r"another `caption-attn train`.* is training this run now"
+    with run.training_lock(shared=True):
+        with run.training_lock(shared=True):        # another worker of the run, beside it
+            with pytest.raises(UserError, match=busy):
+                with run.training_lock():            # a single-process train
+                    pass
+        assert os.path.exists(lock)                  # the first worker holds it still
+        with pytest.raises(UserError, match=busy):
+            with run.training_lock():
+                pass
+    assert not os.path.exists(lock)                  # the last worker removed it
+    with run.training_lock():                        # the other way round
+        with pytest.raises(UserError, match=busy):
+            with run.training_lock(shared=True):
+                pass
+        assert os.path.exists(lock)
+    assert not os.path.exists(lock)

@@ -3,6 +3,7 @@ touched, with messages naming it; `mirrored` on one device says it trains one re
 
 import json
 import os
+import types
 
 import pytest
 
@@ -25,6 +26,11 @@ GOOD = {"cluster": {"worker": ["localhost:1", "localhost:2"]},
     (json.dumps({**GOOD, "task": {"type": "worker", "index": 2}}),
      r"TF_CONFIG's \"task\" must name"),
     (json.dumps({**GOOD, "task": {"type": "evaluator", "index": 0}}),
+     r"TF_CONFIG's \"task\" must name"),
+    # a list or an object: a TypeError traceback (unhashable, looked up in the cluster)
+    (json.dumps({**GOOD, "task": {"type": ["worker"], "index": 0}}),
+     r"TF_CONFIG's \"task\" must name"),
+    (json.dumps({**GOOD, "task": {"type": {"worker": 0}, "index": 0}}),
      r"TF_CONFIG's \"task\" must name"),
     (json.dumps({"cluster": {**GOOD["cluster"], "ps": ["localhost:3"]},
                  "task": GOOD["task"]}), r"may hold one \"chief\" and \"worker\"s"),
@@ -85,3 +91,62 @@ def test_a_cluster_in_tf_config_without_multi_worker_is_refused(name):
         distribute.check_strategy(name, {"TF_CONFIG": json.dumps(GOOD)})
     for harmless in ("{bad", "{}", json.dumps({"cluster": {"worker": ["a:1"]}})):
         distribute.check_strategy(name, {"TF_CONFIG": harmless})
+
+
+class _TwoWorkers:
+    """The replica context of this worker in a cluster of two whose other worker holds
+    `other(value)` where this one holds `value`: `check_workers_agree`'s two all-reduces, the
+    mean, then the sum of the squared distances to it."""
+
+    def __init__(self, other):
+        self.other = other
+
+    def all_reduce(self, op, value):
+        import tensorflow as tf
+        if op == "mean":
+            self.mine, self.mean = value, (value + self.other(value)) / 2
+            return self.mean
+        return value + tf.square(self.other(self.mine) - self.mean)
+
+
+class _Cluster:
+    """A strategy of a cluster (`distribute._cluster`) whose `run` is this worker's."""
+    cluster_resolver = types.SimpleNamespace(cluster_spec=lambda: types.SimpleNamespace(
+        as_dict=lambda: {"worker": ["a:1", "b:1"]}))
+
+    def run(self, fn):
+        return fn()
+
+    def experimental_local_results(self, value):
+        return (value,)
+
+
+def test_workers_are_told_which_of_their_settings_or_data_differ(monkeypatch):
+    """Only the flags were compared, as one digest: workers with other data trained together
+    (test_distributed.py), and a refusal could not say what differed."""
+    import tensorflow as tf
+    agree = {"flags": "a" * 64, "vocabulary": "b" * 64, "feature cache": "c" * 16}
+    size = 1 + 4 * len(agree)   # the step, then four 16-bit numbers of each digest
+
+    def check(*other, step=None):
+        """`check_workers_agree` where the other worker's numbers differ at `other`."""
+        moved = tf.reduce_sum(tf.one_hot(list(other), size, dtype=tf.float64), 0) if other \
+            else tf.zeros([size], tf.float64)
+        monkeypatch.setattr(tf.distribute, "get_replica_context",
+                            lambda: _TwoWorkers(lambda value: value + moved))
+        distribute.check_workers_agree(_Cluster(), step, "ckpt-3", "run/checkpoints", agree)
+
+    check()
+    with pytest.raises(UserError, match=r"^the workers were started with other settings or "
+                                        r"data: they differ in their vocabulary \(this "
+                                        r"worker's: vocabulary sha256 bbbbbbbbbbbb…\); every "
+                                        r"worker must run the same `caption-attn train`"):
+        check(1 + 4 + 3)          # the last 16 bits of the vocabulary's digest
+    with pytest.raises(UserError, match=r"they differ in their flags, feature cache \(this "
+                                        r"worker's: flags sha256 aaaaaaaaaaaa…, feature cache "
+                                        r"sha256 cccccccccccc…\)"):
+        check(1, 1 + 8)
+    with pytest.raises(UserError, match=r"^the workers restored different checkpoints \(this "
+                                        r"worker: step 3 from ckpt-3"):
+        check(0, step=3)
+    check(0)                      # no step given: not compared

@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import errno
 import glob
+import hashlib
 import os
 import re
 import shutil
@@ -87,13 +88,15 @@ def export_run(run_dir: str, out: str, decode_cfg: DecodeConfig, cfg: ExportConf
     Bad input (unknown run, no best model, an `out` that is not an earlier export of this run
     or holds other files besides it, without `cfg.force`; with it too, an `out` that is no
     export but holds files, or the run, its cache, caption file or images folders; an
-    unwritable `out`) is a one-line UserError before any work. The new export replaces
+    unwritable `out`, one that cannot be renamed: `.`, `..`, a mount point; an assets.extra/
+    that cannot be read) is a one-line UserError before any work. The new export replaces
     `out`, whose assets.extra/ it keeps."""
     if decode_cfg.method == "sample":
         raise UserError("export decodes with beam search or greedy, not --sample")
     # `serving/current/` (a shell completes a symlink so) names the link's target to the OS:
     # the checks saw the earlier export there, and the final rename of the link failed
     out = out.rstrip(os.sep + (os.altsep or "")) or out
+    _refuse_dot_names(out)
     check_utf8_path("--out", out, "writes the SavedModel")
     run = RunFolder(run_dir)
     # no `train --fresh` deleting the run meanwhile, and one export into `out` at a time
@@ -111,9 +114,11 @@ def _export(run: RunFolder, run_dir: str, out: str, decode_cfg: DecodeConfig,
     images = run_images_folders(run, cache_dir)
     _check_out(out, run, cfg.force, keep=keep, cache=cache_dir, images=images)
     hold.enter_context(_exporting_to(out))
+    _restore_killed_publish(out, log)
     # what is there now, locked
     _check_out(out, run, cfg.force, keep=keep, cache=cache_dir, images=images)
     replaced = _earlier_info(out)
+    checked = _not_written_by_exports(out)      # what replacing `out` may delete
     start = time.perf_counter()
     # A run still training can replace best.keras (and best.json) at any time: export.json
     # records the best epoch read with the model, and a model replaced while it was being
@@ -148,12 +153,16 @@ def _export(run: RunFolder, run_dir: str, out: str, decode_cfg: DecodeConfig,
             write_json_atomic(os.path.join(tmp, INFO_FILE), info, file_names=True)
         except (tf.errors.OpError, OSError) as e:
             raise _write_failed(out, e) from None
-        _publish(tmp, out)
+        _refuse_files_added(out, checked)
+        left = _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # left only when something failed
-    changed = changed_settings(replaced, info) if replaced else []
-    if changed:
-        log(f"note: {replaced_note(out, changed)}")
+    if replaced:
+        changed = changed_settings(replaced, info)
+        if changed or not _identifies_model(replaced):
+            log(f"note: {replaced_note(out, changed)}")
+    if left:
+        log(f"note: {left}")
     return info
 
 
@@ -169,14 +178,32 @@ def _earlier_info(out: str) -> Optional[dict]:
 
 def _settings(info: dict) -> dict:
     """What an export was made of and with, by the name its note gives it (a field an older
-    export.json lacks is left out)."""
+    export.json lacks is left out). The model itself is told by its weights' digest (a run
+    retrained at the same path, whose best epoch is often the same, is another model),
+    its vocabulary's and the backbone weights' (a cache extracted again at the same path):
+    digests by their first 12 hex digits."""
     found = {k: info[k] for k in ("beam", "length_penalty", "max_length") if k in info}
     if isinstance(info.get("cache"), str):   # the same folder, whichever path named it
         found["cache"] = os.path.realpath(info["cache"])
     if isinstance(info.get("run"), str):
         found["run"] = info.get("run_realpath") or os.path.realpath(info["run"])
     if isinstance(info.get("best"), dict):
-        found["best epoch"] = info["best"].get("epoch")
+        best = info["best"]
+        found["best epoch"] = best.get("epoch")
+        if "value" in best:
+            found["best value"] = f"{best.get('monitor')}={best['value']}"
+    if isinstance(info.get("weights_sha256"), str):
+        found["model weights"] = info["weights_sha256"][:12]
+    if "vocab_size" in info:
+        found["vocabulary size"] = info["vocab_size"]
+    if isinstance(info.get("vocab_sha256"), str):
+        found["vocabulary"] = info["vocab_sha256"][:12]
+    if isinstance(info.get("backbone"), dict):
+        backbone = info["backbone"]
+        if isinstance(backbone.get("weights_sha256"), str):
+            found["backbone weights"] = backbone["weights_sha256"][:12]
+        if "feature_scale" in backbone:
+            found["backbone feature scale"] = backbone["feature_scale"]
     for part in ("backbone", "decoder"):
         if isinstance(info.get(part), dict) and "precision" in info[part]:
             found[f"{part} precision"] = info[part]["precision"]
@@ -185,6 +212,12 @@ def _settings(info: dict) -> dict:
         found["tflite"] = "off" if not isinstance(lite, dict) else \
             {"none": "float32"}.get(lite.get("quantize"), lite.get("quantize"))
     return found
+
+
+def _identifies_model(info: dict) -> bool:
+    """Whether export.json `info` records its model's weights digest (exports made before
+    it was recorded do not: whether a re-export replaced another model cannot be told)."""
+    return isinstance(info.get("weights_sha256"), str)
 
 
 def changed_settings(earlier: dict, info: dict) -> list:
@@ -196,7 +229,8 @@ def changed_settings(earlier: dict, info: dict) -> list:
 
 def replaced_note(out: str, changed: list) -> str:
     """What a re-export into `out` says when it replaced an export made otherwise
-    (`changed`): TF Serving does not load a version number again."""
+    (`changed`), or (none changed) one whose export.json does not identify its model:
+    TF Serving does not load a version number again."""
     parent, version = os.path.split(os.path.abspath(out))
     if version.isdigit():
         taken = []
@@ -208,7 +242,10 @@ def replaced_note(out: str, changed: list) -> str:
     else:
         hint = ("a TF Serving server that already loaded it will not load it again: give "
                 "each export a new version folder (MODELS/NAME/VERSION)")
-    return f"replaced the export in {out}, made with other settings: {'; '.join(changed)}; {hint}"
+    what = f"made with other settings: {'; '.join(changed)}" if changed else (
+        f"whose {INFO_FILE} (of an older caption_attn) records no digest of its model: "
+        f"whether it held another model cannot be told")
+    return f"replaced the export in {out}, {what}; {hint}"
 
 
 @contextlib.contextmanager
@@ -256,20 +293,57 @@ def _write_failed(out: str, e: Exception) -> Exception:
                      exit_code=1)
 
 
-def _remove_killed_exports(out: str, log) -> None:
-    """Delete the temporary folders that exports to `out` killed before their end (kill -9,
-    power loss) left next to it: their process is gone."""
+def _killed_exports(out: str) -> list:
+    """The temporary folders (or, for a symlink `out`, links) that exports to `out` killed
+    before their end (kill -9, power loss) left next to it: their process is gone."""
     parent, base = os.path.split(os.path.abspath(out))
     try:
-        names = os.listdir(parent)
+        names = sorted(os.listdir(parent))
     except OSError:
+        return []
+    paths = [os.path.join(parent, name) for name in names if name.startswith(f".{base}.tmp.")]
+    return [path for path in paths if (os.path.isdir(path) or os.path.islink(path))
+            and is_stale_temp(path, os.path.basename(path))]
+
+
+def _remove_killed_exports(out: str, log) -> None:
+    """Delete what exports to `out` killed before their end left next to it
+    (`_killed_exports`), saying so; one that cannot be deleted is named, and left."""
+    for path in _killed_exports(out):
+        try:
+            remove_path(path)       # a symlink .old (`--out current`): the link, not its target
+        except OSError as e:
+            log(f"note: could not remove {path}, left by an export that did not finish "
+                f"({_reason(e)}): remove it yourself")
+            continue
+        log(f"removed {path}, left by an export that did not finish")
+
+
+def _restore_killed_publish(out: str, log) -> None:
+    """Put back the earlier export that an export killed between `_publish`'s two renames
+    left under its hidden .old name, `out` missing (kill -9, power loss): the next export
+    deleted it with the other leftovers, and a server had no model until an export ended.
+    The killed export's new one beside it goes with the leftovers. Called under the lock
+    on `out`, before it is checked: the export put back is checked as any."""
+    if os.path.lexists(out):
         return
-    for name in names:
-        path = os.path.join(parent, name)
-        if name.startswith(f".{base}.tmp.") and os.path.isdir(path) \
-                and is_stale_temp(path, name):
-            shutil.rmtree(path, ignore_errors=True)
-            log(f"removed {path}, left by an export that did not finish")
+    earlier = [path for path in _killed_exports(out) if path.endswith(".old")]
+    if len(earlier) != 1:           # none, or (out deleted by hand since) not which one
+        return
+    try:
+        os.replace(earlier[0], out)
+    except OSError as e:
+        log(f"note: could not put back the earlier export {earlier[0]} as {out} "
+            f"({_reason(e)})")
+        return
+    log(f"restored the earlier export in {out}: an export killed while it replaced it had "
+        f"left it as {earlier[0]}")
+
+
+def _reason(e: OSError) -> str:
+    """`e`'s file and reason, as a message gives them."""
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{e.filename}: {reason}" if e.filename else reason
 
 
 def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None,
@@ -303,6 +377,11 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None,
         if part in RunFolder.FILES + RunFolder.DIRS:
             raise UserError(f"--out {out}: {part} is one of the run's own files or folders; "
                             f"{own}")
+    if not os.path.islink(out) and os.path.ismount(out):
+        # the export is renamed into place: renaming a mount point fails (EBUSY), at the end
+        raise UserError(f"--out {out}: a mount point, which cannot be replaced (the export "
+                        f"is made beside it and renamed into place); export into a folder "
+                        f"inside it, e.g. {os.path.join(out, '1')}")
     if os.path.lexists(out):
         _refuse_folder_of_exports(out)
         earlier, about = _earlier_export(out)
@@ -329,7 +408,47 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None,
                             f"replacing the earlier export would delete; move it out (extra "
                             f"files for TF Serving go in {os.path.join(out, KEPT)}, which is "
                             f"kept), or add --force to delete it")
+        unreadable = _unreadable_extra(out)
+        if unreadable:
+            raise UserError(f"--out {out}: cannot read {unreadable}, which the new export "
+                            f"copies from {os.path.join(out, KEPT)} (kept, as TF Serving's "
+                            f"extra files); make it readable (chmod -R u+rX), or move "
+                            f"{os.path.join(out, KEPT)} aside, and rerun this command")
     check_folder_writable(os.path.dirname(target), "--out", given=out)
+
+
+def _refuse_dot_names(out: str) -> None:
+    """UserError for an `out` whose last part is `.` or `..`: the export is renamed into
+    place, and such a folder cannot be renamed (EBUSY), so `--out .` (or `DIR/.`) failed
+    once the whole export was built."""
+    if os.path.basename(out) in (os.curdir, os.pardir):
+        raise UserError(f"--out {out}: ends in `{os.path.basename(out)}`, which cannot be "
+                        f"replaced (the export is made beside it and renamed into place); "
+                        f"name the folder itself, e.g. --out "
+                        f"{os.path.abspath(out)}")
+
+
+def _unreadable_extra(out: str) -> Optional[str]:
+    """The first file or folder under `out`/assets.extra that the copy into the new export
+    (`_carry_over`) cannot read, or None: found only then, after the whole build, it was
+    reported as a write that free space mends. Symlinks are copied as links: not read."""
+    extra = os.path.join(out, KEPT)
+    if os.path.islink(extra) or not os.path.lexists(extra):
+        return None
+    if not os.path.isdir(extra):
+        return None if os.access(extra, os.R_OK) else extra
+    if not os.access(extra, os.R_OK | os.X_OK):
+        return extra
+    for root, folders, files in os.walk(extra):   # top-down: a folder checked, then walked
+        for name in folders:
+            path = os.path.join(root, name)
+            if not os.path.islink(path) and not os.access(path, os.R_OK | os.X_OK):
+                return path
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path) and not os.access(path, os.R_OK):
+                return path
+    return None
 
 
 def _refuse_what_is_no_export(out: str, force: bool) -> None:
@@ -354,6 +473,21 @@ def _refuse_what_is_no_export(out: str, force: bool) -> None:
 def _some(names: list) -> str:
     """The first three of `names`, "..." after them when there are more."""
     return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+
+
+def _refuse_files_added(out: str, checked: list) -> None:
+    """UserError (exit 1) when files an export does not write appeared in `out` since it
+    was checked (`checked`: those there then): replacing `out` deleted a README.txt put
+    there during the export's minutes, exit 0, --force or not."""
+    if os.path.islink(out):     # the link is replaced, the folder it points to kept
+        return
+    added = sorted(set(_not_written_by_exports(out)) - set(checked))
+    if added:
+        raise UserError(f"--out {out}: {_some(added)} appeared in it during the export, which "
+                        f"an export does not write and replacing {out} would delete; move it "
+                        f"out (extra files for TF Serving go in {os.path.join(out, KEPT)}, "
+                        f"which is kept) and rerun this command; {out} is as it was",
+                        exit_code=1)
 
 
 def _not_written_by_exports(out: str) -> list:
@@ -381,6 +515,12 @@ def _carry_over(out: str, tmp: str) -> None:
                         f"file(s), e.g. {first[0]}: {first[2]}); fix its files (or move the "
                         f"folder aside) and rerun this command; {out} is as it was",
                         exit_code=1) from None
+    except OSError as e:        # reading `extra` (a write into `tmp`: `_write_failed`'s)
+        if not (e.filename and is_inside(os.fsdecode(e.filename), extra)):
+            raise
+        raise UserError(f"--out {out}: cannot copy {extra} into the new export "
+                        f"({_reason(e)}); fix its files (or move the folder aside) and rerun "
+                        f"this command; {out} is as it was", exit_code=1) from None
 
 
 def _refuse_folder_of_exports(out: str) -> None:
@@ -435,13 +575,15 @@ def _earlier_export(out: str) -> tuple:
     return None, f"{path}: names no run (expected {{\"run\": PATH, ...}} as export writes)"
 
 
-def _publish(tmp: str, out: str) -> None:
+def _publish(tmp: str, out: str) -> Optional[str]:
     """Rename the finished export `tmp` to `out`, replacing what was there. An error
     between the two renames puts the earlier export back: `out` was left missing, the
     earlier export only under its hidden .old name, and the caller then deleted the new one
     (a server had no model until a rerun). Ctrl-C and SIGTERM wait for the renames and the
     removal of the earlier export (`interrupts.held`): one right after the second rename
-    left that full copy next to `out` until the next export into it."""
+    left that full copy next to `out` until the next export into it. Returns a note when
+    the earlier export cannot be removed (files of another user in it): the new one is in
+    place all the same (the export failed with exit 2, "Permission denied", no summary)."""
     old = None
     with interrupts.held():
         try:
@@ -454,7 +596,12 @@ def _publish(tmp: str, out: str) -> None:
                 os.replace(old, out)
             raise
         if old is not None:  # a symlink (to an earlier export) goes, not what it points to
-            remove_path(old)
+            try:
+                remove_path(old)
+            except OSError as e:
+                return (f"the new export is in {out}, but the earlier one, moved aside to "
+                        f"{old}, could not be removed ({_reason(e)}): remove it yourself")
+    return None
 
 
 def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone, best=None) -> dict:
@@ -462,10 +609,13 @@ def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone, best=Non
     return {
         "format": EXPORT_FORMAT, "run": os.path.abspath(run.path),
         "run_realpath": os.path.realpath(run.path), "best": best,
+        # the model exported: a re-export tells by it that it replaces another model
+        "weights_sha256": weights_digest(captioner.model),
         # the backbone's weights and feature scale come from this cache's manifest (--cache)
         "cache": os.path.abspath(captioner.cache),
         "beam": captioner.cfg.beam, "length_penalty": captioner.cfg.length_penalty,
         "max_length": captioner.max_length, "vocab_size": len(captioner.vocab),
+        "vocab_sha256": captioner.vocab.digest(),
         "backbone": {k: m.get(k) for k in ("weights", "weights_sha256", "precision")}
         | {"feature_scale": backbone.feature_scale},
         # the SavedModel computes as `caption` does: the run's (train --precision)
@@ -474,6 +624,17 @@ def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone, best=Non
                         "outputs": _signature_outputs(captioner)},
         "tflite": None, "caption_attn": __version__, "tensorflow": tf.__version__,
     }
+
+
+def weights_digest(model) -> str:
+    """sha256 of a Keras model's weights (each one's dtype, shape and values, in order): the
+    same model read again gives the same digest, a model trained again another."""
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        w = np.ascontiguousarray(w)
+        digest.update(f"{w.dtype.str}{w.shape};".encode())
+        digest.update(w.tobytes())
+    return digest.hexdigest()
 
 
 def _signature_outputs(captioner: Captioner) -> dict:

@@ -10,6 +10,7 @@ fail before any model is built and are quick.
 """
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -663,10 +664,12 @@ def test_temporary_folders_of_killed_exports_are_removed(tmp_path):
 
 
 def test_the_earlier_export_moved_aside_by_a_killed_export_is_removed(tmp_path):
-    """`_publish` moves the earlier export to `.NAME.tmp.PID.HOST.old`; killed then, that
-    folder stayed for good: the host was read as "HOST.old", no host of a stale writer."""
+    """`_publish` moves the earlier export to `.NAME.tmp.PID.HOST.old`; killed once the new
+    one was in `out`, that folder stayed for good: the host was read as "HOST.old", no host
+    of a stale writer. (Killed before, `out` missing: it is put back, see below.)"""
     from caption_attn.fileio import HOST
     out = tmp_path / "1"
+    out.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     old = tmp_path / f".1.tmp.{dead.pid}.{HOST}.old"
@@ -1135,3 +1138,316 @@ def test_an_export_of_a_run_whose_path_is_not_utf8_records_it_exactly(trained_ru
     assert export._earlier_export(out) == (run, os.path.realpath(trained_run))
     with open(os.path.join(out, export.INFO_FILE), "rb") as f:
         assert b'"run": "%s"' % os.fsencode(run) in f.read()
+
+
+# --------------------------------------------------------------------------- audit of export
+def _notes(err: str) -> list:
+    return [line for line in err.splitlines() if line.startswith("note: ")]
+
+
+def _dead_pid() -> int:
+    """The pid of a process that surely ended."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return dead.pid
+
+
+def test_a_reexport_of_a_retrained_run_with_the_same_best_record_says_so(
+        run_copy, tmp_path, monkeypatch):
+    """`train --fresh` into the same run path, best again at the same epoch (the demo's
+    patience lets the last epoch be best): every setting export.json compared was the same,
+    so the re-export replaced the model a TF Serving server had loaded without a word. The
+    digest of the weights tells; the same model exported again says nothing."""
+    monkeypatch.setattr(export, "save_servable", _save_placeholder)
+    out = tmp_path / "captioner" / "1"
+    argv = ["export", "--run", run_copy.path, "--out", str(out)]
+    code, _, err = _run_cli(argv)
+    assert code == 0 and "note:" not in err, err
+    first = json.loads((out / export.INFO_FILE).read_text())
+    code, _, err = _run_cli(argv)
+    assert code == 0 and "note:" not in err, err                    # the same model
+    record = run_copy.best_record()
+    model = run_copy.load_best_model()
+    model.set_weights([w + 0.01 if w.dtype.kind == "f" else w for w in model.get_weights()])
+    run_copy.save_best(model, record["epoch"], record["monitor"], record["value"])
+    code, _, err = _run_cli(argv)
+    assert code == 0, err
+    notes = _notes(err)
+    assert len(notes) == 1 and f"replaced the export in {out}, made with other settings: " \
+        f"model weights " in notes[0], err
+    assert "best epoch" not in notes[0] and "best value" not in notes[0], notes
+    assert "TF Serving" in notes[0], notes
+    digest = json.loads((out / export.INFO_FILE).read_text())["weights_sha256"]
+    assert len(digest) == 64 and digest != first["weights_sha256"]
+    assert f"model weights {first['weights_sha256'][:12]} -> {digest[:12]}" in notes[0]
+
+
+def test_a_reexport_over_an_export_json_without_the_model_digest_says_it_cannot_tell(
+        trained_run, tmp_path, monkeypatch):
+    """An export.json written before the model's digest was recorded cannot tell whether
+    the re-export replaced another model: the note says so (once: the new export.json has
+    it); another setting is named as before."""
+    monkeypatch.setattr(export, "save_servable", _save_placeholder)
+    out = tmp_path / "1"
+    info_file = out / export.INFO_FILE
+    argv = ["export", "--run", trained_run, "--out", str(out)]
+    assert _run_cli(argv)[0] == 0
+
+    def older(**changes):
+        info = json.loads(info_file.read_text())
+        for key in ("weights_sha256", "vocab_sha256"):
+            info.pop(key, None)
+        info_file.write_text(json.dumps(info | changes))
+    older()
+    code, _, err = _run_cli(argv)
+    assert code == 0 and len(_notes(err)) == 1, err
+    assert f"replaced the export in {out}, whose {export.INFO_FILE} (of an older " \
+           f"caption_attn) records no digest of its model: whether it held another model " \
+           f"cannot be told; a TF Serving server" in _notes(err)[0], err
+    code, _, err = _run_cli(argv)
+    assert code == 0 and "note:" not in err, err
+    older(beam=5)
+    code, _, err = _run_cli(argv)
+    assert code == 0 and len(_notes(err)) == 1 and "beam 5 -> 3" in err, err
+    assert "cannot be told" not in err
+
+
+def test_the_note_names_another_vocabulary_backbone_or_best_value():
+    """A vocabulary of the same size but other words, a cache extracted again with other
+    weights at the same path, or another best value: each was left out of the note."""
+    earlier = {"run": "/r", "run_realpath": "/r", "weights_sha256": "a" * 64,
+               "best": {"epoch": 3, "monitor": "val_loss", "value": 0.5},
+               "vocab_size": 10, "vocab_sha256": "b" * 64,
+               "backbone": {"weights": "imagenet", "weights_sha256": "c" * 64,
+                            "precision": "float32", "feature_scale": 0.5}}
+    assert export.changed_settings(earlier, earlier) == []
+    new = json.loads(json.dumps(earlier))
+    new["best"]["value"] = 0.25
+    new["vocab_sha256"] = "d" * 64
+    new["backbone"]["weights_sha256"] = "e" * 64
+    new["backbone"]["feature_scale"] = 0.25
+    assert export.changed_settings(earlier, new) == [
+        "best value val_loss=0.5 -> val_loss=0.25", f"vocabulary {'b' * 12} -> {'d' * 12}",
+        f"backbone weights {'c' * 12} -> {'e' * 12}", "backbone feature scale 0.5 -> 0.25"]
+    assert export.changed_settings({"run": "/r"}, new) == []    # an old export.json
+
+
+def test_an_earlier_export_that_cannot_be_removed_leaves_the_new_one_and_says_so(
+        trained_run, tmp_path, monkeypatch):
+    """Files of another user in the earlier export (warmup requests root wrote in a
+    container): the new export was in place, then deleting the earlier one failed: exit 2
+    ("Permission denied", the code of "nothing was done"), no summary, no note."""
+    out = tmp_path / "1"
+    out.mkdir()
+    (out / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+    monkeypatch.setattr(export, "save_servable", _save_placeholder)
+
+    def refuse(path):
+        raise PermissionError(errno.EACCES, "Permission denied",
+                              os.path.join(path, "assets.extra", "warmup"))
+    monkeypatch.setattr(export, "remove_path", refuse)
+    code, printed, err = _run_cli(["export", "--run", trained_run, "--out", str(out)])
+    assert code == 0 and printed.startswith("SavedModel  "), err
+    assert (out / "saved_model.pb").read_bytes() == b"new"
+    [old] = [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
+    assert f"note: the new export is in {out}, but the earlier one, moved aside to {old}, " \
+           f"could not be removed ({old}/assets.extra/warmup: Permission denied): remove it " \
+           f"yourself" in _notes(err), err
+
+
+def test_a_leftover_that_cannot_be_removed_is_not_said_removed(tmp_path, monkeypatch):
+    """`rmtree(ignore_errors=True)`, then "removed ..." whatever happened: a leftover with a
+    folder the user cannot empty (root's files in it: rmtree's error is made here, root
+    deletes anything), or a symlink (`--out current`'s .old: rmtree refuses links), stayed
+    while each export said it was removed."""
+    from caption_attn.fileio import HOST
+    out = tmp_path / "1"
+    out.mkdir()
+    old = tmp_path / f".1.tmp.{_dead_pid()}.{HOST}.old"
+    (old / "assets.extra").mkdir(parents=True)
+    (old / "assets.extra" / "warmup").write_text("x")
+    real = shutil.rmtree
+
+    def rmtree(path, ignore_errors=False, *args, **kwargs):
+        if os.path.abspath(path) != str(old):
+            return real(path, ignore_errors, *args, **kwargs)
+        if not ignore_errors:
+            raise PermissionError(errno.EACCES, "Permission denied",
+                                  str(old / "assets.extra" / "warmup"))
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    lines = []
+    export._remove_killed_exports(str(out), lines.append)
+    assert (old / "assets.extra" / "warmup").exists()
+    assert lines == [f"note: could not remove {old}, left by an export that did not finish "
+                     f"({old}/assets.extra/warmup: Permission denied): remove it yourself"]
+    monkeypatch.undo()
+    shutil.rmtree(old)
+    (tmp_path / "2").mkdir()
+    old.symlink_to("2")                 # the earlier export was `--out current` -> 2
+    lines = []
+    export._remove_killed_exports(str(out), lines.append)
+    assert not os.path.lexists(old) and (tmp_path / "2").is_dir()  # the link, not its target
+    assert lines == [f"removed {old}, left by an export that did not finish"]
+
+
+def test_an_out_that_cannot_be_renamed_is_refused_before_loading(trained_run, tmp_path,
+                                                                 monkeypatch):
+    """`--out .` in the version folder (or a script's `--out "$DIR/."`) passed every check:
+    the whole export was built, then its rename failed ("Device or resource busy"). So did a
+    mount point (a container whose volume is the version folder)."""
+    monkeypatch.setattr(export.Captioner, "from_run", None)   # must not be reached
+    version = tmp_path / "captioner" / "1"
+    version.mkdir(parents=True)
+    monkeypatch.chdir(version)
+    _refused(["export", "--run", trained_run, "--out", "."], "--out .: ends in `.`, which "
+             "cannot be replaced", f"name the folder itself, e.g. --out {version}")
+    for given, last, named in ((f"{version}/.", ".", version), (f"{version}/./", ".", version),
+                               (f"{version}/..", "..", version.parent)):
+        _refused(["export", "--run", trained_run, "--out", given],
+                 f"--out {given.rstrip('/')}: ends in `{last}`", f"e.g. --out {named}")
+    real = os.path.ismount
+    monkeypatch.setattr(export.os.path, "ismount",
+                        lambda path: os.path.abspath(path) == str(version) or real(path))
+    _refused(["export", "--run", trained_run, "--out", str(version)],
+             f"--out {version}: a mount point, which cannot be replaced",
+             f"export into a folder inside it, e.g. {version / '1'}")
+    assert os.listdir(tmp_path / "captioner") == ["1"] and os.listdir(version) == []
+
+
+@contextlib.contextmanager
+def _unreadable(monkeypatch, path, back):
+    """Context: `path` unreadable (mode 0), its mode `back` after; for root, who reads
+    anything, `os.access` answers for it as for another user."""
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if (
+        os.path.abspath(p) == str(path) and mode & os.R_OK) else real(p, mode, *a, **k))
+    path.chmod(0)
+    try:
+        yield
+    finally:
+        path.chmod(back)
+        monkeypatch.setattr(os, "access", real)
+
+
+def test_an_unreadable_assets_extra_is_refused_before_the_build_and_named(
+        trained_run, tmp_path, monkeypatch):
+    """An assets.extra/ (or a file or folder in it) the user cannot read (root's warmup
+    requests): it was copied after the whole build, and its PermissionError got the advice
+    of a full disk ("free space there (or make it writable)")."""
+    out = tmp_path / "1"
+    extra = out / "assets.extra"
+    (extra / "sub").mkdir(parents=True)
+    (extra / "sub" / "warmup").write_text("warmup")
+    (out / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+    monkeypatch.setattr(export.Captioner, "from_run", None)   # must not be reached
+    for locked, back in ((extra, 0o755), (extra / "sub", 0o755),
+                         (extra / "sub" / "warmup", 0o644)):
+        with _unreadable(monkeypatch, locked, back):
+            _refused(["export", "--run", trained_run, "--out", str(out)],
+                     f"--out {out}: cannot read {locked}, which the new export copies from "
+                     f"{extra}", "chmod -R u+rX")
+    assert sorted(os.listdir(tmp_path)) == ["1"]
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_an_assets_extra_unreadable_during_the_copy_is_named_not_a_full_disk(
+        tmp_path, monkeypatch, kind):
+    """Made unreadable after the checks: the copy's PermissionError (copy2's, or copytree's
+    first scandir: not a shutil.Error) is named as the copy of assets.extra that failed,
+    not as a write that free space mends; a write into the new export still is one."""
+    out, tmp = tmp_path / "1", tmp_path / ".1.tmp"
+    out.mkdir()
+    tmp.mkdir()
+    extra = out / "assets.extra"
+    copy = "copy2" if kind == "file" else "copytree"
+    if kind == "file":
+        extra.write_text("warmup")
+    else:
+        extra.mkdir()
+
+    def fail(errno_, where):
+        def copy_(src, dst, *a, **k):
+            raise OSError(errno_, os.strerror(errno_), src if where == "src" else dst)
+        monkeypatch.setattr(shutil, copy, copy_)
+    fail(errno.EACCES, "src")      # root reads anything: the error is made here
+    with pytest.raises(UserError) as refused:
+        export._carry_over(str(out), str(tmp))
+    message = str(refused.value)
+    assert message.startswith(f"--out {out}: cannot copy {extra} into the new export "
+                              f"({extra}: Permission denied); fix its files"), message
+    assert refused.value.exit_code == 1 and "free space" not in message
+    fail(errno.ENOSPC, "dst")
+    with pytest.raises(OSError) as full:
+        export._carry_over(str(out), str(tmp))
+    assert full.value.errno == errno.ENOSPC and not isinstance(full.value, UserError)
+
+
+@pytest.mark.parametrize("earlier", [True, False], ids=["reexport", "new"])
+def test_a_file_put_into_out_during_the_export_is_not_deleted(trained_run, tmp_path,
+                                                             monkeypatch, earlier):
+    """`out` was checked once, minutes before the rename: a README.txt written into it
+    meanwhile (or a folder of notes made where the export was going) was deleted with the
+    earlier export, exit 0, with --force or without."""
+    out = tmp_path / "1"
+    if earlier:
+        out.mkdir()
+        (out / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+        (out / "old.txt").write_text("seen by the check: --force deletes it")
+
+    def save(path, *args):
+        _save_placeholder(path)
+        out.mkdir(exist_ok=True)
+        (out / "README.txt").write_text("written while exporting")
+    monkeypatch.setattr(export, "save_servable", save)
+    code, printed, err = _run_cli(["export", "--run", trained_run, "--out", str(out)] +
+                                  (["--force"] if earlier else []))
+    assert code == 1 and printed == "", err
+    assert err.splitlines()[-1] == (
+        f"caption-attn export: error: --out {out}: README.txt appeared in it during the "
+        f"export, which an export does not write and replacing {out} would delete; move it "
+        f"out (extra files for TF Serving go in {out / 'assets.extra'}, which is kept) and "
+        f"rerun this command; {out} is as it was")
+    assert (out / "README.txt").read_text() == "written while exporting"
+    assert sorted(os.listdir(out)) == (["README.txt", export.INFO_FILE, "old.txt"] if earlier
+                                       else ["README.txt"])
+    assert os.listdir(tmp_path) == ["1"]                       # no temporary folder left
+
+
+def test_the_earlier_export_of_a_killed_publish_is_put_back(tmp_path):
+    """kill -9 (or a power loss) between `_publish`'s two renames left `out` missing, the
+    earlier export as `.NAME.tmp.PID.HOST.old` and the finished new one beside it: the next
+    export deleted both, and when it failed in turn no export was left at all."""
+    from caption_attn.fileio import HOST
+    out = tmp_path / "1"
+    pid = _dead_pid()
+    old, new = tmp_path / f".1.tmp.{pid}.{HOST}.old", tmp_path / f".1.tmp.{pid}.{HOST}"
+    for folder, text in ((old, "earlier"), (new, "new")):
+        folder.mkdir()
+        (folder / "saved_model.pb").write_text(text)
+    lines = []
+    export._restore_killed_publish(str(out), lines.append)
+    assert (out / "saved_model.pb").read_text() == "earlier" and not old.exists()
+    assert lines == [f"restored the earlier export in {out}: an export killed while it "
+                     f"replaced it had left it as {old}"]
+    export._restore_killed_publish(str(out), lines.append)      # `out` is there: nothing
+    export._remove_killed_exports(str(out), lines.append)
+    assert sorted(os.listdir(tmp_path)) == ["1"] and len(lines) == 2
+
+
+def test_an_export_that_fails_after_a_killed_publish_leaves_the_earlier_export(
+        trained_run, tmp_path, monkeypatch):
+    """The export after such a kill puts the earlier export back under its lock, before its
+    checks: when it then fails (here: loading the run), `out` holds the earlier export."""
+    from caption_attn.fileio import HOST
+    out = tmp_path / "1"
+    old = tmp_path / f".1.tmp.{_dead_pid()}.{HOST}.old"
+    old.mkdir()
+    (old / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+
+    def loading(*a, **k):
+        raise UserError("stop here")
+    monkeypatch.setattr(export.Captioner, "from_run", loading)
+    code, printed, err = _run_cli(["export", "--run", trained_run, "--out", str(out)])
+    assert code == 2 and "error: stop here" in err, err
+    assert f"restored the earlier export in {out}" in err
+    assert os.listdir(out) == [export.INFO_FILE] and sorted(os.listdir(tmp_path)) == ["1"]

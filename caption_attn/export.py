@@ -324,12 +324,16 @@ def _restore_killed_publish(out: str, log) -> None:
     left under its hidden .old name, `out` missing (kill -9, power loss): the next export
     deleted it with the other leftovers, and a server had no model until an export ended.
     The killed export's new one beside it goes with the leftovers. Called under the lock
-    on `out`, before it is checked: the export put back is checked as any."""
+    on `out`, before it is checked: the export put back is checked as any. Only a .old
+    beside its own export's temporary folder (a kill between the renames leaves both): a
+    lone one is what a failed removal left (`_publish`'s note), maybe half deleted, and
+    `out` may have been removed by hand since."""
     if os.path.lexists(out):
         return
-    earlier = [path for path in _killed_exports(out) if path.endswith(".old")]
-    if len(earlier) != 1:           # none, or (out deleted by hand since) not which one
-        return
+    leftovers = _killed_exports(out)
+    earlier = [path for path in leftovers if path.endswith(".old")]
+    if len(earlier) != 1 or earlier[0][:-len(".old")] not in leftovers:
+        return                      # none, several (not which one), or no kill between
     try:
         os.replace(earlier[0], out)
     except OSError as e:

@@ -905,13 +905,14 @@ class Trainer:
             return
         tmp = temp_name(self.run.config, ".worker")
         try:
-            cfg.save(tmp)
-            os.link(tmp, self.run.config)   # made only if missing: the chief's may be there now
-        except FileExistsError:
-            pass
-        except OSError:   # a file system without hard links: nearly as well
-            if not os.path.exists(self.run.config):
-                os.replace(tmp, self.run.config)
+            cfg.save(tmp)       # its error (a full disk) is the one to tell, not the link's
+            try:    # made only if missing: the chief's may be there now
+                os.link(tmp, self.run.config)
+            except FileExistsError:
+                pass
+            except OSError:   # a file system without hard links: nearly as well
+                if not os.path.exists(self.run.config):
+                    os.replace(tmp, self.run.config)
         finally:
             with contextlib.suppress(OSError):
                 os.remove(tmp)

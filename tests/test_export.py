@@ -1434,6 +1434,20 @@ def test_the_earlier_export_of_a_killed_publish_is_put_back(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["1"] and len(lines) == 2
 
 
+def test_a_lone_earlier_export_left_by_a_failed_removal_is_not_put_back(tmp_path):
+    """A .old without its export's temporary folder beside it is no kill between the two
+    renames: an earlier export whose removal failed (`_publish`'s note), maybe half deleted,
+    and `out` deleted by hand since. Put back, it came back as `out` with a false message."""
+    from caption_attn.fileio import HOST
+    out = tmp_path / "1"
+    old = tmp_path / f".1.tmp.{_dead_pid()}.{HOST}.old"
+    old.mkdir()
+    (old / "saved_model.pb").write_text("half deleted")
+    lines = []
+    export._restore_killed_publish(str(out), lines.append)
+    assert not out.exists() and old.exists() and lines == []
+
+
 def test_an_export_that_fails_after_a_killed_publish_leaves_the_earlier_export(
         trained_run, tmp_path, monkeypatch):
     """The export after such a kill puts the earlier export back under its lock, before its
@@ -1443,6 +1457,8 @@ def test_an_export_that_fails_after_a_killed_publish_leaves_the_earlier_export(
     old = tmp_path / f".1.tmp.{_dead_pid()}.{HOST}.old"
     old.mkdir()
     (old / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+    new = str(old)[:-len(".old")]
+    os.mkdir(new)                           # the killed export's own, beside it
 
     def loading(*a, **k):
         raise UserError("stop here")
@@ -1450,4 +1466,5 @@ def test_an_export_that_fails_after_a_killed_publish_leaves_the_earlier_export(
     code, printed, err = _run_cli(["export", "--run", trained_run, "--out", str(out)])
     assert code == 2 and "error: stop here" in err, err
     assert f"restored the earlier export in {out}" in err
-    assert os.listdir(out) == [export.INFO_FILE] and sorted(os.listdir(tmp_path)) == ["1"]
+    assert os.listdir(out) == [export.INFO_FILE]     # the new one goes with the next export
+    assert sorted(os.listdir(tmp_path)) == sorted(["1", os.path.basename(new)])

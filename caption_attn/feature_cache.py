@@ -61,9 +61,9 @@ from caption_attn.backbone import (BACKBONE, FEATURE_LAYOUT, FEATURE_SHAPE, IMAG
 from caption_attn import feature_index
 from caption_attn.config import ExtractConfig
 from caption_attn.errors import UserError
-from caption_attn.fileio import (HOST, describe_holders, file_digest, flock, keras_file_atomic,
-                                 lock_file, lock_holders, one_line, read_json,
-                                 write_bytes_atomic, write_json_atomic)
+from caption_attn.fileio import (HOST, describe_holders, file_digest, flock, is_at,
+                                 keras_file_atomic, lock_file, lock_holders, one_line,
+                                 read_json, write_bytes_atomic, write_json_atomic)
 from caption_attn.images import RESIZE_METHOD
 
 FORMAT_VERSION = 2               # bump when the meaning of cached files changes
@@ -181,10 +181,20 @@ def cache_lock(cache_dir: str):
     """Exclusive flock on <cache>/.lock (shards share one cache), waited for; unlocked where
     the file system has no locks (`fileio.flock`: an NFS mount with `nolock` raised ENOLCK
     here, where the cache's other locks went on). Unlocked explicitly at the end: a worker
-    process forked meanwhile shares the open file, which would keep it locked."""
-    os.makedirs(cache_dir, exist_ok=True)
-    with open(os.path.join(cache_dir, LOCK), "a+") as f:
+    process forked meanwhile shares the open file, which would keep it locked. A lock got on
+    a file no longer at its path is let go and taken again: a first extraction that failed
+    removed its new cache folder while this one waited (`_remove_if_only_locks`), and this
+    one then went on under a lock of a deleted file, its .writing.lock not made: a `train`
+    started then was not refused."""
+    path = os.path.join(cache_dir, LOCK)
+    while True:
+        os.makedirs(cache_dir, exist_ok=True)
+        f = open(path, "a+")
         locked = flock(f, fcntl.LOCK_EX)
+        if not locked or is_at(f, path):
+            break
+        f.close()
+    with f:
         try:
             yield
         finally:

@@ -452,7 +452,7 @@ def _holding_lock(path: str, refusal, shared: bool):
             who = describe_holders(lock_holders(f))
             f.close()
             raise InUse(refusal(who)) from None
-        if not locked or _is_at(f, path):
+        if not locked or is_at(f, path):
             break
         f.close()   # its holder removed it as it ended: lock the file at `path` now
     with f:
@@ -465,7 +465,7 @@ def _holding_lock(path: str, refusal, shared: bool):
                     os.remove(path)
 
 
-def _is_at(f, path: str) -> bool:
+def is_at(f, path: str) -> bool:
     """Whether the open file `f` is the file at `path`."""
     try:
         st = os.stat(path)

@@ -586,6 +586,39 @@ def test_a_failed_first_extraction_keeps_a_folder_another_extraction_holds(tmp_p
                 pass
 
 
+def test_a_cache_lock_waited_for_while_its_folder_is_removed_locks_the_new_one(tmp_path):
+    """A first extraction that failed removes its new cache folder under the cache's lock; a
+    shard waiting for that lock then got it on the deleted .lock, opened no .writing.lock
+    (its folder gone) and wrote unlocked: a `train` started then was not refused. The
+    waiter now takes the lock of the file at the path, in the folder made again."""
+    import fcntl
+    import threading
+    import time
+
+    from caption_attn.feature_cache import LOCK, cache_lock
+
+    cache = str(tmp_path / "new_cache")
+    path = os.path.join(cache, LOCK)
+    seen = []
+
+    def shard():                                    # waits for the lock the first one holds
+        with cache_lock(cache):
+            with open(path) as probe:               # another process's view of the lock
+                try:
+                    fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    seen.append("unlocked")
+                except BlockingIOError:
+                    seen.append("locked")
+
+    waiting = threading.Thread(target=shard, daemon=True)
+    with cache_lock(cache):                         # the failing first extraction
+        waiting.start()
+        time.sleep(0.5)                             # the shard blocks in flock meanwhile
+        shutil.rmtree(cache)                        # `_remove_if_only_locks`
+    waiting.join(10)
+    assert seen == ["locked"] and os.path.exists(path)
+
+
 def test_fix_commands_quote_the_weights_path(cache_copy):
     """A cache made with `--weights PATH` printed the path unquoted in every fix command:
     pasted, one with a space ended as "--weights /m/My" and an unrecognised argument."""

@@ -285,7 +285,7 @@ def _write_failed(out: str, e: Exception) -> Exception:
     elif e.errno not in _WRITE_ERRNOS:
         return e
     else:
-        reason = e.strerror or str(e) or type(e).__name__
+        reason = _reason(e, named=False)
     folder = os.path.dirname(os.path.abspath(out))
     return UserError(f"--out {out}: cannot write the export into {folder} "
                      f"({reason.splitlines()[0][:200]}): "
@@ -344,10 +344,10 @@ def _restore_killed_publish(out: str, log) -> None:
         f"left it as {earlier[0]}")
 
 
-def _reason(e: OSError) -> str:
-    """`e`'s file and reason, as a message gives them."""
+def _reason(e: OSError, named: bool = True) -> str:
+    """`e`'s reason, as a message gives it; `named`: after its file, where it has one."""
     reason = e.strerror or str(e) or type(e).__name__
-    return f"{e.filename}: {reason}" if e.filename else reason
+    return f"{e.filename}: {reason}" if named and e.filename else reason
 
 
 def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None,

@@ -883,14 +883,14 @@ class Trainer:
         split by hash into another val set, and feed other images: the mirrored weights
         were trained on mixed token ids, and the chief's val images in the other's train."""
         data = self.data
-        usable = {s: sorted(data.caption_ids[s]) for s in ("train", "val")}
         return {"flags": self.cfg.settings_digest(with_train=True),
                 "vocabulary": data.vocab.digest(),
                 "split": splits_digest(data.splits),
                 "caption data": (data.caption_data or {}).get("sha256", ""),
                 "feature cache": feature_cache.cache_identity(data.manifest)["fingerprint"],
-                "train and val images with usable features": hashlib.sha256(
-                    json.dumps(usable).encode()).hexdigest()}
+                "train and val images with usable features": _keys_digest(
+                    f"{split}/{key}" for split in ("train", "val")
+                    for key in data.caption_ids[split])}
 
     def _save_config(self, cfg: RunConfig) -> None:
         """Save `cfg` as the run's config.json: the chief replaces it, another worker of a

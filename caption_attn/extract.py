@@ -13,7 +13,9 @@ cache's identity, its stat matches the entry and its source image's size and mti
 extracted again and reported (one that fails then loses its old file: not counted, not used).
 `--verify` also hashes every image and reads every feature file fully (the files of images
 it finds changed under the same size and mtime are removed before any is extracted).
-shard = sha256(key) mod num_shards, and shards may write into one cache concurrently.
+shard = sha256(key) mod num_shards, and shards may write into one cache concurrently; an
+extraction of another images folder running into the cache refuses this one before anything
+is written (`feature_cache.extracting_from`: their same-named images' features would mix).
 The cache itself (layout, checks, manifest, identity) is `feature_cache`.
 """
 
@@ -494,13 +496,17 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     left_out (files under `images_dir` a walk without `keys` did not take for their
     extension), heatmaps (the heatmaps such a walk left out), images_dir, exit_code (1 when
     `cfg.strict` and something failed, or when nothing could be extracted) and message.
+    Refused (`UserError`, nothing written) while an extraction of another images folder runs
+    into `cfg.cache` (`feature_cache.extracting_from`), with `cfg.replace_other_images` too.
     """
     start = time.monotonic()
     check_flags(images_dir, cfg)
     # while a train or evaluate reads the cache, refused only before rewriting or removing a
     # feature file (`busy`): new ones harm no reader, and a script's `extract-features &&
-    # train`, rerun beside a running train, goes on as before
-    with feature_cache.using_features(cfg.cache, writing=True, readers_ok=True) as busy:
+    # train`, rerun beside a running train, goes on as before. While an extraction of another
+    # images folder writes into it, refused at once (shards of this folder go on together)
+    with feature_cache.using_features(cfg.cache, writing=True, readers_ok=True) as busy, \
+            feature_cache.extracting_from(cfg.cache, images_dir):
         return _extract_into_cache(images_dir, cfg, keys, progress, start, busy)
 
 

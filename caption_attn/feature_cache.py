@@ -14,6 +14,8 @@ Cache layout:
     <cache>/.lock                    flock'ed around every manifest / failed.tsv / index update
     <cache>/.reading.lock, .writing.lock   flock'ed (shared) by every process reading or
                                      writing features: the two exclude each other
+    <cache>/.extracting.<pid>.<token>.<host>   the images folder a running extraction reads,
+                                     flock'ed (shared) while it runs (`extracting_from`)
 
 Each `.npy` is a (64, 2048) array: InceptionV3's last 8x8x2048 map (ImageNet preprocessing, no
 top), flattened row-major (position = row * 8 + col) and multiplied by the cache's
@@ -45,6 +47,7 @@ import io
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import stat
@@ -72,6 +75,7 @@ MANIFEST = "manifest.json"
 FAILED = "failed.tsv"
 LOCK = ".lock"
 READING, WRITING = ".reading.lock", ".writing.lock"   # see `using_features`
+EXTRACTING = ".extracting"       # + .<pid>.<token>.<host>: see `extracting_from`
 STALE_TEMP_AGE_S = 3600          # temp files of other hosts older than this are stale
 # `temp_name`s, with the suffixes given to it: .weights.h5 (Keras), .old (export's earlier
 # export moved aside while the new one is renamed into place: a host "HOST.old" was no host)
@@ -284,6 +288,134 @@ def other_writers(cache_dir: str) -> list[int]:
         return []
     with f:
         return [pid for pid in lock_holders(f) if pid != os.getpid()]
+
+
+@contextlib.contextmanager
+def extracting_from(cache_dir: str, images_dir: str):
+    """Held while this process extracts the images of `images_dir` into the cache: a marker
+    <cache>/.extracting.<pid>.<token>.<host> naming the folder (and its real path), flock'ed
+    (shared) until the block ends, when it is removed. Made under the cache's lock after the
+    markers of the other extractions running are read: one of another images folder (by
+    real path: a symlink or a relative path to the same folder is the same folder) refuses
+    this one, a `UserError` naming both folders and the cache, before anything is written.
+    Without it two datasets extracted into one cache at once (two terminals, two datasets
+    named like COCO) both passed the refusal of same-named images of another folder (the
+    features of the other were not written yet), and of each same-named image the feature
+    file the last writer wrote stood for both, unchecked. Shards of one folder share the
+    cache. --replace-other-images does not pass it: it replaces the features of a folder
+    extracted before, it does not race its extraction.
+
+    A marker its process left (killed, crashed) holds no lock: it is removed and ignored
+    (where the file system has no locks: when it names a process of this host that is gone;
+    another host's is then ignored, and left). Where the marker cannot be made (a cache
+    this user cannot write into) the extraction goes on unmarked, as it fails writing
+    anyway."""
+    here = os.path.realpath(images_dir)
+    path = os.path.join(cache_dir, f"{EXTRACTING}.{os.getpid()}.{secrets.token_hex(4)}.{HOST}")
+    with cache_lock(cache_dir):
+        others = [m for m in _extractions(cache_dir) if m.get("real_path") != here]
+        if others:
+            raise UserError(_other_folder_message(cache_dir, images_dir, others))
+        marker = _make_marker(path, {"images_dir": os.path.abspath(images_dir),
+                                     "real_path": here, "pid": os.getpid(), "host": HOST})
+    try:
+        yield
+    finally:
+        if marker is not None:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            with contextlib.suppress(OSError):   # (a process forked meanwhile shares it)
+                fcntl.flock(marker.fileno(), fcntl.LOCK_UN)
+            marker.close()
+
+
+def _make_marker(path: str, fields: dict):
+    """The marker `extracting_from` holds: `path` written with `fields` (JSON, ASCII: a
+    folder name that is not UTF-8 as \\udcXX escapes) and flock'ed (shared); None when it
+    cannot be made. The caller holds the cache's lock: no other process reads it meanwhile."""
+    try:
+        f = open(path, "w+", encoding="ascii")
+    except OSError:
+        return None
+    try:
+        flock(f, fcntl.LOCK_SH)   # False where there are no locks: told by its pid then
+        f.write(json.dumps(fields) + "\n")
+        f.flush()
+    except BaseException:
+        f.close()
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
+    return f
+
+
+def _extractions(cache_dir: str) -> list[dict]:
+    """The fields (`extracting_from`) of the markers of the extractions running into the
+    cache, by name; those of extractions that are gone are removed (the caller holds the
+    cache's lock)."""
+    try:
+        names = sorted(n for n in os.listdir(cache_dir) if n.startswith(EXTRACTING + "."))
+    except OSError:
+        return []
+    running = []
+    for name in names:
+        path = os.path.join(cache_dir, name)
+        f = None
+        for mode in ("r+", "r"):   # ("r": another user's; never created here: "a+")
+            with contextlib.suppress(OSError):
+                f = open(path, mode, encoding="ascii", errors="replace")
+                break
+        if f is None:
+            continue             # removed meanwhile (its extraction ended), or unreadable
+        with f:
+            try:
+                fields = json.loads(f.read())
+                fields = fields if isinstance(fields, dict) else {}
+            except (ValueError, OSError):
+                fields = {}      # cut short by a crash: unlocked, removed below
+            try:
+                state = "gone" if flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB) else _by_pid(fields)
+            except BlockingIOError:
+                state = "running"
+            if state == "running" and fields:
+                running.append(fields)
+            elif state == "gone":
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+    return running
+
+
+def _by_pid(fields: dict) -> str:
+    """"running" or "gone" for the marker `fields` of a file system without locks, as its
+    process on this host runs or not (this process's own: an earlier one of its pid);
+    "unknown" for another host's."""
+    pid = fields.get("pid")
+    if fields.get("host") != HOST or not isinstance(pid, int) or isinstance(pid, bool):
+        return "unknown"
+    return "running" if pid != os.getpid() and _pid_alive(pid) else "gone"
+
+
+def _other_folder_message(cache_dir: str, images_dir: str, others: list[dict]) -> str:
+    """The refusal of `extracting_from`: the extractions of other folders (`others`, their
+    markers' fields) running into the cache, named by pid and command (another host's: by
+    pid and host), and what to do."""
+    folders = list(dict.fromkeys(one_line(str(m.get("images_dir"))) for m in others))
+    here = [m.get("pid") for m in others if m.get("host") == HOST]
+    elsewhere = [f"pid {m.get('pid')} on {one_line(str(m.get('host')))}" for m in others
+                 if m.get("host") != HOST]
+    who = describe_holders([p for p in here if isinstance(p, int)])   # " (pid N: COMMAND)"
+    if elsewhere:
+        who = (f"{who[:-1]}; " if who else " (") + "; ".join(elsewhere) + ")"
+    n = len(others)
+    them = ("another extract-features" if n == 1 else f"{n} other extract-features") + who
+    return (f"--images {one_line(images_dir)}: {them} {'is' if n == 1 else 'are'} extracting "
+            f"the images of {' and '.join(folders)} into --cache {one_line(cache_dir)} now: "
+            f"two images folders extracted into one cache at once mix their features (a cache "
+            f"holds one feature file per image path: of same-named images, the one written "
+            f"last would stand for both, unchecked; --replace-other-images does not change "
+            f"that). Extract this dataset into another --cache (one per dataset), or wait for "
+            f"that extraction to end and run this command again (shards of one --images "
+            f"folder may run together)")
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ change a cache work on a copy of it (`cache_copy`).
 
 import concurrent.futures
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -1042,6 +1043,129 @@ def test_the_summary_says_another_shard_is_still_writing(images, cache_copy):
     summary = extract_features(images, extract_cfg(cache_copy), keys=GOOD, progress=False)
     assert summary["other_writers"] == []
     assert "still writing" not in format_summary(summary)
+
+
+def _markers(cache):
+    """The names of the markers of extractions running into `cache` (`extracting_from`)."""
+    return sorted(n for n in os.listdir(cache) if n.startswith(feature_cache.EXTRACTING + "."))
+
+
+def _while_extracting(monkeypatch, folder, action):
+    """A list that receives what `action()` returns or raises (a UserError), called once
+    while the extraction of `folder` is about to extract (its marker made and its folder
+    registered, no feature file written yet): a second extraction started then."""
+    real, seen = extract._extract_with_progress, []
+
+    def paused(backbone, images_dir, *args):
+        if images_dir == str(folder) and not seen:
+            try:
+                seen.append(action())
+            except UserError as e:
+                seen.append(e)
+        return real(backbone, images_dir, *args)
+
+    monkeypatch.setattr(extract, "_extract_with_progress", paused)
+    return seen
+
+
+def test_an_extraction_of_another_folder_running_into_the_cache_refuses_this_one(
+        cache_copy, tmp_path, monkeypatch):
+    """Two datasets with same-named images extracted into one cache at once (two terminals)
+    both passed the refusal of another folder's same-named images, since neither's features
+    were there yet, and of each such name the last writer's features stood for both folders,
+    indexed as fine. The second is refused now, before it writes anything, naming the folder
+    the first reads, with --replace-other-images too; once the first has ended, a rerun
+    meets the refusal of same-named images of other content."""
+    first, second = tmp_path / "coco", tmp_path / "other_coco"
+    write_rgb(str(first / "x.jpg"), scene(40))
+    write_rgb(str(second / "x.jpg"), scene(41))
+
+    def second_run():
+        try:
+            extract_features(str(second), extract_cfg(cache_copy, replace_other_images=True),
+                             progress=False)
+        except UserError as e:
+            return e, os.path.lexists(feature_path(cache_copy, "x.jpg")), _markers(cache_copy)
+        return None, os.path.lexists(feature_path(cache_copy, "x.jpg")), _markers(cache_copy)
+
+    seen = _while_extracting(monkeypatch, first, second_run)
+    summary = extract_features(str(first), extract_cfg(cache_copy), progress=False)
+    error, written, markers = seen[0]
+    assert isinstance(error, UserError), "the second extraction was not refused"
+    assert re.fullmatch(
+        rf"--images {re.escape(str(second))}: another extract-features \(pid {os.getpid()}: "
+        rf".+\) is extracting the images of {re.escape(str(first))} into --cache "
+        rf"{re.escape(cache_copy)} now: two images folders .+ Extract this dataset into "
+        rf"another --cache \(one per dataset\), or wait for that extraction to end and run "
+        rf"this command again \(shards of one --images folder may run together\)",
+        str(error)), str(error)
+    assert not written and len(markers) == 1          # the first's marker only
+    assert summary["extracted"] == 1 and summary["failed"] == 0
+    entry = feature_index.load_index(cache_copy).entries["x.jpg"][-1]
+    assert entry.image_sha256 == hashlib.sha256((first / "x.jpg").read_bytes()).hexdigest()
+    assert str(second) not in read_manifest(cache_copy)["images_dirs"]
+    assert _markers(cache_copy) == []
+    with pytest.raises(UserError, match=f"1 of its images have the names of images of {first}"):
+        extract_features(str(second), extract_cfg(cache_copy), progress=False)
+
+
+def test_shards_of_one_folder_run_together_by_a_link_or_a_relative_path(cache_copy, tmp_path,
+                                                                        monkeypatch):
+    """Shards of one --images folder share a cache as before, also when one names the
+    folder through a symlink and a relative path (its real path is the same)."""
+    folder = tmp_path / "data" / "images"
+    keys = [f"img_{i}.jpg" for i in range(6)]
+    for i, key in enumerate(keys):
+        write_rgb(str(folder / key), scene(50 + i))
+    assert {shard_of(k, 2) for k in keys} == {0, 1}
+    os.symlink(folder, tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    seen = _while_extracting(monkeypatch, folder, lambda: extract_features(
+        "link", extract_cfg(cache_copy, num_shards=2, shard_index=1), progress=False))
+    first = extract_features(str(folder), extract_cfg(cache_copy, num_shards=2, shard_index=0),
+                             progress=False)
+    assert len(seen) == 1 and not isinstance(seen[0], UserError), seen
+    assert seen[0]["extracted"] == sum(shard_of(k, 2) == 1 for k in keys)
+    assert first["extracted"] == sum(shard_of(k, 2) == 0 for k in keys)
+    assert all(check_feature_file(feature_path(cache_copy, k), "float16") is None
+               for k in keys)
+    assert _markers(cache_copy) == []
+
+
+# a live extraction of a folder, as far as the cache can tell (its marker, held), until stdin ends
+MARKER_HOLDER = """
+import sys
+from caption_attn import feature_cache
+marker = feature_cache.extracting_from(sys.argv[1], sys.argv[2])   # (kept: not collected)
+marker.__enter__()
+print("marked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_extractions_marker_refuses_no_later_one(images, cache_copy, tmp_path):
+    """Another process's extraction of another folder, running, refuses one into the same
+    cache, naming its pid and folder; killed, its marker is left behind, holding no lock:
+    it refuses nothing, and the next extraction removes it."""
+    other = tmp_path / "other"
+    other.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", MARKER_HOLDER, cache_copy, str(other)],
+                              cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "marked\n"
+        with pytest.raises(UserError, match=rf"^--images {re.escape(images)}: another "
+                                            rf"extract-features \(pid {holder.pid}: .+\) is "
+                                            rf"extracting the images of {re.escape(str(other))}"
+                                            rf" into --cache {re.escape(cache_copy)} now"):
+            extract_features(images, extract_cfg(cache_copy), keys=GOOD, progress=False)
+        assert len(_markers(cache_copy)) == 1          # the holder's, none of the refused
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(_markers(cache_copy)) == 1              # left by the killed process
+    summary = extract_features(images, extract_cfg(cache_copy), keys=GOOD, progress=False)
+    assert summary["skipped"] == len(GOOD) and summary["exit_code"] == 0
+    assert _markers(cache_copy) == []
 
 
 def test_an_images_folder_whose_name_is_not_utf8_is_extracted_and_then_done(cache_copy,

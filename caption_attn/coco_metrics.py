@@ -20,6 +20,13 @@ the plumbing, not to the numbers:
   stdout (JAVA_TOOL_OPTIONS=-Xlog:gc) adds lines that would shift every caption onto another
   image; then the jar counts as failed and the Python tokenizer is used, with a note.
 
+One change to the tokens, where pycocoevalcap has no answer: Chinese and Japanese captions
+(no spaces between words) are scored with each character a word, as the vocabulary
+(`vocab.standardize`) makes them, on both sides, and their full-width punctuation dropped as
+PTB drops ASCII punctuation (`_cjk_as_words`). PTB splits neither, so a reference was one
+token against the model's characters and every metric 0 (exit 0, no note). Captions without
+such characters are untouched.
+
 Nothing is printed: `COCOEvalCap.evaluate`'s progress lines ("tokenization...") are not used,
 BLEU runs with `verbose=0` (else it prints `{'testlen': ...}`), and the jars' stderr logs
 ("PTBTokenizer tokenized N tokens ...") are captured. Nothing is redirected either, so prints
@@ -34,6 +41,7 @@ import re
 import shutil
 import subprocess
 import threading
+import unicodedata
 from typing import Hashable, Optional, Union
 
 from pycocoevalcap.bleu.bleu import Bleu
@@ -43,7 +51,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
 from caption_attn.fileio import write_json_atomic
-from caption_attn.vocab import standardize
+from caption_attn.vocab import _CJK, standardize
 
 COCO_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
@@ -56,9 +64,19 @@ NOTE_NO_METEOR = "METEOR needs Java (not found on PATH); reported the rest"
 NOTE_CIDER_ONE_IMAGE = ("CIDEr left out: it needs at least 2 images (its document frequencies "
                         "come from the scored references, and with one image every word's "
                         "weight is 0, so any caption scores 0)")
+NOTE_CJK = ("Chinese/Japanese characters scored as one word each, as the vocabulary splits "
+            "them (PTB's tokenizer splits neither them nor full-width punctuation, which is "
+            "dropped, as PTB drops ASCII punctuation)")
 NOTE_PY_TOKENIZER = ("tokenized with a pure-Python imitation of the Java PTBTokenizer: scores "
                      "may differ slightly from pycocoevalcap's")
 
+# The punctuation, symbols and spaces of CJK Symbols and Punctuation (U+3000-U+303F: 、 。 「 」,
+# the ideographic space) and the full-width and halfwidth forms (U+FF00-U+FFEF: ， ！ ？ （ ）,
+# the halfwidth 。「」、): what a CJK caption ends or separates clauses with; the vocabulary
+# drops them too (letters among them, such as 々, are kept, as it keeps them)
+_CJK_PUNCTUATION = re.compile("[" + "".join(
+    re.escape(chr(c)) for c in (*range(0x3000, 0x3040), *range(0xFF00, 0xFFF0))
+    if unicodedata.category(chr(c))[0] in "PSZ") + "]")
 _LINE_BREAKS = re.compile("[\n\r\v\f\u2028\u2029]")  # all end a line in the jar
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -293,6 +311,24 @@ def _read_to_the_end(stream) -> None:
         pass
 
 
+def _cjk_as_words(gts: dict, res: dict, notes: list[str]) -> tuple[dict, dict]:
+    """References and hypotheses with each Chinese/Japanese character a word of its own and
+    their full-width punctuation gone (a note says so), when any caption has such a
+    character; else as they are. The vocabulary makes each such character a word, PTB's
+    tokenizer keeps a run of them one token: a reference "一只狗在跑。" was one token, no
+    hypothesis of the model ("一 只 狗 在 跑") matched any n-gram of it, and every metric
+    was 0."""
+    captions = [c for caps in (*gts.values(), *res.values()) for c in caps]
+    if not any(_CJK.search(c) for c in captions if not c.isascii()):
+        return gts, res
+    notes.append(NOTE_CJK)
+
+    def split(caption: str) -> str:
+        return _CJK.sub(r" \1 ", _CJK_PUNCTUATION.sub(" ", caption))
+    return ({k: [split(c) for c in caps] for k, caps in gts.items()},
+            {k: [split(c) for c in caps] for k, caps in res.items()})
+
+
 def _tokenize_both(gts: dict, res: dict, java: bool, notes: list[str]) -> tuple[dict, dict]:
     """PTB-tokenize references and hypotheses, with Java when `java`, else in Python."""
     if java:
@@ -321,7 +357,7 @@ def coco_metrics(references: dict[Key, list[str]], hypotheses: dict[Key, str],
     notes: list[str] = []
     gts = {k: list(references[k]) for k in hypotheses}
     res = {k: [h] for k, h in hypotheses.items()}
-    gts, res = _tokenize_both(gts, res, java, notes)
+    gts, res = _tokenize_both(*_cjk_as_words(gts, res, notes), java, notes)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)  # verbose=1 prints to stdout
     metrics = {f"Bleu_{n}": float(s) for n, s in enumerate(bleu, start=1)}
     if java:

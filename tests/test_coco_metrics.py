@@ -344,6 +344,47 @@ def test_corpus_bleu4_identical_disjoint_and_standardized():
     assert coco_metrics.corpus_bleu4(refs, {1: same[1]}) == pytest.approx(1.0, abs=1e-6)  # subset
 
 
+
+CJK_REFERENCES = {"a.jpg": ["一只狗在草地上跑。", "草地上有一只小狗，它在跑！"],
+                  "b.jpg": ["两个人在海边散步。", "「海边」有两个人在走路"],
+                  "c.jpg": ["人々が公園を歩いている。", "公園で人々が歩く"]}
+
+
+@pytest.mark.parametrize("java", [False, True])
+def test_chinese_and_japanese_captions_score_as_the_vocabulary_splits_them(java):
+    """Each CJK character is a word of the vocabulary (`vocab.standardize`), which is what the
+    model says; PTB keeps a run of them one token, so every reference was one token matching
+    nothing the model could say and every metric was 0 (exit 0, no note). Both sides are now
+    split as the vocabulary splits them, full-width punctuation dropped (々, a letter, kept):
+    the model saying a reference as the vocabulary writes it scores as an English one does."""
+    if java and not coco_metrics.java_available():
+        pytest.skip("no java on PATH")
+    from caption_attn.vocab import standardize
+    said = {k: standardize(refs[0]) for k, refs in CJK_REFERENCES.items()}
+    assert said["a.jpg"] == "一 只 狗 在 草 地 上 跑" and "人 々 が" in said["c.jpg"]
+    metrics, notes = coco_metrics.coco_metrics(CJK_REFERENCES, said, use_java=java)
+    assert coco_metrics.NOTE_CJK in notes
+    assert metrics["Bleu_4"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["ROUGE_L"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["CIDEr"] > 1.0
+    wrong = {k: standardize(CJK_REFERENCES[o][0]) for k, o in
+             zip(CJK_REFERENCES, ["b.jpg", "c.jpg", "a.jpg"])}
+    worse, _ = coco_metrics.coco_metrics(CJK_REFERENCES, wrong, use_java=java)
+    assert worse["Bleu_1"] < 0.5 and worse["CIDEr"] < 0.5 * metrics["CIDEr"]
+
+
+def test_captions_without_cjk_characters_are_scored_as_pycocoevalcap_tokenizes_them():
+    """The CJK splitting leaves other captions alone, full-width punctuation included (no
+    note): their tokens are PTB's."""
+    refs = {1: ["a dog runs on the grass\uff0c fast"], 2: ["two people walk by the sea"]}
+    gts = {k: list(v) for k, v in refs.items()}
+    res = {1: ["a dog runs"], 2: ["two people walk"]}
+    notes = []
+    assert coco_metrics._cjk_as_words(gts, res, notes) == (gts, res) and notes == []
+    _, notes = coco_metrics.coco_metrics(refs, {1: "a dog runs", 2: "two people"},
+                                         use_java=False)
+    assert coco_metrics.NOTE_CJK not in notes
+
 # --------------------------------------------------------------------------- results JSON
 def test_write_results(tmp_path):
     path = tmp_path / "out" / "results.json"

@@ -7,9 +7,10 @@
     history.json       one entry per epoch                 cider_df.json train-split CIDEr-D
                                                                          document frequencies
     checkpoints/       tf.train.CheckpointManager (model, optimizer, counters, RNG states)
-    best.keras         the best model (Keras format) + best.json (its epoch and metric) +
-                       best.weights.h5 (the same weights, from which `train` rewrites a missing
-                       or damaged best.keras)
+    best.keras         the best model (Keras format) + best.json (its epoch and metric, and
+                       the sha256 of best.keras and best.weights.h5) + best.weights.h5 (the
+                       same weights, from which `train` rewrites a missing or damaged
+                       best.keras)
     logs/train, logs/validation   TensorBoard           attention/epoch_K/*.png  heatmaps
     eval/SPLIT_metrics.json, eval/SPLIT_results.json    written by `evaluate`
 
@@ -36,8 +37,9 @@ from caption_attn import interrupts
 from caption_attn.config import MONITORS, RunConfig, config_diff
 from caption_attn.data import SPLITS
 from caption_attn.errors import UserError
-from caption_attn.fileio import (file_identity, holding_lock, is_inside, keras_file_atomic,
-                                 one_line, parse_json, read_json, write_json_atomic)
+from caption_attn.fileio import (file_digest, file_identity, holding_lock, is_inside,
+                                 keras_file_atomic, one_line, parse_json, read_json,
+                                 write_json_atomic)
 
 
 _TEMP_NAME = re.compile(r"\.(.+)\.tmp\.\d+\..*", re.S)   # `fileio.temp_name`'s, of NAME
@@ -716,21 +718,65 @@ class RunFolder:
     # ------------------------------------------------------------------ the best model
     def save_best(self, model, epoch: int, monitor: str, value: float) -> None:
         """Keep `model` as the best so far (1-based `epoch`): its weights first (from which
-        `rewrite_best_model` can make best.keras again), then best.keras, then best.json;
-        each written atomically, and a Ctrl-C or SIGTERM held until all three are."""
+        `rewrite_best_model` can make best.keras again), then best.keras under its temporary
+        name, then best.json (epoch, monitor, value and the sha256 of both files), then
+        best.keras renamed into place; each written atomically, and a Ctrl-C or SIGTERM held
+        until all are. (best.keras was renamed before best.json was written: a kill or a full
+        disk between them left the new model beside the previous best's record, which
+        `evaluate`, `export` and `caption` then reported as its epoch and value.) A stop
+        anywhere now leaves at most one of the two files other than best.json records
+        (`best_mismatch`): readers refuse it (`read_best_unchanged`), `train` rewrites it
+        from the other (`match_best_files`)."""
+        record = {"epoch": epoch, "monitor": monitor, "value": value}
         with interrupts.held():
             with keras_file_atomic(self.best_weights, ".weights.h5", model) as tmp:
                 model.save_weights(tmp)
+            record["weights_sha256"] = file_digest(self.best_weights)
             # (the .keras zip: its weights file is written first, then copied into the zip)
             with keras_file_atomic(self.best_model, ".keras", model, copies=2) as tmp:
                 model.save(tmp)
-            write_json_atomic(self.best_info,
-                              {"epoch": epoch, "monitor": monitor, "value": value})
+                write_json_atomic(self.best_info, {**record, "model_sha256": file_digest(tmp)})
+
+    DIGESTS = (("best_model", "model_sha256"), ("best_weights", "weights_sha256"))
+
+    def best_mismatch(self, record: Optional[dict] = None, weights: bool = True) -> list[str]:
+        """The paths of those of best.keras and best.weights.h5 (with `weights` False, of
+        best.keras only) that are not the file best.json (`record`, else read) records the
+        sha256 of: missing, or other bytes. None of a best.json without the digests (a run
+        from before they were recorded: its files cannot be checked)."""
+        record = self.best_record() if record is None else record
+        found = []
+        for name, field in self.DIGESTS[:2 if weights else 1]:
+            path, recorded = getattr(self, name), (record or {}).get(field)
+            if recorded is None:
+                continue
+            try:
+                same = file_digest(path) == recorded
+            except OSError:
+                same = False
+            if not same:
+                found.append(path)
+        return found
+
+    def _record_digest(self, field: str, path: str) -> None:
+        """best.json's `field` (a DIGESTS one) the sha256 of `path`, a file about to replace
+        the one it records (a best.json without it is left as it is)."""
+        record = self.best_record()
+        if record and field in record:
+            write_json_atomic(self.best_info, {**record, field: file_digest(path)})
+
+    def _neither_recorded(self, record: dict) -> UserError:
+        return UserError(f"{self.best_model} and {self.best_weights}: neither is the file "
+                         f"{self.best_info} records (the best model of epoch "
+                         f"{record.get('epoch')}; replaced by hand?), so neither can be "
+                         f"rewritten from the other: put back the files train wrote (from a "
+                         f"copy of the run), or train the run again with --fresh")
 
     def best_record(self) -> Optional[dict]:
-        """best.json ({epoch, monitor, value}) or None; a `UserError` naming the file unless
-        it is an object with the epoch (>= 1) of best.keras: resuming with an edited one
-        (`[]`, `3`) crashed with an AttributeError."""
+        """best.json ({epoch, monitor, value}, and since `save_best` records them the sha256
+        of best.keras and best.weights.h5: `best_mismatch`) or None; a `UserError` naming the
+        file unless it is an object with the epoch (>= 1) of best.keras: resuming with an
+        edited one (`[]`, `3`) crashed with an AttributeError."""
         if not os.path.exists(self.best_info):
             return None
         record = read_json(self.best_info)
@@ -752,14 +798,28 @@ class RunFolder:
         """(`load()`, which reads best.keras; best.json's record read with it), refused when
         `train` saved a new best model meanwhile: a run still training can replace
         best.keras and best.json at any time, and what `evaluate` or `export` record as the
-        model's epoch would then be another's. `reader` names the reader in the message,
-        `command` the command to run again."""
+        model's epoch would then be another's; refused too when best.keras is not the model
+        best.json records the sha256 of (`best_mismatch`: a `train` stopped inside
+        `save_best`, whose record would be reported for another epoch's model). `reader`
+        names the reader in the message, `command` the command to run again."""
         before = self.best_snapshot()
         loaded = load()
+        record = before[1]
+        stale = self.best_mismatch(record, weights=False) if record else []
         if self.best_snapshot() != before:
             raise UserError(f"{self.best_model}: replaced while {reader} read it (is "
                             f"`caption-attn train` running on this run?); {command} again")
-        return loaded, before[1]
+        if stale:   # what a `train` stopped inside `save_best` leaves: another epoch's model
+            if self.best_weights in self.best_mismatch(record):
+                raise self._neither_recorded(record)
+            raise UserError(f"{self.best_model}: not the model {self.best_info} records (the "
+                            f"best model of epoch {record.get('epoch')}; its sha256 differs): "
+                            f"a `caption-attn train` stopped (killed, or a full disk) while it "
+                            f"saved that model, or is saving it now. Rerun `caption-attn train "
+                            f"--run {self.path} ...` with the run's flags: before it trains on "
+                            f"(if epochs are left) it rewrites best.keras from "
+                            f"{self.best_weights}, which is that model; then {command} again")
+        return loaded, record
 
     def restore_best_weights(self, model) -> bool:
         """Load the best weights into `model` (False when there are none yet)."""
@@ -767,6 +827,36 @@ class RunFolder:
             return False
         model.load_weights(self.best_weights)
         return True
+
+    def match_best_files(self, model) -> Optional[str]:
+        """When one of best.keras and best.weights.h5 is not the file best.json records
+        (`best_mismatch`: what a `train` stopped inside `save_best` leaves) while the other
+        is, rewrite it from the other (through `model`, a model of this run whose weights are
+        left as they were), best.json recording the new file; returns the note that says so,
+        or None. `train` calls it once the checkpoint is restored, before anything reads the
+        best weights or best.json's value. Neither as recorded: `best_model_beyond_repair`'s
+        refusal; one missing: `repair_best_model`'s repair."""
+        record = self.best_record()
+        if not record or not (os.path.exists(self.best_model) and
+                              os.path.exists(self.best_weights)):
+            return None
+        stale = self.best_mismatch(record)
+        if len(stale) != 1:
+            return None
+        epoch, unlike = record.get("epoch"), "(a train stopped while it saved the best model?)"
+        if stale == [self.best_model]:
+            try:
+                self.load_best_model()
+                problem = (f"{self.best_model}: not the model {self.best_info} records "
+                           f"{unlike}")
+            except UserError as e:
+                problem = str(e).split(";")[0]
+            self.rewrite_best_model(model)
+            return f"{problem}; rewrote it from {self.best_weights} (epoch {epoch})"
+        problem = self._weights_problem(model) or \
+            f"not the weights {self.best_info} records {unlike}"
+        self._rewrite_best_weights(self.load_best_model())
+        return f"{self.best_weights}: {problem}; rewrote it from {self.best_model} (epoch {epoch})"
 
     def repair_best_model(self, model) -> Optional[str]:
         """If best.keras is missing, damaged or of an old format while best.json and the best
@@ -791,25 +881,41 @@ class RunFolder:
             self.rewrite_best_model(model)
             return (f"{problem}; rewrote it from {self.best_weights} (epoch "
                     f"{record.get('epoch')})")
+        problem = self._weights_problem(model)
+        if problem is None:
+            return None
+        self._rewrite_best_weights(best)
+        return (f"{self.best_weights}: {problem}; rewrote it from {self.best_model} (epoch "
+                f"{record.get('epoch')})")
+
+    def _weights_problem(self, model) -> Optional[str]:
+        """Why best.weights.h5 cannot be loaded into `model` ("cannot be loaded (...)"), or
+        None; `model`'s weights are left as they were."""
         current = model.get_weights()
         try:
             model.load_weights(self.best_weights)
             return None
         except Exception as e:  # noqa: BLE001 - h5py/Keras raise many kinds for a bad file
-            problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            return f"cannot be loaded ({type(e).__name__}: " \
+                f"{(str(e).splitlines() or [''])[0][:200]})"
         finally:
             model.set_weights(current)
+
+    def _rewrite_best_weights(self, best) -> None:
+        """best.weights.h5 again from `best` (best.keras's model); best.json records it
+        before it is renamed into place, as `save_best` does best.keras."""
         with keras_file_atomic(self.best_weights, ".weights.h5", best) as tmp:
             best.save_weights(tmp)
-        return (f"{self.best_weights}: cannot be loaded ({problem}); rewrote it from "
-                f"{self.best_model} (epoch {record.get('epoch')})")
+            self._record_digest("weights_sha256", tmp)
 
     def best_model_beyond_repair(self) -> Optional[UserError]:
         """The refusal of a resume whose best model `repair_best_model` cannot make whole,
         as far as it shows without loading a model (None when nothing shows): best.keras and
         best.weights.h5 both gone while best.json records them (training went on, then named
-        a best.keras that was not there, exit 0), or best.keras gone or not a zip archive
-        beside a best.weights.h5 that HDF5 cannot open (cut short, overwritten).
+        a best.keras that was not there, exit 0), best.keras gone or not a zip archive
+        beside a best.weights.h5 that HDF5 cannot open (cut short, overwritten), or neither
+        the file best.json records the sha256 of (`best_mismatch`: one of them would be
+        rewritten from a file of another model).
         `train.refuse_unrepairable_best_model` raises it before the data is loaded and
         anything is written (it came after both); `repair_best_model` raises what else
         fails."""
@@ -825,15 +931,14 @@ class RunFolder:
                              f"or train the run again with --fresh")
         try:   # its central directory, at the end of the file: a copy cut short has none
             zipfile.ZipFile(self.best_model).close()
-            return None
         except (OSError, zipfile.BadZipFile):
-            pass
-        import h5py
-        try:
-            h5py.File(self.best_weights, "r").close()
-            return None
-        except Exception as e:  # noqa: BLE001 - h5py raises many kinds for a bad file
-            return self._weights_unloadable(e)
+            import h5py
+            try:
+                h5py.File(self.best_weights, "r").close()
+            except Exception as e:  # noqa: BLE001 - h5py raises many kinds for a bad file
+                return self._weights_unloadable(e)
+        return self._neither_recorded(record) if len(self.best_mismatch(record)) == 2 \
+            else None
 
     def _weights_unloadable(self, error: Exception) -> UserError:
         """best.weights.h5 cannot be loaded while best.keras is missing or damaged: every
@@ -846,7 +951,8 @@ class RunFolder:
 
     def rewrite_best_model(self, model) -> None:
         """best.keras again from best.weights.h5, through `model` (a model of this run
-        whose own weights are left as they were)."""
+        whose own weights are left as they were); best.json records it before it is renamed
+        into place, as `save_best` does."""
         current = model.get_weights()
         try:
             model.load_weights(self.best_weights)
@@ -855,6 +961,7 @@ class RunFolder:
         try:
             with keras_file_atomic(self.best_model, ".keras", model, copies=2) as tmp:
                 model.save(tmp)
+                self._record_digest("model_sha256", tmp)
         finally:
             model.set_weights(current)
 

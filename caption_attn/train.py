@@ -1253,6 +1253,12 @@ class Trainer:
         done, steps_before = int(self.epoch.numpy()), int(self.step.numpy())
         history = self.run.read_history() if resumed else []
         history = [h for h in history if h["epoch"] <= done]
+        # a stop inside `RunFolder.save_best` left best.keras or best.weights.h5 of another
+        # model than best.json's: made whole before its value or weights are read as the bar
+        if self.chief:
+            note = self.run.match_best_files(self.model)
+            if note:
+                self.log("note: " + note)
         # A finished run (or one at --max-steps) traces no step and decodes nothing (seconds)
         ended = 0 < int(self.step_in_epoch.numpy()) >= self._epoch_length(done)
         todo = trains_more(tc, done, steps_before, epoch_ended=ended)
@@ -1994,6 +2000,8 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
         if best and not (os.path.exists(run.best_weights) and
                          os.path.exists(run.best_model)):
             return None                              # `RunFolder.repair_best_model`'s
+        if best and run.best_mismatch(best):
+            return None                              # `RunFolder.match_best_files`'
         if best and os.path.exists(run.best_weights):
             try:
                 run.load_best_model()

@@ -953,31 +953,39 @@ def _truth_digest(record: ImageRecord) -> Optional[str]:
     return hashlib.sha256(text.encode()).hexdigest()[:DIGEST_CHARS]
 
 
+def _per_split(digests: dict, splits: dict) -> dict:
+    """split -> the short `digests` of its images, in the order of `splits` (None for an
+    image without one)."""
+    return {s: [digests[k][:DIGEST_CHARS] if k in digests else None for k in keys]
+            for s, keys in splits.items()}
+
+
 def caption_fingerprint(records: Iterable[ImageRecord], splits: dict) -> dict:
     """What a run records of its caption data (split.json `caption_data`): `sha256` over the
     parsed records (every image key with its split and raw captions, in key order; the file's
     path and bytes do not matter, so a moved or reformatted file matches), `unordered_sha256`
     the same with each image's captions sorted (equal when only their order differs), and
     `digests`, a short digest of each image's captions per split, in the order of `splits`
-    (None for an image `records` lacks), from which `caption_changes` counts what differs.
+    (None for an image `records` lacks), from which `caption_changes` counts what differs;
+    `unordered_digests` the same of each image's captions sorted (its references as a set:
+    what `evaluate` compares; runs recorded before it have only `digests`).
     `objects` holds the same per split for the images' ground-truth objects and size
     (`objects_changes`; None for an image without objects), or {} when no image has
     objects; the sha256s leave them out: training does not read them."""
     by_key = {r.image: r for r in records}
     total, unordered = hashlib.sha256(), hashlib.sha256()
-    full = {}
+    full, as_set = {}, {}
     for key in sorted(by_key):
         record = by_key[key]
         full[key] = _captions_digest(record.captions)
+        as_set[key] = _captions_digest(sorted(record.captions))
         total.update(f"{key}\t{record.split}\t{full[key]}\n".encode())
-        unordered.update(f"{key}\t{record.split}\t"
-                         f"{_captions_digest(sorted(record.captions))}\n".encode())
-    digests = {s: [full[k][:DIGEST_CHARS] if k in full else None for k in keys]
-               for s, keys in splits.items()}
+        unordered.update(f"{key}\t{record.split}\t{as_set[key]}\n".encode())
+    digests, unordered_digests = _per_split(full, splits), _per_split(as_set, splits)
     truth = {k: _truth_digest(r) for k, r in by_key.items() if r.objects is not None}
     objects = {s: [truth.get(k) for k in keys] for s, keys in splits.items()} if truth else {}
     return {"sha256": total.hexdigest(), "unordered_sha256": unordered.hexdigest(),
-            "digests": digests, "objects": objects}
+            "digests": digests, "unordered_digests": unordered_digests, "objects": objects}
 
 
 def caption_changes(recorded: dict, splits: dict, records: Iterable[ImageRecord],
@@ -987,8 +995,10 @@ def caption_changes(recorded: dict, splits: dict, records: Iterable[ImageRecord]
     added (e.g. 'b.png')"; None when they are the same. The same captions in another order
     (the file's lines reordered) are said to be that: they change the batches a resume
     replays. With `only` (the references `evaluate` scores against, a set), just that split's
-    images: other captions, or not in `records`; None when all captions are the same in any
-    order (a run recorded before `unordered_sha256` compares them in order)."""
+    images: other captions (in any order: `unordered_digests`), or not in `records`; None when
+    all are the same. A run recorded before `unordered_digests` has only the digests of each
+    image's captions in order: compared in order, unless the whole data is the same in any
+    order (`unordered_sha256`; a run recorded before that compares them in order)."""
     by_key = {r.image: r for r in records}
     now = caption_fingerprint(by_key.values(), {})
     if only is None and now["sha256"] == recorded.get("sha256"):
@@ -996,7 +1006,9 @@ def caption_changes(recorded: dict, splits: dict, records: Iterable[ImageRecord]
     reordered = now["unordered_sha256"] == recorded.get("unordered_sha256")
     if only is not None and reordered:
         return None
-    digests = recorded.get("digests") if isinstance(recorded.get("digests"), dict) else {}
+    as_set = only is not None and isinstance(recorded.get("unordered_digests"), dict)
+    digests = recorded.get("unordered_digests" if as_set else "digests")
+    digests = digests if isinstance(digests, dict) else {}
     known = {}  # image key -> (split, digest) as recorded; None: not in the data then
     for split, keys in splits.items():
         if only in (None, split):
@@ -1005,8 +1017,9 @@ def caption_changes(recorded: dict, splits: dict, records: Iterable[ImageRecord]
     kept = [k for k in trained if k in by_key]
     groups = [  # (one, several, image keys)
         ("{n} of {m} images has other captions", "{n} of {m} images have other captions", [
-            k for k in kept
-            if _captions_digest(by_key[k].captions)[:DIGEST_CHARS] != known[k][1]]),
+            k for k in kept if _captions_digest(
+                sorted(by_key[k].captions) if as_set else by_key[k].captions)[:DIGEST_CHARS]
+            != known[k][1]]),
         ("1 image is in another split", "{n} images are in another split",
          [] if only else [k for k in kept if by_key[k].split != known[k][0]]),
         ("1 image added", "{n} images added",

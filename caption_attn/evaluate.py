@@ -38,6 +38,15 @@ DISPLAY_NAMES = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bl
                  "grounded_words": "grounded words",
                  "matched_words": "matched words"}
 
+# what a score on a split other than test is (the note `evaluate` gives with it): only the
+# test split played no part in training, so only its scores estimate quality on new images
+SPLIT_NOTES = {
+    "train": "scored on the train split, which the model trained on: not an estimate of its "
+             "quality on new images (use --split test)",
+    "val": "scored on the val split, which chose best.keras (and which early stopping "
+           "watched): slightly optimistic; --split test is the unbiased one",
+}
+
 
 # --------------------------------------------------------------------------- printing
 def _format_value(value) -> str:
@@ -418,7 +427,8 @@ def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
     # with the captions without a word ("."): pycocoevalcap scores against them too
     references = {k: records[k].captions + records[k].wordless for k in found.keys}
     metrics, notes = coco_metrics(references, hypotheses, use_java=use_java)
-    notes[:0] = [n for n in (found.references_note, found.objects_note) if n]
+    notes[:0] = [n for n in (SPLIT_NOTES.get(found.split), found.references_note,
+                             found.objects_note) if n]
     if found.images_note:
         notes.append(found.images_note)
     if found.without:

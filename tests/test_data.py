@@ -1269,6 +1269,43 @@ def test_the_same_captions_in_another_order_are_called_so():
         "1 of 1 images has other captions (e.g. 'c.jpg')"
 
 
+def test_evaluate_compares_each_image_s_references_as_a_set():
+    """One test image's captions reordered and a train caption edited (so the data differ
+    in any order too): evaluate noted "1 of 1 images has other captions" for the test image,
+    whose references are the same set, as it compared each image's captions in order."""
+    def records(reordered=(), changed=()):
+        out = _records(a=("train", ["a cat", "x cat"]), b=("train", ["a dog", "y dog"]),
+                       c=("val", ["a cow", "z cow"]), d=("test", ["a hen", "w hen"]))
+        for r in out:
+            r.captions = (r.captions[::-1] if r.image[0] in reordered else
+                          [r.captions[0], "a mat"] if r.image[0] in changed else r.captions)
+        return out
+    before = records()
+    splits = {s: sorted(r.image for r in before if r.split == s) for s in data.SPLITS}
+    recorded = data.caption_fingerprint(before, splits)
+    after = records(reordered="d", changed="a")
+    assert data.caption_changes(recorded, splits, after, only="test") is None
+    assert data.caption_changes(recorded, splits, after, only="train") == \
+        "1 of 2 images has other captions (e.g. 'a.jpg')"
+    # an edited caption of the scored split is still one, reordered or not
+    assert data.caption_changes(recorded, splits, records(reordered="a", changed="ad"),
+                                only="test") == "1 of 1 images has other captions (e.g. 'd.jpg')"
+    # a run recorded before the order-free digests (split.json without them): compared in
+    # order as before, its notes neither lost nor new
+    old = {k: v for k, v in recorded.items() if k != "unordered_digests"}
+    assert data.caption_changes(old, splits, after, only="test") == \
+        "1 of 1 images has other captions (e.g. 'd.jpg')"
+    assert data.caption_changes(old, splits, records(reordered="ad"), only="test") is None
+    assert data.caption_changes(old, splits, records(changed="d"), only="test") == \
+        "1 of 1 images has other captions (e.g. 'd.jpg')"
+    assert data.caption_changes(old, splits, records(changed="a"), only="test") is None
+    # train's resume check still tells another order from the same data
+    assert "another order" not in data.caption_changes(recorded, splits, after)
+    assert data.caption_changes(recorded, splits, records(reordered="d")) == (
+        "the same captions in another order in 1 of 4 images (e.g. 'd.jpg'), which changes "
+        "the batches a resume replays")
+
+
 def test_the_fingerprint_records_the_ground_truth_objects_apart_from_the_captions():
     """`evaluate` scored against other `objects` than the run had without a word: the run
     did not record them. They are recorded apart: training does not read them, so they

@@ -781,6 +781,55 @@ def test_other_references_are_scored_with_a_note(shapes_data, trained_run, tmp_p
     assert not any("references" in n for n in same["notes"])
 
 
+
+def test_references_only_reordered_are_scored_without_a_note(shapes_data, trained_run,
+                                                             tmp_path, monkeypatch):
+    # A test image's sentences reversed and a train caption edited: "1 of 8 images has other
+    # captions" was noted for the test image, whose references are the same set.
+    _decoded_as_a(monkeypatch)
+    with open(os.path.join(trained_run, "split.json")) as f:
+        splits = json.load(f)["splits"]
+
+    def edit(reverse, change):
+        with open(shapes_data["captions"]) as f:
+            captions = json.load(f)
+        images = {i["filename"]: i for i in captions["images"]}
+        images[reverse]["sentences"].reverse()
+        images[change]["sentences"][0]["raw"] += " again"
+        other = str(tmp_path / "other.json")
+        with open(other, "w") as f:
+            json.dump(captions, f)
+        return other
+    other = edit(splits["test"][0], splits["train"][0])
+    metrics = evaluate.evaluate_run(trained_run, "test", progress=False, use_java=False,
+                                    out=str(tmp_path / "m.json"), captions=other)
+    assert not any("references" in n for n in metrics["notes"]), metrics["notes"]
+    other = edit(splits["test"][0], splits["test"][1])
+    metrics = evaluate.evaluate_run(trained_run, "test", progress=False, use_java=False,
+                                    out=str(tmp_path / "m.json"), captions=other)
+    assert f"1 of {len(splits['test'])} images has other captions (e.g. " \
+        f"{splits['test'][1]!r})" in metrics["notes"][0]
+
+
+def test_a_split_the_model_was_trained_or_chosen_on_is_scored_with_a_note(
+        trained_run, tmp_path, monkeypatch, capsys, no_java):
+    # --split train and --split val flatter the model (it trained on one; best.keras was
+    # chosen on the other), and were scored without a word: only test is unbiased
+    _decoded_as_a(monkeypatch)
+    out = str(tmp_path / "m.json")
+    starts = {"train": "scored on the train split, which the model trained on: not an "
+                       "estimate of its quality on new images",
+              "val": "scored on the val split, which chose best.keras"}
+    for split in ("train", "val", "test"):
+        assert main(["evaluate", "--run", trained_run, "--split", split, "--out", out]) == 0
+        err = capsys.readouterr().err
+        with open(out) as f:
+            notes = json.load(f)["notes"]
+        for name, start in starts.items():
+            said = name == split
+            assert sum(n.startswith(start) for n in notes) == said, (split, notes)
+            assert (f"note: {start}" in err) == said, (split, err)
+
 # --------------------------------------------------------------------------- printing
 def test_format_metrics_table():
     metrics = {"Bleu_1": 0.71234, "Bleu_2": 0.5, "Bleu_3": 0.4, "Bleu_4": 0.3,

@@ -18,7 +18,12 @@ against them (tests/test_export.py, README "Export and serve"):
 - PNG (8/16-bit, gray, gray+alpha, RGB, RGBA, palette, gray or RGB with transparency):
   identical. Alpha (a gray or RGB PNG's transparent colour, from its tRNS chunk) is
   composited over white with OpenCV's formula; 16-bit without alpha keeps the top 8 bits.
-  A PNG without IEND is refused.
+  A PNG without IEND is refused. APNG (`png_animation`): TensorFlow decodes the IDAT image,
+  OpenCV the first frame of an animation of two or more frames (acTL), which is the IDAT
+  image only when an fcTL chunk covering the whole image comes before it: otherwise (a
+  hidden default image, as Pillow's default_image=True writes) it is refused, as are the
+  APNGs OpenCV refuses (0 frames, a first frame outside the image); 16-bit samples of
+  such an animation without alpha are scaled by 1/255, OpenCV's rounding there.
 - GIF: the first frame, identical, except transparent pixels: TensorFlow's decoder makes
   them black, `images.py` composites them over white. A first frame smaller than the GIF's
   logical screen is placed at its offset on a canvas of the screen's size in the background
@@ -27,7 +32,10 @@ against them (tests/test_export.py, README "Export and serve"):
   paletted BMP's indices (TensorFlow's decoder gives them as gray) are looked up in its
   colour table (past the file's colours black, as OpenCV's). 1-, 4- and 16-bit BMPs are
   refused by TensorFlow's decoder.
-- WebP: decoded by TensorFlow's libwebp; alpha composited over white.
+- WebP: decoded by TensorFlow's libwebp; alpha composited over white. An animation: its
+  first frame, as OpenCV's; one without the alpha flag crashed TensorFlow's decoder (heap
+  overflow) and is decoded with the flag set, its alpha dropped as OpenCV drops it
+  (`_decode_webp`).
 - Not done: TIFF (no TensorFlow decoder: such an image is an error, like a corrupt file);
   the EXIF orientation of the other formats (rare; OpenCV applies it to JPEGs only too,
   except for the EXIF of a WebP or of an opaque PNG, which `caption` therefore applies and
@@ -317,8 +325,64 @@ def png_transparent(data):
     return tf.where((gray | rgb) & (key[0] >= 0), key, -1)
 
 
+def png_animation(data):
+    """The APNG chunks before a PNG's first IDAT chunk, as OpenCV reads them (those after it
+    do not decide which picture it shows): (frames, fctl, sizes_ok). frames (int64): the
+    num_frames of the last acTL chunk, -1 without one; fctl (int64 (6,)): the width, height,
+    x and y offsets, dispose and blend ops of the last fcTL chunk, -1s without one; sizes_ok:
+    every acTL chunk holds 8 bytes and every fcTL chunk 26 (OpenCV refuses others)."""
+    padded = data + b"\0" * 40                                        # reads past the end: 0
+    n = tf.cast(tf.strings.length(data), tf.int64)
+
+    def uint(pos, size):                                               # big-endian, at pos
+        return _uint(padded, pos, size)
+
+    def chunk(pos, frames, fctl, sizes_ok):
+        kind = tf.strings.substr(padded, pos + 4, tf.constant(4, tf.int64))
+        length = uint(pos, 4)
+        actl, fctl_here = tf.equal(kind, b"acTL"), tf.equal(kind, b"fcTL")
+        frames = tf.where(actl, uint(pos + 8, 4), frames)
+        fields = tf.stack([uint(pos + 12, 4), uint(pos + 16, 4), uint(pos + 20, 4),
+                           uint(pos + 24, 4), uint(pos + 32, 1), uint(pos + 33, 1)])
+        fctl = tf.where(fctl_here, fields, fctl)
+        sizes_ok &= ~(actl & (length != 8)) & ~(fctl_here & (length != 26))
+        return pos + 12 + length, frames, fctl, sizes_ok
+
+    def more(pos, *_):                       # up to the first IDAT (or IEND, or the end)
+        kind = tf.strings.substr(padded, pos + 4, tf.constant(4, tf.int64))
+        return (pos + 8 <= n) & tf.not_equal(kind, b"IDAT") & tf.not_equal(kind, b"IEND")
+
+    minus_one = tf.constant(-1, tf.int64)
+    _, frames, fctl, sizes_ok = tf.while_loop(
+        more, chunk, (tf.constant(8, tf.int64), minus_one, tf.fill([6], minus_one),
+                      tf.constant(True)))
+    return frames, fctl, sizes_ok
+
+
+def _refuse_animation(data, frames, fctl, sizes_ok):
+    """Assert ops refusing the APNGs (`png_animation`) OpenCV refuses (0 frames, a first fcTL
+    outside the image or with unknown dispose/blend ops, acTL/fcTL chunks of other sizes), and
+    those of two or more frames where OpenCV shows another picture than the IDAT image
+    TensorFlow decodes: the first animation frame when the IDAT image is no frame (no fcTL
+    before it), the IDAT image cropped onto black when its fcTL does not cover the image."""
+    width, height = _uint(data + b"\0" * 24, 16, 4), _uint(data + b"\0" * 24, 20, 4)  # IHDR
+    w, h, x, y, dispose, blend = tf.unstack(fctl)
+    inside = (x + w <= width) & (y + h <= height) & (dispose <= 2) & (blend <= 1)
+    whole = tf.equal(x, 0) & tf.equal(y, 0) & tf.equal(w, width) & tf.equal(h, height)
+    return [tf.debugging.Assert(sizes_ok & tf.not_equal(frames, 0) & ((w < 0) | inside), [
+                "an APNG OpenCV refuses (no frames, or a bad first frame or chunk)"]),
+            tf.debugging.Assert((frames <= 1) | whole, [
+                "an APNG whose first frame is not its whole IDAT image (OpenCV shows that frame)"])]
+
+
 def _decode_png(data):
-    depth16 = tf.equal(tf.strings.substr(data, 24, 1), b"\x10")      # IHDR bit depth
+    """A PNG as OpenCV reads it: alpha and a tRNS colour composited over white, 16 bits to 8;
+    an APNG (`png_animation`) of two or more frames, which OpenCV reads frame by frame, is
+    refused where its first frame is not the IDAT image TensorFlow decodes, and its 16-bit
+    samples without alpha are scaled by 1/255 (OpenCV's convertTo there), not cut to 8 bits."""
+    frames, fctl, sizes_ok = png_animation(data)
+    with tf.control_dependencies(_refuse_animation(data, frames, fctl, sizes_ok)):
+        depth16 = tf.equal(tf.strings.substr(data, 24, 1), b"\x10")  # IHDR bit depth
     raw = tf.cond(depth16, lambda: tf.cast(tf.io.decode_png(data, 0, tf.uint16), tf.int32),
                   lambda: tf.cast(tf.io.decode_png(data, 0, tf.uint8), tf.int32))
     peak = tf.where(depth16, 65535.0, 255.0)
@@ -329,8 +393,10 @@ def _decode_png(data):
         clear = tf.reduce_all(tf.equal(raw, key[:channels]), axis=-1, keepdims=True)
         return tf.concat([raw, tf.where(clear, 0, tf.cast(peak, tf.int32))], -1)
     raw = tf.cond((key[0] >= 0) & ((channels == 1) | (channels == 3)), keyed_alpha,
-                  lambda: raw)
-    return _to_rgb(raw, peak, keep_alpha=True)
+                  lambda: raw)                                         # (H, W, C)
+    scaled = depth16 & (frames > 1) & tf.equal(tf.shape(raw)[-1] % 2, 1)  # no alpha
+    raw = tf.cond(scaled, lambda: tf.minimum((raw + 127) // 255, 255), lambda: raw)
+    return _to_rgb(raw, tf.where(scaled, 255.0, peak), keep_alpha=True)
 
 
 def _gif_frame(data):
@@ -408,6 +474,42 @@ def _decode_gif(data):
     return tf.cond(placed, place, lambda: frame)
 
 
+WEBP_ANIMATION, WEBP_ALPHA = 0x02, 0x10   # flags of a WebP's VP8X chunk (its byte 20)
+_BYTES = bytes(range(256))                # a byte value v as a string: substr(_BYTES, v, 1)
+
+
+def webp_opaque_animation(data):
+    """Whether a WebP's bytes (string scalar) are an animation without the alpha flag: its
+    first chunk (bytes 12-15, after RIFF, the size and WEBP) is VP8X, whose flags (byte 20,
+    the low byte of a little-endian word) have WEBP_ANIMATION but not WEBP_ALPHA. libwebp's
+    WebPGetFeatures reads has_animation and has_alpha from these two bits."""
+    head = tf.strings.substr(data, 0, 21) + b"\0" * 21                  # >= 21 bytes
+    flags = tf.cast(tf.io.decode_raw(tf.strings.substr(head, 20, 1), tf.uint8)[0], tf.int32)
+    return (tf.equal(tf.strings.substr(head, 12, 4), b"VP8X")
+            & tf.not_equal(flags & WEBP_ANIMATION, 0) & tf.equal(flags & WEBP_ALPHA, 0))
+
+
+def _decode_webp(data):
+    """A WebP's first frame as OpenCV reads it. TensorFlow's decoder gives an animation's
+    frames as RGBA (libwebp's animation decoder) but sizes its output for RGB when the file
+    has no alpha flag: a heap overflow that aborted or crashed the whole process. Such a file
+    is decoded with the flag set in a copy of its bytes (WEBP_ALPHA changes nothing else for
+    libwebp), and its alpha dropped as OpenCV drops it (RGB of the same canvas: black where
+    the first frame does not cover it); an animation with alpha is composited over white,
+    as `images.py` does. Only the first frame is decoded (expand_animations=False)."""
+    opaque = webp_opaque_animation(data)
+
+    def flagged():
+        flags = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 20, 1), tf.uint8)[0], tf.int32)
+        return tf.strings.join([tf.strings.substr(data, 0, 20),
+                                tf.strings.substr(_BYTES, flags | WEBP_ALPHA, 1),
+                                tf.strings.substr(data, 21, -1)])
+    raw = tf.io.decode_image(tf.cond(opaque, flagged, lambda: data), channels=0,
+                             expand_animations=False)                  # (H, W, 3 or 4)
+    return tf.cond(opaque, lambda: _to_rgb(raw, 255.0, keep_alpha=False),
+                   lambda: _to_rgb(raw, 255.0, keep_alpha=True))
+
+
 def decode(data):
     """Encoded bytes (string scalar) -> uint8 RGB (H, W, 3) like images.decode_image; a
     TensorFlow error (InvalidArgumentError) for anything it refuses."""
@@ -431,7 +533,7 @@ def decode(data):
     branches = {UNKNOWN: unknown, JPEG: jpeg, PNG: png,
                 GIF: lambda: _decode_gif(data),                        # first frame
                 BMP: lambda: _decode_bmp(data),
-                WEBP: lambda: _to_rgb(tf.io.decode_webp(data, 0)[0], 255.0, keep_alpha=True)}
+                WEBP: lambda: _decode_webp(data)}
     rgb = tf.switch_case(fmt, [branches[code] for code in sorted(branches)])
     return tf.ensure_shape(rgb, [None, None, 3])
 

@@ -16,6 +16,11 @@ it finds changed under the same size and mtime are removed before any is extract
 shard = sha256(key) mod num_shards, and shards may write into one cache concurrently; an
 extraction of another images folder running into the cache refuses this one before anything
 is written (`feature_cache.extracting_from`: their same-named images' features would mix).
+Keys that differ only in letter case or Unicode form ("Dog.jpg", "dog.jpg") get one feature
+file on a --cache whose file system ignores that (macOS, exFAT/FAT/NTFS drives, SMB): where
+the cache's probe (`feature_cache.names_fold`) says so, every key of such a pair fails before
+anything is written (`_folded_together`, across shards), and a key whose file is already
+another key's by the index is not extracted over it (`HELD`).
 The cache itself (layout, checks, manifest, identity) is `feature_cache`.
 """
 
@@ -211,15 +216,47 @@ HEATMAP = ("a heatmap caption-attn drew (caption --plot-attention), not a photo:
            "of the caption file")
 
 
+# why an image is not extracted whose feature file would be another's too, or is already
+# (`_folded_together`, `_extract_into_cache`)
+FOLDED = "would share its feature file with "
+FOLDED_WHY = (" (the names differ only in letter case or Unicode form, which the file system of "
+              "--cache does not tell apart): use a --cache on a case-sensitive file system, "
+              "or rename one of the images")
+HELD = "its feature file is already that of "
+
+
+def _folded_together(images_dir: str, cache: str, keys: list[str],
+                     variants: Optional[list] = None) -> dict[str, str]:
+    """{key: reason (FOLDED)} for the `keys` whose feature file would be that of another of
+    them in `cache` (`feature_cache.names_meet`): every key of such a pair fails, since the
+    file there, if any, may be either's (removed: `_extract_into_cache`). Only keys whose
+    image is there count: a caption file naming an image also in another case loses
+    nothing when that name is missing. `variants` receives the groups of such keys this
+    cache tells apart."""
+    failed: dict[str, str] = {}
+    for group in feature_cache.name_variants(keys):
+        present = [k for k in group if os.path.lexists(os.path.join(images_dir, k))]
+        for i, a in enumerate(present):
+            for b in present[i + 1:]:
+                if feature_cache.names_meet(cache, a, b):
+                    failed.setdefault(a, f"{FOLDED}{one_line(b)}{FOLDED_WHY}")
+                    failed.setdefault(b, f"{FOLDED}{one_line(a)}{FOLDED_WHY}")
+        if variants is not None and len(present) > 1 and not set(present) & failed.keys():
+            variants.append(present)
+    return failed
+
+
 def _shard_keys(images_dir: str, cfg: ExtractConfig, keys: Optional[list[str]],
-                left_out: Optional[list] = None,
-                heatmaps: Optional[list] = None) -> tuple[list[str], dict[str, str]]:
+                left_out: Optional[list] = None, heatmaps: Optional[list] = None,
+                variants: Optional[list] = None) -> tuple[list[str], dict[str, str]]:
     """(this shard's keys to extract, {this shard's unusable keys: reason}); without `keys`,
     the folders under `images_dir` that cannot be listed are failures too ("FOLDER/", in
     every shard: each shard's images in them are missed), `left_out` receives the files
     the walk did not take for their extension and `heatmaps` the heatmaps caption-attn drew
-    it left out. A heatmap named in `keys` (a .png) fails as `HEATMAP`. (`images_dir` is a
-    folder: `check_flags`.)"""
+    it left out. A heatmap named in `keys` (a .png) fails as `HEATMAP`; keys whose feature
+    files would be one on the cache's file system fail in every shard (`_folded_together`,
+    `variants`: its groups the cache tells apart). (`images_dir` is a folder:
+    `check_flags`.)"""
     folders: dict[str, str] = {}
     walked = keys is None
     if walked:
@@ -239,6 +276,8 @@ def _shard_keys(images_dir: str, cfg: ExtractConfig, keys: Optional[list[str]],
               if (reason := image_key_problem(k) or _name_problem(k, name_max))}
     failed.update({printable_name(k): "file name is not valid UTF-8: rename the file"
                    for k in undecodable})
+    failed.update(_folded_together(images_dir, cfg.cache, [k for k in keys if k not in failed],
+                                   variants))
     mine = [k for k in keys if k not in failed
             and shard_of(k, cfg.num_shards) == cfg.shard_index]
     failed = {k: r for k, r in failed.items() if shard_of(k, cfg.num_shards) == cfg.shard_index}
@@ -308,11 +347,13 @@ def _image_sha256(images_dir: str, key: str) -> Optional[str]:
 
 
 def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: bool,
-          workers: int, index: SegmentWriter) -> _Plan:
+          workers: int, index: SegmentWriter,
+          loaded: Optional[feature_index.Index] = None) -> _Plan:
     """Which of `keys` are done (see the module docstring); re-indexes images that only got a
-    new mtime. `verify`: also the sha256 of every image and a full read of every file."""
+    new mtime. `verify`: also the sha256 of every image and a full read of every file.
+    `loaded`: the cache's index, when already loaded."""
     fingerprint = feature_cache.cache_identity(manifest)["fingerprint"]
-    loaded = feature_index.load_index(cache)
+    loaded = feature_index.load_index(cache) if loaded is None else loaded
     size = feature_cache.feature_file_size(manifest["dtype"])
     checks = dict(zip(keys, feature_index.check_keys(cache, keys, loaded, fingerprint, size,
                                                      images_dir)))
@@ -494,7 +535,9 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     replaced_others {key: the other images folder whose same-named image's features were
     replaced, with `cfg.replace_other_images` or from a folder this one is a copy of},
     left_out (files under `images_dir` a walk without `keys` did not take for their
-    extension), heatmaps (the heatmaps such a walk left out), images_dir, exit_code (1 when
+    extension), heatmaps (the heatmaps such a walk left out), case_variants (groups of keys
+    differing only in letter case or Unicode form that this cache keeps apart: a copy on a
+    file system that ignores case would not), images_dir, exit_code (1 when
     `cfg.strict` and something failed, or when nothing could be extracted) and message.
     Refused (`UserError`, nothing written) while an extraction of another images folder runs
     into `cfg.cache` (`feature_cache.extracting_from`), with `cfg.replace_other_images` too.
@@ -531,22 +574,34 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     it) is raised if an existing feature file is to be extracted again, before any is."""
     left_out: list[str] = []
     heatmaps: list[str] = []
-    mine, failed = _shard_keys(images_dir, cfg, keys, left_out, heatmaps)
-    folders = sum(k.endswith("/") for k in failed)   # unlistable: no image of their own
-    n_bad_keys = len(failed) - folders
+    variants: list[list[str]] = []
+    mine, failed = _shard_keys(images_dir, cfg, keys, left_out, heatmaps, variants)
     cache = cfg.cache
     # features an extraction before heatmaps were left out made of a heatmap the caption
-    # file names: removed below, as those of an image that fails now (`outdated`)
-    drawn = {k: r for k, r in failed.items()
-             if r == HEATMAP and os.path.lexists(feature_path(cache, k))}
+    # file names, and the file keys that differ only in case would share: removed below, as
+    # those of an image that fails now (`outdated`)
+    drawn = {k: r for k, r in failed.items() if (r == HEATMAP or r.startswith(FOLDED))
+             and os.path.lexists(feature_path(cache, k))}
     backbone, manifest = feature_cache.open_cache(cache, cfg)
     stale = feature_cache.remove_stale_temp_files(cache)
+    loaded = feature_index.load_index(cache)
+    # a file another key's index entry vouches for (same name but for letter case): not
+    # replaced; removed when this key's entry vouches for it too (it may be either's)
+    held = feature_cache.shared_feature_files(cache, mine, loaded, vouched_only=True)
+    for key, other in held.items():
+        failed[key] = f"{HELD}{one_line(other)}{FOLDED_WHY}"
+        with contextlib.suppress(OSError):
+            if loaded.match(key, os.stat(feature_path(cache, key))):
+                drawn[key] = failed[key]
+    mine = [k for k in mine if k not in held]
+    folders = sum(k.endswith("/") for k in failed)   # unlistable: no image of their own
+    n_bad_keys = len(failed) - folders
     fingerprint = feature_cache.cache_identity(manifest)["fingerprint"]
     workers = cfg.workers or os.cpu_count() or 1
     index = SegmentWriter(cache)
     plan, so_far, added = None, [], False   # so_far: the keys written, as they are
     try:
-        plan = _plan(cache, mine, manifest, images_dir, cfg.verify, workers, index)
+        plan = _plan(cache, mine, manifest, images_dir, cfg.verify, workers, index, loaded)
         refused = {k: f for k, f in plan.others.items() if f not in plan.copies}
         if refused and not cfg.replace_other_images:
             raise _naming_unmarked(_refuse_replacing(images_dir, refused), plan.unmarked)
@@ -608,6 +663,7 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
         "shard": f"{cfg.shard_index}/{cfg.num_shards}",
         "replaced_others": {k: f for k, f in plan.others.items() if k in rewritten},
         "left_out": left_out, "heatmaps": heatmaps, "images_dir": images_dir,
+        "case_variants": variants,
     }
     summary["exit_code"], summary["message"] = _exit_status(summary, cfg.strict)
     return summary
@@ -697,6 +753,13 @@ def format_summary(summary: dict) -> str:
     if s.get("heatmaps"):
         lines.append("note: " + heatmaps_note(s["heatmaps"], f"under --images {s['images_dir']}")
                      + " (`caption --plot-attention` marks each PNG it writes)")
+    if s.get("case_variants"):
+        n = sum(len(g) for g in s["case_variants"])
+        lines.append(f"note: {n} image names differ from another only in letter case or "
+                     f"Unicode form (e.g. {' and '.join(map(one_line, s['case_variants'][0]))})"
+                     f": this --cache keeps their feature files apart, a copy of it on a file "
+                     f"system that ignores case (macOS, exFAT, FAT or NTFS drives, SMB shares)"
+                     f" would not (`train` would then leave them out)")
     if s["reindexed"]:
         lines.append(f"{s['reindexed']} image(s) had a new modification time but the same "
                      f"content: re-indexed, not extracted again")

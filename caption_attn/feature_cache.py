@@ -36,6 +36,10 @@ Guarantees:
   match the image's (in the folder the entry records it was read from, when it is missing
   from the one given). A lost manifest therefore never adopts another backbone's files, and
   a changed image or a rewritten feature file is noticed without reading either.
+- One file per key: on a file system that ignores letter case (macOS, exFAT/FAT/NTFS drives,
+  SMB shares, ext4 casefold) "Dog.jpg" and "dog.jpg" have one feature file. Extraction fails
+  such keys where the cache folds them (`names_fold`, a probe), and a file two keys' names
+  lead to is used for neither (`shared_feature_files`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ import shutil
 import stat
 import sys
 import time
+import unicodedata
 from typing import Iterable, Optional
 
 import numpy as np
@@ -66,7 +71,8 @@ from caption_attn.config import ExtractConfig
 from caption_attn.errors import UserError
 from caption_attn.fileio import (HOST, describe_holders, file_digest, flock, is_at,
                                  keras_file_atomic, lock_file, lock_holders, one_line,
-                                 read_json, write_bytes_atomic, write_json_atomic)
+                                 read_json, temp_name, write_bytes_atomic,
+                                 write_json_atomic)
 from caption_attn.images import RESIZE_METHOD
 
 FORMAT_VERSION = 2               # bump when the meaning of cached files changes
@@ -140,6 +146,137 @@ def check_feature_file(path: str, dtype: str, full: bool = False) -> Optional[st
     except OSError as e:
         return f"unreadable ({e.strerror})"
     return None
+
+
+# =========================================================================== folded names
+# A file system that ignores letter case in file names (macOS's APFS and HFS+ as formatted by
+# default, exFAT, FAT and NTFS drives, SMB shares, ext4 folders with casefold) gives two image
+# keys that differ only so ("Dog.jpg", "dog.jpg": two images on the Linux folder they came
+# from) ONE feature file: the one written last stood for both. Where its mtime is coarse
+# (exFAT, FAT: both written within one tick) both index entries vouched for it, and `train`
+# fed one image's features for the other without a word. APFS and HFS+ also ignore Unicode
+# normalization ("café" in NFC and in NFD).
+SHARED_FILE = ("shared with another image name (the names differ only in letter case or "
+               "Unicode form, which the cache's file system does not tell apart)")
+_FOLDS: dict[str, bool] = {}     # real path of a folder -> `names_fold`, for this process
+
+
+def folded_name(key: str) -> str:
+    """`key` as a file system that ignores letter case and Unicode normalization sees it: keys
+    of one folded name may get one feature file. A superset of what APFS, HFS+, NTFS, exFAT,
+    FAT and ext4's casefold fold (NFD, upper case, case folding, NFD): now and then a pair no
+    such file system folds ("STRASSE", "Straße"), never one that one folds."""
+    if key.isascii():
+        return key.lower()
+    nfd = unicodedata.normalize("NFD", key)
+    return unicodedata.normalize("NFD", nfd.upper().casefold())
+
+
+def name_variants(keys: Iterable[str]) -> list[list[str]]:
+    """The groups (2 or more keys each, sorted) of `keys` that share a `folded_name`."""
+    keys = keys if isinstance(keys, (set, frozenset)) else set(keys)
+    if len(set(map(folded_name, keys))) == len(keys):
+        return []                                   # the usual case (COCO's: 0.06 s)
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(folded_name(key), []).append(key)
+    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+
+
+def names_fold(folder: str) -> Optional[bool]:
+    """Whether the file system of `folder` takes a file name for another that differs from it
+    only in letter case or Unicode normalization; None when that cannot be told (no file can
+    be created there). Python has no portable question for it: a hidden file is created (a
+    `fileio.temp_name`, removed as stale if this process is killed meanwhile) and looked up
+    under its name with the ASCII letters' case swapped and in NFD. Asked once per folder
+    (real path) in a process."""
+    real = os.path.realpath(folder)
+    if real not in _FOLDS:
+        folds = _probe_folding(real)
+        if folds is None:
+            return None
+        _FOLDS[real] = folds
+    return _FOLDS[real]
+
+
+def _probe_folding(folder: str) -> Optional[bool]:
+    probe = temp_name(os.path.join(folder, f"CaseProbe\u00e9{secrets.token_hex(4)}"))
+    name = os.path.basename(probe)
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:
+        return None
+    try:
+        swapped = "".join(c.swapcase() if c.isascii() else c for c in name)
+        return any(os.path.lexists(os.path.join(folder, other))
+                   for other in (swapped, unicodedata.normalize("NFD", name)))
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+
+
+def meeting_folder(cache_dir: str, a: str, b: str) -> str:
+    """The folder of the cache in which the feature files of keys `a` and `b` (one
+    `folded_name`) would become one: that of their first path component that differs ("x/"
+    and "X/" meet in the cache's top folder, "x/a.jpg" and "x/A.jpg" in x/), or its nearest
+    parent there now (a folder created later gets its parent's casefold)."""
+    pa, pb = a.split("/"), b.split("/")
+    i = next((i for i, (x, y) in enumerate(zip(pa, pb)) if x != y), len(pa) - 1)
+    for j in range(i, 0, -1):
+        folder = os.path.join(cache_dir, *pa[:j])
+        if os.path.isdir(folder):
+            return folder
+    return cache_dir
+
+
+def names_meet(cache_dir: str, a: str, b: str) -> bool:
+    """The feature files of keys `a` and `b` (one `folded_name`) would be one file in this
+    cache (`names_fold`; when that cannot be told, as if they would)."""
+    return names_fold(meeting_folder(cache_dir, a, b)) is not False
+
+
+def one_feature_file(cache_dir: str, a: str, b: str) -> bool:
+    """The feature files of keys `a` and `b` (one `folded_name`) are one file now, told
+    without writing (`train` may read a read-only cache): both names are found and are one
+    inode, or the listing of the folder they meet in (`meeting_folder`) lacks one of the two
+    spellings (exFAT through FUSE gives each name an inode of its own)."""
+    try:
+        sa, sb = os.stat(feature_path(cache_dir, a)), os.stat(feature_path(cache_dir, b))
+    except OSError:
+        return False
+    if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
+        return True
+    pa, pb = (feature_path("", k).split(os.sep) for k in (a, b))
+    i = next((i for i, (x, y) in enumerate(zip(pa, pb)) if x != y), len(pa) - 1)
+    try:
+        listed = set(os.listdir(os.path.join(cache_dir, *pa[:i])))
+    except OSError:
+        return True
+    return not {pa[i], pb[i]} <= listed
+
+
+def shared_feature_files(cache_dir: str, keys: Iterable[str], index: feature_index.Index,
+                         vouched_only: bool = False) -> dict[str, str]:
+    """{key: another key whose feature file is the same file} for the `keys` whose feature
+    file is also that of another of `keys` (unless `vouched_only`), or of a key whose index
+    entry (`index`) vouches for it (for a key vouched for too: an extraction before names
+    were told apart wrote both within one mtime tick, and whose features the file holds
+    cannot be told). The usual cache (no two names of one `folded_name`) costs one
+    `folded_name` per key and index entry (123,287 of each: 0.1 s)."""
+    keys = set(keys)
+    shared = {}
+    for group in name_variants(keys | index.entries.keys()):
+        for key in (k for k in group if k in keys):
+            try:
+                st = os.stat(feature_path(cache_dir, key))
+            except OSError:
+                continue
+            other = next((o for o in group if o != key and
+                          ((o in keys and not vouched_only) or index.match(o, st))
+                          and one_feature_file(cache_dir, key, o)), None)
+            if other is not None:
+                shared[key] = other
+    return shared
 
 
 def _pid_alive(pid: int) -> bool:
@@ -893,7 +1030,9 @@ def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
     called changed). One whose entry records no folder (an index written before it did) is
     looked for in each other folder in turn, the newest first. One missing there is accepted.
     `images_dir=None` skips the source check, e.g.
-    when the images are on another machine. No array is read: values changed in place without
+    when the images are on another machine. A file that is also another key's (names that
+    differ only in letter case on a file system that ignores it: `shared_feature_files`) is
+    not usable (SHARED_FILE). No array is read: values changed in place without
     a new mtime are caught by `pipeline.NpyReader`'s in-graph checks and by `extract-features
     --verify`. `describe_problems` summarises the reasons with the fix. Measured for 123,287
     keys: see the README's feature-cache section (`benchmarks/bench_feature_index.py`).
@@ -909,10 +1048,11 @@ def usable_features(cache_dir: str, keys: Iterable[str], manifest: dict,
         if images_dir is not None and other_folders else []
     checks = feature_index.check_keys(cache_dir, keys, index, fingerprint,
                                       feature_file_size(manifest["dtype"]), images_dir, more)
+    shared = shared_feature_files(cache_dir, keys, index)
     paths, problems = {}, {}
     for k, c in zip(keys, checks):
-        if c.reason is not None:
-            problems[k] = c.reason
+        if c.reason is not None or k in shared:
+            problems[k] = c.reason or SHARED_FILE
             continue
         paths[k] = c.path
         if unfound is not None and images_dir is not None and c.image_stat is None:
@@ -1250,6 +1390,9 @@ def describe_problems(problems: dict, cache_dir: str, examples: int = 3,
                      f"are relative to {one_line(folder)}: extract with --images "
                      f"{one_line(folder)} instead.")
             images = folder if images else None
+        if SHARED_FILE in by_reason:   # (the rerun lists them in failed.tsv, with the fix)
+            named += (f" Of the images sharing a file, extract-features extracts none: it "
+                      f"lists them in {os.path.join(cache_dir, FAILED)} with what to do.")
         copied = (f"If {cache_dir} was copied without its modification times (`cp -r`), copy "
                   f"it again with `cp -a` or `rsync -a`; otherwise rerun" if
                   feature_index.REWRITTEN in by_reason else "Rerun")

@@ -32,7 +32,7 @@ FILE_SECONDS = {"test_train.py": 190, "test_export.py": 121, "test_distributed.p
                 "test_quiet.py": 22, "test_coco_metrics.py": 21, "test_feature_cache.py": 12,
                 "test_graph_images.py": 12, "test_pipeline.py": 10, "test_model.py": 9,
                 "test_train_tensorboard.py": 34,   # (stop 38, an Intel Xeon, run alone)
-                "test_best_files.py": 30}
+                "test_best_files.py": 30, "test_case_collisions.py": 15}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -22,8 +22,8 @@ the plumbing, not to the numbers:
 
 One change to the tokens, where pycocoevalcap has no answer: Chinese and Japanese captions
 (no spaces between words) are scored with each character a word, as the vocabulary
-(`vocab.standardize`) makes them, on both sides, and their full-width punctuation dropped as
-PTB drops ASCII punctuation (`_cjk_as_words`). PTB splits neither, so a reference was one
+(`vocab.standardize`) makes them, on both sides, and their own punctuation dropped as the
+vocabulary drops it (`_cjk_as_words`). PTB splits neither, so a reference was one
 token against the model's characters and every metric 0 (exit 0, no note). Captions without
 such characters are untouched.
 
@@ -51,7 +51,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
 from caption_attn.fileio import write_json_atomic
-from caption_attn.vocab import _CJK, standardize
+from caption_attn.vocab import CJK_CHARACTER, standardize
 
 COCO_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
@@ -65,18 +65,11 @@ NOTE_CIDER_ONE_IMAGE = ("CIDEr left out: it needs at least 2 images (its documen
                         "come from the scored references, and with one image every word's "
                         "weight is 0, so any caption scores 0)")
 NOTE_CJK = ("Chinese/Japanese characters scored as one word each, as the vocabulary splits "
-            "them (PTB's tokenizer splits neither them nor full-width punctuation, which is "
-            "dropped, as PTB drops ASCII punctuation)")
+            "them (PTB's tokenizer splits neither them nor their punctuation, which is "
+            "dropped, as the vocabulary drops it)")
 NOTE_PY_TOKENIZER = ("tokenized with a pure-Python imitation of the Java PTBTokenizer: scores "
                      "may differ slightly from pycocoevalcap's")
 
-# The punctuation, symbols and spaces of CJK Symbols and Punctuation (U+3000-U+303F: 、 。 「 」,
-# the ideographic space) and the full-width and halfwidth forms (U+FF00-U+FFEF: ， ！ ？ （ ）,
-# the halfwidth 。「」、): what a CJK caption ends or separates clauses with; the vocabulary
-# drops them too (letters among them, such as 々, are kept, as it keeps them)
-_CJK_PUNCTUATION = re.compile("[" + "".join(
-    re.escape(chr(c)) for c in (*range(0x3000, 0x3040), *range(0xFF00, 0xFFF0))
-    if unicodedata.category(chr(c))[0] in "PSZ") + "]")
 _LINE_BREAKS = re.compile("[\n\r\v\f\u2028\u2029]")  # all end a line in the jar
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -313,18 +306,22 @@ def _read_to_the_end(stream) -> None:
 
 def _cjk_as_words(gts: dict, res: dict, notes: list[str]) -> tuple[dict, dict]:
     """References and hypotheses with each Chinese/Japanese character a word of its own and
-    their full-width punctuation gone (a note says so), when any caption has such a
-    character; else as they are. The vocabulary makes each such character a word, PTB's
+    the non-ASCII punctuation, symbols and spaces of theirs gone (、 。 ， ！ ・, the
+    ideographic space: Unicode categories P, S, Z and C, which the vocabulary drops; a
+    letter such as 々 is kept, as it keeps it; ASCII punctuation is left to PTB), with a
+    note, when any caption has such a character; else as they are. The vocabulary makes each such character a word, PTB's
     tokenizer keeps a run of them one token: a reference "一只狗在跑。" was one token, no
     hypothesis of the model ("一 只 狗 在 跑") matched any n-gram of it, and every metric
     was 0."""
     captions = [c for caps in (*gts.values(), *res.values()) for c in caps]
-    if not any(_CJK.search(c) for c in captions if not c.isascii()):
+    if not any(CJK_CHARACTER.search(c) for c in captions if not c.isascii()):
         return gts, res
     notes.append(NOTE_CJK)
 
     def split(caption: str) -> str:
-        return _CJK.sub(r" \1 ", _CJK_PUNCTUATION.sub(" ", caption))
+        caption = "".join(" " if not ch.isascii() and unicodedata.category(ch)[0] in "PSZC"
+                          else ch for ch in caption)
+        return CJK_CHARACTER.sub(r" \1 ", caption)
     return ({k: [split(c) for c in caps] for k, caps in gts.items()},
             {k: [split(c) for c in caps] for k, caps in res.items()})
 

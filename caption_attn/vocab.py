@@ -25,7 +25,7 @@ _SPACES = re.compile(r"\s+")
 _REMOVED = dict.fromkeys(map(ord, "\u00ad\u200c\u200d\u2060\ufeff"))
 # Scripts written without spaces between words: each Han ideograph, hiragana and katakana is a
 # word of its own (as BERT's tokenizer does), else a whole Chinese caption was one "word".
-_CJK = re.compile("([\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+CJK_CHARACTER = re.compile("([\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
                   "\uff66-\uff9f\U00020000-\U0003134f])")
 
 
@@ -59,7 +59,7 @@ def standardize(text: str) -> str:
     text = _SPACES.sub(" ", _strip_punctuation(text)).strip()
     if text.isascii():
         return text
-    words = _SPACES.sub(" ", _CJK.sub(r" \1 ", text)).strip().split(" ")
+    words = _SPACES.sub(" ", CJK_CHARACTER.sub(r" \1 ", text)).strip().split(" ")
     return " ".join(w for w in words if any(ch.isalnum() for ch in w))
 
 

@@ -347,7 +347,8 @@ def test_corpus_bleu4_identical_disjoint_and_standardized():
 
 CJK_REFERENCES = {"a.jpg": ["一只狗在草地上跑。", "草地上有一只小狗，它在跑！"],
                   "b.jpg": ["两个人在海边散步。", "「海边」有两个人在走路"],
-                  "c.jpg": ["人々が公園を歩いている。", "公園で人々が歩く"]}
+                  "c.jpg": ["人々が公園を歩いている。", "公園で人々が歩く"],
+                  "d.jpg": ["コーヒー・カップが机の上にある", "机の上のコーヒー・カップ"]}
 
 
 @pytest.mark.parametrize("java", [False, True])
@@ -355,7 +356,7 @@ def test_chinese_and_japanese_captions_score_as_the_vocabulary_splits_them(java)
     """Each CJK character is a word of the vocabulary (`vocab.standardize`), which is what the
     model says; PTB keeps a run of them one token, so every reference was one token matching
     nothing the model could say and every metric was 0 (exit 0, no note). Both sides are now
-    split as the vocabulary splits them, full-width punctuation dropped (々, a letter, kept):
+    split as the vocabulary splits them, their punctuation dropped (、。・; 々, a letter, kept):
     the model saying a reference as the vocabulary writes it scores as an English one does."""
     if java and not coco_metrics.java_available():
         pytest.skip("no java on PATH")
@@ -368,7 +369,7 @@ def test_chinese_and_japanese_captions_score_as_the_vocabulary_splits_them(java)
     assert metrics["ROUGE_L"] == pytest.approx(1.0, abs=1e-6)
     assert metrics["CIDEr"] > 1.0
     wrong = {k: standardize(CJK_REFERENCES[o][0]) for k, o in
-             zip(CJK_REFERENCES, ["b.jpg", "c.jpg", "a.jpg"])}
+             zip(CJK_REFERENCES, ["b.jpg", "c.jpg", "d.jpg", "a.jpg"])}
     worse, _ = coco_metrics.coco_metrics(CJK_REFERENCES, wrong, use_java=java)
     assert worse["Bleu_1"] < 0.5 and worse["CIDEr"] < 0.5 * metrics["CIDEr"]
 

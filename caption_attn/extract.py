@@ -20,7 +20,8 @@ Keys that differ only in letter case or Unicode form ("Dog.jpg", "dog.jpg") get 
 file on a --cache whose file system ignores that (macOS, exFAT/FAT/NTFS drives, SMB): where
 the cache's probe (`feature_cache.names_fold`) says so, every key of such a pair fails before
 anything is written (`_folded_together`, across shards), and a key whose file is already
-another key's by the index is not extracted over it (`HELD`).
+another key's by the index is not extracted over it (`HELD`), unless that key's image is
+gone from --images or is this one: one image renamed, extracted again (`_a_pair`).
 The cache itself (layout, checks, manifest, identity) is `feature_cache`.
 """
 
@@ -223,6 +224,11 @@ FOLDED_WHY = (" (the names differ only in letter case or Unicode form, which the
               "--cache does not tell apart): use a --cache on a case-sensitive file system, "
               "or rename one of the images")
 HELD = "its feature file is already that of "
+# why an image is extracted again whose feature file another key's index entry vouches for,
+# when that key's image is gone or is this one (`_a_pair`): one image renamed
+RENAMED = "its feature file was that of "
+RENAMED_WHY = (", an image now gone from --images or this one under another spelling (renamed "
+               "only in letter case or Unicode form)")
 
 
 def _folded_together(images_dir: str, cache: str, keys: list[str],
@@ -244,6 +250,24 @@ def _folded_together(images_dir: str, cache: str, keys: list[str],
         if variants is not None and len(present) > 1 and not set(present) & failed.keys():
             variants.append(present)
     return failed
+
+
+def _a_pair(images_dir: str, key: str, other: str) -> bool:
+    """`key` and `other`, whose feature file is one on the cache's file system, are two
+    images: `other`'s image is still under `images_dir` and is another file than `key`'s.
+    Otherwise `key` is `other` renamed only in letter case ("IMG.JPG" now "img.jpg": the old
+    name gone, or on a folder that ignores case too, found as the same file): held, it was
+    never extracted again, and every run failed. A `key` whose image is missing is taken
+    for a pair: extracting it would fail and remove `other`'s features."""
+    mine, theirs = (os.path.join(images_dir, k) for k in (key, other))
+    if not os.path.lexists(mine):
+        return True
+    if not os.path.lexists(theirs):
+        return False
+    try:
+        return not os.path.samefile(mine, theirs)
+    except OSError:       # (a dangling link, a file removed meanwhile)
+        return True
 
 
 def _shard_keys(images_dir: str, cfg: ExtractConfig, keys: Optional[list[str]],
@@ -348,18 +372,23 @@ def _image_sha256(images_dir: str, key: str) -> Optional[str]:
 
 def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: bool,
           workers: int, index: SegmentWriter,
-          loaded: Optional[feature_index.Index] = None) -> _Plan:
+          loaded: Optional[feature_index.Index] = None,
+          again: Optional[dict[str, str]] = None) -> _Plan:
     """Which of `keys` are done (see the module docstring); re-indexes images that only got a
     new mtime. `verify`: also the sha256 of every image and a full read of every file.
-    `loaded`: the cache's index, when already loaded."""
+    `loaded`: the cache's index, when already loaded. `again`: {key: why} of keys whose
+    existing file is extracted again whatever their entries say."""
+    again = again or {}
     fingerprint = feature_cache.cache_identity(manifest)["fingerprint"]
     loaded = feature_index.load_index(cache) if loaded is None else loaded
     size = feature_cache.feature_file_size(manifest["dtype"])
     checks = dict(zip(keys, feature_index.check_keys(cache, keys, loaded, fingerprint, size,
                                                      images_dir)))
-    kept = [k for k, c in checks.items() if c.reason in (None, IMAGE_CHANGED)]
+    kept = [k for k, c in checks.items() if c.reason in (None, IMAGE_CHANGED)
+            and k not in again]
     redo = {k: c.reason for k, c in checks.items()
             if c.reason not in (None, IMAGE_CHANGED, "missing")}
+    redo.update({k: r for k, r in again.items() if checks[k].reason != "missing"})
     to_hash = [k for k in kept if verify or checks[k].reason == IMAGE_CHANGED]
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         hashes = dict(zip(to_hash, pool.map(lambda k: _image_sha256(images_dir, k), to_hash)))
@@ -547,9 +576,11 @@ def extract_features(images_dir: str, cfg: ExtractConfig, keys: Optional[list[st
     # while a train or evaluate reads the cache, refused only before rewriting or removing a
     # feature file (`busy`): new ones harm no reader, and a script's `extract-features &&
     # train`, rerun beside a running train, goes on as before. While an extraction of another
-    # images folder writes into it, refused at once (shards of this folder go on together)
+    # images folder writes into it, refused at once (shards of this folder go on together, as
+    # do other machines' shards of this --num-shards)
     with feature_cache.using_features(cfg.cache, writing=True, readers_ok=True) as busy, \
-            feature_cache.extracting_from(cfg.cache, images_dir):
+            feature_cache.extracting_from(cfg.cache, images_dir, cfg.num_shards,
+                                          cfg.shard_index):
         return _extract_into_cache(images_dir, cfg, keys, progress, start, busy)
 
 
@@ -586,8 +617,15 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     stale = feature_cache.remove_stale_temp_files(cache)
     loaded = feature_index.load_index(cache)
     # a file another key's index entry vouches for (same name but for letter case): not
-    # replaced; removed when this key's entry vouches for it too (it may be either's)
+    # replaced; removed when this key's entry vouches for it too (it may be either's). Unless
+    # that key's image is gone or is this one (`_a_pair`): one image renamed, extracted again,
+    # its write replacing the file (the old key's entry then vouches for it no more, or, with
+    # a coarse mtime, with this key's too: `usable_features` gives it to neither, and the
+    # next run extracts it again)
     held = feature_cache.shared_feature_files(cache, mine, loaded, vouched_only=True)
+    renamed = {k: f"{RENAMED}{one_line(o)}{RENAMED_WHY}" for k, o in held.items()
+               if not _a_pair(images_dir, k, o)}
+    held = {k: o for k, o in held.items() if k not in renamed}
     for key, other in held.items():
         failed[key] = f"{HELD}{one_line(other)}{FOLDED_WHY}"
         with contextlib.suppress(OSError):
@@ -601,7 +639,8 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     index = SegmentWriter(cache)
     plan, so_far, added = None, [], False   # so_far: the keys written, as they are
     try:
-        plan = _plan(cache, mine, manifest, images_dir, cfg.verify, workers, index, loaded)
+        plan = _plan(cache, mine, manifest, images_dir, cfg.verify, workers, index, loaded,
+                     renamed)
         refused = {k: f for k, f in plan.others.items() if f not in plan.copies}
         if refused and not cfg.replace_other_images:
             raise _naming_unmarked(_refuse_replacing(images_dir, refused), plan.unmarked)

@@ -158,7 +158,12 @@ def check_feature_file(path: str, dtype: str, full: bool = False) -> Optional[st
 # normalization ("café" in NFC and in NFD).
 SHARED_FILE = ("shared with another image name (the names differ only in letter case or "
                "Unicode form, which the cache's file system does not tell apart)")
-_FOLDS: dict[str, bool] = {}     # real path of a folder -> `names_fold`, for this process
+# the kinds of folding (`names_fold`): letter case ("Dog.jpg" is "dog.jpg"), Unicode
+# normalization ("café" in NFC is "café" in NFD). NTFS, exFAT and FAT fold case only;
+# case-sensitive APFS and ZFS with normalization=formD fold the form only; APFS and HFS+ as
+# formatted by default fold both
+CASE, FORM = "case", "form"
+_FOLDS: dict[str, frozenset] = {}   # real path of a folder -> `names_fold`, for this process
 
 
 def folded_name(key: str) -> str:
@@ -183,13 +188,14 @@ def name_variants(keys: Iterable[str]) -> list[list[str]]:
     return sorted(sorted(g) for g in groups.values() if len(g) > 1)
 
 
-def names_fold(folder: str) -> Optional[bool]:
-    """Whether the file system of `folder` takes a file name for another that differs from it
-    only in letter case or Unicode normalization; None when that cannot be told (no file can
-    be created there). Python has no portable question for it: a hidden file is created (a
-    `fileio.temp_name`, removed as stale if this process is killed meanwhile) and looked up
-    under its name with the ASCII letters' case swapped and in NFD. Asked once per folder
-    (real path) in a process."""
+def names_fold(folder: str) -> Optional[frozenset]:
+    """What the file system of `folder` folds in file names: a set of CASE (a name is found
+    under another that differs from it only in letter case) and FORM (... only in Unicode
+    normalization), empty where it tells both apart; None when that cannot be told (no file
+    can be created there). Python has no portable question for it: a hidden file is created
+    (a `fileio.temp_name`, removed as stale if this process is killed meanwhile) and looked
+    up under its name with the ASCII letters' case swapped, and in NFD. Asked once per
+    folder (real path) in a process."""
     real = os.path.realpath(folder)
     if real not in _FOLDS:
         folds = _probe_folding(real)
@@ -199,20 +205,38 @@ def names_fold(folder: str) -> Optional[bool]:
     return _FOLDS[real]
 
 
-def _probe_folding(folder: str) -> Optional[bool]:
+def _probe_folding(folder: str) -> Optional[frozenset]:
     probe = temp_name(os.path.join(folder, f"CaseProbe\u00e9{secrets.token_hex(4)}"))
-    name = os.path.basename(probe)
+    name = os.path.basename(probe)   # (its "é" in NFC)
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError:
         return None
     try:
         swapped = "".join(c.swapcase() if c.isascii() else c for c in name)
-        return any(os.path.lexists(os.path.join(folder, other))
-                   for other in (swapped, unicodedata.normalize("NFD", name)))
+        found = {kind for kind, other in ((CASE, swapped),
+                                          (FORM, unicodedata.normalize("NFD", name)))
+                 if os.path.lexists(os.path.join(folder, other))}
+        return frozenset(found)
     finally:
         with contextlib.suppress(OSError):
             os.remove(probe)
+
+
+def _case_folded(key: str) -> str:
+    """`folded_name` without the Unicode normalization."""
+    return key.lower() if key.isascii() else key.upper().casefold()
+
+
+def name_differences(a: str, b: str) -> frozenset:
+    """The kinds of folding (CASE, FORM) a file system needs to take keys `a` and `b` (one
+    `folded_name`) for one name: FORM when they differ only in Unicode normalization, CASE
+    when only in letter case, both when in both ("Café" in NFC, "café" in NFD)."""
+    if unicodedata.normalize("NFD", a) == unicodedata.normalize("NFD", b):
+        return frozenset({FORM})
+    if _case_folded(a) == _case_folded(b):
+        return frozenset({CASE})
+    return frozenset({CASE, FORM})
 
 
 def meeting_folder(cache_dir: str, a: str, b: str) -> str:
@@ -231,8 +255,11 @@ def meeting_folder(cache_dir: str, a: str, b: str) -> str:
 
 def names_meet(cache_dir: str, a: str, b: str) -> bool:
     """The feature files of keys `a` and `b` (one `folded_name`) would be one file in this
-    cache (`names_fold`; when that cannot be told, as if they would)."""
-    return names_fold(meeting_folder(cache_dir, a, b)) is not False
+    cache: its file system folds every kind of difference the two names have
+    (`name_differences`, `names_fold`: a cache folding only Unicode forms, as case-sensitive
+    APFS, keeps "Dog.jpg" and "dog.jpg" apart); when that cannot be told, as if it would."""
+    folds = names_fold(meeting_folder(cache_dir, a, b))
+    return folds is None or name_differences(a, b) <= folds
 
 
 def one_feature_file(cache_dir: str, a: str, b: str) -> bool:
@@ -428,13 +455,17 @@ def other_writers(cache_dir: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def extracting_from(cache_dir: str, images_dir: str):
-    """Held while this process extracts the images of `images_dir` into the cache: a marker
-    <cache>/.extracting.<pid>.<token>.<host> naming the folder (and its real path), flock'ed
-    (shared) until the block ends, when it is removed. Made under the cache's lock after the
-    markers of the other extractions running are read: one of another images folder (by
-    real path: a symlink or a relative path to the same folder is the same folder) refuses
-    this one, a `UserError` naming both folders and the cache, before anything is written.
+def extracting_from(cache_dir: str, images_dir: str, num_shards: int = 1,
+                    shard_index: int = 0):
+    """Held while this process extracts the images of `images_dir` (shard `shard_index` of
+    `num_shards`) into the cache: a marker <cache>/.extracting.<pid>.<token>.<host> naming
+    the folder (and its real path) and the shard, flock'ed (shared) until the block ends,
+    when it is removed. Made under the cache's lock after the markers of the other
+    extractions running are read: one that is not of this extraction (`_races`: on this
+    host, of another images folder by real path, a symlink or a relative path to the same
+    folder being the same folder; on another host, not another shard of the same
+    --num-shards) refuses this one, a `UserError` naming both folders and the cache, before
+    anything is written.
     Without it two datasets extracted into one cache at once (two terminals, two datasets
     named like COCO) both passed the refusal of same-named images of another folder (the
     features of the other were not written yet), and of each same-named image the feature
@@ -450,11 +481,14 @@ def extracting_from(cache_dir: str, images_dir: str):
     here = os.path.realpath(images_dir)
     path = os.path.join(cache_dir, f"{EXTRACTING}.{os.getpid()}.{secrets.token_hex(4)}.{HOST}")
     with cache_lock(cache_dir):
-        others = [m for m in _extractions(cache_dir) if m.get("real_path") != here]
+        others = [m for m in _extractions(cache_dir)
+                  if _races(m, here, num_shards, shard_index)]
         if others:
-            raise UserError(_other_folder_message(cache_dir, images_dir, others))
+            raise UserError(_other_folder_message(cache_dir, images_dir, others,
+                                                  num_shards, shard_index))
         marker = _make_marker(path, {"images_dir": os.path.abspath(images_dir),
-                                     "real_path": here, "pid": os.getpid(), "host": HOST})
+                                     "real_path": here, "pid": os.getpid(), "host": HOST,
+                                     "num_shards": num_shards, "shard_index": shard_index})
     try:
         yield
     finally:
@@ -532,14 +566,45 @@ def _by_pid(fields: dict) -> str:
     return "running" if pid != os.getpid() and _pid_alive(pid) else "gone"
 
 
-def _other_folder_message(cache_dir: str, images_dir: str, others: list[dict]) -> str:
+def _shard_of_marker(fields: dict) -> Optional[tuple[int, int]]:
+    """(num_shards, shard_index) an extraction's marker records; None in one written before
+    they were recorded (or damaged)."""
+    n, i = fields.get("num_shards"), fields.get("shard_index")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, i)):
+        return None
+    return n, i
+
+
+def _races(fields: dict, here: str, num_shards: int, shard_index: int) -> bool:
+    """Whether the running extraction whose marker holds `fields` refuses this one (of the
+    folder whose real path is `here`, shard `shard_index` of `num_shards`). One of this
+    host: when it reads another folder (real paths). Another host's folder path means
+    nothing here (a local copy, another mount point, a container's /data): it is another
+    shard of the same extraction when it runs the same --num-shards with another
+    --shard-index (README: several machines for extraction), and refuses this one
+    otherwise. A marker that records no shard (written before they were: one version
+    back) is compared by real path, as then: an old version of the same folder on a
+    shared mount goes on, one of another folder is refused, as it was."""
+    if fields.get("host") == HOST:
+        return fields.get("real_path") != here
+    shard = _shard_of_marker(fields)
+    if shard is None:
+        return fields.get("real_path") != here
+    return not (shard[0] == num_shards and shard[1] != shard_index)
+
+
+def _other_folder_message(cache_dir: str, images_dir: str, others: list[dict],
+                          num_shards: int = 1, shard_index: int = 0) -> str:
     """The refusal of `extracting_from`: the extractions of other folders (`others`, their
     markers' fields) running into the cache, named by pid and command (another host's: by
-    pid and host), and what to do."""
+    pid, host and shard), and what to do (this extraction: shard `shard_index` of
+    `num_shards`)."""
     folders = list(dict.fromkeys(one_line(str(m.get("images_dir"))) for m in others))
     here = [m.get("pid") for m in others if m.get("host") == HOST]
-    elsewhere = [f"pid {m.get('pid')} on {one_line(str(m.get('host')))}" for m in others
-                 if m.get("host") != HOST]
+    away = [m for m in others if m.get("host") != HOST]
+    elsewhere = [f"pid {m.get('pid')} on {one_line(str(m.get('host')))}"
+                 + (f", shard {s[1]}/{s[0]}" if (s := _shard_of_marker(m)) else "")
+                 for m in away]
     who = describe_holders([p for p in here if isinstance(p, int)])   # " (pid N: COMMAND)"
     if elsewhere:
         who = (f"{who[:-1]}; " if who else " (") + "; ".join(elsewhere) + ")"
@@ -552,7 +617,20 @@ def _other_folder_message(cache_dir: str, images_dir: str, others: list[dict]) -
             f"last would stand for both, unchecked; --replace-other-images does not change "
             f"that). Extract this dataset into another --cache (one per dataset), or wait for "
             f"that extraction to end and run this command again (shards of one --images "
-            f"folder may run together)")
+            f"folder may run together)" + (_other_host_note(away, num_shards, shard_index)
+                                           if away else ""))
+
+
+def _other_host_note(away: list[dict], num_shards: int, shard_index: int) -> str:
+    """What `_other_folder_message` adds of the extractions of other hosts (`away`)."""
+    note = (f". Another machine's extraction is told apart by its shard, not its folder (a "
+            f"path of that machine): shards of one extraction on several machines run "
+            f"together when each runs the same --num-shards with its own --shard-index "
+            f"(this one: shard {shard_index}/{num_shards})")
+    if any(_shard_of_marker(m) is None for m in away):
+        note += (", but an older caption-attn records no shard (its extraction of another "
+                 "folder path is refused): run this version on every machine")
+    return note
 
 
 @contextlib.contextmanager

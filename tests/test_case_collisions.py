@@ -4,9 +4,11 @@ feature file for two images. `extract-features` fails such pairs and `usable_fea
 (train, evaluate) refuses a file two names share (caption_attn/feature_cache.py, extract.py).
 
 This machine's tmp folders tell case apart: a folding file system is `names_fold` patched to
-say so, and a file two names share is a hard link (one inode under both names).
+say so, and a file two names share is a hard link (one inode under both names); so is one
+image found under two spellings on an images folder that ignores case.
 """
 
+import contextlib
 import os
 import unicodedata
 
@@ -15,12 +17,13 @@ import pytest
 
 from caption_attn import extract, feature_cache, feature_index
 from caption_attn.extract import extract_features, format_summary, shard_of
-from caption_attn.feature_cache import (SHARED_FILE, feature_path, folded_name,
-                                        meeting_folder, name_variants, names_fold, read_failed,
-                                        read_manifest, usable_features)
+from caption_attn.feature_cache import (CASE, FORM, SHARED_FILE, feature_path, folded_name,
+                                        meeting_folder, name_variants, names_fold, names_meet,
+                                        read_failed, read_manifest, usable_features)
 from image_samples import extract_cfg, scene, write_rgb
 
 DOGS = ["Dog.jpg", "dog.jpg"]
+NFC, NFD = "caf\u00e9.jpg", unicodedata.normalize("NFD", "caf\u00e9.jpg")
 
 
 def _work(tmp_path, names=("Dog.jpg", "dog.jpg", "cat.jpg")) -> str:
@@ -32,9 +35,11 @@ def _work(tmp_path, names=("Dog.jpg", "dog.jpg", "cat.jpg")) -> str:
 
 @pytest.fixture
 def folding(monkeypatch):
-    """Every folder of every cache ignores letter case; returns the folders asked about."""
+    """Every folder of every cache ignores letter case and Unicode form (as APFS); returns
+    the folders asked about."""
     asked = []
-    monkeypatch.setattr(feature_cache, "names_fold", lambda folder: asked.append(folder) or True)
+    monkeypatch.setattr(feature_cache, "names_fold",
+                        lambda folder: asked.append(folder) or frozenset({CASE, FORM}))
     return asked
 
 
@@ -50,21 +55,52 @@ def test_folded_names_group_what_case_insensitive_file_systems_fold():
 
 
 def test_the_probe_tells_this_tmp_folder_apart_and_leaves_nothing(tmp_path, monkeypatch):
-    assert names_fold(str(tmp_path)) is False          # ext4 / overlayfs: case-sensitive
+    assert names_fold(str(tmp_path)) == frozenset()   # ext4 / overlayfs: folds nothing
     assert os.listdir(tmp_path) == []
     assert names_fold(str(tmp_path / "absent")) is None   # cannot be told: no file made
     assert feature_cache.names_meet(str(tmp_path / "absent"), *DOGS)  # taken as meeting
-    # the same probe on a folder seen through a case-insensitive lookup says it folds
-    folder = str(tmp_path / "insensitive")
-    os.mkdir(folder)
+    # the same probe on folders seen through a lookup that ignores case (NTFS, exFAT), or
+    # only the Unicode form (case-sensitive APFS, ZFS normalization=formD), or both (APFS)
     real = os.path.lexists
+    folds = {"case": lambda n: n.lower(), "form": lambda n: unicodedata.normalize("NFC", n),
+             "both": lambda n: unicodedata.normalize("NFC", n).lower()}
 
     def lexists(path):
         head, name = os.path.split(path)
-        return real(path) or (head == folder and name.lower() in
-                              {n.lower() for n in os.listdir(folder)})
+        fold = folds.get(os.path.basename(head))
+        return real(path) or (fold is not None and fold(name) in map(fold, os.listdir(head)))
     monkeypatch.setattr(os.path, "lexists", lexists)
-    assert names_fold(folder) is True and os.listdir(folder) == []
+    for kind, expected in [("case", {CASE}), ("form", {FORM}), ("both", {CASE, FORM})]:
+        folder = tmp_path / kind
+        folder.mkdir()
+        assert names_fold(str(folder)) == expected and os.listdir(folder) == []
+
+
+@pytest.mark.parametrize("folds,meeting", [
+    ({CASE, FORM}, ["Dog", "café", "Café"]), ({CASE}, ["Dog"]), ({FORM}, ["café"]),
+    (set(), []), (None, ["Dog", "café", "Café"])])
+def test_names_meet_where_the_file_system_folds_how_they_differ(tmp_path, monkeypatch,
+                                                                folds, meeting):
+    """A pair meets where its cache folds every kind of difference it has: case-sensitive
+    APFS (the form only) keeps Dog.jpg and dog.jpg apart, NTFS (case only) the NFC and NFD
+    café.jpg; "Café.jpg" in NFC and "café.jpg" in NFD need both; unknown: as if they met."""
+    monkeypatch.setattr(feature_cache, "names_fold",
+                        lambda folder: None if folds is None else frozenset(folds))
+    pairs = {"Dog": DOGS, "café": [NFC, NFD], "Café": ["Caf\u00e9.jpg", NFD]}
+    assert [n for n, pair in pairs.items() if names_meet(str(tmp_path), *pair)] == meeting
+
+
+def test_a_cache_folding_only_unicode_forms_extracts_names_differing_in_case(
+        cache_copy, tmp_path, monkeypatch):
+    """Case-sensitive APFS or ZFS with normalization=formD: Dog.jpg and dog.jpg have two
+    feature files, and failed with the advice to use a case-sensitive file system."""
+    monkeypatch.setattr(feature_cache, "names_fold", lambda folder: frozenset({FORM}))
+    work = _work(tmp_path, DOGS + [NFC, NFD])
+    summary = extract_features(work, extract_cfg(cache_copy), keys=DOGS + [NFC, NFD],
+                               progress=False)
+    assert summary["extracted"] == 2 and sorted(summary["failures"]) == sorted([NFC, NFD])
+    assert summary["failures"][NFC] == f"{extract.FOLDED}{NFD}{extract.FOLDED_WHY}"
+    assert summary["case_variants"] == [DOGS]
 
 
 def test_names_meet_in_the_folder_of_their_first_difference(tmp_path):
@@ -128,7 +164,7 @@ def _share_one_file(cache, work, vouch_both: bool) -> None:
     `vouch_both`: dog.jpg's index entry matches it too, as when an extraction before the fix
     wrote both within one coarse mtime tick (exFAT, FAT)."""
     with pytest.MonkeyPatch.context() as m:        # extracted where case is told apart
-        m.setattr(feature_cache, "names_fold", lambda folder: False)
+        m.setattr(feature_cache, "names_fold", lambda folder: frozenset())
         extract_features(work, extract_cfg(cache), keys=DOGS + ["cat.jpg"], progress=False)
     dog = feature_path(cache, "dog.jpg")
     os.remove(dog)
@@ -179,3 +215,70 @@ def test_a_file_both_names_entries_vouch_for_is_removed(cache_copy, tmp_path, fo
     summary = extract_features(work, extract_cfg(cache_copy), keys=DOGS, progress=False)
     assert sorted(summary["failures"]) == DOGS and sorted(summary["stale_removed"]) == DOGS
     assert not any(os.path.lexists(feature_path(cache_copy, k)) for k in DOGS)
+
+
+def _one_file(cache, key, other) -> None:
+    """`other`'s feature file becomes `key`'s (a hard link), as on a cache ignoring case."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(feature_path(cache, other))
+    os.link(feature_path(cache, key), feature_path(cache, other))
+
+
+@pytest.mark.parametrize("old_name", ["gone", "one_file"])
+def test_an_image_renamed_only_in_case_is_extracted_again(cache_copy, tmp_path, folding,
+                                                          old_name):
+    """IMG.JPG, extracted, is img.jpg now (the old name gone; or, on an images folder that
+    ignores case too, one image under both names). Its feature file, IMG.JPG's by that
+    key's entry, held it back on every run ("nothing could be extracted", and train's
+    advice, to extract again, looped). It is extracted again now, its write replacing the
+    one file: img.jpg's features from then on, and IMG.JPG's old entry gives them to no
+    one, also where a coarse mtime lets it vouch for the new file."""
+    work = tmp_path / "work"
+    write_rgb(str(work / "IMG.JPG"), scene(70))
+    extract_features(str(work), extract_cfg(cache_copy), keys=["IMG.JPG"], progress=False)
+    old = feature_index.load_index(cache_copy).entries["IMG.JPG"][-1]
+    (os.rename if old_name == "gone" else os.link)(work / "IMG.JPG", work / "img.jpg")
+    _one_file(cache_copy, "IMG.JPG", "img.jpg")
+    summary = extract_features(str(work), extract_cfg(cache_copy), keys=["img.jpg"],
+                               progress=False)
+    assert summary["failures"] == {} and summary["exit_code"] == 0, summary["failures"]
+    assert summary["extracted"] == 1 and summary["invalid"] == {
+        "img.jpg": f"{extract.RENAMED}IMG.JPG{extract.RENAMED_WHY}"}
+    _one_file(cache_copy, "img.jpg", "IMG.JPG")          # the write replaced the one file
+    manifest = read_manifest(cache_copy)
+    paths, problems = usable_features(cache_copy, ["img.jpg"], manifest, str(work))
+    assert list(paths) == ["img.jpg"] and problems == {}
+    paths, problems = usable_features(cache_copy, ["IMG.JPG"], manifest, str(work))
+    assert paths == {} and problems == {"IMG.JPG": feature_index.REWRITTEN}
+    summary = extract_features(str(work), extract_cfg(cache_copy), keys=["img.jpg"],
+                               progress=False)
+    assert (summary["skipped"], summary["extracted"], summary["failures"]) == (1, 0, {})
+    # a coarse mtime (exFAT, FAT): the new file got the old one's, so both entries vouch
+    new = feature_index.load_index(cache_copy).entries["img.jpg"][-1]
+    os.utime(feature_path(cache_copy, "img.jpg"), ns=(old.mtime_ns, old.mtime_ns))
+    writer = feature_index.SegmentWriter(cache_copy)
+    writer.add(old)
+    writer.add(new._replace(mtime_ns=old.mtime_ns))
+    writer.close()
+    for key in ("IMG.JPG", "img.jpg"):                   # whose they are cannot be told
+        paths, problems = usable_features(cache_copy, [key], manifest, str(work))
+        assert paths == {} and problems == {key: SHARED_FILE}
+    summary = extract_features(str(work), extract_cfg(cache_copy), keys=["img.jpg"],
+                               progress=False)
+    assert summary["extracted"] == 1 and summary["failures"] == {}
+    _one_file(cache_copy, "img.jpg", "IMG.JPG")
+    paths, problems = usable_features(cache_copy, ["img.jpg"], manifest, str(work))
+    assert list(paths) == ["img.jpg"] and problems == {}
+
+
+def test_a_renamed_images_other_name_still_there_as_another_image_holds_it(
+        cache_copy, tmp_path, folding):
+    """The other name's image still there, another file: two images, one feature file, held
+    (as before); with only the new name's image missing, held too (not removed)."""
+    work = _work(tmp_path)
+    _share_one_file(cache_copy, work, vouch_both=False)
+    os.remove(os.path.join(work, "dog.jpg"))
+    summary = extract_features(work, extract_cfg(cache_copy), keys=["dog.jpg"], progress=False)
+    assert summary["failures"] == {"dog.jpg": f"{extract.HELD}Dog.jpg{extract.FOLDED_WHY}"}
+    assert os.path.samefile(feature_path(cache_copy, "dog.jpg"),
+                            feature_path(cache_copy, "Dog.jpg"))

@@ -24,6 +24,7 @@ import pytest
 
 from caption_attn import extract, feature_cache, feature_index
 from caption_attn.errors import UserError
+from caption_attn.fileio import HOST
 from caption_attn.extract import extract_features, format_summary, shard_of
 from caption_attn.feature_cache import (FORMAT_VERSION, check_feature_file, feature_path,
                                         read_failed, read_manifest)
@@ -1165,6 +1166,63 @@ def test_a_killed_extractions_marker_refuses_no_later_one(images, cache_copy, tm
     assert len(_markers(cache_copy)) == 1              # left by the killed process
     summary = extract_features(images, extract_cfg(cache_copy), keys=GOOD, progress=False)
     assert summary["skipped"] == len(GOOD) and summary["exit_code"] == 0
+    assert _markers(cache_copy) == []
+
+
+@contextlib.contextmanager
+def _extracting_elsewhere(cache, host, folder, **shard):
+    """A live extraction of `folder` by pid 4242 on `host` into `cache`, as far as the cache
+    can tell (its marker, written and flock'ed as `extracting_from` does), until the block
+    ends; `shard`: the num_shards and shard_index its marker records (none: an older one)."""
+    path = os.path.join(cache, f"{feature_cache.EXTRACTING}.4242.abcd1234.{host}")
+    marker = feature_cache._make_marker(path, {"images_dir": folder, "real_path": folder,
+                                               "pid": 4242, "host": host, **shard})
+    try:
+        yield
+    finally:
+        marker.close()
+        os.remove(path)
+
+
+@pytest.mark.parametrize("host,folder,shard,refused", [
+    ("machine0", "/local/coco", {"num_shards": 2, "shard_index": 0}, False),  # the other shard
+    ("machine0", "/local/coco", {"num_shards": 2, "shard_index": 1}, True),   # this one, twice
+    ("machine0", "/local/coco", {"num_shards": 4, "shard_index": 0}, True),   # another job's
+    ("machine0", "/local/coco", {}, True),        # an older version's, of another folder path
+    ("machine0", None, {}, False),                # ... of this one: as before
+    (HOST, "/local/coco", {"num_shards": 2, "shard_index": 0}, True)])  # here: by folder
+def test_another_machines_marker_is_told_apart_by_its_shard(images, cache_copy, host, folder,
+                                                            shard, refused):
+    """README, several machines for extraction: each runs shard I of N into one shared
+    --cache, its images at a path of its own (a local copy, another mount point, a
+    container's /data). Where flock works across hosts (NFSv4) the second machine's shard
+    was refused as extracting "another images folder". Another machine's shard of the same
+    N goes on now; anything else of another machine is refused, saying how shards of
+    several machines run together (an older version's marker: by folder path, as before)."""
+    folder = folder or os.path.realpath(images)
+    cfg = extract_cfg(cache_copy, num_shards=2, shard_index=1)
+    with _extracting_elsewhere(cache_copy, host, folder, **shard):
+        if not refused:
+            summary = extract_features(images, cfg, keys=GOOD, progress=False)
+            assert summary["exit_code"] == 0 and summary["failures"] == {}
+            assert summary["skipped"] == sum(shard_of(k, 2) == 1 for k in GOOD) > 0
+        else:
+            with pytest.raises(UserError) as e:
+                extract_features(images, cfg, keys=GOOD, progress=False)
+            assert re.match(rf"--images {re.escape(images)}: another extract-features \(pid "
+                            rf"4242.*\) is extracting the images of {re.escape(folder)} into "
+                            rf"--cache {re.escape(cache_copy)} now", str(e.value)), str(e.value)
+            note = ("Another machine's extraction is told apart by its shard, not its folder "
+                    "(a path of that machine): shards of one extraction on several machines run "
+                    "together when each runs the same --num-shards with its own --shard-index "
+                    "(this one: shard 1/2)")
+            assert (note in str(e.value)) == (host != HOST)
+            if host != HOST:
+                assert (f"(pid 4242 on machine0, shard {shard['shard_index']}/"
+                        f"{shard['num_shards']})" if shard else "(pid 4242 on machine0)") \
+                    in str(e.value)
+                assert ("an older caption-attn records no shard" in str(e.value)) == (not shard)
+        assert len(_markers(cache_copy)) == 1             # the other's only
     assert _markers(cache_copy) == []
 
 

@@ -124,7 +124,7 @@ def beam_search(step_fn: StepFn, state, context, beam_size: int, max_length: int
 
 def sample(step_fn: StepFn, state, context, max_length: int, temperature: float = 1.0,
            top_k: int = 0, seed: int = 0, num_samples: int = 1, start_id: int = START,
-           end_id: int = END, ids=None) -> DecodeResult:
+           end_id: int = END, ids=None, sort: bool = True) -> DecodeResult:
     """Random captions: each token drawn from softmax(logits / temperature), restricted to
     the `top_k` most likely tokens (0 = all; ties with the k-th are kept). K = num_samples.
 
@@ -134,7 +134,9 @@ def sample(step_fn: StepFn, state, context, max_length: int, temperature: float 
     draws from its own stream of (`seed`, id) instead of the stream of its row, so its
     samples do not depend on the batch it is decoded in (its size, the other images).
     `log_probs` are under the model (temperature 1, full vocabulary), not under the
-    sampling distribution; samples are sorted by them.
+    sampling distribution; samples are sorted by them, or with `sort=False` left in stream
+    order: sample k of image b is sequence b * K + k, the one that drew from stream
+    `sample_streams(ids, K)[b * K + k]` (self-critical training keys its dropout by it).
     """
     max_length = _check_int("max_length", max_length, 1)
     top_k = _check_int("top_k", top_k, 0)
@@ -145,12 +147,27 @@ def sample(step_fn: StepFn, state, context, max_length: int, temperature: float 
     log_probs = tf.zeros([_batch_size(state, context) * num_samples])  # (B*K,)
     state, context = _tile_for(step_fn, state, context, num_samples)  # (B*K, ...), ...
     seed = tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)])  # (2,)
-    streams = None if ids is None else tf.reshape(                   # (B*K,) row -> stream
-        tf.cast(ids, tf.int64)[:, None] * num_samples
-        + tf.range(num_samples, dtype=tf.int64)[None, :], [-1])
+    streams = None if ids is None else sample_streams(ids, num_samples)  # (B*K,)
     beams = _run(step_fn, state, context, log_probs, max_length, start_id,
                  _sample_advance(float(temperature), top_k, seed, end_id, streams))
-    return _finalize(beams, num_samples)
+    return _finalize(beams, num_samples, sort=sort)
+
+
+def sample_streams(ids, num_samples: int):
+    """The random stream of each sequence `sample(..., ids=ids)` draws: ids (B,) ints ->
+    (B*K,) int64, id * K + k for sample k of each image, an image's K adjacent."""
+    return tf.reshape(tf.cast(ids, tf.int64)[:, None] * num_samples
+                      + tf.range(num_samples, dtype=tf.int64)[None, :], [-1])   # (B*K,)
+
+
+def keyed_uniform(seed, steps, streams, width: int, salt: int):
+    """(N, width) uniform numbers in (0, 1), row n a hash of (`salt`, `seed`, `steps[n]`,
+    `streams[n]`, column): the same numbers wherever and in whatever batch they are computed
+    (with and without XLA), from what identifies them alone. seed () int, steps and streams
+    (N,) ints. `salt` tells one use of a (seed, step, stream) from another: the sampler's
+    Gumbel noise is the unsalted hash (`_hashed_uniform`), so any salt here draws other
+    numbers than the ones that chose the tokens."""
+    return _hashed_uniform(seed, tf.reshape(steps, [-1, 1]), streams, width, salt=salt)
 
 
 _METHODS = {"greedy": greedy, "beam": beam_search, "sample": sample}
@@ -299,8 +316,10 @@ def _append(beams: _Beams, token, token_log_prob, state, attention, end_id) -> _
     )
 
 
-def _finalize(beams: _Beams, k: int, length_penalty: float = 0.0) -> DecodeResult:
-    """Trim the history to the steps taken, reshape (N, ...) -> (B, K, ...), sort best first."""
+def _finalize(beams: _Beams, k: int, length_penalty: float = 0.0,
+              sort: bool = True) -> DecodeResult:
+    """Trim the history to the steps taken, reshape (N, ...) -> (B, K, ...), sort best first
+    (unless not `sort`)."""
     t = beams.step
     dead = tf.equal(beams.log_probs, NEG_INF)                                     # (N,)
     result = DecodeResult(
@@ -312,6 +331,8 @@ def _finalize(beams: _Beams, k: int, length_penalty: float = 0.0) -> DecodeResul
         lengths=tf.where(dead, 0, beams.lengths),                                 # (N,)
     )
     result = tf.nest.map_structure(lambda x: _split_batch(x, k), result)         # (B, K, ...)
+    if not sort:
+        return result
     order = tf.argsort(result.scores, axis=1, direction="DESCENDING", stable=True)  # (B, K)
     return tf.nest.map_structure(lambda x: tf.gather(x, order, batch_dims=1), result)
 
@@ -364,8 +385,9 @@ def _gumbel_noise(seed, step, streams, vocab_size):
     return -tf.math.log(-tf.math.log(uniform))                          # (N, V)
 
 
-def _hashed_uniform(seed, step, streams, vocab_size):
-    """(N, V) uniform numbers in (0, 1), each a hash of (seed, step, streams[n], column).
+def _hashed_uniform(seed, step, streams, vocab_size, salt=None):
+    """(N, V) uniform numbers in (0, 1), each a hash of (seed, step, streams[n], column),
+    begun with `salt` when one is given (`keyed_uniform`). `step` () or (N, 1).
 
     Integer ops in uint32 give the same bits with and without XLA; TensorFlow's stateless
     random ops do not (XLA draws other numbers, even with alg="philox"), so `--sample --xla`
@@ -379,7 +401,8 @@ def _hashed_uniform(seed, step, streams, vocab_size):
     """
     h = tf.zeros([1, 1], tf.uint32)                                     # (1, 1)
     columns = tf.cast(tf.range(vocab_size), tf.uint32)[None, :]         # (1, V)
-    for word in (*_uint32_words(seed), *_uint32_words(step),            # ()
+    salted = () if salt is None else (tf.constant(salt, tf.uint32),)    # ()
+    for word in (*salted, *_uint32_words(seed), *_uint32_words(step),   # (), () or (N, 1)
                  *_uint32_words(streams[:, None]), columns):            # (N, 1), (1, V)
         h = _fmix32(tf.bitwise.bitwise_xor(h, _fmix32(word + _GOLDEN)))  # (N, V) at the end
     h = _fmix32(h + _GOLDEN)   # a second round after the column: adjacent columns decorrelate

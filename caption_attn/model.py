@@ -35,10 +35,14 @@ import keras
 import tensorflow as tf
 
 from caption_attn.backbone import FEATURE_DIM
-from caption_attn.decode import per_image_context
+from caption_attn.decode import keyed_uniform, per_image_context
 from caption_attn.recurrence import (StepWeights, additive_attention, attend_and_update,
                                      dense_rows, grouped_attend_and_update,
                                      output_cross_entropy, teacher_forced_recurrence)
+
+# `keyed_uniform`'s salt for the policy's output dropout masks (`keyed_dropout_mask`): any
+# constant, so long as the sampler's Gumbel noise (unsalted) is other numbers.
+DROPOUT_SALT = 0x5C57
 
 # Version of the saved model's layout. 2: no attention score bias, f_beta without an unused
 # activation, no `num_pixels` argument (format 1: models saved before 30 November 2026).
@@ -240,11 +244,30 @@ class ShowAttendTell(keras.Model):
                    self.gru_context.kernel, self.gru_recurrent.kernel, self.gru_recurrent.bias)
         return StepWeights(*(tf.cast(x, dt) for x in weights))
 
-    def _output(self, embedded, h, context, training=False):
-        """Deep output layer; works on (B, E) or (B, T, E) alike."""
+    def _output(self, embedded, h, context, training=False, output_mask=None):
+        """Deep output layer; works on (B, E) or (B, T, E) alike. `output_mask` (a
+        `keyed_dropout_mask`, same shape as x) replaces the layer's own dropout."""
         x = embedded + self.out_hidden(h) + self.out_context(context)  # (..., E)
-        x = self.out_dropout(x, training=training)
+        x = self._dropout(x, training, output_mask)                  # (..., E)
         return tf.cast(self.logits(x), tf.float32)                   # (..., V)
+
+    def _dropout(self, x, training, output_mask):
+        if output_mask is None:
+            return self.out_dropout(x, training=training)
+        return x * tf.cast(output_mask, x.dtype)
+
+    def keyed_dropout_mask(self, seed, steps, streams):
+        """The output dropout's mask of N rows, each drawn from its key (`seed`, steps[n],
+        streams[n]) alone (`decode.keyed_uniform`): seed () int, steps (N,) int (the decoding
+        step), streams (N,) int (the sample's random stream) -> (N, E) float32 of 0 (rate)
+        and 1 / (1 - rate), or None at rate 0. Self-critical training draws its policy's
+        masks so: the sampler at each step, the loss pass again for the same sampled
+        tokens, without storing them."""
+        rate = self.out_dropout.rate                                  # the layer's, as in training
+        if rate == 0:
+            return None
+        u = keyed_uniform(seed, steps, streams, self.embedding_dim, DROPOUT_SALT)  # (N, E)
+        return tf.cast(u >= rate, tf.float32) / (1.0 - rate)         # (N, E)
 
     # ------------------------------------------------------------------ decoding API
     def init_decoder(self, features, image_index=None, fold_standardization=False):
@@ -290,30 +313,34 @@ class ShowAttendTell(keras.Model):
         it again should they)."""
         return self.gru_embed(self.embedding.embeddings)
 
-    def decode_step(self, tokens, state, context, training=False, gates=None):
+    def decode_step(self, tokens, state, context, training=False, gates=None,
+                    output_mask=None):
         """tokens (B,) int32 -> logits (B, V) float32, new state, attention (B, P) float32.
 
-        `training` switches the output dropout on (sampling for self-critical training);
-        `gates` is this model's `gate_table()`, or None to compute the rows needed."""
-        return self._decode_with(attend_and_update, tokens, state, context, training, gates)
+        `training` switches the output dropout on; `output_mask` (B, E) (a
+        `keyed_dropout_mask`: self-critical sampling) is applied instead of it; `gates` is
+        this model's `gate_table()`, or None to compute the rows needed."""
+        return self._decode_with(attend_and_update, tokens, state, context, training, gates,
+                                 output_mask)
 
     @per_image_context
-    def decode_step_per_image(self, tokens, state, context, training=False, gates=None):
+    def decode_step_per_image(self, tokens, state, context, training=False, gates=None,
+                              output_mask=None):
         """`decode_step` with the context of `init_decoder` held once per image while the
         tokens and state have K rows per image (N = B * K, an image's rows adjacent): beam
         search and `num_samples` then do not tile it (`decode.per_image_context`). The same
         values as `decode_step` on the context tiled K times."""
         return self._decode_with(grouped_attend_and_update, tokens, state, context, training,
-                                 gates)
+                                 gates, output_mask)
 
-    def _decode_with(self, update, tokens, state, context, training, gates):
+    def _decode_with(self, update, tokens, state, context, training, gates, output_mask):
         """One decoding step around `update` (the recurrence's attention and GRU step)."""
         (h,), (keys, encoded) = state, context
         embedded = self.embedding(tokens)                            # (N, E)
         x_gates = (self.gru_embed(embedded) if gates is None
                    else tf.gather(gates, tokens))                    # (N, 3U)
         h, ctx, alpha = update(self.step_weights(), x_gates, h, keys, encoded)[:3]
-        return self._output(embedded, h, ctx, training), (h,), alpha
+        return self._output(embedded, h, ctx, training, output_mask), (h,), alpha
 
     # ------------------------------------------------------------------ teacher forcing
     def call(self, inputs, training=False):
@@ -359,7 +386,7 @@ class ShowAttendTell(keras.Model):
         return ce_sum, tf.reduce_sum(mask), tf.reduce_sum(reg)
 
     def self_critical_loss(self, features, image_index, tokens, targets, weights,
-                           banned=(), training=False):
+                           banned=(), training=False, dropout_key=None):
         """The policy-gradient sums of sampled captions, computed as `teacher_forced_loss`
         computes cross-entropy (time-major, the output layer on real tokens only, its
         gradient written out): -weight x log p(token) is the caption's weight times that
@@ -370,13 +397,25 @@ class ShowAttendTell(keras.Model):
         advantage), `banned` token ids the policy never chooses (probability 0, as in
         sampling) -> (sum of weight x cross-entropy over the real tokens, their number, the
         summed entropy of the policy at them, without gradient).
+
+        With `training` and `dropout_key` (seed () int, streams (B,) int: each caption's
+        random stream), the output dropout of caption b at step t is
+        `keyed_dropout_mask(seed, t, streams[b])`, the mask the sampler drew it with: the
+        log-probabilities are those of the policy that drew the tokens, not of a fresh mask.
         """
         x, _ = self._output_rows(features, image_index, tokens)      # (T * B, E)
         targets = tf.reshape(tf.transpose(targets), [-1])            # (T * B,)
         real = tf.where(tf.not_equal(targets, 0))[:, 0]              # (R,) row t * B + b
+        rows = tf.cast(tf.shape(tokens)[0], real.dtype)              # () B
+        caption = real % rows                                        # (R,) its b
+        mask = None
+        if training and dropout_key is not None:
+            seed, streams = dropout_key
+            mask = self.keyed_dropout_mask(seed, real // rows,
+                                           tf.gather(streams, caption))  # (R, E) or None
         ce, entropy = self._token_cross_entropy(
-            tf.gather(x, real), tf.gather(targets, real), training, banned, entropy=True)
-        caption = real % tf.cast(tf.shape(tokens)[0], real.dtype)    # (R,) its b
+            tf.gather(x, real), tf.gather(targets, real), training, banned, entropy=True,
+            output_mask=mask)
         loss_sum = tf.reduce_sum(tf.gather(weights, caption) * ce)
         return (loss_sum, tf.cast(tf.size(real), tf.float32),
                 tf.reduce_sum(tf.stop_gradient(entropy)))
@@ -393,11 +432,12 @@ class ShowAttendTell(keras.Model):
         x = embedded + self.out_hidden(hs) + self.out_context(contexts)  # (T, B, E)
         return tf.reshape(x, [-1, self.embedding_dim]), alphas
 
-    def _token_cross_entropy(self, x, targets, training, banned=(), entropy=False):
-        """The output dropout, then `output_cross_entropy` of rows x (R, E) with targets
-        (R,); `banned` token ids get -inf logits."""
+    def _token_cross_entropy(self, x, targets, training, banned=(), entropy=False,
+                             output_mask=None):
+        """The output dropout (or `output_mask` (R, E)), then `output_cross_entropy` of rows
+        x (R, E) with targets (R,); `banned` token ids get -inf logits."""
         dt = self.compute_dtype
-        x = tf.cast(self.out_dropout(x, training=training), dt)      # (its policy: float32)
+        x = tf.cast(self._dropout(x, training, output_mask), dt)     # (its policy: float32)
         bias = tf.cast(self.logits.bias, dt)
         if banned:
             bias = bias + tf.cast(tf.reduce_sum(tf.one_hot(list(banned), self.vocab_size,

@@ -3,18 +3,23 @@ from the model, reward each by its CIDEr-D against the image's references (`cide
 push up the log-probability of samples that beat a baseline.
 
 One self-critical step on a batch of N images (`SelfCritical`):
-1. `sample`: K captions per image from the batched in-graph sampler of decode.py, dropout
-   on (the policy being trained), and with the `greedy` baseline the greedy caption of each
-   image, dropout off; no gradient flows through sampling;
+1. `sample`: K captions per image from the batched in-graph sampler of decode.py, the
+   output dropout on (the policy being trained), and with the `greedy` baseline the greedy
+   caption of each image, dropout off; no gradient flows through sampling. Sample k of an
+   image draws its tokens from the random stream of (seed, id * K + k) (`decode.sample`)
+   and its dropout mask at step t from the key (seed, t, that stream)
+   (`ShowAttendTell.keyed_dropout_mask`), whatever its row, batch or replica;
 2. `score`: rewards with the train split's CIDEr-D (vectorised numpy, through
    `tf.numpy_function`), the baseline, and the advantage of every sample (`advantages`);
 3. `loss`: the samples are teacher-forced through the same recurrence as cross-entropy (its
    hand-written backward pass included): loss = -sum_t advantage * log p(w_t | w_<t, image)
    over every sampled token up to and including `<end>`, summed here and divided by the
-   global count of real tokens by the caller. The output dropout is on in this pass too, with
-   a fresh mask: the sampled tokens come from one draw of the dropout policy and the
-   gradient is that of another, the usual approximation (the recurrence itself has no
-   dropout, so the hidden states are the sampler's).
+   global count of real tokens by the caller. The output dropout of every sampled token is
+   the mask the sampler drew it with, drawn again from its key (seed, t, stream), not stored:
+   log p is the sampler's (up to float rounding), and the gradient is that of the policy
+   that drew the samples, as when back-propagating through the sampling pass itself
+   (self-critical.pytorch). The recurrence has no dropout, so its hidden states are the
+   sampler's too; the masks enter after it, ahead of the output layer.
 The reward includes `<end>` in its n-grams (see cider.py); the doubly stochastic attention
 regulariser is not applied in these epochs (the objective is the reward alone).
 """
@@ -24,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -91,11 +96,16 @@ def references_digest(references: dict) -> str:
 
 
 class Scored(NamedTuple):
-    """Samples of one batch and what the reward made of them (N images, K samples, T steps)."""
+    """Samples of one batch and what the reward made of them (N images, K samples, T steps).
+
+    `streams` and `seed` key each sample's dropout masks (`SelfCritical.sample`); a model
+    with dropout needs them for the loss pass."""
     tokens: tf.Tensor       # (N, K, T) int32 sampled ids, `<end>` then PAD
     rewards: tf.Tensor      # (N, K) float32 CIDEr-D of each sample
     baseline: tf.Tensor     # (N, K) float32 what each sample's reward is compared with
     advantage: tf.Tensor    # (N, K) float32 rewards - baseline
+    streams: Optional[tf.Tensor] = None   # (N, K) int64 random stream of each sample
+    seed: Optional[tf.Tensor] = None      # () int64 the step's sampling seed
 
 
 class SelfCritical:
@@ -111,25 +121,45 @@ class SelfCritical:
             raise ValueError(f"`baseline` must be one of {BASELINES}, got {baseline!r}")
         self.model, self.reward = model, reward
         self.samples, self.baseline, self.max_length = samples, baseline, max_length
-        # the K samples of an image share its context, untiled (`decode_step_per_image`)
-        self._sampling_step = masked_step(decode.per_image_context(
-            lambda t, s, c: model.decode_step_per_image(t, s, c, True)))
         self._greedy_step = masked_step(model.decode_step)
 
     def sample(self, features, seed, ids):
-        """features (N, P, F), their train-image ids (N,) -> (sampled tokens (N, K, T),
-        greedy tokens (N, 1, T') or a (N, 1, 1) PAD placeholder when the baseline is "mean").
+        """features (N, P, F), their train-image ids (N,) -> (sampled tokens (N, K, T) in
+        stream order, greedy tokens (N, 1, T') or a (N, 1, 1) PAD placeholder when the baseline is "mean").
 
-        Each image draws from the random stream of (seed, its id), not of its row: under a
+        Each image draws from the random streams of (seed, its id), not of its row: under a
         mirrored strategy every replica's row i drew the same numbers as the others' row i."""
         state, context = self.model.init_decoder(features)
-        sampled = decode.sample(self._sampling_step, state, context, self.max_length,
-                                num_samples=self.samples, seed=seed, ids=ids)
+        sampled = self._policy_samples(state, context, seed, ids)
         if self.baseline == "greedy":
             greedy = decode.greedy(self._greedy_step, state, context, self.max_length).tokens
         else:
             greedy = tf.fill([tf.shape(features)[0], 1, 1], PAD)
         return tf.stop_gradient(sampled.tokens), tf.stop_gradient(greedy)
+
+    def policy_samples(self, features, seed, ids) -> decode.DecodeResult:
+        """The K samples of each image (N, K, ...) with their log-probabilities under the
+        masks they were drawn with, in stream order (sample k drew from stream id * K + k)."""
+        return self._policy_samples(*self.model.init_decoder(features), seed, ids)
+
+    def _policy_samples(self, state, context, seed, ids):
+        seed = tf.cast(seed, tf.int64)
+        streams = decode.sample_streams(ids, self.samples)           # (N*K,)
+        model = self.model
+
+        # the K samples of an image share its context, untiled (`decode_step_per_image`);
+        # the state carries the step t (N*K,) that keys the dropout masks with the stream
+        @decode.per_image_context
+        def step(tokens, state, context):
+            model_state, t = state
+            mask = model.keyed_dropout_mask(seed, t, streams)         # (N*K, E) or None
+            logits, model_state, alpha = model.decode_step_per_image(
+                tokens, model_state, context, output_mask=mask)
+            return logits, (model_state, t + 1), alpha
+
+        steps = tf.zeros([tf.shape(ids)[0]], tf.int32)                # (N,), tiled to N*K
+        return decode.sample(masked_step(step), (state, steps), context, self.max_length,
+                             num_samples=self.samples, seed=seed, ids=ids, sort=False)
 
     def score(self, features, image_ids, seed) -> Scored:
         """Sample, then reward, baseline and advantage of every sample (no gradient)."""
@@ -139,7 +169,9 @@ class SelfCritical:
             stateful=False)
         shape = tf.shape(tokens)[:2]
         rewards, baseline = tf.reshape(rewards, shape), tf.reshape(baseline, shape)
-        return Scored(tokens, rewards, baseline, rewards - baseline)
+        streams = tf.reshape(decode.sample_streams(image_ids, self.samples), shape)  # (N, K)
+        return Scored(tokens, rewards, baseline, rewards - baseline, streams,
+                      tf.cast(seed, tf.int64))
 
     def _rewards(self, image_ids, tokens, greedy):
         """numpy: image_ids (N,), tokens (N, K, T), greedy (N, 1, T') -> rewards, baseline
@@ -159,15 +191,24 @@ class SelfCritical:
         cross-entropy step's path: at E 256, U 512, V 5001 `bench_train.py` trained about
         1.2x the sampled captions per second it did through `call`'s logits of every row).
 
-        features (N, P, F) with each image once; scored.tokens (N, K, T).
+        features (N, P, F) with each image once; scored.tokens (N, K, T). With `training`,
+        each token's output dropout is the sampler's mask of it (keyed by `scored.streams`
+        and `scored.seed`, which a model with dropout needs).
         """
+        dropout_key = None
+        if training and self.model.out_dropout.rate > 0:
+            if scored.streams is None or scored.seed is None:
+                raise ValueError("`scored` must carry the samples' `streams` and `seed` (as "
+                                 "`score` returns it): the loss pass draws the sampler's "
+                                 "dropout masks again from them; got None")
+            dropout_key = (scored.seed, tf.reshape(scored.streams, [-1]))  # (), (N*K,)
         n, k = tf.shape(scored.tokens)[0], tf.shape(scored.tokens)[1]
         targets = tf.reshape(scored.tokens, [n * k, -1])                 # (N*K, T)
         inputs = tf.concat([tf.fill([n * k, 1], START), targets[:, :-1]], axis=1)  # (N*K, T)
         image_index = tf.repeat(tf.range(n), k)                          # (N*K,)
         return self.model.self_critical_loss(
             features, image_index, inputs, targets, tf.reshape(scored.advantage, [n * k]),
-            banned=BANNED, training=training)
+            banned=BANNED, training=training, dropout_key=dropout_key)
 
 
 # --------------------------------------------------------------------------- baselines

@@ -66,12 +66,14 @@ def test_policy_gradient_raises_the_better_sample_and_lowers_the_worse():
     assert after[0] > before[0] and after[1] < before[1]   # advantage +2 up, -2 down
 
 
-def test_an_images_samples_do_not_depend_on_its_place_in_the_batch():
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_an_images_samples_do_not_depend_on_its_place_in_the_batch(dropout):
     """Self-critical samples drew from the stream of their row in the step's batch: under
     --strategy mirrored every replica's first image drew the same random numbers as the
     other replicas' first image (the noise of the global batch correlated), and one image's
     samples changed with the batch it came in. Each image now draws from the stream of its
-    train-image id (the reward's key), whatever replica or row it has."""
+    train-image id (the reward's key), whatever replica or row it has; so do its output
+    dropout masks (they were the layer's, of the row and of the calls before)."""
     import keras
     import tensorflow as tf
 
@@ -79,7 +81,7 @@ def test_an_images_samples_do_not_depend_on_its_place_in_the_batch():
     from caption_attn.scst import SelfCritical
 
     keras.utils.set_random_seed(3)
-    model = ShowAttendTell(12, 8, 16, dropout=0.0, feature_dim=32)
+    model = ShowAttendTell(12, 8, 16, dropout=dropout, feature_dim=32)
     scst = SelfCritical(model, reward=None, samples=3, baseline="mean", max_length=6)
     features = tf.constant(np.random.default_rng(0).normal(size=(3, 64, 32)), tf.float32)
     whole, _ = scst.sample(features, 7, ids=tf.constant([10, 11, 12]))       # (3, K, T)

@@ -65,10 +65,11 @@ class EarlyStopping(keras.callbacks.Callback):
 
     `monitor` may also be a function of the 0-based epoch (training stages: val_loss during
     cross-entropy, val_cider during self-critical epochs). When it changes, patience starts
-    over and the first value to beat is the new metric of the epoch before the change (when
-    that epoch logged it), so a new stage replaces the best model only when it does better
-    than the model it started from; if it never does, the best model on disk stays the one
-    of the earlier stage.
+    over and the first value to beat is the better of the new metric of the epoch before the
+    change (the model the stage trains from) and of the best epoch so far (the best model on
+    disk), of those that logged it (the best epoch's measured after it: `measured_best`), so
+    a new stage replaces the best model only when it does better than both; if it never
+    does, the best model on disk stays the one of the earlier stage.
     """
 
     def __init__(self, monitor: Union[str, Callable[[int], str]] = "val_loss",
@@ -133,17 +134,25 @@ class EarlyStopping(keras.callbacks.Callback):
         self.best = worst if start is None else start
         self.best_epoch = None
         self.wait = 0
+        self._best_logs: dict = {}   # the logs of `best_epoch` (`_follow_stage`)
 
     def _follow_stage(self, epoch: int) -> None:
         """Switch to the monitor of `epoch` if it changed (see the class docstring)."""
         monitor = self._monitor_for(epoch)
         if monitor == self.monitor:
             return
+        # the models the new stage may start from, each when its epoch logged the new metric:
+        # the best so far (a tie keeps it) and the epoch before the change's, which the stage
+        # trains from. That one alone was the bar: a worse epoch than the best model on disk
+        # replaced it
+        starts = [(e, logs) for e, logs in ((self.best_epoch, self._best_logs),
+                                            (epoch - 1, self._previous_logs))
+                  if e is not None and logs.get(monitor) is not None]
         self.monitor, self.mode = monitor, _mode_of(monitor, self._fixed_mode)
-        start = self._previous_logs.get(monitor)
-        self._reset(None if start is None else float(start))
-        if start is not None:  # the epoch before the change holds the best value so far
-            self.best_epoch = epoch - 1
+        self._reset()
+        for e, logs in starts:
+            if self.best_epoch is None or self._improved(float(logs[monitor]), 0.0):
+                self.best, self.best_epoch, self._best_logs = float(logs[monitor]), e, logs
 
     def _start_from_previous(self, epoch: int) -> None:
         """After epochs trained with another --monitor, patience starts over at `epoch`
@@ -155,7 +164,15 @@ class EarlyStopping(keras.callbacks.Callback):
         start = self._previous_logs.get(self.monitor)
         self._reset(None if start is None else float(start))
         if start is not None:
-            self.best_epoch = epoch - 1
+            self.best_epoch, self._best_logs = epoch - 1, dict(self._previous_logs)
+
+    def measured_best(self, epoch: int, logs: dict) -> None:
+        """Values of the best epoch so far (0-based `epoch`) measured after it, as if it had
+        logged them: best.keras's val_cider at the change to the self-critical stage
+        (`train.Trainer._best_before_stage`), which then starts from the better of it and
+        the epoch before the change (see the class docstring)."""
+        if epoch == self.best_epoch:
+            self._best_logs = {**self._best_logs, **logs}
 
     def start_from(self, epoch: int, value: float) -> None:
         """Make 0-based `epoch`'s `value` the best so far when it is at least the replay's
@@ -166,6 +183,7 @@ class EarlyStopping(keras.callbacks.Callback):
         if self.best_epoch is None or (value >= self.best if self.mode == "max"
                                        else value <= self.best):
             self.best, self.best_epoch, self.wait = value, epoch, 0
+            self._best_logs = {self.monitor: value}
 
     def keep_better(self, epoch: int, value: float, waited: int) -> bool:
         """Make 0-based `epoch`'s `value` the one to beat when it beats the replay's best:
@@ -175,6 +193,7 @@ class EarlyStopping(keras.callbacks.Callback):
         if self.best_epoch is not None and not self._improved(value, 0.0):
             return False
         self.best, self.best_epoch, self.wait = value, epoch, waited
+        self._best_logs = {self.monitor: value}
         return True
 
     def _improved(self, value: float, min_delta: float) -> bool:
@@ -196,6 +215,7 @@ class EarlyStopping(keras.callbacks.Callback):
             if logs.get("min_delta") is None else abs(float(logs["min_delta"]))
         if self._improved(value, delta):
             self.best, self.best_epoch, self.wait = value, epoch, 0
+            self._best_logs = self._previous_logs
             if not replay:
                 self._keep_best(epoch, value)
         else:
@@ -340,6 +360,19 @@ class TensorBoardLogger(keras.callbacks.Callback):
         self._reopen_deleted_writers()
         self._scalars(self.val_writer, self.VALIDATION, epoch, logs)
         self.val_writer.flush()
+
+    def log_earlier_validation(self, epoch: int, logs: dict) -> None:
+        """Scalars of the validation run measured for 0-based `epoch` after later epochs'
+        were logged (best.keras's val_cider at the change to the self-critical stage): put
+        before them, where TensorBoard reads them in step order (`log_missing_epochs`;
+        appended after them, TensorBoard dropped the tag's later points). The writers are
+        closed around it: one left open would go on writing into the file it replaced."""
+        for writer in (self.train_writer, self.val_writer):
+            writer.close()
+        log_missing_epochs(self.log_dir, [{**{k: logs[k] for k in self.VALIDATION
+                                               if logs.get(k) is not None},
+                                           "epoch": epoch + 1}])
+        self._open_writers()
 
     def _scalars(self, writer, tags: dict, epoch: int, logs: dict) -> None:
         """The `logs` values named in `tags` (log key -> tag), at step `epoch` + 1."""

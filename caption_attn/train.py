@@ -363,6 +363,23 @@ def _unmeasured(tc: TrainConfig, history: list, done: int) -> list[str]:
                   if history[-1].get(n) is None)
 
 
+def _unmeasured_best(run: RunFolder, tc: TrainConfig, history: list,
+                     done: int) -> Optional[int]:
+    """best.json's epoch when the next epoch (0-based `done`) is self-critical and monitors
+    val_cider after cross-entropy epochs that monitored val_loss, and best.keras is of a
+    cross-entropy epoch whose entry in `history` has no val_cider (an epoch before the last
+    cross-entropy one, which alone measures it: `Trainer._validate_model`): the stage would
+    start without its value (`Trainer._best_before_stage` measures it). Else None."""
+    if tc.monitor is not None or not tc.scst_after or not tc.is_scst(done):
+        return None
+    epoch = (run.best_record() or {}).get("epoch")
+    entry = next((h for h in history if h["epoch"] == epoch), None)
+    if entry is None or epoch > tc.scst_after or entry.get("val_cider") is not None or \
+            not (os.path.exists(run.best_weights) or os.path.exists(run.best_model)):
+        return None
+    return epoch
+
+
 def metric_images_notes(run: RunFolder, cfg: RunConfig, notes: list,
                         val_images: int) -> tuple[list, RunConfig]:
     """`notes` with `check_metric_images`' notes added, and the config to train with: a
@@ -1207,7 +1224,8 @@ class Trainer:
         if val is not None:
             logs["val_loss"], logs["val_ce"] = val["loss"], val["ce"]
         names = {tc.monitor_for(epoch)} & {"val_bleu4", "val_cider"}
-        # a self-critical stage must beat the val_cider of the model it starts from
+        # a self-critical stage must beat the val_cider of the model it starts from (and of
+        # best.keras when it is an earlier epoch's: `_best_before_stage`)
         if tc.is_scst(epoch) or tc.is_scst(epoch + 1):
             names.add("val_cider")
         logs.update(self.validator.metrics(sorted(names)))
@@ -1262,12 +1280,13 @@ class Trainer:
         # A finished run (or one at --max-steps) traces no step and decodes nothing (seconds)
         ended = 0 < int(self.step_in_epoch.numpy()) >= self._epoch_length(done)
         todo = trains_more(tc, done, steps_before, epoch_ended=ended)
-        measured, bar, replayed = {}, None, history
+        measured, bar, replayed, stage_best = {}, None, history, None
         if todo:
             self._compile(self.inputs.captions("train", epoch=0).element_spec)
             with self._stopped_at_damaged_features():
                 bar = self._measured_again(history, done)
                 measured = self._metrics_before_resume(history, done)
+                stage_best = self._best_before_stage(history, done)
             replayed = self._comparable(history)
         early = replayed_early_stopping(self.run, tc, replayed, self._previous,
                                         save_best=self._save_best,
@@ -1314,6 +1333,8 @@ class Trainer:
         writers = cbs[1:]
         if measured:
             self._record_measured(history, done, measured, writers)
+        if stage_best:
+            self._record_best_measured(history, *stage_best, writers)
         if resumed:
             with self._stopped_at_damaged_features():
                 self._redraw_lost_samples(done, samples, writers)
@@ -1327,6 +1348,12 @@ class Trainer:
                         ended and epoch == done):   # only its end left: done now
                     reason = "max_steps"
                     break
+                if epoch == tc.scst_after and epoch > done:  # the stage changes in this call
+                    with self._stopped_at_damaged_features(checkpoint="saved"):
+                        stage_best = self._best_before_stage(history, epoch)
+                    if stage_best:
+                        early.measured_best(stage_best[0] - 1, stage_best[1])
+                        self._record_best_measured(history, *stage_best, writers)
                 if not self._epoch(epoch, callbacks, history):
                     reason = "max_steps"
                     break
@@ -1634,6 +1661,58 @@ class Trainer:
                 write_json_atomic(self.run.history, history)
             if writers:
                 writers[0].log_validation(done - 1, measured)
+
+    def _best_before_stage(self, history: list, done: int) -> Optional[tuple[int, dict]]:
+        """Before the self-critical stage (the next epoch, 0-based `done`, and those after):
+        best.keras's val_cider when its epoch, a cross-entropy one, did not measure it
+        (`_unmeasured_best`). The stage starts from the better of it and the last
+        cross-entropy epoch's (`EarlyStopping._follow_stage`): from that one alone, a
+        self-critical epoch worse than best.keras on val_cider replaced it. Added to the
+        epoch's entry in `history` (as an epoch's value: the replay of a resume finds it)
+        and said; returns (1-based epoch, values) or None."""
+        comparable = self._comparable(history)   # a value on other images, or another table:
+        epoch = _unmeasured_best(self.run, self.cfg.train, comparable, done)   # measured again
+        if epoch is None:
+            return None
+        values = self._best_model_measure("val_cider")
+        if values is None:
+            return None
+        entry = next(h for h in history if h["epoch"] == epoch)
+        entry.update(values)
+        if self.chief:
+            self.log("note: " + _stage_start_note(self.run, self.cfg.train, comparable, entry))
+        return epoch, values
+
+    def _record_best_measured(self, history: list, epoch: int, values: dict,
+                              writers) -> None:
+        """history.json with best.keras's val_cider (`_best_before_stage`) in its epoch's
+        entry, and TensorBoard (at that epoch, before the later ones'), together."""
+        with self._signals_held():
+            if self.chief:
+                write_json_atomic(self.run.history, history)
+            if writers:
+                writers[0].log_earlier_validation(epoch - 1, values)
+
+
+def _stage_start_note(run: RunFolder, tc: TrainConfig, history: list, best: dict) -> str:
+    """What the self-critical stage starts from: best.keras (its epoch's entry `best`, with
+    its val_cider measured) or the last cross-entropy epoch, whichever has the better
+    val_cider (a tie: best.keras)."""
+    last = tc.scst_after
+    start = next((h.get("val_cider") for h in history if h["epoch"] == last), None)
+    value, monitor = best["val_cider"], tc.monitor_for(best["epoch"] - 1)
+    kept = f"{run.best_model} (epoch {best['epoch']}, the best by {monitor})"
+    if start is None or value >= start:
+        than = "" if start is None else \
+            f", {'as good as' if value == start else 'better than'} epoch {last}'s " \
+            f"{metric_text(start)} (the model it trains from)"
+        return (f"the self-critical stage starts from {kept} at val_cider="
+                f"{metric_text(value)}{than}: a self-critical epoch replaces it only when it "
+                f"beats {metric_text(value)}")
+    return (f"the self-critical stage starts from epoch {last}'s val_cider="
+            f"{metric_text(start)} (the model it trains from), better than {kept} at "
+            f"{metric_text(value)}: a self-critical epoch replaces {run.best_model} when it "
+            f"beats {metric_text(start)}")
 
 
 def _epochs_text(epochs: list) -> str:
@@ -1948,7 +2027,9 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
     stands at an epoch's boundary, with every metric its resume would measure logged; the
     caption file has the bytes it had when the run last read it (split.json's
     `caption_file`: the same caption data, which the load checks; a Flickr8k file, whose
-    split also depends on the lists beside it, is loaded); `features_as_recorded` (the
+    split also depends on the lists beside it, is loaded), and split.json's `caption_data`
+    has every field the load records (a run recorded before `unordered_digests`, or without
+    `caption_data`, is loaded once, which records them); `features_as_recorded` (the
     features of every image, with its refusals); config.json and split.json would be
     rewritten as they are; the newest checkpoint restores (none skipped, set aside or
     deleted: `checkpoints.restores_as_it_is`); the best model loads and is the best epoch's
@@ -1967,7 +2048,8 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
     done, steps = where[0], checkpoints.steps_taken(run.checkpoints) or 0
     history = [h for h in run.read_history() if h["epoch"] <= done]
     if _nothing_left(run, tc, where, history) is None or (
-            trains_more(tc, done, steps) and _unmeasured(tc, history, done)):
+            trains_more(tc, done, steps) and (_unmeasured(tc, history, done) or
+                                              _unmeasured_best(run, tc, history, done))):
         return None
     kept = with_trained_settings(run, cfg)   # what config.json is rewritten with
     if read_json(run.config, file_names=True) != dataclasses.replace(
@@ -1975,6 +2057,8 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
             not run.split_fields() >= set(SPLIT_FIELDS) or \
             run.settings_recorded() != cfg.settings_digest():
         return None
+    if not isinstance((run.caption_data() or {}).get("unordered_digests"), dict):
+        return None     # recorded before it was (`data.caption_fingerprint`): the load adds it
     if recorded["path"] != cfg.captions or recorded["format"] in data_lib.LIST_FORMATS or \
             {k: recorded.get(k) for k in ("size", "sha256")} != \
             data_lib.caption_file_stamp(cfg.captions):

@@ -276,3 +276,164 @@ def test_a_resume_with_the_same_train_references_keeps_the_val_cider_bar(shapes_
     assert not [n for n in notes if "cider_df.json" in n]
     assert summary["stopped_by"] == "early_stopping" and summary["epochs_now"] == 0
     assert _history(on_old_table["run"]) == on_old_table["old"]
+
+
+def _weights_digest(model) -> str:
+    import hashlib
+    return hashlib.sha256(b"".join(v.numpy().tobytes()
+                                   for v in model.trainable_variables)).hexdigest()
+
+
+@pytest.fixture
+def scripted_metrics(monkeypatch):
+    """val_loss and val_cider scripted per epoch: each model is known by its weights (the
+    model an epoch validated, restored from a checkpoint or loaded from best.keras), so a
+    measure of best.keras gives its epoch's value. Epoch 1 is the best by val_loss, epoch 2
+    (the last cross-entropy one) is worse on val_cider than epoch 1's model, epoch 3 beats
+    epoch 2's val_cider but not epoch 1's, epoch 4 beats both. Returns the best models saved
+    ((epoch, monitor, value)) and the val_cider measures (epochs)."""
+    from caption_attn import validation
+    from caption_attn.run import RunFolder
+    val_loss, val_cider = {1: 1.0, 2: 2.0, 3: 3.0, 4: 3.0}, {1: 3.0, 2: 1.0, 3: 2.0, 4: 3.5}
+    epochs, saved, measured = {}, [], []
+    validate, save_best = train.Trainer._validate_model, RunFolder.save_best
+    init = validation.Validator.__init__
+
+    def validator_init(self, model, *args, **kwargs):
+        init(self, model, *args, **kwargs)
+        self.scripted_model = model
+
+    def validate_model(self, epoch):
+        epochs[_weights_digest(self.model)] = epoch + 1
+        return validate(self, epoch)
+
+    def evaluate_loss(self, split="val"):
+        loss = val_loss[epochs[_weights_digest(self.model)]]
+        return {"loss": loss, "ce": loss}
+
+    def metrics(self, names):
+        assert set(names) <= {"val_cider"}, names
+        if not names:
+            return {}
+        epoch = epochs[_weights_digest(self.scripted_model)]
+        measured.extend([epoch] * len(names))
+        return {name: val_cider[epoch] for name in names}
+
+    def record_save(self, model, epoch, monitor, value):
+        saved.append((epoch, monitor, value))
+        return save_best(self, model, epoch, monitor, value)
+
+    monkeypatch.setattr(train.Trainer, "_validate_model", validate_model)
+    monkeypatch.setattr(train.Trainer, "evaluate_loss", evaluate_loss)
+    monkeypatch.setattr(validation.Validator, "__init__", validator_init)
+    monkeypatch.setattr(validation.Validator, "metrics", metrics)
+    monkeypatch.setattr(RunFolder, "save_best", record_save)
+    return {"saved": saved, "measured": measured}
+
+
+def _tensorboard_steps(run, tag):
+    import tensorflow as tf
+    return [e.step for path in sorted(glob.glob(os.path.join(run, "logs", "validation",
+                                                             "events.out.tfevents.*")))
+            for e in tf.compat.v1.train.summary_iterator(path)
+            for v in e.summary.value if v.tag == tag]
+
+
+@pytest.mark.parametrize("how", ["one call", "resumed after a cross-entropy run",
+                                 "resumed at the switch"])
+def test_the_self_critical_stage_starts_from_the_better_of_best_keras_and_its_last_epoch(
+        shapes_data, tmp_path, scripted_metrics, how):
+    """With the default monitor (val_loss, then val_cider), the self-critical stage had to
+    beat the val_cider of the last cross-entropy epoch only, while best.keras held an
+    earlier epoch (the best by val_loss) whose val_cider was never measured: a self-critical
+    epoch worse than best.keras on val_cider replaced it (epoch 3 here: 2.0, against
+    best.keras's 3.0). Now best.keras's val_cider is measured at the switch and the stage
+    starts from the better of the two; so is a run resumed there."""
+    run, notes = str(tmp_path / "run"), []
+    options = dict(patience=10, scst_samples=1, scst_baseline="greedy")
+    if how == "resumed after a cross-entropy run":
+        train.train(_config(shapes_data, epochs=2), run, progress=False, log=notes.append)
+        assert scripted_metrics["measured"] == []   # none without self-critical epochs
+    if how == "resumed at the switch":   # stopped by --max-steps at the end of epoch 2
+        train.train(_config(shapes_data, epochs=1), run, progress=False, log=notes.append)
+        steps = 2 * _history(run)[0]["steps"]
+        train.train(_config(shapes_data, epochs=4, scst_after=2, max_steps=steps, **options),
+                    run, progress=False, log=notes.append)
+        assert len(_history(run)) == 2 and scripted_metrics["measured"] == [2]
+    if how != "one call":
+        assert scripted_metrics["saved"] == [(1, "val_loss", 1.0)]
+    train.train(_config(shapes_data, epochs=4, scst_after=2, **options), run,
+                progress=False, log=notes.append)
+    history = _history(run)
+    assert [h["stage"] for h in history] == ["cross-entropy"] * 2 + ["self-critical"] * 2
+    assert [h.get("val_cider") for h in history] == [3.0, 1.0, 2.0, 3.5]
+    assert history[0]["val_cider_images_sha256"] == history[1]["val_cider_images_sha256"]
+    # best.keras is replaced only by the self-critical epoch that beats it
+    assert scripted_metrics["saved"] == [(1, "val_loss", 1.0), (4, "val_cider", 3.5)]
+    with open(os.path.join(run, "best.json")) as f:
+        assert json.load(f)["epoch"] == 4
+    said = [n for n in notes if "the self-critical stage starts from" in n]
+    assert said == [f"note: the self-critical stage starts from {run}/best.keras (epoch 1, "
+                    f"the best by val_loss) at val_cider=3.0000, better than epoch 2's "
+                    f"1.0000 (the model it trains from): a self-critical epoch replaces it "
+                    f"only when it beats 3.0000"], notes
+    # TensorBoard has best.keras's value at its epoch, in step order (no later step before)
+    assert _tensorboard_steps(run, "epoch_cider") == [1, 2, 3, 4]
+
+
+def test_a_resume_after_the_switch_keeps_best_keras_measured_there(shapes_data, tmp_path,
+                                                                   scripted_metrics):
+    """Stopped after the first self-critical epoch (which did not beat best.keras) and
+    resumed: the replay starts the stage from best.keras's value recorded in history.json
+    (measured once), not from the last cross-entropy epoch's."""
+    run = str(tmp_path / "run")
+    quiet = dict(progress=False, log=lambda *a: None)
+    options = dict(scst_after=2, scst_samples=1, scst_baseline="greedy")
+    train.train(_config(shapes_data, epochs=3, **options), run, **quiet)
+    assert scripted_metrics["measured"] == [2, 1, 3]
+    train.train(_config(shapes_data, epochs=4, **options), run, **quiet)
+    assert scripted_metrics["measured"] == [2, 1, 3, 4]
+    assert scripted_metrics["saved"] == [(1, "val_loss", 1.0), (4, "val_cider", 3.5)]
+    assert _tensorboard_steps(run, "epoch_cider") == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("best_cider, bar", [(3.0, (3.0, 0, 1)), (0.5, (1.0, 1, 1))])
+def test_the_replay_starts_a_stage_from_the_better_of_the_best_epoch_and_the_last_one(
+        best_cider, bar):
+    """(best, 0-based best epoch, wait) after a self-critical epoch (val_cider 0.8) that
+    beats neither: the best epoch's val_cider when better (a resume finds it in
+    history.json), else the last cross-entropy epoch's."""
+    from caption_attn.callbacks import EarlyStopping
+    history = [{"epoch": 1, "val_loss": 1.0, "val_cider": best_cider},
+               {"epoch": 2, "val_loss": 2.0, "val_cider": 1.0},
+               {"epoch": 3, "val_loss": 3.0, "val_cider": 0.8}]
+    early = EarlyStopping(lambda e: "val_cider" if e >= 2 else "val_loss", patience=5,
+                          initial_history=history)
+    assert not early.replay()
+    assert (early.best, early.best_epoch, early.wait) == bar
+
+
+def test_a_finished_run_recorded_before_unordered_digests_is_loaded_to_record_them(
+        continued, shapes_data, tmp_path, monkeypatch):
+    """A rerun with nothing to train skips loading the data (`rerun_without_data`), and
+    so never rewrote split.json: a run recorded before `caption_data.unordered_digests`
+    never gained them (and `evaluate` compared its references in order). Now it is loaded
+    once, which records them; the next rerun is quick again."""
+    from caption_attn import data as data_lib
+    run = str(tmp_path / "run")
+    shutil.copytree(continued["run"], run)
+    path = os.path.join(run, "split.json")
+    with open(path) as f:
+        split = json.load(f)
+    recorded = split["caption_data"].pop("unordered_digests")
+    with open(path, "w") as f:
+        json.dump(split, f)
+    loads, real = [], data_lib.load_dataset
+    monkeypatch.setattr(data_lib, "load_dataset",
+                        lambda p, *a, **k: loads.append(p) or real(p, *a, **k))
+    cfg = _config(shapes_data, epochs=3, scst_after=1)
+    for _ in range(2):
+        summary = train.train(cfg, run, progress=False, log=lambda *a: None)
+        assert summary["steps_now"] == 0 and len(loads) == 1
+    with open(path) as f:
+        assert json.load(f)["caption_data"]["unordered_digests"] == recorded

@@ -17,22 +17,21 @@ if "tensorflow" not in sys.modules:
 
 SHAPES_IMAGES = 40
 
-# Seconds each heavy test file takes (2 cores of an AMD EPYC Zen 4, `make test`, per file the
-# sum of its tests' times in `--junitxml`; the others take under 12 s). `make test` runs files
-# in this order, heaviest first, with xdist's `--dist loadfile --no-loadscope-reorder`, so the
-# two workers end together: in xdist's own order (files with more tests first) the heavy files
-# with few tests came last, and one worker idled for 70 s of a 414 s run while the other ran
-# the last of them. Measured again as the suite grew (1116 tests, 634 s): the figures before
-# were 2-4x too low for the distributed, kill-resume and captioner files.
-FILE_SECONDS = {"test_train.py": 190, "test_export.py": 121, "test_distributed.py": 116,
-                "test_extract.py": 107, "test_kill_resume.py": 104, "test_captioner.py": 102,
-                "test_faults.py": 81, "test_train_scst.py": 74, "test_demo.py": 70,
-                "test_benchmarks.py": 67, "test_evaluate_run.py": 33, "test_backbone.py": 25,
-                "test_signals.py": 33,   # (stop 35, on the Intel Xeon with AMX, not the Zen 4)
-                "test_quiet.py": 22, "test_coco_metrics.py": 21, "test_feature_cache.py": 12,
-                "test_graph_images.py": 12, "test_pipeline.py": 10, "test_model.py": 9,
-                "test_train_tensorboard.py": 34,   # (stop 38, an Intel Xeon, run alone)
-                "test_best_files.py": 30, "test_case_collisions.py": 15}
+# Seconds each heavy test file takes (`make test`, per file the sum of its tests' times in
+# `--junitxml`; the others take under 12 s). `make test` runs files in this order, heaviest
+# first, with xdist's `--dist loadfile --no-loadscope-reorder`, so the two workers end
+# together: in xdist's own order (files with more tests first) the heavy files with few tests
+# came last, and one worker idled for 70 s of a 414 s run while the other ran the last of
+# them. Measured again as the suite grew: stop 79, 1659 tests on the Intel Xeon model 106
+# (1963 s in all; test_ema.py, missing before, had run among the last files at 77 s).
+FILE_SECONDS = {"test_train.py": 383, "test_export.py": 156, "test_train_scst.py": 141,
+                "test_distributed.py": 127, "test_captioner.py": 121, "test_faults.py": 101,
+                "test_extract.py": 96, "test_backbone.py": 95, "test_benchmarks.py": 93,
+                "test_ema.py": 77, "test_kill_resume.py": 73, "test_signals.py": 68,
+                "test_coco_metrics.py": 61, "test_evaluate_run.py": 50,
+                "test_train_tensorboard.py": 48, "test_demo.py": 48, "test_quiet.py": 34,
+                "test_graph_images.py": 32, "test_decode.py": 27, "test_pipeline.py": 25,
+                "test_feature_cache.py": 23, "test_model.py": 17, "test_best_files.py": 14}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -36,7 +36,7 @@ import queue
 import sys
 import threading
 import time
-from typing import NamedTuple, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import cv2
 import numpy as np
@@ -252,22 +252,29 @@ def _folded_together(images_dir: str, cache: str, keys: list[str],
     return failed
 
 
-def _a_pair(images_dir: str, key: str, other: str) -> bool:
+def _a_pair(images_dir: str, key: str, other: str, recorded: Iterable = ()) -> bool:
     """`key` and `other`, whose feature file is one on the cache's file system, are two
-    images: `other`'s image is still under `images_dir` and is another file than `key`'s.
-    Otherwise `key` is `other` renamed only in letter case ("IMG.JPG" now "img.jpg": the old
-    name gone, or on a folder that ignores case too, found as the same file): held, it was
-    never extracted again, and every run failed. A `key` whose image is missing is taken
-    for a pair: extracting it would fail and remove `other`'s features."""
-    mine, theirs = (os.path.join(images_dir, k) for k in (key, other))
+    images: `other`'s image is still under `images_dir`, or under a folder its index entries
+    record (`recorded`: a cache holds several folders' features, and another folder's
+    "Dog.jpg" beside this one's "dog.jpg" is another picture, whose features a rename would
+    overwrite with exit 0), and is another file than `key`'s. Otherwise `key` is `other`
+    renamed only in letter case ("IMG.JPG" now "img.jpg": the old name gone, or on a folder
+    that ignores case too, found as the same file): held, it was never extracted again, and
+    every run failed. A `key` whose image is missing is taken for a pair: extracting it
+    would fail and remove `other`'s features."""
+    mine = os.path.join(images_dir, key)
     if not os.path.lexists(mine):
         return True
-    if not os.path.lexists(theirs):
-        return False
-    try:
-        return not os.path.samefile(mine, theirs)
-    except OSError:       # (a dangling link, a file removed meanwhile)
-        return True
+    for folder in dict.fromkeys([images_dir, *(f for f in recorded if f)]):
+        theirs = os.path.join(folder, other)
+        if not os.path.lexists(theirs):
+            continue
+        try:
+            if not os.path.samefile(mine, theirs):
+                return True
+        except OSError:   # (a dangling link, a file removed meanwhile)
+            return True
+    return False
 
 
 def _shard_keys(images_dir: str, cfg: ExtractConfig, keys: Optional[list[str]],
@@ -624,7 +631,8 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     # next run extracts it again)
     held = feature_cache.shared_feature_files(cache, mine, loaded, vouched_only=True)
     renamed = {k: f"{RENAMED}{one_line(o)}{RENAMED_WHY}" for k, o in held.items()
-               if not _a_pair(images_dir, k, o)}
+               if not _a_pair(images_dir, k, o,
+                              [e.images_dir for e in loaded.entries.get(o, ())])}
     held = {k: o for k, o in held.items() if k not in renamed}
     for key, other in held.items():
         failed[key] = f"{HELD}{one_line(other)}{FOLDED_WHY}"

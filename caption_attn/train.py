@@ -369,10 +369,16 @@ def _unmeasured_best(run: RunFolder, tc: TrainConfig, history: list,
     val_cider after cross-entropy epochs that monitored val_loss, and best.keras is of a
     cross-entropy epoch whose entry in `history` has no val_cider (an epoch before the last
     cross-entropy one, which alone measures it: `Trainer._validate_model`): the stage would
-    start without its value (`Trainer._best_before_stage` measures it). Else None."""
+    start without its value (`Trainer._best_before_stage` measures it). Else None; also
+    when best.keras was chosen by another monitor than val_loss (an earlier `--monitor`):
+    early stopping's replay leaves those epochs out, so the value measured would not reach
+    the stage's bar, and the note would promise what it does not do."""
     if tc.monitor is not None or not tc.scst_after or not tc.is_scst(done):
         return None
-    epoch = (run.best_record() or {}).get("epoch")
+    record = run.best_record() or {}
+    if record.get("monitor", "val_loss") != "val_loss":
+        return None
+    epoch = record.get("epoch")
     entry = next((h for h in history if h["epoch"] == epoch), None)
     if entry is None or epoch > tc.scst_after or entry.get("val_cider") is not None or \
             not (os.path.exists(run.best_weights) or os.path.exists(run.best_model)):

@@ -282,3 +282,26 @@ def test_a_renamed_images_other_name_still_there_as_another_image_holds_it(
     assert summary["failures"] == {"dog.jpg": f"{extract.HELD}Dog.jpg{extract.FOLDED_WHY}"}
     assert os.path.samefile(feature_path(cache_copy, "dog.jpg"),
                             feature_path(cache_copy, "Dog.jpg"))
+
+
+def test_another_folders_image_of_the_other_case_is_no_rename(tmp_path, monkeypatch):
+    """A cache extracted from two folders, on a file system that ignores case: A's Dog.jpg
+    and B's dog.jpg are two pictures. B's dog.jpg was taken for a rename of Dog.jpg (B has
+    none) and overwrote A's features with exit 0; it is held now, as Dog.jpg is still in
+    the folder its index entry records, and A's features stay usable."""
+    cache = str(tmp_path / "cache")
+    a, b = tmp_path / "A", tmp_path / "B"
+    write_rgb(str(a / "Dog.jpg"), scene(70))
+    write_rgb(str(b / "dog.jpg"), scene(71))
+    with monkeypatch.context() as m:
+        m.setattr(feature_cache, "names_fold", lambda folder: frozenset())
+        extract_features(str(a), extract_cfg(cache), keys=["Dog.jpg"], progress=False)
+    os.link(feature_path(cache, "Dog.jpg"), feature_path(cache, "dog.jpg"))   # one file
+    before = open(feature_path(cache, "Dog.jpg"), "rb").read()
+    monkeypatch.setattr(feature_cache, "names_fold", lambda folder: frozenset({CASE, FORM}))
+    summary = extract_features(str(b), extract_cfg(cache), keys=["dog.jpg"], progress=False)
+    assert summary["failures"]["dog.jpg"].startswith(extract.HELD), summary["failures"]
+    assert summary["extracted"] == 0 and summary["exit_code"] == 1
+    assert open(feature_path(cache, "Dog.jpg"), "rb").read() == before
+    paths, problems = usable_features(cache, ["Dog.jpg"], read_manifest(cache), str(a))
+    assert "Dog.jpg" in paths and not problems

@@ -239,13 +239,19 @@ def name_differences(a: str, b: str) -> frozenset:
     return frozenset({CASE, FORM})
 
 
+def _first_difference(pa: list, pb: list) -> int:
+    """The index of the first path component in which `pa` and `pb` differ (the last one's
+    when none does)."""
+    return next((i for i, (x, y) in enumerate(zip(pa, pb)) if x != y), len(pa) - 1)
+
+
 def meeting_folder(cache_dir: str, a: str, b: str) -> str:
     """The folder of the cache in which the feature files of keys `a` and `b` (one
     `folded_name`) would become one: that of their first path component that differs ("x/"
     and "X/" meet in the cache's top folder, "x/a.jpg" and "x/A.jpg" in x/), or its nearest
     parent there now (a folder created later gets its parent's casefold)."""
-    pa, pb = a.split("/"), b.split("/")
-    i = next((i for i, (x, y) in enumerate(zip(pa, pb)) if x != y), len(pa) - 1)
+    pa = a.split("/")
+    i = _first_difference(pa, b.split("/"))
     for j in range(i, 0, -1):
         folder = os.path.join(cache_dir, *pa[:j])
         if os.path.isdir(folder):
@@ -274,7 +280,7 @@ def one_feature_file(cache_dir: str, a: str, b: str) -> bool:
     if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
         return True
     pa, pb = (feature_path("", k).split(os.sep) for k in (a, b))
-    i = next((i for i, (x, y) in enumerate(zip(pa, pb)) if x != y), len(pa) - 1)
+    i = _first_difference(pa, pb)
     try:
         listed = set(os.listdir(os.path.join(cache_dir, *pa[:i])))
     except OSError:

@@ -66,10 +66,11 @@ class EarlyStopping(keras.callbacks.Callback):
     `monitor` may also be a function of the 0-based epoch (training stages: val_loss during
     cross-entropy, val_cider during self-critical epochs). When it changes, patience starts
     over and the first value to beat is the better of the new metric of the epoch before the
-    change (the model the stage trains from) and of the best epoch so far (the best model on
-    disk), of those that logged it (the best epoch's measured after it: `measured_best`), so
-    a new stage replaces the best model only when it does better than both; if it never
-    does, the best model on disk stays the one of the earlier stage.
+    change (the model the stage trains from), of the best epoch so far and of the best
+    model on disk (`best_on_disk`: its epoch may be one the replay left out, chosen by an
+    earlier --monitor), of those that logged it or were measured after it, so a new stage
+    replaces the best model only when it does better than all; if it never does, the best
+    model on disk stays the one of the earlier stage.
     """
 
     def __init__(self, monitor: Union[str, Callable[[int], str]] = "val_loss",
@@ -91,6 +92,8 @@ class EarlyStopping(keras.callbacks.Callback):
             else abs(replay_min_delta)
         self.initial_history = list(initial_history)
         self._save_best, self._restore_best = save_best, restore_best
+        self._disk_best: Optional[tuple[int, dict]] = None   # `best_on_disk`
+        self._saved: Optional[int] = None   # the epoch saved last since the replay
 
     # state ------------------------------------------------------------------
     def on_train_begin(self, logs=None):
@@ -107,6 +110,7 @@ class EarlyStopping(keras.callbacks.Callback):
         self.stopped_epoch = None
         self._best_weights = None
         self._previous_logs: dict = {}
+        self._saved = None
         switched = False
         for entry in self.initial_history:  # history.json counts epochs from 1
             epoch = entry["epoch"] - 1
@@ -145,14 +149,27 @@ class EarlyStopping(keras.callbacks.Callback):
         # the best so far (a tie keeps it) and the epoch before the change's, which the stage
         # trains from. That one alone was the bar: a worse epoch than the best model on disk
         # replaced it
-        starts = [(e, logs) for e, logs in ((self.best_epoch, self._best_logs),
-                                            (epoch - 1, self._previous_logs))
-                  if e is not None and logs.get(monitor) is not None]
+        starts = self._disk_start(epoch) + [(self.best_epoch, self._best_logs),
+                                            (epoch - 1, self._previous_logs)]
         self.monitor, self.mode = monitor, _mode_of(monitor, self._fixed_mode)
         self._reset()
+        self._start_among(starts)
+
+    def _disk_start(self, epoch: int) -> list:
+        """[(0-based epoch, values)] of the best model on disk when it is of an epoch before
+        0-based `epoch` (`best_on_disk`), else []."""
+        disk = self._disk_best
+        return [disk] if disk is not None and disk[0] < epoch else []
+
+    def _start_among(self, starts: list) -> None:
+        """The best so far the better of `starts` ([(0-based epoch or None, logs)]) that
+        logged the monitor (a tie keeps the earlier in the list)."""
         for e, logs in starts:
-            if self.best_epoch is None or self._improved(float(logs[monitor]), 0.0):
-                self.best, self.best_epoch, self._best_logs = float(logs[monitor]), e, logs
+            if e is None or logs.get(self.monitor) is None:
+                continue
+            value = float(logs[self.monitor])
+            if self.best_epoch is None or self._improved(value, 0.0):
+                self.best, self.best_epoch, self._best_logs = value, e, dict(logs)
 
     def _start_from_previous(self, epoch: int) -> None:
         """After epochs trained with another --monitor, patience starts over at `epoch`
@@ -161,18 +178,28 @@ class EarlyStopping(keras.callbacks.Callback):
         val_bleu4 run) would stop the resumed run before it trained, or ask it to beat a
         model best.keras does not hold."""
         self._follow_stage(epoch)
-        start = self._previous_logs.get(self.monitor)
-        self._reset(None if start is None else float(start))
-        if start is not None:
-            self.best_epoch, self._best_logs = epoch - 1, dict(self._previous_logs)
+        self._reset()
+        # the best model on disk too, when the stage changes here: chosen by the earlier
+        # --monitor, it was left out above, and a worse self-critical epoch replaced it
+        self._start_among(self._disk_start(epoch) + [(epoch - 1, self._previous_logs)])
 
-    def measured_best(self, epoch: int, logs: dict) -> None:
-        """Values of the best epoch so far (0-based `epoch`) measured after it, as if it had
-        logged them: best.keras's val_cider at the change to the self-critical stage
-        (`train.Trainer._best_before_stage`), which then starts from the better of it and
-        the epoch before the change (see the class docstring)."""
-        if epoch == self.best_epoch:
-            self._best_logs = {**self._best_logs, **logs}
+    def best_on_disk(self, epoch: int, logs: dict) -> None:
+        """The best model on disk is 0-based `epoch`'s, with `logs` (values measured after
+        it): best.keras's val_cider before the self-critical stage
+        (`train.Trainer._best_before_stage`), which then starts from the better of it, the
+        best epoch so far and the epoch before the change (see the class docstring). Given
+        before `replay` (a resume), it is a start where the replay changes stage; given
+        before the epoch that changes it, there. Its epoch may be one the replay left out
+        (best.keras chosen by an earlier --monitor). Ignored when another epoch's best
+        model was saved since the replay (`best_saved`): a worker of a cluster may have read
+        best.json before the chief's save, and their early stopping must agree."""
+        if self._saved in (None, epoch):
+            self._disk_best = (epoch, dict(logs))
+
+    def best_saved(self) -> None:
+        """The best epoch so far is now the best model on disk (saved by this callback, or
+        by a resume's repair: `train.Trainer._repair_best`): an earlier one starts nothing."""
+        self._saved, self._disk_best = self.best_epoch, None
 
     def start_from(self, epoch: int, value: float) -> None:
         """Make 0-based `epoch`'s `value` the best so far when it is at least the replay's
@@ -227,6 +254,7 @@ class EarlyStopping(keras.callbacks.Callback):
         return self.best_epoch is not None and 0 < self.wait and self.wait >= self.patience
 
     def _keep_best(self, epoch: int, value: float) -> None:
+        self.best_saved()   # (`_update` made `epoch` the best epoch)
         if self._save_best is not None:
             self._save_best(epoch, value)
         else:

@@ -322,9 +322,21 @@ def replayed_early_stopping(run: RunFolder, tc: TrainConfig, history: list,
     its save had been lost, with nothing to train and without a word."""
     if recorded is None and os.path.exists(run.config):
         recorded = run.load_config().train
-    return EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
-                         initial_history=history, replay_min_delta=None if recorded is None
-                         else recorded.min_delta, **hooks)
+    return _with_best_on_disk(
+        EarlyStopping(tc.monitor_for, patience=tc.patience, min_delta=tc.min_delta,
+                      initial_history=history, replay_min_delta=None if recorded is None
+                      else recorded.min_delta, **hooks), run, tc, history)
+
+
+def _with_best_on_disk(early: EarlyStopping, run: RunFolder, tc: TrainConfig,
+                       history: list) -> EarlyStopping:
+    """`early`, told best.keras's val_cider (recorded in `history`) when it is a start of the
+    self-critical stage (`_stage_best_epoch`, `EarlyStopping.best_on_disk`)."""
+    epoch = _stage_best_epoch(run, tc, history)
+    if epoch is not None:
+        entry = next(h for h in history if h["epoch"] == epoch)
+        early.best_on_disk(epoch - 1, {"val_cider": entry.get("val_cider")})
+    return early
 
 
 def min_delta_notes(run: RunFolder, cfg: RunConfig, where: tuple[int, int],
@@ -338,9 +350,10 @@ def min_delta_notes(run: RunFolder, cfg: RunConfig, where: tuple[int, int],
     history = [h for h in run.read_history() if h["epoch"] <= where[0]]
     kept = replayed_early_stopping(run, new, history, old)
     kept.replay()
-    other = EarlyStopping(new.monitor_for, patience=new.patience, min_delta=new.min_delta,
-                          initial_history=[{k: v for k, v in h.items() if k != "min_delta"}
-                                           for h in history])
+    other = _with_best_on_disk(EarlyStopping(
+        new.monitor_for, patience=new.patience, min_delta=new.min_delta,
+        initial_history=[{k: v for k, v in h.items() if k != "min_delta"} for h in history]),
+        run, new, history)
     other.replay()
     if None in (kept.best_epoch, other.best_epoch) or kept.best_epoch == other.best_epoch \
             or kept.monitor != other.monitor:
@@ -363,25 +376,30 @@ def _unmeasured(tc: TrainConfig, history: list, done: int) -> list[str]:
                   if history[-1].get(n) is None)
 
 
+def _stage_best_epoch(run: RunFolder, tc: TrainConfig, history: list) -> Optional[int]:
+    """best.json's epoch when it is a cross-entropy epoch in `history` and the self-critical
+    stage monitors val_cider after cross-entropy epochs that monitored another metric (the
+    default --monitor): the stage starts from the better of best.keras's val_cider and the
+    last cross-entropy epoch's (`EarlyStopping.best_on_disk`). Else None."""
+    if tc.monitor is not None or not tc.scst_after:
+        return None
+    epoch = (run.best_record() or {}).get("epoch")
+    if epoch is None or epoch > tc.scst_after or \
+            not (os.path.exists(run.best_weights) or os.path.exists(run.best_model)):
+        return None
+    return epoch if any(h["epoch"] == epoch for h in history) else None
+
+
 def _unmeasured_best(run: RunFolder, tc: TrainConfig, history: list,
                      done: int) -> Optional[int]:
-    """best.json's epoch when the next epoch (0-based `done`) is self-critical and monitors
-    val_cider after cross-entropy epochs that monitored val_loss, and best.keras is of a
-    cross-entropy epoch whose entry in `history` has no val_cider (an epoch before the last
-    cross-entropy one, which alone measures it: `Trainer._validate_model`): the stage would
-    start without its value (`Trainer._best_before_stage` measures it). Else None; also
-    when best.keras was chosen by another monitor than val_loss (an earlier `--monitor`):
-    early stopping's replay leaves those epochs out, so the value measured would not reach
-    the stage's bar, and the note would promise what it does not do."""
-    if tc.monitor is not None or not tc.scst_after or not tc.is_scst(done):
-        return None
-    record = run.best_record() or {}
-    if record.get("monitor", "val_loss") != "val_loss":
-        return None
-    epoch = record.get("epoch")
-    entry = next((h for h in history if h["epoch"] == epoch), None)
-    if entry is None or epoch > tc.scst_after or entry.get("val_cider") is not None or \
-            not (os.path.exists(run.best_weights) or os.path.exists(run.best_model)):
+    """best.json's epoch (`_stage_best_epoch`) when the next epoch (0-based `done`) is
+    self-critical and its entry in `history` has no val_cider (an epoch before the last
+    cross-entropy one, which alone measures it: `Trainer._validate_model`, or one chosen by
+    an earlier --monitor): the stage would start without its value
+    (`Trainer._best_before_stage` measures it). Else None."""
+    epoch = _stage_best_epoch(run, tc, history) if tc.is_scst(done) else None
+    if epoch is None or next(h for h in history if h["epoch"] == epoch).get("val_cider") \
+            is not None:
         return None
     return epoch
 
@@ -1265,6 +1283,7 @@ class Trainer:
         if saves_restored_as_best(self.run, self.cfg.train, early, done, history, measured,
                                   at_end=at_end):
             self._save_best(early.best_epoch, early.best)
+            early.best_saved()
         else:
             note = self.run.repair_best_model(self.model)
             if note:
@@ -1358,7 +1377,7 @@ class Trainer:
                     with self._stopped_at_damaged_features(checkpoint="saved"):
                         stage_best = self._best_before_stage(history, epoch)
                     if stage_best:
-                        early.measured_best(stage_best[0] - 1, stage_best[1])
+                        early.best_on_disk(stage_best[0] - 1, stage_best[1])
                         self._record_best_measured(history, *stage_best, writers)
                 if not self._epoch(epoch, callbacks, history):
                     reason = "max_steps"
@@ -1674,8 +1693,8 @@ class Trainer:
         (`_unmeasured_best`). The stage starts from the better of it and the last
         cross-entropy epoch's (`EarlyStopping._follow_stage`): from that one alone, a
         self-critical epoch worse than best.keras on val_cider replaced it. Added to the
-        epoch's entry in `history` (as an epoch's value: the replay of a resume finds it)
-        and said; returns (1-based epoch, values) or None."""
+        epoch's entry in `history` (as an epoch's value: the early stopping of a resume is
+        told it, `_with_best_on_disk`) and said; returns (1-based epoch, values) or None."""
         comparable = self._comparable(history)   # a value on other images, or another table:
         epoch = _unmeasured_best(self.run, self.cfg.train, comparable, done)   # measured again
         if epoch is None:
@@ -1706,7 +1725,8 @@ def _stage_start_note(run: RunFolder, tc: TrainConfig, history: list, best: dict
     val_cider (a tie: best.keras)."""
     last = tc.scst_after
     start = next((h.get("val_cider") for h in history if h["epoch"] == last), None)
-    value, monitor = best["val_cider"], tc.monitor_for(best["epoch"] - 1)
+    value = best["val_cider"]
+    monitor = (run.best_record() or {}).get("monitor") or tc.monitor_for(best["epoch"] - 1)
     kept = f"{run.best_model} (epoch {best['epoch']}, the best by {monitor})"
     if start is None or value >= start:
         than = "" if start is None else \

@@ -157,6 +157,39 @@ def test_stage_change_is_replayed_the_same_after_a_resume():
 
 
 
+def test_best_on_disk_is_a_start_of_the_stage_the_replay_or_the_next_epoch_begins():
+    """best.keras of an epoch the replay leaves out (chosen by an earlier --monitor) is a
+    start of the self-critical stage: from the last cross-entropy epoch's val_cider alone
+    (0.4), a worse self-critical epoch replaced it (0.9 here). A best saved after it is no
+    longer the model on disk, so it then starts nothing."""
+    stage = lambda epoch: "val_cider" if epoch >= 3 else "val_loss"  # noqa: E731
+    old = [{"epoch": e, "monitor": "val_bleu4", "val_loss": 1.0, "val_cider": c}
+           for e, c in ((1, 1.5), (2, 0.3), (3, 0.4))]
+    # resumed at the switch: the replay changes stage, from the better of the two
+    es = EarlyStopping(stage, patience=2, initial_history=old)
+    es.best_on_disk(0, {"val_cider": 1.5})
+    assert not es.replay() and (es.monitor, es.best, es.best_epoch, es.wait) == \
+        ("val_cider", 1.5, 0, 0)
+    # resumed after a self-critical epoch that beat neither: patience counts it
+    es = EarlyStopping(stage, patience=2, initial_history=old + [
+        {"epoch": 4, "monitor": "val_cider", "val_loss": 1.0, "val_cider": 0.9}])
+    es.best_on_disk(0, {"val_cider": 1.5})
+    assert not es.replay() and (es.best, es.best_epoch, es.wait) == (1.5, 0, 1)
+    # given before the epoch that changes stage; a cross-entropy epoch saved before it
+    # replaces the model on disk
+    for saved_before, bar in ((False, (1.5, 0)), (True, (0.6, 3))):
+        saved = []
+        es = EarlyStopping(stage, patience=2, initial_history=old[:2],
+                           save_best=lambda e, v: saved.append(e), restore_best=lambda: None)
+        es.set_model(_model())
+        es.on_train_begin()
+        es.best_on_disk(0, {"val_cider": 1.5})
+        es.on_epoch_end(2, {"val_loss": 0.5 if saved_before else 2.0, "val_cider": 0.4})
+        es.on_epoch_end(3, {"val_loss": 1.0, "val_cider": 0.6})
+        assert (es.best, es.best_epoch) == bar
+        assert saved == ([2, 3] if saved_before else [])
+
+
 def test_a_run_resumed_with_another_monitor_starts_over_from_the_resumed_epoch():
     # A val_bleu4 run logs val_loss too: resumed with --monitor val_loss, the replay compared
     # every epoch's val_loss, stopped the run at once ("stopped early") and, given more

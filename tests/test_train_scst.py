@@ -290,11 +290,13 @@ def scripted_metrics(monkeypatch):
     model an epoch validated, restored from a checkpoint or loaded from best.keras), so a
     measure of best.keras gives its epoch's value. Epoch 1 is the best by val_loss, epoch 2
     (the last cross-entropy one) is worse on val_cider than epoch 1's model, epoch 3 beats
-    epoch 2's val_cider but not epoch 1's, epoch 4 beats both. Returns the best models saved
+    epoch 2's val_cider but not epoch 1's, epoch 4 beats both (val_bleu4: epoch 1 the best
+    of the cross-entropy epochs). Returns the best models saved
     ((epoch, monitor, value)) and the val_cider measures (epochs)."""
     from caption_attn import validation
     from caption_attn.run import RunFolder
     val_loss, val_cider = {1: 1.0, 2: 2.0, 3: 3.0, 4: 3.0}, {1: 3.0, 2: 1.0, 3: 2.0, 4: 3.5}
+    val_bleu4 = {1: 0.5, 2: 0.2, 3: 0.3, 4: 0.4}
     epochs, saved, measured = {}, [], []
     validate, save_best = train.Trainer._validate_model, RunFolder.save_best
     init = validation.Validator.__init__
@@ -312,12 +314,13 @@ def scripted_metrics(monkeypatch):
         return {"loss": loss, "ce": loss}
 
     def metrics(self, names):
-        assert set(names) <= {"val_cider"}, names
+        assert set(names) <= {"val_cider", "val_bleu4"}, names
         if not names:
             return {}
         epoch = epochs[_weights_digest(self.scripted_model)]
-        measured.extend([epoch] * len(names))
-        return {name: val_cider[epoch] for name in names}
+        measured.extend([epoch] * names.count("val_cider"))
+        return {name: (val_cider if name == "val_cider" else val_bleu4)[epoch]
+                for name in names}
 
     def record_save(self, model, epoch, monitor, value):
         saved.append((epoch, monitor, value))
@@ -379,6 +382,38 @@ def test_the_self_critical_stage_starts_from_the_better_of_best_keras_and_its_la
                     f"only when it beats 3.0000"], notes
     # TensorBoard has best.keras's value at its epoch, in step order (no later step before)
     assert _tensorboard_steps(run, "epoch_cider") == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("earlier", ["val_cider", "val_bleu4"])
+@pytest.mark.parametrize("epochs", [(2, 3), (1, 4)], ids=["switch at a resume", "switch in"])
+def test_best_keras_chosen_by_an_earlier_monitor_is_the_self_critical_stage_bar_too(
+        shapes_data, tmp_path, scripted_metrics, earlier, epochs):
+    """Cross-entropy epochs trained with --monitor val_cider (or val_bleu4) kept epoch 1,
+    then the run resumed with the default monitor and --scst-after: early stopping's replay
+    leaves those epochs out (another metric's comparisons), so the stage started from epoch
+    2's val_cider (1.0) alone, and self-critical epoch 3 (2.0) replaced best.keras (3.0).
+    Now best.keras is a start of the stage (measured first when its epoch has no val_cider),
+    whether the stage starts at a resume or within one call, and when the run is resumed
+    again after the switch."""
+    run, notes = str(tmp_path / "run"), []
+    options = dict(scst_after=2, patience=10, scst_samples=1, scst_baseline="greedy")
+    train.train(_config(shapes_data, epochs=epochs[0], monitor=earlier), run,
+                progress=False, log=notes.append)
+    assert scripted_metrics["saved"] == [(1, earlier, {"val_cider": 3.0,
+                                                       "val_bleu4": 0.5}[earlier])]
+    for last in range(epochs[1], 5):
+        train.train(_config(shapes_data, epochs=last, **options), run, progress=False,
+                    log=notes.append)
+    assert [h.get("val_cider") for h in _history(run)] == [3.0, 1.0, 2.0, 3.5]
+    assert scripted_metrics["saved"][1:] == [(4, "val_cider", 3.5)]
+    said = [n for n in notes if "the self-critical stage starts from" in n]
+    assert said == ([] if earlier == "val_cider" else [
+        f"note: the self-critical stage starts from {run}/best.keras (epoch 1, the best by "
+        f"val_bleu4) at val_cider=3.0000, better than epoch 2's 1.0000 (the model it trains "
+        f"from): a self-critical epoch replaces it only when it beats 3.0000"]), notes
+    # epoch 1's val_cider measured once (as its epoch's monitor, or before the stage): it
+    # is recorded in history.json
+    assert scripted_metrics["measured"].count(1) == 1
 
 
 def test_a_resume_after_the_switch_keeps_best_keras_measured_there(shapes_data, tmp_path,

@@ -220,9 +220,21 @@ HEATMAP = ("a heatmap caption-attn drew (caption --plot-attention), not a photo:
 # why an image is not extracted whose feature file would be another's too, or is already
 # (`_folded_together`, `_extract_into_cache`)
 FOLDED = "would share its feature file with "
-FOLDED_WHY = (" (the names differ only in letter case or Unicode form, which the file system of "
-              "--cache does not tell apart): use a --cache on a case-sensitive file system, "
-              "or rename one of the images")
+
+
+def folded_why(a: str, b: str) -> str:
+    """Why keys `a` and `b` (one `folded_name`) share a feature file, and what to do: the
+    advice for a pair differing in case only named a case-sensitive file system, which does
+    not help a pair differing in Unicode form (case-sensitive APFS folds the form)."""
+    kinds = feature_cache.name_differences(a, b)
+    what = " and ".join(w for k, w in ((feature_cache.CASE, "letter case"),
+                                        (feature_cache.FORM, "Unicode form (NFC, NFD)"))
+                        if k in kinds)
+    where = "a case-sensitive file system" if feature_cache.FORM not in kinds else \
+        "a Linux file system such as ext4, xfs or btrfs (without casefold)"
+    return (f" (the names differ only in {what}, which the file system of --cache does not "
+            f"tell apart): use a --cache on {where}, or rename one of the images")
+
 HELD = "its feature file is already that of "
 # why an image is extracted again whose feature file another key's index entry vouches for,
 # when that key's image is gone or is this one (`_a_pair`): one image renamed
@@ -245,8 +257,8 @@ def _folded_together(images_dir: str, cache: str, keys: list[str],
         for i, a in enumerate(present):
             for b in present[i + 1:]:
                 if feature_cache.names_meet(cache, a, b):
-                    failed.setdefault(a, f"{FOLDED}{one_line(b)}{FOLDED_WHY}")
-                    failed.setdefault(b, f"{FOLDED}{one_line(a)}{FOLDED_WHY}")
+                    failed.setdefault(a, f"{FOLDED}{one_line(b)}{folded_why(a, b)}")
+                    failed.setdefault(b, f"{FOLDED}{one_line(a)}{folded_why(a, b)}")
         if variants is not None and len(present) > 1 and not set(present) & failed.keys():
             variants.append(present)
     return failed
@@ -635,7 +647,7 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
                               [e.images_dir for e in loaded.entries.get(o, ())])}
     held = {k: o for k, o in held.items() if k not in renamed}
     for key, other in held.items():
-        failed[key] = f"{HELD}{one_line(other)}{FOLDED_WHY}"
+        failed[key] = f"{HELD}{one_line(other)}{folded_why(key, other)}"
         with contextlib.suppress(OSError):
             if loaded.match(key, os.stat(feature_path(cache, key))):
                 drawn[key] = failed[key]

@@ -99,7 +99,11 @@ def test_a_cache_folding_only_unicode_forms_extracts_names_differing_in_case(
     summary = extract_features(work, extract_cfg(cache_copy), keys=DOGS + [NFC, NFD],
                                progress=False)
     assert summary["extracted"] == 2 and sorted(summary["failures"]) == sorted([NFC, NFD])
-    assert summary["failures"][NFC] == f"{extract.FOLDED}{NFD}{extract.FOLDED_WHY}"
+    assert summary["failures"][NFC] == f"{extract.FOLDED}{NFD}{extract.folded_why(NFC, NFD)}"
+    # no advice to use a case-sensitive file system: it would fold these names too
+    assert "Unicode form (NFC, NFD)" in summary["failures"][NFC]
+    assert "letter case" not in summary["failures"][NFC]
+    assert "case-sensitive" not in summary["failures"][NFC]
     assert summary["case_variants"] == [DOGS]
 
 
@@ -124,7 +128,8 @@ def test_names_a_folding_cache_would_give_one_file_fail_before_any_is_written(
     failures = summary["failures"]
     assert failures["DOG.JPG"] == "missing"           # a name without its image takes none
     for key, other in expected.items():
-        assert failures[key] == f"{extract.FOLDED}{other}{extract.FOLDED_WHY}"
+        assert failures[key] == f"{extract.FOLDED}{other}{extract.folded_why(key, other)}"
+        assert "letter case, which" in failures[key] and "case-sensitive" in failures[key]
         assert not os.path.lexists(feature_path(cache_copy, key))
         assert read_failed(cache_copy)[key] == failures[key]
     assert set(folding) == {cache_copy}                 # asked where they meet only
@@ -196,7 +201,8 @@ def test_a_rerun_neither_replaces_nor_takes_another_names_file(cache_copy, tmp_p
     _share_one_file(cache_copy, work, vouch_both=False)   # Dog.jpg's, by its entry alone
     summary = extract_features(work, extract_cfg(cache_copy), keys=["dog.jpg", "cat.jpg"],
                                progress=False)
-    assert summary["failures"] == {"dog.jpg": f"{extract.HELD}Dog.jpg{extract.FOLDED_WHY}"}
+    assert summary["failures"] == {"dog.jpg": f"{extract.HELD}Dog.jpg"
+                                              f"{extract.folded_why('dog.jpg', 'Dog.jpg')}"}
     assert summary["extracted"] == 0 and summary["stale_removed"] == {}
     paths, _ = usable_features(cache_copy, ["Dog.jpg"], read_manifest(cache_copy), work)
     assert list(paths) == ["Dog.jpg"]                    # its features kept, still usable
@@ -279,7 +285,8 @@ def test_a_renamed_images_other_name_still_there_as_another_image_holds_it(
     _share_one_file(cache_copy, work, vouch_both=False)
     os.remove(os.path.join(work, "dog.jpg"))
     summary = extract_features(work, extract_cfg(cache_copy), keys=["dog.jpg"], progress=False)
-    assert summary["failures"] == {"dog.jpg": f"{extract.HELD}Dog.jpg{extract.FOLDED_WHY}"}
+    assert summary["failures"] == {"dog.jpg": f"{extract.HELD}Dog.jpg"
+                                              f"{extract.folded_why('dog.jpg', 'Dog.jpg')}"}
     assert os.path.samefile(feature_path(cache_copy, "dog.jpg"),
                             feature_path(cache_copy, "Dog.jpg"))
 

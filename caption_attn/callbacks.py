@@ -92,7 +92,9 @@ class EarlyStopping(keras.callbacks.Callback):
             else abs(replay_min_delta)
         self.initial_history = list(initial_history)
         self._save_best, self._restore_best = save_best, restore_best
-        self._disk_best: Optional[tuple[int, dict]] = None   # `best_on_disk`
+        # `best_on_disk`: as given, and as the replay keeps it (None when it is behind)
+        self._disk_given: Optional[tuple[int, dict]] = None
+        self._disk_best: Optional[tuple[int, dict]] = None
         self._saved: Optional[int] = None   # the epoch saved last since the replay
 
     # state ------------------------------------------------------------------
@@ -110,7 +112,7 @@ class EarlyStopping(keras.callbacks.Callback):
         self.stopped_epoch = None
         self._best_weights = None
         self._previous_logs: dict = {}
-        self._saved = None
+        self._disk_best, self._saved = self._disk_given, None
         switched = False
         for entry in self.initial_history:  # history.json counts epochs from 1
             epoch = entry["epoch"] - 1
@@ -145,10 +147,10 @@ class EarlyStopping(keras.callbacks.Callback):
         monitor = self._monitor_for(epoch)
         if monitor == self.monitor:
             return
-        # the models the new stage may start from, each when its epoch logged the new metric:
-        # the best so far (a tie keeps it) and the epoch before the change's, which the stage
-        # trains from. That one alone was the bar: a worse epoch than the best model on disk
-        # replaced it
+        # the models the new stage may start from, each when its epoch logged the new metric
+        # (a tie keeps the first): the best model on disk (`best_on_disk`), the best so far
+        # and the epoch before the change's, which the stage trains from. That one alone was
+        # the bar: a worse epoch than the best model on disk replaced it
         starts = self._disk_start(epoch) + [(self.best_epoch, self._best_logs),
                                             (epoch - 1, self._previous_logs)]
         self.monitor, self.mode = monitor, _mode_of(monitor, self._fixed_mode)
@@ -173,10 +175,10 @@ class EarlyStopping(keras.callbacks.Callback):
 
     def _start_from_previous(self, epoch: int) -> None:
         """After epochs trained with another --monitor, patience starts over at `epoch`
-        and the value to beat is the epoch before's (when it logged the metric), as at a
-        stage change: the best of all earlier epochs (val_loss, logged by every epoch of a
-        val_bleu4 run) would stop the resumed run before it trained, or ask it to beat a
-        model best.keras does not hold."""
+        and the value to beat is the epoch before's (when it logged the metric), or the best
+        model on disk's when better (`best_on_disk`), as at a stage change: the best of all
+        earlier epochs (val_loss, logged by every epoch of a val_bleu4 run) would stop the
+        resumed run before it trained, or ask it to beat a model best.keras does not hold."""
         self._follow_stage(epoch)
         self._reset()
         # the best model on disk too, when the stage changes here: chosen by the earlier
@@ -190,16 +192,21 @@ class EarlyStopping(keras.callbacks.Callback):
         best epoch so far and the epoch before the change (see the class docstring). Given
         before `replay` (a resume), it is a start where the replay changes stage; given
         before the epoch that changes it, there. Its epoch may be one the replay left out
-        (best.keras chosen by an earlier --monitor). Ignored when another epoch's best
-        model was saved since the replay (`best_saved`): a worker of a cluster may have read
-        best.json before the chief's save, and their early stopping must agree."""
-        if self._saved in (None, epoch):
-            self._disk_best = (epoch, dict(logs))
+        (best.keras chosen by an earlier --monitor, or a self-critical epoch chosen so).
 
-    def best_saved(self) -> None:
-        """The best epoch so far is now the best model on disk (saved by this callback, or
-        by a resume's repair: `train.Trainer._repair_best`): an earlier one starts nothing."""
-        self._saved, self._disk_best = self.best_epoch, None
+        Left out when it is behind: where the replay finds a later epoch better (its save
+        was lost: `train.Trainer._repair_best` saves it), and once another epoch's best model
+        was saved since the replay (a worker of a cluster may have read best.json before the
+        chief's save). Each worker decides so from what they all read, and their early
+        stopping agrees."""
+        if self._saved in (None, epoch):
+            self._disk_given = self._disk_best = (epoch, dict(logs))
+
+    @property
+    def disk_best_epoch(self) -> Optional[int]:
+        """The 0-based epoch of the best model on disk (`best_on_disk`) as the replay keeps
+        it: None when none was given, or it is behind."""
+        return None if self._disk_best is None else self._disk_best[0]
 
     def start_from(self, epoch: int, value: float) -> None:
         """Make 0-based `epoch`'s `value` the best so far when it is at least the replay's
@@ -245,6 +252,8 @@ class EarlyStopping(keras.callbacks.Callback):
             self._best_logs = self._previous_logs
             if not replay:
                 self._keep_best(epoch, value)
+            elif self._disk_best is not None and epoch > self._disk_best[0]:
+                self._disk_best = None   # behind: this epoch's save was lost (`best_on_disk`)
         else:
             self.wait += 1
 
@@ -254,7 +263,7 @@ class EarlyStopping(keras.callbacks.Callback):
         return self.best_epoch is not None and 0 < self.wait and self.wait >= self.patience
 
     def _keep_best(self, epoch: int, value: float) -> None:
-        self.best_saved()   # (`_update` made `epoch` the best epoch)
+        self._saved, self._disk_best = epoch, None   # the best model on disk now
         if self._save_best is not None:
             self._save_best(epoch, value)
         else:

@@ -377,14 +377,14 @@ def _unmeasured(tc: TrainConfig, history: list, done: int) -> list[str]:
 
 
 def _stage_best_epoch(run: RunFolder, tc: TrainConfig, history: list) -> Optional[int]:
-    """best.json's epoch when it is a cross-entropy epoch in `history` and the self-critical
-    stage monitors val_cider after cross-entropy epochs that monitored another metric (the
-    default --monitor): the stage starts from the better of best.keras's val_cider and the
-    last cross-entropy epoch's (`EarlyStopping.best_on_disk`). Else None."""
-    if tc.monitor is not None or not tc.scst_after:
+    """best.json's epoch, when it is in `history` and the self-critical stage monitors
+    val_cider: where early stopping starts that stage, or starts over after epochs trained
+    with another --monitor, it starts from the better of best.keras's val_cider and the
+    epoch before's (`EarlyStopping.best_on_disk`). Else None."""
+    if not tc.scst_after or tc.monitor_for(tc.scst_after) != "val_cider":
         return None
     epoch = (run.best_record() or {}).get("epoch")
-    if epoch is None or epoch > tc.scst_after or \
+    if epoch is None or \
             not (os.path.exists(run.best_weights) or os.path.exists(run.best_model)):
         return None
     return epoch if any(h["epoch"] == epoch for h in history) else None
@@ -396,12 +396,16 @@ def _unmeasured_best(run: RunFolder, tc: TrainConfig, history: list,
     self-critical and its entry in `history` has no val_cider (an epoch before the last
     cross-entropy one, which alone measures it: `Trainer._validate_model`, or one chosen by
     an earlier --monitor): the stage would start without its value
-    (`Trainer._best_before_stage` measures it). Else None."""
+    (`Trainer._best_before_stage` measures it). Else None; also when early stopping's
+    replay finds best.json behind (a later epoch's save lost, which `Trainer._repair_best`
+    saves): the model measured would not be best.keras by then, nor the stage's bar."""
     epoch = _stage_best_epoch(run, tc, history) if tc.is_scst(done) else None
     if epoch is None or next(h for h in history if h["epoch"] == epoch).get("val_cider") \
             is not None:
         return None
-    return epoch
+    early = replayed_early_stopping(run, tc, history)
+    early.replay()
+    return epoch if early.disk_best_epoch == epoch - 1 else None
 
 
 def metric_images_notes(run: RunFolder, cfg: RunConfig, notes: list,
@@ -1283,7 +1287,6 @@ class Trainer:
         if saves_restored_as_best(self.run, self.cfg.train, early, done, history, measured,
                                   at_end=at_end):
             self._save_best(early.best_epoch, early.best)
-            early.best_saved()
         else:
             note = self.run.repair_best_model(self.model)
             if note:

@@ -1184,6 +1184,45 @@ def _extracting_elsewhere(cache, host, folder, **shard):
         os.remove(path)
 
 
+def test_without_locks_a_marker_is_told_by_its_process(images, cache_copy, tmp_path,
+                                                       monkeypatch):
+    """On a file system without locks (NFS with `nolock`: every flock fails with ENOLCK) a
+    marker holds no lock, so whether its extraction runs is told by its pid: of this host
+    and running, it refuses another folder's extraction; its process gone, it is removed;
+    another host's cannot be told, and is left (not taken for one running)."""
+    import errno
+    import fcntl
+
+    real = fcntl.flock
+
+    def no_locks(fd, operation):
+        if operation & fcntl.LOCK_UN:
+            return real(fd, operation)
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    other = str(tmp_path / "other")
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                            stdin=subprocess.PIPE)
+    markers = {}
+    for pid, host in ((live.pid, HOST), (4242, "machine0")):
+        path = os.path.join(cache_copy, f"{feature_cache.EXTRACTING}.{pid}.abcd1234.{host}")
+        markers[host] = path
+        feature_cache._make_marker(path, {"images_dir": other, "real_path": other,
+                                          "pid": pid, "host": host}).close()
+    try:
+        with pytest.raises(UserError, match=rf"another extract-features \(pid {live.pid}[:)]"):
+            extract_features(images, extract_cfg(cache_copy), keys=GOOD, progress=False)
+        assert _markers(cache_copy) == sorted(os.path.basename(p) for p in markers.values())
+    finally:
+        live.kill()
+        live.wait()
+    summary = extract_features(images, extract_cfg(cache_copy), keys=GOOD, progress=False)
+    assert summary["skipped"] == len(GOOD) and summary["exit_code"] == 0
+    # the gone process's marker and this extraction's own are removed; the other host's left
+    assert _markers(cache_copy) == [os.path.basename(markers["machine0"])]
+
+
 @pytest.mark.parametrize("host,folder,shard,refused", [
     ("machine0", "/local/coco", {"num_shards": 2, "shard_index": 0}, False),  # the other shard
     ("machine0", "/local/coco", {"num_shards": 2, "shard_index": 1}, True),   # this one, twice

@@ -92,9 +92,7 @@ class EarlyStopping(keras.callbacks.Callback):
             else abs(replay_min_delta)
         self.initial_history = list(initial_history)
         self._save_best, self._restore_best = save_best, restore_best
-        # `best_on_disk`: as given, and as the replay keeps it (None when it is behind)
-        self._disk_given: Optional[tuple[int, dict]] = None
-        self._disk_best: Optional[tuple[int, dict]] = None
+        self._disk_best: Optional[tuple[int, dict]] = None   # `best_on_disk`
         self._saved: Optional[int] = None   # the epoch saved last since the replay
 
     # state ------------------------------------------------------------------
@@ -112,7 +110,7 @@ class EarlyStopping(keras.callbacks.Callback):
         self.stopped_epoch = None
         self._best_weights = None
         self._previous_logs: dict = {}
-        self._disk_best, self._saved = self._disk_given, None
+        self._saved = None
         switched = False
         for entry in self.initial_history:  # history.json counts epochs from 1
             epoch = entry["epoch"] - 1
@@ -194,19 +192,21 @@ class EarlyStopping(keras.callbacks.Callback):
         before the epoch that changes it, there. Its epoch may be one the replay left out
         (best.keras chosen by an earlier --monitor, or a self-critical epoch chosen so).
 
-        Left out when it is behind: where the replay finds a later epoch better (its save
-        was lost: `train.Trainer._repair_best` saves it), and once another epoch's best model
-        was saved since the replay (a worker of a cluster may have read best.json before the
-        chief's save). Each worker decides so from what they all read, and their early
-        stopping agrees."""
+        Ignored when another epoch's best model was saved since the replay (a worker of a
+        cluster may have read best.json before the chief's save); forgotten when a resume
+        saves the restored epoch instead (`forget_best_on_disk`)."""
         if self._saved in (None, epoch):
-            self._disk_given = self._disk_best = (epoch, dict(logs))
+            self._disk_best = (epoch, dict(logs))
 
     @property
     def disk_best_epoch(self) -> Optional[int]:
-        """The 0-based epoch of the best model on disk (`best_on_disk`) as the replay keeps
-        it: None when none was given, or it is behind."""
+        """The 0-based epoch of the best model on disk (`best_on_disk`), or None."""
         return None if self._disk_best is None else self._disk_best[0]
+
+    def forget_best_on_disk(self) -> None:
+        """The best model on disk given (`best_on_disk`) is being replaced by the best epoch
+        so far (`train.Trainer._repair_best`: its save was lost): it starts nothing."""
+        self._disk_best = None
 
     def start_from(self, epoch: int, value: float) -> None:
         """Make 0-based `epoch`'s `value` the best so far when it is at least the replay's
@@ -252,8 +252,6 @@ class EarlyStopping(keras.callbacks.Callback):
             self._best_logs = self._previous_logs
             if not replay:
                 self._keep_best(epoch, value)
-            elif self._disk_best is not None and epoch > self._disk_best[0]:
-                self._disk_best = None   # behind: this epoch's save was lost (`best_on_disk`)
         else:
             self.wait += 1
 

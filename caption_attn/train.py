@@ -377,11 +377,14 @@ def _unmeasured(tc: TrainConfig, history: list, done: int) -> list[str]:
 
 
 def _stage_best_epoch(run: RunFolder, tc: TrainConfig, history: list) -> Optional[int]:
-    """best.json's epoch, when it is in `history` and the self-critical stage monitors
-    val_cider: where early stopping starts that stage, or starts over after epochs trained
-    with another --monitor, it starts from the better of best.keras's val_cider and the
-    epoch before's (`EarlyStopping.best_on_disk`). Else None."""
-    if not tc.scst_after or tc.monitor_for(tc.scst_after) != "val_cider":
+    """best.json's epoch, when it is in `history` and the monitor changes to val_cider with
+    the self-critical stage (the default --monitor): where early stopping starts that stage,
+    or starts over in it after epochs trained with another --monitor, it starts from the
+    better of best.keras's val_cider and the epoch before's (`EarlyStopping.best_on_disk`).
+    Else None. (With --monitor val_cider no monitor changes at the stage; given from a
+    resume of default-monitor epochs on, the resumed epoch is the one to beat, as for any
+    run resumed with another --monitor.)"""
+    if tc.monitor is not None or not tc.scst_after:
         return None
     epoch = (run.best_record() or {}).get("epoch")
     if epoch is None or \
@@ -396,16 +399,12 @@ def _unmeasured_best(run: RunFolder, tc: TrainConfig, history: list,
     self-critical and its entry in `history` has no val_cider (an epoch before the last
     cross-entropy one, which alone measures it: `Trainer._validate_model`, or one chosen by
     an earlier --monitor): the stage would start without its value
-    (`Trainer._best_before_stage` measures it). Else None; also when early stopping's
-    replay finds best.json behind (a later epoch's save lost, which `Trainer._repair_best`
-    saves): the model measured would not be best.keras by then, nor the stage's bar."""
+    (`Trainer._best_before_stage` measures it). Else None."""
     epoch = _stage_best_epoch(run, tc, history) if tc.is_scst(done) else None
     if epoch is None or next(h for h in history if h["epoch"] == epoch).get("val_cider") \
             is not None:
         return None
-    early = replayed_early_stopping(run, tc, history)
-    early.replay()
-    return epoch if early.disk_best_epoch == epoch - 1 else None
+    return epoch
 
 
 def metric_images_notes(run: RunFolder, cfg: RunConfig, notes: list,
@@ -603,17 +602,20 @@ def refuse_other_batches_mid_epoch(run: RunFolder, cfg: RunConfig, where: tuple[
 
 
 def saves_restored_as_best(run: RunFolder, tc: TrainConfig, early: EarlyStopping,
-                           done: int, history: list, measured, *, at_end: bool) -> bool:
+                           done: int, history: list, measured, *, at_end: bool,
+                           recorded: Optional[int] = None) -> bool:
     """Whether a resume from the end of epoch `done` saves the restored model as the best
     (`Trainer._repair_best`): early stopping (replayed on `history`) has it as the best
     epoch, best.json names another (the process died between the checkpoint and saving the
     best model), and that process monitored what is monitored now (`measured`: the metrics
     measured at the resume, `Trainer._metrics_before_resume`). Never when the restored
     checkpoint is inside epoch `done` + 1 (not `at_end`): a newer one could not be restored,
-    and its weights, never validated, were saved as epoch `done`'s best model."""
+    and its weights, never validated, were saved as epoch `done`'s best model. `recorded`:
+    best.json's epoch as read before (else read now)."""
+    if recorded is None:
+        recorded = (run.best_record() or {}).get("epoch")
     return at_end and early.best_epoch is not None and early.best_epoch + 1 == done and \
-        (run.best_record() or {}).get("epoch") != done and \
-        _monitored_then(tc, done, history, measured)
+        recorded != done and _monitored_then(tc, done, history, measured)
 
 
 def keep_better_best_model(run: RunFolder, tc: TrainConfig, early: EarlyStopping, done: int,
@@ -1281,7 +1283,16 @@ class Trainer:
         just now, `_metrics_before_resume`: `measured`), so it is what the next epochs must
         beat, not a best model lost. history.json records each epoch's monitor (older runs'
         entries do not: then only `measured` tells). `at_end`: the restored checkpoint is
-        the end of epoch `done` (`saves_restored_as_best`)."""
+        the end of epoch `done` (`saves_restored_as_best`).
+
+        Every worker forgets the best model on disk its early stopping was told of when the
+        restored epoch replaces it (read with best.json before the chief's save here: read
+        now, another worker would keep it in the self-critical stage's bar alone)."""
+        given = early.disk_best_epoch
+        if given is not None and saves_restored_as_best(
+                self.run, self.cfg.train, early, done, history, measured, at_end=at_end,
+                recorded=given + 1):
+            early.forget_best_on_disk()
         if not self.chief:
             return
         if saves_restored_as_best(self.run, self.cfg.train, early, done, history, measured,
@@ -1314,7 +1325,9 @@ class Trainer:
             with self._stopped_at_damaged_features():
                 bar = self._measured_again(history, done)
                 measured = self._metrics_before_resume(history, done)
-                stage_best = self._best_before_stage(history, done)
+                stage_best = self._best_before_stage(
+                    history, done, resume=(measured, bar, steps_before,
+                                           not int(self.step_in_epoch.numpy())))
             replayed = self._comparable(history)
         early = replayed_early_stopping(self.run, tc, replayed, self._previous,
                                         save_best=self._save_best,
@@ -1336,13 +1349,10 @@ class Trainer:
         _describe(self, resumed, done)
         self.model.stop_training = False
         callbacks.on_train_begin()
-        # best.keras measured again (`bar`) is the bar as measured now: nothing to keep
-        kept = None if bar is not None else keep_better_best_model(
-            self.run, tc, early, done, steps_before, history)
+        kept = _settle_resumed(self.run, tc, early, done, steps_before, history, bar)
         if kept and self.chief:
             self.log("note: " + kept)
         if bar is not None:
-            early.start_from(*bar)
             if self.chief and saves_restored_as_best(self.run, tc, early, done, history,
                                                      measured, at_end=not in_epoch):
                 self.log(f"note: measured again, the resumed epoch {done} has the best "
@@ -1690,18 +1700,33 @@ class Trainer:
             if writers:
                 writers[0].log_validation(done - 1, measured)
 
-    def _best_before_stage(self, history: list, done: int) -> Optional[tuple[int, dict]]:
+    def _best_before_stage(self, history: list, done: int,
+                           resume: Optional[tuple] = None) -> Optional[tuple[int, dict]]:
         """Before the self-critical stage (the next epoch, 0-based `done`, and those after):
         best.keras's val_cider when its epoch, a cross-entropy one, did not measure it
         (`_unmeasured_best`). The stage starts from the better of it and the last
         cross-entropy epoch's (`EarlyStopping._follow_stage`): from that one alone, a
         self-critical epoch worse than best.keras on val_cider replaced it. Added to the
         epoch's entry in `history` (as an epoch's value: the early stopping of a resume is
-        told it, `_with_best_on_disk`) and said; returns (1-based epoch, values) or None."""
+        told it, `_with_best_on_disk`) and said; returns (1-based epoch, values) or None.
+
+        At a resume (`resume`: what `fit` measured, the bar measured again, the steps taken,
+        whether the checkpoint ends epoch `done`), not when the resume saves the restored
+        epoch in its place (`_repair_best`: its save was lost), as `fit`'s early stopping
+        will find."""
         comparable = self._comparable(history)   # a value on other images, or another table:
         epoch = _unmeasured_best(self.run, self.cfg.train, comparable, done)   # measured again
         if epoch is None:
             return None
+        if resume is not None:
+            measured, bar, steps, at_end = resume
+            early = replayed_early_stopping(self.run, self.cfg.train, comparable,
+                                            self._previous)
+            early.replay()
+            _settle_resumed(self.run, self.cfg.train, early, done, steps, history, bar)
+            if saves_restored_as_best(self.run, self.cfg.train, early, done, history,
+                                      measured, at_end=at_end, recorded=epoch):
+                return None
         values = self._best_model_measure("val_cider")
         if values is None:
             return None
@@ -1720,6 +1745,18 @@ class Trainer:
                 write_json_atomic(self.run.history, history)
             if writers:
                 writers[0].log_earlier_validation(epoch - 1, values)
+
+
+def _settle_resumed(run: RunFolder, tc: TrainConfig, early: EarlyStopping, done: int,
+                    steps: int, history: list, bar: Optional[tuple]) -> Optional[str]:
+    """`early`, replayed at a resume from epoch `done` (`steps` taken), given what history.json
+    does not say: best.keras measured again (`bar`, `Trainer._measured_again`: the bar as
+    measured now, nothing to keep), else best.keras kept when better
+    (`keep_better_best_model`, whose note it returns)."""
+    if bar is not None:
+        early.start_from(*bar)
+        return None
+    return keep_better_best_model(run, tc, early, done, steps, history)
 
 
 def _stage_start_note(run: RunFolder, tc: TrainConfig, history: list, best: dict) -> str:

@@ -1753,7 +1753,8 @@ def test_a_resume_with_another_monitor_keeps_the_best_model(tmp_path):
     run = RunFolder(str(tmp_path / "run"))
     write_json_atomic(run.best_info, {"epoch": 2, "monitor": "val_loss", "value": 2.91})
     run.repair_best_model = lambda model: None       # best.keras is whole: nothing to mend
-    early = types.SimpleNamespace(best_epoch=3, best=0.05)           # epoch 4, val_bleu4
+    early = types.SimpleNamespace(best_epoch=3, best=0.05,           # epoch 4, val_bleu4
+                                  disk_best_epoch=None)
     for now, then, measured, repaired in (
             ("val_bleu4", "val_loss", {"val_bleu4": 0.05}, False),   # another --monitor
             ("val_bleu4", None, {"val_bleu4": 0.05}, False),         # an older run's entries
@@ -1770,6 +1771,41 @@ def test_a_resume_with_another_monitor_keeps_the_best_model(tmp_path):
         assert saved == ([(3, 0.05)] if repaired else []), (now, then, measured)
 
 
+@pytest.mark.parametrize("chief", [True, False])
+@pytest.mark.parametrize("chief_saved_first", [False, True])
+def test_every_worker_forgets_a_best_model_the_resume_replaces(tmp_path, chief,
+                                                               chief_saved_first):
+    """Epoch 3, the last cross-entropy one, beat best.json's epoch 1 but its save was lost:
+    the resume saves it, on the chief only. Early stopping was told of epoch 1's model as a
+    start of the self-critical stage's bar (`best_on_disk`); every worker forgets it, also
+    one that reads best.json after the chief rewrote it, or its bar alone keeps a model no
+    longer on disk and its decisions part from the chief's."""
+    from caption_attn.callbacks import EarlyStopping
+    from caption_attn.fileio import write_json_atomic
+    run = RunFolder(str(tmp_path / "run"))
+    os.makedirs(run.path)
+    write_json_atomic(run.best_info, {"epoch": 3 if chief_saved_first else 1,
+                                      "monitor": "val_loss", "value": 0.9})
+    run.repair_best_model = lambda model: None
+    history = [{"epoch": 1, "monitor": "val_loss", "val_loss": 1.0},
+               {"epoch": 2, "monitor": "val_loss", "val_loss": 1.2},
+               {"epoch": 3, "monitor": "val_loss", "val_loss": 0.9, "val_cider": 1.0}]
+    cfg = RunConfig(train=TrainConfig(scst_after=3, scst_samples=2, epochs=5))
+    early = EarlyStopping(cfg.train.monitor_for, patience=2, initial_history=history)
+    early.best_on_disk(0, {"val_cider": 3.0})
+    early.replay()
+    saved = []
+    trainer = types.SimpleNamespace(chief=chief, run=run, model=None, log=print, cfg=cfg,
+                                    _save_best=lambda epoch, value: saved.append(epoch))
+    train.Trainer._repair_best(trainer, early, 3, history, {}, at_end=True)
+    assert early.disk_best_epoch is None
+    assert saved == ([2] if chief and not chief_saved_first else [])
+    # the stage's bar: epoch 3's val_cider (1.0), which a self-critical 2.0 beats
+    early.set_model(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]))
+    early.on_epoch_end(3, {"val_loss": 1.1, "val_cider": 2.0})
+    assert (early.monitor, early.best, early.best_epoch) == ("val_cider", 2.0, 3)
+
+
 @pytest.mark.parametrize("text, what", [("[]", "a JSON list, not an object"),
                                         ("3", "a JSON int, not an object"),
                                         ('{"epoch": "3"}', "its epoch is '3'")])
@@ -1781,7 +1817,7 @@ def test_a_best_json_that_is_not_trains_object_is_refused_naming_it(tmp_path, te
     with open(run.best_info, "w") as f:
         f.write(text)
     trainer = types.SimpleNamespace(chief=True, run=run, model=None, log=print, cfg=RunConfig())
-    early = types.SimpleNamespace(best_epoch=1, best=1.0)
+    early = types.SimpleNamespace(best_epoch=1, best=1.0, disk_best_epoch=None)
     with pytest.raises(UserError) as e:
         train.Trainer._repair_best(trainer, early, 2, [], {}, at_end=True)
     assert str(e.value).startswith(f"{run.best_info}: {what}: not the {{epoch, monitor, "

@@ -331,7 +331,7 @@ def scripted_metrics(monkeypatch):
     monkeypatch.setattr(validation.Validator, "__init__", validator_init)
     monkeypatch.setattr(validation.Validator, "metrics", metrics)
     monkeypatch.setattr(RunFolder, "save_best", record_save)
-    return {"saved": saved, "measured": measured, "val_loss": val_loss}
+    return {"saved": saved, "measured": measured, "val_loss": val_loss}   # (val_loss: to edit)
 
 
 def _tensorboard_steps(run, tag):
@@ -384,51 +384,48 @@ def test_the_self_critical_stage_starts_from_the_better_of_best_keras_and_its_la
     assert _tensorboard_steps(run, "epoch_cider") == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("earlier, later", [("val_cider", None), ("val_bleu4", None),
-                                            (None, "val_cider")])
+@pytest.mark.parametrize("earlier", ["val_cider", "val_bleu4"])
 @pytest.mark.parametrize("epochs", [(2, 3), (1, 4)], ids=["switch at a resume", "switch in"])
 def test_best_keras_chosen_by_an_earlier_monitor_is_the_self_critical_stage_bar_too(
-        shapes_data, tmp_path, scripted_metrics, earlier, later, epochs):
+        shapes_data, tmp_path, scripted_metrics, earlier, epochs):
     """Cross-entropy epochs trained with --monitor val_cider (or val_bleu4) kept epoch 1,
     then the run resumed with the default monitor and --scst-after: early stopping's replay
     leaves those epochs out (another metric's comparisons), so the stage started from epoch
     2's val_cider (1.0) alone, and self-critical epoch 3 (2.0) replaced best.keras (3.0).
     Now best.keras is a start of the stage (measured first when its epoch has no val_cider),
     whether the stage starts at a resume or within one call, and when the run is resumed
-    again after the switch. So with the default monitor first and --monitor val_cider from
-    the resume on."""
+    again after the switch."""
     run, notes = str(tmp_path / "run"), []
-    options = dict(scst_after=2, patience=10, scst_samples=1, scst_baseline="greedy",
-                   monitor=later)
+    options = dict(scst_after=2, patience=10, scst_samples=1, scst_baseline="greedy")
     train.train(_config(shapes_data, epochs=epochs[0], monitor=earlier), run,
                 progress=False, log=notes.append)
-    assert scripted_metrics["saved"] == [(1, earlier or "val_loss", {
-        "val_cider": 3.0, "val_bleu4": 0.5, None: 1.0}[earlier])]
+    assert scripted_metrics["saved"] == [(1, earlier, {"val_cider": 3.0,
+                                                       "val_bleu4": 0.5}[earlier])]
     for last in range(epochs[1], 5):
         train.train(_config(shapes_data, epochs=last, **options), run, progress=False,
                     log=notes.append)
     assert [h.get("val_cider") for h in _history(run)] == [3.0, 1.0, 2.0, 3.5]
     assert scripted_metrics["saved"][1:] == [(4, "val_cider", 3.5)]
     said = [n for n in notes if "the self-critical stage starts from" in n]
-    measured_at_switch = earlier == "val_bleu4" or (later and epochs[0] == 2)
-    assert said == ([] if not measured_at_switch else [
+    assert said == ([] if earlier == "val_cider" else [
         f"note: the self-critical stage starts from {run}/best.keras (epoch 1, the best by "
-        f"{earlier or 'val_loss'}) at val_cider=3.0000, better than epoch 2's 1.0000 (the "
-        f"model it trains from): a self-critical epoch replaces it only when it beats "
-        f"3.0000"]), notes
+        f"val_bleu4) at val_cider=3.0000, better than epoch 2's 1.0000 (the model it trains "
+        f"from): a self-critical epoch replaces it only when it beats 3.0000"]), notes
     # epoch 1's val_cider measured once (as its epoch's monitor, or before the stage): it
     # is recorded in history.json
     assert scripted_metrics["measured"].count(1) == 1
 
 
+@pytest.mark.parametrize("first", [None, "val_cider"])
 def test_a_best_model_whose_save_was_lost_is_no_start_of_the_stage(shapes_data, tmp_path,
                                                                     scripted_metrics,
-                                                                    monkeypatch):
+                                                                    monkeypatch, first):
     """Epoch 2, the last cross-entropy one, was the best by val_loss, but the process died
     before its best-model save: best.json still names epoch 1, and the resume saves epoch 2
-    (`Trainer._repair_best`, on the chief only). Epoch 1's model, no longer best.keras by
-    then, is neither measured nor part of the stage's bar (a worker's bar would have kept
-    it, 3.0, and the chief's not); the note named it falsely."""
+    (`Trainer._repair_best`). Epoch 1's model, no longer best.keras by then, is neither
+    measured (the note named it falsely) nor part of the stage's bar: trained with
+    --monitor val_cider, its 3.0 was the bar, and self-critical epoch 3 (2.0), better than
+    best.keras by then, was not saved."""
     from caption_attn.run import RunFolder
     scripted_metrics["val_loss"][2] = 0.5
     run, notes = str(tmp_path / "run"), []
@@ -438,15 +435,34 @@ def test_a_best_model_whose_save_was_lost_is_no_start_of_the_stage(shapes_data, 
         if epoch == 2:
             raise RuntimeError("killed")
         return recorded(self, model, epoch, *args)
+    train.train(_config(shapes_data, epochs=1, monitor=first), run, progress=False,
+                log=notes.append)
     with monkeypatch.context() as m:
         m.setattr(RunFolder, "save_best", dies_at_epoch_2)
         with pytest.raises(RuntimeError, match="killed"):
             train.train(_config(shapes_data, epochs=2), run, progress=False, log=notes.append)
     train.train(_config(shapes_data, epochs=4, scst_after=2, scst_samples=1,
                         scst_baseline="greedy"), run, progress=False, log=notes.append)
-    assert scripted_metrics["saved"] == [(1, "val_loss", 1.0), (2, "val_loss", 0.5),
-                                         (3, "val_cider", 2.0), (4, "val_cider", 3.5)]
-    assert 1 not in scripted_metrics["measured"]
+    assert scripted_metrics["saved"] == [(1, first or "val_loss", 3.0 if first else 1.0),
+                                         (2, "val_loss", 0.5), (3, "val_cider", 2.0),
+                                         (4, "val_cider", 3.5)]
+    assert scripted_metrics["measured"].count(1) == (first is not None)   # its own epoch's
+    assert not [n for n in notes if "the self-critical stage starts from" in n], notes
+
+
+def test_an_explicit_monitor_val_cider_from_a_resume_on_starts_from_the_resumed_epoch(
+        shapes_data, tmp_path, scripted_metrics):
+    """--monitor val_cider given at a resume of default-monitor epochs follows the rule of
+    any run resumed with another --monitor: the resumed epoch is the one to beat (epoch 2's
+    1.0); best.keras (epoch 1, by val_loss) is not measured, nor named in a note."""
+    run, notes = str(tmp_path / "run"), []
+    train.train(_config(shapes_data, epochs=2), run, progress=False, log=notes.append)
+    train.train(_config(shapes_data, epochs=4, scst_after=2, monitor="val_cider",
+                        scst_samples=1, scst_baseline="greedy"), run, progress=False,
+                log=notes.append)
+    assert scripted_metrics["saved"] == [(1, "val_loss", 1.0), (3, "val_cider", 2.0),
+                                         (4, "val_cider", 3.5)]
+    assert scripted_metrics["measured"] == [2, 3, 4]
     assert not [n for n in notes if "the self-critical stage starts from" in n], notes
 
 

@@ -350,6 +350,13 @@ class TensorBoardLogger(keras.callbacks.Callback):
         log_hparams(self.log_dir, self.hparams, self.hparams_since)
 
     def _open_writers(self) -> None:
+        """New summary writers, each making an event file named by the second it is made in
+        and a count of this process's writers that is not zero-padded (10 sorts before 9),
+        while TensorBoard reads a folder's files by name: a file made in the same second as
+        an earlier one may be read first, and its later steps before that file's (then
+        dropped: `log_missing_epochs`), so they are made once that second has passed (a
+        reopening after `log_earlier_validation`, within a second in a test's process)."""
+        _past_newest_event_second(self.log_dir)
         tf = self._tf
         self.train_writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
         self.val_writer = tf.summary.create_file_writer(
@@ -555,6 +562,18 @@ def _event(**fields):
     """An `Event` proto of now with `fields`."""
     from tensorboard.compat.proto import event_pb2
     return event_pb2.Event(**{"wall_time": time.time(), **fields})
+
+
+def _past_newest_event_second(log_dir: str) -> None:
+    """Wait, if need be, until the second of the newest event file under `log_dir`'s train
+    and validation folders has passed (`TensorBoardLogger._open_writers`): 2 s at most (a
+    file named by a clock far ahead, another machine's, is not waited for)."""
+    seconds = [int(m.group(1)) for sub in ("train", "validation")
+               for path in _event_files(os.path.join(log_dir, sub))
+               if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", os.path.basename(path)))]
+    wait = max(seconds) + 1 - time.time() if seconds else 0.0
+    if 0.0 < wait <= 2.0:
+        time.sleep(wait)
 
 
 def _new_event_file(folder: str) -> str:

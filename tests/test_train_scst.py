@@ -384,8 +384,10 @@ def test_the_self_critical_stage_starts_from_the_better_of_best_keras_and_its_la
     assert _tensorboard_steps(run, "epoch_cider") == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("earlier", ["val_cider", "val_bleu4"])
-@pytest.mark.parametrize("epochs", [(2, 3), (1, 4)], ids=["switch at a resume", "switch in"])
+@pytest.mark.parametrize("earlier, epochs", [("val_cider", (2, 3)), ("val_bleu4", (2, 3)),
+                                            ("val_bleu4", (1, 4))],
+                         ids=["val_cider, switch at a resume", "val_bleu4, switch at a resume",
+                              "val_bleu4, switch in"])   # (val_cider, switch in: as before)
 def test_best_keras_chosen_by_an_earlier_monitor_is_the_self_critical_stage_bar_too(
         shapes_data, tmp_path, scripted_metrics, earlier, epochs):
     """Cross-entropy epochs trained with --monitor val_cider (or val_bleu4) kept epoch 1,

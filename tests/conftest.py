@@ -108,6 +108,23 @@ def onednn_capped_below(monkeypatch):
     return cap
 
 
+@pytest.fixture
+def no_locks(monkeypatch):
+    """From then on every flock fails with ENOLCK but unlocking, as on an NFS mount with
+    `nolock`."""
+    import errno
+    import fcntl
+
+    real = fcntl.flock
+
+    def flock(fd, operation):
+        if operation & fcntl.LOCK_UN:
+            return real(fd, operation)
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
     """A small shapes dataset and its random-backbone feature cache (float16 files, computed

@@ -1185,22 +1185,11 @@ def _extracting_elsewhere(cache, host, folder, **shard):
 
 
 def test_without_locks_a_marker_is_told_by_its_process(images, cache_copy, tmp_path,
-                                                       monkeypatch):
+                                                       no_locks):
     """On a file system without locks (NFS with `nolock`: every flock fails with ENOLCK) a
     marker holds no lock, so whether its extraction runs is told by its pid: of this host
     and running, it refuses another folder's extraction; its process gone, it is removed;
     another host's cannot be told, and is left (not taken for one running)."""
-    import errno
-    import fcntl
-
-    real = fcntl.flock
-
-    def no_locks(fd, operation):
-        if operation & fcntl.LOCK_UN:
-            return real(fd, operation)
-        raise OSError(errno.ENOLCK, "No locks available")
-
-    monkeypatch.setattr(fcntl, "flock", no_locks)
     other = str(tmp_path / "other")
     live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                             stdin=subprocess.PIPE)

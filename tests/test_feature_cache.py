@@ -518,21 +518,10 @@ def test_readers_and_writers_of_a_cache_refuse_each_other(tmp_path):
         pass
 
 
-def test_a_cache_on_a_file_system_without_locks_is_used_unlocked(tmp_path, monkeypatch):
+def test_a_cache_on_a_file_system_without_locks_is_used_unlocked(tmp_path, no_locks):
     """On an NFS mount with `nolock` every flock fails with ENOLCK: the readers' and writers'
     locks went on unlocked (`fileio.flock`), but the cache's own exclusive lock, taken
     first, raised it, and no extraction could run there."""
-    import errno
-    import fcntl
-
-    real = fcntl.flock
-
-    def no_locks(fd, operation):
-        if operation & fcntl.LOCK_UN:
-            return real(fd, operation)
-        raise OSError(errno.ENOLCK, "No locks available")
-
-    monkeypatch.setattr(fcntl, "flock", no_locks)
     cache = str(tmp_path / "cache")
     with using_features(cache, writing=True) as refusal:
         assert refusal is None

@@ -65,7 +65,7 @@ class EarlyStopping(keras.callbacks.Callback):
 
     `monitor` may also be a function of the 0-based epoch (training stages: val_loss during
     cross-entropy, val_cider during self-critical epochs). When it changes, patience starts
-    over and the first value to beat is the better of the new metric of the epoch before the
+    over and the first value to beat is the best of the new metric of the epoch before the
     change (the model the stage trains from), of the best epoch so far and of the best
     model on disk (`best_on_disk`: its epoch may be one the replay left out, chosen by an
     earlier --monitor), of those that logged it or were measured after it, so a new stage
@@ -162,7 +162,7 @@ class EarlyStopping(keras.callbacks.Callback):
         return [disk] if disk is not None and disk[0] < epoch else []
 
     def _start_among(self, starts: list) -> None:
-        """The best so far the better of `starts` ([(0-based epoch or None, logs)]) that
+        """Make the best so far the best of `starts` ([(0-based epoch or None, logs)]) that
         logged the monitor (a tie keeps the earlier in the list)."""
         for e, logs in starts:
             if e is None or logs.get(self.monitor) is None:
@@ -179,8 +179,8 @@ class EarlyStopping(keras.callbacks.Callback):
         resumed run before it trained, or ask it to beat a model best.keras does not hold."""
         self._follow_stage(epoch)
         self._reset()
-        # the best model on disk too, when the stage changes here: chosen by the earlier
-        # --monitor, it was left out above, and a worse self-critical epoch replaced it
+        # the best model on disk too (`best_on_disk`): its epoch may be one the replay left
+        # out, chosen by the earlier --monitor, and a worse self-critical epoch replaced it
         self._start_among(self._disk_start(epoch) + [(epoch - 1, self._previous_logs)])
 
     def best_on_disk(self, epoch: int, logs: dict) -> None:
@@ -567,7 +567,8 @@ def _event(**fields):
 def _past_newest_event_second(log_dir: str) -> None:
     """Wait, if need be, until the second of the newest event file under `log_dir`'s train
     and validation folders has passed (`TensorBoardLogger._open_writers`): 2 s at most (a
-    file named by a clock far ahead, another machine's, is not waited for)."""
+    file named by a clock far ahead, another machine's, is not waited for). (`_event_files`
+    also removes what a rewrite killed half-way left.)"""
     seconds = [int(m.group(1)) for sub in ("train", "validation")
                for path in _event_files(os.path.join(log_dir, sub))
                if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", os.path.basename(path)))]

@@ -217,9 +217,10 @@ HEATMAP = ("a heatmap caption-attn drew (caption --plot-attention), not a photo:
            "of the caption file")
 
 
-# why an image is not extracted whose feature file would be another's too, or is already
-# (`_folded_together`, `_extract_into_cache`)
+# why an image is not extracted whose feature file would be another's too (`FOLDED`,
+# `_folded_together`), or is already (`HELD`, `_extract_into_cache`); `folded_why` says why
 FOLDED = "would share its feature file with "
+HELD = "its feature file is already that of "
 
 
 def folded_why(a: str, b: str) -> str:
@@ -235,7 +236,7 @@ def folded_why(a: str, b: str) -> str:
     return (f" (the names differ only in {what}, which the file system of --cache does not "
             f"tell apart): use a --cache on {where}, or rename one of the images")
 
-HELD = "its feature file is already that of "
+
 # why an image is extracted again whose feature file another key's index entry vouches for,
 # when that key's image is gone or is this one (`_a_pair`): one image renamed
 RENAMED = "its feature file was that of "

@@ -1704,8 +1704,9 @@ class Trainer:
                            resume: Optional[tuple] = None) -> Optional[tuple[int, dict]]:
         """Before the self-critical stage (the next epoch, 0-based `done`, and those after):
         best.keras's val_cider when its epoch, a cross-entropy one, did not measure it
-        (`_unmeasured_best`). The stage starts from the better of it and the last
-        cross-entropy epoch's (`EarlyStopping._follow_stage`): from that one alone, a
+        (`_unmeasured_best`). The stage starts from the best of it, the best epoch so far
+        and the last cross-entropy epoch's (`EarlyStopping._follow_stage`, or
+        `_start_from_previous` after epochs of another --monitor): from that one alone, a
         self-critical epoch worse than best.keras on val_cider replaced it. Added to the
         epoch's entry in `history` (as an epoch's value: the early stopping of a resume is
         told it, `_with_best_on_disk`) and said; returns (1-based epoch, values) or None.

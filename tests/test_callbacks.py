@@ -190,8 +190,8 @@ def test_best_on_disk_is_a_start_of_the_stage_the_replay_or_the_next_epoch_begin
         assert saved == ([2, 3] if saved_before else [])
         # told afterwards of another epoch (a worker that read best.json before the chief's
         # save): ignored; with nothing saved since the replay: kept
-        es.best_on_disk(0, {"val_cider": 9.0})
-        assert es.disk_best_epoch is None if saved_before else es.disk_best_epoch == 0
+        es.best_on_disk(1, {"val_cider": 9.0})
+        assert es.disk_best_epoch is None if saved_before else es.disk_best_epoch == 1
         if saved_before:   # of the epoch saved last: kept
             es.best_on_disk(3, {"val_cider": 0.6})
             assert es.disk_best_epoch == 3

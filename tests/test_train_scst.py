@@ -291,8 +291,8 @@ def scripted_metrics(monkeypatch):
     measure of best.keras gives its epoch's value. Epoch 1 is the best by val_loss, epoch 2
     (the last cross-entropy one) is worse on val_cider than epoch 1's model, epoch 3 beats
     epoch 2's val_cider but not epoch 1's, epoch 4 beats both (val_bleu4: epoch 1 the best
-    of the cross-entropy epochs). Returns the best models saved
-    ((epoch, monitor, value)) and the val_cider measures (epochs)."""
+    of the cross-entropy epochs). Returns the best models saved ((epoch, monitor, value)),
+    the val_cider measures (epochs) and the val_loss table (for a test to change)."""
     from caption_attn import validation
     from caption_attn.run import RunFolder
     val_loss, val_cider = {1: 1.0, 2: 2.0, 3: 3.0, 4: 3.0}, {1: 3.0, 2: 1.0, 3: 2.0, 4: 3.5}
@@ -331,7 +331,7 @@ def scripted_metrics(monkeypatch):
     monkeypatch.setattr(validation.Validator, "__init__", validator_init)
     monkeypatch.setattr(validation.Validator, "metrics", metrics)
     monkeypatch.setattr(RunFolder, "save_best", record_save)
-    return {"saved": saved, "measured": measured, "val_loss": val_loss}   # (val_loss: to edit)
+    return {"saved": saved, "measured": measured, "val_loss": val_loss}
 
 
 def _tensorboard_steps(run, tag):

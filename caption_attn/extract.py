@@ -258,8 +258,9 @@ def _folded_together(images_dir: str, cache: str, keys: list[str],
         for i, a in enumerate(present):
             for b in present[i + 1:]:
                 if feature_cache.names_meet(cache, a, b):
-                    failed.setdefault(a, f"{FOLDED}{one_line(b)}{folded_why(a, b)}")
-                    failed.setdefault(b, f"{FOLDED}{one_line(a)}{folded_why(a, b)}")
+                    why = folded_why(a, b)
+                    failed.setdefault(a, f"{FOLDED}{one_line(b)}{why}")
+                    failed.setdefault(b, f"{FOLDED}{one_line(a)}{why}")
         if variants is not None and len(present) > 1 and not set(present) & failed.keys():
             variants.append(present)
     return failed

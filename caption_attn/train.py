@@ -331,11 +331,10 @@ def replayed_early_stopping(run: RunFolder, tc: TrainConfig, history: list,
 def _with_best_on_disk(early: EarlyStopping, run: RunFolder, tc: TrainConfig,
                        history: list) -> EarlyStopping:
     """`early`, told best.keras's val_cider (recorded in `history`) when it is a start of the
-    self-critical stage (`_stage_best_epoch`, `EarlyStopping.best_on_disk`)."""
-    epoch = _stage_best_epoch(run, tc, history)
-    if epoch is not None:
-        entry = next(h for h in history if h["epoch"] == epoch)
-        early.best_on_disk(epoch - 1, {"val_cider": entry.get("val_cider")})
+    self-critical stage (`_stage_best_entry`, `EarlyStopping.best_on_disk`)."""
+    entry = _stage_best_entry(run, tc, history)
+    if entry is not None:
+        early.best_on_disk(entry["epoch"] - 1, {"val_cider": entry.get("val_cider")})
     return early
 
 
@@ -376,35 +375,34 @@ def _unmeasured(tc: TrainConfig, history: list, done: int) -> list[str]:
                   if history[-1].get(n) is None)
 
 
-def _stage_best_epoch(run: RunFolder, tc: TrainConfig, history: list) -> Optional[int]:
-    """best.json's epoch, when it is in `history` and the monitor changes to val_cider with
-    the self-critical stage (the default --monitor): where early stopping starts that stage,
-    or starts over in it after epochs trained with another --monitor, it starts from the
-    better of best.keras's val_cider and the epoch before's (`EarlyStopping.best_on_disk`).
-    Else None. (With --monitor val_cider no monitor changes at the stage; given from a
-    resume of default-monitor epochs on, the resumed epoch is the one to beat, as for any
-    run resumed with another --monitor.)"""
+def _stage_best_entry(run: RunFolder, tc: TrainConfig, history: list) -> Optional[dict]:
+    """The entry in `history` of best.json's epoch, when there is one and the monitor
+    changes to val_cider with the self-critical stage (the default --monitor): where early
+    stopping starts that stage, or starts over in it after epochs trained with another
+    --monitor, it starts from the better of best.keras's val_cider and the epoch before's
+    (`EarlyStopping.best_on_disk`). Else None. (With --monitor val_cider no monitor changes
+    at the stage; given from a resume of default-monitor epochs on, the resumed epoch is the
+    one to beat, as for any run resumed with another --monitor.)"""
     if tc.monitor is not None or not tc.scst_after:
         return None
     epoch = (run.best_record() or {}).get("epoch")
     if epoch is None or \
             not (os.path.exists(run.best_weights) or os.path.exists(run.best_model)):
         return None
-    return epoch if any(h["epoch"] == epoch for h in history) else None
+    return next((h for h in history if h["epoch"] == epoch), None)
 
 
 def _unmeasured_best(run: RunFolder, tc: TrainConfig, history: list,
                      done: int) -> Optional[int]:
-    """best.json's epoch (`_stage_best_epoch`) when the next epoch (0-based `done`) is
+    """best.json's epoch (`_stage_best_entry`) when the next epoch (0-based `done`) is
     self-critical and its entry in `history` has no val_cider (an epoch before the last
     cross-entropy one, which alone measures it: `Trainer._validate_model`, or one chosen by
     an earlier --monitor): the stage would start without its value
     (`Trainer._best_before_stage` measures it). Else None."""
-    epoch = _stage_best_epoch(run, tc, history) if tc.is_scst(done) else None
-    if epoch is None or next(h for h in history if h["epoch"] == epoch).get("val_cider") \
-            is not None:
+    entry = _stage_best_entry(run, tc, history) if tc.is_scst(done) else None
+    if entry is None or entry.get("val_cider") is not None:
         return None
-    return epoch
+    return entry["epoch"]
 
 
 def metric_images_notes(run: RunFolder, cfg: RunConfig, notes: list,

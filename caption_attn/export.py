@@ -8,6 +8,12 @@ SavedModel (DIR), signature `serving_default` (N images, K beams, L = max_length
     attention      float32 (N, L, 8, 8)  the 8x8 map of each word, zero after the last
     beam_captions  string (N, K)         all K beams, best first ("" for a dead beam)
     beam_scores    float32 (N, K)        their log-probabilities
+and signature `load_images`, the TFLite model's input prepared with TensorFlow alone:
+    images         string (N,)           encoded image files, as above
+ -> pixels         uint8 (N, 299, 299, 3)
+                                         each decoded and resized as serving_default does
+                                         (zero where not decodable)
+    decoded        bool (N,)             whether it was
 
 Everything is in the graph: decoding and resizing (`graph_images`, which imitates
 images.load_image), InceptionV3 with the weights and feature scale of the run's cache
@@ -74,6 +80,7 @@ EXPORT_FILES = ("saved_model.pb", "fingerprint.pb", "variables", "assets", INFO_
 KEPT = "assets.extra"
 EXPORT_FORMAT = 1
 SIGNATURE = "serving_default"
+LOAD_SIGNATURE = "load_images"   # the SavedModel's second: the TFLite model's input
 # What an image that cannot be decoded gets, per output.
 FILL = {"captions": "", "scores": float("-inf"), "words": "", "attention": 0.0,
         "beam_captions": "", "beam_scores": float("-inf")}
@@ -625,7 +632,11 @@ def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone, best=Non
         # the SavedModel computes as `caption` does: the run's (train --precision)
         "decoder": {"precision": captioner.model.compute_dtype},
         "saved_model": {"signature": SIGNATURE, "inputs": {"images": "string (N,)"},
-                        "outputs": _signature_outputs(captioner)},
+                        "outputs": _signature_outputs(captioner),
+                        "load_images": {"signature": LOAD_SIGNATURE,
+                                        "inputs": {"images": "string (N,)"},
+                                        "outputs": {"pixels": "uint8 (N, 299, 299, 3)",
+                                                    "decoded": "bool (N,)"}}},
         "tflite": None, "caption_attn": __version__, "tensorflow": tf.__version__,
     }
 
@@ -668,6 +679,8 @@ def format_summary(info: dict, out: str) -> str:
             f"; the float32 model is {_megabytes(lite['float32_bytes'])}"
         lines.append(f"TFLite      {os.path.join(out, lite['file'])} "
                      f"({_megabytes(lite['bytes'])}, {kind}{float_size}) + {lite['vocab']}")
+        lines.append(f"input       of the TFLite model: {out}'s signature {LOAD_SIGNATURE}, "
+                     f"images -> pixels, decoded")
         agreement = lite.get("agreement")
         if agreement and agreement["images"]:
             lines.append(f"agreement   greedy captions equal to the float32 model's on "
@@ -708,8 +721,7 @@ def serving_function(captioner: Captioner, backbone: Backbone):
         return {k: tf.zeros([0] + shapes.get(k, [None])[1:], tf.constant(v).dtype)
                 for k, v in FILL.items()}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")],
-                 autograph=False)
+    @tf.function(input_signature=[IMAGES_SPEC], autograph=False)
     def serve(images):
         images = checked_rank(images)
         index, pixels = load_images(images)                           # (M,), (M, 299, 299, 3)
@@ -717,6 +729,20 @@ def serving_function(captioner: Captioner, backbone: Backbone):
         outputs = scatter(outputs, index, tf.shape(images)[0])        # (N, ...)
         return {k: tf.ensure_shape(v, shapes.get(k, [None])) for k, v in outputs.items()}
     return serve
+
+
+IMAGES_SPEC = tf.TensorSpec([None], tf.string, name="images")
+
+
+@tf.function(input_signature=[IMAGES_SPEC], autograph=False)
+def prepare_images(images):
+    """The `load_images` signature: images (N,) string -> pixels (N, 299, 299, 3) uint8, as
+    `serve` decodes and resizes them (zero where not decodable), and decoded (N,) bool."""
+    images = checked_rank(images)
+    index, pixels = load_images(images)                               # (M,), (M, 299, ...)
+    n = tf.shape(images)[0]
+    return {"pixels": tf.scatter_nd(index[:, None], pixels, [n, IMAGE_SIZE, IMAGE_SIZE, 3]),
+            "decoded": tf.scatter_nd(index[:, None], tf.ones_like(index), [n]) > 0}
 
 
 def checked_rank(images):
@@ -792,7 +818,9 @@ def _module(function, *models) -> tf.Module:
 def save_servable(path: str, captioner: Captioner, backbone: Backbone) -> None:
     serve = serving_function(captioner, backbone)
     module = _module(serve, backbone.inference_model, captioner.model)
-    tf.saved_model.save(module, path, signatures={SIGNATURE: module.function})
+    module.load = prepare_images.get_concrete_function()
+    tf.saved_model.save(module, path, signatures={SIGNATURE: module.function,
+                                                  LOAD_SIGNATURE: module.load})
 
 
 # ----------------------------------------------------------------------------- TFLite

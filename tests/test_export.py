@@ -51,16 +51,29 @@ def plain(t):
     v = t.numpy()
     return np.char.decode(v.astype(bytes), "utf-8").tolist() if v.dtype == object else v.tolist()
 
+# The TFLite model's input, prepared by the SavedModel's second signature; the pixels are
+# saved beside (np.save) and the TFLite model's greedy token ids printed.
+load = tf.saved_model.load(sys.argv[1]).signatures["load_images"]
+runner = tf.lite.Interpreter(sys.argv[1] + "/captioner.tflite").get_signature_runner()
+
 batches = []
-for paths in json.loads(sys.argv[2]):
+for number, paths in enumerate(json.loads(sys.argv[2])):
     data = [open(p, "rb").read() if p else b"" for p in paths]
     out = serve(images=tf.constant(data, tf.string, shape=[len(data)]))
     batches.append({k: plain(v) for k, v in out.items()})
-spec = {"inputs": {k: [v.dtype.name, v.shape.as_list()]
-                   for k, v in serve.structured_input_signature[1].items()},
-        "outputs": {k: [v.dtype.name, v.shape.as_list()]
-                    for k, v in serve.structured_outputs.items()}}
-print(json.dumps({"batches": batches, "signature": spec}))
+    prepared = load(images=tf.constant(data, tf.string, shape=[len(data)]))
+    decoded, pixels = prepared["decoded"].numpy(), prepared["pixels"].numpy()
+    np.save(f"pixels_{number}.npy", pixels)
+    batches[-1]["decoded"] = decoded.tolist()
+    batches[-1]["tflite_ids"] = [runner(image=p[None])["token_ids"][0].tolist() if ok else None
+                                 for p, ok in zip(pixels, decoded)]
+
+def spec(signature):
+    return {"inputs": {k: [v.dtype.name, v.shape.as_list()]
+                       for k, v in signature.structured_input_signature[1].items()},
+            "outputs": {k: [v.dtype.name, v.shape.as_list()]
+                        for k, v in signature.structured_outputs.items()}}
+print(json.dumps({"batches": batches, "signature": spec(serve), "load_images": spec(load)}))
 '''
 
 
@@ -103,7 +116,9 @@ def _resized_copies(paths, folder):
 def served(exported, shapes_data, trained_run, images, tmp_path_factory):
     """The SavedModel run by CLIENT on batches of: the run's test and val images with bad
     files between them; only bad files; nothing; resized copies of the test images.
-    Returns ({batch name: paths}, {batch name: outputs}, signature)."""
+    Returns ({batch name: paths}, {batch name: outputs}, signature, load_images' signature,
+    {batch name: its pixels from load_images}); each batch's outputs also hold load_images'
+    `decoded` and the TFLite model's greedy `tflite_ids` of those pixels (None: not decoded)."""
     folder = tmp_path_factory.mktemp("served")
     (folder / "notes.jpg").write_text("not pixels\n")
     shapes = _split_images(shapes_data, trained_run, "test") + \
@@ -120,7 +135,9 @@ def served(exported, shapes_data, trained_run, images, tmp_path_factory):
                             capture_output=True, text=True, cwd=str(folder), timeout=600)
     assert answer.returncode == 0, answer.stderr[-3000:]
     answer = json.loads(answer.stdout.strip().splitlines()[-1])
-    return batches, dict(zip(batches, answer["batches"])), answer["signature"]
+    pixels = {name: np.load(folder / f"pixels_{i}.npy") for i, name in enumerate(batches)}
+    return (batches, dict(zip(batches, answer["batches"])), answer["signature"],
+            answer["load_images"], pixels)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +166,15 @@ def test_signature_and_printed_summary(exported, served, trained_run):
                     "words": ["string", [None, L]], "attention": ["float32", [None, L, 8, 8]],
                     "beam_captions": ["string", [None, BEAM]],
                     "beam_scores": ["float32", [None, BEAM]]}}
+    assert served[3] == {"inputs": {"images": ["string", [None]]},
+                         "outputs": {"pixels": ["uint8", [None, 299, 299, 3]],
+                                     "decoded": ["bool", [None]]}}
+    assert info["saved_model"]["load_images"] == {
+        "signature": "load_images", "inputs": {"images": "string (N,)"},
+        "outputs": {"pixels": "uint8 (N, 299, 299, 3)", "decoded": "bool (N,)"}}
     assert f"SavedModel  {out} (" in printed and "captioner.tflite" in printed
+    assert f"\ninput       of the TFLite model: {out}'s signature load_images, images -> " \
+           f"pixels, decoded\n" in printed, printed
     from caption_attn.run import metric_text
     best = json.load(open(os.path.join(trained_run, "best.json")))
     assert f"\nmodel       the run's best model, of epoch {best['epoch']}, " \
@@ -290,6 +315,55 @@ def test_tflite_equals_greedy_caption_with_builtin_ops_only(exported, shapes_dat
         np.testing.assert_allclose(got["attention"][0].reshape(length, 64)[:steps],
                                    best.attention, atol=1e-4)
         assert not got["attention"][0, steps:].any()
+
+
+@pytest.mark.slow
+def test_the_tflite_input_is_prepared_with_tensorflow_alone(served, tool, trained_run):
+    """The SavedModel's `load_images` signature, in a process without caption_attn (CLIENT),
+    prepares what the TFLite model takes: the pixels of `images.load_image` (exactly where
+    nothing is resized, to 1-2 levels on a few pixels where it is), `decoded` False and zero
+    pixels for what `caption` cannot read, and fed to the TFLite model, the greedy captions
+    of `caption --beam 1`."""
+    from caption_attn.images import load_image
+
+    vocab = Vocabulary.load(os.path.join(trained_run, "vocab.json"))
+    for name in ("mixed", "resized", "bad", "empty"):
+        paths, out, pixels = served[0][name], served[1][name], served[4][name]
+        assert pixels.shape == (len(paths), 299, 299, 3) and pixels.dtype == np.uint8
+        results, _ = tool(paths, beam=1)
+        assert out["decoded"] == [p in results for p in paths], name
+        for i, path in enumerate(paths):
+            if path not in results:
+                assert out["tflite_ids"][i] is None and not pixels[i].any()
+                continue
+            expected = load_image(path)
+            if name == "mixed" and path.endswith(".png"):       # 299x299: nothing resized
+                np.testing.assert_array_equal(pixels[i], expected, err_msg=path)
+                ids = out["tflite_ids"][i]
+                assert ids == _greedy_ids(results[path][1][0], vocab, len(ids)), path
+            else:       # OpenCV's rounding at .5, which the enlarging cubic pass can double
+                off = np.abs(pixels[i].astype(int) - expected)
+                assert off.max() <= 2 and np.mean(off > 0) <= 0.004, path
+    assert sum(x is not None for x in served[1]["mixed"]["tflite_ids"]) >= 3
+
+
+@pytest.mark.slow
+def test_the_readme_tflite_example_prepares_its_input_with_the_saved_model(
+        exported, served, tmp_path):
+    """The README's example runs as written: the TFLite model's greedy ids of a test image
+    (those CLIENT got), and a file that is no image refused by name."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        readme = f.read()
+    example = re.search(r"```python\n(import numpy as np\nimport tensorflow as tf\n\n"
+                        r"folder = .*?)```", readme, re.S).group(1)
+    example = example.replace('"serving/captioner/1"', repr(exported[0]))
+    path = served[0]["mixed"][0]
+    scope = {}
+    exec(example.replace('"photo.jpg"', repr(path)), scope)
+    assert scope["out"]["token_ids"][0].tolist() == served[1]["mixed"]["tflite_ids"][0]
+    (tmp_path / "notes.jpg").write_text("not pixels\n")
+    with pytest.raises(ValueError, match="notes.jpg: not an image"):
+        exec(example.replace('"photo.jpg"', repr(str(tmp_path / "notes.jpg"))), {})
 
 
 def test_the_readme_tflite_example_refuses_an_image_of_the_wrong_shape(exported):

@@ -214,6 +214,9 @@ def _settings(info: dict) -> dict:
     for part in ("backbone", "decoder"):
         if isinstance(info.get(part), dict) and "precision" in info[part]:
             found[f"{part} precision"] = info[part]["precision"]
+    if isinstance(info.get("saved_model"), dict):   # a signature TF Serving may not have yet
+        found["signatures"] = ", ".join(sorted(
+            [SIGNATURE] + ([LOAD_SIGNATURE] if "load_images" in info["saved_model"] else [])))
     if "tflite" in info:
         lite = info["tflite"]
         found["tflite"] = "off" if not isinstance(lite, dict) else \
@@ -724,7 +727,7 @@ def serving_function(captioner: Captioner, backbone: Backbone):
     @tf.function(input_signature=[IMAGES_SPEC], autograph=False)
     def serve(images):
         images = checked_rank(images)
-        index, pixels = load_images(images)                           # (M,), (M, 299, 299, 3)
+        index, pixels = decode_batch(images)                          # (M,), (M, 299, 299, 3)
         outputs = tf.cond(tf.size(index) > 0, lambda: caption(pixels), nothing)
         outputs = scatter(outputs, index, tf.shape(images)[0])        # (N, ...)
         return {k: tf.ensure_shape(v, shapes.get(k, [None])) for k, v in outputs.items()}
@@ -739,7 +742,7 @@ def prepare_images(images):
     """The `load_images` signature: images (N,) string -> pixels (N, 299, 299, 3) uint8, as
     `serve` decodes and resizes them (zero where not decodable), and decoded (N,) bool."""
     images = checked_rank(images)
-    index, pixels = load_images(images)                               # (M,), (M, 299, ...)
+    index, pixels = decode_batch(images)                              # (M,), (M, 299, ...)
     n = tf.shape(images)[0]
     return {"pixels": tf.scatter_nd(index[:, None], pixels, [n, IMAGE_SIZE, IMAGE_SIZE, 3]),
             "decoded": tf.scatter_nd(index[:, None], tf.ones_like(index), [n]) > 0}
@@ -760,7 +763,7 @@ def checked_rank(images):
         return tf.identity(images)
 
 
-def load_images(images):
+def decode_batch(images):
     """images (N,) string -> index (M,) int32 of the decodable ones, their pixels (M, 299,
     299, 3) uint8. Decoding errors drop the image (tf.data `ignore_errors`); images are
     decoded in parallel, in order."""

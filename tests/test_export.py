@@ -65,8 +65,9 @@ for number, paths in enumerate(json.loads(sys.argv[2])):
     decoded, pixels = prepared["decoded"].numpy(), prepared["pixels"].numpy()
     np.save(f"pixels_{number}.npy", pixels)
     batches[-1]["decoded"] = decoded.tolist()
-    batches[-1]["tflite_ids"] = [runner(image=p[None])["token_ids"][0].tolist() if ok else None
-                                 for p, ok in zip(pixels, decoded)]
+    batches[-1]["tflite_ids"] = [runner(image=p[None])["token_ids"][0].tolist()
+                                 if ok and path.endswith(".png") and number == 0 else None
+                                 for p, ok, path in zip(pixels, decoded, paths)]
 
 def spec(signature):
     return {"inputs": {k: [v.dtype.name, v.shape.as_list()]
@@ -118,7 +119,8 @@ def served(exported, shapes_data, trained_run, images, tmp_path_factory):
     files between them; only bad files; nothing; resized copies of the test images.
     Returns ({batch name: paths}, {batch name: outputs}, signature, load_images' signature,
     {batch name: its pixels from load_images}); each batch's outputs also hold load_images'
-    `decoded` and the TFLite model's greedy `tflite_ids` of those pixels (None: not decoded)."""
+    `decoded` and, for the first batch's PNGs, the TFLite model's greedy `tflite_ids` of
+    those pixels (else None)."""
     folder = tmp_path_factory.mktemp("served")
     (folder / "notes.jpg").write_text("not pixels\n")
     shapes = _split_images(shapes_data, trained_run, "test") + \
@@ -220,7 +222,7 @@ def test_a_batch_of_only_bad_images_and_an_empty_batch(served):
 
 @pytest.mark.slow
 def test_resized_images_agree_with_the_caption_command(served, tool):
-    """In-graph resizing is OpenCV's to +-1 level on < 0.3% of the pixels (see
+    """In-graph resizing is OpenCV's to 1-2 levels on < 0.4% of the pixels (see
     test_graph_images), so resized copies of the test images get the same captions."""
     paths, out = served[0]["resized"], served[1]["resized"]
     results, _ = tool(paths)
@@ -334,7 +336,7 @@ def test_the_tflite_input_is_prepared_with_tensorflow_alone(served, tool, traine
         assert out["decoded"] == [p in results for p in paths], name
         for i, path in enumerate(paths):
             if path not in results:
-                assert out["tflite_ids"][i] is None and not pixels[i].any()
+                assert not pixels[i].any()
                 continue
             expected = load_image(path)
             if name == "mixed" and path.endswith(".png"):       # 299x299: nothing resized
@@ -1304,6 +1306,22 @@ def test_the_note_names_another_vocabulary_backbone_or_best_value():
         "best value val_loss=0.5 -> val_loss=0.25", f"vocabulary {'b' * 12} -> {'d' * 12}",
         f"backbone weights {'c' * 12} -> {'e' * 12}", "backbone feature scale 0.5 -> 0.25"]
     assert export.changed_settings({"run": "/r"}, new) == []    # an old export.json
+
+
+def test_a_reexport_that_adds_the_load_images_signature_says_so():
+    """An export made before `load_images` existed, replaced in the same version folder: a
+    TF Serving server that loaded that version keeps the old graph, so a request for the
+    new signature fails there; the note names the change (and the advice to use a new
+    version folder comes with it, `replaced_note`)."""
+    outputs = {"captions": "string (N,)"}
+    earlier = {"weights_sha256": "a" * 64,
+               "saved_model": {"signature": "serving_default", "outputs": outputs}}
+    new = {"weights_sha256": "a" * 64,
+           "saved_model": {"signature": "serving_default", "outputs": outputs,
+                           "load_images": {"signature": "load_images"}}}
+    assert export.changed_settings(earlier, new) == [
+        "signatures serving_default -> load_images, serving_default"]
+    assert export.changed_settings(new, new) == []
 
 
 def test_an_earlier_export_that_cannot_be_removed_leaves_the_new_one_and_says_so(

@@ -1637,10 +1637,14 @@ class Trainer:
                 was[h["epoch"]] = h.get(monitor)
                 h.update(again[h["epoch"]])
         if self.chief and again:
-            write_json_atomic(self.run.history, history)
-            if record.get("monitor") == monitor and best in again:
-                write_json_atomic(self.run.best_info,
-                                  {**record, "value": again[best][monitor]})
+            # best.json first: a kill before history.json leaves its values stale, measured
+            # again at the next resume; the other way round best.json kept its old value
+            # for good beside the new entry (a bar no epoch could beat, or none at all)
+            with self._signals_held():
+                if record.get("monitor") == monitor and best in again:
+                    write_json_atomic(self.run.best_info,
+                                      {**record, "value": again[best][monitor]})
+                write_json_atomic(self.run.history, history)
         values = {e: v[monitor] for e, v in again.items()}
         if table:
             cider = values if monitor == "val_cider" else {}

@@ -2267,6 +2267,41 @@ def test_val_bleu4_measured_on_other_val_images_is_measured_again(trained, tmp_p
     assert record["epoch"] == winner and record["value"] == now[winner]
 
 
+def test_a_kill_between_the_records_of_values_measured_again_loses_neither(
+        trained, tmp_path, monkeypatch):
+    """Values measured again at a resume go into history.json and best.json, one file after
+    the other. A kill between them (simulated: the process dies right after the first
+    write) left history.json with the new values and best.json with the old 1000: at the
+    rerun nothing was stale any more, and best.keras stayed the best at a value no epoch
+    can beat, with no word. Now the rerun measures again until both are written."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+    _measured_on_other_images(run, "val_bleu4", 1000.0)
+    cfg = small_config_like(trained, train=dataclasses.replace(trained["cfg"].train,
+                                                               epochs=5))
+
+    class Killed(BaseException):
+        pass
+
+    real = train.write_json_atomic
+
+    def write_then_die(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        if os.path.basename(path) in ("history.json", "best.json"):
+            raise Killed(path)
+
+    monkeypatch.setattr(train, "write_json_atomic", write_then_die)
+    with pytest.raises(Killed):
+        train.train(cfg, run, progress=False, log=lambda *a: None)
+    monkeypatch.setattr(train, "write_json_atomic", real)
+    train.train(cfg, run, progress=False, log=lambda *a: None)
+    history = json.load(open(os.path.join(run, "history.json")))
+    record = json.load(open(os.path.join(run, "best.json")))
+    values = {h["epoch"]: h["val_bleu4"] for h in history}
+    assert len(history) == 5 and record["value"] == values[record["epoch"]] <= 1, \
+        (record, values)
+
+
 def test_entries_without_image_digests_count_as_measured_on_the_last_starts_images(
         trained, tmp_path):
     """history.json of a run trained before the digests were recorded: its values count as

@@ -222,8 +222,9 @@ def test_a_batch_of_only_bad_images_and_an_empty_batch(served):
 
 @pytest.mark.slow
 def test_resized_images_agree_with_the_caption_command(served, tool):
-    """In-graph resizing is OpenCV's to 1-2 levels on < 0.4% of the pixels (see
-    test_graph_images), so resized copies of the test images get the same captions."""
+    """In-graph resizing is OpenCV's to 1-2 levels on < 0.4% of the pixels (the README's
+    export measurements; test_graph_images), so resized copies of the test images get the
+    same captions."""
     paths, out = served[0]["resized"], served[1]["resized"]
     results, _ = tool(paths)
     same = [out["captions"][i] == results[p][1][0].text for i, p in enumerate(paths)]

@@ -2273,7 +2273,8 @@ def test_a_kill_between_the_records_of_values_measured_again_loses_neither(
     the other. A kill between them (simulated: the process dies right after the first
     write) left history.json with the new values and best.json with the old 1000: at the
     rerun nothing was stale any more, and best.keras stayed the best at a value no epoch
-    can beat, with no word. Now the rerun measures again until both are written."""
+    can beat (its note said the epoch had been trained again). Now best.json is written
+    first, and the rerun measures again until both are written."""
     run = str(tmp_path / "run")
     shutil.copytree(trained["run"], run)
     _measured_on_other_images(run, "val_bleu4", 1000.0)
@@ -2291,9 +2292,12 @@ def test_a_kill_between_the_records_of_values_measured_again_loses_neither(
             raise Killed(path)
 
     monkeypatch.setattr(train, "write_json_atomic", write_then_die)
-    with pytest.raises(Killed):
+    with pytest.raises(Killed, match=r"best\.json$"):
         train.train(cfg, run, progress=False, log=lambda *a: None)
     monkeypatch.setattr(train, "write_json_atomic", real)
+    assert {h["val_bleu4"] for h in json.load(open(os.path.join(run, "history.json")))} \
+        == {1000.0}                                            # still stale: measured again
+    assert json.load(open(os.path.join(run, "best.json")))["value"] <= 1
     train.train(cfg, run, progress=False, log=lambda *a: None)
     history = json.load(open(os.path.join(run, "history.json")))
     record = json.load(open(os.path.join(run, "best.json")))

@@ -45,7 +45,8 @@ except ImportError:
 import numpy as np
 import tensorflow as tf
 
-serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+model = tf.saved_model.load(sys.argv[1])
+serve = model.signatures["serving_default"]
 
 def plain(t):
     v = t.numpy()
@@ -53,7 +54,7 @@ def plain(t):
 
 # The TFLite model's input, prepared by the SavedModel's second signature; the pixels are
 # saved beside (np.save) and the TFLite model's greedy token ids printed.
-load = tf.saved_model.load(sys.argv[1]).signatures["load_images"]
+load = model.signatures["load_images"]
 runner = tf.lite.Interpreter(sys.argv[1] + "/captioner.tflite").get_signature_runner()
 
 batches = []

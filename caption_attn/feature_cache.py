@@ -1253,17 +1253,20 @@ def shared_names(manifest: dict, keys: Iterable[str]) -> Optional[tuple[str, lis
     return (shared[0], held[shared[0]], len(shared), len(sample)) if shared else None
 
 
-def other_images_beside(captions: str, digests: dict,
-                        checked_in: Optional[str]) -> Optional[tuple[str, str]]:
-    """(a folder, an image name) when the caption file's folder or one of its subfolders
-    (`images/` beside a shapes captions.json) holds images of the caption file's names,
-    most of a sample of PROBE_NAMES of `digests`' (image name -> digest of the image its
-    features were extracted from: `usable_features`' image_digests), of other content than
-    those (sha256 of HASH_NAMES of them): the cache of another dataset with the same file
-    names, whose features checked in its own folder (`checked_in`) looked right. None when
-    no such folder is there, or one is the folder checked (by real path) or holds the very
-    images (a copy of it). At most one listing, (1 + MAX_BESIDE) x PROBE_NAMES stats and
-    HASH_NAMES reads per folder."""
+def other_images_beside(captions: str, digests: dict, checked_in: Optional[str]
+                        ) -> Optional[tuple[str, str, Optional[str]]]:
+    """(a folder, an image name, a folder holding the very images or None) when the caption
+    file's folder or one of its subfolders (`images/` beside a shapes captions.json) holds
+    images of the caption file's names, most of a sample of PROBE_NAMES of `digests'`
+    (image name -> digest of the image its features were extracted from: `usable_features`'
+    image_digests), of other content than those (sha256 of HASH_NAMES of them): the cache of
+    another dataset with the same file names, whose features checked in its own folder
+    (`checked_in`) looked right. The third: a folder beside the caption file that is the one
+    checked (by real path) or holds the very images (a copy of it): two datasets of the same
+    names side by side (data/A/, data/B/, both caption files in data/), of which the caption
+    file may describe either; it alone said nothing, and A's captions trained on B's
+    features. None when no folder of other content is there. At most one listing,
+    (1 + MAX_BESIDE) x PROBE_NAMES stats and HASH_NAMES reads per folder."""
     sample = name_sample(digests, PROBE_NAMES)
     base = os.path.dirname(os.path.abspath(captions))
     try:
@@ -1271,12 +1274,14 @@ def other_images_beside(captions: str, digests: dict,
             subfolders = sorted(e.path for e in entries if e.is_dir())[:MAX_BESIDE]
     except OSError:
         return None
-    checked = os.path.realpath(checked_in) if checked_in else None
-    candidates = [base] + subfolders
-    if not sample or any(os.path.realpath(f) == checked for f in candidates):
+    if not sample:
         return None
-    other = None
-    for folder in candidates:
+    checked = os.path.realpath(checked_in) if checked_in else None
+    other = same = None
+    for folder in [base] + subfolders:
+        if os.path.realpath(folder) == checked:
+            same = same or folder                   # its images are the features'
+            continue
         prefix = os.path.join(folder, "")
         present = [k for k in sample if _is_file(feature_index._stat(prefix + k))]
         if 2 * len(present) <= len(sample):
@@ -1286,10 +1291,11 @@ def other_images_beside(captions: str, digests: dict,
             with contextlib.suppress(OSError):
                 if file_digest(prefix + k)[:IMAGE_DIGEST_CHARS] != digests[k]:
                     differ.append(k)
-        if not differ:
-            return None                             # the images the features were made of
-        other = other or (folder, differ[0])
-    return other
+        if differ:
+            other = other or (folder, differ[0])
+        else:
+            same = same or folder                   # the images the features were made of
+    return (*other, same) if other else None
 
 
 def unchecked_images_note(cache: str, manifest: dict, checked_in: Optional[str],

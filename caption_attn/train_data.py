@@ -290,13 +290,24 @@ def _refuse_other_images_beside(cfg: RunConfig, manifest: dict, digests: dict,
                                 checked_in: Optional[str]) -> None:
     """A new run without --images on the cache of another dataset with the caption file's
     image names: the caption file's folder (or a subfolder, `images/`) holds images of its
-    names of other content than the features' (`feature_cache.other_images_beside`).
-    Refused, naming both folders."""
+    names of other content than the features' (`feature_cache.other_images_beside`), even
+    when another folder beside it holds the features' images: which one the caption file
+    describes cannot be told. Refused, naming the folders."""
     found = feature_cache.other_images_beside(cfg.captions, digests, checked_in)
     if found is None:
         return
-    folder, key = found
+    folder, key, same = found
     source = checked_in or manifest.get("images_dir")
+    if same is not None:   # two folders beside it: either may be the caption file's
+        where = "also beside it" if source and os.path.realpath(same) == \
+            os.path.realpath(source) else f"as are those in {same}, also beside it"
+        raise UserError(f"{folder}, beside --captions {cfg.captions}, holds its images, but "
+                        f"the features in --cache {cfg.cache} were extracted from other "
+                        f"images of those names (e.g. {key!r} in {source}, {where}): which "
+                        f"folder holds the caption file's images cannot be told; pass "
+                        f"--images {folder} to check the features against its images (those "
+                        f"of other content are left out), or --images {same} if those are "
+                        f"the caption file's images")
     raise UserError(f"{folder}, beside --captions {cfg.captions}, holds its images, but the "
                     f"features in --cache {cfg.cache} were extracted from other images of "
                     f"those names (e.g. {key!r} in {source}): the cache of another dataset? "

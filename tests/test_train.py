@@ -1180,6 +1180,44 @@ def test_a_cache_of_another_dataset_is_refused_beside_the_caption_files_images(s
     assert data.unusable == {}
 
 
+def test_a_cache_of_a_sibling_folder_of_the_same_names_is_refused(shapes_data, tmp_path):
+    """Two datasets of the same file names in sibling folders, their caption files in the
+    parent (data/capA.json, data/A/, data/capB.json, data/B/), the cache extracted from B:
+    `train --captions data/capA.json` without --images checked the features in B, one of the
+    caption file's subfolders, so it looked no further, and trained A's captions on B's
+    features, exit 0. Which subfolder holds the caption file's images cannot be told from the
+    caption file: refused, naming both and --images, which says it."""
+    a, b = other_shapes(tmp_path / "ds1", 8, seed=0), other_shapes(tmp_path / "ds2", 8)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    folders = {}
+    for name, made in (("A", a), ("B", b)):
+        folders[name] = str(shutil.move(made["images_dir"], data_dir / name))
+        shutil.move(made["captions"], data_dir / f"cap{name}.json")
+    cache = tmp_path / "c"
+    extract_into(folders["B"], cache)
+    run = str(tmp_path / "run")
+    config = small_config(shapes_data, cache=str(cache))
+    for name in ("A", "B"):   # capB.json is B's here, but the caption file cannot tell
+        cfg = dataclasses.replace(config, captions=str(data_dir / f"cap{name}.json"))
+        with pytest.raises(UserError) as e:
+            train.load_train_data(cfg, run)
+        assert (f"{folders['A']}, beside --captions {cfg.captions}, holds its images, but the "
+                f"features in --cache {cache} were extracted from other images of those names "
+                f"(e.g. 'shape_0000") in e.value.message
+        assert (f"in {folders['B']}, also beside it): which folder holds the caption file's "
+                f"images cannot be told; pass --images {folders['A']}") in e.value.message
+        assert f"or --images {folders['B']} if those are" in e.value.message
+        assert not os.path.exists(run)
+    # --images says which: A's checked in A are all left out as changed; B's train
+    capa = dataclasses.replace(config, captions=str(data_dir / "capA.json"))
+    with pytest.raises(UserError, match="source image changed"):
+        train.load_train_data(capa, run, images_dir=folders["A"])
+    data = train.load_train_data(dataclasses.replace(config, captions=str(
+        data_dir / "capB.json")), run, images_dir=folders["B"])
+    assert data.unusable == {} and data.images_dir == folders["B"]
+
+
 def test_the_caption_files_images_are_not_refused_in_a_copy_or_by_another_path(
         shapes_data, copy_cache, tmp_path):
     """The cache extracted from a copy of the images (`cp -a` to a local disk), or from the

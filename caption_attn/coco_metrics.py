@@ -66,7 +66,8 @@ NOTE_CIDER_ONE_IMAGE = ("CIDEr left out: it needs at least 2 images (its documen
                         "weight is 0, so any caption scores 0)")
 NOTE_CJK = ("Chinese/Japanese characters scored as one word each, as the vocabulary splits "
             "them (PTB's tokenizer splits neither them nor their punctuation, which is "
-            "dropped, as the vocabulary drops it)")
+            "dropped from the captions that hold such characters, as the vocabulary drops "
+            "it)")
 NOTE_PY_TOKENIZER = ("tokenized with a pure-Python imitation of the Java PTBTokenizer: scores "
                      "may differ slightly from pycocoevalcap's")
 
@@ -306,19 +307,23 @@ def _read_to_the_end(stream) -> None:
 
 def _cjk_as_words(gts: dict, res: dict, notes: list[str]) -> tuple[dict, dict]:
     """References and hypotheses with each Chinese/Japanese character a word of its own and
-    the non-ASCII punctuation, symbols and spaces of theirs gone (、 。 ， ！ ・, the
-    ideographic space: Unicode categories P, S, Z and C, which the vocabulary drops; a
-    letter such as 々 is kept, as it keeps it; ASCII punctuation is left to PTB), with a
-    note, when any caption has such a character; else as they are. The vocabulary makes each such character a word, PTB's
-    tokenizer keeps a run of them one token: a reference "一只狗在跑。" was one token, no
-    hypothesis of the model ("一 只 狗 在 跑") matched any n-gram of it, and every metric
-    was 0."""
+    the non-ASCII punctuation, symbols and spaces of the captions holding one gone (、 。 ，
+    ！ ・, the ideographic space: Unicode categories P, S, Z and C, which the vocabulary
+    drops; a letter such as 々 is kept, as it keeps it; ASCII punctuation is left to PTB),
+    with a note, when any caption has such a character; else as they are. The vocabulary
+    makes each such character a word, PTB's tokenizer keeps a run of them one token: a
+    reference "一只狗在跑。" was one token, no hypothesis of the model ("一 只 狗 在 跑")
+    matched any n-gram of it, and every metric was 0."""
     captions = [c for caps in (*gts.values(), *res.values()) for c in caps]
     if not any(CJK_CHARACTER.search(c) for c in captions if not c.isascii()):
         return gts, res
     notes.append(NOTE_CJK)
 
     def split(caption: str) -> str:
+        # only a caption that has one: the others' non-ASCII symbols are PTB's to tokenize
+        # (one CJK reference made "man’s" of every English caption "man s", not "man 's")
+        if caption.isascii() or not CJK_CHARACTER.search(caption):
+            return caption
         caption = "".join(" " if not ch.isascii() and unicodedata.category(ch)[0] in "PSZC"
                           else ch for ch in caption)
         return CJK_CHARACTER.sub(r" \1 ", caption)

@@ -399,6 +399,26 @@ def test_captions_without_cjk_characters_are_scored_as_pycocoevalcap_tokenizes_t
                                          use_java=False)
     assert coco_metrics.NOTE_CJK not in notes
 
+
+def test_one_cjk_caption_leaves_the_other_captions_as_pycocoevalcap_tokenizes_them():
+    """The split is per caption: one reference with a CJK character (a sign's "寿司") dropped
+    the non-ASCII punctuation and symbols of every caption of the split, so "man’s" became
+    "man s" (not PTB's "man 's") and "5°" lost its symbol, changing every English score
+    (exit 0, a note about CJK captions only)."""
+    english = {1: ["the man\u2019s dog runs on the grass", "it is 5\u00b0 outside"],
+               2: ["two people walk by the sea"]}
+    res = {1: ["the man\u2019s dog runs"], 2: ["two people walk"]}
+    gts = {**{k: list(v) for k, v in english.items()}, 3: ["a sign reads 寿司。"]}
+    notes = []
+    split_gts, split_res = coco_metrics._cjk_as_words(gts, res, notes)
+    assert notes == [coco_metrics.NOTE_CJK]
+    assert split_res == res
+    assert {k: split_gts[k] for k in english} == english
+    assert split_gts[3][0].split() == ["a", "sign", "reads", "寿", "司"]
+    tokens = coco_metrics.ptb_tokenize_python(split_gts)
+    assert tokens[1] == coco_metrics.ptb_tokenize_python(english)[1]
+    assert "man 's" in tokens[1][0]
+
 # --------------------------------------------------------------------------- results JSON
 def test_write_results(tmp_path):
     path = tmp_path / "out" / "results.json"

@@ -235,13 +235,15 @@ def _entry(r) -> Entry:
 def _parse_lines(text: str, index: Index) -> None:
     """Add the entries of JSON-lines `text` to `index`; malformed lines (not JSON, not an
     object, a field missing or of another type) are counted and skipped."""
+    # lines end at "\n" alone: JSON leaves U+2028, U+2029 and U+0085 in a name unescaped,
+    # and `splitlines` split an entry there (read under another key, or skipped)
+    lines = text.split("\n")
     try:  # the fast path: one parse of the whole text (0.43 s CPU for 123k lines)
-        rows = json.loads("[" + ",".join(line for line in text.splitlines() if line.strip())
-                          + "]")
+        rows = json.loads("[" + ",".join(line for line in lines if line.strip()) + "]")
         entries = [_entry(r) for r in rows]
     except (json.JSONDecodeError, KeyError, TypeError):
         entries = []
-        for line in text.splitlines():
+        for line in lines:
             try:
                 r = json.loads(line) if line.strip() else None
                 if r is not None:

@@ -152,6 +152,27 @@ def test_an_images_folder_whose_name_is_not_utf8_is_read_back_exactly(tmp_path):
     assert feature_index.load_index(cache).entries["a.jpg"][0].images_dir == folder
 
 
+def test_names_with_unicode_line_separators_are_read_back_as_written(tmp_path):
+    """JSON leaves U+2028, U+2029 and U+0085 unescaped, but `str.splitlines` ends a line at
+    each: an image named "a\u2028b.png" (or in such a folder) was split into two lines, read
+    back under another key ("a,b.png") or as malformed, so every rerun extracted it again and
+    train left it out as "not in the cache's index"."""
+    cache = str(tmp_path)
+    keys = ["a\u2028b.png", "c\u2029d.png", "e\x85f.png", "g\x1ch.png", "plain.png"]
+    writer = SegmentWriter(cache, flush_seconds=3600, flush_entries=100)
+    for key in keys:
+        path = _write_feature(cache, key)
+        writer.add(make_entry(key, "f" * 16, os.stat(path), STAMP,
+                              images_dir="/data/x\u2028y"))
+    writer.close()
+    index = feature_index.load_index(cache)
+    assert sorted(index.entries) == sorted(keys) and index.skipped_lines == 0
+    assert {e[0].images_dir for e in index.entries.values()} == {"/data/x\u2028y"}
+    compacted, _ = feature_index.compact(cache, _path(cache))
+    assert sorted(compacted.entries) == sorted(keys)
+    assert sorted(feature_index.load_index(cache).entries) == sorted(keys)
+
+
 def test_a_segment_that_cannot_be_written_is_named_and_its_entries_stay_pending(
         tmp_path, monkeypatch):
     """A full disk while a segment was written raised the bare OSError (no file named; the

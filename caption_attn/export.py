@@ -217,6 +217,12 @@ def _settings(info: dict) -> dict:
     if isinstance(info.get("saved_model"), dict):   # a signature TF Serving may not have yet
         found["signatures"] = ", ".join(sorted(
             [SIGNATURE] + ([LOAD_SIGNATURE] if "load_images" in info["saved_model"] else [])))
+    # the graph: the code that built it, and the TensorFlow that ran it (TF Serving keeps a
+    # loaded version's graph whatever the export folder holds since)
+    if isinstance(info.get("tensorflow"), str):
+        found["tensorflow"] = info["tensorflow"]
+    if isinstance(info.get("code_sha256"), str):
+        found["caption_attn code"] = info["code_sha256"][:12]
     if "tflite" in info:
         lite = info["tflite"]
         found["tflite"] = "off" if not isinstance(lite, dict) else \
@@ -641,7 +647,22 @@ def _describe(run: RunFolder, captioner: Captioner, backbone: Backbone, best=Non
                                         "outputs": {"pixels": "uint8 (N, 299, 299, 3)",
                                                     "decoded": "bool (N,)"}}},
         "tflite": None, "caption_attn": __version__, "tensorflow": tf.__version__,
+        "code_sha256": code_digest(),
     }
+
+
+def code_digest() -> str:
+    """sha256 of the caption_attn package's Python files (names and bytes, in name order):
+    the code that built the graph. Its version number alone did not change with it, and a
+    re-export after an upgrade (another decoding of the images) said nothing, while a TF
+    Serving server that had loaded that version kept the old graph."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".py")):
+        digest.update(f"{name}\0".encode())
+        with open(os.path.join(folder, name), "rb") as f:
+            digest.update(hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()
 
 
 def weights_digest(model) -> str:

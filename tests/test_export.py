@@ -172,6 +172,7 @@ def test_signature_and_printed_summary(exported, served, trained_run):
     assert served[3] == {"inputs": {"images": ["string", [None]]},
                          "outputs": {"pixels": ["uint8", [None, 299, 299, 3]],
                                      "decoded": ["bool", [None]]}}
+    assert info["code_sha256"] == export.code_digest() and info["tensorflow"] == export.tf.__version__
     assert info["saved_model"]["load_images"] == {
         "signature": "load_images", "inputs": {"images": "string (N,)"},
         "outputs": {"pixels": "uint8 (N, 299, 299, 3)", "decoded": "bool (N,)"}}
@@ -1324,6 +1325,24 @@ def test_a_reexport_that_adds_the_load_images_signature_says_so():
     assert export.changed_settings(earlier, new) == [
         "signatures serving_default -> load_images, serving_default"]
     assert export.changed_settings(new, new) == []
+
+
+def test_a_reexport_by_other_code_or_tensorflow_says_so():
+    """The same model exported again into its version folder after caption_attn or
+    TensorFlow was upgraded: the graph (the images' decoding, the decoder) may be another,
+    which a TF Serving server that loaded that version never loads, and nothing was said
+    (the model, its vocabulary and settings are the same)."""
+    earlier = {"weights_sha256": "a" * 64, "tensorflow": "2.16.1", "code_sha256": "b" * 64}
+    new = {"weights_sha256": "a" * 64, "tensorflow": "2.17.0", "code_sha256": "c" * 64}
+    assert export.changed_settings(earlier, new) == [
+        "tensorflow 2.16.1 -> 2.17.0", "caption_attn code bbbbbbbbbbbb -> cccccccccccc"]
+    assert export.changed_settings(new, new) == []
+    # an export.json written before the code digest: the rest is compared
+    assert export.changed_settings({"weights_sha256": "a" * 64, "tensorflow": "2.17.0"},
+                                   new) == []
+    # the digest of the package's code as it is: the same twice, another when a file differs
+    digest = export.code_digest()
+    assert re.fullmatch("[0-9a-f]{64}", digest) and export.code_digest() == digest
 
 
 def test_an_earlier_export_that_cannot_be_removed_leaves_the_new_one_and_says_so(

@@ -157,17 +157,22 @@ def prefer_wide_xla_vectors(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) 
 
 
 def native_bfloat16(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) -> bool:
-    """Whether bfloat16 runs natively here: on a GPU, or a CPU with AVX512-BF16 or AMX. On
-    others (AVX2-only CPUs) TensorFlow emulates it, slower than float32, so no automatic
-    choice may pick it there. Nor where `ONEDNN_MAX_CPU_ISA` (or its old name
-    `DNNL_MAX_CPU_ISA`) caps oneDNN below AVX512-BF16: TensorFlow still sends bfloat16 ops to
-    oneDNN by the CPU's flags, which emulates them under `AVX512_CORE` and has no kernel for
-    them below (the process aborts: `onednn_aborts_on`)."""
+    """Whether bfloat16 runs natively here: on a GPU of compute capability 8.0 or more
+    (Ampere on; a T4 or V100 has no bfloat16 units), or a CPU with AVX512-BF16 or AMX whose
+    bfloat16 ops TensorFlow gives to oneDNN. On others (AVX2-only CPUs) TensorFlow emulates
+    it, slower than float32, so no automatic choice may pick it there. Nor where oneDNN is
+    off (`TF_ENABLE_ONEDNN_OPTS=0`: Eigen's kernels, as on an AVX2-only CPU; not measured),
+    nor where `ONEDNN_MAX_CPU_ISA` (or its old name `DNNL_MAX_CPU_ISA`) caps oneDNN below
+    AVX512-BF16: TensorFlow still sends bfloat16 ops to oneDNN by the CPU's flags, which
+    emulates them under `AVX512_CORE` and has no kernel for them below (the process aborts:
+    `onednn_aborts_on`)."""
     import tensorflow as tf
 
-    if tf.config.list_physical_devices("GPU"):
-        return True
-    if _onednn_cap(environ) in ISA_WITHOUT_BFLOAT16:
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:   # the ops run on the first one
+        found = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
+        return tuple(found or (0, 0)) >= (8, 0)
+    if _onednn_cap(environ) in ISA_WITHOUT_BFLOAT16 or not onednn_on(cpuinfo, environ):
         return False
     return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
 

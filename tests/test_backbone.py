@@ -313,6 +313,38 @@ def test_a_onednn_cap_below_bfloat16_is_not_native(tmp_path, environ, native):
     assert native_bfloat16(str(cpuinfo), environ) is native
 
 
+@pytest.mark.parametrize("chosen, native", [("0", False), ("false", False), ("1", True),
+                                            ("", True)])
+def test_bfloat16_is_not_native_where_onednn_is_turned_off(tmp_path, chosen, native):
+    """`TF_ENABLE_ONEDNN_OPTS=0` on an AVX512-BF16 or AMX CPU: TensorFlow runs bfloat16 ops on
+    Eigen's kernels, as on an AVX2-only CPU, yet the demo picked bfloat16 there."""
+    from caption_attn.backbone import native_bfloat16
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16\n")
+    environ = {"TF_ENABLE_ONEDNN_OPTS": chosen} if chosen else {}
+    assert native_bfloat16(str(cpuinfo), environ) is native
+
+
+@pytest.mark.parametrize("capability, native", [((7, 5), False), ((7, 0), False),
+                                                ((8, 0), True), ((9, 0), True), (None, False)])
+def test_bfloat16_is_native_only_on_gpus_that_have_it(tmp_path, monkeypatch, capability,
+                                                       native):
+    """Any GPU counted as native bfloat16: a T4 (7.5) or V100 (7.0), which have no bfloat16
+    units, got it from the demo. From Ampere (8.0) on they have; a GPU whose compute
+    capability TensorFlow does not give is not counted. The CPU's flags do not matter then."""
+    import tensorflow as tf
+    from caption_attn.backbone import native_bfloat16
+    gpu = tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: [gpu] if kind == "GPU" else [])
+    details = {} if capability is None else {"compute_capability": capability}
+    monkeypatch.setattr(tf.config.experimental, "get_device_details",
+                        lambda device: details if device is gpu else {})
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16\n")
+    assert native_bfloat16(str(cpuinfo), environ={}) is native
+
+
 AMX_XEON = "GenuineIntel avx2 fma avx512f avx512bw avx512_bf16 avx512_fp16 amx_bf16 amx_tile"
 ZEN5 = "AuthenticAMD avx2 fma avx512f avx512bw avx512_vnni avx512_bf16"
 ZEN3 = "AuthenticAMD avx2 fma"

@@ -47,7 +47,7 @@ from caption_attn.scst import SelfCritical, recorded_digest
 from caption_attn.steps import EpochTotals, Steps
 from caption_attn.train_data import (SPLIT_FIELDS, EpochData, TrainData, checked_in_line,
                                      features_as_recorded, images_why,
-                                     load_train_data as _load_train_data)
+                                     load_train_data as _load_train_data, machine_memory)
 from caption_attn.validation import SampleFigures, Validator, table_or_files
 from caption_attn.vocab import SPECIAL_TOKENS, UNK
 
@@ -2020,11 +2020,9 @@ def check_model_size(cfg: RunConfig, memory_bytes: Optional[int] = None,
     process build 10 billion weights and end in an OOM traceback (or the OOM killer) after
     the data was loaded. Activations come on top, so a model that passes can still be too
     large."""
+    memory_bytes = machine_memory() if memory_bytes is None else memory_bytes
     if memory_bytes is None:
-        try:
-            memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (AttributeError, ValueError, OSError):   # no sysconf (Windows)
-            return
+        return
     mc, words = cfg.model, vocab_tokens or cfg.vocab.vocab_size + len(SPECIAL_TOKENS)
     weights = parameter_count(words, mc.embedding_dim, mc.units)
     needed = weights * 4 * TRAINING_COPIES

@@ -418,6 +418,18 @@ def hash_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**31 - 1)
 
 
+# the feature table while it is built: the batches read, then their concatenation
+TABLE_COPIES = 2
+
+
+def machine_memory() -> Optional[int]:
+    """This machine's physical memory in bytes; None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):   # no sysconf (Windows)
+        return None
+
+
 class EpochData:
     """The input of every epoch of one run, distributed over `strategy`'s replicas: caption
     batches (cross-entropy, validation loss) and image batches (self-critical), with their
@@ -441,13 +453,24 @@ class EpochData:
         self._df_digest: Optional[str] = None
 
     def load_table(self) -> None:
-        """Keep the train and val features in memory when they fit in --memory-cache-gb."""
+        """Keep the train and val features in memory when they fit in --memory-cache-gb,
+        and building the table (`TABLE_COPIES` times their bytes) in this machine's memory
+        (else a note: an OOM kill, after --fresh had deleted the run, said nothing)."""
         gb, d = self.cfg.train.memory_cache_gb, self.data
         paths = sorted({d.feature_paths[k] for split in ("train", "val")  # never the test split
                         for k in d.caption_ids[split]})
-        if gb > 0 and len(paths) * d.reader.num_bytes <= gb * 2**30:
-            self.table = pipeline.FeatureTable(
-                d.reader, paths, fix=f"run `{self.repair_command()}`: it re-extracts them")
+        size = len(paths) * d.reader.num_bytes
+        if gb <= 0 or size > gb * 2**30:
+            return
+        memory = machine_memory()
+        if memory is not None and TABLE_COPIES * size > memory:
+            self.log(f"note: --memory-cache-gb {gb:g}: the train and val features take "
+                     f"{size / 2**30:.2g} GB, and building them into a table in memory takes "
+                     f"about twice that, more than this machine's {memory / 2**30:.2g} GB: "
+                     f"they are read from the cache on disk instead")
+            return
+        self.table = pipeline.FeatureTable(
+            d.reader, paths, fix=f"run `{self.repair_command()}`: it re-extracts them")
 
     def repair_command(self) -> str:
         """The `extract-features --verify` command, with every flag, that repairs damaged

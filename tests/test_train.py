@@ -1415,6 +1415,37 @@ def test_memory_table_holds_train_and_val_features_only(trained):
                        if k in data.feature_paths}
 
 
+def test_a_memory_table_larger_than_this_machine_can_build_is_read_from_disk(trained,
+                                                                             monkeypatch):
+    """--memory-cache-gb 64 on a 16 GB machine with 32 GB of COCO features: the table was
+    built in memory (about twice its size while it is built) and the OOM killer ended the
+    process without a word, after --fresh had deleted the run. Read from disk, with a note."""
+    from caption_attn import train_data
+    inputs = trained["trainer"].inputs
+    kept, lines = inputs.table, []
+    size = kept.table.shape[0] * inputs.data.reader.num_bytes
+    monkeypatch.setattr(inputs, "log", lines.append)
+    try:
+        monkeypatch.setattr(train_data, "machine_memory", lambda: 2 * size - 1)
+        inputs.table = None
+        inputs.load_table()
+        assert inputs.table is None
+        assert lines == [f"note: --memory-cache-gb {inputs.cfg.train.memory_cache_gb:g}: the "
+                         f"train and val features take {size / 2**30:.2g} GB, and building "
+                         f"them into a table in memory takes about twice that, more than "
+                         f"this machine's {(2 * size - 1) / 2**30:.2g} GB: they are read from "
+                         f"the cache on disk instead"]
+        monkeypatch.setattr(train_data, "machine_memory", lambda: 2 * size)   # it fits
+        inputs.load_table()
+        assert inputs.table is not None and len(lines) == 1
+        monkeypatch.setattr(train_data, "machine_memory", lambda: None)      # unknown: as asked
+        inputs.table = None
+        inputs.load_table()
+        assert inputs.table is not None and len(lines) == 1
+    finally:
+        inputs.table = kept
+
+
 def test_empty_validation_split_is_refused_before_training(shapes_data, tmp_path):
     with open(shapes_data["captions"]) as f:
         captions = json.load(f)

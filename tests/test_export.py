@@ -172,7 +172,8 @@ def test_signature_and_printed_summary(exported, served, trained_run):
     assert served[3] == {"inputs": {"images": ["string", [None]]},
                          "outputs": {"pixels": ["uint8", [None, 299, 299, 3]],
                                      "decoded": ["bool", [None]]}}
-    assert info["code_sha256"] == export.code_digest() and info["tensorflow"] == export.tf.__version__
+    assert info["code_sha256"] == export.code_digest()
+    assert info["tensorflow"] == export.tf.__version__
     assert info["saved_model"]["load_images"] == {
         "signature": "load_images", "inputs": {"images": "string (N,)"},
         "outputs": {"pixels": "uint8 (N, 299, 299, 3)", "decoded": "bool (N,)"}}

@@ -437,7 +437,9 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     as photos); `heatmaps` that is a folder given, or the folder of an image given, or a
     folder above either, is refused (its heatmaps, which need not overwrite an image, would be
     captioned by a later run on that folder); `check_heatmap_targets` refuses one below
-    holding anything but heatmaps, whose images would be left out here. A path that does not
+    holding anything but heatmaps, whose images would be left out here. A folder given that
+    holds no image is a UserError alone (or without `unreadable`), else reported in
+    `unreadable` as a file that cannot be read is. A path that does not
     exist is a UserError (before the model is loaded: it is a typo, not one bad image of
     many); an existing file that is no image is reported later, by
     `Captioner.caption_images`, while the others are captioned. So is a folder below a folder
@@ -457,7 +459,7 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
         raise UserError(f"{missing[0]}: {_why_missing(missing[0])}"
                         + (f" (and {len(missing) - 1} more: {', '.join(missing[1:4])})"
                            if len(missing) > 1 else ""))
-    out = []
+    out, empty = [], []   # empty: (a folder given without images, what it holds instead)
     for arg in args:
         if os.path.isdir(arg):
             folders: dict = {}
@@ -488,11 +490,11 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
                 locked = (f" it could list ({len(folders)} folder(s) below it cannot be read, "
                           f"e.g. {os.path.join(arg, next(iter(folders)))}: "
                           f"{next(iter(folders.values()))})" if folders else "")
-                raise UserError(f"{arg}: no image files in this folder{locked}"
-                                + (f" (outside --plot-attention {heatmaps})" if below else "")
-                                + (f" besides {len(ours)} heatmap(s) caption-attn drew"
-                                   if ours else "")
-                                + (f"; {left_out_note(others, 'there')}" if others else ""))
+                empty.append((arg, f"no image files in this folder{locked}"
+                              + (f" (outside --plot-attention {heatmaps})" if below else "")
+                              + (f" besides {len(ours)} heatmap(s) caption-attn drew"
+                                 if ours else "")
+                              + (f"; {left_out_note(others, 'there')}" if others else "")))
             out += found
         else:
             folder = os.path.dirname(arg) or "."
@@ -503,6 +505,12 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
                 _refuse_heatmaps_among_images(heatmaps, heatmaps, f"a folder above {arg}, an "
                                                                    f"image being captioned")
             out.append(arg)
+    # a folder without images among others is one item's report (`caption photos/*` whose
+    # glob matched an empty folder was refused whole); alone, nothing could be captioned
+    if empty and (not out or unreadable is None):
+        raise UserError(f"{empty[0][0]}: {empty[0][1]}")
+    if unreadable is not None:
+        unreadable.update({os.path.join(arg, ""): why for arg, why in empty})
     # one file spelled twice (x.png ./x.png, a folder and a file in it, a folder reached
     # through a symlink beside it: `list_images` lists both paths) is captioned once, under
     # its first spelling, in the order given

@@ -1218,6 +1218,29 @@ def test_a_folder_given_hands_back_the_files_it_leaves_out(tmp_path):
         captioner.expand_image_args([str(tmp_path)])
 
 
+def test_a_folder_without_images_among_other_images_is_reported_not_fatal(tmp_path):
+    """`caption photos/*`, whose glob also matched an empty folder (or one of .heic files, or
+    an earlier run's heatmaps): the whole job was refused, exit 2, nothing captioned. Now that
+    folder is one item's report, as an unreadable file is; alone, it is still refused."""
+    photos = tmp_path / "photos"
+    (photos / "empty").mkdir(parents=True)
+    (photos / "raw").mkdir()
+    (photos / "raw" / "b.heic").write_bytes(b"x")
+    (photos / "a.jpg").write_bytes(b"x")
+    args = [str(photos / "a.jpg"), str(photos / "empty"), str(photos / "raw")]
+    unreadable: dict = {}
+    assert captioner.expand_image_args(args, unreadable=unreadable) == [args[0]]
+    assert sorted(unreadable) == [str(photos / "empty") + "/", str(photos / "raw") + "/"]
+    assert unreadable[str(photos / "empty") + "/"] == "no image files in this folder"
+    assert unreadable[str(photos / "raw") + "/"].startswith(
+        "no image files in this folder; left out 1 file(s) there whose extension is not an "
+        "image's (b.heic)")
+    with pytest.raises(UserError, match=r"empty: no image files in this folder$"):
+        captioner.expand_image_args(args[1:], unreadable={})   # nothing to caption at all
+    with pytest.raises(UserError, match=r"empty: no image files in this folder$"):
+        captioner.expand_image_args(args)   # a caller that takes no reports
+
+
 def test_a_heatmap_folder_inside_an_image_folder_is_not_captioned(tmp_path):
     """`caption photos --plot-attention photos/heat`, run a second time, captioned the first
     run's heatmaps as photos (and drew heatmaps of them)."""

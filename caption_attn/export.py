@@ -658,7 +658,9 @@ def code_digest() -> str:
     Serving server that had loaded that version kept the old graph."""
     folder = os.path.dirname(os.path.abspath(__file__))
     digest = hashlib.sha256()
-    for name in sorted(n for n in os.listdir(folder) if n.endswith(".py")):
+    # (not an editor's files: Emacs' `.#export.py` lock is a dangling link)
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".py")
+                       and not n.startswith(".") and os.path.isfile(os.path.join(folder, n))):
         digest.update(f"{name}\0".encode())
         with open(os.path.join(folder, name), "rb") as f:
             digest.update(hashlib.sha256(f.read()).digest())

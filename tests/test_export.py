@@ -1328,7 +1328,7 @@ def test_a_reexport_that_adds_the_load_images_signature_says_so():
     assert export.changed_settings(new, new) == []
 
 
-def test_a_reexport_by_other_code_or_tensorflow_says_so():
+def test_a_reexport_by_other_code_or_tensorflow_says_so(tmp_path, monkeypatch):
     """The same model exported again into its version folder after caption_attn or
     TensorFlow was upgraded: the graph (the images' decoding, the decoder) may be another,
     which a TF Serving server that loaded that version never loads, and nothing was said
@@ -1341,9 +1341,20 @@ def test_a_reexport_by_other_code_or_tensorflow_says_so():
     # an export.json written before the code digest: the rest is compared
     assert export.changed_settings({"weights_sha256": "a" * 64, "tensorflow": "2.17.0"},
                                    new) == []
-    # the digest of the package's code as it is: the same twice, another when a file differs
+    # the digest of the package's code as it is: the same twice, another when a file differs,
+    # and an editor's lock file (a dangling link) is no code
     digest = export.code_digest()
     assert re.fullmatch("[0-9a-f]{64}", digest) and export.code_digest() == digest
+    package = tmp_path / "caption_attn"
+    shutil.copytree(os.path.dirname(export.__file__), package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(export, "__file__", str(package / "export.py"))
+    assert export.code_digest() == digest
+    os.symlink(str(tmp_path / "gone"), package / ".#export.py")
+    assert export.code_digest() == digest
+    with open(package / "graph_images.py", "a") as f:
+        f.write("\n")
+    assert export.code_digest() != digest
 
 
 def test_an_earlier_export_that_cannot_be_removed_leaves_the_new_one_and_says_so(

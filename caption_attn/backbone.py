@@ -169,7 +169,7 @@ def native_bfloat16(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) -> bool:
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
-    if gpus:   # the ops run on the first one
+    if gpus:   # the ops run on the first one (a ROCm GPU gives no capability: float32)
         found = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
         return tuple(found or (0, 0)) >= (8, 0)
     if _onednn_cap(environ) in ISA_WITHOUT_BFLOAT16 or not onednn_on(cpuinfo, environ):

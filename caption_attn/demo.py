@@ -223,8 +223,9 @@ def _recorded_precision(cache: str) -> Optional[str]:
 
 
 def backbone_precision(cfg: DemoConfig, cache: str, log) -> str:
-    """The precision of the demo's backbone: bfloat16 where it runs natively, float32 on
-    AVX2-only CPUs; but a cache already extracted keeps the precision it was made in (its
+    """The precision of the demo's backbone: bfloat16 where it runs natively
+    (`native_bfloat16`), float32 elsewhere (AVX2-only CPUs, oneDNN off, GPUs before
+    Ampere); but a cache already extracted keeps the precision it was made in (its
     manifest records it), so a rerun reuses it on any CPU (one made on another CPU kind, or
     under the README's ONEDNN_MAX_CPU_ISA=AVX2) as the README promises. The demo has no
     --precision, so the refusal extract-features gave there named flags it has not."""

@@ -93,15 +93,8 @@ LEARNING_RATE = number(MIN_LEARNING_RATE, MAX_LEARNING_RATE)   # [1e-9, 10]
 # weights (about clip / sqrt(weights) each) under Adam's epsilon (1e-7), so the steps shrink
 # toward none; 1e-300 is float32's 0, which zeroed every gradient. Such a run "trained" every
 # epoch and ended with exit 0 and about its initial weights. Useful ones are 0.1 to 10.
+# Refused by `train` (`check_train_flags`), not here: a run's config.json must still load.
 MIN_CLIP_NORM = 1e-3
-
-
-def _clip_norm(value) -> Optional[str]:
-    if value == 0 and not isinstance(value, bool):
-        return None
-    if number(MIN_CLIP_NORM)(value):
-        return f"must be 0 (no clipping) or a finite number >= {MIN_CLIP_NORM:g}"
-    return None
 
 
 # The attention regulariser's weight: 1e39 is float32's inf (an infinite loss, said to be a
@@ -373,7 +366,7 @@ class TrainConfig(Config):
     lr_schedule: str = opt("constant", "learning-rate schedule over the cross-entropy steps",
                            choices=("constant", "cosine"))
     clip_norm: float = opt(5.0, f"clip gradients by this global norm (0 disables; else at "
-                                f"least {MIN_CLIP_NORM:g})", check=_clip_norm)
+                                f"least {MIN_CLIP_NORM:g})", check=NON_NEGATIVE)
     ema: float = opt(0.0, "keep an exponential moving average of the weights with this "
                      "momentum (0.995 averages about the last 200 steps, fewer during the "
                      "first ~1800) and validate, choose and save the best model, and draw "

@@ -35,7 +35,8 @@ from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoa
                                     heatmap_names, log_hparams, log_missing_epochs,
                                     prune_event_files)
 from caption_attn.cider import CiderD
-from caption_attn.config import DTYPE_POLICIES, MONITORS, RunConfig, TrainConfig, flag_name
+from caption_attn.config import (DTYPE_POLICIES, MIN_CLIP_NORM, MONITORS, RunConfig,
+                                 TrainConfig, flag_name)
 from caption_attn.errors import TrainingError, UserError, free_space
 from caption_attn.fileio import check_utf8_path, read_json, temp_name, write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
@@ -1959,6 +1960,11 @@ def _epoch_line(entry: dict) -> str:
 def check_train_flags(tc: TrainConfig) -> None:
     """UserError for flag combinations `train` refuses (checked here, not by TrainConfig: the
     config.json of a run made before must still load for `caption` and `evaluate`)."""
+    if 0 < tc.clip_norm < MIN_CLIP_NORM:
+        raise UserError(f"--clip-norm {tc.clip_norm:g}: a clip norm below {MIN_CLIP_NORM:g} "
+                        f"leaves the clipped gradients under Adam's epsilon (1e-7), so no "
+                        f"weight would move; give 0 (no clipping) or at least "
+                        f"{MIN_CLIP_NORM:g} (0.1 to 10 are usual)")
     if tc.scst_after is None:
         ignored = [flag_name(TrainConfig.__dataclass_fields__[name]) for name in
                    ("scst_samples", "scst_baseline", "scst_learning_rate")

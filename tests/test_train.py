@@ -2133,6 +2133,24 @@ def test_more_scst_samples_than_batch_size_is_refused_up_front(shapes_data, tmp_
                             .train)
 
 
+@pytest.mark.parametrize("clip", [1e-300, 1e-5])
+def test_a_clip_norm_too_small_to_move_a_weight_is_refused_by_train(shapes_data, tmp_path,
+                                                                     clip):
+    """Clipped to float32's 0 every gradient was 0 (1e-300), and far below 1e-3 Adam's epsilon
+    outweighs the clipped gradients: a run that "trained" without moving, exit 0. Refused by
+    train before anything is written; a run's config.json with such a value still loads (for
+    `caption`, `evaluate` and `export` of a run trained so before)."""
+    run = str(tmp_path / "run")
+    with pytest.raises(UserError, match=rf"^--clip-norm {clip:g}: a clip norm below 0.001 "
+                                        rf".* give 0 \(no clipping\) or at least 0.001"):
+        train.train(small_config(shapes_data, clip_norm=clip), run, progress=False,
+                    log=lambda *a: None)
+    assert not os.path.exists(run)
+    assert TrainConfig(clip_norm=clip).clip_norm == clip
+    for fine in (0, 0.001, 5.0):
+        train.check_train_flags(TrainConfig(clip_norm=fine))
+
+
 def test_self_critical_flags_without_scst_after_are_refused():
     """--scst-samples, --scst-baseline and --scst-learning-rate without --scst-after changed
     nothing, and config.json recorded them as the run's settings, exit 0."""

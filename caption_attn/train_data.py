@@ -422,12 +422,27 @@ def hash_seed(seed: int, epoch: int) -> int:
 TABLE_COPIES = 2
 
 
-def machine_memory() -> Optional[int]:
-    """This machine's physical memory in bytes; None where the OS does not say."""
+# a container's memory limit (cgroup v2, then v1): the machine's memory is the host's there
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def machine_memory(limits=CGROUP_LIMITS) -> Optional[int]:
+    """The memory this process may use in bytes: the machine's physical memory, or the
+    container's limit when lower (`limits`: files holding it); None where the OS does not
+    say."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        found = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):   # no sysconf (Windows)
         return None
+    for path in limits:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():                           # "max" (v2) or a huge number: none
+            found = min(found, int(text))
+    return found
 
 
 class EpochData:
@@ -465,8 +480,8 @@ class EpochData:
         memory = machine_memory()
         if memory is not None and TABLE_COPIES * size > memory:
             self.log(f"note: --memory-cache-gb {gb:g}: the train and val features take "
-                     f"{size / 2**30:.2g} GB, and building them into a table in memory takes "
-                     f"about twice that, more than this machine's {memory / 2**30:.2g} GB: "
+                     f"{size / 2**30:.1f} GB, and building them into a table in memory takes "
+                     f"about twice that, more than this machine's {memory / 2**30:.1f} GB: "
                      f"they are read from the cache on disk instead")
             return
         self.table = pipeline.FeatureTable(

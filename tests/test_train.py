@@ -1431,9 +1431,9 @@ def test_a_memory_table_larger_than_this_machine_can_build_is_read_from_disk(tra
         inputs.load_table()
         assert inputs.table is None
         assert lines == [f"note: --memory-cache-gb {inputs.cfg.train.memory_cache_gb:g}: the "
-                         f"train and val features take {size / 2**30:.2g} GB, and building "
+                         f"train and val features take {size / 2**30:.1f} GB, and building "
                          f"them into a table in memory takes about twice that, more than "
-                         f"this machine's {(2 * size - 1) / 2**30:.2g} GB: they are read from "
+                         f"this machine's {(2 * size - 1) / 2**30:.1f} GB: they are read from "
                          f"the cache on disk instead"]
         monkeypatch.setattr(train_data, "machine_memory", lambda: 2 * size)   # it fits
         inputs.load_table()
@@ -1444,6 +1444,21 @@ def test_a_memory_table_larger_than_this_machine_can_build_is_read_from_disk(tra
         assert inputs.table is not None and len(lines) == 1
     finally:
         inputs.table = kept
+
+
+def test_the_memory_of_a_container_is_its_limit(tmp_path):
+    """Under a cgroup limit (Docker, Kubernetes, Slurm) the host's memory is not this
+    process's: the OOM killer ended it at the limit."""
+    from caption_attn import train_data
+    host = train_data.machine_memory(limits=())
+    assert host > 0
+    v2, v1 = tmp_path / "memory.max", tmp_path / "limit_in_bytes"
+    v2.write_text("max\n")
+    v1.write_text(f"{2**30}\n")
+    assert train_data.machine_memory(limits=(str(v2),)) == host       # no limit
+    assert train_data.machine_memory(limits=(str(v2), str(v1))) == min(host, 2**30)
+    v1.write_text(f"{host * 4}\n")                                     # above the host's
+    assert train_data.machine_memory(limits=(str(v1), str(tmp_path / "none"))) == host
 
 
 def test_empty_validation_split_is_refused_before_training(shapes_data, tmp_path):

@@ -102,6 +102,8 @@ class CaptionSet:
     # no `captions` and those as `wordless`: never trained on, but pycocoevalcap scores an
     # image against such references (`evaluate` does too, when the image is in the split)
     wordless_only: list[ImageRecord] = field(default_factory=list)
+    # (line, image) of the CSV rows that repeat an earlier row exactly, read once
+    repeated: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def refused_paths(self) -> int:
@@ -140,6 +142,21 @@ class CaptionSet:
                 f"once punctuation is removed)")
         return note + (f"; {len(self.uncaptioned)} image(s) {left_out}" if self.uncaptioned
                        else "")
+
+    def repeated_note(self) -> Optional[str]:
+        """What a command that uses the captions says of the CSV rows read once as repeats of
+        an earlier row (None when there are none): a CSV does not number an image's captions,
+        so a file joined with an overlap and two annotators' identical captions look alike."""
+        if not self.repeated:
+            return None
+        n, (line, image) = len(self.repeated), self.repeated[0]
+        one = n == 1
+        return (f"{counted(n, 'row')} of {self.path} repeat{'s' if one else ''} an earlier row "
+                f"of the same image and caption (e.g. line {line}, {image!r}) and "
+                f"{'is' if one else 'are'} read once, as rows of a file joined with an "
+                f"overlap; captions written alike for one image by two annotators are read "
+                f"once too (a CSV does not number them; Flickr8k.token.txt's IMAGE#N keeps "
+                f"both)")
 
     def keys_to_extract(self) -> list[str]:
         """The images `extract-features --captions` is given: every record's, and every
@@ -214,6 +231,7 @@ class _Collector:
         self.bare: dict[str, None] = {}  # of those, keys given no caption at all (so far)
         self.wordless: dict[str, list[str]] = {}  # captions without a word, per key
         self.silent: dict[str, ImageRecord] = {}  # keys first seen with only such captions
+        self.repeated: list[tuple[int, str]] = []  # (line, image) of CSV rows read once
 
     def add(self, raw_path: str, captions: list[str], where: str, split: Optional[str] = None,
             image_id: Any = None, objects: Optional[list] = None,
@@ -270,7 +288,7 @@ class _Collector:
             record.wordless = self.wordless[record.image]
         return CaptionSet(self.path, fmt, records, self.skipped_empty, refused, has_split,
                           uncaptioned, "file" if has_split else None,
-                          wordless_only=wordless_only)
+                          wordless_only=wordless_only, repeated=self.repeated)
 
 
 # --------------------------------------------------------------------------- reading files
@@ -728,6 +746,7 @@ def _parse_flickr_csv(path: str, text: str, out: _Collector) -> None:
             raise UserError(f"{path}: line {number}: expected 2 fields (image,caption), got "
                             f"{len(row)}; quote captions that contain commas")
         if (_csv_name(row[0]), row[1].strip()) in seen:
+            out.repeated.append((number, _csv_name(row[0])))
             continue
         seen.add((_csv_name(row[0]), row[1].strip()))
         out.add(row[0], [row[1]], f"line {number}")
@@ -1155,6 +1174,9 @@ def describe(captions_path: str, data_cfg: DataConfig, vocab_cfg: VocabConfig,
                                "examples": captions.uncaptioned[:MAX_EXAMPLES]},
         "refused_paths": {"count": captions.refused_paths,
                           "examples": captions.refused_examples},
+        "repeated_rows": {"count": len(captions.repeated),
+                          "examples": list(dict.fromkeys(
+                              image for _, image in captions.repeated))[:MAX_EXAMPLES]},
         "missing_images": _missing_images(captions, images_dir),
         "vocab_size": _vocab_size(captions, words, vocab_cfg),
         "caption_length": _caption_lengths(words),
@@ -1196,6 +1218,7 @@ def format_description(stats: dict) -> str:
     splits, length = stats["splits"], stats["caption_length"]
     refused, missing = stats["refused_paths"], stats["missing_images"]
     uncaptioned = stats["uncaptioned_images"]
+    repeated = stats.get("repeated_rows") or {"count": 0}
     rows = [
         ("file", stats["file"]),
         ("format", stats["format"]),
@@ -1207,6 +1230,9 @@ def format_description(stats: dict) -> str:
         ("no caption", f"{counted(uncaptioned['count'], 'image')} "
                        f"left out{_examples(uncaptioned['examples'])}"),
         ("refused paths", f"{refused['count']}{_examples(refused['examples'])}"),
+        *([("repeated rows", f"{repeated['count']} read once"
+                             f"{_examples(repeated['examples'])}")]
+          if repeated["count"] else []),
         ("missing images", "not checked (no images folder given)" if missing is None
          else f"{missing['count']}{_examples(missing['examples'])}"),
         ("vocabulary", f"{stats['vocab_size']} tokens (train split, incl. 4 special tokens)"),

@@ -131,6 +131,7 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
                 f"{verb} not in {captions} (e.g. {absent[0]!r}): scored the other {len(keys)}")
     if silent:
         note = "; ".join(filter(None, [note, _wordless_note(silent, split, captions)]))
+    note = "; ".join(filter(None, [note, loaded.repeated_note()]))   # the references read
     if not keys:
         raise UserError(f"{captions} has none of the {len(splits[split])} images of the run's "
                         f"{split} split: is it the caption file the run was trained with?")

@@ -1892,6 +1892,8 @@ def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
         trainer.log("note: " + d.refused_note)
     if d.empty_note:
         trainer.log("note: " + d.empty_note)
+    if d.repeated_note:
+        trainer.log("note: " + d.repeated_note)
 
 
 def _summary(trainer: Trainer, history, early, reason, seconds, epochs_before: int,

@@ -57,6 +57,7 @@ class TrainData:
     recorded_digests: Optional[dict] = None  # the run's image digests so far (on resume)
     refused_note: Optional[str] = None    # the caption file's refused image paths
     empty_note: Optional[str] = None      # its empty captions, images left without one
+    repeated_note: Optional[str] = None   # its CSV rows read once as repeats
     truncated_val: int = 0        # val captions cut the same way (val_loss is measured on them)
     split_source: Optional[str] = None    # "file", "lists" or "hash" (`data.CaptionSet`)
     split_note: Optional[str] = None      # what train says about the split
@@ -202,6 +203,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
                      split_source=captions.split_source, split_note=split_note,
                      caption_file=captions.stamp)
     data.problems = data.describe(problems) if problems else ""
+    data.repeated_note = captions.repeated_note()
     data.images_note = feature_cache.unchecked_images_note(
         cfg.cache, manifest, images_dir, run.images_dir(existing=False) if reuse else None)
     data.unfound_note = feature_cache.unfound_images_note(unfound, len(paths), images_dir,

@@ -716,11 +716,28 @@ def test_csv_row_repeated_is_one_caption(tmp_path):
     line once): it weighed double in training and in CIDEr."""
     text = (csv_text() + csv_text()[len("image,caption\n"):]
             + "\ufeffa.jpg,a circle that is red\n")
-    captions = data.load_captions(write(tmp_path, "c.csv", text))
+    path = write(tmp_path, "c.csv", text)
+    captions = data.load_captions(path)
     assert as_dict(captions) == EXPECTED
+    # said: a CSV cannot tell an overlap from two annotators' identical captions (Kaggle's
+    # Flickr8k captions.txt: Flickr8k.token.txt keeps both, and pycocoevalcap scores both)
+    n = len(ENTRIES) + 1
+    assert len(captions.repeated) == n
+    assert captions.repeated_note() == (
+        f"{n} rows of {path} repeat an earlier row of the same image and caption (e.g. line "
+        f"{len(ENTRIES) + 2}, {ENTRIES[0][0]!r}) and are read once, as rows of a file joined "
+        f"with an overlap; captions written alike for one image by two annotators are read "
+        f"once too (a CSV does not number them; Flickr8k.token.txt's IMAGE#N keeps both)")
+    stats = data.describe(path, DataConfig(), VocabConfig())
+    images = ["a.jpg", "b.jpg", "c.jpg"][:data.MAX_EXAMPLES]
+    assert stats["repeated_rows"] == {"count": n, "examples": images}
+    assert [" ".join(r.split()) for r in data.format_description(stats).splitlines()
+            if r.startswith("repeated rows")] == [
+        f"repeated rows {n} read once (e.g. {', '.join(map(repr, images))})"]
     # the same caption of another image is another caption
     captions = data.load_captions(write(tmp_path, "c.csv", csv_text() + "c.jpg,dogs play\n"))
     assert as_dict(captions)["c.jpg"] == EXPECTED["c.jpg"] + ["dogs play"]
+    assert captions.repeated == [] and captions.repeated_note() is None
 
 
 def test_token_image_n_with_two_different_captions_is_refused_naming_both_lines(tmp_path):

@@ -136,6 +136,26 @@ def test_the_metrics_record_every_decoding_setting(trained_run, tmp_path, monkey
                                  "top_k": 2, "seed": 7}
 
 
+def test_repeated_csv_rows_of_the_references_are_said(shapes_data, trained_run, tmp_path,
+                                                      monkeypatch):
+    """The references from a CSV caption file (Kaggle's Flickr8k captions.txt) whose rows
+    repeat exactly: read once, which two annotators' identical captions are too; the
+    metrics' notes say so."""
+    from caption_attn import data as data_lib
+    monkeypatch.setattr(evaluate, "_decode", lambda captioner, found, progress: {
+        k: captioner_lib.Caption(["a"], 0.0, np.zeros((2, 64))) for k in found.keys})
+    records = data_lib.load_captions(shapes_data["captions"]).records
+    rows = [(r.image, c) for r in records for c in r.captions]
+    path = tmp_path / "captions.txt"
+    path.write_text("image,caption\n" + "".join(f'{i},"{c}"\n' for i, c in rows + rows[:2]))
+    metrics = evaluate.evaluate_run(trained_run, "val", DecodeConfig(),
+                                    out=str(tmp_path / "m.json"), progress=False,
+                                    use_java=False, captions=str(path))
+    note = data_lib.load_captions(str(path)).repeated_note()
+    assert note.startswith(f"2 rows of {path} repeat an earlier row")
+    assert any(note in n for n in metrics["notes"]), metrics["notes"]
+
+
 def test_greedy_metrics_record_no_length_penalty(trained_run, tmp_path, monkeypatch):
     # --beam 1 (greedy) recorded "length_penalty": 0.0, a setting greedy decoding never uses
     monkeypatch.setattr(evaluate, "_decode", lambda captioner, found, progress: {

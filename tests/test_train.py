@@ -1180,6 +1180,22 @@ def test_a_cache_of_another_dataset_is_refused_beside_the_caption_files_images(s
     assert data.unusable == {}
 
 
+def test_repeated_csv_rows_are_said_by_train_and_evaluate_s_data(shapes_data, tmp_path):
+    """Kaggle's Flickr8k captions.txt holds no caption numbers: a row repeated exactly is read
+    once (a file joined with an overlap), which two annotators' identical captions are too;
+    train's data carries the note that says so (logged with the other caption notes)."""
+    from caption_attn import data as data_lib
+    records = data_lib.load_captions(shapes_data["captions"]).records
+    rows = [(r.image, c) for r in records for c in r.captions]
+    path = tmp_path / "captions.txt"
+    path.write_text("image,caption\n" + "".join(f'{i},"{c}"\n' for i, c in rows + rows[:1]))
+    cfg = dataclasses.replace(small_config(shapes_data), captions=str(path))
+    loaded = train.load_train_data(cfg, str(tmp_path / "run"), images_dir=shapes_data["images"])
+    assert loaded.repeated_note == data_lib.load_captions(str(path)).repeated_note()
+    assert loaded.repeated_note.startswith(f"1 row of {path} repeats an earlier row of the "
+                                           f"same image and caption (e.g. line {len(rows) + 2}")
+
+
 def test_a_cache_of_a_sibling_folder_of_the_same_names_is_refused(shapes_data, tmp_path):
     """Two datasets of the same file names in sibling folders, their caption files in the
     parent (data/capA.json, data/A/, data/capB.json, data/B/), the cache extracted from B:

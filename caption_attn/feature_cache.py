@@ -73,7 +73,7 @@ from caption_attn.fileio import (HOST, describe_holders, file_digest, flock, is_
                                  keras_file_atomic, lock_file, lock_holders, one_line,
                                  read_json, temp_name, write_bytes_atomic,
                                  write_json_atomic)
-from caption_attn.images import RESIZE_METHOD
+from caption_attn.images import RESIZE_METHOD, is_heatmap_file
 
 FORMAT_VERSION = 2               # bump when the meaning of cached files changes
                                  # (2: the per-file provenance index)
@@ -1264,9 +1264,10 @@ def other_images_beside(captions: str, digests: dict, checked_in: Optional[str]
     (`checked_in`) looked right. The third: a folder beside the caption file that is the one
     checked (by real path) or holds the very images (a copy of it): two datasets of the same
     names side by side (data/A/, data/B/, both caption files in data/), of which the caption
-    file may describe either; it alone said nothing, and A's captions trained on B's
-    features. None when no folder of other content is there. At most one listing,
-    (1 + MAX_BESIDE) x PROBE_NAMES stats and HASH_NAMES reads per folder."""
+    file may describe either (or a resized copy beside the originals); that case alone said
+    nothing, and A's captions trained on B's features. None when no folder of other content
+    is there (heatmaps `caption` drew are none). At most one listing, (1 + MAX_BESIDE) x
+    PROBE_NAMES stats and heatmap checks, and HASH_NAMES reads per folder."""
     sample = name_sample(digests, PROBE_NAMES)
     base = os.path.dirname(os.path.abspath(captions))
     try:
@@ -1283,7 +1284,9 @@ def other_images_beside(captions: str, digests: dict, checked_in: Optional[str]
             same = same or folder                   # its images are the features'
             continue
         prefix = os.path.join(folder, "")
-        present = [k for k in sample if _is_file(feature_index._stat(prefix + k))]
+        # (heatmaps `caption --plot-attention` drew beside the images bear their names)
+        present = [k for k in sample if _is_file(feature_index._stat(prefix + k))
+                   and not is_heatmap_file(prefix + k)]
         if 2 * len(present) <= len(sample):
             continue                                # not the caption file's images
         differ = []

@@ -1865,6 +1865,8 @@ def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
                                                "checked: no images folder is recorded"))
     if d.unfound_note:
         trainer.log("note: " + d.unfound_note)
+    if d.beside_note:
+        trainer.log("note: " + d.beside_note)
     n = trainer.cfg.vocab.max_length
     if d.truncated:
         trainer.log(f"note: {d.truncated} of {len(i.items['train'][0])} train captions are "

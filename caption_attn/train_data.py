@@ -58,6 +58,7 @@ class TrainData:
     refused_note: Optional[str] = None    # the caption file's refused image paths
     empty_note: Optional[str] = None      # its empty captions, images left without one
     repeated_note: Optional[str] = None   # its CSV rows read once as repeats
+    beside_note: Optional[str] = None     # other images of its names beside it (a new run)
     truncated_val: int = 0        # val captions cut the same way (val_loss is measured on them)
     split_source: Optional[str] = None    # "file", "lists" or "hash" (`data.CaptionSet`)
     split_note: Optional[str] = None      # what train says about the split
@@ -171,8 +172,8 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
         _refuse_shared_names(cfg, manifest, keys)
     images_dir, paths, problems, digests, recorded_digests, unfound = _usable_features(
         cfg, run, manifest, keys, reuse, images_dir)
-    if given is None and not resumed:
-        _refuse_other_images_beside(cfg, manifest, digests, images_dir)
+    beside = _refuse_other_images_beside(cfg, manifest, digests, images_dir) \
+        if given is None and not resumed else None
     skipped_captions = sum(len(records[k].captions) for k in problems)
     words = {k: tokenize_all(records[k].captions) for k in paths}  # for vocabulary and ids
     if reuse and os.path.exists(run.vocab):
@@ -204,6 +205,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
                      caption_file=captions.stamp)
     data.problems = data.describe(problems) if problems else ""
     data.repeated_note = captions.repeated_note()
+    data.beside_note = beside
     data.images_note = feature_cache.unchecked_images_note(
         cfg.cache, manifest, images_dir, run.images_dir(existing=False) if reuse else None)
     data.unfound_note = feature_cache.unfound_images_note(unfound, len(paths), images_dir,
@@ -289,27 +291,26 @@ def _refuse_shared_names(cfg: RunConfig, manifest: dict, keys: list[str]) -> Non
 
 
 def _refuse_other_images_beside(cfg: RunConfig, manifest: dict, digests: dict,
-                                checked_in: Optional[str]) -> None:
+                                checked_in: Optional[str]) -> Optional[str]:
     """A new run without --images on the cache of another dataset with the caption file's
     image names: the caption file's folder (or a subfolder, `images/`) holds images of its
-    names of other content than the features' (`feature_cache.other_images_beside`), even
-    when another folder beside it holds the features' images: which one the caption file
-    describes cannot be told. Refused, naming the folders."""
+    names of other content than the features' (`feature_cache.other_images_beside`).
+    Refused, naming both folders. When another folder beside it holds the features' images,
+    which of the two the caption file describes cannot be told (two datasets of the same
+    names side by side, or a resized copy beside the originals): the note that says so."""
     found = feature_cache.other_images_beside(cfg.captions, digests, checked_in)
     if found is None:
-        return
+        return None
     folder, key, same = found
     source = checked_in or manifest.get("images_dir")
     if same is not None:   # two folders beside it: either may be the caption file's
-        where = "also beside it" if source and os.path.realpath(same) == \
-            os.path.realpath(source) else f"as are those in {same}, also beside it"
-        raise UserError(f"{folder}, beside --captions {cfg.captions}, holds its images, but "
-                        f"the features in --cache {cfg.cache} were extracted from other "
-                        f"images of those names (e.g. {key!r} in {source}, {where}): which "
-                        f"folder holds the caption file's images cannot be told; pass "
-                        f"--images {folder} to check the features against its images (those "
-                        f"of other content are left out), or --images {same} if those are "
-                        f"the caption file's images")
+        return (f"{folder}, beside --captions {cfg.captions}, holds other images of its "
+                f"names (e.g. {key!r}) than {same}, also beside it, whose images the features "
+                f"in --cache {cfg.cache} were extracted from and are checked against: if the "
+                f"caption file describes {folder}'s images (not a resized copy of the same "
+                f"pictures), stop and train with --images {folder} (features of other images "
+                f"are left out), or extract it into a cache of its own; --images {same} "
+                f"says those are the caption file's images")
     raise UserError(f"{folder}, beside --captions {cfg.captions}, holds its images, but the "
                     f"features in --cache {cfg.cache} were extracted from other images of "
                     f"those names (e.g. {key!r} in {source}): the cache of another dataset? "

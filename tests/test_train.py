@@ -1196,13 +1196,15 @@ def test_repeated_csv_rows_are_said_by_train_and_evaluate_s_data(shapes_data, tm
                                            f"same image and caption (e.g. line {len(rows) + 2}")
 
 
-def test_a_cache_of_a_sibling_folder_of_the_same_names_is_refused(shapes_data, tmp_path):
+def test_a_cache_of_a_sibling_folder_of_the_same_names_is_said(shapes_data, tmp_path):
     """Two datasets of the same file names in sibling folders, their caption files in the
     parent (data/capA.json, data/A/, data/capB.json, data/B/), the cache extracted from B:
     `train --captions data/capA.json` without --images checked the features in B, one of the
     caption file's subfolders, so it looked no further, and trained A's captions on B's
-    features, exit 0. Which subfolder holds the caption file's images cannot be told from the
-    caption file: refused, naming both and --images, which says it."""
+    features without a word. Which subfolder holds the caption file's images cannot be told
+    from it (B's own caption file, or a resized copy of B as A, look the same): a note names
+    both and the --images that settles it. Heatmaps drawn beside the images are no images."""
+    from caption_attn.images import mark_heatmap
     a, b = other_shapes(tmp_path / "ds1", 8, seed=0), other_shapes(tmp_path / "ds2", 8)
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -1216,22 +1218,33 @@ def test_a_cache_of_a_sibling_folder_of_the_same_names_is_refused(shapes_data, t
     config = small_config(shapes_data, cache=str(cache))
     for name in ("A", "B"):   # capB.json is B's here, but the caption file cannot tell
         cfg = dataclasses.replace(config, captions=str(data_dir / f"cap{name}.json"))
-        with pytest.raises(UserError) as e:
-            train.load_train_data(cfg, run)
-        assert (f"{folders['A']}, beside --captions {cfg.captions}, holds its images, but the "
-                f"features in --cache {cache} were extracted from other images of those names "
-                f"(e.g. 'shape_0000") in e.value.message
-        assert (f"in {folders['B']}, also beside it): which folder holds the caption file's "
-                f"images cannot be told; pass --images {folders['A']}") in e.value.message
-        assert f"or --images {folders['B']} if those are" in e.value.message
+        data = train.load_train_data(cfg, run)
+        head, tail = data.beside_note.split("') than ")
+        assert head.startswith(f"{folders['A']}, beside --captions {cfg.captions}, holds "
+                               f"other images of its names (e.g. 'shape_")
+        assert tail == (
+            f"{folders['B']}, also beside it, whose images "
+            f"the features in --cache {cache} were extracted from and are checked against: "
+            f"if the caption file describes {folders['A']}'s images (not a resized copy of "
+            f"the same pictures), stop and train with --images {folders['A']} (features of "
+            f"other images are left out), or extract it into a cache of its own; --images "
+            f"{folders['B']} says those are the caption file's images")
         assert not os.path.exists(run)
-    # --images says which: A's checked in A are all left out as changed; B's train
+    # --images says which: A's checked in A are all left out as changed; B's train, unsaid
     capa = dataclasses.replace(config, captions=str(data_dir / "capA.json"))
     with pytest.raises(UserError, match="source image changed"):
         train.load_train_data(capa, run, images_dir=folders["A"])
-    data = train.load_train_data(dataclasses.replace(config, captions=str(
-        data_dir / "capB.json")), run, images_dir=folders["B"])
+    capb = dataclasses.replace(config, captions=str(data_dir / "capB.json"))
+    data = train.load_train_data(capb, run, images_dir=folders["B"])
     assert data.unusable == {} and data.images_dir == folders["B"]
+    assert data.beside_note is None
+    # heatmaps of B's images drawn into a folder beside them bear their names: no images
+    shutil.rmtree(folders["A"])
+    heat = data_dir / "heat"
+    heat.mkdir()
+    for key in os.listdir(folders["B"]):   # other bytes than the images'
+        (heat / key).write_bytes(mark_heatmap((data_dir / "B" / key).read_bytes()))
+    assert train.load_train_data(capb, run).beside_note is None
 
 
 def test_the_caption_files_images_are_not_refused_in_a_copy_or_by_another_path(

@@ -1865,8 +1865,6 @@ def _describe(trainer: Trainer, resumed: bool, done: int) -> None:
                                                "checked: no images folder is recorded"))
     if d.unfound_note:
         trainer.log("note: " + d.unfound_note)
-    if d.beside_note:
-        trainer.log("note: " + d.beside_note)
     n = trainer.cfg.vocab.max_length
     if d.truncated:
         trainer.log(f"note: {d.truncated} of {len(i.items['train'][0])} train captions are "
@@ -2198,6 +2196,8 @@ def _load_and_train(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, pr
                            images_dir=images_dir)
     check_model_size(cfg, vocab_tokens=len(data.vocab))
     check_cider_vocabulary(cfg.train, len(data.vocab))
+    if data.beside_note:   # before anything is written: it may be the wrong images
+        notes.append(data.beside_note)
     if not fresh:
         notes += check_features_mid_epoch(run, cfg, data) + changed_images_notes(run, data)
         notes, cfg = metric_images_notes(run, cfg, notes, len(data.references["val"]))

@@ -304,13 +304,17 @@ def _refuse_other_images_beside(cfg: RunConfig, manifest: dict, digests: dict,
     folder, key, same = found
     source = checked_in or manifest.get("images_dir")
     if same is not None:   # two folders beside it: either may be the caption file's
+        whose = ("whose images the features in --cache {cache} were extracted from and are "
+                 "checked against" if source and os.path.realpath(same) ==
+                 os.path.realpath(source) else "which holds the very images the features in "
+                 "--cache {cache} were extracted from (checked in {source})")
         return (f"{folder}, beside --captions {cfg.captions}, holds other images of its "
-                f"names (e.g. {key!r}) than {same}, also beside it, whose images the features "
-                f"in --cache {cfg.cache} were extracted from and are checked against: if the "
-                f"caption file describes {folder}'s images (not a resized copy of the same "
-                f"pictures), stop and train with --images {folder} (features of other images "
-                f"are left out), or extract it into a cache of its own; --images {same} "
-                f"says those are the caption file's images")
+                f"names (e.g. {key!r}) than {same}, also beside it, "
+                f"{whose.format(cache=cfg.cache, source=source)}: if the caption file "
+                f"describes {folder}'s images (not a resized copy of the same pictures), stop "
+                f"and train with --fresh --images {folder} (features of other images are left "
+                f"out), or extract it into a cache of its own; --images {same} says those are "
+                f"the caption file's images")
     raise UserError(f"{folder}, beside --captions {cfg.captions}, holds its images, but the "
                     f"features in --cache {cfg.cache} were extracted from other images of "
                     f"those names (e.g. {key!r} in {source}): the cache of another dataset? "

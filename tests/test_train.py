@@ -1196,7 +1196,8 @@ def test_repeated_csv_rows_are_said_by_train_and_evaluate_s_data(shapes_data, tm
                                            f"same image and caption (e.g. line {len(rows) + 2}")
 
 
-def test_a_cache_of_a_sibling_folder_of_the_same_names_is_said(shapes_data, tmp_path):
+def test_a_cache_of_a_sibling_folder_of_the_same_names_is_said(shapes_data, tmp_path,
+                                                               monkeypatch):
     """Two datasets of the same file names in sibling folders, their caption files in the
     parent (data/capA.json, data/A/, data/capB.json, data/B/), the cache extracted from B:
     `train --captions data/capA.json` without --images checked the features in B, one of the
@@ -1226,10 +1227,29 @@ def test_a_cache_of_a_sibling_folder_of_the_same_names_is_said(shapes_data, tmp_
             f"{folders['B']}, also beside it, whose images "
             f"the features in --cache {cache} were extracted from and are checked against: "
             f"if the caption file describes {folders['A']}'s images (not a resized copy of "
-            f"the same pictures), stop and train with --images {folders['A']} (features of "
-            f"other images are left out), or extract it into a cache of its own; --images "
-            f"{folders['B']} says those are the caption file's images")
+            f"the same pictures), stop and train with --fresh --images {folders['A']} "
+            f"(features of other images are left out), or extract it into a cache of its "
+            f"own; --images {folders['B']} says those are the caption file's images")
         assert not os.path.exists(run)
+    # `train` says it before the run folder holds anything (a rerun with --images alone
+    # would be a resume of the wrong images' run)
+    said: list = []
+    monkeypatch.setattr(train, "_train_in", lambda run_, cfg_, run_dir, *rest: said.append(
+        sorted(os.listdir(run_dir))) or {})
+    train.train(cfg, run, log=said.append)
+    assert f"note: {data.beside_note}" in said and said[-1] == [".train.lock"]   # no file yet
+    # a copy of B beside the caption file, the cache's own folder elsewhere: named as such
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(folders["B"], elsewhere)
+    shutil.copytree(elsewhere, folders["B"])
+    _edit_manifest(str(cache), images_dir=str(elsewhere), images_dirs=[str(elsewhere)])
+    assert train.load_train_data(cfg, str(tmp_path / "run2")).beside_note.split(
+        "') than ")[1].startswith(
+        f"{folders['B']}, also beside it, which holds the very images the features in "
+        f"--cache {cache} were extracted from (checked in {elsewhere}): if the caption")
+    shutil.rmtree(folders["B"])
+    shutil.move(elsewhere, folders["B"])
+    _edit_manifest(str(cache), images_dir=folders["B"], images_dirs=[folders["B"]])
     # --images says which: A's checked in A are all left out as changed; B's train, unsaid
     capa = dataclasses.replace(config, captions=str(data_dir / "capA.json"))
     with pytest.raises(UserError, match="source image changed"):

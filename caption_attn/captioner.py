@@ -215,6 +215,8 @@ def to_captions(result: decode_lib.DecodeResult, vocab: Vocabulary) -> list[list
     return out
 
 
+# a folder given that holds no image, among other images given (`expand_image_args`)
+NO_IMAGES = "no image files in this folder"
 # An image whose every hypothesis ended with probability 0 (non-finite logits)
 NO_CAPTION = "no caption could be decoded (every hypothesis has probability 0: the model's " \
     "outputs are not finite numbers; a damaged or diverged best.keras?)"
@@ -490,8 +492,9 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
                 locked = (f" it could list ({len(folders)} folder(s) below it cannot be read, "
                           f"e.g. {os.path.join(arg, next(iter(folders)))}: "
                           f"{next(iter(folders.values()))})" if folders else "")
-                empty.append((arg, f"no image files in this folder{locked}"
-                              + (f" (outside --plot-attention {heatmaps})" if below else "")
+                outside = f" (outside --plot-attention {heatmaps})" if below else ""
+                # (reported among others, the notes on what it holds instead say the rest)
+                empty.append((arg, NO_IMAGES + outside, NO_IMAGES + locked + outside
                               + (f" besides {len(ours)} heatmap(s) caption-attn drew"
                                  if ours else "")
                               + (f"; {left_out_note(others, 'there')}" if others else "")))
@@ -508,9 +511,9 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
     # a folder without images among others is one item's report (`caption photos/*` whose
     # glob matched an empty folder was refused whole); alone, nothing could be captioned
     if empty and (not out or unreadable is None):
-        raise UserError(f"{empty[0][0]}: {empty[0][1]}")
+        raise UserError(f"{empty[0][0]}: {empty[0][2]}")
     if unreadable is not None:
-        unreadable.update({os.path.join(arg, ""): why for arg, why in empty})
+        unreadable.update({os.path.join(arg, ""): why for arg, why, _ in empty})
     # one file spelled twice (x.png ./x.png, a folder and a file in it, a folder reached
     # through a symlink beside it: `list_images` lists both paths) is captioned once, under
     # its first spelling, in the order given

@@ -321,9 +321,11 @@ def unreadable_lines(errors: dict, heatmaps: bool = False) -> list[str]:
     (`captioner.display_names`' escapes): a file named "x.png<newline>caption-attn caption:
     ..." printed a forged line of its own, and one with an ESC sequence in its name drove
     the terminal."""
-    from caption_attn.captioner import NO_CAPTION
+    from caption_attn.captioner import NO_CAPTION, NO_IMAGES
     from caption_attn.images import printable_name
-    return [f"{PROG} caption: {'' if reason == NO_CAPTION or heatmaps else 'cannot read '}"
+    read = {path: reason == NO_CAPTION or reason.startswith(NO_IMAGES) or heatmaps
+            for path, reason in errors.items()}   # (not a file it could not read)
+    return [f"{PROG} caption: {'' if read[path] else 'cannot read '}"
             f"{one_line(printable_name(path))}: {one_line(reason)}"
             for path, reason in errors.items()]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from caption_attn import captioner, decode, feature_cache
+from caption_attn import captioner, cli, decode, feature_cache
 from caption_attn.cli import main
 from caption_attn.backbone import FEATURE_SHAPE, IMAGENET_FILE
 from caption_attn.config import DecodeConfig
@@ -1230,15 +1230,19 @@ def test_a_folder_without_images_among_other_images_is_reported_not_fatal(tmp_pa
     args = [str(photos / "a.jpg"), str(photos / "empty"), str(photos / "raw")]
     unreadable: dict = {}
     assert captioner.expand_image_args(args, unreadable=unreadable) == [args[0]]
-    assert sorted(unreadable) == [str(photos / "empty") + "/", str(photos / "raw") + "/"]
-    assert unreadable[str(photos / "empty") + "/"] == "no image files in this folder"
-    assert unreadable[str(photos / "raw") + "/"].startswith(
-        "no image files in this folder; left out 1 file(s) there whose extension is not an "
-        "image's (b.heic)")
+    # (b.heic goes to the note on files left out for their extension, said once)
+    assert unreadable == {str(photos / "empty") + "/": "no image files in this folder",
+                          str(photos / "raw") + "/": "no image files in this folder"}
+    assert cli.unreadable_lines(unreadable) == [
+        f"caption-attn caption: {photos / 'empty'}/: no image files in this folder",
+        f"caption-attn caption: {photos / 'raw'}/: no image files in this folder"]
     with pytest.raises(UserError, match=r"empty: no image files in this folder$"):
         captioner.expand_image_args(args[1:], unreadable={})   # nothing to caption at all
     with pytest.raises(UserError, match=r"empty: no image files in this folder$"):
         captioner.expand_image_args(args)   # a caller that takes no reports
+    with pytest.raises(UserError, match=r"raw: no image files in this folder; left out 1 "
+                                        r"file\(s\) there whose extension is not an image's"):
+        captioner.expand_image_args(args[2:], unreadable={})
 
 
 def test_a_heatmap_folder_inside_an_image_folder_is_not_captioned(tmp_path):

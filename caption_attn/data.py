@@ -143,16 +143,18 @@ class CaptionSet:
         return note + (f"; {len(self.uncaptioned)} image(s) {left_out}" if self.uncaptioned
                        else "")
 
-    def repeated_note(self) -> Optional[str]:
+    def repeated_note(self, images: Optional[set] = None, of: str = "") -> Optional[str]:
         """What a command that uses the captions says of the CSV rows read once as repeats of
-        an earlier row (None when there are none): a CSV does not number an image's captions,
+        an earlier row (None when there are none), of `images` only when given (`of` says
+        which: " for images of the test split"): a CSV does not number an image's captions,
         so a file joined with an overlap and two annotators' identical captions look alike."""
-        if not self.repeated:
+        rows = [r for r in self.repeated if images is None or r[1] in images]
+        if not rows:
             return None
-        n, (line, image) = len(self.repeated), self.repeated[0]
+        n, (line, image) = len(rows), rows[0]
         one = n == 1
-        return (f"{counted(n, 'row')} of {self.path} repeat{'s' if one else ''} an earlier row "
-                f"of the same image and caption (e.g. line {line}, {image!r}) and "
+        return (f"{counted(n, 'row')} of {self.path}{of} repeat{'s' if one else ''} an earlier "
+                f"row of the same image and caption (e.g. line {line}, {image!r}) and "
                 f"{'is' if one else 'are'} read once, as rows of a file joined with an "
                 f"overlap; captions written alike for one image by two annotators are read "
                 f"once too (a CSV does not number them; Flickr8k.token.txt's IMAGE#N keeps "
@@ -746,7 +748,9 @@ def _parse_flickr_csv(path: str, text: str, out: _Collector) -> None:
             raise UserError(f"{path}: line {number}: expected 2 fields (image,caption), got "
                             f"{len(row)}; quote captions that contain commas")
         if (_csv_name(row[0]), row[1].strip()) in seen:
-            out.repeated.append((number, _csv_name(row[0])))
+            key = safe_image_key(row[0])   # (a refused path's rows are left out anyway)
+            if key is not None:
+                out.repeated.append((number, key))
             continue
         seen.add((_csv_name(row[0]), row[1].strip()))
         out.add(row[0], [row[1]], f"line {number}")

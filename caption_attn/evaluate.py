@@ -87,6 +87,7 @@ class _SplitFeatures:
     objects_note: str = ""              # how the ground-truth objects differ from the run's
     images_note: str = ""               # that the source images could not be checked
     places: Optional[list] = None       # each key's place in the split (its --sample stream)
+    repeated_note: str = ""             # the split's CSV rows read once as repeats
 
 
 def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
@@ -131,7 +132,6 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
                 f"{verb} not in {captions} (e.g. {absent[0]!r}): scored the other {len(keys)}")
     if silent:
         note = "; ".join(filter(None, [note, _wordless_note(silent, split, captions)]))
-    note = "; ".join(filter(None, [note, loaded.repeated_note()]))   # the references read
     if not keys:
         raise UserError(f"{captions} has none of the {len(splits[split])} images of the run's "
                         f"{split} split: is it the caption file the run was trained with?")
@@ -157,7 +157,9 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
                                       fix=" (scored as they are)") or \
         unfound_images_note(unfound, len(keys), folder, cache) or ""
     return _SplitFeatures(split, cache, keys, without, records, manifest, reader, why, note,
-                          objects_note, unchecked, [place[k] for k in keys])
+                          objects_note, unchecked, [place[k] for k in keys],
+                          loaded.repeated_note(in_split, f" for images of the {split} split")
+                          or "")
 
 
 def _wordless_note(silent: list, split: str, captions: str) -> str:
@@ -429,7 +431,7 @@ def _score(found: _SplitFeatures, hypotheses: dict, best: dict,
     references = {k: records[k].captions + records[k].wordless for k in found.keys}
     metrics, notes = coco_metrics(references, hypotheses, use_java=use_java)
     notes[:0] = [n for n in (SPLIT_NOTES.get(found.split), found.references_note,
-                             found.objects_note) if n]
+                             found.repeated_note, found.objects_note) if n]
     if found.images_note:
         notes.append(found.images_note)
     if found.without:

@@ -146,14 +146,20 @@ def test_repeated_csv_rows_of_the_references_are_said(shapes_data, trained_run, 
         k: captioner_lib.Caption(["a"], 0.0, np.zeros((2, 64))) for k in found.keys})
     records = data_lib.load_captions(shapes_data["captions"]).records
     rows = [(r.image, c) for r in records for c in r.captions]
+    val = set(RunFolder(trained_run).load_splits()["val"])
+    again = [(i, c) for i, c in rows if i in val][:2] + [(i, c) for i, c in rows
+                                                          if i not in val][:1]
     path = tmp_path / "captions.txt"
-    path.write_text("image,caption\n" + "".join(f'{i},"{c}"\n' for i, c in rows + rows[:2]))
+    path.write_text("image,caption\n" + "".join(f'{i},"{c}"\n' for i, c in rows + again))
     metrics = evaluate.evaluate_run(trained_run, "val", DecodeConfig(),
                                     out=str(tmp_path / "m.json"), progress=False,
                                     use_java=False, captions=str(path))
-    note = data_lib.load_captions(str(path)).repeated_note()
-    assert note.startswith(f"2 rows of {path} repeat an earlier row")
-    assert any(note in n for n in metrics["notes"]), metrics["notes"]
+    # of the split scored: its images' rows (the whole file's are train's and inspect's)
+    captions = data_lib.load_captions(str(path))
+    note = captions.repeated_note(val, " for images of the val split")
+    assert note.startswith(f"2 rows of {path} for images of the val split repeat an earlier")
+    assert note in metrics["notes"], metrics["notes"]
+    assert captions.repeated_note().startswith(f"3 rows of {path} repeat an earlier row")
 
 
 def test_greedy_metrics_record_no_length_penalty(trained_run, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import collections
 import dataclasses
 import math
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -429,19 +429,51 @@ def hash_seed(seed: int, epoch: int) -> int:
 TABLE_COPIES = 2
 
 
-# a container's memory limit (cgroup v2, then v1): the machine's memory is the host's there
-CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+def size_text(n: int) -> str:
+    """Bytes as "31.5 GB", or "12 MB" under a tenth of a GB (not "0.0 GB")."""
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 / 10 else f"{n / 2**20:.0f} MB"
 
 
-def machine_memory(limits=CGROUP_LIMITS) -> Optional[int]:
-    """The memory this process may use in bytes: the machine's physical memory, or the
-    container's limit when lower (`limits`: files holding it); None where the OS does not
-    say."""
+def cgroup_limit_files(proc: str = "/proc/self/cgroup",
+                       root: str = "/sys/fs/cgroup") -> list[str]:
+    """The files that may hold this process's memory limit: cgroup v2's `memory.max` and
+    v1's `memory.limit_in_bytes` of its cgroup (`proc`) and of every cgroup above it (a
+    Slurm job's or a systemd unit's is a sub-cgroup of the host's tree), then those at
+    `root` itself (a container's namespaced cgroup). The machine's memory is the host's
+    there."""
+    files = []
+    try:
+        with open(proc) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[1] == "":                                   # v2: "0::/path"
+            base, name = root, "memory.max"
+        elif "memory" in parts[1].split(","):                # v1: "4:memory:/path"
+            base, name = os.path.join(root, "memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        below = parts[2].strip().strip("/")
+        while below:
+            files.append(os.path.join(base, below, name))
+            below = os.path.dirname(below)
+    return files + [os.path.join(root, "memory.max"),
+                    os.path.join(root, "memory", "memory.limit_in_bytes")]
+
+
+def machine_memory(limits: Optional[Sequence[str]] = None) -> Optional[int]:
+    """The memory this process may use in bytes: the machine's physical memory, or its
+    cgroup's limit when lower (`limits`: files holding one, by default
+    `cgroup_limit_files()`); None where the OS does not say."""
     try:
         found = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):   # no sysconf (Windows)
         return None
-    for path in limits:
+    for path in cgroup_limit_files() if limits is None else limits:
         try:
             with open(path) as f:
                 text = f.read().strip()
@@ -487,9 +519,9 @@ class EpochData:
         memory = machine_memory()
         if memory is not None and TABLE_COPIES * size > memory:
             self.log(f"note: --memory-cache-gb {gb:g}: the train and val features take "
-                     f"{size / 2**30:.1f} GB, and building them into a table in memory takes "
-                     f"about twice that, more than this machine's {memory / 2**30:.1f} GB: "
-                     f"they are read from the cache on disk instead")
+                     f"{size_text(size)}, and building them into a table in memory takes "
+                     f"about twice that, more than this machine's {size_text(memory)}: they "
+                     f"are read from the cache on disk instead")
             return
         self.table = pipeline.FeatureTable(
             d.reader, paths, fix=f"run `{self.repair_command()}`: it re-extracts them")

@@ -1480,10 +1480,12 @@ def test_a_memory_table_larger_than_this_machine_can_build_is_read_from_disk(tra
         inputs.load_table()
         assert inputs.table is None
         assert lines == [f"note: --memory-cache-gb {inputs.cfg.train.memory_cache_gb:g}: the "
-                         f"train and val features take {size / 2**30:.1f} GB, and building "
-                         f"them into a table in memory takes about twice that, more than "
-                         f"this machine's {(2 * size - 1) / 2**30:.1f} GB: they are read from "
-                         f"the cache on disk instead"]
+                         f"train and val features take {train_data.size_text(size)}, and "
+                         f"building them into a table in memory takes about twice that, more "
+                         f"than this machine's {train_data.size_text(2 * size - 1)}: they are "
+                         f"read from the cache on disk instead"]
+        assert [train_data.size_text(n) for n in (150 * 2**30, 2**30 // 5, 12 * 2**20)] == \
+            ["150.0 GB", "0.2 GB", "12 MB"]
         monkeypatch.setattr(train_data, "machine_memory", lambda: 2 * size)   # it fits
         inputs.load_table()
         assert inputs.table is not None and len(lines) == 1
@@ -1508,6 +1510,24 @@ def test_the_memory_of_a_container_is_its_limit(tmp_path):
     assert train_data.machine_memory(limits=(str(v2), str(v1))) == min(host, 2**30)
     v1.write_text(f"{host * 4}\n")                                     # above the host's
     assert train_data.machine_memory(limits=(str(v1), str(tmp_path / "none"))) == host
+    # a Slurm job's or systemd unit's cgroup is below the host's tree: its own and those above
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/system.slice/job_7/step_0\n")
+    root = tmp_path / "fs"
+    assert train_data.cgroup_limit_files(str(proc), str(root)) == [
+        str(root / "system.slice/job_7/step_0/memory.max"),
+        str(root / "system.slice/job_7/memory.max"), str(root / "system.slice/memory.max"),
+        str(root / "memory.max"), str(root / "memory/memory.limit_in_bytes")]
+    proc.write_text("12:cpu,cpuacct:/slurm/uid_0\n4:memory:/slurm/uid_0/job_7\n")
+    assert train_data.cgroup_limit_files(str(proc), str(root))[:3] == [
+        str(root / "memory/slurm/uid_0/job_7/memory.limit_in_bytes"),
+        str(root / "memory/slurm/uid_0/memory.limit_in_bytes"),
+        str(root / "memory/slurm/memory.limit_in_bytes")]
+    (root / "system.slice" / "job_7").mkdir(parents=True)
+    (root / "system.slice" / "job_7" / "memory.max").write_text(f"{2**31}\n")
+    proc.write_text("0::/system.slice/job_7/step_0\n")
+    assert train_data.machine_memory(
+        train_data.cgroup_limit_files(str(proc), str(root))) == min(host, 2**31)
 
 
 def test_empty_validation_split_is_refused_before_training(shapes_data, tmp_path):

@@ -747,12 +747,14 @@ def _parse_flickr_csv(path: str, text: str, out: _Collector) -> None:
         if len(row) != 2:
             raise UserError(f"{path}: line {number}: expected 2 fields (image,caption), got "
                             f"{len(row)}; quote captions that contain commas")
-        if (_csv_name(row[0]), row[1].strip()) in seen:
-            key = safe_image_key(row[0])   # (a refused path's rows are left out anyway)
+        key = safe_image_key(row[0])   # (a refused path's rows are left out anyway)
+        # by the image as the records key it: `./a.jpg` is a.jpg
+        same = (_csv_name(row[0]) if key is None else key, row[1].strip())
+        if same in seen:
             if key is not None:
                 out.repeated.append((number, key))
             continue
-        seen.add((_csv_name(row[0]), row[1].strip()))
+        seen.add(same)
         out.add(row[0], [row[1]], f"line {number}")
 
 

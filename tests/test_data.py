@@ -756,8 +756,11 @@ def test_token_image_n_with_two_different_captions_is_refused_naming_both_lines(
 
 
 def test_csv_row_repeated_with_other_whitespace_is_one_caption(tmp_path):
-    path = write(tmp_path, "c.csv", "image,caption\na.jpg,a dog\n a.jpg , a dog \n")
-    assert as_dict(data.load_captions(path)) == {"a.jpg": ["a dog"]}
+    path = write(tmp_path, "c.csv", "image,caption\na.jpg,a dog\n a.jpg , a dog \n"
+                                    "./a.jpg,a dog\n")
+    captions = data.load_captions(path)
+    assert as_dict(captions) == {"a.jpg": ["a dog"]}
+    assert captions.repeated == [(3, "a.jpg"), (4, "a.jpg")]
 
 
 def test_token_line_without_tab(tmp_path):

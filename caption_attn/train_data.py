@@ -304,13 +304,16 @@ def _refuse_other_images_beside(cfg: RunConfig, manifest: dict, digests: dict,
     folder, key, same = found
     source = checked_in or manifest.get("images_dir")
     if same is not None:   # two folders beside it: either may be the caption file's
+        checked = (f"checked in {checked_in}" if checked_in else
+                   f"not checked: {source or 'the folder it was extracted from'} is not on "
+                   f"this machine")
         whose = ("whose images the features in --cache {cache} were extracted from and are "
-                 "checked against" if source and os.path.realpath(same) ==
-                 os.path.realpath(source) else "which holds the very images the features in "
-                 "--cache {cache} were extracted from (checked in {source})")
+                 "checked against" if checked_in and os.path.realpath(same) ==
+                 os.path.realpath(checked_in) else "which holds the very images the features "
+                 "in --cache {cache} were extracted from ({checked})")
         return (f"{folder}, beside --captions {cfg.captions}, holds other images of its "
                 f"names (e.g. {key!r}) than {same}, also beside it, "
-                f"{whose.format(cache=cfg.cache, source=source)}: if the caption file "
+                f"{whose.format(cache=cfg.cache, checked=checked)}: if the caption file "
                 f"describes {folder}'s images (not a resized copy of the same pictures), stop "
                 f"and train with --fresh --images {folder} (features of other images are left "
                 f"out), or extract it into a cache of its own; --images {same} says those are "
@@ -458,6 +461,8 @@ def cgroup_limit_files(proc: str = "/proc/self/cgroup",
         else:
             continue
         below = parts[2].strip().strip("/")
+        if ".." in below.split("/"):   # outside its namespace's root: not under `root`
+            continue
         while below:
             files.append(os.path.join(base, below, name))
             below = os.path.dirname(below)
@@ -520,8 +525,8 @@ class EpochData:
         if memory is not None and TABLE_COPIES * size > memory:
             self.log(f"note: --memory-cache-gb {gb:g}: the train and val features take "
                      f"{size_text(size)}, and building them into a table in memory takes "
-                     f"about twice that, more than this machine's {size_text(memory)}: they "
-                     f"are read from the cache on disk instead")
+                     f"about twice that, more than the {size_text(memory)} this process may "
+                     f"use: they are read from the cache on disk instead")
             return
         self.table = pipeline.FeatureTable(
             d.reader, paths, fix=f"run `{self.repair_command()}`: it re-extracts them")

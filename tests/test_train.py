@@ -1247,8 +1247,16 @@ def test_a_cache_of_a_sibling_folder_of_the_same_names_is_said(shapes_data, tmp_
         "') than ")[1].startswith(
         f"{folders['B']}, also beside it, which holds the very images the features in "
         f"--cache {cache} were extracted from (checked in {elsewhere}): if the caption")
-    shutil.rmtree(folders["B"])
-    shutil.move(elsewhere, folders["B"])
+    # ... and extracted from a folder no longer on this machine: said so, not "checked in"
+    _edit_manifest(str(cache), images_dir=str(tmp_path / "gone"),
+                   images_dirs=[str(tmp_path / "gone")])
+    shutil.rmtree(elsewhere)
+    assert train.load_train_data(cfg, str(tmp_path / "run2")).beside_note.split(
+        "') than ")[1].startswith(
+        f"{folders['B']}, also beside it, which holds the very images the features in "
+        f"--cache {cache} were extracted from (not checked: {tmp_path / 'gone'} is not on "
+        f"this machine): if the caption")
+    # (B's copy, of the same modification times, is B from here on)
     _edit_manifest(str(cache), images_dir=folders["B"], images_dirs=[folders["B"]])
     # --images says which: A's checked in A are all left out as changed; B's train, unsaid
     capa = dataclasses.replace(config, captions=str(data_dir / "capA.json"))
@@ -1482,8 +1490,8 @@ def test_a_memory_table_larger_than_this_machine_can_build_is_read_from_disk(tra
         assert lines == [f"note: --memory-cache-gb {inputs.cfg.train.memory_cache_gb:g}: the "
                          f"train and val features take {train_data.size_text(size)}, and "
                          f"building them into a table in memory takes about twice that, more "
-                         f"than this machine's {train_data.size_text(2 * size - 1)}: they are "
-                         f"read from the cache on disk instead"]
+                         f"than the {train_data.size_text(2 * size - 1)} this process may use: "
+                         f"they are read from the cache on disk instead"]
         assert [train_data.size_text(n) for n in (150 * 2**30, 2**30 // 5, 12 * 2**20)] == \
             ["150.0 GB", "0.2 GB", "12 MB"]
         monkeypatch.setattr(train_data, "machine_memory", lambda: 2 * size)   # it fits
@@ -1517,6 +1525,9 @@ def test_the_memory_of_a_container_is_its_limit(tmp_path):
     assert train_data.cgroup_limit_files(str(proc), str(root)) == [
         str(root / "system.slice/job_7/step_0/memory.max"),
         str(root / "system.slice/job_7/memory.max"), str(root / "system.slice/memory.max"),
+        str(root / "memory.max"), str(root / "memory/memory.limit_in_bytes")]
+    proc.write_text("0::/../../elsewhere\n")   # outside its namespace: the root's alone
+    assert train_data.cgroup_limit_files(str(proc), str(root)) == [
         str(root / "memory.max"), str(root / "memory/memory.limit_in_bytes")]
     proc.write_text("12:cpu,cpuacct:/slurm/uid_0\n4:memory:/slurm/uid_0/job_7\n")
     assert train_data.cgroup_limit_files(str(proc), str(root))[:3] == [

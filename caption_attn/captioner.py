@@ -461,7 +461,8 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
         raise UserError(f"{missing[0]}: {_why_missing(missing[0])}"
                         + (f" (and {len(missing) - 1} more: {', '.join(missing[1:4])})"
                            if len(missing) > 1 else ""))
-    out, empty = [], []   # empty: (a folder given without images, what it holds instead)
+    # empty: (a folder given without images, its report among others, its refusal alone)
+    out, empty = [], []
     for arg in args:
         if os.path.isdir(arg):
             folders: dict = {}

@@ -480,8 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(images of other content are left out as changed) (default: on "
                         "resume the run's, else the one the cache was last extracted from, "
                         "recorded in its manifest; a new run is refused without it when the "
-                        "caption file's images may be other images of the same names); must "
-                        "exist")
+                        "caption file's images may be other images of the same names, and "
+                        "told when a folder beside it holds either); must exist")
     add_config_args(p, C.DataConfig)
     add_config_args(p, C.VocabConfig)
     add_config_args(p, C.ModelConfig)

@@ -1257,7 +1257,7 @@ def other_images_beside(captions: str, digests: dict, checked_in: Optional[str]
                         ) -> Optional[tuple[str, str, Optional[str]]]:
     """(a folder, an image name, a folder holding the very images or None) when the caption
     file's folder or one of its subfolders (`images/` beside a shapes captions.json) holds
-    images of the caption file's names, most of a sample of PROBE_NAMES of `digests'`
+    images of the caption file's names, most of a sample of PROBE_NAMES of `digests`'
     (image name -> digest of the image its features were extracted from: `usable_features`'
     image_digests), of other content than those (sha256 of HASH_NAMES of them): the cache of
     another dataset with the same file names, whose features checked in its own folder

@@ -1968,8 +1968,8 @@ def check_train_flags(tc: TrainConfig) -> None:
     config.json of a run made before must still load for `caption` and `evaluate`)."""
     if 0 < tc.clip_norm < MIN_CLIP_NORM:
         raise UserError(f"--clip-norm {tc.clip_norm:g}: a clip norm below {MIN_CLIP_NORM:g} "
-                        f"leaves the clipped gradients under Adam's epsilon (1e-7), so no "
-                        f"weight would move; give 0 (no clipping) or at least "
+                        f"leaves the clipped gradients under Adam's epsilon (1e-7), so the "
+                        f"steps shrink toward none; give 0 (no clipping) or at least "
                         f"{MIN_CLIP_NORM:g} (0.1 to 10 are usual)")
     if tc.scst_after is None:
         ignored = [flag_name(TrainConfig.__dataclass_fields__[name]) for name in
@@ -2025,8 +2025,9 @@ TRAINING_COPIES = 4
 def check_model_size(cfg: RunConfig, memory_bytes: Optional[int] = None,
                      vocab_tokens: Optional[int] = None) -> None:
     """UserError when the model's weights alone, in the float32 copies training holds
-    (`TRAINING_COPIES`), exceed this machine's memory (`memory_bytes`, by default read from
-    the OS; no check where it cannot be read). `vocab_tokens`: the vocabulary's size (by
+    (`TRAINING_COPIES`), exceed the memory this process may use (`memory_bytes`, by default
+    `machine_memory`: the machine's, or its cgroup's limit; no check where the OS does not
+    say). `vocab_tokens`: the vocabulary's size (by
     default --vocab-size + the special tokens, an upper bound: a huge --vocab-size meant as
     "every word" is not a huge model). A typo like --units 51200 for 512 made the
     process build 10 billion weights and end in an OOM traceback (or the OOM killer) after
@@ -2048,7 +2049,7 @@ def check_model_size(cfg: RunConfig, memory_bytes: Optional[int] = None,
             f"--units {mc.units} --embedding-dim {mc.embedding_dim} (a vocabulary of {size}"
             f"{words} tokens): the model has {count} weights, {gb(needed)} in the "
             f"{TRAINING_COPIES} float32 copies training holds (weights, Adam's two slots, "
-            f"gradients), more than this machine's {gb(memory_bytes)} of memory; lower "
+            f"gradients), more than the {gb(memory_bytes)} of memory this process may use; lower "
             f"--units / --embedding-dim (the TF tutorial's: 512 / 256) or --vocab-size")
 
 

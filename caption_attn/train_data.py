@@ -146,7 +146,8 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
     checked against it looked right. So a new run without `images_dir` is refused when the
     caption file's images may be others: the cache's folders share its image names
     (`_refuse_shared_names`), or its own folder holds them with other content
-    (`_refuse_other_images_beside`)."""
+    (`_check_other_images_beside`), and told when a folder beside it holds the features'
+    images too (the same function's note, `beside_note`)."""
     manifest = check_manifest(cfg.cache)
     if reuse:
         run.check_cache(cfg.cache, manifest)
@@ -172,7 +173,7 @@ def load_train_data(cfg: RunConfig, run: RunFolder, reuse: bool = True,
         _refuse_shared_names(cfg, manifest, keys)
     images_dir, paths, problems, digests, recorded_digests, unfound = _usable_features(
         cfg, run, manifest, keys, reuse, images_dir)
-    beside = _refuse_other_images_beside(cfg, manifest, digests, images_dir) \
+    beside = _check_other_images_beside(cfg, manifest, digests, images_dir) \
         if given is None and not resumed else None
     skipped_captions = sum(len(records[k].captions) for k in problems)
     words = {k: tokenize_all(records[k].captions) for k in paths}  # for vocabulary and ids
@@ -290,8 +291,8 @@ def _refuse_shared_names(cfg: RunConfig, manifest: dict, keys: list[str]) -> Non
                     f"--images DIR with the caption file's images folder")
 
 
-def _refuse_other_images_beside(cfg: RunConfig, manifest: dict, digests: dict,
-                                checked_in: Optional[str]) -> Optional[str]:
+def _check_other_images_beside(cfg: RunConfig, manifest: dict, digests: dict,
+                               checked_in: Optional[str]) -> Optional[str]:
     """A new run without --images on the cache of another dataset with the caption file's
     image names: the caption file's folder (or a subfolder, `images/`) holds images of its
     names of other content than the features' (`feature_cache.other_images_beside`).
@@ -513,8 +514,9 @@ class EpochData:
 
     def load_table(self) -> None:
         """Keep the train and val features in memory when they fit in --memory-cache-gb,
-        and building the table (`TABLE_COPIES` times their bytes) in this machine's memory
-        (else a note: an OOM kill, after --fresh had deleted the run, said nothing)."""
+        and building the table (`TABLE_COPIES` times their bytes) in the memory this process
+        may use (`machine_memory`; else a note: an OOM kill, after --fresh had deleted the
+        run, said nothing)."""
         gb, d = self.cfg.train.memory_cache_gb, self.data
         paths = sorted({d.feature_paths[k] for split in ("train", "val")  # never the test split
                         for k in d.caption_ids[split]})

@@ -365,8 +365,9 @@ def test_a_model_too_large_for_memory_is_refused_before_anything(shapes_data, tm
     with pytest.raises(UserError, match=r"^--units 51200 --embedding-dim 32 \(a vocabulary of "
                                         r"up to 5004 tokens\): the model has 10\.5 billion "
                                         r"weights, 168 GB in the 4 float32 copies .* more than "
-                                        r"this machine's 24 GB of memory; lower --units / "
-                                        r"--embedding-dim \(the TF tutorial's: 512 / 256\) or "
+                                        r"the 24 GB of memory this process may use; lower "
+                                        r"--units / --embedding-dim \(the TF tutorial's: 512 / "
+                                        r"256\) or "
                                         r"--vocab-size$"):
         train.check_model_size(cfg, memory_bytes=24 * 10 ** 9)
     with pytest.raises(UserError, match=r"^--units 51200 --embedding-dim 32 \(a vocabulary of "
@@ -384,7 +385,7 @@ def test_a_model_too_large_for_memory_is_refused_before_anything(shapes_data, tm
     coco = RunConfig()
     train.check_model_size(coco, memory_bytes=89 * 10 ** 6)
     with pytest.raises(UserError, match=r"5\.53 million weights, 88\.4 MB in the 4 float32 "
-                                        r"copies .* this machine's 88 MB of memory"):
+                                        r"copies .* the 88 MB of memory this process may use"):
         train.check_model_size(coco, memory_bytes=88 * 10 ** 6)
 
 
@@ -1180,7 +1181,7 @@ def test_a_cache_of_another_dataset_is_refused_beside_the_caption_files_images(s
     assert data.unusable == {}
 
 
-def test_repeated_csv_rows_are_said_by_train_and_evaluate_s_data(shapes_data, tmp_path):
+def test_repeated_csv_rows_are_said_by_train_s_data(shapes_data, tmp_path):
     """Kaggle's Flickr8k captions.txt holds no caption numbers: a row repeated exactly is read
     once (a file joined with an overlap), which two annotators' identical captions are too;
     train's data carries the note that says so (logged with the other caption notes)."""

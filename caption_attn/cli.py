@@ -323,9 +323,9 @@ def unreadable_lines(errors: dict, heatmaps: bool = False) -> list[str]:
     the terminal."""
     from caption_attn.captioner import NO_CAPTION, NO_IMAGES
     from caption_attn.images import printable_name
-    read = {path: reason == NO_CAPTION or reason.startswith(NO_IMAGES) or heatmaps
-            for path, reason in errors.items()}   # (not a file it could not read)
-    return [f"{PROG} caption: {'' if read[path] else 'cannot read '}"
+    # (no caption decoded, a folder without images: not a file it could not read)
+    return [f"{PROG} caption: "
+            f"{'' if heatmaps or reason.startswith((NO_CAPTION, NO_IMAGES)) else 'cannot read '}"
             f"{one_line(printable_name(path))}: {one_line(reason)}"
             for path, reason in errors.items()]
 

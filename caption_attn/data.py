@@ -221,6 +221,9 @@ def _has_word(caption: str) -> bool:
 
 
 # --------------------------------------------------------------------------- collecting records
+_UNKEYED = object()   # `_Collector.add`'s key not given
+
+
 class _Collector:
     """Merges (image path, captions) entries into records; counts what it drops."""
 
@@ -237,9 +240,10 @@ class _Collector:
 
     def add(self, raw_path: str, captions: list[str], where: str, split: Optional[str] = None,
             image_id: Any = None, objects: Optional[list] = None,
-            size: Optional[tuple] = None) -> None:
-        """Add captions of one image; `where` locates the entry in the file for errors."""
-        key = safe_image_key(raw_path)
+            size: Optional[tuple] = None, key: Any = _UNKEYED) -> None:
+        """Add captions of one image; `where` locates the entry in the file for errors.
+        `key`: `safe_image_key(raw_path)` when the parser has it already."""
+        key = safe_image_key(raw_path) if key is _UNKEYED else key
         if key is None:
             self.refused.setdefault(raw_path, None)
             return
@@ -654,7 +658,7 @@ def _parse_karpathy(path: str, obj: Any, out: _Collector) -> None:
         image_id = i if id_field is None else _get(image, id_field, (int, str), path, where)
         _check_karpathy_id(path, id_field, i, image_id, key, entries, ids)
         out.add(raw_path, captions, where, split=split, image_id=image_id, objects=objects,
-                size=_image_size(image))
+                size=_image_size(image), key=key)
         if first != i:  # after `out.add`, which names another split, objects or size
             _refuse_second_entry(path, i, first, key, entry, image, id_field)
 
@@ -755,7 +759,7 @@ def _parse_flickr_csv(path: str, text: str, out: _Collector) -> None:
                 out.repeated.append((number, key))
             continue
         seen.add(same)
-        out.add(row[0], [row[1]], f"line {number}")
+        out.add(row[0], [row[1]], f"line {number}", key=key)
 
 
 def load_captions(path: str, format: str = "auto") -> CaptionSet:
@@ -1224,7 +1228,7 @@ def format_description(stats: dict) -> str:
     splits, length = stats["splits"], stats["caption_length"]
     refused, missing = stats["refused_paths"], stats["missing_images"]
     uncaptioned = stats["uncaptioned_images"]
-    repeated = stats.get("repeated_rows") or {"count": 0}
+    repeated = stats["repeated_rows"]
     rows = [
         ("file", stats["file"]),
         ("format", stats["format"]),

@@ -661,9 +661,7 @@ def code_digest() -> str:
     # (not an editor's files: Emacs' `.#export.py` lock is a dangling link)
     for name in sorted(n for n in os.listdir(folder) if n.endswith(".py")
                        and not n.startswith(".") and os.path.isfile(os.path.join(folder, n))):
-        digest.update(f"{name}\0".encode())
-        with open(os.path.join(folder, name), "rb") as f:
-            digest.update(hashlib.sha256(f.read()).digest())
+        digest.update(f"{name}\0{file_digest(os.path.join(folder, name))}\0".encode())
     return digest.hexdigest()
 
 

@@ -867,11 +867,7 @@ class Trainer:
         self.strategy = strategy
         quiet.meet_dtypes()  # after the strategy, which may configure TF first (quiet.py)
         self.chief = distribute.is_chief(self.strategy)
-        if data is None:   # (`train` said its notes before the run folder was written)
-            data = load_train_data(cfg, run_dir, images_dir=images_dir)
-            if data.beside_note:
-                log("note: " + data.beside_note)
-        self.data = data
+        self.data = data or load_train_data(cfg, run_dir, images_dir=images_dir)
         # the run's training settings until this call trains (`with_trained_settings`)
         self._previous = self.run.load_config().train if os.path.exists(self.run.config) \
             else None

@@ -305,16 +305,17 @@ def _check_other_images_beside(cfg: RunConfig, manifest: dict, digests: dict,
     folder, key, same = found
     source = checked_in or manifest.get("images_dir")
     if same is not None:   # two folders beside it: either may be the caption file's
-        checked = (f"checked in {checked_in}" if checked_in else
-                   f"not checked: {source or 'the folder it was extracted from'} is not on "
-                   f"this machine")
-        whose = ("whose images the features in --cache {cache} were extracted from and are "
-                 "checked against" if checked_in and os.path.realpath(same) ==
-                 os.path.realpath(checked_in) else "which holds the very images the features "
-                 "in --cache {cache} were extracted from ({checked})")
+        if checked_in and os.path.realpath(same) == os.path.realpath(checked_in):
+            whose = (f"whose images the features in --cache {cfg.cache} were extracted from "
+                     f"and are checked against")
+        else:   # a copy of the folder the features were extracted from
+            checked = (f"checked in {checked_in}" if checked_in else
+                       f"not checked: {source or 'the folder it was extracted from'} is not "
+                       f"on this machine")
+            whose = (f"which holds the very images the features in --cache {cfg.cache} were "
+                     f"extracted from ({checked})")
         return (f"{folder}, beside --captions {cfg.captions}, holds other images of its "
-                f"names (e.g. {key!r}) than {same}, also beside it, "
-                f"{whose.format(cache=cfg.cache, checked=checked)}: if the caption file "
+                f"names (e.g. {key!r}) than {same}, also beside it, {whose}: if the caption file "
                 f"describes {folder}'s images (not a resized copy of the same pictures), stop "
                 f"and train with --fresh --images {folder} (features of other images are left "
                 f"out), or extract it into a cache of its own; --images {same} says those are "

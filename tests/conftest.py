@@ -228,6 +228,17 @@ def file_mtimes(folder) -> dict:
             for d, _, names in os.walk(folder) for n in names}
 
 
+def shapes_csv(shapes_data, path, again=lambda rows: []) -> list:
+    """`shapes_data`'s captions as a CSV caption file at `path` (`image,caption` rows, as
+    Kaggle's Flickr8k captions.txt), with the rows `again(rows)` written a second time at its
+    end. Returns the rows [(image, caption)] before those."""
+    from caption_attn import data as data_lib
+    records = data_lib.load_captions(shapes_data["captions"]).records
+    rows = [(r.image, c) for r in records for c in r.captions]
+    path.write_text("image,caption\n" + "".join(f'{i},"{c}"\n' for i, c in rows + again(rows)))
+    return rows
+
+
 def give_other_images(cache: str, keys) -> None:
     """Make `keys`' feature files of `cache` look extracted from other images (their index
     entries' image sha256 changed): the cache of another dataset with the same file names."""

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import give_other_images
+from conftest import give_other_images, shapes_csv
 
 from caption_attn import captioner as captioner_lib
 from caption_attn import coco_metrics, evaluate
@@ -144,13 +144,10 @@ def test_repeated_csv_rows_of_the_references_are_said(shapes_data, trained_run, 
     from caption_attn import data as data_lib
     monkeypatch.setattr(evaluate, "_decode", lambda captioner, found, progress: {
         k: captioner_lib.Caption(["a"], 0.0, np.zeros((2, 64))) for k in found.keys})
-    records = data_lib.load_captions(shapes_data["captions"]).records
-    rows = [(r.image, c) for r in records for c in r.captions]
     val = set(RunFolder(trained_run).load_splits()["val"])
-    again = [(i, c) for i, c in rows if i in val][:2] + [(i, c) for i, c in rows
-                                                          if i not in val][:1]
     path = tmp_path / "captions.txt"
-    path.write_text("image,caption\n" + "".join(f'{i},"{c}"\n' for i, c in rows + again))
+    shapes_csv(shapes_data, path, lambda rows: [(i, c) for i, c in rows if i in val][:2]
+               + [(i, c) for i, c in rows if i not in val][:1])
     metrics = evaluate.evaluate_run(trained_run, "val", DecodeConfig(),
                                     out=str(tmp_path / "m.json"), progress=False,
                                     use_java=False, captions=str(path))

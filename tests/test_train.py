@@ -1186,10 +1186,9 @@ def test_repeated_csv_rows_are_said_by_train_s_data(shapes_data, tmp_path):
     once (a file joined with an overlap), which two annotators' identical captions are too;
     train's data carries the note that says so (logged with the other caption notes)."""
     from caption_attn import data as data_lib
-    records = data_lib.load_captions(shapes_data["captions"]).records
-    rows = [(r.image, c) for r in records for c in r.captions]
+    from conftest import shapes_csv
     path = tmp_path / "captions.txt"
-    path.write_text("image,caption\n" + "".join(f'{i},"{c}"\n' for i, c in rows + rows[:1]))
+    rows = shapes_csv(shapes_data, path, lambda rows: rows[:1])
     cfg = dataclasses.replace(small_config(shapes_data), captions=str(path))
     loaded = train.load_train_data(cfg, str(tmp_path / "run"), images_dir=shapes_data["images"])
     assert loaded.repeated_note == data_lib.load_captions(str(path)).repeated_note()

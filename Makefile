@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+# The fused attention kernel (caption_attn/fused.py), compiled for the venv's TensorFlow
+KERNEL  = caption_attn/kernels/_additive_attention.json
 
 .PHONY: test test-fast demo bench clean
 
@@ -14,6 +16,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+$(KERNEL): caption_attn/kernels/additive_attention.cc caption_attn/fused.py $(STAMP)
+	$(BIN)/python -m caption_attn.fused
+
 # Two pytest workers, one test file each at a time (module fixtures built once): most tests
 # are single-threaded Python/TF tracing, so two of them share the 2 cores of CI's machines.
 # Files go out in collection order, heaviest first (tests/conftest.py: FILE_SECONDS). One
@@ -21,20 +26,20 @@ $(STAMP): setup.cfg pyproject.toml
 PYTEST  = TF_NUM_INTRAOP_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile \
           --no-loadscope-reorder
 
-test: $(STAMP)
+test: $(STAMP) $(KERNEL)
 	$(PYTEST) --durations=15
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(KERNEL)
 	$(PYTEST) -m "not slow"
 
-demo: $(STAMP)
+demo: $(STAMP) $(KERNEL)
 	$(BIN)/caption-attn demo
 
 # Every speed target of issue #11 on this CPU, each benchmark run REPEATS times
 # (on 2 Zen 4 cores ~4 min per repeat).
 REPEATS ?= 3
-bench: $(STAMP)
+bench: $(STAMP) $(KERNEL)
 	$(BIN)/python benchmarks/cpu_report.py --repeats $(REPEATS) --json bench_report.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info caption_attn/kernels/_additive_attention*

@@ -14,11 +14,12 @@ Shapes: B batch, T steps, P = 64 feature positions, E embedding size, U units, V
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import keras
 import tensorflow as tf
 
+from caption_attn import fused
 from caption_attn.decode import static_dim
 
 
@@ -61,15 +62,20 @@ def _per_step(x) -> tf.TensorArray:
     return tf.TensorArray(x.dtype, size=tf.shape(x)[0]).unstack(x)
 
 
-def additive_attention(keys, values, q, score):
+def additive_attention(keys, values, q, score, kernel=None):
     """keys (B, P, U), values (B, P, E), projected query q (B, U), score (U, 1) -> context
-    (B, E), weights (B, P) float32, e = tanh(keys + q) (B, P, U)."""
+    (B, E), weights (B, P) float32, e = tanh(keys + q) (B, P, U). With `kernel` (the fused
+    kernel's module, `fused.library`), e and the scores come from it in one pass over the
+    keys."""
     units = keys.shape[-1]
-    e = tf.tanh(keys + q[:, None, :])                                 # (B, P, U)
-    # A 2-D matmul, not a tensordot on (B, P, U), whose gradient inside the time loop needs
-    # runtime transpose permutations that XLA (--xla) cannot compile.
-    scores = tf.reshape(tf.matmul(tf.reshape(e, [-1, units]), score),
-                        [-1, static_dim(keys, 1)])                    # (B, P)
+    if kernel is not None:
+        scores, e = kernel.additive_attention_scores(keys, q, tf.reshape(score, [units]))
+    else:
+        e = tf.tanh(keys + q[:, None, :])                             # (B, P, U)
+        # A 2-D matmul, not a tensordot on (B, P, U), whose gradient inside the time loop
+        # needs runtime transpose permutations that XLA (--xla) cannot compile.
+        scores = tf.reshape(tf.matmul(tf.reshape(e, [-1, units]), score),
+                            [-1, static_dim(keys, 1)])                # (B, P)
     weights = tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1)     # (B, P) float32
     context = tf.einsum("bp,bpe->be", tf.cast(weights, values.dtype), values)  # (B, E)
     return context, weights, e
@@ -89,10 +95,11 @@ def attend_and_update(w: StepWeights, x_gates, h, keys, encoded):
                    keys, encoded)
 
 
-def _update(w: StepWeights, x_gates, h, q, h_beta, h_gates, keys, encoded):
+def _update(w: StepWeights, x_gates, h, q, h_beta, h_gates, keys, encoded, kernel=None):
     """`attend_and_update` from h's three projections: the attention query q (B, U), the
-    gate's h_beta (B, E) and the GRU's recurrent share h_gates (B, 3U), biases included."""
-    raw, alpha, e = additive_attention(keys, encoded, q, w.score)    # (B, E), (B, P), .
+    gate's h_beta (B, E) and the GRU's recurrent share h_gates (B, 3U), biases included;
+    `kernel` as `additive_attention`'s."""
+    raw, alpha, e = additive_attention(keys, encoded, q, w.score, kernel)  # (B, E), (B, P), .
     h_new, context, (beta, z, r, hh, candidate) = _gru_update(w, x_gates, h, h_beta, h_gates,
                                                               raw)
     return h_new, context, alpha, StepSaved(e, raw, beta, z, r, hh, candidate)
@@ -113,7 +120,8 @@ def _gru_update(w: StepWeights, x_gates, h, h_beta, h_gates, raw):
     return h_new, context, (beta, z, r, hh, candidate)
 
 
-def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
+def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded,
+                              use_kernel: Optional[bool] = None):
     """`attend_and_update` over all T steps, with back-propagation through time written out.
 
     x_gates (T, B, 3U), h0 (B, U), keys (B, P, U), encoded (B, P, E) -> hs (T, B, U),
@@ -126,7 +134,16 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
     query/gate/recurrent kernels; every weight gradient, the feature gradient and the
     input-gate gradient are then computed after the loop as one large matmul over all T * B
     rows, instead of T small ones accumulated step by step.
+
+    The attention scores and their gradient come from the fused kernel (`fused`), one pass
+    over the (B, P, U) tensors each, where it is `fused.usable` (float32 on CPUs, not XLA) or
+    `use_kernel` says so; elsewhere from TensorFlow's ops. Both keep the same `StepSaved`.
     """
+    use = fused.usable(keys.dtype) if use_kernel is None else use_kernel
+    kernel = fused.library() if use else None
+    if use and kernel is None:
+        raise RuntimeError(fused.unavailable_note())
+
     @tf.custom_gradient
     def run(x_gates, h0, keys, encoded, *weights):
         w = StepWeights(*weights)
@@ -149,7 +166,7 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
             q, h_beta, h_gates = tf.split(tf.nn.bias_add(tf.matmul(h, h_kernels), h_bias),
                                           [U, E, 3 * U], axis=-1)   # (B, U), (B, E), (B, 3U)
             h, context, alpha, s = _update(w, steps.read(t), h, q, h_beta, h_gates, keys,
-                                           encoded)
+                                           encoded, kernel)
             outputs = [a.write(t, x) for a, x in zip(outputs, (h, context, alpha))]
             return t + 1, h, outputs, (saved[0].write(t, s.e),
                                        saved[1].write(t, tf.concat(s[1:], axis=-1)))
@@ -163,7 +180,7 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
                 tf.zeros_like(x) if d is None else tf.cast(d, x.dtype)
                 for d, x in ((d_hs, hs), (d_contexts, contexts), (d_alphas, alphas)))
             return _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved,
-                                        d_hs, d_contexts, d_alphas)
+                                        d_hs, d_contexts, d_alphas, kernel)
 
         return (hs, contexts, alphas), grad
 
@@ -171,9 +188,9 @@ def teacher_forced_recurrence(w: StepWeights, x_gates, h0, keys, encoded):
 
 
 def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs,
-                         d_contexts, d_alphas):
+                         d_contexts, d_alphas, kernel=None):
     """Gradients of `teacher_forced_recurrence` w.r.t. x_gates, h0, keys, encoded and the
-    `StepWeights`, in that order."""
+    `StepWeights`, in that order; `kernel` as there."""
     dt, U, E = h0.dtype, h0.shape[-1], encoded.shape[-1]
     T = tf.shape(hs)[0]
     # dh flows back through the query, the gate and the recurrent kernels in one matmul.
@@ -188,6 +205,8 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
     by_step_f32 = _per_step(tf.concat([alphas, d_alphas], axis=-1))        # (B, 2P)
     P = static_dim(keys, 1)
     e_saved, rows_saved = saved
+
+    score_vector = tf.reshape(w.score, [U]) if kernel is not None else None
 
     def body(t, dh, d_keys, d_score, d_xs, d_hs_all, d_raws):
         s = StepSaved(e_saved.read(t), *tf.split(rows_saved.read(t), _saved_widths(U, E), -1))
@@ -210,17 +229,23 @@ def _recurrence_backward(w, h0, keys, encoded, hs, contexts, alphas, saved, d_hs
         # gradients are sums over all T steps, which bfloat16 (8 bits of mantissa) cannot
         # hold (300 equal steps summed to about 256 of them). (Saving e in float32 as well
         # made a CPU's bfloat16 step 5-8 % faster, but doubled the largest saved tensor.)
-        e = tf.cast(s.e, tf.float32)                                  # (B, P, U)
-        # ds_bp w_u as a K=1 matmul: a broadcasting multiply took twice as long
-        d_e = tf.raw_ops.TanhGrad(y=e, dy=tf.reshape(
-            tf.matmul(tf.reshape(ds, [-1, 1]), score_row), [-1, P, U]))  # (B, P, U)
-        d_score = d_score + tf.matmul(tf.reshape(ds, [1, -1]),
-                                      tf.reshape(e, [-1, U]))         # (1, U)
-        d_q = tf.cast(tf.reduce_sum(d_e, axis=1), dt)                 # (B, U)
+        if kernel is not None:   # float32 throughout; d_keys updated in place
+            d_keys, d_q, d_w = kernel.additive_attention_scores_grad(
+                s.e, score_vector, ds, d_keys)                       # (B, P, U), (B, U), (U,)
+            d_score = d_score + tf.reshape(d_w, [1, U])               # (1, U)
+        else:
+            e = tf.cast(s.e, tf.float32)                              # (B, P, U)
+            # ds_bp w_u as a K=1 matmul: a broadcasting multiply took twice as long
+            d_e = tf.raw_ops.TanhGrad(y=e, dy=tf.reshape(
+                tf.matmul(tf.reshape(ds, [-1, 1]), score_row), [-1, P, U]))  # (B, P, U)
+            d_score = d_score + tf.matmul(tf.reshape(ds, [1, -1]),
+                                          tf.reshape(e, [-1, U]))     # (1, U)
+            d_q = tf.cast(tf.reduce_sum(d_e, axis=1), dt)             # (B, U)
+            d_keys = d_keys + d_e
         # h feeds the query, the gate and the recurrent gates: one matmul back through all
         d_h_all = tf.concat([d_q, d_beta, d_z, d_r, d_cand * s.r], axis=-1)  # (B, U+E+3U)
         dh = dh * s.z + tf.matmul(d_h_all, h_kernels_t)              # (B, U)
-        return (t - 1, dh, d_keys + d_e, d_score, d_xs.write(t, d_x),
+        return (t - 1, dh, d_keys, d_score, d_xs.write(t, d_x),
                 d_hs_all.write(t, d_h_all), d_raws.write(t, d_raw))
 
     arrays = [tf.TensorArray(dt, size=T) for _ in range(3)]

@@ -27,8 +27,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from caption_attn import (checkpoints, distribute, feature_cache, interrupts, ngrams, pipeline,
-                          progress, quiet)
+from caption_attn import (checkpoints, distribute, feature_cache, fused, interrupts, ngrams,
+                          pipeline, progress, quiet)
 from caption_attn import data as data_lib
 from caption_attn.backbone import refuse_aborting_precision
 from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoardLogger,
@@ -857,6 +857,9 @@ class Trainer:
         if tc.precision == "float16" and not tf.config.list_physical_devices("GPU"):
             log("note: --precision float16 is meant for GPUs; on a CPU it is slow, prefer "
                 "bfloat16")
+        if tc.precision == "float32" and not tf.config.list_physical_devices("GPU") \
+                and fused.unavailable_note():
+            log("note: " + fused.unavailable_note())
         if strategy is None:
             strategy = distribute.make_strategy(tc.strategy)
         for note in distribute.strategy_notes(tc.strategy, strategy, tc.xla):

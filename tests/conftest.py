@@ -32,7 +32,8 @@ FILE_SECONDS = {"test_train.py": 383, "test_train_scst.py": 250, "test_export.py
                 "test_coco_metrics.py": 30, "test_evaluate_run.py": 50,
                 "test_train_tensorboard.py": 48, "test_demo.py": 48, "test_quiet.py": 34,
                 "test_graph_images.py": 32, "test_decode.py": 27, "test_pipeline.py": 25,
-                "test_feature_cache.py": 23, "test_model.py": 17, "test_best_files.py": 14}
+                "test_feature_cache.py": 23, "test_model.py": 17, "test_best_files.py": 14,
+                "test_fused.py": 50}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -335,7 +335,8 @@ def test_bfloat16_attention_gradients_accumulate_in_float32():
         np.testing.assert_allclose(many, T * one, rtol=2 ** -7, atol=1e-6 * T * np.abs(one).max())
 
 
-def test_time_loops_read_each_step_without_shape_ops():
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_time_loops_read_each_step_without_shape_ops(use_kernel):
     # Every op of a time loop costs the executor microseconds, whatever its size: for small
     # batches that, not arithmetic, is most of a step. x[t] is a strided slice plus the
     # ops that build its bounds, a reshape to tf.shape(.) a Shape op more, each
@@ -356,7 +357,8 @@ def test_time_loops_read_each_step_without_shape_ops():
     def grads(x_gates, h0, keys, encoded):
         with tf.GradientTape() as tape:
             tape.watch([x_gates, keys])
-            hs, contexts, alphas = teacher_forced_recurrence(w, x_gates, h0, keys, encoded)
+            hs, contexts, alphas = teacher_forced_recurrence(w, x_gates, h0, keys, encoded,
+                                                             use_kernel)
             loss = tf.reduce_sum(hs) + tf.reduce_sum(contexts) + tf.reduce_sum(alphas ** 2)
         return tape.gradient(loss, [x_gates, keys])
 
@@ -371,6 +373,7 @@ def test_time_loops_read_each_step_without_shape_ops():
     assert forward["TensorListSetItem"] == 5          # h, context, alpha, e, the saved rows
     assert forward["TensorListGetItem"] == 1          # the step's input gates
     assert backward["TensorListGetItem"] == 4         # e, saved rows, per-step inputs x 2
+    assert ("AdditiveAttentionScoresGrad" in backward) == use_kernel
     assert not backward["StridedSlice"], backward
     assert all(np.all(np.isfinite(g.numpy())) for g in grads(*inputs))
 

@@ -1,0 +1,193 @@
+"""The fused additive-attention kernel (`kernels/additive_attention.cc`): a TensorFlow custom
+op for the CPU that computes the attention scores of a training step's time loop in one pass
+over the keys, and their gradient in another (`recurrence.teacher_forced_recurrence`).
+
+`make` builds it once per virtualenv (`python -m caption_attn.fused`) beside its source, with
+the compiler flags of the TensorFlow installed (`tf.sysconfig`), one library per instruction
+set (`VARIANTS`: on x86-64 one for AVX-512 and one for AVX2, whose tanh takes twice as long);
+`BUILT_FOR` records which TensorFlow and source they were built from. Each process loads the
+one its CPU runs (`variant`). Where none is built, or they were built for another TensorFlow
+or source, training runs the same computation in TensorFlow's ops, with a note
+(`unavailable_note`). It is only used in float32, on CPUs, outside XLA: bfloat16, GPUs and
+`--xla` keep TensorFlow's ops. Decoding and the exported SavedModel/TFLite never use it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Optional
+
+import tensorflow as tf
+
+from caption_attn.quiet import cpu_flags
+
+KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+SOURCE = os.path.join(KERNELS, "additive_attention.cc")
+# {"tensorflow": version, "source_sha256": digest, "variants": [names built]}
+BUILT_FOR = os.path.join(KERNELS, "_additive_attention.json")
+BUILD_COMMAND = f"{os.path.basename(sys.executable)} -m caption_attn.fused"
+
+# name -> (compiler flags, /proc/cpuinfo flags the CPU needs), best first. x86-64: every CPU
+# kind of this project has AVX2 and FMA; the AVX-512 build computes tanh, the kernel's main
+# cost, in half the instructions where the CPU has it (and oneDNN is not capped below it).
+X86_VARIANTS = {
+    "avx512": (["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
+               {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx2", "fma"}),
+    "avx2": (["-mavx2", "-mfma"], {"avx2", "fma"}),
+}
+OTHER_VARIANTS = {"generic": ([], set())}
+
+# False turns the kernel off for this process (benchmarks compare both paths)
+ENABLED = True
+
+
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def variants() -> dict:
+    return X86_VARIANTS if _x86() else OTHER_VARIANTS
+
+
+def library_path(name: str) -> str:
+    return os.path.join(KERNELS, f"_additive_attention_{name}.so")
+
+
+def variant(environ=os.environ) -> Optional[str]:
+    """The build this CPU runs, or None: the first of `variants` whose instructions
+    /proc/cpuinfo lists; not AVX-512 where oneDNN is capped below it (`ONEDNN_MAX_CPU_ISA`,
+    to stand in for an AVX2-only CPU)."""
+    flags = cpu_flags()
+    cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    for name, (_, needs) in variants().items():
+        if name == "avx512" and cap and not cap.startswith("AVX512") and \
+                not cap.startswith("AVX10"):
+            continue
+        if needs <= flags:
+            return name
+    return None
+
+
+def source_digest() -> str:
+    with open(SOURCE, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def build(compiler: Optional[str] = None, log=print) -> None:
+    """Compiles every variant of the kernel for the TensorFlow of this Python, each replacing
+    its library only once complete, then records them in `BUILT_FOR`; raises RuntimeError
+    naming what failed."""
+    compiler = compiler or os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH: install g++ (or set CXX) "
+                           "to build the fused attention kernel")
+    log(f"building the fused attention kernel for TensorFlow {tf.__version__} "
+        f"({', '.join(variants())}) in {os.path.relpath(KERNELS)}")
+    for name, (flags, _) in variants().items():
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=KERNELS)
+        os.close(fd)
+        command = [compiler, "-shared", "-fPIC", "-O3", "-w", *flags, SOURCE, "-o", tmp,
+                   *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{shlex.join(command)} failed (exit {done.returncode}):\n"
+                                   + done.stderr[-4000:])
+            os.replace(tmp, library_path(name))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    with open(BUILT_FOR + ".tmp", "w") as f:
+        json.dump({"tensorflow": tf.__version__, "source_sha256": source_digest(),
+                   "variants": list(variants())}, f)
+    os.replace(BUILT_FOR + ".tmp", BUILT_FOR)
+    library.cache_clear()
+
+
+def problem() -> Optional[str]:
+    """Why the kernel's library for this CPU (`variant`) cannot be loaded here, or None."""
+    name = variant()
+    if name is None:
+        return "this CPU lacks AVX2 or FMA, which the kernel is built for"
+    if not os.path.exists(BUILT_FOR) or not os.path.exists(library_path(name)):
+        return "it is not built"
+    try:
+        with open(BUILT_FOR) as f:
+            built = json.load(f)
+        tf_version, digest = built["tensorflow"], built["source_sha256"]
+        if name not in built["variants"]:
+            return f"its {name} build is missing from {BUILT_FOR}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{BUILT_FOR} is unreadable ({e!r})"
+    if tf_version != tf.__version__:
+        return f"it was built for TensorFlow {tf_version}, this is {tf.__version__}"
+    if digest != source_digest():
+        return f"it was built from another version of {os.path.basename(SOURCE)}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def library():
+    """The loaded kernel's module (`additive_attention_scores`,
+    `additive_attention_scores_grad`), or None where `problem` or loading says no."""
+    if problem() is not None:
+        return None
+    try:
+        return tf.load_op_library(library_path(variant()))
+    except (tf.errors.OpError, OSError):
+        return None
+
+
+def unavailable_note() -> Optional[str]:
+    """What a float32 training run on the CPU is told where the kernel is not used."""
+    if library() is not None:
+        return None
+    why = problem()
+    if why is None:
+        why = f"{library_path(variant())} does not load into this TensorFlow"
+    return (f"the fused attention kernel is not used ({why}): training runs the same "
+            f"computation in TensorFlow's ops, slower; `{BUILD_COMMAND}` builds it (make test "
+            "and make demo do)")
+
+
+def usable(dtype) -> bool:
+    """Whether the recurrence being traced now, whose keys have `dtype`, runs the kernel:
+    float32 on a machine without GPUs, outside XLA (which cannot compile a custom op)."""
+    if not ENABLED or tf.as_dtype(dtype) != tf.float32 or library() is None:
+        return False
+    if tf.config.list_logical_devices("GPU"):
+        return False
+    from tensorflow.python.framework import ops
+    from tensorflow.python.ops import control_flow_util
+    return not control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
+
+
+def main(argv=None) -> int:
+    """`python -m caption_attn.fused [--check]`: build the kernel (or, with --check, only say
+    whether it is usable here)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args not in ([], ["--check"]):
+        print(f"usage: {BUILD_COMMAND} [--check]", file=sys.stderr)
+        return 2
+    if not args:
+        try:
+            build()
+        except (RuntimeError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    note = unavailable_note()
+    print(note or f"the fused attention kernel is usable: {library_path(variant())}")
+    return 1 if note else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

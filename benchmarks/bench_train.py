@@ -47,7 +47,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from caption_attn import feature_cache, feature_index, train  # noqa: E402
+from caption_attn import feature_cache, feature_index, fused, train  # noqa: E402
 from caption_attn.backbone import FEATURE_SHAPE, IMAGE_SIZE  # noqa: E402
 from caption_attn.config import (ModelConfig, RunConfig, TrainConfig, VocabConfig,  # noqa: E402
                                  write_json_atomic)
@@ -304,6 +304,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--xla", action="store_true")
+    ap.add_argument("--no-fused-kernel", action="store_true",
+                    help="our step with TensorFlow's ops for the attention scores, not the "
+                         "fused kernel (caption_attn/fused.py), to compare the two")
     ap.add_argument("--reference-batches", type=int, default=6,
                     help="batches timed for the (slow) reference step; 0 skips it (a smoke "
                          "run: no speedup is printed)")
@@ -317,6 +320,8 @@ def main(argv=None) -> int:
     check_precisions(ap, "--precision", [args.precision])
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.no_fused_kernel:
+        fused.ENABLED = False
     return run_in_temp_folder("bench_train_", measure, args, report)
 
 
@@ -361,7 +366,9 @@ def measure(args, root: str) -> dict:
                   "batch_size": args.batch_size, "precision": args.precision, "xla": args.xla,
                   "captions": len(lengths), "mean_tokens": float(np.mean(lengths)),
                   "max_tokens": max_tokens, "threads": os.cpu_count(),
-                  "matmul_size": args.matmul_size},
+                  "matmul_size": args.matmul_size,
+                  # what the step traced above ran (`fused.usable`), or why not
+                  "fused_kernel": fused_kernel_state(args.precision, args.xla)},
         "rounds": args.rounds,
         "ours_rounds_captions_per_s": [r[0] for r in ours_rounds],
         "reference_rounds_captions_per_s": [r[0] for r in ref_rounds] if ref_rounds else None,
@@ -380,6 +387,17 @@ def measure(args, root: str) -> dict:
     }
 
 
+def fused_kernel_state(precision: str, xla: bool) -> str:
+    """Whether our step runs the fused attention kernel, and if not, why."""
+    if not fused.ENABLED:
+        return "off (--no-fused-kernel)"
+    if precision != "float32" or xla:
+        return "off (float32 without XLA only)"
+    if tf.config.list_logical_devices("GPU"):
+        return "off (GPU)"
+    return "on" if fused.library() is not None else f"off ({fused.problem() or 'no load'})"
+
+
 def report(figures: dict) -> None:
     s = figures["setup"]
     ours, ref = figures["ours_captions_per_s"], figures["reference_captions_per_s"]
@@ -387,7 +405,7 @@ def report(figures: dict) -> None:
     print(f"setup: E {s['embedding_dim']}, U {s['units']}, V {s['vocab']}, batch "
           f"{s['batch_size']}, {s['precision']}{' + XLA' if s['xla'] else ''}, "
           f"{s['captions']} captions, mean {s['mean_tokens']:.1f} tokens, max "
-          f"{s['max_tokens']}")
+          f"{s['max_tokens']}, fused attention kernel {s.get('fused_kernel', '?')}")
     print("rounds     ours " + ", ".join(f"{x:.1f}" for x in figures["ours_rounds_captions_per_s"])
           + (" | reference " + ", ".join(f"{x:.1f}" for x in
                                          figures["reference_rounds_captions_per_s"])

@@ -9,7 +9,8 @@ set (`VARIANTS`: on x86-64 one for AVX-512 and one for AVX2, whose tanh takes tw
 one its CPU runs (`variant`). Where none is built, or they were built for another TensorFlow
 or source, training runs the same computation in TensorFlow's ops, with a note
 (`unavailable_note`). It is only used in float32, on CPUs, outside XLA: bfloat16, GPUs and
-`--xla` keep TensorFlow's ops. Decoding and the exported SavedModel/TFLite never use it.
+the step `--xla` compiles keep TensorFlow's ops (the validation and self-critical steps, which
+`--xla` leaves uncompiled, use it). Decoding and the exported SavedModel/TFLite never use it.
 """
 
 from __future__ import annotations
@@ -69,11 +70,20 @@ def variant(environ=os.environ) -> Optional[str]:
     flags = cpu_flags()
     cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").upper()
     for name, (_, needs) in variants().items():
-        if name == "avx512" and cap and not cap.startswith("AVX512") and \
+        if name == "avx512" and cap not in ("", "ALL") and not cap.startswith("AVX512") and \
                 not cap.startswith("AVX10"):
             continue
         if needs <= flags:
             return name
+    return None
+
+
+def framework_bytes() -> Optional[int]:
+    """The size of TensorFlow's libtensorflow_framework, which the kernel links to: another
+    build of the same version (tensorflow-cpu, a nightly rebuilt) has another."""
+    for name in sorted(os.listdir(tf.sysconfig.get_lib())):
+        if name.startswith("libtensorflow_framework.so"):
+            return os.path.getsize(os.path.join(tf.sysconfig.get_lib(), name))
     return None
 
 
@@ -83,40 +93,63 @@ def source_digest() -> str:
 
 
 def build(compiler: Optional[str] = None, log=print) -> None:
-    """Compiles every variant of the kernel for the TensorFlow of this Python, each replacing
-    its library only once complete, then records them in `BUILT_FOR`; raises RuntimeError
-    naming what failed."""
+    """Compiles every variant of the kernel for the TensorFlow of this Python into temporary
+    files; only once all have compiled, replaces the libraries and records them in
+    `BUILT_FOR` (removed first, written last). Raises RuntimeError naming what failed, with
+    the libraries and record found left as they were."""
     compiler = compiler or os.environ.get("CXX") or "g++"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH: install g++ (or set CXX) "
                            "to build the fused attention kernel")
     log(f"building the fused attention kernel for TensorFlow {tf.__version__} "
         f"({', '.join(variants())}) in {os.path.relpath(KERNELS)}")
-    for name, (flags, _) in variants().items():
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=KERNELS)
-        os.close(fd)
-        command = [compiler, "-shared", "-fPIC", "-O3", "-w", *flags, SOURCE, "-o", tmp,
-                   *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
-        try:
+    digest = source_digest()
+    built = {}
+    try:
+        for name, (flags, _) in variants().items():
+            fd, built[name] = tempfile.mkstemp(prefix="_additive_attention_", suffix=".so.tmp",
+                                               dir=KERNELS)
+            os.close(fd)
+            command = [compiler, "-shared", "-fPIC", "-O3", "-DNDEBUG", "-w", *flags, SOURCE, "-o",
+                       built[name], *tf.sysconfig.get_compile_flags(),
+                       *tf.sysconfig.get_link_flags()]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
-                raise RuntimeError(f"{shlex.join(command)} failed (exit {done.returncode}):\n"
-                                   + done.stderr[-4000:])
+                raise RuntimeError(f"compiling {SOURCE} failed (exit {done.returncode}): "
+                                   f"{shlex.join(command)}\n{done.stderr[-4000:]}")
+        if source_digest() != digest:
+            raise RuntimeError(f"{SOURCE} changed while it was compiled: build it again")
+        if os.path.exists(BUILT_FOR):
+            os.unlink(BUILT_FOR)
+        for name, tmp in built.items():
             os.replace(tmp, library_path(name))
-        finally:
+        fd, tmp = tempfile.mkstemp(prefix="_additive_attention_", suffix=".json.tmp",
+                                   dir=KERNELS)
+        built[None] = tmp
+        with os.fdopen(fd, "w") as f:
+            json.dump({"tensorflow": tf.__version__, "framework_bytes": framework_bytes(),
+                       "source_sha256": digest,
+                       "variants": {name: flags for name, (flags, _) in variants().items()}},
+                      f)
+        os.replace(tmp, BUILT_FOR)
+    finally:
+        for tmp in built.values():
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    with open(BUILT_FOR + ".tmp", "w") as f:
-        json.dump({"tensorflow": tf.__version__, "source_sha256": source_digest(),
-                   "variants": list(variants())}, f)
-    os.replace(BUILT_FOR + ".tmp", BUILT_FOR)
-    library.cache_clear()
+    if library.cache_info().currsize and library() is not None:
+        # TensorFlow and dlopen keep a loaded library by its path: this process runs the old
+        log("note: this process keeps the kernel it had loaded; the new build is used from "
+            "the next one")
+    else:
+        library.cache_clear()
 
 
 def problem() -> Optional[str]:
     """Why the kernel's library for this CPU (`variant`) cannot be loaded here, or None."""
     name = variant()
     if name is None:
+        if not cpu_flags():
+            return "/proc/cpuinfo cannot be read to tell which build this CPU runs"
         return "this CPU lacks AVX2 or FMA, which the kernel is built for"
     if not os.path.exists(BUILT_FOR) or not os.path.exists(library_path(name)):
         return "it is not built"
@@ -124,12 +157,18 @@ def problem() -> Optional[str]:
         with open(BUILT_FOR) as f:
             built = json.load(f)
         tf_version, digest = built["tensorflow"], built["source_sha256"]
+        framework = built["framework_bytes"]
         if name not in built["variants"]:
             return f"its {name} build is missing from {BUILT_FOR}"
+        if built["variants"][name] != variants()[name][0]:
+            return f"its {name} build was compiled with other flags than fused.py's"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{BUILT_FOR} is unreadable ({e!r})"
     if tf_version != tf.__version__:
         return f"it was built for TensorFlow {tf_version}, this is {tf.__version__}"
+    if framework != framework_bytes():
+        return (f"it was built for another build of TensorFlow {tf_version} (its framework "
+                f"library of {framework} bytes, this one's {framework_bytes()})")
     if digest != source_digest():
         return f"it was built from another version of {os.path.basename(SOURCE)}"
     return None
@@ -141,10 +180,15 @@ def library():
     `additive_attention_scores_grad`), or None where `problem` or loading says no."""
     if problem() is not None:
         return None
+    path = library_path(variant())
     try:
-        return tf.load_op_library(library_path(variant()))
-    except (tf.errors.OpError, OSError):
+        return tf.load_op_library(path)
+    except (tf.errors.OpError, OSError, RuntimeError) as e:
+        _load_errors[path] = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
         return None
+
+
+_load_errors: dict = {}   # library path -> why TensorFlow did not load it
 
 
 def unavailable_note() -> Optional[str]:
@@ -153,7 +197,8 @@ def unavailable_note() -> Optional[str]:
         return None
     why = problem()
     if why is None:
-        why = f"{library_path(variant())} does not load into this TensorFlow"
+        path = library_path(variant())
+        why = f"{path} does not load into this TensorFlow: {_load_errors.get(path, '?')}"
     return (f"the fused attention kernel is not used ({why}): training runs the same "
             f"computation in TensorFlow's ops, slower; `{BUILD_COMMAND}` builds it (make test "
             "and make demo do)")

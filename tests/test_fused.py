@@ -18,6 +18,10 @@ from caption_attn.recurrence import StepWeights, teacher_forced_recurrence
 from test_train import NO_DECODING, small_config
 
 
+# on a machine with a GPU the kernel is never chosen automatically (`fused.usable`)
+GPU = bool(tf.config.list_logical_devices("GPU"))
+
+
 def kernel():
     lib = fused.library()
     # make test / make demo build it first (Makefile: $(KERNEL)); pytest alone does not
@@ -127,13 +131,13 @@ def test_the_recurrence_with_the_kernel_equals_it_with_tensorflows_ops():
 
 def test_chosen_automatically_in_float32_on_the_cpu_and_never_under_xla():
     _, grads, ops = _values_and_grads(None)
-    assert "AdditiveAttentionScoresGrad" in ops
+    assert ("AdditiveAttentionScoresGrad" in ops) != GPU
     # XLA cannot compile a custom op: under jit_compile the recurrence keeps TensorFlow's
     _, grads_xla, ops_xla = _values_and_grads(None, jit=True)
     assert "AdditiveAttentionScores" not in ops_xla
     for a, b in zip(grads, grads_xla):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
-    assert not fused.usable(tf.bfloat16) and fused.usable(tf.float32)
+    assert not fused.usable(tf.bfloat16) and fused.usable(tf.float32) != GPU
 
 
 def test_off_with_enabled_false_and_an_error_where_asked_for_and_missing(monkeypatch):
@@ -162,12 +166,23 @@ def test_a_stale_or_missing_build_is_never_loaded_and_the_note_says_why(kernels_
     record = kernels_copy / "_additive_attention.json"
     built = json.loads(record.read_text())
     assert built == {"tensorflow": tf.__version__, "source_sha256": fused.source_digest(),
-                     "variants": list(fused.variants())}
+                     "framework_bytes": fused.framework_bytes(),
+                     "variants": {name: flags for name, (flags, _) in fused.variants().items()}}
+    assert built["framework_bytes"] > 0
     record.write_text(json.dumps(dict(built, tensorflow="2.0.0")))
     assert fused.library() is None
     note = fused.unavailable_note()
     assert f"built for TensorFlow 2.0.0, this is {tf.__version__}" in note
     assert "-m caption_attn.fused` builds it" in note
+    # the same version number, another build of it (tensorflow-cpu, a nightly rebuilt)
+    record.write_text(json.dumps(dict(built, framework_bytes=123)))
+    fused.library.cache_clear()
+    assert (f"built for another build of TensorFlow {tf.__version__} (its framework library "
+            f"of 123 bytes, this one's {built['framework_bytes']})") in fused.unavailable_note()
+    name = fused.variant()
+    record.write_text(json.dumps(dict(built, variants={**built["variants"], name: ["-O1"]})))
+    fused.library.cache_clear()
+    assert f"its {name} build was compiled with other flags" in fused.unavailable_note()
     record.write_text(json.dumps(built))
     with open(kernels_copy / "additive_attention.cc", "a") as f:
         f.write("// changed\n")
@@ -191,6 +206,7 @@ X86_AVX512 = {"avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl"}
     (X86_AVX512, {"ONEDNN_MAX_CPU_ISA": "avx2"}, "avx2"),
     (X86_AVX512, {"DNNL_MAX_CPU_ISA": "AVX2_VNNI"}, "avx2"),
     (X86_AVX512, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, "avx512"),
+    (X86_AVX512, {"ONEDNN_MAX_CPU_ISA": "ALL"}, "avx512"),          # oneDNN's "no cap"
     ({"avx2", "fma"}, {}, "avx2"),
     ({"avx", "sse4_2"}, {}, None),
 ])
@@ -201,6 +217,8 @@ def test_each_cpu_loads_the_build_it_runs(monkeypatch, flags, environ, expected)
     if expected is None:
         monkeypatch.setattr(fused, "variant", lambda: None)
         assert "lacks AVX2 or FMA" in fused.problem()
+        monkeypatch.setattr(fused, "cpu_flags", lambda: set())      # /proc/cpuinfo unread
+        assert "/proc/cpuinfo cannot be read" in fused.problem()
 
 
 def test_build_compiles_every_variant_for_this_tensorflow_and_records_them(kernels_copy):
@@ -212,8 +230,8 @@ def test_build_compiles_every_variant_for_this_tensorflow_and_records_them(kerne
     fused.build(log=lines.append)
     assert "for TensorFlow " + tf.__version__ in lines[0]
     assert fused.problem() is None
-    assert sorted(os.listdir(kernels_copy)) == sorted(          # no temp file left
-        ["_additive_attention.json", "additive_attention.cc"]
+    assert sorted(built(kernels_copy)) == sorted(               # no temp file left
+        ["_additive_attention.json"]
         + [os.path.basename(fused.library_path(v)) for v in fused.variants()])
     # loaded and run in a process of its own: a second library registering the same ops
     # makes every later use of them in this one fail ("Multiple OpKernel registrations")
@@ -226,14 +244,18 @@ def test_build_compiles_every_variant_for_this_tensorflow_and_records_them(kerne
     assert done.returncode == 0 and done.stdout.split() == ["0.0"], done.stderr[-2000:]
 
 
+def built(folder):
+    """The build's files in `folder`, temporary ones included."""
+    return [name for name in os.listdir(folder) if name.startswith("_additive_attention")]
+
+
 def test_a_failed_build_names_the_command_and_keeps_the_working_library(kernels_copy):
-    before = {name: (kernels_copy / name).read_bytes() for name in os.listdir(kernels_copy)}
+    before = {name: (kernels_copy / name).read_bytes() for name in built(kernels_copy)}
     (kernels_copy / "additive_attention.cc").write_text("this is not C++\n")
-    with pytest.raises(RuntimeError, match=r"additive_attention\.cc .*failed \(exit"):
+    with pytest.raises(RuntimeError,
+                       match=r"compiling \S+additive_attention\.cc failed \(exit \d+\): "):
         fused.build(log=lambda *_: None)
-    del before["additive_attention.cc"]
-    assert {name: (kernels_copy / name).read_bytes() for name in before} == before
-    assert len(os.listdir(kernels_copy)) == len(before) + 1          # no temp file left
+    assert {name: (kernels_copy / name).read_bytes() for name in built(kernels_copy)} == before
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-cxx'"):
         fused.build(compiler="no-such-cxx", log=lambda *_: None)
 
@@ -253,3 +275,26 @@ def test_training_in_float32_on_the_cpu_says_when_the_kernel_is_not_used(shapes_
         "note: the fused attention kernel is not used (it is not built): training runs the "
         "same computation in TensorFlow's ops, slower; `" + fused.BUILD_COMMAND + "` builds "
         "it (make test and make demo do)"]
+
+
+def test_a_source_changed_during_the_build_replaces_nothing(kernels_copy, monkeypatch):
+    # the digest recorded must be the text compiled: one taken after an edit mid-build
+    # would let a library of the old text pass for the new one
+    before = {name: (kernels_copy / name).read_bytes() for name in built(kernels_copy)}
+    digests = iter(["a" * 64, "b" * 64])
+    monkeypatch.setattr(fused, "source_digest", lambda: next(digests))
+    with pytest.raises(RuntimeError, match="changed while it was compiled: build it again"):
+        fused.build(compiler="true", log=lambda *_: None)             # "compiles" nothing
+    assert {name: (kernels_copy / name).read_bytes() for name in built(kernels_copy)} == before
+
+
+def test_a_build_in_a_process_that_loaded_the_kernel_says_it_keeps_the_old(kernels_copy,
+                                                                          monkeypatch):
+    lines = []
+    monkeypatch.setattr(fused, "problem", lambda: None)
+    monkeypatch.setattr(tf, "load_op_library", lambda path: "loaded " + path)
+    assert fused.library().startswith("loaded ")
+    fused.build(compiler="true", log=lines.append)
+    assert lines[-1] == ("note: this process keeps the kernel it had loaded; the new build "
+                         "is used from the next one")
+    assert fused.library().startswith("loaded ")                      # still the cached one

@@ -10,6 +10,8 @@ STAMP   = $(VENV)/.installed
 KERNEL  = caption_attn/kernels/_additive_attention.json
 
 .PHONY: test test-fast demo bench clean
+# a recipe that fails leaves no target behind (the kernel's record of a build it refuses)
+.DELETE_ON_ERROR:
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,13 +34,16 @@ test: $(STAMP) $(KERNEL)
 test-fast: $(STAMP) $(KERNEL)
 	$(PYTEST) -m "not slow"
 
-demo: $(STAMP) $(KERNEL)
+# the demo and the benchmarks run without the kernel where it cannot be built (train says so)
+demo: $(STAMP)
+	-@$(MAKE) --no-print-directory $(KERNEL)
 	$(BIN)/caption-attn demo
 
 # Every speed target of issue #11 on this CPU, each benchmark run REPEATS times
 # (on 2 Zen 4 cores ~4 min per repeat).
 REPEATS ?= 3
-bench: $(STAMP) $(KERNEL)
+bench: $(STAMP)
+	-@$(MAKE) --no-print-directory $(KERNEL)
 	$(BIN)/python benchmarks/cpu_report.py --repeats $(REPEATS) --json bench_report.json
 
 clean:

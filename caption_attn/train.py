@@ -857,7 +857,7 @@ class Trainer:
         if tc.precision == "float16" and not tf.config.list_physical_devices("GPU"):
             log("note: --precision float16 is meant for GPUs; on a CPU it is slow, prefer "
                 "bfloat16")
-        if tc.precision == "float32" and not tf.config.list_physical_devices("GPU") \
+        if tc.precision == "float32" and not tf.config.list_logical_devices("GPU") \
                 and fused.unavailable_note():
             log("note: " + fused.unavailable_note())
         if strategy is None:

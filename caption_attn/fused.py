@@ -2,12 +2,13 @@
 op for the CPU that computes the attention scores of a training step's time loop in one pass
 over the keys, and their gradient in another (`recurrence.teacher_forced_recurrence`).
 
-`make` builds it once per virtualenv (`python -m caption_attn.fused`) beside its source, with
-the compiler flags of the TensorFlow installed (`tf.sysconfig`), one library per instruction
-set (`VARIANTS`: on x86-64 one for AVX-512 and one for AVX2, whose tanh takes twice as long);
-`BUILT_FOR` records which TensorFlow and source they were built from. Each process loads the
-one its CPU runs (`variant`). Where none is built, or they were built for another TensorFlow
-or source, training runs the same computation in TensorFlow's ops, with a note
+`make` builds it (`python -m caption_attn.fused`, where `--check` does not find it usable)
+beside its source, with the compiler flags of the TensorFlow installed (`tf.sysconfig`), one
+library per instruction set (`variants`: on x86-64 one for AVX-512 and one for AVX2, whose
+tanh takes more instructions); `BUILT_FOR` records which TensorFlow, source and flags they
+were built from. Each process loads the one its CPU runs (`variant`). Where none is built,
+or they were built for another TensorFlow, source or flags, training runs the same
+computation in TensorFlow's ops, with a note
 (`unavailable_note`). It is only used in float32, on CPUs, outside XLA: bfloat16, GPUs and
 the step `--xla` compiles keep TensorFlow's ops (the validation and self-critical steps, which
 `--xla` leaves uncompiled, use it). Decoding and the exported SavedModel/TFLite never use it.
@@ -15,6 +16,7 @@ the step `--xla` compiles keep TensorFlow's ops (the validation and self-critica
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -27,15 +29,20 @@ import sys
 import tempfile
 from typing import Optional
 
-import tensorflow as tf
+if __name__ == "__main__":   # the program: without TensorFlow's start-up notices, as the CLI
+    from caption_attn.quiet import import_tensorflow
+    import_tensorflow()
 
-from caption_attn.quiet import cpu_flags
+import tensorflow as tf  # noqa: E402
+
+from caption_attn.quiet import cpu_flags  # noqa: E402
 
 KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 SOURCE = os.path.join(KERNELS, "additive_attention.cc")
-# {"tensorflow": version, "source_sha256": digest, "variants": [names built]}
+# {"tensorflow": version, "framework_bytes": size, "source_sha256": digest,
+#  "variants": {name: instruction-set flags}}
 BUILT_FOR = os.path.join(KERNELS, "_additive_attention.json")
-BUILD_COMMAND = f"{os.path.basename(sys.executable)} -m caption_attn.fused"
+BUILD_COMMAND = f"{sys.executable} -m caption_attn.fused"
 
 # name -> (compiler flags, /proc/cpuinfo flags the CPU needs), best first. x86-64: every CPU
 # kind of this project has AVX2 and FMA; the AVX-512 build computes tanh, the kernel's main
@@ -96,7 +103,8 @@ def build(compiler: Optional[str] = None, log=print) -> None:
     """Compiles every variant of the kernel for the TensorFlow of this Python into temporary
     files; only once all have compiled, replaces the libraries and records them in
     `BUILT_FOR` (removed first, written last). Raises RuntimeError naming what failed, with
-    the libraries and record found left as they were."""
+    the libraries and record found left as they were (an OSError while replacing them
+    leaves no record: nothing is loaded until a build completes)."""
     compiler = compiler or os.environ.get("CXX") or "g++"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH: install g++ (or set CXX) "
@@ -119,13 +127,15 @@ def build(compiler: Optional[str] = None, log=print) -> None:
                                    f"{shlex.join(command)}\n{done.stderr[-4000:]}")
         if source_digest() != digest:
             raise RuntimeError(f"{SOURCE} changed while it was compiled: build it again")
-        if os.path.exists(BUILT_FOR):
+        with contextlib.suppress(FileNotFoundError):     # a build beside this one
             os.unlink(BUILT_FOR)
         for name, tmp in built.items():
+            os.chmod(tmp, 0o755)                          # mkstemp's are the owner's only
             os.replace(tmp, library_path(name))
         fd, tmp = tempfile.mkstemp(prefix="_additive_attention_", suffix=".json.tmp",
                                    dir=KERNELS)
         built[None] = tmp
+        os.chmod(tmp, 0o644)
         with os.fdopen(fd, "w") as f:
             json.dump({"tensorflow": tf.__version__, "framework_bytes": framework_bytes(),
                        "source_sha256": digest,
@@ -166,10 +176,14 @@ def problem() -> Optional[str]:
         return f"{BUILT_FOR} is unreadable ({e!r})"
     if tf_version != tf.__version__:
         return f"it was built for TensorFlow {tf_version}, this is {tf.__version__}"
-    if framework != framework_bytes():
+    try:
+        here, source = framework_bytes(), source_digest()
+    except OSError as e:
+        return f"what it was built from cannot be compared ({e!r})"
+    if framework != here:
         return (f"it was built for another build of TensorFlow {tf_version} (its framework "
-                f"library of {framework} bytes, this one's {framework_bytes()})")
-    if digest != source_digest():
+                f"library of {framework} bytes, this one's {here})")
+    if digest != source:
         return f"it was built from another version of {os.path.basename(SOURCE)}"
     return None
 

@@ -857,9 +857,6 @@ class Trainer:
         if tc.precision == "float16" and not tf.config.list_physical_devices("GPU"):
             log("note: --precision float16 is meant for GPUs; on a CPU it is slow, prefer "
                 "bfloat16")
-        if tc.precision == "float32" and not tf.config.list_logical_devices("GPU") \
-                and fused.unavailable_note():
-            log("note: " + fused.unavailable_note())
         if strategy is None:
             strategy = distribute.make_strategy(tc.strategy)
         for note in distribute.strategy_notes(tc.strategy, strategy, tc.xla):
@@ -869,6 +866,11 @@ class Trainer:
                 "whose CIDEr-D reward is computed in numpy, runs without XLA")
         self.strategy = strategy
         quiet.meet_dtypes()  # after the strategy, which may configure TF first (quiet.py)
+        # after the strategy too: listing the logical devices starts TensorFlow's runtime,
+        # which a multi-worker strategy must configure first
+        if tc.precision == "float32" and not tf.config.list_logical_devices("GPU") \
+                and fused.unavailable_note():
+            log("note: " + fused.unavailable_note())
         self.chief = distribute.is_chief(self.strategy)
         self.data = data or load_train_data(cfg, run_dir, images_dir=images_dir)
         # the run's training settings until this call trains (`with_trained_settings`)

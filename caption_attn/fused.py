@@ -8,10 +8,10 @@ library per instruction set (`variants`: on x86-64 one for AVX-512 and one for A
 tanh takes more instructions); `BUILT_FOR` records which TensorFlow, source and flags they
 were built from. Each process loads the one its CPU runs (`variant`). Where none is built,
 or they were built for another TensorFlow, source or flags, training runs the same
-computation in TensorFlow's ops, with a note
-(`unavailable_note`). It is only used in float32, on CPUs, outside XLA: bfloat16, GPUs and
-the step `--xla` compiles keep TensorFlow's ops (the validation and self-critical steps, which
-`--xla` leaves uncompiled, use it). Decoding and the exported SavedModel/TFLite never use it.
+computation in TensorFlow's ops, with a note (`unavailable_note`). It is only used in
+float32, on CPUs, outside XLA: bfloat16, GPUs and the step `--xla` compiles keep TensorFlow's
+ops (the validation and self-critical steps, which `--xla` leaves uncompiled, use it).
+Decoding and the exported SavedModel/TFLite never use it.
 """
 
 from __future__ import annotations
@@ -225,9 +225,13 @@ def usable(dtype) -> bool:
         return False
     if tf.config.list_logical_devices("GPU"):
         return False
-    from tensorflow.python.framework import ops
-    from tensorflow.python.ops import control_flow_util
-    return not control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
+    try:   # TensorFlow's own test of an XLA context, not a public API: where it moved, the
+        # kernel is left out (TensorFlow's ops, slower) rather than handed to XLA
+        from tensorflow.python.framework import ops
+        from tensorflow.python.ops import control_flow_util
+        return not control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
+    except (ImportError, AttributeError):
+        return False
 
 
 def main(argv=None) -> int:

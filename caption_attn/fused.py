@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import platform
@@ -35,6 +34,7 @@ if __name__ == "__main__":   # the program: without TensorFlow's start-up notice
 
 import tensorflow as tf  # noqa: E402
 
+from caption_attn.fileio import file_digest, write_json_atomic  # noqa: E402
 from caption_attn.quiet import cpu_flags  # noqa: E402
 
 KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
@@ -95,8 +95,7 @@ def framework_bytes() -> Optional[int]:
 
 
 def source_digest() -> str:
-    with open(SOURCE, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return file_digest(SOURCE)
 
 
 def build(compiler: Optional[str] = None, log=print) -> None:
@@ -132,16 +131,10 @@ def build(compiler: Optional[str] = None, log=print) -> None:
         for name, tmp in built.items():
             os.chmod(tmp, 0o755)                          # mkstemp's are the owner's only
             os.replace(tmp, library_path(name))
-        fd, tmp = tempfile.mkstemp(prefix="_additive_attention_", suffix=".json.tmp",
-                                   dir=KERNELS)
-        built[None] = tmp
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"tensorflow": tf.__version__, "framework_bytes": framework_bytes(),
-                       "source_sha256": digest,
-                       "variants": {name: flags for name, (flags, _) in variants().items()}},
-                      f)
-        os.replace(tmp, BUILT_FOR)
+        write_json_atomic(BUILT_FOR, {
+            "tensorflow": tf.__version__, "framework_bytes": framework_bytes(),
+            "source_sha256": digest,
+            "variants": {name: flags for name, (flags, _) in variants().items()}})
     finally:
         for tmp in built.values():
             if os.path.exists(tmp):

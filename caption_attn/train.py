@@ -868,9 +868,10 @@ class Trainer:
         quiet.meet_dtypes()  # after the strategy, which may configure TF first (quiet.py)
         # after the strategy too: listing the logical devices starts TensorFlow's runtime,
         # which a multi-worker strategy must configure first
-        if tc.precision == "float32" and not tf.config.list_logical_devices("GPU") \
-                and fused.unavailable_note():
-            log("note: " + fused.unavailable_note())
+        kernel_note = fused.unavailable_note() if tc.precision == "float32" and \
+            not tf.config.list_logical_devices("GPU") else None
+        if kernel_note:
+            log("note: " + kernel_note)
         self.chief = distribute.is_chief(self.strategy)
         self.data = data or load_train_data(cfg, run_dir, images_dir=images_dir)
         # the run's training settings until this call trains (`with_trained_settings`)

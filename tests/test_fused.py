@@ -24,7 +24,7 @@ GPU = bool(tf.config.list_logical_devices("GPU"))
 
 def kernel():
     lib = fused.library()
-    # make test / make demo build it first (Makefile: $(KERNEL)); pytest alone does not
+    # make test / make demo build it first (Makefile: kernel); pytest alone does not
     assert lib is not None, fused.unavailable_note()
     return lib
 
@@ -275,13 +275,18 @@ def built(folder):
     return [name for name in os.listdir(folder) if name.startswith("_additive_attention")]
 
 
+def contents(folder):
+    """Each of the build's files in `folder` by name: its bytes."""
+    return {name: (folder / name).read_bytes() for name in built(folder)}
+
+
 def test_a_failed_build_names_the_command_and_keeps_the_working_library(kernels_copy):
-    before = {name: (kernels_copy / name).read_bytes() for name in built(kernels_copy)}
+    before = contents(kernels_copy)
     (kernels_copy / "additive_attention.cc").write_text("this is not C++\n")
     with pytest.raises(RuntimeError,
                        match=r"compiling \S+additive_attention\.cc failed \(exit \d+\): "):
         fused.build(log=lambda *_: None)
-    assert {name: (kernels_copy / name).read_bytes() for name in built(kernels_copy)} == before
+    assert contents(kernels_copy) == before
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-cxx'"):
         fused.build(compiler="no-such-cxx", log=lambda *_: None)
 
@@ -306,12 +311,12 @@ def test_training_in_float32_on_the_cpu_says_when_the_kernel_is_not_used(shapes_
 def test_a_source_changed_during_the_build_replaces_nothing(kernels_copy, monkeypatch):
     # the digest recorded must be the text compiled: one taken after an edit mid-build
     # would let a library of the old text pass for the new one
-    before = {name: (kernels_copy / name).read_bytes() for name in built(kernels_copy)}
+    before = contents(kernels_copy)
     digests = iter(["a" * 64, "b" * 64])
     monkeypatch.setattr(fused, "source_digest", lambda: next(digests))
     with pytest.raises(RuntimeError, match="changed while it was compiled: build it again"):
         fused.build(compiler="true", log=lambda *_: None)             # "compiles" nothing
-    assert {name: (kernels_copy / name).read_bytes() for name in built(kernels_copy)} == before
+    assert contents(kernels_copy) == before
 
 
 def test_a_build_in_a_process_that_loaded_the_kernel_says_it_keeps_the_old(kernels_copy,

@@ -11,8 +11,9 @@ without AVX512-FP16 (AMD Zen), DT_INT32 at the first int32 transpose (the first 
 on an Intel CPU with AMX, where float16 is oneDNN's. `import_tensorflow` imports it (lets it
 look for GPUs and meet both types) with the process's stderr (file descriptor 2) sent to a
 temporary file, then writes back every line that is not one of those known notices: real
-warnings and errors are still shown. Set
-`CAPTION_ATTN_TF_LOGS=1` to see everything.
+warnings and errors are still shown. On a machine with an NVIDIA GPU that TensorFlow cannot
+use, its CUDA and cuInit lines are no noise: they are kept, and a warning follows
+(`gpu_unused_warning`). Set `CAPTION_ATTN_TF_LOGS=1` to see everything.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import gc
 import glob
 import os
 import re
+import shlex
 import sys
 import tempfile
 from typing import Optional
@@ -37,6 +39,11 @@ NOISE = re.compile(
     r"|\] TF-TRT Warning: Could not find TensorRT"
     r"|\] oneDNN supports DT_\w+ only on platforms with AVX-512"
     r"|^INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.$")
+
+# Those of `NOISE` that say TensorFlow found no GPU it can use: noise on a machine without an
+# NVIDIA GPU; on a machine with one (`nvidia_gpus`), TensorFlow's reason why it is left idle,
+# kept (`import_tensorflow`), with `gpu_unused_warning` saying what that means.
+NO_GPU = re.compile(r"\] Could not find cuda drivers on your machine|\] failed call to cuInit")
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
@@ -87,6 +94,38 @@ def nvidia_gpus() -> list:
     return glob.glob("/dev/nvidia[0-9]*")
 
 
+def gpus_hidden(environ=os.environ) -> bool:
+    """Whether `CUDA_VISIBLE_DEVICES` hides every GPU (-1 or empty): the CPU by choice."""
+    return environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1")
+
+
+def gpu_unused_warning(devices: list, found: list, built_with_cuda: bool,
+                       environ=os.environ) -> Optional[str]:
+    """What a user must hear where this machine has NVIDIA GPUs (`devices`, its /dev/nvidiaN)
+    but TensorFlow found none it can use (`found`, its physical GPUs): everything then runs
+    on the CPU, many times slower, and the notices that say so are dropped as noise on
+    CPU-only machines. None where there is no such device, a GPU was found, or
+    `CUDA_VISIBLE_DEVICES` hides them all (`gpus_hidden`)."""
+    if not devices or found or gpus_hidden(environ):
+        return None
+    names = sorted(devices, key=lambda name: (len(name), name))   # nvidia2 before nvidia10
+    what = (f"{names[0]} is an NVIDIA GPU" if len(names) == 1 else
+            f"{', '.join(names[:-1])} and {names[-1]} are NVIDIA GPUs")
+    # into the environment this process runs in (make's: .venv)
+    pip = f"`{shlex.quote(sys.executable)} -m pip install 'tensorflow[and-cuda]'`"
+    chosen = environ.get("CUDA_VISIBLE_DEVICES")
+    by_choice = "CUDA_VISIBLE_DEVICES=-1 runs on the CPU without this warning"
+    if not built_with_cuda:
+        return (f"{what}, but this TensorFlow is built without CUDA: everything runs on the "
+                f"CPU, many times slower. For a CUDA build with its libraries (a "
+                f"tensorflow-cpu uninstalled first): {pip}; {by_choice}")
+    return (f"{what}, but TensorFlow can use none"
+            + (f" of CUDA_VISIBLE_DEVICES={chosen}" if chosen is not None else "")
+            + " (TensorFlow's lines above may say why: a driver or CUDA library it cannot "
+              "load): everything runs on the CPU, many times slower. Check the driver with "
+              f"nvidia-smi, and install TensorFlow's CUDA libraries: {pip}; {by_choice}")
+
+
 def onednn_on(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) -> bool:
     """Whether TensorFlow runs its oneDNN kernels: as `TF_ENABLE_ONEDNN_OPTS` says (1 or
     true, 0 or false, in any case), else, as TensorFlow does for an unset or other value, on
@@ -104,24 +143,31 @@ def import_tensorflow(meet_dtypes: bool = True, freeze: bool = False):
     initialises TensorFlow's runtime. A process that must configure the runtime first (a
     multi-worker strategy sets up collective ops) passes False and calls `meet_dtypes`
     afterwards. oneDNN is turned on first where TensorFlow would leave an AVX2-only CPU
-    without it (`onednn_on_avx2_cpus`). `freeze` (the `caption-attn` program, whose
-    process it is): no garbage collection while TensorFlow imports, and what the process
-    holds then frozen (`frozen_after`). Nothing of either when TensorFlow is imported
-    already."""
+    without it (`onednn_on_avx2_cpus`). Where this machine has an NVIDIA GPU that TensorFlow
+    cannot use, its notices saying so are kept and a warning follows (`gpu_unused_warning`).
+    `freeze` (the `caption-attn` program, whose process it is): no garbage collection while
+    TensorFlow imports, and what the process holds then frozen (`frozen_after`). Nothing of
+    either when TensorFlow is imported already."""
     if "tensorflow" in sys.modules:
         import tensorflow as tf
         return tf
+    devices = nvidia_gpus()
     with frozen_after() if freeze else contextlib.nullcontext():
         onednn_on_avx2_cpus()   # read as TensorFlow loads
         if os.environ.get("CAPTION_ATTN_TF_LOGS") == "1":
             import tensorflow as tf
-            return tf
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # what it does silence: INFO
-        with known_notices_dropped():
-            import tensorflow as tf
-            tf.config.list_physical_devices("GPU")  # the GPU probe logs too (cuInit)
-            if meet_dtypes:
-                _meet(tf)
+            found = tf.config.list_physical_devices("GPU")
+        else:
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # what it does silence: INFO
+            with known_notices_dropped(keep=NO_GPU if devices and not gpus_hidden()
+                                       else None):
+                import tensorflow as tf
+                found = tf.config.list_physical_devices("GPU")  # the probe logs (cuInit)
+                if meet_dtypes:
+                    _meet(tf)
+    warning = gpu_unused_warning(devices, found, tf.test.is_built_with_cuda())
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     return tf
 
 
@@ -165,9 +211,9 @@ def _meet(tf) -> None:
 
 
 @contextlib.contextmanager
-def known_notices_dropped():
+def known_notices_dropped(keep: Optional[re.Pattern] = None):
     """File descriptor 2 sent to a temporary file inside; afterwards every line of it that
-    is not a `NOISE` notice is written to stderr."""
+    is not a `NOISE` notice, or is one that `keep` matches, is written to stderr."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
@@ -179,7 +225,8 @@ def known_notices_dropped():
             os.close(saved)
             captured.seek(0)
             kept = [line for line in captured.read().decode("utf-8", "replace").splitlines()
-                    if line.strip() and not NOISE.search(line)]
+                    if line.strip() and (not NOISE.search(line)
+                                         or keep is not None and keep.search(line))]
             if kept:
                 sys.stderr.write("\n".join(kept) + "\n")
                 sys.stderr.flush()

@@ -143,3 +143,83 @@ def test_the_cli_asks_for_the_frozen_import(monkeypatch):
     monkeypatch.setattr(quiet, "import_tensorflow", lambda **kwargs: calls.append(kwargs))
     assert cli.main(["evaluate", "--run", os.path.join(ROOT, "no such run")]) == 2
     assert calls == [{"meet_dtypes": True, "freeze": True}]
+
+
+def test_an_nvidia_gpu_tensorflow_cannot_use_is_a_warning():
+    """On a machine with an NVIDIA GPU (/dev/nvidiaN) where TensorFlow finds none (pip's
+    TensorFlow without its CUDA libraries, a driver it cannot load), everything would run on
+    the CPU, many times slower: the quiet import must not leave that unsaid."""
+    from caption_attn.quiet import gpu_unused_warning
+
+    one, two = ["/dev/nvidia0"], ["/dev/nvidia1", "/dev/nvidia0"]
+    said = gpu_unused_warning(one, found=[], built_with_cuda=True, environ={})
+    assert said.startswith("/dev/nvidia0 is an NVIDIA GPU, but TensorFlow can use none")
+    assert "runs on the CPU" in said and "tensorflow[and-cuda]" in said
+    assert "nvidia-smi" in said and "CUDA_VISIBLE_DEVICES=-1" in said
+    assert gpu_unused_warning(two, found=[], built_with_cuda=True, environ={}).startswith(
+        "/dev/nvidia0 and /dev/nvidia1 are NVIDIA GPUs, but TensorFlow can use none")
+    assert gpu_unused_warning(["/dev/nvidia10", "/dev/nvidia2"], found=[],
+                              built_with_cuda=True, environ={}).startswith(
+        "/dev/nvidia2 and /dev/nvidia10 are")
+    without = gpu_unused_warning(one, found=[], built_with_cuda=False, environ={})
+    assert "this TensorFlow is built without CUDA" in without and "and-cuda" in without
+    assert "CUDA_VISIBLE_DEVICES=-1" in without
+    # nothing to say: no NVIDIA device, TensorFlow found a GPU, or the user hid them all
+    assert gpu_unused_warning([], found=[], built_with_cuda=True, environ={}) is None
+    assert gpu_unused_warning(one, found=["GPU:0"], built_with_cuda=True, environ={}) is None
+    for hidden in ("-1", "", " "):
+        assert gpu_unused_warning(one, found=[], built_with_cuda=True,
+                                  environ={"CUDA_VISIBLE_DEVICES": hidden}) is None
+    # a device list that hides none, or names one TensorFlow then cannot use: said, with it
+    assert "TensorFlow can use none of CUDA_VISIBLE_DEVICES=5 (" in gpu_unused_warning(
+        one, found=[], built_with_cuda=True, environ={"CUDA_VISIBLE_DEVICES": "5"})
+
+
+def test_no_gpu_notices_are_kept_where_an_nvidia_gpu_is(capfd):
+    """"Could not find cuda drivers" and "failed call to cuInit" are noise on a CPU-only
+    machine, but TensorFlow's reason why a present GPU is left idle: kept there."""
+    from caption_attn.quiet import NO_GPU, known_notices_dropped
+
+    lines = ["I0000 00:00:1.0 1 cudart_stub.cc:31] Could not find cuda drivers on your "
+             "machine, GPU will not be used.",
+             "E0000 00:00:1.0 1 cuda_executor.cc:1228] failed call to cuInit: INTERNAL: CUDA "
+             "error", "I0000 00:00:1.0 1 port.cc:153] oneDNN custom operations are on."]
+    assert [bool(NO_GPU.search(line)) for line in lines] == [True, True, False]
+    for keep, want in ((None, ""), (NO_GPU, "\n".join(lines[:2]) + "\n")):
+        with known_notices_dropped(keep=keep):
+            os.write(2, ("\n".join(lines) + "\n").encode())
+        assert capfd.readouterr().err == want
+
+
+def test_the_quiet_import_warns_of_an_nvidia_gpu_tensorflow_cannot_use():
+    """The import as the CLI and the benchmarks make it, on this CPU-only machine with a
+    /dev/nvidia0 made up: TensorFlow's line that it found no CUDA driver is kept and one
+    warning line follows; where CUDA_VISIBLE_DEVICES=-1 hides the GPUs by choice, nothing."""
+    from caption_attn.quiet import NO_GPU
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TF_CPP", "CAPTION_ATTN", "CUDA_VISIBLE"))}
+    code = ("from caption_attn import quiet\n"
+            "quiet.nvidia_gpus = lambda: ['/dev/nvidia0']\n"
+            "tf = quiet.import_tensorflow()\n"
+            "print(len(tf.config.list_physical_devices('GPU')))\n")
+    for extra, warned in (({}, True), ({"CUDA_VISIBLE_DEVICES": "-1"}, False)):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**env, **extra, "PYTHONPATH": ROOT}, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["0"]
+        lines = done.stderr.splitlines()
+        if warned:
+            assert [line for line in lines if line.startswith("warning: ")] == [
+                f"warning: {quiet_warning()}"] and lines[-1].startswith("warning: ")
+            assert any(NO_GPU.search(line) for line in lines), done.stderr
+        else:
+            assert done.stderr == ""
+
+
+def quiet_warning() -> str:
+    import tensorflow as tf
+
+    from caption_attn.quiet import gpu_unused_warning
+    return gpu_unused_warning(["/dev/nvidia0"], found=[],
+                              built_with_cuda=tf.test.is_built_with_cuda(), environ={})

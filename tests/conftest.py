@@ -24,16 +24,17 @@ SHAPES_IMAGES = 40
 # came last, and one worker idled for 70 s of a 414 s run while the other ran the last of
 # them. Measured again as the suite grew: stop 79, 1659 tests on the Intel Xeon model 106
 # (1963 s in all; test_ema.py, missing before, had run among the last files at 77 s); stop
-# 80: test_train_scst.py and test_coco_metrics.py from that stop's run.
+# 80: test_train_scst.py and test_coco_metrics.py from that stop's run; stop 84:
+# test_quiet.py and test_fused.py.
 FILE_SECONDS = {"test_train.py": 383, "test_train_scst.py": 250, "test_export.py": 156,
                 "test_distributed.py": 127, "test_captioner.py": 121, "test_faults.py": 101,
                 "test_extract.py": 96, "test_backbone.py": 95, "test_benchmarks.py": 93,
                 "test_ema.py": 77, "test_kill_resume.py": 73, "test_signals.py": 68,
                 "test_coco_metrics.py": 30, "test_evaluate_run.py": 50,
-                "test_train_tensorboard.py": 48, "test_demo.py": 48, "test_quiet.py": 34,
+                "test_train_tensorboard.py": 48, "test_demo.py": 48, "test_quiet.py": 45,
                 "test_graph_images.py": 32, "test_decode.py": 27, "test_pipeline.py": 25,
                 "test_feature_cache.py": 23, "test_model.py": 17, "test_best_files.py": 14,
-                "test_fused.py": 50}
+                "test_fused.py": 56}
 
 
 @pytest.fixture(scope="session", autouse=True)

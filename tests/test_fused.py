@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from caption_attn import fused, train
+from caption_attn.quiet import cpu_flags
 from caption_attn.recurrence import StepWeights, teacher_forced_recurrence
 
 from test_train import NO_DECODING, small_config
@@ -48,10 +49,19 @@ def _reference_scores(keys, query, score):
 
 
 # U = 37 and 5 are not multiples of a vector width: the rows' tails count too
-@pytest.mark.parametrize("b,p,u", [(3, 5, 37), (2, 64, 512), (1, 1, 5)])
+SHAPES = [(3, 5, 37), (2, 64, 512), (1, 1, 5)]
+
+
+@pytest.mark.parametrize("b,p,u", SHAPES)
 def test_scores_and_their_gradient_equal_tensorflows_ops_and_autodiff(b, p, u):
+    check_equals_tensorflow(kernel(), b, p, u)
+
+
+def check_equals_tensorflow(lib, b, p, u):
+    """The kernel library `lib`'s scores and gradients against TensorFlow's ops and their
+    autodiff, on (b, p, u) inputs."""
     keys, query, score = _inputs(b, p, u)
-    scores, e = kernel().additive_attention_scores(keys, query, score)
+    scores, e = lib.additive_attention_scores(keys, query, score)
     reference = _reference_scores(keys, query, score).numpy()
     # sums of U terms, added in another order on every CPU's vector width: near-zero scores
     # are within the rounding of the largest terms, not of themselves
@@ -65,11 +75,36 @@ def test_scores_and_their_gradient_equal_tensorflows_ops_and_autodiff(b, p, u):
         tape.watch([keys, query, score])
         loss = tf.reduce_sum(_reference_scores(keys, query, score) * d_scores)
     expected = tape.gradient(loss, [keys, query, score])
-    d_keys, d_query, d_score = kernel().additive_attention_scores_grad(
+    d_keys, d_query, d_score = lib.additive_attention_scores_grad(
         e, score, d_scores, d_keys_in)
     np.testing.assert_allclose(d_keys, d_keys_in + expected[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(d_query, expected[1], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(d_score, expected[2], rtol=1e-4, atol=1e-4)
+
+
+def test_every_build_this_cpu_can_run_equals_tensorflows_ops():
+    """The AVX2 build is the one an AVX2-only CPU (Zen 3) runs; on an AVX-512 machine the
+    test above runs only the AVX-512 build. Every other build this CPU can run is compared
+    too, each in a process of its own: a second library registering the same ops makes
+    every later use of them in one process fail."""
+    others = [name for name, (_, needs) in fused.variants().items()
+              if needs <= cpu_flags() and name != fused.variant()]
+    if not others:
+        pytest.skip(f"this CPU runs only the {fused.variant()} build, tested above")
+    code = ("import sys, tensorflow as tf, test_fused\n"
+            "lib = tf.load_op_library(sys.argv[1])\n"
+            "for shape in test_fused.SHAPES:\n"
+            "    test_fused.check_equals_tensorflow(lib, *shape)\n"
+            "print('equal')\n")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    for name in others:
+        done = subprocess.run(
+            [sys.executable, "-c", code, fused.library_path(name)], capture_output=True,
+            text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+                                         "PYTHONPATH": os.pathsep.join(
+                                             [tests, os.path.dirname(tests)])})
+        assert done.returncode == 0 and done.stdout.split() == ["equal"], (
+            name, done.stderr[-3000:])
 
 
 def test_inputs_of_the_wrong_shape_are_refused_not_read_out_of_bounds():

@@ -12,7 +12,7 @@ on an Intel CPU with AMX, where float16 is oneDNN's. `import_tensorflow` imports
 look for GPUs and meet both types) with the process's stderr (file descriptor 2) sent to a
 temporary file, then writes back every line that is not one of those known notices: real
 warnings and errors are still shown. On a machine with an NVIDIA GPU that TensorFlow cannot
-use, its CUDA and cuInit lines are no noise: they are kept, and a warning follows
+use, its CUDA and cuInit lines are not noise: they are kept, and a warning follows
 (`gpu_unused_warning`). Set `CAPTION_ATTN_TF_LOGS=1` to see everything.
 """
 
@@ -121,9 +121,10 @@ def gpu_unused_warning(devices: list, found: list, built_with_cuda: bool,
                 f"tensorflow-cpu uninstalled first): {pip}; {by_choice}")
     return (f"{what}, but TensorFlow can use none"
             + (f" of CUDA_VISIBLE_DEVICES={chosen}" if chosen is not None else "")
-            + " (TensorFlow's lines above may say why: a driver or CUDA library it cannot "
-              "load): everything runs on the CPU, many times slower. Check the driver with "
-              f"nvidia-smi, and install TensorFlow's CUDA libraries: {pip}; {by_choice}")
+            + " (a driver or CUDA library it cannot load: TensorFlow's lines above, or all of "
+              "them with CAPTION_ATTN_TF_LOGS=1, say which): everything runs on the CPU, many "
+              f"times slower. Check the driver with nvidia-smi, and install TensorFlow's CUDA "
+              f"libraries: {pip}; {by_choice}")
 
 
 def onednn_on(cpuinfo: str = "/proc/cpuinfo", environ=os.environ) -> bool:
@@ -156,7 +157,7 @@ def import_tensorflow(meet_dtypes: bool = True, freeze: bool = False):
         onednn_on_avx2_cpus()   # read as TensorFlow loads
         if os.environ.get("CAPTION_ATTN_TF_LOGS") == "1":
             import tensorflow as tf
-            found = tf.config.list_physical_devices("GPU")
+            found = tf.config.list_physical_devices("GPU") if devices else []
         else:
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # what it does silence: INFO
             with known_notices_dropped(keep=NO_GPU if devices and not gpus_hidden()
@@ -165,7 +166,7 @@ def import_tensorflow(meet_dtypes: bool = True, freeze: bool = False):
                 found = tf.config.list_physical_devices("GPU")  # the probe logs (cuInit)
                 if meet_dtypes:
                     _meet(tf)
-    warning = gpu_unused_warning(devices, found, tf.test.is_built_with_cuda())
+    warning = devices and gpu_unused_warning(devices, found, tf.test.is_built_with_cuda())
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     return tf

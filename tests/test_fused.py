@@ -87,6 +87,8 @@ def test_every_build_this_cpu_can_run_equals_tensorflows_ops():
     test above runs only the AVX-512 build. Every other build this CPU can run is compared
     too, each in a process of its own: a second library registering the same ops makes
     every later use of them in one process fail."""
+    if fused.variant() is None:
+        pytest.skip(f"no build of the kernel runs here: {fused.problem()}")
     others = [name for name, (_, needs) in fused.variants().items()
               if needs <= cpu_flags() and name != fused.variant()]
     if not others:

@@ -94,9 +94,12 @@ def nvidia_gpus() -> list:
     return glob.glob("/dev/nvidia[0-9]*")
 
 
-def gpus_hidden(environ=os.environ) -> bool:
-    """Whether `CUDA_VISIBLE_DEVICES` hides every GPU (-1 or empty): the CPU by choice."""
-    return environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1")
+def gpus_expected(devices: list, environ=os.environ) -> bool:
+    """Whether TensorFlow should find a GPU here: this machine has NVIDIA GPUs (`devices`, its
+    /dev/nvidiaN) and `CUDA_VISIBLE_DEVICES` does not hide them all (-1 or empty: the CPU by
+    choice)."""
+    return bool(devices) and \
+        environ.get("CUDA_VISIBLE_DEVICES", "0").strip() not in ("", "-1")
 
 
 def gpu_unused_warning(devices: list, found: list, built_with_cuda: bool,
@@ -105,8 +108,8 @@ def gpu_unused_warning(devices: list, found: list, built_with_cuda: bool,
     but TensorFlow found none it can use (`found`, its physical GPUs): everything then runs
     on the CPU, many times slower, and the notices that say so are dropped as noise on
     CPU-only machines. None where there is no such device, a GPU was found, or
-    `CUDA_VISIBLE_DEVICES` hides them all (`gpus_hidden`)."""
-    if not devices or found or gpus_hidden(environ):
+    `CUDA_VISIBLE_DEVICES` hides them all (`gpus_expected`)."""
+    if found or not gpus_expected(devices, environ):
         return None
     names = sorted(devices, key=lambda name: (len(name), name))   # nvidia2 before nvidia10
     what = (f"{names[0]} is an NVIDIA GPU" if len(names) == 1 else
@@ -160,8 +163,7 @@ def import_tensorflow(meet_dtypes: bool = True, freeze: bool = False):
             found = tf.config.list_physical_devices("GPU") if devices else []
         else:
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # what it does silence: INFO
-            with known_notices_dropped(keep=NO_GPU if devices and not gpus_hidden()
-                                       else None):
+            with known_notices_dropped(keep=NO_GPU if gpus_expected(devices) else None):
                 import tensorflow as tf
                 found = tf.config.list_physical_devices("GPU")  # the probe logs (cuInit)
                 if meet_dtypes:

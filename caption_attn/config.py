@@ -153,6 +153,12 @@ class Config:
         return {name for name in names
                 if name in self._flags_given or getattr(self, name) != fields[name].default}
 
+    def typed(self, names) -> set:
+        """Those of the fields `names` given on the command line (`flags_given`), whatever
+        their value: for a note on a flag the user typed, which a config made in Python (a
+        test's, the demo's) has none of."""
+        return set(names) & self._flags_given
+
     def validate(self) -> None:
         """`UserError` naming the first invalid flag and its value."""
         hints = typing.get_type_hints(type(self))

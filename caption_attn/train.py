@@ -1965,6 +1965,20 @@ def _epoch_line(entry: dict) -> str:
             + f" ({entry['captions_per_second']:.0f} captions/s, {entry['seconds']:.1f} s)")
 
 
+def unused_flag_notes(tc: TrainConfig) -> list[str]:
+    """Notes on flags typed on the command line that this call uses for nothing (said, not
+    refused: scripts pass the same flags to every run). --bleu-images counts the validation
+    images decoded for val_bleu4 and val_cider, which are measured only when early stopping
+    follows one of them or around self-critical epochs (`Trainer._validate_model`)."""
+    if tc.scst_after is None and tc.monitor in (None, "val_loss") \
+            and tc.typed(("bleu_images",)):
+        return [f"--bleu-images {tc.bleu_images} decodes no image in this call: val_bleu4 and "
+                f"val_cider, which it counts the validation images of, are measured only "
+                f"under --monitor val_bleu4 or val_cider and around self-critical epochs "
+                f"(--scst-after); early stopping follows val_loss"]
+    return []
+
+
 def check_train_flags(tc: TrainConfig) -> None:
     """UserError for flag combinations `train` refuses (checked here, not by TrainConfig: the
     config.json of a run made before must still load for `caption` and `evaluate`)."""
@@ -2082,7 +2096,7 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     fresh = cfg.train.fresh
     if not fresh:   # the run's --format, when the one given reads the file the same way
         cfg = run.with_recorded_format(cfg)
-    notes = reopen_checks(run, cfg, fresh)
+    notes = unused_flag_notes(cfg.train) + reopen_checks(run, cfg, fresh)
     if not fresh and os.path.exists(run.split) and run.caption_data() is None:
         notes.append(f"{run.split} has no fingerprint of the run's caption data (a run made "
                      f"before they were recorded): recording the one of {cfg.captions}, "

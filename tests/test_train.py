@@ -2264,6 +2264,44 @@ def test_self_critical_flags_without_scst_after_are_refused():
                                         scst_learning_rate=1e-4))
 
 
+def test_bleu_images_typed_where_no_image_is_decoded_is_said(shapes_data, tmp_path):
+    """--bleu-images 100 without --monitor val_bleu4 / val_cider or --scst-after decoded no
+    validation image: early stopping followed val_loss, TensorBoard got no val_bleu4, and
+    nothing said the flag went unused, exit 0. Now a note says so, once; there is none where
+    the flag is used (a BLEU or CIDEr monitor, self-critical epochs) or not typed (a config
+    made in Python, the demo's: no flag of the user's)."""
+    from caption_attn import cli
+
+    def notes(*flags):
+        args = cli.build_parser().parse_args(["train", "--captions", "c.json", "--run", "r",
+                                              *flags])
+        return train.unused_flag_notes(cli.config_from_args(TrainConfig, args))
+
+    said = ("--bleu-images 100 decodes no image in this call: val_bleu4 and val_cider, which "
+            "it counts the validation images of, are measured only under --monitor val_bleu4 "
+            "or val_cider and around self-critical epochs (--scst-after); early stopping "
+            "follows val_loss")
+    assert notes("--bleu-images", "100") == [said]
+    assert notes("--bleu-images", "100", "--monitor", "val_loss") == [said]
+    assert notes("--bleu-images", "500") == [said.replace("100", "500")]  # the default, typed
+    for used in (["--monitor", "val_bleu4"], ["--monitor", "val_cider"],
+                 ["--epochs", "3", "--scst-after", "1"],
+                 ["--epochs", "3", "--scst-after", "1", "--monitor", "val_loss"]):
+        assert notes("--bleu-images", "100", *used) == [], used
+    assert notes() == [] and notes("--monitor", "val_loss") == []
+    assert train.unused_flag_notes(TrainConfig(bleu_images=100)) == []   # made in Python
+    # told by `train` itself, once, beside its other notes (the run then trains as before)
+    from caption_attn.config import flags_given
+    with flags_given({"bleu_images"}):
+        cfg = small_config(shapes_data, epochs=1, max_steps=1, sample_images=0,
+                           bleu_images=3)
+    logs = []
+    summary = train.train(cfg, str(tmp_path / "run"), progress=False, log=logs.append)
+    assert summary["steps"] == 1
+    assert [line for line in logs if "--bleu-images" in line] == [
+        "note: " + said.replace("100", "3")], logs
+
+
 def test_a_cosine_schedule_without_cross_entropy_epochs_is_refused_up_front(shapes_data,
                                                                           tmp_path):
     """--lr-schedule cosine --scst-after 0 was accepted: a cosine over zero cross-entropy

@@ -413,7 +413,8 @@ class Captioner:
 
 def _why_missing(path: str) -> str:
     """Why `path`, which os.path.exists denies, is not there: a symlink loop and a broken
-    symlink (naming its target) were "no such image file or folder", like a typo."""
+    symlink (naming its target) were "no such image file or folder", like a typo; so was
+    "-", given for standard input."""
     if os.path.islink(path):
         try:
             os.stat(path)
@@ -425,6 +426,9 @@ def _why_missing(path: str) -> str:
                 return (f"a broken symlink to {os.readlink(path)}, which does not exist: "
                         f"point the link at an image, or remove it")
             return f"unreadable ({e.strerror})"
+    if path == "-":   # the usual name of standard input, which is no image argument here
+        return ("caption reads image files, not standard input: save the image to a file "
+                "(e.g. `... > photo.jpg`) and give its path")
     return "no such image file or folder"
 
 

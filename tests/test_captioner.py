@@ -81,6 +81,23 @@ def test_a_symlink_loop_or_broken_link_given_by_name_is_said_so(trained_run, tmp
     assert "dangling.jpg: a broken symlink to gone/cat.jpg, which does not exist" in err, err
 
 
+def test_a_dash_for_standard_input_is_said_to_be_unsupported(trained_run, tmp_path, capsys,
+                                                             monkeypatch):
+    """`cat photo.jpg | caption-attn caption --run RUN -` was refused as a typo ("-: no such
+    image file or folder"), which does not tell the user that standard input is not read.
+    Now it says so and how to give the image; a file that is really named "-" is an image
+    argument like any other."""
+    monkeypatch.setattr(captioner.Captioner, "from_run", None)   # must not be reached
+    monkeypatch.chdir(tmp_path)
+    assert main(["caption", "--run", trained_run, "-"]) == 2
+    err = capsys.readouterr().err
+    assert "error: -: caption reads image files, not standard input: save the image to a " \
+           "file (e.g. `... > photo.jpg`) and give its path\n" in err, err
+    assert "no such image" not in err
+    (tmp_path / "-").write_bytes(b"not an image")
+    assert captioner.expand_image_args(["-"]) == ["-"]
+
+
 def test_an_empty_image_argument_is_said_to_be_empty(trained_run, capsys, monkeypatch):
     monkeypatch.setattr(captioner.Captioner, "from_run", None)   # must not be reached
     assert main(["caption", "--run", trained_run, ""]) == 2

@@ -427,8 +427,8 @@ def _why_missing(path: str) -> str:
                         f"point the link at an image, or remove it")
             return f"unreadable ({e.strerror})"
     if path == "-":   # the usual name of standard input, which is no image argument here
-        return ("caption reads image files, not standard input: save the image to a file "
-                "(e.g. `... > photo.jpg`) and give its path")
+        return ("standard input is not read: give image files or folders (save a piped "
+                "image to a file first, e.g. `... > photo.jpg`)")
     return "no such image file or folder"
 
 

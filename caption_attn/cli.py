@@ -390,8 +390,9 @@ class _CommandParser(argparse.ArgumentParser):
             # arguments that look like short flags and are none of caption's (nor a negative
             # number); `--bem 3` is a mistyped flag, not an image
             flags = self._option_string_actions
+            # ("-" alone is an image argument to argparse: `expand_image_args` says it)
             dashed = [a for a in self.given if a.startswith("-") and not a.startswith("--")
-                      and a.split("=", 1)[0] not in flags
+                      and a != "-" and a.split("=", 1)[0] not in flags
                       and not a[1:].replace(".", "", 1).isdigit()]
             if dashed:
                 name = dashed[0]

@@ -415,7 +415,10 @@ def metric_images_notes(run: RunFolder, cfg: RunConfig, notes: list,
     if kept is not cfg:
         saved = run.load_config().train
         before, after = (changed_settings_note(saved, c.train) for c in (cfg, kept))
-        notes = [n for n in notes if n != before] + ([after] if after else [])
+        # its note on --bleu-images says more than `unused_flag_notes`' would
+        unused = unused_flag_notes(cfg.train)
+        notes = [n for n in notes if n != before and n not in unused] + \
+            ([after] if after else [])
     return notes + more, kept
 
 
@@ -454,6 +457,16 @@ def check_metric_images(run: RunFolder, cfg: RunConfig,
                 f"{old.bleu_images}, which its values were measured with"], kept
     logged = [m for m in ("val_bleu4", "val_cider") if any(h.get(m) is not None
                                                            for h in history)]
+    coming = set().union(*(decoded_metrics(new, e) for e in range(upcoming_epoch, new.epochs)))
+    if logged and not coming:   # said as it was of another --bleu-images: measured on none
+        kept = dataclasses.replace(cfg, train=dataclasses.replace(
+            new, bleu_images=old.bleu_images))
+        return [f"--bleu-images {new.bleu_images} (was {old.bleu_images}) measures nothing: "
+                f"the epochs to come measure neither val_bleu4 nor val_cider (only under "
+                f"--monitor val_bleu4 or val_cider, or in self-critical epochs and the one "
+                f"before them); the run keeps --bleu-images {old.bleu_images}, which its "
+                f"values were measured with"], kept
+    logged = [m for m in logged if m in coming]
     # Early stopping compares the next epoch with the run's values of its metric: the best
     # of its stage so far, or the last epoch's at a stage change there. A stage change
     # later starts from the epoch before it, measured on the new images like every epoch to
@@ -1258,12 +1271,7 @@ class Trainer:
         val = self.evaluate_loss("val")
         if val is not None:
             logs["val_loss"], logs["val_ce"] = val["loss"], val["ce"]
-        names = {tc.monitor_for(epoch)} & {"val_bleu4", "val_cider"}
-        # a self-critical stage must beat the val_cider of the model it starts from (and of
-        # best.keras when it is an earlier epoch's: `_best_before_stage`)
-        if tc.is_scst(epoch) or tc.is_scst(epoch + 1):
-            names.add("val_cider")
-        logs.update(self.validator.metrics(sorted(names)))
+        logs.update(self.validator.metrics(sorted(decoded_metrics(tc, epoch))))
         return logs
 
     # -- best model -------------------------------------------------------------------
@@ -1965,17 +1973,31 @@ def _epoch_line(entry: dict) -> str:
             + f" ({entry['captions_per_second']:.0f} captions/s, {entry['seconds']:.1f} s)")
 
 
+def decoded_metrics(tc: TrainConfig, epoch: int) -> set:
+    """The metrics of 0-based `epoch`'s validation that decode --bleu-images validation
+    images: early stopping's when it is val_bleu4 or val_cider, and val_cider in
+    self-critical epochs and the one before them (a self-critical stage must beat the
+    val_cider of the model it starts from, and of best.keras when it is an earlier
+    epoch's: `Trainer._best_before_stage`)."""
+    names = {tc.monitor_for(epoch)} & {"val_bleu4", "val_cider"}
+    if tc.is_scst(epoch) or tc.is_scst(epoch + 1):
+        names.add("val_cider")
+    return names
+
+
 def unused_flag_notes(tc: TrainConfig) -> list[str]:
     """Notes on flags typed on the command line that this call uses for nothing (said, not
-    refused: scripts pass the same flags to every run). --bleu-images counts the validation
-    images decoded for val_bleu4 and val_cider, which are measured only when early stopping
-    follows one of them or around self-critical epochs (`Trainer._validate_model`)."""
-    if tc.scst_after is None and tc.monitor in (None, "val_loss") \
-            and tc.typed(("bleu_images",)):
-        return [f"--bleu-images {tc.bleu_images} decodes no image in this call: val_bleu4 and "
-                f"val_cider, which it counts the validation images of, are measured only "
-                f"under --monitor val_bleu4 or val_cider and around self-critical epochs "
-                f"(--scst-after); early stopping follows val_loss"]
+    refused: scripts pass the same flags to every run). --bleu-images sets how many
+    validation images val_bleu4 and val_cider are measured on, and no epoch may measure
+    them (`decoded_metrics`); a typed 0 asks for that. A config copied with
+    `dataclasses.replace` has no typed flags (`Config.typed`)."""
+    if tc.bleu_images > 0 and tc.typed(("bleu_images",)) \
+            and not any(decoded_metrics(tc, epoch) for epoch in range(tc.epochs)):
+        return [f"--bleu-images {tc.bleu_images} decodes no image in this call: it sets how "
+                f"many validation images val_bleu4 and val_cider are measured on, and neither "
+                f"is measured here (only under --monitor val_bleu4 or val_cider, or in "
+                f"self-critical epochs and the one before them, --scst-after); early stopping "
+                f"follows val_loss"]
     return []
 
 

@@ -91,9 +91,13 @@ def test_a_dash_for_standard_input_is_said_to_be_unsupported(trained_run, tmp_pa
     monkeypatch.chdir(tmp_path)
     assert main(["caption", "--run", trained_run, "-"]) == 2
     err = capsys.readouterr().err
-    assert "error: -: caption reads image files, not standard input: save the image to a " \
-           "file (e.g. `... > photo.jpg`) and give its path\n" in err, err
+    assert "error: -: standard input is not read: give image files or folders (save a " \
+           "piped image to a file first, e.g. `... > photo.jpg`)\n" in err, err
     assert "no such image" not in err
+    # a parser error beside it (no --run) told to write ./- or put -- before it, as a file
+    assert main(["caption", "-"]) == 2
+    err = capsys.readouterr().err
+    assert "required: --run" in err and "put --" not in err and "./-" not in err, err
     (tmp_path / "-").write_bytes(b"not an image")
     assert captioner.expand_image_args(["-"]) == ["-"]
 

@@ -2277,10 +2277,10 @@ def test_bleu_images_typed_where_no_image_is_decoded_is_said(shapes_data, tmp_pa
                                               *flags])
         return train.unused_flag_notes(cli.config_from_args(TrainConfig, args))
 
-    said = ("--bleu-images 100 decodes no image in this call: val_bleu4 and val_cider, which "
-            "it counts the validation images of, are measured only under --monitor val_bleu4 "
-            "or val_cider and around self-critical epochs (--scst-after); early stopping "
-            "follows val_loss")
+    said = ("--bleu-images 100 decodes no image in this call: it sets how many validation "
+            "images val_bleu4 and val_cider are measured on, and neither is measured here "
+            "(only under --monitor val_bleu4 or val_cider, or in self-critical epochs and the "
+            "one before them, --scst-after); early stopping follows val_loss")
     assert notes("--bleu-images", "100") == [said]
     assert notes("--bleu-images", "100", "--monitor", "val_loss") == [said]
     assert notes("--bleu-images", "500") == [said.replace("100", "500")]  # the default, typed
@@ -2289,6 +2289,7 @@ def test_bleu_images_typed_where_no_image_is_decoded_is_said(shapes_data, tmp_pa
                  ["--epochs", "3", "--scst-after", "1", "--monitor", "val_loss"]):
         assert notes("--bleu-images", "100", *used) == [], used
     assert notes() == [] and notes("--monitor", "val_loss") == []
+    assert notes("--bleu-images", "0") == []            # no image asked for: nothing to say
     assert train.unused_flag_notes(TrainConfig(bleu_images=100)) == []   # made in Python
     # told by `train` itself, once, beside its other notes (the run then trains as before)
     from caption_attn.config import flags_given
@@ -2336,14 +2337,18 @@ def test_resume_with_other_bleu_images_is_refused_when_early_stopping_compares_t
     assert _files(run) == before
     same = other(bleu_images=100)
     assert train.check_metric_images(RunFolder(run), same, 8) == ([], same)
-    notes, _ = train.check_metric_images(RunFolder(run),
-                                         other(bleu_images=4, monitor="val_loss"), 8)
-    assert notes and notes[0].startswith("--bleu-images 4 (was 8): val_bleu4 of the epochs to "
-                                         "come are measured on 4 validation images")
-    notes, _ = train.check_metric_images(RunFolder(run),
-                                         other(bleu_images=0, monitor="val_loss"), 8)
-    assert notes[0].startswith("--bleu-images 0 (was 8): val_bleu4 of the epochs to come are "
-                               "not measured (no validation image), those of the run's 4 ")
+    # epochs to come that measure neither metric (--monitor val_loss, no self-critical
+    # epoch) decode no image: said so, and the run keeps the images its values were
+    # measured on (they were said to be "measured on 4 validation images")
+    for count in (4, 0):
+        notes, kept = train.check_metric_images(RunFolder(run),
+                                                other(bleu_images=count, monitor="val_loss"), 8)
+        assert notes == [f"--bleu-images {count} (was 8) measures nothing: the epochs to come "
+                         f"measure neither val_bleu4 nor val_cider (only under --monitor "
+                         f"val_bleu4 or val_cider, or in self-critical epochs and the one "
+                         f"before them); the run keeps --bleu-images 8, which its values were "
+                         f"measured with"]
+        assert kept.train.bleu_images == 8 and kept.train.monitor == "val_loss"
     # Killed after epoch 5's history entry, before its checkpoint: the rerun trains epoch 5
     # again, compared with the run's val_bleu4. Counted from history.json (5 epochs done),
     # --epochs 5 had nothing to come, and the other image set passed without a word.
@@ -2632,6 +2637,38 @@ def _fake_run(tmp_path, old, history, epoch, step, in_epoch=0):
     return types.SimpleNamespace(config=__file__, path="RUN", read_history=lambda: history,
                                  load_config=lambda: types.SimpleNamespace(train=old),
                                  checkpoints=directory)
+
+
+def test_a_typed_bleu_images_on_resume_gets_one_note_that_says_what_happens(trained,
+                                                                              tmp_path):
+    """`train --bleu-images 4` on a run measured on 8 (val_bleu4) got two notes: the typed
+    flag's "decodes no image in this call" and, resumed with --monitor val_loss, "val_bleu4
+    of the epochs to come are measured on 4 validation images", which contradict each
+    other (no epoch to come measured any); a rerun that trains nothing blamed the monitor
+    beside "has nothing left to train". Each now gets one note, the run's, and config.json
+    keeps --bleu-images 8, which its values were measured with."""
+    from caption_attn.config import flags_given
+    run = str(tmp_path / "run")
+    shutil.copytree(trained["run"], run)
+
+    def bleu_notes(**changes):
+        with flags_given({"bleu_images", *changes}):      # as typed on the command line
+            tc = dataclasses.replace(trained["cfg"].train, bleu_images=4, **changes)
+        logs = []
+        train.train(small_config_like(trained, train=tc), run, progress=False,
+                    log=logs.append)
+        return [line for line in logs if "--bleu-images" in line]
+
+    assert bleu_notes() == [f"note: --bleu-images 4 (was 8) measures nothing: {run} has "
+                            f"nothing left to train (its 4 epochs reach --epochs 4); the run keeps "
+                            f"--bleu-images 8, which its values were measured with"]
+    assert bleu_notes(epochs=5, monitor="val_loss") == [
+        "note: --bleu-images 4 (was 8) measures nothing: the epochs to come measure neither "
+        "val_bleu4 nor val_cider (only under --monitor val_bleu4 or val_cider, or in "
+        "self-critical epochs and the one before them); the run keeps --bleu-images 8, "
+        "which its values were measured with"]
+    assert len(RunFolder(run).read_history()) == 5             # epoch 5 trained
+    assert RunFolder(run).load_config().train.bleu_images == 8
 
 
 def test_a_rerun_that_trains_nothing_keeps_the_runs_bleu_images(trained, tmp_path):

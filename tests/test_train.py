@@ -2660,8 +2660,8 @@ def test_a_typed_bleu_images_on_resume_gets_one_note_that_says_what_happens(trai
         return [line for line in logs if "--bleu-images" in line]
 
     assert bleu_notes() == [f"note: --bleu-images 4 (was 8) measures nothing: {run} has "
-                            f"nothing left to train (its 4 epochs reach --epochs 4); the run keeps "
-                            f"--bleu-images 8, which its values were measured with"]
+                            f"nothing left to train (its 4 epochs reach --epochs 4); the run "
+                            f"keeps --bleu-images 8, which its values were measured with"]
     assert bleu_notes(epochs=5, monitor="val_loss") == [
         "note: --bleu-images 4 (was 8) measures nothing: the epochs to come measure neither "
         "val_bleu4 nor val_cider (only under --monitor val_bleu4 or val_cider, or in "

@@ -1988,8 +1988,8 @@ def decoded_metrics(tc: TrainConfig, epoch: int) -> set:
 def unused_flag_notes(tc: TrainConfig) -> list[str]:
     """Notes on flags typed on the command line that this call uses for nothing (said, not
     refused: scripts pass the same flags to every run). --bleu-images sets how many
-    validation images val_bleu4 and val_cider are measured on, and no epoch may measure
-    them (`decoded_metrics`); a typed 0 asks for that. A config copied with
+    validation images val_bleu4 and val_cider are measured on, and no epoch of this call may
+    measure either (`decoded_metrics`); a typed 0 asks for none. A config copied with
     `dataclasses.replace` has no typed flags (`Config.typed`)."""
     if tc.bleu_images > 0 and tc.typed(("bleu_images",)) \
             and not any(decoded_metrics(tc, epoch) for epoch in range(tc.epochs)):

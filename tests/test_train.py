@@ -2659,9 +2659,11 @@ def test_a_typed_bleu_images_on_resume_gets_one_note_that_says_what_happens(trai
                     log=logs.append)
         return [line for line in logs if "--bleu-images" in line]
 
-    assert bleu_notes() == [f"note: --bleu-images 4 (was 8) measures nothing: {run} has "
-                            f"nothing left to train (its 4 epochs reach --epochs 4); the run "
-                            f"keeps --bleu-images 8, which its values were measured with"]
+    # (with --monitor val_loss the typed flag's own note would fire: the run's replaces it)
+    assert bleu_notes(monitor="val_loss") == [
+        f"note: --bleu-images 4 (was 8) measures nothing: {run} has nothing left to train (its "
+        f"4 epochs reach --epochs 4); the run keeps --bleu-images 8, which its values were "
+        f"measured with"]
     assert bleu_notes(epochs=5, monitor="val_loss") == [
         "note: --bleu-images 4 (was 8) measures nothing: the epochs to come measure neither "
         "val_bleu4 nor val_cider (only under --monitor val_bleu4 or val_cider, or in "

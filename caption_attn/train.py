@@ -449,22 +449,19 @@ def check_metric_images(run: RunFolder, cfg: RunConfig,
     if was == now or not history:
         return [], cfg
     why = _nothing_left(run, new, where, history)
-    if why:
-        kept = dataclasses.replace(cfg, train=dataclasses.replace(
-            new, bleu_images=old.bleu_images))
-        return [f"--bleu-images {new.bleu_images} (was {old.bleu_images}) measures nothing: "
-                f"{run.path} has nothing left to train ({why}); the run keeps --bleu-images "
-                f"{old.bleu_images}, which its values were measured with"], kept
     logged = [m for m in ("val_bleu4", "val_cider") if any(h.get(m) is not None
                                                            for h in history)]
     coming = set().union(*(decoded_metrics(new, e) for e in range(upcoming_epoch, new.epochs)))
-    if logged and not coming:   # said as it was of another --bleu-images: measured on none
+    # no epoch to come measures on the new images (logged values said as measured on them)
+    unmeasured = (f"{run.path} has nothing left to train ({why})" if why else
+                  "the epochs to come measure neither val_bleu4 nor val_cider (only under "
+                  "--monitor val_bleu4 or val_cider, or in self-critical epochs and the one "
+                  "before them)" if logged and not coming else None)
+    if unmeasured:
         kept = dataclasses.replace(cfg, train=dataclasses.replace(
             new, bleu_images=old.bleu_images))
         return [f"--bleu-images {new.bleu_images} (was {old.bleu_images}) measures nothing: "
-                f"the epochs to come measure neither val_bleu4 nor val_cider (only under "
-                f"--monitor val_bleu4 or val_cider, or in self-critical epochs and the one "
-                f"before them); the run keeps --bleu-images {old.bleu_images}, which its "
+                f"{unmeasured}; the run keeps --bleu-images {old.bleu_images}, which its "
                 f"values were measured with"], kept
     logged = [m for m in logged if m in coming]
     # Early stopping compares the next epoch with the run's values of its metric: the best

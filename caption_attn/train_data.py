@@ -435,8 +435,9 @@ TABLE_COPIES = 2
 
 
 def size_text(n: int) -> str:
-    """Bytes as "31.5 GB", or "12 MB" under a tenth of a GB (not "0.0 GB")."""
-    return f"{n / 2**30:.1f} GB" if n >= 2**30 / 10 else f"{n / 2**20:.0f} MB"
+    """Bytes as "31.5 GiB", or "12 MiB" under a tenth of a GiB (not "0.0 GiB"): the unit of
+    --memory-cache-gb, which the note that prints them names beside them."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.0f} MiB"
 
 
 def cgroup_limit_files(proc: str = "/proc/self/cgroup",

@@ -1492,8 +1492,9 @@ def test_a_memory_table_larger_than_this_machine_can_build_is_read_from_disk(tra
                          f"building them into a table in memory takes about twice that, more "
                          f"than the {train_data.size_text(2 * size - 1)} this process may use: "
                          f"they are read from the cache on disk instead"]
+        # in --memory-cache-gb's unit, GiB: "GB" beside a binary size was off by 7 %
         assert [train_data.size_text(n) for n in (150 * 2**30, 2**30 // 5, 12 * 2**20)] == \
-            ["150.0 GB", "0.2 GB", "12 MB"]
+            ["150.0 GiB", "0.2 GiB", "12 MiB"]
         monkeypatch.setattr(train_data, "machine_memory", lambda: 2 * size)   # it fits
         inputs.load_table()
         assert inputs.table is not None and len(lines) == 1

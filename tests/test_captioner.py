@@ -139,6 +139,8 @@ def test_caption_names_the_best_epoch_it_used(shapes_data, trained_run, capsys):
     assert main(["caption", "--run", trained_run, "--beam", "1", "--json", *images]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["best"] == best and note in captured.err.splitlines()
+    # the keys the README names: best.json's record with both files' digests
+    assert sorted(best) == ["epoch", "model_sha256", "monitor", "value", "weights_sha256"]
 
 
 def test_caption_json_has_attention_maps(shapes_data, trained_run, capsys):

@@ -497,6 +497,9 @@ def evaluate_run(run_dir: str, split: str = "test", cfg=None, out: Optional[str]
     from caption_attn.captioner import Captioner, check_run
 
     run = RunFolder(run_dir)
+    # a --run that is no run first: its best.keras given as the run was told of a default
+    # output folder inside that file and to pass --out FILE, which then met this refusal
+    run.check_is_run()
     metrics_path, results_path = run.eval_outputs(split, out)
     # the run's own paths first: `--out RUN/logs`, a folder, was told to write
     # RUN/logs/test_metrics.json, inside the folder train manages (refused in turn)

@@ -497,12 +497,16 @@ class RunFolder:
                 f"(remove them if they were of the old run)")
 
     # ------------------------------------------------------------------ using a run
-    def load_config(self) -> RunConfig:
+    def check_is_run(self) -> None:
+        """A `UserError` naming --run unless it is a run folder (one with config.json)."""
         if not os.path.exists(self.config):
             why = "no config.json" if os.path.isdir(self.path) else (
                 "a file, not a folder" if os.path.exists(self.path) else "no such folder")
             raise UserError(f"--run {self.path}: not a training run ({why}); train one with "
                             f"`caption-attn train --run {self.path} ...`")
+
+    def load_config(self) -> RunConfig:
+        self.check_is_run()
         try:
             return RunConfig.from_dict(read_json(self.config, file_names=True))
         except UserError as e:

@@ -35,7 +35,10 @@ def test_a_run_flag_that_names_no_run_is_named_as_the_flag(tmp_path, capsys, com
     (tmp_path / "x.png").write_bytes(b"")
     extra = {"caption": [str(tmp_path / "x.png")], "evaluate": [],
              "export": ["--out", str(tmp_path / "out")]}[command]
-    for name, why in (("nope", "no such folder"), ("empty", "no config.json")):
+    # a file given as the run (its best.keras): evaluate told of its default output folder
+    # inside that file and to pass --out FILE, which then met this refusal
+    for name, why in (("nope", "no such folder"), ("empty", "no config.json"),
+                      ("x.png", "a file, not a folder")):
         run = str(tmp_path / name)
         assert main([command, "--run", run, *extra]) == 2
         assert capsys.readouterr().err == (

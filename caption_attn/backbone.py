@@ -230,11 +230,17 @@ def build_backbone(weights: str = "imagenet", seed: int = 0, precision: str = "f
     if weights == "imagenet":
         path = imagenet_weights_path()
         return load_backbone(path, precision, seed, f"--weights imagenet ({path})")
-    why = _not_a_file(weights)
+    check_weights_flag(weights)
+    return load_backbone(weights, precision, seed, f"--weights {weights}")
+
+
+def check_weights_flag(weights: str) -> None:
+    """A `UserError` naming --weights unless it is `imagenet`, `random` or a file (what it
+    holds is read with the backbone); needs no TensorFlow."""
+    why = "" if weights in ("imagenet", "random") else _not_a_file(weights)
     if why:
         raise UserError(f"--weights {weights}: {why} (expected `imagenet`, `random` or the "
                         f"path of an InceptionV3 weights file such as {IMAGENET_FILE})")
-    return load_backbone(weights, precision, seed, f"--weights {weights}")
 
 
 def _not_a_file(path: str) -> str:

@@ -43,7 +43,8 @@ import numpy as np
 
 from caption_attn import feature_cache, feature_index, interrupts
 from caption_attn import progress as progress_lib
-from caption_attn.backbone import IMAGE_SIZE, Backbone, refuse_aborting_precision
+from caption_attn.backbone import (IMAGE_SIZE, Backbone, check_weights_flag,
+                                   refuse_aborting_precision)
 from caption_attn.config import ExtractConfig
 from caption_attn.data import image_key_problem
 from caption_attn.errors import UserError, WriteFailed, counted
@@ -618,6 +619,7 @@ def check_flags(images_dir: str, cfg: ExtractConfig) -> None:
     feature_cache.check_cache_folder(cfg.cache)
     if not os.path.isdir(images_dir):
         raise UserError(f"--images {images_dir}: not a folder")
+    check_weights_flag(cfg.weights)
 
 
 def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list[str]],

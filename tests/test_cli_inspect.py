@@ -357,6 +357,26 @@ def test_a_bad_flag_is_refused_before_tensorflow_is_imported(tmp_path, capsys, m
     assert os.listdir(tmp_path) == []
 
 
+def test_extract_features_refuses_a_weights_file_that_is_none_first(tmp_path, capsys,
+                                                                     monkeypatch):
+    """`extract-features --weights TYPO.h5` was refused after `import tensorflow` (3-6 s),
+    the caption file read (seconds for COCO's) and the cache folder made and removed."""
+    from caption_attn import data
+    from caption_attn.backbone import IMAGENET_FILE
+    _no_tensorflow(monkeypatch)
+    monkeypatch.setattr(data, "load_captions", None)      # read: a TypeError, not exit 2
+    captions, images = make(tmp_path)
+    cache = tmp_path / "cache"
+    for weights, why in ((str(tmp_path / "nope.h5"), "no such file"), (images, "is a folder")):
+        assert cli.main(["extract-features", "--images", images, "--captions", captions,
+                         "--cache", str(cache), "--weights", weights]) == 2
+        assert capsys.readouterr().err == (
+            f"caption-attn extract-features: error: --weights {weights}: {why} (expected "
+            f"`imagenet`, `random` or the path of an InceptionV3 weights file such as "
+            f"{IMAGENET_FILE})\n")
+    assert not cache.exists()
+
+
 def test_train_refuses_its_caption_file_cache_and_images_before_tensorflow(tmp_path, capsys,
                                                                            monkeypatch):
     """`train --captions TYPO` (and a --cache without a manifest, an --images that is no

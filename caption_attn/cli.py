@@ -110,6 +110,8 @@ def check_flags(args: argparse.Namespace) -> None:
     check_path_flags(args)
     for cls in args.configs:
         config_of(args, cls)
+    if args.command == "train":
+        C.check_train_flags(config_of(args, C.TrainConfig))
     if args.command == "extract-features":
         if args.format is not None and not args.captions:
             raise UserError(f"--format {args.format} is the format of --captions, which is "

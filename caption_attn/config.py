@@ -462,6 +462,46 @@ class TrainConfig(Config):
         return self.epochs if self.scst_after is None else self.scst_after
 
 
+def check_train_flags(tc: TrainConfig) -> None:
+    """UserError for flag combinations `train` refuses (checked here, not by TrainConfig: the
+    config.json of a run made before must still load for `caption` and `evaluate`). Needs no
+    TensorFlow and reads nothing: the CLI makes it with the flags' other checks (it came after
+    `import tensorflow` and the checks of the caption file and cache)."""
+    if 0 < tc.clip_norm < MIN_CLIP_NORM:
+        raise UserError(f"--clip-norm {tc.clip_norm:g}: a clip norm below {MIN_CLIP_NORM:g} "
+                        f"leaves the clipped gradients under Adam's epsilon (1e-7), so the "
+                        f"steps shrink toward none; give 0 (no clipping) or at least "
+                        f"{MIN_CLIP_NORM:g} (0.1 to 10 are usual)")
+    if tc.scst_after is None:
+        ignored = [flag_name(TrainConfig.__dataclass_fields__[name]) for name in
+                   ("scst_samples", "scst_baseline", "scst_learning_rate")
+                   if name in tc.given(("scst_samples", "scst_baseline", "scst_learning_rate"))]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} set{'s' if len(ignored) == 1 else ''} the "
+                            f"self-critical epochs, which only --scst-after N turns on (this "
+                            f"call trains none): add --scst-after, or leave "
+                            f"{'it' if len(ignored) == 1 else 'them'} out")
+        return
+    if tc.monitor is None and tc.bleu_images < 1:
+        raise UserError(f"--scst-after {tc.scst_after}: early stopping and the best model "
+                        f"follow val_cider in self-critical epochs, which decodes --bleu-images "
+                        f"validation images: --bleu-images must be >= 1, got {tc.bleu_images} "
+                        f"(or add --monitor val_loss)")
+    if tc.scst_samples > tc.batch_size:
+        # a self-critical step takes --batch-size // --scst-samples images, at least one
+        raise UserError(f"--scst-samples {tc.scst_samples} is more than --batch-size "
+                        f"{tc.batch_size}: a self-critical step samples --scst-samples "
+                        f"captions of each of its images and takes --batch-size captions, so "
+                        f"it could not hold even one image's samples (it would take "
+                        f"{tc.scst_samples}); raise --batch-size to at least "
+                        f"{tc.scst_samples} or lower --scst-samples")
+    if tc.scst_after == 0 and tc.lr_schedule == "cosine":
+        raise UserError("--lr-schedule cosine decays the learning rate of the cross-entropy "
+                        "epochs, but --scst-after 0 trains none (every epoch is "
+                        "self-critical, at the constant --scst-learning-rate): leave "
+                        "--lr-schedule out, or give --scst-after the cross-entropy epochs")
+
+
 # Beyond these, float32 overflows: ((5 + 201) / 6)^alpha passes 3.4e38 at alpha 25 (scores
 # then NaN, beams dead, images without a caption), a temperature under ~1e-38 rounds to 0.
 MAX_LENGTH_PENALTY = 10.0

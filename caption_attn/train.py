@@ -35,8 +35,8 @@ from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoa
                                     heatmap_names, log_hparams, log_missing_epochs,
                                     prune_event_files)
 from caption_attn.cider import CiderD
-from caption_attn.config import (DTYPE_POLICIES, MIN_CLIP_NORM, MONITORS, RunConfig,
-                                 TrainConfig, flag_name)
+from caption_attn.config import (DTYPE_POLICIES, MONITORS, RunConfig, TrainConfig,
+                                 check_train_flags)
 from caption_attn.errors import TrainingError, UserError, free_space
 from caption_attn.fileio import check_utf8_path, read_json, temp_name, write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
@@ -1996,44 +1996,6 @@ def unused_flag_notes(tc: TrainConfig) -> list[str]:
                 f"self-critical epochs and the one before them, --scst-after); early stopping "
                 f"follows val_loss"]
     return []
-
-
-def check_train_flags(tc: TrainConfig) -> None:
-    """UserError for flag combinations `train` refuses (checked here, not by TrainConfig: the
-    config.json of a run made before must still load for `caption` and `evaluate`)."""
-    if 0 < tc.clip_norm < MIN_CLIP_NORM:
-        raise UserError(f"--clip-norm {tc.clip_norm:g}: a clip norm below {MIN_CLIP_NORM:g} "
-                        f"leaves the clipped gradients under Adam's epsilon (1e-7), so the "
-                        f"steps shrink toward none; give 0 (no clipping) or at least "
-                        f"{MIN_CLIP_NORM:g} (0.1 to 10 are usual)")
-    if tc.scst_after is None:
-        ignored = [flag_name(TrainConfig.__dataclass_fields__[name]) for name in
-                   ("scst_samples", "scst_baseline", "scst_learning_rate")
-                   if name in tc.given(("scst_samples", "scst_baseline", "scst_learning_rate"))]
-        if ignored:
-            raise UserError(f"{', '.join(ignored)} set{'s' if len(ignored) == 1 else ''} the "
-                            f"self-critical epochs, which only --scst-after N turns on (this "
-                            f"call trains none): add --scst-after, or leave "
-                            f"{'it' if len(ignored) == 1 else 'them'} out")
-        return
-    if tc.monitor is None and tc.bleu_images < 1:
-        raise UserError(f"--scst-after {tc.scst_after}: early stopping and the best model "
-                        f"follow val_cider in self-critical epochs, which decodes --bleu-images "
-                        f"validation images: --bleu-images must be >= 1, got {tc.bleu_images} "
-                        f"(or add --monitor val_loss)")
-    if tc.scst_samples > tc.batch_size:
-        # a self-critical step takes --batch-size // --scst-samples images, at least one
-        raise UserError(f"--scst-samples {tc.scst_samples} is more than --batch-size "
-                        f"{tc.batch_size}: a self-critical step samples --scst-samples "
-                        f"captions of each of its images and takes --batch-size captions, so "
-                        f"it could not hold even one image's samples (it would take "
-                        f"{tc.scst_samples}); raise --batch-size to at least "
-                        f"{tc.scst_samples} or lower --scst-samples")
-    if tc.scst_after == 0 and tc.lr_schedule == "cosine":
-        raise UserError("--lr-schedule cosine decays the learning rate of the cross-entropy "
-                        "epochs, but --scst-after 0 trains none (every epoch is "
-                        "self-critical, at the constant --scst-learning-rate): leave "
-                        "--lr-schedule out, or give --scst-after the cross-entropy epochs")
 
 
 def check_cider_vocabulary(tc: TrainConfig, vocab_tokens: int) -> None:

@@ -357,6 +357,28 @@ def test_a_bad_flag_is_refused_before_tensorflow_is_imported(tmp_path, capsys, m
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("flags,said", [
+    (["--clip-norm", "1e-5"], "--clip-norm 1e-05: a clip norm below 0.001"),
+    (["--scst-samples", "3"], "--scst-samples sets the self-critical epochs, which only"),
+    (["--scst-after", "0", "--lr-schedule", "cosine"], "--lr-schedule cosine decays the"),
+    (["--scst-after", "1", "--scst-samples", "10", "--batch-size", "8"],
+     "--scst-samples 10 is more than --batch-size 8"),
+    (["--scst-after", "1", "--bleu-images", "0"], "--scst-after 1: early stopping and"),
+], ids=["clip-norm", "scst-samples-alone", "cosine-scst-after-0", "samples-over-batch",
+        "no-bleu-images"])
+def test_train_refuses_flag_combinations_before_tensorflow_and_its_files(
+        tmp_path, capsys, monkeypatch, flags, said):
+    """`train --clip-norm 1e-5` (and the other combinations `check_train_flags` refuses) was
+    refused after `import tensorflow` (3-6 s) and the checks of the caption file and cache:
+    a missing cache was reported first, and only the rerun met the flag's refusal."""
+    _no_tensorflow(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--captions", "c.json", "--run", "r", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"caption-attn train: error: {said}"), err
+    assert os.listdir(tmp_path) == []
+
+
 def test_extract_features_refuses_a_weights_file_that_is_none_first(tmp_path, capsys,
                                                                      monkeypatch):
     """`extract-features --weights TYPO.h5` was refused after `import tensorflow` (3-6 s),

@@ -542,7 +542,8 @@ class DecodeConfig(Config):
                               "once per batch size, then ~1.0-1.8x faster by CPU and method "
                               "(README, Speed) (`evaluate`, `caption` of many images); "
                               "smaller batches, such as a one-image `caption`, and --sample "
-                              "batches compile nothing. 0: never (unless --xla)",
+                              "batches compile nothing. 0: never (not with --xla, which "
+                              "compiles every batch)",
                               check=integer(0))
 
     @property
@@ -565,6 +566,9 @@ class DecodeConfig(Config):
         if self.beam == 1 and "length_penalty" in given:
             raise UserError(f"--length-penalty {self.length_penalty} ranks the hypotheses of a "
                             f"beam search: it does nothing with --beam 1 (greedy)")
+        if self.xla and self.given(("xla_min_images",)):
+            raise UserError(f"--xla-min-images {self.xla_min_images} chooses the batches XLA "
+                            f"compiles, but --xla compiles every batch: leave one of them out")
 
 
 TFLITE_QUANTIZATIONS = ("none", "float16", "dynamic")

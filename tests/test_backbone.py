@@ -466,7 +466,7 @@ def test_xla_vector_width_is_chosen_only_for_decoders_that_compile(monkeypatch):
     captioner.make_decoder(model, DecodeConfig(sample=True), 5)
     assert calls == []
     captioner.make_decoder(model, DecodeConfig(beam=3), 5)
-    captioner.make_decoder(model, DecodeConfig(beam=1, xla=True, xla_min_images=0), 5)
+    captioner.make_decoder(model, DecodeConfig(beam=1, xla=True), 5)
     assert calls == [1, 1]
 
 

@@ -222,6 +222,9 @@ def test_every_help_section_title_is_a_whole_sentence():
     (dict(temperature=0.7, beam=1), "--temperature 0.7 applies to sampling"),
     (dict(seed=4), "--seed 4 applies to sampling"),
     (dict(beam=1, length_penalty=0.6), "does nothing with --beam 1"),
+    # --xla compiled every batch and dropped --xla-min-images 0 ("never") without a word
+    (dict(xla=True, xla_min_images=0), "--xla-min-images 0 chooses the batches XLA compiles, "
+                                       "but --xla compiles every batch: leave one of them out"),
 ])
 def test_flags_of_another_decoding_method_are_refused_not_ignored(flags, refused):
     with pytest.raises(UserError, match=re.escape(refused)):
@@ -238,6 +241,7 @@ def test_flags_of_one_decoding_method_together_are_fine():
     (["--temperature", "1.0"], "--temperature 1.0 applies to sampling"),
     (["--sample", "--length-penalty", "0"], "--length-penalty 0.0 applies to beam search"),
     (["--beam", "1", "--length-penalty", "0"], "does nothing with --beam 1"),
+    (["--xla", "--xla-min-images", "32"], "--xla-min-images 32 chooses the batches XLA"),
 ])
 def test_a_flag_typed_with_its_default_value_is_still_refused(tmp_path, capsys, argv, refused):
     """The CLI knows which flags were given: `--sample --beam 3` (3 is the default) was

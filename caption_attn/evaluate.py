@@ -88,6 +88,7 @@ class _SplitFeatures:
     images_note: str = ""               # that the source images could not be checked
     places: Optional[list] = None       # each key's place in the split (its --sample stream)
     repeated_note: str = ""             # the split's CSV rows read once as repeats
+    images_dir: Optional[str] = None    # where the source images were checked
 
 
 def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
@@ -159,7 +160,7 @@ def _load_split(run_dir: str, split: str, run_cfg: RunConfig, cache: str,
     return _SplitFeatures(split, cache, keys, without, records, manifest, reader, why, note,
                           objects_note, unchecked, [place[k] for k in keys],
                           loaded.repeated_note(in_split, f" for images of the {split} split")
-                          or "")
+                          or "", images_dir=folder)
 
 
 def _wordless_note(silent: list, split: str, captions: str) -> str:
@@ -380,7 +381,7 @@ def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
             # decoded again without it; it ended the whole evaluate before
             where = [i for i, k in enumerate(found.keys)
                      if feature_path(found.cache, k) == e.path]
-            repair = repair_command(found.cache, found.manifest)
+            repair = repair_command(found.cache, found.manifest, images_dir=found.images_dir)
             if not where or len(found.keys) == 1 or len(damaged) == MAX_DAMAGED:
                 more = (f" ({len(damaged)} other damaged file(s) found before it: "
                         f"{', '.join(d.path for d in damaged)})" if damaged else "")

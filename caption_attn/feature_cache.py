@@ -1066,12 +1066,16 @@ def _settings_text(identity: dict) -> str:
     return f"{flags} --dtype {identity.get('dtype')} --precision {identity.get('precision')}"
 
 
-def repair_command(cache_dir: str, manifest: dict, captions: Optional[str] = None) -> str:
+def repair_command(cache_dir: str, manifest: dict, captions: Optional[str] = None,
+                   images_dir: Optional[str] = None) -> str:
     """The `extract-features --verify` command that re-checks and re-extracts the damaged
-    files of this cache, with every flag its manifest needs (weights, seed, dtype, precision;
-    --images as recorded at extraction), so that it is not refused for a missing one."""
-    images = shlex.quote(manifest["images_dir"]) if manifest.get("images_dir") \
-        else "IMAGES_DIR"
+    files of this cache, with every flag its manifest needs (weights, seed, dtype, precision),
+    so that it is not refused for a missing one. --images is `images_dir`, the folder the
+    caller checks the images in (a run's, moved since: `train --images NEW`), else the one
+    recorded at extraction: the old folder was refused as none, or re-extracted another
+    dataset's same-named images into the run's features."""
+    images_dir = images_dir or manifest.get("images_dir")
+    images = shlex.quote(images_dir) if images_dir else "IMAGES_DIR"
     with_captions = f" --captions {shlex.quote(captions)}" if captions else ""
     return (f"caption-attn extract-features --verify --images {images}{with_captions} "
             f"--cache {shlex.quote(cache_dir)} {_settings_text(cache_identity(manifest))}")

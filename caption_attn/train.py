@@ -212,7 +212,8 @@ def check_features_mid_epoch(run: RunFolder, cfg: RunConfig, data: TrainData) ->
                 f"{epoch + 1}, stopped at step {in_epoch}, goes on cut from more captions, so "
                 f"in its remaining steps some captions come twice and others not at all; "
                 f"from epoch {epoch + 2} on, every caption once again"]
-    repair = feature_cache.repair_command(cfg.cache, data.manifest, cfg.captions)
+    repair = feature_cache.repair_command(cfg.cache, data.manifest, cfg.captions,
+                                          data.images_dir)
     raise UserError(
         f"{run.path} stopped in epoch {epoch + 1} at step {in_epoch}, and {len(lost)} of the "
         f"train images it was training on have no usable features now: "

@@ -539,7 +539,7 @@ class EpochData:
         """The `extract-features --verify` command, with every flag, that repairs damaged
         files of this run's cache."""
         return feature_cache.repair_command(self.cfg.cache, self.data.manifest,
-                                            self.cfg.captions)
+                                            self.cfg.captions, self.data.images_dir)
 
     def captions(self, split: str, epoch: Optional[int] = None, skip: int = 0,
                  batch_size: Optional[int] = None):

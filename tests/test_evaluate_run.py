@@ -664,6 +664,31 @@ def test_a_feature_file_gone_bad_names_its_reason_and_the_whole_repair_command(
                               use_java=False, cache=copy_cache)
 
 
+def test_the_repair_of_a_damaged_file_names_the_folder_the_run_checks_its_images_in(
+        trained_run, shapes_data, copy_cache, tmp_path):
+    """A run trained with `--images NEW` (its images moved): the repair evaluate printed
+    named the cache's last --images, the old folder, not where the run checks them."""
+    import shutil
+
+    import numpy as np
+
+    from caption_attn.feature_cache import feature_path
+    run, moved = str(tmp_path / "run"), str(tmp_path / "moved")
+    shutil.copytree(trained_run, run)
+    shutil.copytree(shapes_data["images"], moved, copy_function=shutil.copy2)
+    with open(os.path.join(run, "split.json")) as f:
+        record = json.load(f)
+    record["images_dir"] = moved                   # as `train --images moved` records it
+    with open(os.path.join(run, "split.json"), "w") as f:
+        json.dump(record, f)
+    _damage_in_place(feature_path(copy_cache, record["splits"]["test"][0]), np.nan)
+    result = evaluate.evaluate_run(run, "test", DecodeConfig(beam=1), progress=False,
+                                   use_java=False, cache=copy_cache)
+    note = next(n for n in result["notes"] if "left out" in n)
+    assert f"`caption-attn extract-features --verify --images {moved} --cache " in note
+    assert shapes_data["images"] not in note
+
+
 def _damage_in_place(path: str, value) -> None:
     """One value of a feature file set to `value` under its size and mtime (the index still
     vouches for the file)."""

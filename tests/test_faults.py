@@ -746,6 +746,41 @@ def test_a_feature_file_gone_bad_stops_train_naming_it_before_any_step(shapes_da
         assert np.isfinite(np.load(path)).all()
 
 
+def test_the_repair_of_a_damaged_file_names_the_images_folder_the_run_checks(
+        shapes_data, copy_cache, tmp_path):
+    """A run checking its images in another folder than the cache's last --images (the
+    folder moved: `train --images NEW`): the repair command named the old folder, which,
+    pasted, was refused as no folder (or, in a cache of two datasets, re-extracted from the
+    other one's). It names the folder train checks, and as printed repairs the file."""
+    import shlex
+
+    import numpy as np
+
+    from caption_attn import cli
+    from caption_attn.errors import UserError
+    from caption_attn.feature_cache import feature_path
+    moved = str(tmp_path / "moved")
+    shutil.copytree(shapes_data["images"], moved, copy_function=shutil.copy2)
+    with open(shapes_data["captions"]) as f:
+        key = sorted(im["filename"] for im in json.load(f)["images"]
+                     if im["split"] == "train")[0]
+    path = feature_path(copy_cache, key)
+    before = os.stat(path)
+    values = np.load(path)
+    values[0, 0] = np.nan
+    np.save(path, values)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(UserError) as e:
+        train.train(_config(shapes_data, copy_cache, memory_cache_gb=0.0),
+                    str(tmp_path / "run"), images_dir=moved, progress=False,
+                    log=lambda message: None)
+    command = str(e.value).split("`")[1]
+    assert f"extract-features --verify --images {moved} --captions " in command
+    assert shapes_data["images"] not in command
+    assert cli.main(shlex.split(command)[1:]) == 0
+    assert np.isfinite(np.load(path)).all()
+
+
 def test_a_feature_file_deleted_while_training_stops_it_naming_it(shapes_data, copy_cache,
                                                                   tmp_path, monkeypatch):
     """Streamed features, and a train image's file deleted after epoch 1: TensorFlow's

@@ -691,7 +691,12 @@ def _parse_flickr_token(path: str, text: str, out: _Collector) -> None:
                             f"{line[:60]!r} (a line ends at a line feed, CRLF or a bare "
                             f"carriage return)")
         name, stripped = _csv_name(name), caption.strip()
-        ident = name if _TOKEN_SUFFIX.search(name) else (name, stripped)
+        image = _TOKEN_SUFFIX.sub("", name)
+        key = safe_image_key(image)   # (a refused path's lines are left out anyway)
+        # by the image as the records key it: `./a.jpg#0` is a.jpg#0, one caption
+        same = image if key is None else key
+        suffix = name[len(image):]
+        ident = same + suffix if suffix else (same, stripped)
         earlier, at = seen.setdefault(ident, (stripped, number))
         if at != number:
             if earlier == stripped:
@@ -701,7 +706,7 @@ def _parse_flickr_token(path: str, text: str, out: _Collector) -> None:
                             f"IMAGE#N is one caption (two files joined, such as "
                             f"Flickr8k.token.txt and Flickr8k.lemma.token.txt?); keep one of "
                             f"the lines")
-        out.add(_TOKEN_SUFFIX.sub("", name), [caption], f"line {number}")
+        out.add(image, [caption], f"line {number}", key=key)
 
 
 def _csv_rows(path: str, text: str) -> Iterator[tuple[int, list[str]]]:

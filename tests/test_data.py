@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import random
+import re
 import threading
 
 import pytest
@@ -753,6 +754,23 @@ def test_token_image_n_with_two_different_captions_is_refused_naming_both_lines(
         f"{path}: line 3: 'a.jpg#0' has another caption here than on line 1 ('A dog run .', "
         f"not 'A dog runs .'): an IMAGE#N is one caption (two files joined, such as "
         f"Flickr8k.token.txt and Flickr8k.lemma.token.txt?); keep one of the lines")
+
+
+@pytest.mark.parametrize("first,second", [("a.jpg", "./a.jpg"), ("d/a.jpg", "d\\a.jpg"),
+                                          ("d/a.jpg", "d//a.jpg")])
+def test_token_image_n_spelled_two_ways_is_one_image_n(tmp_path, first, second):
+    """The repeat check compared the names as written: `a.jpg#0` and `./a.jpg#0` (two token
+    files joined, one written with ./) were two IMAGE#Ns, and the records merged them into
+    one image with the caption twice (double weight in training and CIDEr), or both of two
+    different captions, which a repeat spelled alike is refused for."""
+    path = write(tmp_path, "t.txt", f"{first}#0\tA dog.\n{second}#0\tA dog.\n")
+    assert as_dict(data.load_captions(path)) == {"d/a.jpg" if "d" in first else "a.jpg":
+                                                 ["A dog."]}
+    path = write(tmp_path, "t.txt", f"{first}#0\tA dog.\n{second}#0\tA cat.\n")
+    with pytest.raises(UserError, match=rf"line 2: {re.escape(repr(second + '#0'))} has another "
+                                        rf"caption here than on line 1 \('A cat\.', not "
+                                        rf"'A dog\.'\)"):
+        data.load_captions(path)
 
 
 def test_csv_row_repeated_with_other_whitespace_is_one_caption(tmp_path):

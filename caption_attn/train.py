@@ -1416,8 +1416,8 @@ class Trainer:
             raise
         finally:
             gc.unfreeze()
-        if self.model.stop_training:
-            reason = "early_stopping"
+        if self.model.stop_training and epoch < tc.epochs:   # at the last epoch's end it
+            reason = "early_stopping"                        # stopped nothing: "epochs"
         callbacks.on_train_end()
         return _summary(self, history, early, reason, time.perf_counter() - start,
                         done, steps_before)
@@ -2186,7 +2186,8 @@ def rerun_without_data(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir,
         if tc.sample_images:   # as the full load says it (`Trainer.fit`)
             log_unredrawable_heatmaps(run, done - 1, samples, log)
         log_hparams(run.logs, _hparams(kept, len(vocab)), f"before epoch {done + 1}")
-    reason = "early_stopping" if stopped else "max_steps" if done < tc.epochs else "epochs"
+    reason = "early_stopping" if stopped and done < tc.epochs else \
+        "max_steps" if done < tc.epochs else "epochs"
     return _summary_of(run_dir, tc, history, early, reason, 0.0, done, steps, 0, None, done,
                        steps, 0, best)
 

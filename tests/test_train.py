@@ -2176,6 +2176,24 @@ def test_a_write_failing_while_training_is_exit_1_and_says_it_resumes(shapes_dat
                                 f"command: it resumes from the last checkpoint")
 
 
+def test_early_stopping_at_the_last_epoch_did_not_stop_the_run(shapes_data, tmp_path):
+    """--epochs 2 --patience 1, epoch 2 no better: early stopping fired at the end of the
+    last epoch, and the summary said "stopped by early_stopping"; its rerun advised "rerun
+    with a larger --patience to train on", which then trained nothing (only --epochs does)."""
+    run, quiet = str(tmp_path / "run"), (lambda *a: None)
+    cfg = small_config(shapes_data, epochs=2, patience=1, min_delta=1e9)   # 2 never improves
+    summary = train.train(cfg, run, progress=False, log=quiet)
+    assert (summary["stopped_by"], summary["finished_epochs"]) == ("epochs", 2)
+    again = train.format_summary(train.train(cfg, run, progress=False, log=quiet))
+    assert again.startswith("nothing to train: the run already finished epoch 2 of 2, step ")
+    assert "patience" not in again and "stopped early" not in again
+    # an epoch more is what early stopping stopped: said so, with the way on
+    more = train.train(small_config(shapes_data, epochs=3, patience=1, min_delta=1e9), run,
+                       progress=False, log=quiet)
+    assert (more["stopped_by"], more["epochs_now"]) == ("early_stopping", 0)
+    assert "rerun with a larger --patience to train on" in train.format_summary(more)
+
+
 def test_a_rerun_of_a_run_stopped_early_says_how_to_train_on():
     """More --epochs on a run early stopping had ended printed "nothing to train ... (stopped
     early before)": the way on (--patience) was left for the user to guess."""

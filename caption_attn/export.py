@@ -416,7 +416,8 @@ def _check_out(out: str, run: RunFolder, force: bool, keep=(), cache=None,
                             f"another --out or add --force to replace it")
         if about is None:                                  # no export.json: no export
             _refuse_what_is_no_export(out, force)
-        others = _not_written_by_exports(out)
+        # a link is replaced, the folder it points to kept: replacing it deletes none of them
+        others = [] if os.path.islink(out) else _not_written_by_exports(out)
         shown = _some(others)
         if damaged and others:   # another tool's export.json, or one cut short, beside them
             raise UserError(f"--out {out}: cannot tell which run it is an export of "

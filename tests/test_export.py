@@ -612,10 +612,12 @@ def test_an_out_that_is_a_symlink_is_replaced_and_its_target_kept(trained_run, t
     the export replaced the link, then failed with `error: Cannot call rmtree on a symbolic
     link` (the export done, the old link left as a hidden .old file). `--out current/` (a
     shell's completion of the symlink) passed every check, built the whole SavedModel, then
-    failed at the rename: "current/: Not a directory"."""
+    failed at the rename: "current/: Not a directory". A file of the target's that an export
+    does not write was refused as one that replacing the link would delete: it deletes none."""
     earlier = tmp_path / "1"
     earlier.mkdir()
     (earlier / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+    (earlier / "README.txt").write_text("the model of 1 December")
     link = tmp_path / "current"
     link.symlink_to("1")
 
@@ -625,7 +627,7 @@ def test_an_out_that_is_a_symlink_is_replaced_and_its_target_kept(trained_run, t
     code, printed, err = _run_cli(["export", "--run", trained_run, "--out", f"{link}{slash}"])
     assert code == 0 and printed.startswith("SavedModel  "), err
     assert not link.is_symlink() and (link / "saved_model.pb").read_bytes() == b"new"
-    assert os.listdir(earlier) == [export.INFO_FILE]         # the link's target is kept
+    assert sorted(os.listdir(earlier)) == ["README.txt", export.INFO_FILE]  # target kept
     assert sorted(os.listdir(tmp_path)) == ["1", "current"]  # nothing hidden left
 
 

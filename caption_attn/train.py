@@ -1143,9 +1143,11 @@ class Trainer:
             batches = self.inputs.captions("train", epoch=epoch, skip=in_epoch)
             run = lambda batch, s: self.train_step(batch)  # noqa: E731
         target = self._epoch_length(epoch)
-        bar = progress.bar(target, self.progress, stateful=["loss", "reward", "cap/s"])
-        if in_epoch:
-            bar.update(in_epoch)
+        # in a log file a line a minute too (a COCO epoch on a CPU is half an hour); resumed
+        # mid-epoch, its time per step and ETA count only this process's steps
+        bar = progress.bar(target, self.progress, stateful=["loss", "reward", "cap/s"],
+                           periodic=True, initial=in_epoch)
+        shown = None
         earlier = totals.sums["captions"]  # trained before a restart of this epoch: not in speed
         start = time.perf_counter()
         # Ctrl-C or SIGTERM stops after the running step and its bookkeeping, checkpointed
@@ -1179,6 +1181,8 @@ class Trainer:
             except pipeline.DamagedFeatures as e:
                 self._save_checkpoint(step, in_epoch, totals)
                 raise e.stop(self.inputs.repair_command(), step) from None
+            if in_epoch < target:   # stopped (--max-steps, Ctrl-C): the bar's line ends here
+                bar.update(in_epoch, shown, finalize=True)   # (in a log: its only line)
             if stopping:
                 self._save_checkpoint(step, in_epoch, totals)
                 self.log(f"epoch {epoch + 1}: stopped at step {in_epoch} of {target} "

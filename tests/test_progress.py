@@ -32,3 +32,26 @@ def test_counts_show_as_integers_on_a_terminal_too(capsys, monkeypatch):
     bar.update(3, [("failed", 2), ("loss", 0.5)], finalize=True)
     out = capsys.readouterr().out
     assert "failed: 2 " in out + " " and "failed: 2.0" not in out and "loss: 0.5000" in out
+
+
+def test_a_resumed_bar_times_only_the_steps_it_saw(capsys, monkeypatch):
+    """An epoch resumed at step 90 of 100: Keras divided the time since the restart by all
+    90+ steps, so the bar showed a tenth of the true time per step and an ETA as short
+    (100ms/step here, where each step took 1 s)."""
+    import keras.src.utils.progbar as keras_progbar
+    now = [0.0]
+    monkeypatch.setattr(keras_progbar.time, "time", lambda: now[0])
+    bar = progress.bar(100, stateful=["loss"], initial=90)
+    for step in range(91, 101):
+        now[0] += 1.0
+        bar.update(step, [("loss", 0.5)])
+    line, = capsys.readouterr().out.splitlines()
+    assert line.startswith("100/100 - 10s - 1s/step - loss: 0.5"), line
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)    # the live bar's ETA
+    now[0] = 0.0
+    bar = progress.bar(100, stateful=["loss"], initial=90)
+    for step in (91, 92, 93):
+        now[0] += 1.0
+        bar.update(step, [("loss", 0.5)])
+    live = capsys.readouterr().out.rsplit("\r", 1)[-1]
+    assert " 93/100" in live and "\x1b[1m7s\x1b[0m 1s/step - " in live, live   # ETA 7 s

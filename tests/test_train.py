@@ -796,10 +796,12 @@ def test_held_signals_cannot_slip_between_the_handler_swaps(monkeypatch, capfd,
         real(signal.SIGINT, signal.default_int_handler)
 
 
-def test_max_steps_in_the_middle_of_an_epoch_finishes_no_epoch(shapes_data, tmp_path):
+def test_max_steps_in_the_middle_of_an_epoch_finishes_no_epoch(shapes_data, tmp_path, capsys,
+                                                                monkeypatch):
     """Stopping at --max-steps inside epoch 2 saves a checkpoint to continue from, but does
     none of an epoch's end: its validation, history entry, best model, heatmaps and TensorBoard
-    epoch summary would pass a partial epoch for epoch 2."""
+    epoch summary would pass a partial epoch for epoch 2. Its progress bar ends there (in a
+    log file it printed nothing of epoch 2, on a terminal the next line ran on after it)."""
     import tensorflow as tf
     run = str(tmp_path / "run")
     cfg = small_config(shapes_data, epochs=2)
@@ -830,6 +832,19 @@ def test_max_steps_in_the_middle_of_an_epoch_finishes_no_epoch(shapes_data, tmp_
     head = train.format_summary(summary).splitlines()[0]
     assert f"; the run: epoch 1 of 2, step {per_epoch + 2}, in epoch 2 at step 2 of " \
            f"{per_epoch}, best val_loss=" in head and head.endswith("at epoch 1")
+    bars = [line.strip() for line in capsys.readouterr().out.splitlines()
+            if re.match(r" *\d+/\d+ - ", line)]
+    assert [line.split(" - ")[0] for line in bars] == [f"{per_epoch}/{per_epoch}",
+                                                       f"2/{per_epoch}"], bars
+    assert "loss: " in bars[1] and "cap/s: " in bars[1]
+    # the rest of epoch 2: its bar starts at step 2, and times only the steps it sees
+    from caption_attn import progress
+    made, real = [], progress.bar
+    monkeypatch.setattr(progress, "bar", lambda *a, **k: made.append(k) or real(*a, **k))
+    train.Trainer(small_config(shapes_data, epochs=2), run, log=lines.append).fit()
+    assert made[0]["initial"] == 2 and made[0]["periodic"]
+    assert capsys.readouterr().out.splitlines()[0].strip().startswith(
+        f"{per_epoch}/{per_epoch} - ")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_copy):

@@ -1167,12 +1167,13 @@ def describe(captions_path: str, data_cfg: DataConfig, vocab_cfg: VocabConfig,
     if images_dir is not None and not os.path.isdir(images_dir):
         raise UserError(f"--images {images_dir}: " + ("a file, not a folder" if
                         os.path.exists(images_dir) else "images folder not found"))
-    from caption_attn.vocab import tokenize_all
+    from caption_attn.vocab import SPECIAL_TOKENS, tokenize_all
 
     captions = load_dataset(captions_path, data_cfg)
     refuse_unused_fractions(captions, data_cfg,   # as train does: its split would be shown
                             seed_splits_only=True)
     words = {r.image: tokenize_all(r.captions) for r in captions.records}
+    vocab_size = _vocab_size(captions, words, vocab_cfg)
     return {
         "file": captions_path,
         "format": captions.format,
@@ -1193,7 +1194,12 @@ def describe(captions_path: str, data_cfg: DataConfig, vocab_cfg: VocabConfig,
                           "examples": list(dict.fromkeys(
                               image for _, image in captions.repeated))[:MAX_EXAMPLES]},
         "missing_images": _missing_images(captions, images_dir),
-        "vocab_size": _vocab_size(captions, words, vocab_cfg),
+        "vocab_size": vocab_size,
+        # a vocabulary of the special tokens alone is refused by `train` (every word <unk>)
+        "vocab_note": (f"no word (every one seen fewer than --min-count {vocab_cfg.min_count} "
+                       f"times), which `train` refuses"
+                       if vocab_size == len(SPECIAL_TOKENS) and captions.split("train")
+                       else ""),
         "caption_length": _caption_lengths(words),
     }
 
@@ -1250,7 +1256,8 @@ def format_description(stats: dict) -> str:
           if repeated["count"] else []),
         ("missing images", "not checked (no images folder given)" if missing is None
          else f"{missing['count']}{_examples(missing['examples'])}"),
-        ("vocabulary", f"{stats['vocab_size']} tokens (train split, incl. 4 special tokens)"),
+        ("vocabulary", f"{stats['vocab_size']} tokens (train split, incl. 4 special tokens)"
+                       + (f": {stats['vocab_note']}" if stats.get("vocab_note") else "")),
         ("caption length", f"mean {length['mean']}, p50 {length['p50']}, p95 "
                            f"{length['p95']}, max {length['max']} words"),
     ]

@@ -56,6 +56,17 @@ def test_inspect_json_and_config_flags(tmp_path, capsys):
     assert stats["caption_length"] == {"mean": 2.5, "p50": 2, "p95": 4, "max": 4}  # 3, 4, 2, 1
 
 
+def test_inspect_says_when_the_vocabulary_holds_no_word(tmp_path, capsys):
+    """--min-count above every word's count: "vocabulary 4 tokens", exit 0, a preview of what
+    `train` fits, which refuses such a vocabulary (every word <unk>)."""
+    path, _ = make(tmp_path)
+    assert cli.main(["inspect", "--captions", path, "--min-count", "100"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("vocabulary"))
+    assert row.endswith("4 tokens (train split, incl. 4 special tokens): no word (every one "
+                        "seen fewer than --min-count 100 times), which `train` refuses"), row
+
+
 def test_inspect_format_override(tmp_path, capsys):
     path, _ = make(tmp_path)
     code = cli.main(["inspect", "--captions", path, "--format", "flickr-token"])

@@ -504,6 +504,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         seconds = time.perf_counter() - start
         log("")
         log(evaluate.format_metrics(metrics))
+        for note in metrics["notes"]:   # as `evaluate` says them (METEOR n/a without Java)
+            log(f"note: {note}")
         for name, target in TARGETS.items():
             value = metrics.get(name)
             mark = "n/a" if value is None else "met" if value >= target else "below target"

@@ -37,6 +37,14 @@ def test_demo_end_to_end_on_a_reduced_size(tmp_path, no_java):
     for expected in ("tensorboard --logdir", "heatmaps:", "best model:", "BLEU-4",
                      "Captions for image"):
         assert expected in text
+    # evaluate's notes under its table, before the targets are judged (METEOR n/a, the
+    # Python tokenizer's scores, said nowhere but in the metrics file)
+    from caption_attn.coco_metrics import NOTE_NO_METEOR
+    assert metrics["notes"] and NOTE_NO_METEOR in metrics["notes"]
+    notes = [i for i, line in enumerate(lines) if line.startswith("note: ")
+             and line[6:] in metrics["notes"]]
+    targets = [i for i, line in enumerate(lines) if line.startswith("target ")]
+    assert len(notes) == len(metrics["notes"]) and notes[-1] < targets[0], lines
     # the demo has no --images flag: its train line does not name one
     checked = [line for line in lines if line.startswith("source images checked in")]
     assert checked and all(line.endswith("(the demo's dataset)") for line in checked), checked

@@ -171,7 +171,13 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
 
     def run_batch() -> None:
         n = len(batch_keys)
-        feats = backbone(batch[:n])                                  # (n, 64, 2048) float32
+        try:
+            feats = backbone(batch[:n])                              # (n, 64, 2048) float32
+        except Exception as e:
+            oom = _out_of_memory(e, batch_size)
+            if oom is None:
+                raise
+            raise oom from None
         stored = feats.astype(dtype)                                 # (n, 64, 2048) dtype
         finite = np.isfinite(stored).reshape(n, -1).all(axis=1)      # (n,)
         for key, row, ok, stamp in zip(batch_keys, stored, finite, stamps):
@@ -210,6 +216,19 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
     if writer.error is not None:
         raise writer.error
     return writer.written, failed
+
+
+def _out_of_memory(error: Exception, batch_size: int) -> Optional[UserError]:
+    """The one-line `UserError` (exit 1) of TensorFlow's out-of-memory `error` in the backbone
+    (a --batch-size too large for a GPU: it was a traceback), else None."""
+    import tensorflow as tf
+    if not isinstance(error, tf.errors.ResourceExhaustedError):
+        return None
+    what = next((line.strip() for line in (error.message or "").splitlines()
+                 if "OOM" in line or "when allocating" in line), "OOM")[:200]
+    return UserError(f"out of memory in the backbone at --batch-size {batch_size} ({what}); "
+                     f"rerun with a lower --batch-size: the feature files written so far are "
+                     f"kept, and the same command goes on with the rest", exit_code=1)
 
 
 # why an image the caption file names is not extracted: a heatmap `caption --plot-attention`

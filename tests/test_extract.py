@@ -701,6 +701,40 @@ def test_a_feature_file_that_cannot_be_written_is_named(images, cache_copy, monk
     assert str(e.value).startswith(f"cannot write {bad} (File too large): free space ")
 
 
+def test_out_of_memory_in_the_backbone_is_one_line_and_keeps_what_was_written(
+        images, cache_copy, monkeypatch):
+    """`--batch-size 1024` on a GPU: TensorFlow's ResourceExhaustedError ended the command in
+    a traceback (train says it in a line, with what to do)."""
+    import tensorflow as tf
+
+    from caption_attn.backbone import Backbone
+    keys = ["a.jpg", "b.png", "cmyk.jpg", "gray.jpg"]
+    for key in keys:
+        os.remove(feature_path(cache_copy, key))
+    real, calls = Backbone.__call__, []
+
+    def call(self, batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise tf.errors.ResourceExhaustedError(
+                None, None, "Graph execution error:\n\nOOM when allocating tensor with "
+                            "shape[1,147,147,64]")
+        return real(self, batch)
+    monkeypatch.setattr(Backbone, "__call__", call)
+    with pytest.raises(UserError) as e:
+        extract_features(images, extract_cfg(cache_copy, batch_size=1), keys=keys,
+                         progress=False)
+    assert e.value.exit_code == 1
+    assert str(e.value) == (
+        "out of memory in the backbone at --batch-size 1 (OOM when allocating tensor with "
+        "shape[1,147,147,64]); rerun with a lower --batch-size: the feature files written so "
+        "far are kept, and the same command goes on with the rest")
+    monkeypatch.setattr(Backbone, "__call__", real)      # the rerun goes on from there
+    summary = extract_features(images, extract_cfg(cache_copy, batch_size=1), keys=keys,
+                               progress=False)
+    assert (summary["skipped"], summary["extracted"]) == (1, 3)
+
+
 def test_an_index_segment_that_cannot_be_written_is_named_with_exit_code_1(
         images, cache_copy, monkeypatch, capsys):
     """The disk filled while the feature index was written (the .npy files fitted): it said

@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import hashlib
 import os
 import queue
@@ -72,6 +73,12 @@ def _read_image(path: str) -> tuple[np.ndarray, ImageStamp]:
     return resize_image(decode_image(data)), stamp
 
 
+# a feature file's name the cache's file system refuses (exFAT/FAT: ':' '?' '"'..., EINVAL;
+# not in its character set, EILSEQ; a folder longer than its limit): that image fails, the
+# others are written (it stopped the whole run, and every rerun at it again)
+NAME_REFUSED = (errno.EINVAL, errno.EILSEQ, errno.ENAMETOOLONG)
+
+
 class _Writer:
     """Background thread writing feature files and their index entries, so disk I/O never
     stalls the model."""
@@ -86,6 +93,7 @@ class _Writer:
         self.error: Optional[UserError] = None
         # keys written and indexed (the caller's list: it still has them after a Ctrl-C)
         self.written: list[str] = [] if written is None else written
+        self.failed: dict[str, str] = {}   # key -> why: its name refused (`NAME_REFUSED`)
         self.thread = threading.Thread(target=self._run, name="feature-writer", daemon=True)
         self.thread.start()
 
@@ -110,6 +118,15 @@ class _Writer:
                 self.written.append(key)
             except UserError as e:   # the index's segment (`SegmentWriter`), named by it
                 self.error = e
+            except OSError as e:
+                if e.errno not in NAME_REFUSED:
+                    self.error = WriteFailed(one_line(path), e, RERUN)
+                    continue
+                self.failed[key] = (
+                    f"its feature file's name is refused by the --cache file system "
+                    f"({e.strerror}): rename the image (exFAT, FAT and NTFS take none of "
+                    f"\\ : * ? \" < > | nor control characters, and shorter names than Linux), "
+                    f"or extract into a --cache on a Linux file system")
             except Exception as e:  # noqa: BLE001 - reported by the main thread
                 self.error = WriteFailed(one_line(path), e, RERUN)
 
@@ -187,7 +204,8 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
                 failed[key] = f"non-finite features in {dtype}"
         batch_keys.clear()
         stamps.clear()
-        _show(progress, len(writer.written) + writer.queue.qsize(), len(failed))
+        _show(progress, len(writer.written) + writer.queue.qsize(),
+              len(failed) + len(writer.failed))
 
     try:
         for _ in range(lookahead):
@@ -202,7 +220,8 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
             except Exception as e:  # noqa: BLE001 - one bad image never stops the run
                 failed[key] = str(e) if isinstance(e, ImageError) else \
                     f"error ({type(e).__name__}: {e})"
-                _show(progress, len(writer.written) + writer.queue.qsize(), len(failed))
+                _show(progress, len(writer.written) + writer.queue.qsize(),
+                      len(failed) + len(writer.failed))
                 continue
             if len(batch_keys) == batch_size:
                 run_batch()
@@ -215,7 +234,7 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
             writer.close()
     if writer.error is not None:
         raise writer.error
-    return writer.written, failed
+    return writer.written, {**failed, **writer.failed}
 
 
 def _out_of_memory(error: Exception, batch_size: int) -> Optional[UserError]:

@@ -701,6 +701,35 @@ def test_a_feature_file_that_cannot_be_written_is_named(images, cache_copy, monk
     assert str(e.value).startswith(f"cannot write {bad} (File too large): free space ")
 
 
+@pytest.mark.parametrize("code", ["EINVAL", "EILSEQ", "ENAMETOOLONG"])
+def test_a_name_the_cache_file_system_refuses_fails_that_image_only(images, cache_copy,
+                                                                    monkeypatch, code):
+    """A cache on an exFAT or FAT drive and an image named `IMG 10:32.jpg` (EINVAL), a name
+    not in the drive's character set (EILSEQ), or a folder longer than its limit: the whole
+    run stopped with "cannot write ... free space there", and every rerun stopped at that
+    image again. It fails alone, in failed.tsv with the reason; the rest are extracted."""
+    import errno
+    real = extract.write_bytes_atomic
+    bad = feature_path(cache_copy, "b.png")
+
+    def write(path, *args, **kwargs):
+        if path == bad:
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), path)
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(extract, "write_bytes_atomic", write)
+    keys = ["a.jpg", "b.png", "cmyk.jpg", "gray.jpg"]
+    for key in keys:
+        os.remove(feature_path(cache_copy, key))
+    summary = extract_features(images, extract_cfg(cache_copy, batch_size=1), keys=keys,
+                               progress=False)
+    assert (summary["exit_code"], summary["extracted"], summary["failed"]) == (0, 3, 1)
+    reason = summary["failures"]["b.png"]
+    assert reason.startswith(f"its feature file's name is refused by the --cache file system "
+                             f"({os.strerror(getattr(errno, code))}): rename the image"), reason
+    assert feature_cache.read_failed(cache_copy)["b.png"] == reason
+    assert not os.path.exists(bad)
+
+
 def test_out_of_memory_in_the_backbone_is_one_line_and_keeps_what_was_written(
         images, cache_copy, monkeypatch):
     """`--batch-size 1024` on a GPU: TensorFlow's ResourceExhaustedError ended the command in

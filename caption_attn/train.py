@@ -1181,8 +1181,10 @@ class Trainer:
             except pipeline.DamagedFeatures as e:
                 self._save_checkpoint(step, in_epoch, totals)
                 raise e.stop(self.inputs.repair_command(), step) from None
-            if in_epoch < target:   # stopped (--max-steps, Ctrl-C): the bar's line ends here
-                bar.update(in_epoch, shown, finalize=True)   # (in a log: its only line)
+            finally:   # stopped (--max-steps, Ctrl-C, an error): the bar's line ends here (in
+                if in_epoch < target:   # a log: its only line), before what is said next
+                    with contextlib.suppress(OSError):   # (a closed stdout: not the news)
+                        bar.update(in_epoch, shown, finalize=True)
             if stopping:
                 self._save_checkpoint(step, in_epoch, totals)
                 self.log(f"epoch {epoch + 1}: stopped at step {in_epoch} of {target} "

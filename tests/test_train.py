@@ -810,6 +810,8 @@ def test_max_steps_in_the_middle_of_an_epoch_finishes_no_epoch(shapes_data, tmp_
                               log=lambda *a: None).inputs.steps_per_epoch
     cfg = small_config(shapes_data, epochs=2, max_steps=per_epoch + 2)
     lines = []
+    from caption_attn import progress
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 1e9)   # no periodic line of a slow epoch
     trainer = train.Trainer(cfg, run, images_dir=shapes_data["images"], log=lines.append)
     summary = trainer.fit()
     assert summary["steps"] == per_epoch + 2 and summary["stopped_by"] == "max_steps"
@@ -838,13 +840,34 @@ def test_max_steps_in_the_middle_of_an_epoch_finishes_no_epoch(shapes_data, tmp_
                                                        f"2/{per_epoch}"], bars
     assert "loss: " in bars[1] and "cap/s: " in bars[1]
     # the rest of epoch 2: its bar starts at step 2, and times only the steps it sees
-    from caption_attn import progress
     made, real = [], progress.bar
     monkeypatch.setattr(progress, "bar", lambda *a, **k: made.append(k) or real(*a, **k))
     train.Trainer(small_config(shapes_data, epochs=2), run, log=lines.append).fit()
     assert made[0]["initial"] == 2 and made[0]["periodic"]
     assert capsys.readouterr().out.splitlines()[0].strip().startswith(
         f"{per_epoch}/{per_epoch} - ")
+
+
+def test_an_epoch_stopped_by_an_error_ends_its_progress_bar_first(shapes_data, tmp_path,
+                                                                  capsys, monkeypatch):
+    """A NaN loss (or a damaged feature file) in the third step: the error was printed onto
+    the end of the bar's line on a terminal, and a log file got no line of that epoch."""
+    from caption_attn import progress
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 1e9)   # no periodic line of a slow epoch
+    real, seen = train.check_finite, []
+
+    def check(out, epoch, step, *args, **kwargs):
+        seen.append(step)
+        if len(seen) == 3:
+            raise train.TrainingError("the loss became NaN (this test's)")
+        return real(out, epoch, step, *args, **kwargs)
+    monkeypatch.setattr(train, "check_finite", check)
+    with pytest.raises(train.TrainingError):
+        train.train(small_config(shapes_data, epochs=1), str(tmp_path / "run"),
+                    log=lambda *a: None)
+    bars = [line.strip() for line in capsys.readouterr().out.splitlines()
+            if re.match(r" *\d+/\d+ - ", line)]
+    assert len(bars) == 1 and bars[0].startswith("2/") and "loss: " in bars[0], bars
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(run_copy):

@@ -119,14 +119,16 @@ class _Writer:
             except UserError as e:   # the index's segment (`SegmentWriter`), named by it
                 self.error = e
             except OSError as e:
-                if e.errno not in NAME_REFUSED:
+                # a name is refused where a file or folder is made or renamed (the error names
+                # it); an EINVAL of a write or fsync is the disk's, as any other error
+                if e.errno not in NAME_REFUSED or e.filename is None:
                     self.error = WriteFailed(one_line(path), e, RERUN)
                     continue
                 self.failed[key] = (
                     f"its feature file's name is refused by the --cache file system "
-                    f"({e.strerror}): rename the image (exFAT, FAT and NTFS take none of "
-                    f"\\ : * ? \" < > | nor control characters, and shorter names than Linux), "
-                    f"or extract into a --cache on a Linux file system")
+                    f"({e.strerror}): rename the image (exFAT and FAT take none of : * ? \" "
+                    f"< > | nor control characters), or extract into a --cache on a Linux file "
+                    f"system")
             except Exception as e:  # noqa: BLE001 - reported by the main thread
                 self.error = WriteFailed(one_line(path), e, RERUN)
 
@@ -247,7 +249,7 @@ def _out_of_memory(error: Exception, batch_size: int) -> Optional[UserError]:
                  if "OOM" in line or "when allocating" in line), "OOM")[:200]
     return UserError(f"out of memory in the backbone at --batch-size {batch_size} ({what}); "
                      f"rerun with a lower --batch-size: the feature files written so far are "
-                     f"kept, and the same command goes on with the rest", exit_code=1)
+                     f"kept, and the command rerun goes on with the rest", exit_code=1)
 
 
 # why an image the caption file names is not extracted: a heatmap `caption --plot-attention`

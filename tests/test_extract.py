@@ -757,7 +757,7 @@ def test_out_of_memory_in_the_backbone_is_one_line_and_keeps_what_was_written(
     assert str(e.value) == (
         "out of memory in the backbone at --batch-size 1 (OOM when allocating tensor with "
         "shape[1,147,147,64]); rerun with a lower --batch-size: the feature files written so "
-        "far are kept, and the same command goes on with the rest")
+        "far are kept, and the command rerun goes on with the rest")
     monkeypatch.setattr(Backbone, "__call__", real)      # the rerun goes on from there
     summary = extract_features(images, extract_cfg(cache_copy, batch_size=1), keys=keys,
                                progress=False)

@@ -23,7 +23,7 @@ from caption_attn import model as _model  # noqa: F401  registers the Keras clas
 from caption_attn.backbone import (FEATURE_SHAPE, GRID, Backbone, prefer_wide_xla_vectors,
                                    refuse_aborting_precision)
 from caption_attn.config import DecodeConfig, RunConfig
-from caption_attn.errors import UserError, counted
+from caption_attn.errors import UserError, counted, out_of_memory
 from caption_attn.feature_cache import (MANIFEST, cache_images_folders, manifest_path,
                                          read_manifest)
 from caption_attn.fileio import holding_lock, is_inside, longest_temp_name, one_line
@@ -351,7 +351,8 @@ class Captioner:
         out = []
         for batch in features_iter:
             where = range(len(out), len(out) + len(batch))
-            out += self.decode(batch, where if ids is None else [ids[i] for i in where])
+            with self._said_out_of_memory(len(batch)):
+                out += self.decode(batch, where if ids is None else [ids[i] for i in where])
             if progress is not None:
                 progress.add(len(batch))
         return out
@@ -384,6 +385,20 @@ class Captioner:
             errors.update(batch_errors)
         return results, errors
 
+    @contextlib.contextmanager
+    def _said_out_of_memory(self, images: int):
+        """TensorFlow's out of memory in the backbone or the decoder (a --batch-size too
+        large for a GPU: it was a traceback) as a one-line `UserError`, exit 1."""
+        try:
+            yield
+        except Exception as e:
+            what = out_of_memory(e)
+            if what is None:
+                raise
+            raise UserError(f"out of memory captioning a batch of {counted(images, 'image')} "
+                            f"(--batch-size {self.cfg.batch_size}; {what}); rerun with a lower "
+                            f"--batch-size", exit_code=1) from None
+
     def caption_batches(self, paths: Sequence[str]) -> Iterator[tuple[dict, dict, int]]:
         """`caption_images` a batch at a time, in the order of `paths`: yields (results,
         errors, paths done) for every `batch_size` readable images (and the files that
@@ -398,11 +413,12 @@ class Captioner:
             except ImageError as e:
                 errors[path] = str(e)
             if len(images) == self.cfg.batch_size or done == len(paths):
-                results = {}
+                results, decoded = {}, []
                 if images:
-                    feats = self.backbone(np.stack(list(images.values())))  # (B, 64, 2048)
-                    for key, captions in zip(images, self.decode(
-                            feats, [ids[key] for key in images])):
+                    with self._said_out_of_memory(len(images)):
+                        feats = self.backbone(np.stack(list(images.values())))  # (B, 64, 2048)
+                        decoded = self.decode(feats, [ids[key] for key in images])
+                    for key, captions in zip(images, decoded):
                         if captions:
                             results[key] = (views[key], captions)
                         else:   # every beam died: reported, not an empty block of captions

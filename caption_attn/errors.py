@@ -21,6 +21,17 @@ def free_space(where: str = "there", alternative: str = "make its folder writabl
 FREE_SPACE = free_space()
 
 
+def out_of_memory(error: BaseException):
+    """The allocation TensorFlow's out-of-memory `error` names ("OOM when allocating tensor
+    with shape[...]", at most 200 characters; "OOM" if none), or None for any other error.
+    A tf.function's error starts "Graph execution error:" and names the allocation last."""
+    import tensorflow as tf    # only once an error is met: this module imports no TensorFlow
+    if not isinstance(error, tf.errors.ResourceExhaustedError):
+        return None
+    return next((line.strip() for line in (error.message or "").splitlines()
+                 if "OOM" in line or "when allocating" in line), "OOM")[:200]
+
+
 class UserError(Exception):
     """Bad input or environment: the CLI prints the message and exits with `exit_code`.
 

@@ -37,7 +37,7 @@ from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoa
 from caption_attn.cider import CiderD
 from caption_attn.config import (DTYPE_POLICIES, MONITORS, RunConfig, TrainConfig,
                                  check_train_flags)
-from caption_attn.errors import TrainingError, UserError, free_space
+from caption_attn.errors import TrainingError, UserError, free_space, out_of_memory
 from caption_attn.fileio import check_utf8_path, read_json, temp_name, write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
 from caption_attn.optimizer import (AveragedWeights, FusedAdam, StagedLearningRate, inner,
@@ -2233,10 +2233,7 @@ def _train_in(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, progress
     except BrokenPipeError:   # stdout's reader gone (`train ... | head`): the CLI's to say,
         raise                 # not a write of the run folder (no "free space" to advise)
     except tf.errors.ResourceExhaustedError as e:  # out of memory (this machine's or a GPU's)
-        # a tf.function's error starts "Graph execution error:" and names the allocation last
-        lines = (e.message or "").splitlines()
-        what = next((line.strip() for line in lines if "OOM" in line or "when allocating"
-                     in line), "OOM")[:200]
+        what = out_of_memory(e)
         raise TrainingError(f"{run.path}: out of memory while training ({what}); rerun with a "
                             f"lower --batch-size (taken at an epoch's start: it resumes from "
                             f"the last checkpoint), a lower --memory-cache-gb (the features "

@@ -25,6 +25,52 @@ def _test_images(shapes_data, trained_run, n=3):
     return [os.path.join(shapes_data["images"], k) for k in keys]
 
 
+@pytest.mark.parametrize("where", ["backbone", "decoder"])
+def test_out_of_memory_while_captioning_is_one_line_after_the_captions_made(
+        shapes_data, trained_run, capsys, monkeypatch, where):
+    """`caption --batch-size 1024` on a GPU: TensorFlow's ResourceExhaustedError, from the
+    backbone or the decoder, ended the command in a traceback."""
+    from caption_attn import captioner
+    from caption_attn.backbone import Backbone
+    images = _test_images(shapes_data, trained_run, 2)
+    target = (Backbone, "__call__") if where == "backbone" else (captioner.Captioner, "decode")
+    real, calls = getattr(*target), []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise tf.errors.ResourceExhaustedError(
+                None, None, "Graph execution error:\n\nOOM when allocating tensor with "
+                            "shape[1,64,512]")
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(*target, failing)
+    assert main(["caption", "--run", trained_run, "--batch-size", "1", *images]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == (
+        "caption-attn caption: error: out of memory captioning a batch of 1 image "
+        "(--batch-size 1; OOM when allocating tensor with shape[1,64,512]); rerun with a "
+        "lower --batch-size"), captured.err
+    assert "Traceback" not in captured.err
+    assert f"Captions for image {os.path.basename(images[0])}:" in captured.out   # kept
+
+
+def test_out_of_memory_while_evaluate_decodes_is_one_line(trained_run, monkeypatch):
+    """`evaluate` decodes the split's feature batches (`decode_batches`): the same error."""
+    from caption_attn import captioner
+    from caption_attn.config import DecodeConfig
+    from caption_attn.errors import UserError
+    decoder = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=1, batch_size=2))
+
+    def decode(self, *args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+    monkeypatch.setattr(captioner.Captioner, "decode", decode)
+    with pytest.raises(UserError) as e:
+        decoder.decode_batches([np.zeros((2, 64, 2048), np.float32)])
+    assert e.value.exit_code == 1 and str(e.value) == (
+        "out of memory captioning a batch of 2 images (--batch-size 2; OOM when allocating "
+        "tensor); rerun with a lower --batch-size")
+
+
 def test_caption_output_format(shapes_data, trained_run, capsys):
     images = _test_images(shapes_data, trained_run, 2)
     assert main(["caption", "--run", trained_run, "--beam", "3", *images]) == 0

@@ -263,29 +263,37 @@ def _caption(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
             print(line, file=sys.stderr)
     if not shown:
         report(folders)
-    for results, errors, done in model.caption_batches(paths):
-        failed.update(errors)
-        if not shown:
-            report(errors)
-        count += len(results)
-        if args.json:
-            captioned.update({path: (None, caps) for path, (_, caps) in results.items()})
-        else:
-            for path, (_, captions) in results.items():
-                say(C_.format_captions(path, captions, names[path]))
-            say(flush=True)
-        # after the captions: a heatmap that cannot be written is that image's report, and
-        # the captions, and the other heatmaps, are out all the same
-        if write_heatmaps:
-            written, problems = write_heatmaps(results, errors)
-            drawn += len(written)
-            undrawn.update(problems)
+    done = 0
+    try:
+        for results, errors, done in model.caption_batches(paths):
+            failed.update(errors)
             if not shown:
-                report(problems, heatmaps=True)
-                for note in kept:
-                    print(f"note: {note}", file=sys.stderr)
-                kept.clear()
-        bar.update(done, [("failed", len(failed))])
+                report(errors)
+            count += len(results)
+            if args.json:
+                captioned.update({path: (None, caps) for path, (_, caps) in results.items()})
+            else:
+                for path, (_, captions) in results.items():
+                    say(C_.format_captions(path, captions, names[path]))
+                say(flush=True)
+            # after the captions: a heatmap that cannot be written is that image's report, and
+            # the captions, and the other heatmaps, are out all the same
+            if write_heatmaps:
+                written, problems = write_heatmaps(results, errors)
+                drawn += len(written)
+                undrawn.update(problems)
+                if not shown:
+                    report(problems, heatmaps=True)
+                    for note in kept:
+                        print(f"note: {note}", file=sys.stderr)
+                    kept.clear()
+            bar.update(done, [("failed", len(failed))])
+    except UserError:   # out of memory in a batch: the bar ends, and what failed is said
+        if shown:
+            bar.update(done, [("failed", len(failed))], finalize=True)
+            report(failed)
+            report(undrawn, heatmaps=True)
+        raise
     if shown:
         report(failed)
         report(undrawn, heatmaps=True)

@@ -391,6 +391,10 @@ def _decode(captioner, found: _SplitFeatures, progress: bool) -> dict:
             found.without.append(found.keys.pop(where[0]))
             found.places.pop(where[0])
             damaged.append(e)
+        except UserError:   # out of memory in a batch (`Captioner.decode_batches`)
+            if progress:
+                print(file=sys.stdout, flush=True)   # past the bar the error cut short
+            raise
     if damaged:
         found.problems = ". ".join(filter(None, [found.problems, (
             f"{len(damaged)} damaged feature file(s) found while decoding: "

@@ -27,12 +27,15 @@ def _test_images(shapes_data, trained_run, n=3):
 
 @pytest.mark.parametrize("where", ["backbone", "decoder"])
 def test_out_of_memory_while_captioning_is_one_line_after_the_captions_made(
-        shapes_data, trained_run, capsys, monkeypatch, where):
+        shapes_data, trained_run, capsys, monkeypatch, tmp_path, where):
     """`caption --batch-size 1024` on a GPU: TensorFlow's ResourceExhaustedError, from the
-    backbone or the decoder, ended the command in a traceback."""
+    backbone or the decoder, ended the command in a traceback. The files that failed before
+    it are still listed (with stdout not a terminal they are listed after the bar)."""
     from caption_attn import captioner
     from caption_attn.backbone import Backbone
-    images = _test_images(shapes_data, trained_run, 2)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    images = [str(bad), *_test_images(shapes_data, trained_run, 2)]
     target = (Backbone, "__call__") if where == "backbone" else (captioner.Captioner, "decode")
     real, calls = getattr(*target), []
 
@@ -51,7 +54,8 @@ def test_out_of_memory_while_captioning_is_one_line_after_the_captions_made(
         "(--batch-size 1; OOM when allocating tensor with shape[1,64,512]); rerun with a "
         "lower --batch-size"), captured.err
     assert "Traceback" not in captured.err
-    assert f"Captions for image {os.path.basename(images[0])}:" in captured.out   # kept
+    assert f"Captions for image {os.path.basename(images[1])}:" in captured.out   # kept
+    assert any(str(bad) in line for line in captured.err.splitlines()[:-1]), captured.err
 
 
 def test_out_of_memory_while_evaluate_decodes_is_one_line(trained_run, monkeypatch):

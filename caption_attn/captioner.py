@@ -23,7 +23,7 @@ from caption_attn import model as _model  # noqa: F401  registers the Keras clas
 from caption_attn.backbone import (FEATURE_SHAPE, GRID, Backbone, prefer_wide_xla_vectors,
                                    refuse_aborting_precision)
 from caption_attn.config import DecodeConfig, RunConfig
-from caption_attn.errors import UserError, counted, out_of_memory
+from caption_attn.errors import OutOfMemory, UserError, counted, out_of_memory
 from caption_attn.feature_cache import (MANIFEST, cache_images_folders, manifest_path,
                                          read_manifest)
 from caption_attn.fileio import holding_lock, is_inside, longest_temp_name, one_line
@@ -395,9 +395,9 @@ class Captioner:
             what = out_of_memory(e)
             if what is None:
                 raise
-            raise UserError(f"out of memory captioning a batch of {counted(images, 'image')} "
-                            f"(--batch-size {self.cfg.batch_size}; {what}); rerun with a lower "
-                            f"--batch-size", exit_code=1) from None
+            raise OutOfMemory(f"out of memory captioning a batch of {counted(images, 'image')} "
+                              f"(--batch-size {self.cfg.batch_size}; {what}); rerun with a "
+                              f"lower --batch-size", what) from None
 
     def caption_batches(self, paths: Sequence[str]) -> Iterator[tuple[dict, dict, int]]:
         """`caption_images` a batch at a time, in the order of `paths`: yields (results,

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import stat
 import time
 from typing import Optional
@@ -24,9 +25,10 @@ from caption_attn.backbone import native_bfloat16
 from caption_attn.config import (BACKBONE_PRECISIONS, DataConfig, DecodeConfig, DemoConfig,
                                  ExtractConfig, ModelConfig, RunConfig, ShapesConfig,
                                  TrainConfig)
+from caption_attn.feature_cache import extract_command
 from caption_attn.fileio import (check_utf8_path, file_digest, holding_lock, read_json,
                                  remove_path, write_json_atomic)
-from caption_attn.errors import UserError
+from caption_attn.errors import OutOfMemory, UserError
 from caption_attn.run import check_folder_writable, folder_write_problem
 
 TARGETS = {"scene_accuracy": 0.95, "Bleu_4": 0.90, "grounding": 0.90}
@@ -283,6 +285,12 @@ def check_images_unchanged(cfg: DemoConfig, images_dir: str, run: str) -> None:
                         f"trained on; {_CHANGED_IMAGES_ADVICE}")
 
 
+def extract_config(cfg: DemoConfig, paths: dict, precision: str) -> ExtractConfig:
+    """The extract-features settings of the demo's cache."""
+    return ExtractConfig(cache=paths["cache"], weights="random", seed=cfg.seed,
+                         dtype="float16", precision=precision)
+
+
 def extract_stage(cfg: DemoConfig, data: dict, paths: dict, precision: str) -> dict:
     """Stage 2: `extract.extract_features` with the demo's settings. A cache of other
     settings was refused in extract-features' terms (--cache, --precision, --dtype), flags
@@ -291,14 +299,62 @@ def extract_stage(cfg: DemoConfig, data: dict, paths: dict, precision: str) -> d
     from caption_attn.feature_cache import OtherCache
 
     try:
-        return extract.extract_features(data["images_dir"], ExtractConfig(
-            cache=paths["cache"], weights="random", seed=cfg.seed, dtype="float16",
-            precision=precision))
+        return extract.extract_features(data["images_dir"],
+                                        extract_config(cfg, paths, precision))
     except OtherCache as e:
         raise UserError(f"--workdir {cfg.workdir}: its feature cache {e.cache} holds "
                         f"features made with {e.made}, the demo asks for {e.wanted}: add "
                         f"--fresh to start the demo over, or choose another --workdir",
                         e.exit_code, e.lines) from None
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(cfg: DemoConfig, doing: str, advice: str):
+    """A stage's out of memory (`OutOfMemory`) said in the demo's terms: `doing` what, and
+    the `advice`. The stages' own messages name flags the demo has not (extract-features'
+    and evaluate's --batch-size, train's --memory-cache-gb) or has for another stage (its
+    --batch-size is training's)."""
+    try:
+        yield
+    except OutOfMemory as e:
+        raise OutOfMemory(f"--workdir {cfg.workdir}: out of memory {doing} ({e.what}); "
+                          f"{advice}", e.what) from None
+
+
+def _out_of_memory_advice(cfg: DemoConfig, stage: str, data: dict, paths: dict,
+                          precision: str):
+    """`out_of_memory_advice` for the demo's `stage` (extract, train, evaluate, caption):
+    what it did, and the command that does it in smaller batches (what is done is kept)."""
+    images = DecodeConfig().batch_size
+    fewer = f"--batch-size {max(1, images // 4)}"
+    run = shlex.quote(paths["run"])
+    if stage == "extract":
+        extract_cfg = extract_config(cfg, paths, precision)
+        images = extract_cfg.batch_size
+        fewer = f"--batch-size {max(1, images // 4)}"
+        settings = {name: getattr(extract_cfg, name)    # the manifest's, as recorded
+                    for name in ("weights", "seed", "dtype", "precision")}
+        # as the demo extracts: every image of the folder (no --captions)
+        command = extract_command(paths["cache"], settings, images_dir=data["images_dir"])
+        command = f"{command} {fewer}"
+        return out_of_memory_advice(
+            cfg, f"extracting features, {images} images at a time",
+            f"extract the rest in smaller batches, then rerun the demo (it keeps the features "
+            f"written): {command}")
+    if stage == "train":
+        return out_of_memory_advice(
+            cfg, "while training", f"rerun the demo with --fresh and a lower --batch-size "
+            f"(now {cfg.batch_size}), or smaller --units / --embedding-dim (now {cfg.units} / "
+            f"{cfg.embedding_dim})")
+    if stage == "evaluate":
+        return out_of_memory_advice(
+            cfg, f"evaluating the test split, {images} images at a time",
+            f"the model is trained: evaluate it in smaller batches: caption-attn evaluate "
+            f"--run {run} --beam {cfg.beam} {fewer}")
+    return out_of_memory_advice(
+        cfg, f"captioning the test images, {images} at a time", f"the model is trained and "
+        f"evaluated: caption in smaller batches: caption-attn caption --run {run} --beam "
+        f"{cfg.beam} {fewer} --plot-attention {shlex.quote(paths['heatmaps'])} IMAGE...")
 
 
 def run_config(cfg: DemoConfig, captions: str, cache: str) -> RunConfig:
@@ -482,23 +538,27 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
             f"{paths['cache']}")
         t = time.perf_counter()
         check_images_unchanged(cfg, data["images_dir"], paths["run"])
-        summary = extract_stage(cfg, data, paths, precision)
+        with _out_of_memory_advice(cfg, "extract", data, paths, precision):
+            summary = extract_stage(cfg, data, paths, precision)
         log(extract.format_summary(summary))
         timings["extract_features"] = time.perf_counter() - t
 
         log(f"[3/5] train -> {paths['run']}")
         t = time.perf_counter()
-        trained = train_stage(cfg, data, paths, log)
+        with _out_of_memory_advice(cfg, "train", data, paths, precision):
+            trained = train_stage(cfg, data, paths, log)
         log(train.format_summary(trained))
         timings["train"] = time.perf_counter() - t
 
         log(f"[4/5] evaluate the test split (beam {cfg.beam})")
         t = time.perf_counter()
-        metrics = evaluate.evaluate_run(paths["run"], "test", DecodeConfig(beam=cfg.beam))
+        with _out_of_memory_advice(cfg, "evaluate", data, paths, precision):
+            metrics = evaluate.evaluate_run(paths["run"], "test", DecodeConfig(beam=cfg.beam))
         timings["evaluate"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        errors = caption_test_images(cfg, paths, data["images_dir"], log)
+        with _out_of_memory_advice(cfg, "caption", data, paths, precision):
+            errors = caption_test_images(cfg, paths, data["images_dir"], log)
         timings["caption"] = time.perf_counter() - t
 
         seconds = time.perf_counter() - start

@@ -60,6 +60,16 @@ class TrainingError(UserError):
         super().__init__(message, exit_code=1)
 
 
+class OutOfMemory(TrainingError):
+    """TensorFlow's out of memory in any command, said in one line (exit 1) in the terms of
+    the command that met it; `what`: the allocation (`out_of_memory`). The demo says it
+    again in its own flags (it has not all of the commands')."""
+
+    def __init__(self, message: str, what: str):
+        super().__init__(message)
+        self.what = what
+
+
 class WriteFailed(UserError):
     """A file (or stdout) could not be written while the command ran: a disk that filled up,
     a quota, a folder made read-only since it was checked. Exit code 1: the job ran and

@@ -48,7 +48,7 @@ from caption_attn.backbone import (IMAGE_SIZE, Backbone, check_weights_flag,
                                    refuse_aborting_precision)
 from caption_attn.config import ExtractConfig
 from caption_attn.data import image_key_problem
-from caption_attn.errors import UserError, WriteFailed, counted, out_of_memory
+from caption_attn.errors import OutOfMemory, UserError, WriteFailed, counted, out_of_memory
 from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
 from caption_attn.feature_index import (IMAGE_CHANGED, RERUN, ImageStamp, SegmentWriter,
                                         make_entry)
@@ -239,15 +239,15 @@ def _run_pipeline(backbone: Backbone, images_dir: str, cache_dir: str, keys: lis
     return writer.written, {**failed, **writer.failed}
 
 
-def _out_of_memory(error: Exception, batch_size: int) -> Optional[UserError]:
+def _out_of_memory(error: Exception, batch_size: int) -> Optional[OutOfMemory]:
     """The one-line `UserError` (exit 1) of TensorFlow's out-of-memory `error` in the backbone
     (a --batch-size too large for a GPU: it was a traceback), else None."""
     what = out_of_memory(error)
     if what is None:
         return None
-    return UserError(f"out of memory in the backbone at --batch-size {batch_size} ({what}); "
-                     f"rerun with a lower --batch-size: the feature files written so far are "
-                     f"kept, and the command rerun goes on with the rest", exit_code=1)
+    return OutOfMemory(f"out of memory in the backbone at --batch-size {batch_size} ({what}); "
+                       f"rerun with a lower --batch-size: the feature files written so far "
+                       f"are kept, and the command rerun goes on with the rest", what)
 
 
 # why an image the caption file names is not extracted: a heatmap `caption --plot-attention`

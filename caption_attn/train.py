@@ -37,7 +37,8 @@ from caption_attn.callbacks import (AttentionSnapshots, EarlyStopping, TensorBoa
 from caption_attn.cider import CiderD
 from caption_attn.config import (DTYPE_POLICIES, MONITORS, RunConfig, TrainConfig,
                                  check_train_flags)
-from caption_attn.errors import TrainingError, UserError, free_space, out_of_memory
+from caption_attn.errors import (OutOfMemory, TrainingError, UserError, free_space,
+                                 out_of_memory)
 from caption_attn.fileio import check_utf8_path, read_json, temp_name, write_json_atomic
 from caption_attn.model import ShowAttendTell, parameter_count
 from caption_attn.optimizer import (AveragedWeights, FusedAdam, StagedLearningRate, inner,
@@ -2234,11 +2235,11 @@ def _train_in(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, progress
         raise                 # not a write of the run folder (no "free space" to advise)
     except tf.errors.ResourceExhaustedError as e:  # out of memory (this machine's or a GPU's)
         what = out_of_memory(e)
-        raise TrainingError(f"{run.path}: out of memory while training ({what}); rerun with a "
-                            f"lower --batch-size (taken at an epoch's start: it resumes from "
-                            f"the last checkpoint), a lower --memory-cache-gb (the features "
-                            f"kept in memory), or smaller --units / --embedding-dim with "
-                            f"--fresh (a new model)") from None
+        raise OutOfMemory(f"{run.path}: out of memory while training ({what}); rerun with a "
+                          f"lower --batch-size (taken at an epoch's start: it resumes from "
+                          f"the last checkpoint), a lower --memory-cache-gb (the features "
+                          f"kept in memory), or smaller --units / --embedding-dim with "
+                          f"--fresh (a new model)", what) from None
     except OSError as e:  # a write that failed while training: a full disk, a lost folder
         # h5py (best.weights.h5) names the file and the reason only inside its message
         h5 = dict(re.findall(r"(filename|error message) = '([^']*)'", str(e)))

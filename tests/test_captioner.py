@@ -14,7 +14,7 @@ from caption_attn import captioner, cli, decode, feature_cache
 from caption_attn.cli import main
 from caption_attn.backbone import FEATURE_SHAPE, IMAGENET_FILE
 from caption_attn.config import DecodeConfig
-from caption_attn.errors import UserError
+from caption_attn.errors import OutOfMemory, UserError
 
 LINE = re.compile(r"^ (\d+)\) (.*) \(p=([0-9.e+-]+)\)$")
 
@@ -73,6 +73,8 @@ def test_out_of_memory_while_evaluate_decodes_is_one_line(trained_run, monkeypat
     assert e.value.exit_code == 1 and str(e.value) == (
         "out of memory captioning a batch of 2 images (--batch-size 2; OOM when allocating "
         "tensor); rerun with a lower --batch-size")
+    # the demo says it again in its own flags (`demo.out_of_memory_advice`)
+    assert isinstance(e.value, OutOfMemory) and e.value.what == "OOM when allocating tensor"
 
 
 def test_caption_output_format(shapes_data, trained_run, capsys):

@@ -682,3 +682,79 @@ def test_trains_refusal_of_other_images_names_the_demos_flags(tmp_path, monkeypa
     for flag in ("--cache", "--run", "train a new run", "another dataset"):
         assert flag not in message
     assert e.value.exit_code == refused.value.exit_code
+
+
+@pytest.mark.parametrize("stage", ["extract", "train", "evaluate", "caption"])
+def test_out_of_memory_in_a_stage_is_said_in_the_demos_flags(tmp_path, monkeypatch, stage):
+    """A stage's out of memory named the flags of its own command: extract-features' and
+    evaluate's --batch-size (the demo's is training's), train's --memory-cache-gb (the demo
+    has none) and a rerun that the demo refuses for its changed settings. It names what the
+    stage did and the command that does it in smaller batches."""
+    from caption_attn import evaluate, extract, train
+    from caption_attn.errors import OutOfMemory
+    work = tmp_path / "work"
+    cfg = DemoConfig(workdir=str(work), num_images=20, epochs=1, scst_after=1)
+    images = str(work / "shapes" / "images")
+    monkeypatch.setattr(demo, "_dataset", lambda *a: {"images_dir": images, "captions": "c"})
+    monkeypatch.setattr(demo, "check_images_unchanged", lambda *a: None)
+    monkeypatch.setattr(demo, "backbone_precision", lambda *a: "float32")
+    said = "the stage's own message, naming its own flags"
+
+    def fails_in(name, result):
+        def call(*args, **kwargs):
+            if name == stage:
+                raise OutOfMemory(said, "OOM when allocating tensor with shape[64,512]")
+            return result
+        return call
+    monkeypatch.setattr(extract, "extract_features", fails_in("extract", {}))
+    monkeypatch.setattr(extract, "format_summary", lambda summary: "extracted")
+    monkeypatch.setattr(train, "train", fails_in("train", {}))
+    monkeypatch.setattr(train, "format_summary", lambda summary: "trained")
+    monkeypatch.setattr(evaluate, "evaluate_run", fails_in("evaluate", {}))
+    monkeypatch.setattr(demo, "caption_test_images", fails_in("caption", {}))
+    with pytest.raises(OutOfMemory) as e:
+        demo.run_demo(cfg, log=lambda line: None)
+    message, run = str(e.value), os.path.join(str(work), "models", "shapes")
+    assert e.value.exit_code == 1 and said not in message
+    assert message.startswith(f"--workdir {work}: out of memory ")
+    assert message.count("(OOM when allocating tensor with shape[64,512]); ") == 1
+    assert "--memory-cache-gb" not in message
+    assert message.endswith({
+        "extract": f"extract the rest in smaller batches, then rerun the demo (it keeps the "
+                   f"features written): caption-attn extract-features --images {images} --cache "
+                   f"{work / 'features_cache'} --weights random --seed 0 --dtype float16 "
+                   f"--precision float32 --batch-size 8",
+        "train": "rerun the demo with --fresh and a lower --batch-size (now 32), or smaller "
+                 "--units / --embedding-dim (now 256 / 128)",
+        "evaluate": f"the model is trained: evaluate it in smaller batches: caption-attn "
+                    f"evaluate --run {run} --beam 3 --batch-size 16",
+        "caption": f"the model is trained and evaluated: caption in smaller batches: "
+                   f"caption-attn caption --run {run} --beam 3 --batch-size 16 "
+                   f"--plot-attention {work / 'heatmaps'} IMAGE..."}[stage])
+
+
+def test_the_extract_command_of_the_demos_out_of_memory_makes_the_demos_cache(tmp_path):
+    """The command the demo's extraction out of memory prints is accepted by extract-features
+    and asks for the very cache the demo extracts (only the batch smaller): the rerun demo
+    keeps its features."""
+    import shlex
+
+    from caption_attn import cli
+    from caption_attn.config import ExtractConfig
+    from caption_attn.errors import OutOfMemory
+    cfg = DemoConfig(workdir=str(tmp_path), seed=4)
+    images, paths = tmp_path / "shapes" / "images", {"cache": str(tmp_path / "features cache"),
+                                                     "run": "R"}
+    os.makedirs(images)
+    advice = demo._out_of_memory_advice(cfg, "extract", {"images_dir": str(images)}, paths,
+                                        "bfloat16")
+    with pytest.raises(OutOfMemory) as e, advice:
+        raise OutOfMemory("extract's", "OOM")
+    command = str(e.value).split(": ")[-1]
+    words = shlex.split(command)
+    assert words[:2] == ["caption-attn", "extract-features"]
+    args = cli.build_parser().parse_args(words[1:])
+    cli.check_flags(args)
+    asked = cli.config_of(args, ExtractConfig)
+    wanted = dataclasses.replace(demo.extract_config(cfg, paths, "bfloat16"), batch_size=8)
+    assert (args.images, args.captions, asked) == (str(images), None, wanted)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from caption_attn import extract, feature_cache, feature_index
-from caption_attn.errors import UserError
+from caption_attn.errors import OutOfMemory, UserError
 from caption_attn.fileio import HOST
 from caption_attn.extract import extract_features, format_summary, shard_of
 from caption_attn.feature_cache import (FORMAT_VERSION, check_feature_file, feature_path,
@@ -761,7 +761,7 @@ def test_out_of_memory_in_the_backbone_is_one_line_and_keeps_what_was_written(
     with pytest.raises(UserError) as e:
         extract_features(images, extract_cfg(cache_copy, batch_size=1), keys=keys,
                          progress=False)
-    assert e.value.exit_code == 1
+    assert e.value.exit_code == 1 and isinstance(e.value, OutOfMemory)   # the demo's to say
     assert str(e.value) == (
         "out of memory in the backbone at --batch-size 1 (OOM when allocating tensor with "
         "shape[1,147,147,64]); rerun with a lower --batch-size: the feature files written so "

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from caption_attn import feature_cache, train
 from caption_attn.config import DataConfig, ModelConfig, RunConfig, TrainConfig, VocabConfig
-from caption_attn.errors import UserError
+from caption_attn.errors import OutOfMemory, UserError
 from caption_attn.run import RunFolder
 from caption_attn.steps import EpochTotals
 from caption_attn.vocab import tokenize
@@ -2812,6 +2812,7 @@ def test_out_of_memory_while_training_is_one_line_with_what_to_lower(shapes_data
         f"features kept in memory), or smaller --units / --embedding-dim with --fresh (a new "
         f"model)")
     assert e.value.exit_code == 1
+    assert isinstance(e.value, OutOfMemory)   # the demo says it in its own flags
 
 
 def test_a_broken_pipe_while_training_is_left_to_the_cli(shapes_data, tmp_path, monkeypatch):

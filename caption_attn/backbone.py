@@ -422,11 +422,15 @@ class Backbone:
     `self.model` is the unfolded model (its weights are the cache's identity).
     """
 
-    def __init__(self, model, feature_scale: float = 1.0, jit_compile: bool = False):
+    def __init__(self, model, feature_scale: float = 1.0, jit_compile: bool = False,
+                 stored_dtype: str = "float32"):
         import tensorflow as tf
 
         self.model = model
         self.feature_scale = float(feature_scale)  # applied in __call__ (exact: a power of 2)
+        # the dtype of the cache's files: training read the features rounded to it, so
+        # `caption` and the export give the model them so too (float16: ~5e-4 relative)
+        self.stored_dtype = stored_dtype
         self.inference_model = fold_batchnorm(model)
         spec = tf.TensorSpec((None, IMAGE_SIZE, IMAGE_SIZE, 3), tf.uint8)
         self._forward = tf.function(self.forward, input_signature=[spec],
@@ -443,6 +447,16 @@ class Backbone:
         y = self.inference_model(x, training=False)                 # (B, 8, 8, 2048)
         return tf.reshape(tf.cast(y, tf.float32), (-1,) + FEATURE_SHAPE)  # (B, 64, 2048)
 
+    def features(self, images):
+        """The graph of `__call__`, for callers that build their own tf.function (the
+        export): `forward` times the scale, rounded to the cache's file dtype and back."""
+        import tensorflow as tf
+
+        features = self.forward(images) * self.feature_scale          # (B, 64, 2048) float32
+        if self.stored_dtype == "float32":
+            return features
+        return tf.cast(tf.cast(features, self.stored_dtype), tf.float32)
+
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3) or \
@@ -452,6 +466,8 @@ class Backbone:
         features = self._forward(images).numpy()                    # (B, 64, 2048) float32
         if self.feature_scale != 1.0:
             features *= self.feature_scale
+        if self.stored_dtype != "float32":   # as extraction stores them, and training reads
+            features = features.astype(self.stored_dtype).astype(np.float32)
         return features
 
     @staticmethod
@@ -486,7 +502,7 @@ class Backbone:
                 raise UserError(f"{manifest_path(cache_dir)}: the cache was made "
                                 f"with weights sha256 {m['weights_sha256'][:12]}…, but "
                                 f"{m['weights']} now has {sha[:12]}… (the weights file changed?)")
-        return cls(model, m["feature_scale"], jit_compile=jit_compile)
+        return cls(model, m["feature_scale"], jit_compile=jit_compile, stored_dtype=m["dtype"])
 
 
 def random_weights_file(seed: int) -> str:

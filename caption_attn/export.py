@@ -734,12 +734,12 @@ def serving_function(captioner: Captioner, backbone: Backbone):
     """tf.function: images (N,) string -> the signature's outputs (see the module doc)."""
     decoder = make_decoder(captioner.model, captioner.cfg, captioner.max_length)
     vocab = tf.constant(captioner.vocab.tokens)                        # (V,) id -> word
-    length, beam, scale = captioner.max_length, captioner.cfg.beam, backbone.feature_scale
+    length, beam = captioner.max_length, captioner.cfg.beam
     shapes = {"words": [None, length], "attention": [None, length, GRID, GRID],
               "beam_captions": [None, beam], "beam_scores": [None, beam]}
 
     def caption(pixels):                                              # (M, 299, 299, 3)
-        result = decoder(backbone.forward(pixels) * scale)            # (M, K, ...)
+        result = decoder(backbone.features(pixels))                   # (M, K, ...)
         return caption_outputs(result, vocab, length)
 
     def nothing():  # no decodable image: the backbone's convolutions fail on 0 images
@@ -878,7 +878,7 @@ def tflite_function(model, backbone: Backbone, cfg: DecodeConfig, length: int):
 
     @tf.function(input_signature=[spec], autograph=False)
     def greedy(image):
-        result = decoder(backbone.forward(image) * backbone.feature_scale)  # (1, 1, T, ...)
+        result = decoder(backbone.features(image))                    # (1, 1, T, ...)
         pad = [[0, 0], [0, length - tf.shape(result.tokens)[2]]]       # T -> L
         return {"token_ids": tf.reshape(tf.pad(result.tokens[:, 0], pad), [1, length]),
                 "scores": tf.reshape(result.log_probs[:, 0], [1]),
@@ -897,7 +897,7 @@ def float32_copies(model, backbone: Backbone):
     if backbone.model.compute_dtype != "float32":
         copy = build_backbone("random", 0, "float32")                 # same layers, then weights
         copy.set_weights(backbone.model.get_weights())
-        backbone = Backbone(copy, backbone.feature_scale)
+        backbone = Backbone(copy, backbone.feature_scale, stored_dtype=backbone.stored_dtype)
     return model, backbone
 
 

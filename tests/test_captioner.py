@@ -1637,3 +1637,26 @@ def test_heatmaps_show_a_photo_in_its_own_proportions(shapes_data, trained_run, 
         ph, pw = panel.get_size()
         assert abs(ph - pw * h / w) <= 2 if w >= h else abs(pw - ph * w / h) <= 2
         assert max(ph, pw) == 210
+
+
+def test_caption_gives_the_model_features_rounded_as_the_cache_stores_them(shapes_data,
+                                                                            trained_run):
+    """The run trained on the cache's float16 files; `caption` gave the model the backbone's
+    float32 features unrounded (~5e-4 relative apart), so a caption or its p= could differ
+    from `evaluate`'s for the very image. They are rounded through the cache's dtype, as
+    extraction stores them (the export's graph does the same, `Backbone.features`)."""
+    from caption_attn.config import DecodeConfig
+    from caption_attn.feature_cache import feature_path
+    from caption_attn.images import load_image_and_view
+    model = captioner.Captioner.from_run(trained_run, DecodeConfig(beam=1))
+    paths = _test_images(shapes_data, trained_run, 2)
+    got = model.backbone(np.stack([load_image_and_view(p)[0] for p in paths]))
+    assert got.dtype == np.float32 and model.backbone.stored_dtype == "float16"
+    np.testing.assert_array_equal(got, got.astype(np.float16).astype(np.float32))
+    cached = np.stack([np.load(feature_path(shapes_data["cache"], os.path.basename(p)))
+                       for p in paths]).astype(np.float32)
+    np.testing.assert_allclose(got, cached, rtol=2e-2, atol=2e-2 * np.abs(cached).max())
+    graph = model.backbone.features(np.stack([load_image_and_view(p)[0] for p in paths]))
+    graph = graph.numpy()                       # (eager: the convolutions may round apart)
+    np.testing.assert_array_equal(graph, graph.astype(np.float16).astype(np.float32))
+    np.testing.assert_allclose(graph, got, rtol=1e-2, atol=1e-2 * np.abs(got).max())

@@ -46,6 +46,12 @@ class UserError(Exception):
         super().__init__("\n".join((message, *self.lines)))
         self.exit_code = exit_code
 
+    def reworded(self, message: str) -> "UserError":
+        """This error saying `message` instead (its type, exit code and lines kept)."""
+        self.message = message
+        self.args = ("\n".join((message, *self.lines)),)
+        return self
+
 
 def counted(n, noun: str, plural: str = "") -> str:
     """How a message counts things: "1 image", "2 images", "0 images"; `plural` when the

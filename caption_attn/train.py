@@ -1189,12 +1189,18 @@ class Trainer:
             if stopping:
                 self._save_checkpoint(step, in_epoch, totals)
                 self.log(f"epoch {epoch + 1}: stopped at step {in_epoch} of {target} "
-                         f"(checkpoint saved: the same command continues from there)")
+                         f"(checkpoint saved: {self.same_command} continues from there)")
             self._set_counters(step, in_epoch, totals)   # before a held signal is raised
         seconds = max(time.perf_counter() - start, 1e-9)
         return {**totals.logs(self_critical), "steps": in_epoch, "target_steps": target,
                 "captions_per_second": (totals.sums["captions"] - earlier) / seconds,
                 "learning_rate": rate}
+
+    @property
+    def same_command(self) -> str:
+        """The command that continues this run, as its messages name it: with --fresh in it,
+        a rerun of the same command deleted what was just saved and started over."""
+        return f"the same command{WITHOUT_FRESH if self.cfg.train.fresh else ''}"
 
     def _signals_held(self, saying: str = ""):
         """`interrupts.held` where this process may stop after what it holds them over: not
@@ -1491,8 +1497,8 @@ class Trainer:
                 if self.progress:
                     self.log(f"epoch {epoch + 1}: stopped by --max-steps "
                              f"{self.cfg.train.max_steps} at step {logs['steps']} of {target} "
-                             f"(checkpoint saved; the epoch is validated and recorded once a "
-                             f"rerun finishes it)")
+                             f"(checkpoint saved; the epoch is validated and recorded once "
+                             f"{self.same_command} finishes it)")
                 return False
             with self._stopped_at_damaged_features(checkpoint="save"):  # the steps are done
                 logs.update(self._validate(epoch))
@@ -1500,7 +1506,7 @@ class Trainer:
             if distribute.single_process(self.strategy):
                 self._save()
                 self.log(f"epoch {epoch + 1}: stopped in its validation (checkpoint saved: "
-                         f"the same command validates and records the epoch)")
+                         f"{self.same_command} validates and records the epoch)")
             raise
         logs.update(stage=stage, monitor=self.cfg.train.monitor_for(epoch),
                     min_delta=self.cfg.train.min_delta, seconds=time.perf_counter() - t0)
@@ -2058,6 +2064,13 @@ def check_model_size(cfg: RunConfig, memory_bytes: Optional[int] = None,
             f"--units / --embedding-dim (the TF tutorial's: 512 / 256) or --vocab-size")
 
 
+# How the messages of a run trained with --fresh name the command that continues it: the same
+# command, --fresh and all, deleted what the run had saved and started over.
+WITHOUT_FRESH = " without --fresh"
+FRESH_RERUN = ("rerun the command without --fresh to continue this run: with --fresh it "
+               "deletes what the run saved and starts over")
+
+
 def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
           progress: bool = True, log=print) -> dict:
     """Train (or resume) the run in `run_dir`; returns a summary dict.
@@ -2222,6 +2235,11 @@ def _load_and_train(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, pr
                 kept = run.fresh_note(run.delete_previous())
             if kept:
                 log("note: " + kept)
+            try:
+                return {**_train_in(run, cfg, run_dir, images_dir, progress, log, data),
+                        "fresh": True}
+            except UserError as e:   # "rerun this command": with --fresh, that deleted it
+                raise e.reworded(f"{e.message} ({FRESH_RERUN})") from None
         return _train_in(run, cfg, run_dir, images_dir, progress, log, data)
 
 
@@ -2298,6 +2316,8 @@ def format_summary(summary: dict) -> str:
                  f"({'<1%' if share < 0.01 else format(share, '.0%')}) were left out, with "
                  f"their {s['skipped_captions']} captions: they have no usable features in "
                  f"the cache (the \"skipped\" line above says why, and what to do)")
+    if s.get("fresh"):
+        head += f"\nnote: trained with --fresh: {FRESH_RERUN}"
     kept = (summary["best_model"] if s["best_epoch"] is not None else
             "none yet (no epoch finished: the first one saves it)")
     return (f"{head}\n"

@@ -3416,3 +3416,60 @@ def test_fresh_keeps_and_names_the_users_files_in_the_runs_folders(shapes_data, 
         assert open(os.path.join(run, name)).read() == "mine"
     kept = [line for line in logs if "--fresh kept" in line]
     assert len(kept) == 1 and all(os.path.join(run, n) in kept[0] for n in mine), logs
+
+
+def test_a_run_trained_with_fresh_is_told_to_continue_without_it(shapes_data, tmp_path,
+                                                                  monkeypatch):
+    """`train ... --fresh` stopped by an error, Ctrl-C or --max-steps said to rerun "this
+    command" / "the same command", which, --fresh and all, deleted the checkpoint it had just
+    saved and started over. The error, the stop lines and the summary say "without --fresh"."""
+    import types
+    run = str(tmp_path / "run")
+
+    class Fails:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            raise train.TrainingError(f"{run}/x.npy: damaged; rerun this command: it "
+                                      f"continues from step 7 (a checkpoint was saved)")
+    monkeypatch.setattr(train, "Trainer", Fails)
+    cfg = small_config(shapes_data, fresh=True)
+    with pytest.raises(train.TrainingError) as e:
+        train.train(cfg, run, progress=False, log=lambda *a: None)
+    assert str(e.value) == (
+        f"{run}/x.npy: damaged; rerun this command: it continues from step 7 (a checkpoint "
+        f"was saved) (rerun the command without --fresh to continue this run: with --fresh "
+        f"it deletes what the run saved and starts over)")
+    assert e.value.exit_code == 1
+    monkeypatch.setattr(train, "Trainer", OutOfMemoryTrainer)
+    with pytest.raises(OutOfMemory) as e:          # its type kept (the demo says it again)
+        train.train(cfg, run, progress=False, log=lambda *a: None)
+    assert str(e.value).endswith("(rerun the command without --fresh to continue this run: "
+                                 "with --fresh it deletes what the run saved and starts over)")
+    assert e.value.what == "OOM when allocating tensor"
+    with pytest.raises(OutOfMemory) as e:          # without --fresh: as it was
+        train.train(small_config(shapes_data), run, progress=False, log=lambda *a: None)
+    assert "--fresh it deletes" not in str(e.value)
+
+    def the_same_command(fresh):
+        return train.Trainer.same_command.fget(types.SimpleNamespace(
+            cfg=small_config(shapes_data, fresh=fresh)))
+    monkeypatch.undo()
+    assert the_same_command(True) == "the same command without --fresh"
+    assert the_same_command(False) == "the same command"
+    summary = {"best_epoch": None, "finished_epochs": 0, "target_epochs": 3, "steps": 4,
+               "epoch_steps": 4, "epoch_length": 9, "steps_now": 4, "epochs_now": 0,
+               "seconds": 2.0, "stopped_by": "max_steps", "run": run, "best_model": "b"}
+    assert "without --fresh" not in train.format_summary(summary)
+    assert train.format_summary({**summary, "fresh": True}).splitlines()[1] == (
+        "note: trained with --fresh: rerun the command without --fresh to continue this run: "
+        "with --fresh it deletes what the run saved and starts over")
+
+
+class OutOfMemoryTrainer:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def fit(self):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")

@@ -589,8 +589,9 @@ class ExportConfig(Config):
                             "check)", check=integer(0))
     force: bool = opt(False, "replace --out even if it is an export of another run, or an "
                              "export holding other files besides one (its assets.extra/ is "
-                             "kept); never a folder that is no export, the run, its cache or "
-                             "its images")
+                             "kept), or a folder of only what an export writes without its "
+                             "export.json; never a folder holding other files without one, "
+                             "the run, its cache or its images")
 
     def check_together(self) -> None:
         if self.tflite_quantize != "none" and not self.tflite:

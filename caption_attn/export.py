@@ -476,7 +476,7 @@ def _refuse_what_is_no_export(out: str, force: bool) -> None:
     """`out` exists and holds no export.json: a file, or a folder with files an export does
     not write, is refused even with `force` (--force replaces exports, not whatever is
     there: `--out IMAGES --force` deleted a dataset); a folder of only export-written files
-    (no export.json) needs `force`; an empty folder passes."""
+    (no export.json) needs `force`; an empty folder passes, as one of only assets.extra/."""
     if not os.path.isdir(out):
         raise UserError(f"--out {out}: a file, not an export; refused even with --force "
                         f"(which replaces only an earlier export): use another --out")
@@ -486,7 +486,8 @@ def _refuse_what_is_no_export(out: str, force: bool) -> None:
         raise UserError(f"--out {out}: exists and is not an export of a run (no {INFO_FILE}; "
                         f"it holds {shown}); refused even with --force, which replaces only "
                         f"an earlier export: use another --out (or move those files out)")
-    if os.listdir(out) and not force:
+    # (an assets.extra/ alone, made for the first export's warmup requests: kept, as empty)
+    if set(os.listdir(out)) - {KEPT} and not force:
         raise UserError(f"--out {out}: exists and is not an export of a run (no {INFO_FILE}); "
                         f"use another --out or add --force to replace it")
 
@@ -511,11 +512,28 @@ def _refuse_files_added(out: str, checked: list) -> None:
                         exit_code=1)
 
 
+# What tf.saved_model.save writes inside the export's folders: assets/ (TensorFlow's documented
+# place for a model's extra files) stays empty, variables/ holds the index and the data shards.
+WRITTEN_INSIDE = {"assets": re.compile(r"(?!)"),
+                  "variables": re.compile(r"variables\.(index|data-\d{5}-of-\d{5})")}
+
+
 def _not_written_by_exports(out: str) -> list:
-    """The names in folder `out` that an export neither writes nor keeps (sorted)."""
+    """The names in folder `out` that an export neither writes nor keeps (sorted), and those
+    inside its assets/ and variables/ ("assets/labels.txt"): a re-export deleted a file put
+    there without a word."""
     if not os.path.isdir(out):
         return []
-    return sorted(n for n in os.listdir(out) if n not in EXPORT_FILES + (KEPT,))
+    names = sorted(n for n in os.listdir(out) if n not in EXPORT_FILES + (KEPT,))
+    for folder, written in WRITTEN_INSIDE.items():
+        path = os.path.join(out, folder)
+        if os.path.isdir(path) and not os.path.islink(path):
+            try:
+                names += sorted(f"{folder}/{n}" for n in os.listdir(path)
+                                if not written.fullmatch(n))
+            except OSError as e:   # what it holds is not known to be the export's
+                names.append(f"{folder}/ (unreadable: {e.strerror})")
+    return names
 
 
 def _carry_over(out: str, tmp: str) -> None:

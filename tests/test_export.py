@@ -1595,3 +1595,58 @@ def test_an_export_that_fails_after_a_killed_publish_leaves_the_earlier_export(
     assert f"restored the earlier export in {out}" in err
     assert os.listdir(out) == [export.INFO_FILE]     # the new one goes with the next export
     assert sorted(os.listdir(tmp_path)) == sorted(["1", os.path.basename(new)])
+
+
+def test_files_put_inside_an_earlier_exports_assets_or_variables_are_not_deleted(
+        trained_run, tmp_path, monkeypatch):
+    """Only the names directly in OUT were checked: a labels.txt put in OUT/assets/
+    (TensorFlow's place for a model's extra files) or a note in OUT/variables/ was deleted by
+    the re-export, exit 0. They are refused as other files are (kept with --force refused
+    too when OUT is no export); the SavedModel's own variables files are not. A folder of
+    only assets.extra/ (made for a first export) is taken as an empty one was."""
+    out = tmp_path / "1"
+    (out / "variables").mkdir(parents=True)
+    (out / "assets").mkdir()
+    (out / export.INFO_FILE).write_text(json.dumps({"run": os.path.abspath(trained_run)}))
+    (out / "saved_model.pb").write_bytes(b"old")
+    for name in ("variables.index", "variables.data-00000-of-00001"):
+        (out / "variables" / name).write_bytes(b"old")
+    (out / "assets" / "labels.txt").write_text("mine")
+    (out / "variables" / "notes.txt").write_text("mine")
+    _refused(["export", "--run", trained_run, "--out", str(out)],
+             f"--out {out}: holds assets/labels.txt, variables/notes.txt, which an export does "
+             f"not write and replacing the earlier export would delete")
+    assert (out / "assets" / "labels.txt").read_text() == "mine"
+    os.remove(out / "assets" / "labels.txt")
+    os.remove(out / "variables" / "notes.txt")
+
+    saves = []
+
+    def save(path, *args):
+        open(os.path.join(path, "saved_model.pb"), "wb").write(b"new")
+        if not saves:
+            (out / "assets" / "late.txt").write_text("put there during the export")
+        saves.append(path)
+    monkeypatch.setattr(export, "save_servable", save)
+    with pytest.raises(UserError) as e:
+        export.export_run(trained_run, str(out), DecodeConfig(), ExportConfig(),
+                          log=lambda *a: None)
+    assert str(e.value).startswith(f"--out {out}: assets/late.txt appeared in it during the "
+                                   f"export")
+    assert (out / "assets" / "late.txt").exists()
+    os.remove(out / "assets" / "late.txt")
+    export.export_run(trained_run, str(out), DecodeConfig(), ExportConfig(),
+                      log=lambda *a: None)     # the SavedModel's own files: replaced
+    assert (out / "saved_model.pb").read_bytes() == b"new"
+    shutil.rmtree(out)
+    (out / "assets.extra").mkdir(parents=True)   # TF Serving's warmup, before a first export
+    (out / "assets.extra" / "warmup").write_text("requests")
+    export.export_run(trained_run, str(out), DecodeConfig(), ExportConfig(),
+                      log=lambda *a: None)     # as into an empty folder (no --force asked)
+    assert (out / "assets.extra" / "warmup").read_text() == "requests"
+    shutil.rmtree(out)
+    (out / "assets").mkdir(parents=True)                  # no export.json: no export
+    (out / "assets" / "labels.txt").write_text("mine")
+    _refused(["export", "--run", trained_run, "--out", str(out), "--force"],
+             f"--out {out}: exists and is not an export of a run (no {export.INFO_FILE}; it "
+             f"holds assets/labels.txt); refused even with --force")

@@ -1502,24 +1502,27 @@ class Trainer:
                 return False
             with self._stopped_at_damaged_features(checkpoint="save"):  # the steps are done
                 logs.update(self._validate(epoch))
+            logs.update(stage=stage, monitor=self.cfg.train.monitor_for(epoch),
+                        min_delta=self.cfg.train.min_delta, seconds=time.perf_counter() - t0)
+            # the images and the table its values were measured on (the table's digest:
+            # seconds at COCO's size), then config.json: a stop there lost the epoch's steps
+            logs = self._stamped(logs)
+            self._record_settings()
         except KeyboardInterrupt:
             if distribute.single_process(self.strategy):
                 self._save()
                 self.log(f"epoch {epoch + 1}: stopped in its validation (checkpoint saved: "
                          f"{self.same_command} validates and records the epoch)")
             raise
-        logs.update(stage=stage, monitor=self.cfg.train.monitor_for(epoch),
-                    min_delta=self.cfg.train.min_delta, seconds=time.perf_counter() - t0)
-        logs = self._stamped(logs)   # the images and the table its values were measured on
-        self.epoch.assign(epoch + 1)
-        self.step_in_epoch.assign(0)
-        entry = {"epoch": epoch + 1, **{k: _plain(v) for k, v in logs.items()}}
-        history[:] = [h for h in history if h["epoch"] != epoch + 1] + [entry]
-        self._record_settings()
         # Ctrl-C or SIGTERM waits for all of the epoch's records: one after its checkpoint
         # lost its TensorBoard scalars (and best model, heatmaps) for good, since a rerun
-        # resumes after the epoch (multi-worker: as in the steps, it stops at once)
+        # resumes after the epoch (multi-worker: as in the steps, it stops at once); one
+        # after the counters moved on lost the epoch's steps
         with self._signals_held():
+            self.epoch.assign(epoch + 1)
+            self.step_in_epoch.assign(0)
+            entry = {"epoch": epoch + 1, **{k: _plain(v) for k, v in logs.items()}}
+            history[:] = [h for h in history if h["epoch"] != epoch + 1] + [entry]
             if self.chief:  # history first: a kill before the checkpoint redoes the epoch
                 write_json_atomic(self.run.history, history)
             self._save()

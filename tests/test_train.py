@@ -616,11 +616,12 @@ def whole_cosine_run(shapes_data, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("where", ["steps", "validation"])
+@pytest.mark.parametrize("where", ["steps", "validation", "after validation"])
 def test_ctrl_c_keeps_the_epochs_steps_and_the_rerun_matches_an_uninterrupted_run(
         shapes_data, tmp_path, monkeypatch, where, whole_cosine_run, default_sigint):
     """Ctrl-C (or SIGTERM) inside an epoch lost every step since the last checkpoint, up to
-    a whole epoch, also one stopped in its validation, all of whose steps were trained. Now
+    a whole epoch, also one stopped in its validation, all of whose steps were trained (or
+    just after it, while its values were stamped and config.json written). Now
     the running step finishes and is checkpointed (a Ctrl-C landing between a step and its
     counters cannot be saved as another step), and the rerun ends as an uninterrupted run."""
     import signal
@@ -648,11 +649,17 @@ def test_ctrl_c_keeps_the_epochs_steps_and_the_rerun_matches_an_uninterrupted_ru
     def ctrl_c_in_validation(self, epoch):
         sent.append(epoch)
         raise KeyboardInterrupt
+
+    def ctrl_c_after_validation(self, logs):   # (the val_cider table's digest: seconds)
+        sent.append(logs)
+        raise KeyboardInterrupt
     with monkeypatch.context() as m:
         m.setattr(pipeline, "checked", ctrl_c_at_epoch_2_batch_3)
         m.setattr(train.Trainer, "_run_train_epoch", epoch_steps)
         if where == "validation":
             m.setattr(train.Trainer, "_validate", ctrl_c_in_validation)
+        if where == "after validation":
+            m.setattr(train.Trainer, "_stamped", ctrl_c_after_validation)
         with pytest.raises(KeyboardInterrupt):
             trainer.fit()
     assert sent and signal.getsignal(signal.SIGINT) is signal.default_int_handler

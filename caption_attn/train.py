@@ -1376,6 +1376,9 @@ class Trainer:
         kept = _settle_resumed(self.run, tc, early, done, steps_before, history, bar)
         if kept and self.chief:
             self.log("note: " + kept)
+        if todo and in_epoch and history and early.best_epoch is None:
+            with self._stopped_at_damaged_features():
+                self._best_model_is_the_bar(early, done)
         if bar is not None:
             if self.chief and saves_restored_as_best(self.run, tc, early, done, history,
                                                      measured, at_end=not in_epoch):
@@ -1719,6 +1722,24 @@ class Trainer:
             return self._measure(metric)
         finally:
             self.model.set_weights(weights)
+
+    def _best_model_is_the_bar(self, early: EarlyStopping, done: int) -> None:
+        """A resume inside epoch `done` + 1 whose replay left early stopping nothing to beat
+        (another --monitor than the epochs before logged: the restored model is not epoch
+        `done`'s, so nothing was measured on it): best.keras's value measured now is the bar,
+        else the first epoch finished replaced best.keras, however worse."""
+        record = self.run.best_record()
+        monitor = self.cfg.train.monitor_for(done)
+        values = self._best_model_measure(monitor) if record else None
+        if not values or values.get(monitor) is None:
+            return
+        early.start_from(record["epoch"] - 1, float(values[monitor]))
+        if self.chief:
+            self.log(f"note: resumed inside epoch {done + 1}, whose model was never measured, "
+                     f"and the epochs before did not log {monitor}: {self.run.best_model} "
+                     f"(epoch {record['epoch']}) measured now, {monitor}="
+                     f"{metric_text(values[monitor])}, is the value the next epochs must beat "
+                     f"to replace it")
 
     def _record_measured(self, history: list, done: int, measured: dict, writers) -> None:
         """history.json with the metrics `_metrics_before_resume` measured, and TensorBoard,

@@ -3480,3 +3480,37 @@ class OutOfMemoryTrainer:
 
     def fit(self):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+
+
+def test_a_resume_inside_an_epoch_with_another_monitor_must_beat_the_best_model(
+        shapes_data, tmp_path, monkeypatch):
+    """Resumed inside an epoch with --monitor val_bleu4 on a val_loss run, nothing was
+    measured (the restored model is not the last epoch's) and early stopping had no value to
+    beat: the first epoch finished replaced best.keras, however worse. best.keras's value,
+    measured at the resume, is the bar (here one no epoch beats: best.keras stays)."""
+    run = str(tmp_path / "run")
+    cfg = small_config(shapes_data, epochs=2, **NO_DECODING)
+    trainer, _ = run_trainer(dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, max_steps=2)), run)
+    per_epoch = trainer.inputs.steps_per_epoch
+    trainer, summary = run_trainer(dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, max_steps=per_epoch + 2)), run)          # epoch 1 done, stopped in 2
+    assert (summary["finished_epochs"], summary["epoch_steps"]) == (1, 2)
+    assert RunFolder(run).best_record()["epoch"] == 1
+    measured = []
+
+    def best_model_measure(self, metric):
+        measured.append(metric)
+        return {metric: 1.0}                                # a BLEU-4 no epoch beats
+    monkeypatch.setattr(train.Trainer, "_best_model_measure", best_model_measure)
+    lines = []
+    bleu = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, monitor="val_bleu4",
+                                                              bleu_images=8))
+    train.open_run(run, bleu)
+    summary = train.Trainer(bleu, run, progress=False, log=lines.append).fit()
+    assert measured == ["val_bleu4"] and summary["epochs_now"] == 1
+    assert RunFolder(run).best_record()["epoch"] == 1       # not replaced by epoch 2
+    assert f"note: resumed inside epoch 2, whose model was never measured, and the epochs " \
+           f"before did not log val_bleu4: {os.path.join(run, 'best.keras')} (epoch 1) " \
+           f"measured now, val_bleu4=1.0000, is the value the next epochs must beat to " \
+           f"replace it" in lines

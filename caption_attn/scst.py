@@ -53,7 +53,10 @@ def train_document_frequency(path: str, references: dict, vocab_size: int,
     vocabulary size) kept the old counts, an idf over other images. A file written before
     the digest was recorded is kept if it counted as many images. A file that cannot be read
     (damaged, another version) is counted again, with a note to `log`: it is a cache, and
-    its error came after an epoch's steps, which were lost with no checkpoint."""
+    its error came after an epoch's steps, which were lost with no checkpoint. So is one
+    that cannot be written (a full disk, a quota: the file is ~65 MB at COCO's size): kept
+    in memory, with a note (the epoch's checkpoint, written next, says what a full disk
+    stops)."""
     digest = references_digest(references)
     if os.path.exists(path):
         try:
@@ -61,20 +64,24 @@ def train_document_frequency(path: str, references: dict, vocab_size: int,
             df = DocumentFrequency.from_json(stored, source=path)
         except UserError as e:
             log(f"note: {e}; counting the document frequencies again")
-            return _count_document_frequency(path, references, vocab_size, save, digest)
+            return _count_document_frequency(path, references, vocab_size, save, digest, log)
         recorded = stored.get("references_sha256")
         if df.vocab_size == vocab_size and (
                 recorded == digest if recorded is not None
                 else df.num_images == len(references)):
             return df
-    return _count_document_frequency(path, references, vocab_size, save, digest)
+    return _count_document_frequency(path, references, vocab_size, save, digest, log)
 
 
 def _count_document_frequency(path: str, references: dict, vocab_size: int, save: bool,
-                              digest: str) -> DocumentFrequency:
+                              digest: str, log) -> DocumentFrequency:
     df = DocumentFrequency.build(references, vocab_size)
     if save:
-        write_json_atomic(path, {**df.to_json(), "references_sha256": digest})
+        try:
+            write_json_atomic(path, {**df.to_json(), "references_sha256": digest})
+        except OSError as e:
+            log(f"note: cannot write {path} ({e.strerror or e}): the document frequencies "
+                f"are kept in memory, and counted again by the next train of this run")
     return df
 
 

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -201,3 +203,25 @@ def test_the_loss_and_its_gradients_are_those_of_the_policy_through_call(advanta
         np.testing.assert_allclose(tf.convert_to_tensor(g).numpy(),
                                    tf.convert_to_tensor(e).numpy(), rtol=1e-4, atol=1e-6,
                                    err_msg=var.path)
+
+
+def test_a_document_frequency_file_that_cannot_be_written_is_kept_in_memory(tmp_path,
+                                                                            monkeypatch):
+    """Counted in the validation of the last cross-entropy epoch, after its steps and before
+    its checkpoint: a failed write (a quota, a full disk; ~65 MB at COCO's size) ended train
+    there, and its steps were lost. It is a cache: kept in memory, with a note."""
+    import errno
+
+    from caption_attn import scst
+    path = str(tmp_path / "cider_df.json")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", path)
+    monkeypatch.setattr(scst, "write_json_atomic", full)
+    notes = []
+    df = scst.train_document_frequency(path, {0: [[1, 5, 6, 2]], 1: [[1, 7, 8, 2]]}, 20,
+                                       save=True, log=notes.append)
+    assert df.num_images == 2 and df.get((5, 6)) == 1 and not os.path.exists(path)
+    assert notes == [f"note: cannot write {path} (Disk quota exceeded): the document "
+                     f"frequencies are kept in memory, and counted again by the next train "
+                     f"of this run"]

@@ -2120,6 +2120,14 @@ def train(cfg: RunConfig, run_dir: str, images_dir: Optional[str] = None,
     if images_dir is not None:
         data_lib.check_images_folder(images_dir)
     fresh = cfg.train.fresh
+    if os.path.isdir(run_dir):
+        # another train of the run now (or, for --fresh, an evaluate, export or caption
+        # reading it): refused here, not after its checkpoint was restored to be checked and
+        # the caption file parsed (seconds to a minute); held for good further on
+        with run.training_lock(shared=cfg.train.strategy == "multi-worker"):
+            if fresh:
+                with run.fresh_lock():
+                    pass
     if not fresh:   # the run's --format, when the one given reads the file the same way
         cfg = run.with_recorded_format(cfg)
     notes = unused_flag_notes(cfg.train) + reopen_checks(run, cfg, fresh)

@@ -302,16 +302,20 @@ def small_config_like(trained, **changes) -> RunConfig:
                      model=changes.get("model", d.model), train=changes.get("train", d.train))
 
 
-def test_a_second_train_of_a_run_being_trained_is_refused(trained, tmp_path):
+def test_a_second_train_of_a_run_being_trained_is_refused(trained, tmp_path, monkeypatch):
     """Two `train`s of one run (a second terminal) restored the same checkpoint and wrote
-    checkpoints, history.json and the best model over each other: nothing stopped them."""
+    checkpoints, history.json and the best model over each other: nothing stopped them. It
+    is refused before the checkpoint is restored to be checked and the captions parsed."""
     import fcntl
 
     run = str(tmp_path / "run")
     shutil.copytree(trained["run"], run)
     before = _files(run)
     cfg = small_config_like(trained)
-    with open(os.path.join(run, ".train.lock"), "a+") as held:   # the first train's lock
+    with monkeypatch.context() as late, \
+            open(os.path.join(run, ".train.lock"), "a+") as held:   # the first train's lock
+        for name in ("reopen_checks", "load_train_data", "rerun_without_data"):
+            late.setattr(train, name, lambda *a, **k: pytest.fail("refused late"))
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(UserError, match=rf"another `caption-attn train` \(pid "
                                             rf"{os.getpid()}: .*\) is training this run now"):
@@ -324,7 +328,7 @@ def test_a_second_train_of_a_run_being_trained_is_refused(trained, tmp_path):
     assert summary["steps_now"] == 0
 
 
-def test_train_fresh_while_evaluate_reads_the_run_is_refused(trained, tmp_path):
+def test_train_fresh_while_evaluate_reads_the_run_is_refused(trained, tmp_path, monkeypatch):
     """`train --fresh` deleted the run's files while `evaluate` read them, and evaluate then
     wrote the deleted model's metrics into the fresh run: --fresh is refused, deleting
     nothing, while an evaluate, export or caption holds the run."""
@@ -333,7 +337,8 @@ def test_train_fresh_while_evaluate_reads_the_run_is_refused(trained, tmp_path):
     before = _files(run)
     cfg = small_config_like(trained)
     fresh = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fresh=True))
-    with RunFolder(run).reading_lock("evaluate"):
+    with RunFolder(run).reading_lock("evaluate"), monkeypatch.context() as late:
+        late.setattr(train, "load_train_data", lambda *a, **k: pytest.fail("refused late"))
         with pytest.raises(UserError, match=rf"^--fresh: a `caption-attn evaluate`, `export` "
                                             rf"or `caption` \(pid {os.getpid()}: .*\) is "
                                             rf"reading --run {re.escape(run)} now; "):

@@ -1192,8 +1192,11 @@ class Trainer:
                          f"(checkpoint saved: {self.same_command} continues from there)")
             self._set_counters(step, in_epoch, totals)   # before a held signal is raised
         seconds = max(time.perf_counter() - start, 1e-9)
+        trained = totals.sums["captions"] - earlier
+        # none trained now (an epoch whose steps were all trained before a stop in its
+        # validation): no speed, not 0 captions/s in history.json and TensorBoard
         return {**totals.logs(self_critical), "steps": in_epoch, "target_steps": target,
-                "captions_per_second": (totals.sums["captions"] - earlier) / seconds,
+                "captions_per_second": trained / seconds if trained else None,
                 "learning_rate": rate}
 
     @property
@@ -2004,8 +2007,10 @@ def _plain(value):
 def _epoch_line(entry: dict) -> str:
     parts = [f"{k}={metric_text(entry[k])}" for k in ("loss", "reward", "val_loss", "val_bleu4",
                                              "val_cider") if entry.get(k) is not None]
+    speed = entry.get("captions_per_second")
     return (f"epoch {entry['epoch']}: " + " ".join(parts)
-            + f" ({entry['captions_per_second']:.0f} captions/s, {entry['seconds']:.1f} s)")
+            + (f" ({speed:.0f} captions/s, " if speed is not None else
+               " (its steps trained before the run stopped, ") + f"{entry['seconds']:.1f} s)")
 
 
 def decoded_metrics(tc: TrainConfig, epoch: int) -> set:

@@ -679,6 +679,10 @@ def test_ctrl_c_keeps_the_epochs_steps_and_the_rerun_matches_an_uninterrupted_ru
     assert summary["steps_now"] == 2 * per_epoch - saved
     np.testing.assert_allclose(np.array(_history(run)), np.array(_history(whole_cosine_run)),
                                rtol=1e-5)
+    with open(os.path.join(run, "history.json")) as f:   # no steps trained by the rerun in
+        speeds = [h["captions_per_second"] for h in json.load(f)]   # epoch 1: no speed, not 0
+    assert speeds[0] is None if where != "steps" else speeds[0] > 0
+    assert speeds[1] > 0
 
 
 def test_held_signals_wait_for_the_block_a_second_one_does_not(default_sigint):
@@ -3519,3 +3523,11 @@ def test_a_resume_inside_an_epoch_with_another_monitor_must_beat_the_best_model(
            f"before did not log val_bleu4: {os.path.join(run, 'best.keras')} (epoch 1) " \
            f"measured now, val_bleu4=1.0000, is the value the next epochs must beat to " \
            f"replace it" in lines
+
+
+def test_an_epoch_line_without_a_speed_says_its_steps_were_trained_before():
+    entry = {"epoch": 3, "loss": 1.25, "val_loss": 1.5, "seconds": 2.25}
+    assert train._epoch_line({**entry, "captions_per_second": 812.4}) == \
+        "epoch 3: loss=1.2500 val_loss=1.5000 (812 captions/s, 2.2 s)"
+    assert train._epoch_line({**entry, "captions_per_second": None}) == \
+        "epoch 3: loss=1.2500 val_loss=1.5000 (its steps trained before the run stopped, 2.2 s)"

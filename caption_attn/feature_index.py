@@ -96,12 +96,31 @@ class Entry(NamedTuple):
         return (self.to_json() + "\n").encode("utf-8", "surrogateescape")
 
     def matches_file(self, st: os.stat_result) -> bool:
-        """The feature file on disk (`st`) is the one this entry recorded."""
-        return self.size == st.st_size and self.mtime_ns == st.st_mtime_ns
+        """The feature file on disk (`st`) is the one this entry recorded (`same_mtime`: also
+        as a copy that keeps its modification time coarser, a tar or zip of the cache)."""
+        return self.size == st.st_size and same_mtime(self.mtime_ns, st.st_mtime_ns)
 
     def matches_image(self, st: os.stat_result) -> bool:
         """The source image file (`st`) has the size and mtime it had when it was read."""
-        return self.image_size == st.st_size and self.image_mtime_ns == st.st_mtime_ns
+        return self.image_size == st.st_size and same_mtime(self.image_mtime_ns,
+                                                            st.st_mtime_ns)
+
+
+# The steps in which copies keep a file's modification time: NTFS and SMB 100 ns, utimes()
+# (macOS cp -p, older rsync) 1 us, exFAT 10 ms, tar (GNU's default format, Go's: docker cp),
+# scp -p and HFS+ 1 s, zip and FAT 2 s. A cache moved so was "changed after extraction" in
+# every file, and the advice (copy it with `cp -a`) could not mend it.
+COARSER_MTIME_NS = (100, 1_000, 10_000_000, 1_000_000_000, 2_000_000_000)
+
+
+def same_mtime(recorded: int, now: int) -> bool:
+    """Whether modification time `now` (ns) is `recorded`, or `recorded` as a copy keeps it
+    in one of `COARSER_MTIME_NS`'s steps: a whole number of them, less than one step away
+    (cut, or rounded up as zip does). A file written again later on a file system of full
+    precision matches none: its time would have to fall on a whole second (or 10 ms) within
+    that step of the recorded write."""
+    return now == recorded or any(now % step == 0 and abs(now - recorded) < step
+                                  for step in COARSER_MTIME_NS)
 
 
 class ImageStamp(NamedTuple):

@@ -683,3 +683,33 @@ def test_looking_for_the_caption_files_images_takes_few_stats(tmp_path, monkeypa
     assert feature_cache.other_images_beside(str(tmp_path / "captions.json"), digests,
                                              None) is None
     assert len(stats) == (1 + feature_cache.MAX_BESIDE) * feature_cache.PROBE_NAMES
+
+
+def test_modification_times_a_copy_keeps_coarser_still_match_the_index():
+    """A cache moved with tar (GNU's default format keeps whole seconds), zip (2 s, rounded
+    up), scp -p, or onto exFAT, FAT, NTFS or SMB had every feature file "changed after
+    extraction", and the advice (copy it again with `cp -a`) could not mend that. A time cut
+    (or rounded) to such a step matches; any other time does not."""
+    from caption_attn.feature_index import same_mtime
+    t = 1_733_650_123_456_789_123                      # ns, as ext4 records a write
+    for kept in (t, t - t % 100, t - t % 1_000, t - t % 10_000_000, t - t % 10**9,
+                 t - t % (2 * 10**9), t - t % (2 * 10**9) + 2 * 10**9):   # zip: rounded up
+        assert same_mtime(t, kept), kept
+    for other in (t + 1, t - 1, t + 10**9, t - t % 10**9 - 3 * 10**9, t - t % 10**9 + 2 * 10**9,
+                  1_000_000_000, t + 37):              # a later write; `touch -d @1`
+        assert not same_mtime(t, other), other
+
+
+def test_a_cache_and_images_copied_with_whole_second_times_are_usable(images, cache_copy,
+                                                                      tmp_path):
+    manifest = read_manifest(cache_copy)
+    work = str(tmp_path / "images")
+    shutil.copytree(images, work)
+    for folder in (cache_copy, work):                  # as `tar x` sets them
+        for root, _, files in os.walk(folder):
+            for name in files:
+                path = os.path.join(root, name)
+                mtime = os.stat(path).st_mtime_ns
+                os.utime(path, ns=(mtime, mtime - mtime % 10**9))
+    paths, problems = usable_features(cache_copy, GOOD, manifest, work)
+    assert sorted(paths) == sorted(GOOD) and problems == {}

@@ -137,8 +137,11 @@ def check_input_paths(args: argparse.Namespace) -> None:
             data.check_images_folder(args.images)
         feature_cache.read_manifest(os.path.abspath(args.cache))
         data.check_caption_file(os.path.abspath(args.captions))
-    elif args.command == "extract-features" and args.captions:
-        data.check_caption_file(args.captions)
+    elif args.command == "extract-features":
+        if args.captions:
+            data.check_caption_file(args.captions)
+        from caption_attn import feature_cache
+        feature_cache.check_settings(args.cache, config_of(args, C.ExtractConfig))
 
 
 # --------------------------------------------------------------------------- commands

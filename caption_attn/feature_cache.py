@@ -907,6 +907,15 @@ def _check_settings(cache_dir: str, m: dict, cfg: ExtractConfig) -> None:
         raise _refuse(cache_dir, "weights", theirs, mine)
 
 
+def check_settings(cache_dir: str, cfg: ExtractConfig) -> None:
+    """`_check_settings` of an existing cache, before `extract-features` parses its caption
+    file (seconds to a minute at COCO's size): a forgotten --dtype float16 was refused only
+    after that. `open_cache` checks again, under the cache's lock."""
+    m = _read_manifest_if_any(cache_dir) if os.path.isdir(cache_dir) else None
+    if m is not None:
+        _check_settings(cache_dir, m, cfg)
+
+
 def _read_manifest_if_any(cache_dir: str) -> Optional[dict]:
     return read_manifest(cache_dir) if os.path.exists(manifest_path(cache_dir)) else None
 

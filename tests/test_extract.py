@@ -1370,3 +1370,27 @@ def test_a_cache_folder_not_utf8_is_refused_before_anything(images, tmp_path):
     with pytest.raises(UserError, match=r"--cache .*caf\\xe9/cache: not a UTF-8 path"):
         extract_features(str(images), extract_cfg(cache), keys=GOOD, progress=False)
     assert not os.path.lexists(parent)
+
+
+def test_other_settings_than_the_caches_are_refused_before_the_captions_are_read(
+        images, cache_copy, tmp_path, monkeypatch, capsys):
+    """`extract-features --captions coco.json` into a float16 cache without --dtype float16
+    was refused only after TensorFlow's import and the whole caption file's parse (seconds
+    to a minute at COCO's size): the cache's settings are checked with the flags."""
+    from caption_attn import cli, data, quiet
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a.jpg#0\tA red circle .\n")
+
+    def never(*args, **kwargs):
+        raise AssertionError("read before the cache's settings were checked")
+    monkeypatch.setattr(data, "load_captions", never)
+    monkeypatch.setattr(quiet, "import_tensorflow", never)
+    before = sorted(os.listdir(cache_copy))
+    assert cli.main(["extract-features", "--images", images, "--captions", str(captions),
+                     "--cache", cache_copy, "--weights", "random"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"caption-attn extract-features: error: --cache {cache_copy} holds "
+                   f"features made with dtype float16, this run asks for float32; a cache "
+                   f"holds one backbone's features only: use another --cache folder (or "
+                   f"--dtype float16)\n")
+    assert sorted(os.listdir(cache_copy)) == before

@@ -521,7 +521,13 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                         "TF_CONFIG") from None
     run_cfg = run_config(cfg, os.path.join(paths["shapes"], "captions.json"), paths["cache"])
     train.check_train_flags(run_cfg.train)
-    train.check_model_size(run_cfg)
+    try:
+        train.check_model_size(run_cfg)
+    except UserError as e:   # said in train's flags: the demo has no --vocab-size
+        raise e.reworded(e.message.replace(
+            "(the TF tutorial's: 512 / 256) or --vocab-size",
+            f"(the demo's defaults: {DemoConfig.units} / {DemoConfig.embedding_dim})")) \
+            from None
     check_paths(cfg, paths)
     # one demo per work folder at a time, from before --fresh deletes anything to its end
     with workdir_lock(cfg.workdir):

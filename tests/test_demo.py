@@ -758,3 +758,17 @@ def test_the_extract_command_of_the_demos_out_of_memory_makes_the_demos_cache(tm
     asked = cli.config_of(args, ExtractConfig)
     wanted = dataclasses.replace(demo.extract_config(cfg, paths, "bfloat16"), batch_size=8)
     assert (args.images, args.captions, asked) == (str(images), None, wanted)
+
+
+def test_a_model_too_large_for_memory_is_refused_in_the_demos_flags(tmp_path, monkeypatch):
+    """`demo --units 60000` was told to lower --vocab-size, a flag the demo has not."""
+    from caption_attn import train
+    from caption_attn.errors import UserError
+    monkeypatch.setattr(train, "machine_memory", lambda: 24 * 2**30)
+    work = tmp_path / "work"
+    with pytest.raises(UserError) as e:
+        demo.run_demo(DemoConfig(workdir=str(work), units=60000), log=lambda line: None)
+    message = str(e.value)
+    assert message.startswith("--units 60000 --embedding-dim 128 (a vocabulary of up to ")
+    assert message.endswith("lower --units / --embedding-dim (the demo's defaults: 256 / 128)")
+    assert "--vocab-size" not in message and not work.exists()

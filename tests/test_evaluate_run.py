@@ -1034,6 +1034,32 @@ def test_a_run_split_by_image_hash_is_scored_on_its_whole_split_with_flickr8k_li
     assert found.keys == test and found.references_note == ""
 
 
+def test_a_run_split_by_the_flickr8k_lists_is_scored_whatever_the_lists_say_now(
+        shapes_data, tmp_path):
+    """split.json decides the split evaluate scores, yet the Flickr8k lists were read again:
+    a test image taken out of its list since was left out of the references and "removed"
+    from the split (scored on fewer, with a note blaming the caption file), and a list moved
+    away stopped evaluate with the lists' error. They are not read."""
+    from caption_attn import train
+    from test_train import flickr8k_like, small_config
+
+    captions = flickr8k_like(shapes_data, str(tmp_path))
+    cfg = dataclasses.replace(small_config(shapes_data, epochs=1), captions=captions)
+    run = RunFolder(str(tmp_path / "run"))
+    train.open_run(run.path, cfg)
+    data = train.load_train_data(cfg, run.path)
+    data.fix_in(run, captions)
+    assert run.split_by_lists()
+    test = data.splits["test"]
+    with open(tmp_path / "Flickr_8k.testImages.txt", "w") as f:     # test[0] taken out
+        f.writelines(f"{k}\n" for k in test[1:])
+    found = evaluate._load_split(run.path, "test", cfg, shapes_data["cache"], captions)
+    assert found.keys == test and found.references_note == ""
+    os.remove(tmp_path / "Flickr_8k.devImages.txt")                 # a list moved away
+    found = evaluate._load_split(run.path, "test", cfg, shapes_data["cache"], captions)
+    assert found.keys == test
+
+
 def _with_other_objects(shapes_data, tmp_path, key, change):
     """The run's caption file with `change` applied to the entry of image `key`, saved as
     tmp_path/other.json (its captions unchanged)."""

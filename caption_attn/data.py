@@ -153,12 +153,15 @@ class CaptionSet:
             return None
         n, (line, image) = len(rows), rows[0]
         one = n == 1
-        return (f"{counted(n, 'row')} of {self.path}{of} repeat{'s' if one else ''} an earlier "
-                f"row of the same image and caption (e.g. line {line}, {image!r}) and "
-                f"{'is' if one else 'are'} read once, as rows of a file joined with an "
+        # (a token file's lines without #N: read once as silently as IMAGE#N repeated was)
+        row, unnumbered = (("line", "a line without #N does not number them") if
+                           self.format == "flickr-token" else ("row", "a CSV does not number "
+                                                                      "them"))
+        return (f"{counted(n, row)} of {self.path}{of} repeat{'s' if one else ''} an earlier "
+                f"{row} of the same image and caption (e.g. line {line}, {image!r}) and "
+                f"{'is' if one else 'are'} read once, as {row}s of a file joined with an "
                 f"overlap; captions written alike for one image by two annotators are read "
-                f"once too (a CSV does not number them; Flickr8k.token.txt's IMAGE#N keeps "
-                f"both)")
+                f"once too ({unnumbered}; Flickr8k.token.txt's IMAGE#N keeps both)")
 
     def keys_to_extract(self) -> list[str]:
         """The images `extract-features --captions` is given: every record's, and every
@@ -700,6 +703,8 @@ def _parse_flickr_token(path: str, text: str, out: _Collector) -> None:
         earlier, at = seen.setdefault(ident, (stripped, number))
         if at != number:
             if earlier == stripped:
+                if not suffix:   # no #N: maybe two annotators' alike captions, said
+                    out.repeated.append((number, same))
                 continue
             raise UserError(f"{path}: line {number}: {name!r} has another caption here than "
                             f"on line {at} ({stripped[:60]!r}, not {earlier[:60]!r}): an "

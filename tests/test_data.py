@@ -688,6 +688,21 @@ def test_token_line_repeated_is_one_caption(tmp_path):
     assert as_dict(data.load_captions(path)) == {"a.jpg": ["a dog", "a dog"]}
 
 
+def test_token_lines_without_a_number_read_once_are_said(tmp_path):
+    """Two lines `a.jpg<TAB>A dog runs .` (no #N) were read once without a word, where a
+    CSV's repeated row gets a note: two annotators may have written the caption alike."""
+    path = write(tmp_path, "t.txt", "a.jpg\tA dog runs .\nb.jpg\tA cat\na.jpg\tA dog runs .\n"
+                                    "b.jpg#0\tA cat\nb.jpg#0\tA cat\n")
+    captions = data.load_captions(path, "flickr-token")
+    assert as_dict(captions) == {"a.jpg": ["A dog runs ."], "b.jpg": ["A cat", "A cat"]}
+    assert captions.repeated == [(3, "a.jpg")]       # (IMAGE#N repeated: one caption, as ever)
+    assert captions.repeated_note() == (
+        f"1 line of {path} repeats an earlier line of the same image and caption (e.g. line 3, "
+        f"'a.jpg') and is read once, as lines of a file joined with an overlap; captions "
+        f"written alike for one image by two annotators are read once too (a line without #N "
+        f"does not number them; Flickr8k.token.txt's IMAGE#N keeps both)")
+
+
 def test_csv_files_joined_with_cat_skip_the_second_header(tmp_path):
     """The second half's header became an image named 'image' with the caption 'caption'."""
     first, second = csv_text(ENTRIES[:2]), csv_text(ENTRIES[2:])

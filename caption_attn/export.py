@@ -4,6 +4,7 @@ SavedModel (DIR), signature `serving_default` (N images, K beams, L = max_length
     images         string (N,)           encoded image files (JPEG, PNG, GIF, BMP, WebP)
  -> captions       string (N,)           best caption, words joined by spaces, no special tokens
     scores         float32 (N,)          its log-probability; -inf: the image was not decodable
+                                         (or every beam died: `load_images`' decoded says)
     words          string (N, L)         its words, "" after the last
     attention      float32 (N, L, 8, 8)  the 8x8 map of each word, zero after the last
     beam_captions  string (N, K)         all K beams, best first ("" for a dead beam)

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import socket
+import sys
 
 import cv2
 import numpy as np
@@ -188,8 +189,11 @@ def imagenet_weights_path(verify: bool = True, recorded_in: str = "") -> str:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        return keras.utils.get_file(IMAGENET_FILE, IMAGENET_URL, cache_subdir="models",
-                                    file_hash=IMAGENET_MD5 if verify else None)
+        # Keras prints "Downloading data from ..." and its bar on stdout, where `caption
+        # --json` writes its JSON (which began with them): they are progress, for stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            return keras.utils.get_file(IMAGENET_FILE, IMAGENET_URL, cache_subdir="models",
+                                        file_hash=IMAGENET_MD5 if verify else None)
     except Exception as e:  # URL/DNS/timeout errors arrive as plain Exception from Keras
         if recorded_in:
             raise UserError(

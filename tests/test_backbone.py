@@ -517,3 +517,23 @@ def test_the_test_suite_chooses_onednn_as_the_cli_does():
     test module imports TensorFlow (on an AVX2-only CPU the suite ran on Eigen otherwise)."""
     import conftest
     assert conftest.ONEDNN_CHOSEN_BEFORE_TENSORFLOW is True
+
+
+def test_keras_download_messages_go_to_stderr_not_stdout(monkeypatch, capsys):
+    """Keras' get_file prints "Downloading data from ..." and its progress bar on stdout:
+    `caption --json` (a run of an ImageNet cache on a machine without the weights cached)
+    printed them before its JSON, which no JSON reader could then load, exit 0."""
+    import sys
+
+    import keras
+
+    from caption_attn import backbone as backbone_lib
+
+    def get_file(*args, **kwargs):
+        print("Downloading data from https://storage.googleapis.com/...")
+        sys.stdout.write("87910968/87910968 ━━━━━━━━━━━━━━━━━━━━ 1s 0us/step\n")
+        return "/keras/models/" + backbone_lib.IMAGENET_FILE
+    monkeypatch.setattr(keras.utils, "get_file", get_file)
+    assert backbone_lib.imagenet_weights_path().endswith(backbone_lib.IMAGENET_FILE)
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("Downloading data from ")

@@ -481,8 +481,11 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
         raise UserError(f"{missing[0]}: {_why_missing(missing[0])}"
                         + (f" (and {len(missing) - 1} more: {', '.join(missing[1:4])})"
                            if len(missing) > 1 else ""))
-    # empty: (a folder given without images, its report among others, its refusal alone)
-    out, empty = [], []
+    # empty: (a folder given without images, its report among others, its refusal alone);
+    # drawn_only: (a folder given that holds heatmaps caption-attn drew and nothing else, as
+    # `caption photos/*` after `caption photos/* --plot-attention photos/heat` gives
+    # photos/heat: its heatmaps, left out among other images with the note on them)
+    out, empty, drawn_only = [], [], []
     for arg in args:
         if os.path.isdir(arg):
             folders: dict = {}
@@ -496,6 +499,9 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
             if unreadable is not None:
                 unreadable.update({os.path.join(arg, k): why for k, why in folders.items()})
             skip, top = os.path.realpath(heatmaps or arg), os.path.realpath(arg)
+            if ours and not found and not others and not folders:
+                drawn_only.append((arg, ours))
+                continue
             if heatmaps and skip == top:
                 _refuse_heatmaps_among_images(heatmaps, arg, f"the folder {arg} of the "
                                                               f"images being captioned")
@@ -529,6 +535,12 @@ def expand_image_args(args: Sequence[str], heatmaps: Optional[str] = None,
                 _refuse_heatmaps_among_images(heatmaps, heatmaps, f"a folder above {arg}, an "
                                                                    f"image being captioned")
             out.append(arg)
+    if drawn_only and not out:   # nothing else given: no image to caption, as before
+        arg, ours = drawn_only[0]
+        raise UserError(f"{arg}: {NO_IMAGES} besides {len(ours)} heatmap(s) caption-attn drew")
+    for _, ours in drawn_only:
+        if drawn is not None:
+            drawn += ours
     # a folder without images among others is one item's report (`caption photos/*` whose
     # glob matched an empty folder was refused whole); alone, nothing could be captioned
     if empty and (not out or unreadable is None):

@@ -1660,3 +1660,28 @@ def test_caption_gives_the_model_features_rounded_as_the_cache_stores_them(shape
     graph = graph.numpy()                       # (eager: the convolutions may round apart)
     np.testing.assert_array_equal(graph, graph.astype(np.float16).astype(np.float32))
     np.testing.assert_allclose(graph, got, rtol=1e-2, atol=1e-2 * np.abs(got).max())
+
+
+def test_a_glob_matching_the_heatmaps_folder_of_an_earlier_run_is_no_refusal(tmp_path):
+    """`caption photos/* --plot-attention photos/heat` run again: the glob now matched
+    photos/heat, and the command was refused as drawing heatmaps into a folder being
+    captioned (its advice, photos/heat/heat, met the same on the next run); a plain
+    `caption photos/*` reported photos/heat/ as a folder without images. A folder of only
+    heatmaps caption-attn drew, given among images, is left out with the heatmaps' note."""
+    import cv2
+
+    from caption_attn.images import mark_heatmap
+    photos = tmp_path / "photos"
+    (photos / "heat").mkdir(parents=True)
+    (photos / "a.jpg").write_bytes(b"x")
+    png = cv2.imencode(".png", np.zeros((4, 4, 3), np.uint8))[1].tobytes()
+    (photos / "heat" / "a.png").write_bytes(mark_heatmap(png))
+    args = [str(photos / "a.jpg"), str(photos / "heat")]
+    for heatmaps in (str(photos / "heat"), None):
+        drawn, unreadable = [], {}
+        assert captioner.expand_image_args(args, heatmaps=heatmaps, unreadable=unreadable,
+                                           drawn=drawn) == [args[0]]
+        assert drawn == [str(photos / "heat" / "a.png")] and unreadable == {}
+    with pytest.raises(UserError, match=r"heat: no image files in this folder besides 1 "
+                                        r"heatmap\(s\) caption-attn drew$"):
+        captioner.expand_image_args([str(photos / "heat")], unreadable={})

@@ -54,9 +54,9 @@ from caption_attn.feature_index import (IMAGE_CHANGED, RERUN, ImageStamp, Segmen
                                         make_entry)
 from caption_attn.fileio import (check_utf8_path, describe_holders, longest_temp_name,
                                  one_line, write_bytes_atomic)
-from caption_attn.images import (IMAGE_EXTENSIONS, ImageError, decode_image, heatmaps_note,
-                                 is_heatmap_file, left_out_note, list_images, printable_name,
-                                 read_image_file, resize_image)
+from caption_attn.images import (IMAGE_EXTENSIONS, TOO_LARGE, ImageError, decode_image,
+                                 heatmaps_note, is_heatmap_file, left_out_note, list_images,
+                                 printable_name, read_image_file, resize_image)
 from caption_attn.run import check_folder_writable
 
 
@@ -68,9 +68,12 @@ def shard_of(key: str, num_shards: int) -> int:
 def _read_image(path: str) -> tuple[np.ndarray, ImageStamp]:
     """(uint8 (299, 299, 3) pixels, the file's size, mtime and sha256 of the bytes decoded);
     raises ImageError. Runs in the decode pool (sha256 of a 160 KB COCO JPEG: 0.09 ms CPU)."""
-    data, st = read_image_file(path)
-    stamp = ImageStamp(st.st_size, st.st_mtime_ns, hashlib.sha256(data).hexdigest())
-    return resize_image(decode_image(data)), stamp
+    try:
+        data, st = read_image_file(path)
+        stamp = ImageStamp(st.st_size, st.st_mtime_ns, hashlib.sha256(data).hexdigest())
+        return resize_image(decode_image(data)), stamp
+    except MemoryError:   # failed.tsv said "error (MemoryError: )"
+        raise ImageError(TOO_LARGE) from None
 
 
 # a feature file's name the cache's file system refuses (exFAT/FAT: ':' '?' '"'..., EINVAL;

@@ -385,9 +385,17 @@ def read_image_file(path: str) -> tuple[bytes, os.stat_result]:
         os.close(fd)
 
 
+# why an image is not read: a file, or the pixels a small file declares (a 1-gigapixel PNG
+# of a few MB), too large for this machine's memory (a MemoryError ended `caption` whole)
+TOO_LARGE = "too large for this machine's memory (its file or its pixels)"
+
+
 def load_image(path: str) -> np.ndarray:
     """Image file -> uint8 (299, 299, 3) RGB exactly as extraction sees it; raises ImageError."""
-    return resize_image(decode_image(read_image_file(path)[0]))
+    try:
+        return resize_image(decode_image(read_image_file(path)[0]))
+    except MemoryError:
+        raise ImageError(TOO_LARGE) from None
 
 
 def heatmap_view(rgb: np.ndarray, longest: int = IMAGE_SIZE) -> np.ndarray:
@@ -406,8 +414,11 @@ def heatmap_view(rgb: np.ndarray, longest: int = IMAGE_SIZE) -> np.ndarray:
 
 def load_image_and_view(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Image file -> (`load_image`'s (299, 299, 3), its `heatmap_view`), decoded once."""
-    rgb = decode_image(read_image_file(path)[0])
-    return resize_image(rgb), heatmap_view(rgb)
+    try:
+        rgb = decode_image(read_image_file(path)[0])
+        return resize_image(rgb), heatmap_view(rgb)
+    except MemoryError:
+        raise ImageError(TOO_LARGE) from None
 
 
 def printable_name(name: str) -> str:

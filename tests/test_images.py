@@ -498,3 +498,23 @@ def test_a_heatmap_records_the_image_it_shows(tmp_path):
     assert heatmap_source(str(tmp_path / "old.png")) is None
     (tmp_path / "plain.png").write_bytes(png)
     assert heatmap_source(str(tmp_path / "plain.png")) is None
+
+
+@pytest.mark.parametrize("load", ["load_image", "load_image_and_view", "extract"])
+def test_an_image_too_large_for_memory_is_one_images_error(tmp_path, monkeypatch, load):
+    """A file, or the pixels a small file declares (a 1-gigapixel PNG of a few MB), too
+    large for the machine's memory: the MemoryError ended `caption` whole with a traceback
+    (extract-features listed "error (MemoryError: )"). It is that image's ImageError."""
+    from caption_attn import extract, images
+
+    def decode(data):
+        raise MemoryError
+    monkeypatch.setattr(images, "decode_image", decode)
+    monkeypatch.setattr(extract, "decode_image", decode)
+    path = tmp_path / "huge.png"
+    path.write_bytes(b"\x89PNG")
+    call = {"load_image": images.load_image, "load_image_and_view": images.load_image_and_view,
+            "extract": extract._read_image}[load]
+    with pytest.raises(ImageError) as e:
+        call(str(path))
+    assert str(e.value) == "too large for this machine's memory (its file or its pixels)"

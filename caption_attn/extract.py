@@ -412,6 +412,9 @@ class _Plan(NamedTuple):
     unmarked: list[str]        # keys of `redo` whose image `--verify` found changed under
                                # the same size and mtime: nothing else tells their features
                                # are outdated (`_remove_unmarked`)
+    entries: list              # refreshed index entries, written once nothing is refused: a
+                               # refused run (another folder's same-named images) wrote them,
+                               # and this folder's kept images recorded as the other's
 
 
 _UNREADABLE = ""   # `_image_sha256` of an image that exists but cannot be read
@@ -434,11 +437,10 @@ def _image_sha256(images_dir: str, key: str) -> Optional[str]:
 
 
 def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: bool,
-          workers: int, index: SegmentWriter,
-          loaded: Optional[feature_index.Index] = None,
+          workers: int, loaded: Optional[feature_index.Index] = None,
           again: Optional[dict[str, str]] = None) -> _Plan:
-    """Which of `keys` are done (see the module docstring); re-indexes images that only got a
-    new mtime. `verify`: also the sha256 of every image and a full read of every file.
+    """Which of `keys` are done (see the module docstring), and the entries that re-index
+    images that only got a new mtime (`_Plan.entries`). `verify`: also the sha256 of every image and a full read of every file.
     `loaded`: the cache's index, when already loaded. `again`: {key: why} of keys whose
     existing file is extracted again whatever their entries say."""
     again = again or {}
@@ -470,22 +472,22 @@ def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: 
             results = pool.map(lambda k: check_feature_file(checks[k].path, manifest["dtype"],
                                                             full=True), kept)
             redo.update({k: r for k, r in zip(kept, list(results)) if r is not None})
-    reindexed = 0
+    reindexed, entries = 0, []
     here = os.path.abspath(images_dir)
     recorded_here = {f for f in {c.entry.images_dir for c in checks.values() if c.entry}
                      if f is not None and os.path.realpath(f) == os.path.realpath(here)}
     for key in kept:
         check = checks[key]
         if key not in redo and check.reason == IMAGE_CHANGED and hashes.get(key):
-            index.add(check.entry._replace(image_size=check.image_stat.st_size,
-                                           image_mtime_ns=check.image_stat.st_mtime_ns,
-                                           images_dir=here))
+            entries.append(check.entry._replace(image_size=check.image_stat.st_size,
+                                                image_mtime_ns=check.image_stat.st_mtime_ns,
+                                                images_dir=here))
             reindexed += 1
         elif key not in redo and check.reason is None and check.image_stat is not None \
                 and check.entry.images_dir not in recorded_here:
             # kept, its image here the one it was made from: the entry records this folder
             # (an older index recorded none; a copy's images are this folder's from now on)
-            index.add(check.entry._replace(images_dir=here))
+            entries.append(check.entry._replace(images_dir=here))
     done = [k for k in kept if k not in redo]
     todo = [k for k in keys if k in redo or checks[k].reason == "missing"]
     others = _of_other_folders({k: checks[k].entry for k, r in redo.items()
@@ -497,7 +499,7 @@ def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: 
     copies = {folder for folder in set(others.values())
               if _is_copy_of(folder, found_here, sum(f == folder for f in others.values()))}
     unmarked = [k for k, r in redo.items() if r == SAME_STAT_CHANGED]
-    return _Plan(done, todo, redo, reindexed, others, copies, unmarked)
+    return _Plan(done, todo, redo, reindexed, others, copies, unmarked, entries)
 
 
 def _same_image(folder: str, key: str, entry) -> bool:
@@ -704,13 +706,14 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     index = SegmentWriter(cache)
     plan, so_far, added = None, [], False   # so_far: the keys written, as they are
     try:
-        plan = _plan(cache, mine, manifest, images_dir, cfg.verify, workers, index, loaded,
-                     renamed)
+        plan = _plan(cache, mine, manifest, images_dir, cfg.verify, workers, loaded, renamed)
         refused = {k: f for k, f in plan.others.items() if f not in plan.copies}
         if refused and not cfg.replace_other_images:
             raise _naming_unmarked(_refuse_replacing(images_dir, refused), plan.unmarked)
         if busy is not None and (plan.redo or drawn):   # rewritten or removed
             raise _naming_unmarked(busy, plan.unmarked)
+        for entry in plan.entries:
+            index.add(entry)
         _remove_unmarked(cache, plan.unmarked)
         if backbone is None and plan.todo:  # a random backbone's cache: its saved weights
             backbone = Backbone.from_manifest(cache)

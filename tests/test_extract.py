@@ -1394,3 +1394,24 @@ def test_other_settings_than_the_caches_are_refused_before_the_captions_are_read
                    f"holds one backbone's features only: use another --cache folder (or "
                    f"--dtype float16)\n")
     assert sorted(os.listdir(cache_copy)) == before
+
+
+def test_a_refused_extraction_records_none_of_its_images_in_the_index(images, cache_copy,
+                                                                      tmp_path):
+    """A folder whose same-named images are refused (another dataset) also held a copy of
+    one of the cache's images (same bytes, a new mtime): its refreshed entry, recording the
+    refused folder, was written all the same, and once the index was compacted the cache's
+    own folder's unchanged image counted as changed (left out of train and evaluate)."""
+    other = tmp_path / "other"
+    write_rgb(str(other / "a.jpg"), scene(33))
+    write_rgb(str(other / "gray.jpg"), scene(35))
+    shutil.copy(os.path.join(images, "b.png"), other / "b.png")       # same bytes, new mtime
+    with pytest.raises(UserError, match="2 of its images have the names of images of"):
+        extract_features(str(other), extract_cfg(cache_copy), progress=False)
+    recorded = {e.images_dir for entries in feature_index.load_index(cache_copy).entries.values()
+                for e in entries}
+    assert str(other) not in recorded
+    feature_index.compact(cache_copy, lambda key: feature_path(cache_copy, key))
+    manifest = read_manifest(cache_copy)
+    paths, problems = feature_cache.usable_features(cache_copy, GOOD, manifest, images)
+    assert problems == {} and sorted(paths) == sorted(GOOD)

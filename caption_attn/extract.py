@@ -440,7 +440,8 @@ def _plan(cache: str, keys: list[str], manifest: dict, images_dir: str, verify: 
           workers: int, loaded: Optional[feature_index.Index] = None,
           again: Optional[dict[str, str]] = None) -> _Plan:
     """Which of `keys` are done (see the module docstring), and the entries that re-index
-    images that only got a new mtime (`_Plan.entries`). `verify`: also the sha256 of every image and a full read of every file.
+    images that only got a new mtime (`_Plan.entries`). `verify`: also the sha256 of every
+    image and a full read of every file.
     `loaded`: the cache's index, when already loaded. `again`: {key: why} of keys whose
     existing file is extracted again whatever their entries say."""
     again = again or {}

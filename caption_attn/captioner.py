@@ -26,7 +26,8 @@ from caption_attn.config import DecodeConfig, RunConfig
 from caption_attn.errors import OutOfMemory, UserError, counted, out_of_memory
 from caption_attn.feature_cache import (MANIFEST, cache_images_folders, manifest_path,
                                          read_manifest)
-from caption_attn.fileio import holding_lock, is_inside, longest_temp_name, one_line
+from caption_attn.fileio import (holding_lock, is_inside, longest_temp_name, one_line,
+                                 usable_cores)
 from caption_attn.images import (ImageError, heatmap_source, is_heatmap_file, left_out_note,
                                  list_images, load_image_and_view, printable_name)
 from caption_attn.run import RunFolder
@@ -136,10 +137,7 @@ def decoding_slices() -> int:
     inter-op threads, where set); 1 with a GPU, which runs the loop on its own cores."""
     if tf.config.list_logical_devices("GPU"):
         return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:   # not Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     inter_op = tf.config.threading.get_inter_op_parallelism_threads()
     return max(1, min(cores, inter_op or cores, MAX_SLICES))
 

@@ -46,14 +46,14 @@ from caption_attn import feature_cache, feature_index, interrupts
 from caption_attn import progress as progress_lib
 from caption_attn.backbone import (IMAGE_SIZE, Backbone, check_weights_flag,
                                    refuse_aborting_precision)
-from caption_attn.config import ExtractConfig
+from caption_attn.config import MAX_WORKERS, ExtractConfig
 from caption_attn.data import image_key_problem
 from caption_attn.errors import OutOfMemory, UserError, WriteFailed, counted, out_of_memory
 from caption_attn.feature_cache import FAILED, check_feature_file, feature_path, npy_header
 from caption_attn.feature_index import (IMAGE_CHANGED, RERUN, ImageStamp, SegmentWriter,
                                         make_entry)
 from caption_attn.fileio import (check_utf8_path, describe_holders, longest_temp_name,
-                                 one_line, write_bytes_atomic)
+                                 one_line, usable_cores, write_bytes_atomic)
 from caption_attn.images import (IMAGE_EXTENSIONS, TOO_LARGE, ImageError, decode_image,
                                  heatmaps_note, is_heatmap_file, left_out_note, list_images,
                                  printable_name, read_image_file, resize_image)
@@ -703,7 +703,7 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     folders = sum(k.endswith("/") for k in failed)   # unlistable: no image of their own
     n_bad_keys = len(failed) - folders
     fingerprint = feature_cache.cache_identity(manifest)["fingerprint"]
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or min(usable_cores(), MAX_WORKERS)
     index = SegmentWriter(cache)
     plan, so_far, added = None, [], False   # so_far: the keys written, as they are
     try:

@@ -26,6 +26,16 @@ _LONE_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0
 HOST = socket.gethostname().replace("/", "_") or "localhost"
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (taskset, Slurm's --cpus-per-task, a container's
+    cpuset), not the machine's: `os.cpu_count()` started 64 decode threads on a 64-core node
+    that gave the job 4."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:   # not Linux
+        return os.cpu_count() or 1
+
+
 def temp_name(path: str, suffix: str = "") -> str:
     """`.<name>.tmp.<pid>.<host><suffix>` next to `path`: hidden, and unique to this process
     on this host (several machines may write into one shared feature cache)."""

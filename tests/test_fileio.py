@@ -391,3 +391,14 @@ def test_a_file_where_a_folder_is_expected_is_still_refused(tmp_path):
             with fileio.atomic_path(str(path)):
                 pass
     assert os.listdir(tmp_path) == ["f"]
+
+
+def test_usable_cores_are_the_ones_this_process_may_run_on(monkeypatch):
+    """`extract-features --workers 0` took os.cpu_count(): 64 decode threads (and 64 full-size
+    decodes in memory) on a 64-core node whose job was given 4 cores (taskset, Slurm)."""
+    from caption_attn import fileio
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert fileio.usable_cores() == 4
+    monkeypatch.delattr(os, "sched_getaffinity")                      # not Linux
+    assert fileio.usable_cores() == 64

@@ -94,7 +94,8 @@ def _count_class(keras):
 def _periodic_class(keras):
     class PeriodicProgbar(_count_class(keras)):
         """Keras' verbose-2 bar (a plain line at the end) that also prints `current/target -
-        elapsed` every `LOG_INTERVAL_S` seconds."""
+        elapsed - ETA - the values given` every `LOG_INTERVAL_S` seconds (the ETA and the
+        failures so far were in the last line only)."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -106,5 +107,11 @@ def _periodic_class(keras):
             now = time.monotonic()
             if not done and now - self._last_line >= LOG_INTERVAL_S:
                 self._last_line = now
-                print(f"{current}/{self.target} - {now - self._started:.0f}s", flush=True)
+                seen = current - self.initial
+                eta = (f" - ETA: {(now - self._started) / seen * (self.target - current):.0f}s"
+                       if seen > 0 and self.target else "")
+                shown = "".join(f" - {k}: {v}" if isinstance(v, int) else f" - {k}: {v:.4g}"
+                                for k, v in (values or []))
+                print(f"{current}/{self.target} - {now - self._started:.0f}s{eta}{shown}",
+                      flush=True)
     return PeriodicProgbar

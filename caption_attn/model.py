@@ -18,8 +18,9 @@ What differs from the TensorFlow tutorial this project replaces:
   images (`FeatureStandardization`, set by `train`): channels of a backbone differ by orders
   of magnitude in scale and offset, which slows the encoder's learning (on the shapes demo
   scene accuracy went from 0.84 to 0.93 with everything else equal);
-- a gating scalar beta_t = sigmoid(f_beta(h_{t-1})) scales the context (Show, Attend and Tell
-  section 4.2.1), and the attention weights are returned for the doubly stochastic
+- a gate beta_t = sigmoid(f_beta(h_{t-1})) scales the context (Show, Attend and Tell section
+  4.2.1, whose gate is one scalar; here one per embedding channel, (B, E), as in sgrvinod's
+  implementation), and the attention weights are returned for the doubly stochastic
   regulariser and for the heatmaps;
 - the attention score has no bias: a softmax over the positions ignores a shift of every
   score, so such a bias gets a zero gradient and never learns (its float32 and bfloat16

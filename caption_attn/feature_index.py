@@ -113,14 +113,28 @@ class Entry(NamedTuple):
 COARSER_MTIME_NS = (100, 1_000, 10_000_000, 1_000_000_000, 2_000_000_000)
 
 
+# zip rounds up to its 2 s; the others cut
+ROUNDED_UP_NS = 2_000_000_000
+
+
 def same_mtime(recorded: int, now: int) -> bool:
     """Whether modification time `now` (ns) is `recorded`, or `recorded` as a copy keeps it
-    in one of `COARSER_MTIME_NS`'s steps: a whole number of them, less than one step away
-    (cut, or rounded up as zip does). A file written again later on a file system of full
-    precision matches none: its time would have to fall on a whole second (or 10 ms) within
-    that step of the recorded write."""
-    return now == recorded or any(now % step == 0 and abs(now - recorded) < step
-                                  for step in COARSER_MTIME_NS)
+    in one of `COARSER_MTIME_NS`'s steps, finer than the step (a whole number of them):
+    cut, less than one step before it, or rounded up by zip, less than 2 s after one
+    recorded finer than 10 ms. A file written again later is never cut; on a file system
+    of full precision its time would also have to fall on a whole 2 s within 2 s of the
+    recorded write to pass for zip's; one of coarse times (whole seconds, exFAT's 10 ms)
+    records no time finer than 10 ms to round up from."""
+    if now == recorded:
+        return True
+    for step in COARSER_MTIME_NS:
+        if now % step or not recorded % step:
+            continue
+        if now < recorded and recorded - now < step:
+            return True
+        if step == ROUNDED_UP_NS and 0 < now - recorded < step and recorded % 10_000_000:
+            return True
+    return False
 
 
 class ImageStamp(NamedTuple):

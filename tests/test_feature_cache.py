@@ -698,6 +698,13 @@ def test_modification_times_a_copy_keeps_coarser_still_match_the_index():
     for other in (t + 1, t - 1, t + 10**9, t - t % 10**9 - 3 * 10**9, t - t % 10**9 + 2 * 10**9,
                   1_000_000_000, t + 37):              # a later write; `touch -d @1`
         assert not same_mtime(t, other), other
+    # a file system of coarse times (whole seconds, exFAT's 10 ms): a write a second (or a
+    # few ms) later lands on a whole step by itself, and is no copy's
+    whole, exfat = 101 * 10**9, 100_370_000_000
+    for recorded, rewritten in ((whole, whole + 10**9), (whole, whole + 2 * 10**9),
+                                (exfat, 101 * 10**9), (exfat, 102 * 10**9)):
+        assert not same_mtime(recorded, rewritten), (recorded, rewritten)
+    assert same_mtime(exfat, 100 * 10**9)              # exFAT's cut to a second by tar
 
 
 def test_a_cache_and_images_copied_with_whole_second_times_are_usable(images, cache_copy,

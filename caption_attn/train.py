@@ -1708,9 +1708,12 @@ class Trainer:
             values = None if value is None else {metric: value}
         return values and self._stamped({k: _plain(v) for k, v in values.items()})
 
-    def _best_model_measure(self, metric: str) -> Optional[dict]:
+    def _best_model_measure(self, metric: str,
+                            instead: str = "the next epochs are compared with the resumed "
+                                           "one's") -> Optional[dict]:
         """`_measure` of best.keras's model (its weights put in the model for the measure,
-        then the restored ones back); None, with a note, when they cannot be loaded."""
+        then the restored ones back); None, with a note saying what happens `instead`, when
+        they cannot be loaded."""
         weights = self.model.get_weights()
         try:
             try:   # (only the loading: measuring val_loss is a collective of every worker)
@@ -1720,7 +1723,7 @@ class Trainer:
                     self.model.set_weights(self.run.load_best_model().get_weights())
             except (UserError, OSError, ValueError) as e:
                 self.log(f"note: cannot measure the {metric} of {self.run.best_model} again "
-                         f"({e}); the next epochs are compared with the resumed one's")
+                         f"({e}); {instead}")
                 return None
             return self._measure(metric)
         finally:
@@ -1733,7 +1736,8 @@ class Trainer:
         else the first epoch finished replaced best.keras, however worse."""
         record = self.run.best_record()
         monitor = self.cfg.train.monitor_for(done)
-        values = self._best_model_measure(monitor) if record else None
+        values = self._best_model_measure(
+            monitor, "the first epoch finished replaces it") if record else None
         if not values or values.get(monitor) is None:
             return
         early.start_from(record["epoch"] - 1, float(values[monitor]))
@@ -2276,6 +2280,8 @@ def _load_and_train(run: RunFolder, cfg: RunConfig, run_dir: str, images_dir, pr
                 return {**_train_in(run, cfg, run_dir, images_dir, progress, log, data),
                         "fresh": True}
             except UserError as e:   # "rerun this command": with --fresh, that deleted it
+                if "--fresh" in e.message:   # its fix is a new model (a NaN in float16, ...)
+                    raise
                 raise e.reworded(f"{e.message} ({FRESH_RERUN})") from None
         return _train_in(run, cfg, run_dir, images_dir, progress, log, data)
 

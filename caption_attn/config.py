@@ -322,8 +322,9 @@ class ExtractConfig(Config):
                        "and every image's sha256 against the index, and re-extract the bad "
                        "ones")
     strict: bool = opt(False, "exit non-zero if any image failed")
-    workers: int = opt(0, f"image decoding threads (0: one per CPU core this process may use; "
-                       f"at most {MAX_WORKERS})", check=integer(0, MAX_WORKERS))
+    workers: int = opt(0, f"image decoding threads (0: one per CPU core this process may run "
+                       f"on, as taskset or Slurm set it; at most {MAX_WORKERS})",
+                       check=integer(0, MAX_WORKERS))
     replace_other_images: bool = opt(False, "extract images of --images whose same-named "
                                      "images of another folder this cache holds features of "
                                      "(refused without it: their features would be replaced, "

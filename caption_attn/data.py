@@ -703,9 +703,9 @@ def _parse_flickr_token(path: str, text: str, out: _Collector) -> None:
         earlier, at = seen.setdefault(ident, (stripped, number))
         if at != number:
             if earlier == stripped:
-                if not suffix:   # no #N: maybe two annotators' alike captions, said
-                    out.repeated.append((number, same))
-                continue
+                if not suffix and key is not None:   # no #N: maybe two annotators' alike
+                    out.repeated.append((number, key))   # captions, said (a refused path's
+                continue                                 # lines are left out anyway)
             raise UserError(f"{path}: line {number}: {name!r} has another caption here than "
                             f"on line {at} ({stripped[:60]!r}, not {earlier[:60]!r}): an "
                             f"IMAGE#N is one caption (two files joined, such as "

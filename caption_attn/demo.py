@@ -325,13 +325,11 @@ def _out_of_memory_advice(cfg: DemoConfig, stage: str, data: dict, paths: dict,
                           precision: str):
     """`out_of_memory_advice` for the demo's `stage` (extract, train, evaluate, caption):
     what it did, and the command that does it in smaller batches (what is done is kept)."""
-    images = DecodeConfig().batch_size
+    extract_cfg = extract_config(cfg, paths, precision)
+    images = (extract_cfg if stage == "extract" else DecodeConfig()).batch_size
     fewer = f"--batch-size {max(1, images // 4)}"
     run = shlex.quote(paths["run"])
     if stage == "extract":
-        extract_cfg = extract_config(cfg, paths, precision)
-        images = extract_cfg.batch_size
-        fewer = f"--batch-size {max(1, images // 4)}"
         settings = {name: getattr(extract_cfg, name)    # the manifest's, as recorded
                     for name in ("weights", "seed", "dtype", "precision")}
         # as the demo extracts: every image of the folder (no --captions)

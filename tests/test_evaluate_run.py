@@ -1016,15 +1016,9 @@ def test_a_run_split_by_image_hash_is_scored_on_its_whole_split_with_flickr8k_li
     left out of the references, and its test images among them were "removed" from the
     split (scored on fewer, a note blaming the caption file). Read as the run was split, its
     whole test split is scored."""
-    from caption_attn import train
-    from test_train import flickr8k_like, small_config
+    from test_train import flickr8k_run
 
-    captions = flickr8k_like(shapes_data, str(tmp_path), lists=False)
-    cfg = dataclasses.replace(small_config(shapes_data, epochs=1), captions=captions)
-    run = RunFolder(str(tmp_path / "run"))
-    train.open_run(run.path, cfg)
-    data = train.load_train_data(cfg, run.path)
-    data.fix_in(run, captions)
+    run, cfg, data, captions = flickr8k_run(shapes_data, tmp_path, lists=False)
     test = data.splits["test"]
     for split, name in (("train", "Flickr_8k.trainImages.txt"),
                         ("val", "Flickr_8k.devImages.txt"), ("test", "Flickr_8k.testImages.txt")):
@@ -1040,15 +1034,9 @@ def test_a_run_split_by_the_flickr8k_lists_is_scored_whatever_the_lists_say_now(
     a test image taken out of its list since was left out of the references and "removed"
     from the split (scored on fewer, with a note blaming the caption file), and a list moved
     away stopped evaluate with the lists' error. They are not read."""
-    from caption_attn import train
-    from test_train import flickr8k_like, small_config
+    from test_train import flickr8k_run
 
-    captions = flickr8k_like(shapes_data, str(tmp_path))
-    cfg = dataclasses.replace(small_config(shapes_data, epochs=1), captions=captions)
-    run = RunFolder(str(tmp_path / "run"))
-    train.open_run(run.path, cfg)
-    data = train.load_train_data(cfg, run.path)
-    data.fix_in(run, captions)
+    run, cfg, data, captions = flickr8k_run(shapes_data, tmp_path)
     assert run.split_by_lists()
     test = data.splits["test"]
     with open(tmp_path / "Flickr_8k.testImages.txt", "w") as f:     # test[0] taken out

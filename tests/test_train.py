@@ -3119,16 +3119,23 @@ def flickr8k_like(shapes_data, folder, lists=True) -> str:
     return path
 
 
+def flickr8k_run(shapes_data, folder, lists=True):
+    """A run set up, not trained (split.json, vocab.json), on `flickr8k_like`'s token file in
+    `folder`: (RunFolder in folder/run, its config, its data, the token file)."""
+    captions = flickr8k_like(shapes_data, str(folder), lists=lists)
+    cfg = dataclasses.replace(small_config(shapes_data, epochs=1), captions=captions)
+    run = RunFolder(os.path.join(str(folder), "run"))
+    train.open_run(run.path, cfg)
+    data = train.load_train_data(cfg, run.path)
+    data.fix_in(run, captions)
+    return run, cfg, data, captions
+
+
 def test_a_resume_after_only_a_split_list_changed_names_the_lists_and_what_moved(
         shapes_data, tmp_path):
     """It was refused as "--captions ...token.txt: not the caption data ... (1 image is in
     another split, ...); restore the file's earlier captions", the file being unchanged."""
-    captions = flickr8k_like(shapes_data, str(tmp_path))
-    cfg = dataclasses.replace(small_config(shapes_data, epochs=1), captions=captions)
-    run = RunFolder(str(tmp_path / "run"))
-    train.open_run(run.path, cfg)
-    data = train.load_train_data(cfg, run.path)
-    data.fix_in(run, captions)
+    run, cfg, data, captions = flickr8k_run(shapes_data, tmp_path)
     lists = {s: tmp_path / n for s, n in (("train", "Flickr_8k.trainImages.txt"),
                                           ("val", "Flickr_8k.devImages.txt"),
                                           ("test", "Flickr_8k.testImages.txt"))}

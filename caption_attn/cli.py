@@ -462,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "every image and reads every file, and re-extracts damaged files; "
                 "--num-shards/--shard-index split the work over machines. Images that cannot "
                 "be read are listed in <cache>/failed.tsv and do not stop the run (exit 0 "
-                "unless --strict or nothing could be extracted).", (C.ExtractConfig,))
+                "unless --strict, nothing could be extracted, or --images holds none of the "
+                "--captions file's images).", (C.ExtractConfig,))
     p.add_argument("--images", required=True, metavar="DIR",
                    help="images folder; each feature file is named after the image's path "
                         "relative to it")

@@ -674,6 +674,11 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
     heatmaps: list[str] = []
     variants: list[list[str]] = []
     mine, failed = _shard_keys(images_dir, cfg, keys, left_out, heatmaps, variants)
+    # a caption file's images none of which is in --images (the dataset's folder above
+    # them: /data/Flickr8k for /data/Flickr8k/Images): those with features counted as
+    # "already done", exit 0 even with --strict (`_exit_status` says it now)
+    none_here = keys is not None and bool(mine) and \
+        not any(os.path.lexists(os.path.join(images_dir, k)) for k in mine)
     cache = cfg.cache
     # features an extraction before heatmaps were left out made of a heatmap the caption
     # file names, and the file keys that differ only in case would share: removed below, as
@@ -771,7 +776,7 @@ def _extract_into_cache(images_dir: str, cfg: ExtractConfig, keys: Optional[list
         "shard": f"{cfg.shard_index}/{cfg.num_shards}",
         "replaced_others": {k: f for k, f in plan.others.items() if k in rewritten},
         "left_out": left_out, "heatmaps": heatmaps, "images_dir": images_dir,
-        "case_variants": variants,
+        "case_variants": variants, "none_in_images": len(mine) if none_here else 0,
     }
     summary["exit_code"], summary["message"] = _exit_status(summary, cfg.strict)
     return summary
@@ -795,6 +800,10 @@ def _interrupted_note(cfg: ExtractConfig, kept: int, todo: int, done: int) -> st
 
 
 def _exit_status(s: dict, strict: bool) -> tuple[int, str]:
+    if s.get("none_in_images"):
+        return 1, (f"none of the {counted(s['none_in_images'], 'image')} the caption file "
+                   f"names is in --images {s['images_dir']}: give the folder the caption "
+                   f"file's image names are relative to")
     folders = s.get("unreadable_folders", 0)
     if (s["failed"] or folders) and s["extracted"] + s["skipped"] == 0:
         return 1, "nothing could be extracted"

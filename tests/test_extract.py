@@ -1415,3 +1415,21 @@ def test_a_refused_extraction_records_none_of_its_images_in_the_index(images, ca
     manifest = read_manifest(cache_copy)
     paths, problems = feature_cache.usable_features(cache_copy, GOOD, manifest, images)
     assert problems == {} and sorted(paths) == sorted(GOOD)
+
+
+def test_an_images_folder_holding_none_of_the_captions_images_fails(images, cache_copy,
+                                                                    tmp_path):
+    """`--images /data/Flickr8k` for /data/Flickr8k/Images: the caption file's images that
+    had features counted as "already done", extracted 0, exit 0 (even with --strict). The
+    job ends with exit 1 saying which folder to give."""
+    above = tmp_path / "dataset"
+    shutil.copytree(images, above / "Images")
+    keys = ["a.jpg", "b.png", "sub/c.jpg"]
+    summary = extract_features(str(above), extract_cfg(cache_copy), keys=keys, progress=False)
+    assert summary["skipped"] == 3 and summary["exit_code"] == 1
+    assert summary["message"] == (f"none of the 3 images the caption file names is in "
+                                  f"--images {above}: give the folder the caption file's "
+                                  f"image names are relative to")
+    summary = extract_features(str(above / "Images"), extract_cfg(cache_copy), keys=keys,
+                               progress=False)
+    assert (summary["skipped"], summary["exit_code"]) == (3, 0)
